@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine: `make demo` (the main job on the embedded default)
+# and `make test`. Both create .venv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARCH   := $(shell uname -m)
+# CPU machines here serve these torch/torchvision pairs from local disk; any other pair
+# downloads gigabytes or fails to import (torchvision::nms).
+ifeq ($(ARCH),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) pipelines/distill.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/model_efficiency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
