@@ -8,3 +8,11 @@ from dvfl.models.video_focalnet import (  # noqa: F401
     videofocalnet_small,
     videofocalnet_tiny,
 )
+from dvfl.models.checkpoint import (  # noqa: F401
+    CheckpointError,
+    LoadReport,
+    checkpoint_filter_fn,
+    init_from_image_focalnet,
+    load_checkpoint,
+    read_state_dict,
+)

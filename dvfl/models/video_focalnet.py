@@ -251,7 +251,8 @@ class VideoFocalNet(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)  # stochastic depth grows linearly with block index
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             start = sum(depths[:i])

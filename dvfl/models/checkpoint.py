@@ -1,0 +1,182 @@
+"""Loading official Video-FocalNet / DVFL-Net checkpoints and 2D ImageNet FocalNet weights.
+
+Every file goes through ``torch.load(..., weights_only=True)``: checkpoints come from the
+internet and a pickle can run code. Official checkpoints keep their weights under ``"model"``;
+a bare state dict is accepted too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "read_state_dict",
+    "checkpoint_filter_fn",
+    "load_checkpoint",
+    "init_from_image_focalnet",
+]
+
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for the requested model; the message says why."""
+
+
+@dataclass
+class LoadReport:
+    """What a non-strict load did, so callers can log it instead of guessing."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> reason
+    missing: list[str] = field(default_factory=list)  # model keys left at their init
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)} checkpoint keys, "
+            f"{len(self.missing)} model keys kept their initialisation"
+        )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely and return its state dict (``["model"]``, ``["state_dict"]``
+    or the file itself). Raises :class:`CheckpointError` for missing or unreadable files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, truncated download, or a pickle with code in it
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not contain a state dict of tensors")
+    # DDP / torch.compile wrappers prefix every key; the weights are the same.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    return obj
+
+
+def _is_timm_image_focalnet(state_dict: dict) -> bool:
+    return "stem.proj.weight" in state_dict
+
+
+def _map_timm_image_focalnet(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's FocalNet layout -> the official layout our video model uses.
+
+    timm names the stem ``stem``, puts each downsample at the start of the following stage,
+    stores the linear layers of the modulation and MLP as 1x1 convs and wraps the classifier in
+    ``head.fc``.
+    """
+    mapped = {}
+    for key, value in state_dict.items():
+        new = key
+        if new.startswith("stem."):
+            new = "patch_embed." + new[len("stem.") :]
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", new)
+        if m:
+            new = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+        if new.startswith("head.fc."):
+            new = "head." + new[len("head.fc.") :]
+        if re.search(r"\.(modulation\.f|modulation\.proj|mlp\.fc1|mlp\.fc2)\.weight$", new) and value.ndim == 4:
+            value = value.flatten(1)
+        mapped[new] = value
+    return mapped
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map a foreign checkpoint onto ``model``'s key names (timm convention).
+
+    Official Video-FocalNet / DVFL-Net and official 2D FocalNet checkpoints already use our
+    names; timm's 2D FocalNet layout is renamed.
+    """
+    if _is_timm_image_focalnet(state_dict):
+        return _map_timm_image_focalnet(state_dict)
+    return dict(state_dict)
+
+
+def _head_mismatch(state_dict: dict, model: nn.Module) -> str | None:
+    own = model.state_dict()
+    for key in HEAD_KEYS:
+        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+            return f"checkpoint head {tuple(state_dict[key].shape)} vs model head {tuple(own[key].shape)}"
+    return None
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    reinit_head: bool = False,
+) -> LoadReport:
+    """Load an official Video-FocalNet / DVFL-Net checkpoint into ``model`` strictly.
+
+    Every key and shape must match. A classifier of another size (e.g. a Kinetics-400 checkpoint
+    for a 101-class model) is an error unless ``reinit_head=True``, in which case every other
+    tensor still loads strictly and only the head keeps its fresh initialisation. A teacher is
+    always loaded with ``reinit_head=False``: its head *is* the knowledge being distilled.
+    """
+    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    mismatch = _head_mismatch(state_dict, model)
+    report = LoadReport()
+    if mismatch:
+        if not reinit_head:
+            raise CheckpointError(
+                f"{path}: class count differs ({mismatch}). Pass reinit_head=True "
+                "(--reinit-head) to fine-tune from it with a new classifier."
+            )
+        for key in HEAD_KEYS:
+            if key in state_dict:
+                report.skipped[key] = "head re-initialised: class count differs"
+                state_dict.pop(key)
+    result = model.load_state_dict(state_dict, strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if not (mismatch and k in HEAD_KEYS)]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{path} does not match {type(model).__name__}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
+            "A 2D ImageNet FocalNet is loaded with init_from_image_focalnet (--init-2d)."
+        )
+    report.loaded = [k for k in state_dict]
+    report.missing = [k for k in result.missing_keys]
+    return report
+
+
+def init_from_image_focalnet(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Initialise a video model from a 2D ImageNet FocalNet state dict (timm or official layout).
+
+    Spatial weights load by name where the shapes agree; the temporal branches
+    (``f_temporal``, ``h_temporal``, ``focal_layers_temporal``) have no 2D counterpart and keep
+    their initialisation, as does a classifier of another size. Nothing is loaded silently: the
+    report lists every loaded, skipped and untouched key.
+    """
+    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.skipped[key] = "no such parameter in the video model"
+        elif own[key].shape != value.shape:
+            report.skipped[key] = f"shape {tuple(value.shape)} != {tuple(own[key].shape)}"
+        else:
+            to_load[key] = value
+    if not to_load:
+        raise CheckpointError(f"{path}: no tensor matches the video model; is it a FocalNet checkpoint?")
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    report.missing = sorted(k for k in own if k not in to_load)
+    return report

@@ -1,0 +1,159 @@
+"""The Video-FocalNet family against the official architecture's reference facts."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import dvfl  # noqa: F401  (registers the variants with timm)
+from dvfl.models import CheckpointError, VideoFocalNet, init_from_image_focalnet, load_checkpoint
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = json.loads((REFERENCE_DIR / "video_focalnet_reference.json").read_text())
+GOLDEN = REFERENCE_DIR / "video_focalnet_golden_tiny.pt"
+VARIANTS = ["nano", "tiny", "small", "base"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("num_classes", [101, 400])
+def test_param_counts_match_official(variant, num_classes):
+    with torch.device("meta"):  # counts and shapes need no memory or init time
+        model = timm.create_model(f"videofocalnet_{variant}", num_classes=num_classes, num_frames=8)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n_params == REFERENCE[f"{variant}_{num_classes}"]["params"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_layout_matches_official(variant):
+    with torch.device("meta"):
+        model = timm.create_model(f"videofocalnet_{variant}", num_classes=101, num_frames=8)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == REFERENCE[f"{variant}_101"]["state_dict"]
+
+
+def test_golden_logits_reproduced_with_strict_load():
+    golden = torch.load(GOLDEN, weights_only=True)
+    model = VideoFocalNet(**golden["config"]).eval()
+    model.load_state_dict(golden["state_dict"], strict=True)
+    with torch.no_grad():
+        logits = model(golden["input"])
+    assert logits.shape == golden["logits"].shape
+    assert (logits - golden["logits"]).abs().max().item() < 1e-4
+
+
+def test_width_depth_and_frames_are_overridable():
+    model = timm.create_model("videofocalnet_nano", num_classes=7, num_frames=4, embed_dim=24, img_size=32)
+    assert model.embed_dim == 24 and model.num_features == 24 * 8
+    out = model(torch.randn(2, 4, 3, 32, 32))
+    assert out.shape == (2, 7)
+    with pytest.raises(ValueError, match="num_frames=4"):
+        model(torch.randn(2, 8, 3, 32, 32))
+
+
+def test_frames_are_not_independent():
+    # The temporal branch must mix frames: reordering time changes the output, while a
+    # per-frame model averaged over frames would be permutation-invariant.
+    golden = torch.load(GOLDEN, weights_only=True)
+    model = VideoFocalNet(**golden["config"]).eval()
+    model.load_state_dict(golden["state_dict"])
+    clip = golden["input"]
+    with torch.no_grad():
+        a, b = model(clip), model(clip[:, [3, 1, 0, 2]])
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_unknown_and_unsupported_kwargs_rejected():
+    with pytest.raises(TypeError, match="embed_dims"):
+        VideoFocalNet(embed_dims=96)
+    with pytest.raises(ValueError, match="use_layerscale"):
+        VideoFocalNet(use_layerscale=True)
+
+
+def _golden_model_and_file(tmp_path, wrap=True):
+    golden = torch.load(GOLDEN, weights_only=True)
+    path = tmp_path / "official.pth"
+    torch.save({"model": golden["state_dict"], "epoch": 3} if wrap else golden["state_dict"], path)
+    return golden, path
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_load_official_checkpoint_strictly(tmp_path, wrap):
+    golden, path = _golden_model_and_file(tmp_path, wrap)
+    model = VideoFocalNet(**golden["config"]).eval()
+    report = load_checkpoint(model, path)
+    assert len(report.loaded) == len(golden["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(model(golden["input"]), golden["logits"], atol=1e-4)
+
+
+def test_head_size_mismatch_is_an_error_unless_reinit(tmp_path):
+    golden, path = _golden_model_and_file(tmp_path)
+    config = dict(golden["config"], num_classes=9)
+    with pytest.raises(CheckpointError, match="class count differs"):
+        load_checkpoint(VideoFocalNet(**config), path)
+    model = VideoFocalNet(**config)
+    head_before = model.head.weight.clone()
+    report = load_checkpoint(model, path, reinit_head=True)
+    assert set(report.skipped) == {"head.weight", "head.bias"}
+    assert torch.equal(model.head.weight, head_before)
+    assert torch.equal(model.norm.weight, golden["state_dict"]["norm.weight"])
+
+
+def test_missing_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
+    golden = torch.load(GOLDEN, weights_only=True)
+    model = VideoFocalNet(**golden["config"])
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(model, tmp_path / "nope.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(model, corrupt)
+    other = tmp_path / "other.pth"
+    torch.save({"model": VideoFocalNet(**dict(golden["config"], embed_dim=8)).state_dict()}, other)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(model, other)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(VideoFocalNet(img_size=32, embed_dim=8, depths=[1, 1, 1, 1], num_classes=3), path)
+
+
+def test_init_from_timm_image_focalnet(tmp_path):
+    image_model = timm.create_model("focalnet_tiny_srf", pretrained=False)
+    path = tmp_path / "focalnet_tiny_srf.pth"
+    torch.save(image_model.state_dict(), path)
+    video = timm.create_model("videofocalnet_nano", num_classes=101, num_frames=8)
+    temporal_before = video.layers[0].blocks[0].modulation.f_temporal.weight.clone()
+    report = init_from_image_focalnet(video, path)
+    src = image_model.state_dict()
+    torch.testing.assert_close(video.patch_embed.proj.weight, src["stem.proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(video.layers[0].downsample.proj.weight, src["layers.1.downsample.proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        video.layers[2].blocks[1].modulation.f.weight,
+        src["layers.2.blocks.1.modulation.f.weight"].flatten(1), rtol=0, atol=0,
+    )
+    torch.testing.assert_close(video.layers[3].blocks[0].mlp.fc2.weight, src["layers.3.blocks.0.mlp.fc2.weight"].flatten(1), rtol=0, atol=0)
+    # temporal branches have no 2D counterpart and keep their init; nano is shallower than tiny
+    assert torch.equal(video.layers[0].blocks[0].modulation.f_temporal.weight, temporal_before)
+    assert "layers.0.blocks.0.modulation.f_temporal.weight" in report.missing
+    assert report.skipped["layers.0.blocks.1.norm1.weight"] == "no such parameter in the video model"
+    assert report.skipped["head.weight"].startswith("shape (1000, 768)")
+    assert "layers.2.blocks.1.modulation.f.weight" in report.loaded
+
+
+def test_timm_create_model_pretrained_from_local_file(tmp_path):
+    golden, path = _golden_model_and_file(tmp_path)
+    model = timm.create_model("videofocalnet_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                              **{k: v for k, v in golden["config"].items()}).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(golden["input"]), golden["logits"], atol=1e-4)
+    with pytest.raises(ValueError, match="local checkpoint"):
+        timm.create_model("videofocalnet_nano", pretrained=True)
