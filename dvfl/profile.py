@@ -1,0 +1,359 @@
+"""Efficiency profile of a video model: params, FLOPs, latency, throughput, peak memory.
+
+Library only (no Ray); ``pipelines/profile.py`` is the command-line front end and
+``benchmarks/model_efficiency.py`` uses it for the teacher/student comparison.
+
+* **FLOPs** are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
+  multiply-add; it counts matmuls and convolutions, not element-wise ops). The forward runs on the
+  ``meta`` device, so counting the base model is instant and allocates nothing; if a model cannot
+  run on ``meta`` the count falls back to a real forward on the CPU. **GMACs = FLOPs / 2**, which
+  is what papers (and the Video-FocalNet paper) call "GFLOPs".
+* **Latency** is the median wall time of ``repeats`` forward passes at batch 1 after ``warmup``
+  passes, in eval mode under ``torch.inference_mode`` (synchronised on CUDA).
+* **Throughput** is clips per second at ``throughput_batch`` (total clips / total time).
+* **Peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` during the timed forwards; on the
+  CPU the process resident set size (RSS) is sampled every ~1 ms by a background thread during the
+  timed forwards (``psutil`` if installed, else ``/proc/self/statm``). Reported as the peak RSS and
+  as the peak above the RSS just before the forwards (activations and workspace; the weights are
+  already resident). ``tracemalloc``/``ru_maxrss`` are not used: the first does not see torch's
+  allocator, the second is a lifetime high-water mark.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "ProfileResult", "available_cpus", "build_model", "count_params", "count_flops", "default_device",
+    "measure_latency", "measure_throughput", "profile_model", "format_profile", "RssSampler",
+]
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (affinity-aware; containers often restrict it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else CPU (never hard-coded)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_kwargs(num_classes: int, frames: int, size: int, embed_dim: Optional[int],
+                  extra: Optional[dict]) -> dict:
+    kwargs = dict(num_classes=num_classes, num_frames=frames, img_size=size)
+    if embed_dim is not None:
+        kwargs["embed_dim"] = embed_dim
+    kwargs.update(extra or {})
+    return kwargs
+
+
+def build_model(name: str, *, num_classes: int = 101, frames: int = 8, size: int = 224,
+                embed_dim: Optional[int] = None, device: "torch.device | str | None" = None,
+                **extra) -> nn.Module:
+    """``timm.create_model(name, ...)`` after ``import dvfl`` (registers the Video-FocalNets)."""
+    import timm
+
+    import dvfl  # noqa: F401  (registers the timm variants)
+
+    kwargs = _model_kwargs(num_classes, frames, size, embed_dim, extra)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return timm.create_model(name, **kwargs)
+    model = timm.create_model(name, **kwargs)
+    return model.to(device) if device is not None else model
+
+
+def count_params(model: nn.Module) -> dict:
+    """Total and trainable parameter counts (shared parameters counted once)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return {"params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def _flops_of_forward(model: nn.Module, x: torch.Tensor) -> int:
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def count_flops(name: str, *, num_classes: int = 101, frames: int = 8, size: int = 224,
+                embed_dim: Optional[int] = None, batch: int = 1, **extra) -> dict:
+    """FLOPs of one forward of ``batch`` clips, counted by FlopCounterMode.
+
+    Runs on the ``meta`` device (no memory, no compute); falls back to a real CPU forward if the
+    model does not support ``meta``. Returns ``{"flops", "flops_per_clip", "gmacs_per_clip",
+    "flops_counted_on"}``.
+    """
+    shape = (batch, frames, 3, size, size)
+    try:
+        model = build_model(name, num_classes=num_classes, frames=frames, size=size,
+                            embed_dim=embed_dim, device="meta", **extra)
+        flops = _flops_of_forward(model, torch.empty(shape, device="meta"))
+        where = "meta"
+    except (NotImplementedError, RuntimeError):
+        model = build_model(name, num_classes=num_classes, frames=frames, size=size,
+                            embed_dim=embed_dim, device="cpu", **extra)
+        flops = _flops_of_forward(model, torch.randn(shape))
+        where = "cpu"
+    del model
+    per_clip = flops / batch
+    return {"flops": flops, "flops_per_clip": per_clip, "gmacs_per_clip": per_clip / 2 / 1e9,
+            "flops_counted_on": where}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+def _rss_reader() -> Callable[[], int]:
+    try:
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        return lambda: proc.memory_info().rss
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def read() -> int:
+            with open("/proc/self/statm", "rb") as fh:
+                return int(fh.read().split()[1]) * page
+
+        return read
+
+
+class RssSampler:
+    """Context manager sampling this process's RSS in a background thread.
+
+    ``baseline`` is the RSS at entry, ``peak`` the largest sample (bytes), ``delta = peak -
+    baseline``. Torch releases the GIL inside its kernels, so the thread keeps sampling while a
+    forward runs.
+    """
+
+    def __init__(self, interval_s: float = 0.001):
+        self.interval_s = interval_s
+        self._read = _rss_reader()
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        gc.collect()
+        self.baseline = self.peak = self._read()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._read())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.baseline
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(model: nn.Module, x: torch.Tensor, *, warmup: int = 2,
+                    repeats: int = 10) -> list:
+    """Wall-clock seconds of each of ``repeats`` forwards after ``warmup`` untimed ones."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    model.eval()
+    device = x.device
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        _sync(device)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_throughput(model: nn.Module, x: torch.Tensor, *, warmup: int = 1,
+                       repeats: int = 3) -> float:
+    """Clips per second processing batches like ``x`` (total clips / total time)."""
+    times = measure_latency(model, x, warmup=warmup, repeats=repeats)
+    return x.shape[0] * len(times) / sum(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole profile
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ProfileResult:
+    model: str
+    num_classes: int
+    frames: int
+    size: int
+    embed_dim: Optional[int]
+    device: str
+    threads: int
+    params: int
+    trainable_params: int
+    flops_per_clip: float
+    gflops_per_clip: float
+    gmacs_per_clip: float
+    flops_counted_on: str
+    latency_batch: int
+    latency_warmup: int
+    latency_repeats: int
+    latency_ms_median: float
+    latency_ms_min: float
+    latency_ms_all: list = field(default_factory=list)
+    throughput_batch: int = 0
+    throughput_clips_per_s: Optional[float] = None
+    peak_memory_kind: str = ""
+    peak_memory_mib: Optional[float] = None
+    peak_memory_delta_mib: Optional[float] = None
+    torch_version: str = torch.__version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def profile_model(name: str, *, num_classes: int = 101, frames: int = 8, size: int = 224,
+                  embed_dim: Optional[int] = None, batch: int = 1, warmup: int = 2,
+                  repeats: int = 10, throughput_batch: Optional[int] = None,
+                  throughput_repeats: int = 3, device: "torch.device | str | None" = None,
+                  threads: Optional[int] = None, seed: int = 0, **extra) -> ProfileResult:
+    """Profile ``name`` at ``frames`` x ``size``^2: see the module docstring for the method.
+
+    ``batch`` is the latency batch (1 = per-clip latency); ``throughput_batch`` (default
+    ``batch``) the batch of the throughput run, skipped when ``throughput_repeats`` is 0.
+    ``threads`` sets ``torch.set_num_threads`` (default: leave torch's setting).
+    """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(seed)
+    flops = count_flops(name, num_classes=num_classes, frames=frames, size=size,
+                        embed_dim=embed_dim, batch=1, **extra)
+    model = build_model(name, num_classes=num_classes, frames=frames, size=size,
+                        embed_dim=embed_dim, device=device, **extra).eval()
+    counts = count_params(model)
+    x = torch.randn(batch, frames, 3, size, size, device=device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        times = measure_latency(model, x, warmup=warmup, repeats=repeats)
+        peak = torch.cuda.max_memory_allocated(device)
+        peak_kind, peak_mib, delta_mib = "cuda_max_memory_allocated", peak / 2**20, None
+    else:
+        with RssSampler() as rss:
+            times = measure_latency(model, x, warmup=warmup, repeats=repeats)
+        peak_kind, peak_mib, delta_mib = "cpu_rss", rss.peak / 2**20, rss.delta / 2**20
+
+    tp_batch = throughput_batch or batch
+    throughput = None
+    if throughput_repeats > 0:
+        xt = x if tp_batch == batch else torch.randn(tp_batch, frames, 3, size, size,
+                                                     device=device)
+        throughput = measure_throughput(model, xt, warmup=1, repeats=throughput_repeats)
+
+    ms = [t * 1e3 for t in times]
+    return ProfileResult(
+        model=name, num_classes=num_classes, frames=frames, size=size, embed_dim=embed_dim,
+        device=str(device), threads=torch.get_num_threads(),
+        params=counts["params"], trainable_params=counts["trainable_params"],
+        flops_per_clip=flops["flops_per_clip"], gflops_per_clip=flops["flops_per_clip"] / 1e9,
+        gmacs_per_clip=flops["gmacs_per_clip"], flops_counted_on=flops["flops_counted_on"],
+        latency_batch=batch, latency_warmup=warmup, latency_repeats=repeats,
+        latency_ms_median=statistics.median(ms), latency_ms_min=min(ms), latency_ms_all=ms,
+        throughput_batch=tp_batch, throughput_clips_per_s=throughput,
+        peak_memory_kind=peak_kind, peak_memory_mib=peak_mib, peak_memory_delta_mib=delta_mib,
+    )
+
+
+def format_profile(r: ProfileResult) -> str:
+    """Human-readable report, one ``key: value`` line per field."""
+    lines = [
+        f"model: {r.model} (num_classes={r.num_classes}, frames={r.frames}, size={r.size}"
+        + (f", embed_dim={r.embed_dim}" if r.embed_dim is not None else "") + ")",
+        f"device: {r.device} (threads={r.threads}, torch {r.torch_version})",
+        f"params: {r.params:,} ({r.params / 1e6:.2f} M)",
+        f"FLOPs per clip: {r.flops_per_clip:,.0f} ({r.gflops_per_clip:.2f} GFLOPs, "
+        f"FlopCounterMode, 2 per MAC)",
+        f"GMACs per clip: {r.gmacs_per_clip:.2f} (what papers call \"GFLOPs\")",
+        f"latency (batch {r.latency_batch}, median of {r.latency_repeats} after "
+        f"{r.latency_warmup} warm-up): {r.latency_ms_median:.1f} ms (min {r.latency_ms_min:.1f})",
+    ]
+    if r.throughput_clips_per_s is not None:
+        lines.append(f"throughput (batch {r.throughput_batch}): "
+                     f"{r.throughput_clips_per_s:.2f} clips/s")
+    if r.peak_memory_kind == "cpu_rss":
+        lines.append(f"peak memory: {r.peak_memory_mib:.0f} MiB RSS "
+                     f"(+{r.peak_memory_delta_mib:.0f} MiB during forward)")
+    else:
+        lines.append(f"peak memory: {r.peak_memory_mib:.0f} MiB ({r.peak_memory_kind})")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point used by ``pipelines/profile.py``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Efficiency profile of a Video-FocalNet model: "
+                                "params, FLOPs/GMACs per clip, latency, throughput, peak memory.")
+    p.add_argument("--model", default="videofocalnet_nano")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=101)
+    p.add_argument("--embed-dim", type=int, default=None, help="override the model width")
+    p.add_argument("--batch", type=int, default=1, help="latency batch size (default 1)")
+    p.add_argument("--throughput-batch", type=int, default=None,
+                   help="batch size of the throughput run (default: --batch)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--throughput-repeats", type=int, default=3, help="0 skips throughput")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the available CPU cores)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    a = p.parse_args(argv)
+    for flag in ("frames", "size", "num_classes", "batch", "repeats"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+
+    result = profile_model(
+        a.model, num_classes=a.num_classes, frames=a.frames, size=a.size, embed_dim=a.embed_dim,
+        batch=a.batch, warmup=a.warmup, repeats=a.repeats, throughput_batch=a.throughput_batch,
+        throughput_repeats=a.throughput_repeats, device=a.device,
+        threads=a.threads if a.threads is not None else available_cpus())
+    print(format_profile(result), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result.to_dict(), fh, indent=2)
+    return 0
