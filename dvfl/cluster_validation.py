@@ -1,0 +1,800 @@
+"""Offline validation of the Ray cluster configs in ``cluster/``.
+
+Nothing here contacts a cloud, a Kubernetes API server or the network: every check runs on the
+YAML alone, so a broken config fails CI instead of a ``ray up`` / ``kubectl apply`` later.
+
+Ray cluster launcher configs (``cluster/aws.yaml``, ``cluster/gcp.yaml``):
+
+* ``[schema]``  the JSON schema shipped inside the installed ray wheel (``ray/autoscaler/ray-schema.json``);
+* ``[ray]``     Ray's own config preparation and validation, the steps ``ray up`` runs before it talks to
+  the cloud: ``prepare_config`` (merges the provider's defaults.yaml, setup commands, docker checks,
+  per-type min/max workers) then ``validate_config`` (schema again on the merged config, head type,
+  sum of ``min_workers`` <= ``max_workers``). Private API of ray 2.60.0, hence the pin in pyproject.toml;
+  the provider's ``bootstrap_config`` (which does call the cloud) is never run;
+* ``[policy]``  project rules: node ``resources`` are integers, the dashboard binds to loopback (checked
+  on the *prepared* config, so dropping ``head_start_ray_commands`` and inheriting Ray's default
+  ``--dashboard-host=0.0.0.0`` fails too), no security-group rule opens anything but SSH to the world,
+  nothing that looks like a credential, a CPU worker type and a GPU worker type that can scale.
+
+KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
+
+* ``[crd]``         the openAPIV3Schema of the ``v1`` version of the KubeRay v1.7.0 CRDs in
+  ``../shared/reference/kuberay-crd-v1.7.0/``, made strict: every object schema that lists its
+  properties gets ``additionalProperties: false`` unless it carries
+  ``x-kubernetes-preserve-unknown-fields: true`` (the API server silently prunes unknown fields, so a
+  typo such as ``maxReplica`` would otherwise pass unnoticed); ``nullable``, int-or-string, int32/int64
+  ranges and list-map / list-set key uniqueness are honoured; ``metadata`` is checked as ObjectMeta;
+  CEL rules (``x-kubernetes-validations``) are not evaluated;
+* ``[ray-kuberay]`` Ray's own translation of the RayCluster spec into autoscaler node types
+  (``ray.autoscaler._private.kuberay.autoscaling_config``), which also runs ``validate_config`` on the
+  result: what the in-tree autoscaler would do with the manifest at start-up;
+* ``[runtime-env]`` a RayJob's ``runtimeEnvYAML`` parsed and built as a ``ray.runtime_env.RuntimeEnv``;
+* ``[policy]``      project rules: dashboard on loopback (a RayJob may bind the pod's interfaces, which the
+  operator needs, but only behind a ClusterIP Service), no LoadBalancer/NodePort/Ingress, whole-number
+  CPU/GPU resources, ``rayVersion`` and images match the pinned ray, autoscaling on, CPU and GPU worker
+  groups, no credentials.
+
+CLI: ``python -m dvfl.cluster_validation cluster/*.yaml cluster/kuberay/*.yaml`` prints ``OK`` or the
+errors per file and exits non-zero if any file fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+# The private Ray helpers used below were read in, and verified against, this exact release.
+PINNED_RAY_VERSION = "2.60.0"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI runs on a clean clone with a copy of shared/ beside it: <root>/../shared/reference/...
+DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "reference" / "kuberay-crd-v1.7.0"
+CRD_DIR_ENV = "DVFL_KUBERAY_CRD_DIR"
+
+KUBERAY_GROUP = "ray.io"
+KUBERAY_VERSION = "v1"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+WORLD_CIDRS = {"0.0.0.0/0", "::/0"}
+EXPOSED_SERVICE_TYPES = {"LoadBalancer", "NodePort"}
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+__all__ = [
+    "FileReport",
+    "PINNED_RAY_VERSION",
+    "find_crd_dir",
+    "kuberay_crd_schema",
+    "load_documents",
+    "main",
+    "ray_launcher_schema",
+    "validate_document",
+    "validate_file",
+    "validate_kuberay_manifest",
+    "validate_launcher_config",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def _where(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _err(layer: str, path: Iterable[Any], message: str) -> str:
+    return f"[{layer}] {_where(path)}: {message}"
+
+
+def _require_pinned_ray() -> None:
+    import ray
+
+    if ray.__version__ != PINNED_RAY_VERSION:
+        raise RuntimeError(
+            f"dvfl.cluster_validation uses private ray {PINNED_RAY_VERSION} helpers "
+            f"(prepare_config/validate_config, the KubeRay autoscaling translation) but ray "
+            f"{ray.__version__} is installed; re-check those helpers and update PINNED_RAY_VERSION"
+        )
+
+
+def _is_plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_documents(path: str | os.PathLike) -> list[Any]:
+    """All YAML documents of a file (empty documents dropped)."""
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.load_all(f, Loader=_YAML_LOADER) if d is not None]
+
+
+def _jsonschema_errors(
+    layer: str, validator: Any, instance: Any, base: tuple = ()
+) -> list[str]:
+    """Every jsonschema error, one line each, unknown keys named one by one."""
+    out = []
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    for e in errors:
+        path = base + tuple(e.absolute_path)
+        if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+            known = set(e.schema.get("properties", {}))
+            patterns = e.schema.get("patternProperties", {})
+            extra = [
+                k
+                for k in e.instance
+                if k not in known and not any(re.search(p, k) for p in patterns)
+            ]
+            if extra:
+                for k in extra:
+                    out.append(_err(layer, path + (k,), "unknown field (not in the schema)"))
+                continue
+        out.append(_err(layer, path, e.message))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# policy checks shared by both kinds
+# --------------------------------------------------------------------------------------------
+_SECRET_VALUE_PATTERNS = [
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
+    (re.compile(r'"type"\s*:\s*"service_account"|"private_key(?:_id)?"\s*:'), "a GCP service-account key"),
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{30,}"), "a GitHub token"),
+    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), "a Slack token"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), "a Hugging Face token"),
+    (re.compile(r"\bBearer\s+[A-Za-z0-9._~+/=-]{20,}"), "a bearer token"),
+    (re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.I), "a password in a URL"),
+    (re.compile(r"--[a-z-]*password[= ]+(?!\$)\S+", re.I), "a password on a command line"),
+    (
+        re.compile(
+            r"\b[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)[A-Z0-9_]*"
+            r"\s*=\s*['\"]?(?![$'\"\s])[^\s'\";]{6,}"
+        ),
+        "a secret assigned in a command",
+    ),
+]
+_SECRET_KEY = re.compile(
+    r"(?i)(passw(?:or)?d|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)$"
+)
+# Keys that name or point at a secret instead of holding it (secretName, claimName, key paths).
+_REFERENCE_KEY = re.compile(r"(?i)(name|ref|path|file|mode)$")
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../", "$")) and "\n" not in value
+
+
+def credential_errors(obj: Any, base: tuple = ()) -> list[str]:
+    """Strings that look like credentials, anywhere in a config (values and sensitive keys)."""
+    out: list[str] = []
+
+    def visit(node: Any, path: tuple, key: str | None) -> None:
+        if isinstance(node, dict):
+            # Kubernetes env entries: {name: FOO_TOKEN, value: literal} -> the name is the key.
+            if isinstance(node.get("name"), str) and "value" in node and "valueFrom" not in node:
+                visit(node["value"], path + ("value",), node["name"])
+                rest = {k: v for k, v in node.items() if k != "value"}
+            else:
+                rest = node
+            for k, v in rest.items():
+                visit(v, path + (k,), str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, path + (i,), key)
+        elif isinstance(node, str):
+            for pattern, what in _SECRET_VALUE_PATTERNS:
+                if pattern.search(node):
+                    out.append(_err("policy", path, f"looks like {what}; credentials never go in these files"))
+                    return
+            if (
+                key
+                and _SECRET_KEY.search(key)
+                and not _REFERENCE_KEY.search(key)
+                and node.strip()
+                and not _looks_like_path(node)
+            ):
+                out.append(
+                    _err("policy", path, f"a literal value for the credential-like key {key!r}; "
+                         "use the cloud's identity (instance profile / service account) or a "
+                         "Kubernetes Secret reference")
+                )
+
+    visit(obj, base, None)
+    return out
+
+
+def _roles_errors(layer: str, node_types: dict[str, dict], head: str, where: tuple) -> list[str]:
+    """The project's clusters need a CPU worker type (decode/ingest) and a GPU worker type
+    (teacher inference, training), each able to scale out."""
+    cpu = gpu = False
+    out = []
+    for name, nt in node_types.items():
+        if name == head:
+            continue
+        res = nt.get("resources", {}) or {}
+        lo, hi = nt.get("min_workers", 0), nt.get("max_workers", 0)
+        if _is_plain_int(lo) and _is_plain_int(hi) and lo > hi:
+            out.append(_err(layer, where + (name,), f"min workers {lo} > max workers {hi}"))
+        if not (_is_plain_int(hi) and hi >= 1):
+            continue
+        if (res.get("GPU") or 0) > 0:
+            gpu = True
+        elif (res.get("CPU") or 0) > 0:
+            cpu = True
+    if not cpu:
+        out.append(_err(layer, where, "no CPU-only worker type that can scale out (max >= 1), "
+                        "needed for video decoding / ingest"))
+    if not gpu:
+        out.append(_err(layer, where, "no GPU worker type that can scale out (max >= 1), "
+                        "needed for teacher inference and training"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ray cluster launcher configs
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def ray_launcher_schema() -> dict:
+    """The JSON schema for launcher YAMLs that ships in the installed ray wheel."""
+    import ray.autoscaler
+
+    path = Path(ray.autoscaler.__file__).with_name("ray-schema.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _launcher_validator():
+    import jsonschema
+
+    schema = ray_launcher_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema)
+
+
+_DASHBOARD_HOST = re.compile(r"--dashboard-host(?:=|\s+)(['\"]?)([^\s'\";]+)\1")
+
+
+def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
+    out = []
+    for i, cmd in enumerate(commands or []):
+        if not isinstance(cmd, str):
+            continue
+        for m in _DASHBOARD_HOST.finditer(cmd):
+            host = m.group(2)
+            if host not in LOOPBACK_HOSTS:
+                out.append(_err("policy", where + (i,), f"--dashboard-host={host}: the dashboard and "
+                                "job server must bind to loopback (127.0.0.1) and be reached through "
+                                "`ray dashboard` port-forwarding"))
+    return out
+
+
+def _security_group_errors(config: dict) -> list[str]:
+    out = []
+    sg = (config.get("provider") or {}).get("security_group") or {}
+    for i, rule in enumerate(sg.get("IpPermissions") or []):
+        if not isinstance(rule, dict):
+            continue
+        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges") or [] if isinstance(r, dict)]
+        cidrs += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges") or [] if isinstance(r, dict)]
+        if not WORLD_CIDRS.intersection(cidrs):
+            continue
+        ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
+        if not ssh_only:
+            out.append(_err("policy", ("provider", "security_group", "IpPermissions", i),
+                            f"opens ports {rule.get('FromPort')}-{rule.get('ToPort')}/"
+                            f"{rule.get('IpProtocol')} to the world; only SSH (22) may be reachable "
+                            "from outside (dashboard via `ray dashboard`)"))
+    return out
+
+
+def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
+    out: list[str] = []
+    node_types = raw.get("available_node_types") or {}
+    for name, nt in node_types.items() if isinstance(node_types, dict) else []:
+        res = (nt or {}).get("resources")
+        if not isinstance(res, dict):
+            continue
+        for rname, value in res.items():
+            if not _is_plain_int(value) or value < 0:
+                out.append(_err("policy", ("available_node_types", name, "resources", rname),
+                                f"{value!r} ({type(value).__name__}): node resources must be "
+                                "non-negative integers"))
+    # The dashboard check runs on the prepared config: commands inherited from Ray's provider
+    # defaults.yaml (which bind the dashboard to 0.0.0.0) count as much as the file's own.
+    cfg = prepared if prepared is not None else raw
+    out += _dashboard_host_errors(cfg.get("head_start_ray_commands"), ("head_start_ray_commands",))
+    if prepared is not None and "head_start_ray_commands" not in raw:
+        out = [e + " (inherited from Ray's provider defaults; set head_start_ray_commands)"
+               if "dashboard-host" in e else e for e in out]
+    out += _security_group_errors(raw)
+    if (raw.get("provider") or {}).get("gcp_credentials"):
+        out.append(_err("policy", ("provider", "gcp_credentials"),
+                        "inline GCP credentials; use Application Default Credentials"))
+    out += credential_errors(raw)
+    if prepared is not None:
+        out += _roles_errors("policy", prepared.get("available_node_types") or {},
+                             prepared.get("head_node_type"), ("available_node_types",))
+    return out
+
+
+def validate_launcher_config(config: Any) -> list[str]:
+    """Errors of a Ray cluster launcher config (a dict from the YAML); ``[]`` when valid."""
+    _require_pinned_ray()
+    if not isinstance(config, dict):
+        return [_err("schema", (), f"a launcher config is a mapping, got {type(config).__name__}")]
+    errors = _jsonschema_errors("schema", _launcher_validator(), config)
+
+    prepared = None
+    if not errors:
+        from ray.autoscaler._private.util import prepare_config, validate_config
+
+        ptype = (config.get("provider") or {}).get("type")
+        if ptype in ("local", "kuberay", "external", "readonly"):
+            # prepare_config short-circuits (kuberay), rewrites node lists (local) or imports a
+            # user module (external): none of them is a launcher config for this project.
+            errors.append(_err("ray", ("provider", "type"), f"{ptype!r} is not a cloud launcher "
+                               "provider (expected aws, gcp, azure, ...)"))
+        else:
+            try:
+                prepared = prepare_config(copy.deepcopy(config))
+                validate_config(prepared)
+            except Exception as e:  # jsonschema.ValidationError, ValueError, AssertionError, ...
+                msg = getattr(e, "message", None) or str(e) or type(e).__name__
+                path = tuple(getattr(e, "absolute_path", ()) or ())
+                errors.append(_err("ray", path, f"{type(e).__name__}: {msg}"))
+                prepared = None
+    return errors + _launcher_policy_errors(config, prepared)
+
+
+def launcher_summary(config: dict) -> str:
+    from ray.autoscaler._private.util import prepare_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    parts = []
+    for name, nt in prepared["available_node_types"].items():
+        res = ",".join(f"{k}={v}" for k, v in nt.get("resources", {}).items())
+        role = "head" if name == prepared["head_node_type"] else f"{nt['min_workers']}..{nt['max_workers']}"
+        parts.append(f"{name}[{role}] {res}")
+    return f"{prepared['provider']['type']} launcher: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay manifests
+# --------------------------------------------------------------------------------------------
+def find_crd_dir() -> Path:
+    """KubeRay CRDs: $DVFL_KUBERAY_CRD_DIR, else ../shared/reference/kuberay-crd-v1.7.0 beside the repo."""
+    env = os.environ.get(CRD_DIR_ENV)
+    path = Path(env) if env else DEFAULT_CRD_DIR
+    if not all((path / f).is_file() for f in CRD_FILES.values()):
+        raise FileNotFoundError(
+            f"KubeRay CRDs not found in {path} (expected {', '.join(CRD_FILES.values())}); "
+            f"put the shared/ reference copy beside the repository or set {CRD_DIR_ENV}"
+        )
+    return path
+
+
+# ObjectMeta as a manifest may carry it (the API server validates metadata itself; the CRD only
+# says `type: object`). Server-populated fields (uid, resourceVersion, ...) do not belong in a file.
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_OBJECT_META = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN},
+        "namespace": {"type": "string", "maxLength": 63, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def _strict(schema: Any) -> Any:
+    """Copy of a CRD structural schema where unknown keys are errors (see module doc)."""
+    if not isinstance(schema, dict):
+        return schema
+    s = dict(schema)
+    preserve = s.get("x-kubernetes-preserve-unknown-fields") is True
+    if isinstance(s.get("properties"), dict):
+        s["properties"] = {k: _strict(v) for k, v in s["properties"].items()}
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = _strict(s["additionalProperties"])
+    if isinstance(s.get("items"), dict):
+        s["items"] = _strict(s["items"])
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(s.get(key), list):
+            s[key] = [_strict(x) for x in s[key]]
+    if isinstance(s.get("not"), dict):
+        s["not"] = _strict(s["not"])
+    if s.get("x-kubernetes-embedded-resource") is True and not preserve:
+        props = s.setdefault("properties", {})
+        props.setdefault("apiVersion", {"type": "string"})
+        props.setdefault("kind", {"type": "string"})
+        props.setdefault("metadata", _OBJECT_META)
+    if s.get("x-kubernetes-int-or-string") is True and "type" not in s and "anyOf" not in s:
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.get("nullable") is True and isinstance(s.get("type"), str):
+        s["type"] = [s["type"], "null"]
+    if s.get("type") == "object" and not preserve and "additionalProperties" not in s:
+        s["additionalProperties"] = False
+    return s
+
+
+@functools.lru_cache(maxsize=None)
+def _kuberay_crd_schema_cached(kind: str, crd_dir: str) -> dict:
+    with open(Path(crd_dir) / CRD_FILES[kind], encoding="utf-8") as f:
+        crd = yaml.load(f, Loader=_YAML_LOADER)
+    versions = [v for v in crd["spec"]["versions"] if v["name"] == KUBERAY_VERSION]
+    if not versions:
+        raise ValueError(f"{CRD_FILES[kind]} has no {KUBERAY_VERSION} version")
+    schema = _strict(copy.deepcopy(versions[0]["schema"]["openAPIV3Schema"]))
+    props = schema["properties"]
+    props.pop("status", None)  # written by the operator, never by a manifest
+    props["apiVersion"] = {"const": f"{KUBERAY_GROUP}/{KUBERAY_VERSION}"}
+    props["kind"] = {"const": kind}
+    props["metadata"] = _OBJECT_META
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    schema["additionalProperties"] = False
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return schema
+
+
+def kuberay_crd_schema(kind: str, crd_dir: str | os.PathLike | None = None) -> dict:
+    """The strict JSON schema (draft 7) of a KubeRay kind from its CRD's v1 openAPIV3Schema."""
+    if kind not in CRD_FILES:
+        raise KeyError(f"no CRD for kind {kind!r}; known: {sorted(CRD_FILES)}")
+    return _kuberay_crd_schema_cached(kind, str(Path(crd_dir) if crd_dir else find_crd_dir()))
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_validator(kind: str, crd_dir: str):
+    import jsonschema
+
+    checker = jsonschema.FormatChecker(formats=())
+
+    @checker.checks("int32")
+    def _int32(value: Any) -> bool:
+        return not _is_plain_int(value) or -(2**31) <= value < 2**31
+
+    @checker.checks("int64")
+    def _int64(value: Any) -> bool:
+        return not _is_plain_int(value) or -(2**63) <= value < 2**63
+
+    return jsonschema.Draft7Validator(kuberay_crd_schema(kind, crd_dir), format_checker=checker)
+
+
+def _list_key_errors(schema: dict, inst: Any, path: tuple, out: list[str]) -> None:
+    """x-kubernetes-list-type map/set: entries must be unique by key (the API server rejects dups)."""
+    if isinstance(inst, dict):
+        props = schema.get("properties") or {}
+        addl = schema.get("additionalProperties")
+        for k, v in inst.items():
+            sub = props.get(k, addl if isinstance(addl, dict) else None)
+            if isinstance(sub, dict):
+                _list_key_errors(sub, v, path + (k,), out)
+    elif isinstance(inst, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        kind = schema.get("x-kubernetes-list-type")
+        seen: dict[Any, int] = {}
+        for i, item in enumerate(inst):
+            if kind == "map" and isinstance(item, dict):
+                keys = schema.get("x-kubernetes-list-map-keys") or []
+                ident = tuple(
+                    item.get(k, (items.get("properties") or {}).get(k, {}).get("default")) for k in keys
+                )
+                label = ", ".join(f"{k}={v!r}" for k, v in zip(keys, ident))
+            elif kind == "set":
+                ident = json.dumps(item, sort_keys=True)
+                label = ident
+            else:
+                ident = None
+            if ident is not None:
+                if ident in seen:
+                    out.append(_err("crd", path + (i,), f"duplicate list entry ({label}), also at [{seen[ident]}]"))
+                else:
+                    seen[ident] = i
+            _list_key_errors(items, item, path + (i,), out)
+
+
+def _cluster_specs(doc: dict) -> list[tuple[tuple, dict]]:
+    """(path, RayCluster spec) pairs of a manifest: a RayCluster's spec, a RayJob's rayClusterSpec."""
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        return []
+    if doc.get("kind") == "RayCluster":
+        return [(("spec",), spec)]
+    if doc.get("kind") == "RayJob" and isinstance(spec.get("rayClusterSpec"), dict):
+        return [(("spec", "rayClusterSpec"), spec["rayClusterSpec"])]
+    return []
+
+
+def _translate(doc: dict, spec: dict) -> dict:
+    """Ray's own RayCluster -> autoscaler config translation (what the in-tree autoscaler runs)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    meta = doc.get("metadata") or {}
+    cr = {
+        "apiVersion": f"{KUBERAY_GROUP}/{KUBERAY_VERSION}",
+        "kind": "RayCluster",
+        "metadata": {"name": meta.get("name", "unnamed"), "namespace": meta.get("namespace", "default")},
+        "spec": copy.deepcopy(spec),
+    }
+    return _derive_autoscaling_config_from_ray_cr(cr)
+
+
+def _translation_errors(doc: dict, where: tuple, spec: dict) -> tuple[dict | None, list[str]]:
+    try:
+        return _translate(doc, spec), []
+    except KeyError as e:
+        return None, [_err("ray-kuberay", where, f"Ray's autoscaling translation needs the field "
+                           f"{e.args[0]!r} (missing in the head or a worker group spec)")]
+    except Exception as e:  # ValueError (no CPU count), jsonschema.ValidationError, ...
+        msg = getattr(e, "message", None) or str(e) or type(e).__name__
+        return None, [_err("ray-kuberay", where, f"{type(e).__name__}: {msg}")]
+
+
+_K8S_INT_QUANTITY = re.compile(r"^\+?[0-9]+$")
+
+
+def _whole_quantity_errors(value: Any, path: tuple, what: str) -> list[str]:
+    from ray.autoscaler._private.kuberay import utils as kuberay_utils
+
+    if _is_plain_int(value) and value >= 0:
+        return []
+    try:
+        q = kuberay_utils.parse_quantity(str(value))
+    except Exception:
+        return [_err("policy", path, f"{value!r} is not a Kubernetes quantity")]
+    if q != q.to_integral_value() or q < 0:
+        return [_err("policy", path, f"{what} {value!r} is not a whole number; Ray's autoscaler rounds "
+                     "it up, so it would plan with more than the node has")]
+    return []
+
+
+def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_head: bool) -> list[str]:
+    out: list[str] = []
+    params = group.get("rayStartParams") or {}
+    for key in ("num-cpus", "num-gpus"):
+        if key in params and not (isinstance(params[key], str) and _K8S_INT_QUANTITY.match(params[key])):
+            out.append(_err("policy", where + ("rayStartParams", key),
+                            f"{params[key]!r}: must be a string holding a non-negative integer"))
+    for rname, value in (group.get("resources") or {}).items():
+        if rname != "memory":
+            out += _whole_quantity_errors(value, where + ("resources", rname), f"resource {rname}")
+    containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+    if containers and isinstance(containers[0], dict):  # the Ray container is the first one
+        for section in ("limits", "requests"):
+            for rname, value in ((containers[0].get("resources") or {}).get(section) or {}).items():
+                if rname == "cpu" or rname.endswith("gpu"):
+                    out += _whole_quantity_errors(
+                        value,
+                        where + ("template", "spec", "containers", 0, "resources", section, rname),
+                        f"{rname} {section}",
+                    )
+    for i, c in enumerate(containers):
+        image = (c or {}).get("image") if isinstance(c, dict) else None
+        if isinstance(image, str) and image.split(":")[0].endswith("rayproject/ray"):
+            tag = image.split(":", 1)[1] if ":" in image else "latest"
+            if not tag.startswith(PINNED_RAY_VERSION):
+                out.append(_err("policy", where + ("template", "spec", "containers", i, "image"),
+                                f"{image}: Ray image must be {PINNED_RAY_VERSION} (the version the "
+                                "project and this validator pin)"))
+    if is_head:
+        host = params.get("dashboard-host")
+        if host is None and kind == "RayCluster":
+            out.append(_err("policy", where + ("rayStartParams",), "no dashboard-host: KubeRay then binds "
+                            "the dashboard to 0.0.0.0; set dashboard-host: \"127.0.0.1\" and use "
+                            "kubectl port-forward"))
+        elif host is not None and host not in LOOPBACK_HOSTS and kind != "RayJob":
+            out.append(_err("policy", where + ("rayStartParams", "dashboard-host"),
+                            f"{host}: the dashboard must bind to loopback (127.0.0.1) and be reached "
+                            "with kubectl port-forward (only a RayJob, whose operator must reach the "
+                            "job server, may bind the pod's interfaces behind a ClusterIP Service)"))
+        stype = group.get("serviceType")
+        if stype in EXPOSED_SERVICE_TYPES:
+            out.append(_err("policy", where + ("serviceType",), f"{stype} exposes the dashboard, GCS and "
+                            "Ray client ports outside the cluster; use ClusterIP + port-forward"))
+        svc_type = (((group.get("headService") or {}).get("spec")) or {}).get("type")
+        if svc_type in EXPOSED_SERVICE_TYPES:
+            out.append(_err("policy", where + ("headService", "spec", "type"), f"{svc_type} exposes the "
+                            "head outside the cluster; use ClusterIP + port-forward"))
+        if group.get("enableIngress") is True:
+            out.append(_err("policy", where + ("enableIngress",), "an Ingress exposes the dashboard; "
+                            "use kubectl port-forward"))
+    else:
+        lo, hi = group.get("minReplicas"), group.get("maxReplicas")
+        if _is_plain_int(lo) and _is_plain_int(hi) and lo > hi:
+            out.append(_err("policy", where, f"minReplicas {lo} > maxReplicas {hi}"))
+    return out
+
+
+def _runtime_env_errors(doc: dict) -> list[str]:
+    spec = doc.get("spec") or {}
+    text = spec.get("runtimeEnvYAML")
+    if text is None:
+        return []
+    where = ("spec", "runtimeEnvYAML")
+    if not isinstance(text, str):
+        return []  # the CRD schema already reports the type
+    try:
+        env = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as e:
+        return [_err("runtime-env", where, f"not valid YAML: {e}")]
+    if env is None:
+        return []
+    if not isinstance(env, dict):
+        return [_err("runtime-env", where, "must be a YAML mapping")]
+    from ray.runtime_env import RuntimeEnv
+
+    out = []
+    unknown = sorted(set(env) - set(RuntimeEnv.known_fields) - set(RuntimeEnv.extensions_fields))
+    for k in unknown:
+        out.append(_err("runtime-env", where + (k,), "unknown runtime_env field (Ray would ignore it)"))
+    try:
+        RuntimeEnv(**{k: v for k, v in env.items() if k not in unknown})
+    except Exception as e:
+        out.append(_err("runtime-env", where, f"{type(e).__name__}: {e}"))
+    out += credential_errors(env, where)
+    return out
+
+
+def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None) -> list[str]:
+    """Errors of a KubeRay RayCluster or RayJob manifest (a dict from the YAML); ``[]`` when valid."""
+    _require_pinned_ray()
+    if not isinstance(doc, dict):
+        return [_err("crd", (), f"a manifest is a mapping, got {type(doc).__name__}")]
+    kind = doc.get("kind")
+    if kind not in CRD_FILES:
+        return [_err("crd", ("kind",), f"{kind!r}: expected one of {sorted(CRD_FILES)}")]
+    crd_key = str(Path(crd_dir) if crd_dir else find_crd_dir())
+    schema = kuberay_crd_schema(kind, crd_key)
+    errors = _jsonschema_errors("crd", _crd_validator(kind, crd_key), doc)
+    _list_key_errors(schema, doc, (), errors)
+
+    for where, spec in _cluster_specs(doc):
+        config, terr = _translation_errors(doc, where, spec)
+        errors += terr
+        if spec.get("enableInTreeAutoscaling") is not True:
+            errors.append(_err("policy", where + ("enableInTreeAutoscaling",),
+                               "must be true: the cluster scales its worker groups with Ray's autoscaler"))
+        if spec.get("rayVersion") != PINNED_RAY_VERSION:
+            errors.append(_err("policy", where + ("rayVersion",),
+                               f"{spec.get('rayVersion')!r}: must be {PINNED_RAY_VERSION!r}"))
+        head = spec.get("headGroupSpec")
+        if isinstance(head, dict):
+            errors += _group_policy_errors(kind, where + ("headGroupSpec",), spec, head, True)
+        for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+            if isinstance(group, dict):
+                errors += _group_policy_errors(kind, where + ("workerGroupSpecs", i), spec, group, False)
+        if config is not None:
+            errors += _roles_errors("policy", config["available_node_types"], config["head_node_type"],
+                                    where + ("workerGroupSpecs",))
+    if kind == "RayJob":
+        spec = doc.get("spec") or {}
+        if not (isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip()):
+            errors.append(_err("policy", ("spec", "entrypoint"), "a RayJob needs an entrypoint"))
+        errors += _runtime_env_errors(doc)
+    errors += credential_errors(doc)
+    return errors
+
+
+def kuberay_summary(doc: dict) -> str:
+    parts = []
+    for where, spec in _cluster_specs(doc):
+        config = _translate(doc, spec)
+        for name, nt in config["available_node_types"].items():
+            res = ",".join(f"{k}={v}" for k, v in nt["resources"].items())
+            role = "head" if name == config["head_node_type"] else f"{nt['min_workers']}..{nt['max_workers']}"
+            parts.append(f"{name}[{role}] {res}")
+    return f"{doc['kind']}: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# files and CLI
+# --------------------------------------------------------------------------------------------
+def _kind_of(doc: Any) -> str:
+    if isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith(f"{KUBERAY_GROUP}/"):
+        return "kuberay"
+    if isinstance(doc, dict) and "provider" in doc:
+        return "launcher"
+    return "unknown"
+
+
+def validate_document(doc: Any, crd_dir: str | os.PathLike | None = None) -> list[str]:
+    kind = _kind_of(doc)
+    if kind == "kuberay":
+        return validate_kuberay_manifest(doc, crd_dir)
+    if kind == "launcher":
+        return validate_launcher_config(doc)
+    return [_err("schema", (), "neither a Ray cluster launcher config (no `provider`) nor a KubeRay "
+                 f"manifest (apiVersion {KUBERAY_GROUP}/...)")]
+
+
+@dataclass
+class FileReport:
+    path: str
+    errors: list[str] = field(default_factory=list)
+    summaries: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def validate_file(path: str | os.PathLike, crd_dir: str | os.PathLike | None = None) -> FileReport:
+    report = FileReport(str(path))
+    try:
+        docs = load_documents(path)
+    except (OSError, yaml.YAMLError) as e:
+        report.errors.append(f"[yaml] {e}")
+        return report
+    if not docs:
+        report.errors.append("[yaml] no YAML document in the file")
+    for n, doc in enumerate(docs):
+        prefix = f"document {n + 1}: " if len(docs) > 1 else ""
+        errors = validate_document(doc, crd_dir)
+        report.errors += [prefix + e for e in errors]
+        if not errors:
+            try:
+                summary = kuberay_summary(doc) if _kind_of(doc) == "kuberay" else launcher_summary(doc)
+                report.summaries.append(prefix + summary)
+            except Exception:  # a summary is a courtesy; validity was decided above
+                pass
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dvfl.cluster_validation",
+        description="Validate Ray cluster launcher YAMLs and KubeRay manifests offline.",
+    )
+    parser.add_argument("paths", nargs="+", help="YAML files (launcher configs or KubeRay manifests)")
+    parser.add_argument("--crd-dir", default=None,
+                        help=f"KubeRay CRD directory (default: ${CRD_DIR_ENV} or {DEFAULT_CRD_DIR})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print failures only")
+    args = parser.parse_args(argv)
+
+    # prepare_config logs an INFO line per node type; keep the output to the verdicts. (Importing
+    # ray configures the "ray" logger, so import it before lowering the level.)
+    import ray  # noqa: F401
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    failed = 0
+    for path in args.paths:
+        report = validate_file(path, args.crd_dir)
+        if report.ok:
+            if not args.quiet:
+                print(f"OK    {path}")
+                for s in report.summaries:
+                    print(f"      {s}")
+        else:
+            failed += 1
+            print(f"FAIL  {path}")
+            for e in report.errors:
+                print(f"      {e}")
+    if len(args.paths) > 1 or failed:
+        print(f"{len(args.paths) - failed}/{len(args.paths)} files valid")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
