@@ -1,0 +1,459 @@
+"""Dataset adapters: each layout -> one :class:`~dvfl.data.manifest.Manifest`.
+
+Every adapter is tolerant: unknown class names, labels out of range, malformed lines
+and listed-but-missing files become :class:`Problem` records (they end up in the
+rejects file and the summary), never exceptions. Only a missing *split/list file*
+itself (nothing to ingest at all) raises :class:`AdapterError`.
+
+``video_id`` is the path relative to the video root without extension for
+path-based datasets (UCF101, HMDB51, UCF50, folder, DVFL csv), the clip name
+``<youtube_id>_<start:06d>_<end:06d>`` for Kinetics and the numeric id for SSv2.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import decode as _d
+from .manifest import Manifest, Problem, VideoEntry
+from .sampling import stable_seed
+
+DATASETS = ("ucf101", "hmdb51", "ucf50", "kinetics", "ssv2", "dvfl-csv", "folder", "synthetic")
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def _is_video(name: str) -> bool:
+    return name.lower().endswith(_d.VIDEO_EXTENSIONS)
+
+
+def _strip_ext(rel: str) -> str:
+    return os.path.splitext(rel)[0]
+
+
+def _first_existing(cands: Iterable[Optional[str]], what: str, must: bool = True) -> Optional[str]:
+    cands = [c for c in cands if c]
+    for c in cands:
+        if os.path.exists(c):
+            return c
+    if must:
+        raise AdapterError(f"{what} not found (looked for: {', '.join(cands)})")
+    return None
+
+
+def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name: Optional[str],
+         split: str) -> None:
+    """Add an entry, or a ``missing`` problem when the file is not there."""
+    if not os.path.isfile(path):
+        m.problems.append(Problem(_d.MISSING, path, video_id, "listed but no such file", split))
+        return
+    m.entries.append(VideoEntry(video_id, os.path.abspath(path), label, class_name, split))
+
+
+def _read_lines(path: str) -> List[Tuple[int, str]]:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        return [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+# ---------------------------------------------------------------------------------------
+# UCF101
+
+def read_class_ind(path: str) -> List[str]:
+    """``classInd.txt``: lines ``<1-based id> <ClassName>`` -> class list (index = id - 1)."""
+    ids: Dict[int, str] = {}
+    for lineno, ln in _read_lines(path):
+        parts = ln.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise AdapterError(f"{path}:{lineno}: expected '<id> <ClassName>', got {ln!r}")
+        ids[int(parts[0])] = parts[1]
+    if sorted(ids) != list(range(1, len(ids) + 1)):
+        raise AdapterError(f"{path}: class ids are not 1..{len(ids)}")
+    return [ids[i] for i in range(1, len(ids) + 1)]
+
+
+def ucf101(root: str, split: int = 1, lists_dir: Optional[str] = None,
+           videos_dir: Optional[str] = None) -> Manifest:
+    """UCF101 official splits: ``classInd.txt``, ``trainlist0N.txt`` (path, 1-based label),
+    ``testlist0N.txt`` (path only; label from the folder name)."""
+    if split not in (1, 2, 3):
+        raise AdapterError(f"--split must be 1, 2 or 3 for ucf101, got {split}")
+    dirs = [lists_dir] if lists_dir else [os.path.join(root, "ucfTrainTestlist"), root]
+    cands = [os.path.join(c, "classInd.txt") for c in dirs]
+    class_ind = _first_existing(cands, "classInd.txt")
+    ldir = os.path.dirname(class_ind)
+    classes = read_class_ind(class_ind)
+    index = {c: i for i, c in enumerate(classes)}
+    vdir = videos_dir or (os.path.join(root, "UCF-101") if os.path.isdir(os.path.join(root, "UCF-101")) else root)
+    m = Manifest("ucf101", os.path.abspath(vdir), classes, source={"split": split, "lists_dir": os.path.abspath(ldir)})
+    train = _first_existing([os.path.join(ldir, f"trainlist0{split}.txt")], "train list")
+    test = _first_existing([os.path.join(ldir, f"testlist0{split}.txt")], "test list")
+    for lst, split_name in ((train, "train"), (test, "test")):
+        for lineno, ln in _read_lines(lst):
+            parts = ln.split()
+            rel = parts[0].replace("\\", "/")
+            path = os.path.join(vdir, rel)
+            vid = _strip_ext(rel)
+            folder = rel.split("/")[0] if "/" in rel else None
+            where = f"{os.path.basename(lst)}:{lineno}"
+            if len(parts) > 2 or (len(parts) == 2 and not re.fullmatch(r"-?\d+", parts[1])):
+                m.problems.append(Problem(_d.BAD_LINE, path, vid, f"{where}: {ln!r}", split_name))
+                continue
+            if len(parts) == 2:
+                lab = int(parts[1]) - 1
+                if not 0 <= lab < len(classes):
+                    m.problems.append(Problem(_d.LABEL_OUT_OF_RANGE, path, vid,
+                                              f"{where}: label {parts[1]} not in 1..{len(classes)}", split_name))
+                    continue
+                if folder is not None and folder != classes[lab]:
+                    m.problems.append(Problem(_d.LABEL_MISMATCH, path, vid,
+                                              f"{where}: label {parts[1]} is {classes[lab]}, folder is {folder}",
+                                              split_name))
+                    continue
+            else:
+                if folder not in index:
+                    m.problems.append(Problem(_d.UNKNOWN_CLASS, path, vid,
+                                              f"{where}: class {folder!r} not in classInd.txt", split_name))
+                    continue
+                lab = index[folder]
+            _add(m, vid, path, lab, classes[lab], split_name)
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# HMDB51
+
+def hmdb51(root: str, split: int = 1, lists_dir: Optional[str] = None,
+           videos_dir: Optional[str] = None) -> Manifest:
+    """HMDB51 official splits: ``<class>_test_split{N}.txt`` with lines ``<video>.avi <id>``;
+    id 1 = train, 2 = test, 0 = not used by this split (excluded, not an input)."""
+    if split not in (1, 2, 3):
+        raise AdapterError(f"--split must be 1, 2 or 3 for hmdb51, got {split}")
+    cands = [lists_dir] if lists_dir else [os.path.join(root, "testTrainMulti_7030_splits"),
+                                            os.path.join(root, "splits"), root]
+    suffix = f"_test_split{split}.txt"
+    ldir = None
+    for c in cands:
+        if c and os.path.isdir(c) and any(n.endswith(suffix) for n in os.listdir(c)):
+            ldir = c
+            break
+    if ldir is None:
+        raise AdapterError(f"no *{suffix} files found (looked in: {', '.join(c for c in cands if c)})")
+    files = sorted(n for n in os.listdir(ldir) if n.endswith(suffix))
+    classes = [n[: -len(suffix)] for n in files]
+    vdir = videos_dir or root
+    m = Manifest("hmdb51", os.path.abspath(vdir), classes, source={"split": split, "lists_dir": os.path.abspath(ldir)})
+    for lab, (fname, cls) in enumerate(zip(files, classes)):
+        for lineno, ln in _read_lines(os.path.join(ldir, fname)):
+            parts = ln.split()
+            rel = f"{cls}/{parts[0]}"
+            path = os.path.join(vdir, rel)
+            vid = _strip_ext(rel)
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                m.problems.append(Problem(_d.BAD_LINE, path, vid, f"{fname}:{lineno}: {ln!r}"))
+                continue
+            if parts[1] == "0":
+                m.excluded += 1
+                continue
+            _add(m, vid, path, lab, cls, "train" if parts[1] == "1" else "test")
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# UCF50 (leave-one-group-out)
+
+_GROUP_RE = re.compile(r"_g(\d+)_c(\d+)", re.IGNORECASE)
+
+
+def ucf50(root: str, test_group: int = 1) -> Manifest:
+    """UCF50: folder per class, files ``v_<Class>_gGG_cCC.avi``; the protocol is
+    leave-one-group-out over 25 groups: group ``test_group`` is the test split."""
+    if not 1 <= test_group <= 25:
+        raise AdapterError(f"--split (the held-out group) must be 1..25 for ucf50, got {test_group}")
+    if not os.path.isdir(root):
+        raise AdapterError(f"--root {root} is not a directory")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
+    for lab, cls in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+            for n in sorted(names):
+                if not _is_video(n):
+                    continue
+                path = os.path.join(dirpath, n)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                g = _GROUP_RE.search(n)
+                if not g:
+                    m.problems.append(Problem("bad_name", path, _strip_ext(rel), "no _gGG_cCC in the file name"))
+                    continue
+                _add(m, _strip_ext(rel), path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# Kinetics-400 CSV
+
+def _norm_split(s: str) -> str:
+    s = (s or "").strip().lower()
+    return {"validate": "val", "validation": "val", "valid": "val", "training": "train", "testing": "test"}.get(s, s)
+
+
+def _index_videos(vdir: str) -> Dict[str, str]:
+    idx: Dict[str, str] = {}
+    for dirpath, dirs, names in os.walk(vdir):
+        dirs.sort()
+        for n in sorted(names):
+            if _is_video(n):
+                idx.setdefault(os.path.splitext(n)[0], os.path.join(dirpath, n))
+    return idx
+
+
+def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
+             videos_dir: Optional[str] = None, classes_file: Optional[str] = None) -> Manifest:
+    """Kinetics CSV (header ``label,youtube_id,time_start,time_end,split``); files named
+    ``<youtube_id>_<start:06d>_<end:06d>.<ext>`` anywhere under the video root (per-label
+    or per-split folders are fine). Classes: ``classes_file`` (one per line) or the sorted
+    labels found in the CSVs."""
+    if not annotations:
+        found = []
+        for d in (root, os.path.join(root, "annotations")):
+            if os.path.isdir(d):
+                found += [(None, os.path.join(d, n)) for n in sorted(os.listdir(d)) if n.endswith(".csv")]
+        if not found:
+            raise AdapterError(f"no Kinetics CSV given (--annotations) or found in {root}")
+        annotations = found
+    rows: List[Tuple[str, int, Dict[str, str]]] = []
+    for split_hint, path in annotations:
+        if not os.path.isfile(path):
+            raise AdapterError(f"annotation file {path} not found")
+        default_split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            need = {"label", "youtube_id", "time_start", "time_end"}
+            if not reader.fieldnames or not need <= set(reader.fieldnames):
+                raise AdapterError(f"{path}: header must contain {sorted(need)}, got {reader.fieldnames}")
+            for i, r in enumerate(reader):
+                r = dict(r)
+                r["_split"] = _norm_split(split_hint) if split_hint else (_norm_split(r.get("split") or "") or default_split)
+                r["_where"] = f"{os.path.basename(path)}:{i + 2}"
+                rows.append((path, i, r))
+    if classes_file:
+        classes = [ln for _, ln in _read_lines(classes_file)]
+    else:
+        classes = sorted({r["label"].strip() for _, _, r in rows if (r.get("label") or "").strip()})
+    index = {c: i for i, c in enumerate(classes)}
+    vdir = videos_dir or root
+    files = _index_videos(vdir)
+    m = Manifest("kinetics", os.path.abspath(vdir), classes,
+                 source={"annotations": [os.path.abspath(p) for _, p in annotations]})
+    for _, _, r in rows:
+        yid = (r.get("youtube_id") or "").strip()
+        try:
+            stem = f"{yid}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        except (TypeError, ValueError):
+            m.problems.append(Problem(_d.BAD_LINE, yid, yid or None, f"{r['_where']}: bad time_start/time_end"))
+            continue
+        split = r["_split"] if r["_split"] in ("train", "val", "test") else "train"
+        path = files.get(stem) or files.get(yid) or os.path.join(vdir, stem + ".mp4")
+        label_name = (r.get("label") or "").strip()
+        if label_name not in index:
+            m.problems.append(Problem(_d.UNKNOWN_CLASS, path, stem, f"{r['_where']}: label {label_name!r}", split))
+            continue
+        _add(m, stem, path, index[label_name], label_name, split)
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# Something-Something v2
+
+def ssv2_class_name(template: str) -> str:
+    return template.replace("[", "").replace("]", "")
+
+
+def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
+         labels_file: Optional[str] = None, videos_dir: Optional[str] = None) -> Manifest:
+    """SSv2: ``labels.json`` (class name -> id string), ``train.json`` / ``validation.json``
+    (lists of ``{"id", "template", ...}``; class = template without brackets); ``<id>.webm``."""
+    lab_dirs = [root, os.path.join(root, "labels"), os.path.join(root, "annotations")]
+    labels_file = labels_file or _first_existing([os.path.join(d, "labels.json") for d in lab_dirs], "labels.json")
+    with open(labels_file) as f:
+        name_to_id = {k: int(v) for k, v in json.load(f).items()}
+    n = max(name_to_id.values()) + 1 if name_to_id else 0
+    classes = [""] * n
+    for k, v in name_to_id.items():
+        classes[v] = k
+    if not annotations:
+        annotations = []
+        for split, fname in (("train", "train.json"), ("val", "validation.json")):
+            p = _first_existing([os.path.join(d, fname) for d in lab_dirs], fname, must=False)
+            if p:
+                annotations.append((split, p))
+        if not annotations:
+            raise AdapterError(f"no train.json/validation.json found under {root} (use --annotations)")
+    vdir = videos_dir or (os.path.join(root, "20bn-something-something-v2")
+                          if os.path.isdir(os.path.join(root, "20bn-something-something-v2")) else root)
+    m = Manifest("ssv2", os.path.abspath(vdir), classes,
+                 source={"labels": os.path.abspath(labels_file),
+                         "annotations": [os.path.abspath(p) for _, p in annotations]})
+    for split_hint, path in annotations:
+        split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
+        with open(path) as f:
+            items = json.load(f)
+        for i, it in enumerate(items):
+            vid = str(it.get("id", "")).strip()
+            vpath = os.path.join(vdir, vid + ".webm")
+            if not os.path.exists(vpath) and os.path.exists(os.path.join(vdir, vid + ".mp4")):
+                vpath = os.path.join(vdir, vid + ".mp4")
+            where = f"{os.path.basename(path)}[{i}]"
+            if not vid:
+                m.problems.append(Problem(_d.BAD_LINE, path, None, f"{where}: no id", split))
+                continue
+            cname = ssv2_class_name(str(it.get("template", it.get("label", ""))))
+            if cname not in name_to_id:
+                m.problems.append(Problem(_d.UNKNOWN_CLASS, vpath, vid, f"{where}: class {cname!r}", split))
+                continue
+            _add(m, vid, vpath, name_to_id[cname], cname, split)
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# DVFL-Net repository lists: header-less "relative/path.avi,<int label>"
+
+def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
+             num_classes: Optional[int] = None, classes_file: Optional[str] = None) -> Manifest:
+    """The DVFL-Net repo's own split lists (not the official splits: train and val share
+    actor groups). Class names come from ``classes_file`` if given, else from the first
+    folder of the paths when each label maps to one folder, else ``class_<i>``."""
+    if not annotations:
+        annotations = []
+        for split, names in (("train", ("train.csv",)), ("val", ("val.csv", "validation.csv")), ("test", ("test.csv",))):
+            for d in (root, os.path.join(root, "lists")):
+                p = _first_existing([os.path.join(d, nm) for nm in names], "", must=False)
+                if p:
+                    annotations.append((split, p))
+                    break
+        if not annotations:
+            raise AdapterError(f"no train.csv/val.csv/test.csv under {root} (use --annotations split=FILE)")
+    parsed: List[Tuple[str, str, Optional[int], str]] = []   # split, rel, label, where
+    m = Manifest("dvfl-csv", os.path.abspath(root), [],
+                 source={"annotations": [os.path.abspath(p) for _, p in annotations]})
+    for split_hint, path in annotations:
+        if not os.path.isfile(path):
+            raise AdapterError(f"annotation file {path} not found")
+        split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
+        for lineno, ln in _read_lines(path):
+            where = f"{os.path.basename(path)}:{lineno}"
+            rel, _, lab = ln.rpartition(",")
+            rel = rel.strip().replace("\\", "/")
+            if not rel or not re.fullmatch(r"\s*-?\d+\s*", lab):
+                m.problems.append(Problem(_d.BAD_LINE, os.path.join(root, rel or ln), None, f"{where}: {ln!r}", split))
+                continue
+            parsed.append((split, rel, int(lab), where))
+    if classes_file:
+        classes = [ln for _, ln in _read_lines(classes_file)]
+    else:
+        k = num_classes if num_classes else (max((p[2] for p in parsed if p[2] >= 0), default=-1) + 1)
+        folders: Dict[int, set] = {}
+        for _, rel, lab, _ in parsed:
+            if "/" in rel:
+                folders.setdefault(lab, set()).add(rel.split("/")[0])
+        named = all(len(folders.get(i, ())) == 1 for i in range(k))
+        names = [next(iter(folders[i])) for i in range(k)] if named else []
+        classes = names if named and len(set(names)) == k else [f"class_{i:03d}" for i in range(k)]
+    m.classes = classes
+    for split, rel, lab, where in parsed:
+        path = os.path.join(root, rel)
+        if not 0 <= lab < len(classes):
+            m.problems.append(Problem(_d.LABEL_OUT_OF_RANGE, path, _strip_ext(rel),
+                                      f"{where}: label {lab} not in 0..{len(classes) - 1}", split))
+            continue
+        _add(m, _strip_ext(rel), path, lab, classes[lab], split)
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# plain folder-per-class
+
+def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, seed: int = 0) -> Manifest:
+    """``root/<class>/**/<video>`` (all ``train`` unless fractions are given: a stable hash of
+    the video id picks val/test), or ``root/{train,val,test}/<class>/**/<video>``."""
+    if not os.path.isdir(root):
+        raise AdapterError(f"--root {root} is not a directory")
+    split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
+    bases = [(s, os.path.join(root, s)) for s in split_dirs] if split_dirs else [(None, root)]
+    classes = sorted({d for _, b in bases for d in os.listdir(b)
+                      if os.path.isdir(os.path.join(b, d)) and not d.startswith((".", "_"))})
+    m = Manifest("folder", os.path.abspath(root), classes,
+                 source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})
+    for split_dir, base in bases:
+        for lab, cls in enumerate(classes):
+            cdir = os.path.join(base, cls)
+            if not os.path.isdir(cdir):
+                continue
+            for dirpath, dirs, names in os.walk(cdir):
+                dirs.sort()
+                for n in sorted(names):
+                    if not _is_video(n):
+                        continue
+                    path = os.path.join(dirpath, n)
+                    vid = _strip_ext(os.path.relpath(path, root).replace(os.sep, "/"))
+                    split = split_dir
+                    if split is None:
+                        u = stable_seed("dvfl-folder-split", seed, vid) / 2.0 ** 63
+                        split = "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
+                    _add(m, vid, path, lab, cls, split)
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# unlabelled videos (issue 9)
+
+def unlabeled(dir_or_list: str) -> Manifest:
+    """Videos without labels: a folder tree (every video file under it) or a text file with
+    one path per line (relative to the list's folder, or absolute). Entries get
+    ``label=None``, ``class_name=None``, ``split="unlabeled"`` and
+    ``video_id = "unlabeled/" + <path relative to the folder/list, without extension>``."""
+    if os.path.isdir(dir_or_list):
+        base = os.path.abspath(dir_or_list)
+        paths = []
+        for dirpath, dirs, names in os.walk(base):
+            dirs.sort()
+            paths += [os.path.join(dirpath, n) for n in sorted(names) if _is_video(n)]
+    elif os.path.isfile(dir_or_list):
+        base = os.path.dirname(os.path.abspath(dir_or_list))
+        paths = [ln if os.path.isabs(ln) else os.path.join(base, ln) for _, ln in _read_lines(dir_or_list)]
+    else:
+        raise AdapterError(f"--unlabeled {dir_or_list}: no such folder or list file")
+    m = Manifest("unlabeled", base, [], source={"unlabeled": os.path.abspath(dir_or_list)})
+    for p in paths:
+        rel = os.path.relpath(p, base)
+        if rel.startswith(".."):
+            rel = os.path.abspath(p).lstrip(os.sep)
+        _add(m, "unlabeled/" + _strip_ext(rel.replace(os.sep, "/")), p, None, None, "unlabeled")
+    return m
+
+
+def build_manifest(dataset: str, root: str, split: int = 1, *, annotations=None, lists_dir=None,
+                   videos_dir=None, classes_file=None, num_classes=None, test_fraction: float = 0.0,
+                   val_fraction: float = 0.0, seed: int = 0) -> Manifest:
+    """Dispatch on the dataset name (``synthetic`` is handled by ingest as ``ucf101`` after generating)."""
+    if dataset in ("ucf101", "synthetic"):
+        m = ucf101(root, split, lists_dir=lists_dir, videos_dir=videos_dir)
+        m.dataset = dataset
+        return m
+    if dataset == "hmdb51":
+        return hmdb51(root, split, lists_dir=lists_dir, videos_dir=videos_dir)
+    if dataset == "ucf50":
+        return ucf50(root, split)
+    if dataset == "kinetics":
+        return kinetics(root, annotations, videos_dir=videos_dir, classes_file=classes_file)
+    if dataset == "ssv2":
+        return ssv2(root, annotations, labels_file=classes_file, videos_dir=videos_dir)
+    if dataset == "dvfl-csv":
+        return dvfl_csv(root, annotations, num_classes=num_classes, classes_file=classes_file)
+    if dataset == "folder":
+        return folder(root, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    raise AdapterError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")

@@ -1,0 +1,260 @@
+"""Per-video decoding: container sanity checks, decord decode, sampling, resize.
+
+:func:`decode_video` is the whole per-video job. It is a pure function of the file and
+the job parameters and runs inside a disposable child process (see
+:mod:`dvfl.data.worker`), because decord can hang while holding the GIL or crash
+the process on a bad file; the parent kills the child on a time limit.
+
+This module is imported both as ``dvfl.data.decode`` and as a top-level module
+``decode`` by ``_decode_child.py`` (which avoids importing the heavy ``dvfl``
+package, whose ``__init__`` imports torch). Keep its imports to stdlib, numpy,
+PIL, decord and the sibling :mod:`sampling`.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+try:  # package import
+    from . import sampling
+except ImportError:  # top-level import inside the decode child
+    import sampling  # type: ignore[no-redef]
+
+# ---------------------------------------------------------------------------------------
+# reject reasons (stable strings: they appear in rejects files and summaries)
+MISSING = "missing"              # listed / given but no such file
+EMPTY = "empty"                  # 0 bytes, or a container with 0 frames
+NOT_VIDEO = "not_video"          # not a recognised video container at all
+CORRUPT = "corrupt"              # a video container whose demux/decode fails
+TRUNCATED = "truncated"          # container declares more bytes than the file holds
+TOO_SHORT = "too_short"          # fewer decodable frames than --min-frames
+TIMEOUT = "timeout"              # the decoder exceeded --timeout-per-file (child killed)
+DECODER_CRASH = "decoder_crash"  # the decoder process died (segfault/abort) on this file
+# manifest-level reasons, produced by the adapters
+UNKNOWN_CLASS = "unknown_class"
+LABEL_OUT_OF_RANGE = "label_out_of_range"
+LABEL_MISMATCH = "label_mismatch"
+BAD_LINE = "bad_line"
+DUPLICATE = "duplicate"
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".wmv", ".3gp", ".ogv", ".ts")
+
+# test hooks (honest simulation of decoder failure modes; only active when a job has
+# ``test_hooks=True``, which the ingest library sets only when asked explicitly)
+TEST_HANG_MAGIC = b"DVFL-TEST-HANG"
+TEST_CRASH_MAGIC = b"DVFL-TEST-CRASH"
+
+
+class DecodeReject(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------
+# container probing: cheap structural checks before handing the file to the decoder
+
+def _ebml_vint(buf: bytes, pos: int, keep_marker: bool) -> Tuple[Optional[int], int]:
+    """Read an EBML variable-size integer. Returns (value or None for 'unknown size', new pos)."""
+    if pos >= len(buf):
+        raise ValueError("eof")
+    first = buf[pos]
+    length = 1
+    mask = 0x80
+    while length <= 8 and not first & mask:
+        mask >>= 1
+        length += 1
+    if length > 8 or pos + length > len(buf):
+        raise ValueError("bad vint")
+    value = first if keep_marker else first & (mask - 1)
+    all_ones = (first & (mask - 1)) == (mask - 1)
+    for b in buf[pos + 1:pos + length]:
+        value = (value << 8) | b
+        all_ones = all_ones and b == 0xFF
+    if not keep_marker and all_ones:
+        return None, pos + length
+    return value, pos + length
+
+
+def probe_container(path: str) -> Tuple[str, Optional[str]]:
+    """Identify the container from magic bytes and check declared sizes against the file size.
+
+    Returns ``(kind, problem)`` where kind is one of ``mp4``, ``avi``, ``matroska``,
+    ``mpeg-ts``, ``mpeg-ps``, ``flv``, ``ogg``, ``asf`` or ``unknown``, and problem is
+    ``None``, :data:`EMPTY` or :data:`TRUNCATED`. ``unknown`` is not itself a reject: the
+    decoder gets the last word (ffmpeg knows more formats than this probe).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "unknown", EMPTY
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+            return "mp4", _check_mp4_boxes(f, size)
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        declared = struct.unpack("<I", head[4:8])[0] + 8
+        return "avi", (TRUNCATED if declared > size else None)
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska", _check_matroska(head, path, size)
+    if head[:1] == b"\x47" and (len(head) < 189 or head[188:189] == b"\x47"):
+        return "mpeg-ts", None
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "mpeg-ps", None
+    if head[:3] == b"FLV":
+        return "flv", None
+    if head[:4] == b"OggS":
+        return "ogg", None
+    if head[:4] == b"\x30\x26\xb2\x75":
+        return "asf", None
+    return "unknown", None
+
+
+def _check_mp4_boxes(f, size: int) -> Optional[str]:
+    """Walk the top-level ISO-BMFF boxes; a box reaching past EOF means a truncated file."""
+    pos = 0
+    have_moov = False
+    while pos < size:
+        f.seek(pos)
+        hdr = f.read(16)
+        if len(hdr) < 8:
+            return TRUNCATED
+        box_size = struct.unpack(">I", hdr[:4])[0]
+        box_type = hdr[4:8]
+        if box_size == 1:
+            if len(hdr) < 16:
+                return TRUNCATED
+            box_size = struct.unpack(">Q", hdr[8:16])[0]
+        elif box_size == 0:  # box extends to EOF
+            box_size = size - pos
+        if box_size < 8:
+            return CORRUPT
+        if box_type == b"moov":
+            have_moov = True
+        if pos + box_size > size:
+            return TRUNCATED
+        pos += box_size
+    return None if have_moov else TRUNCATED
+
+
+def _check_matroska(head: bytes, path: str, size: int) -> Optional[str]:
+    try:
+        _, p = _ebml_vint(head, 0, keep_marker=True)          # EBML header id
+        hsize, p = _ebml_vint(head, p, keep_marker=False)
+        if hsize is None:
+            return CORRUPT
+        p += hsize
+        seg_id, p = _ebml_vint(head, p, keep_marker=True)
+        if seg_id != 0x18538067:
+            return CORRUPT
+        seg_size, p = _ebml_vint(head, p, keep_marker=False)
+    except ValueError:
+        return TRUNCATED if size < 64 else CORRUPT
+    if seg_size is not None and p + seg_size > size:
+        return TRUNCATED
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize uint8 frames (N, h, w, 3) to (N, height, width, 3): antialiased bilinear (PIL)."""
+    n, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    from PIL import Image
+
+    out = np.empty((n, height, width, 3), dtype=np.uint8)
+    for i in range(n):
+        out[i] = np.asarray(Image.fromarray(frames[i]).resize((width, height), Image.BILINEAR))
+    return out
+
+
+def _run_test_hooks(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(TEST_HANG_MAGIC):
+        # Simulates decord's failure mode: a native call that blocks *while holding the GIL*
+        # (ctypes.PyDLL does not release the GIL), so no Python-level timeout, signal
+        # handler or watchdog thread in this process could interrupt it. Only killing
+        # the process stops it.
+        import ctypes
+
+        ctypes.PyDLL(None).sleep(3600)
+    if head.startswith(TEST_CRASH_MAGIC):
+        os.abort()  # simulates a native crash (SIGABRT) inside the decoder
+
+
+def decode_video(job: Dict) -> Dict:
+    """Decode, sample and resize every stored view of one video.
+
+    ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
+    ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
+    optional ``test_hooks``.
+
+    Returns ``{"ok": True, "src_fps", "src_num_frames", "height", "width",
+    "views": [(view, view_index, indices int32 array, frames uint8 (T,H,W,3)), ...]}``
+    or ``{"ok": False, "reason", "detail"}``.
+    """
+    try:
+        return _decode_video(job)
+    except DecodeReject as e:
+        return {"ok": False, "reason": e.reason, "detail": e.detail}
+
+
+def _decode_video(job: Dict) -> Dict:
+    path = job["path"]
+    if not os.path.isfile(path):
+        raise DecodeReject(MISSING, "no such file")
+    kind, problem = probe_container(path)
+    if problem is not None:
+        raise DecodeReject(problem, f"{kind} container check")
+    if job.get("test_hooks"):
+        _run_test_hooks(path)
+
+    import decord
+
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as e:  # decord raises RuntimeError / DECORDError on open failure
+        raise DecodeReject(CORRUPT if kind != "unknown" else NOT_VIDEO, _short(e))
+    try:
+        n = len(vr)
+        fps = float(vr.get_avg_fps() or 0.0)
+        T = int(job["frames"])
+        if n == 0:
+            raise DecodeReject(EMPTY, "0 frames")
+        min_frames = int(job.get("min_frames") or T)
+        if n < min_frames:
+            raise DecodeReject(TOO_SHORT, f"{n} frames < min_frames {min_frames}")
+        views = sampling.plan_views(n, T, job["split"], int(job["seed"]), job["video_id"],
+                                    int(job["clips_per_video"]), int(job["eval_clips"]))
+        uniq = sampling.unique_sorted(v[2] for v in views)
+        try:
+            arr = vr.get_batch(uniq.tolist()).asnumpy()
+            vr.seek(0)  # decord's get_batch keeps buffers alive otherwise (memory growth)
+        except Exception as e:
+            raise DecodeReject(CORRUPT, _short(e))
+    finally:
+        del vr
+    if arr.ndim != 4 or arr.shape[0] != len(uniq) or arr.shape[-1] != 3:
+        raise DecodeReject(CORRUPT, f"decoder returned shape {arr.shape}")
+    h, w = arr.shape[1:3]
+    H, W = sampling.resized_hw(h, w, int(job.get("short_side") or 0))
+    arr = resize_frames(np.ascontiguousarray(arr, dtype=np.uint8), H, W)
+    pos = {int(f): i for i, f in enumerate(uniq)}
+    out_views: List = []
+    for view, k, idx in views:
+        clip = arr[[pos[int(f)] for f in idx]]
+        out_views.append((view, k, idx.astype(np.int32), np.ascontiguousarray(clip)))
+    return {"ok": True, "src_fps": fps, "src_num_frames": n, "height": H, "width": W,
+            "src_height": int(h), "src_width": int(w), "views": out_views}
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    s = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return s if len(s) <= limit else s[:limit] + "..."

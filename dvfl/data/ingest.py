@@ -1,0 +1,514 @@
+"""Ingest: manifest -> Ray Data clip-level decoding -> atomic Parquet clip shards.
+
+Pipeline (one Ray Data job):
+
+    from_items(one row per video still to do, in shard order)
+      -> map_batches(_DecodeActor, ActorPoolStrategy(size=W), num_cpus=1)
+           each actor owns a killable decode child (dvfl.data.worker), which opens the file
+           with decord, samples every view's frame indices (dvfl.data.sampling), decodes the
+           union of those frames once, resizes (short side) and returns the clips
+      -> iter_batches in the driver (preserve_order=True), which streams the rows of each
+         shard into a temporary Parquet file and publishes it with os.replace once the
+         shard's last video has arrived.
+
+Shards are a deterministic function of the manifest (split, sorted video ids, fixed
+number of videos per shard), so a re-run skips published shards and redoes only the
+rest; a killed run leaves only dot-prefixed ``*.tmp`` files, which are removed on the
+next run. See docs/data-format.md for the output contract.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from . import decode as _d
+from . import shards as _s
+from .manifest import Manifest, Problem, VideoEntry
+from .sampling import SAMPLING_SCHEME, TRAIN_LIKE_SPLITS, clip_id as make_clip_id
+
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}
+HASH_BYTES = 1 << 16   # file identity: size + blake2b(first 64 KiB + last 64 KiB)
+
+
+@dataclass
+class IngestConfig:
+    out: str
+    frames: int = 8
+    clips_per_video: int = 2
+    eval_clips: int = 1
+    short_side: int = 128
+    seed: int = 0
+    min_frames: Optional[int] = None        # default: frames
+    timeout_per_file: float = 60.0
+    videos_per_shard: Optional[int] = None  # default: from target_shard_mb
+    target_shard_mb: float = 128.0          # uncompressed clip bytes per shard (estimate)
+    row_group_clips: int = 128
+    workers: Optional[int] = None           # decode actors; default: cluster CPUs - 1
+    videos_per_task: int = 16
+    overwrite: bool = False
+    progress: bool = True
+    ray_progress: bool = False              # Ray Data's own progress bars
+    test_hooks: bool = False                # honour the DVFL-TEST-* magic files (tests only)
+    max_jobs_per_child: int = 1000
+    compression: str = "zstd"
+
+    def validate(self) -> None:
+        checks = [
+            (self.frames >= 1, "--frames must be >= 1"),
+            (self.clips_per_video >= 1, "--clips-per-video must be >= 1"),
+            (self.eval_clips >= 1, "--eval-clips must be >= 1"),
+            (self.short_side >= 0, "--short-side must be >= 0 (0 keeps the source size)"),
+            (self.min_frames is None or self.min_frames >= 1, "--min-frames must be >= 1"),
+            (self.timeout_per_file > 0, "--timeout-per-file must be > 0"),
+            (self.videos_per_shard is None or self.videos_per_shard >= 1, "--videos-per-shard must be >= 1"),
+            (self.workers is None or self.workers >= 1, "--workers must be >= 1"),
+            (self.videos_per_task >= 1, "--videos-per-task must be >= 1"),
+            (self.target_shard_mb > 0, "--target-shard-mb must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def content_params(self) -> Dict[str, Any]:
+        """Everything that changes the stored clips (and nothing else): part of the fingerprint."""
+        import decord
+
+        return {"frames": self.frames, "clips_per_video": self.clips_per_video, "eval_clips": self.eval_clips,
+                "short_side": self.short_side, "seed": self.seed, "min_frames": self.min_frames or self.frames,
+                "sampling": SAMPLING_SCHEME, "train_view_splits": list(TRAIN_LIKE_SPLITS),
+                "resize": "PIL.BILINEAR(antialiased), short side, aspect kept, no crop",
+                "decoder": f"decord {decord.__version__}", "schema_version": _s.SCHEMA_VERSION}
+
+
+# ---------------------------------------------------------------------------------------
+# file identity and fingerprint
+
+def file_identity(path: str) -> Tuple[int, str]:
+    """``(size, blake2b-128 of the first and last 64 KiB)``: a content identity that costs two
+    small reads per file. Edits of the same size strictly inside the middle of a file larger
+    than 128 KiB are not seen (documented trade-off)."""
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        h.update(f.read(HASH_BYTES))
+        if size > 2 * HASH_BYTES:
+            f.seek(size - HASH_BYTES)
+            h.update(f.read(HASH_BYTES))
+        elif size > HASH_BYTES:
+            h.update(f.read())
+    return size, h.hexdigest()
+
+
+def compute_fingerprint(manifest: Manifest, params: Dict[str, Any], identities: Dict[str, Tuple[int, str]]) -> str:
+    """sha256 over the preprocessing parameters, the classes, every entry (video id, relative
+    path, label, split, file identity) and every manifest-level reject."""
+    h = hashlib.sha256()
+
+    def put(obj: Any) -> None:
+        b = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    put({"format": _s.FORMAT_NAME, "params": params, "classes": manifest.classes})
+    for e in sorted(manifest.entries, key=lambda e: e.video_id):
+        put([e.video_id, e.relpath(manifest.root), e.label, e.split, list(identities[e.video_id])])
+    for p in sorted(manifest.problems, key=lambda p: (p.reason, p.video_id or "", p.path)):
+        put(["reject", p.reason, p.video_id, os.path.basename(p.path), p.split])
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Ray side: the decode actor
+
+_OUT_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=True) for f in _s.CLIP_SCHEMA] + [
+    pa.field("_shard", pa.string()), pa.field("_order", pa.int64()), pa.field("_status", pa.string()),
+    pa.field("_detail", pa.string())])
+
+
+class _DecodeActor:
+    def __init__(self, timeout: float, max_jobs: int, params: Dict[str, Any]):
+        from .worker import DecodeProcess
+
+        self.timeout = timeout
+        self.params = params
+        self.proc = DecodeProcess(max_jobs=max_jobs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: List[Dict[str, Any]] = []
+        for job in batch.to_pylist():
+            full = dict(self.params, path=job["abspath"], video_id=job["video_id"], split=job["split"])
+            res = self.proc.run(full, self.timeout)
+            label = None if job["label"] < 0 else job["label"]
+            base = {"video_id": job["video_id"], "path": job["path"], "label": label,
+                    "class_name": job["class_name"] or None, "split": job["split"],
+                    "_shard": job["shard"], "_order": job["order"]}
+            if not res.get("ok"):
+                rows.append(dict(base, _status=res.get("reason", "decoder_error"), _detail=res.get("detail", "")))
+                continue
+            for view, k, idx, clip in res["views"]:
+                rows.append(dict(base, clip_id=make_clip_id(job["video_id"], view, k), view=view, view_index=k,
+                                 frame_indices=idx.tolist(), src_fps=res["src_fps"],
+                                 src_num_frames=res["src_num_frames"], num_frames=clip.shape[0],
+                                 height=res["height"], width=res["width"], frames=clip.tobytes(),
+                                 _status="ok", _detail=""))
+        return pa.Table.from_pylist(rows, schema=_OUT_SCHEMA)
+
+    def __del__(self):
+        try:
+            self.proc.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Ray session handling
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
+                object_store_mb: int = 1024, log=print) -> Iterator[Dict[str, Any]]:
+    """Use the running Ray (if this process already initialised it), connect to ``address`` /
+    ``RAY_ADDRESS``, or start a local instance with explicit logical CPUs (default: cores + 1,
+    so one logical CPU stays free for Ray Data next to one decode actor per core) and a modest
+    object store. Shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield {"owned": False, "mode": "existing"}
+        return
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, log_to_driver=False)
+        mode = f"connected to {addr}"
+    else:
+        n = num_cpus or (os.cpu_count() or 1) + 1
+        ray.init(num_cpus=n, object_store_memory=int(object_store_mb) << 20, include_dashboard=False,
+                 log_to_driver=False, configure_logging=True, logging_level="WARNING")
+        mode = f"local Ray, {n} logical CPUs, {object_store_mb} MiB object store"
+    if log:
+        log(f"[ingest] {mode}")
+    try:
+        yield {"owned": True, "mode": mode}
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------
+# the ingest
+
+@dataclass
+class _ShardPlan:
+    name: str
+    split: str
+    video_ids: List[str]
+
+
+def _plan_shards(entries: List[VideoEntry], videos_per_shard: int) -> List[_ShardPlan]:
+    by_split: Dict[str, List[VideoEntry]] = {}
+    for e in entries:
+        by_split.setdefault(e.split, []).append(e)
+    plans = []
+    for split in sorted(by_split, key=lambda s: (SPLIT_ORDER.get(s, 9), s)):
+        vids = sorted(e.video_id for e in by_split[split])
+        for i in range(0, len(vids), videos_per_shard):
+            plans.append(_ShardPlan(f"{split}-{i // videos_per_shard:05d}", split, vids[i:i + videos_per_shard]))
+    return plans
+
+
+class _Progress:
+    def __init__(self, total_videos: int, enabled: bool, stream=sys.stderr):
+        self.total = total_videos
+        self.enabled = enabled
+        self.stream = stream
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.videos = self.clips = self.rejects = 0
+
+    def update(self, videos: int, clips: int, rejects: int, force: bool = False) -> None:
+        self.videos += videos
+        self.clips += clips
+        self.rejects += rejects
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < (0.5 if self.tty else 5.0):
+            return
+        self.last = now
+        el = max(now - self.t0, 1e-9)
+        rate = self.clips / el
+        vrate = self.videos / el
+        eta = (self.total - self.videos) / vrate if vrate > 0 else float("nan")
+        pct = 100.0 * self.videos / max(self.total, 1)
+        msg = (f"[ingest] {self.videos}/{self.total} videos ({pct:5.1f}%) | {self.clips} clips | "
+               f"{self.rejects} rejected | {rate:7.1f} clips/s | eta {eta:5.0f} s")
+        if self.tty:
+            self.stream.write("\r" + msg + ("\n" if force else ""))
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+
+def _reject_record(p: Problem, root: str) -> Dict[str, Any]:
+    ve = VideoEntry(p.video_id or "", p.path, None, None, p.split or "")
+    return {"path": ve.relpath(root) if os.path.isabs(p.path) else p.path, "video_id": p.video_id,
+            "split": p.split, "reason": p.reason, "detail": p.detail, "stage": "manifest"}
+
+
+def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
+    """Run the ingest of ``manifest`` into ``cfg.out``; Ray must be initialised (see
+    :func:`ray_session`). Returns the summary dict (also written to ``summary.json``)."""
+    import ray
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = os.path.abspath(cfg.out)
+    shard_dir = os.path.join(out, _s.SHARD_DIR)
+    meta_dir = os.path.join(shard_dir, _s.META_DIR)
+    manifest.dedupe()
+
+    # -- identities (a file that vanished since the adapter ran becomes a 'missing' reject)
+    identities: Dict[str, Tuple[int, str]] = {}
+    keep = []
+    for e in manifest.entries:
+        try:
+            identities[e.video_id] = file_identity(e.path)
+            keep.append(e)
+        except OSError as ex:
+            manifest.problems.append(Problem(_d.MISSING, e.path, e.video_id, _d._short(ex), e.split))
+    manifest.entries = keep
+    entries = {e.video_id: e for e in manifest.entries}
+    params = cfg.content_params()
+    fingerprint = compute_fingerprint(manifest, params, identities)
+
+    # -- shard layout
+    T, S = cfg.frames, cfg.short_side or 256
+    views = max(cfg.clips_per_video, cfg.eval_clips)
+    est_video_bytes = T * S * (S * 4 // 3) * 3 * views
+    vps = cfg.videos_per_shard or max(1, int(cfg.target_shard_mb * 2 ** 20 // est_video_bytes))
+    plans = _plan_shards(manifest.entries, vps)
+    layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": cfg.row_group_clips,
+              "compression": cfg.compression, "shards": [p.name for p in plans]}
+
+    # -- output dir state: refuse to mix different datasets, unless --overwrite
+    plan_path = os.path.join(out, _s.PLAN_JSON)
+    if cfg.overwrite:
+        for p in (shard_dir,):
+            shutil.rmtree(p, ignore_errors=True)
+        for f in (_s.PLAN_JSON, _s.DATASET_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out, f))
+    elif os.path.exists(plan_path):
+        with open(plan_path) as f:
+            old = json.load(f)
+        if old != layout:
+            what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
+            raise ValueError(f"{out} already holds an ingest with a different {what}; "
+                             f"use a new --out or pass --overwrite")
+    elif os.path.isdir(shard_dir) and _s.shard_paths(out):
+        raise ValueError(f"{out} holds shards but no {_s.PLAN_JSON}; use a new --out or pass --overwrite")
+    os.makedirs(meta_dir, exist_ok=True)
+    _s.remove_stale_tmp(shard_dir)
+    _s.remove_stale_tmp(meta_dir)
+    _s.atomic_write_json(plan_path, layout)
+
+    def done(p: _ShardPlan) -> bool:
+        return (os.path.exists(os.path.join(shard_dir, p.name + ".parquet"))
+                and os.path.exists(os.path.join(meta_dir, p.name + ".json")))
+
+    todo = [p for p in plans if not done(p)]
+    skipped = len(plans) - len(todo)
+    jobs = []
+    for p in todo:
+        for vid in p.video_ids:
+            e = entries[vid]
+            jobs.append({"video_id": vid, "abspath": e.path, "path": e.relpath(manifest.root),
+                         "label": -1 if e.label is None else int(e.label), "class_name": e.class_name or "",
+                         "split": e.split, "shard": p.name, "order": len(jobs)})
+    n_videos_todo = len(jobs)
+    if log:
+        log(f"[ingest] {manifest.dataset}: {manifest.num_inputs} inputs ({len(manifest.entries)} videos, "
+            f"{len(manifest.problems)} manifest rejects), {len(plans)} shards of <= {vps} videos; "
+            f"{skipped} shards already done, {n_videos_todo} videos to decode")
+
+    progress = _Progress(n_videos_todo, cfg.progress and log is not None)
+    t_run = time.perf_counter()
+    clips_this_run = 0
+    if jobs:
+        clips_this_run = _run_pipeline(jobs, todo, cfg, shard_dir, meta_dir, progress)
+    run_secs = time.perf_counter() - t_run
+
+    # -- gather every shard's meta: summary, rejects, dataset.json
+    metas = []
+    for p in plans:
+        with open(os.path.join(meta_dir, p.name + ".json")) as f:
+            metas.append(json.load(f))
+    rejects = [_reject_record(p, manifest.root) for p in manifest.problems]
+    for m in metas:
+        rejects.extend(m["rejects"])
+    rejects.sort(key=lambda r: (r["reason"], r.get("video_id") or "", r["path"]))
+    written_videos = sum(m["written_videos"] for m in metas)
+    counts: Dict[str, Dict[str, int]] = {}
+    for m in metas:
+        c = counts.setdefault(m["split"], {"videos": 0, "clips": 0})
+        c["videos"] += m["written_videos"]
+        c["clips"] += m["clips"]
+    by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    shard_bytes = sum(m["bytes"] for m in metas)
+    src_bytes = sum(identities[v][0] for v in entries)
+    info = {
+        "format": _s.FORMAT_NAME, "schema_version": _s.SCHEMA_VERSION, "fingerprint": fingerprint,
+        "dataset": manifest.dataset, "root": manifest.root, "source": manifest.source,
+        "classes": manifest.classes, "num_classes": len(manifest.classes), "params": params,
+        "counts": counts, "clips": sum(c["clips"] for c in counts.values()),
+        "inputs": manifest.num_inputs, "written_videos": written_videos, "rejects": len(rejects),
+        "rejects_by_reason": by_reason, "excluded_by_protocol": manifest.excluded,
+        "shards": [{"file": f"{_s.SHARD_DIR}/{m['shard']}.parquet", "split": m["split"], "clips": m["clips"],
+                    "videos": m["written_videos"], "bytes": m["bytes"]} for m in metas],
+        "frames_shape": "(num_frames, height, width, 3) uint8, per row",
+    }
+    ok = written_videos + len(rejects) == manifest.num_inputs
+    with open(os.path.join(out, f".{_s.REJECTS_FILE}.tmp"), "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(os.path.join(out, f".{_s.REJECTS_FILE}.tmp"), os.path.join(out, _s.REJECTS_FILE))
+    total_secs = time.perf_counter() - t_start
+    summary = {
+        "out": out, "dataset": manifest.dataset, "fingerprint": fingerprint, "inputs": manifest.num_inputs,
+        "written_videos": written_videos, "rejected": len(rejects), "accounting_ok": ok,
+        "clips": info["clips"], "counts": counts, "rejects_by_reason": by_reason,
+        "shards": len(plans), "shards_skipped": skipped, "videos_decoded_this_run": n_videos_todo,
+        "clips_this_run": clips_this_run, "shard_bytes": shard_bytes, "source_bytes": src_bytes,
+        "decode_seconds": round(run_secs, 3), "total_seconds": round(total_secs, 3),
+        "clips_per_second": round(clips_this_run / run_secs, 2) if run_secs > 0 and clips_this_run else 0.0,
+    }
+    _s.atomic_write_json(os.path.join(out, _s.SUMMARY_JSON), summary)
+    _s.atomic_write_json(os.path.join(out, _s.DATASET_JSON), info)
+    if not ok:  # cannot happen unless there is a bug; never hide it
+        raise RuntimeError(f"accounting mismatch: written {written_videos} + rejected {len(rejects)} "
+                           f"!= inputs {manifest.num_inputs}")
+    if log:
+        log(format_summary(summary))
+    return summary
+
+
+def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, shard_dir: str, meta_dir: str,
+                  progress: _Progress) -> int:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_blocks = max(1, math.ceil(len(jobs) / cfg.videos_per_task))
+    workers = cfg.workers or max(1, cluster_cpus - 1)
+    workers = max(1, min(workers, n_blocks))
+    params = {"frames": cfg.frames, "clips_per_video": cfg.clips_per_video, "eval_clips": cfg.eval_clips,
+              "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
+              "test_hooks": bool(cfg.test_hooks)}
+    ds = ray.data.from_items(jobs, override_num_blocks=n_blocks)
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = bool(cfg.ray_progress)
+    ds.context.print_on_execution_start = bool(cfg.ray_progress)
+    ds = ds.map_batches(_DecodeActor, batch_size=cfg.videos_per_task, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=workers), num_cpus=1,
+                        fn_constructor_kwargs={"timeout": cfg.timeout_per_file,
+                                               "max_jobs": cfg.max_jobs_per_child, "params": params})
+    sizes = {p.name: len(p.video_ids) for p in todo}
+    splits = {p.name: p.split for p in todo}
+    cur: Optional[str] = None
+    writer: Optional[_s.AtomicShardWriter] = None
+    seen: set = set()
+    rejects: List[Dict] = []
+    clips = written = total_clips = 0
+
+    def finish() -> None:
+        nonlocal writer, cur
+        assert writer is not None and cur is not None
+        if len(seen) != sizes[cur]:
+            raise RuntimeError(f"shard {cur}: got {len(seen)} of {sizes[cur]} videos from the pipeline")
+        nbytes = writer.close()
+        meta = {"shard": cur, "split": splits[cur], "videos": sizes[cur], "written_videos": written,
+                "clips": clips, "bytes": nbytes, "rejects": rejects}
+        _s.atomic_write_json(os.path.join(meta_dir, cur + ".json"), meta)  # meta first, then the shard
+        writer.publish()
+        writer = None
+        cur = None
+
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            if batch.num_rows == 0:
+                continue
+            shard_col = batch.column("_shard").to_pylist()
+            # split the batch into runs of the same shard (rows arrive in shard order)
+            start = 0
+            while start < batch.num_rows:
+                name = shard_col[start]
+                end = start
+                while end < batch.num_rows and shard_col[end] == name:
+                    end += 1
+                part = batch.slice(start, end - start)
+                start = end
+                if name != cur:
+                    if cur is not None:
+                        finish()
+                    cur = name
+                    writer = _s.AtomicShardWriter(os.path.join(shard_dir, name + ".parquet"),
+                                                  cfg.row_group_clips, cfg.compression)
+                    seen, rejects, clips, written = set(), [], 0, 0
+                status = part.column("_status").to_pylist()
+                vids = part.column("video_id").to_pylist()
+                new_videos = len(set(vids) - seen)
+                bad = [i for i, st in enumerate(status) if st != "ok"]
+                for i in bad:
+                    r = {k: part.column(k)[i].as_py() for k in ("path", "video_id", "split")}
+                    r.update(reason=status[i], detail=part.column("_detail")[i].as_py(), stage="decode")
+                    rejects.append(r)
+                good_mask = pa.array([st == "ok" for st in status])
+                good = part.filter(good_mask)
+                n_good = good.num_rows
+                writer.write(good)
+                new_written = len(set(good.column("video_id").to_pylist()) - seen) if n_good else 0
+                seen.update(vids)
+                clips += n_good
+                written += new_written
+                total_clips += n_good
+                progress.update(new_videos, n_good, len(bad))
+        if cur is not None:
+            finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    progress.update(0, 0, 0, force=True)
+    return total_clips
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    counts = ", ".join(f"{k} {v['clips']}" for k, v in sorted(s["counts"].items(), key=lambda kv: SPLIT_ORDER.get(kv[0], 9)))
+    reasons = ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()) or "none"
+    mb = lambda b: f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
+    lines = [
+        f"== ingest summary: {s['dataset']} -> {s['out']}",
+        f"inputs        {s['inputs']} videos",
+        f"written       {s['written_videos']} videos -> {s['clips']} clips ({counts})",
+        f"rejected      {s['rejected']} ({reasons})",
+        f"accounting    written {s['written_videos']} + rejected {s['rejected']} = {s['written_videos'] + s['rejected']}"
+        f" {'==' if s['accounting_ok'] else '!='} inputs {s['inputs']}",
+        f"shards        {s['shards']} files ({s['shards_skipped']} already done), {mb(s['shard_bytes'])} on disk; "
+        f"{mb(s['source_bytes'])} of source video",
+        f"this run      {s['videos_decoded_this_run']} videos, {s['clips_this_run']} clips in "
+        f"{s['decode_seconds']:.1f} s = {s['clips_per_second']:.1f} clips/s (total {s['total_seconds']:.1f} s)",
+        f"fingerprint   {s['fingerprint']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Frame sampling for clip views: pure functions, no Ray, no decoder.
+
+Two kinds of views are stored per video (see ``docs/data-format.md``):
+
+* ``"train"`` views: TSN-style segment sampling. The video's ``n`` frames are cut
+  into ``T`` equal segments and one frame is drawn uniformly at random inside each
+  segment. The randomness comes from a generator seeded by
+  ``(seed, video_id, view_index)`` only, so a view is exactly reproducible and
+  independent of worker scheduling, shard layout or which other videos exist.
+* ``"uniform"`` views (evaluation): deterministic. For ``K`` evaluation clips, clip
+  ``k`` takes the frame at relative position ``(k + 0.5) / K`` inside every segment
+  (``K = 1`` gives the segment centres, the classic TSN test sampling).
+
+Both work for videos shorter than ``T`` (frames are then repeated), but ingest
+rejects videos with fewer than ``min_frames`` frames (default ``T``).
+
+This module is also imported as a top-level module by the decode child process
+(``dvfl/data/_decode_child.py``), so it must only import the standard library and numpy.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, List, Sequence, Tuple, Union
+
+import numpy as np
+
+SAMPLING_SCHEME = "tsn-segments-v1"
+TRAIN_VIEW = "train"
+UNIFORM_VIEW = "uniform"
+#: splits whose videos get seeded random training views; every other split gets uniform views
+TRAIN_LIKE_SPLITS = ("train", "unlabeled")
+
+SeedLike = Union[int, np.random.Generator, None]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from arbitrary parts, stable across processes and Python versions.
+
+    (Python's ``hash()`` of strings is salted per process, so it must not be used.)
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        b = repr(p).encode("utf-8")
+        h.update(len(b).to_bytes(4, "little"))
+        h.update(b)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def view_rng(seed: int, video_id: str, view_index: int) -> np.random.Generator:
+    """The generator that draws training view ``view_index`` of ``video_id``."""
+    return np.random.default_rng(stable_seed("dvfl-view", int(seed), str(video_id), int(view_index)))
+
+
+def _positions_to_indices(num_frames: int, T: int, offsets: np.ndarray) -> np.ndarray:
+    """Frame index of relative position ``offsets[s]`` (in [0, 1)) inside segment ``s``."""
+    seg = num_frames / T
+    pos = (np.arange(T, dtype=np.float64) + offsets) * seg
+    idx = np.floor(pos).astype(np.int64)
+    return np.clip(idx, 0, num_frames - 1).astype(np.int32)
+
+
+def tsn_train_indices(num_frames: int, T: int, rng: SeedLike) -> np.ndarray:
+    """TSN segment sampling: one uniformly random frame inside each of ``T`` segments."""
+    _check(num_frames, T)
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    offsets = rng.random(T)
+    return _positions_to_indices(num_frames, T, offsets)
+
+
+def uniform_clip_indices(num_frames: int, T: int, clip_index: int = 0, num_clips: int = 1) -> np.ndarray:
+    """Deterministic evaluation clip ``clip_index`` of ``num_clips``: position ``(k+.5)/K`` per segment."""
+    _check(num_frames, T)
+    if not 0 <= clip_index < num_clips:
+        raise ValueError(f"clip_index {clip_index} not in [0, {num_clips})")
+    offsets = np.full(T, (clip_index + 0.5) / num_clips)
+    return _positions_to_indices(num_frames, T, offsets)
+
+
+def sample_clip_indices(num_frames_in_video: int, T: int, mode: str, rng_or_seed: SeedLike = None,
+                        clip_index: int = 0, num_clips: int = 1) -> np.ndarray:
+    """Frame indices (int32, length ``T``, non-decreasing) of one clip.
+
+    ``mode="train"``: TSN random segment sampling from ``rng_or_seed``.
+    ``mode="uniform"``: deterministic clip ``clip_index`` of ``num_clips``.
+    """
+    if mode == TRAIN_VIEW:
+        return tsn_train_indices(num_frames_in_video, T, rng_or_seed)
+    if mode == UNIFORM_VIEW:
+        return uniform_clip_indices(num_frames_in_video, T, clip_index, num_clips)
+    raise ValueError(f"unknown sampling mode {mode!r} (expected 'train' or 'uniform')")
+
+
+def plan_views(num_frames: int, T: int, split: str, seed: int, video_id: str,
+               clips_per_video: int, eval_clips: int) -> List[Tuple[str, int, np.ndarray]]:
+    """All views stored for one video: ``[(view, view_index, frame_indices), ...]``.
+
+    Train-like splits (``train``, ``unlabeled``) get ``clips_per_video`` seeded TSN views;
+    other splits (``val``, ``test``) get ``eval_clips`` uniform views.
+    """
+    if split in TRAIN_LIKE_SPLITS:
+        return [(TRAIN_VIEW, k, tsn_train_indices(num_frames, T, view_rng(seed, video_id, k)))
+                for k in range(clips_per_video)]
+    return [(UNIFORM_VIEW, k, uniform_clip_indices(num_frames, T, k, eval_clips)) for k in range(eval_clips)]
+
+
+def clip_id(video_id: str, view: str, view_index: int) -> str:
+    """The unique, deterministic id of a stored clip view, e.g. ``"MoveUp/v_MoveUp_g01_c01|uniform0"``."""
+    return f"{video_id}|{view}{int(view_index)}"
+
+
+def resized_hw(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """Stored size: the short side becomes ``short_side``, the aspect ratio is kept (rounded)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"bad frame size {height}x{width}")
+    if short_side <= 0:
+        return height, width
+    if height <= width:
+        return short_side, max(1, int(round(width * short_side / height)))
+    return max(1, int(round(height * short_side / width))), short_side
+
+
+def _check(num_frames: int, T: int) -> None:
+    if num_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {num_frames}")
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+
+
+def unique_sorted(index_lists: Iterable[Sequence[int]]) -> np.ndarray:
+    """Sorted unique frame indices over several views (decode each frame once)."""
+    arrs = [np.asarray(a, dtype=np.int64) for a in index_lists]
+    if not arrs:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate(arrs))

@@ -1,0 +1,248 @@
+"""The clip shard format: schema, atomic shard writing, readers, ``decode_frames``.
+
+See ``docs/data-format.md`` for the contract other stages rely on.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import uuid
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "dvfl-clips"
+SHARD_DIR = "shards"
+META_DIR = "_meta"          # per-shard sidecars (rejects, counts); "_" prefix: ignored by Parquet readers
+DATASET_JSON = "dataset.json"
+REJECTS_FILE = "rejects.jsonl"
+SUMMARY_JSON = "summary.json"
+PLAN_JSON = "_plan.json"
+SPLITS = ("train", "val", "test", "unlabeled")
+
+CLIP_SCHEMA = pa.schema([
+    pa.field("clip_id", pa.string(), nullable=False),
+    pa.field("video_id", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("label", pa.int32(), nullable=True),          # NULL for unlabelled videos
+    pa.field("class_name", pa.string(), nullable=True),    # NULL for unlabelled videos
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("view", pa.string(), nullable=False),         # "train" (seeded TSN) | "uniform" (eval)
+    pa.field("view_index", pa.int32(), nullable=False),
+    pa.field("frame_indices", pa.list_(pa.int32()), nullable=False),
+    pa.field("src_fps", pa.float32(), nullable=False),
+    pa.field("src_num_frames", pa.int32(), nullable=False),
+    pa.field("num_frames", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("frames", pa.binary(), nullable=False),       # uint8 (T, H, W, 3) C-order .tobytes()
+], metadata={b"dvfl.format": FORMAT_NAME.encode(), b"dvfl.schema_version": str(SCHEMA_VERSION).encode()})
+
+CLIP_COLUMNS = CLIP_SCHEMA.names
+
+
+# ---------------------------------------------------------------------------------------
+# frames <-> bytes
+
+def encode_frames(clip: np.ndarray) -> bytes:
+    clip = np.asarray(clip)
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (T, H, W, 3), got {clip.dtype} {clip.shape}")
+    return np.ascontiguousarray(clip).tobytes()
+
+
+def _frames_of(buf: Union[bytes, memoryview, np.ndarray], t: int, h: int, w: int) -> np.ndarray:
+    if isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 4:
+        return buf.reshape(t, h, w, 3)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    if arr.size != t * h * w * 3:
+        raise ValueError(f"frames hold {arr.size} bytes, expected {t}x{h}x{w}x3")
+    return arr.reshape(t, h, w, 3)
+
+
+def decode_frames(row_or_batch: Any) -> Union[np.ndarray, List[np.ndarray]]:
+    """Turn stored ``frames`` bytes back into uint8 ``(T, H, W, 3)`` arrays (read-only views).
+
+    * a row (``dict`` with ``frames``, ``num_frames``, ``height``, ``width`` scalars) -> one array
+    * a batch (``dict`` of columns / numpy arrays as given by Ray Data, a ``pyarrow.Table`` or
+      a pandas DataFrame) -> ``(B, T, H, W, 3)`` array when every clip has the same shape,
+      else a list of arrays.
+    """
+    if isinstance(row_or_batch, pa.Table):
+        cols = {c: row_or_batch.column(c).to_pylist() for c in ("frames", "num_frames", "height", "width")}
+        return _decode_batch(cols)
+    if hasattr(row_or_batch, "to_dict") and hasattr(row_or_batch, "columns"):  # pandas
+        return _decode_batch({c: list(row_or_batch[c]) for c in ("frames", "num_frames", "height", "width")})
+    frames = row_or_batch["frames"]
+    if isinstance(frames, (bytes, bytearray, memoryview)):
+        return _frames_of(frames, int(row_or_batch["num_frames"]), int(row_or_batch["height"]),
+                          int(row_or_batch["width"]))
+    return _decode_batch(row_or_batch)
+
+
+def _decode_batch(cols: Mapping[str, Sequence]) -> Union[np.ndarray, List[np.ndarray]]:
+    frames = cols["frames"]
+    ts, hs, ws = (np.asarray(cols[c]).astype(np.int64) for c in ("num_frames", "height", "width"))
+    if len(frames) == 0:
+        return []
+    if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 5:
+        return frames  # already decoded by tensor_column_schema
+    clips = [_frames_of(f, t, h, w) for f, t, h, w in zip(frames, ts, hs, ws)]
+    if len({c.shape for c in clips}) == 1:
+        return np.stack(clips)
+    return clips
+
+
+def clips_table(rows: List[Dict[str, Any]]) -> pa.Table:
+    """Build a table with :data:`CLIP_SCHEMA` from row dicts (frames as bytes)."""
+    return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------
+# atomic files
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class AtomicShardWriter:
+    """Stream rows into ``.<name>.<rand>.tmp`` in the shard dir; ``commit()`` renames it to ``name``.
+
+    Row groups have a fixed number of rows (deterministic bytes for identical input).
+    Readers only ever see complete shards: they glob ``*.parquet`` and the temporary name
+    neither matches that nor is visible to pyarrow/Ray (leading ``.``).
+    """
+
+    def __init__(self, path: str, row_group_rows: int = 256, compression: str = "zstd"):
+        self.path = path
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        self.tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        self.row_group_rows = max(1, int(row_group_rows))
+        non_frames = [c for c in CLIP_COLUMNS if c != "frames"]
+        self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression,
+                                       use_dictionary=["video_id", "path", "class_name", "split", "view"],
+                                       write_statistics=non_frames)
+        self.pending: List[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.pending.append(table.select(CLIP_COLUMNS).cast(CLIP_SCHEMA))
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.row_group_rows:
+            self._flush(self.row_group_rows)
+
+    def _flush(self, n: int) -> None:
+        t = pa.concat_tables(self.pending)
+        self.writer.write_table(t.slice(0, n), row_group_size=n)
+        rest = t.slice(n)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        self.rows += n
+
+    def close(self) -> int:
+        """Flush and close the temporary file; returns its size in bytes (not yet visible)."""
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        self.writer.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        return os.path.getsize(self.tmp)
+
+    def publish(self) -> None:
+        """Atomically make the shard visible under its final name."""
+        os.replace(self.tmp, self.path)
+
+    def commit(self) -> int:
+        n = self.close()
+        self.publish()
+        return n
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def remove_stale_tmp(directory: str) -> int:
+    n = 0
+    for p in glob.glob(os.path.join(directory, ".*.tmp")):
+        try:
+            os.unlink(p)
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+# ---------------------------------------------------------------------------------------
+# readers
+
+def load_dataset_info(out_dir: str) -> Dict[str, Any]:
+    """The ``dataset.json`` of a finished ingest (raises if the ingest never completed)."""
+    p = os.path.join(out_dir, DATASET_JSON)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{p} not found: {out_dir} is not a finished ingest output")
+    with open(p) as f:
+        return json.load(f)
+
+
+def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[str]:
+    """Final shard files (sorted), optionally only those of the given splits."""
+    paths = sorted(glob.glob(os.path.join(out_dir, SHARD_DIR, "*.parquet")))
+    if splits is not None:
+        want = set(splits)
+        paths = [p for p in paths if os.path.basename(p).rsplit("-", 1)[0] in want]
+    return paths
+
+
+def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
+                     columns: Optional[List[str]] = None) -> pa.Table:
+    """All clips of the given splits as one pyarrow Table (small datasets, tests, tools)."""
+    paths = shard_paths(out_dir, splits)
+    if not paths:
+        return CLIP_SCHEMA.empty_table() if columns is None else CLIP_SCHEMA.empty_table().select(columns)
+    return pa.concat_tables([pq.read_table(p, columns=columns, schema=CLIP_SCHEMA) for p in paths])
+
+
+def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
+                      columns: Optional[List[str]] = None, num_cpus: float = 0.25, **kwargs):
+    """A Ray Dataset over the shards of ``splits``.
+
+    ``num_cpus=0.25`` for the read tasks keeps reads schedulable next to Train workers on
+    small machines (see ray-2.60-notes, hang #1). Decode ``frames`` with :func:`decode_frames`.
+    """
+    import ray.data
+
+    paths = shard_paths(out_dir, splits)
+    if not paths:
+        raise FileNotFoundError(f"no shards for splits {list(splits) if splits else 'all'} in {out_dir}")
+    ds = ray.data.read_parquet(paths, num_cpus=num_cpus, schema=CLIP_SCHEMA, **kwargs)
+    if columns is not None:
+        ds = ds.select_columns(columns)
+    return ds

@@ -1,0 +1,302 @@
+"""The embedded default dataset: a small action dataset the project generates itself.
+
+Every video shows one asymmetric object moving in a straight line on a textured,
+noisy background with static distractors. The class is the *direction of motion*
+(8 directions by default: right, up-right, up, ...). Colours, object shape and
+orientation, size, start position, speed, background and distractors are random
+and independent of the class, so a single frame carries no information about the
+label: a model has to compare frames over time.
+
+* Real encoded files: H.264 in MP4 through PyAV (libx264, ``threads=1`` so the
+  encoder is deterministic), in the UCF101 layout with official-format split files
+  (``ucfTrainTestlist/classInd.txt``, ``trainlist01.txt``, ``testlist01.txt``);
+  file names ``<Class>/v_<Class>_gGG_cCC.mp4``, test groups g01-g07 as in UCF101.
+* Deterministic: every video is drawn from a generator seeded by
+  ``(seed, split, class, index)``; the same config gives byte-identical files.
+* The object wraps around the frame edges (toroidal motion), so it never leaves the
+  frame however fast or long it moves.
+* ``unlabeled_videos=N`` writes an extra pool ``unlabeled_pool/u_NNNNN.mp4`` (issue 9)
+  drawn with a different seed stream (disjoint from the labelled videos). Its true
+  classes go to ``unlabeled_pool_truth.csv`` for evaluation only; ingest never reads it.
+
+Default size (measured, see docs/ingest.md): 8 classes x (160 train + 40 test) videos of
+16 frames at 32x32, 8 fps, 1.2-2.2 px/frame, so a TSN clip of 8 of the 16 frames moves
+~2.4-4.4 px per sampled step; with 2 training views per video that is 2,560 train clips
+and 320 test clips.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .sampling import stable_seed
+
+GENERATOR_VERSION = 1
+LIST_DIR = "ucfTrainTestlist"
+UNLABELED_DIR = "unlabeled_pool"
+INFO_FILE = "synthetic.json"
+
+_NAMES_8 = ["MoveRight", "MoveUpRight", "MoveUp", "MoveUpLeft", "MoveLeft", "MoveDownLeft", "MoveDown",
+            "MoveDownRight"]
+
+
+@dataclass
+class SyntheticConfig:
+    num_classes: int = 8
+    train_per_class: int = 160
+    test_per_class: int = 40
+    unlabeled_videos: int = 0
+    frames: int = 16            # frames per video
+    size: int = 32              # frame height = width (even, for yuv420p)
+    fps: int = 8
+    speed: Tuple[float, float] = (1.2, 2.2)          # px per video frame
+    object_size: Tuple[int, int] = (8, 12)
+    distractors: Tuple[int, int] = (1, 3)
+    noise_std: float = 6.0
+    angle_jitter_deg: float = 8.0
+    crf: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 2 <= self.num_classes <= 36:
+            raise ValueError(f"num_classes must be in 2..36, got {self.num_classes}")
+        if self.size < 16 or self.size % 2:
+            raise ValueError(f"size must be an even number >= 16, got {self.size}")
+        if self.frames < 2:
+            raise ValueError(f"frames must be >= 2, got {self.frames}")
+        for k in ("train_per_class", "test_per_class", "unlabeled_videos"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0")
+
+    def as_dict(self) -> Dict:
+        d = asdict(self)
+        d["speed"] = list(self.speed)
+        d["object_size"] = list(self.object_size)
+        d["distractors"] = list(self.distractors)
+        return d
+
+
+def class_names(num_classes: int) -> List[str]:
+    if num_classes == 8:
+        return list(_NAMES_8)
+    if num_classes == 4:
+        return [_NAMES_8[i] for i in (0, 2, 4, 6)]
+    return [f"MoveAngle{int(round(360.0 * k / num_classes)):03d}" for k in range(num_classes)]
+
+
+# ---------------------------------------------------------------------------------------
+# rendering
+
+def _shape_mask(rng: np.random.Generator, s: int) -> np.ndarray:
+    """A random asymmetric shape (no rotational/mirror symmetry) in an s x s box."""
+    m = np.zeros((s, s), bool)
+    kind = rng.integers(0, 4)
+    t = max(2, s // 3)
+    if kind == 0:      # L
+        m[:, :t] = True
+        m[-t:, :] = True
+    elif kind == 1:    # right triangle with a notch
+        m = np.tri(s, s, dtype=bool)
+        m[: s // 3, : t // 2 + 1] = False
+    elif kind == 2:    # P / flag
+        m[:, :t] = True
+        m[: s // 2, :] = True
+        m[t: s // 2 - 1, t: s - t] = False if s // 2 - 1 > t else m[t: s // 2 - 1, t: s - t]
+    else:              # F-like comb
+        m[:, :t] = True
+        m[:t, :] = True
+        m[s // 2 - t // 2: s // 2 + (t + 1) // 2, : (2 * s) // 3] = True
+    m = np.rot90(m, int(rng.integers(0, 4)))
+    if rng.integers(0, 2):
+        m = m[:, ::-1]
+    return np.ascontiguousarray(m)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    from PIL import Image
+
+    base = rng.uniform(40, 215, size=3)
+    coarse = np.clip(base + rng.uniform(-45, 45, size=(4, 4, 3)), 0, 255).astype(np.uint8)
+    bg = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    bg = bg + rng.uniform(-12, 12, size=(size, size, 1)).astype(np.float32)  # fine static texture
+    return bg
+
+
+def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray) -> np.ndarray:
+    for _ in range(50):
+        c = rng.uniform(0, 255, size=3)
+        if np.abs(c - ref).sum() > 160:
+            return c
+    return 255.0 - ref
+
+
+def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 frames (F, size, size, 3) of one video of class ``class_index``."""
+    S, F = cfg.size, cfg.frames
+    bg = _background(rng, S)
+    yy, xx = np.mgrid[0:S, 0:S]
+    for _ in range(int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))):
+        c = rng.uniform(0, 255, size=3)
+        r = rng.uniform(1.5, 3.5)
+        cy, cx = rng.uniform(0, S, size=2)
+        if rng.integers(0, 2):
+            sel = ((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r
+        else:
+            sel = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r * rng.uniform(0.5, 1.5))
+        bg[sel] = c
+    s = int(rng.integers(cfg.object_size[0], cfg.object_size[1] + 1))
+    mask = _shape_mask(rng, s)
+    my, mx = np.nonzero(mask)
+    colour = _contrasting_colour(rng, bg.mean(axis=(0, 1)))
+    angle = 2 * math.pi * class_index / cfg.num_classes + math.radians(rng.uniform(-1, 1) * cfg.angle_jitter_deg)
+    speed = rng.uniform(cfg.speed[0], cfg.speed[1])
+    d = np.array([-math.sin(angle), math.cos(angle)]) * speed      # (dy, dx); image y points down
+    p0 = rng.uniform(0, S, size=2)
+    noise = rng.normal(0.0, cfg.noise_std, size=(F, S, S, 3)).astype(np.float32)
+    out = np.empty((F, S, S, 3), np.uint8)
+    for t in range(F):
+        fr = bg.copy()
+        py, px = np.rint(p0 + t * d).astype(int)
+        fr[(my + py) % S, (mx + px) % S] = colour
+        out[t] = np.clip(fr + noise[t], 0, 255).astype(np.uint8)
+    return out
+
+
+def encode_mp4(frames: np.ndarray, path: str, fps: int, crf: int = 20) -> None:
+    """Write frames as H.264/MP4 (libx264, yuv420p, one thread: deterministic bytes), atomically."""
+    import av
+
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with av.open(tmp, "w", format="mp4") as c:
+            st = c.add_stream("libx264", rate=fps)
+            st.width, st.height = frames.shape[2], frames.shape[1]
+            st.pix_fmt = "yuv420p"
+            st.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+            st.codec_context.thread_count = 1
+            for f in frames:
+                for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    c.mux(pkt)
+            for pkt in st.encode():
+                c.mux(pkt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------
+# dataset layout
+
+@dataclass
+class _Job:
+    rel: str
+    class_index: int
+    seed: int
+
+
+def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[Tuple[str, int]]]:
+    names = class_names(cfg.num_classes)
+    jobs: List[_Job] = []
+    train_lines, test_lines = [], []
+    for c, name in enumerate(names):
+        for j in range(cfg.train_per_class):
+            rel = f"{name}/v_{name}_g{8 + j % 18:02d}_c{j // 18 + 1:02d}.mp4"
+            jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "train", c, j)))
+            train_lines.append(f"{rel} {c + 1}")
+        for j in range(cfg.test_per_class):
+            rel = f"{name}/v_{name}_g{1 + j % 7:02d}_c{j // 7 + 1:02d}.mp4"
+            jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "test", c, j)))
+            test_lines.append(rel)
+    truth = []
+    for j in range(cfg.unlabeled_videos):
+        s = stable_seed("dvfl-synth", cfg.seed, "unlabeled", j)
+        c = int(np.random.default_rng(s).integers(0, cfg.num_classes))
+        rel = f"{UNLABELED_DIR}/u_{j:05d}.mp4"
+        jobs.append(_Job(rel, c, s))
+        truth.append((rel, c))
+    return jobs, train_lines, test_lines, truth
+
+
+def _make_one(args: Tuple[Dict, str, _Job]) -> int:
+    cfg_d, root, job = args
+    cfg = SyntheticConfig(**cfg_d)
+    frames = render_video(cfg, job.class_index, np.random.default_rng(job.seed))
+    path = os.path.join(root, job.rel)
+    encode_mp4(frames, path, cfg.fps, cfg.crf)
+    return os.path.getsize(path)
+
+
+def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional[int] = None,
+             overwrite: bool = False, log: Optional[Callable[[str], None]] = print) -> Dict:
+    """Write the synthetic dataset under ``root`` (the UCF101-style video root).
+
+    Idempotent: files that already exist (written atomically by an earlier run with the
+    same config) are kept. A different config in an existing folder is refused unless
+    ``overwrite`` (which deletes the folder, only if it holds a generated dataset).
+    Returns a dict with counts, bytes and seconds.
+    """
+    cfg = cfg or SyntheticConfig()
+    cfg.validate()
+    info_path = os.path.join(root, INFO_FILE)
+    want = {"generator": "dvfl-synthetic", "version": GENERATOR_VERSION, "config": cfg.as_dict()}
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            have = json.load(f)
+        if have != want:
+            if not overwrite:
+                raise ValueError(f"{root} holds a synthetic dataset with a different configuration; "
+                                 f"use another --videos-dir or --overwrite")
+            shutil.rmtree(root)
+    elif os.path.isdir(root) and os.listdir(root) and overwrite:
+        raise ValueError(f"refusing to delete {root}: it does not hold a generated dataset")
+    os.makedirs(root, exist_ok=True)
+    from .shards import atomic_write_bytes, atomic_write_json
+
+    atomic_write_json(info_path, want)
+    jobs, train_lines, test_lines, truth = _plan(cfg)
+    t0 = time.perf_counter()
+    todo = [j for j in jobs if not os.path.exists(os.path.join(root, j.rel))]
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    cfg_d = cfg.as_dict()
+    args = [(cfg_d, root, j) for j in todo]
+    if log and todo:
+        log(f"[synthetic] generating {len(todo)} of {len(jobs)} videos in {root} ({workers} processes)")
+    if workers > 1 and len(todo) >= 64:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_make_one, args, chunksize=16):
+                pass
+    else:
+        for a in args:
+            _make_one(a)
+    names = class_names(cfg.num_classes)
+    ldir = os.path.join(root, LIST_DIR)
+    atomic_write_bytes(os.path.join(ldir, "classInd.txt"),
+                       "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)).encode())
+    atomic_write_bytes(os.path.join(ldir, "trainlist01.txt"), "".join(l + "\n" for l in train_lines).encode())
+    atomic_write_bytes(os.path.join(ldir, "testlist01.txt"), "".join(l + "\n" for l in test_lines).encode())
+    if truth:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "class_name"])
+        for rel, c in truth:
+            w.writerow([rel, c, names[c]])
+        atomic_write_bytes(os.path.join(root, "unlabeled_pool_truth.csv"), buf.getvalue().encode())
+    secs = time.perf_counter() - t0
+    total = sum(os.path.getsize(os.path.join(root, j.rel)) for j in jobs)
+    return {"root": root, "videos": len(jobs), "generated": len(todo), "train": len(train_lines),
+            "test": len(test_lines), "unlabeled": len(truth), "bytes": total, "seconds": secs,
+            "unlabeled_dir": os.path.join(root, UNLABELED_DIR) if truth else None}
