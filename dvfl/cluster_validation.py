@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -437,10 +438,38 @@ def _strict(schema: Any) -> Any:
     return s
 
 
+# Bump when _strict or the root rules below change: it keys the on-disk cache of strict schemas.
+_STRICT_SCHEMA_REV = 1
+
+
+def _schema_cache_file(crd_bytes: bytes, kind: str) -> Path:
+    digest = hashlib.sha256(crd_bytes).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dvfl" / f"kuberay-{kind}-{digest}-r{_STRICT_SCHEMA_REV}.json"
+
+
 @functools.lru_cache(maxsize=None)
 def _kuberay_crd_schema_cached(kind: str, crd_dir: str) -> dict:
-    with open(Path(crd_dir) / CRD_FILES[kind], encoding="utf-8") as f:
-        crd = yaml.load(f, Loader=_YAML_LOADER)
+    # Parsing the CRD YAML (1-1.4 MB) dominates a run; the strict schema derived from it is cached
+    # as JSON keyed by the CRD's hash, so an edited CRD is never served stale.
+    crd_bytes = (Path(crd_dir) / CRD_FILES[kind]).read_bytes()
+    cache = _schema_cache_file(crd_bytes, kind)
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    schema = _strict_crd_schema(kind, yaml.load(crd_bytes, Loader=_YAML_LOADER))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(schema), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only home: just no cache
+    return schema
+
+
+def _strict_crd_schema(kind: str, crd: dict) -> dict:
     versions = [v for v in crd["spec"]["versions"] if v["name"] == KUBERAY_VERSION]
     if not versions:
         raise ValueError(f"{CRD_FILES[kind]} has no {KUBERAY_VERSION} version")
@@ -545,8 +574,18 @@ def _translation_errors(doc: dict, where: tuple, spec: dict) -> tuple[dict | Non
     try:
         return _translate(doc, spec), []
     except KeyError as e:
-        return None, [_err("ray-kuberay", where, f"Ray's autoscaling translation needs the field "
-                           f"{e.args[0]!r} (missing in the head or a worker group spec)")]
+        key = e.args[0] if e.args else "?"
+        groups = [
+            (where + ("workerGroupSpecs", i), g)
+            for i, g in enumerate(spec.get("workerGroupSpecs") or [])
+            if isinstance(g, dict)
+        ]
+        if isinstance(spec.get("headGroupSpec"), dict):  # the head needs no replica fields
+            groups.append((where + ("headGroupSpec",), spec["headGroupSpec"]))
+        missing = [p for p, g in groups if key not in g] or [where]
+        return None, [_err("ray-kuberay", p, f"Ray's autoscaling translation (the node types the "
+                           f"in-tree autoscaler builds) fails: KeyError {key!r}, a field it needs "
+                           "is missing") for p in missing[:1]]
     except Exception as e:  # ValueError (no CPU count), jsonschema.ValidationError, ...
         msg = getattr(e, "message", None) or str(e) or type(e).__name__
         return None, [_err("ray-kuberay", where, f"{type(e).__name__}: {msg}")]

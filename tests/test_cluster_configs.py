@@ -1,0 +1,474 @@
+"""The cluster configs in cluster/ validate offline, and broken copies of them do not.
+
+Every check is the real validator (Ray's schema and private prepare/validate helpers, Ray's KubeRay
+translation, the KubeRay CRDs from ../shared/reference): nothing is mocked. Each broken copy
+changes one thing and must fail in the layer that is meant to catch it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvfl import cluster_validation as cv
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = {"aws": ROOT / "cluster" / "aws.yaml", "gcp": ROOT / "cluster" / "gcp.yaml"}
+KUBERAY = {
+    "raycluster": ROOT / "cluster" / "kuberay" / "raycluster.yaml",
+    "rayjob": ROOT / "cluster" / "kuberay" / "rayjob.yaml",
+}
+ALL_FILES = [*LAUNCHER.values(), *KUBERAY.values()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_schema_cache(tmp_path_factory):
+    """The strict CRD schemas are built from the CRD YAML in this run (not read from a cache left
+    by an earlier version of the code); the CLI subprocess below then reuses this run's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    cv._kuberay_crd_schema_cached.cache_clear()
+    cv._crd_validator.cache_clear()
+    yield
+    cv._kuberay_crd_schema_cached.cache_clear()
+    cv._crd_validator.cache_clear()
+    mp.undo()
+
+
+def _load(path: Path) -> dict:
+    (doc,) = cv.load_documents(path)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def launcher_docs() -> dict[str, dict]:
+    return {name: _load(p) for name, p in LAUNCHER.items()}
+
+
+@pytest.fixture(scope="module")
+def kuberay_docs() -> dict[str, dict]:
+    return {name: _load(p) for name, p in KUBERAY.items()}
+
+
+def _assert_fails(errors: list[str], layer: str, *fragments: str) -> None:
+    assert errors, "the broken copy passed validation"
+    hits = [e for e in errors if e.startswith(f"[{layer}]") and all(f in e for f in fragments)]
+    assert hits, f"no [{layer}] error mentioning {fragments}; got:\n" + "\n".join(errors)
+
+
+# ------------------------------------------------------------------------------------------
+# the shipped configs
+# ------------------------------------------------------------------------------------------
+def test_crds_found_beside_the_repository():
+    # CI: a clean clone with shared/ copied beside it at ../shared (same layout as here).
+    assert cv.find_crd_dir() == cv.DEFAULT_CRD_DIR
+    assert cv.DEFAULT_CRD_DIR == ROOT.parent / "shared" / "reference" / "kuberay-crd-v1.7.0"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_every_config_validates(path):
+    report = cv.validate_file(path)
+    assert report.ok, "\n".join(report.errors)
+    assert report.summaries
+
+
+def test_validation_never_touches_the_network(monkeypatch):
+    """prepare_config/validate_config and the KubeRay translation run offline (no cloud, no API
+    server): any socket connection attempt during validation fails this test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access during validation: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for path in ALL_FILES:
+        assert cv.validate_file(path).ok
+
+
+def test_translation_gives_cpu_and_gpu_worker_groups(kuberay_docs):
+    for doc in kuberay_docs.values():
+        ((_, spec),) = cv._cluster_specs(doc)
+        config = cv._translate(doc, spec)
+        types = config["available_node_types"]
+        assert types["headgroup"]["resources"]["CPU"] == 0
+        assert types["cpu-workers"]["resources"].get("GPU", 0) == 0
+        assert types["cpu-workers"]["max_workers"] >= 1
+        assert types["gpu-workers"]["resources"]["GPU"] >= 1
+        assert types["gpu-workers"]["min_workers"] == 0 < types["gpu-workers"]["max_workers"]
+
+
+def test_rayjob_entrypoint_is_the_main_job(kuberay_docs):
+    spec = kuberay_docs["rayjob"]["spec"]
+    assert spec["entrypoint"] == "python pipelines/distill.py --config configs/ucf101_base.yaml"
+    assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+# ------------------------------------------------------------------------------------------
+# launcher configs: one broken copy per kind of breakage, for AWS and GCP
+# ------------------------------------------------------------------------------------------
+def _worker_types(cfg: dict) -> list[str]:
+    return [n for n in cfg["available_node_types"] if n != cfg["head_node_type"]]
+
+
+def _gpu_type(cfg: dict) -> str:
+    return next(n for n in _worker_types(cfg) if cfg["available_node_types"][n]["resources"].get("GPU"))
+
+
+def _cpu_type(cfg: dict) -> str:
+    return next(n for n in _worker_types(cfg) if not cfg["available_node_types"][n]["resources"].get("GPU"))
+
+
+def _set(cfg, fn):
+    fn(cfg)
+    return cfg
+
+
+LAUNCHER_BREAKAGES = {
+    # typo of a top-level key: Ray's schema has additionalProperties: false
+    "unknown_top_level_key": (
+        lambda c: _set(c, lambda c: c.update(idle_timeout_minute=5)),
+        ("schema", "idle_timeout_minute", "unknown field"),
+    ),
+    "unknown_node_type_key": (
+        lambda c: _set(c, lambda c: c["available_node_types"][_cpu_type(c)].update(max_worker=3)),
+        ("schema", "max_worker", "unknown field"),
+    ),
+    "fractional_resources": (
+        lambda c: _set(c, lambda c: c["available_node_types"][_gpu_type(c)]["resources"].update(GPU=0.5)),
+        ("schema", "GPU", "is not of type 'integer'"),
+    ),
+    # 32.0 passes the draft-7 schema and Ray's validate_config; the project policy wants ints
+    "float_resources": (
+        lambda c: _set(c, lambda c: c["available_node_types"][_cpu_type(c)]["resources"].update(CPU=32.0)),
+        ("policy", "CPU", "must be non-negative integers"),
+    ),
+    "string_resources": (
+        lambda c: _set(c, lambda c: c["available_node_types"][_cpu_type(c)]["resources"].update(CPU="32")),
+        ("schema", "CPU", "is not of type 'integer'"),
+    ),
+    "missing_node_config": (
+        lambda c: _set(c, lambda c: c["available_node_types"][_cpu_type(c)].pop("node_config")),
+        ("schema", "'node_config' is a required property"),
+    ),
+    # Ray's own validate_config: sum of min_workers above the global max_workers
+    "min_workers_above_max_workers": (
+        lambda c: _set(c, lambda c: (c.update(max_workers=1),
+                                     c["available_node_types"][_cpu_type(c)].update(min_workers=2))),
+        ("ray", "smaller than the sum of `min_workers`"),
+    ),
+    "head_type_not_declared": (
+        lambda c: _set(c, lambda c: c.update(head_node_type="no-such-type")),
+        ("ray", "`head_node_type` must be one of `available_node_types`"),
+    ),
+    # Ray's prepare_config (validate_docker_config): a container name without an image
+    "docker_without_image": (
+        lambda c: _set(c, lambda c: c["docker"].pop("image")),
+        ("ray", "Must provide a container & image name"),
+    ),
+    "dashboard_on_all_interfaces": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            cmd.replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")
+            for cmd in c["head_start_ray_commands"]])),
+        ("policy", "--dashboard-host=0.0.0.0"),
+    ),
+    # without its own start commands the config inherits Ray's defaults.yaml, which bind 0.0.0.0
+    "dashboard_from_ray_defaults": (
+        lambda c: _set(c, lambda c: c.pop("head_start_ray_commands")),
+        ("policy", "--dashboard-host=0.0.0.0", "inherited from Ray's provider defaults"),
+    ),
+    "dashboard_port_open_to_world": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])),
+        ("policy", "8265-8265/tcp to the world"),
+    ),
+    "credential_in_setup_commands": (
+        lambda c: _set(c, lambda c: c["setup_commands"].append(
+            "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY")),
+        ("policy", "setup_commands", "a secret assigned in a command"),
+    ),
+    "access_key_id_in_env": (
+        lambda c: _set(c, lambda c: c.update(metadata={"note": "AKIAIOSFODNN7EXAMPLE"})),
+        ("policy", "metadata.note", "an AWS access key id"),
+    ),
+    "no_gpu_worker_type": (
+        lambda c: _set(c, lambda c: c["available_node_types"].pop(_gpu_type(c))),
+        ("policy", "no GPU worker type"),
+    ),
+}
+
+
+@pytest.mark.parametrize("target", sorted(LAUNCHER))
+@pytest.mark.parametrize("breakage", sorted(LAUNCHER_BREAKAGES))
+def test_broken_launcher_config_fails(launcher_docs, target, breakage):
+    mutate, (layer, *fragments) = LAUNCHER_BREAKAGES[breakage]
+    broken = mutate(copy.deepcopy(launcher_docs[target]))
+    _assert_fails(cv.validate_launcher_config(broken), layer, *fragments)
+
+
+# ------------------------------------------------------------------------------------------
+# KubeRay manifests: one broken copy per kind of breakage, for the RayCluster and the RayJob
+# ------------------------------------------------------------------------------------------
+def _cluster(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def _head(doc: dict) -> dict:
+    return _cluster(doc)["headGroupSpec"]
+
+
+def _group(doc: dict, name: str) -> dict:
+    return next(g for g in _cluster(doc)["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def _ray_container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+KUBERAY_BREAKAGES = {
+    # the API server would silently prune it and the group would get the default maxReplicas
+    "typo_maxReplica": (
+        lambda d: _set(d, lambda d: _group(d, "gpu-workers").update(maxReplica=_group(d, "gpu-workers").pop("maxReplicas"))),
+        ("crd", "maxReplica", "unknown field"),
+    ),
+    "unknown_key_deep_in_pod_template": (
+        lambda d: _set(d, lambda d: _ray_container(_group(d, "cpu-workers")).update(imagePullPolicyy="Always")),
+        ("crd", "containers[0].imagePullPolicyy", "unknown field"),
+    ),
+    "unknown_top_level_spec_key": (
+        lambda d: _set(d, lambda d: _cluster(d).update(enableInTreeAutoscalling=True)),
+        ("crd", "enableInTreeAutoscalling", "unknown field"),
+    ),
+    "missing_maxReplicas": (
+        lambda d: _set(d, lambda d: _group(d, "cpu-workers").pop("maxReplicas")),
+        ("crd", "'maxReplicas' is a required property"),
+    ),
+    "missing_groupName": (
+        lambda d: _set(d, lambda d: _cluster(d)["workerGroupSpecs"][0].pop("groupName")),
+        ("crd", "'groupName' is a required property"),
+    ),
+    "non_string_rayStartParams": (
+        lambda d: _set(d, lambda d: _head(d)["rayStartParams"].update({"num-cpus": 0})),
+        ("crd", "rayStartParams.num-cpus", "is not of type 'string'"),
+    ),
+    "wrong_type_replicas": (
+        lambda d: _set(d, lambda d: _group(d, "cpu-workers").update(minReplicas="0")),
+        ("crd", "minReplicas", "is not of type 'integer'"),
+    ),
+    "int32_overflow": (
+        lambda d: _set(d, lambda d: _group(d, "cpu-workers").update(maxReplicas=2**40)),
+        ("crd", "maxReplicas", "is not a 'int32'"),
+    ),
+    "wrong_apiVersion": (
+        lambda d: _set(d, lambda d: d.update(apiVersion="ray.io/v2")),
+        ("crd", "apiVersion", "'ray.io/v1' was expected"),
+    ),
+    "duplicate_volume_name": (
+        lambda d: _set(d, lambda d: _group(d, "cpu-workers")["template"]["spec"]["volumes"].append(
+            {"name": "data", "emptyDir": {}})),
+        ("crd", "duplicate list entry", "name='data'"),
+    ),
+    # Ray's autoscaler could not derive a node type: int("1.5") fails in its translation
+    "fractional_num_cpus": (
+        lambda d: _set(d, lambda d: _group(d, "cpu-workers")["rayStartParams"].update({"num-cpus": "1.5"})),
+        ("ray-kuberay", "ValueError"),
+    ),
+    "fractional_cpu_limit": (
+        lambda d: _set(d, lambda d: _ray_container(_group(d, "cpu-workers"))["resources"]["limits"].update(cpu="1500m")),
+        ("policy", "cpu limits '1500m' is not a whole number"),
+    ),
+    "fractional_group_resource": (
+        lambda d: _set(d, lambda d: _group(d, "gpu-workers").update(resources={"GPU": "0.5"})),
+        ("policy", "resource GPU '0.5' is not a whole number"),
+    ),
+    "min_above_max_replicas": (
+        lambda d: _set(d, lambda d: _group(d, "cpu-workers").update(minReplicas=9, maxReplicas=8)),
+        ("policy", "minReplicas 9 > maxReplicas 8"),
+    ),
+    "service_type_load_balancer": (
+        lambda d: _set(d, lambda d: _head(d).update(serviceType="LoadBalancer")),
+        ("policy", "LoadBalancer exposes"),
+    ),
+    "ingress_enabled": (
+        lambda d: _set(d, lambda d: _head(d).update(enableIngress=True)),
+        ("policy", "an Ingress exposes the dashboard"),
+    ),
+    "autoscaling_off": (
+        lambda d: _set(d, lambda d: _cluster(d).update(enableInTreeAutoscaling=False)),
+        ("policy", "enableInTreeAutoscaling", "must be true"),
+    ),
+    "ray_version_skew": (
+        lambda d: _set(d, lambda d: _ray_container(_group(d, "gpu-workers")).update(image="rayproject/ray:2.9.0-gpu")),
+        ("policy", "Ray image must be 2.60.0"),
+    ),
+    "literal_secret_in_env": (
+        lambda d: _set(d, lambda d: _ray_container(_head(d)).update(env=[{"name": "WANDB_API_KEY", "value": "0123456789abcdef"}])),
+        ("policy", "credential-like key 'WANDB_API_KEY'"),
+    ),
+    "no_gpu_worker_group": (
+        lambda d: _set(d, lambda d: _cluster(d).update(workerGroupSpecs=[_group(d, "cpu-workers")])),
+        ("policy", "no GPU worker type"),
+    ),
+}
+
+
+@pytest.mark.parametrize("target", sorted(KUBERAY))
+@pytest.mark.parametrize("breakage", sorted(KUBERAY_BREAKAGES))
+def test_broken_kuberay_manifest_fails(kuberay_docs, target, breakage):
+    mutate, (layer, *fragments) = KUBERAY_BREAKAGES[breakage]
+    broken = mutate(copy.deepcopy(kuberay_docs[target]))
+    _assert_fails(cv.validate_kuberay_manifest(broken), layer, *fragments)
+
+
+@pytest.mark.parametrize("field", ["maxReplicas", "minReplicas", "groupName"])
+def test_rays_translation_catches_missing_group_fields(kuberay_docs, field):
+    """Independently of the CRD schema, Ray's own RayCluster -> node-type translation fails on a
+    worker group without minReplicas / maxReplicas / groupName."""
+    broken = copy.deepcopy(kuberay_docs["raycluster"])
+    _group(broken, "gpu-workers").pop(field)
+    _assert_fails(cv.validate_kuberay_manifest(broken), "ray-kuberay", repr(field))
+
+
+def test_raycluster_dashboard_on_all_interfaces_fails(kuberay_docs):
+    broken = copy.deepcopy(kuberay_docs["raycluster"])
+    _head(broken)["rayStartParams"]["dashboard-host"] = "0.0.0.0"
+    _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "dashboard-host", "0.0.0.0")
+
+
+def test_raycluster_without_dashboard_host_fails(kuberay_docs):
+    # KubeRay's default is 0.0.0.0
+    broken = copy.deepcopy(kuberay_docs["raycluster"])
+    del _head(broken)["rayStartParams"]["dashboard-host"]
+    _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "no dashboard-host")
+
+
+def test_rayjob_dashboard_may_bind_pod_only_behind_cluster_ip(kuberay_docs):
+    doc = kuberay_docs["rayjob"]
+    assert _head(doc)["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert _head(doc)["serviceType"] == "ClusterIP"
+    broken = copy.deepcopy(doc)
+    _head(broken)["headService"] = {"spec": {"type": "NodePort"}}
+    _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "headService.spec.type", "NodePort")
+
+
+@pytest.mark.parametrize(
+    "runtime_env, fragments",
+    [
+        ("workingdir: https://example.com/x.zip\n", ("workingdir", "unknown runtime_env field")),
+        ("pip: {pakages: [torch]}\n", ("ValueError", "pakages")),
+        ("working_dir: [1, 2]\n", ("TypeError", "working_dir")),
+        ("working_dir: 'x\n", ("not valid YAML",)),
+    ],
+    ids=["typo_field", "bad_pip", "bad_working_dir", "bad_yaml"],
+)
+def test_rayjob_broken_runtime_env_fails(kuberay_docs, runtime_env, fragments):
+    broken = copy.deepcopy(kuberay_docs["rayjob"])
+    broken["spec"]["runtimeEnvYAML"] = runtime_env
+    _assert_fails(cv.validate_kuberay_manifest(broken), "runtime-env", *fragments)
+
+
+def test_rayjob_without_entrypoint_fails(kuberay_docs):
+    broken = copy.deepcopy(kuberay_docs["rayjob"])
+    del broken["spec"]["entrypoint"]
+    _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "needs an entrypoint")
+
+
+# ------------------------------------------------------------------------------------------
+# the strict-schema conversion itself
+# ------------------------------------------------------------------------------------------
+def test_strict_schema_respects_preserve_unknown_fields():
+    import jsonschema
+
+    crd_like = {
+        "type": "object",
+        "properties": {
+            "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "open": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"a": {"type": "string"}},
+            },
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "maybe": {"type": "string", "nullable": True},
+            "port": {"x-kubernetes-int-or-string": True},
+        },
+    }
+    v = jsonschema.Draft7Validator(cv._strict(crd_like))
+    assert v.is_valid({"open": {"a": "x", "anything": 1}, "free": {"b": [1]}, "maybe": None, "port": 80})
+    assert v.is_valid({"port": "http"})
+    assert not v.is_valid({"closed": {"a": "x", "anything": 1}})
+    assert not v.is_valid({"open": {"a": 1}})  # known fields are still typed
+    assert not v.is_valid({"unknown": 1})
+    assert not v.is_valid({"port": 1.5})
+
+
+def test_schema_cache_round_trips():
+    # With the fresh cache directory of this module, the in-memory schema was converted from the
+    # CRD YAML; the JSON file written beside it must be the same schema.
+    crd_dir = cv.find_crd_dir()
+    for kind, name in cv.CRD_FILES.items():
+        fresh = cv.kuberay_crd_schema(kind)
+        cached = cv._schema_cache_file((crd_dir / name).read_bytes(), kind)
+        assert json.loads(cached.read_text()) == fresh
+
+
+def test_crd_schema_is_strict_everywhere_but_preserved_fields():
+    """No object schema in the strict CRD is left open unless the CRD preserves unknown fields."""
+    open_objects = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "additionalProperties" not in node and not node.get(
+                "x-kubernetes-preserve-unknown-fields"
+            ):
+                open_objects.append(path)
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    for kind in ("RayCluster", "RayJob"):
+        walk(cv.kuberay_crd_schema(kind), kind)
+    assert open_objects == []
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+def test_cli_reports_ok_and_failures(tmp_path, capsys, kuberay_docs):
+    broken = copy.deepcopy(kuberay_docs["raycluster"])
+    _group(broken, "cpu-workers")["maxReplica"] = _group(broken, "cpu-workers").pop("maxReplicas")
+    bad = tmp_path / "broken-raycluster.yaml"
+    bad.write_text(yaml.safe_dump(broken))
+
+    assert cv.main([str(p) for p in ALL_FILES]) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK ") == len(ALL_FILES) and "FAIL" not in out
+
+    assert cv.main([str(LAUNCHER["aws"]), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "OK    " + str(LAUNCHER["aws"]) in out
+    assert "FAIL  " + str(bad) in out and "maxReplica: unknown field" in out
+
+
+def test_cli_as_module(tmp_path):
+    """`python -m dvfl.cluster_validation ...`, the command in docs/cluster.md."""
+    not_a_config = tmp_path / "x.yaml"
+    not_a_config.write_text(json.dumps({"hello": "world"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvfl.cluster_validation", *map(str, ALL_FILES), str(not_a_config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("OK ") == len(ALL_FILES)
+    assert f"FAIL  {not_a_config}" in proc.stdout
+    assert f"{len(ALL_FILES)}/{len(ALL_FILES) + 1} files valid" in proc.stdout
