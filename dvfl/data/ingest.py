@@ -3,8 +3,8 @@
 Pipeline (one Ray Data job):
 
     from_items(one row per video still to do, in shard order)
-      -> map_batches(_DecodeActor, ActorPoolStrategy(size=W), num_cpus=1)
-           each actor owns a killable decode child (dvfl.data.worker), which opens the file
+      -> map_batches(_decode_batch, TaskPoolStrategy(size=W), num_cpus=1)
+           each Ray worker process owns a killable decode child (dvfl.data.worker), which opens the file
            with decord, samples every view's frame indices (dvfl.data.sampling), decodes the
            union of those frames once, resizes (short side) and returns the clips
       -> iter_batches in the driver (preserve_order=True), which streams the rows of each
@@ -137,39 +137,39 @@ _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=True) for f in _s.CLI
     pa.field("_detail", pa.string())])
 
 
-class _DecodeActor:
-    def __init__(self, timeout: float, max_jobs: int, params: Dict[str, Any]):
-        from .worker import DecodeProcess
+_PROC = None  # one decode child per Ray worker process, reused across tasks (and ingest runs)
 
-        self.timeout = timeout
-        self.params = params
-        self.proc = DecodeProcess(max_jobs=max_jobs)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows: List[Dict[str, Any]] = []
-        for job in batch.to_pylist():
-            full = dict(self.params, path=job["abspath"], video_id=job["video_id"], split=job["split"])
-            res = self.proc.run(full, self.timeout)
-            label = None if job["label"] < 0 else job["label"]
-            base = {"video_id": job["video_id"], "path": job["path"], "label": label,
-                    "class_name": job["class_name"] or None, "split": job["split"],
-                    "_shard": job["shard"], "_order": job["order"]}
-            if not res.get("ok"):
-                rows.append(dict(base, _status=res.get("reason", "decoder_error"), _detail=res.get("detail", "")))
-                continue
-            for view, k, idx, clip in res["views"]:
-                rows.append(dict(base, clip_id=make_clip_id(job["video_id"], view, k), view=view, view_index=k,
-                                 frame_indices=idx.tolist(), src_fps=res["src_fps"],
-                                 src_num_frames=res["src_num_frames"], num_frames=clip.shape[0],
-                                 height=res["height"], width=res["width"], frames=clip.tobytes(),
-                                 _status="ok", _detail=""))
-        return pa.Table.from_pylist(rows, schema=_OUT_SCHEMA)
+def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[str, Any]) -> pa.Table:
+    """Ray Data UDF: decode the videos of one batch in this worker's killable child process.
 
-    def __del__(self):
-        try:
-            self.proc.close()
-        except Exception:
-            pass
+    A task pool (not an actor pool) is used so that Ray's pooled worker processes, which
+    already imported this package, are reused across tasks and across ingest runs; the
+    decode child lives as long as its worker process (it gets SIGKILL when the worker dies).
+    """
+    global _PROC
+    from .worker import DecodeProcess
+
+    if _PROC is None:
+        _PROC = DecodeProcess(max_jobs=max_jobs)
+    rows: List[Dict[str, Any]] = []
+    for job in batch.to_pylist():
+        full = dict(params, path=job["abspath"], video_id=job["video_id"], split=job["split"])
+        res = _PROC.run(full, timeout)
+        label = None if job["label"] < 0 else job["label"]
+        base = {"video_id": job["video_id"], "path": job["path"], "label": label,
+                "class_name": job["class_name"] or None, "split": job["split"],
+                "_shard": job["shard"], "_order": job["order"]}
+        if not res.get("ok"):
+            rows.append(dict(base, _status=res.get("reason", "decoder_error"), _detail=res.get("detail", "")))
+            continue
+        for view, k, idx, clip in res["views"]:
+            rows.append(dict(base, clip_id=make_clip_id(job["video_id"], view, k), view=view, view_index=k,
+                             frame_indices=idx.tolist(), src_fps=res["src_fps"],
+                             src_num_frames=res["src_num_frames"], num_frames=clip.shape[0],
+                             height=res["height"], width=res["width"], frames=clip.tobytes(),
+                             _status="ok", _detail=""))
+    return pa.Table.from_pylist(rows, schema=_OUT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,7 +407,7 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, s
                   progress: _Progress) -> int:
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     n_blocks = max(1, math.ceil(len(jobs) / cfg.videos_per_task))
@@ -420,10 +420,10 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, s
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = bool(cfg.ray_progress)
     ds.context.print_on_execution_start = bool(cfg.ray_progress)
-    ds = ds.map_batches(_DecodeActor, batch_size=cfg.videos_per_task, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=workers), num_cpus=1,
-                        fn_constructor_kwargs={"timeout": cfg.timeout_per_file,
-                                               "max_jobs": cfg.max_jobs_per_child, "params": params})
+    ds = ds.map_batches(_decode_batch, batch_size=cfg.videos_per_task, batch_format="pyarrow",
+                        compute=TaskPoolStrategy(size=workers), num_cpus=1,
+                        fn_kwargs={"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child,
+                                   "params": params})
     sizes = {p.name: len(p.video_ids) for p in todo}
     splits = {p.name: p.split for p in todo}
     cur: Optional[str] = None

@@ -3,8 +3,8 @@
 Two kinds of views are stored per video (see ``docs/data-format.md``):
 
 * ``"train"`` views: TSN-style segment sampling. The video's ``n`` frames are cut
-  into ``T`` equal segments and one frame is drawn uniformly at random inside each
-  segment. The randomness comes from a generator seeded by
+  into ``T`` segments ``[floor(s*n/T), floor((s+1)*n/T))`` and one frame is drawn
+  uniformly at random inside each segment. The randomness comes from a generator seeded by
   ``(seed, video_id, view_index)`` only, so a view is exactly reproducible and
   independent of worker scheduling, shard layout or which other videos exist.
 * ``"uniform"`` views (evaluation): deterministic. For ``K`` evaluation clips, clip
@@ -51,11 +51,23 @@ def view_rng(seed: int, video_id: str, view_index: int) -> np.random.Generator:
     return np.random.default_rng(stable_seed("dvfl-view", int(seed), str(video_id), int(view_index)))
 
 
+def segment_bounds(num_frames: int, T: int) -> np.ndarray:
+    """``T + 1`` integer segment boundaries ``floor(s * n / T)``: segment ``s`` is ``[b[s], b[s+1])``."""
+    return (np.arange(T + 1, dtype=np.int64) * int(num_frames)) // int(T)
+
+
 def _positions_to_indices(num_frames: int, T: int, offsets: np.ndarray) -> np.ndarray:
-    """Frame index of relative position ``offsets[s]`` (in [0, 1)) inside segment ``s``."""
-    seg = num_frames / T
-    pos = (np.arange(T, dtype=np.float64) + offsets) * seg
-    idx = np.floor(pos).astype(np.int64)
+    """Frame at relative position ``offsets[s]`` (in [0, 1)) inside segment ``s``.
+
+    With ``n >= T`` every segment holds at least one frame, so the indices are strictly
+    increasing (no frame twice). With ``n < T`` segments are shorter than a frame and
+    frames repeat (position ``(s + offset) * n / T``).
+    """
+    if num_frames >= T:
+        b = segment_bounds(num_frames, T)
+        idx = b[:-1] + np.floor(offsets * (b[1:] - b[:-1])).astype(np.int64)
+    else:
+        idx = np.floor((np.arange(T, dtype=np.float64) + offsets) * (num_frames / T)).astype(np.int64)
     return np.clip(idx, 0, num_frames - 1).astype(np.int32)
 
 

@@ -139,8 +139,11 @@ def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray) -> np.ndarray
     return 255.0 - ref
 
 
-def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 frames (F, size, size, 3) of one video of class ``class_index``."""
+def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generator, return_track: bool = False):
+    """uint8 frames (F, size, size, 3) of one video of class ``class_index``.
+
+    With ``return_track=True`` also returns ``{"positions": (F, 2) float (y, x) before
+    wrapping, "velocity": (dy, dx), "colour", "mask"}`` (used by the tests)."""
     S, F = cfg.size, cfg.frames
     bg = _background(rng, S)
     yy, xx = np.mgrid[0:S, 0:S]
@@ -168,6 +171,9 @@ def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generato
         py, px = np.rint(p0 + t * d).astype(int)
         fr[(my + py) % S, (mx + px) % S] = colour
         out[t] = np.clip(fr + noise[t], 0, 255).astype(np.uint8)
+    if return_track:
+        pos = np.stack([p0 + t * d for t in range(F)])
+        return out, {"positions": pos, "velocity": d, "colour": colour, "mask": mask}
     return out
 
 

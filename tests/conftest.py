@@ -1,0 +1,81 @@
+"""Shared test fixtures.
+
+``ray_local``: one local Ray instance for the whole test session (start-up costs seconds),
+with explicit logical CPUs and a small object store, as verified in
+shared/reference/ray-2.60-notes.md. 3 logical CPUs on a 2-core machine keep one CPU
+free for Ray Data next to 2 decode tasks / 2 fractional Train workers. Tests that need
+Ray take this fixture; it shuts Ray down at the end of the session.
+
+Video factories (real encoded files through PyAV) for the data tests live here too.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+RAY_TEST_CPUS = 3
+RAY_TEST_OBJECT_STORE = 512 * 2 ** 20
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_TEST_CPUS, object_store_memory=RAY_TEST_OBJECT_STORE, include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------
+# real video files
+
+def moving_frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, h, w, 3): a bright square moving over a gradient; every frame differs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 80)], -1)
+    base = (base + rng.integers(0, 40, size=3)).clip(0, 255).astype(np.uint8)
+    out = np.repeat(base[None], n, axis=0)
+    s = max(2, min(h, w) // 4)
+    for t in range(n):
+        y = (t * 2) % max(h - s, 1)
+        x = (t * 3) % max(w - s, 1)
+        out[t, y:y + s, x:x + s] = (255, 255, 255)
+    return out
+
+
+def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8, codec: str = "libx264",
+                seed: int = 0) -> str:
+    """Encode a real video file with PyAV. Containers from the extension (mp4, avi, webm, mkv)."""
+    import fractions
+
+    import av
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    frames = moving_frames(n, h, w, seed)
+    rate = fractions.Fraction(fps).limit_denominator(1000)
+    with av.open(path, "w") as c:
+        st = c.add_stream(codec, rate=rate)
+        st.width, st.height = w, h
+        st.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            st.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        for f in frames:
+            for p in st.encode(__import__("av").VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+    return path
+
+
+@pytest.fixture(scope="session")
+def video_factory():
+    return write_video

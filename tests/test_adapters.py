@@ -1,0 +1,262 @@
+"""Every dataset adapter on its own layout (real encoded video files), including the problems
+each must report instead of crashing; then each adapter's manifest through the real Ray ingest."""
+import json
+import os
+import shutil
+
+import pytest
+
+from dvfl.data import adapters as A
+from dvfl.data.ingest import IngestConfig, ingest
+from dvfl.data.shards import read_clips_table
+
+
+@pytest.fixture(scope="module")
+def src_video(tmp_path_factory, video_factory):
+    d = tmp_path_factory.mktemp("src")
+    return video_factory(str(d / "src.mp4"), n=10, h=24, w=32, fps=10)
+
+
+def put(root, rel, src):
+    p = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    shutil.copyfile(src, p)
+    return p
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def reasons(m):
+    return sorted(p.reason for p in m.problems)
+
+
+# ---------------------------------------------------------------------------------------
+# layouts
+
+def make_ucf101(root, src):
+    for rel in ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi",
+                "Archery/v_Archery_g09_c02.avi", "Archery/v_Archery_g02_c01.avi", "Archery/v_Archery_g03_c01.avi"):
+        put(root, "UCF-101/" + rel, src)
+    lst = os.path.join(root, "ucfTrainTestlist")
+    write(os.path.join(lst, "classInd.txt"), "1 ApplyEyeMakeup\n2 Archery\n")
+    write(os.path.join(lst, "trainlist01.txt"),
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nArchery/v_Archery_g09_c02.avi 2\n"
+          "Archery/v_Archery_g10_c01.avi 2\n"          # listed but missing
+          "Archery/v_Archery_g11_c01.avi 7\n"          # label out of range
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g12_c01.avi 2\n")  # label does not match the folder
+    write(os.path.join(lst, "testlist01.txt"),
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nArchery/v_Archery_g02_c01.avi\n"
+          "Basketball/v_Basketball_g01_c01.avi\n")     # unknown class
+    write(os.path.join(lst, "trainlist02.txt"), "Archery/v_Archery_g02_c01.avi 2\n")
+    write(os.path.join(lst, "testlist02.txt"), "Archery/v_Archery_g03_c01.avi\n")
+    return A.ucf101(root, 1)
+
+
+def make_hmdb51(root, src):
+    for rel in ("brush_hair/a.avi", "brush_hair/b.avi", "cartwheel/c.avi", "cartwheel/d.avi"):
+        put(root, rel, src)
+    sd = os.path.join(root, "testTrainMulti_7030_splits")
+    write(os.path.join(sd, "brush_hair_test_split1.txt"), "a.avi 1\nb.avi 2\n")
+    write(os.path.join(sd, "cartwheel_test_split1.txt"), "c.avi 1 \nd.avi 0\ne.avi 2\nf.avi 9\n")
+    return A.hmdb51(root, 1)
+
+
+def make_ucf50(root, src):
+    for rel in ("Biking/v_Biking_g01_c01.avi", "Biking/v_Biking_g02_c01.avi", "Diving/v_Diving_g01_c03.avi",
+                "Diving/v_Diving_g07_c01.avi", "Diving/notes_clip.avi"):
+        put(root, rel, src)
+    write(os.path.join(root, "Diving", "README.txt"), "not a video, ignored")
+    return A.ucf50(root, test_group=1)
+
+
+def make_kinetics(root, src):
+    put(root, "train/abseiling/aaa_000010_000020.mp4", src)
+    put(root, "train/zumba/bbb_000000_000010.mp4", src)
+    put(root, "val/zumba/ccc_000005_000015.mp4", src)
+    write(os.path.join(root, "annotations", "train.csv"),
+          "label,youtube_id,time_start,time_end,split\nabseiling,aaa,10,20,train\nzumba,bbb,0,10,train\n"
+          "zumba,missing1,0,10,train\n")
+    write(os.path.join(root, "annotations", "validate.csv"),
+          "label,youtube_id,time_start,time_end,split\nzumba,ccc,5,15,validate\n,ddd,0,10,validate\n")
+    return A.kinetics(root)
+
+
+def make_ssv2(root, src):
+    for i in ("101", "102", "103"):
+        put(root, f"20bn-something-something-v2/{i}.webm", src)
+    write(os.path.join(root, "labels", "labels.json"),
+          json.dumps({"Holding something": "0", "Putting something on something": "1"}))
+    write(os.path.join(root, "labels", "train.json"), json.dumps([
+        {"id": "101", "label": "holding a cup", "template": "Holding [something]", "placeholders": ["a cup"]},
+        {"id": "102", "label": "x", "template": "Putting [something] on [something]", "placeholders": []},
+        {"id": "104", "label": "x", "template": "Holding [something]", "placeholders": []},  # missing file
+        {"id": "105", "label": "x", "template": "Spinning [something]", "placeholders": []}]))  # unknown class
+    write(os.path.join(root, "labels", "validation.json"),
+          json.dumps([{"id": "103", "label": "x", "template": "Holding [something]", "placeholders": []}]))
+    return A.ssv2(root)
+
+
+def make_dvfl_csv(root, src):
+    for rel in ("Archery/v_Archery_g01_c01.avi", "Archery/v_Archery_g02_c01.avi", "Biking/v_Biking_g01_c01.avi"):
+        put(root, rel, src)
+    write(os.path.join(root, "train.csv"),
+          "Archery/v_Archery_g01_c01.avi,0\nBiking/v_Biking_g01_c01.avi,1\nBiking/v_Biking_g05_c01.avi,1\n")
+    write(os.path.join(root, "val.csv"), "Archery/v_Archery_g02_c01.avi,0\nArchery/x.avi,5\nno-label-line\n")
+    return A.dvfl_csv(root, num_classes=2)
+
+
+def make_folder(root, src):
+    for rel in ("cats/a.mp4", "cats/sub/b.mkv", "dogs/c.webm", "dogs/d.avi", "dogs/notes.txt"):
+        put(root, rel, src) if not rel.endswith(".txt") else write(os.path.join(root, rel), "x")
+    return A.folder(root)
+
+
+LAYOUTS = {"ucf101": make_ucf101, "hmdb51": make_hmdb51, "ucf50": make_ucf50, "kinetics": make_kinetics,
+           "ssv2": make_ssv2, "dvfl-csv": make_dvfl_csv, "folder": make_folder}
+
+
+# ---------------------------------------------------------------------------------------
+# manifests
+
+def test_ucf101(tmp_path, src_video):
+    m = make_ucf101(str(tmp_path), src_video)
+    assert m.classes == ["ApplyEyeMakeup", "Archery"] and m.root.endswith("UCF-101")
+    got = {(e.video_id, e.label, e.class_name, e.split) for e in m.entries}
+    assert got == {("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01", 0, "ApplyEyeMakeup", "train"),
+                   ("Archery/v_Archery_g09_c02", 1, "Archery", "train"),
+                   ("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01", 0, "ApplyEyeMakeup", "test"),
+                   ("Archery/v_Archery_g02_c01", 1, "Archery", "test")}
+    assert reasons(m) == ["label_mismatch", "label_out_of_range", "missing", "unknown_class"]
+    assert m.num_inputs == 8
+    m2 = A.ucf101(str(tmp_path), 2)
+    assert [(e.split, e.video_id) for e in m2.entries] == [("train", "Archery/v_Archery_g02_c01"),
+                                                          ("test", "Archery/v_Archery_g03_c01")]
+    with pytest.raises(A.AdapterError, match="not found"):
+        A.ucf101(str(tmp_path), 3)
+    with pytest.raises(A.AdapterError, match="split"):
+        A.ucf101(str(tmp_path), 4)
+
+
+def test_hmdb51(tmp_path, src_video):
+    m = make_hmdb51(str(tmp_path), src_video)
+    assert m.classes == ["brush_hair", "cartwheel"]
+    assert {(e.video_id, e.label, e.split) for e in m.entries} == {
+        ("brush_hair/a", 0, "train"), ("brush_hair/b", 0, "test"), ("cartwheel/c", 1, "train")}
+    assert reasons(m) == ["bad_line", "missing"]
+    assert m.excluded == 1  # id 0: not used by this split, not an input
+
+
+def test_ucf50_leave_one_group_out(tmp_path, src_video):
+    m = make_ucf50(str(tmp_path), src_video)
+    assert m.classes == ["Biking", "Diving"]
+    assert {(e.video_id, e.split) for e in m.entries} == {
+        ("Biking/v_Biking_g01_c01", "test"), ("Biking/v_Biking_g02_c01", "train"),
+        ("Diving/v_Diving_g01_c03", "test"), ("Diving/v_Diving_g07_c01", "train")}
+    assert reasons(m) == ["bad_name"]
+    m7 = A.ucf50(str(tmp_path), test_group=7)
+    assert {e.video_id for e in m7.entries if e.split == "test"} == {"Diving/v_Diving_g07_c01"}
+
+
+def test_kinetics(tmp_path, src_video):
+    m = make_kinetics(str(tmp_path), src_video)
+    assert m.classes == ["abseiling", "zumba"]
+    assert {(e.video_id, e.label, e.split) for e in m.entries} == {
+        ("aaa_000010_000020", 0, "train"), ("bbb_000000_000010", 1, "train"), ("ccc_000005_000015", 1, "val")}
+    assert reasons(m) == ["missing", "unknown_class"]
+
+
+def test_ssv2(tmp_path, src_video):
+    m = make_ssv2(str(tmp_path), src_video)
+    assert m.classes == ["Holding something", "Putting something on something"]
+    assert {(e.video_id, e.label, e.split) for e in m.entries} == {("101", 0, "train"), ("102", 1, "train"),
+                                                                    ("103", 0, "val")}
+    assert reasons(m) == ["missing", "unknown_class"]
+
+
+def test_dvfl_csv(tmp_path, src_video):
+    m = make_dvfl_csv(str(tmp_path), src_video)
+    assert m.classes == ["Archery", "Biking"]  # named from the folders (one folder per label)
+    assert {(e.video_id, e.label, e.split) for e in m.entries} == {
+        ("Archery/v_Archery_g01_c01", 0, "train"), ("Biking/v_Biking_g01_c01", 1, "train"),
+        ("Archery/v_Archery_g02_c01", 0, "val")}
+    assert reasons(m) == ["bad_line", "label_out_of_range", "missing"]
+    m3 = A.dvfl_csv(str(tmp_path), annotations=[("train", os.path.join(str(tmp_path), "train.csv"))],
+                    num_classes=3)
+    assert m3.classes == ["class_000", "class_001", "class_002"]
+
+
+def test_folder(tmp_path, src_video):
+    m = make_folder(str(tmp_path), src_video)
+    assert m.classes == ["cats", "dogs"]
+    assert {(e.video_id, e.label, e.split) for e in m.entries} == {
+        ("cats/a", 0, "train"), ("cats/sub/b", 0, "train"), ("dogs/c", 1, "train"), ("dogs/d", 1, "train")}
+    # split dirs
+    root2 = str(tmp_path / "split")
+    for rel in ("train/a/1.mp4", "train/b/2.mp4", "test/a/3.mp4", "val/b/4.mp4"):
+        put(root2, rel, src_video)
+    m2 = A.folder(root2)
+    assert {(e.video_id, e.split, e.class_name) for e in m2.entries} == {
+        ("train/a/1", "train", "a"), ("train/b/2", "train", "b"), ("test/a/3", "test", "a"), ("val/b/4", "val", "b")}
+    # deterministic hash split
+    root3 = str(tmp_path / "many")
+    for i in range(60):
+        put(root3, f"c{i % 2}/v{i}.mp4", src_video)
+    s1 = {e.video_id: e.split for e in A.folder(root3, test_fraction=0.3).entries}
+    s2 = {e.video_id: e.split for e in A.folder(root3, test_fraction=0.3).entries}
+    assert s1 == s2 and 8 <= list(s1.values()).count("test") <= 30
+
+
+def test_unlabeled_dir_and_list(tmp_path, src_video):
+    d = str(tmp_path / "pool")
+    put(d, "x/1.mp4", src_video)
+    put(d, "2.webm", src_video)
+    write(os.path.join(d, "readme.txt"), "not a video")
+    m = A.unlabeled(d)
+    assert [(e.video_id, e.label, e.class_name, e.split) for e in m.entries] == [
+        ("unlabeled/2", None, None, "unlabeled"), ("unlabeled/x/1", None, None, "unlabeled")]
+    lst = write(str(tmp_path / "list.txt"), f"pool/x/1.mp4\n# comment\n{d}/2.webm\npool/nope.mp4\n")
+    m2 = A.unlabeled(lst)
+    assert [e.video_id for e in m2.entries] == ["unlabeled/pool/x/1", "unlabeled/pool/2"]
+    assert reasons(m2) == ["missing"]
+    with pytest.raises(A.AdapterError):
+        A.unlabeled(str(tmp_path / "nothing"))
+
+
+def test_build_manifest_dispatch_and_dedupe(tmp_path, src_video):
+    make_folder(str(tmp_path), src_video)
+    m = A.build_manifest("folder", str(tmp_path))
+    m.extend(A.build_manifest("folder", str(tmp_path)))
+    m.dedupe()
+    assert len(m.entries) == 4 and reasons(m) == ["duplicate"] * 4
+    with pytest.raises(A.AdapterError):
+        A.build_manifest("nope", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------
+# every adapter through the real Ray pipeline
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_adapter_ingests_for_real(name, tmp_path, src_video, ray_local):
+    m = LAYOUTS[name](str(tmp_path / "data"), src_video)
+    m.extend(A.unlabeled(os.path.dirname(src_video)))
+    n_inputs = m.num_inputs
+    s = ingest(m, IngestConfig(out=str(tmp_path / "out"), frames=4, clips_per_video=2, short_side=16,
+                               timeout_per_file=60), log=None)
+    assert s["accounting_ok"] and s["written_videos"] + s["rejected"] == n_inputs
+    t = read_clips_table(str(tmp_path / "out"))
+    by_video = {}
+    for r in t.select(["video_id", "label", "class_name", "split", "view", "height", "width"]).to_pylist():
+        by_video.setdefault(r["video_id"], []).append(r)
+    assert len(by_video) == s["written_videos"]
+    for e in m.entries:
+        rows = by_video[e.video_id]
+        assert all(r["label"] == e.label and r["class_name"] == e.class_name and r["split"] == e.split for r in rows)
+        assert len(rows) == (2 if e.split in ("train", "unlabeled") else 1)
+        assert all((r["height"], r["width"]) == (16, 21) for r in rows)  # 24x32 source, short side 16
+    rej = [json.loads(l) for l in open(tmp_path / "out" / "rejects.jsonl")]
+    assert sorted(r["reason"] for r in rej) == reasons(m)

@@ -1,0 +1,128 @@
+"""The embedded synthetic dataset: real H.264/MP4 files, UCF101 layout, deterministic, motion-only classes."""
+import hashlib
+import math
+import os
+
+import numpy as np
+import pytest
+
+from dvfl.data import synthetic as syn
+from dvfl.data.adapters import ucf101, unlabeled
+
+SMALL = dict(num_classes=4, train_per_class=3, test_per_class=2, unlabeled_videos=3, frames=12)
+
+
+def _hashes(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("syn") / "videos")
+    info = syn.generate(root, syn.SyntheticConfig(**SMALL), workers=1, log=None)
+    return root, info
+
+
+def test_layout_and_split_files(small_dataset):
+    root, info = small_dataset
+    assert info["videos"] == 4 * 5 + 3 and info["train"] == 12 and info["test"] == 8 and info["unlabeled"] == 3
+    lines = open(os.path.join(root, "ucfTrainTestlist", "classInd.txt")).read().splitlines()
+    assert lines == ["1 MoveRight", "2 MoveUp", "3 MoveLeft", "4 MoveDown"]
+    train = open(os.path.join(root, "ucfTrainTestlist", "trainlist01.txt")).read().splitlines()
+    test = open(os.path.join(root, "ucfTrainTestlist", "testlist01.txt")).read().splitlines()
+    assert train[0] == "MoveRight/v_MoveRight_g08_c01.mp4 1"
+    assert all(len(l.split()) == 1 for l in test)  # official format: path only
+    assert all(1 <= int(l.split("_g")[1][:2]) <= 7 for l in test)      # UCF101 test groups
+    assert all(8 <= int(l.split("_g")[1][:2]) <= 25 for l in train)
+    m = ucf101(root, 1)
+    assert not m.problems and len(m.entries) == 20
+    assert {e.split for e in m.entries} == {"train", "test"}
+    u = unlabeled(info["unlabeled_dir"])
+    assert len(u.entries) == 3 and all(e.label is None and e.split == "unlabeled" for e in u.entries)
+    truth = open(os.path.join(root, "unlabeled_pool_truth.csv")).read().splitlines()
+    assert truth[0] == "path,label,class_name" and len(truth) == 4
+
+
+def test_files_are_real_h264_mp4(small_dataset):
+    import av
+    import decord
+
+    root, _ = small_dataset
+    p = os.path.join(root, "MoveUp", "v_MoveUp_g08_c01.mp4")
+    with av.open(p) as c:
+        st = c.streams.video[0]
+        assert st.codec_context.name == "h264" and c.format.name.startswith("mov,mp4")
+    vr = decord.VideoReader(p)
+    assert len(vr) == 12 and vr[0].shape == (32, 32, 3) and abs(vr.get_avg_fps() - 8) < 1e-6
+
+
+def test_generation_is_byte_identical_and_seeded(small_dataset, tmp_path):
+    root, _ = small_dataset
+    again = str(tmp_path / "again")
+    syn.generate(again, syn.SyntheticConfig(**SMALL), workers=1, log=None)
+    assert _hashes(root) == _hashes(again)
+    other = str(tmp_path / "other")
+    syn.generate(other, syn.SyntheticConfig(**dict(SMALL, seed=1)), workers=1, log=None)
+    h1, h2 = _hashes(root), _hashes(other)
+    videos = [k for k in h1 if k.endswith(".mp4")]
+    assert sum(h1[k] != h2[k] for k in videos) == len(videos)
+
+
+def test_generation_is_idempotent_and_refuses_other_config(small_dataset):
+    root, _ = small_dataset
+    info = syn.generate(root, syn.SyntheticConfig(**SMALL), workers=1, log=None)
+    assert info["generated"] == 0
+    with pytest.raises(ValueError, match="different configuration"):
+        syn.generate(root, syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, log=None)
+
+
+def test_parallel_generation_matches_serial(tmp_path):
+    cfg = syn.SyntheticConfig(num_classes=8, train_per_class=8, test_per_class=1, frames=8)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    syn.generate(a, cfg, workers=1, log=None)
+    syn.generate(b, cfg, workers=2, log=None)  # 72 videos: uses the process pool
+    assert _hashes(a) == _hashes(b)
+
+
+@pytest.mark.parametrize("num_classes", [8, 4])
+def test_class_is_the_direction_of_motion(num_classes):
+    cfg = syn.SyntheticConfig(num_classes=num_classes, noise_std=0.0)
+    for c in range(num_classes):
+        for j in range(5):
+            frames, tr = syn.render_video(cfg, c, np.random.default_rng(1000 * c + j), return_track=True)
+            dy, dx = tr["velocity"]
+            angle = math.degrees(math.atan2(-dy, dx)) % 360
+            want = 360.0 * c / num_classes
+            assert min(abs(angle - want), 360 - abs(angle - want)) <= cfg.angle_jitter_deg + 1e-6
+            speed = math.hypot(dy, dx)
+            assert cfg.speed[0] <= speed <= cfg.speed[1]
+            # TSN clips of 8 of the 16 frames see ~2 frames per step: 2.4-4.4 px of motion
+            assert 2.4 <= 2 * speed <= 4.4
+            # the object is drawn where the track says, wrapped into the frame (always visible)
+            for t in (0, 7, 15):
+                py, px = np.rint(tr["positions"][t]).astype(int)
+                my, mx = np.nonzero(tr["mask"])
+                got = frames[t, (my + py) % 32, (mx + px) % 32].astype(float)
+                assert np.abs(got - np.clip(tr["colour"], 0, 255)).max() <= 1.0
+
+
+def test_single_frames_carry_no_class_information():
+    """Appearance statistics of single frames are the same for every class (by construction):
+    compare per-class means of simple frame features with their spread across videos."""
+    cfg = syn.SyntheticConfig()
+    feats = {c: [] for c in range(8)}
+    for c in range(8):
+        for j in range(40):
+            fr = syn.render_video(cfg, c, np.random.default_rng(10_000 + 100 * c + j))[0].astype(float)
+            ys, xs = np.mgrid[0:32, 0:32]
+            w = np.abs(fr - np.median(fr, axis=(0, 1))).sum(-1)
+            feats[c].append([fr.mean(), fr.std(), (w * ys).sum() / w.sum(), (w * xs).sum() / w.sum()])
+    means = np.array([np.mean(feats[c], 0) for c in range(8)])
+    spread = np.std(np.concatenate([feats[c] for c in range(8)]), 0)
+    # class means differ by far less than the within-dataset spread (40 videos per class)
+    assert np.all(means.std(0) < 0.35 * spread)
