@@ -1,0 +1,84 @@
+"""Model artefacts on disk: weights plus the spec needed to rebuild the network.
+
+A saved model is a directory with ``model.pt`` (a plain state dict, loadable with
+``weights_only=True``) and ``model.json`` (``{"name", "kwargs", ...extra}``). An official
+checkpoint file is accepted wherever an artefact is, together with an explicit spec.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+import dvfl.models  # noqa: F401  (registers the variants)
+from dvfl.data.shards import atomic_write_bytes, atomic_write_json
+from dvfl.models.checkpoint import CheckpointError, load_checkpoint
+
+WEIGHTS = "model.pt"
+SPEC = "model.json"
+
+
+def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of the weights: same tensors -> same hash, any changed value -> new hash."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"unknown model {name!r}; choose one of {timm.list_models('videofocalnet_*')}") from exc
+        raise
+
+
+def save_model(directory: str | os.PathLike, model: nn.Module, name: str, kwargs: dict, **extra) -> dict:
+    """Save weights + spec atomically; returns the spec (with the weights fingerprint)."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    spec = {"name": name, "kwargs": kwargs, "weights_fingerprint": state_dict_fingerprint(state), **extra}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(directory / WEIGHTS, buffer.getvalue())
+    atomic_write_json(directory / SPEC, spec)
+    return spec
+
+
+def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | None = None,
+               reinit_head: bool = False) -> tuple[nn.Module, dict]:
+    """Load an artefact directory, or an official checkpoint file with an explicit spec.
+
+    Loading is strict (:func:`dvfl.models.load_checkpoint`): a teacher never runs with a
+    silently re-initialised head.
+    """
+    path = Path(path)
+    if path.is_dir():
+        spec_file = path / SPEC
+        if not spec_file.is_file():
+            raise CheckpointError(f"{path} is not a model directory (no {SPEC})")
+        spec = json.loads(spec_file.read_text())
+        weights = path / WEIGHTS
+    else:
+        if name is None:
+            raise CheckpointError(f"{path}: a checkpoint file needs the model name (e.g. --teacher-model videofocalnet_base)")
+        spec = {"name": name, "kwargs": dict(kwargs or {})}
+        weights = path
+    if kwargs:  # explicit overrides, e.g. the dataset's class count
+        spec = {**spec, "kwargs": {**spec["kwargs"], **kwargs}}
+    model = build_model(spec["name"], **spec["kwargs"])
+    load_checkpoint(model, weights, reinit_head=reinit_head)
+    spec["weights_fingerprint"] = state_dict_fingerprint(model.state_dict())
+    return model, spec

@@ -1,0 +1,296 @@
+"""Run configuration: YAML files are data, validated in full before any work starts.
+
+A config is a tree of small dataclasses. :func:`load_config` reads a YAML file, applies
+``section.field=value`` overrides (from the command line), and :meth:`RunConfig.validate`
+rejects bad values with a message that names the field (``kd.temperature must be > 0``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the offending field."""
+
+
+@dataclass
+class SyntheticSection:
+    """The embedded default's generated dataset (used when ``data.dataset`` is ``synthetic``)."""
+
+    num_classes: int = 8
+    train_per_class: int = 160
+    test_per_class: int = 40
+    unlabeled_videos: int = 0
+    size: int = 32
+    frames: int = 16
+
+
+@dataclass
+class DataSection:
+    dataset: str = "synthetic"  # synthetic, or a name pipelines/ingest.py knows (ucf101, hmdb51, ...)
+    root: str | None = None  # the videos + split files (not for synthetic)
+    split: int = 1
+    clips: str | None = None  # ingest output; default <output_dir>/clips
+    unlabeled: str | None = None  # ingest output of unlabelled videos (split "unlabeled")
+    frames: int = 8
+    clips_per_video: int = 2
+    eval_clips: int = 1
+    short_side: int = 32
+    crop_size: int | None = None  # default: short_side
+    flip: bool = False  # horizontal flips (never for direction-of-motion classes)
+    train_split: str = "train"
+    val_split: str = "test"
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+
+@dataclass
+class ModelSection:
+    model: str = "videofocalnet_nano"
+    embed_dim: int | None = None  # None: the variant's own width
+    depths: list[int] | None = None
+    drop_path_rate: float = 0.1
+    checkpoint: str | None = None  # initialise from an official Video-FocalNet checkpoint
+    init_2d: str | None = None  # or from a 2D ImageNet FocalNet state dict
+    reinit_head: bool = False
+
+
+@dataclass
+class OptimSection:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 7e-4
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.1
+    clip_grad: float | None = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TeacherSection:
+    mode: str = "cached"  # cached | online | none
+    path: str | None = None  # model directory or official checkpoint; default: train one
+    model: str | None = None  # architecture, when `path` is a bare checkpoint file
+    cache: str | None = None  # default <output_dir>/teacher_cache
+    views: list[str] = field(default_factory=lambda: ["center"])
+    cache_dtype: str = "float16"
+    train: ModelSection = field(default_factory=lambda: ModelSection(model="videofocalnet_nano", embed_dim=32))
+    optim: OptimSection = field(default_factory=OptimSection)
+
+
+@dataclass
+class KDSection:
+    alpha: float = 0.7
+    temperature: float = 4.0
+    unlabeled_weight: float = 1.0
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+
+
+@dataclass
+class EvalSection:
+    clips: int = 1  # uniform clips per test video (<= data.eval_clips stored)
+    crops: int = 1  # 1 = centre; 3 = start/centre/end along the long side (the paper)
+
+
+@dataclass
+class RunConfig:
+    name: str = "embedded"
+    output_dir: str = "runs/embedded"
+    seed: int = 0
+    seeds: list[int] | None = None  # several seeds -> mean and spread in the results table
+    baseline: bool = True  # also train the student without KD (VFL-Net) for the table
+    max_failures: int = 1
+    data: DataSection = field(default_factory=DataSection)
+    student: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    kd: KDSection = field(default_factory=KDSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def clips_dir(self) -> str:
+        return self.data.clips or os.path.join(self.output_dir, "clips")
+
+    @property
+    def cache_dir(self) -> str:
+        return self.teacher.cache or os.path.join(self.output_dir, "teacher_cache")
+
+    @property
+    def crop_size(self) -> int:
+        return self.data.crop_size or self.data.short_side
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, check_paths: bool = True) -> "RunConfig":
+        import timm
+
+        import dvfl.models  # noqa: F401  (registers the variants)
+
+        def fail(name, msg):
+            raise ConfigError(f"{name} {msg}")
+
+        known = set(timm.list_models("videofocalnet_*"))
+        for name, section in (("student", self.student), ("teacher.train", self.teacher.train)):
+            if section.model not in known:
+                fail(f"{name}.model", f"is {section.model!r}; choose one of {sorted(known)}")
+            if section.embed_dim is not None and (not isinstance(section.embed_dim, int) or section.embed_dim <= 0):
+                fail(f"{name}.embed_dim", f"must be a positive integer, got {section.embed_dim!r}")
+            if section.depths is not None and (len(section.depths) != 4 or any(d < 1 for d in section.depths)):
+                fail(f"{name}.depths", f"must be 4 positive integers, got {section.depths!r}")
+            if not 0 <= section.drop_path_rate < 1:
+                fail(f"{name}.drop_path_rate", f"must be in [0, 1), got {section.drop_path_rate!r}")
+        if self.teacher.model is not None and self.teacher.model not in known:
+            fail("teacher.model", f"is {self.teacher.model!r}; choose one of {sorted(known)}")
+        if self.teacher.mode not in ("cached", "online", "none"):
+            fail("teacher.mode", f"must be cached, online or none, got {self.teacher.mode!r}")
+        if not (isinstance(self.kd.alpha, (int, float)) and 0 <= self.kd.alpha <= 1):
+            fail("kd.alpha", f"must be in [0, 1], got {self.kd.alpha!r}")
+        if not (isinstance(self.kd.temperature, (int, float)) and self.kd.temperature > 0):
+            fail("kd.temperature", f"must be > 0, got {self.kd.temperature!r}")
+        if self.kd.unlabeled_weight < 0:
+            fail("kd.unlabeled_weight", f"must be >= 0, got {self.kd.unlabeled_weight!r}")
+        for name, o in (("optim", self.optim), ("teacher.optim", self.teacher.optim)):
+            if o.epochs < 1:
+                fail(f"{name}.epochs", f"must be >= 1, got {o.epochs!r}")
+            if o.batch_size < 1:
+                fail(f"{name}.batch_size", f"must be >= 1, got {o.batch_size!r}")
+            if not o.lr > 0:
+                fail(f"{name}.lr", f"must be > 0, got {o.lr!r}")
+            if not 0 <= o.warmup_frac < 1:
+                fail(f"{name}.warmup_frac", f"must be in [0, 1), got {o.warmup_frac!r}")
+            if o.weight_decay < 0:
+                fail(f"{name}.weight_decay", f"must be >= 0, got {o.weight_decay!r}")
+        if self.scaling.num_workers < 1:
+            fail("scaling.num_workers", f"must be >= 1, got {self.scaling.num_workers!r}")
+        if not self.scaling.cpus_per_worker > 0:
+            fail("scaling.cpus_per_worker", f"must be > 0, got {self.scaling.cpus_per_worker!r}")
+        if self.data.frames < 1:
+            fail("data.frames", f"must be >= 1, got {self.data.frames!r}")
+        if self.crop_size > self.data.short_side:
+            fail("data.crop_size", f"({self.crop_size}) must not exceed data.short_side ({self.data.short_side})")
+        if self.eval.crops not in (1, 3):
+            fail("eval.crops", f"must be 1 or 3, got {self.eval.crops!r}")
+        if not 1 <= self.eval.clips <= self.data.eval_clips:
+            fail("eval.clips", f"must be in [1, data.eval_clips={self.data.eval_clips}], got {self.eval.clips!r}")
+        if self.teacher.cache_dtype not in ("float16", "float32"):
+            fail("teacher.cache_dtype", f"must be float16 or float32, got {self.teacher.cache_dtype!r}")
+        from dvfl.train.clips import View
+
+        for v in self.teacher.views:
+            try:
+                if View.parse(v).crop == "random":
+                    raise ValueError("random crops cannot be cached")
+            except ValueError as exc:
+                fail("teacher.views", f"has {v!r}: {exc}")
+        if self.data.dataset != "synthetic" and not self.data.clips and not self.data.root:
+            fail("data.root", f"is required for dataset {self.data.dataset!r} (or give data.clips)")
+        if check_paths:
+            for name, value in (("data.root", self.data.root), ("data.clips", self.data.clips),
+                                ("data.unlabeled", self.data.unlabeled), ("teacher.path", self.teacher.path),
+                                ("student.checkpoint", self.student.checkpoint),
+                                ("student.init_2d", self.student.init_2d),
+                                ("teacher.train.checkpoint", self.teacher.train.checkpoint),
+                                ("teacher.train.init_2d", self.teacher.train.init_2d)):
+                if value and not os.path.exists(value):
+                    fail(name, f"path does not exist: {value}")
+        return self
+
+
+# ---------------------------------------------------------------------- loading
+def _check_type(name: str, value, annotation) -> object:
+    """Values from YAML or the command line must have the field's type (ints pass as floats)."""
+    import types
+
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if is_union else (annotation,)
+    allowed = [t for t in members if t is not type(None)]
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, list) and isinstance(value, origin):
+            return value
+    expected = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{name} must be {expected}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{name} is not a known field (known: {', '.join(sorted(fields))})")
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            value = _build(type(default), value or {}, name + ".")
+        else:
+            value = _check_type(name, value, hints[key])
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``kd.temperature=2`` -> ``("kd.temperature", 2)``; values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths: bool = True) -> RunConfig:
+    """Read a YAML config (or the embedded default), apply overrides, validate."""
+    path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        _set_path(tree, key, value)
+    try:
+        config = _build(RunConfig, tree, "")
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+    return config.validate(check_paths=check_paths)
+
+
+def dump_config(config: RunConfig, path: str | os.PathLike) -> None:
+    from dvfl.data.shards import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

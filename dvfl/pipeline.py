@@ -1,0 +1,338 @@
+"""The stages of the product, each reusable when its inputs have not changed.
+
+    clips  -> teacher -> teacher cache -> students (VFL-Net without KD, DVFL-Net with KD) -> report
+
+Every stage writes its outputs atomically with the fingerprints of its inputs; a rerun reuses a
+stage whose fingerprints match and resumes one that was interrupted (Ray Train restores the
+last checkpoint of a run with the same name). Entry points in ``pipelines/`` call these.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from dvfl.artifacts import SPEC, build_model, load_model, save_model
+from dvfl.config import RunConfig
+from dvfl.data.shards import atomic_write_json, load_dataset_info
+
+TEACHER_DIR = "teacher"
+STUDENTS_DIR = "students"
+RAY_RESULTS = "ray_results"
+# Test hook: kill one Train worker once after this epoch (proves FailureConfig recovery).
+FAIL_ENV = "DVFL_FAIL_AFTER_EPOCH"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def model_kwargs(section, num_classes: int, cfg: RunConfig) -> dict:
+    kwargs = {"num_classes": num_classes, "num_frames": cfg.data.frames, "img_size": cfg.crop_size,
+              "drop_path_rate": section.drop_path_rate}
+    if section.embed_dim is not None:
+        kwargs["embed_dim"] = section.embed_dim
+    if section.depths is not None:
+        kwargs["depths"] = list(section.depths)
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- clips
+def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
+    """Generate the embedded default's video files (no-op for real datasets and when done).
+
+    Call it before Ray starts: the generator forks worker processes.
+    """
+    if cfg.data.dataset != "synthetic" or (cfg.data.clips and os.path.isfile(os.path.join(cfg.clips_dir, "dataset.json"))):
+        return None
+    from dvfl.data.synthetic import SyntheticConfig, generate
+
+    s = cfg.data.synthetic
+    return generate(os.path.join(cfg.output_dir, "videos"),
+                    SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
+                                    test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
+                                    frames=s.frames, size=s.size, seed=cfg.seed), log=log)
+
+
+def ensure_clips(cfg: RunConfig, log=print) -> dict:
+    """Ingest the clip shards (Ray Data); ingest itself skips finished shards."""
+    from dvfl.data.adapters import build_manifest, unlabeled
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    out = cfg.clips_dir
+    if cfg.data.clips and os.path.isfile(os.path.join(out, "dataset.json")):
+        return load_dataset_info(out)  # given explicitly: used as is
+    if cfg.data.dataset == "synthetic":
+        generated = ensure_videos(cfg, log)
+        manifest = build_manifest("synthetic", generated["root"], 1)
+        if generated.get("unlabeled_dir"):
+            manifest.extend(unlabeled(generated["unlabeled_dir"]))
+    else:
+        manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
+    ingest(manifest, IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
+                                  eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side,
+                                  seed=cfg.seed), log=log)
+    return load_dataset_info(out)
+
+
+# ----------------------------------------------------------------------------- training
+def _loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, teacher: dict,
+                 tensorboard_dir: str | None) -> dict:
+    loop = {
+        "seed": seed,
+        "model": {"name": section.model, "kwargs": model_kwargs(section, num_classes, cfg)},
+        "teacher": teacher,
+        "kd": {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature,
+               "unlabeled_weight": cfg.kd.unlabeled_weight},
+        "optim": {"epochs": optim.epochs, "batch_size": optim.batch_size, "lr": optim.lr,
+                  "weight_decay": optim.weight_decay, "warmup_frac": optim.warmup_frac,
+                  "clip_grad": optim.clip_grad, "label_smoothing": optim.label_smoothing},
+        "crop_size": cfg.crop_size,
+        "flip": cfg.data.flip,
+        "tensorboard_dir": tensorboard_dir,
+    }
+    if os.environ.get(FAIL_ENV):
+        loop["fail_after_epoch"] = int(os.environ[FAIL_ENV])
+        loop["fail_marker"] = os.path.abspath(os.path.join(cfg.output_dir, ".fail-injected"))
+    return loop
+
+
+def _init_state_ref(section, kwargs: dict, log):
+    """Weights to start from (official checkpoint or 2D FocalNet), shipped via the object store."""
+    import ray
+
+    from dvfl.models import init_from_image_focalnet, load_checkpoint
+
+    if not (section.checkpoint or section.init_2d):
+        return None
+    model = build_model(section.model, **kwargs)
+    if section.checkpoint:
+        report = load_checkpoint(model, section.checkpoint, reinit_head=section.reinit_head)
+    else:
+        report = init_from_image_focalnet(model, section.init_2d)
+    log(f"[init] {section.checkpoint or section.init_2d}: {report.summary()}")
+    return [ray.put(model.state_dict())]
+
+
+def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
+                teacher: dict, identity: dict, log=print) -> Path:
+    """Train one model with the shared loop; returns its artefact directory.
+
+    ``identity`` is everything the result depends on: a finished run with the same identity is
+    reused, an interrupted one resumes from its last checkpoint.
+    """
+    from dvfl.train.launch import Scaling, load_final_state, run_training
+
+    num_classes = len(dataset_info["classes"])
+    key = _digest(identity)
+    out = (Path(cfg.output_dir) / TEACHER_DIR / key if role == "teacher"
+           else Path(cfg.output_dir) / STUDENTS_DIR / f"{role}-s{seed}-{key}")
+    spec_file = out / SPEC
+    if spec_file.is_file():
+        log(f"[{role}] reusing {out} (inputs unchanged)")
+        return out
+    kwargs = model_kwargs(section, num_classes, cfg)
+    loop = _loop_config(cfg, section, optim, num_classes, seed, teacher,
+                        tensorboard_dir=str(out.parent / "tensorboard" / out.name))
+    loop["init_state_ref"] = _init_state_ref(section, kwargs, log)
+    log(f"[{role}] training {section.model} (embed_dim={kwargs.get('embed_dim', 'default')}) for "
+        f"{optim.epochs} epochs on {cfg.scaling.num_workers} worker(s); teacher signal: {teacher['mode']}")
+    started = time.time()
+    result = run_training(
+        loop, clips_dir=cfg.clips_dir, train_splits=[cfg.data.train_split], val_split=cfg.data.val_split,
+        unlabeled_dir=cfg.data.unlabeled if role != "teacher" else None,
+        scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker),
+        name=f"{cfg.name}-{role}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
+        max_failures=cfg.max_failures)
+    state = load_final_state(result)
+    model = build_model(section.model, **kwargs)
+    model.load_state_dict(state["model"])
+    history = state["history"]
+    save_model(out, model, section.model, kwargs, role=role, seed=seed, identity=identity,
+               dataset_fingerprint=dataset_info["fingerprint"], history=history,
+               val_top1=history[-1]["val_top1"], train_seconds=round(time.time() - started, 1))
+    log(f"[{role}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
+    return out
+
+
+def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, dict]:
+    """The teacher to distil from: given (``teacher.path``) or trained here on the labelled data."""
+    num_classes = len(dataset_info["classes"])
+    if cfg.teacher.path:
+        model, spec = load_model(cfg.teacher.path, name=cfg.teacher.model,
+                                 kwargs=None if os.path.isdir(cfg.teacher.path) else
+                                 {"num_classes": num_classes, "num_frames": cfg.data.frames})
+        if model.num_classes != num_classes:
+            raise ValueError(f"teacher.path {cfg.teacher.path} predicts {model.num_classes} classes; "
+                             f"the dataset has {num_classes}")
+        return cfg.teacher.path, spec
+    section = cfg.teacher.train
+    identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
+                "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
+                "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip}
+    path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
+                       seed=cfg.seed, teacher={"mode": "none"}, identity=identity, log=log)
+    spec = json.loads((path / SPEC).read_text())
+    return str(path), spec
+
+
+def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
+    from dvfl.teacher_cache import build_teacher_cache
+
+    return build_teacher_cache(cfg.clips_dir, teacher_path, cfg.cache_dir, teacher_name=cfg.teacher.model,
+                               crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
+                               use_gpu=cfg.scaling.use_gpu, log=log)
+
+
+def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, kd: bool) -> dict:
+    """What the loop gets to produce teacher logits: nothing, a cache (checked), or live weights."""
+    import ray
+
+    from dvfl.teacher_cache import TeacherLogitCache
+
+    if not kd:
+        return {"mode": "none"}
+    if cfg.teacher.mode == "cached":
+        cache = TeacherLogitCache(cfg.cache_dir)
+        splits = [cfg.data.train_split] + (["unlabeled"] if cfg.data.unlabeled else [])
+        cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits)
+        if cfg.data.unlabeled and os.path.abspath(cfg.data.unlabeled) != os.path.abspath(cfg.clips_dir):
+            raise ValueError("data.unlabeled must be in the same ingest output as data.clips, so one cache "
+                             "covers both (ingest them together with --unlabeled)")
+        return {"mode": "cached", "views": cache.views, "cache_ref": [ray.put(cache.packed())],
+                "fingerprint": cache.fingerprint}
+    model, spec = load_model(teacher_path, name=cfg.teacher.model)
+    return {"mode": "online", "views": cfg.teacher.views, "spec": {"name": spec["name"], "kwargs": spec["kwargs"]},
+            "state_ref": [ray.put(model.state_dict())], "fingerprint": spec["weights_fingerprint"]}
+
+
+def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, log=print) -> Path:
+    kd = teacher["mode"] != "none"
+    role = "dvfl" if kd else "vfl"
+    num_classes = len(dataset_info["classes"])
+    identity = {"dataset": dataset_info["fingerprint"], "name": cfg.student.model,
+                "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(cfg.optim), "seed": seed,
+                "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint"),
+                "unlabeled": bool(cfg.data.unlabeled) and kd, "split": cfg.data.train_split, "flip": cfg.data.flip,
+                "init": [cfg.student.checkpoint, cfg.student.init_2d]}
+    return train_model(cfg, role=role, section=cfg.student, optim=cfg.optim, dataset_info=dataset_info,
+                       seed=seed, teacher={k: v for k, v in teacher.items() if k != "fingerprint"},
+                       identity=identity, log=log)
+
+
+# ----------------------------------------------------------------------------- evaluation + report
+def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
+    """Multi-view top-1/top-5 of a model artefact (cached in its model.json)."""
+    from dvfl.profile import count_flops
+    from dvfl.train.evaluate import evaluate_multiview
+
+    spec_path = Path(path) / SPEC if os.path.isdir(path) else None
+    spec = json.loads(spec_path.read_text()) if spec_path else {}
+    key = f"eval_{cfg.data.val_split}_{cfg.eval.clips}x{cfg.eval.crops}"
+    if key not in spec:
+        bare_file_kwargs = None if spec_path else {
+            "num_classes": len(load_dataset_info(cfg.clips_dir)["classes"]), "num_frames": cfg.data.frames}
+        model, spec2 = load_model(path, name=cfg.teacher.model, kwargs=bare_file_kwargs)
+        spec = {**spec2, **spec}
+        metrics = evaluate_multiview(model, cfg.clips_dir, cfg.data.val_split, cfg.crop_size,
+                                     num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
+        kw = spec["kwargs"]
+        flops = count_flops(spec["name"], num_classes=kw["num_classes"], frames=kw.get("num_frames", 8),
+                            size=cfg.crop_size, embed_dim=kw.get("embed_dim"),
+                            **({"depths": kw["depths"]} if "depths" in kw else {}))
+        metrics["params"] = sum(p.numel() for p in model.parameters())
+        metrics["gmacs"] = flops["gmacs_per_clip"]
+        if spec_path:
+            atomic_write_json(spec_path, {**json.loads(spec_path.read_text()), key: metrics})
+        spec[key] = metrics
+    m = spec[key]
+    log(f"[eval] {path}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} ({m['clips']}x{m['crops']} views, {m['videos']} videos)")
+    return {**m, "history": spec.get("history", []), "name": spec.get("name")}
+
+
+def clean_run(cfg: RunConfig) -> None:
+    """--fresh: forget trained models and Ray Train state of this output dir (clips stay)."""
+    for sub in (TEACHER_DIR, STUDENTS_DIR, RAY_RESULTS):
+        shutil.rmtree(os.path.join(cfg.output_dir, sub), ignore_errors=True)
+
+
+def summarize(rows: list[dict]) -> dict:
+    import statistics
+
+    top1 = [r["top1"] for r in rows]
+    top5 = [r["top5"] for r in rows]
+    return {"top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
+            "top5_mean": statistics.fmean(top5), "seeds": len(rows), "top1_per_seed": top1,
+            "params": rows[0]["params"], "gmacs": rows[0]["gmacs"]}
+
+
+def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
+    """results.json, results.md and training_curves.png in the output dir."""
+    out = Path(cfg.output_dir)
+    table = {name: summarize(rows) for name, rows in results.items() if rows}
+    report = {"config": cfg.to_dict(), "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}",
+              "models": table}
+    atomic_write_json(out / "results.json", report)
+    labels = {"teacher": "Teacher", "vfl": "VFL-Net (student, no KD)", "dvfl": "DVFL-Net (student, KD)"}
+    lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in table.items():
+        spread = (f" ({row['top1_min']:.1%}–{row['top1_max']:.1%})" if row["seeds"] > 1 else "")
+        lines.append(f"| {labels.get(name, name)} | {row['params'] / 1e6:.2f}M | {row['gmacs']:.3f} | "
+                     f"{row['top1_mean']:.1%}{spread} | {row['top5_mean']:.1%} | {row['seeds']} |")
+    md = "\n".join(lines) + f"\n\nEvaluation: {report['eval']}.\n"
+    (out / "results.md").write_text(md)
+    _plot_curves(results, out / "training_curves.png", labels)
+    log("\n" + md)
+    log(f"[report] {out / 'results.json'}, {out / 'results.md'}, {out / 'training_curves.png'}")
+    return report
+
+
+def _plot_curves(results: dict, path: Path, labels: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in results.items():
+        for i, row in enumerate(rows):
+            h = row.get("history") or []
+            if not h:
+                continue
+            epochs = [e["epoch"] for e in h]
+            kw = {"label": labels.get(name, name) if i == 0 else None, "color": {"teacher": "k", "vfl": "tab:blue", "dvfl": "tab:red"}.get(name)}
+            axes[0].plot(epochs, [e["val_top1"] for e in h], **kw)
+            axes[1].plot(epochs, [e["train_loss"] for e in h], **kw)
+    axes[0].set(xlabel="epoch", ylabel="val top-1 (stored views)", title="validation accuracy")
+    axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss (KD runs: α·KD + (1−α)·CE)")
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_all(cfg: RunConfig, log=print) -> dict:
+    """The whole product: clips, teacher, cache, VFL-Net + DVFL-Net per seed, report."""
+    dataset_info = ensure_clips(cfg, log)
+    teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)
+    if cfg.teacher.mode == "cached":
+        ensure_cache(cfg, teacher_path, log)
+    results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], "vfl": [], "dvfl": []}
+    seeds = cfg.seeds or [cfg.seed]
+    kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=True)
+    for seed in seeds:
+        if cfg.baseline:
+            path = train_student(cfg, dataset_info, {"mode": "none"}, seed, log)
+            results["vfl"].append(evaluate_model_dir(cfg, str(path), log))
+        path = train_student(cfg, dataset_info, kd_signal, seed, log)
+        results["dvfl"].append(evaluate_model_dir(cfg, str(path), log))
+    return write_report(cfg, results, log)
+
+
+__all__ = ["ensure_clips", "ensure_teacher", "ensure_cache", "train_student", "evaluate_model_dir",
+           "write_report", "run_all", "clean_run", "teacher_signal"]

@@ -1,0 +1,55 @@
+"""Starting or joining Ray, sized for the machine it runs on.
+
+Entry points call :func:`ray_runtime` once. On a cluster (``RAY_ADDRESS`` set, e.g. under
+``ray job submit``) it joins and leaves the cluster alone; on a laptop it starts a local
+instance with explicit resources, because Ray's defaults on a 2-core machine let training
+workers starve Ray Data's read tasks (see docs/ray-notes in the README).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import ray
+
+# Logical CPUs a local instance advertises per physical core. Ray Data read tasks and light
+# drivers claim fractional CPUs; a little oversubscription keeps them from deadlocking behind
+# training workers on a 2-core machine while torch threads are capped separately.
+LOCAL_CPU_OVERSUBSCRIPTION = 2
+
+
+@contextlib.contextmanager
+def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024) -> Iterator[dict]:
+    """Join the cluster named by ``RAY_ADDRESS``/an already-initialised Ray, or start a local one.
+
+    Yields ``ray.cluster_resources()``. Shuts down only what it started.
+    """
+    started = False
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            cores = os.cpu_count() or 1
+            dashboard = os.environ.get("DVFL_DASHBOARD", "1") != "0"
+            context = ray.init(
+                num_cpus=num_cpus or cores * LOCAL_CPU_OVERSUBSCRIPTION,
+                object_store_memory=object_store_mb * 2**20,
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",  # never reachable from other machines by default
+                configure_logging=True,
+                logging_level="WARNING",
+            )
+            started = True
+            if dashboard and context.dashboard_url:
+                print(f"[ray] local Ray started; dashboard at http://{context.dashboard_url}", flush=True)
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one progress line per stage is ours
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if started:
+            ray.shutdown()
+

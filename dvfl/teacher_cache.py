@@ -1,0 +1,379 @@
+"""The teacher's logits, computed once per clip view and cached on disk.
+
+A cached logit is only valid for the exact input the teacher saw, so the cache is
+content-addressed: its fingerprint hashes the teacher (architecture + weights), the ingest
+fingerprint of the clip shards (videos, frame indices, preprocessing) and the view spec
+(crop size, crop positions, flips, normalisation). Training refuses a cache whose fingerprint
+parts do not match the shards or the teacher it is given.
+
+Logits are stored raw (before any temperature), fp16 by default, one Parquet file per clip
+shard under ``logits/``, keyed by ``(clip_id, view)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dvfl.artifacts import build_model, load_model
+from dvfl.data.shards import atomic_write_json, load_dataset_info, remove_stale_tmp, shard_paths
+from dvfl.train.clips import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
+
+CACHE_JSON = "cache.json"
+BUILD_JSON = "_build.json"
+LOGITS_DIR = "logits"
+CACHE_FORMAT = "dvfl-teacher-logits-v1"
+LOGIT_SCHEMA = pa.schema([
+    pa.field("clip_id", pa.string(), nullable=False),
+    pa.field("view", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("label", pa.int32(), nullable=True),
+    pa.field("logits", pa.binary(), nullable=False),  # raw logits, little-endian `dtype`
+])
+DTYPES = {"float16": np.float16, "float32": np.float32}
+# A recomputed fp32 logit must match the stored one within this (fp16 keeps ~3 significant
+# digits; CPU kernels differ by ~1e-5 across batch sizes).
+VERIFY_TOLERANCE = {"float16": (1e-3, 2e-3), "float32": (1e-4, 1e-4)}  # (rtol, atol)
+
+
+class CacheMismatchError(RuntimeError):
+    """The cache was built for other clips, another teacher or other views."""
+
+
+def view_spec(crop_size: int, views) -> dict:
+    names = [View.parse(v).name if isinstance(v, str) else v.name for v in views]
+    if any(View.parse(n).crop == "random" for n in names):
+        raise ValueError("a cached view must be deterministic: 'random' crops cannot be cached")
+    return {"crop_size": int(crop_size), "views": names,
+            "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_identity(spec: dict) -> dict:
+    return {"name": spec["name"], "kwargs": spec["kwargs"], "weights": spec["weights_fingerprint"]}
+
+
+def cache_fingerprint(teacher_spec: dict, dataset_fingerprint: str, vspec: dict, dtype: str) -> str:
+    return _digest({"format": CACHE_FORMAT, "teacher": teacher_identity(teacher_spec),
+                    "dataset": dataset_fingerprint, "views": vspec, "dtype": dtype})
+
+
+class TeacherLogitCache:
+    """A finished cache directory: metadata checks and ``(clip_id, view) -> logits`` lookups."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        meta = self.directory / CACHE_JSON
+        if not meta.is_file():
+            raise CacheMismatchError(
+                f"{self.directory} holds no finished teacher cache ({CACHE_JSON} missing); "
+                "build it with pipelines/cache_teacher.py")
+        self.info = json.loads(meta.read_text())
+        self._index: dict[tuple[str, str], int] | None = None
+        self._logits: np.ndarray | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    @property
+    def views(self) -> list[str]:
+        return self.info["view_spec"]["views"]
+
+    def check(self, dataset_info: dict, *, teacher_spec: dict | None = None,
+              crop_size: int | None = None, splits=None) -> None:
+        """Refuse (raise :class:`CacheMismatchError`) unless this cache belongs to these clips,
+        this teacher and this crop size, and covers every clip of ``splits``."""
+        problems = []
+        if self.info["dataset_fingerprint"] != dataset_info["fingerprint"]:
+            problems.append(f"built for clips {self.info['dataset_fingerprint']}, these shards are "
+                            f"{dataset_info['fingerprint']} (re-ingested or different preprocessing)")
+        if teacher_spec is not None and teacher_identity(teacher_spec) != self.info["teacher"]:
+            problems.append(f"built with teacher weights {self.info['teacher']['weights']} "
+                            f"({self.info['teacher']['name']}), given {teacher_spec['weights_fingerprint']} "
+                            f"({teacher_spec['name']})")
+        if crop_size is not None and crop_size != self.info["view_spec"]["crop_size"]:
+            problems.append(f"built for crop size {self.info['view_spec']['crop_size']}, training uses {crop_size}")
+        if splits is not None:
+            missing = [s for s in splits if s not in self.info["splits"]]
+            if missing:
+                problems.append(f"does not cover split(s) {missing} (covers {sorted(self.info['splits'])})")
+        if problems:
+            raise CacheMismatchError(
+                f"stale or mismatched teacher cache {self.directory} (fingerprint {self.fingerprint}): "
+                + "; ".join(problems) + ". Rebuild it with pipelines/cache_teacher.py.")
+
+    def load(self) -> None:
+        if self._logits is not None:
+            return
+        table = pa.concat_tables(
+            [pq.read_table(p, columns=["clip_id", "view", "logits"])
+             for p in sorted((self.directory / LOGITS_DIR).glob("*.parquet"))])
+        dtype = DTYPES[self.info["dtype"]]
+        num_classes = self.info["num_classes"]
+        raw = b"".join(table.column("logits").to_pylist())
+        self._logits = np.frombuffer(raw, dtype=dtype).reshape(table.num_rows, num_classes)
+        self._index = {key: i for i, key in enumerate(zip(table.column("clip_id").to_pylist(),
+                                                          table.column("view").to_pylist()))}
+
+    def packed(self) -> dict:
+        """Everything a lookup needs, as one picklable object (shipped to Train workers through
+        the object store, so workers need no shared filesystem)."""
+        self.load()
+        return {"directory": str(self.directory), "info": self.info, "keys": list(self._index), "logits": self._logits}
+
+    @classmethod
+    def from_packed(cls, packed: dict) -> "TeacherLogitCache":
+        cache = cls.__new__(cls)
+        cache.directory, cache.info, cache._logits = Path(packed["directory"]), packed["info"], packed["logits"]
+        cache._index = {tuple(k): i for i, k in enumerate(packed["keys"])}
+        return cache
+
+    def __len__(self) -> int:
+        self.load()
+        return len(self._index)
+
+    def lookup(self, clip_ids, views) -> torch.Tensor:
+        """Raw fp32 logits ``(B, C)`` for these clips, each under its view name."""
+        self.load()
+        try:
+            rows = [self._index[(c, v)] for c, v in zip(clip_ids, views)]
+        except KeyError as exc:
+            raise CacheMismatchError(f"clip view {exc.args[0]} is not in the teacher cache {self.directory}") from None
+        return torch.from_numpy(self._logits[rows].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- building
+def _teacher_logits(model, arrays, crop_size: int, view: View, device) -> torch.Tensor:
+    x = normalize(make_clip_batch(arrays, crop_size, [view] * len(arrays)), device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x).float().cpu()
+        return model(x).float().cpu()
+
+
+class ShardLogitWriter:
+    """Ray Data actor: loads the teacher once, then turns whole clip shards into logit shards.
+
+    One output file per input shard, written to a temporary name and renamed, so a killed
+    build leaves only complete files and a rerun redoes just the missing shards.
+    """
+
+    def __init__(self, spec: dict, state_ref: list, vspec: dict, dtype: str, batch_size: int, threads: int):
+        import ray
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(spec["name"], **spec["kwargs"])
+        self.model.load_state_dict(ray.get(state_ref[0]), strict=True)
+        self.model.eval().to(self.device)
+        self.crop_size = vspec["crop_size"]
+        self.views = [View.parse(v) for v in vspec["views"]]
+        self.dtype = dtype
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        stats = []
+        for src, dst in zip(batch["shard"], batch["out"]):
+            stats.append(json.dumps(self._process(src, dst)))
+        return {"stats": np.array(stats, dtype=object)}
+
+    def _process(self, src: str, dst: str) -> dict:
+        columns = ["clip_id", "label", "split", "frames", "num_frames", "height", "width"]
+        parts, correct, labelled = [], {}, {}
+        for record_batch in pq.ParquetFile(src).iter_batches(batch_size=self.batch_size, columns=columns):
+            table = pa.Table.from_batches([record_batch])
+            arrays, clip_ids, labels = batch_arrays(table)
+            splits = table.column("split").to_pylist()
+            for k, view in enumerate(self.views):
+                logits = _teacher_logits(self.model, arrays, self.crop_size, view, self.device)
+                if k == 0:  # accuracy on the first (canonical) view, labelled clips only
+                    hit = (logits.argmax(1).numpy() == labels) & (labels >= 0)
+                    for s, h, lab in zip(splits, hit, labels):
+                        correct[s] = correct.get(s, 0) + int(h)
+                        labelled[s] = labelled.get(s, 0) + int(lab >= 0)
+                stored = logits.numpy().astype(DTYPES[self.dtype])
+                parts.append(pa.table({
+                    "clip_id": clip_ids, "view": [view.name] * len(clip_ids), "split": splits,
+                    "label": pa.array([None if v < 0 else int(v) for v in labels], pa.int32()),
+                    "logits": [row.tobytes() for row in stored],
+                }, schema=LOGIT_SCHEMA))
+        table = pa.concat_tables(parts) if parts else LOGIT_SCHEMA.empty_table()
+        stats = {"shard": os.path.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled}
+        # the sidecar first: a parquet file without its sidecar never exists
+        atomic_write_json(_sidecar(dst), stats)
+        tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, dst)
+        return stats
+
+
+def _sidecar(dst: str) -> str:
+    return os.path.join(os.path.dirname(dst), "_" + os.path.basename(dst) + ".json")
+
+
+def build_teacher_cache(
+    clips_dir: str,
+    teacher: str,
+    out_dir: str,
+    *,
+    teacher_name: str | None = None,
+    crop_size: int | None = None,
+    views=("center",),
+    dtype: str = "float16",
+    batch_size: int = 32,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+    verify_samples: int = 32,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
+    """Run the teacher once over every stored clip view (Ray Data, actor pool) and cache logits.
+
+    Reuses a finished cache with the same fingerprint; resumes a partial one. Returns the
+    cache metadata (also written to ``out_dir/cache.json``).
+    """
+    import ray
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dataset_info = load_dataset_info(clips_dir)
+    num_classes = len(dataset_info["classes"])
+    crop_size = crop_size or dataset_info["params"]["short_side"]
+    model, spec = load_model(teacher, name=teacher_name)
+    if getattr(model, "num_classes", num_classes) != num_classes:
+        raise CacheMismatchError(
+            f"teacher {teacher} predicts {model.num_classes} classes, the dataset has {num_classes}")
+    vspec = view_spec(crop_size, views)
+    fingerprint = cache_fingerprint(spec, dataset_info["fingerprint"], vspec, dtype)
+    out = Path(out_dir)
+    logits_dir = out / LOGITS_DIR
+
+    for meta in (out / CACHE_JSON, out / BUILD_JSON):
+        if meta.is_file():
+            existing = json.loads(meta.read_text())["fingerprint"]
+            if existing == fingerprint and meta.name == CACHE_JSON:
+                log(f"[cache] reusing finished cache {out} (fingerprint {fingerprint})")
+                return json.loads(meta.read_text())
+            if existing != fingerprint:
+                if not overwrite:
+                    raise CacheMismatchError(
+                        f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
+                        f"{fingerprint}; use another --out or --overwrite")
+                for p in list(logits_dir.glob("*")) + [out / CACHE_JSON, out / BUILD_JSON]:
+                    if p.is_file():
+                        p.unlink()
+    logits_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(str(logits_dir))
+    atomic_write_json(out / BUILD_JSON, {"fingerprint": fingerprint})
+
+    shards = shard_paths(clips_dir)
+    todo = [s for s in shards if not (logits_dir / os.path.basename(s)).is_file()]
+    log(f"[cache] teacher {spec['name']} ({spec['weights_fingerprint']}), {len(shards)} clip shards, "
+        f"{len(shards) - len(todo)} already cached, views {vspec['views']}, {dtype}")
+    started = time.time()
+    if todo:
+        cpus = ray.available_resources().get("CPU", 1)
+        threads = max(1, int(os.cpu_count() or 1) // max(1, num_actors))
+        state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
+        items = [{"shard": s, "out": str(logits_dir / os.path.basename(s))} for s in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardLogitWriter,
+            fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
+                                       batch_size=batch_size, threads=threads),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=1 if use_gpu else 0,
+            # leave CPU for the read side of the pipeline (ray-2.60-notes, hang #2)
+            num_cpus=0 if use_gpu else min(1.0, max(0.25, (cpus - 0.5) / num_actors)),
+        )
+        for i, row in enumerate(ds.iter_rows(), 1):
+            s = json.loads(row["stats"])
+            log(f"[cache] {i}/{len(todo)} shards: {s['shard']} ({s['rows']} logit rows)")
+    elapsed = time.time() - started
+
+    stats = [json.loads(Path(_sidecar(str(logits_dir / os.path.basename(s)))).read_text()) for s in shards]
+    correct, labelled = {}, {}
+    for s in stats:
+        for k, v in s["correct"].items():
+            correct[k] = correct.get(k, 0) + v
+        for k, v in s["labelled"].items():
+            labelled[k] = labelled.get(k, 0) + v
+    rows = sum(s["rows"] for s in stats)
+    info = {
+        "format": CACHE_FORMAT,
+        "fingerprint": fingerprint,
+        "teacher": teacher_identity(spec),
+        "dataset_fingerprint": dataset_info["fingerprint"],
+        "view_spec": vspec,
+        "dtype": dtype,
+        "num_classes": num_classes,
+        "rows": rows,
+        "splits": sorted(set(labelled) | {_split_of(s) for s in shards}),
+        "teacher_top1": {k: correct[k] / labelled[k] for k in labelled if labelled[k]},
+        "build_seconds": round(elapsed, 2),
+        # rows built by this run only (a resumed build skips finished shards)
+        "logit_rows_per_second": round(sum(s["rows"] for s in stats if s["shard"] in {os.path.basename(t) for t in todo}) / elapsed, 2) if todo else None,
+    }
+    cache = TeacherLogitCache.__new__(TeacherLogitCache)
+    cache.directory, cache.info, cache._index, cache._logits = out, info, None, None
+    info["verify"] = verify_cache(cache, clips_dir, model, verify_samples)
+    atomic_write_json(out / CACHE_JSON, info)
+    (out / BUILD_JSON).unlink(missing_ok=True)
+    log(f"[cache] {rows} logit rows in {elapsed:.1f}s; teacher top-1 "
+        + ", ".join(f"{k} {v:.1%}" for k, v in info["teacher_top1"].items())
+        + f"; verified {info['verify']['checked']} rows, max |diff| {info['verify']['max_abs_diff']:.2e}")
+    return info
+
+
+def _split_of(shard: str) -> str:
+    return os.path.basename(shard).rsplit("-", 1)[0]
+
+
+def verify_cache(cache: TeacherLogitCache, clips_dir: str, model, samples: int, seed: int = 0) -> dict:
+    """Recompute a random sample of cached rows with a direct fp32 teacher forward.
+
+    Raises :class:`CacheMismatchError` if any differs beyond :data:`VERIFY_TOLERANCE`.
+    """
+    from dvfl.data.shards import read_clips_table
+
+    cache.load()
+    keys = list(cache._index)
+    if not keys or samples <= 0:
+        return {"checked": 0, "max_abs_diff": 0.0}
+    rng = np.random.default_rng(seed)
+    picked = [keys[i] for i in rng.choice(len(keys), size=min(samples, len(keys)), replace=False)]
+    wanted = {c for c, _ in picked}
+    table = read_clips_table(clips_dir, columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
+    table = table.filter(pa.compute.is_in(table.column("clip_id"), pa.array(sorted(wanted))))
+    arrays, ids, _ = batch_arrays(table)
+    by_id = dict(zip(ids, arrays))
+    model = model.eval()
+    device = next(model.parameters()).device
+    rtol, atol = VERIFY_TOLERANCE[cache.info["dtype"]]
+    max_diff = 0.0
+    for clip_id, view in picked:
+        fresh = _teacher_logits(model, [by_id[clip_id]], cache.info["view_spec"]["crop_size"], View.parse(view), device)[0]
+        stored = cache.lookup([clip_id], [view])[0]
+        diff = (fresh - stored).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        if not bool((diff <= atol + rtol * fresh.abs()).all()):
+            raise CacheMismatchError(f"cached logits of {clip_id} [{view}] differ from a direct teacher "
+                                     f"forward by {float(diff.max()):.3g} (> {atol} + {rtol}*|x|)")
+    return {"checked": len(picked), "max_abs_diff": max_diff, "rtol": rtol, "atol": atol}
+
+
+__all__ = ["TeacherLogitCache", "CacheMismatchError", "build_teacher_cache", "verify_cache",
+           "cache_fingerprint", "view_spec", "ShardLogitWriter"]

@@ -1,0 +1,1 @@
+"""Training: the shared Ray Train loop (teacher, VFL-Net baseline, DVFL-Net distillation)."""

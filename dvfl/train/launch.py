@@ -1,0 +1,108 @@
+"""Driver side of training: datasets, the TorchTrainer, and reading the result back.
+
+Everything Ray-specific about running :func:`dvfl.train.loop.train_loop_per_worker` lives here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+
+from dvfl.data.shards import read_clip_dataset, shard_paths
+from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
+
+TRAIN_COLUMNS = VAL_COLUMNS
+
+
+@dataclass
+class Scaling:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's tqdm bars from inside Train workers garble the terminal; the loop prints one
+    line per epoch instead."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
+def _shard_bytes(clips_dir: str, splits) -> int:
+    return sum(os.path.getsize(p) for p in shard_paths(clips_dir, splits))
+
+
+def count_rows(clips_dir: str, splits) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(clips_dir, splits))
+
+
+def threads_per_worker(scaling: Scaling) -> int:
+    # On one machine the workers share the cores; on a cluster each gets what it asked for.
+    return max(1, int(round(scaling.cpus_per_worker)) if scaling.cpus_per_worker >= 1
+               else (os.cpu_count() or 1) // max(1, scaling.num_workers))
+
+
+def run_training(
+    loop_cfg: dict,
+    *,
+    clips_dir: str,
+    train_splits=("train",),
+    val_split: str = "test",
+    unlabeled_dir: str | None = None,
+    scaling: Scaling,
+    name: str,
+    storage_path: str,
+    max_failures: int = 1,
+    materialize_below_mb: int = 256,
+):
+    """Fit ``train_loop_per_worker`` with DDP over ``scaling.num_workers`` Ray Train workers.
+
+    Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    quiet_data_progress()
+    train = read_clip_dataset(clips_dir, list(train_splits), columns=TRAIN_COLUMNS)
+    train_rows = count_rows(clips_dir, train_splits)
+    shard_bytes = _shard_bytes(clips_dir, train_splits) + _shard_bytes(clips_dir, [val_split])
+    if unlabeled_dir:
+        train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
+        train_rows += count_rows(unlabeled_dir, ["unlabeled"])
+        shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
+    val = read_clip_dataset(clips_dir, [val_split], columns=VAL_COLUMNS)
+    if shard_bytes < materialize_below_mb * 2**20:
+        # Small datasets are read once into the object store: re-running the Parquet read
+        # every epoch costs seconds of task start-up, more than a small epoch's compute.
+        train, val = train.materialize(), val.materialize()
+    loop_cfg = {**loop_cfg, "train_rows": train_rows, "threads_per_worker": threads_per_worker(scaling)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                                           **({"GPU": 1} if scaling.use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train.randomize_block_order(), "val": val},
+        # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def load_final_state(result) -> dict:
+    """The model weights and per-epoch history of a finished run (from its last checkpoint)."""
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)

@@ -1,0 +1,229 @@
+"""The one training loop: teacher fine-tuning, the no-KD student (VFL-Net) and distillation.
+
+``train_loop_per_worker`` is plain PyTorch; Ray appears only at the edges (the dataset shard,
+the device, DDP wrapping, ``report`` and checkpoints). Which of the three jobs it does is data:
+``teacher.mode`` is ``"none"`` (cross-entropy only), ``"cached"`` (KD against logits from the
+teacher cache) or ``"online"`` (KD against a teacher running in the loop, the paper's way).
+
+Augmentation and KD: a cached logit belongs to one view of one stored clip, so with a teacher
+the student sees exactly the cached views (a deterministic crop, optionally flipped, picked at
+random per clip among the cached views); temporal jitter comes from the several seeded training
+views ingest stores per video. Without a teacher, training uses random crops (and flips when
+``flip`` is on).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dvfl.artifacts import build_model
+from dvfl.losses import distillation_loss
+from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+
+STATE_FILE = "state.pt"
+VAL_COLUMNS = ["clip_id", "label", "frames", "num_frames", "height", "width"]
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
+
+
+def lr_schedule(step: int, total: int, warmup: int, base_lr: float, min_ratio: float = 0.01) -> float:
+    """Linear warm-up then cosine decay, as in the official recipes (warm-up matters: without it
+    from-scratch runs of this architecture collapse to one class)."""
+    if step < warmup:
+        return base_lr * (min_ratio + (1 - min_ratio) * (step + 1) / warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class TeacherSignal:
+    """Where the teacher's logits come from: the cache (lookup) or a live model (forward)."""
+
+    def __init__(self, cfg: dict, device: torch.device):
+        import ray
+
+        self.mode = cfg["teacher"]["mode"]
+        self.views = [View.parse(v) for v in cfg["teacher"].get("views", ["center"])]
+        self.forward_calls = 0
+        if self.mode == "cached":
+            from dvfl.teacher_cache import TeacherLogitCache
+
+            self.cache = TeacherLogitCache.from_packed(ray.get(cfg["teacher"]["cache_ref"][0]))
+        elif self.mode == "online":
+            spec = cfg["teacher"]["spec"]
+            self.model = build_model(spec["name"], **spec["kwargs"])
+            self.model.load_state_dict(ray.get(cfg["teacher"]["state_ref"][0]), strict=True)
+            self.model.eval().to(device)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def logits(self, clip_ids, views, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cached":
+            return self.cache.lookup(clip_ids, [v.name for v in views]).to(x.device)
+        self.forward_calls += 1
+        with torch.no_grad():
+            return self.model(x).float()
+
+
+def _save_state(model, optimizer, epoch: int, step: int, history: list) -> str:
+    directory = tempfile.mkdtemp(prefix="dvfl-ckpt-")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "step": step, "history": history}, os.path.join(directory, STATE_FILE))
+    return directory
+
+
+def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp: bool) -> dict:
+    """top-1/top-5/CE on the stored eval views (centre crop), labelled clips only."""
+    model.eval()
+    n = c1 = c5 = 0
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for table in dataset.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            arrays, _, labels = batch_arrays(table)
+            keep = labels >= 0
+            if not keep.any():
+                continue
+            x = normalize(make_clip_batch([a for a, k in zip(arrays, keep) if k], crop_size,
+                                          [View()] * int(keep.sum())), device)
+            y = torch.from_numpy(labels[keep]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            a, b = topk_correct(logits, y)
+            n, c1, c5 = n + len(y), c1 + a, c5 + b
+    return {"val_top1": c1 / max(n, 1), "val_top5": c5 / max(n, 1), "val_loss": loss_sum / max(n, 1), "val_clips": n}
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["threads_per_worker"])
+    amp = device.type == "cuda"
+    seed = cfg["seed"]
+    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    rng = np.random.default_rng([seed, rank])
+
+    spec = cfg["model"]
+    model = build_model(spec["name"], **spec["kwargs"])
+    if cfg.get("init_state_ref"):
+        import ray as _ray
+
+        model.load_state_dict(_ray.get(cfg["init_state_ref"][0]), strict=False)
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    teacher = TeacherSignal(cfg, device) if cfg["teacher"]["mode"] != "none" else None
+    kd = cfg["kd"]
+    optim = cfg["optim"]
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(raw_model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"])
+
+    batch_size = optim["batch_size"]
+    steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / world / batch_size))
+    total_steps = optim["epochs"] * steps_per_epoch
+    warmup = int(optim["warmup_frac"] * total_steps)
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        if rank == 0:
+            print(f"[train] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+
+    writer = None
+    if rank == 0 and cfg.get("tensorboard_dir"):
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(cfg["tensorboard_dir"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val") if rank == 0 else None
+    crop_size, flip = cfg["crop_size"], cfg["flip"]
+
+    for epoch in range(start_epoch, optim["epochs"]):
+        model.train()
+        started = time.time()
+        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        seen = correct = batches = 0
+        for table in train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                              local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
+                                              local_shuffle_seed=seed * 1000 + epoch * world + rank):
+            arrays, clip_ids, labels = batch_arrays(table)
+            if teacher is not None:
+                views = [teacher.views[i] for i in rng.integers(0, len(teacher.views), len(arrays))]
+            else:
+                views = [View("random", bool(flip and rng.random() < 0.5)) for _ in arrays]
+            x = normalize(make_clip_batch(arrays, crop_size, views, rng), device)
+            y = torch.from_numpy(labels).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule(step, total_steps, warmup, optim["lr"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            if teacher is not None:
+                out = distillation_loss(logits, teacher.logits(clip_ids, views, x), y,
+                                        alpha=kd["alpha"], temperature=kd["temperature"],
+                                        unlabeled_weight=kd.get("unlabeled_weight", 1.0),
+                                        label_smoothing=optim.get("label_smoothing", 0.0))
+                loss, ce, kd_part = out.total, out.ce, out.kd
+            else:
+                loss = ce = F.cross_entropy(logits.float(), y, label_smoothing=optim.get("label_smoothing", 0.0))
+                kd_part = torch.zeros(())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.get("clip_grad"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim["clip_grad"])
+            optimizer.step()
+            step += 1
+            batches += 1
+            sums["loss"] += float(loss)
+            sums["ce"] += float(ce)
+            sums["kd"] += float(kd_part)
+            labelled = labels >= 0
+            correct += int((logits.argmax(1).cpu().numpy() == labels)[labelled].sum())
+            seen += int(labelled.sum())
+        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                   "train_loss": sums["loss"] / max(batches, 1), "train_ce": sums["ce"] / max(batches, 1),
+                   "train_kd": sums["kd"] / max(batches, 1), "train_top1": correct / max(seen, 1),
+                   "epoch_seconds": time.time() - started, "steps": step}
+        if teacher is not None and teacher.mode == "online":
+            metrics["teacher_forward_calls"] = teacher.forward_calls
+        ckpt_dir = None
+        if rank == 0:
+            metrics.update(evaluate(raw_model, val_data, crop_size, batch_size, device, amp))
+            history.append(metrics)
+            ckpt_dir = _save_state(raw_model, optimizer, epoch, step, history)
+            print("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+            if writer is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+        # every rank reports once per epoch (a barrier); only rank 0 carries the checkpoint
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        fail_at = cfg.get("fail_after_epoch")  # test hook: kill this worker once, mid-run
+        if fail_at is not None and epoch + 1 == fail_at and rank == world - 1:
+            marker = cfg["fail_marker"]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+    if writer is not None:
+        writer.close()

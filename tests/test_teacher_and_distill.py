@@ -1,0 +1,308 @@
+"""Teacher training through the shared Ray Train loop, and the view-exact teacher-logit cache.
+
+One small synthetic dataset is generated (real H.264 files), ingested with the real Ray Data
+pipeline, and a tiny teacher is trained on it with 2 DDP workers; the tests share them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dvfl.artifacts import load_model, save_model
+from dvfl.config import load_config
+from dvfl.data.shards import load_dataset_info, read_clips_table, shard_paths
+from dvfl.losses import distillation_loss
+from dvfl.models import CheckpointError
+from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
+from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 12),
+    ("data.synthetic.test_per_class", 4), ("teacher.train.embed_dim", 16), ("teacher.optim.epochs", 4),
+    ("teacher.optim.lr", 0.001), ("student.embed_dim", 8), ("optim.epochs", 2), ("teacher.train.drop_path_rate", 0.0),
+]
+
+
+def tiny_config(output_dir, extra=()):
+    return load_config(None, [("output_dir", str(output_dir)), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
+    """Clips (several shards), a teacher trained with 2 DDP workers, and its cache."""
+    from dvfl import pipeline
+    from dvfl.data.adapters import build_manifest
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = tiny_config(out)
+    generated = pipeline.ensure_videos(cfg, log=None)
+    ingest(build_manifest("synthetic", generated["root"], 1),
+           IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
+                        videos_per_shard=8, progress=False), log=lambda *_: None)
+    info = load_dataset_info(cfg.clips_dir)
+    teacher_path, spec = pipeline.ensure_teacher(cfg, info)
+    cache_info = pipeline.ensure_cache(cfg, teacher_path)
+    return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
+
+
+def test_shared_loop_learns_with_two_ddp_workers(prepared):
+    history = json.loads((Path(prepared["teacher"]) / "model.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # 4 classes: chance is 25%. The tiny set is too small to generalise motion (see the embedded
+    # default notes), but the loop must fit it: the loss falls and training accuracy rises.
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_top1"] >= 0.5
+    assert {"val_top1", "val_top5", "train_ce", "lr"} <= set(history[-1])
+
+
+def test_cache_covers_every_clip_once_and_matches_a_direct_forward(prepared):
+    cfg = prepared["cfg"]
+    cache = TeacherLogitCache(cfg.cache_dir)
+    clips = read_clips_table(cfg.clips_dir, columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
+    assert len(cache) == clips.num_rows == cache.info["rows"]
+    ids = clips.column("clip_id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    model, _ = load_model(prepared["teacher"])
+    arrays, _, _ = batch_arrays(clips)
+    with torch.inference_mode():
+        direct = model.eval()(normalize(make_clip_batch(arrays, 32, [View()] * len(arrays))))
+    cached = cache.lookup(ids, ["center"] * len(ids))
+    # stored as fp16: relative rounding 2^-11, plus kernel differences across batch sizes
+    torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3)
+    assert cache.info["dtype"] == "float16" and cache.info["verify"]["checked"] > 0
+    # raw logits, not softened probabilities: rows do not sum to 1
+    assert not torch.allclose(cached.exp().sum(1), torch.ones(len(ids)), atol=1e-2)
+
+
+def test_teacher_top1_is_reported_on_cached_views(prepared):
+    top1 = prepared["cache"]["teacher_top1"]
+    assert set(top1) == {"train", "test"}
+    assert all(0.0 <= v <= 1.0 for v in top1.values())
+
+
+def test_fingerprint_changes_with_teacher_weights_and_ingest_params(prepared, tmp_path):
+    cfg, info = prepared["cfg"], prepared["info"]
+    cache = TeacherLogitCache(cfg.cache_dir)
+    cache.check(info, teacher_spec=prepared["spec"], crop_size=32, splits=["train"])  # the right pair passes
+    model, spec = load_model(prepared["teacher"])
+    with torch.no_grad():
+        model.head.bias.add_(0.01)
+    other = tmp_path / "other_teacher"
+    other_spec = save_model(other, model, spec["name"], spec["kwargs"])
+    assert other_spec["weights_fingerprint"] != prepared["spec"]["weights_fingerprint"]
+    with pytest.raises(CacheMismatchError, match="teacher weights"):
+        cache.check(info, teacher_spec=other_spec)
+    with pytest.raises(CacheMismatchError, match="re-ingested"):
+        cache.check({**info, "fingerprint": "0" * 64})
+    with pytest.raises(CacheMismatchError, match="crop size"):
+        cache.check(info, crop_size=28)
+    with pytest.raises(CacheMismatchError, match="unlabeled"):
+        cache.check(info, splits=["train", "unlabeled"])
+    # building for the other teacher into the same directory is refused, not mixed
+    with pytest.raises(CacheMismatchError, match="fingerprint"):
+        build_teacher_cache(cfg.clips_dir, str(other), cfg.cache_dir, log=lambda *_: None)
+
+
+def test_ingest_with_other_parameters_gets_another_fingerprint(prepared, tmp_path):
+    from dvfl.data.adapters import build_manifest
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    cfg = prepared["cfg"]
+    ingest(build_manifest("synthetic", os.path.join(cfg.output_dir, "videos"), 1),
+           IngestConfig(out=str(tmp_path / "clips_seed1"), frames=8, clips_per_video=2, short_side=32, seed=1,
+                        progress=False), log=lambda *_: None)
+    other = load_dataset_info(str(tmp_path / "clips_seed1"))
+    assert other["fingerprint"] != prepared["info"]["fingerprint"]
+    with pytest.raises(CacheMismatchError, match="stale or mismatched"):
+        TeacherLogitCache(cfg.cache_dir).check(other)
+
+
+def test_distillation_refuses_a_stale_cache(prepared, tmp_path):
+    from dvfl import pipeline
+
+    cfg = prepared["cfg"]
+    model, spec = load_model(prepared["teacher"])
+    with torch.no_grad():
+        model.head.weight.mul_(1.5)
+    retrained = save_model(tmp_path / "retrained", model, spec["name"], spec["kwargs"])
+    with pytest.raises(CacheMismatchError, match="Rebuild it"):
+        pipeline.teacher_signal(cfg, str(tmp_path / "retrained"), retrained, prepared["info"], kd=True)
+
+
+def test_online_and_cached_teacher_give_the_same_loss(prepared):
+    cfg = prepared["cfg"]
+    cache = TeacherLogitCache(cfg.cache_dir)
+    clips = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
+    arrays, ids, labels = batch_arrays(clips.slice(0, 16))
+    x = normalize(make_clip_batch(arrays, 32, [View()] * len(arrays)))
+    teacher, _ = load_model(prepared["teacher"])
+    with torch.no_grad():
+        online = teacher.eval()(x)
+    student = torch.randn(len(ids), online.shape[1], generator=torch.Generator().manual_seed(0))
+    y = torch.from_numpy(labels)
+    a = distillation_loss(student, online, y, alpha=0.7, temperature=4.0)
+    b = distillation_loss(student, cache.lookup(ids, ["center"] * len(ids)), y, alpha=0.7, temperature=4.0)
+    assert abs(float(a.total) - float(b.total)) < 1e-3 * max(1.0, float(a.total))
+    assert abs(float(a.kd) - float(b.kd)) < 1e-3 * max(1.0, float(a.kd))
+
+
+def test_teacher_loading_errors_are_clear(prepared, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.pth", name="videofocalnet_nano")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.json").write_text(json.dumps({"name": "videofocalnet_nano", "kwargs": {}}))
+    (corrupt / "model.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(corrupt)
+    # a teacher for 5 classes on a 4-class dataset
+    model, spec = load_model(prepared["teacher"], kwargs={"num_classes": 5}, reinit_head=True)
+    save_model(tmp_path / "five", model, spec["name"], spec["kwargs"])
+    with pytest.raises(CacheMismatchError, match="predicts 5 classes"):
+        build_teacher_cache(prepared["cfg"].clips_dir, str(tmp_path / "five"), str(tmp_path / "cache5"))
+
+
+@pytest.mark.slow
+def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ray_local):
+    cfg = prepared["cfg"]
+    out = tmp_path / "cache"
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, str(REPO / "pipelines" / "cache_teacher.py"), "--clips", cfg.clips_dir,
+           "--teacher", prepared["teacher"], "--out", str(out), "--batch-size", "2"]
+    env = {**os.environ, "RAY_ADDRESS": address}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n_shards = len(shard_paths(cfg.clips_dir))
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "logits").glob("*.parquet")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list((out / "logits").glob("*.parquet")))
+    assert 1 <= done_at_kill < n_shards, "the kill must land mid-build"
+    assert not (out / "cache.json").exists()
+    for f in (out / "logits").glob("*.parquet"):  # whatever is visible is complete
+        assert pq.read_metadata(f).num_rows > 0
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    resumed = TeacherLogitCache(out)
+    full = TeacherLogitCache(cfg.cache_dir)
+    assert resumed.fingerprint == full.fingerprint and len(resumed) == len(full)
+    assert not list((out / "logits").glob(".*"))
+    ids = read_clips_table(cfg.clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
+    torch.testing.assert_close(resumed.lookup(ids, ["center"] * len(ids)),
+                               full.lookup(ids, ["center"] * len(ids)), rtol=2e-3, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- distillation (issue 5)
+@pytest.mark.parametrize("override, field", [
+    (("kd.temperature", -1.0), "kd.temperature"),
+    (("kd.alpha", 1.5), "kd.alpha"),
+    (("student.model", "videofocalnet_huge"), "student.model"),
+    (("teacher.path", "/no/such/teacher"), "teacher.path"),
+    (("data.root", "/no/such/videos"), "data.root"),
+    (("teacher.mode", "sometimes"), "teacher.mode"),
+    (("scaling.num_workers", 0), "scaling.num_workers"),
+    (("kd.alpha", "high"), "kd.alpha"),
+    (("optim.epochs", 0), "optim.epochs"),
+    (("kd.tempreature", 2.0), "kd.tempreature"),
+])
+def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
+    from dvfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--output-dir", str(out),
+                        "--set", "kd.temperature=-2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "kd.temperature must be > 0" in r.stderr
+    assert not out.exists()
+
+
+def _run_distill(args, address, env_extra=None, timeout=900):
+    env = {**os.environ, "RAY_ADDRESS": address, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_args(out, extra=()):
+    args = ["--output-dir", str(out)]
+    for key, value in (*TINY, *extra):
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end_reduced(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("e2e")
+    address = ray_local.get_runtime_context().gcs_address
+    r = _run_distill(_tiny_args(out), address)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "vfl", "dvfl"}
+    for row in models.values():
+        assert 0.0 <= row["top1_mean"] <= 1.0 and row["params"] > 0 and row["gmacs"] > 0
+    assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
+    assert "DVFL-Net" in (out / "results.md").read_text()
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    # the cached-KD student ran with 2 DDP workers and reported CE, KD and total each epoch
+    (dvfl_dir,) = (out / "students").glob("dvfl-*")
+    history = json.loads((dvfl_dir / "model.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["train_kd"] > 0 and h["train_ce"] > 0 for h in history)
+    # a second run reuses every stage (fingerprints unchanged)
+    again = _run_distill(_tiny_args(out), address)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing") >= 3
+    assert not re.search(r"^\[(teacher|vfl|dvfl)\] training", again.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_recovered_by_failure_config(prepared, ray_local):
+    cfg = prepared["cfg"]
+    address = ray_local.get_runtime_context().gcs_address
+    args = _tiny_args(cfg.output_dir, [("baseline", False), ("max_failures", 1), ("optim.epochs", 3),
+                                       ("data.clips", cfg.clips_dir)])
+    r = _run_distill(args, address, {"DVFL_FAIL_AFTER_EPOCH": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (Path(cfg.output_dir) / ".fail-injected").exists()  # a worker really died
+    assert "resumed from checkpoint after epoch 1" in r.stdout + r.stderr
+    (student,) = [p for p in (Path(cfg.output_dir) / "students").glob("dvfl-*")
+                  if json.loads((p / "model.json").read_text())["identity"]["optim"]["epochs"] == 3]
+    history = json.loads((student / "model.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_checkpoint_with_epochs_and_metrics(prepared, ray_local, tmp_path):
+    cfg = prepared["cfg"]
+    address = ray_local.get_runtime_context().gcs_address
+    marker = Path(cfg.output_dir) / ".fail-injected"
+    marker.unlink(missing_ok=True)
+    args = _tiny_args(cfg.output_dir, [("baseline", False), ("max_failures", 0), ("optim.epochs", 4),
+                                       ("data.clips", cfg.clips_dir)])
+    first = _run_distill(args, address, {"DVFL_FAIL_AFTER_EPOCH": "2"})
+    assert first.returncode != 0  # no retries allowed: the run stops after epoch 2
+    second = _run_distill(args + ["--resume"], address)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from checkpoint after epoch 2" in second.stdout + second.stderr
+    (student,) = [p for p in (Path(cfg.output_dir) / "students").glob("dvfl-*")
+                  if json.loads((p / "model.json").read_text())["identity"]["optim"]["epochs"] == 4]
+    history = json.loads((student / "model.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[3]["steps"] == 2 * history[1]["steps"]  # the step count (LR schedule) continued
