@@ -65,7 +65,7 @@ def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8
     with av.open(path, "w") as c:
         st = c.add_stream(codec, rate=rate)
         st.width, st.height = w, h
-        st.pix_fmt = "yuv420p"
+        st.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "libx264":
             st.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
         for f in frames:
@@ -76,6 +76,26 @@ def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8
     return path
 
 
+def make_videos(specs) -> None:
+    """Write many videos in a fresh subprocess: ``specs = [(path, {n, h, w, fps, codec, seed}), ...]``.
+
+    Encoding runs outside the test process on purpose: once decord (which bundles its own
+    FFmpeg libraries) is loaded in a process, PyAV's libvpx-vp9 encoder fails to open there.
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from conftest import write_video\n"
+            "for path, kw in json.load(sys.stdin): write_video(path, **kw)\n")
+    subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                   input=json.dumps([[p, kw] for p, kw in specs]), text=True, check=True)
+
+
 @pytest.fixture(scope="session")
 def video_factory():
-    return write_video
+    """``video_factory(path, n=12, h=32, w=32, fps=8, codec="libx264", seed=0) -> path`` (subprocess)."""
+    def make(path, **kw):
+        make_videos([(path, kw)])
+        return path
+    return make
