@@ -116,6 +116,20 @@ def _require_pinned_ray() -> None:
         )
 
 
+def _d(value: Any) -> dict:
+    """``value`` if it is a mapping, else ``{}``: policy checks read broken configs too."""
+    return value if isinstance(value, dict) else {}
+
+
+def _l(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _in(value: Any, names: Any) -> bool:
+    """``value in names`` for string sets, False for anything unhashable or not a string."""
+    return isinstance(value, str) and value in names
+
+
 def _is_plain_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -226,18 +240,19 @@ def _roles_errors(layer: str, node_types: dict[str, dict], head: str, where: tup
     (teacher inference, training), each able to scale out."""
     cpu = gpu = False
     out = []
-    for name, nt in node_types.items():
-        if name == head:
+    for name, nt in _d(node_types).items():
+        if name == head or not isinstance(nt, dict):
             continue
-        res = nt.get("resources", {}) or {}
+        res = _d(nt.get("resources"))
         lo, hi = nt.get("min_workers", 0), nt.get("max_workers", 0)
         if _is_plain_int(lo) and _is_plain_int(hi) and lo > hi:
             out.append(_err(layer, where + (name,), f"min workers {lo} > max workers {hi}"))
         if not (_is_plain_int(hi) and hi >= 1):
             continue
-        if (res.get("GPU") or 0) > 0:
+        gpus, cpus = res.get("GPU") or 0, res.get("CPU") or 0
+        if isinstance(gpus, (int, float)) and gpus > 0:
             gpu = True
-        elif (res.get("CPU") or 0) > 0:
+        elif isinstance(cpus, (int, float)) and cpus > 0:
             cpu = True
     if not cpu:
         out.append(_err(layer, where, "no CPU-only worker type that can scale out (max >= 1), "
@@ -274,7 +289,7 @@ _DASHBOARD_HOST = re.compile(r"--dashboard-host(?:=|\s+)(['\"]?)([^\s'\";]+)\1")
 
 def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
     out = []
-    for i, cmd in enumerate(commands or []):
+    for i, cmd in enumerate(_l(commands)):
         if not isinstance(cmd, str):
             continue
         for m in _DASHBOARD_HOST.finditer(cmd):
@@ -288,12 +303,12 @@ def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
 
 def _security_group_errors(config: dict) -> list[str]:
     out = []
-    sg = (config.get("provider") or {}).get("security_group") or {}
-    for i, rule in enumerate(sg.get("IpPermissions") or []):
+    sg = _d(_d(config.get("provider")).get("security_group"))
+    for i, rule in enumerate(_l(sg.get("IpPermissions"))):
         if not isinstance(rule, dict):
             continue
-        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges") or [] if isinstance(r, dict)]
-        cidrs += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges") or [] if isinstance(r, dict)]
+        cidrs = [r.get("CidrIp") for r in _l(rule.get("IpRanges")) if isinstance(r, dict)]
+        cidrs += [r.get("CidrIpv6") for r in _l(rule.get("Ipv6Ranges")) if isinstance(r, dict)]
         if not WORLD_CIDRS.intersection(cidrs):
             continue
         ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
@@ -305,11 +320,45 @@ def _security_group_errors(config: dict) -> list[str]:
     return out
 
 
+# Ray's schema leaves node_config free-form (it goes to the cloud API at launch); these are the
+# fields without which the launch request cannot even be formed.
+_NODE_CONFIG_REQUIRED = {"aws": ("InstanceType",), "gcp": ("machineType",)}
+
+
+def _node_config_errors(raw: dict) -> list[str]:
+    out = []
+    ptype = _d(raw.get("provider")).get("type")
+    required = _NODE_CONFIG_REQUIRED.get(ptype, ()) if isinstance(ptype, str) else ()
+    for name, nt in _d(raw.get("available_node_types")).items():
+        node_config = _d(_d(nt).get("node_config"))
+        for key in required:
+            value = node_config.get(key)
+            if not (isinstance(value, str) and value.strip()):
+                out.append(_err("policy", ("available_node_types", name, "node_config", key),
+                                f"{value!r}: the instance type must be a non-empty string"))
+    return out
+
+
+def _install_errors(prepared: dict) -> list[str]:
+    """The nodes must install this package: a `pip install` of the path the working copy ('.') is
+    mounted at (or of a dvfl archive/URL), on the head and on the workers."""
+    mounts = [remote for remote, local in _d(prepared.get("file_mounts")).items()
+              if isinstance(local, str) and os.path.normpath(local) == "."]
+    out = []
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        cmds = [c for c in _l(prepared.get(key)) if isinstance(c, str) and "pip install" in c]
+        ok = any(any(m.rstrip("/") in c for m in mounts) or "dvfl" in c for c in cmds)
+        if not ok:
+            out.append(_err("policy", ("setup_commands",), f"no {key.split('_')[0]} setup command "
+                            "installs this package (pip install -e <where file_mounts puts '.'>)"))
+    return out
+
+
 def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
     out: list[str] = []
     node_types = raw.get("available_node_types") or {}
-    for name, nt in node_types.items() if isinstance(node_types, dict) else []:
-        res = (nt or {}).get("resources")
+    for name, nt in _d(node_types).items():
+        res = _d(nt).get("resources")
         if not isinstance(res, dict):
             continue
         for rname, value in res.items():
@@ -325,11 +374,13 @@ def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
         out = [e + " (inherited from Ray's provider defaults; set head_start_ray_commands)"
                if "dashboard-host" in e else e for e in out]
     out += _security_group_errors(raw)
-    if (raw.get("provider") or {}).get("gcp_credentials"):
+    out += _node_config_errors(raw)
+    if _d(raw.get("provider")).get("gcp_credentials"):
         out.append(_err("policy", ("provider", "gcp_credentials"),
                         "inline GCP credentials; use Application Default Credentials"))
     out += credential_errors(raw)
     if prepared is not None:
+        out += _install_errors(prepared)
         out += _roles_errors("policy", prepared.get("available_node_types") or {},
                              prepared.get("head_node_type"), ("available_node_types",))
     return out
@@ -525,12 +576,13 @@ def _list_key_errors(schema: dict, inst: Any, path: tuple, out: list[str]) -> No
         for i, item in enumerate(inst):
             if kind == "map" and isinstance(item, dict):
                 keys = schema.get("x-kubernetes-list-map-keys") or []
-                ident = tuple(
-                    item.get(k, (items.get("properties") or {}).get(k, {}).get("default")) for k in keys
-                )
-                label = ", ".join(f"{k}={v!r}" for k, v in zip(keys, ident))
+                values = [
+                    item.get(k, _d(_d(items.get("properties")).get(k)).get("default")) for k in keys
+                ]
+                ident = json.dumps(values, sort_keys=True, default=str)
+                label = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
             elif kind == "set":
-                ident = json.dumps(item, sort_keys=True)
+                ident = json.dumps(item, sort_keys=True, default=str)
                 label = ident
             else:
                 ident = None
@@ -560,7 +612,7 @@ def _translate(doc: dict, spec: dict) -> dict:
         _derive_autoscaling_config_from_ray_cr,
     )
 
-    meta = doc.get("metadata") or {}
+    meta = _d(doc.get("metadata"))
     cr = {
         "apiVersion": f"{KUBERAY_GROUP}/{KUBERAY_VERSION}",
         "kind": "RayCluster",
@@ -577,7 +629,7 @@ def _translation_errors(doc: dict, where: tuple, spec: dict) -> tuple[dict | Non
         key = e.args[0] if e.args else "?"
         groups = [
             (where + ("workerGroupSpecs", i), g)
-            for i, g in enumerate(spec.get("workerGroupSpecs") or [])
+            for i, g in enumerate(_l(spec.get("workerGroupSpecs")))
             if isinstance(g, dict)
         ]
         if isinstance(spec.get("headGroupSpec"), dict):  # the head needs no replica fields
@@ -611,18 +663,18 @@ def _whole_quantity_errors(value: Any, path: tuple, what: str) -> list[str]:
 
 def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_head: bool) -> list[str]:
     out: list[str] = []
-    params = group.get("rayStartParams") or {}
+    params = _d(group.get("rayStartParams"))
     for key in ("num-cpus", "num-gpus"):
         if key in params and not (isinstance(params[key], str) and _K8S_INT_QUANTITY.match(params[key])):
             out.append(_err("policy", where + ("rayStartParams", key),
                             f"{params[key]!r}: must be a string holding a non-negative integer"))
-    for rname, value in (group.get("resources") or {}).items():
+    for rname, value in _d(group.get("resources")).items():
         if rname != "memory":
             out += _whole_quantity_errors(value, where + ("resources", rname), f"resource {rname}")
-    containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+    containers = _l(_d(_d(group.get("template")).get("spec")).get("containers"))
     if containers and isinstance(containers[0], dict):  # the Ray container is the first one
         for section in ("limits", "requests"):
-            for rname, value in ((containers[0].get("resources") or {}).get(section) or {}).items():
+            for rname, value in _d(_d(containers[0].get("resources")).get(section)).items():
                 if rname == "cpu" or rname.endswith("gpu"):
                     out += _whole_quantity_errors(
                         value,
@@ -630,7 +682,7 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
                         f"{rname} {section}",
                     )
     for i, c in enumerate(containers):
-        image = (c or {}).get("image") if isinstance(c, dict) else None
+        image = _d(c).get("image")
         if isinstance(image, str) and image.split(":")[0].endswith("rayproject/ray"):
             tag = image.split(":", 1)[1] if ":" in image else "latest"
             if not tag.startswith(PINNED_RAY_VERSION):
@@ -643,17 +695,17 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
             out.append(_err("policy", where + ("rayStartParams",), "no dashboard-host: KubeRay then binds "
                             "the dashboard to 0.0.0.0; set dashboard-host: \"127.0.0.1\" and use "
                             "kubectl port-forward"))
-        elif host is not None and host not in LOOPBACK_HOSTS and kind != "RayJob":
+        elif host is not None and not _in(host, LOOPBACK_HOSTS) and kind != "RayJob":
             out.append(_err("policy", where + ("rayStartParams", "dashboard-host"),
                             f"{host}: the dashboard must bind to loopback (127.0.0.1) and be reached "
                             "with kubectl port-forward (only a RayJob, whose operator must reach the "
                             "job server, may bind the pod's interfaces behind a ClusterIP Service)"))
         stype = group.get("serviceType")
-        if stype in EXPOSED_SERVICE_TYPES:
+        if _in(stype, EXPOSED_SERVICE_TYPES):
             out.append(_err("policy", where + ("serviceType",), f"{stype} exposes the dashboard, GCS and "
                             "Ray client ports outside the cluster; use ClusterIP + port-forward"))
-        svc_type = (((group.get("headService") or {}).get("spec")) or {}).get("type")
-        if svc_type in EXPOSED_SERVICE_TYPES:
+        svc_type = _d(_d(group.get("headService")).get("spec")).get("type")
+        if _in(svc_type, EXPOSED_SERVICE_TYPES):
             out.append(_err("policy", where + ("headService", "spec", "type"), f"{svc_type} exposes the "
                             "head outside the cluster; use ClusterIP + port-forward"))
         if group.get("enableIngress") is True:
@@ -667,8 +719,7 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
 
 
 def _runtime_env_errors(doc: dict) -> list[str]:
-    spec = doc.get("spec") or {}
-    text = spec.get("runtimeEnvYAML")
+    text = _d(doc.get("spec")).get("runtimeEnvYAML")
     if text is None:
         return []
     where = ("spec", "runtimeEnvYAML")
@@ -702,7 +753,7 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
     if not isinstance(doc, dict):
         return [_err("crd", (), f"a manifest is a mapping, got {type(doc).__name__}")]
     kind = doc.get("kind")
-    if kind not in CRD_FILES:
+    if not _in(kind, CRD_FILES):
         return [_err("crd", ("kind",), f"{kind!r}: expected one of {sorted(CRD_FILES)}")]
     crd_key = str(Path(crd_dir) if crd_dir else find_crd_dir())
     schema = kuberay_crd_schema(kind, crd_key)
@@ -721,14 +772,14 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
         head = spec.get("headGroupSpec")
         if isinstance(head, dict):
             errors += _group_policy_errors(kind, where + ("headGroupSpec",), spec, head, True)
-        for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        for i, group in enumerate(_l(spec.get("workerGroupSpecs"))):
             if isinstance(group, dict):
                 errors += _group_policy_errors(kind, where + ("workerGroupSpecs", i), spec, group, False)
         if config is not None:
             errors += _roles_errors("policy", config["available_node_types"], config["head_node_type"],
                                     where + ("workerGroupSpecs",))
     if kind == "RayJob":
-        spec = doc.get("spec") or {}
+        spec = _d(doc.get("spec"))
         if not (isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip()):
             errors.append(_err("policy", ("spec", "entrypoint"), "a RayJob needs an entrypoint"))
         errors += _runtime_env_errors(doc)

@@ -203,6 +203,16 @@ LAUNCHER_BREAKAGES = {
         lambda c: _set(c, lambda c: c["available_node_types"].pop(_gpu_type(c))),
         ("policy", "no GPU worker type"),
     ),
+    # node_config is free-form for Ray's schema; without an instance type no launch can be formed
+    "instance_type_missing": (
+        lambda c: _set(c, lambda c: [c["available_node_types"][_cpu_type(c)]["node_config"].pop(k, None)
+                                     for k in ("InstanceType", "machineType")]),
+        ("policy", "the instance type must be a non-empty string"),
+    ),
+    "package_not_installed": (
+        lambda c: _set(c, lambda c: c.update(setup_commands=[])),
+        ("policy", "installs this package"),
+    ),
 }
 
 
@@ -379,6 +389,40 @@ def test_rayjob_without_entrypoint_fails(kuberay_docs):
     broken = copy.deepcopy(kuberay_docs["rayjob"])
     del broken["spec"]["entrypoint"]
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "needs an entrypoint")
+
+
+def test_validator_reports_instead_of_crashing_on_mangled_configs(launcher_docs, kuberay_docs):
+    """Random deletions and wrong-typed values anywhere in the configs give error lines (or a valid
+    config), never an exception from the validator."""
+    import random
+
+    rng = random.Random(7)
+    docs = [*launcher_docs.values(), *kuberay_docs.values()]
+    values = [None, 0, -1, 1.5, "x", "0.0.0.0", [], {}, True, [1], {"a": 1}]
+
+    def paths(node, prefix=()):
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            return
+        for k, v in items:
+            yield prefix + (k,)
+            yield from paths(v, prefix + (k,))
+
+    for _ in range(60):
+        doc = copy.deepcopy(rng.choice(docs))
+        path = rng.choice(list(paths(doc)))
+        parent = doc
+        for k in path[:-1]:
+            parent = parent[k]
+        if rng.random() < 0.5:
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = rng.choice(values)
+        errors = cv.validate_document(doc)
+        assert isinstance(errors, list) and all(isinstance(e, str) for e in errors), path
 
 
 # ------------------------------------------------------------------------------------------
