@@ -105,6 +105,20 @@ def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp: bool)
     return {"val_top1": c1 / max(n, 1), "val_top5": c5 / max(n, 1), "val_loss": loss_sum / max(n, 1), "val_clips": n}
 
 
+def _maybe_inject_failure(cfg: dict, epoch: int, rank: int, world: int, reported_at: float) -> None:
+    """Test hook: the last rank dies once, mid-way through the epoch after ``fail_after_epoch``.
+
+    It waits a few seconds after the last report so that the controller has registered that
+    epoch's checkpoint: the point is to show recovery from it, not the loss of an unacknowledged one.
+    """
+    fail_after = cfg.get("fail_after_epoch")
+    if fail_after is None or epoch != fail_after or rank != world - 1 or os.path.exists(cfg["fail_marker"]):
+        return
+    time.sleep(max(0.0, 3.0 - (time.time() - reported_at)))
+    open(cfg["fail_marker"], "w").close()
+    os._exit(1)
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -159,6 +173,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     val_data = ray.train.get_dataset_shard("val") if rank == 0 else None
     crop_size, flip = cfg["crop_size"], cfg["flip"]
 
+    reported_at = time.time()
     for epoch in range(start_epoch, optim["epochs"]):
         model.train()
         started = time.time()
@@ -193,10 +208,11 @@ def train_loop_per_worker(cfg: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim["clip_grad"])
             optimizer.step()
             step += 1
+            _maybe_inject_failure(cfg, epoch, rank, world, reported_at)
             batches += 1
-            sums["loss"] += float(loss)
-            sums["ce"] += float(ce)
-            sums["kd"] += float(kd_part)
+            sums["loss"] += float(loss.detach())
+            sums["ce"] += float(ce.detach())
+            sums["kd"] += float(kd_part.detach())
             labelled = labels >= 0
             correct += int((logits.argmax(1).cpu().numpy() == labels)[labelled].sum())
             seen += int(labelled.sum())
@@ -219,11 +235,6 @@ def train_loop_per_worker(cfg: dict) -> None:
                 writer.flush()
         # every rank reports once per epoch (a barrier); only rank 0 carries the checkpoint
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
-        fail_at = cfg.get("fail_after_epoch")  # test hook: kill this worker once, mid-run
-        if fail_at is not None and epoch + 1 == fail_at and rank == world - 1:
-            marker = cfg["fail_marker"]
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                os._exit(1)
+        reported_at = time.time()
     if writer is not None:
         writer.close()
