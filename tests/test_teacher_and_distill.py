@@ -306,3 +306,49 @@ def test_rerun_resumes_from_checkpoint_with_epochs_and_metrics(prepared, ray_loc
     history = json.loads((student / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[3]["steps"] == 2 * history[1]["steps"]  # the step count (LR schedule) continued
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_local_head(prepared, tmp_path):
+    """The README's way to run the product: `ray start --head` + `ray job submit -- python pipelines/distill.py`."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"  # a hermetic local head; real clusters keep token auth
+    port, dashboard = _free_port(), _free_port()
+    # --block keeps the head's processes children of this one process group, so the test stops
+    # exactly this head (`ray stop` would stop every Ray instance on the machine).
+    head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--num-cpus=3", "--object-store-memory=400000000",
+                             "--include-dashboard=true", "--block"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        out = tmp_path / "job_out"
+        args = _tiny_args(out, [("baseline", False), ("optim.epochs", 1), ("data.clips", prepared["cfg"].clips_dir),
+                                ("teacher.path", prepared["teacher"])])
+        deadline = time.time() + 120
+        while True:  # wait for the job server
+            r = subprocess.run([ray_cli, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"], env=env,
+                               capture_output=True, text=True)
+            if r.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
+        job = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                              "--working-dir", str(REPO), "--", sys.executable, "pipelines/distill.py", *args],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        report = json.loads((out / "results.json").read_text())
+        assert set(report["models"]) == {"teacher", "dvfl"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head's processes exit on SIGTERM ...
+        time.sleep(10)
+        os.killpg(head.pid, signal.SIGKILL)  # ... the blocking `ray start` and the monitor do not
+        head.wait(timeout=60)
