@@ -28,8 +28,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+# One benchmark per stage; each writes benchmarks/results/<name>.json and prints a table.
 bench: venv
 	$(PY) benchmarks/model_efficiency.py
+	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/teacher_cache.py
+	$(PY) benchmarks/distill_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

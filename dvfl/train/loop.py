@@ -72,7 +72,7 @@ class TeacherSignal:
         if self.mode == "cached":
             return self.cache.lookup(clip_ids, [v.name for v in views]).to(x.device)
         self.forward_calls += 1
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
             return self.model(x).float()
 
 
