@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="logical CPUs of the local Ray instance (default: cores + 1)")
     r.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray instance")
     r.add_argument("--workers", type=int, default=None, help="decode actors (default: cluster CPUs - 1)")
+    r.add_argument("--videos-per-task", type=int, default=16, help="videos per Ray Data decode task")
     r.add_argument("--overwrite", action="store_true", help="delete a previous, different ingest in --out")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     r.add_argument("--ray-progress", action="store_true", help="also show Ray Data's progress bars")
@@ -103,7 +104,8 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         bad("--split: the synthetic dataset only has split 1")
     for flag, v, lo in (("--frames", a.frames, 1), ("--clips-per-video", a.clips_per_video, 1),
                         ("--eval-clips", a.eval_clips, 1), ("--num-cpus", a.num_cpus, 1),
-                        ("--workers", a.workers, 1), ("--videos-per-shard", a.videos_per_shard, 1),
+                        ("--workers", a.workers, 1), ("--videos-per-task", a.videos_per_task, 1),
+                        ("--videos-per-shard", a.videos_per_shard, 1),
                         ("--min-frames", a.min_frames, 1), ("--short-side", a.short_side, 0),
                         ("--object-store-mb", a.object_store_mb, 128), ("--num-classes", a.num_classes, 1),
                         ("--synthetic-classes", a.synthetic_classes, 2), ("--train-per-class", a.train_per_class, 0),
@@ -181,8 +183,10 @@ def main(argv=None) -> int:
     cfg = IngestConfig(out=a.out, frames=a.frames, clips_per_video=a.clips_per_video, eval_clips=a.eval_clips,
                        short_side=short_side, seed=a.seed, min_frames=a.min_frames,
                        timeout_per_file=a.timeout_per_file, videos_per_shard=a.videos_per_shard,
-                       workers=a.workers, overwrite=a.overwrite, progress=not a.quiet,
-                       ray_progress=a.ray_progress)
+                       workers=a.workers, videos_per_task=a.videos_per_task, overwrite=a.overwrite, progress=not a.quiet,
+                       ray_progress=a.ray_progress,
+                       # test-only: honour the DVFL-TEST-HANG/CRASH magic files (tests/test_ingest_cli.py)
+                       test_hooks=os.environ.get("DVFL_INGEST_TEST_HOOKS") == "1")
     try:
         with ray_session(a.address, a.num_cpus, a.object_store_mb, log=log):
             ingest(m, cfg, log=log)

@@ -7,9 +7,10 @@ Pipeline (one Ray Data job):
            each Ray worker process owns a killable decode child (dvfl.data.worker), which opens the file
            with decord, samples every view's frame indices (dvfl.data.sampling), decodes the
            union of those frames once, resizes (short side) and returns the clips
-      -> iter_batches in the driver (preserve_order=True), which streams the rows of each
-         shard into a temporary Parquet file and publishes it with os.replace once the
-         shard's last video has arrived.
+      -> iter_batches in the driver, in completion order; the driver streams each shard's
+         videos, in their planned order, into a temporary Parquet file (holding only results
+         that arrive ahead of their turn) and publishes it with os.replace once the shard's
+         last video has arrived.
 
 Shards are a deterministic function of the manifest (split, sorted video ids, fixed
 number of videos per shard), so a re-run skips published shards and redoes only the
@@ -134,7 +135,7 @@ def compute_fingerprint(manifest: Manifest, params: Dict[str, Any], identities: 
 
 _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=True) for f in _s.CLIP_SCHEMA] + [
     pa.field("_shard", pa.string()), pa.field("_order", pa.int64()), pa.field("_status", pa.string()),
-    pa.field("_detail", pa.string())])
+    pa.field("_detail", pa.string()), pa.field("_nrows", pa.int32())])
 
 
 _PROC = None  # one decode child per Ray worker process, reused across tasks (and ingest runs)
@@ -161,10 +162,11 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[s
                 "class_name": job["class_name"] or None, "split": job["split"],
                 "_shard": job["shard"], "_order": job["order"]}
         if not res.get("ok"):
-            rows.append(dict(base, _status=res.get("reason", "decoder_error"), _detail=res.get("detail", "")))
+            rows.append(dict(base, _status=res.get("reason", "decoder_error"), _detail=res.get("detail", ""),
+                             _nrows=1))
             continue
         for view, k, idx, clip in res["views"]:
-            rows.append(dict(base, clip_id=make_clip_id(job["video_id"], view, k), view=view, view_index=k,
+            rows.append(dict(base, _nrows=len(res["views"]), clip_id=make_clip_id(job["video_id"], view, k), view=view, view_index=k,
                              frame_indices=idx.tolist(), src_fps=res["src_fps"],
                              src_num_frames=res["src_num_frames"], num_frames=clip.shape[0],
                              height=res["height"], width=res["width"], frames=clip.tobytes(),
@@ -403,6 +405,60 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     return summary
 
 
+class _OpenShard:
+    """A shard being written: videos are written in their planned order (so the bytes are
+    deterministic) although results arrive in completion order; results that arrive early
+    wait in ``pending`` (only out-of-order results are held in memory)."""
+
+    def __init__(self, plan: _ShardPlan, path: str, cfg: IngestConfig):
+        self.plan = plan
+        self.order = plan.video_ids
+        self.next = 0
+        self.pending: Dict[str, pa.Table] = {}
+        self.writer: Optional[_s.AtomicShardWriter] = None
+        self.path = path
+        self.cfg = cfg
+        self.rejects: List[Dict] = []
+        self.clips = 0
+        self.written = 0
+
+    def add(self, video_id: str, rows: pa.Table) -> None:
+        self.pending[video_id] = rows
+        while self.next < len(self.order) and self.order[self.next] in self.pending:
+            self._emit(self.pending.pop(self.order[self.next]))
+            self.next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.next == len(self.order)
+
+    def _emit(self, t: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = _s.AtomicShardWriter(self.path, self.cfg.row_group_clips, self.cfg.compression)
+        status = t.column("_status").to_pylist()
+        if status[0] != "ok":
+            r = {k: t.column(k)[0].as_py() for k in ("path", "video_id", "split")}
+            r.update(reason=status[0], detail=t.column("_detail")[0].as_py(), stage="decode")
+            self.rejects.append(r)
+            return
+        self.writer.write(t)
+        self.clips += t.num_rows
+        self.written += 1
+
+    def publish(self, meta_dir: str) -> None:
+        if self.writer is None:
+            self.writer = _s.AtomicShardWriter(self.path, self.cfg.row_group_clips, self.cfg.compression)
+        nbytes = self.writer.close()
+        meta = {"shard": self.plan.name, "split": self.plan.split, "videos": len(self.order),
+                "written_videos": self.written, "clips": self.clips, "bytes": nbytes, "rejects": self.rejects}
+        _s.atomic_write_json(os.path.join(meta_dir, self.plan.name + ".json"), meta)  # sidecar first,
+        self.writer.publish()                                                           # then the shard
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
 def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, shard_dir: str, meta_dir: str,
                   progress: _Progress) -> int:
     import ray
@@ -417,78 +473,62 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, s
               "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
               "test_hooks": bool(cfg.test_hooks)}
     ds = ray.data.from_items(jobs, override_num_blocks=n_blocks)
-    ds.context.execution_options.preserve_order = True
+    # Results are consumed in completion order (a slow or hanging file must not hold back
+    # the others); _OpenShard restores the planned order per shard.
+    ds.context.execution_options.preserve_order = False
     ds.context.enable_progress_bars = bool(cfg.ray_progress)
     ds.context.print_on_execution_start = bool(cfg.ray_progress)
     ds = ds.map_batches(_decode_batch, batch_size=cfg.videos_per_task, batch_format="pyarrow",
                         compute=TaskPoolStrategy(size=workers), num_cpus=1,
                         fn_kwargs={"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child,
                                    "params": params})
-    sizes = {p.name: len(p.video_ids) for p in todo}
-    splits = {p.name: p.split for p in todo}
-    cur: Optional[str] = None
-    writer: Optional[_s.AtomicShardWriter] = None
-    seen: set = set()
-    rejects: List[Dict] = []
-    clips = written = total_clips = 0
-
-    def finish() -> None:
-        nonlocal writer, cur
-        assert writer is not None and cur is not None
-        if len(seen) != sizes[cur]:
-            raise RuntimeError(f"shard {cur}: got {len(seen)} of {sizes[cur]} videos from the pipeline")
-        nbytes = writer.close()
-        meta = {"shard": cur, "split": splits[cur], "videos": sizes[cur], "written_videos": written,
-                "clips": clips, "bytes": nbytes, "rejects": rejects}
-        _s.atomic_write_json(os.path.join(meta_dir, cur + ".json"), meta)  # meta first, then the shard
-        writer.publish()
-        writer = None
-        cur = None
-
+    plan_of = {vid: p for p in todo for vid in p.video_ids}
+    open_shards: Dict[str, _OpenShard] = {}
+    partial: Dict[str, List[pa.Table]] = {}  # a video's rows split across output blocks (rare)
+    total_clips = 0
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        # prefetch_batches=0: with prefetching, blocks that finished behind a slow one were held back
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             if batch.num_rows == 0:
                 continue
-            shard_col = batch.column("_shard").to_pylist()
-            # split the batch into runs of the same shard (rows arrive in shard order)
+            vids = batch.column("video_id").to_pylist()
             start = 0
-            while start < batch.num_rows:
-                name = shard_col[start]
-                end = start
-                while end < batch.num_rows and shard_col[end] == name:
+            n_videos = n_clips = n_bad = 0
+            nrows = batch.column("_nrows").to_pylist()
+            while start < batch.num_rows:  # rows of one video are contiguous
+                end = start + 1
+                while end < batch.num_rows and vids[end] == vids[start]:
                     end += 1
-                part = batch.slice(start, end - start)
+                rows = batch.slice(start, end - start)
+                vid = vids[start]
+                if vid in partial or rows.num_rows < nrows[start]:
+                    partial.setdefault(vid, []).append(rows)
+                    rows = pa.concat_tables(partial[vid])
+                    if rows.num_rows < nrows[start]:
+                        start = end
+                        continue
+                    del partial[vid]
+                plan = plan_of[vids[start]]
+                sh = open_shards.get(plan.name)
+                if sh is None:
+                    sh = open_shards[plan.name] = _OpenShard(plan, os.path.join(shard_dir, plan.name + ".parquet"),
+                                                             cfg)
+                ok = rows.column("_status")[0].as_py() == "ok"
+                sh.add(vids[start], rows)
+                n_videos += 1
+                n_clips += rows.num_rows if ok else 0
+                n_bad += 0 if ok else 1
+                if sh.complete:
+                    sh.publish(meta_dir)
+                    del open_shards[plan.name]
                 start = end
-                if name != cur:
-                    if cur is not None:
-                        finish()
-                    cur = name
-                    writer = _s.AtomicShardWriter(os.path.join(shard_dir, name + ".parquet"),
-                                                  cfg.row_group_clips, cfg.compression)
-                    seen, rejects, clips, written = set(), [], 0, 0
-                status = part.column("_status").to_pylist()
-                vids = part.column("video_id").to_pylist()
-                new_videos = len(set(vids) - seen)
-                bad = [i for i, st in enumerate(status) if st != "ok"]
-                for i in bad:
-                    r = {k: part.column(k)[i].as_py() for k in ("path", "video_id", "split")}
-                    r.update(reason=status[i], detail=part.column("_detail")[i].as_py(), stage="decode")
-                    rejects.append(r)
-                good_mask = pa.array([st == "ok" for st in status])
-                good = part.filter(good_mask)
-                n_good = good.num_rows
-                writer.write(good)
-                new_written = len(set(good.column("video_id").to_pylist()) - seen) if n_good else 0
-                seen.update(vids)
-                clips += n_good
-                written += new_written
-                total_clips += n_good
-                progress.update(new_videos, n_good, len(bad))
-        if cur is not None:
-            finish()
+            total_clips += n_clips
+            progress.update(n_videos, n_clips, n_bad)
+        if open_shards:
+            raise RuntimeError(f"pipeline ended with incomplete shards: {sorted(open_shards)}")
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        for sh in open_shards.values():
+            sh.abort()
         raise
     progress.update(0, 0, 0, force=True)
     return total_clips
