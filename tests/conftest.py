@@ -26,7 +26,8 @@ def ray_local():
     os.environ.pop("RAY_ADDRESS", None)
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, object_store_memory=RAY_TEST_OBJECT_STORE, include_dashboard=False,
+        # address="local": a fresh instance even when a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=RAY_TEST_CPUS, object_store_memory=RAY_TEST_OBJECT_STORE, include_dashboard=False,
                  logging_level="WARNING", log_to_driver=False)
         started = True
     yield ray

@@ -195,7 +195,8 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
         mode = f"connected to {addr}"
     else:
         n = num_cpus or (os.cpu_count() or 1) + 1
-        ray.init(num_cpus=n, object_store_memory=int(object_store_mb) << 20, include_dashboard=False,
+        # address="local": never attach to some other `ray start` cluster found on the machine
+        ray.init(address="local", num_cpus=n, object_store_memory=int(object_store_mb) << 20, include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="WARNING")
         mode = f"local Ray, {n} logical CPUs, {object_store_mb} MiB object store"
     if log:
