@@ -34,6 +34,9 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024) -> Ite
             cores = os.cpu_count() or 1
             dashboard = os.environ.get("DVFL_DASHBOARD", "1") != "0"
             context = ray.init(
+                # "local": never silently join some other cluster found through
+                # /tmp/ray/ray_current_cluster (possibly stale); RAY_ADDRESS is the way to join
+                address="local",
                 num_cpus=num_cpus or cores * LOCAL_CPU_OVERSUBSCRIPTION,
                 object_store_memory=object_store_mb * 2**20,
                 include_dashboard=dashboard,

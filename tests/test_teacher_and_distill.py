@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -323,26 +325,32 @@ def test_ray_job_submit_against_a_local_head(prepared, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"  # a hermetic local head; real clusters keep token auth
     port, dashboard = _free_port(), _free_port()
+    # its own temp dir: `ray start` records itself as "the current cluster" there, and a stale
+    # record in the default /tmp/ray would redirect every later plain ray.init() on the machine
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live in it
     # --block keeps the head's processes children of this one process group, so the test stops
     # exactly this head (`ray stop` would stop every Ray instance on the machine).
     head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", "--num-cpus=3", "--object-store-memory=400000000",
-                             "--include-dashboard=true", "--block"], env=env, start_new_session=True,
+                             "--include-dashboard=true", f"--temp-dir={temp_dir}", "--block",
+                             # the session's Ray instance already holds the default agent ports
+                             f"--dashboard-agent-listen-port={_free_port()}",
+                             f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                             f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         out = tmp_path / "job_out"
         args = _tiny_args(out, [("baseline", False), ("optim.epochs", 1), ("data.clips", prepared["cfg"].clips_dir),
                                 ("teacher.path", prepared["teacher"])])
-        deadline = time.time() + 120
-        while True:  # wait for the job server
-            r = subprocess.run([ray_cli, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"], env=env,
-                               capture_output=True, text=True)
-            if r.returncode == 0 or time.time() > deadline:
+        deadline = time.time() + 180
+        while True:  # the job server answers before its per-node agent is ready to take jobs
+            job = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                                  "--working-dir", str(REPO), "--", sys.executable, "pipelines/distill.py", *args],
+                                 env=env, capture_output=True, text=True, timeout=900)
+            not_ready = "No available agent" in job.stderr or "Connection refused" in job.stderr
+            if job.returncode == 0 or not not_ready or time.time() > deadline:
                 break
-            time.sleep(2)
-        job = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                              "--working-dir", str(REPO), "--", sys.executable, "pipelines/distill.py", *args],
-                             env=env, capture_output=True, text=True, timeout=900)
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
         report = json.loads((out / "results.json").read_text())
@@ -352,3 +360,4 @@ def test_ray_job_submit_against_a_local_head(prepared, tmp_path):
         time.sleep(10)
         os.killpg(head.pid, signal.SIGKILL)  # ... the blocking `ray start` and the monitor do not
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
