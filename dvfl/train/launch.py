@@ -80,7 +80,11 @@ def run_training(
     if shard_bytes < materialize_below_mb * 2**20:
         # Small datasets are read once into the object store: re-running the Parquet read
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
-        train, val = train.materialize(), val.materialize()
+        # Shards hold videos grouped by class, and a local shuffle buffer cannot mix classes
+        # that sit thousands of rows apart: shuffle the (small) table globally, seeded.
+        train, val = train.random_shuffle(seed=loop_cfg["seed"]).materialize(), val.materialize()
+    else:
+        train = train.randomize_block_order(seed=loop_cfg["seed"])
     loop_cfg = {**loop_cfg, "train_rows": train_rows, "threads_per_worker": threads_per_worker(scaling)}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -91,7 +95,7 @@ def run_training(
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train.randomize_block_order(), "val": val},
+        datasets={"train": train, "val": val},
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
