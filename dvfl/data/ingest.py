@@ -467,8 +467,10 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, s
     from ray.data import TaskPoolStrategy
 
     cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_blocks = max(1, math.ceil(len(jobs) / cfg.videos_per_task))
     workers = cfg.workers or max(1, cluster_cpus - 1)
+    # at most videos_per_task videos per task, and at least ~4 tasks per worker so that the
+    # workers stay balanced on small runs
+    n_blocks = min(len(jobs), max(math.ceil(len(jobs) / cfg.videos_per_task), 4 * workers))
     workers = max(1, min(workers, n_blocks))
     params = {"frames": cfg.frames, "clips_per_video": cfg.clips_per_video, "eval_clips": cfg.eval_clips,
               "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
@@ -479,7 +481,7 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, s
     ds.context.execution_options.preserve_order = False
     ds.context.enable_progress_bars = bool(cfg.ray_progress)
     ds.context.print_on_execution_start = bool(cfg.ray_progress)
-    ds = ds.map_batches(_decode_batch, batch_size=cfg.videos_per_task, batch_format="pyarrow",
+    ds = ds.map_batches(_decode_batch, batch_size=math.ceil(len(jobs) / n_blocks), batch_format="pyarrow",
                         compute=TaskPoolStrategy(size=workers), num_cpus=1,
                         fn_kwargs={"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child,
                                    "params": params})

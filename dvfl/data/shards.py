@@ -236,13 +236,26 @@ def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
 
     ``num_cpus=0.25`` for the read tasks keeps reads schedulable next to Train workers on
     small machines (see ray-2.60-notes, hang #1). Decode ``frames`` with :func:`decode_frames`.
+
+    Uses Ray Data's V1 Parquet datasource: in Ray 2.60 the default V2 path plans a
+    ``ListFiles`` task that took 7-20 s of wall time (0.1-0.4 s CPU) per read on the
+    project's 2-core machines, before the first row, on every execution (= every epoch);
+    V1 gives the first batch in ~0.3-0.5 s (measured, see docs/ingest.md).
     """
     import ray.data
 
     paths = shard_paths(out_dir, splits)
     if not paths:
         raise FileNotFoundError(f"no shards for splits {list(splits) if splits else 'all'} in {out_dir}")
-    ds = ray.data.read_parquet(paths, num_cpus=num_cpus, schema=CLIP_SCHEMA, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    old = getattr(ctx, "use_datasource_v2", None)
+    if old is not None:
+        ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(paths, num_cpus=num_cpus, schema=CLIP_SCHEMA, **kwargs)
+    finally:
+        if old is not None:
+            ctx.use_datasource_v2 = old
     if columns is not None:
         ds = ds.select_columns(columns)
     return ds

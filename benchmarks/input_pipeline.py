@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Input-pipeline benchmark (issue 3): writes benchmarks/results/input_pipeline.json and prints a table.
+
+(a) ingest clips/s vs the raw decode rate of the same videos and frames with decord in a plain
+    single-process loop, scaled by the decode workers (cores) the ingest used. Target >= 0.8.
+(b) training-time input rate: reading the Parquet shards with Ray Data (uint8 clip tensors) vs
+    decoding the same clips on the fly with decord in a torch DataLoader with one worker per
+    core (the official DVFL-Net data path). Target >= 10x.
+(c) ingest peak memory (PSS of the whole process tree: driver, Ray, workers, decode children)
+    at N and 4N videos. Target <= 1.2x.
+
+Two video sets: the embedded synthetic dataset (tiny 32x32, 16-frame videos: per-file
+overheads dominate) and a "UCF-like" set (320x240, 25 fps, 6 s H.264, short side 128:
+decoding dominates, like real datasets). Usage: python benchmarks/input_pipeline.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import fractions
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(_HERE)
+sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != _HERE]
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+RESULTS = os.path.join(_HERE, "results", "input_pipeline.json")
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+def make_ucf_like(root: str, n: int, seconds: float = 6.0, fps: int = 25, h: int = 240, w: int = 320) -> None:
+    """Real H.264/MP4 files shaped like UCF101 (moving textured content, so the codec works)."""
+    import av
+
+    os.makedirs(root, exist_ok=True)
+    frames_n = int(seconds * fps)
+    for i in range(n):
+        path = os.path.join(root, f"c{i % 4}", f"v{i:04d}.mp4")
+        if os.path.exists(path):
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        rng = np.random.default_rng(i)
+        tex = rng.integers(0, 255, size=(h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+        tmp = path + ".tmp.mp4"
+        with av.open(tmp, "w") as c:
+            st = c.add_stream("libx264", rate=fractions.Fraction(fps))
+            st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+            st.options = {"crf": "23", "preset": "veryfast", "threads": "1"}
+            for t in range(frames_n):
+                fr = np.roll(tex, (t * 2, t * 3), axis=(0, 1))
+                fr[(t * 4) % (h - 40):(t * 4) % (h - 40) + 40, 100:140] = (255, 255, 255)
+                for p in st.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+                    c.mux(p)
+            for p in st.encode():
+                c.mux(p)
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU accounting of a process tree (load-independent efficiency: the machine is shared)
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(root_pid: int) -> float:
+    """utime+stime (+ reaped children's) of root_pid and all its descendants, in seconds."""
+    children, stats = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(d))
+                stats[int(d)] = sum(int(x) for x in fields[11:15])
+            except (OSError, ValueError, IndexError):
+                pass
+    total, stack = 0, [root_pid]
+    while stack:
+        p = stack.pop()
+        stack.extend(children.get(p, []))
+        total += stats.get(p, 0)
+    return total / _TICK
+
+
+# ---------------------------------------------------------------------------------------
+# (a) raw decode loop
+
+def raw_decode_rate(entries, T, clips_per_video, seed, split="train"):
+    """Same frames as the ingest (union of a video's views, one get_batch), no resize, one process."""
+    import decord
+
+    from dvfl.data import sampling as S
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    clips = 0
+    for e in entries:
+        vr = decord.VideoReader(e.path, ctx=decord.cpu(0), num_threads=1)
+        views = S.plan_views(len(vr), T, split, seed, e.video_id, clips_per_video, 1)
+        vr.get_batch(S.unique_sorted(v[2] for v in views).tolist()).asnumpy()
+        clips += len(views)
+    dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    return {"videos": len(entries), "clips": clips, "seconds": dt, "clips_per_s": clips / dt,
+            "cpu_s": cpu, "cpu_ms_per_clip": 1000 * cpu / clips}
+
+
+def ingest_rate(manifest, out, T, clips_per_video, short_side, workers):
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    shutil.rmtree(out, ignore_errors=True)
+    c0 = _tree_cpu_s(os.getpid())  # this driver + the local Ray it started (raylet, workers, decode children)
+    s = ingest(manifest, IngestConfig(out=out, frames=T, clips_per_video=clips_per_video, short_side=short_side,
+                                      workers=workers, progress=False), log=None)
+    cpu = _tree_cpu_s(os.getpid()) - c0
+    return {"videos": s["videos_decoded_this_run"], "clips": s["clips_this_run"],
+            "seconds": s["decode_seconds"], "clips_per_s": s["clips_per_second"],
+            "cpu_s": cpu, "cpu_ms_per_clip": 1000 * cpu / max(s["clips_this_run"], 1)}
+
+
+# ---------------------------------------------------------------------------------------
+# (b) training-time input
+
+class OnTheFlyClips:
+    """torch Dataset: decode each clip from its video with decord + resize, per item (official path)."""
+
+    def __init__(self, items):
+        self.items = items  # (path, frame_indices, height, width)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        import decord
+        import torch
+
+        from dvfl.data.decode import resize_frames
+
+        path, idx, h, w = self.items[i]
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        x = vr.get_batch(list(idx)).asnumpy()
+        return torch.from_numpy(resize_frames(x, h, w))
+
+
+def dataloader_rate(items, workers, batch_size=32, passes=2):
+    import torch
+
+    dl = torch.utils.data.DataLoader(OnTheFlyClips(items), batch_size=batch_size, shuffle=False,
+                                     num_workers=workers, persistent_workers=True,
+                                     multiprocessing_context="spawn")
+    rates = []
+    for _ in range(passes):  # persistent workers: the 2nd pass has no worker start-up
+        t0 = time.perf_counter()
+        n = 0
+        for b in dl:
+            n += b.shape[0]
+        rates.append(n / (time.perf_counter() - t0))
+    return {"clips": len(items), "clips_per_s_by_pass": rates, "clips_per_s": rates[-1]}
+
+
+def ray_read_rate(out, batch_size=32, passes=2):
+    import torch
+
+    from dvfl.data.shards import decode_frames, read_clip_dataset
+
+    rates, steady = [], []
+    for _ in range(passes):  # a new execution per pass, as every training epoch does
+        ds = read_clip_dataset(out, ["train"], columns=["frames", "num_frames", "height", "width", "label"])
+        t0 = time.perf_counter()
+        t_first = None
+        n = 0
+        for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            x = torch.from_numpy(np.ascontiguousarray(decode_frames(b)))
+            if t_first is None:
+                t_first = time.perf_counter()
+            else:
+                n += x.shape[0]
+        t1 = time.perf_counter()
+        rates.append((n + batch_size) / (t1 - t0))
+        steady.append(n / max(t1 - t_first, 1e-9))
+    return {"clips": n + batch_size, "clips_per_s_by_pass": rates, "clips_per_s": rates[-1],
+            "steady_clips_per_s_after_first_batch": steady[-1], "first_batch_s": t_first - t0}
+
+
+# ---------------------------------------------------------------------------------------
+# (c) peak memory of an ingest run (separate process tree)
+
+def _tree_pss_kb(root_pid):
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, stack = 0, [root_pid]
+    while stack:
+        p = stack.pop()
+        stack.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def ingest_peak_memory(videos_dir, out, train_per_class, test_per_class):
+    args = [sys.executable, os.path.join(REPO, "pipelines", "ingest.py"), "--dataset", "synthetic",
+            "--videos-dir", videos_dir, "--out", out, "--train-per-class", str(train_per_class),
+            "--test-per-class", str(test_per_class), "--quiet", "--overwrite"]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # generate first (not measured), then measure the ingest alone
+    subprocess.run(args[:4] + ["--videos-dir", videos_dir, "--out", out + "_gen"] + args[8:12] + ["--quiet"],
+                   env=env, check=True, capture_output=True)
+    shutil.rmtree(out + "_gen", ignore_errors=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    peak = 0
+    t0 = time.perf_counter()
+    while proc.poll() is None:
+        peak = max(peak, _tree_pss_kb(proc.pid))
+        time.sleep(0.25)
+    wall = time.perf_counter() - t0
+    out_text = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(out_text[-2000:])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    return {"videos": summary["inputs"], "clips": summary["clips"], "peak_pss_mib": peak / 1024, "wall_s": wall}
+
+
+# ---------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/dvfl_bench_input")
+    ap.add_argument("--quick", action="store_true", help="smaller sets (smoke run)")
+    a = ap.parse_args()
+    import ray
+
+    from dvfl.data import adapters as A
+    from dvfl.data import synthetic as syn
+    from dvfl.data.ingest import ray_session
+
+    os.makedirs(a.work, exist_ok=True)
+    cores = os.cpu_count() or 1
+    load0 = os.getloadavg()
+    res = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version(),
+                       "loadavg_at_start": load0}, "sets": {}}
+    n_syn_pc, n_ucf = (40, 12) if a.quick else (160, 96)
+    syn_root = os.path.join(a.work, f"syn_videos_{n_syn_pc}")
+    syn.generate(syn_root, syn.SyntheticConfig(train_per_class=n_syn_pc, test_per_class=0), log=None)
+    ucf_root = os.path.join(a.work, f"ucf_like_{n_ucf}")
+    make_ucf_like(ucf_root, n_ucf)
+    sets = {
+        "synthetic_32px": dict(manifest=lambda: A.ucf101(syn_root, 1), short_side=32),
+        "ucf_like_320x240": dict(manifest=lambda: A.folder(ucf_root), short_side=128),
+    }
+    T, CPV, SEED = 8, 2, 0
+    workers = max(1, cores)  # one decode worker per core; local Ray gets cores + 1 logical CPUs
+    with ray_session(num_cpus=cores + 1, object_store_mb=1024, log=None):
+        # warm the Ray worker pool (imports) so that (a) measures steady-state decoding
+        warm = A.ucf101(syn_root, 1)
+        warm.entries = warm.entries[:32]
+        ingest_rate(warm, os.path.join(a.work, "warm"), T, CPV, 32, workers)
+        for name, spec in sets.items():
+            m = spec["manifest"]()
+            entries = [e for e in m.entries if e.split == "train"]
+            m.entries = entries
+            # raw loop before and after the ingest (the machine is shared: load drifts)
+            raw1 = raw_decode_rate(entries, T, CPV, SEED)
+            out = os.path.join(a.work, f"out_{name}")
+            ing = ingest_rate(m, out, T, CPV, spec["short_side"], workers)
+            raw2 = raw_decode_rate(entries, T, CPV, SEED)
+            raw = {k: (raw1[k] + raw2[k]) / 2 for k in raw1}
+            raw["runs_clips_per_s"] = [raw1["clips_per_s"], raw2["clips_per_s"]]
+            ratio = ing["clips_per_s"] / (raw["clips_per_s"] * workers)
+            cpu_eff = raw["cpu_ms_per_clip"] / ing["cpu_ms_per_clip"]
+            # (b): the same clips, with their exact frame indices and stored sizes
+            from dvfl.data.shards import read_clips_table
+
+            tbl = read_clips_table(out, ["train"], columns=["video_id", "frame_indices", "height", "width"])
+            paths = {e.video_id: e.path for e in entries}
+            items = [(paths[r["video_id"]], r["frame_indices"], r["height"], r["width"]) for r in tbl.to_pylist()]
+            rr = ray_read_rate(out)
+            dl = dataloader_rate(items, workers=cores)
+            res["sets"][name] = {
+                "videos": len(entries), "clips": ing["clips"], "short_side": spec["short_side"],
+                "a_raw_decode_1proc": raw, "a_ingest": ing, "a_decode_workers": workers,
+                "a_ratio": ratio, "a_target": 0.8, "a_met": ratio >= 0.8,
+                "a_cpu_efficiency": cpu_eff,
+                "b_ray_data_read": rr, "b_dataloader_decord": dl,
+                "b_speedup": rr["clips_per_s"] / dl["clips_per_s"], "b_target": 10.0,
+                "b_met": rr["clips_per_s"] / dl["clips_per_s"] >= 10.0,
+            }
+    # (c) peak memory at N and 4N videos (fresh Ray per run, like a user's run)
+    n_pc = 10 if a.quick else 40
+    vd = os.path.join(a.work, "mem_videos")
+    mem = {}
+    for mult in (1, 4):
+        vdm = vd + f"_{n_pc}_{mult}"
+        mem[f"{mult}N"] = ingest_peak_memory(vdm, os.path.join(a.work, f"mem_out_{mult}"), n_pc * mult,
+                                             n_pc * mult // 4)
+    growth = mem["4N"]["peak_pss_mib"] / mem["1N"]["peak_pss_mib"]
+    res["c_memory"] = {**mem, "growth": growth, "target": 1.2, "met": growth <= 1.2}
+    res["machine"]["loadavg_at_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    if not a.quick:
+        with open(RESULTS, "w") as f:
+            json.dump(res, f, indent=2)
+    print_table(res)
+    return res
+
+
+def print_table(res):
+    print(f"\ninput pipeline benchmark ({res['machine']['cores']} cores, load avg at start "
+          f"{res['machine']['loadavg_at_start'][0]:.1f}, at end {res['machine'].get('loadavg_at_end', [0])[0]:.1f})")
+    hdr = f"{'set':<18} {'metric':<58} {'value':>10} {'target':>8} {'met':>4}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, s in res["sets"].items():
+        raw, ing = s["a_raw_decode_1proc"], s["a_ingest"]
+        print(f"{name:<18} {'(a) raw decord loop, 1 process (clips/s)':<58} {raw['clips_per_s']:>10.1f}")
+        print(f"{'':<18} {'(a) ingest, %d decode workers (clips/s)' % s['a_decode_workers']:<58} "
+              f"{ing['clips_per_s']:>10.1f}")
+        print(f"{'':<18} {'(a) ingest / (raw x workers)':<58} {s['a_ratio']:>10.2f} {'>=0.8':>8} "
+              f"{'yes' if s['a_met'] else 'NO':>4}")
+        print(f"{'':<18} {'(a) CPU ms per clip: raw loop / whole ingest tree':<58} "
+              f"{raw['cpu_ms_per_clip']:>4.1f}/{ing['cpu_ms_per_clip']:<5.1f}")
+        print(f"{'':<18} {'(a) CPU efficiency (raw CPU per clip / ingest CPU per clip)':<58} "
+              f"{s['a_cpu_efficiency']:>10.2f}")
+        print(f"{'':<18} {'(b) Ray Data Parquet read (clips/s)':<58} {s['b_ray_data_read']['clips_per_s']:>10.1f}")
+        print(f"{'':<18} {'(b) DataLoader + decord on the fly, %d workers (clips/s)' % res['machine']['cores']:<58} "
+              f"{s['b_dataloader_decord']['clips_per_s']:>10.1f}")
+        print(f"{'':<18} {'(b) speed-up':<58} {s['b_speedup']:>10.1f} {'>=10':>8} {'yes' if s['b_met'] else 'NO':>4}")
+    m = res["c_memory"]
+    print(f"{'synthetic':<18} {'(c) ingest peak PSS, N=%d videos (MiB)' % m['1N']['videos']:<58} "
+          f"{m['1N']['peak_pss_mib']:>10.0f}")
+    print(f"{'':<18} {'(c) ingest peak PSS, 4N=%d videos (MiB)' % m['4N']['videos']:<58} {m['4N']['peak_pss_mib']:>10.0f}")
+    print(f"{'':<18} {'(c) growth 4N / N':<58} {m['growth']:>10.2f} {'<=1.2':>8} {'yes' if m['met'] else 'NO':>4}")
+
+
+if __name__ == "__main__":
+    main()
