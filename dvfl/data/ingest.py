@@ -37,7 +37,7 @@ import pyarrow as pa
 from . import decode as _d
 from . import shards as _s
 from .manifest import Manifest, Problem, VideoEntry
-from .sampling import SAMPLING_SCHEME, TRAIN_LIKE_SPLITS, clip_id as make_clip_id
+from .sampling import SAMPLING_SCHEME, TRAIN_LIKE_SPLITS, clip_id as make_clip_id, stable_seed
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}
 HASH_BYTES = 1 << 16   # file identity: size + blake2b(first 64 KiB + last 64 KiB)
@@ -217,13 +217,17 @@ class _ShardPlan:
     video_ids: List[str]
 
 
-def _plan_shards(entries: List[VideoEntry], videos_per_shard: int) -> List[_ShardPlan]:
+def _plan_shards(entries: List[VideoEntry], videos_per_shard: int, seed: int = 0) -> List[_ShardPlan]:
     by_split: Dict[str, List[VideoEntry]] = {}
     for e in entries:
         by_split.setdefault(e.split, []).append(e)
     plans = []
     for split in sorted(by_split, key=lambda s: (SPLIT_ORDER.get(s, 9), s)):
         vids = sorted(e.video_id for e in by_split[split])
+        if split in TRAIN_LIKE_SPLITS:
+            # Video ids sort by class; training reads shards in streaming order with only a
+            # local shuffle buffer, so training shards get a seeded, class-mixed order.
+            vids.sort(key=lambda v: stable_seed(seed, "shard-order", v))
         for i in range(0, len(vids), videos_per_shard):
             plans.append(_ShardPlan(f"{split}-{i // videos_per_shard:05d}", split, vids[i:i + videos_per_shard]))
     return plans
@@ -300,7 +304,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     views = max(cfg.clips_per_video, cfg.eval_clips)
     est_video_bytes = T * S * (S * 4 // 3) * 3 * views
     vps = cfg.videos_per_shard or max(1, int(cfg.target_shard_mb * 2 ** 20 // est_video_bytes))
-    plans = _plan_shards(manifest.entries, vps)
+    plans = _plan_shards(manifest.entries, vps, cfg.seed)
     layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": cfg.row_group_clips,
               "compression": cfg.compression, "shards": [p.name for p in plans]}
 
