@@ -3,7 +3,7 @@
 Entry points call :func:`ray_runtime` once. On a cluster (``RAY_ADDRESS`` set, e.g. under
 ``ray job submit``) it joins and leaves the cluster alone; on a laptop it starts a local
 instance with explicit resources, because Ray's defaults on a 2-core machine let training
-workers starve Ray Data's read tasks (see docs/ray-notes in the README).
+workers starve Ray Data's read tasks.
 """
 from __future__ import annotations
 
@@ -20,19 +20,22 @@ LOCAL_CPU_OVERSUBSCRIPTION = 2
 
 
 @contextlib.contextmanager
-def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024) -> Iterator[dict]:
-    """Join the cluster named by ``RAY_ADDRESS``/an already-initialised Ray, or start a local one.
+def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, address: str | None = None,
+                dashboard: bool | None = None, log_to_driver: bool = True) -> Iterator[dict]:
+    """Join ``address``/``RAY_ADDRESS``/an already-initialised Ray, or start a local one.
 
-    Yields ``ray.cluster_resources()``. Shuts down only what it started.
+    ``dashboard=None`` follows ``DVFL_DASHBOARD`` (on unless it is ``0``). Yields
+    ``ray.cluster_resources()``. Shuts down only what it started.
     """
     started = False
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
             cores = os.cpu_count() or 1
-            dashboard = os.environ.get("DVFL_DASHBOARD", "1") != "0"
+            if dashboard is None:
+                dashboard = os.environ.get("DVFL_DASHBOARD", "1") != "0"
             context = ray.init(
                 # "local": never silently join some other cluster found through
                 # /tmp/ray/ray_current_cluster (possibly stale); RAY_ADDRESS is the way to join
@@ -41,6 +44,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024) -> Ite
                 object_store_memory=object_store_mb * 2**20,
                 include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",  # never reachable from other machines by default
+                log_to_driver=log_to_driver,
                 configure_logging=True,
                 logging_level="WARNING",
             )

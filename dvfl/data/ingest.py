@@ -180,31 +180,23 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[s
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
                 object_store_mb: int = 1024, log=print) -> Iterator[Dict[str, Any]]:
-    """Use the running Ray (if this process already initialised it), connect to ``address`` /
-    ``RAY_ADDRESS``, or start a local instance with explicit logical CPUs (default: cores + 1,
-    so one logical CPU stays free for Ray Data next to one decode actor per core) and a modest
-    object store. Shuts down only what it started."""
+    """:func:`dvfl.runtime.ray_runtime` sized for ingest: by default cores + 1 logical CPUs (one
+    stays free for Ray Data next to one decode task per core), no dashboard, worker logs kept
+    out of the progress line. Shuts down only what it started."""
     import ray
 
-    if ray.is_initialized():
-        yield {"owned": False, "mode": "existing"}
-        return
+    from dvfl.runtime import ray_runtime
+
+    owned = not ray.is_initialized()
     addr = address or os.environ.get("RAY_ADDRESS")
-    if addr:
-        ray.init(address=addr, log_to_driver=False)
-        mode = f"connected to {addr}"
-    else:
-        n = num_cpus or (os.cpu_count() or 1) + 1
-        # address="local": never attach to some other `ray start` cluster found on the machine
-        ray.init(address="local", num_cpus=n, object_store_memory=int(object_store_mb) << 20, include_dashboard=False,
-                 log_to_driver=False, configure_logging=True, logging_level="WARNING")
-        mode = f"local Ray, {n} logical CPUs, {object_store_mb} MiB object store"
-    if log:
-        log(f"[ingest] {mode}")
-    try:
-        yield {"owned": True, "mode": mode}
-    finally:
-        ray.shutdown()
+    n = num_cpus or (os.cpu_count() or 1) + 1
+    with ray_runtime(num_cpus=n, object_store_mb=object_store_mb, address=address, dashboard=False,
+                     log_to_driver=False):
+        mode = ("existing" if not owned else f"connected to {addr}" if addr
+                else f"local Ray, {n} logical CPUs, {object_store_mb} MiB object store")
+        if log and owned:
+            log(f"[ingest] {mode}")
+        yield {"owned": owned and not addr, "mode": mode}
 
 
 # ---------------------------------------------------------------------------------------
