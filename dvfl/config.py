@@ -97,6 +97,9 @@ class ScalingSection:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
+    # custom resources each Train worker also needs, e.g. {train_node: 1} to keep training on
+    # the nodes that advertise it (a node type on a cluster; the multi-node test uses it)
+    worker_resources: dict[str, float] | None = None
 
 
 @dataclass
@@ -181,6 +184,12 @@ class RunConfig:
             fail("scaling.num_workers", f"must be >= 1, got {self.scaling.num_workers!r}")
         if not self.scaling.cpus_per_worker > 0:
             fail("scaling.cpus_per_worker", f"must be > 0, got {self.scaling.cpus_per_worker!r}")
+        for key, amount in (self.scaling.worker_resources or {}).items():
+            if key in ("CPU", "GPU", "memory") or not isinstance(key, str):
+                fail("scaling.worker_resources", f"names custom resources only (CPU/GPU come from "
+                     f"cpus_per_worker/use_gpu), got {key!r}")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
         if self.data.frames < 1:
             fail("data.frames", f"must be >= 1, got {self.data.frames!r}")
         if self.crop_size > self.data.short_side:
@@ -231,7 +240,7 @@ def _check_type(name: str, value, annotation) -> object:
             return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if origin in (str, bool, list) and isinstance(value, origin):
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
             return value
     expected = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{name} must be {expected}, got {value!r}")

@@ -24,6 +24,9 @@ STUDENTS_DIR = "students"
 RAY_RESULTS = "ray_results"
 # Test hook: kill one Train worker once after this epoch (proves FailureConfig recovery).
 FAIL_ENV = "DVFL_FAIL_AFTER_EPOCH"
+# Test hook: every worker pauses once after the first step of the epoch after this one, until
+# <DVFL_HOLD_DIR>/release exists (the multi-node test kills a node while the workers wait).
+HOLD_ENV, HOLD_DIR_ENV = "DVFL_HOLD_AFTER_EPOCH", "DVFL_HOLD_DIR"
 
 
 def _digest(obj) -> str:
@@ -97,6 +100,9 @@ def _loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, te
     if os.environ.get(FAIL_ENV):
         loop["fail_after_epoch"] = int(os.environ[FAIL_ENV])
         loop["fail_marker"] = os.path.abspath(os.path.join(cfg.output_dir, ".fail-injected"))
+    if os.environ.get(HOLD_ENV):
+        loop["hold_after_epoch"] = int(os.environ[HOLD_ENV])
+        loop["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])
     return loop
 
 
@@ -144,7 +150,8 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     result = run_training(
         loop, clips_dir=cfg.clips_dir, train_splits=[cfg.data.train_split], val_split=cfg.data.val_split,
         unlabeled_dir=cfg.data.unlabeled if role != "teacher" else None,
-        scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker),
+        scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
+                        cfg.scaling.worker_resources),
         name=f"{cfg.name}-{role}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
         max_failures=cfg.max_failures)
     state = load_final_state(result)

@@ -21,6 +21,7 @@ class Scaling:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources: dict | None = None  # custom resources per worker (e.g. a node-type marker)
 
 
 def quiet_data_progress() -> None:
@@ -91,7 +92,8 @@ def run_training(
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker,
-                                                           **({"GPU": 1} if scaling.use_gpu else {})}),
+                                                           **({"GPU": 1} if scaling.use_gpu else {}),
+                                                           **(scaling.resources or {})}),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

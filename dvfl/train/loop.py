@@ -119,6 +119,31 @@ def _maybe_inject_failure(cfg: dict, epoch: int, rank: int, world: int, reported
     os._exit(1)
 
 
+def _maybe_hold(cfg: dict, epoch: int, rank: int) -> None:
+    """Test hook: every rank pauses once, after the first step of the epoch after
+    ``hold_after_epoch``, until ``<hold_dir>/release`` exists.
+
+    Each rank first writes ``<hold_dir>/held-rank<r>.json`` (its node id and pid), so that a test
+    can kill the node that hosts a given rank while training is provably mid-epoch. Workers
+    restarted after ``release`` exists do not pause again.
+    """
+    if cfg.get("hold_after_epoch") is None or epoch != cfg["hold_after_epoch"]:
+        return
+    release = os.path.join(cfg["hold_dir"], "release")
+    if os.path.exists(release):
+        return
+    import ray
+
+    held = os.path.join(cfg["hold_dir"], f"held-rank{rank}.json")
+    with open(held + ".tmp", "w") as f:
+        json.dump({"rank": rank, "epoch": epoch + 1, "pid": os.getpid(),
+                   "node_id": ray.get_runtime_context().get_node_id()}, f)
+    os.replace(held + ".tmp", held)
+    deadline = time.time() + float(cfg.get("hold_timeout_s", 600))
+    while not os.path.exists(release) and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -209,6 +234,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             optimizer.step()
             step += 1
             _maybe_inject_failure(cfg, epoch, rank, world, reported_at)
+            if batches == 0:
+                _maybe_hold(cfg, epoch, rank)
             batches += 1
             sums["loss"] += float(loss.detach())
             sums["ce"] += float(ce.detach())

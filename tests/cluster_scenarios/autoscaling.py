@@ -1,0 +1,197 @@
+"""A real autoscaling run on one machine with Ray's fake multi-node provider.
+
+    python tests/cluster_scenarios/autoscaling.py --result result.json
+
+The head advertises 0 CPUs (as on the AWS/GCP/KubeRay clusters in cluster/) and runs Ray's
+autoscaler (v1, the 2.60 default) with the ``fake_multinode`` node provider, which "launches" a
+worker node by starting another raylet on this machine. A job of 2 tasks that need 1 CPU each
+cannot run on the head, so the autoscaler adds worker nodes of type ``cpu_worker`` (1 CPU,
+at most 2); once the tasks are done the nodes are idle and are removed after
+``idle_timeout_minutes`` (a few seconds here). The node count is sampled throughout.
+
+Why not ``ray.cluster_utils.AutoscalingCluster``: its ``start()`` and ``shutdown()`` run
+``ray stop --force``, which kills every Ray process of this user on the machine (other jobs, the
+test session's own instance), and in the 2.60 wheel the ``example.yaml`` it builds its config from
+is missing. So this scenario writes the autoscaler config itself and starts the head with
+``ray.cluster_utils.Cluster`` (``autoscaling_config=``), in a private ``RAY_TMPDIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, kill_leftovers, log, own_ray_tmpdir, write_result  # noqa: E402
+
+WORKER_TYPE = "cpu_worker"
+MAX_WORKERS = 2
+
+
+def autoscaler_config(gcs_address: str, idle_timeout_minutes: float) -> dict:
+    """A complete launcher-style config for the fake provider (the autoscaler reads it as is)."""
+    return {
+        "cluster_name": "dvfl-fake",
+        "max_workers": MAX_WORKERS,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,       # the provider's default is <ip>:6379
+            "use_node_id_as_ip": True,        # all fake nodes share this machine's IP
+            "disable_node_updaters": True,    # nothing to ssh into or set up
+            "disable_launch_config_check": True,
+            "launch_multiple": True,          # start all requested nodes in one autoscaler round
+        },
+        "auth": {"ssh_user": "ubuntu"},
+        "docker": {},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            WORKER_TYPE: {"resources": {"CPU": 1, "object_store_memory": 128 * 2**20}, "node_config": {},
+                          "min_workers": 0, "max_workers": MAX_WORKERS},
+        },
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+class NodeCounter(threading.Thread):
+    """Samples the number of alive nodes every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self.t0 = time.time()
+        self.stopped = threading.Event()
+
+    def alive(self) -> int:
+        import ray
+
+        return sum(1 for n in ray.nodes() if n["Alive"])
+
+    def run(self):
+        while not self.stopped.is_set():
+            try:
+                self.samples.append((round(time.time() - self.t0, 1), self.alive()))
+            except Exception:  # GCS briefly busy: skip a sample
+                pass
+            self.stopped.wait(self.interval)
+
+    def changes(self) -> list[tuple[float, int]]:
+        out = []
+        for t, n in self.samples:
+            if not out or out[-1][1] != n:
+                out.append((t, n))
+        return out
+
+
+def run(result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_timeout_s: float) -> None:
+    import ray
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+    from ray.cluster_utils import Cluster
+
+    gcs_port = free_port()
+    gcs_address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+    fd, config_path = tempfile.mkstemp(prefix="autoscaler-", suffix=".json", dir=os.environ["RAY_TMPDIR"])
+    with os.fdopen(fd, "w") as f:
+        json.dump(autoscaler_config(gcs_address, idle_timeout_minutes), f)
+
+    t0 = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 128 * 2**20, "gcs_server_port": gcs_port,
+        "include_dashboard": False, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
+        "autoscaling_config": config_path,
+        # the provider knows the head by this id (what `ray start` does under RAY_FAKE_CLUSTER)
+        "env_vars": {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}})
+    result["_cluster"] = cluster
+    cluster.connect()
+    result["head_start_s"] = round(time.time() - t0, 1)
+    result["head_cpus"] = ray.cluster_resources().get("CPU", 0)
+
+    counter = NodeCounter()
+    counter.start()
+    result["_counter"] = counter
+
+    @ray.remote(num_cpus=1)
+    def work(seconds: float) -> str:
+        time.sleep(seconds)
+        return ray.get_runtime_context().get_node_id()
+
+    # 1. the job: 2 x 1 CPU on a head with 0 CPUs -> the autoscaler must add nodes
+    t = time.time()
+    refs = [work.remote(4.0) for _ in range(MAX_WORKERS)]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=up_timeout_s)
+    if len(ready) != len(refs):
+        raise RuntimeError(f"the job did not finish within {up_timeout_s} s; node counts {counter.changes()}")
+    task_nodes = ray.get(refs)
+    result["job_seconds"] = round(time.time() - t, 1)
+    result["task_nodes"] = task_nodes
+    result["head_node"] = cluster.head_node.node_id
+    nodes = ray.nodes()
+    result["worker_nodes_seen"] = sorted({n["NodeID"] for n in nodes if n["NodeID"] != cluster.head_node.node_id})
+    result["max_alive_nodes"] = max(n for _, n in counter.samples)
+
+    # 2. idle: the workers must go away again
+    t = time.time()
+    while counter.alive() > 1:
+        if time.time() - t > down_timeout_s:
+            raise RuntimeError(f"nodes still alive {down_timeout_s} s after the job; counts {counter.changes()}")
+        time.sleep(0.5)
+    result["scale_down_seconds"] = round(time.time() - t, 1)
+    time.sleep(2.0)  # a last few samples at 1 node
+    result["final_alive_nodes"] = counter.alive()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--idle-timeout-minutes", type=float, default=0.1)
+    ap.add_argument("--up-timeout", type=float, default=180)
+    ap.add_argument("--down-timeout", type=float, default=180)
+    args = ap.parse_args(argv)
+    tmpdir = own_ray_tmpdir("dvfl-as-")
+    os.environ.pop("RAY_ADDRESS", None)
+    # read by the autoscaler (monitor) process the head starts: fake provider on, 1 s updates
+    os.environ["RAY_FAKE_CLUSTER"] = "1"
+    os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
+    result: dict = {"ray_tmpdir": tmpdir, "idle_timeout_minutes": args.idle_timeout_minutes, "ok": False}
+    started = time.time()
+    try:
+        run(result, args.idle_timeout_minutes, args.up_timeout, args.down_timeout)
+        result["ok"] = True
+    except BaseException:
+        result["error"] = traceback.format_exc()
+        log(result["error"])
+    finally:
+        counter = result.pop("_counter", None)
+        if counter is not None:
+            counter.stopped.set()
+            counter.join(timeout=5)
+            result["node_count_changes"] = counter.changes()
+        cluster = result.pop("_cluster", None)
+        if cluster is not None:
+            import ray
+
+            ray.shutdown()
+            try:
+                cluster.shutdown()
+            except Exception as exc:
+                result["shutdown_error"] = repr(exc)
+        result["leftover_processes"] = kill_leftovers(tmpdir)
+        result["wall_s"] = round(time.time() - started, 1)
+        write_result(args.result, result)
+        log(f"done in {result['wall_s']} s, ok={result['ok']}: nodes {result.get('node_count_changes')}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Helpers shared by the cluster scenarios (each scenario runs in its own process).
+
+Every scenario keeps its Ray instance apart from anything else on the machine: its own temp dir
+(``RAY_TMPDIR``, which also holds Ray's "current cluster" address file), explicit free ports, no
+dashboard; and it never runs ``ray stop`` (that would stop every Ray instance of this user,
+including other jobs' and the test session's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_ray_tmpdir(prefix: str) -> str:
+    """A short private RAY_TMPDIR (Ray's unix socket paths must stay under ~100 characters).
+    Call before Ray starts anything."""
+    import tempfile
+
+    if not os.environ.get("RAY_TMPDIR"):
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    return os.environ["RAY_TMPDIR"]
+
+
+def pids_under(tmpdir: str) -> list[int]:
+    """Processes whose command line names ``tmpdir``: the Ray processes of this scenario only
+    (raylets, GCS, agents and workers all carry their session directory)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if tmpdir in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+def kill_leftovers(tmpdir: str, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every process of this scenario that is still alive; returns them."""
+    left = pids_under(tmpdir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and pids_under(tmpdir):
+            time.sleep(0.2)
+        left = pids_under(tmpdir)
+        if not left:
+            break
+    return left
+
+
+def write_result(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def log(msg: str) -> None:
+    print(f"[scenario {time.strftime('%H:%M:%S')}] {msg}", flush=True)

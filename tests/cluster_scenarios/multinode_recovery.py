@@ -1,0 +1,205 @@
+"""A real multi-node run on one machine, and a worker node killed mid-training.
+
+    python tests/cluster_scenarios/multinode_recovery.py --out DIR --result result.json
+
+Ray's own multi-node test utility (``ray.cluster_utils.Cluster``) starts three raylets on this
+machine: a head (1 CPU: the driver, Ray Data) and two worker nodes (1 CPU each) that advertise a
+custom resource ``train_node``. The product's own stages run on that cluster:
+
+1. ingest (Ray Data decode tasks; 2 concurrent 1-CPU tasks cannot both fit on the 1-CPU head);
+2. the teacher-logit cache (Ray Data actor pool) for a tiny teacher;
+3. cached-KD distillation with 2 DDP workers that each need ``train_node: 1``
+   (``scaling.worker_resources``), so the two workers run on the two worker nodes.
+
+Mid-way through epoch 2 (both ranks paused by the ``DVFL_HOLD_AFTER_EPOCH`` hook after their first
+step, epoch 1's checkpoint persisted), the node hosting rank 1 is removed (all its processes
+killed), a replacement node joins, and the workers are released. Ray Train's FailureConfig restarts
+the worker group, which resumes from epoch 1's checkpoint and finishes. The result JSON records the
+evidence; tests/test_multinode.py asserts on it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, kill_leftovers, log, own_ray_tmpdir, write_result  # noqa: E402
+
+EPOCHS = 3
+HOLD_AFTER_EPOCH = 1  # pause (and kill a node) after the first step of epoch 2
+NODE_RESOURCE = "train_node"
+
+
+def process_gone(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` has exited (or is a zombie nobody reaped yet)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def tiny_config(out: str, teacher_path: str | None = None):
+    from dvfl.config import load_config
+
+    overrides = [
+        ("output_dir", out), ("name", "multinode"), ("baseline", False), ("max_failures", 1),
+        ("data.synthetic.unlabeled_videos", 0),
+        ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 6),
+        ("data.synthetic.test_per_class", 2), ("data.synthetic.size", 32), ("data.synthetic.frames", 8),
+        ("data.short_side", 16), ("data.frames", 4),  # decord fails on 16 px sources
+        ("student.embed_dim", 8), ("optim.epochs", EPOCHS), ("optim.batch_size", 8),
+        ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5),
+        ("scaling.worker_resources", {NODE_RESOURCE: 1}),
+    ]
+    if teacher_path:
+        overrides.append(("teacher.path", teacher_path))
+    return load_config(None, overrides)
+
+
+def run(out: str, result: dict) -> None:
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+
+    from dvfl import pipeline
+    from dvfl.artifacts import build_model, save_model
+    from dvfl.data.shards import load_dataset_info
+
+    cfg = tiny_config(out)
+    pipeline.ensure_videos(cfg, log=None)  # before Ray: the generator forks
+
+    t0 = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 192 * 2**20,
+        "include_dashboard": False, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+    result["_cluster"] = cluster
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20, resources={NODE_RESOURCE: 1})
+               for _ in range(2)]
+    cluster.wait_for_nodes()
+    cluster.connect()
+    head_id = cluster.head_node.node_id
+    result["cluster_start_s"] = round(time.time() - t0, 1)
+    result["head_node"] = head_id
+    result["nodes_at_start"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    log(f"cluster up: head {head_id[:8]} + workers {[w.node_id[:8] for w in workers]}")
+
+    # 1. ingest on the cluster
+    t = time.time()
+    info = pipeline.ensure_clips(cfg, log=log)
+    result["ingest"] = {"clips": info["clips"], "videos": info["written_videos"], "seconds": round(time.time() - t, 1)}
+
+    # 2. a tiny teacher (random init: the point here is the cache and KD plumbing on a cluster)
+    num_classes = len(info["classes"])
+    kwargs = pipeline.model_kwargs(cfg.teacher.train, num_classes, cfg)
+    torch.manual_seed(0)
+    teacher_dir = os.path.join(out, "teacher_random")
+    save_model(teacher_dir, build_model(cfg.teacher.train.model, **kwargs), cfg.teacher.train.model, kwargs)
+    cfg = tiny_config(out, teacher_dir)
+    teacher_path, teacher_spec = pipeline.ensure_teacher(cfg, info, log=log)
+    t = time.time()
+    cache = pipeline.ensure_cache(cfg, teacher_path, log=log)
+    result["cache"] = {"rows": cache["rows"], "seconds": round(time.time() - t, 1)}
+
+    # 3. distillation with 2 workers on the 2 worker nodes; pause mid-epoch 2, kill rank 1's node
+    hold_dir = os.path.join(out, "hold")
+    os.makedirs(hold_dir, exist_ok=True)
+    os.environ[pipeline.HOLD_ENV] = str(HOLD_AFTER_EPOCH)
+    os.environ[pipeline.HOLD_DIR_ENV] = hold_dir
+    kd = pipeline.teacher_signal(cfg, teacher_path, teacher_spec, load_dataset_info(cfg.clips_dir), kd=True)
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["path"] = str(pipeline.train_student(cfg, info, kd, cfg.seed, log=log))
+        except BaseException as exc:  # reported in the result, not lost in a thread
+            outcome["error"] = "".join(traceback.format_exception(exc))
+
+    t = time.time()
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    held = [os.path.join(hold_dir, f"held-rank{r}.json") for r in (0, 1)]
+    deadline = time.time() + 300
+    while not all(map(os.path.exists, held)):
+        if not trainer.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"workers never paused in epoch {HOLD_AFTER_EPOCH + 1}: {outcome}")
+        time.sleep(0.2)
+    ranks = {r: json.load(open(p)) for r, p in enumerate(held)}
+    result["ranks_before_kill"] = ranks
+    # epoch 1's checkpoint: persisted under the run's storage path, and what it says
+    storage = os.path.join(cfg.output_dir, pipeline.RAY_RESULTS)
+    ckpts = []
+    while not ckpts and time.time() < deadline:
+        ckpts = sorted(glob.glob(os.path.join(storage, "*", "checkpoint_*", "state.pt")))
+        time.sleep(0.2)
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    result["checkpoint_before_kill"] = {"path": ckpts[-1], "epoch_index": state["epoch"], "step": state["step"],
+                                        "history": state["history"]}
+    time.sleep(3.0)  # let the controller register the reported checkpoint (as the failure hook does)
+    victim = next(w for w in workers if w.node_id == ranks[1]["node_id"])
+    log(f"killing node {victim.node_id[:8]} (rank 1, pid {ranks[1]['pid']}) mid-epoch {HOLD_AFTER_EPOCH + 1}")
+    cluster.remove_node(victim, allow_graceful=False)
+    result["killed"] = {"node_id": victim.node_id, "rank": 1, "at_s": round(time.time() - t, 1),
+                        "rank1_process_gone": process_gone(ranks[1]["pid"], timeout_s=30)}
+    replacement = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20, resources={NODE_RESOURCE: 1})
+    result["replacement_node"] = replacement.node_id
+    open(os.path.join(hold_dir, "release"), "w").close()
+    trainer.join(timeout=420)
+    if trainer.is_alive():
+        raise RuntimeError("training did not finish within 420 s after the node was killed")
+    if "error" in outcome:
+        raise RuntimeError(outcome["error"])
+    result["train_seconds"] = round(time.time() - t, 1)
+    spec = json.load(open(os.path.join(outcome["path"], "model.json")))
+    result["history"] = spec["history"]
+    result["student_dir"] = outcome["path"]
+    result["nodes_at_end"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    result["dead_nodes"] = sorted(n["NodeID"] for n in ray.nodes() if not n["Alive"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--result", required=True)
+    args = ap.parse_args(argv)
+    tmpdir = own_ray_tmpdir("dvfl-mn-")
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    result: dict = {"ray_tmpdir": tmpdir, "ok": False}
+    started = time.time()
+    try:
+        run(os.path.abspath(args.out), result)
+        result["ok"] = True
+    except BaseException:
+        result["error"] = traceback.format_exc()
+        log(result["error"])
+    finally:
+        cluster = result.pop("_cluster", None)
+        if cluster is not None:
+            import ray
+
+            ray.shutdown()
+            try:
+                cluster.shutdown()
+            except Exception as exc:  # still clean up below
+                result["shutdown_error"] = repr(exc)
+        result["leftover_processes"] = kill_leftovers(tmpdir)
+        result["wall_s"] = round(time.time() - started, 1)
+        write_result(args.result, result)
+        log(f"done in {result['wall_s']} s, ok={result['ok']}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Real multi-node and autoscaling runs on this one machine (issue 7, item 3).
+
+Each scenario (tests/cluster_scenarios/) runs in its own process with its own Ray cluster in a
+private temp dir, so the session's ``ray_local`` instance (and anything else on the machine) is
+untouched; the scenario writes a result JSON that the test checks. Nothing is mocked: the raylets,
+the GCS, Ray Train's failure handling and Ray's autoscaler with its fake multi-node provider are
+the real ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dvfl.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = REPO / "tests" / "cluster_scenarios"
+
+
+def _run_scenario(script: str, result: Path, *args: str, timeout: int) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    proc = subprocess.run([sys.executable, str(SCENARIOS / script), "--result", str(result), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert result.is_file(), f"{script} wrote no result (rc {proc.returncode}):\n{output[-5000:]}"
+    data = json.loads(result.read_text())
+    assert proc.returncode == 0 and data["ok"], data.get("error") or output[-5000:]
+    # every process of the scenario's cluster is gone (found by its private temp dir)
+    assert data["leftover_processes"] == [], data["leftover_processes"]
+    return data, output
+
+
+# ----------------------------------------------------------------------------- scaling.worker_resources
+def test_worker_resources_config():
+    cfg = load_config(None, [("scaling.worker_resources", {"train_node": 1})])
+    assert cfg.scaling.worker_resources == {"train_node": 1}
+    assert load_config(None).scaling.worker_resources is None
+    for bad, match in [({"CPU": 1}, "custom resources only"), ({"train_node": 0}, "must be > 0"),
+                       ({"train_node": "1"}, "must be > 0"), ([1], "must be dict")]:
+        with pytest.raises(ConfigError, match=r"scaling\.worker_resources .*" + re.escape(match)):
+            load_config(None, [("scaling.worker_resources", bad)])
+
+
+# ----------------------------------------------------------------------------- multi-node
+@pytest.mark.slow
+def test_multinode_ingest_cache_and_distillation_survive_a_killed_node(tmp_path):
+    """Ingest, teacher cache and 2-worker distillation on a 3-node cluster (ray.cluster_utils.Cluster);
+    the node hosting rank 1 is killed mid-epoch 2 and training resumes from epoch 1's checkpoint."""
+    r, output = _run_scenario("multinode_recovery.py", tmp_path / "result.json", "--out", str(tmp_path / "run"),
+                              timeout=600)
+    head = r["head_node"]
+    assert len(r["nodes_at_start"]) == 3
+    assert r["ingest"]["clips"] > 0 and r["cache"]["rows"] == r["ingest"]["clips"]
+
+    # the two DDP workers ran on the two worker nodes, not on the head
+    rank_nodes = {int(k): v["node_id"] for k, v in r["ranks_before_kill"].items()}
+    assert len(set(rank_nodes.values())) == 2 and head not in rank_nodes.values()
+
+    # the failure happened: rank 1's node was removed mid-epoch 2, its worker process died
+    assert r["killed"]["node_id"] == rank_nodes[1] and r["killed"]["rank1_process_gone"]
+    assert rank_nodes[1] in r["dead_nodes"] and rank_nodes[1] not in r["nodes_at_end"]
+    assert r["replacement_node"] in r["nodes_at_end"]
+    assert all(v["epoch"] == 2 for v in r["ranks_before_kill"].values())  # paused inside epoch 2
+
+    # ... and Ray Train restarted the worker group from epoch 1's checkpoint
+    ckpt = r["checkpoint_before_kill"]
+    assert ckpt["epoch_index"] == 0 and [h["epoch"] for h in ckpt["history"]] == [1]
+    assert "resumed from checkpoint after epoch 1" in output
+    history = r["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # contiguous, no restart from epoch 1
+    assert history[0] == ckpt["history"][0]  # epoch 1 was restored, not trained again
+    per_epoch = history[0]["steps"]
+    assert per_epoch > 0 and [h["steps"] for h in history] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert all(h["train_kd"] > 0 for h in history)  # distillation from the cache
+
+
+# ----------------------------------------------------------------------------- autoscaling
+@pytest.mark.slow
+def test_autoscaler_adds_nodes_for_a_job_and_removes_them_when_idle(tmp_path):
+    """Ray's autoscaler with the fake multi-node provider: 2 one-CPU tasks on a 0-CPU head make it
+    add 2 worker nodes; idle for 6 s (idle_timeout_minutes=0.1), they are removed again."""
+    r, _ = _run_scenario("autoscaling.py", tmp_path / "result.json", "--idle-timeout-minutes", "0.1",
+                         timeout=480)
+    counts = [n for _, n in r["node_count_changes"]]
+    assert r["head_cpus"] == 0 and counts[0] == 1
+    assert r["max_alive_nodes"] == 3 and max(counts) == 3  # head + 2 added workers
+    assert counts[-1] == 1 and r["final_alive_nodes"] == 1  # back to the head alone
+    # the tasks ran on the two nodes the autoscaler added, never on the head
+    assert sorted(r["task_nodes"]) == r["worker_nodes_seen"] and r["head_node"] not in r["task_nodes"]
+    assert len(set(r["task_nodes"])) == 2
