@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from dvfl.train.launch import Scaling, load_final_state, run_training
 
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-distill-"))
-    cfg = load_config(None, [("output_dir", str(work)), ("data.short_side", a.size),
+    cfg = load_config(None, [("output_dir", str(work)), ("data.short_side", a.size), ("data.synthetic.unlabeled_videos", 0),
                              ("data.synthetic.size", a.size), ("data.synthetic.train_per_class", a.videos_per_class),
                              ("data.synthetic.test_per_class", 1), ("optim.batch_size", a.batch_size),
                              ("data.clips_per_video", a.clips_per_video),

@@ -85,6 +85,7 @@ def main(argv=None) -> int:
 
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-cache-"))
     cfg = load_config(None, [("output_dir", str(work)), ("data.synthetic.train_per_class", a.videos_per_class),
+                             ("data.synthetic.unlabeled_videos", 0),
                              ("data.synthetic.test_per_class", max(1, a.videos_per_class // 4))])
     pipeline.ensure_videos(cfg, log=None)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -17,6 +17,9 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+STUDENT_ROLES = ("vfl", "dvfl", "dvfl+unlabeled")
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending field."""
 
@@ -46,6 +49,9 @@ class DataSection:
     short_side: int = 32
     crop_size: int | None = None  # default: short_side
     flip: bool = False  # horizontal flips (never for direction-of-motion classes)
+    # students use this (class-balanced, seeded) fraction of the labelled training videos; the
+    # teacher always uses all of them. Label-efficiency runs (benchmarks/label_efficiency.py).
+    label_fraction: float = 1.0
     train_split: str = "train"
     val_split: str = "test"
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
@@ -115,6 +121,10 @@ class RunConfig:
     seed: int = 0
     seeds: list[int] | None = None  # several seeds -> mean and spread in the results table
     baseline: bool = True  # also train the student without KD (VFL-Net) for the table
+    # Which students to train, in order: vfl (no KD), dvfl (KD on the labelled clips),
+    # dvfl+unlabeled (KD on labelled + unlabelled clips). Default: vfl (if baseline), dvfl, and
+    # dvfl+unlabeled when there are unlabelled clips.
+    students: list[str] | None = None
     max_failures: int = 1
     data: DataSection = field(default_factory=DataSection)
     student: ModelSection = field(default_factory=ModelSection)
@@ -132,6 +142,21 @@ class RunConfig:
     @property
     def cache_dir(self) -> str:
         return self.teacher.cache or os.path.join(self.output_dir, "teacher_cache")
+
+    @property
+    def unlabeled_dir(self) -> str | None:
+        """The ingest output holding split ``unlabeled`` (the clips dir for a generated pool)."""
+        if self.data.unlabeled:
+            return self.data.unlabeled
+        if self.data.dataset == "synthetic" and self.data.synthetic.unlabeled_videos > 0 and not self.data.clips:
+            return self.clips_dir
+        return None
+
+    @property
+    def student_roles(self) -> list[str]:
+        if self.students is not None:
+            return list(self.students)
+        return (["vfl"] if self.baseline else []) + ["dvfl"] + (["dvfl+unlabeled"] if self.unlabeled_dir else [])
 
     @property
     def crop_size(self) -> int:
@@ -161,6 +186,13 @@ class RunConfig:
                 fail(f"{name}.drop_path_rate", f"must be in [0, 1), got {section.drop_path_rate!r}")
         if self.teacher.model is not None and self.teacher.model not in known:
             fail("teacher.model", f"is {self.teacher.model!r}; choose one of {sorted(known)}")
+        if self.students is not None:
+            bad = [r for r in self.students if r not in STUDENT_ROLES]
+            if bad or not self.students or len(set(self.students)) != len(self.students):
+                fail("students", f"must be distinct names from {list(STUDENT_ROLES)}, got {self.students!r}")
+            if "dvfl+unlabeled" in self.students and not self.unlabeled_dir:
+                fail("students", "has dvfl+unlabeled but there are no unlabelled clips: set data.unlabeled "
+                     "(or data.synthetic.unlabeled_videos > 0 for the generated dataset)")
         if self.teacher.mode not in ("cached", "online", "none"):
             fail("teacher.mode", f"must be cached, online or none, got {self.teacher.mode!r}")
         if not (isinstance(self.kd.alpha, (int, float)) and 0 <= self.kd.alpha <= 1):
@@ -190,6 +222,8 @@ class RunConfig:
                      f"cpus_per_worker/use_gpu), got {key!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
                 fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
+        if not 0 < self.data.label_fraction <= 1:
+            fail("data.label_fraction", f"must be in (0, 1], got {self.data.label_fraction!r}")
         if self.data.frames < 1:
             fail("data.frames", f"must be >= 1, got {self.data.frames!r}")
         if self.crop_size > self.data.short_side:

@@ -29,6 +29,11 @@ FAIL_ENV = "DVFL_FAIL_AFTER_EPOCH"
 HOLD_ENV, HOLD_DIR_ENV = "DVFL_HOLD_AFTER_EPOCH", "DVFL_HOLD_DIR"
 
 
+STUDENT_LABELS = {"teacher": "Teacher", "vfl": "VFL-Net (student, no KD)",
+                  "dvfl": "DVFL-Net (student, KD on labelled clips)",
+                  "dvfl+unlabeled": "DVFL-Net (student, KD on labelled + unlabelled clips)"}
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -124,7 +129,7 @@ def _init_state_ref(section, kwargs: dict, log):
 
 
 def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
-                teacher: dict, identity: dict, log=print) -> Path:
+                teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> Path:
     """Train one model with the shared loop; returns its artefact directory.
 
     ``identity`` is everything the result depends on: a finished run with the same identity is
@@ -135,7 +140,7 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     num_classes = len(dataset_info["classes"])
     key = _digest(identity)
     out = (Path(cfg.output_dir) / TEACHER_DIR / key if role == "teacher"
-           else Path(cfg.output_dir) / STUDENTS_DIR / f"{role}-s{seed}-{key}")
+           else Path(cfg.output_dir) / STUDENTS_DIR / f"{role.replace('+', '-')}-s{seed}-{key}")
     spec_file = out / SPEC
     if spec_file.is_file():
         log(f"[{role}] reusing {out} (inputs unchanged)")
@@ -149,11 +154,11 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     started = time.time()
     result = run_training(
         loop, clips_dir=cfg.clips_dir, train_splits=[cfg.data.train_split], val_split=cfg.data.val_split,
-        unlabeled_dir=cfg.data.unlabeled if role != "teacher" else None,
+        unlabeled_dir=unlabeled_dir,
         scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                         cfg.scaling.worker_resources),
-        name=f"{cfg.name}-{role}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
-        max_failures=cfg.max_failures)
+        name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
+        max_failures=cfg.max_failures, label_fraction=1.0 if role == "teacher" else cfg.data.label_fraction)
     state = load_final_state(result)
     model = build_model(section.model, **kwargs)
     model.load_state_dict(state["model"])
@@ -204,9 +209,9 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
         return {"mode": "none"}
     if cfg.teacher.mode == "cached":
         cache = TeacherLogitCache(cfg.cache_dir)
-        splits = [cfg.data.train_split] + (["unlabeled"] if cfg.data.unlabeled else [])
+        splits = [cfg.data.train_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
         cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits)
-        if cfg.data.unlabeled and os.path.abspath(cfg.data.unlabeled) != os.path.abspath(cfg.clips_dir):
+        if cfg.unlabeled_dir and os.path.abspath(cfg.unlabeled_dir) != os.path.abspath(cfg.clips_dir):
             raise ValueError("data.unlabeled must be in the same ingest output as data.clips, so one cache "
                              "covers both (ingest them together with --unlabeled)")
         return {"mode": "cached", "views": cache.views, "cache_ref": [ray.put(cache.packed())],
@@ -216,18 +221,26 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
             "state_ref": [ray.put(model.state_dict())], "fingerprint": spec["weights_fingerprint"]}
 
 
-def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, log=print) -> Path:
+def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, *,
+                  unlabeled: bool = False, log=print) -> Path:
+    """VFL-Net (no teacher), DVFL-Net (KD on the labelled clips) or, with ``unlabeled``,
+    DVFL-Net with KD on the unlabelled clips too (they never reach the CE term)."""
     kd = teacher["mode"] != "none"
-    role = "dvfl" if kd else "vfl"
+    if unlabeled and not (kd and cfg.unlabeled_dir):
+        raise ValueError("training on unlabelled clips needs a teacher signal and data.unlabeled "
+                         "(or data.synthetic.unlabeled_videos > 0)")
+    role = ("dvfl+unlabeled" if unlabeled else "dvfl") if kd else "vfl"
     num_classes = len(dataset_info["classes"])
     identity = {"dataset": dataset_info["fingerprint"], "name": cfg.student.model,
                 "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(cfg.optim), "seed": seed,
                 "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint"),
-                "unlabeled": bool(cfg.data.unlabeled) and kd, "split": cfg.data.train_split, "flip": cfg.data.flip,
+                "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
                 "init": [cfg.student.checkpoint, cfg.student.init_2d]}
+    if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
+        identity["label_fraction"] = cfg.data.label_fraction
     return train_model(cfg, role=role, section=cfg.student, optim=cfg.optim, dataset_info=dataset_info,
                        seed=seed, teacher={k: v for k, v in teacher.items() if k != "fingerprint"},
-                       identity=identity, log=log)
+                       identity=identity, unlabeled_dir=cfg.unlabeled_dir if unlabeled else None, log=log)
 
 
 # ----------------------------------------------------------------------------- evaluation + report
@@ -283,7 +296,7 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     report = {"config": cfg.to_dict(), "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}",
               "models": table}
     atomic_write_json(out / "results.json", report)
-    labels = {"teacher": "Teacher", "vfl": "VFL-Net (student, no KD)", "dvfl": "DVFL-Net (student, KD)"}
+    labels = STUDENT_LABELS
     lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
     for name, row in table.items():
         spread = (f" ({row['top1_min']:.1%}–{row['top1_max']:.1%})" if row["seeds"] > 1 else "")
@@ -310,7 +323,8 @@ def _plot_curves(results: dict, path: Path, labels: dict) -> None:
             if not h:
                 continue
             epochs = [e["epoch"] for e in h]
-            kw = {"label": labels.get(name, name) if i == 0 else None, "color": {"teacher": "k", "vfl": "tab:blue", "dvfl": "tab:red"}.get(name)}
+            kw = {"label": labels.get(name, name) if i == 0 else None,
+                  "color": {"teacher": "k", "vfl": "tab:blue", "dvfl": "tab:red", "dvfl+unlabeled": "tab:green"}.get(name)}
             axes[0].plot(epochs, [e["val_top1"] for e in h], **kw)
             axes[1].plot(epochs, [e["train_loss"] for e in h], **kw)
     axes[0].set(xlabel="epoch", ylabel="val top-1 (stored views)", title="validation accuracy")
@@ -329,15 +343,14 @@ def run_all(cfg: RunConfig, log=print) -> dict:
     teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)
     if cfg.teacher.mode == "cached":
         ensure_cache(cfg, teacher_path, log)
-    results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], "vfl": [], "dvfl": []}
-    seeds = cfg.seeds or [cfg.seed]
+    roles = cfg.student_roles
+    results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}
     kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=True)
-    for seed in seeds:
-        if cfg.baseline:
-            path = train_student(cfg, dataset_info, {"mode": "none"}, seed, log)
-            results["vfl"].append(evaluate_model_dir(cfg, str(path), log))
-        path = train_student(cfg, dataset_info, kd_signal, seed, log)
-        results["dvfl"].append(evaluate_model_dir(cfg, str(path), log))
+    for seed in cfg.seeds or [cfg.seed]:
+        for role in roles:
+            path = train_student(cfg, dataset_info, kd_signal if role != "vfl" else {"mode": "none"}, seed,
+                                 unlabeled=role == "dvfl+unlabeled", log=log)
+            results[role].append(evaluate_model_dir(cfg, str(path), log))
     return write_report(cfg, results, log)
 
 

@@ -7,6 +7,10 @@ free for Ray Data next to 2 decode tasks / 2 fractional Train workers. Tests tha
 Ray take this fixture; it shuts Ray down at the end of the session.
 
 Video factories (real encoded files through PyAV) for the data tests live here too.
+
+``prepared``: one tiny synthetic dataset ingested with the real Ray Data pipeline, a tiny teacher
+trained on it with 2 DDP workers, and its logit cache, built once per session and shared by the
+distillation and the Tune tests (``TINY`` is its run config).
 """
 from __future__ import annotations
 
@@ -17,6 +21,21 @@ import pytest
 
 RAY_TEST_CPUS = 3
 RAY_TEST_OBJECT_STORE = 512 * 2 ** 20
+
+
+TINY = [
+    ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 12),
+    ("data.synthetic.test_per_class", 4), ("teacher.train.embed_dim", 16), ("teacher.optim.epochs", 4),
+    ("teacher.optim.lr", 0.001), ("student.embed_dim", 8), ("optim.epochs", 2), ("teacher.train.drop_path_rate", 0.0),
+    # no unlabelled pool here: the tests that need one add it (see test_unlabeled_distill.py)
+    ("data.synthetic.unlabeled_videos", 0), ("data.clips_per_video", 2),
+]
+
+
+def tiny_config(output_dir, extra=()):
+    from dvfl.config import load_config
+
+    return load_config(None, [("output_dir", str(output_dir)), *TINY, *extra])
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +52,26 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, ray_local):
+    """Clips (several shards), a teacher trained with 2 DDP workers, and its cache."""
+    from dvfl import pipeline
+    from dvfl.data.adapters import build_manifest
+    from dvfl.data.ingest import IngestConfig, ingest
+    from dvfl.data.shards import load_dataset_info
+
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = tiny_config(out)
+    generated = pipeline.ensure_videos(cfg, log=None)
+    ingest(build_manifest("synthetic", generated["root"], 1),
+           IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
+                        videos_per_shard=8, progress=False), log=lambda *_: None)
+    info = load_dataset_info(cfg.clips_dir)
+    teacher_path, spec = pipeline.ensure_teacher(cfg, info)
+    cache_info = pipeline.ensure_cache(cfg, teacher_path)
+    return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 
 
 # ---------------------------------------------------------------------------------------

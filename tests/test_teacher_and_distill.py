@@ -1,7 +1,8 @@
 """Teacher training through the shared Ray Train loop, and the view-exact teacher-logit cache.
 
 One small synthetic dataset is generated (real H.264 files), ingested with the real Ray Data
-pipeline, and a tiny teacher is trained on it with 2 DDP workers; the tests share them.
+pipeline, and a tiny teacher is trained on it with 2 DDP workers; the tests share them (the
+session-wide ``prepared`` fixture in conftest.py, which the Tune tests reuse).
 """
 from __future__ import annotations
 
@@ -28,35 +29,9 @@ from dvfl.models import CheckpointError
 from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
 from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
 
+from conftest import TINY, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 12),
-    ("data.synthetic.test_per_class", 4), ("teacher.train.embed_dim", 16), ("teacher.optim.epochs", 4),
-    ("teacher.optim.lr", 0.001), ("student.embed_dim", 8), ("optim.epochs", 2), ("teacher.train.drop_path_rate", 0.0),
-]
-
-
-def tiny_config(output_dir, extra=()):
-    return load_config(None, [("output_dir", str(output_dir)), *TINY, *extra])
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    """Clips (several shards), a teacher trained with 2 DDP workers, and its cache."""
-    from dvfl import pipeline
-    from dvfl.data.adapters import build_manifest
-    from dvfl.data.ingest import IngestConfig, ingest
-
-    out = tmp_path_factory.mktemp("prepared")
-    cfg = tiny_config(out)
-    generated = pipeline.ensure_videos(cfg, log=None)
-    ingest(build_manifest("synthetic", generated["root"], 1),
-           IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
-                        videos_per_shard=8, progress=False), log=lambda *_: None)
-    info = load_dataset_info(cfg.clips_dir)
-    teacher_path, spec = pipeline.ensure_teacher(cfg, info)
-    cache_info = pipeline.ensure_cache(cfg, teacher_path)
-    return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 
 
 def test_shared_loop_learns_with_two_ddp_workers(prepared):
@@ -252,26 +227,28 @@ def _tiny_args(out, extra=()):
 def test_embedded_default_end_to_end_reduced(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("e2e")
     address = ray_local.get_runtime_context().gcs_address
-    r = _run_distill(_tiny_args(out), address)
+    # like the embedded default: an unlabelled pool too, so three students are trained
+    args = _tiny_args(out, [("data.synthetic.unlabeled_videos", 6)])
+    r = _run_distill(args, address)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     models = report["models"]
-    assert set(models) == {"teacher", "vfl", "dvfl"}
+    assert set(models) == {"teacher", "vfl", "dvfl", "dvfl+unlabeled"}
     for row in models.values():
         assert 0.0 <= row["top1_mean"] <= 1.0 and row["params"] > 0 and row["gmacs"] > 0
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
     assert "DVFL-Net" in (out / "results.md").read_text()
     assert (out / "training_curves.png").stat().st_size > 10_000
     # the cached-KD student ran with 2 DDP workers and reported CE, KD and total each epoch
-    (dvfl_dir,) = (out / "students").glob("dvfl-*")
+    (dvfl_dir,) = (out / "students").glob("dvfl-s*")
     history = json.loads((dvfl_dir / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["train_kd"] > 0 and h["train_ce"] > 0 for h in history)
     # a second run reuses every stage (fingerprints unchanged)
-    again = _run_distill(_tiny_args(out), address)
+    again = _run_distill(args, address)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("reusing") >= 3
-    assert not re.search(r"^\[(teacher|vfl|dvfl)\] training", again.stdout, re.M)
+    assert again.stdout.count("reusing") >= 4
+    assert not re.search(r"^\[(teacher|vfl|dvfl|dvfl\+unlabeled)\] training", again.stdout, re.M)
 
 
 @pytest.mark.slow
@@ -284,7 +261,7 @@ def test_killed_worker_is_recovered_by_failure_config(prepared, ray_local):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (Path(cfg.output_dir) / ".fail-injected").exists()  # a worker really died
     assert "resumed from checkpoint after epoch 1" in r.stdout + r.stderr
-    (student,) = [p for p in (Path(cfg.output_dir) / "students").glob("dvfl-*")
+    (student,) = [p for p in (Path(cfg.output_dir) / "students").glob("dvfl-s*")
                   if json.loads((p / "model.json").read_text())["identity"]["optim"]["epochs"] == 3]
     history = json.loads((student / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -303,7 +280,7 @@ def test_rerun_resumes_from_checkpoint_with_epochs_and_metrics(prepared, ray_loc
     second = _run_distill(args + ["--resume"], address)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from checkpoint after epoch 2" in second.stdout + second.stderr
-    (student,) = [p for p in (Path(cfg.output_dir) / "students").glob("dvfl-*")
+    (student,) = [p for p in (Path(cfg.output_dir) / "students").glob("dvfl-s*")
                   if json.loads((p / "model.json").read_text())["identity"]["optim"]["epochs"] == 4]
     history = json.loads((student / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]

@@ -145,3 +145,22 @@ def unique_sorted(index_lists: Iterable[Sequence[int]]) -> np.ndarray:
     if not arrs:
         return np.zeros(0, dtype=np.int64)
     return np.unique(np.concatenate(arrs))
+
+
+def labelled_subset(video_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int = 0) -> set:
+    """The videos whose labels a run may use when only ``fraction`` of them are labelled.
+
+    Per class, videos are ranked by a seeded hash of their id and the first
+    ``max(1, round(fraction * n_class))`` are kept: the subset is balanced, reproducible,
+    independent of row order, and nested (a smaller fraction keeps a subset of a larger one).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    by_class: dict = {}
+    for vid, label in dict(zip(video_ids, labels)).items():
+        by_class.setdefault(label, []).append(vid)
+    keep = set()
+    for vids in by_class.values():
+        ranked = sorted(vids, key=lambda v: stable_seed("label-subset", seed, v))
+        keep.update(ranked[: max(1, round(fraction * len(ranked)))])
+    return keep

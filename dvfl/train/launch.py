@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import torch
 
-from dvfl.data.shards import read_clip_dataset, shard_paths
+from dvfl.data.sampling import labelled_subset
+from dvfl.data.shards import read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
 
 TRAIN_COLUMNS = VAL_COLUMNS
@@ -60,18 +61,31 @@ def run_training(
     storage_path: str,
     max_failures: int = 1,
     materialize_below_mb: int = 256,
+    label_fraction: float = 1.0,
+    callbacks=None,
 ):
     """Fit ``train_loop_per_worker`` with DDP over ``scaling.num_workers`` Ray Train workers.
 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
+    ``label_fraction`` < 1 trains on that (class-balanced, seeded) fraction of the labelled videos.
+    ``callbacks``: extra Ray Train callbacks for the run config (Tune passes its
+    ``TuneReportCallback`` here, see :mod:`dvfl.tune`).
     """
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     quiet_data_progress()
     train = read_clip_dataset(clips_dir, list(train_splits), columns=TRAIN_COLUMNS)
     train_rows = count_rows(clips_dir, train_splits)
+    if label_fraction < 1:
+        # Only a fraction of the labelled videos (label-efficiency runs). The others are left
+        # out, not turned into unlabelled clips: the teacher may have seen their labels.
+        ids = read_clips_table(clips_dir, train_splits, columns=["clip_id", "video_id", "label"]).to_pydict()
+        videos = labelled_subset(ids["video_id"], ids["label"], label_fraction, seed=0)
+        keep = {c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in videos}
+        train = train.filter(lambda row: row["clip_id"] in keep)
+        train_rows = len(keep)
     shard_bytes = _shard_bytes(clips_dir, train_splits) + _shard_bytes(clips_dir, [val_split])
     if unlabeled_dir:
         train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
@@ -96,7 +110,11 @@ def run_training(
                                                            **(scaling.resources or {})}),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # the loop prints one line per epoch; Ray Train's per-report INFO
+                             # lines (a dump of every metric, per rank) would bury it
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             callbacks=list(callbacks) if callbacks else None),
         datasets={"train": train, "val": val},
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -204,6 +204,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         started = time.time()
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         seen = correct = batches = 0
+        # Clip accounting (issue 9): the CE count comes from the loss itself, the labelled and
+        # unlabelled counts from the label column, so a loss that let an unlabelled clip into
+        # CE would show up as ce_clips > labelled_clips in the reported metrics.
+        counts = torch.zeros(4, dtype=torch.int64)  # labelled, unlabelled, ce_clips, mixed batches
         for table in train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                               local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
                                               local_shuffle_seed=seed * 1000 + epoch * world + rank):
@@ -223,10 +227,12 @@ def train_loop_per_worker(cfg: dict) -> None:
                                         alpha=kd["alpha"], temperature=kd["temperature"],
                                         unlabeled_weight=kd.get("unlabeled_weight", 1.0),
                                         label_smoothing=optim.get("label_smoothing", 0.0))
-                loss, ce, kd_part = out.total, out.ce, out.kd
+                loss, ce, kd_part, ce_clips = out.total, out.ce, out.kd, int(out.num_labelled)
             else:
+                if (labels < 0).any():
+                    raise ValueError("unlabelled clips reached a run without a teacher: CE needs labels")
                 loss = ce = F.cross_entropy(logits.float(), y, label_smoothing=optim.get("label_smoothing", 0.0))
-                kd_part = torch.zeros(())
+                kd_part, ce_clips = torch.zeros(()), len(labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if optim.get("clip_grad"):
@@ -243,11 +249,21 @@ def train_loop_per_worker(cfg: dict) -> None:
             labelled = labels >= 0
             correct += int((logits.argmax(1).cpu().numpy() == labels)[labelled].sum())
             seen += int(labelled.sum())
+            counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
+                                    int(labelled.any() and not labelled.all())])
+        if world > 1:
+            import torch.distributed as dist
+
+            reduced = counts.to(device)
+            dist.all_reduce(reduced)
+            counts = reduced.cpu()
         metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": sums["loss"] / max(batches, 1), "train_ce": sums["ce"] / max(batches, 1),
                    "train_kd": sums["kd"] / max(batches, 1), "train_top1": correct / max(seen, 1),
-                   "epoch_seconds": time.time() - started, "steps": step}
-        if teacher is not None and teacher.mode == "online":
+                   "epoch_seconds": time.time() - started, "steps": step,
+                   "labelled_clips": int(counts[0]), "unlabelled_clips": int(counts[1]),
+                   "ce_clips": int(counts[2]), "mixed_batches": int(counts[3])}
+        if teacher is not None:  # 0 from the cache: proof that a run never ran its teacher
             metrics["teacher_forward_calls"] = teacher.forward_calls
         ckpt_dir = None
         if rank == 0:

@@ -1,0 +1,76 @@
+"""Distillation from unlabelled clips (issue 9), on real files and a real Ray Train run.
+
+A small generated dataset with an unlabelled pool (real H.264 files, disjoint videos) is ingested
+with the real Ray Data pipeline; the teacher is the one the shared ``prepared`` fixture trained on
+*another* ingest of labelled videos only (a teacher "pre-trained elsewhere": it never saw the
+pool). Its cache covers the unlabelled clips, and the student trains on labelled + unlabelled
+clips with 2 DDP workers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dvfl import pipeline
+from dvfl.config import ConfigError
+from dvfl.data.shards import read_clips_table
+from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache
+
+from conftest import tiny_config
+
+POOL = 10
+
+
+@pytest.fixture(scope="module")
+def with_pool(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unlabeled")
+    cfg = tiny_config(out, [("data.synthetic.unlabeled_videos", POOL), ("teacher.path", prepared["teacher"]),
+                            ("optim.epochs", 1), ("seed", 3)])
+    pipeline.ensure_videos(cfg, log=None)
+    info = pipeline.ensure_clips(cfg, log=lambda *_: None)
+    pipeline.ensure_cache(cfg, prepared["teacher"], log=lambda *_: None)
+    return {"cfg": cfg, "info": info}
+
+
+def test_unlabelled_rows_are_ingested_without_labels_and_cached(with_pool):
+    cfg = with_pool["cfg"]
+    rows = read_clips_table(cfg.clips_dir, ["unlabeled"], columns=["clip_id", "label", "class_name", "split"]).to_pylist()
+    assert len(rows) == POOL * cfg.data.clips_per_video
+    assert all(r["label"] is None and r["class_name"] is None and r["split"] == "unlabeled" for r in rows)
+    cache = TeacherLogitCache(cfg.cache_dir)
+    assert "unlabeled" in cache.info["splits"]
+    logits = cache.lookup([r["clip_id"] for r in rows], ["center"] * len(rows))
+    assert logits.shape == (len(rows), 4) and bool(logits.isfinite().all())
+
+
+def test_mixed_batches_under_two_ddp_workers_keep_unlabelled_clips_out_of_ce(with_pool, prepared):
+    cfg, info = with_pool["cfg"], with_pool["info"]
+    assert cfg.scaling.num_workers == 2 and cfg.student_roles == ["vfl", "dvfl", "dvfl+unlabeled"]
+    signal = pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], info, kd=True)
+    path = pipeline.train_student(cfg, info, signal, seed=3, unlabeled=True, log=lambda *_: None)
+    (epoch,) = json.loads((Path(path) / "model.json").read_text())["history"]
+    labelled = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id"]).num_rows
+    unlabelled = read_clips_table(cfg.clips_dir, ["unlabeled"], columns=["clip_id"]).num_rows
+    # both workers' counts (all-reduced); equal splitting may drop < world_size rows per epoch
+    assert labelled + unlabelled - 2 < epoch["labelled_clips"] + epoch["unlabelled_clips"] <= labelled + unlabelled
+    assert epoch["unlabelled_clips"] > 0 and epoch["mixed_batches"] > 0
+    # CE saw exactly the labelled clips: the count comes from the loss, the other from the labels
+    assert epoch["ce_clips"] == epoch["labelled_clips"]
+    assert epoch["train_kd"] > 0 and epoch["teacher_forward_calls"] == 0
+
+
+def test_unlabelled_training_without_a_cache_covering_it_is_refused(prepared):
+    cfg = prepared["cfg"]
+    # the shared fixture's cache covers train + test only; ask for its clips dir as unlabelled data
+    asking = tiny_config(cfg.output_dir, [("data.unlabeled", cfg.clips_dir), ("data.clips", cfg.clips_dir)])
+    with pytest.raises(CacheMismatchError, match=r"does not cover split\(s\) \['unlabeled'\]"):
+        pipeline.teacher_signal(asking, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
+
+
+def test_unlabelled_student_without_unlabelled_data_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="students .*no unlabelled clips"):
+        tiny_config(tmp_path, [("students", ["vfl", "dvfl+unlabeled"])])
+    with pytest.raises(ConfigError, match="students must be distinct names"):
+        tiny_config(tmp_path, [("students", ["dvfl", "kd"])])
