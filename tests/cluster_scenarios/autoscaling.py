@@ -5,8 +5,8 @@
 The head advertises 0 CPUs (as on the AWS/GCP/KubeRay clusters in cluster/) and runs Ray's
 autoscaler (v1, the 2.60 default) with the ``fake_multinode`` node provider, which "launches" a
 worker node by starting another raylet on this machine. A job of 2 tasks that need 1 CPU each
-cannot run on the head, so the autoscaler adds worker nodes of type ``cpu_worker`` (1 CPU,
-at most 2); once the tasks are done the nodes are idle and are removed after
+(and hold it at the same time) cannot run on the head, so the autoscaler adds worker nodes of
+type ``cpu_worker`` (1 CPU, at most 2); once the tasks are done the nodes are idle and are removed after
 ``idle_timeout_minutes`` (a few seconds here). The node count is sampled throughout.
 
 Why not ``ray.cluster_utils.AutoscalingCluster``: its ``start()`` and ``shutdown()`` run
@@ -121,18 +121,37 @@ def run(result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_tim
     counter.start()
     result["_counter"] = counter
 
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        def __init__(self):
+            self.arrived = 0
+
+        def arrive(self) -> int:
+            self.arrived += 1
+            return self.arrived
+
+        def count(self) -> int:
+            return self.arrived
+
     @ray.remote(num_cpus=1)
-    def work(seconds: float) -> str:
-        time.sleep(seconds)
+    def work(barrier, parties: int, timeout_s: float) -> str:
+        # all tasks hold their CPU at the same time (so each needs its own 1-CPU node), then finish
+        ray.get(barrier.arrive.remote())
+        deadline = time.time() + timeout_s
+        while ray.get(barrier.count.remote()) < parties and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
         return ray.get_runtime_context().get_node_id()
 
     # 1. the job: 2 x 1 CPU on a head with 0 CPUs -> the autoscaler must add nodes
     t = time.time()
-    refs = [work.remote(4.0) for _ in range(MAX_WORKERS)]
+    barrier = Barrier.remote()
+    refs = [work.remote(barrier, MAX_WORKERS, up_timeout_s) for _ in range(MAX_WORKERS)]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=up_timeout_s)
     if len(ready) != len(refs):
         raise RuntimeError(f"the job did not finish within {up_timeout_s} s; node counts {counter.changes()}")
     task_nodes = ray.get(refs)
+    ray.kill(barrier)
     result["job_seconds"] = round(time.time() - t, 1)
     result["task_nodes"] = task_nodes
     result["head_node"] = cluster.head_node.node_id

@@ -56,7 +56,7 @@ def tiny_config(out: str, teacher_path: str | None = None):
     overrides = [
         ("output_dir", out), ("name", "multinode"), ("baseline", False), ("max_failures", 1),
         ("data.synthetic.unlabeled_videos", 0),
-        ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 6),
+        ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 4),
         ("data.synthetic.test_per_class", 2), ("data.synthetic.size", 32), ("data.synthetic.frames", 8),
         ("data.short_side", 16), ("data.frames", 4),  # decord fails on 16 px sources
         ("student.embed_dim", 8), ("optim.epochs", EPOCHS), ("optim.batch_size", 8),
@@ -137,16 +137,24 @@ def run(out: str, result: dict) -> None:
         time.sleep(0.2)
     ranks = {r: json.load(open(p)) for r, p in enumerate(held)}
     result["ranks_before_kill"] = ranks
-    # epoch 1's checkpoint: persisted under the run's storage path, and what it says
+    # epoch 1's checkpoint, once Ray Train's controller has registered it: it writes its checkpoint
+    # manager snapshot (ray 2.60's format) under the run directory when it does
     storage = os.path.join(cfg.output_dir, pipeline.RAY_RESULTS)
-    ckpts = []
-    while not ckpts and time.time() < deadline:
-        ckpts = sorted(glob.glob(os.path.join(storage, "*", "checkpoint_*", "state.pt")))
+    registered = None
+    while registered is None:
+        if time.time() > deadline:
+            raise RuntimeError("epoch 1's checkpoint was never registered")
+        for snap in glob.glob(os.path.join(storage, "*", "checkpoint_manager_snapshot.json")):
+            try:
+                latest = json.load(open(snap)).get("latest_checkpoint_result") or {}
+            except ValueError:  # being written
+                continue
+            if latest.get("metrics", {}).get("epoch") == 1:
+                registered = os.path.join(os.path.dirname(snap), latest["checkpoint_dir_name"])
         time.sleep(0.2)
-    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
-    result["checkpoint_before_kill"] = {"path": ckpts[-1], "epoch_index": state["epoch"], "step": state["step"],
+    state = torch.load(os.path.join(registered, "state.pt"), map_location="cpu", weights_only=True)
+    result["checkpoint_before_kill"] = {"path": registered, "epoch_index": state["epoch"], "step": state["step"],
                                         "history": state["history"]}
-    time.sleep(3.0)  # let the controller register the reported checkpoint (as the failure hook does)
     victim = next(w for w in workers if w.node_id == ranks[1]["node_id"])
     log(f"killing node {victim.node_id[:8]} (rank 1, pid {ranks[1]['pid']}) mid-epoch {HOLD_AFTER_EPOCH + 1}")
     cluster.remove_node(victim, allow_graceful=False)
