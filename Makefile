@@ -34,6 +34,8 @@ bench: venv
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/teacher_cache.py
 	$(PY) benchmarks/distill_cost.py
+	$(PY) benchmarks/dataset_shapes.py
+	$(PY) benchmarks/scaling_plan.py --write-doc docs/scaling.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
