@@ -34,6 +34,7 @@ class SyntheticSection:
     unlabeled_videos: int = 0
     size: int = 32
     frames: int = 16
+    paired_train: bool = False  # minimal pairs (see dvfl/data/synthetic.py)
 
 
 @dataclass

@@ -8,6 +8,7 @@ last checkpoint of a run with the same name). Entry points in ``pipelines/`` cal
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,10 +60,12 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     from dvfl.data.synthetic import SyntheticConfig, generate
 
     s = cfg.data.synthetic
-    return generate(os.path.join(cfg.output_dir, "videos"),
-                    SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
-                                    test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
-                                    frames=s.frames, size=s.size, seed=cfg.seed), log=log)
+    syn = SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
+                          test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
+                          frames=s.frames, size=s.size, paired_train=s.paired_train, seed=cfg.seed)
+    # The output dir owns its generated videos: a changed config regenerates them (generate()
+    # only ever deletes a folder that holds a generated dataset).
+    return generate(os.path.join(cfg.output_dir, "videos"), syn, overwrite=True, log=log)
 
 
 def ensure_clips(cfg: RunConfig, log=print) -> dict:
@@ -80,9 +83,15 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
             manifest.extend(unlabeled(generated["unlabeled_dir"]))
     else:
         manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
-    ingest(manifest, IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
-                                  eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side,
-                                  seed=cfg.seed), log=log)
+    icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
+                        eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed)
+    try:
+        ingest(manifest, icfg, log=log)
+    except ValueError as exc:
+        if cfg.data.clips or "already holds an ingest with a different" not in str(exc):
+            raise  # a user-given dir is never overwritten
+        log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
+        ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
     return load_dataset_info(out)
 
 

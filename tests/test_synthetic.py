@@ -126,3 +126,22 @@ def test_single_frames_carry_no_class_information():
     spread = np.std(np.concatenate([feats[c] for c in range(8)]), 0)
     # class means differ by far less than the within-dataset spread (40 videos per class)
     assert np.all(means.std(0) < 0.35 * spread)
+
+
+def test_paired_training_videos_differ_only_in_direction():
+    """paired_train: a group of num_classes training videos shares everything but the direction
+    (same first frame, different motion); test videos stay independent draws."""
+    cfg = syn.SyntheticConfig(num_classes=4, train_per_class=3, test_per_class=2, paired_train=True)
+    jobs, *_ = syn._plan(cfg)
+    train = [j for j in jobs if "_g01_" not in j.rel and "_g02_" not in j.rel]
+    by_group = {}
+    for j in train:
+        by_group.setdefault(j.rel.split("_", 2)[2], []).append(j)  # gGG_cCC.mp4 names the group
+    assert len(by_group) == 3 and all(len(g) == 4 for g in by_group.values())
+    for group in by_group.values():
+        assert len({j.seed for j in group}) == 1 and sorted(j.class_index for j in group) == [0, 1, 2, 3]
+        videos = [syn.render_video(cfg, j.class_index, np.random.default_rng(j.seed)) for j in group]
+        assert all(np.array_equal(v[0], videos[0][0]) for v in videos)  # same first frame
+        assert not any(np.array_equal(v[-1], videos[0][-1]) for v in videos[1:])  # different motion
+    tests = [j for j in jobs if "_g01_" in j.rel or "_g02_" in j.rel]
+    assert len({j.seed for j in tests}) == len(tests)

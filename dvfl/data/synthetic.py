@@ -64,6 +64,12 @@ class SyntheticConfig:
     noise_std: float = 6.0
     angle_jitter_deg: float = 8.0
     crf: int = 20
+    # Minimal pairs: the training videos come in groups of num_classes that share everything
+    # (background, distractors, object, colour, speed, start, noise) except the direction of
+    # motion. Appearance then carries no label information *within the training set*, so
+    # memorising appearance cannot lower the training loss. Test and unlabelled videos stay
+    # independent draws.
+    paired_train: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -219,7 +225,9 @@ def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[
     for c, name in enumerate(names):
         for j in range(cfg.train_per_class):
             rel = f"{name}/v_{name}_g{8 + j % 18:02d}_c{j // 18 + 1:02d}.mp4"
-            jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "train", c, j)))
+            seed = (stable_seed("dvfl-synth", cfg.seed, "train-group", j) if cfg.paired_train
+                    else stable_seed("dvfl-synth", cfg.seed, "train", c, j))
+            jobs.append(_Job(rel, c, seed))
             train_lines.append(f"{rel} {c + 1}")
         for j in range(cfg.test_per_class):
             rel = f"{name}/v_{name}_g{1 + j % 7:02d}_c{j // 7 + 1:02d}.mp4"
