@@ -121,37 +121,27 @@ def run(result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_tim
     counter.start()
     result["_counter"] = counter
 
-    @ray.remote(num_cpus=0)
-    class Barrier:
-        def __init__(self):
-            self.arrived = 0
-
-        def arrive(self) -> int:
-            self.arrived += 1
-            return self.arrived
-
-        def count(self) -> int:
-            return self.arrived
-
     @ray.remote(num_cpus=1)
-    def work(barrier, parties: int, timeout_s: float) -> str:
-        # all tasks hold their CPU at the same time (so each needs its own 1-CPU node), then finish
-        ray.get(barrier.arrive.remote())
+    def work(barrier_dir: str, parties: int, timeout_s: float) -> str:
+        # All tasks hold their CPU at the same time, so each needs its own 1-CPU node. The barrier
+        # is a directory (all "nodes" share this machine), not an actor: a task blocked in
+        # ray.get() lends its CPU back to Ray, and the other task could then start beside it.
+        node = ray.get_runtime_context().get_node_id()
+        open(os.path.join(barrier_dir, f"{node}-{os.getpid()}"), "w").close()
         deadline = time.time() + timeout_s
-        while ray.get(barrier.count.remote()) < parties and time.time() < deadline:
+        while len(os.listdir(barrier_dir)) < parties and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
-        return ray.get_runtime_context().get_node_id()
+        return node
 
     # 1. the job: 2 x 1 CPU on a head with 0 CPUs -> the autoscaler must add nodes
     t = time.time()
-    barrier = Barrier.remote()
-    refs = [work.remote(barrier, MAX_WORKERS, up_timeout_s) for _ in range(MAX_WORKERS)]
+    barrier_dir = tempfile.mkdtemp(prefix="barrier-", dir=os.environ["RAY_TMPDIR"])
+    refs = [work.remote(barrier_dir, MAX_WORKERS, up_timeout_s) for _ in range(MAX_WORKERS)]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=up_timeout_s)
     if len(ready) != len(refs):
         raise RuntimeError(f"the job did not finish within {up_timeout_s} s; node counts {counter.changes()}")
     task_nodes = ray.get(refs)
-    ray.kill(barrier)
     result["job_seconds"] = round(time.time() - t, 1)
     result["task_nodes"] = task_nodes
     result["head_node"] = cluster.head_node.node_id
@@ -205,7 +195,7 @@ def main(argv=None) -> int:
                 cluster.shutdown()
             except Exception as exc:
                 result["shutdown_error"] = repr(exc)
-        result["leftover_processes"] = kill_leftovers(tmpdir)
+        result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
         result["wall_s"] = round(time.time() - started, 1)
         write_result(args.result, result)
         log(f"done in {result['wall_s']} s, ok={result['ok']}: nodes {result.get('node_count_changes')}")

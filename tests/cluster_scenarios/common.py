@@ -47,9 +47,12 @@ def pids_under(tmpdir: str) -> list[int]:
     return pids
 
 
-def kill_leftovers(tmpdir: str, grace_s: float = 5.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every process of this scenario that is still alive; returns them."""
-    left = pids_under(tmpdir)
+def kill_leftovers(tmpdir: str, grace_s: float = 5.0) -> tuple[list[int], list[int]]:
+    """SIGTERM, then SIGKILL, every process of this scenario that is still alive.
+
+    Returns the processes found alive after the cluster's own shutdown, and those still alive
+    after the kill (which should be none)."""
+    found = left = pids_under(tmpdir)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in left:
             try:
@@ -62,7 +65,7 @@ def kill_leftovers(tmpdir: str, grace_s: float = 5.0) -> list[int]:
         left = pids_under(tmpdir)
         if not left:
             break
-    return left
+    return found, left
 
 
 def write_result(path: str, result: dict) -> None:

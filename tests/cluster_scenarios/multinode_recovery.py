@@ -202,7 +202,7 @@ def main(argv=None) -> int:
                 cluster.shutdown()
             except Exception as exc:  # still clean up below
                 result["shutdown_error"] = repr(exc)
-        result["leftover_processes"] = kill_leftovers(tmpdir)
+        result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
         result["wall_s"] = round(time.time() - started, 1)
         write_result(args.result, result)
         log(f"done in {result['wall_s']} s, ok={result['ok']}")
