@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--up-timeout", type=float, default=180)
     ap.add_argument("--down-timeout", type=float, default=180)
     args = ap.parse_args(argv)
+    own_tmp = not os.environ.get("RAY_TMPDIR")
     tmpdir = own_ray_tmpdir("dvfl-as-")
     os.environ.pop("RAY_ADDRESS", None)
     # read by the autoscaler (monitor) process the head starts: fake provider on, 1 s updates
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
                 result["shutdown_error"] = repr(exc)
         result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
         result["wall_s"] = round(time.time() - started, 1)
+        if result["ok"] and not result["leftover_processes"] and own_tmp:
+            shutil.rmtree(tmpdir, ignore_errors=True)  # session logs are kept only when it failed
         write_result(args.result, result)
         log(f"done in {result['wall_s']} s, ok={result['ok']}: nodes {result.get('node_count_changes')}")
     return 0 if result["ok"] else 1

@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--result", required=True)
     args = ap.parse_args(argv)
+    own_tmp = not os.environ.get("RAY_TMPDIR")
     tmpdir = own_ray_tmpdir("dvfl-mn-")
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
                 result["shutdown_error"] = repr(exc)
         result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
         result["wall_s"] = round(time.time() - started, 1)
+        if result["ok"] and not result["leftover_processes"] and own_tmp:
+            shutil.rmtree(tmpdir, ignore_errors=True)  # session logs are kept only when it failed
         write_result(args.result, result)
         log(f"done in {result['wall_s']} s, ok={result['ok']}")
     return 0 if result["ok"] else 1
