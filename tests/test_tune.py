@@ -1,0 +1,290 @@
+"""Ray Tune search over distillation runs (issue 6).
+
+One search on the shared tiny dataset (``prepared`` in conftest.py: clips, a trained teacher and
+its logit cache) with 3 trials: it must finish, ASHA must stop a trial early, every trial must
+distil from the shared cache without ever running the teacher, and the best configuration must be
+a run config ``pipelines/distill.py`` takes. An interrupted experiment (the driver killed) must
+resume with ``Tuner.restore``. Config validation is checked without Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvfl.config import ConfigError, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = {"kd.temperature": {"loguniform": [1.0, 20.0]}, "kd.alpha": {"uniform": [0.1, 0.9]},
+         "student.embed_dim": {"choice": [8, 12]}}
+
+
+def write_search(tmp: Path, prepared, name: str, *, space: dict, extra: dict | None = None) -> Path:
+    """A run config on the prepared clips/teacher/cache (shared, never rebuilt) and a search over it."""
+    cfg = prepared["cfg"]
+    run = load_config(None, [("output_dir", str(tmp / "out")), ("data.clips", cfg.clips_dir),
+                             ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir),
+                             ("baseline", False)] + [(k, v) for k, v in _tiny() if not k.startswith("teacher.")]
+                   # one Train worker per trial: every trial starts its own worker processes, and on
+                   # 2 cores their start-up, not the tiny epochs, is most of a trial's time
+                   + [("scaling.num_workers", 1)])
+    dump_config(run, tmp / "run.yaml")
+    search = {"run_config": str(tmp / "run.yaml"), "experiment": name, "storage": str(tmp / "tune"),
+              "num_samples": 1, "seed": 0, "max_concurrent_trials": 1, "driver_cpus": 0.25,
+              "asha": {"enabled": True, "grace_period": 1, "reduction_factor": 2}, "space": space, **(extra or {})}
+    (tmp / "search.yaml").write_text(yaml.safe_dump(search, sort_keys=False))
+    return tmp / "search.yaml"
+
+
+def _tiny():
+    from conftest import TINY
+
+    return TINY
+
+
+def _mtimes(prepared) -> dict:
+    cfg = prepared["cfg"]
+    files = [*Path(cfg.cache_dir).rglob("*"), *Path(prepared["teacher"]).rglob("*")]
+    return {str(p): p.stat().st_mtime_ns for p in files if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- one search, several checks
+@pytest.fixture(scope="module")
+def search(prepared, tmp_path_factory, ray_local):
+    """3 trials, up to 2 epochs each, ASHA forced to stop one: the learning rate is a grid in this
+    order (3e-3, 1e-12, 1e-12), the validation split is the training split, batches are small, and
+    ASHA judges val_loss after epoch 1. The first trial fits its training clips in 24 steps; the
+    others cannot move from their initialisation (loss ~ln 4), so whatever the random draws of T,
+    α and width, the second trial is below the first one's cutoff and is stopped."""
+    from dvfl.tune import load_tune_config, run_search
+
+    tmp = tmp_path_factory.mktemp("tune")
+    before = _mtimes(prepared)
+    path = write_search(tmp, prepared, "forced-asha",
+                        space={**SPACE, "optim.lr": {"grid": [0.003, 1e-12, 1e-12]}},
+                        extra={"metric": "val_loss", "mode": "min"})
+    tune_cfg, run_cfg = load_tune_config(path, [("data.val_split", "train"), ("optim.batch_size", 4)])
+    started = time.time()
+    summary = run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)
+    return {"summary": summary, "exp": Path(summary["path"]), "seconds": time.time() - started,
+            "before": before, "tune_cfg": tune_cfg, "run_cfg": run_cfg}
+
+
+@pytest.mark.slow
+def test_search_with_three_trials_completes(search):
+    s, exp = search["summary"], search["exp"]
+    rows = s["rows"]
+    assert s["trials"] == len(rows) == 3 and s["errors"] == 0, [r["error"] for r in rows]
+    for r in rows:
+        assert r["best_top1"] is not None and 0.0 <= r["best_top1"] <= 1.0
+        assert r["gmacs"] > 0 and r["params"] > 0 and r["width"] in (8, 12) and r["epochs_run"] >= 1
+    # sorted by accuracy, the best config is the top row's, widths change GMACs
+    assert [r["best_top1"] for r in rows] == sorted((r["best_top1"] for r in rows), reverse=True)
+    by_width = {r["width"]: r["gmacs"] for r in rows}
+    assert all(by_width[a] < by_width[b] for a in by_width for b in by_width if a < b)
+    md = (exp / "tune_results.md").read_text()
+    assert md.count("\n| ") == 4 and "GMACs/clip" in md and "epochs run" in md
+    assert json.loads((exp / "tune_results.json").read_text())["trials"] == 3
+    assert (exp / "pareto.png").stat().st_size > 10_000
+    assert any(r["pareto"] for r in rows)
+    # Tune's TensorBoard event files, one per trial, under <storage>/<experiment>
+    assert len(list(exp.glob("*/events.out.tfevents.*"))) == 3
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_early(search):
+    s = search["summary"]
+    stopped = [r for r in s["rows"] if r["status"] == "stopped early"]
+    assert stopped, [(r["lr"], r["epochs_run"]) for r in s["rows"]]
+    assert all(r["epochs_run"] < r["max_epochs"] for r in stopped)
+    assert all(r["lr"] == 1e-12 for r in stopped)  # a trial that cannot learn, never the good one
+    assert s["trial_epochs_saved_by_asha"] >= 1
+    assert s["trial_epochs_run"] < s["trial_epochs_if_all_ran_to_the_end"]
+
+
+@pytest.mark.slow
+def test_trials_share_one_cache_and_never_run_the_teacher(search, prepared):
+    rows = search["summary"]["rows"]
+    # every trial's loop got the cache (no teacher weights shipped) and counted 0 teacher forwards
+    assert [r["teacher_mode"] for r in rows] == ["cached"] * 3
+    assert [r["teacher_forward_calls"] for r in rows] == [0] * 3
+    for r in rows:
+        record = json.loads((Path(r["path"]) / "dvfl_trial.json").read_text())
+        assert record["teacher_mode"] == "cached" and record["teacher_model_shipped"] is False
+    # the search used the prepared cache and teacher as they were: nothing rebuilt or retrained
+    assert _mtimes(prepared) == search["before"]
+    used = json.loads((search["exp"] / "dvfl_search.json").read_text())["search"]["teacher"]
+    assert used == {"mode": "cached", "fingerprint": prepared["cache"]["fingerprint"]}
+
+
+def test_teacher_proof_can_fail(prepared, ray_local):
+    """The check above is not vacuous: the loop counts teacher forwards when a teacher runs."""
+    from dvfl import pipeline
+
+    cfg = load_config(None, [("output_dir", prepared["cfg"].output_dir), *_tiny(), ("teacher.mode", "online")])
+    signal_ = pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
+    assert signal_["mode"] == "online" and "state_ref" in signal_
+    from dvfl.train.loop import TeacherSignal
+    import torch
+
+    teacher = TeacherSignal({"teacher": signal_}, torch.device("cpu"))
+    teacher.logits(["x"], [None], torch.zeros(1, 8, 3, 32, 32))
+    assert teacher.forward_calls == 1
+
+
+# ----------------------------------------------------------------------------- interruption
+def _experiment_state(exp: Path) -> dict:
+    """Trial id -> status, from Tune's saved experiment state (what a restore starts from)."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    out = {}
+    for trial_json, _ in data.get("trial_data", []):
+        trial = json.loads(trial_json)
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def restored(prepared, tmp_path_factory, ray_local):
+    """Kill the search driver (SIGKILL) once the first of 2 trials is finished and saved, then run
+    the same command again."""
+    tmp = tmp_path_factory.mktemp("restore")
+    path = write_search(tmp, prepared, "restore", space=SPACE, extra={"num_samples": 2, "asha": {"enabled": False}})
+    exp = tmp / "tune" / "restore"
+    cmd = [sys.executable, str(REPO / "tuning" / "search.py"), "--config", str(path), "--quiet",
+           "--set", "optim.epochs=1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = open(tmp / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if "TERMINATED" in _experiment_state(exp).values():
+                break
+            time.sleep(0.5)
+        running = proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its trials die with it
+        proc.wait()
+        log.close()
+    interrupted = _experiment_state(exp)
+    from ray import tune
+
+    can_restore = tune.Tuner.can_restore(str(exp))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return {"exp": exp, "interrupted": interrupted, "was_running": running, "can_restore": can_restore,
+            "again": again, "first_log": (tmp / "first.log").read_text()}
+
+
+@pytest.mark.slow
+def test_interrupted_experiment_restores(restored):
+    """The finished trial is kept (not rerun) and the other one completes."""
+    assert restored["was_running"], "the search finished before it could be interrupted: " + restored["first_log"][-3000:]
+    interrupted, exp, again = restored["interrupted"], restored["exp"], restored["again"]
+    (done,) = [t for t, s in interrupted.items() if s == "TERMINATED"]
+    assert restored["can_restore"]
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming the interrupted experiment" in again.stdout
+    final = _experiment_state(exp)
+    assert set(final) == set(interrupted) and set(final.values()) == {"TERMINATED"}
+    summary = json.loads((exp / "tune_results.json").read_text())
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    # the trial finished before the interruption was not run again (its driver started once)
+    (row,) = [r for r in summary["rows"] if r["trial_id"] == done]
+    assert row["starts"] == 1 and row["epochs_run"] == 1 and row["status"] == "completed"
+    assert all(r["epochs_run"] == 1 and r["teacher_forward_calls"] == 0 for r in summary["rows"])
+
+
+@pytest.mark.slow
+def test_best_config_runs_with_distill(restored, ray_local):
+    """The best configuration of a search is a run config distill.py takes unchanged."""
+    exp = restored["exp"]
+    best = json.loads((exp / "tune_results.json").read_text())["best"]
+    best_file = exp / "best_config.yaml"
+    cfg = load_config(best_file)  # accepted and validated unchanged
+    assert cfg.kd.temperature == pytest.approx(best["temperature"]) and cfg.kd.alpha == pytest.approx(best["alpha"])
+    assert cfg.optim.lr == pytest.approx(best["lr"]) and cfg.student.embed_dim == best["width"]
+    # pipelines/distill.py's own main(), in this process (it joins the session's Ray instance)
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "pipelines"))
+    try:
+        spec = importlib.util.spec_from_file_location("distill_cli", REPO / "pipelines" / "distill.py")
+        distill = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(distill)
+        assert distill.main(["--config", str(best_file)]) == 0
+    finally:
+        if str(REPO / "pipelines") in sys.path:
+            sys.path.remove(str(REPO / "pipelines"))
+    report = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert set(report["models"]) == {"teacher", "dvfl"}
+    assert report["config"]["kd"]["temperature"] == pytest.approx(best["temperature"])
+
+
+# ----------------------------------------------------------------------------- validation (no Ray)
+@pytest.mark.parametrize("override, message", [
+    (("tune.space.kd.temperature", {"loguniform": [0, 20]}), r"tune\.space\.kd\.temperature\.loguniform needs low > 0"),
+    (("tune.space.kd.alpha", {"uniform": [0.1, 1.5]}), r"tune\.space\.kd\.alpha: kd\.alpha must be in \[0, 1\]"),
+    (("tune.space.data.frames", {"choice": [4, 8]}), r"tune\.space\.data\.frames cannot be searched"),
+    (("tune.space.optim.epochs", {"choice": [1, 2]}), r"tune\.space\.optim\.epochs cannot be searched: ASHA"),
+    (("tune.space.student.embed_dim", {"choice": [12, "wide"]}), r"tune\.space\.student\.embed_dim: student\.embed_dim must be int"),
+    (("tune.space.kd.unlabeled_weight", {"choice": [0.5, 1.0]}), r"tune\.space\.kd\.unlabeled_weight: .*tune\.unlabeled"),
+    (("tune.unlabeled", "yes"), r"tune\.unlabeled must be true or false"),
+    (("tune.space.kd.alpha", {"gauss": [0.5, 0.1]}), r"tune\.space\.kd\.alpha has unknown domain 'gauss'"),
+    (("tune.metric", "accuracy"), r"tune\.metric must be one of"),
+    (("tune.mode", "min"), r"tune\.mode must be max for val_top1"),
+    (("tune.asha.grace_period", 99), r"tune\.asha\.grace_period \(99\) must not exceed optim\.epochs"),
+    (("tune.num_samples", 0), r"tune\.num_samples must be >= 1"),
+    (("tune.max_concurent_trials", 2), r"tune\.max_concurent_trials is not a known field"),
+    (("kd.temperature", -1), r"kd\.temperature must be > 0"),
+])
+def test_bad_search_configs_are_rejected_naming_the_field(override, message):
+    from dvfl.tune import load_tune_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_tune_config(None, [override])
+
+
+def test_shipped_search_configs_are_valid():
+    from dvfl.tune import load_tune_config
+
+    t, cfg = load_tune_config(None)  # the embedded default: small widths, few epochs
+    assert set(t.space) >= {"kd.temperature", "kd.alpha", "optim.lr", "student.embed_dim"}
+    assert t.max_concurrent_trials == 1 and t.driver_cpus == 0.25 and t.asha.enabled
+    t, cfg = load_tune_config(REPO / "configs" / "tune_ucf101.yaml", check_paths=False)
+    assert t.space["student.embed_dim"] == {"choice": [48, 64, 96]}
+    assert cfg.student.model == "videofocalnet_nano" and cfg.teacher.mode == "cached"
+
+
+def test_resources_that_cannot_fit_are_refused_before_any_trial():
+    from dvfl.tune import check_resources, load_tune_config, required_resources
+
+    t, cfg = load_tune_config(None, [("tune.max_concurrent_trials", 2)])
+    assert required_resources(t, cfg)["CPU"] == pytest.approx(2 * (0.25 + 2 * 0.5) + 1)
+    check_resources(t, cfg, {"CPU": 4.0})  # fits: 3.5 of 4
+    with pytest.raises(ConfigError, match=r"tune\.max_concurrent_trials=2 needs 3\.5 CPU .* Ray has 3"):
+        check_resources(t, cfg, {"CPU": 3.0})
+
+
+def test_pareto_front_and_cli_config_error(tmp_path):
+    from dvfl.tune import pareto_front
+
+    rows = [{"gmacs": 1.0, "best_top1": 0.5}, {"gmacs": 2.0, "best_top1": 0.5}, {"gmacs": 2.0, "best_top1": 0.7},
+            {"gmacs": 3.0, "best_top1": 0.6}, {"gmacs": 0.5, "best_top1": None}]
+    assert pareto_front(rows) == [0, 2]
+    r = subprocess.run([sys.executable, str(REPO / "tuning" / "search.py"), "--output-dir", str(tmp_path / "never"),
+                        "--set", "tune.space.kd.alpha={uniform: [0.5, 2]}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "config error: tune.space.kd.alpha" in r.stderr
+    assert not (tmp_path / "never").exists()
