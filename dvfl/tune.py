@@ -474,7 +474,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
              "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), {"cpu": t.driver_cpus})
     if restoring:
-        log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept)")
+        log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept, the others rerun)")
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=t.asha.grace_period,

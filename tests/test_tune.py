@@ -279,7 +279,11 @@ def test_resources_that_cannot_fit_are_refused_before_any_trial():
 
 
 def test_pareto_front_and_cli_config_error(tmp_path):
-    from dvfl.tune import pareto_front
+    from dvfl.tune import diverged, pareto_front
+
+    # a trial whose loss is NaN is stopped (ASHA never would: NaN is below no cutoff)
+    assert diverged("t", {"train_loss": float("nan")}) and not diverged("t", {"train_loss": 1.3})
+    assert not diverged("t", {"epoch": 1})
 
     rows = [{"gmacs": 1.0, "best_top1": 0.5}, {"gmacs": 2.0, "best_top1": 0.5}, {"gmacs": 2.0, "best_top1": 0.7},
             {"gmacs": 3.0, "best_top1": 0.6}, {"gmacs": 0.5, "best_top1": None}]

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Benchmark: what the teacher-logit cache and ASHA save a Ray Tune search.
+
+Three searches over the same space (configs/tune_embedded.yaml: T, α, lr, student width), the
+same seed (so the same sampled trials), the same clip shards, one after the other on one Ray
+instance:
+
+* ``cached``       - trials distil from the teacher-logit cache (built once, before the search), ASHA on
+* ``online``       - trials run the teacher inside the training loop (``teacher.mode: online``), ASHA on
+* ``cached_fifo``  - the cache, ASHA off: every trial runs to the end
+
+Reported: trials per hour and trial-epochs per hour (cached vs online), and the trial-epochs
+(and wall time) ASHA saved against running every trial to the end. A trial's time includes its
+Ray Train start-up (worker processes, dataset, checkpoints), which on a 2-core machine is most
+of a tiny trial; the epoch times are reported separately.
+
+Default teacher: Video-FocalNet-B (the paper's teacher), untrained - this measures cost, not
+accuracy (as benchmarks/distill_cost.py does); ``--teacher embedded`` uses the embedded default's
+demo teacher architecture instead. Writes benchmarks/results/tune_cost.json and prints a table.
+
+    python benchmarks/tune_cost.py [--samples 4] [--epochs 3] [--videos-per-class 12] [--teacher embedded]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "tune_cost.json"
+
+
+def derive(results: dict) -> dict:
+    """Ratios and the split of each search's wall time into epochs and per-trial start-up."""
+    rows = results["runs"]
+    for r in rows.values():
+        r["epoch_seconds_total"] = sum(sum(t["epoch_seconds"]) for t in r["trials_detail"])
+        # Ray Train start-up/teardown (worker processes, dataset, checkpoints) and Tune bookkeeping
+        r["overhead_s_per_trial"] = (r["wall_s"] - r["epoch_seconds_total"]) / max(r["trials"], 1)
+    cached, online, fifo = rows["cached"], rows["online"], rows.get("cached_fifo")
+    results.update({
+        "cached_over_online_trials_per_hour": cached["trials_per_hour"] / online["trials_per_hour"],
+        "cached_over_online_trial_epochs_per_hour": cached["trial_epochs_per_hour"] / online["trial_epochs_per_hour"],
+        "online_over_cached_epoch_s": online["mean_epoch_s"] / cached["mean_epoch_s"],
+        "online_over_cached_epoch_time_total": online["epoch_seconds_total"] / cached["epoch_seconds_total"],
+        "asha_trial_epochs_saved": cached["trial_epochs_if_all_ran_to_the_end"] - cached["trial_epochs_run"],
+        "asha_wall_saved_s": (fifo["wall_s"] - cached["wall_s"]) if fifo else None,
+        "asha_epoch_time_saved_s": (fifo["epoch_seconds_total"] - cached["epoch_seconds_total"]) if fifo else None,
+    })
+    results.pop("online_over_cached_wall", None)  # = cached_over_online_trials_per_hour (same trials)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=4, help="trials per search")
+    p.add_argument("--epochs", type=int, default=3, help="most epochs per trial (ASHA's max_t)")
+    p.add_argument("--videos-per-class", type=int, default=12, help="synthetic training videos per class")
+    p.add_argument("--teacher", default="videofocalnet_base", help="a timm Video-FocalNet name, or 'embedded'")
+    p.add_argument("--no-fifo", action="store_true", help="skip the ASHA-off search (ASHA savings counted only)")
+    p.add_argument("--work-dir")
+    a = p.parse_args(argv)
+
+    from dvfl import pipeline
+    from dvfl.artifacts import build_model, save_model
+    from dvfl.runtime import ray_runtime
+    from dvfl.train.launch import count_rows
+    from dvfl.tune import load_tune_config, run_search
+
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-tune-"))
+    data = [("data.synthetic.train_per_class", a.videos_per_class), ("data.synthetic.test_per_class", 4),
+            ("data.synthetic.unlabeled_videos", 0), ("tune.set.optim.epochs", a.epochs),
+            ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune"))]
+    search, cfg = load_tune_config(None, data, output_dir=str(work))
+    load_before = os.getloadavg()
+    pipeline.ensure_videos(cfg, log=None)
+    cores = os.cpu_count() or 1
+    rows, prep = {}, {}
+    with ray_runtime(dashboard=False, log_to_driver=False):
+        t0 = time.perf_counter()
+        info = pipeline.ensure_clips(cfg, log=lambda *_: None)
+        prep["ingest_s"] = time.perf_counter() - t0
+        kw = {"num_classes": len(info["classes"]), "num_frames": cfg.data.frames, "img_size": cfg.crop_size}
+        if a.teacher == "embedded":
+            t_cfg = cfg.teacher.train
+            kw.update({k: v for k, v in (("embed_dim", t_cfg.embed_dim), ("depths", t_cfg.depths)) if v is not None})
+            name = t_cfg.model
+        else:
+            name = a.teacher
+        teacher_dir = work / "teacher"
+        if not (teacher_dir / "model.json").is_file():
+            save_model(teacher_dir, build_model(name, **kw), name, kw)  # timing only: untrained
+        common = [*data, ("teacher.path", str(teacher_dir)), ("baseline", False)]
+        runs = {"cached": [("tune.experiment", "cached"), ("teacher.mode", "cached")],
+                "online": [("tune.experiment", "online"), ("teacher.mode", "online")]}
+        if not a.no_fifo:
+            runs["cached_fifo"] = [("tune.experiment", "cached_fifo"), ("teacher.mode", "cached"),
+                                   ("tune.asha", {"enabled": False})]
+        for label, extra in runs.items():
+            t, c = load_tune_config(None, common + extra, output_dir=str(work))
+            if label == "cached":  # the one-off cost every cached search amortises
+                t0 = time.perf_counter()
+                pipeline.ensure_cache(c, str(teacher_dir), log=lambda *_: None)
+                prep["cache_build_s"] = time.perf_counter() - t0
+            s = run_search(t, c, fresh=True, verbose=0, log=lambda *_: None)
+            epochs = [e for r in s["rows"] for e in r["epoch_seconds"]]
+            rows[label] = {
+                "wall_s": s["wall_seconds"], "trials": s["trials"], "errors": s["errors"],
+                "stopped_early": s["stopped_early"], "trial_epochs_run": s["trial_epochs_run"],
+                "trial_epochs_if_all_ran_to_the_end": s["trial_epochs_if_all_ran_to_the_end"],
+                "trials_per_hour": s["trials"] / s["wall_seconds"] * 3600,
+                "trial_epochs_per_hour": s["trial_epochs_run"] / s["wall_seconds"] * 3600,
+                "mean_epoch_s": sum(epochs) / max(len(epochs), 1),
+                "teacher_forward_calls": sum(r["teacher_forward_calls"] or 0 for r in s["rows"]),
+                "trials_detail": [{k: r[k] for k in ("trial_id", "temperature", "alpha", "lr", "width", "gmacs",
+                                                     "best_top1", "epochs_run", "status", "epoch_seconds")}
+                                  for r in s["rows"]],
+            }
+            print(f"[bench] {label}: {s['trials']} trials, {s['trial_epochs_run']} trial-epochs in "
+                  f"{s['wall_seconds']:.0f}s", flush=True)
+    load_after = os.getloadavg()
+    cached, online = rows["cached"], rows["online"]
+    fifo = rows.get("cached_fifo")
+    results = {
+        "teacher": name, "teacher_kwargs": kw, "teacher_trained": False, "space": search.space,
+        "samples": a.samples, "max_epochs": a.epochs, "asha": vars(search.asha), "seed": search.seed,
+        "train_clips": count_rows(cfg.clips_dir, [cfg.data.train_split]),
+        "scaling": vars(cfg.scaling), "cores": cores, "device": "cpu", "prepare": prep, "runs": rows,
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "contended": max(load_before[0], load_after[0]) > cores,
+        "note": ("the machine was shared with other jobs (load average above the core count): absolute times are "
+                 "upper bounds, and the load changed while the searches ran one after the other, so wall-time "
+                 "ratios are rough; epoch-time ratios are steadier")
+        if max(load_before[0], load_after[0]) > cores else "quiet machine",
+    }
+    derive(results)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nTune cost: {a.samples} trials x up to {a.epochs} epochs, teacher {name} (untrained, timing only), "
+          f"students {search.space.get('student.embed_dim')}, {cfg.scaling.num_workers} Train workers per trial, "
+          f"CPU, {cores} cores")
+    print("| search | wall | trials | trial-epochs | trials / hour | trial-epochs / hour | mean epoch | "
+          "start-up per trial | teacher forwards |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['wall_s']:.0f} s | {r['trials']} ({r['stopped_early']} stopped early) | "
+              f"{r['trial_epochs_run']}/{r['trial_epochs_if_all_ran_to_the_end']} | {r['trials_per_hour']:.1f} | "
+              f"{r['trial_epochs_per_hour']:.1f} | {r['mean_epoch_s']:.1f} s | {r['overhead_s_per_trial']:.0f} s | "
+              f"{r['teacher_forward_calls']} |")
+    print(f"\ncache vs online teacher: {results['cached_over_online_trials_per_hour']:.2f}x trials per hour "
+          f"({results['online_over_cached_epoch_s']:.2f}x epoch time); cache build (once): "
+          f"{prep.get('cache_build_s', 0):.0f} s")
+    print(f"ASHA: {results['asha_trial_epochs_saved']} of {cached['trial_epochs_if_all_ran_to_the_end']} trial-epochs "
+          f"saved" + (f"; {results['asha_wall_saved_s']:.0f} s of wall time vs every trial to the end" if fifo else ""))
+    print(f"load average {results['load_average_before_after']} ({'contended' if results['contended'] else 'quiet'})")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
