@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -28,7 +27,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, kill_leftovers, log, own_ray_tmpdir, write_result  # noqa: E402
+from common import finish, free_port, log, own_ray_tmpdir  # noqa: E402
 
 WORKER_TYPE = "cpu_worker"
 MAX_WORKERS = 2
@@ -188,20 +187,7 @@ def main(argv=None) -> int:
             counter.stopped.set()
             counter.join(timeout=5)
             result["node_count_changes"] = counter.changes()
-        cluster = result.pop("_cluster", None)
-        if cluster is not None:
-            import ray
-
-            ray.shutdown()
-            try:
-                cluster.shutdown()
-            except Exception as exc:
-                result["shutdown_error"] = repr(exc)
-        result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
-        result["wall_s"] = round(time.time() - started, 1)
-        if result["ok"] and not result["leftover_processes"] and own_tmp:
-            shutil.rmtree(tmpdir, ignore_errors=True)  # session logs are kept only when it failed
-        write_result(args.result, result)
+        finish(result, tmpdir, own_tmp, started, args.result)
         log(f"done in {result['wall_s']} s, ok={result['ok']}: nodes {result.get('node_count_changes')}")
     return 0 if result["ok"] else 1
 

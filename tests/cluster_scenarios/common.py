@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -90,3 +91,22 @@ def write_result(path: str, result: dict) -> None:
 
 def log(msg: str) -> None:
     print(f"[scenario {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def finish(result: dict, tmpdir: str, own_tmp: bool, started: float, result_path: str) -> None:
+    """Shut the scenario's cluster down (``result["_cluster"]``), kill what it left behind,
+    record the wall time, and keep the session logs only when the scenario failed."""
+    cluster = result.pop("_cluster", None)
+    if cluster is not None:
+        import ray
+
+        ray.shutdown()
+        try:
+            cluster.shutdown()
+        except Exception as exc:  # still clean up below
+            result["shutdown_error"] = repr(exc)
+    result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
+    result["wall_s"] = round(time.time() - started, 1)
+    if result["ok"] and not result["leftover_processes"] and own_tmp:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    write_result(result_path, result)

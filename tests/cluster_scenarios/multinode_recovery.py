@@ -23,14 +23,13 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
 import threading
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, kill_leftovers, log, own_ray_tmpdir, write_result  # noqa: E402
+from common import finish, free_port, log, own_ray_tmpdir  # noqa: E402
 
 EPOCHS = 3
 HOLD_AFTER_EPOCH = 1  # pause (and kill a node) after the first step of epoch 2
@@ -196,20 +195,7 @@ def main(argv=None) -> int:
         result["error"] = traceback.format_exc()
         log(result["error"])
     finally:
-        cluster = result.pop("_cluster", None)
-        if cluster is not None:
-            import ray
-
-            ray.shutdown()
-            try:
-                cluster.shutdown()
-            except Exception as exc:  # still clean up below
-                result["shutdown_error"] = repr(exc)
-        result["alive_after_shutdown"], result["leftover_processes"] = kill_leftovers(tmpdir)
-        result["wall_s"] = round(time.time() - started, 1)
-        if result["ok"] and not result["leftover_processes"] and own_tmp:
-            shutil.rmtree(tmpdir, ignore_errors=True)  # session logs are kept only when it failed
-        write_result(args.result, result)
+        finish(result, tmpdir, own_tmp, started, args.result)
         log(f"done in {result['wall_s']} s, ok={result['ok']}")
     return 0 if result["ok"] else 1
 
