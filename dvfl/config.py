@@ -34,7 +34,7 @@ class SyntheticSection:
     unlabeled_videos: int = 0
     size: int = 32
     frames: int = 16
-    paired_train: bool = False  # minimal pairs (see dvfl/data/synthetic.py)
+    motion: str = "bounded"  # or "wrap" (see dvfl/data/synthetic.py; wrap is not learnable here)
 
 
 @dataclass
@@ -223,6 +223,8 @@ class RunConfig:
                      f"cpus_per_worker/use_gpu), got {key!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
                 fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
+        if self.data.synthetic.motion not in ("bounded", "wrap"):
+            fail("data.synthetic.motion", f"must be bounded or wrap, got {self.data.synthetic.motion!r}")
         if not 0 < self.data.label_fraction <= 1:
             fail("data.label_fraction", f"must be in (0, 1], got {self.data.label_fraction!r}")
         if self.data.frames < 1:

@@ -62,7 +62,7 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     s = cfg.data.synthetic
     syn = SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
                           test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
-                          frames=s.frames, size=s.size, paired_train=s.paired_train, seed=cfg.seed)
+                          frames=s.frames, size=s.size, motion=s.motion, seed=cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).
     return generate(os.path.join(cfg.output_dir, "videos"), syn, overwrite=True, log=log)

@@ -84,7 +84,9 @@ def test_schema_counts_and_exact_frames(syn_root, tmp_path, ray_local):
     ds = SH.read_clip_dataset(out, ["train"])
     b = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
     assert SH.decode_frames(b).shape == (4, 8, 24, 24, 3)
-    assert ds.count() == 32
+    # A fresh Dataset for count(): Ray 2.60 caches num_rows when an iterator of `ds` stops, and an
+    # iterator abandoned after one batch can stop early under load (seen: 12 instead of 32).
+    assert SH.read_clip_dataset(out, ["train"]).count() == 32
 
 
 def test_codecs_containers_odd_sizes_and_rates(tmp_path, video_factory, ray_local):
