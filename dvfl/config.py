@@ -35,6 +35,8 @@ class SyntheticSection:
     size: int = 32
     frames: int = 16
     motion: str = "bounded"  # or "wrap" (see dvfl/data/synthetic.py; wrap is not learnable here)
+    angle_jitter_deg: float = 8.0  # direction = class angle +- this (22.5: neighbouring classes touch)
+    distractors: list = field(default_factory=lambda: [0, 0])  # static blobs per video, [min, max]
 
 
 @dataclass
@@ -53,6 +55,11 @@ class DataSection:
     # students use this (class-balanced, seeded) fraction of the labelled training videos; the
     # teacher always uses all of them. Label-efficiency runs (benchmarks/label_efficiency.py).
     label_fraction: float = 1.0
+    # > 0: this (class-balanced, seeded) fraction of the labelled training videos trains the
+    # teacher and no student ever sees them; students get the rest. A real teacher is
+    # pre-trained on data of its own: a teacher's logits on clips it memorised in training are
+    # near one-hot and carry little more than the label (measured, docs/embedded-default.md).
+    teacher_pool: float = 0.0
     train_split: str = "train"
     val_split: str = "test"
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
@@ -223,8 +230,16 @@ class RunConfig:
                      f"cpus_per_worker/use_gpu), got {key!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
                 fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
+        if not 0 <= self.data.synthetic.angle_jitter_deg <= 180.0 / self.data.synthetic.num_classes:
+            fail("data.synthetic.angle_jitter_deg", f"must be in [0, 180/num_classes], got "
+                 f"{self.data.synthetic.angle_jitter_deg!r}")
+        d = self.data.synthetic.distractors
+        if not (len(d) == 2 and all(isinstance(v, int) and v >= 0 for v in d) and d[0] <= d[1]):
+            fail("data.synthetic.distractors", f"must be [min, max] with 0 <= min <= max, got {d!r}")
         if self.data.synthetic.motion not in ("bounded", "wrap"):
             fail("data.synthetic.motion", f"must be bounded or wrap, got {self.data.synthetic.motion!r}")
+        if not 0 <= self.data.teacher_pool < 1:
+            fail("data.teacher_pool", f"must be in [0, 1), got {self.data.teacher_pool!r}")
         if not 0 < self.data.label_fraction <= 1:
             fail("data.label_fraction", f"must be in (0, 1], got {self.data.label_fraction!r}")
         if self.data.frames < 1:

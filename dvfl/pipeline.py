@@ -62,7 +62,9 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     s = cfg.data.synthetic
     syn = SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
                           test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
-                          frames=s.frames, size=s.size, motion=s.motion, seed=cfg.seed)
+                          frames=s.frames, size=s.size, motion=s.motion,
+                          angle_jitter_deg=s.angle_jitter_deg,
+                          distractors=tuple(s.distractors), seed=cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).
     return generate(os.path.join(cfg.output_dir, "videos"), syn, overwrite=True, log=log)
@@ -167,7 +169,8 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
         scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                         cfg.scaling.worker_resources),
         name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
-        max_failures=cfg.max_failures, label_fraction=1.0 if role == "teacher" else cfg.data.label_fraction)
+        max_failures=cfg.max_failures, label_fraction=1.0 if role == "teacher" else cfg.data.label_fraction,
+        teacher_pool=cfg.data.teacher_pool, role="teacher" if role == "teacher" else "student")
     state = load_final_state(result)
     model = build_model(section.model, **kwargs)
     model.load_state_dict(state["model"])
@@ -194,6 +197,8 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
                 "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
                 "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip}
+    if cfg.data.teacher_pool > 0:
+        identity["teacher_pool"] = cfg.data.teacher_pool
     path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
                        seed=cfg.seed, teacher={"mode": "none"}, identity=identity, log=log)
     spec = json.loads((path / SPEC).read_text())
@@ -247,6 +252,8 @@ def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, 
                 "init": [cfg.student.checkpoint, cfg.student.init_2d]}
     if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
         identity["label_fraction"] = cfg.data.label_fraction
+    if cfg.data.teacher_pool > 0:
+        identity["teacher_pool"] = cfg.data.teacher_pool
     return train_model(cfg, role=role, section=cfg.student, optim=cfg.optim, dataset_info=dataset_info,
                        seed=seed, teacher={k: v for k, v in teacher.items() if k != "fingerprint"},
                        identity=identity, unlabeled_dir=cfg.unlabeled_dir if unlabeled else None, log=log)
@@ -298,6 +305,16 @@ def summarize(rows: list[dict]) -> dict:
             "params": rows[0]["params"], "gmacs": rows[0]["gmacs"]}
 
 
+def kd_gains(table: dict) -> dict | None:
+    """Per seed: DVFL-Net minus VFL-Net top-1 in points and DVFL-Net over the teacher."""
+    if not all(k in table for k in ("teacher", "vfl", "dvfl")):
+        return None
+    vfl, dvfl = table["vfl"]["top1_per_seed"], table["dvfl"]["top1_per_seed"]
+    teacher = table["teacher"]["top1_mean"]
+    return {"dvfl_minus_vfl_points": [round(100 * (d - v), 2) for d, v in zip(dvfl, vfl)],
+            "dvfl_over_teacher": [d / teacher if teacher else float("nan") for d in dvfl]}
+
+
 def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     """results.json, results.md and training_curves.png in the output dir."""
     out = Path(cfg.output_dir)
@@ -312,6 +329,13 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         lines.append(f"| {labels.get(name, name)} | {row['params'] / 1e6:.2f}M | {row['gmacs']:.3f} | "
                      f"{row['top1_mean']:.1%}{spread} | {row['top5_mean']:.1%} | {row['seeds']} |")
     md = "\n".join(lines) + f"\n\nEvaluation: {report['eval']}.\n"
+    gains = kd_gains(table)
+    if gains:
+        report["kd_gains"] = gains
+        atomic_write_json(out / "results.json", report)
+        md += ("\nPer seed, DVFL-Net minus VFL-Net: "
+               + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
+               + "DVFL-Net / teacher: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n")
     (out / "results.md").write_text(md)
     _plot_curves(results, out / "training_curves.png", labels)
     log("\n" + md)

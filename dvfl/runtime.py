@@ -28,6 +28,10 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     ``ray.cluster_resources()``. Shuts down only what it started.
     """
     started = False
+    # Ray Data logs two INFO lines per dataset execution (every epoch, from every worker) and
+    # resets its logger levels on first use, so a level set here would not stick; its own
+    # variable does, and local workers inherit it. RAY_DATA_LOG_LEVEL=INFO brings them back.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:

@@ -393,7 +393,8 @@ def trial_driver(params: dict, setup: dict) -> None:
         scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                         cfg.scaling.worker_resources),
         name=name, storage_path=setup["train_storage"], max_failures=cfg.max_failures,
-        label_fraction=cfg.data.label_fraction, callbacks=[TuneReportCallback()])
+        label_fraction=cfg.data.label_fraction, teacher_pool=cfg.data.teacher_pool, role="student",
+        callbacks=[TuneReportCallback()])
     if result.error is not None:
         raise result.error
 

@@ -87,3 +87,23 @@ def test_stable_seed_is_not_process_salted():
         outs.add(subprocess.run([sys.executable, "-c", code, S.__file__], env=env, capture_output=True,
                                 text=True).stdout.strip())
     assert outs == {str(S.stable_seed("x", 1, "vid"))}
+
+
+def test_teacher_and_student_pools_are_disjoint_balanced_and_nested():
+    from dvfl.data.sampling import labelled_subset, pool_videos
+
+    ids = [f"v{c}_{j}" for c in range(4) for j in range(20)]
+    labels = [c for c in range(4) for _ in range(20)]
+    teacher = pool_videos(ids, labels, 0.5, "teacher")
+    students = pool_videos(ids, labels, 0.5, "student")
+    assert not teacher & students and teacher | students == set(ids)
+    for pool in (teacher, students):  # 10 of each class's 20 videos on each side
+        assert sorted(sum(1 for v in pool if v.startswith(f"v{c}_")) for c in range(4)) == [10] * 4
+    quarter = pool_videos(ids, labels, 0.5, "student", label_fraction=0.25)
+    half = pool_videos(ids, labels, 0.5, "student", label_fraction=0.5)
+    assert quarter < half < students and len(quarter) == 4 * round(0.25 * 10)
+    # no teacher pool: the teacher gets everything, students' fractions are the old subsets
+    assert pool_videos(ids, labels, 0.0, "teacher") is None
+    assert pool_videos(ids, labels, 0.0, "student", 0.25) == labelled_subset(ids, labels, 0.25)
+    with pytest.raises(ValueError, match="teacher_pool"):
+        pool_videos(ids, labels, 1.0, "teacher")

@@ -193,6 +193,8 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     (("kd.alpha", "high"), "kd.alpha"),
     (("optim.epochs", 0), "optim.epochs"),
     (("kd.tempreature", 2.0), "kd.tempreature"),
+    (("data.synthetic.motion", "teleport"), "data.synthetic.motion"),
+    (("data.synthetic.angle_jitter_deg", 30.0), "data.synthetic.angle_jitter_deg"),
 ])
 def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
     from dvfl.config import ConfigError
@@ -238,6 +240,10 @@ def test_embedded_default_end_to_end_reduced(tmp_path_factory, ray_local):
         assert 0.0 <= row["top1_mean"] <= 1.0 and row["params"] > 0 and row["gmacs"] > 0
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
     assert "DVFL-Net" in (out / "results.md").read_text()
+    gains = report["kd_gains"]  # the issue-5 comparison, per seed, from the same rows
+    assert gains["dvfl_minus_vfl_points"] == [
+        pytest.approx(100 * (models["dvfl"]["top1_per_seed"][0] - models["vfl"]["top1_per_seed"][0]), abs=0.01)]
+    assert "Per seed, DVFL-Net minus VFL-Net" in (out / "results.md").read_text()
     assert (out / "training_curves.png").stat().st_size > 10_000
     # the cached-KD student ran with 2 DDP workers and reported CE, KD and total each epoch
     (dvfl_dir,) = (out / "students").glob("dvfl-s*")

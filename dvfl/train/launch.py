@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import torch
 
-from dvfl.data.sampling import labelled_subset
+from dvfl.data.sampling import pool_videos
 from dvfl.data.shards import read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
 
@@ -62,12 +62,16 @@ def run_training(
     max_failures: int = 1,
     materialize_below_mb: int = 256,
     label_fraction: float = 1.0,
+    teacher_pool: float = 0.0,
+    role: str = "student",
     callbacks=None,
 ):
     """Fit ``train_loop_per_worker`` with DDP over ``scaling.num_workers`` Ray Train workers.
 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
-    ``label_fraction`` < 1 trains on that (class-balanced, seeded) fraction of the labelled videos.
+    ``label_fraction`` < 1 trains on that (class-balanced, seeded) fraction of the labelled videos;
+    ``teacher_pool`` > 0 gives ``role="teacher"`` that fraction of them and students the rest
+    (:func:`dvfl.data.sampling.pool_videos`).
     ``callbacks``: extra Ray Train callbacks for the run config (Tune passes its
     ``TuneReportCallback`` here, see :mod:`dvfl.tune`).
     """
@@ -78,14 +82,15 @@ def run_training(
     quiet_data_progress()
     train = read_clip_dataset(clips_dir, list(train_splits), columns=TRAIN_COLUMNS)
     train_rows = count_rows(clips_dir, train_splits)
-    if label_fraction < 1:
-        # Only a fraction of the labelled videos (label-efficiency runs). The others are left
-        # out, not turned into unlabelled clips: the teacher may have seen their labels.
+    if label_fraction < 1 or teacher_pool > 0:
+        # A teacher pool and/or only a fraction of the labelled videos (label-efficiency runs).
+        # Videos left out are not turned into unlabelled clips: the teacher may have seen them.
         ids = read_clips_table(clips_dir, train_splits, columns=["clip_id", "video_id", "label"]).to_pydict()
-        videos = labelled_subset(ids["video_id"], ids["label"], label_fraction, seed=0)
-        keep = {c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in videos}
-        train = train.filter(lambda row: row["clip_id"] in keep)
-        train_rows = len(keep)
+        videos = pool_videos(ids["video_id"], ids["label"], teacher_pool, role, label_fraction)
+        if videos is not None:
+            keep = {c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in videos}
+            train = train.filter(lambda row: row["clip_id"] in keep)
+            train_rows = len(keep)
     shard_bytes = _shard_bytes(clips_dir, train_splits) + _shard_bytes(clips_dir, [val_split])
     if unlabeled_dir:
         train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))

@@ -144,10 +144,24 @@ def _maybe_hold(cfg: dict, epoch: int, rank: int) -> None:
         time.sleep(0.2)
 
 
+def _quiet_train_report_log() -> None:
+    """Ray Train 2.60 logs every report (all metrics, per rank) at INFO through a logger named
+    after its module file, outside the ``ray.train`` tree that ``LoggingConfig`` sets; the loop
+    prints its own line per epoch."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: leave its logging alone
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_train_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
