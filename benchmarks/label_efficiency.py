@@ -8,11 +8,11 @@ trained three ways, several seeds each:
 * ``kd_labelled``   - α·KD + (1−α)·CE on the labelled clips only (DVFL-Net);
 * ``kd_unlabelled`` - the same on the labelled clips, plus KD only on the unlabelled pool.
 
-Honest protocol: the teacher is trained once on the labelled training videos; the unlabelled
-pool is a disjoint set of videos (its own seed stream in the generator) whose labels are never
-read - as with a real teacher pre-trained elsewhere. At a label fraction f the students see a
-class-balanced seeded fraction f of the labelled videos; the rest are left out (not recycled
-as unlabelled clips, since the teacher saw their labels).
+Honest protocol: the teacher is trained once on its own pool of labelled videos
+(``data.teacher_pool``; no student sees them); the unlabelled pool is a disjoint set of videos
+(its own seed stream in the generator) whose labels are never read - as with a real teacher
+pre-trained elsewhere. At a label fraction f the students see a class-balanced seeded fraction f
+of the other labelled videos; the rest are left out (not recycled as unlabelled clips).
 
 Every run goes through the product's own stages (``dvfl.pipeline``: Ray Data shards, the cached
 logits, the shared Ray Train loop, deterministic evaluation) and is reused when its inputs are
@@ -114,8 +114,9 @@ def main(argv=None) -> int:
     quarter = results.get("0.25", {}).get("kd_unlabelled", {}).get("mean")
     report = {
         "benchmark": "label_efficiency",
-        "protocol": "teacher trained on all labelled training videos; unlabelled pool = disjoint videos, "
-                    "labels never read; students use a class-balanced seeded fraction of the labelled videos",
+        "protocol": (f"teacher trained on its own pool ({cfg.data.teacher_pool:.0%}) of the labelled training "
+                     "videos, never seen by a student (all of them when 0%); unlabelled pool = disjoint videos, "
+                     "labels never read; students use a class-balanced seeded fraction of the other labelled videos"),
         "config": {"student": dataclasses.asdict(cfg.student), "optim": dataclasses.asdict(cfg.optim),
                    "kd": dataclasses.asdict(cfg.kd), "synthetic": dataclasses.asdict(cfg.data.synthetic),
                    "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}"},

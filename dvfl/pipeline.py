@@ -208,9 +208,11 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
 def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
     from dvfl.teacher_cache import build_teacher_cache
 
+    # The output dir owns its default cache: a new teacher or new clips rebuild it. A cache the
+    # user named (teacher.cache) is never overwritten: a mismatch there is refused.
     return build_teacher_cache(cfg.clips_dir, teacher_path, cfg.cache_dir, teacher_name=cfg.teacher.model,
                                crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
-                               use_gpu=cfg.scaling.use_gpu, log=log)
+                               use_gpu=cfg.scaling.use_gpu, overwrite=not cfg.teacher.cache, log=log)
 
 
 def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, kd: bool) -> dict:

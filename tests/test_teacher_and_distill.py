@@ -344,3 +344,27 @@ def test_ray_job_submit_against_a_local_head(prepared, tmp_path):
         os.killpg(head.pid, signal.SIGKILL)  # ... the blocking `ray start` and the monitor do not
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_pipeline_rebuilds_its_own_cache_but_refuses_a_named_one(prepared, tmp_path):
+    """After a config change the default cache (inside the output dir) is the pipeline's to
+    rebuild; a cache the user named in teacher.cache is never overwritten."""
+    import dataclasses
+
+    from dvfl import pipeline
+
+    cfg = prepared["cfg"]
+    model, spec = load_model(prepared["teacher"])
+    with torch.no_grad():
+        model.head.bias.add_(0.5)
+    other = str(tmp_path / "other_teacher")
+    save_model(other, model, spec["name"], spec["kwargs"])
+    own = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"),
+                              data=dataclasses.replace(cfg.data, clips=cfg.clips_dir))
+    first = pipeline.ensure_cache(own, prepared["teacher"], log=lambda *_: None)
+    second = pipeline.ensure_cache(own, other, log=lambda *_: None)
+    assert first["fingerprint"] != second["fingerprint"]
+    assert TeacherLogitCache(own.cache_dir).fingerprint == second["fingerprint"]
+    named = dataclasses.replace(own, teacher=dataclasses.replace(cfg.teacher, cache=own.cache_dir))
+    with pytest.raises(CacheMismatchError, match="fingerprint"):
+        pipeline.ensure_cache(named, prepared["teacher"], log=lambda *_: None)

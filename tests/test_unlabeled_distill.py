@@ -51,7 +51,14 @@ def test_mixed_batches_under_two_ddp_workers_keep_unlabelled_clips_out_of_ce(wit
     signal = pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], info, kd=True)
     path = pipeline.train_student(cfg, info, signal, seed=3, unlabeled=True, log=lambda *_: None)
     (epoch,) = json.loads((Path(path) / "model.json").read_text())["history"]
-    labelled = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id"]).num_rows
+    # the students' pool: the labelled training videos minus the teacher's pool (data.teacher_pool)
+    from dvfl.data.sampling import pool_videos
+
+    ids = read_clips_table(cfg.clips_dir, ["train"], columns=["video_id", "label"]).to_pydict()
+    assert cfg.data.teacher_pool == 0.5
+    pool = pool_videos(ids["video_id"], ids["label"], cfg.data.teacher_pool, "student")
+    labelled = sum(v in pool for v in ids["video_id"])
+    assert 0 < labelled < len(ids["video_id"])
     unlabelled = read_clips_table(cfg.clips_dir, ["unlabeled"], columns=["clip_id"]).num_rows
     # both workers' counts (all-reduced); equal splitting may drop < world_size rows per epoch
     assert labelled + unlabelled - 2 < epoch["labelled_clips"] + epoch["unlabelled_clips"] <= labelled + unlabelled
