@@ -62,7 +62,7 @@ def plot(results: dict, teacher_top1: float, path: Path) -> None:
         err = [[100 * (r["mean"] - r["min"]) for r in rows], [100 * (r["max"] - r["mean"]) for r in rows]]
         ax.errorbar([100 * f for f in fractions], means, yerr=err, marker="o", capsize=4, color=colour,
                     label=LABELS[method])
-    ax.axhline(100 * teacher_top1, color="k", ls="--", lw=1, label="teacher (all labels)")
+    ax.axhline(100 * teacher_top1, color="k", ls="--", lw=1, label="teacher (trained on its own labelled pool)")
     ax.set(xscale="log", xlabel="training labels used (%)", ylabel="test top-1 (%)",
            title="Label efficiency on the embedded dataset (mean, min-max over seeds)")
     ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
