@@ -323,6 +323,9 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     table = {name: summarize(rows) for name, rows in results.items() if rows}
     report = {"config": cfg.to_dict(), "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}",
               "models": table}
+    gains = kd_gains(table)
+    if gains:
+        report["kd_gains"] = gains
     atomic_write_json(out / "results.json", report)
     labels = STUDENT_LABELS
     lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
@@ -331,10 +334,7 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         lines.append(f"| {labels.get(name, name)} | {row['params'] / 1e6:.2f}M | {row['gmacs']:.3f} | "
                      f"{row['top1_mean']:.1%}{spread} | {row['top5_mean']:.1%} | {row['seeds']} |")
     md = "\n".join(lines) + f"\n\nEvaluation: {report['eval']}.\n"
-    gains = kd_gains(table)
     if gains:
-        report["kd_gains"] = gains
-        atomic_write_json(out / "results.json", report)
         md += ("\nPer seed, DVFL-Net minus VFL-Net: "
                + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
                + "DVFL-Net / teacher: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n")
