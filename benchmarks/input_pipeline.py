@@ -171,18 +171,23 @@ def dataloader_rate(items, workers, batch_size=32, passes=2):
 
 
 def ray_read_rate(out, batch_size=32, passes=2):
+    """The training loop's input path: Ray Data Parquet read, pyarrow batches, frames as one owned
+    uint8 (B, T, H, W, 3) tensor (the loop then crops it)."""
     import torch
 
-    from dvfl.data.shards import decode_frames, read_clip_dataset
+    from dvfl.data.shards import frames_array, read_clip_dataset
+    from dvfl.train.clips import batch_arrays
 
     rates, steady = [], []
     for _ in range(passes):  # a new execution per pass, as every training epoch does
-        ds = read_clip_dataset(out, ["train"], columns=["frames", "num_frames", "height", "width", "label"])
+        ds = read_clip_dataset(out, ["train"], columns=["clip_id", "label", "frames", "num_frames", "height",
+                                                        "width"])
         t0 = time.perf_counter()
         t_first = None
         n = 0
-        for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            x = torch.from_numpy(np.ascontiguousarray(decode_frames(b)))
+        for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            whole = frames_array(table)  # what batch_arrays uses: a zero-copy view of the batch
+            x = torch.from_numpy(np.array(whole) if whole is not None else np.stack(batch_arrays(table)[0]))
             if t_first is None:
                 t_first = time.perf_counter()
             else:
@@ -265,7 +270,7 @@ def main():
     load0 = os.getloadavg()
     res = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version(),
                        "loadavg_at_start": load0}, "sets": {}}
-    n_syn_pc, n_ucf = (40, 12) if a.quick else (160, 96)
+    n_syn_pc, n_ucf = (40, 12) if a.quick else (160, 256)
     syn_root = os.path.join(a.work, f"syn_videos_{n_syn_pc}")
     syn.generate(syn_root, syn.SyntheticConfig(train_per_class=n_syn_pc, test_per_class=0), log=None)
     ucf_root = os.path.join(a.work, f"ucf_like_{n_ucf}")

@@ -64,6 +64,41 @@ def _frames_of(buf: Union[bytes, memoryview, np.ndarray], t: int, h: int, w: int
     return arr.reshape(t, h, w, 3)
 
 
+def frames_array(table: pa.Table) -> Optional[np.ndarray]:
+    """The ``frames`` of a pyarrow batch as one ``(B, T, H, W, 3)`` uint8 array without a copy.
+
+    Clips of one dataset usually share a shape, so their bytes lie back to back in the binary
+    column's data buffer: one ``np.frombuffer`` over it replaces a Python ``bytes`` object and a
+    copy per clip (measured 1.4x faster training-time reading, docs/ingest.md). Returns ``None``
+    when the clips differ in shape (callers then go clip by clip). Read-only, like the buffer.
+    """
+    if table.num_rows == 0:
+        return None
+    shape = []
+    for c in ("num_frames", "height", "width"):
+        col = table.column(c)
+        if col.null_count:
+            return None
+        v = col.to_numpy()  # numpy, not pyarrow.compute: ~10x less per-batch overhead here
+        if not (v == v[0]).all():
+            return None
+        shape.append(int(v[0]))
+    frames = table.column("frames")
+    arr = frames.combine_chunks() if isinstance(frames, pa.ChunkedArray) else frames
+    if isinstance(arr, pa.ChunkedArray):  # pyarrow < 16 keeps a ChunkedArray
+        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks else pa.array([], pa.binary())
+    if arr.null_count or not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        return None
+    size = shape[0] * shape[1] * shape[2] * 3
+    _, offsets_buf, data_buf = arr.buffers()
+    dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=dtype)[arr.offset:arr.offset + len(arr) + 1]
+    if not np.all(np.diff(offsets) == size):
+        return None
+    data = np.frombuffer(data_buf, dtype=np.uint8)[int(offsets[0]):int(offsets[-1])]
+    return data.reshape(len(arr), *shape, 3)
+
+
 def decode_frames(row_or_batch: Any) -> Union[np.ndarray, List[np.ndarray]]:
     """Turn stored ``frames`` bytes back into uint8 ``(T, H, W, 3)`` arrays (read-only views).
 
@@ -73,6 +108,9 @@ def decode_frames(row_or_batch: Any) -> Union[np.ndarray, List[np.ndarray]]:
       else a list of arrays.
     """
     if isinstance(row_or_batch, pa.Table):
+        whole = frames_array(row_or_batch)
+        if whole is not None:
+            return whole
         cols = {c: row_or_batch.column(c).to_pylist() for c in ("frames", "num_frames", "height", "width")}
         return _decode_batch(cols)
     if hasattr(row_or_batch, "to_dict") and hasattr(row_or_batch, "columns"):  # pandas
@@ -132,7 +170,7 @@ class AtomicShardWriter:
     neither matches that nor is visible to pyarrow/Ray (leading ``.``).
     """
 
-    def __init__(self, path: str, row_group_rows: int = 256, compression: str = "zstd"):
+    def __init__(self, path: str, row_group_rows: int = 256, compression: str = "lz4"):
         self.path = path
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
@@ -247,6 +285,10 @@ def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
     paths = shard_paths(out_dir, splits)
     if not paths:
         raise FileNotFoundError(f"no shards for splits {list(splits) if splits else 'all'} in {out_dir}")
+    # One read task per shard file (Ray splits big outputs into blocks by size as they stream).
+    # Ray's default of ~200 read blocks cut a shard into blocks of 2-3 clips here, and the
+    # per-block cost capped reading at ~400 UCF-sized clips/s; per file: ~1,300 (docs/ingest.md).
+    kwargs.setdefault("override_num_blocks", len(paths))
     ctx = ray.data.DataContext.get_current()
     old = getattr(ctx, "use_datasource_v2", None)
     if old is not None:

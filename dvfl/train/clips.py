@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dvfl.data.shards import frames_array
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_POSITIONS = ("start", "center", "end", "random")
@@ -81,10 +83,14 @@ def normalize(clips_uint8: torch.Tensor, device: torch.device | str = "cpu") -> 
 
 def batch_arrays(table) -> tuple[list[np.ndarray], list[str], np.ndarray]:
     """A pyarrow batch of clip rows -> (frame arrays, clip ids, labels with -1 for unlabelled)."""
-    frames = table.column("frames").to_pylist()
-    t = table.column("num_frames").to_pylist()
-    h = table.column("height").to_pylist()
-    w = table.column("width").to_pylist()
-    arrays = [frames_from_bytes(b, n, hh, ww) for b, n, hh, ww in zip(frames, t, h, w)]
+    whole = frames_array(table)  # one zero-copy view when all clips share a shape
+    if whole is not None:
+        arrays = list(whole)
+    else:
+        frames = table.column("frames").to_pylist()
+        t = table.column("num_frames").to_pylist()
+        h = table.column("height").to_pylist()
+        w = table.column("width").to_pylist()
+        arrays = [frames_from_bytes(b, n, hh, ww) for b, n, hh, ww in zip(frames, t, h, w)]
     labels = np.array([-1 if v is None else int(v) for v in table.column("label").to_pylist()], dtype=np.int64)
     return arrays, table.column("clip_id").to_pylist(), labels
