@@ -276,9 +276,11 @@ def _decode_video(job: Dict) -> Dict:
             except Exception:
                 arr = None
             if arr is None or arr.shape[1:3] != tuple(target):
-                arr, scaled = None, False
-                del vr
-                vr = open_reader(False)
+                arr, scaled, vr = None, False, None
+                try:
+                    vr = open_reader(False)
+                except Exception as e:
+                    raise DecodeReject(CORRUPT, _short(e))
         if arr is None:
             try:
                 arr = vr.get_batch(uniq.tolist()).asnumpy()

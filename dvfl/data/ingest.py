@@ -63,8 +63,8 @@ class IngestConfig:
     ray_progress: bool = False              # Ray Data's own progress bars
     test_hooks: bool = False                # honour the DVFL-TEST-* magic files (tests only)
     max_jobs_per_child: int = 1000
-    # lz4, not zstd: same size on clip frames (noise-like bytes: 45 vs 47 MB, 101 vs 101 MB on the
-    # benchmark sets) and 2.4-5x faster to read back, every epoch (docs/ingest.md)
+    # lz4, not zstd: about the same size on clip frames (noise-like bytes: 47 vs 45 MB and 101 vs
+    # 101 MB on the benchmark sets) and 2.4-5x faster to read back, every epoch (docs/ingest.md)
     compression: str = "lz4"
 
     def validate(self) -> None:
