@@ -175,8 +175,7 @@ def ray_read_rate(out, batch_size=32, passes=2):
     uint8 (B, T, H, W, 3) tensor (the loop then crops it)."""
     import torch
 
-    from dvfl.data.shards import frames_array, read_clip_dataset
-    from dvfl.train.clips import batch_arrays
+    from dvfl.data.shards import decode_frames, read_clip_dataset
 
     rates, steady = [], []
     for _ in range(passes):  # a new execution per pass, as every training epoch does
@@ -186,8 +185,7 @@ def ray_read_rate(out, batch_size=32, passes=2):
         t_first = None
         n = 0
         for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-            whole = frames_array(table)  # what batch_arrays uses: a zero-copy view of the batch
-            x = torch.from_numpy(np.array(whole) if whole is not None else np.stack(batch_arrays(table)[0]))
+            x = torch.from_numpy(np.array(decode_frames(table)))  # batch_arrays' zero-copy view, copied once
             if t_first is None:
                 t_first = time.perf_counter()
             else:

@@ -85,8 +85,6 @@ def frames_array(table: pa.Table) -> Optional[np.ndarray]:
         shape.append(int(v[0]))
     frames = table.column("frames")
     arr = frames.combine_chunks() if isinstance(frames, pa.ChunkedArray) else frames
-    if isinstance(arr, pa.ChunkedArray):  # pyarrow < 16 keeps a ChunkedArray
-        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks else pa.array([], pa.binary())
     if arr.null_count or not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
         return None
     size = shape[0] * shape[1] * shape[2] * 3

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dvfl.data.shards import frames_array
+from dvfl.data.shards import decode_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,14 +33,6 @@ class View:
         if crop not in CROP_POSITIONS or flip not in ("", "flip"):
             raise ValueError(f"unknown view {name!r}: use <start|center|end|random>[+flip]")
         return cls(crop, flip == "flip")
-
-
-def frames_from_bytes(data: bytes, num_frames: int, height: int, width: int) -> np.ndarray:
-    """The stored ``frames`` binary back to a ``(T, H, W, 3)`` uint8 array (no copy)."""
-    expected = num_frames * height * width * 3
-    if len(data) != expected:
-        raise ValueError(f"clip has {len(data)} bytes, expected {expected} for {(num_frames, height, width, 3)}")
-    return np.frombuffer(data, dtype=np.uint8).reshape(num_frames, height, width, 3)
 
 
 def crop_box(height: int, width: int, size: int, crop: str, rng: np.random.Generator | None = None):
@@ -83,14 +75,6 @@ def normalize(clips_uint8: torch.Tensor, device: torch.device | str = "cpu") -> 
 
 def batch_arrays(table) -> tuple[list[np.ndarray], list[str], np.ndarray]:
     """A pyarrow batch of clip rows -> (frame arrays, clip ids, labels with -1 for unlabelled)."""
-    whole = frames_array(table)  # one zero-copy view when all clips share a shape
-    if whole is not None:
-        arrays = list(whole)
-    else:
-        frames = table.column("frames").to_pylist()
-        t = table.column("num_frames").to_pylist()
-        h = table.column("height").to_pylist()
-        w = table.column("width").to_pylist()
-        arrays = [frames_from_bytes(b, n, hh, ww) for b, n, hh, ww in zip(frames, t, h, w)]
+    arrays = list(decode_frames(table))  # one zero-copy view of the batch when the clips share a shape
     labels = np.array([-1 if v is None else int(v) for v in table.column("label").to_pylist()], dtype=np.int64)
     return arrays, table.column("clip_id").to_pylist(), labels
