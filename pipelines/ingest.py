@@ -67,8 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs of the local Ray instance (default: cores + 1)")
     r.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray instance")
-    r.add_argument("--workers", type=int, default=None, help="decode actors (default: cluster CPUs - 1)")
-    r.add_argument("--videos-per-task", type=int, default=16, help="videos per Ray Data decode task")
+    r.add_argument("--workers", type=int, default=None,
+                   help="decode tasks in flight (default: the cluster's logical CPUs)")
+    r.add_argument("--task-mb", type=float, default=4.0,
+                   help="source video MB per decode task, ~1 s of decoding (the last tasks are smaller)")
+    r.add_argument("--videos-per-task", type=int, default=None,
+                   help="at most this many videos per decode task (default: ~256 MiB of decoded clips)")
     r.add_argument("--overwrite", action="store_true", help="delete a previous, different ingest in --out")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     r.add_argument("--ray-progress", action="store_true", help="also show Ray Data's progress bars")
@@ -102,6 +106,8 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         bad(f"--split (held-out group) must be 1..25 for ucf50, got {a.split}")
     if a.dataset == "synthetic" and a.split != 1:
         bad("--split: the synthetic dataset only has split 1")
+    if a.task_mb <= 0:
+        bad(f"--task-mb must be > 0, got {a.task_mb}")
     for flag, v, lo in (("--frames", a.frames, 1), ("--clips-per-video", a.clips_per_video, 1),
                         ("--eval-clips", a.eval_clips, 1), ("--num-cpus", a.num_cpus, 1),
                         ("--workers", a.workers, 1), ("--videos-per-task", a.videos_per_task, 1),
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
     cfg = IngestConfig(out=a.out, frames=a.frames, clips_per_video=a.clips_per_video, eval_clips=a.eval_clips,
                        short_side=short_side, seed=a.seed, min_frames=a.min_frames,
                        timeout_per_file=a.timeout_per_file, videos_per_shard=a.videos_per_shard,
-                       workers=a.workers, videos_per_task=a.videos_per_task, overwrite=a.overwrite, progress=not a.quiet,
+                       workers=a.workers, task_mb=a.task_mb, videos_per_task=a.videos_per_task, overwrite=a.overwrite, progress=not a.quiet,
                        ray_progress=a.ray_progress,
                        # test-only: honour the DVFL-TEST-HANG/CRASH magic files (tests/test_ingest_cli.py)
                        test_hooks=os.environ.get("DVFL_INGEST_TEST_HOOKS") == "1")

@@ -130,6 +130,10 @@ def test_codecs_containers_odd_sizes_and_rates(tmp_path, video_factory, ray_loca
         assert SH.decode_frames(r).shape == (8, h, w, 3)
         src = decord.VideoReader(str(root / r["path"])).get_batch(r["frame_indices"]).asnumpy()
         assert src.shape[1:3] == (kw["h"], kw["w"])
+        # the size the FFmpeg scaler is told about: MP4/MOV from the sample entry, others via PyAV
+        assert D.coded_size(str(root / r["path"])) == (kw["h"], kw["w"])
+        mp4_size = D.mp4_video_size(str(root / r["path"]))
+        assert mp4_size == ((kw["h"], kw["w"]) if r["path"].endswith((".mp4", ".mov")) else None)
         # resized in FFmpeg for every codec, and a faithful resize (PIL for comparison)
         assert np.abs(SH.decode_frames(r).astype(int) - D.resize_frames(src, h, w)).mean() < 6, vid
 

@@ -175,8 +175,13 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def coded_size(path: str) -> Optional[Tuple[int, int]]:
-    """``(height, width)`` of the first video stream from the container headers (PyAV, no
-    decoding), or ``None`` when it cannot be read (the caller then resizes after decoding)."""
+    """``(height, width)`` of the first video stream from the container headers, or ``None``
+    when it cannot be read (the caller then resizes after decoding). MP4/MOV: the sample entry
+    of the first video track (:func:`mp4_video_size`, ~0.05 ms); other containers: PyAV, whose
+    open probes the streams (0.6-1.4 ms per file measured, a quarter of decoding a 32x32 clip)."""
+    size = mp4_video_size(path)
+    if size is not None:
+        return size
     try:
         import av
 
@@ -186,6 +191,72 @@ def coded_size(path: str) -> Optional[Tuple[int, int]]:
         return (h, w) if h > 0 and w > 0 else None
     except Exception:
         return None
+
+
+def _iter_boxes(buf: bytes, start: int, end: int):
+    """``(type, payload_start, box_end)`` of the ISO-BMFF boxes in ``buf[start:end]``."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack(">I4s", buf[pos:pos + 8])
+        head = 8
+        if size == 1:
+            if pos + 16 > end:
+                return
+            size, head = struct.unpack(">Q", buf[pos + 8:pos + 16])[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < head or pos + size > end:
+            return
+        yield kind, pos + head, pos + size
+        pos += size
+
+
+def mp4_video_size(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` from the first video track's sample entry (``moov/trak/mdia/minf/
+    stbl/stsd``) of an MP4/MOV file: the size FFmpeg decodes to (cropped, before aspect
+    correction), read without the probing PyAV does on open. ``None`` if not MP4 or unreadable."""
+    try:
+        fsize = os.path.getsize(path)
+        with open(path, "rb") as f:
+            pos, moov = 0, None
+            while pos + 8 <= fsize and moov is None:
+                f.seek(pos)
+                hdr = f.read(16)
+                size, kind = struct.unpack(">I4s", hdr[:8])
+                if size == 1:
+                    size = struct.unpack(">Q", hdr[8:16])[0]
+                elif size == 0:
+                    size = fsize - pos
+                if size < 8:
+                    return None
+                if kind == b"moov":
+                    if size > max_moov:
+                        return None
+                    f.seek(pos)
+                    moov = f.read(size)
+                pos += size
+        if moov is None:
+            return None
+        for kind, p0, p1 in _iter_boxes(moov, 8, len(moov)):
+            if kind != b"trak":
+                continue
+            mdia = next(((a, b) for k, a, b in _iter_boxes(moov, p0, p1) if k == b"mdia"), None)
+            if mdia is None:
+                continue
+            boxes = {k: (a, b) for k, a, b in _iter_boxes(moov, *mdia)}
+            if b"hdlr" not in boxes or moov[boxes[b"hdlr"][0] + 8:boxes[b"hdlr"][0] + 12] != b"vide":
+                continue
+            node = boxes.get(b"minf")
+            for name in (b"stbl", b"stsd"):
+                node = next(((a, b) for k, a, b in _iter_boxes(moov, *node) if k == name), None) if node else None
+            if node is None:
+                return None
+            entry = node[0] + 8                          # version/flags, entry_count
+            w, h = struct.unpack(">HH", moov[entry + 32:entry + 36])  # VisualSampleEntry width, height
+            return (h, w) if h > 0 and w > 0 else None
+    except (OSError, struct.error, ValueError):
+        return None
+    return None
 
 
 def _run_test_hooks(path: str) -> None:

@@ -2,7 +2,8 @@
 
 Pipeline (one Ray Data job):
 
-    from_items(one row per video still to do, in shard order)
+    from_items(one row per decode task: a run of videos still to do, in shard order, sized by
+               source bytes and shrinking towards the end (plan_decode_tasks))
       -> map_batches(_decode_batch, TaskPoolStrategy(size=W), num_cpus=1)
            each Ray worker process owns a killable decode child (dvfl.data.worker), which opens the file
            with decord, samples every view's frame indices (dvfl.data.sampling), decodes the
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -56,8 +56,9 @@ class IngestConfig:
     videos_per_shard: Optional[int] = None  # default: from target_shard_mb
     target_shard_mb: float = 128.0          # uncompressed clip bytes per shard (estimate)
     row_group_clips: int = 128
-    workers: Optional[int] = None           # decode actors; default: cluster CPUs - 1
-    videos_per_task: int = 16
+    workers: Optional[int] = None           # decode tasks in flight; default: the cluster's logical CPUs
+    task_mb: float = 4.0                    # source video MB per decode task (~1 s of decoding)
+    videos_per_task: Optional[int] = None   # at most this many videos per task; default: 256 MiB of clips
     overwrite: bool = False
     progress: bool = True
     ray_progress: bool = False              # Ray Data's own progress bars
@@ -77,7 +78,8 @@ class IngestConfig:
             (self.timeout_per_file > 0, "--timeout-per-file must be > 0"),
             (self.videos_per_shard is None or self.videos_per_shard >= 1, "--videos-per-shard must be >= 1"),
             (self.workers is None or self.workers >= 1, "--workers must be >= 1"),
-            (self.videos_per_task >= 1, "--videos-per-task must be >= 1"),
+            (self.videos_per_task is None or self.videos_per_task >= 1, "--videos-per-task must be >= 1"),
+            (self.task_mb > 0, "--task-mb must be > 0"),
             (self.target_shard_mb > 0, "--target-shard-mb must be > 0"),
         ]
         for ok, msg in checks:
@@ -139,6 +141,38 @@ def compute_fingerprint(manifest: Manifest, params: Dict[str, Any], identities: 
 _OUT_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=True) for f in _s.CLIP_SCHEMA] + [
     pa.field("_shard", pa.string()), pa.field("_order", pa.int64()), pa.field("_status", pa.string()),
     pa.field("_detail", pa.string()), pa.field("_nrows", pa.int32())])
+_ROW_SCHEMA = pa.schema([f for f in _OUT_SCHEMA if f.name != "frames"])
+_CHUNK_BYTES = 1 << 30  # binary arrays have 32-bit offsets: start a new chunk before 2 GiB
+
+
+def binary_column(parts: List[Optional[np.ndarray]]) -> pa.ChunkedArray:
+    """A ``binary`` column whose values are the bytes of ``parts`` (None -> null), built from one
+    contiguous buffer per chunk: ``pa.Table.from_pylist`` over ``ndarray.tobytes()`` values cost
+    2.6-3.7 ms of CPU per UCF-like video (1 MB of clips), more than all other worker-side work."""
+    chunks, start = [], 0
+    while start < len(parts) or not chunks:
+        stop, total = start, 0
+        while stop < len(parts) and (stop == start or total + _nbytes(parts[stop]) <= _CHUNK_BYTES):
+            total += _nbytes(parts[stop])
+            stop += 1
+        group = parts[start:stop]
+        offsets = np.zeros(len(group) + 1, dtype=np.int32)
+        np.cumsum([_nbytes(p) for p in group], out=offsets[1:])
+        data = np.empty(int(offsets[-1]), dtype=np.uint8)
+        for p, o in zip(group, offsets[:-1]):
+            if p is not None:
+                data[o:o + p.nbytes] = p.reshape(-1).view(np.uint8)
+        valid = np.array([p is not None for p in group], dtype=bool)
+        bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+        chunks.append(pa.BinaryArray.from_buffers(pa.binary(), len(group), [bitmap, pa.py_buffer(offsets),
+                                                                            pa.py_buffer(data)],
+                                                  null_count=int((~valid).sum())))
+        start = stop
+    return pa.chunked_array(chunks, type=pa.binary())
+
+
+def _nbytes(p: Optional[np.ndarray]) -> int:
+    return 0 if p is None else p.nbytes
 
 
 _PROC = None  # one decode child per Ray worker process, reused across tasks (and ingest runs)
@@ -157,7 +191,8 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[s
     if _PROC is None:
         _PROC = DecodeProcess(max_jobs=max_jobs)
     rows: List[Dict[str, Any]] = []
-    for job in batch.to_pylist():
+    frames: List[Optional[np.ndarray]] = []
+    for job in (j for text in batch.column("jobs").to_pylist() for j in json.loads(text)):
         full = dict(params, path=job["abspath"], video_id=job["video_id"], split=job["split"])
         res = _PROC.run(full, timeout)
         label = None if job["label"] < 0 else job["label"]
@@ -167,14 +202,16 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[s
         if not res.get("ok"):
             rows.append(dict(base, _status=res.get("reason", "decoder_error"), _detail=res.get("detail", ""),
                              _nrows=1))
+            frames.append(None)
             continue
         for view, k, idx, clip in res["views"]:
-            rows.append(dict(base, _nrows=len(res["views"]), clip_id=make_clip_id(job["video_id"], view, k), view=view, view_index=k,
-                             frame_indices=idx.tolist(), src_fps=res["src_fps"],
+            rows.append(dict(base, _nrows=len(res["views"]), clip_id=make_clip_id(job["video_id"], view, k),
+                             view=view, view_index=k, frame_indices=idx.tolist(), src_fps=res["src_fps"],
                              src_num_frames=res["src_num_frames"], num_frames=clip.shape[0],
-                             height=res["height"], width=res["width"], frames=clip.tobytes(),
-                             _status="ok", _detail=""))
-    return pa.Table.from_pylist(rows, schema=_OUT_SCHEMA)
+                             height=res["height"], width=res["width"], _status="ok", _detail=""))
+            frames.append(clip)
+    table = pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
+    return table.append_column(_OUT_SCHEMA.field("frames"), binary_column(frames)).select(_OUT_SCHEMA.names)
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,9 +220,10 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[s
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
                 object_store_mb: int = 1024, log=print) -> Iterator[Dict[str, Any]]:
-    """:func:`dvfl.runtime.ray_runtime` sized for ingest: by default cores + 1 logical CPUs (one
-    stays free for Ray Data next to one decode task per core), no dashboard, worker logs kept
-    out of the progress line. Shuts down only what it started."""
+    """:func:`dvfl.runtime.ray_runtime` sized for ingest: by default cores + 1 logical CPUs, so
+    one decode task more than cores is in flight and fills the gaps Ray Data leaves between
+    tasks (:func:`plan_decode_tasks`); no dashboard, worker logs kept out of the progress line.
+    Shuts down only what it started."""
     import ray
 
     from dvfl.runtime import ray_runtime
@@ -297,7 +335,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     # -- shard layout
     T, S = cfg.frames, cfg.short_side or 256
     views = max(cfg.clips_per_video, cfg.eval_clips)
-    est_video_bytes = T * S * (S * 4 // 3) * 3 * views
+    est_video_bytes = T * S * (S * 4 // 3) * 3 * views  # decoded clips of a 4:3 video
     vps = cfg.videos_per_shard or max(1, int(cfg.target_shard_mb * 2 ** 20 // est_video_bytes))
     plans = _plan_shards(manifest.entries, vps, cfg.seed)
     layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": cfg.row_group_clips,
@@ -337,7 +375,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
             e = entries[vid]
             jobs.append({"video_id": vid, "abspath": e.path, "path": e.relpath(manifest.root),
                          "label": -1 if e.label is None else int(e.label), "class_name": e.class_name or "",
-                         "split": e.split, "shard": p.name, "order": len(jobs)})
+                         "split": e.split, "shard": p.name, "order": len(jobs), "bytes": identities[vid][0]})
     n_videos_todo = len(jobs)
     if log:
         log(f"[ingest] {manifest.dataset}: {manifest.num_inputs} inputs ({len(manifest.entries)} videos, "
@@ -348,7 +386,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     t_run = time.perf_counter()
     clips_this_run = 0
     if jobs:
-        clips_this_run = _run_pipeline(jobs, todo, cfg, shard_dir, meta_dir, progress)
+        max_videos = cfg.videos_per_task or max(1, int(TASK_OUTPUT_BYTES // est_video_bytes))
+        clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
     run_secs = time.perf_counter() - t_run
 
     # -- gather every shard's meta: summary, rejects, dataset.json
@@ -459,28 +498,63 @@ class _OpenShard:
             self.writer.abort()
 
 
-def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, shard_dir: str, meta_dir: str,
-                  progress: _Progress) -> int:
+TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before returning them
+
+
+def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int) -> List[int]:
+    """Split videos of ``sizes`` bytes (in order) into decode tasks; returns the videos per task.
+
+    Ray Data leaves ~0.15 s between the end of one task and the start of the next on a busy
+    2-core machine (measured with busy-loop tasks: 0.6-s tasks kept only 1.3 of 2 cores busy),
+    so tasks hold ~``task_mb`` of source video (about 1 s of decoding: H.264 decodes at 4-6 MB/s
+    per core on both benchmark sets, docs/ingest.md). Towards the end tasks shrink (guided
+    self-scheduling: at most 1/(2 x workers) of what is left, down to ``task_mb / 4``) so that
+    the last tasks finish together instead of one long task running alone on one core.
+    ``max_videos`` bounds a task's output in the object store.
+    """
+    cap, floor = task_mb * 2 ** 20, task_mb * 2 ** 20 / 4
+    left = float(sum(sizes))
+    out: List[int] = []
+    i = 0
+    while i < len(sizes):
+        target = max(min(cap, left / (2 * max(1, workers))), floor)
+        j, acc = i, 0
+        while j < len(sizes) and j - i < max_videos and (j == i or acc + sizes[j] <= target):
+            acc += sizes[j]
+            j += 1
+        out.append(j - i)
+        left -= acc
+        i = j
+    return out
+
+
+def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_videos: int, shard_dir: str,
+                  meta_dir: str, progress: _Progress) -> int:
     import ray
     import ray.data
     from ray.data import TaskPoolStrategy
 
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = cfg.workers or max(1, cluster_cpus - 1)
-    # at most videos_per_task videos per task, and at least ~4 tasks per worker so that the
-    # workers stay balanced on small runs
-    n_blocks = min(len(jobs), max(math.ceil(len(jobs) / cfg.videos_per_task), 4 * workers))
-    workers = max(1, min(workers, n_blocks))
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    plan = plan_decode_tasks([j["bytes"] for j in jobs], workers, cfg.task_mb, max_videos)
+    workers = max(1, min(workers, len(plan)))
+    tasks, start = [], 0
+    for n in plan:  # one row (and one block) per task; the jobs travel as JSON text
+        tasks.append({"jobs": json.dumps(jobs[start:start + n])})
+        start += n
     params = {"frames": cfg.frames, "clips_per_video": cfg.clips_per_video, "eval_clips": cfg.eval_clips,
               "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
               "test_hooks": bool(cfg.test_hooks)}
-    ds = ray.data.from_items(jobs, override_num_blocks=n_blocks)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # Results are consumed in completion order (a slow or hanging file must not hold back
     # the others); _OpenShard restores the planned order per shard.
     ds.context.execution_options.preserve_order = False
+    # With per-operator reservations Ray Data runs one decode task until it has seen a task's
+    # output size, then ramps up: measured 0.6-1.2 s with one busy core at the start of every
+    # ingest. The decode is the only operator, and the driver drains its outputs as they come.
+    ds.context.op_resource_reservation_enabled = False
     ds.context.enable_progress_bars = bool(cfg.ray_progress)
     ds.context.print_on_execution_start = bool(cfg.ray_progress)
-    ds = ds.map_batches(_decode_batch, batch_size=math.ceil(len(jobs) / n_blocks), batch_format="pyarrow",
+    ds = ds.map_batches(_decode_batch, batch_size=1, batch_format="pyarrow",
                         compute=TaskPoolStrategy(size=workers), num_cpus=1,
                         fn_kwargs={"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child,
                                    "params": params})

@@ -1,0 +1,52 @@
+"""How the ingest cuts work into Ray Data tasks and builds its frames column (no Ray needed)."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dvfl.data import ingest as I
+
+MB = 2 ** 20
+
+
+def test_decode_tasks_cover_every_video_once_in_order_and_shrink_at_the_end():
+    sizes = [200_000] * 256  # 256 UCF-sized files, 48.8 MB
+    plan = I.plan_decode_tasks(sizes, workers=3, task_mb=4.0, max_videos=1000)
+    assert sum(plan) == 256 and all(n >= 1 for n in plan)
+    # full-size tasks (4 MB = 20 files) first, then smaller ones, never below task_mb / 4 (5 files)
+    assert plan[0] == 20 and max(plan) == 20
+    assert plan[-1] < plan[0] and min(plan[:-1]) >= 5
+    assert plan == sorted(plan, reverse=True)
+
+
+def test_decode_tasks_respect_max_videos_and_spread_small_inputs_over_workers():
+    tiny = [7_000] * 1280  # the synthetic 32x32 files: 8.5 MB
+    plan = I.plan_decode_tasks(tiny, workers=3, task_mb=4.0, max_videos=100)
+    assert sum(plan) == 1280 and max(plan) == 100
+    # 6 MB of UCF-sized files on 3 workers: no single task takes more than 1/6 of it
+    plan = I.plan_decode_tasks([200_000] * 32, workers=3, task_mb=4.0, max_videos=1000)
+    assert len(plan) >= 6 and max(plan) <= 6
+    # a single huge file is one task, not an error
+    assert I.plan_decode_tasks([10 * 2 ** 30], workers=3, task_mb=4.0, max_videos=10) == [1]
+    assert I.plan_decode_tasks([], workers=3, task_mb=4.0, max_videos=10) == []
+
+
+def test_binary_column_holds_the_clip_bytes_and_nulls(monkeypatch):
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, size=(2, 3, 5, 3), dtype=np.uint8), None,
+             rng.integers(0, 255, size=(4, 2, 2, 3), dtype=np.uint8)[:, :, ::-1],  # not contiguous
+             np.zeros((0, 2, 2, 3), np.uint8)]
+    col = I.binary_column(clips)
+    assert col.type == pa.binary() and len(col) == 4 and col.null_count == 1
+    assert col.to_pylist() == [clips[0].tobytes(), None, clips[2].tobytes(), b""]
+    # chunks stay under the 2 GiB offset limit: with a 100-byte limit every clip gets its own chunk
+    monkeypatch.setattr(I, "_CHUNK_BYTES", 100)
+    col = I.binary_column(clips)
+    assert col.num_chunks >= 2 and all(len(c.buffers()[2] or b"") <= 100 or len(c) == 1 for c in col.chunks)
+    assert col.to_pylist() == [clips[0].tobytes(), None, clips[2].tobytes(), b""]
+
+
+def test_ingest_config_rejects_bad_task_sizes():
+    with pytest.raises(ValueError, match="task-mb"):
+        I.IngestConfig(out="x", task_mb=0).validate()
+    with pytest.raises(ValueError, match="videos-per-task"):
+        I.IngestConfig(out="x", videos_per_task=0).validate()
