@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Input-pipeline benchmark (issue 3): writes benchmarks/results/input_pipeline.json and prints a table.
 
-(a) ingest clips/s vs the raw decode rate of the same videos and frames with decord in a plain
-    single-process loop, scaled by the cores the ingest used (all of them: the ingest keeps
-    cores + 1 decode tasks in flight on a local Ray with cores + 1 logical CPUs). Target >= 0.8.
+(a) ingest clips/s vs the raw decode rate of the same videos and frames with decord in plain
+    single-process loops, one per core the ingest used (all of them: it keeps cores + 1 decode
+    tasks in flight on a local Ray with cores + 1 logical CPUs), run at the same time. Target >= 0.8.
+    Also reported: the ratio to one loop's rate x cores, which assumes loops scale perfectly
+    (they do not: each decord reader runs a second thread; measured 1.84x / 1.67x on 2 cores).
 (b) training-time input rate: reading the Parquet shards with Ray Data (uint8 clip tensors) vs
     decoding the same clips on the fly with decord in a torch DataLoader with one worker per
     core (the official DVFL-Net data path). Target >= 10x.
@@ -117,6 +119,39 @@ def raw_decode_rate(entries, T, clips_per_video, seed, split="train"):
     cpu = time.process_time() - c0
     return {"videos": len(entries), "clips": clips, "seconds": dt, "clips_per_s": clips / dt,
             "cpu_s": cpu, "cpu_ms_per_clip": 1000 * cpu / clips}
+
+
+def _raw_worker_ready(_):
+    import decord  # noqa: F401
+
+    from dvfl.data import sampling  # noqa: F401
+
+    time.sleep(0.5)  # hold this process so that every process of the pool gets one warm-up call
+    return os.getpid()
+
+
+def _raw_slice(args):
+    from types import SimpleNamespace
+
+    videos, T, clips_per_video, seed = args
+    return raw_decode_rate([SimpleNamespace(path=p, video_id=v) for p, v in videos], T, clips_per_video, seed)
+
+
+def raw_decode_parallel(entries, T, clips_per_video, seed, procs):
+    """The same plain loop in ``procs`` processes at once (one per core), each on every
+    procs-th video: the machine's raw decode capacity. Processes are started and warmed first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        pids = set(ex.map(_raw_worker_ready, range(procs)))
+        jobs = [([(e.path, e.video_id) for e in entries[i::procs]], T, clips_per_video, seed) for i in range(procs)]
+        t0 = time.perf_counter()
+        parts = list(ex.map(_raw_slice, jobs))
+        dt = time.perf_counter() - t0
+    clips = sum(r["clips"] for r in parts)
+    return {"processes": procs, "distinct_pids": len(pids), "clips": clips, "seconds": dt, "clips_per_s": clips / dt,
+            "cpu_ms_per_clip": 1000 * sum(r["cpu_s"] for r in parts) / clips}
 
 
 def ingest_rate(manifest, out, T, clips_per_video, short_side, **kw):
@@ -295,14 +330,17 @@ def main():
             m = spec["manifest"]()
             entries = [e for e in m.entries if e.split == "train"]
             m.entries = entries
-            # raw loop before and after the ingest (the machine is shared: load drifts)
-            raw1 = raw_decode_rate(entries, T, CPV, SEED)
+            # raw loops before and after the ingest (load drifts): one process, and one per core at once
+            raw1, par1 = raw_decode_rate(entries, T, CPV, SEED), raw_decode_parallel(entries, T, CPV, SEED, cores)
             out = os.path.join(a.work, f"out_{name}")
             ing = ingest_rate(m, out, T, CPV, spec["short_side"])
-            raw2 = raw_decode_rate(entries, T, CPV, SEED)
+            raw2, par2 = raw_decode_rate(entries, T, CPV, SEED), raw_decode_parallel(entries, T, CPV, SEED, cores)
             raw = {k: (raw1[k] + raw2[k]) / 2 for k in raw1}
             raw["runs_clips_per_s"] = [raw1["clips_per_s"], raw2["clips_per_s"]]
-            ratio = ing["clips_per_s"] / (raw["clips_per_s"] * cores)
+            par = {k: (par1[k] + par2[k]) / 2 for k in par1}
+            par["runs_clips_per_s"] = [par1["clips_per_s"], par2["clips_per_s"]]
+            ratio = ing["clips_per_s"] / par["clips_per_s"]
+            ratio_linear = ing["clips_per_s"] / (raw["clips_per_s"] * cores)
             cpu_eff = raw["cpu_ms_per_clip"] / ing["cpu_ms_per_clip"]
             # (b): the same clips, with their exact frame indices and stored sizes
             from dvfl.data.shards import read_clips_table
@@ -314,7 +352,9 @@ def main():
             dl = dataloader_rate(items, workers=cores)
             res["sets"][name] = {
                 "videos": len(entries), "clips": ing["clips"], "short_side": spec["short_side"],
-                "a_raw_decode_1proc": raw, "a_ingest": ing, "a_cores": cores,
+                "a_raw_decode_1proc": raw, "a_raw_decode_loop_per_core": par, "a_ingest": ing, "a_cores": cores,
+                "a_parallel_loops_speedup": par["clips_per_s"] / raw["clips_per_s"],
+                "a_ratio_vs_1proc_x_cores": ratio_linear,
                 "a_decode_tasks_in_flight": tasks_in_flight,
                 "a_ratio": ratio, "a_target": 0.8, "a_met": ratio >= 0.8,
                 "a_cpu_efficiency": cpu_eff,
@@ -349,10 +389,13 @@ def print_table(res):
     print("-" * len(hdr))
     for name, s in res["sets"].items():
         raw, ing = s["a_raw_decode_1proc"], s["a_ingest"]
+        par = s["a_raw_decode_loop_per_core"]
         print(f"{name:<18} {'(a) raw decord loop, 1 process (clips/s)':<58} {raw['clips_per_s']:>10.1f}")
+        print(f"{'':<18} {'(a) raw decord loops, one per core at once (clips/s)':<58} {par['clips_per_s']:>10.1f}")
         print(f"{'':<18} {'(a) ingest on %d cores (clips/s)' % s['a_cores']:<58} "
               f"{ing['clips_per_s']:>10.1f}")
-        print(f"{'':<18} {'(a) ingest / (raw x cores)':<58} {s['a_ratio']:>10.2f} {'>=0.8':>8} "
+        print(f"{'':<18} {'(a) ingest / (1-process loop x cores)':<58} {s['a_ratio_vs_1proc_x_cores']:>10.2f}")
+        print(f"{'':<18} {'(a) ingest / (loops, one per core)':<58} {s['a_ratio']:>10.2f} {'>=0.8':>8} "
               f"{'yes' if s['a_met'] else 'NO':>4}")
         print(f"{'':<18} {'(a) CPU ms per clip: raw loop / whole ingest tree':<58} "
               f"{raw['cpu_ms_per_clip']:>4.1f}/{ing['cpu_ms_per_clip']:<5.1f}")

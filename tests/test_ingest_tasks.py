@@ -50,3 +50,24 @@ def test_ingest_config_rejects_bad_task_sizes():
         I.IngestConfig(out="x", task_mb=0).validate()
     with pytest.raises(ValueError, match="videos-per-task"):
         I.IngestConfig(out="x", videos_per_task=0).validate()
+
+
+def test_decode_child_is_recycled_only_when_its_memory_grows(video_factory, tmp_path):
+    from dvfl.data.worker import DecodeProcess
+
+    path = video_factory(str(tmp_path / "v.mp4"), n=12, h=32, w=32)
+    job = {"path": path, "video_id": "v", "split": "train", "frames": 8, "clips_per_video": 2, "eval_clips": 1,
+           "seed": 0, "short_side": 32, "min_frames": 8}
+    keep = DecodeProcess()
+    first = [keep.run(job, 30) for _ in range(3)]
+    assert all(r["ok"] for r in first) and keep.proc is not None
+    pid = keep.proc.pid
+    assert keep.run(job, 30)["ok"] and keep.proc.pid == pid  # the same child serves every file
+    assert 20 < keep.rss_mb() < 2048
+    keep.close()
+
+    tight = DecodeProcess(max_rss_mb=1)  # every child is above 1 MiB: closed after each file
+    assert tight.run(job, 30)["ok"] and tight.proc is None
+    again = tight.run(job, 30)
+    assert again["ok"] and again["views"][0][3].tobytes() == first[0]["views"][0][3].tobytes()
+    tight.close()

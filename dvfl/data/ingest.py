@@ -63,7 +63,8 @@ class IngestConfig:
     progress: bool = True
     ray_progress: bool = False              # Ray Data's own progress bars
     test_hooks: bool = False                # honour the DVFL-TEST-* magic files (tests only)
-    max_jobs_per_child: int = 1000
+    max_jobs_per_child: int = 100_000
+    max_child_rss_mb: float = 2048.0        # recycle a decode child whose memory grew past this
     # lz4, not zstd: about the same size on clip frames (noise-like bytes: 47 vs 45 MB and 101 vs
     # 101 MB on the benchmark sets) and 2.4-5x faster to read back, every epoch (docs/ingest.md)
     compression: str = "lz4"
@@ -80,6 +81,7 @@ class IngestConfig:
             (self.workers is None or self.workers >= 1, "--workers must be >= 1"),
             (self.videos_per_task is None or self.videos_per_task >= 1, "--videos-per-task must be >= 1"),
             (self.task_mb > 0, "--task-mb must be > 0"),
+            (self.max_jobs_per_child >= 1 and self.max_child_rss_mb > 0, "decode child limits must be > 0"),
             (self.target_shard_mb > 0, "--target-shard-mb must be > 0"),
         ]
         for ok, msg in checks:
@@ -178,7 +180,8 @@ def _nbytes(p: Optional[np.ndarray]) -> int:
 _PROC = None  # one decode child per Ray worker process, reused across tasks (and ingest runs)
 
 
-def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[str, Any]) -> pa.Table:
+def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, max_rss_mb: float,
+                  params: Dict[str, Any]) -> pa.Table:
     """Ray Data UDF: decode the videos of one batch in this worker's killable child process.
 
     A task pool (not an actor pool) is used so that Ray's pooled worker processes, which
@@ -189,7 +192,8 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, params: Dict[s
     from .worker import DecodeProcess
 
     if _PROC is None:
-        _PROC = DecodeProcess(max_jobs=max_jobs)
+        _PROC = DecodeProcess()
+    _PROC.max_jobs, _PROC.max_rss_mb = max_jobs, max_rss_mb
     rows: List[Dict[str, Any]] = []
     frames: List[Optional[np.ndarray]] = []
     for job in (j for text in batch.column("jobs").to_pylist() for j in json.loads(text)):
@@ -557,6 +561,7 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, m
     ds = ds.map_batches(_decode_batch, batch_size=1, batch_format="pyarrow",
                         compute=TaskPoolStrategy(size=workers), num_cpus=1,
                         fn_kwargs={"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child,
+                                   "max_rss_mb": cfg.max_child_rss_mb,
                                    "params": params})
     plan_of = {vid: p for p in todo for vid in p.video_ids}
     open_shards: Dict[str, _OpenShard] = {}

@@ -185,13 +185,13 @@ class AtomicShardWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        self.pending.append(table.select(CLIP_COLUMNS).cast(CLIP_SCHEMA))
+        self.pending.append(table.select(CLIP_COLUMNS))  # cast once per row group, not per call
         self.pending_rows += table.num_rows
         while self.pending_rows >= self.row_group_rows:
             self._flush(self.row_group_rows)
 
     def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.pending)
+        t = pa.concat_tables(self.pending, promote_options="permissive").cast(CLIP_SCHEMA)
         self.writer.write_table(t.slice(0, n), row_group_size=n)
         rest = t.slice(n)
         self.pending = [rest] if rest.num_rows else []
