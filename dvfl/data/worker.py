@@ -7,8 +7,8 @@ through pipes; if a file takes longer than the limit, the child is SIGKILLed and
 fresh one is started for the next file (cost measured: ~0.1-0.2 s, only paid after a
 kill). A crash of the child (segfault, abort) is reported as ``decoder_crash`` and
 also only costs a restart. The child is recycled when its resident memory passes
-``max_rss_mb`` (decord's native memory growth; with ``vr.seek(0)`` after ``get_batch`` it was
-flat over 6,000 synthetic and 512 UCF-like files, 48-56 MiB) or after ``max_jobs`` files. A
+``max_rss_mb`` (decord's native memory growth; measured flat at 48-56 MiB over 6,000 synthetic
+and 512 UCF-like files, one fresh reader per file) or after ``max_jobs`` files. A
 restart costs ~0.25 s of CPU, as much as decoding 100 tiny videos, so it is not done blindly.
 """
 from __future__ import annotations
