@@ -20,6 +20,11 @@ unchanged, so the 100% runs are those of ``pipelines/distill.py --set seeds=[0,1
 output dir. Target: with 25% of the labels, ``kd_unlabelled`` comes within 3 points of ``ce``
 with 100% of the labels.
 
+Budget (``--budget``): ``steps`` (default) gives every run the optimizer steps of the 100%-label
+CE run (epochs x labelled videos), so a run on fewer clips takes more epochs: 25% labels -> 4x the
+epochs, 25% labels + the unlabelled pool (1,000 videos next to 500) -> 1.33x. ``epochs`` gives every
+run the config's epochs, so a run on fewer clips also gets fewer steps (session 4's protocol).
+
 Writes benchmarks/results/label_efficiency.json and label_efficiency.png, prints a table.
     python benchmarks/label_efficiency.py [--config configs/embedded.yaml] [--seeds 0 1]
 """
@@ -80,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
+    p.add_argument("--budget", choices=["steps", "epochs"], default="steps",
+                   help="steps: every run gets the 100%%-label CE run's optimizer steps; epochs: the config's epochs")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and the PNG")
     a = p.parse_args(argv)
 
@@ -99,12 +106,22 @@ def main(argv=None) -> int:
         teacher_top1 = pipeline.evaluate_model_dir(cfg, teacher_path)["top1"]
         signal = pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
         top1: dict = {}
+        epochs_used: dict = {}
+        train_videos = info["counts"]["train"]["videos"]
+        labelled = train_videos * (1 - cfg.data.teacher_pool) if cfg.data.teacher_pool > 0 else train_videos
+        unlabelled = info["counts"].get("unlabeled", {}).get("videos", 0)
         for fraction in sorted(a.fractions):
-            run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_fraction=fraction))
-            run_cfg.validate()
             for seed in a.seeds:
                 for method, role in METHODS.items():
-                    print(f"[label-efficiency] {fraction:.0%} labels, {method}, seed {seed}", flush=True)
+                    seen = fraction * labelled + (unlabelled if role == "dvfl+unlabeled" else 0)
+                    epochs = (max(1, round(cfg.optim.epochs * labelled / seen)) if a.budget == "steps"
+                              else cfg.optim.epochs)
+                    epochs_used.setdefault(f"{fraction:g}", {})[method] = epochs
+                    run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_fraction=fraction),
+                                                  optim=dataclasses.replace(cfg.optim, epochs=epochs))
+                    run_cfg.validate()
+                    print(f"[label-efficiency] {fraction:.0%} labels, {method}, seed {seed}, {epochs} epochs",
+                          flush=True)
                     path = pipeline.train_student(run_cfg, info, signal if role != "vfl" else {"mode": "none"},
                                                   seed, unlabeled=role == "dvfl+unlabeled")
                     m = pipeline.evaluate_model_dir(run_cfg, str(path))
@@ -120,7 +137,7 @@ def main(argv=None) -> int:
         "config": {"student": dataclasses.asdict(cfg.student), "optim": dataclasses.asdict(cfg.optim),
                    "kd": dataclasses.asdict(cfg.kd), "synthetic": dataclasses.asdict(cfg.data.synthetic),
                    "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}"},
-        "seeds": a.seeds, "teacher_top1": teacher_top1, "top1": results,
+        "budget": a.budget, "epochs": epochs_used, "seeds": a.seeds, "teacher_top1": teacher_top1, "top1": results,
         "target": {"rule": "kd_unlabelled at 25% labels >= ce at 100% labels - 3 points",
                    "kd_unlabelled_25": quarter, "ce_100": full_ce,
                    "gap_points": None if quarter is None or full_ce is None else round(100 * (full_ce - quarter), 2),
