@@ -5,7 +5,7 @@
     single-process loops, one per core the ingest used (all of them: it keeps cores + 1 decode
     tasks in flight on a local Ray with cores + 1 logical CPUs), run at the same time. Target >= 0.8.
     Also reported: the ratio to one loop's rate x cores, which assumes loops scale perfectly
-    (they do not: each decord reader runs a second thread; measured 1.84x / 1.67x on 2 cores).
+    (they do not: each decord reader starts a thread of its own; measured 1.67-1.98x on 2 cores).
 (b) training-time input rate: reading the Parquet shards with Ray Data (uint8 clip tensors) vs
     decoding the same clips on the fly with decord in a torch DataLoader with one worker per
     core (the official DVFL-Net data path). Target >= 10x.
