@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--workers", type=int, default=None,
                    help="decode tasks in flight (default: the cluster's logical CPUs)")
     r.add_argument("--task-mb", type=float, default=4.0,
-                   help="source video MB per decode task, ~1 s of decoding (the last tasks are smaller)")
+                   help="source video MB per decode task, 0.7-2 s of decoding (the last tasks are smaller)")
     r.add_argument("--videos-per-task", type=int, default=None,
                    help="at most this many videos per decode task (default: ~256 MiB of decoded clips)")
     r.add_argument("--overwrite", action="store_true", help="delete a previous, different ingest in --out")
