@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dvfl import paths
 from dvfl.config import ConfigError, RunConfig, load_config
 
 
@@ -28,3 +29,22 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None) -> RunCon
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
+    """Make path flags absolute before Ray sees them (:mod:`dvfl.paths`): ``inputs`` relative to
+    the current directory, ``outputs`` likewise, or under the job root inside a Ray job."""
+    def fix(value, resolve):
+        return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+
+    for name in inputs:
+        setattr(a, name, fix(getattr(a, name), paths.absolute_input))
+    for name in outputs:
+        setattr(a, name, fix(getattr(a, name), lambda v: paths.absolute(v, paths.output_base())))
+
+
+def announce_job_outputs(output_dir: str, log=print) -> None:
+    """Under ``ray job submit``, say where the results go: not the job's temporary working copy."""
+    if paths.in_job_working_dir():
+        log(f"[paths] Ray job {paths.ray_job_id() or ''}: relative output paths resolve under {paths.job_root()} "
+            f"(${paths.JOB_ROOT_ENV}), outside the job's temporary working directory; results: {output_dir}")

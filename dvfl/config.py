@@ -173,6 +173,19 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def resolve_paths(self, cwd: str | None = None) -> "RunConfig":
+        """Make every local path absolute (URIs untouched), so that no Ray worker, Tune trial or
+        job resolves it against a working directory of its own (:mod:`dvfl.paths`)."""
+        from dvfl import paths
+
+        self.output_dir = paths.absolute(self.output_dir, paths.output_base(cwd))
+        for section, name in ((self.data, "root"), (self.data, "clips"), (self.data, "unlabeled"),
+                              (self.teacher, "path"), (self.teacher, "cache"), (self.student, "checkpoint"),
+                              (self.student, "init_2d"), (self.teacher.train, "checkpoint"),
+                              (self.teacher.train, "init_2d")):
+            setattr(section, name, paths.absolute_input(getattr(section, name), cwd))
+        return self
+
     # ------------------------------------------------------------------ validation
     def validate(self, check_paths: bool = True) -> "RunConfig":
         import timm
@@ -269,7 +282,7 @@ class RunConfig:
                                 ("student.init_2d", self.student.init_2d),
                                 ("teacher.train.checkpoint", self.teacher.train.checkpoint),
                                 ("teacher.train.init_2d", self.teacher.train.init_2d)):
-                if value and not os.path.exists(value):
+                if value and "://" not in value and not os.path.exists(value):
                     fail(name, f"path does not exist: {value}")
         return self
 
@@ -336,7 +349,8 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths: bool = True) -> RunConfig:
-    """Read a YAML config (or the embedded default), apply overrides, validate."""
+    """Read a YAML config (or the embedded default), apply overrides, make its paths absolute
+    (relative to the current directory; see :mod:`dvfl.paths` for Ray jobs), validate."""
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -348,7 +362,7 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
         config = _build(RunConfig, tree, "")
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
-    return config.validate(check_paths=check_paths)
+    return config.resolve_paths().validate(check_paths=check_paths)
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:

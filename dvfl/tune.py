@@ -251,6 +251,9 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
         else:
             run_overrides.append((key, value))
     t = _parse_tune(tree)
+    from dvfl import paths
+
+    t.storage = paths.absolute(t.storage, paths.output_base())  # before any trial's working directory
     run_path = None
     if t.run_config:
         run_path = Path(t.run_config)
@@ -497,7 +500,9 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     grid = tuner.fit()
     wall = time.time() - started
     rows = collect_trials(grid, t, cfg, info)
-    return write_results(exp, t, cfg, rows, wall_seconds=wall, log=log)
+    summary = write_results(exp, t, cfg, rows, wall_seconds=wall, log=log)
+    report_errors(rows, log)
+    return summary
 
 
 # ----------------------------------------------------------------------------- results
@@ -546,7 +551,7 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
         forwards = [int(f) for f in forwards if f == f and f is not None]
         rows.append({
             "trial_id": record.get("trial_id") or os.path.basename(result.path or "").split("_")[-1],
-            "status": status, "error": repr(result.error) if result.error is not None else None,
+            "status": status, "error": _error_text(result) if result.error is not None else None,
             "temperature": trial_cfg.kd.temperature, "alpha": trial_cfg.kd.alpha, "lr": trial_cfg.optim.lr,
             "unlabeled_weight": trial_cfg.kd.unlabeled_weight,
             "params_searched": {k: _plain(v) for k, v in params.items()},
@@ -561,6 +566,35 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
         })
     rows.sort(key=lambda r: (r["best_top1"] is None, -(r["best_top1"] or 0.0), r["gmacs"]))
     return rows
+
+
+def _error_text(result) -> str:
+    """The trial's traceback as Tune stored it (``error.txt`` in the trial dir), else the repr."""
+    from ray.tune.result import EXPR_ERROR_FILE
+
+    path = os.path.join(result.path or "", EXPR_ERROR_FILE)
+    if result.path and os.path.isfile(path):
+        return Path(path).read_text().strip()
+    return repr(result.error)
+
+
+class SearchFailed(RuntimeError):
+    """Every trial of a search errored: nothing was found, and the command must not say otherwise."""
+
+
+def report_errors(rows: list[dict], log=print) -> None:
+    """Say how many trials errored and show the first one's traceback; raise if all did."""
+    failed = sorted((r for r in rows if r["status"] == "error"), key=lambda r: r["trial_id"])
+    if not failed:
+        return
+    first = failed[0]
+    tail = "\n".join(first["error"].splitlines()[-25:])
+    log(f"[tune] {len(failed)} of {len(rows)} trial(s) errored. First error (trial {first['trial_id']}):\n{tail}")
+    if len(failed) > 1:
+        log("[tune] the other errored trials' logs: " + ", ".join(
+            os.path.join(r["path"] or "?", "error.txt") for r in failed[1:]))
+    if len(failed) == len(rows):
+        raise SearchFailed(f"all {len(rows)} trials errored (first error above; trial dir {first['path']})")
 
 
 def pareto_front(rows: list[dict]) -> list[int]:
@@ -648,7 +682,8 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
     atomic_write_json(exp / RESULTS_JSON, summary)
     md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (ASHA on {t.metric} per epoch: "
-          f"{summary['stopped_early']} of {len(rows)} stopped early; {summary['trial_epochs_run']} of "
+          f"{summary['stopped_early']} of {len(rows)} stopped early; {summary['errors']} errored; "
+          f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
     (exp / RESULTS_MD).write_text(md)
@@ -665,6 +700,6 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
     return summary
 
 
-__all__ = ["TuneConfig", "load_tune_config", "validate_tune", "apply_params", "run_search", "prepare",
+__all__ = ["TuneConfig", "SearchFailed", "load_tune_config", "validate_tune", "apply_params", "run_search", "prepare",
            "required_resources", "check_resources", "reclaim_orphaned_placement_groups", "pareto_front",
            "collect_trials", "write_results", "trial_driver", "experiment_dir"]

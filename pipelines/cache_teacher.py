@@ -14,6 +14,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from dvfl.cli import absolute_path_args
 from dvfl.runtime import ray_runtime
 
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher/clips in --out")
     p.add_argument("--num-cpus", type=int)
     a = p.parse_args(argv)
+    absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if not os.path.isfile(os.path.join(a.clips, "dataset.json")):
         p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json)")
     if not os.path.exists(a.teacher):

@@ -40,7 +40,10 @@ def main(argv=None) -> int:
                                "data.unlabeled": a.unlabeled, "optim.epochs": a.epochs,
                                "scaling.num_workers": a.workers, "scaling.use_gpu": a.gpu})
     from dvfl import pipeline
+    from dvfl.cli import announce_job_outputs
     from dvfl.config import dump_config
+
+    announce_job_outputs(cfg.output_dir)
 
     if a.fresh:
         pipeline.clean_run(cfg)
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
         os.makedirs(cfg.output_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         pipeline.run_all(cfg)
-    print(f"[distill] finished in {time.time() - started:.0f}s")
+    print(f"[distill] finished in {time.time() - started:.0f}s; results in {cfg.output_dir}")
     return 0
 
 

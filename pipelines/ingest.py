@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 from dvfl.data.adapters import DATASETS, AdapterError, build_manifest, unlabeled  # noqa: E402
 from dvfl.data.ingest import IngestConfig, ingest, ray_session  # noqa: E402
+from dvfl.cli import absolute_path_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--video-size", type=int, default=32, help="generated frame size (square, even)")
     s.add_argument("--gen-workers", type=int, default=None, help="processes for generation")
     a = p.parse_args(argv)
+    absolute_path_args(a, inputs=("root", "videos_dir", "lists_dir", "classes", "unlabeled"), outputs=("out",))
     validate(p, a)
     return a
 

@@ -18,7 +18,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from dvfl.cli import add_config_args, config_from_args
+from dvfl.cli import absolute_path_args, add_config_args, config_from_args
 from dvfl.runtime import ray_runtime
 
 
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int)
     p.add_argument("--gpu", action="store_true", default=None)
     a = p.parse_args(argv)
+    absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d"), outputs=("out",))
     if not os.path.isfile(os.path.join(a.clips, "dataset.json")):
         p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json)")
     model = a.model or ("videofocalnet_base" if a.config is None else None)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     cfg.data.short_side = info["params"]["short_side"]
     cfg.data.frames = info["params"]["frames"]
     cfg.validate()
-    if cfg.output_dir == "runs/embedded":
+    if a.config is None and not a.output_dir and not any(str(o).startswith("output_dir") for o in a.overrides):
         cfg.output_dir = os.path.join(a.out, "_work")
     with ray_runtime(num_cpus=a.num_cpus):
         path, spec = pipeline.ensure_teacher(cfg, info)

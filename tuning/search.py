@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard this experiment's trials and start over")
     p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
     a = p.parse_args(argv)
-    from dvfl.tune import load_tune_config, run_search
+    from dvfl.tune import SearchFailed, load_tune_config, run_search
 
     try:
         search, cfg = load_tune_config(a.config, a.overrides, output_dir=a.output_dir)
@@ -44,7 +44,11 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from dvfl import pipeline
+    from dvfl.cli import announce_job_outputs
     from dvfl.runtime import ray_runtime
+    from dvfl.tune import experiment_dir
+
+    announce_job_outputs(str(experiment_dir(search, cfg)))
 
     started = time.time()
     pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
@@ -54,6 +58,9 @@ def main(argv=None) -> int:
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
+        except SearchFailed as exc:
+            print(f"[tune] FAILED after {time.time() - started:.0f}s: {exc}", file=sys.stderr)
+            return 1
     print(f"[tune] finished in {time.time() - started:.0f}s")
     return 0
 

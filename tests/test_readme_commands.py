@@ -1,0 +1,203 @@
+"""The README's commands, run as a user types them (issue 24).
+
+Each test runs the command in a subprocess from the root of a copy of this checkout (what a fresh
+clone holds), with the README's relative paths, adding only ``--set`` overrides that shrink the
+run. The commands are read from README.md itself, so the two cannot drift apart. A test fails on a
+non-zero exit, an errored Tune trial, or results missing from the place the command printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)  # the venv's python and ray, as after `source .venv/bin/activate`
+
+
+def readme_block(heading: str) -> list[str]:
+    """The commands of the first ```bash block after ``heading`` (continuations joined, comments cut)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(heading)
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.S).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def command(heading: str, starts_with: str) -> list[str]:
+    (line,) = [c for c in readme_block(heading) if c.startswith(starts_with)][:1]
+    return shlex.split(line)
+
+
+def sets(pairs) -> list[str]:
+    return [arg for key, value in pairs for arg in ("--set", f"{key}={value}")]
+
+
+def run(args, cwd, env=None, timeout=900):
+    exe = [sys.executable, *args[1:]] if args[0] == "python" else args
+    return subprocess.run(exe, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    """A copy of the files a clone of this checkout has (tracked and untracked-not-ignored)."""
+    root = tmp_path_factory.mktemp("clone") / "dvfl"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    return root
+
+
+# The embedded default, shrunk; an unlabelled pool too, so all three students are trained.
+DEMO_SETS = [*TINY, ("data.synthetic.unlabeled_videos", 6)]
+
+
+@pytest.fixture(scope="module")
+def demo(checkout, ray_local):
+    """`python pipelines/distill.py` from the checkout's root: outputs in ./runs/embedded."""
+    env = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    first = run(["python", "pipelines/distill.py", *sets(DEMO_SETS)], checkout, env)
+    again = run(["python", "pipelines/distill.py", *sets(DEMO_SETS)], checkout, env) if first.returncode == 0 else None
+    return {"first": first, "again": again, "out": checkout / "runs" / "embedded", "env": env}
+
+
+@pytest.mark.slow
+def test_distill_as_typed_writes_where_it_says(demo):
+    r, out = demo["first"], demo["out"]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"results in {out}" in r.stdout  # the absolute path, printed
+    report = json.loads((out / "results.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "vfl", "dvfl", "dvfl+unlabeled"}
+    assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
+    assert report["config"]["output_dir"] == str(out)
+    gains = report["kd_gains"]  # the issue-5 comparison, per seed, from the same rows
+    assert gains["dvfl_minus_vfl_points"] == [
+        pytest.approx(100 * (models["dvfl"]["top1_per_seed"][0] - models["vfl"]["top1_per_seed"][0]), abs=0.01)]
+    assert "Per seed, DVFL-Net minus VFL-Net" in (out / "results.md").read_text()
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    # the cached-KD student ran with 2 DDP workers and reported CE, KD and total each epoch
+    (dvfl_dir,) = (out / "students").glob("dvfl-s*")
+    history = json.loads((dvfl_dir / "model.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["train_kd"] > 0 and h["train_ce"] > 0 for h in history)
+    # a second run reuses every stage (fingerprints unchanged)
+    again = demo["again"]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing") >= 4
+    assert not re.search(r"^\[(teacher|vfl|dvfl|dvfl\+unlabeled)\] training", again.stdout, re.M)
+
+
+def search_command(*extra) -> list[str]:
+    """README: `python tuning/search.py` after the demo, shrunk to 2 one-epoch trials on 1 worker."""
+    cmd = command("## Hyper-parameter search (Ray Tune)", "python tuning/search.py")
+    return cmd + sets([*DEMO_SETS, ("optim.epochs", 1), ("scaling.num_workers", 1), ("tune.num_samples", 2),
+                       *extra]) + ["--quiet"]
+
+
+@pytest.mark.slow
+def test_tune_search_as_typed_after_the_demo(demo, checkout):
+    assert demo["first"].returncode == 0
+    r = run(search_command(), checkout, demo["env"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = demo["out"] / "tune" / "embedded-tune"  # the README's default place, under the checkout
+    summary = json.loads((exp / "tune_results.json").read_text())
+    assert summary["trials"] == 2 and summary["errors"] == 0, [row["error"] for row in summary["rows"]]
+    assert summary["best"] is not None and summary["best"]["best_top1"] is not None
+    assert (exp / "best_config.yaml").is_file()
+    assert "reusing" in r.stdout  # the demo's teacher, not a new one
+    assert "trial(s) errored" not in r.stdout + r.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
+    """README "Ray Jobs": token auth on, `ray job submit --working-dir . -- python pipelines/distill.py`
+    from the repository root; results land in ~/dvfl-jobs (the path the job prints), survive the
+    head's shutdown, and a second submission reuses every stage."""
+    lines = readme_block("### Ray Jobs and dashboards")
+    home = tmp_path / "home"  # the token file and ~/dvfl-jobs of this test only
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env.update(HOME=str(home), PATH=BIN + os.pathsep + env["PATH"])
+    (export,) = [c for c in lines if c.startswith("export ")]
+    key, value = export.split(None, 1)[1].split("=", 1)
+    env[key] = value
+    (token_line,) = [c for c in lines if c.startswith("ray get-auth-token")]
+    subprocess.run(token_line, shell=True, cwd=checkout, env=env, check=True, timeout=120)
+    assert (home / ".ray" / "auth_token").is_file()
+
+    port, dashboard = _free_port(), _free_port()
+    # its own temp dir: `ray start` records itself as "the current cluster" there
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live in it
+    start = shlex.split([c for c in lines if c.startswith("ray start")][0])
+    # --block keeps the head's processes in one process group: the test stops exactly this head
+    # (`ray stop` would stop every Ray instance on the machine, the test session's too); other
+    # ports: the session's Ray instance already holds the defaults
+    head = subprocess.Popen(start + [f"--port={port}", f"--dashboard-port={dashboard}", "--object-store-memory=400000000",
+                                     "--include-dashboard=true", f"--temp-dir={temp_dir}", "--block",
+                                     f"--dashboard-agent-listen-port={_free_port()}",
+                                     f"--dashboard-agent-grpc-port={_free_port()}",
+                                     f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                                     f"--ray-client-server-port={_free_port()}"],
+                            cwd=checkout, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        submit = [a.replace("8265", str(dashboard)) for a in
+                  shlex.split([c for c in lines if c.startswith("ray job submit")][0])]
+        cfg = prepared["cfg"]
+        args = sets([*TINY, ("baseline", False), ("optim.epochs", 1), ("data.clips", cfg.clips_dir),
+                     ("teacher.path", prepared["teacher"])])
+
+        def submit_job(env):
+            deadline = time.time() + 180
+            while True:  # the job server answers before its per-node agent is ready to take jobs
+                job = subprocess.run(submit + args, cwd=checkout, env=env, capture_output=True, text=True,
+                                     timeout=900)
+                not_ready = "No available agent" in job.stderr or "Connection refused" in job.stderr
+                if job.returncode == 0 or not not_ready or time.time() > deadline:
+                    return job
+                time.sleep(3)
+
+        refused = submit_job({k: v for k, v in env.items() if k != "RAY_AUTH_MODE"})
+        assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+        job = submit_job(env)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        out = home / "dvfl-jobs" / "runs" / "embedded"
+        assert f"results: {out}" in job.stdout and f"results in {out}" in job.stdout
+        report = json.loads((out / "results.json").read_text())
+        assert set(report["models"]) == {"teacher", "dvfl"}
+        again = submit_job(env)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "[dvfl] reusing" in again.stdout and "[dvfl] training" not in again.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head's processes exit on SIGTERM ...
+        time.sleep(10)
+        os.killpg(head.pid, signal.SIGKILL)  # ... the blocking `ray start` and the monitor do not
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert (out / "results.json").is_file()  # still there after the head is gone
