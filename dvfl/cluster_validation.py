@@ -13,7 +13,8 @@ Ray cluster launcher configs (``cluster/aws.yaml``, ``cluster/gcp.yaml``):
   the provider's ``bootstrap_config`` (which does call the cloud) is never run;
 * ``[policy]``  project rules: node ``resources`` are integers, the dashboard binds to loopback (checked
   on the *prepared* config, so dropping ``head_start_ray_commands`` and inheriting Ray's default
-  ``--dashboard-host=0.0.0.0`` fails too), no security-group rule opens anything but SSH to the world,
+  ``--dashboard-host=0.0.0.0`` fails too), every ``ray start`` runs with token authentication
+  (``RAY_AUTH_MODE=token``), no security-group rule opens anything but SSH to the world,
   nothing that looks like a credential, a CPU worker type and a GPU worker type that can scale.
 
 KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
@@ -301,6 +302,19 @@ def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
     return out
 
 
+def _auth_errors(prepared: dict) -> list[str]:
+    """Every `ray start` runs with token authentication (RAY_AUTH_MODE=token); a node without it
+    accepts any job or Ray Client connection that reaches its ports."""
+    out = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for i, cmd in enumerate(_l(prepared.get(key))):
+            if isinstance(cmd, str) and "ray start" in cmd and not re.search(r"RAY_AUTH_MODE=['\"]?token", cmd):
+                out.append(_err("policy", (key, i), "`ray start` without token authentication: "
+                                "prefix it with `export RAY_AUTH_MODE=token;` (the token file comes "
+                                "from file_mounts, never inline)"))
+    return out
+
+
 def _security_group_errors(config: dict) -> list[str]:
     out = []
     sg = _d(_d(config.get("provider")).get("security_group"))
@@ -373,6 +387,7 @@ def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
     if prepared is not None and "head_start_ray_commands" not in raw:
         out = [e + " (inherited from Ray's provider defaults; set head_start_ray_commands)"
                if "dashboard-host" in e else e for e in out]
+    out += _auth_errors(cfg)
     out += _security_group_errors(raw)
     out += _node_config_errors(raw)
     if _d(raw.get("provider")).get("gcp_credentials"):

@@ -185,6 +185,11 @@ LAUNCHER_BREAKAGES = {
         lambda c: _set(c, lambda c: c.pop("head_start_ray_commands")),
         ("policy", "--dashboard-host=0.0.0.0", "inherited from Ray's provider defaults"),
     ),
+    "ray_start_without_token_auth": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "") for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "without token authentication"),
+    ),
     "dashboard_port_open_to_world": (
         lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
             {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])),
