@@ -443,11 +443,12 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     t_run = time.perf_counter()
     clips_this_run = 0
     if jobs:
-        from .worker import network_isolation, network_note
+        if log:
+            from .worker import network_isolation, network_note
 
-        isolated, why_not = network_isolation()
-        if log and not isolated:
-            log(f"[ingest] note: {network_note(why_not)}")
+            isolated, why_not = network_isolation()
+            if not isolated:
+                log(f"[ingest] note: {network_note(why_not)}")
         max_videos = cfg.videos_per_task or max(1, int(TASK_OUTPUT_BYTES // est_video_bytes))
         clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
     run_secs = time.perf_counter() - t_run
