@@ -23,6 +23,8 @@ from dvfl.data.shards import atomic_write_json, load_dataset_info
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
 RAY_RESULTS = "ray_results"
+# evaluations of models this run does not own (a given teacher): never written into their directory
+EVALUATIONS = "evaluations.json"
 # Test hook: kill one Train worker once after this epoch (proves FailureConfig recovery).
 FAIL_ENV = "DVFL_FAIL_AFTER_EPOCH"
 # Test hook: every worker pauses once after the first step of the epoch after this one, until
@@ -77,7 +79,9 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
 
     out = cfg.clips_dir
     if cfg.data.clips and os.path.isfile(os.path.join(out, "dataset.json")):
-        return load_dataset_info(out)  # given explicitly: used as is
+        info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
+        check_clips_match(cfg, info)
+        return info
     if cfg.data.dataset == "synthetic":
         generated = ensure_videos(cfg, log)
         manifest = build_manifest("synthetic", generated["root"], 1)
@@ -95,6 +99,25 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
         log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
         ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
     return load_dataset_info(out)
+
+
+def check_clips_match(cfg: RunConfig, info: dict) -> None:
+    """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
+    config says (dataset.json records what the ingest used), naming both values."""
+    p, where = info["params"], cfg.clips_dir
+    problems = []
+    if p["frames"] != cfg.data.frames:
+        problems.append(f"data.frames is {cfg.data.frames}, the clips have {p['frames']} frames")
+    if p["short_side"] != cfg.data.short_side:
+        problems.append(f"data.short_side is {cfg.data.short_side}, the clips were stored at short side "
+                        f"{p['short_side'] or 'of the source (0)'}")
+    if p["short_side"] and cfg.crop_size > p["short_side"]:
+        problems.append(f"data.crop_size is {cfg.crop_size}, larger than the clips' short side {p['short_side']}")
+    if cfg.eval.clips > p["eval_clips"]:
+        problems.append(f"eval.clips is {cfg.eval.clips}, the clips store {p['eval_clips']} per test video")
+    if problems:
+        raise ValueError(f"data.clips {where} does not match the config: " + "; ".join(problems)
+                         + ". Set these fields to the ingest's values, or ingest again with the config's.")
 
 
 # ----------------------------------------------------------------------------- training
@@ -226,7 +249,8 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
     if cfg.teacher.mode == "cached":
         cache = TeacherLogitCache(cfg.cache_dir)
         splits = [cfg.data.train_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
-        cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits)
+        cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits,
+                    views=cfg.teacher.views)
         if cfg.unlabeled_dir and os.path.abspath(cfg.unlabeled_dir) != os.path.abspath(cfg.clips_dir):
             raise ValueError("data.unlabeled must be in the same ingest output as data.clips, so one cache "
                              "covers both (ingest them together with --unlabeled)")
@@ -262,31 +286,51 @@ def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, 
 
 
 # ----------------------------------------------------------------------------- evaluation + report
+def _owned_by_run(cfg: RunConfig, path: str) -> bool:
+    """A model directory this output dir made (teacher/ or students/ under it)."""
+    real, out = os.path.realpath(path), os.path.realpath(cfg.output_dir)
+    return any(os.path.commonpath([real, os.path.join(out, sub)]) == os.path.join(out, sub)
+               for sub in (TEACHER_DIR, STUDENTS_DIR))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
-    """Multi-view top-1/top-5 of a model artefact (cached in its model.json)."""
+    """Multi-view top-1/top-5 of a model artefact, cached per split, views and clips fingerprint:
+    in its model.json when this run made the model, else in ``<output_dir>/evaluations.json``
+    under its weights fingerprint (a model the user gave is only read)."""
     from dvfl.profile import count_flops
     from dvfl.train.evaluate import evaluate_multiview
 
     spec_path = Path(path) / SPEC if os.path.isdir(path) else None
     spec = json.loads(spec_path.read_text()) if spec_path else {}
-    key = f"eval_{cfg.data.val_split}_{cfg.eval.clips}x{cfg.eval.crops}"
-    if key not in spec:
-        bare_file_kwargs = None if spec_path else {
-            "num_classes": len(load_dataset_info(cfg.clips_dir)["classes"]), "num_frames": cfg.data.frames}
-        model, spec2 = load_model(path, name=cfg.teacher.model, kwargs=bare_file_kwargs)
-        spec = {**spec2, **spec}
-        metrics = evaluate_multiview(model, cfg.clips_dir, cfg.data.val_split, cfg.crop_size,
-                                     num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
+    dataset = load_dataset_info(cfg.clips_dir)
+    key = f"eval_{cfg.data.val_split}_{cfg.eval.clips}x{cfg.eval.crops}_{dataset['fingerprint'][:16]}"
+    model = None
+    if spec_path is not None and _owned_by_run(cfg, path):
+        store, store_key = spec_path, key
+    else:
+        model, spec2 = load_model(path, name=cfg.teacher.model, kwargs=None if spec_path else {
+            "num_classes": len(dataset["classes"]), "num_frames": cfg.data.frames})
+        spec = {**spec, **spec2}
+        store, store_key = Path(cfg.output_dir) / EVALUATIONS, f"{spec2['weights_fingerprint']}/{key}"
+    m = _read_json(store).get(store_key)
+    if m is None:
+        if model is None:
+            model, spec2 = load_model(path, name=cfg.teacher.model)
+            spec = {**spec2, **spec}
+        m = evaluate_multiview(model, cfg.clips_dir, cfg.data.val_split, cfg.crop_size,
+                               num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
         kw = spec["kwargs"]
         flops = count_flops(spec["name"], num_classes=kw["num_classes"], frames=kw.get("num_frames", 8),
                             size=cfg.crop_size, embed_dim=kw.get("embed_dim"),
                             **({"depths": kw["depths"]} if "depths" in kw else {}))
-        metrics["params"] = sum(p.numel() for p in model.parameters())
-        metrics["gmacs"] = flops["gmacs_per_clip"]
-        if spec_path:
-            atomic_write_json(spec_path, {**json.loads(spec_path.read_text()), key: metrics})
-        spec[key] = metrics
-    m = spec[key]
+        m["params"] = sum(p.numel() for p in model.parameters())
+        m["gmacs"] = flops["gmacs_per_clip"]
+        store.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(store, {**_read_json(store), store_key: m})
     log(f"[eval] {path}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} ({m['clips']}x{m['crops']} views, {m['videos']} videos)")
     return {**m, "history": spec.get("history", []), "name": spec.get("name")}
 

@@ -91,9 +91,11 @@ class TeacherLogitCache:
         return self.info["view_spec"]["views"]
 
     def check(self, dataset_info: dict, *, teacher_spec: dict | None = None,
-              crop_size: int | None = None, splits=None) -> None:
+              crop_size: int | None = None, splits=None, views=None) -> None:
         """Refuse (raise :class:`CacheMismatchError`) unless this cache belongs to these clips,
-        this teacher and this crop size, and covers every clip of ``splits``."""
+        this teacher, this crop size and these views (``teacher.views``), covers every clip of
+        ``splits``, and holds every logits file it needs with the expected rows (read from the
+        Parquet footers: found now, not mid-epoch)."""
         problems = []
         if self.info["dataset_fingerprint"] != dataset_info["fingerprint"]:
             problems.append(f"built for clips {self.info['dataset_fingerprint']}, these shards are "
@@ -104,14 +106,47 @@ class TeacherLogitCache:
                             f"({teacher_spec['name']})")
         if crop_size is not None and crop_size != self.info["view_spec"]["crop_size"]:
             problems.append(f"built for crop size {self.info['view_spec']['crop_size']}, training uses {crop_size}")
+        if views is not None:
+            wanted = [View.parse(v).name if isinstance(v, str) else v.name for v in views]
+            if set(wanted) != set(self.views):
+                problems.append(f"built for views {self.views}, teacher.views is {wanted}")
         if splits is not None:
             missing = [s for s in splits if s not in self.info["splits"]]
             if missing:
                 problems.append(f"does not cover split(s) {missing} (covers {sorted(self.info['splits'])})")
+        if not problems:  # (the files of another dataset's cache are not worth listing)
+            problems += self._missing_logits(dataset_info, splits)
         if problems:
             raise CacheMismatchError(
                 f"stale or mismatched teacher cache {self.directory} (fingerprint {self.fingerprint}): "
                 + "; ".join(problems) + ". Rebuild it with pipelines/cache_teacher.py.")
+
+    def _missing_logits(self, dataset_info: dict, splits) -> list[str]:
+        """One logits file per clip shard of ``splits`` (all if None), with clips x views rows."""
+        absent, short = [], []
+        for shard in dataset_info["shards"]:
+            if splits is not None and shard["split"] not in splits:
+                continue
+            name = os.path.basename(shard["file"])
+            path = self.directory / LOGITS_DIR / name
+            if not path.is_file():
+                absent.append(name)
+                continue
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as exc:  # an unreadable footer: as good as missing
+                short.append(f"{name} (unreadable: {type(exc).__name__})")
+                continue
+            if rows != shard["clips"] * len(self.views):
+                short.append(f"{name} ({rows} rows, expected {shard['clips']} clips x {len(self.views)} views)")
+        out = []
+        if absent:
+            out.append(f"{len(absent)} logits file(s) missing from {self.directory / LOGITS_DIR}: "
+                       + ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))
+        if short:
+            out.append("logits file(s) with the wrong number of rows: " + ", ".join(short[:5])
+                       + (" ..." if len(short) > 5 else ""))
+        return out
 
     def load(self) -> None:
         if self._logits is not None:

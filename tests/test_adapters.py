@@ -3,6 +3,7 @@ each must report instead of crashing; then each adapter's manifest through the r
 import json
 import os
 import shutil
+import struct
 
 import pytest
 
@@ -18,9 +19,14 @@ def src_video(tmp_path_factory, video_factory):
 
 
 def put(root, rel, src):
+    """A copy of the MP4 ``src`` with its own content: a trailing ``free`` box holding ``rel`` (ingest
+    refuses the same bytes under two ids)."""
     p = os.path.join(root, rel)
     os.makedirs(os.path.dirname(p), exist_ok=True)
     shutil.copyfile(src, p)
+    tag = rel.encode()
+    with open(p, "ab") as f:
+        f.write(struct.pack(">I", 8 + len(tag)) + b"free" + tag)
     return p
 
 
@@ -223,8 +229,38 @@ def test_unlabeled_dir_and_list(tmp_path, src_video):
     m2 = A.unlabeled(lst)
     assert [e.video_id for e in m2.entries] == ["unlabeled/pool/x/1", "unlabeled/pool/2"]
     assert reasons(m2) == ["missing"]
+    assert A.unlabeled(write(str(tmp_path / "pool" / "up.txt"), "../pool/x/1.mp4\n")).entries  # still inside
     with pytest.raises(A.AdapterError):
         A.unlabeled(str(tmp_path / "nothing"))
+
+
+def test_entries_outside_the_root_are_rejected(tmp_path, src_video):
+    """``../``, absolute paths and symlinks that leave a source's root become ``outside_root``
+    problems (the file outside exists: without the check it would be ingested)."""
+    root, elsewhere = tmp_path / "ds", tmp_path / "elsewhere"
+    secret = put(str(elsewhere), "A/secret.avi", src_video)
+    put(str(root), "A/ok.avi", src_video)
+    os.makedirs(root / "B")
+    os.symlink(secret, root / "B" / "link.avi")
+    os.symlink(str(elsewhere / "A"), root / "C")               # a symlinked folder
+    put(str(root), "A/inside_link_target.avi", src_video)
+    os.symlink(str(root / "A" / "inside_link_target.avi"), root / "B" / "inside.avi")  # stays inside: fine
+    write(str(root / "train.csv"), f"A/ok.avi,0\nA/../../elsewhere/A/secret.avi,0\n{secret},1\nB/link.avi,1\n"
+                                   "C/secret.avi,0\nB/inside.avi,1\n")
+    m = A.dvfl_csv(str(root), num_classes=2)
+    assert sorted(e.video_id for e in m.entries) == ["A/ok", "B/inside"]
+    assert reasons(m) == ["outside_root"] * 4
+    assert all("outside the root" in p.detail and str(elsewhere) in p.detail for p in m.problems)
+    # the unlabelled pool's root: its folder (symlinks out of it refused) or the list's folder
+    pool = tmp_path / "pool"
+    put(str(pool), "u.mp4", src_video)
+    os.symlink(secret, pool / "link.mp4")
+    mp = A.unlabeled(str(pool))
+    assert [e.video_id for e in mp.entries] == ["unlabeled/u"] and reasons(mp) == ["outside_root"]
+    lst = write(str(pool / "list.txt"), f"u.mp4\n{secret}\n../elsewhere/A/secret.avi\n{pool}/u.mp4\n")
+    ml = A.unlabeled(lst)
+    assert [e.video_id for e in ml.entries] == ["unlabeled/u", "unlabeled/u"]
+    assert reasons(ml) == ["outside_root"] * 2
 
 
 def test_build_manifest_dispatch_and_dedupe(tmp_path, src_video):

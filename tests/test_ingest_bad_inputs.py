@@ -9,18 +9,26 @@ blocks while holding the GIL, like decord's hangs. Nothing in that process could
 it; the test shows the per-file limit still stops it (the parent kills the child) and the
 next files decode in a fresh child. ``DVFL-TEST-CRASH`` makes the child abort (like a
 segfault in the decoder). All other bad files are real files.
+
+Untrusted files: playlists (an HLS ``.m3u8`` or ``ffconcat`` text named ``.mp4``) would make FFmpeg
+open other files or URLs, and a file of an unknown container would be handed to FFmpeg's probing;
+both are refused before the decoder runs, and the decode child has no network.
 """
 import json
 import os
+import signal
+import socket
 import struct
+import threading
 import time
 
 import pytest
 
 from dvfl.data import adapters as A
 from dvfl.data import shards as SH
-from dvfl.data.decode import TEST_CRASH_MAGIC, TEST_HANG_MAGIC
+from dvfl.data.decode import TEST_CRASH_MAGIC, TEST_HANG_MAGIC, TEST_URL_MAGIC
 from dvfl.data.ingest import IngestConfig, ingest
+from dvfl.data.worker import DecodeProcess
 
 
 def _write(path, data: bytes):
@@ -33,7 +41,8 @@ def _write(path, data: bytes):
 def bad_dataset(tmp_path_factory):
     from conftest import make_videos
 
-    root = str(tmp_path_factory.mktemp("bad"))
+    base = str(tmp_path_factory.mktemp("bad"))
+    root = os.path.join(base, "ds")  # the dataset root; base holds a file outside it
     v = lambda rel: os.path.join(root, rel)  # noqa: E731
     make_videos([
         (v("A/v_A_g08_c01.mp4"), dict(n=16, h=32, w=40, codec="libx264")),        # good
@@ -59,6 +68,10 @@ def bad_dataset(tmp_path_factory):
     _write(v("A/v_A_g08_c05.mp4"), bytes(corrupt))
     _write(v("A/v_A_g08_c08.mp4"), TEST_HANG_MAGIC + b"\0" * 64)                 # hangs (simulated, see above)
     _write(v("B/v_B_g08_c04.mp4"), TEST_CRASH_MAGIC + b"\0" * 64)                # crashes the decoder
+    _write(v("A/v_A_g08_c09.mp4"), b"#EXTM3U\n#EXTINF:10,\nhttp://127.0.0.1:9/seg.ts\n#EXT-X-ENDLIST\n")  # HLS
+    _write(v("A/v_A_g08_c10.mp4"), bytes(range(7, 250)) * 40)                      # unknown container
+    _write(os.path.join(base, "secret.mp4"), mp4)                                   # a video outside the root
+    os.symlink(os.path.join(base, "secret.mp4"), v("A/v_A_g08_c11.mp4"))           # symlink out of the root
     lst = os.path.join(root, "ucfTrainTestlist")
     os.makedirs(lst)
     _write(os.path.join(lst, "classInd.txt"), b"1 A\n2 B\n")
@@ -66,6 +79,8 @@ def bad_dataset(tmp_path_factory):
              "A/v_A_g08_c04.mp4 1", "B/v_B_g08_c02.avi 2", "B/v_B_g08_c03.webm 2", "A/v_A_g08_c05.mp4 1",
              "A/v_A_g08_c06.mp4 1", "A/v_A_g08_c07.mp4 1",  # missing
              "A/v_A_g08_c08.mp4 1", "B/v_B_g08_c04.mp4 2",
+             "A/v_A_g08_c09.mp4 1", "A/v_A_g08_c10.mp4 1", "A/v_A_g08_c11.mp4 1",
+             "A/../../secret.mp4 1",      # ../ out of the root
              "A/v_A_g09_c01.mp4 9",       # label out of range
              "A/v_A_g09_c02.mp4 2",       # label does not match the folder
              "A/v_A_g09_c03.mp4 x y"]     # malformed line
@@ -80,13 +95,15 @@ EXPECTED = {
     "A/v_A_g08_c06": "too_short", "A/v_A_g08_c07": "missing", "A/v_A_g08_c08": "timeout",
     "B/v_B_g08_c04": "decoder_crash", "A/v_A_g09_c01": "label_out_of_range", "A/v_A_g09_c02": "label_mismatch",
     "A/v_A_g09_c03": "bad_line", "C/v_C_g01_c01": "unknown_class",
+    "A/v_A_g08_c09": "playlist", "A/v_A_g08_c10": "unknown_container", "A/v_A_g08_c11": "outside_root",
+    "A/../../secret": "outside_root",
 }
 GOOD = {"A/v_A_g08_c01", "B/v_B_g08_c01", "B/v_B_g01_c01"}
 
 
 def test_every_bad_input_is_rejected_with_its_reason(bad_dataset, tmp_path, ray_local):
     m = A.ucf101(bad_dataset, 1)
-    assert m.num_inputs == 17
+    assert m.num_inputs == 21
     out = str(tmp_path / "out")
     t0 = time.perf_counter()
     # one worker: the hang, the crash and the good files go through the same decode slot in turn
@@ -98,25 +115,25 @@ def test_every_bad_input_is_rejected_with_its_reason(bad_dataset, tmp_path, ray_
     got = {r["video_id"]: r["reason"] for r in rejects}
     assert got == EXPECTED
     assert all(r["detail"] for r in rejects)
-    assert s["inputs"] == 17 and s["written_videos"] == 3 and s["rejected"] == 14 and s["accounting_ok"]
+    assert s["inputs"] == 21 and s["written_videos"] == 3 and s["rejected"] == 18 and s["accounting_ok"]
     assert s["rejects_by_reason"]["truncated"] == 3
     info = SH.load_dataset_info(out)
-    assert info["inputs"] == info["written_videos"] + info["rejects"] == 17
+    assert info["inputs"] == info["written_videos"] + info["rejects"] == 21
     written = {r["video_id"] for r in SH.read_clips_table(out, columns=["video_id"]).to_pylist()}
     assert written == GOOD
     # resume: nothing decoded again, same accounting
     s2 = ingest(A.ucf101(bad_dataset, 1), IngestConfig(out=out, frames=8, short_side=32, timeout_per_file=3,
                                                        test_hooks=True, workers=1, videos_per_task=4,
                                                        videos_per_shard=4), log=None)
-    assert s2["videos_decoded_this_run"] == 0 and s2["rejected"] == 14 and s2["accounting_ok"]
+    assert s2["videos_decoded_this_run"] == 0 and s2["rejected"] == 18 and s2["accounting_ok"]
 
 
 def test_min_frames_and_unlabeled_rejects(bad_dataset, tmp_path, ray_local):
     """--min-frames lowers the bar (the 4-frame video then repeats frames); unlabelled inputs get
     the same rejects and accounting as labelled ones."""
-    pool = str(tmp_path / "pool.txt")
+    pool = os.path.join(bad_dataset, "pool-min-frames.txt")  # a list's root is its folder
     with open(pool, "w") as f:
-        f.write(f"{bad_dataset}/A/v_A_g08_c06.mp4\n{bad_dataset}/A/v_A_g08_c03.mp4\n{bad_dataset}/nope.mp4\n")
+        f.write(f"{bad_dataset}/A/v_A_g08_c06.mp4\nA/v_A_g08_c03.mp4\n{bad_dataset}/nope.mp4\n")
     m = A.unlabeled(pool)
     s = ingest(m, IngestConfig(out=str(tmp_path / "o"), frames=8, min_frames=4, short_side=32), log=None)
     assert s["inputs"] == 3 and s["written_videos"] == 1 and s["accounting_ok"]
@@ -124,3 +141,134 @@ def test_min_frames_and_unlabeled_rejects(bad_dataset, tmp_path, ray_local):
     rows = SH.read_clips_table(str(tmp_path / "o")).to_pylist()
     assert len(rows) == 2 and all(r["label"] is None and r["split"] == "unlabeled" for r in rows)
     assert all(len(r["frame_indices"]) == 8 and max(r["frame_indices"]) <= 3 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------
+# untrusted files, straight through the decode child (no Ray)
+
+JOB = dict(video_id="v", split="train", frames=8, clips_per_video=1, eval_clips=1, seed=0, short_side=16,
+           min_frames=8)
+
+
+@pytest.fixture
+def listener():
+    """A local listening socket: a decoder that follows a URL to it would connect."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(4)
+    s.settimeout(1.0)
+    yield s
+    s.close()
+
+
+def _connections(s) -> int:
+    try:
+        conn, _ = s.accept()
+        conn.close()
+        return 1
+    except socket.timeout:
+        return 0
+
+
+def test_playlists_and_unknown_containers_never_reach_the_decoder(bad_dataset, tmp_path, listener):
+    port = listener.getsockname()[1]
+    outside = os.path.join(os.path.dirname(bad_dataset), "secret.mp4")
+    files = {
+        "hls_url.mp4": (f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nhttp://127.0.0.1:{port}/seg.ts\n"
+                        "#EXT-X-ENDLIST\n").encode(),
+        # FFmpeg's HLS demuxer reads local segments: this one would pull in a file outside the root
+        "hls_local.mp4": f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{outside}\n#EXT-X-ENDLIST\n".encode(),
+        "concat.mp4": f"ffconcat version 1.0\nfile {outside}\n".encode(),
+        "binary.avi": bytes(range(7, 250)) * 40,
+    }
+    want = {"hls_url.mp4": "playlist", "hls_local.mp4": "playlist", "concat.mp4": "playlist",
+            "binary.avi": "unknown_container"}
+    proc = DecodeProcess()
+    try:
+        got = {}
+        for name, data in files.items():
+            _write(str(tmp_path / name), data)
+            got[name] = proc.run(dict(JOB, path=str(tmp_path / name)), timeout=60)
+        assert {k: r.get("reason") for k, r in got.items()} == want
+        assert all(r["detail"] for r in got.values())
+        assert _connections(listener) == 0
+        # a real video still decodes, in the same child
+        ok = proc.run(dict(JOB, path=os.path.join(bad_dataset, "A/v_A_g08_c01.mp4")), timeout=60)
+        assert ok["ok"] and ok["views"][0][3].shape == (8, 16, 20, 3)
+        # and the child itself has no network: a URL handed straight to decord (test hook) connects nowhere
+        assert proc.net_isolated, proc.net_detail
+        _write(str(tmp_path / "url.mp4"), TEST_URL_MAGIC + f"http://127.0.0.1:{port}/v.mp4\n".encode())
+        r = proc.run(dict(JOB, path=str(tmp_path / "url.mp4"), test_hooks=True), timeout=60)
+        assert not r["ok"]
+        assert _connections(listener) == 0
+    finally:
+        proc.close()
+
+
+def _kill_child_while_decoding(proc: DecodeProcess, times: int, killed: list) -> None:
+    """The OOM killer's view of things: SIGKILL the decode child while it works on a file."""
+    deadline = time.monotonic() + 60
+    while len(killed) < times and time.monotonic() < deadline:
+        p = proc.proc
+        if p is not None and p.pid not in killed and p.poll() is None:
+            time.sleep(0.5)  # the job is in the child by now (it sleeps in the hook)
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kills, reason", [(1, None), (2, "decoder_killed")])
+def test_a_decoder_killed_mid_file_is_retried_once_then_rejected(bad_dataset, tmp_path, kills, reason):
+    proc = DecodeProcess()
+    good = os.path.join(bad_dataset, "A/v_A_g08_c01.mp4")
+    killed: list = []
+    # kills=1: the first attempt hangs and is killed, the retry decodes; kills=2: both attempts hang
+    job = dict(JOB, path=good if kills == 1 else os.path.join(bad_dataset, "A/v_A_g08_c08.mp4"),
+               test_hooks=True, test_hang_once=str(tmp_path / "hung-once") if kills == 1 else None)
+    killer = threading.Thread(target=_kill_child_while_decoding, args=(proc, kills, killed))
+    killer.start()
+    try:
+        t0 = time.monotonic()
+        r = proc.run(job, timeout=50)
+        killer.join()
+        assert len(killed) == kills and time.monotonic() - t0 < 50  # killed, not timed out
+        if reason is None:
+            assert r["ok"] and r["views"][0][3].shape == (8, 16, 20, 3)
+        else:
+            assert r["reason"] == reason and "SIGKILL" in r["detail"] and "twice" in r["detail"]
+        assert proc.restarts == kills
+        # the next file decodes in a fresh child
+        assert proc.run(dict(JOB, path=good), timeout=60)["ok"]
+    finally:
+        killer.join()
+        proc.close()
+
+
+def test_a_test_video_in_the_unlabelled_pool_is_caught(tmp_path, ray_local):
+    """The same bytes under two ids: a test video copied into the unlabelled pool, and a training
+    video that is also a test video. The training-side copies are rejected naming both ids; the
+    test set stays whole."""
+    import shutil
+
+    from conftest import make_videos
+
+    root, pool = tmp_path / "ds", tmp_path / "pool"
+    make_videos([(str(root / "train/A/a1.mp4"), dict(n=10, seed=1)), (str(root / "train/B/b1.mp4"), dict(n=10, seed=2)),
+                 (str(root / "test/A/t1.mp4"), dict(n=10, seed=3)), (str(pool / "u2.mp4"), dict(n=10, seed=4))])
+    os.makedirs(root / "test/B")
+    shutil.copyfile(root / "train/A/a1.mp4", root / "test/B/t2.mp4")   # listed in train and in test
+    shutil.copyfile(root / "test/A/t1.mp4", pool / "u1.mp4")          # a test video in the pool
+    m = A.folder(str(root))
+    m.extend(A.unlabeled(str(pool)))
+    logged = []
+    out = str(tmp_path / "out")
+    s = ingest(m, IngestConfig(out=out, frames=8, clips_per_video=1, short_side=16, workers=1), log=logged.append)
+    assert s["inputs"] == 6 and s["written_videos"] == 4 and s["accounting_ok"]
+    rej = {r["video_id"]: r for r in map(json.loads, open(os.path.join(out, "rejects.jsonl")))}
+    assert sorted(rej) == ["train/A/a1", "unlabeled/u1"]
+    assert {r["reason"] for r in rej.values()} == {"duplicate_content"}
+    assert "test video test/B/t2" in rej["train/A/a1"]["detail"]
+    assert "test video test/A/t1" in rej["unlabeled/u1"]["detail"]
+    written = {r["video_id"] for r in SH.read_clips_table(out, columns=["video_id"]).to_pylist()}
+    assert written == {"train/B/b1", "test/A/t1", "test/B/t2", "unlabeled/u2"}
+    assert any("2 video(s)" in line and "duplicate_content" in line for line in logged)

@@ -280,3 +280,81 @@ def test_pipeline_rebuilds_its_own_cache_but_refuses_a_named_one(prepared, tmp_p
     named = dataclasses.replace(own, teacher=dataclasses.replace(cfg.teacher, cache=own.cache_dir))
     with pytest.raises(CacheMismatchError, match="fingerprint"):
         pipeline.ensure_cache(named, prepared["teacher"], log=lambda *_: None)
+
+
+# ----------------------------------------------------------------------------- given inputs are checked
+def _with(cfg, **sections):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, dict) else v
+                                       for k, v in sections.items()})
+
+
+def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared, tmp_path):
+    from dvfl import pipeline
+
+    cfg = _with(prepared["cfg"], output_dir=str(tmp_path / "run"), data={"clips": prepared["cfg"].clips_dir})
+    assert pipeline.ensure_clips(cfg, log=None)["fingerprint"] == prepared["info"]["fingerprint"]
+    with pytest.raises(ValueError, match="data.frames is 16, the clips have 8 frames"):
+        pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "frames": 16}), log=None)
+    with pytest.raises(ValueError, match=r"data.short_side is 64, the clips were stored at short side 32.*"
+                                         r"data.crop_size is 64, larger than the clips' short side 32"):
+        pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "short_side": 64}), log=None)
+    with pytest.raises(ValueError, match="eval.clips is 2, the clips store 1"):
+        pipeline.ensure_clips(_with(cfg, eval={"clips": 2}), log=None)
+
+
+def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_clips(prepared, tmp_path):
+    """A teacher the user gives is only read: its evaluation goes to the run's evaluations.json,
+    keyed by its weights and the clips' fingerprint, so another dataset's accuracy (planted in its
+    model.json the way the old cache stored it) is never reported."""
+    from dvfl import pipeline
+
+    user = tmp_path / "user_teacher"
+    shutil.copytree(prepared["teacher"], user)
+    cfg = _with(prepared["cfg"], output_dir=str(tmp_path / "run"), data={"clips": prepared["cfg"].clips_dir})
+    spec = json.loads((user / "model.json").read_text())
+    planted = {"top1": 0.987, "top5": 0.999, "clips": 1, "crops": 1, "videos": 3, "params": 1, "gmacs": 1.0}
+    spec[f"eval_{cfg.data.val_split}_{cfg.eval.clips}x{cfg.eval.crops}"] = planted  # from another dataset
+    (user / "model.json").write_text(json.dumps(spec))
+    before = (user / "model.json").read_bytes()
+    m = pipeline.evaluate_model_dir(cfg, str(user), log=lambda *_: None)
+    assert m["top1"] != 0.987 and m["videos"] == 16
+    assert (user / "model.json").read_bytes() == before
+    stored = json.loads((tmp_path / "run" / "evaluations.json").read_text())
+    (key, value), = stored.items()
+    assert prepared["spec"]["weights_fingerprint"] in key and prepared["info"]["fingerprint"][:16] in key
+    # reused on the same clips; clips with another fingerprint are evaluated afresh
+    stored[key] = dict(value, top1=0.5)
+    (tmp_path / "run" / "evaluations.json").write_text(json.dumps(stored))
+    assert pipeline.evaluate_model_dir(cfg, str(user), log=lambda *_: None)["top1"] == 0.5
+    other = tmp_path / "clips2"
+    shutil.copytree(cfg.data.clips, other)
+    info = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps(dict(info, fingerprint="f" * 64)))
+    again = pipeline.evaluate_model_dir(_with(cfg, data={"clips": str(other)}), str(user), log=lambda *_: None)
+    assert again["top1"] == m["top1"] and len(json.loads((tmp_path / "run" / "evaluations.json").read_text())) == 2
+
+
+def test_a_cache_built_for_other_views_is_refused(prepared):
+    from dvfl import pipeline
+
+    cfg = _with(prepared["cfg"], teacher={"views": ["center", "center+flip"]})
+    with pytest.raises(CacheMismatchError, match=r"built for views \['center'\], teacher.views is \['center', "
+                                                 r"'center\+flip'\]"):
+        pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
+
+
+def test_a_missing_or_short_logits_file_is_found_before_training(prepared, tmp_path):
+    from dvfl import pipeline
+
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared["cfg"].cache_dir, cache)
+    cfg = _with(prepared["cfg"], teacher={"cache": str(cache)})
+    train = sorted((cache / "logits").glob("train-*.parquet"))
+    train[0].unlink()
+    table = pq.read_table(train[1])
+    pq.write_table(table.slice(0, table.num_rows - 1), train[1])
+    with pytest.raises(CacheMismatchError, match=rf"1 logits file\(s\) missing .*{train[0].name}.*"
+                                                 rf"{train[1].name} \({table.num_rows - 1} rows, expected"):
+        pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)

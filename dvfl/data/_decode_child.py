@@ -2,7 +2,8 @@
 
 Started by :class:`dvfl.data.worker.DecodeProcess` as ``python _decode_child.py`` (by file
 path, not ``-m dvfl...``): importing the ``dvfl`` package would import torch (~2 s and
-~300 MB per child) for nothing. Frames: 8-byte little-endian length + pickle.
+~300 MB per child) for nothing. Frames: 8-byte little-endian length + pickle; the first frame
+the child sends is a hello saying whether it runs without network access.
 """
 import os
 import pickle
@@ -23,12 +24,43 @@ def _die_with_parent() -> None:
         pass
 
 
+CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+
+
+def _no_network() -> str:
+    """Move this process into a new, empty network namespace (no interface but a down loopback):
+    FFmpeg here can then reach no host, whatever a file makes it open. Returns "" on success,
+    else why not. Done before numpy/decord start threads (a user namespace needs one thread)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) == 0:
+            return ""
+        err = ctypes.get_errno()
+        # unprivileged: a user namespace of our own grants the right to make a network namespace
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+            return ""
+        return f"unshare(CLONE_NEWNET): {os.strerror(err)}; with CLONE_NEWUSER: {os.strerror(ctypes.get_errno())}"
+    except Exception as e:  # not Linux, no libc
+        return f"unshare unavailable: {type(e).__name__}: {e}"
+
+
+def _send(out, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(struct.pack("<Q", len(data)))
+    out.write(data)
+    out.flush()
+
+
 def main() -> None:
     _die_with_parent()
-    import decode  # noqa: E402  (sibling module, imported top-level)
-
+    why_not = _no_network()
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
+    _send(out, {"net_isolated": not why_not, "detail": why_not})  # the hello frame
+    import decode  # noqa: E402  (sibling module, imported top-level)
+
     # ffmpeg/decord print to fd 2; keep it (it goes to the worker log), but never to stdout.
     while True:
         hdr = inp.read(8)
@@ -40,10 +72,7 @@ def main() -> None:
             res = decode.decode_video(job)
         except Exception as e:  # a bug, not a bad file: report it as such
             res = {"ok": False, "reason": "decoder_error", "detail": decode._short(e)}
-        data = pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(struct.pack("<Q", len(data)))
-        out.write(data)
-        out.flush()
+        _send(out, res)
 
 
 if __name__ == "__main__":

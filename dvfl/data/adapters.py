@@ -8,6 +8,11 @@ itself (nothing to ingest at all) raises :class:`AdapterError`.
 ``video_id`` is the path relative to the video root without extension for
 path-based datasets (UCF101, HMDB51, UCF50, folder, DVFL csv), the clip name
 ``<youtube_id>_<start:06d>_<end:06d>`` for Kinetics and the numeric id for SSv2.
+
+Nothing is read from outside a source's root (``Manifest.root``): the videos folder for the
+labelled datasets (``--videos-dir``, else the dataset's usual folder under ``--root``), the folder
+of an unlabelled pool, or the folder holding an unlabelled list. An entry whose real path leaves
+its root (``../``, absolute paths, symlinks) is an ``outside_root`` problem.
 """
 from __future__ import annotations
 
@@ -48,7 +53,13 @@ def _first_existing(cands: Iterable[Optional[str]], what: str, must: bool = True
 
 def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name: Optional[str],
          split: str) -> None:
-    """Add an entry, or a ``missing`` problem when the file is not there."""
+    """Add an entry, or an ``outside_root`` problem when its real path (``..``, absolute paths and
+    symlinks resolved) leaves the manifest's root, or a ``missing`` one when the file is not there."""
+    real, root = os.path.realpath(path), os.path.realpath(m.root)
+    if os.path.commonpath([real, root]) != root:
+        m.problems.append(Problem(_d.OUTSIDE_ROOT, path, video_id, f"resolves to {real}, outside the root {root}",
+                                  split))
+        return
     if not os.path.isfile(path):
         m.problems.append(Problem(_d.MISSING, path, video_id, "listed but no such file", split))
         return
@@ -413,7 +424,8 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
 
 def unlabeled(dir_or_list: str) -> Manifest:
     """Videos without labels: a folder tree (every video file under it) or a text file with
-    one path per line (relative to the list's folder, or absolute). Entries get
+    one path per line (relative to the list's folder, or absolute). The pool's root is the folder,
+    or the list's folder: entries whose real path is elsewhere are ``outside_root``. Entries get
     ``label=None``, ``class_name=None``, ``split="unlabeled"`` and
     ``video_id = "unlabeled/" + <path relative to the folder/list, without extension>``."""
     if os.path.isdir(dir_or_list):
@@ -430,8 +442,6 @@ def unlabeled(dir_or_list: str) -> Manifest:
     m = Manifest("unlabeled", base, [], source={"unlabeled": os.path.abspath(dir_or_list)})
     for p in paths:
         rel = os.path.relpath(p, base)
-        if rel.startswith(".."):
-            rel = os.path.abspath(p).lstrip(os.sep)
         _add(m, "unlabeled/" + _strip_ext(rel.replace(os.sep, "/")), p, None, None, "unlabeled")
     return m
 

@@ -27,18 +27,30 @@ except ImportError:  # top-level import inside the decode child
 # reject reasons (stable strings: they appear in rejects files and summaries)
 MISSING = "missing"              # listed / given but no such file
 EMPTY = "empty"                  # 0 bytes, or a container with 0 frames
-NOT_VIDEO = "not_video"          # not a recognised video container at all
+NOT_VIDEO = "not_video"          # a text file, not a video
+UNKNOWN_CONTAINER = "unknown_container"  # binary, but not one of the supported containers (magic bytes)
+PLAYLIST = "playlist"            # an HLS/DASH/concat/SDP text that makes FFmpeg open other files or URLs
 CORRUPT = "corrupt"              # a video container whose demux/decode fails
 TRUNCATED = "truncated"          # container declares more bytes than the file holds
 TOO_SHORT = "too_short"          # fewer decodable frames than --min-frames
 TIMEOUT = "timeout"              # the decoder exceeded --timeout-per-file (child killed)
 DECODER_CRASH = "decoder_crash"  # the decoder process died (segfault/abort) on this file
+DECODER_KILLED = "decoder_killed"  # the decoder process was SIGKILLed twice (OOM killer) on this file
 # manifest-level reasons, produced by the adapters
 UNKNOWN_CLASS = "unknown_class"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
 LABEL_MISMATCH = "label_mismatch"
 BAD_LINE = "bad_line"
 DUPLICATE = "duplicate"
+OUTSIDE_ROOT = "outside_root"    # the entry's real path (symlinks resolved) is outside its root
+DUPLICATE_CONTENT = "duplicate_content"  # same bytes as another entry (another id, split or pool)
+
+# The containers decoded (magic bytes, :func:`probe_container`): everything else is refused
+# before FFmpeg sees it, so its other demuxers (HLS, concat, SDP, image2 ...) never run.
+CONTAINERS = ("mp4", "avi", "matroska", "mpeg-ts", "mpeg-ps", "flv", "ogg", "asf")
+# Text that FFmpeg would follow to other files or URLs (after an optional BOM/whitespace).
+_PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<?xml", b"<mpd", b"<smil", b"v=0", b"#ext-x",
+                   b"rtsptext", b"rtmp://", b"http://", b"https://", b"file:")
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ogv", ".ts")
@@ -47,6 +59,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".m
 # ``test_hooks=True``, which the ingest library sets only when asked explicitly)
 TEST_HANG_MAGIC = b"DVFL-TEST-HANG"
 TEST_CRASH_MAGIC = b"DVFL-TEST-CRASH"
+TEST_URL_MAGIC = b"DVFL-TEST-URL "
 
 
 class DecodeReject(Exception):
@@ -84,10 +97,11 @@ def _ebml_vint(buf: bytes, pos: int, keep_marker: bool) -> Tuple[Optional[int], 
 def probe_container(path: str) -> Tuple[str, Optional[str]]:
     """Identify the container from magic bytes and check declared sizes against the file size.
 
-    Returns ``(kind, problem)`` where kind is one of ``mp4``, ``avi``, ``matroska``,
-    ``mpeg-ts``, ``mpeg-ps``, ``flv``, ``ogg``, ``asf`` or ``unknown``, and problem is
-    ``None``, :data:`EMPTY` or :data:`TRUNCATED`. ``unknown`` is not itself a reject: the
-    decoder gets the last word (ffmpeg knows more formats than this probe).
+    Returns ``(kind, problem)``: kind is one of :data:`CONTAINERS` (``mp4`` covers MOV/M4V/3GP,
+    ``matroska`` WebM), ``playlist``, ``text`` or ``unknown``; problem is ``None``,
+    :data:`EMPTY`, :data:`TRUNCATED`, :data:`CORRUPT`, :data:`PLAYLIST`, :data:`NOT_VIDEO` or
+    :data:`UNKNOWN_CONTAINER`. Only a known container without a problem reaches the decoder:
+    FFmpeg's own probing would also accept playlists that make it open other files or URLs.
     """
     size = os.path.getsize(path)
     if size == 0:
@@ -101,7 +115,8 @@ def probe_container(path: str) -> Tuple[str, Optional[str]]:
         return "avi", (TRUNCATED if declared > size else None)
     if head[:4] == b"\x1a\x45\xdf\xa3":
         return "matroska", _check_matroska(head, path, size)
-    if head[:1] == b"\x47" and (len(head) < 189 or head[188:189] == b"\x47"):
+    # MPEG-TS: 188-byte packets, each starting with the sync byte 0x47 (three in a row)
+    if len(head) >= 2 * 188 + 1 and all(head[i] == 0x47 for i in (0, 188, 376)):
         return "mpeg-ts", None
     if head[:4] == b"\x00\x00\x01\xba":
         return "mpeg-ps", None
@@ -111,7 +126,22 @@ def probe_container(path: str) -> Tuple[str, Optional[str]]:
         return "ogg", None
     if head[:4] == b"\x30\x26\xb2\x75":
         return "asf", None
-    return "unknown", None
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if text.lower().startswith(_PLAYLIST_HEADS):
+        return "playlist", PLAYLIST
+    if _looks_like_text(head):
+        return "text", NOT_VIDEO
+    return "unknown", UNKNOWN_CONTAINER
+
+
+def _looks_like_text(head: bytes) -> bool:
+    sample = head[:4096]
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(sample) - 4:  # not just a character cut at the end of the sample
+            return False
+    return not any(b < 9 or 13 < b < 32 for b in sample if b != 27)
 
 
 def _check_mp4_boxes(f, size: int) -> Optional[str]:
@@ -259,9 +289,32 @@ def mp4_video_size(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, i
     return None
 
 
-def _run_test_hooks(path: str) -> None:
+_PROBLEM_DETAIL = {
+    PLAYLIST: "a playlist/reference text (HLS, DASH, concat, SDP or a URL), not a video file",
+    NOT_VIDEO: "a text file, not a video",
+    UNKNOWN_CONTAINER: f"magic bytes match none of the supported containers ({', '.join(CONTAINERS)})",
+}
+
+
+def _run_test_hooks(path: str, job: Dict) -> None:
+    marker = job.get("test_hang_once")
+    if marker and not os.path.exists(marker):  # hang on the first attempt only (retry tests)
+        open(marker, "w").close()
+        import ctypes
+
+        ctypes.PyDLL(None).sleep(3600)
     with open(path, "rb") as f:
-        head = f.read(32)
+        head = f.read(256)
+    if head.startswith(TEST_URL_MAGIC):
+        # Hands a URL straight to decord/FFmpeg, as if the container checks were bypassed: shows
+        # what the decode child's network isolation alone stops.
+        import decord
+
+        url = head[len(TEST_URL_MAGIC):].split(b"\n")[0].decode().strip()
+        try:
+            decord.VideoReader(url)
+        except Exception as e:
+            raise DecodeReject(CORRUPT, _short(e))
     if head.startswith(TEST_HANG_MAGIC):
         # Simulates decord's failure mode: a native call that blocks *while holding the GIL*
         # (ctypes.PyDLL does not release the GIL), so no Python-level timeout, signal
@@ -292,14 +345,15 @@ def decode_video(job: Dict) -> Dict:
 
 
 def _decode_video(job: Dict) -> Dict:
-    path = job["path"]
-    if not os.path.isfile(path):
-        raise DecodeReject(MISSING, "no such file")
+    # an absolute path: FFmpeg reads "name:..." as a protocol, "/..." only as a local file
+    path = os.path.abspath(job["path"])
+    if not os.path.isfile(path):  # (follows symlinks: devices, FIFOs and folders are refused)
+        raise DecodeReject(MISSING, "no such regular file")
+    if job.get("test_hooks"):
+        _run_test_hooks(path, job)
     kind, problem = probe_container(path)
     if problem is not None:
-        raise DecodeReject(problem, f"{kind} container check")
-    if job.get("test_hooks"):
-        _run_test_hooks(path)
+        raise DecodeReject(problem, _PROBLEM_DETAIL.get(problem, f"{kind} container check"))
 
     import decord
 
@@ -324,7 +378,7 @@ def _decode_video(job: Dict) -> Dict:
             scaled = False
             vr = open_reader(False)
     except Exception as e:  # decord raises RuntimeError / DECORDError on open failure
-        raise DecodeReject(CORRUPT if kind != "unknown" else NOT_VIDEO, _short(e))
+        raise DecodeReject(CORRUPT, _short(e))
     try:
         n = len(vr)
         fps = float(vr.get_avg_fps() or 0.0)

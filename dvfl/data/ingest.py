@@ -119,6 +119,55 @@ def file_identity(path: str) -> Tuple[int, str]:
     return size, h.hexdigest()
 
 
+# Which copy of a file listed under several ids is kept: evaluation data first, so that no test
+# video also trains the model (or the teacher whose logits train it).
+_KEEP_FIRST = {"test": 0, "val": 1, "train": 2, "unlabeled": 3}
+
+
+def _full_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reject_duplicate_content(manifest: Manifest, identities: Dict[str, Tuple[int, str]]) -> int:
+    """Entries with the same bytes under different ids (across splits, pools or within one):
+    keep one (test > val > train > unlabeled, then the first id), reject the others as
+    ``duplicate_content`` naming the kept id. Returns how many rejected copies were training or
+    unlabelled copies of a val/test video (leaks). Same head/tail identities are confirmed with a
+    hash of the whole files."""
+    groups: Dict[Tuple[int, str], List[VideoEntry]] = {}
+    for e in manifest.entries:
+        groups.setdefault(identities[e.video_id], []).append(e)
+    rejected, leaks = set(), 0
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        by_content: Dict[str, List[VideoEntry]] = {}
+        for e in group:
+            try:
+                by_content.setdefault(_full_hash(e.path), []).append(e)
+            except OSError:  # vanished since: decoding reports it as missing
+                continue
+        for same in by_content.values():
+            same.sort(key=lambda e: (_KEEP_FIRST.get(e.split, 9), e.video_id))
+            kept = same[0]
+            for e in same[1:]:
+                leak = kept.split in ("val", "test") and e.split not in ("val", "test")
+                leaks += leak
+                manifest.problems.append(Problem(
+                    _d.DUPLICATE_CONTENT, e.path, e.video_id,
+                    f"same content as {kept.split} video {kept.video_id} ({kept.relpath(manifest.root)})"
+                    + ("; a copy of evaluation data in training is refused" if leak else ""), e.split))
+                rejected.add(e.video_id)
+                identities.pop(e.video_id, None)
+    if rejected:
+        manifest.entries = [e for e in manifest.entries if e.video_id not in rejected]
+    return leaks
+
+
 def compute_fingerprint(manifest: Manifest, params: Dict[str, Any], identities: Dict[str, Tuple[int, str]]) -> str:
     """sha256 over the preprocessing parameters, the classes, every entry (video id, relative
     path, label, split, file identity) and every manifest-level reject."""
@@ -332,6 +381,10 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         except OSError as ex:
             manifest.problems.append(Problem(_d.MISSING, e.path, e.video_id, _d._short(ex), e.split))
     manifest.entries = keep
+    leaks = _reject_duplicate_content(manifest, identities)
+    if leaks and log:
+        log(f"[ingest] {leaks} video(s) of the training/unlabelled data have the same content as a val/test "
+            f"video: rejected as {_d.DUPLICATE_CONTENT} (both ids in {_s.REJECTS_FILE})")
     entries = {e.video_id: e for e in manifest.entries}
     params = cfg.content_params()
     fingerprint = compute_fingerprint(manifest, params, identities)
@@ -390,6 +443,12 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     t_run = time.perf_counter()
     clips_this_run = 0
     if jobs:
+        if log:
+            from .worker import network_isolation, network_note
+
+            isolated, why_not = network_isolation()
+            if not isolated:
+                log(f"[ingest] note: {network_note(why_not)}")
         max_videos = cfg.videos_per_task or max(1, int(TASK_OUTPUT_BYTES // est_video_bytes))
         clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
     run_secs = time.perf_counter() - t_run

@@ -6,7 +6,10 @@ therefore owns one long-lived child process (``_decode_child.py``) and talks to 
 through pipes; if a file takes longer than the limit, the child is SIGKILLed and a
 fresh one is started for the next file (cost measured: ~0.1-0.2 s, only paid after a
 kill). A crash of the child (segfault, abort) is reported as ``decoder_crash`` and
-also only costs a restart. The child is recycled when its resident memory passes
+also only costs a restart. A child SIGKILLed by someone else (the OOM killer's signal) gets the
+file once more in a fresh child, since the memory pressure may have come from elsewhere; killed
+again, the file is rejected as ``decoder_killed``. The child runs in a network namespace of its
+own where Linux allows it (``net_isolated``). The child is recycled when its resident memory passes
 ``max_rss_mb`` (decord's native memory growth; measured flat at 48-56 MiB over 6,000 synthetic
 and 512 UCF-like files, one fresh reader per file) or after ``max_jobs`` files. A
 restart costs ~0.25 s of CPU, as much as decoding 100 tiny videos, so it is not done blindly.
@@ -26,6 +29,8 @@ from typing import Dict, Optional
 from . import decode
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_decode_child.py")
+_START_TIMEOUT = 60.0  # a child's start (Python + hello frame), on a busy machine
+_warned_network = False  # say once per process that decode children have network access
 
 
 class DecodeProcess:
@@ -35,6 +40,8 @@ class DecodeProcess:
         self.proc: Optional[subprocess.Popen] = None
         self.jobs_done = 0
         self.restarts = 0
+        self.net_isolated: Optional[bool] = None  # known once a child has started
+        self.net_detail = ""
 
     # -- process management ----------------------------------------------------------
     def _start(self) -> None:
@@ -50,6 +57,12 @@ class DecodeProcess:
             fcntl.fcntl(self.proc.stdout.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         except OSError:
             pass
+        try:
+            hdr = self._read_exact(8, time.monotonic() + _START_TIMEOUT)
+            hello = pickle.loads(self._read_exact(struct.unpack("<Q", hdr)[0], time.monotonic() + _START_TIMEOUT))
+        except (TimeoutError, EOFError, OSError) as e:  # the job write/read that follows reports it
+            hello = {"net_isolated": False, "detail": f"no hello from the decode child: {type(e).__name__}"}
+        self.net_isolated, self.net_detail = bool(hello["net_isolated"]), hello.get("detail", "")
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -87,11 +100,24 @@ class DecodeProcess:
     # -- one job -------------------------------------------------------------------------
     def run(self, job: Dict, timeout: float) -> Dict:
         """Decode one video in the child; never raises for a bad file."""
+        res = self._run_once(job, timeout)
+        if res.get("reason") == decode.DECODER_KILLED:  # once more in a fresh child
+            again = self._run_once(job, timeout)
+            if again.get("reason") == decode.DECODER_KILLED:
+                again["detail"] += " (twice: the OOM killer, or an operator)"
+            return again
+        return res
+
+    def _run_once(self, job: Dict, timeout: float) -> Dict:
         if self.proc is not None and self.jobs_done >= self.max_jobs:
             self.close()
         if self.proc is None or self.proc.poll() is not None:
             self.proc = None
             self._start()
+            global _warned_network
+            if not self.net_isolated and not _warned_network:  # (into this Ray worker's log)
+                _warned_network = True
+                print(f"[decode] note: {network_note(self.net_detail)}", file=sys.stderr, flush=True)
         payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
         deadline = time.monotonic() + timeout
         try:
@@ -112,6 +138,9 @@ class DecodeProcess:
                 except Exception:
                     code = None
             self.kill()
+            if code == -signal.SIGKILL:
+                return {"ok": False, "reason": decode.DECODER_KILLED,
+                        "detail": "decoder process killed by SIGKILL"}
             return {"ok": False, "reason": decode.DECODER_CRASH,
                     "detail": f"decoder process died (exit {code}): {type(e).__name__}"}
         self.jobs_done += 1
@@ -144,3 +173,16 @@ class DecodeProcess:
                 raise EOFError("child closed stdout")
             got += k
         return buf
+
+
+def network_note(detail: str) -> str:
+    return (f"decode children keep network access on this machine ({detail}); "
+            "only local files with a known container are decoded")
+
+
+def network_isolation() -> tuple:
+    """``(isolated, why_not)`` for a decode child started on this machine (one child start)."""
+    p = DecodeProcess()
+    p._start()
+    p.close()
+    return bool(p.net_isolated), p.net_detail
