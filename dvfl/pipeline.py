@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dvfl.artifacts import SPEC, build_model, load_model, save_model
 from dvfl.config import RunConfig
-from dvfl.data.shards import atomic_write_json, load_dataset_info
+from dvfl.data.shards import atomic_write_json, atomic_write_text, load_dataset_info
 
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
@@ -382,7 +382,7 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         md += ("\nPer seed, DVFL-Net minus VFL-Net: "
                + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
                + "DVFL-Net / teacher: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n")
-    (out / "results.md").write_text(md)
+    atomic_write_text(out / "results.md", md)
     _plot_curves(results, out / "training_curves.png", labels)
     log("\n" + md)
     log(f"[report] {out / 'results.json'}, {out / 'results.md'}, {out / 'training_curves.png'}")

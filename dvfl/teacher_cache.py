@@ -19,17 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 
 from dvfl.artifacts import build_model, load_model
-from dvfl.data.shards import atomic_write_json, load_dataset_info, remove_stale_tmp, shard_paths
+from dvfl.data.shards import atomic_write_json, atomic_write_table, load_dataset_info, remove_stale_tmp, shard_paths
 from dvfl.train.clips import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 
 CACHE_JSON = "cache.json"
 BUILD_JSON = "_build.json"
 LOGITS_DIR = "logits"
 CACHE_FORMAT = "dvfl-teacher-logits-v1"
+FSIZE_TEST_ENV = "DVFL_TEST_CACHE_FSIZE_LIMIT"  # test hook: RLIMIT_FSIZE of the cache writers
 LOGIT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),
     pa.field("view", pa.string(), nullable=False),
@@ -205,8 +207,16 @@ class ShardLogitWriter:
     build leaves only complete files and a rerun redoes just the missing shards.
     """
 
-    def __init__(self, spec: dict, state_ref: list, vspec: dict, dtype: str, batch_size: int, threads: int):
+    def __init__(self, spec: dict, state_ref: list, vspec: dict, dtype: str, batch_size: int, threads: int,
+                 test_fsize_limit: int | None = None):
         import ray
+
+        if test_fsize_limit:  # test hook: a disk that fills up after this many bytes per file
+            import resource
+            import signal
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG (an OSError)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (test_fsize_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
@@ -222,7 +232,10 @@ class ShardLogitWriter:
     def __call__(self, batch: dict) -> dict:
         stats = []
         for src, dst in zip(batch["shard"], batch["out"]):
-            stats.append(json.dumps(self._process(src, dst)))
+            try:
+                stats.append(json.dumps(self._process(src, dst)))
+            except OSError as exc:  # a full disk: reported to the driver as such, not as a UDF crash
+                stats.append(json.dumps({"shard": os.path.basename(src), "error": str(exc)}))
         return {"stats": np.array(stats, dtype=object)}
 
     def _process(self, src: str, dst: str) -> dict:
@@ -249,9 +262,7 @@ class ShardLogitWriter:
         stats = {"shard": os.path.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled}
         # the sidecar first: a parquet file without its sidecar never exists
         atomic_write_json(_sidecar(dst), stats)
-        tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, dst)
+        atomic_write_table(dst, table, compression="zstd")
         return stats
 
 
@@ -327,7 +338,8 @@ def build_teacher_cache(
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardLogitWriter,
             fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
-                                       batch_size=batch_size, threads=threads),
+                                       batch_size=batch_size, threads=threads,
+                                       test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=1 if use_gpu else 0,
@@ -336,6 +348,8 @@ def build_teacher_cache(
         )
         for i, row in enumerate(ds.iter_rows(), 1):
             s = json.loads(row["stats"])
+            if "error" in s:
+                raise OSError(f"writing the logits of {s['shard']} failed: {s['error']}")
             log(f"[cache] {i}/{len(todo)} shards: {s['shard']} ({s['rows']} logit rows)")
     elapsed = time.time() - started
 
@@ -377,24 +391,50 @@ def _split_of(shard: str) -> str:
     return os.path.basename(shard).rsplit("-", 1)[0]
 
 
+def read_clips_by_id(clips_dir: str, wanted: set, columns: list[str], batch_size: int = 4) -> pa.Table:
+    """The rows of the ``wanted`` clips only, without reading a whole dataset into memory.
+
+    Reads each shard's ``clip_id`` column, then streams only the row groups that hold a wanted
+    clip, in small batches, stopping after the last wanted row of each.
+    """
+    value_set = pa.array(sorted(wanted), pa.string())
+    parts = []
+    for path in shard_paths(clips_dir):
+        f = pq.ParquetFile(path, buffer_size=1 << 20)  # buffered: pages are read as the batches need them
+        for rg in range(f.num_row_groups):
+            mask = pa.compute.is_in(f.read_row_group(rg, columns=["clip_id"]).column("clip_id"), value_set=value_set)
+            hits = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            if not len(hits):
+                continue
+            offset = 0
+            for batch in f.iter_batches(batch_size=batch_size, row_groups=[rg], columns=columns):
+                keep = mask.slice(offset, batch.num_rows)
+                offset += batch.num_rows
+                if pa.compute.any(keep).as_py():
+                    parts.append(pa.Table.from_batches([batch]).filter(keep))
+                if offset > hits[-1]:
+                    break
+    return pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
+
+
 def verify_cache(cache: TeacherLogitCache, clips_dir: str, model, samples: int, seed: int = 0) -> dict:
     """Recompute a random sample of cached rows with a direct fp32 teacher forward.
 
     Raises :class:`CacheMismatchError` if any differs beyond :data:`VERIFY_TOLERANCE`.
     """
-    from dvfl.data.shards import read_clips_table
-
     cache.load()
     keys = list(cache._index)
     if not keys or samples <= 0:
         return {"checked": 0, "max_abs_diff": 0.0}
     rng = np.random.default_rng(seed)
     picked = [keys[i] for i in rng.choice(len(keys), size=min(samples, len(keys)), replace=False)]
-    wanted = {c for c, _ in picked}
-    table = read_clips_table(clips_dir, columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
-    table = table.filter(pa.compute.is_in(table.column("clip_id"), pa.array(sorted(wanted))))
+    table = read_clips_by_id(clips_dir, {c for c, _ in picked},
+                             columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
     arrays, ids, _ = batch_arrays(table)
     by_id = dict(zip(ids, arrays))
+    missing = sorted({c for c, _ in picked} - set(by_id))
+    if missing:
+        raise CacheMismatchError(f"cached clips {missing[:3]} are not in the clip shards of {clips_dir}")
     model = model.eval()
     device = next(model.parameters()).device
     rtol, atol = VERIFY_TOLERANCE[cache.info["dtype"]]

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, _build, _set_path, load_config, parse_override
+from dvfl.data.shards import atomic_write_text
 
 # Fields a search may vary. Data and teacher fields would invalidate the shared shards and cache;
 # scaling fields change the resources the search reserves; epochs are ASHA's to decide.
@@ -389,7 +391,7 @@ def trial_driver(params: dict, setup: dict) -> None:
         if path.is_file():
             record["starts"] = json.loads(path.read_text()).get("starts", [])
         record["starts"].append(time.time())
-        path.write_text(json.dumps(record, indent=1))
+        atomic_write_text(path, json.dumps(record, indent=1))
     result = run_training(
         loop, clips_dir=cfg.clips_dir, train_splits=[cfg.data.train_split], val_split=cfg.data.val_split,
         unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,
@@ -447,6 +449,18 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
 
 
+def remove_experiment(exp: Path, name: str, log=print) -> None:
+    """--fresh: delete ``exp`` only if it is one of our Tune experiments under a plain name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or exp.name != name:
+        raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {name!r}; "
+                          "--fresh deletes nothing")
+    if exp.is_symlink() or not (exp / SEARCH_FILE).is_file():
+        raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
+                          "it was not deleted: pick another tune.experiment or tune.storage")
+    log(f"[tune] --fresh: removing {exp}")
+    shutil.rmtree(exp)
+
+
 def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
     """Prepare the shared stages, run (or resume) the Tune experiment, write the results.
 
@@ -460,8 +474,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     check_resources(t, cfg, ray.cluster_resources())
     exp = experiment_dir(t, cfg)
     if fresh and exp.exists():
-        log(f"[tune] --fresh: removing {exp}")
-        shutil.rmtree(exp)
+        remove_experiment(exp, t.experiment, log)
     info, teacher = prepare(cfg, log)
     fp = _fingerprint(t, cfg, info, teacher)
     search_file = exp / SEARCH_FILE
@@ -472,7 +485,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             raise ConfigError(f"{exp} holds a different search (its search config, run config, clips or teacher "
                               "changed): pick another tune.experiment, or --fresh to discard it")
     exp.mkdir(parents=True, exist_ok=True)
-    search_file.write_text(json.dumps(fp, indent=1, default=str))
+    atomic_write_text(search_file, json.dumps(fp, indent=1, default=str))
 
     setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
              "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled}
@@ -686,7 +699,7 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
           f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
-    (exp / RESULTS_MD).write_text(md)
+    atomic_write_text(exp / RESULTS_MD, md)
     plot_pareto(rows, front, exp / PARETO_PNG, f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
     if best:
         dump_config(apply_params(cfg, best["params_searched"]), exp / BEST_CONFIG)

@@ -56,6 +56,9 @@ def main(argv=None) -> int:
         except (CacheMismatchError, CheckpointError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # disk full, quota: finished shards stay, a rerun resumes
+            print(f"error: writing the cache to {a.out} failed: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

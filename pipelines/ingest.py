@@ -197,10 +197,17 @@ def main(argv=None) -> int:
                        test_hooks=os.environ.get("DVFL_INGEST_TEST_HOOKS") == "1")
     try:
         with ray_session(a.address, a.num_cpus, a.object_store_mb, log=log):
-            ingest(m, cfg, log=log)
+            summary = ingest(m, cfg, log=log)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, quota, permissions: finished shards stay, a rerun resumes
+        print(f"error: writing to {a.out} failed: {e}", file=sys.stderr)
+        return 1
+    if summary["written_videos"] == 0:  # nothing to train on is a failure, not a finished ingest
+        print(f"error: 0 videos written: all {summary['inputs']} input(s) were rejected "
+              f"(reasons in {os.path.join(a.out, 'rejects.jsonl')})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -483,10 +483,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "frames_shape": "(num_frames, height, width, 3) uint8, per row",
     }
     ok = written_videos + len(rejects) == manifest.num_inputs
-    with open(os.path.join(out, f".{_s.REJECTS_FILE}.tmp"), "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(os.path.join(out, f".{_s.REJECTS_FILE}.tmp"), os.path.join(out, _s.REJECTS_FILE))
+    _s.atomic_write_text(os.path.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     total_secs = time.perf_counter() - t_start
     summary = {
         "out": out, "dataset": manifest.dataset, "fingerprint": fingerprint, "inputs": manifest.num_inputs,

@@ -141,19 +141,48 @@ def clips_table(rows: List[Dict[str, Any]]) -> pa.Table:
 # ---------------------------------------------------------------------------------------
 # atomic files
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (a crash could otherwise undo it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write) -> None:
+    """``write(tmp)`` fills a hidden temporary file next to ``path``; it is fsynced and renamed
+    over ``path``, so readers see the old file or the whole new one, never a part (a full disk
+    included: the temporary file is removed and the error raised)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(d)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(str(path), write)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_table(path: str, table: pa.Table, **write_kwargs) -> None:
+    """A Parquet file written with :func:`pyarrow.parquet.write_table`, atomically."""
+    _atomic_write(str(path), lambda tmp: pq.write_table(table, tmp, **write_kwargs))
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -175,7 +204,7 @@ class AtomicShardWriter:
         self.tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
         self.row_group_rows = max(1, int(row_group_rows))
         non_frames = [c for c in CLIP_COLUMNS if c != "frames"]
-        self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression,
+        self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression, write_page_checksum=True,
                                        use_dictionary=["video_id", "path", "class_name", "split", "view"],
                                        write_statistics=non_frames)
         self.pending: List[pa.Table] = []
@@ -210,6 +239,7 @@ class AtomicShardWriter:
     def publish(self) -> None:
         """Atomically make the shard visible under its final name."""
         os.replace(self.tmp, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def commit(self) -> int:
         n = self.close()
@@ -266,6 +296,32 @@ def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
     return pa.concat_tables([pq.read_table(p, columns=columns, schema=CLIP_SCHEMA) for p in paths])
 
 
+class CorruptShardError(OSError):
+    """A clip shard that cannot be read back (damaged on disk or in transfer)."""
+
+
+def find_corrupt_shards(paths: Iterable[str]) -> List[tuple]:
+    """``(path, error)`` of every shard that does not read back whole, page checksums included
+    (a diagnosis for read errors that do not say which file failed; reads every byte)."""
+    bad = []
+    for p in paths:
+        try:
+            for _ in pq.ParquetFile(p, page_checksum_verification=True).iter_batches(batch_size=64):
+                pass
+        except Exception as exc:  # noqa: BLE001  (any failure to read is what we look for)
+            bad.append((p, f"{type(exc).__name__}: {exc}"))
+    return bad
+
+
+def raise_if_corrupt(paths: Iterable[str], exc: BaseException) -> None:
+    """Re-raise a failed read as :class:`CorruptShardError` naming the damaged shard(s), if any."""
+    bad = find_corrupt_shards(paths)
+    if bad:
+        names = "; ".join(f"{p} ({e})" for p, e in bad)
+        raise CorruptShardError(f"clip shard(s) cannot be read: {names}. Re-ingest (delete the damaged "
+                                "file and its _meta sidecar, then rerun the same ingest command)") from None
+
+
 def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
                       columns: Optional[List[str]] = None, num_cpus: float = 0.25, **kwargs):
     """A Ray Dataset over the shards of ``splits``.
@@ -287,6 +343,14 @@ def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
     # Ray's default of ~200 read blocks cut a shard into blocks of 2-3 clips here, and the
     # per-block cost capped reading at ~400 UCF-sized clips/s; per file: ~1,300 (docs/ingest.md).
     kwargs.setdefault("override_num_blocks", len(paths))
+    # verify page checksums (written by AtomicShardWriter): a damaged page fails the read instead of
+    # giving wrong pixels; buffered reads as Ray's own default
+    import pyarrow.dataset as pds
+    from ray.data._internal.datasource.parquet_datasource import ParquetDatasource as _PD
+
+    kwargs.setdefault("fragment_scan_options", pds.ParquetFragmentScanOptions(
+        use_buffered_stream=True, buffer_size=getattr(_PD, "_DEFAULT_FRAGMENT_SCAN_BUFFER_SIZE", 8192),
+        page_checksum_verification=True))
     ctx = ray.data.DataContext.get_current()
     old = getattr(ctx, "use_datasource_v2", None)
     if old is not None:

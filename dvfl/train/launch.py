@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dvfl.data.sampling import pool_videos
-from dvfl.data.shards import read_clip_dataset, read_clips_table, shard_paths
+from dvfl.data.shards import raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
 
 TRAIN_COLUMNS = VAL_COLUMNS
@@ -79,6 +79,11 @@ def run_training(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    batch_size = loop_cfg["optim"]["batch_size"]
+    for split in [*train_splits, val_split]:
+        if count_rows(clips_dir, [split]) == 0:
+            raise ValueError(f"split '{split}' of {clips_dir} has no clips: nothing to "
+                             f"{'validate' if split == val_split else 'train'} on")
     quiet_data_progress()
     train = read_clip_dataset(clips_dir, list(train_splits), columns=TRAIN_COLUMNS)
     train_rows = count_rows(clips_dir, train_splits)
@@ -96,16 +101,29 @@ def run_training(
         train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
         train_rows += count_rows(unlabeled_dir, ["unlabeled"])
         shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
+    if train_rows < scaling.num_workers * batch_size:
+        # every worker needs at least one full batch, or an epoch would train on nothing
+        used = "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])])
+        raise ValueError(f"split '{used}' of {clips_dir} has {train_rows} training clips "
+                         f"(after label_fraction/teacher_pool), fewer than {scaling.num_workers} worker(s) x "
+                         f"batch size {batch_size} = {scaling.num_workers * batch_size}: use a smaller "
+                         "optim.batch_size or fewer workers, or ingest more videos")
     val = read_clip_dataset(clips_dir, [val_split], columns=VAL_COLUMNS)
     if shard_bytes < materialize_below_mb * 2**20:
         # Small datasets are read once into the object store: re-running the Parquet read
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
         # Shards hold videos grouped by class, and a local shuffle buffer cannot mix classes
         # that sit thousands of rows apart: shuffle the (small) table globally, seeded.
-        train, val = train.random_shuffle(seed=loop_cfg["seed"]).materialize(), val.materialize()
+        try:
+            train, val = train.random_shuffle(seed=loop_cfg["seed"]).materialize(), val.materialize()
+        except Exception as exc:  # a read error of Ray's does not name the file: find it
+            raise_if_corrupt(shard_paths(clips_dir, [*train_splits, val_split])
+                             + (shard_paths(unlabeled_dir, ["unlabeled"]) if unlabeled_dir else []), exc)
+            raise
     else:
         train = train.randomize_block_order(seed=loop_cfg["seed"])
-    loop_cfg = {**loop_cfg, "train_rows": train_rows, "threads_per_worker": threads_per_worker(scaling)}
+    loop_cfg = {**loop_cfg, "train_rows": train_rows, "threads_per_worker": threads_per_worker(scaling),
+                "run_name": name}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

@@ -13,6 +13,7 @@ views ingest stores per video. Without a teacher, training uses random crops (an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,11 +77,15 @@ class TeacherSignal:
             return self.model(x).float()
 
 
-def _save_state(model, optimizer, epoch: int, step: int, history: list) -> str:
-    directory = tempfile.mkdtemp(prefix="dvfl-ckpt-")
+def _save_state(directory: str, model, optimizer, epoch: int, step: int, history: list) -> None:
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch, "step": step, "history": history}, os.path.join(directory, STATE_FILE))
-    return directory
+
+
+def checkpoint_tmp_prefix(run_name: str) -> str:
+    """Temp folders of a run's checkpoints are named after the run, so any left behind (a
+    worker killed between save and report) can be traced to it."""
+    return f"dvfl-ckpt-{run_name}-"
 
 
 def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp: bool) -> dict:
@@ -265,6 +270,9 @@ def train_loop_per_worker(cfg: dict) -> None:
             seen += int(labelled.sum())
             counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
                                     int(labelled.any() and not labelled.all())])
+        if batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
+            raise RuntimeError(f"epoch {epoch + 1}: rank {rank} of {world} got 0 training batches "
+                               f"(batch size {batch_size}): the training split is empty or too small")
         if world > 1:
             import torch.distributed as dist
 
@@ -279,19 +287,22 @@ def train_loop_per_worker(cfg: dict) -> None:
                    "ce_clips": int(counts[2]), "mixed_batches": int(counts[3])}
         if teacher is not None:  # 0 from the cache: proof that a run never ran its teacher
             metrics["teacher_forward_calls"] = teacher.forward_calls
-        ckpt_dir = None
-        if rank == 0:
-            metrics.update(evaluate(raw_model, val_data, crop_size, batch_size, device, amp))
-            history.append(metrics)
-            ckpt_dir = _save_state(raw_model, optimizer, epoch, step, history)
-            print("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
-            if writer is not None:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-        # every rank reports once per epoch (a barrier); only rank 0 carries the checkpoint
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        # report() (default SYNC upload) copies the checkpoint into the run's storage before it
+        # returns, so the local copy is deleted right after it
+        with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.get("run_name", "run")))
+              if rank == 0 else contextlib.nullcontext()) as ckpt_dir:
+            if rank == 0:
+                metrics.update(evaluate(raw_model, val_data, crop_size, batch_size, device, amp))
+                history.append(metrics)
+                _save_state(ckpt_dir, raw_model, optimizer, epoch, step, history)
+                print("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+                if writer is not None:
+                    for k, v in metrics.items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                    writer.flush()
+            # every rank reports once per epoch (a barrier); only rank 0 carries the checkpoint
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
         reported_at = time.time()
     if writer is not None:
         writer.close()

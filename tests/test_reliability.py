@@ -1,0 +1,281 @@
+"""Nothing leaks, nothing fails silently (issue 16): temp checkpoints, too-small splits, the
+cache check's reads, atomic writes, a full disk, a corrupt shard.
+
+The training and cache checks reuse the session's ``prepared`` clips/teacher/cache (conftest.py).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dvfl.data.shards import load_dataset_info, shard_paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _no_traceback(text: str) -> bool:
+    """No traceback once Python's "--- Logging error ---" reports are set aside: Ray's own log
+    files live on the full disk too (RLIMIT_FSIZE), and logging reports each failed write."""
+    import re
+
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if "--- Logging error ---" in line:
+            skipping = True
+        elif skipping and re.search(r"(^|\s)Arguments: ", line):
+            skipping = False
+        elif not skipping:
+            kept.append(line)
+    return not any("Traceback" in line for line in kept)
+
+
+# ----------------------------------------------------------------------------- temp checkpoints
+def test_training_leaves_no_checkpoint_temp_folders(prepared):
+    """The teacher of ``prepared`` trained 4 epochs with 2 workers; none of its per-epoch
+    checkpoints may remain in the temp dir (found by content: a leaked state.pt holds one of the
+    run's epochs, down to its measured epoch time)."""
+    history = json.loads((Path(prepared["teacher"]) / "model.json").read_text())["history"]
+    marks = {h["epoch_seconds"] for h in history}
+    leaked = []
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "dvfl-ckpt-*")):
+        try:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # another run's folder, being written or not a checkpoint
+            continue
+        if state.get("history") and state["history"][-1]["epoch_seconds"] in marks:
+            leaked.append(d)
+    assert leaked == []
+    # the checkpoints themselves are kept where Ray Train stores them
+    cfg = prepared["cfg"]
+    run = f"{cfg.name}-teacher-s{cfg.seed}-{Path(prepared['teacher']).name}"
+    assert len([p for p in glob.glob(os.path.join(cfg.output_dir, "ray_results", run, "checkpoint_*"))
+                if os.path.isdir(p)]) == 2
+
+
+# ----------------------------------------------------------------------------- too-small splits
+def test_empty_or_too_small_split_is_refused_before_training(prepared, tmp_path):
+    from dvfl.train.launch import Scaling, run_training
+
+    cfg = prepared["cfg"]
+    train_rows = sum(pq.read_metadata(p).num_rows for p in shard_paths(cfg.clips_dir, ["train"]))
+    loop = {"seed": 0, "optim": {"batch_size": train_rows // 2 + 1}}
+    kw = dict(clips_dir=cfg.clips_dir, scaling=Scaling(num_workers=2), name="refused",
+              storage_path=str(tmp_path / "ray"))
+    with pytest.raises(ValueError, match=rf"split 'train' .* has {train_rows} training clips.*fewer than 2 worker"):
+        run_training(loop, **kw)
+    with pytest.raises(ValueError, match="split 'val' .* has no clips: nothing to validate"):
+        run_training({"seed": 0, "optim": {"batch_size": 1}}, val_split="val", **kw)
+    assert not (tmp_path / "ray").exists()  # no trainer was started
+
+
+def test_an_epoch_with_no_batches_is_an_error(prepared, ray_local, tmp_path):
+    """The loop itself refuses an empty epoch (a split emptied by a filter Ray applies lazily)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dvfl import pipeline
+    from dvfl.data.shards import read_clip_dataset
+    from dvfl.train.launch import VAL_COLUMNS
+    from dvfl.train.loop import train_loop_per_worker
+
+    cfg = prepared["cfg"]
+    loop = pipeline._loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), 0,
+                                 {"mode": "none"}, tensorboard_dir=None)
+    loop.update(train_rows=1, threads_per_worker=1, run_name="empty-epoch")
+    empty = read_clip_dataset(cfg.clips_dir, ["test"], columns=VAL_COLUMNS).filter(lambda row: False)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name="empty-epoch", storage_path=str(tmp_path)),
+                           datasets={"train": empty, "val": empty})
+    with pytest.raises(Exception, match="epoch 1: rank 0 of 1 got 0 training batches"):
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+
+
+# ----------------------------------------------------------------------------- the cache check
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_cache_verification_reads_only_the_sampled_rows(prepared):
+    from dvfl.artifacts import load_model
+    from dvfl.teacher_cache import TeacherLogitCache, verify_cache
+
+    cfg = prepared["cfg"]
+    cache = TeacherLogitCache(cfg.cache_dir)
+    cache.load()
+    model, _ = load_model(prepared["teacher"])
+    shards = shard_paths(cfg.clips_dir)
+    total = sum(os.path.getsize(p) for p in shards)
+    assert len(shards) >= 6
+    verify_cache(cache, cfg.clips_dir, model, samples=1, seed=1)  # lazy imports read files too: not counted
+    before = _bytes_read()
+    for p in shards:  # what locating any clip costs: footers (pyarrow reads 64 KiB) and clip ids
+        pq.ParquetFile(p).read(columns=["clip_id"])
+    locate = _bytes_read() - before
+    before = _bytes_read()
+    report = verify_cache(cache, cfg.clips_dir, model, samples=1)
+    read = _bytes_read() - before - locate
+    assert report["checked"] == 1
+    # beyond locating it, the page(s) of one clip's shard, not the frames of every clip
+    assert read < 0.25 * total, (read, locate, total)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def _spy_writes(monkeypatch):
+    """Record (file synced?, rename target) of every os.replace: which files were published
+    atomically after an fsync of their temporary file."""
+    synced, published = set(), {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        published[os.path.realpath(dst)] = os.path.realpath(src) in synced
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return published
+
+
+def test_reports_are_written_atomically_and_synced(tmp_path, monkeypatch):
+    from dvfl.config import load_config
+    from dvfl.pipeline import write_report
+    from dvfl.tune import load_tune_config, write_results
+
+    cfg = load_config(None, [("output_dir", str(tmp_path / "run"))])
+    os.makedirs(cfg.output_dir)
+    row = {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "history": []}
+    published = _spy_writes(monkeypatch)
+    write_report(cfg, {"teacher": [row], "vfl": [row], "dvfl": [row]}, log=lambda *_: None)
+    t, run_cfg = load_tune_config(None, [("tune.experiment", "exp"), ("tune.storage", str(tmp_path / "tune"))])
+    exp = tmp_path / "tune" / "exp"
+    exp.mkdir(parents=True)
+    trial = {"trial_id": "t1", "status": "finished", "best_top1": 0.5, "epochs_run": 1, "max_epochs": 1,
+             "temperature": 4.0, "width": 8, "alpha": 0.5, "lr": 1e-3, "gmacs": 0.01, "params": 1000,
+             "params_searched": {}}
+    write_results(exp, t, run_cfg, [trial], wall_seconds=1.0, log=lambda *_: None)
+    for f in (Path(cfg.output_dir) / "results.md", Path(cfg.output_dir) / "results.json", exp / "tune_results.md"):
+        assert published.get(str(f.resolve())) is True, f
+
+
+def test_fresh_deletes_only_a_tune_experiment_of_ours(tmp_path):
+    from dvfl.config import ConfigError
+    from dvfl.tune import SEARCH_FILE, remove_experiment
+
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match=f"no {SEARCH_FILE}"):
+        remove_experiment(precious, "results", log=lambda *_: None)
+    with pytest.raises(ConfigError, match="plain name"):
+        remove_experiment(tmp_path, "", log=lambda *_: None)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    ours = tmp_path / "exp"
+    ours.mkdir()
+    (ours / SEARCH_FILE).write_text("{}")
+    remove_experiment(ours, "exp", log=lambda *_: None)
+    assert not ours.exists()
+
+
+# ----------------------------------------------------------------------------- a full disk
+def _limit_file_size(limit: int):
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return preexec
+
+
+def _hidden_or_tmp(directory) -> list[str]:
+    return [p for p in glob.glob(os.path.join(directory, "**", ".*"), recursive=True)]
+
+
+def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_factory, ray_local):
+    from conftest import make_videos
+
+    root = tmp_path / "videos"
+    make_videos([(str(root / c / f"{c}{i}.mp4"), {"seed": i}) for c in ("a", "b") for i in range(3)])
+    out = tmp_path / "clips"
+    cmd = [sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root", str(root),
+           "--test-fraction", "0.34", "--out", str(out), "--short-side", "32", "--quiet"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # small JSON files fit; every shard is larger than this
+    full = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(16 * 1024))
+    assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+    assert "error: writing to" in full.stderr and "File too large" in full.stderr
+    assert _no_traceback(full.stderr), full.stderr[-3000:]
+    assert not glob.glob(str(out / "shards" / "*.parquet")) and not _hidden_or_tmp(out / "shards")
+    assert not (out / "dataset.json").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    info = load_dataset_info(str(out))
+    assert info["written_videos"] == 6 and info["rejects"] == 0
+    assert not _hidden_or_tmp(out / "shards")
+    for p in shard_paths(str(out)):
+        assert pq.read_metadata(p).num_rows > 0
+
+    # every input rejected: ingest exits non-zero, saying so
+    bad = tmp_path / "bad"
+    for c in ("a", "b"):
+        (bad / c).mkdir(parents=True)
+        (bad / c / "x.mp4").write_bytes(b"not a video" * 10)
+    none = subprocess.run([*cmd[:5], str(bad), "--out", str(tmp_path / "none"), "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert none.returncode == 1, none.stdout[-2000:] + none.stderr[-2000:]
+    assert "error: 0 videos written: all 2 input(s) were rejected" in none.stderr
+
+
+def test_cache_build_disk_full_then_rerun(prepared, tmp_path, ray_local):
+    from dvfl.teacher_cache import FSIZE_TEST_ENV, TeacherLogitCache
+
+    cfg = prepared["cfg"]
+    out = tmp_path / "cache"
+    cmd = [sys.executable, str(REPO / "pipelines" / "cache_teacher.py"), "--clips", cfg.clips_dir,
+           "--teacher", prepared["teacher"], "--out", str(out), "--verify", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # the per-shard sidecar JSON fits, a logits Parquet file does not
+    full = subprocess.run(cmd, env={**env, FSIZE_TEST_ENV: "600"}, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+    assert "error: writing the cache to" in full.stderr and "File too large" in full.stderr, full.stderr[-3000:]
+    assert _no_traceback(full.stderr), full.stderr[-3000:]
+    assert not glob.glob(str(out / "logits" / "*.parquet")) and not _hidden_or_tmp(out / "logits")
+    assert not (out / "cache.json").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert len(TeacherLogitCache(out)) == len(TeacherLogitCache(cfg.cache_dir))
+    assert not _hidden_or_tmp(out / "logits")
+
+
+# ----------------------------------------------------------------------------- a damaged shard
+def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_path):
+    from dvfl.data.shards import CorruptShardError
+    from dvfl.train.launch import Scaling, run_training
+
+    clips = tmp_path / "clips"
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    victim = shard_paths(str(clips), ["train"])[1]
+    data = bytearray(Path(victim).read_bytes())
+    middle = len(data) // 2  # inside the frames column's data pages
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    Path(victim).write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=f"cannot be read: {victim} "):
+        run_training({"seed": 0, "optim": {"batch_size": 2}}, clips_dir=str(clips), scaling=Scaling(num_workers=1),
+                     name="corrupt", storage_path=str(tmp_path / "ray"))
