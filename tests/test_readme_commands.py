@@ -125,6 +125,21 @@ def test_tune_search_as_typed_after_the_demo(demo, checkout):
     assert "trial(s) errored" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow
+def test_search_whose_trials_all_fail_exits_nonzero_with_the_first_error(demo, checkout):
+    """Every trial raises (a batch larger than the training split): the command must not say
+    `finished`, and the first trial's error (exception and where it was raised) is printed."""
+    assert demo["first"].returncode == 0
+    r = run(search_command(("optim.batch_size", 100_000), ("tune.experiment", "all-fail")), checkout, demo["env"])
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "2 of 2 trial(s) errored" in out and "all 2 trials errored" in out
+    assert "Traceback" in out and "fewer than 1 worker(s) x batch size 100000" in out  # exception + where
+    assert "[tune] finished" not in out
+    summary = json.loads((demo["out"] / "tune" / "all-fail" / "tune_results.json").read_text())
+    assert summary["errors"] == 2 and summary["best"] is None
+
+
 def _free_port() -> int:
     import socket
 
