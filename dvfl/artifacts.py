@@ -28,7 +28,8 @@ def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A content hash of the weights: same tensors -> same hash, any changed value -> new hash."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
+        # flattened: a contiguous tensor may still have odd strides on size-1 dims (channels-last convs)
+        t = state_dict[key].detach().cpu().contiguous().reshape(-1)
         h.update(key.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())

@@ -8,7 +8,9 @@ workers starve Ray Data's read tasks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 from typing import Iterator
 
 import ray
@@ -17,6 +19,49 @@ import ray
 # drivers claim fractional CPUs; a little oversubscription keeps them from deadlocking behind
 # training workers on a 2-core machine while torch threads are capped separately.
 LOCAL_CPU_OVERSUBSCRIPTION = 2
+
+
+# Lines from Ray that are not about the user's job, matched exactly (see quiet_known_noise):
+# Ray core's notice that a restartable actor got constructor arguments through the object store
+# (Ray Train's PreemptionWatcher and Ray Data's actor-pool workers always do, ray-project/ray#53727),
+# and Ray Data's "progress bars disabled" notice, which every process that runs a dataset prints
+# once because we turn its bars off (our stages print one progress line each).
+RAY_NOISE = (
+    r"core_worker\.cc:\d+: Actor with class name: '(PreemptionWatcher|MapWorker\([^']*\))' and ID: "
+    r"'[0-9a-f]+' has constructor arguments in the object store and max_restarts > 0\."
+    r"|^Progress bars (for operators )?disabled\. To enable, set `ray\.data\.DataContext"
+)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """Drop the lines in :data:`RAY_NOISE` (and, for a local instance, Ray's notice that token
+    authentication is on) from the driver's terminal; everything else, errors included, still shows.
+
+    Worker lines reach the driver through Ray's log deduplicator, whose skip pattern (the one
+    ``RAY_DEDUP_LOGS_SKIP_REGEX`` sets) is extended here; the driver's own notices are Python log
+    records, filtered by message on their loggers. Idempotent.
+    """
+    from ray._private import ray_logging
+
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        current = dedup.skip_re.pattern if dedup.skip_re is not None else None
+        if current is None or RAY_NOISE not in current:
+            dedup.skip_re = re.compile(RAY_NOISE if current is None else f"{current}|{RAY_NOISE}")
+    for name, pattern in (("ray.data._internal.progress", RAY_NOISE),
+                          ("ray._private.authentication.authentication_token_setup",
+                           r"^Token authentication is enabled for this Ray cluster\.")):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
 
 
 @contextlib.contextmanager
@@ -28,6 +73,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     ``ray.cluster_resources()``. Shuts down only what it started.
     """
     started = False
+    quiet_known_noise()
     # Ray Data logs two INFO lines per dataset execution (every epoch, from every worker) and
     # resets its logger levels on first use, so a level set here would not stick; its own
     # variable does, and local workers inherit it. RAY_DATA_LOG_LEVEL=INFO brings them back.
@@ -55,8 +101,6 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
             started = True
             if dashboard and context.dashboard_url:
                 print(f"[ray] local Ray started; dashboard at http://{context.dashboard_url}", flush=True)
-    import logging
-
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one progress line per stage is ours
     try:
         yield ray.cluster_resources()

@@ -74,6 +74,24 @@ def prepared(tmp_path_factory, ray_local):
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 
 
+def direct_top1(model_dir, clips_dir, splits=None) -> dict:
+    """Top-1 per split of a plain forward on every clip's centre view (the reference computation)."""
+    import torch
+
+    from dvfl.artifacts import load_model
+    from dvfl.data.shards import read_clips_table
+    from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+
+    clips = read_clips_table(clips_dir, splits, columns=["clip_id", "label", "split", "frames", "num_frames",
+                                                         "height", "width"])
+    model, _ = load_model(model_dir)
+    arrays, _, labels = batch_arrays(clips)
+    with torch.inference_mode():
+        hits = model.eval()(normalize(make_clip_batch(arrays, 32, [View()] * len(arrays)))).argmax(1).numpy() == labels
+    split_of = clips.column("split").to_pylist()
+    return {s: float(hits[[x == s for x in split_of]].mean()) for s in set(split_of)}
+
+
 # ---------------------------------------------------------------------------------------
 # real video files
 

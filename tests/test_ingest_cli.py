@@ -45,22 +45,33 @@ def _hashes(out):
             for p in sorted(glob.glob(os.path.join(out, "shards", "*.parquet")))}
 
 
+def _tmp_shards(out):
+    return glob.glob(os.path.join(out, "shards", ".*.tmp"))
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local):
+def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local, video_factory):
     from dvfl.data import adapters as A
     from dvfl.data.decode import TEST_HANG_MAGIC
     from dvfl.data.ingest import IngestConfig, ingest
+    from dvfl.data.sampling import stable_seed
 
-    # the last shard (split "unlabeled") holds a file that hangs the decoder (test hook, see
-    # test_ingest_bad_inputs.py) with a long limit: the run cannot finish before we kill it
+    # the last shard (split "unlabeled") holds a real video and then a file that hangs the decoder
+    # (test hook, see test_ingest_bad_inputs.py) with a long limit: the run cannot finish before we
+    # kill it, and the shard's temporary file (opened for the real video, which comes first in the
+    # shard's seeded order) is on disk when we do
     pool = tmp_path / "pool"
     pool.mkdir()
     (pool / "hang.mp4").write_bytes(TEST_HANG_MAGIC + b"\0" * 64)
-    (tmp_path / "list.txt").write_text("pool/hang.mp4\n")
+    order = lambda name: stable_seed(0, "shard-order", f"unlabeled/pool/{name}")  # noqa: E731
+    real = next(n for n in (f"v{i}" for i in range(100)) if order(n) < order("hang"))
+    video_factory(str(pool / f"{real}.mp4"), n=12, h=40, w=48, seed=7)
+    (tmp_path / "list.txt").write_text(f"pool/{real}.mp4\npool/hang.mp4\n")
     out = str(tmp_path / "out")
     args = [sys.executable, os.path.join(REPO, "pipelines", "ingest.py"), "--dataset", "synthetic", "--out", out,
             "--synthetic-classes", "4", "--train-per-class", "3", "--test-per-class", "1", "--videos-per-shard", "2",
-            "--videos-per-task", "2", "--unlabeled", str(tmp_path / "list.txt"), "--num-cpus", "3",
+            # one video per decode task: the real video's result is not held back by the hanging one
+            "--videos-per-task", "1", "--unlabeled", str(tmp_path / "list.txt"), "--num-cpus", "3",
             "--object-store-mb", "256", "--quiet"]
     env = dict(os.environ, DVFL_INGEST_TEST_HOOKS="1")
     env.pop("RAY_ADDRESS", None)
@@ -68,11 +79,13 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and len(_hashes(out)) < 8:
+        while time.time() < deadline and (len(_hashes(out)) < 8 or not _tmp_shards(out)):
             assert proc.poll() is None, "the run ended on its own"
             time.sleep(0.2)
         assert len(_hashes(out)) == 8, "the 8 shards before the hanging one were not written in time"
-        proc.send_signal(signal.SIGKILL)   # the driver only, mid-run
+        partial = _tmp_shards(out)
+        assert [os.path.basename(p).split(".")[1] for p in partial] == ["unlabeled-00000"], partial
+        proc.send_signal(signal.SIGKILL)   # the driver only, mid-run, with a shard half-written
         proc.wait(30)
     finally:
         if proc.poll() is None:
@@ -81,6 +94,7 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    assert all(os.path.exists(p) for p in partial)  # the killed run left its temporary file behind
     shard_dir = os.path.join(out, "shards")
     assert not os.path.exists(os.path.join(shard_dir, "unlabeled-00000.parquet"))
     assert not os.path.exists(os.path.join(out, "dataset.json"))   # incomplete ingests have no dataset.json
@@ -94,8 +108,8 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local):
     r = subprocess.run(args + ["--timeout-per-file", "60"], env=env, capture_output=True, text=True, timeout=400,
                        start_new_session=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "8 already done" in r.stdout and "== inputs 17" in r.stdout, r.stdout
-    assert not glob.glob(os.path.join(shard_dir, ".*.tmp"))
+    assert "8 already done" in r.stdout and "== inputs 18" in r.stdout, r.stdout
+    assert not _tmp_shards(out)  # the rerun removed the killed run's temporary file
 
     # identical to an uninterrupted run of the same inputs and parameters
     m = A.ucf101(os.path.join(out, "videos"), 1)

@@ -42,6 +42,24 @@ def test_golden_logits_reproduced_with_strict_load():
     assert (logits - golden["logits"]).abs().max().item() < 1e-4
 
 
+def test_every_gradient_has_its_parameters_layout_after_a_strict_load():
+    """DDP copies each gradient into a bucket view with its parameter's strides; a gradient laid
+    out otherwise makes every worker warn "Grad strides do not match bucket view strides"."""
+    golden = torch.load(GOLDEN, weights_only=True)
+    model = VideoFocalNet(**golden["config"])
+    model.load_state_dict(golden["state_dict"], strict=True)  # the layout survives a checkpoint load
+    model(golden["input"]).logsumexp(-1).sum().backward()
+    mismatched = {n: (p.stride(), p.grad.stride()) for n, p in model.named_parameters()
+                  if p.grad is not None and p.grad.stride() != p.stride()}
+    assert not mismatched, mismatched
+    assert all(p.grad is not None for p in model.parameters())
+    # that layout is invisible to the weights' fingerprint (artefacts and caches keep their keys)
+    from dvfl.artifacts import state_dict_fingerprint
+
+    plain = {k: v.clone(memory_format=torch.contiguous_format) for k, v in golden["state_dict"].items()}
+    assert state_dict_fingerprint(model.state_dict()) == state_dict_fingerprint(plain)
+
+
 def test_width_depth_and_frames_are_overridable():
     model = timm.create_model("videofocalnet_nano", num_classes=7, num_frames=4, embed_dim=24, img_size=32)
     assert model.embed_dim == 24 and model.num_features == 24 * 8

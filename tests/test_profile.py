@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -45,18 +47,72 @@ def test_meta_flop_count_equals_real_forward():
     assert meta["flops_per_clip"] == meta["flops"] / 2
 
 
+class _Sleeper(torch.nn.Module):
+    """A model of known cost: each forward sleeps ``SLEEP_S`` per clip and holds 64 MiB; known
+    parameter count and FLOPs (one Linear on the pooled clip)."""
+    SLEEP_S = 0.1
+
+    def __init__(self, num_classes=5, num_frames=2, img_size=32, embed_dim=None, **_):
+        super().__init__()
+        self.head = torch.nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            time.sleep(self.SLEEP_S * x.shape[0])
+            scratch = torch.ones(16 * 2**20, device=x.device)  # 64 MiB, written: resident
+            x = x + scratch[:1].sum() - 1
+        return self.head(x.mean(dim=(1, 3, 4)))
+
+
+@pytest.fixture(scope="module")
+def sleeper():
+    import timm
+    from timm.models import register_model
+
+    name = "dvfl_test_sleeper"
+    if name not in timm.list_models(name):
+        fn = lambda pretrained=False, **kw: _Sleeper(**kw)  # noqa: E731
+        fn.__name__ = name
+        fn.__module__ = __name__
+        register_model(fn)
+    return name
+
+
+def test_profile_model_measures_what_the_model_costs(sleeper):
+    batch, tp_batch = 1, 4
+    r = profile_model(sleeper, num_classes=5, frames=2, size=32, batch=batch, warmup=1, repeats=3,
+                      throughput_batch=tp_batch, throughput_repeats=2, device="cpu")
+    assert r.params == r.trainable_params == 3 * 5 + 5
+    assert r.flops_per_clip == 2 * 3 * 5 and r.flops_counted_on == "meta"  # one (1x3)@(3x5) matmul
+    # latency: every timed forward slept SLEEP_S (a timer around nothing, or a mean with the
+    # warm-up, would not give these); the median and min are of those times
+    assert len(r.latency_ms_all) == 3 and min(r.latency_ms_all) >= 1e3 * _Sleeper.SLEEP_S
+    assert r.latency_ms_median == statistics.median(r.latency_ms_all) < 1e3 * 10 * _Sleeper.SLEEP_S
+    assert r.latency_ms_min == min(r.latency_ms_all)
+    # throughput counts clips, not forwards: 4 clips per forward of 4 x SLEEP_S (+ up to 0.5 s to
+    # fill the scratch on a busy machine); forwards per second would be at most 1 / (4 x SLEEP_S)
+    assert tp_batch / (tp_batch * _Sleeper.SLEEP_S + 0.5) < r.throughput_clips_per_s <= 1.0 / _Sleeper.SLEEP_S
+    assert r.throughput_batch == tp_batch
+    # the 64 MiB held during each forward is seen (sampled during the forwards, not after)
+    assert r.peak_memory_kind == "cpu_rss" and r.peak_memory_delta_mib >= 60
+    assert r.peak_memory_mib >= r.peak_memory_delta_mib and r.device == "cpu"
+
+
 def test_profile_model_small_config():
     r = profile_model("videofocalnet_nano", **TINY, batch=1, warmup=1, repeats=3,
                       throughput_batch=2, throughput_repeats=1, device="cpu")
     assert r.params == count_params(build_model("videofocalnet_nano", **TINY))["params"]
-    assert r.latency_ms_median > 0 and len(r.latency_ms_all) == 3
-    assert r.throughput_clips_per_s > 0 and r.throughput_batch == 2
-    assert r.peak_memory_kind == "cpu_rss" and r.peak_memory_mib > 0
-    assert r.device == "cpu" and r.embed_dim == 16
+    assert r.flops_per_clip == count_flops("videofocalnet_nano", **TINY)["flops_per_clip"] > 0
+    assert r.embed_dim == 16 and len(r.latency_ms_all) == 3
 
 
-def test_default_device_prefers_cuda():
+def test_default_device_prefers_cuda(monkeypatch):
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    # the preference itself, on a machine without a GPU too: CUDA whenever torch reports one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
 
 
 def test_rss_sampler_sees_torch_allocations():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, direct_top1
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the venv's python and ray, as after `source .venv/bin/activate`
@@ -85,6 +85,23 @@ def test_distill_as_typed_writes_where_it_says(demo):
     report = json.loads((out / "results.json").read_text())
     models = report["models"]
     assert set(models) == {"teacher", "vfl", "dvfl", "dvfl+unlabeled"}
+    # each row's top-1 is its model's accuracy on the test split (1 clip x 1 crop per video here)
+    dirs = {"teacher": next((out / "teacher").glob("*/model.json")).parent,
+            **{role: next((out / "students").glob(f"{role.replace('+', '-')}-s0-*"))
+               for role in ("vfl", "dvfl", "dvfl+unlabeled")}}
+    for role, row in models.items():
+        assert row["top1_per_seed"] == [pytest.approx(direct_top1(dirs[role], str(out / "clips"), ["test"])["test"],
+                                                      abs=1e-9)], role
+        assert row["top1_mean"] == row["top1_per_seed"][0] and row["params"] > 0 and row["gmacs"] > 0
+    # the terminal: our own lines, one per epoch, and none of Ray's or PyTorch's known noise
+    output = r.stdout + r.stderr
+    for noise in ("PreemptionWatcher", "Grad strides do not match", "Progress bars disabled", "DeprecationWarning",
+                  "Use 'expr' instead of 'fn'", "Token authentication is enabled"):
+        assert noise not in output, noise
+    for ours in ("[ingest] ", "[teacher] done", "[cache] ", "[vfl] done", "[dvfl] done", "[report] "):
+        assert ours in output, ours
+    epochs = re.findall(r'\[train\] \{"epoch": \d+', output)
+    assert len(epochs) == 4 + 3 * 2, epochs  # the teacher's 4 epochs, 2 per student: each line once
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
     assert report["config"]["output_dir"] == str(out)
     gains = report["kd_gains"]  # the issue-5 comparison, per seed, from the same rows

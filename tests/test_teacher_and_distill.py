@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from dvfl.models import CheckpointError
 from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
 from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
 
-from conftest import TINY, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
+from conftest import TINY, direct_top1, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,9 @@ def test_cache_covers_every_clip_once_and_matches_a_direct_forward(prepared):
 
 def test_teacher_top1_is_reported_on_cached_views(prepared):
     top1 = prepared["cache"]["teacher_top1"]
-    assert set(top1) == {"train", "test"}
-    assert all(0.0 <= v <= 1.0 for v in top1.values())
+    expected = direct_top1(prepared["teacher"], prepared["cfg"].clips_dir)
+    assert set(top1) == set(expected) == {"train", "test"}
+    assert top1 == pytest.approx(expected, abs=1e-9)
 
 
 def test_fingerprint_changes_with_teacher_weights_and_ingest_params(prepared, tmp_path):
@@ -248,6 +250,9 @@ def test_rerun_resumes_from_checkpoint_with_epochs_and_metrics(prepared, ray_loc
                                        ("data.clips", cfg.clips_dir)])
     first = _run_distill(args, address, {"DVFL_FAIL_AFTER_EPOCH": "2"})
     assert first.returncode != 0  # no retries allowed: the run stops after epoch 2
+    # a real error is never filtered out of the terminal: the failure and its traceback show
+    assert "Traceback (most recent call last)" in first.stderr
+    assert re.search(r"^[\w.]*(Error|Exception)\b", first.stderr, re.M), first.stderr[-3000:]
     second = _run_distill(args + ["--resume"], address)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from checkpoint after epoch 2" in second.stdout + second.stderr

@@ -90,6 +90,8 @@ class SpatioTemporalFocalModulation(nn.Module):
             self.focal_layers_temporal.append(
                 nn.Sequential(nn.Conv1d(dim, dim, k, padding=k // 2, bias=False), nn.GELU())
             )
+        for conv in (self.h, *(layer[0] for layer in self.focal_layers)):
+            _channels_last_weight(conv)
 
     def _aggregate(self, ctx: torch.Tensor, gates: torch.Tensor, layers: nn.ModuleList, reduce_dims):
         """Gated sum over the L local levels and the global level (channels-first tensors)."""
@@ -329,6 +331,17 @@ def _reject_unsupported(kwargs: dict) -> None:
                 raise ValueError(f"{key}={value!r} is not supported (only {_OFFICIAL_DEFAULTS[key]!r})")
             continue
         raise TypeError(f"VideoFocalNet got an unexpected keyword argument {key!r}")
+
+
+def _channels_last_weight(conv: nn.Conv2d) -> None:
+    """Give ``conv.weight`` the strides of the gradients it gets from channels-last activations.
+
+    The spatial convs run on a permuted (channels-last) view, so their weight gradients come out
+    channels-last; they differ from a default weight only in the strides of size-1 dimensions
+    (same memory), which DDP reports as "Grad strides do not match bucket view strides" and then
+    copies element by element. Values, names and shapes are unchanged (checkpoints load as before).
+    """
+    conv.weight.data = torch.empty_like(conv.weight, memory_format=torch.channels_last).copy_(conv.weight)
 
 
 def _init_weights(module: nn.Module) -> None:

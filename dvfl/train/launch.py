@@ -35,6 +35,17 @@ def quiet_data_progress() -> None:
     ctx.enable_operator_progress_bars = False
 
 
+def ingest_options():
+    """Ray Train's default ingest options (taken from the current DataContext) without
+    ``exclude_resources``: Train's own default passes that deprecated field, and every run's
+    dataset manager then warned about it."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
+
+
 def _shard_bytes(clips_dir: str, splits) -> int:
     return sum(os.path.getsize(p) for p in shard_paths(clips_dir, splits))
 
@@ -77,6 +88,7 @@ def run_training(
     """
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
     batch_size = loop_cfg["optim"]["batch_size"]
@@ -94,7 +106,8 @@ def run_training(
         videos = pool_videos(ids["video_id"], ids["label"], teacher_pool, role, label_fraction)
         if videos is not None:
             keep = {c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in videos}
-            train = train.filter(lambda row: row["clip_id"] in keep)
+            # an expression, not a Python function: Ray Data evaluates it on whole Arrow blocks
+            train = train.filter(expr=col("clip_id").is_in(sorted(keep)))
             train_rows = len(keep)
     shard_bytes = _shard_bytes(clips_dir, train_splits) + _shard_bytes(clips_dir, [val_split])
     if unlabeled_dir:
@@ -140,7 +153,7 @@ def run_training(
                              callbacks=list(callbacks) if callbacks else None),
         datasets={"train": train, "val": val},
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     return trainer.fit()
 

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -162,6 +163,13 @@ def _quiet_train_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def _say(line: str) -> None:
+    """One line to the worker's stdout. Ray Train 2.60 patches ``print`` in workers to tee it to
+    stdout and also log it through the root logger, so a printed line reached the terminal twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -205,7 +213,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
         if rank == 0:
-            print(f"[train] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+            _say(f"[train] resumed from checkpoint after epoch {state['epoch'] + 1}")
 
     writer = None
     if rank == 0 and cfg.get("tensorboard_dir"):
@@ -295,7 +303,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 metrics.update(evaluate(raw_model, val_data, crop_size, batch_size, device, amp))
                 history.append(metrics)
                 _save_state(ckpt_dir, raw_model, optimizer, epoch, step, history)
-                print("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+                _say("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
                 if writer is not None:
                     for k, v in metrics.items():
                         if isinstance(v, (int, float)) and k != "epoch":

@@ -1,13 +1,15 @@
-"""A real autoscaling run on one machine with Ray's fake multi-node provider.
+"""A real autoscaling run on one machine with Ray's fake multi-node provider, driving our own ingest.
 
-    python tests/cluster_scenarios/autoscaling.py --result result.json
+    python tests/cluster_scenarios/autoscaling.py --out DIR --result result.json
 
 The head advertises 0 CPUs (as on the AWS/GCP/KubeRay clusters in cluster/) and runs Ray's
 autoscaler (v1, the 2.60 default) with the ``fake_multinode`` node provider, which "launches" a
-worker node by starting another raylet on this machine. A job of 2 tasks that need 1 CPU each
-(and hold it at the same time) cannot run on the head, so the autoscaler adds worker nodes of
-type ``cpu_worker`` (1 CPU, at most 2); once the tasks are done the nodes are idle and are removed after
-``idle_timeout_minutes`` (a few seconds here). The node count is sampled throughout.
+worker node by starting another raylet on this machine. The job is the product's ingest
+(``dvfl.data.ingest``) of a small generated dataset with 2 decode tasks in flight (``workers=2``, as
+docs/cluster.md tells users to pass on autoscaling clusters): its 1-CPU decode tasks cannot run on the
+head, so the autoscaler must add worker nodes of type ``cpu_worker`` (1 CPU, at most 2); once the
+ingest is done the nodes are idle and are removed after ``idle_timeout_minutes`` (a few seconds
+here). The node count is sampled throughout; the decode tasks' nodes are read from Ray's task table.
 
 Why not ``ray.cluster_utils.AutoscalingCluster``: its ``start()`` and ``shutdown()`` run
 ``ray stop --force``, which kills every Ray process of this user on the machine (other jobs, the
@@ -94,11 +96,19 @@ class NodeCounter(threading.Thread):
         return out
 
 
-def run(result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_timeout_s: float) -> None:
+def run(out: str, result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_timeout_s: float) -> None:
     import ray
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
     from ray.cluster_utils import Cluster
 
+    from dvfl.data.adapters import build_manifest
+    from dvfl.data.synthetic import SyntheticConfig, generate
+
+    # before Ray starts: the generator forks; 12 real H.264 files (4 classes x (2 train + 1 test))
+    generated = generate(os.path.join(out, "videos"), SyntheticConfig(num_classes=4, train_per_class=2,
+                                                                      test_per_class=1, unlabeled_videos=0,
+                                                                      frames=8, size=32), log=log)
+    manifest = build_manifest("synthetic", generated["root"], 1)
     gcs_port = free_port()
     gcs_address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     fd, config_path = tempfile.mkstemp(prefix="autoscaler-", suffix=".json", dir=os.environ["RAY_TMPDIR"])
@@ -121,33 +131,38 @@ def run(result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_tim
     counter.start()
     result["_counter"] = counter
 
-    @ray.remote(num_cpus=1)
-    def work(barrier_dir: str, parties: int, timeout_s: float) -> str:
-        # All tasks hold their CPU at the same time, so each needs its own 1-CPU node. The barrier
-        # is a directory (all "nodes" share this machine), not an actor: a task blocked in
-        # ray.get() lends its CPU back to Ray, and the other task could then start beside it.
-        node = ray.get_runtime_context().get_node_id()
-        open(os.path.join(barrier_dir, f"{node}-{os.getpid()}"), "w").close()
-        deadline = time.time() + timeout_s
-        while len(os.listdir(barrier_dir)) < parties and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)
-        return node
+    # 1. the job: our ingest, 2 decode tasks of 1 CPU each in flight on a head with 0 CPUs
+    from dvfl.data.ingest import IngestConfig, ingest
 
-    # 1. the job: 2 x 1 CPU on a head with 0 CPUs -> the autoscaler must add nodes
     t = time.time()
-    barrier_dir = tempfile.mkdtemp(prefix="barrier-", dir=os.environ["RAY_TMPDIR"])
-    refs = [work.remote(barrier_dir, MAX_WORKERS, up_timeout_s) for _ in range(MAX_WORKERS)]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=up_timeout_s)
-    if len(ready) != len(refs):
-        raise RuntimeError(f"the job did not finish within {up_timeout_s} s; node counts {counter.changes()}")
-    task_nodes = ray.get(refs)
+    outcome: dict = {}
+
+    def job():
+        try:
+            outcome["summary"] = ingest(manifest, IngestConfig(
+                out=os.path.join(out, "clips"), frames=4, clips_per_video=2, eval_clips=1, short_side=16,
+                videos_per_shard=4, videos_per_task=1, workers=MAX_WORKERS, timeout_per_file=120, progress=False),
+                log=log)
+        except BaseException:  # reported in the result, not lost in a thread
+            outcome["error"] = traceback.format_exc()
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    runner.join(timeout=up_timeout_s)
+    if runner.is_alive() or "error" in outcome:
+        raise RuntimeError(f"the ingest did not finish within {up_timeout_s} s: {outcome.get('error')}; "
+                           f"node counts {counter.changes()}")
+    summary = outcome["summary"]
     result["job_seconds"] = round(time.time() - t, 1)
-    result["task_nodes"] = task_nodes
-    result["head_node"] = cluster.head_node.node_id
-    nodes = ray.nodes()
-    result["worker_nodes_seen"] = sorted({n["NodeID"] for n in nodes if n["NodeID"] != cluster.head_node.node_id})
+    result["ingest"] = {k: summary[k] for k in ("inputs", "written_videos", "rejected", "accounting_ok", "clips",
+                                                "counts", "shards")}
+    result["clips_dir"] = os.path.join(out, "clips")
+    # the decode tasks need 1 CPU each and the head has none: every one ran on a node the
+    # autoscaler added while the ingest ran
+    result["max_alive_nodes_during_job"] = max(n for ts, n in counter.samples if ts <= time.time() - counter.t0)
     result["max_alive_nodes"] = max(n for _, n in counter.samples)
+    result["head_node"] = cluster.head_node.node_id
+    result["worker_nodes_seen"] = sorted({n["NodeID"] for n in ray.nodes() if n["NodeID"] != cluster.head_node.node_id})
 
     # 2. idle: the workers must go away again
     t = time.time()
@@ -162,6 +177,7 @@ def run(result: dict, idle_timeout_minutes: float, up_timeout_s: float, down_tim
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
     ap.add_argument("--result", required=True)
     ap.add_argument("--idle-timeout-minutes", type=float, default=0.1)
     ap.add_argument("--up-timeout", type=float, default=180)
@@ -176,7 +192,7 @@ def main(argv=None) -> int:
     result: dict = {"ray_tmpdir": tmpdir, "idle_timeout_minutes": args.idle_timeout_minutes, "ok": False}
     started = time.time()
     try:
-        run(result, args.idle_timeout_minutes, args.up_timeout, args.down_timeout)
+        run(os.path.abspath(args.out), result, args.idle_timeout_minutes, args.up_timeout, args.down_timeout)
         result["ok"] = True
     except BaseException:
         result["error"] = traceback.format_exc()

@@ -1,0 +1,65 @@
+"""What reaches a user's terminal: Ray's known notices are dropped, everything else still shows.
+
+Worker lines go through Ray's own log deduplicator (the one the driver prints them with); the
+driver's own notices through Ray's loggers. The end-to-end run (test_teacher_and_distill.py)
+checks a whole pipeline's output.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dvfl.runtime import quiet_known_noise
+
+NOISE = [
+    "[2026-12-01 23:04:01,889 E 8216 8283] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+    "'1d7565fe29c49d0f7875e27b01000000' has constructor arguments in the object store and max_restarts > 0. If the "
+    "arguments in the object store go out of scope or are lost, the actor restart will fail. See "
+    "https://github.com/ray-project/ray/issues/53727 for more details.",
+    "[2026-12-01 23:04:01,889 E 5342 5342] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(ShardLogitWriter))' and ID: '778be62b9e4e78037f36b24001000000' has constructor arguments "
+    "in the object store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
+    "the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.",
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+]
+KEPT = [
+    '[train] {"epoch": 1, "train_loss": 1.47}',
+    "[2026-12-01 23:04:02,001 E 8216 8283] core_worker.cc:901: Failed to connect to the raylet: connection refused",
+    # the same notice for an actor of ours would matter: only Ray's own actors are named above
+    "[2026-12-01 23:04:02,002 E 8216 8283] core_worker.cc:2465: Actor with class name: 'Teacher' and ID: "
+    "'1d7565fe29c49d0f7875e27b01000000' has constructor arguments in the object store and max_restarts > 0.",
+    "Traceback (most recent call last):",
+    "RuntimeError: Progress bars disabled. To enable, set `ray.data.DataContext` failed",
+    "MemoryError: decoding clip 3 of train-00001.parquet",
+]
+
+
+def test_worker_lines_known_noise_dropped_errors_kept():
+    from ray._private import ray_logging
+
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: the pattern is not added twice
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        shown = [line for batch in dedup.deduplicate({"ip": "10.0.0.1", "pid": 4242, "job": "01", "is_err": True,
+                                                      "lines": NOISE + KEPT, "actor_name": "x", "task_name": "y"})
+                 for line in batch["lines"]]
+        assert shown == KEPT
+        assert dedup.skip_re.pattern.count("PreemptionWatcher") == 1
+
+
+@pytest.mark.parametrize("logger, noise", [
+    ("ray.data._internal.progress", NOISE[2]),
+    ("ray._private.authentication.authentication_token_setup",
+     "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."),
+])
+def test_driver_notices_dropped_other_records_kept(logger, noise, caplog):
+    quiet_known_noise()
+    log = logging.getLogger(logger)
+    with caplog.at_level(logging.WARNING):
+        log.warning(noise)
+        log.warning("Cluster resources are not enough to run any task; the dataset may hang")
+        log.error("token file /root/.ray/token is unreadable")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Cluster resources are not enough to run any task; the dataset may hang",
+        "token file /root/.ray/token is unreadable"]
