@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import glob
 import json
+import re
+import time
 import os
 import resource
 import shutil
@@ -279,3 +281,41 @@ def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_pa
     with pytest.raises(CorruptShardError, match=f"cannot be read: {victim} "):
         run_training({"seed": 0, "optim": {"batch_size": 2}}, clips_dir=str(clips), scaling=Scaling(num_workers=1),
                      name="corrupt", storage_path=str(tmp_path / "ray"))
+
+
+# ----------------------------------------------------------------------------- a killed driver
+@pytest.mark.slow
+def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, tmp_path):
+    """`python pipelines/distill.py` SIGKILLed after the student's first checkpoint: running the
+    same command again resumes from it (epochs 1..3 once each, the step count continued)."""
+    from conftest import TINY
+
+    cfg = prepared["cfg"]
+    out = tmp_path / "run"
+    sets = [*TINY, ("baseline", False), ("optim.epochs", 3), ("data.clips", cfg.clips_dir),
+            ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
+    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--output-dir", str(out),
+           *[a for k, v in sets for a in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        try:  # a checkpoint is registered once its epoch's report returned: wait for the next epoch's start
+            while proc.poll() is None and time.time() < deadline:
+                if glob.glob(str(out / "ray_results" / "*" / "checkpoint_*" / "state.pt")):
+                    time.sleep(3)
+                    break
+                time.sleep(0.5)
+            assert proc.poll() is None, log_path.read_text()[-3000:]  # killed mid-run, not after it
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (out / "results.json").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(r"resumed from checkpoint after epoch [12]\b", again.stdout + again.stderr)
+    (student,) = (out / "students").glob("dvfl-s*")
+    history = json.loads((student / "model.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[2]["steps"] == 3 * history[0]["steps"]  # the LR schedule's step count continued
