@@ -213,7 +213,8 @@ def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_facto
     from conftest import make_videos
 
     root = tmp_path / "videos"
-    make_videos([(str(root / c / f"{c}{i}.mp4"), {"seed": i}) for c in ("a", "b") for i in range(3)])
+    # distinct content per video: a copy under another id would be rejected as duplicate_content
+    make_videos([(str(root / c / f"{c}{i}.mp4"), {"seed": 10 * k + i}) for k, c in enumerate("ab") for i in range(3)])
     out = tmp_path / "clips"
     cmd = [sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root", str(root),
            "--test-fraction", "0.34", "--out", str(out), "--short-side", "32", "--quiet"]

@@ -60,7 +60,7 @@ def tiny_config(out: str, teacher_path: str | None = None):
         ("data.synthetic.test_per_class", 2), ("data.synthetic.size", 32), ("data.synthetic.frames", 8),
         ("data.clips_per_video", 2),  # pinned: the embedded default may change
         ("data.short_side", 16), ("data.frames", 4),  # decord fails on 16 px sources
-        ("student.embed_dim", 8), ("optim.epochs", EPOCHS), ("optim.batch_size", 8),
+        ("student.embed_dim", 8), ("optim.epochs", EPOCHS), ("optim.batch_size", 4),  # 8 clips: a full batch per worker
         ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5),
         ("scaling.worker_resources", {NODE_RESOURCE: 1}),
     ]
