@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                      "labels never read; students use a class-balanced seeded fraction of the other labelled videos"),
         "config": {"student": dataclasses.asdict(cfg.student), "optim": dataclasses.asdict(cfg.optim),
                    "kd": dataclasses.asdict(cfg.kd), "synthetic": dataclasses.asdict(cfg.data.synthetic),
-                   "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}"},
+                   "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}"},
         "budget": a.budget, "epochs": epochs_used, "seeds": a.seeds, "teacher_top1": teacher_top1, "top1": results,
         "target": {"rule": "kd_unlabelled at 25% labels >= ce at 100% labels - 3 points",
                    "kd_unlabelled_25": quarter, "ce_100": full_ce,

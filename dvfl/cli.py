@@ -16,8 +16,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: 2 x cores)")
 
 
-def config_from_args(a: argparse.Namespace, extra: dict | None = None) -> RunConfig:
-    """Load + override + validate; on a bad value print the field and exit before any work."""
+def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=()) -> RunConfig:
+    """Load + override + validate; on a bad value print the field and exit before any work.
+    ``outputs``: path fields the command writes (e.g. ``teacher.path`` for train_teacher.py)."""
     overrides = list(a.overrides)
     if a.output_dir:
         overrides.append(("output_dir", a.output_dir))
@@ -25,10 +26,15 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None) -> RunCon
         if value is not None:
             overrides.append((key, value))
     try:
-        return load_config(a.config, overrides)
+        return load_config(a.config, overrides, outputs=outputs)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def uses_config(a: argparse.Namespace) -> bool:
+    """A stage run from a config file (``--config`` or ``--set``) derives its paths from it."""
+    return bool(a.config or a.overrides)
 
 
 def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:

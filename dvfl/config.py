@@ -61,7 +61,14 @@ class DataSection:
     # near one-hot and carry little more than the label (measured, docs/embedded-default.md).
     teacher_pool: float = 0.0
     train_split: str = "train"
-    val_split: str = "test"
+    # Model choices (per-epoch validation, Tune/ASHA, the best config, the teacher gate) read
+    # val_split; the test split is evaluated once, at the end. "val" with no val split in the
+    # ingest output: val_fraction of each class's groups (UCF gNN) of the training videos are
+    # held out of training for every model, seeded by val_seed (dvfl/data/holdout.py).
+    val_split: str = "val"
+    val_fraction: float = 0.1
+    val_seed: int = 0
+    test_split: str = "test"
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
 
@@ -74,6 +81,7 @@ class ModelSection:
     checkpoint: str | None = None  # initialise from an official Video-FocalNet checkpoint
     init_2d: str | None = None  # or from a 2D ImageNet FocalNet state dict
     reinit_head: bool = False
+    use_checkpoint: bool = False  # activation checkpointing: less memory for more compute, same math
 
 
 @dataclass
@@ -85,6 +93,10 @@ class OptimSection:
     warmup_frac: float = 0.1
     clip_grad: float | None = 1.0
     label_smoothing: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (SGD with Nesterov momentum, the official recipe's)
+    momentum: float = 0.9  # sgd only
+    amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off; CPU runs fp32
+    accum_steps: int = 1  # gradient accumulation: one optimizer step per accum_steps batches
 
 
 @dataclass
@@ -95,6 +107,9 @@ class TeacherSection:
     cache: str | None = None  # default <output_dir>/teacher_cache
     views: list[str] = field(default_factory=lambda: ["center"])
     cache_dtype: str = "float16"
+    # Distillation is refused when the teacher's validation top-1 is below chance + this
+    # (a fraction, 0.05 = 5 points): KD from a chance-level teacher only adds noise. < 0: no gate.
+    min_top1_over_chance: float = 0.05
     train: ModelSection = field(default_factory=lambda: ModelSection(model="videofocalnet_nano", embed_dim=32))
     optim: OptimSection = field(default_factory=OptimSection)
 
@@ -187,7 +202,8 @@ class RunConfig:
         return self
 
     # ------------------------------------------------------------------ validation
-    def validate(self, check_paths: bool = True) -> "RunConfig":
+    def validate(self, check_paths: bool = True, outputs=()) -> "RunConfig":
+        """``outputs``: path fields this command writes (not required to exist yet)."""
         import timm
 
         import dvfl.models  # noqa: F401  (registers the variants)
@@ -233,6 +249,16 @@ class RunConfig:
                 fail(f"{name}.warmup_frac", f"must be in [0, 1), got {o.warmup_frac!r}")
             if o.weight_decay < 0:
                 fail(f"{name}.weight_decay", f"must be >= 0, got {o.weight_decay!r}")
+            if not 0 <= o.label_smoothing < 1:
+                fail(f"{name}.label_smoothing", f"must be in [0, 1), got {o.label_smoothing!r}")
+            if o.optimizer not in ("adamw", "sgd"):
+                fail(f"{name}.optimizer", f"must be adamw or sgd, got {o.optimizer!r}")
+            if not 0 <= o.momentum < 1:
+                fail(f"{name}.momentum", f"must be in [0, 1), got {o.momentum!r}")
+            if o.amp not in ("bf16", "fp16", "off"):
+                fail(f"{name}.amp", f"must be bf16, fp16 or off, got {o.amp!r}")
+            if o.accum_steps < 1:
+                fail(f"{name}.accum_steps", f"must be >= 1, got {o.accum_steps!r}")
         if self.scaling.num_workers < 1:
             fail("scaling.num_workers", f"must be >= 1, got {self.scaling.num_workers!r}")
         if not self.scaling.cpus_per_worker > 0:
@@ -253,6 +279,12 @@ class RunConfig:
             fail("data.synthetic.motion", f"must be bounded or wrap, got {self.data.synthetic.motion!r}")
         if not 0 <= self.data.teacher_pool < 1:
             fail("data.teacher_pool", f"must be in [0, 1), got {self.data.teacher_pool!r}")
+        if not 0 < self.data.val_fraction < 1:
+            fail("data.val_fraction", f"must be in (0, 1), got {self.data.val_fraction!r}")
+        if self.data.test_split == self.data.train_split:
+            fail("data.test_split", f"must differ from data.train_split ({self.data.train_split!r})")
+        if not self.teacher.min_top1_over_chance < 1:
+            fail("teacher.min_top1_over_chance", f"must be < 1, got {self.teacher.min_top1_over_chance!r}")
         if not 0 < self.data.label_fraction <= 1:
             fail("data.label_fraction", f"must be in (0, 1], got {self.data.label_fraction!r}")
         if self.data.frames < 1:
@@ -282,7 +314,7 @@ class RunConfig:
                                 ("student.init_2d", self.student.init_2d),
                                 ("teacher.train.checkpoint", self.teacher.train.checkpoint),
                                 ("teacher.train.init_2d", self.teacher.train.init_2d)):
-                if value and "://" not in value and not os.path.exists(value):
+                if value and "://" not in value and name not in outputs and not os.path.exists(value):
                     fail(name, f"path does not exist: {value}")
         return self
 
@@ -348,7 +380,8 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths: bool = True) -> RunConfig:
+def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths: bool = True,
+                outputs=()) -> RunConfig:
     """Read a YAML config (or the embedded default), apply overrides, make its paths absolute
     (relative to the current directory; see :mod:`dvfl.paths` for Ray jobs), validate."""
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
@@ -362,7 +395,7 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
         config = _build(RunConfig, tree, "")
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
-    return config.resolve_paths().validate(check_paths=check_paths)
+    return config.resolve_paths().validate(check_paths=check_paths, outputs=outputs)
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:

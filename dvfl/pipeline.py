@@ -48,7 +48,30 @@ def model_kwargs(section, num_classes: int, cfg: RunConfig) -> dict:
         kwargs["embed_dim"] = section.embed_dim
     if section.depths is not None:
         kwargs["depths"] = list(section.depths)
+    if section.use_checkpoint:  # (absent when off: earlier models' specs and identities stay the same)
+        kwargs["use_checkpoint"] = True
     return kwargs
+
+
+def validation_args(cfg: RunConfig) -> dict:
+    """How every training run (teacher, students, Tune trials) finds its validation clips."""
+    return {"train_splits": [cfg.data.train_split], "val_split": cfg.data.val_split,
+            "val_fraction": cfg.data.val_fraction, "val_seed": cfg.data.val_seed}
+
+
+def holdout_identity(cfg: RunConfig) -> dict:
+    """What the validation hold-out adds to a model's identity: a different carve trains on
+    different videos (absent for a named split, which carves nothing)."""
+    if cfg.data.val_split != "val":
+        return {}
+    return {"val_holdout": [cfg.data.val_fraction, cfg.data.val_seed]}
+
+
+def validation_source(cfg: RunConfig):
+    from dvfl.data.holdout import val_source
+
+    return val_source(cfg.clips_dir, cfg.data.val_split, cfg.data.train_split, cfg.data.val_fraction,
+                      cfg.data.val_seed)
 
 
 # ----------------------------------------------------------------------------- clips
@@ -131,7 +154,9 @@ def _loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, te
                "unlabeled_weight": cfg.kd.unlabeled_weight},
         "optim": {"epochs": optim.epochs, "batch_size": optim.batch_size, "lr": optim.lr,
                   "weight_decay": optim.weight_decay, "warmup_frac": optim.warmup_frac,
-                  "clip_grad": optim.clip_grad, "label_smoothing": optim.label_smoothing},
+                  "clip_grad": optim.clip_grad, "label_smoothing": optim.label_smoothing,
+                  "optimizer": optim.optimizer, "momentum": optim.momentum, "amp": optim.amp,
+                  "accum_steps": optim.accum_steps},
         "crop_size": cfg.crop_size,
         "flip": cfg.data.flip,
         "tensorboard_dir": tensorboard_dir,
@@ -187,8 +212,7 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
         f"{optim.epochs} epochs on {cfg.scaling.num_workers} worker(s); teacher signal: {teacher['mode']}")
     started = time.time()
     result = run_training(
-        loop, clips_dir=cfg.clips_dir, train_splits=[cfg.data.train_split], val_split=cfg.data.val_split,
-        unlabeled_dir=unlabeled_dir,
+        loop, clips_dir=cfg.clips_dir, **validation_args(cfg), unlabeled_dir=unlabeled_dir,
         scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                         cfg.scaling.worker_resources),
         name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
@@ -200,7 +224,8 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     history = state["history"]
     save_model(out, model, section.model, kwargs, role=role, seed=seed, identity=identity,
                dataset_fingerprint=dataset_info["fingerprint"], history=history,
-               val_top1=history[-1]["val_top1"], train_seconds=round(time.time() - started, 1))
+               val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
+               train_seconds=round(time.time() - started, 1))
     log(f"[{role}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return out
 
@@ -219,13 +244,55 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     section = cfg.teacher.train
     identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
                 "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
-                "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip}
+                "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip,
+                **holdout_identity(cfg)}
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
     path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
                        seed=cfg.seed, teacher={"mode": "none"}, identity=identity, log=log)
     spec = json.loads((path / SPEC).read_text())
     return str(path), spec
+
+
+class TeacherGateError(ValueError):
+    """Distillation from a teacher whose validation accuracy is near chance."""
+
+
+def validation_top1(cfg: RunConfig, model_path: str, spec: dict, dataset_info: dict) -> float:
+    """Top-1 of a model on the validation clips (the number a choice may use; never test).
+
+    A model trained here on these clips with this hold-out recorded it; any other is evaluated."""
+    from dvfl.train.evaluate import evaluate_multiview
+
+    src = validation_source(cfg)
+    if (spec.get("val_top1") is not None and spec.get("val_split") == src.description
+            and spec.get("dataset_fingerprint") == dataset_info["fingerprint"]):
+        return float(spec["val_top1"])
+    model, _ = load_model(model_path, name=cfg.teacher.model, kwargs=None if os.path.isdir(model_path) else
+                          {"num_classes": len(dataset_info["classes"]), "num_frames": cfg.data.frames})
+    kind = "train" if src.carved or src.split == cfg.data.train_split else "uniform"
+    stored = dataset_info["params"]["clips_per_video" if kind == "train" else "eval_clips"]
+    return evaluate_multiview(model, cfg.clips_dir, src.split, cfg.crop_size, num_clips=stored, num_crops=1,
+                              videos=src.videos, view_kind=kind)["top1"]
+
+
+def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, log=print) -> float | None:
+    """The teacher sanity gate: refuse to distil from a teacher within ``teacher.min_top1_over_chance``
+    of chance on the validation clips (its soft targets would be noise)."""
+    margin = cfg.teacher.min_top1_over_chance
+    if margin < 0:
+        return None
+    chance = 1.0 / len(dataset_info["classes"])
+    top1 = validation_top1(cfg, teacher_path, teacher_spec, dataset_info)
+    src = validation_source(cfg).description
+    if top1 < chance + margin:
+        raise TeacherGateError(
+            f"the teacher {teacher_path} scores {top1:.1%} top-1 on the validation clips ({src}); chance is "
+            f"{chance:.1%} ({len(dataset_info['classes'])} classes), and distillation needs at least chance + "
+            f"{margin:.0%} (teacher.min_top1_over_chance): its soft targets would be noise. Train the teacher "
+            "longer or from a pre-trained checkpoint, or lower teacher.min_top1_over_chance (< 0 turns the gate off)")
+    log(f"[teacher] validation top-1 {top1:.1%} ({src}); chance {chance:.1%}: passes the gate")
+    return top1
 
 
 def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
@@ -275,7 +342,7 @@ def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, 
                 "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(cfg.optim), "seed": seed,
                 "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint"),
                 "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
-                "init": [cfg.student.checkpoint, cfg.student.init_2d]}
+                "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg)}
     if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
         identity["label_fraction"] = cfg.data.label_fraction
     if cfg.data.teacher_pool > 0:
@@ -298,7 +365,9 @@ def _read_json(path: Path) -> dict:
 
 
 def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
-    """Multi-view top-1/top-5 of a model artefact, cached per split, views and clips fingerprint:
+    """The final evaluation, on ``data.test_split`` (never used for a choice).
+
+    Multi-view top-1/top-5 of a model artefact, cached per split, views and clips fingerprint:
     in its model.json when this run made the model, else in ``<output_dir>/evaluations.json``
     under its weights fingerprint (a model the user gave is only read)."""
     from dvfl.profile import count_flops
@@ -307,7 +376,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     spec_path = Path(path) / SPEC if os.path.isdir(path) else None
     spec = json.loads(spec_path.read_text()) if spec_path else {}
     dataset = load_dataset_info(cfg.clips_dir)
-    key = f"eval_{cfg.data.val_split}_{cfg.eval.clips}x{cfg.eval.crops}_{dataset['fingerprint'][:16]}"
+    split = cfg.data.test_split
+    key = f"eval_{split}_{cfg.eval.clips}x{cfg.eval.crops}_{dataset['fingerprint'][:16]}"
     model = None
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key
@@ -321,7 +391,7 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         if model is None:
             model, spec2 = load_model(path, name=cfg.teacher.model)
             spec = {**spec2, **spec}
-        m = evaluate_multiview(model, cfg.clips_dir, cfg.data.val_split, cfg.crop_size,
+        m = evaluate_multiview(model, cfg.clips_dir, split, cfg.crop_size,
                                num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
         kw = spec["kwargs"]
         flops = count_flops(spec["name"], num_classes=kw["num_classes"], frames=kw.get("num_frames", 8),
@@ -331,8 +401,10 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         m["gmacs"] = flops["gmacs_per_clip"]
         store.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(store, {**_read_json(store), store_key: m})
-    log(f"[eval] {path}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} ({m['clips']}x{m['crops']} views, {m['videos']} videos)")
-    return {**m, "history": spec.get("history", []), "name": spec.get("name")}
+    log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
+        f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
+    return {**m, "split": split, "history": spec.get("history", []), "name": spec.get("name"), "path": str(path),
+            "val_top1": spec.get("val_top1"), "val_split": spec.get("val_split")}
 
 
 def clean_run(cfg: RunConfig) -> None:
@@ -348,7 +420,8 @@ def summarize(rows: list[dict]) -> dict:
     top5 = [r["top5"] for r in rows]
     return {"top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
             "top5_mean": statistics.fmean(top5), "seeds": len(rows), "top1_per_seed": top1,
-            "params": rows[0]["params"], "gmacs": rows[0]["gmacs"]}
+            "params": rows[0]["params"], "gmacs": rows[0]["gmacs"], "split": rows[0]["split"],
+            "val_top1_per_seed": [r.get("val_top1") for r in rows], "paths": [r.get("path") for r in rows]}
 
 
 def kd_gains(table: dict) -> dict | None:
@@ -365,7 +438,13 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     """results.json, results.md and training_curves.png in the output dir."""
     out = Path(cfg.output_dir)
     table = {name: summarize(rows) for name, rows in results.items() if rows}
-    report = {"config": cfg.to_dict(), "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.val_split}",
+    validation = validation_source(cfg).description
+    report = {"config": cfg.to_dict(),
+              "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}",
+              # top1/top5 (and kd_gains) come from the test split, evaluated once at the end; the
+              # per-epoch history and val_top1_per_seed from the validation split
+              "splits": {"test": cfg.data.test_split, "validation": validation,
+                         "top1": cfg.data.test_split, "history": validation},
               "models": table}
     gains = kd_gains(table)
     if gains:
@@ -377,7 +456,8 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         spread = (f" ({row['top1_min']:.1%}–{row['top1_max']:.1%})" if row["seeds"] > 1 else "")
         lines.append(f"| {labels.get(name, name)} | {row['params'] / 1e6:.2f}M | {row['gmacs']:.3f} | "
                      f"{row['top1_mean']:.1%}{spread} | {row['top5_mean']:.1%} | {row['seeds']} |")
-    md = "\n".join(lines) + f"\n\nEvaluation: {report['eval']}.\n"
+    md = "\n".join(lines) + (f"\n\nEvaluation (top-1, top-5): {report['eval']}, evaluated once at the end. "
+                              f"Choices (per-epoch validation, curves) used {validation}.\n")
     if gains:
         md += ("\nPer seed, DVFL-Net minus VFL-Net: "
                + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
@@ -406,7 +486,7 @@ def _plot_curves(results: dict, path: Path, labels: dict) -> None:
                   "color": {"teacher": "k", "vfl": "tab:blue", "dvfl": "tab:red", "dvfl+unlabeled": "tab:green"}.get(name)}
             axes[0].plot(epochs, [e["val_top1"] for e in h], **kw)
             axes[1].plot(epochs, [e["train_loss"] for e in h], **kw)
-    axes[0].set(xlabel="epoch", ylabel="val top-1 (stored views)", title="validation accuracy")
+    axes[0].set(xlabel="epoch", ylabel="val top-1 (stored views)", title="held-out validation accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss (KD runs: α·KD + (1−α)·CE)")
     axes[0].legend()
     fig.tight_layout()
@@ -420,9 +500,11 @@ def run_all(cfg: RunConfig, log=print) -> dict:
     """The whole product: clips, teacher, cache, VFL-Net + DVFL-Net per seed, report."""
     dataset_info = ensure_clips(cfg, log)
     teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)
+    roles = cfg.student_roles
+    if any(r != "vfl" for r in roles):
+        check_teacher(cfg, teacher_path, teacher_spec, dataset_info, log)
     if cfg.teacher.mode == "cached":
         ensure_cache(cfg, teacher_path, log)
-    roles = cfg.student_roles
     results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}
     kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=True)
     for seed in cfg.seeds or [cfg.seed]:
@@ -433,5 +515,5 @@ def run_all(cfg: RunConfig, log=print) -> dict:
     return write_report(cfg, results, log)
 
 
-__all__ = ["ensure_clips", "ensure_teacher", "ensure_cache", "train_student", "evaluate_model_dir",
+__all__ = ["ensure_clips", "ensure_teacher", "check_teacher", "TeacherGateError", "ensure_cache", "train_student", "evaluate_model_dir",
            "write_report", "run_all", "clean_run", "teacher_signal"]

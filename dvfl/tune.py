@@ -393,7 +393,7 @@ def trial_driver(params: dict, setup: dict) -> None:
         record["starts"].append(time.time())
         atomic_write_text(path, json.dumps(record, indent=1))
     result = run_training(
-        loop, clips_dir=cfg.clips_dir, train_splits=[cfg.data.train_split], val_split=cfg.data.val_split,
+        loop, clips_dir=cfg.clips_dir, **pipeline.validation_args(cfg),
         unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,
         scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
                         cfg.scaling.worker_resources),
@@ -444,6 +444,7 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     if cfg.teacher.mode == "none":
         return info, {"mode": "none"}
     teacher_path, teacher_spec = pipeline.ensure_teacher(cfg, info, log)
+    pipeline.check_teacher(cfg, teacher_path, teacher_spec, info, log)
     if cfg.teacher.mode == "cached":
         pipeline.ensure_cache(cfg, teacher_path, log)
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)

@@ -29,6 +29,9 @@ TINY = [
     ("teacher.optim.lr", 0.001), ("student.embed_dim", 8), ("optim.epochs", 2), ("teacher.train.drop_path_rate", 0.0),
     # no unlabelled pool here: the tests that need one add it (see test_unlabeled_distill.py)
     ("data.synthetic.unlabeled_videos", 0), ("data.clips_per_video", 2),
+    # a 4-epoch teacher on 44 videos is near chance by design (it only has to run): the sanity
+    # gate is tested on its own (test_holdout.py), not on every tiny run
+    ("teacher.min_top1_over_chance", -1.0),
 ]
 
 

@@ -7,6 +7,7 @@ non-zero exit, an errored Tune trial, or results missing from the place the comm
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dvfl.data.shards import read_clips_table
 
 from conftest import TINY, direct_top1
 
@@ -103,6 +106,10 @@ def test_distill_as_typed_writes_where_it_says(demo):
     epochs = re.findall(r'\[train\] \{"epoch": \d+', output)
     assert len(epochs) == 4 + 3 * 2, epochs  # the teacher's 4 epochs, 2 per student: each line once
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
+    # issue 17: the table is on test, evaluated once; every choice and curve read the held-out val
+    assert report["splits"]["top1"] == "test" and all(row["split"] == "test" for row in models.values())
+    assert "held out of split 'train'" in report["splits"]["validation"] == report["splits"]["history"]
+    assert "Evaluation (top-1, top-5): 1 clips x 1 crops, split test" in (out / "results.md").read_text()
     assert report["config"]["output_dir"] == str(out)
     gains = report["kd_gains"]  # the issue-5 comparison, per seed, from the same rows
     assert gains["dvfl_minus_vfl_points"] == [
@@ -139,6 +146,14 @@ def test_tune_search_as_typed_after_the_demo(demo, checkout):
     assert summary["best"] is not None and summary["best"]["best_top1"] is not None
     assert (exp / "best_config.yaml").is_file()
     assert "reusing" in r.stdout  # the demo's teacher, not a new one
+    # ASHA and the best config read the held-out validation clips of each epoch, not the test split
+    from dvfl.data.holdout import val_source
+
+    src = val_source(str(demo["out"] / "clips"), "val", "train", 0.1, 0)
+    ids = read_clips_table(str(demo["out"] / "clips"), ["train"], columns=["video_id"]).column("video_id").to_pylist()
+    for row in summary["rows"]:
+        with open(Path(row["path"]) / "progress.csv") as f:
+            assert {int(float(e["val_clips"])) for e in csv.DictReader(f)} == {sum(v in src.videos for v in ids)}
     assert "trial(s) errored" not in r.stdout + r.stderr
 
 

@@ -71,14 +71,21 @@ def test_empty_or_too_small_split_is_refused_before_training(prepared, tmp_path)
     from dvfl.train.launch import Scaling, run_training
 
     cfg = prepared["cfg"]
-    train_rows = sum(pq.read_metadata(p).num_rows for p in shard_paths(cfg.clips_dir, ["train"]))
+    from dvfl.data.holdout import val_source
+    from dvfl.data.shards import read_clips_table
+
+    # the training clips left after the default validation hold-out (data.val_split: val)
+    held = val_source(cfg.clips_dir, "val", "train", 0.1, 0).videos
+    train_rows = sum(v not in held for v in read_clips_table(cfg.clips_dir, ["train"], columns=["video_id"])
+                     .column("video_id").to_pylist())
+    assert 0 < train_rows < sum(pq.read_metadata(p).num_rows for p in shard_paths(cfg.clips_dir, ["train"]))
     loop = {"seed": 0, "optim": {"batch_size": train_rows // 2 + 1}}
     kw = dict(clips_dir=cfg.clips_dir, scaling=Scaling(num_workers=2), name="refused",
               storage_path=str(tmp_path / "ray"))
     with pytest.raises(ValueError, match=rf"split 'train' .* has {train_rows} training clips.*fewer than 2 worker"):
         run_training(loop, **kw)
-    with pytest.raises(ValueError, match="split 'val' .* has no clips: nothing to validate"):
-        run_training({"seed": 0, "optim": {"batch_size": 1}}, val_split="val", **kw)
+    with pytest.raises(ValueError, match="split 'validation' .* has no clips: nothing to validate"):
+        run_training({"seed": 0, "optim": {"batch_size": 1}}, val_split="validation", **kw)
     assert not (tmp_path / "ray").exists()  # no trainer was started
 
 

@@ -321,7 +321,7 @@ def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_cli
     cfg = _with(prepared["cfg"], output_dir=str(tmp_path / "run"), data={"clips": prepared["cfg"].clips_dir})
     spec = json.loads((user / "model.json").read_text())
     planted = {"top1": 0.987, "top5": 0.999, "clips": 1, "crops": 1, "videos": 3, "params": 1, "gmacs": 1.0}
-    spec[f"eval_{cfg.data.val_split}_{cfg.eval.clips}x{cfg.eval.crops}"] = planted  # from another dataset
+    spec[f"eval_{cfg.data.test_split}_{cfg.eval.clips}x{cfg.eval.crops}"] = planted  # from another dataset
     (user / "model.json").write_text(json.dumps(spec))
     before = (user / "model.json").read_bytes()
     m = pipeline.evaluate_model_dir(cfg, str(user), log=lambda *_: None)

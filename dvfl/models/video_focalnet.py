@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
@@ -186,8 +187,10 @@ class BasicLayer(nn.Module):
         mlp_ratio: float,
         drop: float,
         drop_path: Sequence[float],
+        use_checkpoint: bool = False,
     ):
         super().__init__()
+        self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(
             FocalModulationBlock(
                 dim, num_frames, focal_level, focal_window, mlp_ratio, drop, drop_path[i]
@@ -198,7 +201,11 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int):
         for block in self.blocks:
-            x = block(x, height, width)
+            if self.use_checkpoint and torch.is_grad_enabled():
+                # recompute the block's activations in backward instead of keeping them (same math)
+                x = torch.utils.checkpoint.checkpoint(block, x, height, width, use_reentrant=False)
+            else:
+                x = block(x, height, width)
         if self.downsample is not None:
             x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
             x, height, width = self.downsample(x)
@@ -228,6 +235,7 @@ class VideoFocalNet(nn.Module):
         focal_levels: Sequence[int] = (2, 2, 2, 2),
         focal_windows: Sequence[int] = (3, 3, 3, 3),
         num_frames: int = 8,
+        use_checkpoint: bool = False,
         **unsupported,
     ):
         super().__init__()
@@ -269,6 +277,7 @@ class VideoFocalNet(nn.Module):
                     mlp_ratio,
                     drop_rate,
                     rates[start : start + depths[i]],
+                    use_checkpoint,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
@@ -311,7 +320,6 @@ class VideoFocalNet(nn.Module):
 # Keywords of the official constructor that select variants we do not implement. Accepting and
 # ignoring them would build a different network than the caller asked for.
 _OFFICIAL_DEFAULTS = {
-    "use_checkpoint": False,  # activation checkpointing does not change the math: allowed
     "use_conv_embed": False,
     "use_layerscale": False,
     "use_postln": False,
@@ -324,8 +332,6 @@ _OFFICIAL_DEFAULTS = {
 
 def _reject_unsupported(kwargs: dict) -> None:
     for key, value in kwargs.items():
-        if key == "use_checkpoint":
-            continue
         if key in _OFFICIAL_DEFAULTS:
             if value != _OFFICIAL_DEFAULTS[key]:
                 raise ValueError(f"{key}={value!r} is not supported (only {_OFFICIAL_DEFAULTS[key]!r})")

@@ -17,10 +17,23 @@ from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
 CROPS = {1: ("center",), 3: ("start", "center", "end")}
 
 
+class ProtocolError(ValueError):
+    """The shards cannot serve the asked views (e.g. 4 clips per video asked, 1 stored)."""
+
+
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
                        num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
-                       device: torch.device | str | None = None) -> dict:
-    """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops."""
+                       device: torch.device | str | None = None, videos=None, view_kind: str = "uniform",
+                       details: bool = False) -> dict:
+    """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops.
+
+    ``videos``: only these videos of ``split`` (a validation hold-out carved from training, whose
+    stored views are ``view_kind="train"``). Every video must have ``num_clips`` stored views, or
+    :class:`ProtocolError` (never silently fewer views). ``details``: also per-class accuracy,
+    the confusion matrix and the class names.
+    """
+    if num_crops not in CROPS:
+        raise ProtocolError(f"crops per clip must be one of {sorted(CROPS)}, got {num_crops}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.eval().to(device)
     views = [View(c) for c in CROPS[num_crops]]
@@ -31,24 +44,31 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     for path in shard_paths(clips_dir, [split]):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
             table = pa.Table.from_batches([record_batch])
-            keep = [v == "uniform" and i < num_clips for v, i in
-                    zip(table.column("view").to_pylist(), table.column("view_index").to_pylist())]
+            keep = [v == view_kind and i < num_clips and (videos is None or vid in videos) for v, i, vid in
+                    zip(table.column("view").to_pylist(), table.column("view_index").to_pylist(),
+                        table.column("video_id").to_pylist())]
             table = table.filter(pa.array(keep))
             if table.num_rows == 0:
                 continue
             arrays, _, y = batch_arrays(table)
-            videos = table.column("video_id").to_pylist()
+            batch_videos = table.column("video_id").to_pylist()
             for view in views:
                 x = normalize(make_clip_batch(arrays, crop_size, [view] * len(arrays)), device)
                 with torch.inference_mode():
                     probs = model(x).float().softmax(dim=1).cpu().numpy()
-                for vid, p, lab in zip(videos, probs, y):
+                for vid, p, lab in zip(batch_videos, probs, y):
                     prob_sum[vid] = prob_sum.get(vid, 0) + p
                     n_views[vid] = n_views.get(vid, 0) + 1
                     labels[vid] = int(lab)
     vids = sorted(v for v in prob_sum if labels[v] >= 0)
     if not vids:
-        raise ValueError(f"no labelled uniform clips of split {split!r} in {clips_dir}")
+        raise ValueError(f"no labelled {view_kind} clips of split {split!r} in {clips_dir}")
+    short = sorted(v for v in vids if n_views[v] < num_clips * num_crops)
+    if short:
+        raise ProtocolError(f"{len(short)} of {len(vids)} videos of split {split!r} have fewer than {num_clips} "
+                            f"stored {view_kind} clips (e.g. {short[0]}: {n_views[short[0]] // num_crops}): the shards "
+                            f"cannot serve {num_clips} clips x {num_crops} crops; ingest with more eval clips or ask "
+                            "for fewer")
     probs = np.stack([prob_sum[v] for v in vids])
     y = np.array([labels[v] for v in vids])
     k = min(5, probs.shape[1])
@@ -60,4 +80,13 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
         "views_per_video": float(np.mean([n_views[v] for v in vids])),
         "clips": num_clips,
         "crops": num_crops,
+        **(_details(topk[:, 0], y, probs.shape[1]) if details else {}),
     }
+
+
+def _details(pred: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    per_class = {int(c): {"videos": int(confusion[c].sum()), "top1": float(confusion[c, c] / confusion[c].sum())}
+                 for c in range(num_classes) if confusion[c].sum()}
+    return {"per_class": per_class, "confusion": confusion.tolist()}

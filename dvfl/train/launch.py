@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import torch
 
+from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl.data.shards import raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
@@ -65,7 +66,9 @@ def run_training(
     *,
     clips_dir: str,
     train_splits=("train",),
-    val_split: str = "test",
+    val_split: str = "val",
+    val_fraction: float = 0.1,
+    val_seed: int = 0,
     unlabeled_dir: str | None = None,
     scaling: Scaling,
     name: str,
@@ -83,6 +86,9 @@ def run_training(
     ``label_fraction`` < 1 trains on that (class-balanced, seeded) fraction of the labelled videos;
     ``teacher_pool`` > 0 gives ``role="teacher"`` that fraction of them and students the rest
     (:func:`dvfl.data.sampling.pool_videos`).
+    ``val_split`` ``"val"`` without such a split in ``clips_dir``: ``val_fraction`` of the groups
+    of each class of the training videos (seeded by ``val_seed``) are held out of training for
+    every role and validate each epoch (:mod:`dvfl.data.holdout`); the test split is never read.
     ``callbacks``: extra Ray Train callbacks for the run config (Tune passes its
     ``TuneReportCallback`` here, see :mod:`dvfl.tune`).
     """
@@ -92,24 +98,31 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     batch_size = loop_cfg["optim"]["batch_size"]
-    for split in [*train_splits, val_split]:
+    val_src = val_source(clips_dir, val_split, train_splits[0], val_fraction, val_seed)
+    for split in [*train_splits, val_src.split]:
         if count_rows(clips_dir, [split]) == 0:
             raise ValueError(f"split '{split}' of {clips_dir} has no clips: nothing to "
-                             f"{'validate' if split == val_split else 'train'} on")
+                             f"{'validate' if split == val_src.split and not val_src.carved else 'train'} on")
     quiet_data_progress()
     train = read_clip_dataset(clips_dir, list(train_splits), columns=TRAIN_COLUMNS)
     train_rows = count_rows(clips_dir, train_splits)
-    if label_fraction < 1 or teacher_pool > 0:
-        # A teacher pool and/or only a fraction of the labelled videos (label-efficiency runs).
-        # Videos left out are not turned into unlabelled clips: the teacher may have seen them.
+    val = read_clip_dataset(clips_dir, [val_src.split], columns=VAL_COLUMNS)
+    if label_fraction < 1 or teacher_pool > 0 or val_src.carved:
+        # Held-out validation videos first (no role trains on them), then a teacher pool and/or
+        # a fraction of the rest (label-efficiency runs). Videos left out are not turned into
+        # unlabelled clips: the teacher may have seen them.
         ids = read_clips_table(clips_dir, train_splits, columns=["clip_id", "video_id", "label"]).to_pydict()
-        videos = pool_videos(ids["video_id"], ids["label"], teacher_pool, role, label_fraction)
-        if videos is not None:
-            keep = {c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in videos}
-            # an expression, not a Python function: Ray Data evaluates it on whole Arrow blocks
-            train = train.filter(expr=col("clip_id").is_in(sorted(keep)))
-            train_rows = len(keep)
-    shard_bytes = _shard_bytes(clips_dir, train_splits) + _shard_bytes(clips_dir, [val_split])
+        held = val_src.videos or frozenset()
+        rest = [(c, v, y) for c, v, y in zip(ids["clip_id"], ids["video_id"], ids["label"]) if v not in held]
+        videos = pool_videos([v for _, v, _ in rest], [y for _, _, y in rest], teacher_pool, role, label_fraction)
+        keep = {c for c, v, _ in rest if videos is None or v in videos}
+        # an expression, not a Python function: Ray Data evaluates it on whole Arrow blocks
+        train = train.filter(expr=col("clip_id").is_in(sorted(keep)))
+        train_rows = len(keep)
+        if val_src.carved:
+            held_clips = sorted(c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in held)
+            val = val.filter(expr=col("clip_id").is_in(held_clips))
+    shard_bytes = _shard_bytes(clips_dir, train_splits) + (0 if val_src.carved else _shard_bytes(clips_dir, [val_src.split]))
     if unlabeled_dir:
         train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
         train_rows += count_rows(unlabeled_dir, ["unlabeled"])
@@ -118,10 +131,9 @@ def run_training(
         # every worker needs at least one full batch, or an epoch would train on nothing
         used = "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])])
         raise ValueError(f"split '{used}' of {clips_dir} has {train_rows} training clips "
-                         f"(after label_fraction/teacher_pool), fewer than {scaling.num_workers} worker(s) x "
+                         f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {scaling.num_workers} worker(s) x "
                          f"batch size {batch_size} = {scaling.num_workers * batch_size}: use a smaller "
                          "optim.batch_size or fewer workers, or ingest more videos")
-    val = read_clip_dataset(clips_dir, [val_split], columns=VAL_COLUMNS)
     if shard_bytes < materialize_below_mb * 2**20:
         # Small datasets are read once into the object store: re-running the Parquet read
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
@@ -130,7 +142,7 @@ def run_training(
         try:
             train, val = train.random_shuffle(seed=loop_cfg["seed"]).materialize(), val.materialize()
         except Exception as exc:  # a read error of Ray's does not name the file: find it
-            raise_if_corrupt(shard_paths(clips_dir, [*train_splits, val_split])
+            raise_if_corrupt(shard_paths(clips_dir, [*train_splits, val_src.split])
                              + (shard_paths(unlabeled_dir, ["unlabeled"]) if unlabeled_dir else []), exc)
             raise
     else:

@@ -89,7 +89,32 @@ def checkpoint_tmp_prefix(run_name: str) -> str:
     return f"dvfl-ckpt-{run_name}-"
 
 
-def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp: bool) -> dict:
+def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype of ``optim.amp`` on this device; None: full precision (CPU workers,
+    ``off``, or bf16 on a GPU without bf16 support, which falls back to fp32 rather than fail)."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if mode == "fp16":
+        return torch.float16
+    raise ValueError(f"optim.amp must be bf16, fp16 or off, got {mode!r}")
+
+
+def make_optimizer(model, optim: dict):
+    """AdamW (default) or SGD with Nesterov momentum (``optim.optimizer: sgd``, the official recipe)."""
+    from timm.optim import create_optimizer_v2
+
+    name = optim.get("optimizer", "adamw")
+    if name == "sgd":  # timm's "sgd" is Nesterov momentum
+        return create_optimizer_v2(model, "sgd", lr=optim["lr"], weight_decay=optim["weight_decay"],
+                                   momentum=optim.get("momentum", 0.9))
+    if name != "adamw":
+        raise ValueError(f"optim.optimizer must be adamw or sgd, got {name!r}")
+    return create_optimizer_v2(model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"])
+
+
+def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> dict:
     """top-1/top-5/CE on the stored eval views (centre crop), labelled clips only."""
     model.eval()
     n = c1 = c5 = 0
@@ -103,7 +128,7 @@ def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp: bool)
             x = normalize(make_clip_batch([a for a, k in zip(arrays, keep) if k], crop_size,
                                           [View()] * int(keep.sum())), device)
             y = torch.from_numpy(labels[keep]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=bool(amp)):
                 logits = model(x).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             a, b = topk_correct(logits, y)
@@ -170,6 +195,18 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _optimizer_step(model, optimizer, scaler, optim: dict, step: int, total_steps: int, warmup: int) -> int:
+    for group in optimizer.param_groups:
+        group["lr"] = lr_schedule(step, total_steps, warmup, optim["lr"])
+    if optim.get("clip_grad"):
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim["clip_grad"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step + 1
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -180,7 +217,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads_per_worker"])
-    amp = device.type == "cuda"
+    amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"))
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     seed = cfg["seed"]
     torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     rng = np.random.default_rng([seed, rank])
@@ -196,12 +235,12 @@ def train_loop_per_worker(cfg: dict) -> None:
     teacher = TeacherSignal(cfg, device) if cfg["teacher"]["mode"] != "none" else None
     kd = cfg["kd"]
     optim = cfg["optim"]
-    from timm.optim import create_optimizer_v2
-
-    optimizer = create_optimizer_v2(raw_model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"])
+    optimizer = make_optimizer(raw_model, optim)
+    accum = int(optim.get("accum_steps", 1))
 
     batch_size = optim["batch_size"]
-    steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / world / batch_size))
+    # one optimizer step per `accum` batches (the schedule counts optimizer steps)
+    steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / world / batch_size / accum))
     total_steps = optim["epochs"] * steps_per_epoch
     warmup = int(optim["warmup_frac"] * total_steps)
     start_epoch, step, history = 0, 0, []
@@ -235,6 +274,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         # unlabelled counts from the label column, so a loss that let an unlabelled clip into
         # CE would show up as ce_clips > labelled_clips in the reported metrics.
         counts = torch.zeros(4, dtype=torch.int64)  # labelled, unlabelled, ce_clips, mixed batches
+        pending = 0  # batches whose gradients wait for the next optimizer step
         for table in train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                               local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
                                               local_shuffle_seed=seed * 1000 + epoch * world + rank):
@@ -245,27 +285,27 @@ def train_loop_per_worker(cfg: dict) -> None:
                 views = [View("random", bool(flip and rng.random() < 0.5)) for _ in arrays]
             x = normalize(make_clip_batch(arrays, crop_size, views, rng), device)
             y = torch.from_numpy(labels).to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_schedule(step, total_steps, warmup, optim["lr"])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            if teacher is not None:
-                out = distillation_loss(logits, teacher.logits(clip_ids, views, x), y,
-                                        alpha=kd["alpha"], temperature=kd["temperature"],
-                                        unlabeled_weight=kd.get("unlabeled_weight", 1.0),
-                                        label_smoothing=optim.get("label_smoothing", 0.0))
-                loss, ce, kd_part, ce_clips = out.total, out.ce, out.kd, int(out.num_labelled)
-            else:
-                if (labels < 0).any():
-                    raise ValueError("unlabelled clips reached a run without a teacher: CE needs labels")
-                loss = ce = F.cross_entropy(logits.float(), y, label_smoothing=optim.get("label_smoothing", 0.0))
-                kd_part, ce_clips = torch.zeros(()), len(labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.get("clip_grad"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim["clip_grad"])
-            optimizer.step()
-            step += 1
+            # DDP: gradients are all-reduced only on the batch that completes an accumulation
+            sync = model.no_sync() if pending + 1 < accum and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=bool(amp)):
+                    logits = model(x)
+                if teacher is not None:
+                    out = distillation_loss(logits, teacher.logits(clip_ids, views, x), y,
+                                            alpha=kd["alpha"], temperature=kd["temperature"],
+                                            unlabeled_weight=kd.get("unlabeled_weight", 1.0),
+                                            label_smoothing=optim.get("label_smoothing", 0.0))
+                    loss, ce, kd_part, ce_clips = out.total, out.ce, out.kd, int(out.num_labelled)
+                else:
+                    if (labels < 0).any():
+                        raise ValueError("unlabelled clips reached a run without a teacher: CE needs labels")
+                    loss = ce = F.cross_entropy(logits.float(), y, label_smoothing=optim.get("label_smoothing", 0.0))
+                    kd_part, ce_clips = torch.zeros(()), len(labels)
+                scaler.scale(loss / accum).backward()
+            pending += 1
+            if pending == accum:
+                step = _optimizer_step(model, optimizer, scaler, optim, step, total_steps, warmup)
+                pending = 0
             _maybe_inject_failure(cfg, epoch, rank, world, reported_at)
             if batches == 0:
                 _maybe_hold(cfg, epoch, rank)
@@ -278,6 +318,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             seen += int(labelled.sum())
             counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
                                     int(labelled.any() and not labelled.all())])
+        if pending:  # the epoch's last, partial accumulation still counts
+            step = _optimizer_step(model, optimizer, scaler, optim, step, total_steps, warmup)
         if batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
             raise RuntimeError(f"epoch {epoch + 1}: rank {rank} of {world} got 0 training batches "
                                f"(batch size {batch_size}): the training split is empty or too small")

@@ -1,0 +1,85 @@
+"""Held-out validation: a seeded, class-balanced slice of the training videos (pure, no Ray).
+
+Model choices (per-epoch validation, Tune's ASHA, the best config, the teacher gate) must never
+look at the test split. When an ingest output has no ``val`` split of its own, :func:`holdout_videos`
+carves one out of the training videos, and every run (teacher and students) leaves those videos
+out of training. Videos of one *group* always land on the same side: UCF101/UCF50 ids
+(``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); other ids group by their name
+without a trailing clip number (HMDB51's ``..._goo_0``/``..._goo_1`` are cuts of one source video).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from dvfl.data.sampling import stable_seed
+
+UCF_GROUP = re.compile(r"_g(\d+)_c\d+$")
+TRAILING_NUMBER = re.compile(r"_\d+$")
+#: the split name that means "held-out validation" (carved from training when the ingest has none)
+VAL_SPLIT = "val"
+
+
+def group_of(video_id: str) -> str:
+    """The group a video belongs to (within its class): videos of one group share a side."""
+    name = video_id.rsplit("/", 1)[-1]
+    m = UCF_GROUP.search(name)
+    if m:
+        return f"g{int(m.group(1)):02d}"
+    return TRAILING_NUMBER.sub("", name)
+
+
+def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int = 0) -> set:
+    """The training videos held out for validation.
+
+    Per class, the class's groups are ranked by a seeded hash of the group name (the same order
+    in every class, so UCF groups ``gNN`` are held out across classes alike) and the first
+    ``round(fraction * groups)`` (at least 1, and never all: a class keeps a training group) are
+    held out whole. Reproducible, independent of row order, balanced over classes.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
+    groups: dict = {}
+    for vid, label in dict(zip(video_ids, labels)).items():
+        groups.setdefault(label, {}).setdefault(group_of(vid), []).append(vid)
+    held = set()
+    for by_group in groups.values():
+        names = sorted(by_group, key=lambda g: (stable_seed("val-holdout", int(seed), g), g))
+        k = min(max(1, round(fraction * len(names))), len(names) - 1)
+        for g in names[:k]:
+            held.update(by_group[g])
+    return held
+
+
+@dataclass(frozen=True)
+class ValSource:
+    """Where validation clips come from: a split of their own, or held-out training videos."""
+
+    split: str  # the shard split to read
+    videos: frozenset | None = None  # carved: only these videos of ``split``; None: the whole split
+    description: str = ""
+
+    @property
+    def carved(self) -> bool:
+        return self.videos is not None
+
+
+def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float, seed: int) -> ValSource:
+    """Resolve ``data.val_split``: an existing split is used whole; ``val`` without such a split in
+    the ingest output is carved out of ``train_split`` (:func:`holdout_videos`)."""
+    from dvfl.data.shards import read_clips_table, shard_paths
+
+    if val_split != VAL_SPLIT or shard_paths(clips_dir, [val_split]):
+        return ValSource(val_split, None, f"split '{val_split}'")
+    ids = read_clips_table(clips_dir, [train_split], columns=["video_id", "label"]).to_pydict()
+    videos = frozenset(holdout_videos(ids["video_id"], ids["label"], fraction, seed))
+    if not videos:
+        raise ValueError(f"data.val_split is '{VAL_SPLIT}' but {clips_dir} has no such split and no class of split "
+                         f"'{train_split}' has two groups to hold one out: ingest a val split, or name another "
+                         "data.val_split")
+    return ValSource(train_split, videos, f"'{VAL_SPLIT}': {len(videos)} videos ({fraction:g} of the groups per "
+                     f"class, seed {seed}) held out of split '{train_split}'")
+
+
+__all__ = ["group_of", "holdout_videos", "ValSource", "val_source", "VAL_SPLIT"]

@@ -1,0 +1,128 @@
+"""Held-out validation (issue 17): choices read a slice of the training videos, never test.
+
+The pure tests check the carve itself; the others reuse the session's ``prepared`` teacher (its
+training already ran with the carve) and add no training run of their own.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dvfl import pipeline
+from dvfl.artifacts import load_model, save_model
+from dvfl.data.holdout import group_of, holdout_videos, val_source
+from dvfl.data.sampling import pool_videos
+from dvfl.data.shards import read_clips_table
+
+from conftest import tiny_config
+
+
+def ucf_ids(classes=5, groups=25, clips=4):
+    ids, labels = [], []
+    for c in range(classes):
+        for g in range(1, groups + 1):
+            for k in range(1, clips + 1):
+                ids.append(f"C{c}/v_C{c}_g{g:02d}_c{k:02d}")
+                labels.append(c)
+    return ids, labels
+
+
+def test_holdout_keeps_groups_whole_is_seeded_and_class_balanced():
+    ids, labels = ucf_ids()
+    held = holdout_videos(ids, labels, 0.2, seed=0)
+    assert held == holdout_videos(list(reversed(ids)), list(reversed(labels)), 0.2, seed=0)  # order-free
+    assert held != holdout_videos(ids, labels, 0.2, seed=1)
+    # whole groups: every group (per class) is entirely on one side
+    for c in range(5):
+        for g in {group_of(v) for v in ids if v.startswith(f"C{c}/")}:
+            members = {v for v in ids if v.startswith(f"C{c}/") and group_of(v) == g}
+            assert members <= held or not (members & held), (c, g)
+    # balanced: 5 of 25 groups (x 4 clips) per class
+    per_class = [sum(v.startswith(f"C{c}/") for v in held) for c in range(5)]
+    assert per_class == [20] * 5
+    # UCF groups are held out alike in every class (the same actor groups)
+    assert len({group_of(v) for v in held}) == 5
+    # never a class's last group: 1 group -> nothing held out of that class
+    assert holdout_videos(["A/v_A_g01_c01", "A/v_A_g01_c02", "B/v_B_g01_c01", "B/v_B_g02_c01"],
+                          [0, 0, 1, 1], 0.5) in ({"B/v_B_g01_c01"}, {"B/v_B_g02_c01"})
+
+
+def test_hmdb_cuts_of_one_source_video_share_a_side():
+    assert group_of("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0") == group_of(
+        "brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2")
+    ids = [f"x/src{s}_act_{k}" for s in range(10) for k in range(3)]
+    held = holdout_videos(ids, [0] * len(ids), 0.3, seed=4)
+    assert len(held) == 9 and len({v.rsplit("_", 1)[0] for v in held}) == 3
+
+
+def test_no_role_trains_on_the_validation_videos_and_every_epoch_validates_on_them(prepared):
+    """The shared teacher trained with the default config: its per-epoch validation read exactly the
+    held-out clips (not the 16 test clips) and its training clips exclude them."""
+    cfg = prepared["cfg"]
+    assert cfg.data.val_split == "val"
+    src = val_source(cfg.clips_dir, "val", "train", cfg.data.val_fraction, cfg.data.val_seed)
+    assert src.carved and src.split == "train"
+    ids = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id", "video_id", "label"]).to_pydict()
+    held_clips = sum(v in src.videos for v in ids["video_id"])
+    rest = {v: y for v, y in zip(ids["video_id"], ids["label"]) if v not in src.videos}
+    # the teacher's pool (data.teacher_pool) is drawn from the videos left after the carve
+    pool = pool_videos(list(rest), list(rest.values()), cfg.data.teacher_pool, "teacher")
+    trained = sum(v in pool for v in ids["video_id"])
+    assert 0 < trained < len(ids["video_id"]) - held_clips
+    test_clips = read_clips_table(cfg.clips_dir, ["test"], columns=["clip_id"]).num_rows
+    assert 0 < held_clips != test_clips
+    spec = json.loads((Path(prepared["teacher"]) / "model.json").read_text())
+    for epoch in spec["history"]:
+        assert epoch["val_clips"] == held_clips
+        # 2 DDP workers: equal splitting may drop < 2 rows per epoch
+        assert trained - 2 < epoch["labelled_clips"] <= trained
+    assert spec["val_split"] == src.description and "held out of split 'train'" in src.description
+    # same seed, same carve: a second resolution gives the same videos
+    assert val_source(cfg.clips_dir, "val", "train", cfg.data.val_fraction, cfg.data.val_seed).videos == src.videos
+
+
+def test_model_identity_changes_with_the_carve(prepared, monkeypatch, tmp_path):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, **kw):
+        seen.append(pipeline._digest(kw["identity"]))
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "train_model", capture)
+    for extra in ([], [("data.val_fraction", 0.3)], [("data.val_seed", 1)], [("data.val_split", "test")]):
+        cfg = tiny_config(tmp_path, [("data.clips", prepared["cfg"].clips_dir), *extra])
+        for call in (lambda: pipeline.ensure_teacher(cfg, prepared["info"]),
+                     lambda: pipeline.train_student(cfg, prepared["info"], {"mode": "none"}, 0)):
+            with pytest.raises(Stop):
+                call()
+    teachers, students = seen[0::2], seen[1::2]
+    assert len(set(teachers)) == len(set(students)) == 4
+
+
+def _constant_teacher(prepared, path) -> str:
+    """A teacher that always predicts class 0: exactly chance on class-balanced clips."""
+    model, spec = load_model(prepared["teacher"])
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    save_model(path, model, spec["name"], spec["kwargs"])
+    return str(path)
+
+
+def test_teacher_gate_refuses_a_chance_level_teacher(prepared, tmp_path):
+    teacher = _constant_teacher(prepared, tmp_path / "constant")
+    cfg = tiny_config(tmp_path / "run", [("data.clips", prepared["cfg"].clips_dir), ("teacher.path", teacher),
+                                         ("teacher.min_top1_over_chance", 0.05), ("students", ["dvfl"])])
+    with pytest.raises(pipeline.TeacherGateError, match=r"scores 25\.0% top-1 on the validation clips .*chance is "
+                       r"25\.0% \(4 classes\).*teacher\.min_top1_over_chance"):
+        pipeline.run_all(cfg, log=lambda *_: None)
+    assert not (tmp_path / "run" / "students").exists()  # refused before any student or cache
+    # the same teacher passes when the gate is off, and the gate measures validation, not test
+    off = tiny_config(tmp_path / "run", [("data.clips", prepared["cfg"].clips_dir), ("teacher.path", teacher)])
+    assert pipeline.check_teacher(off, teacher, {}, prepared["info"]) is None
