@@ -19,8 +19,9 @@ CROPS = {1: ("center",), 3: ("start", "center", "end")}
 
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
                        num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
-                       device: torch.device | str | None = None) -> dict:
-    """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops."""
+                       device: torch.device | str | None = None, per_video: bool = False) -> dict:
+    """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops
+    (``per_video``: also ``predictions``, video id -> predicted class index)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.eval().to(device)
     views = [View(c) for c in CROPS[num_crops]]
@@ -53,7 +54,7 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     y = np.array([labels[v] for v in vids])
     k = min(5, probs.shape[1])
     topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return {
+    out = {
         "top1": float((topk[:, 0] == y).mean()),
         "top5": float((topk == y[:, None]).any(axis=1).mean()),
         "videos": len(vids),
@@ -61,3 +62,6 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
         "clips": num_clips,
         "crops": num_crops,
     }
+    if per_video:
+        out["predictions"] = {v: int(t) for v, t in zip(vids, topk[:, 0])}
+    return out
