@@ -72,3 +72,105 @@ def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path
     got = json.loads(out.read_text())
     assert [w["end_frame"] for w in got["windows"]] == list(range(8, 41, 4))
     assert got["fps"] == pytest.approx(40) and got["real_time_factor"] > 0
+
+
+GOLDEN = "/work/shared/reference/video_focalnet_golden_tiny.pt"
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory):
+    """The reference golden model saved as a model directory."""
+    import timm
+    import torch
+
+    from dvfl.artifacts import save_model
+
+    g = torch.load(GOLDEN, weights_only=True)
+    model = timm.create_model("videofocalnet_tiny", **g["config"])
+    model.load_state_dict(g["state_dict"])
+    out = tmp_path_factory.mktemp("golden") / "model"
+    save_model(out, model, "videofocalnet_tiny", dict(g["config"]))
+    return out, g
+
+
+def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, golden_dir, tmp_path):
+    """ONNX (dynamic batch) reproduces the official golden logits and the PyTorch teacher on real
+    test clips within 1e-4; TorchScript and torch.export do the same after a reload."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sys.path.insert(0, str(REPO / "pipelines"))
+    from export import real_clips
+
+    from dvfl.artifacts import load_model
+
+    from dvfl import export as ex
+
+    gdir, g = golden_dir
+    golden, _ = load_model(gdir)
+    inputs = ex.golden_inputs(GOLDEN, json.loads((gdir / "model.json").read_text()))
+    assert ex.export_onnx(golden, tmp_path / "g.onnx", inputs)["max_abs_diff"] <= 1e-4
+    assert ex.export_torchscript(golden, tmp_path / "g.ts", inputs)["max_abs_diff"] <= 1e-4
+    assert ex.export_program(golden, tmp_path / "g.pt2", inputs)["max_abs_diff"] <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 2):  # the batch dimension is dynamic
+        out = sess.run(None, {"video": g["input"][:b].numpy()})[0]
+        assert np.abs(out - g["logits"][:b].numpy()).max() <= 1e-4
+    ts = torch.jit.load(str(tmp_path / "g.ts"))
+    assert (ts(g["input"][:1]) - g["logits"][:1]).abs().max() <= 1e-4
+    ep = torch.export.load(str(tmp_path / "g.pt2")).module()
+    assert (ep(g["input"]) - g["logits"]).abs().max() <= 1e-4
+
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", tmp_path / "t.onnx",
+                "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0, r.stderr
+    model, spec = load_model(prepared["teacher"])
+    clips = torch.cat(real_clips(prepared["cfg"].clips_dir, spec, 4))
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = model.eval()(clips).numpy()
+    assert clips.shape[0] == 4 and np.abs(sess.run(None, {"video": clips.numpy()})[0] - ref).max() <= 1e-4
+
+
+def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(prepared, golden_dir, tmp_path):
+    """The folder round-trips through timm.create_model("local-dir:...") with identical logits and
+    carries a model card; a spec that does not match the weights is refused, naming the tensors."""
+    import timm
+    import torch
+
+    import dvfl.models  # noqa: F401
+    from dvfl.artifacts import load_model
+    from dvfl.models.checkpoint import CheckpointError
+
+    folder = tmp_path / "student"
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "folder", "--out", folder,
+                "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0, r.stderr
+    assert {"model.safetensors", "config.json", "model.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    for needle in ("## Training", "## Metrics", "short side 32", "synthetic", "validation top-1"):
+        assert needle in card, needle
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    model, _ = load_model(prepared["teacher"])
+    x = torch.randn(2, 8, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["label_names"] == prepared["info"]["classes"]
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"]["embed_dim"] = 24  # the weights are 16 wide
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the model spec"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+
+    gdir, _ = golden_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    spec = json.loads((gdir / "model.json").read_text())
+    spec["kwargs"]["depths"] = [1, 1, 2, 1]  # one block more than the weights hold
+    (bad / "model.json").write_text(json.dumps(spec))
+    (bad / "model.pt").write_bytes((gdir / "model.pt").read_bytes())
+    r = run_cli("export.py", "--model", bad, "--format", "onnx", "--out", tmp_path / "bad.onnx")
+    assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad.onnx").exists()
