@@ -174,3 +174,58 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
     r = run_cli("export.py", "--model", bad, "--format", "onnx", "--out", tmp_path / "bad.onnx")
     assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_local, video_factory, tmp_path):
+    """The Serve app from configs/serve.yaml's args (smaller limits): a good upload -> 200 top-k;
+    empty, not a video, truncated, oversized, too long -> 4xx with the reason; then a good upload
+    is still answered; shutdown leaves no app and no temp folder."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    import yaml
+    from ray import serve
+
+    from dvfl.serve import build_app
+
+    good = Path(video_factory(str(tmp_path / "good.mp4"), n=16, h=32, w=32, fps=8))
+    long = Path(video_factory(str(tmp_path / "long.mp4"), n=48, h=32, w=32, fps=8))  # 6 s
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    args = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"][0]["args"]
+    args.update(model=prepared["teacher"], topk=2, max_upload_mb=0.1, max_video_seconds=4, cpus_per_replica=0.5)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def post(body: bytes):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="dvfl-test", route_prefix="/")
+        status, out = post(good.read_bytes())
+        assert status == 200 and len(out["topk"]) == 2 and out["topk"][0][0] in prepared["info"]["classes"], out
+        for body, code, reason in ((b"", 400, "empty"), (b"just some text\n" * 10, 415, "not_video"),
+                                   (truncated.read_bytes(), 400, "truncated"),
+                                   (b"\0" * 200_000, 413, "too_large"), (long.read_bytes(), 413, "too_long")):
+            status, out = post(body)
+            assert (status, out["error"]) == (code, reason), out
+            assert out["detail"]
+        status, again = post(good.read_bytes())
+        assert status == 200 and again["topk"][0][0] == post(good.read_bytes())[1]["topk"][0][0]
+    finally:
+        serve.shutdown()
+    assert not [p for p in os.listdir(tempfile_dir()) if p.startswith("dvfl-serve-")]
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
