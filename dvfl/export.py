@@ -13,7 +13,6 @@ sizes, so ``pipelines/predict.py --model FOLDER`` works too) and a model card ``
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
