@@ -248,18 +248,26 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     result = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "load_average_start": os.getloadavg(), "torch": torch.__version__}
+    from dvfl.data.shards import atomic_write_json
+
+    def save():  # after every section: a long run that is stopped keeps what it measured
+        atomic_write_json(a.out, {**result, "load_average_now": os.getloadavg()})
+
     with tempfile.TemporaryDirectory(prefix="dvfl-bench-deploy-") as d:
         tmp = Path(d)
         if "latency" not in a.skip:
             result["latency_8x224_b1"] = latency_section(a.repeats, tmp, 224)
             print("latency", json.dumps(result["latency_8x224_b1"]), flush=True)
+            save()
         if "int8" not in a.skip and a.model and a.clips:
             result["int8_accuracy"] = int8_accuracy(a.model, a.clips, tmp)
             print("int8", json.dumps(result["int8_accuracy"]), flush=True)
+            save()
         if "stream" not in a.skip:
             result["streaming"] = streaming_section(max(2, a.repeats // 3), a.stride, 25.0, (224, 112),
                                                     ("nano", "base"))
             print("stream", json.dumps(result["streaming"]), flush=True)
+            save()
         if "serve" not in a.skip:
             video = bench_video(tmp, a.serve_size)
             result["serve"] = {}
@@ -268,9 +276,8 @@ def main(argv=None) -> int:
                                                       a.serve_requests, a.serve_seconds, 0.25)
                 result["serve"][name]["input"] = f"8x{a.serve_size}²"
                 print("serve", name, json.dumps(result["serve"][name]["levels"]), flush=True)
+                save()
     result["load_average_end"] = os.getloadavg()
-    from dvfl.data.shards import atomic_write_json
-
     atomic_write_json(a.out, result)
     print_table(result)
     return 0
