@@ -219,7 +219,7 @@ def bench_video(tmp: Path, size: int) -> bytes:
     from conftest import make_videos  # (encodes in a subprocess: see its docstring)
 
     path = tmp / "bench.mp4"
-    make_videos([(str(path), {"n": 32, "h": size, "w": size * 4 // 3, "fps": 25})])
+    make_videos([(str(path), {"n": 32, "h": size, "w": (size * 4 // 3) // 2 * 2, "fps": 25})])
     return path.read_bytes()
 
 
