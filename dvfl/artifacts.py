@@ -19,6 +19,7 @@ import torch.nn as nn
 import dvfl.models  # noqa: F401  (registers the variants)
 from dvfl.data.shards import atomic_write_bytes, atomic_write_json
 from dvfl.models.checkpoint import CheckpointError, load_checkpoint
+from dvfl.models.video_focalnet import FOLDER_WEIGHTS
 
 WEIGHTS = "model.pt"
 SPEC = "model.json"
@@ -72,6 +73,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
             raise CheckpointError(f"{path} is not a model directory (no {SPEC})")
         spec = json.loads(spec_file.read_text())
         weights = path / WEIGHTS
+        if not weights.is_file() and (path / FOLDER_WEIGHTS).is_file():  # an exported model folder
+            weights = path / FOLDER_WEIGHTS
     else:
         if name is None:
             raise CheckpointError(f"{path}: a checkpoint file needs the model name (e.g. --teacher-model videofocalnet_base)")

@@ -74,6 +74,13 @@ def validation_source(cfg: RunConfig):
                       cfg.data.val_seed)
 
 
+def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
+    """What a saved model needs to see a video as evaluation does (pipelines/predict.py reads it)."""
+    return {"frames": cfg.data.frames, "short_side": dataset_info["params"]["short_side"],
+            "crop_size": cfg.crop_size, "eval_clips": dataset_info["params"]["eval_clips"],
+            "normalize": "imagenet", "layout": "B,T,C,H,W float32"}
+
+
 # ----------------------------------------------------------------------------- clips
 def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     """Generate the embedded default's video files (no-op for real datasets and when done).
@@ -224,6 +231,7 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     history = state["history"]
     save_model(out, model, section.model, kwargs, role=role, seed=seed, identity=identity,
                dataset_fingerprint=dataset_info["fingerprint"], history=history,
+               classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(time.time() - started, 1))
     log(f"[{role}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")

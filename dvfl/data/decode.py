@@ -332,7 +332,7 @@ def decode_video(job: Dict) -> Dict:
 
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
-    optional ``test_hooks``.
+    optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead).
 
     Returns ``{"ok": True, "src_fps", "src_num_frames", "height", "width",
     "views": [(view, view_index, indices int32 array, frames uint8 (T,H,W,3)), ...]}``
@@ -388,8 +388,11 @@ def _decode_video(job: Dict) -> Dict:
         min_frames = int(job.get("min_frames") or T)
         if n < min_frames:
             raise DecodeReject(TOO_SHORT, f"{n} frames < min_frames {min_frames}")
-        views = sampling.plan_views(n, T, job["split"], int(job["seed"]), job["video_id"],
-                                    int(job["clips_per_video"]), int(job["eval_clips"]))
+        if job.get("all_frames"):  # every frame, in order (the streaming mode of predict)
+            views = [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
+        else:
+            views = sampling.plan_views(n, T, job["split"], int(job["seed"]), job["video_id"],
+                                        int(job["clips_per_video"]), int(job["eval_clips"]))
         uniq = sampling.unique_sorted(v[2] for v in views)
         arr = None
         if scaled:

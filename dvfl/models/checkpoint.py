@@ -51,7 +51,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):  # (no pickle at all: an exported model folder)
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, truncated download, or a pickle with code in it
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(obj, dict):
@@ -109,7 +114,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 def _head_mismatch(state_dict: dict, model: nn.Module) -> str | None:
     own = model.state_dict()
     for key in HEAD_KEYS:
-        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+        # only another class count (rows) is a head to re-initialise; other shapes are a wrong spec
+        if key in state_dict and key in own and state_dict[key].shape[:1] != own[key].shape[:1]:
             return f"checkpoint head {tuple(state_dict[key].shape)} vs model head {tuple(own[key].shape)}"
     return None
 
@@ -140,6 +146,12 @@ def load_checkpoint(
             if key in state_dict:
                 report.skipped[key] = "head re-initialised: class count differs"
                 state_dict.pop(key)
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and own[k].shape != v.shape]
+    if shapes:  # (load_state_dict would raise too, with a page of size mismatches)
+        raise CheckpointError(f"{path} does not match the model spec ({type(model).__name__}): {len(shapes)} tensors "
+                              f"differ in shape (checkpoint vs model), e.g. {shapes[:2]}")
     result = model.load_state_dict(state_dict, strict=False)
     unexpected = list(result.unexpected_keys)
     missing = [k for k in result.missing_keys if not (mismatch and k in HEAD_KEYS)]

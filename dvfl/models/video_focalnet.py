@@ -12,6 +12,8 @@ Layout conventions:
 """
 from __future__ import annotations
 
+import os
+
 from typing import Sequence
 
 import torch
@@ -369,18 +371,25 @@ VARIANTS: dict[str, dict] = {
 }
 
 # Arguments timm.create_model passes to every entry point; they do not configure the network.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype")
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype",
+                     "pretrained_model_args")
+# the weights file of a local model folder (``timm.create_model("local-dir:FOLDER", pretrained=True)``)
+FOLDER_WEIGHTS = "model.safetensors"
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = kwargs.get("pretrained_cfg")
+    cfg = cfg if isinstance(cfg, dict) else (cfg.to_dict() if hasattr(cfg, "to_dict") else {})
     for key in _TIMM_ONLY_KWARGS:
         kwargs.pop(key, None)
     config = {**VARIANTS[variant], **kwargs}
     model = VideoFocalNet(**config)
     if pretrained:
-        # No weights are downloaded: a local official checkpoint is named explicitly.
-        path = overlay.get("file")
+        # No weights are downloaded: a local official checkpoint or model folder is named explicitly.
+        path = overlay.get("file") or (cfg.get("file") if cfg.get("source") == "local-dir" else None)
+        if path and os.path.isdir(path):
+            path = os.path.join(path, FOLDER_WEIGHTS)
         if not path:
             raise ValueError(
                 f"{variant}: pretrained=True needs a local checkpoint, e.g. "

@@ -24,13 +24,14 @@ class ProtocolError(ValueError):
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
                        num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
                        device: torch.device | str | None = None, videos=None, view_kind: str = "uniform",
-                       details: bool = False) -> dict:
+                       details: bool = False, per_video: bool = False) -> dict:
     """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops.
 
     ``videos``: only these videos of ``split`` (a validation hold-out carved from training, whose
     stored views are ``view_kind="train"``). Every video must have ``num_clips`` stored views, or
     :class:`ProtocolError` (never silently fewer views). ``details``: also per-class accuracy,
-    the confusion matrix and the class names.
+    the confusion matrix and the class names. ``per_video``: also ``predictions``, video id ->
+    predicted class index.
     """
     if num_crops not in CROPS:
         raise ProtocolError(f"crops per clip must be one of {sorted(CROPS)}, got {num_crops}")
@@ -73,7 +74,7 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     y = np.array([labels[v] for v in vids])
     k = min(5, probs.shape[1])
     topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return {
+    out = {
         "top1": float((topk[:, 0] == y).mean()),
         "top5": float((topk == y[:, None]).any(axis=1).mean()),
         "videos": len(vids),
@@ -82,6 +83,9 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
         "crops": num_crops,
         **(_details(topk[:, 0], y, probs.shape[1]) if details else {}),
     }
+    if per_video:
+        out["predictions"] = {v: int(t) for v, t in zip(vids, topk[:, 0])}
+    return out
 
 
 def _details(pred: np.ndarray, y: np.ndarray, num_classes: int) -> dict:

@@ -1,0 +1,226 @@
+"""Exporting a trained model: ONNX, TorchScript / torch.export, and a self-describing model folder.
+
+Every export is checked against the PyTorch model it came from on the inputs given (the golden
+clip, real clips) before it is published: the max-abs difference of the logits must stay within
+``tolerance`` (1e-4 in fp32), else the file is not written. The batch dimension is dynamic in all
+formats; frames, channels and the spatial size are those the model was trained with.
+
+The model folder holds ``model.safetensors`` (no pickle), ``config.json`` in timm's hub format
+(``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds it offline, after
+``import dvfl.models`` registers the architecture), ``model.json`` (our spec: class names, input
+sizes, so ``pipelines/predict.py --model FOLDER`` works too) and a model card ``README.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dvfl.artifacts import SPEC
+from dvfl.data.shards import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dvfl.models.video_focalnet import FOLDER_WEIGHTS
+
+TOLERANCE = 1e-4
+FORMATS = ("onnx", "torchscript", "export", "folder")
+
+
+class ExportMismatch(RuntimeError):
+    """The exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    # Tracing warns that the frame-count and padding checks become constants: they are, by design
+    # (T, H, W are fixed per export; only the batch is dynamic), and the parity check proves it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*is deprecated.*")
+        yield
+
+
+def example_input(spec: dict, batch: int = 2) -> torch.Tensor:
+    kw = spec["kwargs"]
+    size = kw.get("img_size", 224)
+    return torch.randn(batch, kw.get("num_frames", 8), 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _check(name: str, run, model: torch.nn.Module, inputs: list[torch.Tensor], tolerance: float) -> float:
+    worst = 0.0
+    with torch.inference_mode():
+        for x in inputs:
+            ref = model(x).float().numpy()
+            got = np.asarray(run(x))
+            if got.shape != ref.shape:
+                raise ExportMismatch(f"{name}: output shape {got.shape} != PyTorch {ref.shape}")
+            worst = max(worst, float(np.abs(got - ref).max()))
+    if not worst <= tolerance:
+        raise ExportMismatch(f"{name}: max |exported - PyTorch| = {worst:.3g} > {tolerance:g}")
+    return worst
+
+
+def _tmp_path(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def export_onnx(model, out: str | os.PathLike, inputs: list[torch.Tensor], tolerance: float = TOLERANCE,
+                opset: int = 17) -> dict:
+    """ONNX (one file, dynamic batch), checked with ONNX Runtime on ``inputs``."""
+    import onnx
+    import onnxruntime as ort
+
+    out, model = Path(out), model.eval()
+    tmp = _tmp_path(out)
+    try:
+        with _quiet_tracing(), torch.inference_mode():
+            # the TorchScript-based exporter: the dynamo one needs onnxscript, which nothing else uses
+            torch.onnx.export(model, (inputs[0],), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["video"], output_names=["logits"],
+                              dynamic_axes={"video": {0: "batch"}, "logits": {0: "batch"}})
+        onnx.checker.check_model(str(tmp))
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        diff = _check("onnx", lambda x: session.run(None, {"video": x.numpy()})[0], model, inputs, tolerance)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"format": "onnx", "path": str(out), "max_abs_diff": diff, "opset": opset, "checked_inputs": len(inputs)}
+
+
+def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor],
+                       tolerance: float = TOLERANCE) -> dict:
+    """TorchScript (``torch.jit.trace``, loadable from C++ LibTorch), checked after a reload."""
+    out, model = Path(out), model.eval()
+    tmp = _tmp_path(out)
+    try:
+        with _quiet_tracing(), torch.inference_mode():
+            traced = torch.jit.trace(model, (inputs[0],), check_trace=False)
+        torch.jit.save(traced, str(tmp))
+        loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
+        diff = _check("torchscript", lambda x: loaded(x).float().numpy(), model, inputs, tolerance)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"format": "torchscript", "path": str(out), "max_abs_diff": diff, "checked_inputs": len(inputs)}
+
+
+def export_program(model, out: str | os.PathLike, inputs: list[torch.Tensor], tolerance: float = TOLERANCE) -> dict:
+    """``torch.export`` ExportedProgram (.pt2) with a dynamic batch, checked after a reload."""
+    out, model = Path(out), model.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (inputs[0],), dynamic_shapes=({0: batch},))
+    tmp = _tmp_path(out)
+    try:
+        torch.export.save(program, str(tmp))
+        loaded = torch.export.load(str(tmp)).module()
+        diff = _check("torch.export", lambda x: loaded(x).float().detach().numpy(), model, inputs, tolerance)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"format": "export", "path": str(out), "max_abs_diff": diff, "checked_inputs": len(inputs)}
+
+
+# ----------------------------------------------------------------------------- model folder
+def timm_config(spec: dict) -> dict:
+    """timm's hub ``config.json``: architecture, constructor arguments, label names."""
+    kw = dict(spec["kwargs"])
+    size = kw.get("img_size", 224)
+    return {"architecture": spec["name"], "num_classes": kw["num_classes"], "model_args": kw,
+            "pretrained_cfg": {"input_size": [3, size, size], "num_frames": kw.get("num_frames", 8),
+                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                               "fixed_input_size": True, "label_names": spec.get("classes"),
+                               "license": "apache-2.0"}}
+
+
+def model_card(spec: dict, dataset: dict | None = None) -> str:
+    """README.md of an exported folder: what the model is, what it was trained and checked on."""
+    kw, inputs, ident = spec["kwargs"], spec.get("inputs") or {}, spec.get("identity") or {}
+    classes = spec.get("classes") or []
+    evals = {k: v for k, v in spec.items() if k.startswith("eval_") and isinstance(v, dict)}
+    lines = [f"# {spec['name']} ({spec.get('role', 'model')}), exported by dvfl", "",
+             "A Video-FocalNet action-recognition model trained with the DVFL-Net on Ray pipeline.", "",
+             "## Load it", "", "```python",
+             "import dvfl.models, timm  # the import registers the videofocalnet_* architectures",
+             "model = timm.create_model('local-dir:THIS_FOLDER', pretrained=True).eval()",
+             "```", "", "or `python pipelines/predict.py --model THIS_FOLDER video.mp4`.", "",
+             "## Inputs", "",
+             f"- float32 `(batch, {kw.get('num_frames', 8)}, 3, {kw.get('img_size', 224)}, {kw.get('img_size', 224)})`, "
+             "RGB in [0, 1] normalised with the ImageNet mean/std",
+             f"- frames: {inputs.get('frames', kw.get('num_frames'))} uniformly sampled (TSN segment centres); "
+             f"video resized to short side {inputs.get('short_side', '?')}, then a {inputs.get('crop_size', '?')}² crop "
+             "(evaluation views: start/centre/end crops along the long side)",
+             f"- output: logits over {kw['num_classes']} classes: {', '.join(classes) if classes else '(not recorded)'}",
+             "", "## Training", "",
+             f"- role: {spec.get('role', '?')}, seed {spec.get('seed', '?')}, trained on split "
+             f"`{ident.get('split', '?')}` of the dataset with fingerprint `{spec.get('dataset_fingerprint', '?')}`"]
+    if dataset:
+        counts = ", ".join(f"{s}: {c['videos']} videos" for s, c in dataset.get("counts", {}).items())
+        lines.append(f"- dataset: {dataset.get('dataset')} ({dataset.get('source', '')}); {counts}")
+    if ident.get("kd"):
+        lines.append(f"- knowledge distillation from teacher `{ident.get('teacher')}` (weights fingerprint), "
+                     f"alpha {ident['kd'].get('alpha')}, temperature {ident['kd'].get('temperature')}")
+    elif spec.get("role"):
+        lines.append("- no teacher (trained on labels only)")
+    if ident.get("label_fraction"):
+        lines.append(f"- labelled fraction: {ident['label_fraction']}")
+    if ident.get("teacher_pool"):
+        lines.append(f"- teacher pool (held out from the student): {ident['teacher_pool']}")
+    lines += ["", "## Metrics", ""]
+    if spec.get("val_top1") is not None:
+        lines.append(f"- validation top-1 at the end of training (stored views): {spec['val_top1']:.1%}")
+    for key, m in evals.items():
+        lines.append(f"- `{key}`: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} ({m['clips']}x{m['crops']} views, "
+                     f"{m['videos']} videos)")
+    if not (evals or spec.get("val_top1") is not None):
+        lines.append("- (none recorded)")
+    lines += ["", f"Weights fingerprint: `{spec.get('weights_fingerprint')}`.", ""]
+    return "\n".join(lines)
+
+
+def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | None = None) -> dict:
+    """A model folder (safetensors + timm config + our spec + model card), written to a temp
+    folder and renamed into place; reloaded through ``timm.create_model`` and compared."""
+    import timm
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / FOLDER_WEIGHTS), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", timm_config(spec))
+        keep = {k: v for k, v in spec.items() if k != "history"}
+        atomic_write_json(tmp / SPEC, keep)
+        atomic_write_text(tmp / "README.md", model_card(spec, dataset))
+        loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
+        diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), [example_input(spec, 1)], 0.0)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"format": "folder", "path": str(out), "max_abs_diff": diff,
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
+    """The reference golden clip when its shape fits the model (the golden tiny model itself)."""
+    g = torch.load(path, map_location="cpu", weights_only=True)
+    x = g["input"].float()
+    kw = spec["kwargs"]
+    if tuple(x.shape[1:]) != (kw.get("num_frames", 8), 3, kw.get("img_size", 224), kw.get("img_size", 224)):
+        raise ValueError(f"golden clip {tuple(x.shape)} does not fit the model's input")
+    return [x]
+
+
+__all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "timm_config", "model_card",
+           "ExportMismatch", "TOLERANCE", "FORMATS", "atomic_write_bytes"]

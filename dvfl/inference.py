@@ -1,0 +1,201 @@
+"""Recognising actions in video files with a trained model: the deployment side of the project.
+
+A :class:`Predictor` decodes a file through the same killable decode process and container
+checks as ingest (:class:`dvfl.data.worker.DecodeProcess`, :func:`dvfl.data.decode.decode_video`),
+samples the same deterministic uniform clips (``split="test"``: :func:`dvfl.data.sampling.plan_views`)
+at the model's stored short side, and crops/normalises them as evaluation does
+(:mod:`dvfl.train.evaluate`): a prediction on a test video equals the evaluation's prediction for it.
+
+What a model needs to know about its inputs (class names, frames, short side, crop size) is in
+its ``model.json`` (``classes`` and ``inputs``, written by the pipeline); for an older model
+directory without them, the ingest output it was trained on (``dataset.json``) supplies them.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dvfl.artifacts import SPEC, load_model
+from dvfl.data import decode
+from dvfl.data.sampling import uniform_clip_indices
+from dvfl.data.shards import load_dataset_info
+from dvfl.data.worker import DecodeProcess
+from dvfl.train.clips import View, make_clip_batch, normalize
+from dvfl.train.evaluate import CROPS
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class PredictError(Exception):
+    """A file that cannot be recognised; ``reason`` is one of the decode reject reasons."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    """``"4x3"`` -> (4 clips, 3 crops); crops are 1 (centre) or 3 (start/centre/end)."""
+    try:
+        clips, crops = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--views {text!r}: expected CLIPSxCROPS, e.g. 1x1 or 4x3") from None
+    if clips < 1 or crops not in CROPS:
+        raise ValueError(f"--views {text!r}: clips must be >= 1 and crops one of {sorted(CROPS)}")
+    return clips, crops
+
+
+def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dict]:
+    """(class names, {frames, short_side, crop_size}) of a model: from its spec, else its clips."""
+    classes, inputs = spec.get("classes"), spec.get("inputs")
+    if (classes is None or inputs is None) and clips_dir:
+        info = load_dataset_info(clips_dir)
+        classes = classes or info["classes"]
+        p = info["params"]
+        inputs = inputs or {"frames": p["frames"], "short_side": p["short_side"],
+                            "crop_size": spec["kwargs"].get("img_size", p["short_side"])}
+    if classes is None or inputs is None:
+        raise ValueError("the model directory records no class names / input sizes (model.json 'classes', "
+                         "'inputs'): pass --clips, the ingest output it was trained on")
+    if len(classes) != spec["kwargs"]["num_classes"]:
+        raise ValueError(f"{len(classes)} class names for a model with {spec['kwargs']['num_classes']} outputs")
+    return list(classes), dict(inputs)
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    classes: list[str]
+    frames: int
+    short_side: int
+    crop_size: int
+    spec: dict = field(default_factory=dict)
+    timeout: float = DEFAULT_TIMEOUT
+    proc: DecodeProcess = field(default_factory=DecodeProcess)
+
+    @classmethod
+    def load(cls, model_dir: str, clips_dir: str | None = None, **kw) -> "Predictor":
+        if not os.path.isfile(os.path.join(model_dir, SPEC)):
+            raise ValueError(f"{model_dir} is not a model directory (no {SPEC})")
+        model, spec = load_model(model_dir)
+        classes, inputs = input_spec(spec, clips_dir)
+        return cls(model.eval(), classes, int(inputs["frames"]), int(inputs["short_side"]),
+                   int(inputs["crop_size"]), spec, **kw)
+
+    def close(self) -> None:
+        self.proc.close()
+
+    # -- decoding ------------------------------------------------------------------------
+    def decode(self, path: str, num_clips: int = 1, min_frames: int = 1) -> dict:
+        """The video's ``num_clips`` uniform clips (uint8 ``(T, H, W, 3)`` each) through the
+        killable decode child; raises :class:`PredictError` for a bad file."""
+        job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
+               "frames": self.frames, "clips_per_video": 1, "eval_clips": num_clips, "seed": 0,
+               "short_side": self.short_side, "min_frames": min_frames}
+        res = self.proc.run(job, self.timeout)
+        if not res.get("ok"):
+            raise PredictError(res.get("reason", "error"), res.get("detail", ""))
+        return res
+
+    def decode_all(self, path: str) -> dict:
+        """Every frame of the file at the model's short side (the streaming input), through the
+        same decode child; raises :class:`PredictError` for a bad file."""
+        job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
+               "frames": self.frames, "clips_per_video": 1, "eval_clips": 1, "seed": 0,
+               "short_side": self.short_side, "min_frames": self.frames, "all_frames": True}
+        res = self.proc.run(job, self.timeout)
+        if not res.get("ok"):
+            raise PredictError(res.get("reason", "error"), res.get("detail", ""))
+        return {"frames": res["views"][0][3], "fps": res["src_fps"]}
+
+    # -- recognition ---------------------------------------------------------------------
+    def probabilities(self, clips: list[np.ndarray], num_crops: int = 1) -> np.ndarray:
+        """Mean softmax over every clip x crop view (evaluation's video-level score)."""
+        views = [View(c) for c in CROPS[num_crops]]
+        total = 0
+        for view in views:
+            x = normalize(make_clip_batch(clips, self.crop_size, [view] * len(clips)))
+            with torch.inference_mode():
+                total = total + self.model(x).float().softmax(dim=1).sum(0).numpy()
+        return total / (len(views) * len(clips))
+
+    def topk(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(probs)))]
+        return [(self.classes[i], float(probs[i])) for i in order]
+
+    def predict_file(self, path: str, views: tuple[int, int] = (1, 1), k: int = 5) -> dict:
+        """``{"path", "topk": [[class, prob], ...], "frames", "fps", "seconds"}`` or raises PredictError."""
+        t0 = time.perf_counter()
+        res = self.decode(path, views[0])
+        clips = [v[3] for v in res["views"]]
+        probs = self.probabilities(clips, views[1])
+        return {"path": path, "topk": [[c, round(p, 6)] for c, p in self.topk(probs, k)],
+                "frames": res["src_num_frames"], "fps": res["src_fps"],
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Files as given; a folder becomes its video files (by extension, sorted, recursively)."""
+    out = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*")
+                           if p.is_file() and p.suffix.lower() in decode.VIDEO_EXTENSIONS)
+            out.extend(found)
+        else:
+            out.append(item)
+    return out
+
+
+# ----------------------------------------------------------------------------- streaming
+def stream_windows(num_frames: int, window: int, stride: int) -> list[int]:
+    """End frames (exclusive) of the sliding windows over a stream of ``num_frames`` frames: a
+    window of ``window`` frames is recognised every ``stride`` new frames once it is full."""
+    if window < 1 or stride < 1:
+        raise ValueError("window and stride must be >= 1")
+    return list(range(window, num_frames + 1, stride))
+
+
+def stream_file(pred: Predictor, path: str, window: int, stride: int, *, realtime: bool = True,
+                k: int = 1, log=print) -> dict:
+    """Play ``path`` as a live stream at its own frame rate; every ``stride`` frames recognise the
+    last ``window`` frames (the model's T frames sampled uniformly from them). Each window's
+    latency (from its last frame's arrival to its result) is logged; with ``realtime`` the
+    frames arrive on the file's clock, so a slow model falls behind, as it would on a camera."""
+    res = pred.decode_all(path)
+    frames, fps = res["frames"], res["fps"] or 25.0
+    ends = stream_windows(len(frames), window, stride)
+    start = time.perf_counter()
+    rows = []
+    for end in ends:
+        arrival = start + end / fps  # the window's last frame is there at this wall time
+        if realtime:
+            wait = arrival - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        t0 = time.perf_counter()
+        idx = uniform_clip_indices(window, pred.frames) + (end - window)
+        probs = pred.probabilities([frames[idx]], 1)
+        done = time.perf_counter()
+        latency = done - (max(arrival, t0) if realtime else t0)
+        top = pred.topk(probs, k)
+        rows.append({"end_frame": end, "latency_s": round(latency, 4), "compute_s": round(done - t0, 4),
+                     "topk": [[c, round(p, 6)] for c, p in top]})
+        log(f"[stream] frames {end - window:>5}-{end - 1:<5} {top[0][0]} ({top[0][1]:.2f})  "
+            f"latency {latency * 1000:.0f} ms")
+    compute = [r["compute_s"] for r in rows]
+    # windows the model can process per second / windows arriving per second
+    rtf = (1.0 / np.mean(compute)) / (fps / stride) if compute else float("nan")
+    return {"path": path, "fps": fps, "frames": len(frames), "window": window, "stride": stride,
+            "windows": rows, "real_time_factor": round(float(rtf), 3)}
+
+
+def write_json(path: str, obj) -> None:
+    from dvfl.data.shards import atomic_write_json
+
+    atomic_write_json(os.path.abspath(path), obj)

@@ -1,0 +1,161 @@
+"""Real-time action recognition over HTTP with Ray Serve.
+
+    serve run configs/serve.yaml                      # the app, its replicas and limits from a config
+    curl -sS --data-binary @video.mp4 http://127.0.0.1:8000/   # -> {"topk": [[class, prob], ...], ...}
+
+One POST body is one video file. Each replica owns a :class:`dvfl.inference.Predictor`: the same
+killable decode child and container checks as ingest, the same views as evaluation. Limits: upload
+size (413), video duration (413), request time (408; the decode child is killed at the same limit).
+A bad upload (empty, not a video, truncated, corrupt) gets a 4xx with the reason and the replica
+keeps serving. Replicas or autoscaling come from the config (``num_replicas`` / ``autoscaling``).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from dvfl.data import decode as D
+
+# decode reject reason -> HTTP status: the client sent something we cannot use
+STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 415, D.TRUNCATED: 400,
+          D.CORRUPT: 400, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422}
+
+
+@dataclass
+class ServeSettings:
+    model: str = ""
+    views: str = "1x1"
+    topk: int = 5
+    max_upload_mb: float = 64.0
+    max_video_seconds: float = 60.0
+    request_timeout_s: float = 30.0
+    num_replicas: int = 1
+    autoscaling: dict | None = None  # Serve's autoscaling_config (min_replicas, max_replicas, ...)
+    cpus_per_replica: float = 1.0
+    torch_threads: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: dict) -> "ServeSettings":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"serve args: unknown field(s) {unknown}; known: {sorted(known)}")
+        s = cls(**args)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        from dvfl.inference import parse_views
+
+        checks = [(bool(self.model) and os.path.isfile(os.path.join(self.model, "model.json")),
+                   f"model: {self.model!r} is not a model directory (no model.json)"),
+                  (self.topk >= 1, "topk must be >= 1"), (self.max_upload_mb > 0, "max_upload_mb must be > 0"),
+                  (self.max_video_seconds > 0, "max_video_seconds must be > 0"),
+                  (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
+                  (self.num_replicas >= 1, "num_replicas must be >= 1"),
+                  (self.cpus_per_replica > 0, "cpus_per_replica must be > 0"),
+                  (self.torch_threads >= 1, "torch_threads must be >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"serve args: {msg}")
+        parse_views(self.views)
+
+
+def _error(status: int, reason: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+
+@serve.deployment(name="Recognizer", max_ongoing_requests=8)
+class Recognizer:
+    def __init__(self, settings: dict):
+        import torch
+
+        from dvfl.inference import Predictor, parse_views
+
+        self.s = ServeSettings(**settings)
+        torch.set_num_threads(self.s.torch_threads)
+        self.views = parse_views(self.s.views)
+        self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s)
+        self.lock = asyncio.Lock()  # one decode child per replica: one video at a time
+        self.tmp = tempfile.mkdtemp(prefix="dvfl-serve-")
+
+    def __del__(self):
+        try:
+            self.pred.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        except Exception:
+            pass
+
+    async def _read_body(self, request: Request, limit: int) -> bytes | JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _error(413, "too_large", f"upload of {int(declared)} bytes > limit {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _error(413, "too_large", f"upload > limit {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _predict(self, data: bytes) -> dict:
+        from dvfl.inference import PredictError
+
+        fd, path = tempfile.mkstemp(dir=self.tmp, suffix=".video")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                res = self.pred.decode(path, self.views[0])
+            except PredictError as exc:
+                return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
+            seconds = res["src_num_frames"] / res["src_fps"] if res["src_fps"] else 0.0
+            if seconds > self.s.max_video_seconds:
+                return {"status": 413, "error": "too_long",
+                        "detail": f"video of {seconds:.1f} s > limit {self.s.max_video_seconds:g} s"}
+            probs = self.pred.probabilities([v[3] for v in res["views"]], self.views[1])
+            return {"status": 200, "topk": [[c, round(p, 6)] for c, p in self.pred.topk(probs, self.s.topk)],
+                    "frames": res["src_num_frames"], "fps": res["src_fps"]}
+        finally:
+            os.unlink(path)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        if request.method != "POST":
+            return _error(405, "method", "POST the video file as the request body")
+        body = await self._read_body(request, int(self.s.max_upload_mb * 2 ** 20))
+        if isinstance(body, JSONResponse):
+            return body
+        if not body:
+            return _error(400, D.EMPTY, "empty request body: POST the video file")
+        try:
+            async with self.lock:
+                out = await asyncio.wait_for(asyncio.to_thread(self._predict, body), self.s.request_timeout_s + 5)
+        except asyncio.TimeoutError:
+            return _error(408, "timeout", f"no result within {self.s.request_timeout_s:g} s")
+        status = out.pop("status")
+        if status != 200:
+            return _error(status, out["error"], out["detail"])
+        out["seconds"] = round(time.perf_counter() - t0, 4)
+        return JSONResponse(out)
+
+
+def build_app(args: dict):
+    """The Serve application (``serve run dvfl.serve:build_app model=DIR`` or configs/serve.yaml)."""
+    s = ServeSettings.from_args(dict(args))
+    s.model = os.path.abspath(s.model)
+    opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica}}
+    if s.autoscaling:
+        opts["autoscaling_config"] = dict(s.autoscaling)
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return Recognizer.options(**opts).bind(asdict(s))

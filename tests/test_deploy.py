@@ -1,0 +1,231 @@
+"""Using a trained model (issue 19): predict on video files, the stream mode, export, serving.
+
+They reuse the session's ``prepared`` teacher (a tiny model trained by the pipeline on the
+generated dataset) and its clips: the test videos of that dataset are real files on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(script, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def videos_of(prepared) -> dict:
+    """video_id -> absolute path of every test video of the prepared dataset."""
+    from dvfl.data.shards import read_clips_table
+
+    info, clips = prepared["info"], prepared["cfg"].clips_dir
+    table = read_clips_table(clips, ["test"], columns=["video_id", "path"])
+    return {v: os.path.join(info["root"], p) for v, p in zip(table.column("video_id").to_pylist(),
+                                                             table.column("path").to_pylist())}
+
+
+def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path):
+    """predict.py's top-1 (same decode child, same uniform clip, same 3 crops) is the class the
+    multi-view evaluation predicted for each test video; a bad file among them gets its own error,
+    the rest are still predicted and the exit status says something failed."""
+    from dvfl.artifacts import load_model
+    from dvfl.train.evaluate import evaluate_multiview
+
+    model, _ = load_model(prepared["teacher"])
+    ev = evaluate_multiview(model, prepared["cfg"].clips_dir, "test", 32, num_clips=1, num_crops=3, per_video=True)
+    videos = videos_of(prepared)
+    assert set(ev["predictions"]) == set(videos) and len(videos) == 16
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video\n")
+    out = tmp_path / "pred.json"
+    r = run_cli("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, "--views", "1x3",
+                "--topk", "2", "--json", out)
+    assert r.returncode == 1, r.stderr
+    assert f"{bad}: error: not_video" in r.stderr and "1 of 17 files failed" in r.stderr
+    rows = {row["path"]: row for row in json.loads(out.read_text())}
+    classes = prepared["info"]["classes"]
+    for vid, path in videos.items():
+        top = rows[path]["topk"]
+        assert len(top) == 2 and top[0][1] >= top[1][1]
+        assert top[0][0] == classes[ev["predictions"][vid]], vid
+    assert rows[str(bad)]["error"].startswith("not_video")
+
+
+def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path):
+    """40 frames, windows of 8 every 4 frames: windows end at frames 8, 12, ..., 40 -> 9 windows,
+    each printed with its latency; frames arrive at the file's 40 fps (about 1 s of stream)."""
+    video = video_factory(str(tmp_path / "stream.mp4"), n=40, h=32, w=32, fps=40)
+    out = tmp_path / "stream.json"
+    r = run_cli("predict.py", "--model", prepared["teacher"], video, "--stream", "--window", 8, "--stride", 4,
+                "--json", out)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[stream] frames")]
+    assert len(lines) == 9 and all("latency" in ln for ln in lines)
+    got = json.loads(out.read_text())
+    assert [w["end_frame"] for w in got["windows"]] == list(range(8, 41, 4))
+    assert got["fps"] == pytest.approx(40) and got["real_time_factor"] > 0
+
+
+GOLDEN = "/work/shared/reference/video_focalnet_golden_tiny.pt"
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory):
+    """The reference golden model saved as a model directory."""
+    import timm
+    import torch
+
+    from dvfl.artifacts import save_model
+
+    g = torch.load(GOLDEN, weights_only=True)
+    model = timm.create_model("videofocalnet_tiny", **g["config"])
+    model.load_state_dict(g["state_dict"])
+    out = tmp_path_factory.mktemp("golden") / "model"
+    save_model(out, model, "videofocalnet_tiny", dict(g["config"]))
+    return out, g
+
+
+def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, golden_dir, tmp_path):
+    """ONNX (dynamic batch) reproduces the official golden logits and the PyTorch teacher on real
+    test clips within 1e-4; TorchScript and torch.export do the same after a reload."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sys.path.insert(0, str(REPO / "pipelines"))
+    from export import real_clips
+
+    from dvfl.artifacts import load_model
+
+    from dvfl import export as ex
+
+    gdir, g = golden_dir
+    golden, _ = load_model(gdir)
+    inputs = ex.golden_inputs(GOLDEN, json.loads((gdir / "model.json").read_text()))
+    assert ex.export_onnx(golden, tmp_path / "g.onnx", inputs)["max_abs_diff"] <= 1e-4
+    assert ex.export_torchscript(golden, tmp_path / "g.ts", inputs)["max_abs_diff"] <= 1e-4
+    assert ex.export_program(golden, tmp_path / "g.pt2", inputs)["max_abs_diff"] <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 2):  # the batch dimension is dynamic
+        out = sess.run(None, {"video": g["input"][:b].numpy()})[0]
+        assert np.abs(out - g["logits"][:b].numpy()).max() <= 1e-4
+    ts = torch.jit.load(str(tmp_path / "g.ts"))
+    assert (ts(g["input"][:1]) - g["logits"][:1]).abs().max() <= 1e-4
+    ep = torch.export.load(str(tmp_path / "g.pt2")).module()
+    assert (ep(g["input"]) - g["logits"]).abs().max() <= 1e-4
+
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", tmp_path / "t.onnx",
+                "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0, r.stderr
+    model, spec = load_model(prepared["teacher"])
+    clips = torch.cat(real_clips(prepared["cfg"].clips_dir, spec, 4))
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = model.eval()(clips).numpy()
+    assert clips.shape[0] == 4 and np.abs(sess.run(None, {"video": clips.numpy()})[0] - ref).max() <= 1e-4
+
+
+def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(prepared, golden_dir, tmp_path):
+    """The folder round-trips through timm.create_model("local-dir:...") with identical logits and
+    carries a model card; a spec that does not match the weights is refused, naming the tensors."""
+    import timm
+    import torch
+
+    import dvfl.models  # noqa: F401
+    from dvfl.artifacts import load_model
+    from dvfl.models.checkpoint import CheckpointError
+
+    folder = tmp_path / "student"
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "folder", "--out", folder,
+                "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0, r.stderr
+    assert {"model.safetensors", "config.json", "model.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    for needle in ("## Training", "## Metrics", "short side 32", "synthetic", "validation top-1"):
+        assert needle in card, needle
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    model, _ = load_model(prepared["teacher"])
+    x = torch.randn(2, 8, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["label_names"] == prepared["info"]["classes"]
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"]["embed_dim"] = 24  # the weights are 16 wide
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the model spec"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+
+    gdir, _ = golden_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    spec = json.loads((gdir / "model.json").read_text())
+    spec["kwargs"]["depths"] = [1, 1, 2, 1]  # one block more than the weights hold
+    (bad / "model.json").write_text(json.dumps(spec))
+    (bad / "model.pt").write_bytes((gdir / "model.pt").read_bytes())
+    r = run_cli("export.py", "--model", bad, "--format", "onnx", "--out", tmp_path / "bad.onnx")
+    assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_local, video_factory, tmp_path):
+    """The Serve app from configs/serve.yaml's args (smaller limits): a good upload -> 200 top-k;
+    empty, not a video, truncated, oversized, too long -> 4xx with the reason; then a good upload
+    is still answered; shutdown leaves no app and no temp folder."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    import yaml
+    from ray import serve
+
+    from dvfl.serve import build_app
+
+    good = Path(video_factory(str(tmp_path / "good.mp4"), n=16, h=32, w=32, fps=8))
+    long = Path(video_factory(str(tmp_path / "long.mp4"), n=48, h=32, w=32, fps=8))  # 6 s
+    truncated = tmp_path / "cut.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    args = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"][0]["args"]
+    args.update(model=prepared["teacher"], topk=2, max_upload_mb=0.1, max_video_seconds=4, cpus_per_replica=0.5)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def post(body: bytes):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="dvfl-test", route_prefix="/")
+        status, out = post(good.read_bytes())
+        assert status == 200 and len(out["topk"]) == 2 and out["topk"][0][0] in prepared["info"]["classes"], out
+        for body, code, reason in ((b"", 400, "empty"), (b"just some text\n" * 10, 415, "not_video"),
+                                   (truncated.read_bytes(), 400, "truncated"),
+                                   (b"\0" * 200_000, 413, "too_large"), (long.read_bytes(), 413, "too_long")):
+            status, out = post(body)
+            assert (status, out["error"]) == (code, reason), out
+            assert out["detail"]
+        status, again = post(good.read_bytes())
+        assert status == 200 and again["topk"][0][0] == post(good.read_bytes())[1]["topk"][0][0]
+    finally:
+        serve.shutdown()
+    assert not [p for p in os.listdir(tempfile_dir()) if p.startswith("dvfl-serve-")]
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
