@@ -169,9 +169,10 @@ def test_reports_are_written_atomically_and_synced(tmp_path, monkeypatch):
     from dvfl.pipeline import write_report
     from dvfl.tune import load_tune_config, write_results
 
-    cfg = load_config(None, [("output_dir", str(tmp_path / "run"))])
+    # a named validation split: a report needs no clips to look for a hold-out in
+    cfg = load_config(None, [("output_dir", str(tmp_path / "run")), ("data.val_split", "test")])
     os.makedirs(cfg.output_dir)
-    row = {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "history": []}
+    row = {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "history": [], "split": "test"}
     published = _spy_writes(monkeypatch)
     write_report(cfg, {"teacher": [row], "vfl": [row], "dvfl": [row]}, log=lambda *_: None)
     t, run_cfg = load_tune_config(None, [("tune.experiment", "exp"), ("tune.storage", str(tmp_path / "tune"))])

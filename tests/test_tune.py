@@ -216,9 +216,11 @@ def test_best_config_runs_with_distill(search, ray_local):
         spec = importlib.util.spec_from_file_location("distill_cli", REPO / "pipelines" / "distill.py")
         distill = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(distill)
-        # the one change: this search validated on the training clips (to force ASHA), and the
-        # final multi-clip evaluation needs the test split's evaluation views
-        assert distill.main(["--config", str(best_file), "--set", "data.val_split=test"]) == 0
+        # the changes: this search validated on the training clips (to force ASHA), so the run
+        # validates on the test split's evaluation views, where the tiny teacher is near chance
+        # (the teacher gate would refuse it, rightly)
+        assert distill.main(["--config", str(best_file), "--set", "data.val_split=test",
+                             "--set", "teacher.min_top1_over_chance=-1"]) == 0
     finally:
         if str(REPO / "pipelines") in sys.path:
             sys.path.remove(str(REPO / "pipelines"))
