@@ -267,7 +267,10 @@ def test_cache_build_disk_full_then_rerun(prepared, tmp_path, ray_local):
     assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
     assert "error: writing the cache to" in full.stderr and "File too large" in full.stderr, full.stderr[-3000:]
     assert _no_traceback(full.stderr), full.stderr[-3000:]
-    assert not glob.glob(str(out / "logits" / "*.parquet")) and not _hidden_or_tmp(out / "logits")
+    # no logits file published (a reader trusts a shard's logits once its Parquet file exists); a
+    # hidden temp file of another shard may remain when Ray kills that actor mid-write as the
+    # driver exits: the rerun removes it (checked below)
+    assert not glob.glob(str(out / "logits" / "*.parquet"))
     assert not (out / "cache.json").exists()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
