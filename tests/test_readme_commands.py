@@ -121,6 +121,13 @@ def test_distill_as_typed_writes_where_it_says(demo):
     history = json.loads((dvfl_dir / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["train_kd"] > 0 and h["train_ce"] > 0 for h in history)
+    # the README's TensorBoard line reads the per-epoch curves of every training run
+    (tb_line,) = [c for c in readme_block("### Ray Jobs and dashboards") if c.startswith("tensorboard")]
+    tb = shlex.split(tb_line)
+    board = subprocess.run([os.path.join(BIN, "tensorboard"), "--inspect", "--logdir", str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert tb[:2] == ["tensorboard", "--logdir"] and board.returncode == 0, board.stderr[-2000:]
+    assert "val_top1" in board.stdout and "train_loss" in board.stdout
     # a second run reuses every stage (fingerprints unchanged)
     again = demo["again"]
     assert again.returncode == 0, again.stderr[-3000:]
