@@ -605,8 +605,10 @@ def report_errors(rows: list[dict], log=print) -> None:
     tail = "\n".join(first["error"].splitlines()[-25:])
     log(f"[tune] {len(failed)} of {len(rows)} trial(s) errored. First error (trial {first['trial_id']}):\n{tail}")
     if len(failed) > 1:
+        from ray.tune.result import EXPR_ERROR_FILE
+
         log("[tune] the other errored trials' logs: " + ", ".join(
-            os.path.join(r["path"] or "?", "error.txt") for r in failed[1:]))
+            os.path.join(r["path"] or "?", EXPR_ERROR_FILE) for r in failed[1:]))
     if len(failed) == len(rows):
         raise SearchFailed(f"all {len(rows)} trials errored (first error above; trial dir {first['path']})")
 
