@@ -362,7 +362,8 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _set_path(tree: dict, dotted: str, value) -> None:
+def set_field(tree: dict, dotted: str, value) -> None:
+    """Set ``section.field`` in a config tree (the mapping a YAML file reads as)."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -370,6 +371,14 @@ def _set_path(tree: dict, dotted: str, value) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {k} is not a section")
     node[keys[-1]] = value
+
+
+def build_config(tree: dict) -> RunConfig:
+    """A run config from a config tree, every field type-checked by name (not yet validated)."""
+    try:
+        return _build(RunConfig, tree, "")
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -390,12 +399,8 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
     tree = yaml.safe_load(path.read_text()) or {}
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
-        _set_path(tree, key, value)
-    try:
-        config = _build(RunConfig, tree, "")
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
-    return config.resolve_paths().validate(check_paths=check_paths, outputs=outputs)
+        set_field(tree, key, value)
+    return build_config(tree).resolve_paths().validate(check_paths=check_paths, outputs=outputs)
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -37,7 +37,8 @@ STUDENT_LABELS = {"teacher": "Teacher", "vfl": "VFL-Net (student, no KD)",
                   "dvfl+unlabeled": "DVFL-Net (student, KD on labelled + unlabelled clips)"}
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
+    """A short, stable name for a JSON-able identity (model folders, runs, searches)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -151,8 +152,9 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def _loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, teacher: dict,
-                 tensorboard_dir: str | None) -> dict:
+def training_loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, teacher: dict,
+                         tensorboard_dir: str | None, log=print) -> dict:
+    """What the shared loop (:func:`dvfl.train.loop.run_loop`) needs of a run config, as plain data."""
     loop = {
         "seed": seed,
         "model": {"name": section.model, "kwargs": model_kwargs(section, num_classes, cfg)},
@@ -174,7 +176,44 @@ def _loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, te
     if os.environ.get(HOLD_ENV):
         loop["hold_after_epoch"] = int(os.environ[HOLD_ENV])
         loop["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])
+    loop["init_state_ref"] = _init_state_ref(section, loop["model"]["kwargs"], log)
     return loop
+
+
+def _training_args(cfg: RunConfig, role: str, unlabeled_dir: str | None) -> dict:
+    return dict(**validation_args(cfg), unlabeled_dir=unlabeled_dir,
+                label_fraction=1.0 if role == "teacher" else cfg.data.label_fraction,
+                teacher_pool=cfg.data.teacher_pool, role="teacher" if role == "teacher" else "student")
+
+
+def _scaling(cfg: RunConfig):
+    from dvfl.train.launch import Scaling
+
+    return Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
+                   cfg.scaling.worker_resources)
+
+
+def shared_training_data(cfg: RunConfig, *, role: str = "student", unlabeled_dir: str | None = None):
+    """The datasets of a training run of ``cfg``, built once (a search shares them among its trials)."""
+    from dvfl.train.launch import training_data
+
+    return training_data(cfg.clips_dir, batch_size=cfg.optim.batch_size, num_workers=cfg.scaling.num_workers,
+                         seed=cfg.seed, **_training_args(cfg, role, unlabeled_dir))
+
+
+def launch_training(cfg: RunConfig, loop: dict, *, role: str, name: str, storage_path: str,
+                    unlabeled_dir: str | None = None, callbacks=None, data=None, in_tune_trial: bool = False):
+    """One training run of the shared loop: a Ray Train worker group (DDP) whose result is
+    returned, or, for a one-worker Tune trial given the search's shared ``data``, the loop in the
+    trial's own process (no worker group to start; it reports to Tune and returns None)."""
+    from dvfl.train.launch import run_training, train_in_tune_trial
+
+    scaling = _scaling(cfg)
+    if in_tune_trial and scaling.num_workers == 1 and data is not None:
+        return train_in_tune_trial(loop, data, scaling=scaling, name=name)
+    return run_training(loop, clips_dir=cfg.clips_dir, scaling=scaling, name=name, storage_path=storage_path,
+                        max_failures=cfg.max_failures, callbacks=callbacks, data=data,
+                        **_training_args(cfg, role, unlabeled_dir))
 
 
 def _init_state_ref(section, kwargs: dict, log):
@@ -201,10 +240,10 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     ``identity`` is everything the result depends on: a finished run with the same identity is
     reused, an interrupted one resumes from its last checkpoint.
     """
-    from dvfl.train.launch import Scaling, load_final_state, run_training
+    from dvfl.train.launch import load_final_state
 
     num_classes = len(dataset_info["classes"])
-    key = _digest(identity)
+    key = digest(identity)
     out = (Path(cfg.output_dir) / TEACHER_DIR / key if role == "teacher"
            else Path(cfg.output_dir) / STUDENTS_DIR / f"{role.replace('+', '-')}-s{seed}-{key}")
     spec_file = out / SPEC
@@ -212,19 +251,13 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
         log(f"[{role}] reusing {out} (inputs unchanged)")
         return out
     kwargs = model_kwargs(section, num_classes, cfg)
-    loop = _loop_config(cfg, section, optim, num_classes, seed, teacher,
-                        tensorboard_dir=str(out.parent / "tensorboard" / out.name))
-    loop["init_state_ref"] = _init_state_ref(section, kwargs, log)
+    loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher,
+                                tensorboard_dir=str(out.parent / "tensorboard" / out.name), log=log)
     log(f"[{role}] training {section.model} (embed_dim={kwargs.get('embed_dim', 'default')}) for "
         f"{optim.epochs} epochs on {cfg.scaling.num_workers} worker(s); teacher signal: {teacher['mode']}")
     started = time.time()
-    result = run_training(
-        loop, clips_dir=cfg.clips_dir, **validation_args(cfg), unlabeled_dir=unlabeled_dir,
-        scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
-                        cfg.scaling.worker_resources),
-        name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", storage_path=os.path.join(cfg.output_dir, RAY_RESULTS),
-        max_failures=cfg.max_failures, label_fraction=1.0 if role == "teacher" else cfg.data.label_fraction,
-        teacher_pool=cfg.data.teacher_pool, role="teacher" if role == "teacher" else "student")
+    result = launch_training(cfg, loop, role=role, name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}",
+                             storage_path=os.path.join(cfg.output_dir, RAY_RESULTS), unlabeled_dir=unlabeled_dir)
     state = load_final_state(result)
     model = build_model(section.model, **kwargs)
     model.load_state_dict(state["model"])

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, _build, _set_path, load_config, parse_override
+from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, set_field
 from dvfl.data.shards import atomic_write_text
 
 # Fields a search may vary. Data and teacher fields would invalidate the shared shards and cache;
@@ -47,7 +47,9 @@ NOT_SEARCHABLE = {"optim.epochs": "ASHA decides how many epochs a trial gets (ma
                   "student.checkpoint": "a path, not a hyper-parameter", "student.init_2d": "a path, not a hyper-parameter"}
 DOMAINS = ("loguniform", "uniform", "choice", "grid")
 METRICS = {"val_top1": "max", "val_top5": "max", "val_loss": "min"}
-TRIAL_FILE = "dvfl_trial.json"  # written by each trial driver into its Tune trial directory
+# each trial driver's record, <experiment>/dvfl_trials/<trial id>.json: written straight into the
+# experiment (Tune syncs a trial's own folder later, and a search killed meanwhile would lose it)
+TRIALS_DIR = "dvfl_trials"
 SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to resume a different search)
 RESULTS_JSON, RESULTS_MD, PARETO_PNG, BEST_CONFIG = "tune_results.json", "tune_results.md", "pareto.png", "best_config.yaml"
 # a leftover ``--set`` target for the tune file itself (the rest go to the run config)
@@ -142,11 +144,8 @@ def apply_params(base: RunConfig | dict, params: dict) -> RunConfig:
     applied, validated (paths are not re-checked)."""
     tree = copy.deepcopy(base) if isinstance(base, dict) else _tree_of(base)
     for key, value in flatten(params).items():
-        _set_path(tree, key, _plain(value))
-    try:
-        return _build(RunConfig, tree, "").validate(check_paths=False)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
+        set_field(tree, key, _plain(value))
+    return build_config(tree).validate(check_paths=False)
 
 
 def flatten(params: dict, prefix: str = "") -> dict:
@@ -249,7 +248,7 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
                 raise ConfigError(f"tune.{section} must be a mapping")
             tree[section] = {**(tree.get(section) or {}), field_name: value}
         elif key.startswith(TUNE_PREFIX):
-            _set_path(tree, key[len(TUNE_PREFIX):], value)
+            set_field(tree, key[len(TUNE_PREFIX):], value)
         else:
             run_overrides.append((key, value))
     t = _parse_tune(tree)
@@ -361,47 +360,57 @@ def diverged(trial_id: str, result: dict) -> bool:
 def trial_driver(params: dict, setup: dict) -> None:
     """One Tune trial: a distillation run with ``params`` applied to the base run config.
 
-    Runs in a light Tune actor; the Train workers get their own resources. The teacher signal
-    (the shared cache, already in the object store) comes from the search driver: the trial
-    never loads or runs a teacher in cached mode.
+    A one-worker trial trains in this process on the datasets the search built once (no worker
+    group, no placement group, no dataset to read again: seconds instead of most of a minute on a
+    small machine); a trial of several workers is a Ray Train run of its own, whose rank-0
+    metrics reach Tune through ``TuneReportCallback``. The teacher signal (the shared cache,
+    already in the object store) comes from the search driver: a trial never loads or runs a
+    teacher in cached mode.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dvfl import pipeline
-    from dvfl.train.launch import Scaling, run_training
 
     cfg = apply_params(setup["base"], params)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     teacher = setup["teacher"]
     kd = teacher["mode"] != "none"
-    loop = pipeline._loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], cfg.seed,
-                                 {k: v for k, v in teacher.items() if k != "fingerprint"}, tensorboard_dir=None)
-    kwargs = loop["model"]["kwargs"]
-    loop["init_state_ref"] = pipeline._init_state_ref(cfg.student, kwargs, log=print)
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], cfg.seed,
+                                         {k: v for k, v in teacher.items() if k != "fingerprint"},
+                                         tensorboard_dir=None)
     name = f"{setup['experiment']}-{trial_id}"
-    record = {"trial_id": trial_id, "params": flatten(params), "train_run": name,
+    in_process = setup.get("data") is not None
+    record = {"trial_id": trial_id, "params": flatten(params), "train_run": None if in_process else name,
+              "in_process": in_process, "pid": os.getpid(),
               "teacher_mode": loop["teacher"]["mode"], "teacher_model_shipped": "state_ref" in loop["teacher"],
               "starts": []}
-    trial_dir = ctx.get_trial_dir()
-    if trial_dir:  # one entry per start: a trial restarted after an interruption has two
-        path = Path(trial_dir, TRIAL_FILE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            record["starts"] = json.loads(path.read_text()).get("starts", [])
-        record["starts"].append(time.time())
-        atomic_write_text(path, json.dumps(record, indent=1))
-    result = run_training(
-        loop, clips_dir=cfg.clips_dir, **pipeline.validation_args(cfg),
-        unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,
-        scaling=Scaling(cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker,
-                        cfg.scaling.worker_resources),
-        name=name, storage_path=setup["train_storage"], max_failures=cfg.max_failures,
-        label_fraction=cfg.data.label_fraction, teacher_pool=cfg.data.teacher_pool, role="student",
-        callbacks=[TuneReportCallback()])
-    if result.error is not None:
+    path = Path(setup["records"], f"{trial_id}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():  # one entry per start: a trial restarted after an interruption has two
+        record["starts"] = json.loads(path.read_text()).get("starts", [])
+    record["starts"].append(time.time())
+    atomic_write_text(path, json.dumps(record, indent=1))
+    result = pipeline.launch_training(
+        cfg, loop, role="dvfl+unlabeled" if kd and setup["unlabeled"] else "dvfl" if kd else "vfl", name=name,
+        storage_path=setup["train_storage"], unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,
+        callbacks=None if in_process else [TuneReportCallback()], data=setup.get("data"), in_tune_trial=in_process)
+    if result is not None and result.error is not None:
         raise result.error
+
+
+def trials_in_process(cfg: RunConfig) -> bool:
+    """One worker per trial: the trial trains in its own process (see :func:`trial_driver`)."""
+    return cfg.scaling.num_workers == 1
+
+
+def trial_resources(t: TuneConfig, cfg: RunConfig) -> dict:
+    """What one trial's actor reserves: the whole trial when it trains in-process, else only the
+    light driver (its Train workers reserve their own)."""
+    if not trials_in_process(cfg):
+        return {"cpu": t.driver_cpus}
+    return {"cpu": t.driver_cpus + cfg.scaling.cpus_per_worker, **({"gpu": 1} if cfg.scaling.use_gpu else {})}
 
 
 # ----------------------------------------------------------------------------- the search
@@ -427,12 +436,12 @@ def experiment_dir(t: TuneConfig, cfg: RunConfig) -> Path:
 
 
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
-    from dvfl.pipeline import _digest
+    from dvfl.pipeline import digest
 
     what = {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
             "run_config": cfg.to_dict(), "dataset": dataset_info["fingerprint"],
             "teacher": {"mode": teacher["mode"], "fingerprint": teacher.get("fingerprint")}}
-    return {"digest": _digest(what), "search": what}
+    return {"digest": digest(what), "search": what}
 
 
 def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
@@ -472,6 +481,8 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from dvfl import pipeline
+
     check_resources(t, cfg, ray.cluster_resources())
     exp = experiment_dir(t, cfg)
     if fresh and exp.exists():
@@ -489,8 +500,13 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     atomic_write_text(search_file, json.dumps(fp, indent=1, default=str))
 
     setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
-             "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled}
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), {"cpu": t.driver_cpus})
+             "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled,
+             "records": str(exp / TRIALS_DIR), "data": None}
+    if trials_in_process(cfg):  # read, filter and shuffle the clips once, for every trial
+        kd = teacher["mode"] != "none"
+        setup["data"] = pipeline.shared_training_data(
+            cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
     if restoring:
         log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept, the others rerun)")
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -502,6 +518,8 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             trainable, param_space=param_space(t),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                                         max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler,
+                                        # in-process trials keep their actor (torch imported once)
+                                        reuse_actors=trials_in_process(cfg),
                                         search_alg=BasicVariantGenerator(random_state=t.seed,
                                                                          max_concurrent=t.max_concurrent_trials)),
             run_config=tune.RunConfig(name=t.experiment, storage_path=str(exp.parent), verbose=verbose, stop=diverged,
@@ -551,9 +569,10 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
         df = result.metrics_dataframe
         history = [] if df is None or "epoch" not in getattr(df, "columns", []) else \
             df.dropna(subset=["epoch"]).sort_values("epoch").drop_duplicates("epoch", keep="last").to_dict("records")
-        record = {}
-        if result.path and os.path.isfile(os.path.join(result.path, TRIAL_FILE)):
-            record = json.loads(Path(result.path, TRIAL_FILE).read_text())
+        dir_id = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
+        trial_id = (result.metrics or {}).get("trial_id") or (dir_id.group(1) if dir_id else None)
+        record_file = experiment_dir(t, cfg) / TRIALS_DIR / f"{trial_id}.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
         epochs_run = int(max((h["epoch"] for h in history), default=0))
         top1 = [h["val_top1"] for h in history if h.get("val_top1") == h.get("val_top1")]
         best_i = max(range(len(top1)), key=lambda i: (top1[i], -i)) if top1 else None
@@ -564,7 +583,7 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
         forwards = [h.get("teacher_forward_calls") for h in history]
         forwards = [int(f) for f in forwards if f == f and f is not None]
         rows.append({
-            "trial_id": record.get("trial_id") or os.path.basename(result.path or "").split("_")[-1],
+            "trial_id": trial_id,
             "status": status, "error": _error_text(result) if result.error is not None else None,
             "temperature": trial_cfg.kd.temperature, "alpha": trial_cfg.kd.alpha, "lr": trial_cfg.optim.lr,
             "unlabeled_weight": trial_cfg.kd.unlabeled_weight,

@@ -91,7 +91,7 @@ def test_model_identity_changes_with_the_carve(prepared, monkeypatch, tmp_path):
         pass
 
     def capture(cfg, **kw):
-        seen.append(pipeline._digest(kw["identity"]))
+        seen.append(pipeline.digest(kw["identity"]))
         raise Stop
 
     monkeypatch.setattr(pipeline, "train_model", capture)

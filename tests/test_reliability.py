@@ -100,8 +100,8 @@ def test_an_epoch_with_no_batches_is_an_error(prepared, ray_local, tmp_path):
     from dvfl.train.loop import train_loop_per_worker
 
     cfg = prepared["cfg"]
-    loop = pipeline._loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), 0,
-                                 {"mode": "none"}, tensorboard_dir=None)
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), 0,
+                                         {"mode": "none"}, tensorboard_dir=None)
     loop.update(train_rows=1, threads_per_worker=1, run_name="empty-epoch")
     empty = read_clip_dataset(cfg.clips_dir, ["test"], columns=VAL_COLUMNS).filter(lambda row: False)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop,

@@ -159,12 +159,24 @@ def test_trials_share_one_cache_and_never_run_the_teacher(search, prepared):
     assert [r["teacher_mode"] for r in rows] == ["cached"] * 3
     assert [r["teacher_forward_calls"] for r in rows] == [0] * 3
     for r in rows:
-        record = json.loads((Path(r["path"]) / "dvfl_trial.json").read_text())
+        record = json.loads((search["exp"] / "dvfl_trials" / f"{r['trial_id']}.json").read_text())
         assert record["teacher_mode"] == "cached" and record["teacher_model_shipped"] is False
     # the search used the prepared cache and teacher as they were: nothing rebuilt or retrained
     assert _mtimes(prepared) == search["before"]
     used = json.loads((search["exp"] / "dvfl_search.json").read_text())["search"]["teacher"]
     assert used == {"mode": "cached", "fingerprint": prepared["cache"]["fingerprint"]}
+
+
+@pytest.mark.slow
+def test_one_worker_trials_train_in_the_trial_process(search):
+    """No worker group per trial: each one-worker trial trained inside its Tune trial actor, and
+    the two trials of the first (interrupted) run shared one process (torch imported once)."""
+    records = {r["trial_id"]: json.loads((search["exp"] / "dvfl_trials" / f"{r['trial_id']}.json").read_text())
+               for r in search["summary"]["rows"]}
+    assert all(rec["in_process"] and rec["train_run"] is None for rec in records.values()), records
+    done = [t for t, s in search["interrupted"].items() if s == "TERMINATED"]
+    assert len(done) == 2 and records[done[0]]["pid"] == records[done[1]]["pid"], records
+    assert not (search["exp"] / "train_runs").exists()  # no Ray Train run was started
 
 
 def test_teacher_proof_can_fail(prepared, ray_local):

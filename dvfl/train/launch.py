@@ -61,43 +61,33 @@ def threads_per_worker(scaling: Scaling) -> int:
                else (os.cpu_count() or 1) // max(1, scaling.num_workers))
 
 
-def run_training(
-    loop_cfg: dict,
-    *,
+@dataclass
+class TrainingData:
+    """The datasets one training run reads (built once per search and shared by its trials)."""
+    train: object  # ray.data.Dataset
+    val: object
+    train_rows: int
+
+
+def training_data(
     clips_dir: str,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
     train_splits=("train",),
     val_split: str = "val",
     val_fraction: float = 0.1,
     val_seed: int = 0,
     unlabeled_dir: str | None = None,
-    scaling: Scaling,
-    name: str,
-    storage_path: str,
-    max_failures: int = 1,
     materialize_below_mb: int = 256,
     label_fraction: float = 1.0,
     teacher_pool: float = 0.0,
     role: str = "student",
-    callbacks=None,
-):
-    """Fit ``train_loop_per_worker`` with DDP over ``scaling.num_workers`` Ray Train workers.
-
-    Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
-    ``label_fraction`` < 1 trains on that (class-balanced, seeded) fraction of the labelled videos;
-    ``teacher_pool`` > 0 gives ``role="teacher"`` that fraction of them and students the rest
-    (:func:`dvfl.data.sampling.pool_videos`).
-    ``val_split`` ``"val"`` without such a split in ``clips_dir``: ``val_fraction`` of the groups
-    of each class of the training videos (seeded by ``val_seed``) are held out of training for
-    every role and validate each epoch (:mod:`dvfl.data.holdout`); the test split is never read.
-    ``callbacks``: extra Ray Train callbacks for the run config (Tune passes its
-    ``TuneReportCallback`` here, see :mod:`dvfl.tune`).
-    """
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+) -> TrainingData:
+    """The training and validation datasets of a run (see :func:`run_training` for the arguments)."""
     from ray.data.expressions import col
-    from ray.train.torch import TorchTrainer
 
-    batch_size = loop_cfg["optim"]["batch_size"]
     val_src = val_source(clips_dir, val_split, train_splits[0], val_fraction, val_seed)
     for split in [*train_splits, val_src.split]:
         if count_rows(clips_dir, [split]) == 0:
@@ -127,12 +117,12 @@ def run_training(
         train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
         train_rows += count_rows(unlabeled_dir, ["unlabeled"])
         shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
-    if train_rows < scaling.num_workers * batch_size:
+    if train_rows < num_workers * batch_size:
         # every worker needs at least one full batch, or an epoch would train on nothing
         used = "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])])
         raise ValueError(f"split '{used}' of {clips_dir} has {train_rows} training clips "
-                         f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {scaling.num_workers} worker(s) x "
-                         f"batch size {batch_size} = {scaling.num_workers * batch_size}: use a smaller "
+                         f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {num_workers} worker(s) x "
+                         f"batch size {batch_size} = {num_workers * batch_size}: use a smaller "
                          "optim.batch_size or fewer workers, or ingest more videos")
     if shard_bytes < materialize_below_mb * 2**20:
         # Small datasets are read once into the object store: re-running the Parquet read
@@ -140,14 +130,59 @@ def run_training(
         # Shards hold videos grouped by class, and a local shuffle buffer cannot mix classes
         # that sit thousands of rows apart: shuffle the (small) table globally, seeded.
         try:
-            train, val = train.random_shuffle(seed=loop_cfg["seed"]).materialize(), val.materialize()
+            train, val = train.random_shuffle(seed=seed).materialize(), val.materialize()
         except Exception as exc:  # a read error of Ray's does not name the file: find it
             raise_if_corrupt(shard_paths(clips_dir, [*train_splits, val_src.split])
                              + (shard_paths(unlabeled_dir, ["unlabeled"]) if unlabeled_dir else []), exc)
             raise
     else:
-        train = train.randomize_block_order(seed=loop_cfg["seed"])
-    loop_cfg = {**loop_cfg, "train_rows": train_rows, "threads_per_worker": threads_per_worker(scaling),
+        train = train.randomize_block_order(seed=seed)
+    return TrainingData(train, val, train_rows)
+
+
+def run_training(
+    loop_cfg: dict,
+    *,
+    clips_dir: str,
+    train_splits=("train",),
+    val_split: str = "val",
+    val_fraction: float = 0.1,
+    val_seed: int = 0,
+    unlabeled_dir: str | None = None,
+    scaling: Scaling,
+    name: str,
+    storage_path: str,
+    max_failures: int = 1,
+    materialize_below_mb: int = 256,
+    label_fraction: float = 1.0,
+    teacher_pool: float = 0.0,
+    role: str = "student",
+    callbacks=None,
+    data: TrainingData | None = None,
+):
+    """Fit ``train_loop_per_worker`` with DDP over ``scaling.num_workers`` Ray Train workers.
+
+    Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
+    ``label_fraction`` < 1 trains on that (class-balanced, seeded) fraction of the labelled videos;
+    ``teacher_pool`` > 0 gives ``role="teacher"`` that fraction of them and students the rest
+    (:func:`dvfl.data.sampling.pool_videos`).
+    ``val_split`` ``"val"`` without such a split in ``clips_dir``: ``val_fraction`` of the groups
+    of each class of the training videos (seeded by ``val_seed``) are held out of training for
+    every role and validate each epoch (:mod:`dvfl.data.holdout`); the test split is never read.
+    ``callbacks``: extra Ray Train callbacks for the run config (Tune passes its
+    ``TuneReportCallback`` here, see :mod:`dvfl.tune`). ``data``: datasets already built by
+    :func:`training_data` with the same arguments (a search builds them once for all its trials).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if data is None:
+        data = training_data(clips_dir, batch_size=loop_cfg["optim"]["batch_size"], num_workers=scaling.num_workers,
+                             seed=loop_cfg["seed"], train_splits=train_splits, val_split=val_split,
+                             val_fraction=val_fraction, val_seed=val_seed, unlabeled_dir=unlabeled_dir,
+                             materialize_below_mb=materialize_below_mb, label_fraction=label_fraction,
+                             teacher_pool=teacher_pool, role=role)
+    loop_cfg = {**loop_cfg, "train_rows": data.train_rows, "threads_per_worker": threads_per_worker(scaling),
                 "run_name": name}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -163,11 +198,31 @@ def run_training(
                              # lines (a dump of every metric, per rank) would bury it
                              logging_config=LoggingConfig(log_level="WARNING"),
                              callbacks=list(callbacks) if callbacks else None),
-        datasets={"train": train, "val": val},
+        datasets={"train": data.train, "val": data.val},
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     return trainer.fit()
+
+
+def train_in_tune_trial(loop_cfg: dict, data: TrainingData, *, scaling: Scaling, name: str) -> None:
+    """Run the loop in this Tune trial's own process (one worker: no DDP, no worker group);
+    metrics and checkpoints go straight to Tune, which resumes the trial from its last one."""
+    from dvfl.train.loop import run_loop
+    from dvfl.train.session import TuneTrialSession
+
+    import logging
+
+    if scaling.num_workers != 1:
+        raise ValueError(f"a trial trains in its own process only with one worker, got {scaling.num_workers}")
+    quiet_data_progress()
+    # the loop prints one line per epoch; per-epoch INFO lines of Ray Data ("execution finished")
+    # and of the checkpoint upload would bury it, as LoggingConfig keeps them out of Train workers
+    for name_ in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name_).setLevel(logging.WARNING)
+    loop_cfg = {**loop_cfg, "train_rows": data.train_rows, "threads_per_worker": threads_per_worker(scaling),
+                "run_name": name}
+    run_loop(loop_cfg, TuneTrialSession({"train": data.train, "val": data.val}))
 
 
 def load_final_state(result) -> dict:

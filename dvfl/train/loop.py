@@ -208,13 +208,17 @@ def _optimizer_step(model, optimizer, scaler, optim: dict, step: int, total_step
 
 
 def train_loop_per_worker(cfg: dict) -> None:
-    import ray.train
-    import ray.train.torch
+    """Ray Train's entry point on every worker of the group."""
+    from dvfl.train.session import TrainWorkerSession
 
     _quiet_train_report_log()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    run_loop(cfg, TrainWorkerSession())
+
+
+def run_loop(cfg: dict, session) -> None:
+    """Train per ``cfg`` on the host ``session`` gives (:mod:`dvfl.train.session`): set up,
+    resume, one pass per epoch, report with a checkpoint at the end of each epoch."""
+    rank, world, device = session.rank, session.world, session.device
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads_per_worker"])
     amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"))
@@ -227,10 +231,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     spec = cfg["model"]
     model = build_model(spec["name"], **spec["kwargs"])
     if cfg.get("init_state_ref"):
-        import ray as _ray
+        import ray
 
-        model.load_state_dict(_ray.get(cfg["init_state_ref"][0]), strict=False)
-    model = ray.train.torch.prepare_model(model)
+        model.load_state_dict(ray.get(cfg["init_state_ref"][0]), strict=False)
+    model = session.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
     teacher = TeacherSignal(cfg, device) if cfg["teacher"]["mode"] != "none" else None
     kd = cfg["kd"]
@@ -244,7 +248,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     total_steps = optim["epochs"] * steps_per_epoch
     warmup = int(optim["warmup_frac"] * total_steps)
     start_epoch, step, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
@@ -260,8 +264,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
         writer = SummaryWriter(cfg["tensorboard_dir"])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val") if rank == 0 else None
+    train_shard = session.dataset("train")
+    val_data = session.dataset("val") if rank == 0 else None
     crop_size, flip = cfg["crop_size"], cfg["flip"]
 
     reported_at = time.time()
@@ -351,8 +355,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                         if isinstance(v, (int, float)) and k != "epoch":
                             writer.add_scalar(k, v, epoch + 1)
                     writer.flush()
-            # every rank reports once per epoch (a barrier); only rank 0 carries the checkpoint
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+            session.report(metrics, ckpt_dir)
         reported_at = time.time()
     if writer is not None:
         writer.close()

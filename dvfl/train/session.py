@@ -1,0 +1,75 @@
+"""Where the training loop meets Ray: everything :func:`dvfl.train.loop.run_loop` asks of its host.
+
+Two hosts run the same loop:
+
+* :class:`TrainWorkerSession`: a Ray Train worker, one of a DDP worker group (``TorchTrainer``);
+* :class:`TuneTrialSession`: a one-worker Tune trial that trains in its own process, with no
+  worker group to start (a Train worker group costs a controller, a placement group and fresh
+  worker processes per trial, which on a small machine is most of a short trial's time).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class TrainWorkerSession:
+    """A rank of a Ray Train worker group: DDP, dataset shards and checkpoints through ``ray.train``."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        """A barrier: every rank reports once per epoch; only rank 0 carries the checkpoint."""
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+
+class TuneTrialSession:
+    """The Tune trial's own process as the only worker: datasets given, metrics and checkpoints
+    straight to Tune (``tune.report`` persists the checkpoint before it returns)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, datasets: dict):
+        import ray
+
+        self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        self._datasets = datasets
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def dataset(self, name: str):
+        return self._datasets[name]
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
