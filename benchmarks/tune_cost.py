@@ -1,24 +1,27 @@
 #!/usr/bin/env python
 """Benchmark: what the teacher-logit cache and ASHA save a Ray Tune search.
 
-Three searches over the same space (configs/tune_embedded.yaml: T, α, lr, student width), the
-same seed (so the same sampled trials), the same clip shards, one after the other on one Ray
-instance:
+Searches over the same space (configs/tune_embedded.yaml: T, α, lr, student width), the same
+seed (so the same sampled trials), the same clip shards, one worker per trial, one after the
+other on one Ray instance:
 
-* ``cached``       - trials distil from the teacher-logit cache (built once, before the search), ASHA on
-* ``online``       - trials run the teacher inside the training loop (``teacher.mode: online``), ASHA on
-* ``cached_fifo``  - the cache, ASHA off: every trial runs to the end
+* ``cached``         - trials distil from the teacher-logit cache (built once, before the search),
+                       each in its Tune trial's own process (the default), ASHA on
+* ``cached_workers`` - the same, but each trial starts a Ray Train worker group of its own
+                       (``tune.in_process: false``, how every trial ran before)
+* ``online``         - trials run the teacher inside the training loop (``teacher.mode: online``)
+* ``cached_fifo``    - the cache, ASHA off: every trial runs to the end (``--fifo``)
 
-Reported: trials per hour and trial-epochs per hour (cached vs online), and the trial-epochs
-(and wall time) ASHA saved against running every trial to the end. A trial's time includes its
-Ray Train start-up (worker processes, dataset, checkpoints), which on a 2-core machine is most
-of a tiny trial; the epoch times are reported separately.
+Reported: per-trial start-up (a search's wall time less its trials' training and validation
+passes, per trial: worker processes, datasets, checkpoints, Tune's bookkeeping) next to the mean
+epoch time, trials per hour (cached vs online), and what ASHA saved.
 
 Default teacher: Video-FocalNet-B (the paper's teacher), untrained - this measures cost, not
 accuracy (as benchmarks/distill_cost.py does); ``--teacher embedded`` uses the embedded default's
 demo teacher architecture instead. Writes benchmarks/results/tune_cost.json and prints a table.
 
     python benchmarks/tune_cost.py [--samples 4] [--epochs 3] [--videos-per-class 12] [--teacher embedded]
+    python benchmarks/tune_cost.py --from-run runs/embedded   # a finished demo's real clips and teacher
 """
 from __future__ import annotations
 
@@ -41,10 +44,16 @@ def derive(results: dict) -> dict:
     rows = results["runs"]
     for r in rows.values():
         r["epoch_seconds_total"] = sum(sum(t["epoch_seconds"]) for t in r["trials_detail"])
-        # Ray Train start-up/teardown (worker processes, dataset, checkpoints) and Tune bookkeeping
-        r["overhead_s_per_trial"] = (r["wall_s"] - r["epoch_seconds_total"]) / max(r["trials"], 1)
+        r["val_seconds_total"] = sum(sum(t.get("val_seconds") or []) for t in r["trials_detail"])
+        # worker processes, datasets, checkpoints and Tune's bookkeeping: all but the passes
+        r["startup_per_trial_s"] = (r["wall_s"] - r["epoch_seconds_total"] - r["val_seconds_total"]) / max(r["trials"], 1)
     cached, online, fifo = rows["cached"], rows["online"], rows.get("cached_fifo")
+    workers = rows.get("cached_workers")
     results.update({
+        "startup_per_trial_s": cached["startup_per_trial_s"],
+        "epoch_s": cached["mean_epoch_s"],
+        "startup_per_trial_s_worker_group": workers["startup_per_trial_s"] if workers else None,
+        "trials_per_hour_ratio": cached["trials_per_hour"] / online["trials_per_hour"],
         "cached_over_online_trials_per_hour": cached["trials_per_hour"] / online["trials_per_hour"],
         "cached_over_online_trial_epochs_per_hour": cached["trial_epochs_per_hour"] / online["trial_epochs_per_hour"],
         "online_over_cached_epoch_s": online["mean_epoch_s"] / cached["mean_epoch_s"],
@@ -63,10 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="most epochs per trial (ASHA's max_t)")
     p.add_argument("--videos-per-class", type=int, default=12, help="synthetic training videos per class")
     p.add_argument("--teacher", default="videofocalnet_base", help="a timm Video-FocalNet name, or 'embedded'")
-    p.add_argument("--no-fifo", action="store_true", help="skip the ASHA-off search (ASHA savings counted only)")
+    p.add_argument("--fifo", action="store_true", help="also run the ASHA-off search (ASHA's wall-time savings)")
+    p.add_argument("--no-workers", action="store_true", help="skip the search whose trials start worker groups")
+    p.add_argument("--from-run", help="a finished distill run's output dir: its clips and trained teacher")
     p.add_argument("--work-dir")
     a = p.parse_args(argv)
 
+    from benchmarks.machine import cpu_model
     from dvfl import pipeline
     from dvfl.artifacts import build_model, save_model
     from dvfl.runtime import ray_runtime
@@ -76,10 +88,20 @@ def main(argv=None) -> int:
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-tune-"))
     data = [("data.synthetic.train_per_class", a.videos_per_class), ("data.synthetic.test_per_class", 4),
             ("data.synthetic.unlabeled_videos", 0), ("tune.set.optim.epochs", a.epochs),
-            ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune"))]
+            ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1)]
+    run_teacher = None
+    if a.from_run:
+        run = Path(a.from_run).resolve()
+        run_teacher = sorted((run / "teacher").glob("*/model.json"))
+        if not (run / "clips" / "dataset.json").is_file() or not run_teacher:
+            p.error(f"--from-run {run}: no clips/dataset.json or teacher/*/model.json (a finished distill run?)")
+        run_teacher = run_teacher[0].parent
+        data = [("data.clips", str(run / "clips")), ("tune.set.optim.epochs", a.epochs),
+                ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1)]
     search, cfg = load_tune_config(None, data, output_dir=str(work))
     load_before = os.getloadavg()
-    pipeline.ensure_videos(cfg, log=None)
+    if not a.from_run:
+        pipeline.ensure_videos(cfg, log=None)
     cores = os.cpu_count() or 1
     rows, prep = {}, {}
     with ray_runtime(dashboard=False, log_to_driver=False):
@@ -87,19 +109,24 @@ def main(argv=None) -> int:
         info = pipeline.ensure_clips(cfg, log=lambda *_: None)
         prep["ingest_s"] = time.perf_counter() - t0
         kw = {"num_classes": len(info["classes"]), "num_frames": cfg.data.frames, "img_size": cfg.crop_size}
-        if a.teacher == "embedded":
+        if run_teacher is not None:
+            name = json.loads((run_teacher / "model.json").read_text())["name"]
+        elif a.teacher == "embedded":
             t_cfg = cfg.teacher.train
             kw.update({k: v for k, v in (("embed_dim", t_cfg.embed_dim), ("depths", t_cfg.depths)) if v is not None})
             name = t_cfg.model
         else:
             name = a.teacher
-        teacher_dir = work / "teacher"
+        teacher_dir = run_teacher or work / "teacher"
         if not (teacher_dir / "model.json").is_file():
             save_model(teacher_dir, build_model(name, **kw), name, kw)  # timing only: untrained
         common = [*data, ("teacher.path", str(teacher_dir)), ("baseline", False)]
-        runs = {"cached": [("tune.experiment", "cached"), ("teacher.mode", "cached")],
-                "online": [("tune.experiment", "online"), ("teacher.mode", "online")]}
-        if not a.no_fifo:
+        runs = {"cached": [("tune.experiment", "cached"), ("teacher.mode", "cached")]}
+        if not a.no_workers:
+            runs["cached_workers"] = [("tune.experiment", "cached_workers"), ("teacher.mode", "cached"),
+                                      ("tune.in_process", False)]
+        runs["online"] = [("tune.experiment", "online"), ("teacher.mode", "online")]
+        if a.fifo:
             runs["cached_fifo"] = [("tune.experiment", "cached_fifo"), ("teacher.mode", "cached"),
                                    ("tune.asha", {"enabled": False})]
         for label, extra in runs.items():
@@ -119,7 +146,8 @@ def main(argv=None) -> int:
                 "mean_epoch_s": sum(epochs) / max(len(epochs), 1),
                 "teacher_forward_calls": sum(r["teacher_forward_calls"] or 0 for r in s["rows"]),
                 "trials_detail": [{k: r[k] for k in ("trial_id", "temperature", "alpha", "lr", "width", "gmacs",
-                                                     "best_top1", "epochs_run", "status", "epoch_seconds")}
+                                                     "best_top1", "epochs_run", "status", "epoch_seconds",
+                                                     "val_seconds")}
                                   for r in s["rows"]],
             }
             print(f"[bench] {label}: {s['trials']} trials, {s['trial_epochs_run']} trial-epochs in "
@@ -128,7 +156,9 @@ def main(argv=None) -> int:
     cached, online = rows["cached"], rows["online"]
     fifo = rows.get("cached_fifo")
     results = {
-        "teacher": name, "teacher_kwargs": kw, "teacher_trained": False, "space": search.space,
+        "cpu": cpu_model(), "teacher": name, "teacher_kwargs": kw, "teacher_trained": run_teacher is not None,
+        "clips": "a finished run's: " + str(Path(cfg.clips_dir)) if a.from_run else "generated here",
+        "space": search.space,
         "samples": a.samples, "max_epochs": a.epochs, "asha": vars(search.asha), "seed": search.seed,
         "train_clips": count_rows(cfg.clips_dir, [cfg.data.train_split]),
         "scaling": vars(cfg.scaling), "cores": cores, "device": "cpu", "prepare": prep, "runs": rows,
@@ -142,17 +172,20 @@ def main(argv=None) -> int:
     derive(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"\nTune cost: {a.samples} trials x up to {a.epochs} epochs, teacher {name} (untrained, timing only), "
-          f"students {search.space.get('student.embed_dim')}, {cfg.scaling.num_workers} Train workers per trial, "
-          f"CPU, {cores} cores")
+    print(f"\nTune cost: {a.samples} trials x up to {a.epochs} epochs, teacher {name} "
+          f"({'trained' if run_teacher else 'untrained, timing only'}), students {search.space.get('student.embed_dim')}, "
+          f"one worker per trial, CPU ({results['cpu']}), {cores} cores")
     print("| search | wall | trials | trial-epochs | trials / hour | trial-epochs / hour | mean epoch | "
           "start-up per trial | teacher forwards |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, r in rows.items():
         print(f"| {label} | {r['wall_s']:.0f} s | {r['trials']} ({r['stopped_early']} stopped early) | "
               f"{r['trial_epochs_run']}/{r['trial_epochs_if_all_ran_to_the_end']} | {r['trials_per_hour']:.1f} | "
-              f"{r['trial_epochs_per_hour']:.1f} | {r['mean_epoch_s']:.1f} s | {r['overhead_s_per_trial']:.0f} s | "
+              f"{r['trial_epochs_per_hour']:.1f} | {r['mean_epoch_s']:.1f} s | {r['startup_per_trial_s']:.1f} s | "
               f"{r['teacher_forward_calls']} |")
+    if workers:
+        print(f"\nstart-up per trial: {results['startup_per_trial_s']:.1f} s in the trial's process vs "
+              f"{results['startup_per_trial_s_worker_group']:.1f} s with a Ray Train worker group per trial")
     print(f"\ncache vs online teacher: {results['cached_over_online_trials_per_hour']:.2f}x trials per hour "
           f"({results['online_over_cached_epoch_s']:.2f}x epoch time); cache build (once): "
           f"{prep.get('cache_build_s', 0):.0f} s")

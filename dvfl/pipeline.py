@@ -197,8 +197,7 @@ def shared_training_data(cfg: RunConfig, *, role: str = "student", unlabeled_dir
     """The datasets of a training run of ``cfg``, built once (a search shares them among its trials)."""
     from dvfl.train.launch import training_data
 
-    return training_data(cfg.clips_dir, batch_size=cfg.optim.batch_size, num_workers=cfg.scaling.num_workers,
-                         seed=cfg.seed, **_training_args(cfg, role, unlabeled_dir))
+    return training_data(cfg.clips_dir, seed=cfg.seed, **_training_args(cfg, role, unlabeled_dir))
 
 
 def launch_training(cfg: RunConfig, loop: dict, *, role: str, name: str, storage_path: str,

@@ -77,6 +77,8 @@ class TuneConfig:
     max_concurrent_trials: int = 1
     driver_cpus: float = 0.25  # the trial driver only builds and fits the TorchTrainer
     unlabeled: bool = False  # trials distil on the unlabelled clips too (the dvfl+unlabeled student)
+    # a one-worker trial trains in the trial's own process, not in a Ray Train worker group of its own
+    in_process: bool = True
     asha: AshaSection = field(default_factory=AshaSection)
     space: dict = field(default_factory=dict)
 
@@ -110,9 +112,10 @@ def _parse_tune(tree: dict) -> TuneConfig:
     for key in ("num_samples", "seed", "max_concurrent_trials"):
         setattr(t, key, _number(f"tune.{key}", tree.get(key, getattr(t, key)), int))
     t.driver_cpus = _number("tune.driver_cpus", tree.get("driver_cpus", t.driver_cpus))
-    if not isinstance(tree.get("unlabeled", False), bool):
-        raise ConfigError(f"tune.unlabeled must be true or false, got {tree['unlabeled']!r}")
-    t.unlabeled = tree.get("unlabeled", False)
+    for key in ("unlabeled", "in_process"):
+        if not isinstance(tree.get(key, getattr(t, key)), bool):
+            raise ConfigError(f"tune.{key} must be true or false, got {tree[key]!r}")
+        setattr(t, key, tree.get(key, getattr(t, key)))
     overrides = tree.get("set") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"tune.set must be a mapping of section.field: value, got {overrides!r}")
@@ -400,15 +403,15 @@ def trial_driver(params: dict, setup: dict) -> None:
         raise result.error
 
 
-def trials_in_process(cfg: RunConfig) -> bool:
-    """One worker per trial: the trial trains in its own process (see :func:`trial_driver`)."""
-    return cfg.scaling.num_workers == 1
+def trials_in_process(t: TuneConfig, cfg: RunConfig) -> bool:
+    """One worker per trial (and ``tune.in_process``): the trial trains in its own process."""
+    return t.in_process and cfg.scaling.num_workers == 1
 
 
 def trial_resources(t: TuneConfig, cfg: RunConfig) -> dict:
     """What one trial's actor reserves: the whole trial when it trains in-process, else only the
     light driver (its Train workers reserve their own)."""
-    if not trials_in_process(cfg):
+    if not trials_in_process(t, cfg):
         return {"cpu": t.driver_cpus}
     return {"cpu": t.driver_cpus + cfg.scaling.cpus_per_worker, **({"gpu": 1} if cfg.scaling.use_gpu else {})}
 
@@ -502,7 +505,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
              "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled,
              "records": str(exp / TRIALS_DIR), "data": None}
-    if trials_in_process(cfg):  # read, filter and shuffle the clips once, for every trial
+    if trials_in_process(t, cfg):  # read, filter and shuffle the clips once, for every trial
         kd = teacher["mode"] != "none"
         setup["data"] = pipeline.shared_training_data(
             cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
@@ -519,7 +522,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                                         max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler,
                                         # in-process trials keep their actor (torch imported once)
-                                        reuse_actors=trials_in_process(cfg),
+                                        reuse_actors=trials_in_process(t, cfg),
                                         search_alg=BasicVariantGenerator(random_state=t.seed,
                                                                          max_concurrent=t.max_concurrent_trials)),
             run_config=tune.RunConfig(name=t.experiment, storage_path=str(exp.parent), verbose=verbose, stop=diverged,
@@ -593,6 +596,8 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
             "best_epoch": int(history[best_i]["epoch"]) if best_i is not None else None,
             "final_top1": top1[-1] if top1 else None, "epochs_run": epochs_run, "max_epochs": cfg.optim.epochs,
             "epoch_seconds": [round(float(h["epoch_seconds"]), 2) for h in history if "epoch_seconds" in h],
+            "val_seconds": [round(float(h["val_seconds"]), 2) for h in history if h.get("val_seconds") == h.get("val_seconds")
+                            and "val_seconds" in h],
             "teacher_mode": record.get("teacher_mode"), "starts": len(record.get("starts", [])),
             "teacher_forward_calls": max(forwards) if forwards else None,
             "path": result.path,

@@ -250,6 +250,7 @@ def test_best_config_runs_with_distill(search, ray_local):
     (("tune.space.student.embed_dim", {"choice": [12, "wide"]}), r"tune\.space\.student\.embed_dim: student\.embed_dim must be int"),
     (("tune.space.kd.unlabeled_weight", {"choice": [0.5, 1.0]}), r"tune\.space\.kd\.unlabeled_weight: .*tune\.unlabeled"),
     (("tune.unlabeled", "yes"), r"tune\.unlabeled must be true or false"),
+    (("tune.in_process", 1), r"tune\.in_process must be true or false"),
     (("tune.space.kd.alpha", {"gauss": [0.5, 0.1]}), r"tune\.space\.kd\.alpha has unknown domain 'gauss'"),
     (("tune.metric", "accuracy"), r"tune\.metric must be one of"),
     (("tune.mode", "min"), r"tune\.mode must be max for val_top1"),

@@ -67,13 +67,13 @@ class TrainingData:
     train: object  # ray.data.Dataset
     val: object
     train_rows: int
+    clips_dir: str
+    splits: str  # the training splits, for messages ("train+unlabeled")
 
 
 def training_data(
     clips_dir: str,
     *,
-    batch_size: int,
-    num_workers: int,
     seed: int,
     train_splits=("train",),
     val_split: str = "val",
@@ -117,13 +117,6 @@ def training_data(
         train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
         train_rows += count_rows(unlabeled_dir, ["unlabeled"])
         shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
-    if train_rows < num_workers * batch_size:
-        # every worker needs at least one full batch, or an epoch would train on nothing
-        used = "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])])
-        raise ValueError(f"split '{used}' of {clips_dir} has {train_rows} training clips "
-                         f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {num_workers} worker(s) x "
-                         f"batch size {batch_size} = {num_workers * batch_size}: use a smaller "
-                         "optim.batch_size or fewer workers, or ingest more videos")
     if shard_bytes < materialize_below_mb * 2**20:
         # Small datasets are read once into the object store: re-running the Parquet read
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
@@ -137,7 +130,16 @@ def training_data(
             raise
     else:
         train = train.randomize_block_order(seed=seed)
-    return TrainingData(train, val, train_rows)
+    return TrainingData(train, val, train_rows, clips_dir, "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])]))
+
+
+def check_enough_clips(data: TrainingData, num_workers: int, batch_size: int) -> None:
+    """Every worker needs at least one full batch, or an epoch would train on nothing."""
+    if data.train_rows < num_workers * batch_size:
+        raise ValueError(f"split '{data.splits}' of {data.clips_dir} has {data.train_rows} training clips "
+                         f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {num_workers} "
+                         f"worker(s) x batch size {batch_size} = {num_workers * batch_size}: use a smaller "
+                         "optim.batch_size or fewer workers, or ingest more videos")
 
 
 def run_training(
@@ -177,11 +179,11 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     if data is None:
-        data = training_data(clips_dir, batch_size=loop_cfg["optim"]["batch_size"], num_workers=scaling.num_workers,
-                             seed=loop_cfg["seed"], train_splits=train_splits, val_split=val_split,
+        data = training_data(clips_dir, seed=loop_cfg["seed"], train_splits=train_splits, val_split=val_split,
                              val_fraction=val_fraction, val_seed=val_seed, unlabeled_dir=unlabeled_dir,
                              materialize_below_mb=materialize_below_mb, label_fraction=label_fraction,
                              teacher_pool=teacher_pool, role=role)
+    check_enough_clips(data, scaling.num_workers, loop_cfg["optim"]["batch_size"])
     loop_cfg = {**loop_cfg, "train_rows": data.train_rows, "threads_per_worker": threads_per_worker(scaling),
                 "run_name": name}
     trainer = TorchTrainer(
@@ -215,6 +217,7 @@ def train_in_tune_trial(loop_cfg: dict, data: TrainingData, *, scaling: Scaling,
 
     if scaling.num_workers != 1:
         raise ValueError(f"a trial trains in its own process only with one worker, got {scaling.num_workers}")
+    check_enough_clips(data, 1, loop_cfg["optim"]["batch_size"])
     quiet_data_progress()
     # the loop prints one line per epoch; per-epoch INFO lines of Ray Data ("execution finished")
     # and of the checkpoint upload would bury it, as LoggingConfig keeps them out of Train workers

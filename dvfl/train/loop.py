@@ -346,7 +346,9 @@ def run_loop(cfg: dict, session) -> None:
         with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.get("run_name", "run")))
               if rank == 0 else contextlib.nullcontext()) as ckpt_dir:
             if rank == 0:
+                val_started = time.time()
                 metrics.update(evaluate(raw_model, val_data, crop_size, batch_size, device, amp))
+                metrics["val_seconds"] = time.time() - val_started
                 history.append(metrics)
                 _save_state(ckpt_dir, raw_model, optimizer, epoch, step, history)
                 _say("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
