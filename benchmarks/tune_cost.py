@@ -54,7 +54,6 @@ def derive(results: dict) -> dict:
         "epoch_s": cached["mean_epoch_s"],
         "startup_per_trial_s_worker_group": workers["startup_per_trial_s"] if workers else None,
         "trials_per_hour_ratio": cached["trials_per_hour"] / online["trials_per_hour"],
-        "cached_over_online_trials_per_hour": cached["trials_per_hour"] / online["trials_per_hour"],
         "cached_over_online_trial_epochs_per_hour": cached["trial_epochs_per_hour"] / online["trial_epochs_per_hour"],
         "online_over_cached_epoch_s": online["mean_epoch_s"] / cached["mean_epoch_s"],
         "online_over_cached_epoch_time_total": online["epoch_seconds_total"] / cached["epoch_seconds_total"],
@@ -62,7 +61,6 @@ def derive(results: dict) -> dict:
         "asha_wall_saved_s": (fifo["wall_s"] - cached["wall_s"]) if fifo else None,
         "asha_epoch_time_saved_s": (fifo["epoch_seconds_total"] - cached["epoch_seconds_total"]) if fifo else None,
     })
-    results.pop("online_over_cached_wall", None)  # = cached_over_online_trials_per_hour (same trials)
     return results
 
 
@@ -153,11 +151,10 @@ def main(argv=None) -> int:
             print(f"[bench] {label}: {s['trials']} trials, {s['trial_epochs_run']} trial-epochs in "
                   f"{s['wall_seconds']:.0f}s", flush=True)
     load_after = os.getloadavg()
-    cached, online = rows["cached"], rows["online"]
-    fifo = rows.get("cached_fifo")
+    cached, fifo, workers = rows["cached"], rows.get("cached_fifo"), rows.get("cached_workers")
     results = {
         "cpu": cpu_model(), "teacher": name, "teacher_kwargs": kw, "teacher_trained": run_teacher is not None,
-        "clips": "a finished run's: " + str(Path(cfg.clips_dir)) if a.from_run else "generated here",
+        "clips": f"a finished run's: {cfg.clips_dir}" if a.from_run else "generated here",
         "space": search.space,
         "samples": a.samples, "max_epochs": a.epochs, "asha": vars(search.asha), "seed": search.seed,
         "train_clips": count_rows(cfg.clips_dir, [cfg.data.train_split]),
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
     if workers:
         print(f"\nstart-up per trial: {results['startup_per_trial_s']:.1f} s in the trial's process vs "
               f"{results['startup_per_trial_s_worker_group']:.1f} s with a Ray Train worker group per trial")
-    print(f"\ncache vs online teacher: {results['cached_over_online_trials_per_hour']:.2f}x trials per hour "
+    print(f"\ncache vs online teacher: {results['trials_per_hour_ratio']:.2f}x trials per hour "
           f"({results['online_over_cached_epoch_s']:.2f}x epoch time); cache build (once): "
           f"{prep.get('cache_build_s', 0):.0f} s")
     print(f"ASHA: {results['asha_trial_epochs_saved']} of {cached['trial_epochs_if_all_ran_to_the_end']} trial-epochs "

@@ -1,0 +1,213 @@
+"""A finished (or resumed) search's results: the trial table, the Pareto front and plot, the best config."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from dvfl.config import RunConfig
+from dvfl.data.shards import atomic_write_text
+from dvfl.tune.search_config import TuneConfig, apply_params, experiment_dir, flatten, plain_value
+from dvfl.tune.trial import TRIALS_DIR
+
+
+RESULTS_JSON, RESULTS_MD, PARETO_PNG, BEST_CONFIG = "tune_results.json", "tune_results.md", "pareto.png", "best_config.yaml"
+_COST: dict = {}
+
+
+def student_cost(cfg: RunConfig, num_classes: int) -> dict:
+    """GMACs per clip, parameters and width of the student a config trains (cached per model)."""
+    from dvfl.pipeline import model_kwargs
+    from dvfl.profile import build_model, count_flops, count_params
+
+    kwargs = model_kwargs(cfg.student, num_classes, cfg)
+    key = json.dumps([cfg.student.model, kwargs], sort_keys=True)
+    if key not in _COST:
+        extra = {k: v for k, v in kwargs.items() if k not in ("num_classes", "num_frames", "img_size", "embed_dim",
+                                                              "drop_path_rate")}
+        common = dict(num_classes=num_classes, frames=cfg.data.frames, size=cfg.crop_size,
+                      embed_dim=kwargs.get("embed_dim"), **extra)
+        model = build_model(cfg.student.model, device="meta", **common)
+        _COST[key] = {"gmacs": count_flops(cfg.student.model, **common)["gmacs_per_clip"],
+                      "params": count_params(model)["params"], "width": int(getattr(model, "embed_dim", 0)) or None}
+    return _COST[key]
+
+
+def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> list[dict]:
+    """One row per trial, from Tune's ResultGrid (also after a restore)."""
+    num_classes = len(dataset_info["classes"])
+    rows = []
+    for result in grid:
+        params = flatten(result.config or {})
+        trial_cfg = apply_params(cfg, params)
+        df = result.metrics_dataframe
+        history = [] if df is None or "epoch" not in getattr(df, "columns", []) else \
+            df.dropna(subset=["epoch"]).sort_values("epoch").drop_duplicates("epoch", keep="last").to_dict("records")
+        dir_id = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
+        trial_id = (result.metrics or {}).get("trial_id") or (dir_id.group(1) if dir_id else None)
+        record_file = experiment_dir(t, cfg) / TRIALS_DIR / f"{trial_id}.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        epochs_run = int(max((h["epoch"] for h in history), default=0))
+        top1 = [h["val_top1"] for h in history if h.get("val_top1") == h.get("val_top1")]
+        best_i = max(range(len(top1)), key=lambda i: (top1[i], -i)) if top1 else None
+        losses = [h.get("train_loss") for h in history]
+        status = ("error" if result.error is not None else
+                  "diverged" if losses and isinstance(losses[-1], float) and not math.isfinite(losses[-1]) else
+                  "completed" if epochs_run >= cfg.optim.epochs else "stopped early")
+        forwards = [h.get("teacher_forward_calls") for h in history]
+        forwards = [int(f) for f in forwards if f == f and f is not None]
+        rows.append({
+            "trial_id": trial_id,
+            "status": status, "error": _error_text(result) if result.error is not None else None,
+            "temperature": trial_cfg.kd.temperature, "alpha": trial_cfg.kd.alpha, "lr": trial_cfg.optim.lr,
+            "unlabeled_weight": trial_cfg.kd.unlabeled_weight,
+            "params_searched": {k: plain_value(v) for k, v in params.items()},
+            **student_cost(trial_cfg, num_classes),
+            "best_top1": top1[best_i] if best_i is not None else None,
+            "best_epoch": int(history[best_i]["epoch"]) if best_i is not None else None,
+            "final_top1": top1[-1] if top1 else None, "epochs_run": epochs_run, "max_epochs": cfg.optim.epochs,
+            "epoch_seconds": [round(float(h["epoch_seconds"]), 2) for h in history if "epoch_seconds" in h],
+            "val_seconds": [round(float(h["val_seconds"]), 2) for h in history if h.get("val_seconds") == h.get("val_seconds")
+                            and "val_seconds" in h],
+            "teacher_mode": record.get("teacher_mode"), "starts": len(record.get("starts", [])),
+            "teacher_forward_calls": max(forwards) if forwards else None,
+            "path": result.path,
+        })
+    rows.sort(key=lambda r: (r["best_top1"] is None, -(r["best_top1"] or 0.0), r["gmacs"]))
+    return rows
+
+
+def _error_text(result) -> str:
+    """The trial's traceback as Tune stored it (``error.txt`` in the trial dir), else the repr."""
+    from ray.tune.result import EXPR_ERROR_FILE
+
+    path = os.path.join(result.path or "", EXPR_ERROR_FILE)
+    if result.path and os.path.isfile(path):
+        return Path(path).read_text().strip()
+    return repr(result.error)
+
+
+class SearchFailed(RuntimeError):
+    """Every trial of a search errored: nothing was found, and the command must not say otherwise."""
+
+
+def report_errors(rows: list[dict], log=print) -> None:
+    """Say how many trials errored and show the first one's traceback; raise if all did."""
+    failed = sorted((r for r in rows if r["status"] == "error"), key=lambda r: r["trial_id"])
+    if not failed:
+        return
+    first = failed[0]
+    tail = "\n".join(first["error"].splitlines()[-25:])
+    log(f"[tune] {len(failed)} of {len(rows)} trial(s) errored. First error (trial {first['trial_id']}):\n{tail}")
+    if len(failed) > 1:
+        from ray.tune.result import EXPR_ERROR_FILE
+
+        log("[tune] the other errored trials' logs: " + ", ".join(
+            os.path.join(r["path"] or "?", EXPR_ERROR_FILE) for r in failed[1:]))
+    if len(failed) == len(rows):
+        raise SearchFailed(f"all {len(rows)} trials errored (first error above; trial dir {first['path']})")
+
+
+def pareto_front(rows: list[dict]) -> list[int]:
+    """Indices of trials no other trial beats on both top-1 (higher) and GMACs (lower)."""
+    pts = [(r["gmacs"], r["best_top1"]) for r in rows]
+    front = []
+    for i, (g, a) in enumerate(pts):
+        if a is None:
+            continue
+        dominated = any(b is not None and h <= g and b >= a and (h < g or b > a) for j, (h, b) in enumerate(pts) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def markdown_table(rows: list[dict], t: TuneConfig) -> str:
+    extra = sorted(k for k in t.space if k not in ("kd.temperature", "kd.alpha", "optim.lr", "student.embed_dim"))
+    head = ["trial", "T", "width", "α", "lr", *extra, "GMACs/clip", "params", "best top-1", "epochs run", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 1 + "---:|" * (len(head) - 2) + "---|"]
+    for r in rows:
+        cells = [r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
+                 *[_fmt(r["params_searched"].get(k)) for k in extra], f"{r['gmacs']:.4f}", f"{r['params'] / 1e6:.3f}M",
+                 "—" if r["best_top1"] is None else f"{r['best_top1']:.1%}", f"{r['epochs_run']}/{r['max_epochs']}",
+                 r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def plot_pareto(rows: list[dict], front: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [(r["gmacs"], r["best_top1"], r) for r in rows if r["best_top1"] is not None]
+    if pts:
+        full = [p for p in pts if p[2]["status"] == "completed"]
+        early = [p for p in pts if p[2]["status"] != "completed"]
+        for group, marker, label in ((full, "o", "ran to the end"), (early, "x", "stopped early (ASHA)")):
+            if group:
+                ax.scatter([p[0] for p in group], [p[1] for p in group], marker=marker, color="0.55", label=label, zorder=2)
+        fr = sorted((rows[i]["gmacs"], rows[i]["best_top1"]) for i in front)
+        ax.plot([p[0] for p in fr], [p[1] for p in fr], "-o", color="tab:red", lw=1.5, ms=8, mfc="none", mew=2,
+                label="Pareto front", zorder=3)
+        for g, a, r in pts:
+            ax.annotate(f"T={r['temperature']:.1f} α={r['alpha']:.2f}", (g, a), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color="0.3")
+    ax.set(xlabel="student GMACs per clip", ylabel="best validation top-1", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *, wall_seconds: float,
+                  log=print) -> dict:
+    """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory."""
+    from dvfl.config import dump_config
+    from dvfl.data.shards import atomic_write_json
+
+    front = pareto_front(rows)
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    ok = [r for r in rows if r["best_top1"] is not None]
+    best = ok[0] if ok else None
+    summary = {
+        "experiment": t.experiment, "path": str(exp), "metric": t.metric, "mode": t.mode,
+        "search": t.to_dict(), "asha": t.asha.enabled, "trials": len(rows),
+        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        "diverged": sum(r["status"] == "diverged" for r in rows),
+        "errors": sum(r["status"] == "error" for r in rows),
+        "trial_epochs_run": sum(r["epochs_run"] for r in rows),
+        "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
+        "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
+        "best_config": str(exp / BEST_CONFIG) if best else None,
+    }
+    summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
+    atomic_write_json(exp / RESULTS_JSON, summary)
+    md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (ASHA on {t.metric} per epoch: "
+          f"{summary['stopped_early']} of {len(rows)} stopped early; {summary['errors']} errored; "
+          f"{summary['trial_epochs_run']} of "
+          f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
+          "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
+    atomic_write_text(exp / RESULTS_MD, md)
+    plot_pareto(rows, front, exp / PARETO_PNG, f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
+    if best:
+        dump_config(apply_params(cfg, best["params_searched"]), exp / BEST_CONFIG)
+    log("\n" + md)
+    if best:
+        log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
+            f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%} "
+            f"-> {exp / BEST_CONFIG} (python pipelines/distill.py --config {exp / BEST_CONFIG})")
+    log(f"[tune] {exp / RESULTS_JSON}, {exp / RESULTS_MD}, {exp / PARETO_PNG}; "
+        f"tensorboard --logdir {exp}")
+    return summary

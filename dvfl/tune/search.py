@@ -1,0 +1,120 @@
+"""Running a search: the shared stages prepared once, then Tune's trials (or a resumed experiment)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from dvfl.config import ConfigError, RunConfig
+from dvfl.data.shards import atomic_write_text
+from dvfl.tune.report import collect_trials, report_errors, write_results
+from dvfl.tune.resources import check_resources, reclaim_callback
+from dvfl.tune.search_config import TuneConfig, experiment_dir, param_space
+from dvfl.tune.trial import TRIALS_DIR, diverged, trial_driver, trial_resources, trials_in_process
+
+
+SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to resume a different search)
+
+
+def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
+    from dvfl.pipeline import digest
+
+    what = {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
+            "run_config": cfg.to_dict(), "dataset": dataset_info["fingerprint"],
+            "teacher": {"mode": teacher["mode"], "fingerprint": teacher.get("fingerprint")}}
+    return {"digest": digest(what), "search": what}
+
+
+def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
+    """Clips, teacher and cache, each reused when finished (built once otherwise); the teacher
+    signal every trial gets. The only place the search may touch the teacher."""
+    from dvfl import pipeline
+
+    info = pipeline.ensure_clips(cfg, log)
+    if cfg.teacher.mode == "none":
+        return info, {"mode": "none"}
+    teacher_path, teacher_spec = pipeline.ensure_teacher(cfg, info, log)
+    pipeline.check_teacher(cfg, teacher_path, teacher_spec, info, log)
+    if cfg.teacher.mode == "cached":
+        pipeline.ensure_cache(cfg, teacher_path, log)
+    return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
+
+
+def remove_experiment(exp: Path, name: str, log=print) -> None:
+    """--fresh: delete ``exp`` only if it is one of our Tune experiments under a plain name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or exp.name != name:
+        raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {name!r}; "
+                          "--fresh deletes nothing")
+    if exp.is_symlink() or not (exp / SEARCH_FILE).is_file():
+        raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
+                          "it was not deleted: pick another tune.experiment or tune.storage")
+    log(f"[tune] --fresh: removing {exp}")
+    shutil.rmtree(exp)
+
+
+def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
+    """Prepare the shared stages, run (or resume) the Tune experiment, write the results.
+
+    Needs Ray initialised (:func:`dvfl.runtime.ray_runtime`). Returns the results summary.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from dvfl import pipeline
+
+    check_resources(t, cfg, ray.cluster_resources())
+    exp = experiment_dir(t, cfg)
+    if fresh and exp.exists():
+        remove_experiment(exp, t.experiment, log)
+    info, teacher = prepare(cfg, log)
+    fp = _fingerprint(t, cfg, info, teacher)
+    search_file = exp / SEARCH_FILE
+    restoring = tune.Tuner.can_restore(str(exp))
+    if restoring and search_file.is_file():
+        previous = json.loads(search_file.read_text())
+        if previous["digest"] != fp["digest"]:
+            raise ConfigError(f"{exp} holds a different search (its search config, run config, clips or teacher "
+                              "changed): pick another tune.experiment, or --fresh to discard it")
+    exp.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(search_file, json.dumps(fp, indent=1, default=str))
+
+    setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
+             "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled,
+             "records": str(exp / TRIALS_DIR), "data": None}
+    if trials_in_process(t, cfg):  # read, filter and shuffle the clips once, for every trial
+        kd = teacher["mode"] != "none"
+        setup["data"] = pipeline.shared_training_data(
+            cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
+    if restoring:
+        log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept, the others rerun)")
+        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=t.asha.grace_period,
+                                   reduction_factor=t.asha.reduction_factor, stop_last_trials=False)
+                     if t.asha.enabled else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(t),
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                                        max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler,
+                                        # in-process trials keep their actor (torch imported once)
+                                        reuse_actors=trials_in_process(t, cfg),
+                                        search_alg=BasicVariantGenerator(random_state=t.seed,
+                                                                         max_concurrent=t.max_concurrent_trials)),
+            run_config=tune.RunConfig(name=t.experiment, storage_path=str(exp.parent), verbose=verbose, stop=diverged,
+                                      callbacks=[reclaim_callback()],
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        log(f"[tune] {t.experiment}: {t.num_samples} sample(s) of {sorted(t.space)}, "
+            f"ASHA {'on ' + t.metric if t.asha.enabled else 'off'}, up to {cfg.optim.epochs} epochs per trial, "
+            f"teacher signal: {teacher['mode']}; results in {exp}")
+    started = time.time()
+    grid = tuner.fit()
+    wall = time.time() - started
+    rows = collect_trials(grid, t, cfg, info)
+    summary = write_results(exp, t, cfg, rows, wall_seconds=wall, log=log)
+    report_errors(rows, log)
+    return summary

@@ -1,0 +1,80 @@
+"""One Tune trial: a distillation run of the shared loop with the trial's parameters applied."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from dvfl.config import RunConfig
+from dvfl.data.shards import atomic_write_text
+from dvfl.tune.search_config import TuneConfig, apply_params, flatten
+
+
+# each trial driver's record, <experiment>/dvfl_trials/<trial id>.json: written straight into the
+# experiment (Tune syncs a trial's own folder later, and a search killed meanwhile would lose it)
+TRIALS_DIR = "dvfl_trials"
+
+
+def diverged(trial_id: str, result: dict) -> bool:
+    """Tune stopper: a trial whose training loss is no longer finite stops at once (a NaN metric
+    would never fall below an ASHA cutoff, so the trial would otherwise run to the end)."""
+    loss = result.get("train_loss")
+    return isinstance(loss, float) and not math.isfinite(loss)
+
+
+def trial_driver(params: dict, setup: dict) -> None:
+    """One Tune trial: a distillation run with ``params`` applied to the base run config.
+
+    A one-worker trial trains in this process on the datasets the search built once (no worker
+    group, no placement group, no dataset to read again: seconds instead of most of a minute on a
+    small machine); a trial of several workers is a Ray Train run of its own, whose rank-0
+    metrics reach Tune through ``TuneReportCallback``. The teacher signal (the shared cache,
+    already in the object store) comes from the search driver: a trial never loads or runs a
+    teacher in cached mode.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dvfl import pipeline
+
+    cfg = apply_params(setup["base"], params)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    teacher = setup["teacher"]
+    kd = teacher["mode"] != "none"
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], cfg.seed,
+                                         {k: v for k, v in teacher.items() if k != "fingerprint"},
+                                         tensorboard_dir=None)
+    name = f"{setup['experiment']}-{trial_id}"
+    in_process = setup.get("data") is not None
+    record = {"trial_id": trial_id, "params": flatten(params), "train_run": None if in_process else name,
+              "in_process": in_process, "pid": os.getpid(),
+              "teacher_mode": loop["teacher"]["mode"], "teacher_model_shipped": "state_ref" in loop["teacher"],
+              "starts": []}
+    path = Path(setup["records"], f"{trial_id}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():  # one entry per start: a trial restarted after an interruption has two
+        record["starts"] = json.loads(path.read_text()).get("starts", [])
+    record["starts"].append(time.time())
+    atomic_write_text(path, json.dumps(record, indent=1))
+    result = pipeline.launch_training(
+        cfg, loop, role="dvfl+unlabeled" if kd and setup["unlabeled"] else "dvfl" if kd else "vfl", name=name,
+        storage_path=setup["train_storage"], unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,
+        callbacks=None if in_process else [TuneReportCallback()], data=setup.get("data"), in_tune_trial=in_process)
+    if result is not None and result.error is not None:
+        raise result.error
+
+
+def trials_in_process(t: TuneConfig, cfg: RunConfig) -> bool:
+    """One worker per trial (and ``tune.in_process``): the trial trains in its own process."""
+    return t.in_process and cfg.scaling.num_workers == 1
+
+
+def trial_resources(t: TuneConfig, cfg: RunConfig) -> dict:
+    """What one trial's actor reserves: the whole trial when it trains in-process, else only the
+    light driver (its Train workers reserve their own)."""
+    if not trials_in_process(t, cfg):
+        return {"cpu": t.driver_cpus}
+    return {"cpu": t.driver_cpus + cfg.scaling.cpus_per_worker, **({"gpu": 1} if cfg.scaling.use_gpu else {})}
