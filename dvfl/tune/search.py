@@ -99,8 +99,9 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                      if t.asha.enabled else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=param_space(t),
-            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                        max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler,
+            # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials
+            # given next to a BasicVariantGenerator
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
                                         # in-process trials keep their actor (torch imported once)
                                         reuse_actors=trials_in_process(t, cfg),
                                         search_alg=BasicVariantGenerator(random_state=t.seed,
