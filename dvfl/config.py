@@ -20,6 +20,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STUDENT_ROLES = ("vfl", "dvfl", "dvfl+unlabeled")
 
 
+# Path fields that may hold SPLIT_PLACEHOLDER (as (section path, field)); see RunConfig.expand_split.
+SPLIT_PLACEHOLDER = "{split}"
+SPLIT_PATH_FIELDS = ((), "output_dir"), (("data",), "root"), (("data",), "clips"), (("data",), "unlabeled"), \
+    (("teacher",), "path"), (("teacher",), "cache")
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending field."""
 
@@ -187,6 +193,18 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def expand_split(self) -> "RunConfig":
+        """Put ``data.split`` where a path says ``{split}`` (``data/hmdb51_s{split}``): one config
+        serves every split of a protocol (pipelines/protocol.py) and each split keeps its own files."""
+        for section, name in SPLIT_PATH_FIELDS:
+            owner = self
+            for part in section:
+                owner = getattr(owner, part)
+            value = getattr(owner, name)
+            if isinstance(value, str) and SPLIT_PLACEHOLDER in value:
+                setattr(owner, name, value.replace(SPLIT_PLACEHOLDER, str(self.data.split)))
+        return self
 
     def resolve_paths(self, cwd: str | None = None) -> "RunConfig":
         """Make every local path absolute (URIs untouched), so that no Ray worker, Tune trial or
@@ -384,18 +402,25 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
                 outputs=()) -> RunConfig:
     """Read a YAML config (or the embedded default), apply overrides, make its paths absolute
     (relative to the current directory; see :mod:`dvfl.paths` for Ray jobs), validate."""
+    try:
+        config = _build(RunConfig, config_tree(path, overrides), "")
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+    return config.expand_split().resolve_paths().validate(check_paths=check_paths, outputs=outputs)
+
+
+def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
+    """The YAML tree of a config with the overrides applied: values as written (``{split}`` unexpanded)."""
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
         _set_path(tree, key, value)
-    try:
-        config = _build(RunConfig, tree, "")
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
-    return config.resolve_paths().validate(check_paths=check_paths, outputs=outputs)
+    return tree
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:
