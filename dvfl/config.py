@@ -18,6 +18,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 STUDENT_ROLES = ("vfl", "dvfl", "dvfl+unlabeled")
+# datasets whose classes name directions ("Pushing something from left to right"): a flip changes the label
+DIRECTIONAL_DATASETS = ("ssv2",)
 
 
 # Path fields that may hold SPLIT_PLACEHOLDER (as (section path, field)); see RunConfig.expand_split.
@@ -301,6 +303,16 @@ class RunConfig:
             fail("data.val_fraction", f"must be in (0, 1), got {self.data.val_fraction!r}")
         if self.data.test_split == self.data.train_split:
             fail("data.test_split", f"must differ from data.train_split ({self.data.train_split!r})")
+        from dvfl.data.adapters import DATASETS
+
+        if self.data.dataset not in DATASETS:
+            fail("data.dataset", f"is {self.data.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.data.dataset in DIRECTIONAL_DATASETS:
+            flips = [v for v in self.teacher.views if "flip" in v]
+            if self.data.flip or flips:
+                fail("data.flip" if self.data.flip else "teacher.views",
+                     f"must not flip {self.data.dataset} clips: its classes are directions (left to right "
+                     "becomes right to left)")
         if not self.teacher.min_top1_over_chance < 1:
             fail("teacher.min_top1_over_chance", f"must be < 1, got {self.teacher.min_top1_over_chance!r}")
         if not 0 < self.data.label_fraction <= 1:
