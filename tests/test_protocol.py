@@ -22,7 +22,8 @@ CLASSES = ["Archery", "Biking"]
 # tiny sizes; the teacher is given (one per split, {split} in teacher.path), so each split trains one student
 TINY_RUN = {"seed": 0, "baseline": False, "students": ["dvfl"],
             "data": {"frames": 4, "clips_per_video": 2, "eval_clips": 1, "short_side": 24, "crop_size": 24},
-            "teacher": {"mode": "cached", "min_top1_over_chance": -1},
+            # online: the teacher runs inside training (no cache stage per split; the cache is tested elsewhere)
+            "teacher": {"mode": "online", "min_top1_over_chance": -1},
             "student": {"embed_dim": 8, "depths": [1, 1, 1, 1], "drop_path_rate": 0.0},
             "optim": {"epochs": 1, "batch_size": 4},
             "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "eval": {"clips": 1, "crops": 1}}
@@ -119,6 +120,32 @@ def test_ucf101_splits_run_per_split_and_report_mean_and_std(tmp_path, ray_local
         assert yaml.safe_load((out / f"split{s}" / "config.yaml").read_text())["data"]["split"] == s
     md = (out / "protocol.md").read_text()
     assert "2 of 3 splits ran (1, 2)" in md and " ± " in md
+
+
+def test_ucf50_leave_one_group_out_folds_aggregate_and_say_how_many_ran(tmp_path, ray_local):
+    """A UCF50 tree (archive layout: <root>/UCF50/<Class>/) with groups g01-g03 and a stray g26 file;
+    folds 1 and 2 of the 25 run: each tests on its own group, and the output says 2 of 25 ran."""
+    root = tmp_path / "UCF50data"
+    make_videos(video_specs(root, (1, 2, 3), "UCF50") + video_specs(root, (26,), "UCF50")[:1])
+    cfg = write_config(tmp_path / "ucf50.yaml", **{"data.dataset": "ucf50", "data.root": str(root),
+                                                  "teacher.path": teacher_dirs(tmp_path / "teachers", (1, 2)),
+                                                  "output_dir": str(tmp_path / "logo")})
+    r = run_protocol(["--config", str(cfg), "--folds", "1-2"], ray_local, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    report = json.loads((tmp_path / "logo" / "protocol.json").read_text())
+    check_aggregate(report, "fold", [1, 2])
+    assert (report["folds_total"], report["complete"]) == (25, False)
+    assert "2 of 25 folds ran (1, 2)" in (tmp_path / "logo" / "protocol.md").read_text()
+    for fold in (1, 2):
+        clips = Path(report["runs"][fold - 1]["output_dir"]) / "clips"
+        info = json.loads((clips / "dataset.json").read_text())
+        assert info["source"]["test_group"] == fold and info["counts"]["test"]["videos"] == len(CLASSES)
+        rejects = [json.loads(line) for line in (clips / "rejects.jsonl").read_text().splitlines()]
+        assert [(x["reason"], "g26" in x["detail"]) for x in rejects] == [("bad_name", True)]
+    for role, agg in report["aggregate"].items():  # pooled: every test video of the folds counted once
+        runs = [r["models"][role] for r in report["runs"]]
+        assert agg["pooled_videos"] == sum(m["videos"] for m in runs) == 2 * len(CLASSES)
+        assert agg["pooled_top1"] == pytest.approx(sum(m["top1"] * m["videos"] for m in runs) / agg["pooled_videos"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -187,6 +187,8 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
         raise AdapterError(f"--split (the held-out group) must be 1..25 for ucf50, got {test_group}")
     if not os.path.isdir(root):
         raise AdapterError(f"--root {root} is not a directory")
+    if os.path.isdir(os.path.join(root, "UCF50")):  # the archive unpacks to <root>/UCF50/<Class>/...
+        root = os.path.join(root, "UCF50")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
     for lab, cls in enumerate(classes):
@@ -199,6 +201,10 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
                 g = _GROUP_RE.search(n)
                 if not g:
                     m.problems.append(Problem("bad_name", path, _strip_ext(rel), "no _gGG_cCC in the file name"))
+                    continue
+                if not 1 <= int(g.group(1)) <= 25:  # it would train in every fold and test in none
+                    m.problems.append(Problem("bad_name", path, _strip_ext(rel),
+                                              f"group g{g.group(1)} is not one of UCF50's 25 groups g01..g25"))
                     continue
                 _add(m, _strip_ext(rel), path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
     return m
