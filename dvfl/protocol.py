@@ -32,7 +32,8 @@ class Protocol:
 PROTOCOLS = {
     "ucf101": Protocol("ucf101", "split", (1, 2, 3), "UCF101 official splits 1-3"),
     "hmdb51": Protocol("hmdb51", "split", (1, 2, 3), "HMDB51 official splits 1-3"),
-    "ucf50": Protocol("ucf50", "fold", tuple(range(1, 26)), "UCF50 leave-one-group-out (25 folds, fold N tests on group N)"),
+    "ucf50": Protocol("ucf50", "fold", tuple(range(1, 26)),
+                      "UCF50 leave-one-group-out (25 folds, fold N tests on group N)"),
 }
 # config paths that must differ per split: one split's test videos are another's training videos
 PER_SPLIT_FIELDS = ("data.clips", "teacher.cache", "teacher.path")
