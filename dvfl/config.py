@@ -18,6 +18,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 STUDENT_ROLES = ("vfl", "dvfl", "dvfl+unlabeled")
+# datasets whose classes name directions ("Pushing something from left to right"): a flip changes the label
+DIRECTIONAL_DATASETS = ("ssv2",)
+
+
+# Path fields that may hold SPLIT_PLACEHOLDER (as (section path, field)); see RunConfig.expand_split.
+SPLIT_PLACEHOLDER = "{split}"
+SPLIT_PATH_FIELDS = ((), "output_dir"), (("data",), "root"), (("data",), "clips"), (("data",), "unlabeled"), \
+    (("teacher",), "path"), (("teacher",), "cache")
 
 
 class ConfigError(ValueError):
@@ -188,6 +196,18 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def expand_split(self) -> "RunConfig":
+        """Put ``data.split`` where a path says ``{split}`` (``data/hmdb51_s{split}``): one config
+        serves every split of a protocol (pipelines/protocol.py) and each split keeps its own files."""
+        for section, name in SPLIT_PATH_FIELDS:
+            owner = self
+            for part in section:
+                owner = getattr(owner, part)
+            value = getattr(owner, name)
+            if isinstance(value, str) and SPLIT_PLACEHOLDER in value:
+                setattr(owner, name, value.replace(SPLIT_PLACEHOLDER, str(self.data.split)))
+        return self
+
     def resolve_paths(self, cwd: str | None = None) -> "RunConfig":
         """Make every local path absolute (URIs untouched), so that no Ray worker, Tune trial or
         job resolves it against a working directory of its own (:mod:`dvfl.paths`)."""
@@ -283,6 +303,16 @@ class RunConfig:
             fail("data.val_fraction", f"must be in (0, 1), got {self.data.val_fraction!r}")
         if self.data.test_split == self.data.train_split:
             fail("data.test_split", f"must differ from data.train_split ({self.data.train_split!r})")
+        from dvfl.data.adapters import DATASETS
+
+        if self.data.dataset not in DATASETS:
+            fail("data.dataset", f"is {self.data.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.data.dataset in DIRECTIONAL_DATASETS:
+            flips = [v for v in self.teacher.views if "flip" in v]
+            if self.data.flip or flips:
+                fail("data.flip" if self.data.flip else "teacher.views",
+                     f"must not flip {self.data.dataset} clips: its classes are directions (left to right "
+                     "becomes right to left)")
         if not self.teacher.min_top1_over_chance < 1:
             fail("teacher.min_top1_over_chance", f"must be < 1, got {self.teacher.min_top1_over_chance!r}")
         if not 0 < self.data.label_fraction <= 1:
@@ -393,14 +423,21 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
                 outputs=()) -> RunConfig:
     """Read a YAML config (or the embedded default), apply overrides, make its paths absolute
     (relative to the current directory; see :mod:`dvfl.paths` for Ray jobs), validate."""
+    return build_config(config_tree(path, overrides)).expand_split().resolve_paths().validate(check_paths=check_paths, outputs=outputs)
+
+
+def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
+    """The YAML tree of a config with the overrides applied: values as written (``{split}`` unexpanded)."""
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
         set_field(tree, key, value)
-    return build_config(tree).resolve_paths().validate(check_paths=check_paths, outputs=outputs)
+    return tree
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -132,6 +132,13 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     return load_dataset_info(out)
 
 
+def clips_split(info: dict) -> int | None:
+    """The official split (UCF101/HMDB51) or held-out group (UCF50) an ingest output was made from."""
+    source = info.get("source") or {}
+    value = source.get("test_group" if info.get("dataset") == "ucf50" else "split")
+    return int(value) if isinstance(value, int) else None
+
+
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
     """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
     config says (dataset.json records what the ingest used), naming both values."""
@@ -146,6 +153,10 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
         problems.append(f"data.crop_size is {cfg.crop_size}, larger than the clips' short side {p['short_side']}")
     if cfg.eval.clips > p["eval_clips"]:
         problems.append(f"eval.clips is {cfg.eval.clips}, the clips store {p['eval_clips']} per test video")
+    stored_split = clips_split(info)
+    if stored_split is not None and info.get("dataset") == cfg.data.dataset and stored_split != cfg.data.split:
+        # another split's test videos are this split's training videos: never evaluate across splits
+        problems.append(f"data.split is {cfg.data.split}, the clips were ingested from split {stored_split}")
     if problems:
         raise ValueError(f"data.clips {where} does not match the config: " + "; ".join(problems)
                          + ". Set these fields to the ingest's values, or ingest again with the config's.")
@@ -461,7 +472,7 @@ def summarize(rows: list[dict]) -> dict:
     return {"top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
             "top5_mean": statistics.fmean(top5), "seeds": len(rows), "top1_per_seed": top1,
             "params": rows[0]["params"], "gmacs": rows[0]["gmacs"], "split": rows[0]["split"],
-            "val_top1_per_seed": [r.get("val_top1") for r in rows], "paths": [r.get("path") for r in rows]}
+            "videos": rows[0].get("videos"), "val_top1_per_seed": [r.get("val_top1") for r in rows], "paths": [r.get("path") for r in rows]}
 
 
 def kd_gains(table: dict) -> dict | None:

@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--annotations", action="append", default=[], metavar="[SPLIT=]FILE",
                    help="annotation file(s) for kinetics (CSV), ssv2 (JSON) and dvfl-csv; repeatable")
     p.add_argument("--classes", help="class list file (kinetics, dvfl-csv: one name per line; ssv2: labels.json)")
-    p.add_argument("--num-classes", type=int, help="dvfl-csv: number of classes (default: max label + 1)")
+    p.add_argument("--num-classes", type=int,
+                   help="dvfl-csv: number of classes (default: the distinct labels of the lists, numbered 0..K-1)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="folder: fraction of videos for test")
     p.add_argument("--val-fraction", type=float, default=0.0, help="folder: fraction of videos for val")
     p.add_argument("--unlabeled", action="append", default=[], metavar="DIR_OR_LIST",

@@ -296,3 +296,59 @@ def test_every_adapter_ingests_for_real(name, tmp_path, src_video, ray_local):
         assert all((r["height"], r["width"]) == (16, 21) for r in rows)  # 24x32 source, short side 16
     rej = [json.loads(l) for l in open(tmp_path / "out" / "rejects.jsonl")]
     assert sorted(r["reason"] for r in rej) == reasons(m)
+
+
+# ---------------------------------------------------------------------------------------
+# the DVFL-Net repository's own CSV lists, as its users have them (issue 17)
+
+def test_dvfl_csv_with_a_header_and_labels_from_2_gives_51_classes(tmp_path, src_video):
+    """HMDB51 lists whose labels run 2..52 behind a header row: 51 classes numbered 0..50 in label
+    order, the header is not a video, and the class names come from the CSV's own column."""
+    root = str(tmp_path)
+    names = [f"action{i:02d}" for i in range(51)]
+    train, val = ["path,label,class_name"], ["path,label,class_name"]
+    for i, name in enumerate(names):
+        for n, rows in (("a", train), ("b", val)):
+            put(root, f"{name}/{name}_{n}_0.avi", src_video)
+            rows.append(f"{name}/{name}_{n}_0.avi,{i + 2},{name}")
+    write(os.path.join(root, "lists", "train.csv"), "\n".join(train) + "\n")
+    write(os.path.join(root, "lists", "val.csv"), "\n".join(val) + "\n")
+    m = A.dvfl_csv(root)
+    assert len(m.classes) == 51 and m.classes == names
+    assert not m.problems and len(m.entries) == 102
+    assert {(e.video_id, e.label, e.class_name) for e in m.entries if e.split == "val"} == {
+        (f"{n}/{n}_b_0", i, n) for i, n in enumerate(names)}
+    assert m.source["labels"] == {"as_written": [2, 52], "classes": 51, "renumbered": True}
+    # the same lists without header or names (the repository's own form): still 51 classes, named from the folders
+    write(os.path.join(root, "lists", "train.csv"), "".join(f"{r.rsplit(',', 1)[0]}\n" for r in train[1:]))
+    write(os.path.join(root, "lists", "val.csv"), "".join(f"{r.rsplit(',', 1)[0]}\n" for r in val[1:]))
+    m2 = A.dvfl_csv(root)
+    assert m2.classes == names and sorted((e.video_id, e.label) for e in m2.entries) == sorted(
+        (e.video_id, e.label) for e in m.entries)
+    # a header in another column order, found by name
+    write(os.path.join(root, "lists", "val.csv"), "label,video\n" + "".join(
+        f"{i + 2},{n}/{n}_b_0.avi\n" for i, n in enumerate(names)))
+    assert A.dvfl_csv(root).classes == names
+
+
+def test_dvfl_csv_refuses_inconsistent_lists_naming_the_field(tmp_path, src_video):
+    root = str(tmp_path)
+    for rel in ("A/a.avi", "B/b.avi", "C/c.avi"):
+        put(root, rel, src_video)
+    cases = [
+        ("video_name,class_idx\nA/a.avi,0\n", None, r"train\.csv:1: the header row \['video_name', 'class_idx'\] "
+                                                    r"has no a path column"),
+        ("path,label,class_name\nA/a.avi,3,Apple\nB/b.avi,3,Banana\n", None,
+         r"train\.csv:3: class_name 'Banana' for label 3, but train\.csv:2 names label 3 'Apple'"),
+        ("A/a.avi,0,Same\nB/b.avi,1,Same\n", None, r"class_name: two labels share one class name"),
+        ("A/a.avi,4\nB/b.avi,5\nC/c.avi,9\n", "2", r"label vs classes\.txt: the lists use 3 distinct labels \(4\.\.9\)"),
+    ]
+    for text, classes, message in cases:
+        write(os.path.join(root, "train.csv"), text)
+        cf = write(os.path.join(root, "classes.txt"), "x\ny\n") if classes else None
+        with pytest.raises(A.AdapterError, match=message):
+            A.dvfl_csv(root, annotations=[("train", os.path.join(root, "train.csv"))], classes_file=cf)
+    # --num-classes that matches neither reading of labels 4..9
+    write(os.path.join(root, "train.csv"), "A/a.avi,4\nB/b.avi,5\nC/c.avi,9\n")
+    with pytest.raises(A.AdapterError, match=r"\(--num-classes says 2 classes\)"):
+        A.dvfl_csv(root, annotations=[("train", os.path.join(root, "train.csv"))], num_classes=2)

@@ -187,6 +187,8 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
         raise AdapterError(f"--split (the held-out group) must be 1..25 for ucf50, got {test_group}")
     if not os.path.isdir(root):
         raise AdapterError(f"--root {root} is not a directory")
+    if os.path.isdir(os.path.join(root, "UCF50")):  # the archive unpacks to <root>/UCF50/<Class>/...
+        root = os.path.join(root, "UCF50")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
     for lab, cls in enumerate(classes):
@@ -199,6 +201,10 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
                 g = _GROUP_RE.search(n)
                 if not g:
                     m.problems.append(Problem("bad_name", path, _strip_ext(rel), "no _gGG_cCC in the file name"))
+                    continue
+                if not 1 <= int(g.group(1)) <= 25:  # it would train in every fold and test in none
+                    m.problems.append(Problem("bad_name", path, _strip_ext(rel),
+                                              f"group g{g.group(1)} is not one of UCF50's 25 groups g01..g25"))
                     continue
                 _add(m, _strip_ext(rel), path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
     return m
@@ -331,13 +337,63 @@ def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] =
 
 
 # ---------------------------------------------------------------------------------------
-# DVFL-Net repository lists: header-less "relative/path.avi,<int label>"
+# DVFL-Net repository lists: "relative/path.avi,<int label>[,<class name>]", with or without a header
+
+# header names accepted for each column (lower-cased); a header-less file is path,label[,class name]
+CSV_PATH_COLUMNS = ("path", "video", "video_path", "filename", "file", "relative_path", "clip", "name")
+CSV_LABEL_COLUMNS = ("label", "label_id", "class_id", "target", "class_index", "id")
+CSV_CLASS_COLUMNS = ("class_name", "class", "label_name", "category", "action")
+
+
+def _csv_columns(header: List[str], where: str) -> Tuple[int, int, Optional[int]]:
+    """(path, label, class name) column indexes of a header row, or an AdapterError naming what is missing."""
+    names = [h.strip().lower() for h in header]
+
+    def find(options):
+        return next((names.index(o) for o in options if o in names), None)
+
+    path_col, label_col, class_col = find(CSV_PATH_COLUMNS), find(CSV_LABEL_COLUMNS), find(CSV_CLASS_COLUMNS)
+    if label_col is not None and label_col == path_col:
+        path_col = None
+    if path_col is None or label_col is None:
+        missing = "a path column (" + "/".join(CSV_PATH_COLUMNS) + ")" if path_col is None else \
+            "a label column (" + "/".join(CSV_LABEL_COLUMNS) + ")"
+        raise AdapterError(f"{where}: the header row {header} has no {missing}")
+    return path_col, label_col, class_col
+
+
+def _is_int(text: str) -> bool:
+    return re.fullmatch(r"\s*-?\d+\s*", text or "") is not None
+
+
+def _dense_labels(found: Sequence[int], num_classes: Optional[int], n_names: Optional[int],
+                  what: str) -> Dict[int, int]:
+    """Map the labels the lists use to 0..K-1. Labels already inside 0..K-1 (K = ``num_classes``, the
+    class list's length, else the number of distinct labels) stay as they are; otherwise, when the lists
+    use exactly K distinct labels (HMDB51's 2..52: 51 classes, not 53), they are numbered in sorted order.
+    Anything else is refused: no guess would be right."""
+    distinct = sorted(set(found))
+    k = n_names if n_names is not None else (num_classes if num_classes else len(distinct))
+    if all(0 <= v < k for v in distinct):
+        return {v: v for v in distinct}
+    if len(distinct) == k:
+        return {v: i for i, v in enumerate(distinct)}
+    if num_classes and n_names is None and distinct[0] == 0:
+        return {v: v for v in distinct}  # 0-based with stray labels: those lines are label_out_of_range
+    raise AdapterError(f"{what}: the lists use {len(distinct)} distinct labels ({distinct[0]}..{distinct[-1]}), which "
+                       f"are neither inside 0..{k - 1} nor exactly {k} labels to number 0..{k - 1} "
+                       f"({'the class list' if n_names is not None else '--num-classes'} says {k} classes)")
+
 
 def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
              num_classes: Optional[int] = None, classes_file: Optional[str] = None) -> Manifest:
     """The DVFL-Net repo's own split lists (not the official splits: train and val share
-    actor groups). Class names come from ``classes_file`` if given, else from the first
-    folder of the paths when each label maps to one folder, else ``class_<i>``."""
+    actor groups): ``relative/path.avi,<int label>`` lines, optionally a third column with the class
+    name, optionally a header row (columns found by name: ``path``/``video``..., ``label``...,
+    ``class_name``...). Labels need not start at 0: the labels the lists use are numbered 0..K-1 in
+    sorted order (:func:`_dense_labels`). Class names come from ``classes_file`` if given, else from
+    the class-name column, else from the first folder of the paths when each label maps to one
+    folder, else ``class_<i>``."""
     if not annotations:
         annotations = []
         for split, names in (("train", ("train.csv",)), ("val", ("val.csv", "validation.csv")), ("test", ("test.csv",))):
@@ -348,40 +404,83 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
                     break
         if not annotations:
             raise AdapterError(f"no train.csv/val.csv/test.csv under {root} (use --annotations split=FILE)")
-    parsed: List[Tuple[str, str, Optional[int], str]] = []   # split, rel, label, where
+    parsed: List[Tuple[str, str, int, str]] = []   # split, rel, label as written, where
+    named: Dict[int, Tuple[str, str]] = {}   # label as written -> (class name, where it was first given)
     m = Manifest("dvfl-csv", os.path.abspath(root), [],
                  source={"annotations": [os.path.abspath(p) for _, p in annotations]})
     for split_hint, path in annotations:
         if not os.path.isfile(path):
             raise AdapterError(f"annotation file {path} not found")
         split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
-        for lineno, ln in _read_lines(path):
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f))
+                    if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+        header = None
+        if rows and not any(_is_int(c) or _is_video(c.strip()) for c in rows[0][1]):
+            # a first row with no number and no video file in it is a header: its names place the columns
+            header = _csv_columns(rows[0][1], f"{os.path.basename(path)}:{rows[0][0]}")
+            rows = rows[1:]
+        path_col, label_col, class_col = header or (0, 1, 2)
+        for lineno, r in rows:
             where = f"{os.path.basename(path)}:{lineno}"
-            rel, _, lab = ln.rpartition(",")
-            rel = rel.strip().replace("\\", "/")
-            if not rel or not re.fullmatch(r"\s*-?\d+\s*", lab):
-                m.problems.append(Problem(_d.BAD_LINE, os.path.join(root, rel or ln), None, f"{where}: {ln!r}", split))
+            rel = r[path_col].strip().replace("\\", "/") if len(r) > path_col else ""
+            lab = r[label_col] if len(r) > label_col else ""
+            if not rel or not _is_int(lab) or (header is None and len(r) > 3):
+                m.problems.append(Problem(_d.BAD_LINE, os.path.join(root, rel or ",".join(r)), None,
+                                          f"{where}: {','.join(r)!r}", split))
                 continue
-            parsed.append((split, rel, int(lab), where))
-    if classes_file:
-        classes = [ln for _, ln in _read_lines(classes_file)]
+            label = int(lab)
+            cname = r[class_col].strip() if class_col is not None and len(r) > class_col else ""
+            if cname:
+                first = named.setdefault(label, (cname, where))
+                if first[0] != cname:
+                    raise AdapterError(f"{where}: class_name {cname!r} for label {label}, but {first[1]} names label "
+                                       f"{label} {first[0]!r}: one label, two classes")
+            parsed.append((split, rel, label, where))
+    if not parsed:
+        m.classes = []
+        return m
+    names_file = [ln for _, ln in _read_lines(classes_file)] if classes_file else None
+    in_range = [p[2] for p in parsed if p[2] >= 0]
+    for split, rel, lab, where in parsed:
+        if lab < 0:
+            m.problems.append(Problem(_d.LABEL_OUT_OF_RANGE, os.path.join(root, rel), _strip_ext(rel),
+                                      f"{where}: label {lab} is negative", split))
+    if not in_range:
+        m.classes = []
+        return m
+    dense = _dense_labels(in_range, num_classes, len(names_file) if names_file is not None else None,
+                          "label (column 2)" if not classes_file else f"label vs {os.path.basename(classes_file)}")
+    k = len(names_file) if names_file is not None else (num_classes or len(set(in_range)))
+    if named and len({named[v][0] for v in named}) != len(named):
+        raise AdapterError("class_name: two labels share one class name (" + ", ".join(
+            f"{v}: {named[v][0]!r}" for v in sorted(named, key=lambda v: (named[v][0], v))) + ")")
+    if names_file is not None:
+        classes = names_file
+    elif named:
+        by_dense = {dense[v]: named[v][0] for v in named if v in dense and dense[v] < k}
+        classes = [by_dense.get(i, f"class_{i:03d}") for i in range(k)]
     else:
-        k = num_classes if num_classes else (max((p[2] for p in parsed if p[2] >= 0), default=-1) + 1)
         folders: Dict[int, set] = {}
         for _, rel, lab, _ in parsed:
-            if "/" in rel:
-                folders.setdefault(lab, set()).add(rel.split("/")[0])
-        named = all(len(folders.get(i, ())) == 1 for i in range(k))
-        names = [next(iter(folders[i])) for i in range(k)] if named else []
-        classes = names if named and len(set(names)) == k else [f"class_{i:03d}" for i in range(k)]
+            if "/" in rel and lab in dense:
+                folders.setdefault(dense[lab], set()).add(rel.split("/")[0])
+        ok = all(len(folders.get(i, ())) == 1 for i in range(k))
+        names = [next(iter(folders[i])) for i in range(k)] if ok else []
+        classes = names if ok and len(set(names)) == k else [f"class_{i:03d}" for i in range(k)]
     m.classes = classes
+    m.source["labels"] = {"as_written": [min(dense), max(dense)], "classes": len(classes),
+                          "renumbered": any(a != b for a, b in dense.items())}
     for split, rel, lab, where in parsed:
+        if lab < 0:
+            continue
         path = os.path.join(root, rel)
-        if not 0 <= lab < len(classes):
+        i = dense[lab]
+        if not 0 <= i < len(classes):
             m.problems.append(Problem(_d.LABEL_OUT_OF_RANGE, path, _strip_ext(rel),
                                       f"{where}: label {lab} not in 0..{len(classes) - 1}", split))
             continue
-        _add(m, _strip_ext(rel), path, lab, classes[lab], split)
+        _add(m, _strip_ext(rel), path, i, classes[i], split)
     return m
 
 

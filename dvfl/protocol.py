@@ -1,0 +1,197 @@
+"""Evaluation protocols over several splits: UCF101/HMDB51 splits 1-3, UCF50 leave-one-group-out.
+
+Each split (a UCF50 fold: its held-out group) is one run of the distillation pipeline
+(:func:`dvfl.pipeline.run_all`) with ``data.split`` set and its own output dir, clips, teacher and
+cache; ``{split}`` in a config path (``data/hmdb51_s{split}``) is where the split number goes.
+The protocol's results (``protocol.json`` / ``protocol.md``) hold every split's figures and their
+mean ± sample standard deviation; they are rewritten after every split, so an interrupted protocol
+shows what finished (and the same command resumes: finished stages are reused).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from dvfl import paths
+from dvfl.config import SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config
+from dvfl.data.shards import atomic_write_json, atomic_write_text
+
+RESULTS_JSON, RESULTS_MD = "protocol.json", "protocol.md"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    dataset: str
+    kind: str  # "split" (official train/test splits) or "fold" (leave-one-group-out: fold N tests on group N)
+    ids: tuple  # every split/fold the protocol has
+    description: str
+
+
+PROTOCOLS = {
+    "ucf101": Protocol("ucf101", "split", (1, 2, 3), "UCF101 official splits 1-3"),
+    "hmdb51": Protocol("hmdb51", "split", (1, 2, 3), "HMDB51 official splits 1-3"),
+    "ucf50": Protocol("ucf50", "fold", tuple(range(1, 26)),
+                      "UCF50 leave-one-group-out (25 folds, fold N tests on group N)"),
+}
+# config paths that must differ per split: one split's test videos are another's training videos
+PER_SPLIT_FIELDS = ("data.clips", "teacher.cache", "teacher.path")
+
+
+def protocol_for(dataset: str) -> Protocol:
+    if dataset not in PROTOCOLS:
+        raise ConfigError(f"data.dataset is {dataset!r}, which has one fixed split (run pipelines/distill.py); "
+                          f"protocols exist for {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[dataset]
+
+
+def parse_ids(text: str, protocol: Protocol, flag: str) -> list[int]:
+    """``1,2,3``, ``1-5``, ``all`` -> sorted distinct ids of the protocol, or a ConfigError naming the flag."""
+    if text.strip() == "all":
+        return list(protocol.ids)
+    ids = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            ids += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: expected numbers like 1,2,3 or 1-5 or all") from None
+    bad = sorted(set(ids) - set(protocol.ids))
+    if bad or not ids:
+        raise ConfigError(f"{flag} {text!r}: {protocol.description} has {protocol.kind}s "
+                          f"{protocol.ids[0]}..{protocol.ids[-1]}, got {bad or 'none'}")
+    return sorted(set(ids))
+
+
+def _get(tree: dict, dotted: str):
+    node = tree
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
+    """One validated config per split, before any work starts (errors name the split and the field).
+
+    ``output_dir`` without ``{split}`` gets a ``split<N>`` folder per split; ``data.clips``,
+    ``teacher.cache`` and ``teacher.path`` must hold ``{split}`` or be empty (then each split's
+    output dir holds its own clips, cache and trained teacher)."""
+    tree = config_tree(config_path, overrides)
+    for name in PER_SPLIT_FIELDS:
+        value = _get(tree, name)
+        if value and SPLIT_PLACEHOLDER not in str(value):
+            raise ConfigError(
+                f"{name} is {value} for every split: a protocol needs one per split (another split's test videos "
+                f"are this split's training videos). Put {SPLIT_PLACEHOLDER} in it (e.g. --set "
+                f"{name}={_example(str(value))}) or set it to null")
+    template = str(tree.get("output_dir") or RunConfig().output_dir)
+    per_split = template if SPLIT_PLACEHOLDER in template else os.path.join(template, f"split{SPLIT_PLACEHOLDER}")
+    configs = []
+    for i in ids:
+        try:
+            configs.append(load_config(config_path, [*overrides, ("data.split", i), ("output_dir", per_split)],
+                                       outputs=("data.clips",)))
+        except ConfigError as exc:
+            raise ConfigError(f"split {i}: {exc}") from None
+    return configs
+
+
+def _example(value: str) -> str:
+    stem, ext = os.path.splitext(value.rstrip("/"))
+    return f"{stem}_s{SPLIT_PLACEHOLDER}{ext}"
+
+
+def results_dir(config_path, overrides, out: str | None = None) -> str:
+    """``--out``, else the config's output_dir (``{split}`` in it read as ``all``)."""
+    template = out or str(config_tree(config_path, overrides).get("output_dir") or RunConfig().output_dir)
+    return paths.absolute(template.replace(SPLIT_PLACEHOLDER, "all"), paths.output_base())
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(protocol: Protocol, runs: list[dict]) -> dict:
+    """Per model: mean and sample std (n-1) over the splits that ran; for folds also the pooled
+    top-1 (every test video of every fold counted once)."""
+    out = {}
+    for role in runs[0]["models"]:
+        rows = [r["models"][role] for r in runs if role in r["models"]]
+        top1_mean, top1_std = _mean_std([m["top1"] for m in rows])
+        top5_mean, top5_std = _mean_std([m["top5"] for m in rows])
+        agg = {"n": len(rows), "top1_mean": top1_mean, "top1_std": top1_std, "top5_mean": top5_mean,
+               "top5_std": top5_std, "top1_per_split": [m["top1"] for m in rows]}
+        if protocol.kind == "fold" and all(m.get("videos") for m in rows):
+            videos = sum(m["videos"] for m in rows)
+            agg["pooled_top1"] = sum(m["top1"] * m["videos"] for m in rows) / videos
+            agg["pooled_videos"] = videos
+        out[role] = agg
+    return out
+
+
+def _pct(mean: float, std: float | None) -> str:
+    return f"{mean:.1%}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list[dict], log=print) -> dict:
+    """protocol.json + protocol.md (atomic): per-split figures, mean ± std, how many splits ran."""
+    from dvfl.pipeline import STUDENT_LABELS
+
+    ran = [r["split"] for r in runs]
+    report = {
+        "protocol": protocol.description, "dataset": protocol.dataset, "kind": protocol.kind,
+        f"{protocol.kind}s_asked": asked, f"{protocol.kind}s_run": ran,
+        f"{protocol.kind}s_total": len(protocol.ids),
+        "complete": sorted(ran) == list(protocol.ids),
+        "std": "sample standard deviation (n-1) over the splits that ran; null for one split",
+        "split_of_numbers": "test split of each run, evaluated once at its end",
+        "runs": runs, "aggregate": aggregate(protocol, runs) if runs else {},
+    }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out_dir) / RESULTS_JSON, report)
+    what = f"{len(ran)} of {len(protocol.ids)} {protocol.kind}s ran ({', '.join(map(str, ran))})"
+    if len(ran) < len(asked):
+        what += f"; {len(asked) - len(ran)} asked for not finished"
+    lines = [f"# {protocol.description}", "", what + ".", "",
+             "| model | top-1 mean ± std (points) | top-5 mean ± std | " + " | ".join(
+                 f"{protocol.kind} {s}" for s in ran) + " |",
+             "|---|---:|---:|" + "---:|" * len(ran)]
+    for role, agg in report["aggregate"].items():
+        per = {r["split"]: r["models"].get(role) for r in runs}
+        lines.append(f"| {STUDENT_LABELS.get(role, role)} | {_pct(agg['top1_mean'], agg['top1_std'])} | "
+                     f"{_pct(agg['top5_mean'], agg['top5_std'])} | "
+                     + " | ".join(f"{per[s]['top1']:.1%}" if per[s] else "-" for s in ran) + " |")
+    pooled = {r: a["pooled_top1"] for r, a in report["aggregate"].items() if "pooled_top1" in a}
+    md = "\n".join(lines) + "\n\nTop-1 per " + protocol.kind + " on its test split (evaluated once, at the end); " \
+        "std: sample standard deviation over the " + protocol.kind + "s that ran.\n"
+    if pooled:
+        md += "\nPooled top-1 (every test video of the folds that ran counted once): " + ", ".join(
+            f"{STUDENT_LABELS.get(r, r)} {v:.1%}" for r, v in pooled.items()) + ".\n"
+    atomic_write_text(Path(out_dir) / RESULTS_MD, md)
+    log(f"[protocol] {what}: {Path(out_dir) / RESULTS_JSON}")
+    return report
+
+
+def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], out_dir: str, log=print) -> dict:
+    """Run the pipeline per split (in order), rewriting the protocol's results after each one."""
+    from dvfl import pipeline
+    from dvfl.config import dump_config
+
+    runs: list[dict] = []
+    report = write_results(out_dir, protocol, ids, runs, log=lambda *_: None)
+    for n, (i, cfg) in enumerate(zip(ids, configs), 1):
+        log(f"[protocol] {protocol.kind} {i} ({n}/{len(ids)}): clips {cfg.clips_dir}, results in {cfg.output_dir}")
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        result = pipeline.run_all(cfg, log)
+        runs.append({"split": i, "output_dir": cfg.output_dir, "clips": cfg.clips_dir,
+                     "models": {role: {"top1": row["top1_mean"], "top5": row["top5_mean"], "videos": row.get("videos"),
+                                       "seeds": row["seeds"], "top1_per_seed": row["top1_per_seed"]}
+                                for role, row in result["models"].items()}})
+        report = write_results(out_dir, protocol, ids, runs, log=log)
+    return report
+
+
+__all__ = ["PROTOCOLS", "Protocol", "protocol_for", "parse_ids", "split_configs", "results_dir", "aggregate",
+           "write_results", "run_protocol"]

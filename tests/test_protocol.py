@@ -1,0 +1,214 @@
+"""Protocols over several splits (issue 17): pipelines/protocol.py runs the distillation pipeline per
+UCF101/HMDB51 split (or UCF50 fold) and reports each split's figures and their mean ± std.
+
+The end-to-end tests run the command-line entry point on tiny dataset trees of real encoded videos,
+joined to the session's Ray; the rest check the refusals that keep splits apart, without Ray.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_videos
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["Archery", "Biking"]
+# tiny sizes; the teacher is given (one per split, {split} in teacher.path), so each split trains one student
+TINY_RUN = {"seed": 0, "baseline": False, "students": ["dvfl"],
+            "data": {"frames": 4, "clips_per_video": 2, "eval_clips": 1, "short_side": 24, "crop_size": 24},
+            # online: the teacher runs inside training (no cache stage per split; the cache is tested elsewhere)
+            "teacher": {"mode": "online", "min_top1_over_chance": -1},
+            "student": {"embed_dim": 8, "depths": [1, 1, 1, 1], "drop_path_rate": 0.0},
+            "optim": {"epochs": 1, "batch_size": 4},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "eval": {"clips": 1, "crops": 1}}
+
+
+def video_specs(root: Path, groups, layout: str) -> list:
+    """One short clip per class and group: ``<root>/<Class>/v_<Class>_gGG_c01.avi`` (UCF naming)."""
+    specs = []
+    for c, name in enumerate(CLASSES):
+        for g in groups:
+            rel = f"{name}/v_{name}_g{g:02d}_c01.avi"
+            specs.append((str(root / layout / rel) if layout else str(root / rel),
+                          {"n": 10, "h": 24, "w": 32, "fps": 10, "codec": "mpeg4", "seed": 10 * c + g}))
+    return specs
+
+
+def ucf101_tree(root: Path, splits=(1, 2), groups=(1, 2, 3, 4)) -> None:
+    """Split N tests on group N (like the official lists, whose split 1 tests on g01-g07)."""
+    make_videos(video_specs(root, groups, "UCF-101"))
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("".join(f"{c + 1} {n}\n" for c, n in enumerate(CLASSES)))
+    for s in splits:
+        train = [f"{n}/v_{n}_g{g:02d}_c01.avi {c + 1}" for c, n in enumerate(CLASSES) for g in groups if g != s]
+        test = [f"{n}/v_{n}_g{s:02d}_c01.avi" for n in CLASSES]
+        (lists / f"trainlist0{s}.txt").write_text("\n".join(train) + "\n")
+        (lists / f"testlist0{s}.txt").write_text("\n".join(test) + "\n")
+
+
+def teacher_dirs(base: Path, ids) -> str:
+    """A (random-weight) teacher per split, saved as a model directory: ``base/s{split}``."""
+    from dvfl.artifacts import build_model, save_model
+
+    kwargs = {"num_classes": len(CLASSES), "num_frames": 4, "img_size": 24, "embed_dim": 8, "depths": [1, 1, 1, 1],
+              "drop_path_rate": 0.0}
+    for i in ids:
+        save_model(base / f"s{i}", build_model("videofocalnet_nano", **kwargs), "videofocalnet_nano", kwargs)
+    return str(base / "s{split}")
+
+
+def write_config(path: Path, **data) -> Path:
+    tree = json.loads(json.dumps(TINY_RUN))
+    for key, value in data.items():
+        section, _, field = key.rpartition(".")
+        (tree.setdefault(section, {}) if section else tree)[field] = value
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run_protocol(args, ray_local, cwd):
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "protocol.py"), *args], cwd=cwd,
+                          env={**__import__("os").environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+                          capture_output=True, text=True, timeout=600)
+
+
+def check_aggregate(report: dict, kind: str, ran: list) -> None:
+    """The aggregate is the mean / sample std of the per-split figures the protocol ran, and those
+    are the figures each split's own results.json holds."""
+    assert report[f"{kind}s_run"] == ran and [r["split"] for r in report["runs"]] == ran
+    for run in report["runs"]:
+        own = json.loads((Path(run["output_dir"]) / "results.json").read_text())
+        assert {r: (m["top1"], m["top5"]) for r, m in run["models"].items()} == {
+            r: (m["top1_mean"], m["top5_mean"]) for r, m in own["models"].items()}
+        assert own["splits"]["top1"] == "test"
+    for role, agg in report["aggregate"].items():
+        top1 = [r["models"][role]["top1"] for r in report["runs"]]
+        top5 = [r["models"][role]["top5"] for r in report["runs"]]
+        assert agg["n"] == len(ran) and agg["top1_per_split"] == top1
+        assert agg["top1_mean"] == pytest.approx(statistics.fmean(top1))
+        assert agg["top1_std"] == pytest.approx(statistics.stdev(top1))
+        assert agg["top5_mean"] == pytest.approx(statistics.fmean(top5))
+        assert agg["top5_std"] == pytest.approx(statistics.stdev(top5))
+
+
+def test_ucf101_splits_run_per_split_and_report_mean_and_std(tmp_path, ray_local):
+    tree = tmp_path / "UCF101"
+    ucf101_tree(tree)
+    cfg = write_config(tmp_path / "ucf101.yaml", **{"data.dataset": "ucf101", "data.root": str(tree),
+                                                   "data.clips": str(tmp_path / "clips" / "ucf101_s{split}"),
+                                                   "teacher.path": teacher_dirs(tmp_path / "teachers", (1, 2)),
+                                                   "output_dir": "runs/ucf101"})
+    r = run_protocol(["--config", str(cfg), "--splits", "1,2"], ray_local, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    out = tmp_path / "runs" / "ucf101"
+    report = json.loads((out / "protocol.json").read_text())
+    check_aggregate(report, "split", [1, 2])
+    assert report["splits_total"] == 3 and report["complete"] is False
+    assert set(report["aggregate"]) == {"teacher", "dvfl"}
+    # each split ingested its own official split ({split} in data.clips) and ran in its own output dir
+    for s in (1, 2):
+        info = json.loads((tmp_path / "clips" / f"ucf101_s{s}" / "dataset.json").read_text())
+        assert info["source"]["split"] == s
+        assert report["runs"][s - 1]["output_dir"] == str(out / f"split{s}")
+        assert yaml.safe_load((out / f"split{s}" / "config.yaml").read_text())["data"]["split"] == s
+    md = (out / "protocol.md").read_text()
+    assert "2 of 3 splits ran (1, 2)" in md and " ± " in md
+
+
+def test_ucf50_leave_one_group_out_folds_aggregate_and_say_how_many_ran(tmp_path, ray_local):
+    """A UCF50 tree (archive layout: <root>/UCF50/<Class>/) with groups g01-g03 and a stray g26 file;
+    folds 1 and 2 of the 25 run: each tests on its own group, and the output says 2 of 25 ran."""
+    root = tmp_path / "UCF50data"
+    make_videos(video_specs(root, (1, 2, 3), "UCF50") + video_specs(root, (26,), "UCF50")[:1])
+    cfg = write_config(tmp_path / "ucf50.yaml", **{"data.dataset": "ucf50", "data.root": str(root),
+                                                  "teacher.path": teacher_dirs(tmp_path / "teachers", (1, 2)),
+                                                  "output_dir": str(tmp_path / "logo")})
+    r = run_protocol(["--config", str(cfg), "--folds", "1-2"], ray_local, tmp_path)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    report = json.loads((tmp_path / "logo" / "protocol.json").read_text())
+    check_aggregate(report, "fold", [1, 2])
+    assert (report["folds_total"], report["complete"]) == (25, False)
+    assert "2 of 25 folds ran (1, 2)" in (tmp_path / "logo" / "protocol.md").read_text()
+    for fold in (1, 2):
+        clips = Path(report["runs"][fold - 1]["output_dir"]) / "clips"
+        info = json.loads((clips / "dataset.json").read_text())
+        assert info["source"]["test_group"] == fold and info["counts"]["test"]["videos"] == len(CLASSES)
+        rejects = [json.loads(line) for line in (clips / "rejects.jsonl").read_text().splitlines()]
+        assert [(x["reason"], "g26" in x["detail"]) for x in rejects] == [("bad_name", True)]
+    for role, agg in report["aggregate"].items():  # pooled: every test video of the folds counted once
+        runs = [r["models"][role] for r in report["runs"]]
+        assert agg["pooled_videos"] == sum(m["videos"] for m in runs) == 2 * len(CLASSES)
+        assert agg["pooled_top1"] == pytest.approx(sum(m["top1"] * m["videos"] for m in runs) / agg["pooled_videos"])
+
+
+# ---------------------------------------------------------------------------------------
+# refusals, before any work (no Ray)
+
+def test_a_path_shared_by_every_split_is_refused_naming_the_field(tmp_path):
+    from dvfl.config import ConfigError
+    from dvfl.protocol import PROTOCOLS, split_configs
+
+    (tmp_path / "UCF101").mkdir()
+    cfg = write_config(tmp_path / "c.yaml", **{"data.dataset": "ucf101", "data.root": str(tmp_path / "UCF101"),
+                                               "data.clips": "data/ucf101_s1"})
+    with pytest.raises(ConfigError, match=r"data\.clips is data/ucf101_s1 for every split.*data/ucf101_s1_s\{split\}"):
+        split_configs(cfg, [], [1, 2])
+    with pytest.raises(ConfigError, match=r"teacher\.path is models/t for every split"):
+        split_configs(cfg, [("data.clips", None), ("teacher.path", "models/t")], [1])
+    # {split} placeholders are filled per split; output_dir without one gets split<N>
+    configs = split_configs(cfg, [("data.clips", "data/u_s{split}"), ("output_dir", str(tmp_path / "runs"))], [1, 3])
+    assert [(c.data.split, c.output_dir) for c in configs] == [(1, str(tmp_path / "runs" / "split1")),
+                                                                (3, str(tmp_path / "runs" / "split3"))]
+    assert configs[0].data.clips.endswith("/data/u_s1") and configs[1].data.clips.endswith("/data/u_s3")
+    assert PROTOCOLS["ucf101"].ids == (1, 2, 3)
+
+
+def protocol_main():
+    """pipelines/protocol.py's main(), in this process (the refusals need no Ray and no subprocess)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "pipelines"))
+    spec = importlib.util.spec_from_file_location("protocol_cli", REPO / "pipelines" / "protocol.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_protocol_flags_are_checked_before_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = protocol_main()
+    root = tmp_path / "UCF101"
+    root.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", **{"data.dataset": "ucf101", "data.root": str(root)})
+    other = write_config(tmp_path / "k.yaml", **{"data.dataset": "kinetics", "data.root": str(root)})
+    for args, message in ((["--splits", "1,4"], "--splits '1,4': UCF101 official splits 1-3 has splits 1..3, got [4]"),
+                          (["--folds", "1"], "--folds does not apply to UCF101 official splits 1-3: use --splits"),
+                          (["--splits", "x"], "--splits 'x': expected numbers like 1,2,3 or 1-5 or all"),
+                          (["--config", str(other)], "data.dataset is 'kinetics', which has one fixed split")):
+        assert main(["--config", str(cfg), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_clips_of_another_split_are_refused():
+    from dvfl.config import load_config
+    from dvfl.pipeline import check_clips_match
+
+    cfg = load_config(None, [("data.dataset", "ucf101"), ("data.root", "/nowhere"), ("data.split", 2)],
+                      check_paths=False)
+    info = {"dataset": "ucf101", "source": {"split": 1},
+            "params": {"frames": cfg.data.frames, "short_side": cfg.data.short_side, "eval_clips": 1}}
+    with pytest.raises(ValueError, match="data.split is 2, the clips were ingested from split 1"):
+        check_clips_match(cfg, info)
+    check_clips_match(cfg, {**info, "source": {"split": 2}})
+    ucf50 = load_config(None, [("data.dataset", "ucf50"), ("data.root", "/nowhere"), ("data.split", 7)],
+                        check_paths=False)
+    with pytest.raises(ValueError, match="data.split is 7, the clips were ingested from split 3"):
+        check_clips_match(ucf50, {**info, "dataset": "ucf50", "source": {"test_group": 3}})
