@@ -5,6 +5,7 @@ generated dataset) and its clips: the test videos of that dataset are real files
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -132,8 +133,34 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
         ref = model.eval()(clips).numpy()
     assert clips.shape[0] == 4 and np.abs(sess.run(None, {"video": clips.numpy()})[0] - ref).max() <= 1e-4
 
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
+                "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0, r.stderr
+    ts = torch.jit.load(str(tmp_path / "t.ts"))
+    with torch.inference_mode():
+        assert (ts(clips) - torch.from_numpy(ref)).abs().max() <= 1e-4
 
-def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(prepared, golden_dir, tmp_path):
+
+@contextlib.contextmanager
+def no_network(monkeypatch):
+    """Every socket connection or name lookup fails while inside; the attempts are recorded."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **_kw):
+        attempts.append(args[1:] or args)
+        raise OSError("no network in this test")
+
+    with monkeypatch.context() as m:
+        m.setattr(socket.socket, "connect", refuse)
+        m.setattr(socket, "create_connection", refuse)
+        m.setattr(socket, "getaddrinfo", refuse)
+        yield attempts
+
+
+def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(prepared, golden_dir, tmp_path,
+                                                                                monkeypatch):
     """The folder round-trips through timm.create_model("local-dir:...") with identical logits and
     carries a model card; a spec that does not match the weights is refused, naming the tensors."""
     import timm
@@ -151,7 +178,14 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
     card = (folder / "README.md").read_text()
     for needle in ("## Training", "## Metrics", "short side 32", "synthetic", "validation top-1"):
         assert needle in card, needle
-    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with no_network(monkeypatch) as attempts:
+        import urllib.request
+
+        with pytest.raises(OSError, match="network"):  # the guard is live
+            urllib.request.urlopen("https://huggingface.co", timeout=5)
+        assert len(attempts) == 1
+        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        assert len(attempts) == 1, f"the local folder load tried the network: {attempts[1:]}"
     model, _ = load_model(prepared["teacher"])
     x = torch.randn(2, 8, 3, 32, 32)
     with torch.inference_mode():
@@ -229,3 +263,50 @@ def tempfile_dir() -> str:
     import tempfile
 
     return tempfile.gettempdir()
+
+
+def test_predict_equals_evaluation_on_every_test_video_of_the_embedded_default(ray_local, tmp_path):
+    """The embedded default's own test split (its 320 generated test videos: a test video's seed
+    depends only on the run seed, its class and index, not on the training split's size), ingested
+    with the default's parameters: predict.py's top-1 (the default's eval views) is evaluation's video-level
+    prediction (the default's eval views) for every one of them, on a model of the student's shape."""
+    import torch
+
+    from dvfl import pipeline
+    from dvfl.artifacts import build_model, save_model
+    from dvfl.config import load_config
+    from dvfl.data.adapters import build_manifest
+    from dvfl.data.ingest import IngestConfig, ingest
+    from dvfl.data.shards import load_dataset_info, read_clips_table
+    from dvfl.train.evaluate import evaluate_multiview
+
+    default = load_config(None, [("output_dir", str(tmp_path))])
+    cfg = load_config(None, [("output_dir", str(tmp_path)), ("data.synthetic.train_per_class", 0),
+                             ("data.synthetic.unlabeled_videos", 0)])
+    generated = pipeline.ensure_videos(cfg, log=None)
+    ingest(build_manifest("synthetic", generated["root"], 1),
+           IngestConfig(out=cfg.clips_dir, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
+                        eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed,
+                        progress=False), log=lambda *_: None)
+    info = load_dataset_info(cfg.clips_dir)
+    torch.manual_seed(0)
+    kwargs = pipeline.model_kwargs(default.student, len(info["classes"]), default)
+    model = build_model(default.student.model, **kwargs).eval()
+    model_dir = tmp_path / "student"
+    save_model(model_dir, model, default.student.model, kwargs, classes=info["classes"],
+               inputs=pipeline.model_inputs(default, info))
+
+    ev = evaluate_multiview(model, cfg.clips_dir, "test", default.crop_size, num_clips=default.eval.clips,
+                            num_crops=default.eval.crops, per_video=True)
+    table = read_clips_table(cfg.clips_dir, ["test"], columns=["video_id", "path"])
+    videos = dict(zip(table.column("video_id").to_pylist(), table.column("path").to_pylist()))
+    s = default.data.synthetic
+    assert len(videos) == len(ev["predictions"]) == s.num_classes * s.test_per_class == 320
+    out = tmp_path / "pred.json"
+    r = run_cli("predict.py", "--model", model_dir, generated["root"], "--topk", 1, "--json", out,
+                "--views", f"{default.eval.clips}x{default.eval.crops}", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    top1 = {row["path"]: row["topk"][0][0] for row in json.loads(out.read_text())}
+    assert len(top1) == 320
+    wrong = [v for v, p in videos.items() if top1[os.path.join(info["root"], p)] != info["classes"][ev["predictions"][v]]]
+    assert not wrong, f"{len(wrong)} of 320 test videos predicted differently from evaluation: {wrong[:5]}"
