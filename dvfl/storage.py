@@ -92,7 +92,8 @@ def s3_endpoint() -> Optional[str]:
 
 @functools.lru_cache(maxsize=16)
 def _s3(endpoint: Optional[str], region: Optional[str]) -> pafs.FileSystem:
-    kw: dict = {}
+    # the SDK's default request timeout (3 s without a byte) failed requests to a busy server
+    kw: dict = {"connect_timeout": 10, "request_timeout": 60}
     if endpoint:
         u = urlparse(endpoint)
         kw["endpoint_override"] = u.netloc or u.path

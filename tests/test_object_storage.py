@@ -21,7 +21,7 @@ from conftest import s3_objects
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INGEST = os.path.join(REPO, "pipelines", "ingest.py")
 DISTILL = os.path.join(REPO, "pipelines", "distill.py")
-SMALL = ["--synthetic-classes", "4", "--train-per-class", "3", "--test-per-class", "1", "--videos-per-shard", "2",
+SMALL = ["--synthetic-classes", "4", "--train-per-class", "8", "--test-per-class", "1", "--videos-per-shard", "4",
          "--video-size", "32", "--num-cpus", "3", "--object-store-mb", "256", "--quiet"]
 
 
@@ -35,7 +35,7 @@ def _env(s3_server, tmp_path, **extra):
 def _run(args, env, cwd, timeout=300):
     r = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                        start_new_session=True)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     return r
 
 
@@ -52,29 +52,27 @@ def _shard_hashes_s3(uri):
             for k in s3_objects(uri) if k.startswith("shards/") and k.endswith(".parquet") and "/_meta/" not in k}
 
 
-def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(s3_server, tmp_path, ray_local):
-    """A shard uploaded but not yet committed (its sidecar not written) when the driver is
-    SIGKILLed is invisible to readers; the rerun skips the committed shards, writes that one again
-    and ends with the same bytes as an uninterrupted local ingest of the same inputs."""
+HELD = "train-00007"  # the plan's last train shard (8 per class x 4 classes, 4 videos per shard)
+
+
+@pytest.fixture(scope="module")
+def s3_ingest(s3_server, tmp_path_factory):
+    """``pipelines/ingest.py --out s3://...`` SIGKILLed while shard HELD is uploaded but not yet
+    committed (test hook: the driver waits there), then the same command run again."""
     from dvfl import storage
-    from dvfl.data import adapters as A
-    from dvfl.data.ingest import IngestConfig, ingest
     from dvfl.data.shards import read_clips_table, shard_paths
 
-    bucket = s3_server["new_bucket"]()
-    uri = f"s3://{bucket}/clips/run1"
-    videos = str(tmp_path / "videos")
-    work = tmp_path / "cwd"
+    tmp = tmp_path_factory.mktemp("s3_ingest")
+    uri = f"s3://{s3_server['new_bucket']()}/clips/run1"
+    work = tmp / "cwd"
     work.mkdir()
-    args = [INGEST, "--dataset", "synthetic", "--out", uri, "--videos-dir", videos, *SMALL]
-    # the plan's last shard: hold the driver after its upload, before its sidecar commits it
-    held = "train-00005"
-    env = _env(s3_server, tmp_path, DVFL_INGEST_TEST_HOOKS="1", DVFL_TEST_HOLD_UNCOMMITTED=held)
+    args = [INGEST, "--dataset", "synthetic", "--out", uri, "--videos-dir", str(tmp / "videos"), *SMALL]
+    env = _env(s3_server, tmp, DVFL_INGEST_TEST_HOOKS="1", DVFL_TEST_HOLD_UNCOMMITTED=HELD)
     proc = subprocess.Popen([sys.executable, *args], env=env, cwd=work, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while f"shards/{held}.parquet" not in s3_objects(uri):
+        while f"shards/{HELD}.parquet" not in s3_objects(uri):
             assert proc.poll() is None, f"the run ended on its own: {proc.stderr.read()[-3000:]}"
             assert time.time() < deadline, "the held shard was not uploaded in time"
             time.sleep(0.3)
@@ -88,33 +86,83 @@ def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(
         except ProcessLookupError:
             pass
         proc.stderr.close()
-    objects = s3_objects(uri)
-    assert "dataset.json" not in objects                      # not a finished ingest
-    assert f"shards/_meta/{held}.json" not in objects         # uploaded, never committed
-    committed = shard_paths(uri)
-    assert committed and f"{uri}/shards/{held}.parquet" not in committed
-    assert read_clips_table(uri, columns=["clip_id"]).num_rows == sum(
-        storage.read_json(f"{uri}/shards/_meta/{storage.basename(p)[:-8]}.json")["clips"] for p in committed)
-
+    killed = {"objects": s3_objects(uri), "committed": shard_paths(uri)}
+    killed["rows"] = read_clips_table(uri, columns=["clip_id"]).num_rows
+    killed["meta_clips"] = sum(storage.read_json(f"{uri}/shards/_meta/{storage.basename(p)[:-8]}.json")["clips"]
+                               for p in killed["committed"])
     env.pop("DVFL_TEST_HOLD_UNCOMMITTED")
-    r = _run(args, env, work)
-    n_done = len(committed)
-    assert f"{n_done} already done" in r.stdout and "== inputs 16" in r.stdout, r.stdout
+    rerun = _run(args, env, work)
+    return {"uri": uri, "videos": str(tmp / "videos"), "work": work, "env": env, "tmp": tmp, "killed": killed,
+            "rerun": rerun}
+
+
+def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(s3_ingest, tmp_path, ray_local):
+    """A shard uploaded but not yet committed (its sidecar not written) when the driver is
+    SIGKILLed is invisible to readers; the rerun skips the committed shards, writes that one again
+    and ends with the same bytes as an uninterrupted local ingest of the same inputs."""
+    from dvfl import storage
+    from dvfl.data import adapters as A
+    from dvfl.data.ingest import IngestConfig, ingest
+    from dvfl.data.shards import shard_paths
+
+    uri, killed = s3_ingest["uri"], s3_ingest["killed"]
+    assert "dataset.json" not in killed["objects"]                       # not a finished ingest
+    assert f"shards/{HELD}.parquet" in killed["objects"]                 # uploaded,
+    assert f"shards/_meta/{HELD}.json" not in killed["objects"]          # never committed,
+    assert killed["committed"] and f"{uri}/shards/{HELD}.parquet" not in killed["committed"]  # so not read
+    assert killed["rows"] == killed["meta_clips"] > 0
+
+    out = s3_ingest["rerun"].stdout
+    assert f"{len(killed['committed'])} already done" in out and "== inputs 36" in out, out
     info = storage.read_json(f"{uri}/dataset.json")
     files = sorted(s["file"] for s in info["shards"])
     objects = s3_objects(uri)
     assert sorted(k for k in objects if k.startswith("shards/") and k.endswith(".parquet")) == files
     assert sorted(k for k in objects if k.startswith("shards/_meta/")) == sorted(
         f"shards/_meta/{f[len('shards/'):-8]}.json" for f in files)
-    assert not [k for k in objects if "tmp" in k]
-    assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []  # nothing local: no spool left over
+    assert not [k for k in objects if "tmp" in k or "spool" in k]
+    assert os.listdir(s3_ingest["work"]) == [] and os.listdir(s3_ingest["env"]["DVFL_SPOOL_DIR"]) == []
 
-    # same bytes as an uninterrupted ingest of the same videos on local disk
-    m = A.ucf101(videos, 1)
+    # the same bytes as an uninterrupted ingest of the same videos on local disk
+    m = A.ucf101(s3_ingest["videos"], 1)
     m.dataset = "synthetic"
     ref = str(tmp_path / "ref")
-    s = ingest(m, IngestConfig(out=ref, short_side=32, videos_per_shard=2, progress=False), log=None)
+    s = ingest(m, IngestConfig(out=ref, short_side=32, videos_per_shard=4, progress=False), log=None)
     assert _shard_hashes_s3(uri) == _shard_hashes_local(ref) and len(files) == s["shards"]
     assert info["fingerprint"] == s["fingerprint"]
     for p in shard_paths(uri):
         assert pq.ParquetFile(storage.open_input(p)).metadata.num_rows > 0
+
+
+TINY_S3 = ["teacher.train.embed_dim=16", "teacher.optim.epochs=2", "student.embed_dim=8", "optim.epochs=1",
+           "teacher.train.drop_path_rate=0.0", "teacher.min_top1_over_chance=-1", "data.teacher_pool=0",
+           "data.clips_per_video=2", "data.synthetic.unlabeled_videos=0", "data.synthetic.num_classes=4"]
+
+
+def test_distill_with_every_path_on_s3(s3_server, s3_ingest):
+    """pipelines/distill.py --output-dir s3://... --set data.clips=s3://...: teacher, its logit cache,
+    the students, Ray Train's checkpoints and the results all land in the bucket; nothing in the
+    working directory; a second run reuses every stage from the bucket."""
+    from dvfl import storage
+
+    out = f"s3://{s3_server['new_bucket']()}/runs/tiny"
+    work, env = s3_ingest["work"], s3_ingest["env"]
+    args = [DISTILL, "--output-dir", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3",
+            *[x for kv in TINY_S3 for x in ("--set", kv)]]
+    r = _run(args, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=600)
+    objects = s3_objects(out)
+    results = storage.read_json(f"{out}/results.json")
+    assert set(results["models"]) == {"teacher", "vfl", "dvfl"}, results["models"].keys()
+    for key in ("results.md", "training_curves.png", "config.yaml", "teacher_cache/cache.json"):
+        assert key in objects, sorted(objects)
+    teacher = [k for k in objects if k.startswith("teacher/") and k.endswith("/model.json")]
+    students = [k for k in objects if k.startswith("students/") and k.endswith("/model.json")]
+    assert len(teacher) == 1 and len(students) == 2
+    assert any(k.startswith("ray_results/") and "checkpoint_" in k for k in objects)   # Ray Train's storage
+    assert any(k.startswith("students/tensorboard/") for k in objects)
+    assert [k for k in objects if k.startswith("teacher_cache/logits/") and k.endswith(".parquet")]
+    assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []
+    assert "[report] s3://" in r.stdout
+
+    again = _run(args, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=600)
+    assert again.stdout.count("reusing") >= 3 and "reusing finished cache" in again.stdout, again.stdout
