@@ -68,6 +68,19 @@ def test_config_names_the_field_whose_bucket_cannot_be_reached(s3_server):
         load_config(None, [("output_dir", f"s3://{bucket}/run")])
 
 
+def test_file_uris_are_local_paths(tmp_path):
+    """``file://`` names a local path: made one at config load, and written with the local atomic
+    rename by dvfl.storage (no hidden temporary file left)."""
+    from dvfl import storage
+    from dvfl.config import load_config
+
+    cfg = load_config(None, [("output_dir", f"file://{tmp_path}/run/../run2")])
+    assert cfg.output_dir == str(tmp_path / "run2") and cfg.clips_dir == str(tmp_path / "run2" / "clips")
+    storage.write_json(f"file://{tmp_path}/d/x.json", {"a": 1})
+    assert storage.read_json(str(tmp_path / "d" / "x.json")) == {"a": 1} and os.listdir(tmp_path / "d") == ["x.json"]
+    assert storage.listdir(f"file://{tmp_path}/d", ".json") == [f"file://{tmp_path}/d/x.json"]
+
+
 def test_a_shard_object_without_its_sidecar_is_not_read(s3_server):
     """Object stores have no rename: a shard is uploaded under its final name and committed by its
     _meta sidecar, written after it; readers list only committed shards."""

@@ -255,7 +255,7 @@ def remove_stale_tmp(directory: str) -> int:
     if storage.is_remote(directory):
         return 0  # objects are written once under their final names: no temporary objects
     n = 0
-    for p in glob.glob(os.path.join(directory, ".*.tmp")):
+    for p in glob.glob(os.path.join(storage.local_path(directory), ".*.tmp")):
         try:
             os.unlink(p)
             n += 1
@@ -288,7 +288,7 @@ def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[st
                      for m in storage.listdir(storage.join(shard_dir, META_DIR), ".json")}
         paths = [p for p in storage.listdir(shard_dir, ".parquet") if storage.basename(p)[:-len(".parquet")] in committed]
     else:
-        paths = sorted(glob.glob(os.path.join(out_dir, SHARD_DIR, "*.parquet")))
+        paths = sorted(glob.glob(os.path.join(storage.local_path(out_dir), SHARD_DIR, "*.parquet")))
     if splits is not None:
         want = set(splits)
         paths = [p for p in paths if storage.basename(p).rsplit("-", 1)[0] in want]
