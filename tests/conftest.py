@@ -172,7 +172,7 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "dvfl-test", "AWS_SECRET_ACCESS_KEY": "dvfl-test"
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """``{"endpoint", "env", "new_bucket()"}``: moto's S3 server on a free port, with dummy
     credentials and AWS_ENDPOINT_URL set in this process's environment for the session (restored
     afterwards). Processes started from the tests (pipelines/*.py, their local Ray) inherit it;
@@ -188,8 +188,11 @@ def s3_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
+    # its request log goes to a file: a pipe nobody reads fills up and then blocks every request
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    log_file = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while True:
         try:
@@ -198,7 +201,8 @@ def s3_server():
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto server did not start: {proc.stderr.read()[-2000:]}")
+                log_file.close()
+                raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.2)
     env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
@@ -230,6 +234,7 @@ def s3_server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log_file.close()
 
 
 def s3_objects(uri: str) -> dict:
