@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
 
 import dvfl.models  # noqa: F401  (registers the variants)
+from dvfl import storage
 from dvfl.data.shards import atomic_write_bytes, atomic_write_json
 from dvfl.models.checkpoint import CheckpointError, load_checkpoint
 from dvfl.models.video_focalnet import FOLDER_WEIGHTS
@@ -49,13 +48,14 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 def save_model(directory: str | os.PathLike, model: nn.Module, name: str, kwargs: dict, **extra) -> dict:
     """Save weights + spec atomically; returns the spec (with the weights fingerprint)."""
-    directory = Path(directory)
+    directory = os.fspath(directory)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     spec = {"name": name, "kwargs": kwargs, "weights_fingerprint": state_dict_fingerprint(state), **extra}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(directory / WEIGHTS, buffer.getvalue())
-    atomic_write_json(directory / SPEC, spec)
+    # weights first, the spec last: a folder with model.json is a whole model (on object stores too)
+    atomic_write_bytes(storage.join(directory, WEIGHTS), buffer.getvalue())
+    atomic_write_json(storage.join(directory, SPEC), spec)
     return spec
 
 
@@ -66,15 +66,15 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
     Loading is strict (:func:`dvfl.models.load_checkpoint`): a teacher never runs with a
     silently re-initialised head.
     """
-    path = Path(path)
-    if path.is_dir():
-        spec_file = path / SPEC
-        if not spec_file.is_file():
+    path = os.fspath(path)
+    if storage.isdir(path):
+        spec_file = storage.join(path, SPEC)
+        if not storage.isfile(spec_file):
             raise CheckpointError(f"{path} is not a model directory (no {SPEC})")
-        spec = json.loads(spec_file.read_text())
-        weights = path / WEIGHTS
-        if not weights.is_file() and (path / FOLDER_WEIGHTS).is_file():  # an exported model folder
-            weights = path / FOLDER_WEIGHTS
+        spec = storage.read_json(spec_file)
+        weights = storage.join(path, WEIGHTS)
+        if not storage.isfile(weights) and storage.isfile(storage.join(path, FOLDER_WEIGHTS)):  # an exported model folder
+            weights = storage.join(path, FOLDER_WEIGHTS)
     else:
         if name is None:
             raise CheckpointError(f"{path}: a checkpoint file needs the model name (e.g. --teacher-model videofocalnet_base)")

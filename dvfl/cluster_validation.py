@@ -315,6 +315,19 @@ def _auth_errors(prepared: dict) -> list[str]:
     return out
 
 
+# GCS, dashboard, Ray Client (runs arbitrary code), object manager (as the launcher configs set it)
+RAY_PORTS = (6379, 8265, 10001, 8076)
+
+
+def _ray_ports_in(rule: dict) -> list[int]:
+    if rule.get("IpProtocol") in ("-1", -1, "all"):
+        return list(RAY_PORTS)
+    lo, hi = rule.get("FromPort"), rule.get("ToPort")
+    if not (_is_plain_int(lo) and _is_plain_int(hi)):
+        return []
+    return [p for p in RAY_PORTS if lo <= p <= hi]
+
+
 def _security_group_errors(config: dict) -> list[str]:
     out = []
     sg = _d(_d(config.get("provider")).get("security_group"))
@@ -324,6 +337,14 @@ def _security_group_errors(config: dict) -> list[str]:
         cidrs = [r.get("CidrIp") for r in _l(rule.get("IpRanges")) if isinstance(r, dict)]
         cidrs += [r.get("CidrIpv6") for r in _l(rule.get("Ipv6Ranges")) if isinstance(r, dict)]
         if not WORLD_CIDRS.intersection(cidrs):
+            # a network range (the VPC, an office): still not the cluster's own nodes, which reach
+            # each other through the group's self rule that `ray up` adds
+            exposed = _ray_ports_in(rule)
+            if cidrs and exposed:
+                out.append(_err("policy", ("provider", "security_group", "IpPermissions", i),
+                                f"opens Ray port(s) {', '.join(map(str, exposed))} to {', '.join(map(str, cidrs))}; "
+                                "only the cluster's own nodes (the group itself) may reach the GCS, Ray "
+                                "Client and dashboard ports"))
             continue
         ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
         if not ssh_only:

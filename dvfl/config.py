@@ -168,11 +168,15 @@ class RunConfig:
     # ------------------------------------------------------------------ derived paths
     @property
     def clips_dir(self) -> str:
-        return self.data.clips or os.path.join(self.output_dir, "clips")
+        from dvfl.storage import join
+
+        return self.data.clips or join(self.output_dir, "clips")
 
     @property
     def cache_dir(self) -> str:
-        return self.teacher.cache or os.path.join(self.output_dir, "teacher_cache")
+        from dvfl.storage import join
+
+        return self.teacher.cache or join(self.output_dir, "teacher_cache")
 
     @property
     def unlabeled_dir(self) -> str | None:
@@ -227,6 +231,7 @@ class RunConfig:
         import timm
 
         import dvfl.models  # noqa: F401  (registers the variants)
+        from dvfl import storage
 
         def fail(name, msg):
             raise ConfigError(f"{name} {msg}")
@@ -344,8 +349,22 @@ class RunConfig:
                                 ("student.init_2d", self.student.init_2d),
                                 ("teacher.train.checkpoint", self.teacher.train.checkpoint),
                                 ("teacher.train.init_2d", self.teacher.train.init_2d)):
-                if value and "://" not in value and name not in outputs and not os.path.exists(value):
-                    fail(name, f"path does not exist: {value}")
+                if not value:
+                    continue
+                why = storage.reachable(value) if storage.is_remote(value) or name not in outputs else None
+                if why:
+                    fail(name, why)
+            # outputs on object storage: the bucket must answer before any work starts
+            for name, value in (("output_dir", self.output_dir), ("teacher.cache", self.teacher.cache)):
+                if value and storage.is_remote(value):
+                    why = storage.reachable(value)
+                    if why:
+                        fail(name, why)
+        if (storage.is_remote(self.output_dir) and self.data.dataset == "synthetic" and not self.data.clips
+                and not self.data.root):
+            fail("data.clips", "is required when output_dir is a URI and the dataset is generated: the generated "
+                 "videos are decoded from local disk (ingest them with pipelines/ingest.py --videos-dir DIR "
+                 "--out s3://..., then pass that URI as data.clips)")
         return self
 
 

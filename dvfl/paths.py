@@ -54,7 +54,12 @@ def output_base(cwd: str | None = None) -> str:
 
 
 def absolute(path: str | None, base: str) -> str | None:
-    """``path`` made absolute against ``base`` (``~`` expanded); None and URIs unchanged."""
+    """``path`` made absolute against ``base`` (``~`` expanded); None and URIs unchanged, except
+    ``file://`` URIs, which become the local path they name."""
+    if path is not None and path.startswith("file://"):
+        from urllib.parse import urlparse
+
+        return os.path.normpath(urlparse(path).path or "/")
     if path is None or is_uri(path):
         return path
     path = os.path.expanduser(path)

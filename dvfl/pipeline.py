@@ -12,10 +12,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
-from pathlib import Path
 
+from dvfl import storage
 from dvfl.artifacts import SPEC, build_model, load_model, save_model
 from dvfl.config import RunConfig
 from dvfl.data.shards import atomic_write_json, atomic_write_text, load_dataset_info
@@ -88,7 +87,7 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
 
     Call it before Ray starts: the generator forks worker processes.
     """
-    if cfg.data.dataset != "synthetic" or (cfg.data.clips and os.path.isfile(os.path.join(cfg.clips_dir, "dataset.json"))):
+    if cfg.data.dataset != "synthetic" or (cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json"))):
         return None
     from dvfl.data.synthetic import SyntheticConfig, generate
 
@@ -109,7 +108,7 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     from dvfl.data.ingest import IngestConfig, ingest
 
     out = cfg.clips_dir
-    if cfg.data.clips and os.path.isfile(os.path.join(out, "dataset.json")):
+    if cfg.data.clips and storage.isfile(storage.join(out, "dataset.json")):
         info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
         check_clips_match(cfg, info)
         return info
@@ -244,7 +243,7 @@ def _init_state_ref(section, kwargs: dict, log):
 
 
 def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
-                teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> Path:
+                teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> str:
     """Train one model with the shared loop; returns its artefact directory.
 
     ``identity`` is everything the result depends on: a finished run with the same identity is
@@ -254,20 +253,19 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
 
     num_classes = len(dataset_info["classes"])
     key = digest(identity)
-    out = (Path(cfg.output_dir) / TEACHER_DIR / key if role == "teacher"
-           else Path(cfg.output_dir) / STUDENTS_DIR / f"{role.replace('+', '-')}-s{seed}-{key}")
-    spec_file = out / SPEC
-    if spec_file.is_file():
+    out = (storage.join(cfg.output_dir, TEACHER_DIR, key) if role == "teacher"
+           else storage.join(cfg.output_dir, STUDENTS_DIR, f"{role.replace('+', '-')}-s{seed}-{key}"))
+    if storage.isfile(storage.join(out, SPEC)):
         log(f"[{role}] reusing {out} (inputs unchanged)")
         return out
     kwargs = model_kwargs(section, num_classes, cfg)
-    loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher,
-                                tensorboard_dir=str(out.parent / "tensorboard" / out.name), log=log)
+    loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
+                                tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
     log(f"[{role}] training {section.model} (embed_dim={kwargs.get('embed_dim', 'default')}) for "
         f"{optim.epochs} epochs on {cfg.scaling.num_workers} worker(s); teacher signal: {teacher['mode']}")
     started = time.time()
     result = launch_training(cfg, loop, role=role, name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}",
-                             storage_path=os.path.join(cfg.output_dir, RAY_RESULTS), unlabeled_dir=unlabeled_dir)
+                             storage_path=storage.join(cfg.output_dir, RAY_RESULTS), unlabeled_dir=unlabeled_dir)
     state = load_final_state(result)
     model = build_model(section.model, **kwargs)
     model.load_state_dict(state["model"])
@@ -286,7 +284,7 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     num_classes = len(dataset_info["classes"])
     if cfg.teacher.path:
         model, spec = load_model(cfg.teacher.path, name=cfg.teacher.model,
-                                 kwargs=None if os.path.isdir(cfg.teacher.path) else
+                                 kwargs=None if storage.isdir(cfg.teacher.path) else
                                  {"num_classes": num_classes, "num_frames": cfg.data.frames})
         if model.num_classes != num_classes:
             raise ValueError(f"teacher.path {cfg.teacher.path} predicts {model.num_classes} classes; "
@@ -301,8 +299,7 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
         identity["teacher_pool"] = cfg.data.teacher_pool
     path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
                        seed=cfg.seed, teacher={"mode": "none"}, identity=identity, log=log)
-    spec = json.loads((path / SPEC).read_text())
-    return str(path), spec
+    return path, storage.read_json(storage.join(path, SPEC))
 
 
 class TeacherGateError(ValueError):
@@ -319,7 +316,7 @@ def validation_top1(cfg: RunConfig, model_path: str, spec: dict, dataset_info: d
     if (spec.get("val_top1") is not None and spec.get("val_split") == src.description
             and spec.get("dataset_fingerprint") == dataset_info["fingerprint"]):
         return float(spec["val_top1"])
-    model, _ = load_model(model_path, name=cfg.teacher.model, kwargs=None if os.path.isdir(model_path) else
+    model, _ = load_model(model_path, name=cfg.teacher.model, kwargs=None if storage.isdir(model_path) else
                           {"num_classes": len(dataset_info["classes"]), "num_frames": cfg.data.frames})
     kind = "train" if src.carved or src.split == cfg.data.train_split else "uniform"
     stored = dataset_info["params"]["clips_per_video" if kind == "train" else "eval_clips"]
@@ -369,7 +366,7 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
         splits = [cfg.data.train_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
         cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits,
                     views=cfg.teacher.views)
-        if cfg.unlabeled_dir and os.path.abspath(cfg.unlabeled_dir) != os.path.abspath(cfg.clips_dir):
+        if cfg.unlabeled_dir and cfg.unlabeled_dir.rstrip("/") != cfg.clips_dir.rstrip("/"):
             raise ValueError("data.unlabeled must be in the same ingest output as data.clips, so one cache "
                              "covers both (ingest them together with --unlabeled)")
         return {"mode": "cached", "views": cache.views, "cache_ref": [ray.put(cache.packed())],
@@ -380,7 +377,7 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
 
 
 def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, *,
-                  unlabeled: bool = False, log=print) -> Path:
+                  unlabeled: bool = False, log=print) -> str:
     """VFL-Net (no teacher), DVFL-Net (KD on the labelled clips) or, with ``unlabeled``,
     DVFL-Net with KD on the unlabelled clips too (they never reach the CE term)."""
     kd = teacher["mode"] != "none"
@@ -406,13 +403,14 @@ def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, 
 # ----------------------------------------------------------------------------- evaluation + report
 def _owned_by_run(cfg: RunConfig, path: str) -> bool:
     """A model directory this output dir made (teacher/ or students/ under it)."""
-    real, out = os.path.realpath(path), os.path.realpath(cfg.output_dir)
-    return any(os.path.commonpath([real, os.path.join(out, sub)]) == os.path.join(out, sub)
-               for sub in (TEACHER_DIR, STUDENTS_DIR))
+    return any(storage.same_or_inside(path, storage.join(cfg.output_dir, sub)) for sub in (TEACHER_DIR, STUDENTS_DIR))
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: str) -> dict:
+    try:
+        return storage.read_json(path)
+    except FileNotFoundError:
+        return {}
 
 
 def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
@@ -424,8 +422,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     from dvfl.profile import count_flops
     from dvfl.train.evaluate import evaluate_multiview
 
-    spec_path = Path(path) / SPEC if os.path.isdir(path) else None
-    spec = json.loads(spec_path.read_text()) if spec_path else {}
+    spec_path = storage.join(path, SPEC) if storage.isdir(path) else None
+    spec = storage.read_json(spec_path) if spec_path else {}
     dataset = load_dataset_info(cfg.clips_dir)
     split = cfg.data.test_split
     key = f"eval_{split}_{cfg.eval.clips}x{cfg.eval.crops}_{dataset['fingerprint'][:16]}"
@@ -436,7 +434,7 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         model, spec2 = load_model(path, name=cfg.teacher.model, kwargs=None if spec_path else {
             "num_classes": len(dataset["classes"]), "num_frames": cfg.data.frames})
         spec = {**spec, **spec2}
-        store, store_key = Path(cfg.output_dir) / EVALUATIONS, f"{spec2['weights_fingerprint']}/{key}"
+        store, store_key = storage.join(cfg.output_dir, EVALUATIONS), f"{spec2['weights_fingerprint']}/{key}"
     m = _read_json(store).get(store_key)
     if m is None:
         if model is None:
@@ -450,7 +448,6 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
                             **({"depths": kw["depths"]} if "depths" in kw else {}))
         m["params"] = sum(p.numel() for p in model.parameters())
         m["gmacs"] = flops["gmacs_per_clip"]
-        store.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(store, {**_read_json(store), store_key: m})
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
         f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
@@ -461,7 +458,7 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
 def clean_run(cfg: RunConfig) -> None:
     """--fresh: forget trained models and Ray Train state of this output dir (clips stay)."""
     for sub in (TEACHER_DIR, STUDENTS_DIR, RAY_RESULTS):
-        shutil.rmtree(os.path.join(cfg.output_dir, sub), ignore_errors=True)
+        storage.remove_tree(storage.join(cfg.output_dir, sub))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -487,7 +484,7 @@ def kd_gains(table: dict) -> dict | None:
 
 def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     """results.json, results.md and training_curves.png in the output dir."""
-    out = Path(cfg.output_dir)
+    out = cfg.output_dir
     table = {name: summarize(rows) for name, rows in results.items() if rows}
     validation = validation_source(cfg).description
     report = {"config": cfg.to_dict(),
@@ -500,7 +497,7 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     gains = kd_gains(table)
     if gains:
         report["kd_gains"] = gains
-    atomic_write_json(out / "results.json", report)
+    atomic_write_json(storage.join(out, "results.json"), report)
     labels = STUDENT_LABELS
     lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
     for name, row in table.items():
@@ -513,14 +510,15 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         md += ("\nPer seed, DVFL-Net minus VFL-Net: "
                + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
                + "DVFL-Net / teacher: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n")
-    atomic_write_text(out / "results.md", md)
-    _plot_curves(results, out / "training_curves.png", labels)
+    atomic_write_text(storage.join(out, "results.md"), md)
+    _plot_curves(results, storage.join(out, "training_curves.png"), labels)
     log("\n" + md)
-    log(f"[report] {out / 'results.json'}, {out / 'results.md'}, {out / 'training_curves.png'}")
+    log(f"[report] {storage.join(out, 'results.json')}, {storage.join(out, 'results.md')}, "
+        f"{storage.join(out, 'training_curves.png')}")
     return report
 
 
-def _plot_curves(results: dict, path: Path, labels: dict) -> None:
+def _plot_curves(results: dict, path: str, labels: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -541,10 +539,10 @@ def _plot_curves(results: dict, path: Path, labels: dict) -> None:
     axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss (KD runs: α·KD + (1−α)·CE)")
     axes[0].legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        storage.write_with(path, lambda target: fig.savefig(target, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def run_all(cfg: RunConfig, log=print) -> dict:

@@ -81,7 +81,12 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=log_to_driver)
+            from dvfl.storage import worker_env
+
+            # the S3 endpoint (never credentials) reaches workers on other nodes with the job
+            env = worker_env()
+            ray.init(address=address, log_to_driver=log_to_driver,
+                     runtime_env={"env_vars": env} if env else None)
         else:
             cores = os.cpu_count() or 1
             if dashboard is None:

@@ -15,16 +15,16 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet as pq
 import torch
 
 from dvfl.artifacts import build_model, load_model
-from dvfl.data.shards import atomic_write_json, atomic_write_table, load_dataset_info, remove_stale_tmp, shard_paths
+from dvfl import storage
+from dvfl.data.shards import (atomic_write_json, atomic_write_table, load_dataset_info, parquet_file, read_table,
+                              remove_stale_tmp, shard_paths)
 from dvfl.train.clips import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 
 CACHE_JSON = "cache.json"
@@ -74,13 +74,13 @@ class TeacherLogitCache:
     """A finished cache directory: metadata checks and ``(clip_id, view) -> logits`` lookups."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        meta = self.directory / CACHE_JSON
-        if not meta.is_file():
+        self.directory = os.fspath(directory)
+        meta = storage.join(self.directory, CACHE_JSON)
+        if not storage.isfile(meta):
             raise CacheMismatchError(
                 f"{self.directory} holds no finished teacher cache ({CACHE_JSON} missing); "
                 "build it with pipelines/cache_teacher.py")
-        self.info = json.loads(meta.read_text())
+        self.info = storage.read_json(meta)
         self._index: dict[tuple[str, str], int] | None = None
         self._logits: np.ndarray | None = None
 
@@ -130,12 +130,12 @@ class TeacherLogitCache:
             if splits is not None and shard["split"] not in splits:
                 continue
             name = os.path.basename(shard["file"])
-            path = self.directory / LOGITS_DIR / name
-            if not path.is_file():
+            path = storage.join(self.directory, LOGITS_DIR, name)
+            if not storage.isfile(path):
                 absent.append(name)
                 continue
             try:
-                rows = pq.ParquetFile(path).metadata.num_rows
+                rows = parquet_file(path).metadata.num_rows
             except Exception as exc:  # an unreadable footer: as good as missing
                 short.append(f"{name} (unreadable: {type(exc).__name__})")
                 continue
@@ -143,7 +143,7 @@ class TeacherLogitCache:
                 short.append(f"{name} ({rows} rows, expected {shard['clips']} clips x {len(self.views)} views)")
         out = []
         if absent:
-            out.append(f"{len(absent)} logits file(s) missing from {self.directory / LOGITS_DIR}: "
+            out.append(f"{len(absent)} logits file(s) missing from {storage.join(self.directory, LOGITS_DIR)}: "
                        + ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))
         if short:
             out.append("logits file(s) with the wrong number of rows: " + ", ".join(short[:5])
@@ -154,8 +154,8 @@ class TeacherLogitCache:
         if self._logits is not None:
             return
         table = pa.concat_tables(
-            [pq.read_table(p, columns=["clip_id", "view", "logits"])
-             for p in sorted((self.directory / LOGITS_DIR).glob("*.parquet"))])
+            [read_table(p, columns=["clip_id", "view", "logits"])
+             for p in storage.listdir(storage.join(self.directory, LOGITS_DIR), ".parquet")])
         dtype = DTYPES[self.info["dtype"]]
         num_classes = self.info["num_classes"]
         raw = b"".join(table.column("logits").to_pylist())
@@ -172,7 +172,7 @@ class TeacherLogitCache:
     @classmethod
     def from_packed(cls, packed: dict) -> "TeacherLogitCache":
         cache = cls.__new__(cls)
-        cache.directory, cache.info, cache._logits = Path(packed["directory"]), packed["info"], packed["logits"]
+        cache.directory, cache.info, cache._logits = packed["directory"], packed["info"], packed["logits"]
         cache._index = {tuple(k): i for i, k in enumerate(packed["keys"])}
         return cache
 
@@ -235,13 +235,13 @@ class ShardLogitWriter:
             try:
                 stats.append(json.dumps(self._process(src, dst)))
             except OSError as exc:  # a full disk: reported to the driver as such, not as a UDF crash
-                stats.append(json.dumps({"shard": os.path.basename(src), "error": str(exc)}))
+                stats.append(json.dumps({"shard": storage.basename(src), "error": str(exc)}))
         return {"stats": np.array(stats, dtype=object)}
 
     def _process(self, src: str, dst: str) -> dict:
         columns = ["clip_id", "label", "split", "frames", "num_frames", "height", "width"]
         parts, correct, labelled = [], {}, {}
-        for record_batch in pq.ParquetFile(src).iter_batches(batch_size=self.batch_size, columns=columns):
+        for record_batch in parquet_file(src).iter_batches(batch_size=self.batch_size, columns=columns):
             table = pa.Table.from_batches([record_batch])
             arrays, clip_ids, labels = batch_arrays(table)
             splits = table.column("split").to_pylist()
@@ -259,15 +259,18 @@ class ShardLogitWriter:
                     "logits": [row.tobytes() for row in stored],
                 }, schema=LOGIT_SCHEMA))
         table = pa.concat_tables(parts) if parts else LOGIT_SCHEMA.empty_table()
-        stats = {"shard": os.path.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled}
-        # the sidecar first: a parquet file without its sidecar never exists
-        atomic_write_json(_sidecar(dst), stats)
-        atomic_write_table(dst, table, compression="zstd")
+        stats = {"shard": storage.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled}
+        if storage.is_remote(dst):  # each object once; the sidecar, last, marks the shard done
+            atomic_write_table(dst, table, compression="zstd")
+            atomic_write_json(_sidecar(dst), stats)
+        else:  # the sidecar first: a parquet file without its sidecar never exists
+            atomic_write_json(_sidecar(dst), stats)
+            atomic_write_table(dst, table, compression="zstd")
         return stats
 
 
 def _sidecar(dst: str) -> str:
-    return os.path.join(os.path.dirname(dst), "_" + os.path.basename(dst) + ".json")
+    return storage.join(storage.dirname(dst), "_" + storage.basename(dst) + ".json")
 
 
 def build_teacher_cache(
@@ -304,29 +307,32 @@ def build_teacher_cache(
             f"teacher {teacher} predicts {model.num_classes} classes, the dataset has {num_classes}")
     vspec = view_spec(crop_size, views)
     fingerprint = cache_fingerprint(spec, dataset_info["fingerprint"], vspec, dtype)
-    out = Path(out_dir)
-    logits_dir = out / LOGITS_DIR
+    out = out_dir.rstrip("/") if storage.is_remote(out_dir) else os.fspath(out_dir)
+    logits_dir = storage.join(out, LOGITS_DIR)
 
-    for meta in (out / CACHE_JSON, out / BUILD_JSON):
-        if meta.is_file():
-            existing = json.loads(meta.read_text())["fingerprint"]
-            if existing == fingerprint and meta.name == CACHE_JSON:
+    for meta in (storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)):
+        if storage.isfile(meta):
+            existing_info = storage.read_json(meta)
+            existing = existing_info["fingerprint"]
+            if existing == fingerprint and storage.basename(meta) == CACHE_JSON:
                 log(f"[cache] reusing finished cache {out} (fingerprint {fingerprint})")
-                return json.loads(meta.read_text())
+                return existing_info
             if existing != fingerprint:
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
                         f"{fingerprint}; use another --out or --overwrite")
-                for p in list(logits_dir.glob("*")) + [out / CACHE_JSON, out / BUILD_JSON]:
-                    if p.is_file():
-                        p.unlink()
-    logits_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(str(logits_dir))
-    atomic_write_json(out / BUILD_JSON, {"fingerprint": fingerprint})
+                for p in storage.listdir(logits_dir, hidden=True) + [storage.join(out, CACHE_JSON),
+                                                                     storage.join(out, BUILD_JSON)]:
+                    storage.remove(p)
+    storage.makedirs(logits_dir)
+    remove_stale_tmp(logits_dir)
+    atomic_write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})
 
     shards = shard_paths(clips_dir)
-    todo = [s for s in shards if not (logits_dir / os.path.basename(s)).is_file()]
+    # a shard is done when its logits and its sidecar are both there
+    have = {storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)}
+    todo = [s for s in shards if not {storage.basename(s), storage.basename(_sidecar(s))} <= have]
     log(f"[cache] teacher {spec['name']} ({spec['weights_fingerprint']}), {len(shards)} clip shards, "
         f"{len(shards) - len(todo)} already cached, views {vspec['views']}, {dtype}")
     started = time.time()
@@ -334,7 +340,7 @@ def build_teacher_cache(
         cpus = ray.available_resources().get("CPU", 1)
         threads = max(1, int(os.cpu_count() or 1) // max(1, num_actors))
         state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
-        items = [{"shard": s, "out": str(logits_dir / os.path.basename(s))} for s in todo]
+        items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s))} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardLogitWriter,
             fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
@@ -353,7 +359,7 @@ def build_teacher_cache(
             log(f"[cache] {i}/{len(todo)} shards: {s['shard']} ({s['rows']} logit rows)")
     elapsed = time.time() - started
 
-    stats = [json.loads(Path(_sidecar(str(logits_dir / os.path.basename(s)))).read_text()) for s in shards]
+    stats = [storage.read_json(_sidecar(storage.join(logits_dir, storage.basename(s)))) for s in shards]
     correct, labelled = {}, {}
     for s in stats:
         for k, v in s["correct"].items():
@@ -374,13 +380,13 @@ def build_teacher_cache(
         "teacher_top1": {k: correct[k] / labelled[k] for k in labelled if labelled[k]},
         "build_seconds": round(elapsed, 2),
         # rows built by this run only (a resumed build skips finished shards)
-        "logit_rows_per_second": round(sum(s["rows"] for s in stats if s["shard"] in {os.path.basename(t) for t in todo}) / elapsed, 2) if todo else None,
+        "logit_rows_per_second": round(sum(s["rows"] for s in stats if s["shard"] in {storage.basename(t) for t in todo}) / elapsed, 2) if todo else None,
     }
     cache = TeacherLogitCache.__new__(TeacherLogitCache)
     cache.directory, cache.info, cache._index, cache._logits = out, info, None, None
     info["verify"] = verify_cache(cache, clips_dir, model, verify_samples)
-    atomic_write_json(out / CACHE_JSON, info)
-    (out / BUILD_JSON).unlink(missing_ok=True)
+    atomic_write_json(storage.join(out, CACHE_JSON), info)
+    storage.remove(storage.join(out, BUILD_JSON))
     log(f"[cache] {rows} logit rows in {elapsed:.1f}s; teacher top-1 "
         + ", ".join(f"{k} {v:.1%}" for k, v in info["teacher_top1"].items())
         + f"; verified {info['verify']['checked']} rows, max |diff| {info['verify']['max_abs_diff']:.2e}")
@@ -388,7 +394,7 @@ def build_teacher_cache(
 
 
 def _split_of(shard: str) -> str:
-    return os.path.basename(shard).rsplit("-", 1)[0]
+    return storage.basename(shard).rsplit("-", 1)[0]
 
 
 def read_clips_by_id(clips_dir: str, wanted: set, columns: list[str], batch_size: int = 4) -> pa.Table:
@@ -400,7 +406,7 @@ def read_clips_by_id(clips_dir: str, wanted: set, columns: list[str], batch_size
     value_set = pa.array(sorted(wanted), pa.string())
     parts = []
     for path in shard_paths(clips_dir):
-        f = pq.ParquetFile(path, buffer_size=1 << 20)  # buffered: pages are read as the batches need them
+        f = parquet_file(path, buffer_size=1 << 20)  # buffered: pages are read as the batches need them
         for rg in range(f.num_row_groups):
             mask = pa.compute.is_in(f.read_row_group(rg, columns=["clip_id"]).column("clip_id"), value_set=value_set)
             hits = np.flatnonzero(mask.to_numpy(zero_copy_only=False))

@@ -54,11 +54,13 @@ def main(argv=None) -> int:
     elif not (a.clips and a.teacher and a.out):
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
     a.views, a.dtype, a.gpu = a.views or "center", a.dtype or "float16", bool(a.gpu)
-    if not os.path.isfile(os.path.join(a.clips, "dataset.json")):
+    from dvfl import storage
+
+    if not storage.isfile(storage.join(a.clips, "dataset.json")):
         p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json)")
-    if not os.path.exists(a.teacher):
+    if not storage.exists(a.teacher) and not storage.isdir(a.teacher):
         p.error(f"--teacher {a.teacher}: not found")
-    if os.path.isfile(a.teacher) and not a.teacher_model:
+    if storage.isfile(a.teacher) and not a.teacher_model:
         p.error("--teacher-model is required when --teacher is a checkpoint file")
     for flag, v in (("--batch-size", a.batch_size), ("--actors", a.actors)):
         if v < 1:

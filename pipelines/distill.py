@@ -50,10 +50,10 @@ def main(argv=None) -> int:
     started = time.time()
     pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
     with ray_runtime(num_cpus=a.num_cpus):
-        import os
+        from dvfl import storage
 
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        storage.makedirs(cfg.output_dir)
+        dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
         pipeline.run_all(cfg)
     print(f"[distill] finished in {time.time() - started:.0f}s; results in {cfg.output_dir}")
     return 0

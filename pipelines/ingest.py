@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 from dvfl.data.adapters import DATASETS, AdapterError, build_manifest, unlabeled  # noqa: E402
 from dvfl.data.ingest import IngestConfig, ingest, ray_session  # noqa: E402
 from dvfl.cli import absolute_path_args  # noqa: E402
+from dvfl import storage  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,6 +154,12 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bad(f"{flag} {v}: not found")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         bad(f"--out {a.out} exists and is not a directory")
+    if storage.is_remote(a.out):
+        why = storage.reachable(a.out)
+        if why:
+            bad(f"--out {why}")
+        if a.dataset == "synthetic" and not a.videos_dir:
+            bad("--videos-dir is required with a URI --out: the generated videos are decoded from a local folder")
 
 
 def main(argv=None) -> int:
@@ -207,7 +214,7 @@ def main(argv=None) -> int:
         return 1
     if summary["written_videos"] == 0:  # nothing to train on is a failure, not a finished ingest
         print(f"error: 0 videos written: all {summary['inputs']} input(s) were rejected "
-              f"(reasons in {os.path.join(a.out, 'rejects.jsonl')})", file=sys.stderr)
+              f"(reasons in {storage.join(a.out, 'rejects.jsonl')})", file=sys.stderr)
         return 1
     return 0
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 
 import _bootstrap  # noqa: F401
@@ -61,7 +59,9 @@ def main(argv=None) -> int:
     out = cfg.teacher.path
     if not out:
         p.error("no output: set teacher.path in the config or give --out")
-    if not os.path.isfile(os.path.join(cfg.clips_dir, "dataset.json")):
+    from dvfl import storage
+
+    if not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run pipelines/ingest.py first")
     from dvfl import pipeline
     from dvfl.data.shards import load_dataset_info
@@ -78,14 +78,13 @@ def main(argv=None) -> int:
         cfg.data.frames = info["params"]["frames"]
         cfg.validate(outputs=("teacher.path",))
         if not a.output_dir and not any(str(o).startswith("output_dir") for o in a.overrides):
-            cfg.output_dir = os.path.join(out, "_work")
+            cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
     with ray_runtime(num_cpus=a.num_cpus):
         path, spec = pipeline.ensure_teacher(cfg, info)
-    os.makedirs(out, exist_ok=True)
-    for name in ("model.pt", "model.json"):
-        shutil.copyfile(os.path.join(path, name), os.path.join(out, f".{name}.tmp"))
-        os.replace(os.path.join(out, f".{name}.tmp"), os.path.join(out, name))
+    storage.makedirs(out)
+    for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
+        storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
     print(json.dumps({"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
                       "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}))
     return 0

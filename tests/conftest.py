@@ -160,3 +160,89 @@ def video_factory():
         make_videos([(path, kw)])
         return path
     return make
+
+
+# ---------------------------------------------------------------------------------------
+# a real S3 API server (moto's standalone server) on 127.0.0.1
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "dvfl-test", "AWS_SECRET_ACCESS_KEY": "dvfl-test", "AWS_SESSION_TOKEN": None,
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": None, "AWS_ENDPOINT_URL_S3": None,
+          # no ~/.aws files, no instance-metadata lookups: only the dummy credentials above
+          "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """``{"endpoint", "env", "new_bucket()"}``: moto's S3 server on a free port, with dummy
+    credentials and AWS_ENDPOINT_URL set in this process's environment for the session (restored
+    afterwards). Processes started from the tests (pipelines/*.py, their local Ray) inherit it;
+    the session Ray of ``ray_local`` may predate it, so in-process Ray tests do not use S3."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    import uuid
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    # its request log goes to a file: a pipe nobody reads fills up and then blocks every request
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                log_file.close()
+                raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+    def new_bucket(prefix: str = "dvfl") -> str:
+        import pyarrow.fs as pafs
+
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                          allow_bucket_creation=True).create_dir(name)
+        return name
+
+    try:
+        yield {"endpoint": endpoint, "env": {k: v for k, v in env.items() if v is not None}, "new_bucket": new_bucket}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+
+
+def s3_objects(uri: str) -> dict:
+    """``{key below uri: size}`` of every object under an s3:// prefix (through dvfl.storage)."""
+    import pyarrow.fs as pafs
+
+    from dvfl import storage
+
+    fs, p = storage.filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True))
+    return {i.path[len(p) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}

@@ -195,6 +195,13 @@ LAUNCHER_BREAKAGES = {
             {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])),
         ("policy", "8265-8265/tcp to the world"),
     ),
+    # not the world, yet not the cluster's own nodes either: the whole VPC may reach the GCS and
+    # the Ray Client port (which runs arbitrary code)
+    "ray_ports_open_to_the_vpc": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 6379, "ToPort": 10001, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
+        ("policy", "opens Ray port(s) 6379, 8265, 10001, 8076 to 10.0.0.0/8"),
+    ),
     "credential_in_setup_commands": (
         lambda c: _set(c, lambda c: c["setup_commands"].append(
             "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY")),

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -33,6 +32,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
+
+from dvfl import storage
 
 from . import decode as _d
 from . import shards as _s
@@ -366,9 +367,10 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
 
     cfg.validate()
     t_start = time.perf_counter()
-    out = os.path.abspath(cfg.out)
-    shard_dir = os.path.join(out, _s.SHARD_DIR)
-    meta_dir = os.path.join(shard_dir, _s.META_DIR)
+    # a local path or a URI (s3://, gs://): every file below goes through dvfl.storage
+    out = cfg.out.rstrip("/") if storage.is_remote(cfg.out) else os.path.abspath(storage.local_path(cfg.out))
+    shard_dir = storage.join(out, _s.SHARD_DIR)
+    meta_dir = storage.join(shard_dir, _s.META_DIR)
     manifest.dedupe()
 
     # -- identities (a file that vanished since the adapter ran becomes a 'missing' reject)
@@ -399,30 +401,31 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
               "compression": cfg.compression, "shards": [p.name for p in plans]}
 
     # -- output dir state: refuse to mix different datasets, unless --overwrite
-    plan_path = os.path.join(out, _s.PLAN_JSON)
+    plan_path = storage.join(out, _s.PLAN_JSON)
     if cfg.overwrite:
-        for p in (shard_dir,):
-            shutil.rmtree(p, ignore_errors=True)
+        storage.remove_tree(shard_dir)
         for f in (_s.PLAN_JSON, _s.DATASET_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(out, f))
-    elif os.path.exists(plan_path):
-        with open(plan_path) as f:
-            old = json.load(f)
+            storage.remove(storage.join(out, f))
+    elif storage.exists(plan_path):
+        old = storage.read_json(plan_path)
         if old != layout:
             what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
             raise ValueError(f"{out} already holds an ingest with a different {what}; "
                              f"use a new --out or pass --overwrite")
-    elif os.path.isdir(shard_dir) and _s.shard_paths(out):
+    elif _s.shard_paths(out):
         raise ValueError(f"{out} holds shards but no {_s.PLAN_JSON}; use a new --out or pass --overwrite")
-    os.makedirs(meta_dir, exist_ok=True)
+    storage.makedirs(meta_dir)
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)
     _s.atomic_write_json(plan_path, layout)
 
+    # a shard is done when the shard and its sidecar are both there (one listing each, not a
+    # request per shard on an object store); an uncommitted one is written again, whole
+    have = ({storage.basename(f) for f in storage.listdir(shard_dir, ".parquet")},
+            {storage.basename(f) for f in storage.listdir(meta_dir, ".json")})
+
     def done(p: _ShardPlan) -> bool:
-        return (os.path.exists(os.path.join(shard_dir, p.name + ".parquet"))
-                and os.path.exists(os.path.join(meta_dir, p.name + ".json")))
+        return p.name + ".parquet" in have[0] and p.name + ".json" in have[1]
 
     todo = [p for p in plans if not done(p)]
     skipped = len(plans) - len(todo)
@@ -456,8 +459,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     # -- gather every shard's meta: summary, rejects, dataset.json
     metas = []
     for p in plans:
-        with open(os.path.join(meta_dir, p.name + ".json")) as f:
-            metas.append(json.load(f))
+        metas.append(storage.read_json(storage.join(meta_dir, p.name + ".json")))
     rejects = [_reject_record(p, manifest.root) for p in manifest.problems]
     for m in metas:
         rejects.extend(m["rejects"])
@@ -483,7 +485,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "frames_shape": "(num_frames, height, width, 3) uint8, per row",
     }
     ok = written_videos + len(rejects) == manifest.num_inputs
-    _s.atomic_write_text(os.path.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    _s.atomic_write_text(storage.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     total_secs = time.perf_counter() - t_start
     summary = {
         "out": out, "dataset": manifest.dataset, "fingerprint": fingerprint, "inputs": manifest.num_inputs,
@@ -494,8 +496,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "decode_seconds": round(run_secs, 3), "total_seconds": round(total_secs, 3),
         "clips_per_second": round(clips_this_run / run_secs, 2) if run_secs > 0 and clips_this_run else 0.0,
     }
-    _s.atomic_write_json(os.path.join(out, _s.SUMMARY_JSON), summary)
-    _s.atomic_write_json(os.path.join(out, _s.DATASET_JSON), info)
+    _s.atomic_write_json(storage.join(out, _s.SUMMARY_JSON), summary)
+    _s.atomic_write_json(storage.join(out, _s.DATASET_JSON), info)
     if not ok:  # cannot happen unless there is a bug; never hide it
         raise RuntimeError(f"accounting mismatch: written {written_videos} + rejected {len(rejects)} "
                            f"!= inputs {manifest.num_inputs}")
@@ -548,16 +550,22 @@ class _OpenShard:
         if self.writer is None:
             self.writer = _s.AtomicShardWriter(self.path, self.cfg.row_group_clips, self.cfg.compression)
         nbytes = self.writer.close()
+        if self.cfg.test_hooks and os.environ.get(HOLD_UNCOMMITTED_ENV) == self.plan.name:
+            time.sleep(3600)  # test hook: the shard is uploaded but not committed (killed here)
         meta = {"shard": self.plan.name, "split": self.plan.split, "videos": len(self.order),
                 "written_videos": self.written, "clips": self.clips, "bytes": nbytes, "rejects": self.rejects}
-        _s.atomic_write_json(os.path.join(meta_dir, self.plan.name + ".json"), meta)  # sidecar first,
-        self.writer.publish()                                                           # then the shard
+        # local: sidecar first, then the shard (renamed); object store: the shard was uploaded by
+        # close(), the sidecar commits it
+        _s.atomic_write_json(storage.join(meta_dir, self.plan.name + ".json"), meta)
+        self.writer.publish()
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
 
 
+# test hook (with test_hooks): hold the driver after this shard's upload, before its sidecar
+HOLD_UNCOMMITTED_ENV = "DVFL_TEST_HOLD_UNCOMMITTED"
 TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before returning them
 
 
@@ -648,7 +656,7 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, m
                 plan = plan_of[vids[start]]
                 sh = open_shards.get(plan.name)
                 if sh is None:
-                    sh = open_shards[plan.name] = _OpenShard(plan, os.path.join(shard_dir, plan.name + ".parquet"),
+                    sh = open_shards[plan.name] = _OpenShard(plan, storage.join(shard_dir, plan.name + ".parquet"),
                                                              cfg)
                 ok = rows.column("_status")[0].as_py() == "ok"
                 sh.add(vids[start], rows)

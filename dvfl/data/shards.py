@@ -7,12 +7,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import uuid
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from dvfl import storage
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dvfl-clips"
@@ -141,43 +142,21 @@ def clips_table(rows: List[Dict[str, Any]]) -> pa.Table:
 # ---------------------------------------------------------------------------------------
 # atomic files
 
-def fsync_dir(directory: str) -> None:
-    """Make a rename in ``directory`` durable (a crash could otherwise undo it)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = storage.fsync_dir
 
 
 def _atomic_write(path: str, write) -> None:
-    """``write(tmp)`` fills a hidden temporary file next to ``path``; it is fsynced and renamed
-    over ``path``, so readers see the old file or the whole new one, never a part (a full disk
-    included: the temporary file is removed and the error raised)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(d)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``write(tmp)`` fills a hidden temporary file next to ``path``, renamed over it (local);
+    an object is written once, whole (object stores). See :mod:`dvfl.storage`."""
+    storage.write_with(str(path), write)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic_write(str(path), write)
+    storage.write_bytes(str(path), data)
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    storage.write_text(str(path), text)
 
 
 def atomic_write_table(path: str, table: pa.Table, **write_kwargs) -> None:
@@ -186,7 +165,7 @@ def atomic_write_table(path: str, table: pa.Table, **write_kwargs) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    storage.write_json(str(path), obj)
 
 
 class AtomicShardWriter:
@@ -195,13 +174,21 @@ class AtomicShardWriter:
     Row groups have a fixed number of rows (deterministic bytes for identical input).
     Readers only ever see complete shards: they glob ``*.parquet`` and the temporary name
     neither matches that nor is visible to pyarrow/Ray (leading ``.``).
+
+    On an object store (no rename) rows are spooled to a local temporary file and ``close()``
+    uploads it once under the final name; readers ignore a shard until its ``_meta`` sidecar,
+    written after it, commits it (:func:`shard_paths`).
     """
 
     def __init__(self, path: str, row_group_rows: int = 256, compression: str = "lz4"):
-        self.path = path
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        self.tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        self.path = str(path)
+        self.remote = storage.is_remote(self.path)
+        if self.remote:
+            self.tmp = storage.spool_file(self.path)
+        else:
+            d = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(d, exist_ok=True)
+            self.tmp = storage.local_tmp_name(self.path)
         self.row_group_rows = max(1, int(row_group_rows))
         non_frames = [c for c in CLIP_COLUMNS if c != "frames"]
         self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression, write_page_checksum=True,
@@ -228,16 +215,25 @@ class AtomicShardWriter:
         self.rows += n
 
     def close(self) -> int:
-        """Flush and close the temporary file; returns its size in bytes (not yet visible)."""
+        """Flush and close the temporary file; returns its size in bytes. Local: not yet visible.
+        Object store: uploaded under the final name, not yet committed (no sidecar yet)."""
         if self.pending_rows:
             self._flush(self.pending_rows)
         self.writer.close()
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
-        return os.path.getsize(self.tmp)
+        n = os.path.getsize(self.tmp)
+        if self.remote:
+            try:
+                storage.upload_file(self.tmp, self.path)
+            finally:
+                os.unlink(self.tmp)
+        return n
 
     def publish(self) -> None:
-        """Atomically make the shard visible under its final name."""
+        """Atomically make the shard visible under its final name (object stores: done by close())."""
+        if self.remote:
+            return
         os.replace(self.tmp, self.path)
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
@@ -256,8 +252,10 @@ class AtomicShardWriter:
 
 
 def remove_stale_tmp(directory: str) -> int:
+    if storage.is_remote(directory):
+        return 0  # objects are written once under their final names: no temporary objects
     n = 0
-    for p in glob.glob(os.path.join(directory, ".*.tmp")):
+    for p in glob.glob(os.path.join(storage.local_path(directory), ".*.tmp")):
         try:
             os.unlink(p)
             n += 1
@@ -271,20 +269,42 @@ def remove_stale_tmp(directory: str) -> int:
 
 def load_dataset_info(out_dir: str) -> Dict[str, Any]:
     """The ``dataset.json`` of a finished ingest (raises if the ingest never completed)."""
-    p = os.path.join(out_dir, DATASET_JSON)
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"{p} not found: {out_dir} is not a finished ingest output")
-    with open(p) as f:
-        return json.load(f)
+    p = storage.join(out_dir, DATASET_JSON)
+    try:
+        return storage.read_json(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p} not found: {out_dir} is not a finished ingest output") from None
 
 
 def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[str]:
-    """Final shard files (sorted), optionally only those of the given splits."""
-    paths = sorted(glob.glob(os.path.join(out_dir, SHARD_DIR, "*.parquet")))
+    """Final shard files (sorted), optionally only those of the given splits.
+
+    On an object store only committed shards count: those with their ``_meta`` sidecar (a shard
+    object uploaded by an ingest killed before its sidecar is ignored, and rewritten by the rerun).
+    """
+    if storage.is_remote(out_dir):
+        shard_dir = storage.join(out_dir, SHARD_DIR)
+        committed = {storage.basename(m)[:-len(".json")]
+                     for m in storage.listdir(storage.join(shard_dir, META_DIR), ".json")}
+        paths = [p for p in storage.listdir(shard_dir, ".parquet") if storage.basename(p)[:-len(".parquet")] in committed]
+    else:
+        paths = sorted(glob.glob(os.path.join(storage.local_path(out_dir), SHARD_DIR, "*.parquet")))
     if splits is not None:
         want = set(splits)
-        paths = [p for p in paths if os.path.basename(p).rsplit("-", 1)[0] in want]
+        paths = [p for p in paths if storage.basename(p).rsplit("-", 1)[0] in want]
     return paths
+
+
+def parquet_file(path: str, **kwargs) -> pq.ParquetFile:
+    """A Parquet file at a local path or URI."""
+    if storage.is_remote(path):
+        return pq.ParquetFile(storage.open_input(path), **kwargs)
+    return pq.ParquetFile(path, **kwargs)
+
+
+def read_table(path: str, **kwargs) -> pa.Table:
+    fs, p = storage.filesystem(path)
+    return pq.read_table(p, filesystem=fs, **kwargs)
 
 
 def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
@@ -293,7 +313,7 @@ def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
     paths = shard_paths(out_dir, splits)
     if not paths:
         return CLIP_SCHEMA.empty_table() if columns is None else CLIP_SCHEMA.empty_table().select(columns)
-    return pa.concat_tables([pq.read_table(p, columns=columns, schema=CLIP_SCHEMA) for p in paths])
+    return pa.concat_tables([read_table(p, columns=columns, schema=CLIP_SCHEMA) for p in paths])
 
 
 class CorruptShardError(OSError):
@@ -306,7 +326,7 @@ def find_corrupt_shards(paths: Iterable[str]) -> List[tuple]:
     bad = []
     for p in paths:
         try:
-            for _ in pq.ParquetFile(p, page_checksum_verification=True).iter_batches(batch_size=64):
+            for _ in parquet_file(p, page_checksum_verification=True).iter_batches(batch_size=64):
                 pass
         except Exception as exc:  # noqa: BLE001  (any failure to read is what we look for)
             bad.append((p, f"{type(exc).__name__}: {exc}"))
@@ -356,6 +376,10 @@ def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
     if old is not None:
         ctx.use_datasource_v2 = False
     try:
+        if storage.is_remote(out_dir):  # our filesystem (endpoint) travels with the read tasks
+            fs, _ = storage.filesystem(out_dir)
+            kwargs.setdefault("filesystem", fs)
+            paths = [storage.filesystem(p)[1] for p in paths]
         ds = ray.data.read_parquet(paths, num_cpus=num_cpus, schema=CLIP_SCHEMA, **kwargs)
     finally:
         if old is not None:

@@ -6,6 +6,7 @@ a bare state dict is accepted too.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,16 +48,20 @@ class LoadReport:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely and return its state dict (``["model"]``, ``["state_dict"]``
     or the file itself). Raises :class:`CheckpointError` for missing or unreadable files."""
+    from dvfl import storage
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    remote = storage.is_remote(path)
+    if not (storage.isfile(path) if remote else os.path.isfile(path)):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         if path.endswith(".safetensors"):  # (no pickle at all: an exported model folder)
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            obj = load_file(path, device="cpu")
+            obj = load(storage.read_bytes(path)) if remote else load_file(path, device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            source = io.BytesIO(storage.read_bytes(path)) if remote else path
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, truncated download, or a pickle with code in it
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(obj, dict):

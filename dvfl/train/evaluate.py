@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from dvfl.data.shards import shard_paths
+from dvfl.data.shards import parquet_file, shard_paths
 from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
 
 CROPS = {1: ("center",), 3: ("start", "center", "end")}
@@ -43,7 +42,7 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     n_views: dict[str, int] = {}
     columns = ["clip_id", "video_id", "label", "view", "view_index", "frames", "num_frames", "height", "width"]
     for path in shard_paths(clips_dir, [split]):
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+        for record_batch in parquet_file(path).iter_batches(batch_size=batch_size, columns=columns):
             table = pa.Table.from_batches([record_batch])
             keep = [v == view_kind and i < num_clips and (videos is None or vid in videos) for v, i, vid in
                     zip(table.column("view").to_pylist(), table.column("view_index").to_pylist(),

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 import torch
 
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
-from dvfl.data.shards import raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
+from dvfl import storage
+from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
 
 TRAIN_COLUMNS = VAL_COLUMNS
@@ -48,11 +48,11 @@ def ingest_options():
 
 
 def _shard_bytes(clips_dir: str, splits) -> int:
-    return sum(os.path.getsize(p) for p in shard_paths(clips_dir, splits))
+    return sum(storage.size(p) for p in shard_paths(clips_dir, splits))
 
 
 def count_rows(clips_dir: str, splits) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(clips_dir, splits))
+    return sum(parquet_file(p).metadata.num_rows for p in shard_paths(clips_dir, splits))
 
 
 def threads_per_worker(scaling: Scaling) -> int:
@@ -186,6 +186,8 @@ def run_training(
     check_enough_clips(data, scaling.num_workers, loop_cfg["optim"]["batch_size"])
     loop_cfg = {**loop_cfg, "train_rows": data.train_rows, "threads_per_worker": threads_per_worker(scaling),
                 "run_name": name}
+    # checkpoints on a URI go through our filesystem (the S3 endpoint of AWS_ENDPOINT_URL included)
+    storage_path, storage_filesystem = storage.ray_storage(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -193,7 +195,7 @@ def run_training(
                                      resources_per_worker={"CPU": scaling.cpus_per_worker,
                                                            **({"GPU": 1} if scaling.use_gpu else {}),
                                                            **(scaling.resources or {})}),
-        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # the loop prints one line per epoch; Ray Train's per-report INFO

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -207,6 +208,42 @@ def _optimizer_step(model, optimizer, scaler, optim: dict, step: int, total_step
     return step + 1
 
 
+class _TensorBoard:
+    """tensorboardX's writer; for a URI the events are written to a local temporary folder and
+    uploaded (whole files, each object written once per flush) after every flush and at close."""
+
+    def __init__(self, target: str):
+        from tensorboardX import SummaryWriter
+
+        from dvfl import storage
+
+        self.target = target
+        self.local = tempfile.mkdtemp(prefix="dvfl-tb-") if storage.is_remote(target) else None
+        self.writer = SummaryWriter(self.local or target)
+
+    def add_scalar(self, *args) -> None:
+        self.writer.add_scalar(*args)
+
+    def _upload(self) -> None:
+        from dvfl import storage
+
+        for name in os.listdir(self.local):
+            storage.upload_file(os.path.join(self.local, name), storage.join(self.target, name))
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.local:
+            self._upload()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.local:
+            try:
+                self._upload()
+            finally:
+                shutil.rmtree(self.local, ignore_errors=True)
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train's entry point on every worker of the group."""
     from dvfl.train.session import TrainWorkerSession
@@ -260,9 +297,7 @@ def run_loop(cfg: dict, session) -> None:
 
     writer = None
     if rank == 0 and cfg.get("tensorboard_dir"):
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(cfg["tensorboard_dir"])
+        writer = _TensorBoard(cfg["tensorboard_dir"])
 
     train_shard = session.dataset("train")
     val_data = session.dataset("val") if rank == 0 else None

@@ -233,6 +233,14 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
         t.run_config = str(run_path)
     sets = list(t.set.items()) + run_overrides + ([("output_dir", output_dir)] if output_dir else [])
     base = load_config(run_path, sets, check_paths=check_paths)
+    from dvfl.storage import is_remote
+
+    # Tune's experiment folder (trial records, restore) is read and written as local files here
+    for name, where in (("tune.storage", t.storage), ("output_dir", None if t.storage else base.output_dir)):
+        if where and is_remote(where):
+            raise ConfigError(f"{name} is {where}: a Tune experiment on object storage is not supported yet; "
+                              "give tune.storage a local or shared-file-system path (the run's data.clips, "
+                              "teacher and cache may stay on object storage)")
     return validate_tune(t, base), base
 
 
