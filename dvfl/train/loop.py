@@ -33,6 +33,13 @@ STATE_FILE = "state.pt"
 VAL_COLUMNS = ["clip_id", "label", "frames", "num_frames", "height", "width"]
 
 
+def lever(optim: dict, name: str):
+    """A speed option of ``optim`` (cpu_amp, fused, temporal_impl); absent: the config's default."""
+    from dvfl.config import OptimSection
+
+    return optim[name] if name in optim else getattr(OptimSection(), name)
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
     k_max = min(max(ks), logits.shape[1])
     top = logits.topk(k_max, dim=1).indices
@@ -67,6 +74,7 @@ class TeacherSignal:
             self.model = build_model(spec["name"], **spec["kwargs"])
             self.model.load_state_dict(ray.get(cfg["teacher"]["state_ref"][0]), strict=True)
             self.model.eval().to(device)
+            set_temporal_impl(self.model, lever(cfg["optim"], "temporal_impl"))
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
@@ -89,9 +97,23 @@ def checkpoint_tmp_prefix(run_name: str) -> str:
     return f"dvfl-ckpt-{run_name}-"
 
 
-def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    """The autocast dtype of ``optim.amp`` on this device; None: full precision (CPU workers,
-    ``off``, or bf16 on a GPU without bf16 support, which falls back to fp32 rather than fail)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere oneDNN emulates
+    bf16 and autocast would be slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def amp_dtype(device: torch.device, mode: str, cpu_amp: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``optim.amp`` on this device; None: full precision (``off``, bf16 on
+    a GPU without bf16 support, which falls back to fp32 rather than fail, and CPU workers unless
+    ``cpu_amp`` is on and the CPU has bf16 instructions; fp16 is never used on a CPU)."""
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_amp and mode != "off" and cpu_has_bf16() else None
     if device.type != "cuda" or mode == "off":
         return None
     if mode == "bf16":
@@ -102,16 +124,29 @@ def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
 
 
 def make_optimizer(model, optim: dict):
-    """AdamW (default) or SGD with Nesterov momentum (``optim.optimizer: sgd``, the official recipe)."""
+    """AdamW (default) or SGD with Nesterov momentum (``optim.optimizer: sgd``, the official recipe);
+    ``optim.fused``: one fused kernel over all parameters instead of a loop of small ops."""
     from timm.optim import create_optimizer_v2
 
     name = optim.get("optimizer", "adamw")
+    fused = {"fused": True} if lever(optim, "fused") else {}
     if name == "sgd":  # timm's "sgd" is Nesterov momentum
         return create_optimizer_v2(model, "sgd", lr=optim["lr"], weight_decay=optim["weight_decay"],
-                                   momentum=optim.get("momentum", 0.9))
+                                   momentum=optim.get("momentum", 0.9), **fused)
     if name != "adamw":
         raise ValueError(f"optim.optimizer must be adamw or sgd, got {name!r}")
-    return create_optimizer_v2(model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"])
+    return create_optimizer_v2(model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"], **fused)
+
+
+def set_temporal_impl(model, impl: str) -> None:
+    """``optim.temporal_impl`` on every focal-modulation block (no parameter changes)."""
+    from dvfl.models.video_focalnet import SpatioTemporalFocalModulation
+
+    if impl not in ("conv2d", "conv1d"):
+        raise ValueError(f"optim.temporal_impl must be conv2d or conv1d, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, SpatioTemporalFocalModulation):
+            module.temporal_impl = impl
 
 
 def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> dict:
@@ -217,7 +252,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads_per_worker"])
-    amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"))
+    amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"), cpu_amp=lever(cfg["optim"], "cpu_amp"))
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     seed = cfg["seed"]
@@ -226,6 +261,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     spec = cfg["model"]
     model = build_model(spec["name"], **spec["kwargs"])
+    set_temporal_impl(model, lever(cfg["optim"], "temporal_impl"))
     if cfg.get("init_state_ref"):
         import ray as _ray
 
