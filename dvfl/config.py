@@ -96,8 +96,9 @@ class OptimSection:
     optimizer: str = "adamw"  # adamw | sgd (SGD with Nesterov momentum, the official recipe's)
     momentum: float = 0.9  # sgd only
     amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off
-    # bf16 autocast on CPU workers too, where the CPU has bf16 instructions (AMX / AVX512-BF16)
-    cpu_amp: bool = True
+    # bf16 autocast on CPU workers too, where the CPU has bf16 instructions (AMX / AVX512-BF16);
+    # off by default: not measured faster for these models on a 2-core CPU (benchmarks/train_step.py)
+    cpu_amp: bool = False
     fused: bool = True  # the optimizer's fused kernel (one pass over all parameters), CPU or GPU
     # the temporal Conv1d of focal modulation as a channels-last (k, 1) Conv2d (same math, faster)
     # or the official conv1d formulation
