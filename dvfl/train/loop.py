@@ -311,9 +311,17 @@ def train_loop_per_worker(cfg: dict) -> None:
         # CE would show up as ce_clips > labelled_clips in the reported metrics.
         counts = torch.zeros(4, dtype=torch.int64)  # labelled, unlabelled, ce_clips, mixed batches
         pending = 0  # batches whose gradients wait for the next optimizer step
-        for table in train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                              local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
-                                              local_shuffle_seed=seed * 1000 + epoch * world + rank):
+        batches_in = iter(train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                                   local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
+                                                   local_shuffle_seed=seed * 1000 + epoch * world + rank))
+        data_wait = 0.0  # seconds this rank waited on Ray Data for its next batch
+        teacher_wait = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
+        while True:
+            waited = time.perf_counter()
+            table = next(batches_in, None)
+            data_wait += time.perf_counter() - waited
+            if table is None:
+                break
             arrays, clip_ids, labels = batch_arrays(table)
             if teacher is not None:
                 views = [teacher.views[i] for i in rng.integers(0, len(teacher.views), len(arrays))]
@@ -327,7 +335,10 @@ def train_loop_per_worker(cfg: dict) -> None:
                 with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=bool(amp)):
                     logits = model(x)
                 if teacher is not None:
-                    out = distillation_loss(logits, teacher.logits(clip_ids, views, x), y,
+                    asked = time.perf_counter()
+                    teacher_logits = teacher.logits(clip_ids, views, x)
+                    teacher_wait += time.perf_counter() - asked
+                    out = distillation_loss(logits, teacher_logits, y,
                                             alpha=kd["alpha"], temperature=kd["temperature"],
                                             unlabeled_weight=kd.get("unlabeled_weight", 1.0),
                                             label_smoothing=optim.get("label_smoothing", 0.0))
@@ -354,6 +365,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             seen += int(labelled.sum())
             counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
                                     int(labelled.any() and not labelled.all())])
+        train_seconds = time.time() - started
         if pending:  # the epoch's last, partial accumulation still counts
             step = _optimizer_step(model, optimizer, scaler, optim, step, total_steps, warmup)
         if batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
@@ -369,10 +381,13 @@ def train_loop_per_worker(cfg: dict) -> None:
                    "train_loss": sums["loss"] / max(batches, 1), "train_ce": sums["ce"] / max(batches, 1),
                    "train_kd": sums["kd"] / max(batches, 1), "train_top1": correct / max(seen, 1),
                    "epoch_seconds": time.time() - started, "steps": step,
+                   # the share of this rank's training loop spent waiting for its next input batch
+                   "data_wait_fraction": data_wait / max(train_seconds, 1e-9),
                    "labelled_clips": int(counts[0]), "unlabelled_clips": int(counts[1]),
                    "ce_clips": int(counts[2]), "mixed_batches": int(counts[3])}
         if teacher is not None:  # 0 from the cache: proof that a run never ran its teacher
             metrics["teacher_forward_calls"] = teacher.forward_calls
+            metrics["teacher_fraction"] = teacher_wait / max(train_seconds, 1e-9)
         # report() (default SYNC upload) copies the checkpoint into the run's storage before it
         # returns, so the local copy is deleted right after it
         with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.get("run_name", "run")))
