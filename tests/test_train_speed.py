@@ -105,3 +105,24 @@ def test_speed_levers_default_to_the_config_and_are_validated_by_name(tmp_path):
     model = build_model("videofocalnet_nano", num_classes=3, num_frames=8, img_size=32, embed_dim=8)
     with pytest.raises(ValueError, match="temporal_impl"):
         set_temporal_impl(model, "fft")
+
+
+def test_results_record_each_models_training_time_and_dvfl_cost_relative_to_vfl():
+    from dvfl.pipeline import summarize, training_cost
+
+    def row(epochs, seconds):
+        return {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "split": "test",
+                "history": [{"epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(epochs)],
+                "train_seconds": seconds}
+
+    # the median, not the mean: a slow first epoch (start-up, warm-up) does not count
+    table = {"vfl": summarize([row([30.0, 10.0, 12.0], 100.0)]),
+             "dvfl": summarize([row([31.0, 12.6, 10.5], 110.0)])}
+    assert table["vfl"]["train_seconds_per_seed"] == [100.0]
+    assert table["dvfl"]["median_epoch_seconds_per_seed"] == [12.6]
+    cost = training_cost(table)
+    assert cost["dvfl_over_vfl_epoch"] == pytest.approx([1.05])
+    assert cost["dvfl_over_vfl_run"] == pytest.approx([1.1])
+    # a model from before train_seconds was recorded: no made-up ratio
+    table["vfl"] = summarize([{**row([10.0], 1.0), "train_seconds": None}])
+    assert training_cost(table) is None
