@@ -100,9 +100,9 @@ class OptimSection:
     # off by default: not measured faster for these models on a 2-core CPU (benchmarks/train_step.py)
     cpu_amp: bool = False
     fused: bool = True  # the optimizer's fused kernel (one pass over all parameters), CPU or GPU
-    # the temporal Conv1d of focal modulation as a channels-last (k, 1) Conv2d (same math, faster)
-    # or the official conv1d formulation
-    temporal_impl: str = "conv2d"
+    # the temporal path of focal modulation: the official conv1d formulation, or conv2d (the same
+    # math as a channels-last (k, 1) Conv2d; not measured faster in fp32 on a 2-core CPU)
+    temporal_impl: str = "conv1d"
     accum_steps: int = 1  # gradient accumulation: one optimizer step per accum_steps batches
 
 

@@ -24,6 +24,8 @@ def test_temporal_conv2d_gives_the_official_conv1d_outputs_and_gradients():
         out.logsumexp(-1).sum().backward()
         outputs[impl] = out.detach()
         grads[impl] = {n: p.grad for n, p in model.named_parameters()}
+        # DDP needs each gradient in its parameter's layout (see test_models.py)
+        assert all(p.grad.stride() == p.stride() for p in model.parameters()), impl
     assert (outputs["conv1d"] - golden["logits"]).abs().max() < 1e-4  # conv1d is the official math
     assert (outputs["conv2d"] - outputs["conv1d"]).abs().max() < 1e-5
     worst = max(((grads["conv2d"][n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()

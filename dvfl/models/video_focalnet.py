@@ -96,7 +96,7 @@ class SpatioTemporalFocalModulation(nn.Module):
         for conv in (self.h, *(layer[0] for layer in self.focal_layers)):
             _channels_last_weight(conv)
         # how the temporal path runs (same parameters, same math; see ``_temporal_modulator``)
-        self.temporal_impl = "conv2d"
+        self.temporal_impl = "conv1d"
 
     def _aggregate(self, ctx: torch.Tensor, gates: torch.Tensor, layers: nn.ModuleList, reduce_dims):
         """Gated sum over the L local levels and the global level (channels-first tensors)."""
@@ -123,10 +123,10 @@ class SpatioTemporalFocalModulation(nn.Module):
     def _temporal_modulator(self, x: torch.Tensor) -> torch.Tensor:
         """Temporal path, per spatial location on sequences of length T -> ``(B*T, C, H, W)``.
 
-        ``conv2d`` (default) runs each Conv1d over time as a ``(k, 1)`` Conv2d on a
-        channels-last ``(B, C, T, H*W)`` view of the features: no transposes to and from
-        ``(B*H*W, C, T)``, and oneDNN's channels-last dense kernels (AMX under bf16).
-        ``conv1d`` is the official formulation; both give the same outputs and gradients.
+        ``conv1d`` (default) is the official formulation. ``conv2d`` runs each Conv1d over time
+        as a ``(k, 1)`` Conv2d on a channels-last ``(B, C, T, H*W)`` view of the features: no
+        transposes to and from ``(B*H*W, C, T)``, and oneDNN's channels-last dense kernels (AMX
+        under bf16). Both give the same outputs and gradients.
         """
         bt, height, width, dim = x.shape
         n_gates, frames = self.focal_level + 1, self.num_frames
