@@ -16,7 +16,10 @@ background load on a shared machine slows both alike instead of biasing the rati
 average before and after is recorded, and each forward's CPU utilisation (process CPU time /
 (wall time * threads)): the reported latency is the median over the forwards that got the CPU
 (utilisation >= 0.8), and rounds are added (up to ``--max-rounds``) until ``--min-quiet`` base
-forwards ran uncontended. About 2 minutes on a quiet 2-core machine.
+forwards ran uncontended. The base/nano ratio is also taken per round (paired in time) on
+wall and on process CPU time, with its median and min-max, and the result says whether every
+round is above 7x. About 2 minutes on a quiet 2-core machine; no round starts after
+--max-seconds of timing (default 480).
 """
 import argparse
 import json
@@ -62,7 +65,7 @@ def _load_reference(path: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=8,
                    help="interleaved timing rounds (one base forward each), at least")
     p.add_argument("--nano-per-round", type=int, default=3, help="nano forwards per round")
@@ -116,10 +119,14 @@ def main(argv=None) -> int:
             models[key](x)
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         rows[key]["latency_ms"].append(wall * 1e3)
+        rows[key]["cpu_ms"].append(cpu * 1e3)
         rows[key]["cpu_utilisation"].append(cpu / (wall * threads))
 
     for row in rows.values():
-        row["cpu_utilisation"] = []
+        row["cpu_utilisation"], row["cpu_ms"] = [], []
+    # per round: base latency / the median of that round's nano latencies (paired in time, so a
+    # load that comes and goes cancels), on wall time and on process CPU time
+    round_ratios = {"wall": [], "cpu": []}
     def quiet(key):
         row = rows[key]
         return [ms for ms, u in zip(row["latency_ms"], row["cpu_utilisation"])
@@ -139,13 +146,16 @@ def main(argv=None) -> int:
             for _ in range(a.nano_per_round):
                 timed("nano")
             timed("base")
+            k = a.nano_per_round
+            for unit, col in (("wall", "latency_ms"), ("cpu", "cpu_ms")):
+                round_ratios[unit].append(rows["base"][col][-1] / statistics.median(rows["nano"][col][-k:]))
             print(f"round {rounds}: nano {rows['nano']['latency_ms'][-1]:.0f} ms, "
                   f"base {rows['base']['latency_ms'][-1]:.0f} ms, CPU utilisation "
                   f"{rows['base']['cpu_utilisation'][-1]:.2f}, uncontended base forwards "
                   f"{len(quiet('base'))}", file=sys.stderr, flush=True)
     # The headline latency is the median over the uncontended forwards (those whose threads got
     # the CPU); if too few ran uncontended it falls back to all forwards and flags the run.
-    contended = min(len(quiet("nano")), len(quiet("base"))) < min(3, a.min_quiet)
+    contended = min(len(quiet("nano")), len(quiet("base"))) < max(1, min(3, a.min_quiet))
     for key, row in rows.items():
         ms = row["latency_ms"]
         used = ms if contended else quiet(key)
@@ -163,7 +173,17 @@ def main(argv=None) -> int:
         "latency_median_all_forwards": b["latency_ms_median_all"] / n["latency_ms_median_all"],
         "latency_min": b["latency_ms_min"] / n["latency_ms_min"],
     }
+    spread = {u: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+              for u, v in round_ratios.items()}
+    ratios["latency_per_round"] = spread["wall"]
+    ratios["cpu_time_per_round"] = spread["cpu"]
+    # above 7x by more than the noise: every round's ratio is above 7x (the min-max range clears it);
+    # on a loaded machine CPU time is the figure that holds (wall time measures the other processes)
+    basis = "cpu" if contended else "wall"
+    above = spread[basis]["min"] > 7.0
     result = {
+        "latency_ratio_basis": basis,
+        "latency_ratio_above_7x_by_more_than_spread": above,
         "config": {"frames": FRAMES, "size": SIZE, "num_classes": NUM_CLASSES, "batch": 1,
                    "device": str(device), "threads": torch.get_num_threads(),
                    "available_cpus": available_cpus(), "cpu": _cpu_name(),
@@ -213,6 +233,11 @@ def main(argv=None) -> int:
           f"{ratios['latency_min']:.2f}x); medians of {n['latency_repeats']} nano / "
           f"{b['latency_repeats']} base {which} (of {n['latency_forwards_total']} / "
           f"{b['latency_forwards_total']}); load avg before {load_before[0]:.2f}")
+    for unit in ("wall", "cpu"):
+        sp = spread[unit]
+        print(f"per-round base/nano ratio on {unit} time: median {sp['median']:.2f}x, min-max "
+              f"{sp['min']:.2f}-{sp['max']:.2f}x over {sp['n']} rounds")
+    print(f"above 7x by more than the spread ({basis} time, every round > 7x): {'yes' if above else 'no'}")
     if result["contended"]:
         print(f"WARNING: the CPU was shared with other work during the timing (median CPU "
               f"utilisation nano {n['cpu_utilisation_median']:.2f}, base "

@@ -103,7 +103,14 @@ class OptimSection:
     label_smoothing: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (SGD with Nesterov momentum, the official recipe's)
     momentum: float = 0.9  # sgd only
-    amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off; CPU runs fp32
+    amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off
+    # bf16 autocast on CPU workers too, where the CPU has bf16 instructions (AMX / AVX512-BF16);
+    # off by default: not measured faster for these models on a 2-core CPU (benchmarks/train_step.py)
+    cpu_amp: bool = False
+    fused: bool = True  # the optimizer's fused kernel (one pass over all parameters), CPU or GPU
+    # the temporal path of focal modulation: the official conv1d formulation, or conv2d (the same
+    # math as a channels-last (k, 1) Conv2d; not measured faster in fp32 on a 2-core CPU)
+    temporal_impl: str = "conv1d"
     accum_steps: int = 1  # gradient accumulation: one optimizer step per accum_steps batches
 
 
@@ -282,6 +289,8 @@ class RunConfig:
                 fail(f"{name}.momentum", f"must be in [0, 1), got {o.momentum!r}")
             if o.amp not in ("bf16", "fp16", "off"):
                 fail(f"{name}.amp", f"must be bf16, fp16 or off, got {o.amp!r}")
+            if o.temporal_impl not in ("conv2d", "conv1d"):
+                fail(f"{name}.temporal_impl", f"must be conv2d or conv1d, got {o.temporal_impl!r}")
             if o.accum_steps < 1:
                 fail(f"{name}.accum_steps", f"must be >= 1, got {o.accum_steps!r}")
         if self.scaling.num_workers < 1:

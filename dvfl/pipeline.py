@@ -175,7 +175,8 @@ def training_loop_config(cfg: RunConfig, section, optim, num_classes: int, seed:
                   "weight_decay": optim.weight_decay, "warmup_frac": optim.warmup_frac,
                   "clip_grad": optim.clip_grad, "label_smoothing": optim.label_smoothing,
                   "optimizer": optim.optimizer, "momentum": optim.momentum, "amp": optim.amp,
-                  "accum_steps": optim.accum_steps},
+                  "accum_steps": optim.accum_steps, "cpu_amp": optim.cpu_amp, "fused": optim.fused,
+                  "temporal_impl": optim.temporal_impl},
         "crop_size": cfg.crop_size,
         "flip": cfg.data.flip,
         "tensorboard_dir": tensorboard_dir,
@@ -452,7 +453,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
         f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
     return {**m, "split": split, "history": spec.get("history", []), "name": spec.get("name"), "path": str(path),
-            "val_top1": spec.get("val_top1"), "val_split": spec.get("val_split")}
+            "val_top1": spec.get("val_top1"), "val_split": spec.get("val_split"),
+            "train_seconds": spec.get("train_seconds")}
 
 
 def clean_run(cfg: RunConfig) -> None:
@@ -466,7 +468,12 @@ def summarize(rows: list[dict]) -> dict:
 
     top1 = [r["top1"] for r in rows]
     top5 = [r["top5"] for r in rows]
+    # training cost: whole run (Ray Train start-up and validation included) and the loop's median epoch
+    epochs = [statistics.median(h["epoch_seconds"] for h in r["history"]) if r.get("history") else None
+              for r in rows]
     return {"top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
+            "train_seconds_per_seed": [r.get("train_seconds") for r in rows],
+            "median_epoch_seconds_per_seed": epochs,
             "top5_mean": statistics.fmean(top5), "seeds": len(rows), "top1_per_seed": top1,
             "params": rows[0]["params"], "gmacs": rows[0]["gmacs"], "split": rows[0]["split"],
             "videos": rows[0].get("videos"), "val_top1_per_seed": [r.get("val_top1") for r in rows], "paths": [r.get("path") for r in rows]}
@@ -480,6 +487,23 @@ def kd_gains(table: dict) -> dict | None:
     teacher = table["teacher"]["top1_mean"]
     return {"dvfl_minus_vfl_points": [round(100 * (d - v), 2) for d, v in zip(dvfl, vfl)],
             "dvfl_over_teacher": [d / teacher if teacher else float("nan") for d in dvfl]}
+
+
+def training_cost(table: dict) -> dict | None:
+    """DVFL-Net's training time relative to VFL-Net's (same student, same clips): per seed, the
+    ratio of median epoch seconds and of whole-run seconds. None when a figure is missing (a
+    model trained elsewhere or by an older version)."""
+    if not all(k in table for k in ("vfl", "dvfl")):
+        return None
+    vfl, dvfl = table["vfl"], table["dvfl"]
+    pairs = {"epoch": ("median_epoch_seconds_per_seed", "dvfl_over_vfl_epoch"),
+             "run": ("train_seconds_per_seed", "dvfl_over_vfl_run")}
+    out = {}
+    for key, name in pairs.values():
+        if any(v is None for v in vfl[key] + dvfl[key]):
+            return None
+        out[name] = [d / v for d, v in zip(dvfl[key], vfl[key])]
+    return out
 
 
 def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
@@ -497,6 +521,9 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     gains = kd_gains(table)
     if gains:
         report["kd_gains"] = gains
+    cost = training_cost(table)
+    if cost:
+        report["training_cost"] = cost
     atomic_write_json(storage.join(out, "results.json"), report)
     labels = STUDENT_LABELS
     lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
@@ -510,6 +537,10 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         md += ("\nPer seed, DVFL-Net minus VFL-Net: "
                + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
                + "DVFL-Net / teacher: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n")
+    if cost:
+        md += ("\nTraining time, DVFL-Net / VFL-Net per seed: median epoch "
+               + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_epoch"]) + "; whole run "
+               + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_run"]) + ".\n")
     atomic_write_text(storage.join(out, "results.md"), md)
     _plot_curves(results, storage.join(out, "training_curves.png"), labels)
     log("\n" + md)

@@ -95,6 +95,8 @@ class SpatioTemporalFocalModulation(nn.Module):
             )
         for conv in (self.h, *(layer[0] for layer in self.focal_layers)):
             _channels_last_weight(conv)
+        # how the temporal path runs (same parameters, same math; see ``_temporal_modulator``)
+        self.temporal_impl = "conv1d"
 
     def _aggregate(self, ctx: torch.Tensor, gates: torch.Tensor, layers: nn.ModuleList, reduce_dims):
         """Gated sum over the L local levels and the global level (channels-first tensors)."""
@@ -114,16 +116,38 @@ class SpatioTemporalFocalModulation(nn.Module):
         q, ctx, gates = torch.split(self.f(x).permute(0, 3, 1, 2), (dim, dim, n_gates), dim=1)
         m_spatial = self.h(self._aggregate(ctx, gates, self.focal_layers, (2, 3)))
 
-        # Temporal path, per spatial location: sequences of length T.
-        xt = rearrange(self.f_temporal(x), "(b t) h w c -> (b h w) c t", t=self.num_frames)
-        ctx_t, gates_t = torch.split(xt, (dim, n_gates), dim=1)
-        m_temporal = self.h_temporal(self._aggregate(ctx_t, gates_t, self.focal_layers_temporal, 2))
-        m_temporal = rearrange(
-            m_temporal, "(b h w) c t -> (b t) c h w", h=height, w=width, t=self.num_frames
-        )
-
+        m_temporal = self._temporal_modulator(x)
         out = (q * m_spatial * m_temporal).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(out))
+
+    def _temporal_modulator(self, x: torch.Tensor) -> torch.Tensor:
+        """Temporal path, per spatial location on sequences of length T -> ``(B*T, C, H, W)``.
+
+        ``conv1d`` (default) is the official formulation. ``conv2d`` runs each Conv1d over time
+        as a ``(k, 1)`` Conv2d on a channels-last ``(B, C, T, H*W)`` view of the features: no
+        transposes to and from ``(B*H*W, C, T)``, and oneDNN's channels-last dense kernels (AMX
+        under bf16). Both give the same outputs and gradients.
+        """
+        bt, height, width, dim = x.shape
+        n_gates, frames = self.focal_level + 1, self.num_frames
+        if self.temporal_impl == "conv1d":
+            xt = rearrange(self.f_temporal(x), "(b t) h w c -> (b h w) c t", t=frames)
+            ctx_t, gates_t = torch.split(xt, (dim, n_gates), dim=1)
+            m_temporal = self.h_temporal(self._aggregate(ctx_t, gates_t, self.focal_layers_temporal, 2))
+            return rearrange(m_temporal, "(b h w) c t -> (b t) c h w", h=height, w=width, t=frames)
+        if self.temporal_impl != "conv2d":
+            raise ValueError(f"temporal_impl must be conv2d or conv1d, got {self.temporal_impl!r}")
+        # (B*T, H, W, C') -> channels-last view (B, C', T, H*W): the same memory, no copy
+        xt = self.f_temporal(x).view(bt // frames, frames, height * width, dim + n_gates).permute(0, 3, 1, 2)
+        ctx, gates = xt[:, :dim], xt[:, dim:]
+        ctx_all = 0
+        for level, (conv, act) in enumerate(self.focal_layers_temporal):
+            ctx = act(F.conv2d(ctx, conv.weight.unsqueeze(-1), padding=(conv.padding[0], 0)))
+            ctx_all = ctx_all + ctx * gates[:, level : level + 1]
+        ctx_all = ctx_all + self.act(ctx.mean(dim=2, keepdim=True)) * gates[:, self.focal_level :]
+        # the 1x1 mix as a matmul on (B, T, H*W, C): its weight gradient keeps the Conv1d's strides
+        m = F.linear(ctx_all.permute(0, 2, 3, 1), self.h_temporal.weight.squeeze(-1), self.h_temporal.bias)
+        return m.reshape(bt, height, width, dim).permute(0, 3, 1, 2)  # channels-last (B*T, C, H, W)
 
 
 class FocalModulationBlock(nn.Module):

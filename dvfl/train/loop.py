@@ -34,6 +34,13 @@ STATE_FILE = "state.pt"
 VAL_COLUMNS = ["clip_id", "label", "frames", "num_frames", "height", "width"]
 
 
+def lever(optim: dict, name: str):
+    """A speed option of ``optim`` (cpu_amp, fused, temporal_impl); absent: the config's default."""
+    from dvfl.config import OptimSection
+
+    return optim[name] if name in optim else getattr(OptimSection(), name)
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
     k_max = min(max(ks), logits.shape[1])
     top = logits.topk(k_max, dim=1).indices
@@ -68,6 +75,7 @@ class TeacherSignal:
             self.model = build_model(spec["name"], **spec["kwargs"])
             self.model.load_state_dict(ray.get(cfg["teacher"]["state_ref"][0]), strict=True)
             self.model.eval().to(device)
+            set_temporal_impl(self.model, lever(cfg["optim"], "temporal_impl"))
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
@@ -90,9 +98,23 @@ def checkpoint_tmp_prefix(run_name: str) -> str:
     return f"dvfl-ckpt-{run_name}-"
 
 
-def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    """The autocast dtype of ``optim.amp`` on this device; None: full precision (CPU workers,
-    ``off``, or bf16 on a GPU without bf16 support, which falls back to fp32 rather than fail)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere oneDNN emulates
+    bf16 and autocast would be slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def amp_dtype(device: torch.device, mode: str, cpu_amp: bool = False) -> torch.dtype | None:
+    """The autocast dtype of ``optim.amp`` on this device; None: full precision (``off``, bf16 on
+    a GPU without bf16 support, which falls back to fp32 rather than fail, and CPU workers unless
+    ``cpu_amp`` is on and the CPU has bf16 instructions; fp16 is never used on a CPU)."""
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_amp and mode != "off" and cpu_has_bf16() else None
     if device.type != "cuda" or mode == "off":
         return None
     if mode == "bf16":
@@ -103,16 +125,29 @@ def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
 
 
 def make_optimizer(model, optim: dict):
-    """AdamW (default) or SGD with Nesterov momentum (``optim.optimizer: sgd``, the official recipe)."""
+    """AdamW (default) or SGD with Nesterov momentum (``optim.optimizer: sgd``, the official recipe);
+    ``optim.fused``: one fused kernel over all parameters instead of a loop of small ops."""
     from timm.optim import create_optimizer_v2
 
     name = optim.get("optimizer", "adamw")
+    fused = {"fused": True} if lever(optim, "fused") else {}
     if name == "sgd":  # timm's "sgd" is Nesterov momentum
         return create_optimizer_v2(model, "sgd", lr=optim["lr"], weight_decay=optim["weight_decay"],
-                                   momentum=optim.get("momentum", 0.9))
+                                   momentum=optim.get("momentum", 0.9), **fused)
     if name != "adamw":
         raise ValueError(f"optim.optimizer must be adamw or sgd, got {name!r}")
-    return create_optimizer_v2(model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"])
+    return create_optimizer_v2(model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"], **fused)
+
+
+def set_temporal_impl(model, impl: str) -> None:
+    """``optim.temporal_impl`` on every focal-modulation block (no parameter changes)."""
+    from dvfl.models.video_focalnet import SpatioTemporalFocalModulation
+
+    if impl not in ("conv2d", "conv1d"):
+        raise ValueError(f"optim.temporal_impl must be conv2d or conv1d, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, SpatioTemporalFocalModulation):
+            module.temporal_impl = impl
 
 
 def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> dict:
@@ -258,7 +293,7 @@ def run_loop(cfg: dict, session) -> None:
     rank, world, device = session.rank, session.world, session.device
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads_per_worker"])
-    amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"))
+    amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"), cpu_amp=lever(cfg["optim"], "cpu_amp"))
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     seed = cfg["seed"]
@@ -267,6 +302,7 @@ def run_loop(cfg: dict, session) -> None:
 
     spec = cfg["model"]
     model = build_model(spec["name"], **spec["kwargs"])
+    set_temporal_impl(model, lever(cfg["optim"], "temporal_impl"))
     if cfg.get("init_state_ref"):
         import ray
 
@@ -314,9 +350,17 @@ def run_loop(cfg: dict, session) -> None:
         # CE would show up as ce_clips > labelled_clips in the reported metrics.
         counts = torch.zeros(4, dtype=torch.int64)  # labelled, unlabelled, ce_clips, mixed batches
         pending = 0  # batches whose gradients wait for the next optimizer step
-        for table in train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                              local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
-                                              local_shuffle_seed=seed * 1000 + epoch * world + rank):
+        batches_in = iter(train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                                   local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
+                                                   local_shuffle_seed=seed * 1000 + epoch * world + rank))
+        data_wait = 0.0  # seconds this rank waited on Ray Data for its next batch
+        teacher_wait = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
+        while True:
+            waited = time.perf_counter()
+            table = next(batches_in, None)
+            data_wait += time.perf_counter() - waited
+            if table is None:
+                break
             arrays, clip_ids, labels = batch_arrays(table)
             if teacher is not None:
                 views = [teacher.views[i] for i in rng.integers(0, len(teacher.views), len(arrays))]
@@ -330,7 +374,10 @@ def run_loop(cfg: dict, session) -> None:
                 with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=bool(amp)):
                     logits = model(x)
                 if teacher is not None:
-                    out = distillation_loss(logits, teacher.logits(clip_ids, views, x), y,
+                    asked = time.perf_counter()
+                    teacher_logits = teacher.logits(clip_ids, views, x)
+                    teacher_wait += time.perf_counter() - asked
+                    out = distillation_loss(logits, teacher_logits, y,
                                             alpha=kd["alpha"], temperature=kd["temperature"],
                                             unlabeled_weight=kd.get("unlabeled_weight", 1.0),
                                             label_smoothing=optim.get("label_smoothing", 0.0))
@@ -357,6 +404,7 @@ def run_loop(cfg: dict, session) -> None:
             seen += int(labelled.sum())
             counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
                                     int(labelled.any() and not labelled.all())])
+        train_seconds = time.time() - started
         if pending:  # the epoch's last, partial accumulation still counts
             step = _optimizer_step(model, optimizer, scaler, optim, step, total_steps, warmup)
         if batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
@@ -372,10 +420,13 @@ def run_loop(cfg: dict, session) -> None:
                    "train_loss": sums["loss"] / max(batches, 1), "train_ce": sums["ce"] / max(batches, 1),
                    "train_kd": sums["kd"] / max(batches, 1), "train_top1": correct / max(seen, 1),
                    "epoch_seconds": time.time() - started, "steps": step,
+                   # the share of this rank's training loop spent waiting for its next input batch
+                   "data_wait_fraction": data_wait / max(train_seconds, 1e-9),
                    "labelled_clips": int(counts[0]), "unlabelled_clips": int(counts[1]),
                    "ce_clips": int(counts[2]), "mixed_batches": int(counts[3])}
         if teacher is not None:  # 0 from the cache: proof that a run never ran its teacher
             metrics["teacher_forward_calls"] = teacher.forward_calls
+            metrics["teacher_fraction"] = teacher_wait / max(train_seconds, 1e-9)
         # report() (default SYNC upload) copies the checkpoint into the run's storage before it
         # returns, so the local copy is deleted right after it
         with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.get("run_name", "run")))

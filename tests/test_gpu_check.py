@@ -1,0 +1,28 @@
+"""benchmarks/gpu_check.py: its logic, run on the CPU (--dry-run) for two steps of a tiny model."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_trains_with_ddp_and_writes_every_figure(tmp_path, ray_local):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["dry_run"] is True and "logic only" in r["device"]
+    train = r["ddp_train_step"]
+    # two Ray Train workers, really wrapped in DDP (gloo on the CPU), each step timed
+    assert train["world_size"] == 2 and train["ddp"] is True and train["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(train["losses"])))
+    assert train["step_s_min"] > 0
+    for figure in (r["latency"]["base_over_nano"], r["kd"]["online_over_cached"]):
+        assert figure["n"] == 2 and figure["min"] <= figure["median"] <= figure["max"]
+    # the dry-run teacher is wider than its student: its forward costs something
+    assert r["latency"]["base_over_nano"]["median"] > 1
+    assert not (tmp_path / "gpu_check_ray").exists()  # Ray Train's run folder is cleaned up

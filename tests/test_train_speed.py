@@ -1,0 +1,130 @@
+"""The training loop's speed levers (issue 25) give the plain path's outputs and losses."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dvfl.artifacts import build_model
+from dvfl.config import ConfigError, OptimSection, load_config
+from dvfl.models import VideoFocalNet
+from dvfl.train.loop import amp_dtype, cpu_has_bf16, lever, make_optimizer, set_temporal_impl
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "video_focalnet_golden_tiny.pt"
+
+
+def test_temporal_conv2d_gives_the_official_conv1d_outputs_and_gradients():
+    golden = torch.load(GOLDEN, weights_only=True)
+    grads, outputs = {}, {}
+    for impl in ("conv1d", "conv2d"):
+        model = VideoFocalNet(**golden["config"])
+        model.load_state_dict(golden["state_dict"], strict=True)
+        set_temporal_impl(model, impl)
+        out = model(golden["input"])
+        out.logsumexp(-1).sum().backward()
+        outputs[impl] = out.detach()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters()}
+        # DDP needs each gradient in its parameter's layout (see test_models.py)
+        assert all(p.grad.stride() == p.stride() for p in model.parameters()), impl
+    assert (outputs["conv1d"] - golden["logits"]).abs().max() < 1e-4  # conv1d is the official math
+    assert (outputs["conv2d"] - outputs["conv1d"]).abs().max() < 1e-5
+    worst = max(((grads["conv2d"][n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+                for n, g in grads["conv1d"].items())
+    assert worst < 1e-4
+    temporal = [n for n in grads["conv1d"] if "focal_layers_temporal" in n or "h_temporal" in n]
+    assert temporal and all(grads["conv2d"][n].abs().sum() > 0 for n in temporal)  # the path is trained
+
+
+def _embedded_student():
+    """The embedded default's student (architecture, size, learning rate)."""
+    from dvfl.pipeline import model_kwargs
+
+    cfg = load_config(None)
+    return model_kwargs(cfg.student, cfg.data.synthetic.num_classes, cfg), cfg.optim.lr
+
+
+def _steps(opt_cfg, n=3, amp=False, seed=0, impl="conv2d"):
+    """Losses of ``n`` AdamW steps of the embedded default's student on a fixed batch."""
+    kwargs, lr = _embedded_student()
+    torch.manual_seed(seed)
+    model = build_model("videofocalnet_nano", **kwargs)
+    set_temporal_impl(model, impl)
+    opt = make_optimizer(model, {"lr": lr, "weight_decay": 0.05, **opt_cfg})
+    g = torch.Generator().manual_seed(100)
+    size, classes = kwargs["img_size"], kwargs["num_classes"]
+    x, y = torch.randn(8, 8, 3, size, size, generator=g), torch.randint(0, classes, (8,), generator=g)
+    losses = []
+    for _ in range(n):
+        torch.manual_seed(seed * 100 + len(losses))  # stochastic depth: the same draws with and without bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses, model
+
+
+def test_fused_optimizer_takes_the_unfused_steps():
+    plain, m_plain = _steps({"fused": False})
+    fused, m_fused = _steps({"fused": True})
+    assert torch.optim.AdamW in type(make_optimizer(m_fused, {"lr": 1e-3, "weight_decay": 0.0, "fused": True})).__mro__
+    assert make_optimizer(m_fused, {"lr": 1e-3, "weight_decay": 0.0, "fused": True}).defaults["fused"] is True
+    assert max(abs(a - b) for a, b in zip(plain, fused)) < 1e-5
+    for (n, a), b in zip(m_plain.named_parameters(), m_fused.parameters()):
+        assert (a - b).abs().max() < 1e-5, n
+
+
+def test_bf16_autocast_losses_stay_within_seed_noise():
+    """A few steps of the student with and without bf16 autocast: their difference is smaller
+    than the difference between two seeds of the fp32 run (the curve is unchanged within noise)."""
+    fp32_0, _ = _steps({"fused": True}, n=4)
+    fp32_1, _ = _steps({"fused": True}, n=4, seed=1)
+    bf16_0, _ = _steps({"fused": True}, n=4, amp=True)
+    seed_noise = max(abs(a - b) for a, b in zip(fp32_0, fp32_1))
+    assert max(abs(a - b) for a, b in zip(fp32_0, bf16_0)) < seed_noise / 2
+    assert fp32_0[-1] < fp32_0[0] and bf16_0[-1] < bf16_0[0]  # both learn
+
+
+def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_instructions():
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu, "bf16", cpu_amp=True) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert amp_dtype(cpu, "bf16", cpu_amp=False) is None
+    assert amp_dtype(cpu, "off", cpu_amp=True) is None
+    assert amp_dtype(cpu, "fp16", cpu_amp=True) in (torch.bfloat16, None)  # never fp16 on a CPU
+
+
+def test_speed_levers_default_to_the_config_and_are_validated_by_name(tmp_path):
+    defaults = OptimSection()
+    assert {k: lever({}, k) for k in ("cpu_amp", "fused", "temporal_impl")} == \
+        {"cpu_amp": defaults.cpu_amp, "fused": defaults.fused, "temporal_impl": defaults.temporal_impl}
+    assert lever({"temporal_impl": "conv1d"}, "temporal_impl") == "conv1d"
+    with pytest.raises(ConfigError, match="optim.temporal_impl"):
+        load_config(None, [("output_dir", str(tmp_path)), ("optim.temporal_impl", "fft")]).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="teacher.optim.fused"):
+        load_config(None, [("output_dir", str(tmp_path)), ("teacher.optim.fused", "yes")])
+    model = build_model("videofocalnet_nano", num_classes=3, num_frames=8, img_size=32, embed_dim=8)
+    with pytest.raises(ValueError, match="temporal_impl"):
+        set_temporal_impl(model, "fft")
+
+
+def test_results_record_each_models_training_time_and_dvfl_cost_relative_to_vfl():
+    from dvfl.pipeline import summarize, training_cost
+
+    def row(epochs, seconds):
+        return {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "split": "test",
+                "history": [{"epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(epochs)],
+                "train_seconds": seconds}
+
+    # the median, not the mean: a slow first epoch (start-up, warm-up) does not count
+    table = {"vfl": summarize([row([30.0, 10.0, 12.0], 100.0)]),
+             "dvfl": summarize([row([31.0, 12.6, 10.5], 110.0)])}
+    assert table["vfl"]["train_seconds_per_seed"] == [100.0]
+    assert table["dvfl"]["median_epoch_seconds_per_seed"] == [12.6]
+    cost = training_cost(table)
+    assert cost["dvfl_over_vfl_epoch"] == pytest.approx([1.05])
+    assert cost["dvfl_over_vfl_run"] == pytest.approx([1.1])
+    # a model from before train_seconds was recorded: no made-up ratio
+    table["vfl"] = summarize([{**row([10.0], 1.0), "train_seconds": None}])
+    assert training_cost(table) is None
