@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -44,15 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from benchmarks.machine import cpu_model  # noqa: E402
 
 
 def stats(xs) -> dict:

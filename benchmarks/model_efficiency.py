@@ -35,6 +35,8 @@ sys.path.insert(0, _ROOT)
 
 import torch  # noqa: E402
 
+from benchmarks.machine import cpu_model  # noqa: E402
+
 from dvfl.profile import (  # noqa: E402
     RssSampler, available_cpus, build_model, count_flops, count_params, measure_latency,
 )
@@ -43,17 +45,6 @@ MODELS = {"nano": "videofocalnet_nano", "base": "videofocalnet_base"}
 FRAMES, SIZE, NUM_CLASSES = 8, 224, 101
 DEFAULT_REFERENCE = os.path.join(_ROOT, "..", "shared", "reference",
                                  "video_focalnet_reference.json")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load_reference(path: str):
@@ -186,7 +177,7 @@ def main(argv=None) -> int:
         "latency_ratio_above_7x_by_more_than_spread": above,
         "config": {"frames": FRAMES, "size": SIZE, "num_classes": NUM_CLASSES, "batch": 1,
                    "device": str(device), "threads": torch.get_num_threads(),
-                   "available_cpus": available_cpus(), "cpu": _cpu_name(),
+                   "available_cpus": available_cpus(), "cpu": cpu_model(),
                    "torch": torch.__version__, "python": platform.python_version(),
                    "warmup": a.warmup, "rounds": rounds, "nano_per_round": a.nano_per_round,
                    "timing": "interleaved rounds, torch.inference_mode, eval mode; latency = "

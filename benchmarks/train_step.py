@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")
 # loss after the timed steps, relative to plain's: fp32 reorderings vs bf16 rounding
@@ -47,19 +49,8 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
 
 
 def cpu_info() -> dict:
-    model, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    return {"model": model, "bf16_flags": [f for f in BF16_FLAGS if f in flags],
-            "logical_cpus": os.cpu_count(), "torch": torch.__version__}
+    return {"model": cpu_model(), "bf16_flags": cpu_flags(BF16_FLAGS), "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__}
 
 
 def matmul_peak(dtype, repeats: int, n: int = 2048) -> dict:
