@@ -162,9 +162,23 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- training
+def fault_hooks(cfg: RunConfig) -> dict:
+    """The loop's failure-injection and hold hooks the tests switch on by environment variables
+    (read where the command runs: a Tune trial's actor does not see the search's environment)."""
+    hooks = {}
+    if os.environ.get(FAIL_ENV):
+        hooks["fail_after_epoch"] = int(os.environ[FAIL_ENV])
+        hooks["fail_marker"] = os.path.abspath(os.path.join(cfg.output_dir, ".fail-injected"))
+    if os.environ.get(HOLD_ENV):
+        hooks["hold_after_epoch"] = int(os.environ[HOLD_ENV])
+        hooks["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])
+    return hooks
+
+
 def training_loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, teacher: dict,
-                         tensorboard_dir: str | None, log=print) -> dict:
-    """What the shared loop (:func:`dvfl.train.loop.run_loop`) needs of a run config, as plain data."""
+                         tensorboard_dir: str | None, log=print, hooks: dict | None = None) -> dict:
+    """What the shared loop (:func:`dvfl.train.loop.run_loop`) needs of a run config, as plain data
+    (``hooks``: :func:`fault_hooks` read by the command, default: from this process's environment)."""
     loop = {
         "seed": seed,
         "model": {"name": section.model, "kwargs": model_kwargs(section, num_classes, cfg)},
@@ -181,12 +195,7 @@ def training_loop_config(cfg: RunConfig, section, optim, num_classes: int, seed:
         "flip": cfg.data.flip,
         "tensorboard_dir": tensorboard_dir,
     }
-    if os.environ.get(FAIL_ENV):
-        loop["fail_after_epoch"] = int(os.environ[FAIL_ENV])
-        loop["fail_marker"] = os.path.abspath(os.path.join(cfg.output_dir, ".fail-injected"))
-    if os.environ.get(HOLD_ENV):
-        loop["hold_after_epoch"] = int(os.environ[HOLD_ENV])
-        loop["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])
+    loop.update(fault_hooks(cfg) if hooks is None else hooks)
     loop["init_state_ref"] = _init_state_ref(section, loop["model"]["kwargs"], log)
     return loop
 

@@ -58,6 +58,14 @@ def _mtimes(prepared) -> dict:
 
 
 # ----------------------------------------------------------------------------- one search, several checks
+def _held_run(hold: Path) -> str | None:
+    """The run the loop's test hook holds right now (its last ``held-rank0.json``)."""
+    try:
+        return json.loads((hold / "held-rank0.json").read_text())["run"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _experiment_state(exp: Path) -> dict:
     """Trial id -> status, from Tune's saved experiment state (what a restore starts from)."""
     states = sorted(exp.glob("experiment_state-*.json"))
@@ -90,16 +98,28 @@ def search(prepared, tmp_path_factory, ray_local):
                         extra={"metric": "val_loss", "mode": "min"},
                         run_extra=[("data.val_split", "train"), ("optim.batch_size", 4)])
     exp = tmp / "tune" / "forced-asha"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # Every trial pauses after its first step (the loop's test hook) until the test releases it:
+    # the first two trials are let go, the third is held, so it is provably unfinished when the
+    # search is killed however fast the machine (Tune saves its state with a lag).
+    hold = tmp / "hold"
+    hold.mkdir()
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "DVFL_HOLD_AFTER_EPOCH": "0", "DVFL_HOLD_DIR": str(hold)}
     started = time.time()
+    released: list[str] = []
     with open(tmp / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--config", str(path), "--quiet"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while time.time() < started + 600 and proc.poll() is None:
-                if list(_experiment_state(exp).values()).count("TERMINATED") >= 2:
+                held = _held_run(hold)
+                if held and held not in released and len(released) < 2:
+                    released.append(held)
+                    (hold / f"release-{held}").touch()
+                if len(released) == 2 and held and held not in released \
+                        and list(_experiment_state(exp).values()).count("TERMINATED") >= 2:
                     break
-                time.sleep(0.5)
+                time.sleep(0.2)
             was_running = proc.poll() is None
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its trials die with it

@@ -75,7 +75,7 @@ class TeacherSignal:
             self.model = build_model(spec["name"], **spec["kwargs"])
             self.model.load_state_dict(ray.get(cfg["teacher"]["state_ref"][0]), strict=True)
             self.model.eval().to(device)
-            set_temporal_impl(self.model, lever(cfg["optim"], "temporal_impl"))
+            set_temporal_impl(self.model, lever(cfg.get("optim", {}), "temporal_impl"))
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
@@ -188,26 +188,29 @@ def _maybe_inject_failure(cfg: dict, epoch: int, rank: int, world: int, reported
 
 def _maybe_hold(cfg: dict, epoch: int, rank: int) -> None:
     """Test hook: every rank pauses once, after the first step of the epoch after
-    ``hold_after_epoch``, until ``<hold_dir>/release`` exists.
+    ``hold_after_epoch``, until ``<hold_dir>/release`` (every run) or ``<hold_dir>/release-<run>``
+    (this run only) exists.
 
-    Each rank first writes ``<hold_dir>/held-rank<r>.json`` (its node id and pid), so that a test
-    can kill the node that hosts a given rank while training is provably mid-epoch. Workers
-    restarted after ``release`` exists do not pause again.
+    Each rank first writes ``<hold_dir>/held-rank<r>.json`` (its run, node id and pid), so that a
+    test can kill the node that hosts a given rank while training is provably mid-epoch, or let
+    some Tune trials go and keep another one provably unfinished. Workers restarted after
+    ``release`` exists do not pause again.
     """
     if cfg.get("hold_after_epoch") is None or epoch != cfg["hold_after_epoch"]:
         return
-    release = os.path.join(cfg["hold_dir"], "release")
-    if os.path.exists(release):
+    run = cfg.get("run_name", "run")
+    releases = [os.path.join(cfg["hold_dir"], "release"), os.path.join(cfg["hold_dir"], f"release-{run}")]
+    if any(os.path.exists(r) for r in releases):
         return
     import ray
 
     held = os.path.join(cfg["hold_dir"], f"held-rank{rank}.json")
     with open(held + ".tmp", "w") as f:
-        json.dump({"rank": rank, "epoch": epoch + 1, "pid": os.getpid(),
+        json.dump({"rank": rank, "epoch": epoch + 1, "pid": os.getpid(), "run": run,
                    "node_id": ray.get_runtime_context().get_node_id()}, f)
     os.replace(held + ".tmp", held)
     deadline = time.time() + float(cfg.get("hold_timeout_s", 600))
-    while not os.path.exists(release) and time.time() < deadline:
+    while not any(os.path.exists(r) for r in releases) and time.time() < deadline:
         time.sleep(0.2)
 
 

@@ -84,7 +84,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
 
     setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
              "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled,
-             "records": str(exp / TRIALS_DIR), "data": None}
+             "records": str(exp / TRIALS_DIR), "data": None, "hooks": pipeline.fault_hooks(cfg)}
     if trials_in_process(t, cfg):  # read, filter and shuffle the clips once, for every trial
         kd = teacher["mode"] != "none"
         setup["data"] = pipeline.shared_training_data(

@@ -46,7 +46,7 @@ def trial_driver(params: dict, setup: dict) -> None:
     kd = teacher["mode"] != "none"
     loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], cfg.seed,
                                          {k: v for k, v in teacher.items() if k != "fingerprint"},
-                                         tensorboard_dir=None)
+                                         tensorboard_dir=None, hooks=setup.get("hooks"))
     name = f"{setup['experiment']}-{trial_id}"
     in_process = setup.get("data") is not None
     record = {"trial_id": trial_id, "params": flatten(params), "train_run": None if in_process else name,
