@@ -17,7 +17,9 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-STUDENT_ROLES = ("vfl", "dvfl", "dvfl+unlabeled")
+STUDENT_ROLES = ("vfl", "vfl_long", "dvfl", "dvfl+unlabeled")
+# vfl_long: VFL-Net given this many times the epochs of optim.epochs (KD at convergence, not just earlier)
+LONG_EPOCHS_FACTOR = 2
 # datasets whose classes name directions ("Pushing something from left to right"): a flip changes the label
 DIRECTIONAL_DATASETS = ("ssv2",)
 
@@ -144,6 +146,10 @@ class ScalingSection:
     # custom resources each Train worker also needs, e.g. {train_node: 1} to keep training on
     # the nodes that advertise it (a node type on a cluster; the multi-node test uses it)
     worker_resources: dict[str, float] | None = None
+    # 0: every training run is a Ray Train worker group (DDP over num_workers). N >= 1: the
+    # students' one-worker runs train N at a time in long-lived runner actors (no worker group
+    # to start per run: for small models on a few cores, where start-up dominates a short run).
+    concurrent_runs: int = 0
 
 
 @dataclass
@@ -159,9 +165,9 @@ class RunConfig:
     seed: int = 0
     seeds: list[int] | None = None  # several seeds -> mean and spread in the results table
     baseline: bool = True  # also train the student without KD (VFL-Net) for the table
-    # Which students to train, in order: vfl (no KD), dvfl (KD on the labelled clips),
-    # dvfl+unlabeled (KD on labelled + unlabelled clips). Default: vfl (if baseline), dvfl, and
-    # dvfl+unlabeled when there are unlabelled clips.
+    # Which students to train, in order: vfl (no KD), vfl_long (no KD, twice the epochs),
+    # dvfl (KD on the labelled clips), dvfl+unlabeled (KD on labelled + unlabelled clips).
+    # Default: vfl (if baseline), dvfl, and dvfl+unlabeled when there are unlabelled clips.
     students: list[str] | None = None
     max_failures: int = 1
     data: DataSection = field(default_factory=DataSection)
@@ -295,6 +301,11 @@ class RunConfig:
                 fail(f"{name}.accum_steps", f"must be >= 1, got {o.accum_steps!r}")
         if self.scaling.num_workers < 1:
             fail("scaling.num_workers", f"must be >= 1, got {self.scaling.num_workers!r}")
+        if not isinstance(self.scaling.concurrent_runs, int) or self.scaling.concurrent_runs < 0:
+            fail("scaling.concurrent_runs", f"must be an integer >= 0, got {self.scaling.concurrent_runs!r}")
+        if self.scaling.concurrent_runs and self.scaling.num_workers != 1:
+            fail("scaling.concurrent_runs", f"runs one-worker runs side by side; scaling.num_workers is "
+                 f"{self.scaling.num_workers} (set it to 1, or concurrent_runs to 0 for DDP)")
         if not self.scaling.cpus_per_worker > 0:
             fail("scaling.cpus_per_worker", f"must be > 0, got {self.scaling.cpus_per_worker!r}")
         for key, amount in (self.scaling.worker_resources or {}).items():

@@ -16,7 +16,7 @@ import time
 
 from dvfl import storage
 from dvfl.artifacts import SPEC, build_model, load_model, save_model
-from dvfl.config import RunConfig
+from dvfl.config import LONG_EPOCHS_FACTOR, RunConfig
 from dvfl.data.shards import atomic_write_json, atomic_write_text, load_dataset_info
 
 TEACHER_DIR = "teacher"
@@ -32,6 +32,7 @@ HOLD_ENV, HOLD_DIR_ENV = "DVFL_HOLD_AFTER_EPOCH", "DVFL_HOLD_DIR"
 
 
 STUDENT_LABELS = {"teacher": "Teacher", "vfl": "VFL-Net (student, no KD)",
+                  "vfl_long": f"VFL-Net (student, no KD, {LONG_EPOCHS_FACTOR}x the epochs)",
                   "dvfl": "DVFL-Net (student, KD on labelled clips)",
                   "dvfl+unlabeled": "DVFL-Net (student, KD on labelled + unlabelled clips)"}
 
@@ -252,15 +253,28 @@ def _init_state_ref(section, kwargs: dict, log):
     return [ray.put(model.state_dict())]
 
 
-def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
-                teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> str:
-    """Train one model with the shared loop; returns its artefact directory.
+@dataclasses.dataclass
+class ModelRun:
+    """One model to train: where it goes, what the loop gets, what its artefact records."""
+    role: str
+    seed: int
+    out: str
+    name: str
+    loop: dict
+    section: object
+    kwargs: dict
+    identity: dict
+    unlabeled_dir: str | None
+    epochs: int
+
+
+def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
+                   teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> ModelRun | str:
+    """The run that trains one model, or the artefact directory of the same model already trained.
 
     ``identity`` is everything the result depends on: a finished run with the same identity is
     reused, an interrupted one resumes from its last checkpoint.
     """
-    from dvfl.train.launch import load_final_state
-
     num_classes = len(dataset_info["classes"])
     key = digest(identity)
     out = (storage.join(cfg.output_dir, TEACHER_DIR, key) if role == "teacher"
@@ -271,22 +285,66 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
-    log(f"[{role}] training {section.model} (embed_dim={kwargs.get('embed_dim', 'default')}) for "
-        f"{optim.epochs} epochs on {cfg.scaling.num_workers} worker(s); teacher signal: {teacher['mode']}")
-    started = time.time()
-    result = launch_training(cfg, loop, role=role, name=f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}",
-                             storage_path=storage.join(cfg.output_dir, RAY_RESULTS), unlabeled_dir=unlabeled_dir)
+    loop["label"] = role if role == "teacher" else f"{role} s{seed}"
+    return ModelRun(role, seed, out, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", loop, section, kwargs,
+                    identity, unlabeled_dir, optim.epochs)
+
+
+def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, started: float, log=print) -> str:
+    """The finished run's final weights + history as a model artefact directory."""
+    from dvfl.train.launch import load_final_state
+
     state = load_final_state(result)
-    model = build_model(section.model, **kwargs)
+    model = build_model(run.section.model, **run.kwargs)
     model.load_state_dict(state["model"])
     history = state["history"]
-    save_model(out, model, section.model, kwargs, role=role, seed=seed, identity=identity,
+    save_model(run.out, model, run.section.model, run.kwargs, role=run.role, seed=run.seed, identity=run.identity,
                dataset_fingerprint=dataset_info["fingerprint"], history=history,
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(time.time() - started, 1))
-    log(f"[{role}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
-    return out
+    log(f"[{run.loop['label']}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
+    return run.out
+
+
+def _announce(cfg: RunConfig, run: ModelRun, workers: str, log) -> None:
+    log(f"[{run.loop['label']}] training {run.section.model} (embed_dim={run.kwargs.get('embed_dim', 'default')}) "
+        f"for {run.epochs} epochs on {workers}; teacher signal: {run.loop['teacher']['mode']}")
+
+
+def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
+                teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> str:
+    """Train one model with the shared loop (a Ray Train run); returns its artefact directory."""
+    run = plan_model_run(cfg, role=role, section=section, optim=optim, dataset_info=dataset_info, seed=seed,
+                         teacher=teacher, identity=identity, unlabeled_dir=unlabeled_dir, log=log)
+    if isinstance(run, str):
+        return run
+    _announce(cfg, run, f"{cfg.scaling.num_workers} worker(s)", log)
+    started = time.time()
+    result = launch_training(cfg, run.loop, role=role, name=run.name,
+                             storage_path=storage.join(cfg.output_dir, RAY_RESULTS), unlabeled_dir=unlabeled_dir)
+    return save_trained(cfg, run, result, dataset_info, started, log)
+
+
+def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: dict, log=print) -> dict:
+    """``scaling.concurrent_runs`` one-worker runs at a time in runner actors (no Ray Train worker
+    group per run); returns {run name: artefact directory}."""
+    from dvfl.train.launch import RunnerRun, train_concurrently
+
+    datasets = {}  # built once per unlabelled source and shared by the runs
+    runner_runs = []
+    for run in runs:
+        if run.unlabeled_dir not in datasets:
+            datasets[run.unlabeled_dir] = shared_training_data(cfg, unlabeled_dir=run.unlabeled_dir)
+        runner_runs.append(RunnerRun(run.name, run.loop, datasets[run.unlabeled_dir],
+                                     storage.join(cfg.output_dir, RAY_RESULTS, run.name)))
+        _announce(cfg, run, f"a runner ({cfg.scaling.concurrent_runs} at a time)", log)
+    by_name = {run.name: run for run in runs}
+    started, saved = time.time(), {}
+    for runner_run, result in train_concurrently(runner_runs, scaling=_scaling(cfg), concurrent=cfg.scaling.concurrent_runs,
+                                                 max_failures=cfg.max_failures):
+        saved[runner_run.name] = save_trained(cfg, by_name[runner_run.name], result, dataset_info, started, log)
+    return saved
 
 
 def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, dict]:
@@ -310,6 +368,35 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
                        seed=cfg.seed, teacher={"mode": "none"}, identity=identity, log=log)
     return path, storage.read_json(storage.join(path, SPEC))
+
+
+def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = None, log=print) -> dict:
+    """Ship a trained teacher as a model folder (safetensors + spec + model card). With ``test_cfg``
+    its accuracy on that config's test split goes into the spec (``eval_<name>_<split>``: top-1,
+    top-5 and each test video's predicted class, so a test can reproduce it on a sample); that
+    ingests the test config's clips, so Ray must be up."""
+    from dvfl.export import export_folder
+    from dvfl.train.evaluate import evaluate_multiview
+
+    model, spec = load_model(teacher_path)
+    summary = {"path": out, "weights_fingerprint": spec["weights_fingerprint"]}
+    if test_cfg is not None:
+        info = ensure_clips(test_cfg, log)
+        if model.num_classes != len(info["classes"]):
+            raise ValueError(f"the teacher predicts {model.num_classes} classes; {test_cfg.name}'s clips have "
+                             f"{len(info['classes'])}")
+        split = test_cfg.data.test_split
+        m = evaluate_multiview(model, test_cfg.clips_dir, split, test_cfg.crop_size, num_clips=test_cfg.eval.clips,
+                               num_crops=test_cfg.eval.crops, per_video=True)
+        key = f"eval_{test_cfg.name}_{split}"
+        spec[key] = {**m, "dataset_fingerprint": info["fingerprint"], "seed": test_cfg.seed,
+                     "synthetic": vars(test_cfg.data.synthetic) if test_cfg.data.dataset == "synthetic" else None}
+        summary[key] = {k: v for k, v in m.items() if k != "predictions"}
+        log(f"[teacher] {test_cfg.name} {split} split: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
+            f"({m['videos']} videos)")
+    result = export_folder(model, spec, out)
+    log(f"[teacher] published {out}: {', '.join(result['files'])}")
+    return summary
 
 
 class TeacherGateError(ValueError):
@@ -386,28 +473,67 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
             "state_ref": [ray.put(model.state_dict())], "fingerprint": spec["weights_fingerprint"]}
 
 
-def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, *,
-                  unlabeled: bool = False, log=print) -> str:
-    """VFL-Net (no teacher), DVFL-Net (KD on the labelled clips) or, with ``unlabeled``,
-    DVFL-Net with KD on the unlabelled clips too (they never reach the CE term)."""
-    kd = teacher["mode"] != "none"
-    if unlabeled and not (kd and cfg.unlabeled_dir):
+def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, role: str) -> dict:
+    """What :func:`train_model` / :func:`plan_model_run` get for one student: ``vfl`` (no teacher),
+    ``vfl_long`` (no teacher, ``LONG_EPOCHS_FACTOR`` x the epochs), ``dvfl`` (KD on the labelled
+    clips) or ``dvfl+unlabeled`` (KD on the unlabelled clips too; they never reach the CE term)."""
+    unlabeled = role == "dvfl+unlabeled"
+    kd = role in ("dvfl", "dvfl+unlabeled")
+    if kd and teacher["mode"] == "none":
+        raise ValueError(f"{role} needs a teacher signal")
+    if unlabeled and not cfg.unlabeled_dir:
         raise ValueError("training on unlabelled clips needs a teacher signal and data.unlabeled "
                          "(or data.synthetic.unlabeled_videos > 0)")
-    role = ("dvfl+unlabeled" if unlabeled else "dvfl") if kd else "vfl"
+    optim = (dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs * LONG_EPOCHS_FACTOR) if role == "vfl_long"
+             else cfg.optim)
     num_classes = len(dataset_info["classes"])
     identity = {"dataset": dataset_info["fingerprint"], "name": cfg.student.model,
-                "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(cfg.optim), "seed": seed,
-                "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint"),
+                "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(optim), "seed": seed,
+                "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint") if kd else None,
                 "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
                 "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg)}
     if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
         identity["label_fraction"] = cfg.data.label_fraction
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
-    return train_model(cfg, role=role, section=cfg.student, optim=cfg.optim, dataset_info=dataset_info,
-                       seed=seed, teacher={k: v for k, v in teacher.items() if k != "fingerprint"},
-                       identity=identity, unlabeled_dir=cfg.unlabeled_dir if unlabeled else None, log=log)
+    signal = {k: v for k, v in teacher.items() if k != "fingerprint"} if kd else {"mode": "none"}
+    return dict(role=role, section=cfg.student, optim=optim, dataset_info=dataset_info, seed=seed,
+                teacher=signal, identity=identity, unlabeled_dir=cfg.unlabeled_dir if unlabeled else None)
+
+
+def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, *,
+                  unlabeled: bool = False, role: str | None = None, log=print) -> str:
+    """One student as a Ray Train run (``role`` default: dvfl / dvfl+unlabeled with a teacher
+    signal, vfl without); returns its artefact directory."""
+    if role is None:
+        role = ("dvfl+unlabeled" if unlabeled else "dvfl") if teacher["mode"] != "none" else "vfl"
+    elif unlabeled and role != "dvfl+unlabeled":
+        raise ValueError(f"unlabeled=True trains dvfl+unlabeled, not {role}")
+    if unlabeled and teacher["mode"] == "none":
+        raise ValueError("training on unlabelled clips needs a teacher signal and data.unlabeled "
+                         "(or data.synthetic.unlabeled_videos > 0)")
+    return train_model(cfg, **student_run_args(cfg, dataset_info, teacher, seed, role), log=log)
+
+
+def train_students(cfg: RunConfig, dataset_info: dict, teacher: dict, log=print) -> dict:
+    """Every (seed, role) student of the run config; returns {(seed, role): artefact directory}.
+    One Ray Train run after another, or ``scaling.concurrent_runs`` at a time in runner actors."""
+    paths, planned = {}, []
+    for seed in cfg.seeds or [cfg.seed]:
+        for role in cfg.student_roles:
+            args = student_run_args(cfg, dataset_info, teacher, seed, role)
+            if not cfg.scaling.concurrent_runs:
+                paths[seed, role] = train_model(cfg, **args, log=log)
+                continue
+            run = plan_model_run(cfg, **args, log=log)
+            if isinstance(run, str):
+                paths[seed, role] = run
+            else:
+                planned.append(run)
+    if planned:
+        saved = train_runs_concurrently(cfg, planned, dataset_info, log)
+        paths.update({(run.seed, run.role): saved[run.name] for run in planned})
+    return paths
 
 
 # ----------------------------------------------------------------------------- evaluation + report
@@ -481,6 +607,7 @@ def summarize(rows: list[dict]) -> dict:
     epochs = [statistics.median(h["epoch_seconds"] for h in r["history"]) if r.get("history") else None
               for r in rows]
     return {"top1_mean": statistics.fmean(top1), "top1_min": min(top1), "top1_max": max(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,  # sample std over seeds
             "train_seconds_per_seed": [r.get("train_seconds") for r in rows],
             "median_epoch_seconds_per_seed": epochs,
             "top5_mean": statistics.fmean(top5), "seeds": len(rows), "top1_per_seed": top1,
@@ -489,13 +616,20 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def kd_gains(table: dict) -> dict | None:
-    """Per seed: DVFL-Net minus VFL-Net top-1 in points and DVFL-Net over the teacher."""
-    if not all(k in table for k in ("teacher", "vfl", "dvfl")):
+    """Per seed: DVFL-Net minus VFL-Net (and minus VFL-Net with twice the epochs) top-1 in points,
+    DVFL-Net over the teacher, and the students whose mean beats the teacher's (a teacher too weak)."""
+    if not all(k in table for k in ("teacher", "dvfl")):
         return None
-    vfl, dvfl = table["vfl"]["top1_per_seed"], table["dvfl"]["top1_per_seed"]
+    dvfl = table["dvfl"]["top1_per_seed"]
     teacher = table["teacher"]["top1_mean"]
-    return {"dvfl_minus_vfl_points": [round(100 * (d - v), 2) for d, v in zip(dvfl, vfl)],
-            "dvfl_over_teacher": [d / teacher if teacher else float("nan") for d in dvfl]}
+    gains = {"dvfl_over_teacher": [d / teacher if teacher else float("nan") for d in dvfl],
+             "students_above_teacher": [k for k, row in table.items()
+                                        if k != "teacher" and row["top1_mean"] > teacher]}
+    for base in ("vfl", "vfl_long"):
+        if base in table:
+            gains[f"dvfl_minus_{base}_points"] = [round(100 * (d - v), 2)
+                                                  for d, v in zip(dvfl, table[base]["top1_per_seed"])]
+    return gains
 
 
 def training_cost(table: dict) -> dict | None:
@@ -515,8 +649,9 @@ def training_cost(table: dict) -> dict | None:
     return out
 
 
-def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
-    """results.json, results.md and training_curves.png in the output dir."""
+def write_report(cfg: RunConfig, results: dict, log=print, started: float | None = None) -> dict:
+    """results.json, results.md and training_curves.png in the output dir (``started``: when the
+    command began; the report then records ``wall_seconds``)."""
     out = cfg.output_dir
     table = {name: summarize(rows) for name, rows in results.items() if rows}
     validation = validation_source(cfg).description
@@ -533,19 +668,31 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     cost = training_cost(table)
     if cost:
         report["training_cost"] = cost
+    if started is not None:
+        report["wall_seconds"] = round(time.time() - started, 1)
     atomic_write_json(storage.join(out, "results.json"), report)
     labels = STUDENT_LABELS
-    lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | params | GMACs/clip | top-1 (mean ± std) | per seed | top-5 | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in table.items():
-        spread = (f" ({row['top1_min']:.1%}–{row['top1_max']:.1%})" if row["seeds"] > 1 else "")
+        std = f" ± {100 * row['top1_std']:.1f}" if row["top1_std"] is not None else ""
+        per_seed = ", ".join(f"{100 * t:.1f}" for t in row["top1_per_seed"])
         lines.append(f"| {labels.get(name, name)} | {row['params'] / 1e6:.2f}M | {row['gmacs']:.3f} | "
-                     f"{row['top1_mean']:.1%}{spread} | {row['top5_mean']:.1%} | {row['seeds']} |")
+                     f"{100 * row['top1_mean']:.1f}%{std} | {per_seed} | {row['top5_mean']:.1%} | {row['seeds']} |")
     md = "\n".join(lines) + (f"\n\nEvaluation (top-1, top-5): {report['eval']}, evaluated once at the end. "
                               f"Choices (per-epoch validation, curves) used {validation}.\n")
     if gains:
-        md += ("\nPer seed, DVFL-Net minus VFL-Net: "
-               + ", ".join(f"{g:+.1f}" for g in gains["dvfl_minus_vfl_points"]) + " points; "
-               + "DVFL-Net / teacher: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n")
+        for base in ("vfl", "vfl_long"):
+            if f"dvfl_minus_{base}_points" in gains:
+                md += (f"\nPer seed, DVFL-Net minus {labels[base].split(' (')[0]}"
+                       f"{' with ' + str(LONG_EPOCHS_FACTOR) + 'x the epochs' if base == 'vfl_long' else ''}: "
+                       + ", ".join(f"{g:+.1f}" for g in gains[f"dvfl_minus_{base}_points"]) + " points.\n")
+        md += "\nDVFL-Net / teacher per seed: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n"
+        if gains["students_above_teacher"]:
+            md += ("\nThe teacher is too weak: " + ", ".join(labels.get(k, k) for k in gains["students_above_teacher"])
+                   + " beat it on the test split.\n")
+    if "wall_seconds" in report:
+        md += f"\nWall time of the command: {report['wall_seconds'] / 60:.1f} min.\n"
     if cost:
         md += ("\nTraining time, DVFL-Net / VFL-Net per seed: median epoch "
                + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_epoch"]) + "; whole run "
@@ -572,7 +719,8 @@ def _plot_curves(results: dict, path: str, labels: dict) -> None:
                 continue
             epochs = [e["epoch"] for e in h]
             kw = {"label": labels.get(name, name) if i == 0 else None,
-                  "color": {"teacher": "k", "vfl": "tab:blue", "dvfl": "tab:red", "dvfl+unlabeled": "tab:green"}.get(name)}
+                  "color": {"teacher": "k", "vfl": "tab:blue", "vfl_long": "tab:purple", "dvfl": "tab:red",
+                            "dvfl+unlabeled": "tab:green"}.get(name)}
             axes[0].plot(epochs, [e["val_top1"] for e in h], **kw)
             axes[1].plot(epochs, [e["train_loss"] for e in h], **kw)
     axes[0].set(xlabel="epoch", ylabel="val top-1 (stored views)", title="held-out validation accuracy")
@@ -585,8 +733,9 @@ def _plot_curves(results: dict, path: str, labels: dict) -> None:
         plt.close(fig)
 
 
-def run_all(cfg: RunConfig, log=print) -> dict:
-    """The whole product: clips, teacher, cache, VFL-Net + DVFL-Net per seed, report."""
+def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
+    """The whole product: clips, teacher, cache, VFL-Net + DVFL-Net per seed, report
+    (``started``: when the command began, for the report's ``wall_seconds``)."""
     dataset_info = ensure_clips(cfg, log)
     teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)
     roles = cfg.student_roles
@@ -596,12 +745,11 @@ def run_all(cfg: RunConfig, log=print) -> dict:
         ensure_cache(cfg, teacher_path, log)
     results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}
     kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=True)
+    paths = train_students(cfg, dataset_info, kd_signal, log)
     for seed in cfg.seeds or [cfg.seed]:
         for role in roles:
-            path = train_student(cfg, dataset_info, kd_signal if role != "vfl" else {"mode": "none"}, seed,
-                                 unlabeled=role == "dvfl+unlabeled", log=log)
-            results[role].append(evaluate_model_dir(cfg, str(path), log))
-    return write_report(cfg, results, log)
+            results[role].append(evaluate_model_dir(cfg, str(paths[seed, role]), log))
+    return write_report(cfg, results, log, started=started)
 
 
 __all__ = ["ensure_clips", "ensure_teacher", "check_teacher", "TeacherGateError", "ensure_cache", "train_student", "evaluate_model_dir",

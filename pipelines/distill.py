@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
         storage.makedirs(cfg.output_dir)
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
-        pipeline.run_all(cfg)
+        pipeline.run_all(cfg, started=started)
     print(f"[distill] finished in {time.time() - started:.0f}s; results in {cfg.output_dir}")
     return 0
 

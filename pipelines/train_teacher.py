@@ -41,8 +41,13 @@ def main(argv=None) -> int:
     p.add_argument("--init-2d", help="2D ImageNet FocalNet state dict to start from")
     p.add_argument("--workers", type=int)
     p.add_argument("--gpu", action="store_true", default=None)
+    p.add_argument("--publish", help="also ship the teacher as a model folder (safetensors + spec + card) here")
+    p.add_argument("--test-config", help="with --publish: record the teacher's accuracy on this run config's "
+                                         "test split in the folder (its clips are generated/ingested as needed)")
     a = p.parse_args(argv)
-    absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d"), outputs=("out",))
+    if a.test_config and not a.publish:
+        p.error("--test-config records an accuracy in a published folder: give --publish too")
+    absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d", "test_config"), outputs=("out", "publish"))
     from_config = uses_config(a)
     if not from_config and not (a.clips and a.out):
         p.error("give --config (paths from the run config) or both --clips and --out")
@@ -59,15 +64,25 @@ def main(argv=None) -> int:
     out = cfg.teacher.path
     if not out:
         p.error("no output: set teacher.path in the config or give --out")
-    from dvfl import storage
+    from dvfl import pipeline, storage
 
-    if not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+    test_cfg = None
+    if a.test_config:
+        from dvfl.config import ConfigError, load_config
+
+        try:  # its teacher is the one this command makes: it need not exist yet
+            test_cfg = load_config(a.test_config, [("teacher.path", None)])
+        except ConfigError as exc:
+            p.error(f"--test-config {a.test_config}: {exc}")
+    generate = from_config and cfg.data.dataset == "synthetic"
+    for c in (cfg, test_cfg) if generate else (test_cfg,) if test_cfg else ():
+        pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
+    if not generate and not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run pipelines/ingest.py first")
-    from dvfl import pipeline
     from dvfl.data.shards import load_dataset_info
 
-    info = load_dataset_info(cfg.clips_dir)
-    if from_config:
+    info = load_dataset_info(cfg.clips_dir) if not generate else None
+    if from_config and info is not None:
         try:  # the config describes the clips: a mismatch is an error, not a silent change
             pipeline.check_clips_match(cfg, info)
         except ValueError as exc:
@@ -81,12 +96,17 @@ def main(argv=None) -> int:
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
     with ray_runtime(num_cpus=a.num_cpus):
+        if info is None:
+            info = pipeline.ensure_clips(cfg)
         path, spec = pipeline.ensure_teacher(cfg, info)
-    storage.makedirs(out)
-    for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
-        storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
-    print(json.dumps({"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
-                      "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}))
+        storage.makedirs(out)
+        for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
+            storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
+        summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
+                   "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
+        if a.publish:
+            summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
+    print(json.dumps(summary))
     return 0
 
 

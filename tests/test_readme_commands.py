@@ -24,7 +24,7 @@ import pytest
 
 from dvfl.data.shards import read_clips_table
 
-from conftest import TINY, direct_top1
+from conftest import TINY, direct_top1, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the venv's python and ray, as after `source .venv/bin/activate`
@@ -45,7 +45,7 @@ def command(heading: str, starts_with: str) -> list[str]:
 
 
 def sets(pairs) -> list[str]:
-    return [arg for key, value in pairs for arg in ("--set", f"{key}={value}")]
+    return set_args(pairs)
 
 
 def run(args, cwd, env=None, timeout=900):

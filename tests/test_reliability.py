@@ -300,14 +300,14 @@ def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_pa
 def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, tmp_path):
     """`python pipelines/distill.py` SIGKILLed after the student's first checkpoint: running the
     same command again resumes from it (epochs 1..3 once each, the step count continued)."""
-    from conftest import TINY
+    from conftest import TINY, set_args
 
     cfg = prepared["cfg"]
     out = tmp_path / "run"
     sets = [*TINY, ("baseline", False), ("optim.epochs", 3), ("data.clips", cfg.clips_dir),
             ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
     cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--output-dir", str(out),
-           *[a for k, v in sets for a in ("--set", f"{k}={v}")]]
+           *set_args(sets)]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:

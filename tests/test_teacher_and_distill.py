@@ -28,7 +28,7 @@ from dvfl.models import CheckpointError
 from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
 from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
 
-from conftest import TINY, direct_top1, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
+from conftest import TINY, direct_top1, set_args, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,10 +222,7 @@ def _run_distill(args, address, env_extra=None, timeout=900):
 
 
 def _tiny_args(out, extra=()):
-    args = ["--output-dir", str(out)]
-    for key, value in (*TINY, *extra):
-        args += ["--set", f"{key}={value}"]
-    return args
+    return ["--output-dir", str(out), *set_args([*TINY, *extra])]
 
 
 @pytest.mark.slow
@@ -242,6 +239,34 @@ def test_killed_worker_is_recovered_by_failure_config(prepared, ray_local):
                   if json.loads((p / "model.json").read_text())["identity"]["optim"]["epochs"] == 3]
     history = json.loads((student / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_students_side_by_side_in_runners_and_a_killed_runner_resumes(prepared, ray_local, tmp_path):
+    """scaling.concurrent_runs: the one-worker student runs train two at a time in runner actors
+    (no Ray Train run each: their state is epoch files, not Train checkpoints); vfl_long trains
+    twice the epochs; a runner that dies mid-epoch is replaced and its run resumes from its last
+    epoch state (max_failures), with every epoch in the history once."""
+    cfg = prepared["cfg"]
+    out = tmp_path / "side"
+    args = _tiny_args(out, [("students", ["vfl", "vfl_long", "dvfl"]), ("optim.epochs", 2), ("max_failures", 1),
+                            ("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1),
+                            ("scaling.concurrent_runs", 2), ("data.clips", cfg.clips_dir),
+                            ("teacher.path", prepared["teacher"])])
+    r = _run_distill(args, ray_local.get_runtime_context().gcs_address, {"DVFL_FAIL_AFTER_EPOCH": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / ".fail-injected").exists()  # a runner really died
+    assert re.search(r"\[(vfl|vfl_long|dvfl) s0\] resumed from checkpoint after epoch 1", r.stdout + r.stderr)
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["models"]) == {"teacher", "vfl", "vfl_long", "dvfl"}
+    epochs = {}
+    for role in ("vfl", "vfl_long", "dvfl"):
+        (student,) = (out / "students").glob(f"{role}-s0-*")
+        epochs[role] = [h["epoch"] for h in json.loads((student / "model.json").read_text())["history"]]
+    assert epochs == {"vfl": [1, 2], "vfl_long": [1, 2, 3, 4], "dvfl": [1, 2]}
+    runs = list((out / "ray_results").iterdir())
+    assert len(runs) == 3 and all(sorted(p.name for p in run.iterdir()) in (
+        ["epoch_000001.pt", "epoch_000002.pt"], ["epoch_000003.pt", "epoch_000004.pt"]) for run in runs)
+    assert "dvfl_minus_vfl_long_points" in report["kd_gains"] and report["wall_seconds"] > 0
 
 
 @pytest.mark.slow

@@ -230,6 +230,85 @@ def train_in_tune_trial(loop_cfg: dict, data: TrainingData, *, scaling: Scaling,
     run_loop(loop_cfg, TuneTrialSession({"train": data.train, "val": data.val}))
 
 
+@dataclass
+class RunnerRun:
+    """One one-worker run for :func:`train_concurrently` (``run_dir``: its epoch states)."""
+    name: str
+    loop: dict
+    data: TrainingData
+    run_dir: str
+
+
+@dataclass
+class RunnerResult:
+    """What :func:`load_final_state` reads, as from a Ray Train result."""
+    checkpoint: object
+    error: Exception | None = None
+
+
+class LoopRunner:
+    """A long-lived process that trains runs one after another (torch imported once)."""
+
+    def run(self, loop_cfg: dict, datasets: dict, run_dir: str) -> None:
+        import logging
+
+        from dvfl.train.loop import run_loop
+        from dvfl.train.session import RunnerSession
+
+        quiet_data_progress()
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        run_loop(loop_cfg, RunnerSession(datasets, run_dir))
+
+
+def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: int, max_failures: int = 1):
+    """Train one-worker ``runs`` ``concurrent`` at a time in runner actors; yields ``(run, result)``
+    as each finishes. A runner that dies (killed, out of memory, node lost) is replaced and its
+    run resumes from its last epoch state, up to ``max_failures`` times per run; an error raised
+    by the loop itself (bad data, a bug) is not retried."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from dvfl.train.session import latest_epoch_state
+
+    if scaling.num_workers != 1:
+        raise ValueError(f"concurrent runs are one-worker runs, got scaling.num_workers={scaling.num_workers}")
+    for run in runs:
+        check_enough_clips(run.data, 1, run.loop["optim"]["batch_size"])
+    runner = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0,
+                        resources=scaling.resources or None, max_restarts=0)(LoopRunner)
+    threads = threads_per_worker(Scaling(num_workers=concurrent, use_gpu=scaling.use_gpu,
+                                         cpus_per_worker=scaling.cpus_per_worker))
+    queue, pending, idle, actors = list(runs), {}, [], []
+    failures = {run.name: 0 for run in runs}
+    try:
+        while queue or pending:
+            while queue and (idle or len(actors) < concurrent):
+                if not idle:
+                    actors.append(runner.remote())
+                    idle.append(actors[-1])
+                run, actor = queue.pop(0), idle.pop()
+                loop = {**run.loop, "train_rows": run.data.train_rows, "threads_per_worker": threads,
+                        "run_name": run.name}
+                ref = actor.run.remote(loop, {"train": run.data.train, "val": run.data.val}, run.run_dir)
+                pending[ref] = (run, actor)
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            run, actor = pending.pop(done)
+            try:
+                ray.get(done)
+            except RayActorError:
+                failures[run.name] += 1
+                actors.remove(actor)
+                if failures[run.name] > max_failures:
+                    raise
+                queue.insert(0, run)  # a fresh runner resumes it from its last epoch state
+                continue
+            idle.append(actor)
+            yield run, RunnerResult(latest_epoch_state(run.run_dir))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
 def load_final_state(result) -> dict:
     """The model weights and per-epoch history of a finished run (from its last checkpoint)."""
     if result.error is not None:

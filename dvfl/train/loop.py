@@ -227,6 +227,13 @@ def _quiet_train_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def epoch_line(label: str, m: dict, epochs: int) -> str:
+    """The one terminal line per epoch (every metric also goes to the report and TensorBoard)."""
+    kd = f" (ce {m['train_ce']:.3f}, kd {m['train_kd']:.3f})" if m.get("train_kd") else ""
+    return (f"[{label}] epoch {m['epoch']}/{epochs}: loss {m['train_loss']:.3f}{kd}, train top-1 {m['train_top1']:.1%}, "
+            f"val top-1 {m['val_top1']:.1%}, {m['epoch_seconds']:.1f}s + val {m['val_seconds']:.1f}s")
+
+
 def _say(line: str) -> None:
     """One line to the worker's stdout. Ray Train 2.60 patches ``print`` in workers to tee it to
     stdout and also log it through the root logger, so a printed line reached the terminal twice."""
@@ -332,7 +339,7 @@ def run_loop(cfg: dict, session) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
         if rank == 0:
-            _say(f"[train] resumed from checkpoint after epoch {state['epoch'] + 1}")
+            _say(f"[{cfg.get('label', 'train')}] resumed from checkpoint after epoch {state['epoch'] + 1}")
 
     writer = None
     if rank == 0 and cfg.get("tensorboard_dir"):
@@ -440,7 +447,7 @@ def run_loop(cfg: dict, session) -> None:
                 metrics["val_seconds"] = time.time() - val_started
                 history.append(metrics)
                 _save_state(ckpt_dir, raw_model, optimizer, epoch, step, history)
-                _say("[train] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+                _say(epoch_line(cfg.get("label", "train"), metrics, optim["epochs"]))
                 if writer is not None:
                     for k, v in metrics.items():
                         if isinstance(v, (int, float)) and k != "epoch":

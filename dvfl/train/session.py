@@ -73,3 +73,79 @@ class TuneTrialSession:
         from ray import tune
 
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+class RunnerSession:
+    """A one-worker run in a long-lived runner actor (:func:`dvfl.train.launch.train_concurrently`):
+    datasets given, each epoch's state written to ``run_dir`` (a local path or URI) as one file,
+    the newest resumed; the older ones are removed once a newer one is written."""
+
+    rank, world = 0, 1
+    KEEP = 2
+
+    def __init__(self, datasets: dict, run_dir: str):
+        import ray
+
+        self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        self._datasets = datasets
+        self.run_dir = run_dir
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def checkpoint(self):
+        return latest_epoch_state(self.run_dir)
+
+    def dataset(self, name: str):
+        return self._datasets[name]
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import os
+
+        from dvfl import storage
+        from dvfl.train.loop import STATE_FILE
+
+        if not checkpoint_dir:
+            return
+        # one object per epoch, written whole (an atomic rename locally, one PUT on object stores)
+        with open(os.path.join(checkpoint_dir, STATE_FILE), "rb") as f:
+            storage.write_bytes(storage.join(self.run_dir, f"epoch_{metrics['epoch']:06d}.pt"), f.read())
+        for old in epoch_states(self.run_dir)[:-self.KEEP]:
+            storage.remove(old)
+
+
+def epoch_states(run_dir: str) -> list[str]:
+    """The epoch state files (paths or URIs) of a runner run, oldest first."""
+    from dvfl import storage
+
+    return [p for p in storage.listdir(run_dir, suffix=".pt") if storage.basename(p).startswith("epoch_")]
+
+
+class EpochStateCheckpoint:
+    """The newest epoch state of a runner run, shaped like a Ray checkpoint for the loop's resume
+    and :func:`dvfl.train.launch.load_final_state` (``as_directory``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def as_directory(self):
+        import contextlib
+        import os
+        import tempfile
+
+        from dvfl import storage
+        from dvfl.train.loop import STATE_FILE
+
+        @contextlib.contextmanager
+        def copy():
+            with tempfile.TemporaryDirectory(prefix="dvfl-state-") as d:
+                with open(os.path.join(d, STATE_FILE), "wb") as f:
+                    f.write(storage.read_bytes(self.path))
+                yield d
+
+        return copy()
+
+
+def latest_epoch_state(run_dir: str) -> EpochStateCheckpoint | None:
+    states = epoch_states(run_dir)
+    return EpochStateCheckpoint(states[-1]) if states else None
