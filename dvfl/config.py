@@ -47,6 +47,9 @@ class SyntheticSection:
     motion: str = "bounded"  # or "wrap" (see dvfl/data/synthetic.py; wrap is not learnable here)
     angle_jitter_deg: float = 8.0  # direction = class angle +- this (22.5: neighbouring classes touch)
     distractors: list = field(default_factory=lambda: [0, 0])  # static blobs per video, [min, max]
+    speed: list = field(default_factory=lambda: [1.2, 2.2])  # px per video frame, [min, max]
+    noise_std: float = 6.0
+    background: str = "textured"  # or "plain" (one colour: the moving object is all that changes)
 
 
 @dataclass
@@ -322,6 +325,13 @@ class RunConfig:
             fail("data.synthetic.distractors", f"must be [min, max] with 0 <= min <= max, got {d!r}")
         if self.data.synthetic.motion not in ("bounded", "wrap"):
             fail("data.synthetic.motion", f"must be bounded or wrap, got {self.data.synthetic.motion!r}")
+        sp = self.data.synthetic.speed
+        if not (isinstance(sp, list) and len(sp) == 2 and 0 < sp[0] <= sp[1]):
+            fail("data.synthetic.speed", f"must be [min, max] px per frame with 0 < min <= max, got {sp!r}")
+        if not 0 <= self.data.synthetic.noise_std:
+            fail("data.synthetic.noise_std", f"must be >= 0, got {self.data.synthetic.noise_std!r}")
+        if self.data.synthetic.background not in ("textured", "plain"):
+            fail("data.synthetic.background", f"must be textured or plain, got {self.data.synthetic.background!r}")
         if not 0 <= self.data.teacher_pool < 1:
             fail("data.teacher_pool", f"must be in [0, 1), got {self.data.teacher_pool!r}")
         if not 0 < self.data.val_fraction < 1:

@@ -96,8 +96,8 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     syn = SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
                           test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
                           frames=s.frames, size=s.size, motion=s.motion,
-                          angle_jitter_deg=s.angle_jitter_deg,
-                          distractors=tuple(s.distractors), seed=cfg.seed)
+                          angle_jitter_deg=s.angle_jitter_deg, distractors=tuple(s.distractors),
+                          speed=tuple(s.speed), noise_std=s.noise_std, background=s.background, seed=cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).
     return generate(os.path.join(cfg.output_dir, "videos"), syn, overwrite=True, log=log)

@@ -168,3 +168,20 @@ def test_only_the_order_of_frames_tells_opposite_directions_apart():
     se = np.sqrt(bag[0].var(0) / n + bag[4].var(0) / n) + 1e-9
     assert np.all(np.abs(bag[0].mean(0) - bag[4].mean(0)) < 4 * se)
     assert disp[0].min() >= 4 and disp[4].max() <= -4
+
+
+def test_plain_background_leaves_only_the_object_changing():
+    """background="plain" (the embedded default): with no noise, every pixel the object never
+    covers keeps one colour through the video; "textured" varies across the frame."""
+    plain = syn.SyntheticConfig(background="plain", noise_std=0.0, speed=(2.5, 3.5))
+    frames, tr = syn.render_video(plain, 3, np.random.default_rng(7), return_track=True)
+    covered = np.zeros(frames.shape[1:3], bool)
+    my, mx = np.nonzero(tr["mask"])
+    for py, px in tr["positions"]:
+        covered[my + py, mx + px] = True
+    background = frames[:, ~covered].reshape(-1, 3)
+    assert len(background) > 0 and np.ptp(background, axis=0).max() == 0
+    textured, _ = syn.render_video(syn.SyntheticConfig(noise_std=0.0), 3, np.random.default_rng(7), return_track=True)
+    assert np.ptp(textured[0].reshape(-1, 3), axis=0).max() > 10
+    with pytest.raises(ValueError, match="background must be one of"):
+        syn.SyntheticConfig(background="stripes").validate()

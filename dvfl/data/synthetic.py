@@ -51,6 +51,7 @@ LIST_DIR = "ucfTrainTestlist"
 UNLABELED_DIR = "unlabeled_pool"
 INFO_FILE = "synthetic.json"
 MOTIONS = ("bounded", "wrap")
+BACKGROUNDS = ("textured", "plain")
 
 _NAMES_8 = ["MoveRight", "MoveUpRight", "MoveUp", "MoveUpLeft", "MoveLeft", "MoveDownLeft", "MoveDown",
             "MoveDownRight"]
@@ -74,6 +75,9 @@ class SyntheticConfig:
     angle_jitter_deg: float = 8.0
     crf: int = 20
     motion: str = "bounded"     # "bounded" | "wrap" (see the module docstring)
+    # "plain": one colour, so the moving object is all that changes; "textured": a coarse colour
+    # field with fine static texture (harder: a from-scratch model finds the motion much later)
+    background: str = "textured"
     seed: int = 0
 
     def validate(self) -> None:
@@ -85,6 +89,10 @@ class SyntheticConfig:
             raise ValueError(f"frames must be >= 2, got {self.frames}")
         if not 0 <= self.angle_jitter_deg <= 180.0 / self.num_classes:
             raise ValueError(f"angle_jitter_deg must be in [0, 180/num_classes], got {self.angle_jitter_deg}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if not 0 < self.speed[0] <= self.speed[1]:
+            raise ValueError(f"speed must be (min, max) with 0 < min <= max, got {self.speed}")
         if self.motion not in MOTIONS:
             raise ValueError(f"motion must be one of {MOTIONS}, got {self.motion!r}")
         if self.size - self.object_size[1] < 4:
@@ -137,10 +145,12 @@ def _shape_mask(rng: np.random.Generator, s: int) -> np.ndarray:
     return np.ascontiguousarray(m)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, kind: str = "textured") -> np.ndarray:
     from PIL import Image
 
     base = rng.uniform(40, 215, size=3)
+    if kind == "plain":
+        return np.broadcast_to(base.astype(np.float32), (size, size, 3)).copy()
     coarse = np.clip(base + rng.uniform(-45, 45, size=(4, 4, 3)), 0, 255).astype(np.uint8)
     bg = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32)
     bg = bg + rng.uniform(-12, 12, size=(size, size, 1)).astype(np.float32)  # fine static texture
@@ -162,7 +172,7 @@ def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generato
     object's top-left corner as drawn (before wrapping), "velocity": (dy, dx), "colour",
     "mask"}`` (used by the tests)."""
     S, F = cfg.size, cfg.frames
-    bg = _background(rng, S)
+    bg = _background(rng, S, cfg.background)
     yy, xx = np.mgrid[0:S, 0:S]
     for _ in range(int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))):
         c = rng.uniform(0, 255, size=3)

@@ -1,0 +1,62 @@
+"""The embedded default's shipped teacher (models/embedded_teacher, made by `make teacher` from
+configs/embedded_teacher.yaml): what it is, that its weights are the ones its spec names, and that
+it reproduces the test accuracy recorded in it on a sample of the embedded default's test videos."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dvfl.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_PER_CLASS = 10
+
+
+def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_path):
+    from dvfl import pipeline
+    from dvfl.artifacts import load_model
+    from dvfl.data.adapters import build_manifest
+    from dvfl.data.ingest import IngestConfig, ingest
+    from dvfl.data.shards import load_dataset_info
+    from dvfl.profile import count_flops
+    from dvfl.train.evaluate import evaluate_multiview
+
+    default = load_config(None, [("output_dir", str(tmp_path))], check_paths=False)
+    folder = Path(default.teacher.path)
+    assert folder == REPO / "models" / "embedded_teacher"
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert {"model.safetensors", "model.json", "config.json", "README.md"} <= set(files)
+    assert sum(files.values()) <= 25 * 2 ** 20
+    shipped = json.loads((folder / "model.json").read_text())
+    model, spec = load_model(folder)  # strict: every weight present, none left over
+    assert spec["weights_fingerprint"] == shipped["weights_fingerprint"]  # the weights are the ones named
+    assert shipped["role"] == "teacher" and shipped["classes"] == [
+        "MoveRight", "MoveUpRight", "MoveUp", "MoveUpLeft", "MoveLeft", "MoveDownLeft", "MoveDown", "MoveDownRight"]
+    # trained on a seed stream of its own: none of the default's videos (seed 0) is one of its
+    assert shipped["seed"] != default.seed and shipped["identity"]["dataset"] != ""
+
+    def gmacs(name, kw):
+        return count_flops(name, num_classes=8, frames=8, size=32, embed_dim=kw.get("embed_dim"),
+                           depths=kw.get("depths"))["gmacs_per_clip"]
+
+    student = pipeline.model_kwargs(default.student, 8, default)
+    assert gmacs(shipped["name"], shipped["kwargs"]) >= 4 * gmacs(default.student.model, student)
+
+    recorded = shipped["eval_embedded_test"]
+    s = default.data.synthetic
+    assert recorded["videos"] == s.num_classes * s.test_per_class and recorded["top1"] >= 0.90
+    # a sample: the first test videos of each class are the same files whatever test_per_class is
+    cfg = load_config(None, [("output_dir", str(tmp_path)), ("data.synthetic.train_per_class", 0),
+                             ("data.synthetic.unlabeled_videos", 0),
+                             ("data.synthetic.test_per_class", SAMPLE_PER_CLASS)])
+    generated = pipeline.ensure_videos(cfg, log=None)
+    ingest(build_manifest("synthetic", generated["root"], 1),
+           IngestConfig(out=cfg.clips_dir, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
+                        eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed,
+                        progress=False), log=lambda *_: None)
+    assert len(load_dataset_info(cfg.clips_dir)["classes"]) == 8
+    ev = evaluate_multiview(model, cfg.clips_dir, "test", cfg.crop_size, num_clips=cfg.eval.clips,
+                            num_crops=cfg.eval.crops, per_video=True)
+    assert len(ev["predictions"]) == 8 * SAMPLE_PER_CLASS
+    expected = {v: recorded["predictions"][v] for v in ev["predictions"]}
+    assert ev["predictions"] == expected  # each sampled video gets the class recorded for it
