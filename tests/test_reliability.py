@@ -306,7 +306,7 @@ def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, t
     out = tmp_path / "run"
     sets = [*TINY, ("baseline", False), ("optim.epochs", 3), ("data.clips", cfg.clips_dir),
             ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
-    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--output-dir", str(out),
+    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out),
            *[a for k, v in sets for a in ("--set", f"{k}={v}")]]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log_path = tmp_path / "first.log"
