@@ -77,7 +77,6 @@ __all__ = [
     "find_crd_dir",
     "kuberay_crd_schema",
     "load_documents",
-    "main",
     "ray_launcher_schema",
     "validate_document",
     "validate_file",

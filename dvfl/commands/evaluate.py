@@ -13,7 +13,6 @@ arguments.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
