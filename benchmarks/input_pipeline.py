@@ -266,7 +266,7 @@ def _tree_pss_kb(root_pid):
 def ingest_peak_memory(videos_dir, out, train_per_class, test_per_class):
     args = [sys.executable, os.path.join(REPO, "pipelines", "ingest.py"), "--dataset", "synthetic",
             "--videos-dir", videos_dir, "--out", out, "--train-per-class", str(train_per_class),
-            "--test-per-class", str(test_per_class), "--quiet", "--overwrite"]
+            "--test-per-class", str(test_per_class), "--quiet", "--fresh"]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     # generate first (not measured), then measure the ingest alone

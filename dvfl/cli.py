@@ -1,26 +1,113 @@
-"""Command-line plumbing shared by the entry points: config file + overrides, Ray session."""
+"""The ``dvfl`` command and the plumbing its subcommands share: one argument vocabulary, help that
+shows defaults, config file + overrides, deprecated spellings, path flags made absolute.
+
+One name per concept, in every subcommand:
+
+- ``--config FILE``: a run config (YAML); ``--set SECTION.FIELD=VALUE`` overrides one field.
+- ``--out PATH``: where this command writes what it makes (for ``distill`` and ``tune``: the run's
+  ``output_dir``); ``--json FILE``: also write the printed result as JSON.
+- ``--fresh``: start over instead of resuming (or refusing) what is already in ``--out``.
+- ``--num-workers N``: Ray Train workers (config: ``scaling.num_workers``); ``--decode-tasks N``:
+  ingest's decode tasks in flight; ``--num-cpus N``: logical CPUs of a local Ray instance.
+- ``--model PATH``: a trained model (folder or checkpoint); ``--arch NAME``: an architecture.
+- ``--batch-size N``, ``--threads N``, ``--gpu``, ``--quiet``.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import sys
 
 from dvfl import paths
 from dvfl.config import ConfigError, RunConfig, load_config
 
+# subcommand -> (module in dvfl.commands, the script that runs it as ``python SCRIPT``)
+COMMANDS = {
+    "ingest": ("ingest", "pipelines/ingest.py"),
+    "teacher": ("teacher", "pipelines/train_teacher.py"),
+    "cache": ("cache", "pipelines/cache_teacher.py"),
+    "distill": ("distill", "pipelines/distill.py"),
+    "evaluate": ("evaluate", "pipelines/evaluate.py"),
+    "protocol": ("protocol", "pipelines/protocol.py"),
+    "tune": ("tune", "tuning/search.py"),
+    "predict": ("predict", "pipelines/predict.py"),
+    "export": ("export", "pipelines/export.py"),
+    "profile": ("profile", "pipelines/profile_model.py"),
+    "validate-cluster": ("validate_cluster", None),
+}
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout and ends every option's help with its default, unless the
+    option has none (unset, off) or its help already says what happens by default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            action = copy.copy(action)  # argparse prints no help line (so no default) for an option without help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def parser(module_doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=module_doc, formatter_class=HelpFormatter)
+
+
+def deprecated(p: argparse.ArgumentParser, old: str, use: str, dest: str, *, flag: bool = False, **kwargs) -> None:
+    """Accept an old spelling, hidden from ``--help``; using it prints one warning line. It stores
+    into ``dest`` (the new flag's), so nothing after parsing knows which spelling was typed."""
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {old} is deprecated; use {use}", file=sys.stderr)
+            setattr(namespace, self.dest, True if flag else values)
+
+    p.add_argument(old, dest=dest, action=Alias, nargs=0 if flag else None, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS, **kwargs)
+
+
+def add_num_cpus(p) -> None:
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a local Ray instance (default: 2 x cores, dvfl.runtime.ray_runtime); "
+                        "ignored when joining a cluster")
+
+
+def add_config_args(p: argparse.ArgumentParser, out_is_output_dir: bool = False) -> None:
+    """``--config``/``--set``/``--num-cpus``. ``out_is_output_dir``: the command's ``--out`` is the
+    run's ``output_dir`` (distill, tune); elsewhere the old ``--output-dir`` is ``--set output_dir=``."""
     p.add_argument("--config", help="YAML run config (default: configs/embedded.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value, e.g. --set kd.temperature=2 (repeatable)")
-    p.add_argument("--output-dir", help="where every stage writes (config: output_dir)")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: 2 x cores)")
+    add_num_cpus(p)
+    if out_is_output_dir:
+        deprecated(p, "--output-dir", "--out", "out")
+    else:
+        deprecated(p, "--output-dir", "--set output_dir=DIR", "output_dir")
+
+
+def add_fresh(p, what: str, old: str | None = None) -> None:
+    p.add_argument("--fresh", action="store_true", help=f"start over: {what}")
+    if old:
+        deprecated(p, old, "--fresh", "fresh", flag=True)
+
+
+def add_num_workers(p, help_text: str = "Ray Train workers (config: scaling.num_workers)") -> None:
+    p.add_argument("--num-workers", type=int, help=help_text)
+    deprecated(p, "--workers", "--num-workers", "num_workers", type=int)
 
 
 def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=()) -> RunConfig:
     """Load + override + validate; on a bad value print the field and exit before any work.
-    ``outputs``: path fields the command writes (e.g. ``teacher.path`` for train_teacher.py)."""
+    ``outputs``: path fields the command writes (e.g. ``teacher.path`` for ``dvfl teacher``)."""
     overrides = list(a.overrides)
-    if a.output_dir:
+    if getattr(a, "output_dir", None):
         overrides.append(("output_dir", a.output_dir))
     for key, value in (extra or {}).items():
         if value is not None:
@@ -54,3 +141,36 @@ def announce_job_outputs(output_dir: str, log=print) -> None:
     if paths.in_job_working_dir():
         log(f"[paths] Ray job {paths.ray_job_id() or ''}: relative output paths resolve under {paths.job_root()} "
             f"(${paths.JOB_ROOT_ENV}), outside the job's temporary working directory; results: {output_dir}")
+
+
+def command_module(name: str):
+    return importlib.import_module(f"dvfl.commands.{COMMANDS[name][0]}")
+
+
+def script_main(name: str, argv=None) -> int:
+    """``python pipelines/<stage>.py ...``: the subcommand under the script's own name."""
+    module = command_module(name)
+    script = COMMANDS[name][1]
+    p = parser(module.__doc__, prog=f"python {script}" if script else f"dvfl {name}")
+    module.add_arguments(p)
+    a = p.parse_args(argv)
+    return module.run(a, p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("DVFL-Net on Ray: every stage of the pipeline as a subcommand. "
+               "`dvfl COMMAND --help` shows a command's options and their defaults.", prog="dvfl")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = command_module(name)
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        sp = sub.add_parser(name, help=summary, description=module.__doc__, formatter_class=HelpFormatter)
+        module.add_arguments(sp)
+        sp.set_defaults(command_parser=sp)  # run() reports usage errors against the subcommand
+    return p
+
+
+def main(argv=None) -> int:
+    """The ``dvfl`` console script (``[project.scripts]``) and ``python -m dvfl``."""
+    a = build_parser().parse_args(argv)
+    return command_module(a.command).run(a, a.command_parser)

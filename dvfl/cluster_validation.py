@@ -35,21 +35,18 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
   CPU/GPU resources, ``rayVersion`` and images match the pinned ray, autoscaling on, CPU and GPU worker
   groups, no credentials.
 
-CLI: ``python -m dvfl.cluster_validation cluster/*.yaml cluster/kuberay/*.yaml`` prints ``OK`` or the
-errors per file and exits non-zero if any file fails.
+CLI: ``dvfl validate-cluster cluster/*.yaml cluster/kuberay/*.yaml`` (:mod:`dvfl.commands.validate_cluster`)
+prints ``OK`` or the errors per file and exits non-zero if any file fails.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import hashlib
 import json
-import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -80,7 +77,6 @@ __all__ = [
     "find_crd_dir",
     "kuberay_crd_schema",
     "load_documents",
-    "main",
     "ray_launcher_schema",
     "validate_document",
     "validate_file",
@@ -886,41 +882,3 @@ def validate_file(path: str | os.PathLike, crd_dir: str | os.PathLike | None = N
             except Exception:  # a summary is a courtesy; validity was decided above
                 pass
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dvfl.cluster_validation",
-        description="Validate Ray cluster launcher YAMLs and KubeRay manifests offline.",
-    )
-    parser.add_argument("paths", nargs="+", help="YAML files (launcher configs or KubeRay manifests)")
-    parser.add_argument("--crd-dir", default=None,
-                        help=f"KubeRay CRD directory (default: ${CRD_DIR_ENV} or {DEFAULT_CRD_DIR})")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print failures only")
-    args = parser.parse_args(argv)
-
-    # prepare_config logs an INFO line per node type; keep the output to the verdicts. (Importing
-    # ray configures the "ray" logger, so import it before lowering the level.)
-    import ray  # noqa: F401
-
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    failed = 0
-    for path in args.paths:
-        report = validate_file(path, args.crd_dir)
-        if report.ok:
-            if not args.quiet:
-                print(f"OK    {path}")
-                for s in report.summaries:
-                    print(f"      {s}")
-        else:
-            failed += 1
-            print(f"FAIL  {path}")
-            for e in report.errors:
-                print(f"      {e}")
-    if len(args.paths) > 1 or failed:
-        print(f"{len(args.paths) - failed}/{len(args.paths)} files valid")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

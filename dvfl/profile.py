@@ -1,7 +1,7 @@
 """Efficiency profile of a video model: params, FLOPs, latency, throughput, peak memory.
 
-Library only (no Ray); ``pipelines/profile.py`` is the command-line front end and
-``benchmarks/model_efficiency.py`` uses it for the teacher/student comparison.
+Library only (no Ray); ``dvfl profile`` (:mod:`dvfl.commands.profile`) is the command-line front
+end and ``benchmarks/model_efficiency.py`` uses it for the teacher/student comparison.
 
 * **FLOPs** are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
   multiply-add; it counts matmuls and convolutions, not element-wise ops). The forward runs on the
@@ -26,7 +26,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -318,42 +318,3 @@ def format_profile(r: ProfileResult) -> str:
     else:
         lines.append(f"peak memory: {r.peak_memory_mib:.0f} MiB ({r.peak_memory_kind})")
     return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point used by ``pipelines/profile.py``."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(description="Efficiency profile of a Video-FocalNet model: "
-                                "params, FLOPs/GMACs per clip, latency, throughput, peak memory.")
-    p.add_argument("--model", default="videofocalnet_nano")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=101)
-    p.add_argument("--embed-dim", type=int, default=None, help="override the model width")
-    p.add_argument("--batch", type=int, default=1, help="latency batch size (default 1)")
-    p.add_argument("--throughput-batch", type=int, default=None,
-                   help="batch size of the throughput run (default: --batch)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--throughput-repeats", type=int, default=3, help="0 skips throughput")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: the available CPU cores)")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    a = p.parse_args(argv)
-    for flag in ("frames", "size", "num_classes", "batch", "repeats"):
-        if getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-
-    result = profile_model(
-        a.model, num_classes=a.num_classes, frames=a.frames, size=a.size, embed_dim=a.embed_dim,
-        batch=a.batch, warmup=a.warmup, repeats=a.repeats, throughput_batch=a.throughput_batch,
-        throughput_repeats=a.throughput_repeats, device=a.device,
-        threads=a.threads if a.threads is not None else available_cpus())
-    print(format_profile(result), flush=True)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result.to_dict(), fh, indent=2)
-    return 0

@@ -321,7 +321,7 @@ def build_teacher_cache(
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
-                        f"{fingerprint}; use another --out or --overwrite")
+                        f"{fingerprint}; use another --out or --fresh")
                 for p in storage.listdir(logits_dir, hidden=True) + [storage.join(out, CACHE_JSON),
                                                                      storage.join(out, BUILD_JSON)]:
                     storage.remove(p)

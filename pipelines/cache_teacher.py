@@ -1,87 +1,16 @@
 #!/usr/bin/env python
-"""Run the teacher once over every stored clip view and cache its raw logits (Ray Data).
+"""``dvfl cache`` as a script (``ray job submit -- python pipelines/cache_teacher.py ...``): see :mod:`dvfl.commands.cache`.
 
-    python pipelines/cache_teacher.py --config configs/ucf101_base.yaml
-    python pipelines/cache_teacher.py --clips DIR --teacher DIR_OR_FILE --out DIR
-
-With ``--config`` the clips (``data.clips``), teacher (``teacher.path``, ``teacher.model``), cache
-(``teacher.cache``, which distill.py then reads), crop size, views, dtype and GPU use come from the
-run config, so the cache is exactly the one distillation asks for; flags override single fields.
-
-The cache is content-addressed (teacher weights + architecture, the clips' ingest fingerprint,
-the view spec); rerunning reuses a finished cache and resumes an interrupted one.
+Needs the package installed (``pip install -e .``, as ``make venv`` and the cluster configs do).
 """
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-import _bootstrap  # noqa: F401
-
-from dvfl.cli import absolute_path_args, add_config_args, config_from_args, uses_config
-from dvfl.runtime import ray_runtime
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--clips", help="ingest output (shards/ + dataset.json) (config: data.clips)")
-    p.add_argument("--teacher", help="teacher model dir (model.json) or official checkpoint file (config: teacher.path)")
-    p.add_argument("--teacher-model", help="architecture of a bare checkpoint file, e.g. videofocalnet_base")
-    p.add_argument("--out", help="cache directory (config: teacher.cache)")
-    p.add_argument("--crop-size", type=int, help="default: data.crop_size, or the stored short side without a config")
-    p.add_argument("--views", help="comma-separated cached views, e.g. center,center+flip (config: teacher.views; "
-                   "default center)")
-    p.add_argument("--dtype", choices=["float16", "float32"], help="config: teacher.cache_dtype (default float16)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--actors", type=int, default=1, help="teacher replicas (one per GPU on a cluster)")
-    p.add_argument("--gpu", action="store_true", default=None, help="config: scaling.use_gpu")
-    p.add_argument("--verify", type=int, default=32, help="cached rows to recompute and compare")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher/clips in --out")
-    a = p.parse_args(argv)
-    absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
-    if uses_config(a):
-        cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.teacher, "teacher.model": a.teacher_model,
-                                   "teacher.cache": a.out, "teacher.cache_dtype": a.dtype,
-                                   "scaling.use_gpu": a.gpu})
-        if not cfg.teacher.path:
-            p.error("no teacher: set teacher.path in the config or give --teacher")
-        a.clips, a.teacher, a.teacher_model, a.out = cfg.clips_dir, cfg.teacher.path, cfg.teacher.model, cfg.cache_dir
-        a.crop_size = a.crop_size or cfg.crop_size
-        a.views = a.views or ",".join(cfg.teacher.views)
-        a.dtype, a.gpu = cfg.teacher.cache_dtype, cfg.scaling.use_gpu
-    elif not (a.clips and a.teacher and a.out):
-        p.error("give --config (everything from the run config) or --clips, --teacher and --out")
-    a.views, a.dtype, a.gpu = a.views or "center", a.dtype or "float16", bool(a.gpu)
-    from dvfl import storage
-
-    if not storage.isfile(storage.join(a.clips, "dataset.json")):
-        p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json)")
-    if not storage.exists(a.teacher) and not storage.isdir(a.teacher):
-        p.error(f"--teacher {a.teacher}: not found")
-    if storage.isfile(a.teacher) and not a.teacher_model:
-        p.error("--teacher-model is required when --teacher is a checkpoint file")
-    for flag, v in (("--batch-size", a.batch_size), ("--actors", a.actors)):
-        if v < 1:
-            p.error(f"{flag} must be >= 1")
-    from dvfl.models import CheckpointError
-    from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
-
-    with ray_runtime(num_cpus=a.num_cpus):
-        try:
-            build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.teacher_model, crop_size=a.crop_size,
-                                views=a.views.split(","), dtype=a.dtype, batch_size=a.batch_size,
-                                num_actors=a.actors, use_gpu=a.gpu, verify_samples=a.verify,
-                                overwrite=a.overwrite)
-        except (CacheMismatchError, CheckpointError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:  # disk full, quota: finished shards stay, a rerun resumes
-            print(f"error: writing the cache to {a.out} failed: {exc}", file=sys.stderr)
-            return 1
-    return 0
-
+try:
+    from dvfl.cli import script_main
+except ModuleNotFoundError as exc:  # a checkout that was never installed
+    if exc.name != "dvfl":
+        raise
+    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("cache"))

@@ -1,148 +1,16 @@
 #!/usr/bin/env python
-"""Evaluate a trained model on ingested clips: video-level top-1/top-5, per class, confusion matrix.
+"""``dvfl evaluate`` as a script (``ray job submit -- python pipelines/evaluate.py ...``): see :mod:`dvfl.commands.evaluate`.
 
-    python pipelines/evaluate.py --model DIR_OR_CHECKPOINT --clips DIR [--config F] [--views CLIPSxCROPS] [--json OUT]
-    python pipelines/evaluate.py --config configs/ucf101_base.yaml --model models/ucf101_videofocalnet_base
-
-Each test video's prediction is the mean softmax over CLIPS stored uniform clips x CROPS crops
-(start/centre/end along the long side): deterministic, and the same computation as the pipeline's
-final evaluation (``results.json``). With ``--config`` the clips, crop size, views and split come
-from the run config. A protocol the shards cannot serve (4 clips asked, 1 stored per video) is
-refused, never silently evaluated on fewer views.
+Needs the package installed (``pip install -e .``, as ``make venv`` and the cluster configs do).
 """
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import re
 import sys
 
-import _bootstrap  # noqa: F401
-
-from dvfl.cli import absolute_path_args, add_config_args, config_from_args, uses_config
-
-
-def parse_views(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"--views must be CLIPSxCROPS with CLIPS >= 1 and CROPS 1 or 3, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def plot_confusion(confusion, classes, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    c = np.asarray(confusion, dtype=float)
-    rows = c / np.maximum(c.sum(1, keepdims=True), 1)
-    n = len(classes)
-    size = min(24, max(5, 0.18 * n + 3))
-    fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    if n <= 60:
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the class's videos")
-    fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--model", required=True, help="model directory (model.json) or official checkpoint file")
-    p.add_argument("--model-name", help="architecture of a bare checkpoint file (config: teacher.model)")
-    p.add_argument("--clips", help="ingest output (config: data.clips)")
-    p.add_argument("--views", type=parse_views, help="CLIPSxCROPS, e.g. 4x3 (config: eval.clips x eval.crops; default 1x1)")
-    p.add_argument("--split", help="split to evaluate (config: data.test_split; default test)")
-    p.add_argument("--crop-size", type=int, help="config: data.crop_size (default: the stored short side)")
-    p.add_argument("--json", help="write the metrics here (and the confusion matrix PNG next to it)")
-    p.add_argument("--confusion", help="confusion matrix PNG (default: <json>.confusion.png when --json is given)")
-    p.add_argument("--batch-size", type=int, default=16)
-    a = p.parse_args(argv)
-    absolute_path_args(a, inputs=("model", "clips"), outputs=("json", "confusion"))
-    if not os.path.exists(a.model):
-        p.error(f"--model {a.model}: not found")
-    clips, crop, split, views, name = a.clips, a.crop_size, a.split, a.views, a.model_name
-    if uses_config(a):
-        cfg = config_from_args(a, {"data.clips": a.clips})
-        clips, crop, split = cfg.clips_dir, crop or cfg.crop_size, split or cfg.data.test_split
-        views, name = views or (cfg.eval.clips, cfg.eval.crops), name or cfg.teacher.model
-    if not clips:
-        p.error("give --clips (or --config with data.clips)")
-    split, views = split or "test", views or (1, 1)
-    from dvfl.data.shards import load_dataset_info
-
-    try:
-        info = load_dataset_info(clips)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    stored = info["params"]["eval_clips"]
-    if views[0] > stored:
-        print(f"error: --views {views[0]}x{views[1]} asks for {views[0]} clips per video, but {clips} stores "
-              f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored}, "
-              f"or ingest again with --eval-clips {views[0]}", file=sys.stderr)
-        return 2
-    crop = crop or info["params"]["short_side"]
-    if not crop:
-        p.error("the clips keep the source size (short side 0): give --crop-size")
-    from dvfl.artifacts import load_model
-    from dvfl.models import CheckpointError
-    from dvfl.train.evaluate import ProtocolError, evaluate_multiview
-
-    try:
-        model, spec = load_model(a.model, name=name, kwargs=None if os.path.isdir(a.model) else
-                                 {"num_classes": len(info["classes"]), "num_frames": info["params"]["frames"]})
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if model.num_classes != len(info["classes"]):
-        print(f"error: {a.model} predicts {model.num_classes} classes; {clips} has {len(info['classes'])}",
-              file=sys.stderr)
-        return 2
-    try:
-        m = evaluate_multiview(model, clips, split, crop, num_clips=views[0], num_crops=views[1],
-                               batch_size=a.batch_size, details=True)
-    except ProtocolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # e.g. no labelled clips of that split
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    classes = info["classes"]
-    result = {"model": a.model, "weights_fingerprint": spec["weights_fingerprint"], "clips": clips,
-              "dataset_fingerprint": info["fingerprint"], "split": split, "views": f"{views[0]}x{views[1]}",
-              "crop_size": crop, "top1": m["top1"], "top5": m["top5"], "videos": m["videos"],
-              "per_class": {classes[c]: v for c, v in m["per_class"].items()}, "confusion": m["confusion"],
-              "classes": classes}
-    confusion = a.confusion or (os.path.splitext(a.json)[0] + ".confusion.png" if a.json else None)
-    if confusion:
-        os.makedirs(os.path.dirname(confusion) or ".", exist_ok=True)
-        plot_confusion(m["confusion"], classes, confusion,
-                       f"{os.path.basename(a.model.rstrip('/'))} on {split} ({views[0]}x{views[1]} views)")
-        result["confusion_png"] = confusion
-    if a.json:
-        from dvfl.data.shards import atomic_write_json
-
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        atomic_write_json(a.json, result)
-    worst = sorted(result["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
-    print(f"[evaluate] {a.model} on split {split} of {clips}: top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} "
-          f"({m['videos']} videos, {views[0]} clips x {views[1]} crops, crop {crop})")
-    print("[evaluate] weakest classes: " + ", ".join(f"{k} {v['top1']:.0%}" for k, v in worst))
-    if a.json:
-        print(f"[evaluate] {a.json}" + (f", {confusion}" if confusion else ""))
-    return 0
-
+try:
+    from dvfl.cli import script_main
+except ModuleNotFoundError as exc:  # a checkout that was never installed
+    if exc.name != "dvfl":
+        raise
+    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("evaluate"))

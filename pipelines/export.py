@@ -1,102 +1,16 @@
 #!/usr/bin/env python
-"""Export a trained model for deployment, checked against PyTorch before it is written.
+"""``dvfl export`` as a script (``ray job submit -- python pipelines/export.py ...``): see :mod:`dvfl.commands.export`.
 
-    python pipelines/export.py --model DIR --format onnx|torchscript|export|folder --out PATH [--clips DIR]
-
-``onnx``: one .onnx file with a dynamic batch dimension, checked with ONNX Runtime.
-``torchscript``: a traced TorchScript file (LibTorch / ``torch.jit.load``). ``export``: a
-``torch.export`` program (.pt2). ``folder``: safetensors weights + timm ``config.json`` + a model
-card README, loadable offline with ``timm.create_model("local-dir:PATH", pretrained=True)``.
-
-The check runs the exported model and PyTorch on the same inputs: real clips of ``--clips`` (the
-ingest output's test split), the golden clip (``--golden``) when its shape fits the model, and a
-fixed random clip; an export whose logits differ by more than ``--tolerance`` (default 1e-4) is
-refused and nothing is written. A model directory whose model.json does not match its weights is
-refused with the mismatching tensors named.
+Needs the package installed (``pip install -e .``, as ``make venv`` and the cluster configs do).
 """
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
 
-import _bootstrap  # noqa: F401
-
-
-def real_clips(clips_dir: str, spec: dict, n: int) -> list:
-    """Up to ``n`` stored evaluation clips, centre-cropped and normalised as evaluation does."""
-    import pyarrow.parquet as pq
-
-    from dvfl.data.shards import shard_paths
-    from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
-
-    size = spec["kwargs"].get("img_size", 224)
-    paths = shard_paths(clips_dir, ["test"]) or shard_paths(clips_dir, ["val"])
-    if not paths:
-        raise ValueError(f"--clips {clips_dir}: no test or val shards")
-    table = pq.read_table(paths[0], columns=["clip_id", "label", "frames", "num_frames", "height", "width"]).slice(0, n)
-    arrays, _, _ = batch_arrays(table)
-    return [normalize(make_clip_batch([a], size, [View()])) for a in arrays]
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (model.pt + model.json)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "export", "folder"])
-    p.add_argument("--out", required=True, help="output file (onnx, torchscript, export) or folder")
-    p.add_argument("--clips", help="ingest output whose test clips are used for the parity check "
-                                   "(and whose dataset.json goes into the model card)")
-    p.add_argument("--golden", default=None, help="a golden file {input, ...} (torch.save) checked too when it fits")
-    p.add_argument("--check-clips", type=int, default=4, help="real clips for the parity check")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max-abs logit difference allowed (fp32)")
-    a = p.parse_args(argv)
-    from dvfl.cli import absolute_path_args
-
-    absolute_path_args(a, inputs=("model", "clips", "golden"), outputs=("out",))
-    from dvfl import export as ex
-    from dvfl.artifacts import load_model
-    from dvfl.models.checkpoint import CheckpointError
-
-    try:
-        model, spec = load_model(a.model)
-    except (CheckpointError, ValueError, OSError, json.JSONDecodeError) as exc:
-        print(f"error: --model {a.model}: {exc}", file=sys.stderr)
-        return 2
-    model.eval()
-    if a.format == "folder" and os.path.exists(a.out) and not (
-            os.path.isfile(os.path.join(a.out, "config.json")) or (os.path.isdir(a.out) and not os.listdir(a.out))):
-        print(f"error: --out {a.out} exists and is not an exported model folder; not overwriting it", file=sys.stderr)
-        return 2
-    inputs, dataset = [], None
-    if a.clips:
-        from dvfl.data.shards import load_dataset_info
-
-        dataset = load_dataset_info(a.clips)
-        inputs += real_clips(a.clips, spec, a.check_clips)
-    if a.golden:
-        try:
-            inputs += ex.golden_inputs(a.golden, spec)
-        except ValueError as exc:
-            print(f"[export] golden clip not used: {exc}")
-    inputs.append(ex.example_input(spec, 2))
-    try:
-        if a.format == "onnx":
-            info = ex.export_onnx(model, a.out, inputs, a.tolerance)
-        elif a.format == "torchscript":
-            info = ex.export_torchscript(model, a.out, inputs, a.tolerance)
-        elif a.format == "export":
-            info = ex.export_program(model, a.out, inputs, a.tolerance)
-        else:
-            info = ex.export_folder(model, spec, a.out, dataset)
-    except ex.ExportMismatch as exc:
-        print(f"error: the export does not reproduce PyTorch: {exc}; nothing written", file=sys.stderr)
-        return 1
-    print(f"[export] {info['format']} -> {info['path']}: max |exported - PyTorch| = {info['max_abs_diff']:.2e} "
-          f"on {len(inputs)} input batch(es)")
-    print(json.dumps(info))
-    return 0
-
+try:
+    from dvfl.cli import script_main
+except ModuleNotFoundError as exc:  # a checkout that was never installed
+    if exc.name != "dvfl":
+        raise
+    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("export"))

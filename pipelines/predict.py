@@ -1,104 +1,16 @@
 #!/usr/bin/env python
-"""Recognise the action in your own video files with a trained model (student or teacher).
+"""``dvfl predict`` as a script (``ray job submit -- python pipelines/predict.py ...``): see :mod:`dvfl.commands.predict`.
 
-    python pipelines/predict.py --model DIR VIDEO_OR_FOLDER... [--views CLIPSxCROPS] [--topk K] [--json OUT]
-    python pipelines/predict.py --model DIR VIDEO --stream [--window N] [--stride S]
-
-Files are decoded in a killable child process with ingest's container checks, and seen under the
-same deterministic views as evaluation (``--views 1x1``: the centre crop of one uniform clip;
-``4x3``: 4 uniform clips x 3 crops), so a test video gets the prediction evaluation counted. A
-folder means every video file under it. A bad file gets a per-file error and the others go on;
-the exit status is 1 if any file failed. ``--json OUT`` writes ``[{"path", "topk": [[class,
-probability], ...]} or {"path", "error"}]``.
-
-``--stream`` plays one file as a live stream at its own frame rate and recognises the last
-``--window`` frames every ``--stride`` frames, printing each window's latency.
+Needs the package installed (``pip install -e .``, as ``make venv`` and the cluster configs do).
 """
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-import _bootstrap  # noqa: F401
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (model.pt + model.json)")
-    p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER")
-    p.add_argument("--views", default="1x1", help="CLIPSxCROPS, as in evaluation (default 1x1)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--json", help="write the predictions here")
-    p.add_argument("--clips", help="the ingest output the model was trained on (only for a model.json "
-                                   "without class names)")
-    p.add_argument("--timeout-per-file", type=float, default=60.0, help="decode time limit per file (s)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--stream", action="store_true", help="play the file as a live stream (sliding window)")
-    p.add_argument("--window", type=int, help="frames per recognised window (default: the model's T)")
-    p.add_argument("--stride", type=int, default=4, help="recognise a window every S new frames")
-    p.add_argument("--no-realtime", action="store_true", help="--stream without waiting for the frames' clock")
-    a = p.parse_args(argv)
-    from dvfl.cli import absolute_path_args
-
-    absolute_path_args(a, inputs=("model", "inputs", "clips"), outputs=("json",))
-    if a.topk < 1:
-        p.error("--topk must be >= 1")
-    from dvfl.inference import PredictError, Predictor, expand_inputs, parse_views, stream_file, write_json
-
-    try:
-        views = parse_views(a.views)
-    except ValueError as exc:
-        p.error(str(exc))
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    try:
-        pred = Predictor.load(a.model, a.clips, timeout=a.timeout_per_file)
-    except Exception as exc:  # a missing/mismatched model: one line, not a traceback
-        print(f"error: --model {a.model}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        if a.stream:
-            if len(a.inputs) != 1 or os.path.isdir(a.inputs[0]):
-                p.error("--stream takes one video file")
-            window = a.window or pred.frames
-            if window < pred.frames or a.stride < 1:
-                p.error(f"--window must be >= the model's {pred.frames} frames and --stride >= 1")
-            try:
-                out = stream_file(pred, a.inputs[0], window, a.stride, realtime=not a.no_realtime, k=a.topk)
-            except PredictError as exc:
-                print(f"error: {a.inputs[0]}: {exc}", file=sys.stderr)
-                return 1
-            print(f"[stream] {len(out['windows'])} windows of {window} frames every {a.stride} frames at "
-                  f"{out['fps']:g} fps; real-time factor {out['real_time_factor']:.2f} (>= 1: keeps up)")
-            if a.json:
-                write_json(a.json, out)
-            return 0
-        files = expand_inputs(a.inputs)
-        if not files:
-            print("error: no video files in the given inputs", file=sys.stderr)
-            return 1
-        results, failed = [], 0
-        for path in files:
-            try:
-                r = pred.predict_file(path, views, a.topk)
-            except PredictError as exc:
-                failed += 1
-                results.append({"path": path, "error": str(exc)})
-                print(f"{path}: error: {exc}", file=sys.stderr)
-                continue
-            results.append({"path": path, "topk": r["topk"]})
-            print(f"{path}: " + ", ".join(f"{c} {q:.3f}" for c, q in r["topk"]))
-        if a.json:
-            write_json(a.json, results)
-        if failed:
-            print(f"{failed} of {len(files)} files failed", file=sys.stderr)
-        return 1 if failed else 0
-    finally:
-        pred.close()
-
+try:
+    from dvfl.cli import script_main
+except ModuleNotFoundError as exc:  # a checkout that was never installed
+    if exc.name != "dvfl":
+        raise
+    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("predict"))

@@ -1,114 +1,16 @@
 #!/usr/bin/env python
-"""Train (fine-tune) a teacher on ingested clip shards with the shared Ray Train loop.
+"""``dvfl teacher`` as a script (``ray job submit -- python pipelines/train_teacher.py ...``): see :mod:`dvfl.commands.teacher`.
 
-    python pipelines/train_teacher.py --config configs/ucf101_base.yaml [--checkpoint FILE --reinit-head]
-    python pipelines/train_teacher.py --clips DIR --out DIR [--model NAME] [--epochs N] [--checkpoint FILE]
-
-With ``--config`` everything comes from the run config: the clips (``data.clips``), the output
-(``teacher.path``, where distill.py and cache_teacher.py look for it), the architecture
-(``teacher.train``), the recipe (``teacher.optim``), frames, crop and the validation hold-out; the
-flags override single fields.
-
-Real runs use Video-FocalNet-B (``--model videofocalnet_base``) initialised from the official
-Kinetics-400 checkpoint (``--checkpoint video-focalnet_base_k400.pth --reinit-head``) or from a
-2D ImageNet FocalNet (``--init-2d``). Writes OUT/model.pt + OUT/model.json (with the validation
-accuracy and the per-epoch history).
+Needs the package installed (``pip install -e .``, as ``make venv`` and the cluster configs do).
 """
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
-import _bootstrap  # noqa: F401
-
-from dvfl.cli import absolute_path_args, add_config_args, config_from_args, uses_config
-from dvfl.runtime import ray_runtime
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--clips", help="ingest output (shards/ + dataset.json) (config: data.clips)")
-    p.add_argument("--out", help="directory for the trained teacher (config: teacher.path)")
-    p.add_argument("--model", default=None, help="architecture (default videofocalnet_base)")
-    p.add_argument("--embed-dim", type=int, help="override the variant's width")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--checkpoint", help="official Video-FocalNet checkpoint to start from")
-    p.add_argument("--reinit-head", action="store_true", help="new classifier when the class count differs")
-    p.add_argument("--init-2d", help="2D ImageNet FocalNet state dict to start from")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--gpu", action="store_true", default=None)
-    p.add_argument("--publish", help="also ship the teacher as a model folder (safetensors + spec + card) here")
-    p.add_argument("--test-config", help="with --publish: record the teacher's accuracy on this run config's "
-                                         "test split in the folder (its clips are generated/ingested as needed)")
-    a = p.parse_args(argv)
-    if a.test_config and not a.publish:
-        p.error("--test-config records an accuracy in a published folder: give --publish too")
-    absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d", "test_config"), outputs=("out", "publish"))
-    from_config = uses_config(a)
-    if not from_config and not (a.clips and a.out):
-        p.error("give --config (paths from the run config) or both --clips and --out")
-    model = a.model or (None if from_config else "videofocalnet_base")
-    cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": model,
-                               "teacher.train.embed_dim": a.embed_dim, "teacher.optim.epochs": a.epochs,
-                               "teacher.optim.lr": a.lr, "teacher.optim.batch_size": a.batch_size,
-                               "teacher.train.checkpoint": a.checkpoint, "teacher.train.init_2d": a.init_2d,
-                               "teacher.train.reinit_head": a.reinit_head or None,
-                               "scaling.num_workers": a.workers, "scaling.use_gpu": a.gpu},
-                           outputs=("teacher.path",))
-    if a.model and a.embed_dim is None and not from_config:
-        cfg.teacher.train.embed_dim = None  # the named variant's own width
-    out = cfg.teacher.path
-    if not out:
-        p.error("no output: set teacher.path in the config or give --out")
-    from dvfl import pipeline, storage
-
-    test_cfg = None
-    if a.test_config:
-        from dvfl.config import ConfigError, load_config
-
-        try:  # its teacher is the one this command makes: it need not exist yet
-            test_cfg = load_config(a.test_config, [("teacher.path", None)])
-        except ConfigError as exc:
-            p.error(f"--test-config {a.test_config}: {exc}")
-    generate = from_config and cfg.data.dataset == "synthetic"
-    for c in (cfg, test_cfg) if generate else (test_cfg,) if test_cfg else ():
-        pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
-    if not generate and not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
-        p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run pipelines/ingest.py first")
-    from dvfl.data.shards import load_dataset_info
-
-    info = load_dataset_info(cfg.clips_dir) if not generate else None
-    if from_config and info is not None:
-        try:  # the config describes the clips: a mismatch is an error, not a silent change
-            pipeline.check_clips_match(cfg, info)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        cfg.data.short_side = info["params"]["short_side"]
-        cfg.data.frames = info["params"]["frames"]
-        cfg.validate(outputs=("teacher.path",))
-        if not a.output_dir and not any(str(o).startswith("output_dir") for o in a.overrides):
-            cfg.output_dir = storage.join(out, "_work")
-    cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
-    with ray_runtime(num_cpus=a.num_cpus):
-        if info is None:
-            info = pipeline.ensure_clips(cfg)
-        path, spec = pipeline.ensure_teacher(cfg, info)
-        storage.makedirs(out)
-        for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
-            storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
-        summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
-                   "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
-        if a.publish:
-            summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
-    print(json.dumps(summary))
-    return 0
-
+try:
+    from dvfl.cli import script_main
+except ModuleNotFoundError as exc:  # a checkout that was never installed
+    if exc.name != "dvfl":
+        raise
+    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("teacher"))

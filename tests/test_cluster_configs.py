@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dvfl import cluster_validation as cv
+from dvfl.cli import main as dvfl_main
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = {"aws": ROOT / "cluster" / "aws.yaml", "gcp": ROOT / "cluster" / "gcp.yaml"}
@@ -506,22 +507,22 @@ def test_cli_reports_ok_and_failures(tmp_path, capsys, kuberay_docs):
     bad = tmp_path / "broken-raycluster.yaml"
     bad.write_text(yaml.safe_dump(broken))
 
-    assert cv.main([str(p) for p in ALL_FILES]) == 0
+    assert dvfl_main(["validate-cluster", *map(str, ALL_FILES)]) == 0
     out = capsys.readouterr().out
     assert out.count("OK ") == len(ALL_FILES) and "FAIL" not in out
 
-    assert cv.main([str(LAUNCHER["aws"]), str(bad)]) == 1
+    assert dvfl_main(["validate-cluster", str(LAUNCHER["aws"]), str(bad)]) == 1
     out = capsys.readouterr().out
     assert "OK    " + str(LAUNCHER["aws"]) in out
     assert "FAIL  " + str(bad) in out and "maxReplica: unknown field" in out
 
 
 def test_cli_as_module(tmp_path):
-    """`python -m dvfl.cluster_validation ...`, the command in docs/cluster.md."""
+    """`python -m dvfl validate-cluster ...` (`dvfl validate-cluster`, the command in docs/cluster.md)."""
     not_a_config = tmp_path / "x.yaml"
     not_a_config.write_text(json.dumps({"hello": "world"}))
     proc = subprocess.run(
-        [sys.executable, "-m", "dvfl.cluster_validation", *map(str, ALL_FILES), str(not_a_config)],
+        [sys.executable, "-m", "dvfl", "validate-cluster", *map(str, ALL_FILES), str(not_a_config)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr

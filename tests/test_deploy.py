@@ -101,8 +101,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     import onnxruntime as ort
     import torch
 
-    sys.path.insert(0, str(REPO / "pipelines"))
-    from export import real_clips
+    from dvfl.commands.export import real_clips
 
     from dvfl.artifacts import load_model
 

@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "pipelines"))
-import ingest as cli  # noqa: E402  (pipelines/ingest.py)
+from dvfl.cli import main as dvfl_main  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -35,7 +34,7 @@ import ingest as cli  # noqa: E402  (pipelines/ingest.py)
 ])
 def test_bad_flags_fail_fast_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.parse_args(argv)
+        dvfl_main(["ingest", *argv])
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
 

@@ -203,14 +203,14 @@ TINY_S3 = ["teacher.train.embed_dim=16", "teacher.optim.epochs=1", "baseline=fal
 
 
 def test_distill_with_every_path_on_s3(s3_server, s3_ingest):
-    """pipelines/distill.py --output-dir s3://... --set data.clips=s3://...: the teacher, its logit
+    """pipelines/distill.py --out s3://... --set data.clips=s3://...: the teacher, its logit
     cache, the student, Ray Train's checkpoints, TensorBoard events and the results all land in the
     bucket, and nothing in the working directory or the spool folder."""
     from dvfl import storage
 
     out = f"s3://{s3_server['new_bucket']()}/runs/tiny"
     work, env = s3_ingest["work"], s3_ingest["env"]
-    args = [DISTILL, "--output-dir", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3",
+    args = [DISTILL, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3",
             *[x for kv in TINY_S3 for x in ("--set", kv)]]
     r = _run(args, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=900)
     objects = s3_objects(out)

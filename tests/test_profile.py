@@ -1,4 +1,4 @@
-"""Tests of the efficiency profile (dvfl.profile, pipelines/profile.py)."""
+"""Tests of the efficiency profile (dvfl.profile, `dvfl profile` = pipelines/profile_model.py)."""
 import json
 import os
 import re
@@ -124,9 +124,9 @@ def test_rss_sampler_sees_torch_allocations():
 
 def test_profile_cli_smoke(tmp_path):
     out_json = tmp_path / "p.json"
-    cmd = [sys.executable, os.path.join(ROOT, "pipelines", "profile.py"),
-           "--model", "videofocalnet_nano", "--frames", "2", "--size", "32", "--num-classes", "5",
-           "--embed-dim", "16", "--batch", "1", "--repeats", "2", "--warmup", "1",
+    cmd = [sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
+           "--arch", "videofocalnet_nano", "--frames", "2", "--size", "32", "--num-classes", "5",
+           "--embed-dim", "16", "--batch-size", "1", "--repeats", "2", "--warmup", "1",
            "--throughput-repeats", "1", "--json", str(out_json)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -146,6 +146,6 @@ def test_profile_cli_smoke(tmp_path):
 
 
 def test_profile_cli_rejects_bad_args():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile.py"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
                            "--repeats", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--repeats" in proc.stderr

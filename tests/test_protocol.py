@@ -171,14 +171,10 @@ def test_a_path_shared_by_every_split_is_refused_naming_the_field(tmp_path):
 
 
 def protocol_main():
-    """pipelines/protocol.py's main(), in this process (the refusals need no Ray and no subprocess)."""
-    import importlib.util
+    """`dvfl protocol` (pipelines/protocol.py), in this process (the refusals need no Ray and no subprocess)."""
+    from dvfl.cli import main
 
-    sys.path.insert(0, str(REPO / "pipelines"))
-    spec = importlib.util.spec_from_file_location("protocol_cli", REPO / "pipelines" / "protocol.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return lambda argv: main(["protocol", *argv])
 
 
 def test_protocol_flags_are_checked_before_work(tmp_path, capsys, monkeypatch):

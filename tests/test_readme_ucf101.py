@@ -13,7 +13,6 @@ is exercised). The one non-size override: the 1-epoch teacher's sanity gate is o
 from __future__ import annotations
 
 import json
-import runpy
 import shlex
 
 import pytest
@@ -128,7 +127,7 @@ def test_readme_ucf101_chain_as_typed(checkout, ray_local, tmp_path, monkeypatch
     # ... and it refuses a protocol the shards cannot serve (4 clips stored per test video); run in this
     # process (it refuses before any model is loaded: a subprocess would only add its start-up)
     monkeypatch.chdir(checkout)
-    monkeypatch.syspath_prepend(str(checkout / "pipelines"))
-    evaluate = runpy.run_path(str(checkout / "pipelines" / "evaluate.py"), run_name="readme_evaluate")["main"]
-    assert evaluate([*shlex.split(commands[4])[2:], *overrides, "--views", "8x3"]) == 2
+    from dvfl.cli import script_main
+
+    assert script_main("evaluate", [*shlex.split(commands[4])[2:], *overrides, "--views", "8x3"]) == 2
     assert "stores 4 evaluation clip(s) per video" in capsys.readouterr().err

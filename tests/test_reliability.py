@@ -306,8 +306,7 @@ def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, t
     out = tmp_path / "run"
     sets = [*TINY, ("baseline", False), ("optim.epochs", 3), ("data.clips", cfg.clips_dir),
             ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
-    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--output-dir", str(out),
-           *set_args(sets)]
+    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out), *set_args(sets)]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:

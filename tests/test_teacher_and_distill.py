@@ -208,7 +208,7 @@ def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):
     out = tmp_path / "never"
-    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--output-dir", str(out),
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out),
                         "--set", "kd.temperature=-2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "kd.temperature must be > 0" in r.stderr
@@ -222,7 +222,7 @@ def _run_distill(args, address, env_extra=None, timeout=900):
 
 
 def _tiny_args(out, extra=()):
-    return ["--output-dir", str(out), *set_args([*TINY, *extra])]
+    return ["--out", str(out), *set_args([*TINY, *extra])]
 
 
 @pytest.mark.slow

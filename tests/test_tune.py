@@ -108,7 +108,7 @@ def search(prepared, tmp_path_factory, ray_local):
     started = time.time()
     released: list[str] = []
     with open(tmp / "first.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--config", str(path), "--quiet"],
+        proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--search", str(path), "--quiet"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while time.time() < started + 600 and proc.poll() is None:
@@ -240,22 +240,14 @@ def test_best_config_runs_with_distill(search, ray_local):
     cfg = load_config(best_file)  # accepted and validated unchanged
     assert cfg.kd.temperature == pytest.approx(best["temperature"]) and cfg.kd.alpha == pytest.approx(best["alpha"])
     assert cfg.optim.lr == pytest.approx(best["lr"]) and cfg.student.embed_dim == best["width"]
-    # pipelines/distill.py's own main(), in this process (it joins the session's Ray instance)
-    import importlib.util
+    # `dvfl distill` (pipelines/distill.py), in this process (it joins the session's Ray instance)
+    from dvfl.cli import main as dvfl_main
 
-    sys.path.insert(0, str(REPO / "pipelines"))
-    try:
-        spec = importlib.util.spec_from_file_location("distill_cli", REPO / "pipelines" / "distill.py")
-        distill = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(distill)
-        # the changes: this search validated on the training clips (to force ASHA), so the run
-        # validates on the test split's evaluation views, where the tiny teacher is near chance
-        # (the teacher gate would refuse it, rightly)
-        assert distill.main(["--config", str(best_file), "--set", "data.val_split=test",
-                             "--set", "teacher.min_top1_over_chance=-1"]) == 0
-    finally:
-        if str(REPO / "pipelines") in sys.path:
-            sys.path.remove(str(REPO / "pipelines"))
+    # the changes: this search validated on the training clips (to force ASHA), so the run
+    # validates on the test split's evaluation views, where the tiny teacher is near chance
+    # (the teacher gate would refuse it, rightly)
+    assert dvfl_main(["distill", "--config", str(best_file), "--set", "data.val_split=test",
+                      "--set", "teacher.min_top1_over_chance=-1"]) == 0
     report = json.loads((Path(cfg.output_dir) / "results.json").read_text())
     assert set(report["models"]) == {"teacher", "dvfl"}
     assert report["config"]["kd"]["temperature"] == pytest.approx(best["temperature"])
@@ -317,7 +309,7 @@ def test_pareto_front_and_cli_config_error(tmp_path):
     rows = [{"gmacs": 1.0, "best_top1": 0.5}, {"gmacs": 2.0, "best_top1": 0.5}, {"gmacs": 2.0, "best_top1": 0.7},
             {"gmacs": 3.0, "best_top1": 0.6}, {"gmacs": 0.5, "best_top1": None}]
     assert pareto_front(rows) == [0, 2]
-    r = subprocess.run([sys.executable, str(REPO / "tuning" / "search.py"), "--output-dir", str(tmp_path / "never"),
+    r = subprocess.run([sys.executable, str(REPO / "tuning" / "search.py"), "--out", str(tmp_path / "never"),
                         "--set", "tune.space.kd.alpha={uniform: [0.5, 2]}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "config error: tune.space.kd.alpha" in r.stderr
     assert not (tmp_path / "never").exists()

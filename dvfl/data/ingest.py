@@ -79,7 +79,7 @@ class IngestConfig:
             (self.min_frames is None or self.min_frames >= 1, "--min-frames must be >= 1"),
             (self.timeout_per_file > 0, "--timeout-per-file must be > 0"),
             (self.videos_per_shard is None or self.videos_per_shard >= 1, "--videos-per-shard must be >= 1"),
-            (self.workers is None or self.workers >= 1, "--workers must be >= 1"),
+            (self.workers is None or self.workers >= 1, "--decode-tasks must be >= 1"),
             (self.videos_per_task is None or self.videos_per_task >= 1, "--videos-per-task must be >= 1"),
             (self.task_mb > 0, "--task-mb must be > 0"),
             (self.max_jobs_per_child >= 1 and self.max_child_rss_mb > 0, "decode child limits must be > 0"),
@@ -274,19 +274,17 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, max_rss_mb: fl
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
                 object_store_mb: int = 1024, log=print) -> Iterator[Dict[str, Any]]:
-    """:func:`dvfl.runtime.ray_runtime` sized for ingest: by default cores + 1 logical CPUs, so
-    one decode task more than cores is in flight and fills the gaps Ray Data leaves between
-    tasks (:func:`plan_decode_tasks`); no dashboard, worker logs kept out of the progress line.
-    Shuts down only what it started."""
+    """:func:`dvfl.runtime.ray_runtime` (its default logical CPUs, like every command) for ingest:
+    no dashboard, worker logs kept out of the progress line. Shuts down only what it started."""
     import ray
 
     from dvfl.runtime import ray_runtime
 
     owned = not ray.is_initialized()
     addr = address or os.environ.get("RAY_ADDRESS")
-    n = num_cpus or (os.cpu_count() or 1) + 1
-    with ray_runtime(num_cpus=n, object_store_mb=object_store_mb, address=address, dashboard=False,
-                     log_to_driver=False):
+    with ray_runtime(num_cpus=num_cpus, object_store_mb=object_store_mb, address=address, dashboard=False,
+                     log_to_driver=False) as resources:
+        n = int(resources.get("CPU", 0))
         mode = ("existing" if not owned else f"connected to {addr}" if addr
                 else f"local Ray, {n} logical CPUs, {object_store_mb} MiB object store")
         if log and owned:
@@ -400,7 +398,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": cfg.row_group_clips,
               "compression": cfg.compression, "shards": [p.name for p in plans]}
 
-    # -- output dir state: refuse to mix different datasets, unless --overwrite
+    # -- output dir state: refuse to mix different datasets, unless --fresh
     plan_path = storage.join(out, _s.PLAN_JSON)
     if cfg.overwrite:
         storage.remove_tree(shard_dir)
@@ -411,9 +409,9 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         if old != layout:
             what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
             raise ValueError(f"{out} already holds an ingest with a different {what}; "
-                             f"use a new --out or pass --overwrite")
+                             f"use a new --out or pass --fresh")
     elif _s.shard_paths(out):
-        raise ValueError(f"{out} holds shards but no {_s.PLAN_JSON}; use a new --out or pass --overwrite")
+        raise ValueError(f"{out} holds shards but no {_s.PLAN_JSON}; use a new --out or pass --fresh")
     storage.makedirs(meta_dir)
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)

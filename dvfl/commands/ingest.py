@@ -1,0 +1,225 @@
+"""Ingest videos into Parquet clip shards (see docs/ingest.md).
+
+Examples:
+  dvfl ingest --dataset synthetic --out data/synthetic
+  dvfl ingest --dataset ucf101 --root /data/UCF101 --split 1 --out data/ucf101_s1
+  dvfl ingest --dataset hmdb51 --root /data/hmdb51 --split 2 --out data/hmdb51_s2
+  dvfl ingest --dataset ucf50 --root /data/UCF50 --split 7 --out data/ucf50_g07
+  dvfl ingest --dataset kinetics --root /data/k400 --annotations train=train.csv --out data/k400
+  dvfl ingest --dataset ssv2 --root /data/ssv2 --out data/ssv2
+  dvfl ingest --dataset dvfl-csv --root /data/UCF101 --annotations train=lists/train.csv \\
+      --annotations val=lists/val.csv --out data/ucf101_dvfl
+  dvfl ingest --dataset folder --root /data/my_videos --test-fraction 0.2 --out data/mine
+  ... --unlabeled /data/raw_clips        (or a text file with one path per line)
+
+(``python pipelines/ingest.py`` takes the same arguments.) Re-running the same command resumes
+(finished shards are skipped); ``--fresh`` starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dvfl.cli import absolute_path_args, add_num_cpus, deprecated
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dvfl.data.adapters import DATASETS
+
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--out", required=True, help="output folder (shards/, dataset.json, rejects.jsonl, summary.json)")
+    p.add_argument("--root", help="dataset root (not used by --dataset synthetic)")
+    p.add_argument("--split", type=int, default=1,
+                   help="official split 1-3 (ucf101, hmdb51) or held-out group 1-25 (ucf50)")
+    p.add_argument("--videos-dir", help="where the videos are, if not under --root "
+                                        "(synthetic: where to generate them; default OUT/videos)")
+    p.add_argument("--lists-dir", help="folder with the split files (ucf101, hmdb51)")
+    p.add_argument("--annotations", action="append", default=[], metavar="[SPLIT=]FILE",
+                   help="annotation file(s) for kinetics (CSV), ssv2 (JSON) and dvfl-csv; repeatable")
+    p.add_argument("--classes", help="class list file (kinetics, dvfl-csv: one name per line; ssv2: labels.json)")
+    p.add_argument("--num-classes", type=int,
+                   help="dvfl-csv: number of classes (default: the distinct labels of the lists, numbered 0..K-1)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="folder: fraction of videos for test")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="folder: fraction of videos for val")
+    p.add_argument("--unlabeled", action="append", default=[], metavar="DIR_OR_LIST",
+                   help="videos without labels (a folder tree or a file with one path per line): "
+                        "stored with label NULL and split 'unlabeled'; repeatable")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: delete an earlier ingest in --out (and generated videos of another "
+                        "synthetic configuration) instead of resuming or refusing it")
+    deprecated(p, "--overwrite", "--fresh", "fresh", flag=True)
+    g = p.add_argument_group("clips")
+    g.add_argument("--frames", type=int, default=8, help="frames per clip T")
+    g.add_argument("--clips-per-video", type=int, default=2, help="seeded TSN views per train/unlabeled video")
+    g.add_argument("--eval-clips", type=int, default=1, help="uniform views per val/test video")
+    g.add_argument("--short-side", type=int, default=None,
+                   help="resize so the short side is this (aspect kept, no crop); 0 keeps the source size "
+                        "(default 128; synthetic: the generated size)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the training views (and of the synthetic data)")
+    g.add_argument("--min-frames", type=int, default=None, help="reject videos with fewer frames (default --frames)")
+    g.add_argument("--timeout-per-file", type=float, default=60.0,
+                   help="seconds a single file may take to decode; the decoder process is killed after it")
+    g.add_argument("--videos-per-shard", type=int, default=None, help="default: ~128 MiB of clips per shard")
+    r = p.add_argument_group("ray")
+    r.add_argument("--address", default=None, help="Ray cluster to connect to (default: $RAY_ADDRESS, else local)")
+    add_num_cpus(r)
+    r.add_argument("--object-store-mb", type=int, default=1024, help="object store of the local Ray instance")
+    r.add_argument("--decode-tasks", type=int, default=None,
+                   help="decode tasks in flight (default: --num-cpus, else cores + 1, on a local instance; "
+                        "the cluster's logical CPUs on a cluster)")
+    deprecated(r, "--workers", "--decode-tasks", "decode_tasks", type=int)
+    r.add_argument("--task-mb", type=float, default=4.0,
+                   help="source video MB per decode task, 0.7-2 s of decoding (the last tasks are smaller)")
+    r.add_argument("--videos-per-task", type=int, default=None,
+                   help="at most this many videos per decode task (default: ~256 MiB of decoded clips)")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_argument("--ray-progress", action="store_true", help="also show Ray Data's progress bars")
+    s = p.add_argument_group("synthetic (the embedded default dataset)")
+    s.add_argument("--synthetic-classes", type=int, default=8)
+    s.add_argument("--train-per-class", type=int, default=160)
+    s.add_argument("--test-per-class", type=int, default=40)
+    s.add_argument("--unlabeled-videos", type=int, default=0,
+                   help="also generate (and ingest) an unlabelled pool of N videos, disjoint from the labelled ones")
+    s.add_argument("--video-frames", type=int, default=16, help="frames per generated video")
+    s.add_argument("--video-size", type=int, default=32, help="generated frame size (square, even)")
+    s.add_argument("--gen-processes", type=int, default=None, help="processes that generate the videos "
+                   "(default: cores)")
+    deprecated(s, "--gen-workers", "--gen-processes", "gen_processes", type=int)
+
+
+def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Fail fast, naming the bad flag, before any work starts."""
+    def bad(msg: str) -> None:
+        p.error(msg)
+
+    if a.dataset != "synthetic":
+        if not a.root:
+            bad(f"--root is required for --dataset {a.dataset}")
+        if not os.path.isdir(a.root):
+            bad(f"--root {a.root}: no such directory")
+    if a.dataset in ("ucf101", "hmdb51") and a.split not in (1, 2, 3):
+        bad(f"--split must be 1, 2 or 3 for {a.dataset}, got {a.split}")
+    if a.dataset == "ucf50" and not 1 <= a.split <= 25:
+        bad(f"--split (held-out group) must be 1..25 for ucf50, got {a.split}")
+    if a.dataset == "synthetic" and a.split != 1:
+        bad("--split: the synthetic dataset only has split 1")
+    if a.task_mb <= 0:
+        bad(f"--task-mb must be > 0, got {a.task_mb}")
+    for flag, v, lo in (("--frames", a.frames, 1), ("--clips-per-video", a.clips_per_video, 1),
+                        ("--eval-clips", a.eval_clips, 1), ("--num-cpus", a.num_cpus, 1),
+                        ("--decode-tasks", a.decode_tasks, 1), ("--videos-per-task", a.videos_per_task, 1),
+                        ("--videos-per-shard", a.videos_per_shard, 1),
+                        ("--min-frames", a.min_frames, 1), ("--short-side", a.short_side, 0),
+                        ("--object-store-mb", a.object_store_mb, 128), ("--num-classes", a.num_classes, 1),
+                        ("--synthetic-classes", a.synthetic_classes, 2), ("--train-per-class", a.train_per_class, 0),
+                        ("--test-per-class", a.test_per_class, 0), ("--unlabeled-videos", a.unlabeled_videos, 0),
+                        ("--video-frames", a.video_frames, 2), ("--video-size", a.video_size, 16),
+                        ("--gen-processes", a.gen_processes, 1)):
+        if v is not None and v < lo:
+            bad(f"{flag} must be >= {lo}, got {v}")
+    if a.video_size % 2:
+        bad(f"--video-size must be even (H.264 yuv420p), got {a.video_size}")
+    if a.synthetic_classes > 36:
+        bad("--synthetic-classes must be <= 36")
+    if not a.timeout_per_file > 0:
+        bad(f"--timeout-per-file must be > 0, got {a.timeout_per_file}")
+    for flag, v in (("--test-fraction", a.test_fraction), ("--val-fraction", a.val_fraction)):
+        if not 0.0 <= v < 1.0:
+            bad(f"{flag} must be in [0, 1), got {v}")
+    if a.test_fraction + a.val_fraction >= 1.0:
+        bad("--test-fraction + --val-fraction must be < 1")
+    parsed = []
+    for spec in a.annotations:
+        split, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if not os.path.isabs(path) and a.root and not os.path.exists(path):
+            path = os.path.join(a.root, path)
+        if not os.path.isfile(path):
+            bad(f"--annotations {spec}: no such file")
+        if split and split not in ("train", "val", "test", "validation", "validate"):
+            bad(f"--annotations {spec}: split must be train, val or test")
+        parsed.append((split or None, path))
+    a.annotations = parsed
+    for u in a.unlabeled:
+        if not os.path.exists(u):
+            bad(f"--unlabeled {u}: no such folder or list file")
+    for flag, v in (("--classes", a.classes), ("--lists-dir", a.lists_dir), ("--videos-dir", a.videos_dir)):
+        if v and a.dataset != "synthetic" and not os.path.exists(v):
+            bad(f"{flag} {v}: not found")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        bad(f"--out {a.out} exists and is not a directory")
+    from dvfl import storage
+
+    if storage.is_remote(a.out):
+        why = storage.reachable(a.out)
+        if why:
+            bad(f"--out {why}")
+        if a.dataset == "synthetic" and not a.videos_dir:
+            bad("--videos-dir is required with a URI --out: the generated videos are decoded from a local folder")
+
+
+def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    absolute_path_args(a, inputs=("root", "videos_dir", "lists_dir", "classes", "unlabeled"), outputs=("out",))
+    validate(p, a)
+    from dvfl import storage
+    from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
+    from dvfl.data.ingest import IngestConfig, ingest, ray_session
+
+    log = print
+    short_side = a.short_side
+    if a.dataset == "synthetic":
+        from dvfl.data.synthetic import SyntheticConfig, generate
+
+        vdir = a.videos_dir or os.path.join(a.out, "videos")
+        scfg = SyntheticConfig(num_classes=a.synthetic_classes, train_per_class=a.train_per_class,
+                               test_per_class=a.test_per_class, unlabeled_videos=a.unlabeled_videos,
+                               frames=a.video_frames, size=a.video_size, seed=a.seed)
+        g = generate(vdir, scfg, workers=a.gen_processes, overwrite=a.fresh, log=log)
+        log(f"[synthetic] {g['videos']} videos ({g['generated']} new) in {g['seconds']:.1f} s, "
+            f"{g['bytes'] / 2 ** 20:.1f} MiB -> {vdir}")
+        root = vdir
+        if short_side is None:
+            short_side = a.video_size
+        if g["unlabeled_dir"] and g["unlabeled_dir"] not in a.unlabeled:
+            a.unlabeled.append(g["unlabeled_dir"])
+    else:
+        root = a.root
+    if short_side is None:
+        short_side = 128
+    try:
+        m = build_manifest(a.dataset, root, a.split, annotations=a.annotations or None, lists_dir=a.lists_dir,
+                           videos_dir=a.videos_dir if a.dataset != "synthetic" else None,
+                           classes_file=a.classes, num_classes=a.num_classes, test_fraction=a.test_fraction,
+                           val_fraction=a.val_fraction, seed=a.seed)
+        for u in a.unlabeled:
+            m.extend(unlabeled(u))
+            m.source.setdefault("unlabeled", []).append(os.path.abspath(u))
+    except AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # one decode task more than cores in flight on a local instance fills the gaps Ray Data leaves
+    # between tasks (dvfl.data.ingest.plan_decode_tasks); a cluster gets one per logical CPU
+    local = not (a.address or os.environ.get("RAY_ADDRESS"))
+    decode_tasks = a.decode_tasks or (a.num_cpus or (os.cpu_count() or 1) + 1 if local else None)
+    cfg = IngestConfig(out=a.out, frames=a.frames, clips_per_video=a.clips_per_video, eval_clips=a.eval_clips,
+                       short_side=short_side, seed=a.seed, min_frames=a.min_frames,
+                       timeout_per_file=a.timeout_per_file, videos_per_shard=a.videos_per_shard,
+                       workers=decode_tasks, task_mb=a.task_mb, videos_per_task=a.videos_per_task,
+                       overwrite=a.fresh, progress=not a.quiet,
+                       ray_progress=a.ray_progress,
+                       # test-only: honour the DVFL-TEST-HANG/CRASH magic files (tests/test_ingest_cli.py)
+                       test_hooks=os.environ.get("DVFL_INGEST_TEST_HOOKS") == "1")
+    try:
+        with ray_session(a.address, a.num_cpus, a.object_store_mb, log=log):
+            summary = ingest(m, cfg, log=log)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, quota, permissions: finished shards stay, a rerun resumes
+        print(f"error: writing to {a.out} failed: {e}", file=sys.stderr)
+        return 1
+    if summary["written_videos"] == 0:  # nothing to train on is a failure, not a finished ingest
+        print(f"error: 0 videos written: all {summary['inputs']} input(s) were rejected "
+              f"(reasons in {storage.join(a.out, 'rejects.jsonl')})", file=sys.stderr)
+        return 1
+    return 0

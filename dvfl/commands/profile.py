@@ -1,0 +1,53 @@
+"""Efficiency profile of a Video-FocalNet model: params, FLOPs/GMACs per clip, latency, throughput, peak memory.
+
+    dvfl profile --arch videofocalnet_nano --frames 8 --size 224 [--num-classes 101] [--batch-size 1]
+
+(``python pipelines/profile_model.py`` takes the same arguments.) FLOPs per clip are counted with
+torch.utils.flop_counter; GMACs = FLOPs / 2 is what papers call "GFLOPs". Latency is the median of
+the timed forwards; cuda if available, else cpu. See :mod:`dvfl.profile`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from dvfl.cli import deprecated
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="videofocalnet_nano", help="architecture (a timm model name)")
+    deprecated(p, "--model", "--arch", "arch")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--size", type=int, default=224, help="frame size (square)")
+    p.add_argument("--num-classes", type=int, default=101)
+    p.add_argument("--embed-dim", type=int, default=None, help="override the model width")
+    p.add_argument("--batch-size", type=int, default=1, help="latency batch size")
+    deprecated(p, "--batch", "--batch-size", "batch_size", type=int)
+    p.add_argument("--throughput-batch-size", type=int, default=None,
+                   help="batch size of the throughput run (default: --batch-size)")
+    deprecated(p, "--throughput-batch", "--throughput-batch-size", "throughput_batch_size", type=int)
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards first")
+    p.add_argument("--throughput-repeats", type=int, default=3, help="timed throughput batches; 0 skips throughput")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the available CPU cores)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+
+def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    for flag in ("frames", "size", "num_classes", "batch_size", "repeats"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    from dvfl.profile import available_cpus, format_profile, profile_model
+
+    result = profile_model(
+        a.arch, num_classes=a.num_classes, frames=a.frames, size=a.size, embed_dim=a.embed_dim,
+        batch=a.batch_size, warmup=a.warmup, repeats=a.repeats, throughput_batch=a.throughput_batch_size,
+        throughput_repeats=a.throughput_repeats, device=a.device,
+        threads=a.threads if a.threads is not None else available_cpus())
+    print(format_profile(result), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result.to_dict(), fh, indent=2)
+    return 0

@@ -1,0 +1,110 @@
+"""Train (fine-tune) a teacher on ingested clip shards with the shared Ray Train loop.
+
+    dvfl teacher --config configs/ucf101_base.yaml [--checkpoint FILE --reinit-head]
+    dvfl teacher --clips DIR --out DIR [--arch NAME] [--epochs N] [--checkpoint FILE]
+
+(``python pipelines/train_teacher.py`` takes the same arguments.) With ``--config`` everything
+comes from the run config: the clips (``data.clips``), the output (``teacher.path``, where
+distillation and the cache look for it), the architecture (``teacher.train``), the recipe
+(``teacher.optim``), frames, crop and the validation hold-out; the flags override single fields.
+
+Real runs use Video-FocalNet-B (``--arch videofocalnet_base``) initialised from the official
+Kinetics-400 checkpoint (``--checkpoint video-focalnet_base_k400.pth --reinit-head``) or from a
+2D ImageNet FocalNet (``--init-2d``). Writes OUT/model.pt + OUT/model.json (with the validation
+accuracy and the per-epoch history).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dvfl.cli import absolute_path_args, add_config_args, add_num_workers, config_from_args, deprecated, uses_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--clips", help="ingest output (shards/ + dataset.json) (config: data.clips; a synthetic --config generates and ingests them)")
+    p.add_argument("--out", help="directory for the trained teacher (config: teacher.path)")
+    p.add_argument("--arch", default=None, help="architecture (default videofocalnet_base; config: teacher.train.model)")
+    deprecated(p, "--model", "--arch", "arch")
+    p.add_argument("--embed-dim", type=int, help="override the variant's width")
+    p.add_argument("--epochs", type=int, help="config: teacher.optim.epochs")
+    p.add_argument("--lr", type=float, help="config: teacher.optim.lr")
+    p.add_argument("--batch-size", type=int, help="config: teacher.optim.batch_size")
+    p.add_argument("--checkpoint", help="official Video-FocalNet checkpoint to start from")
+    p.add_argument("--reinit-head", action="store_true", help="new classifier when the class count differs")
+    p.add_argument("--init-2d", help="2D ImageNet FocalNet state dict to start from")
+    add_num_workers(p)
+    p.add_argument("--gpu", action="store_true", default=None, help="config: scaling.use_gpu")
+    p.add_argument("--publish", help="also ship the teacher as a model folder (safetensors + spec + card) here")
+    p.add_argument("--test-config", help="with --publish: record the teacher's accuracy on this run config's "
+                                         "test split in the folder (its clips are generated/ingested as needed)")
+
+
+def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    if a.test_config and not a.publish:
+        p.error("--test-config records an accuracy in a published folder: give --publish too")
+    absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d", "test_config"), outputs=("out", "publish"))
+    from_config = uses_config(a)
+    if not from_config and not (a.clips and a.out):
+        p.error("give --config (paths from the run config) or both --clips and --out")
+    model = a.arch or (None if from_config else "videofocalnet_base")
+    cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": model,
+                               "teacher.train.embed_dim": a.embed_dim, "teacher.optim.epochs": a.epochs,
+                               "teacher.optim.lr": a.lr, "teacher.optim.batch_size": a.batch_size,
+                               "teacher.train.checkpoint": a.checkpoint, "teacher.train.init_2d": a.init_2d,
+                               "teacher.train.reinit_head": a.reinit_head or None,
+                               "scaling.num_workers": a.num_workers, "scaling.use_gpu": a.gpu},
+                           outputs=("teacher.path",))
+    if a.arch and a.embed_dim is None and not from_config:
+        cfg.teacher.train.embed_dim = None  # the named variant's own width
+    out = cfg.teacher.path
+    if not out:
+        p.error("no output: set teacher.path in the config or give --out")
+    from dvfl import pipeline, storage
+
+    test_cfg = None
+    if a.test_config:
+        from dvfl.config import ConfigError, load_config
+
+        try:  # its teacher is the one this command makes: it need not exist yet
+            test_cfg = load_config(a.test_config, [("teacher.path", None)])
+        except ConfigError as exc:
+            p.error(f"--test-config {a.test_config}: {exc}")
+    # a synthetic config generates its videos and ingests them (as distill does)
+    generate = from_config and cfg.data.dataset == "synthetic"
+    for c in ((cfg,) if generate else ()) + ((test_cfg,) if test_cfg else ()):
+        pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
+    if not generate and not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+        p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run `dvfl ingest` first")
+    from dvfl.data.shards import load_dataset_info
+    from dvfl.runtime import ray_runtime
+
+    info = None if generate else load_dataset_info(cfg.clips_dir)
+    if from_config and info is not None:
+        try:  # the config describes the clips: a mismatch is an error, not a silent change
+            pipeline.check_clips_match(cfg, info)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        cfg.data.short_side = info["params"]["short_side"]
+        cfg.data.frames = info["params"]["frames"]
+        cfg.validate(outputs=("teacher.path",))
+        if not getattr(a, "output_dir", None) and not any(str(o).startswith("output_dir") for o in a.overrides):
+            cfg.output_dir = storage.join(out, "_work")
+    cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
+    with ray_runtime(num_cpus=a.num_cpus):
+        if info is None:
+            info = pipeline.ensure_clips(cfg)
+        path, spec = pipeline.ensure_teacher(cfg, info)
+        storage.makedirs(out)
+        for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
+            storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
+        summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
+                   "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
+        if a.publish:
+            summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
+    print(json.dumps(summary))
+    return 0

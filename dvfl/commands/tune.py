@@ -1,0 +1,68 @@
+"""Which temperature, α, learning rate and student width? A Ray Tune search over distillation runs.
+
+With no arguments this searches the embedded default (configs/tune_embedded.yaml) in minutes on a
+laptop: it reuses (or builds) the clips, teacher and teacher-logit cache of ``dvfl distill``, then
+runs the trials from that one cache, stopping weak ones early with ASHA on the validation top-1 of
+every epoch. Results (trial table, Pareto plot of top-1 vs GMACs, the best configuration as a run
+config) go to <storage>/<experiment>; watch it with ``tensorboard --logdir <storage>/<experiment>``.
+
+    dvfl tune [--search configs/tune_ucf101.yaml] [--set tune.num_samples=8] [--set optim.epochs=2]
+
+(``python tuning/search.py`` takes the same arguments.) ``--search`` is a search config (its
+``run_config`` names the run config every trial starts from); ``--set tune.FIELD=V`` changes the
+search, any other ``--set SECTION.FIELD=V`` that run config. Running the same command again resumes
+an interrupted experiment (``Tuner.restore``) or just rewrites the results of a finished one;
+``--fresh`` starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from dvfl.cli import add_fresh, add_num_cpus, deprecated
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search", help="search config YAML (default: configs/tune_embedded.yaml)")
+    # a search config is not a run config: --config names run configs everywhere else
+    deprecated(p, "--config", "--search", "search")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[tune.]SECTION.FIELD=VALUE",
+                   help="override a search (tune.*) or run config value (repeatable)")
+    p.add_argument("--out", help="the run config's output_dir: clips, teacher, cache, and the experiment under "
+                                 "OUT/tune unless tune.storage is set (default: the run config's output_dir)")
+    deprecated(p, "--output-dir", "--out", "out")
+    add_num_cpus(p)
+    add_fresh(p, "discard this experiment's trials")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+
+
+def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    from dvfl.config import ConfigError
+    from dvfl.tune import SearchFailed, load_tune_config, run_search
+
+    try:
+        search, cfg = load_tune_config(a.search, a.overrides, output_dir=a.out)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from dvfl import pipeline
+    from dvfl.cli import announce_job_outputs
+    from dvfl.runtime import ray_runtime
+    from dvfl.tune import experiment_dir
+
+    announce_job_outputs(str(experiment_dir(search, cfg)))
+
+    started = time.time()
+    pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
+    with ray_runtime(num_cpus=a.num_cpus):
+        try:
+            run_search(search, cfg, fresh=a.fresh, verbose=0 if a.quiet else 1)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        except SearchFailed as exc:
+            print(f"[tune] FAILED after {time.time() - started:.0f}s: {exc}", file=sys.stderr)
+            return 1
+    print(f"[tune] finished in {time.time() - started:.0f}s")
+    return 0

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""``dvfl profile`` as a script (``ray job submit -- python pipelines/profile_model.py ...``): see :mod:`dvfl.commands.profile`.
+
+Needs the package installed (``pip install -e .``, as ``make venv`` and the cluster configs do).
+"""
+import sys
+
+try:
+    from dvfl.cli import script_main
+except ModuleNotFoundError as exc:  # a checkout that was never installed
+    if exc.name != "dvfl":
+        raise
+    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
+
+if __name__ == "__main__":
+    sys.exit(script_main("profile"))

@@ -1,0 +1,193 @@
+"""The `dvfl` command: one subcommand per stage, one argument vocabulary, help that shows defaults,
+and `python pipelines/<stage>.py` / `python tuning/search.py` as thin wrappers of it (issue 22).
+
+Two real subprocesses (`python -m dvfl --help` and a wrapper script); every subcommand's help is
+built in this process through the same `dvfl.cli.main` (a subprocess each would import torch ten
+more times for the same text).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import runpy
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dvfl.cli import COMMANDS, build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*REPO.glob("pipelines/*.py"), REPO / "tuning" / "search.py"])
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def visible_options(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {s: a for a in p._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+
+
+def help_text(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_console_script_is_declared():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"dvfl"}
+    module, _, name = scripts["dvfl"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+
+
+def test_dvfl_help_and_a_wrapper_run_as_commands(tmp_path):
+    """`python -m dvfl --help` lists every stage; `python pipelines/distill.py --help` works from any
+    directory with no sys.path help (both started at once: each imports torch)."""
+    runs = {"dvfl": [sys.executable, "-m", "dvfl", "--help"],
+            "distill": [sys.executable, str(REPO / "pipelines" / "distill.py"), "--help"]}
+    procs = {k: subprocess.Popen(v, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, v in runs.items()}
+    out = {}
+    for k, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0 and not stderr, (k, stderr[-2000:])
+        out[k] = stdout
+    assert out["dvfl"].startswith("usage: dvfl ")
+    listed = out["dvfl"].split("positional arguments:")[1]
+    for name in COMMANDS:
+        assert f"\n    {name}" in listed, name
+    assert out["distill"].startswith("usage: python pipelines/distill.py ")
+    assert "--num-workers" in out["distill"] and "--out OUT" in out["distill"]
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_help_shows_its_defaults(name, capsys):
+    text = help_text([name, "--help"], capsys)
+    assert text.startswith(f"usage: dvfl {name} ")
+    for option, action in visible_options(subparsers()[name]).items():
+        if option.startswith("--") and option != "--help":
+            assert option in text, option
+        if action.default not in (None, False, [], argparse.SUPPRESS) and option.startswith("--"):
+            # every option with a value when not given says so in its help
+            assert f"(default: {action.default})" in " ".join(text.split()), (name, option)
+
+
+def test_every_stage_script_is_a_thin_wrapper_of_a_subcommand(capsys):
+    """pipelines/*.py and tuning/search.py: each one subcommand, none named like a standard-library
+    module (pipelines/ comes first on sys.path when a script in it runs), no sys.path changes."""
+    wrapped = {script for script in (s for _, s in COMMANDS.values()) if script}
+    assert {str(p.relative_to(REPO)) for p in SCRIPTS} == wrapped
+    for path in SCRIPTS:
+        assert path.stem not in sys.stdlib_module_names, path
+        source = path.read_text()
+        assert "sys.path" not in source and len(source.splitlines()) < 25, path
+        name = next(n for n, (_, s) in COMMANDS.items() if s == str(path.relative_to(REPO)))
+        argv = sys.argv
+        sys.argv = [str(path), "--help"]
+        try:
+            with pytest.raises(SystemExit) as e:
+                runpy.run_path(str(path), run_name="__main__")
+        finally:
+            sys.argv = argv
+        assert e.value.code == 0, path
+        assert capsys.readouterr().out.startswith(f"usage: python {path.relative_to(REPO)} "), name
+
+
+OLD_SPELLINGS = {"--output-dir", "--overwrite", "--workers", "--gen-workers", "--model-name", "--teacher-model",
+                 "--batch", "--throughput-batch"}
+
+
+def test_one_vocabulary_across_subcommands():
+    parsers = subparsers()
+    options = {name: visible_options(p) for name, p in parsers.items()}
+    for name, opts in options.items():
+        assert not OLD_SPELLINGS & set(opts), (name, OLD_SPELLINGS & set(opts))
+    # a flag shared by several commands means one thing: the same help (and default) everywhere
+    for flag in ("--num-cpus", "--num-workers"):
+        seen = {(o[flag].help, o[flag].default) for o in options.values() if flag in o}
+        assert len(seen) == 1, (flag, seen)
+    assert {n for n, o in options.items() if "--num-cpus" in o} == {
+        "ingest", "teacher", "cache", "distill", "evaluate", "protocol", "tune"}
+    # --config is a run config wherever it is accepted; the search config has its own flag
+    assert "--config" not in options["tune"] and "--search" in options["tune"]
+    assert all("run config" in o["--config"].help for o in options.values() if "--config" in o)
+    # starting over is --fresh; every command that writes somewhere takes --out
+    for name in ("ingest", "cache", "distill", "tune"):
+        assert "--fresh" in options[name], name
+    for name in ("ingest", "teacher", "cache", "distill", "protocol", "tune", "export"):
+        assert "--out" in options[name], name
+    # --model is a trained model (a path) and --arch an architecture name, wherever they appear
+    for name, o in options.items():
+        if "--model" in o:
+            assert "director" in o["--model"].help, name
+    assert {n for n, o in options.items() if "--arch" in o} == {"teacher", "cache", "evaluate", "profile"}
+
+
+@pytest.mark.parametrize("argv, dest, value, new", [
+    (["distill", "--output-dir", "runs/x"], "out", "runs/x", "--out"),
+    (["distill", "--workers", "3"], "num_workers", 3, "--num-workers"),
+    (["teacher", "--workers", "2"], "num_workers", 2, "--num-workers"),
+    (["teacher", "--model", "videofocalnet_tiny"], "arch", "videofocalnet_tiny", "--arch"),
+    (["ingest", "--workers", "2"], "decode_tasks", 2, "--decode-tasks"),
+    (["ingest", "--overwrite"], "fresh", True, "--fresh"),
+    (["ingest", "--gen-workers", "2"], "gen_processes", 2, "--gen-processes"),
+    (["cache", "--overwrite"], "fresh", True, "--fresh"),
+    (["cache", "--teacher-model", "videofocalnet_base"], "arch", "videofocalnet_base", "--arch"),
+    (["cache", "--views", "center,center+flip"], "cache_views", "center,center+flip", "--cache-views"),
+    (["cache", "--output-dir", "runs/x"], "output_dir", "runs/x", "--set output_dir=DIR"),
+    (["evaluate", "--model-name", "videofocalnet_base"], "arch", "videofocalnet_base", "--arch"),
+    (["evaluate", "--split", "val"], "test_split", "val", "--test-split"),
+    (["protocol", "--output-dir", "runs/x"], "output_dir", "runs/x", "--set output_dir=DIR"),
+    (["tune", "--config", "configs/tune_ucf101.yaml"], "search", "configs/tune_ucf101.yaml", "--search"),
+    (["tune", "--output-dir", "runs/x"], "out", "runs/x", "--out"),
+    (["profile", "--model", "videofocalnet_tiny"], "arch", "videofocalnet_tiny", "--arch"),
+    (["profile", "--batch", "2"], "batch_size", 2, "--batch-size"),
+    (["profile", "--throughput-batch", "4"], "throughput_batch_size", 4, "--throughput-batch-size"),
+])
+def test_old_spellings_still_work_with_one_warning_line(argv, dest, value, new, capsys):
+    required = {"ingest": ["--dataset", "synthetic", "--out", "o"], "evaluate": ["--model", "m"]}
+    a = build_parser().parse_args([argv[0], *required.get(argv[0], []), *argv[1:]])
+    assert getattr(a, dest) == value
+    assert capsys.readouterr().err == f"warning: {argv[1]} is deprecated; use {new}\n"
+
+
+def test_an_old_spelling_reaches_the_new_flags_check(capsys):
+    """`ingest --workers 0` is refused naming --decode-tasks, after one deprecation line."""
+    with pytest.raises(SystemExit) as e:
+        main(["ingest", "--dataset", "synthetic", "--out", "o", "--workers", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --workers is deprecated; use --decode-tasks\n")
+    assert "--decode-tasks must be >= 1, got 0" in err
+
+
+def test_ingest_starts_ray_with_the_same_cpu_default_as_every_command(monkeypatch):
+    """ingest's local Ray gets ray_runtime's default logical CPUs (no ingest-only default)."""
+    import ray
+
+    from dvfl import runtime
+    from dvfl.data import ingest
+
+    asked = []
+
+    @contextlib.contextmanager
+    def record(num_cpus=None, object_store_mb=1024, **kwargs):
+        asked.append(num_cpus)
+        yield {"CPU": 4.0}
+
+    monkeypatch.setattr(runtime, "ray_runtime", record)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    lines = []
+    with ingest.ray_session(log=lines.append):
+        pass
+    assert asked == [None]
+    assert lines == ["[ingest] local Ray, 4 logical CPUs, 1024 MiB object store"]
+
