@@ -323,8 +323,8 @@ class RunConfig:
         d = self.data.synthetic.distractors
         if not (len(d) == 2 and all(isinstance(v, int) and v >= 0 for v in d) and d[0] <= d[1]):
             fail("data.synthetic.distractors", f"must be [min, max] with 0 <= min <= max, got {d!r}")
-        if self.data.synthetic.motion not in ("bounded", "wrap"):
-            fail("data.synthetic.motion", f"must be bounded or wrap, got {self.data.synthetic.motion!r}")
+        if self.data.synthetic.motion not in ("bounded", "stop", "wrap"):
+            fail("data.synthetic.motion", f"must be bounded, stop or wrap, got {self.data.synthetic.motion!r}")
         sp = self.data.synthetic.speed
         if not (isinstance(sp, list) and len(sp) == 2 and 0 < sp[0] <= sp[1]):
             fail("data.synthetic.speed", f"must be [min, max] px per frame with 0 < min <= max, got {sp!r}")

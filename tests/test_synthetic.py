@@ -185,3 +185,25 @@ def test_plain_background_leaves_only_the_object_changing():
     assert np.ptp(textured[0].reshape(-1, 3), axis=0).max() > 10
     with pytest.raises(ValueError, match="background must be one of"):
         syn.SyntheticConfig(background="stripes").validate()
+
+
+def test_stop_motion_keeps_the_class_direction_until_the_wall():
+    """motion="stop" (the embedded default): the object starts inside the frame, moves in the
+    video's direction and stops at the first wall, so the net displacement a clip sees points
+    within a few degrees of the class direction ("bounded" slides along walls and turns)."""
+    cfg = syn.SyntheticConfig(motion="stop", background="plain", speed=(2.5, 3.5), noise_std=0.0,
+                              angle_jitter_deg=20.0)
+    for c in range(8):
+        for j in range(6):
+            _, tr = syn.render_video(cfg, c, np.random.default_rng([c, j]), return_track=True)
+            pos, (dy, dx) = tr["positions"], tr["velocity"]
+            room = 32 - tr["mask"].shape[0]
+            assert pos.min() >= 0 and pos.max() <= room
+            steps = np.diff(pos, axis=0)
+            moving = np.abs(steps).sum(axis=1) > 0
+            # it moves first and then stays: no wait at a start wall, no restart after stopping
+            stopped = np.flatnonzero(~moving)
+            assert moving[0] and (len(stopped) == 0 or not moving[stopped[0]:].any())
+            ny, nx = pos[-1] - pos[0]
+            err = abs((math.degrees(math.atan2(-ny, nx) - math.atan2(-dy, dx)) + 180) % 360 - 180)
+            assert err <= 4.0 and math.hypot(ny, nx) >= 15

@@ -18,7 +18,10 @@ label: a model has to compare frames over time.
   from and the object stops at the opposite wall. A frame at a random time then says nothing
   about the class, and the *set* of frames (order ignored) gives at most the axis of motion,
   never its sense: a reversed "MoveLeft" video is a valid "MoveRight" video. Only the order
-  of the frames tells the class. ``motion="wrap"`` (toroidal: leaves one edge, re-enters at
+  of the frames tells the class. ``motion="stop"`` (the embedded default's): the object starts
+  inside the frame, moves in the video's direction and stops at the first wall it reaches, so
+  every step of motion has the video's direction (in ``bounded`` it waits at a start wall or
+  slides along one, which turns the apparent direction). ``motion="wrap"`` (toroidal: leaves one edge, re-enters at
   the opposite one) is kept for comparison: measured, the from-scratch teacher cannot learn
   it (it memorises appearance instead; docs/embedded-default.md).
 * ``unlabeled_videos=N`` writes an extra pool ``unlabeled_pool/u_NNNNN.mp4`` (issue 9)
@@ -50,7 +53,7 @@ GENERATOR_VERSION = 2  # 2: bounded motion by default
 LIST_DIR = "ucfTrainTestlist"
 UNLABELED_DIR = "unlabeled_pool"
 INFO_FILE = "synthetic.json"
-MOTIONS = ("bounded", "wrap")
+MOTIONS = ("bounded", "wrap", "stop")
 BACKGROUNDS = ("textured", "plain")
 
 _NAMES_8 = ["MoveRight", "MoveUpRight", "MoveUp", "MoveUpLeft", "MoveLeft", "MoveDownLeft", "MoveDown",
@@ -198,7 +201,17 @@ def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generato
         path = d * (F - 1)
         lo, hi = np.maximum(0.0, -path), np.minimum(room, room - path)
         p0 = rng.uniform(lo, np.maximum(lo, hi))  # hi < lo: path longer than the room
-        pos = np.clip(np.rint(np.stack([p0 + t * d for t in range(F)])), 0, room).astype(int)
+        if cfg.motion == "stop":
+            # along the class direction from inside the room until the first wall, then still:
+            # every step of motion a clip sees has the video's direction (a start clipped at the
+            # wall or sliding along one would turn it)
+            p0 = np.clip(p0, 0, room)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                to_wall = np.where(d > 0, (room - p0) / d, np.where(d < 0, -p0 / d, np.inf))
+            stop = min(float(F - 1), float(to_wall.min()))
+            pos = np.clip(np.rint(np.stack([p0 + min(t, stop) * d for t in range(F)])), 0, room).astype(int)
+        else:
+            pos = np.clip(np.rint(np.stack([p0 + t * d for t in range(F)])), 0, room).astype(int)
     noise = rng.normal(0.0, cfg.noise_std, size=(F, S, S, 3)).astype(np.float32)
     out = np.empty((F, S, S, 3), np.uint8)
     for t in range(F):
