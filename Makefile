@@ -25,12 +25,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(PY) pipelines/distill.py
 
-# The embedded default's pre-trained teacher (models/embedded_teacher, shipped): trained on videos
-# of its own (configs/embedded_teacher.yaml), then published with its accuracy on the default's
-# test split recorded in the folder. `make demo` only reads it; this retrains it.
+# The pre-trained demo teacher (models/embedded_teacher) of configs/embedded_pretrained.yaml:
+# trained on videos of its own (configs/embedded_teacher.yaml), then published with its accuracy
+# on that config's test split recorded in the folder (docs/embedded-default.md).
 teacher: venv
 	$(PY) pipelines/train_teacher.py --config configs/embedded_teacher.yaml \
-		--publish models/embedded_teacher --test-config configs/embedded.yaml
+		--publish models/embedded_teacher --test-config configs/embedded_pretrained.yaml
 
 test: venv
 	$(PY) -m pytest -q tests

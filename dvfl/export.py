@@ -203,6 +203,10 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
         atomic_write_text(tmp / "README.md", model_card(spec, dataset))
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), [example_input(spec, 1)], 0.0)
+        # mkdtemp and safetensors create owner-only files: a shipped model folder is world-readable
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(tmp, 0o755)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,17 +1,24 @@
-"""The embedded default's shipped teacher (models/embedded_teacher, made by `make teacher` from
-configs/embedded_teacher.yaml): what it is, that its weights are the ones its spec names, and that
-it reproduces the test accuracy recorded in it on a sample of the embedded default's test videos."""
+"""The pre-trained demo teacher (models/embedded_teacher, made by `make teacher` from
+configs/embedded_teacher.yaml, for configs/embedded_pretrained.yaml): what it is, that its weights
+are the ones its spec names, and that it reproduces the test accuracy recorded in it on a sample of
+that config's test videos. Skipped (not counted) while the folder is not in the checkout: run
+`make teacher` first."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from dvfl.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "embedded_pretrained.yaml"
+FOLDER = REPO / "models" / "embedded_teacher"
 SAMPLE_PER_CLASS = 10
 
 
+@pytest.mark.skipif(not (FOLDER / "model.json").is_file(), reason="no models/embedded_teacher: run `make teacher`")
 def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_path):
     from dvfl import pipeline
     from dvfl.artifacts import load_model
@@ -21,9 +28,9 @@ def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_p
     from dvfl.profile import count_flops
     from dvfl.train.evaluate import evaluate_multiview
 
-    default = load_config(None, [("output_dir", str(tmp_path))], check_paths=False)
+    default = load_config(CONFIG, [("output_dir", str(tmp_path))], check_paths=False)
     folder = Path(default.teacher.path)
-    assert folder == REPO / "models" / "embedded_teacher"
+    assert folder == FOLDER
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert {"model.safetensors", "model.json", "config.json", "README.md"} <= set(files)
     assert sum(files.values()) <= 25 * 2 ** 20
@@ -44,9 +51,10 @@ def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_p
 
     recorded = shipped["eval_embedded_test"]
     s = default.data.synthetic
-    assert recorded["videos"] == s.num_classes * s.test_per_class and recorded["top1"] >= 0.90
+    assert recorded["videos"] == s.num_classes * s.test_per_class
+    assert recorded["dataset_fingerprint"] and recorded["synthetic"]["motion"] == s.motion
     # a sample: the first test videos of each class are the same files whatever test_per_class is
-    cfg = load_config(None, [("output_dir", str(tmp_path)), ("data.synthetic.train_per_class", 0),
+    cfg = load_config(CONFIG, [("output_dir", str(tmp_path)), ("teacher.path", None), ("students", None), ("data.synthetic.train_per_class", 0),
                              ("data.synthetic.unlabeled_videos", 0),
                              ("data.synthetic.test_per_class", SAMPLE_PER_CLASS)])
     generated = pipeline.ensure_videos(cfg, log=None)
