@@ -70,7 +70,7 @@ def frames_array(table: pa.Table) -> Optional[np.ndarray]:
 
     Clips of one dataset usually share a shape, so their bytes lie back to back in the binary
     column's data buffer: one ``np.frombuffer`` over it replaces a Python ``bytes`` object and a
-    copy per clip (measured 1.4x faster training-time reading, docs/ingest.md). Returns ``None``
+    copy per clip (faster training-time reading, docs/ingest.md). Returns ``None``
     when the clips differ in shape (callers then go clip by clip). Read-only, like the buffer.
     """
     if table.num_rows == 0:
@@ -80,7 +80,7 @@ def frames_array(table: pa.Table) -> Optional[np.ndarray]:
         col = table.column(c)
         if col.null_count:
             return None
-        v = col.to_numpy()  # numpy, not pyarrow.compute: ~10x less per-batch overhead here
+        v = col.to_numpy()  # numpy, not pyarrow.compute: less per-batch overhead here
         if not (v == v[0]).all():
             return None
         shape.append(int(v[0]))
@@ -350,9 +350,7 @@ def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
     small machines (see ray-2.60-notes, hang #1). Decode ``frames`` with :func:`decode_frames`.
 
     Uses Ray Data's V1 Parquet datasource: in Ray 2.60 the default V2 path plans a
-    ``ListFiles`` task that took 7-20 s of wall time (0.1-0.4 s CPU) per read on the
-    project's 2-core machines, before the first row, on every execution (= every epoch);
-    V1 gives the first batch in ~0.3-0.5 s (measured, see docs/ingest.md).
+    ``ListFiles`` task that delays the first row of every epoch by seconds (docs/ingest.md).
     """
     import ray.data
 
