@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     import ray
 
     from dvfl import pipeline
-    from dvfl.artifacts import build_model, load_model, save_model
+    from dvfl.artifacts import load_model, save_model
+    from dvfl.models import build_model
     from dvfl.config import load_config
     from dvfl.runtime import ray_runtime
     from dvfl.teacher_cache import TeacherLogitCache, build_teacher_cache

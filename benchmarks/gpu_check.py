@@ -53,7 +53,7 @@ def ddp_train_loop(cfg: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
     from dvfl.train.loop import make_optimizer
 
     device = ray.train.torch.get_device()
@@ -110,7 +110,7 @@ def _spread(v) -> dict:
 
 
 def latency(s: dict, device, bf16: bool) -> dict:
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
 
     models = {k: build_model(name, num_classes=101, num_frames=8, img_size=s["latency_size"], **kw).eval().to(device)
               for k, (name, kw) in (("nano", s["student"]), ("base", s["teacher"]))}
@@ -132,7 +132,7 @@ def latency(s: dict, device, bf16: bool) -> dict:
 
 def kd_steps(s: dict, device, bf16: bool) -> dict:
     """One student step with cached teacher logits vs one with the teacher's forward (online)."""
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
     from dvfl.losses import distillation_loss
 
     size, batch = s["train_size"], s["train_batch"]

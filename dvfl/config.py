@@ -338,7 +338,7 @@ class RunConfig:
             fail("eval.clips", f"must be in [1, data.eval_clips={self.data.eval_clips}], got {self.eval.clips!r}")
         if self.teacher.cache_dtype not in ("float16", "float32"):
             fail("teacher.cache_dtype", f"must be float16 or float32, got {self.teacher.cache_dtype!r}")
-        from dvfl.train.clips import View
+        from dvfl.data.views import View
 
         for v in self.teacher.views:
             try:
@@ -466,6 +466,6 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:
-    from dvfl.data.shards import atomic_write_bytes
+    from dvfl import storage
 
-    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    storage.write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

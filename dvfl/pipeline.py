@@ -15,9 +15,10 @@ import os
 import time
 
 from dvfl import storage
-from dvfl.artifacts import SPEC, build_model, load_model, save_model
+from dvfl.artifacts import SPEC, load_model, save_model
 from dvfl.config import RunConfig
-from dvfl.data.shards import atomic_write_json, atomic_write_text, load_dataset_info
+from dvfl.data.shards import load_dataset_info
+from dvfl.models import build_model
 
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
@@ -452,13 +453,10 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
             spec = {**spec2, **spec}
         m = evaluate_multiview(model, cfg.clips_dir, split, cfg.crop_size,
                                num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
-        kw = spec["kwargs"]
-        flops = count_flops(spec["name"], num_classes=kw["num_classes"], frames=kw.get("num_frames", 8),
-                            size=cfg.crop_size, embed_dim=kw.get("embed_dim"),
-                            **({"depths": kw["depths"]} if "depths" in kw else {}))
+        flops = count_flops(spec["name"], **{**spec["kwargs"], "img_size": cfg.crop_size})
         m["params"] = sum(p.numel() for p in model.parameters())
         m["gmacs"] = flops["gmacs_per_clip"]
-        atomic_write_json(store, {**_read_json(store), store_key: m})
+        storage.write_json(store, {**_read_json(store), store_key: m})
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
         f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
     return {**m, "split": split, "history": spec.get("history", []), "name": spec.get("name"), "path": str(path),
@@ -533,7 +531,7 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
     cost = training_cost(table)
     if cost:
         report["training_cost"] = cost
-    atomic_write_json(storage.join(out, "results.json"), report)
+    storage.write_json(storage.join(out, "results.json"), report)
     labels = STUDENT_LABELS
     lines = [f"| model | params | GMACs/clip | top-1 | top-5 | seeds |", "|---|---:|---:|---:|---:|---:|"]
     for name, row in table.items():
@@ -550,7 +548,7 @@ def write_report(cfg: RunConfig, results: dict, log=print) -> dict:
         md += ("\nTraining time, DVFL-Net / VFL-Net per seed: median epoch "
                + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_epoch"]) + "; whole run "
                + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_run"]) + ".\n")
-    atomic_write_text(storage.join(out, "results.md"), md)
+    storage.write_text(storage.join(out, "results.md"), md)
     _plot_curves(results, storage.join(out, "training_curves.png"), labels)
     log("\n" + md)
     log(f"[report] {storage.join(out, 'results.json')}, {storage.join(out, 'results.md')}, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvfl import cluster_validation as cv
+from dvfl.cluster import validate as cv
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = {"aws": ROOT / "cluster" / "aws.yaml", "gcp": ROOT / "cluster" / "gcp.yaml"}
@@ -517,11 +517,11 @@ def test_cli_reports_ok_and_failures(tmp_path, capsys, kuberay_docs):
 
 
 def test_cli_as_module(tmp_path):
-    """`python -m dvfl.cluster_validation ...`, the command in docs/cluster.md."""
+    """`python -m dvfl.cluster.validate ...`, the command in docs/cluster.md."""
     not_a_config = tmp_path / "x.yaml"
     not_a_config.write_text(json.dumps({"hello": "world"}))
     proc = subprocess.run(
-        [sys.executable, "-m", "dvfl.cluster_validation", *map(str, ALL_FILES), str(not_a_config)],
+        [sys.executable, "-m", "dvfl.cluster.validate", *map(str, ALL_FILES), str(not_a_config)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr

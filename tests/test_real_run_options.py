@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dvfl.artifacts import build_model
+from dvfl.models import build_model
 from dvfl.config import ConfigError
 from dvfl.train.loop import _optimizer_step, amp_dtype, make_optimizer
 

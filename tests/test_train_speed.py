@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvfl.artifacts import build_model
+from dvfl.models import build_model
 from dvfl.config import ConfigError, OptimSection, load_config
 from dvfl.models import VideoFocalNet
 from dvfl.train.loop import amp_dtype, cpu_has_bf16, lever, make_optimizer, set_temporal_impl

@@ -416,7 +416,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     storage.makedirs(meta_dir)
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)
-    _s.atomic_write_json(plan_path, layout)
+    storage.write_json(plan_path, layout)
 
     # a shard is done when the shard and its sidecar are both there (one listing each, not a
     # request per shard on an object store); an uncommitted one is written again, whole
@@ -484,7 +484,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "frames_shape": "(num_frames, height, width, 3) uint8, per row",
     }
     ok = written_videos + len(rejects) == manifest.num_inputs
-    _s.atomic_write_text(storage.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    storage.write_text(storage.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     total_secs = time.perf_counter() - t_start
     summary = {
         "out": out, "dataset": manifest.dataset, "fingerprint": fingerprint, "inputs": manifest.num_inputs,
@@ -495,8 +495,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "decode_seconds": round(run_secs, 3), "total_seconds": round(total_secs, 3),
         "clips_per_second": round(clips_this_run / run_secs, 2) if run_secs > 0 and clips_this_run else 0.0,
     }
-    _s.atomic_write_json(storage.join(out, _s.SUMMARY_JSON), summary)
-    _s.atomic_write_json(storage.join(out, _s.DATASET_JSON), info)
+    storage.write_json(storage.join(out, _s.SUMMARY_JSON), summary)
+    storage.write_json(storage.join(out, _s.DATASET_JSON), info)
     if not ok:  # cannot happen unless there is a bug; never hide it
         raise RuntimeError(f"accounting mismatch: written {written_videos} + rejected {len(rejects)} "
                            f"!= inputs {manifest.num_inputs}")
@@ -555,7 +555,7 @@ class _OpenShard:
                 "written_videos": self.written, "clips": self.clips, "bytes": nbytes, "rejects": self.rejects}
         # local: sidecar first, then the shard (renamed); object store: the shard was uploaded by
         # close(), the sidecar commits it
-        _s.atomic_write_json(storage.join(meta_dir, self.plan.name + ".json"), meta)
+        storage.write_json(storage.join(meta_dir, self.plan.name + ".json"), meta)
         self.writer.publish()
 
     def abort(self) -> None:

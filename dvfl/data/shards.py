@@ -140,32 +140,16 @@ def clips_table(rows: List[Dict[str, Any]]) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------
-# atomic files
-
-fsync_dir = storage.fsync_dir
-
-
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp)`` fills a hidden temporary file next to ``path``, renamed over it (local);
-    an object is written once, whole (object stores). See :mod:`dvfl.storage`."""
-    storage.write_with(str(path), write)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    storage.write_bytes(str(path), data)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    storage.write_text(str(path), text)
-
+# atomic files (the general helpers are dvfl.storage.write_bytes/write_text/write_json)
 
 def atomic_write_table(path: str, table: pa.Table, **write_kwargs) -> None:
     """A Parquet file written with :func:`pyarrow.parquet.write_table`, atomically."""
-    _atomic_write(str(path), lambda tmp: pq.write_table(table, tmp, **write_kwargs))
+    storage.write_with(str(path), lambda tmp: pq.write_table(table, tmp, **write_kwargs))
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-    storage.write_json(str(path), obj)
+# old names, kept while dvfl/data/synthetic.py and pipelines/evaluate.py still import them
+atomic_write_bytes = storage.write_bytes
+atomic_write_json = storage.write_json
 
 
 class AtomicShardWriter:
@@ -235,7 +219,7 @@ class AtomicShardWriter:
         if self.remote:
             return
         os.replace(self.tmp, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        storage.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def commit(self) -> int:
         n = self.close()

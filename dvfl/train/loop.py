@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dvfl.artifacts import build_model
+from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 from dvfl.losses import distillation_loss
-from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+from dvfl.models import build_model
 
 STATE_FILE = "state.pt"
 VAL_COLUMNS = ["clip_id", "label", "frames", "num_frames", "height", "width"]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from dvfl.config import RunConfig
-from dvfl.data.shards import atomic_write_text
+from dvfl import storage
 from dvfl.tune.search_config import TuneConfig, apply_params, flatten
 
 
@@ -58,7 +58,7 @@ def trial_driver(params: dict, setup: dict) -> None:
     if path.is_file():  # one entry per start: a trial restarted after an interruption has two
         record["starts"] = json.loads(path.read_text()).get("starts", [])
     record["starts"].append(time.time())
-    atomic_write_text(path, json.dumps(record, indent=1))
+    storage.write_text(path, json.dumps(record, indent=1))
     result = pipeline.launch_training(
         cfg, loop, role="dvfl+unlabeled" if kd and setup["unlabeled"] else "dvfl" if kd else "vfl", name=name,
         storage_path=setup["train_storage"], unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,
