@@ -107,6 +107,7 @@ class Runner:
 
     def __init__(self, name, v, init_state, kw):
         from dvfl.models import build_model
+        from dvfl.config import OptimSection
         from dvfl.train.loop import make_optimizer, set_temporal_impl
 
         self.name, self.v = name, v
@@ -114,7 +115,7 @@ class Runner:
         self.model.load_state_dict(init_state)
         set_temporal_impl(self.model, v["temporal_impl"])
         self.model.train()
-        self.opt = make_optimizer(self.model, {"lr": 1e-4, "weight_decay": 0.05, "fused": v["fused"]})
+        self.opt = make_optimizer(self.model, OptimSection(lr=1e-4, weight_decay=0.05, fused=v["fused"]))
         self.fwd = torch.compile(self.model) if v["compile"] else self.model
         self.losses, self.wall, self.cpu = [], [], []
 

@@ -163,9 +163,11 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def fault_hooks(cfg: RunConfig) -> dict:
+def fault_hooks(cfg: RunConfig):
     """The loop's failure-injection and hold hooks the tests switch on by environment variables
     (read where the command runs: a Tune trial's actor does not see the search's environment)."""
+    from dvfl.train.hooks import TestHooks
+
     hooks = {}
     if os.environ.get(FAIL_ENV):
         hooks["fail_after_epoch"] = int(os.environ[FAIL_ENV])
@@ -173,32 +175,22 @@ def fault_hooks(cfg: RunConfig) -> dict:
     if os.environ.get(HOLD_ENV):
         hooks["hold_after_epoch"] = int(os.environ[HOLD_ENV])
         hooks["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])
-    return hooks
+    return TestHooks(**hooks)
 
 
 def training_loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, teacher: dict,
-                         tensorboard_dir: str | None, log=print, hooks: dict | None = None) -> dict:
-    """What the shared loop (:func:`dvfl.train.loop.run_loop`) needs of a run config, as plain data
-    (``hooks``: :func:`fault_hooks` read by the command, default: from this process's environment)."""
-    loop = {
-        "seed": seed,
-        "model": {"name": section.model, "kwargs": model_kwargs(section, num_classes, cfg)},
-        "teacher": teacher,
-        "kd": {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature,
-               "unlabeled_weight": cfg.kd.unlabeled_weight},
-        "optim": {"epochs": optim.epochs, "batch_size": optim.batch_size, "lr": optim.lr,
-                  "weight_decay": optim.weight_decay, "warmup_frac": optim.warmup_frac,
-                  "clip_grad": optim.clip_grad, "label_smoothing": optim.label_smoothing,
-                  "optimizer": optim.optimizer, "momentum": optim.momentum, "amp": optim.amp,
-                  "accum_steps": optim.accum_steps, "cpu_amp": optim.cpu_amp, "fused": optim.fused,
-                  "temporal_impl": optim.temporal_impl},
-        "crop_size": cfg.crop_size,
-        "flip": cfg.data.flip,
-        "tensorboard_dir": tensorboard_dir,
-    }
-    loop.update(fault_hooks(cfg) if hooks is None else hooks)
-    loop["init_state_ref"] = _init_state_ref(section, loop["model"]["kwargs"], log)
-    return loop
+                         tensorboard_dir: str | None, log=print, hooks=None):
+    """The typed :class:`~dvfl.train.loop_config.LoopConfig` of the shared loop
+    (:func:`dvfl.train.loop.run_loop`) for one model of a run config; ``teacher``:
+    :func:`teacher_signal`'s dict; ``hooks``: :func:`fault_hooks` read by the command, default:
+    from this process's environment."""
+    from dvfl.train.loop_config import LoopConfig, ModelSpec, TeacherFeed
+
+    model = ModelSpec(section.model, model_kwargs(section, num_classes, cfg))
+    return LoopConfig(seed=seed, model=model, optim=dataclasses.replace(optim), kd=dataclasses.replace(cfg.kd),
+                      teacher=TeacherFeed.from_signal(teacher), crop_size=cfg.crop_size, flip=cfg.data.flip,
+                      tensorboard_dir=tensorboard_dir, hooks=fault_hooks(cfg) if hooks is None else hooks,
+                      init_state_ref=_init_state_ref(section, model.kwargs, log))
 
 
 def _training_args(cfg: RunConfig, role: str, unlabeled_dir: str | None) -> dict:

@@ -125,3 +125,10 @@ def test_the_import_reader_sees_lazy_and_relative_imports():
     assert layer_of("dvfl.train.loop") > layer_of("dvfl.data.views") > layer_of("dvfl.models.video_focalnet")
 
 
+
+def test_the_training_loop_reaches_ray_only_through_its_session():
+    # dvfl.train.session is the loop's one door to Ray (Train worker or Tune trial)
+    for module in ("dvfl.train.loop", "dvfl.train.loop_config", "dvfl.train.hooks"):
+        direct = sorted(name for name in imports_of(module) if name.split(".")[0] == "ray")
+        assert not direct, f"{module} imports {direct}"
+    assert any(name.split(".")[0] == "ray" for name in imports_of("dvfl.train.session"))

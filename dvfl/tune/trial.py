@@ -51,7 +51,7 @@ def trial_driver(params: dict, setup: dict) -> None:
     in_process = setup.get("data") is not None
     record = {"trial_id": trial_id, "params": flatten(params), "train_run": None if in_process else name,
               "in_process": in_process, "pid": os.getpid(),
-              "teacher_mode": loop["teacher"]["mode"], "teacher_model_shipped": "state_ref" in loop["teacher"],
+              "teacher_mode": loop.teacher.mode, "teacher_model_shipped": loop.teacher.state_ref is not None,
               "starts": []}
     path = Path(setup["records"], f"{trial_id}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
