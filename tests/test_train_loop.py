@@ -42,7 +42,8 @@ def test_the_loop_config_is_typed_and_refuses_an_incomplete_teacher(tmp_path):
     from dvfl.pipeline import training_loop_config
 
     cfg = load_config(None, [("output_dir", str(tmp_path)), ("kd.temperature", 2.5)])
-    loop = training_loop_config(cfg, cfg.student, cfg.optim, 5, 3, {"mode": "none"}, tensorboard_dir=None, hooks=TestHooks())
+    loop = training_loop_config(cfg, cfg.student, cfg.optim, 5, 3, {"mode": "none"}, tensorboard_dir=None,
+                                hooks=TestHooks())
     assert isinstance(loop, LoopConfig) and isinstance(loop.optim, OptimSection)
     assert (loop.seed, loop.kd.temperature, loop.model.kwargs["num_classes"], loop.teacher.mode) == (3, 2.5, 5, "none")
     assert loop.optim is not cfg.optim  # a copy: a trial's changes to its config do not reach a running loop

@@ -626,7 +626,8 @@ def _list_key_errors(schema: dict, inst: Any, path: tuple, out: list[str]) -> No
                 ident = None
             if ident is not None:
                 if ident in seen:
-                    out.append(_error_line("crd", path + (i,), f"duplicate list entry ({label}), also at [{seen[ident]}]"))
+                    out.append(_error_line("crd", path + (i,),
+                                           f"duplicate list entry ({label}), also at [{seen[ident]}]"))
                 else:
                     seen[ident] = i
             _list_key_errors(items, item, path + (i,), out)

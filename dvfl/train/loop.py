@@ -257,9 +257,9 @@ class _EpochStats:
     batches: int = 0
     seen: int = 0  # labelled clips
     correct: int = 0
-    # the CE count comes from the loss itself, the labelled and unlabelled counts from the label
-    # column: a loss that let an unlabelled clip into CE shows as ce_clips > labelled_clips
-    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int64))  # labelled, unlabelled, ce_clips, mixed batches
+    # labelled, unlabelled, ce_clips, mixed batches: the CE count comes from the loss itself, the
+    # others from the label column, so a loss that let an unlabelled clip into CE shows as ce_clips > labelled
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int64))
     pending: int = 0  # batches whose gradients wait for the next optimizer step
     teacher_wait: float = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
 
@@ -365,7 +365,8 @@ def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
     y = torch.from_numpy(labels).to(device)
     # DDP: gradients are all-reduced only on the batch that completes an accumulation
     last_of_accumulation = stats.pending + 1 >= optim.accum_steps
-    sync = run.model.no_sync() if not last_of_accumulation and hasattr(run.model, "no_sync") else contextlib.nullcontext()
+    defer = not last_of_accumulation and hasattr(run.model, "no_sync")
+    sync = run.model.no_sync() if defer else contextlib.nullcontext()
     with sync:
         with torch.autocast(device.type, dtype=run.amp or torch.bfloat16, enabled=bool(run.amp)):
             logits = run.model(x)
