@@ -53,3 +53,23 @@ def test_the_loop_config_is_typed_and_refuses_an_incomplete_teacher(tmp_path):
         TeacherFeed(mode="online", model=ModelSpec("videofocalnet_nano", {}))
     with pytest.raises(ValueError, match="teacher mode"):
         TeacherFeed(mode="cache")
+
+
+def test_the_failure_hook_kills_the_last_rank_once_after_a_step(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "failed"
+    script = f"""
+import sys
+from dvfl.train.hooks import TestHooks
+hooks = TestHooks(fail_after_epoch=0, fail_marker={str(marker)!r})
+for b in hooks.between_steps(iter([1, 2]), epoch=0, rank=0, world=1, run_name="r", reported_at=lambda: 0.0,
+                             node_id=lambda: "n"):
+    print("step", b, flush=True)
+"""
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (first.returncode, first.stdout.split()) == (1, ["step", "1"]), first.stderr  # died after step 1
+    assert marker.exists()
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (again.returncode, again.stdout.split()) == (0, ["step", "1", "step", "2"]), again.stderr  # once only
