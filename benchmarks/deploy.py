@@ -223,7 +223,7 @@ def load_split(clips_dir: str, split: str, size: int, limit: int | None = None):
     import pyarrow.parquet as pq
 
     from dvfl.data.shards import shard_paths
-    from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+    from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
     xs, ys, n = [], [], 0
     for path in shard_paths(clips_dir, [split]):
@@ -426,10 +426,10 @@ def main(argv=None) -> int:
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__
-    from dvfl.data.shards import atomic_write_json
+    from dvfl import storage
 
     def save():  # after every section: a long run that is stopped keeps what it measured
-        atomic_write_json(a.out, {**result, "load_average_now": os.getloadavg()})
+        storage.write_json(a.out, {**result, "load_average_now": os.getloadavg()})
 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dvfl-bench-deploy-") as d:
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
                 save()
     result["load_average_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - t_all, 1)
-    atomic_write_json(a.out, result)
+    storage.write_json(a.out, result)
     print_table(result)
     return 0
 

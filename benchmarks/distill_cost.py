@@ -54,9 +54,11 @@ def main(argv=None) -> int:
     import ray
 
     from dvfl import pipeline
-    from dvfl.artifacts import build_model, load_model, save_model
-    from dvfl.config import load_config
+    from dvfl.artifacts import load_model, save_model
+    from dvfl.models import build_model
+    from dvfl.config import KDSection, OptimSection, load_config
     from dvfl.runtime import ray_runtime
+    from dvfl.train.loop_config import LoopConfig, ModelSpec, TeacherFeed
     from dvfl.teacher_cache import TeacherLogitCache, build_teacher_cache
     from dvfl.train.launch import Scaling, load_final_state, run_training
     from benchmarks.train_step import cpu_info
@@ -101,12 +103,12 @@ def main(argv=None) -> int:
                 print(f"[bench] stopping after {r} repeat(s): --max-seconds {a.max_seconds:.0f} reached", flush=True)
                 break
             for name in names[r % 3:] + names[:r % 3]:  # rotate who goes first
-                loop = {"seed": 0, "model": {"name": a.student, "kwargs": kw}, "teacher": signals[name],
-                        "kd": {"alpha": 0.7, "temperature": 4.0},
-                        # the loop's default speed options (optim.fused etc.) apply: absent here
-                        "optim": {"epochs": 1, "batch_size": a.batch_size, "lr": 1e-4, "weight_decay": 0.05,
-                                  "warmup_frac": 0.0, "clip_grad": 1.0},
-                        "crop_size": a.size, "flip": False, "tensorboard_dir": None}
+                loop = LoopConfig(seed=0, model=ModelSpec(a.student, kw), teacher=TeacherFeed.from_signal(signals[name]),
+                                  kd=KDSection(alpha=0.7, temperature=4.0),
+                                  # the loop's default speed options (optim.fused etc.) apply
+                                  optim=OptimSection(epochs=1, batch_size=a.batch_size, lr=1e-4, weight_decay=0.05,
+                                                     warmup_frac=0.0, clip_grad=1.0),
+                                  crop_size=a.size, flip=False)
                 result = run_training(loop, clips_dir=cfg.clips_dir, scaling=scaling,
                                       name=f"bench-{name}-{time.time_ns()}",
                                       storage_path=str(work / "ray_results"), max_failures=0)

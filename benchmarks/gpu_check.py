@@ -53,7 +53,8 @@ def ddp_train_loop(cfg: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
+    from dvfl.config import OptimSection
     from dvfl.train.loop import make_optimizer
 
     device = ray.train.torch.get_device()
@@ -61,7 +62,7 @@ def ddp_train_loop(cfg: dict) -> dict:
     name, kw = cfg["model"]
     model = ray.train.torch.prepare_model(build_model(name, num_classes=101, num_frames=8, img_size=cfg["size"], **kw))
     raw = model.module if hasattr(model, "module") else model
-    opt = make_optimizer(raw, {"lr": 1e-4, "weight_decay": 0.05})
+    opt = make_optimizer(raw, OptimSection(lr=1e-4, weight_decay=0.05))
     g = torch.Generator().manual_seed(ray.train.get_context().get_world_rank())
     x = torch.randn(cfg["batch"], 8, 3, cfg["size"], cfg["size"], generator=g).to(device)
     y = torch.randint(0, 101, (cfg["batch"],), generator=g).to(device)
@@ -110,7 +111,7 @@ def _spread(v) -> dict:
 
 
 def latency(s: dict, device, bf16: bool) -> dict:
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
 
     models = {k: build_model(name, num_classes=101, num_frames=8, img_size=s["latency_size"], **kw).eval().to(device)
               for k, (name, kw) in (("nano", s["student"]), ("base", s["teacher"]))}
@@ -132,7 +133,7 @@ def latency(s: dict, device, bf16: bool) -> dict:
 
 def kd_steps(s: dict, device, bf16: bool) -> dict:
     """One student step with cached teacher logits vs one with the teacher's forward (online)."""
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
     from dvfl.losses import distillation_loss
 
     size, batch = s["train_size"], s["train_batch"]

@@ -146,9 +146,9 @@ def main(argv=None) -> int:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from dvfl.data.shards import atomic_write_json
+    from dvfl import storage
 
-    atomic_write_json(out / "label_efficiency.json", report)
+    storage.write_json(out / "label_efficiency.json", report)
     plot(results, teacher_top1, out / "label_efficiency.png")
     print(f"\nteacher top-1 {teacher_top1:.1%}; students, mean (min-max) over seeds {a.seeds}:")
     print(f"| labels | {' | '.join(LABELS[m] for m in METHODS)} |")

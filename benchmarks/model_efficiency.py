@@ -37,8 +37,9 @@ import torch  # noqa: E402
 
 from benchmarks.machine import cpu_model  # noqa: E402
 
+from dvfl.models import build_model  # noqa: E402
 from dvfl.profile import (  # noqa: E402
-    RssSampler, available_cpus, build_model, count_flops, count_params, measure_latency,
+    RssSampler, available_cpus, count_flops, count_params, measure_latency,
 )
 
 MODELS = {"nano": "videofocalnet_nano", "base": "videofocalnet_base"}
@@ -82,9 +83,9 @@ def main(argv=None) -> int:
 
     rows, models = {}, {}
     for key, name in MODELS.items():
-        flops = count_flops(name, num_classes=NUM_CLASSES, frames=FRAMES, size=SIZE)
+        flops = count_flops(name, num_classes=NUM_CLASSES, num_frames=FRAMES, img_size=SIZE)
         torch.manual_seed(0)
-        model = build_model(name, num_classes=NUM_CLASSES, frames=FRAMES, size=SIZE,
+        model = build_model(name, num_classes=NUM_CLASSES, num_frames=FRAMES, img_size=SIZE,
                             device=device).eval()
         models[key] = model
         rows[key] = {"model": name, **count_params(model),

@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
 
     from dvfl import pipeline
-    from dvfl.artifacts import build_model, save_model
+    from dvfl.artifacts import save_model
+    from dvfl.models import build_model
     from dvfl.config import load_config
     from dvfl.runtime import ray_runtime
     from dvfl.teacher_cache import build_teacher_cache

@@ -106,7 +106,8 @@ class Runner:
     """One variant: its own model and optimizer from the shared initial weights."""
 
     def __init__(self, name, v, init_state, kw):
-        from dvfl.artifacts import build_model
+        from dvfl.models import build_model
+        from dvfl.config import OptimSection
         from dvfl.train.loop import make_optimizer, set_temporal_impl
 
         self.name, self.v = name, v
@@ -114,7 +115,7 @@ class Runner:
         self.model.load_state_dict(init_state)
         set_temporal_impl(self.model, v["temporal_impl"])
         self.model.train()
-        self.opt = make_optimizer(self.model, {"lr": 1e-4, "weight_decay": 0.05, "fused": v["fused"]})
+        self.opt = make_optimizer(self.model, OptimSection(lr=1e-4, weight_decay=0.05, fused=v["fused"]))
         self.fwd = torch.compile(self.model) if v["compile"] else self.model
         self.losses, self.wall, self.cpu = [], [], []
 
@@ -144,7 +145,7 @@ def stats(values) -> dict:
 def step_flops(kw, x, y) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
 
     model = build_model("videofocalnet_nano", **kw).train()
     with FlopCounterMode(display=False) as counter:
@@ -164,7 +165,7 @@ def top_ops(runner, x, y, n=12) -> list:
 
 
 def run_size(size, batch, a, threads, bf16_ok, deadline) -> dict:
-    from dvfl.train.clips import normalize
+    from dvfl.data.views import normalize
 
     torch.manual_seed(0)
     kw = {"num_classes": 101, "num_frames": 8, "img_size": size}
@@ -173,7 +174,7 @@ def run_size(size, batch, a, threads, bf16_ok, deadline) -> dict:
     y = torch.randint(0, 101, (batch,))
     torch.set_num_threads(threads)
     flops = step_flops(kw, x, y)
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
 
     init = build_model("videofocalnet_nano", **kw).state_dict()
     vs = variants(bf16_ok, threads, a.compile)

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
     from benchmarks.machine import cpu_model
     from dvfl import pipeline
-    from dvfl.artifacts import build_model, save_model
+    from dvfl.artifacts import save_model
+    from dvfl.models import build_model
     from dvfl.runtime import ray_runtime
     from dvfl.train.launch import count_rows
     from dvfl.tune import load_tune_config, run_search

@@ -10,13 +10,11 @@ import hashlib
 import io
 import os
 
-import timm
 import torch
 import torch.nn as nn
 
-import dvfl.models  # noqa: F401  (registers the variants)
 from dvfl import storage
-from dvfl.data.shards import atomic_write_bytes, atomic_write_json
+from dvfl.models import build_model
 from dvfl.models.checkpoint import CheckpointError, load_checkpoint
 from dvfl.models.video_focalnet import FOLDER_WEIGHTS
 
@@ -37,15 +35,6 @@ def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    try:
-        return timm.create_model(name, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ValueError(f"unknown model {name!r}; choose one of {timm.list_models('videofocalnet_*')}") from exc
-        raise
-
-
 def save_model(directory: str | os.PathLike, model: nn.Module, name: str, kwargs: dict, **extra) -> dict:
     """Save weights + spec atomically; returns the spec (with the weights fingerprint)."""
     directory = os.fspath(directory)
@@ -54,8 +43,8 @@ def save_model(directory: str | os.PathLike, model: nn.Module, name: str, kwargs
     buffer = io.BytesIO()
     torch.save(state, buffer)
     # weights first, the spec last: a folder with model.json is a whole model (on object stores too)
-    atomic_write_bytes(storage.join(directory, WEIGHTS), buffer.getvalue())
-    atomic_write_json(storage.join(directory, SPEC), spec)
+    storage.write_bytes(storage.join(directory, WEIGHTS), buffer.getvalue())
+    storage.write_json(storage.join(directory, SPEC), spec)
     return spec
 
 

@@ -70,8 +70,7 @@ class DataSection:
     label_fraction: float = 1.0
     # > 0: this (class-balanced, seeded) fraction of the labelled training videos trains the
     # teacher and no student ever sees them; students get the rest. A real teacher is
-    # pre-trained on data of its own: a teacher's logits on clips it memorised in training are
-    # near one-hot and carry little more than the label (measured, docs/embedded-default.md).
+    # pre-trained on data of its own: its logits on clips it memorised are near one-hot (docs/embedded-default.md).
     teacher_pool: float = 0.0
     train_split: str = "train"
     # Model choices (per-epoch validation, Tune/ASHA, the best config, the teacher gate) read
@@ -109,12 +108,10 @@ class OptimSection:
     optimizer: str = "adamw"  # adamw | sgd (SGD with Nesterov momentum, the official recipe's)
     momentum: float = 0.9  # sgd only
     amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off
-    # bf16 autocast on CPU workers too, where the CPU has bf16 instructions (AMX / AVX512-BF16);
-    # off by default: not measured faster for these models on a 2-core CPU (benchmarks/train_step.py)
+    # bf16 autocast on CPU workers with bf16 instructions; off: no faster here (benchmarks/train_step.py)
     cpu_amp: bool = False
     fused: bool = True  # the optimizer's fused kernel (one pass over all parameters), CPU or GPU
-    # the temporal path of focal modulation: the official conv1d formulation, or conv2d (the same
-    # math as a channels-last (k, 1) Conv2d; not measured faster in fp32 on a 2-core CPU)
+    # focal modulation's temporal path: the official conv1d, or the same math as a (k, 1) Conv2d
     temporal_impl: str = "conv1d"
     accum_steps: int = 1  # gradient accumulation: one optimizer step per accum_steps batches
 
@@ -362,7 +359,7 @@ class RunConfig:
             fail("eval.clips", f"must be in [1, data.eval_clips={self.data.eval_clips}], got {self.eval.clips!r}")
         if self.teacher.cache_dtype not in ("float16", "float32"):
             fail("teacher.cache_dtype", f"must be float16 or float32, got {self.teacher.cache_dtype!r}")
-        from dvfl.train.clips import View
+        from dvfl.data.views import View
 
         for v in self.teacher.views:
             try:
@@ -490,6 +487,6 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
 
 
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:
-    from dvfl.data.shards import atomic_write_bytes
+    from dvfl import storage
 
-    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    storage.write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dvfl.artifacts import SPEC
-from dvfl.data.shards import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dvfl import storage
 from dvfl.models.video_focalnet import FOLDER_WEIGHTS
 
 TOLERANCE = 1e-4
@@ -197,10 +197,10 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / FOLDER_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", timm_config(spec))
+        storage.write_json(tmp / "config.json", timm_config(spec))
         keep = {k: v for k, v in spec.items() if k != "history"}
-        atomic_write_json(tmp / SPEC, keep)
-        atomic_write_text(tmp / "README.md", model_card(spec, dataset))
+        storage.write_json(tmp / SPEC, keep)
+        storage.write_text(tmp / "README.md", model_card(spec, dataset))
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), [example_input(spec, 1)], 0.0)
         # mkdtemp and safetensors create owner-only files: a shipped model folder is world-readable
@@ -227,4 +227,4 @@ def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
 
 
 __all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "timm_config", "model_card",
-           "ExportMismatch", "TOLERANCE", "FORMATS", "atomic_write_bytes"]
+           "ExportMismatch", "TOLERANCE", "FORMATS"]

@@ -25,8 +25,7 @@ from dvfl.data import decode
 from dvfl.data.sampling import uniform_clip_indices
 from dvfl.data.shards import load_dataset_info
 from dvfl.data.worker import DecodeProcess
-from dvfl.train.clips import View, make_clip_batch, normalize
-from dvfl.train.evaluate import CROPS
+from dvfl.data.views import CROPS, View, make_clip_batch, normalize
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -196,6 +195,6 @@ def stream_file(pred: Predictor, path: str, window: int, stride: int, *, realtim
 
 
 def write_json(path: str, obj) -> None:
-    from dvfl.data.shards import atomic_write_json
+    from dvfl import storage
 
-    atomic_write_json(os.path.abspath(path), obj)
+    storage.write_json(os.path.abspath(path), obj)

@@ -19,8 +19,8 @@ Definition (Hinton et al., 2015), per batch of ``B`` clips and ``C`` classes::
   cache are fine) and autocast is disabled inside the loss. float64 inputs stay float64.
 * The teacher side is detached: no gradient flows into the teacher logits.
 
-Averaging and unlabelled clips (issue 9)
-----------------------------------------
+Averaging and unlabelled clips
+------------------------------
 A clip is *labelled* when it has a target and is not masked out:
 
 * hard targets ``(B,)`` integer class ids: a clip whose id equals ``ignore_index`` (default ``-1``)

@@ -15,9 +15,10 @@ import os
 import time
 
 from dvfl import storage
-from dvfl.artifacts import SPEC, build_model, load_model, save_model
+from dvfl.artifacts import SPEC, load_model, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, RunConfig
-from dvfl.data.shards import atomic_write_json, atomic_write_text, load_dataset_info
+from dvfl.data.shards import load_dataset_info
+from dvfl.models import build_model
 
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
@@ -163,9 +164,11 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def fault_hooks(cfg: RunConfig) -> dict:
+def fault_hooks(cfg: RunConfig):
     """The loop's failure-injection and hold hooks the tests switch on by environment variables
     (read where the command runs: a Tune trial's actor does not see the search's environment)."""
+    from dvfl.train.hooks import TestHooks
+
     hooks = {}
     if os.environ.get(FAIL_ENV):
         hooks["fail_after_epoch"] = int(os.environ[FAIL_ENV])
@@ -173,32 +176,22 @@ def fault_hooks(cfg: RunConfig) -> dict:
     if os.environ.get(HOLD_ENV):
         hooks["hold_after_epoch"] = int(os.environ[HOLD_ENV])
         hooks["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])
-    return hooks
+    return TestHooks(**hooks)
 
 
 def training_loop_config(cfg: RunConfig, section, optim, num_classes: int, seed: int, teacher: dict,
-                         tensorboard_dir: str | None, log=print, hooks: dict | None = None) -> dict:
-    """What the shared loop (:func:`dvfl.train.loop.run_loop`) needs of a run config, as plain data
-    (``hooks``: :func:`fault_hooks` read by the command, default: from this process's environment)."""
-    loop = {
-        "seed": seed,
-        "model": {"name": section.model, "kwargs": model_kwargs(section, num_classes, cfg)},
-        "teacher": teacher,
-        "kd": {"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature,
-               "unlabeled_weight": cfg.kd.unlabeled_weight},
-        "optim": {"epochs": optim.epochs, "batch_size": optim.batch_size, "lr": optim.lr,
-                  "weight_decay": optim.weight_decay, "warmup_frac": optim.warmup_frac,
-                  "clip_grad": optim.clip_grad, "label_smoothing": optim.label_smoothing,
-                  "optimizer": optim.optimizer, "momentum": optim.momentum, "amp": optim.amp,
-                  "accum_steps": optim.accum_steps, "cpu_amp": optim.cpu_amp, "fused": optim.fused,
-                  "temporal_impl": optim.temporal_impl},
-        "crop_size": cfg.crop_size,
-        "flip": cfg.data.flip,
-        "tensorboard_dir": tensorboard_dir,
-    }
-    loop.update(fault_hooks(cfg) if hooks is None else hooks)
-    loop["init_state_ref"] = _init_state_ref(section, loop["model"]["kwargs"], log)
-    return loop
+                         tensorboard_dir: str | None, log=print, hooks=None):
+    """The typed :class:`~dvfl.train.loop_config.LoopConfig` of the shared loop
+    (:func:`dvfl.train.loop.run_loop`) for one model of a run config; ``teacher``:
+    :func:`teacher_signal`'s dict; ``hooks``: :func:`fault_hooks` read by the command, default:
+    from this process's environment."""
+    from dvfl.train.loop_config import LoopConfig, ModelSpec, TeacherFeed
+
+    model = ModelSpec(section.model, model_kwargs(section, num_classes, cfg))
+    return LoopConfig(seed=seed, model=model, optim=dataclasses.replace(optim), kd=dataclasses.replace(cfg.kd),
+                      teacher=TeacherFeed.from_signal(teacher), crop_size=cfg.crop_size, flip=cfg.data.flip,
+                      tensorboard_dir=tensorboard_dir, hooks=fault_hooks(cfg) if hooks is None else hooks,
+                      init_state_ref=_init_state_ref(section, model.kwargs, log))
 
 
 def _training_args(cfg: RunConfig, role: str, unlabeled_dir: str | None) -> dict:
@@ -285,7 +278,7 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
-    loop["label"] = role if role == "teacher" else f"{role} s{seed}"
+    loop = dataclasses.replace(loop, label=role if role == "teacher" else f"{role} s{seed}")
     return ModelRun(role, seed, out, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", loop, section, kwargs,
                     identity, unlabeled_dir, optim.epochs)
 
@@ -303,13 +296,13 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, star
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(time.time() - started, 1))
-    log(f"[{run.loop['label']}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
+    log(f"[{run.loop.label}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out
 
 
 def _announce(cfg: RunConfig, run: ModelRun, workers: str, log) -> None:
-    log(f"[{run.loop['label']}] training {run.section.model} (embed_dim={run.kwargs.get('embed_dim', 'default')}) "
-        f"for {run.epochs} epochs on {workers}; teacher signal: {run.loop['teacher']['mode']}")
+    log(f"[{run.loop.label}] training {run.section.model} (embed_dim={run.kwargs.get('embed_dim', 'default')}) "
+        f"for {run.epochs} epochs on {workers}; teacher signal: {run.loop.teacher.mode}")
 
 
 def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
@@ -578,13 +571,10 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
             spec = {**spec2, **spec}
         m = evaluate_multiview(model, cfg.clips_dir, split, cfg.crop_size,
                                num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
-        kw = spec["kwargs"]
-        flops = count_flops(spec["name"], num_classes=kw["num_classes"], frames=kw.get("num_frames", 8),
-                            size=cfg.crop_size, embed_dim=kw.get("embed_dim"),
-                            **({"depths": kw["depths"]} if "depths" in kw else {}))
+        flops = count_flops(spec["name"], **{**spec["kwargs"], "img_size": cfg.crop_size})
         m["params"] = sum(p.numel() for p in model.parameters())
         m["gmacs"] = flops["gmacs_per_clip"]
-        atomic_write_json(store, {**_read_json(store), store_key: m})
+        storage.write_json(store, {**_read_json(store), store_key: m})
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
         f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
     return {**m, "split": split, "history": spec.get("history", []), "name": spec.get("name"), "path": str(path),
@@ -670,7 +660,7 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
         report["training_cost"] = cost
     if started is not None:
         report["wall_seconds"] = round(time.time() - started, 1)
-    atomic_write_json(storage.join(out, "results.json"), report)
+    storage.write_json(storage.join(out, "results.json"), report)
     labels = STUDENT_LABELS
     lines = ["| model | params | GMACs/clip | top-1 (mean ± std) | per seed | top-5 | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -697,7 +687,7 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
         md += ("\nTraining time, DVFL-Net / VFL-Net per seed: median epoch "
                + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_epoch"]) + "; whole run "
                + ", ".join(f"{r:.2f}x" for r in cost["dvfl_over_vfl_run"]) + ".\n")
-    atomic_write_text(storage.join(out, "results.md"), md)
+    storage.write_text(storage.join(out, "results.md"), md)
     _plot_curves(results, storage.join(out, "training_curves.png"), labels)
     log("\n" + md)
     log(f"[report] {storage.join(out, 'results.json')}, {storage.join(out, 'results.md')}, "

@@ -32,8 +32,13 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dvfl.models import build_model
+
+# the profile's default model: the paper's UCF101 classifier on 8 x 224^2 clips
+DEFAULT_MODEL_KWARGS = {"num_classes": 101, "num_frames": 8, "img_size": 224}
+
 __all__ = [
-    "ProfileResult", "available_cpus", "build_model", "count_params", "count_flops", "default_device",
+    "ProfileResult", "available_cpus", "count_params", "count_flops", "default_device",
     "measure_latency", "measure_throughput", "profile_model", "format_profile", "RssSampler",
 ]
 
@@ -51,31 +56,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_kwargs(num_classes: int, frames: int, size: int, embed_dim: Optional[int],
-                  extra: Optional[dict]) -> dict:
-    kwargs = dict(num_classes=num_classes, num_frames=frames, img_size=size)
-    if embed_dim is not None:
-        kwargs["embed_dim"] = embed_dim
-    kwargs.update(extra or {})
-    return kwargs
-
-
-def build_model(name: str, *, num_classes: int = 101, frames: int = 8, size: int = 224,
-                embed_dim: Optional[int] = None, device: "torch.device | str | None" = None,
-                **extra) -> nn.Module:
-    """``timm.create_model(name, ...)`` after ``import dvfl`` (registers the Video-FocalNets)."""
-    import timm
-
-    import dvfl  # noqa: F401  (registers the timm variants)
-
-    kwargs = _model_kwargs(num_classes, frames, size, embed_dim, extra)
-    if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            return timm.create_model(name, **kwargs)
-    model = timm.create_model(name, **kwargs)
-    return model.to(device) if device is not None else model
-
-
 def count_params(model: nn.Module) -> dict:
     """Total and trainable parameter counts (shared parameters counted once)."""
     params = {id(p): p for p in model.parameters()}.values()
@@ -90,23 +70,23 @@ def _flops_of_forward(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def count_flops(name: str, *, num_classes: int = 101, frames: int = 8, size: int = 224,
-                embed_dim: Optional[int] = None, batch: int = 1, **extra) -> dict:
-    """FLOPs of one forward of ``batch`` clips, counted by FlopCounterMode.
+def count_flops(name: str, *, batch: int = 1, **model_kwargs) -> dict:
+    """FLOPs of one forward of ``batch`` clips of the model ``build_model(name, **model_kwargs)``
+    (timm's argument names, defaults :data:`DEFAULT_MODEL_KWARGS`).
 
     Runs on the ``meta`` device (no memory, no compute); falls back to a real CPU forward if the
     model does not support ``meta``. Returns ``{"flops", "flops_per_clip", "gmacs_per_clip",
     "flops_counted_on"}``.
     """
-    shape = (batch, frames, 3, size, size)
+    model_kwargs = {**DEFAULT_MODEL_KWARGS, **model_kwargs}
+    size = model_kwargs["img_size"]
+    shape = (batch, model_kwargs["num_frames"], 3, size, size)
     try:
-        model = build_model(name, num_classes=num_classes, frames=frames, size=size,
-                            embed_dim=embed_dim, device="meta", **extra)
+        model = build_model(name, device="meta", **model_kwargs)
         flops = _flops_of_forward(model, torch.empty(shape, device="meta"))
         where = "meta"
     except (NotImplementedError, RuntimeError):
-        model = build_model(name, num_classes=num_classes, frames=frames, size=size,
-                            embed_dim=embed_dim, device="cpu", **extra)
+        model = build_model(name, device="cpu", **model_kwargs)
         flops = _flops_of_forward(model, torch.randn(shape))
         where = "cpu"
     del model
@@ -243,12 +223,12 @@ class ProfileResult:
         return asdict(self)
 
 
-def profile_model(name: str, *, num_classes: int = 101, frames: int = 8, size: int = 224,
-                  embed_dim: Optional[int] = None, batch: int = 1, warmup: int = 2,
-                  repeats: int = 10, throughput_batch: Optional[int] = None,
-                  throughput_repeats: int = 3, device: "torch.device | str | None" = None,
-                  threads: Optional[int] = None, seed: int = 0, **extra) -> ProfileResult:
-    """Profile ``name`` at ``frames`` x ``size``^2: see the module docstring for the method.
+def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 10,
+                  throughput_batch: Optional[int] = None, throughput_repeats: int = 3,
+                  device: "torch.device | str | None" = None, threads: Optional[int] = None, seed: int = 0,
+                  **model_kwargs) -> ProfileResult:
+    """Profile ``build_model(name, **model_kwargs)`` (timm's argument names): see the module
+    docstring for the method.
 
     ``batch`` is the latency batch (1 = per-clip latency); ``throughput_batch`` (default
     ``batch``) the batch of the throughput run, skipped when ``throughput_repeats`` is 0.
@@ -257,11 +237,11 @@ def profile_model(name: str, *, num_classes: int = 101, frames: int = 8, size: i
     if threads is not None:
         torch.set_num_threads(int(threads))
     device = torch.device(device) if device is not None else default_device()
+    model_kwargs = {**DEFAULT_MODEL_KWARGS, **model_kwargs}
+    frames, size = model_kwargs["num_frames"], model_kwargs["img_size"]
     torch.manual_seed(seed)
-    flops = count_flops(name, num_classes=num_classes, frames=frames, size=size,
-                        embed_dim=embed_dim, batch=1, **extra)
-    model = build_model(name, num_classes=num_classes, frames=frames, size=size,
-                        embed_dim=embed_dim, device=device, **extra).eval()
+    flops = count_flops(name, batch=1, **model_kwargs)
+    model = build_model(name, device=device, **model_kwargs).eval()
     counts = count_params(model)
     x = torch.randn(batch, frames, 3, size, size, device=device)
 
@@ -284,7 +264,8 @@ def profile_model(name: str, *, num_classes: int = 101, frames: int = 8, size: i
 
     ms = [t * 1e3 for t in times]
     return ProfileResult(
-        model=name, num_classes=num_classes, frames=frames, size=size, embed_dim=embed_dim,
+        model=name, num_classes=model_kwargs["num_classes"], frames=frames, size=size,
+        embed_dim=model_kwargs.get("embed_dim"),
         device=str(device), threads=torch.get_num_threads(),
         params=counts["params"], trainable_params=counts["trainable_params"],
         flops_per_clip=flops["flops_per_clip"], gflops_per_clip=flops["flops_per_clip"] / 1e9,

@@ -14,9 +14,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from dvfl import paths
+from dvfl import paths, storage
 from dvfl.config import SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config
-from dvfl.data.shards import atomic_write_json, atomic_write_text
 
 RESULTS_JSON, RESULTS_MD = "protocol.json", "protocol.md"
 
@@ -149,7 +148,7 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
         "runs": runs, "aggregate": aggregate(protocol, runs) if runs else {},
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(out_dir) / RESULTS_JSON, report)
+    storage.write_json(Path(out_dir) / RESULTS_JSON, report)
     what = f"{len(ran)} of {len(protocol.ids)} {protocol.kind}s ran ({', '.join(map(str, ran))})"
     if len(ran) < len(asked):
         what += f"; {len(asked) - len(ran)} asked for not finished"
@@ -168,7 +167,7 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
     if pooled:
         md += "\nPooled top-1 (every test video of the folds that ran counted once): " + ", ".join(
             f"{STUDENT_LABELS.get(r, r)} {v:.1%}" for r, v in pooled.items()) + ".\n"
-    atomic_write_text(Path(out_dir) / RESULTS_MD, md)
+    storage.write_text(Path(out_dir) / RESULTS_MD, md)
     log(f"[protocol] {what}: {Path(out_dir) / RESULTS_JSON}")
     return report
 

@@ -21,11 +21,12 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 
-from dvfl.artifacts import build_model, load_model
+from dvfl.artifacts import load_model
+from dvfl.models import build_model
 from dvfl import storage
-from dvfl.data.shards import (atomic_write_json, atomic_write_table, load_dataset_info, parquet_file, read_table,
+from dvfl.data.shards import (atomic_write_table, load_dataset_info, parquet_file, read_table,
                               remove_stale_tmp, shard_paths)
-from dvfl.train.clips import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
+from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 
 CACHE_JSON = "cache.json"
 BUILD_JSON = "_build.json"
@@ -262,9 +263,9 @@ class ShardLogitWriter:
         stats = {"shard": storage.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled}
         if storage.is_remote(dst):  # each object once; the sidecar, last, marks the shard done
             atomic_write_table(dst, table, compression="zstd")
-            atomic_write_json(_sidecar(dst), stats)
+            storage.write_json(_sidecar(dst), stats)
         else:  # the sidecar first: a parquet file without its sidecar never exists
-            atomic_write_json(_sidecar(dst), stats)
+            storage.write_json(_sidecar(dst), stats)
             atomic_write_table(dst, table, compression="zstd")
         return stats
 
@@ -327,7 +328,7 @@ def build_teacher_cache(
                     storage.remove(p)
     storage.makedirs(logits_dir)
     remove_stale_tmp(logits_dir)
-    atomic_write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})
+    storage.write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})
 
     shards = shard_paths(clips_dir)
     # a shard is done when its logits and its sidecar are both there
@@ -385,7 +386,7 @@ def build_teacher_cache(
     cache = TeacherLogitCache.__new__(TeacherLogitCache)
     cache.directory, cache.info, cache._index, cache._logits = out, info, None, None
     info["verify"] = verify_cache(cache, clips_dir, model, verify_samples)
-    atomic_write_json(storage.join(out, CACHE_JSON), info)
+    storage.write_json(storage.join(out, CACHE_JSON), info)
     storage.remove(storage.join(out, BUILD_JSON))
     log(f"[cache] {rows} logit rows in {elapsed:.1f}s; teacher top-1 "
         + ", ".join(f"{k} {v:.1%}" for k, v in info["teacher_top1"].items())

@@ -97,7 +97,7 @@ def direct_top1(model_dir, clips_dir, splits=None) -> dict:
 
     from dvfl.artifacts import load_model
     from dvfl.data.shards import read_clips_table
-    from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+    from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
     clips = read_clips_table(clips_dir, splits, columns=["clip_id", "label", "split", "frames", "num_frames",
                                                          "height", "width"])

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvfl import cluster_validation as cv
 from dvfl.cli import main as dvfl_main
+from dvfl.cluster import validate as cv
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = {"aws": ROOT / "cluster" / "aws.yaml", "gcp": ROOT / "cluster" / "gcp.yaml"}

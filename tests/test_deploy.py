@@ -272,7 +272,8 @@ def test_predict_equals_evaluation_on_every_test_video_of_the_embedded_default(r
     import torch
 
     from dvfl import pipeline
-    from dvfl.artifacts import build_model, save_model
+    from dvfl.artifacts import save_model
+    from dvfl.models import build_model
     from dvfl.config import load_config
     from dvfl.data.adapters import build_manifest
     from dvfl.data.ingest import IngestConfig, ingest

@@ -10,13 +10,14 @@ import time
 import pytest
 import torch
 
+from dvfl.models import build_model
 from dvfl.profile import (
-    RssSampler, build_model, count_flops, count_params, default_device, profile_model,
+    RssSampler, count_flops, count_params, default_device, profile_model,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "video_focalnet_reference.json")
-TINY = dict(num_classes=5, frames=2, size=32, embed_dim=16)
+TINY = dict(num_classes=5, num_frames=2, img_size=32, embed_dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def reference():
 @pytest.mark.parametrize("variant", ["nano", "base"])
 def test_flops_per_clip_match_reference(reference, variant):
     ref = reference[f"{variant}_101"]["flops_per_clip_8x224"]
-    out = count_flops(f"videofocalnet_{variant}", num_classes=101, frames=8, size=224)
+    out = count_flops(f"videofocalnet_{variant}", num_classes=101, num_frames=8, img_size=224)
     assert abs(out["flops_per_clip"] / ref - 1.0) <= 0.01, (out, ref)
     assert out["gmacs_per_clip"] == pytest.approx(out["flops_per_clip"] / 2e9)
 
@@ -42,7 +43,7 @@ def test_meta_flop_count_equals_real_forward():
 
     model = build_model("videofocalnet_nano", **TINY).eval()
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(2, TINY["frames"], 3, TINY["size"], TINY["size"]))
+        model(torch.randn(2, TINY["num_frames"], 3, TINY["img_size"], TINY["img_size"]))
     assert meta["flops"] == counter.get_total_flops() > 0
     assert meta["flops_per_clip"] == meta["flops"] / 2
 
@@ -80,7 +81,7 @@ def sleeper():
 
 def test_profile_model_measures_what_the_model_costs(sleeper):
     batch, tp_batch = 1, 4
-    r = profile_model(sleeper, num_classes=5, frames=2, size=32, batch=batch, warmup=1, repeats=3,
+    r = profile_model(sleeper, num_classes=5, num_frames=2, img_size=32, batch=batch, warmup=1, repeats=3,
                       throughput_batch=tp_batch, throughput_repeats=2, device="cpu")
     assert r.params == r.trainable_params == 3 * 5 + 5
     assert r.flops_per_clip == 2 * 3 * 5 and r.flops_counted_on == "meta"  # one (1x3)@(3x5) matmul

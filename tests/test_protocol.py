@@ -55,7 +55,8 @@ def ucf101_tree(root: Path, splits=(1, 2), groups=(1, 2, 3, 4)) -> None:
 
 def teacher_dirs(base: Path, ids) -> str:
     """A (random-weight) teacher per split, saved as a model directory: ``base/s{split}``."""
-    from dvfl.artifacts import build_model, save_model
+    from dvfl.artifacts import save_model
+    from dvfl.models import build_model
 
     kwargs = {"num_classes": len(CLASSES), "num_frames": 4, "img_size": 24, "embed_dim": 8, "depths": [1, 1, 1, 1],
               "drop_path_rate": 0.0}

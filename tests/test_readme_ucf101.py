@@ -63,7 +63,7 @@ def ucf_tree(root) -> None:
 
 def fake_official_checkpoint(path) -> None:
     """The official checkpoint's format ({"model": state_dict}, Kinetics-400 head) at the test's size."""
-    from dvfl.artifacts import build_model
+    from dvfl.models import build_model
 
     model = build_model("videofocalnet_base", num_classes=400, num_frames=8, img_size=CROP, embed_dim=16,
                         depths=[1, 1, 1, 1], drop_path_rate=0.0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dvfl.artifacts import build_model
-from dvfl.config import ConfigError
+from dvfl.models import build_model
+from dvfl.config import ConfigError, OptimSection
 from dvfl.train.loop import _optimizer_step, amp_dtype, make_optimizer
 
 from conftest import tiny_config
@@ -48,7 +48,7 @@ def test_amp_modes_and_the_gradscaler_step():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(device, "fp16")
     model = build_model("videofocalnet_nano", **KW).to(device)
-    optim = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "clip_grad": 1.0}
+    optim = OptimSection(optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.9, clip_grad=1.0)
     opt = make_optimizer(model, optim)
     assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -5,6 +5,7 @@ The training and cache checks reuse the session's ``prepared`` clips/teacher/cac
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import re
@@ -67,6 +68,14 @@ def test_training_leaves_no_checkpoint_temp_folders(prepared):
 
 
 # ----------------------------------------------------------------------------- too-small splits
+def _loop(batch_size: int):
+    """A loop config for runs refused before any training (only the batch size matters)."""
+    from dvfl.config import OptimSection
+    from dvfl.train.loop_config import LoopConfig, ModelSpec
+
+    return LoopConfig(seed=0, model=ModelSpec("videofocalnet_nano", {}), optim=OptimSection(batch_size=batch_size))
+
+
 def test_empty_or_too_small_split_is_refused_before_training(prepared, tmp_path):
     from dvfl.train.launch import Scaling, run_training
 
@@ -79,13 +88,13 @@ def test_empty_or_too_small_split_is_refused_before_training(prepared, tmp_path)
     train_rows = sum(v not in held for v in read_clips_table(cfg.clips_dir, ["train"], columns=["video_id"])
                      .column("video_id").to_pylist())
     assert 0 < train_rows < sum(pq.read_metadata(p).num_rows for p in shard_paths(cfg.clips_dir, ["train"]))
-    loop = {"seed": 0, "optim": {"batch_size": train_rows // 2 + 1}}
+    loop = _loop(batch_size=train_rows // 2 + 1)
     kw = dict(clips_dir=cfg.clips_dir, scaling=Scaling(num_workers=2), name="refused",
               storage_path=str(tmp_path / "ray"))
     with pytest.raises(ValueError, match=rf"split 'train' .* has {train_rows} training clips.*fewer than 2 worker"):
         run_training(loop, **kw)
     with pytest.raises(ValueError, match="split 'validation' .* has no clips: nothing to validate"):
-        run_training({"seed": 0, "optim": {"batch_size": 1}}, val_split="validation", **kw)
+        run_training(_loop(batch_size=1), val_split="validation", **kw)
     assert not (tmp_path / "ray").exists()  # no trainer was started
 
 
@@ -102,9 +111,9 @@ def test_an_epoch_with_no_batches_is_an_error(prepared, ray_local, tmp_path):
     cfg = prepared["cfg"]
     loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), 0,
                                          {"mode": "none"}, tensorboard_dir=None)
-    loop.update(train_rows=1, threads_per_worker=1, run_name="empty-epoch")
+    loop = dataclasses.replace(loop, train_rows=1, threads_per_worker=1, run_name="empty-epoch")
     empty = read_clip_dataset(cfg.clips_dir, ["test"], columns=VAL_COLUMNS).filter(lambda row: False)
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop,
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop},
                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(name="empty-epoch", storage_path=str(tmp_path)),
                            datasets={"train": empty, "val": empty})
@@ -291,7 +300,7 @@ def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_pa
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     Path(victim).write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match=f"cannot be read: {victim} "):
-        run_training({"seed": 0, "optim": {"batch_size": 2}}, clips_dir=str(clips), scaling=Scaling(num_workers=1),
+        run_training(_loop(batch_size=2), clips_dir=str(clips), scaling=Scaling(num_workers=1),
                      name="corrupt", storage_path=str(tmp_path / "ray"))
 
 

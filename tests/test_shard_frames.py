@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dvfl.data import shards as SH
-from dvfl.train.clips import batch_arrays
+from dvfl.data.views import batch_arrays
 
 
 def _rows(clips, labels=None):

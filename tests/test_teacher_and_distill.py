@@ -26,7 +26,7 @@ from dvfl.data.shards import load_dataset_info, read_clips_table, shard_paths
 from dvfl.losses import distillation_loss
 from dvfl.models import CheckpointError
 from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
-from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
 from conftest import TINY, direct_top1, set_args, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvfl.artifacts import build_model
+from dvfl.models import build_model
 from dvfl.config import ConfigError, OptimSection, load_config
 from dvfl.models import VideoFocalNet
-from dvfl.train.loop import amp_dtype, cpu_has_bf16, lever, make_optimizer, set_temporal_impl
+from dvfl.train.loop import amp_dtype, cpu_has_bf16, make_optimizer, set_temporal_impl
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "video_focalnet_golden_tiny.pt"
 
@@ -49,7 +49,7 @@ def _steps(opt_cfg, n=3, amp=False, seed=0, impl="conv2d"):
     torch.manual_seed(seed)
     model = build_model("videofocalnet_nano", **kwargs)
     set_temporal_impl(model, impl)
-    opt = make_optimizer(model, {"lr": lr, "weight_decay": 0.05, **opt_cfg})
+    opt = make_optimizer(model, OptimSection(lr=lr, weight_decay=0.05, **opt_cfg))
     g = torch.Generator().manual_seed(100)
     size, classes = kwargs["img_size"], kwargs["num_classes"]
     x, y = torch.randn(8, 8, 3, size, size, generator=g), torch.randint(0, classes, (8,), generator=g)
@@ -69,8 +69,8 @@ def _steps(opt_cfg, n=3, amp=False, seed=0, impl="conv2d"):
 def test_fused_optimizer_takes_the_unfused_steps():
     plain, m_plain = _steps({"fused": False})
     fused, m_fused = _steps({"fused": True})
-    assert torch.optim.AdamW in type(make_optimizer(m_fused, {"lr": 1e-3, "weight_decay": 0.0, "fused": True})).__mro__
-    assert make_optimizer(m_fused, {"lr": 1e-3, "weight_decay": 0.0, "fused": True}).defaults["fused"] is True
+    assert torch.optim.AdamW in type(make_optimizer(m_fused, OptimSection(lr=1e-3, weight_decay=0.0, fused=True))).__mro__
+    assert make_optimizer(m_fused, OptimSection(lr=1e-3, weight_decay=0.0, fused=True)).defaults["fused"] is True
     assert max(abs(a - b) for a, b in zip(plain, fused)) < 1e-5
     for (n, a), b in zip(m_plain.named_parameters(), m_fused.parameters()):
         assert (a - b).abs().max() < 1e-5, n
@@ -96,10 +96,13 @@ def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_instructions():
 
 
 def test_speed_levers_default_to_the_config_and_are_validated_by_name(tmp_path):
-    defaults = OptimSection()
-    assert {k: lever({}, k) for k in ("cpu_amp", "fused", "temporal_impl")} == \
-        {"cpu_amp": defaults.cpu_amp, "fused": defaults.fused, "temporal_impl": defaults.temporal_impl}
-    assert lever({"temporal_impl": "conv1d"}, "temporal_impl") == "conv1d"
+    from dvfl.pipeline import training_loop_config
+
+    # the loop gets the config's own optim section: its levers are the config's, set or default
+    cfg = load_config(None, [("output_dir", str(tmp_path)), ("optim.temporal_impl", "conv2d")])
+    loop = training_loop_config(cfg, cfg.student, cfg.optim, 3, 0, {"mode": "none"}, tensorboard_dir=None)
+    assert loop.optim == cfg.optim and loop.optim.temporal_impl == "conv2d"
+    assert (loop.optim.cpu_amp, loop.optim.fused) == (OptimSection().cpu_amp, OptimSection().fused)
     with pytest.raises(ConfigError, match="optim.temporal_impl"):
         load_config(None, [("output_dir", str(tmp_path)), ("optim.temporal_impl", "fft")]).validate(check_paths=False)
     with pytest.raises(ConfigError, match="teacher.optim.fused"):

@@ -207,9 +207,11 @@ def test_teacher_proof_can_fail(prepared, ray_local):
     signal_ = pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
     assert signal_["mode"] == "online" and "state_ref" in signal_
     from dvfl.train.loop import TeacherSignal
+    from dvfl.train.loop_config import TeacherFeed
+    from dvfl.train.session import fetch
     import torch
 
-    teacher = TeacherSignal({"teacher": signal_}, torch.device("cpu"))
+    teacher = TeacherSignal(TeacherFeed.from_signal(signal_), torch.device("cpu"), fetch)
     teacher.logits(["x"], [None], torch.zeros(1, 8, 3, 32, 32))
     assert teacher.forward_calls == 1
 

@@ -131,10 +131,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                        f"{os.path.basename(a.model.rstrip('/'))} on {split} ({views[0]}x{views[1]} views)")
         result["confusion_png"] = confusion
     if a.json:
-        from dvfl.data.shards import atomic_write_json
+        from dvfl import storage
 
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        atomic_write_json(a.json, result)
+        storage.write_json(a.json, result)
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
     print(f"[evaluate] {a.model} on split {split} of {clips}: top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} "
           f"({m['videos']} videos, {views[0]} clips x {views[1]} crops, crop {crop})")

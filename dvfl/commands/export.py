@@ -30,7 +30,7 @@ def real_clips(clips_dir: str, spec: dict, n: int) -> list:
     import pyarrow.parquet as pq
 
     from dvfl.data.shards import shard_paths
-    from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+    from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
     size = spec["kwargs"].get("img_size", 224)
     paths = shard_paths(clips_dir, ["test"]) or shard_paths(clips_dir, ["val"])

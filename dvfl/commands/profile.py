@@ -41,8 +41,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     from dvfl.profile import available_cpus, format_profile, profile_model
 
+    width = {} if a.embed_dim is None else {"embed_dim": a.embed_dim}
     result = profile_model(
-        a.arch, num_classes=a.num_classes, frames=a.frames, size=a.size, embed_dim=a.embed_dim,
+        a.arch, num_classes=a.num_classes, num_frames=a.frames, img_size=a.size, **width,
         batch=a.batch_size, warmup=a.warmup, repeats=a.repeats, throughput_batch=a.throughput_batch_size,
         throughput_repeats=a.throughput_repeats, device=a.device,
         threads=a.threads if a.threads is not None else available_cpus())

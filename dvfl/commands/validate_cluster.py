@@ -11,7 +11,7 @@ import logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dvfl.cluster_validation import CRD_DIR_ENV, DEFAULT_CRD_DIR
+    from dvfl.cluster.validate import CRD_DIR_ENV, DEFAULT_CRD_DIR
 
     p.add_argument("paths", nargs="+", help="YAML files (launcher configs or KubeRay manifests)")
     p.add_argument("--crd-dir", default=None,
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    from dvfl.cluster_validation import validate_file
+    from dvfl.cluster.validate import validate_file
 
     # prepare_config logs an INFO line per node type; keep the output to the verdicts. (Importing
     # ray configures the "ray" logger, so import it before lowering the level.)

@@ -519,7 +519,7 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
 
 
 # ---------------------------------------------------------------------------------------
-# unlabelled videos (issue 9)
+# unlabelled videos
 
 def unlabeled(dir_or_list: str) -> Manifest:
     """Videos without labels: a folder tree (every video file under it) or a text file with

@@ -207,8 +207,8 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 def coded_size(path: str) -> Optional[Tuple[int, int]]:
     """``(height, width)`` of the first video stream from the container headers, or ``None``
     when it cannot be read (the caller then resizes after decoding). MP4/MOV: the sample entry
-    of the first video track (:func:`mp4_video_size`, ~0.05 ms); other containers: PyAV, whose
-    open probes the streams (0.6-1.4 ms per file measured, a quarter of decoding a 32x32 clip)."""
+    of the first video track (:func:`mp4_video_size`, cheap); other containers: PyAV, whose
+    open probes the streams (costly next to a small clip's decode; docs/ingest.md)."""
     size = mp4_video_size(path)
     if size is not None:
         return size
@@ -357,9 +357,8 @@ def _decode_video(job: Dict) -> Dict:
 
     import decord
 
-    # Resize inside FFmpeg (decord's width/height) when the coded size is known: the scaler
-    # converts YUV->RGB at the small size, so decode+resize costs less CPU than decode alone
-    # (measured 36 vs 43 ms per UCF-like video, + 7 ms for a PIL resize; docs/ingest.md).
+    # Resize inside FFmpeg when the coded size is known: YUV->RGB at the small size costs less
+    # than decode alone (docs/ingest.md).
     short_side = int(job.get("short_side") or 0)
     src = coded_size(path) if short_side else None
     target = sampling.resized_hw(src[0], src[1], short_side) if src else None
@@ -396,8 +395,8 @@ def _decode_video(job: Dict) -> Dict:
         uniq = sampling.unique_sorted(v[2] for v in views)
         arr = None
         if scaled:
-            # decord rejects a few output widths (measured: 8, 12, 16, 24, 48, 72 px: a row-padding
-            # check); those, and any other disagreement, take the plain decode + PIL path.
+            # decord rejects a few output widths (docs/ingest.md): those, and any other
+            # disagreement, take the plain decode + PIL path.
             try:
                 arr = vr.get_batch(uniq.tolist()).asnumpy()
             except Exception:
@@ -411,9 +410,7 @@ def _decode_video(job: Dict) -> Dict:
         if arr is None:
             try:
                 # No vr.seek(0) (the usual cure for get_batch's memory growth): this reader is
-                # dropped right after, and without it the RSS stayed flat over 6,000 synthetic and
-                # 2 x 512 UCF-like files while the seek cost 0.25 ms per file (10 % of a 32x32
-                # video's decode). DecodeProcess still recycles a child that grows.
+                # dropped right after; DecodeProcess still recycles a child that grows (docs/ingest.md).
                 arr = vr.get_batch(uniq.tolist()).asnumpy()
             except Exception as e:
                 raise DecodeReject(CORRUPT, _short(e))

@@ -66,8 +66,7 @@ class IngestConfig:
     test_hooks: bool = False                # honour the DVFL-TEST-* magic files (tests only)
     max_jobs_per_child: int = 100_000
     max_child_rss_mb: float = 2048.0        # recycle a decode child whose memory grew past this
-    # lz4, not zstd: about the same size on clip frames (noise-like bytes: 47 vs 45 MB and 101 vs
-    # 101 MB on the benchmark sets) and 2.4-5x faster to read back, every epoch (docs/ingest.md)
+    # lz4, not zstd: about the same size on clip frames, faster to read back every epoch (docs/ingest.md)
     compression: str = "lz4"
 
     def validate(self) -> None:
@@ -415,7 +414,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     storage.makedirs(meta_dir)
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)
-    _s.atomic_write_json(plan_path, layout)
+    storage.write_json(plan_path, layout)
 
     # a shard is done when the shard and its sidecar are both there (one listing each, not a
     # request per shard on an object store); an uncommitted one is written again, whole
@@ -483,7 +482,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "frames_shape": "(num_frames, height, width, 3) uint8, per row",
     }
     ok = written_videos + len(rejects) == manifest.num_inputs
-    _s.atomic_write_text(storage.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    storage.write_text(storage.join(out, _s.REJECTS_FILE), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     total_secs = time.perf_counter() - t_start
     summary = {
         "out": out, "dataset": manifest.dataset, "fingerprint": fingerprint, "inputs": manifest.num_inputs,
@@ -494,8 +493,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "decode_seconds": round(run_secs, 3), "total_seconds": round(total_secs, 3),
         "clips_per_second": round(clips_this_run / run_secs, 2) if run_secs > 0 and clips_this_run else 0.0,
     }
-    _s.atomic_write_json(storage.join(out, _s.SUMMARY_JSON), summary)
-    _s.atomic_write_json(storage.join(out, _s.DATASET_JSON), info)
+    storage.write_json(storage.join(out, _s.SUMMARY_JSON), summary)
+    storage.write_json(storage.join(out, _s.DATASET_JSON), info)
     if not ok:  # cannot happen unless there is a bug; never hide it
         raise RuntimeError(f"accounting mismatch: written {written_videos} + rejected {len(rejects)} "
                            f"!= inputs {manifest.num_inputs}")
@@ -554,7 +553,7 @@ class _OpenShard:
                 "written_videos": self.written, "clips": self.clips, "bytes": nbytes, "rejects": self.rejects}
         # local: sidecar first, then the shard (renamed); object store: the shard was uploaded by
         # close(), the sidecar commits it
-        _s.atomic_write_json(storage.join(meta_dir, self.plan.name + ".json"), meta)
+        storage.write_json(storage.join(meta_dir, self.plan.name + ".json"), meta)
         self.writer.publish()
 
     def abort(self) -> None:
@@ -570,10 +569,8 @@ TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before r
 def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int) -> List[int]:
     """Split videos of ``sizes`` bytes (in order) into decode tasks; returns the videos per task.
 
-    Ray Data leaves ~0.15 s between the end of one task and the start of the next on a busy
-    2-core machine (measured with busy-loop tasks: 0.6-s tasks kept only 1.3 of 2 cores busy),
-    so tasks hold ~``task_mb`` of source video (0.7-2 s of decoding: measured 2.1 MB/s per core on
-    the 32x32 synthetic files and 5.5 MB/s on the UCF-like ones). Towards the end tasks shrink (guided
+    Ray Data leaves a gap between the end of one task and the start of the next, so tasks hold
+    ~``task_mb`` of source video, a second or two of decoding (docs/ingest.md). Towards the end tasks shrink (guided
     self-scheduling: at most 1/(2 x workers) of what is left, down to ``task_mb / 4``) so that
     the last tasks finish together instead of one long task running alone on one core.
     ``max_videos`` bounds a task's output in the object store.
@@ -614,9 +611,8 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, m
     # Results are consumed in completion order (a slow or hanging file must not hold back
     # the others); _OpenShard restores the planned order per shard.
     ds.context.execution_options.preserve_order = False
-    # With per-operator reservations Ray Data runs one decode task until it has seen a task's
-    # output size, then ramps up: measured 0.6-1.2 s with one busy core at the start of every
-    # ingest. The decode is the only operator, and the driver drains its outputs as they come.
+    # Per-operator reservations run one decode task alone until its output size is known; the
+    # decode is the only operator and the driver drains its outputs as they come (docs/ingest.md).
     ds.context.op_resource_reservation_enabled = False
     ds.context.enable_progress_bars = bool(cfg.ray_progress)
     ds.context.print_on_execution_start = bool(cfg.ray_progress)

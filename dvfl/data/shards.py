@@ -70,7 +70,7 @@ def frames_array(table: pa.Table) -> Optional[np.ndarray]:
 
     Clips of one dataset usually share a shape, so their bytes lie back to back in the binary
     column's data buffer: one ``np.frombuffer`` over it replaces a Python ``bytes`` object and a
-    copy per clip (measured 1.4x faster training-time reading, docs/ingest.md). Returns ``None``
+    copy per clip (faster training-time reading, docs/ingest.md). Returns ``None``
     when the clips differ in shape (callers then go clip by clip). Read-only, like the buffer.
     """
     if table.num_rows == 0:
@@ -80,7 +80,7 @@ def frames_array(table: pa.Table) -> Optional[np.ndarray]:
         col = table.column(c)
         if col.null_count:
             return None
-        v = col.to_numpy()  # numpy, not pyarrow.compute: ~10x less per-batch overhead here
+        v = col.to_numpy()  # numpy, not pyarrow.compute: less per-batch overhead here
         if not (v == v[0]).all():
             return None
         shape.append(int(v[0]))
@@ -140,32 +140,11 @@ def clips_table(rows: List[Dict[str, Any]]) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------
-# atomic files
-
-fsync_dir = storage.fsync_dir
-
-
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp)`` fills a hidden temporary file next to ``path``, renamed over it (local);
-    an object is written once, whole (object stores). See :mod:`dvfl.storage`."""
-    storage.write_with(str(path), write)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    storage.write_bytes(str(path), data)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    storage.write_text(str(path), text)
-
+# atomic files (the general helpers are dvfl.storage.write_bytes/write_text/write_json)
 
 def atomic_write_table(path: str, table: pa.Table, **write_kwargs) -> None:
     """A Parquet file written with :func:`pyarrow.parquet.write_table`, atomically."""
-    _atomic_write(str(path), lambda tmp: pq.write_table(table, tmp, **write_kwargs))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    storage.write_json(str(path), obj)
+    storage.write_with(str(path), lambda tmp: pq.write_table(table, tmp, **write_kwargs))
 
 
 class AtomicShardWriter:
@@ -235,7 +214,7 @@ class AtomicShardWriter:
         if self.remote:
             return
         os.replace(self.tmp, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        storage.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def commit(self) -> int:
         n = self.close()
@@ -350,9 +329,7 @@ def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
     small machines (see ray-2.60-notes, hang #1). Decode ``frames`` with :func:`decode_frames`.
 
     Uses Ray Data's V1 Parquet datasource: in Ray 2.60 the default V2 path plans a
-    ``ListFiles`` task that took 7-20 s of wall time (0.1-0.4 s CPU) per read on the
-    project's 2-core machines, before the first row, on every execution (= every epoch);
-    V1 gives the first batch in ~0.3-0.5 s (measured, see docs/ingest.md).
+    ``ListFiles`` task that delays the first row of every epoch by seconds (docs/ingest.md).
     """
     import ray.data
 

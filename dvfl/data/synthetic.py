@@ -336,7 +336,7 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
     elif os.path.isdir(root) and os.listdir(root) and overwrite:
         raise ValueError(f"refusing to delete {root}: it does not hold a generated dataset")
     os.makedirs(root, exist_ok=True)
-    from .shards import atomic_write_bytes, atomic_write_json
+    from dvfl.storage import write_bytes as atomic_write_bytes, write_json as atomic_write_json
 
     atomic_write_json(info_path, want)
     jobs, train_lines, test_lines, truth = _plan(cfg)

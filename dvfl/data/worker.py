@@ -4,15 +4,13 @@ decord can block inside native code *holding the GIL*, so a thread-based or
 signal-based timeout in the same process cannot stop it. Each Ray decode actor
 therefore owns one long-lived child process (``_decode_child.py``) and talks to it
 through pipes; if a file takes longer than the limit, the child is SIGKILLed and a
-fresh one is started for the next file (cost measured: ~0.1-0.2 s, only paid after a
-kill). A crash of the child (segfault, abort) is reported as ``decoder_crash`` and
+fresh one is started for the next file (paid only after a kill). A crash of the child (segfault, abort) is reported as ``decoder_crash`` and
 also only costs a restart. A child SIGKILLed by someone else (the OOM killer's signal) gets the
 file once more in a fresh child, since the memory pressure may have come from elsewhere; killed
 again, the file is rejected as ``decoder_killed``. The child runs in a network namespace of its
 own where Linux allows it (``net_isolated``). The child is recycled when its resident memory passes
-``max_rss_mb`` (decord's native memory growth; measured flat at 48-56 MiB over 6,000 synthetic
-and 512 UCF-like files, one fresh reader per file) or after ``max_jobs`` files. A
-restart costs ~0.25 s of CPU, as much as decoding 100 tiny videos, so it is not done blindly.
+``max_rss_mb`` (decord's native memory growth) or after ``max_jobs`` files; not blindly, since a
+restart costs as much CPU as many tiny videos (docs/ingest.md, "Measurements behind code choices").
 """
 from __future__ import annotations
 

@@ -11,9 +11,7 @@ import pyarrow as pa
 import torch
 
 from dvfl.data.shards import parquet_file, shard_paths
-from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
-
-CROPS = {1: ("center",), 3: ("start", "center", "end")}
+from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize
 
 
 class ProtocolError(ValueError):

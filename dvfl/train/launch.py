@@ -4,6 +4,7 @@ Everything Ray-specific about running :func:`dvfl.train.loop.train_loop_per_work
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from dvfl.data.sampling import pool_videos
 from dvfl import storage
 from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
+from dvfl.train.loop_config import LoopConfig
 
 TRAIN_COLUMNS = VAL_COLUMNS
 
@@ -143,7 +145,7 @@ def check_enough_clips(data: TrainingData, num_workers: int, batch_size: int) ->
 
 
 def run_training(
-    loop_cfg: dict,
+    loop_cfg: LoopConfig,
     *,
     clips_dir: str,
     train_splits=("train",),
@@ -179,18 +181,18 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     if data is None:
-        data = training_data(clips_dir, seed=loop_cfg["seed"], train_splits=train_splits, val_split=val_split,
+        data = training_data(clips_dir, seed=loop_cfg.seed, train_splits=train_splits, val_split=val_split,
                              val_fraction=val_fraction, val_seed=val_seed, unlabeled_dir=unlabeled_dir,
                              materialize_below_mb=materialize_below_mb, label_fraction=label_fraction,
                              teacher_pool=teacher_pool, role=role)
-    check_enough_clips(data, scaling.num_workers, loop_cfg["optim"]["batch_size"])
-    loop_cfg = {**loop_cfg, "train_rows": data.train_rows, "threads_per_worker": threads_per_worker(scaling),
-                "run_name": name}
+    check_enough_clips(data, scaling.num_workers, loop_cfg.optim.batch_size)
+    loop_cfg = dataclasses.replace(loop_cfg, train_rows=data.train_rows, threads_per_worker=threads_per_worker(scaling),
+                                   run_name=name)
     # checkpoints on a URI go through our filesystem (the S3 endpoint of AWS_ENDPOINT_URL included)
     storage_path, storage_filesystem = storage.ray_storage(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config={"loop": loop_cfg},  # Ray Train wants a dict
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker,
                                                            **({"GPU": 1} if scaling.use_gpu else {}),
@@ -209,7 +211,7 @@ def run_training(
     return trainer.fit()
 
 
-def train_in_tune_trial(loop_cfg: dict, data: TrainingData, *, scaling: Scaling, name: str) -> None:
+def train_in_tune_trial(loop_cfg: LoopConfig, data: TrainingData, *, scaling: Scaling, name: str) -> None:
     """Run the loop in this Tune trial's own process (one worker: no DDP, no worker group);
     metrics and checkpoints go straight to Tune, which resumes the trial from its last one."""
     from dvfl.train.loop import run_loop
@@ -219,14 +221,14 @@ def train_in_tune_trial(loop_cfg: dict, data: TrainingData, *, scaling: Scaling,
 
     if scaling.num_workers != 1:
         raise ValueError(f"a trial trains in its own process only with one worker, got {scaling.num_workers}")
-    check_enough_clips(data, 1, loop_cfg["optim"]["batch_size"])
+    check_enough_clips(data, 1, loop_cfg.optim.batch_size)
     quiet_data_progress()
     # the loop prints one line per epoch; per-epoch INFO lines of Ray Data ("execution finished")
     # and of the checkpoint upload would bury it, as LoggingConfig keeps them out of Train workers
     for name_ in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name_).setLevel(logging.WARNING)
-    loop_cfg = {**loop_cfg, "train_rows": data.train_rows, "threads_per_worker": threads_per_worker(scaling),
-                "run_name": name}
+    loop_cfg = dataclasses.replace(loop_cfg, train_rows=data.train_rows, threads_per_worker=threads_per_worker(scaling),
+                                   run_name=name)
     run_loop(loop_cfg, TuneTrialSession({"train": data.train, "val": data.val}))
 
 
@@ -234,7 +236,7 @@ def train_in_tune_trial(loop_cfg: dict, data: TrainingData, *, scaling: Scaling,
 class RunnerRun:
     """One one-worker run for :func:`train_concurrently` (``run_dir``: its epoch states)."""
     name: str
-    loop: dict
+    loop: object  # dvfl.train.loop_config.LoopConfig
     data: TrainingData
     run_dir: str
 
@@ -249,7 +251,7 @@ class RunnerResult:
 class LoopRunner:
     """A long-lived process that trains runs one after another (torch imported once)."""
 
-    def run(self, loop_cfg: dict, datasets: dict, run_dir: str) -> None:
+    def run(self, loop_cfg, datasets: dict, run_dir: str) -> None:
         import logging
 
         from dvfl.train.loop import run_loop
@@ -273,7 +275,7 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
     if scaling.num_workers != 1:
         raise ValueError(f"concurrent runs are one-worker runs, got scaling.num_workers={scaling.num_workers}")
     for run in runs:
-        check_enough_clips(run.data, 1, run.loop["optim"]["batch_size"])
+        check_enough_clips(run.data, 1, run.loop.optim.batch_size)
     runner = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0,
                         resources=scaling.resources or None, max_restarts=0)(LoopRunner)
     threads = threads_per_worker(Scaling(num_workers=concurrent, use_gpu=scaling.use_gpu,
@@ -287,8 +289,8 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
                     actors.append(runner.remote())
                     idle.append(actors[-1])
                 run, actor = queue.pop(0), idle.pop()
-                loop = {**run.loop, "train_rows": run.data.train_rows, "threads_per_worker": threads,
-                        "run_name": run.name}
+                loop = dataclasses.replace(run.loop, train_rows=run.data.train_rows, threads_per_worker=threads,
+                                           run_name=run.name)
                 ref = actor.run.remote(loop, {"train": run.data.train, "val": run.data.val}, run.run_dir)
                 pending[ref] = (run, actor)
             [done], _ = ray.wait(list(pending), num_returns=1)

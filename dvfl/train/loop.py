@@ -1,9 +1,11 @@
 """The one training loop: teacher fine-tuning, the no-KD student (VFL-Net) and distillation.
 
-``train_loop_per_worker`` is plain PyTorch; Ray appears only at the edges (the dataset shard,
-the device, DDP wrapping, ``report`` and checkpoints). Which of the three jobs it does is data:
-``teacher.mode`` is ``"none"`` (cross-entropy only), ``"cached"`` (KD against logits from the
-teacher cache) or ``"online"`` (KD against a teacher running in the loop, the paper's way).
+:func:`run_loop` reads as set-up, resume, then per epoch: steps, end-of-epoch report. It is plain
+PyTorch; everything Ray (the dataset shard, the device, DDP wrapping, the object store,
+``report`` and checkpoints) goes through the ``session`` its host gives (:mod:`dvfl.train.session`).
+It is given a typed :class:`~dvfl.train.loop_config.LoopConfig`. Which of the three jobs it does
+is data: the teacher's mode is ``"none"`` (cross-entropy only), ``"cached"`` (KD against logits
+from the teacher cache) or ``"online"`` (KD against a teacher running in the loop, the paper's way).
 
 Augmentation and KD: a cached logit belongs to one view of one stored clip, so with a teacher
 the student sees exactly the cached views (a deterministic crop, optionally flipped, picked at
@@ -14,31 +16,26 @@ views ingest stores per video. Without a teacher, training uses random crops (an
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dvfl.artifacts import build_model
+from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 from dvfl.losses import distillation_loss
-from dvfl.train.clips import View, batch_arrays, make_clip_batch, normalize
+from dvfl.config import OptimSection
+from dvfl.models import build_model
+from dvfl.train.loop_config import LoopConfig, TeacherFeed
 
 STATE_FILE = "state.pt"
 VAL_COLUMNS = ["clip_id", "label", "frames", "num_frames", "height", "width"]
-
-
-def lever(optim: dict, name: str):
-    """A speed option of ``optim`` (cpu_amp, fused, temporal_impl); absent: the config's default."""
-    from dvfl.config import OptimSection
-
-    return optim[name] if name in optim else getattr(OptimSection(), name)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -58,24 +55,22 @@ def lr_schedule(step: int, total: int, warmup: int, base_lr: float, min_ratio: f
 
 
 class TeacherSignal:
-    """Where the teacher's logits come from: the cache (lookup) or a live model (forward)."""
+    """Where the teacher's logits come from: the cache (lookup) or a live model (forward).
+    ``fetch`` gets an object from the store (:func:`dvfl.train.session.fetch`)."""
 
-    def __init__(self, cfg: dict, device: torch.device):
-        import ray
-
-        self.mode = cfg["teacher"]["mode"]
-        self.views = [View.parse(v) for v in cfg["teacher"].get("views", ["center"])]
+    def __init__(self, feed: TeacherFeed, device: torch.device, fetch, temporal_impl: str = "conv1d"):
+        self.mode = feed.mode
+        self.views = [View.parse(v) for v in feed.views]
         self.forward_calls = 0
         if self.mode == "cached":
             from dvfl.teacher_cache import TeacherLogitCache
 
-            self.cache = TeacherLogitCache.from_packed(ray.get(cfg["teacher"]["cache_ref"][0]))
+            self.cache = TeacherLogitCache.from_packed(fetch(feed.cache_ref))
         elif self.mode == "online":
-            spec = cfg["teacher"]["spec"]
-            self.model = build_model(spec["name"], **spec["kwargs"])
-            self.model.load_state_dict(ray.get(cfg["teacher"]["state_ref"][0]), strict=True)
+            self.model = build_model(feed.model.name, **feed.model.kwargs)
+            self.model.load_state_dict(fetch(feed.state_ref), strict=True)
             self.model.eval().to(device)
-            set_temporal_impl(self.model, lever(cfg.get("optim", {}), "temporal_impl"))
+            set_temporal_impl(self.model, temporal_impl)
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
@@ -124,19 +119,18 @@ def amp_dtype(device: torch.device, mode: str, cpu_amp: bool = False) -> torch.d
     raise ValueError(f"optim.amp must be bf16, fp16 or off, got {mode!r}")
 
 
-def make_optimizer(model, optim: dict):
+def make_optimizer(model, optim: OptimSection):
     """AdamW (default) or SGD with Nesterov momentum (``optim.optimizer: sgd``, the official recipe);
     ``optim.fused``: one fused kernel over all parameters instead of a loop of small ops."""
     from timm.optim import create_optimizer_v2
 
-    name = optim.get("optimizer", "adamw")
-    fused = {"fused": True} if lever(optim, "fused") else {}
-    if name == "sgd":  # timm's "sgd" is Nesterov momentum
-        return create_optimizer_v2(model, "sgd", lr=optim["lr"], weight_decay=optim["weight_decay"],
-                                   momentum=optim.get("momentum", 0.9), **fused)
-    if name != "adamw":
-        raise ValueError(f"optim.optimizer must be adamw or sgd, got {name!r}")
-    return create_optimizer_v2(model, "adamw", lr=optim["lr"], weight_decay=optim["weight_decay"], **fused)
+    fused = {"fused": True} if optim.fused else {}
+    if optim.optimizer == "sgd":  # timm's "sgd" is Nesterov momentum
+        return create_optimizer_v2(model, "sgd", lr=optim.lr, weight_decay=optim.weight_decay,
+                                   momentum=optim.momentum, **fused)
+    if optim.optimizer != "adamw":
+        raise ValueError(f"optim.optimizer must be adamw or sgd, got {optim.optimizer!r}")
+    return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay, **fused)
 
 
 def set_temporal_impl(model, impl: str) -> None:
@@ -172,61 +166,6 @@ def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> di
     return {"val_top1": c1 / max(n, 1), "val_top5": c5 / max(n, 1), "val_loss": loss_sum / max(n, 1), "val_clips": n}
 
 
-def _maybe_inject_failure(cfg: dict, epoch: int, rank: int, world: int, reported_at: float) -> None:
-    """Test hook: the last rank dies once, mid-way through the epoch after ``fail_after_epoch``.
-
-    It waits a few seconds after the last report so that the controller has registered that
-    epoch's checkpoint: the point is to show recovery from it, not the loss of an unacknowledged one.
-    """
-    fail_after = cfg.get("fail_after_epoch")
-    if fail_after is None or epoch != fail_after or rank != world - 1 or os.path.exists(cfg["fail_marker"]):
-        return
-    time.sleep(max(0.0, 3.0 - (time.time() - reported_at)))
-    open(cfg["fail_marker"], "w").close()
-    os._exit(1)
-
-
-def _maybe_hold(cfg: dict, epoch: int, rank: int) -> None:
-    """Test hook: every rank pauses once, after the first step of the epoch after
-    ``hold_after_epoch``, until ``<hold_dir>/release`` (every run) or ``<hold_dir>/release-<run>``
-    (this run only) exists.
-
-    Each rank first writes ``<hold_dir>/held-rank<r>.json`` (its run, node id and pid), so that a
-    test can kill the node that hosts a given rank while training is provably mid-epoch, or let
-    some Tune trials go and keep another one provably unfinished. Workers restarted after
-    ``release`` exists do not pause again.
-    """
-    if cfg.get("hold_after_epoch") is None or epoch != cfg["hold_after_epoch"]:
-        return
-    run = cfg.get("run_name", "run")
-    releases = [os.path.join(cfg["hold_dir"], "release"), os.path.join(cfg["hold_dir"], f"release-{run}")]
-    if any(os.path.exists(r) for r in releases):
-        return
-    import ray
-
-    held = os.path.join(cfg["hold_dir"], f"held-rank{rank}.json")
-    with open(held + ".tmp", "w") as f:
-        json.dump({"rank": rank, "epoch": epoch + 1, "pid": os.getpid(), "run": run,
-                   "node_id": ray.get_runtime_context().get_node_id()}, f)
-    os.replace(held + ".tmp", held)
-    deadline = time.time() + float(cfg.get("hold_timeout_s", 600))
-    while not any(os.path.exists(r) for r in releases) and time.time() < deadline:
-        time.sleep(0.2)
-
-
-def _quiet_train_report_log() -> None:
-    """Ray Train 2.60 logs every report (all metrics, per rank) at INFO through a logger named
-    after its module file, outside the ``ray.train`` tree that ``LoggingConfig`` sets; the loop
-    prints its own line per epoch."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: leave its logging alone
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
 def epoch_line(label: str, m: dict, epochs: int) -> str:
     """The one terminal line per epoch (every metric also goes to the report and TensorBoard)."""
     kd = f" (ce {m['train_ce']:.3f}, kd {m['train_kd']:.3f})" if m.get("train_kd") else ""
@@ -241,12 +180,12 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _optimizer_step(model, optimizer, scaler, optim: dict, step: int, total_steps: int, warmup: int) -> int:
+def _optimizer_step(model, optimizer, scaler, optim: OptimSection, step: int, total_steps: int, warmup: int) -> int:
     for group in optimizer.param_groups:
-        group["lr"] = lr_schedule(step, total_steps, warmup, optim["lr"])
-    if optim.get("clip_grad"):
+        group["lr"] = lr_schedule(step, total_steps, warmup, optim.lr)
+    if optim.clip_grad:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim["clip_grad"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -289,171 +228,226 @@ class _TensorBoard:
                 shutil.rmtree(self.local, ignore_errors=True)
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Ray Train's entry point on every worker of the group."""
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker of the group (Ray hands it ``{"loop": LoopConfig}``)."""
     from dvfl.train.session import TrainWorkerSession
 
-    _quiet_train_report_log()
-    run_loop(cfg, TrainWorkerSession())
+    run_loop(config["loop"], TrainWorkerSession())
 
 
-def run_loop(cfg: dict, session) -> None:
+@dataclass
+class _Run:
+    """What set-up builds and every epoch uses; ``start_epoch``, ``step`` and ``history`` move on."""
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped on a worker group
+    raw_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    teacher: TeacherSignal | None
+    rng: np.random.Generator
+    total_steps: int
+    warmup: int
+    start_epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class _EpochStats:
+    loss: float = 0.0
+    ce: float = 0.0
+    kd: float = 0.0
+    batches: int = 0
+    seen: int = 0  # labelled clips
+    correct: int = 0
+    # labelled, unlabelled, ce_clips, mixed batches: the CE count comes from the loss itself, the
+    # others from the label column, so a loss that let an unlabelled clip into CE shows as ce_clips > labelled
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int64))
+    pending: int = 0  # batches whose gradients wait for the next optimizer step
+    teacher_wait: float = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
+
+
+class _Timed:
+    """An iterator that adds up the seconds spent waiting on ``next``."""
+
+    def __init__(self, iterable):
+        self._it, self.seconds = iter(iterable), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def run_loop(cfg: LoopConfig, session) -> None:
     """Train per ``cfg`` on the host ``session`` gives (:mod:`dvfl.train.session`): set up,
     resume, one pass per epoch, report with a checkpoint at the end of each epoch."""
-    rank, world, device = session.rank, session.world, session.device
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["threads_per_worker"])
-    amp = amp_dtype(device, cfg["optim"].get("amp", "bf16"), cpu_amp=lever(cfg["optim"], "cpu_amp"))
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    seed = cfg["seed"]
-    torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    rng = np.random.default_rng([seed, rank])
-
-    spec = cfg["model"]
-    model = build_model(spec["name"], **spec["kwargs"])
-    set_temporal_impl(model, lever(cfg["optim"], "temporal_impl"))
-    if cfg.get("init_state_ref"):
-        import ray
-
-        model.load_state_dict(ray.get(cfg["init_state_ref"][0]), strict=False)
-    model = session.prepare_model(model)
-    raw_model = model.module if hasattr(model, "module") else model
-    teacher = TeacherSignal(cfg, device) if cfg["teacher"]["mode"] != "none" else None
-    kd = cfg["kd"]
-    optim = cfg["optim"]
-    optimizer = make_optimizer(raw_model, optim)
-    accum = int(optim.get("accum_steps", 1))
-
-    batch_size = optim["batch_size"]
-    # one optimizer step per `accum` batches (the schedule counts optimizer steps)
-    steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / world / batch_size / accum))
-    total_steps = optim["epochs"] * steps_per_epoch
-    warmup = int(optim["warmup_frac"] * total_steps)
-    start_epoch, step, history = 0, 0, []
-    checkpoint = session.checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
-        if rank == 0:
-            _say(f"[{cfg.get('label', 'train')}] resumed from checkpoint after epoch {state['epoch'] + 1}")
-
-    writer = None
-    if rank == 0 and cfg.get("tensorboard_dir"):
-        writer = _TensorBoard(cfg["tensorboard_dir"])
-
+    run = set_up(cfg, session)
+    resume(run, session.checkpoint(), cfg.label)
+    writer = _TensorBoard(cfg.tensorboard_dir) if run.rank == 0 and cfg.tensorboard_dir else None
     train_shard = session.dataset("train")
-    val_data = session.dataset("val") if rank == 0 else None
-    crop_size, flip = cfg["crop_size"], cfg["flip"]
-
+    val_data = session.dataset("val") if run.rank == 0 else None
     reported_at = time.time()
-    for epoch in range(start_epoch, optim["epochs"]):
-        model.train()
+    for epoch in range(run.start_epoch, cfg.optim.epochs):
         started = time.time()
-        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-        seen = correct = batches = 0
-        # Clip accounting (issue 9): the CE count comes from the loss itself, the labelled and
-        # unlabelled counts from the label column, so a loss that let an unlabelled clip into
-        # CE would show up as ce_clips > labelled_clips in the reported metrics.
-        counts = torch.zeros(4, dtype=torch.int64)  # labelled, unlabelled, ce_clips, mixed batches
-        pending = 0  # batches whose gradients wait for the next optimizer step
-        batches_in = iter(train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                                   local_shuffle_buffer_size=cfg.get("shuffle_buffer", 256),
-                                                   local_shuffle_seed=seed * 1000 + epoch * world + rank))
-        data_wait = 0.0  # seconds this rank waited on Ray Data for its next batch
-        teacher_wait = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
-        while True:
-            waited = time.perf_counter()
-            table = next(batches_in, None)
-            data_wait += time.perf_counter() - waited
-            if table is None:
-                break
-            arrays, clip_ids, labels = batch_arrays(table)
-            if teacher is not None:
-                views = [teacher.views[i] for i in rng.integers(0, len(teacher.views), len(arrays))]
-            else:
-                views = [View("random", bool(flip and rng.random() < 0.5)) for _ in arrays]
-            x = normalize(make_clip_batch(arrays, crop_size, views, rng), device)
-            y = torch.from_numpy(labels).to(device)
-            # DDP: gradients are all-reduced only on the batch that completes an accumulation
-            sync = model.no_sync() if pending + 1 < accum and hasattr(model, "no_sync") else contextlib.nullcontext()
-            with sync:
-                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=bool(amp)):
-                    logits = model(x)
-                if teacher is not None:
-                    asked = time.perf_counter()
-                    teacher_logits = teacher.logits(clip_ids, views, x)
-                    teacher_wait += time.perf_counter() - asked
-                    out = distillation_loss(logits, teacher_logits, y,
-                                            alpha=kd["alpha"], temperature=kd["temperature"],
-                                            unlabeled_weight=kd.get("unlabeled_weight", 1.0),
-                                            label_smoothing=optim.get("label_smoothing", 0.0))
-                    loss, ce, kd_part, ce_clips = out.total, out.ce, out.kd, int(out.num_labelled)
-                else:
-                    if (labels < 0).any():
-                        raise ValueError("unlabelled clips reached a run without a teacher: CE needs labels")
-                    loss = ce = F.cross_entropy(logits.float(), y, label_smoothing=optim.get("label_smoothing", 0.0))
-                    kd_part, ce_clips = torch.zeros(()), len(labels)
-                scaler.scale(loss / accum).backward()
-            pending += 1
-            if pending == accum:
-                step = _optimizer_step(model, optimizer, scaler, optim, step, total_steps, warmup)
-                pending = 0
-            _maybe_inject_failure(cfg, epoch, rank, world, reported_at)
-            if batches == 0:
-                _maybe_hold(cfg, epoch, rank)
-            batches += 1
-            sums["loss"] += float(loss.detach())
-            sums["ce"] += float(ce.detach())
-            sums["kd"] += float(kd_part.detach())
-            labelled = labels >= 0
-            correct += int((logits.argmax(1).cpu().numpy() == labels)[labelled].sum())
-            seen += int(labelled.sum())
-            counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
-                                    int(labelled.any() and not labelled.all())])
+        batches = _Timed(train_shard.iter_batches(
+            batch_size=cfg.optim.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=cfg.shuffle_buffer,
+            local_shuffle_seed=cfg.seed * 1000 + epoch * run.world + run.rank))
+        stats = _EpochStats()
+        run.model.train()
+        for table in cfg.hooks.between_steps(batches, epoch=epoch, rank=run.rank, world=run.world,
+                                             run_name=cfg.run_name, reported_at=lambda: reported_at,
+                                             node_id=session.node_id):
+            train_step(run, cfg, table, stats)
         train_seconds = time.time() - started
-        if pending:  # the epoch's last, partial accumulation still counts
-            step = _optimizer_step(model, optimizer, scaler, optim, step, total_steps, warmup)
-        if batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
-            raise RuntimeError(f"epoch {epoch + 1}: rank {rank} of {world} got 0 training batches "
-                               f"(batch size {batch_size}): the training split is empty or too small")
-        if world > 1:
-            import torch.distributed as dist
-
-            reduced = counts.to(device)
-            dist.all_reduce(reduced)
-            counts = reduced.cpu()
-        metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": sums["loss"] / max(batches, 1), "train_ce": sums["ce"] / max(batches, 1),
-                   "train_kd": sums["kd"] / max(batches, 1), "train_top1": correct / max(seen, 1),
-                   "epoch_seconds": time.time() - started, "steps": step,
-                   # the share of this rank's training loop spent waiting for its next input batch
-                   "data_wait_fraction": data_wait / max(train_seconds, 1e-9),
-                   "labelled_clips": int(counts[0]), "unlabelled_clips": int(counts[1]),
-                   "ce_clips": int(counts[2]), "mixed_batches": int(counts[3])}
-        if teacher is not None:  # 0 from the cache: proof that a run never ran its teacher
-            metrics["teacher_forward_calls"] = teacher.forward_calls
-            metrics["teacher_fraction"] = teacher_wait / max(train_seconds, 1e-9)
-        # report() (default SYNC upload) copies the checkpoint into the run's storage before it
-        # returns, so the local copy is deleted right after it
-        with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.get("run_name", "run")))
-              if rank == 0 else contextlib.nullcontext()) as ckpt_dir:
-            if rank == 0:
-                val_started = time.time()
-                metrics.update(evaluate(raw_model, val_data, crop_size, batch_size, device, amp))
-                metrics["val_seconds"] = time.time() - val_started
-                history.append(metrics)
-                _save_state(ckpt_dir, raw_model, optimizer, epoch, step, history)
-                _say(epoch_line(cfg.get("label", "train"), metrics, optim["epochs"]))
-                if writer is not None:
-                    for k, v in metrics.items():
-                        if isinstance(v, (int, float)) and k != "epoch":
-                            writer.add_scalar(k, v, epoch + 1)
-                    writer.flush()
-            session.report(metrics, ckpt_dir)
+        if stats.pending:  # the epoch's last, partial accumulation still counts
+            run.step = _optimizer_step(run.model, run.optimizer, run.scaler, cfg.optim, run.step, run.total_steps,
+                                       run.warmup)
+        metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
+        end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
         reported_at = time.time()
     if writer is not None:
         writer.close()
+
+
+def set_up(cfg: LoopConfig, session) -> _Run:
+    """Threads, precision, seeds, the model (DDP-wrapped by the session), teacher, optimizer, schedule."""
+    rank, world, device = session.rank, session.world, session.device
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads_per_worker)
+    optim = cfg.optim
+    amp = amp_dtype(device, optim.amp, cpu_amp=optim.cpu_amp)
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    set_temporal_impl(model, optim.temporal_impl)
+    if cfg.init_state_ref:
+        model.load_state_dict(session.fetch(cfg.init_state_ref), strict=False)
+    model = session.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    teacher = (TeacherSignal(cfg.teacher, device, session.fetch, optim.temporal_impl)
+               if cfg.teacher.mode != "none" else None)
+    # one optimizer step per `accum_steps` batches (the schedule counts optimizer steps)
+    steps_per_epoch = max(1, math.ceil(cfg.train_rows / world / optim.batch_size / optim.accum_steps))
+    total_steps = optim.epochs * steps_per_epoch
+    return _Run(rank=rank, world=world, device=device, model=model, raw_model=raw_model,
+                optimizer=make_optimizer(raw_model, optim),
+                # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+                scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, teacher=teacher,
+                rng=np.random.default_rng([cfg.seed, rank]), total_steps=total_steps,
+                warmup=int(optim.warmup_frac * total_steps))
+
+
+def resume(run: _Run, checkpoint, label: str = "train") -> None:
+    """Weights, optimizer, epoch, step and history from the last reported checkpoint, if any."""
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]
+    if run.rank == 0:
+        _say(f"[{label}] resumed from checkpoint after epoch {state['epoch'] + 1}")
+
+
+def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
+    """One batch: views, forward, loss (KD or CE), backward; an optimizer step when the
+    accumulation completes; the epoch's sums."""
+    optim, device = cfg.optim, run.device
+    arrays, clip_ids, labels = batch_arrays(table)
+    if run.teacher is not None:
+        views = [run.teacher.views[i] for i in run.rng.integers(0, len(run.teacher.views), len(arrays))]
+    else:
+        views = [View("random", bool(cfg.flip and run.rng.random() < 0.5)) for _ in arrays]
+    x = normalize(make_clip_batch(arrays, cfg.crop_size, views, run.rng), device)
+    y = torch.from_numpy(labels).to(device)
+    # DDP: gradients are all-reduced only on the batch that completes an accumulation
+    last_of_accumulation = stats.pending + 1 >= optim.accum_steps
+    defer = not last_of_accumulation and hasattr(run.model, "no_sync")
+    sync = run.model.no_sync() if defer else contextlib.nullcontext()
+    with sync:
+        with torch.autocast(device.type, dtype=run.amp or torch.bfloat16, enabled=bool(run.amp)):
+            logits = run.model(x)
+        if run.teacher is not None:
+            asked = time.perf_counter()
+            teacher_logits = run.teacher.logits(clip_ids, views, x)
+            stats.teacher_wait += time.perf_counter() - asked
+            out = distillation_loss(logits, teacher_logits, y, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature,
+                                    unlabeled_weight=cfg.kd.unlabeled_weight, label_smoothing=optim.label_smoothing)
+            loss, ce, kd_part, ce_clips = out.total, out.ce, out.kd, int(out.num_labelled)
+        else:
+            if (labels < 0).any():
+                raise ValueError("unlabelled clips reached a run without a teacher: CE needs labels")
+            loss = ce = F.cross_entropy(logits.float(), y, label_smoothing=optim.label_smoothing)
+            kd_part, ce_clips = torch.zeros(()), len(labels)
+        run.scaler.scale(loss / optim.accum_steps).backward()
+    stats.pending += 1
+    if stats.pending == optim.accum_steps:
+        run.step = _optimizer_step(run.model, run.optimizer, run.scaler, optim, run.step, run.total_steps, run.warmup)
+        stats.pending = 0
+    stats.batches += 1
+    stats.loss += float(loss.detach())
+    stats.ce += float(ce.detach())
+    stats.kd += float(kd_part.detach())
+    labelled = labels >= 0
+    stats.correct += int((logits.argmax(1).cpu().numpy() == labels)[labelled].sum())
+    stats.seen += int(labelled.sum())
+    stats.counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
+                                  int(labelled.any() and not labelled.all())])
+
+
+def epoch_metrics(run: _Run, cfg: LoopConfig, stats: _EpochStats, epoch: int, started: float,
+                  train_seconds: float, data_wait: float) -> dict:
+    """The epoch's training metrics, clip counts summed over the ranks."""
+    if stats.batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
+        raise RuntimeError(f"epoch {epoch + 1}: rank {run.rank} of {run.world} got 0 training batches "
+                           f"(batch size {cfg.optim.batch_size}): the training split is empty or too small")
+    counts = stats.counts
+    if run.world > 1:
+        import torch.distributed as dist
+
+        reduced = counts.to(run.device)
+        dist.all_reduce(reduced)
+        counts = reduced.cpu()
+    n = stats.batches
+    metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+               "train_loss": stats.loss / n, "train_ce": stats.ce / n, "train_kd": stats.kd / n,
+               "train_top1": stats.correct / max(stats.seen, 1),
+               "epoch_seconds": time.time() - started, "steps": run.step,
+               # the share of this rank's training loop spent waiting for its next input batch
+               "data_wait_fraction": data_wait / max(train_seconds, 1e-9),
+               "labelled_clips": int(counts[0]), "unlabelled_clips": int(counts[1]),
+               "ce_clips": int(counts[2]), "mixed_batches": int(counts[3])}
+    if run.teacher is not None:  # 0 from the cache: proof that a run never ran its teacher
+        metrics["teacher_forward_calls"] = run.teacher.forward_calls
+        metrics["teacher_fraction"] = stats.teacher_wait / max(train_seconds, 1e-9)
+    return metrics
+
+
+def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict, val_data, writer) -> None:
+    """Rank 0 validates, saves the checkpoint and prints the epoch's line; every rank reports."""
+    # report() (default SYNC upload) copies the checkpoint into the run's storage before it
+    # returns, so the local copy is deleted right after it
+    with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.run_name))
+          if run.rank == 0 else contextlib.nullcontext()) as ckpt_dir:
+        if run.rank == 0:
+            val_started = time.time()
+            metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp))
+            metrics["val_seconds"] = time.time() - val_started
+            run.history.append(metrics)
+            _save_state(ckpt_dir, run.raw_model, run.optimizer, epoch, run.step, run.history)
+            _say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
+            if writer is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+        session.report(metrics, ckpt_dir)

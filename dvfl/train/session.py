@@ -12,13 +12,45 @@ from __future__ import annotations
 import torch
 
 
-class TrainWorkerSession:
+def fetch(ref: list):
+    """The object a one-element reference list names (see :mod:`dvfl.train.loop_config`)."""
+    import ray
+
+    return ray.get(ref[0])
+
+
+class _RaySession:
+    """What both hosts share: the object store and the node."""
+
+    fetch = staticmethod(fetch)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def _quiet_train_report_log() -> None:
+    """Ray Train 2.60 logs every report (all metrics, per rank) at INFO through a logger named
+    after its module file, outside the ``ray.train`` tree that ``LoggingConfig`` sets; the loop
+    prints its own line per epoch."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: leave its logging alone
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+class TrainWorkerSession(_RaySession):
     """A rank of a Ray Train worker group: DDP, dataset shards and checkpoints through ``ray.train``."""
 
     def __init__(self):
         import ray.train
         import ray.train.torch
 
+        _quiet_train_report_log()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -46,7 +78,7 @@ class TrainWorkerSession:
                          if checkpoint_dir else None)
 
 
-class TuneTrialSession:
+class TuneTrialSession(_RaySession):
     """The Tune trial's own process as the only worker: datasets given, metrics and checkpoints
     straight to Tune (``tune.report`` persists the checkpoint before it returns)."""
 
@@ -75,7 +107,7 @@ class TuneTrialSession:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
-class RunnerSession:
+class RunnerSession(_RaySession):
     """A one-worker run in a long-lived runner actor (:func:`dvfl.train.launch.train_concurrently`):
     datasets given, each epoch's state written to ``run_dir`` (a local path or URI) as one file,
     the newest resumed; the older ones are removed once a newer one is written."""

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from dvfl.config import RunConfig
-from dvfl.data.shards import atomic_write_text
+from dvfl import storage
 from dvfl.tune.search_config import TuneConfig, apply_params, experiment_dir, flatten, plain_value
 from dvfl.tune.trial import TRIALS_DIR
 
@@ -20,17 +20,14 @@ _COST: dict = {}
 def student_cost(cfg: RunConfig, num_classes: int) -> dict:
     """GMACs per clip, parameters and width of the student a config trains (cached per model)."""
     from dvfl.pipeline import model_kwargs
-    from dvfl.profile import build_model, count_flops, count_params
+    from dvfl.models import build_model
+    from dvfl.profile import count_flops, count_params
 
     kwargs = model_kwargs(cfg.student, num_classes, cfg)
     key = json.dumps([cfg.student.model, kwargs], sort_keys=True)
     if key not in _COST:
-        extra = {k: v for k, v in kwargs.items() if k not in ("num_classes", "num_frames", "img_size", "embed_dim",
-                                                              "drop_path_rate")}
-        common = dict(num_classes=num_classes, frames=cfg.data.frames, size=cfg.crop_size,
-                      embed_dim=kwargs.get("embed_dim"), **extra)
-        model = build_model(cfg.student.model, device="meta", **common)
-        _COST[key] = {"gmacs": count_flops(cfg.student.model, **common)["gmacs_per_clip"],
+        model = build_model(cfg.student.model, device="meta", **kwargs)
+        _COST[key] = {"gmacs": count_flops(cfg.student.model, **kwargs)["gmacs_per_clip"],
                       "params": count_params(model)["params"], "width": int(getattr(model, "embed_dim", 0)) or None}
     return _COST[key]
 
@@ -174,7 +171,6 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
                   log=print) -> dict:
     """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory."""
     from dvfl.config import dump_config
-    from dvfl.data.shards import atomic_write_json
 
     front = pareto_front(rows)
     for i, r in enumerate(rows):
@@ -193,13 +189,13 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
         "best_config": str(exp / BEST_CONFIG) if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
-    atomic_write_json(exp / RESULTS_JSON, summary)
+    storage.write_json(exp / RESULTS_JSON, summary)
     md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (ASHA on {t.metric} per epoch: "
           f"{summary['stopped_early']} of {len(rows)} stopped early; {summary['errors']} errored; "
           f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
-    atomic_write_text(exp / RESULTS_MD, md)
+    storage.write_text(exp / RESULTS_MD, md)
     plot_pareto(rows, front, exp / PARETO_PNG, f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
     if best:
         dump_config(apply_params(cfg, best["params_searched"]), exp / BEST_CONFIG)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from dvfl.config import ConfigError, RunConfig
-from dvfl.data.shards import atomic_write_text
+from dvfl import storage
 from dvfl.tune.report import collect_trials, report_errors, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
 from dvfl.tune.search_config import TuneConfig, experiment_dir, param_space
@@ -80,7 +80,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             raise ConfigError(f"{exp} holds a different search (its search config, run config, clips or teacher "
                               "changed): pick another tune.experiment, or --fresh to discard it")
     exp.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(search_file, json.dumps(fp, indent=1, default=str))
+    storage.write_text(search_file, json.dumps(fp, indent=1, default=str))
 
     setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
              "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from dvfl.config import RunConfig
-from dvfl.data.shards import atomic_write_text
+from dvfl import storage
 from dvfl.tune.search_config import TuneConfig, apply_params, flatten
 
 
@@ -51,14 +51,14 @@ def trial_driver(params: dict, setup: dict) -> None:
     in_process = setup.get("data") is not None
     record = {"trial_id": trial_id, "params": flatten(params), "train_run": None if in_process else name,
               "in_process": in_process, "pid": os.getpid(),
-              "teacher_mode": loop["teacher"]["mode"], "teacher_model_shipped": "state_ref" in loop["teacher"],
+              "teacher_mode": loop.teacher.mode, "teacher_model_shipped": loop.teacher.state_ref is not None,
               "starts": []}
     path = Path(setup["records"], f"{trial_id}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():  # one entry per start: a trial restarted after an interruption has two
         record["starts"] = json.loads(path.read_text()).get("starts", [])
     record["starts"].append(time.time())
-    atomic_write_text(path, json.dumps(record, indent=1))
+    storage.write_text(path, json.dumps(record, indent=1))
     result = pipeline.launch_training(
         cfg, loop, role="dvfl+unlabeled" if kd and setup["unlabeled"] else "dvfl" if kd else "vfl", name=name,
         storage_path=setup["train_storage"], unlabeled_dir=cfg.unlabeled_dir if kd and setup["unlabeled"] else None,

@@ -75,7 +75,8 @@ def run(out: str, result: dict) -> None:
     from ray.cluster_utils import Cluster
 
     from dvfl import pipeline
-    from dvfl.artifacts import build_model, save_model
+    from dvfl.artifacts import save_model
+    from dvfl.models import build_model
     from dvfl.data.shards import load_dataset_info
 
     cfg = tiny_config(out)

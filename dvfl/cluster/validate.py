@@ -56,7 +56,7 @@ import yaml
 # The private Ray helpers used below were read in, and verified against, this exact release.
 PINNED_RAY_VERSION = "2.60.0"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # CI runs on a clean clone with a copy of shared/ beside it: <root>/../shared/reference/...
 DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "reference" / "kuberay-crd-v1.7.0"
 CRD_DIR_ENV = "DVFL_KUBERAY_CRD_DIR"
@@ -88,7 +88,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def _where(path: Iterable[Any]) -> str:
+def _path_text(path: Iterable[Any]) -> str:
+    """``("spec", "workerGroupSpecs", 0)`` -> ``spec.workerGroupSpecs[0]``."""
     out = ""
     for part in path:
         if isinstance(part, int):
@@ -98,8 +99,8 @@ def _where(path: Iterable[Any]) -> str:
     return out or "<root>"
 
 
-def _err(layer: str, path: Iterable[Any], message: str) -> str:
-    return f"[{layer}] {_where(path)}: {message}"
+def _error_line(layer: str, path: Iterable[Any], message: str) -> str:
+    return f"[{layer}] {_path_text(path)}: {message}"
 
 
 def _require_pinned_ray() -> None:
@@ -107,22 +108,23 @@ def _require_pinned_ray() -> None:
 
     if ray.__version__ != PINNED_RAY_VERSION:
         raise RuntimeError(
-            f"dvfl.cluster_validation uses private ray {PINNED_RAY_VERSION} helpers "
+            f"dvfl.cluster.validate uses private ray {PINNED_RAY_VERSION} helpers "
             f"(prepare_config/validate_config, the KubeRay autoscaling translation) but ray "
             f"{ray.__version__} is installed; re-check those helpers and update PINNED_RAY_VERSION"
         )
 
 
-def _d(value: Any) -> dict:
+def _as_mapping(value: Any) -> dict:
     """``value`` if it is a mapping, else ``{}``: policy checks read broken configs too."""
     return value if isinstance(value, dict) else {}
 
 
-def _l(value: Any) -> list:
+def _as_list(value: Any) -> list:
+    """``value`` if it is a list, else ``[]``."""
     return value if isinstance(value, list) else []
 
 
-def _in(value: Any, names: Any) -> bool:
+def _is_name_in(value: Any, names: Any) -> bool:
     """``value in names`` for string sets, False for anything unhashable or not a string."""
     return isinstance(value, str) and value in names
 
@@ -155,9 +157,9 @@ def _jsonschema_errors(
             ]
             if extra:
                 for k in extra:
-                    out.append(_err(layer, path + (k,), "unknown field (not in the schema)"))
+                    out.append(_error_line(layer, path + (k,), "unknown field (not in the schema)"))
                 continue
-        out.append(_err(layer, path, e.message))
+        out.append(_error_line(layer, path, e.message))
     return out
 
 
@@ -213,7 +215,7 @@ def credential_errors(obj: Any, base: tuple = ()) -> list[str]:
         elif isinstance(node, str):
             for pattern, what in _SECRET_VALUE_PATTERNS:
                 if pattern.search(node):
-                    out.append(_err("policy", path, f"looks like {what}; credentials never go in these files"))
+                    out.append(_error_line("policy", path, f"looks like {what}; credentials never go in these files"))
                     return
             if (
                 key
@@ -223,7 +225,7 @@ def credential_errors(obj: Any, base: tuple = ()) -> list[str]:
                 and not _looks_like_path(node)
             ):
                 out.append(
-                    _err("policy", path, f"a literal value for the credential-like key {key!r}; "
+                    _error_line("policy", path, f"a literal value for the credential-like key {key!r}; "
                          "use the cloud's identity (instance profile / service account) or a "
                          "Kubernetes Secret reference")
                 )
@@ -237,13 +239,13 @@ def _roles_errors(layer: str, node_types: dict[str, dict], head: str, where: tup
     (teacher inference, training), each able to scale out."""
     cpu = gpu = False
     out = []
-    for name, nt in _d(node_types).items():
+    for name, nt in _as_mapping(node_types).items():
         if name == head or not isinstance(nt, dict):
             continue
-        res = _d(nt.get("resources"))
+        res = _as_mapping(nt.get("resources"))
         lo, hi = nt.get("min_workers", 0), nt.get("max_workers", 0)
         if _is_plain_int(lo) and _is_plain_int(hi) and lo > hi:
-            out.append(_err(layer, where + (name,), f"min workers {lo} > max workers {hi}"))
+            out.append(_error_line(layer, where + (name,), f"min workers {lo} > max workers {hi}"))
         if not (_is_plain_int(hi) and hi >= 1):
             continue
         gpus, cpus = res.get("GPU") or 0, res.get("CPU") or 0
@@ -252,10 +254,10 @@ def _roles_errors(layer: str, node_types: dict[str, dict], head: str, where: tup
         elif isinstance(cpus, (int, float)) and cpus > 0:
             cpu = True
     if not cpu:
-        out.append(_err(layer, where, "no CPU-only worker type that can scale out (max >= 1), "
+        out.append(_error_line(layer, where, "no CPU-only worker type that can scale out (max >= 1), "
                         "needed for video decoding / ingest"))
     if not gpu:
-        out.append(_err(layer, where, "no GPU worker type that can scale out (max >= 1), "
+        out.append(_error_line(layer, where, "no GPU worker type that can scale out (max >= 1), "
                         "needed for teacher inference and training"))
     return out
 
@@ -286,13 +288,13 @@ _DASHBOARD_HOST = re.compile(r"--dashboard-host(?:=|\s+)(['\"]?)([^\s'\";]+)\1")
 
 def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
     out = []
-    for i, cmd in enumerate(_l(commands)):
+    for i, cmd in enumerate(_as_list(commands)):
         if not isinstance(cmd, str):
             continue
         for m in _DASHBOARD_HOST.finditer(cmd):
             host = m.group(2)
             if host not in LOOPBACK_HOSTS:
-                out.append(_err("policy", where + (i,), f"--dashboard-host={host}: the dashboard and "
+                out.append(_error_line("policy", where + (i,), f"--dashboard-host={host}: the dashboard and "
                                 "job server must bind to loopback (127.0.0.1) and be reached through "
                                 "`ray dashboard` port-forwarding"))
     return out
@@ -303,9 +305,9 @@ def _auth_errors(prepared: dict) -> list[str]:
     accepts any job or Ray Client connection that reaches its ports."""
     out = []
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        for i, cmd in enumerate(_l(prepared.get(key))):
+        for i, cmd in enumerate(_as_list(prepared.get(key))):
             if isinstance(cmd, str) and "ray start" in cmd and not re.search(r"RAY_AUTH_MODE=['\"]?token", cmd):
-                out.append(_err("policy", (key, i), "`ray start` without token authentication: "
+                out.append(_error_line("policy", (key, i), "`ray start` without token authentication: "
                                 "prefix it with `export RAY_AUTH_MODE=token;` (the token file comes "
                                 "from file_mounts, never inline)"))
     return out
@@ -326,25 +328,25 @@ def _ray_ports_in(rule: dict) -> list[int]:
 
 def _security_group_errors(config: dict) -> list[str]:
     out = []
-    sg = _d(_d(config.get("provider")).get("security_group"))
-    for i, rule in enumerate(_l(sg.get("IpPermissions"))):
+    sg = _as_mapping(_as_mapping(config.get("provider")).get("security_group"))
+    for i, rule in enumerate(_as_list(sg.get("IpPermissions"))):
         if not isinstance(rule, dict):
             continue
-        cidrs = [r.get("CidrIp") for r in _l(rule.get("IpRanges")) if isinstance(r, dict)]
-        cidrs += [r.get("CidrIpv6") for r in _l(rule.get("Ipv6Ranges")) if isinstance(r, dict)]
+        cidrs = [r.get("CidrIp") for r in _as_list(rule.get("IpRanges")) if isinstance(r, dict)]
+        cidrs += [r.get("CidrIpv6") for r in _as_list(rule.get("Ipv6Ranges")) if isinstance(r, dict)]
         if not WORLD_CIDRS.intersection(cidrs):
             # a network range (the VPC, an office): still not the cluster's own nodes, which reach
             # each other through the group's self rule that `ray up` adds
             exposed = _ray_ports_in(rule)
             if cidrs and exposed:
-                out.append(_err("policy", ("provider", "security_group", "IpPermissions", i),
+                out.append(_error_line("policy", ("provider", "security_group", "IpPermissions", i),
                                 f"opens Ray port(s) {', '.join(map(str, exposed))} to {', '.join(map(str, cidrs))}; "
                                 "only the cluster's own nodes (the group itself) may reach the GCS, Ray "
                                 "Client and dashboard ports"))
             continue
         ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
         if not ssh_only:
-            out.append(_err("policy", ("provider", "security_group", "IpPermissions", i),
+            out.append(_error_line("policy", ("provider", "security_group", "IpPermissions", i),
                             f"opens ports {rule.get('FromPort')}-{rule.get('ToPort')}/"
                             f"{rule.get('IpProtocol')} to the world; only SSH (22) may be reachable "
                             "from outside (dashboard via `ray dashboard`)"))
@@ -358,14 +360,14 @@ _NODE_CONFIG_REQUIRED = {"aws": ("InstanceType",), "gcp": ("machineType",)}
 
 def _node_config_errors(raw: dict) -> list[str]:
     out = []
-    ptype = _d(raw.get("provider")).get("type")
+    ptype = _as_mapping(raw.get("provider")).get("type")
     required = _NODE_CONFIG_REQUIRED.get(ptype, ()) if isinstance(ptype, str) else ()
-    for name, nt in _d(raw.get("available_node_types")).items():
-        node_config = _d(_d(nt).get("node_config"))
+    for name, nt in _as_mapping(raw.get("available_node_types")).items():
+        node_config = _as_mapping(_as_mapping(nt).get("node_config"))
         for key in required:
             value = node_config.get(key)
             if not (isinstance(value, str) and value.strip()):
-                out.append(_err("policy", ("available_node_types", name, "node_config", key),
+                out.append(_error_line("policy", ("available_node_types", name, "node_config", key),
                                 f"{value!r}: the instance type must be a non-empty string"))
     return out
 
@@ -373,14 +375,14 @@ def _node_config_errors(raw: dict) -> list[str]:
 def _install_errors(prepared: dict) -> list[str]:
     """The nodes must install this package: a `pip install` of the path the working copy ('.') is
     mounted at (or of a dvfl archive/URL), on the head and on the workers."""
-    mounts = [remote for remote, local in _d(prepared.get("file_mounts")).items()
+    mounts = [remote for remote, local in _as_mapping(prepared.get("file_mounts")).items()
               if isinstance(local, str) and os.path.normpath(local) == "."]
     out = []
     for key in ("head_setup_commands", "worker_setup_commands"):
-        cmds = [c for c in _l(prepared.get(key)) if isinstance(c, str) and "pip install" in c]
+        cmds = [c for c in _as_list(prepared.get(key)) if isinstance(c, str) and "pip install" in c]
         ok = any(any(m.rstrip("/") in c for m in mounts) or "dvfl" in c for c in cmds)
         if not ok:
-            out.append(_err("policy", ("setup_commands",), f"no {key.split('_')[0]} setup command "
+            out.append(_error_line("policy", ("setup_commands",), f"no {key.split('_')[0]} setup command "
                             "installs this package (pip install -e <where file_mounts puts '.'>)"))
     return out
 
@@ -388,13 +390,13 @@ def _install_errors(prepared: dict) -> list[str]:
 def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
     out: list[str] = []
     node_types = raw.get("available_node_types") or {}
-    for name, nt in _d(node_types).items():
-        res = _d(nt).get("resources")
+    for name, nt in _as_mapping(node_types).items():
+        res = _as_mapping(nt).get("resources")
         if not isinstance(res, dict):
             continue
         for rname, value in res.items():
             if not _is_plain_int(value) or value < 0:
-                out.append(_err("policy", ("available_node_types", name, "resources", rname),
+                out.append(_error_line("policy", ("available_node_types", name, "resources", rname),
                                 f"{value!r} ({type(value).__name__}): node resources must be "
                                 "non-negative integers"))
     # The dashboard check runs on the prepared config: commands inherited from Ray's provider
@@ -407,8 +409,8 @@ def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
     out += _auth_errors(cfg)
     out += _security_group_errors(raw)
     out += _node_config_errors(raw)
-    if _d(raw.get("provider")).get("gcp_credentials"):
-        out.append(_err("policy", ("provider", "gcp_credentials"),
+    if _as_mapping(raw.get("provider")).get("gcp_credentials"):
+        out.append(_error_line("policy", ("provider", "gcp_credentials"),
                         "inline GCP credentials; use Application Default Credentials"))
     out += credential_errors(raw)
     if prepared is not None:
@@ -422,7 +424,7 @@ def validate_launcher_config(config: Any) -> list[str]:
     """Errors of a Ray cluster launcher config (a dict from the YAML); ``[]`` when valid."""
     _require_pinned_ray()
     if not isinstance(config, dict):
-        return [_err("schema", (), f"a launcher config is a mapping, got {type(config).__name__}")]
+        return [_error_line("schema", (), f"a launcher config is a mapping, got {type(config).__name__}")]
     errors = _jsonschema_errors("schema", _launcher_validator(), config)
 
     prepared = None
@@ -433,7 +435,7 @@ def validate_launcher_config(config: Any) -> list[str]:
         if ptype in ("local", "kuberay", "external", "readonly"):
             # prepare_config short-circuits (kuberay), rewrites node lists (local) or imports a
             # user module (external): none of them is a launcher config for this project.
-            errors.append(_err("ray", ("provider", "type"), f"{ptype!r} is not a cloud launcher "
+            errors.append(_error_line("ray", ("provider", "type"), f"{ptype!r} is not a cloud launcher "
                                "provider (expected aws, gcp, azure, ...)"))
         else:
             try:
@@ -442,7 +444,7 @@ def validate_launcher_config(config: Any) -> list[str]:
             except Exception as e:  # jsonschema.ValidationError, ValueError, AssertionError, ...
                 msg = getattr(e, "message", None) or str(e) or type(e).__name__
                 path = tuple(getattr(e, "absolute_path", ()) or ())
-                errors.append(_err("ray", path, f"{type(e).__name__}: {msg}"))
+                errors.append(_error_line("ray", path, f"{type(e).__name__}: {msg}"))
                 prepared = None
     return errors + _launcher_policy_errors(config, prepared)
 
@@ -609,7 +611,7 @@ def _list_key_errors(schema: dict, inst: Any, path: tuple, out: list[str]) -> No
             if kind == "map" and isinstance(item, dict):
                 keys = schema.get("x-kubernetes-list-map-keys") or []
                 values = [
-                    item.get(k, _d(_d(items.get("properties")).get(k)).get("default")) for k in keys
+                    item.get(k, _as_mapping(_as_mapping(items.get("properties")).get(k)).get("default")) for k in keys
                 ]
                 ident = json.dumps(values, sort_keys=True, default=str)
                 label = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
@@ -620,7 +622,8 @@ def _list_key_errors(schema: dict, inst: Any, path: tuple, out: list[str]) -> No
                 ident = None
             if ident is not None:
                 if ident in seen:
-                    out.append(_err("crd", path + (i,), f"duplicate list entry ({label}), also at [{seen[ident]}]"))
+                    out.append(_error_line("crd", path + (i,),
+                                           f"duplicate list entry ({label}), also at [{seen[ident]}]"))
                 else:
                     seen[ident] = i
             _list_key_errors(items, item, path + (i,), out)
@@ -644,7 +647,7 @@ def _translate(doc: dict, spec: dict) -> dict:
         _derive_autoscaling_config_from_ray_cr,
     )
 
-    meta = _d(doc.get("metadata"))
+    meta = _as_mapping(doc.get("metadata"))
     cr = {
         "apiVersion": f"{KUBERAY_GROUP}/{KUBERAY_VERSION}",
         "kind": "RayCluster",
@@ -661,18 +664,18 @@ def _translation_errors(doc: dict, where: tuple, spec: dict) -> tuple[dict | Non
         key = e.args[0] if e.args else "?"
         groups = [
             (where + ("workerGroupSpecs", i), g)
-            for i, g in enumerate(_l(spec.get("workerGroupSpecs")))
+            for i, g in enumerate(_as_list(spec.get("workerGroupSpecs")))
             if isinstance(g, dict)
         ]
         if isinstance(spec.get("headGroupSpec"), dict):  # the head needs no replica fields
             groups.append((where + ("headGroupSpec",), spec["headGroupSpec"]))
         missing = [p for p, g in groups if key not in g] or [where]
-        return None, [_err("ray-kuberay", p, f"Ray's autoscaling translation (the node types the "
+        return None, [_error_line("ray-kuberay", p, f"Ray's autoscaling translation (the node types the "
                            f"in-tree autoscaler builds) fails: KeyError {key!r}, a field it needs "
                            "is missing") for p in missing[:1]]
     except Exception as e:  # ValueError (no CPU count), jsonschema.ValidationError, ...
         msg = getattr(e, "message", None) or str(e) or type(e).__name__
-        return None, [_err("ray-kuberay", where, f"{type(e).__name__}: {msg}")]
+        return None, [_error_line("ray-kuberay", where, f"{type(e).__name__}: {msg}")]
 
 
 _K8S_INT_QUANTITY = re.compile(r"^\+?[0-9]+$")
@@ -686,27 +689,27 @@ def _whole_quantity_errors(value: Any, path: tuple, what: str) -> list[str]:
     try:
         q = kuberay_utils.parse_quantity(str(value))
     except Exception:
-        return [_err("policy", path, f"{value!r} is not a Kubernetes quantity")]
+        return [_error_line("policy", path, f"{value!r} is not a Kubernetes quantity")]
     if q != q.to_integral_value() or q < 0:
-        return [_err("policy", path, f"{what} {value!r} is not a whole number; Ray's autoscaler rounds "
+        return [_error_line("policy", path, f"{what} {value!r} is not a whole number; Ray's autoscaler rounds "
                      "it up, so it would plan with more than the node has")]
     return []
 
 
 def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_head: bool) -> list[str]:
     out: list[str] = []
-    params = _d(group.get("rayStartParams"))
+    params = _as_mapping(group.get("rayStartParams"))
     for key in ("num-cpus", "num-gpus"):
         if key in params and not (isinstance(params[key], str) and _K8S_INT_QUANTITY.match(params[key])):
-            out.append(_err("policy", where + ("rayStartParams", key),
+            out.append(_error_line("policy", where + ("rayStartParams", key),
                             f"{params[key]!r}: must be a string holding a non-negative integer"))
-    for rname, value in _d(group.get("resources")).items():
+    for rname, value in _as_mapping(group.get("resources")).items():
         if rname != "memory":
             out += _whole_quantity_errors(value, where + ("resources", rname), f"resource {rname}")
-    containers = _l(_d(_d(group.get("template")).get("spec")).get("containers"))
+    containers = _as_list(_as_mapping(_as_mapping(group.get("template")).get("spec")).get("containers"))
     if containers and isinstance(containers[0], dict):  # the Ray container is the first one
         for section in ("limits", "requests"):
-            for rname, value in _d(_d(containers[0].get("resources")).get(section)).items():
+            for rname, value in _as_mapping(_as_mapping(containers[0].get("resources")).get(section)).items():
                 if rname == "cpu" or rname.endswith("gpu"):
                     out += _whole_quantity_errors(
                         value,
@@ -714,44 +717,44 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
                         f"{rname} {section}",
                     )
     for i, c in enumerate(containers):
-        image = _d(c).get("image")
+        image = _as_mapping(c).get("image")
         if isinstance(image, str) and image.split(":")[0].endswith("rayproject/ray"):
             tag = image.split(":", 1)[1] if ":" in image else "latest"
             if not tag.startswith(PINNED_RAY_VERSION):
-                out.append(_err("policy", where + ("template", "spec", "containers", i, "image"),
+                out.append(_error_line("policy", where + ("template", "spec", "containers", i, "image"),
                                 f"{image}: Ray image must be {PINNED_RAY_VERSION} (the version the "
                                 "project and this validator pin)"))
     if is_head:
         host = params.get("dashboard-host")
         if host is None and kind == "RayCluster":
-            out.append(_err("policy", where + ("rayStartParams",), "no dashboard-host: KubeRay then binds "
+            out.append(_error_line("policy", where + ("rayStartParams",), "no dashboard-host: KubeRay then binds "
                             "the dashboard to 0.0.0.0; set dashboard-host: \"127.0.0.1\" and use "
                             "kubectl port-forward"))
-        elif host is not None and not _in(host, LOOPBACK_HOSTS) and kind != "RayJob":
-            out.append(_err("policy", where + ("rayStartParams", "dashboard-host"),
+        elif host is not None and not _is_name_in(host, LOOPBACK_HOSTS) and kind != "RayJob":
+            out.append(_error_line("policy", where + ("rayStartParams", "dashboard-host"),
                             f"{host}: the dashboard must bind to loopback (127.0.0.1) and be reached "
                             "with kubectl port-forward (only a RayJob, whose operator must reach the "
                             "job server, may bind the pod's interfaces behind a ClusterIP Service)"))
         stype = group.get("serviceType")
-        if _in(stype, EXPOSED_SERVICE_TYPES):
-            out.append(_err("policy", where + ("serviceType",), f"{stype} exposes the dashboard, GCS and "
+        if _is_name_in(stype, EXPOSED_SERVICE_TYPES):
+            out.append(_error_line("policy", where + ("serviceType",), f"{stype} exposes the dashboard, GCS and "
                             "Ray client ports outside the cluster; use ClusterIP + port-forward"))
-        svc_type = _d(_d(group.get("headService")).get("spec")).get("type")
-        if _in(svc_type, EXPOSED_SERVICE_TYPES):
-            out.append(_err("policy", where + ("headService", "spec", "type"), f"{svc_type} exposes the "
+        svc_type = _as_mapping(_as_mapping(group.get("headService")).get("spec")).get("type")
+        if _is_name_in(svc_type, EXPOSED_SERVICE_TYPES):
+            out.append(_error_line("policy", where + ("headService", "spec", "type"), f"{svc_type} exposes the "
                             "head outside the cluster; use ClusterIP + port-forward"))
         if group.get("enableIngress") is True:
-            out.append(_err("policy", where + ("enableIngress",), "an Ingress exposes the dashboard; "
+            out.append(_error_line("policy", where + ("enableIngress",), "an Ingress exposes the dashboard; "
                             "use kubectl port-forward"))
     else:
         lo, hi = group.get("minReplicas"), group.get("maxReplicas")
         if _is_plain_int(lo) and _is_plain_int(hi) and lo > hi:
-            out.append(_err("policy", where, f"minReplicas {lo} > maxReplicas {hi}"))
+            out.append(_error_line("policy", where, f"minReplicas {lo} > maxReplicas {hi}"))
     return out
 
 
 def _runtime_env_errors(doc: dict) -> list[str]:
-    text = _d(doc.get("spec")).get("runtimeEnvYAML")
+    text = _as_mapping(doc.get("spec")).get("runtimeEnvYAML")
     if text is None:
         return []
     where = ("spec", "runtimeEnvYAML")
@@ -760,21 +763,21 @@ def _runtime_env_errors(doc: dict) -> list[str]:
     try:
         env = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
-        return [_err("runtime-env", where, f"not valid YAML: {e}")]
+        return [_error_line("runtime-env", where, f"not valid YAML: {e}")]
     if env is None:
         return []
     if not isinstance(env, dict):
-        return [_err("runtime-env", where, "must be a YAML mapping")]
+        return [_error_line("runtime-env", where, "must be a YAML mapping")]
     from ray.runtime_env import RuntimeEnv
 
     out = []
     unknown = sorted(set(env) - set(RuntimeEnv.known_fields) - set(RuntimeEnv.extensions_fields))
     for k in unknown:
-        out.append(_err("runtime-env", where + (k,), "unknown runtime_env field (Ray would ignore it)"))
+        out.append(_error_line("runtime-env", where + (k,), "unknown runtime_env field (Ray would ignore it)"))
     try:
         RuntimeEnv(**{k: v for k, v in env.items() if k not in unknown})
     except Exception as e:
-        out.append(_err("runtime-env", where, f"{type(e).__name__}: {e}"))
+        out.append(_error_line("runtime-env", where, f"{type(e).__name__}: {e}"))
     out += credential_errors(env, where)
     return out
 
@@ -783,10 +786,10 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
     """Errors of a KubeRay RayCluster or RayJob manifest (a dict from the YAML); ``[]`` when valid."""
     _require_pinned_ray()
     if not isinstance(doc, dict):
-        return [_err("crd", (), f"a manifest is a mapping, got {type(doc).__name__}")]
+        return [_error_line("crd", (), f"a manifest is a mapping, got {type(doc).__name__}")]
     kind = doc.get("kind")
-    if not _in(kind, CRD_FILES):
-        return [_err("crd", ("kind",), f"{kind!r}: expected one of {sorted(CRD_FILES)}")]
+    if not _is_name_in(kind, CRD_FILES):
+        return [_error_line("crd", ("kind",), f"{kind!r}: expected one of {sorted(CRD_FILES)}")]
     crd_key = str(Path(crd_dir) if crd_dir else find_crd_dir())
     schema = kuberay_crd_schema(kind, crd_key)
     errors = _jsonschema_errors("crd", _crd_validator(kind, crd_key), doc)
@@ -796,24 +799,24 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
         config, terr = _translation_errors(doc, where, spec)
         errors += terr
         if spec.get("enableInTreeAutoscaling") is not True:
-            errors.append(_err("policy", where + ("enableInTreeAutoscaling",),
+            errors.append(_error_line("policy", where + ("enableInTreeAutoscaling",),
                                "must be true: the cluster scales its worker groups with Ray's autoscaler"))
         if spec.get("rayVersion") != PINNED_RAY_VERSION:
-            errors.append(_err("policy", where + ("rayVersion",),
+            errors.append(_error_line("policy", where + ("rayVersion",),
                                f"{spec.get('rayVersion')!r}: must be {PINNED_RAY_VERSION!r}"))
         head = spec.get("headGroupSpec")
         if isinstance(head, dict):
             errors += _group_policy_errors(kind, where + ("headGroupSpec",), spec, head, True)
-        for i, group in enumerate(_l(spec.get("workerGroupSpecs"))):
+        for i, group in enumerate(_as_list(spec.get("workerGroupSpecs"))):
             if isinstance(group, dict):
                 errors += _group_policy_errors(kind, where + ("workerGroupSpecs", i), spec, group, False)
         if config is not None:
             errors += _roles_errors("policy", config["available_node_types"], config["head_node_type"],
                                     where + ("workerGroupSpecs",))
     if kind == "RayJob":
-        spec = _d(doc.get("spec"))
+        spec = _as_mapping(doc.get("spec"))
         if not (isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip()):
-            errors.append(_err("policy", ("spec", "entrypoint"), "a RayJob needs an entrypoint"))
+            errors.append(_error_line("policy", ("spec", "entrypoint"), "a RayJob needs an entrypoint"))
         errors += _runtime_env_errors(doc)
     errors += credential_errors(doc)
     return errors
@@ -847,7 +850,7 @@ def validate_document(doc: Any, crd_dir: str | os.PathLike | None = None) -> lis
         return validate_kuberay_manifest(doc, crd_dir)
     if kind == "launcher":
         return validate_launcher_config(doc)
-    return [_err("schema", (), "neither a Ray cluster launcher config (no `provider`) nor a KubeRay "
+    return [_error_line("schema", (), "neither a Ray cluster launcher config (no `provider`) nor a KubeRay "
                  f"manifest (apiVersion {KUBERAY_GROUP}/...)")]
 
 

@@ -16,6 +16,8 @@ from dvfl.data.shards import decode_frames
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_POSITIONS = ("start", "center", "end", "random")
+# the test crops per clip of the multi-view protocol: 1 centre crop, or 3 along the long side
+CROPS = {1: ("center",), 3: ("start", "center", "end")}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Checks of the Ray cluster configs in ``cluster/`` (``python -m dvfl.cluster.validate``)."""

@@ -1,0 +1,75 @@
+"""The training loop's typed config and its test hooks (no Ray: the hooks act on any iterator)."""
+import json
+import threading
+import time
+
+import pytest
+
+from dvfl.config import OptimSection, load_config
+from dvfl.train.hooks import TestHooks
+from dvfl.train.loop_config import LoopConfig, ModelSpec, TeacherFeed
+
+
+def _between(hooks, batches, **kw):
+    args = dict(epoch=0, rank=0, world=1, run_name="r", reported_at=time.time, node_id=lambda: "node-a")
+    return hooks.between_steps(iter(batches), **{**args, **kw})
+
+
+def test_without_hooks_the_batches_pass_unchanged():
+    assert list(_between(TestHooks(), [1, 2, 3])) == [1, 2, 3]
+
+
+def test_the_hold_hook_pauses_after_the_first_step_until_released(tmp_path):
+    hooks = TestHooks(hold_after_epoch=0, hold_dir=str(tmp_path), hold_timeout_s=30)
+    batches = _between(hooks, [1, 2, 3])
+    assert next(batches) == 1
+    held = tmp_path / "held-rank0.json"
+    assert not held.exists()  # the first step runs before the hook: it acts between steps
+    threading.Timer(0.5, (tmp_path / "release-r").touch).start()
+    started = time.time()
+    assert next(batches) == 2
+    assert time.time() - started >= 0.4  # held until this run's release
+    record = json.loads(held.read_text())
+    assert {k: record[k] for k in ("rank", "epoch", "run", "node_id")} == {"rank": 0, "epoch": 1, "run": "r",
+                                                                        "node_id": "node-a"}
+    assert list(batches) == [3]
+    # another epoch, or a released run, is not held
+    assert list(_between(hooks, [1, 2], epoch=1)) == [1, 2]
+    assert list(_between(hooks, [1, 2])) == [1, 2]
+
+
+def test_the_loop_config_is_typed_and_refuses_an_incomplete_teacher(tmp_path):
+    from dvfl.pipeline import training_loop_config
+
+    cfg = load_config(None, [("output_dir", str(tmp_path)), ("kd.temperature", 2.5)])
+    loop = training_loop_config(cfg, cfg.student, cfg.optim, 5, 3, {"mode": "none"}, tensorboard_dir=None,
+                                hooks=TestHooks())
+    assert isinstance(loop, LoopConfig) and isinstance(loop.optim, OptimSection)
+    assert (loop.seed, loop.kd.temperature, loop.model.kwargs["num_classes"], loop.teacher.mode) == (3, 2.5, 5, "none")
+    assert loop.optim is not cfg.optim  # a copy: a trial's changes to its config do not reach a running loop
+    with pytest.raises(ValueError, match="cache_ref"):
+        TeacherFeed.from_signal({"mode": "cached", "views": ["center"]})
+    with pytest.raises(ValueError, match="state_ref"):
+        TeacherFeed(mode="online", model=ModelSpec("videofocalnet_nano", {}))
+    with pytest.raises(ValueError, match="teacher mode"):
+        TeacherFeed(mode="cache")
+
+
+def test_the_failure_hook_kills_the_last_rank_once_after_a_step(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "failed"
+    script = f"""
+import sys
+from dvfl.train.hooks import TestHooks
+hooks = TestHooks(fail_after_epoch=0, fail_marker={str(marker)!r})
+for b in hooks.between_steps(iter([1, 2]), epoch=0, rank=0, world=1, run_name="r", reported_at=lambda: 0.0,
+                             node_id=lambda: "n"):
+    print("step", b, flush=True)
+"""
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (first.returncode, first.stdout.split()) == (1, ["step", "1"]), first.stderr  # died after step 1
+    assert marker.exists()
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (again.returncode, again.stdout.split()) == (0, ["step", "1", "step", "2"]), again.stderr  # once only
