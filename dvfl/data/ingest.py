@@ -467,6 +467,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
             clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
         else:
             clips_this_run = _run_tasks(jobs, todo, cfg, max_videos, shard_dir, meta_dir, parts_dir, progress)
+            storage.remove_tree(parts_dir)  # every part was merged and removed: the empty folder too
     run_secs = time.perf_counter() - t_run
 
     # -- gather every shard's meta: summary, rejects, dataset.json

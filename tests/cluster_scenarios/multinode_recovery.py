@@ -127,8 +127,7 @@ def run(out: str, result: dict, remote: str | None = None) -> None:
         d = cfg.data
         s = ingest(build_manifest("synthetic", os.path.join(out, "videos"), 1),
                    IngestConfig(out=cfg.clips_dir, frames=d.frames, clips_per_video=d.clips_per_video,
-                                eval_clips=d.eval_clips, short_side=d.short_side, seed=cfg.seed, videos_per_task=1,
-                                progress=False), log=log)
+                                eval_clips=d.eval_clips, short_side=d.short_side, seed=cfg.seed, videos_per_task=1), log=log)
         result["ingest_summary"] = s
     info = pipeline.ensure_clips(cfg, log=log)
     result["ingest"] = {"clips": info["clips"], "videos": info["written_videos"], "seconds": round(time.time() - t, 1)}
