@@ -12,10 +12,16 @@
 (c) ingest peak memory (PSS of the whole process tree: driver, Ray, workers, decode children)
     at N and 4N videos. Target <= 1.2x.
 
+(d) who writes the shards (issue 18): the driver-written path (every clip through the driver:
+    IngestConfig(writer="driver")) and decode tasks that write their own shards (the default),
+    run interleaved in one session with repeats: the driver process's CPU time per clip (what capped
+    one ingest at ~120 clips/s whatever the number of nodes) and each path's ingest rate / raw decode
+    loops one per core, measured in the same round. ``--section writers`` runs (d) alone.
+
 Two video sets: the embedded synthetic dataset at its default size (6,000 training videos of
 32x32 pixels and 16 frames: per-file overheads are the size of the decode) and a "UCF-like" set
 (512 videos of 320x240, 25 fps, 6 s H.264, short side 128: decoding dominates, like real
-datasets). Usage: python benchmarks/input_pipeline.py [--quick]
+datasets). Usage: python benchmarks/input_pipeline.py [--quick] [--section all|writers] [--ucf-videos N] [--repeats R]
 """
 from __future__ import annotations
 
@@ -293,11 +299,76 @@ def ingest_peak_memory(videos_dir, out, train_per_class, test_per_class):
 
 # ---------------------------------------------------------------------------------------
 
+def driver_cpu_ingest(manifest, out, T, clips_per_video, short_side, writer):
+    """One ingest with ``writer``: the driver process's own CPU time (all its threads: the Ray
+    core worker's included) per clip, and the rate."""
+    import resource
+
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    shutil.rmtree(out, ignore_errors=True)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    s = ingest(manifest, IngestConfig(out=out, frames=T, clips_per_video=clips_per_video, short_side=short_side,
+                                      progress=False, writer=writer), log=None)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"writer": writer, "clips": s["clips_this_run"], "seconds": s["decode_seconds"],
+            "clips_per_s": s["clips_per_second"], "driver_cpu_s": cpu,
+            "driver_cpu_ms_per_clip": 1000 * cpu / max(s["clips_this_run"], 1), "shards": s["shards"],
+            "fingerprint": s["fingerprint"], "loadavg": os.getloadavg()[0]}
+
+
+def writers_section(manifest, work, T, CPV, short_side, cores, repeats):
+    """(d): interleaved rounds; each round measures the raw loops, then both writers (order
+    alternating between rounds), then the raw loops again."""
+    entries = manifest.entries
+    rounds = []
+    for r in range(repeats):
+        order = ("driver", "workers") if r % 2 == 0 else ("workers", "driver")
+        par1 = raw_decode_parallel(entries, T, CPV, 0, cores)
+        runs = {w: driver_cpu_ingest(manifest, os.path.join(work, f"writers_{w}"), T, CPV, short_side, w)
+                for w in order}
+        par2 = raw_decode_parallel(entries, T, CPV, 0, cores)
+        raw = (par1["clips_per_s"] + par2["clips_per_s"]) / 2
+        rounds.append({"order": list(order), "raw_loops_clips_per_s": [par1["clips_per_s"], par2["clips_per_s"]],
+                       **{w: dict(runs[w], ratio_vs_raw_loops=runs[w]["clips_per_s"] / raw) for w in order}})
+    out = {"rounds": rounds, "videos": len(entries), "cores": cores}
+    for w in ("driver", "workers"):
+        for k in ("driver_cpu_ms_per_clip", "ratio_vs_raw_loops", "clips_per_s"):
+            v = [rd[w][k] for rd in rounds]
+            out[f"{w}_{k}"] = {"median": float(np.median(v)), "min": min(v), "max": max(v)}
+    fps = {rd[w]["fingerprint"] for rd in rounds for w in ("driver", "workers")}
+    out["same_fingerprint"] = len(fps) == 1
+    out["driver_cpu_per_clip_after_over_before"] = (out["workers_driver_cpu_ms_per_clip"]["median"]
+                                                    / out["driver_driver_cpu_ms_per_clip"]["median"])
+    out["ratio_target"] = 0.9
+    out["ratio_met"] = out["workers_ratio_vs_raw_loops"]["median"] >= 0.9
+    return out
+
+
+def print_writers(w, load):
+    print(f"\n(d) who writes the shards: {w['videos']} UCF-like videos, {w['cores']} cores, {len(w['rounds'])} "
+          f"interleaved rounds, load avg {load[0]:.1f} -> {load[1]:.1f} (median [min-max])")
+    for k, label in (("driver_cpu_ms_per_clip", "driver CPU ms per clip"),
+                     ("ratio_vs_raw_loops", "ingest / raw loops one per core"), ("clips_per_s", "ingest clips/s")):
+        for wr in ("driver", "workers"):
+            v = w[f"{wr}_{k}"]
+            print(f"  {label:<34} {wr + '-written':<16} {v['median']:8.3f} [{v['min']:.3f}-{v['max']:.3f}]")
+    print(f"  driver CPU per clip, after / before: {w['driver_cpu_per_clip_after_over_before']:.3f}; "
+          f"ratio target >= 0.9: {'met' if w['ratio_met'] else 'NOT met'}; same fingerprint: {w['same_fingerprint']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/dvfl_bench_input")
     ap.add_argument("--quick", action="store_true", help="smaller sets (smoke run)")
+    ap.add_argument("--section", choices=("all", "writers"), default="all",
+                    help="writers: only (d), written to results/input_pipeline_writers.json")
+    ap.add_argument("--ucf-videos", type=int, default=None, help="size of the UCF-like set (default 512; 12 with --quick)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of (d)")
     a = ap.parse_args()
+    if a.section == "writers":
+        return main_writers(a)
     import ray
 
     from dvfl.data import adapters as A
@@ -378,6 +449,37 @@ def main():
         with open(RESULTS, "w") as f:
             json.dump(res, f, indent=2)
     print_table(res)
+    return res
+
+
+def main_writers(a):
+    from dvfl.data import adapters as A
+    from dvfl.data.ingest import ray_session
+
+    from benchmarks.machine import cpu_model
+
+    cores = os.cpu_count() or 1
+    n = a.ucf_videos or (12 if a.quick else 512)
+    load0 = os.getloadavg()
+    root = os.path.join(a.work, f"ucf_like_{n}")
+    make_ucf_like(root, n)
+    m = A.folder(root)
+    m.entries = [e for e in m.entries if e.split == "train"]
+    with ray_session(num_cpus=cores + 1, object_store_mb=1024, log=None):  # the ingest CLI's default
+        warm = A.folder(root)
+        warm.entries = warm.entries[:8]
+        for w in ("driver", "workers"):  # worker processes started and imports done before any measurement
+            driver_cpu_ingest(warm, os.path.join(a.work, "warm"), 8, 2, 128, w)
+        res = writers_section(m, a.work, 8, 2, 128, cores, a.repeats)
+    load1 = os.getloadavg()
+    res["machine"] = {"cores": cores, "cpu_model": cpu_model(), "platform": platform.platform(),
+                      "loadavg_at_start": load0, "loadavg_at_end": load1}
+    print_writers(res, (load0[0], load1[0]))
+    if not a.quick:
+        path = os.path.join(os.path.dirname(RESULTS), "input_pipeline_writers.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {path}")
     return res
 
 

@@ -134,6 +134,11 @@ def inputs(src: Sources, gpu_tflops: float) -> dict:
         f[f"{shape}.stored_clip_shape"] = src.get(f"{shape}.stored_clip_shape", ds, f"shapes.{shape}.stored_clip_shape")
     # cross-checks from the input-pipeline benchmark (UCF-like 320x240 -> short side 128)
     f["ucf_like.ingest_cpu_ms_per_clip"] = src.get("ucf_like.ingest_cpu_ms_per_clip", ip, "sets.ucf_like_320x240.a_ingest.cpu_ms_per_clip")
+    # the driver's own CPU per clip once decode tasks write their shards (benchmarks/input_pipeline.py
+    # --section writers, median of interleaved rounds; per task, not per pixel, so one shape serves)
+    f["driver_cpu_ms_per_clip_workers_write"] = src.get(
+        "driver_cpu_ms_per_clip_workers_write", "benchmarks/results/input_pipeline_writers.json",
+        "workers_driver_cpu_ms_per_clip.median")
     f["ucf_like.raw_decode_cpu_ms_per_clip"] = src.get("ucf_like.raw_decode_cpu_ms_per_clip", ip, "sets.ucf_like_320x240.a_raw_decode_1proc.cpu_ms_per_clip")
     # teacher-logit cache bytes: fp16 raw logits are 2*C bytes; the rest is Parquet per-row overhead
     per_view = src.get("cache.fp16_bytes_per_view", tc, "cache.float16.bytes_per_view")
@@ -186,24 +191,29 @@ def plan(f: dict, src: Sources) -> dict:
         ingest_rows = []
         for n in NODE_COUNTS:
             vcpus = n * f["cpu_node_vcpus"] * f["vcpu_vs_core_here"]
-            # today: decode tasks on the workers, every clip shipped to the driver, which writes the shards
-            limits = {"CPU decode (worker nodes)": vcpus * 1000.0 / worker_ms, **caps}
-            bound = min(limits, key=limits.get)
-            rate = limits[bound]
-            # projected: each decode task writes its own shard (the driver only tracks metadata), so
-            # the write cost moves onto the workers and nothing funnels through the head
+            # the ingest as built: each decode task writes its own shard, the driver plans tasks and
+            # reads sidecars (measured per clip), so the write cost is on the workers (whole tree's
+            # CPU per clip, an upper bound) and nothing funnels through the head
             spread = {"CPU decode + write (worker nodes)": vcpus * 1000.0 / tree_ms,
+                      "driver (plans tasks, reads sidecars)": 1000.0 / f["driver_cpu_ms_per_clip_workers_write"],
                       "storage write": caps["storage write"]}
             bound2 = min(spread, key=spread.get)
             rate2 = spread[bound2]
+            # before (writer="driver"): every clip shipped to the driver, which wrote the shards
+            limits = {"CPU decode (worker nodes)": vcpus * 1000.0 / worker_ms, **caps}
+            bound = min(limits, key=limits.get)
+            rate = limits[bound]
             ingest_rows.append({"nodes": n, "vcpus": n * f["cpu_node_vcpus"],
                                 "decode_capacity_clips_per_s": limits["CPU decode (worker nodes)"],
-                                "clips_per_s": rate, "hours": clips / rate / 3600, "bound_by": bound,
-                                "write_mib_s": rate * disk_b / 2**20, "into_head_gbit_s": rate * raw_b * 8 / 1e9,
-                                "workers_write": {"clips_per_s": rate2, "hours": clips / rate2 / 3600,
-                                                  "bound_by": bound2, "write_mib_s": rate2 * disk_b / 2**20,
-                                                  "cpu_rate_needs_write_gib_s":
-                                                      spread["CPU decode + write (worker nodes)"] * disk_b / 2**30}})
+                                "clips_per_s": rate2, "hours": clips / rate2 / 3600, "bound_by": bound2,
+                                "write_mib_s": rate2 * disk_b / 2**20,
+                                "cpu_rate_needs_write_gib_s": spread["CPU decode + write (worker nodes)"] * disk_b / 2**30,
+                                # what the nodes give when the storage keeps up (the assumed bandwidth binds early)
+                                "hours_if_storage_keeps_up": clips / min(v for k, v in spread.items()
+                                                                         if k != "storage write") / 3600,
+                                "driver_written": {"clips_per_s": rate, "hours": clips / rate / 3600, "bound_by": bound,
+                                                   "write_mib_s": rate * disk_b / 2**20,
+                                                   "into_head_gbit_s": rate * raw_b * 8 / 1e9}})
         # ---------------------------------------------------------------- storage
         cache_bytes_per_view = 2 * d["classes"] + f["cache_row_overhead_bytes"]
         storage = {"clips": clips, "train_clips": train_clips, "eval_clips": eval_clips,
@@ -268,17 +278,17 @@ def markdown(f: dict, p: dict) -> str:
                   f"| teacher-logit cache, fp16 ({s['cache_bytes_per_view']:.0f} B/view) | {s['cache_gb']:.2f} GB |",
                   f"| teacher-logit cache, fp32 | {s['cache_fp32_gb']:.2f} GB |", "",
                   f"Ingest of {s['clips']:,} clips ({r['ingest_clips_per_s_per_vcpu']:.1f} clips/s per vCPU of decode "
-                  "work); today's ingest (the driver writes every shard) and with shard writing moved into the "
-                  "decode tasks (projected):", "",
-                  "| CPU nodes (vCPUs) | decode capacity | today: clips/s | hours | bound by | "
-                  "workers write: clips/s | hours | bound by | writes needed at CPU rate |",
-                  "|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+                  "work): decode tasks write their own shards (as built), and before (the driver wrote every "
+                  "shard):", "",
+                  "| CPU nodes (vCPUs) | decode capacity | clips/s | hours | bound by | writes needed at CPU rate | "
+                  "hours if the storage keeps up | before: clips/s | hours | bound by |",
+                  "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
         for row in r["ingest"]:
-            w = row["workers_write"]
+            w = row["driver_written"]
             lines.append(f"| {row['nodes']} ({row['vcpus']}) | {row['decode_capacity_clips_per_s']:,.0f}/s | "
                          f"{row['clips_per_s']:,.0f} | {_h(row['hours'])} | {row['bound_by']} | "
-                         f"{w['clips_per_s']:,.0f} | {_h(w['hours'])} | {w['bound_by']} | "
-                         f"{w['cpu_rate_needs_write_gib_s']:.1f} GiB/s |")
+                         f"{row['cpu_rate_needs_write_gib_s']:.1f} GiB/s | {_h(row['hours_if_storage_keeps_up'])} | "
+                         f"{w['clips_per_s']:,.0f} | {_h(w['hours'])} | {w['bound_by']} |")
         c = r["cache_on_cpus"]
         lines += ["", "Teacher cache and distillation on M GPUs (the same cache on CPUs instead: "
                   f"{c['core_hours']:,.0f} core-hours at the measured CPU cost of a teacher forward, "
@@ -323,9 +333,13 @@ def summary_markdown(f: dict, p: dict) -> str:
         "|---|---:|---:|",
         f"| clip shards on disk | {k['storage']['shards_tb']:.1f} TB | {s['storage']['shards_tb']:.1f} TB |",
         f"| teacher-logit cache (fp16) | {k['storage']['cache_gb']:.1f} GB | {s['storage']['cache_gb']:.1f} GB |",
-        f"| ingest today, any number of CPU nodes (driver-bound) | {_h(k['ingest'][0]['hours'])} | {_h(s['ingest'][0]['hours'])} |",
-        f"| ingest if decode tasks wrote their own shards (not built), 1 CPU node | {_h(k['ingest'][0]['workers_write']['hours'])} "
-        f"| {_h(s['ingest'][0]['workers_write']['hours'])} |",
+        *[f"| ingest, {n} CPU node{'s' if n > 1 else ''} (decode tasks write their shards): at "
+          f"{f['storage_write_gib_s']:g} GiB/s of storage writes / if the storage keeps up | "
+          f"{_h(kr['hours'])} / {_h(kr['hours_if_storage_keeps_up'])} | "
+          f"{_h(sr['hours'])} / {_h(sr['hours_if_storage_keeps_up'])} |"
+          for kr, sr in zip(k["ingest"], s["ingest"]) for n in [kr["nodes"]] if n in (1, 2, 16)],
+        f"| ingest before (the driver wrote every shard), any number of CPU nodes | "
+        f"{_h(k['ingest'][0]['driver_written']['hours'])} | {_h(s['ingest'][0]['driver_written']['hours'])} |",
         f"| teacher cache on {SUMMARY_GPUS} GPUs | {_h(gk['cache_build_hours'])} | {_h(gs['cache_build_hours'])} |",
         f"| cached-KD epoch on {SUMMARY_GPUS} GPUs | {_h(gk['epoch_hours'])} | {_h(gs['epoch_hours'])} |",
         f"| {f['student_epochs']} epochs on {SUMMARY_GPUS} GPUs (cached KD) | {_h(gk['distillation_hours'])} "

@@ -108,9 +108,70 @@ def test_translation_gives_cpu_and_gpu_worker_groups(kuberay_docs):
 
 
 def test_rayjob_entrypoint_is_the_main_job(kuberay_docs):
+    """The RayJob runs the UCF101 config as written (from the project image), with every relative
+    path of it pointed at the volume every pod mounts."""
     spec = kuberay_docs["rayjob"]["spec"]
-    assert spec["entrypoint"] == "python pipelines/distill.py --config configs/ucf101_base.yaml"
-    assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+    assert spec["entrypoint"].startswith(f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py "
+                                         f"--config {cv.PROJECT_DIR_IN_IMAGE}/configs/ucf101_base.yaml ")
+    # the config itself keeps relative paths (for a local run); the job overrides each of them
+    tree = yaml.safe_load((ROOT / "configs" / "ucf101_base.yaml").read_text())
+    relative = {"output_dir": tree["output_dir"], "data.clips": tree["data"]["clips"],
+                "teacher.path": tree["teacher"]["path"], "teacher.cache": tree["teacher"]["cache"]}
+    assert all(not v.startswith("/") for v in relative.values())
+    assert cv.job_config_path_errors(kuberay_docs["rayjob"]) == []
+    assert "working_dir" not in (yaml.safe_load(spec["runtimeEnvYAML"]) or {})   # the code is in the image
+
+
+def _entrypoint(doc, fn):
+    doc["spec"]["entrypoint"] = fn(doc["spec"]["entrypoint"])
+    return doc
+
+
+@pytest.mark.parametrize("breakage, fragments", [
+    # the config's own relative path: resolved in the job's temporary directory on the head pod
+    (lambda d: _entrypoint(d, lambda e: e.replace(" --set data.clips=/data/ucf101_s1", "")),
+     ("spec.entrypoint", "data.clips is 'data/ucf101_s1' (relative")),
+    (lambda d: _entrypoint(d, lambda e: e.replace("--output-dir /data/runs/ucf101_base", "--output-dir runs/x")),
+     ("output_dir is 'runs/x' (relative",)),
+    # absolute, but on the head pod's own disk
+    (lambda d: _entrypoint(d, lambda e: e.replace("teacher.cache=/data/", "teacher.cache=/tmp/")),
+     ("teacher.cache is '/tmp/ucf101_s1_cache': not on a volume",)),
+    # the volume is not mounted in every group: the GPU workers would not see the clips
+    (lambda d: _set(d, lambda d: _ray_container(_group(d, "gpu-workers")).update(
+        volumeMounts=[m for m in _ray_container(_group(d, "gpu-workers"))["volumeMounts"] if m["name"] != "data"])),
+     ("data.clips is '/data/ucf101_s1': not on a volume",)),
+], ids=["config_relative_path", "relative_output_dir", "path_off_the_volume", "volume_not_on_every_group"])
+def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
+    broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
+    _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)
+
+
+def test_rayjob_paths_may_be_uris(kuberay_docs):
+    doc = _entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: e.replace("/data/runs", "s3://bucket/runs")
+                      .replace("data.clips=/data/", "data.clips=gs://bucket/"))
+    assert "s3://bucket/runs/ucf101_base" in doc["spec"]["entrypoint"]
+    assert cv.job_config_path_errors(doc) == []
+
+
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+@pytest.mark.parametrize("breakage, fragments", [
+    (lambda t: t.replace("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.9.0"), ("FROM", "rayproject/ray:2.9.0")),
+    (lambda t: t.replace("WORKDIR /home/ray/dvfl", "WORKDIR /app"), ("WORKDIR", "/app")),
+    (lambda t: t.replace("COPY --chown=ray:users configs ./configs\n", ""), ("configs/ is not copied",)),
+    (lambda t: t.replace("pip install --no-cache-dir .", "pip install --no-cache-dir torch"), ("no `pip install .`",)),
+], ids=["other_ray", "workdir", "no_configs", "not_installed"])
+def test_dockerfile_builds_what_the_configs_expect(breakage, fragments):
+    text = DOCKERFILE.read_text()
+    assert cv.dockerfile_errors(text) == []
+    broken = breakage(text)
+    assert broken != text
+    _assert_fails(cv.dockerfile_errors(broken), "policy", *fragments)
+    # every image the configs name is this Dockerfile's tag scheme
+    for path in ALL_FILES:
+        for image in set(__import__("re").findall(r"image: (\S+)", path.read_text())):
+            assert cv.project_image_error(image) is None, (path, image)
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,9 +283,23 @@ LAUNCHER_BREAKAGES = {
                                      for k in ("InstanceType", "machineType")]),
         ("policy", "the instance type must be a non-empty string"),
     ),
-    "package_not_installed": (
-        lambda c: _set(c, lambda c: c.update(setup_commands=[])),
-        ("policy", "installs this package"),
+    # the stock image: every node start would pip-install the project and torch
+    "stock_ray_image": (
+        lambda c: _set(c, lambda c: c["docker"].update(image="rayproject/ray:2.60.0-py311-gpu")),
+        ("policy", "docker.image", "not the project image"),
+    ),
+    "stock_worker_image": (
+        lambda c: _set(c, lambda c: c["available_node_types"][_cpu_type(c)]["docker"].update(
+            worker_image="rayproject/ray:2.60.0-py311")),
+        ("policy", "docker.worker_image", "not the project image"),
+    ),
+    "project_image_of_another_ray": (
+        lambda c: _set(c, lambda c: c["docker"].update(head_image="ghcr.io/your-org/dvfl:0.1.0-ray2.9.0-py311")),
+        ("policy", "docker.head_image", "must name the pinned Ray version"),
+    ),
+    "pip_install_at_node_start": (
+        lambda c: _set(c, lambda c: c.update(setup_commands=["python -m pip install -q torch timm"])),
+        ("policy", "setup_commands", "installs packages at every node start"),
     ),
 }
 
@@ -339,6 +414,18 @@ KUBERAY_BREAKAGES = {
     "no_gpu_worker_group": (
         lambda d: _set(d, lambda d: _cluster(d).update(workerGroupSpecs=[_group(d, "cpu-workers")])),
         ("policy", "no GPU worker type"),
+    ),
+    "token_auth_off": (
+        lambda d: _set(d, lambda d: _cluster(d).pop("authOptions")),
+        ("policy", "authOptions.mode", "token authentication must be on"),
+    ),
+    "token_auth_disabled": (
+        lambda d: _set(d, lambda d: _cluster(d).update(authOptions={"mode": "disabled"})),
+        ("policy", "authOptions.mode", "'disabled'"),
+    ),
+    "stock_ray_image": (
+        lambda d: _set(d, lambda d: _ray_container(_group(d, "cpu-workers")).update(image="rayproject/ray:2.60.0-py311")),
+        ("policy", "containers[0].image", "not the project image"),
     ),
 }
 

@@ -45,7 +45,8 @@ def _hashes(out):
 
 
 def _tmp_shards(out):
-    return glob.glob(os.path.join(out, "shards", ".*.tmp"))
+    """Half-written files: a shard's, or a piece's (a shard cut into several decode tasks)."""
+    return glob.glob(os.path.join(out, "shards", ".*.tmp")) + glob.glob(os.path.join(out, "_parts", ".*.tmp"))
 
 
 @pytest.mark.slow
@@ -83,6 +84,7 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local, video_factory
             time.sleep(0.2)
         assert len(_hashes(out)) == 8, "the 8 shards before the hanging one were not written in time"
         partial = _tmp_shards(out)
+        # one video per task: the shard's second piece (the hanging file) is half-written in its worker
         assert [os.path.basename(p).split(".")[1] for p in partial] == ["unlabeled-00000"], partial
         proc.send_signal(signal.SIGKILL)   # the driver only, mid-run, with a shard half-written
         proc.wait(30)
@@ -109,6 +111,7 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local, video_factory
     assert r.returncode == 0, r.stderr[-3000:]
     assert "8 already done" in r.stdout and "== inputs 18" in r.stdout, r.stdout
     assert not _tmp_shards(out)  # the rerun removed the killed run's temporary file
+    assert not os.path.exists(os.path.join(out, "_parts"))
 
     # identical to an uninterrupted run of the same inputs and parameters
     m = A.ucf101(os.path.join(out, "videos"), 1)

@@ -144,9 +144,13 @@ def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):
     a = ingest(manifest(syn_root), IngestConfig(out=str(tmp_path / "a"), **cfg), log=None)
     b = ingest(manifest(syn_root), IngestConfig(out=str(tmp_path / "b"), workers=1, videos_per_task=3, **cfg),
                log=None)
-    assert a["fingerprint"] == b["fingerprint"]
-    assert shard_hashes(str(tmp_path / "a")) == shard_hashes(str(tmp_path / "b"))  # byte-identical
+    # the earlier path (every clip through the driver, which writes all shards)
+    c = ingest(manifest(syn_root), IngestConfig(out=str(tmp_path / "c"), writer="driver", **cfg), log=None)
+    assert a["fingerprint"] == b["fingerprint"] == c["fingerprint"]
+    # byte-identical: whole-shard tasks (a), shards cut into 3-video pieces and merged (b), the driver (c)
+    assert shard_hashes(str(tmp_path / "a")) == shard_hashes(str(tmp_path / "b")) == shard_hashes(str(tmp_path / "c"))
     assert len(shard_hashes(str(tmp_path / "a"))) == 7
+    assert not os.path.exists(tmp_path / "b" / "_parts")   # every piece merged, then removed
     # any change of parameters or inputs changes the fingerprint
     base = IngestConfig(out="x", **cfg)
     ids = {e.video_id: (os.path.getsize(e.path), "h") for e in m.entries}
@@ -165,6 +169,22 @@ def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):
     m3 = manifest(syn_root)
     m3.entries = m3.entries[1:]
     assert compute_fingerprint(m3, base.content_params(), ids) != fp
+
+
+def test_the_driver_writes_no_clip(syn_root, tmp_path, ray_local, monkeypatch):
+    """Decode tasks write their shards (or pieces of them) themselves: with the shard writer
+    broken in the driver process only, the ingest still completes, for whole-shard tasks and for
+    shards cut into pieces and merged; the earlier driver-written path fails."""
+    def refuse(*a, **k):
+        raise AssertionError("the driver opened a shard writer")
+
+    monkeypatch.setattr(SH.AtomicShardWriter, "__init__", refuse)  # in this process; Ray workers are others
+    cfg = dict(frames=8, clips_per_video=1, short_side=16, videos_per_shard=8)
+    for name, extra in (("whole", {}), ("pieces", dict(workers=2, videos_per_task=3))):
+        s = ingest(manifest(syn_root), IngestConfig(out=str(tmp_path / name), **cfg, **extra), log=None)
+        assert s["accounting_ok"] and s["written_videos"] == 27 and s["clips"] == 27
+    with pytest.raises(AssertionError, match="the driver opened a shard writer"):
+        ingest(manifest(syn_root), IngestConfig(out=str(tmp_path / "driver"), writer="driver", **cfg), log=None)
 
 
 def test_fingerprint_sees_file_content(syn_root, tmp_path, ray_local):

@@ -71,3 +71,26 @@ def test_decode_child_is_recycled_only_when_its_memory_grows(video_factory, tmp_
     again = tight.run(job, 30)
     assert again["ok"] and again["views"][0][3].tobytes() == first[0]["views"][0][3].tobytes()
     tight.close()
+
+
+def test_pieces_never_cross_a_shard_and_say_where_they_write():
+    """A shard that fits in one decode task is written by that task; a bigger one is cut into
+    pieces that write part files under _parts/, in order (merged later)."""
+    shards = [I._ShardPlan("train-00000", "train", [f"a{i}" for i in range(8)]),
+              I._ShardPlan("train-00001", "train", ["b0", "b1"]),
+              I._ShardPlan("test-00000", "test", [f"c{i}" for i in range(5)])]
+    jobs = [{"video_id": v, "shard": p.name, "split": p.split, "bytes": 1 * MB} for p in shards for v in p.video_ids]
+    pieces = I.plan_pieces(jobs, shards, workers=1, task_mb=3.0, max_videos=100, shard_dir="/o/shards",
+                           parts_dir="/o/_parts")
+    assert [v["video_id"] for p in pieces for v in p["jobs"]] == [j["video_id"] for j in jobs]
+    for p in pieces:
+        assert {j["shard"] for j in p["jobs"]} == {p["shard"]}
+    by_shard = {}
+    for p in pieces:
+        by_shard.setdefault(p["shard"], []).append(p)
+    assert len(by_shard["train-00000"]) >= 3 and len(by_shard["train-00001"]) == 1
+    one = by_shard["train-00001"][0]
+    assert one["whole"] and one["dest"] == "/o/shards/train-00001.parquet"
+    for k, p in enumerate(by_shard["train-00000"]):
+        assert not p["whole"] and p["index"] == k and p["count"] == len(by_shard["train-00000"])
+        assert p["dest"] == f"/o/_parts/train-00000.{k:05d}.parquet"

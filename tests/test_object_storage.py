@@ -117,7 +117,7 @@ HELD = "train-00007"  # the plan's last train shard (8 per class x 4 classes, 4 
 @pytest.fixture(scope="module")
 def s3_ingest(s3_server, tmp_path_factory):
     """``pipelines/ingest.py --out s3://...`` SIGKILLed while shard HELD is uploaded but not yet
-    committed (test hook: the driver waits there), then the same command run again."""
+    committed (test hook: the task writing it waits there), then the same command run again."""
     from dvfl import storage
     from dvfl.data.shards import read_clips_table, shard_paths
 
@@ -180,7 +180,7 @@ def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(
     assert sorted(k for k in objects if k.startswith("shards/") and k.endswith(".parquet")) == files
     assert sorted(k for k in objects if k.startswith("shards/_meta/")) == sorted(
         f"shards/_meta/{f[len('shards/'):-8]}.json" for f in files)
-    assert not [k for k in objects if "tmp" in k or "spool" in k]
+    assert not [k for k in objects if "tmp" in k or "spool" in k or k.startswith("_parts/")]
     assert os.listdir(s3_ingest["work"]) == [] and os.listdir(s3_ingest["env"]["DVFL_SPOOL_DIR"]) == []
 
     # the same bytes as an uninterrupted ingest of the same videos on local disk

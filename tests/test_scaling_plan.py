@@ -68,12 +68,21 @@ def test_every_measured_or_configured_figure_is_the_value_at_its_cited_key(sp):
 def test_projections_respond_to_their_inputs(sp):
     _, f, p = _run(sp)
     k400 = p["kinetics400"]
-    # today's ingest is capped by the one driver process: more CPU nodes do not change it
-    assert len({round(r["hours"], 6) for r in k400["ingest"]}) == 1
-    assert all(r["bound_by"].startswith("driver") for r in k400["ingest"])
-    # with the writes in the workers, one node is CPU-bound and more nodes hit storage
-    assert k400["ingest"][0]["workers_write"]["clips_per_s"] > k400["ingest"][0]["clips_per_s"]
-    assert k400["ingest"][-1]["workers_write"]["bound_by"] == "storage write"
+    # decode tasks write their shards: ingest hours fall with the number of CPU nodes until storage binds
+    hours = [r["hours"] for r in k400["ingest"]]
+    assert hours[0] > hours[1] and hours == sorted(hours, reverse=True)
+    assert k400["ingest"][0]["bound_by"].startswith("CPU decode + write")
+    free = [r["hours_if_storage_keeps_up"] for r in k400["ingest"]]
+    # with the storage keeping up, more nodes help until the driver's own per-clip work (planning,
+    # file identities, sidecars: measured) binds
+    assert free[0] > free[1] and free == sorted(free, reverse=True)
+    assert free[-1] == pytest.approx(s_clips := k400["storage"]["clips"] * f["driver_cpu_ms_per_clip_workers_write"]
+                                     / 1000 / 3600) and s_clips < k400["ingest"][0]["driver_written"]["hours"]
+    assert k400["ingest"][-1]["bound_by"] == "storage write"
+    # before, the one driver process capped it: more CPU nodes changed nothing
+    assert len({round(r["driver_written"]["hours"], 6) for r in k400["ingest"]}) == 1
+    assert all(r["driver_written"]["bound_by"].startswith("driver") for r in k400["ingest"])
+    assert k400["ingest"][0]["clips_per_s"] > k400["ingest"][0]["driver_written"]["clips_per_s"]
     # GPU-bound times scale with 1 / GPU throughput
     _, _, fast = _run(sp, gpu_tflops=2 * f["gpu_effective_tflops"])
     slow_row, fast_row = k400["gpu"][0], fast["kinetics400"]["gpu"][0]

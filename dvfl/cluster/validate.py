@@ -15,7 +15,9 @@ Ray cluster launcher configs (``cluster/aws.yaml``, ``cluster/gcp.yaml``):
   on the *prepared* config, so dropping ``head_start_ray_commands`` and inheriting Ray's default
   ``--dashboard-host=0.0.0.0`` fails too), every ``ray start`` runs with token authentication
   (``RAY_AUTH_MODE=token``), no security-group rule opens anything but SSH to the world,
-  nothing that looks like a credential, a CPU worker type and a GPU worker type that can scale.
+  nothing that looks like a credential, a CPU worker type and a GPU worker type that can scale, every
+  node runs the project image (docker/Dockerfile, tag naming the pinned Ray) and no command
+  pip-installs anything at node start.
 
 KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
 
@@ -32,8 +34,10 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
 * ``[runtime-env]`` a RayJob's ``runtimeEnvYAML`` parsed and built as a ``ray.runtime_env.RuntimeEnv``;
 * ``[policy]``      project rules: dashboard on loopback (a RayJob may bind the pod's interfaces, which the
   operator needs, but only behind a ClusterIP Service), no LoadBalancer/NodePort/Ingress, whole-number
-  CPU/GPU resources, ``rayVersion`` and images match the pinned ray, autoscaling on, CPU and GPU worker
-  groups, no credentials.
+  CPU/GPU resources, ``rayVersion`` and images match the pinned ray, the Ray containers run the project
+  image, token authentication on (``authOptions.mode: token``), autoscaling on, CPU and GPU worker
+  groups, no credentials; a RayJob's run config (its entrypoint's ``--config`` with ``--set`` and
+  ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts.
 
 CLI: ``dvfl validate-cluster cluster/*.yaml cluster/kuberay/*.yaml`` (:mod:`dvfl.commands.validate_cluster`)
 prints ``OK`` or the errors per file and exits non-zero if any file fails.
@@ -372,18 +376,78 @@ def _node_config_errors(raw: dict) -> list[str]:
     return out
 
 
-def _install_errors(prepared: dict) -> list[str]:
-    """The nodes must install this package: a `pip install` of the path the working copy ('.') is
-    mounted at (or of a dvfl archive/URL), on the head and on the workers."""
-    mounts = [remote for remote, local in _as_mapping(prepared.get("file_mounts")).items()
-              if isinstance(local, str) and os.path.normpath(local) == "."]
+# The project image (docker/Dockerfile): <registry>/dvfl:<version>-ray<pinned Ray>-py311[-gpu]
+PROJECT_IMAGE_NAME = "dvfl"
+PROJECT_DIR_IN_IMAGE = "/home/ray/dvfl"  # WORKDIR of docker/Dockerfile
+_PIP_INSTALL = re.compile(r"\bpip3?\s+install\b|\buv\s+pip\s+install\b|\bconda\s+install\b")
+
+
+def project_image_error(image: Any) -> str | None:
+    """Why ``image`` is not the project image of the pinned Ray version (None when it is)."""
+    if not isinstance(image, str):
+        return None  # the schema reports the type
+    name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+    if name.rsplit("/", 1)[-1] != PROJECT_IMAGE_NAME:
+        return (f"{image}: not the project image (docker/Dockerfile, <registry>/{PROJECT_IMAGE_NAME}:<version>-"
+                f"ray{PINNED_RAY_VERSION}-py311[-gpu]); a stock image would install the project and torch at "
+                "every node start")
+    if f"ray{PINNED_RAY_VERSION}" not in tag:
+        return f"{image}: the project image's tag must name the pinned Ray version (ray{PINNED_RAY_VERSION})"
+    return None
+
+
+def dockerfile_errors(text: str) -> list[str]:
+    """docker/Dockerfile builds what the configs expect: FROM rayproject/ray of the pinned version,
+    the project under PROJECT_DIR_IN_IMAGE with the entry points and configs a RayJob runs, and
+    the package installed (static checks: no Docker daemon needed)."""
+    lines = [ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    args = {}
+    for ln in lines:
+        m = re.match(r"ARG\s+(\w+)(?:=(\S*))?$", ln)
+        if m and m.group(2) is not None:
+            args.setdefault(m.group(1), m.group(2))
+
+    def expand(v: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), ""), v)
+
     out = []
-    for key in ("head_setup_commands", "worker_setup_commands"):
-        cmds = [c for c in _as_list(prepared.get(key)) if isinstance(c, str) and "pip install" in c]
-        ok = any(any(m.rstrip("/") in c for m in mounts) or "dvfl" in c for c in cmds)
-        if not ok:
-            out.append(_error_line("policy", ("setup_commands",), f"no {key.split('_')[0]} setup command "
-                            "installs this package (pip install -e <where file_mounts puts '.'>)"))
+    froms = [expand(ln.split(None, 1)[1]) for ln in lines if ln.upper().startswith("FROM ")]
+    if not froms or not froms[-1].startswith(f"rayproject/ray:{PINNED_RAY_VERSION}-"):
+        out.append(_error_line("policy", ("FROM",), f"{froms[-1] if froms else 'no FROM'}: the image must be built on "
+                        f"rayproject/ray:{PINNED_RAY_VERSION}-* (the pinned Ray)"))
+    workdirs = [ln.split(None, 1)[1] for ln in lines if ln.upper().startswith("WORKDIR ")]
+    if not workdirs or workdirs[-1] != PROJECT_DIR_IN_IMAGE:
+        out.append(_error_line("policy", ("WORKDIR",), f"{workdirs[-1] if workdirs else 'none'}: must be "
+                        f"{PROJECT_DIR_IN_IMAGE} (where the RayJob's entrypoint runs the project from)"))
+    copied = {ln.split()[-1].rstrip("/").removeprefix("./") for ln in lines if ln.upper().startswith("COPY ")}
+    for need in ("dvfl", "pipelines", "configs"):
+        if need not in copied:
+            out.append(_error_line("policy", ("COPY",), f"{need}/ is not copied into the image (the RayJob runs "
+                            "pipelines/*.py with configs/*.yaml from it)"))
+    if not any(ln.upper().startswith("RUN ") and re.search(r"pip3?\s+install\b[^&;]*\s\.(\s|$)", ln) for ln in lines):
+        out.append(_error_line("policy", ("RUN",), "no `pip install .`: the package and its dependencies must be "
+                        "installed in the image"))
+    return out
+
+
+def _image_errors(prepared: dict) -> list[str]:
+    """Every node runs the project image, and nothing is pip-installed when a node starts."""
+    out = []
+    docker = _as_mapping(prepared.get("docker"))
+    for key in ("image", "head_image", "worker_image"):
+        why = project_image_error(docker.get(key)) if key in docker else None
+        if why:
+            out.append(_error_line("policy", ("docker", key), why))
+    for name, nt in _as_mapping(prepared.get("available_node_types")).items():
+        for key, image in _as_mapping(_as_mapping(nt).get("docker")).items():
+            why = project_image_error(image) if key.endswith("image") else None
+            if why:
+                out.append(_error_line("policy", ("available_node_types", name, "docker", key), why))
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
+        for i, cmd in enumerate(_as_list(prepared.get(key))):
+            if isinstance(cmd, str) and _PIP_INSTALL.search(cmd):
+                out.append(_error_line("policy", (key, i), "installs packages at every node start; put them in the "
+                                "project image (docker/Dockerfile) instead"))
     return out
 
 
@@ -414,7 +478,7 @@ def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
                         "inline GCP credentials; use Application Default Credentials"))
     out += credential_errors(raw)
     if prepared is not None:
-        out += _install_errors(prepared)
+        out += _image_errors(prepared)
         out += _roles_errors("policy", prepared.get("available_node_types") or {},
                              prepared.get("head_node_type"), ("available_node_types",))
     return out
@@ -724,6 +788,9 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
                 out.append(_error_line("policy", where + ("template", "spec", "containers", i, "image"),
                                 f"{image}: Ray image must be {PINNED_RAY_VERSION} (the version the "
                                 "project and this validator pin)"))
+        why = project_image_error(image) if i == 0 else None  # the Ray container
+        if why:
+            out.append(_error_line("policy", where + ("template", "spec", "containers", i, "image"), why))
     if is_head:
         host = params.get("dashboard-host")
         if host is None and kind == "RayCluster":
@@ -801,6 +868,11 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
         if spec.get("enableInTreeAutoscaling") is not True:
             errors.append(_error_line("policy", where + ("enableInTreeAutoscaling",),
                                "must be true: the cluster scales its worker groups with Ray's autoscaler"))
+        if _as_mapping(spec.get("authOptions")).get("mode") != "token":
+            errors.append(_error_line("policy", where + ("authOptions", "mode"),
+                               f"{_as_mapping(spec.get('authOptions')).get('mode')!r}: token authentication must be on "
+                               "(authOptions: {mode: token}); without it anyone who reaches the head's ports "
+                               "can submit jobs or run code through the Ray Client"))
         if spec.get("rayVersion") != PINNED_RAY_VERSION:
             errors.append(_error_line("policy", where + ("rayVersion",),
                                f"{spec.get('rayVersion')!r}: must be {PINNED_RAY_VERSION!r}"))
@@ -818,8 +890,86 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
         if not (isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip()):
             errors.append(_error_line("policy", ("spec", "entrypoint"), "a RayJob needs an entrypoint"))
         errors += _runtime_env_errors(doc)
+        errors += job_config_path_errors(doc)
     errors += credential_errors(doc)
     return errors
+
+
+# Every path field of a run config (dvfl.config.RunConfig.resolve_paths)
+JOB_PATH_FIELDS = ("output_dir", "data.root", "data.clips", "data.unlabeled", "teacher.path", "teacher.cache",
+                   "student.checkpoint", "student.init_2d", "teacher.train.checkpoint", "teacher.train.init_2d")
+
+
+def _shared_mounts(spec: dict) -> set[str]:
+    """Mount paths of the Ray container of the head and of every worker group (all of them)."""
+    groups = [_as_mapping(spec.get("headGroupSpec"))] + [_as_mapping(g) for g in _as_list(spec.get("workerGroupSpecs"))]
+    shared = None
+    for g in groups:
+        containers = _as_list(_as_mapping(_as_mapping(g.get("template")).get("spec")).get("containers"))
+        mounts = {m.get("mountPath") for m in _as_list(_as_mapping(containers[0]).get("volumeMounts"))
+                  if isinstance(m, dict) and isinstance(m.get("mountPath"), str)} if containers else set()
+        shared = mounts if shared is None else shared & mounts
+    return {m.rstrip("/") or "/" for m in (shared or set())} - {"/dev/shm"}
+
+
+def job_config_path_errors(doc: dict) -> list[str]:
+    """A RayJob's run config (``--config`` of the entrypoint, this checkout's copy, with the
+    entrypoint's ``--set``/``--output-dir``) names every path as a URI or an absolute path on a
+    volume that the head and every worker group mount: a relative path would resolve in the job's
+    temporary working directory on the head pod, which no worker sees and which goes with the
+    cluster. Offline: the config is read, never checked against a filesystem or bucket."""
+    import shlex
+
+    from dvfl.config import ConfigError, build_config, config_tree, parse_override
+
+    spec = _as_mapping(doc.get("spec"))
+    entry = spec.get("entrypoint")
+    if not isinstance(entry, str):
+        return []
+    where = ("spec", "entrypoint")
+    try:
+        argv = shlex.split(entry)
+    except ValueError as e:
+        return [_error_line("policy", where, f"cannot be split into arguments: {e}")]
+    config, overrides = None, []
+    for i, a in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--config" and nxt:
+            config = nxt
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif a == "--set" and nxt:
+            overrides.append(nxt)
+        elif a == "--output-dir" and nxt:
+            overrides.append(f"output_dir={nxt}")
+    if config is None:
+        return []  # the embedded default: no data paths to check
+    rel = config[len(PROJECT_DIR_IN_IMAGE) + 1:] if config.startswith(PROJECT_DIR_IN_IMAGE + "/") else config
+    if os.path.isabs(rel):
+        return [_error_line("policy", where, f"--config {config}: not a file of this project (under "
+                     f"{PROJECT_DIR_IN_IMAGE} in the image), so it cannot be checked")]
+    try:
+        cfg = build_config(config_tree(REPO_ROOT / rel, [parse_override(o) for o in overrides])).expand_split()
+    except (ConfigError, ValueError) as e:
+        return [_error_line("policy", where, f"--config {config}: {e}")]
+    mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
+    out = []
+    for name in JOB_PATH_FIELDS:
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, str) or ("://" in value and not value.startswith("file://")):
+            continue  # unset, or a URI (s3://, gs://)
+        local = value[len("file://"):] if value.startswith("file://") else value
+        if not os.path.isabs(local):
+            out.append(_error_line("policy", where, f"{name} is {value!r} (relative, from {rel}): in a job it resolves in "
+                            f"the job's temporary working directory on the head pod; give a URI or an absolute "
+                            f"path on a volume every pod mounts (--set {name}=... or --output-dir)"))
+        elif not any(local == m or local.startswith(m.rstrip("/") + "/") for m in mounts):
+            out.append(_error_line("policy", where, f"{name} is {value!r}: not on a volume that the head and every "
+                            f"worker group mount ({', '.join(sorted(mounts)) or 'none'}); give a URI or a path "
+                            "on such a volume"))
+    return out
 
 
 def kuberay_summary(doc: dict) -> str:

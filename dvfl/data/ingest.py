@@ -1,22 +1,26 @@
-"""Ingest: manifest -> Ray Data clip-level decoding -> atomic Parquet clip shards.
+"""Ingest: manifest -> decode tasks that write their own Parquet clip shards -> manifest.
 
-Pipeline (one Ray Data job):
+The driver plans and commits; no clip byte passes through it:
 
-    from_items(one row per decode task: a run of videos still to do, in shard order, sized by
-               source bytes and shrinking towards the end (plan_decode_tasks))
-      -> map_batches(_decode_batch, TaskPoolStrategy(size=W), num_cpus=1)
-           each Ray worker process owns a killable decode child (dvfl.data.worker), which opens the file
-           with decord, samples every view's frame indices (dvfl.data.sampling), decodes the
-           union of those frames once, resizes (short side) and returns the clips
-      -> iter_batches in the driver, in completion order; the driver streams each shard's
-         videos, in their planned order, into a temporary Parquet file (holding only results
-         that arrive ahead of their turn) and publishes it with os.replace once the shard's
-         last video has arrived.
+    the driver cuts the videos still to do into decode tasks ("pieces": a run of one shard's
+    videos, sized by source bytes and shrinking towards the end, plan_pieces) and keeps as many
+    in flight as the cluster has CPUs (plain Ray tasks, num_cpus=1)
+      -> each task (on any node) decodes its videos in its worker's killable decode child
+         (dvfl.data.worker: decord, every view's frame indices from dvfl.data.sampling, the union
+         of those frames decoded once, resized on the short side) and streams the clips, in
+         planned order, into a Parquet file it writes itself (dvfl.storage: local disk or s3://,
+         gs://): a shard that fits in one task is written and committed (its _meta sidecar) by
+         that task; a bigger shard's pieces are written as part files under _parts/ and a merge
+         task concatenates them, in order, into the shard and commits it
+      -> the driver gets back counts and rejects only, reads every shard's sidecar and writes
+         rejects.jsonl, summary.json and, last, dataset.json.
 
 Shards are a deterministic function of the manifest (split, sorted video ids, fixed
-number of videos per shard), so a re-run skips published shards and redoes only the
-rest; a killed run leaves only dot-prefixed ``*.tmp`` files, which are removed on the
-next run. See docs/data-format.md for the output contract.
+number of videos per shard) and their bytes of the rows in order (fixed row groups), so a re-run
+skips committed shards and redoes only the rest; a killed run leaves only dot-prefixed ``*.tmp``
+files and _parts/, which are removed on the next run. See docs/data-format.md for the output
+contract. ``IngestConfig(writer="driver")`` keeps the earlier path (Ray Data, every clip through
+the driver, which writes all shards) as the baseline benchmarks/input_pipeline.py measures against.
 """
 from __future__ import annotations
 
@@ -68,6 +72,9 @@ class IngestConfig:
     max_child_rss_mb: float = 2048.0        # recycle a decode child whose memory grew past this
     # lz4, not zstd: about the same size on clip frames, faster to read back every epoch (docs/ingest.md)
     compression: str = "lz4"
+    # "workers": decode tasks write their shards; "driver": every clip through the driver (the
+    # earlier path, kept as the baseline benchmarks/input_pipeline.py measures against)
+    writer: str = "workers"
 
     def validate(self) -> None:
         checks = [
@@ -83,6 +90,7 @@ class IngestConfig:
             (self.task_mb > 0, "--task-mb must be > 0"),
             (self.max_jobs_per_child >= 1 and self.max_child_rss_mb > 0, "decode child limits must be > 0"),
             (self.target_shard_mb > 0, "--target-shard-mb must be > 0"),
+            (self.writer in ("workers", "driver"), f"writer must be 'workers' or 'driver', got {self.writer!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -414,6 +422,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     storage.makedirs(meta_dir)
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)
+    parts_dir = storage.join(out, PARTS_DIR)
+    storage.remove_tree(parts_dir)  # pieces of shards a killed run never merged: those shards are redone whole
     storage.write_json(plan_path, layout)
 
     # a shard is done when the shard and its sidecar are both there (one listing each, not a
@@ -450,7 +460,11 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
             if not isolated:
                 log(f"[ingest] note: {network_note(why_not)}")
         max_videos = cfg.videos_per_task or max(1, int(TASK_OUTPUT_BYTES // est_video_bytes))
-        clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
+        if cfg.writer == "driver":
+            clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
+        else:
+            clips_this_run = _run_tasks(jobs, todo, cfg, max_videos, shard_dir, meta_dir, parts_dir, progress)
+            storage.remove_tree(parts_dir)  # every part was merged and removed: the empty folder too
     run_secs = time.perf_counter() - t_run
 
     # -- gather every shard's meta: summary, rejects, dataset.json
@@ -546,49 +560,231 @@ class _OpenShard:
     def publish(self, meta_dir: str) -> None:
         if self.writer is None:
             self.writer = _s.AtomicShardWriter(self.path, self.cfg.row_group_clips, self.cfg.compression)
-        nbytes = self.writer.close()
-        if self.cfg.test_hooks and os.environ.get(HOLD_UNCOMMITTED_ENV) == self.plan.name:
-            time.sleep(3600)  # test hook: the shard is uploaded but not committed (killed here)
-        meta = {"shard": self.plan.name, "split": self.plan.split, "videos": len(self.order),
-                "written_videos": self.written, "clips": self.clips, "bytes": nbytes, "rejects": self.rejects}
-        # local: sidecar first, then the shard (renamed); object store: the shard was uploaded by
-        # close(), the sidecar commits it
-        storage.write_json(storage.join(meta_dir, self.plan.name + ".json"), meta)
-        self.writer.publish()
+        _commit_shard(self.writer, self.plan.name, self.plan.split, len(self.order), self.written, self.clips,
+                      self.rejects, meta_dir, self.cfg.test_hooks)
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
 
 
-# test hook (with test_hooks): hold the driver after this shard's upload, before its sidecar
+def _commit_shard(writer: "_s.AtomicShardWriter", name: str, split: str, videos: int, written: int, clips: int,
+                  rejects: List[Dict], meta_dir: str, test_hooks: bool) -> int:
+    """Close a shard's writer and commit the shard; returns its size in bytes.
+
+    Local: sidecar first, then the shard (renamed into place); object store: the shard was
+    uploaded by close(), the sidecar written after it commits it."""
+    nbytes = writer.close()
+    if test_hooks and os.environ.get(HOLD_UNCOMMITTED_ENV) == name:
+        time.sleep(3600)  # test hook: the shard is uploaded but not committed (killed here)
+    meta = {"shard": name, "split": split, "videos": videos, "written_videos": written, "clips": clips,
+            "bytes": nbytes, "rejects": rejects}
+    storage.write_json(storage.join(meta_dir, name + ".json"), meta)
+    writer.publish()
+    return nbytes
+
+
+# test hook (with test_hooks): hold the shard's writer after its upload, before its sidecar
 HOLD_UNCOMMITTED_ENV = "DVFL_TEST_HOLD_UNCOMMITTED"
+PARTS_DIR = "_parts"  # pieces of shards cut into several decode tasks, until merged (not read by anyone else)
 TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before returning them
 
 
-def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int) -> List[int]:
+def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int,
+                      groups: Optional[List[int]] = None) -> List[int]:
     """Split videos of ``sizes`` bytes (in order) into decode tasks; returns the videos per task.
 
     Ray Data leaves a gap between the end of one task and the start of the next, so tasks hold
     ~``task_mb`` of source video, a second or two of decoding (docs/ingest.md). Towards the end tasks shrink (guided
     self-scheduling: at most 1/(2 x workers) of what is left, down to ``task_mb / 4``) so that
     the last tasks finish together instead of one long task running alone on one core.
-    ``max_videos`` bounds a task's output in the object store.
+    ``max_videos`` bounds a task's output. With ``groups`` (consecutive run lengths summing to
+    ``len(sizes)``: the shards), no task crosses a group boundary.
     """
     cap, floor = task_mb * 2 ** 20, task_mb * 2 ** 20 / 4
     left = float(sum(sizes))
+    ends = set(np.cumsum(groups).tolist()) if groups else set()
     out: List[int] = []
     i = 0
     while i < len(sizes):
         target = max(min(cap, left / (2 * max(1, workers))), floor)
         j, acc = i, 0
-        while j < len(sizes) and j - i < max_videos and (j == i or acc + sizes[j] <= target):
+        while j < len(sizes) and j - i < max_videos and (j == i or (acc + sizes[j] <= target and j not in ends)):
             acc += sizes[j]
             j += 1
         out.append(j - i)
         left -= acc
         i = j
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# decode tasks that write their own shards (the default writer)
+
+_CLIP_ROW_SCHEMA = pa.schema([f for f in _s.CLIP_SCHEMA if f.name != "frames"])
+
+
+def _decode_process(max_jobs: int, max_rss_mb: float):
+    """This worker process's decode child (started once, reused across tasks and ingest runs)."""
+    global _PROC
+    from .worker import DecodeProcess
+
+    if _PROC is None:
+        _PROC = DecodeProcess()
+    _PROC.max_jobs, _PROC.max_rss_mb = max_jobs, max_rss_mb
+    return _PROC
+
+
+def _video_table(job: Dict[str, Any], res: Dict[str, Any]) -> Tuple[Optional[pa.Table], Optional[Dict]]:
+    """One decoded video as clip rows (:data:`CLIP_SCHEMA` columns), or its reject record."""
+    if not res.get("ok"):
+        return None, {"path": job["path"], "video_id": job["video_id"], "split": job["split"],
+                      "reason": res.get("reason", "decoder_error"), "detail": res.get("detail", ""), "stage": "decode"}
+    label = None if job["label"] < 0 else job["label"]
+    rows = [{"clip_id": make_clip_id(job["video_id"], view, k), "video_id": job["video_id"], "path": job["path"],
+             "label": label, "class_name": job["class_name"] or None, "split": job["split"], "view": view,
+             "view_index": k, "frame_indices": idx.tolist(), "src_fps": res["src_fps"],
+             "src_num_frames": res["src_num_frames"], "num_frames": clip.shape[0], "height": res["height"],
+             "width": res["width"]} for view, k, idx, clip in res["views"]]
+    t = pa.Table.from_pylist(rows, schema=_CLIP_ROW_SCHEMA)
+    return t.append_column(_s.CLIP_SCHEMA.field("frames"), binary_column([v[3] for v in res["views"]])), None
+
+
+def _ingest_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
+    """Ray task: decode one piece's videos in order and write them to ``piece["dest"]``: the shard
+    itself, committed here, when the piece is the whole shard; else a part file for _merge_parts.
+    Returns counts and rejects only (the clips never travel back to the driver)."""
+    proc = _decode_process(opts["max_jobs"], opts["max_rss_mb"])
+    writer = _s.AtomicShardWriter(piece["dest"], opts["row_group_clips"], opts["compression"])
+    written = clips = 0
+    rejects: List[Dict] = []
+    try:
+        for job in piece["jobs"]:
+            res = proc.run(dict(opts["params"], path=job["abspath"], video_id=job["video_id"], split=job["split"]),
+                           opts["timeout"])
+            table, reject = _video_table(job, res)
+            if table is None:
+                rejects.append(reject)
+                continue
+            writer.write(table)
+            written += 1
+            clips += table.num_rows
+        if piece["whole"]:
+            nbytes = _commit_shard(writer, piece["shard"], piece["split"], len(piece["jobs"]), written, clips,
+                                   rejects, opts["meta_dir"], opts["params"]["test_hooks"])
+        else:
+            nbytes = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"shard": piece["shard"], "index": piece["index"], "videos": len(piece["jobs"]), "written": written,
+            "clips": clips, "rejects": rejects, "bytes": nbytes}
+
+
+def _merge_parts(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict[str, Any]) -> Dict[str, Any]:
+    """Ray task: concatenate a shard's part files, in piece order, into the shard and commit it.
+    The bytes equal those of one writer fed the same rows (fixed-size row groups)."""
+    writer = _s.AtomicShardWriter(shard["dest"], opts["row_group_clips"], opts["compression"])
+    try:
+        for part in parts:
+            for batch in _s.parquet_file(part["dest"]).iter_batches(batch_size=opts["row_group_clips"]):
+                writer.write(pa.Table.from_batches([batch]))
+        rejects = [r for part in parts for r in part["rejects"]]
+        nbytes = _commit_shard(writer, shard["shard"], shard["split"], sum(p["videos"] for p in parts),
+                               sum(p["written"] for p in parts), sum(p["clips"] for p in parts), rejects,
+                               opts["meta_dir"], opts["params"]["test_hooks"])
+    except BaseException:
+        writer.abort()
+        raise
+    for part in parts:
+        storage.remove(part["dest"])
+    return {"shard": shard["shard"], "bytes": nbytes}
+
+
+def plan_pieces(jobs: List[Dict], todo: List[_ShardPlan], workers: int, task_mb: float, max_videos: int,
+                shard_dir: str, parts_dir: str) -> List[Dict[str, Any]]:
+    """The decode tasks of ``jobs`` (in shard order), none across a shard boundary; each names
+    where it writes: the shard itself when it is the shard's only piece, else a part file."""
+    sizes = plan_decode_tasks([j["bytes"] for j in jobs], workers, task_mb, max_videos,
+                              groups=[len(p.video_ids) for p in todo])
+    pieces, start = [], 0
+    for n in sizes:
+        chunk = jobs[start:start + n]
+        start += n
+        if pieces and pieces[-1]["shard"] == chunk[0]["shard"]:
+            pieces[-1]["_more"].append(chunk)
+        else:
+            pieces.append({"shard": chunk[0]["shard"], "split": chunk[0]["split"], "_more": [chunk]})
+    out = []
+    for sh in pieces:
+        chunks = sh.pop("_more")
+        for k, chunk in enumerate(chunks):
+            whole = len(chunks) == 1
+            dest = (storage.join(shard_dir, sh["shard"] + ".parquet") if whole
+                    else storage.join(parts_dir, f"{sh['shard']}.{k:05d}.parquet"))
+            out.append(dict(sh, index=k, count=len(chunks), whole=whole, dest=dest, jobs=chunk))
+    return out
+
+
+def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_videos: int, shard_dir: str,
+               meta_dir: str, parts_dir: str, progress: _Progress) -> int:
+    """Keep ``workers`` decode (and merge) tasks in flight, in plan order; merges go first."""
+    import ray
+
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pieces = plan_pieces(jobs, todo, workers, cfg.task_mb, max_videos, shard_dir, parts_dir)
+    opts = {"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child, "max_rss_mb": cfg.max_child_rss_mb,
+            "row_group_clips": cfg.row_group_clips, "compression": cfg.compression, "meta_dir": meta_dir,
+            "params": {"frames": cfg.frames, "clips_per_video": cfg.clips_per_video, "eval_clips": cfg.eval_clips,
+                       "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
+                       "test_hooks": bool(cfg.test_hooks)}}
+    # retried when their worker or node dies: a task writes the same bytes under the same names again
+    piece_task = ray.remote(_ingest_piece).options(num_cpus=1, max_retries=3)
+    merge_task = ray.remote(_merge_parts).options(num_cpus=1, max_retries=3)
+    opts_ref = ray.put(opts)
+    queue = pieces[::-1]                 # pop() from the end = plan order
+    del pieces
+    merges: List[Tuple[Dict, List[Dict]]] = []
+    done_parts: Dict[str, List[Dict]] = {}
+    inflight: Dict[Any, str] = {}
+    total_clips = 0
+    try:
+        while queue or merges or inflight:
+            while len(inflight) < workers and (merges or queue):
+                if merges:
+                    sh, parts = merges.pop(0)
+                    inflight[merge_task.remote(sh, parts, opts_ref)] = "merge"
+                else:
+                    p = queue.pop()
+                    inflight[piece_task.remote(p, opts_ref)] = "piece"
+                    if not p["whole"]:
+                        done_parts.setdefault(p["shard"], {"split": p["split"], "parts": [None] * p["count"]})
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                kind = inflight.pop(ref)
+                r = ray.get(ref)
+                if kind == "merge":
+                    continue
+                total_clips += r["clips"]
+                progress.update(r["videos"], r["clips"], len(r["rejects"]))
+                sh = done_parts.get(r["shard"])
+                if sh is not None:
+                    sh["parts"][r["index"]] = r
+                    if all(x is not None for x in sh["parts"]):
+                        del done_parts[r["shard"]]
+                        parts = [dict(x, dest=storage.join(parts_dir, f"{r['shard']}.{x['index']:05d}.parquet"))
+                                 for x in sh["parts"]]
+                        merges.append(({"shard": r["shard"], "split": sh["split"],
+                                        "dest": storage.join(shard_dir, r["shard"] + ".parquet")}, parts))
+    except BaseException:
+        for ref in inflight:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001  (best effort: the original error is what matters)
+                pass
+        raise
+    progress.update(0, 0, 0, force=True)
+    return total_clips
 
 
 def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_videos: int, shard_dir: str,

@@ -15,12 +15,17 @@ Mid-way through epoch 2 (both ranks paused by the ``DVFL_HOLD_AFTER_EPOCH`` hook
 step, epoch 1's checkpoint persisted), the node hosting rank 1 is removed (all its processes
 killed), a replacement node joins, and the workers are released. Ray Train's FailureConfig restarts
 the worker group, which resumes from epoch 1's checkpoint and finishes. The result JSON records the
-evidence; tests/test_multinode.py asserts on it.
+evidence; tests/test_cluster_runs.py asserts on it.
+
+With ``--storage s3://BUCKET/PREFIX`` (an S3 endpoint from AWS_ENDPOINT_URL) every artefact is
+on object storage, as a real multi-node cluster needs (no shared disk): the clips (ingested on
+the cluster with one video per decode task, so shards are written by their tasks in pieces and
+merged), the teacher, its logit cache, Ray Train's checkpoints, the student. Only the source
+videos and the test hook's hold folder are local (under ``--out``).
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -50,7 +55,7 @@ def process_gone(pid: int, timeout_s: float) -> bool:
     return False
 
 
-def tiny_config(out: str, teacher_path: str | None = None):
+def tiny_config(out: str, teacher_path: str | None = None, clips: str | None = None):
     from dvfl.config import load_config
 
     overrides = [
@@ -66,21 +71,38 @@ def tiny_config(out: str, teacher_path: str | None = None):
     ]
     if teacher_path:
         overrides.append(("teacher.path", teacher_path))
+    if clips:
+        overrides.append(("data.clips", clips))
     return load_config(None, overrides)
 
 
-def run(out: str, result: dict) -> None:
+def _checkpoint_snapshots(storage_path: str) -> list[str]:
+    """Ray Train's checkpoint manager snapshots under ``storage_path`` (a local path or a URI)."""
+    import pyarrow.fs as pafs
+
+    from dvfl import storage
+
+    fs, root = storage.filesystem(storage_path)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
+    return [storage.join(storage_path, i.path[len(root) + 1:]) for i in infos
+            if i.type == pafs.FileType.File and i.path.endswith("/checkpoint_manager_snapshot.json")]
+
+
+def run(out: str, result: dict, remote: str | None = None) -> None:
+    import io
+
     import ray
     import torch
     from ray.cluster_utils import Cluster
 
-    from dvfl import pipeline
+    from dvfl import pipeline, storage
     from dvfl.artifacts import save_model
     from dvfl.models import build_model
     from dvfl.data.shards import load_dataset_info
 
-    cfg = tiny_config(out)
-    pipeline.ensure_videos(cfg, log=None)  # before Ray: the generator forks
+    local = tiny_config(out)
+    pipeline.ensure_videos(local, log=None)  # before Ray: the generator forks
+    cfg = tiny_config(remote, clips=storage.join(remote, "clips")) if remote else local
 
     t0 = time.time()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -99,6 +121,15 @@ def run(out: str, result: dict) -> None:
 
     # 1. ingest on the cluster
     t = time.time()
+    if remote:
+        from dvfl.data.adapters import build_manifest
+        from dvfl.data.ingest import IngestConfig, ingest
+
+        d = cfg.data
+        s = ingest(build_manifest("synthetic", os.path.join(out, "videos"), 1),
+                   IngestConfig(out=cfg.clips_dir, frames=d.frames, clips_per_video=d.clips_per_video,
+                                eval_clips=d.eval_clips, short_side=d.short_side, seed=cfg.seed, videos_per_task=1), log=log)
+        result["ingest_summary"] = s
     info = pipeline.ensure_clips(cfg, log=log)
     result["ingest"] = {"clips": info["clips"], "videos": info["written_videos"], "seconds": round(time.time() - t, 1)}
 
@@ -106,9 +137,9 @@ def run(out: str, result: dict) -> None:
     num_classes = len(info["classes"])
     kwargs = pipeline.model_kwargs(cfg.teacher.train, num_classes, cfg)
     torch.manual_seed(0)
-    teacher_dir = os.path.join(out, "teacher_random")
+    teacher_dir = storage.join(cfg.output_dir, "teacher_random")
     save_model(teacher_dir, build_model(cfg.teacher.train.model, **kwargs), cfg.teacher.train.model, kwargs)
-    cfg = tiny_config(out, teacher_dir)
+    cfg = tiny_config(cfg.output_dir, teacher_dir, clips=cfg.data.clips)
     teacher_path, teacher_spec = pipeline.ensure_teacher(cfg, info, log=log)
     t = time.time()
     cache = pipeline.ensure_cache(cfg, teacher_path, log=log)
@@ -141,20 +172,21 @@ def run(out: str, result: dict) -> None:
     result["ranks_before_kill"] = ranks
     # epoch 1's checkpoint, once Ray Train's controller has registered it: it writes its checkpoint
     # manager snapshot (ray 2.60's format) under the run directory when it does
-    storage = os.path.join(cfg.output_dir, pipeline.RAY_RESULTS)
+    ray_storage = storage.join(cfg.output_dir, pipeline.RAY_RESULTS)
     registered = None
     while registered is None:
         if time.time() > deadline:
             raise RuntimeError("epoch 1's checkpoint was never registered")
-        for snap in glob.glob(os.path.join(storage, "*", "checkpoint_manager_snapshot.json")):
+        for snap in _checkpoint_snapshots(ray_storage):
             try:
-                latest = json.load(open(snap)).get("latest_checkpoint_result") or {}
-            except ValueError:  # being written
+                latest = storage.read_json(snap).get("latest_checkpoint_result") or {}
+            except (ValueError, FileNotFoundError):  # being written
                 continue
             if latest.get("metrics", {}).get("epoch") == 1:
-                registered = os.path.join(os.path.dirname(snap), latest["checkpoint_dir_name"])
+                registered = storage.join(storage.dirname(snap), latest["checkpoint_dir_name"])
         time.sleep(0.2)
-    state = torch.load(os.path.join(registered, "state.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(registered, "state.pt"))), map_location="cpu",
+                       weights_only=True)
     result["checkpoint_before_kill"] = {"path": registered, "epoch_index": state["epoch"], "step": state["step"],
                                         "history": state["history"]}
     victim = next(w for w in workers if w.node_id == ranks[1]["node_id"])
@@ -171,7 +203,10 @@ def run(out: str, result: dict) -> None:
     if "error" in outcome:
         raise RuntimeError(outcome["error"])
     result["train_seconds"] = round(time.time() - t, 1)
-    spec = json.load(open(os.path.join(outcome["path"], "model.json")))
+    spec = storage.read_json(storage.join(outcome["path"], "model.json"))
+    result["storage"] = cfg.output_dir
+    result["student_on_storage"] = storage.isfile(storage.join(outcome["path"], "model.pt"))
+    result["checkpoint_snapshots"] = len(_checkpoint_snapshots(ray_storage))
     result["history"] = spec["history"]
     result["student_dir"] = outcome["path"]
     result["nodes_at_end"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
@@ -182,6 +217,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--result", required=True)
+    ap.add_argument("--storage", default=None,
+                    help="s3://BUCKET/PREFIX (or gs://): every artefact there; --out keeps the source videos")
     args = ap.parse_args(argv)
     own_tmp = not os.environ.get("RAY_TMPDIR")
     tmpdir = own_ray_tmpdir("dvfl-mn-")
@@ -190,7 +227,7 @@ def main(argv=None) -> int:
     result: dict = {"ray_tmpdir": tmpdir, "ok": False}
     started = time.time()
     try:
-        run(os.path.abspath(args.out), result)
+        run(os.path.abspath(args.out), result, args.storage)
         result["ok"] = True
     except BaseException:
         result["error"] = traceback.format_exc()
