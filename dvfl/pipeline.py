@@ -272,13 +272,14 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     key = digest(identity)
     out = (storage.join(cfg.output_dir, TEACHER_DIR, key) if role == "teacher"
            else storage.join(cfg.output_dir, STUDENTS_DIR, f"{role.replace('+', '-')}-s{seed}-{key}"))
+    label = role if role == "teacher" else f"{role} s{seed}"
     if storage.isfile(storage.join(out, SPEC)):
-        log(f"[{role}] reusing {out} (inputs unchanged)")
+        log(f"[{label}] reusing {out} (inputs unchanged)")
         return out
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
-    loop = dataclasses.replace(loop, label=role if role == "teacher" else f"{role} s{seed}")
+    loop = dataclasses.replace(loop, label=label)
     return ModelRun(role, seed, out, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", loop, section, kwargs,
                     identity, unlabeled_dir, optim.epochs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,7 +174,10 @@ def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(
     assert killed["rows"] == killed["meta_clips"] > 0
 
     out = s3_ingest["rerun"].stdout
-    assert f"{len(killed['committed'])} already done" in out and "== inputs 36" in out, out
+    # decode tasks commit their own shards: one already running when the driver died may still
+    # commit a (whole) shard afterwards, so the rerun skips at least the shards committed at the kill
+    done = re.search(r"(\d+) shards already done", out)
+    assert done and len(killed["committed"]) <= int(done.group(1)) < 9 and "== inputs 36" in out, out
     info = storage.read_json(f"{uri}/dataset.json")
     files = sorted(s["file"] for s in info["shards"])
     objects = s3_objects(uri)

@@ -236,9 +236,10 @@ def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_facto
     cmd = [sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root", str(root),
            "--test-fraction", "0.34", "--out", str(out), "--short-side", "32", "--quiet"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    # small JSON files fit; every shard is larger than this
-    full = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size(16 * 1024))
+    # small JSON files fit; every shard is larger than this. The decode tasks write the shards in
+    # the cluster's worker processes: the same limit reaches them through the ingest's test hook
+    full = subprocess.run(cmd, env={**env, "DVFL_INGEST_TEST_HOOKS": "1", "DVFL_TEST_FSIZE_LIMIT": str(16 * 1024)},
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(16 * 1024))
     assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
     assert "error: writing to" in full.stderr and "File too large" in full.stderr
     assert _no_traceback(full.stderr), full.stderr[-3000:]

@@ -248,23 +248,23 @@ def test_students_side_by_side_in_runners_and_a_killed_runner_resumes(prepared, 
     epoch state (max_failures), with every epoch in the history once."""
     cfg = prepared["cfg"]
     out = tmp_path / "side"
-    args = _tiny_args(out, [("students", ["vfl", "vfl_long", "dvfl"]), ("optim.epochs", 2), ("max_failures", 1),
+    args = _tiny_args(out, [("students", ["vfl_long", "dvfl"]), ("optim.epochs", 2), ("max_failures", 1),
                             ("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1),
                             ("scaling.concurrent_runs", 2), ("data.clips", cfg.clips_dir),
                             ("teacher.path", prepared["teacher"])])
     r = _run_distill(args, ray_local.get_runtime_context().gcs_address, {"DVFL_FAIL_AFTER_EPOCH": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / ".fail-injected").exists()  # a runner really died
-    assert re.search(r"\[(vfl|vfl_long|dvfl) s0\] resumed from checkpoint after epoch 1", r.stdout + r.stderr)
+    assert re.search(r"\[(vfl_long|dvfl) s0\] resumed from checkpoint after epoch 1", r.stdout + r.stderr)
     report = json.loads((out / "results.json").read_text())
-    assert set(report["models"]) == {"teacher", "vfl", "vfl_long", "dvfl"}
+    assert set(report["models"]) == {"teacher", "vfl_long", "dvfl"}
     epochs = {}
-    for role in ("vfl", "vfl_long", "dvfl"):
+    for role in ("vfl_long", "dvfl"):
         (student,) = (out / "students").glob(f"{role}-s0-*")
         epochs[role] = [h["epoch"] for h in json.loads((student / "model.json").read_text())["history"]]
-    assert epochs == {"vfl": [1, 2], "vfl_long": [1, 2, 3, 4], "dvfl": [1, 2]}
+    assert epochs == {"vfl_long": [1, 2, 3, 4], "dvfl": [1, 2]}
     runs = list((out / "ray_results").iterdir())
-    assert len(runs) == 3 and all(sorted(p.name for p in run.iterdir()) in (
+    assert len(runs) == 2 and all(sorted(p.name for p in run.iterdir()) in (
         ["epoch_000001.pt", "epoch_000002.pt"], ["epoch_000003.pt", "epoch_000004.pt"]) for run in runs)
     assert "dvfl_minus_vfl_long_points" in report["kd_gains"] and report["wall_seconds"] > 0
 

@@ -586,6 +586,27 @@ def _commit_shard(writer: "_s.AtomicShardWriter", name: str, split: str, videos:
 
 # test hook (with test_hooks): hold the shard's writer after its upload, before its sidecar
 HOLD_UNCOMMITTED_ENV = "DVFL_TEST_HOLD_UNCOMMITTED"
+# test hook (with test_hooks): the decode tasks' files may grow to this many bytes (a disk full)
+FSIZE_LIMIT_ENV = "DVFL_TEST_FSIZE_LIMIT"
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Test hook: writes past ``limit`` bytes fail with EFBIG in this process while inside."""
+    if not limit:
+        yield
+        return
+    import resource
+    import signal
+
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed worker
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
 PARTS_DIR = "_parts"  # pieces of shards cut into several decode tasks, until merged (not read by anyone else)
 TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before returning them
 
@@ -654,6 +675,11 @@ def _ingest_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]
     """Ray task: decode one piece's videos in order and write them to ``piece["dest"]``: the shard
     itself, committed here, when the piece is the whole shard; else a part file for _merge_parts.
     Returns counts and rejects only (the clips never travel back to the driver)."""
+    with _file_size_limit(opts.get("fsize_limit", 0)):
+        return _write_piece(piece, opts)
+
+
+def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     proc = _decode_process(opts["max_jobs"], opts["max_rss_mb"])
     writer = _s.AtomicShardWriter(piece["dest"], opts["row_group_clips"], opts["compression"])
     written = clips = 0
@@ -684,6 +710,11 @@ def _ingest_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]
 def _merge_parts(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict[str, Any]) -> Dict[str, Any]:
     """Ray task: concatenate a shard's part files, in piece order, into the shard and commit it.
     The bytes equal those of one writer fed the same rows (fixed-size row groups)."""
+    with _file_size_limit(opts.get("fsize_limit", 0)):
+        return _write_merged(shard, parts, opts)
+
+
+def _write_merged(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict[str, Any]) -> Dict[str, Any]:
     writer = _s.AtomicShardWriter(shard["dest"], opts["row_group_clips"], opts["compression"])
     try:
         for part in parts:
@@ -737,7 +768,9 @@ def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_
             "row_group_clips": cfg.row_group_clips, "compression": cfg.compression, "meta_dir": meta_dir,
             "params": {"frames": cfg.frames, "clips_per_video": cfg.clips_per_video, "eval_clips": cfg.eval_clips,
                        "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
-                       "test_hooks": bool(cfg.test_hooks)}}
+                       "test_hooks": bool(cfg.test_hooks)},
+            # test hook: a full disk where the decode tasks write (they may run in another process tree)
+            "fsize_limit": int(os.environ.get(FSIZE_LIMIT_ENV, 0)) if cfg.test_hooks else 0}
     # retried when their worker or node dies: a task writes the same bytes under the same names again
     piece_task = ray.remote(_ingest_piece).options(num_cpus=1, max_retries=3)
     merge_task = ray.remote(_merge_parts).options(num_cpus=1, max_retries=3)
@@ -777,14 +810,31 @@ def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_
                         merges.append(({"shard": r["shard"], "split": sh["split"],
                                         "dest": storage.join(shard_dir, r["shard"] + ".parquet")}, parts))
     except BaseException:
-        for ref in inflight:
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001  (best effort: the original error is what matters)
-                pass
+        _stop_tasks(list(inflight))
         raise
     progress.update(0, 0, 0, force=True)
     return total_clips
+
+
+def _stop_tasks(refs: List[Any], grace_s: float = 20.0) -> None:
+    """On an error (or Ctrl-C): interrupt the tasks still writing, so that each aborts its writer
+    and leaves no temporary file; a task that does not stop within ``grace_s`` is killed (the next
+    run removes what it left)."""
+    import ray
+
+    def cancel(refs, force):
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=force)
+            except Exception:  # noqa: BLE001  (best effort: the original error is what matters)
+                pass
+
+    cancel(refs, False)
+    try:
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    except Exception:  # noqa: BLE001
+        running = refs
+    cancel(running, True)
 
 
 def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_videos: int, shard_dir: str,
