@@ -120,7 +120,7 @@ def s3_ingest(s3_server, tmp_path_factory):
     """``pipelines/ingest.py --out s3://...`` SIGKILLed while shard HELD is uploaded but not yet
     committed (test hook: the task writing it waits there), then the same command run again."""
     from dvfl import storage
-    from dvfl.data.shards import read_clips_table, shard_paths
+    from dvfl.data.shards import shard_paths
 
     tmp = tmp_path_factory.mktemp("s3_ingest")
     uri = f"s3://{s3_server['new_bucket']()}/clips/run1"
@@ -147,10 +147,17 @@ def s3_ingest(s3_server, tmp_path_factory):
         except ProcessLookupError:
             pass
         err.close()
-    killed = {"objects": s3_objects(uri), "committed": shard_paths(uri)}
-    killed["rows"] = read_clips_table(uri, columns=["clip_id"]).num_rows
+    # decode tasks of the killed run that were inside a shard may still commit it (whole) for a
+    # moment after the driver died: the snapshot waits until the committed set is stable
+    committed, stable_since, deadline = shard_paths(uri), time.time(), time.time() + 60
+    while time.time() - stable_since < 5 and time.time() < deadline:
+        time.sleep(0.5)
+        if shard_paths(uri) != committed:
+            committed, stable_since = shard_paths(uri), time.time()
+    killed = {"objects": s3_objects(uri), "committed": committed}
+    killed["rows"] = sum(pq.ParquetFile(storage.open_input(p)).metadata.num_rows for p in committed)
     killed["meta_clips"] = sum(storage.read_json(f"{uri}/shards/_meta/{storage.basename(p)[:-8]}.json")["clips"]
-                               for p in killed["committed"])
+                               for p in committed)
     env.pop("DVFL_TEST_HOLD_UNCOMMITTED")
     rerun = _run(args, env, work)
     return {"uri": uri, "videos": str(tmp / "videos"), "work": work, "env": env, "tmp": tmp, "killed": killed,
