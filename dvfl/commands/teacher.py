@@ -88,7 +88,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    else:
+    elif info is not None:  # bare --clips: the clips describe themselves
         cfg.data.short_side = info["params"]["short_side"]
         cfg.data.frames = info["params"]["frames"]
         cfg.validate(outputs=("teacher.path",))
