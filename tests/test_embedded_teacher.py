@@ -68,3 +68,51 @@ def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_p
     assert len(ev["predictions"]) == 8 * SAMPLE_PER_CLASS
     expected = {v: recorded["predictions"][v] for v in ev["predictions"]}
     assert ev["predictions"] == expected  # each sampled video gets the class recorded for it
+
+
+_TINY = """
+name: {name}
+output_dir: {out}
+seed: {seed}
+data:
+  dataset: synthetic
+  frames: 8
+  clips_per_video: 1
+  eval_clips: 1
+  short_side: 32
+  flip: false
+  synthetic: {{num_classes: 4, train_per_class: {train}, test_per_class: {test}, unlabeled_videos: 0, size: 32,
+              frames: 16, motion: stop, background: plain, speed: [2.5, 3.5]}}
+teacher:
+  path: {teacher}
+  train: {{model: videofocalnet_nano, embed_dim: 8, depths: [1, 1, 1, 1]}}
+  optim: {{epochs: 1, batch_size: 8, lr: 0.001}}
+student: {{model: videofocalnet_nano, embed_dim: 8, depths: [1, 1, 1, 1]}}
+scaling: {{num_workers: 1, cpus_per_worker: 1}}
+"""
+
+
+def test_make_teacher_path_trains_on_its_own_videos_and_publishes_with_the_students_test_accuracy(ray_local, tmp_path):
+    """`make teacher` as a command: a synthetic teacher config generates and ingests its own
+    videos, trains, and publishes a folder whose spec records each of the students' test videos'
+    prediction, which the published weights reproduce."""
+    from dvfl.artifacts import load_model
+    from dvfl.cli import main
+    from dvfl.train.evaluate import evaluate_multiview
+
+    teacher_cfg, student_cfg = tmp_path / "teacher.yaml", tmp_path / "students.yaml"
+    teacher_cfg.write_text(_TINY.format(name="tiny-teacher", out=tmp_path / "t", seed=1000, train=6, test=1,
+                                        teacher=tmp_path / "t" / "model"))
+    student_cfg.write_text(_TINY.format(name="tiny", out=tmp_path / "s", seed=0, train=2, test=3,
+                                        teacher=tmp_path / "published"))
+    published = tmp_path / "published"
+    assert main(["teacher", "--config", str(teacher_cfg), "--publish", str(published),
+                 "--test-config", str(student_cfg)]) == 0
+    spec = json.loads((published / "model.json").read_text())
+    assert spec["role"] == "teacher" and spec["seed"] == 1000 and spec["kwargs"]["embed_dim"] == 8
+    recorded = spec["eval_tiny_test"]
+    assert recorded["videos"] == 4 * 3 and len(recorded["predictions"]) == 12
+    model, loaded = load_model(published)
+    assert loaded["weights_fingerprint"] == spec["weights_fingerprint"]
+    ev = evaluate_multiview(model, str(tmp_path / "s" / "clips"), "test", 32, num_clips=1, num_crops=1, per_video=True)
+    assert ev["predictions"] == recorded["predictions"]
