@@ -50,6 +50,7 @@ class SyntheticSection:
     speed: list = field(default_factory=lambda: [1.2, 2.2])  # px per video frame, [min, max]
     noise_std: float = 6.0
     background: str = "textured"  # or "plain" (one colour: the moving object is all that changes)
+    label_noise: float = 0.0  # share of training videos filed under a wrong class (test never)
 
 
 @dataclass
@@ -327,6 +328,8 @@ class RunConfig:
             fail("data.synthetic.speed", f"must be [min, max] px per frame with 0 < min <= max, got {sp!r}")
         if not 0 <= self.data.synthetic.noise_std:
             fail("data.synthetic.noise_std", f"must be >= 0, got {self.data.synthetic.noise_std!r}")
+        if not 0 <= self.data.synthetic.label_noise < 1:
+            fail("data.synthetic.label_noise", f"must be in [0, 1), got {self.data.synthetic.label_noise!r}")
         if self.data.synthetic.background not in ("textured", "plain"):
             fail("data.synthetic.background", f"must be textured or plain, got {self.data.synthetic.background!r}")
         if not 0 <= self.data.teacher_pool < 1:

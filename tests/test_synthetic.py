@@ -207,3 +207,34 @@ def test_stop_motion_keeps_the_class_direction_until_the_wall():
             ny, nx = pos[-1] - pos[0]
             err = abs((math.degrees(math.atan2(-ny, nx) - math.atan2(-dy, dx)) + 180) % 360 - 180)
             assert err <= 4.0 and math.hypot(ny, nx) >= 15
+
+
+def test_label_noise_refiles_training_videos_under_wrong_classes_and_never_test_videos(tmp_path):
+    """label_noise only moves training videos to another class's folder and split line (their
+    content is the clean dataset's, byte for byte); the truth file names each one's real class."""
+    cfg = syn.SyntheticConfig(**dict(SMALL, train_per_class=12, test_per_class=2, label_noise=0.5))
+    clean = syn.SyntheticConfig(**dict(SMALL, train_per_class=12, test_per_class=2))
+    noisy_root, clean_root = str(tmp_path / "noisy"), str(tmp_path / "clean")
+    syn.generate(noisy_root, cfg, workers=1, log=None)
+    syn.generate(clean_root, clean, workers=1, log=None)
+    by_hash = {h: p for p, h in _hashes(clean_root).items() if p.endswith(".mp4")}
+    noisy = {p: h for p, h in _hashes(noisy_root).items() if p.endswith(".mp4")}
+    assert sorted(noisy.values()) == sorted(by_hash)  # the same videos, filed differently
+    names = syn.class_names(4)
+    truth = {row.split(",")[0]: int(row.split(",")[1])
+             for row in open(os.path.join(noisy_root, syn.TRAIN_TRUTH)).read().splitlines()[1:]}
+    assert len(truth) == 4 * 12
+    m = ucf101(noisy_root, split=1)
+    train = {os.path.relpath(e.path, noisy_root): e.label for e in m.entries if e.split == "train"}
+    test = {os.path.relpath(e.path, noisy_root): e.label for e in m.entries if e.split == "test"}
+    assert set(train) == set(truth) and len(test) == 4 * 2
+    wrong = 0
+    for rel, label in train.items():
+        true_folder = by_hash[noisy[rel]].split("/")[0]
+        assert names[truth[rel]] == true_folder  # the truth file is right about the content
+        assert rel.split("/")[0] == names[label]  # folder and split line agree
+        wrong += label != truth[rel]
+    assert 0.3 < wrong / len(train) < 0.7
+    for rel, label in test.items():  # the test set is curated: every video under its own class
+        assert by_hash[noisy[rel]].split("/")[0] == names[label]
+    assert "label_noise" not in syn.SyntheticConfig(**SMALL).as_dict()  # old datasets keep their identity

@@ -53,6 +53,7 @@ GENERATOR_VERSION = 2  # 2: bounded motion by default
 LIST_DIR = "ucfTrainTestlist"
 UNLABELED_DIR = "unlabeled_pool"
 INFO_FILE = "synthetic.json"
+TRAIN_TRUTH = "train_truth.csv"  # the true class of each training video (with label_noise)
 MOTIONS = ("bounded", "wrap", "stop")
 BACKGROUNDS = ("textured", "plain")
 
@@ -81,6 +82,10 @@ class SyntheticConfig:
     # "plain": one colour, so the moving object is all that changes; "textured": a coarse colour
     # field with fine static texture (harder: a from-scratch model finds the motion much later)
     background: str = "textured"
+    # Share of the training videos filed under a wrong class (uniformly another), as annotators'
+    # labels of one's own videos are: the video still shows its own class's motion. Test videos
+    # are always filed right; the true classes go to train_truth.csv, which ingest never reads.
+    label_noise: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -103,12 +108,16 @@ class SyntheticConfig:
         for k in ("train_per_class", "test_per_class", "unlabeled_videos"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
 
     def as_dict(self) -> Dict:
         d = asdict(self)
         d["speed"] = list(self.speed)
         d["object_size"] = list(self.object_size)
         d["distractors"] = list(self.distractors)
+        if not self.label_noise:  # datasets generated before the option keep their identity
+            del d["label_noise"]
         return d
 
 
@@ -280,15 +289,24 @@ class _Job:
     seed: int
 
 
-def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[Tuple[str, int]]]:
+def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[Tuple[str, int]], List[Tuple[str, int]]]:
     names = class_names(cfg.num_classes)
     jobs: List[_Job] = []
-    train_lines, test_lines = [], []
+    train_lines, test_lines, train_truth = [], [], []
+    filed_count = [0] * cfg.num_classes
     for c, name in enumerate(names):
         for j in range(cfg.train_per_class):
-            rel = f"{name}/v_{name}_g{8 + j % 18:02d}_c{j // 18 + 1:02d}.mp4"
+            filed = c
+            if cfg.label_noise:
+                noise = np.random.default_rng(stable_seed("dvfl-synth", cfg.seed, "label-noise", c, j))
+                if noise.random() < cfg.label_noise:
+                    filed = (c + int(noise.integers(1, cfg.num_classes))) % cfg.num_classes
+            k, filed_count[filed] = filed_count[filed], filed_count[filed] + 1
+            fname = names[filed]
+            rel = f"{fname}/v_{fname}_g{8 + k % 18:02d}_c{k // 18 + 1:02d}.mp4"
             jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "train", c, j)))
-            train_lines.append(f"{rel} {c + 1}")
+            train_lines.append(f"{rel} {filed + 1}")
+            train_truth.append((rel, c))
         for j in range(cfg.test_per_class):
             rel = f"{name}/v_{name}_g{1 + j % 7:02d}_c{j // 7 + 1:02d}.mp4"
             jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "test", c, j)))
@@ -300,7 +318,7 @@ def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[
         rel = f"{UNLABELED_DIR}/u_{j:05d}.mp4"
         jobs.append(_Job(rel, c, s))
         truth.append((rel, c))
-    return jobs, train_lines, test_lines, truth
+    return jobs, train_lines, test_lines, truth, train_truth
 
 
 def _make_one(args: Tuple[Dict, str, _Job]) -> int:
@@ -339,7 +357,7 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
     from dvfl.storage import write_bytes as atomic_write_bytes, write_json as atomic_write_json
 
     atomic_write_json(info_path, want)
-    jobs, train_lines, test_lines, truth = _plan(cfg)
+    jobs, train_lines, test_lines, truth, train_truth = _plan(cfg)
     t0 = time.perf_counter()
     todo = [j for j in jobs if not os.path.exists(os.path.join(root, j.rel))]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -362,13 +380,14 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
                        "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)).encode())
     atomic_write_bytes(os.path.join(ldir, "trainlist01.txt"), "".join(l + "\n" for l in train_lines).encode())
     atomic_write_bytes(os.path.join(ldir, "testlist01.txt"), "".join(l + "\n" for l in test_lines).encode())
-    if truth:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label", "class_name"])
-        for rel, c in truth:
-            w.writerow([rel, c, names[c]])
-        atomic_write_bytes(os.path.join(root, "unlabeled_pool_truth.csv"), buf.getvalue().encode())
+    for rows, fname in ((truth, "unlabeled_pool_truth.csv"), (train_truth if cfg.label_noise else [], TRAIN_TRUTH)):
+        if rows:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["path", "label", "class_name"])
+            for rel, c in rows:
+                w.writerow([rel, c, names[c]])
+            atomic_write_bytes(os.path.join(root, fname), buf.getvalue().encode())
     secs = time.perf_counter() - t0
     total = sum(os.path.getsize(os.path.join(root, j.rel)) for j in jobs)
     return {"root": root, "videos": len(jobs), "generated": len(todo), "train": len(train_lines),
