@@ -175,3 +175,31 @@ def test_timm_create_model_pretrained_from_local_file(tmp_path):
         assert torch.allclose(model(golden["input"]), golden["logits"], atol=1e-4)
     with pytest.raises(ValueError, match="local checkpoint"):
         timm.create_model("videofocalnet_nano", pretrained=True)
+
+
+def test_depthwise_convs_on_maps_smaller_than_their_kernel_give_the_plain_convs_outputs_and_gradients(monkeypatch):
+    """At 32x32 the late stages run 5x5 depthwise kernels on 2x2 and 1x1 maps: the cropped
+    kernel must change nothing but the speed (outputs, every gradient and its layout)."""
+    from dvfl.models import build_model
+    from dvfl.models import video_focalnet as vf
+
+    torch.manual_seed(0)
+    model = build_model("videofocalnet_nano", num_classes=8, num_frames=8, img_size=32, embed_dim=16, depths=[1, 1, 2, 1],
+                        drop_path_rate=0.0).eval()
+    x = torch.randn(2, 8, 3, 32, 32)
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        out.logsumexp(-1).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    cropped, cropped_grads = run()
+    calls = []
+    monkeypatch.setattr(vf, "_depthwise_on_small_map", lambda conv, t: calls.append(t.shape[-2:]) or conv(t))
+    plain, plain_grads = run()
+    assert {tuple(s) for s in calls} >= {(2, 2), (1, 1)}  # the small maps the crop is for were met
+    torch.testing.assert_close(cropped, plain, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(cropped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert cropped_grads[name].stride() == dict(model.named_parameters())[name].stride(), name

@@ -101,8 +101,8 @@ class SpatioTemporalFocalModulation(nn.Module):
     def _aggregate(self, ctx: torch.Tensor, gates: torch.Tensor, layers: nn.ModuleList, reduce_dims):
         """Gated sum over the L local levels and the global level (channels-first tensors)."""
         ctx_all = 0
-        for level, layer in enumerate(layers):
-            ctx = layer(ctx)
+        for level, (conv, act) in enumerate(layers):
+            ctx = act(_depthwise_on_small_map(conv, ctx) if conv.groups > 1 else conv(ctx))
             ctx_all = ctx_all + ctx * gates[:, level : level + 1]
         ctx_global = self.act(ctx.mean(dim=reduce_dims, keepdim=True))
         return ctx_all + ctx_global * gates[:, self.focal_level :]
@@ -363,6 +363,24 @@ def _reject_unsupported(kwargs: dict) -> None:
                 raise ValueError(f"{key}={value!r} is not supported (only {_OFFICIAL_DEFAULTS[key]!r})")
             continue
         raise TypeError(f"VideoFocalNet got an unexpected keyword argument {key!r}")
+
+
+def _depthwise_on_small_map(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 'same'-padded depthwise conv whose kernel is larger than the map (late stages of small
+    inputs: 5x5 kernels on 2x2 or 1x1 maps): only the kernel's central (2H-1)x(2W-1) taps ever
+    meet the input, so the conv runs with that crop (on a 1x1 map, a per-channel scale), with the
+    same outputs and gradients and far cheaper oneDNN calls (docs/training-speed.md)."""
+    height, width = x.shape[-2:]
+    kh, kw = conv.weight.shape[-2:]
+    ch, cw = min(kh, 2 * height - 1), min(kw, 2 * width - 1)
+    if (ch, cw) == (kh, kw):
+        return conv(x)
+    top, left = (kh - ch) // 2, (kw - cw) // 2
+    # sliced as (C, k, k, 1): the weight's gradient then comes back channels-last, like the weight
+    weight = conv.weight.permute(0, 2, 3, 1)[:, top : top + ch, left : left + cw].permute(0, 3, 1, 2)
+    if ch == cw == 1:
+        return x * weight.reshape(1, -1, 1, 1)
+    return F.conv2d(x, weight, padding=(ch // 2, cw // 2), groups=conv.groups)
 
 
 def _channels_last_weight(conv: nn.Conv2d) -> None:
