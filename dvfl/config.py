@@ -416,6 +416,8 @@ def _check_type(name: str, value, annotation) -> object:
             return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if origin is list and isinstance(value, list) and typing.get_args(t):  # list[int]: each item too
+            return [_check_type(f"{name}[{i}]", v, typing.get_args(t)[0]) for i, v in enumerate(value)]
         if origin in (str, bool, list, dict) and isinstance(value, origin):
             return value
     expected = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)

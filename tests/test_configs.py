@@ -51,6 +51,16 @@ def test_a_wrong_key_or_dataset_is_refused_naming_it(tmp_path):
         load_config(CONFIGS / "kinetics400.yaml", [("data.dataset", "kinetics-400")], check_paths=False)
 
 
+@pytest.mark.parametrize("override, message", [
+    (("student.depths", [1, 1, 2, "x"]), r"student\.depths\[3\] must be int, got 'x'"),
+    (("teacher.views", ["center", 3]), r"teacher\.views\[1\] must be str, got 3"),
+    (("seeds", [0, "1"]), r"seeds\[1\] must be int, got '1'"),
+])
+def test_a_wrong_list_item_is_refused_naming_it(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], check_paths=False)
+
+
 def test_protocol_configs_give_every_split_its_own_files(tmp_path, monkeypatch):
     """hmdb51.yaml (splits 1-3) and ucf50.yaml (25 folds) pass the protocol's checks as shipped: every
     split gets its own clips, cache, teacher and output dir, validated with the user's paths present."""

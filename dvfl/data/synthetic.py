@@ -22,16 +22,13 @@ label: a model has to compare frames over time.
   inside the frame, moves in the video's direction and stops at the first wall it reaches, so
   every step of motion has the video's direction (in ``bounded`` it waits at a start wall or
   slides along one, which turns the apparent direction). ``motion="wrap"`` (toroidal: leaves one edge, re-enters at
-  the opposite one) is kept for comparison: measured, the from-scratch teacher cannot learn
-  it (it memorises appearance instead; docs/embedded-default.md).
-* ``unlabeled_videos=N`` writes an extra pool ``unlabeled_pool/u_NNNNN.mp4`` (issue 9)
-  drawn with a different seed stream (disjoint from the labelled videos). Its true
+  the opposite one) is kept for comparison: the from-scratch teacher memorises appearance
+  instead of learning it (docs/embedded-default.md).
+* ``unlabeled_videos=N`` writes an extra pool ``unlabeled_pool/u_NNNNN.mp4`` (for distillation
+  on unlabelled clips) drawn with a different seed stream (disjoint from the labelled videos). Its true
   classes go to ``unlabeled_pool_truth.csv`` for evaluation only; ingest never reads it.
 
-Default size (measured, see docs/ingest.md): 8 classes x (160 train + 40 test) videos of
-16 frames at 32x32, 8 fps, 1.2-2.2 px/frame, so a TSN clip of 8 of the 16 frames moves
-~2.4-4.4 px per sampled step; with 2 training views per video that is 2,560 train clips
-and 320 test clips.
+What the default sizes give (clips, motion per sampled frame) and why: docs/ingest.md.
 """
 from __future__ import annotations
 
