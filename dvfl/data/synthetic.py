@@ -69,8 +69,8 @@ class SyntheticConfig:
     fps: int = 8
     speed: Tuple[float, float] = (1.2, 2.2)          # px per video frame
     object_size: Tuple[int, int] = (8, 12)
-    # Static blobs per video. Measured: with 1-3 of them the from-scratch teacher memorised the
-    # training videos instead of learning motion (docs/embedded-default.md), so none by default.
+    # Static blobs per video; none by default: with them a from-scratch teacher memorised the
+    # training videos instead of learning motion (docs/embedded-default.md).
     distractors: Tuple[int, int] = (0, 0)
     noise_std: float = 6.0
     angle_jitter_deg: float = 8.0
@@ -231,12 +231,9 @@ def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generato
 
 
 def _x264_cpu_option() -> Dict[str, str]:
-    """Cap x264's SIMD at AVX2 on CPUs with AVX-512.
-
-    Measured (libx264 core 165 in PyAV 18): with its AVX-512 code the same frames encoded to
-    different bytes in 5 of 12 videos over 50 repetitions; capped at AVX2, 0 of 600 differed,
-    and encoding was no slower. Only passed where the CPU has AVX2 (x264 trusts the list it is
-    given, so naming a missing extension would crash the encoder)."""
+    """Cap x264's SIMD at AVX2 on CPUs with AVX-512: its AVX-512 code encodes the same frames to
+    different bytes now and then (measured in docs/ingest.md). Only passed where the CPU has AVX2
+    (x264 trusts the list it is given, so naming a missing extension would crash the encoder)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
@@ -263,8 +260,7 @@ def encode_mp4(frames: np.ndarray, path: str, fps: int, crf: int = 20) -> None:
             st.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", **_X264_CPU_OPTION}
             st.codec_context.thread_count = 1
             for f in frames:
-                # Convert to yuv420p here: left to the encoder's own conversion (PyAV 18), the same
-                # frames gave different bytes on some runs (measured: 5 encodings in 20).
+                # yuv420p here: the encoder's own conversion is not deterministic (docs/ingest.md)
                 frame = av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")
                 for pkt in st.encode(frame):
                     c.mux(pkt)
