@@ -43,8 +43,7 @@ def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_p
     assert shipped["seed"] != default.seed and shipped["identity"]["dataset"] != ""
 
     def gmacs(name, kw):
-        return count_flops(name, num_classes=8, frames=8, size=32, embed_dim=kw.get("embed_dim"),
-                           depths=kw.get("depths"))["gmacs_per_clip"]
+        return count_flops(name, **kw)["gmacs_per_clip"]
 
     student = pipeline.model_kwargs(default.student, 8, default)
     assert gmacs(shipped["name"], shipped["kwargs"]) >= 4 * gmacs(default.student.model, student)
