@@ -373,7 +373,7 @@ def _depthwise_on_small_map(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     height, width = x.shape[-2:]
     kh, kw = conv.weight.shape[-2:]
     ch, cw = min(kh, 2 * height - 1), min(kw, 2 * width - 1)
-    if (ch, cw) == (kh, kw):
+    if (ch, cw) == (kh, kw) or torch.jit.is_tracing():  # ONNX's tracer cannot size a sliced kernel
         return conv(x)
     top, left = (kh - ch) // 2, (kw - cw) // 2
     # sliced as (C, k, k, 1): the weight's gradient then comes back channels-last, like the weight
