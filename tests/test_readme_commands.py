@@ -231,7 +231,8 @@ def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
             while True:  # the job server answers before its per-node agent is ready to take jobs
                 job = subprocess.run(submit + args, cwd=checkout, env=env, capture_output=True, text=True,
                                      timeout=900)
-                not_ready = "No available agent" in job.stderr or "Connection refused" in job.stderr
+                not_ready = any(m in job.stderr for m in ("No available agent", "Connection refused",
+                                                          "Failed to connect to Ray at address"))  # dashboard still starting
                 if job.returncode == 0 or not not_ready or time.time() > deadline:
                     return job
                 time.sleep(3)
