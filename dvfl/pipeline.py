@@ -293,12 +293,14 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, star
     model = build_model(run.section.model, **run.kwargs)
     model.load_state_dict(state["model"])
     history = state["history"]
+    # a concurrent run's own seconds (``started`` is when the whole batch of runs began)
+    seconds = getattr(result, "seconds", None) or time.time() - started
     save_model(run.out, model, run.section.model, run.kwargs, role=run.role, seed=run.seed, identity=run.identity,
                dataset_fingerprint=dataset_info["fingerprint"], history=history,
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
-               train_seconds=round(time.time() - started, 1))
-    log(f"[{run.loop.label}] done in {time.time() - started:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
+               train_seconds=round(seconds, 1))
+    log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out
 
 

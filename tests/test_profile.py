@@ -1,5 +1,6 @@
 """Tests of the efficiency profile (dvfl.profile, `dvfl profile` = pipelines/profile_model.py)."""
 import json
+import mmap
 import os
 import re
 import statistics
@@ -60,8 +61,11 @@ class _Sleeper(torch.nn.Module):
     def forward(self, x):
         if x.device.type != "meta":
             time.sleep(self.SLEEP_S * x.shape[0])
-            scratch = torch.ones(16 * 2**20, device=x.device)  # 64 MiB, written: resident
-            x = x + scratch[:1].sum() - 1
+            # 64 MiB of fresh pages, written: resident until closed. (A torch tensor may reuse memory
+            # a long test process already holds, and then the RSS does not grow.)
+            with mmap.mmap(-1, 64 * 2**20) as scratch:
+                scratch.write(b"\1" * len(scratch))
+                x = x + scratch[0] - 1
         return self.head(x.mean(dim=(1, 3, 4)))
 
 

@@ -123,6 +123,27 @@ def test_an_epoch_with_no_batches_is_an_error(prepared, ray_local, tmp_path):
             raise result.error
 
 
+def test_a_queued_runner_run_records_its_own_seconds_not_its_wait(prepared, ray_local, tmp_path):
+    """Runs that wait for a free runner (more runs than runners) record the seconds a runner spent
+    on them: results.json's training seconds and DVFL-Net's cost over VFL-Net's compare runs, not
+    places in the queue."""
+    from dvfl import pipeline
+    from dvfl.train.launch import RunnerRun, Scaling, train_concurrently
+
+    cfg = prepared["cfg"]
+    loop = pipeline.training_loop_config(cfg, cfg.student, dataclasses.replace(cfg.optim, epochs=1),
+                                         len(prepared["info"]["classes"]), 0, {"mode": "none"}, tensorboard_dir=None)
+    data = pipeline.shared_training_data(cfg)
+    runs = [RunnerRun(f"queued-{i}", dataclasses.replace(loop, label=f"queued {i}"), data, str(tmp_path / f"run{i}"))
+            for i in range(2)]
+    started = time.time()
+    results = [r for _, r in train_concurrently(runs, scaling=Scaling(1, False, 1), concurrent=1)]
+    elapsed = time.time() - started
+    assert all(r.seconds > 0 for r in results)
+    # one runner, one run after the other: the second run's seconds exclude the first's
+    assert sum(r.seconds for r in results) <= elapsed
+
+
 # ----------------------------------------------------------------------------- the cache check
 def _bytes_read() -> int:
     with open("/proc/self/io") as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -243,23 +244,28 @@ class RunnerRun:
 
 @dataclass
 class RunnerResult:
-    """What :func:`load_final_state` reads, as from a Ray Train result."""
+    """What :func:`load_final_state` reads, as from a Ray Train result (``seconds``: the time
+    runners spent on the run, not the time it waited for a free runner)."""
     checkpoint: object
     error: Exception | None = None
+    seconds: float | None = None
 
 
 class LoopRunner:
     """A long-lived process that trains runs one after another (torch imported once)."""
 
-    def run(self, loop_cfg, datasets: dict, run_dir: str) -> None:
+    def run(self, loop_cfg, datasets: dict, run_dir: str) -> float:
+        """Trains one run; returns its wall seconds in this runner."""
         import logging
 
         from dvfl.train.loop import run_loop
         from dvfl.train.session import RunnerSession
 
+        started = time.time()
         quiet_data_progress()
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         run_loop(loop_cfg, RunnerSession(datasets, run_dir))
+        return time.time() - started
 
 
 def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: int, max_failures: int = 1):
@@ -282,6 +288,7 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
                                          cpus_per_worker=scaling.cpus_per_worker))
     queue, pending, idle, actors = list(runs), {}, [], []
     failures = {run.name: 0 for run in runs}
+    seconds = {run.name: 0.0 for run in runs}  # a failed attempt's time counts too
     try:
         while queue or pending:
             while queue and (idle or len(actors) < concurrent):
@@ -292,12 +299,13 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
                 loop = dataclasses.replace(run.loop, train_rows=run.data.train_rows, threads_per_worker=threads,
                                            run_name=run.name)
                 ref = actor.run.remote(loop, {"train": run.data.train, "val": run.data.val}, run.run_dir)
-                pending[ref] = (run, actor)
+                pending[ref] = (run, actor, time.time())
             [done], _ = ray.wait(list(pending), num_returns=1)
-            run, actor = pending.pop(done)
+            run, actor, submitted = pending.pop(done)
             try:
-                ray.get(done)
+                seconds[run.name] += ray.get(done)
             except RayActorError:
+                seconds[run.name] += time.time() - submitted
                 failures[run.name] += 1
                 actors.remove(actor)
                 if failures[run.name] > max_failures:
@@ -305,7 +313,7 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
                 queue.insert(0, run)  # a fresh runner resumes it from its last epoch state
                 continue
             idle.append(actor)
-            yield run, RunnerResult(latest_epoch_state(run.run_dir))
+            yield run, RunnerResult(latest_epoch_state(run.run_dir), seconds=seconds[run.name])
     finally:
         for actor in actors:
             ray.kill(actor)
