@@ -86,7 +86,9 @@ class Recognizer:
         self.views = parse_views(self.s.views)
         self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s)
         self.lock = asyncio.Lock()  # one decode child per replica: one video at a time
-        self.tmp = tempfile.mkdtemp(prefix="dvfl-serve-")
+        from dvfl.scratch import make_scratch_dir
+
+        self.tmp = make_scratch_dir("serve")  # a killed replica's folder goes with the next replica
 
     def __del__(self):
         try:

@@ -361,3 +361,35 @@ def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, t
     history = json.loads((student / "model.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[2]["steps"] == 3 * history[0]["steps"]  # the LR schedule's step count continued
+
+
+# ----------------------------------------------------------------------------- scratch folders
+def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A SIGKILLed worker leaves its checkpoint or TensorBoard spool folder behind; the next
+    process that makes a folder of that kind removes it once it is stale, and nothing else."""
+    from dvfl import scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    old = time.time() - 2 * scratch.STALE_SECONDS
+
+    def folder(name, written):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x")
+        for p in (tmp_path / name / "state.pt", tmp_path / name):
+            os.utime(p, (written, written))
+        return tmp_path / name
+
+    dead_stale = folder(f"dvfl-ckpt-{killed.pid}-run-a-x1", old)
+    dead_fresh = folder(f"dvfl-ckpt-{killed.pid}-run-b-x2", time.time())  # may still be in use elsewhere
+    alive = folder(f"dvfl-ckpt-{os.getppid()}-run-c-x3", old)  # its owner runs
+    other_kind = folder(f"dvfl-tb-{killed.pid}-x4", old)
+    not_ours = folder(f"dvfl-ckptx-{killed.pid}-x5", old)
+    monkeypatch.setattr(scratch, "_swept", set())
+    made = Path(scratch.make_scratch_dir("ckpt", "run-d"))
+    assert made.parent == tmp_path and made.name.startswith(f"dvfl-ckpt-{os.getpid()}-run-d-")
+    assert not dead_stale.exists()
+    assert all(p.exists() for p in (dead_fresh, alive, other_kind, not_ours))
+    assert scratch.make_scratch_dir("tb") and not other_kind.exists()

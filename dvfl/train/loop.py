@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 from dvfl.losses import distillation_loss
 from dvfl.config import OptimSection
 from dvfl.models import build_model
+from dvfl.scratch import make_scratch_dir
 from dvfl.train.loop_config import LoopConfig, TeacherFeed
 
 STATE_FILE = "state.pt"
@@ -87,10 +87,15 @@ def _save_state(directory: str, model, optimizer, epoch: int, step: int, history
                 "epoch": epoch, "step": step, "history": history}, os.path.join(directory, STATE_FILE))
 
 
-def checkpoint_tmp_prefix(run_name: str) -> str:
-    """Temp folders of a run's checkpoints are named after the run, so any left behind (a
-    worker killed between save and report) can be traced to it."""
-    return f"dvfl-ckpt-{run_name}-"
+@contextlib.contextmanager
+def _checkpoint_dir(run_name: str):
+    """A local folder for one epoch's checkpoint, named after the run (a folder left behind by a
+    killed worker can be traced to it, and the next run on the machine removes it)."""
+    path = make_scratch_dir("ckpt", run_name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def cpu_has_bf16() -> bool:
@@ -202,7 +207,7 @@ class _TensorBoard:
         from dvfl import storage
 
         self.target = target
-        self.local = tempfile.mkdtemp(prefix="dvfl-tb-") if storage.is_remote(target) else None
+        self.local = make_scratch_dir("tb") if storage.is_remote(target) else None
         self.writer = SummaryWriter(self.local or target)
 
     def add_scalar(self, *args) -> None:
@@ -436,8 +441,7 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
     """Rank 0 validates, saves the checkpoint and prints the epoch's line; every rank reports."""
     # report() (default SYNC upload) copies the checkpoint into the run's storage before it
     # returns, so the local copy is deleted right after it
-    with (tempfile.TemporaryDirectory(prefix=checkpoint_tmp_prefix(cfg.run_name))
-          if run.rank == 0 else contextlib.nullcontext()) as ckpt_dir:
+    with _checkpoint_dir(cfg.run_name) if run.rank == 0 else contextlib.nullcontext() as ckpt_dir:
         if run.rank == 0:
             val_started = time.time()
             metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp))
