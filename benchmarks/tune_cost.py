@@ -22,6 +22,8 @@ demo teacher architecture instead. Writes benchmarks/results/tune_cost.json and 
 
     python benchmarks/tune_cost.py [--samples 4] [--epochs 3] [--videos-per-class 12] [--teacher embedded]
     python benchmarks/tune_cost.py --from-run runs/embedded   # a finished demo's real clips and teacher
+    python benchmarks/tune_cost.py --from-run runs/embedded_pretrained \
+        --out benchmarks/results/tune_cost_pretrained.json   # the shipped pre-trained teacher
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-workers", action="store_true", help="skip the search whose trials start worker groups")
     p.add_argument("--from-run", help="a finished distill run's output dir: its clips and trained teacher")
     p.add_argument("--work-dir")
+    p.add_argument("--out", default=str(RESULTS), help="the results file (default: %(default)s)")
     a = p.parse_args(argv)
 
     from benchmarks.machine import cpu_model
@@ -91,10 +96,14 @@ def main(argv=None) -> int:
     run_teacher = None
     if a.from_run:
         run = Path(a.from_run).resolve()
-        run_teacher = sorted((run / "teacher").glob("*/model.json"))
+        run_teacher = [m.parent for m in sorted((run / "teacher").glob("*/model.json"))]
+        if not run_teacher and (run / "config.yaml").is_file():  # a run with a given (pre-trained) teacher
+            given = (yaml.safe_load((run / "config.yaml").read_text()).get("teacher") or {}).get("path")
+            run_teacher = [Path(given)] if given and (Path(given) / "model.json").is_file() else []
         if not (run / "clips" / "dataset.json").is_file() or not run_teacher:
-            p.error(f"--from-run {run}: no clips/dataset.json or teacher/*/model.json (a finished distill run?)")
-        run_teacher = run_teacher[0].parent
+            p.error(f"--from-run {run}: no clips/dataset.json, or no teacher (teacher/*/model.json or the "
+                    f"config's teacher.path): a finished distill run?")
+        run_teacher = run_teacher[0]
         data = [("data.clips", str(run / "clips")), ("tune.set.optim.epochs", a.epochs),
                 ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1)]
     search, cfg = load_tune_config(None, data, output_dir=str(work))
@@ -168,8 +177,9 @@ def main(argv=None) -> int:
         if max(load_before[0], load_after[0]) > cores else "quiet machine",
     }
     derive(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nTune cost: {a.samples} trials x up to {a.epochs} epochs, teacher {name} "
           f"({'trained' if run_teacher else 'untrained, timing only'}), students {search.space.get('student.embed_dim')}, "
           f"one worker per trial, CPU ({results['cpu']}), {cores} cores")
@@ -190,7 +200,7 @@ def main(argv=None) -> int:
     print(f"ASHA: {results['asha_trial_epochs_saved']} of {cached['trial_epochs_if_all_ran_to_the_end']} trial-epochs "
           f"saved" + (f"; {results['asha_wall_saved_s']:.0f} s of wall time vs every trial to the end" if fifo else ""))
     print(f"load average {results['load_average_before_after']} ({'contended' if results['contended'] else 'quiet'})")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
     return 0
 
 
