@@ -243,7 +243,11 @@ def ray_read_rate(out, batch_size=32, passes=2):
 # ---------------------------------------------------------------------------------------
 # (c) peak memory of an ingest run (separate process tree)
 
+DECODE_TASKS = ("ray::_ingest_piece", "ray::_merge_parts")  # the processes that decode and write shards
+
+
 def _tree_pss_kb(root_pid):
+    """(total PSS of the tree in kB, processes, {pid: PSS kB} of those running a decode task)."""
     children = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -253,20 +257,22 @@ def _tree_pss_kb(root_pid):
                 children.setdefault(ppid, []).append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
-    total, procs, stack = 0, 0, [root_pid]
+    total, procs, decode, stack = 0, 0, {}, [root_pid]
     while stack:
         p = stack.pop()
         stack.extend(children.get(p, []))
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        procs += 1
-                        break
-        except OSError:
-            pass
-    return total, procs
+                pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, StopIteration):
+            continue
+        total += pss
+        procs += 1
+        if title.startswith(DECODE_TASKS):
+            decode[p] = pss
+    return total, procs, decode
 
 
 def ingest_peak_memory(videos_dir, out, train_per_class, test_per_class):
@@ -281,12 +287,14 @@ def ingest_peak_memory(videos_dir, out, train_per_class, test_per_class):
     shutil.rmtree(out + "_gen", ignore_errors=True)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
-    peak, peak_procs = 0, 0
+    peak, peak_procs, worker_peak = 0, 0, {}
     t0 = time.perf_counter()
     while proc.poll() is None:
-        pss, procs = _tree_pss_kb(proc.pid)
+        pss, procs, decode = _tree_pss_kb(proc.pid)
         if pss > peak:
             peak, peak_procs = pss, procs
+        for pid, kb in decode.items():  # each decode worker's own peak while it ran a decode task
+            worker_peak[pid] = max(worker_peak.get(pid, 0), kb)
         time.sleep(0.25)
     wall = time.perf_counter() - t0
     out_text = proc.stdout.read()
@@ -294,7 +302,9 @@ def ingest_peak_memory(videos_dir, out, train_per_class, test_per_class):
         raise RuntimeError(out_text[-2000:])
     summary = json.load(open(os.path.join(out, "summary.json")))
     return {"videos": summary["inputs"], "clips": summary["clips"], "peak_pss_mib": peak / 1024,
-            "processes_at_peak": peak_procs, "wall_s": wall}
+            "processes_at_peak": peak_procs, "wall_s": wall,
+            # PSS of each Ray worker process while it ran a decode task (target <= 200 MiB: no torch)
+            "decode_worker_pss_mib": sorted(round(kb / 1024, 1) for kb in worker_peak.values())}
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def time_per_clip(fn, batch: int, repeats: int) -> float:
 def teacher_vs_student(teacher_name, teacher_kw, student_name, student_kw, shape, repeats) -> dict:
     import timm
 
-    import dvfl  # noqa: F401
+    import dvfl.models  # noqa: F401
 
     x = torch.randn(*shape)
     y = torch.randint(0, teacher_kw["num_classes"], (shape[0],))

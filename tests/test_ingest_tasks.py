@@ -94,3 +94,16 @@ def test_pieces_never_cross_a_shard_and_say_where_they_write():
     for k, p in enumerate(by_shard["train-00000"]):
         assert not p["whole"] and p["index"] == k and p["count"] == len(by_shard["train-00000"])
         assert p["dest"] == f"/o/_parts/train-00000.{k:05d}.parquet"
+
+
+def test_decode_tasks_load_no_torch():
+    """A decode worker imports the modules of its task (the package, ingest, the decode child's
+    driver, shard writing, storage) and nothing heavier: with torch, each worker held ~570 MiB PSS
+    instead of ~125-165 MiB (benchmarks/input_pipeline.py (c), docs/ingest.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dvfl, dvfl.data.ingest, dvfl.data.worker, dvfl.data.shards, dvfl.storage; "
+            "print(sorted(m for m in ('torch', 'timm', 'einops', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-import dvfl  # noqa: F401  (registers the variants with timm)
+import dvfl.models  # noqa: F401  (registers the variants with timm)
 from dvfl.models import CheckpointError, VideoFocalNet, init_from_image_focalnet, load_checkpoint
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
