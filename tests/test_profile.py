@@ -60,11 +60,12 @@ class _Sleeper(torch.nn.Module):
 
     def forward(self, x):
         if x.device.type != "meta":
-            time.sleep(self.SLEEP_S * x.shape[0])
-            # 64 MiB of fresh pages, written: resident until closed. (A torch tensor may reuse memory
-            # a long test process already holds, and then the RSS does not grow.)
+            # 64 MiB of fresh pages, written and held while the forward "runs" (the sleep), so the
+            # sampler thread sees them. (A torch tensor may reuse memory a long test process already
+            # holds, and then the RSS does not grow.)
             with mmap.mmap(-1, 64 * 2**20) as scratch:
                 scratch.write(b"\1" * len(scratch))
+                time.sleep(self.SLEEP_S * x.shape[0])
                 x = x + scratch[0] - 1
         return self.head(x.mean(dim=(1, 3, 4)))
 
