@@ -28,8 +28,10 @@ demo teacher architecture instead. Writes benchmarks/results/tune_cost.json and 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     from dvfl.tune import load_tune_config, run_search
 
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-tune-"))
+    if not a.work_dir:  # our own scratch (clips, caches, Tune folders) goes when the benchmark ends
+        atexit.register(shutil.rmtree, work, True)
     data = [("data.synthetic.train_per_class", a.videos_per_class), ("data.synthetic.test_per_class", 4),
             ("data.synthetic.unlabeled_videos", 0), ("tune.set.optim.epochs", a.epochs),
             ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1)]
