@@ -285,16 +285,15 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
                     identity, unlabeled_dir, optim.epochs)
 
 
-def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, started: float, log=print) -> str:
-    """The finished run's final weights + history as a model artefact directory."""
+def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seconds: float, log=print) -> str:
+    """The finished run's final weights + history as a model artefact directory (``seconds``: the
+    run's own training wall time, recorded as ``train_seconds``)."""
     from dvfl.train.launch import load_final_state
 
     state = load_final_state(result)
     model = build_model(run.section.model, **run.kwargs)
     model.load_state_dict(state["model"])
     history = state["history"]
-    # a concurrent run's own seconds (``started`` is when the whole batch of runs began)
-    seconds = getattr(result, "seconds", None) or time.time() - started
     save_model(run.out, model, run.section.model, run.kwargs, role=run.role, seed=run.seed, identity=run.identity,
                dataset_fingerprint=dataset_info["fingerprint"], history=history,
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
@@ -320,7 +319,7 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
     started = time.time()
     result = launch_training(cfg, run.loop, role=role, name=run.name,
                              storage_path=storage.join(cfg.output_dir, RAY_RESULTS), unlabeled_dir=unlabeled_dir)
-    return save_trained(cfg, run, result, dataset_info, started, log)
+    return save_trained(cfg, run, result, dataset_info, time.time() - started, log)
 
 
 def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: dict, log=print) -> dict:
@@ -337,10 +336,11 @@ def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: 
                                      storage.join(cfg.output_dir, RAY_RESULTS, run.name)))
         _announce(cfg, run, f"a runner ({cfg.scaling.concurrent_runs} at a time)", log)
     by_name = {run.name: run for run in runs}
-    started, saved = time.time(), {}
+    saved = {}
     for runner_run, result in train_concurrently(runner_runs, scaling=_scaling(cfg), concurrent=cfg.scaling.concurrent_runs,
                                                  max_failures=cfg.max_failures):
-        saved[runner_run.name] = save_trained(cfg, by_name[runner_run.name], result, dataset_info, started, log)
+        # the run's own seconds in its runner, not the time since the whole batch began
+        saved[runner_run.name] = save_trained(cfg, by_name[runner_run.name], result, dataset_info, result.seconds, log)
     return saved
 
 
