@@ -148,8 +148,8 @@ class ScalingSection:
     # the nodes that advertise it (a node type on a cluster; the multi-node test uses it)
     worker_resources: dict[str, float] | None = None
     # 0: every training run is a Ray Train worker group (DDP over num_workers). N >= 1: the
-    # students' one-worker runs train N at a time in long-lived runner actors (no worker group
-    # to start per run: for small models on a few cores, where start-up dominates a short run).
+    # one-worker runs (teacher, then the students N at a time) train in long-lived runner actors
+    # (no worker group to start per run: for small models on a few cores, where start-up dominates).
     concurrent_runs: int = 0
 
 

@@ -310,11 +310,14 @@ def _announce(cfg: RunConfig, run: ModelRun, workers: str, log) -> None:
 
 def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
                 teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> str:
-    """Train one model with the shared loop (a Ray Train run); returns its artefact directory."""
+    """Train one model with the shared loop (a Ray Train run, or a runner actor when
+    ``scaling.concurrent_runs`` is on); returns its artefact directory."""
     run = plan_model_run(cfg, role=role, section=section, optim=optim, dataset_info=dataset_info, seed=seed,
                          teacher=teacher, identity=identity, unlabeled_dir=unlabeled_dir, log=log)
     if isinstance(run, str):
         return run
+    if cfg.scaling.concurrent_runs:  # a one-worker run: no worker group to start for it either
+        return train_runs_concurrently(cfg, [run], dataset_info, log)[run.name]
     _announce(cfg, run, f"{cfg.scaling.num_workers} worker(s)", log)
     started = time.time()
     result = launch_training(cfg, run.loop, role=role, name=run.name,
@@ -327,12 +330,13 @@ def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: 
     group per run); returns {run name: artefact directory}."""
     from dvfl.train.launch import RunnerRun, train_concurrently
 
-    datasets = {}  # built once per unlabelled source and shared by the runs
+    datasets = {}  # built once per (teacher or student pool, unlabelled source) and shared by the runs
     runner_runs = []
     for run in runs:
-        if run.unlabeled_dir not in datasets:
-            datasets[run.unlabeled_dir] = shared_training_data(cfg, unlabeled_dir=run.unlabeled_dir)
-        runner_runs.append(RunnerRun(run.name, run.loop, datasets[run.unlabeled_dir],
+        key = ("teacher" if run.role == "teacher" else "student", run.unlabeled_dir)
+        if key not in datasets:
+            datasets[key] = shared_training_data(cfg, role=key[0], unlabeled_dir=run.unlabeled_dir)
+        runner_runs.append(RunnerRun(run.name, run.loop, datasets[key],
                                      storage.join(cfg.output_dir, RAY_RESULTS, run.name)))
         _announce(cfg, run, f"a runner ({cfg.scaling.concurrent_runs} at a time)", log)
     by_name = {run.name: run for run in runs}

@@ -38,6 +38,9 @@ TINY = [
     ("teacher.optim.batch_size", 16), ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5),
     ("scaling.concurrent_runs", 0),
 ]
+# One-worker runs in runner actors (teacher, then students two at a time): what the embedded default
+# does, for the tests whose subject is not DDP; a Ray Train worker group costs ~30 s to start here.
+RUNNERS = [("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1), ("scaling.concurrent_runs", 2)]
 
 
 def set_args(pairs) -> list[str]:

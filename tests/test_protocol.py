@@ -26,7 +26,7 @@ TINY_RUN = {"seed": 0, "baseline": False, "students": ["dvfl"],
             "teacher": {"mode": "online", "min_top1_over_chance": -1},
             "student": {"embed_dim": 8, "depths": [1, 1, 1, 1], "drop_path_rate": 0.0},
             "optim": {"epochs": 1, "batch_size": 4},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "eval": {"clips": 1, "crops": 1}}
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "concurrent_runs": 1}, "eval": {"clips": 1, "crops": 1}}
 
 
 def video_specs(root: Path, groups, layout: str) -> list:

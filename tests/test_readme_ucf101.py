@@ -31,7 +31,8 @@ SIZES = [(48, 64), (60, 80), (64, 48), (40, 72)]
 FPS = [25, 30, 12.5, 8]
 SHORT_SIDE, CROP = 36, 32
 SHRINK = [("data.short_side", SHORT_SIDE), ("data.crop_size", CROP), ("scaling.use_gpu", False),
-          ("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1), ("teacher.train.embed_dim", 16),
+          ("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1), ("scaling.concurrent_runs", 1),
+          ("teacher.train.embed_dim", 16),
           ("teacher.train.depths", "[1,1,1,1]"), ("teacher.train.drop_path_rate", 0.0), ("teacher.optim.epochs", 1),
           ("teacher.optim.batch_size", 4), ("student.embed_dim", 8), ("student.depths", "[1,1,1,1]"),
           ("optim.epochs", 1), ("optim.batch_size", 4), ("teacher.min_top1_over_chance", -1)]
