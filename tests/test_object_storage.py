@@ -22,6 +22,7 @@ from conftest import s3_objects
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INGEST = os.path.join(REPO, "pipelines", "ingest.py")
 DISTILL = os.path.join(REPO, "pipelines", "distill.py")
+SEARCH = os.path.join(REPO, "tuning", "search.py")
 SMALL = ["--synthetic-classes", "4", "--train-per-class", "8", "--test-per-class", "1", "--videos-per-shard", "4",
          "--video-size", "32", "--num-cpus", "3", "--object-store-mb", "256", "--quiet"]
 
@@ -80,15 +81,6 @@ def test_file_uris_are_local_paths(tmp_path):
     storage.write_json(f"file://{tmp_path}/d/x.json", {"a": 1})
     assert storage.read_json(str(tmp_path / "d" / "x.json")) == {"a": 1} and os.listdir(tmp_path / "d") == ["x.json"]
     assert storage.listdir(f"file://{tmp_path}/d", ".json") == [f"file://{tmp_path}/d/x.json"]
-
-
-def test_a_tune_experiment_on_object_storage_is_refused_naming_the_field(tmp_path):
-    """Not supported yet: refused before any work rather than written under a local 's3:' folder."""
-    from dvfl.config import ConfigError
-    from dvfl.tune import load_tune_config
-
-    with pytest.raises(ConfigError, match="^tune.storage is s3://b/tune: a Tune experiment on object storage"):
-        load_tune_config(None, [("tune.storage", "s3://b/tune"), ("output_dir", str(tmp_path))])
 
 
 def test_a_shard_object_without_its_sidecar_is_not_read(s3_server):
@@ -213,10 +205,12 @@ TINY_S3 = ["teacher.train.embed_dim=16", "teacher.optim.epochs=1", "baseline=fal
            "scaling.cpus_per_worker=0.5", "scaling.concurrent_runs=0"]
 
 
-def test_distill_with_every_path_on_s3(s3_server, s3_ingest):
+def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
     """pipelines/distill.py --out s3://... --set data.clips=s3://...: the teacher, its logit
     cache, the student, Ray Train's checkpoints, TensorBoard events and the results all land in the
-    bucket, and nothing in the working directory or the spool folder."""
+    bucket, and nothing in the working directory or the spool folder. Then tuning/search.py with
+    the same --out: the search reuses that teacher and cache, and its Tune experiment (Tune's
+    state, the trial records, results, Pareto plot, best config) is in the bucket too."""
     from dvfl import storage
 
     out = f"s3://{s3_server['new_bucket']()}/runs/tiny"
@@ -237,3 +231,21 @@ def test_distill_with_every_path_on_s3(s3_server, s3_ingest):
     assert len([k for k in objects if k.startswith("teacher_cache/logits/") and k.endswith(".parquet")]) == 9
     assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []
     assert f"[report] {out}/results.json" in r.stdout
+
+    search = [SEARCH, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3", "--quiet",
+              *[x for kv in TINY_S3 for x in ("--set", kv)],
+              "--set", "scaling.num_workers=1", "--set", "tune.num_samples=1", "--set", "optim.batch_size=8"]
+    t = _run(search, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=900)
+    exp = f"{out}/tune/embedded-tune"
+    assert "[teacher] reusing" in t.stdout and "[cache] " in t.stdout, t.stdout[-3000:]
+    summary = storage.read_json(f"{exp}/tune_results.json")
+    assert summary["path"] == exp and summary["trials"] == 1 and summary["errors"] == 0, summary
+    assert summary["best_config"] == f"{exp}/best_config.yaml"
+    tune_objects = s3_objects(exp)
+    for key in ("tune_results.md", "pareto.png", "best_config.yaml", "dvfl_search.json"):
+        assert key in tune_objects, sorted(tune_objects)
+    assert any(re.fullmatch(r"experiment_state-.*\.json", k) for k in tune_objects), sorted(tune_objects)
+    assert len([k for k in tune_objects if k.startswith("dvfl_trials/") and k.endswith(".json")]) == 1
+    assert any(k.endswith("/result.json") for k in tune_objects), sorted(tune_objects)   # the trial's metrics
+    assert summary["rows"][0]["starts"] == 1   # its record, read back from the bucket
+    assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []

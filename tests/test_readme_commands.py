@@ -102,6 +102,8 @@ def test_distill_as_typed_writes_where_it_says(demo):
     for noise in ("PreemptionWatcher", "Grad strides do not match", "Progress bars disabled", "DeprecationWarning",
                   "Use 'expr' instead of 'fn'", "Token authentication is enabled"):
         assert noise not in output, noise
+    # with scaling.concurrent_runs every one-worker run, the teacher's too, trains in a runner actor
+    assert re.search(r"^\[teacher\] training .* on a runner", r.stdout, re.M), r.stdout[-3000:]
     for ours in ("[ingest] ", "[teacher] done", "[cache] ", "[vfl s0] done", "[dvfl s0] done", "[report] "):
         assert ours in output, ours
     epochs = re.findall(r"\[(?:teacher|vfl s0|dvfl s0|dvfl\+unlabeled s0)\] epoch \d+/\d+: loss", output)

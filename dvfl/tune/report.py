@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
             df.dropna(subset=["epoch"]).sort_values("epoch").drop_duplicates("epoch", keep="last").to_dict("records")
         dir_id = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
         trial_id = (result.metrics or {}).get("trial_id") or (dir_id.group(1) if dir_id else None)
-        record_file = experiment_dir(t, cfg) / TRIALS_DIR / f"{trial_id}.json"
-        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        record_file = storage.join(experiment_dir(t, cfg), TRIALS_DIR, f"{trial_id}.json")
+        record = storage.read_json(record_file) if storage.isfile(record_file) else {}
         epochs_run = int(max((h["epoch"] for h in history), default=0))
         top1 = [h["val_top1"] for h in history if h.get("val_top1") == h.get("val_top1")]
         best_i = max(range(len(top1)), key=lambda i: (top1[i], -i)) if top1 else None
@@ -80,9 +81,12 @@ def _error_text(result) -> str:
     """The trial's traceback as Tune stored it (``error.txt`` in the trial dir), else the repr."""
     from ray.tune.result import EXPR_ERROR_FILE
 
-    path = os.path.join(result.path or "", EXPR_ERROR_FILE)
-    if result.path and os.path.isfile(path):
-        return Path(path).read_text().strip()
+    if result.path:
+        try:  # result.path is inside Tune's storage filesystem: a local path, or bucket/key on a store
+            with result.filesystem.open_input_stream(posixpath.join(result.path, EXPR_ERROR_FILE)) as f:
+                return f.read().decode().strip()
+        except OSError:
+            pass
     return repr(result.error)
 
 
@@ -137,7 +141,7 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def plot_pareto(rows: list[dict], front: list[int], path: Path, title: str) -> None:
+def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,16 +165,17 @@ def plot_pareto(rows: list[dict], front: list[int], path: Path, title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    # a local temporary file renamed over the target, or one PUT on an object store
+    storage.write_with(path, lambda target: fig.savefig(target, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
-def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *, wall_seconds: float,
+def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *, wall_seconds: float,
                   log=print) -> dict:
     """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory."""
     from dvfl.config import dump_config
+
+    exp = os.fspath(exp)
 
     front = pareto_front(rows)
     for i, r in enumerate(rows):
@@ -178,7 +183,7 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
     ok = [r for r in rows if r["best_top1"] is not None]
     best = ok[0] if ok else None
     summary = {
-        "experiment": t.experiment, "path": str(exp), "metric": t.metric, "mode": t.mode,
+        "experiment": t.experiment, "path": exp, "metric": t.metric, "mode": t.mode,
         "search": t.to_dict(), "asha": t.asha.enabled, "trials": len(rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
         "diverged": sum(r["status"] == "diverged" for r in rows),
@@ -186,24 +191,24 @@ def write_results(exp: Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *,
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_config": str(exp / BEST_CONFIG) if best else None,
+        "best_config": str(storage.join(exp, BEST_CONFIG)) if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
-    storage.write_json(exp / RESULTS_JSON, summary)
+    storage.write_json(storage.join(exp, RESULTS_JSON), summary)
     md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (ASHA on {t.metric} per epoch: "
           f"{summary['stopped_early']} of {len(rows)} stopped early; {summary['errors']} errored; "
           f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
-    storage.write_text(exp / RESULTS_MD, md)
-    plot_pareto(rows, front, exp / PARETO_PNG, f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
+    storage.write_text(storage.join(exp, RESULTS_MD), md)
+    plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
     if best:
-        dump_config(apply_params(cfg, best["params_searched"]), exp / BEST_CONFIG)
+        dump_config(apply_params(cfg, best["params_searched"]), storage.join(exp, BEST_CONFIG))
     log("\n" + md)
     if best:
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
             f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%} "
-            f"-> {exp / BEST_CONFIG} (python pipelines/distill.py --config {exp / BEST_CONFIG})")
-    log(f"[tune] {exp / RESULTS_JSON}, {exp / RESULTS_MD}, {exp / PARETO_PNG}; "
+            f"-> {storage.join(exp, BEST_CONFIG)} (python pipelines/distill.py --config {storage.join(exp, BEST_CONFIG)})")
+    log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
         f"tensorboard --logdir {exp}")
     return summary

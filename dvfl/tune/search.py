@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -42,16 +42,18 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
 
 
-def remove_experiment(exp: Path, name: str, log=print) -> None:
-    """--fresh: delete ``exp`` only if it is one of our Tune experiments under a plain name."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or exp.name != name:
+def remove_experiment(exp: str | Path, name: str, log=print) -> None:
+    """--fresh: delete ``exp`` (a folder or a URI prefix) only if it is one of our Tune experiments
+    under a plain name."""
+    exp = os.fspath(exp)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or storage.basename(exp.rstrip("/")) != name:
         raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {name!r}; "
                           "--fresh deletes nothing")
-    if exp.is_symlink() or not (exp / SEARCH_FILE).is_file():
+    if (not storage.is_remote(exp) and os.path.islink(exp)) or not storage.isfile(storage.join(exp, SEARCH_FILE)):
         raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
                           "it was not deleted: pick another tune.experiment or tune.storage")
     log(f"[tune] --fresh: removing {exp}")
-    shutil.rmtree(exp)
+    storage.remove_tree(exp)
 
 
 def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
@@ -68,23 +70,25 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
 
     check_resources(t, cfg, ray.cluster_resources())
     exp = experiment_dir(t, cfg)
-    if fresh and exp.exists():
+    if fresh and storage.exists(exp):
         remove_experiment(exp, t.experiment, log)
     info, teacher = prepare(cfg, log)
     fp = _fingerprint(t, cfg, info, teacher)
-    search_file = exp / SEARCH_FILE
-    restoring = tune.Tuner.can_restore(str(exp))
-    if restoring and search_file.is_file():
-        previous = json.loads(search_file.read_text())
+    search_file = storage.join(exp, SEARCH_FILE)
+    # on object storage Tune reads and writes the experiment through our filesystem (its endpoint)
+    tune_path, tune_fs = storage.ray_storage(exp)
+    restoring = tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs)
+    if restoring and storage.isfile(search_file):
+        previous = storage.read_json(search_file)
         if previous["digest"] != fp["digest"]:
             raise ConfigError(f"{exp} holds a different search (its search config, run config, clips or teacher "
                               "changed): pick another tune.experiment, or --fresh to discard it")
-    exp.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(exp)
     storage.write_text(search_file, json.dumps(fp, indent=1, default=str))
 
     setup = {"base": cfg.to_dict(), "teacher": teacher, "num_classes": len(info["classes"]),
-             "experiment": t.experiment, "train_storage": str(exp / "train_runs"), "unlabeled": t.unlabeled,
-             "records": str(exp / TRIALS_DIR), "data": None, "hooks": pipeline.fault_hooks(cfg)}
+             "experiment": t.experiment, "train_storage": storage.join(exp, "train_runs"), "unlabeled": t.unlabeled,
+             "records": storage.join(exp, TRIALS_DIR), "data": None, "hooks": pipeline.fault_hooks(cfg)}
     if trials_in_process(t, cfg):  # read, filter and shuffle the clips once, for every trial
         kd = teacher["mode"] != "none"
         setup["data"] = pipeline.shared_training_data(
@@ -92,7 +96,8 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
     if restoring:
         log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept, the others rerun)")
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=tune_fs)
     else:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=t.asha.grace_period,
                                    reduction_factor=t.asha.reduction_factor, stop_last_trials=False)
@@ -106,7 +111,8 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                                         reuse_actors=trials_in_process(t, cfg),
                                         search_alg=BasicVariantGenerator(random_state=t.seed,
                                                                          max_concurrent=t.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=t.experiment, storage_path=str(exp.parent), verbose=verbose, stop=diverged,
+            run_config=tune.RunConfig(name=t.experiment, storage_path=storage.ray_storage(storage.dirname(exp))[0],
+                                      storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
                                       callbacks=[reclaim_callback()],
                                       failure_config=tune.FailureConfig(max_failures=0)))
         log(f"[tune] {t.experiment}: {t.num_samples} sample(s) of {sorted(t.space)}, "

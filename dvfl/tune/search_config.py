@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from dvfl import storage
 from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, set_field
 
 
@@ -233,14 +234,10 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
         t.run_config = str(run_path)
     sets = list(t.set.items()) + run_overrides + ([("output_dir", output_dir)] if output_dir else [])
     base = load_config(run_path, sets, check_paths=check_paths)
-    from dvfl.storage import is_remote
-
-    # Tune's experiment folder (trial records, restore) is read and written as local files here
-    for name, where in (("tune.storage", t.storage), ("output_dir", None if t.storage else base.output_dir)):
-        if where and is_remote(where):
-            raise ConfigError(f"{name} is {where}: a Tune experiment on object storage is not supported yet; "
-                              "give tune.storage a local or shared-file-system path (the run's data.clips, "
-                              "teacher and cache may stay on object storage)")
+    if check_paths and t.storage and storage.is_remote(t.storage):
+        problem = storage.reachable(t.storage)
+        if problem:
+            raise ConfigError(f"tune.storage {t.storage}: {problem}")
     return validate_tune(t, base), base
 
 
@@ -261,5 +258,7 @@ def param_space(t: TuneConfig) -> dict:
     return space
 
 
-def experiment_dir(t: TuneConfig, cfg: RunConfig) -> Path:
-    return Path(os.path.abspath(t.storage or os.path.join(cfg.output_dir, "tune"))) / t.experiment
+def experiment_dir(t: TuneConfig, cfg: RunConfig) -> str:
+    """``<tune.storage or output_dir/tune>/<experiment>``: an absolute local path or a URI."""
+    base = t.storage or storage.join(cfg.output_dir, "tune")
+    return storage.join(base if storage.is_remote(base) else os.path.abspath(base), t.experiment)

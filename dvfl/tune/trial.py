@@ -5,7 +5,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 from dvfl.config import RunConfig
 from dvfl import storage
@@ -53,10 +52,10 @@ def trial_driver(params: dict, setup: dict) -> None:
               "in_process": in_process, "pid": os.getpid(),
               "teacher_mode": loop.teacher.mode, "teacher_model_shipped": loop.teacher.state_ref is not None,
               "starts": []}
-    path = Path(setup["records"], f"{trial_id}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():  # one entry per start: a trial restarted after an interruption has two
-        record["starts"] = json.loads(path.read_text()).get("starts", [])
+    path = storage.join(setup["records"], f"{trial_id}.json")
+    storage.makedirs(setup["records"])
+    if storage.isfile(path):  # one entry per start: a trial restarted after an interruption has two
+        record["starts"] = storage.read_json(path).get("starts", [])
     record["starts"].append(time.time())
     storage.write_text(path, json.dumps(record, indent=1))
     result = pipeline.launch_training(
