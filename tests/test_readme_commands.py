@@ -227,7 +227,7 @@ def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
                   shlex.split([c for c in lines if c.startswith("ray job submit")][0])]
         cfg = prepared["cfg"]
         args = sets([*TINY, *RUNNERS, ("baseline", False), ("optim.epochs", 1), ("data.clips", cfg.clips_dir),
-                     ("teacher.path", prepared["teacher"])])
+                     ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)])
 
         def submit_job(env):
             deadline = time.time() + 180
