@@ -68,6 +68,14 @@ def test_config_names_the_field_whose_bucket_cannot_be_reached(s3_server):
     assert cfg.output_dir == f"s3://{bucket}/run" and cfg.cache_dir == f"s3://{bucket}/run/teacher_cache"
     with pytest.raises(ConfigError, match="^data.clips is required when output_dir is a URI"):
         load_config(None, [("output_dir", f"s3://{bucket}/run")])
+    from dvfl.tune import load_tune_config
+
+    with pytest.raises(ConfigError, match="^tune.storage s3://no-such-bucket-dvfl/t: bucket 'no-such-bucket-dvfl'"):
+        load_tune_config(None, [("tune.storage", "s3://no-such-bucket-dvfl/t"), ("output_dir", f"s3://{bucket}/run"),
+                                ("data.clips", f"s3://{bucket}/clips")])
+    t, _ = load_tune_config(None, [("tune.storage", f"s3://{bucket}/tune"), ("output_dir", f"s3://{bucket}/run"),
+                                   ("data.clips", f"s3://{bucket}/clips")])
+    assert t.storage == f"s3://{bucket}/tune"
 
 
 def test_file_uris_are_local_paths(tmp_path):

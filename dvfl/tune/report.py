@@ -176,7 +176,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     from dvfl.config import dump_config
 
     exp = os.fspath(exp)
-
+    best_path = storage.join(exp, BEST_CONFIG)
     front = pareto_front(rows)
     for i, r in enumerate(rows):
         r["pareto"] = i in front
@@ -191,7 +191,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_config": str(storage.join(exp, BEST_CONFIG)) if best else None,
+        "best_config": best_path if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
     storage.write_json(storage.join(exp, RESULTS_JSON), summary)
@@ -203,12 +203,12 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     storage.write_text(storage.join(exp, RESULTS_MD), md)
     plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
     if best:
-        dump_config(apply_params(cfg, best["params_searched"]), storage.join(exp, BEST_CONFIG))
+        dump_config(apply_params(cfg, best["params_searched"]), best_path)
     log("\n" + md)
     if best:
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
             f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%} "
-            f"-> {storage.join(exp, BEST_CONFIG)} (python pipelines/distill.py --config {storage.join(exp, BEST_CONFIG)})")
+            f"-> {best_path} (python pipelines/distill.py --config {best_path})")
     log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
         f"tensorboard --logdir {exp}")
     return summary
