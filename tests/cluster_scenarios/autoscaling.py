@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -63,6 +64,14 @@ def autoscaler_config(gcs_address: str, idle_timeout_minutes: float) -> dict:
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
         "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
     }
+
+
+def queued_launches(session_dir: str) -> list[int]:
+    """The autoscaler's own launch decisions ("Queue N new nodes for launch" in its log): how many
+    nodes it asked for, whatever the time each launch then took to join."""
+    path = os.path.join(session_dir, "logs", "monitor.log")
+    with open(path) as f:
+        return [int(m.group(1)) for m in re.finditer(r"Queue (\d+) new nodes for launch", f.read())]
 
 
 class NodeCounter(threading.Thread):
@@ -163,6 +172,7 @@ def run(out: str, result: dict, idle_timeout_minutes: float, up_timeout_s: float
     result["max_alive_nodes"] = max(n for _, n in counter.samples)
     result["head_node"] = cluster.head_node.node_id
     result["worker_nodes_seen"] = sorted({n["NodeID"] for n in ray.nodes() if n["NodeID"] != cluster.head_node.node_id})
+    result["nodes_queued_for_launch"] = queued_launches(cluster.head_node.get_session_dir_path())
 
     # 2. idle: the workers must go away again
     t = time.time()
