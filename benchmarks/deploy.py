@@ -64,15 +64,20 @@ def make_model(name: str, size: int, classes: int = 101):
     return timm.create_model(name, num_classes=classes, num_frames=8, img_size=size, drop_path_rate=0.0).eval()
 
 
-ENGINES = ("torch_eager", "torch_bf16_autocast", "torch_ao_int8_linear", "ort_fp32", "ort_int8_dynamic_all",
+ENGINES = ("torch_eager", "torch_eager_conv2d", "torch_bf16_autocast", "torch_ao_int8_linear", "ort_fp32",
+           "ort_fp32_conv1d", "ort_int8_dynamic_all",
            "ort_int8_dynamic_matmul", "ort_int8_dynamic_matmul_per_channel", "ort_int8_static_qdq")
 # how each engine was made (written into the results next to its figures)
 RECIPES = {
     "torch_eager": "PyTorch fp32, inference_mode",
+    "torch_eager_conv2d": "PyTorch fp32, inference_mode, temporal path as (k, 1) Conv2d (the exported graph's "
+                          "formulation; same weights and outputs)",
     "torch_bf16_autocast": "PyTorch, torch.autocast('cpu', bfloat16) (AMX-bf16 / AVX512-BF16 where the CPU has them)",
     "torch_ao_int8_linear": "torch.ao.quantization.quantize_dynamic({nn.Linear}, qint8): int8 weights, "
                             "activations quantised per batch",
-    "ort_fp32": "ONNX Runtime fp32, CPUExecutionProvider, graph optimisation ORT_ENABLE_ALL",
+    "ort_fp32": "ONNX Runtime fp32, CPUExecutionProvider, graph optimisation ORT_ENABLE_ALL; pipelines/export.py's "
+                "graph (temporal path as (k, 1) Conv2d)",
+    "ort_fp32_conv1d": "as ort_fp32, graph traced with the official Conv1d temporal path",
     "ort_int8_dynamic_all": "ORT quantize_dynamic, every supported op (Conv -> ConvInteger, MatMul -> "
                             "MatMulInteger), per-tensor, QInt8 weights",
     "ort_int8_dynamic_matmul": "ORT quantize_dynamic restricted to MatMul/Gemm, per-tensor, reduce_range off",
@@ -105,6 +110,7 @@ def build_engines(model, example: torch.Tensor, calib: list, tmp: Path, threads:
                                           quantize_static)
 
     from dvfl.export import export_onnx
+    from dvfl.models import set_temporal_impl
 
     names = only or ENGINES
     model = model.eval()
@@ -119,6 +125,10 @@ def build_engines(model, example: torch.Tensor, calib: list, tmp: Path, threads:
 
     if "torch_eager" in names:
         engines["torch_eager"] = eager(model)
+    if "torch_eager_conv2d" in names:
+        conv2d = copy.deepcopy(model)
+        set_temporal_impl(conv2d, "conv2d")
+        engines["torch_eager_conv2d"] = eager(conv2d)
     if "torch_bf16_autocast" in names:
         engines["torch_bf16_autocast"] = bf16
     if "torch_ao_int8_linear" in names:
@@ -132,11 +142,14 @@ def build_engines(model, example: torch.Tensor, calib: list, tmp: Path, threads:
         return engines
     fp32 = tmp / "model.onnx"
     export_onnx(model, fp32, [example])
+    files = {"ort_fp32": fp32}
+    if "ort_fp32_conv1d" in names:
+        files["ort_fp32_conv1d"] = tmp / "conv1d.onnx"
+        export_onnx(model, files["ort_fp32_conv1d"], [example], temporal_impl="conv1d")
     logging.getLogger().setLevel(logging.ERROR)  # ORT quantisation's generic "consider pre-processing" advice
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    files = {"ort_fp32": fp32}
     mm = ["MatMul", "Gemm"]
     recipes = {"ort_int8_dynamic_all": {},
                "ort_int8_dynamic_matmul": {"op_types_to_quantize": mm, "reduce_range": False},
@@ -171,7 +184,7 @@ def graph_ops(path: Path) -> dict:
     return {k: c[k] for k in keep if c[k]}
 
 
-def latency_section(repeats: int, budget_s: float, tmp: Path, size: int, calib: list) -> dict:
+def latency_section(repeats: int, budget_s: float, tmp: Path, size: int, calib: list, calib_source: str) -> dict:
     """Every engine on the same clip, interleaved round by round; at least 2 rounds, then more
     until ``repeats`` or ``budget_s`` (the section's wall-time bound) is reached."""
     torch.manual_seed(0)
@@ -185,8 +198,8 @@ def latency_section(repeats: int, budget_s: float, tmp: Path, size: int, calib: 
                                              align_corners=False).view(c.shape[0], c.shape[1], 3, size, size)
              for c in calib]
     engines = build_engines(model, x, calib, d, threads)
-    ops = {n: graph_ops(d / ("model.onnx" if n == "ort_fp32" else f"{n}.onnx" if "static" not in n
-                             else "static_qdq.onnx")) for n in engines if n.startswith("ort_")}
+    files = {"ort_fp32": "model.onnx", "ort_fp32_conv1d": "conv1d.onnx", "ort_int8_static_qdq": "static_qdq.onnx"}
+    ops = {n: graph_ops(d / files.get(n, f"{n}.onnx")) for n in engines if n.startswith("ort_")}
     build_s = time.perf_counter() - t_build
     times = {k: [] for k in engines}
     loads = [os.getloadavg()[0]]
@@ -210,10 +223,12 @@ def latency_section(repeats: int, budget_s: float, tmp: Path, size: int, calib: 
         if k in ops:
             out[k]["graph_ops"] = ops[k]
     out["ort_fp32_over_eager"] = out["ort_fp32"]["over_eager"]
+    if "torch_eager_conv2d" in out:  # against PyTorch running the exported graph's formulation
+        out["ort_fp32_over_eager_conv2d"] = round(out["ort_fp32"]["median_ms"] / out["torch_eager_conv2d"]["median_ms"], 3)
     out.update(input=f"1x8x3x{size}x{size}", threads=threads, rounds=rounds, weights="random (seed 0)",
                build_s=round(build_s, 1), timed_s=round(time.perf_counter() - t0, 1),
                load_average_1min_per_round=loads,
-               calibration=f"{len(calib)} real training clips, bilinearly resized to {size}x{size}")
+               calibration=f"{len(calib)} {calib_source}, bilinearly resized to {size}x{size}")
     return out
 
 
@@ -445,9 +460,11 @@ def main(argv=None) -> int:
                 cal, _ = load_split(a.clips, "train", 32 if not a.model else
                                     json.loads(Path(a.model, "model.json").read_text())["kwargs"]["img_size"], 2)
                 calib = [cal[i:i + 1] for i in range(len(cal))]
+                calib_source = "real training clips"
             else:
-                calib = [torch.randn(1, 8, 3, 32, 32) for _ in range(2)]
-            result["latency_8x224_b1"] = latency_section(a.repeats, a.latency_budget, tmp, 224, calib)
+                calib = [torch.randn(1, 8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+                calib_source = "random clips (no --clips given)"
+            result["latency_8x224_b1"] = latency_section(a.repeats, a.latency_budget, tmp, 224, calib, calib_source)
             print("latency", json.dumps(result["latency_8x224_b1"]), flush=True)
             save()
         result["int8"] = choose_int8(result.get("latency_8x224_b1"), result.get("accuracy"))

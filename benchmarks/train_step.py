@@ -20,7 +20,7 @@ cores, decisions use CPU seconds (wall time then mostly measures the other proce
 average before/after, the CPU model and its bf16 flags go into the results file
 (benchmarks/results/train_step.json); ``data_wait_fraction`` is copied from the real loop's
 measurement in benchmarks/results/distill_cost.json when that exists.
-Wall time: about 4 minutes on a quiet 2-core machine with the defaults; rounds stop being added
+Wall time: about 10 minutes on a quiet 2-core AMD EPYC with the defaults; rounds stop being added
 after --max-seconds (each round is one step of every variant), and --compile adds the compile time.
 """
 from __future__ import annotations
@@ -108,7 +108,8 @@ class Runner:
     def __init__(self, name, v, init_state, kw):
         from dvfl.models import build_model
         from dvfl.config import OptimSection
-        from dvfl.train.loop import make_optimizer, set_temporal_impl
+        from dvfl.models import set_temporal_impl
+        from dvfl.train.loop import make_optimizer
 
         self.name, self.v = name, v
         self.model = build_model("videofocalnet_nano", **kw)

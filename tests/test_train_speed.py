@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from dvfl.models import build_model
 from dvfl.config import ConfigError, OptimSection, load_config
 from dvfl.models import VideoFocalNet
-from dvfl.train.loop import amp_dtype, cpu_has_bf16, make_optimizer, set_temporal_impl
+from dvfl.models import set_temporal_impl
+from dvfl.train.loop import amp_dtype, cpu_has_bf16, make_optimizer
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "video_focalnet_golden_tiny.pt"
 

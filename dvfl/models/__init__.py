@@ -7,6 +7,7 @@ from dvfl.models.video_focalnet import (  # noqa: F401
     videofocalnet_nano,
     videofocalnet_small,
     videofocalnet_tiny,
+    set_temporal_impl,
 )
 from dvfl.models.checkpoint import (  # noqa: F401
     CheckpointError,

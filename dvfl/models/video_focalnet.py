@@ -27,7 +27,9 @@ from timm.models import register_model
 __all__ = [
     "VideoFocalNet",
     "SpatioTemporalFocalModulation",
+    "TEMPORAL_IMPLS",
     "VARIANTS",
+    "set_temporal_impl",
     "videofocalnet_nano",
     "videofocalnet_tiny",
     "videofocalnet_small",
@@ -148,6 +150,19 @@ class SpatioTemporalFocalModulation(nn.Module):
         # the 1x1 mix as a matmul on (B, T, H*W, C): its weight gradient keeps the Conv1d's strides
         m = F.linear(ctx_all.permute(0, 2, 3, 1), self.h_temporal.weight.squeeze(-1), self.h_temporal.bias)
         return m.reshape(bt, height, width, dim).permute(0, 3, 1, 2)  # channels-last (B*T, C, H, W)
+
+
+TEMPORAL_IMPLS = ("conv1d", "conv2d")
+
+
+def set_temporal_impl(model: nn.Module, impl: str) -> None:
+    """How every focal-modulation block runs its temporal path (same parameters, same outputs):
+    ``conv1d`` (official) or ``conv2d`` (see ``SpatioTemporalFocalModulation._temporal_modulator``)."""
+    if impl not in TEMPORAL_IMPLS:
+        raise ValueError(f"temporal_impl must be conv2d or conv1d, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, SpatioTemporalFocalModulation):
+            module.temporal_impl = impl
 
 
 class FocalModulationBlock(nn.Module):

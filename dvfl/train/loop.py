@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 from dvfl.losses import distillation_loss
 from dvfl.config import OptimSection
-from dvfl.models import build_model
+from dvfl.models import build_model, set_temporal_impl
 from dvfl.scratch import make_scratch_dir
 from dvfl.train.loop_config import LoopConfig, TeacherFeed
 
@@ -136,17 +136,6 @@ def make_optimizer(model, optim: OptimSection):
     if optim.optimizer != "adamw":
         raise ValueError(f"optim.optimizer must be adamw or sgd, got {optim.optimizer!r}")
     return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay, **fused)
-
-
-def set_temporal_impl(model, impl: str) -> None:
-    """``optim.temporal_impl`` on every focal-modulation block (no parameter changes)."""
-    from dvfl.models.video_focalnet import SpatioTemporalFocalModulation
-
-    if impl not in ("conv2d", "conv1d"):
-        raise ValueError(f"optim.temporal_impl must be conv2d or conv1d, got {impl!r}")
-    for module in model.modules():
-        if isinstance(module, SpatioTemporalFocalModulation):
-            module.temporal_impl = impl
 
 
 def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> dict:
