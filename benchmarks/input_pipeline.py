@@ -388,7 +388,9 @@ def main():
     os.makedirs(a.work, exist_ok=True)
     cores = os.cpu_count() or 1
     load0 = os.getloadavg()
-    res = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version(),
+    from benchmarks.machine import cpu_model
+
+    res = {"machine": {"cpu": cpu_model(), "cores": cores, "platform": platform.platform(), "python": platform.python_version(),
                        "loadavg_at_start": load0}, "sets": {}}
     n_syn_pc, n_ucf = (40, 12) if a.quick else (750, 512)  # 750 per class: configs/embedded.yaml
     syn_root = os.path.join(a.work, f"syn_videos_{n_syn_pc}")
