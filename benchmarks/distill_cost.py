@@ -20,9 +20,11 @@ after --max-seconds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     # enough videos for --steps full batches after the 10 % validation hold-out (whole videos)
     per_class = math.ceil(a.steps * a.batch_size / classes / 0.85) + 1
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-distill-"))
+    if not a.work_dir:  # our own scratch (videos, clips, cache, checkpoints): gone at exit
+        atexit.register(shutil.rmtree, work, True)
     cfg = load_config(None, [("output_dir", str(work)), ("data.short_side", a.size), ("data.synthetic.unlabeled_videos", 0),
                              ("data.synthetic.size", a.size), ("data.synthetic.num_classes", classes),
                              ("data.synthetic.train_per_class", per_class), ("data.synthetic.test_per_class", 1),

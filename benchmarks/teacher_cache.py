@@ -18,8 +18,10 @@ Writes benchmarks/results/teacher_cache.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,6 +129,8 @@ def main(argv=None) -> int:
     from dvfl.teacher_cache import build_teacher_cache
 
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="dvfl-bench-cache-"))
+    if not a.work_dir:  # our own scratch: gone at exit
+        atexit.register(shutil.rmtree, work, True)
     cfg = load_config(None, [("output_dir", str(work)), ("data.synthetic.train_per_class", a.videos_per_class),
                              ("data.synthetic.unlabeled_videos", 0),
                              ("data.synthetic.test_per_class", max(1, a.videos_per_class // 4))])
