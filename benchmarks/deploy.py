@@ -140,11 +140,11 @@ def build_engines(model, example: torch.Tensor, calib: list, tmp: Path, threads:
     ort_names = [n for n in names if n.startswith("ort_")]
     if not ort_names:
         return engines
-    fp32 = tmp / "model.onnx"
+    fp32 = tmp / "ort_fp32.onnx"  # every ORT engine's graph is tmp / f"{name}.onnx"
     export_onnx(model, fp32, [example])
     files = {"ort_fp32": fp32}
     if "ort_fp32_conv1d" in names:
-        files["ort_fp32_conv1d"] = tmp / "conv1d.onnx"
+        files["ort_fp32_conv1d"] = tmp / "ort_fp32_conv1d.onnx"
         export_onnx(model, files["ort_fp32_conv1d"], [example], temporal_impl="conv1d")
     logging.getLogger().setLevel(logging.ERROR)  # ORT quantisation's generic "consider pre-processing" advice
     opts = ort.SessionOptions()
@@ -160,7 +160,7 @@ def build_engines(model, example: torch.Tensor, calib: list, tmp: Path, threads:
             files[name] = tmp / f"{name}.onnx"
             quantize_dynamic(str(fp32), str(files[name]), weight_type=QuantType.QInt8, **kw)
     if "ort_int8_static_qdq" in names:
-        files["ort_int8_static_qdq"] = tmp / "static_qdq.onnx"
+        files["ort_int8_static_qdq"] = tmp / "ort_int8_static_qdq.onnx"
         # calibration holds every batch's activations at once (ORT 1.31's CalibMaxIntermediateOutputs
         # drops them instead: "No data is collected"), hence few calibration clips at 224²
         quantize_static(str(fp32), str(files["ort_int8_static_qdq"]), _Calib(calib), quant_format=QuantFormat.QDQ,
@@ -198,8 +198,7 @@ def latency_section(repeats: int, budget_s: float, tmp: Path, size: int, calib: 
                                              align_corners=False).view(c.shape[0], c.shape[1], 3, size, size)
              for c in calib]
     engines = build_engines(model, x, calib, d, threads)
-    files = {"ort_fp32": "model.onnx", "ort_fp32_conv1d": "conv1d.onnx", "ort_int8_static_qdq": "static_qdq.onnx"}
-    ops = {n: graph_ops(d / files.get(n, f"{n}.onnx")) for n in engines if n.startswith("ort_")}
+    ops = {n: graph_ops(d / f"{n}.onnx") for n in engines if n.startswith("ort_")}
     build_s = time.perf_counter() - t_build
     times = {k: [] for k in engines}
     loads = [os.getloadavg()[0]]
