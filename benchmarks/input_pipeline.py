@@ -368,17 +368,198 @@ def print_writers(w, load):
           f"ratio target >= 0.9: {'met' if w['ratio_met'] else 'NOT met'}; same fingerprint: {w['same_fingerprint']}")
 
 
+# ---------------------------------------------------------------------------------------
+# (e) where an ingest's CPU goes beyond the raw decode (issue 18)
+
+def _piece_counts(entries, T, CPV, short_side, workers, task_mb=4.0):
+    """Shards and decode tasks the ingest plans for ``entries`` (its own planning functions, its
+    default sizes): which clips pass through a merge task (shards cut into several pieces)."""
+    from dvfl.data import ingest as I
+
+    est = T * short_side * (short_side * 4 // 3) * 3 * CPV
+    plans = I._plan_shards(entries, max(1, int(128.0 * 2 ** 20 // est)), 0)
+    by_id = {e.video_id: e for e in entries}
+    jobs = [{"shard": p.name, "split": p.split, "bytes": os.path.getsize(by_id[v].path)}
+            for p in plans for v in p.video_ids]
+    pieces = I.plan_pieces(jobs, plans, workers, task_mb, max(1, int(I.TASK_OUTPUT_BYTES // est)), "s", "p")
+    merged = {p["shard"] for p in pieces if not p["whole"]}
+    videos_merged = sum(len(p.video_ids) for p in plans if p.name in merged)
+    return {"shards": len(plans), "pieces": len(pieces), "merged_shards": len(merged),
+            "merged_video_fraction": videos_merged / max(1, len(entries))}
+
+
+def _pid_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        return sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13]) / _TICK
+
+
+def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
+    """CPU per clip of each step a decode task does, one at a time in this process (no Ray), then
+    the whole ingest: what is left over is Ray, the driver and the merge tasks' scheduling.
+
+    raw       decord get_batch of the views' frames at the coded size (the (a) raw loop)
+    scaled    the ingest's decode function in-process: decode at the stored size (FFmpeg's
+              scaler inside decord), sample every view, assemble the clips
+    child     the same through the worker's decode child: + pickling and the pipe (parent + child CPU)
+    table     the decoded clips as Arrow rows (the task's _video_table)
+    writes    those rows into a piece's part file (uncompressed; lz4 as it was before, for comparison),
+              then the merge task's code reading it back into the lz4 shard (every clip of a shard cut
+              into several pieces pays both; a shard written by one task is written once, lz4)
+    """
+    from dvfl.data import decode as D
+    from dvfl.data import ingest as I
+    from dvfl.data import shards as S
+    from dvfl.data.worker import DecodeProcess
+
+    entries = manifest.entries
+    params = {"frames": T, "clips_per_video": CPV, "eval_clips": 1, "seed": 0, "short_side": short_side,
+              "min_frames": T, "test_hooks": False}
+    jobs = [dict(params, path=e.path, video_id=e.video_id, split=e.split) for e in entries]
+    meta = [{"path": os.path.relpath(e.path, manifest.root), "video_id": e.video_id, "split": e.split,
+             "label": -1 if e.label is None else int(e.label), "class_name": e.class_name or ""} for e in entries]
+    out = {"videos": len(entries)}
+    # the three decodes of each video back to back, so that the machine's drifting speed (a shared
+    # VM) affects them alike; CPU time of this process (+ the decode child's, read from /proc)
+    import decord
+
+    from dvfl.data import sampling as SP
+
+    proc = DecodeProcess()
+    proc.run(jobs[0], 120)  # the child started and its imports done, as in a warm worker
+    cpu = {"raw": 0.0, "scaled": 0.0, "child": 0.0}
+    results, clips = [], 0
+    for e, j in zip(entries, jobs):
+        c0 = time.process_time()
+        vr = decord.VideoReader(e.path, ctx=decord.cpu(0), num_threads=1)
+        views = SP.plan_views(len(vr), T, e.split, 0, e.video_id, CPV, 1)
+        vr.get_batch(SP.unique_sorted(v[2] for v in views).tolist()).asnumpy()
+        del vr
+        c1 = time.process_time()
+        results.append(D.decode_video(j))
+        c2 = time.process_time()
+        k0 = _pid_cpu_s(proc.proc.pid)
+        proc.run(j, 120)
+        c3 = time.process_time()
+        cpu["raw"] += c1 - c0
+        cpu["scaled"] += c2 - c1
+        cpu["child"] += (c3 - c2) + (_pid_cpu_s(proc.proc.pid) - k0)
+        clips += len(views)
+    proc.close()
+    assert all(r.get("ok") for r in results), [r for r in results if not r.get("ok")][:1]
+    ms = lambda s: 1000 * s / clips  # noqa: E731
+    for k, v in cpu.items():
+        out[f"{k}_ms_per_clip"] = ms(v)
+
+    c0 = time.process_time()
+    tables = [I._video_table(m, r)[0] for m, r in zip(meta, results)]
+    out["table_ms_per_clip"] = ms(time.process_time() - c0)
+    del results
+    raw_bytes = sum(t.column("frames").nbytes for t in tables)
+    # a piece's part file written with `codec`, then the real merge task's code into the lz4 shard
+    meta_dir = os.path.join(work, "breakdown_meta")
+    opts = {"row_group_clips": 256, "compression": "lz4", "meta_dir": meta_dir, "params": {"test_hooks": False}}
+    for codec in ("lz4", "none"):
+        part = os.path.join(work, f"breakdown_part_{codec}.parquet")
+        c0 = time.process_time()
+        w = S.AtomicShardWriter(part, 256, codec)
+        for t in tables:
+            w.write(t)
+        w.commit()
+        out[f"part_write_{codec}_ms_per_clip"] = ms(time.process_time() - c0)
+        out[f"{codec}_bytes_over_raw"] = os.path.getsize(part) / raw_bytes
+        shard = os.path.join(work, "breakdown_shard.parquet")
+        c0 = time.process_time()
+        I._write_merged({"shard": "breakdown", "split": "train", "dest": shard},
+                        [{"dest": part, "rejects": [], "videos": len(tables), "written": len(tables), "clips": clips}],
+                        opts)
+        out[f"merge_from_{codec}_ms_per_clip"] = ms(time.process_time() - c0)
+        os.unlink(shard)
+    shutil.rmtree(meta_dir, ignore_errors=True)
+    del tables
+    # the whole ingest against the raw loop run just before and just after it
+    raw1 = raw_decode_rate(entries, T, CPV, 0)
+    ing = ingest_rate(manifest, os.path.join(work, "breakdown_ingest"), T, CPV, short_side)
+    raw2 = raw_decode_rate(entries, T, CPV, 0)
+    out["raw_loop_around_ingest_ms_per_clip"] = [raw1["cpu_ms_per_clip"], raw2["cpu_ms_per_clip"]]
+    shutil.rmtree(os.path.join(work, "breakdown_ingest"), ignore_errors=True)
+    plan = _piece_counts(entries, T, CPV, short_side, workers)
+    out["plan"] = plan
+    out["ingest_tree_ms_per_clip"] = ing["cpu_ms_per_clip"]
+    out["ingest_clips_per_s"] = ing["clips_per_s"]
+    steps = {"decode at the stored size (over raw)": out["scaled_ms_per_clip"] - out["raw_ms_per_clip"],
+             "decode child: pickle + pipe": out["child_ms_per_clip"] - out["scaled_ms_per_clip"],
+             "Arrow rows": out["table_ms_per_clip"],
+             # a merged shard's clips: an uncompressed part file, then the merge into the lz4 shard;
+             # an unmerged shard's: written once, lz4
+             "Parquet writes": (plan["merged_video_fraction"] * (out["part_write_none_ms_per_clip"]
+                                                                  + out["merge_from_none_ms_per_clip"])
+                                + (1 - plan["merged_video_fraction"]) * out["part_write_lz4_ms_per_clip"])}
+    # the rest, against the raw loops around the ingest (the same minutes of the machine)
+    raw_around = sum(out["raw_loop_around_ingest_ms_per_clip"]) / 2
+    steps["Ray, driver, task scheduling (the rest)"] = (out["ingest_tree_ms_per_clip"] - raw_around
+                                                        - sum(steps.values()) * raw_around / out["raw_ms_per_clip"])
+    out["extra_over_raw_ms_per_clip"] = steps
+    out["ingest_over_raw_cpu"] = out["ingest_tree_ms_per_clip"] / raw_around
+    return out
+
+
+def print_breakdown(b):
+    print(f"\n(e) ingest CPU per clip beyond the raw decode: {b['videos']} UCF-like videos; plan: {b['plan']}")
+    print(f"  {'raw decode (the (a) loop)':<44} {b['raw_ms_per_clip']:7.2f} ms")
+    for k, v in b["extra_over_raw_ms_per_clip"].items():
+        print(f"  + {k:<42} {v:7.2f} ms  ({100 * v / b['raw_ms_per_clip']:5.1f} % of raw)")
+    print(f"  = {'whole ingest tree':<42} {b['ingest_tree_ms_per_clip']:7.2f} ms  "
+          f"(ingest / raw CPU {b['ingest_over_raw_cpu']:.2f})")
+    for c, what in (("none", "uncompressed (the ingest's)"), ("lz4", "lz4 (before)")):
+        print(f"  part files {what:<28} write {b[f'part_write_{c}_ms_per_clip']:.2f} ms + merge "
+              f"{b[f'merge_from_{c}_ms_per_clip']:.2f} ms per clip")
+    print(f"  size / raw bytes: lz4 {b['lz4_bytes_over_raw']:.3f}, uncompressed {b['none_bytes_over_raw']:.3f}")
+
+
+def main_breakdown(a):
+    from dvfl.data import adapters as A
+    from dvfl.data.ingest import ray_session
+
+    from benchmarks.machine import cpu_model
+
+    cores = os.cpu_count() or 1
+    n = a.ucf_videos or (12 if a.quick else 512)
+    load0 = os.getloadavg()
+    root = os.path.join(a.work, f"ucf_like_{n}")
+    make_ucf_like(root, n)
+    m = A.folder(root)
+    m.entries = [e for e in m.entries if e.split == "train"]
+    with ray_session(num_cpus=cores + 1, object_store_mb=1024, log=None):  # the ingest CLI's default
+        warm = A.folder(root)
+        warm.entries = warm.entries[:8]
+        ingest_rate(warm, os.path.join(a.work, "warm"), 8, 2, 128, videos_per_task=2)
+        rounds = [cpu_breakdown(m, a.work, 8, 2, 128, cores + 1) for _ in range(a.repeats)]
+    res = {"machine": {"cores": cores, "cpu": cpu_model(), "platform": platform.platform(),
+                       "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg()}, "rounds": rounds}
+    for b in rounds:
+        print_breakdown(b)
+    if not a.quick:
+        path = os.path.join(os.path.dirname(RESULTS), "input_pipeline_breakdown.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {path}")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/dvfl_bench_input")
     ap.add_argument("--quick", action="store_true", help="smaller sets (smoke run)")
-    ap.add_argument("--section", choices=("all", "writers"), default="all",
-                    help="writers: only (d), written to results/input_pipeline_writers.json")
+    ap.add_argument("--section", choices=("all", "writers", "breakdown"), default="all",
+                    help="writers: only (d), written to results/input_pipeline_writers.json; breakdown: only "
+                         "(e), written to results/input_pipeline_breakdown.json")
     ap.add_argument("--ucf-videos", type=int, default=None, help="size of the UCF-like set (default 512; 12 with --quick)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of (d)")
     a = ap.parse_args()
     if a.section == "writers":
         return main_writers(a)
+    if a.section == "breakdown":
+        return main_breakdown(a)
     import ray
 
     from dvfl.data import adapters as A

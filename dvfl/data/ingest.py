@@ -675,13 +675,19 @@ def _ingest_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]
     """Ray task: decode one piece's videos in order and write them to ``piece["dest"]``: the shard
     itself, committed here, when the piece is the whole shard; else a part file for _merge_parts.
     Returns counts and rejects only (the clips never travel back to the driver)."""
-    with _file_size_limit(opts.get("fsize_limit", 0)):
-        return _write_piece(piece, opts)
+    try:
+        with _file_size_limit(opts.get("fsize_limit", 0)):
+            return _write_piece(piece, opts)
+    finally:
+        _release_arrow_memory()
 
 
 def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     proc = _decode_process(opts["max_jobs"], opts["max_rss_mb"])
-    writer = _s.AtomicShardWriter(piece["dest"], opts["row_group_clips"], opts["compression"])
+    # a part file is read back once by its merge: compressing it costs CPU twice for nothing
+    # (benchmarks/input_pipeline.py --section breakdown)
+    codec = opts["compression"] if piece["whole"] else "none"
+    writer = _s.AtomicShardWriter(piece["dest"], opts["row_group_clips"], codec)
     written = clips = 0
     rejects: List[Dict] = []
     try:
@@ -710,16 +716,28 @@ def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
 def _merge_parts(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict[str, Any]) -> Dict[str, Any]:
     """Ray task: concatenate a shard's part files, in piece order, into the shard and commit it.
     The bytes equal those of one writer fed the same rows (fixed-size row groups)."""
-    with _file_size_limit(opts.get("fsize_limit", 0)):
-        return _write_merged(shard, parts, opts)
+    try:
+        with _file_size_limit(opts.get("fsize_limit", 0)):
+            return _write_merged(shard, parts, opts)
+    finally:
+        _release_arrow_memory()
+
+
+def _release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator keeps after a task back to the OS: a pooled decode worker
+    otherwise holds its largest task's peak (+70 MiB after a merge) while it decodes."""
+    pa.default_memory_pool().release_unused()
 
 
 def _write_merged(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict[str, Any]) -> Dict[str, Any]:
     writer = _s.AtomicShardWriter(shard["dest"], opts["row_group_clips"], opts["compression"])
     try:
         for part in parts:
-            for batch in _s.parquet_file(part["dest"]).iter_batches(batch_size=opts["row_group_clips"]):
-                writer.write(pa.Table.from_batches([batch]))
+            # one row group at a time and no read-ahead (pre_buffer reads several at once): Arrow's
+            # peak memory 20 MB instead of 50 per 8 MB row group (docs/ingest.md)
+            pf = _s.parquet_file(part["dest"], pre_buffer=False)
+            for i in range(pf.num_row_groups):
+                writer.write(pf.read_row_group(i, use_threads=False))
         rejects = [r for part in parts for r in part["rejects"]]
         nbytes = _commit_shard(writer, shard["shard"], shard["split"], sum(p["videos"] for p in parts),
                                sum(p["written"] for p in parts), sum(p["clips"] for p in parts), rejects,
