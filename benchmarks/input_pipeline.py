@@ -401,7 +401,7 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
     scaled    the ingest's decode function in-process: decode at the stored size (FFmpeg's
               scaler inside decord), sample every view, assemble the clips
     child     the same through the worker's decode child: + pickling and the pipe (parent + child CPU)
-    table     the decoded clips as Arrow rows (the task's _video_table)
+    table     the child's clips as Arrow rows (the task's _video_table)
     writes    those rows into a piece's part file (uncompressed; lz4 as it was before, for comparison),
               then the merge task's code reading it back into the lz4 shard (every clip of a shard cut
               into several pieces pays both; a shard written by one task is written once, lz4)
@@ -435,10 +435,10 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
         vr.get_batch(SP.unique_sorted(v[2] for v in views).tolist()).asnumpy()
         del vr
         c1 = time.process_time()
-        results.append(D.decode_video(j))
+        D.decode_video(j)
         c2 = time.process_time()
         k0 = _pid_cpu_s(proc.proc.pid)
-        proc.run(j, 120)
+        results.append(proc.run(j, 120))  # what a decode task gets: a video's clips back to back
         c3 = time.process_time()
         cpu["raw"] += c1 - c0
         cpu["scaled"] += c2 - c1
@@ -450,10 +450,17 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
     for k, v in cpu.items():
         out[f"{k}_ms_per_clip"] = ms(v)
 
+    I._video_table(meta[0], results[0])  # Arrow's first-call set-up, paid once per worker process
     c0 = time.process_time()
     tables = [I._video_table(m, r)[0] for m, r in zip(meta, results)]
     out["table_ms_per_clip"] = ms(time.process_time() - c0)
-    del results
+    # the same with each clip in an array of its own (as the child's in-band pickles gave them before)
+    apart = [dict(r, views=[(v, k, i, c.copy()) for v, k, i, c in r["views"]]) for r in results]
+    c0 = time.process_time()
+    for m, r in zip(meta, apart):
+        I._video_table(m, r)
+    out["table_copying_clips_ms_per_clip"] = ms(time.process_time() - c0)
+    del results, apart
     raw_bytes = sum(t.column("frames").nbytes for t in tables)
     # a piece's part file written with `codec`, then the real merge task's code into the lz4 shard
     meta_dir = os.path.join(work, "breakdown_meta")
@@ -478,7 +485,22 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
     del tables
     # the whole ingest against the raw loop run just before and just after it
     raw1 = raw_decode_rate(entries, T, CPV, 0)
+    # what Ray's processes spend while nothing runs (5 s idle), to set against the ingest's share
+    idle0, t_idle = _tree_cpu_by_kind(os.getpid()), time.perf_counter()
+    time.sleep(5.0)
+    idle1, t_idle = _tree_cpu_by_kind(os.getpid()), time.perf_counter() - t_idle
+    idle = {}
+    for pid, (kind, cpu_s) in idle1.items():
+        if kind != "driver":
+            idle[kind] = idle.get(kind, 0.0) + (cpu_s - idle0.get(pid, (kind, 0.0))[1]) / t_idle
+    out["idle_cpu_s_per_s"] = idle
+    before = _tree_cpu_by_kind(os.getpid())
     ing = ingest_rate(manifest, os.path.join(work, "breakdown_ingest"), T, CPV, short_side)
+    after = _tree_cpu_by_kind(os.getpid())
+    by_kind = {}
+    for pid, (kind, cpu_s) in after.items():
+        by_kind[kind] = by_kind.get(kind, 0.0) + cpu_s - before.get(pid, (kind, 0.0))[1]
+    out["ingest_by_process_ms_per_clip"] = {k: ms(v) for k, v in sorted(by_kind.items())}
     raw2 = raw_decode_rate(entries, T, CPV, 0)
     out["raw_loop_around_ingest_ms_per_clip"] = [raw1["cpu_ms_per_clip"], raw2["cpu_ms_per_clip"]]
     shutil.rmtree(os.path.join(work, "breakdown_ingest"), ignore_errors=True)
@@ -494,22 +516,65 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
              "Parquet writes": (plan["merged_video_fraction"] * (out["part_write_none_ms_per_clip"]
                                                                   + out["merge_from_none_ms_per_clip"])
                                 + (1 - plan["merged_video_fraction"]) * out["part_write_lz4_ms_per_clip"])}
-    # the rest, against the raw loops around the ingest (the same minutes of the machine)
-    raw_around = sum(out["raw_loop_around_ingest_ms_per_clip"]) / 2
-    steps["Ray, driver, task scheduling (the rest)"] = (out["ingest_tree_ms_per_clip"] - raw_around
-                                                        - sum(steps.values()) * raw_around / out["raw_ms_per_clip"])
     out["extra_over_raw_ms_per_clip"] = steps
+    out["steps_alone_over_raw_cpu"] = 1 + sum(steps.values()) / out["raw_ms_per_clip"]
+    # the ingest itself, against the raw loops run just before and after it (the same minutes)
+    raw_around = sum(out["raw_loop_around_ingest_ms_per_clip"]) / 2
     out["ingest_over_raw_cpu"] = out["ingest_tree_ms_per_clip"] / raw_around
+    out["decode_children_in_ingest_over_raw_cpu"] = out["ingest_by_process_ms_per_clip"].get("decode children", 0) / raw_around
+    return out
+
+
+_RAY_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _tree_cpu_by_kind(root_pid: int) -> dict:
+    """{pid: (kind, CPU seconds)} over root_pid's process tree; kinds: the driver, decode children,
+    Ray worker processes (the decode and merge tasks), Ray's own daemons."""
+    children, found = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                children.setdefault(int(fields[1]), []).append(int(d))
+                found[int(d)] = (argv, sum(int(x) for x in fields[11:15]) / _TICK)
+            except (OSError, ValueError, IndexError):
+                pass
+    out, stack = {}, [root_pid]
+    while stack:
+        p = stack.pop()
+        stack.extend(children.get(p, []))
+        if p not in found:
+            continue
+        argv, cpu = found[p]
+        title = argv[0].decode(errors="replace")
+        kind = ("driver" if p == root_pid else "decode children" if any(a.endswith(b"_decode_child.py") for a in argv)
+                else "Ray daemons" if title.startswith(_RAY_DAEMONS) or not title.startswith("ray::")
+                else "Ray workers (decode + merge tasks)")
+        out[p] = (kind, cpu)
     return out
 
 
 def print_breakdown(b):
     print(f"\n(e) ingest CPU per clip beyond the raw decode: {b['videos']} UCF-like videos; plan: {b['plan']}")
+    print(f"  each step alone, one video at a time (interleaved):")
     print(f"  {'raw decode (the (a) loop)':<44} {b['raw_ms_per_clip']:7.2f} ms")
     for k, v in b["extra_over_raw_ms_per_clip"].items():
         print(f"  + {k:<42} {v:7.2f} ms  ({100 * v / b['raw_ms_per_clip']:5.1f} % of raw)")
+    print(f"  = {'the steps alone':<42} {b['steps_alone_over_raw_cpu']:7.2f} x raw")
+    raw_around = sum(b["raw_loop_around_ingest_ms_per_clip"]) / 2
+    print(f"  the ingest ({b['ingest_clips_per_s']:.1f} clips/s), by process; raw loop around it {raw_around:.2f} ms:")
+    for k, v in b["ingest_by_process_ms_per_clip"].items():
+        idle = b["idle_cpu_s_per_s"].get(k)
+        print(f"    {k:<42} {v:7.2f} ms  ({100 * v / raw_around:5.1f} % of raw)"
+              + (f"; idle, these processes use {100 * idle:.1f} % of a core" if idle is not None else ""))
     print(f"  = {'whole ingest tree':<42} {b['ingest_tree_ms_per_clip']:7.2f} ms  "
-          f"(ingest / raw CPU {b['ingest_over_raw_cpu']:.2f})")
+          f"(ingest / raw CPU {b['ingest_over_raw_cpu']:.2f}; its decode children alone "
+          f"{b['decode_children_in_ingest_over_raw_cpu']:.2f})")
+    print(f"  Arrow rows from clips in arrays of their own (before): {b['table_copying_clips_ms_per_clip']:.2f} ms per clip")
     for c, what in (("none", "uncompressed (the ingest's)"), ("lz4", "lz4 (before)")):
         print(f"  part files {what:<28} write {b[f'part_write_{c}_ms_per_clip']:.2f} ms + merge "
               f"{b[f'merge_from_{c}_ms_per_clip']:.2f} ms per clip")

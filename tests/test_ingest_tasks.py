@@ -45,6 +45,38 @@ def test_binary_column_holds_the_clip_bytes_and_nulls(monkeypatch):
     assert col.to_pylist() == [clips[0].tobytes(), None, clips[2].tobytes(), b""]
 
 
+def test_binary_column_takes_back_to_back_clips_without_copying_them():
+    block = np.arange(2 * 240, dtype=np.uint16).astype(np.uint8)  # one video's clips, as the decode child sends them
+    clips = [block[:240].reshape(2, 4, 10, 3), block[240:].reshape(2, 4, 10, 3)]
+    col = I.binary_column(clips)
+    assert col.chunk(0).buffers()[2].address == block.ctypes.data  # Arrow holds the block itself
+    assert col.to_pylist() == [clips[0].tobytes(), clips[1].tobytes()]
+    apart = [clips[1], clips[0]]  # not in memory order: copied, still right
+    col = I.binary_column(apart)
+    assert col.chunk(0).buffers()[2].address != block.ctypes.data
+    assert col.to_pylist() == [clips[1].tobytes(), clips[0].tobytes()]
+
+
+def test_decode_child_returns_a_videos_clips_back_to_back_as_decoded_in_process(video_factory, tmp_path):
+    from dvfl.data import decode
+    from dvfl.data.worker import DecodeProcess
+
+    path = video_factory(str(tmp_path / "v.mp4"), n=40, h=96, w=128)
+    job = {"path": path, "video_id": "v", "split": "train", "frames": 8, "clips_per_video": 3, "eval_clips": 1,
+           "seed": 0, "short_side": 64, "min_frames": 8}
+    proc = DecodeProcess()
+    try:
+        res = proc.run(job, 60)
+    finally:
+        proc.close()
+    here = decode.decode_video(job)
+    clips = [v[3] for v in res["views"]]
+    assert res["ok"] and len(clips) == 3 and clips[0].nbytes >= 1 << 16  # large enough to cross out of band
+    assert I._back_to_back(clips)
+    assert [c.tobytes() for c in clips] == [v[3].tobytes() for v in here["views"]]
+    assert [v[2].tolist() for v in res["views"]] == [v[2].tolist() for v in here["views"]]
+
+
 def test_ingest_config_rejects_bad_task_sizes():
     with pytest.raises(ValueError, match="task-mb"):
         I.IngestConfig(out="x", task_mb=0).validate()

@@ -2,8 +2,11 @@
 
 Started by :class:`dvfl.data.worker.DecodeProcess` as ``python _decode_child.py`` (by file
 path, not ``-m dvfl...``): importing the ``dvfl`` package would import torch (~2 s and
-~300 MB per child) for nothing. Frames: 8-byte little-endian length + pickle; the first frame
-the child sends is a hello saying whether it runs without network access.
+~300 MB per child) for nothing. Jobs in: 8-byte little-endian length + pickle. Results out:
+pickle protocol 5 with the large arrays (the clips) out of band: a header (pickle length, number
+of buffers, each buffer's length; little-endian u64), the pickle, then the buffers' raw bytes,
+so the parent reads the clips into one block and uses them without copying them again. The
+first frame the child sends is a hello saying whether it runs without network access.
 """
 import os
 import pickle
@@ -46,10 +49,18 @@ def _no_network() -> str:
         return f"unshare unavailable: {type(e).__name__}: {e}"
 
 
+OUT_OF_BAND_MIN = 1 << 16  # arrays this large cross as raw bytes after the pickle (the clips)
+
+
 def _send(out, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(struct.pack("<Q", len(data)))
+    bufs = []
+    # the callback returns True (in band) for a small buffer, None (out of band) after keeping a large one
+    data = pickle.dumps(obj, protocol=5, buffer_callback=lambda b: b.raw().nbytes < OUT_OF_BAND_MIN or bufs.append(b))
+    raws = [b.raw() for b in bufs]
+    out.write(struct.pack(f"<QQ{len(raws)}Q", len(data), len(raws), *(r.nbytes for r in raws)))
     out.write(data)
+    for r in raws:
+        out.write(r)
     out.flush()
 
 

@@ -217,14 +217,17 @@ def binary_column(parts: List[Optional[np.ndarray]]) -> pa.ChunkedArray:
         group = parts[start:stop]
         offsets = np.zeros(len(group) + 1, dtype=np.int32)
         np.cumsum([_nbytes(p) for p in group], out=offsets[1:])
-        data = np.empty(int(offsets[-1]), dtype=np.uint8)
-        for p, o in zip(group, offsets[:-1]):
-            if p is not None:
-                data[o:o + p.nbytes] = p.reshape(-1).view(np.uint8)
+        if _back_to_back(group):  # one video's clips, as the decode child's block holds them: no copy
+            data = pa.foreign_buffer(group[0].ctypes.data, int(offsets[-1]), base=group)
+        else:
+            flat = np.empty(int(offsets[-1]), dtype=np.uint8)
+            for p, o in zip(group, offsets[:-1]):
+                if p is not None:
+                    flat[o:o + p.nbytes] = p.reshape(-1).view(np.uint8)
+            data = pa.py_buffer(flat)
         valid = np.array([p is not None for p in group], dtype=bool)
         bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
-        chunks.append(pa.BinaryArray.from_buffers(pa.binary(), len(group), [bitmap, pa.py_buffer(offsets),
-                                                                            pa.py_buffer(data)],
+        chunks.append(pa.BinaryArray.from_buffers(pa.binary(), len(group), [bitmap, pa.py_buffer(offsets), data],
                                                   null_count=int((~valid).sum())))
         start = stop
     return pa.chunked_array(chunks, type=pa.binary())
@@ -232,6 +235,13 @@ def binary_column(parts: List[Optional[np.ndarray]]) -> pa.ChunkedArray:
 
 def _nbytes(p: Optional[np.ndarray]) -> int:
     return 0 if p is None else p.nbytes
+
+
+def _back_to_back(group: List[Optional[np.ndarray]]) -> bool:
+    """Whether ``group``'s arrays are C-contiguous and lie one right after the other in memory."""
+    if not group or any(p is None or not p.flags.c_contiguous for p in group):
+        return False
+    return all(a.ctypes.data + a.nbytes == b.ctypes.data for a, b in zip(group, group[1:]))
 
 
 _PROC = None  # one decode child per Ray worker process, reused across tasks (and ingest runs)

@@ -56,8 +56,7 @@ class DecodeProcess:
         except OSError:
             pass
         try:
-            hdr = self._read_exact(8, time.monotonic() + _START_TIMEOUT)
-            hello = pickle.loads(self._read_exact(struct.unpack("<Q", hdr)[0], time.monotonic() + _START_TIMEOUT))
+            hello = self._read_frame(time.monotonic() + _START_TIMEOUT)
         except (TimeoutError, EOFError, OSError) as e:  # the job write/read that follows reports it
             hello = {"net_isolated": False, "detail": f"no hello from the decode child: {type(e).__name__}"}
         self.net_isolated, self.net_detail = bool(hello["net_isolated"]), hello.get("detail", "")
@@ -121,9 +120,7 @@ class DecodeProcess:
         try:
             self.proc.stdin.write(struct.pack("<Q", len(payload)) + payload)
             self.proc.stdin.flush()
-            hdr = self._read_exact(8, deadline)
-            (n,) = struct.unpack("<Q", hdr)
-            data = self._read_exact(n, deadline)
+            res = self._read_frame(deadline)
         except TimeoutError:
             self.kill()
             return {"ok": False, "reason": decode.TIMEOUT,
@@ -144,7 +141,22 @@ class DecodeProcess:
         self.jobs_done += 1
         if self.rss_mb() > self.max_rss_mb:
             self.close()
-        return pickle.loads(data)
+        return res
+
+    def _read_frame(self, deadline: float):
+        """One result from the child (format: _decode_child.py). The out-of-band buffers are read
+        into one block, so a video's clips arrive back to back in memory: binary_column then
+        hands that block to Arrow as it is."""
+        n, nbuf = struct.unpack("<QQ", self._read_exact(16, deadline))
+        sizes = struct.unpack(f"<{nbuf}Q", self._read_exact(8 * nbuf, deadline)) if nbuf else ()
+        data = self._read_exact(n, deadline)
+        buffers = []
+        if sizes:
+            block, start = memoryview(self._read_exact(sum(sizes), deadline)), 0
+            for size in sizes:
+                buffers.append(block[start:start + size])
+                start += size
+        return pickle.loads(data, buffers=buffers)
 
     def rss_mb(self) -> float:
         """The child's resident memory in MiB (0 if unknown)."""
