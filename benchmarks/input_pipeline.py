@@ -86,22 +86,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def _tree_cpu_s(root_pid: int) -> float:
     """utime+stime (+ reaped children's) of root_pid and all its descendants, in seconds."""
-    children, stats = {}, {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(d))
-                stats[int(d)] = sum(int(x) for x in fields[11:15])
-            except (OSError, ValueError, IndexError):
-                pass
-    total, stack = 0, [root_pid]
-    while stack:
-        p = stack.pop()
-        stack.extend(children.get(p, []))
-        total += stats.get(p, 0)
-    return total / _TICK
+    return sum(cpu for _, cpu in _tree_cpu_by_kind(root_pid).values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,8 +514,9 @@ _RAY_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def _tree_cpu_by_kind(root_pid: int) -> dict:
-    """{pid: (kind, CPU seconds)} over root_pid's process tree; kinds: the driver, decode children,
-    Ray worker processes (the decode and merge tasks), Ray's own daemons."""
+    """{pid: (kind, CPU seconds: utime+stime + reaped children's)} over root_pid's process tree;
+    kinds: the driver, decode children, Ray worker processes (the decode and merge tasks), Ray's
+    own daemons."""
     children, found = {}, {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -581,22 +567,30 @@ def print_breakdown(b):
     print(f"  size / raw bytes: lz4 {b['lz4_bytes_over_raw']:.3f}, uncompressed {b['none_bytes_over_raw']:.3f}")
 
 
-def main_breakdown(a):
+def _ucf_like_train_set(a):
+    """The UCF-like set of ``--section writers`` / ``breakdown``: manifests of its training videos
+    and of its first 8 (for warming the Ray worker pool up)."""
     from dvfl.data import adapters as A
+
+    n = a.ucf_videos or (12 if a.quick else 512)
+    root = os.path.join(a.work, f"ucf_like_{n}")
+    make_ucf_like(root, n)
+    m = A.folder(root)
+    m.entries = [e for e in m.entries if e.split == "train"]
+    warm = A.folder(root)
+    warm.entries = warm.entries[:8]
+    return m, warm
+
+
+def main_breakdown(a):
     from dvfl.data.ingest import ray_session
 
     from benchmarks.machine import cpu_model
 
     cores = os.cpu_count() or 1
-    n = a.ucf_videos or (12 if a.quick else 512)
     load0 = os.getloadavg()
-    root = os.path.join(a.work, f"ucf_like_{n}")
-    make_ucf_like(root, n)
-    m = A.folder(root)
-    m.entries = [e for e in m.entries if e.split == "train"]
+    m, warm = _ucf_like_train_set(a)
     with ray_session(num_cpus=cores + 1, object_store_mb=1024, log=None):  # the ingest CLI's default
-        warm = A.folder(root)
-        warm.entries = warm.entries[:8]
         ingest_rate(warm, os.path.join(a.work, "warm"), 8, 2, 128, videos_per_task=2)
         rounds = [cpu_breakdown(m, a.work, 8, 2, 128, cores + 1) for _ in range(a.repeats)]
     res = {"machine": {"cores": cores, "cpu": cpu_model(), "platform": platform.platform(),
@@ -711,21 +705,14 @@ def main():
 
 
 def main_writers(a):
-    from dvfl.data import adapters as A
     from dvfl.data.ingest import ray_session
 
     from benchmarks.machine import cpu_model
 
     cores = os.cpu_count() or 1
-    n = a.ucf_videos or (12 if a.quick else 512)
     load0 = os.getloadavg()
-    root = os.path.join(a.work, f"ucf_like_{n}")
-    make_ucf_like(root, n)
-    m = A.folder(root)
-    m.entries = [e for e in m.entries if e.split == "train"]
+    m, warm = _ucf_like_train_set(a)
     with ray_session(num_cpus=cores + 1, object_store_mb=1024, log=None):  # the ingest CLI's default
-        warm = A.folder(root)
-        warm.entries = warm.entries[:8]
         for w in ("driver", "workers"):  # worker processes started and imports done before any measurement
             driver_cpu_ingest(warm, os.path.join(a.work, "warm"), 8, 2, 128, w)
         res = writers_section(m, a.work, 8, 2, 128, cores, a.repeats)
