@@ -92,20 +92,25 @@ def _tree_cpu_s(root_pid: int) -> float:
 # ---------------------------------------------------------------------------------------
 # (a) raw decode loop
 
-def raw_decode_rate(entries, T, clips_per_video, seed, split="train"):
-    """Same frames as the ingest (union of a video's views, one get_batch), no resize, one process."""
+def raw_decode_one(e, T, clips_per_video, seed, split) -> int:
+    """Decode one video's views' frames (their union, one get_batch, no resize); returns its clips."""
     import decord
 
     from dvfl.data import sampling as S
 
+    vr = decord.VideoReader(e.path, ctx=decord.cpu(0), num_threads=1)
+    views = S.plan_views(len(vr), T, split, seed, e.video_id, clips_per_video, 1)
+    vr.get_batch(S.unique_sorted(v[2] for v in views).tolist()).asnumpy()
+    return len(views)
+
+
+def raw_decode_rate(entries, T, clips_per_video, seed, split="train"):
+    """Same frames as the ingest (union of a video's views, one get_batch), no resize, one process."""
     t0 = time.perf_counter()
     c0 = time.process_time()
     clips = 0
     for e in entries:
-        vr = decord.VideoReader(e.path, ctx=decord.cpu(0), num_threads=1)
-        views = S.plan_views(len(vr), T, split, seed, e.video_id, clips_per_video, 1)
-        vr.get_batch(S.unique_sorted(v[2] for v in views).tolist()).asnumpy()
-        clips += len(views)
+        clips += raw_decode_one(e, T, clips_per_video, seed, split)
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
     return {"videos": len(entries), "clips": clips, "seconds": dt, "clips_per_s": clips / dt,
@@ -405,20 +410,14 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
     out = {"videos": len(entries)}
     # the three decodes of each video back to back, so that the machine's drifting speed (a shared
     # VM) affects them alike; CPU time of this process (+ the decode child's, read from /proc)
-    import decord
-
-    from dvfl.data import sampling as SP
-
+    raw_decode_one(entries[0], T, CPV, 0, entries[0].split)  # decord imported before any timing
     proc = DecodeProcess()
     proc.run(jobs[0], 120)  # the child started and its imports done, as in a warm worker
     cpu = {"raw": 0.0, "scaled": 0.0, "child": 0.0}
     results, clips = [], 0
     for e, j in zip(entries, jobs):
         c0 = time.process_time()
-        vr = decord.VideoReader(e.path, ctx=decord.cpu(0), num_threads=1)
-        views = SP.plan_views(len(vr), T, e.split, 0, e.video_id, CPV, 1)
-        vr.get_batch(SP.unique_sorted(v[2] for v in views).tolist()).asnumpy()
-        del vr
+        n_views = raw_decode_one(e, T, CPV, 0, e.split)
         c1 = time.process_time()
         D.decode_video(j)
         c2 = time.process_time()
@@ -428,7 +427,7 @@ def cpu_breakdown(manifest, work, T, CPV, short_side, workers):
         cpu["raw"] += c1 - c0
         cpu["scaled"] += c2 - c1
         cpu["child"] += (c3 - c2) + (_pid_cpu_s(proc.proc.pid) - k0)
-        clips += len(views)
+        clips += n_views
     proc.close()
     assert all(r.get("ok") for r in results), [r for r in results if not r.get("ok")][:1]
     ms = lambda s: 1000 * s / clips  # noqa: E731
@@ -567,6 +566,13 @@ def print_breakdown(b):
     print(f"  size / raw bytes: lz4 {b['lz4_bytes_over_raw']:.3f}, uncompressed {b['none_bytes_over_raw']:.3f}")
 
 
+def _write_section_results(name: str, res: dict) -> None:
+    path = os.path.join(os.path.dirname(RESULTS), name)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {path}")
+
+
 def _ucf_like_train_set(a):
     """The UCF-like set of ``--section writers`` / ``breakdown``: manifests of its training videos
     and of its first 8 (for warming the Ray worker pool up)."""
@@ -598,10 +604,7 @@ def main_breakdown(a):
     for b in rounds:
         print_breakdown(b)
     if not a.quick:
-        path = os.path.join(os.path.dirname(RESULTS), "input_pipeline_breakdown.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {path}")
+        _write_section_results("input_pipeline_breakdown.json", res)
     return res
 
 
@@ -721,10 +724,7 @@ def main_writers(a):
                       "loadavg_at_start": load0, "loadavg_at_end": load1}
     print_writers(res, (load0[0], load1[0]))
     if not a.quick:
-        path = os.path.join(os.path.dirname(RESULTS), "input_pipeline_writers.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {path}")
+        _write_section_results("input_pipeline_writers.json", res)
     return res
 
 
