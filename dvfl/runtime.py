@@ -24,12 +24,16 @@ LOCAL_CPU_OVERSUBSCRIPTION = 2
 # Lines from Ray that are not about the user's job, matched exactly (see quiet_known_noise):
 # Ray core's notice that a restartable actor got constructor arguments through the object store
 # (Ray Train's PreemptionWatcher and Ray Data's actor-pool workers always do, ray-project/ray#53727),
-# and Ray Data's "progress bars disabled" notice, which every process that runs a dataset prints
-# once because we turn its bars off (our stages print one progress line each).
+# Ray Data's "progress bars disabled" notice, which every process that runs a dataset prints
+# once because we turn its bars off (our stages print one progress line each), and Ray Train's
+# PlacementGroupCleaner warning, printed every second of a training run when the local instance
+# has no dashboard (DVFL_DASHBOARD=0: the State API it polls is not there; the run is unaffected).
 RAY_NOISE = (
     r"core_worker\.cc:\d+: Actor with class name: '(PreemptionWatcher|MapWorker\([^']*\))' and ID: "
     r"'[0-9a-f]+' has constructor arguments in the object store and max_restarts > 0\."
     r"|^Progress bars (for operators )?disabled\. To enable, set `ray\.data\.DataContext"
+    r"|^Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable\. "
+    r"Continuing to monitor"
 )
 
 

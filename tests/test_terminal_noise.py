@@ -22,6 +22,7 @@ NOISE = [
     "in the object store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
     "the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor.",
 ]
 KEPT = [
     '[train] {"epoch": 1, "train_loss": 1.47}',
@@ -32,6 +33,7 @@ KEPT = [
     "Traceback (most recent call last):",
     "RuntimeError: Progress bars disabled. To enable, set `ray.data.DataContext` failed",
     "MemoryError: decoding clip 3 of train-00001.parquet",
+    "Failed to query Ray Train Controller actor state: the controller died",
 ]
 
 
