@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-``ray_local``: one local Ray instance for the whole test session (start-up costs seconds),
+``ray_local``: one local Ray instance for the whole test session (per pytest-xdist worker) (start-up costs seconds),
 with explicit logical CPUs and a small object store, as verified in
 shared/reference/ray-2.60-notes.md. 3 logical CPUs on a 2-core machine keep one CPU
 free for Ray Data next to 2 decode tasks / 2 fractional Train workers. Tests that need
@@ -10,7 +10,8 @@ Video factories (real encoded files through PyAV) for the data tests live here t
 
 ``prepared``: one tiny synthetic dataset ingested with the real Ray Data pipeline, a tiny teacher
 trained on it with 2 DDP workers, and its logit cache, built once per session and shared by the
-distillation and the Tune tests (``TINY`` is its run config).
+distillation and the Tune tests (``TINY`` is its run config); under pytest-xdist (``make test``)
+one worker builds it and the other reuses it.
 """
 from __future__ import annotations
 
@@ -82,15 +83,23 @@ def prepared(tmp_path_factory, ray_local):
     from dvfl.data.ingest import IngestConfig, ingest
     from dvfl.data.shards import load_dataset_info
 
-    out = tmp_path_factory.mktemp("prepared")
-    cfg = tiny_config(out)
-    generated = pipeline.ensure_videos(cfg, log=None)
-    ingest(build_manifest("synthetic", generated["root"], 1),
-           IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
-                        videos_per_shard=8, progress=False), log=lambda *_: None)
-    info = load_dataset_info(cfg.clips_dir)
-    teacher_path, spec = pipeline.ensure_teacher(cfg, info)
-    cache_info = pipeline.ensure_cache(cfg, teacher_path)
+    from filelock import FileLock
+
+    # Under pytest-xdist (`make test` runs two workers) the first worker to get here builds it in
+    # the run's shared temp folder and the other one finds every stage done: each stage reuses
+    # finished work (ingest skips committed shards, the teacher and cache match their fingerprints).
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    with FileLock(str(root / "prepared.lock")):
+        out = root / "prepared"
+        cfg = tiny_config(out)
+        generated = pipeline.ensure_videos(cfg, log=None)
+        ingest(build_manifest("synthetic", generated["root"], 1),
+               IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
+                            videos_per_shard=8, progress=False), log=lambda *_: None)
+        info = load_dataset_info(cfg.clips_dir)
+        teacher_path, spec = pipeline.ensure_teacher(cfg, info)
+        cache_info = pipeline.ensure_cache(cfg, teacher_path)
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 
 
