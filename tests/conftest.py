@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-``ray_local``: one local Ray instance for the whole test session (per pytest-xdist worker) (start-up costs seconds),
+``ray_local``: one local Ray instance per test process (start-up costs seconds; one per pytest-xdist worker),
 with explicit logical CPUs and a small object store, as verified in
 shared/reference/ray-2.60-notes.md. 3 logical CPUs on a 2-core machine keep one CPU
 free for Ray Data next to 2 decode tasks / 2 fractional Train workers. Tests that need
