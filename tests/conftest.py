@@ -10,8 +10,8 @@ Video factories (real encoded files through PyAV) for the data tests live here t
 
 ``prepared``: one tiny synthetic dataset ingested with the real Ray Data pipeline, a tiny teacher
 trained on it with 2 DDP workers, and its logit cache, built once per session and shared by the
-distillation and the Tune tests (``TINY`` is its run config); under pytest-xdist (``make test``)
-one worker builds it and the other reuses it.
+distillation and the Tune tests (``TINY`` is its run config); once per pytest-xdist worker (``make
+test``): tests write into its output folder, so the two workers do not share it.
 """
 from __future__ import annotations
 
@@ -83,23 +83,15 @@ def prepared(tmp_path_factory, ray_local):
     from dvfl.data.ingest import IngestConfig, ingest
     from dvfl.data.shards import load_dataset_info
 
-    from filelock import FileLock
-
-    # Under pytest-xdist (`make test` runs two workers) the first worker to get here builds it in
-    # the run's shared temp folder and the other one finds every stage done: each stage reuses
-    # finished work (ingest skips committed shards, the teacher and cache match their fingerprints).
-    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
-    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
-    with FileLock(str(root / "prepared.lock")):
-        out = root / "prepared"
-        cfg = tiny_config(out)
-        generated = pipeline.ensure_videos(cfg, log=None)
-        ingest(build_manifest("synthetic", generated["root"], 1),
-               IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
-                            videos_per_shard=8, progress=False), log=lambda *_: None)
-        info = load_dataset_info(cfg.clips_dir)
-        teacher_path, spec = pipeline.ensure_teacher(cfg, info)
-        cache_info = pipeline.ensure_cache(cfg, teacher_path)
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = tiny_config(out)
+    generated = pipeline.ensure_videos(cfg, log=None)
+    ingest(build_manifest("synthetic", generated["root"], 1),
+           IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
+                        videos_per_shard=8, progress=False), log=lambda *_: None)
+    info = load_dataset_info(cfg.clips_dir)
+    teacher_path, spec = pipeline.ensure_teacher(cfg, info)
+    cache_info = pipeline.ensure_cache(cfg, teacher_path)
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 
 

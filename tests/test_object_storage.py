@@ -241,7 +241,7 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
     assert f"[report] {out}/results.json" in r.stdout
     # without a dashboard Ray Train's placement-group cleaner cannot reach the State API: its
     # once-a-second warning is not the user's business
-    assert "PlacementGroupCleaner" not in r.stdout + r.stderr, r.stdout[-2000:]
+    assert "Failed to query Ray Train Controller actor state" not in r.stdout + r.stderr, r.stdout[-2000:]
 
     search = [SEARCH, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3", "--quiet",
               *[x for kv in TINY_S3 for x in ("--set", kv)],

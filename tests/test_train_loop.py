@@ -1,4 +1,4 @@
-"""The training loop's typed config and its test hooks (no Ray: the hooks act on any iterator)."""
+"""The training loop's typed config, its test hooks (no Ray: the hooks act on any iterator) and its checkpoint reading."""
 import json
 import threading
 import time
@@ -73,3 +73,32 @@ for b in hooks.between_steps(iter([1, 2]), epoch=0, rank=0, world=1, run_name="r
     assert marker.exists()
     again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (again.returncode, again.stdout.split()) == (0, ["step", "1", "step", "2"]), again.stderr  # once only
+
+
+def test_checkpoint_state_reads_through_the_checkpoints_filesystem_not_a_shared_temp_copy(tmp_path, monkeypatch):
+    """A Ray checkpoint on a filesystem other than the local one (an object store's case) is read
+    straight through that filesystem: ``Checkpoint.as_directory`` downloads into a temp folder the
+    node's processes share, where two resuming ranks overwrite each other's file. A runner's epoch
+    state reads the same."""
+    import pyarrow.fs
+    import ray.train
+    import torch
+
+    from dvfl.train.loop import STATE_FILE, checkpoint_state
+    from dvfl.train.session import EpochStateCheckpoint
+
+    state = {"model": {"w": torch.arange(6.0)}, "epoch": 2, "history": [{"epoch": 1}, {"epoch": 2}]}
+    (tmp_path / "ckpt").mkdir()
+    torch.save(state, tmp_path / "ckpt" / STATE_FILE)
+    torch.save(state, tmp_path / "epoch_000002.pt")
+
+    def no_temp_copy(self):
+        raise AssertionError("as_directory used")
+
+    monkeypatch.setattr(ray.train.Checkpoint, "as_directory", no_temp_copy)
+    remote = ray.train.Checkpoint("ckpt", filesystem=pyarrow.fs.SubTreeFileSystem(str(tmp_path),
+                                                                                 pyarrow.fs.LocalFileSystem()))
+    for checkpoint in (remote, ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")),
+                       EpochStateCheckpoint(str(tmp_path / "epoch_000002.pt"))):
+        got = checkpoint_state(checkpoint)
+        assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["history"] == state["history"]

@@ -9,13 +9,11 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
 from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
-from dvfl.train.loop import STATE_FILE, VAL_COLUMNS, train_loop_per_worker
+from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
 
 TRAIN_COLUMNS = VAL_COLUMNS
@@ -325,5 +323,4 @@ def load_final_state(result) -> dict:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    return checkpoint_state(result.checkpoint)

@@ -16,6 +16,7 @@ views ingest stores per video. Without a teacher, training uses random crops (an
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import shutil
@@ -339,12 +340,27 @@ def set_up(cfg: LoopConfig, session) -> _Run:
                 warmup=int(optim.warmup_frac * total_steps))
 
 
+def checkpoint_state(checkpoint) -> dict:
+    """The state a checkpoint holds: a Ray Train/Tune checkpoint's ``state.pt``, read straight from
+    its filesystem (local or object store), or a runner's epoch state (``read_state``).
+
+    Not ``Checkpoint.as_directory``: it downloads a remote checkpoint into a temporary folder that
+    every process of the node shares, and a rank that arrives after another rank's download has
+    finished downloads again over the file that one is reading (a restarted DDP group read a
+    "corrupt" state.pt that way when both ranks shared a machine)."""
+    if hasattr(checkpoint, "read_state"):
+        data = checkpoint.read_state()
+    else:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
+            data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def resume(run: _Run, checkpoint, label: str = "train") -> None:
     """Weights, optimizer, epoch, step and history from the last reported checkpoint, if any."""
     if not checkpoint:
         return
-    with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state = checkpoint_state(checkpoint)
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]

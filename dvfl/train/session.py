@@ -154,28 +154,16 @@ def epoch_states(run_dir: str) -> list[str]:
 
 
 class EpochStateCheckpoint:
-    """The newest epoch state of a runner run, shaped like a Ray checkpoint for the loop's resume
-    and :func:`dvfl.train.launch.load_final_state` (``as_directory``)."""
+    """The newest epoch state of a runner run, read like a Ray checkpoint by
+    :func:`dvfl.train.loop.checkpoint_state` (the loop's resume, :func:`dvfl.train.launch.load_final_state`)."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def as_directory(self):
-        import contextlib
-        import os
-        import tempfile
-
+    def read_state(self) -> bytes:
         from dvfl import storage
-        from dvfl.train.loop import STATE_FILE
 
-        @contextlib.contextmanager
-        def copy():
-            with tempfile.TemporaryDirectory(prefix="dvfl-state-") as d:
-                with open(os.path.join(d, STATE_FILE), "wb") as f:
-                    f.write(storage.read_bytes(self.path))
-                yield d
-
-        return copy()
+        return storage.read_bytes(self.path)
 
 
 def latest_epoch_state(run_dir: str) -> EpochStateCheckpoint | None:
