@@ -10,8 +10,8 @@ Video factories (real encoded files through PyAV) for the data tests live here t
 
 ``prepared``: one tiny synthetic dataset ingested with the real Ray Data pipeline, a tiny teacher
 trained on it with 2 DDP workers, and its logit cache, built once per session and shared by the
-distillation and the Tune tests (``TINY`` is its run config); once per pytest-xdist worker (``make
-test``): tests write into its output folder, so the two workers do not share it.
+distillation and the Tune tests (``TINY`` is its run config). Tests write into its output folder, so
+under pytest-xdist (``make test``) every file that uses it runs in one worker (the group hook below).
 """
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def prepared(tmp_path_factory, ray_local):
     teacher_path, spec = pipeline.ensure_teacher(cfg, info)
     cache_info = pipeline.ensure_cache(cfg, teacher_path)
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
+
+
+def pytest_collection_modifyitems(config, items):
+    """One pytest-xdist group per test file (``make test`` runs ``--dist loadgroup``), so module
+    fixtures are built once; every file that uses ``prepared`` joins one group, so that fixture
+    (a DDP teacher, ~1 min of CPU) is built once per run rather than once per worker."""
+    uses_prepared = {item.path for item in items if "prepared" in item.fixturenames}
+    for item in items:
+        group = "prepared" if item.path in uses_prepared else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def direct_top1(model_dir, clips_dir, splits=None) -> dict:
