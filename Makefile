@@ -32,11 +32,10 @@ teacher: venv
 	$(PY) pipelines/train_teacher.py --config configs/embedded_teacher.yaml \
 		--publish models/embedded_teacher --test-config configs/embedded_pretrained.yaml
 
-# Two test processes (pytest-xdist), whole files each (module fixtures are built once), and
-# the files that share the session's `prepared` fixture in one process (tests/conftest.py).
+# Two test processes (pytest-xdist), whole files each: module fixtures are built once.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # One benchmark per stage; each writes benchmarks/results/<name>.json and prints a table.
 bench: venv

@@ -9,9 +9,9 @@ Ray take this fixture; it shuts Ray down at the end of the session.
 Video factories (real encoded files through PyAV) for the data tests live here too.
 
 ``prepared``: one tiny synthetic dataset ingested with the real Ray Data pipeline, a tiny teacher
-trained on it with 2 DDP workers, and its logit cache, built once per session and shared by the
-distillation and the Tune tests (``TINY`` is its run config). Tests write into its output folder, so
-under pytest-xdist (``make test``) every file that uses it runs in one worker (the group hook below).
+trained on it with 2 DDP workers, and its logit cache, built once per run and shared by the
+distillation and the Tune tests (``TINY`` is its run config); under pytest-xdist (``make test``) each
+worker gets its own copy of the one build, since tests write into its folder.
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ import pytest
 
 RAY_TEST_CPUS = 3
 RAY_TEST_OBJECT_STORE = 512 * 2 ** 20
+# Ray Train starts a spot-preemption watcher actor for every run (a process, ~2.5 s of CPU here);
+# nothing in the tests is ever preempted. Processes started by the tests inherit this.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 TINY = [
@@ -77,32 +80,54 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, ray_local):
-    """Clips (several shards), a teacher trained with 2 DDP workers, and its cache."""
+    """Clips (several shards), a teacher trained with 2 DDP workers, and its cache. Under
+    pytest-xdist the first worker builds it (a file lock) and every worker works on its own copy:
+    tests write into its folder."""
+    import shutil
+
+    from filelock import FileLock
+
+    from dvfl import pipeline
+
+    out = tmp_path_factory.mktemp("prepared")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _build_prepared(out)
+    run_dir = tmp_path_factory.getbasetemp().parent   # shared by this run's workers
+    shared = run_dir / "prepared-shared"
+    with FileLock(str(run_dir / "prepared-shared.lock")):
+        if not (shared / ".built").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            _build_prepared(shared)
+            (shared / ".built").touch()
+    shutil.copytree(shared, out, dirs_exist_ok=True)   # copy2: mtimes kept, so nothing looks rebuilt
+    cfg = tiny_config(out)
+    info = _load_info(cfg)
+    # the copy is found valid as it is: the teacher and the cache are reused, not rebuilt
+    teacher_path, spec = pipeline.ensure_teacher(cfg, info, log=lambda *_: None)
+    cache_info = pipeline.ensure_cache(cfg, teacher_path, log=lambda *_: None)
+    return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
+
+
+def _load_info(cfg):
+    from dvfl.data.shards import load_dataset_info
+
+    return load_dataset_info(cfg.clips_dir)
+
+
+def _build_prepared(out) -> dict:
     from dvfl import pipeline
     from dvfl.data.adapters import build_manifest
     from dvfl.data.ingest import IngestConfig, ingest
-    from dvfl.data.shards import load_dataset_info
 
-    out = tmp_path_factory.mktemp("prepared")
     cfg = tiny_config(out)
     generated = pipeline.ensure_videos(cfg, log=None)
     ingest(build_manifest("synthetic", generated["root"], 1),
            IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
                         videos_per_shard=8, progress=False), log=lambda *_: None)
-    info = load_dataset_info(cfg.clips_dir)
+    info = _load_info(cfg)
     teacher_path, spec = pipeline.ensure_teacher(cfg, info)
     cache_info = pipeline.ensure_cache(cfg, teacher_path)
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
-
-
-def pytest_collection_modifyitems(config, items):
-    """One pytest-xdist group per test file (``make test`` runs ``--dist loadgroup``), so module
-    fixtures are built once; every file that uses ``prepared`` joins one group, so that fixture
-    (a DDP teacher, ~1 min of CPU) is built once per run rather than once per worker."""
-    uses_prepared = {item.path for item in items if "prepared" in item.fixturenames}
-    for item in items:
-        group = "prepared" if item.path in uses_prepared else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def direct_top1(model_dir, clips_dir, splits=None) -> dict:
