@@ -321,20 +321,30 @@ def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_pa
 
 # ----------------------------------------------------------------------------- a killed driver
 @pytest.mark.slow
-def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, tmp_path):
-    """`python pipelines/distill.py` SIGKILLed after the student's first checkpoint: running the
-    same command again resumes from it (epochs 1..3 once each, the step count continued)."""
+def test_a_killed_driver_and_a_stopped_run_resume_and_a_lost_worker_is_recovered(prepared, ray_local, tmp_path):
+    """Ray Train, 2 DDP workers, one output folder, three commands (one test: each Ray Train run
+    costs the suite ~30 s of CPU). (1) `python pipelines/distill.py` SIGKILLed after the student's
+    first checkpoint. (2) The same command again resumes from that checkpoint; with ``max_failures``
+    0 it loses a worker in epoch 3 and stops, its error and traceback on the terminal. (3)
+    ``--resume`` with ``max_failures`` 1 continues after epoch 2 and loses a worker in epoch 4:
+    FailureConfig restarts the worker group from epoch 3's checkpoint. Epochs 1..4 once each in
+    the history, the step count (the LR schedule's) continued across all three."""
     from conftest import TINY, set_args
+
+    from dvfl.pipeline import FAIL_ENV
 
     cfg = prepared["cfg"]
     out = tmp_path / "run"
-    sets = [*TINY, ("baseline", False), ("optim.epochs", 3), ("data.clips", cfg.clips_dir),
-            ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
-    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out), *set_args(sets)]
+    marker = out / ".fail-injected"  # written by the worker the fault hook kills
+    common = [*TINY, ("baseline", False), ("optim.epochs", 4), ("data.clips", cfg.clips_dir),
+              ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
+    cmd = [sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out)]
+    stop_on_failure = cmd + set_args([*common, ("max_failures", 0)])
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(stop_on_failure, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 600
         try:  # a checkpoint is registered once its epoch's report returned: wait for the next epoch's start
             while proc.poll() is None and time.time() < deadline:
@@ -347,13 +357,27 @@ def test_distill_driver_killed_mid_run_then_rerun_resumes(prepared, ray_local, t
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert not (out / "results.json").exists()
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert re.search(r"resumed from checkpoint after epoch [12]\b", again.stdout + again.stderr)
+
+    stopped = subprocess.run(stop_on_failure, env={**env, FAIL_ENV: "2"}, capture_output=True, text=True, timeout=900)
+    assert stopped.returncode != 0, stopped.stdout[-3000:]  # no retries allowed: the run stops after epoch 2
+    assert marker.exists()  # a worker really died
+    assert re.search(r"resumed from checkpoint after epoch [12]\b", stopped.stdout + stopped.stderr)
+    # a real error is never filtered out of the terminal: the failure and its traceback show
+    assert "Traceback (most recent call last)" in stopped.stderr
+    assert re.search(r"^[\w.]*(Error|Exception)\b", stopped.stderr, re.M), stopped.stderr[-3000:]
+    assert not (out / "results.json").exists()
+
+    marker.unlink()
+    resumed = subprocess.run(cmd + set_args([*common, ("max_failures", 1)]) + ["--resume"], env={**env, FAIL_ENV: "3"},
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert marker.exists()  # a worker of the resumed run died too, and was replaced
+    output = resumed.stdout + resumed.stderr
+    assert "resumed from checkpoint after epoch 2" in output and "resumed from checkpoint after epoch 3" in output
     (student,) = (out / "students").glob("dvfl-s*")
     history = json.loads((student / "model.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[2]["steps"] == 3 * history[0]["steps"]  # the LR schedule's step count continued
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["steps"] for h in history] == [k * history[0]["steps"] for k in (1, 2, 3, 4)]
 
 
 # ----------------------------------------------------------------------------- scratch folders
