@@ -85,7 +85,7 @@ def prepared(tmp_path_factory, ray_local):
     tests write into its folder."""
     import shutil
 
-    from filelock import FileLock
+    from filelock import FileLock  # installed with torch (one of its requirements)
 
     from dvfl import pipeline
 
