@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
+from dvfl.train.allocator import keep_freed_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")
@@ -69,11 +70,12 @@ def matmul_peak(dtype, repeats: int, n: int = 2048) -> dict:
 
 def variants(bf16_ok: bool, threads: int, with_compile: bool) -> dict:
     plain = {"temporal_impl": "conv1d", "fused": False, "bf16": False, "threads": threads,
-             "contiguous_input": False, "compile": False}
+             "contiguous_input": False, "compile": False, "keep_freed": False}
     out = {"plain": plain,
            "temporal_conv2d": {**plain, "temporal_impl": "conv2d"},
            "fused_optimizer": {**plain, "fused": True},
-           "nchw_input": {**plain, "contiguous_input": True}}
+           "nchw_input": {**plain, "contiguous_input": True},
+           "keep_freed_memory": {**plain, "keep_freed": True}}
     if bf16_ok:
         out["bf16_autocast"] = {**plain, "bf16": True}
     if threads > 1:
@@ -81,10 +83,13 @@ def variants(bf16_ok: bool, threads: int, with_compile: bool) -> dict:
     from dvfl.config import OptimSection
 
     d = OptimSection()
-    default = {**plain, "temporal_impl": d.temporal_impl, "fused": d.fused, "bf16": d.cpu_amp and bf16_ok}
+    default = {**plain, "temporal_impl": d.temporal_impl, "fused": d.fused, "bf16": d.cpu_amp and bf16_ok,
+               "keep_freed": d.keep_freed_memory}
     out["default"] = default
     if default["bf16"]:
         out["default_fp32"] = {**default, "bf16": False}
+    if default["temporal_impl"] == "conv2d":  # the official temporal path under the other defaults
+        out["default_conv1d"] = {**default, "temporal_impl": "conv1d"}
     elif bf16_ok:  # the defaults plus bf16 autocast: what optim.cpu_amp would give
         out["default_bf16"] = {**default, "bf16": True}
     if with_compile:
@@ -97,6 +102,7 @@ LEVER_OF = {  # variant -> (lever name in the report, config field that switches
     "fused_optimizer": ("fused AdamW", "optim.fused"),
     "nchw_input": ("channels-last input (kept: the loop's layout; the variant tries an NCHW copy)", None),
     "bf16_autocast": ("bf16 autocast on CPU", "optim.cpu_amp"),
+    "keep_freed_memory": ("glibc keeps freed memory (no page faults per step)", "optim.keep_freed_memory"),
     "half_threads": ("half the threads", None),
     "compile": ("torch.compile", None),
 }
@@ -122,6 +128,7 @@ class Runner:
 
     def step(self, x, y, record=True):
         torch.set_num_threads(self.v["threads"])
+        keep_freed_memory(self.v["keep_freed"])  # process-wide: each variant steps with its own setting
         torch.manual_seed(len(self.losses))  # the same stochastic-depth draws for every variant
         if self.v["contiguous_input"]:
             x = x.contiguous()
@@ -218,6 +225,7 @@ def _in_default(name: str, v: dict) -> bool:
     d = v["default"]["settings"]
     return {"temporal_conv2d": d["temporal_impl"] == "conv2d", "fused_optimizer": d["fused"],
             "bf16_autocast": d["bf16"], "nchw_input": not d["contiguous_input"],
+            "keep_freed_memory": d["keep_freed"],
             "half_threads": d["threads"] < v["plain"]["settings"]["threads"], "compile": d["compile"]}.get(name, False)
 
 

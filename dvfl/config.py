@@ -109,11 +109,15 @@ class OptimSection:
     optimizer: str = "adamw"  # adamw | sgd (SGD with Nesterov momentum, the official recipe's)
     momentum: float = 0.9  # sgd only
     amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off
-    # bf16 autocast on CPU workers with bf16 instructions; off: no faster here (benchmarks/train_step.py)
-    cpu_amp: bool = False
+    # bf16 autocast on CPU workers that have bf16 instructions (AMX, AVX512-BF16), fp32 on others
+    # (emulated bf16 is slower); 2.2x the fp32 step on a 2-core Xeon (benchmarks/train_step.py)
+    cpu_amp: bool = True
     fused: bool = True  # the optimizer's fused kernel (one pass over all parameters), CPU or GPU
-    # focal modulation's temporal path: the official conv1d, or the same math as a (k, 1) Conv2d
-    temporal_impl: str = "conv1d"
+    # focal modulation's temporal path: the same math as a (k, 1) Conv2d, or the official conv1d
+    # (conv1d's bf16 backward is the slower one)
+    temporal_impl: str = "conv2d"
+    # glibc keeps the memory each step frees instead of faulting it back in (dvfl/train/allocator.py)
+    keep_freed_memory: bool = True
     accum_steps: int = 1  # gradient accumulation: one optimizer step per accum_steps batches
 
 

@@ -100,10 +100,13 @@ def test_speed_levers_default_to_the_config_and_are_validated_by_name(tmp_path):
     from dvfl.pipeline import training_loop_config
 
     # the loop gets the config's own optim section: its levers are the config's, set or default
-    cfg = load_config(None, [("output_dir", str(tmp_path)), ("optim.temporal_impl", "conv2d")])
+    cfg = load_config(None, [("output_dir", str(tmp_path)), ("optim.temporal_impl", "conv1d")])
     loop = training_loop_config(cfg, cfg.student, cfg.optim, 3, 0, {"mode": "none"}, tensorboard_dir=None)
-    assert loop.optim == cfg.optim and loop.optim.temporal_impl == "conv2d"
-    assert (loop.optim.cpu_amp, loop.optim.fused) == (OptimSection().cpu_amp, OptimSection().fused)
+    assert loop.optim == cfg.optim and loop.optim.temporal_impl == "conv1d" != OptimSection().temporal_impl
+    assert (loop.optim.cpu_amp, loop.optim.fused, loop.optim.keep_freed_memory) == (
+        OptimSection().cpu_amp, OptimSection().fused, OptimSection().keep_freed_memory)
+    with pytest.raises(ConfigError, match="optim.keep_freed_memory"):
+        load_config(None, [("output_dir", str(tmp_path)), ("optim.keep_freed_memory", "3")])
     with pytest.raises(ConfigError, match="optim.temporal_impl"):
         load_config(None, [("output_dir", str(tmp_path)), ("optim.temporal_impl", "fft")]).validate(check_paths=False)
     with pytest.raises(ConfigError, match="teacher.optim.fused"):
@@ -132,3 +135,54 @@ def test_results_record_each_models_training_time_and_dvfl_cost_relative_to_vfl(
     # a model from before train_seconds was recorded: no made-up ratio
     table["vfl"] = summarize([{**row([10.0], 1.0), "train_seconds": None}])
     assert training_cost(table) is None
+
+
+def test_depthwise_convs_run_in_fp32_under_cpu_autocast():
+    """oneDNN's bf16 depthwise weight gradient is 3-5x slower than fp32's: under CPU autocast the
+    focal levels' depthwise convs take fp32 inputs and give the fp32 conv's outputs, and every
+    gradient of the model keeps its parameter's layout (as DDP needs)."""
+    from dvfl.models.video_focalnet import _depthwise
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 5, padding=2, groups=16, bias=False)
+    x = torch.randn(4, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _depthwise(conv, x.bfloat16())
+        plain = conv(x.bfloat16())  # what autocast alone would run
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert torch.equal(out, conv(x.bfloat16().float()))
+    assert torch.equal(_depthwise(conv, x), conv(x))  # outside autocast: the plain conv
+
+    model = build_model("videofocalnet_nano", num_classes=5, num_frames=8, img_size=32, embed_dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 8, 3, 32, 32)).float().logsumexp(-1).sum().backward()
+    depthwise = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0 for w in depthwise)
+    assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.grad is not None)
+
+
+def _page_faults_of_reallocating(nbytes: int) -> int:
+    import resource
+
+    block = torch.ones(nbytes // 4)
+    del block  # freed: handed back to the kernel, or kept
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(nbytes // 4)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_keep_freed_memory_lets_the_next_step_reuse_freed_pages():
+    """A freed 48 MiB activation comes back without page faults once glibc keeps freed memory
+    (dvfl/train/allocator.py); with glibc's settings every page faults again."""
+    from dvfl.train.allocator import keep_freed_memory
+
+    nbytes = 48 << 20
+    pages = nbytes // 4096
+    try:
+        assert keep_freed_memory(False)  # Linux/glibc, as this project's machines
+        assert _page_faults_of_reallocating(nbytes) > pages // 2
+        assert keep_freed_memory(True)
+        _page_faults_of_reallocating(nbytes)  # the first one grows the heap
+        assert _page_faults_of_reallocating(nbytes) < pages // 20
+    finally:
+        keep_freed_memory(False)

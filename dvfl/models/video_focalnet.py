@@ -104,7 +104,7 @@ class SpatioTemporalFocalModulation(nn.Module):
         """Gated sum over the L local levels and the global level (channels-first tensors)."""
         ctx_all = 0
         for level, (conv, act) in enumerate(layers):
-            ctx = act(_depthwise_on_small_map(conv, ctx) if conv.groups > 1 else conv(ctx))
+            ctx = act(_depthwise(conv, ctx) if conv.groups > 1 else conv(ctx))
             ctx_all = ctx_all + ctx * gates[:, level : level + 1]
         ctx_global = self.act(ctx.mean(dim=reduce_dims, keepdim=True))
         return ctx_all + ctx_global * gates[:, self.focal_level :]
@@ -125,7 +125,8 @@ class SpatioTemporalFocalModulation(nn.Module):
     def _temporal_modulator(self, x: torch.Tensor) -> torch.Tensor:
         """Temporal path, per spatial location on sequences of length T -> ``(B*T, C, H, W)``.
 
-        ``conv1d`` (default) is the official formulation. ``conv2d`` runs each Conv1d over time
+        ``conv1d`` (the model's default) is the official formulation; the training loop uses ``conv2d``
+        (``optim.temporal_impl``). ``conv2d`` runs each Conv1d over time
         as a ``(k, 1)`` Conv2d on a channels-last ``(B, C, T, H*W)`` view of the features: no
         transposes to and from ``(B*H*W, C, T)``, and oneDNN's channels-last dense kernels (AMX
         under bf16). Both give the same outputs and gradients.
@@ -378,6 +379,15 @@ def _reject_unsupported(kwargs: dict) -> None:
                 raise ValueError(f"{key}={value!r} is not supported (only {_OFFICIAL_DEFAULTS[key]!r})")
             continue
         raise TypeError(f"VideoFocalNet got an unexpected keyword argument {key!r}")
+
+
+def _depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The focal levels' depthwise conv; in fp32 under CPU autocast, where oneDNN's bf16 depthwise
+    weight gradient is 3-5x slower than its fp32 one (docs/training-speed.md)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _depthwise_on_small_map(conv, x.float())
+    return _depthwise_on_small_map(conv, x)
 
 
 def _depthwise_on_small_map(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

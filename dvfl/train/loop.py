@@ -32,6 +32,7 @@ from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 from dvfl.losses import distillation_loss
 from dvfl.config import OptimSection
 from dvfl.models import build_model, set_temporal_impl
+from dvfl.train.allocator import keep_freed_memory
 from dvfl.scratch import make_scratch_dir
 from dvfl.train.loop_config import LoopConfig, TeacherFeed
 
@@ -319,6 +320,8 @@ def set_up(cfg: LoopConfig, session) -> _Run:
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads_per_worker)
     optim = cfg.optim
+    if optim.keep_freed_memory:
+        keep_freed_memory()
     amp = amp_dtype(device, optim.amp, cpu_amp=optim.cpu_amp)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = build_model(cfg.model.name, **cfg.model.kwargs)
