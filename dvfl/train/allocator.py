@@ -3,8 +3,9 @@
 A training step allocates and frees the same large activations every step. By default glibc hands
 blocks above its mmap threshold (and a heap top above its trim threshold) back to the kernel on
 free, so every step page-faults its activations back in, each page zeroed by the kernel first:
-on a 2-core Xeon, a bf16 nano step at 8x112^2 batch 8 took 85-170k page faults and 1.1-1.9 s, and
-2-5k faults and 0.97-1.01 s with freed memory kept, for the same peak RSS (docs/training-speed.md).
+on a 2-core Xeon, a bf16 nano step at 8x112^2 batch 8 run in a thread (as Ray Train runs the loop)
+took 50-170k page faults and 1.35-2.09 s, and 18-34k faults and 1.01 s with freed memory kept, for
+the same peak RSS (docs/training-speed.md).
 """
 from __future__ import annotations
 
