@@ -298,25 +298,27 @@ def run_loop(cfg: LoopConfig, session) -> None:
     writer = _TensorBoard(cfg.tensorboard_dir) if run.rank == 0 and cfg.tensorboard_dir else None
     val_data = session.dataset("val") if run.rank == 0 else None
     reported_at = time.time()
-    for epoch in range(run.start_epoch, cfg.optim.epochs):
-        started = time.time()
-        stats = _EpochStats()
-        run.model.train()
-        for table in cfg.hooks.between_steps(batches, epoch=epoch, rank=run.rank, world=run.world,
-                                             run_name=cfg.run_name, reported_at=lambda: reported_at,
-                                             node_id=session.node_id):
-            train_step(run, cfg, table, stats)
-        train_seconds = time.time() - started
-        if stats.pending:  # the epoch's last, partial accumulation still counts
-            run.step = _optimizer_step(run.model, run.optimizer, run.scaler, cfg.optim, run.step, run.total_steps,
-                                       run.warmup)
-        metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
-        next_batches = _epoch_batches(train_shard, cfg, epoch + 1, session) if epoch + 1 < cfg.optim.epochs else None
-        end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
-        batches = next_batches
-        reported_at = time.time()
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(run.start_epoch, cfg.optim.epochs):
+            started = time.time()
+            stats = _EpochStats()
+            run.model.train()
+            for table in cfg.hooks.between_steps(batches, epoch=epoch, rank=run.rank, world=run.world,
+                                                 run_name=cfg.run_name, reported_at=lambda: reported_at,
+                                                 node_id=session.node_id):
+                train_step(run, cfg, table, stats)
+            train_seconds = time.time() - started
+            if stats.pending:  # the epoch's last, partial accumulation still counts
+                run.step = _optimizer_step(run.model, run.optimizer, run.scaler, cfg.optim, run.step, run.total_steps,
+                                           run.warmup)
+            metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
+            next_batches = _epoch_batches(train_shard, cfg, epoch + 1, session) if epoch + 1 < cfg.optim.epochs else None
+            end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
+            batches = next_batches
+            reported_at = time.time()
+    finally:  # a failed epoch still uploads its TensorBoard events and removes their local copy
+        if writer is not None:
+            writer.close()
 
 
 def _epoch_batches(train_shard, cfg: LoopConfig, epoch: int, session) -> _Timed:
