@@ -88,10 +88,10 @@ def variants(bf16_ok: bool, threads: int, with_compile: bool) -> dict:
     out["default"] = default
     if default["bf16"]:
         out["default_fp32"] = {**default, "bf16": False}
-    if default["temporal_impl"] == "conv2d":  # the official temporal path under the other defaults
-        out["default_conv1d"] = {**default, "temporal_impl": "conv1d"}
     elif bf16_ok:  # the defaults plus bf16 autocast: what optim.cpu_amp would give
         out["default_bf16"] = {**default, "bf16": True}
+    if default["temporal_impl"] == "conv2d":  # the official temporal path under the other defaults
+        out["default_conv1d"] = {**default, "temporal_impl": "conv1d"}
     if with_compile:
         out["compile"] = {**default, "compile": True}
     return out
