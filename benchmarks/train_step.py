@@ -92,9 +92,17 @@ def variants(bf16_ok: bool, threads: int, with_compile: bool) -> dict:
         out["default_bf16"] = {**default, "bf16": True}
     if default["temporal_impl"] == "conv2d":  # the official temporal path under the other defaults
         out["default_conv1d"] = {**default, "temporal_impl": "conv1d"}
-    if with_compile:
-        out["compile"] = {**default, "compile": True}
+    if with_compile:  # on the loop's fp32 step (the one fraction_of_peak measures) and on the default
+        out["compile"] = {**default, "bf16": False, "compile": True}
+        if default["bf16"]:
+            out["compile_bf16"] = {**default, "compile": True}
     return out
+
+
+def loop_fp32(v: dict) -> str:
+    """The variant that is the training loop's fp32 step: its defaults with bf16 autocast off
+    (what it runs on a CPU without bf16 instructions, or with optim.cpu_amp off)."""
+    return "default_fp32" if "default_fp32" in v else "default"
 
 
 LEVER_OF = {  # variant -> (lever name in the report, config field that switches it)
@@ -104,7 +112,8 @@ LEVER_OF = {  # variant -> (lever name in the report, config field that switches
     "bf16_autocast": ("bf16 autocast on CPU", "optim.cpu_amp"),
     "keep_freed_memory": ("glibc keeps freed memory (no page faults per step)", "optim.keep_freed_memory"),
     "half_threads": ("half the threads", None),
-    "compile": ("torch.compile", None),
+    "compile": ("torch.compile (on the loop's fp32 step)", None),
+    "compile_bf16": ("torch.compile (on the default bf16 step)", None),
 }
 
 
@@ -123,7 +132,8 @@ class Runner:
         set_temporal_impl(self.model, v["temporal_impl"])
         self.model.train()
         self.opt = make_optimizer(self.model, OptimSection(lr=1e-4, weight_decay=0.05, fused=v["fused"]))
-        self.fwd = torch.compile(self.model) if v["compile"] else self.model
+        # static shapes: each size is its own graph (a dynamic-shape recompile fails in inductor here)
+        self.fwd = torch.compile(self.model, dynamic=False) if v["compile"] else self.model
         self.losses, self.wall, self.cpu = [], [], []
 
     def step(self, x, y, record=True):
@@ -186,16 +196,19 @@ def run_size(size, batch, a, threads, bf16_ok, deadline) -> dict:
 
     init = build_model("videofocalnet_nano", **kw).state_dict()
     vs = variants(bf16_ok, threads, a.compile)
+    torch._dynamo.reset()  # this size's compiled graphs only
     runners = [Runner(n, v, copy.deepcopy(init), kw) for n, v in vs.items()]
     for r in runners:  # warm-up (and compile) step, untimed; every variant takes the same steps
         t = time.perf_counter()
         r.step(x, y, record=False)
         r.first_step_s = time.perf_counter() - t
-    rounds = 0
+    rounds, round_peaks = 0, []
     while rounds < a.repeats or (rounds < a.min_repeats_if_noisy and os.getloadavg()[0] > threads):
         order = runners[rounds % len(runners):] + runners[:rounds % len(runners)]  # rotate who goes first
         for r in order:
             r.step(x, y)
+        # the fp32 matmul peak in the same round: the step's fraction of it cancels the machine's drift
+        round_peaks.append(matmul_peak(torch.float32, 5)["peak"])
         rounds += 1
         print(f"[train_step] {size}x{batch}: round {rounds} " + " ".join(
             f"{r.name}={r.wall[-1]:.2f}s/{r.cpu[-1]:.2f}cpu" for r in runners), flush=True)
@@ -203,13 +216,13 @@ def run_size(size, batch, a, threads, bf16_ok, deadline) -> dict:
             break
     plain = runners[0]
     out = {"input": [8, 3, size, size], "batch": batch, "rounds": rounds, "flops_per_step": flops,
-           "variants": {}}
+           "fp32_peak_per_round": round_peaks, "variants": {}}
     for r in runners:
         ratio_wall = [p / v for p, v in zip(plain.wall, r.wall)]
         ratio_cpu = [p / v for p, v in zip(plain.cpu, r.cpu)]
         loss_diff = max(abs(a_ - b_) / max(abs(a_), 1e-9) for a_, b_ in zip(plain.losses, r.losses))
         out["variants"][r.name] = {
-            "settings": r.v, "wall_s": stats(r.wall), "cpu_s": stats(r.cpu),
+            "settings": r.v, "wall_s": stats(r.wall), "cpu_s": stats(r.cpu), "wall_s_per_round": r.wall,
             "gflops": flops / statistics.median(r.wall) / 1e9,
             "gflops_per_cpu_s": flops / statistics.median(r.cpu) / 1e9,
             "speedup_wall": stats(ratio_wall), "speedup_cpu": stats(ratio_cpu),
@@ -226,7 +239,7 @@ def _in_default(name: str, v: dict) -> bool:
     return {"temporal_conv2d": d["temporal_impl"] == "conv2d", "fused_optimizer": d["fused"],
             "bf16_autocast": d["bf16"], "nchw_input": not d["contiguous_input"],
             "keep_freed_memory": d["keep_freed"],
-            "half_threads": d["threads"] < v["plain"]["settings"]["threads"], "compile": d["compile"]}.get(name, False)
+            "half_threads": d["threads"] < v["plain"]["settings"]["threads"], "compile": d["compile"], "compile_bf16": d["compile"]}.get(name, False)
 
 
 def main(argv=None) -> int:
@@ -270,8 +283,9 @@ def main(argv=None) -> int:
     for name, (lever, field) in LEVER_OF.items():
         if name not in v:
             levers.append({"lever": lever, "variant": name, "tried": False,
-                           "why": "needs --compile (minutes of compile time)" if name == "compile"
-                           else "CPU has no bf16 instructions" if name == "bf16_autocast" else "n/a"})
+                           "why": "CPU has no bf16 instructions" if name in ("bf16_autocast", "compile_bf16") and not bf16_ok
+                           else "needs --compile (minutes of compile time)" if name.startswith("compile")
+                           else "n/a"})
             continue
         tol = TOLERANCE["bf16" if v[name]["settings"]["bf16"] else "fp32"]
         speed = {s: sizes[s]["variants"][name][metric]["median"] for s in sizes}
@@ -284,6 +298,14 @@ def main(argv=None) -> int:
                        # kept: the training loop uses it by default (see the README for why a lever
                        # that passes here may still be off)
                        "passes": faster and same, "kept": _in_default(name, v)})
+        if name.startswith("compile"):  # judged against the step it compiles, and with its compile time
+            base = loop_fp32(v) if name == "compile" else "default"
+            levers[-1].update({
+                "base": base, "first_step_s": {s: sizes[s]["variants"][name]["first_step_s"] for s in sizes},
+                "speedup_vs_base": {s: stats([b / c for b, c in zip(sizes[s]["variants"][base]["wall_s_per_round"],
+                                                                  sizes[s]["variants"][name]["wall_s_per_round"])])
+                                    for s in sizes}})
+    fp32 = loop_fp32(v)
     bf16_name = next((n for n in ("default_bf16", "default") if n in v and v[n]["settings"]["bf16"]), None)
     plain_s = v["plain"]["wall_s"]["median"]
     default_s = v["default"]["wall_s"]["median"]
@@ -292,14 +314,22 @@ def main(argv=None) -> int:
         "noisy": noisy, "decided_on": metric,
         "peak_gflops": peak32["peak"], "peak_gflops_bf16": peak16["peak"],
         "peak_detail": {"fp32": peak32, "bf16": peak16},
-        "step_gflops": v["plain"]["gflops"],
-        "fraction_of_peak": v["plain"]["gflops"] / peak32["peak"],
+        # the training loop's fp32 step (its default levers, bf16 off); stock PyTorch as "plain_"
+        "fp32_step_variant": fp32,
+        "step_gflops": v[fp32]["gflops"],
+        "fraction_of_peak": v[fp32]["gflops"] / peak32["peak"],
+        # each round's step against the matmul peak measured in that round (median, min-max)
+        "fraction_of_round_peak": stats([first["flops_per_step"] / w / 1e9 / pk for w, pk in
+                                         zip(v[fp32]["wall_s_per_round"], first["fp32_peak_per_round"])]),
+        "plain_step_gflops": v["plain"]["gflops"],
+        "plain_fraction_of_peak": v["plain"]["gflops"] / peak32["peak"],
         "default_step_gflops": v["default"]["gflops"],
         # the same figures per CPU-second of this process (threads x wall on a quiet machine)
         "per_cpu_second": {"peak_gflops": peak32["peak_per_cpu_s"] * threads,
                            "peak_gflops_bf16": peak16["peak_per_cpu_s"] * threads,
-                           "step_gflops": v["plain"]["gflops_per_cpu_s"] * threads,
-                           "fraction_of_peak": v["plain"]["gflops_per_cpu_s"] / peak32["peak_per_cpu_s"],
+                           "step_gflops": v[fp32]["gflops_per_cpu_s"] * threads,
+                           "fraction_of_peak": v[fp32]["gflops_per_cpu_s"] / peak32["peak_per_cpu_s"],
+                           "plain_fraction_of_peak": v["plain"]["gflops_per_cpu_s"] / peak32["peak_per_cpu_s"],
                            "default_step_gflops": v["default"]["gflops_per_cpu_s"] * threads},
         "default_fraction_of_peak": v["default"]["gflops"] / peak32["peak"],
         # the fp32 plain step / the step with the default levers and bf16 autocast
@@ -330,8 +360,11 @@ def main(argv=None) -> int:
             w, sp = x["wall_s"], x[metric]
             print(f"| {s} | {name} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) | "
                   f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f}) | {x['loss_rel_diff']:.1e} |")
-    print(f"\npeak fp32 {peak32['peak']:.0f} / bf16 {peak16['peak']:.0f} GFLOP/s; plain step {results['step_gflops']:.0f} "
-          f"GFLOP/s = {results['fraction_of_peak']:.2f} of fp32 peak; default step {results['default_step_gflops']:.0f} GFLOP/s"
+    fr = results["fraction_of_round_peak"]
+    print(f"\npeak fp32 {peak32['peak']:.0f} / bf16 {peak16['peak']:.0f} GFLOP/s; the loop's fp32 step ({fp32}) "
+          f"{results['step_gflops']:.0f} GFLOP/s = {results['fraction_of_peak']:.2f} of fp32 peak "
+          f"(of each round's own peak {fr['median']:.2f}, {fr['min']:.2f}-{fr['max']:.2f}); stock PyTorch (plain) {results['plain_fraction_of_peak']:.2f}; "
+          f"default step {results['default_step_gflops']:.0f} GFLOP/s"
           + (f"; bf16_speedup {results['bf16_speedup']:.2f}" if bf16_ok else ""))
     print(f"wrote {out}")
     return 0
