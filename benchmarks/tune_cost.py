@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         atexit.register(shutil.rmtree, work, True)
     data = [("data.synthetic.train_per_class", a.videos_per_class), ("data.synthetic.test_per_class", 4),
             ("data.synthetic.unlabeled_videos", 0), ("tune.set.optim.epochs", a.epochs),
-            ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1)]
+            ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1),
+            ("tune.asha.grace_period", 1), ("tune.front_seeds", [])]  # cost per trial: ASHA from epoch 1, no front re-runs
     run_teacher = None
     if a.from_run:
         run = Path(a.from_run).resolve()
@@ -109,7 +110,9 @@ def main(argv=None) -> int:
                     f"config's teacher.path): a finished distill run?")
         run_teacher = run_teacher[0]
         data = [("data.clips", str(run / "clips")), ("tune.set.optim.epochs", a.epochs),
-                ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1)]
+                ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1),
+                # cost per trial, not the default search: ASHA from epoch 1, no front re-runs
+                ("tune.asha.grace_period", 1), ("tune.front_seeds", [])]
     search, cfg = load_tune_config(None, data, output_dir=str(work))
     load_before = os.getloadavg()
     if not a.from_run:

@@ -139,10 +139,11 @@ def test_distill_as_typed_writes_where_it_says(demo):
 
 
 def search_command(*extra) -> list[str]:
-    """README: `python tuning/search.py` after the demo, shrunk to 2 one-epoch trials on 1 worker."""
+    """README: `python tuning/search.py` after the demo, shrunk to 2 one-epoch trials on 1 worker
+    (no front re-runs: tests/test_tune.py covers them)."""
     cmd = command("## Hyper-parameter search (Ray Tune)", "python tuning/search.py")
     return cmd + sets([*DEMO_SETS, ("optim.epochs", 1), ("scaling.num_workers", 1), ("tune.num_samples", 2),
-                       *extra]) + ["--quiet"]
+                       ("tune.asha.grace_period", 1), ("tune.front_seeds", []), *extra]) + ["--quiet"]
 
 
 @pytest.mark.slow

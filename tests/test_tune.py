@@ -95,7 +95,7 @@ def search(prepared, tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("tune")
     before = _mtimes(prepared)
     path = write_search(tmp, prepared, "forced-asha", space={**SPACE, "optim.lr": {"grid": [0.003, 1e-12, 1e-12]}},
-                        extra={"metric": "val_loss", "mode": "min"},
+                        extra={"metric": "val_loss", "mode": "min", "front_seeds": [1]},
                         run_extra=[("data.val_split", "train"), ("optim.batch_size", 4)])
     exp = tmp / "tune" / "forced-asha"
     # Every trial pauses after its first step (the loop's test hook) until the test releases it:
@@ -152,13 +152,36 @@ def test_search_with_three_trials_completes(search):
     by_width = {r["width"]: r["gmacs"] for r in rows}
     assert all(by_width[a] < by_width[b] for a in by_width for b in by_width if a < b)
     md = (exp / "tune_results.md").read_text()
-    assert md.count("\n| ") == 4 and "GMACs/clip" in md and "epochs run" in md
+    assert md.split("The Pareto front re-run")[0].count("\n| ") == 4 and "GMACs/clip" in md and "epochs run" in md
     assert json.loads((exp / "tune_results.json").read_text())["trials"] == 3
     assert (exp / "pareto.png").stat().st_size > 10_000
     assert any(r["pareto"] for r in rows)
     # Tune's TensorBoard event files, one per trial, under <storage>/<experiment>
     trial_dirs = {Path(r["path"]) for r in rows}
     assert all(list(d.glob("events.out.tfevents.*")) for d in trial_dirs) and len(trial_dirs) == 3
+
+
+@pytest.mark.slow
+def test_the_pareto_front_is_rerun_with_another_seed_and_the_best_is_its_best_mean(search):
+    """tune.front_seeds [1]: each front trial once more with student seed 1, every epoch; the
+    front is reported per seed and the best config is the front trial with the highest mean."""
+    s, exp = search["summary"], search["exp"]
+    front = [r for r in s["rows"] if r["pareto"]]
+    reruns = s["front_reruns"]
+    assert front and len(reruns) == len(front), (front, reruns)
+    assert sorted(r["front_of"] for r in reruns) == sorted(r["trial_id"] for r in front)
+    assert all(r["seed"] == 1 and r["status"] == "completed" and r["epochs_run"] == r["max_epochs"] for r in reruns)
+    for r in front:
+        rerun = next(x for x in reruns if x["front_of"] == r["trial_id"])
+        assert r["top1_by_seed"] == {"0": r["best_top1"], "1": rerun["best_top1"]}
+        assert r["top1_min"] <= r["top1_mean"] <= r["top1_max"]
+        assert (r["temperature"], r["width"], r["lr"]) == (rerun["temperature"], rerun["width"], rerun["lr"])
+        # the re-run trained with seed 1 (the trial driver's record), in the front's own experiment
+        record = json.loads((exp.parent / "forced-asha-front" / "dvfl_trials" / f"{rerun['trial_id']}.json").read_text())
+        assert record["seed"] == 1 and record["front_of"] == r["trial_id"]
+    assert s["best"]["trial_id"] in {r["trial_id"] for r in front}
+    assert s["best"]["top1_mean"] == max(r["top1_mean"] for r in front)
+    assert "re-run with student seed(s) [1]" in (exp / "tune_results.md").read_text()
 
 
 @pytest.mark.slow
@@ -272,6 +295,8 @@ def test_best_config_runs_with_distill(search, ray_local):
     (("tune.num_samples", 0), r"tune\.num_samples must be >= 1"),
     (("tune.max_concurent_trials", 2), r"tune\.max_concurent_trials is not a known field"),
     (("kd.temperature", -1), r"kd\.temperature must be > 0"),
+    (("tune.front_seeds", [0, 1]), r"tune\.front_seeds: 0 is the seed the search's own trials ran with"),
+    (("tune.front_seeds", [1, 1]), r"tune\.front_seeds must be a list of distinct integer student seeds"),
 ])
 def test_bad_search_configs_are_rejected_naming_the_field(override, message):
     from dvfl.tune import load_tune_config

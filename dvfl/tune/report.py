@@ -33,19 +33,21 @@ def student_cost(cfg: RunConfig, num_classes: int) -> dict:
     return _COST[key]
 
 
-def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> list[dict]:
-    """One row per trial, from Tune's ResultGrid (also after a restore)."""
+def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict, exp: str | None = None) -> list[dict]:
+    """One row per trial, from Tune's ResultGrid (also after a restore); ``exp``: the experiment
+    (default: the search's own; the front's re-runs have theirs)."""
     num_classes = len(dataset_info["classes"])
     rows = []
     for result in grid:
-        params = flatten(result.config or {})
+        front = (result.config or {}).get("front")  # a front re-run: {"params", "seed", "of"}
+        params = flatten(front["params"] if front else (result.config or {}))
         trial_cfg = apply_params(cfg, params)
         df = result.metrics_dataframe
         history = [] if df is None or "epoch" not in getattr(df, "columns", []) else \
             df.dropna(subset=["epoch"]).sort_values("epoch").drop_duplicates("epoch", keep="last").to_dict("records")
         dir_id = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
         trial_id = (result.metrics or {}).get("trial_id") or (dir_id.group(1) if dir_id else None)
-        record_file = storage.join(experiment_dir(t, cfg), TRIALS_DIR, f"{trial_id}.json")
+        record_file = storage.join(exp or experiment_dir(t, cfg), TRIALS_DIR, f"{trial_id}.json")
         record = storage.read_json(record_file) if storage.isfile(record_file) else {}
         epochs_run = int(max((h["epoch"] for h in history), default=0))
         top1 = [h["val_top1"] for h in history if h.get("val_top1") == h.get("val_top1")]
@@ -57,7 +59,8 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict) -> l
         forwards = [h.get("teacher_forward_calls") for h in history]
         forwards = [int(f) for f in forwards if f == f and f is not None]
         rows.append({
-            "trial_id": trial_id,
+            "trial_id": trial_id, "seed": front["seed"] if front else cfg.seed,
+            "front_of": front["of"] if front else None,
             "status": status, "error": _error_text(result) if result.error is not None else None,
             "temperature": trial_cfg.kd.temperature, "alpha": trial_cfg.kd.alpha, "lr": trial_cfg.optim.lr,
             "unlabeled_weight": trial_cfg.kd.unlabeled_weight,
@@ -137,11 +140,40 @@ def markdown_table(rows: list[dict], t: TuneConfig) -> str:
     return "\n".join(lines)
 
 
+def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> list[dict]:
+    """Each front trial's best top-1 per student seed (its own run and its re-runs'), with mean and
+    min-max, set on its row; returns the front rows that have more than one seed."""
+    spread = []
+    for i in front:
+        r = rows[i]
+        runs = {r.get("seed"): r["best_top1"]}
+        runs.update({f["seed"]: f["best_top1"] for f in front_rows
+                     if f["front_of"] == r["trial_id"] and f["best_top1"] is not None})
+        values = list(runs.values())
+        r.update(top1_by_seed={str(k): v for k, v in sorted(runs.items())}, top1_mean=sum(values) / len(values),
+                 top1_min=min(values), top1_max=max(values))
+        if len(values) > 1:
+            spread.append(r)
+    return spread
+
+
+def front_table(spread: list[dict]) -> str:
+    head = ["trial", "T", "width", "α", "lr", "GMACs/clip", "top-1 per seed", "mean", "min–max", "search run"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for r in sorted(spread, key=lambda r: r["gmacs"]):
+        per_seed = ", ".join(f"{v:.1%} (seed {k})" for k, v in r["top1_by_seed"].items())
+        lines.append("| " + " | ".join([
+            r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
+            f"{r['gmacs']:.4f}", per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}",
+            f"{r['epochs_run']}/{r['max_epochs']} epochs"]) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str) -> None:
+def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str, spread=()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,6 +190,11 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
         fr = sorted((rows[i]["gmacs"], rows[i]["best_top1"]) for i in front)
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "-o", color="tab:red", lw=1.5, ms=8, mfc="none", mew=2,
                 label="Pareto front", zorder=3)
+        for n, r in enumerate(spread):  # the front's trials over seeds: mean and min-max
+            ax.errorbar([r["gmacs"]], [r["top1_mean"]], yerr=[[r["top1_mean"] - r["top1_min"]],
+                                                              [r["top1_max"] - r["top1_mean"]]],
+                        fmt="s", color="tab:blue", ms=5, capsize=4, zorder=4,
+                        label=f"front over {len(r['top1_by_seed'])} seeds (mean, min–max)" if n == 0 else None)
         for g, a, r in pts:
             ax.annotate(f"T={r['temperature']:.1f} α={r['alpha']:.2f}", (g, a), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color="0.3")
@@ -171,8 +208,11 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
 
 
 def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *, wall_seconds: float,
-                  log=print) -> dict:
-    """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory."""
+                  front_rows=(), log=print) -> dict:
+    """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory.
+
+    With ``front_rows`` (the front's re-runs with other student seeds) the best config is the front
+    trial with the highest mean over seeds, not the luckiest single run."""
     from dvfl.config import dump_config
 
     exp = os.fspath(exp)
@@ -180,8 +220,9 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     front = pareto_front(rows)
     for i, r in enumerate(rows):
         r["pareto"] = i in front
+    spread = front_spread(rows, front, list(front_rows))
     ok = [r for r in rows if r["best_top1"] is not None]
-    best = ok[0] if ok else None
+    best = (max(spread, key=lambda r: (r["top1_mean"], -r["gmacs"])) if spread else ok[0] if ok else None)
     summary = {
         "experiment": t.experiment, "path": exp, "metric": t.metric, "mode": t.mode,
         "search": t.to_dict(), "asha": t.asha.enabled, "trials": len(rows),
@@ -191,6 +232,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
+        "best_chosen_by": "mean validation top-1 over seeds on the Pareto front" if spread else f"best {t.metric} trial",
+        "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "best_config": best_path if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
@@ -200,14 +243,20 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
           f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
+    if spread:
+        md += (f"\nThe Pareto front re-run with student seed(s) {list(t.front_seeds)} (every epoch; the search's own "
+               f"run is seed {cfg.seed}), best validation top-1 of each run; the best config is the front trial "
+               "with the highest mean:\n\n" + front_table(spread) + "\n")
     storage.write_text(storage.join(exp, RESULTS_MD), md)
-    plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)")
+    plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)",
+                spread=spread)
     if best:
         dump_config(apply_params(cfg, best["params_searched"]), best_path)
     log("\n" + md)
     if best:
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
-            f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%} "
+            f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%}"
+            + (f" (mean over seeds {best['top1_mean']:.1%}) " if spread else " ") +
             f"-> {best_path} (python pipelines/distill.py --config {best_path})")
     log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
         f"tensorboard --logdir {exp}")

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from dvfl.config import ConfigError, RunConfig
 from dvfl import storage
-from dvfl.tune.report import collect_trials, report_errors, write_results
+from dvfl.tune.report import collect_trials, pareto_front, report_errors, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
 from dvfl.tune.search_config import TuneConfig, experiment_dir, param_space
 from dvfl.tune.trial import TRIALS_DIR, diverged, trial_driver, trial_resources, trials_in_process
 
 
 SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to resume a different search)
+FRONT_SUFFIX = "-front"  # <experiment>-front: the Pareto front's trials re-run with tune.front_seeds
 
 
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
@@ -70,8 +71,11 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
 
     check_resources(t, cfg, ray.cluster_resources())
     exp = experiment_dir(t, cfg)
-    if fresh and storage.exists(exp):
-        remove_experiment(exp, t.experiment, log)
+    front_exp = exp + FRONT_SUFFIX
+    if fresh:
+        for path, name in ((exp, t.experiment), (front_exp, t.experiment + FRONT_SUFFIX)):
+            if storage.exists(path):
+                remove_experiment(path, name, log)
     info, teacher = prepare(cfg, log)
     fp = _fingerprint(t, cfg, info, teacher)
     search_file = storage.join(exp, SEARCH_FILE)
@@ -94,6 +98,17 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         setup["data"] = pipeline.shared_training_data(
             cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
+
+    def run_config(name: str):
+        return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
+                              storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
+                              callbacks=[reclaim_callback()], failure_config=tune.FailureConfig(max_failures=0))
+
+    def variant_generator():
+        # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials
+        # given next to a BasicVariantGenerator
+        return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
+
     if restoring:
         log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept, the others rerun)")
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -104,24 +119,43 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                      if t.asha.enabled else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=param_space(t),
-            # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials
-            # given next to a BasicVariantGenerator
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
                                         # in-process trials keep their actor (torch imported once)
-                                        reuse_actors=trials_in_process(t, cfg),
-                                        search_alg=BasicVariantGenerator(random_state=t.seed,
-                                                                         max_concurrent=t.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=t.experiment, storage_path=storage.ray_storage(storage.dirname(exp))[0],
-                                      storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
-                                      callbacks=[reclaim_callback()],
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+                                        reuse_actors=trials_in_process(t, cfg), search_alg=variant_generator()),
+            run_config=run_config(t.experiment))
         log(f"[tune] {t.experiment}: {t.num_samples} sample(s) of {sorted(t.space)}, "
             f"ASHA {'on ' + t.metric if t.asha.enabled else 'off'}, up to {cfg.optim.epochs} epochs per trial, "
             f"teacher signal: {teacher['mode']}; results in {exp}")
     started = time.time()
     grid = tuner.fit()
-    wall = time.time() - started
     rows = collect_trials(grid, t, cfg, info)
-    summary = write_results(exp, t, cfg, rows, wall_seconds=wall, log=log)
+    front_rows = []
+    front = [rows[i] for i in pareto_front(rows)]
+    if t.front_seeds and front:
+        # the front's trials again with each extra student seed, every epoch: one grid of
+        # {params, seed} (a restored front experiment keeps its finished re-runs)
+        front_path = storage.ray_storage(front_exp)[0]
+        storage.makedirs(front_exp)
+        storage.write_text(storage.join(front_exp, SEARCH_FILE), json.dumps(fp, indent=1, default=str))
+        front_trainable = tune.with_resources(
+            tune.with_parameters(trial_driver, setup={**setup, "experiment": t.experiment + FRONT_SUFFIX,
+                                                      "records": storage.join(front_exp, TRIALS_DIR)}),
+            trial_resources(t, cfg))
+        if tune.Tuner.can_restore(front_path, storage_filesystem=tune_fs):
+            front_tuner = tune.Tuner.restore(front_path, trainable=front_trainable, resume_unfinished=True,
+                                             resume_errored=True, storage_filesystem=tune_fs)
+        else:
+            reruns = [{"params": r["params_searched"], "seed": seed, "of": r["trial_id"]}
+                      for r in front for seed in t.front_seeds]
+            log(f"[tune] re-running the Pareto front's {len(front)} trial(s) with student seed(s) "
+                f"{t.front_seeds}: {len(reruns)} run(s) of {cfg.optim.epochs} epochs")
+            front_tuner = tune.Tuner(
+                front_trainable, param_space={"front": tune.grid_search(reruns)},
+                tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, reuse_actors=trials_in_process(t, cfg),
+                                            search_alg=variant_generator()),
+                run_config=run_config(t.experiment + FRONT_SUFFIX))
+        front_rows = collect_trials(front_tuner.fit(), t, cfg, info, exp=front_exp)
+    summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
     report_errors(rows, log)
+    report_errors(front_rows, log)
     return summary

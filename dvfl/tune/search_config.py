@@ -49,6 +49,9 @@ class TuneConfig:
     in_process: bool = True
     asha: AshaSection = field(default_factory=AshaSection)
     space: dict = field(default_factory=dict)
+    # after the search, the Pareto front's trials again with each of these student seeds, every
+    # epoch (no ASHA): the front is then reported and drawn with its seed spread
+    front_seeds: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,6 +106,11 @@ def _parse_tune(tree: dict) -> TuneConfig:
     if not isinstance(space, dict):
         raise ConfigError(f"tune.space must be a mapping of section.field: {{domain: values}}, got {space!r}")
     t.space = dict(space)
+    seeds = tree.get("front_seeds") or []
+    if (not isinstance(seeds, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"tune.front_seeds must be a list of distinct integer student seeds, got {seeds!r}")
+    t.front_seeds = list(seeds)
     return t
 
 
@@ -180,6 +188,9 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
         raise ConfigError(f"tune.asha.reduction_factor must be > 1, got {t.asha.reduction_factor}")
     if not t.space:
         raise ConfigError("tune.space is empty: name at least one field to search")
+    if base.seed in t.front_seeds:
+        raise ConfigError(f"tune.front_seeds: {base.seed} is the seed the search's own trials ran with (the run "
+                          "config's seed); list other seeds")
     if t.unlabeled and not (base.unlabeled_dir and base.teacher.mode != "none"):
         raise ConfigError("tune.unlabeled needs unlabelled clips (data.unlabeled, or data.synthetic.unlabeled_videos "
                           "> 0) and a teacher (teacher.mode cached or online)")

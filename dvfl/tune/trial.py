@@ -38,17 +38,21 @@ def trial_driver(params: dict, setup: dict) -> None:
 
     from dvfl import pipeline
 
-    cfg = apply_params(setup["base"], params)
+    # a re-run of a Pareto-front trial with another student seed: {"front": {"params", "seed", "of"}}
+    front = params.get("front")
+    cfg = apply_params(setup["base"], front["params"] if front else params)
+    seed = front["seed"] if front else cfg.seed
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     teacher = setup["teacher"]
     kd = teacher["mode"] != "none"
-    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], cfg.seed,
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], seed,
                                          {k: v for k, v in teacher.items() if k != "fingerprint"},
                                          tensorboard_dir=None, hooks=setup.get("hooks"))
     name = f"{setup['experiment']}-{trial_id}"
     in_process = setup.get("data") is not None
-    record = {"trial_id": trial_id, "params": flatten(params), "train_run": None if in_process else name,
+    record = {"trial_id": trial_id, "params": flatten(front["params"] if front else params), "seed": seed,
+              "front_of": front["of"] if front else None, "train_run": None if in_process else name,
               "in_process": in_process, "pid": os.getpid(),
               "teacher_mode": loop.teacher.mode, "teacher_model_shipped": loop.teacher.state_ref is not None,
               "starts": []}
