@@ -200,7 +200,7 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
                         xytext=(4, 4), fontsize=7, color="0.3")
     ax.set(xlabel="student GMACs per clip", ylabel="best validation top-1", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     # a local temporary file renamed over the target, or one PUT on an object store
     storage.write_with(path, lambda target: fig.savefig(target, dpi=110, format="png"))
