@@ -185,6 +185,22 @@ def test_the_pareto_front_is_rerun_with_another_seed_and_the_best_is_its_best_me
 
 
 @pytest.mark.slow
+def test_front_reruns_of_a_different_search_are_not_resumed(search):
+    """A front experiment whose recorded search differs is refused, not restored into this one."""
+    from dvfl.tune import load_tune_config, run_search
+
+    front_file = search["exp"].parent / "forced-asha-front" / "dvfl_search.json"
+    kept = front_file.read_text()
+    try:
+        front_file.write_text(json.dumps({**json.loads(kept), "digest": "another search"}))
+        tune_cfg, run_cfg = load_tune_config(search["path"])
+        with pytest.raises(ConfigError, match=r"forced-asha-front holds the front re-runs of a different search"):
+            run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)
+    finally:
+        front_file.write_text(kept)
+
+
+@pytest.mark.slow
 def test_asha_stops_a_trial_early(search):
     s = search["summary"]
     stopped = [r for r in s["rows"] if r["status"] == "stopped early"]

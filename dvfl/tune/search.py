@@ -58,7 +58,8 @@ def remove_experiment(exp: str | Path, name: str, log=print) -> None:
 
 
 def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
-    """Prepare the shared stages, run (or resume) the Tune experiment, write the results.
+    """Prepare the shared stages, run (or resume) the Tune experiment, re-run its Pareto front with
+    ``tune.front_seeds`` (in ``<experiment>-front``), write the results.
 
     Needs Ray initialised (:func:`dvfl.runtime.ray_runtime`). Returns the results summary.
     """
@@ -135,13 +136,17 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         # the front's trials again with each extra student seed, every epoch: one grid of
         # {params, seed} (a restored front experiment keeps its finished re-runs)
         front_path = storage.ray_storage(front_exp)[0]
+        front_file = storage.join(front_exp, SEARCH_FILE)
+        front_restoring = tune.Tuner.can_restore(front_path, storage_filesystem=tune_fs)
+        if front_restoring and (not storage.isfile(front_file) or storage.read_json(front_file)["digest"] != fp["digest"]):
+            raise ConfigError(f"{front_exp} holds the front re-runs of a different search: --fresh discards both")
         storage.makedirs(front_exp)
-        storage.write_text(storage.join(front_exp, SEARCH_FILE), json.dumps(fp, indent=1, default=str))
+        storage.write_text(front_file, json.dumps(fp, indent=1, default=str))
         front_trainable = tune.with_resources(
             tune.with_parameters(trial_driver, setup={**setup, "experiment": t.experiment + FRONT_SUFFIX,
                                                       "records": storage.join(front_exp, TRIALS_DIR)}),
             trial_resources(t, cfg))
-        if tune.Tuner.can_restore(front_path, storage_filesystem=tune_fs):
+        if front_restoring:
             front_tuner = tune.Tuner.restore(front_path, trainable=front_trainable, resume_unfinished=True,
                                              resume_errored=True, storage_filesystem=tune_fs)
         else:
