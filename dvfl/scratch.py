@@ -45,9 +45,9 @@ def _last_written(path: str) -> float:
     return newest
 
 
-def sweep_dead(kind: str, tmpdir: str | None = None) -> list[str]:
+def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STALE_SECONDS) -> list[str]:
     """Remove this user's ``dvfl-<kind>-<pid>-…`` folders whose process has ended and that have
-    not been written for ``STALE_SECONDS``; returns what was removed."""
+    not been written for ``stale_seconds``; returns what was removed."""
     tmpdir = tmpdir or tempfile.gettempdir()
     pattern = re.compile(rf"dvfl-{re.escape(kind)}-(\d+)-")
     removed = []
@@ -58,13 +58,16 @@ def sweep_dead(kind: str, tmpdir: str | None = None) -> list[str]:
             continue
         try:
             stale = (os.lstat(path).st_uid == os.getuid() and os.path.isdir(path) and not os.path.islink(path)
-                     and not _running(int(match.group(1))) and time.time() - _last_written(path) > STALE_SECONDS)
+                     and not _running(int(match.group(1))) and time.time() - _last_written(path) > stale_seconds)
         except OSError:  # gone meanwhile
             continue
         if stale:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+SCRATCH_KINDS = ("ckpt", "tb", "serve")  # every kind the project makes
 
 
 def make_scratch_dir(kind: str, label: str = "") -> str:

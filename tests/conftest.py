@@ -63,6 +63,17 @@ def tiny_config(output_dir, extra=()):
     return load_config(None, [("output_dir", str(output_dir)), *TINY, *extra])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_scratch_left_by_killed_processes():
+    """The fault tests SIGKILL workers and runners, which leave their scratch folders behind (a
+    later run would sweep them after STALE_SECONDS); remove those of dead owners when the tests end."""
+    yield
+    from dvfl.scratch import SCRATCH_KINDS, sweep_dead
+
+    for kind in SCRATCH_KINDS:
+        sweep_dead(kind, stale_seconds=0)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

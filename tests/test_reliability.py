@@ -410,3 +410,6 @@ def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_pat
     assert not dead_stale.exists()
     assert all(p.exists() for p in (dead_fresh, alive, other_kind, not_ours))
     assert scratch.make_scratch_dir("tb") and not other_kind.exists()
+    # the test session's own clean-up (conftest): a dead owner's folder of any age, nothing else
+    assert scratch.sweep_dead("ckpt", stale_seconds=0) == [str(dead_fresh)]
+    assert alive.exists() and made.exists() and not_ours.exists()
