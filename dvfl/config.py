@@ -51,6 +51,7 @@ class SyntheticSection:
     noise_std: float = 6.0
     background: str = "textured"  # or "plain" (one colour: the moving object is all that changes)
     label_noise: float = 0.0  # share of training videos filed under a wrong class (test never)
+    luma_contrast: float = 0.0  # least brightness gap between object and background (0-127)
 
 
 @dataclass
@@ -334,6 +335,8 @@ class RunConfig:
             fail("data.synthetic.noise_std", f"must be >= 0, got {self.data.synthetic.noise_std!r}")
         if not 0 <= self.data.synthetic.label_noise < 1:
             fail("data.synthetic.label_noise", f"must be in [0, 1), got {self.data.synthetic.label_noise!r}")
+        if not 0 <= self.data.synthetic.luma_contrast <= 127:
+            fail("data.synthetic.luma_contrast", f"must be in [0, 127], got {self.data.synthetic.luma_contrast!r}")
         if self.data.synthetic.background not in ("textured", "plain"):
             fail("data.synthetic.background", f"must be textured or plain, got {self.data.synthetic.background!r}")
         if not 0 <= self.data.teacher_pool < 1:

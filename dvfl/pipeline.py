@@ -99,7 +99,7 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
                           frames=s.frames, size=s.size, motion=s.motion,
                           angle_jitter_deg=s.angle_jitter_deg, distractors=tuple(s.distractors),
                           speed=tuple(s.speed), noise_std=s.noise_std, background=s.background,
-                          label_noise=s.label_noise, seed=cfg.seed)
+                          label_noise=s.label_noise, luma_contrast=s.luma_contrast, seed=cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).
     return generate(os.path.join(cfg.output_dir, "videos"), syn, overwrite=True, log=log)

@@ -198,6 +198,7 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     (("kd.tempreature", 2.0), "kd.tempreature"),
     (("data.synthetic.motion", "teleport"), "data.synthetic.motion"),
     (("data.synthetic.angle_jitter_deg", 30.0), "data.synthetic.angle_jitter_deg"),
+    (("data.synthetic.luma_contrast", 200.0), "data.synthetic.luma_contrast"),
 ])
 def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
     from dvfl.config import ConfigError

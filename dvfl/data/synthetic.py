@@ -83,6 +83,10 @@ class SyntheticConfig:
     # labels of one's own videos are: the video still shows its own class's motion. Test videos
     # are always filed right; the true classes go to train_truth.csv, which ingest never reads.
     label_noise: float = 0.0
+    # Least brightness (luma, 0-255) between the object's colour and the background's mean: yuv420p
+    # keeps colour at half resolution, so at 32 px an object that differs mostly in hue reaches the
+    # model as a smear (it delays when a student finds the motion: docs/embedded-default.md).
+    luma_contrast: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -107,14 +111,17 @@ class SyntheticConfig:
                 raise ValueError(f"{k} must be >= 0")
         if not 0 <= self.label_noise < 1:
             raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+        if not 0 <= self.luma_contrast <= 127:
+            raise ValueError(f"luma_contrast must be in [0, 127], got {self.luma_contrast}")
 
     def as_dict(self) -> Dict:
         d = asdict(self)
         d["speed"] = list(self.speed)
         d["object_size"] = list(self.object_size)
         d["distractors"] = list(self.distractors)
-        if not self.label_noise:  # datasets generated before the option keep their identity
-            del d["label_noise"]
+        for k in ("label_noise", "luma_contrast"):  # datasets generated before the option keep their identity
+            if not d[k]:
+                del d[k]
         return d
 
 
@@ -166,11 +173,16 @@ def _background(rng: np.random.Generator, size: int, kind: str = "textured") -> 
     return bg
 
 
-def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray) -> np.ndarray:
-    for _ in range(50):
+_LUMA = np.array([0.299, 0.587, 0.114])  # BT.601, as the encoder's yuv420p
+
+
+def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray, luma_contrast: float = 0.0) -> np.ndarray:
+    for _ in range(200 if luma_contrast else 50):
         c = rng.uniform(0, 255, size=3)
-        if np.abs(c - ref).sum() > 160:
+        if np.abs(c - ref).sum() > 160 and abs(float(_LUMA @ (c - ref))) >= luma_contrast:
             return c
+    if luma_contrast:  # black or white, whichever is further from the background
+        return np.full(3, 0.0 if float(_LUMA @ ref) > 127.5 else 255.0)
     return 255.0 - ref
 
 
@@ -195,7 +207,7 @@ def render_video(cfg: SyntheticConfig, class_index: int, rng: np.random.Generato
     s = int(rng.integers(cfg.object_size[0], cfg.object_size[1] + 1))
     mask = _shape_mask(rng, s)
     my, mx = np.nonzero(mask)
-    colour = _contrasting_colour(rng, bg.mean(axis=(0, 1)))
+    colour = _contrasting_colour(rng, bg.mean(axis=(0, 1)), cfg.luma_contrast)
     angle = 2 * math.pi * class_index / cfg.num_classes + math.radians(rng.uniform(-1, 1) * cfg.angle_jitter_deg)
     speed = rng.uniform(cfg.speed[0], cfg.speed[1])
     d = np.array([-math.sin(angle), math.cos(angle)]) * speed      # (dy, dx); image y points down
