@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -342,17 +343,23 @@ def build_teacher_cache(
         threads = max(1, int(os.cpu_count() or 1) // max(1, num_actors))
         state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
         items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s))} for s in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardLogitWriter,
-            fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
-                                       batch_size=batch_size, threads=threads,
-                                       test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if use_gpu else 0,
-            # leave CPU for the read side of the pipeline (ray-2.60-notes, hang #2)
-            num_cpus=0 if use_gpu else min(1.0, max(0.25, (cpus - 0.5) / num_actors)),
-        )
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter in Ray 2.60, only the deprecated **ray_remote_args
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                ShardLogitWriter,
+                fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
+                                           batch_size=batch_size, threads=threads,
+                                           test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None),
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=num_actors),
+                # a writer that dies fails the build (a rerun redoes only its unfinished shards) instead of
+                # restarting: a restartable actor makes Ray core print a warning on the user's terminal
+                max_restarts=0,
+                num_gpus=1 if use_gpu else 0,
+                # leave CPU for the read side of the pipeline (ray-2.60-notes, hang #2)
+                num_cpus=0 if use_gpu else min(1.0, max(0.25, (cpus - 0.5) / num_actors)),
+            )
         for i, row in enumerate(ds.iter_rows(), 1):
             s = json.loads(row["stats"])
             if "error" in s:
