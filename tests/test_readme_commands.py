@@ -101,7 +101,7 @@ def test_distill_as_typed_writes_where_it_says(demo):
     output = r.stdout + r.stderr
     for noise in ("PreemptionWatcher", "Grad strides do not match", "Progress bars disabled", "DeprecationWarning",
                   "Use 'expr' instead of 'fn'", "Token authentication is enabled",
-                  "has constructor arguments in the object store", "RayDeprecationWarning"):
+                  "has constructor arguments in the object store"):
         assert noise not in output, noise
     # with scaling.concurrent_runs every one-worker run, the teacher's too, trains in a runner actor
     assert re.search(r"^\[teacher\] training .* on a runner", r.stdout, re.M), r.stdout[-3000:]
