@@ -25,12 +25,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(PY) pipelines/distill.py
 
-# The pre-trained demo teacher (models/embedded_teacher) of configs/embedded_pretrained.yaml:
+# The pre-trained demo teacher (models/embedded_teacher) of the embedded default (configs/embedded.yaml):
 # trained on videos of its own (configs/embedded_teacher.yaml), then published with its accuracy
 # on that config's test split recorded in the folder (docs/embedded-default.md).
 teacher: venv
 	$(PY) pipelines/train_teacher.py --config configs/embedded_teacher.yaml \
-		--publish models/embedded_teacher --test-config configs/embedded_pretrained.yaml
+		--publish models/embedded_teacher --test-config configs/embedded.yaml
 
 # Two test processes (pytest-xdist), whole files each: module fixtures are built once.
 TEST_WORKERS ?= 2

@@ -635,7 +635,7 @@ def main():
 
     res = {"machine": {"cpu": cpu_model(), "cores": cores, "platform": platform.platform(), "python": platform.python_version(),
                        "loadavg_at_start": load0}, "sets": {}}
-    n_syn_pc, n_ucf = (40, 12) if a.quick else (750, 512)  # 750 per class: configs/embedded.yaml
+    n_syn_pc, n_ucf = (40, 12) if a.quick else (750, 512)  # 6,000 videos: the embedded default of sessions <= 18, large enough to time
     syn_root = os.path.join(a.work, f"syn_videos_{n_syn_pc}")
     syn.generate(syn_root, syn.SyntheticConfig(train_per_class=n_syn_pc, test_per_class=0), log=None)
     ucf_root = os.path.join(a.work, f"ucf_like_{n_ucf}")

@@ -8,21 +8,21 @@ trained three ways, several seeds each:
 * ``kd_labelled``   - α·KD + (1−α)·CE on the labelled clips only (DVFL-Net);
 * ``kd_unlabelled`` - the same on the labelled clips, plus KD only on the unlabelled pool.
 
-Honest protocol: the teacher is trained once on its own pool of labelled videos
-(``data.teacher_pool``; no student sees them); the unlabelled pool is a disjoint set of videos
-(its own seed stream in the generator) whose labels are never read - as with a real teacher
-pre-trained elsewhere. At a label fraction f the students see a class-balanced seeded fraction f
+Honest protocol: the teacher never saw a student's video - the embedded default's ships
+pre-trained on a seed stream of its own (models/embedded_teacher); with ``teacher.path: null`` it
+is trained once on its own pool of labelled videos (``data.teacher_pool``). The unlabelled pool is
+a disjoint set of videos (its own seed stream in the generator) whose labels are never read. At a label fraction f the students see a class-balanced seeded fraction f
 of the other labelled videos; the rest are left out (not recycled as unlabelled clips).
 
 Every run goes through the product's own stages (``dvfl.pipeline``: Ray Data shards, the cached
 logits, the shared Ray Train loop, deterministic evaluation) and is reused when its inputs are
-unchanged, so the 100% runs are those of ``pipelines/distill.py --set seeds=[0,1]`` in the same
-output dir. Target: with 25% of the labels, ``kd_unlabelled`` comes within 3 points of ``ce``
-with 100% of the labels.
+unchanged, so the 100% runs are seeds 0 and 1 of ``pipelines/distill.py`` in the same output dir.
+Target: with 25% of the labels, ``kd_unlabelled`` comes within 3 points of ``ce`` with 100% of
+the labels.
 
 Budget (``--budget``): ``steps`` (default) gives every run the optimizer steps of the 100%-label
 CE run (epochs x labelled videos), so a run on fewer clips takes more epochs: 25% labels -> 4x the
-epochs, 25% labels + the unlabelled pool (1,000 videos next to 500) -> 1.33x. ``epochs`` gives every
+epochs, 25% labels + the embedded default's unlabelled pool (800 videos next to 180) -> 0.73x. ``epochs`` gives every
 run the config's epochs, so a run on fewer clips also gets fewer steps (session 4's protocol).
 
 Writes benchmarks/results/label_efficiency.json and label_efficiency.png, prints a table.
@@ -67,7 +67,7 @@ def plot(results: dict, teacher_top1: float, path: Path) -> None:
         err = [[100 * (r["mean"] - r["min"]) for r in rows], [100 * (r["max"] - r["mean"]) for r in rows]]
         ax.errorbar([100 * f for f in fractions], means, yerr=err, marker="o", capsize=4, color=colour,
                     label=LABELS[method])
-    ax.axhline(100 * teacher_top1, color="k", ls="--", lw=1, label="teacher (trained on its own labelled pool)")
+    ax.axhline(100 * teacher_top1, color="k", ls="--", lw=1, label="teacher")
     ax.set(xscale="log", xlabel="training labels used (%)", ylabel="test top-1 (%)",
            title="Label efficiency on the embedded dataset (mean, min-max over seeds)")
     ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
@@ -131,9 +131,12 @@ def main(argv=None) -> int:
     quarter = results.get("0.25", {}).get("kd_unlabelled", {}).get("mean")
     report = {
         "benchmark": "label_efficiency",
-        "protocol": (f"teacher trained on its own pool ({cfg.data.teacher_pool:.0%}) of the labelled training "
-                     "videos, never seen by a student (all of them when 0%); unlabelled pool = disjoint videos, "
-                     "labels never read; students use a class-balanced seeded fraction of the other labelled videos"),
+        "protocol": ((f"teacher pre-trained elsewhere ({cfg.teacher.path}) on videos no student sees"
+                      if cfg.teacher.path else
+                      f"teacher trained on its own pool ({cfg.data.teacher_pool:.0%}) of the labelled training "
+                      "videos, never seen by a student (all of them when 0%)")
+                     + "; unlabelled pool = disjoint videos, labels never read; students use a class-balanced "
+                     "seeded fraction of the other labelled videos"),
         "config": {"student": dataclasses.asdict(cfg.student), "optim": dataclasses.asdict(cfg.optim),
                    "kd": dataclasses.asdict(cfg.kd), "synthetic": dataclasses.asdict(cfg.data.synthetic),
                    "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}"},

@@ -21,9 +21,7 @@ accuracy (as benchmarks/distill_cost.py does); ``--teacher embedded`` uses the e
 demo teacher architecture instead. Writes benchmarks/results/tune_cost.json and prints a table.
 
     python benchmarks/tune_cost.py [--samples 4] [--epochs 3] [--videos-per-class 12] [--teacher embedded]
-    python benchmarks/tune_cost.py --from-run runs/embedded   # a finished demo's real clips and teacher
-    python benchmarks/tune_cost.py --from-run runs/embedded_pretrained \
-        --out benchmarks/results/tune_cost_pretrained.json   # the shipped pre-trained teacher
+    python benchmarks/tune_cost.py --from-run runs/embedded   # a finished demo's real clips and shipped teacher
 """
 from __future__ import annotations
 

@@ -36,9 +36,9 @@ TINY = [
     # a 4-epoch teacher on 44 videos is near chance by design (it only has to run): the sanity
     # gate is tested on its own (test_holdout.py), not on every tiny run
     ("teacher.min_top1_over_chance", -1.0),
-    # the pre-trained candidate (configs/embedded_pretrained.yaml) ships its teacher and runs four
-    # students x three seeds side by side in runner actors; the tiny runs train their own teacher
-    # and use Ray Train (DDP) instead
+    # the embedded default ships its teacher (models/embedded_teacher) and runs four students x
+    # three seeds side by side in runner actors; the tiny runs train their own teacher on a pool of
+    # their own and use Ray Train (DDP) instead
     ("teacher.path", None), ("seeds", [0]), ("students", None), ("data.teacher_pool", 0.6667),
     ("teacher.optim.batch_size", 16), ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5),
     ("scaling.concurrent_runs", 0),

@@ -1,5 +1,5 @@
 """The pre-trained demo teacher (models/embedded_teacher, made by `make teacher` from
-configs/embedded_teacher.yaml, for configs/embedded_pretrained.yaml): what it is, that its weights
+configs/embedded_teacher.yaml, for the embedded default, configs/embedded.yaml): what it is, that its weights
 are the ones its spec names, and that it reproduces the test accuracy recorded in it on a sample of
 that config's test videos. Skipped (not counted) while the folder is not in the checkout: run
 `make teacher` first."""
@@ -13,7 +13,7 @@ import pytest
 from dvfl.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "embedded_pretrained.yaml"
+CONFIG = REPO / "configs" / "embedded.yaml"
 FOLDER = REPO / "models" / "embedded_teacher"
 SAMPLE_PER_CLASS = 10
 

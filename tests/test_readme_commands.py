@@ -67,9 +67,12 @@ def checkout(tmp_path_factory) -> Path:
     return root
 
 
-# The embedded default, shrunk; an unlabelled pool too, so all three students are trained; one-worker
-# runs in runner actors, as the embedded default trains its students (DDP is tested elsewhere).
-DEMO_SETS = [*TINY, ("data.synthetic.unlabeled_videos", 6), *RUNNERS]
+# The embedded default, shrunk: its shipped teacher (8 classes: so 8 here too) and its four
+# students (one seed), on a few videos each; one-worker runs in runner actors, as the embedded
+# default trains its students (DDP is tested elsewhere).
+OWN_TEACHER = {"teacher.path", "students", "data.teacher_pool", "data.synthetic.num_classes"}
+DEMO_SETS = [*[(k, v) for k, v in TINY if k not in OWN_TEACHER], ("data.synthetic.train_per_class", 3),
+             ("data.synthetic.test_per_class", 2), ("data.synthetic.unlabeled_videos", 6), *RUNNERS]
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +85,17 @@ def demo(checkout, ray_local):
 
 
 @pytest.mark.slow
-def test_distill_as_typed_writes_where_it_says(demo):
+def test_distill_as_typed_writes_where_it_says(demo, checkout):
     r, out = demo["first"], demo["out"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"results in {out}" in r.stdout  # the absolute path, printed
     report = json.loads((out / "results.json").read_text())
     models = report["models"]
-    assert set(models) == {"teacher", "vfl", "dvfl", "dvfl+unlabeled"}
+    students = ("vfl", "vfl_long", "dvfl", "dvfl+unlabeled")
+    assert set(models) == {"teacher", *students}
     # each row's top-1 is its model's accuracy on the test split (1 clip x 1 crop per video here)
-    dirs = {"teacher": next((out / "teacher").glob("*/model.json")).parent,
-            **{role: next((out / "students").glob(f"{role.replace('+', '-')}-s0-*"))
-               for role in ("vfl", "dvfl", "dvfl+unlabeled")}}
+    dirs = {"teacher": checkout / "models" / "embedded_teacher",
+            **{role: next((out / "students").glob(f"{role.replace('+', '-')}-s0-*")) for role in students}}
     for role, row in models.items():
         assert row["top1_per_seed"] == [pytest.approx(direct_top1(dirs[role], str(out / "clips"), ["test"])["test"],
                                                       abs=1e-9)], role
@@ -103,12 +106,13 @@ def test_distill_as_typed_writes_where_it_says(demo):
                   "Use 'expr' instead of 'fn'", "Token authentication is enabled",
                   "has constructor arguments in the object store"):
         assert noise not in output, noise
-    # with scaling.concurrent_runs every one-worker run, the teacher's too, trains in a runner actor
-    assert re.search(r"^\[teacher\] training .* on a runner", r.stdout, re.M), r.stdout[-3000:]
-    for ours in ("[ingest] ", "[teacher] done", "[cache] ", "[vfl s0] done", "[dvfl s0] done", "[report] "):
+    # the shipped teacher is used, not trained; with scaling.concurrent_runs the students train in runner actors
+    assert "[teacher] training" not in output and f"[eval] {dirs['teacher']}: split test" in output
+    assert re.search(r"^\[dvfl s0\] training .* on a runner", r.stdout, re.M), r.stdout[-3000:]
+    for ours in ("[ingest] ", "[cache] ", "[vfl s0] done", "[vfl_long s0] done", "[dvfl s0] done", "[report] "):
         assert ours in output, ours
-    epochs = re.findall(r"\[(?:teacher|vfl s0|dvfl s0|dvfl\+unlabeled s0)\] epoch \d+/\d+: loss", output)
-    assert len(epochs) == 4 + 3 * 2, epochs  # the teacher's 4 epochs, 2 per student: each line once
+    epochs = re.findall(r"\[(?:vfl|vfl_long|dvfl|dvfl\+unlabeled) s0\] epoch \d+/\d+: loss", output)
+    assert len(epochs) == 2 + 4 + 2 + 2, epochs  # 2 epochs per student, 4 for vfl_long: each line once
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
     # issue 17: the table is on test, evaluated once; every choice and curve read the held-out val
     assert report["splits"]["top1"] == "test" and all(row["split"] == "test" for row in models.values())
@@ -136,7 +140,7 @@ def test_distill_as_typed_writes_where_it_says(demo):
     again = demo["again"]
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing") >= 4
-    assert not re.search(r"^\[(teacher|vfl|dvfl|dvfl\+unlabeled)( s\d+)?\] training", again.stdout, re.M)
+    assert not re.search(r"^\[(teacher|vfl|vfl_long|dvfl|dvfl\+unlabeled)( s\d+)?\] training", again.stdout, re.M)
 
 
 def search_command(*extra) -> list[str]:

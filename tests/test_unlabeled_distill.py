@@ -55,7 +55,7 @@ def test_mixed_batches_under_two_ddp_workers_keep_unlabelled_clips_out_of_ce(wit
     from dvfl.data.sampling import pool_videos
 
     ids = read_clips_table(cfg.clips_dir, ["train"], columns=["video_id", "label"]).to_pydict()
-    assert 0 < cfg.data.teacher_pool < 1  # the embedded default reserves a teacher pool
+    assert 0 < cfg.data.teacher_pool < 1  # the tiny runs train their teacher here, on a pool of its own
     pool = pool_videos(ids["video_id"], ids["label"], cfg.data.teacher_pool, "student")
     labelled = sum(v in pool for v in ids["video_id"])
     assert 0 < labelled < len(ids["video_id"])
