@@ -48,14 +48,19 @@ class _DropMatching(logging.Filter):
 
 def quiet_known_noise() -> None:
     """Drop the lines in :data:`RAY_NOISE` (and, for a local instance, Ray's notice that token
-    authentication is on) from the driver's terminal; everything else, errors included, still shows.
+    authentication is on) from the driver's terminal, and the "(ActorName pid=...)" prefix Ray puts
+    on forwarded worker lines; everything else, errors included, still shows. Call before ray.init.
 
     Worker lines reach the driver through Ray's log deduplicator, whose skip pattern (the one
     ``RAY_DEDUP_LOGS_SKIP_REGEX`` sets) is extended here; the driver's own notices are Python log
     records, filtered by message on their loggers. Idempotent.
     """
-    from ray._private import ray_logging
+    from ray._private import ray_constants, ray_logging
 
+    # our lines carry their own tag ("[dvfl s0] epoch 3/12: ..."); Ray's "(LoopRunner pid=...)" in
+    # colour before each would only bury it (RAY_DISABLE_WORKER_LOG_PREFIX=0 brings it back)
+    prefix_off = os.environ.get("RAY_DISABLE_WORKER_LOG_PREFIX", "1").lower()
+    ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = prefix_off in ("1", "true")
     for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
         current = dedup.skip_re.pattern if dedup.skip_re is not None else None
         if current is None or RAY_NOISE not in current:
