@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and the PNG")
     a = p.parse_args(argv)
 
+    from benchmarks.machine import cpu_flags, cpu_model
     from dvfl import pipeline
     from dvfl.config import load_config, parse_override
     from dvfl.runtime import ray_runtime
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
                    "gap_points": None if quarter is None or full_ce is None else round(100 * (full_ce - quarter), 2),
                    "met": None if quarter is None or full_ce is None else quarter >= full_ce - 0.03},
         "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count()},
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
