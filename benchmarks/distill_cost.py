@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if not a.work_dir:  # our own scratch (videos, clips, cache, checkpoints): gone at exit
         atexit.register(shutil.rmtree, work, True)
     cfg = load_config(None, [("output_dir", str(work)), ("data.short_side", a.size), ("data.synthetic.unlabeled_videos", 0),
-                             ("data.synthetic.size", a.size), ("data.synthetic.num_classes", classes),
+                             ("students", None), ("data.synthetic.size", a.size), ("data.synthetic.num_classes", classes),
                              ("data.synthetic.train_per_class", per_class), ("data.synthetic.test_per_class", 1),
                              ("data.teacher_pool", 0.0), ("optim.batch_size", a.batch_size),
                              ("data.clips_per_video", 1), ("optim.epochs", 1)])

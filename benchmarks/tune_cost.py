@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if not a.work_dir:  # our own scratch (clips, caches, Tune folders) goes when the benchmark ends
         atexit.register(shutil.rmtree, work, True)
     data = [("data.synthetic.train_per_class", a.videos_per_class), ("data.synthetic.test_per_class", 4),
-            ("data.synthetic.unlabeled_videos", 0), ("tune.set.optim.epochs", a.epochs),
+            ("data.synthetic.unlabeled_videos", 0), ("students", None), ("tune.set.optim.epochs", a.epochs),
             ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1),
             ("tune.asha.grace_period", 1), ("tune.front_seeds", [])]  # cost per trial: ASHA from epoch 1, no front re-runs
     run_teacher = None
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             p.error(f"--from-run {run}: no clips/dataset.json, or no teacher (teacher/*/model.json or the "
                     f"config's teacher.path): a finished distill run?")
         run_teacher = run_teacher[0]
-        data = [("data.clips", str(run / "clips")), ("tune.set.optim.epochs", a.epochs),
+        data = [("data.clips", str(run / "clips")), ("students", None), ("tune.set.optim.epochs", a.epochs),
                 ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1),
                 # cost per trial, not the default search: ASHA from epoch 1, no front re-runs
                 ("tune.asha.grace_period", 1), ("tune.front_seeds", [])]
