@@ -171,9 +171,11 @@ class RunConfig:
     seed: int = 0
     seeds: list[int] | None = None  # several seeds -> mean and spread in the results table
     baseline: bool = True  # also train the student without KD (VFL-Net) for the table
+    long_baseline: bool = False  # with baseline, also for twice the epochs (vfl_long): is KD's gain only speed?
     # Which students to train, in order: vfl (no KD), vfl_long (no KD, twice the epochs),
     # dvfl (KD on the labelled clips), dvfl+unlabeled (KD on labelled + unlabelled clips).
-    # Default: vfl (if baseline), dvfl, and dvfl+unlabeled when there are unlabelled clips.
+    # Default: vfl (if baseline), vfl_long (if baseline and long_baseline), dvfl, dvfl+unlabeled when there
+    # are unlabelled clips (so a config's data can change without its student list).
     students: list[str] | None = None
     max_failures: int = 1
     data: DataSection = field(default_factory=DataSection)
@@ -210,7 +212,8 @@ class RunConfig:
     def student_roles(self) -> list[str]:
         if self.students is not None:
             return list(self.students)
-        return (["vfl"] if self.baseline else []) + ["dvfl"] + (["dvfl+unlabeled"] if self.unlabeled_dir else [])
+        return ((["vfl"] if self.baseline else []) + (["vfl_long"] if self.baseline and self.long_baseline else []) + ["dvfl"]
+                + (["dvfl+unlabeled"] if self.unlabeled_dir else []))
 
     @property
     def crop_size(self) -> int:

@@ -32,6 +32,20 @@ def test_config_loads_and_validates(name):
         assert cfg.eval.clips <= cfg.data.eval_clips and cfg.data.val_split == "val"
 
 
+def test_the_default_students_follow_the_data():
+    """The embedded default trains four students; its data changed (no unlabelled pool, another
+    dataset's clips) keeps the roles that still make sense instead of refusing the run."""
+    def roles(*overrides):
+        return load_config(None, list(overrides), check_paths=False).student_roles
+
+    assert roles() == ["vfl", "vfl_long", "dvfl", "dvfl+unlabeled"]
+    assert roles(("data.synthetic.unlabeled_videos", 0)) == ["vfl", "vfl_long", "dvfl"]
+    assert roles(("data.dataset", "ucf101"), ("data.root", "/nowhere")) == ["vfl", "vfl_long", "dvfl"]
+    assert roles(("baseline", False)) == ["dvfl", "dvfl+unlabeled"]  # no student without KD at all
+    with pytest.raises(ConfigError, match="students has dvfl\\+unlabeled but there are no unlabelled clips"):
+        roles(("data.synthetic.unlabeled_videos", 0), ("students", ["dvfl", "dvfl+unlabeled"]))  # asked for: refused
+
+
 def test_ssv2_never_flips():
     cfg = load_config(CONFIGS / "ssv2.yaml", check_paths=False)
     assert cfg.data.flip is False and not any("flip" in v for v in cfg.teacher.views)

@@ -336,7 +336,7 @@ def test_resources_that_cannot_fit_are_refused_before_any_trial():
     from dvfl.tune import check_resources, load_tune_config, required_resources
 
     t, cfg = load_tune_config(None, [("tune.max_concurrent_trials", 2), ("scaling.num_workers", 2),
-                                     ("scaling.cpus_per_worker", 0.5)])
+                                     ("scaling.cpus_per_worker", 0.5), ("scaling.concurrent_runs", 0)])
     assert required_resources(t, cfg)["CPU"] == pytest.approx(2 * (0.25 + 2 * 0.5) + 1)
     check_resources(t, cfg, {"CPU": 4.0})  # fits: 3.5 of 4
     with pytest.raises(ConfigError, match=r"tune\.max_concurrent_trials=2 needs 3\.5 CPU .* Ray has 3"):
