@@ -212,8 +212,8 @@ class RunConfig:
     def student_roles(self) -> list[str]:
         if self.students is not None:
             return list(self.students)
-        return ((["vfl"] if self.baseline else []) + (["vfl_long"] if self.baseline and self.long_baseline else []) + ["dvfl"]
-                + (["dvfl+unlabeled"] if self.unlabeled_dir else []))
+        without_kd = (["vfl"] + (["vfl_long"] if self.long_baseline else [])) if self.baseline else []
+        return without_kd + ["dvfl"] + (["dvfl+unlabeled"] if self.unlabeled_dir else [])
 
     @property
     def crop_size(self) -> int:

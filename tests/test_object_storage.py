@@ -208,8 +208,9 @@ def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(
 TINY_S3 = ["teacher.train.embed_dim=16", "teacher.optim.epochs=1", "baseline=false", "student.embed_dim=8", "optim.epochs=1",
            "teacher.train.drop_path_rate=0.0", "teacher.min_top1_over_chance=-1", "data.teacher_pool=0",
            "data.clips_per_video=2", "data.synthetic.unlabeled_videos=0", "data.synthetic.num_classes=4",
-           # a teacher trained here, DDP students (the pre-trained candidate ships a teacher, runs students in actors)
-           "teacher.path=null", "seeds=[0]", "students=null", "scaling.num_workers=2",
+           "data.synthetic.label_noise=0",
+           # a teacher trained here, DDP students (the embedded default ships a teacher, runs students in actors)
+           "teacher.path=null", "teacher.optim.batch_size=16", "seeds=[0]", "students=null", "scaling.num_workers=2",
            "scaling.cpus_per_worker=0.5", "scaling.concurrent_runs=0"]
 
 

@@ -63,14 +63,14 @@ def tiny_config(out: str, teacher_path: str | None = None, clips: str | None = N
         ("data.synthetic.unlabeled_videos", 0),
         ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 4),
         ("data.synthetic.test_per_class", 2), ("data.synthetic.size", 32), ("data.synthetic.frames", 8),
-        ("data.clips_per_video", 2),  # pinned: the embedded default may change
+        ("data.clips_per_video", 2), ("data.synthetic.label_noise", 0.0),  # pinned: the embedded default may change
         ("data.short_side", 16), ("data.frames", 4),  # decord fails on 16 px sources
         ("student.embed_dim", 8), ("optim.epochs", EPOCHS), ("optim.batch_size", 4),  # 8 clips: a full batch per worker
-        ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5),
+        ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5), ("scaling.concurrent_runs", 0),
         ("scaling.worker_resources", {NODE_RESOURCE: 1}),
+        # a random tiny teacher made here (not the default's shipped one: 8 classes, width 48)
+        ("teacher.path", teacher_path), ("teacher.train.embed_dim", 16),
     ]
-    if teacher_path:
-        overrides.append(("teacher.path", teacher_path))
     if clips:
         overrides.append(("data.clips", clips))
     return load_config(None, overrides)
