@@ -86,7 +86,9 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local, video_factory
         partial = _tmp_shards(out)
         # one video per task: the shard's second piece (the hanging file) is half-written in its worker
         assert [os.path.basename(p).split(".")[1] for p in partial] == ["unlabeled-00000"], partial
-        proc.send_signal(signal.SIGKILL)   # the driver only, mid-run, with a shard half-written
+        # the driver and every Ray process it started, at once, mid-run, with a shard half-written
+        # (killing the driver alone lets a decode worker notice and exit cleanly first, now and then)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
