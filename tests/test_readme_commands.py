@@ -173,6 +173,9 @@ def test_tune_search_as_typed_after_the_demo(demo, checkout):
         with open(Path(row["path"]) / "progress.csv") as f:
             assert {int(float(e["val_clips"])) for e in csv.DictReader(f)} == {sum(v in src.videos for v in ids)}
     assert "trial(s) errored" not in r.stdout + r.stderr
+    # --quiet: our lines only, not Ray Tune's experiment box or its TensorBoard hint to /tmp/ray
+    for noise in ("Configuration for experiment", "View detailed results here", "To visualize your results"):
+        assert noise not in r.stdout + r.stderr, noise
 
 
 @pytest.mark.slow

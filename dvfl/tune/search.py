@@ -1,6 +1,7 @@
 """Running a search: the shared stages prepared once, then Tune's trials (or a resumed experiment)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -55,6 +56,21 @@ def remove_experiment(exp: str | Path, name: str, log=print) -> None:
                           "it was not deleted: pick another tune.experiment or tune.storage")
     log(f"[tune] --fresh: removing {exp}")
     storage.remove_tree(exp)
+
+
+@contextlib.contextmanager
+def tune_output(verbose: int):
+    """``verbose=0`` silent: Ray 2.60's new output engine prints its experiment box and a
+    TensorBoard hint (to its own driver artifacts, not our experiment) even then; its legacy
+    reporter is silent at 0. Our own lines name the experiment and its TensorBoard command."""
+    if verbose != 0 or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
 def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
@@ -128,7 +144,8 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             f"ASHA {'on ' + t.metric if t.asha.enabled else 'off'}, up to {cfg.optim.epochs} epochs per trial, "
             f"teacher signal: {teacher['mode']}; results in {exp}")
     started = time.time()
-    grid = tuner.fit()
+    with tune_output(verbose):
+        grid = tuner.fit()
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
     front = [rows[i] for i in pareto_front(rows)]
@@ -159,7 +176,9 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                 tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, reuse_actors=trials_in_process(t, cfg),
                                             search_alg=variant_generator()),
                 run_config=run_config(t.experiment + FRONT_SUFFIX))
-        front_rows = collect_trials(front_tuner.fit(), t, cfg, info, exp=front_exp)
+        with tune_output(verbose):
+            front_grid = front_tuner.fit()
+        front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
     summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
     report_errors(rows, log)
     report_errors(front_rows, log)
