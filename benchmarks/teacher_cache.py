@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     if a.only_rss:  # the small RSS dataset stands in for the main one (teacher shape, classes)
         cfg = rss_cfgs[a.rss_videos_per_class]
     for c in {cfg.output_dir: cfg, **{c.output_dir: c for c in rss_cfgs.values()}}.values():
-        pipeline.ensure_videos(c, log=None)  # before Ray starts: the generator forks processes
+        pipeline.ensure_videos(c, log=None)  # before Ray starts: the CPUs are the generator's alone
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "device": "cpu", "torch": torch.__version__}}
     with ray_runtime():

@@ -87,7 +87,7 @@ def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
 def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     """Generate the embedded default's video files (no-op for real datasets and when done).
 
-    Call it before Ray starts: the generator forks worker processes.
+    Its worker processes start from a fresh forkserver, so it is safe with Ray running too.
     """
     if cfg.data.dataset != "synthetic" or (cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json"))):
         return None

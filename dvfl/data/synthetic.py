@@ -372,9 +372,13 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
         log(f"[synthetic] generating {len(todo)} of {len(jobs)} videos in {root} ({workers} processes)")
     if workers > 1 and len(todo) >= 64:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        with mp.get_context("fork").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_make_one, args, chunksize=16):
+        # forkserver: a child forked from a process where Ray runs can crash in Ray's finalizers
+        # (seen: a segfault in the GC of an ObjectRefGenerator); an executor raises on a dead
+        # worker (BrokenProcessPool) where multiprocessing.Pool waits for it forever
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+            for _ in pool.map(_make_one, args, chunksize=16):
                 pass
     else:
         for a in args:
