@@ -11,8 +11,9 @@ trained three ways, several seeds each:
 Honest protocol: the teacher never saw a student's video - the embedded default's ships
 pre-trained on a seed stream of its own (models/embedded_teacher); with ``teacher.path: null`` it
 is trained once on its own pool of labelled videos (``data.teacher_pool``). The unlabelled pool is
-a disjoint set of videos (its own seed stream in the generator) whose labels are never read. At a label fraction f the students see a class-balanced seeded fraction f
-of the other labelled videos; the rest are left out (not recycled as unlabelled clips).
+a disjoint set of videos (its own seed stream in the generator) whose labels are never read. At
+a label fraction f the students see a class-balanced seeded fraction f of the other labelled
+videos; the rest are left out (not recycled as unlabelled clips).
 
 Every run goes through the product's own stages (``dvfl.pipeline``: Ray Data shards, the cached
 logits, the shared Ray Train loop, deterministic evaluation) and is reused when its inputs are
@@ -22,8 +23,9 @@ the labels.
 
 Budget (``--budget``): ``steps`` (default) gives every run the optimizer steps of the 100%-label
 CE run (epochs x labelled videos), so a run on fewer clips takes more epochs: 25% labels -> 4x the
-epochs, 25% labels + the embedded default's unlabelled pool (800 videos next to 180) -> 0.73x. ``epochs`` gives every
-run the config's epochs, so a run on fewer clips also gets fewer steps (session 4's protocol).
+epochs, 25% labels + the embedded default's unlabelled pool (800 videos next to 180) -> 0.73x.
+``epochs`` gives every run the config's epochs, so a run on fewer clips also gets fewer steps
+(session 4's protocol).
 
 Writes benchmarks/results/label_efficiency.json and label_efficiency.png, prints a table.
     python benchmarks/label_efficiency.py [--config configs/embedded.yaml] [--seeds 0 1]
