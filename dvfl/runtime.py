@@ -36,6 +36,10 @@ RAY_NOISE = (
     r"Continuing to monitor"
 )
 
+# the lines our training loops print from Ray workers: "[dvfl s0] epoch 3/12: ...", "[trial
+# 1a2b3_00004] done in ...": a lower-case tag in brackets (torch's "[W1204 ...]" warnings are not)
+OUR_LINES = r"^\[[a-z][\w+.-]*(?: [\w+.-]+)*\] "
+
 
 class _DropMatching(logging.Filter):
     def __init__(self, pattern: str):
@@ -49,7 +53,8 @@ class _DropMatching(logging.Filter):
 def quiet_known_noise() -> None:
     """Drop the lines in :data:`RAY_NOISE` (and, for a local instance, Ray's notice that token
     authentication is on) from the driver's terminal, and the "(ActorName pid=...)" prefix Ray puts
-    on forwarded worker lines; everything else, errors included, still shows. Call before ray.init.
+    on forwarded worker lines; everything else, errors included, still shows, and our own tagged
+    lines (:data:`OUR_LINES`) are never folded by Ray's deduplicator. Call before ray.init.
 
     Worker lines reach the driver through Ray's log deduplicator, whose skip pattern (the one
     ``RAY_DEDUP_LOGS_SKIP_REGEX`` sets) is extended here; the driver's own notices are Python log
@@ -65,6 +70,11 @@ def quiet_known_noise() -> None:
         current = dedup.skip_re.pattern if dedup.skip_re is not None else None
         if current is None or RAY_NOISE not in current:
             dedup.skip_re = re.compile(RAY_NOISE if current is None else f"{current}|{RAY_NOISE}")
+        # Ray folds lines that differ only in digits from several processes into one "[repeated
+        # Nx across cluster]": two runs' epoch lines ("[dvfl s0] ...", "[dvfl s1] ...") would merge
+        current = dedup.allow_re.pattern if dedup.allow_re is not None else None
+        if current is None or OUR_LINES not in current:
+            dedup.allow_re = re.compile(OUR_LINES if current is None else f"{current}|{OUR_LINES}")
     for name, pattern in (("ray.data._internal.progress", RAY_NOISE),
                           ("ray._private.authentication.authentication_token_setup",
                            r"^Token authentication is enabled for this Ray cluster\.")):

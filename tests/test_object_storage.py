@@ -247,7 +247,8 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
     search = [SEARCH, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3", "--quiet",
               *[x for kv in TINY_S3 for x in ("--set", kv)],
               "--set", "scaling.num_workers=1", "--set", "tune.num_samples=1", "--set", "optim.batch_size=8",
-              "--set", "tune.asha.grace_period=1", "--set", "tune.front_seeds=[]"]
+              "--set", "tune.asha.grace_period=1", "--set", "tune.front_seeds=[]",
+              "--set", "tune.max_concurrent_trials=1"]  # one trial: 3 logical CPUs hold one (1.25 + 1 for Ray Data)
     t = _run(search, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=900)
     exp = f"{out}/tune/embedded-tune"
     assert "[teacher] reusing" in t.stdout and "[cache] " in t.stdout, t.stdout[-3000:]

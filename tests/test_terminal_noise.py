@@ -65,3 +65,27 @@ def test_driver_notices_dropped_other_records_kept(logger, noise, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "Cluster resources are not enough to run any task; the dataset may hang",
         "token file /root/.ray/token is unreadable"]
+
+
+def test_our_lines_from_concurrent_runs_are_never_folded():
+    """Two runs' epoch lines differ only in digits; from two processes Ray would print the first
+    and fold the second into "[repeated 2x across cluster]". Ray's own lines still fold."""
+    from ray._private import ray_logging
+
+    quiet_known_noise()
+    ours = ["[trial 4a2e1_00001] epoch 3/12: loss 1.902, train top-1 41.0%, val top-1 38.9%, 2.8s + val 0.1s",
+            "[dvfl+unlabeled s1] done in 41s: val top-1 56.7%"]
+    theirs = "[2026-12-01 23:04:02,001 W 8216 8283] raylet_client.cc:120: retrying a lease request"
+    dedup = ray_logging.stdout_deduplicator
+    shown = []
+    for pid, digit in ((5001, "1"), (5002, "2")):
+        lines = [line.replace("00001", f"0000{digit}").replace("s1]", f"s{digit}]") for line in ours] + [theirs]
+        for batch in dedup.deduplicate({"ip": "10.0.0.1", "pid": pid, "job": "01", "is_err": False, "lines": lines,
+                                        "actor_name": "x", "task_name": "y"}):
+            shown.extend(batch["lines"])
+    assert [s for s in shown if s.startswith("[trial") or s.startswith("[dvfl")] == [
+        ours[0], ours[1], ours[0].replace("00001", "00002"), ours[1].replace("s1]", "s2]")]
+    assert shown.count(theirs) == 1  # Ray's line from the second process is folded, as before
+    assert dedup.allow_re.pattern.count("[a-z]") == 1
+    # torch's C++ warnings are not ours
+    assert not dedup.allow_re.search("[W1204 12:00:00.000000000 init.cpp:51] Warning: ...")

@@ -326,7 +326,7 @@ def test_shipped_search_configs_are_valid():
 
     t, cfg = load_tune_config(None)  # the embedded default: small widths, few epochs
     assert set(t.space) >= {"kd.temperature", "kd.alpha", "optim.lr", "student.embed_dim"}
-    assert t.max_concurrent_trials == 1 and t.driver_cpus == 0.25 and t.asha.enabled
+    assert t.max_concurrent_trials == 2 and t.driver_cpus == 0.25 and t.asha.enabled and t.front_seeds == [1, 2]
     t, cfg = load_tune_config(REPO / "configs" / "tune_ucf101.yaml", check_paths=False)
     assert t.space["student.embed_dim"] == {"choice": [48, 64, 96]}
     assert cfg.student.model == "videofocalnet_nano" and cfg.teacher.mode == "cached"

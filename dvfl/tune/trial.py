@@ -1,6 +1,7 @@
 """One Tune trial: a distillation run of the shared loop with the trial's parameters applied."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +50,8 @@ def trial_driver(params: dict, setup: dict) -> None:
     loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], seed,
                                          {k: v for k, v in teacher.items() if k != "fingerprint"},
                                          tensorboard_dir=None, hooks=setup.get("hooks"))
+    # concurrent trials print side by side: each line says whose it is ("[trial 1a2b3_00004] epoch ...")
+    loop = dataclasses.replace(loop, label=f"trial {trial_id}" + (f" s{seed}" if front else ""))
     name = f"{setup['experiment']}-{trial_id}"
     in_process = setup.get("data") is not None
     record = {"trial_id": trial_id, "params": flatten(front["params"] if front else params), "seed": seed,
