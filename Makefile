@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/teacher_cache.py
 	$(PY) benchmarks/distill_cost.py
 	$(PY) benchmarks/tune_cost.py
+	$(PY) benchmarks/kd_pair_cost.py
 	$(PY) benchmarks/dataset_shapes.py
 	$(PY) benchmarks/scaling_plan.py --write-doc docs/scaling.md
 
