@@ -147,10 +147,12 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
 
 def search_command(*extra) -> list[str]:
     """README: `python tuning/search.py` after the demo, shrunk to 2 one-epoch trials on 1 worker
-    (no front re-runs: tests/test_tune.py covers them)."""
+    (no front re-runs: tests/test_tune.py covers them), one at a time: the test session's shared Ray
+    has 3 logical CPUs, not the 4 of the local instance a search starts on 2 cores."""
     cmd = command("## Hyper-parameter search (Ray Tune)", "python tuning/search.py")
     return cmd + sets([*DEMO_SETS, ("optim.epochs", 1), ("scaling.num_workers", 1), ("tune.num_samples", 2),
-                       ("tune.asha.grace_period", 1), ("tune.front_seeds", []), *extra]) + ["--quiet"]
+                       ("tune.asha.grace_period", 1), ("tune.front_seeds", []), ("tune.max_concurrent_trials", 1),
+                       *extra]) + ["--quiet"]
 
 
 @pytest.mark.slow

@@ -238,6 +238,33 @@ def test_one_worker_trials_train_in_the_trial_process(search):
     assert not (search["exp"] / "train_runs").exists()  # no Ray Train run was started
 
 
+@pytest.mark.slow
+def test_two_trials_train_side_by_side(prepared, tmp_path, ray_local):
+    """max_concurrent_trials 2 (the embedded search's): two trial actors train at the same time,
+    each in its own process, and both finish."""
+    from dvfl.tune import load_tune_config, run_search
+
+    path = write_search(tmp_path, prepared, "pair", space={"kd.temperature": {"grid": [2.0, 4.0]}},
+                        extra={"max_concurrent_trials": 2, "front_seeds": []},
+                        # 2 x (0.25 + 0.5) + 1 for Ray Data fits the session's 3 logical CPUs
+                        run_extra=[("scaling.cpus_per_worker", 0.5), ("scaling.concurrent_runs", 0),
+                                   ("optim.epochs", 3), ("optim.batch_size", 4)])
+    tune_cfg, run_cfg = load_tune_config(path)
+    summary = run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)
+    rows = summary["rows"]
+    assert summary["trials"] == 2 and summary["errors"] == 0, [r["error"] for r in rows]
+    records = [json.loads((tmp_path / "tune" / "pair" / "dvfl_trials" / f"{r['trial_id']}.json").read_text())
+               for r in rows]
+    assert records[0]["pid"] != records[1]["pid"]  # two actors (one at a time reuses one: see above)
+    spans = []
+    for r, rec in zip(rows, records):
+        with open(Path(r["path"]) / "progress.csv") as f:
+            last = max(float(e["timestamp"]) for e in csv.DictReader(f))
+        spans.append((rec["starts"][0], last))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, spans  # each started before the other's last epoch was reported
+
+
 def test_teacher_proof_can_fail(prepared, ray_local):
     """The check above is not vacuous: the loop counts teacher forwards when a teacher runs."""
     from dvfl import pipeline
