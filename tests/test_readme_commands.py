@@ -178,6 +178,12 @@ def test_tune_search_as_typed_after_the_demo(demo, checkout):
     # --quiet: our lines only, not Ray Tune's experiment box or its TensorBoard hint to /tmp/ray
     for noise in ("Configuration for experiment", "View detailed results here", "To visualize your results"):
         assert noise not in r.stdout + r.stderr, noise
+    # one line per trial-epoch, named by its trial, printed by the search before its results
+    lines = r.stdout.splitlines()
+    epochs = [i for i, line in enumerate(lines) if re.match(r"\[trial \w+\] epoch 1/1: loss ", line)]
+    ids = {re.match(r"\[trial (\w+)\]", lines[i]).group(1) for i in epochs}
+    assert len(epochs) == 2 and ids == {row["trial_id"] for row in summary["rows"]}, r.stdout[-3000:]
+    assert max(epochs) < next(i for i, line in enumerate(lines) if line.startswith("[tune] best:"))
 
 
 @pytest.mark.slow

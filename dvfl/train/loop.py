@@ -506,7 +506,8 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             metrics["val_seconds"] = time.time() - val_started
             run.history.append(metrics)
             _save_state(ckpt_dir, run.raw_model, run.optimizer, epoch, run.step, run.history)
-            _say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
+            if cfg.print_epochs:
+                _say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
             if writer is not None:
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "epoch":

@@ -63,6 +63,7 @@ class LoopConfig:
     shuffle_buffer: int = 256
     hooks: TestHooks = field(default_factory=TestHooks)
     label: str = "train"  # the run's name in its terminal lines ("dvfl s0")
+    print_epochs: bool = True  # False: the host prints each epoch's line (a Tune search, from its driver)
     # set by the launcher
     train_rows: int = 0
     threads_per_worker: int = 1

@@ -13,7 +13,8 @@ from dvfl import storage
 from dvfl.tune.report import collect_trials, pareto_front, report_errors, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
 from dvfl.tune.search_config import TuneConfig, experiment_dir, param_space
-from dvfl.tune.trial import TRIALS_DIR, diverged, trial_driver, trial_resources, trials_in_process
+from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_driver, trial_resources,
+                              trials_in_process)
 
 
 SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to resume a different search)
@@ -119,7 +120,8 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     def run_config(name: str):
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
                               storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
-                              callbacks=[reclaim_callback()], failure_config=tune.FailureConfig(max_failures=0))
+                              callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs)],
+                              failure_config=tune.FailureConfig(max_failures=0))
 
     def variant_generator():
         # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials

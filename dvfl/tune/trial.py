@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 from dvfl.config import RunConfig
@@ -50,8 +51,9 @@ def trial_driver(params: dict, setup: dict) -> None:
     loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, setup["num_classes"], seed,
                                          {k: v for k, v in teacher.items() if k != "fingerprint"},
                                          tensorboard_dir=None, hooks=setup.get("hooks"))
-    # concurrent trials print side by side: each line says whose it is ("[trial 1a2b3_00004] epoch ...")
-    loop = dataclasses.replace(loop, label=f"trial {trial_id}" + (f" s{seed}" if front else ""))
+    # the search's driver prints each epoch's line (epoch_lines_callback): in order with its own
+    # lines, whereas a worker's printed line reaches the terminal whenever Ray forwards it
+    loop = dataclasses.replace(loop, label=trial_label(trial_id, front), print_epochs=False)
     name = f"{setup['experiment']}-{trial_id}"
     in_process = setup.get("data") is not None
     record = {"trial_id": trial_id, "params": flatten(front["params"] if front else params), "seed": seed,
@@ -71,6 +73,28 @@ def trial_driver(params: dict, setup: dict) -> None:
         callbacks=None if in_process else [TuneReportCallback()], data=setup.get("data"), in_tune_trial=in_process)
     if result is not None and result.error is not None:
         raise result.error
+
+
+def trial_label(trial_id: str, front: dict | None) -> str:
+    """A trial's name in terminal lines: concurrent trials print side by side."""
+    return f"trial {trial_id}" + (f" s{front['seed']}" if front else "")
+
+
+def epoch_lines_callback(epochs: int):
+    """Tune callback: each trial's epoch line, printed on the search driver's stdout as results
+    arrive (Tune pickles its callbacks with the experiment: no reference to a log function)."""
+    from ray import tune
+
+    from dvfl.train.loop import epoch_line
+
+    class EpochLines(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "train_loss" in result and "val_top1" in result:
+                line = epoch_line(trial_label(trial.trial_id, trial.config.get("front")), result, epochs)
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+
+    return EpochLines()
 
 
 def trials_in_process(t: TuneConfig, cfg: RunConfig) -> bool:
