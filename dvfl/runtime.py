@@ -36,8 +36,8 @@ RAY_NOISE = (
     r"Continuing to monitor"
 )
 
-# the lines our training loops print from Ray workers: "[dvfl s0] epoch 3/12: ...", "[trial
-# 1a2b3_00004] done in ...": a lower-case tag in brackets (torch's "[W1204 ...]" warnings are not)
+# the lines our training loops print from Ray workers: "[dvfl s0] epoch 3/12: ...", "[teacher]
+# resumed from checkpoint ...": a lower-case tag in brackets (torch's "[W1204 ...]" warnings are not)
 OUR_LINES = r"^\[[a-z][\w+.-]*(?: [\w+.-]+)*\] "
 
 
