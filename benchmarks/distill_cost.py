@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     cfg = load_config(None, [("output_dir", str(work)), ("data.short_side", a.size), ("data.synthetic.unlabeled_videos", 0),
                              ("students", None), ("data.synthetic.size", a.size), ("data.synthetic.num_classes", classes),
                              ("data.synthetic.train_per_class", per_class), ("data.synthetic.test_per_class", 1),
+                             ("data.synthetic.val_per_class", 0),
                              ("data.teacher_pool", 0.0), ("optim.batch_size", a.batch_size),
                              ("data.clips_per_video", 1), ("optim.epochs", 1)])
     pipeline.ensure_videos(cfg, log=None)

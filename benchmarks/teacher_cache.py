@@ -132,10 +132,10 @@ def main(argv=None) -> int:
     if not a.work_dir:  # our own scratch: gone at exit
         atexit.register(shutil.rmtree, work, True)
     cfg = load_config(None, [("output_dir", str(work)), ("data.synthetic.train_per_class", a.videos_per_class),
-                             ("data.synthetic.unlabeled_videos", 0), ("students", None),
+                             ("data.synthetic.unlabeled_videos", 0), ("students", None), ("data.synthetic.val_per_class", 0),
                              ("data.synthetic.test_per_class", max(1, a.videos_per_class // 4))])
     rss_cfgs = {n: load_config(None, [("output_dir", str(work / f"rss_{n}")), ("data.synthetic.train_per_class", n),
-                                      ("data.synthetic.unlabeled_videos", 0), ("students", None),
+                                      ("data.synthetic.unlabeled_videos", 0), ("students", None), ("data.synthetic.val_per_class", 0),
                                       ("data.short_side", a.rss_short_side),
                                       ("data.crop_size", 32), ("data.synthetic.test_per_class", max(1, n // 4))])
                 for n in (a.rss_videos_per_class, 10 * a.rss_videos_per_class)}

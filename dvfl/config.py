@@ -41,6 +41,7 @@ class SyntheticSection:
     num_classes: int = 8
     train_per_class: int = 160
     test_per_class: int = 40
+    val_per_class: int = 0  # validation videos with checked labels, a split of their own (0: carved from train)
     unlabeled_videos: int = 0
     size: int = 32
     frames: int = 16

@@ -95,8 +95,8 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
 
     s = cfg.data.synthetic
     syn = SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
-                          test_per_class=s.test_per_class, unlabeled_videos=s.unlabeled_videos,
-                          frames=s.frames, size=s.size, motion=s.motion,
+                          test_per_class=s.test_per_class, val_per_class=s.val_per_class,
+                          unlabeled_videos=s.unlabeled_videos, frames=s.frames, size=s.size, motion=s.motion,
                           angle_jitter_deg=s.angle_jitter_deg, distractors=tuple(s.distractors),
                           speed=tuple(s.speed), noise_std=s.noise_std, background=s.background,
                           label_noise=s.label_noise, luma_contrast=s.luma_contrast, seed=cfg.seed)

@@ -283,7 +283,8 @@ def test_predict_equals_evaluation_on_every_test_video_of_the_embedded_default(r
     default = load_config(None, [("output_dir", str(tmp_path))])
     # the first 40 test videos of each class: the same files as in the whole test split
     cfg = load_config(None, [("output_dir", str(tmp_path)), ("data.synthetic.train_per_class", 0),
-                             ("data.synthetic.unlabeled_videos", 0), ("data.synthetic.test_per_class", 40)])
+                             ("data.synthetic.unlabeled_videos", 0), ("data.synthetic.test_per_class", 40),
+                             ("data.synthetic.val_per_class", 0)])
     generated = pipeline.ensure_videos(cfg, log=None)
     ingest(build_manifest("synthetic", generated["root"], 1),
            IngestConfig(out=cfg.clips_dir, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,

@@ -54,7 +54,7 @@ def test_shipped_teacher_fingerprint_spec_and_recorded_accuracy(ray_local, tmp_p
     assert recorded["dataset_fingerprint"] and recorded["synthetic"]["motion"] == s.motion
     # a sample: the first test videos of each class are the same files whatever test_per_class is
     cfg = load_config(CONFIG, [("output_dir", str(tmp_path)), ("teacher.path", None), ("students", None), ("data.synthetic.train_per_class", 0),
-                             ("data.synthetic.unlabeled_videos", 0),
+                             ("data.synthetic.unlabeled_videos", 0), ("data.synthetic.val_per_class", 0),
                              ("data.synthetic.test_per_class", SAMPLE_PER_CLASS)])
     generated = pipeline.ensure_videos(cfg, log=None)
     ingest(build_manifest("synthetic", generated["root"], 1),

@@ -208,7 +208,7 @@ def test_ingest_sigkilled_on_s3_then_rerun_leaves_no_partial_or_duplicate_shard(
 TINY_S3 = ["teacher.train.embed_dim=16", "teacher.optim.epochs=1", "baseline=false", "student.embed_dim=8", "optim.epochs=1",
            "teacher.train.drop_path_rate=0.0", "teacher.min_top1_over_chance=-1", "data.teacher_pool=0",
            "data.clips_per_video=2", "data.synthetic.unlabeled_videos=0", "data.synthetic.num_classes=4",
-           "data.synthetic.label_noise=0",
+           "data.synthetic.label_noise=0", "data.synthetic.val_per_class=0",
            # a teacher trained here, DDP students (the embedded default ships a teacher, runs students in actors)
            "teacher.path=null", "teacher.optim.batch_size=16", "seeds=[0]", "students=null", "scaling.num_workers=2",
            "scaling.cpus_per_worker=0.5", "scaling.concurrent_runs=0"]
@@ -247,6 +247,7 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
     search = [SEARCH, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3", "--quiet",
               *[x for kv in TINY_S3 for x in ("--set", kv)],
               "--set", "scaling.num_workers=1", "--set", "tune.num_samples=1", "--set", "optim.batch_size=8",
+              "--set", "tune.space.student.embed_dim={choice: [8]}",
               "--set", "tune.asha.grace_period=1", "--set", "tune.front_seeds=[]",
               "--set", "tune.max_concurrent_trials=1"]  # one trial: 3 logical CPUs hold one (1.25 + 1 for Ray Data)
     t = _run(search, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=900)

@@ -71,9 +71,9 @@ def checkout(tmp_path_factory) -> Path:
 # and its four students (one seed), on a few videos each; one-worker runs in runner actors, as the
 # embedded default trains its students (DDP is tested elsewhere).
 AS_THE_DEFAULT = {"teacher.path", "students", "long_baseline", "data.teacher_pool", "data.synthetic.num_classes",
-                  "data.synthetic.label_noise"}
+                  "data.synthetic.label_noise", "data.synthetic.val_per_class"}
 DEMO_SETS = [*[(k, v) for k, v in TINY if k not in AS_THE_DEFAULT], ("data.synthetic.train_per_class", 3),
-             ("data.synthetic.test_per_class", 2), ("data.synthetic.unlabeled_videos", 6), *RUNNERS]
+             ("data.synthetic.test_per_class", 2), ("data.synthetic.val_per_class", 1), ("data.synthetic.unlabeled_videos", 6), *RUNNERS]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,8 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
     # issue 17: the table is on test, evaluated once; every choice and curve read the held-out val
     assert report["splits"]["top1"] == "test" and all(row["split"] == "test" for row in models.values())
-    assert "held out of split 'train'" in report["splits"]["validation"] == report["splits"]["history"]
+    # the default's validation videos are a checked split of their own, not carved out of its mislabelled ones
+    assert report["splits"]["validation"] == "split 'val'" == report["splits"]["history"]
     assert "Evaluation (top-1, top-5): 1 clips x 1 crops, split test" in (out / "results.md").read_text()
     assert report["config"]["output_dir"] == str(out)
     gains = report["kd_gains"]  # the issue-5 comparison, per seed, from the same rows
@@ -151,6 +152,7 @@ def search_command(*extra) -> list[str]:
     has 3 logical CPUs, not the 4 of the local instance a search starts on 2 cores."""
     cmd = command("## Hyper-parameter search (Ray Tune)", "python tuning/search.py")
     return cmd + sets([*DEMO_SETS, ("optim.epochs", 1), ("scaling.num_workers", 1), ("tune.num_samples", 2),
+                       ("tune.space.student.embed_dim", {"choice": [8]}),  # not the grid of 3 widths
                        ("tune.asha.grace_period", 1), ("tune.front_seeds", []), ("tune.max_concurrent_trials", 1),
                        *extra]) + ["--quiet"]
 
@@ -166,14 +168,12 @@ def test_tune_search_as_typed_after_the_demo(demo, checkout):
     assert summary["best"] is not None and summary["best"]["best_top1"] is not None
     assert (exp / "best_config.yaml").is_file()
     assert "reusing" in r.stdout  # the demo's teacher, not a new one
-    # ASHA and the best config read the held-out validation clips of each epoch, not the test split
-    from dvfl.data.holdout import val_source
-
-    src = val_source(str(demo["out"] / "clips"), "val", "train", 0.1, 0)
-    ids = read_clips_table(str(demo["out"] / "clips"), ["train"], columns=["video_id"]).column("video_id").to_pylist()
+    # ASHA and the best config read the validation split's clips at each epoch, not the test split's
+    val_clips = read_clips_table(str(demo["out"] / "clips"), ["val"], columns=["video_id"]).num_rows
+    assert val_clips == 8  # 8 classes x 1 checked video (DEMO_SETS)
     for row in summary["rows"]:
         with open(Path(row["path"]) / "progress.csv") as f:
-            assert {int(float(e["val_clips"])) for e in csv.DictReader(f)} == {sum(v in src.videos for v in ids)}
+            assert {int(float(e["val_clips"])) for e in csv.DictReader(f)} == {val_clips}
     assert "trial(s) errored" not in r.stdout + r.stderr
     # --quiet: our lines only, not Ray Tune's experiment box or its TensorBoard hint to /tmp/ray
     for noise in ("Configuration for experiment", "View detailed results here", "To visualize your results"):

@@ -268,3 +268,35 @@ def test_luma_contrast_keeps_the_object_bright_against_the_background_through_th
     assert syn.SyntheticConfig(**base, luma_contrast=90.0).as_dict()["luma_contrast"] == 90.0
     with pytest.raises(ValueError, match="luma_contrast must be in"):
         syn.SyntheticConfig(luma_contrast=200.0).validate()
+
+
+def test_val_split_holds_checked_videos_of_their_own(tmp_path):
+    """val_per_class: a 'val' split (vallist01.txt, read by the ucf101 adapter) whose videos are
+    filed under their true class even with label_noise, and whose files are neither training nor
+    test videos; without it the dataset, its list files and its identity are as before."""
+    cfg = syn.SyntheticConfig(**dict(SMALL, train_per_class=6, val_per_class=3, label_noise=0.5))
+    root = str(tmp_path / "with_val")
+    info = syn.generate(root, cfg, workers=1, log=None)
+    assert (info["train"], info["val"], info["test"]) == (4 * 6, 4 * 3, 4 * 2)
+    m = ucf101(root, split=1)
+    by_split = {}
+    for e in m.entries:
+        by_split.setdefault(e.split, {})[os.path.relpath(e.path, root)] = e.label
+    assert not m.problems and set(by_split) == {"train", "val", "test"} and len(by_split["val"]) == 4 * 3
+    assert not set(by_split["val"]) & (set(by_split["train"]) | set(by_split["test"]))
+    names = syn.class_names(4)
+    for rel, label in by_split["val"].items():  # checked: the generator drew each one as its folder's class
+        assert rel.split("/")[0] == names[label]
+    hashes = _hashes(root)
+    assert len({hashes[r] for r in by_split["val"]}) == 4 * 3  # distinct videos, not copies
+    assert not {hashes[r] for r in by_split["val"]} & {hashes[r] for r in by_split["train"]}
+    # the training and test videos are those of the same config without a val split
+    plain = str(tmp_path / "plain")
+    syn.generate(plain, syn.SyntheticConfig(**dict(SMALL, train_per_class=6, label_noise=0.5)), workers=1, log=None)
+    plain_hashes = _hashes(plain)
+    assert {r: h for r, h in hashes.items() if r in by_split["train"] or r in by_split["test"]} == \
+        {r: h for r, h in plain_hashes.items() if r.endswith(".mp4") and not r.startswith(syn.UNLABELED_DIR)}
+    assert not os.path.exists(os.path.join(plain, syn.LIST_DIR, syn.VAL_LIST))
+    assert {e.split for e in ucf101(plain, split=1).entries} == {"train", "test"}
+    assert "val_per_class" not in syn.SyntheticConfig(**SMALL).as_dict()  # old datasets keep their identity
+

@@ -90,7 +90,9 @@ def read_class_ind(path: str) -> List[str]:
 def ucf101(root: str, split: int = 1, lists_dir: Optional[str] = None,
            videos_dir: Optional[str] = None) -> Manifest:
     """UCF101 official splits: ``classInd.txt``, ``trainlist0N.txt`` (path, 1-based label),
-    ``testlist0N.txt`` (path only; label from the folder name)."""
+    ``testlist0N.txt`` (path only; label from the folder name). An optional ``vallist0N.txt`` (not
+    a UCF101 file; the test list's format) is a validation split of its own, e.g. videos whose
+    labels were checked: runs then validate on it instead of carving one out of the training list."""
     if split not in (1, 2, 3):
         raise AdapterError(f"--split must be 1, 2 or 3 for ucf101, got {split}")
     dirs = [lists_dir] if lists_dir else [os.path.join(root, "ucfTrainTestlist"), root]
@@ -103,7 +105,9 @@ def ucf101(root: str, split: int = 1, lists_dir: Optional[str] = None,
     m = Manifest("ucf101", os.path.abspath(vdir), classes, source={"split": split, "lists_dir": os.path.abspath(ldir)})
     train = _first_existing([os.path.join(ldir, f"trainlist0{split}.txt")], "train list")
     test = _first_existing([os.path.join(ldir, f"testlist0{split}.txt")], "test list")
-    for lst, split_name in ((train, "train"), (test, "test")):
+    val = os.path.join(ldir, f"vallist0{split}.txt")
+    lists = [(train, "train"), (test, "test")] + ([(val, "val")] if os.path.isfile(val) else [])
+    for lst, split_name in lists:
         for lineno, ln in _read_lines(lst):
             parts = ln.split()
             rel = parts[0].replace("\\", "/")

@@ -48,6 +48,7 @@ from .sampling import stable_seed
 
 GENERATOR_VERSION = 2  # 2: bounded motion by default
 LIST_DIR = "ucfTrainTestlist"
+VAL_LIST = "vallist01.txt"  # with val_per_class: the checked-label validation videos (not a UCF101 file)
 UNLABELED_DIR = "unlabeled_pool"
 INFO_FILE = "synthetic.json"
 TRAIN_TRUTH = "train_truth.csv"  # the true class of each training video (with label_noise)
@@ -63,6 +64,9 @@ class SyntheticConfig:
     num_classes: int = 8
     train_per_class: int = 160
     test_per_class: int = 40
+    # Validation videos with checked labels (never wrong), a split 'val' of their own; 0: the
+    # pipeline carves validation out of the (possibly mislabelled) training videos instead.
+    val_per_class: int = 0
     unlabeled_videos: int = 0
     frames: int = 16            # frames per video
     size: int = 32              # frame height = width (even, for yuv420p)
@@ -106,7 +110,7 @@ class SyntheticConfig:
             raise ValueError(f"motion must be one of {MOTIONS}, got {self.motion!r}")
         if self.size - self.object_size[1] < 4:
             raise ValueError(f"size {self.size} leaves no room to move an object of {self.object_size[1]} px")
-        for k in ("train_per_class", "test_per_class", "unlabeled_videos"):
+        for k in ("train_per_class", "test_per_class", "val_per_class", "unlabeled_videos"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0")
         if not 0 <= self.label_noise < 1:
@@ -119,7 +123,7 @@ class SyntheticConfig:
         d["speed"] = list(self.speed)
         d["object_size"] = list(self.object_size)
         d["distractors"] = list(self.distractors)
-        for k in ("label_noise", "luma_contrast"):  # datasets generated before the option keep their identity
+        for k in ("label_noise", "luma_contrast", "val_per_class"):  # datasets generated before the option keep their identity
             if not d[k]:
                 del d[k]
         return d
@@ -294,10 +298,11 @@ class _Job:
     seed: int
 
 
-def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[Tuple[str, int]], List[Tuple[str, int]]]:
+def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[str], List[Tuple[str, int]],
+                                        List[Tuple[str, int]]]:
     names = class_names(cfg.num_classes)
     jobs: List[_Job] = []
-    train_lines, test_lines, train_truth = [], [], []
+    train_lines, val_lines, test_lines, train_truth = [], [], [], []
     filed_count = [0] * cfg.num_classes
     for c, name in enumerate(names):
         for j in range(cfg.train_per_class):
@@ -316,6 +321,10 @@ def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[
             rel = f"{name}/v_{name}_g{1 + j % 7:02d}_c{j // 7 + 1:02d}.mp4"
             jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "test", c, j)))
             test_lines.append(rel)
+        for j in range(cfg.val_per_class):  # groups g26.. : no file name shared with train (g08-g25) or test (g01-g07)
+            rel = f"{name}/v_{name}_g{26 + j % 7:02d}_c{j // 7 + 1:02d}.mp4"
+            jobs.append(_Job(rel, c, stable_seed("dvfl-synth", cfg.seed, "val", c, j)))
+            val_lines.append(rel)
     truth = []
     for j in range(cfg.unlabeled_videos):
         s = stable_seed("dvfl-synth", cfg.seed, "unlabeled", j)
@@ -323,7 +332,7 @@ def _plan(cfg: SyntheticConfig) -> Tuple[List[_Job], List[str], List[str], List[
         rel = f"{UNLABELED_DIR}/u_{j:05d}.mp4"
         jobs.append(_Job(rel, c, s))
         truth.append((rel, c))
-    return jobs, train_lines, test_lines, truth, train_truth
+    return jobs, train_lines, val_lines, test_lines, truth, train_truth
 
 
 def _make_one(args: Tuple[Dict, str, _Job]) -> int:
@@ -362,7 +371,7 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
     from dvfl.storage import write_bytes as atomic_write_bytes, write_json as atomic_write_json
 
     atomic_write_json(info_path, want)
-    jobs, train_lines, test_lines, truth, train_truth = _plan(cfg)
+    jobs, train_lines, val_lines, test_lines, truth, train_truth = _plan(cfg)
     t0 = time.perf_counter()
     todo = [j for j in jobs if not os.path.exists(os.path.join(root, j.rel))]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -389,6 +398,8 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
                        "".join(f"{i + 1} {n}\n" for i, n in enumerate(names)).encode())
     atomic_write_bytes(os.path.join(ldir, "trainlist01.txt"), "".join(l + "\n" for l in train_lines).encode())
     atomic_write_bytes(os.path.join(ldir, "testlist01.txt"), "".join(l + "\n" for l in test_lines).encode())
+    if val_lines:  # read by the ucf101 adapter as split 'val' (its labels from the folder, as the test list's)
+        atomic_write_bytes(os.path.join(ldir, VAL_LIST), "".join(l + "\n" for l in val_lines).encode())
     for rows, fname in ((truth, "unlabeled_pool_truth.csv"), (train_truth if cfg.label_noise else [], TRAIN_TRUTH)):
         if rows:
             buf = io.StringIO()
@@ -400,5 +411,5 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
     secs = time.perf_counter() - t0
     total = sum(os.path.getsize(os.path.join(root, j.rel)) for j in jobs)
     return {"root": root, "videos": len(jobs), "generated": len(todo), "train": len(train_lines),
-            "test": len(test_lines), "unlabeled": len(truth), "bytes": total, "seconds": secs,
+            "val": len(val_lines), "test": len(test_lines), "unlabeled": len(truth), "bytes": total, "seconds": secs,
             "unlabeled_dir": os.path.join(root, UNLABELED_DIR) if truth else None}

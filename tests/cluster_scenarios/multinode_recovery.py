@@ -64,6 +64,7 @@ def tiny_config(out: str, teacher_path: str | None = None, clips: str | None = N
         ("data.synthetic.num_classes", 4), ("data.synthetic.train_per_class", 4),
         ("data.synthetic.test_per_class", 2), ("data.synthetic.size", 32), ("data.synthetic.frames", 8),
         ("data.clips_per_video", 2), ("data.synthetic.label_noise", 0.0),  # pinned: the embedded default may change
+        ("data.synthetic.val_per_class", 0),
         ("data.short_side", 16), ("data.frames", 4),  # decord fails on 16 px sources
         ("student.embed_dim", 8), ("optim.epochs", EPOCHS), ("optim.batch_size", 4),  # 8 clips: a full batch per worker
         ("scaling.num_workers", 2), ("scaling.cpus_per_worker", 0.5), ("scaling.concurrent_runs", 0),
