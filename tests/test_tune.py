@@ -351,8 +351,9 @@ def test_bad_search_configs_are_rejected_naming_the_field(override, message):
 def test_shipped_search_configs_are_valid():
     from dvfl.tune import load_tune_config
 
-    t, cfg = load_tune_config(None)  # the embedded default: small widths, few epochs
+    t, cfg = load_tune_config(None)  # the embedded default: small widths, every one of them tried
     assert set(t.space) >= {"kd.temperature", "kd.alpha", "optim.lr", "student.embed_dim"}
+    assert t.space["student.embed_dim"] == {"grid": [4, 8, 16]} and cfg.optim.epochs == 24
     assert t.max_concurrent_trials == 2 and t.driver_cpus == 0.25 and t.asha.enabled and t.front_seeds == [1, 2]
     t, cfg = load_tune_config(REPO / "configs" / "tune_ucf101.yaml", check_paths=False)
     assert t.space["student.embed_dim"] == {"choice": [48, 64, 96]}
@@ -384,3 +385,28 @@ def test_pareto_front_and_cli_config_error(tmp_path):
                         "--set", "tune.space.kd.alpha={uniform: [0.5, 2]}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "config error: tune.space.kd.alpha" in r.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_front_reruns_and_separation():
+    """A front trial ASHA stopped re-runs its own seed to the end as well; neighbouring front trials
+    count as separated only when their seed ranges do not overlap."""
+    from dvfl.tune.report import front_separation, front_spread
+    from dvfl.tune.search import front_reruns
+
+    def row(tid, width, gmacs, top1, status="completed"):
+        return {"trial_id": tid, "width": width, "gmacs": gmacs, "temperature": 4.0, "best_top1": top1, "seed": 0,
+                "status": status, "params_searched": {"student.embed_dim": width}}
+
+    rows = [row("a", 4, 1.0, 0.40, "stopped early"), row("b", 8, 2.0, 0.83), row("c", 16, 4.0, 0.91)]
+    runs = front_reruns(rows, [1, 2])
+    assert [(r["of"], r["seed"]) for r in runs] == [("a", 0), ("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1), ("c", 2)]
+    reruns = [{"front_of": "a", "seed": 0, "best_top1": 0.70}, {"front_of": "a", "seed": 1, "best_top1": 0.84},
+              {"front_of": "a", "seed": 2, "best_top1": 0.75}, {"front_of": "b", "seed": 1, "best_top1": 0.845},
+              {"front_of": "b", "seed": 2, "best_top1": 0.853}, {"front_of": "c", "seed": 1, "best_top1": 0.90},
+              {"front_of": "c", "seed": 2, "best_top1": 0.881}]
+    spread = front_spread(rows, [0, 1, 2], reruns)
+    assert rows[0]["top1_by_seed"] == {"0": 0.70, "1": 0.84, "2": 0.75}  # the stopped run's 40 % replaced
+    pairs = front_separation(spread)
+    assert [(p["widths"], p["separated"]) for p in pairs] == [([4, 8], False), ([8, 16], True)]
+    assert pairs[1]["ranges"] == [[0.83, 0.853], [0.881, 0.91]]
+

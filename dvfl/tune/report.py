@@ -141,8 +141,9 @@ def markdown_table(rows: list[dict], t: TuneConfig) -> str:
 
 
 def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> list[dict]:
-    """Each front trial's best top-1 per student seed (its own run and its re-runs'), with mean and
-    min-max, set on its row; returns the front rows that have more than one seed."""
+    """Each front trial's best top-1 per student seed (its own run, or its own seed's re-run to the
+    end where ASHA stopped it, and its re-runs'), with mean and min-max, set on its row; returns the
+    front rows that have more than one seed."""
     spread = []
     for i in front:
         r = rows[i]
@@ -155,6 +156,26 @@ def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> 
         if len(values) > 1:
             spread.append(r)
     return spread
+
+
+def front_separation(spread: list[dict]) -> list[dict]:
+    """Neighbouring front trials (by cost) whose seed ranges do not overlap: the cheaper one's best
+    seed below the dearer one's worst. Overlapping ranges mean the search cannot tell them apart."""
+    pts = sorted(spread, key=lambda r: r["gmacs"])
+    return [{"trials": [a["trial_id"], b["trial_id"]], "widths": [a["width"], b["width"]],
+             "temperatures": [a["temperature"], b["temperature"]],
+             "ranges": [[a["top1_min"], a["top1_max"]], [b["top1_min"], b["top1_max"]]],
+             "separated": a["top1_max"] < b["top1_min"] or b["top1_max"] < a["top1_min"]}
+            for a, b in zip(pts, pts[1:])]
+
+
+def separation_lines(pairs: list[dict]) -> str:
+    def one(p):
+        (lo_a, hi_a), (lo_b, hi_b) = p["ranges"]
+        verdict = "separated" if p["separated"] else "**not** separated: the seed ranges overlap"
+        return (f"* width {p['widths'][0]} (T {p['temperatures'][0]:.2g}) {lo_a:.1%}–{hi_a:.1%} vs width "
+                f"{p['widths'][1]} (T {p['temperatures'][1]:.2g}) {lo_b:.1%}–{hi_b:.1%}: {verdict}")
+    return "\n".join(one(p) for p in pairs)
 
 
 def front_table(spread: list[dict]) -> str:
@@ -234,6 +255,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
         "best_chosen_by": "mean validation top-1 over seeds on the Pareto front" if spread else f"best {t.metric} trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
+        "front_separation": front_separation(spread),
         "best_config": best_path if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
@@ -247,6 +269,9 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         md += (f"\nThe Pareto front re-run with student seed(s) {list(t.front_seeds)} (every epoch; the search's own "
                f"run is seed {cfg.seed}), best validation top-1 of each run; the best config is the front trial "
                "with the highest mean:\n\n" + front_table(spread) + "\n")
+        if summary["front_separation"]:
+            md += ("\nNeighbouring front trials, told apart by more than seed noise when their seed ranges do not "
+                   "overlap:\n\n" + separation_lines(summary["front_separation"]) + "\n")
     storage.write_text(storage.join(exp, RESULTS_MD), md)
     plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)",
                 spread=spread)

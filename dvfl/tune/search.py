@@ -21,6 +21,13 @@ SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to res
 FRONT_SUFFIX = "-front"  # <experiment>-front: the Pareto front's trials re-run with tune.front_seeds
 
 
+def front_reruns(front: list[dict], seeds) -> list[dict]:
+    """The front's re-runs, one per trial and seed; a front trial that ASHA stopped re-runs its own
+    seed to the end too, so that its spread compares whole runs only."""
+    return [{"params": r["params_searched"], "seed": seed, "of": r["trial_id"]}
+            for r in front for seed in ([r["seed"]] if r["status"] == "stopped early" else []) + list(seeds)]
+
+
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
     from dvfl.pipeline import digest
 
@@ -169,8 +176,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             front_tuner = tune.Tuner.restore(front_path, trainable=front_trainable, resume_unfinished=True,
                                              resume_errored=True, storage_filesystem=tune_fs)
         else:
-            reruns = [{"params": r["params_searched"], "seed": seed, "of": r["trial_id"]}
-                      for r in front for seed in t.front_seeds]
+            reruns = front_reruns(front, t.front_seeds)
             log(f"[tune] re-running the Pareto front's {len(front)} trial(s) with student seed(s) "
                 f"{t.front_seeds}: {len(reruns)} run(s) of {cfg.optim.epochs} epochs")
             front_tuner = tune.Tuner(
