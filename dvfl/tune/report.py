@@ -216,9 +216,16 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
                                                               [r["top1_max"] - r["top1_mean"]]],
                         fmt="s", color="tab:blue", ms=5, capsize=4, zorder=4,
                         label=f"front over {len(r['top1_by_seed'])} seeds (mean, min–max)" if n == 0 else None)
-        for g, a, r in pts:
+        seen: dict = {}
+        for g, a, r in sorted(pts, key=lambda p: -p[1]):  # trials of one width: labels stacked downwards
+            k = seen[g] = seen.get(g, -1) + 1
             ax.annotate(f"T={r['temperature']:.1f} α={r['alpha']:.2f}", (g, a), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color="0.3")
+                        xytext=(4, 4 - 9 * k), fontsize=7, color="0.3")
+    costs = sorted({p[0] for p in pts})
+    if len(costs) > 1:  # widths grow GMACs by ~the square: a linear axis crowds the small ones
+        ax.set_xscale("log")
+        ax.set_xticks(costs, [f"{c:.3g}" for c in costs])
+        ax.minorticks_off()
     ax.set(xlabel="student GMACs per clip", ylabel="best validation top-1", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
