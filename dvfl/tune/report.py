@@ -159,8 +159,8 @@ def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> 
 
 
 def front_separation(spread: list[dict]) -> list[dict]:
-    """Neighbouring front trials (by cost) whose seed ranges do not overlap: the cheaper one's best
-    seed below the dearer one's worst. Overlapping ranges mean the search cannot tell them apart."""
+    """Each pair of neighbouring front trials (by cost), ``separated`` when their seed ranges do not
+    overlap. Overlapping ranges mean the search cannot tell them apart."""
     pts = sorted(spread, key=lambda r: r["gmacs"])
     return [{"trials": [a["trial_id"], b["trial_id"]], "widths": [a["width"], b["width"]],
              "temperatures": [a["temperature"], b["temperature"]],
