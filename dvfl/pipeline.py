@@ -285,9 +285,11 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
                     identity, unlabeled_dir, optim.epochs)
 
 
-def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seconds: float, log=print) -> str:
+def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seconds: float, log=print,
+                 say_done: bool = True) -> str:
     """The finished run's final weights + history as a model artefact directory (``seconds``: the
-    run's own training wall time, recorded as ``train_seconds``)."""
+    run's own training wall time, recorded as ``train_seconds``; ``say_done=False`` where the
+    run's runner said it)."""
     from dvfl.train.launch import load_final_state
 
     state = load_final_state(result)
@@ -299,7 +301,8 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(seconds, 1))
-    log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
+    if say_done:
+        log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out
 
 
@@ -344,7 +347,8 @@ def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: 
     for runner_run, result in train_concurrently(runner_runs, scaling=_scaling(cfg), concurrent=cfg.scaling.concurrent_runs,
                                                  max_failures=cfg.max_failures):
         # the run's own seconds in its runner, not the time since the whole batch began
-        saved[runner_run.name] = save_trained(cfg, by_name[runner_run.name], result, dataset_info, result.seconds, log)
+        saved[runner_run.name] = save_trained(cfg, by_name[runner_run.name], result, dataset_info, result.seconds, log,
+                                              say_done=False)
     return saved
 
 

@@ -115,6 +115,12 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
     # each epoch line once, as the runner printed it (no "(LoopRunner pid=...)" before it)
     epochs = re.findall(r"^\[(?:vfl|vfl_long|dvfl|dvfl\+unlabeled) s0\] epoch \d+/\d+: loss", output, re.M)
     assert len(epochs) == 2 + 4 + 2 + 2, output[-3000:]  # 2 epochs per student, 4 for vfl_long
+    # each run says it is done once, after its last epoch line (not overtaken by a line of the driver's)
+    lines = r.stdout.splitlines()
+    for role in students:
+        done = [i for i, line in enumerate(lines) if line.startswith(f"[{role} s0] done in ")]
+        last_epoch = max(i for i, line in enumerate(lines) if line.startswith(f"[{role} s0] epoch "))
+        assert len(done) == 1 and done[0] > last_epoch, (role, lines[last_epoch - 2:last_epoch + 3])
     assert models["dvfl"]["params"] == models["vfl"]["params"] < models["teacher"]["params"]
     # issue 17: the table is on test, evaluated once; every choice and curve read the held-out val
     assert report["splits"]["top1"] == "test" and all(row["split"] == "test" for row in models.values())

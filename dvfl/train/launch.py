@@ -253,17 +253,23 @@ class LoopRunner:
     """A long-lived process that trains runs one after another (torch imported once)."""
 
     def run(self, loop_cfg, datasets: dict, run_dir: str) -> float:
-        """Trains one run; returns its wall seconds in this runner."""
+        """Trains one run and says it is done; returns its wall seconds in this runner."""
         import logging
 
-        from dvfl.train.loop import run_loop
+        from dvfl.train.loop import run_loop, say
         from dvfl.train.session import RunnerSession
 
         started = time.time()
         quiet_data_progress()
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        run_loop(loop_cfg, RunnerSession(datasets, run_dir))
-        return time.time() - started
+        session = RunnerSession(datasets, run_dir)
+        run_loop(loop_cfg, session)
+        seconds = time.time() - started
+        # said here, after the epoch lines in the same stream: Ray forwards this process's output
+        # with a delay, so a line the driver printed could overtake the run's last epoch line
+        top1 = f": val top-1 {session.last_metrics['val_top1']:.1%}" if session.last_metrics else ""
+        say(f"[{loop_cfg.label}] done in {seconds:.0f}s{top1}")
+        return seconds
 
 
 def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: int, max_failures: int = 1):

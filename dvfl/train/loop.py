@@ -170,7 +170,7 @@ def epoch_line(label: str, m: dict, epochs: int) -> str:
             f"val top-1 {m['val_top1']:.1%}, {m['epoch_seconds']:.1f}s + val {m['val_seconds']:.1f}s")
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One line to the worker's stdout. Ray Train 2.60 patches ``print`` in workers to tee it to
     stdout and also log it through the root logger, so a printed line reached the terminal twice."""
     sys.stdout.write(line + "\n")
@@ -418,7 +418,7 @@ def resume(run: _Run, state: dict | None, label: str = "train") -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]
     if run.rank == 0:
-        _say(f"[{label}] resumed from checkpoint after epoch {state['epoch'] + 1}")
+        say(f"[{label}] resumed from checkpoint after epoch {state['epoch'] + 1}")
 
 
 def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
@@ -507,7 +507,7 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             run.history.append(metrics)
             _save_state(ckpt_dir, run.raw_model, run.optimizer, epoch, run.step, run.history)
             if cfg.print_epochs:
-                _say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
+                say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
             if writer is not None:
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "epoch":

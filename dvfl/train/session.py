@@ -121,6 +121,7 @@ class RunnerSession(_RaySession):
         self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
         self._datasets = datasets
         self.run_dir = run_dir
+        self.last_metrics: dict | None = None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -137,6 +138,7 @@ class RunnerSession(_RaySession):
         from dvfl import storage
         from dvfl.train.loop import STATE_FILE
 
+        self.last_metrics = metrics
         if not checkpoint_dir:
             return
         # one object per epoch, written whole (an atomic rename locally, one PUT on object stores)
