@@ -141,27 +141,28 @@ def markdown_table(rows: list[dict], t: TuneConfig) -> str:
 
 
 def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> list[dict]:
-    """Each front trial's best top-1 per student seed (its own run, or its own seed's re-run to the
-    end where ASHA stopped it, and its re-runs'), with mean and min-max, set on its row; returns the
-    front rows that have more than one seed."""
+    """Each front trial's best top-1 per fresh student seed (its re-runs), with mean and min-max, set on
+    its row; returns the front rows that were re-run. The search's own run stays out of these figures:
+    it is on the front because it beat the other trials of its cost, so its score is biased upward."""
     spread = []
     for i in front:
         r = rows[i]
-        runs = {r.get("seed"): r["best_top1"]}
-        runs.update({f["seed"]: f["best_top1"] for f in front_rows
-                     if f["front_of"] == r["trial_id"] and f["best_top1"] is not None})
+        runs = {f["seed"]: f["best_top1"] for f in front_rows
+                if f["front_of"] == r["trial_id"] and f["best_top1"] is not None and f["seed"] != r.get("seed")}
+        if not runs:
+            continue
         values = list(runs.values())
         r.update(top1_by_seed={str(k): v for k, v in sorted(runs.items())}, top1_mean=sum(values) / len(values),
                  top1_min=min(values), top1_max=max(values))
-        if len(values) > 1:
-            spread.append(r)
+        spread.append(r)
     return spread
 
 
 def front_separation(spread: list[dict]) -> list[dict]:
-    """Each pair of neighbouring front trials (by cost), ``separated`` when their seed ranges do not
-    overlap. Overlapping ranges mean the search cannot tell them apart."""
-    pts = sorted(spread, key=lambda r: r["gmacs"])
+    """Each pair of neighbouring front trials (by cost) re-run with two or more fresh seeds,
+    ``separated`` when their seed ranges do not overlap. Overlapping ranges mean the search cannot
+    tell them apart; one seed gives no range, so no verdict."""
+    pts = sorted((r for r in spread if len(r["top1_by_seed"]) > 1), key=lambda r: r["gmacs"])
     return [{"trials": [a["trial_id"], b["trial_id"]], "widths": [a["width"], b["width"]],
              "temperatures": [a["temperature"], b["temperature"]],
              "ranges": [[a["top1_min"], a["top1_max"]], [b["top1_min"], b["top1_max"]]],
@@ -179,14 +180,15 @@ def separation_lines(pairs: list[dict]) -> str:
 
 
 def front_table(spread: list[dict]) -> str:
-    head = ["trial", "T", "width", "α", "lr", "GMACs/clip", "top-1 per seed", "mean", "min–max", "search run"]
+    head = ["trial", "T", "width", "α", "lr", "GMACs/clip", "search run (chosen)", "re-runs: top-1 per seed",
+            "mean", "min–max"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in sorted(spread, key=lambda r: r["gmacs"]):
         per_seed = ", ".join(f"{v:.1%} (seed {k})" for k, v in r["top1_by_seed"].items())
         lines.append("| " + " | ".join([
             r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
-            f"{r['gmacs']:.4f}", per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}",
-            f"{r['epochs_run']}/{r['max_epochs']} epochs"]) + " |")
+            f"{r['gmacs']:.4f}", f"{r['best_top1']:.1%} (seed {r.get('seed')}, {r['epochs_run']}/{r['max_epochs']} epochs)",
+            per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}"]) + " |")
     return "\n".join(lines)
 
 
@@ -211,11 +213,11 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
         fr = sorted((rows[i]["gmacs"], rows[i]["best_top1"]) for i in front)
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "-o", color="tab:red", lw=1.5, ms=8, mfc="none", mew=2,
                 label="Pareto front", zorder=3)
-        for n, r in enumerate(spread):  # the front's trials over seeds: mean and min-max
+        for n, r in enumerate(spread):  # the front's re-runs: mean and min-max over fresh seeds
             ax.errorbar([r["gmacs"]], [r["top1_mean"]], yerr=[[r["top1_mean"] - r["top1_min"]],
                                                               [r["top1_max"] - r["top1_mean"]]],
                         fmt="s", color="tab:blue", ms=5, capsize=4, zorder=4,
-                        label=f"front over {len(r['top1_by_seed'])} seeds (mean, min–max)" if n == 0 else None)
+                        label=f"front re-run, {len(r['top1_by_seed'])} fresh seeds (mean, min–max)" if n == 0 else None)
         seen: dict = {}
         for g, a, r in sorted(pts, key=lambda p: -p[1]):  # trials of one width: labels stacked downwards
             k = seen[g] = seen.get(g, -1) + 1
@@ -239,8 +241,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                   front_rows=(), log=print) -> dict:
     """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory.
 
-    With ``front_rows`` (the front's re-runs with other student seeds) the best config is the front
-    trial with the highest mean over seeds, not the luckiest single run."""
+    With ``front_rows`` (the front's re-runs with fresh student seeds) the best config is the front
+    trial with the highest mean over its re-runs, not the luckiest single run."""
     from dvfl.config import dump_config
 
     exp = os.fspath(exp)
@@ -260,7 +262,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_chosen_by": "mean validation top-1 over seeds on the Pareto front" if spread else f"best {t.metric} trial",
+        "best_chosen_by": "mean validation top-1 of the Pareto front's re-runs (fresh seeds)" if spread else f"best {t.metric} trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "front_separation": front_separation(spread),
         "best_config": best_path if best else None,
@@ -273,12 +275,14 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
     if spread:
-        md += (f"\nThe Pareto front re-run with student seed(s) {list(t.front_seeds)} (every epoch; the search's own "
-               f"run is seed {cfg.seed}), best validation top-1 of each run; the best config is the front trial "
-               "with the highest mean:\n\n" + front_table(spread) + "\n")
+        md += (f"\nThe Pareto front re-run with fresh student seed(s) {list(t.front_seeds)} (every epoch), best "
+               f"validation top-1 of each run. The search's own run (seed {cfg.seed}) is shown but left out of the "
+               "mean and range: it is on the front because it beat the other trials of its cost, so its score is "
+               "biased upward. The best config is the front trial with the highest mean:\n\n"
+               + front_table(spread) + "\n")
         if summary["front_separation"]:
-            md += ("\nNeighbouring front trials, told apart by more than seed noise when their seed ranges do not "
-                   "overlap:\n\n" + separation_lines(summary["front_separation"]) + "\n")
+            md += ("\nNeighbouring front trials, told apart by more than seed noise when their re-runs' ranges do "
+                   "not overlap:\n\n" + separation_lines(summary["front_separation"]) + "\n")
     storage.write_text(storage.join(exp, RESULTS_MD), md)
     plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)",
                 spread=spread)
@@ -288,7 +292,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     if best:
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
             f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%}"
-            + (f" (mean over seeds {best['top1_mean']:.1%}) " if spread else " ") +
+            + (f" (mean of its re-runs {best['top1_mean']:.1%}) " if spread else " ") +
             f"-> {best_path} (python pipelines/distill.py --config {best_path})")
     log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
         f"tensorboard --logdir {exp}")
