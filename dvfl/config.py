@@ -309,6 +309,13 @@ class RunConfig:
                 fail(f"{name}.temporal_impl", f"must be conv2d or conv1d, got {o.temporal_impl!r}")
             if o.accum_steps < 1:
                 fail(f"{name}.accum_steps", f"must be >= 1, got {o.accum_steps!r}")
+            if o.clip_grad is not None and o.clip_grad < 0:  # a negative max norm flips every gradient
+                fail(f"{name}.clip_grad", f"must be > 0 (0 or null: no clipping), got {o.clip_grad!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            # one seed twice is one run reported as two (and two runners writing one folder)
+            fail("seeds", f"must be a non-empty list of distinct student seeds, got {self.seeds!r}")
+        if self.max_failures < 0:
+            fail("max_failures", f"must be >= 0 (restarts allowed per run), got {self.max_failures!r}")
         if self.scaling.num_workers < 1:
             fail("scaling.num_workers", f"must be >= 1, got {self.scaling.num_workers!r}")
         if not isinstance(self.scaling.concurrent_runs, int) or self.scaling.concurrent_runs < 0:

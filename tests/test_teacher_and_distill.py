@@ -199,6 +199,10 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     (("data.synthetic.motion", "teleport"), "data.synthetic.motion"),
     (("data.synthetic.angle_jitter_deg", 30.0), "data.synthetic.angle_jitter_deg"),
     (("data.synthetic.luma_contrast", 200.0), "data.synthetic.luma_contrast"),
+    (("optim.clip_grad", -1.0), "optim.clip_grad"),  # a negative max norm would flip every gradient
+    (("teacher.optim.clip_grad", -0.5), "teacher.optim.clip_grad"),
+    (("seeds", [0, 0]), "seeds"),  # one seed twice: one run reported as two
+    (("max_failures", -1), "max_failures"),
 ])
 def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
     from dvfl.config import ConfigError

@@ -192,11 +192,14 @@ def test_front_reruns_of_a_different_search_are_not_resumed(search):
 
     front_file = search["exp"].parent / "forced-asha-front" / "dvfl_search.json"
     kept = front_file.read_text()
+    lines = []
     try:
         front_file.write_text(json.dumps({**json.loads(kept), "digest": "another search"}))
         tune_cfg, run_cfg = load_tune_config(search["path"])
         with pytest.raises(ConfigError, match=r"forced-asha-front holds the front re-runs of a different search"):
-            run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)
+            run_search(tune_cfg, run_cfg, verbose=0, log=lines.append)
+        # refused before the search resumed: a refusal after it would throw the trials' results away
+        assert not any("resuming" in line for line in lines), lines
     finally:
         front_file.write_text(kept)
 
@@ -341,6 +344,10 @@ def test_best_config_runs_with_distill(search, ray_local):
     (("kd.temperature", -1), r"kd\.temperature must be > 0"),
     (("tune.front_seeds", [0, 1]), r"tune\.front_seeds: 0 is the seed the search's own trials ran with"),
     (("tune.front_seeds", [1, 1]), r"tune\.front_seeds must be a list of distinct integer student seeds"),
+    # Tune would draw 7.3 for a width and every trial would fail after the clips, teacher and cache
+    (("tune.space.student.embed_dim", {"uniform": [4, 16]}),
+     r"tune\.space\.student\.embed_dim: uniform draws fractional values and student\.embed_dim takes whole numbers"),
+    (("tune.space.optim.batch_size", {"loguniform": [4, 32]}), r"tune\.space\.optim\.batch_size: loguniform draws"),
 ])
 def test_bad_search_configs_are_rejected_naming_the_field(override, message):
     from dvfl.tune import load_tune_config
@@ -356,6 +363,9 @@ def test_shipped_search_configs_are_valid():
     assert set(t.space) >= {"kd.temperature", "kd.alpha", "optim.lr", "student.embed_dim"}
     assert t.space["student.embed_dim"] == {"grid": [4, 8, 16]} and cfg.optim.epochs == 24
     assert t.max_concurrent_trials == 2 and t.driver_cpus == 0.25 and t.asha.enabled and t.front_seeds == [1, 2, 3]
+    # with ASHA off its grace period is not a bound on the epochs
+    t, cfg = load_tune_config(None, ["tune.asha.enabled=false", "optim.epochs=6"])
+    assert not t.asha.enabled and cfg.optim.epochs == 6 < t.asha.grace_period
     t, cfg = load_tune_config(REPO / "configs" / "tune_ucf101.yaml", check_paths=False)
     assert t.space["student.embed_dim"] == {"choice": [48, 64, 96]}
     assert cfg.student.model == "videofocalnet_nano" and cfg.teacher.mode == "cached"
@@ -414,3 +424,22 @@ def test_front_reruns_and_separation():
     # d has one re-run: no range, so no verdict on c vs d
     assert [(p["widths"], p["separated"]) for p in pairs] == [([4, 8], False), ([8, 16], True)]
     assert pairs[1]["ranges"] == [[0.845, 0.853], [0.881, 0.90]]
+
+
+# last of the module: it re-runs the shared search's front (earlier tests read the first one's records)
+@pytest.mark.slow
+def test_a_changed_front_starts_its_reruns_over(search):
+    """Front re-runs recorded for another front (a resumed search whose errored trial now ran) are
+    not restored into this front: they start over, one per front trial and seed."""
+    from dvfl.tune import load_tune_config, run_search
+
+    front_file = search["exp"].parent / "forced-asha-front" / "dvfl_search.json"
+    front_file.write_text(json.dumps({**json.loads(front_file.read_text()), "reruns": []}))
+    lines = []
+    tune_cfg, run_cfg = load_tune_config(search["path"])
+    s = run_search(tune_cfg, run_cfg, verbose=0, log=lines.append)
+    assert any("the front changed since its re-runs began; starting them over" in line for line in lines), lines
+    front = [r for r in s["rows"] if r["pareto"]]
+    assert sorted(r["front_of"] for r in s["front_reruns"]) == sorted(r["trial_id"] for r in front)
+    assert all(r["status"] == "completed" for r in s["front_reruns"])
+    assert json.loads(front_file.read_text())["reruns"]  # the new front's list, for the next resume

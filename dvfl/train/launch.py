@@ -252,8 +252,9 @@ class RunnerResult:
 class LoopRunner:
     """A long-lived process that trains runs one after another (torch imported once)."""
 
-    def run(self, loop_cfg, datasets: dict, run_dir: str) -> float:
-        """Trains one run and says it is done; returns its wall seconds in this runner."""
+    def run(self, loop_cfg, datasets: dict, run_dir: str, seconds_before: float = 0.0) -> float:
+        """Trains one run and says it is done (``seconds_before``: its failed attempts' time);
+        returns its wall seconds in this runner."""
         import logging
 
         from dvfl.train.loop import run_loop, say
@@ -268,7 +269,7 @@ class LoopRunner:
         # said here, after the epoch lines in the same stream: Ray forwards this process's output
         # with a delay, so a line the driver printed could overtake the run's last epoch line
         top1 = f": val top-1 {session.last_metrics['val_top1']:.1%}" if session.last_metrics else ""
-        say(f"[{loop_cfg.label}] done in {seconds:.0f}s{top1}")
+        say(f"[{loop_cfg.label}] done in {seconds_before + seconds:.0f}s{top1}")
         return seconds
 
 
@@ -302,7 +303,8 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
                 run, actor = queue.pop(0), idle.pop()
                 loop = dataclasses.replace(run.loop, train_rows=run.data.train_rows, threads_per_worker=threads,
                                            run_name=run.name)
-                ref = actor.run.remote(loop, {"train": run.data.train, "val": run.data.val}, run.run_dir)
+                ref = actor.run.remote(loop, {"train": run.data.train, "val": run.data.val}, run.run_dir,
+                                       seconds[run.name])
                 pending[ref] = (run, actor, time.time())
             [done], _ = ray.wait(list(pending), num_returns=1)
             run, actor, submitted = pending.pop(done)

@@ -205,19 +205,22 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = [(r["gmacs"], r["best_top1"], r) for r in rows if r["best_top1"] is not None]
     if pts:
-        full = [p for p in pts if p[2]["status"] == "completed"]
-        early = [p for p in pts if p[2]["status"] != "completed"]
-        for group, marker, label in ((full, "o", "ran to the end"), (early, "x", "stopped early (ASHA)")):
+        groups = (("completed", "o", "ran to the end"), ("stopped early", "x", "stopped early (ASHA)"),
+                  ("diverged", "v", "diverged (stopped)"))
+        for status, marker, label in groups:
+            group = [p for p in pts if p[2]["status"] == status]
             if group:
                 ax.scatter([p[0] for p in group], [p[1] for p in group], marker=marker, color="0.55", label=label, zorder=2)
         fr = sorted((rows[i]["gmacs"], rows[i]["best_top1"]) for i in front)
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "-o", color="tab:red", lw=1.5, ms=8, mfc="none", mew=2,
                 label="Pareto front", zorder=3)
+        counts = sorted({len(r["top1_by_seed"]) for r in spread}) or [0]
+        seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         for n, r in enumerate(spread):  # the front's re-runs: mean and min-max over fresh seeds
             ax.errorbar([r["gmacs"]], [r["top1_mean"]], yerr=[[r["top1_mean"] - r["top1_min"]],
                                                               [r["top1_max"] - r["top1_mean"]]],
                         fmt="s", color="tab:blue", ms=5, capsize=4, zorder=4,
-                        label=f"front re-run, {len(r['top1_by_seed'])} fresh seeds (mean, min–max)" if n == 0 else None)
+                        label=f"front re-run, {seeds} fresh seed(s) (mean, min–max)" if n == 0 else None)
         seen: dict = {}
         for g, a, r in sorted(pts, key=lambda p: -p[1]):  # trials of one width: labels stacked downwards
             k = seen[g] = seen.get(g, -1) + 1
@@ -262,15 +265,17 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_chosen_by": "mean validation top-1 of the Pareto front's re-runs (fresh seeds)" if spread else f"best {t.metric} trial",
+        "best_chosen_by": "mean validation top-1 of the Pareto front's re-runs (fresh seeds)" if spread
+        else "best validation top-1 trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "front_separation": front_separation(spread),
         "best_config": best_path if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
     storage.write_json(storage.join(exp, RESULTS_JSON), summary)
-    md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (ASHA on {t.metric} per epoch: "
-          f"{summary['stopped_early']} of {len(rows)} stopped early; {summary['errors']} errored; "
+    asha = (f"ASHA on {t.metric} per epoch: {summary['stopped_early']} of {len(rows)} stopped early"
+            if t.asha.enabled else "ASHA off")
+    md = (f"Trials of `{t.experiment}` sorted by best validation top-1 ({asha}; {summary['errors']} errored; "
           f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
@@ -280,9 +285,13 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                "mean and range: it is on the front because it beat the other trials of its cost, so its score is "
                "biased upward. The best config is the front trial with the highest mean:\n\n"
                + front_table(spread) + "\n")
+        unrun = [rows[i]["trial_id"] for i in front if rows[i] not in spread]
+        if unrun:
+            md += f"\nNo re-run of front trial(s) {', '.join(unrun)} finished (see the errors): left out above.\n"
         if summary["front_separation"]:
-            md += ("\nNeighbouring front trials, told apart by more than seed noise when their re-runs' ranges do "
-                   "not overlap:\n\n" + separation_lines(summary["front_separation"]) + "\n")
+            md += ("\nFront trials next to each other by cost (of those re-run with two or more seeds), told apart "
+                   "by more than seed noise when their re-runs' ranges do not overlap:\n\n"
+                   + separation_lines(summary["front_separation"]) + "\n")
     storage.write_text(storage.join(exp, RESULTS_MD), md)
     plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)",
                 spread=spread)

@@ -51,9 +51,9 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
 
 
-def remove_experiment(exp: str | Path, name: str, log=print) -> None:
-    """--fresh: delete ``exp`` (a folder or a URI prefix) only if it is one of our Tune experiments
-    under a plain name."""
+def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh") -> None:
+    """--fresh (or ``why``): delete ``exp`` (a folder or a URI prefix) only if it is one of our Tune
+    experiments under a plain name."""
     exp = os.fspath(exp)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or storage.basename(exp.rstrip("/")) != name:
         raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {name!r}; "
@@ -61,7 +61,7 @@ def remove_experiment(exp: str | Path, name: str, log=print) -> None:
     if (not storage.is_remote(exp) and os.path.islink(exp)) or not storage.isfile(storage.join(exp, SEARCH_FILE)):
         raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
                           "it was not deleted: pick another tune.experiment or tune.storage")
-    log(f"[tune] --fresh: removing {exp}")
+    log(f"[tune] {why}: removing {exp}")
     storage.remove_tree(exp)
 
 
@@ -111,6 +111,12 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         if previous["digest"] != fp["digest"]:
             raise ConfigError(f"{exp} holds a different search (its search config, run config, clips or teacher "
                               "changed): pick another tune.experiment, or --fresh to discard it")
+    # checked before the search too: a refusal after it would throw its trials' results away
+    front_path = storage.ray_storage(front_exp)[0]
+    front_file = storage.join(front_exp, SEARCH_FILE)
+    front_restoring = bool(t.front_seeds) and tune.Tuner.can_restore(front_path, storage_filesystem=tune_fs)
+    if front_restoring and (not storage.isfile(front_file) or storage.read_json(front_file)["digest"] != fp["digest"]):
+        raise ConfigError(f"{front_exp} holds the front re-runs of a different search: --fresh discards both")
     storage.makedirs(exp)
     storage.write_text(search_file, json.dumps(fp, indent=1, default=str))
 
@@ -160,13 +166,15 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     if t.front_seeds and front:
         # the front's trials again with each extra student seed, every epoch: one grid of
         # {params, seed} (a restored front experiment keeps its finished re-runs)
-        front_path = storage.ray_storage(front_exp)[0]
-        front_file = storage.join(front_exp, SEARCH_FILE)
-        front_restoring = tune.Tuner.can_restore(front_path, storage_filesystem=tune_fs)
-        if front_restoring and (not storage.isfile(front_file) or storage.read_json(front_file)["digest"] != fp["digest"]):
-            raise ConfigError(f"{front_exp} holds the front re-runs of a different search: --fresh discards both")
+        reruns = front_reruns(front, t.front_seeds)
+        recorded = storage.read_json(front_file).get("reruns") if front_restoring else None  # None: not recorded
+        if recorded is not None and recorded != json.loads(json.dumps(reruns, default=str)):
+            # the resumed search's front changed (a trial that had errored ran this time): start the front over
+            remove_experiment(front_exp, t.experiment + FRONT_SUFFIX, log,
+                              why="the front changed since its re-runs began; starting them over")
+            front_restoring = False
         storage.makedirs(front_exp)
-        storage.write_text(front_file, json.dumps(fp, indent=1, default=str))
+        storage.write_text(front_file, json.dumps({**fp, "reruns": reruns}, indent=1, default=str))
         front_trainable = tune.with_resources(
             tune.with_parameters(trial_driver, setup={**setup, "experiment": t.experiment + FRONT_SUFFIX,
                                                       "records": storage.join(front_exp, TRIALS_DIR)}),
@@ -175,7 +183,6 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             front_tuner = tune.Tuner.restore(front_path, trainable=front_trainable, resume_unfinished=True,
                                              resume_errored=True, storage_filesystem=tune_fs)
         else:
-            reruns = front_reruns(front, t.front_seeds)
             log(f"[tune] re-running the Pareto front's {len(front)} trial(s) with student seed(s) "
                 f"{t.front_seeds}: {len(reruns)} run(s) of {cfg.optim.epochs} epochs")
             front_tuner = tune.Tuner(

@@ -181,7 +181,7 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
         raise ConfigError(f"tune.experiment must be a plain name, got {t.experiment!r}")
     if t.asha.grace_period < 1:
         raise ConfigError(f"tune.asha.grace_period must be >= 1, got {t.asha.grace_period}")
-    if t.asha.grace_period > base.optim.epochs:
+    if t.asha.enabled and t.asha.grace_period > base.optim.epochs:
         raise ConfigError(f"tune.asha.grace_period ({t.asha.grace_period}) must not exceed optim.epochs "
                           f"({base.optim.epochs}), the most epochs a trial gets")
     if not t.asha.reduction_factor > 1:
@@ -210,6 +210,13 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
                 apply_params(base, {key: value})
             except ConfigError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
+        if kind in ("uniform", "loguniform"):  # a draw between whole-number bounds is fractional
+            low, high = values
+            try:
+                apply_params(base, {key: low + 0.37 * (high - low)})
+            except ConfigError:
+                raise ConfigError(f"{name}: {kind} draws fractional values and {key} takes whole numbers: "
+                                  f"use {{choice: [...]}} or {{grid: [...]}}") from None
     return t
 
 
