@@ -75,3 +75,11 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
     load_checkpoint(model, weights, reinit_head=reinit_head)
     spec["weights_fingerprint"] = state_dict_fingerprint(model.state_dict())
     return model, spec
+
+
+def load_model_for(path: str | os.PathLike, name: str | None, num_classes: int, num_frames: int) -> tuple[nn.Module, dict]:
+    """A model folder as it was saved, or a checkpoint file built for a dataset's classes and frames
+    (a file carries no spec: without them timm's defaults, 1,000 classes, would be built)."""
+    path = os.fspath(path)
+    return load_model(path, name=name, kwargs=None if storage.isdir(path) else
+                      {"num_classes": num_classes, "num_frames": num_frames})

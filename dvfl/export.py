@@ -195,13 +195,31 @@ def model_card(spec: dict, dataset: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+FOLDER_FILES = (FOLDER_WEIGHTS, "config.json", SPEC, "README.md")
+
+
+def replaceable_folder(path: str | os.PathLike) -> bool:
+    """``path`` may be replaced by an exported model folder: it does not exist, is an empty folder,
+    or holds an earlier export's files and nothing else (never a folder that merely has a config.json)."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    names = set(os.listdir(path))
+    return not names or ({FOLDER_WEIGHTS, SPEC} <= names and names <= set(FOLDER_FILES))
+
+
 def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | None = None) -> dict:
     """A model folder (safetensors + timm config + our spec + model card), written to a temp
-    folder and renamed into place; reloaded through ``timm.create_model`` and compared."""
+    folder and renamed into place; reloaded through ``timm.create_model`` and compared. An existing
+    ``out`` is replaced only if it is an earlier export (:func:`replaceable_folder`)."""
     import timm
     from safetensors.torch import save_file
 
     out = Path(out)
+    if not replaceable_folder(out):
+        raise ValueError(f"{out} exists and is not an exported model folder; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -236,5 +254,5 @@ def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
     return [x]
 
 
-__all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "timm_config", "model_card",
+__all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "replaceable_folder", "timm_config", "model_card",
            "ExportMismatch", "TOLERANCE", "FORMATS"]

@@ -15,7 +15,7 @@ import os
 import time
 
 from dvfl import storage
-from dvfl.artifacts import SPEC, load_model, save_model
+from dvfl.artifacts import SPEC, load_model, load_model_for, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, RunConfig
 from dvfl.data.shards import load_dataset_info
 from dvfl.models import build_model
@@ -356,9 +356,7 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     """The teacher to distil from: given (``teacher.path``) or trained here on the labelled data."""
     num_classes = len(dataset_info["classes"])
     if cfg.teacher.path:
-        model, spec = load_model(cfg.teacher.path, name=cfg.teacher.model,
-                                 kwargs=None if storage.isdir(cfg.teacher.path) else
-                                 {"num_classes": num_classes, "num_frames": cfg.data.frames})
+        model, spec = load_model_for(cfg.teacher.path, cfg.teacher.model, num_classes, cfg.data.frames)
         if model.num_classes != num_classes:
             raise ValueError(f"teacher.path {cfg.teacher.path} predicts {model.num_classes} classes; "
                              f"the dataset has {num_classes}")
@@ -418,8 +416,7 @@ def validation_top1(cfg: RunConfig, model_path: str, spec: dict, dataset_info: d
     if (spec.get("val_top1") is not None and spec.get("val_split") == src.description
             and spec.get("dataset_fingerprint") == dataset_info["fingerprint"]):
         return float(spec["val_top1"])
-    model, _ = load_model(model_path, name=cfg.teacher.model, kwargs=None if storage.isdir(model_path) else
-                          {"num_classes": len(dataset_info["classes"]), "num_frames": cfg.data.frames})
+    model, _ = load_model_for(model_path, cfg.teacher.model, len(dataset_info["classes"]), cfg.data.frames)
     kind = "train" if src.carved or src.split == cfg.data.train_split else "uniform"
     stored = dataset_info["params"]["clips_per_video" if kind == "train" else "eval_clips"]
     return evaluate_multiview(model, cfg.clips_dir, src.split, cfg.crop_size, num_clips=stored, num_crops=1,
@@ -473,7 +470,7 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
                              "covers both (ingest them together with --unlabeled)")
         return {"mode": "cached", "views": cache.views, "cache_ref": [ray.put(cache.packed())],
                 "fingerprint": cache.fingerprint}
-    model, spec = load_model(teacher_path, name=cfg.teacher.model)
+    model, spec = load_model_for(teacher_path, cfg.teacher.model, len(dataset_info["classes"]), cfg.data.frames)
     return {"mode": "online", "views": cfg.teacher.views, "spec": {"name": spec["name"], "kwargs": spec["kwargs"]},
             "state_ref": [ray.put(model.state_dict())], "fingerprint": spec["weights_fingerprint"]}
 
@@ -572,14 +569,13 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key
     else:
-        model, spec2 = load_model(path, name=cfg.teacher.model, kwargs=None if spec_path else {
-            "num_classes": len(dataset["classes"]), "num_frames": cfg.data.frames})
+        model, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
         spec = {**spec, **spec2}
         store, store_key = storage.join(cfg.output_dir, EVALUATIONS), f"{spec2['weights_fingerprint']}/{key}"
     m = _read_json(store).get(store_key)
     if m is None:
         if model is None:
-            model, spec2 = load_model(path, name=cfg.teacher.model)
+            model, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
             spec = {**spec2, **spec}
         m = evaluate_multiview(model, cfg.clips_dir, split, cfg.crop_size,
                                num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 
-from dvfl.artifacts import load_model
+from dvfl.artifacts import load_model_for
 from dvfl.models import build_model
 from dvfl import storage
 from dvfl.data.shards import (atomic_write_table, load_dataset_info, parquet_file, read_table,
@@ -303,7 +303,9 @@ def build_teacher_cache(
     dataset_info = load_dataset_info(clips_dir)
     num_classes = len(dataset_info["classes"])
     crop_size = crop_size or dataset_info["params"]["short_side"]
-    model, spec = load_model(teacher, name=teacher_name)
+    if not crop_size:  # clips stored at their source size (--short-side 0) have no one crop size
+        raise ValueError(f"{clips_dir} stores clips at their source size (short_side 0): give the crop size")
+    model, spec = load_model_for(teacher, teacher_name, num_classes, dataset_info["params"]["frames"])
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise CacheMismatchError(
             f"teacher {teacher} predicts {model.num_classes} classes, the dataset has {num_classes}")

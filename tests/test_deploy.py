@@ -209,6 +209,27 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_a_folder_export_replaces_an_earlier_export_and_nothing_else(prepared, tmp_path):
+    """--out that holds an earlier export is replaced; one that merely has a config.json (a Hugging
+    Face folder, a project folder) is refused with exit 2 and left as it was."""
+    from dvfl.export import replaceable_folder
+
+    folder = tmp_path / "student"
+    for _ in range(2):
+        r = run_cli("export.py", "--model", prepared["teacher"], "--format", "folder", "--out", folder)
+        assert r.returncode == 0, r.stderr
+    assert replaceable_folder(folder) and sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "model.json", "model.safetensors"]
+    other = tmp_path / "hf_model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "notes.txt").write_text("mine")
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "folder", "--out", other)
+    assert r.returncode == 2 and "not an exported model folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "notes.txt"]
+    assert not replaceable_folder(other) and not replaceable_folder(other / "notes.txt")
+
+
 def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_local, video_factory, tmp_path):
     """The Serve app from configs/serve.yaml's args (smaller limits): a good upload -> 200 top-k;
     empty, not a video, truncated, oversized, too long -> 4xx with the reason; then a good upload

@@ -154,6 +154,29 @@ def test_teacher_loading_errors_are_clear(prepared, tmp_path):
         build_teacher_cache(prepared["cfg"].clips_dir, str(tmp_path / "five"), str(tmp_path / "cache5"))
 
 
+def test_a_teacher_given_as_a_checkpoint_file_is_cached_and_run_online(prepared, tmp_path, ray_local):
+    """teacher.path may be a bare checkpoint file (an official one carries no spec): the cache and
+    the online teacher build it for the dataset's classes and frames, as ensure_teacher does, and
+    the cache matches the spec ensure_teacher records (not timm's 1,000-class default)."""
+    from dvfl import pipeline
+    from dvfl.artifacts import load_model_for
+    from dvfl.models import build_model
+
+    cfg, info = prepared["cfg"], prepared["info"]
+    ckpt = tmp_path / "teacher.pth"
+    torch.save(build_model("videofocalnet_nano", num_classes=len(info["classes"]), num_frames=cfg.data.frames)
+               .state_dict(), ckpt)
+    built = build_teacher_cache(cfg.clips_dir, str(ckpt), str(tmp_path / "cache"), teacher_name="videofocalnet_nano",
+                                crop_size=cfg.crop_size, log=lambda *_: None)
+    assert built["teacher"]["kwargs"] == {"num_classes": len(info["classes"]), "num_frames": cfg.data.frames}
+    _, spec = load_model_for(ckpt, "videofocalnet_nano", len(info["classes"]), cfg.data.frames)
+    TeacherLogitCache(str(tmp_path / "cache")).check(info, teacher_spec=spec, crop_size=cfg.crop_size,
+                                                     splits=[cfg.data.train_split])
+    online_cfg = tiny_config(cfg.output_dir, [("teacher.mode", "online"), ("teacher.model", "videofocalnet_nano")])
+    signal_ = pipeline.teacher_signal(online_cfg, str(ckpt), spec, info, kd=True)
+    assert signal_["mode"] == "online" and signal_["spec"]["kwargs"]["num_classes"] == len(info["classes"])
+
+
 @pytest.mark.slow
 def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ray_local):
     cfg = prepared["cfg"]

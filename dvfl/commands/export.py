@@ -64,8 +64,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"error: --model {a.model}: {exc}", file=sys.stderr)
         return 2
     model.eval()
-    if a.format == "folder" and os.path.exists(a.out) and not (
-            os.path.isfile(os.path.join(a.out, "config.json")) or (os.path.isdir(a.out) and not os.listdir(a.out))):
+    if a.format == "folder" and not ex.replaceable_folder(a.out):
         print(f"error: --out {a.out} exists and is not an exported model folder; not overwriting it", file=sys.stderr)
         return 2
     inputs, dataset = [], None

@@ -231,6 +231,7 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
         ax.set_xscale("log")
         ax.set_xticks(costs, [f"{c:.3g}" for c in costs])
         ax.minorticks_off()
+        ax.set_xlim(costs[0] / 1.4, costs[-1] * 2.2)  # room for the labels right of the widest point
     ax.set(xlabel="student GMACs per clip", ylabel="best validation top-1", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
