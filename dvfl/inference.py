@@ -169,6 +169,8 @@ def stream_file(pred: Predictor, path: str, window: int, stride: int, *, realtim
     res = pred.decode_all(path)
     frames, fps = res["frames"], res["fps"] or 25.0
     ends = stream_windows(len(frames), window, stride)
+    if not ends:  # nothing would be recognised: not a success with a NaN real-time factor
+        raise PredictError("too_short", f"{len(frames)} frames, fewer than one --window of {window}")
     start = time.perf_counter()
     rows = []
     for end in ends:
@@ -189,7 +191,7 @@ def stream_file(pred: Predictor, path: str, window: int, stride: int, *, realtim
             f"latency {latency * 1000:.0f} ms")
     compute = [r["compute_s"] for r in rows]
     # windows the model can process per second / windows arriving per second
-    rtf = (1.0 / np.mean(compute)) / (fps / stride) if compute else float("nan")
+    rtf = (1.0 / np.mean(compute)) / (fps / stride)
     return {"path": path, "fps": fps, "frames": len(frames), "window": window, "stride": stride,
             "windows": rows, "real_time_factor": round(float(rtf), 3)}
 

@@ -174,6 +174,13 @@ def test_kinetics(tmp_path, src_video):
     assert {(e.video_id, e.label, e.split) for e in m.entries} == {
         ("aaa_000010_000020", 0, "train"), ("bbb_000000_000010", 1, "train"), ("ccc_000005_000015", 1, "val")}
     assert reasons(m) == ["missing", "unknown_class"]
+    # a CSV whose name and rows do not say the split is refused, not trained on
+    write(os.path.join(str(tmp_path), "annotations", "k400_val.csv"),
+          "label,youtube_id,time_start,time_end\nzumba,eee,0,10\n")
+    with pytest.raises(A.AdapterError, match=r"k400_val\.csv:2: split 'k400_val' is not train, val or test"):
+        A.kinetics(str(tmp_path))
+    m = A.kinetics(str(tmp_path), [("val", os.path.join(str(tmp_path), "annotations", "k400_val.csv"))])
+    assert {e.split for e in m.entries} | {p.split for p in m.problems} == {"val"}
 
 
 def test_ssv2(tmp_path, src_video):
@@ -182,6 +189,10 @@ def test_ssv2(tmp_path, src_video):
     assert {(e.video_id, e.label, e.split) for e in m.entries} == {("101", 0, "train"), ("102", 1, "train"),
                                                                     ("103", 0, "val")}
     assert reasons(m) == ["missing", "unknown_class"]
+    for bad in ('["Holding something"]', '{"Holding something": "zero"}', "{not json", '{"a": 0, "b": 0}'):
+        write(os.path.join(str(tmp_path), "labels", "labels.json"), bad)
+        with pytest.raises(A.AdapterError, match=r"labels\.json: "):
+            A.ssv2(str(tmp_path))
 
 
 def test_dvfl_csv(tmp_path, src_video):
@@ -232,6 +243,25 @@ def test_unlabeled_dir_and_list(tmp_path, src_video):
     assert A.unlabeled(write(str(tmp_path / "pool" / "up.txt"), "../pool/x/1.mp4\n")).entries  # still inside
     with pytest.raises(A.AdapterError):
         A.unlabeled(str(tmp_path / "nothing"))
+
+
+def test_different_unlabelled_videos_never_share_an_id(tmp_path, src_video):
+    """Two pools with a 0001.mp4 each, and x.mp4 next to x.avi: every video keeps an id of its own
+    (none rejected as a duplicate); the same file listed twice is still one video."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    put(a, "0001.mp4", src_video)
+    put(a, "x.mp4", src_video)
+    put(a, "x.avi", src_video)
+    put(b, "0001.mp4", src_video)
+    m = A.unlabeled(a)
+    m.extend(A.unlabeled(b, pool=1))
+    m.dedupe()
+    assert sorted(e.video_id for e in m.entries) == [
+        "unlabeled/0001", "unlabeled/pool1/0001", "unlabeled/x.avi", "unlabeled/x.mp4"]
+    assert reasons(m) == []
+    twice = A.unlabeled(write(str(tmp_path / "a" / "list.txt"), "0001.mp4\n0001.mp4\n"))
+    twice.dedupe()
+    assert [e.video_id for e in twice.entries] == ["unlabeled/0001"] and reasons(twice) == ["duplicate"]
 
 
 def test_entries_outside_the_root_are_rejected(tmp_path, src_video):

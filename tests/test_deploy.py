@@ -73,6 +73,11 @@ def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path
     got = json.loads(out.read_text())
     assert [w["end_frame"] for w in got["windows"]] == list(range(8, 41, 4))
     assert got["fps"] == pytest.approx(40) and got["real_time_factor"] > 0
+    # a window longer than the video: no window to recognise is an error, not "0 windows" and exit 0
+    out.unlink()
+    r = run_cli("predict.py", "--model", prepared["teacher"], video, "--stream", "--window", 48, "--json", out)
+    assert r.returncode == 1 and "too_short: 40 frames, fewer than one --window of 48" in r.stderr, r.stderr
+    assert not out.exists()
 
 
 GOLDEN = "/work/shared/reference/video_focalnet_golden_tiny.pt"

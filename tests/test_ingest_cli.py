@@ -31,6 +31,8 @@ from dvfl.cli import main as dvfl_main  # noqa: E402
     (["--dataset", "kinetics", "--root", ".", "--out", "o", "--annotations", "nope.csv"], "--annotations"),
     (["--dataset", "folder", "--root", ".", "--out", "o", "--test-fraction", "1.5"], "--test-fraction"),
     (["--dataset", "hmdb", "--root", ".", "--out", "o"], "--dataset"),
+    # the folder, dvfl-csv and ucf50 adapters find videos under --root: every entry would be "missing"
+    (["--dataset", "folder", "--root", ".", "--videos-dir", ".", "--out", "o"], "--videos-dir is not used"),
 ])
 def test_bad_flags_fail_fast_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -143,6 +143,8 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for u in a.unlabeled:
         if not os.path.exists(u):
             bad(f"--unlabeled {u}: no such folder or list file")
+    if a.videos_dir and a.dataset in ("dvfl-csv", "folder", "ucf50"):  # else every entry would be "missing"
+        bad(f"--videos-dir is not used by --dataset {a.dataset}: its videos are found under --root")
     for flag, v in (("--classes", a.classes), ("--lists-dir", a.lists_dir), ("--videos-dir", a.videos_dir)):
         if v and a.dataset != "synthetic" and not os.path.exists(v):
             bad(f"{flag} {v}: not found")
@@ -191,8 +193,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                            videos_dir=a.videos_dir if a.dataset != "synthetic" else None,
                            classes_file=a.classes, num_classes=a.num_classes, test_fraction=a.test_fraction,
                            val_fraction=a.val_fraction, seed=a.seed)
-        for u in a.unlabeled:
-            m.extend(unlabeled(u))
+        for pool, u in enumerate(a.unlabeled):
+            m.extend(unlabeled(u, pool))
             m.source.setdefault("unlabeled", []).append(os.path.abspath(u))
     except AdapterError as e:
         print(f"error: {e}", file=sys.stderr)

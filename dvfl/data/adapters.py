@@ -277,7 +277,10 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         except (TypeError, ValueError):
             m.problems.append(Problem(_d.BAD_LINE, yid, yid or None, f"{r['_where']}: bad time_start/time_end"))
             continue
-        split = r["_split"] if r["_split"] in ("train", "val", "test") else "train"
+        split = r["_split"]
+        if split not in ("train", "val", "test"):  # guessing "train" would train on validation videos
+            raise AdapterError(f"{r['_where']}: split {split!r} is not train, val or test: name the file "
+                               "train/val/test.csv, give it a split column, or pass --annotations SPLIT=PATH")
         path = files.get(stem) or files.get(yid) or os.path.join(vdir, stem + ".mp4")
         label_name = (r.get("label") or "").strip()
         if label_name not in index:
@@ -300,8 +303,13 @@ def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] =
     (lists of ``{"id", "template", ...}``; class = template without brackets); ``<id>.webm``."""
     lab_dirs = [root, os.path.join(root, "labels"), os.path.join(root, "annotations")]
     labels_file = labels_file or _first_existing([os.path.join(d, "labels.json") for d in lab_dirs], "labels.json")
-    with open(labels_file) as f:
-        name_to_id = {k: int(v) for k, v in json.load(f).items()}
+    try:
+        with open(labels_file) as f:
+            name_to_id = {k: int(v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise AdapterError(f"{labels_file}: not a JSON object of class name -> integer id ({exc})") from None
+    if any(v < 0 for v in name_to_id.values()) or len(set(name_to_id.values())) != len(name_to_id):
+        raise AdapterError(f"{labels_file}: class ids must be distinct integers >= 0")
     n = max(name_to_id.values()) + 1 if name_to_id else 0
     classes = [""] * n
     for k, v in name_to_id.items():
@@ -525,12 +533,15 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
 # ---------------------------------------------------------------------------------------
 # unlabelled videos
 
-def unlabeled(dir_or_list: str) -> Manifest:
+def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     """Videos without labels: a folder tree (every video file under it) or a text file with
     one path per line (relative to the list's folder, or absolute). The pool's root is the folder,
     or the list's folder: entries whose real path is elsewhere are ``outside_root``. Entries get
     ``label=None``, ``class_name=None``, ``split="unlabeled"`` and
-    ``video_id = "unlabeled/" + <path relative to the folder/list, without extension>``."""
+    ``video_id = "unlabeled/" + <path relative to the folder/list, without extension>``; the
+    extension stays where two files of the pool differ only by it (``x.mp4``, ``x.avi``), and the
+    ``pool``-th pool (from 0, ``--unlabeled`` given more than once) has ``pool<N>/`` after
+    ``unlabeled/`` for N > 0, so that different videos never share an id."""
     if os.path.isdir(dir_or_list):
         base = os.path.abspath(dir_or_list)
         paths = []
@@ -543,9 +554,14 @@ def unlabeled(dir_or_list: str) -> Manifest:
     else:
         raise AdapterError(f"--unlabeled {dir_or_list}: no such folder or list file")
     m = Manifest("unlabeled", base, [], source={"unlabeled": os.path.abspath(dir_or_list)})
-    for p in paths:
-        rel = os.path.relpath(p, base)
-        _add(m, "unlabeled/" + _strip_ext(rel.replace(os.sep, "/")), p, None, None, "unlabeled")
+    rels = [os.path.relpath(p, base).replace(os.sep, "/") for p in paths]
+    exts: dict[str, set] = {}
+    for rel in rels:
+        exts.setdefault(_strip_ext(rel), set()).add(os.path.splitext(rel)[1])
+    prefix = "unlabeled/" + (f"pool{pool}/" if pool else "")
+    for p, rel in zip(paths, rels):
+        stem = _strip_ext(rel)
+        _add(m, prefix + (rel if len(exts[stem]) > 1 else stem), p, None, None, "unlabeled")
     return m
 
 
