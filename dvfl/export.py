@@ -244,10 +244,17 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
             "files": sorted(p.name for p in out.iterdir())}
 
 
+class GoldenFileError(Exception):
+    """A --golden file that cannot be read as a golden clip (missing, not a dict with "input", unsafe)."""
+
+
 def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
-    """The reference golden clip when its shape fits the model (the golden tiny model itself)."""
-    g = torch.load(path, map_location="cpu", weights_only=True)
-    x = g["input"].float()
+    """The reference golden clip when its shape fits the model (the golden tiny model itself);
+    ``ValueError`` when it does not fit, :class:`GoldenFileError` when it cannot be read."""
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)["input"].float()
+    except Exception as exc:  # whatever the reason, the file is not a golden clip
+        raise GoldenFileError(f"{path}: not a readable golden clip ({type(exc).__name__}: {exc})") from None
     kw = spec["kwargs"]
     if tuple(x.shape[1:]) != (kw.get("num_frames", 8), 3, kw.get("img_size", 224), kw.get("img_size", 224)):
         raise ValueError(f"golden clip {tuple(x.shape)} does not fit the model's input")
@@ -255,4 +262,4 @@ def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
 
 
 __all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "replaceable_folder", "timm_config", "model_card",
-           "ExportMismatch", "TOLERANCE", "FORMATS"]
+           "ExportMismatch", "GoldenFileError", "TOLERANCE", "FORMATS"]

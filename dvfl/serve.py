@@ -49,6 +49,16 @@ class ServeSettings:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"serve args: unknown field(s) {unknown}; known: {sorted(known)}")
+        args = dict(args)
+        casts = {"int": int, "float": float}
+        for key, value in args.items():  # `serve run ... topk=3` passes every value as a string
+            kind = cls.__dataclass_fields__[key].type
+            if kind in casts and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                try:
+                    args[key] = casts[kind](value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"serve args: {key} must be {'an integer' if kind == 'int' else 'a number'}, "
+                                     f"got {value!r}") from None
         s = cls(**args)
         s.validate()
         return s
@@ -68,6 +78,20 @@ class ServeSettings:
             if not ok:
                 raise ValueError(f"serve args: {msg}")
         parse_views(self.views)
+
+
+async def run_exclusive(lock: asyncio.Lock, fn, timeout: float):
+    """``fn()`` in a thread, one at a time under ``lock``; raises ``asyncio.TimeoutError`` after
+    ``timeout`` s, but the lock is held until ``fn`` has really finished: a thread cannot be
+    cancelled, and the next request must not drive the same decode child alongside it."""
+    await lock.acquire()
+    try:
+        task = asyncio.ensure_future(asyncio.to_thread(fn))
+    except BaseException:
+        lock.release()
+        raise
+    task.add_done_callback(lambda _: lock.release())
+    return await asyncio.wait_for(asyncio.shield(task), timeout)
 
 
 def _error(status: int, reason: str, detail: str) -> JSONResponse:
@@ -140,8 +164,7 @@ class Recognizer:
         if not body:
             return _error(400, D.EMPTY, "empty request body: POST the video file")
         try:
-            async with self.lock:
-                out = await asyncio.wait_for(asyncio.to_thread(self._predict, body), self.s.request_timeout_s + 5)
+            out = await run_exclusive(self.lock, lambda: self._predict(body), self.s.request_timeout_s + 5)
         except asyncio.TimeoutError:
             return _error(408, "timeout", f"no result within {self.s.request_timeout_s:g} s")
         status = out.pop("status")

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,62 @@ def test_a_folder_export_replaces_an_earlier_export_and_nothing_else(prepared, t
     assert r.returncode == 2 and "not an exported model folder" in r.stderr, r.stderr
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "notes.txt"]
     assert not replaceable_folder(other) and not replaceable_folder(other / "notes.txt")
+
+
+def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):
+    """--clips that is not a finished ingest, or a --golden file that is not a golden clip: exit 2
+    with one line naming the flag, no traceback, nothing written."""
+    notes = tmp_path / "golden.pt"
+    notes.write_text("not a tensor file")
+    for flag, value, says in (("--clips", tmp_path / "nothing", "is not a finished ingest output"),
+                              ("--golden", notes, "not a readable golden clip")):
+        out = tmp_path / f"m{flag}.onnx"
+        r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", out, flag, value)
+        assert r.returncode == 2 and f"error: {flag} " in r.stderr and says in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_serve_settings_from_command_line_strings(prepared):
+    """`serve run dvfl.serve:build_app model=DIR topk=3` passes strings: numbers are read as their
+    fields' types, and a value that is not one is a settings error naming the field."""
+    from dvfl.serve import ServeSettings
+
+    s = ServeSettings.from_args({"model": prepared["teacher"], "topk": "3", "max_upload_mb": "1.5"})
+    assert (s.topk, s.max_upload_mb) == (3, 1.5)
+    with pytest.raises(ValueError, match=r"serve args: topk must be an integer, got 'many'"):
+        ServeSettings.from_args({"model": prepared["teacher"], "topk": "many"})
+    with pytest.raises(ValueError, match=r"serve args: request_timeout_s must be a number"):
+        ServeSettings.from_args({"model": prepared["teacher"], "request_timeout_s": "soon"})
+
+
+def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
+    """The 408 comes at the time limit, but the next request waits for the timed-out one's thread
+    (a thread cannot be cancelled): two requests never drive one decode child at the same time."""
+    import asyncio
+
+    from dvfl.serve import run_exclusive
+
+    spans = []
+
+    def work(name, seconds):
+        def fn():
+            t0 = time.perf_counter()
+            time.sleep(seconds)
+            spans.append((name, t0, time.perf_counter()))
+            return name
+        return fn
+
+    async def two_requests():
+        lock = asyncio.Lock()
+        t0 = time.perf_counter()
+        with pytest.raises(asyncio.TimeoutError):
+            await run_exclusive(lock, work("slow", 0.6), 0.1)
+        assert time.perf_counter() - t0 < 0.5  # the client had its answer at the limit
+        assert await run_exclusive(lock, work("next", 0.0), 5) == "next"
+
+    asyncio.run(two_requests())
+    (first, _, slow_end), (second, next_start, _) = spans
+    assert (first, second) == ("slow", "next") and next_start >= slow_end, spans
 
 
 def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_local, video_factory, tmp_path):

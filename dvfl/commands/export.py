@@ -71,11 +71,18 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.clips:
         from dvfl.data.shards import load_dataset_info
 
-        dataset = load_dataset_info(a.clips)
-        inputs += real_clips(a.clips, spec, a.check_clips)
+        try:
+            dataset = load_dataset_info(a.clips)
+            inputs += real_clips(a.clips, spec, a.check_clips)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: --clips {a.clips}: {exc}", file=sys.stderr)
+            return 2
     if a.golden:
         try:
             inputs += ex.golden_inputs(a.golden, spec)
+        except ex.GoldenFileError as exc:
+            print(f"error: --golden {exc}", file=sys.stderr)
+            return 2
         except ValueError as exc:
             print(f"[export] golden clip not used: {exc}")
     inputs.append(ex.example_input(spec, 2))
