@@ -356,6 +356,8 @@ class RunConfig:
             fail("data.val_fraction", f"must be in (0, 1), got {self.data.val_fraction!r}")
         if self.data.test_split == self.data.train_split:
             fail("data.test_split", f"must differ from data.train_split ({self.data.train_split!r})")
+        if self.data.val_split == self.data.test_split:  # choices are made on validation; test is read once
+            fail("data.val_split", f"must differ from data.test_split ({self.data.test_split!r})")
         from dvfl.data.adapters import DATASETS
 
         if self.data.dataset not in DATASETS:

@@ -225,8 +225,10 @@ def launch_training(cfg: RunConfig, loop: dict, *, role: str, name: str, storage
     scaling = _scaling(cfg)
     if in_tune_trial and scaling.num_workers == 1 and data is not None:
         return train_in_tune_trial(loop, data, scaling=scaling, name=name)
+    # the clips shuffled by the data seed, as in the data runners and trials share: a run's
+    # identity has no launch mode in it, so its data must not depend on one
     return run_training(loop, clips_dir=cfg.clips_dir, scaling=scaling, name=name, storage_path=storage_path,
-                        max_failures=cfg.max_failures, callbacks=callbacks, data=data,
+                        max_failures=cfg.max_failures, callbacks=callbacks, data=data, data_seed=cfg.seed,
                         **_training_args(cfg, role, unlabeled_dir))
 
 
@@ -498,6 +500,8 @@ def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: in
         identity["label_fraction"] = cfg.data.label_fraction
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
+    if kd and teacher["mode"] == "online":  # a cache's fingerprint holds its views; live weights do not
+        identity["teacher_views"] = list(teacher["views"])
     signal = {k: v for k, v in teacher.items() if k != "fingerprint"} if kd else {"mode": "none"}
     return dict(role=role, section=cfg.student, optim=optim, dataset_info=dataset_info, seed=seed,
                 teacher=signal, identity=identity, unlabeled_dir=cfg.unlabeled_dir if unlabeled else None)
@@ -564,7 +568,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     spec = storage.read_json(spec_path) if spec_path else {}
     dataset = load_dataset_info(cfg.clips_dir)
     split = cfg.data.test_split
-    key = f"eval_{split}_{cfg.eval.clips}x{cfg.eval.crops}_{dataset['fingerprint'][:16]}"
+    # the crop too: cropping happens after ingest, so the clips' fingerprint does not change with it
+    key = f"eval_{split}_{cfg.eval.clips}x{cfg.eval.crops}_{cfg.crop_size}px_{dataset['fingerprint'][:16]}"
     model = None
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key
@@ -592,6 +597,10 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
 
 def clean_run(cfg: RunConfig) -> None:
     """--fresh: forget trained models and Ray Train state of this output dir (clips stay)."""
+    for sub in (TEACHER_DIR, STUDENTS_DIR):
+        # every model's spec first: a delete cut short must leave no model.json vouching for a folder
+        for spec in storage.find(storage.join(cfg.output_dir, sub), SPEC):
+            storage.remove(spec)
     for sub in (TEACHER_DIR, STUDENTS_DIR, RAY_RESULTS):
         storage.remove_tree(storage.join(cfg.output_dir, sub))
 

@@ -167,6 +167,15 @@ def listdir(path: str, suffix: str = "", hidden: bool = False) -> List[str]:
     return [join(path, n) for n in names if n.endswith(suffix) and (hidden or n[:1] not in "._")]
 
 
+def find(path: str, name: str) -> List[str]:
+    """Every file called ``name`` anywhere under ``path`` (sorted, full paths/URIs)."""
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True))
+    rels = sorted(posixpath.relpath(i.path, p) for i in infos
+                  if i.type == pafs.FileType.File and posixpath.basename(i.path) == name)
+    return [join(path, *r.split("/")) for r in rels]
+
+
 def reachable(path: str) -> Optional[str]:
     """None when ``path`` can be used (a local path that exists, or a URI whose bucket answers),
     else why not. A URI's object itself may be missing: callers that need it check it."""

@@ -91,6 +91,19 @@ def test_file_uris_are_local_paths(tmp_path):
     assert storage.listdir(f"file://{tmp_path}/d", ".json") == [f"file://{tmp_path}/d/x.json"]
 
 
+def test_find_lists_a_name_at_any_depth_locally_and_on_s3(s3_server, tmp_path):
+    """storage.find (what --fresh uses to remove every model's spec before its folder): the same
+    answer on a local folder and on a bucket, full paths/URIs, sorted, other names left out."""
+    from dvfl import storage
+
+    for base in (str(tmp_path / "run"), f"s3://{s3_server['new_bucket']()}/run"):
+        for rel in ("students/a/model.json", "students/b/model.json", "students/b/model.pt", "model.json.bak"):
+            storage.write_text(storage.join(base, *rel.split("/")), "{}")
+        assert storage.find(storage.join(base, "students"), "model.json") == [
+            storage.join(base, "students", "a", "model.json"), storage.join(base, "students", "b", "model.json")]
+        assert storage.find(storage.join(base, "nothing"), "model.json") == []
+
+
 def test_a_shard_object_without_its_sidecar_is_not_read(s3_server):
     """Object stores have no rename: a shard is uploaded under its final name and committed by its
     _meta sidecar, written after it; readers list only committed shards."""

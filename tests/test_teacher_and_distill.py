@@ -226,6 +226,7 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     (("teacher.optim.clip_grad", -0.5), "teacher.optim.clip_grad"),
     (("seeds", [0, 0]), "seeds"),  # one seed twice: one run reported as two
     (("max_failures", -1), "max_failures"),
+    (("data.val_split", "test"), "data.val_split"),  # choices would read the split reported once
 ])
 def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
     from dvfl.config import ConfigError
@@ -357,6 +358,9 @@ def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_cli
     (other / "dataset.json").write_text(json.dumps(dict(info, fingerprint="f" * 64)))
     again = pipeline.evaluate_model_dir(_with(cfg, data={"clips": str(other)}), str(user), log=lambda *_: None)
     assert again["top1"] == m["top1"] and len(json.loads((tmp_path / "run" / "evaluations.json").read_text())) == 2
+    # another crop of the same clips is another evaluation (the clips' fingerprint does not say it)
+    pipeline.evaluate_model_dir(_with(cfg, data={"crop_size": 28}), str(user), log=lambda *_: None)
+    assert any("_28px_" in k for k in json.loads((tmp_path / "run" / "evaluations.json").read_text()))
 
 
 def test_a_cache_built_for_other_views_is_refused(prepared):
@@ -381,3 +385,32 @@ def test_a_missing_or_short_logits_file_is_found_before_training(prepared, tmp_p
     with pytest.raises(CacheMismatchError, match=rf"1 logits file\(s\) missing .*{train[0].name}.*"
                                                  rf"{train[1].name} \({table.num_rows - 1} rows, expected"):
         pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
+
+
+def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_local, tmp_path):
+    """Two epochs straight, and the same run resumed from its first epoch's state: the same weights
+    and history. Flips draw from the loop's random stream and drop-path from torch's; both are in
+    the state (before, a resumed run replayed epoch 1's draws)."""
+    import dataclasses
+
+    from dvfl import pipeline
+    from dvfl.train.loop import checkpoint_state, run_loop
+    from dvfl.train.session import RunnerSession, epoch_states, latest_epoch_state
+
+    cfg = tiny_config(prepared["cfg"].output_dir, [("data.flip", True), ("student.drop_path_rate", 0.3)])
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), seed=0,
+                                         teacher={"mode": "none"}, tensorboard_dir=None, log=lambda *_: None)
+    data = pipeline.shared_training_data(cfg)
+    loop = dataclasses.replace(loop, train_rows=data.train_rows, threads_per_worker=1, print_epochs=False)
+    datasets = {"train": data.train, "val": data.val}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_loop(dataclasses.replace(loop, run_name="straight"), RunnerSession(datasets, str(straight)))
+    first_epoch = epoch_states(str(straight))[0]
+    resumed.mkdir()
+    shutil.copy(first_epoch, resumed / os.path.basename(first_epoch))
+    run_loop(dataclasses.replace(loop, run_name="resumed"), RunnerSession(datasets, str(resumed)))
+    a, b = (checkpoint_state(latest_epoch_state(str(d))) for d in (straight, resumed))
+    assert a["epoch"] == b["epoch"] == cfg.optim.epochs - 1
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

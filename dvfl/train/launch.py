@@ -151,6 +151,7 @@ def run_training(
     val_split: str = "val",
     val_fraction: float = 0.1,
     val_seed: int = 0,
+    data_seed: int | None = None,
     unlabeled_dir: str | None = None,
     scaling: Scaling,
     name: str,
@@ -179,8 +180,9 @@ def run_training(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if data is None:
-        data = training_data(clips_dir, seed=loop_cfg.seed, train_splits=train_splits, val_split=val_split,
+    if data is None:  # ``data_seed``: the shuffle of the data a search or the runners share
+        seed = loop_cfg.seed if data_seed is None else data_seed
+        data = training_data(clips_dir, seed=seed, train_splits=train_splits, val_split=val_split,
                              val_fraction=val_fraction, val_seed=val_seed, unlabeled_dir=unlabeled_dir,
                              materialize_below_mb=materialize_below_mb, label_fraction=label_fraction,
                              teacher_pool=teacher_pool, role=role)

@@ -85,9 +85,12 @@ class TeacherSignal:
             return self.model(x).float()
 
 
-def _save_state(directory: str, model, optimizer, epoch: int, step: int, history: list) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "step": step, "history": history}, os.path.join(directory, STATE_FILE))
+def _save_state(directory: str, run: "_Run", epoch: int) -> None:
+    # the random streams and the fp16 loss scale too: a resumed run trains as an uninterrupted one
+    torch.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict()},
+               os.path.join(directory, STATE_FILE))
 
 
 @contextlib.contextmanager
@@ -309,6 +312,7 @@ def run_loop(cfg: LoopConfig, session) -> None:
                 train_step(run, cfg, table, stats)
             train_seconds = time.time() - started
             if stats.pending:  # the epoch's last, partial accumulation still counts
+                _finish_partial_accumulation(run, stats.pending, cfg.optim.accum_steps)
                 run.step = _optimizer_step(run.model, run.optimizer, run.scaler, cfg.optim, run.step, run.total_steps,
                                            run.warmup)
             metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
@@ -417,8 +421,29 @@ def resume(run: _Run, state: dict | None, label: str = "train") -> None:
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]
+    if "rng" in state:  # checkpoints before session 22 have no random state: the streams restart
+        if run.rank == 0:  # the checkpoint holds rank 0's stream; other ranks branch off theirs by epoch
+            run.rng.bit_generator.state = state["rng"]
+        else:
+            run.rng = np.random.default_rng([*run.rng.integers(0, 2**31, 2).tolist(), run.start_epoch])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
     if run.rank == 0:
         say(f"[{label}] resumed from checkpoint after epoch {state['epoch'] + 1}")
+
+
+def _finish_partial_accumulation(run: _Run, pending: int, accum_steps: int) -> None:
+    """The epoch's last batches did not complete an accumulation: they ran under DDP's no_sync, so
+    their gradients are averaged over the ranks here (every rank has the same number of batches),
+    and each was divided by ``accum_steps``, so they are rescaled to a mean over the ``pending``."""
+    grads = [p.grad for p in run.raw_model.parameters() if p.grad is not None]
+    if run.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for g in grads:
+            torch.distributed.all_reduce(g)
+            g.div_(run.world)
+    for g in grads:
+        g.mul_(accum_steps / pending)
 
 
 def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
@@ -505,7 +530,7 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp))
             metrics["val_seconds"] = time.time() - val_started
             run.history.append(metrics)
-            _save_state(ckpt_dir, run.raw_model, run.optimizer, epoch, run.step, run.history)
+            _save_state(ckpt_dir, run, epoch)
             if cfg.print_epochs:
                 say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
             if writer is not None:
