@@ -136,6 +136,18 @@ def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
         setattr(a, name, fix(getattr(a, name), lambda v: paths.absolute(v, paths.output_base())))
 
 
+def local_outputs(p: argparse.ArgumentParser, a: argparse.Namespace, *names: str) -> None:
+    """Outputs written to local disk only (model files for serving and export): an object-store
+    URI is refused before any work, not turned into a folder called ``s3:`` in the working directory."""
+    from dvfl import storage
+
+    for name in names:
+        value = getattr(a, name, None)
+        if value and storage.is_remote(value):
+            p.error(f"--{name.replace('_', '-')} {value}: must be a local path (this output is not written to "
+                    "object storage)")
+
+
 def announce_job_outputs(output_dir: str, log=print) -> None:
     """Under ``ray job submit``, say where the results go: not the job's temporary working copy."""
     if paths.in_job_working_dir():

@@ -70,6 +70,7 @@ def _tmp_path(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file through the rename: a shipped model is readable
     return Path(tmp)
 
 

@@ -199,4 +199,4 @@ def stream_file(pred: Predictor, path: str, window: int, stride: int, *, realtim
 def write_json(path: str, obj) -> None:
     from dvfl import storage
 
-    storage.write_json(os.path.abspath(path), obj)
+    storage.write_json(path if storage.is_remote(path) else os.path.abspath(path), obj)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 from dvfl import paths, storage
 from dvfl.config import SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config
@@ -85,7 +84,7 @@ def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
                 f"are this split's training videos). Put {SPLIT_PLACEHOLDER} in it (e.g. --set "
                 f"{name}={_example(str(value))}) or set it to null")
     template = str(tree.get("output_dir") or RunConfig().output_dir)
-    per_split = template if SPLIT_PLACEHOLDER in template else os.path.join(template, f"split{SPLIT_PLACEHOLDER}")
+    per_split = template if SPLIT_PLACEHOLDER in template else storage.join(template, f"split{SPLIT_PLACEHOLDER}")
     configs = []
     for i in ids:
         try:
@@ -147,8 +146,8 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
         "split_of_numbers": "test split of each run, evaluated once at its end",
         "runs": runs, "aggregate": aggregate(protocol, runs) if runs else {},
     }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    storage.write_json(Path(out_dir) / RESULTS_JSON, report)
+    storage.makedirs(out_dir)
+    storage.write_json(storage.join(out_dir, RESULTS_JSON), report)
     what = f"{len(ran)} of {len(protocol.ids)} {protocol.kind}s ran ({', '.join(map(str, ran))})"
     if len(ran) < len(asked):
         what += f"; {len(asked) - len(ran)} asked for not finished"
@@ -167,8 +166,8 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
     if pooled:
         md += "\nPooled top-1 (every test video of the folds that ran counted once): " + ", ".join(
             f"{STUDENT_LABELS.get(r, r)} {v:.1%}" for r, v in pooled.items()) + ".\n"
-    storage.write_text(Path(out_dir) / RESULTS_MD, md)
-    log(f"[protocol] {what}: {Path(out_dir) / RESULTS_JSON}")
+    storage.write_text(storage.join(out_dir, RESULTS_MD), md)
+    log(f"[protocol] {what}: {storage.join(out_dir, RESULTS_JSON)}")
     return report
 
 
@@ -181,8 +180,8 @@ def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], o
     report = write_results(out_dir, protocol, ids, runs, log=lambda *_: None)
     for n, (i, cfg) in enumerate(zip(ids, configs), 1):
         log(f"[protocol] {protocol.kind} {i} ({n}/{len(ids)}): clips {cfg.clips_dir}, results in {cfg.output_dir}")
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        storage.makedirs(cfg.output_dir)
+        dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
         result = pipeline.run_all(cfg, log)
         runs.append({"split": i, "output_dir": cfg.output_dir, "clips": cfg.clips_dir,
                      "models": {role: {"top1": row["top1_mean"], "top5": row["top5_mean"], "videos": row.get("videos"),

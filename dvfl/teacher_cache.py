@@ -326,8 +326,9 @@ def build_teacher_cache(
                     raise CacheMismatchError(
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
                         f"{fingerprint}; use another --out or --fresh")
-                for p in storage.listdir(logits_dir, hidden=True) + [storage.join(out, CACHE_JSON),
-                                                                     storage.join(out, BUILD_JSON)]:
+                # the finished marker first: a delete cut short must not leave it over partial logits
+                for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + storage.listdir(
+                        logits_dir, hidden=True):
                     storage.remove(p)
     storage.makedirs(logits_dir)
     remove_stale_tmp(logits_dir)

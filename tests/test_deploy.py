@@ -127,6 +127,8 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     assert (ts(g["input"][:1]) - g["logits"][:1]).abs().max() <= 1e-4
     ep = torch.export.load(str(tmp_path / "g.pt2")).module()
     assert (ep(g["input"]) - g["logits"]).abs().max() <= 1e-4
+    # world-readable, as a model a serving account loads must be (not mkstemp's owner-only 0600)
+    assert {oct((tmp_path / f).stat().st_mode & 0o777) for f in ("g.onnx", "g.ts", "g.pt2")} == {"0o644"}
 
     r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", tmp_path / "t.onnx",
                 "--clips", prepared["cfg"].clips_dir)
@@ -247,6 +249,9 @@ def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):
         r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", out, flag, value)
         assert r.returncode == 2 and f"error: {flag} " in r.stderr and says in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not out.exists()
+    # model files go to local disk only: a URI is refused, not written under ./s3:/...
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", "s3://bucket/m.onnx")
+    assert r.returncode == 2 and "--out s3://bucket/m.onnx: must be a local path" in r.stderr, r.stderr
 
 
 def test_serve_settings_from_command_line_strings(prepared):

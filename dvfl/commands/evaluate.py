@@ -46,10 +46,12 @@ def plot_confusion(confusion, classes, path: str, title: str) -> None:
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the class's videos")
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from dvfl import storage
+
+    try:  # a local temporary file renamed over the target (removed if savefig fails), or one PUT
+        storage.write_with(path, lambda target: fig.savefig(target, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,15 +127,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
               "per_class": {classes[c]: v for c, v in m["per_class"].items()}, "confusion": m["confusion"],
               "classes": classes}
     confusion = a.confusion or (os.path.splitext(a.json)[0] + ".confusion.png" if a.json else None)
+    from dvfl import storage
+
     if confusion:
-        os.makedirs(os.path.dirname(confusion) or ".", exist_ok=True)
+        storage.makedirs(storage.dirname(confusion) or ".")
         plot_confusion(m["confusion"], classes, confusion,
                        f"{os.path.basename(a.model.rstrip('/'))} on {split} ({views[0]}x{views[1]} views)")
         result["confusion_png"] = confusion
     if a.json:
-        from dvfl import storage
-
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        storage.makedirs(storage.dirname(a.json) or ".")
         storage.write_json(a.json, result)
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
     print(f"[evaluate] {a.model} on split {split} of {clips}: top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} "

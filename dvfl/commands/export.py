@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from dvfl.cli import absolute_path_args
+from dvfl.cli import absolute_path_args, local_outputs
 
 
 def real_clips(clips_dir: str, spec: dict, n: int) -> list:
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    local_outputs(p, a, "out")
     absolute_path_args(a, inputs=("model", "clips", "golden"), outputs=("out",))
     from dvfl import export as ex
     from dvfl.artifacts import load_model

@@ -9,7 +9,7 @@ the timed forwards; cuda if available, else cpu. See :mod:`dvfl.profile`.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 
 from dvfl.cli import deprecated
 
@@ -48,7 +48,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         throughput_repeats=a.throughput_repeats, device=a.device,
         threads=a.threads if a.threads is not None else available_cpus())
     print(format_profile(result), flush=True)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result.to_dict(), fh, indent=2)
+    if a.json:  # written whole (a temporary file renamed), locally or on an object store
+        from dvfl import storage
+
+        storage.write_json(a.json if storage.is_remote(a.json) else os.path.abspath(a.json), result.to_dict())
     return 0

@@ -19,7 +19,8 @@ import argparse
 import json
 import sys
 
-from dvfl.cli import absolute_path_args, add_config_args, add_num_workers, config_from_args, deprecated, uses_config
+from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, config_from_args, deprecated,
+                      local_outputs, uses_config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.test_config and not a.publish:
         p.error("--test-config records an accuracy in a published folder: give --publish too")
+    local_outputs(p, a, "publish")
     absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d", "test_config"), outputs=("out", "publish"))
     from_config = uses_config(a)
     if not from_config and not (a.clips and a.out):
@@ -100,6 +102,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             info = pipeline.ensure_clips(cfg)
         path, spec = pipeline.ensure_teacher(cfg, info)
         storage.makedirs(out)
+        storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights
         for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
             storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
         summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),

@@ -417,10 +417,10 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
 
     # -- output dir state: refuse to mix different datasets, unless --fresh
     plan_path = storage.join(out, _s.PLAN_JSON)
-    if cfg.overwrite:
-        storage.remove_tree(shard_dir)
-        for f in (_s.PLAN_JSON, _s.DATASET_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
+    if cfg.overwrite:  # the commit marker first: a delete cut short must not leave it vouching for a part
+        for f in (_s.DATASET_JSON, _s.PLAN_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
             storage.remove(storage.join(out, f))
+        storage.remove_tree(shard_dir)
     elif storage.exists(plan_path):
         old = storage.read_json(plan_path)
         if old != layout:
