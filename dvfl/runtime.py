@@ -8,6 +8,7 @@ workers starve Ray Data's read tasks.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -83,6 +84,16 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DropMatching(pattern))
 
 
+def job_env_var_keys() -> set:
+    """The variables the submitted job's runtime env sets (``ray job submit --runtime-env-json``,
+    a RayJob's ``runtimeEnvYAML``), which Ray hands its driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR``."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})) if raw else set()
+    except (ValueError, AttributeError):
+        return set()
+
+
 @contextlib.contextmanager
 def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, address: str | None = None,
                 dashboard: bool | None = None, log_to_driver: bool = True) -> Iterator[dict]:
@@ -102,8 +113,9 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
         if address:
             from dvfl.storage import worker_env
 
-            # the S3 endpoint (never credentials) reaches workers on other nodes with the job
-            env = worker_env()
+            # the S3 endpoint (never credentials) reaches workers on other nodes with the job,
+            # unless the job's own runtime env sets it: Ray refuses a key named twice
+            env = {k: v for k, v in worker_env().items() if k not in job_env_var_keys()}
             ray.init(address=address, log_to_driver=log_to_driver,
                      runtime_env={"env_vars": env} if env else None)
         else:

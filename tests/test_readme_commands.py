@@ -274,6 +274,11 @@ def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
         assert f"results: {out}" in job.stdout and f"results in {out}" in job.stdout
         report = json.loads((out / "results.json").read_text())
         assert set(report["models"]) == {"teacher", "dvfl"}
+        # a job whose runtime env sets the S3 endpoint (as a user's would): the driver does not name
+        # it again for its workers (Ray refuses a key set twice: "Failed to merge the Job's runtime env")
+        job_env = ["--runtime-env-json", json.dumps({"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}})]
+        at = submit.index("submit") + 1
+        submit = submit[:at] + job_env + submit[at:]
         again = submit_job(env)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert "[dvfl s0] reusing" in again.stdout and "[dvfl s0] training" not in again.stdout
