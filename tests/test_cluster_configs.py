@@ -131,8 +131,18 @@ def _entrypoint(doc, fn):
     # the config's own relative path: resolved in the job's temporary directory on the head pod
     (lambda d: _entrypoint(d, lambda e: e.replace(" --set data.clips=/data/ucf101_s1", "")),
      ("spec.entrypoint", "data.clips is 'data/ucf101_s1' (relative")),
-    (lambda d: _entrypoint(d, lambda e: e.replace("--output-dir /data/runs/ucf101_base", "--output-dir runs/x")),
+    (lambda d: _entrypoint(d, lambda e: e.replace("--out /data/runs/ucf101_base", "--out runs/x")),
      ("output_dir is 'runs/x' (relative",)),
+    # the same with the flags' other spellings
+    (lambda d: _entrypoint(d, lambda e: e.replace("--out /data/runs/ucf101_base", "--output-dir=runs/x")),
+     ("output_dir is 'runs/x' (relative",)),
+    (lambda d: _entrypoint(d, lambda e: e.replace("--set data.clips=/data/ucf101_s1", "--clips=data/c")),
+     ("data.clips is 'data/c' (relative",)),
+    # no --config: the embedded default, whose output_dir is relative
+    (lambda d: _entrypoint(d, lambda e: "python /home/ray/dvfl/pipelines/distill.py"),
+     ("output_dir is 'runs/embedded' (relative, from configs/embedded.yaml",)),
+    (lambda d: _entrypoint(d, lambda e: "python /home/ray/dvfl/tuning/search.py --out runs/t"),
+     ("output_dir is 'runs/t' (relative, from configs/tune_embedded.yaml",)),
     # absolute, but on the head pod's own disk
     (lambda d: _entrypoint(d, lambda e: e.replace("teacher.cache=/data/", "teacher.cache=/tmp/")),
      ("teacher.cache is '/tmp/ucf101_s1_cache': not on a volume",)),
@@ -140,7 +150,8 @@ def _entrypoint(doc, fn):
     (lambda d: _set(d, lambda d: _ray_container(_group(d, "gpu-workers")).update(
         volumeMounts=[m for m in _ray_container(_group(d, "gpu-workers"))["volumeMounts"] if m["name"] != "data"])),
      ("data.clips is '/data/ucf101_s1': not on a volume",)),
-], ids=["config_relative_path", "relative_output_dir", "path_off_the_volume", "volume_not_on_every_group"])
+], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
+        "embedded_default", "embedded_search", "path_off_the_volume", "volume_not_on_every_group"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)
@@ -172,6 +183,8 @@ def test_dockerfile_builds_what_the_configs_expect(breakage, fragments):
     for path in ALL_FILES:
         for image in set(__import__("re").findall(r"image: (\S+)", path.read_text())):
             assert cv.project_image_error(image) is None, (path, image)
+            # pinned by digest as well as tag: still the project image
+            assert cv.project_image_error(image + "@sha256:" + "0" * 64) is None, image
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,6 +277,23 @@ LAUNCHER_BREAKAGES = {
             {"FromPort": 6379, "ToPort": 10001, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
         ("policy", "opens Ray port(s) 6379, 8265, 10001, 8076 to 10.0.0.0/8"),
     ),
+    # sources that are not address ranges: a managed prefix list, another security group
+    "ray_ports_open_to_a_prefix_list": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 6379, "ToPort": 6379, "IpProtocol": "tcp", "PrefixListIds": [{"PrefixListId": "pl-0a1b"}]}])),
+        ("policy", "opens Ray port(s) 6379 to prefix list pl-0a1b"),
+    ),
+    "worker_ports_open_to_another_group": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 10002, "ToPort": 19999, "IpProtocol": "tcp", "UserIdGroupPairs": [{"GroupId": "sg-0bad"}]}])),
+        ("policy", "opens Ray port(s) 10002-19999 to security group sg-0bad"),
+    ),
+    # no image at all: Ray's default runs the nodes on the bare VM image
+    "no_container_image": (
+        lambda c: _set(c, lambda c: [c.pop("docker", None)]
+                       + [nt.pop("docker", None) for nt in c["available_node_types"].values()]),
+        ("policy", "no container image"),
+    ),
     "credential_in_setup_commands": (
         lambda c: _set(c, lambda c: c["setup_commands"].append(
             "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY")),
@@ -332,6 +362,11 @@ def _ray_container(group: dict) -> dict:
 
 
 KUBERAY_BREAKAGES = {
+    # Ray's ports on the node's own address, outside the cluster's Service
+    "head_on_host_network": (
+        lambda d: _set(d, lambda d: _head(d)["template"]["spec"].update(hostNetwork=True)),
+        ("policy", "hostNetwork", "the node's own address"),
+    ),
     # the API server would silently prune it and the group would get the default maxReplicas
     "typo_maxReplica": (
         lambda d: _set(d, lambda d: _group(d, "gpu-workers").update(maxReplica=_group(d, "gpu-workers").pop("maxReplicas"))),

@@ -317,17 +317,20 @@ def _auth_errors(prepared: dict) -> list[str]:
     return out
 
 
-# GCS, dashboard, Ray Client (runs arbitrary code), object manager (as the launcher configs set it)
-RAY_PORTS = (6379, 8265, 10001, 8076)
+# GCS, dashboard, Ray Client (runs arbitrary code), object manager (as the launcher configs set it),
+# dashboard agent; and Ray's default worker port range
+RAY_PORTS = (6379, 8265, 10001, 8076, 52365)
+WORKER_PORTS = (10002, 19999)
 
 
-def _ray_ports_in(rule: dict) -> list[int]:
+def _ray_ports_in(rule: dict) -> list:
     if rule.get("IpProtocol") in ("-1", -1, "all"):
-        return list(RAY_PORTS)
+        return [*RAY_PORTS, "{}-{}".format(*WORKER_PORTS)]
     lo, hi = rule.get("FromPort"), rule.get("ToPort")
     if not (_is_plain_int(lo) and _is_plain_int(hi)):
         return []
-    return [p for p in RAY_PORTS if lo <= p <= hi]
+    workers = ["{}-{}".format(*WORKER_PORTS)] if lo <= WORKER_PORTS[1] and hi >= WORKER_PORTS[0] else []
+    return [p for p in RAY_PORTS if lo <= p <= hi] + workers
 
 
 def _security_group_errors(config: dict) -> list[str]:
@@ -338,6 +341,11 @@ def _security_group_errors(config: dict) -> list[str]:
             continue
         cidrs = [r.get("CidrIp") for r in _as_list(rule.get("IpRanges")) if isinstance(r, dict)]
         cidrs += [r.get("CidrIpv6") for r in _as_list(rule.get("Ipv6Ranges")) if isinstance(r, dict)]
+        # a managed prefix list or another security group is a source outside the cluster as well
+        cidrs += [f"prefix list {r.get('PrefixListId')}" for r in _as_list(rule.get("PrefixListIds"))
+                  if isinstance(r, dict)]
+        cidrs += [f"security group {r.get('GroupId') or r.get('GroupName')}"
+                  for r in _as_list(rule.get("UserIdGroupPairs")) if isinstance(r, dict)]
         if not WORLD_CIDRS.intersection(cidrs):
             # a network range (the VPC, an office): still not the cluster's own nodes, which reach
             # each other through the group's self rule that `ray up` adds
@@ -386,7 +394,8 @@ def project_image_error(image: Any) -> str | None:
     """Why ``image`` is not the project image of the pinned Ray version (None when it is)."""
     if not isinstance(image, str):
         return None  # the schema reports the type
-    name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+    image_ref = image.split("@", 1)[0]  # a digest pin (...@sha256:...) keeps the tag before it
+    name, _, tag = image_ref.rpartition(":") if ":" in image_ref.rsplit("/", 1)[-1] else (image_ref, "", "latest")
     if name.rsplit("/", 1)[-1] != PROJECT_IMAGE_NAME:
         return (f"{image}: not the project image (docker/Dockerfile, <registry>/{PROJECT_IMAGE_NAME}:<version>-"
                 f"ray{PINNED_RAY_VERSION}-py311[-gpu]); a stock image would install the project and torch at "
@@ -434,6 +443,16 @@ def _image_errors(prepared: dict) -> list[str]:
     """Every node runs the project image, and nothing is pip-installed when a node starts."""
     out = []
     docker = _as_mapping(prepared.get("docker"))
+    head_type = prepared.get("head_node_type")
+    for name, nt in _as_mapping(prepared.get("available_node_types")).items():
+        # a node without an image runs on the bare VM and would install the project at every start
+        own = _as_mapping(_as_mapping(nt).get("docker"))
+        role = "head_image" if name == head_type else "worker_image"
+        if not (docker.get("image") or docker.get(role) or own.get(role) or own.get("image")):
+            out.append(_error_line("policy", ("available_node_types", name),
+                                   f"no container image (docker.image or {role}): every node runs the project "
+                                   f"image (docker/Dockerfile, <registry>/{PROJECT_IMAGE_NAME}:<version>-"
+                                   f"ray{PINNED_RAY_VERSION}-py311[-gpu])"))
     for key in ("image", "head_image", "worker_image"):
         why = project_image_error(docker.get(key)) if key in docker else None
         if why:
@@ -770,7 +789,17 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
     for rname, value in _as_mapping(group.get("resources")).items():
         if rname != "memory":
             out += _whole_quantity_errors(value, where + ("resources", rname), f"resource {rname}")
-    containers = _as_list(_as_mapping(_as_mapping(group.get("template")).get("spec")).get("containers"))
+    pod = _as_mapping(_as_mapping(group.get("template")).get("spec"))
+    if pod.get("hostNetwork") is True:  # Ray's ports on the node's own address, outside the Service
+        out.append(_error_line("policy", where + ("template", "spec", "hostNetwork"),
+                               "true: the GCS, Ray Client and dashboard ports would listen on the node's own "
+                               "address, reachable from the whole network"))
+    for i, c in enumerate(_as_list(pod.get("containers"))):
+        for j, port in enumerate(_as_list(_as_mapping(c).get("ports"))):
+            if isinstance(port, dict) and port.get("hostPort"):
+                out.append(_error_line("policy", where + ("template", "spec", "containers", i, "ports", j, "hostPort"),
+                                       f"{port['hostPort']}: a host port puts a Ray port on the node's own address"))
+    containers = _as_list(pod.get("containers"))
     if containers and isinstance(containers[0], dict):  # the Ray container is the first one
         for section in ("limits", "requests"):
             for rname, value in _as_mapping(_as_mapping(containers[0].get("resources")).get(section)).items():
@@ -896,6 +925,9 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
 
 
 # Every path field of a run config (dvfl.config.RunConfig.resolve_paths)
+# the entry points' path flags (distill, tune: --out is the run's output_dir) and the fields they set
+ENTRYPOINT_PATH_FLAGS = {"--out": "output_dir", "--output-dir": "output_dir", "--clips": "data.clips",
+                         "--teacher": "teacher.path", "--unlabeled": "data.unlabeled"}
 JOB_PATH_FIELDS = ("output_dir", "data.root", "data.clips", "data.unlabeled", "teacher.path", "teacher.cache",
                    "student.checkpoint", "student.init_2d", "teacher.train.checkpoint", "teacher.train.init_2d")
 
@@ -914,7 +946,8 @@ def _shared_mounts(spec: dict) -> set[str]:
 
 def job_config_path_errors(doc: dict) -> list[str]:
     """A RayJob's run config (``--config`` of the entrypoint, this checkout's copy, with the
-    entrypoint's ``--set``/``--output-dir``) names every path as a URI or an absolute path on a
+    entrypoint's ``--set`` and path flags: ``--out``, ``--clips``, ...; without ``--config`` the
+    command's default) names every path as a URI or an absolute path on a
     volume that the head and every worker group mount: a relative path would resolve in the job's
     temporary working directory on the head pod, which no worker sees and which goes with the
     cluster. Offline: the config is read, never checked against a filesystem or bucket."""
@@ -931,27 +964,38 @@ def job_config_path_errors(doc: dict) -> list[str]:
         argv = shlex.split(entry)
     except ValueError as e:
         return [_error_line("policy", where, f"cannot be split into arguments: {e}")]
-    config, overrides = None, []
-    for i, a in enumerate(argv):
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if a == "--config" and nxt:
-            config = nxt
-        elif a.startswith("--config="):
-            config = a.split("=", 1)[1]
-        elif a == "--set" and nxt:
-            overrides.append(nxt)
-        elif a == "--output-dir" and nxt:
-            overrides.append(f"output_dir={nxt}")
-    if config is None:
-        return []  # the embedded default: no data paths to check
-    rel = config[len(PROJECT_DIR_IN_IMAGE) + 1:] if config.startswith(PROJECT_DIR_IN_IMAGE + "/") else config
+    search = any(arg.endswith("tuning/search.py") for arg in argv)
+    config_flags = ("--search", "--config") if search else ("--config",)
+    config, overrides, args = None, [], list(argv)
+    while args:
+        flag, eq, inline = args.pop(0).partition("=")  # --flag value, or --flag=value
+        if flag not in (*config_flags, "--set", *ENTRYPOINT_PATH_FLAGS):
+            continue
+        value = inline if eq else (args.pop(0) if args else None)
+        if value is None:
+            continue
+        if flag in config_flags:
+            config = value
+        elif flag == "--set":
+            overrides.append(value)
+        else:
+            overrides.append(f"{ENTRYPOINT_PATH_FLAGS[flag]}={value}")
+    # no --config: the command's default (the embedded run config, or the embedded search's)
+    rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else (
+        config[len(PROJECT_DIR_IN_IMAGE) + 1:] if config.startswith(PROJECT_DIR_IN_IMAGE + "/") else config)
     if os.path.isabs(rel):
         return [_error_line("policy", where, f"--config {config}: not a file of this project (under "
                      f"{PROJECT_DIR_IN_IMAGE} in the image), so it cannot be checked")]
     try:
-        cfg = build_config(config_tree(REPO_ROOT / rel, [parse_override(o) for o in overrides])).expand_split()
-    except (ConfigError, ValueError) as e:
-        return [_error_line("policy", where, f"--config {config}: {e}")]
+        parsed = [parse_override(o) for o in overrides]
+        run_path = REPO_ROOT / rel
+        if search:  # the search's run config with its own `set:` (read as written: paths stay relative)
+            tune_tree = yaml.safe_load(run_path.read_text()) or {}
+            run_path = run_path.parent / (tune_tree.get("run_config") or "embedded.yaml")
+            parsed = [*(tune_tree.get("set") or {}).items(), *[(k, v) for k, v in parsed if not k.startswith("tune.")]]
+        cfg = build_config(config_tree(run_path, parsed)).expand_split()
+    except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
+        return [_error_line("policy", where, f"--config {config or rel}: {e}")]
     mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
     out = []
     for name in JOB_PATH_FIELDS:
