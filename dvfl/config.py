@@ -348,6 +348,10 @@ class RunConfig:
             fail("data.synthetic.label_noise", f"must be in [0, 1), got {self.data.synthetic.label_noise!r}")
         if not 0 <= self.data.synthetic.luma_contrast <= 127:
             fail("data.synthetic.luma_contrast", f"must be in [0, 127], got {self.data.synthetic.luma_contrast!r}")
+        if self.data.dataset == "synthetic" and self.data.synthetic.frames < self.data.frames:
+            # else every generated video would be rejected as too short, after minutes of generation
+            fail("data.synthetic.frames", f"({self.data.synthetic.frames}) must be >= data.frames "
+                 f"({self.data.frames}), the frames of a clip")
         if self.data.synthetic.background not in ("textured", "plain"):
             fail("data.synthetic.background", f"must be textured or plain, got {self.data.synthetic.background!r}")
         if not 0 <= self.data.teacher_pool < 1:

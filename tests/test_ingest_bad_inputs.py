@@ -244,6 +244,28 @@ def test_a_decoder_killed_mid_file_is_retried_once_then_rejected(bad_dataset, tm
         proc.close()
 
 
+def test_a_child_that_never_says_hello_is_killed_not_read_out_of_step(bad_dataset, monkeypatch):
+    """A decode child whose hello does not come in time is killed: the job gets a decoder_crash
+    with the reason, and the next job, in a fresh child, gets its own video's clips (a late hello
+    read as a result would have shifted every later video's clips onto the next one's id)."""
+    from dvfl.data import worker
+
+    good = os.path.join(bad_dataset, "A/v_A_g08_c01.mp4")
+    proc = DecodeProcess()
+    try:
+        monkeypatch.setattr(worker, "_START_TIMEOUT", 0.0)  # no child can say hello in no time
+        r = proc.run(dict(JOB, path=good), timeout=60)
+        assert not r["ok"] and r["reason"] == "decoder_crash" and "no hello" in r["detail"], r
+        assert proc.proc is None  # killed, not left to answer later
+        monkeypatch.setattr(worker, "_START_TIMEOUT", 60.0)
+        first = proc.run(dict(JOB, path=good), timeout=60)
+        again = proc.run(dict(JOB, path=good), timeout=60)  # the same job: the same clips, in step
+        assert first["ok"] and again["ok"] and first["views"][0][3].shape == (8, 16, 20, 3)
+        assert (first["views"][0][3] == again["views"][0][3]).all()
+    finally:
+        proc.close()
+
+
 def test_a_test_video_in_the_unlabelled_pool_is_caught(tmp_path, ray_local):
     """The same bytes under two ids: a test video copied into the unlabelled pool, and a training
     video that is also a test video. The training-side copies are rejected naming both ids; the

@@ -33,6 +33,7 @@ from dvfl.cli import main as dvfl_main  # noqa: E402
     (["--dataset", "hmdb", "--root", ".", "--out", "o"], "--dataset"),
     # the folder, dvfl-csv and ucf50 adapters find videos under --root: every entry would be "missing"
     (["--dataset", "folder", "--root", ".", "--videos-dir", ".", "--out", "o"], "--videos-dir is not used"),
+    (["--dataset", "synthetic", "--out", "o", "--frames", "32"], "--video-frames 16 is fewer than a clip needs"),
 ])
 def test_bad_flags_fail_fast_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -227,6 +227,7 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     (("seeds", [0, 0]), "seeds"),  # one seed twice: one run reported as two
     (("max_failures", -1), "max_failures"),
     (("data.val_split", "test"), "data.val_split"),  # choices would read the split reported once
+    (("data.frames", 32), "data.synthetic.frames"),  # 16-frame generated videos: every one too short
 ])
 def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
     from dvfl.config import ConfigError

@@ -120,6 +120,10 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bad(f"{flag} must be >= {lo}, got {v}")
     if a.video_size % 2:
         bad(f"--video-size must be even (H.264 yuv420p), got {a.video_size}")
+    if a.dataset == "synthetic" and a.video_frames is not None and a.video_frames < (a.min_frames or a.frames):
+        # else every generated video is rejected as too_short, after minutes of generation
+        bad(f"--video-frames {a.video_frames} is fewer than a clip needs (--min-frames, default --frames: "
+            f"{a.min_frames or a.frames})")
     if a.synthetic_classes > 36:
         bad("--synthetic-classes must be <= 36")
     if not a.timeout_per_file > 0:

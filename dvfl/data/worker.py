@@ -57,7 +57,10 @@ class DecodeProcess:
             pass
         try:
             hello = self._read_frame(time.monotonic() + _START_TIMEOUT)
-        except (TimeoutError, EOFError, OSError) as e:  # the job write/read that follows reports it
+        except (TimeoutError, EOFError, OSError) as e:
+            # killed: a late hello would otherwise be read as the next job's result, and every
+            # video after it would get the clips of the one before
+            self.kill()
             hello = {"net_isolated": False, "detail": f"no hello from the decode child: {type(e).__name__}"}
         self.net_isolated, self.net_detail = bool(hello["net_isolated"]), hello.get("detail", "")
 
@@ -112,6 +115,8 @@ class DecodeProcess:
             self.proc = None
             self._start()
             global _warned_network
+            if self.proc is None:  # it never said hello (killed above): this job gets no decoder
+                return {"ok": False, "reason": decode.DECODER_CRASH, "detail": self.net_detail}
             if not self.net_isolated and not _warned_network:  # (into this Ray worker's log)
                 _warned_network = True
                 print(f"[decode] note: {network_note(self.net_detail)}", file=sys.stderr, flush=True)
