@@ -77,7 +77,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
     return model, spec
 
 
-def load_model_for(path: str | os.PathLike, name: str | None, num_classes: int, num_frames: int) -> tuple[nn.Module, dict]:
+def load_model_for(path: str | os.PathLike, name: str | None, num_classes: int,
+                   num_frames: int) -> tuple[nn.Module, dict]:
     """A model folder as it was saved, or a checkpoint file built for a dataset's classes and frames
     (a file carries no spec: without them timm's defaults, 1,000 classes, would be built)."""
     path = os.fspath(path)

@@ -262,5 +262,5 @@ def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
     return [x]
 
 
-__all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "replaceable_folder", "timm_config", "model_card",
-           "ExportMismatch", "GoldenFileError", "TOLERANCE", "FORMATS"]
+__all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "replaceable_folder",
+           "timm_config", "model_card", "ExportMismatch", "GoldenFileError", "TOLERANCE", "FORMATS"]

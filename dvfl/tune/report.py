@@ -187,7 +187,8 @@ def front_table(spread: list[dict]) -> str:
         per_seed = ", ".join(f"{v:.1%} (seed {k})" for k, v in r["top1_by_seed"].items())
         lines.append("| " + " | ".join([
             r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
-            f"{r['gmacs']:.4f}", f"{r['best_top1']:.1%} (seed {r.get('seed')}, {r['epochs_run']}/{r['max_epochs']} epochs)",
+            f"{r['gmacs']:.4f}",
+            f"{r['best_top1']:.1%} (seed {r.get('seed')}, {r['epochs_run']}/{r['max_epochs']} epochs)",
             per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}"]) + " |")
     return "\n".join(lines)
 
