@@ -95,7 +95,7 @@ def test_model_identity_changes_with_the_carve(prepared, monkeypatch, tmp_path):
         raise Stop
 
     monkeypatch.setattr(pipeline, "train_model", capture)
-    for extra in ([], [("data.val_fraction", 0.3)], [("data.val_seed", 1)], [("data.val_split", "test")]):
+    for extra in ([], [("data.val_fraction", 0.3)], [("data.val_seed", 1)], [("data.val_split", "train")]):
         cfg = tiny_config(tmp_path, [("data.clips", prepared["cfg"].clips_dir), *extra])
         for call in (lambda: pipeline.ensure_teacher(cfg, prepared["info"]),
                      lambda: pipeline.train_student(cfg, prepared["info"], {"mode": "none"}, 0)):

@@ -193,7 +193,7 @@ def test_reports_are_written_atomically_and_synced(tmp_path, monkeypatch):
     from dvfl.tune import load_tune_config, write_results
 
     # a named validation split: a report needs no clips to look for a hold-out in
-    cfg = load_config(None, [("output_dir", str(tmp_path / "run")), ("data.val_split", "test")])
+    cfg = load_config(None, [("output_dir", str(tmp_path / "run")), ("data.val_split", "train")])
     os.makedirs(cfg.output_dir)
     row = {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "history": [], "split": "test"}
     published = _spy_writes(monkeypatch)
