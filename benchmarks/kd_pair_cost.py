@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per clip: the embedded default's student training step vs its teacher's forward (issue 21).
 
-    python benchmarks/kd_pair_cost.py [--rounds 5] [--batch-sizes 16 64] [--threads 1] [--out PATH]
+    python benchmarks/kd_pair_cost.py [--rounds 5] [--batch-sizes 16 64] [--threads 1] [--widths 4 8 16] [--out PATH]
 
 A Tune trial's epoch from the teacher-logit cache costs the student's training steps; with the
 teacher in the loop it costs those plus the teacher's forward on the same clips. So
@@ -33,16 +33,17 @@ import torch  # noqa: E402
 from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
 
 RESULTS = os.path.join(_HERE, "results", "kd_pair_cost.json")
+RESULTS_WIDTHS = os.path.join(_HERE, "results", "kd_pair_cost_widths.json")
 
 
-def build(batch: int):
+def build(batch: int, width: int | None = None):
     from dvfl.artifacts import load_model
     from dvfl.config import load_config
     from dvfl.losses import distillation_loss
     from dvfl.models import build_model
     from dvfl.train.loop import amp_dtype, make_optimizer
 
-    cfg = load_config(None)
+    cfg = load_config(None, [("student.embed_dim", width)] if width else ())
     teacher, spec = load_model(os.path.join(_ROOT, cfg.teacher.path))
     teacher.eval()
     num_classes = len(spec.get("classes") or []) or cfg.data.synthetic.num_classes
@@ -90,42 +91,54 @@ def main() -> dict:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Tune trial's: 1)")
     ap.add_argument("--clips-per-round", type=int, default=128, help="clips timed per model per round")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--widths", type=int, nargs="+", default=None,
+                    help="student widths to time (default: the embedded student's; the search grids 4 8 16)")
+    ap.add_argument("--out", help="results file (default: kd_pair_cost.json, kd_pair_cost_widths.json with --widths)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     res = {"machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                        "loadavg_at_start": os.getloadavg()},
-           "threads": a.threads, "rounds": a.rounds, "by_batch": {}}
-    for batch in a.batch_sizes:
-        student_step, teacher_forward, info = build(batch)
-        res.update(info)
-        steps = max(1, a.clips_per_round // batch)
-        for _ in range(2):  # warm-up: allocator, oneDNN primitives
-            student_step()
-            teacher_forward()
-        rows = []
-        for _ in range(a.rounds):
-            s_ms = time_per_clip(student_step, batch, steps)
-            t_ms = time_per_clip(teacher_forward, batch, steps)
-            rows.append({"student_step_ms_per_clip": s_ms, "teacher_forward_ms_per_clip": t_ms,
-                         "epoch_ratio_bound": 1 + t_ms / s_ms})
-        summary = {}
-        for key in ("student_step_ms_per_clip", "teacher_forward_ms_per_clip", "epoch_ratio_bound"):
-            v = [r[key] for r in rows]
-            summary[key] = {"median": statistics.median(v), "min": min(v), "max": max(v)}
-        res["by_batch"][str(batch)] = {"rounds": rows, **summary}
+           "threads": a.threads, "rounds": a.rounds}
+    tables = {}
+    for width in a.widths or [None]:
+        by_batch = {}
+        for batch in a.batch_sizes:
+            student_step, teacher_forward, info = build(batch, width)
+            res.update({k: v for k, v in info.items() if k != "student"} if a.widths else info)
+            steps = max(1, a.clips_per_round // batch)
+            for _ in range(2):  # warm-up: allocator, oneDNN primitives
+                student_step()
+                teacher_forward()
+            rows = []
+            for _ in range(a.rounds):
+                s_ms = time_per_clip(student_step, batch, steps)
+                t_ms = time_per_clip(teacher_forward, batch, steps)
+                rows.append({"student_step_ms_per_clip": s_ms, "teacher_forward_ms_per_clip": t_ms,
+                             "epoch_ratio_bound": 1 + t_ms / s_ms})
+            summary = {}
+            for key in ("student_step_ms_per_clip", "teacher_forward_ms_per_clip", "epoch_ratio_bound"):
+                v = [r[key] for r in rows]
+                summary[key] = {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            by_batch[str(batch)] = {"rounds": rows, **summary}
+        tables[info["student"]["embed_dim"]] = by_batch
+    if a.widths:
+        res["by_width"] = {str(w): {"by_batch": t} for w, t in tables.items()}
+    else:
+        res["by_batch"] = next(iter(tables.values()))
     res["machine"]["loadavg_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
+    out = a.out or (RESULTS_WIDTHS if a.widths else RESULTS)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"\nembedded student step vs teacher forward, per clip ({res['machine']['cpu']}, {a.threads} thread(s), "
           f"{a.rounds} interleaved rounds; median [min-max])")
-    print(f"{'batch':>6} {'student step ms':>22} {'teacher forward ms':>22} {'1 + teacher/student':>24}")
-    for batch, r in res["by_batch"].items():
-        cells = [f"{r[k]['median']:.2f} [{r[k]['min']:.2f}-{r[k]['max']:.2f}]"
-                 for k in ("student_step_ms_per_clip", "teacher_forward_ms_per_clip", "epoch_ratio_bound")]
-        print(f"{batch:>6} {cells[0]:>22} {cells[1]:>22} {cells[2]:>24}")
-    print(f"wrote {a.out}")
+    print(f"{'width':>6} {'batch':>6} {'student step ms':>22} {'teacher forward ms':>22} {'1 + teacher/student':>24}")
+    for width, by_batch in tables.items():
+        for batch, r in by_batch.items():
+            cells = [f"{r[k]['median']:.2f} [{r[k]['min']:.2f}-{r[k]['max']:.2f}]"
+                     for k in ("student_step_ms_per_clip", "teacher_forward_ms_per_clip", "epoch_ratio_bound")]
+            print(f"{width:>6} {batch:>6} {cells[0]:>22} {cells[1]:>22} {cells[2]:>24}")
+    print(f"wrote {out}")
     return res
 
 
