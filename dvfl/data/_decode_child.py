@@ -72,7 +72,8 @@ def main() -> None:
     _send(out, {"net_isolated": not why_not, "detail": why_not})  # the hello frame
     import decode  # noqa: E402  (sibling module, imported top-level)
 
-    # ffmpeg/decord print to fd 2; keep it (it goes to the worker log), but never to stdout.
+    # ffmpeg/decord print to fd 2, never to stdout (the frames' pipe); the parent points fd 2 at
+    # /dev/null (FFmpeg's warnings on every bad upload would fill the terminal via Ray's log forwarding)
     while True:
         hdr = inp.read(8)
         if len(hdr) < 8:
