@@ -627,11 +627,10 @@ def _kuberay_crd_schema_cached(kind: str, crd_dir: str) -> dict:
     except (OSError, ValueError):
         pass
     schema = _strict_crd_schema(kind, yaml.load(crd_bytes, Loader=_YAML_LOADER))
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(schema), encoding="utf-8")
-        os.replace(tmp, cache)
+    try:  # written whole (a temporary file renamed, removed if the write fails)
+        from dvfl import storage
+
+        storage.write_json(str(cache), schema)
     except OSError:
         pass  # read-only home: just no cache
     return schema
