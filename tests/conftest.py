@@ -183,8 +183,10 @@ def moving_frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8, codec: str = "libx264",
-                seed: int = 0) -> str:
-    """Encode a real video file with PyAV. Containers from the extension (mp4, avi, webm, mkv)."""
+                seed: int = 0, rotation: int = 0) -> str:
+    """Encode a real video file with PyAV. Containers from the extension (mp4, avi, webm, mkv);
+    ``rotation``: a display rotation in the container (counter-clockwise degrees, FFmpeg's
+    convention; a phone's portrait video has -90), the frames stored as given."""
     import fractions
 
     import av
@@ -196,6 +198,8 @@ def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8
         st = c.add_stream(codec, rate=rate)
         st.width, st.height = w, h
         st.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if rotation:
+            st.set_display_rotation(rotation)
         if codec == "libx264":
             st.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
         for f in frames:
@@ -224,7 +228,7 @@ def make_videos(specs) -> None:
 
 @pytest.fixture(scope="session")
 def video_factory():
-    """``video_factory(path, n=12, h=32, w=32, fps=8, codec="libx264", seed=0) -> path`` (subprocess)."""
+    """``video_factory(path, n=12, h=32, w=32, fps=8, codec="libx264", seed=0, rotation=0) -> path`` (subprocess)."""
     def make(path, **kw):
         make_videos([(path, kw)])
         return path

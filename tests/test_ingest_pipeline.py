@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -132,10 +133,49 @@ def test_codecs_containers_odd_sizes_and_rates(tmp_path, video_factory, ray_loca
         assert src.shape[1:3] == (kw["h"], kw["w"])
         # the size the FFmpeg scaler is told about: MP4/MOV from the sample entry, others via PyAV
         assert D.coded_size(str(root / r["path"])) == (kw["h"], kw["w"])
-        mp4_size = D.mp4_video_size(str(root / r["path"]))
-        assert mp4_size == ((kw["h"], kw["w"]) if r["path"].endswith((".mp4", ".mov")) else None)
+        mp4_track = D.mp4_video_track(str(root / r["path"]))
+        assert mp4_track == ((kw["h"], kw["w"], 0) if r["path"].endswith((".mp4", ".mov")) else None)
         # resized in FFmpeg for every codec, and a faithful resize (PIL for comparison)
         assert np.abs(SH.decode_frames(r).astype(int) - D.resize_frames(src, h, w)).mean() < 6, vid
+
+
+def test_phone_videos_are_turned_upright(tmp_path, ray_local):
+    """A phone's portrait video is stored landscape with a display rotation in the track matrix;
+    decord decodes it as stored. The clips must be what a player shows (FFmpeg's convention,
+    checked against PyAV's reading of the same files), for MP4 and MOV, with and without the
+    resize inside FFmpeg."""
+    import av
+
+    from conftest import make_videos
+
+    root = tmp_path / "phone"
+    # FFmpeg's counter-clockwise degrees as written -> the turn the clips get (np.rot90's k, counter-clockwise)
+    turns = {0: 0, 90: 1, -90: 3, 180: 2}
+    specs = [(f"c/{ext}_r{deg}.{ext}", dict(h=24, w=40, n=10, fps=8, rotation=deg, seed=3))
+             for deg in turns for ext in ("mp4", "mov")]
+    make_videos([(str(root / p), kw) for p, kw in specs])
+    for p, kw in specs:
+        with av.open(str(root / p)) as c:  # FFmpeg's own reading of the display matrix
+            assert next(c.decode(video=0)).rotation % 360 == kw["rotation"] % 360
+        assert D.mp4_video_track(str(root / p)) == (24, 40, kw["rotation"] % 360)
+    m = A.folder(str(root))
+    for short_side in (0, 20):
+        out = str(tmp_path / f"out{short_side}")
+        s = ingest(m, IngestConfig(out=out, frames=4, clips_per_video=1, short_side=short_side), log=None)
+        assert s["rejected"] == 0 and s["written_videos"] == len(specs)
+        for r in SH.read_clips_table(out).to_pylist():
+            deg = int(re.search(r"_r(-?\d+)\.", r["path"]).group(1))
+            stored = D._decode_stored(str(root / r["path"]), np.array(r["frame_indices"]))  # PyAV: as stored
+            assert stored.shape[1:3] == (24, 40)
+            h, w = S.resized_hw(24, 40, short_side)
+            want = np.rot90(D.resize_frames(stored, h, w), turns[deg], axes=(1, 2))
+            got = SH.decode_frames(r)
+            assert (r["height"], r["width"]) == want.shape[1:3] == got.shape[1:3], r["video_id"]
+            assert np.abs(got.astype(int) - want).mean() < 6, r["video_id"]
+            # and not any other turn: the red corner lands where the player shows it
+            others = [np.abs(got.astype(int) - np.rot90(D.resize_frames(stored, h, w), k, axes=(1, 2))).mean()
+                      for k in range(4) if k != turns[deg] and np.rot90(stored, k, axes=(1, 2)).shape == want.shape]
+            assert all(o > 10 for o in others), (r["video_id"], others)
 
 
 def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):

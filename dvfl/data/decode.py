@@ -8,7 +8,8 @@ the process on a bad file; the parent kills the child on a time limit.
 This module is imported both as ``dvfl.data.decode`` and as a top-level module
 ``decode`` by ``_decode_child.py`` (which avoids importing the heavy ``dvfl``
 package, whose ``__init__`` imports torch). Keep its imports to stdlib, numpy,
-PIL, decord, PyAV (headers only) and the sibling :mod:`sampling`.
+PIL, decord, PyAV (headers, and the frames of a turned video that decord refuses) and the
+sibling :mod:`sampling`.
 """
 from __future__ import annotations
 
@@ -207,11 +208,15 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 def coded_size(path: str) -> Optional[Tuple[int, int]]:
     """``(height, width)`` of the first video stream from the container headers, or ``None``
     when it cannot be read (the caller then resizes after decoding). MP4/MOV: the sample entry
-    of the first video track (:func:`mp4_video_size`, cheap); other containers: PyAV, whose
+    of the first video track (:func:`mp4_video_track`, cheap); other containers: PyAV, whose
     open probes the streams (costly next to a small clip's decode; docs/ingest.md)."""
-    size = mp4_video_size(path)
-    if size is not None:
-        return size
+    track = mp4_video_track(path)
+    if track is not None:
+        return track[0], track[1]
+    return _pyav_size(path)
+
+
+def _pyav_size(path: str) -> Optional[Tuple[int, int]]:
     try:
         import av
 
@@ -241,36 +246,73 @@ def _iter_boxes(buf: bytes, start: int, end: int):
         pos += size
 
 
-def mp4_video_size(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int]]:
-    """``(height, width)`` from the first video track's sample entry (``moov/trak/mdia/minf/
-    stbl/stsd``) of an MP4/MOV file: the size FFmpeg decodes to (cropped, before aspect
-    correction), read without the probing PyAV does on open. ``None`` if not MP4 or unreadable."""
-    try:
-        fsize = os.path.getsize(path)
-        with open(path, "rb") as f:
-            pos, moov = 0, None
-            while pos + 8 <= fsize and moov is None:
-                f.seek(pos)
-                hdr = f.read(16)
-                size, kind = struct.unpack(">I4s", hdr[:8])
-                if size == 1:
-                    size = struct.unpack(">Q", hdr[8:16])[0]
-                elif size == 0:
-                    size = fsize - pos
-                if size < 8:
+def _read_moov(path: str, max_moov: int) -> Optional[bytes]:
+    fsize = os.path.getsize(path)
+    with open(path, "rb") as f:
+        pos = 0
+        while pos + 8 <= fsize:
+            f.seek(pos)
+            hdr = f.read(16)
+            size, kind = struct.unpack(">I4s", hdr[:8])
+            if size == 1:
+                size = struct.unpack(">Q", hdr[8:16])[0]
+            elif size == 0:
+                size = fsize - pos
+            if size < 8:
+                return None
+            if kind == b"moov":
+                if size > max_moov:
                     return None
-                if kind == b"moov":
-                    if size > max_moov:
-                        return None
-                    f.seek(pos)
-                    moov = f.read(size)
-                pos += size
+                f.seek(pos)
+                return f.read(size)
+            pos += size
+    return None
+
+
+def _matrix_2x2(buf: bytes, at: int) -> Tuple[float, float, float, float]:
+    """``a, b, c, d`` (16.16 fixed point) of an ISO-BMFF transformation matrix starting at ``at``."""
+    a, b, _, c, d = struct.unpack(">5i", buf[at:at + 20])
+    return a / 65536.0, b / 65536.0, c / 65536.0, d / 65536.0
+
+
+def _header_matrix(buf: bytes, payload: int, v0_offset: int, v1_offset: int) -> Tuple[float, float, float, float]:
+    """The matrix of a ``tkhd``/``mvhd`` box whose payload starts at ``payload`` (version 0 or 1 layout)."""
+    return _matrix_2x2(buf, payload + (v1_offset if buf[payload] == 1 else v0_offset))
+
+
+def rotation_degrees(a: float, b: float, c: float, d: float) -> int:
+    """The display rotation of the 2x2 matrix ``[[a, b], [c, d]]`` (ISO-BMFF order: x' = a x + c y),
+    counter-clockwise degrees in {0, 90, 180, 270}, as FFmpeg reads it (``av_display_rotation_get``
+    negated: a phone's portrait video, a = d = 0, b = 1, c = -1, is shown turned 90 degrees
+    clockwise = 270 here). 0 for a mirrored matrix or one not turned by a multiple of 90 degrees,
+    which are left as stored (docs/data-format.md)."""
+    import math
+
+    if a * d - b * c <= 0:
+        return 0
+    angle = -math.degrees(math.atan2(b, a)) % 360
+    k = round(angle / 90) % 4
+    return 90 * k if abs(angle - 90 * round(angle / 90)) < 1 else 0
+
+
+def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int, int]]:
+    """``(height, width, rotation)`` of an MP4/MOV file's first video track, read without the
+    probing PyAV does on open: the sample entry's size (``moov/trak/mdia/minf/stbl/stsd``, what
+    FFmpeg decodes to, before aspect correction) and the display rotation of the track matrix
+    (``tkhd``, composed with the movie's ``mvhd``; :func:`rotation_degrees`). ``None`` if not MP4
+    or unreadable."""
+    try:
+        moov = _read_moov(path, max_moov)
         if moov is None:
             return None
+        top = {k: (a, b) for k, a, b in _iter_boxes(moov, 8, len(moov)) if k == b"mvhd"}
+        # mvhd: version/flags 4, times 16 (v0) or 28 (v1), rate 4, volume 2, reserved 10, then the matrix
+        movie = _header_matrix(moov, top[b"mvhd"][0], 36, 48) if b"mvhd" in top else (1.0, 0.0, 0.0, 1.0)
         for kind, p0, p1 in _iter_boxes(moov, 8, len(moov)):
             if kind != b"trak":
                 continue
-            mdia = next(((a, b) for k, a, b in _iter_boxes(moov, p0, p1) if k == b"mdia"), None)
+            trak = {k: (a, b) for k, a, b in _iter_boxes(moov, p0, p1)}
+            mdia = trak.get(b"mdia")
             if mdia is None:
                 continue
             boxes = {k: (a, b) for k, a, b in _iter_boxes(moov, *mdia)}
@@ -283,7 +325,16 @@ def mp4_video_size(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, i
                 return None
             entry = node[0] + 8                          # version/flags, entry_count
             w, h = struct.unpack(">HH", moov[entry + 32:entry + 36])  # VisualSampleEntry width, height
-            return (h, w) if h > 0 and w > 0 else None
+            if not (h > 0 and w > 0):
+                return None
+            rotation = 0
+            if b"tkhd" in trak:
+                # tkhd: version/flags 4, times/id/duration 20 (v0) or 32 (v1), reserved 8, layer/group/volume 6, reserved 2
+                ta, tb, tc, td = _header_matrix(moov, trak[b"tkhd"][0], 40, 52)
+                ma, mb, mc, md = movie
+                # a point goes through the track matrix, then the movie's (row vectors: [x y] M)
+                rotation = rotation_degrees(ta * ma + tb * mc, ta * mb + tb * md, tc * ma + td * mc, tc * mb + td * md)
+            return h, w, rotation
     except (OSError, struct.error, ValueError):
         return None
     return None
@@ -334,8 +385,10 @@ def decode_video(job: Dict) -> Dict:
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
     optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead).
 
-    Returns ``{"ok": True, "src_fps", "src_num_frames", "height", "width",
-    "views": [(view, view_index, indices int32 array, frames uint8 (T,H,W,3)), ...]}``
+    Frames are turned upright by the container's display rotation (MP4/MOV), as a player shows them.
+
+    Returns ``{"ok": True, "src_fps", "src_num_frames", "height", "width", "src_height", "src_width",
+    "rotation", "views": [(view, view_index, indices int32 array, frames uint8 (T,H,W,3)), ...]}``
     or ``{"ok": False, "reason", "detail"}``.
     """
     try:
@@ -360,9 +413,17 @@ def _decode_video(job: Dict) -> Dict:
     # Resize inside FFmpeg when the coded size is known: YUV->RGB at the small size costs less
     # than decode alone (docs/ingest.md).
     short_side = int(job.get("short_side") or 0)
-    src = coded_size(path) if short_side else None
+    # decord turns frames by the container's display rotation itself (a phone's portrait video
+    # comes out upright), but for a quarter turn it must be told the turned size: asked nothing,
+    # it fails; asked the stored size, it squeezes the turned frames into it (docs/data-format.md).
+    track = mp4_video_track(path) if kind == "mp4" else None
+    rotation = track[2] if track else 0
+    turned = rotation in (90, 270)
+    src = track[:2] if track and (short_side or turned) else (_pyav_size(path) if short_side else None)
+    if src and turned:
+        src = src[::-1]  # the size as shown
     target = sampling.resized_hw(src[0], src[1], short_side) if src else None
-    scaled = target is not None and target != src
+    scaled = target is not None and (target != src or turned)
 
     def open_reader(scale: bool):
         size = {"width": target[1], "height": target[0]} if scale else {}
@@ -407,6 +468,8 @@ def _decode_video(job: Dict) -> Dict:
                     vr = open_reader(False)
                 except Exception as e:
                     raise DecodeReject(CORRUPT, _short(e))
+        if arr is None and turned:  # decord refused the turned size: FFmpeg via PyAV, turned here
+            arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
         if arr is None:
             try:
                 # No vr.seek(0) (the usual cure for get_batch's memory growth): this reader is
@@ -430,7 +493,27 @@ def _decode_video(job: Dict) -> Dict:
         clip = arr[[pos[int(f)] for f in idx]]
         out_views.append((view, k, idx.astype(np.int32), np.ascontiguousarray(clip)))
     return {"ok": True, "src_fps": fps, "src_num_frames": n, "height": H, "width": W,
-            "src_height": int(h), "src_width": int(w), "views": out_views}
+            "src_height": int(h), "src_width": int(w), "rotation": rotation, "views": out_views}
+
+
+def _decode_stored(path: str, indices: np.ndarray) -> np.ndarray:
+    """Frames ``indices`` (sorted, in decode order) as stored, RGB, by PyAV, which leaves the
+    display rotation to the caller."""
+    import av
+
+    want, out = set(int(i) for i in indices), []
+    try:
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in want:
+                    out.append(frame.to_ndarray(format="rgb24"))
+                if i >= indices[-1]:
+                    break
+    except Exception as e:
+        raise DecodeReject(CORRUPT, _short(e))
+    if len(out) != len(indices):
+        raise DecodeReject(CORRUPT, f"PyAV decoded {len(out)} of the {len(indices)} frames asked")
+    return np.stack(out)
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

@@ -105,6 +105,7 @@ class IngestConfig:
                 "sampling": SAMPLING_SCHEME, "train_view_splits": list(TRAIN_LIKE_SPLITS),
                 "resize": "FFmpeg scaler via decord width/height (PIL.BILINEAR if the size is unknown), "
                           "short side, aspect kept, no crop",
+                "orientation": "as displayed: the MP4/MOV display rotation applied",
                 "decoder": f"decord {decord.__version__}", "schema_version": _s.SCHEMA_VERSION}
 
 
