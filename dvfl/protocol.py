@@ -10,6 +10,7 @@ shows what finished (and the same command resumes: finished stages are reused).
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
 
 def _example(value: str) -> str:
     stem, ext = os.path.splitext(value.rstrip("/"))
+    stem = re.sub(r"_s\d+$", "", stem)  # data/ucf101_s1 -> data/ucf101_s{split}, not ..._s1_s{split}
     return f"{stem}_s{SPLIT_PLACEHOLDER}{ext}"
 
 

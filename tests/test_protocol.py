@@ -159,7 +159,7 @@ def test_a_path_shared_by_every_split_is_refused_naming_the_field(tmp_path):
     (tmp_path / "UCF101").mkdir()
     cfg = write_config(tmp_path / "c.yaml", **{"data.dataset": "ucf101", "data.root": str(tmp_path / "UCF101"),
                                                "data.clips": "data/ucf101_s1"})
-    with pytest.raises(ConfigError, match=r"data\.clips is data/ucf101_s1 for every split.*data/ucf101_s1_s\{split\}"):
+    with pytest.raises(ConfigError, match=r"data\.clips is data/ucf101_s1 for every split.*data/ucf101_s\{split\}"):
         split_configs(cfg, [], [1, 2])
     with pytest.raises(ConfigError, match=r"teacher\.path is models/t for every split"):
         split_configs(cfg, [("data.clips", None), ("teacher.path", "models/t")], [1])

@@ -1,8 +1,8 @@
 """DVFL-Net: distil a Video-FocalNet teacher into the nano student on Ray Train.
 
 With no arguments this runs the embedded default end to end (generate a small motion dataset,
-ingest it, train a demo teacher, cache its logits, train the student without and with KD, and
-write a results table + curves) on a laptop. On a cluster:
+ingest it, check the shipped teacher (models/embedded_teacher), cache its logits, train the
+student without and with KD, and write a results table + curves) on a laptop. On a cluster:
 
     ray job submit --working-dir . -- python pipelines/distill.py --config configs/ucf101_base.yaml
 
