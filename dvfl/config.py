@@ -280,6 +280,10 @@ class RunConfig:
                      "(or data.synthetic.unlabeled_videos > 0 for the generated dataset)")
         if self.teacher.mode not in ("cached", "online", "none"):
             fail("teacher.mode", f"must be cached, online or none, got {self.teacher.mode!r}")
+        if (self.teacher.mode == "cached" and self.data.unlabeled
+                and self.data.unlabeled.rstrip("/") != self.clips_dir.rstrip("/")):
+            fail("data.unlabeled", "must be the ingest output of data.clips with a cached teacher, so that one cache "
+                 "covers both (ingest them together with --unlabeled)")
         if not (isinstance(self.kd.alpha, (int, float)) and 0 <= self.kd.alpha <= 1):
             fail("kd.alpha", f"must be in [0, 1], got {self.kd.alpha!r}")
         if not (isinstance(self.kd.temperature, (int, float)) and self.kd.temperature > 0):
@@ -378,7 +382,9 @@ class RunConfig:
             fail("data.label_fraction", f"must be in (0, 1], got {self.data.label_fraction!r}")
         if self.data.frames < 1:
             fail("data.frames", f"must be >= 1, got {self.data.frames!r}")
-        if self.crop_size > self.data.short_side:
+        if self.crop_size < 1:  # a model of 0-pixel inputs would fail deep inside training
+            fail("data.crop_size", "must be > 0: with data.short_side 0 (clips at their source size) give the crop size")
+        elif self.data.short_side and self.crop_size > self.data.short_side:
             fail("data.crop_size", f"({self.crop_size}) must not exceed data.short_side ({self.data.short_side})")
         if self.eval.crops not in (1, 3):
             fail("eval.crops", f"must be 1 or 3, got {self.eval.crops!r}")
@@ -388,6 +394,8 @@ class RunConfig:
             fail("teacher.cache_dtype", f"must be float16 or float32, got {self.teacher.cache_dtype!r}")
         from dvfl.data.views import View
 
+        if not self.teacher.views:  # an empty cache would "build" and fail at the first training step
+            fail("teacher.views", "must name at least one view, e.g. [center]")
         for v in self.teacher.views:
             try:
                 if View.parse(v).crop == "random":

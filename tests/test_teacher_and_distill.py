@@ -243,6 +243,11 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert r.returncode == 2
     assert "kd.temperature must be > 0" in r.stderr
     assert not out.exists()
+    # a "no teacher" distillation used to train a teacher and distil online from it
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out),
+                        "--set", "teacher.mode=none"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "teacher.mode is none" in r.stderr, r.stderr
+    assert not out.exists()
 
 
 def _run_distill(args, address, env_extra=None, timeout=900):
@@ -415,3 +420,38 @@ def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local, tmp_path):
+    """A loss that is no longer finite ends a run with an error naming the fix; a Tune trial only
+    reports it (its stopper ends the trial, tests/test_tune.py)."""
+    import dataclasses
+
+    from dvfl import pipeline
+    from dvfl.train.loop import TrainingDiverged, run_loop
+    from dvfl.train.session import RunnerSession, epoch_states
+
+    cfg = tiny_config(prepared["cfg"].output_dir, [("optim.lr", 1e9), ("optim.clip_grad", None)])
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), seed=0,
+                                         teacher={"mode": "none"}, tensorboard_dir=None, log=lambda *_: None)
+    data = pipeline.shared_training_data(cfg)
+    loop = dataclasses.replace(loop, train_rows=data.train_rows, threads_per_worker=1, print_epochs=False)
+    datasets = {"train": data.train, "val": data.val}
+    with pytest.raises(TrainingDiverged, match=r"training loss is (nan|inf) at epoch 1; lower optim\.lr"):
+        run_loop(dataclasses.replace(loop, run_name="nan"), RunnerSession(datasets, str(tmp_path / "nan")))
+    assert len(epoch_states(str(tmp_path / "nan"))) == 1  # stopped after the first epoch
+    run_loop(dataclasses.replace(loop, run_name="tune", stop_on_divergence=False),
+             RunnerSession(datasets, str(tmp_path / "tune")))
+    assert len(epoch_states(str(tmp_path / "tune"))) == cfg.optim.epochs
+
+
+@pytest.mark.parametrize("override, field, message", [
+    ([("teacher.views", [])], "teacher.views", "at least one view"),
+    ([("data.short_side", 0)], "data.crop_size", "give the crop size"),
+    ([("data.clips", "/x/clips"), ("data.unlabeled", "/x/pool")], "data.unlabeled", "one cache covers both"),
+])
+def test_configs_that_used_to_fail_deep_inside_training_are_refused(override, field, message, tmp_path):
+    from dvfl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}.*{message}"):
+        load_config(None, [("output_dir", str(tmp_path)), *override], check_paths=False)

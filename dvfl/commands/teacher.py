@@ -67,9 +67,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import pipeline, storage
 
     test_cfg = None
-    if a.test_config:
-        from dvfl.config import ConfigError, load_config
+    from dvfl.config import ConfigError, load_config
 
+    if a.test_config:
         try:  # its teacher is the one this command makes: it need not exist yet
             test_cfg = load_config(a.test_config, [("teacher.path", None)])
         except ConfigError as exc:
@@ -93,7 +93,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     elif info is not None:  # bare --clips: the clips describe themselves
         cfg.data.short_side = info["params"]["short_side"]
         cfg.data.frames = info["params"]["frames"]
-        cfg.validate(outputs=("teacher.path",))
+        try:
+            cfg.validate(outputs=("teacher.path",))
+        except ConfigError as exc:  # e.g. clips at their source size and no crop size
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
         if not getattr(a, "output_dir", None) and not any(str(o).startswith("output_dir") for o in a.overrides):
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)

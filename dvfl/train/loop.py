@@ -287,6 +287,10 @@ class _Timed:
             self.seconds += time.perf_counter() - started
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite."""
+
+
 def run_loop(cfg: LoopConfig, session) -> None:
     """Train per ``cfg`` on the host ``session`` gives (:mod:`dvfl.train.session`): set up,
     resume, one pass per epoch, report with a checkpoint at the end of each epoch."""
@@ -318,6 +322,11 @@ def run_loop(cfg: LoopConfig, session) -> None:
             metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
             next_batches = _epoch_batches(train_shard, cfg, epoch + 1, session) if epoch + 1 < cfg.optim.epochs else None
             end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
+            if cfg.stop_on_divergence and not math.isfinite(metrics["train_loss"]):
+                # its weights are NaN: saved and evaluated, it would be reported as a class-0 predictor
+                raise TrainingDiverged(f"{cfg.label}: the training loss is {metrics['train_loss']} at epoch "
+                                       f"{epoch + 1}; lower optim.lr, raise optim.warmup_frac or set "
+                                       f"optim.clip_grad (no model was saved)")
             batches = next_batches
             reported_at = time.time()
     finally:  # a failed epoch still uploads its TensorBoard events and removes their local copy

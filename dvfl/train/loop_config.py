@@ -64,6 +64,7 @@ class LoopConfig:
     hooks: TestHooks = field(default_factory=TestHooks)
     label: str = "train"  # the run's name in its terminal lines ("dvfl s0")
     print_epochs: bool = True  # False: the host prints each epoch's line (a Tune search, from its driver)
+    stop_on_divergence: bool = True  # False: a non-finite loss is only reported (Tune's stopper ends the trial)
     # set by the launcher
     train_rows: int = 0
     threads_per_worker: int = 1

@@ -53,7 +53,7 @@ def trial_driver(params: dict, setup: dict) -> None:
                                          tensorboard_dir=None, hooks=setup.get("hooks"))
     # the search's driver prints each epoch's line (epoch_lines_callback): in order with its own
     # lines, whereas a worker's printed line reaches the terminal whenever Ray forwards it
-    loop = dataclasses.replace(loop, label=trial_label(trial_id, front), print_epochs=False)
+    loop = dataclasses.replace(loop, label=trial_label(trial_id, front), print_epochs=False, stop_on_divergence=False)
     name = f"{setup['experiment']}-{trial_id}"
     in_process = setup.get("data") is not None
     record = {"trial_id": trial_id, "params": flatten(front["params"] if front else params), "seed": seed,
