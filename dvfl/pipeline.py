@@ -246,7 +246,9 @@ def _init_state_ref(section, kwargs: dict, log):
     else:
         report = init_from_image_focalnet(model, section.init_2d)
     log(f"[init] {section.checkpoint or section.init_2d}: {report.summary()}")
-    return [ray.put(model.state_dict())]
+    # only what was loaded: the rest (a new head, temporal branches) keeps the run's seeded init
+    state = model.state_dict()
+    return [ray.put({k: state[k] for k in report.loaded})]
 
 
 @dataclasses.dataclass

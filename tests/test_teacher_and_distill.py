@@ -455,3 +455,22 @@ def test_configs_that_used_to_fail_deep_inside_training_are_refused(override, fi
 
     with pytest.raises(ConfigError, match=rf"{re.escape(field)}.*{message}"):
         load_config(None, [("output_dir", str(tmp_path)), *override], check_paths=False)
+
+
+def test_a_checkpoint_start_ships_only_what_it_loaded(ray_local, tmp_path):
+    """student.checkpoint with reinit_head: the new head (and anything else the file lacks) keeps
+    the run's seeded initialisation; shipping the whole state dict replaced it with an unseeded one."""
+    import ray
+
+    from dvfl import pipeline
+    from dvfl.models import build_model
+    from dvfl.models.checkpoint import HEAD_KEYS
+
+    cfg = tiny_config(tmp_path, [("student.reinit_head", True)])
+    kwargs = pipeline.model_kwargs(cfg.student, 4, cfg)
+    torch.save(build_model(cfg.student.model, **{**kwargs, "num_classes": 7}).state_dict(), tmp_path / "k7.pth")
+    cfg.student.checkpoint = str(tmp_path / "k7.pth")
+    shipped = ray.get(pipeline._init_state_ref(cfg.student, kwargs, log=lambda *_: None)[0])
+    own = build_model(cfg.student.model, **kwargs).state_dict()
+    assert set(HEAD_KEYS) & set(own) and not set(HEAD_KEYS) & set(shipped)
+    assert set(shipped) == set(own) - set(HEAD_KEYS)
