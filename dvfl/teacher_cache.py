@@ -194,11 +194,11 @@ class TeacherLogitCache:
 
 # ----------------------------------------------------------------------------- building
 def _teacher_logits(model, arrays, crop_size: int, view: View, device) -> torch.Tensor:
+    """fp32 on every device (computed once: exact logits are worth the GPU time); a bf16 forward
+    differed from verify_cache's fp32 one by up to 0.09 on logits of ~12, so a GPU-built cache
+    failed its own check (docs/training-speed.md)."""
     x = normalize(make_clip_batch(arrays, crop_size, [view] * len(arrays)), device)
     with torch.inference_mode():
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(x).float().cpu()
         return model(x).float().cpu()
 
 
@@ -222,6 +222,9 @@ class ShardLogitWriter:
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
+        else:  # TF32 (cuDNN's default for convolutions) keeps 10 mantissa bits: not an fp32 forward
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(spec["name"], **spec["kwargs"])
         self.model.load_state_dict(ray.get(state_ref[0]), strict=True)
