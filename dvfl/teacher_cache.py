@@ -333,6 +333,14 @@ def build_teacher_cache(
                 for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + storage.listdir(
                         logits_dir, hidden=True):
                     storage.remove(p)
+    if not storage.isfile(storage.join(out, BUILD_JSON)):
+        # logits with no build marker: a replaced cache whose delete was cut short, or one whose
+        # markers were deleted by hand; whose teacher made them is unknown, so none is reused
+        orphans = storage.listdir(logits_dir, hidden=True)
+        if orphans:
+            log(f"[cache] removing {len(orphans)} logits files of an unknown build in {logits_dir}")
+            for p in orphans:
+                storage.remove(p)
     storage.makedirs(logits_dir)
     remove_stale_tmp(logits_dir)
     storage.write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})

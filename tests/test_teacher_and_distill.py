@@ -474,3 +474,23 @@ def test_a_checkpoint_start_ships_only_what_it_loaded(ray_local, tmp_path):
     own = build_model(cfg.student.model, **kwargs).state_dict()
     assert set(HEAD_KEYS) & set(own) and not set(HEAD_KEYS) & set(shipped)
     assert set(shipped) == set(own) - set(HEAD_KEYS)
+
+
+def test_logits_left_without_a_build_marker_are_not_reused(prepared, ray_local, tmp_path):
+    """A replaced cache whose delete was cut short after its markers (or whose cache.json was
+    deleted by hand): its logits files must not pass as the next build's finished shards."""
+    cfg = prepared["cfg"]
+    model, spec = load_model(prepared["teacher"])
+    with torch.no_grad():
+        model.head.bias.add_(0.5)
+    other = tmp_path / "other_teacher"
+    save_model(other, model, spec["name"], spec["kwargs"])
+    stale = tmp_path / "cache"
+    shutil.copytree(cfg.cache_dir, stale)
+    for marker in ("cache.json", "_build.json"):
+        (stale / marker).unlink(missing_ok=True)
+    lines = []
+    info = build_teacher_cache(cfg.clips_dir, str(other), str(stale), verify_samples=10_000, log=lines.append)
+    assert any("removing" in ln and "unknown build" in ln for ln in lines), lines
+    assert any(" 0 already cached" in ln for ln in lines), lines
+    assert info["verify"]["checked"] == info["rows"]  # every row is the other teacher's
