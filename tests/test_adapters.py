@@ -236,9 +236,10 @@ def test_unlabeled_dir_and_list(tmp_path, src_video):
     m = A.unlabeled(d)
     assert [(e.video_id, e.label, e.class_name, e.split) for e in m.entries] == [
         ("unlabeled/2", None, None, "unlabeled"), ("unlabeled/x/1", None, None, "unlabeled")]
-    lst = write(str(tmp_path / "list.txt"), f"pool/x/1.mp4\n# comment\n{d}/2.webm\npool/nope.mp4\n")
+    put(str(tmp_path), "#3.mp4", src_video)  # a list has no comments: a '#' line is a path
+    lst = write(str(tmp_path / "list.txt"), f"pool/x/1.mp4\n#3.mp4\n{d}/2.webm\npool/nope.mp4\n")
     m2 = A.unlabeled(lst)
-    assert [e.video_id for e in m2.entries] == ["unlabeled/pool/x/1", "unlabeled/pool/2"]
+    assert [e.video_id for e in m2.entries] == ["unlabeled/pool/x/1", "unlabeled/#3", "unlabeled/pool/2"]
     assert reasons(m2) == ["missing"]
     assert A.unlabeled(write(str(tmp_path / "pool" / "up.txt"), "../pool/x/1.mp4\n")).entries  # still inside
     with pytest.raises(A.AdapterError):
@@ -291,6 +292,133 @@ def test_entries_outside_the_root_are_rejected(tmp_path, src_video):
     ml = A.unlabeled(lst)
     assert [e.video_id for e in ml.entries] == ["unlabeled/u", "unlabeled/u"]
     assert reasons(ml) == ["outside_root"] * 2
+
+
+def test_hmdb51_reads_videos_whose_names_start_with_a_hash(tmp_path, src_video):
+    """HMDB51 split files have no comments: ``#20_Rhythm_clap_...`` (a real clap video) is an entry,
+    and so is a ``#`` path in a dvfl-csv list."""
+    root = str(tmp_path)
+    for rel in ("clap/#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi", "clap/Hand_Clapping_clap_f_cm_np1_fr_med_0.avi"):
+        put(root, rel, src_video)
+    write(os.path.join(root, "testTrainMulti_7030_splits", "clap_test_split1.txt"),
+          "#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi 2 \nHand_Clapping_clap_f_cm_np1_fr_med_0.avi 1 \n")
+    m = A.hmdb51(root, 1)
+    assert {(e.video_id, e.split) for e in m.entries} == {("clap/#20_Rhythm_clap_u_nm_np1_fr_goo_0", "test"),
+                                                          ("clap/Hand_Clapping_clap_f_cm_np1_fr_med_0", "train")}
+    assert m.num_inputs == 2 and not m.problems
+    lst = write(os.path.join(root, "train.csv"), "clap/#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi,0\n")
+    assert [e.video_id for e in A.dvfl_csv(root, [("train", lst)]).entries] == [
+        "clap/#20_Rhythm_clap_u_nm_np1_fr_goo_0"]
+
+
+def test_dotdot_after_a_symlink_decodes_the_checked_file(tmp_path, src_video):
+    """``link/../../etc/v.mp4`` with ``link -> sub/deeper``: the kernel reads ``<root>/etc/v.mp4`` (inside,
+    so the check passes) while ``abspath`` makes it ``<root>/../etc/v.mp4``, a file outside the root.
+    The entry must open the file that was checked, never the outside one."""
+    root = tmp_path / "ds"
+    os.makedirs(root / "sub" / "deeper")
+    os.symlink("sub/deeper", root / "link")
+    inside = put(str(root), "etc/v.mp4", src_video)
+    outside = put(str(tmp_path), "etc/v.mp4", src_video)
+    assert os.path.abspath(str(root / "link/../../etc/v.mp4")) == outside  # the layout does what it says
+    write(str(root / "train.csv"), "link/../../etc/v.mp4,0\n")
+    ml = A.unlabeled(write(str(root / "list.txt"), "link/../../etc/v.mp4\n"))
+    for m in (A.dvfl_csv(str(root), num_classes=1), ml):
+        assert len(m.entries) == 1 and not m.problems
+        path = m.entries[0].path
+        assert os.path.samefile(path, inside) and not os.path.samefile(path, outside)
+        assert os.path.commonpath([path, str(root)]) == str(root)  # stored under the root, as text too
+    os.remove(inside)  # only the outside file is left: not ingested either
+    m = A.dvfl_csv(str(root), num_classes=1)
+    assert not m.entries and reasons(m) == ["missing"]
+
+
+def make_official_ssv2(root, src):
+    """SSv2 as it is downloaded: ``something-something-v2-*.json`` files, written with a UTF-8 BOM."""
+    for i in ("101", "103", "105"):
+        put(root, f"20bn-something-something-v2/{i}.webm", src)
+    lab = os.path.join(root, "labels")
+
+    def dump(name, obj):
+        os.makedirs(lab, exist_ok=True)
+        with open(os.path.join(lab, name), "w", encoding="utf-8-sig") as f:
+            json.dump(obj, f)
+        return os.path.join(lab, name)
+
+    dump("something-something-v2-labels.json", {"Holding something": "0", "Putting something on something": "1"})
+    dump("something-something-v2-train.json", [{"id": "101", "template": "Holding [something]"}])
+    dump("something-something-v2-validation.json", [{"id": "103", "template": "Putting [something] on [something]"}])
+    dump("something-something-v2-test.json", [{"id": "105", "template": "Holding [something]"}])
+    return lab
+
+
+def test_ssv2_official_file_names_with_a_bom(tmp_path, src_video):
+    root = str(tmp_path)
+    lab = make_official_ssv2(root, src_video)
+    m = A.ssv2(root)  # found by their official names, BOM and all
+    assert {(e.video_id, e.label, e.split) for e in m.entries} == {("101", 0, "train"), ("103", 1, "val")}
+    # given without SPLIT=: the split is the name's last part, not the whole stem
+    m = A.ssv2(root, [(None, os.path.join(lab, f"something-something-v2-{n}.json"))
+                      for n in ("train", "validation", "test")])
+    assert {(e.video_id, e.split) for e in m.entries} == {("101", "train"), ("103", "val"), ("105", "test")}
+
+
+def test_a_file_name_that_says_no_split_is_refused(tmp_path, src_video):
+    root = str(tmp_path)
+    lab = make_official_ssv2(root, src_video)
+    odd = os.path.join(lab, "something-something-v2-extra.json")
+    shutil.copyfile(os.path.join(lab, "something-something-v2-train.json"), odd)
+    with pytest.raises(A.AdapterError, match=r"something-something-v2-extra\.json: the file name .* does not say "
+                                             r"the split: name it train, val/validation or test"):
+        A.ssv2(root, [(None, odd)])
+    assert {e.split for e in A.ssv2(root, [("train", odd)]).entries} == {"train"}  # SPLIT= still decides
+    put(root, "A/a.avi", src_video)
+    put(root, "A/b.avi", src_video)
+    write(os.path.join(root, "lists", "ucf101_train.csv"), "A/a.avi,0\n")
+    write(os.path.join(root, "lists", "ucf101-val.csv"), "A/b.avi,0\n")
+    write(os.path.join(root, "lists", "trainlist01.csv"), "A/a.avi,0\n")
+    m = A.dvfl_csv(root, [(None, os.path.join(root, "lists", n)) for n in ("ucf101_train.csv", "ucf101-val.csv")])
+    assert {(e.video_id, e.split) for e in m.entries} == {("A/a", "train"), ("A/b", "val")}
+    with pytest.raises(A.AdapterError, match=r"trainlist01\.csv: the file name .* SPLIT="):
+        A.dvfl_csv(root, [(None, os.path.join(root, "lists", "trainlist01.csv"))])
+
+
+def test_malformed_ssv2_annotations_are_adapter_errors(tmp_path, src_video):
+    root = str(tmp_path)
+    lab = make_official_ssv2(root, src_video)
+    train = os.path.join(lab, "something-something-v2-train.json")
+    for bad, message in (('[{"id": "101", "template": ', "not a readable JSON file"),
+                         ('{"id": "101"}', "expected a JSON list"), (b"[\xff\xfe]", "not a readable JSON file")):
+        with open(train, "wb") as f:
+            f.write(bad if isinstance(bad, bytes) else bad.encode())
+        with pytest.raises(A.AdapterError, match=r"something-something-v2-train\.json: " + message):
+            A.ssv2(root)
+    write(train, '[{"id": "101", "template": "Holding [something]"}, "junk"]')  # one bad item: one rejected input
+    m = A.ssv2(root)
+    assert [e.video_id for e in m.entries if e.split == "train"] == ["101"] and reasons(m) == ["bad_line"]
+
+
+def test_an_id_listed_in_train_and_test_keeps_the_test_copy(tmp_path, src_video):
+    """The same-id rule keeps what the same-bytes rule (ingest) keeps: the evaluation copy; the rejected
+    copy says which split's copy was kept."""
+    root = str(tmp_path)
+    put(root, "UCF-101/Archery/v_Archery_g01_c01.avi", src_video)
+    put(root, "UCF-101/Archery/v_Archery_g02_c01.avi", src_video)
+    lst = os.path.join(root, "ucfTrainTestlist")
+    write(os.path.join(lst, "classInd.txt"), "1 Archery\n")
+    write(os.path.join(lst, "trainlist01.txt"), "Archery/v_Archery_g01_c01.avi 1\nArchery/v_Archery_g02_c01.avi 1\n"
+                                                "Archery/v_Archery_g02_c01.avi 1\n")
+    write(os.path.join(lst, "testlist01.txt"), "Archery/v_Archery_g01_c01.avi\n")
+    write(os.path.join(lst, "vallist01.txt"), "Archery/v_Archery_g01_c01.avi\n")
+    m = A.ucf101(root, 1)
+    m.dedupe()
+    assert [(e.video_id, e.split) for e in m.entries] == [("Archery/v_Archery_g02_c01", "train"),
+                                                          ("Archery/v_Archery_g01_c01", "test")]
+    got = sorted((p.video_id, p.split, p.detail.rsplit("; ", 1)[-1]) for p in m.problems)
+    assert got == [("Archery/v_Archery_g01_c01", "train", "the test copy is kept"),
+                   ("Archery/v_Archery_g01_c01", "val", "the test copy is kept"),
+                   ("Archery/v_Archery_g02_c01", "train", "the train copy is kept")]
+    assert all(p.reason == "duplicate" for p in m.problems) and m.num_inputs == 5
 
 
 def test_build_manifest_dispatch_and_dedupe(tmp_path, src_video):

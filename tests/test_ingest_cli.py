@@ -129,3 +129,39 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local, video_factory
     import json
 
     assert json.load(open(os.path.join(out, "dataset.json")))["fingerprint"] == s["fingerprint"]
+
+
+def test_out_inside_the_dataset_folder_is_refused(tmp_path, capsys):
+    """An --out under --root of a layout whose sub-folders are classes would be read as one more
+    class on the next run (``--dataset folder``, ``ucf50``): refused before any work."""
+    from dvfl.cli import build_parser
+    from dvfl.commands.ingest import validate
+
+    root = tmp_path / "my_videos"
+    (root / "cats").mkdir(parents=True)
+    for argv, flag, src in (
+            (["--dataset", "folder", "--root", str(root), "--out", str(root / "clips")], "--root", root),
+            (["--dataset", "folder", "--root", str(root), "--out", str(root)], "--root", root),
+            (["--dataset", "ucf50", "--root", str(root), "--out", str(root / "cats" / "o")], "--root", root)):
+        with pytest.raises(SystemExit) as e:
+            dvfl_main(["ingest", *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--out {argv[argv.index('--out') + 1]} is inside {flag} {src}" in err, err
+    # a sibling folder, even one whose name starts like the root's, is fine; so is a list-based
+    # layout's output inside its root (its lists name the videos)
+    for argv in (["--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "my_videos_clips")],
+                 ["--dataset", "ucf101", "--root", str(root), "--out", str(root / "clips")]):
+        a = build_parser().parse_args(["ingest", *argv])
+        validate(a.command_parser, a)
+
+
+def test_malformed_annotation_json_is_a_one_line_error(tmp_path, capsys):
+    root = tmp_path / "ssv2"
+    root.mkdir()
+    (root / "labels.json").write_text('{"Holding something": "0"}')
+    (root / "train.json").write_text('[{"id": "1", "template": "Holding [something]"')  # cut short
+    rc = dvfl_main(["ingest", "--dataset", "ssv2", "--root", str(root), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and "train.json: not a readable JSON file" in err, err

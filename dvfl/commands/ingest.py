@@ -162,6 +162,10 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bad(f"--out {why}")
         if a.dataset == "synthetic" and not a.videos_dir:
             bad("--videos-dir is required with a URI --out: the generated videos are decoded from a local folder")
+    elif a.dataset in ("folder", "ucf50"):  # layouts whose every sub-folder is a class
+        # the next run would read the ingest's own folder as one more class
+        if a.root and storage.same_or_inside(a.out, a.root):
+            bad(f"--out {a.out} is inside --root {a.root}: write the clips outside the dataset's folder")
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:

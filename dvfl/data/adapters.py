@@ -54,21 +54,53 @@ def _first_existing(cands: Iterable[Optional[str]], what: str, must: bool = True
 def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name: Optional[str],
          split: str) -> None:
     """Add an entry, or an ``outside_root`` problem when its real path (``..``, absolute paths and
-    symlinks resolved) leaves the manifest's root, or a ``missing`` one when the file is not there."""
+    symlinks resolved) leaves the manifest's root, or a ``missing`` one when the file is not there.
+    The stored path opens the checked file: the listed path made absolute when it lies under the root
+    and resolves to that file, else the real path re-expressed under the root (``link/../x``)."""
     real, root = os.path.realpath(path), os.path.realpath(m.root)
     if os.path.commonpath([real, root]) != root:
         m.problems.append(Problem(_d.OUTSIDE_ROOT, path, video_id, f"resolves to {real}, outside the root {root}",
                                   split))
         return
-    if not os.path.isfile(path):
+    if not os.path.isfile(real):
         m.problems.append(Problem(_d.MISSING, path, video_id, "listed but no such file", split))
         return
-    m.entries.append(VideoEntry(video_id, os.path.abspath(path), label, class_name, split))
+    stored, abs_root = os.path.abspath(path), os.path.abspath(m.root)
+    # abspath drops "link/.." as text while the kernel follows the link first: it may name another file
+    if os.path.commonpath([stored, abs_root]) != abs_root or os.path.realpath(stored) != real:
+        stored = os.path.join(abs_root, os.path.relpath(real, root))
+    m.entries.append(VideoEntry(video_id, stored, label, class_name, split))
 
 
 def _read_lines(path: str) -> List[Tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines. None of the list formats read here has
+    comments: a line starting with ``#`` is an entry (HMDB51 has videos named ``#20_Rhythm_clap_...``)."""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        return [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip() and not ln.lstrip().startswith("#")]
+        return [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip()]
+
+
+_SPLITS = ("train", "val", "test")
+_SPLIT_NAMES_HELP = "train, val/validation or test"
+
+
+def _split_of_name(path: str) -> Optional[str]:
+    """The split an annotation file's name says: its whole stem or the stem's last ``-``/``_`` part
+    (``something-something-v2-validation.json`` -> ``val``), read by :func:`_norm_split`; else None."""
+    stem = os.path.splitext(os.path.basename(path))[0].strip().lower()
+    for cand in (stem, re.split(r"[-_]", stem)[-1]):
+        if _norm_split(cand) in _SPLITS:
+            return _norm_split(cand)
+    return None
+
+
+def _split_from_name(path: str, flag: str) -> str:
+    """:func:`_split_of_name`, or an AdapterError: guessing a split would train on evaluation videos."""
+    split = _split_of_name(path)
+    if split is None:
+        raise AdapterError(f"{path}: the file name {os.path.basename(path)!r} does not say the split: name it "
+                           f"{_SPLIT_NAMES_HELP} (alone or after '-'/'_', e.g. something-something-v2-validation"
+                           f"{os.path.splitext(path)[1]}) or pass {flag} SPLIT={path}")
+    return split
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,11 +332,15 @@ def ssv2_class_name(template: str) -> str:
 def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
          labels_file: Optional[str] = None, videos_dir: Optional[str] = None) -> Manifest:
     """SSv2: ``labels.json`` (class name -> id string), ``train.json`` / ``validation.json``
-    (lists of ``{"id", "template", ...}``; class = template without brackets); ``<id>.webm``."""
+    (lists of ``{"id", "template", ...}``; class = template without brackets); ``<id>.webm``. The
+    official names ``something-something-v2-{labels,train,validation}.json`` are found as well. An
+    annotation file given without ``SPLIT=`` takes its split from its name (:func:`_split_from_name`)."""
     lab_dirs = [root, os.path.join(root, "labels"), os.path.join(root, "annotations")]
-    labels_file = labels_file or _first_existing([os.path.join(d, "labels.json") for d in lab_dirs], "labels.json")
+    labels_file = labels_file or _first_existing(
+        [os.path.join(d, n) for d in lab_dirs for n in ("labels.json", "something-something-v2-labels.json")],
+        "labels.json")
     try:
-        with open(labels_file) as f:
+        with open(labels_file, encoding="utf-8-sig") as f:
             name_to_id = {k: int(v) for k, v in json.load(f).items()}
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise AdapterError(f"{labels_file}: not a JSON object of class name -> integer id ({exc})") from None
@@ -316,27 +352,39 @@ def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] =
         classes[v] = k
     if not annotations:
         annotations = []
+        # the official test file has no labels: it is not looked for
         for split, fname in (("train", "train.json"), ("val", "validation.json")):
-            p = _first_existing([os.path.join(d, fname) for d in lab_dirs], fname, must=False)
+            p = _first_existing([os.path.join(d, n) for d in lab_dirs
+                                 for n in (fname, "something-something-v2-" + fname)], fname, must=False)
             if p:
                 annotations.append((split, p))
         if not annotations:
-            raise AdapterError(f"no train.json/validation.json found under {root} (use --annotations)")
+            raise AdapterError(f"no train.json/validation.json (or something-something-v2-train.json/-validation.json) "
+                               f"found under {root} (use --annotations)")
     vdir = videos_dir or (os.path.join(root, "20bn-something-something-v2")
                           if os.path.isdir(os.path.join(root, "20bn-something-something-v2")) else root)
     m = Manifest("ssv2", os.path.abspath(vdir), classes,
                  source={"labels": os.path.abspath(labels_file),
                          "annotations": [os.path.abspath(p) for _, p in annotations]})
     for split_hint, path in annotations:
-        split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
-        with open(path) as f:
-            items = json.load(f)
+        split = _norm_split(split_hint) if split_hint else _split_from_name(path, "--annotations")
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                items = json.load(f)
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+            raise AdapterError(f"{path}: not a readable JSON file ({exc})") from None
+        if not isinstance(items, list):
+            raise AdapterError(f"{path}: expected a JSON list of {{\"id\", \"template\", ...}} objects, "
+                               f"got a {type(items).__name__}")
         for i, it in enumerate(items):
-            vid = str(it.get("id", "")).strip()
+            where = f"{os.path.basename(path)}[{i}]"
+            if not isinstance(it, dict):
+                m.problems.append(Problem(_d.BAD_LINE, path, None, f"{where}: not an object: {it!r}"[:300], split))
+                continue
+            vid = "" if it.get("id") is None else str(it["id"]).strip()
             vpath = os.path.join(vdir, vid + ".webm")
             if not os.path.exists(vpath) and os.path.exists(os.path.join(vdir, vid + ".mp4")):
                 vpath = os.path.join(vdir, vid + ".mp4")
-            where = f"{os.path.basename(path)}[{i}]"
             if not vid:
                 m.problems.append(Problem(_d.BAD_LINE, path, None, f"{where}: no id", split))
                 continue
@@ -405,7 +453,8 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
     ``class_name``...). Labels need not start at 0: the labels the lists use are numbered 0..K-1 in
     sorted order (:func:`_dense_labels`). Class names come from ``classes_file`` if given, else from
     the class-name column, else from the first folder of the paths when each label maps to one
-    folder, else ``class_<i>``."""
+    folder, else ``class_<i>``. A list given without ``SPLIT=`` takes its split from its file name
+    (:func:`_split_from_name`). Lines have no comments: a ``#`` path is a path."""
     if not annotations:
         annotations = []
         for split, names in (("train", ("train.csv",)), ("val", ("val.csv", "validation.csv")), ("test", ("test.csv",))):
@@ -423,10 +472,9 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
     for split_hint, path in annotations:
         if not os.path.isfile(path):
             raise AdapterError(f"annotation file {path} not found")
-        split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
+        split = _norm_split(split_hint) if split_hint else _split_from_name(path, "--annotations")
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f))
-                    if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(c.strip() for c in r)]
         header = None
         if rows and not any(_is_int(c) or _is_video(c.strip()) for c in rows[0][1]):
             # a first row with no number and no video file in it is a header: its names place the columns
@@ -535,7 +583,8 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
 
 def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     """Videos without labels: a folder tree (every video file under it) or a text file with
-    one path per line (relative to the list's folder, or absolute). The pool's root is the folder,
+    one path per line (relative to the list's folder, or absolute; no comments: a line starting with
+    ``#`` is a path). The pool's root is the folder,
     or the list's folder: entries whose real path is elsewhere are ``outside_root``. Entries get
     ``label=None``, ``class_name=None``, ``split="unlabeled"`` and
     ``video_id = "unlabeled/" + <path relative to the folder/list, without extension>``; the

@@ -41,7 +41,7 @@ from dvfl import storage
 
 from . import decode as _d
 from . import shards as _s
-from .manifest import Manifest, Problem, VideoEntry
+from .manifest import KEEP_FIRST, Manifest, Problem, VideoEntry
 from .sampling import SAMPLING_SCHEME, TRAIN_LIKE_SPLITS, clip_id as make_clip_id, stable_seed
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}
@@ -129,8 +129,8 @@ def file_identity(path: str) -> Tuple[int, str]:
 
 
 # Which copy of a file listed under several ids is kept: evaluation data first, so that no test
-# video also trains the model (or the teacher whose logits train it).
-_KEEP_FIRST = {"test": 0, "val": 1, "train": 2, "unlabeled": 3}
+# video also trains the model (or the teacher whose logits train it); the same-id rule's order.
+_KEEP_FIRST = KEEP_FIRST
 
 
 def _full_hash(path: str) -> str:

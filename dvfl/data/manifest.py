@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 
+# Which entry of a video_id listed twice is kept (and of the same bytes under two ids, in
+# dvfl.data.ingest): the evaluation copy, so that a test video never silently trains instead.
+KEEP_FIRST = {"test": 0, "val": 1, "train": 2, "unlabeled": 3}
+
+
 @dataclass
 class VideoEntry:
     video_id: str            # unique, deterministic (usually the path without extension)
@@ -55,14 +60,21 @@ class Manifest:
         self.excluded += other.excluded
 
     def dedupe(self) -> None:
-        """Second and later entries with an already seen video_id become ``duplicate`` problems."""
-        seen: Dict[str, VideoEntry] = {}
+        """Entries sharing a video_id: one is kept, the evaluation split's first (``KEEP_FIRST``: test,
+        val, train, unlabeled; the first listed within a split), the others become ``duplicate``
+        problems naming the kept copy and its split."""
+        best: Dict[str, int] = {}
+        for i, e in enumerate(self.entries):
+            j = best.get(e.video_id)
+            if j is None or KEEP_FIRST.get(e.split, 9) < KEEP_FIRST.get(self.entries[j].split, 9):
+                best[e.video_id] = i
         keep: List[VideoEntry] = []
-        for e in self.entries:
-            if e.video_id in seen:
-                self.problems.append(Problem("duplicate", e.path, e.video_id,
-                                             f"video_id also listed for {seen[e.video_id].path}", e.split))
-            else:
-                seen[e.video_id] = e
+        for i, e in enumerate(self.entries):
+            kept = self.entries[best[e.video_id]]
+            if best[e.video_id] == i:
                 keep.append(e)
+            else:
+                self.problems.append(Problem("duplicate", e.path, e.video_id,
+                                             f"video_id also listed for {kept.path}; the {kept.split} copy is kept",
+                                             e.split))
         self.entries = keep
