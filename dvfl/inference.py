@@ -57,7 +57,7 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
         classes = classes or info["classes"]
         p = info["params"]
         inputs = inputs or {"frames": p["frames"], "short_side": p["short_side"],
-                            "crop_size": spec["kwargs"].get("img_size", p["short_side"])}
+                            "crop_size": spec["kwargs"].get("img_size", p["short_side"]), "eval_clips": p["eval_clips"]}
     if classes is None or inputs is None:
         raise ValueError("the model directory records no class names / input sizes (model.json 'classes', "
                          "'inputs'): pass --clips, the ingest output it was trained on")
@@ -75,6 +75,8 @@ class Predictor:
     crop_size: int
     spec: dict = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT
+    # the stored evaluation grid: evaluation of N clips uses the first N of its clips (dvfl.train.evaluate)
+    eval_clips: int = 1
     proc: DecodeProcess = field(default_factory=DecodeProcess)
 
     @classmethod
@@ -84,7 +86,7 @@ class Predictor:
         model, spec = load_model(model_dir)
         classes, inputs = input_spec(spec, clips_dir)
         return cls(model.eval(), classes, int(inputs["frames"]), int(inputs["short_side"]),
-                   int(inputs["crop_size"]), spec, **kw)
+                   int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)), **kw)
 
     def close(self) -> None:
         self.proc.close()
@@ -92,10 +94,12 @@ class Predictor:
     # -- decoding ------------------------------------------------------------------------
     def decode(self, path: str, num_clips: int = 1, min_frames: int = 1) -> dict:
         """The video's ``num_clips`` uniform clips (uint8 ``(T, H, W, 3)`` each) through the
-        killable decode child; raises :class:`PredictError` for a bad file."""
+        killable decode child, the clips evaluation scores: the first ``num_clips`` of the grid the
+        model's clips were stored with (a grid of ``num_clips`` when it asks for more); raises
+        :class:`PredictError` for a bad file."""
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
-               "frames": self.frames, "clips_per_video": 1, "eval_clips": num_clips, "seed": 0,
-               "short_side": self.short_side, "min_frames": min_frames}
+               "frames": self.frames, "clips_per_video": 1, "eval_clips": max(num_clips, self.eval_clips),
+               "first_views": num_clips, "seed": 0, "short_side": self.short_side, "min_frames": min_frames}
         res = self.proc.run(job, self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,3 +401,27 @@ def test_predict_equals_evaluation_on_every_test_video_of_the_embedded_default(r
     assert len(top1) == 320
     wrong = [v for v, p in videos.items() if top1[os.path.join(info["root"], p)] != info["classes"][ev["predictions"][v]]]
     assert not wrong, f"{len(wrong)} of 320 test videos predicted differently from evaluation: {wrong[:5]}"
+
+
+def test_predict_takes_the_clips_evaluation_takes_from_a_larger_stored_grid(video_factory, tmp_path):
+    """Clips stored with eval_clips 3, evaluated with 1 or 2: evaluation scores the first clips of
+    the 3-clip grid (dvfl.train.evaluate), so predict --views 1xC must decode those, not a grid of
+    its own (its 1-clip grid sat at the segments' middles, frames no evaluation looked at)."""
+    from dvfl.data import decode as D
+    from dvfl.inference import Predictor
+
+    path = video_factory(str(tmp_path / "v.mp4"), n=40, h=32, w=32)
+    job = {"path": path, "video_id": "v", "split": "test", "frames": 8, "clips_per_video": 1, "eval_clips": 3,
+           "seed": 0, "short_side": 32, "min_frames": 8}
+    stored = D.decode_video(job)["views"]  # what ingest stores for a test video
+    pred = Predictor(model=None, classes=["a"], frames=8, short_side=32, crop_size=32, eval_clips=3)
+    try:
+        for n in (1, 2, 3, 4):
+            got = pred.decode(path, n)["views"]
+            assert len(got) == n
+            if n <= 3:
+                for (v0, k0, idx0, clip0), (v1, k1, idx1, clip1) in zip(stored[:n], got):
+                    assert (v0, k0) == (v1, k1) and idx0.tolist() == idx1.tolist()
+                    np.testing.assert_array_equal(clip0, clip1)
+    finally:
+        pred.close()

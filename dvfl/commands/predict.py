@@ -4,8 +4,9 @@
     dvfl predict --model DIR VIDEO --stream [--window N] [--stride S]
 
 Files are decoded in a killable child process with ingest's container checks, and seen under the
-same deterministic views as evaluation (``--views 1x1``: the centre crop of one uniform clip;
-``4x3``: 4 uniform clips x 3 crops), so a test video gets the prediction evaluation counted. A
+same deterministic views as evaluation (``--views 1x1``: the centre crop of the first uniform clip
+of the grid the model's clips were stored with; ``4x3``: 4 uniform clips x 3 crops), so a test
+video gets the prediction evaluation counted. A
 folder means every video file under it. A bad file gets a per-file error and the others go on;
 the exit status is 1 if any file failed. (``python pipelines/predict.py`` takes the same arguments.) ``--json OUT`` writes ``[{"path", "topk": [[class,
 probability], ...]} or {"path", "error"}]``.

@@ -383,7 +383,8 @@ def decode_video(job: Dict) -> Dict:
 
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
-    optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead).
+    optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
+    ``first_views`` (only the first N planned views).
 
     Frames are turned upright by the container's display rotation (MP4/MOV), as a player shows them.
 
@@ -453,6 +454,8 @@ def _decode_video(job: Dict) -> Dict:
         else:
             views = sampling.plan_views(n, T, job["split"], int(job["seed"]), job["video_id"],
                                         int(job["clips_per_video"]), int(job["eval_clips"]))
+            if job.get("first_views"):  # (predict: the evaluation's first N clips of a larger stored grid)
+                views = views[:int(job["first_views"])]
         uniq = sampling.unique_sorted(v[2] for v in views)
         arr = None
         if scaled:
