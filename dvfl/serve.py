@@ -29,6 +29,9 @@ STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 
           D.CORRUPT: 400, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422}
 
 
+UNKNOWN_RATE_FPS = 30.0  # a video's duration limit when its container gives no frame rate
+
+
 @dataclass
 class ServeSettings:
     model: str = ""
@@ -144,7 +147,8 @@ class Recognizer:
                 res = self.pred.decode(path, self.views[0])
             except PredictError as exc:
                 return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
-            seconds = res["src_num_frames"] / res["src_fps"] if res["src_fps"] else 0.0
+            # an unknown rate (0: decode reports NaN/inf/0 as 0) is judged at 30 fps, not let through
+            seconds = res["src_num_frames"] / (res["src_fps"] or UNKNOWN_RATE_FPS)
             if seconds > self.s.max_video_seconds:
                 return {"status": 413, "error": "too_long",
                         "detail": f"video of {seconds:.1f} s > limit {self.s.max_video_seconds:g} s"}

@@ -443,6 +443,8 @@ def _decode_video(job: Dict) -> Dict:
     try:
         n = len(vr)
         fps = float(vr.get_avg_fps() or 0.0)
+        if not (np.isfinite(fps) and fps > 0):  # an unknown rate comes back as NaN or inf from some files
+            fps = 0.0
         T = int(job["frames"])
         if n == 0:
             raise DecodeReject(EMPTY, "0 frames")
