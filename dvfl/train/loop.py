@@ -89,7 +89,9 @@ def _save_state(directory: str, run: "_Run", epoch: int) -> None:
     # the random streams and the fp16 loss scale too: a resumed run trains as an uninterrupted one
     torch.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict()},
+                "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict(),
+                # drop-path draws from the GPU's generator on a GPU
+                "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
                os.path.join(directory, STATE_FILE))
 
 
@@ -436,6 +438,8 @@ def resume(run: _Run, state: dict | None, label: str = "train") -> None:
         else:
             run.rng = np.random.default_rng([*run.rng.integers(0, 2**31, 2).tolist(), run.start_epoch])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], run.device)
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
     if run.rank == 0:
