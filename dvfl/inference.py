@@ -77,6 +77,7 @@ class Predictor:
     timeout: float = DEFAULT_TIMEOUT
     # the stored evaluation grid: evaluation of N clips uses the first N of its clips (dvfl.train.evaluate)
     eval_clips: int = 1
+    device: str = "cpu"
     proc: DecodeProcess = field(default_factory=DecodeProcess)
 
     @classmethod
@@ -85,7 +86,9 @@ class Predictor:
             raise ValueError(f"{model_dir} is not a model directory (no {SPEC})")
         model, spec = load_model(model_dir)
         classes, inputs = input_spec(spec, clips_dir)
-        return cls(model.eval(), classes, int(inputs["frames"]), int(inputs["short_side"]),
+        # a GPU when this process has one (a Serve replica gets one only with num_gpus in its options)
+        kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.eval().to(kw["device"]), classes, int(inputs["frames"]), int(inputs["short_side"]),
                    int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)), **kw)
 
     def close(self) -> None:
@@ -122,9 +125,9 @@ class Predictor:
         views = [View(c) for c in CROPS[num_crops]]
         total = 0
         for view in views:
-            x = normalize(make_clip_batch(clips, self.crop_size, [view] * len(clips)))
+            x = normalize(make_clip_batch(clips, self.crop_size, [view] * len(clips)), self.device)
             with torch.inference_mode():
-                total = total + self.model(x).float().softmax(dim=1).sum(0).numpy()
+                total = total + self.model(x).float().softmax(dim=1).sum(0).cpu().numpy()
         return total / (len(views) * len(clips))
 
     def topk(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
