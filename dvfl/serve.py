@@ -43,6 +43,7 @@ class ServeSettings:
     num_replicas: int = 1
     autoscaling: dict | None = None  # Serve's autoscaling_config (min_replicas, max_replicas, ...)
     cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0  # > 0: the replica's model runs on its GPU (a fraction shares one)
     torch_threads: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ class ServeSettings:
                   (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
                   (self.num_replicas >= 1, "num_replicas must be >= 1"),
                   (self.cpus_per_replica > 0, "cpus_per_replica must be > 0"),
+                  (self.gpus_per_replica >= 0, "gpus_per_replica must be >= 0"),
                   (self.torch_threads >= 1, "torch_threads must be >= 1")]
         for ok, msg in checks:
             if not ok:
@@ -182,7 +184,7 @@ def build_app(args: dict):
     """The Serve application (``serve run dvfl.serve:build_app model=DIR`` or configs/serve.yaml)."""
     s = ServeSettings.from_args(dict(args))
     s.model = os.path.abspath(s.model)
-    opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica}}
+    opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)
     else:

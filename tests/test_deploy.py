@@ -266,6 +266,14 @@ def test_serve_settings_from_command_line_strings(prepared):
         ServeSettings.from_args({"model": prepared["teacher"], "topk": "many"})
     with pytest.raises(ValueError, match=r"serve args: request_timeout_s must be a number"):
         ServeSettings.from_args({"model": prepared["teacher"], "request_timeout_s": "soon"})
+    # a replica asks Ray for a GPU only when told to; its model then runs there (dvfl.inference)
+    from dvfl.serve import build_app
+
+    for gpus in ("0", "0.5"):
+        app = build_app({"model": prepared["teacher"], "gpus_per_replica": gpus})
+        assert app._bound_deployment.ray_actor_options["num_gpus"] == float(gpus)
+    with pytest.raises(ValueError, match="gpus_per_replica must be >= 0"):
+        ServeSettings.from_args({"model": prepared["teacher"], "gpus_per_replica": "-1"})
 
 
 def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
