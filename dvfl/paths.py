@@ -57,9 +57,9 @@ def absolute(path: str | None, base: str) -> str | None:
     """``path`` made absolute against ``base`` (``~`` expanded); None and URIs unchanged, except
     ``file://`` URIs, which become the local path they name."""
     if path is not None and path.startswith("file://"):
-        from urllib.parse import urlparse
+        from dvfl.storage import local_path  # (taken literally: '#' and '?' are part of the path)
 
-        return os.path.normpath(urlparse(path).path or "/")
+        return os.path.normpath(local_path(path))
     if path is None or is_uri(path):
         return path
     path = os.path.expanduser(path)

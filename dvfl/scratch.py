@@ -1,22 +1,23 @@
-"""Local temporary folders that a killed process does not leave behind for good.
+"""Local temporary folders and files that a killed process does not leave behind for good.
 
 A process killed with SIGKILL (a lost node, the out-of-memory killer, a fault-injection test)
-runs no clean-up, so its temporary folders stay in the temp dir. Ours carry the owner's PID in
-their name (``dvfl-<kind>-<pid>-…``), and the first folder a process makes of a kind removes the
-ones of that kind whose owner is no longer running on this machine and that nobody has written
-to for ``STALE_SECONDS`` (the age also protects folders of a process in another PID namespace
-that shares this temp dir).
+runs no clean-up, so its temporary folders and files stay in the temp dir. Ours carry the owner's
+PID in their name (``dvfl-<kind>-<pid>-…``), and the first one a process makes of a kind (in a
+folder) removes the ones of that kind whose owner is no longer running on this machine and that
+nobody has written to for ``STALE_SECONDS`` (the age also protects those of a process in another
+PID namespace that shares this temp dir).
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 
 STALE_SECONDS = 600
-_swept: set[str] = set()  # kinds this process has already swept
+_swept: set[tuple] = set()  # (kind, folder) pairs this process has already swept
 
 
 def scratch_prefix(kind: str, label: str = "") -> str:
@@ -46,8 +47,8 @@ def _last_written(path: str) -> float:
 
 
 def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STALE_SECONDS) -> list[str]:
-    """Remove this user's ``dvfl-<kind>-<pid>-…`` folders whose process has ended and that have
-    not been written for ``stale_seconds``; returns what was removed."""
+    """Remove this user's ``dvfl-<kind>-<pid>-…`` folders and files whose process has ended and
+    that have not been written for ``stale_seconds``; returns what was removed."""
     tmpdir = tmpdir or tempfile.gettempdir()
     pattern = re.compile(rf"dvfl-{re.escape(kind)}-(\d+)-")
     removed = []
@@ -57,22 +58,37 @@ def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STAL
         if not match or int(match.group(1)) == os.getpid():
             continue
         try:
-            stale = (os.lstat(path).st_uid == os.getuid() and os.path.isdir(path) and not os.path.islink(path)
+            st = os.lstat(path)  # (a symlink is neither: never followed)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            stale = (st.st_uid == os.getuid() and (is_dir or stat.S_ISREG(st.st_mode))
                      and not _running(int(match.group(1))) and time.time() - _last_written(path) > stale_seconds)
+            if stale:
+                shutil.rmtree(path, ignore_errors=True) if is_dir else os.unlink(path)
+                removed.append(path)
         except OSError:  # gone meanwhile
             continue
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
     return removed
 
 
-SCRATCH_KINDS = ("ckpt", "tb", "serve")  # every kind the project makes
+SCRATCH_KINDS = ("ckpt", "tb", "serve", "spool")  # every kind the project makes
+
+
+def _sweep_once(kind: str, tmpdir: str | None) -> None:
+    key = (kind, os.path.abspath(tmpdir or tempfile.gettempdir()))
+    if key not in _swept:
+        _swept.add(key)
+        sweep_dead(kind, tmpdir)
 
 
 def make_scratch_dir(kind: str, label: str = "") -> str:
     """A new temporary folder of ``kind`` (see :func:`scratch_prefix`); the caller removes it."""
-    if kind not in _swept:
-        _swept.add(kind)
-        sweep_dead(kind)
+    _sweep_once(kind, None)
     return tempfile.mkdtemp(prefix=scratch_prefix(kind, label))
+
+
+def make_scratch_file(kind: str, suffix: str = "", tmpdir: str | None = None) -> str:
+    """A new empty temporary file of ``kind`` in ``tmpdir`` (default the temp dir); the caller removes it."""
+    _sweep_once(kind, tmpdir)
+    fd, path = tempfile.mkstemp(prefix=scratch_prefix(kind), suffix=suffix, dir=tmpdir)
+    os.close(fd)
+    return path

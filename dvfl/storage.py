@@ -47,8 +47,19 @@ def local_path(path: str) -> Optional[str]:
     if not is_uri(path):
         return path
     if path.startswith("file://"):
-        return urlparse(path).path or "/"
+        return _file_uri_path(path)
     return None
+
+
+def _file_uri_path(uri: str) -> str:
+    # the rest of the URI taken literally: urlparse would cut the path at '#' or '?'
+    rest = uri[len("file://"):]
+    if not rest.startswith("/"):
+        host, _, rest = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise ValueError(f"{uri}: a file:// URI must name a local path (file:///path), not host {host!r}")
+        rest = "/" + rest
+    return rest
 
 
 def is_remote(path: str) -> bool:
@@ -109,10 +120,14 @@ def filesystem(path: str) -> Tuple[pafs.FileSystem, str]:
     local = local_path(path)
     if local is not None:
         return pafs.LocalFileSystem(), os.path.abspath(local)
-    u = urlparse(path)
-    if u.scheme in ("s3", "s3a"):
+    scheme, _, rest = path.partition("://")
+    if scheme.lower() in ("s3", "s3a"):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(s3_endpoint(), region), (u.netloc + u.path).rstrip("/")
+        # "bucket/key" taken literally: keys may hold '#' and '?', which urlparse would cut off
+        return _s3(s3_endpoint(), region), rest.rstrip("/")
+    if "#" in path or "?" in path:
+        # pyarrow's from_uri drops a '#...' fragment and reads '?...' as options: another object
+        raise ValueError(f"{path}: '#' and '?' are not supported in {scheme}:// paths; rename the path")
     return pafs.FileSystem.from_uri(path)
 
 
@@ -264,13 +279,11 @@ def open_output(path: str):
 
 def spool_file(path: str) -> str:
     """A local temporary file to build the object ``path`` in before one upload (in
-    ``$DVFL_SPOOL_DIR``, default the system's temporary directory)."""
-    import tempfile
+    ``$DVFL_SPOOL_DIR``, default the system's temporary directory), named ``dvfl-spool-<pid>-…``:
+    the first one a process makes there removes those that killed processes left (dvfl.scratch)."""
+    from dvfl.scratch import make_scratch_file
 
-    fd, tmp = tempfile.mkstemp(prefix="dvfl-spool-", suffix="-" + basename(path),
-                               dir=os.environ.get(SPOOL_ENV) or None)
-    os.close(fd)
-    return tmp
+    return make_scratch_file("spool", suffix="-" + basename(path), tmpdir=os.environ.get(SPOOL_ENV) or None)
 
 
 def upload_file(local: str, path: str) -> None:

@@ -125,6 +125,35 @@ def test_a_shard_object_without_its_sidecar_is_not_read(s3_server):
     assert read_clips_table(uri, columns=["clip_id"]).column("clip_id").to_pylist() == ["c"]
 
 
+
+def test_a_prefix_with_hash_or_query_characters_is_its_own_prefix_on_s3(s3_server):
+    """'#' and '?' in an s3:// URI are part of the key (not a fragment or query cut off): a run
+    under runs/ucf#2 writes, lists and reads its own objects, and removing it (--fresh) leaves
+    the run under runs/ucf alone."""
+    from dvfl import storage
+    from dvfl.data.shards import AtomicShardWriter, CLIP_SCHEMA, read_clips_table, shard_paths
+
+    bucket = s3_server["new_bucket"]()
+    other = f"s3://{bucket}/runs/ucf/keep.json"
+    storage.write_json(other, {"run": "ucf"})
+    row = {"clip_id": "c", "video_id": "v", "path": "p", "label": 0, "class_name": "a", "split": "train",
+           "view": "train", "view_index": 0, "frame_indices": [0], "src_fps": 1.0, "src_num_frames": 1,
+           "num_frames": 1, "height": 1, "width": 1, "frames": b"abc"}
+    for name in ("ucf#2", "q?x=1"):
+        uri = f"s3://{bucket}/runs/{name}"
+        w = AtomicShardWriter(f"{uri}/shards/train-00000.parquet")
+        w.write(CLIP_SCHEMA.empty_table().from_pylist([row], schema=CLIP_SCHEMA))
+        w.close()
+        storage.write_json(f"{uri}/shards/_meta/train-00000.json", {"clips": 1})
+        assert sorted(s3_objects(uri)) == ["shards/_meta/train-00000.json", "shards/train-00000.parquet"]
+        assert shard_paths(uri) == [f"{uri}/shards/train-00000.parquet"]
+        assert read_clips_table(uri, columns=["clip_id"]).column("clip_id").to_pylist() == ["c"]
+        assert storage.read_json(f"{uri}/shards/_meta/train-00000.json") == {"clips": 1}
+        assert storage.find(uri, "train-00000.json") == [f"{uri}/shards/_meta/train-00000.json"]
+        storage.remove_tree(uri)
+        assert s3_objects(uri) == {} and storage.read_json(other) == {"run": "ucf"}
+    assert sorted(s3_objects(f"s3://{bucket}/runs")) == ["ucf/keep.json"]
+
 HELD = "train-00007"  # the plan's last train shard (8 per class x 4 classes, 4 videos per shard)
 
 

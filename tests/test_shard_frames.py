@@ -1,4 +1,7 @@
-"""The frames column back to arrays: the zero-copy batch path agrees with the per-clip path."""
+"""The frames column back to arrays: the zero-copy batch path agrees with the per-clip path.
+And local shard listing."""
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -67,3 +70,23 @@ def test_a_clip_with_the_wrong_byte_count_is_not_silently_reshaped():
         assert "expected 4x6x5x3" in str(e)
     else:
         raise AssertionError("a short clip was accepted")
+
+
+def test_shards_in_a_folder_whose_name_holds_glob_brackets_are_found_and_its_stale_tmp_removed(tmp_path):
+    """'[1]' in a folder name is a glob character class (it matches 'br1'): readers must still
+    list that folder's shards, and the stale-tmp cleanup must see its temporary files."""
+    out = tmp_path / "br[1]"
+    (tmp_path / "br1" / SH.SHARD_DIR).mkdir(parents=True)   # what the unescaped pattern would match instead
+    clips = np.zeros((2, 4, 6, 5, 3), np.uint8)
+    done = str(out / SH.SHARD_DIR / "train-00000.parquet")
+    w = SH.AtomicShardWriter(done)
+    w.write(_rows(clips, labels=[0, 1]))
+    w.commit()
+    killed = SH.AtomicShardWriter(str(out / SH.SHARD_DIR / "train-00001.parquet"))
+    killed.write(_rows(clips, labels=[0, 1]))
+    killed.writer.close()                                    # a writer killed before commit leaves its .tmp
+    assert os.path.exists(killed.tmp)
+    assert SH.shard_paths(str(out)) == [done] and SH.shard_paths(f"file://{out}", ["train"]) == [done]
+    assert SH.read_clips_table(str(out), columns=["clip_id"]).num_rows == 2
+    assert SH.remove_stale_tmp(str(out / SH.SHARD_DIR)) == 1 and not os.path.exists(killed.tmp)
+    assert sorted(os.listdir(out / SH.SHARD_DIR)) == ["train-00000.parquet"]

@@ -234,7 +234,8 @@ def remove_stale_tmp(directory: str) -> int:
     if storage.is_remote(directory):
         return 0  # objects are written once under their final names: no temporary objects
     n = 0
-    for p in glob.glob(os.path.join(storage.local_path(directory), ".*.tmp")):
+    # the folder escaped: unescaped, a folder br[1] is a pattern matching br1, not itself
+    for p in glob.glob(os.path.join(glob.escape(storage.local_path(directory)), ".*.tmp")):
         try:
             os.unlink(p)
             n += 1
@@ -267,7 +268,8 @@ def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[st
                      for m in storage.listdir(storage.join(shard_dir, META_DIR), ".json")}
         paths = [p for p in storage.listdir(shard_dir, ".parquet") if storage.basename(p)[:-len(".parquet")] in committed]
     else:
-        paths = sorted(glob.glob(os.path.join(storage.local_path(out_dir), SHARD_DIR, "*.parquet")))
+        shard_dir = glob.escape(os.path.join(storage.local_path(out_dir), SHARD_DIR))  # br[1] is a name, not a pattern
+        paths = sorted(glob.glob(os.path.join(shard_dir, "*.parquet")))
     if splits is not None:
         want = set(splits)
         paths = [p for p in paths if storage.basename(p).rsplit("-", 1)[0] in want]
