@@ -178,6 +178,27 @@ def test_phone_videos_are_turned_upright(tmp_path, ray_local):
             assert all(o > 10 for o in others), (r["video_id"], others)
 
 
+def test_file_names_in_another_encoding_are_decoded_and_stored_as_utf8_text(tmp_path, ray_local):
+    """A Latin-1 archive's names (bytes that are not UTF-8) reach Python as lone surrogates: decord
+    refused the path (every such video was rejected as corrupt) and Parquet cannot store the name.
+    The video is decoded, its id and path stored with the bytes written as \\xNN."""
+    from conftest import make_videos
+
+    root = tmp_path / "latin1"
+    make_videos([(str(root / "caf" / "plain.mp4"), dict(n=10, seed=1)), (str(root / "caf" / "x.mp4"), dict(n=10, seed=2))])
+    odd = os.fsdecode(bytes(root / "caf") + b"/caf\xe9.mp4")
+    os.rename(root / "caf" / "x.mp4", odd)
+    os.rename(root / "caf", os.fsdecode(bytes(root) + b"/caf\xe9s"))  # a class folder too
+    m = A.folder(str(root))
+    out = str(tmp_path / "out")
+    s = ingest(m, IngestConfig(out=out, frames=4, clips_per_video=1, short_side=20), log=None)
+    assert s["rejected"] == 0 and s["written_videos"] == 2, open(os.path.join(out, "rejects.jsonl")).read()
+    rows = SH.read_clips_table(out).to_pylist()
+    assert {r["video_id"] for r in rows} == {"caf\\xe9s/caf\\xe9", "caf\\xe9s/plain"}
+    assert {r["class_name"] for r in rows} == {"caf\\xe9s"} and SH.load_dataset_info(out)["classes"] == ["caf\\xe9s"]
+    assert all(SH.decode_frames(r).shape == (4, 20, 20, 3) for r in rows)
+
+
 def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):
     m = manifest(syn_root)
     cfg = dict(frames=8, clips_per_video=2, short_side=32, seed=3, videos_per_shard=5)

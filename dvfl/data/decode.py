@@ -403,6 +403,20 @@ def _decode_video(job: Dict) -> Dict:
     path = os.path.abspath(job["path"])
     if not os.path.isfile(path):  # (follows symlinks: devices, FIFOs and folders are refused)
         raise DecodeReject(MISSING, "no such regular file")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a name in another encoding: decord and PyAV can only open UTF-8 paths
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="dvfl-name-") as d:
+            ext = os.path.splitext(os.fsencode(path))[1].decode("ascii", "replace").replace("\ufffd", "")
+            link = os.path.join(d, "video" + ext)
+            os.symlink(path, link)
+            return _decode_file(link, job)
+    return _decode_file(path, job)
+
+
+def _decode_file(path: str, job: Dict) -> Dict:
     if job.get("test_hooks"):
         _run_test_hooks(path, job)
     kind, problem = probe_container(path)

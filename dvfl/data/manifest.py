@@ -11,6 +11,17 @@ from typing import Dict, List, Optional
 KEEP_FIRST = {"test": 0, "val": 1, "train": 2, "unlabeled": 3}
 
 
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: a file name in another encoding (``caf\\xe9`` from Latin-1
+    bytes; Python holds them as lone surrogates) cannot be a Parquet or JSON string, so its
+    undecodable bytes are written as ``\\xNN``. Valid names are returned unchanged."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class VideoEntry:
     video_id: str            # unique, deterministic (usually the path without extension)
@@ -20,11 +31,12 @@ class VideoEntry:
     split: str               # train | val | test | unlabeled
 
     def relpath(self, root: str) -> str:
-        """``path`` relative to ``root`` (POSIX), or absolute when the file lies outside it."""
+        """``path`` relative to ``root`` (POSIX), or absolute when the file lies outside it, as
+        :func:`printable` text (``path`` itself stays the name that opens the file)."""
         rel = os.path.relpath(self.path, root)
         if rel.startswith(".." + os.sep) or rel == ".." or os.path.isabs(rel):
-            return os.path.abspath(self.path)
-        return rel.replace(os.sep, "/")
+            return printable(os.path.abspath(self.path))
+        return printable(rel.replace(os.sep, "/"))
 
 
 @dataclass
@@ -49,6 +61,9 @@ class Manifest:
     problems: List[Problem] = field(default_factory=list)
     source: Dict = field(default_factory=dict)   # adapter parameters (split number, list files ...)
     excluded: int = 0   # listed but deliberately unused by the protocol (e.g. HMDB51 id 0): not inputs
+
+    def __post_init__(self) -> None:
+        self.classes = [printable(c) for c in self.classes]  # (folder names; same order, so labels hold)
 
     @property
     def num_inputs(self) -> int:
