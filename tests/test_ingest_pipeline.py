@@ -199,6 +199,47 @@ def test_file_names_in_another_encoding_are_decoded_and_stored_as_utf8_text(tmp_
     assert all(SH.decode_frames(r).shape == (4, 20, 20, 3) for r in rows)
 
 
+def _damage_tail(src, dst, fraction):
+    """A copy of the MP4 ``src`` whose last ``fraction`` of coded video (the end of ``mdat``) is
+    zeros: the container still lists every frame, the decoder fails from some frame on."""
+    import struct
+
+    data = bytearray(open(src, "rb").read())
+    pos = 0
+    while data[pos + 4:pos + 8] != b"mdat":
+        pos += struct.unpack(">I", data[pos:pos + 4])[0]
+    start, end = pos + 8, pos + struct.unpack(">I", data[pos:pos + 4])[0]
+    cut = int(end - (end - start) * fraction)
+    data[cut:end] = bytes(end - cut)
+    open(dst, "wb").write(bytes(data))
+
+
+def test_a_damaged_tail_keeps_the_frames_before_it(tmp_path, ray_local):
+    """A video whose last frames do not decode (cut or damaged uploads, common in Kinetics) was
+    rejected whole as corrupt; its frames before the first failure are the video now, its views
+    planned on them. Too few of them: too_short, naming the counts."""
+    from conftest import make_videos
+
+    root = tmp_path / "tails"
+    make_videos([(str(root / "src" / "v.mp4"), dict(n=40, h=32, w=32, seed=4))])
+    (root / "c").mkdir()
+    for fraction in (0.3, 0.5, 0.7):
+        _damage_tail(root / "src" / "v.mp4", root / "c" / f"cut{int(fraction * 100)}.mp4", fraction)
+    shutil.rmtree(root / "src")
+    out = str(tmp_path / "out")
+    s = ingest(A.folder(str(root)), IngestConfig(out=out, frames=8, clips_per_video=2, short_side=20), log=None)
+    assert s["inputs"] == 3 and s["written_videos"] == 2, open(os.path.join(out, "rejects.jsonl")).read()
+    rejects = [json.loads(ln) for ln in open(os.path.join(out, "rejects.jsonl"))]
+    assert [r["video_id"] for r in rejects] == ["c/cut70"] and rejects[0]["reason"] == "too_short"
+    assert "of 40 frames decodable (min_frames 8)" in rejects[0]["detail"]
+    for r in SH.read_clips_table(out).to_pylist():
+        n = r["src_num_frames"]
+        assert 8 <= n < 40 and max(r["frame_indices"]) < n, r["video_id"]
+        # PyAV (FFmpeg, decoding in order) agrees on the kept frames
+        ref = D.resize_frames(D._decode_stored(str(root / r["path"]), np.array(r["frame_indices"])), 20, 20)
+        assert np.abs(SH.decode_frames(r).astype(int) - ref).mean() < 6, r["video_id"]
+
+
 def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):
     m = manifest(syn_root)
     cfg = dict(frames=8, clips_per_video=2, short_side=32, seed=3, videos_per_shard=5)

@@ -465,13 +465,16 @@ def _decode_file(path: str, job: Dict) -> Dict:
         min_frames = int(job.get("min_frames") or T)
         if n < min_frames:
             raise DecodeReject(TOO_SHORT, f"{n} frames < min_frames {min_frames}")
-        if job.get("all_frames"):  # every frame, in order (the streaming mode of predict)
-            views = [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
-        else:
+
+        def plan(n: int):
+            if job.get("all_frames"):  # every frame, in order (the streaming mode of predict)
+                return [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
             views = sampling.plan_views(n, T, job["split"], int(job["seed"]), job["video_id"],
                                         int(job["clips_per_video"]), int(job["eval_clips"]))
-            if job.get("first_views"):  # (predict: the evaluation's first N clips of a larger stored grid)
-                views = views[:int(job["first_views"])]
+            # (predict: the evaluation's first N clips of a larger stored grid)
+            return views[:int(job["first_views"])] if job.get("first_views") else views
+
+        views = plan(n)
         uniq = sampling.unique_sorted(v[2] for v in views)
         arr = None
         if scaled:
@@ -495,7 +498,17 @@ def _decode_file(path: str, job: Dict) -> Dict:
                 # dropped right after; DecodeProcess still recycles a child that grows (docs/ingest.md).
                 arr = vr.get_batch(uniq.tolist()).asnumpy()
             except Exception as e:
-                raise DecodeReject(CORRUPT, _short(e))
+                # a damaged or cut tail: fewer decodable frames than the container lists; the
+                # frames before the first failure are the video (its views planned on them).
+                # Counted by PyAV in one thread: decord's decoder thread reads ahead, so where it
+                # fails depends on timing (docs/data-format.md)
+                m = _decodable_prefix(path)
+                if m >= n or m < min_frames:
+                    raise DecodeReject(CORRUPT if m >= min_frames else TOO_SHORT,
+                                       f"{m} of {n} frames decodable (min_frames {min_frames}): {_short(e)}")
+                n, views, scaled = m, plan(m), False
+                uniq = sampling.unique_sorted(v[2] for v in views)
+                arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
     finally:
         del vr
     if arr.ndim != 4 or arr.shape[0] != len(uniq) or arr.shape[-1] != 3:
@@ -515,15 +528,36 @@ def _decode_file(path: str, job: Dict) -> Dict:
             "src_height": int(h), "src_width": int(w), "rotation": rotation, "views": out_views}
 
 
+def _open_in_one_thread(path: str):
+    import av
+
+    container = av.open(path)
+    stream = container.streams.video[0]
+    stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # the same frames every time
+    return container, stream
+
+
+def _decodable_prefix(path: str) -> int:
+    """How many frames decode in order from the first before one fails (PyAV, one thread)."""
+    n = 0
+    try:
+        container, stream = _open_in_one_thread(path)
+        with container:
+            for _ in container.decode(stream):
+                n += 1
+    except Exception:
+        pass
+    return n
+
+
 def _decode_stored(path: str, indices: np.ndarray) -> np.ndarray:
     """Frames ``indices`` (sorted, in decode order) as stored, RGB, by PyAV, which leaves the
     display rotation to the caller."""
-    import av
-
     want, out = set(int(i) for i in indices), []
     try:
-        with av.open(path) as container:
-            for i, frame in enumerate(container.decode(video=0)):
+        container, stream = _open_in_one_thread(path)
+        with container:
+            for i, frame in enumerate(container.decode(stream)):
                 if i in want:
                     out.append(frame.to_ndarray(format="rgb24"))
                 if i >= indices[-1]:
