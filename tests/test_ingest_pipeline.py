@@ -240,6 +240,28 @@ def test_a_damaged_tail_keeps_the_frames_before_it(tmp_path, ray_local):
         assert np.abs(SH.decode_frames(r).astype(int) - ref).mean() < 6, r["video_id"]
 
 
+def test_a_source_size_ingest_sizes_shards_and_row_groups_by_the_sources(tmp_path, ray_local, monkeypatch):
+    """--short-side 0 keeps HD frames: sized as if 256 pixels, shards came out ~25x their target
+    and a 128-clip row group buffered gigabytes. The layout now comes from the inputs' own size."""
+    from conftest import make_videos
+
+    from dvfl.data import ingest as ingest_mod
+
+    monkeypatch.setattr(ingest_mod, "ROW_GROUP_BYTES", 1 << 20)
+    root = tmp_path / "big"
+    make_videos([(str(root / "c" / f"v{i}.mp4"), dict(n=10, h=96, w=128, seed=i)) for i in range(4)])
+    out = str(tmp_path / "out")
+    s = ingest(A.folder(str(root)), IngestConfig(out=out, frames=8, clips_per_video=2, short_side=0, target_shard_mb=2),
+               log=None)
+    assert s["written_videos"] == 4
+    plan = json.load(open(os.path.join(out, SH.PLAN_JSON)))
+    clip_bytes = 8 * 96 * 128 * 3
+    assert plan["videos_per_shard"] == (2 << 20) // (2 * clip_bytes) == 3
+    assert plan["row_group_clips"] == (1 << 20) // clip_bytes == 3
+    pf = SH.parquet_file(SH.shard_paths(out)[0])
+    assert pf.metadata.row_group(0).num_rows == 3 and SH.decode_frames(SH.read_clips_table(out).slice(0, 1)).shape[2:4] == (96, 128)
+
+
 def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):
     m = manifest(syn_root)
     cfg = dict(frames=8, clips_per_video=2, short_side=32, seed=3, videos_per_shard=5)

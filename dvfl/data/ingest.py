@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -408,13 +408,19 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     fingerprint = compute_fingerprint(manifest, params, identities)
 
     # -- shard layout
-    T, S = cfg.frames, cfg.short_side or 256
+    T, S = cfg.frames, cfg.short_side
     views = max(cfg.clips_per_video, cfg.eval_clips)
-    est_video_bytes = T * S * (S * 4 // 3) * 3 * views  # decoded clips of a 4:3 video
+    # decoded bytes of one clip: a 4:3 video at the short side; at the source size (short side 0)
+    # the largest of a sample of the inputs (HD clips are 50x a 256-pixel one: sized as 256, a
+    # task's and a row group's buffers ran out of memory)
+    est_clip_bytes = T * 3 * (S * (S * 4 // 3) if S else _largest_source_pixels(manifest.entries))
+    est_video_bytes = est_clip_bytes * views
     vps = cfg.videos_per_shard or max(1, int(cfg.target_shard_mb * 2 ** 20 // est_video_bytes))
+    row_group_clips = min(cfg.row_group_clips, max(1, ROW_GROUP_BYTES // est_clip_bytes))
     plans = _plan_shards(manifest.entries, vps, cfg.seed)
-    layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": cfg.row_group_clips,
+    layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": row_group_clips,
               "compression": cfg.compression, "shards": [p.name for p in plans]}
+    cfg = replace(cfg, row_group_clips=row_group_clips)
 
     # -- output dir state: refuse to mix different datasets, unless --fresh
     plan_path = storage.join(out, _s.PLAN_JSON)
@@ -620,6 +626,18 @@ def _file_size_limit(limit: int):
         signal.signal(signal.SIGXFSZ, handler)
 PARTS_DIR = "_parts"  # pieces of shards cut into several decode tasks, until merged (not read by anyone else)
 TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before returning them
+ROW_GROUP_BYTES = 512 << 20    # decoded clips a shard writer may buffer for one row group (128 clips up to short side 362)
+SOURCE_SIZE_SAMPLE = 64        # inputs whose size sets a source-size ingest's estimate
+
+
+def _largest_source_pixels(entries: List[VideoEntry]) -> int:
+    """Pixels of the largest frame among (up to) ``SOURCE_SIZE_SAMPLE`` inputs spread over the
+    sorted ids (container headers: cheap for MP4/MOV, a PyAV probe otherwise); 256 x 341 if none
+    can be read (the decode rejects those)."""
+    ids = sorted(range(len(entries)), key=lambda i: entries[i].video_id)
+    step = max(1, len(ids) // SOURCE_SIZE_SAMPLE)
+    sizes = [_d.coded_size(entries[i].path) for i in ids[::step][:SOURCE_SIZE_SAMPLE]]
+    return max([h * w for h, w in filter(None, sizes)] or [256 * 341])
 
 
 def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int,
