@@ -439,7 +439,7 @@ def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local,
     datasets = {"train": data.train, "val": data.val}
     with pytest.raises(TrainingDiverged, match=r"training loss is (nan|inf) at epoch 1; lower optim\.lr"):
         run_loop(dataclasses.replace(loop, run_name="nan"), RunnerSession(datasets, str(tmp_path / "nan")))
-    assert len(epoch_states(str(tmp_path / "nan"))) == 1  # stopped after the first epoch
+    assert not epoch_states(str(tmp_path / "nan"))  # no checkpoint of NaN weights for a retry to resume from
     run_loop(dataclasses.replace(loop, run_name="tune", stop_on_divergence=False),
              RunnerSession(datasets, str(tmp_path / "tune")))
     assert len(epoch_states(str(tmp_path / "tune"))) == cfg.optim.epochs
@@ -494,3 +494,17 @@ def test_logits_left_without_a_build_marker_are_not_reused(prepared, ray_local, 
     assert any("removing" in ln and "unknown build" in ln for ln in lines), lines
     assert any(" 0 already cached" in ln for ln in lines), lines
     assert info["verify"]["checked"] == info["rows"]  # every row is the other teacher's
+
+
+def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(ray_local, tmp_path):
+    """Under Ray Train (2 workers, retries on failure) a diverged student used to report success:
+    the retry resumed from the last epoch's NaN checkpoint, found nothing left to train and saved
+    it. Now no NaN checkpoint exists, every retry diverges again and the command exits 1, its last
+    line the error (not a traceback through Ray's wrappers)."""
+    out = tmp_path / "nan"
+    r = _run_distill(_tiny_args(out, [("optim.lr", 1e9), ("optim.clip_grad", None), ("students", ["dvfl"])]),
+                     ray_local.get_runtime_context().gcs_address)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[distill] error: dvfl s0: the training loss is nan at epoch" in r.stderr, r.stderr[-2000:]
+    assert "[distill] finished" not in r.stdout + r.stderr
+    assert not list(out.glob("students/*/model.json")) and not (out / "results.json").exists()

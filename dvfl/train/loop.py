@@ -323,12 +323,13 @@ def run_loop(cfg: LoopConfig, session) -> None:
                                            run.warmup)
             metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
             next_batches = _epoch_batches(train_shard, cfg, epoch + 1, session) if epoch + 1 < cfg.optim.epochs else None
-            end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
             if cfg.stop_on_divergence and not math.isfinite(metrics["train_loss"]):
-                # its weights are NaN: saved and evaluated, it would be reported as a class-0 predictor
+                # before its checkpoint: a retry must not resume from NaN weights (after the last
+                # epoch it would find nothing to train and save them as the model)
                 raise TrainingDiverged(f"{cfg.label}: the training loss is {metrics['train_loss']} at epoch "
                                        f"{epoch + 1}; lower optim.lr, raise optim.warmup_frac or set "
                                        f"optim.clip_grad (no model was saved)")
+            end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
             batches = next_batches
             reported_at = time.time()
     finally:  # a failed epoch still uploads its TensorBoard events and removes their local copy
