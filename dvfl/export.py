@@ -66,6 +66,13 @@ def _check(name: str, run, model: torch.nn.Module, inputs: list[torch.Tensor], t
     return worst
 
 
+def _trace_example(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The first input with a batch of at least 2: tracing on a batch of 1 lets torch.export (and
+    possibly a tracer) specialise the batch to the constant 1, which a dynamic batch must not be."""
+    x = inputs[0]
+    return x if x.shape[0] >= 2 else x.expand(2, *x.shape[1:]).contiguous()
+
+
 def _tmp_path(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -93,7 +100,7 @@ def export_onnx(model, out: str | os.PathLike, inputs: list[torch.Tensor], toler
     try:
         with _quiet_tracing(), torch.inference_mode():
             # the TorchScript-based exporter: the dynamo one needs onnxscript, which nothing else uses
-            torch.onnx.export(traced, (inputs[0],), str(tmp), dynamo=False, opset_version=opset,
+            torch.onnx.export(traced, (_trace_example(inputs),), str(tmp), dynamo=False, opset_version=opset,
                               input_names=["video"], output_names=["logits"],
                               dynamic_axes={"video": {0: "batch"}, "logits": {0: "batch"}})
         onnx.checker.check_model(str(tmp))
@@ -113,7 +120,7 @@ def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor]
     tmp = _tmp_path(out)
     try:
         with _quiet_tracing(), torch.inference_mode():
-            traced = torch.jit.trace(model, (inputs[0],), check_trace=False)
+            traced = torch.jit.trace(model, (_trace_example(inputs),), check_trace=False)
         torch.jit.save(traced, str(tmp))
         loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
         diff = _check("torchscript", lambda x: loaded(x).float().numpy(), model, inputs, tolerance)
@@ -124,10 +131,11 @@ def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor]
 
 
 def export_program(model, out: str | os.PathLike, inputs: list[torch.Tensor], tolerance: float = TOLERANCE) -> dict:
-    """``torch.export`` ExportedProgram (.pt2) with a dynamic batch, checked after a reload."""
+    """``torch.export`` ExportedProgram (.pt2) with a dynamic batch, checked after a reload on
+    ``inputs`` themselves (a batch of 1 included, e.g. single ``--clips`` clips)."""
     out, model = Path(out), model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (inputs[0],), dynamic_shapes=({0: batch},))
+    program = torch.export.export(model, (_trace_example(inputs),), dynamic_shapes=({0: batch},))
     tmp = _tmp_path(out)
     try:
         torch.export.save(program, str(tmp))
@@ -211,6 +219,25 @@ def replaceable_folder(path: str | os.PathLike) -> bool:
     return not names or ({FOLDER_WEIGHTS, SPEC} <= names and names <= set(FOLDER_FILES))
 
 
+def _publish_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``. An earlier ``out`` is first renamed aside (a
+    directory cannot be renamed over a non-empty one), removed only once the new one is in place,
+    and put back if that rename fails: ``out`` is never deleted before its replacement is there."""
+    old = Path(storage.local_tmp_name(str(out))) if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    finally:
+        storage.fsync_dir(str(out.parent))  # make the renames durable before the old copy goes
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | None = None) -> dict:
     """A model folder (safetensors + timm config + our spec + model card), written to a temp
     folder and renamed into place; reloaded through ``timm.create_model`` and compared. An existing
@@ -225,7 +252,8 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / FOLDER_WEIGHTS), metadata={"format": "pt"})
+        # through storage, as the other files: each one is fsynced before the folder is published
+        storage.write_with(tmp / FOLDER_WEIGHTS, lambda t: save_file(state, t, metadata={"format": "pt"}))
         storage.write_json(tmp / "config.json", timm_config(spec))
         keep = {k: v for k, v in spec.items() if k != "history"}
         storage.write_json(tmp / SPEC, keep)
@@ -236,9 +264,8 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
         for p in tmp.iterdir():
             os.chmod(p, 0o644)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        storage.fsync_dir(str(tmp))
+        _publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": "folder", "path": str(out), "max_abs_diff": diff,

@@ -149,6 +149,36 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
         assert (ts(clips) - torch.from_numpy(ref)).abs().max() <= 1e-4
 
 
+def test_torch_export_from_single_clips_keeps_a_dynamic_batch(prepared, golden_dir, tmp_path):
+    """`dvfl export --format export --clips DIR` (README's command): the real clips are batches of
+    one, which torch.export would specialise the batch to; the program still takes any batch."""
+    import torch
+
+    from dvfl import export as ex
+    from dvfl.artifacts import load_model
+    from dvfl.commands.export import real_clips
+
+    gdir, g = golden_dir
+    golden, _ = load_model(gdir)
+    one = [g["input"][:1]]  # a batch-1 first input, in process: the same for all three traced formats
+    for fn, name in ((ex.export_program, "g.pt2"), (ex.export_onnx, "g.onnx"), (ex.export_torchscript, "g.ts")):
+        assert fn(golden, tmp_path / name, one)["max_abs_diff"] <= 1e-4, name
+    ep = torch.export.load(str(tmp_path / "g.pt2")).module()
+    assert (ep(g["input"]) - g["logits"]).abs().max() <= 1e-4
+
+    out = tmp_path / "t.pt2"
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "export", "--out", out,
+                "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    model, spec = load_model(prepared["teacher"])
+    clips = real_clips(prepared["cfg"].clips_dir, spec, 3)
+    assert [c.shape[0] for c in clips] == [1, 1, 1]
+    ep = torch.export.load(str(out)).module()
+    with torch.inference_mode():
+        for x in (torch.cat(clips), clips[0]):  # a batch of 3 (never checked by the export) and of 1
+            assert (ep(x) - model.eval()(x)).abs().max() <= 1e-4
+
+
 @contextlib.contextmanager
 def no_network(monkeypatch):
     """Every socket connection or name lookup fails while inside; the attempts are recorded."""
@@ -237,6 +267,58 @@ def test_a_folder_export_replaces_an_earlier_export_and_nothing_else(prepared, t
     assert r.returncode == 2 and "not an exported model folder" in r.stderr, r.stderr
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "notes.txt"]
     assert not replaceable_folder(other) and not replaceable_folder(other / "notes.txt")
+
+
+def test_a_folder_export_is_swapped_in_whole_and_a_failed_one_keeps_the_earlier(golden_dir, tmp_path, monkeypatch):
+    """Replacing an earlier export leaves only the new one (no hidden sibling folder); an export
+    that fails its check, or whose final rename fails, leaves the earlier export as it was."""
+    import torch
+
+    from dvfl import export as ex
+    from dvfl import storage
+    from dvfl.artifacts import load_model
+
+    gdir, _ = golden_dir
+    model, spec = load_model(gdir)
+    parent = tmp_path / "models"
+    folder = parent / "golden"
+    synced = []
+    real_fsync_dir = storage.fsync_dir
+    monkeypatch.setattr(storage, "fsync_dir", lambda d: (synced.append(os.path.abspath(d)), real_fsync_dir(d)))
+    ex.export_folder(model, {**spec, "seed": 1}, folder)
+    ex.export_folder(model, {**spec, "seed": 2}, folder)
+    assert os.listdir(parent) == ["golden"]
+    assert json.loads((folder / "model.json").read_text())["seed"] == 2
+    assert str(parent) in synced  # the rename into place is made durable
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    hook = model.register_forward_hook(lambda _m, _i, y: y + 1e-3)  # PyTorch no longer matches the weights
+    try:
+        with pytest.raises(ex.ExportMismatch):
+            ex.export_folder(model, {**spec, "seed": 3}, folder)
+    finally:
+        hook.remove()
+    assert os.listdir(parent) == ["golden"] and {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):  # the rename of the new folder onto --out fails (a crash there, or a full disk)
+        if os.fspath(dst) == str(folder) and not calls:
+            calls.append(src)
+            raise OSError("simulated failure of the final rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        ex.export_folder(model, {**spec, "seed": 4}, folder)
+    assert calls and os.listdir(parent) == ["golden"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    import timm
+
+    x = ex.example_input(spec, 1)
+    with torch.inference_mode():  # the restored folder still loads and is the model
+        assert torch.equal(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x), model.eval()(x))
 
 
 def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):
