@@ -21,18 +21,21 @@ Shapes (the usual distributions of the datasets; the content is synthetic):
 Content is textured, moving noise blocks (what the input-pipeline benchmark uses): it compresses
 worse than typical footage, so bytes on disk are an upper-side estimate; raw bytes are exact.
 
-    python benchmarks/dataset_shapes.py [--videos 48]
-Writes benchmarks/results/dataset_shapes.json and prints a table.
+    python benchmarks/dataset_shapes.py [--videos 48] [--work DIR] [--out PATH]
+Writes benchmarks/results/dataset_shapes.json (or --out) and prints a table. The generated videos
+and ingest outputs go to a fresh temporary folder that is removed at exit, unless --work is given.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +43,7 @@ REPO = os.path.dirname(_HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, _HERE)
 from input_pipeline import _tree_cpu_s, ray_read_rate  # noqa: E402  (same CPU accounting and read loop)
+from benchmarks.machine import cpu_model  # noqa: E402
 
 RESULTS = os.path.join(_HERE, "results", "dataset_shapes.json")
 
@@ -127,10 +131,15 @@ def measure(name: str, spec: dict, root: str, work: str, workers: int, videos: i
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/dvfl_bench_shapes")
+    ap.add_argument("--work", help="scratch folder, kept (default: a temporary folder, removed at exit)")
     ap.add_argument("--videos", type=int, default=48, help="videos per shape (a second run uses a third)")
+    ap.add_argument("--out", default=RESULTS, help="the results file (default: %(default)s)")
     a = ap.parse_args()
-    os.makedirs(a.work, exist_ok=True)
+    if a.work:
+        os.makedirs(a.work, exist_ok=True)
+    else:  # our own scratch: gone at exit
+        a.work = tempfile.mkdtemp(prefix="dvfl-bench-shapes-")
+        atexit.register(shutil.rmtree, a.work, True)
     roots = {}
     for name, spec in SHAPES.items():
         roots[name] = os.path.join(a.work, f"{name}_{a.videos}")
@@ -140,7 +149,7 @@ def main():
     from dvfl.data.ingest import IngestConfig, ingest, ray_session
 
     cores = os.cpu_count() or 1
-    res = {"machine": {"cores": cores, "platform": platform.platform(), "python": platform.python_version(),
+    res = {"machine": {"cpu": cpu_model(), "cores": cores, "platform": platform.platform(), "python": platform.python_version(),
                        "loadavg_at_start": os.getloadavg(), "process_niceness": os.nice(0)},
            "params": {"frames": FRAMES, "clips_per_video": CLIPS_PER_VIDEO, "short_side": SHORT_SIDE},
            "shapes": {}}
@@ -167,10 +176,11 @@ def main():
             res["shapes"][name] = full
     res["machine"]["loadavg_at_end"] = os.getloadavg()
     res["wall_s"] = time.time() - started
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
         json.dump(res, f, indent=2)
     print_table(res)
+    print(f"\nwrote {a.out}")
 
 
 def print_table(res):

@@ -10,8 +10,10 @@ first; (2) the nano and base forward latency at 8x224^2, batch 1, bf16, with the
 interleaved round (median and min-max); (3) one training step of the student with the teacher's
 logits from a cache (a tensor lookup) against one with the base teacher's forward in the step
 (online KD), interleaved, with the ratio online/cached. The GPU's name, CUDA and torch versions go
-into the results. ``--dry-run`` (or no CUDA) runs the same code on the CPU with 2 Ray workers
-(gloo DDP) and tiny models, fp32, writing to --out; it proves the logic, not the speed.
+into the results, with the host's CPU model. ``--dry-run`` (or no CUDA) runs the same code on the
+CPU with 2 Ray workers (gloo DDP) and tiny models, fp32; it proves the logic, not the speed, so it
+writes only to an explicit --out (without one it prints the results and leaves gpu.json alone).
+Ray Train's run folder is a temporary folder, removed when the run ends.
 Wall time: about 3 minutes on one GPU; --dry-run about 1 minute on a quiet 2-core CPU.
 """
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.machine import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"
 
@@ -175,7 +181,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: checks the logic")
     p.add_argument("--steps", type=int, default=None, help="DDP training steps (default 20 on GPU, 2 dry)")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", help=f"the results file (default: {RESULTS} on CUDA; a dry run writes only to an "
+                                  "explicit --out and otherwise prints the results)")
     a = p.parse_args(argv)
 
     import ray
@@ -186,16 +193,18 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if use_gpu else "cpu")
     s = settings(dry_run=not use_gpu)
     started = time.time()
-    out = Path(a.out)
-    storage = out.parent / "gpu_check_ray"
+    # a dry run (logic only) must not replace the measured gpu.json unless asked to
+    out = Path(a.out) if a.out else (RESULTS if use_gpu else None)
+    storage = tempfile.mkdtemp(prefix="dvfl-gpu-check-ray-")  # Ray Train's run folder: nothing in it is needed
     steps = a.steps or (20 if use_gpu else 2)
-    with ray_runtime(num_cpus=None if ray.is_initialized() else max(s["workers"], os.cpu_count() or 1)):
-        train = ddp_step(s, use_gpu, steps, str(storage))
-    import shutil
-
-    shutil.rmtree(storage, ignore_errors=True)  # Ray Train's run folder: nothing in it is needed
+    try:
+        with ray_runtime(num_cpus=None if ray.is_initialized() else max(s["workers"], os.cpu_count() or 1)):
+            train = ddp_step(s, use_gpu, steps, storage)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
     results = {
         "device": torch.cuda.get_device_name(0) if use_gpu else "cpu (dry run: logic only, not speed)",
+        "host_cpu": cpu_model(), "host_cpus": os.cpu_count(),
         "dry_run": not use_gpu, "torch": torch.__version__, "cuda": torch.version.cuda if use_gpu else None,
         "load_average": os.getloadavg(),
         "models": {"student": s["student"], "teacher": s["teacher"]},
@@ -204,14 +213,18 @@ def main(argv=None) -> int:
         "kd": kd_steps(s, device, bf16=use_gpu),
     }
     results["wall_seconds"] = time.time() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(out.with_suffix(".tmp"), out)
+    if out is None:
+        print(json.dumps(results, indent=2))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".tmp").write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(out.with_suffix(".tmp"), out)
     t, lat, kd = train, results["latency"], results["kd"]
     print(f"[gpu_check] {results['device']}: DDP x{t['world_size']} {'bf16' if t['bf16'] else 'fp32'} step "
           f"{t['step_s_median']:.3f} s ({t['step_s_min']:.3f}-{t['step_s_max']:.3f}); base/nano latency "
           f"{lat['base_over_nano']['median']:.2f}x ({lat['base_over_nano']['min']:.2f}-{lat['base_over_nano']['max']:.2f}); "
-          f"online/cached KD step {kd['online_over_cached']['median']:.2f}x; wrote {out}")
+          f"online/cached KD step {kd['online_over_cached']['median']:.2f}x; "
+          + (f"wrote {out}" if out else "dry run: not written (give --out to keep it)"))
     return 0
 
 

@@ -22,10 +22,13 @@ Two video sets: the embedded synthetic dataset at its default size (6,000 traini
 32x32 pixels and 16 frames: per-file overheads are the size of the decode) and a "UCF-like" set
 (512 videos of 320x240, 25 fps, 6 s H.264, short side 128: decoding dominates, like real
 datasets). Usage: python benchmarks/input_pipeline.py [--quick] [--section all|writers] [--ucf-videos N] [--repeats R]
+[--work DIR]. The videos and ingest outputs go to a fresh temporary folder that is removed at exit,
+unless --work names a folder (then it is kept).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import fractions
 import glob
 import json
@@ -34,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -610,7 +614,7 @@ def main_breakdown(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/dvfl_bench_input")
+    ap.add_argument("--work", help="scratch folder, kept (default: a temporary folder, removed at exit)")
     ap.add_argument("--quick", action="store_true", help="smaller sets (smoke run)")
     ap.add_argument("--section", choices=("all", "writers", "breakdown"), default="all",
                     help="writers: only (d), written to results/input_pipeline_writers.json; breakdown: only "
@@ -618,6 +622,9 @@ def main():
     ap.add_argument("--ucf-videos", type=int, default=None, help="size of the UCF-like set (default 512; 12 with --quick)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of (d)")
     a = ap.parse_args()
+    if not a.work:  # our own scratch: gone at exit (a --work the user gave is kept)
+        a.work = tempfile.mkdtemp(prefix="dvfl-bench-input-")
+        atexit.register(shutil.rmtree, a.work, True)
     if a.section == "writers":
         return main_writers(a)
     if a.section == "breakdown":

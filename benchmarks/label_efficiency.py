@@ -27,8 +27,10 @@ epochs, 25% labels + the embedded default's unlabelled pool (800 videos next to 
 ``epochs`` gives every run the config's epochs, so a run on fewer clips also gets fewer steps
 (session 4's protocol).
 
-Writes benchmarks/results/label_efficiency.json and label_efficiency.png, prints a table.
-    python benchmarks/label_efficiency.py [--config configs/embedded.yaml] [--seeds 0 1]
+Writes benchmarks/results/label_efficiency.json and label_efficiency.png (``--budget steps``, the
+figures the README quotes) or label_efficiency_epochs.json and label_efficiency_epochs.png
+(``--budget epochs``) into --out, and prints a table.
+    python benchmarks/label_efficiency.py [--config configs/embedded.yaml] [--seeds 0 1] [--budget steps|epochs]
 """
 from __future__ import annotations
 
@@ -89,7 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
     p.add_argument("--budget", choices=["steps", "epochs"], default="steps",
                    help="steps: every run gets the 100%%-label CE run's optimizer steps; epochs: the config's epochs")
-    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and the PNG")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="folder for the JSON and the PNG: label_efficiency.{json,png} for --budget steps, "
+                        "label_efficiency_epochs.{json,png} for --budget epochs (default: %(default)s)")
     a = p.parse_args(argv)
 
     from benchmarks.machine import cpu_flags, cpu_model
@@ -155,8 +159,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from dvfl import storage
 
-    storage.write_json(out / "label_efficiency.json", report)
-    plot(results, teacher_top1, out / "label_efficiency.png")
+    # one file per budget: an equal-epochs run must not replace the equal-steps figures
+    stem = "label_efficiency" if a.budget == "steps" else f"label_efficiency_{a.budget}"
+    storage.write_json(out / f"{stem}.json", report)
+    plot(results, teacher_top1, out / f"{stem}.png")
     print(f"\nteacher top-1 {teacher_top1:.1%}; students, mean (min-max) over seeds {a.seeds}:")
     print(f"| labels | {' | '.join(LABELS[m] for m in METHODS)} |")
     print("|---:|" + "---:|" * len(METHODS))
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
     if t["met"] is not None:
         print(f"target (25% labels + unlabelled KD within 3 points of CE on 100%): "
               f"{'MET' if t['met'] else 'MISSED'} (gap {t['gap_points']:+.1f} points)")
-    print(f"[label-efficiency] {out / 'label_efficiency.json'}, {out / 'label_efficiency.png'} "
+    print(f"[label-efficiency] {out / (stem + '.json')}, {out / (stem + '.png')} "
           f"({report['seconds']:.0f}s)")
     return 0
 

@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 import os
-import platform
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from dvfl.host import cpu_model as read  # stdlib only: no torch in a benchmark's driver for this
+
+    return read()
 
 
 def cpu_flags(wanted=("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx2")) -> list[str]:

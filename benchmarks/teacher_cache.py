@@ -12,8 +12,8 @@ Measured in one run, side by side:
     peak from ``wait4``) on a dataset and on one 10x larger: it must stay flat, since the driver
     only reads the few clips it verifies.
 
-Writes benchmarks/results/teacher_cache.json and prints a table.
-    python benchmarks/teacher_cache.py [--videos-per-class 16] [--repeats 3] [--rss-videos-per-class 2]
+Writes benchmarks/results/teacher_cache.json (or --out) and prints a table.
+    python benchmarks/teacher_cache.py [--videos-per-class 16] [--repeats 3] [--rss-videos-per-class 2] [--out PATH]
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.machine import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "teacher_cache.json"
 
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
                    help="driver-RSS check: stored clip size (large clips make any whole-dataset read show)")
     p.add_argument("--only-rss", action="store_true",
                    help="run only the driver-RSS check and update that part of the results file")
+    p.add_argument("--out", default=str(RESULTS), help="the results file (default: %(default)s)")
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
         cfg = rss_cfgs[a.rss_videos_per_class]
     for c in {cfg.output_dir: cfg, **{c.output_dir: c for c in rss_cfgs.values()}}.values():
         pipeline.ensure_videos(c, log=None)  # before Ray starts: the CPUs are the generator's alone
-    results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    results: dict = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "device": "cpu", "torch": torch.__version__}}
     with ray_runtime():
         info = pipeline.ensure_clips(cfg, log=lambda *_: None)
@@ -175,9 +178,13 @@ def main(argv=None) -> int:
         results["driver_rss"] = {"sizes": list(rss.values()),
                                  "peak_rss_growth_mb": large["driver_peak_rss_mb"] - small["driver_peak_rss_mb"],
                                  "shard_growth_mb": large["shard_mb"] - small["shard_mb"]}
+    out_path = Path(a.out)
     if a.only_rss:
-        previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-        results = {**previous, "driver_rss": results["driver_rss"]}
+        previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        # the rest of the file (and its "machine") is the previous run's: record this run's machine
+        # next to the numbers it measured
+        results = {**previous, "driver_rss": results["driver_rss"], "driver_rss_machine": results["machine"]}
+        results.setdefault("machine", results["driver_rss_machine"])
     else:
         results["cache"] = {"teacher": cfg.teacher.train.model, "teacher_kwargs": kwargs, "num_classes": num_classes,
                             **sizes, "fp32_over_fp16_bytes": sizes["float32"]["bytes_per_view"] / sizes["float16"]["bytes_per_view"]}
@@ -187,8 +194,8 @@ def main(argv=None) -> int:
         paper_kw = {"num_classes": 101, "num_frames": 8, "img_size": 112}
         results["paper_pair_112"] = teacher_vs_student("videofocalnet_base", paper_kw, "videofocalnet_nano", paper_kw,
                                                        (2, 8, 3, 112, 112), a.repeats)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
 
     c = results.get("cache")
     if c:
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
         print(f"| {row['videos_per_class']} videos/class at {row['short_side']}px | {row['clips']} | "
               f"{row['shard_mb']:.0f} MiB | {row['driver_peak_rss_mb']:.0f} MiB |")
     print(f"10x the data: shards +{r['shard_growth_mb']:.0f} MiB, driver peak RSS {r['peak_rss_growth_mb']:+.0f} MiB")
-    print(f"\nwrote {RESULTS}")
+    print(f"\nwrote {out_path}")
     return 0
 
 

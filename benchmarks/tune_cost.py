@@ -127,8 +127,9 @@ def main(argv=None) -> int:
         info = pipeline.ensure_clips(cfg, log=lambda *_: None)
         prep["ingest_s"] = time.perf_counter() - t0
         kw = {"num_classes": len(info["classes"]), "num_frames": cfg.data.frames, "img_size": cfg.crop_size}
-        if run_teacher is not None:
-            name = json.loads((run_teacher / "model.json").read_text())["name"]
+        if run_teacher is not None:  # the run teacher's own architecture and kwargs, not the generic ones
+            spec = json.loads((run_teacher / "model.json").read_text())
+            name, kw = spec["name"], dict(spec.get("kwargs") or {})
         elif a.teacher == "embedded":
             t_cfg = cfg.teacher.train
             kw.update({k: v for k, v in (("embed_dim", t_cfg.embed_dim), ("depths", t_cfg.depths)) if v is not None})

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dvfl.host import cpu_model
 from dvfl.models import build_model
 
 # the profile's default model: the paper's UCF101 classifier on 8 x 224^2 clips
@@ -218,6 +219,7 @@ class ProfileResult:
     peak_memory_mib: Optional[float] = None
     peak_memory_delta_mib: Optional[float] = None
     torch_version: str = torch.__version__
+    cpu_model: str = field(default_factory=cpu_model)  # the host CPU (on cuda too: it feeds the GPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -266,7 +268,7 @@ def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 
     return ProfileResult(
         model=name, num_classes=model_kwargs["num_classes"], frames=frames, size=size,
         embed_dim=model_kwargs.get("embed_dim"),
-        device=str(device), threads=torch.get_num_threads(),
+        device=str(device), threads=torch.get_num_threads(), cpu_model=cpu_model(),
         params=counts["params"], trainable_params=counts["trainable_params"],
         flops_per_clip=flops["flops_per_clip"], gflops_per_clip=flops["flops_per_clip"] / 1e9,
         gmacs_per_clip=flops["gmacs_per_clip"], flops_counted_on=flops["flops_counted_on"],
@@ -283,6 +285,7 @@ def format_profile(r: ProfileResult) -> str:
         f"model: {r.model} (num_classes={r.num_classes}, frames={r.frames}, size={r.size}"
         + (f", embed_dim={r.embed_dim}" if r.embed_dim is not None else "") + ")",
         f"device: {r.device} (threads={r.threads}, torch {r.torch_version})",
+        f"cpu: {r.cpu_model}",
         f"params: {r.params:,} ({r.params / 1e6:.2f} M)",
         f"FLOPs per clip: {r.flops_per_clip:,.0f} ({r.gflops_per_clip:.2f} GFLOPs, "
         f"FlopCounterMode, 2 per MAC)",

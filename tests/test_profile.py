@@ -153,6 +153,9 @@ def test_profile_cli_smoke(tmp_path):
     gmacs = float(re.search(r"GMACs per clip: ([\d.]+)", text).group(1))
     assert gmacs == pytest.approx(flops / 2e9, abs=0.01)
     assert data["latency_ms_median"] > 0 and data["throughput_clips_per_s"] > 0
+    # the machine it ran on: the host CPU's model, next to device and threads
+    assert isinstance(data["cpu_model"], str) and data["cpu_model"].strip()
+    assert f"cpu: {data['cpu_model']}" in text
 
 
 def test_profile_cli_rejects_bad_args():
