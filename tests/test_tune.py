@@ -148,8 +148,8 @@ def test_search_with_three_trials_completes(search):
         assert r["best_top1"] == max(logged.values()) == logged[r["best_epoch"]], (r, logged)
         assert r["final_top1"] == logged[max(logged)]  # the last epoch's: what distill.py would ship
         assert r["gmacs"] > 0 and r["params"] > 0 and r["width"] in (8, 12) and r["epochs_run"] >= 1
-    # sorted by last-epoch accuracy, the best config is the top row's, widths change GMACs
-    assert [r["final_top1"] for r in rows] == sorted((r["final_top1"] for r in rows), reverse=True)
+    # sorted by accuracy, the best config is the top row's, widths change GMACs
+    assert [r["best_top1"] for r in rows] == sorted((r["best_top1"] for r in rows), reverse=True)
     by_width = {r["width"]: r["gmacs"] for r in rows}
     assert all(by_width[a] < by_width[b] for a in by_width for b in by_width if a < b)
     md = (exp / "tune_results.md").read_text()
@@ -175,8 +175,8 @@ def test_the_pareto_front_is_rerun_with_another_seed_and_the_best_is_its_best_me
     for r in front:
         rerun = next(x for x in reruns if x["front_of"] == r["trial_id"])
         # the search's own run (chosen, so biased upward) stays out of the front's figures
-        assert r["top1_by_seed"] == {"1": rerun["final_top1"]}
-        assert r["top1_min"] == r["top1_mean"] == r["top1_max"] == rerun["final_top1"]
+        assert r["top1_by_seed"] == {"1": rerun["best_top1"]}
+        assert r["top1_min"] == r["top1_mean"] == r["top1_max"] == rerun["best_top1"]
         assert (r["temperature"], r["width"], r["lr"]) == (rerun["temperature"], rerun["width"], rerun["lr"])
         # the re-run trained with seed 1 (the trial driver's record), in the front's own experiment
         record = json.loads((exp.parent / "forced-asha-front" / "dvfl_trials" / f"{rerun['trial_id']}.json").read_text())
@@ -391,7 +391,7 @@ def test_pareto_front_and_cli_config_error(tmp_path):
     assert not diverged("t", {"epoch": 1})
 
     def trial(gmacs, top1, status="completed"):
-        return {"gmacs": gmacs, "final_top1": top1, "status": status}
+        return {"gmacs": gmacs, "best_top1": top1, "status": status}
 
     rows = [trial(1.0, 0.5), trial(2.0, 0.5), trial(2.0, 0.7), trial(3.0, 0.6), trial(0.5, None),
             # an errored or diverged trial's last score is no recipe: never on the front, whatever it reached
@@ -411,7 +411,7 @@ def test_front_reruns_and_separation():
     from dvfl.tune.search import front_reruns
 
     def row(tid, width, gmacs, top1, status="completed"):
-        return {"trial_id": tid, "width": width, "gmacs": gmacs, "temperature": 4.0, "final_top1": top1, "seed": 0,
+        return {"trial_id": tid, "width": width, "gmacs": gmacs, "temperature": 4.0, "best_top1": top1, "seed": 0,
                 "status": status, "params_searched": {"student.embed_dim": width}}
 
     rows = [row("a", 4, 1.0, 0.40, "stopped early"), row("b", 8, 2.0, 0.95), row("c", 16, 4.0, 0.91),
@@ -419,13 +419,13 @@ def test_front_reruns_and_separation():
     runs = front_reruns(rows, [1, 2])
     assert [(r["of"], r["seed"]) for r in runs] == [(t, s) for t in "abcd" for s in (1, 2)]
     def rerun(of, seed, top1, status="completed"):
-        return {"front_of": of, "seed": seed, "final_top1": top1, "status": status}
+        return {"front_of": of, "seed": seed, "best_top1": top1, "status": status}
 
     reruns = [rerun("a", 1, 0.85), rerun("a", 2, 0.75), rerun("b", 1, 0.845), rerun("b", 2, 0.853),
               rerun("c", 1, 0.90), rerun("c", 2, 0.881), rerun("d", 1, 0.92),
               rerun("d", 2, 0.99, "error"), rerun("c", 3, 0.5, "diverged")]  # no part of any spread
     spread = front_spread(rows, [0, 1, 2, 3], reruns)
-    assert rows[1]["top1_by_seed"] == {"1": 0.845, "2": 0.853} and rows[1]["final_top1"] == 0.95
+    assert rows[1]["top1_by_seed"] == {"1": 0.845, "2": 0.853} and rows[1]["best_top1"] == 0.95
     assert rows[3]["top1_by_seed"] == {"1": 0.92} and rows[2]["top1_by_seed"] == {"1": 0.90, "2": 0.881}
     assert rows[1]["top1_max"] == 0.853  # b's chosen 95 % would have hidden that it is below c
     pairs = front_separation(spread)
@@ -439,14 +439,14 @@ def test_a_search_with_no_usable_trial_fails():
     only an all-errored search failed; diverged trials kept their pre-NaN peaks and could be chosen)."""
     from dvfl.tune import SearchFailed, report_errors
 
-    diverged_rows = [{"trial_id": f"t{i}", "status": "diverged", "final_top1": 0.9, "path": "p", "error": None}
+    diverged_rows = [{"trial_id": f"t{i}", "status": "diverged", "best_top1": 0.9, "path": "p", "error": None}
                      for i in range(2)]
     with pytest.raises(SearchFailed, match="all 2 trials diverged"):
         report_errors(diverged_rows, log=lambda *_: None)
-    mixed = diverged_rows + [{"trial_id": "e", "status": "error", "final_top1": 0.95, "path": "p", "error": "Boom"}]
+    mixed = diverged_rows + [{"trial_id": "e", "status": "error", "best_top1": 0.95, "path": "p", "error": "Boom"}]
     with pytest.raises(SearchFailed, match=r"no trial of 3 finished \(1 errored, the rest diverged"):
         report_errors(mixed, log=lambda *_: None)
-    report_errors(mixed + [{"trial_id": "ok", "status": "stopped early", "final_top1": 0.3, "path": "p",
+    report_errors(mixed + [{"trial_id": "ok", "status": "stopped early", "best_top1": 0.3, "path": "p",
                             "error": None}], log=lambda *_: None)  # one usable trial: the search found something
 
 

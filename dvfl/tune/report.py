@@ -76,14 +76,14 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict, exp:
             "teacher_forward_calls": max(forwards) if forwards else None,
             "path": result.path,
         })
-    rows.sort(key=lambda r: (not usable(r), -(r["final_top1"] or 0.0), r["gmacs"]))
+    rows.sort(key=lambda r: (not usable(r), -(r["best_top1"] or 0.0), r["gmacs"]))
     return rows
 
 
 def usable(r: dict) -> bool:
-    """A trial whose last epoch's validation top-1 may be chosen: it ran to the end or ASHA stopped
-    it; an errored or diverged trial's earlier epochs are not a recipe that works."""
-    return r["status"] in ("completed", "stopped early") and r["final_top1"] is not None
+    """A trial that may be chosen: it ran to the end or ASHA stopped it; an errored or diverged
+    trial's epochs before the failure are not a recipe that works."""
+    return r["status"] in ("completed", "stopped early") and r["best_top1"] is not None
 
 
 def _error_text(result) -> str:
@@ -126,9 +126,9 @@ def report_errors(rows: list[dict], log=print) -> None:
 
 
 def pareto_front(rows: list[dict]) -> list[int]:
-    """Indices of the usable trials no other usable trial beats on both last-epoch top-1 (higher:
-    the weights distill.py ships, not a peak it would not keep) and GMACs (lower)."""
-    pts = [(r["gmacs"], r["final_top1"] if usable(r) else None) for r in rows]
+    """Indices of the usable trials no other usable trial beats on both best validation top-1
+    (higher) and GMACs (lower)."""
+    pts = [(r["gmacs"], r["best_top1"] if usable(r) else None) for r in rows]
     front = []
     for i, (g, a) in enumerate(pts):
         if a is None:
@@ -141,14 +141,14 @@ def pareto_front(rows: list[dict]) -> list[int]:
 
 def markdown_table(rows: list[dict], t: TuneConfig) -> str:
     extra = sorted(k for k in t.space if k not in ("kd.temperature", "kd.alpha", "optim.lr", "student.embed_dim"))
-    head = ["trial", "T", "width", "α", "lr", *extra, "GMACs/clip", "params", "top-1 (last epoch)", "peak (epoch)",
+    head = ["trial", "T", "width", "α", "lr", *extra, "GMACs/clip", "params", "best top-1 (epoch)", "last epoch",
             "epochs run", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 1 + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         cells = [r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
                  *[_fmt(r["params_searched"].get(k)) for k in extra], f"{r['gmacs']:.4f}", f"{r['params'] / 1e6:.3f}M",
-                 "—" if r["final_top1"] is None else f"{r['final_top1']:.1%}",
                  "—" if r["best_top1"] is None else f"{r['best_top1']:.1%} ({r['best_epoch']})",
+                 "—" if r["final_top1"] is None else f"{r['final_top1']:.1%}",
                  f"{r['epochs_run']}/{r['max_epochs']}",
                  r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -156,14 +156,14 @@ def markdown_table(rows: list[dict], t: TuneConfig) -> str:
 
 
 def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> list[dict]:
-    """Each front trial's last-epoch top-1 per fresh student seed (its usable re-runs), with mean and
+    """Each front trial's best top-1 per fresh student seed (its usable re-runs), with mean and
     min-max, set on its row; returns the front rows that were re-run. The search's own run stays out
     of these figures: it is on the front because it beat the other trials of its cost, so its score
     is biased upward."""
     spread = []
     for i in front:
         r = rows[i]
-        runs = {f["seed"]: f["final_top1"] for f in front_rows
+        runs = {f["seed"]: f["best_top1"] for f in front_rows
                 if f["front_of"] == r["trial_id"] and usable(f) and f["seed"] != r.get("seed")}
         if not runs:
             continue
@@ -204,7 +204,7 @@ def front_table(spread: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
             f"{r['gmacs']:.4f}",
-            f"{r['final_top1']:.1%} (seed {r.get('seed')}, {r['epochs_run']}/{r['max_epochs']} epochs)",
+            f"{r['best_top1']:.1%} (seed {r.get('seed')}, {r['epochs_run']}/{r['max_epochs']} epochs)",
             per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}"]) + " |")
     return "\n".join(lines)
 
@@ -220,7 +220,7 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    pts = [(r["gmacs"], r["final_top1"], r) for r in rows if r["final_top1"] is not None]
+    pts = [(r["gmacs"], r["best_top1"], r) for r in rows if r["best_top1"] is not None]
     if pts:
         groups = (("completed", "o", "ran to the end"), ("stopped early", "x", "stopped early (ASHA)"),
                   ("diverged", "v", "diverged (stopped)"))
@@ -228,7 +228,7 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
             group = [p for p in pts if p[2]["status"] == status]
             if group:
                 ax.scatter([p[0] for p in group], [p[1] for p in group], marker=marker, color="0.55", label=label, zorder=2)
-        fr = sorted((rows[i]["gmacs"], rows[i]["final_top1"]) for i in front)
+        fr = sorted((rows[i]["gmacs"], rows[i]["best_top1"]) for i in front)
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "-o", color="tab:red", lw=1.5, ms=8, mfc="none", mew=2,
                 label="Pareto front", zorder=3)
         counts = sorted({len(r["top1_by_seed"]) for r in spread}) or [0]
@@ -249,7 +249,7 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
         ax.set_xticks(costs, [f"{c:.3g}" for c in costs])
         ax.minorticks_off()
         ax.set_xlim(costs[0] / 1.4, costs[-1] * 2.2)  # room for the labels right of the widest point
-    ax.set(xlabel="student GMACs per clip", ylabel="validation top-1 (last epoch)", title=title)
+    ax.set(xlabel="student GMACs per clip", ylabel="best validation top-1", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -283,8 +283,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_chosen_by": "mean last-epoch validation top-1 of the Pareto front's re-runs (fresh seeds)" if spread
-        else "the trial with the best last-epoch validation top-1",
+        "best_chosen_by": "mean best validation top-1 of the Pareto front's re-runs (fresh seeds)" if spread
+        else "best validation top-1 trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "front_separation": front_separation(spread),
         "best_config": best_path if best else None,
@@ -293,14 +293,14 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     storage.write_json(storage.join(exp, RESULTS_JSON), summary)
     asha = (f"ASHA on {t.metric} per epoch: {summary['stopped_early']} of {len(rows)} stopped early"
             if t.asha.enabled else "ASHA off")
-    md = (f"Trials of `{t.experiment}` sorted by the validation top-1 of their last epoch, the weights "
-          f"`distill.py` ships (the peak and its epoch beside it; errored and diverged trials are never chosen) "
+    md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (its epoch in brackets; `distill.py` "
+          f"ships the last epoch's weights, beside it; errored and diverged trials are never chosen) "
           f"({asha}; {summary['errors']} errored, {summary['diverged']} diverged; "
           f"{summary['trial_epochs_run']} of "
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
     if spread:
-        md += (f"\nThe Pareto front re-run with fresh student seed(s) {list(t.front_seeds)} (every epoch), last-epoch "
+        md += (f"\nThe Pareto front re-run with fresh student seed(s) {list(t.front_seeds)} (every epoch), best "
                f"validation top-1 of each run. The search's own run (seed {cfg.seed}) is shown but left out of the "
                "mean and range: it is on the front because it beat the other trials of its cost, so its score is "
                "biased upward. The best config is the front trial with the highest mean:\n\n"
@@ -320,7 +320,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     log("\n" + md)
     if best:
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
-            f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['final_top1']:.1%}"
+            f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%}"
             + (f" (mean of its re-runs {best['top1_mean']:.1%}) " if spread else " ") +
             f"-> {best_path} (python pipelines/distill.py --config {best_path})")
     log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
