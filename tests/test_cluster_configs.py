@@ -171,8 +171,9 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
     (lambda t: t.replace("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.9.0"), ("FROM", "rayproject/ray:2.9.0")),
     (lambda t: t.replace("WORKDIR /home/ray/dvfl", "WORKDIR /app"), ("WORKDIR", "/app")),
     (lambda t: t.replace("COPY --chown=ray:users configs ./configs\n", ""), ("configs/ is not copied",)),
-    (lambda t: t.replace("pip install --no-cache-dir .", "pip install --no-cache-dir torch"), ("no `pip install .`",)),
-], ids=["other_ray", "workdir", "no_configs", "not_installed"])
+    (lambda t: t.replace("pip install --no-cache-dir -e .", "pip install --no-cache-dir torch"), ("no `pip install .`",)),
+    (lambda t: t.replace("pip install --no-cache-dir -e .", "pip install --no-cache-dir ."), ("without -e",)),
+], ids=["other_ray", "workdir", "no_configs", "not_installed", "not_editable"])
 def test_dockerfile_builds_what_the_configs_expect(breakage, fragments):
     text = DOCKERFILE.read_text()
     assert cv.dockerfile_errors(text) == []

@@ -433,9 +433,13 @@ def dockerfile_errors(text: str) -> list[str]:
         if need not in copied:
             out.append(_error_line("policy", ("COPY",), f"{need}/ is not copied into the image (the RayJob runs "
                             "pipelines/*.py with configs/*.yaml from it)"))
-    if not any(ln.upper().startswith("RUN ") and re.search(r"pip3?\s+install\b[^&;]*\s\.(\s|$)", ln) for ln in lines):
+    installs = [ln for ln in lines if ln.upper().startswith("RUN ") and re.search(r"pip3?\s+install\b[^&;]*\s\.(\s|$)", ln)]
+    if not installs:
         out.append(_error_line("policy", ("RUN",), "no `pip install .`: the package and its dependencies must be "
                         "installed in the image"))
+    elif not any(re.search(r"pip3?\s+install\b[^&;]*\s(-e|--editable)\s+\.(\s|$)", ln) for ln in installs):
+        out.append(_error_line("policy", ("RUN",), "`pip install .` without -e: the package lands in site-packages, "
+                        "apart from the configs/ and models/ a command without --config reads beside it"))
     return out
 
 
