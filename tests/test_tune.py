@@ -383,6 +383,21 @@ def test_resources_that_cannot_fit_are_refused_before_any_trial():
         check_resources(t, cfg, {"CPU": 3.0})
 
 
+def test_an_in_process_trial_asks_for_the_workers_custom_resources():
+    """A one-worker trial is its worker: scaling.worker_resources ({train_node: 1}, docs/cluster.md)
+    must be in what its actor reserves, or the search trains on whatever node Tune picks."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    from dvfl.tune import load_tune_config
+    from dvfl.tune.trial import trial_resources
+
+    t, cfg = load_tune_config(None, [("scaling.worker_resources", {"train_node": 1})])
+    bundle = resource_dict_to_pg_factory(trial_resources(t, cfg)).bundles[0]
+    assert bundle["train_node"] == 1 and bundle["CPU"] == t.driver_cpus + cfg.scaling.cpus_per_worker
+    t, cfg = load_tune_config(None, [])
+    assert set(resource_dict_to_pg_factory(trial_resources(t, cfg)).bundles[0]) <= {"CPU", "GPU", "memory"}
+
+
 def test_pareto_front_and_cli_config_error(tmp_path):
     from dvfl.tune import diverged, pareto_front
 

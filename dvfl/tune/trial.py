@@ -107,4 +107,7 @@ def trial_resources(t: TuneConfig, cfg: RunConfig) -> dict:
     light driver (its Train workers reserve their own)."""
     if not trials_in_process(t, cfg):
         return {"cpu": t.driver_cpus}
-    return {"cpu": t.driver_cpus + cfg.scaling.cpus_per_worker, **({"gpu": 1} if cfg.scaling.use_gpu else {})}
+    # the worker's custom resources too (e.g. {train_node: 1}): the trial is the worker, and they
+    # keep it on the nodes meant for training (docs/cluster.md)
+    return {"cpu": t.driver_cpus + cfg.scaling.cpus_per_worker, **({"gpu": 1} if cfg.scaling.use_gpu else {}),
+            "custom_resources": dict(cfg.scaling.worker_resources or {})}
