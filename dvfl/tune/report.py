@@ -120,6 +120,8 @@ def report_errors(rows: list[dict], log=print) -> None:
 
         log("[tune] the other errored trials' logs: " + ", ".join(
             os.path.join(r["path"] or "?", EXPR_ERROR_FILE) for r in failed[1:]))
+    if len(failed) == len(rows):
+        raise SearchFailed(f"all {len(rows)} trials errored (first error above; trial dir {first['path']})")
     if not any(usable(r) for r in rows):
         raise SearchFailed(f"no trial of {len(rows)} finished ({len(failed)} errored, the rest diverged; first error "
                            f"above; trial dir {first['path']})")
@@ -147,8 +149,8 @@ def markdown_table(rows: list[dict], t: TuneConfig) -> str:
     for r in rows:
         cells = [r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
                  *[_fmt(r["params_searched"].get(k)) for k in extra], f"{r['gmacs']:.4f}", f"{r['params'] / 1e6:.3f}M",
-                 "—" if r["best_top1"] is None else f"{r['best_top1']:.1%} ({r['best_epoch']})",
-                 "—" if r["final_top1"] is None else f"{r['final_top1']:.1%}",
+                 "—" if r["best_top1"] is None else f"{r['best_top1']:.1%} ({r.get('best_epoch', '?')})",
+                 "—" if r.get("final_top1") is None else f"{r['final_top1']:.1%}",
                  f"{r['epochs_run']}/{r['max_epochs']}",
                  r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
