@@ -128,11 +128,6 @@ def file_identity(path: str) -> Tuple[int, str]:
     return size, h.hexdigest()
 
 
-# Which copy of a file listed under several ids is kept: evaluation data first, so that no test
-# video also trains the model (or the teacher whose logits train it); the same-id rule's order.
-_KEEP_FIRST = KEEP_FIRST
-
-
 def _full_hash(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -161,7 +156,8 @@ def _reject_duplicate_content(manifest: Manifest, identities: Dict[str, Tuple[in
             except OSError:  # vanished since: decoding reports it as missing
                 continue
         for same in by_content.values():
-            same.sort(key=lambda e: (_KEEP_FIRST.get(e.split, 9), e.video_id))
+            # evaluation copies first (manifest.KEEP_FIRST, the same-id rule's order): no test video also trains
+            same.sort(key=lambda e: (KEEP_FIRST.get(e.split, 9), e.video_id))
             kept = same[0]
             for e in same[1:]:
                 leak = kept.split in ("val", "test") and e.split not in ("val", "test")
