@@ -44,8 +44,13 @@ def fresh_schema_cache(tmp_path_factory):
 
 
 def _load(path: Path) -> dict:
-    (doc,) = cv.load_documents(path)
+    """The file's Ray document (a KubeRay file also holds its NetworkPolicies)."""
+    (doc,) = [d for d in cv.load_documents(path) if d.get("kind") != "NetworkPolicy"]
     return doc
+
+
+def _policies(path: Path) -> list[tuple[int, dict]]:
+    return [(n, d) for n, d in enumerate(cv.load_documents(path)) if d.get("kind") == "NetworkPolicy"]
 
 
 @pytest.fixture(scope="module")
@@ -464,6 +469,63 @@ KUBERAY_BREAKAGES = {
         ("policy", "containers[0].image", "not the project image"),
     ),
 }
+
+
+def _rules(policies: list[tuple[int, dict]]) -> list:
+    """The ingress rules of the file's first NetworkPolicy (the one for all of the cluster's pods)."""
+    return policies[0][1]["spec"]["ingress"]
+
+
+NETWORK_POLICY_BREAKAGES = {
+    # no policy: every pod of every namespace reaches the GCS, the Ray Client and the metrics
+    "no_policy": (lambda ps: ps.clear(), ("workerGroupSpecs[1]", "no ingress NetworkPolicy")),
+    # the policy covers the head only: the workers' ports stay open
+    "head_only": (lambda ps: [p["spec"]["podSelector"]["matchLabels"].update({"ray.io/node-type": "head"}) for _, p in ps],
+                  ("workerGroupSpecs[0]", "no ingress NetworkPolicy")),
+    "egress_only": (lambda ps: [p["spec"].update(policyTypes=["Egress"]) for _, p in ps],
+                    ("headGroupSpec", "no ingress NetworkPolicy")),
+    "gcs_to_every_namespace": (lambda ps: _rules(ps).append({"from": [{"namespaceSelector": {}}], "ports": [{"port": 6379}]}),
+                               ("pods outside the cluster's own to 6379",)),
+    "client_port_to_any_source": (lambda ps: _rules(ps).append({"ports": [{"port": 10001, "protocol": "TCP"}]}),
+                                  ("admits any source to 10001",)),
+    "job_server_as_a_port_range": (lambda ps: _rules(ps).append(
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 8265, "endPort": 10001}]}),
+        ("pods outside the cluster's own to 8265",)),
+    # "own pods" named by a label every Ray pod of the namespace carries, not this cluster's
+    "own_pods_too_broad": (lambda ps: _rules(ps)[0]["from"][0]["podSelector"].update(matchLabels={"ray.io/is-ray-node": "yes"}),
+                           ("to every port",)),
+}
+
+
+@pytest.mark.parametrize("target", sorted(KUBERAY))
+@pytest.mark.parametrize("breakage", sorted(NETWORK_POLICY_BREAKAGES))
+def test_kuberay_pods_behind_network_policies(target, breakage):
+    doc, policies = _load(KUBERAY[target]), _policies(KUBERAY[target])
+    assert policies and cv.network_policy_errors(doc, policies) == []
+    mutate, fragments = NETWORK_POLICY_BREAKAGES[breakage]
+    mutate(policies)
+    _assert_fails(cv.network_policy_errors(doc, policies), "policy", *fragments)
+
+
+def test_network_policy_selectors_and_files(tmp_path):
+    """matchExpressions select like matchLabels; a RayJob's cluster name is generated, so
+    `ray.io/cluster` selects none of its pods; the file check reads the file's own policies."""
+    doc, policies = _load(KUBERAY["raycluster"]), _policies(KUBERAY["raycluster"])
+    sel = policies[0][1]["spec"]["podSelector"]
+    sel["matchExpressions"] = [{"key": "ray.io/cluster", "operator": "In", "values": [sel.pop("matchLabels")["ray.io/cluster"]]}]
+    assert cv.network_policy_errors(doc, policies) == []
+    sel["matchExpressions"][0]["operator"] = "NotIn"
+    _assert_fails(cv.network_policy_errors(doc, policies), "policy", "no ingress NetworkPolicy")
+
+    job, job_policies = _load(KUBERAY["rayjob"]), _policies(KUBERAY["rayjob"])
+    for _, p in job_policies:
+        p["spec"]["podSelector"]["matchLabels"] = {"ray.io/cluster": "dvfl-distill"}
+    _assert_fails(cv.network_policy_errors(job, job_policies), "policy", "headGroupSpec", "no ingress NetworkPolicy")
+
+    alone = tmp_path / "raycluster-alone.yaml"
+    alone.write_text(yaml.safe_dump(doc))
+    report = cv.validate_file(alone)
+    assert not report.ok and any("no ingress NetworkPolicy" in e for e in report.errors), report.errors
 
 
 @pytest.mark.parametrize("target", sorted(KUBERAY))

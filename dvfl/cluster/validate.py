@@ -37,7 +37,9 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
   CPU/GPU resources, ``rayVersion`` and images match the pinned ray, the Ray containers run the project
   image, token authentication on (``authOptions.mode: token``), autoscaling on, CPU and GPU worker
   groups, no credentials; a RayJob's run config (its entrypoint's ``--config`` with ``--set`` and
-  ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts.
+  ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts;
+  NetworkPolicies in the same file select every group's pods and admit only the cluster's own pods,
+  except to the job server port (:func:`network_policy_errors`).
 
 CLI: ``dvfl validate-cluster cluster/*.yaml cluster/kuberay/*.yaml`` (:mod:`dvfl.commands.validate_cluster`)
 prints ``OK`` or the errors per file and exits non-zero if any file fails.
@@ -81,6 +83,7 @@ __all__ = [
     "find_crd_dir",
     "kuberay_crd_schema",
     "load_documents",
+    "network_policy_errors",
     "ray_launcher_schema",
     "validate_document",
     "validate_file",
@@ -1031,6 +1034,120 @@ def kuberay_summary(doc: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# NetworkPolicies beside a KubeRay manifest
+# --------------------------------------------------------------------------------------------
+NETWORK_POLICY_API = "networking.k8s.io/v1"
+# The only port that pods outside the cluster may reach: the dashboard's job server (token
+# authentication), which a RayJob's submitter pod and the KubeRay operator call.
+JOB_SERVER_PORT = 8265
+
+
+def _is_network_policy(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("apiVersion") == NETWORK_POLICY_API and doc.get("kind") == "NetworkPolicy"
+
+
+def _pod_labels(doc: dict, where: tuple, spec: dict) -> list[tuple[tuple, dict, set]]:
+    """(path, labels, the template's own label keys) of each group's pods: the pod template's
+    labels, then those KubeRay sets (``ray.io/cluster`` only where the cluster's name is known:
+    a RayJob's cluster gets a generated one)."""
+    groups = [(where + ("headGroupSpec",), spec.get("headGroupSpec"), "head", "headgroup")] + [
+        (where + ("workerGroupSpecs", i), g, "worker", _as_mapping(g).get("groupName"))
+        for i, g in enumerate(_as_list(spec.get("workerGroupSpecs")))
+    ]
+    out = []
+    for path, group, node_type, group_name in groups:
+        if not isinstance(group, dict):
+            continue
+        own = _as_mapping(_as_mapping(_as_mapping(group.get("template")).get("metadata")).get("labels"))
+        labels = {k: v for k, v in own.items() if isinstance(k, str) and isinstance(v, str)}
+        labels.update({"ray.io/node-type": node_type, "ray.io/is-ray-node": "yes"})
+        if isinstance(group_name, str):
+            labels["ray.io/group"] = group_name
+        name = _as_mapping(doc.get("metadata")).get("name")
+        if doc.get("kind") == "RayCluster" and isinstance(name, str):
+            labels["ray.io/cluster"] = name
+        out.append((path, labels, {k for k, v in own.items() if labels.get(k) == v}))
+    return out
+
+
+def _selects(selector: Any, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) applied to ``labels``."""
+    if not isinstance(selector, dict):
+        return False
+    if any(labels.get(k) != v for k, v in _as_mapping(selector.get("matchLabels")).items()):
+        return False
+    for e in _as_list(selector.get("matchExpressions")):
+        key, op, values = _as_mapping(e).get("key"), _as_mapping(e).get("operator"), _as_list(_as_mapping(e).get("values"))
+        held = labels.get(key) if isinstance(key, str) else None
+        if not ((op == "In" and held in values) or (op == "NotIn" and held not in values)
+                or (op == "Exists" and held is not None) or (op == "DoesNotExist" and held is None)):
+            return False
+    return True
+
+
+def _applies_to_ingress(policy: dict) -> bool:
+    types = _as_mapping(policy.get("spec")).get("policyTypes")
+    return types is None or (isinstance(types, list) and "Ingress" in types)  # absent: Ingress
+
+
+def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str]:
+    """A KubeRay manifest's pods behind the NetworkPolicies of its file (``(document number,
+    policy)`` pairs): every group's pods are selected by an ingress policy, and a rule admits
+    sources outside the cluster's own pods only to the job server port. The cluster's own pods are
+    a pod selector (no namespace selector, no IP block) that every group's pods satisfy, naming
+    ``ray.io/cluster`` or a label set on every group's template. Offline: the policies are read,
+    not enforced; the network plugin must support NetworkPolicy."""
+    if not isinstance(doc, dict):
+        return []
+    ingress = [(n, p) for n, p in policies if _is_network_policy(p) and _applies_to_ingress(p)]
+    out: list[str] = []
+    for where, spec in _cluster_specs(doc):
+        groups = _pod_labels(doc, where, spec)
+        if not groups:
+            continue
+        identity = {"ray.io/cluster"} | set.intersection(*(keys for _, _, keys in groups))
+
+        def own(peer: Any) -> bool:
+            sel = _as_mapping(peer).get("podSelector")
+            return (set(_as_mapping(peer)) == {"podSelector"} and isinstance(sel, dict)
+                    and bool(identity & set(_as_mapping(sel.get("matchLabels"))))
+                    and all(_selects(sel, labels) for _, labels, _ in groups))
+
+        for path, labels, _ in groups:
+            if not any(_selects(_as_mapping(p.get("spec")).get("podSelector"), labels) for _, p in ingress):
+                out.append(_error_line("policy", path, "no ingress NetworkPolicy in this file selects these pods: "
+                                       "pods of every namespace reach their Ray ports (GCS 6379, Ray Client "
+                                       "10001, metrics 8080, workers); add one that admits the cluster's own pods"))
+        for n, policy in ingress:
+            pspec = _as_mapping(policy.get("spec"))
+            if not any(_selects(pspec.get("podSelector"), labels) for _, labels, _ in groups):
+                continue  # not about this cluster's pods
+            name = _as_mapping(policy.get("metadata")).get("name")
+            for k, rule in enumerate(_as_list(pspec.get("ingress"))):
+                peers = _as_list(_as_mapping(rule).get("from"))
+                if peers and all(own(peer) for peer in peers):
+                    continue
+                ports = _as_list(_as_mapping(rule).get("ports"))
+                bad = [p for p in ports if not (isinstance(p, dict) and p.get("port") == JOB_SERVER_PORT
+                                                and "endPort" not in p and p.get("protocol", "TCP") == "TCP")]
+                if not ports or bad:
+                    opened = "every port" if not ports else ", ".join(str(_as_mapping(p).get("port", p)) for p in bad)
+                    sources = "any source" if not peers else "pods outside the cluster's own"
+                    out.append(_error_line("policy", (f"document {n + 1} (NetworkPolicy {name})", "spec", "ingress", k),
+                                           f"admits {sources} to {opened}: only the job server port "
+                                           f"{JOB_SERVER_PORT}/TCP (token authentication) may be opened beyond the "
+                                           "cluster's own pods"))
+    return out
+
+
+def _network_policy_document_errors(doc: dict) -> list[str]:
+    spec = doc.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("podSelector"), dict):
+        return [_error_line("schema", ("spec", "podSelector"), "a NetworkPolicy needs spec.podSelector (a mapping)")]
+    return credential_errors(doc)
+
+
+# --------------------------------------------------------------------------------------------
 # files and CLI
 # --------------------------------------------------------------------------------------------
 def _kind_of(doc: Any) -> str:
@@ -1038,6 +1155,8 @@ def _kind_of(doc: Any) -> str:
         return "kuberay"
     if isinstance(doc, dict) and "provider" in doc:
         return "launcher"
+    if _is_network_policy(doc):
+        return "networkpolicy"
     return "unknown"
 
 
@@ -1047,8 +1166,10 @@ def validate_document(doc: Any, crd_dir: str | os.PathLike | None = None) -> lis
         return validate_kuberay_manifest(doc, crd_dir)
     if kind == "launcher":
         return validate_launcher_config(doc)
-    return [_error_line("schema", (), "neither a Ray cluster launcher config (no `provider`) nor a KubeRay "
-                 f"manifest (apiVersion {KUBERAY_GROUP}/...)")]
+    if kind == "networkpolicy":
+        return _network_policy_document_errors(doc)
+    return [_error_line("schema", (), "neither a Ray cluster launcher config (no `provider`), a KubeRay "
+                 f"manifest (apiVersion {KUBERAY_GROUP}/...) nor a {NETWORK_POLICY_API} NetworkPolicy")]
 
 
 @dataclass
@@ -1071,13 +1192,18 @@ def validate_file(path: str | os.PathLike, crd_dir: str | os.PathLike | None = N
         return report
     if not docs:
         report.errors.append("[yaml] no YAML document in the file")
+    policies = [(n, doc) for n, doc in enumerate(docs) if _is_network_policy(doc)]
     for n, doc in enumerate(docs):
         prefix = f"document {n + 1}: " if len(docs) > 1 else ""
         errors = validate_document(doc, crd_dir)
+        if _kind_of(doc) == "kuberay":  # its pods behind the file's NetworkPolicies
+            errors += network_policy_errors(doc, policies)
         report.errors += [prefix + e for e in errors]
         if not errors:
             try:
-                summary = kuberay_summary(doc) if _kind_of(doc) == "kuberay" else launcher_summary(doc)
+                kind = _kind_of(doc)
+                summary = (kuberay_summary(doc) if kind == "kuberay" else launcher_summary(doc) if kind == "launcher"
+                           else f"NetworkPolicy {doc['metadata']['name']}")
                 report.summaries.append(prefix + summary)
             except Exception:  # a summary is a courtesy; validity was decided above
                 pass
