@@ -6,6 +6,7 @@ rejects bad values with a message that names the field (``kd.temperature must be
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -28,6 +29,10 @@ DIRECTIONAL_DATASETS = ("ssv2",)
 SPLIT_PLACEHOLDER = "{split}"
 SPLIT_PATH_FIELDS = ((), "output_dir"), (("data",), "root"), (("data",), "clips"), (("data",), "unlabeled"), \
     (("teacher",), "path"), (("teacher",), "cache")
+# Path fields a command reads (as (section path, field)); see RunConfig.resolve_paths.
+INPUT_PATH_FIELDS = ((("data",), "root"), (("data",), "clips"), (("data",), "unlabeled"), (("teacher",), "path"),
+                     (("teacher",), "cache"), (("student",), "checkpoint"), (("student",), "init_2d"),
+                     (("teacher", "train"), "checkpoint"), (("teacher", "train"), "init_2d"))
 
 
 class ConfigError(ValueError):
@@ -226,10 +231,7 @@ class RunConfig:
     def expand_split(self) -> "RunConfig":
         """Put ``data.split`` where a path says ``{split}`` (``data/hmdb51_s{split}``): one config
         serves every split of a protocol (pipelines/protocol.py) and each split keeps its own files."""
-        for section, name in SPLIT_PATH_FIELDS:
-            owner = self
-            for part in section:
-                owner = getattr(owner, part)
+        for owner, name in self._fields(SPLIT_PATH_FIELDS):
             value = getattr(owner, name)
             if isinstance(value, str) and SPLIT_PLACEHOLDER in value:
                 setattr(owner, name, value.replace(SPLIT_PLACEHOLDER, str(self.data.split)))
@@ -241,12 +243,28 @@ class RunConfig:
         from dvfl import paths
 
         self.output_dir = paths.absolute(self.output_dir, paths.output_base(cwd))
-        for section, name in ((self.data, "root"), (self.data, "clips"), (self.data, "unlabeled"),
-                              (self.teacher, "path"), (self.teacher, "cache"), (self.student, "checkpoint"),
-                              (self.student, "init_2d"), (self.teacher.train, "checkpoint"),
-                              (self.teacher.train, "init_2d")):
-            setattr(section, name, paths.absolute_input(getattr(section, name), cwd))
+        for owner, name in self._fields(INPUT_PATH_FIELDS):
+            setattr(owner, name, paths.absolute_input(getattr(owner, name), cwd))
         return self
+
+    def as_given(self, cwd: str | None = None) -> "RunConfig":
+        """A copy to write into a file that outlives this process (:func:`dvfl.paths.as_given`):
+        under a Ray job, inputs inside the job's temporary copy of the working directory are
+        relative again, so the file still runs from the user's checkout after ``ray stop``."""
+        from dvfl import paths
+
+        out = copy.deepcopy(self)
+        for owner, name in out._fields(INPUT_PATH_FIELDS):
+            setattr(owner, name, paths.as_given(getattr(owner, name), cwd))
+        return out
+
+    def _fields(self, fields):
+        """(the object holding it, its name) for each (section path, field) of ``fields``."""
+        for section, name in fields:
+            owner = self
+            for part in section:
+                owner = getattr(owner, part)
+            yield owner, name
 
     # ------------------------------------------------------------------ validation
     def validate(self, check_paths: bool = True, outputs=()) -> "RunConfig":
@@ -526,4 +544,4 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
 def dump_config(config: RunConfig, path: str | os.PathLike) -> None:
     from dvfl import storage
 
-    storage.write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    storage.write_bytes(path, yaml.safe_dump(config.as_given().to_dict(), sort_keys=False).encode())

@@ -75,3 +75,15 @@ def absolute_input(path: str | None, cwd: str | None = None) -> str | None:
     if here is None or is_uri(here) or not in_job_working_dir(cwd) or os.path.exists(here):
         return here
     return absolute(path, job_root())
+
+
+def as_given(path: str | None, cwd: str | None = None) -> str | None:
+    """A resolved input path as it should be written into a file that outlives this process:
+    inside a job's temporary working directory, a path into that copy becomes relative again (the
+    user's checkout has the same files; the copy goes with ``ray stop``). Otherwise unchanged."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    if path is None or is_uri(path) or not in_job_working_dir(cwd):
+        return path
+    if path == cwd or path.startswith(cwd + os.sep):
+        return os.path.relpath(path, cwd)
+    return path

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from dvfl import storage
 
@@ -111,3 +112,40 @@ def test_the_first_spool_file_removes_those_left_by_killed_processes(tmp_path, m
     finally:
         child.kill()
         child.wait()
+
+
+def _job_copy(base, session: str):
+    """A directory laid out like Ray's temporary copy of a job's --working-dir, with a shipped input."""
+    copy = base / session / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    (copy / "models" / "embedded_teacher").mkdir(parents=True)
+    return copy
+
+
+def test_configs_written_under_a_ray_job_name_shipped_inputs_as_the_user_gave_them(tmp_path, monkeypatch):
+    """Inside a job the inputs resolve into the temporary copy (so the job reads them); a config
+    written for later (config.yaml, best_config.yaml) and the search's resume digest name them as
+    given, so they still work, and still match, after `ray stop` deletes that copy."""
+    from dvfl.config import build_config, config_tree, dump_config
+    from dvfl.tune.search import _fingerprint
+    from dvfl.tune.search_config import TuneConfig
+
+    monkeypatch.setenv("DVFL_JOB_ROOT", str(tmp_path / "jobs"))
+    sets = [("teacher.path", "models/embedded_teacher"), ("output_dir", "runs/x")]
+    digests = []
+    for session in ("session_2026-12-04_1", "session_2026-12-04_2"):
+        job_copy = _job_copy(tmp_path, session)
+        monkeypatch.chdir(job_copy)
+        cfg = build_config(config_tree(None, sets)).resolve_paths()
+        assert cfg.teacher.path == str(job_copy / "models" / "embedded_teacher")  # read from the copy
+        dump_config(cfg, tmp_path / "config.yaml")
+        written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        assert written["teacher"]["path"] == os.path.join("models", "embedded_teacher")
+        assert written["output_dir"] == str(tmp_path / "jobs" / "runs" / "x")  # outputs: the job root
+        assert "working_dir_files" not in (tmp_path / "config.yaml").read_text()
+        digests.append(_fingerprint(TuneConfig(), cfg, {"fingerprint": "d"}, {"mode": "cache"})["digest"])
+    assert digests[0] == digests[1]
+
+    monkeypatch.chdir(tmp_path)  # not a job: absolute paths are written as they are
+    cfg = build_config(config_tree(None, sets)).resolve_paths()
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["teacher"]["path"] == str(tmp_path / "models" / "embedded_teacher")

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from dvfl.config import RunConfig
-from dvfl import storage
+from dvfl import paths, storage
 from dvfl.tune.search_config import TuneConfig, apply_params, experiment_dir, flatten, plain_value
 from dvfl.tune.trial import TRIALS_DIR
 
@@ -278,7 +278,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
     best = (max(spread, key=lambda r: (r["top1_mean"], -r["gmacs"])) if spread else ok[0] if ok else None)
     summary = {
         "experiment": t.experiment, "path": exp, "metric": t.metric, "mode": t.mode,
-        "search": t.to_dict(), "asha": t.asha.enabled, "trials": len(rows),
+        "search": {**t.to_dict(), "run_config": paths.as_given(t.run_config)}, "asha": t.asha.enabled,
+        "trials": len(rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
         "diverged": sum(r["status"] == "diverged" for r in rows),
         "errors": sum(r["status"] == "error" for r in rows),

@@ -31,7 +31,7 @@ def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dic
     from dvfl.pipeline import digest
 
     what = {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
-            "run_config": cfg.to_dict(), "dataset": dataset_info["fingerprint"],
+            "run_config": cfg.as_given().to_dict(), "dataset": dataset_info["fingerprint"],
             "teacher": {"mode": teacher["mode"], "fingerprint": teacher.get("fingerprint")}}
     return {"digest": digest(what), "search": what}
 
