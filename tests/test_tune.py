@@ -153,7 +153,7 @@ def test_search_with_three_trials_completes(search):
     by_width = {r["width"]: r["gmacs"] for r in rows}
     assert all(by_width[a] < by_width[b] for a in by_width for b in by_width if a < b)
     md = (exp / "tune_results.md").read_text()
-    assert md.split("The Pareto front re-run")[0].count("\n| ") == 4 and "GMACs/clip" in md and "epochs run" in md
+    assert md.split("The best trial of each cost")[0].count("\n| ") == 4 and "GMACs/clip" in md and "epochs run" in md
     assert json.loads((exp / "tune_results.json").read_text())["trials"] == 3
     assert (exp / "pareto.png").stat().st_size > 10_000
     assert any(r["pareto"] for r in rows)
@@ -163,16 +163,23 @@ def test_search_with_three_trials_completes(search):
 
 
 @pytest.mark.slow
-def test_the_pareto_front_is_rerun_with_another_seed_and_the_best_is_its_best_mean(search):
-    """tune.front_seeds [1]: each front trial once more with student seed 1, every epoch; the
-    front is reported by its re-runs and the best config is the front trial with the highest mean."""
+def test_each_cost_levels_best_is_rerun_with_another_seed_and_the_front_is_their_means(search):
+    """tune.front_seeds [1]: the best trial of each width once more with student seed 1, every
+    epoch; the front is drawn from those re-runs and the best config is the level with the highest mean."""
+    from dvfl.tune.report import usable
+
     s, exp = search["summary"], search["exp"]
+    levels = {}
+    for r in s["rows"]:  # best first
+        if usable(r):
+            levels.setdefault(r["width"], r)
     front = [r for r in s["rows"] if r["pareto"]]
     reruns = s["front_reruns"]
-    assert front and len(reruns) == len(front), (front, reruns)
-    assert sorted(r["front_of"] for r in reruns) == sorted(r["trial_id"] for r in front)
+    assert front and len(reruns) == len(levels), (levels, reruns)
+    assert sorted(r["front_of"] for r in reruns) == sorted(r["trial_id"] for r in levels.values())
+    assert {r["trial_id"] for r in front} <= {r["trial_id"] for r in levels.values()}
     assert all(r["seed"] == 1 and r["status"] == "completed" and r["epochs_run"] == r["max_epochs"] for r in reruns)
-    for r in front:
+    for r in levels.values():
         rerun = next(x for x in reruns if x["front_of"] == r["trial_id"])
         # the search's own run (chosen, so biased upward) stays out of the front's figures
         assert r["top1_by_seed"] == {"1": rerun["best_top1"]}
@@ -182,7 +189,7 @@ def test_the_pareto_front_is_rerun_with_another_seed_and_the_best_is_its_best_me
         record = json.loads((exp.parent / "forced-asha-front" / "dvfl_trials" / f"{rerun['trial_id']}.json").read_text())
         assert record["seed"] == 1 and record["front_of"] == r["trial_id"]
     assert s["best"]["trial_id"] in {r["trial_id"] for r in front}
-    assert s["best"]["top1_mean"] == max(r["top1_mean"] for r in front)
+    assert s["best"]["top1_mean"] == max(r["top1_mean"] for r in levels.values())
     assert "re-run with fresh student seed(s) [1]" in (exp / "tune_results.md").read_text()
 
 
@@ -419,10 +426,10 @@ def test_pareto_front_and_cli_config_error(tmp_path):
 
 
 def test_front_reruns_and_separation():
-    """The front re-runs with fresh seeds only; its spread and the separation verdicts leave out the
-    search's own run (chosen as the best of its cost, so biased upward); neighbouring front trials
+    """Re-runs use fresh seeds only; their spread and the separation verdicts leave out the
+    search's own run (chosen as the best of its cost, so biased upward); neighbouring cost levels
     count as separated only when their re-runs' ranges do not overlap."""
-    from dvfl.tune.report import front_separation, front_spread
+    from dvfl.tune.report import front_separation, rerun_spread
     from dvfl.tune.search import front_reruns
 
     def row(tid, width, gmacs, top1, status="completed"):
@@ -439,7 +446,7 @@ def test_front_reruns_and_separation():
     reruns = [rerun("a", 1, 0.85), rerun("a", 2, 0.75), rerun("b", 1, 0.845), rerun("b", 2, 0.853),
               rerun("c", 1, 0.90), rerun("c", 2, 0.881), rerun("d", 1, 0.92),
               rerun("d", 2, 0.99, "error"), rerun("c", 3, 0.5, "diverged")]  # no part of any spread
-    spread = front_spread(rows, [0, 1, 2, 3], reruns)
+    spread = rerun_spread(rows, reruns)
     assert rows[1]["top1_by_seed"] == {"1": 0.845, "2": 0.853} and rows[1]["best_top1"] == 0.95
     assert rows[3]["top1_by_seed"] == {"1": 0.92} and rows[2]["top1_by_seed"] == {"1": 0.90, "2": 0.881}
     assert rows[1]["top1_max"] == 0.853  # b's chosen 95 % would have hidden that it is below c
@@ -447,6 +454,37 @@ def test_front_reruns_and_separation():
     # d has one re-run: no range, so no verdict on c vs d
     assert [(p["widths"], p["separated"]) for p in pairs] == [([4, 8], False), ([8, 16], True)]
     assert pairs[1]["ranges"] == [[0.845, 0.853], [0.881, 0.90]]
+
+
+def test_the_front_comes_from_every_cost_levels_reruns_not_from_a_lucky_single_run():
+    """A lucky seed-0 run (width 8: 95 %) beat width 16's 91 % and drew a front without width 16,
+    which was then never re-run and could not be chosen; re-running each width's best lets the
+    re-runs decide: width 8 averages 81 %, width 16 90 %, so width 16 is on the front and best, and
+    width 24 (85 %) is dominated by it."""
+    from dvfl.tune.report import choose, cost_level_bests, usable
+
+    def row(tid, width, gmacs, top1, status="completed"):
+        return {"trial_id": tid, "width": width, "gmacs": gmacs, "best_top1": top1, "seed": 0, "status": status}
+
+    rows = [row("b", 8, 2.0, 0.95), row("d", 24, 6.0, 0.93), row("c", 16, 4.0, 0.91), row("c2", 16, 4.0, 0.90),
+            row("a", 4, 1.0, 0.50), row("e", 32, 8.0, 0.99, "error")]  # sorted best first, as collect_trials returns them
+    assert [r["trial_id"] for r in cost_level_bests(rows)] == ["a", "b", "c", "d"]  # cheapest first, errors never
+
+    def rerun(of, seed, top1):
+        return {"front_of": of, "seed": seed, "best_top1": top1, "status": "completed"}
+
+    reruns = [rerun(of, seed, v) for of, vs in (("a", (0.5, 0.52, 0.48)), ("b", (0.80, 0.82, 0.81)),
+                                                  ("c", (0.90, 0.89, 0.91)), ("d", (0.84, 0.86, 0.85)))
+              for seed, v in zip((1, 2, 3), vs)]
+    levels, front, best = choose(rows, reruns)
+    assert [r["trial_id"] for r in levels] == ["a", "b", "c", "d"]
+    assert [r["trial_id"] for r in front] == ["a", "b", "c"]  # d (mean 85 %) costs more than c (90 %)
+    assert best["trial_id"] == "c" and abs(best["top1_mean"] - 0.90) < 1e-9
+    assert [r["trial_id"] for r in rows if r["pareto"]] == ["b", "c", "a"]
+    # without re-runs (tune.front_seeds: []) the single runs decide, as before
+    levels, front, best = choose([dict(r) for r in rows], [])
+    assert levels == [] and [r["trial_id"] for r in front] == ["b", "a"] and best["trial_id"] == "b"
+    assert all(usable(r) for r in front)
 
 
 def test_a_search_with_no_usable_trial_fails():
@@ -478,7 +516,9 @@ def test_a_changed_front_starts_its_reruns_over(search):
     tune_cfg, run_cfg = load_tune_config(search["path"])
     s = run_search(tune_cfg, run_cfg, verbose=0, log=lines.append)
     assert any("the front changed since its re-runs began; starting them over" in line for line in lines), lines
-    front = [r for r in s["rows"] if r["pareto"]]
-    assert sorted(r["front_of"] for r in s["front_reruns"]) == sorted(r["trial_id"] for r in front)
+    from dvfl.tune.report import cost_level_bests
+
+    levels = cost_level_bests(s["rows"])
+    assert sorted(r["front_of"] for r in s["front_reruns"]) == sorted(r["trial_id"] for r in levels)
     assert all(r["status"] == "completed" for r in s["front_reruns"])
     assert json.loads(front_file.read_text())["reruns"]  # the new front's list, for the next resume

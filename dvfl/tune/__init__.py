@@ -22,8 +22,8 @@ Results live under ``<storage>/<experiment>`` (Tune's per-trial TensorBoard even
 table, a Pareto plot and the best configuration as a run config ``pipelines/distill.py`` takes);
 an interrupted experiment resumes with ``Tuner.restore``.
 """
-from dvfl.tune.report import (BEST_CONFIG, PARETO_PNG, RESULTS_JSON, RESULTS_MD, SearchFailed, collect_trials,
-                              pareto_front, report_errors, write_results)
+from dvfl.tune.report import (BEST_CONFIG, PARETO_PNG, RESULTS_JSON, RESULTS_MD, SearchFailed, choose, collect_trials,
+                              cost_level_bests, pareto_front, report_errors, write_results)
 from dvfl.tune.resources import check_resources, reclaim_orphaned_placement_groups, required_resources
 from dvfl.tune.search import SEARCH_FILE, prepare, remove_experiment, run_search
 from dvfl.tune.search_config import TuneConfig, apply_params, experiment_dir, load_tune_config, validate_tune
@@ -31,5 +31,6 @@ from dvfl.tune.trial import diverged, trial_driver
 
 __all__ = ["TuneConfig", "SearchFailed", "load_tune_config", "validate_tune", "apply_params", "run_search", "prepare",
            "required_resources", "check_resources", "reclaim_orphaned_placement_groups", "pareto_front",
+           "cost_level_bests", "choose",
            "collect_trials", "write_results", "report_errors", "trial_driver", "diverged", "experiment_dir",
            "remove_experiment", "SEARCH_FILE", "RESULTS_JSON", "RESULTS_MD", "PARETO_PNG", "BEST_CONFIG"]

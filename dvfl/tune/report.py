@@ -127,10 +127,10 @@ def report_errors(rows: list[dict], log=print) -> None:
                            f"above; trial dir {first['path']})")
 
 
-def pareto_front(rows: list[dict]) -> list[int]:
-    """Indices of the usable trials no other usable trial beats on both best validation top-1
-    (higher) and GMACs (lower)."""
-    pts = [(r["gmacs"], r["best_top1"] if usable(r) else None) for r in rows]
+def pareto_front(rows: list[dict], key: str = "best_top1") -> list[int]:
+    """Indices of the usable trials no other usable trial beats on both ``key`` (higher: the best
+    validation top-1, or ``top1_mean`` of re-runs) and GMACs (lower)."""
+    pts = [(r["gmacs"], r.get(key) if usable(r) else None) for r in rows]
     front = []
     for i, (g, a) in enumerate(pts):
         if a is None:
@@ -157,15 +157,25 @@ def markdown_table(rows: list[dict], t: TuneConfig) -> str:
     return "\n".join(lines)
 
 
-def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> list[dict]:
-    """Each front trial's best top-1 per fresh student seed (its usable re-runs), with mean and
-    min-max, set on its row; returns the front rows that were re-run. The search's own run stays out
-    of these figures: it is on the front because it beat the other trials of its cost, so its score
-    is biased upward."""
+def cost_level_bests(rows: list[dict]) -> list[dict]:
+    """The best usable trial of each cost (GMACs per clip), cheapest first: the trials re-run with
+    fresh seeds. A front drawn from single runs lets one lucky seed push a better cost level off the
+    front and out of the re-runs; re-running every level's best lets the re-runs decide."""
+    best: dict = {}
+    for r in rows:  # sorted best first (collect_trials)
+        if usable(r):
+            best.setdefault(round(r["gmacs"], 9), r)
+    return [best[g] for g in sorted(best)]
+
+
+def rerun_spread(candidates: list[dict], reruns: list[dict]) -> list[dict]:
+    """Each candidate's best top-1 per fresh student seed (its usable re-runs), with mean and
+    min-max, set on its row; returns the candidates that were re-run. The search's own run stays out
+    of these figures: it was chosen because it beat the other trials of its cost, so its score is
+    biased upward."""
     spread = []
-    for i in front:
-        r = rows[i]
-        runs = {f["seed"]: f["best_top1"] for f in front_rows
+    for r in candidates:
+        runs = {f["seed"]: f["best_top1"] for f in reruns
                 if f["front_of"] == r["trial_id"] and usable(f) and f["seed"] != r.get("seed")}
         if not runs:
             continue
@@ -176,8 +186,24 @@ def front_spread(rows: list[dict], front: list[int], front_rows: list[dict]) -> 
     return spread
 
 
+def choose(rows: list[dict], reruns: list[dict]) -> tuple[list[dict], list[dict], dict | None]:
+    """(cost levels re-run, Pareto front, best trial). With re-runs the front is drawn from each
+    cost level's best trial by its re-runs' mean top-1, and the best is the level with the highest
+    mean (ties: the cheaper); without, from the single runs (the best: the top row)."""
+    levels = rerun_spread(cost_level_bests(rows), reruns)
+    if levels:
+        front = [levels[i] for i in pareto_front(levels, key="top1_mean")]
+        best = max(levels, key=lambda r: (r["top1_mean"], -r["gmacs"]))
+    else:
+        front = [rows[i] for i in pareto_front(rows)]
+        best = next((r for r in rows if usable(r)), None)
+    for r in rows:
+        r["pareto"] = any(r is f for f in front)
+    return levels, front, best
+
+
 def front_separation(spread: list[dict]) -> list[dict]:
-    """Each pair of neighbouring front trials (by cost) re-run with two or more fresh seeds,
+    """Each pair of neighbouring re-run trials (by cost) re-run with two or more fresh seeds,
     ``separated`` when their seed ranges do not overlap. Overlapping ranges mean the search cannot
     tell them apart; one seed gives no range, so no verdict."""
     pts = sorted((r for r in spread if len(r["top1_by_seed"]) > 1), key=lambda r: r["gmacs"])
@@ -198,16 +224,17 @@ def separation_lines(pairs: list[dict]) -> str:
 
 
 def front_table(spread: list[dict]) -> str:
-    head = ["trial", "T", "width", "α", "lr", "GMACs/clip", "search run (chosen)", "re-runs: top-1 per seed",
-            "mean", "min–max"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    head = ["trial", "T", "width", "α", "lr", "GMACs/clip", "search run (best of its cost)", "re-runs: top-1 per seed",
+            "mean", "min–max", "front"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---|"]
     for r in sorted(spread, key=lambda r: r["gmacs"]):
         per_seed = ", ".join(f"{v:.1%} (seed {k})" for k, v in r["top1_by_seed"].items())
         lines.append("| " + " | ".join([
             r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
             f"{r['gmacs']:.4f}",
             f"{r['best_top1']:.1%} (seed {r.get('seed')}, {r['epochs_run']}/{r['max_epochs']} epochs)",
-            per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}"]) + " |")
+            per_seed, f"{r['top1_mean']:.1%}", f"{r['top1_min']:.1%}–{r['top1_max']:.1%}",
+            "yes" if r.get("pareto") else "no"]) + " |")
     return "\n".join(lines)
 
 
@@ -215,7 +242,9 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str, spread=()) -> None:
+def plot_pareto(rows: list[dict], front: list[dict], path: str | Path, title: str, spread=()) -> None:
+    """Every trial's single run (grey), the re-run cost levels (blue: mean, min-max over fresh seeds)
+    and the Pareto front (red), through the re-runs' means when there are re-runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,16 +259,17 @@ def plot_pareto(rows: list[dict], front: list[int], path: str | Path, title: str
             group = [p for p in pts if p[2]["status"] == status]
             if group:
                 ax.scatter([p[0] for p in group], [p[1] for p in group], marker=marker, color="0.55", label=label, zorder=2)
-        fr = sorted((rows[i]["gmacs"], rows[i]["best_top1"]) for i in front)
+        key = "top1_mean" if spread else "best_top1"
+        fr = sorted((r["gmacs"], r[key]) for r in front)
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "-o", color="tab:red", lw=1.5, ms=8, mfc="none", mew=2,
-                label="Pareto front", zorder=3)
+                label="Pareto front" + (" (re-runs' means)" if spread else ""), zorder=3)
         counts = sorted({len(r["top1_by_seed"]) for r in spread}) or [0]
         seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-        for n, r in enumerate(spread):  # the front's re-runs: mean and min-max over fresh seeds
+        for n, r in enumerate(spread):  # each cost level's re-runs: mean and min-max over fresh seeds
             ax.errorbar([r["gmacs"]], [r["top1_mean"]], yerr=[[r["top1_mean"] - r["top1_min"]],
                                                               [r["top1_max"] - r["top1_mean"]]],
                         fmt="s", color="tab:blue", ms=5, capsize=4, zorder=4,
-                        label=f"front re-run, {seeds} fresh seed(s) (mean, min–max)" if n == 0 else None)
+                        label=f"best of its cost re-run, {seeds} fresh seed(s) (mean, min–max)" if n == 0 else None)
         seen: dict = {}
         for g, a, r in sorted(pts, key=lambda p: -p[1]):  # trials of one width: labels stacked downwards
             k = seen[g] = seen.get(g, -1) + 1
@@ -264,18 +294,14 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                   front_rows=(), log=print) -> dict:
     """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory.
 
-    With ``front_rows`` (the front's re-runs with fresh student seeds) the best config is the front
-    trial with the highest mean over its re-runs, not the luckiest single run."""
+    With ``front_rows`` (each cost level's best trial re-run with fresh student seeds) the front is
+    drawn from the re-runs' means and the best config is the level with the highest mean, not the
+    luckiest single run (:func:`choose`)."""
     from dvfl.config import dump_config
 
     exp = os.fspath(exp)
     best_path = storage.join(exp, BEST_CONFIG)
-    front = pareto_front(rows)
-    for i, r in enumerate(rows):
-        r["pareto"] = i in front
-    spread = front_spread(rows, front, list(front_rows))
-    ok = [r for r in rows if usable(r)]
-    best = (max(spread, key=lambda r: (r["top1_mean"], -r["gmacs"])) if spread else ok[0] if ok else None)
+    spread, front, best = choose(rows, list(front_rows))
     summary = {
         "experiment": t.experiment, "path": exp, "metric": t.metric, "mode": t.mode,
         "search": {**t.to_dict(), "run_config": paths.as_given(t.run_config)}, "asha": t.asha.enabled,
@@ -286,8 +312,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_chosen_by": "mean best validation top-1 of the Pareto front's re-runs (fresh seeds)" if spread
-        else "best validation top-1 trial",
+        "best_chosen_by": "mean best validation top-1 over fresh-seed re-runs of each cost level's best trial"
+        if spread else "best validation top-1 trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "front_separation": front_separation(spread),
         "best_config": best_path if best else None,
@@ -303,17 +329,17 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
           f"{summary['trial_epochs_if_all_ran_to_the_end']} trial-epochs run). Width = student embed_dim; "
           "GMACs per clip at the trained input size.\n\n" + markdown_table(rows, t) + "\n")
     if spread:
-        md += (f"\nThe Pareto front re-run with fresh student seed(s) {list(t.front_seeds)} (every epoch), best "
-               f"validation top-1 of each run. The search's own run (seed {cfg.seed}) is shown but left out of the "
-               "mean and range: it is on the front because it beat the other trials of its cost, so its score is "
-               "biased upward. The best config is the front trial with the highest mean:\n\n"
-               + front_table(spread) + "\n")
-        unrun = [rows[i]["trial_id"] for i in front if rows[i] not in spread]
+        md += (f"\nThe best trial of each cost (student GMACs) re-run with fresh student seed(s) {list(t.front_seeds)} "
+               f"(every epoch), best validation top-1 of each run. The search's own run (seed {cfg.seed}) is shown but "
+               "left out of the mean and range: it is there because it beat the other trials of its cost, so its "
+               "score is biased upward. The Pareto front is drawn from the re-runs' means, and the best config is "
+               "the cost level with the highest mean:\n\n" + front_table(spread) + "\n")
+        unrun = [r["trial_id"] for r in cost_level_bests(rows) if r not in spread]
         if unrun:
-            md += f"\nNo re-run of front trial(s) {', '.join(unrun)} finished (see the errors): left out above.\n"
+            md += f"\nNo re-run of trial(s) {', '.join(unrun)} finished (see the errors): left out above.\n"
         if summary["front_separation"]:
-            md += ("\nFront trials next to each other by cost (of those re-run with two or more seeds), told apart "
-                   "by more than seed noise when their re-runs' ranges do not overlap:\n\n"
+            md += ("\nCost levels next to each other (of those re-run with two or more seeds), told apart by more "
+                   "than seed noise when their re-runs' ranges do not overlap:\n\n"
                    + separation_lines(summary["front_separation"]) + "\n")
     storage.write_text(storage.join(exp, RESULTS_MD), md)
     plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)",

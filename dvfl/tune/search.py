@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dvfl.config import ConfigError, RunConfig
 from dvfl import storage
-from dvfl.tune.report import collect_trials, pareto_front, report_errors, write_results
+from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
 from dvfl.tune.search_config import TuneConfig, experiment_dir, param_space
 from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_driver, trial_resources,
@@ -18,13 +18,13 @@ from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_d
 
 
 SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to resume a different search)
-FRONT_SUFFIX = "-front"  # <experiment>-front: the Pareto front's trials re-run with tune.front_seeds
+FRONT_SUFFIX = "-front"  # <experiment>-front: each cost level's best trial re-run with tune.front_seeds
 
 
-def front_reruns(front: list[dict], seeds) -> list[dict]:
-    """The front's re-runs, one per trial and fresh student seed (never the search's own: its run was
-    chosen as the best of its kind, so its score is biased upward and stays out of the spread)."""
-    return [{"params": r["params_searched"], "seed": seed, "of": r["trial_id"]} for r in front for seed in seeds]
+def front_reruns(trials: list[dict], seeds) -> list[dict]:
+    """The re-runs, one per trial and fresh student seed (never the search's own: its run was chosen
+    as the best of its cost, so its score is biased upward and stays out of the spread)."""
+    return [{"params": r["params_searched"], "seed": seed, "of": r["trial_id"]} for r in trials for seed in seeds]
 
 
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
@@ -162,11 +162,12 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         grid = tuner.fit()
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
-    front = [rows[i] for i in pareto_front(rows)]
-    if t.front_seeds and front:
-        # the front's trials again with each extra student seed, every epoch: one grid of
-        # {params, seed} (a restored front experiment keeps its finished re-runs)
-        reruns = front_reruns(front, t.front_seeds)
+    levels = cost_level_bests(rows)
+    if t.front_seeds and levels:
+        # each cost level's best trial again with each extra student seed, every epoch: one grid of
+        # {params, seed} (a restored front experiment keeps its finished re-runs); the front is
+        # drawn from these runs' means (report.choose)
+        reruns = front_reruns(levels, t.front_seeds)
         recorded = storage.read_json(front_file).get("reruns") if front_restoring else None  # None: not recorded
         if recorded is not None and recorded != json.loads(json.dumps(reruns, default=str)):
             # the resumed search's front changed (a trial that had errored ran this time): start the front over
@@ -183,7 +184,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             front_tuner = tune.Tuner.restore(front_path, trainable=front_trainable, resume_unfinished=True,
                                              resume_errored=True, storage_filesystem=tune_fs)
         else:
-            log(f"[tune] re-running the Pareto front's {len(front)} trial(s) with student seed(s) "
+            log(f"[tune] re-running the best trial of each of {len(levels)} cost level(s) with student seed(s) "
                 f"{t.front_seeds}: {len(reruns)} run(s) of {cfg.optim.epochs} epochs")
             front_tuner = tune.Tuner(
                 front_trainable, param_space={"front": tune.grid_search(reruns)},

@@ -49,8 +49,8 @@ class TuneConfig:
     in_process: bool = True
     asha: AshaSection = field(default_factory=AshaSection)
     space: dict = field(default_factory=dict)
-    # after the search, the Pareto front's trials again with each of these student seeds, every
-    # epoch (no ASHA): the front is then reported and drawn with its seed spread
+    # after the search, each cost level's best trial again with each of these student seeds, every
+    # epoch (no ASHA): the Pareto front is drawn from their means, with their seed spread
     front_seeds: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
