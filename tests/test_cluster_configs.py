@@ -476,24 +476,102 @@ def _rules(policies: list[tuple[int, dict]]) -> list:
     return policies[0][1]["spec"]["ingress"]
 
 
+def _own_peer(policies: list[tuple[int, dict]]) -> dict:
+    """The pod selector of the first policy's own-pods peer (`ray.io/cluster` or the RayJob's label)."""
+    return _rules(policies)[0]["from"][0]["podSelector"]
+
+
+def _every_policy(policies: list[tuple[int, dict]], fn) -> None:
+    for _, p in policies:
+        fn(p)
+
+
+def _groups(doc: dict) -> list[dict]:
+    return [_head(doc), *_cluster(doc)["workerGroupSpecs"]]
+
+
+def _policy(name: str, spec: dict) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name}, "spec": spec}
+
+
+def _per_node_type(policies, one_rule: bool) -> None:
+    """The own-pods peer split into one peer per node type, in one rule or in one rule each."""
+    labels = _own_peer(policies)["matchLabels"]
+    peers = [{"podSelector": {"matchLabels": {**labels, "ray.io/node-type": t}}} for t in ("head", "worker")]
+    _rules(policies)[:1] = [{"from": peers}] if one_rule else [{"from": [p]} for p in peers]
+
+
+def _labels_in_groups(doc, policies) -> None:
+    """Every group labelled `tier: ray` by its own `labels` field (KubeRay 1.7), which the first
+    policy selects and admits."""
+    for g in _groups(doc):
+        g["labels"] = {"tier": "ray"}
+    policies[0][1]["spec"]["podSelector"] = {"matchLabels": {"tier": "ray"}}
+    _own_peer(policies)["matchLabels"] = {"tier": "ray"}
+
+
+def _in_expression(policies, extra=()) -> None:
+    """The own-pods peer written as a matchExpressions `In` (with ``extra`` values)."""
+    sel = _own_peer(policies)
+    ((key, value),) = sel.pop("matchLabels").items()
+    sel["matchExpressions"] = [{"key": key, "operator": "In", "values": [value, *extra]}]
+
+
+# one broken copy per kind of breakage; each mutates (the Ray document, the file's policies)
 NETWORK_POLICY_BREAKAGES = {
     # no policy: every pod of every namespace reaches the GCS, the Ray Client and the metrics
-    "no_policy": (lambda ps: ps.clear(), ("workerGroupSpecs[1]", "no ingress NetworkPolicy")),
+    "no_policy": (lambda d, ps: ps.clear(), ("workerGroupSpecs[1]", "no ingress NetworkPolicy")),
     # the policy covers the head only: the workers' ports stay open
-    "head_only": (lambda ps: [p["spec"]["podSelector"]["matchLabels"].update({"ray.io/node-type": "head"}) for _, p in ps],
-                  ("workerGroupSpecs[0]", "no ingress NetworkPolicy")),
-    "egress_only": (lambda ps: [p["spec"].update(policyTypes=["Egress"]) for _, p in ps],
+    "head_only": (lambda d, ps: _every_policy(ps, lambda p: p["spec"]["podSelector"]["matchLabels"].update(
+        {"ray.io/node-type": "head"})), ("workerGroupSpecs[0]", "no ingress NetworkPolicy")),
+    "egress_only": (lambda d, ps: _every_policy(ps, lambda p: p["spec"].update(policyTypes=["Egress"])),
                     ("headGroupSpec", "no ingress NetworkPolicy")),
-    "gcs_to_every_namespace": (lambda ps: _rules(ps).append({"from": [{"namespaceSelector": {}}], "ports": [{"port": 6379}]}),
+    "gcs_to_every_namespace": (lambda d, ps: _rules(ps).append({"from": [{"namespaceSelector": {}}], "ports": [{"port": 6379}]}),
                                ("pods outside the cluster's own to 6379",)),
-    "client_port_to_any_source": (lambda ps: _rules(ps).append({"ports": [{"port": 10001, "protocol": "TCP"}]}),
+    "client_port_to_any_source": (lambda d, ps: _rules(ps).append({"ports": [{"port": 10001, "protocol": "TCP"}]}),
                                   ("admits any source to 10001",)),
-    "job_server_as_a_port_range": (lambda ps: _rules(ps).append(
+    "job_server_as_a_port_range": (lambda d, ps: _rules(ps).append(
         {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 8265, "endPort": 10001}]}),
         ("pods outside the cluster's own to 8265",)),
     # "own pods" named by a label every Ray pod of the namespace carries, not this cluster's
-    "own_pods_too_broad": (lambda ps: _rules(ps)[0]["from"][0]["podSelector"].update(matchLabels={"ray.io/is-ray-node": "yes"}),
+    "own_pods_too_broad": (lambda d, ps: _own_peer(ps).update(matchLabels={"ray.io/is-ray-node": "yes"}),
                            ("to every port",)),
+    # an empty policyTypes is Ingress, as a missing one: its rules count
+    "empty_policy_types_count_as_ingress": (lambda d, ps: (
+        _every_policy(ps, lambda p: p["spec"].update(policyTypes=[])),
+        _rules(ps).append({"from": [{"namespaceSelector": {}}], "ports": [{"port": 6379}]})),
+        ("pods outside the cluster's own to 6379",)),
+    # every policy of the file is checked, whichever pods the validator thinks it selects
+    "unrelated_policy_in_the_file": (lambda d, ps: ps.append((len(ps) + 1, _policy("other", {
+        "podSelector": {"matchLabels": {"app": "other"}}, "ingress": [{"ports": [{"port": 10001}]}]}))),
+        ("NetworkPolicy other", "admits any source to 10001")),
+    "policy_on_kuberay_labels": (lambda d, ps: ps.append((len(ps) + 1, _policy("metrics", {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/created-by": "kuberay-operator"}},
+        "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]}))),
+        ("NetworkPolicy metrics", "pods outside the cluster's own to 8080")),
+    # a group's own `labels` override its template's: the policy no longer selects the CPU workers
+    "group_labels_override_the_template": (lambda d, ps: (
+        [g["template"].setdefault("metadata", {}).setdefault("labels", {}).update(tier="ray") for g in _groups(d)],
+        _group(d, "cpu-workers").update(labels={"tier": "batch"}),
+        _every_policy(ps, lambda p: p["spec"]["podSelector"]["matchLabels"].update(tier="ray"))),
+        ("workerGroupSpecs[0]", "no ingress NetworkPolicy")),
+    # policies that would break the cluster: nothing admitted, or the own pods to the GCS only
+    "no_ingress_rules": (lambda d, ps: _every_policy(ps, lambda p: p["spec"].update(ingress=[])),
+                         ("headGroupSpec", "workers could not reach the GCS")),
+    "own_pods_to_the_gcs_only": (lambda d, ps: _rules(ps)[0].update(ports=[{"port": 6379}]),
+                                 ("workerGroupSpecs[1]", "workers could not reach the GCS")),
+    "own_pods_head_peer_only": (lambda d, ps: (_per_node_type(ps, one_rule=False), _rules(ps).pop(1)),
+                                ("workerGroupSpecs[0]", "not admitted from workerGroupSpecs[0], workerGroupSpecs[1]")),
+    # an `In` with a value of no pod of this cluster: another cluster's pods
+    "own_pods_in_with_a_foreign_value": (lambda d, ps: _in_expression(ps, extra=["other"]), ("to every port",)),
+    # a peer that selects none of the cluster's pods is not the cluster's own
+    "own_peer_selects_no_group": (lambda d, ps: _own_peer(ps)["matchLabels"].update({"ray.io/node-type": "driver"}),
+                                  ("pods outside the cluster's own to every port",)),
+    # the policies of another namespace do not cover the cluster's pods
+    "policies_in_another_namespace": (lambda d, ps: _every_policy(ps, lambda p: p["metadata"].update(namespace="other")),
+                                      ("headGroupSpec", "no ingress NetworkPolicy")),
+    "ray_document_in_a_namespace": (lambda d, ps: d["metadata"].update(namespace="ml"),
+                                    ("workerGroupSpecs[0]", "no ingress NetworkPolicy")),
 }
 
 
@@ -503,8 +581,70 @@ def test_kuberay_pods_behind_network_policies(target, breakage):
     doc, policies = _load(KUBERAY[target]), _policies(KUBERAY[target])
     assert policies and cv.network_policy_errors(doc, policies) == []
     mutate, fragments = NETWORK_POLICY_BREAKAGES[breakage]
-    mutate(policies)
+    mutate(doc, policies)
     _assert_fails(cv.network_policy_errors(doc, policies), "policy", *fragments)
+
+
+# policies that keep the cluster working and closed: each must pass
+SAFE_NETWORK_POLICIES = {
+    "empty_policy_types": lambda d, ps: _every_policy(ps, lambda p: p["spec"].update(policyTypes=[])),
+    "no_policy_types": lambda d, ps: _every_policy(ps, lambda p: p["spec"].pop("policyTypes")),
+    "own_pods_by_match_expressions": lambda d, ps: _in_expression(ps),
+    "own_pods_per_node_type": lambda d, ps: _per_node_type(ps, one_rule=True),
+    "own_pods_per_node_type_in_two_rules": lambda d, ps: _per_node_type(ps, one_rule=False),
+    # KubeRay's labels beside the user's: selected by what KubeRay sets on every pod it creates
+    "selected_by_kuberay_app_labels": lambda d, ps: ps[0][1]["spec"]["podSelector"]["matchLabels"].update(
+        {"app.kubernetes.io/created-by": "kuberay-operator", "app.kubernetes.io/name": "kuberay"}),
+    "labels_in_the_group_spec": _labels_in_groups,
+    # KubeRay's ray.io/* labels win over the user's
+    "user_labels_cannot_override_kuberays": lambda d, ps: [g.update(labels={
+        "ray.io/cluster": "other", "ray.io/node-type": "other", "ray.io/group": "other"}) for g in _groups(d)],
+    "same_namespace": lambda d, ps: [m.update(namespace="ml") for m in [d["metadata"], *(p["metadata"] for _, p in ps)]],
+}
+
+
+@pytest.mark.parametrize("target", sorted(KUBERAY))
+@pytest.mark.parametrize("variant", sorted(SAFE_NETWORK_POLICIES))
+def test_safe_network_policies_pass(target, variant):
+    doc, policies = _load(KUBERAY[target]), _policies(KUBERAY[target])
+    SAFE_NETWORK_POLICIES[variant](doc, policies)
+    assert cv.network_policy_errors(doc, policies) == []
+
+
+def _job_server_peers(policies) -> list:
+    return policies[1][1]["spec"]["ingress"][0]["from"]
+
+
+# the RayJob's head admits its callers to the job server: (mutation, error fragments or None: passes)
+JOB_SERVER_CASES = {
+    "job_server_policy_deleted": (lambda d, ps: ps.pop(1), ("headGroupSpec", "the job would never be submitted")),
+    "operator_not_admitted": (lambda d, ps: _job_server_peers(ps).pop(1), ("headGroupSpec", "its status never read")),
+    "submitter_not_admitted": (lambda d, ps: _job_server_peers(ps).pop(0), ("the job would never be submitted",)),
+    "submitter_of_another_rayjob": (lambda d, ps: _job_server_peers(ps)[0]["podSelector"]["matchLabels"].update(
+        {"ray.io/originated-from-cr-name": "other"}), ("the job would never be submitted",)),
+    # K8sJobMode is the CRD's default
+    "default_mode_without_submitter": (lambda d, ps: (d["spec"].pop("submissionMode"), _job_server_peers(ps).pop(0)),
+                                       ("the job would never be submitted",)),
+    "operator_on_another_port": (lambda d, ps: ps[1][1]["spec"]["ingress"][0].update(ports=[{"port": 8266}]),
+                                 ("its status never read",)),
+    # HTTPMode: the operator submits, no submitter pod
+    "http_mode_without_submitter": (lambda d, ps: (d["spec"].update(submissionMode="HTTPMode"),
+                                                   _job_server_peers(ps).pop(0)), None),
+    "job_server_to_every_namespace": (lambda d, ps: ps[1][1]["spec"]["ingress"][0].update(
+        **{"from": [{"namespaceSelector": {}}]}), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JOB_SERVER_CASES))
+def test_rayjob_job_server_admits_its_callers(case):
+    doc, policies = _load(KUBERAY["rayjob"]), _policies(KUBERAY["rayjob"])
+    mutate, fragments = JOB_SERVER_CASES[case]
+    mutate(doc, policies)
+    errors = cv.network_policy_errors(doc, policies)
+    if fragments is None:
+        assert errors == []
+    else:
+        _assert_fails(errors, "policy", *fragments)
 
 
 def test_network_policy_selectors_and_files(tmp_path):
@@ -514,6 +654,9 @@ def test_network_policy_selectors_and_files(tmp_path):
     sel = policies[0][1]["spec"]["podSelector"]
     sel["matchExpressions"] = [{"key": "ray.io/cluster", "operator": "In", "values": [sel.pop("matchLabels")["ray.io/cluster"]]}]
     assert cv.network_policy_errors(doc, policies) == []
+    # KubeRay's identifier label, known for a RayCluster
+    sel["matchExpressions"] = [{"key": "ray.io/identifier", "operator": "In", "values": ["dvfl-head", "dvfl-worker"]}]
+    assert cv.network_policy_errors(doc, policies) == []
     sel["matchExpressions"][0]["operator"] = "NotIn"
     _assert_fails(cv.network_policy_errors(doc, policies), "policy", "no ingress NetworkPolicy")
 
@@ -521,6 +664,10 @@ def test_network_policy_selectors_and_files(tmp_path):
     for _, p in job_policies:
         p["spec"]["podSelector"]["matchLabels"] = {"ray.io/cluster": "dvfl-distill"}
     _assert_fails(cv.network_policy_errors(job, job_policies), "policy", "headGroupSpec", "no ingress NetworkPolicy")
+    # ... yet it is there, with a generated value
+    for _, p in job_policies:
+        p["spec"]["podSelector"] = {"matchExpressions": [{"key": "ray.io/cluster", "operator": "Exists"}]}
+    assert cv.network_policy_errors(job, job_policies) == []
 
     alone = tmp_path / "raycluster-alone.yaml"
     alone.write_text(yaml.safe_dump(doc))
@@ -596,7 +743,18 @@ def test_validator_reports_instead_of_crashing_on_mangled_configs(launcher_docs,
 
     rng = random.Random(7)
     docs = [*launcher_docs.values(), *kuberay_docs.values()]
-    values = [None, 0, -1, 1.5, "x", "0.0.0.0", [], {}, True, [1], {"a": 1}]
+    for _ in range(60):
+        doc = copy.deepcopy(rng.choice(docs))
+        path = _mangle(rng, doc)
+        errors = cv.validate_document(doc)
+        assert isinstance(errors, list) and all(isinstance(e, str) for e in errors), path
+
+
+_MANGLED_VALUES = [None, 0, -1, 1.5, "x", "0.0.0.0", [], {}, True, [1], {"a": 1}]
+
+
+def _mangle(rng, doc, values=_MANGLED_VALUES):
+    """Delete one random key/item of ``doc`` or give it a wrong-typed value; returns its path."""
 
     def paths(node, prefix=()):
         if isinstance(node, dict):
@@ -609,18 +767,34 @@ def test_validator_reports_instead_of_crashing_on_mangled_configs(launcher_docs,
             yield prefix + (k,)
             yield from paths(v, prefix + (k,))
 
-    for _ in range(60):
-        doc = copy.deepcopy(rng.choice(docs))
-        path = rng.choice(list(paths(doc)))
-        parent = doc
-        for k in path[:-1]:
-            parent = parent[k]
-        if rng.random() < 0.5:
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = rng.choice(values)
-        errors = cv.validate_document(doc)
-        assert isinstance(errors, list) and all(isinstance(e, str) for e in errors), path
+    path = rng.choice(list(paths(doc)))
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    if rng.random() < 0.5:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = copy.deepcopy(rng.choice(values))
+    return path
+
+
+@pytest.mark.parametrize("target", sorted(KUBERAY))
+def test_network_policy_check_reports_instead_of_crashing_on_mangled_documents(target):
+    """The same for a KubeRay file's NetworkPolicies and the Ray document they guard: a few
+    mangled values at once, in any of the file's documents."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(300):
+        doc, policies = _load(KUBERAY[target]), _policies(KUBERAY[target])
+        docs = [doc, *(p for _, p in policies)]
+        # lists of odd items too: selectors' values, peers and ports
+        mangled = [_mangle(rng, rng.choice(docs), [*_MANGLED_VALUES, [[1]], [{"key": [1]}], [None]])
+                   for _ in range(rng.randint(1, 3))]
+        errors = cv.network_policy_errors(doc, policies)
+        for _, p in policies:
+            errors += cv.validate_document(p)
+        assert isinstance(errors, list) and all(isinstance(e, str) for e in errors), mangled
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
   image, token authentication on (``authOptions.mode: token``), autoscaling on, CPU and GPU worker
   groups, no credentials; a RayJob's run config (its entrypoint's ``--config`` with ``--set`` and
   ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts;
-  NetworkPolicies in the same file select every group's pods and admit only the cluster's own pods,
-  except to the job server port (:func:`network_policy_errors`).
+  NetworkPolicies in the same file and namespace select every group's pods and admit the cluster's
+  own pods to every port, a RayJob's head admits the KubeRay operator and its submitter pod to the
+  job server port, and no rule of the file admits anything else but to that port
+  (:func:`network_policy_errors`).
 
 CLI: ``dvfl validate-cluster cluster/*.yaml cluster/kuberay/*.yaml`` (:mod:`dvfl.commands.validate_cluster`)
 prints ``OK`` or the errors per file and exits non-zero if any file fails.
@@ -1040,6 +1042,13 @@ NETWORK_POLICY_API = "networking.k8s.io/v1"
 # The only port that pods outside the cluster may reach: the dashboard's job server (token
 # authentication), which a RayJob's submitter pod and the KubeRay operator call.
 JOB_SERVER_PORT = 8265
+# The KubeRay operator's pods (its Helm chart and kustomize both set this), in a namespace of its own.
+OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator"}
+# Labels KubeRay puts on every pod it creates unless the user's labels set them.
+KUBERAY_APP_LABELS = {"app.kubernetes.io/created-by": "kuberay-operator", "app.kubernetes.io/name": "kuberay"}
+# A label KubeRay sets to a value not known here (a RayJob's generated cluster name): it exists,
+# so `Exists` selects it, but it equals no value a selector can name.
+_GENERATED = object()
 
 
 def _is_network_policy(doc: Any) -> bool:
@@ -1047,9 +1056,12 @@ def _is_network_policy(doc: Any) -> bool:
 
 
 def _pod_labels(doc: dict, where: tuple, spec: dict) -> list[tuple[tuple, dict, set]]:
-    """(path, labels, the template's own label keys) of each group's pods: the pod template's
-    labels, then those KubeRay sets (``ray.io/cluster`` only where the cluster's name is known:
-    a RayJob's cluster gets a generated one)."""
+    """(path, labels, the user's own (key, value) labels) of each group's pods. The labels: the pod
+    template's, the group's ``labels`` over them (KubeRay 1.7), KubeRay's app labels where the user
+    set none, then KubeRay's ray.io/* labels, which nothing overrides (``ray.io/cluster`` and
+    ``ray.io/identifier`` are generated for a RayJob's cluster)."""
+    name = _as_mapping(doc.get("metadata")).get("name")
+    cluster = name if doc.get("kind") == "RayCluster" and isinstance(name, str) else None
     groups = [(where + ("headGroupSpec",), spec.get("headGroupSpec"), "head", "headgroup")] + [
         (where + ("workerGroupSpecs", i), g, "worker", _as_mapping(g).get("groupName"))
         for i, g in enumerate(_as_list(spec.get("workerGroupSpecs")))
@@ -1058,15 +1070,16 @@ def _pod_labels(doc: dict, where: tuple, spec: dict) -> list[tuple[tuple, dict, 
     for path, group, node_type, group_name in groups:
         if not isinstance(group, dict):
             continue
-        own = _as_mapping(_as_mapping(_as_mapping(group.get("template")).get("metadata")).get("labels"))
-        labels = {k: v for k, v in own.items() if isinstance(k, str) and isinstance(v, str)}
-        labels.update({"ray.io/node-type": node_type, "ray.io/is-ray-node": "yes"})
-        if isinstance(group_name, str):
-            labels["ray.io/group"] = group_name
-        name = _as_mapping(doc.get("metadata")).get("name")
-        if doc.get("kind") == "RayCluster" and isinstance(name, str):
-            labels["ray.io/cluster"] = name
-        out.append((path, labels, {k for k, v in own.items() if labels.get(k) == v}))
+        template = _as_mapping(_as_mapping(_as_mapping(group.get("template")).get("metadata")).get("labels"))
+        user = {k: v for k, v in {**template, **_as_mapping(group.get("labels"))}.items()
+                if isinstance(k, str) and isinstance(v, str)}
+        labels = {**KUBERAY_APP_LABELS, **user, "ray.io/node-type": node_type, "ray.io/is-ray-node": "yes",
+                  "ray.io/group": group_name if isinstance(group_name, str) else _GENERATED,
+                  "ray.io/cluster": cluster or _GENERATED,
+                  "ray.io/identifier": f"{cluster}-{node_type}" if cluster else _GENERATED}
+        # KubeRay's own values name every KubeRay pod of the namespace, not this cluster's
+        out.append((path, labels, {(k, v) for k, v in user.items()
+                                   if labels[k] == v and KUBERAY_APP_LABELS.get(k) != v}))
     return out
 
 
@@ -1087,49 +1100,122 @@ def _selects(selector: Any, labels: dict) -> bool:
 
 def _applies_to_ingress(policy: dict) -> bool:
     types = _as_mapping(policy.get("spec")).get("policyTypes")
-    return types is None or (isinstance(types, list) and "Ingress" in types)  # absent: Ingress
+    # absent or empty: Ingress (plus Egress with egress rules), as the API server defaults it
+    return types is None or types == [] or (isinstance(types, list) and "Ingress" in types)
+
+
+def _ingress_rules(policy: dict) -> list[tuple[int, list, list]]:
+    """(index, peers, ports) of a policy's ingress rules: no peers admit any source, no ports every port."""
+    return [(k, _as_list(_as_mapping(rule).get("from")), _as_list(_as_mapping(rule).get("ports")))
+            for k, rule in enumerate(_as_list(_as_mapping(policy.get("spec")).get("ingress")))]
+
+
+def _is_job_server_port(port: Any) -> bool:
+    return (isinstance(port, dict) and port.get("port") == JOB_SERVER_PORT and "endPort" not in port
+            and port.get("protocol", "TCP") == "TCP")
+
+
+def _own_groups(peer: Any, groups: list[tuple[tuple, dict, set]], identity: set) -> set[int]:
+    """The groups whose pods a peer selects if it is one of the cluster's own pods, else none: a pod
+    selector alone (other namespaces and IP blocks are never the cluster's pods) that names an
+    identity key, in matchLabels or in an ``In`` of values the cluster's pods carry, so that it
+    cannot select another cluster's pods."""
+    sel = _as_mapping(peer).get("podSelector")
+    if set(_as_mapping(peer)) != {"podSelector"} or not isinstance(sel, dict):
+        return set()
+    carried = {k: {labels.get(k) for _, labels, _ in groups} for k in identity}
+    named = [k for k in _as_mapping(sel.get("matchLabels")) if k in identity] + [
+        e["key"] for e in map(_as_mapping, _as_list(sel.get("matchExpressions")))
+        if e.get("operator") == "In" and _is_name_in(e.get("key"), identity) and _as_list(e.get("values"))
+        and all(_is_name_in(v, carried[e["key"]]) for v in e["values"])]
+    return {i for i, (_, labels, _) in enumerate(groups) if _selects(sel, labels)} if named else set()
+
+
+def _admits(peer: Any, labels: dict, same_namespace: bool) -> bool:
+    """Whether a peer admits a pod with ``labels`` from the policy's namespace or another one (the
+    namespaces' labels are not known here: any namespaceSelector is taken to match)."""
+    peer = _as_mapping(peer)
+    if "namespaceSelector" in peer:
+        return isinstance(peer["namespaceSelector"], dict) and _selects(peer.get("podSelector", {}), labels)
+    return same_namespace and "ipBlock" not in peer and _selects(peer.get("podSelector"), labels)
+
+
+def _job_server_errors(doc: dict, path: tuple, covering: list[dict]) -> list[str]:
+    """A RayJob's head admits its callers outside the Ray cluster to the job server: the KubeRay
+    operator and, in K8sJobMode (also when ``submissionMode`` is unset: the CRD default), the
+    submitter pod."""
+    spec, name = _as_mapping(doc.get("spec")), _as_mapping(doc.get("metadata")).get("name")
+    callers = [(OPERATOR_LABELS, False, "the KubeRay operator (a peer with a namespaceSelector and a podSelector "
+                "matching app.kubernetes.io/component: kuberay-operator)", "the job would never be submitted "
+                "(HTTPMode) or its status never read")]
+    if spec.get("submissionMode") in (None, "K8sJobMode"):
+        submitter = {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": name}
+        callers.append((submitter, True, f"the submitter pod (a peer whose podSelector matches "
+                        f"ray.io/originated-from-crd: RayJob, ray.io/originated-from-cr-name: {name})",
+                        "the job would never be submitted"))
+    out = []
+    for labels, same_namespace, who, consequence in callers:
+        if not any((not ports or any(_is_job_server_port(p) for p in ports))
+                   and (not peers or any(_admits(peer, labels, same_namespace) for peer in peers))
+                   for policy in covering for _, peers, ports in _ingress_rules(policy)):
+            out.append(_error_line("policy", path, f"no ingress rule admits {who} to the job server port "
+                                   f"{JOB_SERVER_PORT}/TCP of these pods: {consequence}"))
+    return out
 
 
 def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str]:
     """A KubeRay manifest's pods behind the NetworkPolicies of its file (``(document number,
-    policy)`` pairs): every group's pods are selected by an ingress policy, and a rule admits
-    sources outside the cluster's own pods only to the job server port. The cluster's own pods are
-    a pod selector (no namespace selector, no IP block) that every group's pods satisfy, naming
-    ``ray.io/cluster`` or a label set on every group's template. Offline: the policies are read,
-    not enforced; the network plugin must support NetworkPolicy."""
+    policy)`` pairs). Every group's pods are selected by an ingress policy of the manifest's
+    namespace whose rules admit the cluster's own pods (:func:`_own_groups`) to every port; a
+    RayJob's head admits the KubeRay operator and its submitter pod to the job server port; and no
+    rule of any ingress policy in the file admits other sources except to that port. Offline: the
+    policies are read, not enforced; the network plugin must support NetworkPolicy."""
     if not isinstance(doc, dict):
         return []
+    namespace = _as_mapping(doc.get("metadata")).get("namespace")
     ingress = [(n, p) for n, p in policies if _is_network_policy(p) and _applies_to_ingress(p)]
     out: list[str] = []
     for where, spec in _cluster_specs(doc):
         groups = _pod_labels(doc, where, spec)
         if not groups:
             continue
-        identity = {"ray.io/cluster"} | set.intersection(*(keys for _, _, keys in groups))
+        identity = {"ray.io/cluster"} | {k for k, _ in set.intersection(*(items for _, _, items in groups))}
 
-        def own(peer: Any) -> bool:
-            sel = _as_mapping(peer).get("podSelector")
-            return (set(_as_mapping(peer)) == {"podSelector"} and isinstance(sel, dict)
-                    and bool(identity & set(_as_mapping(sel.get("matchLabels"))))
-                    and all(_selects(sel, labels) for _, labels, _ in groups))
+        def own(policy: dict, peer: Any) -> set[int]:
+            # a policy of another namespace selects none of the cluster's pods, its peers neither
+            in_namespace = _as_mapping(policy.get("metadata")).get("namespace") == namespace
+            return _own_groups(peer, groups, identity) if in_namespace else set()
 
         for path, labels, _ in groups:
-            if not any(_selects(_as_mapping(p.get("spec")).get("podSelector"), labels) for _, p in ingress):
-                out.append(_error_line("policy", path, "no ingress NetworkPolicy in this file selects these pods: "
-                                       "pods of every namespace reach their Ray ports (GCS 6379, Ray Client "
-                                       "10001, metrics 8080, workers); add one that admits the cluster's own pods"))
-        for n, policy in ingress:
-            pspec = _as_mapping(policy.get("spec"))
-            if not any(_selects(pspec.get("podSelector"), labels) for _, labels, _ in groups):
-                continue  # not about this cluster's pods
+            covering = [p for _, p in ingress if _as_mapping(p.get("metadata")).get("namespace") == namespace
+                        and _selects(_as_mapping(p.get("spec")).get("podSelector"), labels)]
+            if not covering:
+                out.append(_error_line("policy", path, "no ingress NetworkPolicy of its namespace in this file "
+                                       "selects these pods: pods of every namespace reach their Ray ports (GCS "
+                                       "6379, Ray Client 10001, metrics 8080, workers); add one that admits the "
+                                       "cluster's own pods"))
+                continue
+            reached = set()  # the groups admitted to every port of these pods
+            for policy in covering:
+                for _, peers, ports in _ingress_rules(policy):
+                    if not ports and not peers:
+                        reached |= set(range(len(groups)))
+                    elif not ports:
+                        reached |= set().union(*(own(policy, peer) for peer in peers))
+            missing = [_path_text(src[len(where):]) for i, (src, _, _) in enumerate(groups) if i not in reached]
+            if missing:
+                out.append(_error_line("policy", path, "the cluster's own pods are not admitted to every port of "
+                                       f"these pods (not admitted from {', '.join(missing)}): workers could not "
+                                       "reach the GCS or each other; add a rule without `ports` whose peers "
+                                       "select the cluster's own pods"))
+            if doc.get("kind") == "RayJob" and labels["ray.io/node-type"] == "head":
+                out += _job_server_errors(doc, path, covering)
+        for n, policy in ingress:  # any policy in the file is about this cluster
             name = _as_mapping(policy.get("metadata")).get("name")
-            for k, rule in enumerate(_as_list(pspec.get("ingress"))):
-                peers = _as_list(_as_mapping(rule).get("from"))
-                if peers and all(own(peer) for peer in peers):
+            for k, peers, ports in _ingress_rules(policy):
+                if peers and all(own(policy, peer) for peer in peers):
                     continue
-                ports = _as_list(_as_mapping(rule).get("ports"))
-                bad = [p for p in ports if not (isinstance(p, dict) and p.get("port") == JOB_SERVER_PORT
-                                                and "endPort" not in p and p.get("protocol", "TCP") == "TCP")]
+                bad = [p for p in ports if not _is_job_server_port(p)]
                 if not ports or bad:
                     opened = "every port" if not ports else ", ".join(str(_as_mapping(p).get("port", p)) for p in bad)
                     sources = "any source" if not peers else "pods outside the cluster's own"
