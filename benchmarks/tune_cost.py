@@ -107,7 +107,9 @@ def main(argv=None) -> int:
         run_teacher = [m.parent for m in sorted((run / "teacher").glob("*/model.json"))]
         if not run_teacher and (run / "config.yaml").is_file():  # a run with a given (pre-trained) teacher
             given = (yaml.safe_load((run / "config.yaml").read_text()).get("teacher") or {}).get("path")
-            run_teacher = [Path(given)] if given and (Path(given) / "model.json").is_file() else []
+            # relative (a config written under a Ray job): to the checkout, where this is run from
+            given = given and Path(given).expanduser().resolve()
+            run_teacher = [given] if given and (given / "model.json").is_file() else []
         if not (run / "clips" / "dataset.json").is_file() or not run_teacher:
             p.error(f"--from-run {run}: no clips/dataset.json, or no teacher (teacher/*/model.json or the "
                     f"config's teacher.path): a finished distill run?")

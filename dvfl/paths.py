@@ -79,11 +79,19 @@ def absolute_input(path: str | None, cwd: str | None = None) -> str | None:
 
 def as_given(path: str | None, cwd: str | None = None) -> str | None:
     """A resolved input path as it should be written into a file that outlives this process:
-    inside a job's temporary working directory, a path into that copy becomes relative again (the
-    user's checkout has the same files; the copy goes with ``ray stop``). Otherwise unchanged."""
+    inside a job's temporary working directory, a path into that copy becomes relative (to the
+    current directory) again (the user's checkout has the same files; the copy goes with ``ray
+    stop``). Otherwise unchanged."""
     cwd = os.path.abspath(cwd or os.getcwd())
     if path is None or is_uri(path) or not in_job_working_dir(cwd):
         return path
-    if path == cwd or path.startswith(cwd + os.sep):
-        return os.path.relpath(path, cwd)
+    root = _job_copy_root(cwd)
+    if path == root or path.startswith(root + os.sep):
+        return os.path.relpath(path, cwd)  # ('..' too: the entrypoint may have changed into a subfolder)
     return path
+
+
+def _job_copy_root(cwd: str) -> str:
+    """The root of the job's temporary copy holding ``cwd``: <...>/working_dir_files/<package dir>."""
+    head, _, rest = os.path.join(cwd, "").partition(_JOB_WORKING_DIR_MARK)
+    return head + _JOB_WORKING_DIR_MARK + rest.split(os.sep, 1)[0]

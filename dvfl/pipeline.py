@@ -664,7 +664,8 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
     out = cfg.output_dir
     table = {name: summarize(rows) for name, rows in results.items() if rows}
     validation = validation_source(cfg).description
-    report = {"config": cfg.to_dict(),
+    # as given: under a Ray job the inputs resolved into the job's temporary copy, gone after it
+    report = {"config": cfg.as_given().to_dict(),
               "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}",
               # top1/top5 (and kd_gains) come from the test split, evaluated once at the end; the
               # per-epoch history and val_top1_per_seed from the validation split

@@ -2,6 +2,7 @@
 the local spool files of object-store writes (named after their owner, swept once it is gone)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,24 @@ def test_configs_written_under_a_ray_job_name_shipped_inputs_as_the_user_gave_th
         assert "working_dir_files" not in (tmp_path / "config.yaml").read_text()
         digests.append(_fingerprint(TuneConfig(), cfg, {"fingerprint": "d"}, {"mode": "cache"})["digest"])
     assert digests[0] == digests[1]
+
+    (job_copy / "scripts").mkdir()  # an entrypoint that changed into a subfolder of the copy first
+    monkeypatch.chdir(job_copy / "scripts")
+    up = [("teacher.path", os.path.join("..", "models", "embedded_teacher"))]
+    cfg = build_config(config_tree(None, up)).resolve_paths()
+    assert cfg.teacher.path == str(job_copy / "models" / "embedded_teacher")
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["teacher"]["path"] == up[0][1]
+
+    from dvfl.pipeline import write_report  # results.json too (its config outlives the job)
+
+    monkeypatch.chdir(job_copy)
+    cfg = build_config(config_tree(None, sets + [("data.val_split", "train")])).resolve_paths()
+    os.makedirs(cfg.output_dir)
+    row = {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "history": [], "split": "test"}
+    write_report(cfg, {"dvfl": [row]}, log=lambda *_: None)
+    report = json.loads(open(os.path.join(cfg.output_dir, "results.json")).read())
+    assert report["config"]["teacher"]["path"] == os.path.join("models", "embedded_teacher")
 
     monkeypatch.chdir(tmp_path)  # not a job: absolute paths are written as they are
     cfg = build_config(config_tree(None, sets)).resolve_paths()

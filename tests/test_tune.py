@@ -487,6 +487,74 @@ def test_the_front_comes_from_every_cost_levels_reruns_not_from_a_lucky_single_r
     assert all(usable(r) for r in front)
 
 
+def test_a_resumed_front_keeps_reruns_recorded_in_another_order():
+    """Re-runs recorded best-first (older code) are the same re-runs cheapest-first: a resumed front
+    keeps them instead of starting over; another seed or trial is another front."""
+    from dvfl.tune.search import same_reruns
+
+    new = [{"params": {"kd": {"alpha": 0.5}}, "seed": s, "of": of} for of in ("cheap", "best") for s in (1, 2)]
+    recorded = json.loads(json.dumps(new[2:] + new[:2]))
+    assert same_reruns(recorded, new)
+    assert not same_reruns(recorded[:-1] + [{**recorded[-1], "seed": 3}], new)
+    assert not same_reruns(recorded[1:], new)
+
+
+def test_trials_tied_at_one_width_are_ranked_by_trial_id(monkeypatch):
+    """Equal top-1 at one cost (plausible on a small validation split): the row order, and so the
+    trial cost_level_bests re-runs, does not depend on the order Tune lists the trials in."""
+    import pandas as pd
+
+    from dvfl.tune import load_tune_config
+    from dvfl.tune import report
+    from dvfl.tune.report import collect_trials, cost_level_bests
+
+    monkeypatch.setattr(report, "student_cost", lambda cfg, n: {"gmacs": 1.0, "params": 10, "width": 8})
+    t, cfg = load_tune_config(None, [])
+
+    class Result:
+        def __init__(self, tid):
+            self.config, self.metrics, self.error, self.path = {}, {"trial_id": tid}, None, f"/x/{tid}"
+            self.metrics_dataframe = pd.DataFrame({"epoch": [e + 1 for e in range(cfg.optim.epochs)],
+                                                   "val_top1": [0.5] * cfg.optim.epochs,
+                                                   "train_loss": [1.0] * cfg.optim.epochs})
+
+    for order in (["b", "a", "c"], ["c", "a", "b"]):
+        rows = collect_trials([Result(tid) for tid in order], t, cfg, {"classes": ["x", "y"]})
+        assert [r["trial_id"] for r in rows] == ["a", "b", "c"]
+        assert [r["trial_id"] for r in cost_level_bests(rows)] == ["a"]
+
+
+def test_results_say_which_reruns_are_missing_and_when_none_is_usable(tmp_path):
+    """A cost level without a usable re-run (errored, diverged or never run) is named as such; when
+    no re-run is usable, the results say the front and best config come from the single runs."""
+    from dvfl.tune import load_tune_config, write_results
+
+    t, cfg = load_tune_config(None, [("tune.experiment", "exp"), ("tune.storage", str(tmp_path / "tune")),
+                                     ("tune.front_seeds", [1])])
+    exp = tmp_path / "tune" / "exp"
+    exp.mkdir(parents=True)
+
+    def row(tid, width, gmacs, top1):
+        return {"trial_id": tid, "status": "completed", "best_top1": top1, "epochs_run": 1, "max_epochs": 1,
+                "temperature": 4.0, "width": width, "alpha": 0.5, "lr": 1e-3, "gmacs": gmacs, "params": 1000,
+                "params_searched": {}, "seed": 0}
+
+    def rerun(of, status, top1=0.5):
+        return {"trial_id": f"r{of}", "front_of": of, "seed": 1, "best_top1": top1, "status": status}
+
+    write_results(exp, t, cfg, [row("b", 16, 2.0, 0.7), row("a", 8, 1.0, 0.6)],
+                  front_rows=[rerun("a", "completed"), rerun("b", "diverged")], wall_seconds=1.0, log=lambda *_: None)
+    md = (exp / "tune_results.md").read_text()
+    assert "No usable re-run of trial(s) b (errored, diverged or not run): left out above." in md
+    assert "finished (see the errors)" not in md and "come from the single runs" not in md
+    summary = write_results(exp, t, cfg, [row("b", 16, 2.0, 0.7), row("a", 8, 1.0, 0.6)],  # best first
+                            front_rows=[rerun("a", "error", None), rerun("b", "diverged")], wall_seconds=1.0,
+                            log=lambda *_: None)
+    md = (exp / "tune_results.md").read_text()
+    assert "the Pareto front and the best config come from the single runs above" in md
+    assert summary["best"]["trial_id"] == "b"
+
+
 def test_a_search_with_no_usable_trial_fails():
     """Every trial errored or diverged: nothing was found, and the search must not exit 0 (before,
     only an all-errored search failed; diverged trials kept their pre-NaN peaks and could be chosen)."""

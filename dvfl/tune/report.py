@@ -76,7 +76,8 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict, exp:
             "teacher_forward_calls": max(forwards) if forwards else None,
             "path": result.path,
         })
-    rows.sort(key=lambda r: (not usable(r), -(r["best_top1"] or 0.0), r["gmacs"]))
+    # trial id last: equal top-1 at one width is plausible, and cost_level_bests takes the first
+    rows.sort(key=lambda r: (not usable(r), -(r["best_top1"] or 0.0), r["gmacs"], r["trial_id"] or ""))
     return rows
 
 
@@ -336,11 +337,15 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                "the cost level with the highest mean:\n\n" + front_table(spread) + "\n")
         unrun = [r["trial_id"] for r in cost_level_bests(rows) if r not in spread]
         if unrun:
-            md += f"\nNo re-run of trial(s) {', '.join(unrun)} finished (see the errors): left out above.\n"
+            md += (f"\nNo usable re-run of trial(s) {', '.join(unrun)} (errored, diverged or not run): "
+                   "left out above.\n")
         if summary["front_separation"]:
             md += ("\nCost levels next to each other (of those re-run with two or more seeds), told apart by more "
                    "than seed noise when their re-runs' ranges do not overlap:\n\n"
                    + separation_lines(summary["front_separation"]) + "\n")
+    elif front_rows:  # choose() fell back to the single runs: say so, the reader expects re-run means
+        md += (f"\nEvery re-run with fresh student seed(s) {list(t.front_seeds)} errored or diverged (see the "
+               "errors): the Pareto front and the best config come from the single runs above.\n")
     storage.write_text(storage.join(exp, RESULTS_MD), md)
     plot_pareto(rows, front, storage.join(exp, PARETO_PNG), f"{t.experiment}: top-1 vs cost ({len(rows)} trials)",
                 spread=spread)

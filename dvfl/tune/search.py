@@ -27,6 +27,15 @@ def front_reruns(trials: list[dict], seeds) -> list[dict]:
     return [{"params": r["params_searched"], "seed": seed, "of": r["trial_id"]} for r in trials for seed in seeds]
 
 
+def same_reruns(recorded: list, reruns: list[dict]) -> bool:
+    """Whether a resumed front's recorded re-runs (as JSON) are ``reruns``, in any order: the order
+    changed (cheapest first, once best first), and a restored front must keep its finished re-runs."""
+    def canonical(runs):
+        return sorted(json.dumps(r, sort_keys=True, default=str) for r in runs)
+
+    return canonical(recorded) == canonical(json.loads(json.dumps(reruns, default=str)))
+
+
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
     from dvfl.pipeline import digest
 
@@ -81,8 +90,9 @@ def tune_output(verbose: int):
 
 
 def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
-    """Prepare the shared stages, run (or resume) the Tune experiment, re-run its Pareto front with
-    ``tune.front_seeds`` (in ``<experiment>-front``), write the results.
+    """Prepare the shared stages, run (or resume) the Tune experiment, re-run each cost level's
+    (width's) best trial with ``tune.front_seeds`` (in ``<experiment>-front``), draw the Pareto front
+    from the re-runs' means and write the results.
 
     Needs Ray initialised (:func:`dvfl.runtime.ray_runtime`). Returns the results summary.
     """
@@ -169,7 +179,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         # drawn from these runs' means (report.choose)
         reruns = front_reruns(levels, t.front_seeds)
         recorded = storage.read_json(front_file).get("reruns") if front_restoring else None  # None: not recorded
-        if recorded is not None and recorded != json.loads(json.dumps(reruns, default=str)):
+        if recorded is not None and not same_reruns(recorded, reruns):
             # the resumed search's front changed (a trial that had errored ran this time): start the front over
             remove_experiment(front_exp, t.experiment + FRONT_SUFFIX, log,
                               why="the front changed since its re-runs began; starting them over")

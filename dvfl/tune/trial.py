@@ -40,7 +40,7 @@ def trial_driver(params: dict, setup: dict) -> None:
 
     from dvfl import pipeline
 
-    # a re-run of a Pareto-front trial with another student seed: {"front": {"params", "seed", "of"}}
+    # a re-run of a cost level's best trial with another student seed: {"front": {"params", "seed", "of"}}
     front = params.get("front")
     cfg = apply_params(setup["base"], front["params"] if front else params)
     seed = front["seed"] if front else cfg.seed
