@@ -183,10 +183,11 @@ def moving_frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8, codec: str = "libx264",
-                seed: int = 0, rotation: int = 0) -> str:
-    """Encode a real video file with PyAV. Containers from the extension (mp4, avi, webm, mkv);
-    ``rotation``: a display rotation in the container (counter-clockwise degrees, FFmpeg's
-    convention; a phone's portrait video has -90), the frames stored as given."""
+                seed: int = 0, rotation: int = 0, options: dict | None = None, tags: dict | None = None) -> str:
+    """Encode a real video file with PyAV. Containers from the extension (mp4, avi, webm, mkv, mpg,
+    ts, ...); ``rotation``: a display rotation in the container (counter-clockwise degrees, FFmpeg's
+    convention; a phone's portrait video has -90), the frames stored as given; ``options``: the
+    encoder's (``{"bf": "2"}``: B-frames); ``tags``: the stream's metadata (``{"rotate": "90"}``)."""
     import fractions
 
     import av
@@ -202,6 +203,10 @@ def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8
             st.set_display_rotation(rotation)
         if codec == "libx264":
             st.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        if options:
+            st.options = {**st.options, **options}
+        for key, value in (tags or {}).items():
+            st.metadata[key] = value
         for f in frames:
             for p in st.encode(__import__("av").VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(p)

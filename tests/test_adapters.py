@@ -228,6 +228,25 @@ def test_folder(tmp_path, src_video):
     assert s1 == s2 and 8 <= list(s1.values()).count("test") <= 30
 
 
+def test_a_class_folder_linked_into_the_dataset_is_refused(tmp_path, src_video):
+    """A class folder that is a link to the root (or to another class) filed every video under it
+    as well, and the real copies were then dropped as duplicates: the labels came out wrong."""
+    for name, target in (("loop", "."), ("alias", "run")):
+        root = tmp_path / name
+        put(str(root), "run/a.mp4", src_video)
+        put(str(root), "walk/b.mp4", src_video)
+        os.symlink(os.path.abspath(str(root / target)), str(root / name))
+        with pytest.raises(A.AdapterError, match=f"class folder .*{name} is a link to .*inside the dataset"):
+            A.folder(str(root))
+    elsewhere = tmp_path / "elsewhere"
+    put(str(elsewhere), "x.mp4", src_video)
+    root = tmp_path / "outside"
+    put(str(root), "run/a.mp4", src_video)
+    os.symlink(str(elsewhere), str(root / "jump"))  # elsewhere: each video refused as outside_root
+    m = A.folder(str(root))
+    assert [e.video_id for e in m.entries] == ["run/a"] and [p.reason for p in m.problems] == ["outside_root"]
+
+
 def test_unlabeled_dir_and_list(tmp_path, src_video):
     d = str(tmp_path / "pool")
     put(d, "x/1.mp4", src_video)

@@ -280,14 +280,18 @@ def test_a_test_video_in_the_unlabelled_pool_is_caught(tmp_path, ray_local):
     os.makedirs(root / "test/B")
     shutil.copyfile(root / "train/A/a1.mp4", root / "test/B/t2.mp4")   # listed in train and in test
     shutil.copyfile(root / "test/A/t1.mp4", pool / "u1.mp4")          # a test video in the pool
+    for empty in ("train/A/e1.mp4", "train/B/e2.mp4", "test/A/e3.mp4"):  # failed downloads: not copies of each other
+        (root / empty).write_bytes(b"")
     m = A.folder(str(root))
     m.extend(A.unlabeled(str(pool)))
     logged = []
     out = str(tmp_path / "out")
     s = ingest(m, IngestConfig(out=out, frames=8, clips_per_video=1, short_side=16, workers=1), log=logged.append)
-    assert s["inputs"] == 6 and s["written_videos"] == 4 and s["accounting_ok"]
+    assert s["inputs"] == 9 and s["written_videos"] == 4 and s["accounting_ok"]
     rej = {r["video_id"]: r for r in map(json.loads, open(os.path.join(out, "rejects.jsonl")))}
-    assert sorted(rej) == ["train/A/a1", "unlabeled/u1"]
+    assert sorted(rej) == ["test/A/e3", "train/A/a1", "train/A/e1", "train/B/e2", "unlabeled/u1"]
+    assert {rej[v]["reason"] for v in ("test/A/e3", "train/A/e1", "train/B/e2")} == {"empty"}
+    rej = {v: r for v, r in rej.items() if "/e" not in v}
     assert {r["reason"] for r in rej.values()} == {"duplicate_content"}
     assert "test video test/B/t2" in rej["train/A/a1"]["detail"]
     assert "test video test/A/t1" in rej["unlabeled/u1"]["detail"]

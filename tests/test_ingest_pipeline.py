@@ -178,6 +178,69 @@ def test_phone_videos_are_turned_upright(tmp_path, ray_local):
             assert all(o > 10 for o in others), (r["video_id"], others)
 
 
+def _patch_mp4(src, dst, fn):
+    """A copy of the MP4 ``src`` with ``fn(data, box)`` applied, ``box(name)`` the payload offset
+    of the first box of that name (a plain byte search: the test files are tiny)."""
+    data = bytearray(open(src, "rb").read())
+    fn(data, lambda name: data.index(name) + 4)
+    open(dst, "wb").write(bytes(data))
+
+
+def _cut_head(data, box, frames):
+    """``ffmpeg -ss ... -c copy``'s edit list: presentation starts ``frames`` frames later."""
+    import struct
+
+    delta = struct.unpack(">I", data[box(b"stts") + 12:box(b"stts") + 16])[0]
+    at = box(b"elst") + 12  # version/flags, entry count, segment duration, then media_time
+    struct.pack_into(">i", data, at, struct.unpack(">i", data[at:at + 4])[0] + frames * delta)
+
+
+def _mirror(data, box):
+    """A horizontally mirrored display matrix (a = -1) in the track header."""
+    data[box(b"tkhd") + 40:box(b"tkhd") + 44] = (-65536).to_bytes(4, "big", signed=True)
+
+
+def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkeypatch):
+    """decord seeks MPEG program streams and AVIs with B-frames to other frames, counts and seeks
+    into the frames an edit list hides (clips cut with `ffmpeg -ss -c copy`), turns mirrored
+    matrices instead of leaving them, cannot open H.264 in MPEG-TS, and in Matroska obeys a rotate
+    tag whose turned size it must be told: each was stored with wrong frames, squeezed or rejected.
+    Those files are decoded by FFmpeg in order (PyAV); the clips are its frames at the planned
+    indices, as a player shows them. A plain MP4 stays on decord's seeking path."""
+    import av
+
+    from conftest import make_videos
+
+    d = tmp_path / "v"
+    make_videos([(str(d / "ps.mpg"), dict(n=40, h=32, w=64, codec="mpeg2video", options={"bf": "2", "g": "12"}, seed=1)),
+                 (str(d / "xvid_b.avi"), dict(n=40, h=32, w=64, codec="mpeg4", options={"bf": "2", "g": "12"}, seed=2)),
+                 (str(d / "h264.ts"), dict(n=40, h=32, w=64, seed=3)),
+                 (str(d / "rotate_tag.mkv"), dict(n=20, h=32, w=64, seed=4, tags={"rotate": "90"})),
+                 (str(d / "plain.mp4"), dict(n=40, h=32, w=64, seed=5))])
+    _patch_mp4(d / "plain.mp4", d / "cut_head.mp4", lambda data, box: _cut_head(data, box, 10))
+    _patch_mp4(d / "plain.mp4", d / "mirrored.mp4", _mirror)
+    # (file, frames a player shows, the clips' turn: np.rot90's k)
+    cases = [("ps.mpg", 40, 0), ("xvid_b.avi", 40, 0), ("h264.ts", 40, 0), ("rotate_tag.mkv", 20, 3),
+             ("cut_head.mp4", 30, 0), ("mirrored.mp4", 40, 0), ("plain.mp4", 40, 0)]
+    reference = []
+    monkeypatch.setattr(D, "_decode_reference", lambda *a, _f=D._decode_reference, **k: reference.append(a[0]) or _f(*a, **k))
+    for name, frames, turn in cases:
+        path = str(d / name)
+        with av.open(path) as c:  # what FFmpeg decodes, in order, as stored
+            truth = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        assert len(truth) == frames, name
+        for short_side in (0, 20):
+            res = D.decode_video(dict(path=path, video_id=name, split="test", frames=8, clips_per_video=1, eval_clips=2,
+                                      seed=0, short_side=short_side, min_frames=8))
+            assert res["ok"], (name, res)
+            assert res["src_num_frames"] == frames and res["rotation"] == 90 * turn % 360, (name, res["src_num_frames"])
+            for _, _, idx, clip in res["views"]:
+                want = np.rot90(truth[idx], turn, axes=(1, 2))
+                want = D.resize_frames(np.ascontiguousarray(want), *clip.shape[1:3])
+                assert np.abs(clip.astype(int) - want).mean() < 6, (name, short_side)
+    assert sorted(set(reference)) == sorted(str(d / n) for n, _, _ in cases if n != "plain.mp4")
+
+
 def test_file_names_in_another_encoding_are_decoded_and_stored_as_utf8_text(tmp_path, ray_local):
     """A Latin-1 archive's names (bytes that are not UTF-8) reach Python as lone surrogates: decord
     refused the path (every such video was rejected as corrupt) and Parquet cannot store the name.

@@ -556,6 +556,15 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
     bases = [(s, os.path.join(root, s)) for s in split_dirs] if split_dirs else [(None, root)]
     classes = sorted({d for _, b in bases for d in os.listdir(b)
                       if os.path.isdir(os.path.join(b, d)) and not d.startswith((".", "_"))})
+    real_root = os.path.realpath(root)
+    for _, b in bases:  # a class folder linked into the dataset would label its videos twice
+        for cls in classes:
+            link, target = os.path.join(b, cls), os.path.realpath(os.path.join(b, cls))
+            if os.path.islink(link) and (target == real_root or target.startswith(real_root + os.sep)
+                                         or real_root.startswith(target + os.sep)):
+                raise AdapterError(f"class folder {link} is a link to {target}, inside the dataset: its videos "
+                                   "would also be filed under this class; remove the link (links to folders "
+                                   "elsewhere are refused per video as outside_root)")
     m = Manifest("folder", os.path.abspath(root), classes,
                  source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})
     for split_dir, base in bases:

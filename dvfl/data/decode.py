@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -27,6 +27,7 @@ except ImportError:  # top-level import inside the decode child
 # ---------------------------------------------------------------------------------------
 # reject reasons (stable strings: they appear in rejects files and summaries)
 MISSING = "missing"              # listed / given but no such file
+UNREADABLE = "unreadable"        # there, but this process may not read it (permissions, I/O error)
 EMPTY = "empty"                  # 0 bytes, or a container with 0 frames
 NOT_VIDEO = "not_video"          # a text file, not a video
 UNKNOWN_CONTAINER = "unknown_container"  # binary, but not one of the supported containers (magic bytes)
@@ -54,7 +55,7 @@ _PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<?xml", b"<mpd", b"
                    b"rtsptext", b"rtmp://", b"http://", b"https://", b"file:")
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
-                    ".wmv", ".3gp", ".ogv", ".ts")
+                    ".wmv", ".3gp", ".ogv", ".ts", ".mts", ".m2ts", ".vob")
 
 # test hooks (honest simulation of decoder failure modes; only active when a job has
 # ``test_hooks=True``, which the ingest library sets only when asked explicitly)
@@ -118,6 +119,9 @@ def probe_container(path: str) -> Tuple[str, Optional[str]]:
         return "matroska", _check_matroska(head, path, size)
     # MPEG-TS: 188-byte packets, each starting with the sync byte 0x47 (three in a row)
     if len(head) >= 2 * 188 + 1 and all(head[i] == 0x47 for i in (0, 188, 376)):
+        return "mpeg-ts", None
+    # M2TS (camcorders' .mts/.m2ts): 192-byte packets, a 4-byte timestamp before each sync byte
+    if len(head) >= 2 * 192 + 5 and all(head[i] == 0x47 for i in (4, 196, 388)):
         return "mpeg-ts", None
     if head[:4] == b"\x00\x00\x01\xba":
         return "mpeg-ps", None
@@ -213,19 +217,64 @@ def coded_size(path: str) -> Optional[Tuple[int, int]]:
     track = mp4_video_track(path)
     if track is not None:
         return track[0], track[1]
-    return _pyav_size(path)
+    probe = _pyav_probe(path)
+    return probe.size if probe else None
 
 
-def _pyav_size(path: str) -> Optional[Tuple[int, int]]:
+class StreamProbe(NamedTuple):
+    size: Optional[Tuple[int, int]]  # (height, width) as stored
+    rotation: int                    # from the stream's `rotate` tag, as decord reads it
+    b_vops: bool                     # MPEG-4 Part 2 with B-frames (only looked for when asked)
+
+
+def _av():
+    """PyAV with FFmpeg's own log lines off: a file's damage is reported as its reject reason,
+    not as decoder chatter on the user's terminal (predict and serve decode in-process)."""
+    import av
+    import av.logging
+
+    av.logging.set_level(av.logging.PANIC)
+    return av
+
+
+def _pyav_probe(path: str, b_vops: bool = False) -> Optional[StreamProbe]:
+    """The first video stream of a non-MP4 file as PyAV opens it, or ``None``."""
     try:
-        import av
-
-        with av.open(path) as container:
-            cc = container.streams.video[0].codec_context
+        with _av().open(path) as container:
+            stream = container.streams.video[0]
+            cc = stream.codec_context
             h, w = int(cc.height), int(cc.width)
-        return (h, w) if h > 0 and w > 0 else None
+            rotation = _tag_rotation(stream)
+            found = b_vops and cc.name == "mpeg4" and _has_b_vops(container, stream)
+        return StreamProbe((h, w) if h > 0 and w > 0 else None, rotation, found)
     except Exception:
         return None
+
+
+def _tag_rotation(stream) -> int:
+    """A stream's ``rotate`` tag (clockwise degrees, FFmpeg 4's way of writing the display matrix,
+    e.g. in Matroska; decord obeys it) as :func:`rotation_degrees` gives it; 0 if not a quarter turn."""
+    tag = {k.lower(): v for k, v in stream.metadata.items()}.get("rotate", "0")
+    try:
+        degrees = float(tag)
+    except ValueError:
+        return 0
+    return int(-degrees) % 360 if degrees % 90 == 0 else 0
+
+
+def _has_b_vops(container, stream, packets: int = 64) -> bool:
+    """Whether an MPEG-4 Part 2 stream (Xvid/DivX) holds B-frames, from the coding type of the VOP
+    headers in its first packets (no decoding): decord seeks such AVIs to the wrong frames."""
+    for i, packet in enumerate(container.demux(stream)):
+        data = bytes(packet)
+        at = data.find(b"\x00\x00\x01\xb6")
+        while 0 <= at < len(data) - 4:
+            if data[at + 4] >> 6 == 2:  # vop_coding_type: 0 I, 1 P, 2 B, 3 S
+                return True
+            at = data.find(b"\x00\x00\x01\xb6", at + 4)
+        if i >= packets:
+            break
+    return False
 
 
 def _iter_boxes(buf: bytes, start: int, end: int):
@@ -295,12 +344,74 @@ def rotation_degrees(a: float, b: float, c: float, d: float) -> int:
     return 90 * k if abs(angle - 90 * round(angle / 90)) < 1 else 0
 
 
+class Mp4Track(NamedTuple):
+    height: int
+    width: int
+    rotation: int       # display rotation, counter-clockwise degrees (:func:`rotation_degrees`)
+    mirrored: bool      # the display matrix mirrors: decord turns such frames instead (docs/data-format.md)
+    trimmed: bool       # an edit list hides frames that decord would count and seek into
+    video_tracks: int
+
+
 def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int, int]]:
-    """``(height, width, rotation)`` of an MP4/MOV file's first video track, read without the
-    probing PyAV does on open: the sample entry's size (``moov/trak/mdia/minf/stbl/stsd``, what
-    FFmpeg decodes to, before aspect correction) and the display rotation of the track matrix
-    (``tkhd``, composed with the movie's ``mvhd``; :func:`rotation_degrees`). ``None`` if not MP4
-    or unreadable."""
+    """``(height, width, rotation)`` of an MP4/MOV file's first video track (:func:`mp4_track`)."""
+    track = mp4_track(path, max_moov)
+    return None if track is None else (track.height, track.width, track.rotation)
+
+
+def _u32s(buf: bytes, at: int, count: int) -> Tuple[int, ...]:
+    return struct.unpack(f">{count}I", buf[at:at + 4 * count])
+
+
+def _edit_hides_frames(moov: bytes, trak: dict, mdia: dict, stbl: dict, movie_scale: int) -> bool:
+    """Whether the track's edit list (``edts/elst``) hides frames: a head or tail cut (``ffmpeg -ss
+    ... -t ... -c copy``) or a splice of several edits. Players drop those frames; decord counts
+    them and seeks into them (docs/data-format.md). A lone edit that only shifts presentation by
+    the B-frame delay, as every muxer writes, hides nothing. A frame is shown when its display
+    interval (composition time from ``stts`` + ``ctts``, for its duration) overlaps the edit."""
+    if b"edts" not in trak:
+        return False
+    elst = next(((a, b) for k, a, b in _iter_boxes(moov, *trak[b"edts"]) if k == b"elst"), None)
+    if elst is None or b"mdhd" not in mdia or b"stts" not in stbl:
+        return False
+    at, v1 = elst[0], moov[elst[0]] == 1
+    edits, pos = [], at + 8
+    for _ in range(_u32s(moov, at + 4, 1)[0]):
+        duration, media_time = struct.unpack(">Qq" if v1 else ">Ii", moov[pos:pos + (16 if v1 else 8)])
+        edits.append((duration, media_time))
+        pos += 20 if v1 else 12
+    edits = [e for e in edits if e[1] != -1]  # an empty edit delays the start; it hides nothing
+    if len(edits) != 1:
+        return len(edits) > 1
+    duration, media_time = edits[0]
+    m = mdia[b"mdhd"][0]
+    scale = _u32s(moov, m + (20 if moov[m] == 1 else 12), 1)[0]
+
+    def table(box: bytes) -> np.ndarray:  # (count, value) rows of an stts/ctts box
+        start = stbl[box][0]
+        rows = _u32s(moov, start + 4, 1)[0]
+        return np.frombuffer(moov, dtype=">i4", count=2 * rows, offset=start + 8).reshape(rows, 2).astype(np.int64)
+
+    stts = table(b"stts")
+    deltas = np.repeat(stts[:, 1], stts[:, 0])
+    if deltas.size == 0:
+        return False
+    shown_at = np.concatenate([[0], np.cumsum(deltas)[:-1]])  # decode times
+    if b"ctts" in stbl:
+        ctts = table(b"ctts")
+        offsets = np.repeat(ctts[:, 1], ctts[:, 0])[:deltas.size]
+        shown_at[:offsets.size] += offsets
+    end = media_time + duration * scale / max(movie_scale, 1) if duration else np.inf
+    shown = (shown_at + deltas > media_time) & (shown_at < end)
+    return not bool(shown.all())
+
+
+def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
+    """An MP4/MOV file's first video track, read without the probing PyAV does on open: the
+    sample entry's size (``moov/trak/mdia/minf/stbl/stsd``, what FFmpeg decodes to, before aspect
+    correction), the display rotation of the track matrix (``tkhd``, composed with the movie's
+    ``mvhd``; :func:`rotation_degrees`), whether that matrix mirrors, whether an edit list hides
+    frames, and how many video tracks there are. ``None`` if not MP4 or unreadable."""
     try:
         moov = _read_moov(path, max_moov)
         if moov is None:
@@ -308,6 +419,9 @@ def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, 
         top = {k: (a, b) for k, a, b in _iter_boxes(moov, 8, len(moov)) if k == b"mvhd"}
         # mvhd: version/flags 4, times 16 (v0) or 28 (v1), rate 4, volume 2, reserved 10, then the matrix
         movie = _header_matrix(moov, top[b"mvhd"][0], 36, 48) if b"mvhd" in top else (1.0, 0.0, 0.0, 1.0)
+        movie_scale = (_u32s(moov, top[b"mvhd"][0] + (20 if moov[top[b"mvhd"][0]] == 1 else 12), 1)[0]
+                       if b"mvhd" in top else 1)
+        found, videos = None, 0
         for kind, p0, p1 in _iter_boxes(moov, 8, len(moov)):
             if kind != b"trak":
                 continue
@@ -318,26 +432,33 @@ def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, 
             boxes = {k: (a, b) for k, a, b in _iter_boxes(moov, *mdia)}
             if b"hdlr" not in boxes or moov[boxes[b"hdlr"][0] + 8:boxes[b"hdlr"][0] + 12] != b"vide":
                 continue
+            videos += 1
+            if found is not None:
+                continue
             node = boxes.get(b"minf")
-            for name in (b"stbl", b"stsd"):
-                node = next(((a, b) for k, a, b in _iter_boxes(moov, *node) if k == name), None) if node else None
-            if node is None:
+            node = next(((a, b) for k, a, b in _iter_boxes(moov, *node) if k == b"stbl"), None) if node else None
+            stbl = {k: (a, b) for k, a, b in _iter_boxes(moov, *node)} if node else {}
+            if b"stsd" not in stbl:
                 return None
-            entry = node[0] + 8                          # version/flags, entry_count
+            entry = stbl[b"stsd"][0] + 8                          # version/flags, entry_count
             w, h = struct.unpack(">HH", moov[entry + 32:entry + 36])  # VisualSampleEntry width, height
             if not (h > 0 and w > 0):
                 return None
-            rotation = 0
+            matrix = (1.0, 0.0, 0.0, 1.0)
             if b"tkhd" in trak:
                 # tkhd: version/flags 4, times/id/duration 20 (v0) or 32 (v1), reserved 8, layer/group/volume 6, reserved 2
                 ta, tb, tc, td = _header_matrix(moov, trak[b"tkhd"][0], 40, 52)
                 ma, mb, mc, md = movie
                 # a point goes through the track matrix, then the movie's (row vectors: [x y] M)
-                rotation = rotation_degrees(ta * ma + tb * mc, ta * mb + tb * md, tc * ma + td * mc, tc * mb + td * md)
-            return h, w, rotation
-    except (OSError, struct.error, ValueError):
+                matrix = (ta * ma + tb * mc, ta * mb + tb * md, tc * ma + td * mc, tc * mb + td * md)
+            try:
+                trimmed = _edit_hides_frames(moov, trak, boxes, stbl, movie_scale)
+            except (struct.error, ValueError, IndexError):  # a damaged table: the decoders will tell
+                trimmed = False
+            found = (h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed)
+        return Mp4Track(*found, videos) if found else None
+    except (OSError, struct.error, ValueError, IndexError):
         return None
-    return None
 
 
 _PROBLEM_DETAIL = {
@@ -431,10 +552,21 @@ def _decode_file(path: str, job: Dict) -> Dict:
     # decord turns frames by the container's display rotation itself (a phone's portrait video
     # comes out upright), but for a quarter turn it must be told the turned size: asked nothing,
     # it fails; asked the stored size, it squeezes the turned frames into it (docs/data-format.md).
-    track = mp4_video_track(path) if kind == "mp4" else None
-    rotation = track[2] if track else 0
-    turned = rotation in (90, 270)
-    src = track[:2] if track and (short_side or turned) else (_pyav_size(path) if short_side else None)
+    track = mp4_track(path) if kind == "mp4" else None
+    # other containers: PyAV's probe for the size and a `rotate` tag, which decord obeys (AVI:
+    # B-frames too); an open costs ~1 ms (docs/ingest.md)
+    probe = _pyav_probe(path, b_vops=kind == "avi") if track is None else None
+    # (None: unreadable here; the reference decode then takes FFmpeg's)
+    rotation = track.rotation if track else (probe.rotation if probe else None)
+    # Where decord's frames are not the player's (docs/data-format.md), FFmpeg's own decode order
+    # through PyAV: MPEG program/transport streams and AVIs with B-frames (decord seeks to other
+    # frames), edit lists that hide frames (decord counts and seeks into them), mirrored matrices
+    # (decord turns them instead) and a rotate tag outside MP4 (the size decord must be told is unknown).
+    if (kind in ("mpeg-ts", "mpeg-ps") or (track is not None and (track.trimmed or track.mirrored))
+            or (probe is not None and (probe.b_vops or rotation))):
+        return _decode_reference(path, job, rotation, "")
+    turned = rotation in (90, 270)  # (known only for MP4, or where the probe ran)
+    src = track[:2] if track and (short_side or turned) else (probe.size if probe and short_side else None)
     if src and turned:
         src = src[::-1]  # the size as shown
     target = sampling.resized_hw(src[0], src[1], short_side) if src else None
@@ -453,28 +585,18 @@ def _decode_file(path: str, job: Dict) -> Dict:
             scaled = False
             vr = open_reader(False)
     except Exception as e:  # decord raises RuntimeError / DECORDError on open failure
-        raise DecodeReject(CORRUPT, _short(e))
+        # e.g. H.264 in MPEG-TS, a live WebM without duration: FFmpeg itself may still decode it
+        return _decode_reference(path, job, rotation, _short(e))
     try:
         n = len(vr)
-        fps = float(vr.get_avg_fps() or 0.0)
-        if not (np.isfinite(fps) and fps > 0):  # an unknown rate comes back as NaN or inf from some files
-            fps = 0.0
+        fps = _finite_rate(vr.get_avg_fps())
         T = int(job["frames"])
         if n == 0:
             raise DecodeReject(EMPTY, "0 frames")
         min_frames = int(job.get("min_frames") or T)
         if n < min_frames:
             raise DecodeReject(TOO_SHORT, f"{n} frames < min_frames {min_frames}")
-
-        def plan(n: int):
-            if job.get("all_frames"):  # every frame, in order (the streaming mode of predict)
-                return [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
-            views = sampling.plan_views(n, T, job["split"], int(job["seed"]), job["video_id"],
-                                        int(job["clips_per_video"]), int(job["eval_clips"]))
-            # (predict: the evaluation's first N clips of a larger stored grid)
-            return views[:int(job["first_views"])] if job.get("first_views") else views
-
-        views = plan(n)
+        views = _plan_views(job, n)
         uniq = sampling.unique_sorted(v[2] for v in views)
         arr = None
         if scaled:
@@ -486,34 +608,76 @@ def _decode_file(path: str, job: Dict) -> Dict:
                 arr = None
             if arr is None or arr.shape[1:3] != tuple(target):
                 arr, scaled, vr = None, False, None
-                try:
-                    vr = open_reader(False)
-                except Exception as e:
-                    raise DecodeReject(CORRUPT, _short(e))
-        if arr is None and turned:  # decord refused the turned size: FFmpeg via PyAV, turned here
-            arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
+                if turned:  # decord refused the turned size: FFmpeg via PyAV, turned here
+                    try:
+                        arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
+                    except DecodeReject as e:  # a damaged tail of a turned video
+                        return _decode_reference(path, job, rotation, e.detail, listed=n)
+                else:
+                    try:
+                        vr = open_reader(False)
+                    except Exception as e:
+                        return _decode_reference(path, job, rotation, _short(e))
         if arr is None:
             try:
                 # No vr.seek(0) (the usual cure for get_batch's memory growth): this reader is
                 # dropped right after; DecodeProcess still recycles a child that grows (docs/ingest.md).
                 arr = vr.get_batch(uniq.tolist()).asnumpy()
             except Exception as e:
-                # a damaged or cut tail: fewer decodable frames than the container lists; the
-                # frames before the first failure are the video (its views planned on them).
-                # Counted by PyAV in one thread: decord's decoder thread reads ahead, so where it
-                # fails depends on timing (docs/data-format.md)
-                m = _decodable_prefix(path)
-                if m >= n or m < min_frames:
-                    raise DecodeReject(CORRUPT if m >= min_frames else TOO_SHORT,
-                                       f"{m} of {n} frames decodable (min_frames {min_frames}): {_short(e)}")
-                n, views, scaled = m, plan(m), False
-                uniq = sampling.unique_sorted(v[2] for v in views)
-                arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
+                # a damaged or cut tail (fewer decodable frames than the container lists), or a
+                # file only decord fails on: what FFmpeg decodes in order is the video
+                return _decode_reference(path, job, rotation, _short(e), listed=n)
     finally:
         del vr
+    return _stored_views(arr, uniq, views, src if scaled else None, target if scaled else None,
+                         short_side, fps, n, rotation or 0)
+
+
+def _finite_rate(rate) -> float:
+    """A frame rate, 0.0 when unknown (some files give NaN, inf or nothing)."""
+    fps = float(rate or 0.0)
+    return fps if np.isfinite(fps) and fps > 0 else 0.0
+
+
+def _plan_views(job: Dict, n: int):
+    if job.get("all_frames"):  # every frame, in order (the streaming mode of predict)
+        return [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
+    views = sampling.plan_views(n, int(job["frames"]), job["split"], int(job["seed"]), job["video_id"],
+                                int(job["clips_per_video"]), int(job["eval_clips"]))
+    # (predict: the evaluation's first N clips of a larger stored grid)
+    return views[:int(job["first_views"])] if job.get("first_views") else views
+
+
+def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, listed: Optional[int] = None) -> Dict:
+    """The video as FFmpeg decodes it in order (PyAV, one thread): its frames are those decoded
+    before the first failure (a damaged or cut tail ends the video there), the views are planned
+    on them, and the sampled ones are decoded in a second pass. Slower than decord's seeking
+    (two passes, PIL resize), so only where decord's frames are wrong or decord fails; ``why``:
+    decord's error, if any; ``rotation``: None to take the stream's; ``listed``: the frames decord
+    counted, if it opened the file."""
+    T = int(job["frames"])
+    min_frames = int(job.get("min_frames") or T)
+    n, fps, stream_rotation = _decodable_prefix(path)
+    rotation = stream_rotation if rotation is None else rotation
+    cause = f": {why}" if why else ""
+    of = f" of {listed}" if listed else ""
+    if n == 0:
+        raise DecodeReject(CORRUPT, f"no frame{of} decodes{cause}")
+    if n < min_frames:
+        raise DecodeReject(TOO_SHORT, f"{n}{of} frames decodable (min_frames {min_frames}){cause}")
+    views = _plan_views(job, n)
+    uniq = sampling.unique_sorted(v[2] for v in views)
+    arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
+    return _stored_views(arr, uniq, views, None, None, int(job.get("short_side") or 0), fps, n, rotation)
+
+
+def _stored_views(arr: np.ndarray, uniq: np.ndarray, views, src, target, short_side: int, fps: float, n: int,
+                  rotation: int) -> Dict:
+    """decode_video's result from the decoded frames ``arr`` (one per ``uniq`` index): resized to
+    the stored size unless decoded at it (``src``/``target`` given), cut into the views."""
     if arr.ndim != 4 or arr.shape[0] != len(uniq) or arr.shape[-1] != 3:
         raise DecodeReject(CORRUPT, f"decoder returned shape {arr.shape}")
-    if scaled:
+    if target is not None:
         (h, w), (H, W) = src, target
     else:
         h, w = arr.shape[1:3]
@@ -529,25 +693,30 @@ def _decode_file(path: str, job: Dict) -> Dict:
 
 
 def _open_in_one_thread(path: str):
-    import av
-
-    container = av.open(path)
+    container = _av().open(path)
     stream = container.streams.video[0]
     stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # the same frames every time
     return container, stream
 
 
-def _decodable_prefix(path: str) -> int:
-    """How many frames decode in order from the first before one fails (PyAV, one thread)."""
-    n = 0
+def _decodable_prefix(path: str) -> Tuple[int, float, int]:
+    """How many frames decode in order from the first before one fails (PyAV, one thread), the
+    stream's average frame rate (0.0 if unknown) and its display rotation, as decord turns
+    frames (:func:`rotation_degrees`' convention): the matrix FFmpeg attaches to the frames, else a
+    ``rotate`` tag (0 if neither, or not a quarter turn)."""
+    n, fps, rotation = 0, 0.0, 0
     try:
         container, stream = _open_in_one_thread(path)
         with container:
-            for _ in container.decode(stream):
+            fps = _finite_rate(stream.average_rate)
+            rotation = _tag_rotation(stream)
+            for frame in container.decode(stream):
+                if n == 0 and frame.rotation:
+                    rotation = int(round(frame.rotation)) % 360 if frame.rotation % 90 == 0 else 0
                 n += 1
     except Exception:
         pass
-    return n
+    return n, fps, rotation
 
 
 def _decode_stored(path: str, indices: np.ndarray) -> np.ndarray:

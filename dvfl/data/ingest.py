@@ -146,8 +146,8 @@ def _reject_duplicate_content(manifest: Manifest, identities: Dict[str, Tuple[in
     for e in manifest.entries:
         groups.setdefault(identities[e.video_id], []).append(e)
     rejected, leaks = set(), 0
-    for group in groups.values():
-        if len(group) < 2:
+    for (size, _), group in groups.items():
+        if len(group) < 2 or size == 0:  # empty files (failed downloads) are each rejected as empty
             continue
         by_content: Dict[str, List[VideoEntry]] = {}
         for e in group:
@@ -392,8 +392,9 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         try:
             identities[e.video_id] = file_identity(e.path)
             keep.append(e)
-        except OSError as ex:
-            manifest.problems.append(Problem(_d.MISSING, e.path, e.video_id, _d._short(ex), e.split))
+        except OSError as ex:  # gone since listed (or unreadable: permission denied), said as such
+            reason = _d.MISSING if isinstance(ex, FileNotFoundError) else _d.UNREADABLE
+            manifest.problems.append(Problem(reason, e.path, e.video_id, _d._short(ex), e.split))
     manifest.entries = keep
     leaks = _reject_duplicate_content(manifest, identities)
     if leaks and log:
