@@ -241,6 +241,38 @@ def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkey
     assert sorted(set(reference)) == sorted(str(d / n) for n, _, _ in cases if n != "plain.mp4")
 
 
+def test_a_file_cut_short_keeps_the_frames_before_the_cut(tmp_path):
+    """An interrupted copy (the container declares more bytes than the file holds) was rejected
+    whole as truncated, while a damaged tail kept its decodable frames: the same rule now, and too
+    few frames before the cut stay `truncated`, naming the count."""
+    import av
+
+    from conftest import make_videos
+
+    make_videos([(str(tmp_path / "full.mkv"), dict(n=40, h=32, w=64, seed=6))])
+    data = (tmp_path / "full.mkv").read_bytes()
+    for fraction, kept in ((0.6, True), (0.1, False)):
+        cut = tmp_path / f"cut{int(fraction * 100)}.mkv"
+        cut.write_bytes(data[:int(len(data) * fraction)])
+        assert D.probe_container(str(cut)) == ("matroska", D.TRUNCATED)
+        decodable = []
+        try:  # FFmpeg's own reading, in order, until it fails (a short cut may not even open)
+            with av.open(str(cut)) as c:
+                for f in c.decode(video=0):
+                    decodable.append(f.to_ndarray(format="rgb24"))
+        except av.error.FFmpegError:
+            pass
+        res = D.decode_video(dict(path=str(cut), video_id="c", split="test", frames=8, clips_per_video=1, eval_clips=1,
+                                  seed=0, short_side=0, min_frames=8))
+        assert res["ok"] == kept, res
+        if kept:
+            assert 8 <= res["src_num_frames"] == len(decodable) < 40
+            _, _, idx, clip = res["views"][0]
+            np.testing.assert_array_equal(clip, np.stack(decodable)[idx])
+        else:
+            assert res["reason"] == D.TRUNCATED and len(decodable) < 8 and "declares more bytes" in res["detail"], res
+
+
 def test_file_names_in_another_encoding_are_decoded_and_stored_as_utf8_text(tmp_path, ray_local):
     """A Latin-1 archive's names (bytes that are not UTF-8) reach Python as lone surrogates: decord
     refused the path (every such video was rejected as corrupt) and Parquet cannot store the name.

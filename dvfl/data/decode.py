@@ -541,6 +541,11 @@ def _decode_file(path: str, job: Dict) -> Dict:
     if job.get("test_hooks"):
         _run_test_hooks(path, job)
     kind, problem = probe_container(path)
+    if problem == TRUNCATED:  # cut short (an interrupted copy): like a damaged tail, what decodes is the video
+        try:
+            return _decode_reference(path, job, None, "")
+        except DecodeReject as e:
+            raise DecodeReject(TRUNCATED, f"the {kind} container declares more bytes than the file holds; {e.detail}")
     if problem is not None:
         raise DecodeReject(problem, _PROBLEM_DETAIL.get(problem, f"{kind} container check"))
 
