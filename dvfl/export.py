@@ -152,9 +152,13 @@ def timm_config(spec: dict) -> dict:
     """timm's hub ``config.json``: architecture, constructor arguments, label names."""
     kw = dict(spec["kwargs"])
     size = kw.get("img_size", 224)
+    short_side = (spec.get("inputs") or {}).get("short_side")
+    # how training and evaluation fed it: short side resized (PIL bilinear), then a centred crop
+    view = {"crop_pct": round(size / short_side, 6), "interpolation": "bilinear", "crop_mode": "center"} \
+        if short_side else {}
     return {"architecture": spec["name"], "num_classes": kw["num_classes"], "model_args": kw,
             "pretrained_cfg": {"input_size": [3, size, size], "num_frames": kw.get("num_frames", 8),
-                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], **view,
                                "fixed_input_size": True, "label_names": spec.get("classes"),
                                "license": "apache-2.0"}}
 

@@ -102,7 +102,8 @@ class Predictor:
         :class:`PredictError` for a bad file."""
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
                "frames": self.frames, "clips_per_video": 1, "eval_clips": max(num_clips, self.eval_clips),
-               "first_views": num_clips, "seed": 0, "short_side": self.short_side, "min_frames": min_frames}
+               "first_views": num_clips, "seed": 0, "short_side": self.short_side, "min_frames": min_frames,
+               "whole_file": True}  # a cut upload is refused, not recognised from its first part
         res = self.proc.run(job, self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))
@@ -113,7 +114,7 @@ class Predictor:
         same decode child; raises :class:`PredictError` for a bad file."""
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
                "frames": self.frames, "clips_per_video": 1, "eval_clips": 1, "seed": 0,
-               "short_side": self.short_side, "min_frames": self.frames, "all_frames": True}
+               "short_side": self.short_side, "min_frames": self.frames, "all_frames": True, "whole_file": True}
         res = self.proc.run(job, self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))
@@ -121,7 +122,12 @@ class Predictor:
 
     # -- recognition ---------------------------------------------------------------------
     def probabilities(self, clips: list[np.ndarray], num_crops: int = 1) -> np.ndarray:
-        """Mean softmax over every clip x crop view (evaluation's video-level score)."""
+        """Mean softmax over every clip x crop view (evaluation's video-level score); raises
+        :class:`PredictError` (``too_small``) for frames smaller than the model's crop (possible
+        with a model trained at the source size, ``data.short_side 0``)."""
+        h, w = clips[0].shape[1:3]
+        if min(h, w) < self.crop_size:
+            raise PredictError("too_small", f"frames of {h}x{w} are smaller than the model's {self.crop_size}-pixel crop")
         views = [View(c) for c in CROPS[num_crops]]
         total = 0
         for view in views:

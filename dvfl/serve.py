@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ray import serve
 from starlette.requests import Request
@@ -26,7 +27,8 @@ from dvfl.data import decode as D
 
 # decode reject reason -> HTTP status: the client sent something we cannot use
 STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 415, D.TRUNCATED: 400,
-          D.CORRUPT: 400, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422}
+          D.CORRUPT: 400, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422,
+          "too_small": 422}
 
 
 UNKNOWN_RATE_FPS = 30.0  # a video's duration limit when its container gives no frame rate
@@ -86,10 +88,11 @@ class ServeSettings:
 
 
 async def run_exclusive(lock: asyncio.Lock, fn, timeout: float):
-    """``fn()`` in a thread, one at a time under ``lock``; raises ``asyncio.TimeoutError`` after
-    ``timeout`` s, but the lock is held until ``fn`` has really finished: a thread cannot be
-    cancelled, and the next request must not drive the same decode child alongside it."""
-    await lock.acquire()
+    """``fn()`` in a thread, one at a time under ``lock``; raises ``asyncio.TimeoutError`` when
+    the lock is not free within ``timeout`` s (the request waited behind others) or ``fn`` takes
+    longer, but the lock is held until ``fn`` has really finished: a thread cannot be cancelled,
+    and the next request must not drive the same decode child alongside it."""
+    await asyncio.wait_for(lock.acquire(), timeout)
     try:
         task = asyncio.ensure_future(asyncio.to_thread(fn))
     except BaseException:
@@ -103,7 +106,9 @@ def _error(status: int, reason: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-@serve.deployment(name="Recognizer", max_ongoing_requests=8)
+# One video at a time per replica (its decode child): one more waits in the replica, a bounded
+# queue waits in front of it, and past that Serve answers 503 at once instead of piling up requests.
+@serve.deployment(name="Recognizer", max_ongoing_requests=2, max_queued_requests=16)
 class Recognizer:
     def __init__(self, settings: dict):
         import torch
@@ -113,7 +118,10 @@ class Recognizer:
         self.s = ServeSettings(**settings)
         torch.set_num_threads(self.s.torch_threads)
         self.views = parse_views(self.s.views)
-        self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s)
+        # the GPU only when Ray gave the replica one: Ray leaves CUDA_VISIBLE_DEVICES alone for a
+        # replica of 0 GPUs, so torch would see (and share, uncounted) the node's GPUs
+        self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s,
+                                   device="cuda" if self.s.gpus_per_replica > 0 else "cpu")
         self.lock = asyncio.Lock()  # one decode child per replica: one video at a time
         from dvfl.scratch import make_scratch_dir
 
@@ -126,25 +134,24 @@ class Recognizer:
         except Exception:
             pass
 
-    async def _read_body(self, request: Request, limit: int) -> bytes | JSONResponse:
+    async def _read_body(self, request: Request, limit: int, path: str) -> int | JSONResponse:
+        """The body streamed into ``path`` (a waiting request holds no upload in memory): its size."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _error(413, "too_large", f"upload of {int(declared)} bytes > limit {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _error(413, "too_large", f"upload > limit {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        size = 0
+        with open(path, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return _error(413, "too_large", f"upload > limit {limit} bytes")
+                f.write(chunk)
+        return size
 
-    def _predict(self, data: bytes) -> dict:
+    def _predict(self, path: str) -> dict:
         from dvfl.inference import PredictError
 
-        fd, path = tempfile.mkstemp(dir=self.tmp, suffix=".video")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
             try:
                 res = self.pred.decode(path, self.views[0])
             except PredictError as exc:
@@ -154,25 +161,39 @@ class Recognizer:
             if seconds > self.s.max_video_seconds:
                 return {"status": 413, "error": "too_long",
                         "detail": f"video of {seconds:.1f} s > limit {self.s.max_video_seconds:g} s"}
-            probs = self.pred.probabilities([v[3] for v in res["views"]], self.views[1])
+            try:
+                probs = self.pred.probabilities([v[3] for v in res["views"]], self.views[1])
+            except PredictError as exc:
+                return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
             return {"status": 200, "topk": [[c, round(p, 6)] for c, p in self.pred.topk(probs, self.s.topk)],
                     "frames": res["src_num_frames"], "fps": res["src_fps"]}
-        finally:
-            os.unlink(path)
+        finally:  # here, not in the request: after a time-out the work goes on and still reads it
+            Path(path).unlink(missing_ok=True)
 
     async def __call__(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         if request.method != "POST":
             return _error(405, "method", "POST the video file as the request body")
-        body = await self._read_body(request, int(self.s.max_upload_mb * 2 ** 20))
-        if isinstance(body, JSONResponse):
-            return body
-        if not body:
-            return _error(400, D.EMPTY, "empty request body: POST the video file")
+        fd, path = tempfile.mkstemp(dir=self.tmp, suffix=".video")
+        os.close(fd)
+        started = []  # once the work has begun, the work removes the file (it may outlive a time-out)
+
+        def work() -> dict:
+            started.append(True)
+            return self._predict(path)
+
         try:
-            out = await run_exclusive(self.lock, lambda: self._predict(body), self.s.request_timeout_s + 5)
+            size = await self._read_body(request, int(self.s.max_upload_mb * 2 ** 20), path)
+            if isinstance(size, JSONResponse):
+                return size
+            if not size:
+                return _error(400, D.EMPTY, "empty request body: POST the video file")
+            out = await run_exclusive(self.lock, work, self.s.request_timeout_s + 5)
         except asyncio.TimeoutError:
             return _error(408, "timeout", f"no result within {self.s.request_timeout_s:g} s")
+        finally:
+            if not started:
+                Path(path).unlink(missing_ok=True)
         status = out.pop("status")
         if status != 200:
             return _error(status, out["error"], out["detail"])

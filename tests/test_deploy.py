@@ -228,7 +228,11 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
     x = torch.randn(2, 8, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model.eval()(x))
-    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["label_names"] == prepared["info"]["classes"]
+    pretrained = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert pretrained["label_names"] == prepared["info"]["classes"]
+    # timm's own transforms then resize and crop as training did (not 224/0.875 bicubic)
+    assert (pretrained["crop_pct"], pretrained["interpolation"], pretrained["crop_mode"]) == (1.0, "bilinear", "center")
+    assert timm.data.resolve_data_config(pretrained_cfg=pretrained)["crop_pct"] == 1.0
 
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_args"]["embed_dim"] = 24  # the weights are 16 wide
@@ -381,11 +385,29 @@ def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
         with pytest.raises(asyncio.TimeoutError):
             await run_exclusive(lock, work("slow", 0.6), 0.1)
         assert time.perf_counter() - t0 < 0.5  # the client had its answer at the limit
+        # a request waiting behind it gets its answer at its own limit too, not when the lock frees
+        t1 = time.perf_counter()
+        with pytest.raises(asyncio.TimeoutError):
+            await run_exclusive(lock, work("never", 0.0), 0.1)
+        assert time.perf_counter() - t1 < 0.4
         assert await run_exclusive(lock, work("next", 0.0), 5) == "next"
 
     asyncio.run(two_requests())
     (first, _, slow_end), (second, next_start, _) = spans
     assert (first, second) == ("slow", "next") and next_start >= slow_end, spans
+
+
+def test_frames_smaller_than_the_crop_are_a_per_file_error_not_a_crash():
+    """A model trained at the source size (data.short_side 0) meets a smaller video: crop_box's
+    ValueError gave serve a 500 and aborted a whole predict run; now a PredictError (422)."""
+    from types import SimpleNamespace
+
+    from dvfl.inference import PredictError, Predictor
+    from dvfl.serve import STATUS
+
+    with pytest.raises(PredictError) as err:
+        Predictor.probabilities(SimpleNamespace(crop_size=32), [np.zeros((8, 24, 40, 3), np.uint8)])
+    assert err.value.reason == "too_small" and "24x40" in err.value.detail and STATUS["too_small"] == 422
 
 
 def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_local, video_factory, tmp_path):

@@ -262,9 +262,12 @@ def test_a_file_cut_short_keeps_the_frames_before_the_cut(tmp_path):
                     decodable.append(f.to_ndarray(format="rgb24"))
         except av.error.FFmpegError:
             pass
-        res = D.decode_video(dict(path=str(cut), video_id="c", split="test", frames=8, clips_per_video=1, eval_clips=1,
-                                  seed=0, short_side=0, min_frames=8))
+        job = dict(path=str(cut), video_id="c", split="test", frames=8, clips_per_video=1, eval_clips=1,
+                   seed=0, short_side=0, min_frames=8)
+        res = D.decode_video(job)
         assert res["ok"] == kept, res
+        # predict and serve want the whole file: a half-uploaded one is refused
+        assert D.decode_video({**job, "whole_file": True})["reason"] == D.TRUNCATED
         if kept:
             assert 8 <= res["src_num_frames"] == len(decodable) < 40
             _, _, idx, clip = res["views"][0]

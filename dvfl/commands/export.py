@@ -86,7 +86,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             return 2
         except ValueError as exc:
             print(f"[export] golden clip not used: {exc}")
-    inputs.append(ex.example_input(spec, 2))
+    inputs += [ex.example_input(spec, 2), ex.example_input(spec, 1)]  # the dynamic batch, both ways
     try:
         if a.format == "onnx":
             info = ex.export_onnx(model, a.out, inputs, a.tolerance)

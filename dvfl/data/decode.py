@@ -505,7 +505,8 @@ def decode_video(job: Dict) -> Dict:
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
     optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
-    ``first_views`` (only the first N planned views).
+    ``first_views`` (only the first N planned views), optional ``whole_file`` (a file cut short is
+    rejected ``truncated`` instead of keeping the frames before the cut).
 
     Frames are turned upright by the container's display rotation (MP4/MOV), as a player shows them.
 
@@ -541,7 +542,9 @@ def _decode_file(path: str, job: Dict) -> Dict:
     if job.get("test_hooks"):
         _run_test_hooks(path, job)
     kind, problem = probe_container(path)
-    if problem == TRUNCATED:  # cut short (an interrupted copy): like a damaged tail, what decodes is the video
+    # cut short (an interrupted copy): like a damaged tail, what decodes is the video, except where
+    # the caller wants the whole file (predict, serve: a half-uploaded file is refused)
+    if problem == TRUNCATED and not job.get("whole_file"):
         try:
             return _decode_reference(path, job, None, "")
         except DecodeReject as e:
