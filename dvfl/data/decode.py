@@ -675,8 +675,20 @@ def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, l
         raise DecodeReject(TOO_SHORT, f"{n}{of} frames decodable (min_frames {min_frames}){cause}")
     views = _plan_views(job, n)
     uniq = sampling.unique_sorted(v[2] for v in views)
-    arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
-    return _stored_views(arr, uniq, views, None, None, int(job.get("short_side") or 0), fps, n, rotation)
+    short_side = int(job.get("short_side") or 0)
+    # each frame resized as it is decoded (every frame of a long file at full size would not fit),
+    # to the size the first one sets (a stream may change size), then turned: stored as shown
+    turned = rotation in (90, 270)
+    first: List[Tuple[int, int]] = []
+
+    def stored_size(h: int, w: int) -> Tuple[int, int]:
+        if not first:
+            first.append((w, h) if turned else (h, w))  # as shown
+        H, W = sampling.resized_hw(*first[0], short_side)
+        return (W, H) if turned else (H, W)
+
+    arr = np.rot90(_decode_stored(path, uniq, stored_size), rotation // 90, axes=(1, 2))
+    return _stored_views(arr, uniq, views, first[0], tuple(arr.shape[1:3]), short_side, fps, n, rotation)
 
 
 def _stored_views(arr: np.ndarray, uniq: np.ndarray, views, src, target, short_side: int, fps: float, n: int,
@@ -727,16 +739,17 @@ def _decodable_prefix(path: str) -> Tuple[int, float, int]:
     return n, fps, rotation
 
 
-def _decode_stored(path: str, indices: np.ndarray) -> np.ndarray:
+def _decode_stored(path: str, indices: np.ndarray, size=None) -> np.ndarray:
     """Frames ``indices`` (sorted, in decode order) as stored, RGB, by PyAV, which leaves the
-    display rotation to the caller."""
+    display rotation to the caller; ``size(h, w) -> (H, W)``: each resized so as it is decoded."""
     want, out = set(int(i) for i in indices), []
     try:
         container, stream = _open_in_one_thread(path)
         with container:
             for i, frame in enumerate(container.decode(stream)):
                 if i in want:
-                    out.append(frame.to_ndarray(format="rgb24"))
+                    rgb = frame.to_ndarray(format="rgb24")
+                    out.append(resize_frames(rgb[None], *size(*rgb.shape[:2]))[0] if size else rgb)
                 if i >= indices[-1]:
                     break
     except Exception as e:
