@@ -350,7 +350,6 @@ class Mp4Track(NamedTuple):
     rotation: int       # display rotation, counter-clockwise degrees (:func:`rotation_degrees`)
     mirrored: bool      # the display matrix mirrors: decord turns such frames instead (docs/data-format.md)
     trimmed: bool       # an edit list hides frames that decord would count and seek into
-    video_tracks: int
 
 
 def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int, int]]:
@@ -410,8 +409,8 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
     """An MP4/MOV file's first video track, read without the probing PyAV does on open: the
     sample entry's size (``moov/trak/mdia/minf/stbl/stsd``, what FFmpeg decodes to, before aspect
     correction), the display rotation of the track matrix (``tkhd``, composed with the movie's
-    ``mvhd``; :func:`rotation_degrees`), whether that matrix mirrors, whether an edit list hides
-    frames, and how many video tracks there are. ``None`` if not MP4 or unreadable."""
+    ``mvhd``; :func:`rotation_degrees`), whether that matrix mirrors and whether an edit list hides
+    frames. ``None`` if not MP4 or unreadable."""
     try:
         moov = _read_moov(path, max_moov)
         if moov is None:
@@ -421,7 +420,6 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
         movie = _header_matrix(moov, top[b"mvhd"][0], 36, 48) if b"mvhd" in top else (1.0, 0.0, 0.0, 1.0)
         movie_scale = (_u32s(moov, top[b"mvhd"][0] + (20 if moov[top[b"mvhd"][0]] == 1 else 12), 1)[0]
                        if b"mvhd" in top else 1)
-        found, videos = None, 0
         for kind, p0, p1 in _iter_boxes(moov, 8, len(moov)):
             if kind != b"trak":
                 continue
@@ -431,9 +429,6 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
                 continue
             boxes = {k: (a, b) for k, a, b in _iter_boxes(moov, *mdia)}
             if b"hdlr" not in boxes or moov[boxes[b"hdlr"][0] + 8:boxes[b"hdlr"][0] + 12] != b"vide":
-                continue
-            videos += 1
-            if found is not None:
                 continue
             node = boxes.get(b"minf")
             node = next(((a, b) for k, a, b in _iter_boxes(moov, *node) if k == b"stbl"), None) if node else None
@@ -455,8 +450,8 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
                 trimmed = _edit_hides_frames(moov, trak, boxes, stbl, movie_scale)
             except (struct.error, ValueError, IndexError):  # a damaged table: the decoders will tell
                 trimmed = False
-            found = (h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed)
-        return Mp4Track(*found, videos) if found else None
+            return Mp4Track(h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed)
+        return None  # no video track
     except (OSError, struct.error, ValueError, IndexError):
         return None
 
