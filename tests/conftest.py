@@ -183,11 +183,13 @@ def moving_frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8, codec: str = "libx264",
-                seed: int = 0, rotation: int = 0, options: dict | None = None, tags: dict | None = None) -> str:
+                seed: int = 0, rotation: int = 0, options: dict | None = None, tags: dict | None = None,
+                container_options: dict | None = None) -> str:
     """Encode a real video file with PyAV. Containers from the extension (mp4, avi, webm, mkv, mpg,
     ts, ...); ``rotation``: a display rotation in the container (counter-clockwise degrees, FFmpeg's
     convention; a phone's portrait video has -90), the frames stored as given; ``options``: the
-    encoder's (``{"bf": "2"}``: B-frames); ``tags``: the stream's metadata (``{"rotate": "90"}``)."""
+    encoder's (``{"bf": "2"}``: B-frames); ``tags``: the stream's metadata (``{"rotate": "90"}``);
+    ``container_options``: the muxer's (``{"movflags": "faststart"}``: the MP4 header first)."""
     import fractions
 
     import av
@@ -195,7 +197,7 @@ def write_video(path: str, n: int = 12, h: int = 32, w: int = 32, fps: float = 8
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     frames = moving_frames(n, h, w, seed)
     rate = fractions.Fraction(fps).limit_denominator(1000)
-    with av.open(path, "w") as c:
+    with av.open(path, "w", options=container_options or {}) as c:
         st = c.add_stream(codec, rate=rate)
         st.width, st.height = w, h
         st.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"

@@ -244,36 +244,88 @@ def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkey
 def test_a_file_cut_short_keeps_the_frames_before_the_cut(tmp_path):
     """An interrupted copy (the container declares more bytes than the file holds) was rejected
     whole as truncated, while a damaged tail kept its decodable frames: the same rule now, and too
-    few frames before the cut stay `truncated`, naming the count."""
+    few frames before the cut stay `truncated`, naming the count. The frames kept are the uncut
+    file's, every one: a B-frame lost in the cut must not let the frames shown after it slide
+    into its place (they did at most cuts), and the cut's partial packet is not a frame."""
     import av
 
     from conftest import make_videos
 
-    make_videos([(str(tmp_path / "full.mkv"), dict(n=40, h=32, w=64, seed=6))])
+    make_videos([(str(tmp_path / "full.mkv"), dict(n=40, h=32, w=64, seed=6))])  # x264: B-frames
     data = (tmp_path / "full.mkv").read_bytes()
-    for fraction, kept in ((0.6, True), (0.1, False)):
+    with av.open(str(tmp_path / "full.mkv")) as c:
+        full = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    for fraction, kept in ((0.56, True), (0.64, True), (0.72, True), (0.8, True), (0.92, True), (0.1, False)):
         cut = tmp_path / f"cut{int(fraction * 100)}.mkv"
         cut.write_bytes(data[:int(len(data) * fraction)])
         assert D.probe_container(str(cut)) == ("matroska", D.TRUNCATED)
-        decodable = []
-        try:  # FFmpeg's own reading, in order, until it fails (a short cut may not even open)
-            with av.open(str(cut)) as c:
-                for f in c.decode(video=0):
-                    decodable.append(f.to_ndarray(format="rgb24"))
-        except av.error.FFmpegError:
-            pass
         job = dict(path=str(cut), video_id="c", split="test", frames=8, clips_per_video=1, eval_clips=1,
                    seed=0, short_side=0, min_frames=8)
-        res = D.decode_video(job)
+        res = D.decode_video(dict(job, all_frames=True))
         assert res["ok"] == kept, res
         # predict and serve want the whole file: a half-uploaded one is refused
         assert D.decode_video({**job, "whole_file": True})["reason"] == D.TRUNCATED
         if kept:
-            assert 8 <= res["src_num_frames"] == len(decodable) < 40
-            _, _, idx, clip = res["views"][0]
-            np.testing.assert_array_equal(clip, np.stack(decodable)[idx])
+            n = res["src_num_frames"]
+            assert 8 <= n < 40 * fraction
+            np.testing.assert_array_equal(res["views"][0][3], full[:n], err_msg=str(fraction))
+            sampled = D.decode_video(job)  # the planned views: the same frames
+            for _, _, idx, clip in sampled["views"]:
+                np.testing.assert_array_equal(clip, full[idx])
         else:
-            assert res["reason"] == D.TRUNCATED and len(decodable) < 8 and "declares more bytes" in res["detail"], res
+            assert res["reason"] == D.TRUNCATED and "declares more bytes" in res["detail"], res
+
+
+def test_a_cut_mp4_keeps_its_header_s_orientation(tmp_path):
+    """A fast-start MP4 cut short still has its whole header: a mirrored track matrix is left as
+    stored, as for the uncut file (FFmpeg's frame rotation reads it as a half turn: the cut copy
+    came out upside down), and a quarter turn still turns."""
+    import av
+
+    from conftest import make_videos
+
+    faststart = {"movflags": "faststart"}
+    make_videos([(str(tmp_path / "plain.mp4"), dict(n=40, h=32, w=64, seed=7, container_options=faststart)),
+                 (str(tmp_path / "turned.mp4"), dict(n=40, h=32, w=64, seed=7, rotation=-90, container_options=faststart))])
+    _patch_mp4(tmp_path / "plain.mp4", tmp_path / "mirrored.mp4", _mirror)
+    with av.open(str(tmp_path / "plain.mp4")) as c:
+        stored = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    for name, turn in (("mirrored.mp4", 0), ("turned.mp4", 3), ("plain.mp4", 0)):
+        data = (tmp_path / name).read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(data[:len(data) * 2 // 3])
+        assert D.probe_container(str(cut)) == ("mp4", D.TRUNCATED)
+        res = D.decode_video(dict(path=str(cut), video_id="c", split="test", frames=8, clips_per_video=1,
+                                  eval_clips=1, seed=0, short_side=0, min_frames=8, all_frames=True))
+        assert res["ok"] and res["rotation"] == 90 * turn, (name, res.get("rotation"))
+        n = res["src_num_frames"]
+        np.testing.assert_array_equal(res["views"][0][3], np.rot90(stored[:n], turn, axes=(1, 2)), err_msg=name)
+
+
+def test_timing_tables_that_claim_more_samples_than_the_file_holds_are_not_expanded(tmp_path):
+    """The header parse expanded stts/ctts to one entry per sample as the file's counts claim: a
+    3 KB MP4 claiming 50 million samples cost 1.2 GB (2**31: 16 GiB, or a MemoryError out of
+    the ingest driver). Such tables are damaged: nothing is expanded, the decoders tell."""
+    import struct
+    import tracemalloc
+
+    from conftest import make_videos
+
+    make_videos([(str(tmp_path / "plain.mp4"), dict(n=20, h=32, w=64, seed=8))])
+
+    def claim(data, box):  # the first stts row's sample count
+        struct.pack_into(">I", data, box(b"stts") + 8, 50_000_000)
+
+    _patch_mp4(tmp_path / "plain.mp4", tmp_path / "claims.mp4", claim)
+    _patch_mp4(tmp_path / "claims.mp4", tmp_path / "claims_cut.mp4", lambda data, box: _cut_head(data, box, 2))
+    for name in ("claims.mp4", "claims_cut.mp4"):
+        tracemalloc.start()
+        try:
+            track = D.mp4_track(str(tmp_path / name))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert track is not None and (track.height, track.width) == (32, 64) and peak < 20 << 20, (name, peak)
 
 
 def test_file_names_in_another_encoding_are_decoded_and_stored_as_utf8_text(tmp_path, ray_local):

@@ -362,7 +362,26 @@ def _u32s(buf: bytes, at: int, count: int) -> Tuple[int, ...]:
     return struct.unpack(f">{count}I", buf[at:at + 4 * count])
 
 
-def _edit_hides_frames(moov: bytes, trak: dict, mdia: dict, stbl: dict, movie_scale: int) -> bool:
+def _sample_count(moov: bytes, stbl: dict, file_size: int) -> int:
+    """The track's sample count (``stsz``/``stz2``), refused (ValueError) where it claims more samples
+    than the bytes that must hold them: a few-KB file could otherwise make the timing tables
+    below expand to gigabytes."""
+    if b"stsz" in stbl:
+        start, end = stbl[b"stsz"]
+        size, count = _u32s(moov, start + 4, 2)
+        fits = (end - start - 12) // 4 if size == 0 else file_size // size  # a size per sample, or one for all
+    elif b"stz2" in stbl:
+        start, end = stbl[b"stz2"]
+        count = _u32s(moov, start + 8, 1)[0]
+        fits = (end - start - 12) * 8 // max(moov[start + 7], 1)  # field size in bits
+    else:
+        raise ValueError("no sample size table")
+    if count > fits:
+        raise ValueError(f"{count} samples claimed, room for {fits}")
+    return count
+
+
+def _edit_hides_frames(moov: bytes, trak: dict, mdia: dict, stbl: dict, movie_scale: int, file_size: int) -> bool:
     """Whether the track's edit list (``edts/elst``) hides frames: a head or tail cut (``ffmpeg -ss
     ... -t ... -c copy``) or a splice of several edits. Players drop those frames; decord counts
     them and seeks into them (docs/data-format.md). A lone edit that only shifts presentation by
@@ -391,13 +410,18 @@ def _edit_hides_frames(moov: bytes, trak: dict, mdia: dict, stbl: dict, movie_sc
         rows = _u32s(moov, start + 4, 1)[0]
         return np.frombuffer(moov, dtype=">i4", count=2 * rows, offset=start + 8).reshape(rows, 2).astype(np.int64)
 
+    samples = _sample_count(moov, stbl, file_size)
     stts = table(b"stts")
+    if (stts[:, 0] < 0).any() or stts[:, 0].sum() != samples:  # (np.repeat allocates what they claim)
+        raise ValueError("stts does not time every sample")
     deltas = np.repeat(stts[:, 1], stts[:, 0])
     if deltas.size == 0:
         return False
     shown_at = np.concatenate([[0], np.cumsum(deltas)[:-1]])  # decode times
     if b"ctts" in stbl:
         ctts = table(b"ctts")
+        if (ctts[:, 0] < 0).any() or ctts[:, 0].sum() > samples:
+            raise ValueError("ctts offsets more samples than the track has")
         offsets = np.repeat(ctts[:, 1], ctts[:, 0])[:deltas.size]
         shown_at[:offsets.size] += offsets
     end = media_time + duration * scale / max(movie_scale, 1) if duration else np.inf
@@ -447,8 +471,8 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
                 # a point goes through the track matrix, then the movie's (row vectors: [x y] M)
                 matrix = (ta * ma + tb * mc, ta * mb + tb * md, tc * ma + td * mc, tc * mb + td * md)
             try:
-                trimmed = _edit_hides_frames(moov, trak, boxes, stbl, movie_scale)
-            except (struct.error, ValueError, IndexError):  # a damaged table: the decoders will tell
+                trimmed = _edit_hides_frames(moov, trak, boxes, stbl, movie_scale, os.path.getsize(path))
+            except (struct.error, ValueError, IndexError, MemoryError):  # a damaged table: the decoders will tell
                 trimmed = False
             return Mp4Track(h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed)
         return None  # no video track
@@ -540,8 +564,11 @@ def _decode_file(path: str, job: Dict) -> Dict:
     # cut short (an interrupted copy): like a damaged tail, what decodes is the video, except where
     # the caller wants the whole file (predict, serve: a half-uploaded file is refused)
     if problem == TRUNCATED and not job.get("whole_file"):
+        # a fast-start MP4's header is whole: its matrix, as for an uncut file (FFmpeg's frame
+        # rotation reads a mirrored matrix as a half turn; it is left as stored)
+        track = mp4_track(path) if kind == "mp4" else None
         try:
-            return _decode_reference(path, job, None, "")
+            return _decode_reference(path, job, track.rotation if track else None, "", cut=True)
         except DecodeReject as e:
             raise DecodeReject(TRUNCATED, f"the {kind} container declares more bytes than the file holds; {e.detail}")
     if problem is not None:
@@ -611,9 +638,10 @@ def _decode_file(path: str, job: Dict) -> Dict:
                 arr = None
             if arr is None or arr.shape[1:3] != tuple(target):
                 arr, scaled, vr = None, False, None
-                if turned:  # decord refused the turned size: FFmpeg via PyAV, turned here
+                if turned:  # decord refused the turned size: FFmpeg via PyAV, resized as decoded, turned here
                     try:
-                        arr = np.rot90(_decode_stored(path, uniq), rotation // 90, axes=(1, 2))
+                        stored = _decode_stored(path, uniq, lambda h, w: (target[1], target[0]))
+                        arr, scaled = np.rot90(stored, rotation // 90, axes=(1, 2)), True
                     except DecodeReject as e:  # a damaged tail of a turned video
                         return _decode_reference(path, job, rotation, e.detail, listed=n)
                 else:
@@ -651,16 +679,17 @@ def _plan_views(job: Dict, n: int):
     return views[:int(job["first_views"])] if job.get("first_views") else views
 
 
-def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, listed: Optional[int] = None) -> Dict:
+def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, listed: Optional[int] = None,
+                      cut: bool = False) -> Dict:
     """The video as FFmpeg decodes it in order (PyAV, one thread): its frames are those decoded
     before the first failure (a damaged or cut tail ends the video there), the views are planned
     on them, and the sampled ones are decoded in a second pass. Slower than decord's seeking
     (two passes, PIL resize), so only where decord's frames are wrong or decord fails; ``why``:
     decord's error, if any; ``rotation``: None to take the stream's; ``listed``: the frames decord
-    counted, if it opened the file."""
+    counted, if it opened the file; ``cut``: the file is cut short (:func:`_frames_in_order`)."""
     T = int(job["frames"])
     min_frames = int(job.get("min_frames") or T)
-    n, fps, stream_rotation = _decodable_prefix(path)
+    n, fps, stream_rotation = _decodable_prefix(path, cut)
     rotation = stream_rotation if rotation is None else rotation
     cause = f": {why}" if why else ""
     of = f" of {listed}" if listed else ""
@@ -682,7 +711,7 @@ def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, l
         H, W = sampling.resized_hw(*first[0], short_side)
         return (W, H) if turned else (H, W)
 
-    arr = np.rot90(_decode_stored(path, uniq, stored_size), rotation // 90, axes=(1, 2))
+    arr = np.rot90(_decode_stored(path, uniq, stored_size, cut), rotation // 90, axes=(1, 2))
     return _stored_views(arr, uniq, views, first[0], tuple(arr.shape[1:3]), short_side, fps, n, rotation)
 
 
@@ -714,7 +743,35 @@ def _open_in_one_thread(path: str):
     return container, stream
 
 
-def _decodable_prefix(path: str) -> Tuple[int, float, int]:
+def _frames_in_order(container, stream, cut: bool = False):
+    """The stream's frames as FFmpeg decodes them, in display order, to its end or first failure.
+    Where it ends early (``cut``: the file is cut short; or a packet fails) only frames whose every
+    predecessor was received: a cut file's last packet may be partial, so it is left out, and of
+    the frames the decoder still holds back (B-frames) those shown after the last decoded packet's
+    decode time are dropped, since a frame never received would be shown before them (pts >= dts)."""
+    last_dts, pending, ended_early = None, None, cut
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream packet: the decoder is flushed below
+            if cut:  # one packet behind
+                packet, pending = pending, packet
+                if packet is None:
+                    continue
+            yield from packet.decode()
+            last_dts = packet.dts
+    except Exception:
+        ended_early = True
+    try:
+        for frame in stream.codec_context.decode(None):  # the frames held back for reordering
+            if ended_early and None not in (last_dts, frame.pts) and frame.pts > last_dts:
+                return
+            yield frame
+    except Exception:
+        pass
+
+
+def _decodable_prefix(path: str, cut: bool = False) -> Tuple[int, float, int]:
     """How many frames decode in order from the first before one fails (PyAV, one thread), the
     stream's average frame rate (0.0 if unknown) and its display rotation, as decord turns
     frames (:func:`rotation_degrees`' convention): the matrix FFmpeg attaches to the frames, else a
@@ -725,7 +782,7 @@ def _decodable_prefix(path: str) -> Tuple[int, float, int]:
         with container:
             fps = _finite_rate(stream.average_rate)
             rotation = _tag_rotation(stream)
-            for frame in container.decode(stream):
+            for frame in _frames_in_order(container, stream, cut):
                 if n == 0 and frame.rotation:
                     rotation = int(round(frame.rotation)) % 360 if frame.rotation % 90 == 0 else 0
                 n += 1
@@ -734,14 +791,14 @@ def _decodable_prefix(path: str) -> Tuple[int, float, int]:
     return n, fps, rotation
 
 
-def _decode_stored(path: str, indices: np.ndarray, size=None) -> np.ndarray:
+def _decode_stored(path: str, indices: np.ndarray, size=None, cut: bool = False) -> np.ndarray:
     """Frames ``indices`` (sorted, in decode order) as stored, RGB, by PyAV, which leaves the
     display rotation to the caller; ``size(h, w) -> (H, W)``: each resized so as it is decoded."""
     want, out = set(int(i) for i in indices), []
     try:
         container, stream = _open_in_one_thread(path)
         with container:
-            for i, frame in enumerate(container.decode(stream)):
+            for i, frame in enumerate(_frames_in_order(container, stream, cut)):
                 if i in want:
                     rgb = frame.to_ndarray(format="rgb24")
                     out.append(resize_frames(rgb[None], *size(*rgb.shape[:2]))[0] if size else rgb)
