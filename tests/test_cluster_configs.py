@@ -501,13 +501,28 @@ def _per_node_type(policies, one_rule: bool) -> None:
     _rules(policies)[:1] = [{"from": peers}] if one_rule else [{"from": [p]} for p in peers]
 
 
-def _labels_in_groups(doc, policies) -> None:
-    """Every group labelled `tier: ray` by its own `labels` field (KubeRay 1.7), which the first
-    policy selects and admits."""
+def _labels_in_groups(doc, policies, value=None) -> None:
+    """Every group labelled `tier: <the manifest's name>` (or ``value``) by its own `labels` field
+    (KubeRay 1.7), which the first policy selects and admits."""
+    value = value or doc["metadata"]["name"]
     for g in _groups(doc):
-        g["labels"] = {"tier": "ray"}
-    policies[0][1]["spec"]["podSelector"] = {"matchLabels": {"tier": "ray"}}
-    _own_peer(policies)["matchLabels"] = {"tier": "ray"}
+        g["labels"] = {"tier": value}
+    policies[0][1]["spec"]["podSelector"] = {"matchLabels": {"tier": value}}
+    _own_peer(policies)["matchLabels"] = {"tier": value}
+
+
+def _job_server_rule(doc, policies) -> dict:
+    """The rule that opens the job server (the RayJob's second policy); one is added to a RayCluster's."""
+    if doc["kind"] == "RayJob":
+        return policies[1][1]["spec"]["ingress"][0]
+    rule = {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}],
+            "ports": [{"port": 8265, "protocol": "TCP"}]}
+    _rules(policies).append(rule)
+    return rule
+
+
+def _dashboard_port(doc, port: int) -> None:
+    _head(doc).setdefault("rayStartParams", {})["dashboard-port"] = str(port)
 
 
 def _in_expression(policies, extra=()) -> None:
@@ -572,6 +587,23 @@ NETWORK_POLICY_BREAKAGES = {
                                       ("headGroupSpec", "no ingress NetworkPolicy")),
     "ray_document_in_a_namespace": (lambda d, ps: d["metadata"].update(namespace="ml"),
                                     ("workerGroupSpecs[0]", "no ingress NetworkPolicy")),
+    # egress is not checked, so not allowed: workers that cannot resolve or reach the GCS never join
+    "egress_restricted_too": (lambda d, ps: _every_policy(ps, lambda p: p["spec"].update(policyTypes=["Ingress", "Egress"])),
+                              ("headGroupSpec", "restricts these pods' egress")),
+    "egress_to_dns_only": (lambda d, ps: ps.append((len(ps) + 1, _policy("dns-only", {
+        "podSelector": {}, "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}))),
+        ("workerGroupSpecs[0]", "NetworkPolicy dns-only restricts these pods' egress")),
+    # "own pods" named by a label all groups share but whose value is not the cluster's name: every
+    # `team: ml` pod of the namespace would reach the GCS and the Ray Client
+    "own_pods_by_a_shared_team_label": (lambda d, ps: _labels_in_groups(d, ps, value="ml"), ("to every port",)),
+    # the job server to addresses, not pods: on many clouds pod IPs are routable from the whole VPC
+    "job_server_to_any_source": (lambda d, ps: _job_server_rule(d, ps).pop("from"),
+                                 ("admits any source to the job server port 8265",)),
+    "job_server_to_an_ip_block": (lambda d, ps: _job_server_rule(d, ps)["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+                                  ("admits an IP block to the job server port 8265",)),
+    # the dashboard moved: 8265 is now an ordinary port opened beyond the cluster
+    "job_server_port_moved": (lambda d, ps: (_job_server_rule(d, ps), _dashboard_port(d, 8266)),
+                              ("pods outside the cluster's own to 8265", "job server port 8266")),
 }
 
 
@@ -600,6 +632,10 @@ SAFE_NETWORK_POLICIES = {
     "user_labels_cannot_override_kuberays": lambda d, ps: [g.update(labels={
         "ray.io/cluster": "other", "ray.io/node-type": "other", "ray.io/group": "other"}) for g in _groups(d)],
     "same_namespace": lambda d, ps: [m.update(namespace="ml") for m in [d["metadata"], *(p["metadata"] for _, p in ps)]],
+    # KubeRay names the head's dashboard port `dashboard`
+    "job_server_by_port_name": lambda d, ps: _job_server_rule(d, ps).update(ports=[{"port": "dashboard", "protocol": "TCP"}]),
+    "job_server_port_moved_with_its_policy": lambda d, ps: (
+        _job_server_rule(d, ps).update(ports=[{"port": 8266, "protocol": "TCP"}]), _dashboard_port(d, 8266)),
 }
 
 

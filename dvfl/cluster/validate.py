@@ -1040,7 +1040,8 @@ def kuberay_summary(doc: dict) -> str:
 # --------------------------------------------------------------------------------------------
 NETWORK_POLICY_API = "networking.k8s.io/v1"
 # The only port that pods outside the cluster may reach: the dashboard's job server (token
-# authentication), which a RayJob's submitter pod and the KubeRay operator call.
+# authentication), which a RayJob's submitter pod and the KubeRay operator call; the head's
+# `dashboard-port` start parameter moves it (KubeRay names the container port `dashboard`).
 JOB_SERVER_PORT = 8265
 # The KubeRay operator's pods (its Helm chart and kustomize both set this), in a namespace of its own.
 OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator"}
@@ -1104,14 +1105,31 @@ def _applies_to_ingress(policy: dict) -> bool:
     return types is None or types == [] or (isinstance(types, list) and "Ingress" in types)
 
 
+def _applies_to_egress(policy: dict) -> bool:
+    spec = _as_mapping(policy.get("spec"))
+    types = spec.get("policyTypes")
+    if types is None or types == []:
+        return "egress" in spec
+    return isinstance(types, list) and "Egress" in types
+
+
+def _job_server_port(spec: dict) -> int:
+    """The head's dashboard (job server) port: its ``dashboard-port`` start parameter, else 8265."""
+    params = _as_mapping(_as_mapping(spec.get("headGroupSpec")).get("rayStartParams"))
+    try:
+        return int(params.get("dashboard-port", JOB_SERVER_PORT))
+    except (TypeError, ValueError):
+        return JOB_SERVER_PORT
+
+
 def _ingress_rules(policy: dict) -> list[tuple[int, list, list]]:
     """(index, peers, ports) of a policy's ingress rules: no peers admit any source, no ports every port."""
     return [(k, _as_list(_as_mapping(rule).get("from")), _as_list(_as_mapping(rule).get("ports")))
             for k, rule in enumerate(_as_list(_as_mapping(policy.get("spec")).get("ingress")))]
 
 
-def _is_job_server_port(port: Any) -> bool:
-    return (isinstance(port, dict) and port.get("port") == JOB_SERVER_PORT and "endPort" not in port
+def _is_job_server_port(port: Any, number: int) -> bool:
+    return (isinstance(port, dict) and port.get("port") in (number, "dashboard") and "endPort" not in port
             and port.get("protocol", "TCP") == "TCP")
 
 
@@ -1140,7 +1158,7 @@ def _admits(peer: Any, labels: dict, same_namespace: bool) -> bool:
     return same_namespace and "ipBlock" not in peer and _selects(peer.get("podSelector"), labels)
 
 
-def _job_server_errors(doc: dict, path: tuple, covering: list[dict]) -> list[str]:
+def _job_server_errors(doc: dict, path: tuple, covering: list[dict], port: int) -> list[str]:
     """A RayJob's head admits its callers outside the Ray cluster to the job server: the KubeRay
     operator and, in K8sJobMode (also when ``submissionMode`` is unset: the CRD default), the
     submitter pod."""
@@ -1155,11 +1173,11 @@ def _job_server_errors(doc: dict, path: tuple, covering: list[dict]) -> list[str
                         "the job would never be submitted"))
     out = []
     for labels, same_namespace, who, consequence in callers:
-        if not any((not ports or any(_is_job_server_port(p) for p in ports))
+        if not any((not ports or any(_is_job_server_port(p, port) for p in ports))
                    and (not peers or any(_admits(peer, labels, same_namespace) for peer in peers))
                    for policy in covering for _, peers, ports in _ingress_rules(policy)):
             out.append(_error_line("policy", path, f"no ingress rule admits {who} to the job server port "
-                                   f"{JOB_SERVER_PORT}/TCP of these pods: {consequence}"))
+                                   f"{port}/TCP of these pods: {consequence}"))
     return out
 
 
@@ -1167,9 +1185,10 @@ def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str
     """A KubeRay manifest's pods behind the NetworkPolicies of its file (``(document number,
     policy)`` pairs). Every group's pods are selected by an ingress policy of the manifest's
     namespace whose rules admit the cluster's own pods (:func:`_own_groups`) to every port; a
-    RayJob's head admits the KubeRay operator and its submitter pod to the job server port; and no
-    rule of any ingress policy in the file admits other sources except to that port. Offline: the
-    policies are read, not enforced; the network plugin must support NetworkPolicy."""
+    RayJob's head admits the KubeRay operator and its submitter pod to the job server port; no
+    rule of any ingress policy in the file admits other sources except pods to that port; and no
+    policy restricts the pods' egress (not checked here). Offline: the policies are read, not
+    enforced; the network plugin must support NetworkPolicy."""
     if not isinstance(doc, dict):
         return []
     namespace = _as_mapping(doc.get("metadata")).get("namespace")
@@ -1179,7 +1198,12 @@ def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str
         groups = _pod_labels(doc, where, spec)
         if not groups:
             continue
-        identity = {"ray.io/cluster"} | {k for k, _ in set.intersection(*(items for _, _, items in groups))}
+        # the labels that name this cluster's pods and no others: ray.io/cluster (a RayCluster's name),
+        # or a label every group carries whose value is the RayCluster's or RayJob's name (a label
+        # merely shared by all groups, `team: ml`, names every pod of the team)
+        name = _as_mapping(doc.get("metadata")).get("name")
+        identity = {"ray.io/cluster"} | {k for k, v in set.intersection(*(items for _, _, items in groups)) if v == name}
+        port = _job_server_port(spec)
 
         def own(policy: dict, peer: Any) -> set[int]:
             # a policy of another namespace selects none of the cluster's pods, its peers neither
@@ -1189,6 +1213,15 @@ def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str
         for path, labels, _ in groups:
             covering = [p for _, p in ingress if _as_mapping(p.get("metadata")).get("namespace") == namespace
                         and _selects(_as_mapping(p.get("spec")).get("podSelector"), labels)]
+            limiting = sorted(str(_as_mapping(p.get("metadata")).get("name")) for _, p in policies
+                              if _is_network_policy(p) and _applies_to_egress(p)
+                              and _as_mapping(p.get("metadata")).get("namespace") == namespace
+                              and _selects(_as_mapping(p.get("spec")).get("podSelector"), labels))
+            if limiting:
+                out.append(_error_line("policy", path, f"NetworkPolicy {', '.join(limiting)} restricts these pods' "
+                                       "egress, which this check does not verify (DNS, the cluster's own pods on "
+                                       "every port and object storage must stay reachable, or workers never join): "
+                                       "restrict ingress only (policyTypes: [Ingress])"))
             if not covering:
                 out.append(_error_line("policy", path, "no ingress NetworkPolicy of its namespace in this file "
                                        "selects these pods: pods of every namespace reach their Ray ports (GCS "
@@ -1209,20 +1242,26 @@ def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str
                                        "reach the GCS or each other; add a rule without `ports` whose peers "
                                        "select the cluster's own pods"))
             if doc.get("kind") == "RayJob" and labels["ray.io/node-type"] == "head":
-                out += _job_server_errors(doc, path, covering)
+                out += _job_server_errors(doc, path, covering, port)
         for n, policy in ingress:  # any policy in the file is about this cluster
             name = _as_mapping(policy.get("metadata")).get("name")
             for k, peers, ports in _ingress_rules(policy):
                 if peers and all(own(policy, peer) for peer in peers):
                     continue
-                bad = [p for p in ports if not _is_job_server_port(p)]
+                bad = [p for p in ports if not _is_job_server_port(p, port)]
+                where = (f"document {n + 1} (NetworkPolicy {name})", "spec", "ingress", k)
                 if not ports or bad:
                     opened = "every port" if not ports else ", ".join(str(_as_mapping(p).get("port", p)) for p in bad)
                     sources = "any source" if not peers else "pods outside the cluster's own"
-                    out.append(_error_line("policy", (f"document {n + 1} (NetworkPolicy {name})", "spec", "ingress", k),
-                                           f"admits {sources} to {opened}: only the job server port "
-                                           f"{JOB_SERVER_PORT}/TCP (token authentication) may be opened beyond the "
+                    out.append(_error_line("policy", where, f"admits {sources} to {opened}: only the job server port "
+                                           f"{port}/TCP (token authentication) may be opened beyond the "
                                            "cluster's own pods"))
+                elif not peers or any("ipBlock" in _as_mapping(peer) for peer in peers):
+                    # pod IPs are routable from the VPC on many clouds (GKE VPC-native, EKS VPC CNI)
+                    sources = "any source" if not peers else "an IP block"
+                    out.append(_error_line("policy", where, f"admits {sources} to the job server port {port}/TCP, "
+                                           "which runs any code it is sent with the token: admit pods (its "
+                                           "submitter, the KubeRay operator), not addresses"))
     return out
 
 
