@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def search(prepared, tmp_path_factory, ray_local):
     started = time.time()
     released: list[str] = []
     with open(tmp / "first.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--search", str(path), "--quiet"],
+        proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--search", str(path)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while time.time() < started + 600 and proc.poll() is None:
@@ -292,6 +293,15 @@ def test_teacher_proof_can_fail(prepared, ray_local):
     teacher = TeacherSignal(TeacherFeed.from_signal(signal_), torch.device("cpu"), fetch)
     teacher.logits(["x"], [None], torch.zeros(1, 8, 3, 32, 32))
     assert teacher.forward_calls == 1
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_the_projects_lines_not_tunes_tables(search):
+    """`python tuning/search.py` as typed: the stages and each trial's epochs, one line each; Ray
+    Tune's status tables (536 of the embedded search's 1,175 lines) only with --tables."""
+    log = search["first_log"]
+    assert "[tune] forced-asha:" in log and re.search(r"^\[trial \w+\] epoch 1/\d+: loss", log, re.M), log[-3000:]
+    assert "Trial status" not in log and "\u256d" not in log and "Configuration for experiment" not in log, log[-3000:]
 
 
 @pytest.mark.slow

@@ -34,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     deprecated(p, "--output-dir", "--out", "out")
     add_num_cpus(p)
     add_fresh(p, "discard this experiment's trials")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    p.add_argument("--tables", action="store_true",
+                   help="also print Ray Tune's own status tables (every trial, every 30 s); by default the "
+                        "terminal shows this project's lines: the stages, each trial's epochs, the results")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # the default since session 25
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
@@ -57,7 +60,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
     with ray_runtime(num_cpus=a.num_cpus):
         try:
-            run_search(search, cfg, fresh=a.fresh, verbose=0 if a.quiet else 1)
+            run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2

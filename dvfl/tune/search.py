@@ -89,7 +89,7 @@ def tune_output(verbose: int):
         os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
-def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 1, log=print) -> dict:
+def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 0, log=print) -> dict:
     """Prepare the shared stages, run (or resume) the Tune experiment, re-run each cost level's
     (width's) best trial with ``tune.front_seeds`` (in ``<experiment>-front``), draw the Pareto front
     from the re-runs' means and write the results.
