@@ -186,8 +186,8 @@ def run(out: str, result: dict, remote: str | None = None) -> None:
             if latest.get("metrics", {}).get("epoch") == 1:
                 registered = storage.join(storage.dirname(snap), latest["checkpoint_dir_name"])
         time.sleep(0.2)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(registered, "state.pt"))), map_location="cpu",
-                       weights_only=True)
+    state_bytes = storage.read_bytes(storage.join(registered, "state.pt"))
+    state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
     result["checkpoint_before_kill"] = {"path": registered, "epoch_index": state["epoch"], "step": state["step"],
                                         "history": state["history"]}
     victim = next(w for w in workers if w.node_id == ranks[1]["node_id"])
