@@ -79,6 +79,16 @@ def _experiment_state(exp: Path) -> dict:
     return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in data.get("trial_data", [])}
 
 
+def _saved_after_experiment_state(exp: Path, pattern: str) -> bool:
+    """Whether Tune has saved ``pattern`` (its callbacks' state) since its newest experiment state
+    (saved together, that one first)."""
+    states, saved = sorted(exp.glob("experiment_state-*.json")), sorted(exp.glob(pattern))
+    try:
+        return bool(states and saved) and saved[-1].stat().st_mtime_ns >= states[-1].stat().st_mtime_ns
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def search(prepared, tmp_path_factory, ray_local):
     """3 trials, up to 2 epochs each, ASHA forced to stop one: the learning rate is a grid in this
@@ -87,9 +97,9 @@ def search(prepared, tmp_path_factory, ray_local):
     others cannot move from their initialisation (loss ~ln 4), so whatever the random draws of T,
     α and width, the second trial is below the first one's cutoff and is stopped.
 
-    ``tuning/search.py`` runs it in a subprocess, killed once two trials are finished and saved;
-    the same search is then resumed here (ASHA's rung state is not part of Tune's saved state,
-    which is why the interruption comes after the forced stop).
+    ``tuning/search.py`` runs it in a subprocess, killed once two trials are finished and saved
+    (the forced stop among them); the same search is then resumed here, and the third trial, which
+    cannot learn either, must be judged against the first two's results from before the break.
     """
     from dvfl.tune import load_tune_config, run_search
 
@@ -118,7 +128,8 @@ def search(prepared, tmp_path_factory, ray_local):
                     released.append(held)
                     (hold / f"release-{held}").touch()
                 if len(released) == 2 and held and held not in released \
-                        and list(_experiment_state(exp).values()).count("TERMINATED") >= 2:
+                        and list(_experiment_state(exp).values()).count("TERMINATED") >= 2 \
+                        and _saved_after_experiment_state(exp, "callback-states-*.pkl"):
                     break
                 time.sleep(0.2)
             was_running = proc.poll() is None
@@ -214,6 +225,19 @@ def test_front_reruns_of_a_different_search_are_not_resumed(search):
 
 
 @pytest.mark.slow
+def test_a_changed_search_is_refused_naming_what_changed(search):
+    """Resuming the experiment with another seed is refused before any trial, naming the field."""
+    from dvfl.tune import load_tune_config, run_search
+
+    tune_cfg, run_cfg = load_tune_config(search["path"])
+    tune_cfg.seed = 7
+    lines = []
+    with pytest.raises(ConfigError, match=r"forced-asha holds a different search: tune\.seed: 0 -> 7; "):
+        run_search(tune_cfg, run_cfg, verbose=0, log=lines.append)
+    assert not any("resuming" in line for line in lines), lines
+
+
+@pytest.mark.slow
 def test_asha_stops_a_trial_early(search):
     s = search["summary"]
     stopped = [r for r in s["rows"] if r["status"] == "stopped early"]
@@ -222,6 +246,17 @@ def test_asha_stops_a_trial_early(search):
     assert all(r["lr"] == 1e-12 for r in stopped)  # a trial that cannot learn, never the good one
     assert s["trial_epochs_saved_by_asha"] >= 1
     assert s["trial_epochs_run"] < s["trial_epochs_if_all_ran_to_the_end"]
+
+
+@pytest.mark.slow
+def test_a_resumed_search_judges_its_last_trial_against_the_trials_before_the_break(search):
+    """Tune restores ASHA with empty rungs: the third trial, resumed alone, used to meet no cutoff
+    and run every epoch although it learns nothing."""
+    resumed = [t for t, s in search["interrupted"].items() if s != "TERMINATED"]
+    rows = {r["trial_id"]: r for r in search["summary"]["rows"]}
+    assert len(resumed) == 1 and rows[resumed[0]]["lr"] == 1e-12, (resumed, rows)
+    assert rows[resumed[0]]["status"] == "stopped early", rows[resumed[0]]
+    assert rows[resumed[0]]["epochs_run"] == 1
 
 
 @pytest.mark.slow

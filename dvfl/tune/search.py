@@ -45,6 +45,23 @@ def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dic
     return {"digest": digest(what), "search": what}
 
 
+def changed_fields(old, new, limit: int = 6) -> str:
+    """What differs between two recorded searches, as dotted fields (``tune.seed: 0 -> 1``)."""
+    def leaves(tree, at=""):
+        if isinstance(tree, dict) and tree:
+            for k, v in tree.items():
+                yield from leaves(v, f"{at}.{k}" if at else str(k))
+        else:
+            yield at, json.dumps(tree, sort_keys=True)
+
+    before, after = (dict(leaves(json.loads(json.dumps(x, default=str)))) for x in (old, new))
+    changes = [f"{k}: {before.get(k, '(absent)')} -> {after.get(k, '(absent)')}"
+               for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+    if not changes or not isinstance(old, dict):
+        return "its record differs (written by another version of this project)"
+    return ", ".join(changes[:limit]) + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
 def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     """Clips, teacher and cache, each reused when finished (built once otherwise); the teacher
     signal every trial gets. The only place the search may touch the teacher."""
@@ -98,7 +115,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from dvfl import pipeline
@@ -119,8 +136,10 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     if restoring and storage.isfile(search_file):
         previous = storage.read_json(search_file)
         if previous["digest"] != fp["digest"]:
-            raise ConfigError(f"{exp} holds a different search (its search config, run config, clips or teacher "
-                              "changed): pick another tune.experiment, or --fresh to discard it")
+            raise ConfigError(f"{exp} holds a different search: {changed_fields(previous.get('search'), fp['search'])}; "
+                              "a resumed experiment keeps the trials, resources and concurrency it started with "
+                              "(Tune restores them as saved): put the old values back to resume it, pick another "
+                              "tune.experiment, or --fresh to discard it")
     # checked before the search too: a refusal after it would throw its trials' results away
     front_path = storage.ray_storage(front_exp)[0]
     front_file = storage.join(front_exp, SEARCH_FILE)
@@ -139,10 +158,10 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
 
-    def run_config(name: str):
+    def run_config(name: str, extra_callbacks=()):
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
                               storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
-                              callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs)],
+                              callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs), *extra_callbacks],
                               failure_config=tune.FailureConfig(max_failures=0))
 
     def variant_generator():
@@ -155,15 +174,19 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=tune_fs)
     else:
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=t.asha.grace_period,
-                                   reduction_factor=t.asha.reduction_factor, stop_last_trials=False)
-                     if t.asha.enabled else FIFOScheduler())
+        from dvfl.tune.scheduler import resumable_asha
+
+        # the scheduler and its results callback go into the same Tuner (one pickle): a resume
+        # restores the callback's results and the scheduler replays them into its rungs
+        scheduler, results = (resumable_asha(t.metric, max_t=cfg.optim.epochs, grace_period=t.asha.grace_period,
+                                             reduction_factor=t.asha.reduction_factor, stop_last_trials=False)
+                              if t.asha.enabled else (FIFOScheduler(), None))
         tuner = tune.Tuner(
             trainable, param_space=param_space(t),
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=scheduler,
                                         # in-process trials keep their actor (torch imported once)
                                         reuse_actors=trials_in_process(t, cfg), search_alg=variant_generator()),
-            run_config=run_config(t.experiment))
+            run_config=run_config(t.experiment, [results] if results else ()))
         log(f"[tune] {t.experiment}: {t.num_samples} sample(s) of {sorted(t.space)}, "
             f"ASHA {'on ' + t.metric if t.asha.enabled else 'off'}, up to {cfg.optim.epochs} epochs per trial, "
             f"teacher signal: {teacher['mode']}; results in {exp}")
