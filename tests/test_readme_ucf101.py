@@ -132,3 +132,9 @@ def test_readme_ucf101_chain_as_typed(checkout, ray_local, tmp_path, monkeypatch
 
     assert script_main("evaluate", [*shlex.split(commands[4])[2:], *overrides, "--views", "8x3"]) == 2
     assert "stores 4 evaluation clip(s) per video" in capsys.readouterr().err
+    # without --config: the crop the model was trained on (its model.json), not the stored short side
+    bare = tmp_path / "bare_eval.json"
+    assert script_main("evaluate", ["--model", str(teacher), "--clips", "data/ucf101_s1", "--views", "4x3",
+                                    "--json", str(bare)]) == 0
+    bare_ev = json.loads(bare.read_text())
+    assert bare_ev["crop_size"] == CROP != SHORT_SIDE and bare_ev["top1"] == ev["top1"]

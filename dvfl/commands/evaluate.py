@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=parse_views, help="CLIPSxCROPS, e.g. 4x3 (config: eval.clips x eval.crops; default 1x1)")
     p.add_argument("--test-split", help="split to evaluate, e.g. test or val (config: data.test_split; default test)")
     deprecated(p, "--split", "--test-split", "test_split")
-    p.add_argument("--crop-size", type=int, help="config: data.crop_size (default: the stored short side)")
+    p.add_argument("--crop-size", type=int, help="config: data.crop_size (default: the crop the model was trained on, "
+                   "from its model.json, else the stored short side)")
     p.add_argument("--json", help="write the metrics here (and the confusion matrix PNG next to it)")
     p.add_argument("--confusion", help="confusion matrix PNG (default: <json>.confusion.png when --json is given)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -94,9 +95,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
               f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored}, "
               f"or ingest again with --eval-clips {views[0]}", file=sys.stderr)
         return 2
-    crop = crop or info["params"]["short_side"]
-    if not crop:
-        p.error("the clips keep the source size (short side 0): give --crop-size")
     from dvfl.artifacts import load_model
     from dvfl.models import CheckpointError
     from dvfl.train.evaluate import ProtocolError, evaluate_multiview
@@ -111,6 +109,13 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"error: {a.model} predicts {model.num_classes} classes; {clips} has {len(info['classes'])}",
               file=sys.stderr)
         return 2
+    # the crop the model was trained on (as predict and serve use it), not the clips' stored short side
+    trained_crop = (spec.get("inputs") or {}).get("crop_size") or spec["kwargs"].get("img_size")
+    crop = crop or trained_crop or info["params"]["short_side"]
+    if not crop:
+        p.error("the clips keep the source size (short side 0): give --crop-size")
+    if trained_crop and crop != trained_crop:
+        print(f"[evaluate] note: crop {crop} px, but {a.model} was trained on {trained_crop} px crops", file=sys.stderr)
     try:
         m = evaluate_multiview(model, clips, split, crop, num_clips=views[0], num_crops=views[1],
                                batch_size=a.batch_size, details=True)
