@@ -102,3 +102,46 @@ def test_checkpoint_state_reads_through_the_checkpoints_filesystem_not_a_shared_
                        EpochStateCheckpoint(str(tmp_path / "epoch_000002.pt"))):
         got = checkpoint_state(checkpoint)
         assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["history"] == state["history"]
+
+
+def _epoch_metrics_on_rank(rank: int, port: int, out: str) -> None:
+    """One gloo rank of two: rank 0 got 9 of 10 clips right at loss 0.1, rank 1 got 1 of 10 at 2.0."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from dvfl.train import loop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        m = torch.nn.Linear(2, 2)
+        run = loop._Run(rank=rank, world=2, device=torch.device("cpu"), model=m, raw_model=m,
+                        optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), amp=None, teacher=None, rng=None,
+                        total_steps=1, warmup=0)
+        stats = loop._EpochStats(loss=0.1 if rank == 0 else 2.0, batches=1, seen=10, correct=9 if rank == 0 else 1,
+                                 counts=torch.tensor([10, 0, 10, 0]))
+        metrics = loop.epoch_metrics(run, LoopConfig(seed=0, model=None, optim=OptimSection()), stats, 0, 0.0, 1.0, 0.0)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(metrics, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_training_metrics_are_over_every_rank_not_rank_0s(tmp_path):
+    """The epoch's train loss and top-1 next to clip counts summed over the ranks: rank 0 used to
+    report its own loss and accuracy (0.1, 90 %) beside both ranks' 20 clips."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_epoch_metrics_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        m = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert m["labelled_clips"] == 20 and m["ce_clips"] == 20
+        assert m["train_top1"] == pytest.approx(0.5) and m["train_loss"] == pytest.approx(1.05)

@@ -508,21 +508,23 @@ def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
 
 def epoch_metrics(run: _Run, cfg: LoopConfig, stats: _EpochStats, epoch: int, started: float,
                   train_seconds: float, data_wait: float) -> dict:
-    """The epoch's training metrics, clip counts summed over the ranks."""
+    """The epoch's training metrics over all ranks: sums and counts all-reduced, then divided."""
     if stats.batches == 0:  # a loss of 0 over 0 steps would be reported as a finished epoch
         raise RuntimeError(f"epoch {epoch + 1}: rank {run.rank} of {run.world} got 0 training batches "
                            f"(batch size {cfg.optim.batch_size}): the training split is empty or too small")
-    counts = stats.counts
+    sums = torch.tensor([stats.loss, stats.ce, stats.kd, stats.batches, stats.correct, stats.seen,
+                         *stats.counts.tolist()], dtype=torch.float64)
     if run.world > 1:
         import torch.distributed as dist
 
-        reduced = counts.to(run.device)
+        reduced = sums.to(run.device)
         dist.all_reduce(reduced)
-        counts = reduced.cpu()
-    n = stats.batches
+        sums = reduced.cpu()
+    loss, ce, kd, n, correct, seen = sums[:6].tolist()
+    counts = sums[6:].long()
     metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
-               "train_loss": stats.loss / n, "train_ce": stats.ce / n, "train_kd": stats.kd / n,
-               "train_top1": stats.correct / max(stats.seen, 1),
+               "train_loss": loss / n, "train_ce": ce / n, "train_kd": kd / n,
+               "train_top1": correct / max(seen, 1),
                "epoch_seconds": time.time() - started, "steps": run.step,
                # the share of this rank's training loop spent waiting for its next input batch
                "data_wait_fraction": data_wait / max(train_seconds, 1e-9),
