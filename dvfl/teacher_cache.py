@@ -125,9 +125,10 @@ class TeacherLogitCache:
                 f"stale or mismatched teacher cache {self.directory} (fingerprint {self.fingerprint}): "
                 + "; ".join(problems) + ". Rebuild it with pipelines/cache_teacher.py.")
 
-    def _missing_logits(self, dataset_info: dict, splits) -> list[str]:
-        """One logits file per clip shard of ``splits`` (all if None), with clips x views rows."""
-        absent, short = [], []
+    def logits_files(self, dataset_info: dict, splits=None) -> tuple[list[str], dict[str, str]]:
+        """The clip shards of ``splits`` (all if None) without a logits file, and those whose logits
+        file does not hold clips x views rows ({name: why})."""
+        absent, short = [], {}
         for shard in dataset_info["shards"]:
             if splits is not None and shard["split"] not in splits:
                 continue
@@ -139,10 +140,16 @@ class TeacherLogitCache:
             try:
                 rows = parquet_file(path).metadata.num_rows
             except Exception as exc:  # an unreadable footer: as good as missing
-                short.append(f"{name} (unreadable: {type(exc).__name__})")
+                short[name] = f"unreadable: {type(exc).__name__}"
                 continue
             if rows != shard["clips"] * len(self.views):
-                short.append(f"{name} ({rows} rows, expected {shard['clips']} clips x {len(self.views)} views)")
+                short[name] = f"{rows} rows, expected {shard['clips']} clips x {len(self.views)} views"
+        return absent, short
+
+    def _missing_logits(self, dataset_info: dict, splits) -> list[str]:
+        """One logits file per clip shard of ``splits`` (all if None), with clips x views rows."""
+        absent, short_files = self.logits_files(dataset_info, splits)
+        short = [f"{name} ({why})" for name, why in short_files.items()]
         out = []
         if absent:
             out.append(f"{len(absent)} logits file(s) missing from {storage.join(self.directory, LOGITS_DIR)}: "
@@ -322,8 +329,22 @@ def build_teacher_cache(
             existing_info = storage.read_json(meta)
             existing = existing_info["fingerprint"]
             if existing == fingerprint and storage.basename(meta) == CACHE_JSON:
-                log(f"[cache] reusing finished cache {out} (fingerprint {fingerprint})")
-                return existing_info
+                # the same fingerprint, but the files may not fit the shards: the same clips
+                # re-ingested with another shard layout, or a logits file lost
+                absent, short = TeacherLogitCache(out).logits_files(dataset_info)
+                if not absent and not short:
+                    log(f"[cache] reusing finished cache {out} (fingerprint {fingerprint})")
+                    return existing_info
+                log(f"[cache] the finished cache {out} does not fit the clips' shards ({len(absent)} logits file(s) "
+                    f"missing, {len(short)} of the wrong size): building those")
+                # back to a build in progress, the marker first: the finished marker never covers a repair
+                storage.write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})
+                storage.remove(storage.join(out, CACHE_JSON))
+                for name in short:
+                    for p in (storage.join(logits_dir, name), _sidecar(storage.join(logits_dir, name))):
+                        if storage.isfile(p):
+                            storage.remove(p)
+                break
             if existing != fingerprint:
                 if not overwrite:
                     raise CacheMismatchError(
@@ -346,6 +367,12 @@ def build_teacher_cache(
     storage.write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})
 
     shards = shard_paths(clips_dir)
+    # logits of shards these clips no longer have (an earlier shard layout of the same clips) would
+    # be read with the cache's lookups: removed
+    current = {storage.basename(s) for s in shards} | {storage.basename(_sidecar(s)) for s in shards}
+    for p in storage.listdir(logits_dir, hidden=True):
+        if storage.basename(p) not in current and not storage.basename(p).endswith(".tmp"):
+            storage.remove(p)
     # a shard is done when its logits and its sidecar are both there
     have = {storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)}
     todo = [s for s in shards if not {storage.basename(s), storage.basename(_sidecar(s))} <= have]

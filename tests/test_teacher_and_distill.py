@@ -6,6 +6,7 @@ session-wide ``prepared`` fixture in conftest.py, which the Tune tests reuse).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -205,6 +206,40 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     ids = read_clips_table(cfg.clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
     torch.testing.assert_close(resumed.lookup(ids, ["center"] * len(ids)),
                                full.lookup(ids, ["center"] * len(ids)), rtol=2e-3, atol=2e-3)
+
+
+def test_a_finished_cache_that_no_longer_fits_its_shards_is_repaired_not_reused(prepared, tmp_path, ray_local):
+    """A finished cache of the same fingerprint whose files do not fit the clips' shards (the same
+    clips re-ingested with another shard layout, a logits file lost): it used to be reused as it was,
+    then refused by every training run ("Rebuild it"), and a rebuild, --fresh included, reused it
+    again. Now the shards it lacks are built again and files of shards the clips no longer have go."""
+    from dvfl import pipeline
+
+    cfg = prepared["cfg"]
+    copy = tmp_path / "cache"
+    shutil.copytree(cfg.cache_dir, copy)
+    logits = sorted((copy / "logits").glob("*.parquet"))
+    assert len(logits) >= 2
+    logits[0].unlink()  # lost
+    shutil.copy(logits[-1], logits[1])  # another shard's rows: the wrong size
+    (copy / "logits" / "train-99999.parquet").write_bytes(logits[-1].read_bytes())  # a shard the clips lack
+    kept = logits[-1].stat().st_mtime_ns
+    lines = []
+    cfg_copy = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=str(copy)))
+    assert cfg_copy.cache_dir == str(copy)
+    pipeline.ensure_cache(cfg_copy, prepared["teacher"], log=lines.append)
+    assert any("does not fit the clips' shards (1 logits file(s) missing, 1 of the wrong size)" in x for x in lines), lines
+    built = [int(m.group(1)) for x in lines for m in [re.search(r"\[cache\] \d+/(\d+) shards", x)] if m]
+    assert built and set(built) == {2}, lines  # only those two were built again
+    assert logits[-1].stat().st_mtime_ns == kept and not (copy / "logits" / "train-99999.parquet").exists()
+    repaired, full = TeacherLogitCache(copy), TeacherLogitCache(cfg.cache_dir)
+    repaired.check(prepared["info"], crop_size=cfg.crop_size)
+    ids = read_clips_table(cfg.clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
+    torch.testing.assert_close(repaired.lookup(ids, ["center"] * len(ids)), full.lookup(ids, ["center"] * len(ids)),
+                               rtol=2e-3, atol=2e-3)
+    lines.clear()
+    pipeline.ensure_cache(cfg_copy, prepared["teacher"], log=lines.append)
+    assert any("reusing finished cache" in x for x in lines), lines
 
 
 # ----------------------------------------------------------------------------- distillation (issue 5)
