@@ -749,12 +749,13 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
     dataset_info = ensure_clips(cfg, log)
     teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)
     roles = cfg.student_roles
-    if any(r != "vfl" for r in roles):
+    kd = any(r in ("dvfl", "dvfl+unlabeled") for r in roles)  # vfl and vfl_long learn from labels only
+    if kd:
         check_teacher(cfg, teacher_path, teacher_spec, dataset_info, log)
-    if cfg.teacher.mode == "cached":
-        ensure_cache(cfg, teacher_path, log)
+        if cfg.teacher.mode == "cached":
+            ensure_cache(cfg, teacher_path, log)
     results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}
-    kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=True)
+    kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=kd)
     paths = train_students(cfg, dataset_info, kd_signal, log)
     for seed in cfg.seeds or [cfg.seed]:
         for role in roles:

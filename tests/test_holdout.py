@@ -6,6 +6,7 @@ training already ran with the carve) and add no training run of their own.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,22 @@ def test_teacher_gate_refuses_a_chance_level_teacher(prepared, tmp_path):
     # the same teacher passes when the gate is off, and the gate measures validation, not test
     off = tiny_config(tmp_path / "run", [("data.clips", prepared["cfg"].clips_dir), ("teacher.path", teacher)])
     assert pipeline.check_teacher(off, teacher, {}, prepared["info"]) is None
+
+
+def test_a_run_without_a_kd_student_is_not_gated_and_builds_no_cache(prepared, tmp_path, monkeypatch):
+    """vfl and vfl_long learn from labels only: a chance-level teacher used to refuse such a run
+    (every role but vfl counted as distillation) and its logits were cached for nothing."""
+    class Stop(Exception):
+        pass
+
+    def reached(cfg, dataset_info, teacher, log=print):
+        assert teacher == {"mode": "none"}
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "train_students", reached)
+    teacher = _constant_teacher(prepared, tmp_path / "constant")
+    cfg = tiny_config(tmp_path / "run", [("data.clips", prepared["cfg"].clips_dir), ("teacher.path", teacher),
+                                         ("teacher.min_top1_over_chance", 0.05), ("students", ["vfl", "vfl_long"])])
+    with pytest.raises(Stop):
+        pipeline.run_all(cfg, log=lambda *_: None)
+    assert not os.path.exists(cfg.cache_dir)
