@@ -504,25 +504,9 @@ def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: in
         identity["teacher_pool"] = cfg.data.teacher_pool
     if kd and teacher["mode"] == "online":  # a cache's fingerprint holds its views; live weights do not
         identity["teacher_views"] = list(teacher["views"])
-    if unlabeled and cfg.unlabeled_dir.rstrip("/") != cfg.clips_dir.rstrip("/"):
-        # an unlabelled pool of its own (online teacher only): its clips are part of what the student learns
-        identity["unlabeled_dataset"] = unlabeled_pool_fingerprint(cfg, dataset_info)
     signal = {k: v for k, v in teacher.items() if k != "fingerprint"} if kd else {"mode": "none"}
     return dict(role=role, section=cfg.student, optim=optim, dataset_info=dataset_info, seed=seed,
                 teacher=signal, identity=identity, unlabeled_dir=cfg.unlabeled_dir if unlabeled else None)
-
-
-def unlabeled_pool_fingerprint(cfg: RunConfig, dataset_info: dict) -> str:
-    """The fingerprint of ``data.unlabeled`` ingested on its own, refused unless its clips have the
-    labelled clips' frames and short side (the student sees both in one batch)."""
-    pool = load_dataset_info(cfg.unlabeled_dir)
-    mine, theirs = dataset_info["params"], pool["params"]
-    differ = [f"{k} {theirs.get(k)} (data.clips: {mine.get(k)})" for k in ("frames", "short_side")
-              if theirs.get(k) != mine.get(k)]
-    if differ:
-        raise ValueError(f"data.unlabeled {cfg.unlabeled_dir} was ingested with " + ", ".join(differ)
-                         + ": ingest it with the labelled clips' --frames and --short-side")
-    return pool["fingerprint"]
 
 
 def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, *,

@@ -81,25 +81,3 @@ def test_unlabelled_student_without_unlabelled_data_is_a_config_error(tmp_path):
         tiny_config(tmp_path, [("students", ["vfl", "dvfl+unlabeled"])])
     with pytest.raises(ConfigError, match="students must be distinct names"):
         tiny_config(tmp_path, [("students", ["dvfl", "kd"])])
-
-
-def test_an_unlabelled_pool_of_its_own_is_part_of_the_students_identity(tmp_path):
-    """With an online teacher data.unlabeled may be an ingest of its own: another pool (or the pool
-    re-ingested) used to reuse the student trained on the old one, and a pool of other frames was
-    not refused."""
-    params = {"frames": 4, "short_side": 16, "eval_clips": 1, "clips_per_video": 1}
-    clips_info = {"fingerprint": "c" * 64, "classes": ["a", "b"], "params": params}
-    for name, fp, extra in (("poolA", "a", {}), ("poolB", "b", {}), ("poolC", "d", {"frames": 8})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "dataset.json").write_text(json.dumps({"fingerprint": fp * 64, "classes": [],
-                                                                 "params": {**params, **extra}}))
-    teacher = {"mode": "online", "views": ["center"], "fingerprint": "0123456789abcdef"}
-
-    def identity(pool: str) -> str:
-        cfg = tiny_config(tmp_path / "run", [("data.unlabeled", str(tmp_path / pool)), ("teacher.mode", "online")])
-        return pipeline.digest(pipeline.student_run_args(cfg, clips_info, teacher, 0, "dvfl+unlabeled")["identity"])
-
-    assert identity("poolA") != identity("poolB")
-    assert identity("poolA") == identity("poolA")
-    with pytest.raises(ValueError, match=r"ingested with frames 8 \(data\.clips: 4\)"):
-        identity("poolC")
