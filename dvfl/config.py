@@ -298,10 +298,12 @@ class RunConfig:
                      "(or data.synthetic.unlabeled_videos > 0 for the generated dataset)")
         if self.teacher.mode not in ("cached", "online", "none"):
             fail("teacher.mode", f"must be cached, online or none, got {self.teacher.mode!r}")
-        if (self.teacher.mode == "cached" and self.data.unlabeled
-                and self.data.unlabeled.rstrip("/") != self.clips_dir.rstrip("/")):
-            fail("data.unlabeled", "must be the ingest output of data.clips with a cached teacher, so that one cache "
-                 "covers both (ingest them together with --unlabeled)")
+        if self.data.unlabeled and self.data.unlabeled.rstrip("/") != self.clips_dir.rstrip("/"):
+            # one ingest rejects unlabelled copies of test and validation videos; separate ingests
+            # cannot see each other (a test video in the pool would be trained on), and one cache covers both
+            fail("data.unlabeled", "must be the ingest output of data.clips (ingest them together with --unlabeled: "
+                 "that ingest rejects unlabelled copies of test and validation videos, and one teacher cache "
+                 "covers both)")
         if not (isinstance(self.kd.alpha, (int, float)) and 0 <= self.kd.alpha <= 1):
             fail("kd.alpha", f"must be in [0, 1], got {self.kd.alpha!r}")
         if not (isinstance(self.kd.temperature, (int, float)) and self.kd.temperature > 0):

@@ -483,7 +483,10 @@ def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local,
 @pytest.mark.parametrize("override, field, message", [
     ([("teacher.views", [])], "teacher.views", "at least one view"),
     ([("data.short_side", 0)], "data.crop_size", "give the crop size"),
-    ([("data.clips", "/x/clips"), ("data.unlabeled", "/x/pool")], "data.unlabeled", "one cache covers both"),
+    ([("data.clips", "/x/clips"), ("data.unlabeled", "/x/pool")], "data.unlabeled", "one teacher cache covers both"),
+    # online too: a pool ingested on its own was never checked for copies of test videos (trained on)
+    ([("data.clips", "/x/clips"), ("data.unlabeled", "/x/pool"), ("teacher.mode", "online")], "data.unlabeled",
+     "rejects unlabelled copies of test and validation videos"),
 ])
 def test_configs_that_used_to_fail_deep_inside_training_are_refused(override, field, message, tmp_path):
     from dvfl.config import ConfigError, load_config

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher model dir or official checkpoint (config: teacher.path)")
     p.add_argument("--teacher-mode", choices=["cached", "online"], help="config: teacher.mode")
     p.add_argument("--clips", help="ingest output to train on (config: data.clips)")
-    p.add_argument("--unlabeled", help="ingest output holding unlabelled clips (config: data.unlabeled)")
+    p.add_argument("--unlabeled", help="the ingest output of --clips, ingested with its --unlabeled videos "
+                   "(config: data.unlabeled)")
     p.add_argument("--epochs", type=int, help="student epochs (config: optim.epochs)")
     add_num_workers(p)
     p.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (config: scaling.use_gpu)")
