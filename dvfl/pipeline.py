@@ -62,11 +62,15 @@ def validation_args(cfg: RunConfig) -> dict:
 
 
 def holdout_identity(cfg: RunConfig) -> dict:
-    """What the validation hold-out adds to a model's identity: a different carve trains on
-    different videos (absent for a named split, which carves nothing)."""
-    if cfg.data.val_split != "val":
+    """What the validation hold-out adds to a model's identity: a different carve (fraction, seed or
+    grouping rule) trains on different videos. Absent when nothing is carved: a named split, or an
+    ingest with a val split of its own."""
+    from dvfl.data.holdout import GROUPING, VAL_SPLIT
+    from dvfl.data.shards import shard_paths
+
+    if cfg.data.val_split != VAL_SPLIT or shard_paths(cfg.clips_dir, [VAL_SPLIT]):
         return {}
-    return {"val_holdout": [cfg.data.val_fraction, cfg.data.val_seed]}
+    return {"val_holdout": [cfg.data.val_fraction, cfg.data.val_seed], "val_groups": GROUPING}
 
 
 def validation_source(cfg: RunConfig):

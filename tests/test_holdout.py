@@ -54,6 +54,15 @@ def test_holdout_keeps_groups_whole_is_seeded_and_class_balanced():
 def test_hmdb_cuts_of_one_source_video_share_a_side():
     assert group_of("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0") == group_of(
         "brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2")
+    # cuts of one source video differ in the metadata tail too (real HMDB51 names): one group
+    aussie = [f"brush_hair/Aussie_Brunette_Brushing_Hair_II_brush_hair_{tail}"
+              for tail in ("u_nm_np1_ba_goo_4", "u_nm_np1_ri_med_3", "u_nm_np2_le_goo_1")]
+    assert {group_of(v) for v in aussie} == {"Aussie_Brunette_Brushing_Hair_II_brush_hair"}
+    assert group_of("cartwheel/(Rad)Schlag_die_Bank!_cartwheel_f_cm_np1_le_med_0") == "(Rad)Schlag_die_Bank!_cartwheel"
+    others = [f"brush_hair/src{s}_brush_hair_h_cm_np1_fr_bad_{k}" for s in range(6) for k in range(2)]
+    for seed in range(20):
+        held = holdout_videos(aussie + others, [0] * len(aussie + others), 0.3, seed=seed)
+        assert set(aussie) <= held or not (set(aussie) & held), seed
     ids = [f"x/src{s}_act_{k}" for s in range(10) for k in range(3)]
     held = holdout_videos(ids, [0] * len(ids), 0.3, seed=4)
     assert len(held) == 9 and len({v.rsplit("_", 1)[0] for v in held}) == 3

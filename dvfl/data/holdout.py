@@ -4,8 +4,10 @@ Model choices (per-epoch validation, Tune's ASHA, the best config, the teacher g
 look at the test split. When an ingest output has no ``val`` split of its own, :func:`holdout_videos`
 carves one out of the training videos, and every run (teacher and students) leaves those videos
 out of training. Videos of one *group* always land on the same side: UCF101/UCF50 ids
-(``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); other ids group by their name
-without a trailing clip number (HMDB51's ``..._goo_0``/``..._goo_1`` are cuts of one source video).
+(``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); HMDB51 ids by their source video,
+the name before the metadata tail (``<source>_<class>_u_nm_np1_ba_goo_0``: cuts of one source
+video differ in that tail, not only in the last number); other ids by their name without a trailing
+clip number.
 """
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from typing import Sequence
 from dvfl.data.sampling import stable_seed
 
 UCF_GROUP = re.compile(r"_g(\d+)_c\d+$")
+# HMDB51's tail: visible body parts, camera motion, number of people, viewpoint, quality, cut number
+HMDB_TAIL = re.compile(r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$")
 TRAILING_NUMBER = re.compile(r"_\d+$")
+#: the grouping rule's version, part of a carved run's identity: another rule carves other videos
+GROUPING = 2
 #: the split name that means "held-out validation" (carved from training when the ingest has none)
 VAL_SPLIT = "val"
 
@@ -27,6 +33,9 @@ def group_of(video_id: str) -> str:
     m = UCF_GROUP.search(name)
     if m:
         return f"g{int(m.group(1)):02d}"
+    m = HMDB_TAIL.search(name)
+    if m:
+        return name[:m.start()]  # <source>_<class>: the class is the same within a class
     return TRAILING_NUMBER.sub("", name)
 
 
@@ -82,4 +91,4 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
                      f"class, seed {seed}) held out of split '{train_split}'")
 
 
-__all__ = ["group_of", "holdout_videos", "ValSource", "val_source", "VAL_SPLIT"]
+__all__ = ["group_of", "holdout_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
