@@ -62,6 +62,15 @@ def test_amp_modes_and_the_gradscaler_step():
     assert changed and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_bf16_on_a_gpu_without_native_bf16_falls_back_to_fp32(monkeypatch):
+    """Below compute capability 8 (T4, V100) PyTorch reports bf16 as supported through emulation
+    (slow): optim.amp bf16 must train in fp32 there, as documented, not in emulated bf16."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype(torch.device("cuda"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # sm_80+
+    assert amp_dtype(torch.device("cuda"), "bf16") is torch.bfloat16
+
+
 def test_accumulated_gradients_equal_one_large_batch():
     torch.manual_seed(0)
     x, y = torch.randn(4, 4, 3, 32, 32), torch.tensor([0, 1, 2, 3])

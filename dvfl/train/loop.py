@@ -81,7 +81,8 @@ class TeacherSignal:
         if self.mode == "cached":
             return self.cache.lookup(clip_ids, [v.name for v in views]).to(x.device)
         self.forward_calls += 1
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16,
+                                             enabled=x.is_cuda and torch.cuda.is_bf16_supported(including_emulation=False)):
             return self.model(x).float()
 
 
@@ -126,7 +127,8 @@ def amp_dtype(device: torch.device, mode: str, cpu_amp: bool = False) -> torch.d
     if device.type != "cuda" or mode == "off":
         return None
     if mode == "bf16":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # natively only: below compute capability 8 PyTorch reports emulated bf16 as supported (slow)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     if mode == "fp16":
         return torch.float16
     raise ValueError(f"optim.amp must be bf16, fp16 or off, got {mode!r}")
