@@ -405,7 +405,9 @@ def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = No
         summary[key] = {k: v for k, v in m.items() if k != "predictions"}
         log(f"[teacher] {test_cfg.name} {split} split: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
             f"({m['videos']} videos)")
-    result = export_folder(model, spec, out)
+    # evaluation moved the model to its device (a GPU when there is one); the folder's exactness
+    # check runs on the CPU
+    result = export_folder(model.cpu(), spec, out)
     log(f"[teacher] published {out}: {', '.join(result['files'])}")
     return summary
 

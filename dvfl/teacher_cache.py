@@ -217,7 +217,7 @@ class ShardLogitWriter:
     """
 
     def __init__(self, spec: dict, state_ref: list, vspec: dict, dtype: str, batch_size: int, threads: int,
-                 test_fsize_limit: int | None = None):
+                 use_gpu: bool = False, test_fsize_limit: int | None = None):
         import ray
 
         if test_fsize_limit:  # test hook: a disk that fills up after this many bytes per file
@@ -227,12 +227,15 @@ class ShardLogitWriter:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG (an OSError)
             resource.setrlimit(resource.RLIMIT_FSIZE, (test_fsize_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-        if not torch.cuda.is_available():
+        # the GPU Ray gave this actor, if any: an actor with num_gpus=0 on a GPU node still sees the
+        # node's GPUs (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone), and would use one uncounted
+        on_gpu = use_gpu and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        if not on_gpu:
             torch.set_num_threads(max(1, threads))
         else:  # TF32 (cuDNN's default for convolutions) keeps 10 mantissa bits: not an fp32 forward
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if on_gpu else "cpu")
         self.model = build_model(spec["name"], **spec["kwargs"])
         self.model.load_state_dict(ray.get(state_ref[0]), strict=True)
         self.model.eval().to(self.device)
@@ -390,7 +393,7 @@ def build_teacher_cache(
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 ShardLogitWriter,
                 fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
-                                           batch_size=batch_size, threads=threads,
+                                           batch_size=batch_size, threads=threads, use_gpu=use_gpu,
                                            test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=num_actors),

@@ -242,6 +242,20 @@ def test_a_finished_cache_that_no_longer_fits_its_shards_is_repaired_not_reused(
     assert any("reusing finished cache" in x for x in lines), lines
 
 
+def test_a_cache_writer_without_a_gpu_from_ray_stays_on_the_cpu(prepared, ray_local, monkeypatch):
+    """use_gpu false on a GPU node: the actor (num_gpus=0) still sees the node's GPUs, and the
+    writer used to load the teacher onto cuda:0 anyway, uncounted by Ray."""
+    import ray
+
+    from dvfl.teacher_cache import ShardLogitWriter, view_spec
+
+    model, spec = load_model(prepared["teacher"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what such an actor sees
+    writer = ShardLogitWriter(spec, [ray.put(model.state_dict())], view_spec(prepared["cfg"].crop_size, ["center"]),
+                              "float16", batch_size=4, threads=1, use_gpu=False)
+    assert writer.device.type == "cpu" and next(writer.model.parameters()).device.type == "cpu"
+
+
 # ----------------------------------------------------------------------------- distillation (issue 5)
 @pytest.mark.parametrize("override, field", [
     (("kd.temperature", -1.0), "kd.temperature"),
