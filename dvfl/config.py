@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +54,24 @@ class SyntheticSection:
     frames: int = 16
     motion: str = "bounded"  # or "wrap" (see dvfl/data/synthetic.py; wrap is not learnable here)
     angle_jitter_deg: float = 8.0  # direction = class angle +- this (22.5: neighbouring classes touch)
-    distractors: list = field(default_factory=lambda: [0, 0])  # static blobs per video, [min, max]
-    speed: list = field(default_factory=lambda: [1.2, 2.2])  # px per video frame, [min, max]
+    distractors: list[int] = field(default_factory=lambda: [0, 0])  # static blobs per video, [min, max]
+    speed: list[float] = field(default_factory=lambda: [1.2, 2.2])  # px per video frame, [min, max]
     noise_std: float = 6.0
     background: str = "textured"  # or "plain" (one colour: the moving object is all that changes)
     label_noise: float = 0.0  # share of training videos filed under a wrong class (test never)
     luma_contrast: float = 0.0  # least brightness gap between object and background (0-127)
+
+    def generator_config(self, seed: int):
+        """The :class:`dvfl.data.synthetic.SyntheticConfig` these settings describe (checked by it)."""
+        from dvfl.data.synthetic import SyntheticConfig
+
+        return SyntheticConfig(num_classes=self.num_classes, train_per_class=self.train_per_class,
+                               test_per_class=self.test_per_class, val_per_class=self.val_per_class,
+                               unlabeled_videos=self.unlabeled_videos, frames=self.frames, size=self.size,
+                               motion=self.motion, angle_jitter_deg=self.angle_jitter_deg,
+                               distractors=tuple(self.distractors), speed=tuple(self.speed),
+                               noise_std=self.noise_std, background=self.background,
+                               label_noise=self.label_noise, luma_contrast=self.luma_contrast, seed=seed)
 
 
 @dataclass
@@ -267,6 +281,12 @@ class RunConfig:
             yield owner, name
 
     # ------------------------------------------------------------------ validation
+    def require_teacher(self) -> None:
+        """Refuse ``teacher.mode: none`` for commands that distil (distill, protocol)."""
+        if self.teacher.mode == "none":  # run_all would train a teacher and distil online from it anyway
+            raise ConfigError("teacher.mode is none, but this command trains the students against a teacher "
+                              "(cached or online); `none` is for Tune searches without KD")
+
     def validate(self, check_paths: bool = True, outputs=()) -> "RunConfig":
         """``outputs``: path fields this command writes (not required to exist yet)."""
         import timm
@@ -355,6 +375,10 @@ class RunConfig:
                      f"cpus_per_worker/use_gpu), got {key!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
                 fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
+        try:  # the generator's own checks, before the ones below divide by its class count
+            self.data.synthetic.generator_config(self.seed).validate()
+        except ValueError as exc:
+            fail("data.synthetic", f"is not a dataset the generator can make: {exc}")
         if not 0 <= self.data.synthetic.angle_jitter_deg <= 180.0 / self.data.synthetic.num_classes:
             fail("data.synthetic.angle_jitter_deg", f"must be in [0, 180/num_classes], got "
                  f"{self.data.synthetic.angle_jitter_deg!r}")
@@ -451,6 +475,9 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------- loading
+_YAML11_ONLY_STRING_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(name: str, value, annotation) -> object:
     """Values from YAML or the command line must have the field's type (ints pass as floats)."""
     import types
@@ -464,7 +491,11 @@ def _check_type(name: str, value, annotation) -> object:
         raise ConfigError(f"{name} must not be empty")
     for t in allowed:
         origin = typing.get_origin(t) or t
+        if origin is float and isinstance(value, str) and _YAML11_ONLY_STRING_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # 1e-3: a float in YAML 1.2, a string to PyYAML (YAML 1.1 wants 1.0e-3)
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every `x < 0` check and surfaces epochs later
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             return float(value)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -476,7 +507,7 @@ def _check_type(name: str, value, annotation) -> object:
     raise ConfigError(f"{name} must be {expected}, got {value!r}")
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data: dict, prefix: str, base=None):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -488,11 +519,15 @@ def _build(cls, data: dict, prefix: str):
             raise ConfigError(f"{name} is not a known field (known: {', '.join(sorted(fields))})")
         default = getattr(cls(), key)
         if dataclasses.is_dataclass(default):
-            value = _build(type(default), value or {}, name + ".")
+            # over the field's own default (teacher.train's width stays when only its drop path is
+            # set), unless the section names another model: then the width is that variant's own
+            names_model = isinstance(value, dict) and value.get("model", getattr(default, "model", None)) != getattr(
+                default, "model", None)
+            value = _build(type(default), value or {}, name + ".", base=None if names_model else default)
         else:
             value = _check_type(name, value, hints[key])
         kwargs[key] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def set_field(tree: dict, dotted: str, value) -> None:
@@ -519,7 +554,12 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it: "
+                          f"--set '{key.strip()}=\"{raw}\"'") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths: bool = True,
@@ -534,7 +574,10 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
     for item in overrides:

@@ -95,15 +95,9 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     """
     if cfg.data.dataset != "synthetic" or (cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json"))):
         return None
-    from dvfl.data.synthetic import SyntheticConfig, generate
+    from dvfl.data.synthetic import generate
 
-    s = cfg.data.synthetic
-    syn = SyntheticConfig(num_classes=s.num_classes, train_per_class=s.train_per_class,
-                          test_per_class=s.test_per_class, val_per_class=s.val_per_class,
-                          unlabeled_videos=s.unlabeled_videos, frames=s.frames, size=s.size, motion=s.motion,
-                          angle_jitter_deg=s.angle_jitter_deg, distractors=tuple(s.distractors),
-                          speed=tuple(s.speed), noise_std=s.noise_std, background=s.background,
-                          label_noise=s.label_noise, luma_contrast=s.luma_contrast, seed=cfg.seed)
+    syn = cfg.data.synthetic.generator_config(cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).
     return generate(os.path.join(cfg.output_dir, "videos"), syn, overwrite=True, log=log)

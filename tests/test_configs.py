@@ -75,6 +75,63 @@ def test_a_wrong_list_item_is_refused_naming_it(override, message):
         load_config(None, [override], check_paths=False)
 
 
+@pytest.mark.parametrize("override, message", [
+    # a value that slipped past every `x < 0` check and surfaced epochs later as a diverged loss
+    ("optim.weight_decay=.nan", r"optim\.weight_decay must be a finite number, got nan"),
+    ("kd.unlabeled_weight=.nan", r"kd\.unlabeled_weight must be a finite number"),
+    ("optim.lr=.inf", r"optim\.lr must be a finite number, got inf"),
+    # these were tracebacks (ZeroDivisionError, TypeError, YAML's ParserError) instead of the field
+    ("data.synthetic.num_classes=0", r"data\.synthetic is not a dataset the generator can make: num_classes"),
+    ("data.synthetic.size=33", r"data\.synthetic .*size must be an even number"),
+    ("data.synthetic.speed=[a,b]", r"data\.synthetic\.speed\[0\] must be float, got 'a'"),
+    ("output_dir={split}/run", r"override 'output_dir=\{split\}/run': the value is not valid YAML .*quote it"),
+    ("teacher.path=@x", r"not valid YAML"),
+])
+def test_a_bad_override_is_refused_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], check_paths=False)
+
+
+def test_floats_in_exponent_notation_are_floats():
+    # PyYAML (YAML 1.1) reads 1e-3 as a string: `--set optim.lr=1e-3` was refused as "not a float"
+    cfg = load_config(None, ["optim.lr=1e-3", "kd.temperature=2E+0"], check_paths=False)
+    assert cfg.optim.lr == 0.001 and cfg.kd.temperature == 2.0
+    with pytest.raises(ConfigError, match=r"optim\.epochs must be int, got '1e1'"):
+        load_config(None, ["optim.epochs=1e1"], check_paths=False)
+
+
+def test_setting_one_teacher_field_keeps_the_default_teacher_and_naming_a_model_gives_its_own_width(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: {dataset: synthetic}\n")  # no teacher.train section
+    default = load_config(tmp_path / "c.yaml", check_paths=False).teacher.train
+    one_field = load_config(tmp_path / "c.yaml", ["teacher.train.drop_path_rate=0.2"], check_paths=False).teacher.train
+    assert (one_field.model, one_field.embed_dim, one_field.drop_path_rate) == (default.model, default.embed_dim, 0.2)
+    assert default.embed_dim == 32  # (was None: the variant's full width, another teacher)
+    base = load_config(CONFIGS / "ucf101_base.yaml", check_paths=False).teacher.train
+    assert (base.model, base.embed_dim, base.depths) == ("videofocalnet_base", None, None)
+
+
+def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_are(tmp_path):
+    """`dvfl teacher --clips DIR --out DIR` built on the embedded default: it trained a 4-block
+    width-48 model and called it Video-FocalNet-B, and refused 32-frame clips as "synthetic"."""
+    import argparse
+    import json
+
+    from dvfl.commands import teacher
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "dataset.json").write_text(json.dumps({
+        "fingerprint": "f" * 32, "dataset": "ucf101", "classes": [f"c{i}" for i in range(5)],
+        "params": {"frames": 32, "short_side": 128, "eval_clips": 1, "clips_per_video": 1}}))
+    p = argparse.ArgumentParser()
+    teacher.add_arguments(p)
+    cfg, info, _, out = teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t")]), p)
+    t = cfg.teacher.train
+    assert (t.model, t.embed_dim, t.depths) == ("videofocalnet_base", None, None)
+    assert (cfg.data.dataset, cfg.data.frames, cfg.data.short_side) == ("ucf101", 32, 128)
+    assert out == str(tmp_path / "t") and info["params"]["frames"] == 32
+
+
 def test_protocol_configs_give_every_split_its_own_files(tmp_path, monkeypatch):
     """hmdb51.yaml (splits 1-3) and ucf50.yaml (25 folds) pass the protocol's checks as shipped: every
     split gets its own clips, cache, teacher and output dir, validated with the user's paths present."""
@@ -99,3 +156,16 @@ def test_protocol_configs_give_every_split_its_own_files(tmp_path, monkeypatch):
     (tmp_path / "models" / "hmdb51_s3_videofocalnet_base").rmdir()
     with pytest.raises(ConfigError, match=r"split 3: teacher\.path path does not exist: .*hmdb51_s3_videofocalnet"):
         split_configs(CONFIGS / "hmdb51.yaml", root, [1, 2, 3])
+
+
+def test_protocol_refuses_a_run_without_a_teacher_before_any_work(tmp_path, monkeypatch, capsys):
+    # distill refused teacher.mode none; protocol took it and distilled online from a trained teacher
+    from dvfl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data_root").mkdir()
+    (tmp_path / "video-focalnet_base_k400.pth").write_bytes(b"")
+    code = main(["protocol", "--config", str(CONFIGS / "ucf50.yaml"), "--folds", "1",
+                 "--set", f"data.root={tmp_path / 'data_root'}", "--set", "teacher.mode=none"])
+    assert code == 2 and "teacher.mode is none" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

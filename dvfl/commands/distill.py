@@ -17,6 +17,7 @@ import sys
 import time
 
 from dvfl.cli import add_config_args, add_fresh, add_num_workers, config_from_args
+from dvfl.config import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,9 +40,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     cfg = config_from_args(a, {"output_dir": a.out, "teacher.path": a.teacher, "teacher.mode": a.teacher_mode,
                                "data.clips": a.clips, "data.unlabeled": a.unlabeled, "optim.epochs": a.epochs,
                                "scaling.num_workers": a.num_workers, "scaling.use_gpu": a.gpu})
-    if cfg.teacher.mode == "none":  # run_all would train a teacher and distil online from it anyway
-        print("config error: teacher.mode is none, but distill trains the students against a teacher "
-              "(cached or online); `none` is for Tune searches without KD", file=sys.stderr)
+    try:
+        cfg.require_teacher()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     from dvfl import pipeline, storage
     from dvfl.cli import announce_job_outputs

@@ -44,6 +44,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             raise ConfigError(f"{wrong} does not apply to {proto.description}: use {flag}")
         ids = P.parse_ids(getattr(a, flag.lstrip("-")) or "all", proto, flag)
         configs = P.split_configs(a.config, overrides, ids)
+        for cfg in configs:
+            cfg.require_teacher()
         out = P.results_dir(a.config, overrides, a.out)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

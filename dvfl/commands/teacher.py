@@ -44,6 +44,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    prepared = teacher_run_config(a, p)
+    if isinstance(prepared, int):
+        return prepared
+    cfg, info, test_cfg, out = prepared
+    from dvfl import pipeline, storage
+    from dvfl.runtime import ray_runtime
+
+    with ray_runtime(num_cpus=a.num_cpus):
+        if info is None:
+            info = pipeline.ensure_clips(cfg)
+        path, spec = pipeline.ensure_teacher(cfg, info)
+        storage.makedirs(out)
+        storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights
+        for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
+            storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
+        summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
+                   "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
+        if a.publish:
+            summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
+    """(run config, the clips' dataset.json or None when they are still to be made, the
+    --test-config run config or None, the output folder), or an exit code; no Ray yet."""
     if a.test_config and not a.publish:
         p.error("--test-config records an accuracy in a published folder: give --publish too")
     local_outputs(p, a, "publish")
@@ -59,8 +85,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                                "teacher.train.reinit_head": a.reinit_head or None,
                                "scaling.num_workers": a.num_workers, "scaling.use_gpu": a.gpu},
                            outputs=("teacher.path",))
-    if a.arch and a.embed_dim is None and not from_config:
-        cfg.teacher.train.embed_dim = None  # the named variant's own width
+    if not from_config:  # the named variant as it is (not the embedded default's small teacher)
+        cfg.teacher.train.embed_dim, cfg.teacher.train.depths = a.embed_dim, None
     out = cfg.teacher.path
     if not out:
         p.error("no output: set teacher.path in the config or give --out")
@@ -81,7 +107,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if not generate and not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run `dvfl ingest` first")
     from dvfl.data.shards import load_dataset_info
-    from dvfl.runtime import ray_runtime
 
     info = None if generate else load_dataset_info(cfg.clips_dir)
     if from_config and info is not None:
@@ -91,6 +116,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     elif info is not None:  # bare --clips: the clips describe themselves
+        cfg.data.dataset = info.get("dataset", cfg.data.dataset)  # not the embedded default's generator
         cfg.data.short_side = info["params"]["short_side"]
         cfg.data.frames = info["params"]["frames"]
         try:
@@ -101,17 +127,4 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if not getattr(a, "output_dir", None) and not any(str(o).startswith("output_dir") for o in a.overrides):
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
-    with ray_runtime(num_cpus=a.num_cpus):
-        if info is None:
-            info = pipeline.ensure_clips(cfg)
-        path, spec = pipeline.ensure_teacher(cfg, info)
-        storage.makedirs(out)
-        storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights
-        for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
-            storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
-        summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
-                   "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
-        if a.publish:
-            summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
-    print(json.dumps(summary))
-    return 0
+    return cfg, info, test_cfg, out
