@@ -460,6 +460,10 @@ class RunConfig:
                 why = storage.reachable(value) if storage.is_remote(value) or name not in outputs else None
                 if why:
                     fail(name, why)
+            if ("data.clips" in outputs and self.data.clips and self.data.dataset != "synthetic"
+                    and not self.data.root and not storage.exists(self.data.clips)):
+                fail("data.clips", f"path does not exist: {self.data.clips}, and there is no data.root to ingest "
+                     "it from")
             # outputs on object storage: the bucket must answer before any work starts
             for name, value in (("output_dir", self.output_dir), ("teacher.cache", self.teacher.cache)):
                 if value and storage.is_remote(value):

@@ -3,6 +3,7 @@ before work starts, and says what its dataset needs (no flips for SSv2, one path
 protocols). No Ray; paths that name the user's data are checked in a temporary tree."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,20 @@ def test_protocol_refuses_a_run_without_a_teacher_before_any_work(tmp_path, monk
                  "--set", f"data.root={tmp_path / 'data_root'}", "--set", "teacher.mode=none"])
     assert code == 2 and "teacher.mode is none" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_distill_ingests_missing_clips_from_data_root_and_refuses_them_without_one(tmp_path, capsys):
+    # configs/ucf101_base.yaml says distill.py ingests data.clips from data.root; it refused instead
+    from dvfl.cli import main
+
+    (tmp_path / "UCF101").mkdir()  # no split lists: the ingest's own error, after validation
+    clips = str(tmp_path / "data" / "ucf101_s1")
+    args = ["distill", "--config", str(CONFIGS / "ucf101_base.yaml"), "--set", f"data.clips={clips}",
+            "--set", "teacher.path=null", "--set", f"output_dir={tmp_path / 'run'}", "--num-cpus", "1"]
+    with pytest.raises(Exception) as failed:
+        main(args + ["--set", f"data.root={tmp_path / 'UCF101'}"])
+    assert "classInd.txt not found" in str(failed.value), failed.value  # the adapter read data.root
+    assert "config error" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--set", "data.root=null"])
+    assert re.search(r"data\.clips path does not exist: .*no data\.root to ingest it from", capsys.readouterr().err)

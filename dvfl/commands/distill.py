@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     cfg = config_from_args(a, {"output_dir": a.out, "teacher.path": a.teacher, "teacher.mode": a.teacher_mode,
                                "data.clips": a.clips, "data.unlabeled": a.unlabeled, "optim.epochs": a.epochs,
-                               "scaling.num_workers": a.num_workers, "scaling.use_gpu": a.gpu})
+                               "scaling.num_workers": a.num_workers, "scaling.use_gpu": a.gpu},
+                           outputs=("data.clips",))  # ingested there from data.root when it does not exist yet
     try:
         cfg.require_teacher()
     except ConfigError as exc:
