@@ -501,3 +501,33 @@ def test_resume_skips_finished_shards(syn_root, tmp_path, ray_local):
         ingest(manifest(syn_root), IngestConfig(out=out, **dict(cfg, videos_per_shard=3)), log=None)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["accounting_ok"] and summary["written_videos"] == 27
+
+
+def test_an_ingest_that_does_not_add_up_is_not_committed_and_leaves_no_temp_files(syn_root, tmp_path, ray_local,
+                                                                                  monkeypatch):
+    """dataset.json (the commit marker distill trusts) was written before the accounting check
+    that fails the ingest; temp files of tasks that died mid-write and were retried stayed."""
+    from dvfl import storage
+
+    out = str(tmp_path / "out")
+    cfg = IngestConfig(out=out, frames=8, clips_per_video=1, short_side=32, videos_per_shard=8)
+    read_json = storage.read_json
+
+    def gather(path):  # the driver reads every shard's sidecar once the tasks are done
+        meta = read_json(path)
+        if "/_meta/" in path:
+            # what a task that died mid-write leaves behind when Ray's retry succeeds
+            open(os.path.join(out, "shards", f".{meta['shard']}.parquet.dead.tmp"), "wb").write(b"PAR1partial")
+            if meta["shard"] == "test-00000" and bad:
+                meta["written_videos"] -= 1  # a shard that lost a video without a reject: a bug
+        return meta
+
+    monkeypatch.setattr(storage, "read_json", gather)
+    bad = True
+    with pytest.raises(RuntimeError, match=r"accounting mismatch: written 26 \+ rejected 0 != inputs 27"):
+        ingest(manifest(syn_root), cfg, log=None)
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+    bad = False
+    summary = ingest(manifest(syn_root), cfg, log=None)
+    assert summary["accounting_ok"] and os.path.exists(os.path.join(out, "dataset.json"))
+    assert not glob.glob(os.path.join(out, "shards", ".*.tmp"))

@@ -522,10 +522,13 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "clips_per_second": round(clips_this_run / run_secs, 2) if run_secs > 0 and clips_this_run else 0.0,
     }
     storage.write_json(storage.join(out, _s.SUMMARY_JSON), summary)
-    storage.write_json(storage.join(out, _s.DATASET_JSON), info)
-    if not ok:  # cannot happen unless there is a bug; never hide it
+    if not ok:  # cannot happen unless there is a bug; never hide it, and never commit such an ingest
         raise RuntimeError(f"accounting mismatch: written {written_videos} + rejected {len(rejects)} "
-                           f"!= inputs {manifest.num_inputs}")
+                           f"!= inputs {manifest.num_inputs}; {out} is left uncommitted (no {_s.DATASET_JSON})")
+    # temp files of tasks that died mid-write and were retried by Ray (the run still succeeded)
+    _s.remove_stale_tmp(shard_dir)
+    _s.remove_stale_tmp(meta_dir)
+    storage.write_json(storage.join(out, _s.DATASET_JSON), info)
     if log:
         log(format_summary(summary))
     return summary
