@@ -144,6 +144,8 @@ class TeacherLogitCache:
                 continue
             if rows != shard["clips"] * len(self.views):
                 short[name] = f"{rows} rows, expected {shard['clips']} clips x {len(self.views)} views"
+            elif not logits_of_shard(path, shard):
+                short[name] = "logits of other clips (the shard was re-ingested with another shard layout)"
         return absent, short
 
     def _missing_logits(self, dataset_info: dict, splits) -> list[str]:
@@ -155,7 +157,7 @@ class TeacherLogitCache:
             out.append(f"{len(absent)} logits file(s) missing from {storage.join(self.directory, LOGITS_DIR)}: "
                        + ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))
         if short:
-            out.append("logits file(s) with the wrong number of rows: " + ", ".join(short[:5])
+            out.append("logits file(s) that do not fit their clip shards: " + ", ".join(short[:5])
                        + (" ..." if len(short) > 5 else ""))
         return out
 
@@ -246,14 +248,14 @@ class ShardLogitWriter:
 
     def __call__(self, batch: dict) -> dict:
         stats = []
-        for src, dst in zip(batch["shard"], batch["out"]):
+        for src, dst, content in zip(batch["shard"], batch["out"], batch["content"]):
             try:
-                stats.append(json.dumps(self._process(src, dst)))
+                stats.append(json.dumps(self._process(src, dst, content or None)))
             except OSError as exc:  # a full disk: reported to the driver as such, not as a UDF crash
                 stats.append(json.dumps({"shard": storage.basename(src), "error": str(exc)}))
         return {"stats": np.array(stats, dtype=object)}
 
-    def _process(self, src: str, dst: str) -> dict:
+    def _process(self, src: str, dst: str, content: str | None = None) -> dict:
         columns = ["clip_id", "label", "split", "frames", "num_frames", "height", "width"]
         parts, correct, labelled = [], {}, {}
         for record_batch in parquet_file(src).iter_batches(batch_size=self.batch_size, columns=columns):
@@ -274,7 +276,8 @@ class ShardLogitWriter:
                     "logits": [row.tobytes() for row in stored],
                 }, schema=LOGIT_SCHEMA))
         table = pa.concat_tables(parts) if parts else LOGIT_SCHEMA.empty_table()
-        stats = {"shard": storage.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled}
+        stats = {"shard": storage.basename(src), "rows": table.num_rows, "correct": correct, "labelled": labelled,
+                 "content": content}
         if storage.is_remote(dst):  # each object once; the sidecar, last, marks the shard done
             atomic_write_table(dst, table, compression="zstd")
             storage.write_json(_sidecar(dst), stats)
@@ -286,6 +289,17 @@ class ShardLogitWriter:
 
 def _sidecar(dst: str) -> str:
     return storage.join(storage.dirname(dst), "_" + storage.basename(dst) + ".json")
+
+
+def logits_of_shard(logits_path: str, shard: dict) -> bool:
+    """Whether a logits file was made from this clip shard (its sidecar records the shard's
+    content digest; ingests before the digest have none and match by name and size only)."""
+    if "content" not in shard:
+        return True
+    try:
+        return storage.read_json(_sidecar(logits_path)).get("content") == shard["content"]
+    except FileNotFoundError:
+        return False
 
 
 def build_teacher_cache(
@@ -376,8 +390,16 @@ def build_teacher_cache(
     for p in storage.listdir(logits_dir, hidden=True):
         if storage.basename(p) not in current and not storage.basename(p).endswith(".tmp"):
             storage.remove(p)
-    # a shard is done when its logits and its sidecar are both there
+    # a shard is done when its logits and its sidecar are both there, made from the same clips
     have = {storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)}
+    shard_entry = {os.path.basename(e["file"]): e for e in dataset_info["shards"]}
+    for s in shards:
+        name, entry = storage.basename(s), shard_entry.get(storage.basename(s), {})
+        dst = storage.join(logits_dir, name)
+        if {name, storage.basename(_sidecar(dst))} <= have and not logits_of_shard(dst, entry):
+            for p in (dst, _sidecar(dst)):  # the file, then its sidecar (never a file without one)
+                storage.remove(p)
+            have -= {name, storage.basename(_sidecar(dst))}
     todo = [s for s in shards if not {storage.basename(s), storage.basename(_sidecar(s))} <= have]
     log(f"[cache] teacher {spec['name']} ({spec['weights_fingerprint']}), {len(shards)} clip shards, "
         f"{len(shards) - len(todo)} already cached, views {vspec['views']}, {dtype}")
@@ -386,7 +408,8 @@ def build_teacher_cache(
         cpus = ray.available_resources().get("CPU", 1)
         threads = max(1, int(os.cpu_count() or 1) // max(1, num_actors))
         state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
-        items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s))} for s in todo]
+        items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s)),
+                  "content": shard_entry.get(storage.basename(s), {}).get("content") or ""} for s in todo]
         with warnings.catch_warnings():
             # max_restarts has no named parameter in Ray 2.60, only the deprecated **ray_remote_args
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")

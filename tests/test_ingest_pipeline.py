@@ -531,3 +531,24 @@ def test_an_ingest_that_does_not_add_up_is_not_committed_and_leaves_no_temp_file
     summary = ingest(manifest(syn_root), cfg, log=None)
     assert summary["accounting_ok"] and os.path.exists(os.path.join(out, "dataset.json"))
     assert not glob.glob(os.path.join(out, "shards", ".*.tmp"))
+
+
+def test_another_shard_layout_keeps_the_fingerprint_and_changes_the_shards_content_digests(syn_root, tmp_path,
+                                                                                            ray_local):
+    # the digest is what a teacher cache matches a logits file on (tests/test_teacher_and_distill.py)
+    out = str(tmp_path / "out")
+    cfg = dict(frames=8, clips_per_video=1, short_side=32)
+    a = ingest(manifest(syn_root), IngestConfig(out=out, videos_per_shard=8, **cfg), log=None)
+    shards_a = {s["file"]: s for s in SH.load_dataset_info(out)["shards"]}
+    b = ingest(manifest(syn_root), IngestConfig(out=out, videos_per_shard=4, overwrite=True, **cfg), log=None)
+    shards_b = {s["file"]: s for s in SH.load_dataset_info(out)["shards"]}
+    assert a["fingerprint"] == b["fingerprint"]
+    both = sorted(set(shards_a) & set(shards_b))
+    assert "shards/train-00000.parquet" in both and "shards/train-00001.parquet" in both
+    first = shards_a["shards/train-00000.parquet"], shards_b["shards/train-00000.parquet"]
+    second = shards_a["shards/train-00001.parquet"], shards_b["shards/train-00001.parquet"]
+    assert first[0]["content"] != first[1]["content"] and second[0]["content"] != second[1]["content"]
+    c = ingest(manifest(syn_root), IngestConfig(out=str(tmp_path / "again"), videos_per_shard=4, **cfg), log=None)
+    assert c["fingerprint"] == b["fingerprint"]
+    assert {s["file"]: s["content"] for s in SH.load_dataset_info(str(tmp_path / "again"))["shards"]} == \
+        {f: s["content"] for f, s in shards_b.items()}  # the same inputs and layout: the same digests

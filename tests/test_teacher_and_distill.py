@@ -242,6 +242,34 @@ def test_a_finished_cache_that_no_longer_fits_its_shards_is_repaired_not_reused(
     assert any("reusing finished cache" in x for x in lines), lines
 
 
+def test_logits_of_a_shard_that_now_holds_other_clips_are_refused_and_rebuilt(prepared, tmp_path, ray_local):
+    """The same videos re-ingested with another shard layout keep the fingerprint and give shards of
+    the same names, some of the same sizes, holding other clips: such a shard's logits passed every
+    check and were reused; a training run then failed mid-epoch on clip ids the cache lacked.
+    Here one shard's content digest changes as such a re-ingest changes it (the ingest test
+    shows the digests follow the layout)."""
+    from dvfl import pipeline
+
+    cfg = prepared["cfg"]
+    clips, cache = tmp_path / "clips", tmp_path / "cache"
+    shutil.copytree(cfg.clips_dir, clips)
+    shutil.copytree(cfg.cache_dir, cache)
+    info = json.loads((clips / "dataset.json").read_text())
+    moved = next(e for e in info["shards"] if e["split"] == cfg.data.train_split)
+    moved["content"] = "0" * 16
+    (clips / "dataset.json").write_text(json.dumps(info))
+    name = os.path.basename(moved["file"])
+    with pytest.raises(CacheMismatchError, match=rf"{name} \(logits of other clips"):
+        TeacherLogitCache(cache).check(info, crop_size=cfg.crop_size)
+    lines = []
+    cfg_copy = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, clips=str(clips)),
+                                   teacher=dataclasses.replace(cfg.teacher, cache=str(cache)))
+    pipeline.ensure_cache(cfg_copy, prepared["teacher"], log=lines.append)
+    built = [x for x in lines if re.search(r"\[cache\] \d+/\d+ shards", x)]
+    assert len(built) == 1 and name in built[0], lines  # that shard alone, made again
+    TeacherLogitCache(cache).check(info, crop_size=cfg.crop_size)
+
+
 def test_a_cache_writer_without_a_gpu_from_ray_stays_on_the_cpu(prepared, ray_local, monkeypatch):
     """use_gpu false on a GPU node: the actor (num_gpus=0) still sees the node's GPUs, and the
     writer used to load the teacher onto cuda:0 anyway, uncounted by Ray."""

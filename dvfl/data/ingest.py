@@ -316,6 +316,14 @@ class _ShardPlan:
     video_ids: List[str]
 
 
+def _shard_content(plan: _ShardPlan, meta: dict) -> str:
+    """Which videos a shard holds, in order: the same fingerprint under another shard layout
+    gives shards of the same names and sizes holding other clips (a teacher cache matches on it)."""
+    rejected = {r.get("video_id") for r in meta["rejects"]}
+    written = [v for v in plan.video_ids if v not in rejected]
+    return hashlib.sha256("\n".join(written).encode()).hexdigest()[:16]
+
+
 def _plan_shards(entries: List[VideoEntry], videos_per_shard: int, seed: int = 0) -> List[_ShardPlan]:
     by_split: Dict[str, List[VideoEntry]] = {}
     for e in entries:
@@ -506,7 +514,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         "inputs": manifest.num_inputs, "written_videos": written_videos, "rejects": len(rejects),
         "rejects_by_reason": by_reason, "excluded_by_protocol": manifest.excluded,
         "shards": [{"file": f"{_s.SHARD_DIR}/{m['shard']}.parquet", "split": m["split"], "clips": m["clips"],
-                    "videos": m["written_videos"], "bytes": m["bytes"]} for m in metas],
+                    "videos": m["written_videos"], "bytes": m["bytes"], "content": _shard_content(p, m)}
+                   for p, m in zip(plans, metas)],
         "frames_shape": "(num_frames, height, width, 3) uint8, per row",
     }
     ok = written_videos + len(rejects) == manifest.num_inputs
