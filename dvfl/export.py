@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -148,13 +149,22 @@ def export_program(model, out: str | os.PathLike, inputs: list[torch.Tensor], to
 
 
 # ----------------------------------------------------------------------------- model folder
+def _crop_pct(crop: int, short_side: int) -> float:
+    """crop / short side as timm reads it back (resize to floor(crop / crop_pct)): rounded, or
+    by float division alone, 224/300 came back as 299."""
+    pct = crop / short_side
+    while math.floor(crop / pct) < short_side:
+        pct = math.nextafter(pct, 0)
+    return pct
+
+
 def timm_config(spec: dict) -> dict:
     """timm's hub ``config.json``: architecture, constructor arguments, label names."""
     kw = dict(spec["kwargs"])
     size = kw.get("img_size", 224)
     short_side = (spec.get("inputs") or {}).get("short_side")
     # how training and evaluation fed it: short side resized (PIL bilinear), then a centred crop
-    view = {"crop_pct": round(size / short_side, 6), "interpolation": "bilinear", "crop_mode": "center"} \
+    view = {"crop_pct": _crop_pct(size, short_side), "interpolation": "bilinear", "crop_mode": "center"} \
         if short_side else {}
     return {"architecture": spec["name"], "num_classes": kw["num_classes"], "model_args": kw,
             "pretrained_cfg": {"input_size": [3, size, size], "num_frames": kw.get("num_frames", 8),

@@ -57,7 +57,8 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
         classes = classes or info["classes"]
         p = info["params"]
         inputs = inputs or {"frames": p["frames"], "short_side": p["short_side"],
-                            "crop_size": spec["kwargs"].get("img_size", p["short_side"]), "eval_clips": p["eval_clips"]}
+                            "crop_size": spec["kwargs"].get("img_size", p["short_side"]), "eval_clips": p["eval_clips"],
+                            "min_frames": p.get("min_frames") or p["frames"]}
     if classes is None or inputs is None:
         raise ValueError("the model directory records no class names / input sizes (model.json 'classes', "
                          "'inputs'): pass --clips, the ingest output it was trained on")
@@ -77,6 +78,9 @@ class Predictor:
     timeout: float = DEFAULT_TIMEOUT
     # the stored evaluation grid: evaluation of N clips uses the first N of its clips (dvfl.train.evaluate)
     eval_clips: int = 1
+    # fewer decodable frames are refused (too_short), as ingest refused them for training and
+    # evaluation; a 1-frame upload repeated T times is no video the model was scored on
+    min_frames: int | None = None  # None: frames
     device: str = "cpu"
     proc: DecodeProcess = field(default_factory=DecodeProcess)
 
@@ -89,21 +93,22 @@ class Predictor:
         # a GPU when this process has one (a Serve replica gets one only with num_gpus in its options)
         kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.eval().to(kw["device"]), classes, int(inputs["frames"]), int(inputs["short_side"]),
-                   int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)), **kw)
+                   int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)),
+                   min_frames=int(inputs.get("min_frames") or inputs["frames"]), **kw)
 
     def close(self) -> None:
         self.proc.close()
 
     # -- decoding ------------------------------------------------------------------------
-    def decode(self, path: str, num_clips: int = 1, min_frames: int = 1) -> dict:
+    def decode(self, path: str, num_clips: int = 1) -> dict:
         """The video's ``num_clips`` uniform clips (uint8 ``(T, H, W, 3)`` each) through the
         killable decode child, the clips evaluation scores: the first ``num_clips`` of the grid the
         model's clips were stored with (a grid of ``num_clips`` when it asks for more); raises
         :class:`PredictError` for a bad file."""
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
                "frames": self.frames, "clips_per_video": 1, "eval_clips": max(num_clips, self.eval_clips),
-               "first_views": num_clips, "seed": 0, "short_side": self.short_side, "min_frames": min_frames,
-               "whole_file": True}  # a cut upload is refused, not recognised from its first part
+               "first_views": num_clips, "seed": 0, "short_side": self.short_side,
+               "min_frames": self.min_frames or self.frames, "whole_file": True}  # a cut upload is refused, not recognised from its first part
         res = self.proc.run(job, self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))

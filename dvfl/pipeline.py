@@ -84,6 +84,7 @@ def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
     """What a saved model needs to see a video as evaluation does (pipelines/predict.py reads it)."""
     return {"frames": cfg.data.frames, "short_side": dataset_info["params"]["short_side"],
             "crop_size": cfg.crop_size, "eval_clips": dataset_info["params"]["eval_clips"],
+            "min_frames": dataset_info["params"].get("min_frames") or cfg.data.frames,
             "normalize": "imagenet", "layout": "B,T,C,H,W float32"}
 
 

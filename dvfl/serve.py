@@ -12,6 +12,7 @@ keeps serving. Replicas or autoscaling come from the config (``num_replicas`` / 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -85,6 +86,11 @@ class ServeSettings:
             if not ok:
                 raise ValueError(f"serve args: {msg}")
         parse_views(self.views)
+        with open(os.path.join(self.model, "model.json")) as f:
+            spec = json.load(f)
+        if not spec.get("classes") or not spec.get("inputs"):  # else every replica fails to start, over and over
+            raise ValueError(f"serve args: model: {self.model} records no class names or input sizes (model.json "
+                             "'classes' and 'inputs', written by `dvfl distill` and `dvfl teacher`)")
 
 
 async def run_exclusive(lock: asyncio.Lock, fn, timeout: float):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -362,6 +363,20 @@ def test_serve_settings_from_command_line_strings(prepared):
         ServeSettings.from_args({"model": prepared["teacher"], "gpus_per_replica": "-1"})
 
 
+def test_serve_refuses_a_model_folder_without_classes_or_input_sizes_before_any_replica(tmp_path):
+    # it passed (model.json exists), then every replica failed at start, telling to "pass --clips"
+    from dvfl.serve import ServeSettings
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "embedded_teacher", model)
+    ServeSettings.from_args({"model": str(model)})
+    spec = json.loads((model / "model.json").read_text())
+    del spec["inputs"]
+    (model / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"serve args: model: .* records no class names or input sizes"):
+        ServeSettings.from_args({"model": str(model)})
+
+
 def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
     """The 408 comes at the time limit, but the next request waits for the timed-out one's thread
     (a thread cannot be cancelled): two requests never drive one decode child at the same time."""
@@ -537,3 +552,34 @@ def test_predict_takes_the_clips_evaluation_takes_from_a_larger_stored_grid(vide
                     np.testing.assert_array_equal(clip0, clip1)
     finally:
         pred.close()
+
+
+def test_a_video_shorter_than_a_clip_is_refused_as_ingest_refuses_it(video_factory, tmp_path):
+    """predict and serve decoded with min_frames 1: a 5-frame upload became a clip of repeated
+    frames and got a confident answer; ingest rejects it (too_short), so evaluation never saw one."""
+    from dvfl.data import decode as D
+    from dvfl.inference import PredictError, Predictor
+    from dvfl.serve import STATUS
+
+    short = video_factory(str(tmp_path / "short.mp4"), n=5, h=32, w=32)
+    pred = Predictor(model=None, classes=["a"], frames=8, short_side=32, crop_size=32)
+    try:
+        with pytest.raises(PredictError) as err:
+            pred.decode(short)
+        assert err.value.reason == D.TOO_SHORT and STATUS[D.TOO_SHORT] == 422, err.value
+        assert len(pred.decode(video_factory(str(tmp_path / "ok.mp4"), n=8, h=32, w=32))["views"]) == 1
+    finally:
+        pred.close()
+
+
+@pytest.mark.parametrize("crop, short_side", [(224, 300), (224, 256), (32, 36), (112, 128), (32, 32)])
+def test_timms_transform_from_the_exported_config_resizes_to_the_stored_short_side(crop, short_side):
+    # crop_pct rounded to 6 digits made timm resize 300 -> 299 and 36 -> 35 before its centre crop
+    import timm.data
+
+    from dvfl.export import timm_config
+
+    cfg = timm_config({"name": "videofocalnet_nano", "kwargs": {"img_size": crop, "num_classes": 2},
+                       "inputs": {"short_side": short_side}, "classes": ["a", "b"]})["pretrained_cfg"]
+    resize, center_crop = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg)).transforms[:2]
+    assert (resize.size, list(center_crop.size)) == (short_side, [crop, crop])
