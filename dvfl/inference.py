@@ -81,6 +81,7 @@ class Predictor:
     # fewer decodable frames are refused (too_short), as ingest refused them for training and
     # evaluation; a 1-frame upload repeated T times is no video the model was scored on
     min_frames: int | None = None  # None: frames
+    video_seconds: float | None = None  # median length of the training videos (a stream's default window)
     device: str = "cpu"
     proc: DecodeProcess = field(default_factory=DecodeProcess)
 
@@ -94,7 +95,8 @@ class Predictor:
         kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.eval().to(kw["device"]), classes, int(inputs["frames"]), int(inputs["short_side"]),
                    int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)),
-                   min_frames=int(inputs.get("min_frames") or inputs["frames"]), **kw)
+                   min_frames=int(inputs.get("min_frames") or inputs["frames"]),
+                   video_seconds=inputs.get("video_seconds"), **kw)
 
     def close(self) -> None:
         self.proc.close()
@@ -178,14 +180,25 @@ def stream_windows(num_frames: int, window: int, stride: int) -> list[int]:
     return list(range(window, num_frames + 1, stride))
 
 
-def stream_file(pred: Predictor, path: str, window: int, stride: int, *, realtime: bool = True,
+def default_window(pred: Predictor, fps: float) -> int:
+    """Frames per window: as long as the median training video (the span a training clip's T
+    frames were spread over), at the stream's rate; the model's T where that is unknown."""
+    if not pred.video_seconds:
+        return pred.frames
+    return max(pred.frames, int(round(pred.video_seconds * fps)))
+
+
+def stream_file(pred: Predictor, path: str, window: int | None, stride: int, *, realtime: bool = True,
                 k: int = 1, log=print) -> dict:
     """Play ``path`` as a live stream at its own frame rate; every ``stride`` frames recognise the
-    last ``window`` frames (the model's T frames sampled uniformly from them). Each window's
-    latency (from its last frame's arrival to its result) is logged; with ``realtime`` the
-    frames arrive on the file's clock, so a slow model falls behind, as it would on a camera."""
+    last ``window`` frames (None: :func:`default_window`; the model's T frames sampled uniformly
+    from them). Each window's latency (from its last frame's arrival to its result) is logged;
+    with ``realtime`` the frames arrive on the file's clock, so a slow model falls behind, as it
+    would on a camera."""
     res = pred.decode_all(path)
     frames, fps = res["frames"], res["fps"] or 25.0
+    # a file shorter than the default window is one window, the whole file (as evaluation sees a video)
+    window = window or max(pred.frames, min(default_window(pred, fps), len(frames)))
     ends = stream_windows(len(frames), window, stride)
     if not ends:  # nothing would be recognised: not a success with a NaN real-time factor
         raise PredictError("too_short", f"{len(frames)} frames, fewer than one --window of {window}")

@@ -17,7 +17,7 @@ import time
 from dvfl import storage
 from dvfl.artifacts import SPEC, load_model, load_model_for, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, RunConfig
-from dvfl.data.shards import load_dataset_info
+from dvfl.data.shards import load_dataset_info, median_video_seconds
 from dvfl.models import build_model
 
 TEACHER_DIR = "teacher"
@@ -85,6 +85,8 @@ def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
     return {"frames": cfg.data.frames, "short_side": dataset_info["params"]["short_side"],
             "crop_size": cfg.crop_size, "eval_clips": dataset_info["params"]["eval_clips"],
             "min_frames": dataset_info["params"].get("min_frames") or cfg.data.frames,
+            # a clip's T frames spread over a whole video: a stream's window should span as long
+            "video_seconds": median_video_seconds(cfg.clips_dir, [cfg.data.train_split]),
             "normalize": "imagenet", "layout": "B,T,C,H,W float32"}
 
 

@@ -68,6 +68,9 @@ def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path
     each printed with its latency; frames arrive at the file's 40 fps (about 1 s of stream)."""
     video = video_factory(str(tmp_path / "stream.mp4"), n=40, h=32, w=32, fps=40)
     out = tmp_path / "stream.json"
+    # the trained model records its training videos' median length: the generated ones, 16 frames at 8 fps
+    spec = json.loads((Path(prepared["teacher"]) / "model.json").read_text())
+    assert spec["inputs"]["video_seconds"] == pytest.approx(16 / 8)
     r = run_cli("predict.py", "--model", prepared["teacher"], video, "--stream", "--window", 8, "--stride", 4,
                 "--json", out)
     assert r.returncode == 0, r.stderr
@@ -583,3 +586,30 @@ def test_timms_transform_from_the_exported_config_resizes_to_the_stored_short_si
                        "inputs": {"short_side": short_side}, "classes": ["a", "b"]})["pretrained_cfg"]
     resize, center_crop = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg)).transforms[:2]
     assert (resize.size, list(center_crop.size)) == (short_side, [crop, crop])
+
+
+def test_a_streams_default_window_spans_a_training_video(video_factory, tmp_path):
+    """A training clip's T frames are spread over a whole video; the stream's default window was T
+    consecutive frames (0.27 s at 30 fps), a time scale the model never saw. Now it spans the
+    median training video (model.json inputs.video_seconds) at the stream's rate."""
+    import torch
+
+    from dvfl.inference import Predictor, stream_file
+
+    class Uniform(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 2)
+
+    video = video_factory(str(tmp_path / "s.mp4"), n=40, h=32, w=32, fps=40)
+
+    def windows(**kw):
+        pred = Predictor(model=Uniform(), classes=["a", "b"], frames=8, short_side=32, crop_size=32, **kw)
+        try:
+            out = stream_file(pred, video, None, 4, realtime=False, log=lambda *_: None)
+        finally:
+            pred.close()
+        return out["window"], [w["end_frame"] for w in out["windows"]]
+
+    assert windows(video_seconds=0.5) == (20, list(range(20, 41, 4)))  # 0.5 s at 40 fps
+    assert windows(video_seconds=5.0) == (40, [40])  # longer than the file: the whole file, once
+    assert windows() == (8, list(range(8, 41, 4)))  # a model that does not record it: T

@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-per-file", type=float, default=60.0, help="decode time limit per file (s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--stream", action="store_true", help="play the file as a live stream (sliding window)")
-    p.add_argument("--window", type=int, help="frames per recognised window (default: the model's T)")
+    p.add_argument("--window", type=int, help="frames per recognised window (default: as long as the median "
+                                               "training video at the stream's frame rate, the span a training "
+                                               "clip's T frames covered; T for models that do not record it)")
     p.add_argument("--stride", type=int, default=4, help="recognise a window every S new frames")
     p.add_argument("--no-realtime", action="store_true", help="--stream without waiting for the frames' clock")
 
@@ -62,15 +64,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if a.stream:
             if len(a.inputs) != 1 or os.path.isdir(a.inputs[0]):
                 p.error("--stream takes one video file")
-            window = a.window or pred.frames
-            if window < pred.frames or a.stride < 1:
+            if (a.window is not None and a.window < pred.frames) or a.stride < 1:
                 p.error(f"--window must be >= the model's {pred.frames} frames and --stride >= 1")
             try:
-                out = stream_file(pred, a.inputs[0], window, a.stride, realtime=not a.no_realtime, k=a.topk)
+                out = stream_file(pred, a.inputs[0], a.window, a.stride, realtime=not a.no_realtime, k=a.topk)
             except PredictError as exc:
                 print(f"error: {a.inputs[0]}: {exc}", file=sys.stderr)
                 return 1
-            print(f"[stream] {len(out['windows'])} windows of {window} frames every {a.stride} frames at "
+            print(f"[stream] {len(out['windows'])} windows of {out['window']} frames every {a.stride} frames at "
                   f"{out['fps']:g} fps; real-time factor {out['real_time_factor']:.2f} (>= 1: keeps up)")
             if a.json:
                 write_json(a.json, out)

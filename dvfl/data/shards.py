@@ -297,6 +297,17 @@ def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
     return pa.concat_tables([read_table(p, columns=columns, schema=CLIP_SCHEMA) for p in paths])
 
 
+def median_video_seconds(out_dir: str, splits: Iterable[str]) -> Optional[float]:
+    """The median length in seconds of the source videos of ``splits`` (None if no video has a
+    known frame rate): the span a clip's T frames were spread over in training."""
+    t = read_clips_table(out_dir, splits, columns=["video_id", "src_fps", "src_num_frames"])
+    seconds = {}
+    for vid, fps, n in zip(*(t.column(c).to_pylist() for c in ("video_id", "src_fps", "src_num_frames"))):
+        if fps and fps > 0:
+            seconds[vid] = n / fps
+    return round(float(np.median(list(seconds.values()))), 3) if seconds else None
+
+
 class CorruptShardError(OSError):
     """A clip shard that cannot be read back (damaged on disk or in transfer)."""
 
