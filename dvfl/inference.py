@@ -102,7 +102,7 @@ class Predictor:
         self.proc.close()
 
     # -- decoding ------------------------------------------------------------------------
-    def decode(self, path: str, num_clips: int = 1) -> dict:
+    def decode(self, path: str, num_clips: int = 1, timeout: float | None = None) -> dict:
         """The video's ``num_clips`` uniform clips (uint8 ``(T, H, W, 3)`` each) through the
         killable decode child, the clips evaluation scores: the first ``num_clips`` of the grid the
         model's clips were stored with (a grid of ``num_clips`` when it asks for more); raises
@@ -111,7 +111,7 @@ class Predictor:
                "frames": self.frames, "clips_per_video": 1, "eval_clips": max(num_clips, self.eval_clips),
                "first_views": num_clips, "seed": 0, "short_side": self.short_side,
                "min_frames": self.min_frames or self.frames, "whole_file": True}  # a cut upload is refused, not recognised from its first part
-        res = self.proc.run(job, self.timeout)
+        res = self.proc.run(job, timeout or self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))
         return res

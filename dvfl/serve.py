@@ -94,18 +94,27 @@ class ServeSettings:
 
 
 async def run_exclusive(lock: asyncio.Lock, fn, timeout: float):
-    """``fn()`` in a thread, one at a time under ``lock``; raises ``asyncio.TimeoutError`` when
-    the lock is not free within ``timeout`` s (the request waited behind others) or ``fn`` takes
-    longer, but the lock is held until ``fn`` has really finished: a thread cannot be cancelled,
-    and the next request must not drive the same decode child alongside it."""
+    """``fn(seconds_left)`` in a thread, one at a time under ``lock``; raises
+    ``asyncio.TimeoutError`` at ``timeout`` s after the call, waiting for the lock included (a
+    request that waited behind others has only what is left), but the lock is held until ``fn``
+    has really finished: a thread cannot be cancelled, and the next request must not drive the
+    same decode child alongside it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     await asyncio.wait_for(lock.acquire(), timeout)
+    left = deadline - loop.time()
     try:
-        task = asyncio.ensure_future(asyncio.to_thread(fn))
+        if left <= 0:
+            raise asyncio.TimeoutError
+        task = asyncio.ensure_future(asyncio.to_thread(fn, left))
     except BaseException:
         lock.release()
         raise
     task.add_done_callback(lambda _: lock.release())
-    return await asyncio.wait_for(asyncio.shield(task), timeout)
+    return await asyncio.wait_for(asyncio.shield(task), left)
+
+
+INFERENCE_SLACK_S = 5.0  # a request's limit: request_timeout_s for the decode, this for the model
 
 
 def _error(status: int, reason: str, detail: str) -> JSONResponse:
@@ -154,12 +163,12 @@ class Recognizer:
                 f.write(chunk)
         return size
 
-    def _predict(self, path: str) -> dict:
+    def _predict(self, path: str, decode_timeout: float | None = None) -> dict:
         from dvfl.inference import PredictError
 
         try:
             try:
-                res = self.pred.decode(path, self.views[0])
+                res = self.pred.decode(path, self.views[0], timeout=decode_timeout)
             except PredictError as exc:
                 return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
             # an unknown rate (0: decode reports NaN/inf/0 as 0) is judged at 30 fps, not let through
@@ -184,9 +193,10 @@ class Recognizer:
         os.close(fd)
         started = []  # once the work has begun, the work removes the file (it may outlive a time-out)
 
-        def work() -> dict:
+        def work(seconds_left: float) -> dict:
             started.append(True)
-            return self._predict(path)
+            # the decode gets what is left of the request's time, less the slack kept for inference
+            return self._predict(path, max(0.5, min(self.s.request_timeout_s, seconds_left - INFERENCE_SLACK_S)))
 
         try:
             size = await self._read_body(request, int(self.s.max_upload_mb * 2 ** 20), path)
@@ -194,7 +204,7 @@ class Recognizer:
                 return size
             if not size:
                 return _error(400, D.EMPTY, "empty request body: POST the video file")
-            out = await run_exclusive(self.lock, work, self.s.request_timeout_s + 5)
+            out = await run_exclusive(self.lock, work, self.s.request_timeout_s + INFERENCE_SLACK_S)
         except asyncio.TimeoutError:
             return _error(408, "timeout", f"no result within {self.s.request_timeout_s:g} s")
         finally:

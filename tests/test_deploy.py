@@ -389,8 +389,11 @@ def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
 
     spans = []
 
+    lefts = {}
+
     def work(name, seconds):
-        def fn():
+        def fn(seconds_left):
+            lefts[name] = seconds_left
             t0 = time.perf_counter()
             time.sleep(seconds)
             spans.append((name, t0, time.perf_counter()))
@@ -409,9 +412,19 @@ def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
             await run_exclusive(lock, work("never", 0.0), 0.1)
         assert time.perf_counter() - t1 < 0.4
         assert await run_exclusive(lock, work("next", 0.0), 5) == "next"
+        assert 4 < lefts["next"] <= 5  # it waited a little for the slow one's thread
+        # one limit for the wait and the work: 0.3 s behind another, then 0.3 s of work, is past 0.5 s
+        # (each stage had its own limit: answered after 0.6 s as a success)
+        asyncio.ensure_future(run_exclusive(lock, work("ahead", 0.3), 5))
+        await asyncio.sleep(0.01)
+        t2 = time.perf_counter()
+        with pytest.raises(asyncio.TimeoutError):
+            await run_exclusive(lock, work("late", 0.3), 0.5)
+        assert time.perf_counter() - t2 < 0.55 and lefts["late"] < 0.25
+        await run_exclusive(lock, work("last", 0.0), 5)
 
     asyncio.run(two_requests())
-    (first, _, slow_end), (second, next_start, _) = spans
+    (first, _, slow_end), (second, next_start, _) = spans[:2]
     assert (first, second) == ("slow", "next") and next_start >= slow_end, spans
 
 

@@ -100,9 +100,10 @@ class DecodeProcess:
     # -- one job -------------------------------------------------------------------------
     def run(self, job: Dict, timeout: float) -> Dict:
         """Decode one video in the child; never raises for a bad file."""
+        deadline = time.monotonic() + timeout
         res = self._run_once(job, timeout)
-        if res.get("reason") == decode.DECODER_KILLED:  # once more in a fresh child
-            again = self._run_once(job, timeout)
+        if res.get("reason") == decode.DECODER_KILLED:  # once more in a fresh child, in the time left
+            again = self._run_once(job, max(1.0, deadline - time.monotonic()))
             if again.get("reason") == decode.DECODER_KILLED:
                 again["detail"] += " (twice: the OOM killer, or an operator)"
             return again
