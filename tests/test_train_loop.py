@@ -145,3 +145,15 @@ def test_training_metrics_are_over_every_rank_not_rank_0s(tmp_path):
         m = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert m["labelled_clips"] == 20 and m["ce_clips"] == 20
         assert m["train_top1"] == pytest.approx(0.5) and m["train_loss"] == pytest.approx(1.05)
+
+
+@pytest.mark.parametrize("rows, world, batch, accum, steps", [
+    (101, 2, 2, 1, 25),  # each rank gets 50 rows (an equal split drops one): 25 batches, not 26
+    (101, 1, 2, 1, 51),
+    (8, 1, 2, 3, 2),  # 4 batches, a step every 3: the partial last one is a step too
+    (3, 4, 8, 1, 1),
+])
+def test_the_schedule_plans_the_optimizer_steps_the_ranks_take(rows, world, batch, accum, steps):
+    from dvfl.train.loop import steps_per_epoch
+
+    assert steps_per_epoch(rows, world, batch, accum) == steps

@@ -383,6 +383,13 @@ class _FirstFetchedAhead:
         return first
 
 
+def steps_per_epoch(train_rows: int, world: int, batch_size: int, accum_steps: int) -> int:
+    """Optimizer steps per epoch (the schedule counts optimizer steps: one per ``accum_steps``
+    batches, the last partial one included); each rank gets ``train_rows // world`` rows (an
+    equal split drops the remainder), so a remainder plans no step the ranks never take."""
+    return max(1, math.ceil((train_rows // world) / batch_size / accum_steps))
+
+
 def set_up(cfg: LoopConfig, session) -> _Run:
     """Threads, precision, seeds, the model (DDP-wrapped by the session), teacher, optimizer, schedule."""
     rank, world, device = session.rank, session.world, session.device
@@ -401,9 +408,7 @@ def set_up(cfg: LoopConfig, session) -> _Run:
     raw_model = model.module if hasattr(model, "module") else model
     teacher = (TeacherSignal(cfg.teacher, device, session.fetch, optim.temporal_impl)
                if cfg.teacher.mode != "none" else None)
-    # one optimizer step per `accum_steps` batches (the schedule counts optimizer steps)
-    steps_per_epoch = max(1, math.ceil(cfg.train_rows / world / optim.batch_size / optim.accum_steps))
-    total_steps = optim.epochs * steps_per_epoch
+    total_steps = optim.epochs * steps_per_epoch(cfg.train_rows, world, optim.batch_size, optim.accum_steps)
     return _Run(rank=rank, world=world, device=device, model=model, raw_model=raw_model,
                 optimizer=make_optimizer(raw_model, optim),
                 # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
