@@ -87,6 +87,7 @@ def test_a_wrong_list_item_is_refused_naming_it(override, message):
     ("data.synthetic.speed=[a,b]", r"data\.synthetic\.speed\[0\] must be float, got 'a'"),
     ("output_dir={split}/run", r"override 'output_dir=\{split\}/run': the value is not valid YAML .*quote it"),
     ("teacher.path=@x", r"not valid YAML"),
+    ("seeds=[0, -2]", r"seeds must be >= 0, got \[0, -2\]"),  # numpy refuses it, in the middle of the run
 ])
 def test_a_bad_override_is_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

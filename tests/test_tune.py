@@ -397,6 +397,8 @@ def test_best_config_runs_with_distill(search, ray_local):
     (("kd.temperature", -1), r"kd\.temperature must be > 0"),
     (("tune.front_seeds", [0, 1]), r"tune\.front_seeds: 0 is the seed the search's own trials ran with"),
     (("tune.front_seeds", [1, 1]), r"tune\.front_seeds must be a list of distinct integer student seeds"),
+    # numpy refuses a negative seed: every re-run failed, after the whole search
+    (("tune.front_seeds", [-1, 2]), r"tune\.front_seeds must be seeds >= 0, got \[-1, 2\]"),
     # Tune would draw 7.3 for a width and every trial would fail after the clips, teacher and cache
     (("tune.space.student.embed_dim", {"uniform": [4, 16]}),
      r"tune\.space\.student\.embed_dim: uniform draws fractional values and student\.embed_dim takes whole numbers"),
@@ -407,6 +409,47 @@ def test_bad_search_configs_are_rejected_naming_the_field(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_tune_config(None, [override])
+
+
+def test_an_interrupted_search_chooses_nothing_and_says_how_to_resume():
+    """Ctrl+C (or a job's stop signal) makes Tune's fit() return the grid as it stands; its cut-off
+    trials looked stopped early, and the search wrote a best config and exited 0."""
+    from dvfl.tune.report import SearchFailed, require_finished
+
+    class Grid:  # what the check reads of Tune's ResultGrid
+        def __init__(self, trials, terminated, errors):
+            self.trials, self.num_terminated, self.num_errors = trials, terminated, errors
+
+        def __len__(self):
+            return self.trials
+
+    require_finished(Grid(6, 5, 1), "search")  # every trial ended: finished or errored
+    with pytest.raises(SearchFailed, match=r"search was interrupted with 2 of 6 trial\(s\) unfinished.*same command"):
+        require_finished(Grid(6, 3, 1), "search")
+
+
+def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():
+    from dvfl.tune import load_tune_config
+    from dvfl.tune.search_config import asha_words
+
+    t, cfg = load_tune_config(None, ["optim.epochs=12"])  # the shipped grace period is 12
+    assert asha_words(t, cfg) == "on val_top1 (grace period 12 = every epoch: it stops no trial)"
+    assert asha_words(*load_tune_config(None)) == "on val_top1"
+
+
+def test_a_relative_run_config_is_found_where_the_user_is(tmp_path, monkeypatch):
+    # `--set tune.run_config=configs/embedded.yaml` from the repository root looked for configs/configs/...
+    from dvfl.tune import load_tune_config
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "run.yaml").write_text((REPO / "configs" / "embedded.yaml").read_text()
+                                                .replace("name: embedded", "name: mine"))
+    monkeypatch.chdir(tmp_path)
+    t, cfg = load_tune_config(None, ["tune.run_config=mine/run.yaml"], check_paths=False)
+    assert t.run_config == str(tmp_path / "mine" / "run.yaml") and cfg.name == "mine"
+    monkeypatch.chdir(REPO)
+    t, _ = load_tune_config(None, ["tune.run_config=configs/embedded.yaml"], check_paths=False)
+    assert t.run_config == str(REPO / "configs" / "embedded.yaml")
 
 
 def test_shipped_search_configs_are_valid():

@@ -104,6 +104,15 @@ class SearchFailed(RuntimeError):
     """Every trial of a search errored: nothing was found, and the command must not say otherwise."""
 
 
+def require_finished(grid, what: str) -> None:
+    """Tune returns the grid of an interrupted search (Ctrl+C, a job's stop signal) as if it had
+    ended: its cut-off trials look stopped early. Nothing is chosen from such a grid."""
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:
+        raise SearchFailed(f"the {what} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished: nothing "
+                           "is chosen from it; run the same command again to resume it")
+
+
 def report_errors(rows: list[dict], log=print) -> None:
     """Say how many trials errored and show the first one's traceback; raise if none is usable
     (every trial errored or diverged: nothing was found)."""

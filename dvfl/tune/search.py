@@ -10,9 +10,9 @@ from pathlib import Path
 
 from dvfl.config import ConfigError, RunConfig
 from dvfl import storage
-from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, write_results
+from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, require_finished, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
-from dvfl.tune.search_config import TuneConfig, experiment_dir, param_space
+from dvfl.tune.search_config import TuneConfig, asha_words, experiment_dir, param_space
 from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_driver, trial_resources,
                               trials_in_process)
 
@@ -188,11 +188,12 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                                         reuse_actors=trials_in_process(t, cfg), search_alg=variant_generator()),
             run_config=run_config(t.experiment, [results] if results else ()))
         log(f"[tune] {t.experiment}: {t.num_samples} sample(s) of {sorted(t.space)}, "
-            f"ASHA {'on ' + t.metric if t.asha.enabled else 'off'}, up to {cfg.optim.epochs} epochs per trial, "
+            f"ASHA {asha_words(t, cfg)}, up to {cfg.optim.epochs} epochs per trial, "
             f"teacher signal: {teacher['mode']}; results in {exp}")
     started = time.time()
     with tune_output(verbose):
         grid = tuner.fit()
+    require_finished(grid, "search")
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
     levels = cost_level_bests(rows)
@@ -226,6 +227,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                 run_config=run_config(t.experiment + FRONT_SUFFIX))
         with tune_output(verbose):
             front_grid = front_tuner.fit()
+        require_finished(front_grid, "front's re-runs")
         front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
     summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
     report_errors(rows, log)

@@ -34,7 +34,8 @@ class AshaSection:
 
 @dataclass
 class TuneConfig:
-    run_config: str | None = None  # the run config every trial starts from (relative to configs/); None: embedded
+    run_config: str | None = None  # the run config every trial starts from (relative: to the current
+    # directory, the search file's, then configs/); None: embedded
     set: dict = field(default_factory=dict)  # overrides of run_config, {"optim.epochs": 3}
     experiment: str = "tune"  # the Tune experiment name (results in <storage>/<experiment>)
     storage: str | None = None  # default: <output_dir>/tune
@@ -110,6 +111,8 @@ def _parse_tune(tree: dict) -> TuneConfig:
     if (not isinstance(seeds, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in seeds)
             or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"tune.front_seeds must be a list of distinct integer student seeds, got {seeds!r}")
+    if any(v < 0 for v in seeds):  # numpy's seed sequence refuses them: each re-run would fail after the search
+        raise ConfigError(f"tune.front_seeds must be seeds >= 0, got {seeds!r}")
     t.front_seeds = list(seeds)
     return t
 
@@ -247,8 +250,9 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
     run_path = None
     if t.run_config:
         run_path = Path(t.run_config)
-        if not run_path.is_absolute():
-            run_path = (path.parent / run_path) if (path.parent / run_path).is_file() else CONFIG_DIR / run_path
+        if not run_path.is_absolute():  # where the user is, next to the search file, then configs/
+            run_path = next((c for c in (Path.cwd() / run_path, path.parent / run_path) if c.is_file()),
+                            CONFIG_DIR / run_path)
         t.run_config = str(run_path)
     sets = list(t.set.items()) + run_overrides + ([("output_dir", output_dir)] if output_dir else [])
     base = load_config(run_path, sets, check_paths=check_paths)
@@ -274,6 +278,16 @@ def param_space(t: TuneConfig) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = domain
     return space
+
+
+def asha_words(t: TuneConfig, cfg: RunConfig) -> str:
+    """How the search's log line names its scheduler (a grace period of every epoch leaves ASHA no
+    rung before the end: it stops nothing, and the line says so)."""
+    if not t.asha.enabled:
+        return "off"
+    if t.asha.grace_period >= cfg.optim.epochs:
+        return f"on {t.metric} (grace period {t.asha.grace_period} = every epoch: it stops no trial)"
+    return f"on {t.metric}"
 
 
 def experiment_dir(t: TuneConfig, cfg: RunConfig) -> str:
