@@ -377,10 +377,8 @@ class RunConfig:
                      f"cpus_per_worker/use_gpu), got {key!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
                 fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
-        try:  # the generator's own checks, before the ones below divide by its class count
-            self.data.synthetic.generator_config(self.seed).validate()
-        except ValueError as exc:
-            fail("data.synthetic", f"is not a dataset the generator can make: {exc}")
+        if not 2 <= self.data.synthetic.num_classes <= 36:  # (the next check divides by it)
+            fail("data.synthetic.num_classes", f"must be in 2..36, got {self.data.synthetic.num_classes!r}")
         if not 0 <= self.data.synthetic.angle_jitter_deg <= 180.0 / self.data.synthetic.num_classes:
             fail("data.synthetic.angle_jitter_deg", f"must be in [0, 180/num_classes], got "
                  f"{self.data.synthetic.angle_jitter_deg!r}")
@@ -404,6 +402,12 @@ class RunConfig:
                  f"({self.data.frames}), the frames of a clip")
         if self.data.synthetic.background not in ("textured", "plain"):
             fail("data.synthetic.background", f"must be textured or plain, got {self.data.synthetic.background!r}")
+        try:  # what the generator checks beyond the above (an even size, room to move an object)
+            self.data.synthetic.generator_config(self.seed).validate()
+        except ValueError as exc:
+            field_name = str(exc).split(" ", 1)[0]
+            fail(f"data.synthetic.{field_name}" if field_name in SyntheticSection.__dataclass_fields__
+                 else "data.synthetic", f"is not a dataset the generator can make: {exc}")
         if not 0 <= self.data.teacher_pool < 1:
             fail("data.teacher_pool", f"must be in [0, 1), got {self.data.teacher_pool!r}")
         if not 0 < self.data.val_fraction < 1:
