@@ -181,6 +181,11 @@ def test_kinetics(tmp_path, src_video):
         A.kinetics(str(tmp_path))
     m = A.kinetics(str(tmp_path), [("val", os.path.join(str(tmp_path), "annotations", "k400_val.csv"))])
     assert {e.split for e in m.entries} | {p.split for p in m.problems} == {"val"}
+    # an infinite time is a bad line, not an OverflowError ending the whole ingest
+    write(os.path.join(str(tmp_path), "annotations", "k400_val.csv"),
+          "label,youtube_id,time_start,time_end,split\nzumba,eee,0,inf,val\n")
+    assert "bad_line" in reasons(A.kinetics(str(tmp_path), [("val", os.path.join(str(tmp_path), "annotations",
+                                                                                    "k400_val.csv"))]))
 
 
 def test_ssv2(tmp_path, src_video):
@@ -226,6 +231,26 @@ def test_folder(tmp_path, src_video):
     s1 = {e.video_id: e.split for e in A.folder(root3, test_fraction=0.3).entries}
     s2 = {e.video_id: e.split for e in A.folder(root3, test_fraction=0.3).entries}
     assert s1 == s2 and 8 <= list(s1.values()).count("test") <= 30
+
+
+def test_a_class_folder_named_like_a_split_is_refused_not_read_as_the_split(tmp_path, src_video):
+    # root/{bus,car,train}: read as one split folder holding no classes; every video vanished unreported
+    for rel in ("bus/1.mp4", "car/2.mp4", "train/3.mp4"):
+        put(str(tmp_path), rel, src_video)
+    with pytest.raises(A.AdapterError, match=r"has split folders \(train\) and other folders \(bus, car\)"):
+        A.folder(str(tmp_path))
+
+
+def test_hmdb51_classes_are_numbered_in_the_order_of_their_names(tmp_path, src_video):
+    # by list-file name, climb_stairs_test_split1.txt sorted before climb_test_split1.txt: labels 5/6
+    # (and kick_ball/kick, sword_exercise/sword) were swapped against the folder and CSV adapters
+    for cls in ("climb_stairs", "climb", "kick_ball", "kick"):
+        put(str(tmp_path), f"{cls}/{cls}_v.avi", src_video)
+        write(os.path.join(str(tmp_path), "testTrainMulti_7030_splits", f"{cls}_test_split1.txt"), f"{cls}_v.avi 1\n")
+    m = A.hmdb51(str(tmp_path), 1)
+    assert m.classes == sorted(["climb_stairs", "climb", "kick_ball", "kick"]) == ["climb", "climb_stairs", "kick",
+                                                                                  "kick_ball"]
+    assert {e.class_name: e.label for e in m.entries} == {"climb": 0, "climb_stairs": 1, "kick": 2, "kick_ball": 3}
 
 
 def test_a_class_folder_linked_into_the_dataset_is_refused(tmp_path, src_video):

@@ -190,8 +190,10 @@ def hmdb51(root: str, split: int = 1, lists_dir: Optional[str] = None,
             break
     if ldir is None:
         raise AdapterError(f"no *{suffix} files found (looked in: {', '.join(c for c in cands if c)})")
-    files = sorted(n for n in os.listdir(ldir) if n.endswith(suffix))
-    classes = [n[: -len(suffix)] for n in files]
+    # classes in the order of their names (as the folder and CSV adapters give them), not of the
+    # list files' names: climb_stairs_test_split1.txt sorts before climb_test_split1.txt
+    classes = sorted(n[: -len(suffix)] for n in os.listdir(ldir) if n.endswith(suffix))
+    files = [c + suffix for c in classes]
     vdir = videos_dir or root
     m = Manifest("hmdb51", os.path.abspath(vdir), classes, source={"split": split, "lists_dir": os.path.abspath(ldir)})
     for lab, (fname, cls) in enumerate(zip(files, classes)):
@@ -306,7 +308,7 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         yid = (r.get("youtube_id") or "").strip()
         try:
             stem = f"{yid}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (int(float("inf")) overflows)
             m.problems.append(Problem(_d.BAD_LINE, yid, yid or None, f"{r['_where']}: bad time_start/time_end"))
             continue
         split = r["_split"]
@@ -549,10 +551,18 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
 
 def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, seed: int = 0) -> Manifest:
     """``root/<class>/**/<video>`` (all ``train`` unless fractions are given: a stable hash of
-    the video id picks val/test), or ``root/{train,val,test}/<class>/**/<video>``."""
+    the video id picks val/test, video by video: clips cut from one source can land on both
+    sides; use split folders for such data), or ``root/{train,val,test}/<class>/**/<video>``."""
     if not os.path.isdir(root):
         raise AdapterError(f"--root {root} is not a directory")
     split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
+    others = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                    and not d.startswith((".", "_")) and d not in split_dirs)
+    if split_dirs and others:  # split folders' classes would be read and these folders never looked at
+        raise AdapterError(f"--root {root} has split folders ({', '.join(split_dirs)}) and other folders "
+                           f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}): lay it out as "
+                           "root/<class>/... or as root/{train,val,test}/<class>/... (a class named "
+                           f"{split_dirs[0]!r}: rename its folder)")
     bases = [(s, os.path.join(root, s)) for s in split_dirs] if split_dirs else [(None, root)]
     classes = sorted({d for _, b in bases for d in os.listdir(b)
                       if os.path.isdir(os.path.join(b, d)) and not d.startswith((".", "_"))})
