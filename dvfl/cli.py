@@ -57,7 +57,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parser(module_doc: str, prog: str | None = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=module_doc, formatter_class=HelpFormatter)
+    # no abbreviated flags: `--conf` for --config ran, while the cluster validator checks flags by name
+    return argparse.ArgumentParser(prog=prog, description=module_doc, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def deprecated(p: argparse.ArgumentParser, old: str, use: str, dest: str, *, flag: bool = False, **kwargs) -> None:
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = command_module(name)
         summary = (module.__doc__ or "").strip().splitlines()[0]
-        sp = sub.add_parser(name, help=summary, description=module.__doc__, formatter_class=HelpFormatter)
+        sp = sub.add_parser(name, help=summary, description=module.__doc__, formatter_class=HelpFormatter,
+                            allow_abbrev=False)
         module.add_arguments(sp)
         sp.set_defaults(command_parser=sp)  # run() reports usage errors against the subcommand
     return p

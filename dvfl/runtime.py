@@ -110,7 +110,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        if address:
+        if address and address != "local":  # (Ray's "local": a new local instance, ours, set up below)
             from dvfl.storage import worker_env
 
             # the S3 endpoint (never credentials) reaches workers on other nodes with the job,

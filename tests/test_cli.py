@@ -191,3 +191,21 @@ def test_ingest_starts_ray_with_the_same_cpu_default_as_every_command(monkeypatc
     assert asked == [None]
     assert lines == ["[ingest] local Ray, 4 logical CPUs, 1024 MiB object store"]
 
+
+
+def test_flags_are_never_abbreviated(capsys):
+    # argparse took --conf for --config; the cluster validator checks a job's flags by their names
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--conf", "configs/ucf101_base.yaml"])
+    assert e.value.code == 2 and "unrecognized arguments: --conf" in capsys.readouterr().err
+
+
+def test_ray_address_local_starts_our_own_local_instance_and_stops_it():
+    # any RAY_ADDRESS took the join-a-cluster path: "local" started Ray with all its defaults
+    # (every core, 30 % of RAM for objects) and nothing of ours shut it down
+    code = ("import ray\nfrom dvfl.runtime import ray_runtime\n"
+            "with ray_runtime(num_cpus=1, dashboard=False) as res:\n    print('cpus', res['CPU'])\n"
+            "print('after', ray.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0 and "cpus 1.0" in r.stdout and "after False" in r.stdout, r.stdout + r.stderr
