@@ -357,12 +357,6 @@ def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: 
     return saved
 
 
-def workers_identity(cfg: RunConfig) -> dict:
-    """The worker count, above one: optim.batch_size is per worker, so the effective batch and the
-    schedule's step count follow it (absent at 1: earlier one-worker runs stay reusable)."""
-    return {"workers": cfg.scaling.num_workers} if cfg.scaling.num_workers > 1 else {}
-
-
 def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, dict]:
     """The teacher to distil from: given (``teacher.path``) or trained here on the labelled data."""
     num_classes = len(dataset_info["classes"])
@@ -376,7 +370,7 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
                 "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
                 "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip,
-                **holdout_identity(cfg), **workers_identity(cfg)}
+                **holdout_identity(cfg)}
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
     path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
@@ -506,7 +500,7 @@ def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: in
                 "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(optim), "seed": seed,
                 "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint") if kd else None,
                 "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
-                "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg), **workers_identity(cfg)}
+                "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg)}
     if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
         identity["label_fraction"] = cfg.data.label_fraction
     if cfg.data.teacher_pool > 0:

@@ -156,20 +156,3 @@ def test_a_run_without_a_kd_student_is_not_gated_and_builds_no_cache(prepared, t
         pipeline.run_all(cfg, log=lambda *_: None)
     assert not os.path.exists(cfg.cache_dir)
 
-
-def test_a_run_with_more_workers_is_another_run_and_one_worker_runs_keep_their_identity(tmp_path):
-    """optim.batch_size is per worker: the effective batch and the schedule's step count follow the
-    worker count, which was not in a run's identity; a 2-worker run killed and rerun with one
-    worker resumed the 2-worker checkpoint with a schedule twice as long (and a finished model of
-    the other worker count was reused)."""
-    from dvfl.config import load_config
-
-    info = {"fingerprint": "f" * 32, "classes": ["a", "b", "c", "d"]}
-
-    def identity(workers):
-        cfg = load_config(None, [("output_dir", str(tmp_path)), ("scaling.num_workers", workers),
-                                 ("scaling.concurrent_runs", 0)], check_paths=False)
-        return pipeline.student_run_args(cfg, info, {"mode": "none"}, 0, "vfl")["identity"]
-
-    one, two = identity(1), identity(2)
-    assert "workers" not in one and two["workers"] == 2 and {k: v for k, v in two.items() if k != "workers"} == one

@@ -157,3 +157,14 @@ def test_the_schedule_plans_the_optimizer_steps_the_ranks_take(rows, world, batc
     from dvfl.train.loop import steps_per_epoch
 
     assert steps_per_epoch(rows, world, batch, accum) == steps
+
+
+def test_a_checkpoint_of_another_worker_count_is_not_resumed():
+    """optim.batch_size is per worker: a 2-worker run killed and rerun with one worker resumed the
+    2-worker state with a schedule twice as long; now refused, saying how to resume it."""
+    from types import SimpleNamespace
+
+    from dvfl.train.loop import resume
+
+    with pytest.raises(ValueError, match=r"taken with 2 worker\(s\), this run has 1: rerun with scaling\.num_workers=2"):
+        resume(SimpleNamespace(world=1), {"world": 2, "epoch": 0, "step": 3, "history": []})

@@ -90,6 +90,7 @@ def _save_state(directory: str, run: "_Run", epoch: int) -> None:
     # the random streams and the fp16 loss scale too: a resumed run trains as an uninterrupted one
     torch.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
+                "world": run.world,
                 "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict(),
                 # drop-path draws from the GPU's generator on a GPU
                 "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
@@ -437,6 +438,10 @@ def resume(run: _Run, state: dict | None, label: str = "train") -> None:
     """Weights, optimizer, epoch, step and history from the last reported checkpoint's state, if any."""
     if not state:
         return
+    if state.get("world", run.world) != run.world:  # (states before session 27 do not say)
+        # optim.batch_size is per worker: another worker count changes the batch and the schedule
+        raise ValueError(f"the run's last checkpoint was taken with {state['world']} worker(s), this run has "
+                         f"{run.world}: rerun with scaling.num_workers={state['world']} to resume it, or --fresh")
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]
