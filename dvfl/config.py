@@ -531,8 +531,8 @@ def _build(cls, data: dict, prefix: str, base=None):
         if dataclasses.is_dataclass(default):
             # over the field's own default (teacher.train's width stays when only its drop path is
             # set), unless the section names another model: then the width is that variant's own
-            names_model = isinstance(value, dict) and value.get("model", getattr(default, "model", None)) != getattr(
-                default, "model", None)
+            own_model = getattr(default, "model", None)
+            names_model = isinstance(value, dict) and value.get("model", own_model) != own_model
             value = _build(type(default), value or {}, name + ".", base=None if names_model else default)
         else:
             value = _check_type(name, value, hints[key])

@@ -9,6 +9,7 @@ last checkpoint of a run with the same name). Entry points in ``pipelines/`` cal
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -80,13 +81,19 @@ def validation_source(cfg: RunConfig):
                       cfg.data.val_seed)
 
 
+@functools.lru_cache(maxsize=8)
+def _median_video_seconds(clips_dir: str, split: str, fingerprint: str) -> float | None:
+    # read once per ingest, not once per saved model (the fingerprint: a re-ingest reads again)
+    return median_video_seconds(clips_dir, [split])
+
+
 def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
     """What a saved model needs to see a video as evaluation does (pipelines/predict.py reads it)."""
     return {"frames": cfg.data.frames, "short_side": dataset_info["params"]["short_side"],
             "crop_size": cfg.crop_size, "eval_clips": dataset_info["params"]["eval_clips"],
             "min_frames": dataset_info["params"].get("min_frames") or cfg.data.frames,
             # a clip's T frames spread over a whole video: a stream's window should span as long
-            "video_seconds": median_video_seconds(cfg.clips_dir, [cfg.data.train_split]),
+            "video_seconds": _median_video_seconds(cfg.clips_dir, cfg.data.train_split, dataset_info["fingerprint"]),
             "normalize": "imagenet", "layout": "B,T,C,H,W float32"}
 
 
