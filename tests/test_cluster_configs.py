@@ -127,6 +127,12 @@ def test_rayjob_entrypoint_is_the_main_job(kuberay_docs):
     assert "working_dir" not in (yaml.safe_load(spec["runtimeEnvYAML"]) or {})   # the code is in the image
 
 
+# the UCF101 search as a RayJob runs it, every path of its run config on the shared volume
+_UCF101_SEARCH = (f"python {cv.PROJECT_DIR_IN_IMAGE}/tuning/search.py --search {cv.PROJECT_DIR_IN_IMAGE}/configs/"
+                  "tune_ucf101.yaml --out /data/runs/tune --set data.clips=/data/ucf101_s1 --set teacher.path=/data/"
+                  "models/ucf101_teacher --set teacher.cache=/data/ucf101_s1_cache")
+
+
 def _entrypoint(doc, fn):
     doc["spec"]["entrypoint"] = fn(doc["spec"]["entrypoint"])
     return doc
@@ -155,8 +161,14 @@ def _entrypoint(doc, fn):
     (lambda d: _set(d, lambda d: _ray_container(_group(d, "gpu-workers")).update(
         volumeMounts=[m for m in _ray_container(_group(d, "gpu-workers"))["volumeMounts"] if m["name"] != "data"])),
      ("data.clips is '/data/ucf101_s1': not on a volume",)),
+    # a search's experiment storage, from its --set or its search file (session 28: not checked before)
+    (lambda d: _entrypoint(d, lambda e: _UCF101_SEARCH + " --set tune.storage=tune_runs"),
+     ("tune.storage is 'tune_runs' (relative, from configs/tune_ucf101.yaml",)),
+    (lambda d: _entrypoint(d, lambda e: _UCF101_SEARCH + " --set tune.storage=/tmp/tune"),
+     ("tune.storage is '/tmp/tune': not on a volume",)),
 ], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
-        "embedded_default", "embedded_search", "path_off_the_volume", "volume_not_on_every_group"])
+        "embedded_default", "embedded_search", "path_off_the_volume", "volume_not_on_every_group",
+        "search_storage_relative", "search_storage_off_the_volume"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)
@@ -167,6 +179,10 @@ def test_rayjob_paths_may_be_uris(kuberay_docs):
                       .replace("data.clips=/data/", "data.clips=gs://bucket/"))
     assert "s3://bucket/runs/ucf101_base" in doc["spec"]["entrypoint"]
     assert cv.job_config_path_errors(doc) == []
+    # a search: its experiment under output_dir by default, or on a bucket
+    search = _entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: _UCF101_SEARCH)
+    assert cv.job_config_path_errors(search) == []
+    assert cv.job_config_path_errors(_entrypoint(search, lambda e: e + " --set tune.storage=s3://bucket/tune")) == []
 
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -266,6 +282,41 @@ LAUNCHER_BREAKAGES = {
         lambda c: _set(c, lambda c: c.pop("head_start_ray_commands")),
         ("policy", "--dashboard-host=0.0.0.0", "inherited from Ray's provider defaults"),
     ),
+    # the shell reads a line in order: what comes later, or in a sub-shell, is what `ray start` sees
+    # (session 28: each of these passed a text match)
+    "token_auth_disabled_later_on_the_line": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token; export RAY_AUTH_MODE=disabled;")
+            for cmd in c["head_start_ray_commands"]])),
+        ("policy", "head_start_ray_commands", "RAY_AUTH_MODE 'disabled' where it runs"),
+    ),
+    "token_auth_unset_by_env": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("ray start", "env -u RAY_AUTH_MODE ray start") for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "RAY_AUTH_MODE unset where it runs"),
+    ),
+    "token_auth_in_a_background_subshell": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token &")
+            for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "RAY_AUTH_MODE unset where it runs"),
+    ),
+    "token_auth_not_exported": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "RAY_AUTH_MODE=token;") for cmd in c["head_start_ray_commands"]])),
+        ("policy", "head_start_ray_commands", "RAY_AUTH_MODE unset where it runs"),
+    ),
+    "ray_start_with_two_spaces": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "").replace("ray start", "ray  start")
+            for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "without token authentication"),
+    ),
+    "ray_start_inside_bash_c": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            "export RAY_AUTH_MODE=token; bash -c 'RAY_AUTH_MODE=disabled ray start --head --dashboard-host=127.0.0.1'"])),
+        ("policy", "head_start_ray_commands", "cannot tell whether its `ray start` runs with token authentication"),
+    ),
     "ray_start_without_token_auth": (
         lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
             cmd.replace("export RAY_AUTH_MODE=token;", "") for cmd in c["worker_start_ray_commands"]])),
@@ -282,6 +333,28 @@ LAUNCHER_BREAKAGES = {
         lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
             {"FromPort": 6379, "ToPort": 10001, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])),
         ("policy", "opens Ray port(s) 6379, 8265, 10001, 8076 to 10.0.0.0/8"),
+    ),
+    # the world spelt otherwise (session 28: each passed an exact match on 0.0.0.0/0 and ::/0)
+    "serve_port_open_to_the_world_as_0_colon_colon": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 8000, "ToPort": 8000, "IpProtocol": "tcp", "Ipv6Ranges": [{"CidrIpv6": "0::/0"}]}])),
+        ("policy", "8000-8000/tcp to the world (0::/0: not a private network)"),
+    ),
+    "port_range_open_to_two_halves_of_the_internet": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 30000, "ToPort": 52000, "IpProtocol": "tcp",
+             "IpRanges": [{"CidrIp": "0.0.0.0/1"}, {"CidrIp": "128.0.0.0/1"}]}])),
+        ("policy", "30000-52000/tcp to the world (0.0.0.0/1, 128.0.0.0/1: not a private network)"),
+    ),
+    "metrics_port_open_to_a_public_range": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 8080, "ToPort": 8080, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "8.8.0.0/16"}]}])),
+        ("policy", "8080-8080/tcp to the world (8.8.0.0/16"),
+    ),
+    "port_open_to_an_unreadable_range": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 8000, "ToPort": 8000, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "everyone"}]}])),
+        ("policy", "8000-8000/tcp to the world (everyone"),
     ),
     # sources that are not address ranges: a managed prefix list, another security group
     "ray_ports_open_to_a_prefix_list": (
@@ -463,6 +536,22 @@ KUBERAY_BREAKAGES = {
     "token_auth_disabled": (
         lambda d: _set(d, lambda d: _cluster(d).update(authOptions={"mode": "disabled"})),
         ("policy", "authOptions.mode", "'disabled'"),
+    ),
+    # KubeRay sets RAY_AUTH_MODE from authOptions; a pod's own entry can override it (session 28)
+    "token_auth_disabled_in_the_pod_env": (
+        lambda d: _set(d, lambda d: _ray_container(_group(d, "gpu-workers")).setdefault("env", []).append(
+            {"name": "RAY_AUTH_MODE", "value": "disabled"})),
+        ("policy", "workerGroupSpecs[1]", "env[", "RAY_AUTH_MODE set to 'disabled' in the pod"),
+    ),
+    "token_auth_from_a_config_map": (
+        lambda d: _set(d, lambda d: _ray_container(_head(d)).setdefault("env", []).append(
+            {"name": "RAY_AUTH_MODE", "valueFrom": {"configMapKeyRef": {"name": "ray", "key": "auth"}}})),
+        ("policy", "headGroupSpec", "RAY_AUTH_MODE set to a reference in the pod"),
+    ),
+    "head_service_on_external_ips": (
+        lambda d: _set(d, lambda d: _head(d).setdefault("headService", {}).setdefault("spec", {}).update(
+            externalIPs=["198.51.100.7"])),
+        ("policy", "headService.spec.externalIPs", "198.51.100.7", "outside the cluster"),
     ),
     "stock_ray_image": (
         lambda d: _set(d, lambda d: _ray_container(_group(d, "cpu-workers")).update(image="rayproject/ray:2.60.0-py311")),
@@ -666,8 +755,13 @@ JOB_SERVER_CASES = {
     # HTTPMode: the operator submits, no submitter pod
     "http_mode_without_submitter": (lambda d, ps: (d["spec"].update(submissionMode="HTTPMode"),
                                                    _job_server_peers(ps).pop(0)), None),
+    # every pod of every namespace may call the job server (session 28: it passed before)
     "job_server_to_every_namespace": (lambda d, ps: ps[1][1]["spec"]["ingress"][0].update(
-        **{"from": [{"namespaceSelector": {}}]}), None),
+        **{"from": [{"namespaceSelector": {}}]}), ("admits every pod of every namespace to the job server port",)),
+    "job_server_to_every_pod_of_the_namespace": (lambda d, ps: _job_server_peers(ps).append({"podSelector": {}}),
+                                                 ("admits every pod of its namespace",)),
+    "job_server_to_every_pod_of_labelled_namespaces": (lambda d, ps: _job_server_peers(ps).append(
+        {"namespaceSelector": {"matchLabels": {"team": "ml"}}}), ("admits every pod of the selected namespaces",)),
 }
 
 
@@ -905,6 +999,13 @@ def test_cli_reports_ok_and_failures(tmp_path, capsys, kuberay_docs):
     assert dvfl_main(["validate-cluster", *map(str, ALL_FILES)]) == 0
     out = capsys.readouterr().out
     assert out.count("OK ") == len(ALL_FILES) and "FAIL" not in out
+
+    # security groups given by id are valid but unread: the OK says so
+    grouped = copy.deepcopy(_load(LAUNCHER["aws"]))
+    grouped["available_node_types"]["ray.head"]["node_config"]["SecurityGroupIds"] = ["sg-0123"]
+    (tmp_path / "grouped.yaml").write_text(yaml.safe_dump(grouped))
+    assert dvfl_main(["validate-cluster", str(tmp_path / "grouped.yaml")]) == 0
+    assert "not checked: available_node_types.ray.head.node_config: security group(s) sg-0123" in capsys.readouterr().out
 
     assert dvfl_main(["validate-cluster", str(LAUNCHER["aws"]), str(bad)]) == 1
     out = capsys.readouterr().out

@@ -14,7 +14,9 @@ Ray cluster launcher configs (``cluster/aws.yaml``, ``cluster/gcp.yaml``):
 * ``[policy]``  project rules: node ``resources`` are integers, the dashboard binds to loopback (checked
   on the *prepared* config, so dropping ``head_start_ray_commands`` and inheriting Ray's default
   ``--dashboard-host=0.0.0.0`` fails too), every ``ray start`` runs with token authentication
-  (``RAY_AUTH_MODE=token``), no security-group rule opens anything but SSH to the world,
+  (``RAY_AUTH_MODE=token`` as its shell line exports it: :func:`ray_start_auth_modes`), no
+  security-group rule opens anything but SSH to addresses outside private networks (security groups
+  named by id in a ``node_config`` are reported as not checked),
   nothing that looks like a credential, a CPU worker type and a GPU worker type that can scale, every
   node runs the project image (docker/Dockerfile, tag naming the pinned Ray) and no command
   pip-installs anything at node start.
@@ -35,7 +37,8 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
 * ``[policy]``      project rules: dashboard on loopback (a RayJob may bind the pod's interfaces, which the
   operator needs, but only behind a ClusterIP Service), no LoadBalancer/NodePort/Ingress, whole-number
   CPU/GPU resources, ``rayVersion`` and images match the pinned ray, the Ray containers run the project
-  image, token authentication on (``authOptions.mode: token``), autoscaling on, CPU and GPU worker
+  image, token authentication on (``authOptions.mode: token``, no pod ``env`` entry for
+  ``RAY_AUTH_MODE``), no ``externalIPs`` on the head Service, autoscaling on, CPU and GPU worker
   groups, no credentials; a RayJob's run config (its entrypoint's ``--config`` with ``--set`` and
   ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts;
   NetworkPolicies in the same file and namespace select every group's pods and admit the cluster's
@@ -52,6 +55,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -309,16 +313,96 @@ def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
     return out
 
 
+_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+_SHELL_SEPARATORS = {";", "&&", "||", "|", "&", "(", ")", "\n"}
+
+
+def ray_start_auth_modes(cmd: str) -> list[str | None] | None:
+    """RAY_AUTH_MODE as each ``ray start`` of one shell command line sees it (None: unset), read
+    through ``export``/``unset``/``env`` and per-command assignments in order; None when the line
+    cannot be read as plain shell (then nothing about it can be vouched for). ``&&`` and ``||``
+    are read as ``;``: an export they skip is taken as done."""
+    import shlex
+
+    lexer = shlex.shlex(cmd.replace("\n", " \n "), posix=True, punctuation_chars=";&|()")
+    lexer.whitespace = " \t\r"  # newlines separate commands
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:
+        return None
+    if "(" in tokens or ")" in tokens:  # sub-shells and $(...): what they export does not persist
+        return None
+    shell: dict[str, str] = {}  # the line's shell variables, and which of them are exported
+    exported: set[str] = set()
+    modes: list[str | None] = []
+    words: list[str] = []
+    before = ";"
+    for token in [*tokens, ";"]:
+        if token not in _SHELL_SEPARATORS:
+            words.append(token)
+            continue
+        # a command in a pipeline or in the background runs in a sub-shell of its own
+        own_shell, before = token in ("|", "&") or before == "|", token
+        saved = (dict(shell), set(exported))
+        prefix: dict[str, str | None] = {}
+        while words and _ASSIGNMENT.match(words[0]):
+            name, value = _ASSIGNMENT.match(words.pop(0)).groups()
+            prefix[name] = value
+        cleared = False
+        if words and words[0] == "env":  # env [-i] [-u NAME] [NAME=value ...] command
+            words.pop(0)
+            while words and (words[0] in ("-i", "-", "--ignore-environment", "-u") or _ASSIGNMENT.match(words[0])):
+                word = words.pop(0)
+                if word == "-u":
+                    prefix[words.pop(0) if words else ""] = None
+                elif _ASSIGNMENT.match(word):
+                    prefix.update([_ASSIGNMENT.match(word).groups()])
+                else:
+                    cleared = True
+        if not words:  # a bare assignment sets a shell variable (seen by children once exported)
+            shell.update({k: v for k, v in prefix.items() if v is not None})
+        elif words[0] == "export":
+            for word in words[1:]:
+                m = _ASSIGNMENT.match(word)
+                if m:
+                    shell[m.group(1)] = m.group(2)
+                exported.add(m.group(1) if m else word)
+        elif words[0] == "unset":
+            for word in words[1:]:
+                shell.pop(word, None)
+                exported.discard(word)
+        elif words[0].rsplit("/", 1)[-1] == "ray" and words[1:2] == ["start"]:
+            env = {} if cleared else {k: v for k, v in shell.items() if k in exported}
+            env.update(prefix)
+            modes.append(env.get("RAY_AUTH_MODE"))
+        if own_shell:
+            shell, exported = saved
+        words = []
+    return modes
+
+
 def _auth_errors(prepared: dict) -> list[str]:
     """Every `ray start` runs with token authentication (RAY_AUTH_MODE=token); a node without it
-    accepts any job or Ray Client connection that reaches its ports."""
+    accepts any job or Ray Client connection that reaches its ports. Each command runs in a shell of
+    its own, so only what the same line exports (or sets on the command) counts."""
     out = []
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         for i, cmd in enumerate(_as_list(prepared.get(key))):
-            if isinstance(cmd, str) and "ray start" in cmd and not re.search(r"RAY_AUTH_MODE=['\"]?token", cmd):
-                out.append(_error_line("policy", (key, i), "`ray start` without token authentication: "
-                                "prefix it with `export RAY_AUTH_MODE=token;` (the token file comes "
-                                "from file_mounts, never inline)"))
+            if not isinstance(cmd, str):
+                continue
+            modes = ray_start_auth_modes(cmd)
+            mentions = len(re.findall(r"\bray\s+start\b", cmd))
+            if modes is None or len(modes) < mentions:
+                out.append(_error_line("policy", (key, i), "cannot tell whether its `ray start` runs with token "
+                                       "authentication: write it as a plain command after `export "
+                                       "RAY_AUTH_MODE=token;` (no quoting, eval or sub-shell around it)"))
+            elif any(mode != "token" for mode in modes):
+                seen = next(mode for mode in modes if mode != "token")
+                out.append(_error_line("policy", (key, i), "`ray start` without token authentication "
+                                       f"(RAY_AUTH_MODE {'unset' if seen is None else repr(seen)} where it runs): "
+                                       "prefix it with `export RAY_AUTH_MODE=token;` (the token file comes "
+                                       "from file_mounts, never inline)"))
     return out
 
 
@@ -338,6 +422,25 @@ def _ray_ports_in(rule: dict) -> list:
     return [p for p in RAY_PORTS if lo <= p <= hi] + workers
 
 
+# The address ranges that stay inside a VPC or an office network (RFC 1918, carrier-grade NAT,
+# IPv6 unique-local); every other range, however it is spelt (0::/0, 0.0.0.0/1 + 128.0.0.0/1, a
+# public /24), reaches the internet.
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in
+                         ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+
+
+def _is_public_cidr(cidr: Any) -> bool:
+    """A rule source that is an address range outside :data:`PRIVATE_NETWORKS` (an unreadable one
+    counts as public: it cannot be vouched for). Prefix lists and security groups are not ranges."""
+    if isinstance(cidr, str) and cidr.startswith(("prefix list ", "security group ")):
+        return False
+    try:
+        net = ipaddress.ip_network(str(cidr), strict=False)
+    except ValueError:
+        return True
+    return not any(net.version == p.version and net.subnet_of(p) for p in PRIVATE_NETWORKS)
+
+
 def _security_group_errors(config: dict) -> list[str]:
     out = []
     sg = _as_mapping(_as_mapping(config.get("provider")).get("security_group"))
@@ -351,7 +454,8 @@ def _security_group_errors(config: dict) -> list[str]:
                   if isinstance(r, dict)]
         cidrs += [f"security group {r.get('GroupId') or r.get('GroupName')}"
                   for r in _as_list(rule.get("UserIdGroupPairs")) if isinstance(r, dict)]
-        if not WORLD_CIDRS.intersection(cidrs):
+        public = [c for c in cidrs if _is_public_cidr(c)]
+        if not public:
             # a network range (the VPC, an office): still not the cluster's own nodes, which reach
             # each other through the group's self rule that `ray up` adds
             exposed = _ray_ports_in(rule)
@@ -363,9 +467,10 @@ def _security_group_errors(config: dict) -> list[str]:
             continue
         ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
         if not ssh_only:
+            world = "" if set(public) <= WORLD_CIDRS else f" ({', '.join(map(str, public))}: not a private network)"
             out.append(_error_line("policy", ("provider", "security_group", "IpPermissions", i),
                             f"opens ports {rule.get('FromPort')}-{rule.get('ToPort')}/"
-                            f"{rule.get('IpProtocol')} to the world; only SSH (22) may be reachable "
+                            f"{rule.get('IpProtocol')} to the world{world}; only SSH (22) may be reachable "
                             "from outside (dashboard via `ray dashboard`)"))
     return out
 
@@ -539,6 +644,21 @@ def validate_launcher_config(config: Any) -> list[str]:
                 errors.append(_error_line("ray", path, f"{type(e).__name__}: {msg}"))
                 prepared = None
     return errors + _launcher_policy_errors(config, prepared)
+
+
+def launcher_notes(config: Any) -> list[str]:
+    """What a valid launcher config leaves unchecked: security groups given by id in a node's
+    ``node_config`` (their rules live in the cloud account, not in the file)."""
+    out = []
+    for name, nt in _as_mapping(_as_mapping(config).get("available_node_types")).items():
+        node_config = _as_mapping(_as_mapping(nt).get("node_config"))
+        groups = [*_as_list(node_config.get("SecurityGroupIds")), *_as_list(node_config.get("SecurityGroups"))]
+        groups += [g for nic in _as_list(node_config.get("NetworkInterfaces")) for g in _as_list(_as_mapping(nic).get("Groups"))]
+        if groups:
+            out.append(f"available_node_types.{name}.node_config: security group(s) {', '.join(map(str, groups))} are "
+                       "not read (their rules live in the cloud account): check that no Ray port is open beyond "
+                       "the cluster's own nodes (docs/cluster.md)")
+    return out
 
 
 def launcher_summary(config: dict) -> str:
@@ -807,6 +927,21 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
             if isinstance(port, dict) and port.get("hostPort"):
                 out.append(_error_line("policy", where + ("template", "spec", "containers", i, "ports", j, "hostPort"),
                                        f"{port['hostPort']}: a host port puts a Ray port on the node's own address"))
+    for j, c in enumerate(_as_list(pod.get("containers"))):
+        for k, env in enumerate(_as_list(_as_mapping(c).get("env"))):
+            if _as_mapping(env).get("name") != "RAY_AUTH_MODE" or env.get("value") == "token" and "valueFrom" not in env:
+                continue
+            value = "a reference" if "valueFrom" in env else repr(env.get("value"))
+            out.append(_error_line("policy", where + ("template", "spec", "containers", j, "env", k),
+                                   f"RAY_AUTH_MODE set to {value} in the pod: it can override authOptions "
+                                   "{mode: token}; leave RAY_AUTH_MODE to KubeRay"))
+    if is_head:
+        ips = _as_list(_as_mapping(_as_mapping(group.get("headService")).get("spec")).get("externalIPs"))
+        if ips:
+            out.append(_error_line("policy", where + ("headService", "spec", "externalIPs"),
+                                   f"{', '.join(map(str, ips))}: the head's Service (GCS, Ray Client, dashboard) "
+                                   "would answer on these addresses, outside the cluster; use ClusterIP + "
+                                   "port-forward"))
     containers = _as_list(pod.get("containers"))
     if containers and isinstance(containers[0], dict):  # the Ray container is the first one
         for section in ("limits", "requests"):
@@ -997,9 +1132,13 @@ def job_config_path_errors(doc: dict) -> list[str]:
     try:
         parsed = [parse_override(o) for o in overrides]
         run_path = REPO_ROOT / rel
+        fields = {}
         if search:  # the search's run config with its own `set:` (read as written: paths stay relative)
             tune_tree = yaml.safe_load(run_path.read_text()) or {}
             run_path = run_path.parent / (tune_tree.get("run_config") or "embedded.yaml")
+            # the experiment's storage (default: under output_dir, checked below); --set wins
+            fields["tune.storage"] = tune_tree.get("storage")
+            fields.update((k, v) for k, v in parsed if k == "tune.storage")
             parsed = [*(tune_tree.get("set") or {}).items(), *[(k, v) for k, v in parsed if not k.startswith("tune.")]]
         cfg = build_config(config_tree(run_path, parsed)).expand_split()
     except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
@@ -1010,6 +1149,8 @@ def job_config_path_errors(doc: dict) -> list[str]:
         value = cfg
         for part in name.split("."):
             value = getattr(value, part, None)
+        fields[name] = value
+    for name, value in fields.items():
         if not isinstance(value, str) or ("://" in value and not value.startswith("file://")):
             continue  # unset, or a URI (s3://, gs://)
         local = value[len("file://"):] if value.startswith("file://") else value
@@ -1158,6 +1299,21 @@ def _admits(peer: Any, labels: dict, same_namespace: bool) -> bool:
     return same_namespace and "ipBlock" not in peer and _selects(peer.get("podSelector"), labels)
 
 
+def _selects_every_pod(peer: Any) -> bool:
+    """A pod peer without a podSelector, or with an empty one: every pod of its namespaces."""
+    sel = _as_mapping(peer).get("podSelector")
+    return "ipBlock" not in _as_mapping(peer) and not (
+        _as_mapping(sel).get("matchLabels") or _as_mapping(sel).get("matchExpressions"))
+
+
+def _peer_namespaces(peers: list) -> str:
+    broad = [p for p in peers if _selects_every_pod(p)]
+    selectors = [_as_mapping(p).get("namespaceSelector") for p in broad if "namespaceSelector" in _as_mapping(p)]
+    if any(not (_as_mapping(n).get("matchLabels") or _as_mapping(n).get("matchExpressions")) for n in selectors):
+        return "every namespace"
+    return "the selected namespaces" if selectors else "its namespace"
+
+
 def _job_server_errors(doc: dict, path: tuple, covering: list[dict], port: int) -> list[str]:
     """A RayJob's head admits its callers outside the Ray cluster to the job server: the KubeRay
     operator and, in K8sJobMode (also when ``submissionMode`` is unset: the CRD default), the
@@ -1262,6 +1418,10 @@ def network_policy_errors(doc: Any, policies: list[tuple[int, Any]]) -> list[str
                     out.append(_error_line("policy", where, f"admits {sources} to the job server port {port}/TCP, "
                                            "which runs any code it is sent with the token: admit pods (its "
                                            "submitter, the KubeRay operator), not addresses"))
+                elif any(_selects_every_pod(peer) for peer in peers):
+                    out.append(_error_line("policy", where, f"admits every pod of {_peer_namespaces(peers)} to the job "
+                                           f"server port {port}/TCP: name the pods (its submitter, the KubeRay "
+                                           "operator) with a podSelector"))
     return out
 
 
@@ -1302,6 +1462,7 @@ class FileReport:
     path: str
     errors: list[str] = field(default_factory=list)
     summaries: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a valid file leaves unchecked
 
     @property
     def ok(self) -> bool:
@@ -1324,6 +1485,8 @@ def validate_file(path: str | os.PathLike, crd_dir: str | os.PathLike | None = N
         if _kind_of(doc) == "kuberay":  # its pods behind the file's NetworkPolicies
             errors += network_policy_errors(doc, policies)
         report.errors += [prefix + e for e in errors]
+        if _kind_of(doc) == "launcher":
+            report.notes += [prefix + n for n in launcher_notes(doc)]
         if not errors:
             try:
                 kind = _kind_of(doc)

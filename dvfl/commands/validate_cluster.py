@@ -35,6 +35,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 print(f"OK    {path}")
                 for s in report.summaries:
                     print(f"      {s}")
+                for n in report.notes:
+                    print(f"      not checked: {n}")
         else:
             failed += 1
             print(f"FAIL  {path}")
