@@ -181,6 +181,14 @@ def test_kinetics(tmp_path, src_video):
         A.kinetics(str(tmp_path))
     m = A.kinetics(str(tmp_path), [("val", os.path.join(str(tmp_path), "annotations", "k400_val.csv"))])
     assert {e.split for e in m.entries} | {p.split for p in m.problems} == {"val"}
+    # a file named by the YouTube id alone holds no segment times: refused, not sampled from end to end
+    put(str(tmp_path), "val/zumba/fff.mp4", src_video)
+    write(os.path.join(str(tmp_path), "annotations", "k400_val.csv"),
+          "label,youtube_id,time_start,time_end,split\nzumba,fff,30,40,val\n")
+    m = A.kinetics(str(tmp_path), [("val", os.path.join(str(tmp_path), "annotations", "k400_val.csv"))])
+    assert not m.entries and reasons(m) == ["untrimmed"]
+    assert m.problems[0].video_id == "fff_000030_000040" and m.problems[0].path.endswith("fff.mp4")
+    assert "ffmpeg -ss 30 -to 40" in m.problems[0].detail
     # an infinite time is a bad line, not an OverflowError ending the whole ingest
     write(os.path.join(str(tmp_path), "annotations", "k400_val.csv"),
           "label,youtube_id,time_start,time_end,split\nzumba,eee,0,inf,val\n")

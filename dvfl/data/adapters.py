@@ -315,10 +315,17 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         if split not in ("train", "val", "test"):  # guessing "train" would train on validation videos
             raise AdapterError(f"{r['_where']}: split {split!r} is not train, val or test: name the file "
                                "train/val/test.csv, give it a split column, or pass --annotations SPLIT=PATH")
-        path = files.get(stem) or files.get(yid) or os.path.join(vdir, stem + ".mp4")
+        path = files.get(stem) or os.path.join(vdir, stem + ".mp4")
         label_name = (r.get("label") or "").strip()
         if label_name not in index:
             m.problems.append(Problem(_d.UNKNOWN_CLASS, path, stem, f"{r['_where']}: label {label_name!r}", split))
+            continue
+        if stem not in files and yid in files:
+            # the whole YouTube video, or a segment named without its times: either way, its frames
+            # may come from outside time_start..time_end, which is what the label is about
+            m.problems.append(Problem(_d.UNTRIMMED, files[yid], stem, f"{r['_where']}: only "
+                                      f"{os.path.basename(files[yid])} found, not {stem}.*; cut the segment "
+                                      f"(ffmpeg -ss {r['time_start']} -to {r['time_end']}) into {stem}.mp4", split))
             continue
         _add(m, stem, path, index[label_name], label_name, split)
     return m

@@ -43,6 +43,7 @@ UNKNOWN_CLASS = "unknown_class"
 LABEL_OUT_OF_RANGE = "label_out_of_range"
 LABEL_MISMATCH = "label_mismatch"
 BAD_LINE = "bad_line"
+UNTRIMMED = "untrimmed"            # a Kinetics row whose only file is <youtube_id>.*, not its segment
 DUPLICATE = "duplicate"
 OUTSIDE_ROOT = "outside_root"    # the entry's real path (symlinks resolved) is outside its root
 DUPLICATE_CONTENT = "duplicate_content"  # same bytes as another entry (another id, split or pool)
