@@ -446,12 +446,16 @@ class RunConfig:
 
         if not self.teacher.views:  # an empty cache would "build" and fail at the first training step
             fail("teacher.views", "must name at least one view, e.g. [center]")
+        seen = {}
         for v in self.teacher.views:
             try:
                 if View.parse(v).crop == "random":
                     raise ValueError("random crops cannot be cached")
             except ValueError as exc:
                 fail("teacher.views", f"has {v!r}: {exc}")
+            if View.parse(v).name in seen:  # ("center+" is "center")
+                fail("teacher.views", f"names the view {View.parse(v).name!r} twice ({seen[View.parse(v).name]!r}, {v!r})")
+            seen[View.parse(v).name] = v
         if self.data.dataset != "synthetic" and not self.data.clips and not self.data.root:
             fail("data.root", f"is required for dataset {self.data.dataset!r} (or give data.clips)")
         if check_paths:

@@ -55,6 +55,8 @@ def view_spec(crop_size: int, views) -> dict:
     names = [View.parse(v).name if isinstance(v, str) else v.name for v in views]
     if any(View.parse(n).crop == "random" for n in names):
         raise ValueError("a cached view must be deterministic: 'random' crops cannot be cached")
+    if len(set(names)) != len(names):  # ("center" and "center+" are one view)
+        raise ValueError(f"views {list(views)} name a view twice; each view's logits are cached once")
     return {"crop_size": int(crop_size), "views": names,
             "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
 
@@ -68,6 +70,8 @@ def teacher_identity(spec: dict) -> dict:
 
 
 def cache_fingerprint(teacher_spec: dict, dataset_fingerprint: str, vspec: dict, dtype: str) -> str:
+    # the same views in another order are the same logits
+    vspec = dict(vspec, views=sorted(vspec["views"]))
     return _digest({"format": CACHE_FORMAT, "teacher": teacher_identity(teacher_spec),
                     "dataset": dataset_fingerprint, "views": vspec, "dtype": dtype})
 
@@ -173,18 +177,23 @@ class TeacherLogitCache:
         self._logits = np.frombuffer(raw, dtype=dtype).reshape(table.num_rows, num_classes)
         self._index = {key: i for i, key in enumerate(zip(table.column("clip_id").to_pylist(),
                                                           table.column("view").to_pylist()))}
+        if len(self._index) != table.num_rows:  # a key twice: which of its rows is meant?
+            raise CacheMismatchError(f"teacher cache {self.directory} holds {table.num_rows - len(self._index)} "
+                                     "(clip, view) row(s) twice; delete it and build it again")
 
     def packed(self) -> dict:
         """Everything a lookup needs, as one picklable object (shipped to Train workers through
         the object store, so workers need no shared filesystem)."""
         self.load()
-        return {"directory": str(self.directory), "info": self.info, "keys": list(self._index), "logits": self._logits}
+        return {"directory": str(self.directory), "info": self.info, "keys": list(self._index),
+                "rows": np.fromiter(self._index.values(), dtype=np.int64, count=len(self._index)),
+                "logits": self._logits}
 
     @classmethod
     def from_packed(cls, packed: dict) -> "TeacherLogitCache":
         cache = cls.__new__(cls)
         cache.directory, cache.info, cache._logits = packed["directory"], packed["info"], packed["logits"]
-        cache._index = {tuple(k): i for i, k in enumerate(packed["keys"])}
+        cache._index = dict(zip(map(tuple, packed["keys"]), packed["rows"].tolist()))
         return cache
 
     def __len__(self) -> int:
@@ -459,13 +468,30 @@ def build_teacher_cache(
     }
     cache = TeacherLogitCache.__new__(TeacherLogitCache)
     cache.directory, cache.info, cache._index, cache._logits = out, info, None, None
-    info["verify"] = verify_cache(cache, clips_dir, model, verify_samples)
+    try:
+        info["verify"] = verify_cache(cache, clips_dir, model, verify_samples)
+    except CacheMismatchError as exc:
+        # without this, a rerun would find every shard done and fail on the same row for ever
+        removed = _remove_logits_of(logits_dir, getattr(exc, "clip_id", None))
+        raise CacheMismatchError(f"{exc}; " + (f"removed {', '.join(removed)} so that a rerun computes it again"
+                                              if removed else "nothing removed")) from None
     storage.write_json(storage.join(out, CACHE_JSON), info)
     storage.remove(storage.join(out, BUILD_JSON))
     log(f"[cache] {rows} logit rows in {elapsed:.1f}s; teacher top-1 "
         + ", ".join(f"{k} {v:.1%}" for k, v in info["teacher_top1"].items())
         + f"; verified {info['verify']['checked']} rows, max |diff| {info['verify']['max_abs_diff']:.2e}")
     return info
+
+
+def _remove_logits_of(logits_dir: str, clip_id) -> list[str]:
+    """Remove the logits file holding ``clip_id`` and its sidecar (the file first); their names."""
+    for path in storage.listdir(logits_dir, ".parquet"):
+        if clip_id is not None and clip_id in set(read_table(path, columns=["clip_id"]).column("clip_id").to_pylist()):
+            for p in (path, _sidecar(path)):
+                if storage.isfile(p):
+                    storage.remove(p)
+            return [storage.basename(path)]
+    return []
 
 
 def _split_of(shard: str) -> str:
@@ -526,8 +552,10 @@ def verify_cache(cache: TeacherLogitCache, clips_dir: str, model, samples: int, 
         diff = (fresh - stored).abs()
         max_diff = max(max_diff, float(diff.max()))
         if not bool((diff <= atol + rtol * fresh.abs()).all()):
-            raise CacheMismatchError(f"cached logits of {clip_id} [{view}] differ from a direct teacher "
+            exc = CacheMismatchError(f"cached logits of {clip_id} [{view}] differ from a direct teacher "
                                      f"forward by {float(diff.max()):.3g} (> {atol} + {rtol}*|x|)")
+            exc.clip_id = clip_id
+            raise exc
     return {"checked": len(picked), "max_abs_diff": max_diff, "rtol": rtol, "atol": atol}
 
 

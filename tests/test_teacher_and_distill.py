@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -304,6 +305,8 @@ def test_a_cache_writer_without_a_gpu_from_ray_stays_on_the_cpu(prepared, ray_lo
     (("seeds", [0, 0]), "seeds"),  # one seed twice: one run reported as two
     (("max_failures", -1), "max_failures"),
     (("data.val_split", "test"), "data.val_split"),  # choices would read the split reported once
+    # one view twice ("center+" is "center"): its rows were cached twice and the workers' lookups shifted
+    (("teacher.views", ["center", "center+"]), "teacher.views"),
     (("data.frames", 32), "data.synthetic.frames"),  # 16-frame generated videos: every one too short
 ])
 def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
@@ -453,6 +456,54 @@ def test_a_cache_built_for_other_views_is_refused(prepared):
     with pytest.raises(CacheMismatchError, match=r"built for views \['center'\], teacher.views is \['center', "
                                                  r"'center\+flip'\]"):
         pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
+
+
+def test_a_logits_row_twice_is_refused_and_workers_look_up_what_the_driver_does(prepared, tmp_path):
+    """A (clip, view) key held twice made the driver's index and the one shipped to Train workers
+    (keys renumbered 0..n-1) disagree for every later key: workers trained on other clips' logits.
+    Such a cache is now refused, and the shipped index carries the driver's row numbers."""
+    from dvfl.teacher_cache import cache_fingerprint, view_spec
+
+    cache = TeacherLogitCache(prepared["cfg"].cache_dir)
+    ids = read_clips_table(prepared["cfg"].clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
+    shipped = TeacherLogitCache.from_packed(cache.packed())
+    assert torch.equal(shipped.lookup(ids, ["center"] * len(ids)), cache.lookup(ids, ["center"] * len(ids)))
+
+    copy = tmp_path / "cache"
+    shutil.copytree(prepared["cfg"].cache_dir, copy)
+    first = sorted((copy / "logits").glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), first)
+    with pytest.raises(CacheMismatchError, match=r"holds 1 \(clip, view\) row\(s\) twice"):
+        TeacherLogitCache(copy).lookup(ids[:1], ["center"])
+    with pytest.raises(ValueError, match="name a view twice"):
+        view_spec(32, ["center", "center+"])
+    # the same views in another order are the same logits: one fingerprint
+    spec = prepared["spec"]
+    assert cache_fingerprint(spec, "f", view_spec(32, ["center+flip", "center"]), "float16") == cache_fingerprint(
+        spec, "f", view_spec(32, ["center", "center+flip"]), "float16")
+
+
+def test_a_cache_that_fails_verification_is_computed_again_on_the_next_run(prepared, tmp_path, ray_local):
+    """Rows that a direct teacher forward contradicts: the build fails (as before) and removes the
+    logits file holding them, so that the next run computes it again instead of failing the same way."""
+    cfg = prepared["cfg"]
+    out = tmp_path / "cache"
+    shutil.copytree(cfg.cache_dir, out)
+    fingerprint = json.loads((out / "cache.json").read_text())["fingerprint"]
+    (out / "cache.json").unlink()  # a build cut short before its verification
+    (out / "_build.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    bad = sorted((out / "logits").glob("*.parquet"))[0]
+    table = pq.read_table(bad)
+    flipped = [bytes(b ^ 0x40 for b in v) for v in table.column("logits").to_pylist()]  # fp16 sign/exponent bits
+    i = table.schema.get_field_index("logits")
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(flipped, pa.binary())), bad)
+    kwargs = dict(crop_size=cfg.crop_size, views=("center",), batch_size=4, verify_samples=10_000, log=lambda *_: None)
+    with pytest.raises(CacheMismatchError, match=rf"differ from a direct teacher forward .*removed {bad.name}"):
+        build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(out), **kwargs)
+    assert not bad.exists()
+    info = build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(out), **kwargs)
+    assert info["fingerprint"] == fingerprint and info["verify"]["checked"] == len(TeacherLogitCache(out))
 
 
 def test_a_missing_or_short_logits_file_is_found_before_training(prepared, tmp_path):
