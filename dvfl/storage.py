@@ -114,6 +114,11 @@ def _s3(endpoint: Optional[str], region: Optional[str]) -> pafs.FileSystem:
     return pafs.S3FileSystem(**kw)
 
 
+@functools.lru_cache(maxsize=1)
+def _gcs() -> pafs.FileSystem:
+    return pafs.GcsFileSystem()  # Application Default Credentials, as from_uri("gs://...") gives
+
+
 def filesystem(path: str) -> Tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path inside it)`` for a local path or a URI."""
     path = os.fspath(path)
@@ -125,6 +130,9 @@ def filesystem(path: str) -> Tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         # "bucket/key" taken literally: keys may hold '#' and '?', which urlparse would cut off
         return _s3(s3_endpoint(), region), rest.rstrip("/")
+    if scheme.lower() in ("gs", "gcs"):
+        # literally too: from_uri refuses spaces and non-ASCII and decodes '%41' into another key
+        return _gcs(), rest.rstrip("/")
     if "#" in path or "?" in path:
         # pyarrow's from_uri drops a '#...' fragment and reads '?...' as options: another object
         raise ValueError(f"{path}: '#' and '?' are not supported in {scheme}:// paths; rename the path")
@@ -350,12 +358,17 @@ def remove(path: str) -> bool:
 
 
 def remove_tree(path: str) -> None:
-    """Delete a directory / every object under a prefix (missing: nothing to do)."""
+    """Delete a directory / every object under a prefix (missing: nothing to do). A file that cannot
+    be deleted raises: callers start over in the folder (``--fresh``) and must not find old files."""
     local = local_path(path)
     if local is not None:
         import shutil
 
-        shutil.rmtree(local, ignore_errors=True)
+        def gone_already(func, name, exc_info):  # removed meanwhile: what was asked
+            if not issubclass(exc_info[0], FileNotFoundError):
+                raise exc_info[1]
+
+        shutil.rmtree(local, onerror=gone_already)
         return
     fs, p = filesystem(path)
     if fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True)):

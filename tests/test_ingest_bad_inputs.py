@@ -298,3 +298,24 @@ def test_a_test_video_in_the_unlabelled_pool_is_caught(tmp_path, ray_local):
     written = {r["video_id"] for r in SH.read_clips_table(out, columns=["video_id"]).to_pylist()}
     assert written == {"train/B/b1", "test/A/t1", "test/B/t2", "unlabeled/u2"}
     assert any("2 video(s)" in line and "duplicate_content" in line for line in logged)
+
+
+def test_a_file_swapped_for_a_link_out_of_the_root_after_listing_is_not_read(tmp_path, ray_local):
+    """The root check ran when the manifest was made; a video replaced by a symlink to a file
+    outside the root before its decode was read (its frames would have entered the shards). The
+    decode checks the real path again: the entry is rejected outside_root, the rest is ingested."""
+    from conftest import make_videos
+
+    root, outside = tmp_path / "ds", tmp_path / "elsewhere"
+    make_videos([(str(root / "train/A/a1.mp4"), dict(n=10, seed=1)), (str(root / "train/B/b1.mp4"), dict(n=10, seed=2)),
+                 (str(outside / "secret.mp4"), dict(n=10, seed=3))])
+    m = A.folder(str(root))
+    assert len(m.entries) == 2
+    os.unlink(root / "train/B/b1.mp4")
+    os.symlink(outside / "secret.mp4", root / "train/B/b1.mp4")
+    out = str(tmp_path / "out")
+    s = ingest(m, IngestConfig(out=out, frames=8, clips_per_video=1, short_side=16, workers=1), log=None)
+    assert s["inputs"] == 2 and s["written_videos"] == 1 and s["accounting_ok"]
+    (rej,) = map(json.loads, open(os.path.join(out, "rejects.jsonl")))
+    assert rej["video_id"] == "train/B/b1" and rej["reason"] == "outside_root" and "secret.mp4" in rej["detail"]
+    assert {r["video_id"] for r in SH.read_clips_table(out, columns=["video_id"]).to_pylist()} == {"train/A/a1"}

@@ -490,10 +490,12 @@ def test_resume_skips_finished_shards(syn_root, tmp_path, ray_local):
     os.unlink(os.path.join(out, "shards", "train-00002.parquet"))
     os.unlink(os.path.join(out, "shards", "_meta", "test-00001.json"))
     open(os.path.join(out, "shards", ".train-00002.parquet.deadbeef.tmp"), "wb").write(b"PAR1partial")
+    # and in the output folder: a kill while rejects.jsonl was written (session 28: left there for ever)
+    open(os.path.join(out, ".rejects.jsonl.deadbeef.tmp"), "wb").write(b'{"reason"')
     s2 = ingest(manifest(syn_root), IngestConfig(out=out, **cfg), log=None)
     assert s2["shards_skipped"] == 5 and s2["videos_decoded_this_run"] == 8
     assert shard_hashes(out) == ref
-    assert not glob.glob(os.path.join(out, "shards", ".*.tmp"))
+    assert not glob.glob(os.path.join(out, "shards", ".*.tmp")) and not glob.glob(os.path.join(out, ".*.tmp"))
     assert s2["clips"] == s1["clips"] and s2["counts"] == s1["counts"]
     s3 = ingest(manifest(syn_root), IngestConfig(out=out, **cfg), log=None)
     assert s3["shards_skipped"] == 7 and s3["videos_decoded_this_run"] == 0 and s3["clips"] == s1["clips"]

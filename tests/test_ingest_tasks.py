@@ -1,4 +1,6 @@
 """How the ingest cuts work into Ray Data tasks and builds its frames column (no Ray needed)."""
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -75,6 +77,61 @@ def test_decode_child_returns_a_videos_clips_back_to_back_as_decoded_in_process(
     assert I._back_to_back(clips)
     assert [c.tobytes() for c in clips] == [v[3].tobytes() for v in here["views"]]
     assert [v[2].tolist() for v in res["views"]] == [v[2].tolist() for v in here["views"]]
+
+
+def test_a_decode_child_read_through_a_descriptor_above_1023_still_answers(video_factory, tmp_path):
+    """select() refuses descriptors >= 1024 (ValueError: the task, then the ingest, failed); a
+    long-lived Ray worker, whose open-file limit Ray raises, can hold its child's pipe that high."""
+    import resource
+
+    from dvfl.data.worker import DecodeProcess
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    path = video_factory(str(tmp_path / "v.mp4"), n=12, h=32, w=32)
+    job = {"path": path, "video_id": "v", "split": "train", "frames": 8, "clips_per_video": 2, "eval_clips": 1,
+           "seed": 0, "short_side": 32, "min_frames": 8}
+    proc = DecodeProcess()
+    try:
+        assert proc.run(job, 30)["ok"]
+        low = proc.proc.stdout
+        os.dup2(low.fileno(), 1500)
+        proc.proc.stdout = os.fdopen(1500, "rb", buffering=0)
+        low.close()
+        res = proc.run(job, 30)
+        assert res["ok"] and proc.proc.stdout.fileno() == 1500
+    finally:
+        proc.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_merge_that_ray_retries_after_its_commit_finds_the_shard_done(video_factory, tmp_path):
+    """A merge removes its part files after committing the shard; when its worker died then, Ray ran
+    the task again, which failed on the missing parts (FileNotFoundError) and failed the ingest."""
+    from dvfl.data import decode
+    from dvfl.data import shards as S
+
+    params = {"frames": 8, "clips_per_video": 2, "eval_clips": 1, "seed": 0, "short_side": 32, "min_frames": 8,
+              "test_hooks": False}
+    parts = []
+    for i in range(2):
+        path = video_factory(str(tmp_path / f"v{i}.mp4"), n=12, h=32, w=32)
+        job = {"path": f"v{i}.mp4", "video_id": f"v{i}", "split": "train", "label": 0, "class_name": "a"}
+        table, _ = I._video_table(job, decode.decode_video(dict(params, path=path, video_id=f"v{i}", split="train")))
+        writer = S.AtomicShardWriter(str(tmp_path / "_parts" / f"train-00000.{i}.parquet"), 4, "none")
+        writer.write(table)
+        writer.commit()
+        parts.append({"dest": writer.path, "videos": 1, "written": 1, "clips": table.num_rows, "rejects": []})
+    shard = {"shard": "train-00000", "split": "train", "dest": str(tmp_path / "shards" / "train-00000.parquet")}
+    opts = {"row_group_clips": 4, "compression": "lz4", "meta_dir": str(tmp_path / "shards" / "_meta"),
+            "params": params}
+    os.makedirs(opts["meta_dir"])
+    first = I._merge_parts(shard, parts, opts)
+    committed = open(shard["dest"], "rb").read()
+    assert not any(os.path.exists(p["dest"]) for p in parts)
+    assert I._merge_parts(shard, parts, opts) == first  # the retry: done, nothing rewritten
+    assert open(shard["dest"], "rb").read() == committed
 
 
 def test_ingest_config_rejects_bad_task_sizes():

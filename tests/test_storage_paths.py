@@ -56,11 +56,21 @@ def test_file_uri_hosts():
         storage.local_path("file://tmp/a")
 
 
-@pytest.mark.parametrize("uri", ["gs://bkt/runs/ucf#2/x.json", "gs://bkt/runs/q?x=1/x.json"])
+@pytest.mark.parametrize("uri", ["hdfs://nn/runs/ucf#2/x.json", "hdfs://nn/runs/q?x=1/x.json"])
 def test_other_schemes_refuse_what_pyarrow_would_cut_off(uri):
-    """pyarrow's from_uri drops a '#' fragment (gs://bkt/runs/ucf#2/x -> bkt/runs/ucf): refused."""
-    with pytest.raises(ValueError, match=rf"^{uri.replace('?', '[?]')}: '#' and '\?' are not supported in gs:// paths"):
+    """pyarrow's from_uri drops a '#' fragment (hdfs://nn/runs/ucf#2/x -> /runs/ucf): refused."""
+    with pytest.raises(ValueError, match=rf"^{uri.replace('?', '[?]')}: '#' and '\?' are not supported in hdfs:// paths"):
         storage.filesystem(uri)
+
+
+@pytest.mark.parametrize("key", ["runs/ucf#2/x.json", "runs/q?x=1/x.json", "my data/x", "caf\u00e9/x", "run%202024/x",
+                                 "100%done/x"])
+def test_a_gs_uri_keeps_every_character_of_its_key(key):
+    """from_uri refused spaces and non-ASCII (a reachable bucket reported unreachable), decoded
+    '%20' into another key and cut '#'/'?' off: gs:// keys are now taken as written, like s3://.
+    (The filesystem is made without contacting Google: nothing here needs the network.)"""
+    fs, path = storage.filesystem(f"gs://bkt/{key}")
+    assert fs.type_name == "gcs" and path == f"bkt/{key}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,3 +178,27 @@ def test_configs_written_under_a_ray_job_name_shipped_inputs_as_the_user_gave_th
     cfg = build_config(config_tree(None, sets)).resolve_paths()
     dump_config(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["teacher"]["path"] == str(tmp_path / "models" / "embedded_teacher")
+
+
+def test_a_tree_that_cannot_be_removed_raises_instead_of_staying(tmp_path, monkeypatch):
+    """``--fresh`` removes the old shards with remove_tree, which ignored every error: shards it could
+    not delete (owned by another user) stayed and were counted as this run's finished shards, under
+    the new fingerprint. A failed delete now raises; a missing tree is still nothing to do."""
+    tree = tmp_path / "shards"
+    (tree / "_meta").mkdir(parents=True)
+    (tree / "train-00000.parquet").write_bytes(b"PAR1")
+    real_unlink = os.unlink
+
+    def refuse(path, *a, **kw):
+        if str(path).endswith(".parquet"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(PermissionError):
+        storage.remove_tree(str(tree))
+    assert (tree / "train-00000.parquet").exists()
+    monkeypatch.undo()
+    storage.remove_tree(str(tree))
+    assert not tree.exists()
+    storage.remove_tree(str(tmp_path / "never"))

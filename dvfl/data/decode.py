@@ -524,7 +524,7 @@ def decode_video(job: Dict) -> Dict:
 
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
-    optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
+    optional ``root`` (the real folder the file must resolve into), optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
     ``first_views`` (only the first N planned views), optional ``whole_file`` (a file cut short is
     rejected ``truncated`` instead of keeping the frames before the cut).
 
@@ -545,6 +545,10 @@ def _decode_video(job: Dict) -> Dict:
     path = os.path.abspath(job["path"])
     if not os.path.isfile(path):  # (follows symlinks: devices, FIFOs and folders are refused)
         raise DecodeReject(MISSING, "no such regular file")
+    root = job.get("root")
+    if root and os.path.commonpath([os.path.realpath(path), root]) != root:
+        # checked when the manifest was made; a file swapped for a link since must not be read
+        raise DecodeReject(OUTSIDE_ROOT, f"resolves to {os.path.realpath(path)}, outside the root {root}")
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # a name in another encoding: decord and PyAV can only open UTF-8 paths

@@ -261,7 +261,7 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, max_rss_mb: fl
     rows: List[Dict[str, Any]] = []
     frames: List[Optional[np.ndarray]] = []
     for job in (j for text in batch.column("jobs").to_pylist() for j in json.loads(text)):
-        full = dict(params, path=job["abspath"], video_id=job["video_id"], split=job["split"])
+        full = dict(params, path=job["abspath"], root=job["root"], video_id=job["video_id"], split=job["split"])
         res = _PROC.run(full, timeout)
         label = None if job["label"] < 0 else job["label"]
         base = {"video_id": job["video_id"], "path": job["path"], "label": label,
@@ -442,8 +442,8 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     elif _s.shard_paths(out):
         raise ValueError(f"{out} holds shards but no {_s.PLAN_JSON}; use a new --out or pass --fresh")
     storage.makedirs(meta_dir)
-    _s.remove_stale_tmp(shard_dir)
-    _s.remove_stale_tmp(meta_dir)
+    for folder in (out, shard_dir, meta_dir):  # temp files of writes a killed run cut short
+        _s.remove_stale_tmp(folder)
     parts_dir = storage.join(out, PARTS_DIR)
     storage.remove_tree(parts_dir)  # pieces of shards a killed run never merged: those shards are redone whole
     storage.write_json(plan_path, layout)
@@ -462,7 +462,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     for p in todo:
         for vid in p.video_ids:
             e = entries[vid]
-            jobs.append({"video_id": vid, "abspath": e.path, "path": e.relpath(manifest.root),
+            jobs.append({"video_id": vid, "abspath": e.path, "root": e.root, "path": e.relpath(manifest.root),
                          "label": -1 if e.label is None else int(e.label), "class_name": e.class_name or "",
                          "split": e.split, "shard": p.name, "order": len(jobs), "bytes": identities[vid][0]})
     n_videos_todo = len(jobs)
@@ -730,8 +730,8 @@ def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     rejects: List[Dict] = []
     try:
         for job in piece["jobs"]:
-            res = proc.run(dict(opts["params"], path=job["abspath"], video_id=job["video_id"], split=job["split"]),
-                           opts["timeout"])
+            res = proc.run(dict(opts["params"], path=job["abspath"], root=job["root"], video_id=job["video_id"],
+                                split=job["split"]), opts["timeout"])
             table, reject = _video_table(job, res)
             if table is None:
                 rejects.append(reject)
@@ -768,6 +768,13 @@ def _release_arrow_memory() -> None:
 
 
 def _write_merged(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict[str, Any]) -> Dict[str, Any]:
+    meta = storage.join(opts["meta_dir"], shard["shard"] + ".json")
+    if storage.isfile(meta) and storage.isfile(shard["dest"]):
+        # committed by an attempt Ray retries (its worker died after the commit, while or after it
+        # removed the parts): done, not a FileNotFoundError failing the whole ingest
+        for part in parts:
+            storage.remove(part["dest"])
+        return {"shard": shard["shard"], "bytes": storage.read_json(meta)["bytes"]}
     writer = _s.AtomicShardWriter(shard["dest"], opts["row_group_clips"], opts["compression"])
     try:
         for part in parts:

@@ -87,6 +87,7 @@ class DecodeProcess:
             try:
                 self.proc.stdin.close()
                 self.proc.wait(timeout=5)
+                self.proc.stdout.close()
             except Exception:
                 self.kill()
             self.proc = None
@@ -181,8 +182,11 @@ class DecodeProcess:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
+            # poll, not select: select refuses descriptors >= 1024, which a long-lived Ray worker
+            # (its RLIMIT_NOFILE raised) can hand out
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(max(1, int(left * 1000 + 0.999))):
                 raise TimeoutError
             k = os.readv(fd, [view[got:]])
             if not k:
