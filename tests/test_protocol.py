@@ -209,3 +209,17 @@ def test_clips_of_another_split_are_refused():
                         check_paths=False)
     with pytest.raises(ValueError, match="data.split is 7, the clips were ingested from split 3"):
         check_clips_match(ucf50, {**info, "dataset": "ucf50", "source": {"test_group": 3}})
+
+
+def test_fewer_evaluation_clips_than_stored_are_spread_over_the_video():
+    """eval.clips below data.eval_clips took the first stored clips: 1 of 4 was the clip centred at
+    1/8 of every segment, 2 of 4 both lay in the first half. Now the stored clip under each wanted
+    centre: (k + 0.5) / stored nearest (j + 0.5) / wanted."""
+    from dvfl.data.sampling import uniform_clip_indices
+    from dvfl.train.evaluate import spread_clips
+
+    assert spread_clips(1, 4) == {2} and spread_clips(2, 4) == {1, 3} and spread_clips(1, 3) == {1}
+    assert spread_clips(3, 3) == {0, 1, 2} and spread_clips(4, 2) == {0, 1, 2, 3} and spread_clips(2, 6) == {1, 4}
+    # 1 of 3 stored clips is exactly the 1-clip evaluation's clip
+    (k,) = spread_clips(1, 3)
+    assert uniform_clip_indices(64, 8, k, 3).tolist() == uniform_clip_indices(64, 8, 0, 1).tolist()

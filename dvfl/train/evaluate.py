@@ -10,12 +10,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dvfl.data.shards import parquet_file, shard_paths
+from dvfl.data.shards import load_dataset_info, parquet_file, shard_paths
 from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize
 
 
 class ProtocolError(ValueError):
     """The shards cannot serve the asked views (e.g. 4 clips per video asked, 1 stored)."""
+
+
+def spread_clips(wanted: int, stored: int) -> set[int]:
+    """Which of ``stored`` evenly spaced clips (clip k centred at (k + 0.5) / stored of the video)
+    stand for ``wanted`` evenly spaced ones: the one under each wanted centre. The first
+    ``wanted`` would all lie early in the video (1 of 4: the clip at 1/8, not the middle)."""
+    if wanted >= stored:
+        return set(range(wanted))
+    return {int((j + 0.5) * stored / wanted) for j in range(wanted)}
 
 
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
@@ -39,10 +48,13 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     labels: dict[str, int] = {}
     n_views: dict[str, int] = {}
     columns = ["clip_id", "video_id", "label", "view", "view_index", "frames", "num_frames", "height", "width"]
+    wanted = set(range(num_clips))
+    if view_kind == "uniform":  # the stored clips nearest to num_clips evenly spaced ones, not the first
+        wanted = spread_clips(num_clips, int(load_dataset_info(clips_dir)["params"].get("eval_clips", num_clips)))
     for path in shard_paths(clips_dir, [split]):
         for record_batch in parquet_file(path).iter_batches(batch_size=batch_size, columns=columns):
             table = pa.Table.from_batches([record_batch])
-            keep = [v == view_kind and i < num_clips and (videos is None or vid in videos) for v, i, vid in
+            keep = [v == view_kind and i in wanted and (videos is None or vid in videos) for v, i, vid in
                     zip(table.column("view").to_pylist(), table.column("view_index").to_pylist(),
                         table.column("video_id").to_pylist())]
             table = table.filter(pa.array(keep))
