@@ -213,10 +213,11 @@ def distillation_loss(
                     y = y * (1.0 - label_smoothing) + label_smoothing / num_classes
                 ce_per_clip = -(y * log_p).sum(dim=-1)
             else:
-                # Unlabelled ids (ignore_index or anything else) are replaced by class 0.
+                # Unlabelled ids (ignore_index or anything else) are replaced by class 0; every
+                # labelled id must be a class (PyTorch's own ignore_index, -100, would give 0 loss)
                 safe = torch.where(is_labelled, targets, torch.zeros_like(targets)).long()
                 ce_per_clip = F.cross_entropy(log_p, safe, reduction="none",
-                                              label_smoothing=label_smoothing)
+                                              label_smoothing=label_smoothing, ignore_index=ignore_index)
             ce_per_clip = torch.where(is_labelled, ce_per_clip, torch.zeros_like(ce_per_clip))
             ce = ce_per_clip.sum() / num_labelled.clamp(min=1).to(dtype)
 

@@ -293,3 +293,15 @@ def test_official_repo_softmax_bug_is_not_reproduced():
     assert abs(buggy.item()) > 1e-3
     assert abs(distillation_loss(s, s, alpha=1.0, temperature=T).total.item()) < 1e-12
     assert math.isfinite(buggy.item())
+
+
+def test_a_labelled_target_outside_the_classes_is_an_error_even_minus_100():
+    """Targets other than ignore_index are labelled; PyTorch's cross_entropy silently gave -100
+    (its own default ignore_index) a loss of 0 while it was counted among the labelled clips."""
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    for bad in (-100, -5, 5):
+        with pytest.raises(IndexError, match="out of bounds"):
+            distillation_loss(s, t, torch.tensor([1, 2, bad, 3]), alpha=0.0)
+    out = distillation_loss(s, t, torch.tensor([1, 2, -1, 3]), alpha=0.0)
+    assert int(out.num_labelled) == 3
+    torch.testing.assert_close(out.ce, torch.nn.functional.cross_entropy(s[[0, 1, 3]], torch.tensor([1, 2, 3])))

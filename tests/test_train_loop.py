@@ -168,3 +168,59 @@ def test_a_checkpoint_of_another_worker_count_is_not_resumed():
 
     with pytest.raises(ValueError, match=r"taken with 2 worker\(s\), this run has 1: rerun with scaling\.num_workers=2"):
         resume(SimpleNamespace(world=1), {"world": 2, "epoch": 0, "step": 3, "history": []})
+
+
+def test_each_rank_draws_its_own_drop_path_masks():
+    """torch was seeded alike on every rank and nothing branched it: sample i of every rank lost the
+    same residual branches at every step (stochastic depth perfectly correlated across ranks), and a
+    resume copied rank 0's stream to all. Rank 0 keeps the seed's stream (one-worker runs unchanged)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dvfl.train.loop import resume, set_up
+
+    cfg = LoopConfig(seed=3, model=ModelSpec("videofocalnet_nano", {"num_classes": 4, "num_frames": 4, "img_size": 32,
+                                                                      "embed_dim": 8, "drop_path_rate": 0.5}),
+                     optim=OptimSection(), train_rows=8)
+    x = torch.randn(2, 4, 3, 32, 32)  # (B, T, C, H, W)
+
+    def rank(r, state=None):
+        session = SimpleNamespace(rank=r, world=2, device=torch.device("cpu"), prepare_model=lambda m: m,
+                                  fetch=lambda ref: None)
+        run = set_up(cfg, session)
+        resume(run, state)
+        return run, run.model.train()(x)
+
+    run0, out0 = rank(0)
+    _, again0 = rank(0)
+    _, out1 = rank(1)
+    assert torch.equal(out0, again0)  # deterministic per rank
+    assert not torch.allclose(out0, out1)  # (same weights: DDP broadcasts rank 0's; here the same seed)
+    state = {"model": run0.raw_model.state_dict(), "optimizer": run0.optimizer.state_dict(), "epoch": 0, "step": 1,
+             "history": [], "rng": run0.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "world": 2}
+    _, resumed0 = rank(0, state)
+    _, resumed1 = rank(1, state)
+    assert not torch.allclose(resumed0, resumed1)
+
+
+def test_train_ce_is_the_mean_over_the_clips_it_covers():
+    """A batch of unlabelled clips has no CE; its 0 was averaged in as a batch's CE, so a run with
+    unlabelled clips reported train_ce too low (here half of it)."""
+    import numpy as np
+    import torch
+
+    from dvfl.train import loop
+
+    stats = loop._EpochStats()
+    stats.add_batch(0.5, 0.0, 0.5, 0, np.array([1, 2]), np.array([-1, -1]))  # unlabelled only
+    stats.add_batch(1.0, 1.2, 0.8, 2, np.array([1, 2]), np.array([1, 0]))
+    stats.add_batch(1.0, 0.6, 0.8, 1, np.array([3, 0]), np.array([3, -1]))
+    m = torch.nn.Linear(1, 1)
+    run = loop._Run(rank=0, world=1, device=torch.device("cpu"), model=m, raw_model=m,
+                    optimizer=torch.optim.SGD(m.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                    amp=None, teacher=None, rng=None, total_steps=1, warmup=0)
+    metrics = loop.epoch_metrics(run, LoopConfig(seed=0, model=None, optim=OptimSection()), stats, 0, 0.0, 1.0, 0.0)
+    assert metrics["train_ce"] == pytest.approx((1.2 * 2 + 0.6) / 3) and metrics["ce_clips"] == 3
+    assert metrics["train_loss"] == pytest.approx(2.5 / 3) and metrics["train_top1"] == pytest.approx(2 / 3)
+    assert metrics["labelled_clips"] == 3 and metrics["unlabelled_clips"] == 3 and metrics["mixed_batches"] == 1

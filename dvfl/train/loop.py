@@ -274,6 +274,20 @@ class _EpochStats:
     pending: int = 0  # batches whose gradients wait for the next optimizer step
     teacher_wait: float = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
 
+    def add_batch(self, loss: float, ce: float, kd: float, ce_clips: int, predicted: np.ndarray,
+                  labels: np.ndarray) -> None:
+        """One batch's sums. CE is summed per clip it covers (``ce_clips``): a batch of unlabelled
+        clips has none, and counting its 0 as a batch's CE made train_ce too low."""
+        self.batches += 1
+        self.loss += loss
+        self.ce += ce * ce_clips
+        self.kd += kd
+        labelled = labels >= 0
+        self.correct += int((predicted == labels)[labelled].sum())
+        self.seen += int(labelled.sum())
+        self.counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
+                                     int(labelled.any() and not labelled.all())])
+
 
 class _Timed:
     """An iterator that adds up the seconds spent waiting on ``next``."""
@@ -406,6 +420,8 @@ def set_up(cfg: LoopConfig, session) -> _Run:
     if cfg.init_state_ref:
         model.load_state_dict(session.fetch(cfg.init_state_ref), strict=False)
     model = session.prepare_model(model)
+    if rank:  # each rank its own torch stream (drop-path masks), as its own data; rank 0 keeps the seed's
+        torch.manual_seed(rank_torch_seed(cfg.seed, rank))
     raw_model = model.module if hasattr(model, "module") else model
     teacher = (TeacherSignal(cfg.teacher, device, session.fetch, optim.temporal_impl)
                if cfg.teacher.mode != "none" else None)
@@ -416,6 +432,12 @@ def set_up(cfg: LoopConfig, session) -> _Run:
                 scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), amp=amp, teacher=teacher,
                 rng=np.random.default_rng([cfg.seed, rank]), total_steps=total_steps,
                 warmup=int(optim.warmup_frac * total_steps))
+
+
+def rank_torch_seed(*key: int) -> int:
+    """A torch seed of its own for ``key`` (seed, rank[, epoch]): with one seed on every rank, every
+    rank dropped the same residual branches for the same sample at every step."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
 
 
 def checkpoint_state(checkpoint) -> dict:
@@ -446,11 +468,12 @@ def resume(run: _Run, state: dict | None, label: str = "train") -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]
     if "rng" in state:  # checkpoints before session 22 have no random state: the streams restart
-        if run.rank == 0:  # the checkpoint holds rank 0's stream; other ranks branch off theirs by epoch
+        torch.set_rng_state(state["torch_rng"])
+        if run.rank == 0:  # the checkpoint holds rank 0's streams; other ranks branch off theirs by epoch
             run.rng.bit_generator.state = state["rng"]
         else:
             run.rng = np.random.default_rng([*run.rng.integers(0, 2**31, 2).tolist(), run.start_epoch])
-        torch.set_rng_state(state["torch_rng"])
+            torch.manual_seed(rank_torch_seed(*run.rng.integers(0, 2**31, 2).tolist(), run.rank))
         if state.get("cuda_rng") is not None and run.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], run.device)
         if state.get("scaler"):
@@ -507,15 +530,8 @@ def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
     if stats.pending == optim.accum_steps:
         run.step = _optimizer_step(run.model, run.optimizer, run.scaler, optim, run.step, run.total_steps, run.warmup)
         stats.pending = 0
-    stats.batches += 1
-    stats.loss += float(loss.detach())
-    stats.ce += float(ce.detach())
-    stats.kd += float(kd_part.detach())
-    labelled = labels >= 0
-    stats.correct += int((logits.argmax(1).cpu().numpy() == labels)[labelled].sum())
-    stats.seen += int(labelled.sum())
-    stats.counts += torch.tensor([int(labelled.sum()), int((~labelled).sum()), ce_clips,
-                                  int(labelled.any() and not labelled.all())])
+    stats.add_batch(float(loss.detach()), float(ce.detach()), float(kd_part.detach()), ce_clips,
+                    logits.argmax(1).cpu().numpy(), labels)
 
 
 def epoch_metrics(run: _Run, cfg: LoopConfig, stats: _EpochStats, epoch: int, started: float,
@@ -535,7 +551,7 @@ def epoch_metrics(run: _Run, cfg: LoopConfig, stats: _EpochStats, epoch: int, st
     loss, ce, kd, n, correct, seen = sums[:6].tolist()
     counts = sums[6:].long()
     metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
-               "train_loss": loss / n, "train_ce": ce / n, "train_kd": kd / n,
+               "train_loss": loss / n, "train_ce": ce / max(int(counts[2]), 1), "train_kd": kd / n,
                "train_top1": correct / max(seen, 1),
                "epoch_seconds": time.time() - started, "steps": run.step,
                # the share of this rank's training loop spent waiting for its next input batch
