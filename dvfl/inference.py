@@ -22,7 +22,7 @@ import torch
 
 from dvfl.artifacts import SPEC, load_model
 from dvfl.data import decode
-from dvfl.data.sampling import uniform_clip_indices
+from dvfl.data.sampling import spread_clips, uniform_clip_indices
 from dvfl.data.shards import load_dataset_info
 from dvfl.data.worker import DecodeProcess
 from dvfl.data.views import CROPS, View, make_clip_batch, normalize
@@ -104,12 +104,13 @@ class Predictor:
     # -- decoding ------------------------------------------------------------------------
     def decode(self, path: str, num_clips: int = 1, timeout: float | None = None) -> dict:
         """The video's ``num_clips`` uniform clips (uint8 ``(T, H, W, 3)`` each) through the
-        killable decode child, the clips evaluation scores: the first ``num_clips`` of the grid the
-        model's clips were stored with (a grid of ``num_clips`` when it asks for more); raises
-        :class:`PredictError` for a bad file."""
+        killable decode child, the clips evaluation scores: those of the grid the model's clips were
+        stored with that :func:`dvfl.data.sampling.spread_clips` picks (a grid of ``num_clips``
+        when it asks for more); raises :class:`PredictError` for a bad file."""
+        grid = max(num_clips, self.eval_clips)
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
-               "frames": self.frames, "clips_per_video": 1, "eval_clips": max(num_clips, self.eval_clips),
-               "first_views": num_clips, "seed": 0, "short_side": self.short_side,
+               "frames": self.frames, "clips_per_video": 1, "eval_clips": grid,
+               "view_indices": sorted(spread_clips(num_clips, grid)), "seed": 0, "short_side": self.short_side,
                "min_frames": self.min_frames or self.frames, "whole_file": True}  # a cut upload is refused, not recognised from its first part
         res = self.proc.run(job, timeout or self.timeout)
         if not res.get("ok"):

@@ -547,10 +547,11 @@ def test_predict_equals_evaluation_on_every_test_video_of_the_embedded_default(r
 
 
 def test_predict_takes_the_clips_evaluation_takes_from_a_larger_stored_grid(video_factory, tmp_path):
-    """Clips stored with eval_clips 3, evaluated with 1 or 2: evaluation scores the first clips of
-    the 3-clip grid (dvfl.train.evaluate), so predict --views 1xC must decode those, not a grid of
-    its own (its 1-clip grid sat at the segments' middles, frames no evaluation looked at)."""
+    """Clips stored with eval_clips 3, evaluated with 1 or 2: evaluation scores the clips of the
+    3-clip grid that spread_clips picks (dvfl.train.evaluate; since session 28 not the first ones),
+    so predict --views 1xC must decode those, not a grid of its own nor the grid's first clips."""
     from dvfl.data import decode as D
+    from dvfl.data.sampling import spread_clips
     from dvfl.inference import Predictor
 
     path = video_factory(str(tmp_path / "v.mp4"), n=40, h=32, w=32)
@@ -563,7 +564,9 @@ def test_predict_takes_the_clips_evaluation_takes_from_a_larger_stored_grid(vide
             got = pred.decode(path, n)["views"]
             assert len(got) == n
             if n <= 3:
-                for (v0, k0, idx0, clip0), (v1, k1, idx1, clip1) in zip(stored[:n], got):
+                taken = [stored[k] for k in sorted(spread_clips(n, 3))]
+                assert [k for _, k, _, _ in taken] == ([1] if n == 1 else [0, 2] if n == 2 else [0, 1, 2])
+                for (v0, k0, idx0, clip0), (v1, k1, idx1, clip1) in zip(taken, got):
                     assert (v0, k0) == (v1, k1) and idx0.tolist() == idx1.tolist()
                     np.testing.assert_array_equal(clip0, clip1)
     finally:

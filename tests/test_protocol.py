@@ -216,7 +216,7 @@ def test_fewer_evaluation_clips_than_stored_are_spread_over_the_video():
     1/8 of every segment, 2 of 4 both lay in the first half. Now the stored clip under each wanted
     centre: (k + 0.5) / stored nearest (j + 0.5) / wanted."""
     from dvfl.data.sampling import uniform_clip_indices
-    from dvfl.train.evaluate import spread_clips
+    from dvfl.data.sampling import spread_clips
 
     assert spread_clips(1, 4) == {2} and spread_clips(2, 4) == {1, 3} and spread_clips(1, 3) == {1}
     assert spread_clips(3, 3) == {0, 1, 2} and spread_clips(4, 2) == {0, 1, 2, 3} and spread_clips(2, 6) == {1, 4}

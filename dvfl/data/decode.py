@@ -525,7 +525,7 @@ def decode_video(job: Dict) -> Dict:
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
     optional ``root`` (the real folder the file must resolve into), optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
-    ``first_views`` (only the first N planned views), optional ``whole_file`` (a file cut short is
+    ``view_indices`` (only these planned views), optional ``whole_file`` (a file cut short is
     rejected ``truncated`` instead of keeping the frames before the cut).
 
     Frames are turned upright by the container's display rotation (MP4/MOV), as a player shows them.
@@ -680,8 +680,8 @@ def _plan_views(job: Dict, n: int):
         return [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
     views = sampling.plan_views(n, int(job["frames"]), job["split"], int(job["seed"]), job["video_id"],
                                 int(job["clips_per_video"]), int(job["eval_clips"]))
-    # (predict: the evaluation's first N clips of a larger stored grid)
-    return views[:int(job["first_views"])] if job.get("first_views") else views
+    # (predict: the clips evaluation takes from a larger stored grid)
+    return [views[i] for i in job["view_indices"]] if job.get("view_indices") is not None else views
 
 
 def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, listed: Optional[int] = None,

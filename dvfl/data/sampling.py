@@ -80,6 +80,16 @@ def tsn_train_indices(num_frames: int, T: int, rng: SeedLike) -> np.ndarray:
     return _positions_to_indices(num_frames, T, offsets)
 
 
+def spread_clips(wanted: int, stored: int) -> set[int]:
+    """Which of ``stored`` evenly spaced clips (clip k centred at (k + 0.5) / stored of every
+    segment) stand for ``wanted`` evenly spaced ones: the one under each wanted centre (evaluation
+    and predict with fewer clips than were stored). The first ``wanted`` would all lie early in
+    the video (1 of 4: the clip at 1/8, not the middle)."""
+    if wanted >= stored:
+        return set(range(wanted))
+    return {int((j + 0.5) * stored / wanted) for j in range(wanted)}
+
+
 def uniform_clip_indices(num_frames: int, T: int, clip_index: int = 0, num_clips: int = 1) -> np.ndarray:
     """Deterministic evaluation clip ``clip_index`` of ``num_clips``: position ``(k+.5)/K`` per segment."""
     _check(num_frames, T)

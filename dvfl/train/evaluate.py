@@ -11,20 +11,12 @@ import pyarrow as pa
 import torch
 
 from dvfl.data.shards import load_dataset_info, parquet_file, shard_paths
+from dvfl.data.sampling import spread_clips
 from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize
 
 
 class ProtocolError(ValueError):
     """The shards cannot serve the asked views (e.g. 4 clips per video asked, 1 stored)."""
-
-
-def spread_clips(wanted: int, stored: int) -> set[int]:
-    """Which of ``stored`` evenly spaced clips (clip k centred at (k + 0.5) / stored of the video)
-    stand for ``wanted`` evenly spaced ones: the one under each wanted centre. The first
-    ``wanted`` would all lie early in the video (1 of 4: the clip at 1/8, not the middle)."""
-    if wanted >= stored:
-        return set(range(wanted))
-    return {int((j + 0.5) * stored / wanted) for j in range(wanted)}
 
 
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
