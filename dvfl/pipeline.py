@@ -240,6 +240,21 @@ def launch_training(cfg: RunConfig, loop: dict, *, role: str, name: str, storage
                         **_training_args(cfg, role, unlabeled_dir))
 
 
+def init_identity(section) -> dict:
+    """What a run starts from beyond its seed, for its identity: the checkpoint's or 2D weights'
+    content (a file replaced under the same name) and a re-initialised head; empty without them,
+    so that the identities of runs from scratch stay as they were."""
+    from dvfl.data.ingest import file_identity
+
+    out = {}
+    for key, path in (("init_weights", section.checkpoint), ("init_2d_weights", section.init_2d)):
+        if path:
+            out[key] = storage.size(path) if storage.is_remote(path) else list(file_identity(path))
+    if section.checkpoint and section.reinit_head:
+        out["reinit_head"] = True
+    return out
+
+
 def _init_state_ref(section, kwargs: dict, log):
     """Weights to start from (official checkpoint or 2D FocalNet), shipped via the object store."""
     import ray
@@ -374,10 +389,11 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
                              f"the dataset has {num_classes}")
         return cfg.teacher.path, spec
     section = cfg.teacher.train
+    # (not the worker count, unlike a student's: a search or a rerun with other scaling reuses its teacher)
     identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
                 "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
                 "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip,
-                **holdout_identity(cfg)}
+                **holdout_identity(cfg), **init_identity(section)}
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
     path = train_model(cfg, role="teacher", section=section, optim=cfg.teacher.optim, dataset_info=dataset_info,
@@ -507,9 +523,16 @@ def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: in
                 "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(optim), "seed": seed,
                 "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint") if kd else None,
                 "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
-                "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg)}
+                "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg),
+                **init_identity(cfg.student)}
     if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
         identity["label_fraction"] = cfg.data.label_fraction
+    # the data order's seed (a given data.clips' fingerprint does not hold it) and the worker count
+    # (optim.batch_size is per worker: the global batch and the schedule); absent at 0 and 1
+    if cfg.seed:
+        identity["data_seed"] = cfg.seed
+    if cfg.scaling.num_workers != 1:
+        identity["workers"] = cfg.scaling.num_workers
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
     if kd and teacher["mode"] == "online":  # a cache's fingerprint holds its views; live weights do not
@@ -666,6 +689,15 @@ def training_cost(table: dict) -> dict | None:
             return None
         out[name] = [d / v for d, v in zip(dvfl[key], vfl[key])]
     return out
+
+
+REPORT_FILES = ("results.json", "results.md", "training_curves.png")
+
+
+def remove_report(out: str) -> None:
+    """An earlier run's report files (what :func:`write_report` writes)."""
+    for name in REPORT_FILES:
+        storage.remove(storage.join(out, name))
 
 
 def write_report(cfg: RunConfig, results: dict, log=print, started: float | None = None) -> dict:

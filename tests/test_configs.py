@@ -188,3 +188,32 @@ def test_distill_ingests_missing_clips_from_data_root_and_refuses_them_without_o
     with pytest.raises(SystemExit):
         main(args + ["--set", "data.root=null"])
     assert re.search(r"data\.clips path does not exist: .*no data\.root to ingest it from", capsys.readouterr().err)
+
+
+def test_a_models_identity_holds_what_changes_its_training(tmp_path):
+    """A finished model is reused when its identity matches. Left out were: the data seed (a given
+    data.clips' fingerprint does not hold it, yet it orders the data), the worker count (batch_size
+    is per worker: another global batch and schedule), the checkpoint's content (a file replaced
+    under its name) and a re-initialised head: each reused a model trained otherwise."""
+    from dvfl.pipeline import digest, init_identity, student_run_args
+
+    ckpt = tmp_path / "k400.pth"
+    ckpt.write_bytes(b"a" * 1000)
+    info = {"fingerprint": "f" * 64, "classes": ["a", "b", "c"]}
+
+    def student(*overrides):
+        cfg = load_config(None, [("data.clips", str(tmp_path)), *overrides], check_paths=False)
+        return digest(student_run_args(cfg, info, {"mode": "none"}, 0, "vfl")["identity"])
+
+    base = student()
+    assert student() == base
+    assert student(("seed", 1)) != base
+    assert student(("scaling.num_workers", 2), ("scaling.concurrent_runs", 0)) != base
+    with_ckpt = student(("student.checkpoint", str(ckpt)))
+    assert student(("student.checkpoint", str(ckpt)), ("student.reinit_head", True)) != with_ckpt
+    ckpt.write_bytes(b"b" * 1000)  # new weights under the same name
+    assert student(("student.checkpoint", str(ckpt))) != with_ckpt
+    # the teacher's identity takes the same init part; runs from scratch add nothing (kept reusable)
+    cfg = load_config(None, [("teacher.train.checkpoint", str(ckpt)), ("teacher.train.reinit_head", True)],
+                      check_paths=False)
+    assert init_identity(cfg.teacher.train)["reinit_head"] is True and init_identity(cfg.student) == {}

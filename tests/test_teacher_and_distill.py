@@ -633,9 +633,14 @@ def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(ray_loca
     it. Now no NaN checkpoint exists, every retry diverges again and the command exits 1, its last
     line the error (not a traceback through Ray's wrappers)."""
     out = tmp_path / "nan"
+    out.mkdir()
+    for name in ("results.json", "results.md", "training_curves.png"):  # an earlier run's, which succeeded
+        (out / name).write_text("{}")
     r = _run_distill(_tiny_args(out, [("optim.lr", 1e9), ("optim.clip_grad", None), ("students", ["dvfl"])]),
                      ray_local.get_runtime_context().gcs_address)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[distill] error: dvfl s0: the training loss is nan at epoch" in r.stderr, r.stderr[-2000:]
     assert "[distill] finished" not in r.stdout + r.stderr
-    assert not list(out.glob("students/*/model.json")) and not (out / "results.json").exists()
+    assert not list(out.glob("students/*/model.json"))
+    # no results beside this run's config.yaml: the earlier run's would read as this one's (session 28)
+    assert (out / "config.yaml").exists() and not list(out.glob("results.*")) and not (out / "training_curves.png").exists()

@@ -59,6 +59,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
     with ray_runtime(num_cpus=a.num_cpus):
         storage.makedirs(cfg.output_dir)
+        pipeline.remove_report(cfg.output_dir)  # a run that fails must not leave an earlier one's beside its config
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
         try:
             pipeline.run_all(cfg, started=started)
