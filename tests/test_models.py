@@ -203,3 +203,22 @@ def test_depthwise_convs_on_maps_smaller_than_their_kernel_give_the_plain_convs_
     for name, grad in plain_grads.items():
         torch.testing.assert_close(cropped_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
         assert cropped_grads[name].stride() == dict(model.named_parameters())[name].stride(), name
+
+
+def test_an_odd_map_rounds_down_as_in_the_official_model():
+    """The official PatchEmbed convolves without padding, so at 112 px the last stage sees 3x3 (7 // 2).
+    Ours zero-padded odd maps (4x4): other logits from the same weights and 7.21 GMACs for the nano
+    instead of the official 6.42. A map smaller than the patch (24 px inputs, where the official
+    model fails) is still padded to one patch."""
+    from dvfl.profile import count_flops
+
+    seen = []
+    model = VideoFocalNet(img_size=112, embed_dim=16, depths=[1, 1, 1, 1], num_frames=4).eval()
+    model.layers[3].blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[1:])))
+    with torch.inference_mode():
+        model(torch.randn(1, 4, 3, 112, 112))
+    assert seen == [(3, 3)]
+    assert count_flops("videofocalnet_nano", img_size=112)["gmacs_per_clip"] == pytest.approx(6.4164288)
+    with torch.inference_mode():
+        assert VideoFocalNet(img_size=24, embed_dim=16, depths=[1, 1, 1, 1], num_frames=4, num_classes=5)(
+            torch.randn(1, 4, 3, 24, 24)).shape == (1, 5)

@@ -206,9 +206,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x: ``(N, C, H, W)`` -> tokens ``(N, H'*W', C')`` and the new ``(H', W')``."""
+        # as the official model: an odd map rounds down (7x7 -> 3x3 at 112 px); only a map smaller
+        # than the patch, where the official model fails (24 px inputs), is zero-padded to one patch
         p = self.patch_size
-        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
-        if pad_h or pad_w:  # sizes that are not a multiple of the patch are zero-padded
+        pad_h, pad_w = max(0, p - x.shape[2]), max(0, p - x.shape[3])
+        if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x)
         height, width = x.shape[2:]
