@@ -144,6 +144,38 @@ def test_pickled_code_is_refused(tmp_path):
         load_checkpoint(VideoFocalNet(img_size=32, embed_dim=8, depths=[1, 1, 1, 1], num_classes=3), path)
 
 
+def test_an_official_trainers_checkpoint_with_its_yacs_config_loads(tmp_path):
+    """The official trainer saves {model, optimizer, lr_scheduler, max_accuracy, epoch, config}, its
+    config a yacs CfgNode (a dict subclass), which torch's weights-only unpickler refuses: such a
+    checkpoint failed to load. Written here by a process that has a yacs-like CfgNode; read here,
+    where yacs is not even installed, the weights reproduce the golden logits."""
+    import subprocess
+    import sys
+
+    golden = torch.load(GOLDEN, weights_only=True)
+    torch.save(golden["state_dict"], tmp_path / "sd.pt")
+    (tmp_path / "yacs").mkdir()
+    (tmp_path / "yacs" / "__init__.py").write_text("")
+    (tmp_path / "yacs" / "config.py").write_text(
+        "class CfgNode(dict):\n"
+        "    def __init__(self, init_dict=None):\n"
+        "        super().__init__(init_dict or {})\n"
+        "        self.__dict__['__immutable__'] = False\n")
+    path = tmp_path / "ckpt_epoch_29.pth"
+    subprocess.run([sys.executable, "-c", (
+        "import torch; from yacs.config import CfgNode as C; "
+        f"sd = torch.load({str(tmp_path / 'sd.pt')!r}, weights_only=True); "
+        "torch.save({'model': sd, 'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {}, "
+        "'max_accuracy': 91.2, 'epoch': 29, 'config': C({'MODEL': C({'NAME': 'x', 'DROP_PATH_RATE': 0.1})})}, "
+        f"{str(path)!r})")], cwd=tmp_path, check=True)
+    with pytest.raises(Exception, match="yacs"):  # what torch alone says
+        torch.load(path, weights_only=True)
+    model = VideoFocalNet(**golden["config"]).eval()
+    load_checkpoint(model, path)
+    with torch.no_grad():
+        assert (model(golden["input"]) - golden["logits"]).abs().max().item() < 1e-4
+
+
 def test_init_from_timm_image_focalnet(tmp_path):
     image_model = timm.create_model("focalnet_tiny_srf", pretrained=False)
     path = tmp_path / "focalnet_tiny_srf.pth"

@@ -1,14 +1,19 @@
 """Loading official Video-FocalNet / DVFL-Net checkpoints and 2D ImageNet FocalNet weights.
 
 Every file goes through ``torch.load(..., weights_only=True)``: checkpoints come from the
-internet and a pickle can run code. Official checkpoints keep their weights under ``"model"``;
-a bare state dict is accepted too.
+internet and a pickle can run code. The official trainer also pickles its yacs config beside the
+weights, which that unpickler refuses (a dict subclass); such a file is read again by
+:class:`_MetadataUnpickler`, which builds what ``weights_only`` builds and an inert placeholder
+for the few trainer-metadata classes it names, and refuses every other global as before.
+Official checkpoints keep their weights under ``"model"``; a bare state dict is accepted too.
 """
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +50,51 @@ class LoadReport:
         )
 
 
+# Classes that training scripts pickle next to the weights (configs, parsed arguments): read as inert
+# placeholders, never imported or called.
+METADATA_GLOBALS = {("yacs.config", "CfgNode"), ("argparse", "Namespace")}
+
+
+class _Inert(dict):
+    """A trainer-metadata object from a checkpoint, kept as inert data (its items, if any)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.load's own weights-only globals, plus :data:`METADATA_GLOBALS` as :class:`_Inert`."""
+
+    def find_class(self, module: str, name: str):
+        from torch import _weights_only_unpickler
+
+        allowed = _weights_only_unpickler._get_allowed_globals()
+        if f"{module}.{name}" in allowed:
+            return allowed[f"{module}.{name}"]
+        if (module, name) in METADATA_GLOBALS:
+            return _Inert
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint")
+
+
+_METADATA_PICKLE = types.SimpleNamespace(__name__="dvfl_metadata_pickle", Unpickler=_MetadataUnpickler,
+                                         load=lambda f, **kw: _MetadataUnpickler(f, **kw).load())
+
+
+def _torch_load(source) -> object:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        try:  # (weights_only=False only to pass our unpickler, which is at least as strict)
+            return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_METADATA_PICKLE)
+        except Exception:
+            raise first from None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely and return its state dict (``["model"]``, ``["state_dict"]``
     or the file itself). Raises :class:`CheckpointError` for missing or unreadable files."""
@@ -61,7 +111,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = load(storage.read_bytes(path)) if remote else load_file(path, device="cpu")
         else:
             source = io.BytesIO(storage.read_bytes(path)) if remote else path
-            obj = torch.load(source, map_location="cpu", weights_only=True)
+            obj = _torch_load(source)
     except Exception as exc:  # corrupt file, truncated download, or a pickle with code in it
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(obj, dict):
