@@ -254,3 +254,11 @@ def test_an_odd_map_rounds_down_as_in_the_official_model():
     with torch.inference_mode():
         assert VideoFocalNet(img_size=24, embed_dim=16, depths=[1, 1, 1, 1], num_frames=4, num_classes=5)(
             torch.randn(1, 4, 3, 24, 24)).shape == (1, 5)
+
+
+def test_the_official_constructors_keywords_are_accepted_at_their_defaults():
+    """An official config's keywords pass straight through; only other values are refused."""
+    VideoFocalNet(depths=[1] * 4, embed_dim=8, img_size=32, tubelet_size=1, layerscale_value=1e-4,
+                  norm_layer=torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="tubelet_size=2 is not supported"):
+        VideoFocalNet(depths=[1] * 4, embed_dim=8, img_size=32, tubelet_size=2)

@@ -371,6 +371,9 @@ _OFFICIAL_DEFAULTS = {
     "normalize_modulator": False,
     "ape": False,
     "patch_norm": True,
+    "layerscale_value": 1e-4,  # (unused without layer scale, as in the official model)
+    "tubelet_size": 1,
+    "norm_layer": nn.LayerNorm,
 }
 
 
