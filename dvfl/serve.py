@@ -198,13 +198,20 @@ class Recognizer:
             # the decode gets what is left of the request's time, less the slack kept for inference
             return self._predict(path, max(0.5, min(self.s.request_timeout_s, seconds_left - INFERENCE_SLACK_S)))
 
+        # one limit for the whole request: a client that sends its body a byte at a time holds a
+        # replica slot for as long as it reads, so the upload counts against it too
+        budget = self.s.request_timeout_s + INFERENCE_SLACK_S
         try:
-            size = await self._read_body(request, int(self.s.max_upload_mb * 2 ** 20), path)
+            try:
+                size = await asyncio.wait_for(self._read_body(request, int(self.s.max_upload_mb * 2 ** 20), path),
+                                              budget)
+            except asyncio.TimeoutError:
+                return _error(408, "timeout", f"the upload did not arrive within {budget:g} s")
             if isinstance(size, JSONResponse):
                 return size
             if not size:
                 return _error(400, D.EMPTY, "empty request body: POST the video file")
-            out = await run_exclusive(self.lock, work, self.s.request_timeout_s + INFERENCE_SLACK_S)
+            out = await run_exclusive(self.lock, work, budget - (time.perf_counter() - t0))
         except asyncio.TimeoutError:
             return _error(408, "timeout", f"no result within {self.s.request_timeout_s:g} s")
         finally:

@@ -441,6 +441,55 @@ def test_frames_smaller_than_the_crop_are_a_per_file_error_not_a_crash():
     assert err.value.reason == "too_small" and "24x40" in err.value.detail and STATUS["too_small"] == 422
 
 
+def test_an_upload_that_trickles_in_gets_408_within_the_requests_limit(prepared, video_factory, tmp_path):
+    """The request's limit started once the body was in: a client sending its body a byte at a time
+    held one of the replica's two slots for as long as it liked (no proxy limit under `serve run`).
+    The replica's own class, driven with a real starlette request whose body stalls."""
+    import asyncio
+    from dataclasses import asdict
+
+    from starlette.requests import Request
+
+    from dvfl.serve import INFERENCE_SLACK_S, Recognizer, ServeSettings
+
+    settings = ServeSettings.from_args({"model": prepared["teacher"], "request_timeout_s": "1"})
+    replica = Recognizer.func_or_class(asdict(settings))
+
+    async def trickle():
+        yield_once = [{"type": "http.request", "body": b"\x00" * 10, "more_body": True}]
+
+        async def receive():
+            if yield_once:
+                return yield_once.pop()
+            await asyncio.sleep(3600)  # the rest never comes
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"1000")],
+                 "query_string": b""}
+        t0 = time.monotonic()
+        response = await asyncio.wait_for(replica(Request(scope, receive)), 30)  # (it waited for ever)
+        return response, time.monotonic() - t0
+
+    try:
+        response, seconds = asyncio.run(trickle())
+        assert response.status_code == 408 and b"upload did not arrive" in response.body
+        assert seconds < 1 + INFERENCE_SLACK_S + 2
+        assert not list(Path(replica.tmp).glob("*.video"))  # the partial upload is gone
+        # and a whole upload is still answered
+        good = Path(video_factory(str(tmp_path / "good.mp4"), n=16, h=32, w=32, fps=8)).read_bytes()
+        chunks = [{"type": "http.request", "body": good, "more_body": False}]
+
+        async def whole():
+            async def receive():
+                return chunks.pop() if chunks else {"type": "http.disconnect"}
+            scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+            return await replica(Request(scope, receive))
+
+        assert asyncio.run(whole()).status_code == 200
+    finally:
+        replica.pred.close()
+        shutil.rmtree(replica.tmp, ignore_errors=True)
+
+
 def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_local, video_factory, tmp_path):
     """The Serve app from configs/serve.yaml's args (smaller limits): a good upload -> 200 top-k;
     empty, not a video, truncated, oversized, too long -> 4xx with the reason; then a good upload
