@@ -414,18 +414,23 @@ def test_bad_search_configs_are_rejected_naming_the_field(override, message):
 def test_an_interrupted_search_chooses_nothing_and_says_how_to_resume():
     """Ctrl+C (or a job's stop signal) makes Tune's fit() return the grid as it stands; its cut-off
     trials looked stopped early, and the search wrote a best config and exited 0."""
+    from ray.tune import Result
+
     from dvfl.tune.report import SearchFailed, require_finished
 
-    class Grid:  # what the check reads of Tune's ResultGrid
-        def __init__(self, trials, terminated, errors):
-            self.trials, self.num_terminated, self.num_errors = trials, terminated, errors
+    # Tune's own Result objects, as Ray 2.60 hands them back: a trial that returned or that ASHA or
+    # the stopper stopped has a last result with done=True; the ones an interrupt cut off were
+    # marked TERMINATED too (runner.cleanup() after the loop), their last result without done; an
+    # errored one has its error (the status count missed the cut-off ones: session 28)
+    def result(**kw):
+        return Result(metrics=kw.pop("metrics", {}), checkpoint=None, error=kw.pop("error", None), path="/x")
 
-        def __len__(self):
-            return self.trials
-
-    require_finished(Grid(6, 5, 1), "search")  # every trial ended: finished or errored
-    with pytest.raises(SearchFailed, match=r"search was interrupted with 2 of 6 trial\(s\) unfinished.*same command"):
-        require_finished(Grid(6, 3, 1), "search")
+    ended = [result(metrics={"epoch": 12, "done": True}), result(metrics={"epoch": 6, "done": True}),
+             result(error=RuntimeError("boom"))]
+    require_finished(ended, "search")
+    cut = ended + [result(metrics={"epoch": 3, "done": False}), result(metrics={})]  # (the last one never started)
+    with pytest.raises(SearchFailed, match=r"search was interrupted with 2 of 5 trial\(s\) unfinished.*same command"):
+        require_finished(cut, "search")
 
 
 def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():
@@ -678,3 +683,42 @@ def test_a_changed_front_starts_its_reruns_over(search):
     assert sorted(r["front_of"] for r in s["front_reruns"]) == sorted(r["trial_id"] for r in levels)
     assert all(r["status"] == "completed" for r in s["front_reruns"])
     assert json.loads(front_file.read_text())["reruns"]  # the new front's list, for the next resume
+
+
+def test_a_level_with_a_failed_rerun_is_said_and_not_chosen_over_a_steady_one():
+    """A re-run that diverged or errored was dropped from its level's mean without a word: a level
+    averaged over one seed could beat levels averaged over two, and a recipe that diverges on a
+    fresh seed became the best config. The failure is now in the row and the table, and the best
+    is chosen among the levels none of whose re-runs failed."""
+    from dvfl.tune.report import choose, front_table
+
+    def row(tid, width, gmacs, top1, status="completed", **kw):
+        return dict(trial_id=tid, width=width, gmacs=gmacs, best_top1=top1, status=status, temperature=4.0,
+                    alpha=0.9, lr=1e-3, epochs_run=12, max_epochs=12, **kw)
+
+    rows = [row("a", 16, 0.2, 0.62), row("b", 8, 0.1, 0.55)]
+    reruns = [row("a1", 16, 0.2, 0.70, front_of="a", seed=1), row("a2", 16, 0.2, None, "diverged", front_of="a", seed=2),
+              row("b1", 8, 0.1, 0.60, front_of="b", seed=1), row("b2", 8, 0.1, 0.61, front_of="b", seed=2)]
+    levels, front, best = choose(rows, reruns)
+    a = next(r for r in levels if r["trial_id"] == "a")
+    assert a["top1_mean"] == 0.70 and a["failed_seeds"] == {"2": "diverged"}
+    assert best["trial_id"] == "b"  # steady on both seeds, though a's one usable seed scored higher
+    assert "diverged (seed 2)" in front_table(levels)
+    # every level failed somewhere: the best mean still, as before
+    reruns[2] = row("b1", 8, 0.1, None, "error", front_of="b", seed=1)
+    assert choose([dict(r) for r in rows], reruns)[2]["trial_id"] == "a"
+
+
+def test_front_reruns_that_all_fail_leave_the_search_found_and_said():
+    """The fallback best config (from the single runs) was written, then the search exited 1
+    ("all trials diverged"): the front's re-runs are not the search."""
+    from dvfl.tune.report import SearchFailed, report_errors
+
+    failed = [dict(trial_id="x", status="diverged", best_top1=None, error=None, path="/p"),
+              dict(trial_id="y", status="error", best_top1=None, error="Traceback\nboom", path="/q")]
+    lines = []
+    report_errors(failed, lines.append, required=False)
+    assert any("none of the front's 2 re-run(s) finished (1 errored, the rest diverged): the front and the best "
+               "config come from the single runs" in x for x in lines), lines
+    with pytest.raises(SearchFailed):
+        report_errors(failed, lines.append)

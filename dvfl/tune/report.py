@@ -106,18 +106,26 @@ class SearchFailed(RuntimeError):
 
 def require_finished(grid, what: str) -> None:
     """Tune returns the grid of an interrupted search (Ctrl+C, a job's stop signal) as if it had
-    ended: its cut-off trials look stopped early. Nothing is chosen from such a grid."""
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    ended: its cut-off trials look stopped early. Nothing is chosen from such a grid. A trial ended
+    when it errored or its last result says ``done`` (set by Tune when the trial returned or its
+    scheduler or stopper stopped it); Ray 2.60 marks the trials it cuts off TERMINATED as well
+    (``runner.cleanup()`` after the interrupted loop), so their status says nothing."""
+    unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done"))
     if unfinished:
         raise SearchFailed(f"the {what} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished: nothing "
                            "is chosen from it; run the same command again to resume it")
 
 
-def report_errors(rows: list[dict], log=print) -> None:
+def report_errors(rows: list[dict], log=print, required: bool = True) -> None:
     """Say how many trials errored and show the first one's traceback; raise if none is usable
-    (every trial errored or diverged: nothing was found)."""
+    (every trial errored or diverged: nothing was found), unless not ``required`` (the front's
+    re-runs: the search found its best config without them, and says so)."""
     failed = sorted((r for r in rows if r["status"] == "error"), key=lambda r: r["trial_id"])
-    if rows and not any(usable(r) for r in rows) and not failed:
+    if not required and rows and not any(usable(r) for r in rows):
+        log(f"[tune] none of the front's {len(rows)} re-run(s) finished ("
+            + (f"{len(failed)} errored, the rest diverged" if failed else "all diverged")
+            + "): the front and the best config come from the single runs")
+    if rows and not any(usable(r) for r in rows) and not failed and required:
         raise SearchFailed(f"all {len(rows)} trials diverged (their training loss stopped being finite): "
                            "nothing was found; lower optim.lr or its range")
     if not failed:
@@ -130,6 +138,8 @@ def report_errors(rows: list[dict], log=print) -> None:
 
         log("[tune] the other errored trials' logs: " + ", ".join(
             os.path.join(r["path"] or "?", EXPR_ERROR_FILE) for r in failed[1:]))
+    if not required:
+        return
     if len(failed) == len(rows):
         raise SearchFailed(f"all {len(rows)} trials errored (first error above; trial dir {first['path']})")
     if not any(usable(r) for r in rows):
@@ -185,13 +195,16 @@ def rerun_spread(candidates: list[dict], reruns: list[dict]) -> list[dict]:
     biased upward."""
     spread = []
     for r in candidates:
-        runs = {f["seed"]: f["best_top1"] for f in reruns
-                if f["front_of"] == r["trial_id"] and usable(f) and f["seed"] != r.get("seed")}
+        own = [f for f in reruns if f["front_of"] == r["trial_id"] and f["seed"] != r.get("seed")]
+        runs = {f["seed"]: f["best_top1"] for f in own if usable(f)}
         if not runs:
             continue
         values = list(runs.values())
+        # a seed that errored or diverged is said, not dropped from sight: the mean is over fewer seeds
         r.update(top1_by_seed={str(k): v for k, v in sorted(runs.items())}, top1_mean=sum(values) / len(values),
-                 top1_min=min(values), top1_max=max(values))
+                 top1_min=min(values), top1_max=max(values),
+                 failed_seeds={str(f["seed"]): f["status"] for f in sorted(own, key=lambda f: f["seed"])
+                               if not usable(f)})
         spread.append(r)
     return spread
 
@@ -199,11 +212,13 @@ def rerun_spread(candidates: list[dict], reruns: list[dict]) -> list[dict]:
 def choose(rows: list[dict], reruns: list[dict]) -> tuple[list[dict], list[dict], dict | None]:
     """(cost levels re-run, Pareto front, best trial). With re-runs the front is drawn from each
     cost level's best trial by its re-runs' mean top-1, and the best is the level with the highest
-    mean (ties: the cheaper); without, from the single runs (the best: the top row)."""
+    mean (ties: the cheaper) among those none of whose re-runs failed (a recipe that diverges on a
+    fresh seed is not the one to ship), if any; without, from the single runs (the best: the top row)."""
     levels = rerun_spread(cost_level_bests(rows), reruns)
     if levels:
         front = [levels[i] for i in pareto_front(levels, key="top1_mean")]
-        best = max(levels, key=lambda r: (r["top1_mean"], -r["gmacs"]))
+        steady = [r for r in levels if not r["failed_seeds"]] or levels
+        best = max(steady, key=lambda r: (r["top1_mean"], -r["gmacs"]))
     else:
         front = [rows[i] for i in pareto_front(rows)]
         best = next((r for r in rows if usable(r)), None)
@@ -238,7 +253,8 @@ def front_table(spread: list[dict]) -> str:
             "mean", "min–max", "front"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---|"]
     for r in sorted(spread, key=lambda r: r["gmacs"]):
-        per_seed = ", ".join(f"{v:.1%} (seed {k})" for k, v in r["top1_by_seed"].items())
+        per_seed = ", ".join([f"{v:.1%} (seed {k})" for k, v in r["top1_by_seed"].items()]
+                             + [f"{why} (seed {k})" for k, why in r.get("failed_seeds", {}).items()])
         lines.append("| " + " | ".join([
             r["trial_id"], f"{r['temperature']:.2f}", str(r["width"]), f"{r['alpha']:.2f}", f"{r['lr']:.2e}",
             f"{r['gmacs']:.4f}",
@@ -365,7 +381,9 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
             f"α={best['alpha']:.3g} lr={best['lr']:.3g}: top-1 {best['best_top1']:.1%}"
             + (f" (mean of its re-runs {best['top1_mean']:.1%}) " if spread else " ") +
-            f"-> {best_path} (python pipelines/distill.py --config {best_path})")
+            f"-> {best_path} " + (f"(python pipelines/distill.py --config {best_path})" if cfg.teacher.mode != "none"
+                                  else "(a student without a teacher: pipelines/distill.py distils, so give it "
+                                       "teacher.mode cached to run this recipe there)"))
     log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
         f"tensorboard --logdir {exp}")
     return summary
