@@ -50,7 +50,8 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict, exp:
         record_file = storage.join(exp or experiment_dir(t, cfg), TRIALS_DIR, f"{trial_id}.json")
         record = storage.read_json(record_file) if storage.isfile(record_file) else {}
         epochs_run = int(max((h["epoch"] for h in history), default=0))
-        top1 = [h["val_top1"] for h in history if h.get("val_top1") == h.get("val_top1")]
+        scored = [h for h in history if h.get("val_top1") == h.get("val_top1")]  # (NaN != NaN: dropped)
+        top1 = [h["val_top1"] for h in scored]
         best_i = max(range(len(top1)), key=lambda i: (top1[i], -i)) if top1 else None
         losses = [h.get("train_loss") for h in history]
         status = ("error" if result.error is not None else
@@ -67,7 +68,7 @@ def collect_trials(grid, t: TuneConfig, cfg: RunConfig, dataset_info: dict, exp:
             "params_searched": {k: plain_value(v) for k, v in params.items()},
             **student_cost(trial_cfg, num_classes),
             "best_top1": top1[best_i] if best_i is not None else None,
-            "best_epoch": int(history[best_i]["epoch"]) if best_i is not None else None,
+            "best_epoch": int(scored[best_i]["epoch"]) if best_i is not None else None,
             "final_top1": top1[-1] if top1 else None, "epochs_run": epochs_run, "max_epochs": cfg.optim.epochs,
             "epoch_seconds": [round(float(h["epoch_seconds"]), 2) for h in history if "epoch_seconds" in h],
             "val_seconds": [round(float(h["val_seconds"]), 2) for h in history if h.get("val_seconds") == h.get("val_seconds")
