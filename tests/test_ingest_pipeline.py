@@ -216,12 +216,17 @@ def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkey
                  (str(d / "xvid_b.avi"), dict(n=40, h=32, w=64, codec="mpeg4", options={"bf": "2", "g": "12"}, seed=2)),
                  (str(d / "h264.ts"), dict(n=40, h=32, w=64, seed=3)),
                  (str(d / "rotate_tag.mkv"), dict(n=20, h=32, w=64, seed=4, tags={"rotate": "90"})),
-                 (str(d / "plain.mp4"), dict(n=40, h=32, w=64, seed=5))])
+                 (str(d / "plain.mp4"), dict(n=40, h=32, w=64, seed=5)),
+                 # (session 28) MPEG-4 Part 2 with B-frames outside AVI, H.264 in AVI: decord's frames were others
+                 (str(d / "xvid_b.mp4"), dict(n=40, h=32, w=64, codec="mpeg4", options={"bf": "2", "g": "12"}, seed=7)),
+                 (str(d / "xvid_b.mkv"), dict(n=40, h=32, w=64, codec="mpeg4", options={"bf": "2", "g": "12"}, seed=8)),
+                 (str(d / "h264.avi"), dict(n=40, h=32, w=64, seed=9, options={"g": "30"}))])
     _patch_mp4(d / "plain.mp4", d / "cut_head.mp4", lambda data, box: _cut_head(data, box, 10))
     _patch_mp4(d / "plain.mp4", d / "mirrored.mp4", _mirror)
     # (file, frames a player shows, the clips' turn: np.rot90's k)
     cases = [("ps.mpg", 40, 0), ("xvid_b.avi", 40, 0), ("h264.ts", 40, 0), ("rotate_tag.mkv", 20, 3),
-             ("cut_head.mp4", 30, 0), ("mirrored.mp4", 40, 0), ("plain.mp4", 40, 0)]
+             ("cut_head.mp4", 30, 0), ("mirrored.mp4", 40, 0), ("plain.mp4", 40, 0), ("xvid_b.mp4", 40, 0),
+             ("xvid_b.mkv", 40, 0), ("h264.avi", 40, 0)]
     reference = []
     monkeypatch.setattr(D, "_decode_reference", lambda *a, _f=D._decode_reference, **k: reference.append(a[0]) or _f(*a, **k))
     for name, frames, turn in cases:

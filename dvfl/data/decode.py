@@ -226,6 +226,12 @@ class StreamProbe(NamedTuple):
     size: Optional[Tuple[int, int]]  # (height, width) as stored
     rotation: int                    # from the stream's `rotate` tag, as decord reads it
     b_vops: bool                     # MPEG-4 Part 2 with B-frames (only looked for when asked)
+    codec: str = ""                  # FFmpeg's decoder name
+
+
+# Codecs whose AVI files decord seeks to other frames (their timestamps are shifted against the
+# decode order: H.264 in AVI came out as frames 1, 16, 1, 16, ... even without B-frames)
+AVI_REORDERING_CODECS = {"h264", "hevc", "mpeg2video", "mpeg1video", "vp9", "av1"}
 
 
 def _av():
@@ -239,7 +245,7 @@ def _av():
 
 
 def _pyav_probe(path: str, b_vops: bool = False) -> Optional[StreamProbe]:
-    """The first video stream of a non-MP4 file as PyAV opens it, or ``None``."""
+    """The first video stream of a file as PyAV opens it, or ``None``."""
     try:
         with _av().open(path) as container:
             stream = container.streams.video[0]
@@ -247,7 +253,7 @@ def _pyav_probe(path: str, b_vops: bool = False) -> Optional[StreamProbe]:
             h, w = int(cc.height), int(cc.width)
             rotation = _tag_rotation(stream)
             found = b_vops and cc.name == "mpeg4" and _has_b_vops(container, stream)
-        return StreamProbe((h, w) if h > 0 and w > 0 else None, rotation, found)
+        return StreamProbe((h, w) if h > 0 and w > 0 else None, rotation, found, cc.name)
     except Exception:
         return None
 
@@ -351,6 +357,7 @@ class Mp4Track(NamedTuple):
     rotation: int       # display rotation, counter-clockwise degrees (:func:`rotation_degrees`)
     mirrored: bool      # the display matrix mirrors: decord turns such frames instead (docs/data-format.md)
     trimmed: bool       # an edit list hides frames that decord would count and seek into
+    codec: str = ""     # the sample entry's type: avc1, hvc1, mp4v (MPEG-4 Part 2), ...
 
 
 def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int, int]]:
@@ -475,7 +482,9 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
                 trimmed = _edit_hides_frames(moov, trak, boxes, stbl, movie_scale, os.path.getsize(path))
             except (struct.error, ValueError, IndexError, MemoryError):  # a damaged table: the decoders will tell
                 trimmed = False
-            return Mp4Track(h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed)
+            codec = moov[entry + 4:entry + 8].decode("latin-1")
+            return Mp4Track(h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed,
+                            codec)
         return None  # no video track
     except (OSError, struct.error, ValueError, IndexError):
         return None
@@ -590,15 +599,18 @@ def _decode_file(path: str, job: Dict) -> Dict:
     track = mp4_track(path) if kind == "mp4" else None
     # other containers: PyAV's probe for the size and a `rotate` tag, which decord obeys (AVI:
     # B-frames too); an open costs ~1 ms (docs/ingest.md)
-    probe = _pyav_probe(path, b_vops=kind == "avi") if track is None else None
+    # MPEG-4 Part 2 in any container (and in MP4, whose header says mp4v): B-frames are looked for
+    probe = _pyav_probe(path, b_vops=True) if track is None or track.codec == "mp4v" else None
     # (None: unreadable here; the reference decode then takes FFmpeg's)
     rotation = track.rotation if track else (probe.rotation if probe else None)
     # Where decord's frames are not the player's (docs/data-format.md), FFmpeg's own decode order
     # through PyAV: MPEG program/transport streams and AVIs with B-frames (decord seeks to other
-    # frames), edit lists that hide frames (decord counts and seeks into them), mirrored matrices
+    # frames; MPEG-4 Part 2 with B-frames in any container, H.264 & co. in AVI), edit lists that hide
+    # frames (decord counts and seeks into them), mirrored matrices
     # (decord turns them instead) and a rotate tag outside MP4 (the size decord must be told is unknown).
     if (kind in ("mpeg-ts", "mpeg-ps") or (track is not None and (track.trimmed or track.mirrored))
-            or (probe is not None and (probe.b_vops or rotation))):
+            or (probe is not None and (probe.b_vops or (track is None and rotation)
+                                       or (kind == "avi" and probe.codec in AVI_REORDERING_CODECS)))):
         return _decode_reference(path, job, rotation, "")
     turned = rotation in (90, 270)  # (known only for MP4, or where the probe ran)
     src = track[:2] if track and (short_side or turned) else (probe.size if probe and short_side else None)
