@@ -256,6 +256,10 @@ class RunConfig:
         job resolves it against a working directory of its own (:mod:`dvfl.paths`)."""
         from dvfl import paths
 
+        checked = (((), "output_dir"), *INPUT_PATH_FIELDS)
+        for (section, name), (owner, _) in zip(checked, self._fields(checked)):
+            if isinstance(getattr(owner, name), str) and not getattr(owner, name).strip():  # ("" was the cwd)
+                raise ConfigError(f"{'.'.join((*section, name))} must not be empty (leave it out, or null, to unset it)")
         self.output_dir = paths.absolute(self.output_dir, paths.output_base(cwd))
         for owner, name in self._fields(INPUT_PATH_FIELDS):
             setattr(owner, name, paths.absolute_input(getattr(owner, name), cwd))
@@ -375,8 +379,8 @@ class RunConfig:
             if key in ("CPU", "GPU", "memory") or not isinstance(key, str):
                 fail("scaling.worker_resources", f"names custom resources only (CPU/GPU come from "
                      f"cpus_per_worker/use_gpu), got {key!r}")
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
-                fail("scaling.worker_resources", f"amounts must be > 0, got {key}: {amount!r}")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
+                fail("scaling.worker_resources", f"amounts must be finite and > 0, got {key}: {amount!r}")
         if not 2 <= self.data.synthetic.num_classes <= 36:  # (the next check divides by it)
             fail("data.synthetic.num_classes", f"must be in 2..36, got {self.data.synthetic.num_classes!r}")
         if not 0 <= self.data.synthetic.angle_jitter_deg <= 180.0 / self.data.synthetic.num_classes:
@@ -438,6 +442,12 @@ class RunConfig:
             fail("data.crop_size", f"({self.crop_size}) must not exceed data.short_side ({self.data.short_side})")
         if self.eval.crops not in (1, 3):
             fail("eval.crops", f"must be 1 or 3, got {self.eval.crops!r}")
+        if self.data.crop_size is not None and self.data.crop_size < 1:  # (0 became short_side: `or`)
+            fail("data.crop_size", f"must be > 0 (or unset: data.short_side), got {self.data.crop_size!r}")
+        for name, value in (("data.eval_clips", self.data.eval_clips), ("data.clips_per_video", self.data.clips_per_video),
+                            ("data.split", self.data.split)):
+            if value < 1:  # (they failed inside the ingest, naming a flag)
+                fail(name, f"must be >= 1, got {value!r}")
         if not 1 <= self.eval.clips <= self.data.eval_clips:
             fail("eval.clips", f"must be in [1, data.eval_clips={self.data.eval_clips}], got {self.eval.clips!r}")
         if self.teacher.cache_dtype not in ("float16", "float32"):
@@ -489,6 +499,32 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------- loading
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """YAML's safe loader, refusing a key written twice in one mapping (last-wins lost the first)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path, what: str = "config file") -> object:
+    """A config file's YAML (refusing duplicate keys); :class:`ConfigError` if it is not valid YAML."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+
+
 _YAML11_ONLY_STRING_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -517,6 +553,8 @@ def _check_type(name: str, value, annotation) -> object:
             return [_check_type(f"{name}[{i}]", v, typing.get_args(t)[0]) for i, v in enumerate(value)]
         if origin in (str, bool, list, dict) and isinstance(value, origin):
             return value
+    if str in allowed and isinstance(value, bool):  # `amp: off` (YAML 1.1 reads off/no as false)
+        return "on" if value else "off"
     expected = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{name} must be {expected}, got {value!r}")
 
@@ -537,7 +575,9 @@ def _build(cls, data: dict, prefix: str, base=None):
             # set), unless the section names another model: then the width is that variant's own
             own_model = getattr(default, "model", None)
             names_model = isinstance(value, dict) and value.get("model", own_model) != own_model
-            value = _build(type(default), value or {}, name + ".", base=None if names_model else default)
+            # (empty in YAML, `kd:`, is the defaults; a scalar or a list is an error, not the defaults)
+            value = _build(type(default), {} if value is None else value, name + ".",
+                           base=None if names_model else default)
         else:
             value = _check_type(name, value, hints[key])
         kwargs[key] = value
@@ -588,10 +628,7 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    tree = read_yaml(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
     for item in overrides:

@@ -39,7 +39,7 @@ PER_SPLIT_FIELDS = ("data.clips", "teacher.cache", "teacher.path")
 
 
 def protocol_for(dataset: str) -> Protocol:
-    if dataset not in PROTOCOLS:
+    if not isinstance(dataset, str) or dataset not in PROTOCOLS:
         raise ConfigError(f"data.dataset is {dataset!r}, which has one fixed split (run pipelines/distill.py); "
                           f"protocols exist for {', '.join(PROTOCOLS)}")
     return PROTOCOLS[dataset]

@@ -217,3 +217,39 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     cfg = load_config(None, [("teacher.train.checkpoint", str(ckpt)), ("teacher.train.reinit_head", True)],
                       check_paths=False)
     assert init_identity(cfg.teacher.train)["reinit_head"] is True and init_identity(cfg.student) == {}
+
+
+@pytest.mark.parametrize("override, message", [
+    (("kd", 0), r"^kd must be a mapping"),                     # was: the kd defaults, silently
+    (("eval", []), r"^eval must be a mapping"),
+    (("data.crop_size", 0), r"^data\.crop_size must be > 0"),  # was: short_side (`or`)
+    (("data.clips_per_video", 0), r"^data\.clips_per_video must be >= 1"),  # was: inside the ingest, naming a flag
+    (("data.split", 0), r"^data\.split must be >= 1"),
+    (("data.eval_clips", 0), r"^data\.eval_clips must be >= 1"),  # was blamed on eval.clips
+    (("output_dir", ""), r"^output_dir must not be empty"),    # was: the current directory
+    (("teacher.cache", " "), r"^teacher\.cache must not be empty"),
+    (("scaling.worker_resources", {"x": float("inf")}), r"^scaling\.worker_resources amounts must be finite"),
+])
+def test_values_that_were_accepted_or_changed_silently_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], check_paths=False)
+
+
+def test_yaml_words_and_duplicate_keys(tmp_path):
+    """`amp: off` (documented) read as a boolean by YAML 1.1 was refused; a key written twice in a
+    file silently lost the first; a search file that is not YAML ended in a traceback."""
+    from dvfl.tune import load_tune_config
+
+    assert load_config(None, ["optim.amp=off"], check_paths=False).optim.amp == "off"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim: {lr: 0.1}\noptim: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: .*key 'optim' is written twice"):
+        load_config(twice, check_paths=False)
+    broken = tmp_path / "search.yaml"
+    broken.write_text("space: {kd.temperature: {loguniform: [1, 8]\n")
+    with pytest.raises(ConfigError, match=r"^tune config file .*search\.yaml is not valid YAML"):
+        load_tune_config(broken, check_paths=False)
+    with pytest.raises(ConfigError, match=r"^tune\.set must be a mapping"):
+        load_tune_config(None, [("tune.set", {1: 2})], check_paths=False)
+    with pytest.raises(ConfigError, match=r"^tune\.driver_cpus must be a finite number"):
+        load_tune_config(None, [("tune.driver_cpus", float("inf"))], check_paths=False)

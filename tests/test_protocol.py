@@ -188,7 +188,10 @@ def test_protocol_flags_are_checked_before_work(tmp_path, capsys, monkeypatch):
     for args, message in ((["--splits", "1,4"], "--splits '1,4': UCF101 official splits 1-3 has splits 1..3, got [4]"),
                           (["--folds", "1"], "--folds does not apply to UCF101 official splits 1-3: use --splits"),
                           (["--splits", "x"], "--splits 'x': expected numbers like 1,2,3 or 1-5 or all"),
-                          (["--config", str(other)], "data.dataset is 'kinetics', which has one fixed split")):
+                          (["--config", str(other)], "data.dataset is 'kinetics', which has one fixed split"),
+                          # (session 28: AttributeError and TypeError tracebacks)
+                          (["--set", "data=5"], "data must be a mapping, got 5"),
+                          (["--set", "data.dataset=[x]"], "data.dataset is ['x'], which has one fixed split")):
         assert main(["--config", str(cfg), *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # refused before any work

@@ -412,6 +412,12 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
         pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "short_side": 64}), log=None)
     with pytest.raises(ValueError, match="eval.clips is 2, the clips store 1"):
         pipeline.ensure_clips(_with(cfg, eval={"clips": 2}), log=None)
+    # the command says so before Ray starts or a file is written (it started Ray, rewrote config.yaml
+    # and removed the earlier results first, then failed with a traceback: session 28)
+    out = tmp_path / "cli"
+    r = _run_distill(_tiny_args(out, [("data.clips", cfg.data.clips), ("data.frames", 16)]), "127.0.0.1:1", timeout=120)
+    assert r.returncode == 2 and "config error: data.clips" in r.stderr and "data.frames is 16" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
 
 
 def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_clips(prepared, tmp_path):

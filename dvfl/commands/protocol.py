@@ -37,8 +37,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     output_dir = getattr(a, "output_dir", None)
     overrides = list(a.overrides) + ([("output_dir", output_dir)] if output_dir else [])
     try:
-        dataset = (config_tree(a.config, overrides).get("data") or {}).get("dataset", "synthetic")
-        proto = P.protocol_for(dataset)
+        data = config_tree(a.config, overrides).get("data") or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"data must be a mapping, got {data!r}")
+        proto = P.protocol_for(data.get("dataset", "synthetic"))
         flag, wrong = ("--splits", "--folds") if proto.kind == "split" else ("--folds", "--splits")
         if getattr(a, wrong.lstrip("-")):
             raise ConfigError(f"{wrong} does not apply to {proto.description}: use {flag}")

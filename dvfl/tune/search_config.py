@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from dvfl import storage
-from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, set_field
+from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, read_yaml, set_field
 
 
 # Fields a search may vary. Data and teacher fields would invalidate the shared shards and cache;
@@ -59,8 +59,9 @@ class TuneConfig:
 
 
 def _number(name: str, value, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int))
+            or not math.isfinite(value)):
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
     return kind(value)
 
 
@@ -89,7 +90,7 @@ def _parse_tune(tree: dict) -> TuneConfig:
             raise ConfigError(f"tune.{key} must be true or false, got {tree[key]!r}")
         setattr(t, key, tree.get(key, getattr(t, key)))
     overrides = tree.get("set") or {}
-    if not isinstance(overrides, dict):
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
         raise ConfigError(f"tune.set must be a mapping of section.field: value, got {overrides!r}")
     t.set = dict(overrides)
     asha = tree.get("asha") or {}
@@ -230,7 +231,9 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
     path = Path(path) if path else CONFIG_DIR / "tune_embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"tune config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml(path, "tune config file") or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"tune config file {path} must be a mapping, got {type(tree).__name__}")
     run_overrides = []
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
