@@ -605,6 +605,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     split = cfg.data.test_split
     # the crop too: cropping happens after ingest, so the clips' fingerprint does not change with it
     key = f"eval_{split}_{cfg.eval.clips}x{cfg.eval.crops}_{cfg.crop_size}px_{dataset['fingerprint'][:16]}"
+    if cfg.eval.clips < dataset["params"]["eval_clips"]:  # fewer clips than stored: spread since session 28
+        key += "_spread"
     model = None
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key

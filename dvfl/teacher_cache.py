@@ -52,7 +52,8 @@ class CacheMismatchError(RuntimeError):
 
 
 def view_spec(crop_size: int, views) -> dict:
-    names = [View.parse(v).name if isinstance(v, str) else v.name for v in views]
+    # sorted: the same views in another order are the same cache, and training draws from this list
+    names = sorted(View.parse(v).name if isinstance(v, str) else v.name for v in views)
     if any(View.parse(n).crop == "random" for n in names):
         raise ValueError("a cached view must be deterministic: 'random' crops cannot be cached")
     if len(set(names)) != len(names):  # ("center" and "center+" are one view)

@@ -317,6 +317,31 @@ LAUNCHER_BREAKAGES = {
             "export RAY_AUTH_MODE=token; bash -c 'RAY_AUTH_MODE=disabled ray start --head --dashboard-host=127.0.0.1'"])),
         ("policy", "head_start_ray_commands", "cannot tell whether its `ray start` runs with token authentication"),
     ),
+    # shell the reader cannot follow makes a `ray start` line fail as "cannot tell" (review of session 28)
+    "token_auth_unset_inside_an_if": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token; if true; then unset RAY_AUTH_MODE; fi;")
+            for cmd in c["head_start_ray_commands"]])),
+        ("policy", "head_start_ray_commands", "cannot tell whether its `ray start` runs with token authentication"),
+    ),
+    "token_auth_unexported_by_export_n": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token; export -n RAY_AUTH_MODE;")
+            for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "cannot tell"),
+    ),
+    "token_auth_after_a_hash_inside_a_word": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token; echo x#; unset RAY_AUTH_MODE;")
+            for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "RAY_AUTH_MODE unset where it runs"),  # (shlex read x# as a comment)
+    ),
+    "ray_start_after_an_option": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
+            cmd.replace("export RAY_AUTH_MODE=token;", "").replace("ray start", "ray --logging-level=info start")
+            for cmd in c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "without token authentication"),
+    ),
     "ray_start_without_token_auth": (
         lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=[
             cmd.replace("export RAY_AUTH_MODE=token;", "") for cmd in c["worker_start_ray_commands"]])),

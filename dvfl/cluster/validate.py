@@ -37,8 +37,8 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
 * ``[policy]``      project rules: dashboard on loopback (a RayJob may bind the pod's interfaces, which the
   operator needs, but only behind a ClusterIP Service), no LoadBalancer/NodePort/Ingress, whole-number
   CPU/GPU resources, ``rayVersion`` and images match the pinned ray, the Ray containers run the project
-  image, token authentication on (``authOptions.mode: token``, no pod ``env`` entry for
-  ``RAY_AUTH_MODE``), no ``externalIPs`` on the head Service, autoscaling on, CPU and GPU worker
+  image, token authentication on (``authOptions.mode: token``, no pod ``env`` entry setting
+  ``RAY_AUTH_MODE`` to anything but ``token``), no ``externalIPs`` on the head Service, autoscaling on, CPU and GPU worker
   groups, no credentials; a RayJob's run config (its entrypoint's ``--config`` with ``--set`` and
   ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts;
   NetworkPolicies in the same file and namespace select every group's pods and admit the cluster's
@@ -315,6 +315,11 @@ def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 _SHELL_SEPARATORS = {";", "&&", "||", "|", "&", "(", ")", "\n"}
+# commands that cannot change the environment a later `ray start` sees; any other one (if/then,
+# source, eval, declare, sudo, ...) makes a line with a `ray start` unreadable here
+_ENV_NEUTRAL_COMMANDS = {"ray", "ulimit", "echo", "printf", "true", ":", "sleep", "mkdir", "cd", "ls", "cat",
+                         "touch", "chmod", "rm", "cp", "mv", "test", "["}
+RAY_START_MENTION = re.compile(r"\bray\b[^;&|\n]*?\bstart\b")  # (options may come between)
 
 
 def ray_start_auth_modes(cmd: str) -> list[str | None] | None:
@@ -327,11 +332,14 @@ def ray_start_auth_modes(cmd: str) -> list[str | None] | None:
     lexer = shlex.shlex(cmd.replace("\n", " \n "), posix=True, punctuation_chars=";&|()")
     lexer.whitespace = " \t\r"  # newlines separate commands
     lexer.whitespace_split = True
+    lexer.commenters = ""  # (shlex ends a line at any '#', the shell only at a word's start)
     try:
         tokens = list(lexer)
     except ValueError:
         return None
     if "(" in tokens or ")" in tokens:  # sub-shells and $(...): what they export does not persist
+        return None
+    if any(t.startswith("#") for t in tokens):  # a comment: what follows it is not run
         return None
     shell: dict[str, str] = {}  # the line's shell variables, and which of them are exported
     exported: set[str] = set()
@@ -360,6 +368,9 @@ def ray_start_auth_modes(cmd: str) -> list[str | None] | None:
                     prefix.update([_ASSIGNMENT.match(word).groups()])
                 else:
                     cleared = True
+        if words and (words[0] in ("export", "unset") and any(w.startswith("-") for w in words[1:])
+                      or words[0] not in ("export", "unset") and words[0].rsplit("/", 1)[-1] not in _ENV_NEUTRAL_COMMANDS):
+            return None  # export -n, unset -f, if/then, source, eval, declare, sudo, ...: not read here
         if not words:  # a bare assignment sets a shell variable (seen by children once exported)
             shell.update({k: v for k, v in prefix.items() if v is not None})
         elif words[0] == "export":
@@ -372,7 +383,7 @@ def ray_start_auth_modes(cmd: str) -> list[str | None] | None:
             for word in words[1:]:
                 shell.pop(word, None)
                 exported.discard(word)
-        elif words[0].rsplit("/", 1)[-1] == "ray" and words[1:2] == ["start"]:
+        elif words[0].rsplit("/", 1)[-1] == "ray" and "start" in words[1:]:
             env = {} if cleared else {k: v for k, v in shell.items() if k in exported}
             env.update(prefix)
             modes.append(env.get("RAY_AUTH_MODE"))
@@ -392,7 +403,9 @@ def _auth_errors(prepared: dict) -> list[str]:
             if not isinstance(cmd, str):
                 continue
             modes = ray_start_auth_modes(cmd)
-            mentions = len(re.findall(r"\bray\s+start\b", cmd))
+            mentions = len(RAY_START_MENTION.findall(cmd))
+            if not mentions and not modes:
+                continue  # (a line without `ray start` may hold any shell)
             if modes is None or len(modes) < mentions:
                 out.append(_error_line("policy", (key, i), "cannot tell whether its `ray start` runs with token "
                                        "authentication: write it as a plain command after `export "

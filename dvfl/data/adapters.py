@@ -69,7 +69,9 @@ def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name
     # abspath drops "link/.." as text while the kernel follows the link first: it may name another file
     if os.path.commonpath([stored, abs_root]) != abs_root or os.path.realpath(stored) != real:
         stored = os.path.join(abs_root, os.path.relpath(real, root))
-    m.entries.append(VideoEntry(printable(video_id), stored, label, class_name and printable(class_name), split, root))
+    # the root as listed: resolved again where the file is decoded (a node may mount it elsewhere)
+    m.entries.append(VideoEntry(printable(video_id), stored, label, class_name and printable(class_name), split,
+                                abs_root))
 
 
 def _read_lines(path: str) -> List[Tuple[int, str]]:

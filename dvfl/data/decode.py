@@ -533,7 +533,7 @@ def decode_video(job: Dict) -> Dict:
 
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
-    optional ``root`` (the real folder the file must resolve into), optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
+    optional ``root`` (the folder the file must resolve into), optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
     ``view_indices`` (only these planned views), optional ``whole_file`` (a file cut short is
     rejected ``truncated`` instead of keeping the frames before the cut).
 
@@ -554,7 +554,7 @@ def _decode_video(job: Dict) -> Dict:
     path = os.path.abspath(job["path"])
     if not os.path.isfile(path):  # (follows symlinks: devices, FIFOs and folders are refused)
         raise DecodeReject(MISSING, "no such regular file")
-    root = job.get("root")
+    root = os.path.realpath(job["root"]) if job.get("root") else None  # (resolved on this node)
     if root and os.path.commonpath([os.path.realpath(path), root]) != root:
         # checked when the manifest was made; a file swapped for a link since must not be read
         raise DecodeReject(OUTSIDE_ROOT, f"resolves to {os.path.realpath(path)}, outside the root {root}")

@@ -29,7 +29,7 @@ class VideoEntry:
     label: Optional[int]     # None for unlabelled videos
     class_name: Optional[str]
     split: str               # train | val | test | unlabeled
-    root: Optional[str] = None  # its source's real root, checked again where the file is decoded
+    root: Optional[str] = None  # its source's root (absolute), checked again where the file is decoded
 
     def relpath(self, root: str) -> str:
         """``path`` relative to ``root`` (POSIX), or absolute when the file lies outside it, as

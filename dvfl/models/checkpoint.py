@@ -2,18 +2,15 @@
 
 Every file goes through ``torch.load(..., weights_only=True)``: checkpoints come from the
 internet and a pickle can run code. The official trainer also pickles its yacs config beside the
-weights, which that unpickler refuses (a dict subclass); such a file is read again by
-:class:`_MetadataUnpickler`, which builds what ``weights_only`` builds and an inert placeholder
-for the few trainer-metadata classes it names, and refuses every other global as before.
+weights: that class (and argparse's Namespace) is read as a plain OrderedDict by the same
+weights-only unpickler (:data:`METADATA_GLOBALS`); every other global is refused as before.
 Official checkpoints keep their weights under ``"model"``; a bare state dict is accepted too.
 """
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import re
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -50,49 +47,17 @@ class LoadReport:
         )
 
 
-# Classes that training scripts pickle next to the weights (configs, parsed arguments): read as inert
-# placeholders, never imported or called.
-METADATA_GLOBALS = {("yacs.config", "CfgNode"), ("argparse", "Namespace")}
-
-
-class _Inert(dict):
-    """A trainer-metadata object from a checkpoint, kept as inert data (its items, if any)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """torch.load's own weights-only globals, plus :data:`METADATA_GLOBALS` as :class:`_Inert`."""
-
-    def find_class(self, module: str, name: str):
-        from torch import _weights_only_unpickler
-
-        allowed = _weights_only_unpickler._get_allowed_globals()
-        if f"{module}.{name}" in allowed:
-            return allowed[f"{module}.{name}"]
-        if (module, name) in METADATA_GLOBALS:
-            return _Inert
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint")
-
-
-_METADATA_PICKLE = types.SimpleNamespace(__name__="dvfl_metadata_pickle", Unpickler=_MetadataUnpickler,
-                                         load=lambda f, **kw: _MetadataUnpickler(f, **kw).load())
+# Classes that training scripts pickle next to the weights (a yacs config, parsed arguments):
+# torch's weights-only unpickler reads them as plain OrderedDicts (their items, nothing called);
+# every other global stays refused.
+METADATA_GLOBALS = ("yacs.config.CfgNode", "argparse.Namespace")
 
 
 def _torch_load(source) -> object:
-    try:
+    from collections import OrderedDict
+
+    with torch.serialization.safe_globals([(OrderedDict, name) for name in METADATA_GLOBALS]):
         return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first:
-        if hasattr(source, "seek"):
-            source.seek(0)
-        try:  # (weights_only=False only to pass our unpickler, which is at least as strict)
-            return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_METADATA_PICKLE)
-        except Exception:
-            raise first from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -469,13 +469,13 @@ def resume(run: _Run, state: dict | None, label: str = "train") -> None:
     run.start_epoch, run.step, run.history = state["epoch"] + 1, state["step"], state["history"]
     if "rng" in state:  # checkpoints before session 22 have no random state: the streams restart
         torch.set_rng_state(state["torch_rng"])
-        if run.rank == 0:  # the checkpoint holds rank 0's streams; other ranks branch off theirs by epoch
-            run.rng.bit_generator.state = state["rng"]
-        else:
-            run.rng = np.random.default_rng([*run.rng.integers(0, 2**31, 2).tolist(), run.start_epoch])
-            torch.manual_seed(rank_torch_seed(*run.rng.integers(0, 2**31, 2).tolist(), run.rank))
         if state.get("cuda_rng") is not None and run.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], run.device)
+        if run.rank == 0:  # the checkpoint holds rank 0's streams; other ranks branch off theirs by epoch
+            run.rng.bit_generator.state = state["rng"]
+        else:  # (manual_seed seeds the CUDA generators too: drop-path masks on a GPU come from there)
+            run.rng = np.random.default_rng([*run.rng.integers(0, 2**31, 2).tolist(), run.start_epoch])
+            torch.manual_seed(rank_torch_seed(*run.rng.integers(0, 2**31, 2).tolist(), run.rank))
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
     if run.rank == 0:
