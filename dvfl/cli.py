@@ -74,8 +74,19 @@ def deprecated(p: argparse.ArgumentParser, old: str, use: str, dest: str, *, fla
                    help=argparse.SUPPRESS, **kwargs)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 silently meant the default, -1 reached ray.init)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_num_cpus(p) -> None:
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of a local Ray instance (default: 2 x cores, dvfl.runtime.ray_runtime); "
                         "ignored when joining a cluster")
 

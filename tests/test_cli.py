@@ -209,3 +209,13 @@ def test_ray_address_local_starts_our_own_local_instance_and_stops_it():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**__import__("os").environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0 and "cpus 1.0" in r.stdout and "after False" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_num_cpus_below_one_is_refused_by_the_parser(value, capsys):
+    """--num-cpus 0 silently meant the default and -1 reached ray.init after the videos were made."""
+    from dvfl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--num-cpus", value])
+    assert exc.value.code == 2 and "--num-cpus: must be >= 1" in capsys.readouterr().err
