@@ -219,3 +219,25 @@ def test_num_cpus_below_one_is_refused_by_the_parser(value, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--num-cpus", value])
     assert exc.value.code == 2 and "--num-cpus: must be >= 1" in capsys.readouterr().err
+
+
+def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
+    """`dvfl cache --cache-views/--crop-size` bypassed the config's checks: a repeated or unknown view
+    was found inside Ray, a crop larger than the clips never (session 28)."""
+    import json
+
+    from dvfl.cli import main
+
+    clips, teacher = tmp_path / "clips", tmp_path / "teacher"
+    clips.mkdir()
+    teacher.mkdir()
+    (clips / "dataset.json").write_text(json.dumps({"params": {"short_side": 32}}))
+    base = ["cache", "--clips", str(clips), "--teacher", str(teacher), "--out", str(tmp_path / "c"), "--num-cpus", "1"]
+    for extra, message in ((["--cache-views", "center,center+"], "name a view twice"),
+                           (["--cache-views", "middle"], "unknown view 'middle'"),
+                           (["--crop-size", "64"], "--crop-size 64 exceeds the clips' short side 32"),
+                           (["--crop-size", "0"], "--crop-size must be >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "c").exists()

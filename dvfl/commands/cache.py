@@ -43,14 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
+        # the flags as the config's fields, so that the config's checks apply to them too
         cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.teacher, "teacher.model": a.arch,
                                    "teacher.cache": a.out, "teacher.cache_dtype": a.dtype,
-                                   "scaling.use_gpu": a.gpu})
+                                   "scaling.use_gpu": a.gpu, "data.crop_size": a.crop_size,
+                                   "teacher.views": a.cache_views.split(",") if a.cache_views else None})
         if not cfg.teacher.path:
             p.error("no teacher: set teacher.path in the config or give --teacher")
         a.clips, a.teacher, a.arch, a.out = cfg.clips_dir, cfg.teacher.path, cfg.teacher.model, cfg.cache_dir
-        a.crop_size = a.crop_size or cfg.crop_size
-        a.cache_views = a.cache_views or ",".join(cfg.teacher.views)
+        a.crop_size = cfg.crop_size
+        a.cache_views = ",".join(cfg.teacher.views)
         a.dtype, a.gpu = cfg.teacher.cache_dtype, cfg.scaling.use_gpu
     elif not (a.clips and a.teacher and a.out):
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
@@ -63,9 +65,19 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--teacher {a.teacher}: not found")
     if storage.isfile(a.teacher) and not a.arch:
         p.error("--arch is required when --teacher is a checkpoint file")
-    for flag, v in (("--batch-size", a.batch_size), ("--actors", a.actors)):
+    for flag, v in (("--batch-size", a.batch_size), ("--actors", a.actors), ("--crop-size", 1 if a.crop_size is None else a.crop_size)):
         if v < 1:
             p.error(f"{flag} must be >= 1")
+    from dvfl.data.shards import load_dataset_info
+    from dvfl.teacher_cache import view_spec
+
+    try:  # before Ray starts: unknown, random or repeated views
+        view_spec(a.crop_size or 1, a.cache_views.split(","))
+    except ValueError as exc:
+        p.error(f"--cache-views {a.cache_views}: {exc}")
+    stored = load_dataset_info(a.clips)["params"]["short_side"]
+    if a.crop_size and stored and a.crop_size > stored:
+        p.error(f"--crop-size {a.crop_size} exceeds the clips' short side {stored}")
     from dvfl.models import CheckpointError
     from dvfl.runtime import ray_runtime
     from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
