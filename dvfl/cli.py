@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
 import sys
 
 from dvfl import paths
@@ -125,7 +126,15 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(
         if value is not None:
             overrides.append((key, value))
     try:
-        return load_config(a.config, overrides, outputs=outputs)
+        cfg = load_config(a.config, overrides, outputs=outputs)
+        joins_cluster = os.environ.get("RAY_ADDRESS", "local") != "local"
+        if cfg.scaling.use_gpu and not joins_cluster:
+            import torch
+
+            if not torch.cuda.is_available():  # Ray would wait for a GPU for ever
+                raise ConfigError("scaling.use_gpu is true, but this machine has no GPU (torch sees none) and "
+                                  "no cluster is joined (RAY_ADDRESS): drop --gpu, or run it on a GPU machine")
+        return cfg
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)

@@ -241,3 +241,19 @@ def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
             main(base + extra)
         assert exc.value.code == 2 and message in capsys.readouterr().err, extra
     assert not (tmp_path / "c").exists()
+
+
+def test_gpu_training_asked_on_a_machine_without_one_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    """scaling.use_gpu on a machine with no GPU and no cluster to join: Ray waited for a GPU for ever.
+    Joining a cluster (RAY_ADDRESS), whose autoscaler may add GPU nodes, it is left to Ray."""
+    import torch
+
+    from dvfl.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: nothing to refuse")  # (CI machines have none)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--out", str(tmp_path / "run"), "--gpu"])
+    assert exc.value.code == 2 and "scaling.use_gpu is true, but this machine has no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
