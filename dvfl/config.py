@@ -380,7 +380,7 @@ class RunConfig:
                 fail("scaling.worker_resources", f"names custom resources only (CPU/GPU come from "
                      f"cpus_per_worker/use_gpu), got {key!r}")
             if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
-                fail("scaling.worker_resources", f"amounts must be finite and > 0, got {key}: {amount!r}")
+                fail("scaling.worker_resources", f"amounts must be > 0 and finite, got {key}: {amount!r}")
         if not 2 <= self.data.synthetic.num_classes <= 36:  # (the next check divides by it)
             fail("data.synthetic.num_classes", f"must be in 2..36, got {self.data.synthetic.num_classes!r}")
         if not 0 <= self.data.synthetic.angle_jitter_deg <= 180.0 / self.data.synthetic.num_classes:

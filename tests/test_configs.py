@@ -228,7 +228,7 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (("data.eval_clips", 0), r"^data\.eval_clips must be >= 1"),  # was blamed on eval.clips
     (("output_dir", ""), r"^output_dir must not be empty"),    # was: the current directory
     (("teacher.cache", " "), r"^teacher\.cache must not be empty"),
-    (("scaling.worker_resources", {"x": float("inf")}), r"^scaling\.worker_resources amounts must be finite"),
+    (("scaling.worker_resources", {"x": float("inf")}), r"^scaling\.worker_resources amounts must be > 0 and finite"),
 ])
 def test_values_that_were_accepted_or_changed_silently_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
