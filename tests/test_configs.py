@@ -180,7 +180,8 @@ def test_distill_ingests_missing_clips_from_data_root_and_refuses_them_without_o
     (tmp_path / "UCF101").mkdir()  # no split lists: the ingest's own error, after validation
     clips = str(tmp_path / "data" / "ucf101_s1")
     args = ["distill", "--config", str(CONFIGS / "ucf101_base.yaml"), "--set", f"data.clips={clips}",
-            "--set", "teacher.path=null", "--set", f"output_dir={tmp_path / 'run'}", "--num-cpus", "1"]
+            "--set", "teacher.path=null", "--set", f"output_dir={tmp_path / 'run'}", "--num-cpus", "1",
+            "--set", "scaling.use_gpu=false"]  # (the config's GPUs: refused on a machine without one)
     with pytest.raises(Exception) as failed:
         main(args + ["--set", f"data.root={tmp_path / 'UCF101'}"])
     assert "classInd.txt not found" in str(failed.value), failed.value  # the adapter read data.root
