@@ -250,8 +250,7 @@ def test_gpu_training_asked_on_a_machine_without_one_is_refused_before_work(tmp_
 
     from dvfl.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: nothing to refuse")  # (CI machines have none)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (as on CI's machines: no GPU)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--out", str(tmp_path / "run"), "--gpu"])
