@@ -459,13 +459,14 @@ class RunConfig:
         seen = {}
         for v in self.teacher.views:
             try:
-                if View.parse(v).crop == "random":
+                view = View.parse(v)
+                if view.crop == "random":
                     raise ValueError("random crops cannot be cached")
             except ValueError as exc:
                 fail("teacher.views", f"has {v!r}: {exc}")
-            if View.parse(v).name in seen:  # ("center+" is "center")
-                fail("teacher.views", f"names the view {View.parse(v).name!r} twice ({seen[View.parse(v).name]!r}, {v!r})")
-            seen[View.parse(v).name] = v
+            if view.name in seen:  # ("center+" is "center")
+                fail("teacher.views", f"names the view {view.name!r} twice ({seen[view.name]!r}, {v!r})")
+            seen[view.name] = v
         if self.data.dataset != "synthetic" and not self.data.clips and not self.data.root:
             fail("data.root", f"is required for dataset {self.data.dataset!r} (or give data.clips)")
         if check_paths:
