@@ -28,6 +28,8 @@ from dvfl.data.worker import DecodeProcess
 from dvfl.data.views import CROPS, View, make_clip_batch, normalize
 
 DEFAULT_TIMEOUT = 60.0
+# predict --stream holds a file's every frame: 6 minutes at 25 fps, ~0.6 GB at a 128-pixel short side (4:3)
+STREAM_MAX_FRAMES = 9000
 
 
 class PredictError(Exception):
@@ -117,12 +119,14 @@ class Predictor:
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))
         return res
 
-    def decode_all(self, path: str) -> dict:
+    def decode_all(self, path: str, max_frames: int = STREAM_MAX_FRAMES) -> dict:
         """Every frame of the file at the model's short side (the streaming input), through the
-        same decode child; raises :class:`PredictError` for a bad file."""
+        same decode child; raises :class:`PredictError` for a bad file or one of more than
+        ``max_frames`` frames (``too_long``: all of them are held in memory)."""
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
                "frames": self.frames, "clips_per_video": 1, "eval_clips": 1, "seed": 0,
-               "short_side": self.short_side, "min_frames": self.frames, "all_frames": True, "whole_file": True}
+               "short_side": self.short_side, "min_frames": self.frames, "all_frames": True, "whole_file": True,
+               "max_frames": max_frames}
         res = self.proc.run(job, self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))
@@ -190,13 +194,13 @@ def default_window(pred: Predictor, fps: float) -> int:
 
 
 def stream_file(pred: Predictor, path: str, window: int | None, stride: int, *, realtime: bool = True,
-                k: int = 1, log=print) -> dict:
+                k: int = 1, max_frames: int = STREAM_MAX_FRAMES, log=print) -> dict:
     """Play ``path`` as a live stream at its own frame rate; every ``stride`` frames recognise the
     last ``window`` frames (None: :func:`default_window`; the model's T frames sampled uniformly
     from them). Each window's latency (from its last frame's arrival to its result) is logged;
     with ``realtime`` the frames arrive on the file's clock, so a slow model falls behind, as it
     would on a camera."""
-    res = pred.decode_all(path)
+    res = pred.decode_all(path, max_frames)
     frames, fps = res["frames"], res["fps"] or 25.0
     # a file shorter than the default window is one window, the whole file (as evaluation sees a video)
     window = window or max(pred.frames, min(default_window(pred, fps), len(frames)))

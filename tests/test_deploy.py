@@ -84,6 +84,11 @@ def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path
     r = run_cli("predict.py", "--model", prepared["teacher"], video, "--stream", "--window", 48, "--json", out)
     assert r.returncode == 1 and "too_short: 40 frames, fewer than one --window of 48" in r.stderr, r.stderr
     assert not out.exists()
+    # every frame is held in memory: a longer file than --max-frames is refused, not decoded (session 29)
+    r = run_cli("predict.py", "--model", prepared["teacher"], video, "--stream", "--window", 8, "--max-frames", 39,
+                "--json", out)
+    assert r.returncode == 1 and "too_long: 40 frames, more than --max-frames 39" in r.stderr, r.stderr
+    assert not out.exists()
 
 
 GOLDEN = "/work/shared/reference/video_focalnet_golden_tiny.pt"

@@ -39,13 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "clip's T frames covered; T for models that do not record it)")
     p.add_argument("--stride", type=int, default=4, help="recognise a window every S new frames")
     p.add_argument("--no-realtime", action="store_true", help="--stream without waiting for the frames' clock")
+    p.add_argument("--max-frames", type=int, help="--stream refuses longer files (too_long): it holds every decoded "
+                                                  "frame in memory, short side x long side x 3 bytes each "
+                                                  "(default: 9000, 6 minutes at 25 fps)")
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("model", "inputs", "clips"), outputs=("json",))
     if a.topk < 1:
         p.error("--topk must be >= 1")
-    from dvfl.inference import PredictError, Predictor, expand_inputs, parse_views, stream_file, write_json
+    from dvfl.inference import (STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views,
+                                stream_file, write_json)
 
     try:
         views = parse_views(a.views)
@@ -66,8 +70,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 p.error("--stream takes one video file")
             if (a.window is not None and a.window < pred.frames) or a.stride < 1:
                 p.error(f"--window must be >= the model's {pred.frames} frames and --stride >= 1")
+            if a.max_frames is not None and a.max_frames < max(pred.frames, a.window or 0):
+                p.error("--max-frames must be >= --window and the model's frames")
             try:
-                out = stream_file(pred, a.inputs[0], a.window, a.stride, realtime=not a.no_realtime, k=a.topk)
+                out = stream_file(pred, a.inputs[0], a.window, a.stride, realtime=not a.no_realtime, k=a.topk,
+                                  max_frames=a.max_frames or STREAM_MAX_FRAMES)
             except PredictError as exc:
                 print(f"error: {a.inputs[0]}: {exc}", file=sys.stderr)
                 return 1

@@ -35,6 +35,7 @@ PLAYLIST = "playlist"            # an HLS/DASH/concat/SDP text that makes FFmpeg
 CORRUPT = "corrupt"              # a video container whose demux/decode fails
 TRUNCATED = "truncated"          # container declares more bytes than the file holds
 TOO_SHORT = "too_short"          # fewer decodable frames than --min-frames
+TOO_LONG = "too_long"            # predict --stream: more frames than --max-frames (every frame is held)
 TIMEOUT = "timeout"              # the decoder exceeded --timeout-per-file (child killed)
 DECODER_CRASH = "decoder_crash"  # the decoder process died (segfault/abort) on this file
 DECODER_KILLED = "decoder_killed"  # the decoder process was SIGKILLed twice (OOM killer) on this file
@@ -533,7 +534,7 @@ def decode_video(job: Dict) -> Dict:
 
     ``job`` keys: ``path`` (absolute), ``video_id``, ``split``, ``frames`` (T),
     ``clips_per_video``, ``eval_clips``, ``seed``, ``short_side``, ``min_frames``,
-    optional ``root`` (the folder the file must resolve into), optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead), optional
+    optional ``root`` (the folder the file must resolve into), optional ``test_hooks``, optional ``all_frames`` (one view of every frame instead; at most ``max_frames`` of them), optional
     ``view_indices`` (only these planned views), optional ``whole_file`` (a file cut short is
     rejected ``truncated`` instead of keeping the frames before the cut).
 
@@ -689,6 +690,10 @@ def _finite_rate(rate) -> float:
 
 def _plan_views(job: Dict, n: int):
     if job.get("all_frames"):  # every frame, in order (the streaming mode of predict)
+        limit = job.get("max_frames")
+        if limit and n > limit:  # refused before a frame is kept: memory grows with the file's length
+            raise DecodeReject(TOO_LONG, f"{n} frames, more than --max-frames {limit} (the stream mode holds "
+                                         "every decoded frame in memory)")
         return [(sampling.UNIFORM_VIEW, 0, np.arange(n, dtype=np.int32))]
     views = sampling.plan_views(n, int(job["frames"]), job["split"], int(job["seed"]), job["video_id"],
                                 int(job["clips_per_video"]), int(job["eval_clips"]))
