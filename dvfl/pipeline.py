@@ -139,7 +139,9 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
             raise  # a user-given dir is never overwritten
         log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
         ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
-    return load_dataset_info(out)
+    info = load_dataset_info(out)
+    check_clips_match(cfg, info)  # the splits the config names (the rest holds by construction)
+    return info
 
 
 def clips_split(info: dict) -> int | None:
@@ -167,6 +169,14 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
     if stored_split is not None and info.get("dataset") == cfg.data.dataset and stored_split != cfg.data.split:
         # another split's test videos are this split's training videos: never evaluate across splits
         problems.append(f"data.split is {cfg.data.split}, the clips were ingested from split {stored_split}")
+    from dvfl.data.holdout import VAL_SPLIT
+
+    stored = sorted(info.get("counts") or {})
+    # a misspelt split reads as an empty dataset deep inside Ray; "val" absent is carved from training
+    for key, split in (("train_split", cfg.data.train_split), ("test_split", cfg.data.test_split),
+                       ("val_split", cfg.data.val_split)):
+        if split not in stored and not (key == "val_split" and split == VAL_SPLIT):
+            problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
     if problems:
         raise ValueError(f"data.clips {where} does not match the config: " + "; ".join(problems)
                          + ". Set these fields to the ingest's values, or ingest again with the config's.")

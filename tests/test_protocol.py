@@ -204,7 +204,8 @@ def test_clips_of_another_split_are_refused():
     cfg = load_config(None, [("data.dataset", "ucf101"), ("data.root", "/nowhere"), ("data.split", 2)],
                       check_paths=False)
     info = {"dataset": "ucf101", "source": {"split": 1},
-            "params": {"frames": cfg.data.frames, "short_side": cfg.data.short_side, "eval_clips": 1}}
+            "params": {"frames": cfg.data.frames, "short_side": cfg.data.short_side, "eval_clips": 1},
+            "counts": {"train": {"videos": 1, "clips": 1}, "test": {"videos": 1, "clips": 1}}}
     with pytest.raises(ValueError, match="data.split is 2, the clips were ingested from split 1"):
         check_clips_match(cfg, info)
     check_clips_match(cfg, {**info, "source": {"split": 2}})

@@ -412,11 +412,18 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
         pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "short_side": 64}), log=None)
     with pytest.raises(ValueError, match="eval.clips is 2, the clips store 1"):
         pipeline.ensure_clips(_with(cfg, eval={"clips": 2}), log=None)
+    # a misspelt split used to reach Ray as an empty dataset (session 29); "val" is carved from training
+    with pytest.raises(ValueError, match=r"data.train_split is 'trian', the clips hold split\(s\) 'test', 'train'"):
+        pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "train_split": "trian"}), log=None)
+    with pytest.raises(ValueError, match=r"data.val_split is 'validation', the clips hold"):
+        pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "val_split": "validation"}), log=None)
     # the command says so before Ray starts or a file is written (it started Ray, rewrote config.yaml
     # and removed the earlier results first, then failed with a traceback: session 28)
     out = tmp_path / "cli"
-    r = _run_distill(_tiny_args(out, [("data.clips", cfg.data.clips), ("data.frames", 16)]), "127.0.0.1:1", timeout=120)
+    r = _run_distill(_tiny_args(out, [("data.clips", cfg.data.clips), ("data.frames", 16), ("data.test_split", "tset")]),
+                     "127.0.0.1:1", timeout=120)
     assert r.returncode == 2 and "config error: data.clips" in r.stderr and "data.frames is 16" in r.stderr, r.stderr
+    assert "data.test_split is 'tset', the clips hold split(s) 'test', 'train'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
 
 
@@ -633,16 +640,20 @@ def test_logits_left_without_a_build_marker_are_not_reused(prepared, ray_local, 
     assert info["verify"]["checked"] == info["rows"]  # every row is the other teacher's
 
 
-def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(ray_local, tmp_path):
+def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared, ray_local, tmp_path):
     """Under Ray Train (2 workers, retries on failure) a diverged student used to report success:
     the retry resumed from the last epoch's NaN checkpoint, found nothing left to train and saved
     it. Now no NaN checkpoint exists, every retry diverges again and the command exits 1, its last
-    line the error (not a traceback through Ray's wrappers)."""
+    line the error (not a traceback through Ray's wrappers). (The prepared clips, teacher and
+    cache: only the student's runs are this test's subject.)"""
+    cfg = prepared["cfg"]
     out = tmp_path / "nan"
     out.mkdir()
     for name in ("results.json", "results.md", "training_curves.png"):  # an earlier run's, which succeeded
         (out / name).write_text("{}")
-    r = _run_distill(_tiny_args(out, [("optim.lr", 1e9), ("optim.clip_grad", None), ("students", ["dvfl"])]),
+    r = _run_distill(_tiny_args(out, [("optim.lr", 1e9), ("optim.clip_grad", None), ("students", ["dvfl"]),
+                                      ("data.clips", cfg.clips_dir), ("teacher.path", prepared["teacher"]),
+                                      ("teacher.cache", cfg.cache_dir)]),
                      ray_local.get_runtime_context().gcs_address)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[distill] error: dvfl s0: the training loss is nan at epoch" in r.stderr, r.stderr[-2000:]
