@@ -52,6 +52,32 @@ TINY = [
 RUNNERS = [("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1), ("scaling.concurrent_runs", 2)]
 
 
+# `make test` hands whole files to two workers (--dist loadfile). xdist orders them by test count;
+# the files that take minutes go first instead, longest first, so both workers end together (session
+# 29: ~1,050 s of test time each, the count order left one ~50 s behind). The second needs no
+# `prepared`, which the first worker builds meanwhile. Files not named keep xdist's order after them.
+LONGEST_FILES_FIRST = ("test_teacher_and_distill.py", "test_object_storage.py", "test_tune.py",
+                       "test_readme_commands.py", "test_reliability.py", "test_deploy.py", "test_cluster_runs.py",
+                       "test_readme_ucf101.py", "test_protocol.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFilesFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            if not getattr(self, "reordered", False):  # the queue is complete before the first unit goes out
+                rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+                for scope in sorted(self.workqueue, key=lambda s: rank.get(os.path.basename(s), len(rank))):
+                    self.workqueue.move_to_end(scope)
+                self.reordered = True
+            super()._assign_work_unit(node)
+
+    return LongestFilesFirst(config, log)
+
+
 def set_args(pairs) -> list[str]:
     """``--set key=value`` flags for (key, value) pairs, values written as YAML reads them back
     (None -> null, True -> true, lists as lists)."""
