@@ -319,3 +319,50 @@ def test_a_file_swapped_for_a_link_out_of_the_root_after_listing_is_not_read(tmp
     (rej,) = map(json.loads, open(os.path.join(out, "rejects.jsonl")))
     assert rej["video_id"] == "train/B/b1" and rej["reason"] == "outside_root" and "secret.mp4" in rej["detail"]
     assert {r["video_id"] for r in SH.read_clips_table(out, columns=["video_id"]).to_pylist()} == {"train/A/a1"}
+
+
+STAND_IN_CHILD = '''
+import os, pickle, struct, sys
+
+def send(obj):
+    data = pickle.dumps(obj)
+    sys.stdout.buffer.write(struct.pack("<QQ", len(data), 0) + data)
+    sys.stdout.buffer.flush()
+
+class Payload:  # what a child taken over through a decoder bug could send
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[1],))
+
+send({"net_isolated": False, "detail": "stand-in"})
+n = struct.unpack("<Q", sys.stdin.buffer.read(8))[0]
+sys.stdin.buffer.read(n)
+send({"ok": True, "views": [Payload()]})
+sys.stdin.buffer.read(8)
+'''
+
+
+def test_a_result_naming_anything_but_arrays_is_refused_not_run(tmp_path, monkeypatch):
+    """The decode child parses untrusted files; its results were unpickled with plain pickle, so a
+    child taken over through a decoder bug could run code in the ingest task or Serve replica.
+    Only numpy arrays, dtypes and scalars may be named: anything else is a decoder_error and the
+    child is killed (session 29)."""
+    import subprocess
+
+    from dvfl.data import worker
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "child.py"
+    script.write_text(STAND_IN_CHILD)
+    real_popen = subprocess.Popen
+
+    def popen(args, **kw):  # the stand-in instead of _decode_child.py, told where its marker goes
+        return real_popen([*args[:-1], str(script), str(marker)], **kw) if args[-1] == worker._CHILD else real_popen(args, **kw)
+
+    monkeypatch.setattr(worker.subprocess, "Popen", popen)
+    proc = DecodeProcess()
+    try:
+        r = proc.run(dict(JOB, path=str(script)), timeout=30)
+        assert not r["ok"] and r["reason"] == "decoder_error" and "it names posix.system" in r["detail"], r
+        assert proc.proc is None and not marker.exists()
+    finally:
+        proc.close()

@@ -14,6 +14,7 @@ restart costs as much CPU as many tiny videos (docs/ingest.md, "Measurements beh
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import select
@@ -28,6 +29,22 @@ from . import decode
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_decode_child.py")
 _START_TIMEOUT = 60.0  # a child's start (Python + hello frame), on a busy machine
+# The globals a decode result may name when unpickled here: numpy arrays (protocol 5, out of band or
+# not), their dtypes and scalars; everything else is builtins. The child parses untrusted files:
+# one taken over through a decoder bug must not run code in this process (a Serve replica, an ingest task).
+RESULT_GLOBALS = frozenset((module, name) for module in ("numpy._core.numeric", "numpy.core.numeric")
+                           for name in ("_frombuffer",)) | frozenset(
+    (module, name) for module in ("numpy._core.multiarray", "numpy.core.multiarray")
+    for name in ("scalar", "_reconstruct")) | {("numpy", "dtype"), ("numpy", "ndarray")}
+
+
+class _ResultUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in RESULT_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        return super().find_class(module, name)
+
+
 _warned_network = False  # say once per process that decode children have network access
 
 
@@ -57,7 +74,7 @@ class DecodeProcess:
             pass
         try:
             hello = self._read_frame(time.monotonic() + _START_TIMEOUT)
-        except (TimeoutError, EOFError, OSError) as e:
+        except (TimeoutError, EOFError, OSError, pickle.UnpicklingError) as e:
             # killed: a late hello would otherwise be read as the next job's result, and every
             # video after it would get the clips of the one before
             self.kill()
@@ -132,6 +149,10 @@ class DecodeProcess:
             self.kill()
             return {"ok": False, "reason": decode.TIMEOUT,
                     "detail": f"no result after {timeout:g} s; decoder process killed"}
+        except pickle.UnpicklingError as e:  # not a decode result: the child is not ours to trust any more
+            self.kill()
+            return {"ok": False, "reason": "decoder_error",
+                    "detail": f"the decoder process sent something that is not a decode result ({e}); killed"}
         except (EOFError, BrokenPipeError, OSError) as e:
             code = self.proc.poll() if self.proc is not None else None
             if code is None and self.proc is not None:
@@ -163,7 +184,7 @@ class DecodeProcess:
             for size in sizes:
                 buffers.append(block[start:start + size])
                 start += size
-        return pickle.loads(data, buffers=buffers)
+        return _ResultUnpickler(io.BytesIO(data), buffers=buffers).load()
 
     def rss_mb(self) -> float:
         """The child's resident memory in MiB (0 if unknown)."""
