@@ -252,10 +252,12 @@ def _publish_folder(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | None = None) -> dict:
+def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | None = None, inputs=None,
+                  tolerance: float = 0.0) -> dict:
     """A model folder (safetensors + timm config + our spec + model card), written to a temp
-    folder and renamed into place; reloaded through ``timm.create_model`` and compared. An existing
-    ``out`` is replaced only if it is an earlier export (:func:`replaceable_folder`)."""
+    folder and renamed into place; reloaded through ``timm.create_model`` and compared on
+    ``inputs`` (default: one example clip), as the other formats are. An existing ``out`` is
+    replaced only if it is an earlier export (:func:`replaceable_folder`)."""
     import timm
     from safetensors.torch import save_file
 
@@ -273,7 +275,8 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
         storage.write_json(tmp / SPEC, keep)
         storage.write_text(tmp / "README.md", model_card(spec, dataset))
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
-        diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), [example_input(spec, 1)], 0.0)
+        diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), inputs or [example_input(spec, 1)],
+                      tolerance)
         # mkdtemp and safetensors create owner-only files: a shipped model folder is world-readable
         for p in tmp.iterdir():
             os.chmod(p, 0o644)

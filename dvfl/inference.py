@@ -89,7 +89,9 @@ class Predictor:
 
     @classmethod
     def load(cls, model_dir: str, clips_dir: str | None = None, **kw) -> "Predictor":
-        if not os.path.isfile(os.path.join(model_dir, SPEC)):
+        from dvfl import storage
+
+        if not storage.isfile(storage.join(model_dir, SPEC)):  # (local, or on object storage as distill writes it)
             raise ValueError(f"{model_dir} is not a model directory (no {SPEC})")
         model, spec = load_model(model_dir)
         classes, inputs = input_spec(spec, clips_dir)

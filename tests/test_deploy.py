@@ -219,8 +219,10 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
 
     folder = tmp_path / "student"
     r = run_cli("export.py", "--model", prepared["teacher"], "--format", "folder", "--out", folder,
-                "--clips", prepared["cfg"].clips_dir)
+                "--clips", prepared["cfg"].clips_dir, "--check-clips", 3)
     assert r.returncode == 0, r.stderr
+    # the reloaded folder is compared on the same inputs as the other formats: 3 real clips + 2 examples
+    assert "on 5 input batch(es)" in r.stdout and "not trained on" not in r.stdout, r.stdout
     assert {"model.safetensors", "config.json", "model.json", "README.md"} <= {p.name for p in folder.iterdir()}
     card = (folder / "README.md").read_text()
     for needle in ("## Training", "## Metrics", "short side 32", "synthetic", "validation top-1"):
@@ -332,6 +334,51 @@ def test_a_folder_export_is_swapped_in_whole_and_a_failed_one_keeps_the_earlier(
     x = ex.example_input(spec, 1)
     with torch.inference_mode():  # the restored folder still loads and is the model
         assert torch.equal(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x), model.eval()(x))
+
+
+def test_folder_exports_check_their_inputs_and_clips_are_named_only_when_trained_on(prepared, tmp_path):
+    """The folder export was compared on one random clip whatever --clips, --golden and
+    --tolerance said; --clips of another ingest went into the model card, and clips of another
+    frame count ended in a traceback (session 29)."""
+    import torch
+
+    from dvfl import export as ex
+    from dvfl.artifacts import load_model
+    from dvfl.commands.export import clips_trained_on
+
+    model, spec = load_model(prepared["teacher"])
+    x = ex.example_input(spec, 2)
+    with pytest.raises(ex.ExportMismatch, match="folder: max"):  # any difference exceeds a negative bound
+        ex.export_folder(model, spec, tmp_path / "f", None, [x], -1.0)
+    assert not (tmp_path / "f").exists()
+    assert ex.export_folder(model, spec, tmp_path / "f", None, [x, torch.zeros_like(x)], 0.0)["max_abs_diff"] == 0.0
+    info = prepared["info"]
+    assert clips_trained_on(info, spec)
+    assert not clips_trained_on({**info, "fingerprint": "another ingest"}, spec)
+    with pytest.raises(ValueError, match="its clips have 16 frames, the model takes 8"):
+        clips_trained_on({**info, "params": {**info["params"], "frames": 16}}, spec)
+
+
+def test_bad_numbers_are_usage_errors_before_any_work(tmp_path):
+    for args in (("predict.py", "--model", tmp_path, "v.mp4", "--timeout-per-file", 0),
+                 ("predict.py", "--model", tmp_path, "v.mp4", "--threads", -1),
+                 ("export.py", "--model", tmp_path, "--format", "folder", "--out", tmp_path / "f", "--tolerance", -1)):
+        r = run_cli(*args)
+        assert r.returncode == 2 and "must be" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "f").exists()
+
+
+def test_evaluate_refuses_a_model_trained_on_another_class_list(prepared, tmp_path):
+    """Same class count, another order: every score would be named after the wrong class."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(prepared["teacher"], model)
+    spec = json.loads((model / "model.json").read_text())
+    spec["classes"] = spec["classes"][::-1]
+    (model / "model.json").write_text(json.dumps(spec))
+    r = run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 2 and "trained on another class list" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):

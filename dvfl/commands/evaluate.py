@@ -72,7 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("model", "clips"), outputs=("json", "confusion"))
-    if not os.path.exists(a.model):
+    from dvfl import storage
+
+    if not storage.exists(a.model):  # (a model folder may be on object storage, as distill writes it there)
         p.error(f"--model {a.model}: not found")
     clips, crop, split, views, name = a.clips, a.crop_size, a.test_split, a.views, a.arch
     if uses_config(a):
@@ -100,7 +102,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.train.evaluate import ProtocolError, evaluate_multiview
 
     try:
-        model, spec = load_model(a.model, name=name, kwargs=None if os.path.isdir(a.model) else
+        model, spec = load_model(a.model, name=name, kwargs=None if storage.isdir(a.model) else
                                  {"num_classes": len(info["classes"]), "num_frames": info["params"]["frames"]})
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -108,6 +110,12 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if model.num_classes != len(info["classes"]):
         print(f"error: {a.model} predicts {model.num_classes} classes; {clips} has {len(info['classes'])}",
               file=sys.stderr)
+        return 2
+    if spec.get("classes") and list(spec["classes"]) != list(info["classes"]):
+        # the same count in another order (another ingest's class list): every score would be misnamed
+        differ = next(i for i, (m, c) in enumerate(zip(spec["classes"], info["classes"])) if m != c)
+        print(f"error: {a.model}'s output {differ} is class {spec['classes'][differ]!r}, {clips}'s label {differ} is "
+              f"{info['classes'][differ]!r}: the model was trained on another class list", file=sys.stderr)
         return 2
     # the crop the model was trained on (as predict and serve use it), not the clips' stored short side
     trained_crop = (spec.get("inputs") or {}).get("crop_size") or spec["kwargs"].get("img_size")
@@ -132,8 +140,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
               "per_class": {classes[c]: v for c, v in m["per_class"].items()}, "confusion": m["confusion"],
               "classes": classes}
     confusion = a.confusion or (os.path.splitext(a.json)[0] + ".confusion.png" if a.json else None)
-    from dvfl import storage
-
     if confusion:
         storage.makedirs(storage.dirname(confusion) or ".")
         plot_confusion(m["confusion"], classes, confusion,

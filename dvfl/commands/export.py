@@ -41,6 +41,15 @@ def real_clips(clips_dir: str, spec: dict, n: int) -> list:
     return [normalize(make_clip_batch([a], size, [View()])) for a in arrays]
 
 
+def clips_trained_on(dataset: dict, spec: dict) -> bool:
+    """Whether ``--clips`` are the clips the model was trained on (then the model card names them);
+    ValueError when their clips cannot feed the model (another frame count)."""
+    frames, trained_on = spec["kwargs"].get("num_frames"), spec.get("dataset_fingerprint")
+    if frames and dataset["params"]["frames"] != frames:
+        raise ValueError(f"its clips have {dataset['params']['frames']} frames, the model takes {frames}")
+    return not trained_on or dataset["fingerprint"] == trained_on
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (model.pt + model.json)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "export", "folder"])
@@ -55,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     local_outputs(p, a, "out")
     absolute_path_args(a, inputs=("model", "clips", "golden"), outputs=("out",))
+    if not a.tolerance >= 0 or a.check_clips < 0:
+        p.error("--tolerance must be >= 0 and --check-clips >= 0")
     from dvfl import export as ex
     from dvfl.artifacts import load_model
     from dvfl.models.checkpoint import CheckpointError
@@ -74,10 +85,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
         try:
             dataset = load_dataset_info(a.clips)
+            same_data = clips_trained_on(dataset, spec)
             inputs += real_clips(a.clips, spec, a.check_clips)
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: --clips {a.clips}: {exc}", file=sys.stderr)
             return 2
+        if not same_data:  # a model card must not name data the model never saw
+            print(f"[export] note: the model was not trained on {a.clips}: its clips check the export, "
+                  "the model card does not name them")
+            dataset = None
     if a.golden:
         try:
             inputs += ex.golden_inputs(a.golden, spec)
@@ -95,7 +111,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         elif a.format == "export":
             info = ex.export_program(model, a.out, inputs, a.tolerance)
         else:
-            info = ex.export_folder(model, spec, a.out, dataset)
+            info = ex.export_folder(model, spec, a.out, dataset, inputs, a.tolerance)
     except ex.ExportMismatch as exc:
         print(f"error: the export does not reproduce PyTorch: {exc}; nothing written", file=sys.stderr)
         return 1

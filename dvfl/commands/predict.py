@@ -48,6 +48,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("model", "inputs", "clips"), outputs=("json",))
     if a.topk < 1:
         p.error("--topk must be >= 1")
+    if not a.timeout_per_file > 0 or (a.threads is not None and a.threads < 1):
+        p.error("--timeout-per-file must be > 0 and --threads >= 1")
     from dvfl.inference import (STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views,
                                 stream_file, write_json)
 
