@@ -107,6 +107,12 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
         return None
     from dvfl.data.synthetic import generate
 
+    if storage.is_remote(cfg.output_dir):  # (they would land under ./s3:/... in the working directory)
+        from dvfl.config import ConfigError
+
+        raise ConfigError(f"data.clips {cfg.clips_dir} holds no finished ingest (dataset.json) and output_dir is a "
+                          "URI: the generated videos are decoded from local disk (ingest them with "
+                          "pipelines/ingest.py --videos-dir DIR --out s3://..., then pass that URI as data.clips)")
     syn = cfg.data.synthetic.generator_config(cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).
@@ -250,6 +256,13 @@ def launch_training(cfg: RunConfig, loop: dict, *, role: str, name: str, storage
                         **_training_args(cfg, role, unlabeled_dir))
 
 
+def init_given(section) -> list:
+    """Which init weights a run starts from, by kind, not path (their content is in :func:`init_identity`):
+    the same file shipped by ``ray job submit`` lands under another absolute path every session.
+    ``[None, None]`` from scratch, as identities have always held it."""
+    return [path and "given" for path in (section.checkpoint, section.init_2d)]
+
+
 def init_identity(section) -> dict:
     """What a run starts from beyond its seed, for its identity: the checkpoint's or 2D weights'
     content (a file replaced under the same name) and a re-initialised head; empty without them,
@@ -259,7 +272,7 @@ def init_identity(section) -> dict:
     out = {}
     for key, path in (("init_weights", section.checkpoint), ("init_2d_weights", section.init_2d)):
         if path:
-            out[key] = storage.size(path) if storage.is_remote(path) else list(file_identity(path))
+            out[key] = list(file_identity(path))  # (an object replaced under its key: its size alone stayed)
     if section.checkpoint and section.reinit_head:
         out["reinit_head"] = True
     return out
@@ -402,7 +415,7 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     # (not the worker count, unlike a student's: a search or a rerun with other scaling reuses its teacher)
     identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
                 "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
-                "init": [section.checkpoint, section.init_2d], "split": cfg.data.train_split, "flip": cfg.data.flip,
+                "init": init_given(section), "split": cfg.data.train_split, "flip": cfg.data.flip,
                 **holdout_identity(cfg), **init_identity(section)}
     if cfg.data.teacher_pool > 0:
         identity["teacher_pool"] = cfg.data.teacher_pool
@@ -533,7 +546,7 @@ def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: in
                 "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(optim), "seed": seed,
                 "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint") if kd else None,
                 "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
-                "init": [cfg.student.checkpoint, cfg.student.init_2d], **holdout_identity(cfg),
+                "init": init_given(cfg.student), **holdout_identity(cfg),
                 **init_identity(cfg.student)}
     if cfg.data.label_fraction < 1:  # (absent at 1.0: earlier full-label runs stay reusable)
         identity["label_fraction"] = cfg.data.label_fraction
@@ -637,8 +650,13 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         storage.write_json(store, {**_read_json(store), store_key: m})
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
         f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
+    # a model's recorded validation top-1 is this run's only on these clips with this hold-out (a
+    # given teacher's is from its own data: it was reported under this config's validation split)
+    same_validation = (spec.get("val_split") == validation_source(cfg).description
+                       and spec.get("dataset_fingerprint") == dataset["fingerprint"])
     return {**m, "split": split, "history": spec.get("history", []), "name": spec.get("name"), "path": str(path),
-            "val_top1": spec.get("val_top1"), "val_split": spec.get("val_split"),
+            "val_top1": spec.get("val_top1") if same_validation else None,
+            "val_split": spec.get("val_split") if same_validation else None,
             "train_seconds": spec.get("train_seconds")}
 
 

@@ -214,6 +214,10 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     assert student(("student.checkpoint", str(ckpt)), ("student.reinit_head", True)) != with_ckpt
     ckpt.write_bytes(b"b" * 1000)  # new weights under the same name
     assert student(("student.checkpoint", str(ckpt))) != with_ckpt
+    # the same bytes at another path (a job's working directory moves every session): the same run
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "k400.pth").write_bytes(ckpt.read_bytes())
+    assert student(("student.checkpoint", str(tmp_path / "job" / "k400.pth"))) == student(("student.checkpoint", str(ckpt)))
     # the teacher's identity takes the same init part; runs from scratch add nothing (kept reusable)
     cfg = load_config(None, [("teacher.train.checkpoint", str(ckpt)), ("teacher.train.reinit_head", True)],
                       check_paths=False)

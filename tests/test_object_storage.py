@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INGEST = os.path.join(REPO, "pipelines", "ingest.py")
 DISTILL = os.path.join(REPO, "pipelines", "distill.py")
 SEARCH = os.path.join(REPO, "tuning", "search.py")
+EVALUATE = os.path.join(REPO, "pipelines", "evaluate.py")
 SMALL = ["--synthetic-classes", "4", "--train-per-class", "8", "--test-per-class", "1", "--videos-per-shard", "4",
          "--video-size", "32", "--num-cpus", "3", "--object-store-mb", "256", "--quiet"]
 
@@ -52,6 +53,36 @@ def _shard_hashes_s3(uri):
 
     return {k[len("shards/"):]: hashlib.sha256(storage.read_bytes(f"{uri}/{k}")).hexdigest()
             for k in s3_objects(uri) if k.startswith("shards/") and k.endswith(".parquet") and "/_meta/" not in k}
+
+
+def test_an_init_checkpoint_replaced_on_s3_changes_the_runs_identity(s3_server):
+    """A run's identity held only the size of an init checkpoint on object storage: one replaced by
+    another of the same architecture (same size) reused the models trained from the old weights."""
+    from types import SimpleNamespace
+
+    from dvfl import storage
+    from dvfl.pipeline import init_identity
+
+    key = f"s3://{s3_server['new_bucket']()}/init/ck.pt"
+    section = SimpleNamespace(checkpoint=key, init_2d=None, reinit_head=False)
+    storage.write_bytes(key, b"a" * 200_000)
+    first = init_identity(section)
+    storage.write_bytes(key, b"a" * 199_999 + b"b")  # the same size, another last byte
+    second = init_identity(section)
+    assert first["init_weights"][0] == second["init_weights"][0] == 200_000 and first != second
+
+
+def test_generated_videos_are_never_written_under_a_uri_named_folder(s3_server, tmp_path):
+    """--out s3://... with data.clips a URI that holds no ingest yet: the embedded default's videos
+    were generated under ./s3:/... in the working directory; now a config error, nothing written."""
+    bucket = s3_server["new_bucket"]()
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = subprocess.run([sys.executable, DISTILL, "--out", f"s3://{bucket}/run", "--set", f"data.clips=s3://{bucket}/none",
+                        "--teacher", os.path.join(REPO, "models", "embedded_teacher")],
+                       env=_env(s3_server, tmp_path), cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"data.clips s3://{bucket}/none holds no finished ingest" in r.stderr, r.stderr
+    assert os.listdir(work) == [] and not s3_objects(f"s3://{bucket}/run")
 
 
 def test_config_names_the_field_whose_bucket_cannot_be_reached(s3_server):
@@ -284,6 +315,9 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
     assert len([k for k in objects if k.startswith("teacher_cache/logits/") and k.endswith(".parquet")]) == 9
     assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []
     assert f"[report] {out}/results.json" in r.stdout
+    # the student where distill wrote it, evaluated from the bucket (a local path was required before session 29)
+    e = _run([EVALUATE, "--model", results["models"]["dvfl"]["paths"][0], "--clips", s3_ingest["uri"]], env, work)
+    assert "[evaluate] s3://" in e.stdout and "top-1" in e.stdout, e.stdout
 
     search = [SEARCH, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3", "--quiet",
               *[x for kv in TINY_S3 for x in ("--set", kv)],

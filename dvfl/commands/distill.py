@@ -62,10 +62,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     announce_job_outputs(cfg.output_dir)
 
+    started = time.time()
+    try:
+        pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     if a.fresh:
         pipeline.clean_run(cfg)
-    started = time.time()
-    pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
     with ray_runtime(num_cpus=a.num_cpus):
         storage.makedirs(cfg.output_dir)
         pipeline.remove_report(cfg.output_dir)  # a run that fails must not leave an earlier one's beside its config

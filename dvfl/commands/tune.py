@@ -57,7 +57,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     announce_job_outputs(str(experiment_dir(search, cfg)))
 
     started = time.time()
-    pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
+    try:
+        pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     with ray_runtime(num_cpus=a.num_cpus):
         try:
             run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)

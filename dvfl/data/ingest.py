@@ -113,11 +113,20 @@ class IngestConfig:
 # file identity and fingerprint
 
 def file_identity(path: str) -> Tuple[int, str]:
-    """``(size, blake2b-128 of the first and last 64 KiB)``: a content identity that costs two
-    small reads per file. Edits of the same size strictly inside the middle of a file larger
+    """``(size, blake2b-128 of the first and last 64 KiB)`` of a local file or an object: a content
+    identity that costs two small reads per file. Edits of the same size strictly inside the middle of a file larger
     than 128 KiB are not seen (documented trade-off)."""
-    size = os.path.getsize(path)
     h = hashlib.blake2b(digest_size=16)
+    if storage.local_path(path) is None:  # an init checkpoint on object storage: two ranged reads
+        with storage.open_input(path) as f:
+            size = f.size()
+            h.update(f.read_at(min(size, HASH_BYTES), 0))
+            if size > HASH_BYTES:
+                start = max(HASH_BYTES, size - HASH_BYTES)  # the same bytes as the local branch below
+                h.update(f.read_at(size - start, start))
+        return size, h.hexdigest()
+    path = storage.local_path(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         h.update(f.read(HASH_BYTES))
         if size > 2 * HASH_BYTES:
