@@ -106,12 +106,23 @@ def _s3(endpoint: Optional[str], region: Optional[str]) -> pafs.FileSystem:
     # the SDK's default request timeout (3 s without a byte) failed requests to a busy server
     kw: dict = {"connect_timeout": 10, "request_timeout": 60}
     if endpoint:
-        u = urlparse(endpoint)
-        kw["endpoint_override"] = u.netloc or u.path
-        kw["scheme"] = u.scheme or "https"
+        # "host:port" without a scheme: urlparse would read the host as the scheme ("minio:9000")
+        u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kw["endpoint_override"] = u.netloc
+        kw["scheme"] = u.scheme
     if region:
         kw["region"] = region
     return pafs.S3FileSystem(**kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> Optional[str]:
+    """An AWS bucket's own region (requests to another region's endpoint fail), as pyarrow's
+    from_uri looks it up; None where it cannot be asked (the SDK's default region then)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError):
+        return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,8 +139,11 @@ def filesystem(path: str) -> Tuple[pafs.FileSystem, str]:
     scheme, _, rest = path.partition("://")
     if scheme.lower() in ("s3", "s3a"):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        endpoint = s3_endpoint()
+        if not region and not endpoint:  # AWS itself, no region given: the bucket's
+            region = _bucket_region(rest.split("/", 1)[0])
         # "bucket/key" taken literally: keys may hold '#' and '?', which urlparse would cut off
-        return _s3(s3_endpoint(), region), rest.rstrip("/")
+        return _s3(endpoint, region), rest.rstrip("/")
     if scheme.lower() in ("gs", "gcs"):
         # literally too: from_uri refuses spaces and non-ASCII and decodes '%41' into another key
         return _gcs(), rest.rstrip("/")

@@ -31,6 +31,32 @@ def test_an_s3_uri_keeps_every_character_of_its_key(s3_env, key):
     assert storage.filesystem(f"s3a://bkt/{key}/")[1] == f"bkt/{key}"
 
 
+def test_an_aws_bucket_is_reached_in_its_own_region_and_endpoints_may_omit_the_scheme(monkeypatch):
+    """Without AWS_REGION every request to a bucket of another region failed (pyarrow's from_uri,
+    which storage replaced, looked the region up); "minio:9000" was read as scheme "minio" and
+    host "9000" (session 29)."""
+    asked = []
+
+    def resolve(bucket):  # the lookup itself needs AWS: what storage asks and uses is the subject here
+        asked.append(bucket)
+        return "eu-west-1"
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", *storage.ENDPOINT_ENVS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(storage.pafs, "resolve_s3_region", resolve)
+    storage._bucket_region.cache_clear()
+    assert storage.filesystem("s3://eu-bkt/runs/x")[0].region == "eu-west-1" and asked == ["eu-bkt"]
+    monkeypatch.setenv("AWS_REGION", "us-west-2")  # a region the user gives wins, and nothing is asked
+    assert storage.filesystem("s3://eu-bkt/runs/x")[0].region == "us-west-2" and asked == ["eu-bkt"]
+    for endpoint, (host, scheme) in (("minio:9000", ("minio:9000", "https")),
+                                     ("http://127.0.0.1:9000", ("127.0.0.1:9000", "http"))):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        options = storage.filesystem("s3://bkt/x")[0].__reduce__()[1][0]
+        assert (options["endpoint_override"], options["scheme"]) == (host, scheme), endpoint
+    storage._bucket_region.cache_clear()
+
+
 def test_objects_under_a_prefix_with_a_hash_map_to_distinct_keys_outside_the_shorter_prefix(s3_env):
     shard, meta = (storage.filesystem(f"s3://bkt/runs/ucf#2/{k}")[1] for k in ("shards/train-00000.parquet",
                                                                                "_meta/x.json"))
