@@ -208,3 +208,16 @@ def main(argv=None) -> int:
     """The ``dvfl`` console script (``[project.scripts]``) and ``python -m dvfl``."""
     a = build_parser().parse_args(argv)
     return command_module(a.command).run(a, a.command_parser)
+
+
+def generate_videos(cfg) -> bool:
+    """The embedded default's videos, made before Ray starts (the generator forks processes);
+    False, with the config error printed, where they cannot be (output_dir a URI without clips)."""
+    from dvfl import pipeline
+
+    try:
+        pipeline.ensure_videos(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return False
+    return True

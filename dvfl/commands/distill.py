@@ -47,7 +47,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from dvfl import pipeline, storage
-    from dvfl.cli import announce_job_outputs
+    from dvfl.cli import announce_job_outputs, generate_videos
 
     if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         from dvfl.data.shards import load_dataset_info
@@ -63,10 +63,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     announce_job_outputs(cfg.output_dir)
 
     started = time.time()
-    try:
-        pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    if not generate_videos(cfg):
         return 2
     if a.fresh:
         pipeline.clean_run(cfg)

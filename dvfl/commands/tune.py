@@ -49,18 +49,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from dvfl import pipeline
-    from dvfl.cli import announce_job_outputs
+    from dvfl.cli import announce_job_outputs, generate_videos
     from dvfl.runtime import ray_runtime
     from dvfl.tune import experiment_dir
 
     announce_job_outputs(str(experiment_dir(search, cfg)))
 
     started = time.time()
-    try:
-        pipeline.ensure_videos(cfg)  # before Ray starts: the generator forks processes
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    if not generate_videos(cfg):
         return 2
     with ray_runtime(num_cpus=a.num_cpus):
         try:
