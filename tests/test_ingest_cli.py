@@ -49,7 +49,7 @@ def _hashes(out):
 
 def _tmp_shards(out):
     """Half-written files: a shard's, or a piece's (a shard cut into several decode tasks)."""
-    return glob.glob(os.path.join(out, "shards", ".*.tmp")) + glob.glob(os.path.join(out, "_parts", ".*.tmp"))
+    return glob.glob(os.path.join(out, "shards", ".*.tmp")) + glob.glob(os.path.join(out, "_parts", "**", ".*.tmp"), recursive=True)
 
 
 @pytest.mark.slow

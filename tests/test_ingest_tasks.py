@@ -132,6 +132,15 @@ def test_a_merge_that_ray_retries_after_its_commit_finds_the_shard_done(video_fa
     assert not any(os.path.exists(p["dest"]) for p in parts)
     assert I._merge_parts(shard, parts, opts) == first  # the retry: done, nothing rewritten
     assert open(shard["dest"], "rb").read() == committed
+    # a part file that is not what its task reported (written by a killed run's task after the rerun
+    # cleared the folder, say): never merged into a shard (session 29)
+    writer = S.AtomicShardWriter(str(tmp_path / "_parts" / "train-00001.0.parquet"), 4, "none")
+    writer.write(table)
+    writer.commit()
+    other = {"shard": "train-00001", "split": "train", "dest": str(tmp_path / "shards" / "train-00001.parquet")}
+    with pytest.raises(RuntimeError, match=rf"holds {table.num_rows} clips, but its decode task wrote 1"):
+        I._merge_parts(other, [{"dest": writer.path, "videos": 1, "written": 1, "clips": 1, "rejects": []}], opts)
+    assert not os.path.exists(other["dest"]) and not os.path.exists(os.path.join(opts["meta_dir"], "train-00001.json"))
 
 
 def test_ingest_config_rejects_bad_task_sizes():

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -494,7 +495,10 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
         if cfg.writer == "driver":
             clips_this_run = _run_pipeline(jobs, todo, cfg, max_videos, shard_dir, meta_dir, progress)
         else:
-            clips_this_run = _run_tasks(jobs, todo, cfg, max_videos, shard_dir, meta_dir, parts_dir, progress)
+            # this run's own part folder: a task of a killed run that still finishes writes into its own
+            # run's folder, never over a part of this run that a merge would then take (session 29)
+            run_parts = storage.join(parts_dir, f"run-{uuid.uuid4().hex[:12]}")
+            clips_this_run = _run_tasks(jobs, todo, cfg, max_videos, shard_dir, meta_dir, run_parts, progress)
             storage.remove_tree(parts_dir)  # every part was merged and removed: the empty folder too
     run_secs = time.perf_counter() - t_run
 
@@ -790,6 +794,9 @@ def _write_merged(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict
             # one row group at a time and no read-ahead (pre_buffer reads several at once): Arrow's
             # peak memory 20 MB instead of 50 per 8 MB row group (docs/ingest.md)
             pf = _s.parquet_file(part["dest"], pre_buffer=False)
+            if pf.metadata.num_rows != part["clips"]:  # not the file this run's task wrote: never merged
+                raise RuntimeError(f"part file {part['dest']} holds {pf.metadata.num_rows} clips, but its decode "
+                                   f"task wrote {part['clips']}; run the ingest again")
             for i in range(pf.num_row_groups):
                 writer.write(pf.read_row_group(i, use_threads=False))
         rejects = [r for part in parts for r in part["rejects"]]
