@@ -25,6 +25,8 @@ STUDENT_ROLES = ("vfl", "vfl_long", "dvfl", "dvfl+unlabeled")
 LONG_EPOCHS_FACTOR = 2
 # datasets whose classes name directions ("Pushing something from left to right"): a flip changes the label
 DIRECTIONAL_DATASETS = ("ssv2",)
+# the numbered official splits (UCF101, HMDB51) or leave-one-group-out folds (UCF50) there are
+SPLIT_COUNTS = {"ucf101": 3, "hmdb51": 3, "ucf50": 25}
 
 
 # Path fields that may hold SPLIT_PLACEHOLDER (as (section path, field)); see RunConfig.expand_split.
@@ -349,8 +351,9 @@ class RunConfig:
                 fail(f"{name}.label_smoothing", f"must be in [0, 1), got {o.label_smoothing!r}")
             if o.optimizer not in ("adamw", "sgd"):
                 fail(f"{name}.optimizer", f"must be adamw or sgd, got {o.optimizer!r}")
-            if not 0 <= o.momentum < 1:
-                fail(f"{name}.momentum", f"must be in [0, 1), got {o.momentum!r}")
+            if not 0 <= o.momentum < 1 or (o.optimizer == "sgd" and o.momentum == 0):
+                # (SGD is Nesterov's: timm refuses it without momentum, inside the first training run)
+                fail(f"{name}.momentum", f"must be in {'(0' if o.optimizer == 'sgd' else '[0'}, 1), got {o.momentum!r}")
             if o.amp not in ("bf16", "fp16", "off"):
                 fail(f"{name}.amp", f"must be bf16, fp16 or off, got {o.amp!r}")
             if o.temporal_impl not in ("conv2d", "conv1d"):
@@ -420,6 +423,17 @@ class RunConfig:
             fail("data.test_split", f"must differ from data.train_split ({self.data.train_split!r})")
         if self.data.val_split == self.data.test_split:  # choices are made on validation; test is read once
             fail("data.val_split", f"must differ from data.test_split ({self.data.test_split!r})")
+        if self.data.val_split == self.data.train_split:  # validation on the training clips chooses nothing
+            fail("data.val_split", f"must differ from data.train_split ({self.data.train_split!r})")
+        for split_field in ("train_split", "val_split", "test_split"):
+            if getattr(self.data, split_field) == "unlabeled":  # clips without labels: nothing to learn or score
+                fail(f"data.{split_field}", "must not be 'unlabeled' (the unlabelled pool; see data.unlabeled)")
+        for count in ("train_per_class", "test_per_class"):
+            if getattr(self.data.synthetic, count) < 1:  # else the clips lack a split, found after the ingest
+                fail(f"data.synthetic.{count}", f"must be >= 1, got {getattr(self.data.synthetic, count)!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):  # it names folders and temp files
+            fail("name", f"must be letters, digits, '.', '_' or '-' (not starting with '.', '_' or '-'), "
+                 f"got {self.name!r}")
         from dvfl.data.adapters import DATASETS
 
         if self.data.dataset not in DATASETS:
@@ -448,6 +462,9 @@ class RunConfig:
                             ("data.split", self.data.split)):
             if value < 1:  # (they failed inside the ingest, naming a flag)
                 fail(name, f"must be >= 1, got {value!r}")
+        if self.data.split > SPLIT_COUNTS.get(self.data.dataset, self.data.split):  # (the adapter refused it, in Ray)
+            fail("data.split", f"must be in 1..{SPLIT_COUNTS[self.data.dataset]} for {self.data.dataset}, "
+                 f"got {self.data.split!r}")
         if not 1 <= self.eval.clips <= self.data.eval_clips:
             fail("eval.clips", f"must be in [1, data.eval_clips={self.data.eval_clips}], got {self.eval.clips!r}")
         if self.teacher.cache_dtype not in ("float16", "float32"):
@@ -518,10 +535,13 @@ def _unique_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def read_yaml(path: Path, what: str = "config file") -> object:
-    """A config file's YAML (refusing duplicate keys); :class:`ConfigError` if it is not valid YAML."""
+def read_yaml(path: Path | str, what: str = "config file") -> object:
+    """A config file's YAML (refusing duplicate keys); :class:`ConfigError` if it is not valid YAML.
+    ``path`` may be an object-store URI (a search's best_config.yaml on s3://)."""
+    from dvfl import storage
+
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        return yaml.load(storage.read_text(os.fspath(path)), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
@@ -596,6 +616,28 @@ def set_field(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+def _section_class(dotted: str):
+    """The dataclass of the run-config section ``dotted`` names (``kd``, ``teacher.train``), else None."""
+    cls = RunConfig
+    for key in dotted.split("."):
+        default = getattr(cls(), key, None) if dataclasses.is_dataclass(cls) else None
+        if not dataclasses.is_dataclass(default):
+            return None
+        cls = type(default)
+    return cls
+
+
+def override_field(tree: dict, dotted: str, value) -> None:
+    """:func:`set_field` for a run-config tree: a mapping given for a whole section
+    (``--set 'kd={temperature: 2}'``) sets those fields only; replacing the section would put
+    every other field of it back to its default."""
+    if isinstance(value, dict) and _section_class(dotted) is not None:
+        for key, sub in value.items():
+            override_field(tree, f"{dotted}.{key}", sub)
+        return
+    set_field(tree, dotted, value)
+
+
 def build_config(tree: dict) -> RunConfig:
     """A run config from a config tree, every field type-checked by name (not yet validated)."""
     try:
@@ -626,15 +668,21 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
 
 def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
     """The YAML tree of a config with the overrides applied: values as written (``{split}`` unexpanded)."""
-    path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
-    if not path.is_file():
+    from dvfl import storage
+
+    path = os.fspath(path) if path else str(CONFIG_DIR / "embedded.yaml")
+    try:
+        found = storage.isfile(path)
+    except (OSError, ValueError) as exc:  # an unreachable bucket, a malformed URI
+        raise ConfigError(f"config file {path}: {exc}") from None
+    if not found:
         raise ConfigError(f"config file not found: {path}")
     tree = read_yaml(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping, got {type(tree).__name__}")
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
-        set_field(tree, key, value)
+        override_field(tree, key, value)
     return tree
 
 

@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 from dvfl import paths, storage
-from dvfl.config import SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config
+from dvfl.config import SPLIT_COUNTS, SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config
 
 RESULTS_JSON, RESULTS_MD = "protocol.json", "protocol.md"
 
@@ -29,9 +29,9 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "ucf101": Protocol("ucf101", "split", (1, 2, 3), "UCF101 official splits 1-3"),
-    "hmdb51": Protocol("hmdb51", "split", (1, 2, 3), "HMDB51 official splits 1-3"),
-    "ucf50": Protocol("ucf50", "fold", tuple(range(1, 26)),
+    "ucf101": Protocol("ucf101", "split", tuple(range(1, SPLIT_COUNTS["ucf101"] + 1)), "UCF101 official splits 1-3"),
+    "hmdb51": Protocol("hmdb51", "split", tuple(range(1, SPLIT_COUNTS["hmdb51"] + 1)), "HMDB51 official splits 1-3"),
+    "ucf50": Protocol("ucf50", "fold", tuple(range(1, SPLIT_COUNTS["ucf50"] + 1)),
                       "UCF50 leave-one-group-out (25 folds, fold N tests on group N)"),
 }
 # config paths that must differ per split: one split's test videos are another's training videos
@@ -183,6 +183,7 @@ def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], o
     for n, (i, cfg) in enumerate(zip(ids, configs), 1):
         log(f"[protocol] {protocol.kind} {i} ({n}/{len(ids)}): clips {cfg.clips_dir}, results in {cfg.output_dir}")
         storage.makedirs(cfg.output_dir)
+        pipeline.remove_report(cfg.output_dir)  # a split that fails must not leave an earlier run's beside its config
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
         result = pipeline.run_all(cfg, log)
         runs.append({"split": i, "output_dir": cfg.output_dir, "clips": cfg.clips_dir,

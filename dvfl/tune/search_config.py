@@ -74,8 +74,9 @@ def _parse_tune(tree: dict) -> TuneConfig:
             raise ConfigError(f"tune.{key} is not a known field (known: {', '.join(sorted(fields))})")
     t = TuneConfig()
     for key in ("run_config", "storage"):
-        if tree.get(key) is not None and not isinstance(tree[key], str):
-            raise ConfigError(f"tune.{key} must be a path, got {tree[key]!r}")
+        if tree.get(key) is not None and (not isinstance(tree[key], str) or not tree[key].strip()):
+            # ('' would become the current directory)
+            raise ConfigError(f"tune.{key} must be a path (or left out), got {tree[key]!r}")
         setattr(t, key, tree.get(key, getattr(t, key)))
     for key in ("experiment", "metric", "mode"):
         value = tree.get(key, getattr(t, key))
@@ -171,6 +172,8 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
     the space applied to the run config (so a trial can never fail on a bad value)."""
     if t.num_samples < 1:
         raise ConfigError(f"tune.num_samples must be >= 1, got {t.num_samples}")
+    if t.seed < 0:  # Tune's sampler refuses it, after the clips and the cache are made
+        raise ConfigError(f"tune.seed must be >= 0, got {t.seed}")
     if t.max_concurrent_trials < 1:
         raise ConfigError(f"tune.max_concurrent_trials must be >= 1, got {t.max_concurrent_trials}")
     if not t.driver_cpus > 0:
