@@ -301,6 +301,12 @@ def _sidecar(dst: str) -> str:
     return storage.join(storage.dirname(dst), "_" + storage.basename(dst) + ".json")
 
 
+def _is_cache_file(name: str) -> bool:
+    """A logits file, its sidecar, or a temporary file of either (the names a build writes)."""
+    return (name.endswith(".parquet") or (name.startswith("_") and name.endswith(".parquet.json"))
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
 def logits_of_shard(logits_path: str, shard: dict) -> bool:
     """Whether a logits file was made from this clip shard (its sidecar records the shard's
     content digest; ingests before the digest have none and match by name and size only)."""
@@ -351,6 +357,12 @@ def build_teacher_cache(
     out = out_dir.rstrip("/") if storage.is_remote(out_dir) else os.fspath(out_dir)
     logits_dir = storage.join(out, LOGITS_DIR)
 
+    foreign = [storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)
+               if not _is_cache_file(storage.basename(p))]
+    if foreign:  # a build deletes the logits files it does not need: never a user's own files
+        raise CacheMismatchError(
+            f"{logits_dir} holds files that are not a teacher cache's ({', '.join(sorted(foreign)[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): use another --out")
     for meta in (storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)):
         if storage.isfile(meta):
             existing_info = storage.read_json(meta)
