@@ -61,10 +61,26 @@ def _check(name: str, run, model: torch.nn.Module, inputs: list[torch.Tensor], t
             got = np.asarray(run(x))
             if got.shape != ref.shape:
                 raise ExportMismatch(f"{name}: output shape {got.shape} != PyTorch {ref.shape}")
-            worst = max(worst, float(np.abs(got - ref).max()))
+            if not np.isfinite(got).all():  # (a NaN difference would vanish in max() below)
+                raise ExportMismatch(f"{name}: the exported model's output is not finite (NaN or inf)")
+            diff = float(np.abs(got - ref).max())
+            if not diff <= tolerance:  # NaN included: the reference itself not finite
+                raise ExportMismatch(f"{name}: max |exported - PyTorch| = {diff:.3g} > {tolerance:g}")
+            worst = max(worst, diff)
     if not worst <= tolerance:
         raise ExportMismatch(f"{name}: max |exported - PyTorch| = {worst:.3g} > {tolerance:g}")
     return worst
+
+
+def _publish_file(tmp: Path, out: Path) -> None:
+    """The checked file ``tmp`` renamed to ``out``, on disk first (a crash never leaves a short
+    model under its final name)."""
+    from dvfl.storage import fsync_dir
+
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    fsync_dir(str(out.parent))
 
 
 def _trace_example(inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -107,7 +123,7 @@ def export_onnx(model, out: str | os.PathLike, inputs: list[torch.Tensor], toler
         onnx.checker.check_model(str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         diff = _check("onnx", lambda x: session.run(None, {"video": x.numpy()})[0], model, inputs, tolerance)
-        os.replace(tmp, out)
+        _publish_file(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return {"format": "onnx", "path": str(out), "max_abs_diff": diff, "opset": opset, "checked_inputs": len(inputs),
@@ -125,7 +141,7 @@ def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor]
         torch.jit.save(traced, str(tmp))
         loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
         diff = _check("torchscript", lambda x: loaded(x).float().numpy(), model, inputs, tolerance)
-        os.replace(tmp, out)
+        _publish_file(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return {"format": "torchscript", "path": str(out), "max_abs_diff": diff, "checked_inputs": len(inputs)}
@@ -142,7 +158,7 @@ def export_program(model, out: str | os.PathLike, inputs: list[torch.Tensor], to
         torch.export.save(program, str(tmp))
         loaded = torch.export.load(str(tmp)).module()
         diff = _check("torch.export", lambda x: loaded(x).float().detach().numpy(), model, inputs, tolerance)
-        os.replace(tmp, out)
+        _publish_file(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return {"format": "export", "path": str(out), "max_abs_diff": diff, "checked_inputs": len(inputs)}

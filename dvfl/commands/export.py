@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     local_outputs(p, a, "out")
+    out_named_a_folder = a.out.endswith(("/", os.sep))  # (the absolute path below drops the slash)
     absolute_path_args(a, inputs=("model", "clips", "golden"), outputs=("out",))
     if not a.tolerance >= 0 or a.check_clips < 0:
         p.error("--tolerance must be >= 0 and --check-clips >= 0")
@@ -78,6 +79,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     model.eval()
     if a.format == "folder" and not ex.replaceable_folder(a.out):
         print(f"error: --out {a.out} exists and is not an exported model folder; not overwriting it", file=sys.stderr)
+        return 2
+    if a.format != "folder" and (os.path.isdir(a.out) or out_named_a_folder):
+        print(f"error: --out {a.out} is a folder; --format {a.format} writes one file: name it", file=sys.stderr)
         return 2
     inputs, dataset = [], None
     if a.clips:
