@@ -148,6 +148,27 @@ def test_ucf101(tmp_path, src_video):
         A.ucf101(str(tmp_path), 4)
 
 
+def test_list_files_naming_files_in_another_encoding_find_them(tmp_path, src_video):
+    """A UCF101-format tree whose names are Latin-1 bytes (read as lone surrogates): list files
+    were decoded with errors="replace", so every such video was rejected as "missing"; the folder
+    adapter found it. Names are stored as printable text either way."""
+    root = os.fsencode(tmp_path / "ds")
+    lists = os.path.join(root, b"ucfTrainTestlist")
+    os.makedirs(os.path.join(root, b"UCF-101", b"Caf\xe9"))
+    os.makedirs(lists)
+    for g in (b"01", b"02"):
+        shutil.copy(src_video, os.path.join(root, b"UCF-101", b"Caf\xe9", b"v_caf\xe9_g%s_c01.avi" % g))
+    for name, text in ((b"classInd.txt", b"1 Caf\xe9\n"), (b"trainlist01.txt", b"Caf\xe9/v_caf\xe9_g01_c01.avi 1\n"),
+                       (b"testlist01.txt", b"Caf\xe9/v_caf\xe9_g02_c01.avi\n")):
+        with open(os.path.join(lists, name), "wb") as f:
+            f.write(text)
+    m = A.ucf101(str(tmp_path / "ds"), 1)
+    assert reasons(m) == [] and m.classes == ["Caf\\xe9"]
+    assert {(e.video_id, e.split) for e in m.entries} == {("Caf\\xe9/v_caf\\xe9_g01_c01", "train"),
+                                                          ("Caf\\xe9/v_caf\\xe9_g02_c01", "test")}
+    assert all(os.path.isfile(e.path) for e in m.entries)
+
+
 def test_hmdb51(tmp_path, src_video):
     m = make_hmdb51(str(tmp_path), src_video)
     assert m.classes == ["brush_hair", "cartwheel"]

@@ -77,7 +77,8 @@ def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name
 def _read_lines(path: str) -> List[Tuple[int, str]]:
     """(line number, stripped text) of the non-blank lines. None of the list formats read here has
     comments: a line starting with ``#`` is an entry (HMDB51 has videos named ``#20_Rhythm_clap_...``)."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    # surrogateescape: a name in another encoding (Latin-1 bytes) still opens the file it names
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         return [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip()]
 
 
@@ -484,7 +485,7 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         if not os.path.isfile(path):
             raise AdapterError(f"annotation file {path} not found")
         split = _norm_split(split_hint) if split_hint else _split_from_name(path, "--annotations")
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(c.strip() for c in r)]
         header = None
         if rows and not any(_is_int(c) or _is_video(c.strip()) for c in rows[0][1]):

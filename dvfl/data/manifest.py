@@ -49,6 +49,10 @@ class Problem:
     detail: str = ""
     split: Optional[str] = None
 
+    def __post_init__(self):  # (a list file's name in another encoding: printed and written as text)
+        self.path, self.detail = printable(self.path), printable(self.detail)
+        self.video_id = self.video_id and printable(self.video_id)
+
     def as_dict(self) -> Dict:
         return asdict(self)
 
