@@ -270,6 +270,22 @@ def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[st
     else:
         shard_dir = glob.escape(os.path.join(storage.local_path(out_dir), SHARD_DIR))  # br[1] is a name, not a pattern
         paths = sorted(glob.glob(os.path.join(shard_dir, "*.parquet")))
+    try:
+        listed = storage.read_json(storage.join(out_dir, DATASET_JSON)).get("shards")
+    except FileNotFoundError:  # an ingest in progress: its shards so far
+        listed = None
+    if listed is not None:
+        # a finished ingest reads exactly its shards: a file lost in a partial copy or sync would
+        # leave every score computed on part of a split, and a stray copy would add clips twice
+        found = {storage.basename(p): p for p in paths}
+        names = [storage.basename(e["file"]) for e in listed]
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise IncompleteClipsError(
+                f"{out_dir}: {len(missing)} of the {len(names)} shard files its {DATASET_JSON} lists are missing "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the folder is incomplete "
+                "(copied or synced partway?); copy it again, or rerun the ingest that made it")
+        paths = sorted(found[n] for n in names)
     if splits is not None:
         want = set(splits)
         paths = [p for p in paths if storage.basename(p).rsplit("-", 1)[0] in want]
@@ -306,6 +322,10 @@ def median_video_seconds(out_dir: str, splits: Iterable[str]) -> Optional[float]
         if fps and fps > 0:
             seconds[vid] = n / fps
     return round(float(np.median(list(seconds.values()))), 3) if seconds else None
+
+
+class IncompleteClipsError(FileNotFoundError):
+    """A finished ingest's folder without every shard file its dataset.json lists."""
 
 
 class CorruptShardError(OSError):
