@@ -15,6 +15,7 @@ One name per concept, in every subcommand:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import os
@@ -116,9 +117,48 @@ def add_num_workers(p, help_text: str = "Ray Train workers (config: scaling.num_
     deprecated(p, "--workers", "--num-workers", "num_workers", type=int)
 
 
-def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=()) -> RunConfig:
+def check_gpu_reachable(use_gpu: bool) -> None:
+    """GPUs asked of Ray on a machine with none and no cluster joined: Ray would wait for ever."""
+    if use_gpu and os.environ.get("RAY_ADDRESS", "local") == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("scaling.use_gpu is true, but this machine has no GPU (torch sees none) and "
+                              "no cluster is joined (RAY_ADDRESS): drop --gpu, or run it on a GPU machine")
+
+
+def check_training_fits(cfg: RunConfig, resources: dict) -> None:
+    """A training run whose workers the local Ray instance cannot place waits for ever (Ray Train
+    retries its worker group without end), after the ingest and the cache: refused up front. A
+    joined cluster (RAY_ADDRESS) is left to Ray: its autoscaler may add the nodes."""
+    if os.environ.get("RAY_ADDRESS", "local") != "local":
+        return
+    s = cfg.scaling
+    need = {"CPU": s.num_workers * s.cpus_per_worker, **({"GPU": float(s.num_workers)} if s.use_gpu else {}),
+            **{k: s.num_workers * v for k, v in (s.worker_resources or {}).items()}}
+    short = [f"{amount:g} {key} (Ray has {resources.get(key, 0.0):g})" for key, amount in need.items()
+             if resources.get(key, 0.0) + 1e-9 < amount]
+    if short:
+        raise ConfigError(f"scaling.num_workers {s.num_workers} x (scaling.cpus_per_worker {s.cpus_per_worker:g}"
+                          f"{', a GPU' if s.use_gpu else ''}{', scaling.worker_resources' if s.worker_resources else ''})"
+                          f" needs {', '.join(short)}: lower scaling.num_workers or the per-worker resources, or "
+                          "give Ray more (--num-cpus), or training would wait for ever")
+
+
+def fits_ray(cfg: RunConfig, resources: dict) -> bool:
+    """:func:`check_training_fits`, its refusal printed as a config error."""
+    try:
+        check_training_fits(cfg, resources)
+        return True
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return False
+
+
+def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(), uses_ray_gpus: bool = True) -> RunConfig:
     """Load + override + validate; on a bad value print the field and exit before any work.
-    ``outputs``: path fields the command writes (e.g. ``teacher.path`` for ``dvfl teacher``)."""
+    ``outputs``: path fields the command writes (e.g. ``teacher.path`` for ``dvfl teacher``);
+    ``uses_ray_gpus=False``: a command that picks its own device (evaluate) takes a GPU config anywhere."""
     overrides = list(a.overrides)
     if getattr(a, "output_dir", None):
         overrides.append(("output_dir", a.output_dir))
@@ -127,13 +167,8 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(
             overrides.append((key, value))
     try:
         cfg = load_config(a.config, overrides, outputs=outputs)
-        joins_cluster = os.environ.get("RAY_ADDRESS", "local") != "local"
-        if cfg.scaling.use_gpu and not joins_cluster:
-            import torch
-
-            if not torch.cuda.is_available():  # Ray would wait for a GPU for ever
-                raise ConfigError("scaling.use_gpu is true, but this machine has no GPU (torch sees none) and "
-                                  "no cluster is joined (RAY_ADDRESS): drop --gpu, or run it on a GPU machine")
+        if uses_ray_gpus:
+            check_gpu_reachable(cfg.scaling.use_gpu)
         return cfg
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -221,3 +256,44 @@ def generate_videos(cfg) -> bool:
         print(f"config error: {exc}", file=sys.stderr)
         return False
     return True
+
+
+def actionable_failure(exc: BaseException) -> BaseException | None:
+    """The error a user can act on (a diverged loss, a teacher near chance, a mismatched cache, too
+    few or damaged clips), found through Ray's wrappers (a runner's RayTaskError, a worker group's
+    TrainingFailedError), to print as one line instead of a traceback through Ray's internals; None
+    for anything else."""
+    from dvfl.data.shards import CorruptShardError, IncompleteClipsError
+    from dvfl.pipeline import TeacherGateError
+    from dvfl.teacher_cache import CacheMismatchError
+    from dvfl.train.launch import NotEnoughClipsError
+    from dvfl.train.loop import TrainingDiverged
+
+    known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
+             IncompleteClipsError)
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, known):
+            cause = getattr(e, "cause", None)  # RayTaskError(X) is an X whose cause is the original
+            return cause if isinstance(cause, known) else e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
+
+
+@contextlib.contextmanager
+def failures_as_one_line(stage: str):
+    """Inside: an error the user can act on (:func:`actionable_failure`) ends the command with one
+    ``[stage] error: ...`` line and exit status 1; anything else propagates with its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        known = actionable_failure(exc)
+        if known is None:
+            raise
+        print(f"[{stage}] error: {known}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -78,7 +78,8 @@ class Predictor:
     crop_size: int
     spec: dict = field(default_factory=dict)
     timeout: float = DEFAULT_TIMEOUT
-    # the stored evaluation grid: evaluation of N clips uses the first N of its clips (dvfl.train.evaluate)
+    # the stored evaluation grid: evaluation of N clips uses the N of its clips nearest N evenly spaced
+    # positions (spread_clips; 1 of 4 is index 2), as dvfl.train.evaluate does
     eval_clips: int = 1
     # fewer decodable frames are refused (too_short), as ingest refused them for training and
     # evaluation; a 1-frame upload repeated T times is no video the model was scored on
@@ -165,17 +166,20 @@ class Predictor:
                 "seconds": round(time.perf_counter() - t0, 4)}
 
 
-def expand_inputs(items: list[str]) -> list[str]:
-    """Files as given; a folder becomes its video files (by extension, sorted, recursively)."""
-    out = []
+def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
+    """(files, folders without a video file): files as given; a folder becomes its video files (by
+    extension, sorted, recursively)."""
+    out, empty = [], []
     for item in items:
         if os.path.isdir(item):
             found = sorted(str(p) for p in Path(item).rglob("*")
                            if p.is_file() and p.suffix.lower() in decode.VIDEO_EXTENSIONS)
             out.extend(found)
+            if not found:
+                empty.append(item)
         else:
             out.append(item)
-    return out
+    return out, empty
 
 
 # ----------------------------------------------------------------------------- streaming

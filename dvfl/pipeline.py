@@ -160,7 +160,13 @@ def clips_split(info: dict) -> int | None:
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
     """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
     config says (dataset.json records what the ingest used), naming both values."""
+    from dvfl.data.shards import IncompleteClipsError, shard_paths
+
     p, where = info["params"], cfg.clips_dir
+    try:
+        shard_paths(where)  # every shard its dataset.json lists is there
+    except IncompleteClipsError as exc:
+        raise ValueError(str(exc)) from None
     problems = []
     if p["frames"] != cfg.data.frames:
         problems.append(f"data.frames is {cfg.data.frames}, the clips have {p['frames']} frames")

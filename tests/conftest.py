@@ -15,7 +15,9 @@ worker gets its own copy of the one build, since tests write into its folder.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -167,7 +169,10 @@ def _build_prepared(out) -> dict:
            IngestConfig(out=cfg.clips_dir, frames=8, clips_per_video=2, eval_clips=1, short_side=32,
                         videos_per_shard=8, progress=False), log=lambda *_: None)
     info = _load_info(cfg)
-    teacher_path, spec = pipeline.ensure_teacher(cfg, info)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    teacher_path, spec = pipeline.ensure_teacher(cfg, info)  # a Ray Train run in this process
+    # (Ray Train's fit() left its own Ctrl+C handler installed: test_teacher_and_distill reads this)
+    (out / "sigint_after_ray_train.json").write_text(json.dumps({"kept": signal.getsignal(signal.SIGINT) is ctrl_c}))
     cache_info = pipeline.ensure_cache(cfg, teacher_path)
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 

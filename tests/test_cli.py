@@ -256,3 +256,41 @@ def test_gpu_training_asked_on_a_machine_without_one_is_refused_before_work(tmp_
         main(["distill", "--out", str(tmp_path / "run"), "--gpu"])
     assert exc.value.code == 2 and "scaling.use_gpu is true, but this machine has no GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # session 30: the cache from flags alone and a protocol's split configs were not checked (hung)
+    for d in ("clips", "teacher", "model"):
+        (tmp_path / d).mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "--clips", str(tmp_path / "clips"), "--teacher", str(tmp_path / "teacher"),
+              "--out", str(tmp_path / "c"), "--gpu"])
+    assert exc.value.code == 2 and "scaling.use_gpu is true, but this machine has no GPU" in capsys.readouterr().err
+    assert main(["protocol", "--config", str(REPO / "configs" / "ucf101_base.yaml"), "--splits", "1",
+                 *[x for kv in (f"data.root={tmp_path}", f"output_dir={tmp_path / 'p'}", "data.clips=null",
+                                "teacher.cache=null", "teacher.path=null") for x in ("--set", kv)]]) == 2
+    assert "scaling.use_gpu is true, but this machine has no GPU" in capsys.readouterr().err
+    # evaluate starts no Ray and picks its own device: a GPU config (the README's UCF101 line) is fine
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--clips", str(tmp_path / "clips"),
+                 "--set", "scaling.use_gpu=true"]) == 2
+    assert "is not a finished ingest output" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("c", "p"))
+
+
+def test_training_that_the_local_ray_cannot_place_is_refused(monkeypatch):
+    """More workers than a local Ray instance has CPUs (or GPUs, or a custom resource) for: Ray Train
+    retried its worker group for ever, after the ingest and the cache. A joined cluster's
+    autoscaler may add nodes: left to Ray."""
+    from dvfl.cli import check_training_fits
+    from dvfl.config import ConfigError, load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, [("scaling.concurrent_runs", 0), ("scaling.num_workers", 8),
+                             ("scaling.cpus_per_worker", 1)], check_paths=False)
+    check_training_fits(cfg, {"CPU": 8.0})
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers 8 x \(scaling\.cpus_per_worker 1\) needs 8 CPU "
+                                          r"\(Ray has 4\)"):
+        check_training_fits(cfg, {"CPU": 4.0})
+    gpu = load_config(None, [("scaling.concurrent_runs", 0), ("scaling.num_workers", 2), ("scaling.use_gpu", True),
+                             ("scaling.worker_resources", {"train_node": 1})], check_paths=False)
+    with pytest.raises(ConfigError, match=r"needs 2 GPU \(Ray has 1\), 2 train_node \(Ray has 0\)"):
+        check_training_fits(gpu, {"CPU": 16.0, "GPU": 1.0})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    check_training_fits(cfg, {"CPU": 4.0})

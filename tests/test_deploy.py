@@ -50,17 +50,21 @@ def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path)
     bad = tmp_path / "notes.mp4"
     bad.write_text("this is not a video\n")
     out = tmp_path / "pred.json"
-    r = run_cli("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, "--views", "1x3",
+    raw = tmp_path / "raw"  # a folder without a video file (by extension) was skipped without a word
+    raw.mkdir()
+    (raw / "clip.h264").write_bytes(b"\0" * 64)
+    r = run_cli("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, raw, "--views", "1x3",
                 "--topk", "2", "--json", out)
     assert r.returncode == 1, r.stderr
-    assert f"{bad}: error: not_video" in r.stderr and "1 of 17 files failed" in r.stderr
+    assert f"{bad}: error: not_video" in r.stderr and "2 of 18 inputs failed" in r.stderr
+    assert f"{raw}: error: no video files in this folder" in r.stderr
     rows = {row["path"]: row for row in json.loads(out.read_text())}
     classes = prepared["info"]["classes"]
     for vid, path in videos.items():
         top = rows[path]["topk"]
         assert len(top) == 2 and top[0][1] >= top[1][1]
         assert top[0][0] == classes[ev["predictions"][vid]], vid
-    assert rows[str(bad)]["error"].startswith("not_video")
+    assert rows[str(bad)]["error"].startswith("not_video") and rows[str(raw)]["error"] == "no video files in this folder"
 
 
 def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path):
@@ -381,6 +385,25 @@ def test_evaluate_refuses_a_model_trained_on_another_class_list(prepared, tmp_pa
     assert r.returncode == 2 and "trained on another class list" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_clips_folder_missing_a_listed_shard_is_refused_not_scored_on_part_of_a_split(prepared, tmp_path):
+    """A finished ingest copied or synced partway: evaluation (and training) read whatever shard files
+    were there and reported top-1 over part of the test split, exit 0; a stray copy of a shard
+    (``test-00000 (1).parquet``) was read as more test clips."""
+    from dvfl.data.shards import IncompleteClipsError, shard_paths
+
+    clips = tmp_path / "clips"
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    tests = sorted((clips / "shards").glob("test-*.parquet"))
+    shutil.copy(tests[0], clips / "shards" / f"{tests[0].stem} (1).parquet")
+    assert shard_paths(str(clips), ["test"]) == [str(p) for p in tests]  # the stray copy is not a shard
+    tests[-1].unlink()
+    with pytest.raises(IncompleteClipsError, match=rf"1 of the \d+ shard files its dataset.json lists are missing "
+                                                   rf"\({tests[-1].name}\)"):
+        shard_paths(str(clips), ["train"])  # whichever split is asked for: the folder is not the ingest's
+    r = run_cli("evaluate.py", "--model", prepared["teacher"], "--clips", clips)
+    assert r.returncode == 2 and "the folder is incomplete" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):
     """--clips that is not a finished ingest, or a --golden file that is not a golden clip: exit 2
     with one line naming the flag, no traceback, nothing written."""
@@ -395,6 +418,29 @@ def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):
     # model files go to local disk only: a URI is refused, not written under ./s3:/...
     r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", "s3://bucket/m.onnx")
     assert r.returncode == 2 and "--out s3://bucket/m.onnx: must be a local path" in r.stderr, r.stderr
+    # a file format's --out naming a folder: refused before any work (was: a traceback after the
+    # whole check, or the model written as a file called "exports")
+    (tmp_path / "exports").mkdir()
+    for out in (tmp_path / "exports", f"{tmp_path / 'new'}/"):
+        r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", out)
+        assert r.returncode == 2 and "is a folder; --format onnx writes one file" in r.stderr, r.stderr
+    assert os.listdir(tmp_path / "exports") == [] and not (tmp_path / "new").exists()
+
+
+def test_an_export_whose_output_is_not_finite_is_refused():
+    """max(0.0, nan) is 0.0: a NaN output passed the parity check as a difference of 0."""
+    import torch
+
+    from dvfl.export import ExportMismatch, _check
+
+    model, x = torch.nn.Linear(4, 3).eval(), [torch.randn(2, 4)]
+    assert _check("onnx", lambda t: model(t).detach().numpy(), model, x, 1e-4) == 0.0
+    with pytest.raises(ExportMismatch, match="not finite"):
+        _check("onnx", lambda t: np.full((2, 3), np.nan, np.float32), model, x, 1e-4)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))  # the reference itself NaN: no difference can be checked
+    with pytest.raises(ExportMismatch):
+        _check("onnx", lambda t: np.zeros((2, 3), np.float32), model, x, 1e-4)
 
 
 def test_serve_settings_from_command_line_strings(prepared):

@@ -107,6 +107,16 @@ def test_config_names_the_field_whose_bucket_cannot_be_reached(s3_server):
     t, _ = load_tune_config(None, [("tune.storage", f"s3://{bucket}/tune"), ("output_dir", f"s3://{bucket}/run"),
                                    ("data.clips", f"s3://{bucket}/clips")])
     assert t.storage == f"s3://{bucket}/tune"
+    # a config on object storage (a search's best_config.yaml under an s3:// tune.storage, which the
+    # search tells the user to run with --config): it was looked up as the local path s3:/...
+    from dvfl import storage
+
+    storage.write_bytes(f"s3://{bucket}/tune/best_config.yaml",
+                        f"output_dir: s3://{bucket}/run\ndata: {{clips: s3://{bucket}/clips}}\nkd: {{temperature: 3}}\n".encode())
+    cfg = load_config(f"s3://{bucket}/tune/best_config.yaml")
+    assert cfg.kd.temperature == 3 and cfg.output_dir == f"s3://{bucket}/run"
+    with pytest.raises(ConfigError, match=f"^config file not found: s3://{bucket}/tune/other.yaml"):
+        load_config(f"s3://{bucket}/tune/other.yaml")
 
 
 def test_file_uris_are_local_paths(tmp_path):

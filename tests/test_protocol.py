@@ -7,6 +7,7 @@ joined to the session's Ray; the rest check the refusals that keep splits apart,
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,13 @@ def test_ucf101_splits_run_per_split_and_report_mean_and_std(tmp_path, ray_local
         assert yaml.safe_load((out / f"split{s}" / "config.yaml").read_text())["data"]["split"] == s
     md = (out / "protocol.md").read_text()
     assert "2 of 3 splits ran (1, 2)" in md and " ± " in md
+    # rerun with a config split 1 cannot train with: one error line, exit 1, and no earlier results
+    # left beside split 1's new config.yaml (they read as its results; session 30)
+    r = run_protocol(["--config", str(cfg), "--splits", "1", "--set", "optim.batch_size=100000"], ray_local, tmp_path)
+    assert r.returncode == 1 and re.search(r"^\[protocol\] error: split 'train' of .* fewer than", r.stderr, re.M), \
+        (r.stdout[-3000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and not (out / "split1" / "results.json").exists()
+    assert yaml.safe_load((out / "split1" / "config.yaml").read_text())["optim"]["batch_size"] == 100000
 
 
 def test_ucf50_leave_one_group_out_folds_aggregate_and_say_how_many_ran(tmp_path, ray_local):

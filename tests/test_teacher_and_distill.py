@@ -46,6 +46,9 @@ def test_shared_loop_learns_with_two_ddp_workers(prepared):
     # the loop measures, per epoch, the share of its time spent waiting for the next input batch
     waits = [h["data_wait_fraction"] for h in history]
     assert all(0 < w < 1 for w in waits), waits
+    # the run left the process's Ctrl+C handler as it found it (Ray Train's own stayed installed:
+    # the next two Ctrl+C of the command did nothing and the third exited 0)
+    assert json.loads((Path(prepared["cfg"].output_dir) / "sigint_after_ray_train.json").read_text())["kept"]
 
 
 def test_cache_covers_every_clip_once_and_matches_a_direct_forward(prepared):
@@ -641,6 +644,46 @@ def test_logits_left_without_a_build_marker_are_not_reused(prepared, ray_local, 
     assert any("removing" in ln and "unknown build" in ln for ln in lines), lines
     assert any(" 0 already cached" in ln for ln in lines), lines
     assert info["verify"]["checked"] == info["rows"]  # every row is the other teacher's
+
+
+def test_a_cache_build_refuses_an_out_whose_logits_folder_holds_other_files(prepared, tmp_path):
+    """``--out`` at a folder of the user's with a ``logits/`` of their own: the build deleted every
+    file there as logits "of an unknown build" (no --fresh asked for). Refused before any work."""
+    cfg = prepared["cfg"]
+    (tmp_path / "logits").mkdir()
+    mine = {"important_results.npy": "user data", "notes.txt": "more"}
+    for name, text in mine.items():
+        (tmp_path / "logits" / name).write_text(text)
+    for overwrite in (False, True):
+        with pytest.raises(CacheMismatchError, match=r"holds files that are not a teacher cache's "
+                                                       r"\(important_results\.npy, notes\.txt\)"):
+            build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(tmp_path), overwrite=overwrite)
+    assert {p.name: p.read_text() for p in (tmp_path / "logits").iterdir()} == mine
+    assert sorted(os.listdir(tmp_path)) == ["logits"]  # no build marker written either
+
+
+def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_local, tmp_path):
+    """The one-line report of errors a user can act on was distill's alone: ``dvfl teacher`` (and
+    tune, protocol) ended in a traceback through Ray's wrappers. Here: too few clips for a batch."""
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "train_teacher.py"), "--out", str(tmp_path / "teacher"),
+                        *set_args([*TINY, ("output_dir", str(tmp_path / "run")), ("data.clips", prepared["cfg"].clips_dir),
+                                   ("teacher.optim.batch_size", 100_000)])],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"^\[teacher\] error: split 'train' of .* has \d+ training clips .* fewer than 2 worker\(s\) x "
+                     r"batch size 100000", r.stderr, re.M), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    # workers a local Ray instance cannot place: refused once Ray is up (Ray Train waited for ever)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "train_teacher.py"), "--out", str(tmp_path / "teacher"),
+                        "--num-cpus", "1", "--num-workers", "4",
+                        *set_args([*TINY, ("output_dir", str(tmp_path / "run")), ("data.clips", prepared["cfg"].clips_dir),
+                                   ("scaling.cpus_per_worker", 0.5)])],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "config error: scaling.num_workers 4 x (scaling.cpus_per_worker 0.5) needs 2 CPU " \
+        "(Ray has 1)" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    assert not (tmp_path / "teacher").exists()
 
 
 def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared, ray_local, tmp_path):

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dvfl.cli import absolute_path_args, add_config_args, add_fresh, config_from_args, deprecated, uses_config
+from dvfl.cli import (absolute_path_args, add_config_args, add_fresh, check_gpu_reachable, config_from_args, deprecated,
+                      uses_config)
+from dvfl.config import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +59,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     elif not (a.clips and a.teacher and a.out):
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
     a.cache_views, a.dtype, a.gpu = a.cache_views or "center", a.dtype or "float16", bool(a.gpu)
+    try:
+        check_gpu_reachable(a.gpu)  # (a config's use_gpu was checked with the config)
+    except ConfigError as exc:
+        p.error(str(exc))
     from dvfl import storage
 
     if not storage.isfile(storage.join(a.clips, "dataset.json")):

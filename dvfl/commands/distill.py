@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from dvfl.cli import add_config_args, add_fresh, add_num_workers, config_from_args
+from dvfl.cli import add_config_args, add_fresh, add_num_workers, config_from_args, failures_as_one_line, fits_ray
 from dvfl.config import ConfigError
 
 
@@ -67,40 +67,13 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         return 2
     if a.fresh:
         pipeline.clean_run(cfg)
-    with ray_runtime(num_cpus=a.num_cpus):
+    with ray_runtime(num_cpus=a.num_cpus) as resources:
+        if not fits_ray(cfg, resources):
+            return 2
         storage.makedirs(cfg.output_dir)
         pipeline.remove_report(cfg.output_dir)  # a run that fails must not leave an earlier one's beside its config
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
-        try:
+        with failures_as_one_line("distill"):
             pipeline.run_all(cfg, started=started)
-        except Exception as exc:
-            known = actionable_failure(exc)
-            if known is None:
-                raise
-            print(f"[distill] error: {known}", file=sys.stderr)
-            return 1
     print(f"[distill] finished in {time.time() - started:.0f}s; results in {cfg.output_dir}")
     return 0
-
-
-def actionable_failure(exc: BaseException) -> BaseException | None:
-    """The error a user can act on (a diverged loss, a teacher near chance, a mismatched cache),
-    found through Ray's wrappers (a runner's RayTaskError, a worker group's TrainingFailedError),
-    to print as one line instead of a traceback through Ray's internals; None for anything else."""
-    from dvfl.pipeline import TeacherGateError
-    from dvfl.teacher_cache import CacheMismatchError
-    from dvfl.train.loop import TrainingDiverged
-
-    known = (TrainingDiverged, TeacherGateError, CacheMismatchError)
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, known):
-            cause = getattr(e, "cause", None)  # RayTaskError(X) is an X whose cause is the original
-            return cause if isinstance(cause, known) else e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None),
-                 *(getattr(e, "worker_failures", None) or {}).values()]
-    return None

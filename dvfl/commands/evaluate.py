@@ -78,7 +78,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--model {a.model}: not found")
     clips, crop, split, views, name = a.clips, a.crop_size, a.test_split, a.views, a.arch
     if uses_config(a):
-        cfg = config_from_args(a, {"data.clips": a.clips})
+        cfg = config_from_args(a, {"data.clips": a.clips}, uses_ray_gpus=False)  # (no Ray: its own device)
         clips, crop, split = cfg.clips_dir, crop or cfg.crop_size, split or cfg.data.test_split
         views, name = views or (cfg.eval.clips, cfg.eval.crops), name or cfg.teacher.model
     if not clips:
@@ -86,8 +86,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     split, views = split or "test", views or (1, 1)
     from dvfl.data.shards import load_dataset_info
 
+    from dvfl.data.shards import shard_paths
+
     try:
         info = load_dataset_info(clips)
+        shard_paths(clips)  # IncompleteClipsError: scores on part of a split
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,12 +4,13 @@
     dvfl predict --model DIR VIDEO --stream [--window N] [--stride S]
 
 Files are decoded in a killable child process with ingest's container checks, and seen under the
-same deterministic views as evaluation (``--views 1x1``: the centre crop of the first uniform clip
-of the grid the model's clips were stored with; ``4x3``: 4 uniform clips x 3 crops), so a test
-video gets the prediction evaluation counted. A
-folder means every video file under it. A bad file gets a per-file error and the others go on;
-the exit status is 1 if any file failed. (``python pipelines/predict.py`` takes the same arguments.) ``--json OUT`` writes ``[{"path", "topk": [[class,
-probability], ...]} or {"path", "error"}]``.
+same deterministic views as evaluation, so a test video gets the prediction evaluation counted
+(``--views 1x1``: the centre crop of the stored uniform clip nearest the middle of the video, ties
+to the later one - index 2 of a grid of 4 - from the grid the model's clips were stored with;
+``4x3``: 4 uniform clips x 3 crops). A folder means every video file under it (a folder without
+one is an error). A bad file gets a per-file error and the others go on; the exit status is 1 if
+any input failed. (``python pipelines/predict.py`` takes the same arguments.) ``--json OUT``
+writes ``[{"path", "topk": [[class, probability], ...]} or {"path", "error"}]``.
 
 ``--stream`` plays one file as a live stream at its own frame rate and recognises the last
 ``--window`` frames every ``--stride`` frames, printing each window's latency.
@@ -50,6 +51,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error("--topk must be >= 1")
     if not a.timeout_per_file > 0 or (a.threads is not None and a.threads < 1):
         p.error("--timeout-per-file must be > 0 and --threads >= 1")
+    from dvfl.data import decode
     from dvfl.inference import (STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views,
                                 stream_file, write_json)
 
@@ -85,11 +87,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             if a.json:
                 write_json(a.json, out)
             return 0
-        files = expand_inputs(a.inputs)
+        files, empty = expand_inputs(a.inputs)
+        for folder in empty:  # a folder given and silently skipped would read as "all fine"
+            print(f"{folder}: error: no video files in this folder (by extension: "
+                  f"{', '.join(sorted(decode.VIDEO_EXTENSIONS))})", file=sys.stderr)
         if not files:
             print("error: no video files in the given inputs", file=sys.stderr)
             return 1
-        results, failed = [], 0
+        results, failed = [{"path": f, "error": "no video files in this folder"} for f in empty], len(empty)
         for path in files:
             try:
                 r = pred.predict_file(path, views, a.topk)
@@ -103,7 +108,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if a.json:
             write_json(a.json, results)
         if failed:
-            print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+            print(f"{failed} of {len(files) + len(empty)} inputs failed", file=sys.stderr)
         return 1 if failed else 0
     finally:
         pred.close()

@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from dvfl.cli import absolute_path_args, add_config_args
+from dvfl.cli import absolute_path_args, add_config_args, check_gpu_reachable, failures_as_one_line, fits_ray
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         configs = P.split_configs(a.config, overrides, ids)
         for cfg in configs:
             cfg.require_teacher()
+            check_gpu_reachable(cfg.scaling.use_gpu)
         out = P.results_dir(a.config, overrides, a.out)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -55,7 +56,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     started = time.time()
     print(f"[protocol] {proto.description}: {proto.kind}s {', '.join(map(str, ids))} "
           f"({len(ids)} of {len(proto.ids)}); results in {out}")
-    with ray_runtime(num_cpus=a.num_cpus):
+    with ray_runtime(num_cpus=a.num_cpus) as resources, failures_as_one_line("protocol"):
+        if not all(fits_ray(cfg, resources) for cfg in configs):
+            return 2
         P.run_protocol(proto, configs, ids, out)
     print(f"[protocol] finished in {time.time() - started:.0f}s")
     return 0

@@ -20,7 +20,7 @@ import json
 import sys
 
 from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, config_from_args, deprecated,
-                      local_outputs, uses_config)
+                      failures_as_one_line, fits_ray, local_outputs, uses_config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import pipeline, storage
     from dvfl.runtime import ray_runtime
 
-    with ray_runtime(num_cpus=a.num_cpus):
+    with ray_runtime(num_cpus=a.num_cpus) as resources, failures_as_one_line("teacher"):
+        if not fits_ray(cfg, resources):
+            return 2
         if info is None:
             info = pipeline.ensure_clips(cfg)
         path, spec = pipeline.ensure_teacher(cfg, info)

@@ -49,7 +49,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from dvfl.cli import announce_job_outputs, generate_videos
+    from dvfl.cli import announce_job_outputs, failures_as_one_line, generate_videos
     from dvfl.runtime import ray_runtime
     from dvfl.tune import experiment_dir
 
@@ -58,7 +58,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     started = time.time()
     if not generate_videos(cfg):
         return 2
-    with ray_runtime(num_cpus=a.num_cpus):
+    with ray_runtime(num_cpus=a.num_cpus), failures_as_one_line("tune"):
         try:
             run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
         except ConfigError as exc:

@@ -4,6 +4,7 @@ Everything Ray-specific about running :func:`dvfl.train.loop.train_loop_per_work
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -134,10 +135,14 @@ def training_data(
     return TrainingData(train, val, train_rows, clips_dir, "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])]))
 
 
+class NotEnoughClipsError(ValueError):
+    """Fewer training clips than one batch per worker."""
+
+
 def check_enough_clips(data: TrainingData, num_workers: int, batch_size: int) -> None:
     """Every worker needs at least one full batch, or an epoch would train on nothing."""
     if data.train_rows < num_workers * batch_size:
-        raise ValueError(f"split '{data.splits}' of {data.clips_dir} has {data.train_rows} training clips "
+        raise NotEnoughClipsError(f"split '{data.splits}' of {data.clips_dir} has {data.train_rows} training clips "
                          f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {num_workers} "
                          f"worker(s) x batch size {batch_size} = {num_workers * batch_size}: use a smaller "
                          "optim.batch_size or fewer workers, or ingest more videos")
@@ -209,7 +214,24 @@ def run_training(
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
-    return trainer.fit()
+    with _sigint_handler_kept():
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Ray Train's fit() installs a Ctrl+C handler for its run and leaves it installed: after the run
+    it swallowed the next two Ctrl+C and made the third exit 0. The caller's handler comes back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and saved is not None:
+            signal.signal(signal.SIGINT, saved)
 
 
 def train_in_tune_trial(loop_cfg: LoopConfig, data: TrainingData, *, scaling: Scaling, name: str) -> None:
