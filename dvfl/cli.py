@@ -288,9 +288,13 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
 @contextlib.contextmanager
 def failures_as_one_line(stage: str):
     """Inside: an error the user can act on (:func:`actionable_failure`) ends the command with one
-    ``[stage] error: ...`` line and exit status 1; anything else propagates with its traceback."""
+    ``[stage] error: ...`` line and exit status 1, a config error with ``config error: ...`` and 2;
+    anything else propagates with its traceback."""
     try:
         yield
+    except ConfigError as exc:  # found once Ray is up (splits data.root lists): exit 2, as before Ray
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as exc:
         known = actionable_failure(exc)
         if known is None:

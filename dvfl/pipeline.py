@@ -17,7 +17,7 @@ import time
 
 from dvfl import storage
 from dvfl.artifacts import SPEC, load_model, load_model_for, save_model
-from dvfl.config import LONG_EPOCHS_FACTOR, RunConfig
+from dvfl.config import LONG_EPOCHS_FACTOR, ConfigError, RunConfig
 from dvfl.data.shards import load_dataset_info, median_video_seconds
 from dvfl.models import build_model
 
@@ -108,8 +108,6 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
     from dvfl.data.synthetic import generate
 
     if storage.is_remote(cfg.output_dir):  # (they would land under ./s3:/... in the working directory)
-        from dvfl.config import ConfigError
-
         raise ConfigError(f"data.clips {cfg.clips_dir} holds no finished ingest (dataset.json) and output_dir is a "
                           "URI: the generated videos are decoded from local disk (ingest them with "
                           "pipelines/ingest.py --videos-dir DIR --out s3://..., then pass that URI as data.clips)")
@@ -136,6 +134,7 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
             manifest.extend(unlabeled(generated["unlabeled_dir"]))
     else:
         manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
+        check_manifest_splits(cfg, manifest)
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
                         eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed)
     try:
@@ -148,6 +147,23 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     info = load_dataset_info(out)
     check_clips_match(cfg, info)  # the splits the config names (the rest holds by construction)
     return info
+
+
+def check_manifest_splits(cfg: RunConfig, manifest) -> None:
+    """The splits the config trains, validates and tests on are among those ``data.root`` lists:
+    found after the whole ingest otherwise (SSv2 lists no test split: its test labels are not public)."""
+    from dvfl.data.holdout import VAL_SPLIT
+
+    listed = sorted({e.split for e in manifest.entries})
+    missing = [(key, split) for key, split in (("train_split", cfg.data.train_split), ("test_split", cfg.data.test_split),
+                                               ("val_split", cfg.data.val_split))
+               if split not in listed and not (key == "val_split" and split == VAL_SPLIT)]
+    if missing:
+        raise ConfigError(f"{cfg.data.dataset} at data.root {cfg.data.root} lists the split(s) "
+                          f"{', '.join(map(repr, listed)) or 'none'}; "
+                          + "; ".join(f"data.{key} is {split!r}" for key, split in missing)
+                          + ": set those fields to listed splits, or ingest data.clips yourself naming the splits "
+                          "(pipelines/ingest.py --annotations test=FILE, as configs/ssv2.yaml shows); nothing was ingested")
 
 
 def clips_split(info: dict) -> int | None:

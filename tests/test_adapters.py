@@ -229,6 +229,23 @@ def test_ssv2(tmp_path, src_video):
             A.ssv2(str(tmp_path))
 
 
+def test_splits_data_root_does_not_list_are_refused_before_the_ingest(tmp_path, src_video):
+    """SSv2 lists train and validation only (its test labels are not public): a config testing on
+    "test" ingested every video, then failed on the clips' splits (a traceback); now refused first."""
+    from dvfl.config import ConfigError, load_config
+    from dvfl.pipeline import check_manifest_splits
+
+    m = make_ssv2(str(tmp_path), src_video)
+    cfg = load_config(None, [("data.dataset", "ssv2"), ("data.root", str(tmp_path)), ("data.flip", False),
+                             ("teacher.views", ["center"]), ("data.test_split", "test")], check_paths=False)
+    with pytest.raises(ConfigError, match=r"^ssv2 at data\.root .* lists the split\(s\) 'train', 'val'; "
+                                          r"data\.test_split is 'test': set those fields"):
+        check_manifest_splits(cfg, m)
+    ucf = make_ucf101(str(tmp_path / "ucf"), src_video)  # train and test listed: nothing to refuse
+    check_manifest_splits(load_config(None, [("data.dataset", "ucf101"), ("data.root", str(tmp_path / "ucf"))],
+                                      check_paths=False), ucf)
+
+
 def test_dvfl_csv(tmp_path, src_video):
     m = make_dvfl_csv(str(tmp_path), src_video)
     assert m.classes == ["Archery", "Biking"]  # named from the folders (one folder per label)

@@ -294,3 +294,30 @@ def test_training_that_the_local_ray_cannot_place_is_refused(monkeypatch):
         check_training_fits(gpu, {"CPU": 16.0, "GPU": 1.0})
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     check_training_fits(cfg, {"CPU": 4.0})
+
+
+def test_errors_found_once_ray_is_up_end_with_one_line(capsys):
+    """Inside a command's Ray block: a config error found late (the splits data.root lists) exits 2
+    with one line; an error the user can act on, wrapped the way Ray wraps it, exits 1 with one
+    line; anything else keeps its traceback."""
+    from dvfl.cli import failures_as_one_line
+    from dvfl.config import ConfigError
+    from dvfl.train.launch import NotEnoughClipsError
+
+    with pytest.raises(SystemExit) as exc:
+        with failures_as_one_line("distill"):
+            raise ConfigError("data.test_split is 'test'")
+    assert exc.value.code == 2 and capsys.readouterr().err == "config error: data.test_split is 'test'\n"
+
+    class WrappedLikeRay(RuntimeError):  # RayTaskError(X): the original as its `cause`
+        def __init__(self, cause):
+            super().__init__("ray wrapper")
+            self.cause = cause
+
+    with pytest.raises(SystemExit) as exc:
+        with failures_as_one_line("teacher"):
+            raise WrappedLikeRay(NotEnoughClipsError("56 training clips, fewer than 2 x 100"))
+    assert exc.value.code == 1 and capsys.readouterr().err == "[teacher] error: 56 training clips, fewer than 2 x 100\n"
+    with pytest.raises(KeyError):
+        with failures_as_one_line("tune"):
+            raise KeyError("a bug")
