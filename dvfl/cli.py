@@ -127,6 +127,9 @@ def check_gpu_reachable(use_gpu: bool) -> None:
                               "no cluster is joined (RAY_ADDRESS): drop --gpu, or run it on a GPU machine")
 
 
+READ_TASK_CPUS = 0.25  # dvfl.data.shards.read_clip_dataset's read tasks
+
+
 def check_training_fits(cfg: RunConfig, resources: dict) -> None:
     """A training run whose workers the local Ray instance cannot place waits for ever (Ray Train
     retries its worker group without end), after the ingest and the cache: refused up front. A
@@ -134,15 +137,18 @@ def check_training_fits(cfg: RunConfig, resources: dict) -> None:
     if os.environ.get("RAY_ADDRESS", "local") != "local":
         return
     s = cfg.scaling
-    need = {"CPU": s.num_workers * s.cpus_per_worker, **({"GPU": float(s.num_workers)} if s.use_gpu else {}),
+    # + a read task's 0.25 CPU: data too large to hold is read every epoch beside the workers (hang #1)
+    need = {"CPU": s.num_workers * s.cpus_per_worker + READ_TASK_CPUS,
+            **({"GPU": float(s.num_workers)} if s.use_gpu else {}),
             **{k: s.num_workers * v for k, v in (s.worker_resources or {}).items()}}
     short = [f"{amount:g} {key} (Ray has {resources.get(key, 0.0):g})" for key, amount in need.items()
              if resources.get(key, 0.0) + 1e-9 < amount]
     if short:
         raise ConfigError(f"scaling.num_workers {s.num_workers} x (scaling.cpus_per_worker {s.cpus_per_worker:g}"
                           f"{', a GPU' if s.use_gpu else ''}{', scaling.worker_resources' if s.worker_resources else ''})"
-                          f" needs {', '.join(short)}: lower scaling.num_workers or the per-worker resources, or "
-                          "give Ray more (--num-cpus), or training would wait for ever")
+                          f" + {READ_TASK_CPUS:g} CPU for Ray Data's reads needs {', '.join(short)}: lower "
+                          "scaling.num_workers or the per-worker resources, or give Ray more (--num-cpus), or "
+                          "training would wait for ever")
 
 
 def fits_ray(cfg: RunConfig, resources: dict) -> bool:

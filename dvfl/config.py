@@ -423,14 +423,11 @@ class RunConfig:
             fail("data.test_split", f"must differ from data.train_split ({self.data.train_split!r})")
         if self.data.val_split == self.data.test_split:  # choices are made on validation; test is read once
             fail("data.val_split", f"must differ from data.test_split ({self.data.test_split!r})")
-        if self.data.val_split == self.data.train_split:  # validation on the training clips chooses nothing
-            fail("data.val_split", f"must differ from data.train_split ({self.data.train_split!r})")
         for split_field in ("train_split", "val_split", "test_split"):
             if getattr(self.data, split_field) == "unlabeled":  # clips without labels: nothing to learn or score
                 fail(f"data.{split_field}", "must not be 'unlabeled' (the unlabelled pool; see data.unlabeled)")
-        for count in ("train_per_class", "test_per_class"):
-            if getattr(self.data.synthetic, count) < 1:  # else the clips lack a split, found after the ingest
-                fail(f"data.synthetic.{count}", f"must be >= 1, got {getattr(self.data.synthetic, count)!r}")
+        if self.data.synthetic.test_per_class < 1:  # the split every run reports (0 train: an evaluation sample)
+            fail("data.synthetic.test_per_class", f"must be >= 1, got {self.data.synthetic.test_per_class!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):  # it names folders and temp files
             fail("name", f"must be letters, digits, '.', '_' or '-' (not starting with '.', '_' or '-'), "
                  f"got {self.name!r}")
@@ -630,8 +627,15 @@ def _section_class(dotted: str):
 def override_field(tree: dict, dotted: str, value) -> None:
     """:func:`set_field` for a run-config tree: a mapping given for a whole section
     (``--set 'kd={temperature: 2}'``) sets those fields only; replacing the section would put
-    every other field of it back to its default."""
-    if isinstance(value, dict) and _section_class(dotted) is not None:
+    every other field of it back to its default. A mapping naming another ``model`` replaces its
+    section: that variant's own widths, not the section's (as in a file)."""
+    cls = _section_class(dotted) if isinstance(value, dict) else None
+    if cls is not None and not ("model" in value and "model" in {f.name for f in dataclasses.fields(cls)}):
+        node = tree
+        for k in dotted.split("."):
+            if not isinstance(node.get(k), dict):  # (an empty section in a file reads as None)
+                node[k] = {}
+            node = node[k]
         for key, sub in value.items():
             override_field(tree, f"{dotted}.{key}", sub)
         return

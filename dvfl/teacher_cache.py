@@ -301,6 +301,11 @@ def _sidecar(dst: str) -> str:
     return storage.join(storage.dirname(dst), "_" + storage.basename(dst) + ".json")
 
 
+def _cache_files(logits_dir: str) -> list[str]:
+    """The files of ``logits_dir`` a build wrote (never a system's or a tool's hidden files)."""
+    return [p for p in storage.listdir(logits_dir, hidden=True) if _is_cache_file(storage.basename(p))]
+
+
 def _is_cache_file(name: str) -> bool:
     """A logits file, its sidecar, or a temporary file of either (the names a build writes)."""
     return (name.endswith(".parquet") or (name.startswith("_") and name.endswith(".parquet.json"))
@@ -357,7 +362,8 @@ def build_teacher_cache(
     out = out_dir.rstrip("/") if storage.is_remote(out_dir) else os.fspath(out_dir)
     logits_dir = storage.join(out, LOGITS_DIR)
 
-    foreign = [storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)
+    # (hidden files are the system's or a tool's: .DS_Store, NFS .nfsXXXX, rsync temporaries; left alone)
+    foreign = [storage.basename(p) for p in storage.listdir(logits_dir)
                if not _is_cache_file(storage.basename(p))]
     if foreign:  # a build deletes the logits files it does not need: never a user's own files
         raise CacheMismatchError(
@@ -390,13 +396,12 @@ def build_teacher_cache(
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
                         f"{fingerprint}; use another --out or --fresh")
                 # the finished marker first: a delete cut short must not leave it over partial logits
-                for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + storage.listdir(
-                        logits_dir, hidden=True):
+                for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + _cache_files(logits_dir):
                     storage.remove(p)
     if not storage.isfile(storage.join(out, BUILD_JSON)):
         # logits with no build marker: a replaced cache whose delete was cut short, or one whose
         # markers were deleted by hand; whose teacher made them is unknown, so none is reused
-        orphans = storage.listdir(logits_dir, hidden=True)
+        orphans = _cache_files(logits_dir)
         if orphans:
             log(f"[cache] removing {len(orphans)} logits files of an unknown build in {logits_dir}")
             for p in orphans:
@@ -409,7 +414,7 @@ def build_teacher_cache(
     # logits of shards these clips no longer have (an earlier shard layout of the same clips) would
     # be read with the cache's lookups: removed
     current = {storage.basename(s) for s in shards} | {storage.basename(_sidecar(s)) for s in shards}
-    for p in storage.listdir(logits_dir, hidden=True):
+    for p in _cache_files(logits_dir):
         if storage.basename(p) not in current and not storage.basename(p).endswith(".tmp"):
             storage.remove(p)
     # a shard is done when its logits and its sidecar are both there, made from the same clips

@@ -182,7 +182,7 @@ def test_distill_ingests_missing_clips_from_data_root_and_refuses_them_without_o
     args = ["distill", "--config", str(CONFIGS / "ucf101_base.yaml"), "--set", f"data.clips={clips}",
             "--set", "teacher.path=null", "--set", f"output_dir={tmp_path / 'run'}", "--num-cpus", "1",
             "--set", "scaling.use_gpu=false",  # (the config's GPUs: refused on a machine without one)
-            "--set", "scaling.num_workers=1", "--set", "scaling.cpus_per_worker=1"]  # (and its 16 CPUs on this Ray)
+            "--set", "scaling.num_workers=1", "--set", "scaling.cpus_per_worker=0.5"]  # (and its 16 CPUs on this Ray)
     with pytest.raises(Exception) as failed:
         main(args + ["--set", f"data.root={tmp_path / 'UCF101'}"])
     assert "classInd.txt not found" in str(failed.value), failed.value  # the adapter read data.root
@@ -236,9 +236,7 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (("teacher.cache", " "), r"^teacher\.cache must not be empty"),
     (("scaling.worker_resources", {"x": float("inf")}), r"^scaling\.worker_resources amounts must be > 0 and finite"),
     # session 30: each passed and failed after the ingest (or chose on the training clips)
-    (("data.val_split", "train"), r"^data\.val_split must differ from data\.train_split"),
     (("data.test_split", "unlabeled"), r"^data\.test_split must not be 'unlabeled'"),
-    (("data.synthetic.train_per_class", 0), r"^data\.synthetic\.train_per_class must be >= 1"),
     (("data.synthetic.test_per_class", 0), r"^data\.synthetic\.test_per_class must be >= 1"),
     (("optim", {"optimizer": "sgd", "momentum": 0}), r"^optim\.momentum must be in \(0, 1\)"),
     (("name", "ucf101/split1"), r"^name must be letters, digits"),  # a folder and temp-file name
@@ -269,7 +267,7 @@ def test_yaml_words_and_duplicate_keys(tmp_path):
         load_tune_config(None, [("tune.driver_cpus", float("inf"))], check_paths=False)
 
 
-def test_a_mapping_for_a_section_sets_those_fields_and_keeps_the_others():
+def test_a_mapping_for_a_section_sets_those_fields_and_keeps_the_others(tmp_path):
     """``--set 'kd={temperature: 2}'`` (or a search's nested ``set:``) replaced the whole section:
     kd.alpha fell back to its default and ``student={drop_path_rate: 0.1}`` became a full-width nano."""
     from dvfl.tune import load_tune_config
@@ -279,6 +277,13 @@ def test_a_mapping_for_a_section_sets_those_fields_and_keeps_the_others():
     assert base.kd.alpha != type(base.kd)().alpha and base.student.embed_dim != type(base.student)().embed_dim
     assert cfg.kd.temperature == 2 and cfg.kd.alpha == base.kd.alpha
     assert cfg.student.embed_dim == base.student.embed_dim and cfg.student.drop_path_rate == 0.1
+    # a mapping naming another model: that variant's own widths (as a file's section gets them);
+    # an empty section in a file (None) takes a mapping too
+    tiny = load_config(None, ["student={model: videofocalnet_tiny}"], check_paths=False).student
+    assert tiny.model == "videofocalnet_tiny" and tiny.embed_dim is None and tiny.depths is None
+    empty = tmp_path / "empty_kd.yaml"
+    empty.write_text("kd:\n")
+    assert load_config(empty, ["kd={temperature: 2}"], check_paths=False).kd.temperature == 2
     # a field whose value is a mapping is still replaced whole
     cfg = load_config(None, [("scaling.worker_resources", {"a": 1}), ("scaling.worker_resources", {"b": 2})],
                       check_paths=False)

@@ -397,9 +397,11 @@ def test_a_clips_folder_missing_a_listed_shard_is_refused_not_scored_on_part_of_
     shutil.copy(tests[0], clips / "shards" / f"{tests[0].stem} (1).parquet")
     assert shard_paths(str(clips), ["test"]) == [str(p) for p in tests]  # the stray copy is not a shard
     tests[-1].unlink()
-    with pytest.raises(IncompleteClipsError, match=rf"1 of the \d+ shard files its dataset.json lists are missing "
-                                                   rf"\({tests[-1].name}\)"):
-        shard_paths(str(clips), ["train"])  # whichever split is asked for: the folder is not the ingest's
+    for splits in (["test"], None):
+        with pytest.raises(IncompleteClipsError, match=rf"1 of the \d+ shard files its dataset.json lists"
+                                                       rf"( for split\(s\) test)? are missing \({tests[-1].name}\)"):
+            shard_paths(str(clips), splits)
+    assert shard_paths(str(clips), ["train"])  # a split whose files are all there is still read
     r = run_cli("evaluate.py", "--model", prepared["teacher"], "--clips", clips)
     assert r.returncode == 2 and "the folder is incomplete" in r.stderr and "Traceback" not in r.stderr, r.stderr
 

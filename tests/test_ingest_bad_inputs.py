@@ -266,6 +266,21 @@ def test_a_child_that_never_says_hello_is_killed_not_read_out_of_step(bad_datase
         proc.close()
 
 
+def test_a_time_out_of_days_or_no_limit_still_decodes(bad_dataset):
+    """poll() takes a C int of milliseconds: --timeout-per-file inf (or over ~24 days) raised
+    OverflowError after the job was written to the child, whose answer the next file then read."""
+    proc = DecodeProcess()
+    good = os.path.join(bad_dataset, "A/v_A_g08_c01.mp4")
+    try:
+        for timeout in (float("inf"), 3e6):
+            r = proc.run(dict(JOB, path=good), timeout=timeout)
+            assert r["ok"] and r["views"][0][3].shape == (8, 16, 20, 3), r
+        r = proc.run(dict(JOB, path=os.path.join(bad_dataset, "no-such-file.mp4")), timeout=60)
+        assert not r["ok"] and r["reason"] != "ok"
+    finally:
+        proc.close()
+
+
 def test_a_test_video_in_the_unlabelled_pool_is_caught(tmp_path, ray_local):
     """The same bytes under two ids: a test video copied into the unlabelled pool, and a training
     video that is also a test video. The training-side copies are rejected naming both ids; the

@@ -371,6 +371,22 @@ def test_students_side_by_side_in_runners_and_a_killed_runner_resumes(prepared, 
     assert "dvfl_minus_vfl_long_points" in report["kd_gains"] and report["wall_seconds"] > 0
 
 
+def test_runners_that_ray_cannot_all_place_still_train_every_run(prepared, ray_local, tmp_path):
+    """concurrent_runs 2 where one runner fits (2 CPUs each, 3 in Ray): the second runner waits
+    unplaced with a run handed to it, and a finished runner kept its CPUs idle while the queue was
+    empty, so that run waited for ever. A runner with nothing left to do now gives its CPUs back."""
+    cfg = prepared["cfg"]
+    out = tmp_path / "one_fits"
+    args = _tiny_args(out, [("students", ["dvfl"]), ("seeds", [0, 1]), ("optim.epochs", 1),
+                            ("scaling.num_workers", 1), ("scaling.cpus_per_worker", 2), ("scaling.concurrent_runs", 2),
+                            ("data.clips", cfg.clips_dir), ("teacher.path", prepared["teacher"]),
+                            ("teacher.cache", cfg.cache_dir)])
+    r = _run_distill(args, ray_local.get_runtime_context().gcs_address, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dvfl = json.loads((out / "results.json").read_text())["models"]["dvfl"]
+    assert dvfl["seeds"] == 2 and len(dvfl["top1_per_seed"]) == 2, dvfl
+
+
 def test_pipeline_rebuilds_its_own_cache_but_refuses_a_named_one(prepared, tmp_path):
     """After a config change the default cache (inside the output dir) is the pipeline's to
     rebuild; a cache the user named in teacher.cache is never overwritten."""
@@ -660,6 +676,13 @@ def test_a_cache_build_refuses_an_out_whose_logits_folder_holds_other_files(prep
             build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(tmp_path), overwrite=overwrite)
     assert {p.name: p.read_text() for p in (tmp_path / "logits").iterdir()} == mine
     assert sorted(os.listdir(tmp_path)) == ["logits"]  # no build marker written either
+    # a system's hidden file in a finished cache (Finder's .DS_Store) neither blocks nor goes
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache_dir, cache)
+    (cache / "logits" / ".DS_Store").write_text("finder")
+    lines = []
+    build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(cache), log=lines.append)
+    assert any("reusing finished cache" in x for x in lines) and (cache / "logits" / ".DS_Store").exists(), lines
 
 
 def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_local, tmp_path):

@@ -472,7 +472,7 @@ def test_shipped_search_configs_are_valid():
     assert cfg.student.model == "videofocalnet_nano" and cfg.teacher.mode == "cached"
 
 
-def test_resources_that_cannot_fit_are_refused_before_any_trial():
+def test_resources_that_cannot_fit_are_refused_before_any_trial(monkeypatch):
     from dvfl.tune import check_resources, load_tune_config, required_resources
 
     t, cfg = load_tune_config(None, [("tune.max_concurrent_trials", 2), ("scaling.num_workers", 2),
@@ -481,6 +481,15 @@ def test_resources_that_cannot_fit_are_refused_before_any_trial():
     check_resources(t, cfg, {"CPU": 4.0})  # fits: 3.5 of 4
     with pytest.raises(ConfigError, match=r"tune\.max_concurrent_trials=2 needs 3\.5 CPU .* Ray has 3"):
         check_resources(t, cfg, {"CPU": 3.0})
+    # a custom resource each worker asks for (scaling.worker_resources) that a local Ray lacks: the
+    # search's first training run waited for ever (session 30); a joined cluster may add such nodes
+    t, cfg = load_tune_config(None, [("scaling.worker_resources", {"train_node": 1}), ("scaling.concurrent_runs", 0)])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"needs 2 train_node \(scaling\.worker_resources x scaling\.num_workers 1 "
+                                          r"per trial\) but Ray has 0"):
+        check_resources(t, cfg, {"CPU": 16.0})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    check_resources(t, cfg, {"CPU": 16.0})
 
 
 def test_an_in_process_trial_asks_for_the_workers_custom_resources():

@@ -84,13 +84,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if not clips:
         p.error("give --clips (or --config with data.clips)")
     split, views = split or "test", views or (1, 1)
-    from dvfl.data.shards import load_dataset_info
-
-    from dvfl.data.shards import shard_paths
+    from dvfl.data.shards import load_dataset_info, shard_paths
 
     try:
         info = load_dataset_info(clips)
-        shard_paths(clips)  # IncompleteClipsError: scores on part of a split
+        shard_paths(clips, [split])  # IncompleteClipsError: scores on part of the split
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -91,10 +91,12 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         for folder in empty:  # a folder given and silently skipped would read as "all fine"
             print(f"{folder}: error: no video files in this folder (by extension: "
                   f"{', '.join(sorted(decode.VIDEO_EXTENSIONS))})", file=sys.stderr)
+        results, failed = [{"path": f, "error": "no video files in this folder"} for f in empty], len(empty)
         if not files:
             print("error: no video files in the given inputs", file=sys.stderr)
+            if a.json and results:
+                write_json(a.json, results)
             return 1
-        results, failed = [{"path": f, "error": "no video files in this folder"} for f in empty], len(empty)
         for path in files:
             try:
                 r = pred.predict_file(path, views, a.topk)

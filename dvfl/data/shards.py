@@ -278,14 +278,15 @@ def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[st
         # a finished ingest reads exactly its shards: a file lost in a partial copy or sync would
         # leave every score computed on part of a split, and a stray copy would add clips twice
         found = {storage.basename(p): p for p in paths}
-        names = [storage.basename(e["file"]) for e in listed]
+        names = [storage.basename(e["file"]) for e in listed if splits is None or e.get("split") in set(splits)]
         missing = [n for n in names if n not in found]
         if missing:
             raise IncompleteClipsError(
-                f"{out_dir}: {len(missing)} of the {len(names)} shard files its {DATASET_JSON} lists are missing "
+                f"{out_dir}: {len(missing)} of the {len(names)} shard files its {DATASET_JSON} lists"
+                f"{' for split(s) ' + ', '.join(sorted(set(splits))) if splits is not None else ''} are missing "
                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the folder is incomplete "
                 "(copied or synced partway?); copy it again, or rerun the ingest that made it")
-        paths = sorted(found[n] for n in names)
+        return sorted(found[n] for n in names)
     if splits is not None:
         want = set(splits)
         paths = [p for p in paths if storage.basename(p).rsplit("-", 1)[0] in want]

@@ -207,7 +207,8 @@ class DecodeProcess:
             # (its RLIMIT_NOFILE raised) can hand out
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-            if not poller.poll(max(1, int(left * 1000 + 0.999))):
+            # (in ms, a C int: a time-out beyond ~24 days, or inf, waits in slices of that)
+            if not poller.poll(min(2**31 - 1, max(1, int(min(left, 2e6) * 1000 + 0.999)))):
                 raise TimeoutError
             k = os.readv(fd, [view[got:]])
             if not k:

@@ -342,7 +342,12 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
                     raise
                 queue.insert(0, run)  # a fresh runner resumes it from its last epoch state
                 continue
-            idle.append(actor)
+            if queue:
+                idle.append(actor)
+            else:  # nothing left to hand it: its CPU/GPU go to a runner Ray could not place yet (which
+                # holds a run: waited on for ever while this idle one kept the resources)
+                actors.remove(actor)
+                ray.kill(actor)
             yield run, RunnerResult(latest_epoch_state(run.run_dir), seconds=seconds[run.name])
     finally:
         for actor in actors:

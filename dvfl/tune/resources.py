@@ -1,6 +1,7 @@
 """What a search holds in Ray at once, and taking back what stopped trials leave behind."""
 from __future__ import annotations
 
+import os
 import time
 
 from dvfl.config import ConfigError, RunConfig
@@ -14,18 +15,29 @@ def required_resources(t: TuneConfig, cfg: RunConfig) -> dict:
     need = {"CPU": t.max_concurrent_trials * per_trial + 1.0}
     if cfg.scaling.use_gpu:
         need["GPU"] = float(t.max_concurrent_trials * cfg.scaling.num_workers)
+    for key, amount in (cfg.scaling.worker_resources or {}).items():  # each Train worker asks for them too
+        need[key] = float(t.max_concurrent_trials * cfg.scaling.num_workers * amount)
     return need
 
 
 def check_resources(t: TuneConfig, cfg: RunConfig, available: dict) -> None:
+    joined = os.environ.get("RAY_ADDRESS", "local") != "local"
     for key, amount in required_resources(t, cfg).items():
-        if available.get(key, 0.0) + 1e-9 < amount:
+        if available.get(key, 0.0) + 1e-9 >= amount:
+            continue
+        if key not in ("CPU", "GPU"):
+            if joined:
+                continue  # a joined cluster's autoscaler may start the nodes that advertise it
             raise ConfigError(
-                f"tune.max_concurrent_trials={t.max_concurrent_trials} needs {amount:g} {key} "
-                f"({t.max_concurrent_trials} x (tune.driver_cpus {t.driver_cpus:g} + scaling.num_workers "
-                f"{cfg.scaling.num_workers} x scaling.cpus_per_worker {cfg.scaling.cpus_per_worker:g})"
-                f"{' + 1 for Ray Data' if key == 'CPU' else ''}) but Ray has {available.get(key, 0.0):g}: "
-                "lower tune.max_concurrent_trials or the per-trial resources, or the search would hang")
+                f"tune.max_concurrent_trials={t.max_concurrent_trials} needs {amount:g} {key} (scaling.worker_resources "
+                f"x scaling.num_workers {cfg.scaling.num_workers} per trial) but Ray has {available.get(key, 0.0):g}: "
+                "run the search on a cluster whose nodes advertise it, or drop scaling.worker_resources")
+        raise ConfigError(
+            f"tune.max_concurrent_trials={t.max_concurrent_trials} needs {amount:g} {key} "
+            f"({t.max_concurrent_trials} x (tune.driver_cpus {t.driver_cpus:g} + scaling.num_workers "
+            f"{cfg.scaling.num_workers} x scaling.cpus_per_worker {cfg.scaling.cpus_per_worker:g})"
+            f"{' + 1 for Ray Data' if key == 'CPU' else ''}) but Ray has {available.get(key, 0.0):g}: "
+            "lower tune.max_concurrent_trials or the per-trial resources, or the search would hang")
 
 
 def reclaim_orphaned_placement_groups() -> int:
