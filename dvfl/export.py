@@ -90,11 +90,18 @@ def _trace_example(inputs: list[torch.Tensor]) -> torch.Tensor:
     return x if x.shape[0] >= 2 else x.expand(2, *x.shape[1:]).contiguous()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file through the rename: a shipped model is readable
+    # mkstemp's 0600 would follow the file through the rename: the mode a plain write gets (the umask's)
+    os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
 
 
@@ -293,10 +300,10 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), inputs or [example_input(spec, 1)],
                       tolerance)
-        # mkdtemp and safetensors create owner-only files: a shipped model folder is world-readable
+        # mkdtemp and safetensors create owner-only files: a shipped folder gets the modes the umask gives
         for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        os.chmod(tmp, 0o755)
+            os.chmod(p, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
         storage.fsync_dir(str(tmp))
         _publish_folder(tmp, out)
     finally:

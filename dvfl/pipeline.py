@@ -140,7 +140,9 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     try:
         ingest(manifest, icfg, log=log)
     except ValueError as exc:
-        if cfg.data.clips or "already holds an ingest with a different" not in str(exc):
+        # an earlier configuration's clips, or a re-ingest killed while it deleted them (its plan gone first)
+        ours = ("already holds an ingest with a different", "holds shards but no")
+        if cfg.data.clips or not any(m in str(exc) for m in ours):
             raise  # a user-given dir is never overwritten
         log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
         ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
@@ -353,7 +355,10 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
     loop = dataclasses.replace(loop, label=label)
-    return ModelRun(role, seed, out, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}", loop, section, kwargs,
+    # the teacher's identity leaves the worker count out (a search reuses the distill run's teacher), its
+    # Train run does not: a run killed with 2 workers and rerun with 1 starts over instead of refusing
+    workers = f"-w{cfg.scaling.num_workers}" if role == "teacher" and cfg.scaling.num_workers > 1 else ""
+    return ModelRun(role, seed, out, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}{workers}", loop, section, kwargs,
                     identity, unlabeled_dir, optim.epochs)
 
 

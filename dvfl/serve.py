@@ -169,8 +169,9 @@ class Recognizer:
         try:
             try:
                 res = self.pred.decode(path, self.views[0], timeout=decode_timeout)
-            except PredictError as exc:
-                return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
+            except PredictError as exc:  # (the decoder's text names the server's temp file: not the client's business)
+                return {"status": STATUS.get(exc.reason, 422), "error": exc.reason,
+                        "detail": exc.detail.replace(path, "<upload>").replace(str(self.tmp), "<tmp>")}
             # an unknown rate (0: decode reports NaN/inf/0 as 0) is judged at 30 fps, not let through
             seconds = res["src_num_frames"] / (res["src_fps"] or UNKNOWN_RATE_FPS)
             if seconds > self.s.max_video_seconds:

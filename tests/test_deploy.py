@@ -632,6 +632,11 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
             status, out = post(body)
             assert (status, out["error"]) == (code, reason), out
             assert out["detail"]
+        # a file the decoder fails on names the upload, not the server's temp file (its path and pid)
+        rng = np.random.default_rng(2)
+        status, out = post(b"FLV\x01\x05" + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+        assert (status, out["error"]) == (400, "corrupt") and "<upload>" in out["detail"], out
+        assert "dvfl-serve-" not in out["detail"] and ".video" not in out["detail"], out
         status, again = post(good.read_bytes())
         assert status == 200 and again["topk"][0][0] == post(good.read_bytes())[1]["topk"][0][0]
     finally:
@@ -778,3 +783,21 @@ def test_a_streams_default_window_spans_a_training_video(video_factory, tmp_path
     assert windows(video_seconds=0.5) == (20, list(range(20, 41, 4)))  # 0.5 s at 40 fps
     assert windows(video_seconds=5.0) == (40, [40])  # longer than the file: the whole file, once
     assert windows() == (8, list(range(8, 41, 4)))  # a model that does not record it: T
+
+
+def test_exported_files_take_the_users_umask(tmp_path):
+    """Exports were forced to 0644 (world-readable) whatever the umask: under `umask 077` the
+    weights of a model trained on private data became readable by every user of the machine."""
+    import torch
+
+    from dvfl.export import export_torchscript
+
+    model, x = torch.nn.Linear(4, 3).eval(), [torch.randn(2, 4)]
+    old = os.umask(0o077)
+    try:
+        export_torchscript(model, tmp_path / "private.ts", x)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private.ts").stat().st_mode & 0o777 == 0o600
+    export_torchscript(model, tmp_path / "shared.ts", x)
+    assert (tmp_path / "shared.ts").stat().st_mode & 0o777 == 0o666 & ~old

@@ -62,7 +62,7 @@ def test_training_leaves_no_checkpoint_temp_folders(prepared):
     assert leaked == []
     # the checkpoints themselves are kept where Ray Train stores them
     cfg = prepared["cfg"]
-    run = f"{cfg.name}-teacher-s{cfg.seed}-{Path(prepared['teacher']).name}"
+    run = f"{cfg.name}-teacher-s{cfg.seed}-{Path(prepared['teacher']).name}-w{cfg.scaling.num_workers}"
     assert len([p for p in glob.glob(os.path.join(cfg.output_dir, "ray_results", run, "checkpoint_*"))
                 if os.path.isdir(p)]) == 2
 

@@ -387,6 +387,22 @@ def test_runners_that_ray_cannot_all_place_still_train_every_run(prepared, ray_l
     assert dvfl["seeds"] == 2 and len(dvfl["top1_per_seed"]) == 2, dvfl
 
 
+def test_a_reingest_killed_while_deleting_the_old_clips_is_redone_not_refused(prepared, ray_local, tmp_path):
+    """A changed data setting re-ingests the run's own clips folder, deleting the plan first, then
+    the shards: killed in between, every rerun was refused ("holds shards but no _plan.json") and
+    --fresh (which keeps the clips) did not help. The run's own folder is ingested again."""
+    from dvfl import pipeline
+
+    cfg = tiny_config(tmp_path)
+    shutil.copytree(Path(prepared["cfg"].output_dir) / "videos", tmp_path / "videos")  # (not generated again)
+    (tmp_path / "clips" / "shards").mkdir(parents=True)
+    shutil.copy(shard_paths(prepared["cfg"].clips_dir)[0], tmp_path / "clips" / "shards" / "train-00000.parquet")
+    lines = []
+    info = pipeline.ensure_clips(cfg, log=lines.append)
+    assert any("re-ingesting" in x for x in lines), lines
+    assert {"train", "test"} <= set(info["counts"]) and (tmp_path / "clips" / "dataset.json").exists()
+
+
 def test_pipeline_rebuilds_its_own_cache_but_refuses_a_named_one(prepared, tmp_path):
     """After a config change the default cache (inside the output dir) is the pipeline's to
     rebuild; a cache the user named in teacher.cache is never overwritten."""

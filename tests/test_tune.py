@@ -311,6 +311,8 @@ def test_two_trials_train_side_by_side(prepared, tmp_path, ray_local):
         spans.append((rec["starts"][0], last))
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1, spans  # each started before the other's last epoch was reported
+    # a checkpoint per epoch, the last two kept (Tune's default kept all 3: ~270 MB each for nano)
+    assert [len(list(Path(r["path"]).glob("checkpoint_*"))) for r in rows] == [2, 2], [r["path"] for r in rows]
 
 
 def test_teacher_proof_can_fail(prepared, ray_local):
@@ -731,3 +733,44 @@ def test_front_reruns_that_all_fail_leave_the_search_found_and_said():
                "config come from the single runs" in x for x in lines), lines
     with pytest.raises(SearchFailed):
         report_errors(failed, lines.append)
+
+
+def test_a_search_from_an_init_checkpoint_replaced_under_its_name_is_another_search(tmp_path):
+    """The resume digest held the run config as given (paths): a student.checkpoint replaced in
+    place resumed the interrupted search, ranking trials from two different starting weights together."""
+    from dvfl.config import load_config
+    from dvfl.tune.search import _fingerprint
+    from dvfl.tune.search_config import TuneConfig
+
+    ckpt = tmp_path / "k400.pth"
+    ckpt.write_bytes(b"a" * 1000)
+
+    def search_digest(cfg):
+        return _fingerprint(TuneConfig(), cfg, {"fingerprint": "d"}, {"mode": "cache"})
+
+    cfg = load_config(None, [("student.checkpoint", str(ckpt))], check_paths=False)
+    before = search_digest(cfg)
+    ckpt.write_bytes(b"b" * 1000)  # same name, same size, other weights
+    assert search_digest(cfg)["digest"] != before["digest"]
+    # a search without an init checkpoint keeps the digest it had before session 30 (it still resumes)
+    assert "student_init" not in search_digest(load_config(None, check_paths=False))["search"]
+
+
+def test_a_tune_experiment_this_project_did_not_start_is_never_resumed(tmp_path):
+    """Tune resumes by unpickling tuner.pkl: a folder holding one but no dvfl_search.json (planted
+    in a shared tune.storage, say) was restored unchecked, running whatever the pickle holds."""
+    import pickle
+
+    from dvfl.tune import SEARCH_FILE
+    from dvfl.tune.search import resumable
+
+    exp = tmp_path / "embedded-tune"
+    exp.mkdir()
+    assert resumable(str(exp), {"digest": "d"}) is False  # nothing to resume
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"anything": 1}))
+    with pytest.raises(ConfigError, match=r"holds a Tune experiment this project did not start \(no dvfl_search"):
+        resumable(str(exp), {"digest": "d"})
+    (exp / SEARCH_FILE).write_text(json.dumps({"digest": "d", "search": {}}))
+    assert resumable(str(exp), {"digest": "d"}) is True
+    with pytest.raises(ConfigError, match="holds a different search"):
+        resumable(str(exp), {"digest": "e", "search": {"tune": {"seed": 1}}})

@@ -39,9 +39,13 @@ def same_reruns(recorded: list, reruns: list[dict]) -> bool:
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
     from dvfl.pipeline import digest
 
+    from dvfl.pipeline import init_identity
+
     what = {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
             "run_config": cfg.as_given().to_dict(), "dataset": dataset_info["fingerprint"],
             "teacher": {"mode": teacher["mode"], "fingerprint": teacher.get("fingerprint")}}
+    if init_identity(cfg.student):  # an init checkpoint replaced under its name: another search
+        what["student_init"] = init_identity(cfg.student)  # (absent without one: older searches still resume)
     return {"digest": digest(what), "search": what}
 
 
@@ -75,6 +79,29 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     if cfg.teacher.mode == "cached":
         pipeline.ensure_cache(cfg, teacher_path, log)
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
+
+
+def resumable(exp: str, fp: dict) -> bool:
+    """Whether ``exp`` holds this search, interrupted (Tune resumes it); False where it holds none;
+    :class:`ConfigError` where it holds another search, or a Tune experiment this project did not start."""
+    from ray import tune
+
+    tune_path, tune_fs = storage.ray_storage(exp)
+    if not tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
+        return False
+    search_file = storage.join(exp, SEARCH_FILE)
+    if not storage.isfile(search_file):
+        # Tune resumes by unpickling the experiment's state: never from a folder this project did not
+        # start (a tuner.pkl planted in a shared tune.storage would run its code here)
+        raise ConfigError(f"{exp} holds a Tune experiment this project did not start (no {SEARCH_FILE}); it was "
+                          "not resumed: pick another tune.experiment or tune.storage (one only you can write)")
+    previous = storage.read_json(search_file)
+    if previous["digest"] != fp["digest"]:
+        raise ConfigError(f"{exp} holds a different search: {changed_fields(previous.get('search'), fp['search'])}; "
+                          "a resumed experiment keeps the trials, resources and concurrency it started with "
+                          "(Tune restores them as saved): put the old values back to resume it, pick another "
+                          "tune.experiment, or --fresh to discard it")
+    return True
 
 
 def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh") -> None:
@@ -132,14 +159,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     search_file = storage.join(exp, SEARCH_FILE)
     # on object storage Tune reads and writes the experiment through our filesystem (its endpoint)
     tune_path, tune_fs = storage.ray_storage(exp)
-    restoring = tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs)
-    if restoring and storage.isfile(search_file):
-        previous = storage.read_json(search_file)
-        if previous["digest"] != fp["digest"]:
-            raise ConfigError(f"{exp} holds a different search: {changed_fields(previous.get('search'), fp['search'])}; "
-                              "a resumed experiment keeps the trials, resources and concurrency it started with "
-                              "(Tune restores them as saved): put the old values back to resume it, pick another "
-                              "tune.experiment, or --fresh to discard it")
+    restoring = resumable(exp, fp)
     # checked before the search too: a refusal after it would throw its trials' results away
     front_path = storage.ray_storage(front_exp)[0]
     front_file = storage.join(front_exp, SEARCH_FILE)
@@ -162,7 +182,10 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
                               storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
                               callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs), *extra_callbacks],
-                              failure_config=tune.FailureConfig(max_failures=0))
+                              failure_config=tune.FailureConfig(max_failures=0),
+                              # an in-process trial reports a checkpoint every epoch; only the last is
+                              # ever read (a resume): Tune's default kept them all (~270 MB each for nano)
+                              checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
     def variant_generator():
         # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials
