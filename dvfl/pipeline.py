@@ -178,7 +178,7 @@ def clips_split(info: dict) -> int | None:
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
     """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
     config says (dataset.json records what the ingest used), naming both values."""
-    from dvfl.data.shards import IncompleteClipsError, shard_paths
+    from dvfl.data.shards import IncompleteClipsError, shard_paths, smallest_frame_side
 
     p, where = info["params"], cfg.clips_dir
     try:
@@ -193,6 +193,11 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
                         f"{p['short_side'] or 'of the source (0)'}")
     if p["short_side"] and cfg.crop_size > p["short_side"]:
         problems.append(f"data.crop_size is {cfg.crop_size}, larger than the clips' short side {p['short_side']}")
+    elif not p["short_side"]:  # clips at their source size: the smallest video decides (a crash mid-epoch)
+        smallest = smallest_frame_side(where)
+        if smallest is not None and cfg.crop_size > smallest:
+            problems.append(f"data.crop_size is {cfg.crop_size}, larger than the smallest stored frame side {smallest} "
+                            "(clips kept at their source size, short side 0)")
     if cfg.eval.clips > p["eval_clips"]:
         problems.append(f"eval.clips is {cfg.eval.clips}, the clips store {p['eval_clips']} per test video")
     stored_split = clips_split(info)

@@ -452,6 +452,17 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
         pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "train_split": "trian"}), log=None)
     with pytest.raises(ValueError, match=r"data.val_split is 'validation', the clips hold"):
         pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "val_split": "validation"}), log=None)
+    # clips kept at their source size (short side 0): a crop larger than the smallest stored frame
+    # crashed training mid-epoch; the footers' statistics name that size first (session 30)
+    source_size = tmp_path / "source_size"
+    shutil.copytree(cfg.data.clips, source_size)
+    info = json.loads((source_size / "dataset.json").read_text())
+    info["params"]["short_side"] = 0
+    (source_size / "dataset.json").write_text(json.dumps(info))
+    at_source = {"clips": str(source_size), "short_side": 0, "crop_size": 40}
+    with pytest.raises(ValueError, match="data.crop_size is 40, larger than the smallest stored frame side 32"):
+        pipeline.ensure_clips(_with(cfg, data=at_source), log=None)
+    pipeline.ensure_clips(_with(cfg, data={**at_source, "crop_size": 32}), log=None)
     # the command says so before Ray starts or a file is written (it started Ray, rewrote config.yaml
     # and removed the earlier results first, then failed with a traceback: session 28)
     out = tmp_path / "cli"

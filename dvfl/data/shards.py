@@ -293,6 +293,22 @@ def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[st
     return paths
 
 
+def smallest_frame_side(out_dir: str) -> Optional[int]:
+    """The smallest height or width of any stored clip (from the shards' column statistics: footers
+    only), or None without statistics; for clips kept at their source size (short side 0)."""
+    smallest = None
+    for path in shard_paths(out_dir):
+        meta = parquet_file(path).metadata
+        names = meta.schema.names
+        for g in range(meta.num_row_groups):
+            for column in ("height", "width"):
+                stats = meta.row_group(g).column(names.index(column)).statistics
+                if stats is None or not stats.has_min_max:
+                    return None
+                smallest = stats.min if smallest is None else min(smallest, stats.min)
+    return smallest
+
+
 def parquet_file(path: str, **kwargs) -> pq.ParquetFile:
     """A Parquet file at a local path or URI."""
     if storage.is_remote(path):
