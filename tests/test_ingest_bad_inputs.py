@@ -126,6 +126,11 @@ def test_every_bad_input_is_rejected_with_its_reason(bad_dataset, tmp_path, ray_
                                                        test_hooks=True, workers=1, videos_per_task=4,
                                                        videos_per_shard=4), log=None)
     assert s2["videos_decoded_this_run"] == 0 and s2["rejected"] == 18 and s2["accounting_ok"]
+    # the rerun keeps the hang's and the crash's rejects: the summary says how to retry them
+    from dvfl.data.ingest import format_summary
+
+    retry = [ln for ln in format_summary(s2).splitlines() if ln.startswith("retry")]
+    assert len(retry) == 1 and "timeout" in retry[0] and "decoder_crash" in retry[0] and "--fresh" in retry[0], retry
 
 
 def test_min_frames_and_unlabeled_rejects(bad_dataset, tmp_path, ray_local):

@@ -998,6 +998,9 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, m
     return total_clips
 
 
+RETRYABLE_REJECTS = (_d.TIMEOUT, _d.DECODER_CRASH, _d.DECODER_KILLED)  # the machine's state, not the file's
+
+
 def format_summary(s: Dict[str, Any]) -> str:
     counts = ", ".join(f"{k} {v['clips']}" for k, v in sorted(s["counts"].items(), key=lambda kv: SPLIT_ORDER.get(kv[0], 9)))
     reasons = ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()) or "none"
@@ -1015,4 +1018,9 @@ def format_summary(s: Dict[str, Any]) -> str:
         f"{s['decode_seconds']:.1f} s = {s['clips_per_second']:.1f} clips/s (total {s['total_seconds']:.1f} s)",
         f"fingerprint   {s['fingerprint']}",
     ]
+    retryable = {k: v for k, v in s["rejects_by_reason"].items() if k in RETRYABLE_REJECTS}
+    if retryable:  # a finished shard keeps its rejects: a rerun with a larger time-out decodes nothing again
+        lines.append(f"retry         {sum(retryable.values())} rejected as {', '.join(retryable)} may decode on a "
+                     "quieter machine or with a larger --timeout-per-file; finished shards keep them rejected: "
+                     "ingest again with --fresh to retry them")
     return "\n".join(lines)
