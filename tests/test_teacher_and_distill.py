@@ -731,8 +731,8 @@ def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_loca
                         *set_args([*TINY, ("output_dir", str(tmp_path / "run")), ("data.clips", prepared["cfg"].clips_dir),
                                    ("scaling.cpus_per_worker", 0.5)])],
                        env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2 and "config error: scaling.num_workers 4 x (scaling.cpus_per_worker 0.5) needs 2 CPU " \
-        "(Ray has 1)" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 2 and "config error: scaling.num_workers 4 x (scaling.cpus_per_worker 0.5) + 0.25 CPU for " \
+        "Ray Data's reads needs 2.25 CPU (Ray has 1)" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
     assert not (tmp_path / "teacher").exists()
 
 
