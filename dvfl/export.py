@@ -91,7 +91,16 @@ def _trace_example(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without setting it (a set-and-restore would leave every other
+    thread's files of that moment world-writable) where the kernel says it (Linux >= 4.7)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # (elsewhere: the strictest mask for the instant it is read)
     os.umask(mask)
     return mask
 
@@ -301,9 +310,10 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
         diff = _check("folder", lambda x: loaded(x).float().numpy(), model.eval(), inputs or [example_input(spec, 1)],
                       tolerance)
         # mkdtemp and safetensors create owner-only files: a shipped folder gets the modes the umask gives
+        mask = _umask()
         for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(p, 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         storage.fsync_dir(str(tmp))
         _publish_folder(tmp, out)
     finally:

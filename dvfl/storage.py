@@ -204,6 +204,13 @@ def listdir(path: str, suffix: str = "", hidden: bool = False) -> List[str]:
     return [join(path, n) for n in names if n.endswith(suffix) and (hidden or n[:1] not in "._")]
 
 
+def list_entries(path: str) -> List[str]:
+    """The names of the files and folders (object-store prefixes) directly in ``path`` (sorted)."""
+    fs, p = filesystem(path)
+    return sorted(posixpath.basename(i.path.rstrip("/"))
+                  for i in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=False)))
+
+
 def find(path: str, name: str) -> List[str]:
     """Every file called ``name`` anywhere under ``path`` (sorted, full paths/URIs)."""
     fs, p = filesystem(path)

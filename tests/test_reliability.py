@@ -228,6 +228,35 @@ def test_fresh_deletes_only_a_tune_experiment_of_ours(tmp_path):
     assert not ours.exists()
 
 
+def test_a_fresh_cut_short_leaves_a_folder_fresh_still_recognises(tmp_path, monkeypatch):
+    """--fresh deleted in listing order: cut short after the project's mark went but before Tune's
+    state, the folder was refused both as a resume (not ours) and by --fresh (not ours)."""
+    from dvfl import storage
+    from dvfl.tune import SEARCH_FILE, remove_experiment
+    from dvfl.tune.search import resumable
+
+    exp = tmp_path / "exp"
+    for sub in ("dvfl_trials", "trial_a", "zz_trial"):
+        (exp / sub).mkdir(parents=True)
+        (exp / sub / "result.json").write_text("{}")
+    (exp / "tuner.pkl").write_bytes(b"state")
+    (exp / SEARCH_FILE).write_text(json.dumps({"digest": "d", "search": {}}))
+    real_remove_tree = storage.remove_tree
+
+    def cut_short(path):  # the kill: after one folder
+        real_remove_tree(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "remove_tree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        remove_experiment(exp, "exp", log=lambda *_: None)
+    monkeypatch.setattr(storage, "remove_tree", real_remove_tree)
+    assert (exp / SEARCH_FILE).exists() and not (exp / "tuner.pkl").exists()
+    assert resumable(str(exp), {"digest": "d"}) is False  # nothing to resume: a fresh search
+    remove_experiment(exp, "exp", log=lambda *_: None)  # and --fresh finishes the job
+    assert not exp.exists()
+
+
 # ----------------------------------------------------------------------------- a full disk
 def _limit_file_size(limit: int):
     def preexec():

@@ -1021,6 +1021,6 @@ def format_summary(s: Dict[str, Any]) -> str:
     retryable = {k: v for k, v in s["rejects_by_reason"].items() if k in RETRYABLE_REJECTS}
     if retryable:  # a finished shard keeps its rejects: a rerun with a larger time-out decodes nothing again
         lines.append(f"retry         {sum(retryable.values())} rejected as {', '.join(retryable)} may decode on a "
-                     "quieter machine or with a larger --timeout-per-file; finished shards keep them rejected: "
-                     "ingest again with --fresh to retry them")
+                     "quieter machine or with more time; finished shards keep them rejected: run `dvfl ingest` "
+                     f"again with --out {s['out']} --fresh and a larger --timeout-per-file to retry them")
     return "\n".join(lines)

@@ -115,6 +115,13 @@ def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh
         raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
                           "it was not deleted: pick another tune.experiment or tune.storage")
     log(f"[tune] {why}: removing {exp}")
+    # Tune's state first, this project's mark last: a delete cut short leaves either nothing to resume
+    # (a fresh search) or a folder that --fresh still recognises, never a resumable one without the mark
+    storage.remove(storage.join(exp, "tuner.pkl"))
+    for name in storage.list_entries(exp):
+        if name != SEARCH_FILE:
+            storage.remove_tree(storage.join(exp, name)) if storage.isdir(storage.join(exp, name)) \
+                else storage.remove(storage.join(exp, name))
     storage.remove_tree(exp)
 
 
@@ -177,6 +184,10 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
         setup["data"] = pipeline.shared_training_data(
             cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
+
+    # num_to_keep below makes Tune snapshot the experiment every 2 checkpoints of a trial, and warn
+    # each time two come within 5 s (epochs of seconds, trials side by side): expected here, not news
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     def run_config(name: str, extra_callbacks=()):
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
