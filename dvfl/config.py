@@ -666,8 +666,20 @@ def parse_override(text: str) -> tuple[str, object]:
 def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths: bool = True,
                 outputs=()) -> RunConfig:
     """Read a YAML config (or the embedded default), apply overrides, make its paths absolute
-    (relative to the current directory; see :mod:`dvfl.paths` for Ray jobs), validate."""
-    return build_config(config_tree(path, overrides)).expand_split().resolve_paths().validate(check_paths=check_paths, outputs=outputs)
+    (relative to the current directory; see :mod:`dvfl.paths` for Ray jobs), validate. A shipped
+    config's (``configs/``) relative input that is not in the current directory but in the
+    checkout is the checkout's (``models/embedded_teacher``: ``dvfl distill`` from any folder)."""
+    cfg = build_config(config_tree(path, overrides)).expand_split()
+    shipped = path is None or Path(os.fspath(path)).resolve().parent == CONFIG_DIR
+    if shipped:
+        from dvfl import paths
+
+        for owner, name in cfg._fields(INPUT_PATH_FIELDS):
+            value = getattr(owner, name)
+            if (isinstance(value, str) and value.strip() and not paths.is_uri(value) and not os.path.isabs(value)
+                    and not os.path.exists(value) and os.path.exists(CONFIG_DIR.parent / value)):
+                setattr(owner, name, str(CONFIG_DIR.parent / value))
+    return cfg.resolve_paths().validate(check_paths=check_paths, outputs=outputs)
 
 
 def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:

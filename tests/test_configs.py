@@ -292,3 +292,18 @@ def test_a_mapping_for_a_section_sets_those_fields_and_keeps_the_others(tmp_path
                               (("tune.storage", ""), r"^tune\.storage must be a path")):
         with pytest.raises(ConfigError, match=message):
             load_tune_config(None, [override], check_paths=False)
+
+
+def test_the_shipped_default_runs_from_any_folder_and_a_users_config_stays_where_the_user_is(tmp_path, monkeypatch):
+    """`dvfl distill` outside the checkout failed: the default's teacher (models/embedded_teacher,
+    shipped in the checkout) was looked up in the current folder. A shipped config's input found
+    only in the checkout is the checkout's; outputs, and a user's own config, stay relative to here."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()  # paths checked: the teacher exists
+    assert cfg.teacher.path == str(CONFIGS.parent / "models" / "embedded_teacher")
+    assert cfg.output_dir == str(tmp_path / "runs" / "embedded")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((CONFIGS / "embedded.yaml").read_text())
+    assert load_config(mine, check_paths=False).teacher.path == str(tmp_path / "models" / "embedded_teacher")
+    (tmp_path / "models" / "embedded_teacher").mkdir(parents=True)  # here first, where the user is
+    assert load_config(check_paths=False).teacher.path == str(tmp_path / "models" / "embedded_teacher")
