@@ -311,8 +311,6 @@ def test_two_trials_train_side_by_side(prepared, tmp_path, ray_local):
         spans.append((rec["starts"][0], last))
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1, spans  # each started before the other's last epoch was reported
-    # a checkpoint per epoch, the last two kept (Tune's default kept all 3: ~270 MB each for nano)
-    assert [len(list(Path(r["path"]).glob("checkpoint_*"))) for r in rows] == [2, 2], [r["path"] for r in rows]
 
 
 def test_teacher_proof_can_fail(prepared, ray_local):

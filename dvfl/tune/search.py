@@ -185,18 +185,11 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
 
-    # num_to_keep below makes Tune snapshot the experiment every 2 checkpoints of a trial, and warn
-    # each time two come within 5 s (epochs of seconds, trials side by side): expected here, not news
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
     def run_config(name: str, extra_callbacks=()):
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
                               storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
                               callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs), *extra_callbacks],
-                              failure_config=tune.FailureConfig(max_failures=0),
-                              # an in-process trial reports a checkpoint every epoch; only the last is
-                              # ever read (a resume): Tune's default kept them all (~270 MB each for nano)
-                              checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+                              failure_config=tune.FailureConfig(max_failures=0))
 
     def variant_generator():
         # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials
