@@ -44,8 +44,9 @@ def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dic
     what = {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
             "run_config": cfg.as_given().to_dict(), "dataset": dataset_info["fingerprint"],
             "teacher": {"mode": teacher["mode"], "fingerprint": teacher.get("fingerprint")}}
-    if init_identity(cfg.student):  # an init checkpoint replaced under its name: another search
-        what["student_init"] = init_identity(cfg.student)  # (absent without one: older searches still resume)
+    init = init_identity(cfg.student)
+    if init:  # an init checkpoint replaced under its name: another search (absent without one: older
+        what["student_init"] = init  # searches still resume)
     return {"digest": digest(what), "search": what}
 
 
