@@ -151,15 +151,21 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     return info
 
 
+def missing_splits(cfg: RunConfig, available) -> list[tuple[str, str]]:
+    """(field, split) of the config's train/test/val splits not in ``available``; a "val" that is
+    absent is carved from the training videos, so it is never missing."""
+    from dvfl.data.holdout import VAL_SPLIT
+
+    return [(key, split) for key, split in (("train_split", cfg.data.train_split), ("test_split", cfg.data.test_split),
+                                            ("val_split", cfg.data.val_split))
+            if split not in available and not (key == "val_split" and split == VAL_SPLIT)]
+
+
 def check_manifest_splits(cfg: RunConfig, manifest) -> None:
     """The splits the config trains, validates and tests on are among those ``data.root`` lists:
     found after the whole ingest otherwise (SSv2 lists no test split: its test labels are not public)."""
-    from dvfl.data.holdout import VAL_SPLIT
-
     listed = sorted({e.split for e in manifest.entries})
-    missing = [(key, split) for key, split in (("train_split", cfg.data.train_split), ("test_split", cfg.data.test_split),
-                                               ("val_split", cfg.data.val_split))
-               if split not in listed and not (key == "val_split" and split == VAL_SPLIT)]
+    missing = missing_splits(cfg, listed)
     if missing:
         raise ConfigError(f"{cfg.data.dataset} at data.root {cfg.data.root} lists the split(s) "
                           f"{', '.join(map(repr, listed)) or 'none'}; "
@@ -204,14 +210,10 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
     if stored_split is not None and info.get("dataset") == cfg.data.dataset and stored_split != cfg.data.split:
         # another split's test videos are this split's training videos: never evaluate across splits
         problems.append(f"data.split is {cfg.data.split}, the clips were ingested from split {stored_split}")
-    from dvfl.data.holdout import VAL_SPLIT
-
     stored = sorted(info.get("counts") or {})
-    # a misspelt split reads as an empty dataset deep inside Ray; "val" absent is carved from training
-    for key, split in (("train_split", cfg.data.train_split), ("test_split", cfg.data.test_split),
-                       ("val_split", cfg.data.val_split)):
-        if split not in stored and not (key == "val_split" and split == VAL_SPLIT):
-            problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
+    # a misspelt split reads as an empty dataset deep inside Ray
+    for key, split in missing_splits(cfg, stored):
+        problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
     if problems:
         raise ValueError(f"data.clips {where} does not match the config: " + "; ".join(problems)
                          + ". Set these fields to the ingest's values, or ingest again with the config's.")
