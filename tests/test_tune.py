@@ -79,14 +79,18 @@ def _experiment_state(exp: Path) -> dict:
     return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in data.get("trial_data", [])}
 
 
-def _saved_after_experiment_state(exp: Path, pattern: str) -> bool:
-    """Whether Tune has saved ``pattern`` (its callbacks' state) since its newest experiment state
-    (saved together, that one first)."""
-    states, saved = sorted(exp.glob("experiment_state-*.json")), sorted(exp.glob(pattern))
+def _trials_with_saved_results(exp: Path) -> int:
+    """How many trials' results Tune has saved with its callbacks' state (the ASHA rungs a resume
+    replays). Not a comparison of file times: Tune's syncer copies the experiment state and this
+    file in either order, and with ``CheckpointConfig(num_to_keep)`` it snapshots in bursts."""
+    import pickle
+
+    saved = sorted(exp.glob("callback-states-*.pkl"))
     try:
-        return bool(states and saved) and saved[-1].stat().st_mtime_ns >= states[-1].stat().st_mtime_ns
-    except OSError:
-        return False
+        states = pickle.loads(saved[-1].read_bytes()) if saved else {}
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return 0  # being written
+    return max((len(s["results"]) for s in states.values() if isinstance(s, dict) and "results" in s), default=0)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +133,7 @@ def search(prepared, tmp_path_factory, ray_local):
                     (hold / f"release-{held}").touch()
                 if len(released) == 2 and held and held not in released \
                         and list(_experiment_state(exp).values()).count("TERMINATED") >= 2 \
-                        and _saved_after_experiment_state(exp, "callback-states-*.pkl"):
+                        and _trials_with_saved_results(exp) >= 2:
                     break
                 time.sleep(0.2)
             was_running = proc.poll() is None
@@ -311,6 +315,54 @@ def test_two_trials_train_side_by_side(prepared, tmp_path, ray_local):
         spans.append((rec["starts"][0], last))
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1, spans  # each started before the other's last epoch was reported
+    # a checkpoint per epoch, the last two kept (Tune's default kept all 3: ~270 MB each for nano)
+    assert [len(list(Path(r["path"]).glob("checkpoint_*"))) for r in rows] == [2, 2], [r["path"] for r in rows]
+
+
+@pytest.mark.slow
+def test_a_trial_killed_mid_run_resumes_from_its_last_kept_checkpoint(prepared, tmp_path, ray_local):
+    """Trials keep their last two checkpoints (Tune's default kept every epoch's: ~270 MB each for
+    nano). A search SIGKILLed while its trial is in epoch 3 of 4 resumes that trial from epoch 2's
+    checkpoint: Tune's results say epochs 1..4 once each (a restart from scratch repeats 1 and 2),
+    and two checkpoints are left."""
+    from dvfl.tune import load_tune_config, run_search
+
+    path = write_search(tmp_path, prepared, "resume", space={"kd.temperature": {"grid": [2.0]}},
+                        extra={"front_seeds": [], "asha": {"enabled": False}},
+                        run_extra=[("optim.epochs", 4), ("optim.batch_size", 4)])
+    exp, hold = tmp_path / "tune" / "resume", tmp_path / "hold"
+    hold.mkdir()
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "DVFL_HOLD_AFTER_EPOCH": "2", "DVFL_HOLD_DIR": str(hold)}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--search", str(path)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:  # held in epoch 3, and Tune's saved state knows epoch 2's checkpoint
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None \
+                    and not (_held_run(hold) and 2 in _saved_epochs(exp).values()):
+                time.sleep(0.2)
+            assert proc.poll() is None and _held_run(hold), (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    (hold / "release").touch()
+    tune_cfg, run_cfg = load_tune_config(path)
+    (row,) = run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)["rows"]
+    assert row["status"] == "completed" and row["starts"] == 2, row
+    with open(Path(row["path"]) / "progress.csv") as f:
+        assert [int(e["epoch"]) for e in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in Path(row["path"]).glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000003"]
+
+
+def _saved_epochs(exp: Path) -> dict:
+    """Trial id -> the last epoch in Tune's saved experiment state (what a restore resumes from)."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(states[-1].read_text()) if states else {}
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return {json.loads(t)["trial_id"]: json.loads(m)["last_result"].get("epoch") for t, m in data.get("trial_data", [])}
 
 
 def test_teacher_proof_can_fail(prepared, ray_local):
@@ -425,12 +477,15 @@ def test_an_interrupted_search_chooses_nothing_and_says_how_to_resume():
     def result(**kw):
         return Result(metrics=kw.pop("metrics", {}), checkpoint=None, error=kw.pop("error", None), path="/x")
 
+    # A trial that returned after its last epoch may lack done: Tune sets it in place on a last
+    # result an experiment snapshot (forced by CheckpointConfig(num_to_keep)) had already saved,
+    # and a restore reads that copy (the resumed search was refused as unfinished for ever)
     ended = [result(metrics={"epoch": 12, "done": True}), result(metrics={"epoch": 6, "done": True}),
-             result(error=RuntimeError("boom"))]
-    require_finished(ended, "search")
+             result(error=RuntimeError("boom")), result(metrics={"epoch": 12})]
+    require_finished(ended, "search", 12)
     cut = ended + [result(metrics={"epoch": 3, "done": False}), result(metrics={})]  # (the last one never started)
-    with pytest.raises(SearchFailed, match=r"search was interrupted with 2 of 5 trial\(s\) unfinished.*same command"):
-        require_finished(cut, "search")
+    with pytest.raises(SearchFailed, match=r"search was interrupted with 2 of 6 trial\(s\) unfinished.*same command"):
+        require_finished(cut, "search", 12)
 
 
 def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():

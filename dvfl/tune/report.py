@@ -105,13 +105,16 @@ class SearchFailed(RuntimeError):
     """Every trial of a search errored: nothing was found, and the command must not say otherwise."""
 
 
-def require_finished(grid, what: str) -> None:
+def require_finished(grid, what: str, max_epochs: int) -> None:
     """Tune returns the grid of an interrupted search (Ctrl+C, a job's stop signal) as if it had
     ended: its cut-off trials look stopped early. Nothing is chosen from such a grid. A trial ended
-    when it errored or its last result says ``done`` (set by Tune when the trial returned or its
+    when it errored, reported its last epoch, or its last result says ``done`` (set by Tune when its
     scheduler or stopper stopped it); Ray 2.60 marks the trials it cuts off TERMINATED as well
-    (``runner.cleanup()`` after the interrupted loop), so their status says nothing."""
-    unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done"))
+    (``runner.cleanup()`` after the interrupted loop), so their status says nothing. ``done`` alone
+    is not enough: for a trial that returned, Tune sets it in place on a last result an experiment
+    snapshot may already have saved, so a resumed search read that trial as unfinished for ever."""
+    unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done")
+                     and (r.metrics or {}).get("epoch", 0) < max_epochs)
     if unfinished:
         raise SearchFailed(f"the {what} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished: nothing "
                            "is chosen from it; run the same command again to resume it")

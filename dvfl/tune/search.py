@@ -186,11 +186,18 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
             cfg, unlabeled_dir=cfg.unlabeled_dir if kd and t.unlabeled else None)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup), trial_resources(t, cfg))
 
+    # num_to_keep below makes Tune snapshot the experiment every 2 checkpoints of a trial, and warn
+    # each time two come within 5 s (epochs of seconds, trials side by side): expected here, not news
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
     def run_config(name: str, extra_callbacks=()):
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
                               storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
                               callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs), *extra_callbacks],
-                              failure_config=tune.FailureConfig(max_failures=0))
+                              failure_config=tune.FailureConfig(max_failures=0),
+                              # an in-process trial reports a checkpoint every epoch; only the last is
+                              # ever read (a resume): Tune's default kept them all (~270 MB each for nano)
+                              checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
 
     def variant_generator():
         # concurrency is the search algorithm's: Tune ignores (with a warning) max_concurrent_trials
@@ -221,7 +228,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     started = time.time()
     with tune_output(verbose):
         grid = tuner.fit()
-    require_finished(grid, "search")
+    require_finished(grid, "search", cfg.optim.epochs)
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
     levels = cost_level_bests(rows)
@@ -255,7 +262,7 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
                 run_config=run_config(t.experiment + FRONT_SUFFIX))
         with tune_output(verbose):
             front_grid = front_tuner.fit()
-        require_finished(front_grid, "front's re-runs")
+        require_finished(front_grid, "front's re-runs", cfg.optim.epochs)
         front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
     summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
     report_errors(rows, log)
