@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+import yaml
+
 from dvfl import storage
 from dvfl.artifacts import SPEC, load_model, load_model_for, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, ConfigError, RunConfig
@@ -694,8 +696,28 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
             "train_seconds": spec.get("train_seconds")}
 
 
+def fresh_refusal(cfg: RunConfig) -> str | None:
+    """Why ``--fresh`` must not delete this output dir's models and Ray Train state: it holds
+    such folders but no run config of ours (``config.yaml``, written before any of them), so
+    they are somebody else's (e.g. ``--out ~``); None when it may."""
+    subs = [s for s in (TEACHER_DIR, STUDENTS_DIR, RAY_RESULTS) if storage.exists(storage.join(cfg.output_dir, s))]
+    if not subs:
+        return None
+    try:
+        given = yaml.safe_load(storage.read_text(storage.join(cfg.output_dir, "config.yaml")))
+    except (OSError, yaml.YAMLError):
+        given = None
+    if isinstance(given, dict) and {"output_dir", "student", "teacher", "kd"} <= set(given):
+        return None
+    return (f"--fresh deletes {', '.join(s + '/' for s in subs)} in {cfg.output_dir}, which holds no config.yaml "
+            "of a run of this project: nothing was deleted; use another --out (or delete them yourself)")
+
+
 def clean_run(cfg: RunConfig) -> None:
     """--fresh: forget trained models and Ray Train state of this output dir (clips stay)."""
+    refusal = fresh_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
     for sub in (TEACHER_DIR, STUDENTS_DIR):
         # every model's spec first: a delete cut short must leave no model.json vouching for a folder
         for spec in storage.find(storage.join(cfg.output_dir, sub), SPEC):

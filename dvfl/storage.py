@@ -211,13 +211,16 @@ def list_entries(path: str) -> List[str]:
                   for i in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=False)))
 
 
-def find(path: str, name: str) -> List[str]:
-    """Every file called ``name`` anywhere under ``path`` (sorted, full paths/URIs)."""
+def files_under(path: str) -> List[str]:
+    """Every file anywhere under ``path``, as paths relative to it with ``/`` (sorted)."""
     fs, p = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True))
-    rels = sorted(posixpath.relpath(i.path, p) for i in infos
-                  if i.type == pafs.FileType.File and posixpath.basename(i.path) == name)
-    return [join(path, *r.split("/")) for r in rels]
+    return sorted(posixpath.relpath(i.path, p) for i in infos if i.type == pafs.FileType.File)
+
+
+def find(path: str, name: str) -> List[str]:
+    """Every file called ``name`` anywhere under ``path`` (sorted, full paths/URIs)."""
+    return [join(path, *r.split("/")) for r in files_under(path) if posixpath.basename(r) == name]
 
 
 def reachable(path: str) -> Optional[str]:

@@ -547,6 +547,15 @@ def test_another_shard_layout_keeps_the_fingerprint_and_changes_the_shards_conte
     cfg = dict(frames=8, clips_per_video=1, short_side=32)
     a = ingest(manifest(syn_root), IngestConfig(out=out, videos_per_shard=8, **cfg), log=None)
     shards_a = {s["file"]: s for s in SH.load_dataset_info(out)["shards"]}
+    # --fresh deletes shards/ whole: a file no ingest writes there (a user's) stops it before any delete
+    os.makedirs(os.path.join(out, "shards", "notes"))
+    with open(os.path.join(out, "shards", "notes", "thesis.tex"), "w") as f:
+        f.write("years of work")
+    with pytest.raises(ValueError, match=r"holds files no ingest writes \(notes/thesis.tex\): nothing was deleted"):
+        ingest(manifest(syn_root), IngestConfig(out=out, videos_per_shard=4, overwrite=True, **cfg), log=None)
+    assert SH.load_dataset_info(out)["shards"] and os.path.exists(os.path.join(out, "shards", "train-00000.parquet"))
+    os.rename(os.path.join(out, "shards", "notes"), str(tmp_path / "notes"))
+    open(os.path.join(out, "shards", ".DS_Store"), "w").close()  # hidden files go with the folder
     b = ingest(manifest(syn_root), IngestConfig(out=out, videos_per_shard=4, overwrite=True, **cfg), log=None)
     shards_b = {s["file"]: s for s in SH.load_dataset_info(out)["shards"]}
     assert a["fingerprint"] == b["fingerprint"]

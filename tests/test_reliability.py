@@ -228,6 +228,32 @@ def test_fresh_deletes_only_a_tune_experiment_of_ours(tmp_path):
     assert not ours.exists()
 
 
+def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):
+    """``distill --fresh`` deletes teacher/, students/ and ray_results/ of --out: in a folder that
+    holds such folders but no run config (``--out ~``), it deleted a user's ``students/``."""
+    from dvfl.config import ConfigError, dump_config, load_config
+    from dvfl.pipeline import clean_run
+
+    home = tmp_path / "home"
+    (home / "students").mkdir(parents=True)
+    (home / "students" / "grades.csv").write_text("years of work")
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(home), "--fresh"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "config error: --fresh deletes students/ in" in done.stderr and "nothing was deleted" in done.stderr
+    assert (home / "students" / "grades.csv").read_text() == "years of work"
+    cfg = load_config(None, [("output_dir", str(home))])
+    with pytest.raises(ConfigError, match="holds no config.yaml of a run"):
+        clean_run(cfg)
+    (home / "config.yaml").write_text("students: [dvfl]\n")  # somebody's YAML, not a run config
+    with pytest.raises(ConfigError, match="holds no config.yaml of a run"):
+        clean_run(cfg)
+    dump_config(cfg, home / "config.yaml")  # a run of ours wrote it before any model
+    (home / "ray_results" / "run-a").mkdir(parents=True)
+    clean_run(cfg)
+    assert not (home / "students").exists() and not (home / "ray_results").exists() and (home / "config.yaml").exists()
+
+
 def test_a_fresh_cut_short_leaves_a_folder_fresh_still_recognises(tmp_path, monkeypatch):
     """--fresh deleted in listing order: cut short after the project's mark went but before Tune's
     state, the folder was refused both as a resume (not ours) and by --fresh (not ours)."""

@@ -47,6 +47,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from dvfl import pipeline, storage
+
+    if a.fresh and (refusal := pipeline.fresh_refusal(cfg)):
+        print(f"config error: {refusal}", file=sys.stderr)
+        return 2
     from dvfl.cli import announce_job_outputs, generate_videos
 
     if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):

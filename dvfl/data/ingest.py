@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -440,6 +441,10 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     # -- output dir state: refuse to mix different datasets, unless --fresh
     plan_path = storage.join(out, _s.PLAN_JSON)
     if cfg.overwrite:  # the commit marker first: a delete cut short must not leave it vouching for a part
+        foreign = _not_written_by_ingest(shard_dir)
+        if foreign:
+            raise ValueError(f"--fresh deletes {shard_dir}, which holds files no ingest writes ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}): nothing was deleted; move them or use a new --out")
         for f in (_s.DATASET_JSON, _s.PLAN_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
             storage.remove(storage.join(out, f))
         storage.remove_tree(shard_dir)
@@ -646,6 +651,15 @@ def _file_size_limit(limit: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def _not_written_by_ingest(shard_dir: str) -> list[str]:
+    """Files in a shards folder other than shards, their sidecars and hidden files (temporaries,
+    a desktop's index files): ``--fresh`` deletes the folder whole, so it must hold only ours."""
+    ours = re.compile(rf"[^/]+\.parquet|{re.escape(_s.META_DIR)}/[^/]+\.json|(.*/)?\.[^/]*")
+    return [f for f in storage.files_under(shard_dir) if not ours.fullmatch(f)]
+
+
 PARTS_DIR = "_parts"  # pieces of shards cut into several decode tasks, until merged (not read by anyone else)
 TASK_OUTPUT_BYTES = 256 << 20  # decoded clips one decode task may hold before returning them
 ROW_GROUP_BYTES = 512 << 20    # decoded clips a shard writer may buffer for one row group (128 clips up to short side 362)
