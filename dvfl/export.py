@@ -17,7 +17,6 @@ import copy
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from dvfl.artifacts import SPEC
 from dvfl import storage
+from dvfl.scratch import make_scratch_dir, make_scratch_file
 from dvfl.models.video_focalnet import FOLDER_WEIGHTS, set_temporal_impl
 
 TOLERANCE = 1e-4
@@ -107,8 +107,8 @@ def _umask() -> int:
 
 def _tmp_path(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    # named with this process's PID: the next export into this folder removes one a SIGKILL left
+    tmp = make_scratch_file("export", suffix=f"-{out.name}.tmp", tmpdir=str(out.parent))
     # mkstemp's 0600 would follow the file through the rename: the mode a plain write gets (the umask's)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
@@ -297,7 +297,7 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     if not replaceable_folder(out):
         raise ValueError(f"{out} exists and is not an exported model folder; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(make_scratch_dir("export", out.name, tmpdir=str(out.parent)))  # (see _tmp_path)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         # through storage, as the other files: each one is fsynced before the folder is published

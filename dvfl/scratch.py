@@ -70,7 +70,7 @@ def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STAL
     return removed
 
 
-SCRATCH_KINDS = ("ckpt", "tb", "serve", "spool")  # every kind the project makes
+SCRATCH_KINDS = ("ckpt", "tb", "serve", "spool", "export")  # every kind the project makes (export: beside its file)
 
 
 def _sweep_once(kind: str, tmpdir: str | None) -> None:
@@ -80,10 +80,11 @@ def _sweep_once(kind: str, tmpdir: str | None) -> None:
         sweep_dead(kind, tmpdir)
 
 
-def make_scratch_dir(kind: str, label: str = "") -> str:
-    """A new temporary folder of ``kind`` (see :func:`scratch_prefix`); the caller removes it."""
-    _sweep_once(kind, None)
-    return tempfile.mkdtemp(prefix=scratch_prefix(kind, label))
+def make_scratch_dir(kind: str, label: str = "", tmpdir: str | None = None) -> str:
+    """A new temporary folder of ``kind`` (see :func:`scratch_prefix`) in ``tmpdir`` (default the
+    temp dir); the caller removes it."""
+    _sweep_once(kind, tmpdir)
+    return tempfile.mkdtemp(prefix=scratch_prefix(kind, label), dir=tmpdir)
 
 
 def make_scratch_file(kind: str, suffix: str = "", tmpdir: str | None = None) -> str:

@@ -785,6 +785,35 @@ def test_a_streams_default_window_spans_a_training_video(video_factory, tmp_path
     assert windows() == (8, list(range(8, 41, 4)))  # a model that does not record it: T
 
 
+def test_an_export_removes_the_temporaries_a_killed_export_left_beside_it(tmp_path):
+    """An export writes beside its file and renames; a SIGKILLed export left its temporary (the
+    whole size of a model) there for good. The next export into that folder removes those of
+    dead owners that nobody has written for 10 minutes, and nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from dvfl.export import export_torchscript
+
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    old = time.time() - 3600
+    left_file = tmp_path / f"dvfl-export-{killed.pid}-k2j3-model.ts.tmp"
+    left_dir = tmp_path / f"dvfl-export-{killed.pid}-student-x8y9"
+    alive = tmp_path / "dvfl-export-1-abcd-model.ts.tmp"  # pid 1 runs: another export in progress
+    mine = tmp_path / "model.ts.tmp"  # not ours
+    left_dir.mkdir()
+    for f in (left_file, left_dir / "model.safetensors", alive, mine):
+        f.write_bytes(b"weights")
+        os.utime(f, (old, old))
+    os.utime(left_dir, (old, old))
+    export_torchscript(torch.nn.Linear(4, 3).eval(), tmp_path / "model.ts", [torch.randn(2, 4)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.ts", alive.name, mine.name])
+
+
 def test_exported_files_take_the_users_umask(tmp_path):
     """Exports were forced to 0644 (world-readable) whatever the umask: under `umask 077` the
     weights of a model trained on private data became readable by every user of the machine."""
