@@ -17,12 +17,19 @@ import tempfile
 import time
 
 STALE_SECONDS = 600
+SCRATCH_KINDS = ("ckpt", "tb", "serve", "spool", "export")  # every kind the project makes
+BESIDE_USER_FILES = ("export",)  # made in the user's folder (beside the file it becomes), not the temp dir
 _swept: set[tuple] = set()  # (kind, folder) pairs this process has already swept
 
 
 def scratch_prefix(kind: str, label: str = "") -> str:
-    """``dvfl-<kind>-<pid>-[<label>-]``: the owner's PID first, so a sweep can tell it is dead."""
-    return f"dvfl-{kind}-{os.getpid()}-" + (f"{label}-" if label else "")
+    """``dvfl-<kind>-<pid>-[<label>-]``: the owner's PID first, so a sweep can tell it is dead;
+    hidden (a leading ``.``) for the kinds made beside a user's own files."""
+    return _dot(kind) + f"dvfl-{kind}-{os.getpid()}-" + (f"{label}-" if label else "")
+
+
+def _dot(kind: str) -> str:
+    return "." if kind in BESIDE_USER_FILES else ""
 
 
 def _running(pid: int) -> bool:
@@ -50,7 +57,7 @@ def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STAL
     """Remove this user's ``dvfl-<kind>-<pid>-…`` folders and files whose process has ended and
     that have not been written for ``stale_seconds``; returns what was removed."""
     tmpdir = tmpdir or tempfile.gettempdir()
-    pattern = re.compile(rf"dvfl-{re.escape(kind)}-(\d+)-")
+    pattern = re.compile(rf"{re.escape(_dot(kind))}dvfl-{re.escape(kind)}-(\d+)-")
     removed = []
     for name in os.listdir(tmpdir):
         match = pattern.match(name)
@@ -70,7 +77,6 @@ def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STAL
     return removed
 
 
-SCRATCH_KINDS = ("ckpt", "tb", "serve", "spool", "export")  # every kind the project makes (export: beside its file)
 
 
 def _sweep_once(kind: str, tmpdir: str | None) -> None:

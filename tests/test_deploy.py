@@ -801,17 +801,18 @@ def test_an_export_removes_the_temporaries_a_killed_export_left_beside_it(tmp_pa
     killed.kill()
     killed.wait()
     old = time.time() - 3600
-    left_file = tmp_path / f"dvfl-export-{killed.pid}-k2j3-model.ts.tmp"
-    left_dir = tmp_path / f"dvfl-export-{killed.pid}-student-x8y9"
-    alive = tmp_path / "dvfl-export-1-abcd-model.ts.tmp"  # pid 1 runs: another export in progress
+    left_file = tmp_path / f".dvfl-export-{killed.pid}-k2j3-model.ts.tmp"
+    left_dir = tmp_path / f".dvfl-export-{killed.pid}-student-x8y9"
+    alive = tmp_path / ".dvfl-export-1-abcd-model.ts.tmp"  # pid 1 runs: another export in progress
     mine = tmp_path / "model.ts.tmp"  # not ours
+    theirs = tmp_path / f"dvfl-export-{killed.pid}-03.onnx"  # a user's file that looks like ours, not hidden
     left_dir.mkdir()
-    for f in (left_file, left_dir / "model.safetensors", alive, mine):
+    for f in (left_file, left_dir / "model.safetensors", alive, mine, theirs):
         f.write_bytes(b"weights")
         os.utime(f, (old, old))
     os.utime(left_dir, (old, old))
     export_torchscript(torch.nn.Linear(4, 3).eval(), tmp_path / "model.ts", [torch.randn(2, 4)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.ts", alive.name, mine.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.ts", alive.name, mine.name, theirs.name])
 
 
 def test_exported_files_take_the_users_umask(tmp_path):
