@@ -266,17 +266,18 @@ def generate_videos(cfg) -> bool:
 
 def actionable_failure(exc: BaseException) -> BaseException | None:
     """The error a user can act on (a diverged loss, a teacher near chance, a mismatched cache, too
-    few or damaged clips), found through Ray's wrappers (a runner's RayTaskError, a worker group's
-    TrainingFailedError), to print as one line instead of a traceback through Ray's internals; None
-    for anything else."""
+    few or damaged clips, a folder another command is writing), found through Ray's wrappers (a
+    runner's RayTaskError, a worker group's TrainingFailedError), to print as one line instead of a
+    traceback through Ray's internals; None for anything else."""
     from dvfl.data.shards import CorruptShardError, IncompleteClipsError
+    from dvfl.locks import FolderBusyError
     from dvfl.pipeline import TeacherGateError
     from dvfl.teacher_cache import CacheMismatchError
     from dvfl.train.launch import NotEnoughClipsError
     from dvfl.train.loop import TrainingDiverged
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
-             IncompleteClipsError)
+             IncompleteClipsError, FolderBusyError)
     todo, seen = [exc], set()
     while todo:
         e = todo.pop()

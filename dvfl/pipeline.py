@@ -26,6 +26,7 @@ from dvfl.models import build_model
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
 RAY_RESULTS = "ray_results"
+RUN_MARK = ".dvfl-run"  # see claim_run_folder
 # evaluations of models this run does not own (a given teacher): never written into their directory
 EVALUATIONS = "evaluations.json"
 # Test hook: kill one Train worker once after this epoch (proves FailureConfig recovery).
@@ -696,12 +697,23 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
             "train_seconds": spec.get("train_seconds")}
 
 
+def claim_run_folder(cfg: RunConfig) -> None:
+    """Mark ``output_dir`` as a run folder of this project once a command (distill, teacher, tune)
+    is past its refusals, before its models: ``--fresh`` deletes models and Ray Train state only
+    in such a folder."""
+    mark = storage.join(cfg.output_dir, RUN_MARK)
+    if not storage.isfile(mark):
+        storage.write_text(mark, "A run folder of dvfl: `distill --fresh` deletes teacher/, students/ and "
+                                 "ray_results/ only where it finds this file (or a run's config.yaml).\n")
+
+
 def fresh_refusal(cfg: RunConfig) -> str | None:
     """Why ``--fresh`` must not delete this output dir's models and Ray Train state: it holds
-    such folders but no run config of ours (``config.yaml``, written before any of them), so
-    they are somebody else's (e.g. ``--out ~``); None when it may."""
+    such folders but neither our mark (:func:`claim_run_folder`) nor a run config of ours
+    (``config.yaml``; folders of older versions), so they are somebody else's (e.g. ``--out ~``);
+    None when it may."""
     subs = [s for s in (TEACHER_DIR, STUDENTS_DIR, RAY_RESULTS) if storage.exists(storage.join(cfg.output_dir, s))]
-    if not subs:
+    if not subs or storage.isfile(storage.join(cfg.output_dir, RUN_MARK)):
         return None
     try:
         given = yaml.safe_load(storage.read_text(storage.join(cfg.output_dir, "config.yaml")))
@@ -710,7 +722,8 @@ def fresh_refusal(cfg: RunConfig) -> str | None:
     if isinstance(given, dict) and {"output_dir", "student", "teacher", "kd"} <= set(given):
         return None
     return (f"--fresh deletes {', '.join(s + '/' for s in subs)} in {cfg.output_dir}, which holds no config.yaml "
-            "of a run of this project: nothing was deleted; use another --out (or delete them yourself)")
+            "(or .dvfl-run mark) of a run of this project: nothing was deleted; use another --out (or delete them "
+            "yourself)")
 
 
 def clean_run(cfg: RunConfig) -> None:
@@ -892,4 +905,4 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
 
 
 __all__ = ["ensure_clips", "ensure_teacher", "check_teacher", "TeacherGateError", "ensure_cache", "train_student", "evaluate_model_dir",
-           "write_report", "run_all", "clean_run", "teacher_signal"]
+           "write_report", "run_all", "clean_run", "claim_run_folder", "fresh_refusal", "teacher_signal"]

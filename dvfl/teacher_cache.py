@@ -342,12 +342,23 @@ def build_teacher_cache(
     """Run the teacher once over every stored clip view (Ray Data, actor pool) and cache logits.
 
     Reuses a finished cache with the same fingerprint; resumes a partial one. Returns the
-    cache metadata (also written to ``out_dir/cache.json``).
+    cache metadata (also written to ``out_dir/cache.json``). Another build into ``out_dir`` on
+    this machine (runs sharing ``teacher.cache``) is waited for, then its cache is reused.
     """
-    import ray
+    from dvfl.locks import folder_lock
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    with folder_lock(out_dir, "cache build", wait=True, log=log or (lambda *_: None)):
+        return _build_teacher_cache(clips_dir, teacher, out_dir, teacher_name=teacher_name, crop_size=crop_size,
+                                    views=views, dtype=dtype, batch_size=batch_size, num_actors=num_actors,
+                                    use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite, log=log)
+
+
+def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size, views, dtype, batch_size,
+                         num_actors, use_gpu, verify_samples, overwrite, log) -> dict:
+    import ray
+
     dataset_info = load_dataset_info(clips_dir)
     num_classes = len(dataset_info["classes"])
     crop_size = crop_size or dataset_info["params"]["short_side"]

@@ -127,7 +127,7 @@ def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_ar
         "params": {"frames": 32, "short_side": 128, "eval_clips": 1, "clips_per_video": 1}}))
     p = argparse.ArgumentParser()
     teacher.add_arguments(p)
-    cfg, info, _, out = teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t")]), p)
+    cfg, info, _, out, _ = teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t")]), p)
     t = cfg.teacher.train
     assert (t.model, t.embed_dim, t.depths) == ("videofocalnet_base", None, None)
     assert (cfg.data.dataset, cfg.data.frames, cfg.data.short_side) == ("ucf101", 32, 128)

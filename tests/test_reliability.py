@@ -232,7 +232,7 @@ def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):
     """``distill --fresh`` deletes teacher/, students/ and ray_results/ of --out: in a folder that
     holds such folders but no run config (``--out ~``), it deleted a user's ``students/``."""
     from dvfl.config import ConfigError, dump_config, load_config
-    from dvfl.pipeline import clean_run
+    from dvfl.pipeline import claim_run_folder, clean_run
 
     home = tmp_path / "home"
     (home / "students").mkdir(parents=True)
@@ -243,15 +243,76 @@ def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):
     assert "config error: --fresh deletes students/ in" in done.stderr and "nothing was deleted" in done.stderr
     assert (home / "students" / "grades.csv").read_text() == "years of work"
     cfg = load_config(None, [("output_dir", str(home))])
-    with pytest.raises(ConfigError, match="holds no config.yaml of a run"):
+    with pytest.raises(ConfigError, match=r"holds no config.yaml \(or .dvfl-run mark\) of a run"):
         clean_run(cfg)
     (home / "config.yaml").write_text("students: [dvfl]\n")  # somebody's YAML, not a run config
-    with pytest.raises(ConfigError, match="holds no config.yaml of a run"):
+    with pytest.raises(ConfigError, match=r"holds no config.yaml \(or .dvfl-run mark\) of a run"):
         clean_run(cfg)
-    dump_config(cfg, home / "config.yaml")  # a run of ours wrote it before any model
+    dump_config(cfg, home / "config.yaml")  # a run of ours wrote it before any model (older versions: the only mark)
     (home / "ray_results" / "run-a").mkdir(parents=True)
     clean_run(cfg)
     assert not (home / "students").exists() and not (home / "ray_results").exists() and (home / "config.yaml").exists()
+    # `teacher` and `tune` write no config.yaml: the mark every command leaves first is enough
+    teacher_made = load_config(None, [("output_dir", str(tmp_path / "from_teacher"))])
+    (tmp_path / "from_teacher" / "teacher" / "m").mkdir(parents=True)
+    claim_run_folder(teacher_made)
+    clean_run(teacher_made)
+    assert not (tmp_path / "from_teacher" / "teacher").exists()
+
+
+def _hold_lock(folder, seconds: float, what: str = "run") -> subprocess.Popen:
+    """Another process holding ``folder``'s lock for ``seconds`` (started once it holds it)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom dvfl.locks import folder_lock\n"
+         f"with folder_lock({str(folder)!r}, {what!r}):\n    print('held', flush=True)\n    time.sleep({seconds})"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when_it_dies(tmp_path):
+    """A resubmitted job beside a running one: the second command is refused naming the first
+    (or waits for it: ingest, cache), nested stages of one process share the lock, and a holder
+    killed with SIGKILL frees it (the kernel drops a dead process's flock: never stale)."""
+    from dvfl.locks import FolderBusyError, folder_lock
+
+    holder = _hold_lock(tmp_path, 60)
+    try:
+        with pytest.raises(FolderBusyError, match=rf"in use by another run \(pid {holder.pid} on .*-c"):
+            with folder_lock(str(tmp_path), "run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(str(tmp_path), "run"), folder_lock(str(tmp_path), "ingest"):  # one process: nested
+        pass
+    holder = _hold_lock(tmp_path, 2)
+    said, started = [], time.time()
+    with folder_lock(str(tmp_path), "ingest", wait=True, log=said.append):
+        assert time.time() - started > 1.5  # held until the other let go
+    holder.wait()
+    assert len(said) == 1 and "waiting for it to end" in said[0], said
+    with folder_lock("s3://bucket/prefix", "run"):  # object stores: no lock, nothing written
+        pass
+    # nothing is written into the folder (a shared or read-only cache, a folder a refusal leaves as it was)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [] and not (tmp_path / "new").exists()
+    with folder_lock(str(tmp_path / "new"), "run"):
+        assert not (tmp_path / "new").exists()
+
+
+def test_distill_on_a_folder_another_run_is_writing_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    holder = _hold_lock(out, 120)
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"[distill] error: {out} is in use by another run (pid {holder.pid}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()  # no videos generated, nothing replaced; the lock lives in this user's lock folder
 
 
 def test_a_fresh_cut_short_leaves_a_folder_fresh_still_recognises(tmp_path, monkeypatch):

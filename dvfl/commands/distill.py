@@ -62,22 +62,25 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
     from dvfl.config import dump_config
+    from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
 
     announce_job_outputs(cfg.output_dir)
 
     started = time.time()
-    if not generate_videos(cfg):
-        return 2
-    if a.fresh:
-        pipeline.clean_run(cfg)
-    with ray_runtime(num_cpus=a.num_cpus) as resources:
-        if not fits_ray(cfg, resources):
+    # one run per folder: a resubmitted job beside a running one replaced its videos and clips
+    with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"):
+        if not generate_videos(cfg):
             return 2
-        storage.makedirs(cfg.output_dir)
-        pipeline.remove_report(cfg.output_dir)  # a run that fails must not leave an earlier one's beside its config
-        dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
-        with failures_as_one_line("distill"):
+        pipeline.claim_run_folder(cfg)
+        if a.fresh:
+            pipeline.clean_run(cfg)
+        with ray_runtime(num_cpus=a.num_cpus) as resources:
+            if not fits_ray(cfg, resources):
+                return 2
+            storage.makedirs(cfg.output_dir)
+            pipeline.remove_report(cfg.output_dir)  # a run that fails must not leave an earlier one's beside its config
+            dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
             pipeline.run_all(cfg, started=started)
     print(f"[distill] finished in {time.time() - started:.0f}s; results in {cfg.output_dir}")
     return 0

@@ -47,31 +47,38 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     prepared = teacher_run_config(a, p)
     if isinstance(prepared, int):
         return prepared
-    cfg, info, test_cfg, out = prepared
+    cfg, info, test_cfg, out, to_generate = prepared
     from dvfl import pipeline, storage
+    from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
 
-    with ray_runtime(num_cpus=a.num_cpus) as resources, failures_as_one_line("teacher"):
-        if not fits_ray(cfg, resources):
-            return 2
-        if info is None:
-            info = pipeline.ensure_clips(cfg)
-        path, spec = pipeline.ensure_teacher(cfg, info)
-        storage.makedirs(out)
-        storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights
-        for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
-            storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
-        summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
-                   "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
-        if a.publish:
-            summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
+    # one run per folder (see dvfl/locks.py); the videos too are made under the lock
+    with failures_as_one_line("teacher"), folder_lock(cfg.output_dir, "run"):
+        for c in to_generate:
+            pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
+        pipeline.claim_run_folder(cfg)
+        with ray_runtime(num_cpus=a.num_cpus) as resources:
+            if not fits_ray(cfg, resources):
+                return 2
+            if info is None:
+                info = pipeline.ensure_clips(cfg)
+            path, spec = pipeline.ensure_teacher(cfg, info)
+            storage.makedirs(out)
+            storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights
+            for name in ("model.pt", "model.json"):  # the spec last: a folder with model.json is a whole model
+                storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(path, name)))
+            summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
+                       "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
+            if a.publish:
+                summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
     print(json.dumps(summary))
     return 0
 
 
 def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     """(run config, the clips' dataset.json or None when they are still to be made, the
-    --test-config run config or None, the output folder), or an exit code; no Ray yet."""
+    --test-config run config or None, the output folder, the configs whose videos are to be
+    generated), or an exit code; no Ray yet, nothing written."""
     if a.test_config and not a.publish:
         p.error("--test-config records an accuracy in a published folder: give --publish too")
     local_outputs(p, a, "publish")
@@ -102,10 +109,9 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
             test_cfg = load_config(a.test_config, [("teacher.path", None)])
         except ConfigError as exc:
             p.error(f"--test-config {a.test_config}: {exc}")
-    # a synthetic config generates its videos and ingests them (as distill does)
+    # a synthetic config generates its videos and ingests them (as distill does): by run()
     generate = from_config and cfg.data.dataset == "synthetic"
-    for c in ((cfg,) if generate else ()) + ((test_cfg,) if test_cfg else ()):
-        pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
+    to_generate = ((cfg,) if generate else ()) + ((test_cfg,) if test_cfg else ())
     if not generate and not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run `dvfl ingest` first")
     from dvfl.data.shards import load_dataset_info
@@ -129,4 +135,4 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         if not getattr(a, "output_dir", None) and not any(str(o).startswith("output_dir") for o in a.overrides):
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
-    return cfg, info, test_cfg, out
+    return cfg, info, test_cfg, out, to_generate

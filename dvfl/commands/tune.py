@@ -49,23 +49,28 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from dvfl import pipeline
     from dvfl.cli import announce_job_outputs, failures_as_one_line, generate_videos
+    from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
     from dvfl.tune import experiment_dir
 
     announce_job_outputs(str(experiment_dir(search, cfg)))
 
     started = time.time()
-    if not generate_videos(cfg):
-        return 2
-    with ray_runtime(num_cpus=a.num_cpus), failures_as_one_line("tune"):
-        try:
-            run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
-        except ConfigError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
+    # the run config's folder (clips, teacher, cache) is the search's while it prepares and runs
+    with failures_as_one_line("tune"), folder_lock(cfg.output_dir, "run"):
+        if not generate_videos(cfg):
             return 2
-        except SearchFailed as exc:
-            print(f"[tune] FAILED after {time.time() - started:.0f}s: {exc}", file=sys.stderr)
-            return 1
+        pipeline.claim_run_folder(cfg)
+        with ray_runtime(num_cpus=a.num_cpus):
+            try:
+                run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
+            except ConfigError as exc:
+                print(f"config error: {exc}", file=sys.stderr)
+                return 2
+            except SearchFailed as exc:
+                print(f"[tune] FAILED after {time.time() - started:.0f}s: {exc}", file=sys.stderr)
+                return 1
     print(f"[tune] finished in {time.time() - started:.0f}s")
     return 0

@@ -393,10 +393,19 @@ def _reject_record(p: Problem, root: str) -> Dict[str, Any]:
 
 def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     """Run the ingest of ``manifest`` into ``cfg.out``; Ray must be initialised (see
-    :func:`ray_session`). Returns the summary dict (also written to ``summary.json``)."""
-    import ray
+    :func:`ray_session`). Returns the summary dict (also written to ``summary.json``). Another
+    ingest writing ``cfg.out`` on this machine is waited for (its temporaries and parts are
+    what a start clears), then its finished shards are reused."""
+    from dvfl.locks import folder_lock
 
     cfg.validate()
+    with folder_lock(cfg.out, "ingest", wait=True, log=log or (lambda *_: None)):
+        return _ingest(manifest, cfg, log)
+
+
+def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
+    import ray
+
     t_start = time.perf_counter()
     # a local path or a URI (s3://, gs://): every file below goes through dvfl.storage
     out = cfg.out.rstrip("/") if storage.is_remote(cfg.out) else os.path.abspath(storage.local_path(cfg.out))

@@ -146,8 +146,18 @@ def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: i
     (width's) best trial with ``tune.front_seeds`` (in ``<experiment>-front``), draw the Pareto front
     from the re-runs' means and write the results.
 
-    Needs Ray initialised (:func:`dvfl.runtime.ray_runtime`). Returns the results summary.
+    Needs Ray initialised (:func:`dvfl.runtime.ray_runtime`). Returns the results summary. One
+    search per experiment on this machine: a second one (a resubmitted job) is refused (it restored
+    the running search's state and ran its live trials again).
     """
+    from dvfl.locks import folder_lock
+
+    exp = experiment_dir(t, cfg)
+    with folder_lock(exp, "search"):
+        return _run_search(t, cfg, fresh=fresh, verbose=verbose, log=log)
+
+
+def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler

@@ -1,0 +1,100 @@
+"""One writer per output folder: a second command writing the same folder is refused or waits.
+
+A Ray job keeps running when ``ray job submit`` stops tailing it (Ctrl+C, a dropped tunnel), so a
+resubmitted job or a second terminal can work on the output of one still running. Each stage
+deletes what it finds half-written (temporaries, parts, an earlier configuration's clips or
+cache), which is right after a crash and wrong beside a live writer: the two deleted each
+other's files, and a run could be evaluated on clips that the other had just replaced.
+
+The lock is ``flock`` on a file named after the folder's real path in this user's own lock
+folder under the temp dir (not in the folder: a shared or read-only cache, or a folder a refusal
+must leave untouched, gets nothing written). The kernel releases it when its holder dies
+(SIGKILL included), so a lock is never stale. It holds between this user's processes on one
+machine (the head node runs every job's driver); object stores (``s3://``, ``gs://``) have no
+such lock, and nothing is held for a URI.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import stat
+import sys
+import tempfile
+import time
+
+from dvfl import storage
+
+_held: dict[str, int] = {}  # folder (real path) -> how many times this process holds it (nested stages)
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
+    """Hold ``folder``'s lock inside. Held by another process: raise :class:`FolderBusyError`
+    (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
+    what the first one finished). Re-entrant in one process; the folder need not exist."""
+    local = storage.local_path(folder)
+    key = None if local is None else os.path.realpath(local)
+    if key in _held:  # a stage nested in a command that holds it already
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    lock = None if key is None else _lock_file(key)
+    if lock is None:
+        yield
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            if not wait:
+                raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
+                                      f"or stop it, or use another folder") from None
+            log(f"[{what}] {folder} is in use by another {what} ({holder}); waiting for it to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_file(folder: str) -> str | None:
+    """This user's lock file for ``folder``; None where the lock folder is not this user's alone
+    (planted by someone else: no lock rather than one another user could hold)."""
+    locks = os.path.join(tempfile.gettempdir(), f"dvfl-locks-{os.getuid()}")
+    try:
+        os.makedirs(locks, mode=0o700, exist_ok=True)
+        st = os.lstat(locks)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return os.path.join(locks, hashlib.sha256(folder.encode()).hexdigest()[:32] + ".lock")
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it."""
+    try:
+        h = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        since = time.strftime("%H:%M:%S", time.localtime(h["since"]))
+        return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has just started"
