@@ -9,7 +9,7 @@ other's files, and a run could be evaluated on clips that the other had just rep
 The lock is ``flock`` on a file named after the folder's real path in this user's own lock
 folder under the temp dir (not in the folder: a shared or read-only cache, or a folder a refusal
 must leave untouched, gets nothing written). The kernel releases it when its holder dies
-(SIGKILL included), so a lock is never stale. It holds between this user's processes on one
+(SIGKILL included), so a lock is never stale; a holder that lets go removes its file. It holds between this user's processes on one
 machine (the head node runs every job's driver); object stores (``s3://``, ``gs://``) have no
 such lock, and nothing is held for a URI.
 """
@@ -53,17 +53,8 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
     if lock is None:
         yield
         return
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = _locked_fd(lock, folder, what, wait, log)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            if not wait:
-                raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
-                                      f"or stop it, or use another folder") from None
-            log(f"[{what}] {folder} is in use by another {what} ({holder}); waiting for it to end")
-            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
@@ -73,7 +64,44 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
         finally:
             del _held[key]
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # still held: a process waiting on this file finds it gone and locks a new one
         os.close(fd)  # releases the lock
+
+
+def _locked_fd(lock: str, folder: str, what: str, wait: bool, log) -> int:
+    """An open descriptor of the file now at ``lock``, locked (a holder unlinks its file as it lets
+    go, so a lock taken on a file no longer there is let go and taken again on the new one)."""
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                if not wait:
+                    raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
+                                          f"or stop it, or use another folder") from None
+                if not said:
+                    log(f"[{what}] {folder} is in use by another {what} ({holder}); waiting for it to end")
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, lock):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _lock_file(folder: str) -> str | None:

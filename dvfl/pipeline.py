@@ -406,6 +406,7 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
                          teacher=teacher, identity=identity, unlabeled_dir=unlabeled_dir, log=log)
     if isinstance(run, str):
         return run
+    claim_run_folder(cfg)
     if cfg.scaling.concurrent_runs:  # a one-worker run: no worker group to start for it either
         return train_runs_concurrently(cfg, [run], dataset_info, log)[run.name]
     _announce(cfg, run, f"{cfg.scaling.num_workers} worker(s)", log)
@@ -420,6 +421,7 @@ def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: 
     group per run); returns {run name: artefact directory}."""
     from dvfl.train.launch import RunnerRun, train_concurrently
 
+    claim_run_folder(cfg)
     datasets = {}  # built once per (teacher or student pool, unlabelled source) and shared by the runs
     runner_runs = []
     for run in runs:
@@ -698,9 +700,9 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
 
 
 def claim_run_folder(cfg: RunConfig) -> None:
-    """Mark ``output_dir`` as a run folder of this project once a command (distill, teacher, tune)
-    is past its refusals, before its models: ``--fresh`` deletes models and Ray Train state only
-    in such a folder."""
+    """Mark ``output_dir`` as a run folder of this project before the first model or Ray Train
+    folder goes there (and after every refusal): ``--fresh`` deletes models and Ray Train state
+    only in such a folder."""
     mark = storage.join(cfg.output_dir, RUN_MARK)
     if not storage.isfile(mark):
         storage.write_text(mark, "A run folder of dvfl: `distill --fresh` deletes teacher/, students/ and "

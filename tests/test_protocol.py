@@ -205,6 +205,33 @@ def test_protocol_flags_are_checked_before_work(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists()  # refused before any work
 
 
+def test_a_protocol_beside_a_run_in_one_of_its_split_folders_is_refused_before_any_work(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A resubmitted protocol job (or a distill into one split's folder) beside a running one: every
+    split's run folder is locked before the first split starts, so the refusal comes first."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "UCF101"
+    root.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", **{"data.dataset": "ucf101", "data.root": str(root),
+                                               "data.clips": str(tmp_path / "clips" / "s{split}"),
+                                               "teacher.path": teacher_dirs(tmp_path / "teachers", (1, 2)),
+                                               "output_dir": "runs/ucf101"})
+    split2 = tmp_path / "runs" / "ucf101" / "split2"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom dvfl.locks import folder_lock\n"
+                               f"with folder_lock({str(split2)!r}, 'run'):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as stop:
+            protocol_main()(["--config", str(cfg), "--splits", "1,2"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stop.value.code == 1
+    assert f"[protocol] error: {split2} is in use by another run (pid {holder.pid}" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "ucf101" / "split1").exists() and not (tmp_path / "clips").exists()
+
+
 def test_clips_of_another_split_are_refused():
     from dvfl.config import load_config
     from dvfl.pipeline import check_clips_match

@@ -274,7 +274,7 @@ def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when
     """A resubmitted job beside a running one: the second command is refused naming the first
     (or waits for it: ingest, cache), nested stages of one process share the lock, and a holder
     killed with SIGKILL frees it (the kernel drops a dead process's flock: never stale)."""
-    from dvfl.locks import FolderBusyError, folder_lock
+    from dvfl.locks import FolderBusyError, _lock_file, folder_lock
 
     holder = _hold_lock(tmp_path, 60)
     try:
@@ -285,7 +285,8 @@ def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when
         holder.kill()
         holder.wait()
     with folder_lock(str(tmp_path), "run"), folder_lock(str(tmp_path), "ingest"):  # one process: nested
-        pass
+        assert _lock_file(os.path.realpath(tmp_path)) and os.path.exists(_lock_file(os.path.realpath(tmp_path)))
+    assert not os.path.exists(_lock_file(os.path.realpath(tmp_path)))  # a holder that lets go removes its file
     holder = _hold_lock(tmp_path, 2)
     said, started = [], time.time()
     with folder_lock(str(tmp_path), "ingest", wait=True, log=said.append):

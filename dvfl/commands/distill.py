@@ -72,7 +72,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"):
         if not generate_videos(cfg):
             return 2
-        pipeline.claim_run_folder(cfg)
         if a.fresh:
             pipeline.clean_run(cfg)
         with ray_runtime(num_cpus=a.num_cpus) as resources:

@@ -15,6 +15,7 @@ takes the same arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import protocol as P
     from dvfl.config import ConfigError, config_tree
+    from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
 
     absolute_path_args(a, outputs=("out",) if a.out else ())
@@ -56,9 +58,12 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     started = time.time()
     print(f"[protocol] {proto.description}: {proto.kind}s {', '.join(map(str, ids))} "
           f"({len(ids)} of {len(proto.ids)}); results in {out}")
-    with ray_runtime(num_cpus=a.num_cpus) as resources, failures_as_one_line("protocol"):
-        if not all(fits_ray(cfg, resources) for cfg in configs):
-            return 2
-        P.run_protocol(proto, configs, ids, out)
+    with failures_as_one_line("protocol"), contextlib.ExitStack() as held:
+        for cfg in configs:  # every split's run folder before the first split: a refusal comes before any work
+            held.enter_context(folder_lock(cfg.output_dir, "run"))
+        with ray_runtime(num_cpus=a.num_cpus) as resources:
+            if not all(fits_ray(cfg, resources) for cfg in configs):
+                return 2
+            P.run_protocol(proto, configs, ids, out)
     print(f"[protocol] finished in {time.time() - started:.0f}s")
     return 0

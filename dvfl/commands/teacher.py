@@ -52,11 +52,12 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
 
-    # one run per folder (see dvfl/locks.py); the videos too are made under the lock
-    with failures_as_one_line("teacher"), folder_lock(cfg.output_dir, "run"):
+    # one run per folder (see dvfl/locks.py), the --test-config's too (its clips are made there);
+    # the videos are made under the locks
+    with failures_as_one_line("teacher"), folder_lock(cfg.output_dir, "run"), \
+            folder_lock(test_cfg.output_dir if test_cfg else cfg.output_dir, "run"):
         for c in to_generate:
             pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
-        pipeline.claim_run_folder(cfg)
         with ray_runtime(num_cpus=a.num_cpus) as resources:
             if not fits_ray(cfg, resources):
                 return 2

@@ -49,7 +49,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from dvfl import pipeline
     from dvfl.cli import announce_job_outputs, failures_as_one_line, generate_videos
     from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
@@ -62,7 +61,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     with failures_as_one_line("tune"), folder_lock(cfg.output_dir, "run"):
         if not generate_videos(cfg):
             return 2
-        pipeline.claim_run_folder(cfg)
         with ray_runtime(num_cpus=a.num_cpus):
             try:
                 run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
