@@ -29,6 +29,7 @@ import time
 from dvfl import storage
 
 _held: dict[str, int] = {}  # folder (real path) -> how many times this process holds it (nested stages)
+_swept: set[str] = set()  # lock folders this process has cleared of dead holders' files
 
 
 class FolderBusyError(RuntimeError):
@@ -115,7 +116,29 @@ def _lock_file(folder: str) -> str | None:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         return None
+    if locks not in _swept:
+        _swept.add(locks)
+        _remove_free_lock_files(locks)
     return os.path.join(locks, hashlib.sha256(folder.encode()).hexdigest()[:32] + ".lock")
+
+
+def _remove_free_lock_files(locks: str) -> None:
+    """The files of holders that died (SIGKILL: no clean-up), once per process: each one no
+    process holds is removed while locked here (a process about to lock it finds it gone)."""
+    for name in os.listdir(locks):
+        path = os.path.join(locks, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if name.endswith(".lock") and _same_file(fd, path):
+                os.unlink(path)
+        except OSError:  # held (BlockingIOError), or gone meanwhile
+            pass
+        finally:
+            os.close(fd)
 
 
 def _holder(fd: int) -> str:

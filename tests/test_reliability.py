@@ -287,6 +287,15 @@ def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when
     with folder_lock(str(tmp_path), "run"), folder_lock(str(tmp_path), "ingest"):  # one process: nested
         assert _lock_file(os.path.realpath(tmp_path)) and os.path.exists(_lock_file(os.path.realpath(tmp_path)))
     assert not os.path.exists(_lock_file(os.path.realpath(tmp_path)))  # a holder that lets go removes its file
+    # a holder killed with SIGKILL leaves its file; the next process's first lock removes it (free)
+    killed = _hold_lock(tmp_path / "killed", 60)
+    killed.kill()
+    killed.wait()
+    left = _lock_file(os.path.realpath(tmp_path / "killed"))
+    assert os.path.exists(left)
+    subprocess.run([sys.executable, "-c", "from dvfl.locks import folder_lock\n"
+                    f"with folder_lock({str(tmp_path / 'other')!r}, 'run'):\n    pass"], check=True, timeout=60)
+    assert not os.path.exists(left)
     holder = _hold_lock(tmp_path, 2)
     said, started = [], time.time()
     with folder_lock(str(tmp_path), "ingest", wait=True, log=said.append):
