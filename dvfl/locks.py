@@ -7,8 +7,8 @@ cache), which is right after a crash and wrong beside a live writer: the two del
 other's files, and a run could be evaluated on clips that the other had just replaced.
 
 The lock is ``flock`` on a file named after the folder's real path in this user's own lock
-folder under the temp dir (not in the folder: a shared or read-only cache, or a folder a refusal
-must leave untouched, gets nothing written). The kernel releases it when its holder dies
+folder, ``~/.cache/dvfl/locks`` (``$XDG_CACHE_HOME``; not in the folder: a shared or read-only
+cache, or a folder a refusal must leave untouched, gets nothing written). The kernel releases it when its holder dies
 (SIGKILL included), so a lock is never stale; a holder that lets go removes its file. It holds between this user's processes on one
 machine (the head node runs every job's driver); object stores (``s3://``, ``gs://``) have no
 such lock, and nothing is held for a URI.
@@ -23,7 +23,6 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 import time
 
 from dvfl import storage
@@ -106,9 +105,10 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 def _lock_file(folder: str) -> str | None:
-    """This user's lock file for ``folder``; None where the lock folder is not this user's alone
-    (planted by someone else: no lock rather than one another user could hold)."""
-    locks = os.path.join(tempfile.gettempdir(), f"dvfl-locks-{os.getuid()}")
+    """This user's lock file for ``folder``; None where the lock folder cannot be made or is not
+    this user's alone (no lock rather than one another user could hold)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    locks = os.path.join(cache, "dvfl", "locks")
     try:
         os.makedirs(locks, mode=0o700, exist_ok=True)
         st = os.lstat(locks)
