@@ -39,7 +39,8 @@ class FolderBusyError(RuntimeError):
 def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
     """Hold ``folder``'s lock inside. Held by another process: raise :class:`FolderBusyError`
     (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
-    what the first one finished). Re-entrant in one process; the folder need not exist."""
+    what the first one finished; ``log`` None: silently). Re-entrant in one process; the folder
+    need not exist."""
     local = storage.local_path(folder)
     key = None if local is None else os.path.realpath(local)
     if key in _held:  # a stage nested in a command that holds it already
@@ -83,7 +84,7 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log) -> int:
                 if not wait:
                     raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
                                           f"or stop it, or use another folder") from None
-                if not said:
+                if not said and log:
                     log(f"[{what}] {folder} is in use by another {what} ({holder}); waiting for it to end")
                     said = True
                 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -406,9 +406,9 @@ def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict
                          teacher=teacher, identity=identity, unlabeled_dir=unlabeled_dir, log=log)
     if isinstance(run, str):
         return run
-    claim_run_folder(cfg)
     if cfg.scaling.concurrent_runs:  # a one-worker run: no worker group to start for it either
         return train_runs_concurrently(cfg, [run], dataset_info, log)[run.name]
+    claim_run_folder(cfg)
     _announce(cfg, run, f"{cfg.scaling.num_workers} worker(s)", log)
     started = time.time()
     result = launch_training(cfg, run.loop, role=role, name=run.name,

@@ -349,7 +349,7 @@ def build_teacher_cache(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    with folder_lock(out_dir, "cache build", wait=True, log=log or (lambda *_: None)):
+    with folder_lock(out_dir, "cache build", wait=True, log=log):
         return _build_teacher_cache(clips_dir, teacher, out_dir, teacher_name=teacher_name, crop_size=crop_size,
                                     views=views, dtype=dtype, batch_size=batch_size, num_actors=num_actors,
                                     use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite, log=log)

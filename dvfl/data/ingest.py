@@ -399,7 +399,7 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
     from dvfl.locks import folder_lock
 
     cfg.validate()
-    with folder_lock(cfg.out, "ingest", wait=True, log=log or (lambda *_: None)):
+    with folder_lock(cfg.out, "ingest", wait=True, log=log):
         return _ingest(manifest, cfg, log)
 
 
