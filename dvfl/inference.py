@@ -25,7 +25,7 @@ from dvfl.data import decode
 from dvfl.data.sampling import spread_clips, uniform_clip_indices
 from dvfl.data.shards import load_dataset_info
 from dvfl.data.worker import DecodeProcess
-from dvfl.data.views import CROPS, View, make_clip_batch, normalize
+from dvfl.data.views import CROPS, View, frames_to_crop, make_clip_batch, normalize
 
 DEFAULT_TIMEOUT = 60.0
 # predict --stream holds a file's every frame: 6 minutes at 25 fps, ~0.6 GB at a 128-pixel short side (4:3)
@@ -144,6 +144,7 @@ class Predictor:
         if min(h, w) < self.crop_size:
             raise PredictError("too_small", f"frames of {h}x{w} are smaller than the model's {self.crop_size}-pixel crop")
         views = [View(c) for c in CROPS[num_crops]]
+        clips = frames_to_crop(clips, self.crop_size, num_crops)
         total = 0
         for view in views:
             x = normalize(make_clip_batch(clips, self.crop_size, [view] * len(clips)), self.device)

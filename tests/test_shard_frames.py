@@ -1,5 +1,5 @@
 """The frames column back to arrays: the zero-copy batch path agrees with the per-clip path.
-And local shard listing."""
+And local shard listing, and the frames the test crops are cut from."""
 import os
 
 import numpy as np
@@ -90,3 +90,26 @@ def test_shards_in_a_folder_whose_name_holds_glob_brackets_are_found_and_its_sta
     assert SH.read_clips_table(str(out), columns=["clip_id"]).num_rows == 2
     assert SH.remove_stale_tmp(str(out / SH.SHARD_DIR)) == 1 and not os.path.exists(killed.tmp)
     assert sorted(os.listdir(out / SH.SHARD_DIR)) == ["train-00000.parquet"]
+
+
+def test_three_test_crops_span_the_whole_short_side_as_the_official_protocol_does():
+    """The official Video-FocalNet test pipeline resizes the short side to the crop size before its
+    three crops; cropping 224 of a stored 256-pixel short side instead dropped 16 rows at the top and
+    bottom of every view (its 1 crop is a centre crop of the 256 short side, as here)."""
+    from dvfl.data.views import CROPS, View, frames_to_crop, make_clip_batch
+
+    clip = np.zeros((2, 256, 341, 3), np.uint8)
+    clip[:, :4, :, 0] = 255  # the top rows
+    clip[:, -4:, :, 0] = 128  # the bottom rows
+    clip[:, :, :4, 1] = 255  # the left edge
+    clip[:, :, -4:, 2] = 255  # the right edge
+    resized = frames_to_crop([clip], 224, 3)[0]
+    assert resized.shape == (2, 224, 298, 3)  # 341 * 224 / 256 = 298.4
+    start, center, end = make_clip_batch([resized] * 3, 224, [View(c) for c in CROPS[3]]).numpy()
+    for crop in (start, center, end):
+        assert crop[0, 0, 112, 0] == 255 and crop[0, -1, 112, 0] == 128  # top and bottom rows kept
+    assert start[0, 112, 0, 1] == 255 and end[0, 112, -1, 2] == 255  # the crops reach both ends
+    assert center[0, 112, 0, 1] == 0 and center[0, 112, -1, 2] == 0
+    assert frames_to_crop([clip], 224, 1)[0] is clip  # 1 crop: the stored frames, centre-cropped
+    small = clip[:, :32, :40]
+    assert frames_to_crop([small], 32, 3)[0] is small  # already the crop's size: nothing resized

@@ -16,7 +16,8 @@ from dvfl.data.shards import decode_frames
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_POSITIONS = ("start", "center", "end", "random")
-# the test crops per clip of the multi-view protocol: 1 centre crop, or 3 along the long side
+# the test crops per clip of the multi-view protocol: 1 centre crop, or 3 along the long side of
+# frames first resized to the crop's size on their short side (:func:`frames_to_crop`)
 CROPS = {1: ("center",), 3: ("start", "center", "end")}
 
 
@@ -62,6 +63,28 @@ def make_clip_batch(arrays, size: int, views, rng: np.random.Generator | None = 
         patch = clip[:, top : top + size, left : left + size]
         out[i] = patch[:, :, ::-1] if view.flip else patch
     return torch.from_numpy(out)
+
+
+def frames_to_crop(arrays, size: int, num_crops: int) -> list[np.ndarray]:
+    """The frames the multi-view protocol crops. 3 crops: each clip resized (bilinear) so its short
+    side is ``size``, so that every crop spans the whole short side, as the official Video-FocalNet
+    test pipeline does; 1 crop: the stored frames (a centre crop of the stored short side)."""
+    if num_crops == 1:
+        return list(arrays)
+    return [resize_short_side(clip, size) for clip in arrays]
+
+
+def resize_short_side(clip: np.ndarray, size: int) -> np.ndarray:
+    """A ``(T, H, W, 3)`` uint8 clip whose short side is larger than ``size``, resized to it
+    (the long side rounded, aspect kept); a clip no larger is returned as it is."""
+    height, width = clip.shape[1:3]
+    if min(height, width) <= size:
+        return clip
+    scale = size / min(height, width)
+    new = (size, int(width * scale + 0.5)) if height <= width else (int(height * scale + 0.5), size)
+    x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=new, mode="bilinear", align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def normalize(clips_uint8: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

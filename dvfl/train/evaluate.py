@@ -1,7 +1,7 @@
 """Deterministic multi-clip x multi-crop evaluation (the paper's protocol, e.g. 4 x 3 views).
 
-Every stored uniform clip of a test video is seen under fixed crops (start/centre/end along the
-long side); the video's prediction is the mean of the views' softmax. Nothing is random, so the
+Every stored uniform clip of a test video is seen under fixed crops (the centre, or start/centre/end
+along the long side after resizing the short side to the crop); the video's prediction is the mean of the views' softmax. Nothing is random, so the
 same weights always give the same numbers (the official code samples test clips randomly).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from dvfl.data.shards import load_dataset_info, parquet_file, shard_paths
 from dvfl.data.sampling import spread_clips
-from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize
+from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize, frames_to_crop
 
 
 class ProtocolError(ValueError):
@@ -53,6 +53,7 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
             if table.num_rows == 0:
                 continue
             arrays, _, y = batch_arrays(table)
+            arrays = frames_to_crop(arrays, crop_size, num_crops)
             batch_videos = table.column("video_id").to_pylist()
             for view in views:
                 x = normalize(make_clip_batch(arrays, crop_size, [view] * len(arrays)), device)
