@@ -287,6 +287,61 @@ def test_a_class_folder_named_like_a_split_is_refused_not_read_as_the_split(tmp_
         A.folder(str(tmp_path))
 
 
+def test_split_folders_are_known_by_their_meaning_and_underscore_folders_are_classes(tmp_path, src_video):
+    """root/Train/<class>, root/Test/<class> (or training/, testing/) were read as two classes named
+    after the splits, every video labelled by its split; a class folder named _other was skipped
+    without a word (neither an input nor a reject)."""
+    root = str(tmp_path / "caps")
+    for rel in ("Train/run/1.mp4", "Train/_other/2.mp4", "Testing/run/3.mp4", "Testing/_other/4.mp4",
+                "Train/__MACOSX/5.mp4", "Train/.cache/6.mp4"):
+        put(root, rel, src_video)
+    m = A.folder(root)
+    assert m.classes == ["_other", "run"]
+    assert {(e.video_id, e.split, e.class_name) for e in m.entries} == {
+        ("Train/run/1", "train", "run"), ("Train/_other/2", "train", "_other"),
+        ("Testing/run/3", "test", "run"), ("Testing/_other/4", "test", "_other")}
+    root = str(tmp_path / "twice")
+    for rel in ("train/a/1.mp4", "Training/a/2.mp4"):
+        put(root, rel, src_video)
+    with pytest.raises(A.AdapterError, match=r"more than one folder is the train split \(Training, train\)"):
+        A.folder(root)
+
+
+def test_a_folder_the_ingest_cannot_read_is_refused_not_skipped(src_video):
+    """os.walk skips a folder it cannot list: its videos were neither inputs nor rejects and the
+    ingest said written + rejected = inputs. A listed file under such a folder is unreadable, not missing."""
+    import subprocess
+    import sys
+
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="dvfl-test-unreadable-"))  # pytest's own temp folders are root's only
+    root = str(base / "ds")
+    for rel in ("run/a.mp4", "run/private/b.mp4", "walk/c.mp4"):
+        put(root, rel, src_video)
+    write(os.path.join(root, "list.csv"), "run/private/b.mp4,0\nwalk/c.mp4,1\n")
+    for d in (base, base / "ds", base / "ds" / "run", base / "ds" / "walk"):
+        os.chmod(d, 0o755)
+    os.chmod(os.path.join(root, "list.csv"), 0o644)
+    os.chmod(os.path.join(root, "run", "private"), 0o000)
+    code = ("import sys; from dvfl.data import adapters as A\n"
+            "try:\n    A.folder(sys.argv[1])\nexcept A.AdapterError as e:\n    print('refused:', e)\n"
+            "m = A.dvfl_csv(sys.argv[1], annotations=[('train', sys.argv[1] + '/list.csv')], num_classes=2)\n"
+            "print('problems:', [(p.reason, p.video_id) for p in m.problems])\n")
+    # root reads any folder: there the check runs as the unprivileged user nobody (util-linux's setpriv)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    try:
+        r = subprocess.run([*as_nobody, sys.executable, "-c", code, root], capture_output=True, text=True,
+                           timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        os.chmod(os.path.join(root, "run", "private"), 0o755)
+        shutil.rmtree(base)
+    assert r.returncode == 0, r.stderr
+    assert f"refused: cannot read the folder {root}/run/private: Permission denied" in r.stdout
+    assert "problems: [('unreadable', 'run/private/b')]" in r.stdout
+
+
 def test_hmdb51_classes_are_numbered_in_the_order_of_their_names(tmp_path, src_video):
     # by list-file name, climb_stairs_test_split1.txt sorted before climb_test_split1.txt: labels 5/6
     # (and kick_ball/kick, sword_exercise/sword) were swapped against the folder and CSV adapters

@@ -63,7 +63,14 @@ def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name
                                   split))
         return
     if not os.path.isfile(real):
-        m.problems.append(Problem(_d.MISSING, path, video_id, "listed but no such file", split))
+        try:
+            os.stat(real)
+            why = (_d.MISSING, "listed but not a file")
+        except FileNotFoundError:
+            why = (_d.MISSING, "listed but no such file")
+        except OSError as ex:  # a folder on the way this process may not enter: not "missing"
+            why = (_d.UNREADABLE, f"{ex.strerror or ex}")
+        m.problems.append(Problem(why[0], path, video_id, why[1], split))
         return
     stored, abs_root = os.path.abspath(path), os.path.abspath(m.root)
     # abspath drops "link/.." as text while the kernel follows the link first: it may name another file
@@ -230,11 +237,11 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
         raise AdapterError(f"--root {root} is not a directory")
     if os.path.isdir(os.path.join(root, "UCF50")):  # the archive unpacks to <root>/UCF50/<Class>/...
         root = os.path.join(root, "UCF50")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    classes = _subfolders(root)
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
     for lab, cls in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
-            for n in sorted(names):
+        for dirpath, _, names in _walk(os.path.join(root, cls)):
+            for n in names:
                 if not _is_video(n):
                     continue
                 path = os.path.join(dirpath, n)
@@ -254,6 +261,29 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
 # ---------------------------------------------------------------------------------------
 # Kinetics-400 CSV
 
+def _walk(top: str):
+    """``os.walk`` in sorted order that raises :class:`AdapterError` on a folder it cannot list
+    (os.walk skips it: its videos were neither inputs nor rejects)."""
+    def refuse(ex: OSError):
+        raise AdapterError(f"cannot read the folder {ex.filename}: {ex.strerror or ex}: fix its permissions, or "
+                           "move it out of the dataset")
+
+    for dirpath, dirs, names in os.walk(top, onerror=refuse):
+        dirs.sort()
+        yield dirpath, dirs, sorted(names)
+
+
+def _subfolders(base: str) -> list[str]:
+    """The folders under ``base`` that are classes (or split folders): all but hidden ones and the
+    ``__MACOSX`` resource forks a zip made on a Mac unpacks."""
+    try:
+        names = os.listdir(base)
+    except OSError as ex:
+        raise AdapterError(f"cannot read the folder {base}: {ex.strerror or ex}") from None
+    return sorted(d for d in names if os.path.isdir(os.path.join(base, d)) and not d.startswith(".")
+                  and d != "__MACOSX")
+
+
 def _norm_split(s: str) -> str:
     s = (s or "").strip().lower()
     return {"validate": "val", "validation": "val", "valid": "val", "training": "train", "testing": "test"}.get(s, s)
@@ -261,9 +291,8 @@ def _norm_split(s: str) -> str:
 
 def _index_videos(vdir: str) -> Dict[str, str]:
     idx: Dict[str, str] = {}
-    for dirpath, dirs, names in os.walk(vdir):
-        dirs.sort()
-        for n in sorted(names):
+    for dirpath, dirs, names in _walk(vdir):
+        for n in names:
             if _is_video(n):
                 idx.setdefault(os.path.splitext(n)[0], os.path.join(dirpath, n))
     return idx
@@ -565,17 +594,22 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
     sides; use split folders for such data), or ``root/{train,val,test}/<class>/**/<video>``."""
     if not os.path.isdir(root):
         raise AdapterError(f"--root {root} is not a directory")
-    split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
-    others = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-                    and not d.startswith((".", "_")) and d not in split_dirs)
+    top = _subfolders(root)
+    # split folders by their meaning, not their spelling: Train/ and Test/ were read as two classes
+    split_of = {d: _norm_split(d) for d in top if _norm_split(d) in ("train", "val", "test")}
+    split_dirs = sorted(split_of)
+    others = [d for d in top if d not in split_of]
     if split_dirs and others:  # split folders' classes would be read and these folders never looked at
         raise AdapterError(f"--root {root} has split folders ({', '.join(split_dirs)}) and other folders "
                            f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}): lay it out as "
                            "root/<class>/... or as root/{train,val,test}/<class>/... (a class named "
                            f"{split_dirs[0]!r}: rename its folder)")
-    bases = [(s, os.path.join(root, s)) for s in split_dirs] if split_dirs else [(None, root)]
-    classes = sorted({d for _, b in bases for d in os.listdir(b)
-                      if os.path.isdir(os.path.join(b, d)) and not d.startswith((".", "_"))})
+    twice = sorted({s for s in split_of.values() if list(split_of.values()).count(s) > 1})
+    if twice:
+        raise AdapterError(f"--root {root}: more than one folder is the {twice[0]} split "
+                           f"({', '.join(d for d in split_dirs if split_of[d] == twice[0])}): merge them")
+    bases = [(split_of[d], os.path.join(root, d)) for d in split_dirs] if split_dirs else [(None, root)]
+    classes = sorted({d for _, b in bases for d in _subfolders(b)})
     real_root = os.path.realpath(root)
     for _, b in bases:  # a class folder linked into the dataset would label its videos twice
         for cls in classes:
@@ -592,9 +626,8 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
             cdir = os.path.join(base, cls)
             if not os.path.isdir(cdir):
                 continue
-            for dirpath, dirs, names in os.walk(cdir):
-                dirs.sort()
-                for n in sorted(names):
+            for dirpath, dirs, names in _walk(cdir):
+                for n in names:
                     if not _is_video(n):
                         continue
                     path = os.path.join(dirpath, n)
@@ -623,9 +656,8 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     if os.path.isdir(dir_or_list):
         base = os.path.abspath(dir_or_list)
         paths = []
-        for dirpath, dirs, names in os.walk(base):
-            dirs.sort()
-            paths += [os.path.join(dirpath, n) for n in sorted(names) if _is_video(n)]
+        for dirpath, dirs, names in _walk(base):
+            paths += [os.path.join(dirpath, n) for n in names if _is_video(n)]
     elif os.path.isfile(dir_or_list):
         base = os.path.dirname(os.path.abspath(dir_or_list))
         paths = [ln if os.path.isabs(ln) else os.path.join(base, ln) for _, ln in _read_lines(dir_or_list)]
