@@ -166,6 +166,9 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(
     ``outputs``: path fields the command writes (e.g. ``teacher.path`` for ``dvfl teacher``);
     ``uses_ray_gpus=False``: a command that picks its own device (evaluate) takes a GPU config anywhere."""
     overrides = list(a.overrides)
+    if getattr(a, "output_dir", None) == "":  # else the config's own output folder, unannounced
+        print("config error: --output-dir is empty: give a path (an unset shell variable?)", file=sys.stderr)
+        raise SystemExit(2)
     if getattr(a, "output_dir", None):
         overrides.append(("output_dir", a.output_dir))
     for key, value in (extra or {}).items():
@@ -192,6 +195,12 @@ def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
     def fix(value, resolve):
         return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
+    for name in (*inputs, *outputs):  # "" would be the working directory: "--root $UNSET" walked the home folder
+        value = getattr(a, name)
+        if value == "" or (isinstance(value, list) and "" in value):
+            flag = "a path argument" if name == "inputs" else f"--{name.replace('_', '-')}"
+            print(f"error: {flag} is empty: give a path (an unset shell variable?)", file=sys.stderr)
+            raise SystemExit(2)
     for name in inputs:
         setattr(a, name, fix(getattr(a, name), paths.absolute_input))
     for name in outputs:
@@ -228,7 +237,7 @@ def script_main(name: str, argv=None) -> int:
     p = parser(module.__doc__, prog=f"python {script}" if script else f"dvfl {name}")
     module.add_arguments(p)
     a = p.parse_args(argv)
-    return module.run(a, p)
+    return run_command(name, module, a, p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,17 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The ``dvfl`` console script (``[project.scripts]``) and ``python -m dvfl``."""
     a = build_parser().parse_args(argv)
-    return command_module(a.command).run(a, a.command_parser)
+    return run_command(a.command, command_module(a.command), a, a.command_parser)
+
+
+RESUMABLE = {"ingest", "teacher", "cache", "distill", "protocol", "tune"}  # a rerun continues where they stopped
+
+
+def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """Run a subcommand; Ctrl+C or SIGTERM ends it with one line and exit status 130 or 143, not a
+    traceback (Ray is shut down and locks released on the way out)."""
+    hint = ": run the same command again to resume" if name in RESUMABLE else ""
+    try:
+        return module.run(a, p)
+    except KeyboardInterrupt:
+        print(f"\n[{name}] interrupted{hint}", file=sys.stderr, flush=True)
+        return 130
+    except SystemExit as exc:
+        runtime = sys.modules.get("dvfl.runtime")  # not imported: no Ray started, no handler (Ray's import is slow)
+        if runtime is None or not isinstance(exc, runtime.Terminated):
+            raise
+        print(f"[{name}] terminated (SIGTERM){hint}", file=sys.stderr, flush=True)
+        return exc.code
 
 
 def generate_videos(cfg) -> bool:
     """The embedded default's videos, made before Ray starts (the generator forks processes);
     False, with the config error printed, where they cannot be (output_dir a URI without clips)."""
     from dvfl import pipeline
+    from dvfl.data.synthetic import VideoFolderError
 
     try:
         pipeline.ensure_videos(cfg)
-    except ConfigError as exc:
+    except (ConfigError, VideoFolderError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return False
     return True
@@ -292,18 +322,40 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
+def os_error_line(exc: BaseException) -> str:
+    """An OSError's own text (disk full, quota, permissions), not Ray's reformatted remote traceback
+    that ``str()`` of a ``RayTaskError(OSError)`` gives."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)
+
+
+def environment_failure(exc: BaseException) -> OSError | None:
+    """The OSError (a full disk, a quota, a permission) behind ``exc``, through Ray's wrappers."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, OSError):
+            return cause if isinstance(cause, OSError) else e
+        todo += [e.__cause__, e.__context__, cause, *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
+
+
 @contextlib.contextmanager
 def failures_as_one_line(stage: str):
-    """Inside: an error the user can act on (:func:`actionable_failure`) ends the command with one
-    ``[stage] error: ...`` line and exit status 1, a config error with ``config error: ...`` and 2;
-    anything else propagates with its traceback."""
+    """Inside: an error the user can act on (:func:`actionable_failure`, or an OSError: a full disk,
+    a permission) ends the command with one ``[stage] error: ...`` line and exit status 1, a config
+    error with ``config error: ...`` and 2; anything else propagates with its traceback."""
     try:
         yield
     except ConfigError as exc:  # found once Ray is up (splits data.root lists): exit 2, as before Ray
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as exc:
-        known = actionable_failure(exc)
+        known = actionable_failure(exc) or environment_failure(exc)
         if known is None:
             raise
         print(f"[{stage}] error: {known}", file=sys.stderr)

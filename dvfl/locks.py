@@ -56,9 +56,12 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
         return
     fd = _locked_fd(lock, folder, what, wait, log)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
+        try:  # who holds it, for a refused command to name: a full or over-quota home must not fail the command
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
+        except OSError:
+            pass
         _held[key] = 1
         try:
             yield

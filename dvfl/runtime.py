@@ -94,6 +94,48 @@ def job_env_var_keys() -> set:
         return set()
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived: unwinds like ``sys.exit(143)`` (128 + SIGTERM, as a shell reports it)."""
+
+    def __init__(self):
+        super().__init__(143)
+
+
+def terminate_in_one_line() -> None:
+    """After ``ray.init``: SIGTERM (``ray job stop``, a pod's stop, ``kill``) raises :class:`Terminated`,
+    unwinding so that Ray is shut down and locks released; the command says so in one line. Ray's
+    core hands SIGTERM to Abseil's crash handler first, which printed a stack dump of every thread
+    and armed a 3-second alarm that aborted (core dump) a shutdown taking longer. Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
+@contextlib.contextmanager
+def signal_handlers_kept(*signums: int):
+    """Ray Train's and Ray Tune's fit() install Ctrl+C handlers for their run and leave them
+    installed: after the run they swallowed the next Ctrl+C presses. The caller's handlers come back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(n) for n in signums} if main else {}
+    try:
+        yield
+    finally:
+        for n, handler in saved.items():
+            if handler is not None:
+                signal.signal(n, handler)
+
+
 @contextlib.contextmanager
 def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, address: str | None = None,
                 dashboard: bool | None = None, log_to_driver: bool = True) -> Iterator[dict]:
@@ -118,6 +160,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
             env = {k: v for k, v in worker_env().items() if k not in job_env_var_keys()}
             ray.init(address=address, log_to_driver=log_to_driver,
                      runtime_env={"env_vars": env} if env else None)
+            terminate_in_one_line()
         else:
             cores = os.cpu_count() or 1
             if dashboard is None:
@@ -135,6 +178,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
                 logging_level="WARNING",
             )
             started = True
+            terminate_in_one_line()
             if dashboard and context.dashboard_url:
                 print(f"[ray] local Ray started; dashboard at http://{context.dashboard_url}", flush=True)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one progress line per stage is ours

@@ -34,6 +34,9 @@ from dvfl.cli import main as dvfl_main  # noqa: E402
     # the folder, dvfl-csv and ucf50 adapters find videos under --root: every entry would be "missing"
     (["--dataset", "folder", "--root", ".", "--videos-dir", ".", "--out", "o"], "--videos-dir is not used"),
     (["--dataset", "synthetic", "--out", "o", "--frames", "32"], "--video-frames 16 is fewer than a clip needs"),
+    # "--root $UNSET": "" was the working directory (every folder of it a class)
+    (["--dataset", "folder", "--root", "", "--out", "o"], "--root is empty"),
+    (["--dataset", "synthetic", "--out", ""], "--out is empty"),
 ])
 def test_bad_flags_fail_fast_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -154,6 +157,42 @@ def test_out_inside_the_dataset_folder_is_refused(tmp_path, capsys):
                  ["--dataset", "ucf101", "--root", str(root), "--out", str(root / "clips")]):
         a = build_parser().parse_args(["ingest", *argv])
         validate(a.command_parser, a)
+
+
+def test_unlabeled_videos_inside_a_class_folder_root_are_refused(tmp_path, capsys):
+    """--unlabeled root/unlabeled with --dataset folder: the pool was also read as a labelled class
+    'unlabeled' and trained on, and every pool entry refused as a duplicate."""
+    root = tmp_path / "my_videos"
+    (root / "cats").mkdir(parents=True)
+    (root / "unlabeled").mkdir()
+    with pytest.raises(SystemExit) as e:
+        dvfl_main(["ingest", "--dataset", "folder", "--root", str(root), "--unlabeled", str(root / "unlabeled"),
+                   "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert f"--unlabeled {root / 'unlabeled'} is inside --root {root}" in capsys.readouterr().err
+
+
+def test_annotation_paths_may_hold_an_equals_sign_or_a_tilde(tmp_path, monkeypatch, capsys):
+    """train=/lake/k400/v=2/train.csv was split at its last '=' (split "train=/lake/k400/v"): "no such file"."""
+    from dvfl.cli import build_parser
+    from dvfl.commands.ingest import validate
+
+    lists = tmp_path / "v=2"
+    lists.mkdir()
+    for name in ("train.csv", "val.csv"):
+        (lists / name).write_text("")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a = build_parser().parse_args(["ingest", "--dataset", "kinetics", "--root", str(tmp_path), "--out",
+                                   str(tmp_path / "out"), "--annotations", f"train={lists / 'train.csv'}",
+                                   "--annotations", "Val=~/v=2/val.csv", "--annotations", str(lists / "train.csv")])
+    validate(a.command_parser, a)
+    assert a.annotations == [("train", str(lists / "train.csv")), ("val", str(lists / "val.csv")),
+                             (None, str(lists / "train.csv"))]
+    a = build_parser().parse_args(["ingest", "--dataset", "kinetics", "--root", str(tmp_path), "--out",
+                                   str(tmp_path / "out"), "--annotations", "trian=x.csv"])
+    with pytest.raises(SystemExit):
+        validate(a.command_parser, a)
+    assert "--annotations trian=x.csv: no such file (SPLIT= must be train, val or test)" in capsys.readouterr().err
 
 
 def test_malformed_annotation_json_is_a_one_line_error(tmp_path, capsys):

@@ -138,3 +138,11 @@ def test_readme_ucf101_chain_as_typed(checkout, ray_local, tmp_path, monkeypatch
                                     "--json", str(bare)]) == 0
     bare_ev = json.loads(bare.read_text())
     assert bare_ev["crop_size"] == CROP != SHORT_SIDE and bare_ev["top1"] == ev["top1"]
+    # results that cannot be written (a file where the folder should be): the numbers are still shown
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    capsys.readouterr()
+    assert script_main("evaluate", ["--model", str(teacher), "--clips", "data/ucf101_s1", "--json",
+                                    str(blocked / "eval.json")]) == 1
+    shown = capsys.readouterr()
+    assert "[evaluate]" in shown.out and "top-1" in shown.out and "error: writing the results failed" in shown.err

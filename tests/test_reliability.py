@@ -383,6 +383,8 @@ def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_facto
     assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
     assert "error: writing to" in full.stderr and "File too large" in full.stderr
     assert _no_traceback(full.stderr), full.stderr[-3000:]
+    (line,) = [ln for ln in full.stderr.splitlines() if ln.startswith("error: writing to")]
+    assert "File too large" in line and "ray::" not in line, line  # the error, not Ray's remote traceback
     assert not glob.glob(str(out / "shards" / "*.parquet")) and not _hidden_or_tmp(out / "shards")
     assert not (out / "dataset.json").exists()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -402,6 +404,45 @@ def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_facto
                           capture_output=True, text=True, timeout=300)
     assert none.returncode == 1, none.stdout[-2000:] + none.stderr[-2000:]
     assert "error: 0 videos written: all 2 input(s) were rejected" in none.stderr
+
+
+def test_ctrl_c_and_sigterm_end_a_command_with_one_line(tmp_path, video_factory, ray_local):
+    """Ctrl+C printed a traceback through Ray's wait; SIGTERM (ray job stop, a pod's stop) went to
+    Ray's crash handler first, which printed a stack dump of every thread (and armed an abort for a
+    shutdown over 3 s). Each now ends the ingest with one line, exit 130 / 143, temporaries gone."""
+    from conftest import make_videos
+
+    root = tmp_path / "videos"
+    make_videos([(str(root / c / f"{c}{i}.mp4"), {"seed": 10 * k + i}) for k, c in enumerate("ab") for i in range(2)])
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           # test hook: the task writing this shard waits after writing it: the ingest cannot end alone
+           "DVFL_INGEST_TEST_HOOKS": "1", "DVFL_TEST_HOLD_UNCOMMITTED": "train-00000"}
+    for signum, status, line in ((signal.SIGINT, 130, "[ingest] interrupted: run the same command again to resume"),
+                                 (signal.SIGTERM, 143, "[ingest] terminated (SIGTERM): run the same command again to resume")):
+        out = tmp_path / f"clips-{signum}"
+        log = tmp_path / f"ingest-{signum}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder",
+                                     "--root", str(root), "--out", str(out), "--short-side", "32"],
+                                    env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline = time.time() + 120
+                while not glob.glob(str(out / "shards" / ".train-00000*")):  # the held shard's temporary
+                    assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.2)
+                proc.send_signal(signum)
+                assert proc.wait(60) == status, log.read_text()[-3000:]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        text = log.read_text()
+        assert text.rstrip().splitlines()[-1].strip().startswith(line), text[-3000:]
+        assert "Traceback" not in text and "received at time" not in text and "stack trace" not in text, text[-3000:]
+        assert not (out / "dataset.json").exists()
+        deadline = time.time() + 30  # the stopped tasks remove their temporaries as they end
+        while _hidden_or_tmp(out / "shards") and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _hidden_or_tmp(out / "shards")
 
 
 def test_cache_build_disk_full_then_rerun(prepared, tmp_path, ray_local):

@@ -2,6 +2,7 @@
 import hashlib
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -79,6 +80,23 @@ def test_generation_is_idempotent_and_refuses_other_config(small_dataset):
     assert info["generated"] == 0
     with pytest.raises(ValueError, match="different configuration"):
         syn.generate(root, syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, log=None)
+
+
+def test_a_changed_config_replaces_the_old_dataset_in_a_way_a_kill_cannot_break(tmp_path):
+    """The old dataset was deleted in place (shutil.rmtree, synthetic.json among the first files to
+    go): a delete cut short left a folder every later run refused to touch. It is now moved aside in
+    one rename and deleted there; what a killed run left aside is deleted by the next one."""
+    root = tmp_path / "videos"
+    syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, log=None)
+    left_aside = tmp_path / ".videos.deleting-999-1"  # a run killed after its rename
+    shutil.copytree(root, left_aside)
+    (left_aside / syn.INFO_FILE).unlink()
+    info = syn.generate(str(root), syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, overwrite=True, log=None)
+    assert info["generated"] == info["videos"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
+    with pytest.raises(syn.VideoFolderError, match="does not hold a generated dataset"):
+        (root / syn.INFO_FILE).unlink()
+        syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, overwrite=True, log=None)
 
 
 def test_parallel_generation_matches_serial(tmp_path):

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from dvfl.cli import (absolute_path_args, add_config_args, add_fresh, check_gpu_reachable, config_from_args, deprecated,
-                      uses_config)
+                      os_error_line, uses_config)
 from dvfl.config import ConfigError
 
 
@@ -102,6 +102,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"error: --clips {exc}", file=sys.stderr)
             return 2
         except OSError as exc:  # disk full, quota: finished shards stay, a rerun resumes
-            print(f"error: writing the cache to {a.out} failed: {exc}", file=sys.stderr)
+            print(f"error: writing the cache to {a.out} failed: {os_error_line(exc)}", file=sys.stderr)
             return 1
     return 0

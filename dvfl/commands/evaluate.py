@@ -140,19 +140,24 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
               "crop_size": crop, "top1": m["top1"], "top5": m["top5"], "videos": m["videos"],
               "per_class": {classes[c]: v for c, v in m["per_class"].items()}, "confusion": m["confusion"],
               "classes": classes}
-    confusion = a.confusion or (os.path.splitext(a.json)[0] + ".confusion.png" if a.json else None)
-    if confusion:
-        storage.makedirs(storage.dirname(confusion) or ".")
-        plot_confusion(m["confusion"], classes, confusion,
-                       f"{os.path.basename(a.model.rstrip('/'))} on {split} ({views[0]}x{views[1]} views)")
-        result["confusion_png"] = confusion
-    if a.json:
-        storage.makedirs(storage.dirname(a.json) or ".")
-        storage.write_json(a.json, result)
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
+    # the numbers first: a write that fails must not take an evaluation of hours with it
     print(f"[evaluate] {a.model} on split {split} of {clips}: top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} "
-          f"({m['videos']} videos, {views[0]} clips x {views[1]} crops, crop {crop})")
-    print("[evaluate] weakest classes: " + ", ".join(f"{k} {v['top1']:.0%}" for k, v in worst))
+          f"({m['videos']} videos, {views[0]} clips x {views[1]} crops, crop {crop})", flush=True)
+    print("[evaluate] weakest classes: " + ", ".join(f"{k} {v['top1']:.0%}" for k, v in worst), flush=True)
+    confusion = a.confusion or (os.path.splitext(a.json)[0] + ".confusion.png" if a.json else None)
+    try:
+        if confusion:
+            storage.makedirs(storage.dirname(confusion) or ".")
+            plot_confusion(m["confusion"], classes, confusion,
+                           f"{os.path.basename(a.model.rstrip('/'))} on {split} ({views[0]}x{views[1]} views)")
+            result["confusion_png"] = confusion
+        if a.json:
+            storage.makedirs(storage.dirname(a.json) or ".")
+            storage.write_json(a.json, result)
+    except OSError as exc:
+        print(f"error: writing the results failed: {exc}", file=sys.stderr)
+        return 1
     if a.json:
         print(f"[evaluate] {a.json}" + (f", {confusion}" if confusion else ""))
     return 0

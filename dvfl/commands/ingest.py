@@ -21,7 +21,9 @@ import argparse
 import os
 import sys
 
-from dvfl.cli import absolute_path_args, add_num_cpus, deprecated
+from dvfl.cli import absolute_path_args, add_num_cpus, deprecated, os_error_line
+
+ANNOTATION_SPLITS = ("train", "val", "test", "validation", "validate")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Fail fast, naming the bad flag, before any work starts."""
+    from dvfl import storage
+
     def bad(msg: str) -> None:
         p.error(msg)
 
@@ -135,18 +139,24 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         bad("--test-fraction + --val-fraction must be < 1")
     parsed = []
     for spec in a.annotations:
-        split, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        split, _, path = spec.partition("=")
+        if split.strip().lower() not in ANNOTATION_SPLITS:  # no SPLIT=: the whole text is the path (it may hold '=')
+            split, path = "", spec
+        path = os.path.expanduser(path)
         if not os.path.isabs(path) and a.root and not os.path.exists(path):
             path = os.path.join(a.root, path)
         if not os.path.isfile(path):
-            bad(f"--annotations {spec}: no such file")
-        if split and split not in ("train", "val", "test", "validation", "validate"):
-            bad(f"--annotations {spec}: split must be train, val or test")
-        parsed.append((split or None, path))
+            bad(f"--annotations {spec}: no such file" + (" (SPLIT= must be train, val or test)" if "=" in spec and not split
+                                                          else ""))
+        parsed.append((split.strip().lower() or None, path))
     a.annotations = parsed
     for u in a.unlabeled:
         if not os.path.exists(u):
             bad(f"--unlabeled {u}: no such folder or list file")
+        if a.dataset in ("folder", "ucf50") and a.root and os.path.isdir(u) and storage.same_or_inside(u, a.root):
+            # every sub-folder of such a root is a class: the pool would be trained on as one
+            bad(f"--unlabeled {u} is inside --root {a.root}, whose every folder is a class: keep the unlabelled "
+                "videos outside the dataset's folder")
     if a.videos_dir and a.dataset in ("dvfl-csv", "folder", "ucf50"):  # else every entry would be "missing"
         bad(f"--videos-dir is not used by --dataset {a.dataset}: its videos are found under --root")
     for flag, v in (("--classes", a.classes), ("--lists-dir", a.lists_dir), ("--videos-dir", a.videos_dir)):
@@ -154,7 +164,6 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bad(f"{flag} {v}: not found")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         bad(f"--out {a.out} exists and is not a directory")
-    from dvfl import storage
 
     if storage.is_remote(a.out):
         why = storage.reachable(a.out)
@@ -178,13 +187,17 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     log = print
     short_side = a.short_side
     if a.dataset == "synthetic":
-        from dvfl.data.synthetic import SyntheticConfig, generate
+        from dvfl.data.synthetic import SyntheticConfig, VideoFolderError, generate
 
         vdir = a.videos_dir or os.path.join(a.out, "videos")
         scfg = SyntheticConfig(num_classes=a.synthetic_classes, train_per_class=a.train_per_class,
                                test_per_class=a.test_per_class, unlabeled_videos=a.unlabeled_videos,
                                frames=a.video_frames, size=a.video_size, seed=a.seed)
-        g = generate(vdir, scfg, workers=a.gen_processes, overwrite=a.fresh, log=log)
+        try:
+            g = generate(vdir, scfg, workers=a.gen_processes, overwrite=a.fresh, log=log)
+        except VideoFolderError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         log(f"[synthetic] {g['videos']} videos ({g['generated']} new) in {g['seconds']:.1f} s, "
             f"{g['bytes'] / 2 ** 20:.1f} MiB -> {vdir}")
         root = vdir
@@ -204,7 +217,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         for pool, u in enumerate(a.unlabeled):
             m.extend(unlabeled(u, pool))
             m.source.setdefault("unlabeled", []).append(os.path.abspath(u))
-    except AdapterError as e:
+    except (AdapterError, OSError) as e:  # OSError: a list or annotation file it may not read
         print(f"error: {e}", file=sys.stderr)
         return 2
     # one decode task more than cores in flight on a local instance fills the gaps Ray Data leaves
@@ -226,7 +239,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, quota, permissions: finished shards stay, a rerun resumes
-        print(f"error: writing to {a.out} failed: {e}", file=sys.stderr)
+        print(f"error: writing to {a.out} failed: {os_error_line(e)}", file=sys.stderr)
         return 1
     if summary["written_videos"] == 0:  # nothing to train on is a failure, not a finished ingest
         print(f"error: 0 videos written: all {summary['inputs']} input(s) were rejected "

@@ -931,6 +931,9 @@ def _stop_tasks(refs: List[Any], grace_s: float = 20.0) -> None:
             except Exception:  # noqa: BLE001  (best effort: the original error is what matters)
                 pass
 
+    if not refs:
+        return
+    print(f"[ingest] stopping {len(refs)} decode task(s) (up to {grace_s:.0f} s)", flush=True)
     cancel(refs, False)
     try:
         _, running = ray.wait(refs, num_returns=len(refs), timeout=grace_s)

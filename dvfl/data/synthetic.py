@@ -344,6 +344,36 @@ def _make_one(args: Tuple[Dict, str, _Job]) -> int:
     return os.path.getsize(path)
 
 
+class VideoFolderError(ValueError):
+    """The videos folder holds something ``generate`` must not delete or reuse."""
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _deleting_prefix(root: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(root)), f".{os.path.basename(os.path.abspath(root))}.deleting-")
+
+
+def _delete_dataset(root: str) -> None:
+    """Move the old dataset aside in one rename, then delete it: a delete cut short (Ctrl+C, SIGKILL)
+    left a folder without its synthetic.json that every later run refused to touch."""
+    aside = f"{_deleting_prefix(root)}{os.getpid()}-{time.time_ns()}"
+    os.replace(root, aside)
+    shutil.rmtree(aside)
+
+
+def _sweep_deleted(root: str) -> None:
+    """Finish the deletes of old datasets that an earlier run moved aside and did not get to remove."""
+    import glob
+
+    for aside in glob.glob(glob.escape(_deleting_prefix(root)) + "*"):
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional[int] = None,
              overwrite: bool = False, log: Optional[Callable[[str], None]] = print) -> Dict:
     """Write the synthetic dataset under ``root`` (the UCF101-style video root).
@@ -362,11 +392,12 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
             have = json.load(f)
         if have != want:
             if not overwrite:
-                raise ValueError(f"{root} holds a synthetic dataset with a different configuration; "
-                                 f"use another --videos-dir or --overwrite")
-            shutil.rmtree(root)
+                raise VideoFolderError(f"{root} holds a synthetic dataset with a different configuration; "
+                                       f"use another --videos-dir or --overwrite")
+            _delete_dataset(root)
     elif os.path.isdir(root) and os.listdir(root) and overwrite:
-        raise ValueError(f"refusing to delete {root}: it does not hold a generated dataset")
+        raise VideoFolderError(f"refusing to delete {root}: it does not hold a generated dataset")
+    _sweep_deleted(root)
     os.makedirs(root, exist_ok=True)
     from dvfl.storage import write_bytes as atomic_write_bytes, write_json as atomic_write_json
 
@@ -386,7 +417,8 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
         # forkserver: a child forked from a process where Ray runs can crash in Ray's finalizers
         # (seen: a segfault in the GC of an ObjectRefGenerator); an executor raises on a dead
         # worker (BrokenProcessPool) where multiprocessing.Pool waits for it forever
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
+        # Ctrl+C reaches the whole process group: the parent stops the pool, the workers say nothing
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_ignore_sigint) as pool:
             for _ in pool.map(_make_one, args, chunksize=16):
                 pass
     else:

@@ -4,15 +4,16 @@ Everything Ray-specific about running :func:`dvfl.train.loop.train_loop_per_work
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
+import signal
 import time
 from dataclasses import dataclass
 
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
+from dvfl.runtime import signal_handlers_kept
 from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
@@ -214,24 +215,8 @@ def run_training(
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
-    with _sigint_handler_kept():
+    with signal_handlers_kept(signal.SIGINT):
         return trainer.fit()
-
-
-@contextlib.contextmanager
-def _sigint_handler_kept():
-    """Ray Train's fit() installs a Ctrl+C handler for its run and leaves it installed: after the run
-    it swallowed the next two Ctrl+C and made the third exit 0. The caller's handler comes back."""
-    import signal
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    saved = signal.getsignal(signal.SIGINT) if main else None
-    try:
-        yield
-    finally:
-        if main and saved is not None:
-            signal.signal(signal.SIGINT, saved)
 
 
 def train_in_tune_trial(loop_cfg: LoopConfig, data: TrainingData, *, scaling: Scaling, name: str) -> None:

@@ -5,11 +5,13 @@ import contextlib
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
 from dvfl.config import ConfigError, RunConfig
 from dvfl import storage
+from dvfl.runtime import signal_handlers_kept
 from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, require_finished, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
 from dvfl.tune.search_config import TuneConfig, asha_words, experiment_dir, param_space
@@ -237,7 +239,8 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
             f"teacher signal: {teacher['mode']}; results in {exp}")
     started = time.time()
     with tune_output(verbose):
-        grid = tuner.fit()
+        with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):  # Tune's stay installed after its run
+            grid = tuner.fit()
     require_finished(grid, "search", cfg.optim.epochs)
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
@@ -271,7 +274,8 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
                                             search_alg=variant_generator()),
                 run_config=run_config(t.experiment + FRONT_SUFFIX))
         with tune_output(verbose):
-            front_grid = front_tuner.fit()
+            with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):
+                front_grid = front_tuner.fit()
         require_finished(front_grid, "front's re-runs", cfg.optim.epochs)
         front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
     summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
