@@ -166,9 +166,6 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(
     ``outputs``: path fields the command writes (e.g. ``teacher.path`` for ``dvfl teacher``);
     ``uses_ray_gpus=False``: a command that picks its own device (evaluate) takes a GPU config anywhere."""
     overrides = list(a.overrides)
-    if getattr(a, "output_dir", None) == "":  # else the config's own output folder, unannounced
-        print("config error: --output-dir is empty: give a path (an unset shell variable?)", file=sys.stderr)
-        raise SystemExit(2)
     if getattr(a, "output_dir", None):
         overrides.append(("output_dir", a.output_dir))
     for key, value in (extra or {}).items():
@@ -195,9 +192,8 @@ def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
     def fix(value, resolve):
         return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
-    for name in (*inputs, *outputs):  # "" would be the working directory: "--root $UNSET" walked the home folder
-        value = getattr(a, name)
-        if value == "" or (isinstance(value, list) and "" in value):
+    for name in (*inputs, *outputs):  # "" is the working directory (single flags: run_command)
+        if isinstance(getattr(a, name), list) and "" in getattr(a, name):
             flag = "a path argument" if name == "inputs" else f"--{name.replace('_', '-')}"
             print(f"error: {flag} is empty: give a path (an unset shell variable?)", file=sys.stderr)
             raise SystemExit(2)
@@ -260,6 +256,9 @@ def main(argv=None) -> int:
     return run_command(a.command, command_module(a.command), a, a.command_parser)
 
 
+PATH_FLAGS = ("out", "root", "clips", "teacher", "model", "json", "confusion", "config", "search", "output_dir",
+              "videos_dir", "lists_dir", "classes", "checkpoint", "init_2d", "test_config", "publish", "golden",
+              "crd_dir")
 RESUMABLE = {"ingest", "teacher", "cache", "distill", "protocol", "tune"}  # a rerun continues where they stopped
 
 
@@ -267,6 +266,9 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
     """Run a subcommand; Ctrl+C or SIGTERM ends it with one line and exit status 130 or 143, not a
     traceback (Ray is shut down and locks released on the way out)."""
     hint = ": run the same command again to resume" if name in RESUMABLE else ""
+    for dest in PATH_FLAGS:  # "--out $UNSET": "" read as the working directory, or as no flag (the default folder)
+        if getattr(a, dest, None) == "":
+            p.error(f"--{dest.replace('_', '-')} is empty: give a path (an unset shell variable?)")
     try:
         return module.run(a, p)
     except KeyboardInterrupt:

@@ -193,6 +193,20 @@ def test_ingest_starts_ray_with_the_same_cpu_default_as_every_command(monkeypatc
 
 
 
+@pytest.mark.parametrize("argv", [["distill", "--out", ""], ["tune", "--out", ""], ["cache", "--output-dir", ""],
+                                  ["protocol", "--out", ""], ["evaluate", "--model", "m", "--json", ""],
+                                  ["predict", "--model", "m", "x.mp4", ""], ["ingest", "--dataset", "synthetic",
+                                                                              "--out", "o", "--unlabeled", ""]])
+def test_an_empty_path_flag_is_refused_before_any_work(argv, capsys):
+    """"--out $UNSET": tune read "" as no flag and searched in the config's default folder; ingest's
+    "" was the working directory."""
+    from dvfl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "is empty: give a path" in capsys.readouterr().err
+
+
 def test_flags_are_never_abbreviated(capsys):
     # argparse took --conf for --config; the cluster validator checks a job's flags by their names
     with pytest.raises(SystemExit) as e:
