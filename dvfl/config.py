@@ -655,6 +655,10 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
+    if re.search(r"(^|\s)#", raw) and not raw.strip().startswith(("'", '"')):
+        # YAML reads " #..." as a comment: "output_dir=runs/lr sweep #2" became "runs/lr sweep"
+        raise ConfigError(f"override {text!r}: YAML reads '#' after a space as the start of a comment; quote "
+                          f"the value: --set '{key.strip()}=\"{raw}\"'")
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as exc:

@@ -307,6 +307,22 @@ def test_split_folders_are_known_by_their_meaning_and_underscore_folders_are_cla
         A.folder(root)
 
 
+def test_two_videos_differing_only_by_extension_are_two_inputs(tmp_path, src_video):
+    """run/a.avi and run/a.mp4 both had the id run/a: the second was rejected as a duplicate ("also
+    listed") though it is another video; the unlabelled pool already kept the extension there."""
+    root = str(tmp_path / "ds")
+    for rel in ("run/a.avi", "run/a.mp4", "run/b.mp4", "walk/a.MP4"):
+        put(root, rel, src_video)
+    m = A.folder(root)
+    assert [e.video_id for e in m.entries] == ["run/a.avi", "run/a.mp4", "run/b", "walk/a"] and not m.problems
+    root = str(tmp_path / "ucf50")
+    for rel in ("Biking/v_Biking_g01_c01.avi", "Biking/v_Biking_g01_c01.mp4", "Diving/v_Diving_g02_c01.avi"):
+        put(root, rel, src_video)
+    m = A.ucf50(root, 1)
+    assert [e.video_id for e in m.entries] == ["Biking/v_Biking_g01_c01.avi", "Biking/v_Biking_g01_c01.mp4",
+                                               "Diving/v_Diving_g02_c01"] and not m.problems
+
+
 def test_a_folder_the_ingest_cannot_read_is_refused_not_skipped(src_video):
     """os.walk skips a folder it cannot list: its videos were neither inputs nor rejects and the
     ingest said written + rejected = inputs. A listed file under such a folder is unreadable, not missing."""

@@ -87,11 +87,18 @@ def test_a_wrong_list_item_is_refused_naming_it(override, message):
     ("data.synthetic.speed=[a,b]", r"data\.synthetic\.speed\[0\] must be float, got 'a'"),
     ("output_dir={split}/run", r"override 'output_dir=\{split\}/run': the value is not valid YAML .*quote it"),
     ("teacher.path=@x", r"not valid YAML"),
+    # YAML's comment: the run went to the folder "runs/lr sweep" (another run's)
+    ("output_dir=runs/lr sweep #2", r"YAML reads '#' after a space as the start of a comment; quote"),
     ("seeds=[0, -2]", r"seeds must be >= 0, got \[0, -2\]"),  # numpy refuses it, in the middle of the run
 ])
 def test_a_bad_override_is_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override], check_paths=False)
+
+
+def test_a_quoted_value_keeps_its_hash():
+    cfg = load_config(None, ['output_dir="runs/lr sweep #2"', "data.clips=runs/x#1"], check_paths=False)
+    assert cfg.output_dir.endswith("runs/lr sweep #2") and cfg.data.clips.endswith("runs/x#1")
 
 
 def test_floats_in_exponent_notation_are_floats():

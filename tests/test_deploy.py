@@ -67,6 +67,20 @@ def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path)
     assert rows[str(bad)]["error"].startswith("not_video") and rows[str(raw)]["error"] == "no video files in this folder"
 
 
+def test_predict_names_a_file_whose_name_is_not_utf8(prepared, tmp_path):
+    """A Latin-1 file name (caf\\xe9.mp4): its line made print() raise under a UTF-8 locale, and the
+    files after it were never predicted."""
+    src = sorted(videos_of(prepared).values())[0]
+    latin1 = os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.mp4")
+    shutil.copyfile(src, latin1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"}
+    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "predict.py"), "--model", prepared["teacher"],
+                        str(tmp_path), src], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{tmp_path}/caf\\xe9.mp4: ") and lines[1].startswith(f"{src}: ")
+
+
 def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path):
     """40 frames, windows of 8 every 4 frames: windows end at frames 8, 12, ..., 40 -> 9 windows,
     each printed with its latency; frames arrive at the file's 40 fps (about 1 s of stream)."""

@@ -52,6 +52,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if not a.timeout_per_file > 0 or (a.threads is not None and a.threads < 1):
         p.error("--timeout-per-file must be > 0 and --threads >= 1")
     from dvfl.data import decode
+    from dvfl.data.manifest import printable
     from dvfl.inference import (STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views,
                                 stream_file, write_json)
 
@@ -98,15 +99,16 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 write_json(a.json, results)
             return 1
         for path in files:
+            shown = printable(path)  # a Latin-1 file name made print() raise under a UTF-8 locale
             try:
                 r = pred.predict_file(path, views, a.topk)
             except PredictError as exc:
                 failed += 1
-                results.append({"path": path, "error": str(exc)})
-                print(f"{path}: error: {exc}", file=sys.stderr)
+                results.append({"path": shown, "error": str(exc)})
+                print(f"{shown}: error: {exc}", file=sys.stderr)
                 continue
-            results.append({"path": path, "topk": r["topk"]})
-            print(f"{path}: " + ", ".join(f"{c} {q:.3f}" for c, q in r["topk"]))
+            results.append({"path": shown, "topk": r["topk"]})
+            print(f"{shown}: " + ", ".join(f"{c} {q:.3f}" for c, q in r["topk"]))
         if a.json:
             write_json(a.json, results)
         if failed:

@@ -241,20 +241,19 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
     for lab, cls in enumerate(classes):
         for dirpath, _, names in _walk(os.path.join(root, cls)):
-            for n in names:
-                if not _is_video(n):
-                    continue
+            videos = [n for n in names if _is_video(n)]
+            for n, last in zip(videos, _id_parts(videos)):
                 path = os.path.join(dirpath, n)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                vid = os.path.relpath(os.path.join(dirpath, last), root).replace(os.sep, "/")
                 g = _GROUP_RE.search(n)
                 if not g:
-                    m.problems.append(Problem("bad_name", path, _strip_ext(rel), "no _gGG_cCC in the file name"))
+                    m.problems.append(Problem("bad_name", path, vid, "no _gGG_cCC in the file name"))
                     continue
                 if not 1 <= int(g.group(1)) <= 25:  # it would train in every fold and test in none
-                    m.problems.append(Problem("bad_name", path, _strip_ext(rel),
+                    m.problems.append(Problem("bad_name", path, vid,
                                               f"group g{g.group(1)} is not one of UCF50's 25 groups g01..g25"))
                     continue
-                _add(m, _strip_ext(rel), path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
+                _add(m, vid, path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
     return m
 
 
@@ -271,6 +270,13 @@ def _walk(top: str):
     for dirpath, dirs, names in os.walk(top, onerror=refuse):
         dirs.sort()
         yield dirpath, dirs, sorted(names)
+
+
+def _id_parts(names: list[str]) -> list[str]:
+    """Video file names of one folder -> the last part of their ids: the name without its extension,
+    or with it where two files differ only by it (a.avi and a.mp4 are two videos, not a duplicate)."""
+    stems = [_strip_ext(n) for n in names]
+    return [n if stems.count(stem) > 1 else stem for n, stem in zip(names, stems)]
 
 
 def _subfolders(base: str) -> list[str]:
@@ -627,11 +633,10 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
             if not os.path.isdir(cdir):
                 continue
             for dirpath, dirs, names in _walk(cdir):
-                for n in names:
-                    if not _is_video(n):
-                        continue
+                videos = [n for n in names if _is_video(n)]
+                for n, last in zip(videos, _id_parts(videos)):
                     path = os.path.join(dirpath, n)
-                    vid = _strip_ext(os.path.relpath(path, root).replace(os.sep, "/"))
+                    vid = os.path.relpath(os.path.join(dirpath, last), root).replace(os.sep, "/")
                     split = split_dir
                     if split is None:
                         u = stable_seed("dvfl-folder-split", seed, vid) / 2.0 ** 63
