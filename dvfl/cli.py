@@ -265,7 +265,9 @@ RESUMABLE = {"ingest", "teacher", "cache", "distill", "protocol", "tune"}  # a r
 def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Run a subcommand; Ctrl+C or SIGTERM ends it with one line and exit status 130 or 143, not a
     traceback (Ray is shut down and locks released on the way out)."""
-    hint = ": run the same command again to resume" if name in RESUMABLE else ""
+    hint = ""
+    if name in RESUMABLE:  # the same command with --fresh would delete what was done again
+        hint = ": run the same command again" + (" without --fresh" if getattr(a, "fresh", False) else "") + " to resume"
     for dest in PATH_FLAGS:  # "--out $UNSET": "" read as the working directory, or as no flag (the default folder)
         if getattr(a, dest, None) == "":
             p.error(f"--{dest.replace('_', '-')} is empty: give a path (an unset shell variable?)")
@@ -342,7 +344,8 @@ def environment_failure(exc: BaseException) -> OSError | None:
         cause = getattr(e, "cause", None)
         if isinstance(e, OSError):
             return cause if isinstance(cause, OSError) else e
-        todo += [e.__cause__, e.__context__, cause, *(getattr(e, "worker_failures", None) or {}).values()]
+        context = None if e.__suppress_context__ else e.__context__  # raised "from None": its own words count
+        todo += [e.__cause__, context, cause, *(getattr(e, "worker_failures", None) or {}).values()]
     return None
 
 

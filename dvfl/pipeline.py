@@ -122,7 +122,7 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
 
 def ensure_clips(cfg: RunConfig, log=print) -> dict:
     """Ingest the clip shards (Ray Data); ingest itself skips finished shards."""
-    from dvfl.data.adapters import build_manifest, unlabeled
+    from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
     from dvfl.data.ingest import IngestConfig, ingest
 
     out = cfg.clips_dir
@@ -136,7 +136,10 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
         if generated.get("unlabeled_dir"):
             manifest.extend(unlabeled(generated["unlabeled_dir"]))
     else:
-        manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
+        try:
+            manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
+        except AdapterError as exc:
+            raise ConfigError(f"data.root: {exc}") from None
         check_manifest_splits(cfg, manifest)
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
                         eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed)
@@ -669,6 +672,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     key = f"eval_{split}_{cfg.eval.clips}x{cfg.eval.crops}_{cfg.crop_size}px_{dataset['fingerprint'][:16]}"
     if cfg.eval.clips < dataset["params"]["eval_clips"]:  # fewer clips than stored: spread since session 28
         key += "_spread"
+    if cfg.eval.crops == 3 and dataset["params"]["short_side"] != cfg.crop_size:  # resized first since session 32
+        key += "_fullheight"
     model = None
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key

@@ -356,6 +356,20 @@ def test_a_folder_the_ingest_cannot_read_is_refused_not_skipped(src_video):
     assert r.returncode == 0, r.stderr
     assert f"refused: cannot read the folder {root}/run/private: Permission denied" in r.stdout
     assert "problems: [('unreadable', 'run/private/b')]" in r.stdout
+    # a volume's own lost+found (root's, mode 700) is not part of the dataset
+    base = Path(tempfile.mkdtemp(prefix="dvfl-test-unreadable-"))
+    try:
+        put(str(base), "run/a.mp4", src_video)
+        put(str(base), "walk/c.mp4", src_video)
+        (base / "lost+found").mkdir(mode=0o700)
+        for d in (base, base / "run", base / "walk"):
+            os.chmod(d, 0o755)
+        r = subprocess.run([*as_nobody, sys.executable, "-c", "import sys; from dvfl.data import adapters as A\n"
+                            "print(A.folder(sys.argv[1]).classes)", str(base)], capture_output=True, text=True,
+                           timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        shutil.rmtree(base)
+    assert r.returncode == 0 and r.stdout.strip() == "['run', 'walk']", r.stderr
 
 
 def test_hmdb51_classes_are_numbered_in_the_order_of_their_names(tmp_path, src_video):

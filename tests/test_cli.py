@@ -337,3 +337,16 @@ def test_errors_found_once_ray_is_up_end_with_one_line(capsys):
     with pytest.raises(KeyError):
         with failures_as_one_line("tune"):
             raise KeyError("a bug")
+    # a full disk or a permission, wrapped the way Ray wraps it: the error itself in one line
+    with pytest.raises(SystemExit) as exc:
+        with failures_as_one_line("distill"):
+            raise WrappedLikeRay(OSError(28, "No space left on device", "/runs/x/shard.tmp"))
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == "[distill] error: [Errno 28] No space left on device: '/runs/x/shard.tmp'\n"
+    # an error raised "from None" while handling an OSError says what it says, not the OSError
+    with pytest.raises(ValueError, match="a folder it cannot read"):
+        with failures_as_one_line("distill"):
+            try:
+                raise PermissionError(13, "Permission denied", "/data/x")
+            except OSError:
+                raise ValueError("a folder it cannot read: fix its permissions") from None

@@ -170,6 +170,17 @@ def test_unlabeled_videos_inside_a_class_folder_root_are_refused(tmp_path, capsy
                    "--out", str(tmp_path / "out")])
     assert e.value.code == 2
     assert f"--unlabeled {root / 'unlabeled'} is inside --root {root}" in capsys.readouterr().err
+    # beside the classes of a UCF50 archive (root/UCF50/<class>), or hidden: not a class, accepted
+    from dvfl.cli import build_parser
+    from dvfl.commands.ingest import validate
+
+    ucf50 = tmp_path / "ucf50"
+    for folder in ("UCF50/Biking", "pool", ".pool"):
+        (ucf50 / folder).mkdir(parents=True)
+    for pool in ("pool", ".pool"):
+        a = build_parser().parse_args(["ingest", "--dataset", "ucf50", "--root", str(ucf50), "--unlabeled",
+                                       str(ucf50 / pool), "--out", str(tmp_path / "out")])
+        validate(a.command_parser, a)
 
 
 def test_annotation_paths_may_hold_an_equals_sign_or_a_tilde(tmp_path, monkeypatch, capsys):

@@ -113,3 +113,9 @@ def test_three_test_crops_span_the_whole_short_side_as_the_official_protocol_doe
     assert frames_to_crop([clip], 224, 1)[0] is clip  # 1 crop: the stored frames, centre-cropped
     small = clip[:, :32, :40]
     assert frames_to_crop([small], 32, 3)[0] is small  # already the crop's size: nothing resized
+    import warnings
+
+    stored = np.frombuffer(clip.tobytes(), np.uint8).reshape(clip.shape)  # read-only, as shards give them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned on every batch about the non-writable array
+        assert np.array_equal(frames_to_crop([stored], 224, 3)[0], resized)

@@ -97,6 +97,12 @@ def test_a_changed_config_replaces_the_old_dataset_in_a_way_a_kill_cannot_break(
     with pytest.raises(syn.VideoFolderError, match="does not hold a generated dataset"):
         (root / syn.INFO_FILE).unlink()
         syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, overwrite=True, log=None)
+    linked = tmp_path / "linked"  # the rename moved the link, then rmtree refused it: a traceback
+    linked.symlink_to(root)
+    syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, log=None)  # its synthetic.json back
+    with pytest.raises(syn.VideoFolderError, match="is a link to"):
+        syn.generate(str(linked), syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, overwrite=True, log=None)
+    assert (root / syn.INFO_FILE).is_file()
 
 
 def test_parallel_generation_matches_serial(tmp_path):

@@ -90,6 +90,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     deprecated(s, "--gen-workers", "--gen-processes", "gen_processes", type=int)
 
 
+def _in_a_class_folder(path: str, root: str, dataset: str) -> bool:
+    """``path`` is ``root`` or lies in a folder the adapter reads as a class (or split folder):
+    ucf50 reads ``root/UCF50`` when there is one; hidden and system folders are not classes."""
+    from dvfl.data.adapters import SYSTEM_FOLDERS
+
+    base = os.path.join(root, "UCF50") if dataset == "ucf50" and os.path.isdir(os.path.join(root, "UCF50")) else root
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(base))
+    if rel == os.curdir or os.path.realpath(path) == os.path.realpath(root):
+        return True
+    first = rel.split(os.sep)[0]
+    return first != os.pardir and not first.startswith(".") and first not in SYSTEM_FOLDERS
+
+
 def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Fail fast, naming the bad flag, before any work starts."""
     from dvfl import storage
@@ -153,7 +166,7 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for u in a.unlabeled:
         if not os.path.exists(u):
             bad(f"--unlabeled {u}: no such folder or list file")
-        if a.dataset in ("folder", "ucf50") and a.root and os.path.isdir(u) and storage.same_or_inside(u, a.root):
+        if a.dataset in ("folder", "ucf50") and a.root and os.path.isdir(u) and _in_a_class_folder(u, a.root, a.dataset):
             # every sub-folder of such a root is a class: the pool would be trained on as one
             bad(f"--unlabeled {u} is inside --root {a.root}, whose every folder is a class: keep the unlabelled "
                 "videos outside the dataset's folder")

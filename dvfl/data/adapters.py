@@ -260,10 +260,15 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
 # ---------------------------------------------------------------------------------------
 # Kinetics-400 CSV
 
+SYSTEM_FOLDERS = ("__MACOSX", "lost+found")  # a Mac zip's resource forks, a volume's fsck folder: never classes
+
+
 def _walk(top: str):
     """``os.walk`` in sorted order that raises :class:`AdapterError` on a folder it cannot list
     (os.walk skips it: its videos were neither inputs nor rejects)."""
     def refuse(ex: OSError):
+        if os.path.basename(str(ex.filename)) in SYSTEM_FOLDERS:
+            return  # a volume's own lost+found (root's, mode 700) is not part of the dataset
         raise AdapterError(f"cannot read the folder {ex.filename}: {ex.strerror or ex}: fix its permissions, or "
                            "move it out of the dataset")
 
@@ -280,14 +285,14 @@ def _id_parts(names: list[str]) -> list[str]:
 
 
 def _subfolders(base: str) -> list[str]:
-    """The folders under ``base`` that are classes (or split folders): all but hidden ones and the
-    ``__MACOSX`` resource forks a zip made on a Mac unpacks."""
+    """The folders under ``base`` that are classes (or split folders): all but hidden ones and
+    :data:`SYSTEM_FOLDERS`."""
     try:
         names = os.listdir(base)
     except OSError as ex:
         raise AdapterError(f"cannot read the folder {base}: {ex.strerror or ex}") from None
     return sorted(d for d in names if os.path.isdir(os.path.join(base, d)) and not d.startswith(".")
-                  and d != "__MACOSX")
+                  and d not in SYSTEM_FOLDERS)
 
 
 def _norm_split(s: str) -> str:

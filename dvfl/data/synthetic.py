@@ -361,8 +361,14 @@ def _deleting_prefix(root: str) -> str:
 def _delete_dataset(root: str) -> None:
     """Move the old dataset aside in one rename, then delete it: a delete cut short (Ctrl+C, SIGKILL)
     left a folder without its synthetic.json that every later run refused to touch."""
+    if os.path.islink(root):
+        raise VideoFolderError(f"{root} is a link to {os.path.realpath(root)}, holding a dataset of another "
+                               "configuration: delete it there yourself, or use another folder")
     aside = f"{_deleting_prefix(root)}{os.getpid()}-{time.time_ns()}"
-    os.replace(root, aside)
+    try:
+        os.replace(root, aside)
+    except OSError:  # a mount point, or a parent folder this user may not write: delete in place
+        aside = root
     shutil.rmtree(aside)
 
 

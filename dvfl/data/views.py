@@ -82,7 +82,7 @@ def resize_short_side(clip: np.ndarray, size: int) -> np.ndarray:
         return clip
     scale = size / min(height, width)
     new = (size, int(width * scale + 0.5)) if height <= width else (int(height * scale + 0.5), size)
-    x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.array(clip)).permute(0, 3, 1, 2).float()  # a copy: stored frames are read-only
     x = torch.nn.functional.interpolate(x, size=new, mode="bilinear", align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
