@@ -16,6 +16,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from dvfl.artifacts import SPEC
 from dvfl import storage
-from dvfl.scratch import make_scratch_dir, make_scratch_file
+from dvfl.scratch import kind_prefix, make_scratch_dir, make_scratch_file
 from dvfl.models.video_focalnet import FOLDER_WEIGHTS, set_temporal_impl
 
 TOLERANCE = 1e-4
@@ -261,8 +262,35 @@ def replaceable_folder(path: str | os.PathLike) -> bool:
         return True
     if path.is_symlink() or not path.is_dir():
         return False
-    names = set(os.listdir(path))
+    names = {n for n in os.listdir(path) if not n.startswith(kind_prefix("export"))}  # a killed export's, in a mount
     return not names or ({FOLDER_WEIGHTS, SPEC} <= names and names <= set(FOLDER_FILES))
+
+
+def is_mount_point(path: str | os.PathLike) -> bool:
+    """``path`` is where a filesystem is mounted, a bind mount included (``os.path.ismount`` compares
+    devices, so it misses a bind mount of the same filesystem; Linux lists every one in mountinfo)."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo") as f:  # field 5: the mount point, spaces as \040
+            points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+                      for line in f if len(line.split()) > 4}
+    except OSError:  # not Linux
+        return False
+    return os.path.realpath(path) in points
+
+
+def _publish_into(tmp: Path, out: Path) -> None:
+    """``out`` is a mount point (a container's bind-mounted volume), which cannot be renamed or
+    replaced: the finished files move into it one by one from ``tmp`` (inside it, on its own
+    filesystem), the spec last, so that a folder with a new spec holds the new weights."""
+    names = sorted(os.listdir(tmp), key=lambda n: n == SPEC)
+    for name in names:
+        os.replace(tmp / name, out / name)
+    for stale in set(FOLDER_FILES) - set(names):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out / stale)
+    storage.fsync_dir(str(out))
 
 
 def _publish_folder(tmp: Path, out: Path) -> None:
@@ -297,7 +325,8 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     if not replaceable_folder(out):
         raise ValueError(f"{out} exists and is not an exported model folder; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(make_scratch_dir("export", out.name, tmpdir=str(out.parent)))  # (see _tmp_path)
+    mounted = out.is_dir() and is_mount_point(out)  # renaming a mount point fails (EBUSY), into one too (EXDEV)
+    tmp = Path(make_scratch_dir("export", out.name, tmpdir=str(out if mounted else out.parent)))  # (see _tmp_path)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         # through storage, as the other files: each one is fsynced before the folder is published
@@ -315,7 +344,7 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
             os.chmod(p, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)
         storage.fsync_dir(str(tmp))
-        _publish_folder(tmp, out)
+        (_publish_into if mounted else _publish_folder)(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": "folder", "path": str(out), "max_abs_diff": diff,

@@ -22,10 +22,15 @@ BESIDE_USER_FILES = ("export",)  # made in the user's folder (beside the file it
 _swept: set[tuple] = set()  # (kind, folder) pairs this process has already swept
 
 
+def kind_prefix(kind: str) -> str:
+    """``dvfl-<kind>-``, what every scratch name of that kind starts with; hidden (a leading ``.``)
+    for the kinds made beside a user's own files."""
+    return _dot(kind) + f"dvfl-{kind}-"
+
+
 def scratch_prefix(kind: str, label: str = "") -> str:
-    """``dvfl-<kind>-<pid>-[<label>-]``: the owner's PID first, so a sweep can tell it is dead;
-    hidden (a leading ``.``) for the kinds made beside a user's own files."""
-    return _dot(kind) + f"dvfl-{kind}-{os.getpid()}-" + (f"{label}-" if label else "")
+    """``dvfl-<kind>-<pid>-[<label>-]``: the owner's PID first, so a sweep can tell it is dead."""
+    return kind_prefix(kind) + f"{os.getpid()}-" + (f"{label}-" if label else "")
 
 
 def _dot(kind: str) -> str:
@@ -57,7 +62,7 @@ def sweep_dead(kind: str, tmpdir: str | None = None, stale_seconds: float = STAL
     """Remove this user's ``dvfl-<kind>-<pid>-…`` folders and files whose process has ended and
     that have not been written for ``stale_seconds``; returns what was removed."""
     tmpdir = tmpdir or tempfile.gettempdir()
-    pattern = re.compile(rf"{re.escape(_dot(kind))}dvfl-{re.escape(kind)}-(\d+)-")
+    pattern = re.compile(rf"{re.escape(kind_prefix(kind))}(\d+)-")
     removed = []
     for name in os.listdir(tmpdir):
         match = pattern.match(name)

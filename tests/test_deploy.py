@@ -302,6 +302,32 @@ def test_a_folder_export_replaces_an_earlier_export_and_nothing_else(prepared, t
     assert not replaceable_folder(other) and not replaceable_folder(other / "notes.txt")
 
 
+def test_a_folder_export_into_a_mounted_volume(golden_dir, tmp_path):
+    """docker run -v $PWD/nano:/models/nano ... --out /models/nano: a mount point cannot be renamed
+    (EBUSY), and another filesystem's temp folder cannot be renamed into it (EXDEV): the export was a
+    traceback. The files now move in one by one, the spec last; a killed export's scratch folder in
+    the volume does not make it look like a user's folder."""
+    import subprocess
+
+    from dvfl import export as ex
+    from dvfl.artifacts import load_model
+
+    model, spec = load_model(golden_dir[0])
+    for how in (["-t", "tmpfs", "tmpfs"], ["--bind"]):  # another filesystem; the same one (ismount misses it)
+        volume = tmp_path / f"volume{len(how)}"
+        volume.mkdir()
+        subprocess.run(["mount", *how, *([str(volume)] if how == ["--bind"] else []), str(volume)], check=True)
+        try:
+            for seed in (1, 2):
+                ex.export_folder(model, {**spec, "seed": seed}, volume)
+                assert sorted(os.listdir(volume)) == ["README.md", "config.json", "model.json", "model.safetensors"]
+                assert json.loads((volume / "model.json").read_text())["seed"] == seed
+            (volume / ".dvfl-export-999999-volume-x").mkdir()  # a killed export's scratch folder
+            assert ex.replaceable_folder(volume)
+        finally:
+            subprocess.run(["umount", str(volume)], check=True)
+
+
 def test_a_folder_export_is_swapped_in_whole_and_a_failed_one_keeps_the_earlier(golden_dir, tmp_path, monkeypatch):
     """Replacing an earlier export leaves only the new one (no hidden sibling folder); an export
     that fails its check, or whose final rename fails, leaves the earlier export as it was."""
