@@ -224,3 +224,27 @@ def test_train_ce_is_the_mean_over_the_clips_it_covers():
     assert metrics["train_ce"] == pytest.approx((1.2 * 2 + 0.6) / 3) and metrics["ce_clips"] == 3
     assert metrics["train_loss"] == pytest.approx(2.5 / 3) and metrics["train_top1"] == pytest.approx(2 / 3)
     assert metrics["labelled_clips"] == 3 and metrics["unlabelled_clips"] == 3 and metrics["mixed_batches"] == 1
+
+
+def test_ctrl_c_during_a_ray_train_run_is_an_interrupt_not_a_silent_exit():
+    """Ray Train's Ctrl+C handler ends fit() with sys.exit(0): the command ended without a word,
+    status 0 or 1, as if the run had finished. Its handler also stayed installed after the run."""
+    import signal
+
+    from dvfl.runtime import Terminated
+    from dvfl.train.launch import fit_as_interruptible
+
+    class Trainer:  # fit() as Ray Train's handler ends it, after installing that handler
+        def __init__(self, exit_with):
+            self.exit_with = exit_with
+
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: None)
+            raise self.exit_with
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit_as_interruptible(Trainer(SystemExit(0)))
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(Terminated):  # SIGTERM's exit stays what it is
+        fit_as_interruptible(Trainer(Terminated()))

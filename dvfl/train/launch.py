@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
-from dvfl.runtime import signal_handlers_kept
+from dvfl.runtime import Terminated, signal_handlers_kept
 from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
@@ -215,8 +215,20 @@ def run_training(
         # validation runs on rank 0 over the whole split: no clip is dropped by equal splitting
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
+    return fit_as_interruptible(trainer)
+
+
+def fit_as_interruptible(trainer):
+    """``trainer.fit()``; Ctrl+C is a KeyboardInterrupt. Ray Train's own Ctrl+C handler aborts the run
+    with ``sys.exit(0)`` (the command ended silently, status 0 or 1, as if nothing had happened) and
+    stays installed after the run; the caller's handler comes back."""
     with signal_handlers_kept(signal.SIGINT):
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except SystemExit as exc:
+            if isinstance(exc, Terminated):
+                raise
+            raise KeyboardInterrupt from None
 
 
 def train_in_tune_trial(loop_cfg: LoopConfig, data: TrainingData, *, scaling: Scaling, name: str) -> None:
