@@ -274,14 +274,12 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
     try:
         return module.run(a, p)
     except KeyboardInterrupt:
+        runtime = sys.modules.get("dvfl.runtime")  # not imported: no Ray started, no SIGTERM handler
+        if runtime is not None and runtime.sigterm_received():
+            print(f"[{name}] terminated (SIGTERM){hint}", file=sys.stderr, flush=True)
+            return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
         print(f"\n[{name}] interrupted{hint}", file=sys.stderr, flush=True)
         return 130
-    except SystemExit as exc:
-        runtime = sys.modules.get("dvfl.runtime")  # not imported: no Ray started, no handler (Ray's import is slow)
-        if runtime is None or not isinstance(exc, runtime.Terminated):
-            raise
-        print(f"[{name}] terminated (SIGTERM){hint}", file=sys.stderr, flush=True)
-        return exc.code
 
 
 def generate_videos(cfg) -> bool:

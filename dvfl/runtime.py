@@ -94,16 +94,19 @@ def job_env_var_keys() -> set:
         return set()
 
 
-class Terminated(SystemExit):
-    """SIGTERM arrived: unwinds like ``sys.exit(143)`` (128 + SIGTERM, as a shell reports it)."""
+_sigterm_received = False
 
-    def __init__(self):
-        super().__init__(143)
+
+def sigterm_received() -> bool:
+    """Whether :func:`terminate_in_one_line`'s handler has run in this process."""
+    return _sigterm_received
 
 
 def terminate_in_one_line() -> None:
-    """After ``ray.init``: SIGTERM (``ray job stop``, a pod's stop, ``kill``) raises :class:`Terminated`,
-    unwinding so that Ray is shut down and locks released; the command says so in one line. Ray's
+    """After ``ray.init``: SIGTERM (``ray job stop``, a pod's stop, ``kill``) unwinds the command as
+    Ctrl+C does, so that Ray is shut down and locks released, and the command says so in one line
+    (:func:`sigterm_received`). A KeyboardInterrupt because Ray's blocking calls (``ray.wait``,
+    ``ray.get``) turn any other exception raised by a signal handler into ``SystemExit(1)``. Ray's
     core hands SIGTERM to Abseil's crash handler first, which printed a stack dump of every thread
     and armed a 3-second alarm that aborted (core dump) a shutdown taking longer. Main thread only."""
     import signal
@@ -113,8 +116,10 @@ def terminate_in_one_line() -> None:
         return
 
     def terminated(signum, frame):
+        global _sigterm_received
+        _sigterm_received = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        raise Terminated()
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
 

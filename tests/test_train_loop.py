@@ -231,7 +231,6 @@ def test_ctrl_c_during_a_ray_train_run_is_an_interrupt_not_a_silent_exit():
     status 0 or 1, as if the run had finished. Its handler also stayed installed after the run."""
     import signal
 
-    from dvfl.runtime import Terminated
     from dvfl.train.launch import fit_as_interruptible
 
     class Trainer:  # fit() as Ray Train's handler ends it, after installing that handler
@@ -246,5 +245,3 @@ def test_ctrl_c_during_a_ray_train_run_is_an_interrupt_not_a_silent_exit():
     with pytest.raises(KeyboardInterrupt):
         fit_as_interruptible(Trainer(SystemExit(0)))
     assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(Terminated):  # SIGTERM's exit stays what it is
-        fit_as_interruptible(Trainer(Terminated()))

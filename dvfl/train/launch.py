@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
-from dvfl.runtime import Terminated, signal_handlers_kept
+from dvfl.runtime import signal_handlers_kept
 from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
@@ -225,9 +225,7 @@ def fit_as_interruptible(trainer):
     with signal_handlers_kept(signal.SIGINT):
         try:
             return trainer.fit()
-        except SystemExit as exc:
-            if isinstance(exc, Terminated):
-                raise
+        except SystemExit:
             raise KeyboardInterrupt from None
 
 
