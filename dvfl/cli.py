@@ -124,7 +124,8 @@ def check_gpu_reachable(use_gpu: bool) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("scaling.use_gpu is true, but this machine has no GPU (torch sees none) and "
-                              "no cluster is joined (RAY_ADDRESS): drop --gpu, or run it on a GPU machine")
+                              "no cluster is joined (RAY_ADDRESS): leave out --gpu, --set scaling.use_gpu=false for a "
+                              "config that asks for GPUs, or run it on a GPU machine")
 
 
 READ_TASK_CPUS = 0.25  # dvfl.data.shards.read_clip_dataset's read tasks

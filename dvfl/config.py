@@ -222,6 +222,12 @@ class RunConfig:
         return self.teacher.cache or join(self.output_dir, "teacher_cache")
 
     @property
+    def cache_actors(self) -> int:
+        """Teacher replicas building the logit cache: one per training GPU (one on CPUs, where the
+        cores are the limit and one replica uses them all)."""
+        return self.scaling.num_workers if self.scaling.use_gpu else 1
+
+    @property
     def unlabeled_dir(self) -> str | None:
         """The ingest output holding split ``unlabeled`` (the clips dir for a generated pool)."""
         if self.data.unlabeled:
@@ -492,6 +498,9 @@ class RunConfig:
                                 ("teacher.train.init_2d", self.teacher.train.init_2d)):
                 if not value:
                     continue
+                if name == "data.root" and self.data.clips and storage.isfile(storage.join(self.data.clips,
+                                                                                           "dataset.json")):
+                    continue  # finished given clips are used as they are: the videos' folder is not read
                 why = storage.reachable(value) if storage.is_remote(value) or name not in outputs else None
                 if why:
                     fail(name, why)

@@ -196,7 +196,7 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
     try:
         shard_paths(where)  # every shard its dataset.json lists is there
     except IncompleteClipsError as exc:
-        raise ValueError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     problems = []
     if p["frames"] != cfg.data.frames:
         problems.append(f"data.frames is {cfg.data.frames}, the clips have {p['frames']} frames")
@@ -221,8 +221,24 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
     for key, split in missing_splits(cfg, stored):
         problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
     if problems:
-        raise ValueError(f"data.clips {where} does not match the config: " + "; ".join(problems)
-                         + ". Set these fields to the ingest's values, or ingest again with the config's.")
+        raise ConfigError(f"data.clips {where} does not match the config: " + "; ".join(problems)
+                          + ". Set these fields to the ingest's values, or ingest again with the config's.")
+
+
+def check_given_inputs(cfg: RunConfig) -> None:
+    """Given clips (``data.clips``, a finished ingest) or a given teacher folder that the config does
+    not describe: a :class:`ConfigError` before Ray starts or a file is written (protocol and tune
+    met a mismatch late, as a traceback; another data.frames re-ingested the run's clips, then the
+    given teacher failed on them)."""
+    if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+        check_clips_match(cfg, load_dataset_info(cfg.clips_dir))
+    spec_path = storage.join(cfg.teacher.path, SPEC) if cfg.teacher.path else None
+    if spec_path and storage.isfile(spec_path):
+        frames = (storage.read_json(spec_path).get("kwargs") or {}).get("num_frames")
+        if frames is not None and frames != cfg.data.frames:
+            raise ConfigError(f"teacher.path {cfg.teacher.path} takes clips of {frames} frames, data.frames is "
+                              f"{cfg.data.frames}: set data.frames to {frames}, or give a teacher of "
+                              f"{cfg.data.frames} frames")
 
 
 # ----------------------------------------------------------------------------- training
@@ -538,13 +554,20 @@ def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset
 
 
 def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
-    from dvfl.teacher_cache import build_teacher_cache
+    from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
 
     # The output dir owns its default cache: a new teacher or new clips rebuild it. A cache the
     # user named (teacher.cache) is never overwritten: a mismatch there is refused.
-    return build_teacher_cache(cfg.clips_dir, teacher_path, cfg.cache_dir, teacher_name=cfg.teacher.model,
-                               crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
-                               use_gpu=cfg.scaling.use_gpu, overwrite=not cfg.teacher.cache, log=log)
+    try:
+        return build_teacher_cache(cfg.clips_dir, teacher_path, cfg.cache_dir, teacher_name=cfg.teacher.model,
+                                   crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
+                                   use_gpu=cfg.scaling.use_gpu, num_actors=cfg.cache_actors,
+                                   overwrite=not cfg.teacher.cache, log=log)
+    except CacheMismatchError as exc:  # its own remedy (--out, --fresh) is dvfl cache's, not this command's
+        raise CacheMismatchError(
+            f"teacher.cache {cfg.cache_dir} was built from another teacher, other clips or other views (a retrained "
+            f"teacher?): rebuild it with `dvfl cache --config ... --teacher {teacher_path} --fresh`, or delete that "
+            "folder, or set teacher.cache to another folder") from exc
 
 
 def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, kd: bool) -> dict:

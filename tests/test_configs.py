@@ -314,3 +314,16 @@ def test_the_shipped_default_runs_from_any_folder_and_a_users_config_stays_where
     assert load_config(mine, check_paths=False).teacher.path == str(tmp_path / "models" / "embedded_teacher")
     (tmp_path / "models" / "embedded_teacher").mkdir(parents=True)  # here first, where the user is
     assert load_config(check_paths=False).teacher.path == str(tmp_path / "models" / "embedded_teacher")
+
+
+def test_finished_given_clips_need_no_data_root(tmp_path):
+    """configs/ucf101_base.yaml names data.root /data/UCF101; a job given finished clips (an s3:// or
+    shared-volume ingest) was refused because that folder was not on the head node."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    overrides = ["data.dataset=ucf101", f"data.root={tmp_path / 'not_here'}", f"data.clips={clips}",
+                 "teacher.path=null"]
+    with pytest.raises(ConfigError, match="data.root"):  # not a finished ingest: the videos are needed
+        load_config(None, overrides)
+    (clips / "dataset.json").write_text("{}")
+    assert load_config(None, overrides).data.clips == str(clips)

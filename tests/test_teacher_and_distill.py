@@ -98,6 +98,13 @@ def test_fingerprint_changes_with_teacher_weights_and_ingest_params(prepared, tm
     # building for the other teacher into the same directory is refused, not mixed
     with pytest.raises(CacheMismatchError, match="fingerprint"):
         build_teacher_cache(cfg.clips_dir, str(other), cfg.cache_dir, log=lambda *_: None)
+    # ... and a run whose named teacher.cache no longer fits its (retrained) teacher says this command's
+    # remedies, not dvfl cache's (--out, --fresh: distill --fresh deleted the students and kept the cache)
+    from dvfl import pipeline
+
+    named = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=cfg.cache_dir))
+    with pytest.raises(CacheMismatchError, match=r"teacher\.cache .* rebuild it with `dvfl cache --config"):
+        pipeline.ensure_cache(named, str(other), log=lambda *_: None)
 
 
 def test_ingest_with_other_parameters_gets_another_fingerprint(prepared, tmp_path):
@@ -471,6 +478,12 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
     assert r.returncode == 2 and "config error: data.clips" in r.stderr and "data.frames is 16" in r.stderr, r.stderr
     assert "data.test_split is 'tset', the clips hold split(s) 'test', 'train'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+    # a given teacher of other frames: the run's clips were re-ingested, then the teacher failed on them
+    other_frames = _with(prepared["cfg"], output_dir=str(tmp_path / "run16"), data={"frames": 16},
+                         teacher={"path": prepared["teacher"]})
+    with pytest.raises(ValueError, match=r"teacher.path .* takes clips of 8 frames, data.frames is 16"):
+        pipeline.check_given_inputs(other_frames)
+    pipeline.check_given_inputs(_with(other_frames, data={"frames": 8}))
 
 
 def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_clips(prepared, tmp_path):

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     deprecated(p, "--views", "--cache-views", "cache_views")
     p.add_argument("--dtype", choices=["float16", "float32"], help="config: teacher.cache_dtype (default float16)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--actors", type=int, default=1, help="teacher replicas (one per GPU on a cluster)")
+    p.add_argument("--actors", type=int, help="teacher replicas, one per GPU (default: 1; with --config and GPUs, "
+                                              "scaling.num_workers)")
     p.add_argument("--gpu", action="store_true", default=None, help="config: scaling.use_gpu")
     p.add_argument("--verify", type=int, default=32, help="cached rows to recompute and compare")
     add_fresh(p, "replace a cache of another teacher/clips in --out instead of refusing (a finished cache "
@@ -56,9 +57,12 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         a.crop_size = cfg.crop_size
         a.cache_views = ",".join(cfg.teacher.views)
         a.dtype, a.gpu = cfg.teacher.cache_dtype, cfg.scaling.use_gpu
+        if a.actors is None:
+            a.actors = cfg.cache_actors
     elif not (a.clips and a.teacher and a.out):
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
     a.cache_views, a.dtype, a.gpu = a.cache_views or "center", a.dtype or "float16", bool(a.gpu)
+    a.actors = 1 if a.actors is None else a.actors
     try:
         check_gpu_reachable(a.gpu)  # (a config's use_gpu was checked with the config)
     except ConfigError as exc:

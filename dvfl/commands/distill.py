@@ -53,14 +53,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         return 2
     from dvfl.cli import announce_job_outputs, generate_videos
 
-    if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
-        from dvfl.data.shards import load_dataset_info
-
-        try:  # given clips that the config does not describe: refused before Ray starts or a file is written
-            pipeline.check_clips_match(cfg, load_dataset_info(cfg.clips_dir))
-        except ValueError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
+    try:  # given clips or teacher that the config does not describe: refused before Ray starts or a file is written
+        pipeline.check_given_inputs(cfg)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     from dvfl.config import dump_config
     from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime

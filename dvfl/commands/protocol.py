@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import protocol as P
+    from dvfl.pipeline import check_given_inputs
     from dvfl.config import ConfigError, config_tree
     from dvfl.locks import folder_lock
     from dvfl.runtime import ray_runtime
@@ -51,6 +52,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         for cfg in configs:
             cfg.require_teacher()
             check_gpu_reachable(cfg.scaling.use_gpu)
+            check_given_inputs(cfg)  # every split's, before the first split trains
         out = P.results_dir(a.config, overrides, a.out)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

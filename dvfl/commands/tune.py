@@ -46,6 +46,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     try:
         search, cfg = load_tune_config(a.search, a.overrides, output_dir=a.out)
+        from dvfl.pipeline import check_given_inputs
+
+        check_given_inputs(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

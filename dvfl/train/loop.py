@@ -77,12 +77,13 @@ class TeacherSignal:
             for p in self.model.parameters():
                 p.requires_grad_(False)
 
-    def logits(self, clip_ids, views, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, clip_ids, views, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
         if self.mode == "cached":
             return self.cache.lookup(clip_ids, [v.name for v in views]).to(x.device)
         self.forward_calls += 1
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16,
-                                             enabled=x.is_cuda and torch.cuda.is_bf16_supported(including_emulation=False)):
+        # on a GPU the student's precision (optim.amp: off means fp32), on a CPU fp32 as the cache's
+        # logits (bf16 moved them by up to 0.09)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=x.is_cuda and bool(amp)):
             return self.model(x).float()
 
 
@@ -514,8 +515,12 @@ def train_step(run: _Run, cfg: LoopConfig, table, stats: _EpochStats) -> None:
         with torch.autocast(device.type, dtype=run.amp or torch.bfloat16, enabled=bool(run.amp)):
             logits = run.model(x)
         if run.teacher is not None:
+            if device.type == "cuda":  # kernels run asynchronously: time the teacher's, not the student's queue
+                torch.cuda.synchronize(device)
             asked = time.perf_counter()
-            teacher_logits = run.teacher.logits(clip_ids, views, x)
+            teacher_logits = run.teacher.logits(clip_ids, views, x, run.amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             stats.teacher_wait += time.perf_counter() - asked
             out = distillation_loss(logits, teacher_logits, y, alpha=cfg.kd.alpha, temperature=cfg.kd.temperature,
                                     unlabeled_weight=cfg.kd.unlabeled_weight, label_smoothing=optim.label_smoothing)

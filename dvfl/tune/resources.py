@@ -25,9 +25,9 @@ def check_resources(t: TuneConfig, cfg: RunConfig, available: dict) -> None:
     for key, amount in required_resources(t, cfg).items():
         if available.get(key, 0.0) + 1e-9 >= amount:
             continue
+        if joined:  # a joined cluster's autoscaler may start the nodes (a head with 0 CPUs and 0 GPUs, at first)
+            continue
         if key not in ("CPU", "GPU"):
-            if joined:
-                continue  # a joined cluster's autoscaler may start the nodes that advertise it
             raise ConfigError(
                 f"tune.max_concurrent_trials={t.max_concurrent_trials} needs {amount:g} {key} (scaling.worker_resources "
                 f"x scaling.num_workers {cfg.scaling.num_workers} per trial) but Ray has {available.get(key, 0.0):g}: "
