@@ -190,10 +190,11 @@ def test_distill_ingests_missing_clips_from_data_root_and_refuses_them_without_o
             "--set", "teacher.path=null", "--set", f"output_dir={tmp_path / 'run'}", "--num-cpus", "1",
             "--set", "scaling.use_gpu=false",  # (the config's GPUs: refused on a machine without one)
             "--set", "scaling.num_workers=1", "--set", "scaling.cpus_per_worker=0.5"]  # (and its 16 CPUs on this Ray)
-    with pytest.raises(Exception) as failed:
+    with pytest.raises(SystemExit) as failed:  # (a traceback before session 32)
         main(args + ["--set", f"data.root={tmp_path / 'UCF101'}"])
-    assert "classInd.txt not found" in str(failed.value), failed.value  # the adapter read data.root
-    assert "config error" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert failed.value.code == 2 and "config error: data.root: " in err, err
+    assert "classInd.txt not found" in err, err  # the adapter read data.root
     with pytest.raises(SystemExit):
         main(args + ["--set", "data.root=null"])
     assert re.search(r"data\.clips path does not exist: .*no data\.root to ingest it from", capsys.readouterr().err)
