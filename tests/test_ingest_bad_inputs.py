@@ -386,3 +386,19 @@ def test_a_result_naming_anything_but_arrays_is_refused_not_run(tmp_path, monkey
         assert proc.proc is None and not marker.exists()
     finally:
         proc.close()
+
+
+def test_frames_of_an_aspect_no_camera_makes_are_refused_before_their_size_is_allocated(tmp_path):
+    """A few-KB MP4 whose header says 16x512 (or, forged, 8x16384) was resized to short side 256:
+    frames of 8192x256 here (524288x256 there, 3 GiB for 8 of them in a serve replica)."""
+    from conftest import write_video
+    from dvfl.data import decode as D
+
+    job = dict(video_id="v", split="test", frames=8, clips_per_video=1, eval_clips=1, seed=0, short_side=256,
+               min_frames=8)
+    tall = write_video(str(tmp_path / "tall.mp4"), n=12, h=512, w=16)
+    res = D.decode_video({**job, "path": tall})
+    assert not res["ok"] and res["reason"] == "bad_frame_size" and "16x512" in res["detail"], res
+    wide = write_video(str(tmp_path / "wide.mp4"), n=12, h=32, w=64)  # 2:1, a panorama's: decoded
+    res = D.decode_video({**job, "path": wide, "short_side": 32})
+    assert res["ok"] and (res["height"], res["width"]) == (32, 64)

@@ -34,6 +34,7 @@ UNKNOWN_CONTAINER = "unknown_container"  # binary, but not one of the supported 
 PLAYLIST = "playlist"            # an HLS/DASH/concat/SDP text that makes FFmpeg open other files or URLs
 CORRUPT = "corrupt"              # a video container whose demux/decode fails
 TRUNCATED = "truncated"          # container declares more bytes than the file holds
+BAD_FRAME_SIZE = "bad_frame_size"  # frames whose aspect ratio no camera makes (a forged or broken header)
 TOO_SHORT = "too_short"          # fewer decodable frames than --min-frames
 TOO_LONG = "too_long"            # predict --stream: more frames than --max-frames (every frame is held)
 TIMEOUT = "timeout"              # the decoder exceeded --timeout-per-file (child killed)
@@ -71,6 +72,19 @@ class DecodeReject(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+# a frame's long side over its short side: panoramas are 2:1, ultra-wide cinema 2.8:1; an 8x16384
+# header (forged in a few-KB upload) asked for 524288x256 frames at short side 256, 3 GiB for 8 of them
+MAX_ASPECT = 8
+
+
+def stored_hw(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """:func:`dvfl.data.sampling.resized_hw`, refusing (:class:`DecodeReject`) frames whose aspect
+    ratio is beyond :data:`MAX_ASPECT`, before anything of that size is allocated."""
+    if max(height, width) > MAX_ASPECT * max(1, min(height, width)):
+        raise DecodeReject(BAD_FRAME_SIZE, f"{width}x{height} frames: an aspect ratio over {MAX_ASPECT}:1")
+    return sampling.resized_hw(height, width, short_side)
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,7 +392,9 @@ def _sample_count(moov: bytes, stbl: dict, file_size: int) -> int:
     if b"stsz" in stbl:
         start, end = stbl[b"stsz"]
         size, count = _u32s(moov, start + 4, 2)
-        fits = (end - start - 12) // 4 if size == 0 else file_size // size  # a size per sample, or one for all
+        # a size per sample, or one for all (no video frame is under 64 bytes: a forged size of 1 let a
+        # 64 MB upload claim 64 M samples, ~2.5 GiB of timing tables)
+        fits = (end - start - 12) // 4 if size == 0 else file_size // max(size, 64)
     elif b"stz2" in stbl:
         start, end = stbl[b"stz2"]
         count = _u32s(moov, start + 8, 1)[0]
@@ -617,7 +633,7 @@ def _decode_file(path: str, job: Dict) -> Dict:
     src = track[:2] if track and (short_side or turned) else (probe.size if probe and short_side else None)
     if src and turned:
         src = src[::-1]  # the size as shown
-    target = sampling.resized_hw(src[0], src[1], short_side) if src else None
+    target = stored_hw(src[0], src[1], short_side) if src else None
     scaled = target is not None and (target != src or turned)
 
     def open_reader(scale: bool):
@@ -730,7 +746,7 @@ def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, l
     def stored_size(h: int, w: int) -> Tuple[int, int]:
         if not first:
             first.append((w, h) if turned else (h, w))  # as shown
-        H, W = sampling.resized_hw(*first[0], short_side)
+        H, W = stored_hw(*first[0], short_side)
         return (W, H) if turned else (H, W)
 
     arr = np.rot90(_decode_stored(path, uniq, stored_size, cut), rotation // 90, axes=(1, 2))
@@ -747,7 +763,7 @@ def _stored_views(arr: np.ndarray, uniq: np.ndarray, views, src, target, short_s
         (h, w), (H, W) = src, target
     else:
         h, w = arr.shape[1:3]
-        H, W = sampling.resized_hw(h, w, short_side)
+        H, W = stored_hw(h, w, short_side)
         arr = resize_frames(np.ascontiguousarray(arr, dtype=np.uint8), H, W)
     pos = {int(f): i for i, f in enumerate(uniq)}
     out_views: List = []
