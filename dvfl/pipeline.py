@@ -521,17 +521,43 @@ def validation_top1(cfg: RunConfig, model_path: str, spec: dict, dataset_info: d
     """Top-1 of a model on the validation clips (the number a choice may use; never test).
 
     A model trained here on these clips with this hold-out recorded it; any other is evaluated."""
-    from dvfl.train.evaluate import evaluate_multiview
-
     src = validation_source(cfg)
     if (spec.get("val_top1") is not None and spec.get("val_split") == src.description
             and spec.get("dataset_fingerprint") == dataset_info["fingerprint"]):
         return float(spec["val_top1"])
-    model, _ = load_model_for(model_path, cfg.teacher.model, len(dataset_info["classes"]), cfg.data.frames)
     kind = "train" if src.carved or src.split == cfg.data.train_split else "uniform"
     stored = dataset_info["params"]["clips_per_video" if kind == "train" else "eval_clips"]
-    return evaluate_multiview(model, cfg.clips_dir, src.split, cfg.crop_size, num_clips=stored, num_crops=1,
-                              videos=src.videos, view_kind=kind)["top1"]
+    return evaluate_model_at(cfg, model_path, len(dataset_info["classes"]), src.split, num_clips=stored, num_crops=1,
+                             videos=src.videos, view_kind=kind)["top1"]
+
+
+def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: str, *, in_task: bool | None = None,
+                      **views) -> dict:
+    """:func:`~dvfl.train.evaluate.evaluate_multiview` of the model at ``model_path`` (with its
+    ``params``), where the run trains: with ``scaling.use_gpu`` in a Ray task holding a GPU (the
+    driver may be a head node without one, where Video-FocalNet-B's 4x3 evaluation of a test split
+    takes about a day), else in this process. ``in_task`` forces either (tests)."""
+    args = (model_path, cfg.teacher.model, num_classes, cfg.data.frames, cfg.clips_dir, split, cfg.crop_size, views)
+    if not (cfg.scaling.use_gpu if in_task is None else in_task):
+        return _evaluate_model(*args)
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(_evaluate_model)
+    return ray.get(task.options(name="dvfl-evaluate").remote(*args, in_task=True))
+
+
+def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames: int, clips_dir: str, split: str,
+                    crop_size: int, views: dict, in_task: bool = False) -> dict:
+    from dvfl.train.evaluate import evaluate_multiview
+
+    model, _ = load_model_for(model_path, name, num_classes, frames)
+    device = None  # (here: a GPU if this process sees one)
+    if in_task:
+        import ray
+
+        device = "cuda" if ray.get_gpu_ids() else "cpu"  # the GPU Ray gave this task, or none
+    m = evaluate_multiview(model, clips_dir, split, crop_size, device=device, **views)
+    return {**m, "params": sum(p.numel() for p in model.parameters())}
 
 
 def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, log=print) -> float | None:
@@ -685,7 +711,6 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     in its model.json when this run made the model, else in ``<output_dir>/evaluations.json``
     under its weights fingerprint (a model the user gave is only read)."""
     from dvfl.profile import count_flops
-    from dvfl.train.evaluate import evaluate_multiview
 
     spec_path = storage.join(path, SPEC) if storage.isdir(path) else None
     spec = storage.read_json(spec_path) if spec_path else {}
@@ -697,22 +722,19 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         key += "_spread"
     if cfg.eval.crops == 3 and dataset["params"]["short_side"] != cfg.crop_size:  # resized first since session 32
         key += "_fullheight"
-    model = None
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key
     else:
-        model, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
+        _, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
         spec = {**spec, **spec2}
         store, store_key = storage.join(cfg.output_dir, EVALUATIONS), f"{spec2['weights_fingerprint']}/{key}"
     m = _read_json(store).get(store_key)
     if m is None:
-        if model is None:
-            model, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
-            spec = {**spec2, **spec}
-        m = evaluate_multiview(model, cfg.clips_dir, split, cfg.crop_size,
-                               num_clips=cfg.eval.clips, num_crops=cfg.eval.crops)
+        if "kwargs" not in spec:  # a checkpoint file: its spec from the model built for it
+            spec = {**load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)[1], **spec}
+        m = evaluate_model_at(cfg, path, len(dataset["classes"]), split, num_clips=cfg.eval.clips,
+                              num_crops=cfg.eval.crops)
         flops = count_flops(spec["name"], **{**spec["kwargs"], "img_size": cfg.crop_size})
-        m["params"] = sum(p.numel() for p in model.parameters())
         m["gmacs"] = flops["gmacs_per_clip"]
         storage.write_json(store, {**_read_json(store), store_key: m})
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "

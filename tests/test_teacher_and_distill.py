@@ -486,6 +486,18 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
     pipeline.check_given_inputs(_with(other_frames, data={"frames": 8}))
 
 
+def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_local):
+    """With scaling.use_gpu the final evaluation and the teacher gate run in a Ray task holding a GPU
+    (the driver may be a head node without one); on this CPU machine the same task, without a GPU,
+    gives the driver's numbers."""
+    from dvfl import pipeline
+
+    cfg = prepared["cfg"]
+    here = pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=False, num_clips=1, num_crops=3)
+    remote = pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=True, num_clips=1, num_crops=3)
+    assert remote == here and here["params"] > 0 and here["videos"] == 16
+
+
 def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_clips(prepared, tmp_path):
     """A teacher the user gives is only read: its evaluation goes to the run's evaluations.json,
     keyed by its weights and the clips' fingerprint, so another dataset's accuracy (planted in its
