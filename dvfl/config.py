@@ -498,8 +498,7 @@ class RunConfig:
                                 ("teacher.train.init_2d", self.teacher.train.init_2d)):
                 if not value:
                     continue
-                if name == "data.root" and self.data.clips and storage.isfile(storage.join(self.data.clips,
-                                                                                           "dataset.json")):
+                if name == "data.root" and self.data.clips and _finished_ingest(self.data.clips):
                     continue  # finished given clips are used as they are: the videos' folder is not read
                 why = storage.reachable(value) if storage.is_remote(value) or name not in outputs else None
                 if why:
@@ -649,6 +648,17 @@ def override_field(tree: dict, dotted: str, value) -> None:
             override_field(tree, f"{dotted}.{key}", sub)
         return
     set_field(tree, dotted, value)
+
+
+def _finished_ingest(clips: str) -> bool:
+    """``clips`` holds a finished ingest (its dataset.json); False where that cannot be told (an
+    unreachable bucket: data.clips' own check says why)."""
+    from dvfl import storage
+
+    try:
+        return storage.isfile(storage.join(clips, "dataset.json"))
+    except (OSError, ValueError):
+        return False
 
 
 def build_config(tree: dict) -> RunConfig:

@@ -263,6 +263,8 @@ def replaceable_folder(path: str | os.PathLike) -> bool:
     if path.is_symlink() or not path.is_dir():
         return False
     names = {n for n in os.listdir(path) if not n.startswith(kind_prefix("export"))}  # a killed export's, in a mount
+    if "lost+found" in names and is_mount_point(path):  # a freshly formatted volume's own folder
+        names.discard("lost+found")
     return not names or ({FOLDER_WEIGHTS, SPEC} <= names and names <= set(FOLDER_FILES))
 
 
@@ -348,7 +350,7 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": "folder", "path": str(out), "max_abs_diff": diff,
-            "files": sorted(p.name for p in out.iterdir())}
+            "files": sorted(p.name for p in out.iterdir() if not p.name.startswith(kind_prefix("export")))}
 
 
 class GoldenFileError(Exception):

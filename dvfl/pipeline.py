@@ -232,7 +232,7 @@ def check_given_inputs(cfg: RunConfig) -> None:
     given teacher failed on them)."""
     if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         check_clips_match(cfg, load_dataset_info(cfg.clips_dir))
-    spec_path = storage.join(cfg.teacher.path, SPEC) if cfg.teacher.path else None
+    spec_path = storage.join(cfg.teacher.path, SPEC) if cfg.teacher.path and cfg.teacher.mode != "none" else None
     if spec_path and storage.isfile(spec_path):
         frames = (storage.read_json(spec_path).get("kwargs") or {}).get("num_frames")
         if frames is not None and frames != cfg.data.frames:
@@ -580,7 +580,7 @@ def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset
 
 
 def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
-    from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
+    from dvfl.teacher_cache import CacheMismatchError, CacheOfAnotherBuild, build_teacher_cache
 
     # The output dir owns its default cache: a new teacher or new clips rebuild it. A cache the
     # user named (teacher.cache) is never overwritten: a mismatch there is refused.
@@ -589,7 +589,7 @@ def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
                                    crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
                                    use_gpu=cfg.scaling.use_gpu, num_actors=cfg.cache_actors,
                                    overwrite=not cfg.teacher.cache, log=log)
-    except CacheMismatchError as exc:  # its own remedy (--out, --fresh) is dvfl cache's, not this command's
+    except CacheOfAnotherBuild as exc:  # its own remedy (--out, --fresh) is dvfl cache's, not this command's
         raise CacheMismatchError(
             f"teacher.cache {cfg.cache_dir} was built from another teacher, other clips or other views (a retrained "
             f"teacher?): rebuild it with `dvfl cache --config ... --teacher {teacher_path} --fresh`, or delete that "

@@ -51,6 +51,10 @@ class CacheMismatchError(RuntimeError):
     """The cache was built for other clips, another teacher or other views."""
 
 
+class CacheOfAnotherBuild(CacheMismatchError):
+    """The output folder holds a cache of another teacher, other clips or other views."""
+
+
 def view_spec(crop_size: int, views) -> dict:
     # sorted: the same views in another order are the same cache, and training draws from this list
     names = sorted(View.parse(v).name if isinstance(v, str) else v.name for v in views)
@@ -403,7 +407,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 break
             if existing != fingerprint:
                 if not overwrite:
-                    raise CacheMismatchError(
+                    raise CacheOfAnotherBuild(
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
                         f"{fingerprint}; use another --out or --fresh")
                 # the finished marker first: a delete cut short must not leave it over partial logits

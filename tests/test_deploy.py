@@ -324,6 +324,8 @@ def test_a_folder_export_into_a_mounted_volume(golden_dir, tmp_path):
                 assert json.loads((volume / "model.json").read_text())["seed"] == seed
             (volume / ".dvfl-export-999999-volume-x").mkdir()  # a killed export's scratch folder
             assert ex.replaceable_folder(volume)
+            files = ex.export_folder(model, {**spec, "seed": 3}, volume)["files"]
+            assert files == ["README.md", "config.json", "model.json", "model.safetensors"], files
         finally:
             subprocess.run(["umount", str(volume)], check=True)
 

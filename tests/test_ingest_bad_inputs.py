@@ -399,6 +399,10 @@ def test_frames_of_an_aspect_no_camera_makes_are_refused_before_their_size_is_al
     tall = write_video(str(tmp_path / "tall.mp4"), n=12, h=512, w=16)
     res = D.decode_video({**job, "path": tall})
     assert not res["ok"] and res["reason"] == "bad_frame_size" and "16x512" in res["detail"], res
+    # an MPEG program stream takes FFmpeg's own decode path, whose errors were all "corrupt"
+    tall_ps = write_video(str(tmp_path / "tall.mpg"), n=12, h=512, w=16, codec="mpeg2video")
+    res = D.decode_video({**job, "path": tall_ps})
+    assert not res["ok"] and res["reason"] == "bad_frame_size", res
     wide = write_video(str(tmp_path / "wide.mp4"), n=12, h=32, w=64)  # 2:1, a panorama's: decoded
     res = D.decode_video({**job, "path": wide, "short_side": 32})
     assert res["ok"] and (res["height"], res["width"]) == (32, 64)

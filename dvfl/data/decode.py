@@ -842,6 +842,8 @@ def _decode_stored(path: str, indices: np.ndarray, size=None, cut: bool = False)
                     out.append(resize_frames(rgb[None], *size(*rgb.shape[:2]))[0] if size else rgb)
                 if i >= indices[-1]:
                     break
+    except DecodeReject:  # (bad_frame_size, from size()) is not a decode failure
+        raise
     except Exception as e:
         raise DecodeReject(CORRUPT, _short(e))
     if len(out) != len(indices):
