@@ -311,17 +311,24 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
              IncompleteClipsError, FolderBusyError)
+    return _behind(exc, known)
+
+
+def _behind(exc: BaseException, kinds: tuple, *, suppressed_context: bool = True) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s chain, through Ray's wrappers (a RayTaskError(X)
+    is an X whose ``cause`` is the original, returned; a worker group's failures);
+    ``suppressed_context=False``: not behind an error raised ``from None``."""
     todo, seen = [exc], set()
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, known):
-            cause = getattr(e, "cause", None)  # RayTaskError(X) is an X whose cause is the original
-            return cause if isinstance(cause, known) else e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None),
-                 *(getattr(e, "worker_failures", None) or {}).values()]
+        cause = getattr(e, "cause", None)
+        if isinstance(e, kinds):
+            return cause if isinstance(cause, kinds) else e
+        context = e.__context__ if suppressed_context or not e.__suppress_context__ else None
+        todo += [e.__cause__, context, cause, *(getattr(e, "worker_failures", None) or {}).values()]
     return None
 
 
@@ -333,19 +340,9 @@ def os_error_line(exc: BaseException) -> str:
 
 
 def environment_failure(exc: BaseException) -> OSError | None:
-    """The OSError (a full disk, a quota, a permission) behind ``exc``, through Ray's wrappers."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, OSError):
-            return cause if isinstance(cause, OSError) else e
-        context = None if e.__suppress_context__ else e.__context__  # raised "from None": its own words count
-        todo += [e.__cause__, context, cause, *(getattr(e, "worker_failures", None) or {}).values()]
-    return None
+    """The OSError (a full disk, a quota, a permission) behind ``exc``, through Ray's wrappers; not
+    one behind an error raised ``from None`` (its own words count)."""
+    return _behind(exc, (OSError,), suppressed_context=False)
 
 
 @contextlib.contextmanager
