@@ -911,6 +911,11 @@ def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_
                                  for x in sh["parts"]]
                         merges.append(({"shard": r["shard"], "split": sh["split"],
                                         "dest": storage.join(shard_dir, r["shard"] + ".parquet")}, parts))
+    except KeyboardInterrupt:
+        # Ctrl+C or SIGTERM: the tasks end with this driver's job (Ray kills a finished job's workers);
+        # ray.cancel raced with their replies there (a Ray check failure: a stack dump and exit 1).
+        # What they leave, the next run removes.
+        raise
     except BaseException:
         _stop_tasks(list(inflight))
         raise
@@ -919,8 +924,8 @@ def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_
 
 
 def _stop_tasks(refs: List[Any], grace_s: float = 20.0) -> None:
-    """On an error (or Ctrl-C): interrupt the tasks still writing, so that each aborts its writer
-    and leaves no temporary file; a task that does not stop within ``grace_s`` is killed (the next
+    """On an error: interrupt the tasks still writing, so that each aborts its writer and leaves no
+    temporary file; a task that does not stop within ``grace_s`` is killed (the next
     run removes what it left)."""
     import ray
 
