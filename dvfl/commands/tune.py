@@ -47,8 +47,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     try:
         search, cfg = load_tune_config(a.search, a.overrides, output_dir=a.out)
         from dvfl.pipeline import check_given_inputs
+        from dvfl.tune.search import refuse_changed_settings
 
         check_given_inputs(cfg)
+        if not a.fresh:  # before the videos are made for the new settings
+            refuse_changed_settings(search, cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

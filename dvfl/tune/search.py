@@ -38,13 +38,18 @@ def same_reruns(recorded: list, reruns: list[dict]) -> bool:
     return canonical(recorded) == canonical(json.loads(json.dumps(reruns, default=str)))
 
 
+def _settings(t: TuneConfig, cfg: RunConfig) -> dict:
+    """The part of a search's record that its configs alone give (known before any work)."""
+    return {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
+            "run_config": cfg.as_given().to_dict()}
+
+
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
     from dvfl.pipeline import digest
 
     from dvfl.pipeline import init_identity
 
-    what = {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
-            "run_config": cfg.as_given().to_dict(), "dataset": dataset_info["fingerprint"],
+    what = {**_settings(t, cfg), "dataset": dataset_info["fingerprint"],
             "teacher": {"mode": teacher["mode"], "fingerprint": teacher.get("fingerprint")}}
     init = init_identity(cfg.student)
     if init:  # an init checkpoint replaced under its name: another search (absent without one: older
@@ -84,6 +89,26 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
 
 
+def refuse_changed_settings(t: TuneConfig, cfg: RunConfig) -> None:
+    """Before any work: an experiment holding a search of other settings is refused now, not after
+    the videos, clips and cache were rebuilt for the new settings (and again for the old ones, to
+    resume it). The data's and teacher's fingerprints are compared later (:func:`resumable`)."""
+    search_file = storage.join(experiment_dir(t, cfg), SEARCH_FILE)
+    if not storage.isfile(search_file):
+        return
+    previous = storage.read_json(search_file).get("search") or {}
+    now = json.loads(json.dumps(_settings(t, cfg), default=str))  # as it was written
+    before = {k: previous.get(k) for k in now}
+    if before != now:
+        raise ConfigError(f"{experiment_dir(t, cfg)} holds a different search: {changed_fields(before, now)}; "
+                          + RESUME_ADVICE)
+
+
+RESUME_ADVICE = ("a resumed experiment keeps the trials, resources and concurrency it started with (Tune restores "
+                 "them as saved): put the old values back to resume it, pick another tune.experiment, or --fresh "
+                 "to discard it")
+
+
 def resumable(exp: str, fp: dict) -> bool:
     """Whether ``exp`` holds this search, interrupted (Tune resumes it); False where it holds none;
     :class:`ConfigError` where it holds another search, or a Tune experiment this project did not start."""
@@ -101,9 +126,7 @@ def resumable(exp: str, fp: dict) -> bool:
     previous = storage.read_json(search_file)
     if previous["digest"] != fp["digest"]:
         raise ConfigError(f"{exp} holds a different search: {changed_fields(previous.get('search'), fp['search'])}; "
-                          "a resumed experiment keeps the trials, resources and concurrency it started with "
-                          "(Tune restores them as saved): put the old values back to resume it, pick another "
-                          "tune.experiment, or --fresh to discard it")
+                          + RESUME_ADVICE)
     return True
 
 
@@ -174,6 +197,8 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
         for path, name in ((exp, t.experiment), (front_exp, t.experiment + FRONT_SUFFIX)):
             if storage.exists(path):
                 remove_experiment(path, name, log)
+    else:
+        refuse_changed_settings(t, cfg)
     info, teacher = prepare(cfg, log)
     fp = _fingerprint(t, cfg, info, teacher)
     search_file = storage.join(exp, SEARCH_FILE)
