@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import re
+from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import decode as _d
@@ -278,10 +279,10 @@ def _walk(top: str):
 
 
 def _id_parts(names: list[str]) -> list[str]:
-    """Video file names of one folder -> the last part of their ids: the name without its extension,
-    or with it where two files differ only by it (a.avi and a.mp4 are two videos, not a duplicate)."""
-    stems = [_strip_ext(n) for n in names]
-    return [n if stems.count(stem) > 1 else stem for n, stem in zip(names, stems)]
+    """Video file names (or relative paths) -> their ids: without the extension, or with it where two
+    differ only by it (a.avi and a.mp4 are two videos, not a duplicate)."""
+    count = Counter(_strip_ext(n) for n in set(names))  # (a list may name one file twice: a duplicate)
+    return [n if count[_strip_ext(n)] > 1 else _strip_ext(n) for n in names]
 
 
 def _subfolders(base: str) -> list[str]:
@@ -675,13 +676,9 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
         raise AdapterError(f"--unlabeled {dir_or_list}: no such folder or list file")
     m = Manifest("unlabeled", base, [], source={"unlabeled": os.path.abspath(dir_or_list)})
     rels = [os.path.relpath(p, base).replace(os.sep, "/") for p in paths]
-    exts: dict[str, set] = {}
-    for rel in rels:
-        exts.setdefault(_strip_ext(rel), set()).add(os.path.splitext(rel)[1])
     prefix = "unlabeled/" + (f"pool{pool}/" if pool else "")
-    for p, rel in zip(paths, rels):
-        stem = _strip_ext(rel)
-        _add(m, prefix + (rel if len(exts[stem]) > 1 else stem), p, None, None, "unlabeled")
+    for p, vid in zip(paths, _id_parts(rels)):
+        _add(m, prefix + vid, p, None, None, "unlabeled")
     return m
 
 
