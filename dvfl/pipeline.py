@@ -532,14 +532,15 @@ def validation_top1(cfg: RunConfig, model_path: str, spec: dict, dataset_info: d
 
 
 def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: str, *, in_task: bool | None = None,
-                      **views) -> dict:
+                      model=None, **views) -> dict:
     """:func:`~dvfl.train.evaluate.evaluate_multiview` of the model at ``model_path`` (with its
     ``params``), where the run trains: with ``scaling.use_gpu`` in a Ray task holding a GPU (the
     driver may be a head node without one, where Video-FocalNet-B's 4x3 evaluation of a test split
-    takes about a day), else in this process. ``in_task`` forces either (tests)."""
+    takes about a day), else in this process (``model``: that model, already loaded). ``in_task``
+    forces either (tests)."""
     args = (model_path, cfg.teacher.model, num_classes, cfg.data.frames, cfg.clips_dir, split, cfg.crop_size, views)
     if not (cfg.scaling.use_gpu if in_task is None else in_task):
-        return _evaluate_model(*args)
+        return _evaluate_model(*args, model=model)
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(_evaluate_model)
@@ -547,10 +548,11 @@ def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: 
 
 
 def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames: int, clips_dir: str, split: str,
-                    crop_size: int, views: dict, in_task: bool = False) -> dict:
+                    crop_size: int, views: dict, in_task: bool = False, model=None) -> dict:
     from dvfl.train.evaluate import evaluate_multiview
 
-    model, _ = load_model_for(model_path, name, num_classes, frames)
+    if model is None:
+        model, _ = load_model_for(model_path, name, num_classes, frames)
     device = None  # (here: a GPU if this process sees one)
     if in_task:
         import ray
@@ -722,17 +724,16 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         key += "_spread"
     if cfg.eval.crops == 3 and dataset["params"]["short_side"] != cfg.crop_size:  # resized first since session 32
         key += "_fullheight"
+    model = None  # loaded here only for a model the run did not make (its weights fingerprint)
     if spec_path is not None and _owned_by_run(cfg, path):
         store, store_key = spec_path, key
     else:
-        _, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
+        model, spec2 = load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)
         spec = {**spec, **spec2}
         store, store_key = storage.join(cfg.output_dir, EVALUATIONS), f"{spec2['weights_fingerprint']}/{key}"
     m = _read_json(store).get(store_key)
     if m is None:
-        if "kwargs" not in spec:  # a checkpoint file: its spec from the model built for it
-            spec = {**load_model_for(path, cfg.teacher.model, len(dataset["classes"]), cfg.data.frames)[1], **spec}
-        m = evaluate_model_at(cfg, path, len(dataset["classes"]), split, num_clips=cfg.eval.clips,
+        m = evaluate_model_at(cfg, path, len(dataset["classes"]), split, model=model, num_clips=cfg.eval.clips,
                               num_crops=cfg.eval.crops)
         flops = count_flops(spec["name"], **{**spec["kwargs"], "img_size": cfg.crop_size})
         m["gmacs"] = flops["gmacs_per_clip"]
