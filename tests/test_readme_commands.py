@@ -115,6 +115,9 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
     # each epoch line once, as the runner printed it (no "(LoopRunner pid=...)" before it)
     epochs = re.findall(r"^\[(?:vfl|vfl_long|dvfl|dvfl\+unlabeled) s0\] epoch \d+/\d+: loss", output, re.M)
     assert len(epochs) == 2 + 4 + 2 + 2, output[-3000:]  # 2 epochs per student, 4 for vfl_long
+    # each run's first epoch line names where it trained (on a GPU: "on cuda, bf16"), the rest do not
+    where = re.findall(r"^\[(\S+) s0\] epoch (\d+)/\d+: .* on cpu, (?:fp32|bf16)$", output, re.M)
+    assert sorted(where) == sorted((role, "1") for role in students), where
     # each run says it is done once, after its last epoch line (not overtaken by a line of the driver's)
     lines = r.stdout.splitlines()
     for role in students:

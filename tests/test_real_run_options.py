@@ -6,7 +6,7 @@ import torch
 
 from dvfl.models import build_model
 from dvfl.config import ConfigError, OptimSection
-from dvfl.train.loop import _optimizer_step, amp_dtype, make_optimizer
+from dvfl.train.loop import _optimizer_step, amp_dtype, device_and_precision, epoch_line, make_optimizer
 
 from conftest import tiny_config
 
@@ -60,6 +60,16 @@ def test_amp_modes_and_the_gradscaler_step():
     assert _optimizer_step(model, opt, scaler, optim, 0, 10, 0) == 1
     changed = [k for k, p in model.named_parameters() if not torch.equal(p.detach(), before[k])]
     assert changed and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_first_epoch_line_says_where_and_in_what_precision_the_run_trains():
+    """On a GPU run a user reads "on cuda, bf16" (the H100 run of session 33); nothing else did say it."""
+    m = {"epoch": 1, "train_loss": 2.0, "train_top1": 0.1, "val_top1": 0.2, "epoch_seconds": 3.0, "val_seconds": 0.5}
+    assert device_and_precision(torch.device("cuda", 0), torch.bfloat16) == "cuda, bf16"
+    assert device_and_precision(torch.device("cuda"), torch.float16) == "cuda, fp16"
+    assert device_and_precision(torch.device("cpu"), None) == "cpu, fp32"
+    assert epoch_line("dvfl s0", m, 12, "cuda, bf16").endswith("3.0s + val 0.5s on cuda, bf16")
+    assert epoch_line("dvfl s0", m, 12).endswith("3.0s + val 0.5s")
 
 
 def test_bf16_on_a_gpu_without_native_bf16_falls_back_to_fp32(monkeypatch):

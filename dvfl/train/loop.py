@@ -172,11 +172,19 @@ def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> di
     return {"val_top1": c1 / max(n, 1), "val_top5": c5 / max(n, 1), "val_loss": loss_sum / max(n, 1), "val_clips": n}
 
 
-def epoch_line(label: str, m: dict, epochs: int) -> str:
-    """The one terminal line per epoch (every metric also goes to the report and TensorBoard)."""
+def epoch_line(label: str, m: dict, epochs: int, where: str = "") -> str:
+    """The one terminal line per epoch (every metric also goes to the report and TensorBoard);
+    ``where`` (the first epoch a process trains): the device and precision, e.g. "cuda, bf16"."""
     kd = f" (ce {m['train_ce']:.3f}, kd {m['train_kd']:.3f})" if m.get("train_kd") else ""
     return (f"[{label}] epoch {m['epoch']}/{epochs}: loss {m['train_loss']:.3f}{kd}, train top-1 {m['train_top1']:.1%}, "
-            f"val top-1 {m['val_top1']:.1%}, {m['epoch_seconds']:.1f}s + val {m['val_seconds']:.1f}s")
+            f"val top-1 {m['val_top1']:.1%}, {m['epoch_seconds']:.1f}s + val {m['val_seconds']:.1f}s"
+            + (f" on {where}" if where else ""))
+
+
+def device_and_precision(device: torch.device, amp: torch.dtype | None) -> str:
+    """"cuda, bf16" / "cpu, fp32": what a user checks to know the GPU was used."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return f"{device.type}, {names.get(amp, 'fp32')}"
 
 
 def say(line: str) -> None:
@@ -259,6 +267,7 @@ class _Run:
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
+    told_where: bool = False  # the first epoch line this process prints names the device
 
 
 @dataclass
@@ -581,7 +590,9 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             run.history.append(metrics)
             _save_state(ckpt_dir, run, epoch)
             if cfg.print_epochs:
-                say(epoch_line(cfg.label, metrics, cfg.optim.epochs))
+                where = "" if run.told_where else device_and_precision(run.device, run.amp)
+                say(epoch_line(cfg.label, metrics, cfg.optim.epochs, where))
+                run.told_where = True
             if writer is not None:
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "epoch":
