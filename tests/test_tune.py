@@ -541,6 +541,10 @@ def test_resources_that_cannot_fit_are_refused_before_any_trial(monkeypatch):
     check_resources(t, cfg, {"CPU": 4.0})  # fits: 3.5 of 4
     with pytest.raises(ConfigError, match=r"tune\.max_concurrent_trials=2 needs 3\.5 CPU .* Ray has 3"):
         check_resources(t, cfg, {"CPU": 3.0})
+    # GPUs: the count is trials x workers, one GPU each (it printed the CPU formula, driver CPUs and all)
+    t, cfg = load_tune_config(None, [("tune.max_concurrent_trials", 2), ("scaling.use_gpu", True)])
+    with pytest.raises(ConfigError, match=r"needs 2 GPU \(2 x \(scaling\.num_workers 1, a GPU each\)\) but Ray has 1:"):
+        check_resources(t, cfg, {"CPU": 16.0, "GPU": 1.0})
     # a custom resource each worker asks for (scaling.worker_resources) that a local Ray lacks: the
     # search's first training run waited for ever (session 30); a joined cluster may add such nodes
     t, cfg = load_tune_config(None, [("scaling.worker_resources", {"train_node": 1}), ("scaling.concurrent_runs", 0)])

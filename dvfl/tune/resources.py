@@ -32,11 +32,13 @@ def check_resources(t: TuneConfig, cfg: RunConfig, available: dict) -> None:
                 f"tune.max_concurrent_trials={t.max_concurrent_trials} needs {amount:g} {key} (scaling.worker_resources "
                 f"x scaling.num_workers {cfg.scaling.num_workers} per trial) but Ray has {available.get(key, 0.0):g}: "
                 "run the search on a cluster whose nodes advertise it, or drop scaling.worker_resources")
+        per_trial = (f"scaling.num_workers {cfg.scaling.num_workers}, a GPU each" if key == "GPU" else
+                     f"tune.driver_cpus {t.driver_cpus:g} + scaling.num_workers {cfg.scaling.num_workers} x "
+                     f"scaling.cpus_per_worker {cfg.scaling.cpus_per_worker:g}")
         raise ConfigError(
             f"tune.max_concurrent_trials={t.max_concurrent_trials} needs {amount:g} {key} "
-            f"({t.max_concurrent_trials} x (tune.driver_cpus {t.driver_cpus:g} + scaling.num_workers "
-            f"{cfg.scaling.num_workers} x scaling.cpus_per_worker {cfg.scaling.cpus_per_worker:g})"
-            f"{' + 1 for Ray Data' if key == 'CPU' else ''}) but Ray has {available.get(key, 0.0):g}: "
+            f"({t.max_concurrent_trials} x ({per_trial}){' + 1 for Ray Data' if key == 'CPU' else ''}) "
+            f"but Ray has {available.get(key, 0.0):g}: "
             "lower tune.max_concurrent_trials or the per-trial resources, or the search would hang")
 
 
