@@ -14,7 +14,7 @@ import torch
 
 from dvfl import pipeline
 from dvfl.artifacts import load_model, save_model
-from dvfl.data.holdout import group_of, holdout_videos, val_source
+from dvfl.data.holdout import class_groups, group_of, holdout_videos, val_source
 from dvfl.data.sampling import pool_videos
 from dvfl.data.shards import read_clips_table
 
@@ -66,6 +66,25 @@ def test_hmdb_cuts_of_one_source_video_share_a_side():
     ids = [f"x/src{s}_act_{k}" for s in range(10) for k in range(3)]
     held = holdout_videos(ids, [0] * len(ids), 0.3, seed=4)
     assert len(held) == 9 and len({v.rsplit("_", 1)[0] for v in held}) == 3
+
+
+def test_a_phone_naming_scheme_is_not_a_group():
+    """IMG_1234.MOV, wave_001.mp4: stripping the number put (most of) a class in one group, held out
+    whole: 20 of a class's 22 videos left training, another class gave validation one video."""
+    clap = [f"clap/IMG_{n}" for n in range(1200, 1220)] + ["clap/party", "clap/concert"]
+    wave = [f"wave/wave_{n:03d}" for n in range(1, 23)]
+    cuts = [f"jump/rec{r}_{k:03d}" for r in range(6) for k in range(4)]  # cuts of 6 recordings: groups
+    assert len(class_groups(clap)) == 22 and len(class_groups(wave)) == 22 and len(class_groups(cuts)) == 6
+    ids = clap + wave + cuts
+    labels = [0] * len(clap) + [1] * len(wave) + [2] * len(cuts)
+    for seed in range(5):
+        held = holdout_videos(ids, labels, 0.2, seed=seed)
+        assert sum(v.startswith("clap/") for v in held) == sum(v.startswith("wave/") for v in held) == 4, seed
+        assert sum(v.startswith("jump/") for v in held) == 4  # one recording's 4 cuts, whole
+        assert len({v.rsplit("_", 1)[0] for v in held if v.startswith("jump/")}) == 1
+    # UCF groups stay groups even where one holds most of a class
+    ucf = [f"A/v_A_g01_c{k:02d}" for k in range(1, 6)] + ["A/v_A_g02_c01"]
+    assert sorted(class_groups(ucf)) == ["g01", "g02"]
 
 
 def test_no_role_trains_on_the_validation_videos_and_every_epoch_validates_on_them(prepared):

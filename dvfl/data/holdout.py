@@ -7,7 +7,9 @@ out of training. Videos of one *group* always land on the same side: UCF101/UCF5
 (``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); HMDB51 ids by their source video,
 the name before the metadata tail (``<source>_<class>_u_nm_np1_ba_goo_0``: cuts of one source
 video differ in that tail, not only in the last number); other ids by their name without a trailing
-clip number.
+clip number (``rec7_001``, ``rec7_002``: cuts of one recording), unless that puts more than half of
+a class in one group: then it is a naming scheme (a phone's ``IMG_1234``, ``wave_001``), not a
+recording, and that class's videos are groups of one.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ UCF_GROUP = re.compile(r"_g(\d+)_c\d+$")
 HMDB_TAIL = re.compile(r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$")
 TRAILING_NUMBER = re.compile(r"_\d+$")
 #: the grouping rule's version, part of a carved run's identity: another rule carves other videos
-GROUPING = 2
+GROUPING = 3
 #: the split name that means "held-out validation" (carved from training when the ingest has none)
 VAL_SPLIT = "val"
 
@@ -49,16 +51,33 @@ def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: fl
     """
     if not 0 < fraction < 1:
         raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
-    groups: dict = {}
+    by_class: dict = {}
     for vid, label in dict(zip(video_ids, labels)).items():
-        groups.setdefault(label, {}).setdefault(group_of(vid), []).append(vid)
+        by_class.setdefault(label, []).append(vid)
     held = set()
-    for by_group in groups.values():
+    for vids in by_class.values():
+        by_group = class_groups(vids)
         names = sorted(by_group, key=lambda g: (stable_seed("val-holdout", int(seed), g), g))
         k = min(max(1, round(fraction * len(names))), len(names) - 1)
         for g in names[:k]:
             held.update(by_group[g])
     return held
+
+
+def class_groups(vids: Sequence[str]) -> dict:
+    """One class's videos by group (:func:`group_of`); a trailing-number group holding more than
+    half of the class is a naming scheme, not a recording: those videos are then groups of one
+    (20 of a class's 22 phone videos ``IMG_*`` were held out of training together)."""
+    by_group: dict = {}
+    for vid in vids:
+        by_group.setdefault(group_of(vid), []).append(vid)
+    generic = [g for g, members in by_group.items()
+               if not (UCF_GROUP.search(members[0].rsplit("/", 1)[-1]) or HMDB_TAIL.search(members[0].rsplit("/", 1)[-1]))]
+    if len(vids) > 1 and any(len(by_group[g]) > len(vids) / 2 for g in generic):
+        for g in generic:
+            for vid in by_group.pop(g):
+                by_group.setdefault(vid.rsplit("/", 1)[-1], []).append(vid)
+    return by_group
 
 
 @dataclass(frozen=True)
@@ -84,11 +103,13 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
     ids = read_clips_table(clips_dir, [train_split], columns=["video_id", "label"]).to_pydict()
     videos = frozenset(holdout_videos(ids["video_id"], ids["label"], fraction, seed))
     if not videos:
-        raise ValueError(f"data.val_split is '{VAL_SPLIT}' but {clips_dir} has no such split and no class of split "
-                         f"'{train_split}' has two groups to hold one out: ingest a val split, or name another "
-                         "data.val_split")
+        from dvfl.config import ConfigError
+
+        raise ConfigError(f"data.val_split is '{VAL_SPLIT}' but {clips_dir} has no such split and no class of split "
+                          f"'{train_split}' has two groups of videos to hold one out: ingest a val split "
+                          "(a folder dataset: dvfl ingest --val-fraction), or name another data.val_split")
     return ValSource(train_split, videos, f"'{VAL_SPLIT}': {len(videos)} videos ({fraction:g} of the groups per "
                      f"class, seed {seed}) held out of split '{train_split}'")
 
 
-__all__ = ["group_of", "holdout_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
+__all__ = ["group_of", "class_groups", "holdout_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
