@@ -279,6 +279,21 @@ def test_folder(tmp_path, src_video):
     assert s1 == s2 and 8 <= list(s1.values()).count("test") <= 30
 
 
+def test_a_video_beside_the_class_folders_is_a_reject_not_left_out_unreported(tmp_path, src_video):
+    """root/loose.mp4 was neither an input nor a reject: "written + rejected = inputs" held without it."""
+    root = str(tmp_path / "flat")
+    for rel in ("cats/a.mp4", "dogs/b.mp4", "loose.mp4", "notes.txt"):
+        put(root, rel, src_video)
+    m = A.folder(root)
+    assert {e.video_id for e in m.entries} == {"cats/a", "dogs/b"}
+    assert [(p.reason, p.video_id, p.split) for p in m.problems] == [("unknown_class", "loose", "train")]
+    assert "not inside a class folder" in m.problems[0].detail
+    root2 = str(tmp_path / "split")
+    for rel in ("train/a/1.mp4", "test/a/2.mp4", "train/3.mp4", "4.mov"):
+        put(root2, rel, src_video)
+    assert sorted((p.video_id, p.split) for p in A.folder(root2).problems) == [("4", "train"), ("train/3", "train")]
+
+
 def test_a_class_folder_named_like_a_split_is_refused_not_read_as_the_split(tmp_path, src_video):
     # root/{bus,car,train}: read as one split folder holding no classes; every video vanished unreported
     for rel in ("bus/1.mp4", "car/2.mp4", "train/3.mp4"):
