@@ -28,7 +28,7 @@ from dvfl.data import decode as D
 
 # decode reject reason -> HTTP status: the client sent something we cannot use
 STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 415, D.TRUNCATED: 400,
-          D.CORRUPT: 400, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422,
+          D.CORRUPT: 400, D.NO_VIDEO_STREAM: 415, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422,
           D.BAD_FRAME_SIZE: 422, "too_small": 422}
 
 

@@ -406,3 +406,29 @@ def test_frames_of_an_aspect_no_camera_makes_are_refused_before_their_size_is_al
     wide = write_video(str(tmp_path / "wide.mp4"), n=12, h=32, w=64)  # 2:1, a panorama's: decoded
     res = D.decode_video({**job, "path": wide, "short_side": 32})
     assert res["ok"] and (res["height"], res["width"]) == (32, 64)
+
+
+def test_an_audio_only_file_is_no_video_stream_not_corrupt(tmp_path):
+    """A phone's voice memo saved as .mp4 (AAC, no video track): "corrupt" and decord's internal
+    "Check failed: st_nb >= 0" text; serve answered 400 as if the upload were damaged."""
+    import av
+    import numpy as np
+
+    from dvfl.data import decode as D
+    from dvfl.serve import STATUS
+
+    path = str(tmp_path / "memo.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("aac", rate=16000, layout="mono")
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    job = dict(video_id="v", split="test", frames=8, clips_per_video=1, eval_clips=1, seed=0, short_side=32,
+               min_frames=8, path=path)
+    res = D.decode_video(job)
+    assert not res["ok"] and res["reason"] == "no_video_stream" and "Check failed" not in res["detail"], res
+    assert STATUS["no_video_stream"] == 415

@@ -33,6 +33,7 @@ NOT_VIDEO = "not_video"          # a text file, not a video
 UNKNOWN_CONTAINER = "unknown_container"  # binary, but not one of the supported containers (magic bytes)
 PLAYLIST = "playlist"            # an HLS/DASH/concat/SDP text that makes FFmpeg open other files or URLs
 CORRUPT = "corrupt"              # a video container whose demux/decode fails
+NO_VIDEO_STREAM = "no_video_stream"  # a container with no video stream (an audio-only .mp4/.m4a)
 TRUNCATED = "truncated"          # container declares more bytes than the file holds
 BAD_FRAME_SIZE = "bad_frame_size"  # frames whose aspect ratio no camera makes (a forged or broken header)
 TOO_SHORT = "too_short"          # fewer decodable frames than --min-frames
@@ -776,6 +777,9 @@ def _stored_views(arr: np.ndarray, uniq: np.ndarray, views, src, target, short_s
 
 def _open_in_one_thread(path: str):
     container = _av().open(path)
+    if not container.streams.video:  # (decord's failure on it read "corrupt: ... Check failed: st_nb >= 0")
+        container.close()
+        raise DecodeReject(NO_VIDEO_STREAM, "the container has no video stream (audio only?)")
     stream = container.streams.video[0]
     stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # the same frames every time
     return container, stream
@@ -824,6 +828,8 @@ def _decodable_prefix(path: str, cut: bool = False) -> Tuple[int, float, int]:
                 if n == 0 and frame.rotation:
                     rotation = int(round(frame.rotation)) % 360 if frame.rotation % 90 == 0 else 0
                 n += 1
+    except DecodeReject:
+        raise
     except Exception:
         pass
     return n, fps, rotation
