@@ -84,3 +84,14 @@ def load_model_for(path: str | os.PathLike, name: str | None, num_classes: int,
     path = os.fspath(path)
     return load_model(path, name=name, kwargs=None if storage.isdir(path) else
                       {"num_classes": num_classes, "num_frames": num_frames})
+
+
+def other_class_list(model: str, spec: dict, clips: str, classes: list) -> str | None:
+    """Why a model's outputs are not these clips' labels (a folder records its class names), or None:
+    the same count in another order (another ingest's class list, a renamed class folder) passed
+    every count check and misnamed every score, or distilled swapped classes."""
+    if len(spec.get("classes") or []) != len(classes) or list(spec["classes"]) == list(classes):
+        return None
+    differ = next(i for i, (m, c) in enumerate(zip(spec["classes"], classes)) if m != c)
+    return (f"{model}'s output {differ} is class {spec['classes'][differ]!r}, {clips}'s label {differ} is "
+            f"{classes[differ]!r}: the model was trained on another class list")

@@ -18,7 +18,7 @@ import time
 import yaml
 
 from dvfl import storage
-from dvfl.artifacts import SPEC, load_model, load_model_for, save_model
+from dvfl.artifacts import SPEC, load_model, load_model_for, other_class_list, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, ConfigError, RunConfig
 from dvfl.data.shards import load_dataset_info, median_video_seconds
 from dvfl.models import build_model
@@ -69,12 +69,13 @@ def holdout_identity(cfg: RunConfig) -> dict:
     """What the validation hold-out adds to a model's identity: a different carve (fraction, seed or
     grouping rule) trains on different videos. Absent when nothing is carved: a named split, or an
     ingest with a val split of its own."""
-    from dvfl.data.holdout import GROUPING, VAL_SPLIT
+    from dvfl.data.holdout import VAL_SPLIT, grouping_version, train_videos
     from dvfl.data.shards import shard_paths
 
     if cfg.data.val_split != VAL_SPLIT or shard_paths(cfg.clips_dir, [VAL_SPLIT]):
         return {}
-    return {"val_holdout": [cfg.data.val_fraction, cfg.data.val_seed], "val_groups": GROUPING}
+    return {"val_holdout": [cfg.data.val_fraction, cfg.data.val_seed],
+            "val_groups": grouping_version(*train_videos(cfg.clips_dir, cfg.data.train_split))}
 
 
 def validation_source(cfg: RunConfig):
@@ -466,8 +467,11 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     if cfg.teacher.path:
         model, spec = load_model_for(cfg.teacher.path, cfg.teacher.model, num_classes, cfg.data.frames)
         if model.num_classes != num_classes:
-            raise ValueError(f"teacher.path {cfg.teacher.path} predicts {model.num_classes} classes; "
-                             f"the dataset has {num_classes}")
+            raise ConfigError(f"teacher.path {cfg.teacher.path} predicts {model.num_classes} classes; "
+                              f"the dataset has {num_classes}")
+        other = other_class_list(f"teacher.path {cfg.teacher.path}", spec, cfg.clips_dir, dataset_info["classes"])
+        if other:
+            raise ConfigError(other)
         return cfg.teacher.path, spec
     section = cfg.teacher.train
     # (not the worker count, unlike a student's: a search or a rerun with other scaling reuses its teacher)

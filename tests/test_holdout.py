@@ -14,7 +14,7 @@ import torch
 
 from dvfl import pipeline
 from dvfl.artifacts import load_model, save_model
-from dvfl.data.holdout import class_groups, group_of, holdout_videos, val_source
+from dvfl.data.holdout import class_groups, group_of, grouping_version, holdout_videos, val_source
 from dvfl.data.sampling import pool_videos
 from dvfl.data.shards import read_clips_table
 
@@ -82,9 +82,17 @@ def test_a_phone_naming_scheme_is_not_a_group():
         assert sum(v.startswith("clap/") for v in held) == sum(v.startswith("wave/") for v in held) == 4, seed
         assert sum(v.startswith("jump/") for v in held) == 4  # one recording's 4 cuts, whole
         assert len({v.rsplit("_", 1)[0] for v in held if v.startswith("jump/")}) == 1
+    # recordings stay groups, however unequal (rec1: 10 of 18 cuts); two phones' IMG_0001 are two videos
+    uneven = [f"jump/rec1_{k:03d}" for k in range(10)] + [f"jump/rec2_{k:03d}" for k in range(8)]
+    assert sorted(class_groups(uneven)) == ["rec1", "rec2"] and grouping_version(uneven, [0] * 18) == 2
+    phones = ["c/a/IMG_0001", "c/b/IMG_0001", "c/a/IMG_0002", "c/x/misc"]
+    assert len(class_groups(phones)) == 4 and grouping_version(phones, [0] * 4) == 3
     # UCF groups stay groups even where one holds most of a class
     ucf = [f"A/v_A_g01_c{k:02d}" for k in range(1, 6)] + ["A/v_A_g02_c01"]
     assert sorted(class_groups(ucf)) == ["g01", "g02"]
+    # a model's identity names rule 3 only where it carves otherwise: UCF101's trained models stay valid
+    assert grouping_version(*ucf_ids()) == grouping_version(cuts, [2] * len(cuts)) == 2
+    assert grouping_version(ids, labels) == 3
 
 
 def test_no_role_trains_on_the_validation_videos_and_every_epoch_validates_on_them(prepared):

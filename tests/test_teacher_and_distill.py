@@ -157,6 +157,22 @@ def test_teacher_loading_errors_are_clear(prepared, tmp_path):
     save_model(tmp_path / "five", model, spec["name"], spec["kwargs"])
     with pytest.raises(CacheMismatchError, match="predicts 5 classes"):
         build_teacher_cache(prepared["cfg"].clips_dir, str(tmp_path / "five"), str(tmp_path / "cache5"))
+    # as many classes in another order (a renamed class folder re-sorted): it distilled swapped classes
+    from dvfl import pipeline
+    from dvfl.config import ConfigError
+
+    model, spec = load_model(prepared["teacher"])
+    classes = list(prepared["info"]["classes"])
+    save_model(tmp_path / "swapped", model, spec["name"], spec["kwargs"], classes=[classes[1], classes[0], *classes[2:]])
+    with pytest.raises(CacheMismatchError, match=r"output 0 is class .* label 0 is .* another class list"):
+        build_teacher_cache(prepared["cfg"].clips_dir, str(tmp_path / "swapped"), str(tmp_path / "cache_swapped"))
+    cfg = dataclasses.replace(prepared["cfg"], teacher=dataclasses.replace(prepared["cfg"].teacher,
+                                                                           path=str(tmp_path / "swapped")))
+    with pytest.raises(ConfigError, match=r"teacher\.path .* another class list"):
+        pipeline.ensure_teacher(cfg, prepared["info"])
+    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(tmp_path / "five")))
+    with pytest.raises(ConfigError, match="predicts 5 classes; the dataset has 4"):  # a config error: one line
+        pipeline.ensure_teacher(cfg, prepared["info"])
 
 
 def test_a_teacher_given_as_a_checkpoint_file_is_cached_and_run_online(prepared, tmp_path, ray_local):

@@ -98,7 +98,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
               f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored}, "
               f"or ingest again with --eval-clips {views[0]}", file=sys.stderr)
         return 2
-    from dvfl.artifacts import load_model
+    from dvfl.artifacts import load_model, other_class_list
     from dvfl.models import CheckpointError
     from dvfl.train.evaluate import ProtocolError, evaluate_multiview
 
@@ -112,11 +112,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"error: {a.model} predicts {model.num_classes} classes; {clips} has {len(info['classes'])}",
               file=sys.stderr)
         return 2
-    if spec.get("classes") and list(spec["classes"]) != list(info["classes"]):
-        # the same count in another order (another ingest's class list): every score would be misnamed
-        differ = next(i for i, (m, c) in enumerate(zip(spec["classes"], info["classes"])) if m != c)
-        print(f"error: {a.model}'s output {differ} is class {spec['classes'][differ]!r}, {clips}'s label {differ} is "
-              f"{info['classes'][differ]!r}: the model was trained on another class list", file=sys.stderr)
+    other = other_class_list(a.model, spec, clips, info["classes"])
+    if other:
+        print(f"error: {other}", file=sys.stderr)
         return 2
     # the crop the model was trained on (as predict and serve use it), not the clips' stored short side
     trained_crop = (spec.get("inputs") or {}).get("crop_size") or spec["kwargs"].get("img_size")

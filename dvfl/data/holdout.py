@@ -7,12 +7,13 @@ out of training. Videos of one *group* always land on the same side: UCF101/UCF5
 (``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); HMDB51 ids by their source video,
 the name before the metadata tail (``<source>_<class>_u_nm_np1_ba_goo_0``: cuts of one source
 video differ in that tail, not only in the last number); other ids by their name without a trailing
-clip number (``rec7_001``, ``rec7_002``: cuts of one recording), unless that puts more than half of
-a class in one group: then it is a naming scheme (a phone's ``IMG_1234``, ``wave_001``), not a
-recording, and that class's videos are groups of one.
+clip number (``rec7_001``, ``rec7_002``: cuts of one recording), unless that name has no digit and
+holds more than half of a class: then it is a naming scheme (a phone's ``IMG_1234``, ``wave_001``),
+not a recording, and its videos are groups of one.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,7 +24,9 @@ UCF_GROUP = re.compile(r"_g(\d+)_c\d+$")
 # HMDB51's tail: visible body parts, camera motion, number of people, viewpoint, quality, cut number
 HMDB_TAIL = re.compile(r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$")
 TRAILING_NUMBER = re.compile(r"_\d+$")
-#: the grouping rule's version, part of a carved run's identity: another rule carves other videos
+#: the grouping rule's version, part of a carved run's identity: another rule carves other videos.
+#: 3 (session 33) differs from 2 only where a class's names fall back to groups of one, so a carve
+#: that never does keeps 2 and its trained models (:func:`grouping_version`)
 GROUPING = 3
 #: the split name that means "held-out validation" (carved from training when the ingest has none)
 VAL_SPLIT = "val"
@@ -64,20 +67,66 @@ def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: fl
     return held
 
 
-def class_groups(vids: Sequence[str]) -> dict:
-    """One class's videos by group (:func:`group_of`); a trailing-number group holding more than
-    half of the class is a naming scheme, not a recording: those videos are then groups of one
-    (20 of a class's 22 phone videos ``IMG_*`` were held out of training together)."""
+def grouping_version(video_ids: Sequence[str], labels: Sequence[int]) -> int:
+    """The rule version these videos' carve depends on: :data:`GROUPING` where a class has a naming
+    scheme broken into groups of one (:func:`class_groups`), else 2 (the carve rule 2 made)."""
+    by_class: dict = {}
+    for vid, label in dict(zip(video_ids, labels)).items():
+        by_class.setdefault(label, []).append(vid)
+    return GROUPING if any(_scheme_groups(_named_groups(vids), len(vids)) for vids in by_class.values()) else 2
+
+
+def _named_groups(vids: Sequence[str]) -> dict:
     by_group: dict = {}
     for vid in vids:
         by_group.setdefault(group_of(vid), []).append(vid)
-    generic = [g for g, members in by_group.items()
-               if not (UCF_GROUP.search(members[0].rsplit("/", 1)[-1]) or HMDB_TAIL.search(members[0].rsplit("/", 1)[-1]))]
-    if len(vids) > 1 and any(len(by_group[g]) > len(vids) / 2 for g in generic):
-        for g in generic:
-            for vid in by_group.pop(g):
-                by_group.setdefault(vid.rsplit("/", 1)[-1], []).append(vid)
     return by_group
+
+
+def _scheme_groups(by_group: dict, n: int) -> list:
+    """Trailing-number groups that are a naming scheme, not a recording: a name with no digit of its
+    own (``IMG``, ``VID``, ``wave``, not ``rec7``) holding more than half of the class's ``n`` videos."""
+    return [g for g, members in by_group.items()
+            if len(members) > 1 and len(members) > n / 2 and not any(ch.isdigit() for ch in g)
+            and TRAILING_NUMBER.search(members[0].rsplit("/", 1)[-1])
+            and not HMDB_TAIL.search(members[0].rsplit("/", 1)[-1])]
+
+
+def class_groups(vids: Sequence[str]) -> dict:
+    """One class's videos by group (:func:`group_of`), except that a naming scheme's "group"
+    (:func:`_scheme_groups`: 20 of a class's 22 phone videos ``IMG_*`` were held out of training
+    together) becomes groups of one, keyed by the video's id (two phones' ``IMG_0001`` are two)."""
+    by_group = _named_groups(vids)
+    for g in _scheme_groups(by_group, len(vids)):
+        for vid in by_group.pop(g):
+            by_group[f"video {vid}"] = [vid]
+    return by_group
+
+
+def train_videos(clips_dir: str, split: str) -> tuple:
+    """(video ids, labels) of a split's clips, read once per ingest (its fingerprint) in a process:
+    a run asked for them ~20 times, each a read of every shard (on s3, a request per shard)."""
+    from dvfl.data.shards import load_dataset_info
+
+    try:
+        fingerprint = load_dataset_info(clips_dir).get("fingerprint")
+    except (OSError, ValueError):
+        fingerprint = None
+    if fingerprint is None:
+        return _read_train_videos(clips_dir, split)
+    return _train_videos_of(clips_dir, split, fingerprint)
+
+
+def _read_train_videos(clips_dir: str, split: str) -> tuple:
+    from dvfl.data.shards import read_clips_table
+
+    ids = read_clips_table(clips_dir, [split], columns=["video_id", "label"]).to_pydict()
+    return tuple(ids["video_id"]), tuple(ids["label"])
+
+
+@functools.lru_cache(maxsize=4)
+def _train_videos_of(clips_dir: str, split: str, fingerprint: str) -> tuple:
+    return _read_train_videos(clips_dir, split)
 
 
 @dataclass(frozen=True)
@@ -96,12 +145,12 @@ class ValSource:
 def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float, seed: int) -> ValSource:
     """Resolve ``data.val_split``: an existing split is used whole; ``val`` without such a split in
     the ingest output is carved out of ``train_split`` (:func:`holdout_videos`)."""
-    from dvfl.data.shards import read_clips_table, shard_paths
+    from dvfl.data.shards import shard_paths
 
     if val_split != VAL_SPLIT or shard_paths(clips_dir, [val_split]):
         return ValSource(val_split, None, f"split '{val_split}'")
-    ids = read_clips_table(clips_dir, [train_split], columns=["video_id", "label"]).to_pydict()
-    videos = frozenset(holdout_videos(ids["video_id"], ids["label"], fraction, seed))
+    video_ids, labels = train_videos(clips_dir, train_split)
+    videos = frozenset(holdout_videos(video_ids, labels, fraction, seed))
     if not videos:
         from dvfl.config import ConfigError
 
@@ -112,4 +161,4 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
                      f"class, seed {seed}) held out of split '{train_split}'")
 
 
-__all__ = ["group_of", "class_groups", "holdout_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
+__all__ = ["group_of", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
