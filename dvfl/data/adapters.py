@@ -649,11 +649,12 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
                         split = "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
                     _add(m, vid, path, lab, cls, split)
     # a video beside the class folders has no class: a reject, not silently left out of "inputs"
+    # (outside the ingest fingerprint: an ingest made before these were listed keeps its own)
     for split_dir, base in ([(None, root)] if split_dirs else []) + bases:
         loose = sorted(n for n in os.listdir(base) if _is_video(n) and os.path.isfile(os.path.join(base, n)))
         for n, last in zip(loose, _id_parts(loose)):
             vid = os.path.relpath(os.path.join(base, last), root).replace(os.sep, "/")
-            m.problems.append(Problem(_d.UNKNOWN_CLASS, os.path.join(base, n), vid,
+            m.problems.append(Problem(_d.NO_CLASS, os.path.join(base, n), vid,
                                       "not inside a class folder: no label (move it into one)", split_dir or "train"))
     return m
 

@@ -43,6 +43,7 @@ DECODER_CRASH = "decoder_crash"  # the decoder process died (segfault/abort) on 
 DECODER_KILLED = "decoder_killed"  # the decoder process was SIGKILLed twice (OOM killer) on this file
 # manifest-level reasons, produced by the adapters
 UNKNOWN_CLASS = "unknown_class"
+NO_CLASS = "no_class"              # a folder dataset's video beside the class folders, in none of them
 LABEL_OUT_OF_RANGE = "label_out_of_range"
 LABEL_MISMATCH = "label_mismatch"
 BAD_LINE = "bad_line"
