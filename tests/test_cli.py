@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import runpy
 import subprocess
 import sys
@@ -286,6 +287,28 @@ def test_gpu_training_asked_on_a_machine_without_one_is_refused_before_work(tmp_
                  "--set", "scaling.use_gpu=true"]) == 2
     assert "is not a finished ingest output" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in ("c", "p"))
+
+
+def test_own_clips_with_no_config_are_refused_not_trained_with_the_embedded_recipe(tmp_path, capsys):
+    """`dvfl distill --clips MINE` with no --config trained the demo's 16-wide student, 12 runs, with
+    its 8-class teacher (a user's first try); the default's own generated clips stay accepted."""
+    from dvfl.cli import main
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "dataset.json").write_text(json.dumps({"dataset": "folder", "classes": ["a", "b"], "params": {}}))
+    assert main(["distill", "--clips", str(clips), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"data.clips {clips} holds folder clips" in err and "give --config" in err and "Traceback" not in err, err
+    for how in (["--set", f"data.clips={clips}"], ["--set", "data.dataset=folder", "--set", f"data.root={tmp_path}"]):
+        assert main(["distill", *how, "--out", str(tmp_path / "run")]) == 2
+        assert "with no --config the embedded default's recipe" in capsys.readouterr().err, how
+    assert not (tmp_path / "run").exists()
+    (clips / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "classes": ["a", "b"], "shards": [],
+                                                    "params": {"frames": 8, "short_side": 16, "eval_clips": 1}}))
+    assert main(["distill", "--clips", str(clips), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err  # the default's own clips pass on to the check of what they hold
+    assert "holds synthetic clips" not in err and "data.short_side is 32, the clips were stored at short side 16" in err
 
 
 def test_training_that_the_local_ray_cannot_place_is_refused(monkeypatch):

@@ -54,6 +54,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.cli import announce_job_outputs, generate_videos
 
     try:  # given clips or teacher that the config does not describe: refused before Ray starts or a file is written
+        if not a.config:
+            refuse_own_data_under_the_embedded_recipe(cfg)
         pipeline.check_given_inputs(cfg)
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -80,3 +82,22 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             pipeline.run_all(cfg, started=started)
     print(f"[distill] finished in {time.time() - started:.0f}s; results in {cfg.output_dir}")
     return 0
+
+
+def refuse_own_data_under_the_embedded_recipe(cfg) -> None:
+    """One's own clips or videos (``--clips``, ``--set data.clips=`` or ``data.dataset``) with no
+    ``--config`` trained the embedded default's recipe on them (a 16-wide student, 3 seeds x 4
+    students, its 8-class teacher): refused. The default's own clips (on s3, say) are fine."""
+    from dvfl.data.shards import load_dataset_info
+
+    dataset = cfg.data.dataset
+    if dataset == "synthetic" and cfg.data.clips:
+        try:
+            dataset = load_dataset_info(cfg.clips_dir).get("dataset") or dataset
+        except (OSError, ValueError):
+            return  # check_given_inputs names a missing or unfinished ingest
+    if dataset != "synthetic":
+        where = f"data.clips {cfg.clips_dir} holds {dataset} clips" if cfg.data.clips else f"data.dataset is {dataset}"
+        raise ConfigError(f"{where}, and with no --config the embedded default's recipe would train on them (its "
+                          "tiny student, its 8-class teacher): give --config, e.g. a copy of configs/ucf101_base.yaml "
+                          "with your data, classes and teacher")
