@@ -162,9 +162,27 @@ class Predictor:
         res = self.decode(path, views[0])
         clips = [v[3] for v in res["views"]]
         probs = self.probabilities(clips, views[1])
-        return {"path": path, "topk": [[c, round(p, 6)] for c, p in self.topk(probs, k)],
-                "frames": res["src_num_frames"], "fps": res["src_fps"],
-                "seconds": round(time.perf_counter() - t0, 4)}
+        out = {"path": path, "topk": [[c, round(p, 6)] for c, p in self.topk(probs, k)],
+               "frames": res["src_num_frames"], "fps": res["src_fps"],
+               "seconds": round(time.perf_counter() - t0, 4)}
+        note = self.length_note(res["src_num_frames"], res["src_fps"])
+        return {**out, "note": note} if note else out
+
+    def length_note(self, frames: int, fps: float) -> str | None:
+        """A warning where a clip's T frames spread over a video far longer than the training videos
+        (a 40-minute recording: a frame every 5 minutes), whose top-k then means little."""
+        if not (self.video_seconds and fps and frames):
+            return None
+        seconds = frames / fps
+        if seconds <= LONG_VIDEO_FACTOR * self.video_seconds:
+            return None
+        return (f"{seconds:.0f} s long, {seconds / self.video_seconds:.0f}x the training videos' median "
+                f"{self.video_seconds:.1f} s: each clip's {self.frames} frames span the whole file (cut it into "
+                "pieces of about the training videos' length)")
+
+
+#: a video this many times longer than the training videos' median gets a note (its clips are sparse)
+LONG_VIDEO_FACTOR = 4.0
 
 
 def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:

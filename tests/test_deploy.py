@@ -81,6 +81,20 @@ def test_predict_names_a_file_whose_name_is_not_utf8(prepared, tmp_path):
     assert len(lines) == 2 and lines[0].startswith(f"{tmp_path}/caf\\xe9.mp4: ") and lines[1].startswith(f"{src}: ")
 
 
+def test_predict_notes_a_video_far_longer_than_the_training_videos(prepared, video_factory, tmp_path):
+    """A clip's 8 frames spread over the whole file: a 40-minute recording got a frame every 5 minutes
+    and a confident top-k, with nothing said (the training videos are 2 s: 16 frames at 8 fps)."""
+    long = video_factory(str(tmp_path / "long.mp4"), n=40, h=32, w=32, fps=4)  # 10 s: 5x
+    usual = video_factory(str(tmp_path / "usual.mp4"), n=16, h=32, w=32, fps=8)  # 2 s
+    out = tmp_path / "p.json"
+    r = run_cli("predict.py", "--model", prepared["teacher"], long, usual, "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert f"{long}: note: 10 s long, 5x the training videos' median 2.0 s" in r.stderr, r.stderr
+    assert "usual.mp4: note" not in r.stderr and len(r.stdout.strip().splitlines()) == 2
+    notes = [x.get("note") for x in json.loads(out.read_text())]
+    assert notes[0].startswith("10 s long") and notes[1] is None
+
+
 def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path):
     """40 frames, windows of 8 every 4 frames: windows end at frames 8, 12, ..., 40 -> 9 windows,
     each printed with its latency; frames arrive at the file's 40 fps (about 1 s of stream)."""

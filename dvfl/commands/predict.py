@@ -107,8 +107,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 results.append({"path": shown, "error": str(exc)})
                 print(f"{shown}: error: {exc}", file=sys.stderr)
                 continue
-            results.append({"path": shown, "topk": r["topk"]})
+            results.append({"path": shown, "topk": r["topk"], **({"note": r["note"]} if r.get("note") else {})})
             print(f"{shown}: " + ", ".join(f"{c} {q:.3f}" for c, q in r["topk"]))
+            if r.get("note"):
+                print(f"{shown}: note: {r['note']}", file=sys.stderr)
         if a.json:
             write_json(a.json, results)
         if failed:
