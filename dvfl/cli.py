@@ -302,6 +302,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     few or damaged clips, a folder another command is writing), found through Ray's wrappers (a
     runner's RayTaskError, a worker group's TrainingFailedError), to print as one line instead of a
     traceback through Ray's internals; None for anything else."""
+    from dvfl.data.holdout import HoldoutError
     from dvfl.data.shards import CorruptShardError, IncompleteClipsError
     from dvfl.locks import FolderBusyError
     from dvfl.pipeline import TeacherGateError
@@ -310,7 +311,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     from dvfl.train.loop import TrainingDiverged
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
-             IncompleteClipsError, FolderBusyError)
+             IncompleteClipsError, FolderBusyError, HoldoutError)
     return _behind(exc, known)
 
 

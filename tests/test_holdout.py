@@ -95,6 +95,18 @@ def test_a_phone_naming_scheme_is_not_a_group():
     assert grouping_version(ids, labels) == 3
 
 
+def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback():
+    """Every class one group (or one video): a ValueError through Ray's wrappers printed a traceback."""
+    from dvfl.cli import actionable_failure
+    from dvfl.data.holdout import HoldoutError
+
+    assert holdout_videos(["a/x", "b/y"], [0, 1], 0.2) == set()
+    err = HoldoutError("data.val_split is 'val' but ...")
+    wrapped = RuntimeError("a Ray wrapper")
+    wrapped.__cause__ = err
+    assert actionable_failure(wrapped) is err and actionable_failure(ValueError("other")) is None
+
+
 def test_no_role_trains_on_the_validation_videos_and_every_epoch_validates_on_them(prepared):
     """The shared teacher trained with the default config: its per-epoch validation read exactly the
     held-out clips (not the 16 test clips) and its training clips exclude them."""

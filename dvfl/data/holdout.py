@@ -129,6 +129,10 @@ def _train_videos_of(clips_dir: str, split: str, fingerprint: str) -> tuple:
     return _read_train_videos(clips_dir, split)
 
 
+class HoldoutError(ValueError):
+    """No validation can be carved (every class a single group): a setting to change, one line."""
+
+
 @dataclass(frozen=True)
 class ValSource:
     """Where validation clips come from: a split of their own, or held-out training videos."""
@@ -152,13 +156,11 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
     video_ids, labels = train_videos(clips_dir, train_split)
     videos = frozenset(holdout_videos(video_ids, labels, fraction, seed))
     if not videos:
-        from dvfl.config import ConfigError
-
-        raise ConfigError(f"data.val_split is '{VAL_SPLIT}' but {clips_dir} has no such split and no class of split "
-                          f"'{train_split}' has two groups of videos to hold one out: ingest a val split "
-                          "(a folder dataset: dvfl ingest --val-fraction), or name another data.val_split")
+        raise HoldoutError(f"data.val_split is '{VAL_SPLIT}' but {clips_dir} has no such split and no class of split "
+                           f"'{train_split}' has two groups of videos to hold one out: ingest a val split "
+                           "(a folder dataset: dvfl ingest --val-fraction), or name another data.val_split")
     return ValSource(train_split, videos, f"'{VAL_SPLIT}': {len(videos)} videos ({fraction:g} of the groups per "
                      f"class, seed {seed}) held out of split '{train_split}'")
 
 
-__all__ = ["group_of", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
+__all__ = ["HoldoutError", "group_of", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
