@@ -14,7 +14,7 @@ from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
 from dvfl.runtime import signal_handlers_kept
-from dvfl.data.shards import parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
+from dvfl.data.shards import keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
 
@@ -27,33 +27,6 @@ class Scaling:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     resources: dict | None = None  # custom resources per worker (e.g. a node-type marker)
-
-
-def keep_clips(ds, clip_ids: set):
-    """``ds`` without the rows whose ``clip_id`` is not in ``clip_ids``. The set goes to the object
-    store once and each read worker fetches it once: as a filter expression (``is_in``) Ray Data
-    pickled it into every read task of every epoch (~15 MB x 15,000 shards on Kinetics-400)."""
-    import ray
-
-    ref = ray.put(frozenset(clip_ids))
-    # in a list: a ref nested in an argument reaches the function as a ref, fetched once per process
-    return ds.map_batches(_rows_of_clips, fn_kwargs={"ids": [ref]}, batch_format="pyarrow", batch_size=None)
-
-
-_CLIP_SETS: dict = {}  # per worker process: the id sets of the runs its read tasks served last
-
-
-def _rows_of_clips(batch, ids):
-    import pyarrow as pa
-    import ray
-
-    key = ids[0].hex()
-    wanted = _CLIP_SETS.get(key)
-    if wanted is None:
-        while len(_CLIP_SETS) >= 4:  # two concurrent runs' train and val sets
-            _CLIP_SETS.pop(next(iter(_CLIP_SETS)))
-        wanted = _CLIP_SETS[key] = ray.get(ids[0])
-    return batch.filter(pa.array([c in wanted for c in batch.column("clip_id").to_pylist()], type=pa.bool_()))
 
 
 def quiet_data_progress() -> None:
