@@ -192,6 +192,7 @@ def test_tune_search_as_typed_after_the_demo(demo, checkout):
     epochs = [i for i, line in enumerate(lines) if re.match(r"\[trial \w+\] epoch 1/1: loss ", line)]
     ids = {re.match(r"\[trial (\w+)\]", lines[i]).group(1) for i in epochs}
     assert len(epochs) == 2 and ids == {row["trial_id"] for row in summary["rows"]}, r.stdout[-3000:]
+    assert all(re.search(r" on cpu, (?:fp32|bf16)$", lines[i]) for i in epochs), [lines[i] for i in epochs]
     assert max(epochs) < next(i for i, line in enumerate(lines) if line.startswith("[tune] best:"))
 
 

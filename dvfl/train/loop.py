@@ -587,11 +587,11 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             val_started = time.time()
             metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp))
             metrics["val_seconds"] = time.time() - val_started
+            metrics["device"] = device_and_precision(run.device, run.amp)  # (Tune's epoch lines print it too)
             run.history.append(metrics)
             _save_state(ckpt_dir, run, epoch)
             if cfg.print_epochs:
-                where = "" if run.told_where else device_and_precision(run.device, run.amp)
-                say(epoch_line(cfg.label, metrics, cfg.optim.epochs, where))
+                say(epoch_line(cfg.label, metrics, cfg.optim.epochs, "" if run.told_where else metrics["device"]))
                 run.told_where = True
             if writer is not None:
                 for k, v in metrics.items():

@@ -88,9 +88,14 @@ def epoch_lines_callback(epochs: int):
     from dvfl.train.loop import epoch_line
 
     class EpochLines(tune.Callback):
+        def __init__(self):
+            self.told = set()  # trials whose first line named the device
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "train_loss" in result and "val_top1" in result:
-                line = epoch_line(trial_label(trial.trial_id, trial.config.get("front")), result, epochs)
+                where = "" if trial.trial_id in self.told else result.get("device", "")
+                self.told.add(trial.trial_id)
+                line = epoch_line(trial_label(trial.trial_id, trial.config.get("front")), result, epochs, where)
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
 
