@@ -75,7 +75,7 @@ def holdout_identity(cfg: RunConfig) -> dict:
     if cfg.data.val_split != VAL_SPLIT or shard_paths(cfg.clips_dir, [VAL_SPLIT]):
         return {}
     return {"val_holdout": [cfg.data.val_fraction, cfg.data.val_seed],
-            "val_groups": grouping_version(*train_videos(cfg.clips_dir, cfg.data.train_split))}
+            "val_groups": grouping_version(*train_videos(cfg.clips_dir, cfg.data.train_split), cfg.data.val_fraction)}
 
 
 def validation_source(cfg: RunConfig):

@@ -68,39 +68,48 @@ def test_hmdb_cuts_of_one_source_video_share_a_side():
     assert len(held) == 9 and len({v.rsplit("_", 1)[0] for v in held}) == 3
 
 
-def test_a_phone_naming_scheme_is_not_a_group():
-    """IMG_1234.MOV, wave_001.mp4: stripping the number put (most of) a class in one group, held out
-    whole: 20 of a class's 22 videos left training, another class gave validation one video."""
+def test_a_naming_scheme_is_not_a_group_however_the_camera_names_its_files():
+    """IMG_1234.MOV, wave_001.mp4, VID_20240105_143012.mp4: stripping the number put (most of) a class
+    in one group, held out whole: 20 of a class's 22 videos left training; two cameras (IMG_, MVI_) in
+    every class: one camera's videos left training in every class alike."""
     clap = [f"clap/IMG_{n}" for n in range(1200, 1220)] + ["clap/party", "clap/concert"]
     wave = [f"wave/wave_{n:03d}" for n in range(1, 23)]
-    cuts = [f"jump/rec{r}_{k:03d}" for r in range(6) for k in range(4)]  # cuts of 6 recordings: groups
-    assert len(class_groups(clap)) == 22 and len(class_groups(wave)) == 22 and len(class_groups(cuts)) == 6
-    ids = clap + wave + cuts
-    labels = [0] * len(clap) + [1] * len(wave) + [2] * len(cuts)
+    day = [f"run/VID_20240105_{143000 + n}" for n in range(20)] + [f"run/VID_20240106_{90000 + n}" for n in range(2)]
+    cuts = [f"jump/rec{r}_{k:03d}" for r in range(6) for k in range(4)]  # 6 recordings of 4 cuts: groups
+    assert len(class_groups(clap, 0.2)) == len(class_groups(wave, 0.2)) == 22
+    assert len(class_groups(day, 0.2)) == 21 and len(class_groups(cuts, 0.2)) == 6  # the small day stays a group
+    ids = clap + wave + day + cuts
+    labels = [0] * 22 + [1] * 22 + [2] * 22 + [3] * 24
     for seed in range(5):
         held = holdout_videos(ids, labels, 0.2, seed=seed)
-        assert sum(v.startswith("clap/") for v in held) == sum(v.startswith("wave/") for v in held) == 4, seed
+        for c in ("clap/", "wave/", "run/"):
+            assert 2 <= sum(v.startswith(c) for v in held) <= 5, (seed, c, sorted(held))
         assert sum(v.startswith("jump/") for v in held) == 4  # one recording's 4 cuts, whole
         assert len({v.rsplit("_", 1)[0] for v in held if v.startswith("jump/")}) == 1
-    # recordings stay groups, however unequal (rec1: 10 of 18 cuts); two phones' IMG_0001 are two videos
-    uneven = [f"jump/rec1_{k:03d}" for k in range(10)] + [f"jump/rec2_{k:03d}" for k in range(8)]
-    assert sorted(class_groups(uneven)) == ["rec1", "rec2"] and grouping_version(uneven, [0] * 18) == 2
-    phones = ["c/a/IMG_0001", "c/b/IMG_0001", "c/a/IMG_0002", "c/x/misc"]
-    assert len(class_groups(phones)) == 4 and grouping_version(phones, [0] * 4) == 3
+    cameras = {c: [f"{c}/IMG_{n:04d}" for n in range(11)] + [f"{c}/MVI_{n:04d}" for n in range(11)] for c in "ab"}
+    for seed in range(5):
+        held = holdout_videos(cameras["a"] + cameras["b"], [0] * 22 + [1] * 22, 0.2, seed=seed)
+        assert all(sum(v.startswith(f"{c}/") for v in held) == 4 for c in "ab"), sorted(held)
+    # two phones' IMG_0001 (other sub-folders) are two videos
+    assert len(class_groups(["c/a/IMG_0001", "c/b/IMG_0001", "c/a/IMG_0002", "c/x/misc"], 0.2)) == 4
     # UCF groups stay groups even where one holds most of a class
     ucf = [f"A/v_A_g01_c{k:02d}" for k in range(1, 6)] + ["A/v_A_g02_c01"]
-    assert sorted(class_groups(ucf)) == ["g01", "g02"]
+    assert sorted(class_groups(ucf, 0.2)) == ["g01", "g02"]
     # a model's identity names rule 3 only where it carves otherwise: UCF101's trained models stay valid
-    assert grouping_version(*ucf_ids()) == grouping_version(cuts, [2] * len(cuts)) == 2
-    assert grouping_version(ids, labels) == 3
+    assert grouping_version(*ucf_ids(), 0.2) == grouping_version(cuts, [3] * len(cuts), 0.2) == 2
+    assert grouping_version(ids, labels, 0.2) == 3
 
 
-def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback():
+def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback(monkeypatch, tmp_path):
     """Every class one group (or one video): a ValueError through Ray's wrappers printed a traceback."""
     from dvfl.cli import actionable_failure
     from dvfl.data.holdout import HoldoutError
 
-    assert holdout_videos(["a/x", "b/y"], [0, 1], 0.2) == set()
+    from dvfl.data import holdout
+
+    monkeypatch.setattr(holdout, "train_videos", lambda clips_dir, split: (("a/x", "b/y"), (0, 1)))
+    with pytest.raises(HoldoutError, match="no class of split 'train' has two groups"):
+        val_source(str(tmp_path), "val", "train", 0.2, 0)
     err = HoldoutError("data.val_split is 'val' but ...")
     wrapped = RuntimeError("a Ray wrapper")
     wrapped.__cause__ = err

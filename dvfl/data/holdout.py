@@ -7,9 +7,10 @@ out of training. Videos of one *group* always land on the same side: UCF101/UCF5
 (``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); HMDB51 ids by their source video,
 the name before the metadata tail (``<source>_<class>_u_nm_np1_ba_goo_0``: cuts of one source
 video differ in that tail, not only in the last number); other ids by their name without a trailing
-clip number (``rec7_001``, ``rec7_002``: cuts of one recording), unless that name has no digit and
-holds more than half of a class: then it is a naming scheme (a phone's ``IMG_1234``, ``wave_001``),
-not a recording, and its videos are groups of one.
+clip number (``rec7_001``, ``rec7_002``: cuts of one recording), except that such a group holding
+more than twice the validation fraction of its class is split into groups of one: held out whole
+it would take that share of the class out of training (a phone's ``IMG_1234``, a camera's
+``MVI_0042``, a day's ``VID_20240105_143012``, ``wave_001``: naming schemes, not recordings).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ UCF_GROUP = re.compile(r"_g(\d+)_c\d+$")
 HMDB_TAIL = re.compile(r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$")
 TRAILING_NUMBER = re.compile(r"_\d+$")
 #: the grouping rule's version, part of a carved run's identity: another rule carves other videos.
-#: 3 (session 33) differs from 2 only where a class's names fall back to groups of one, so a carve
-#: that never does keeps 2 and its trained models (:func:`grouping_version`)
+#: 3 (session 33) differs from 2 only where a class has an oversized trailing-number group, so a
+#: carve that has none keeps 2 and its trained models (:func:`grouping_version`)
 GROUPING = 3
 #: the split name that means "held-out validation" (carved from training when the ingest has none)
 VAL_SPLIT = "val"
@@ -47,19 +48,16 @@ def group_of(video_id: str) -> str:
 def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int = 0) -> set:
     """The training videos held out for validation.
 
-    Per class, the class's groups are ranked by a seeded hash of the group name (the same order
-    in every class, so UCF groups ``gNN`` are held out across classes alike) and the first
-    ``round(fraction * groups)`` (at least 1, and never all: a class keeps a training group) are
-    held out whole. Reproducible, independent of row order, balanced over classes.
+    Per class, the class's groups (:func:`class_groups`) are ranked by a seeded hash of the group
+    name (the same order in every class, so UCF groups ``gNN`` are held out across classes alike)
+    and the first ``round(fraction * groups)`` (at least 1, and never all: a class keeps a training
+    group) are held out whole. Reproducible, independent of row order, balanced over classes.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
-    by_class: dict = {}
-    for vid, label in dict(zip(video_ids, labels)).items():
-        by_class.setdefault(label, []).append(vid)
     held = set()
-    for vids in by_class.values():
-        by_group = class_groups(vids)
+    for vids in _by_class(video_ids, labels).values():
+        by_group = class_groups(vids, fraction)
         names = sorted(by_group, key=lambda g: (stable_seed("val-holdout", int(seed), g), g))
         k = min(max(1, round(fraction * len(names))), len(names) - 1)
         for g in names[:k]:
@@ -67,13 +65,11 @@ def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: fl
     return held
 
 
-def grouping_version(video_ids: Sequence[str], labels: Sequence[int]) -> int:
-    """The rule version these videos' carve depends on: :data:`GROUPING` where a class has a naming
-    scheme broken into groups of one (:func:`class_groups`), else 2 (the carve rule 2 made)."""
+def _by_class(video_ids: Sequence[str], labels: Sequence[int]) -> dict:
     by_class: dict = {}
     for vid, label in dict(zip(video_ids, labels)).items():
         by_class.setdefault(label, []).append(vid)
-    return GROUPING if any(_scheme_groups(_named_groups(vids), len(vids)) for vids in by_class.values()) else 2
+    return by_class
 
 
 def _named_groups(vids: Sequence[str]) -> dict:
@@ -83,24 +79,29 @@ def _named_groups(vids: Sequence[str]) -> dict:
     return by_group
 
 
-def _scheme_groups(by_group: dict, n: int) -> list:
-    """Trailing-number groups that are a naming scheme, not a recording: a name with no digit of its
-    own (``IMG``, ``VID``, ``wave``, not ``rec7``) holding more than half of the class's ``n`` videos."""
-    return [g for g, members in by_group.items()
-            if len(members) > 1 and len(members) > n / 2 and not any(ch.isdigit() for ch in g)
-            and TRAILING_NUMBER.search(members[0].rsplit("/", 1)[-1])
-            and not HMDB_TAIL.search(members[0].rsplit("/", 1)[-1])]
-
-
-def class_groups(vids: Sequence[str]) -> dict:
-    """One class's videos by group (:func:`group_of`), except that a naming scheme's "group"
-    (:func:`_scheme_groups`: 20 of a class's 22 phone videos ``IMG_*`` were held out of training
-    together) becomes groups of one, keyed by the video's id (two phones' ``IMG_0001`` are two)."""
+def class_groups(vids: Sequence[str], fraction: float) -> dict:
+    """One class's videos by group (:func:`group_of`), except that a trailing-number group holding
+    more than ``2 * fraction`` of the class becomes groups of one, keyed by the video's id: held out
+    whole it took that share of the class out of training (20 of 22 phone videos ``IMG_*``; one of
+    two cameras, ``IMG_*`` and ``MVI_*``, in every class alike). UCF and HMDB51 groups are kept."""
     by_group = _named_groups(vids)
-    for g in _scheme_groups(by_group, len(vids)):
+    for g in [g for g, members in by_group.items()
+              if len(members) > 1 and len(members) > 2 * fraction * len(vids) and _trailing_number_group(members[0])]:
         for vid in by_group.pop(g):
             by_group[f"video {vid}"] = [vid]
     return by_group
+
+
+def _trailing_number_group(video_id: str) -> bool:
+    name = video_id.rsplit("/", 1)[-1]
+    return bool(TRAILING_NUMBER.search(name)) and not UCF_GROUP.search(name) and not HMDB_TAIL.search(name)
+
+
+def grouping_version(video_ids: Sequence[str], labels: Sequence[int], fraction: float) -> int:
+    """The rule version these videos' carve depends on: :data:`GROUPING` where a class's groups
+    differ from rule 2's (an oversized trailing-number group split, :func:`class_groups`), else 2."""
+    return GROUPING if any(class_groups(vids, fraction) != _named_groups(vids)
+                           for vids in _by_class(video_ids, labels).values()) else 2
 
 
 def train_videos(clips_dir: str, split: str) -> tuple:
