@@ -267,7 +267,6 @@ class _Run:
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
-    told_where: bool = False  # the first epoch line this process prints names the device
 
 
 @dataclass
@@ -591,8 +590,8 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             run.history.append(metrics)
             _save_state(ckpt_dir, run, epoch)
             if cfg.print_epochs:
-                say(epoch_line(cfg.label, metrics, cfg.optim.epochs, "" if run.told_where else metrics["device"]))
-                run.told_where = True
+                # the first epoch this process trains (a resumed run's too) names the device
+                say(epoch_line(cfg.label, metrics, cfg.optim.epochs, metrics["device"] if epoch == run.start_epoch else ""))
             if writer is not None:
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "epoch":
