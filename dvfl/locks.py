@@ -10,8 +10,10 @@ The lock is ``flock`` on a file named after the folder's real path in this user'
 folder, ``~/.cache/dvfl/locks`` (``$XDG_CACHE_HOME``; not in the folder: a shared or read-only
 cache, or a folder a refusal must leave untouched, gets nothing written). The kernel releases it when its holder dies
 (SIGKILL included), so a lock is never stale; a holder that lets go removes its file. It holds between this user's processes on one
-machine (the head node runs every job's driver); object stores (``s3://``, ``gs://``) have no
-such lock, and nothing is held for a URI.
+machine (the head node runs every job's driver). An object-store folder (``s3://``, ``gs://``) is
+locked the same way, keyed by its URI (and the S3 endpoint): two jobs of one cluster, or two
+terminals of one laptop, are kept apart; two machines writing one prefix are not (object stores
+have no lock that dies with its holder).
 """
 from __future__ import annotations
 
@@ -41,8 +43,7 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
     (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
     what the first one finished; ``log`` None: silently). Re-entrant in one process; the folder
     need not exist."""
-    local = storage.local_path(folder)
-    key = None if local is None else os.path.realpath(local)
+    key = _key(folder)
     if key in _held:  # a stage nested in a command that holds it already
         _held[key] += 1
         try:
@@ -50,7 +51,7 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
         finally:
             _held[key] -= 1
         return
-    lock = None if key is None else _lock_file(key)
+    lock = _lock_file(key)
     if lock is None:
         yield
         return
@@ -71,6 +72,19 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)  # still held: a process waiting on this file finds it gone and locks a new one
         os.close(fd)  # releases the lock
+
+
+def _key(folder: str) -> str:
+    """What names ``folder`` on this machine: its real path, or its normalised URI (the S3 endpoint
+    included: one bucket name on two servers is two folders)."""
+    local = storage.local_path(folder)
+    if local is not None:
+        return os.path.realpath(local)
+    scheme, _, rest = os.fspath(folder).partition("://")
+    scheme = {"s3a": "s3", "gcs": "gs"}.get(scheme.lower(), scheme.lower())
+    rest = rest.rstrip("/")  # as storage.filesystem reads it
+    endpoint = (storage.s3_endpoint() or "") if scheme == "s3" else ""
+    return f"{scheme}://{rest}" + (f" at {endpoint}" if endpoint else "")
 
 
 def _locked_fd(lock: str, folder: str, what: str, wait: bool, log) -> int:

@@ -270,7 +270,7 @@ def _hold_lock(folder, seconds: float, what: str = "run") -> subprocess.Popen:
     return holder
 
 
-def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when_it_dies(tmp_path):
+def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when_it_dies(tmp_path, monkeypatch):
     """A resubmitted job beside a running one: the second command is refused naming the first
     (or waits for it: ingest, cache), nested stages of one process share the lock, and a holder
     killed with SIGKILL frees it (the kernel drops a dead process's flock: never stale)."""
@@ -302,8 +302,22 @@ def test_a_folder_another_process_writes_is_refused_or_waited_for_and_freed_when
         assert time.time() - started > 1.5  # held until the other let go
     holder.wait()
     assert len(said) == 1 and "waiting for it to end" in said[0], said
-    with folder_lock("s3://bucket/prefix", "run"):  # object stores: no lock, nothing written
-        pass
+    # an object-store prefix is locked on this machine by its URI and endpoint (nothing written to the store)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    uri_holder = _hold_lock("s3://bucket/prefix", 60)
+    try:
+        with pytest.raises(FolderBusyError, match=rf"s3://bucket/prefix/ is in use by another run \(pid {uri_holder.pid} "):
+            with folder_lock("s3://bucket/prefix/", "run"):  # the same prefix, written another way
+                pass
+        with folder_lock("s3://bucket/prefix2", "run"), folder_lock("gs://bucket/prefix", "run"):
+            pass
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the same bucket on another server
+        with folder_lock("s3://bucket/prefix", "run"):
+            pass
+    finally:
+        uri_holder.kill()
+        uri_holder.wait()
     # nothing is written into the folder (a shared or read-only cache, a folder a refusal leaves as it was)
     assert sorted(p.name for p in tmp_path.iterdir()) == [] and not (tmp_path / "new").exists()
     with folder_lock(str(tmp_path / "new"), "run"):
