@@ -432,6 +432,18 @@ class RunConfig:
         for split_field in ("train_split", "val_split", "test_split"):
             if getattr(self.data, split_field) == "unlabeled":  # clips without labels: nothing to learn or score
                 fail(f"data.{split_field}", "must not be 'unlabeled' (the unlabelled pool; see data.unlabeled)")
+        if self.data.dataset == "synthetic" and not self.data.clips:  # (found after generation and ingest)
+            made = ["train", "test"] + (["val"] if self.data.synthetic.val_per_class > 0 else [])
+            for split_field in ("train_split", "test_split", "val_split"):
+                split = getattr(self.data, split_field)
+                if split not in made and not (split_field == "val_split" and split == "val"):  # "val": carved
+                    fail(f"data.{split_field}", f"is {split!r}; the generated dataset has the split(s) "
+                         f"{', '.join(map(repr, made))}" + ("" if split_field != "val_split" else
+                                                            " ('val' without one: carved from train)"))
+        for name, section in (("student", self.student), ("teacher.train", self.teacher.train)):
+            if section.checkpoint and section.init_2d:  # (init_2d was dropped silently)
+                fail(f"{name}.init_2d", f"and {name}.checkpoint are alternatives (a video checkpoint, or 2D "
+                     "ImageNet weights inflated); set one")
         if self.data.synthetic.test_per_class < 1:  # the split every run reports (0 train: an evaluation sample)
             fail("data.synthetic.test_per_class", f"must be >= 1, got {self.data.synthetic.test_per_class!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):  # it names folders and temp files
@@ -554,6 +566,13 @@ def read_yaml(path: Path | str, what: str = "config file") -> object:
 _YAML11_ONLY_STRING_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def yaml11_float(value):
+    """``1e-3`` is a float in YAML 1.2 and a string to PyYAML (YAML 1.1 wants ``1.0e-3``): the float."""
+    if isinstance(value, str) and _YAML11_ONLY_STRING_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _check_type(name: str, value, annotation) -> object:
     """Values from YAML or the command line must have the field's type (ints pass as floats)."""
     import types
@@ -567,8 +586,8 @@ def _check_type(name: str, value, annotation) -> object:
         raise ConfigError(f"{name} must not be empty")
     for t in allowed:
         origin = typing.get_origin(t) or t
-        if origin is float and isinstance(value, str) and _YAML11_ONLY_STRING_FLOAT.fullmatch(value.strip()):
-            value = float(value)  # 1e-3: a float in YAML 1.2, a string to PyYAML (YAML 1.1 wants 1.0e-3)
+        if origin is float:
+            value = yaml11_float(value)
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # NaN passes every `x < 0` check and surfaces epochs later
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")

@@ -240,6 +240,48 @@ def check_given_inputs(cfg: RunConfig) -> None:
             raise ConfigError(f"teacher.path {cfg.teacher.path} takes clips of {frames} frames, data.frames is "
                               f"{cfg.data.frames}: set data.frames to {frames}, or give a teacher of "
                               f"{cfg.data.frames} frames")
+    check_start_weights(cfg)
+
+
+def known_class_count(cfg: RunConfig) -> int | None:
+    """The class count before any ingest: the given clips' or the generator's; None for videos
+    still to be ingested."""
+    if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+        return len(load_dataset_info(cfg.clips_dir)["classes"])
+    return cfg.data.synthetic.num_classes if cfg.data.dataset == "synthetic" else None
+
+
+def check_start_weights(cfg: RunConfig) -> None:
+    """Weights a run starts from that its model cannot take (another width, a head of another class
+    count without ``reinit_head``, a bare teacher file with no ``teacher.model``): a ConfigError
+    before any work. They failed when the run was planned, after ingest, teacher and cache, as a
+    traceback. Names and shapes only, on a model on the meta device; local files only (a URI's
+    download is left to the run that needs it)."""
+    from dvfl.models import CheckpointError, check_checkpoint
+
+    num_classes = known_class_count(cfg)
+    classes = num_classes or 1  # (still unknown: the head is checked once the clips are)
+    given_teacher = cfg.teacher.path if cfg.teacher.mode != "none" else None
+    s = cfg.student
+    starts = [("student.checkpoint", s.model, model_kwargs(s, classes, cfg), s.checkpoint, s.reinit_head)]
+    if given_teacher and storage.isfile(given_teacher):  # a bare checkpoint file (a folder carries its spec)
+        if not cfg.teacher.model:
+            raise ConfigError(f"teacher.path {given_teacher} is a checkpoint file: set teacher.model to its "
+                              "architecture (e.g. videofocalnet_base)")
+        # built for the clips' classes and frames, as load_model_for builds it
+        starts.append(("teacher.path", cfg.teacher.model, {"num_classes": classes, "num_frames": cfg.data.frames},
+                       given_teacher, False))
+    elif not given_teacher and cfg.teacher.mode != "none":  # a teacher trained here
+        t = cfg.teacher.train
+        starts.append(("teacher.train.checkpoint", t.model, model_kwargs(t, classes, cfg), t.checkpoint, t.reinit_head))
+    for name, model_name, kwargs, path, reinit_head in starts:
+        if not path or storage.is_remote(path):
+            continue
+        try:
+            check_checkpoint(build_model(model_name, device="meta", **kwargs), path,
+                             reinit_head=reinit_head or num_classes is None)
+        except CheckpointError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- training

@@ -200,6 +200,45 @@ def test_distill_ingests_missing_clips_from_data_root_and_refuses_them_without_o
     assert re.search(r"data\.clips path does not exist: .*no data\.root to ingest it from", capsys.readouterr().err)
 
 
+def test_start_weights_a_model_cannot_take_are_refused_before_any_work(tmp_path, capsys):
+    """A student checkpoint of another width, a teacher checkpoint with another head and no
+    reinit_head, a bare teacher file with no teacher.model: each failed when its run was planned
+    (after ingest, teacher and cache), as a traceback; now a config error before Ray starts."""
+    import torch
+
+    from dvfl.cli import main
+    from dvfl.models import build_model
+    from dvfl.pipeline import check_given_inputs
+
+    def saved(name, **kwargs):
+        path = tmp_path / f"{name}.pth"
+        torch.save({"model": build_model("videofocalnet_nano", num_frames=8, **kwargs).state_dict()}, path)
+        return str(path)
+
+    def check(*overrides):
+        check_given_inputs(load_config(None, [("output_dir", str(tmp_path / "run")), *overrides]))
+
+    wide16 = saved("w16", num_classes=8, embed_dim=16, depths=[1, 1, 2, 1], img_size=32)  # the embedded default's
+    check(("student.checkpoint", wide16))  # fits: no error
+    with pytest.raises(ConfigError, match=r"^student\.checkpoint: .*w16\.pth does not match the model spec .*differ in shape"):
+        check(("student.checkpoint", wide16), ("student.embed_dim", 8))
+    five = saved("five", num_classes=5, embed_dim=48, depths=[1, 1, 2, 1], img_size=32)
+    trained_teacher = [("teacher.path", None), ("teacher.train.checkpoint", five)]
+    with pytest.raises(ConfigError, match=r"^teacher\.train\.checkpoint: .*five\.pth: class count differs"):
+        check(*trained_teacher)
+    check(*trained_teacher, ("teacher.train.reinit_head", True))  # a new head for the 8 classes
+    with pytest.raises(ConfigError, match=r"^teacher\.path .*five\.pth is a checkpoint file: set teacher\.model"):
+        check(("teacher.path", five))
+    with pytest.raises(ConfigError, match=r"^teacher\.path: .*w16\.pth does not match the model spec"):
+        check(("teacher.path", wide16), ("teacher.model", "videofocalnet_nano"))  # built at nano's own width, 96
+    # the command: one line, exit 2, nothing made
+    code = main(["distill", "--out", str(tmp_path / "cli"), "--set", f"student.checkpoint={wide16}",
+                 "--set", "student.embed_dim=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("config error: student.checkpoint: ") and "Traceback" not in err, err
+    assert not (tmp_path / "cli").exists()
+
+
 def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     """A finished model is reused when its identity matches. Left out were: the data seed (a given
     data.clips' fingerprint does not hold it, yet it orders the data), the worker count (batch_size
@@ -249,6 +288,11 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (("optim", {"optimizer": "sgd", "momentum": 0}), r"^optim\.momentum must be in \(0, 1\)"),
     (("name", "ucf101/split1"), r"^name must be letters, digits"),  # a folder and temp-file name
     (("data", {"dataset": "hmdb51", "split": 4}), r"^data\.split must be in 1\.\.3 for hmdb51"),
+    # session 34: a generated dataset's misspelt split was found after generation and ingest; init_2d
+    # beside a checkpoint was dropped
+    (("data.train_split", "tran"), r"^data\.train_split is 'tran'; the generated dataset has the split\(s\) 'train', 'test'"),
+    (("data.val_split", "valid"), r"^data\.val_split is 'valid'; the generated dataset has .*\('val' without one: carved"),
+    (("student", {"checkpoint": "k400.pth", "init_2d": "in1k.pth"}), r"^student\.init_2d and student\.checkpoint are alternatives"),
 ])
 def test_values_that_were_accepted_or_changed_silently_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -265,6 +309,10 @@ def test_yaml_words_and_duplicate_keys(tmp_path):
     twice.write_text("optim: {lr: 0.1}\noptim: {epochs: 3}\n")
     with pytest.raises(ConfigError, match=r"is not valid YAML: .*key 'optim' is written twice"):
         load_config(twice, check_paths=False)
+    floats = tmp_path / "floats.yaml"  # 1e-4 is a string to PyYAML: "must be a finite number", or strings for Tune
+    floats.write_text("space:\n  optim.lr: {loguniform: [1e-4, 1e-2]}\n  optim.weight_decay: {choice: [0, 5e-2]}\n")
+    space = load_tune_config(floats, check_paths=False)[0].space
+    assert space == {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "optim.weight_decay": {"choice": [0, 0.05]}}, space
     broken = tmp_path / "search.yaml"
     broken.write_text("space: {kd.temperature: {loguniform: [1, 8]\n")
     with pytest.raises(ConfigError, match=r"^tune config file .*search\.yaml is not valid YAML"):

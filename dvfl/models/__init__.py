@@ -12,6 +12,7 @@ from dvfl.models.video_focalnet import (  # noqa: F401
 from dvfl.models.checkpoint import (  # noqa: F401
     CheckpointError,
     LoadReport,
+    check_checkpoint,
     checkpoint_filter_fn,
     init_from_image_focalnet,
     load_checkpoint,

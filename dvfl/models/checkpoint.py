@@ -22,6 +22,7 @@ __all__ = [
     "read_state_dict",
     "checkpoint_filter_fn",
     "load_checkpoint",
+    "check_checkpoint",
     "init_from_image_focalnet",
 ]
 
@@ -131,13 +132,52 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     return dict(state_dict)
 
 
-def _head_mismatch(state_dict: dict, model: nn.Module) -> str | None:
-    own = model.state_dict()
+def _head_mismatch(state_dict: dict, own: dict) -> str | None:
     for key in HEAD_KEYS:
         # only another class count (rows) is a head to re-initialise; other shapes are a wrong spec
         if key in state_dict and key in own and state_dict[key].shape[:1] != own[key].shape[:1]:
             return f"checkpoint head {tuple(state_dict[key].shape)} vs model head {tuple(own[key].shape)}"
     return None
+
+
+def _fitted_state(model: nn.Module, path, reinit_head: bool) -> tuple[dict, LoadReport]:
+    """``path``'s tensors as ``model`` takes them (a head of another class count dropped where
+    ``reinit_head``), or :class:`CheckpointError` naming what does not fit. Compares names and
+    shapes only, so a model on the meta device checks a checkpoint before any work."""
+    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    mismatch = _head_mismatch(state_dict, own)
+    report = LoadReport()
+    if mismatch:
+        if not reinit_head:
+            raise CheckpointError(
+                f"{path}: class count differs ({mismatch}). Pass reinit_head=True "
+                "(--reinit-head) to fine-tune from it with a new classifier."
+            )
+        for key in HEAD_KEYS:
+            if key in state_dict:
+                report.skipped[key] = "head re-initialised: class count differs"
+                state_dict.pop(key)
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and own[k].shape != v.shape]
+    if shapes:  # (load_state_dict would raise too, with a page of size mismatches)
+        raise CheckpointError(f"{path} does not match the model spec ({type(model).__name__}): {len(shapes)} tensors "
+                              f"differ in shape (checkpoint vs model), e.g. {shapes[:2]}")
+    unexpected = [k for k in state_dict if k not in own]
+    missing = [k for k in own if k not in state_dict and not (mismatch and k in HEAD_KEYS)]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{path} does not match {type(model).__name__}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
+            "A 2D ImageNet FocalNet is loaded with init_from_image_focalnet (--init-2d)."
+        )
+    return state_dict, report
+
+
+def check_checkpoint(model: nn.Module, path: str | os.PathLike, *, reinit_head: bool = False) -> None:
+    """What :func:`load_checkpoint` would refuse, refused now (``model`` may be on the meta device)."""
+    _fitted_state(model, path, reinit_head)
 
 
 def load_checkpoint(
@@ -153,35 +193,8 @@ def load_checkpoint(
     tensor still loads strictly and only the head keeps its fresh initialisation. A teacher is
     always loaded with ``reinit_head=False``: its head *is* the knowledge being distilled.
     """
-    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
-    mismatch = _head_mismatch(state_dict, model)
-    report = LoadReport()
-    if mismatch:
-        if not reinit_head:
-            raise CheckpointError(
-                f"{path}: class count differs ({mismatch}). Pass reinit_head=True "
-                "(--reinit-head) to fine-tune from it with a new classifier."
-            )
-        for key in HEAD_KEYS:
-            if key in state_dict:
-                report.skipped[key] = "head re-initialised: class count differs"
-                state_dict.pop(key)
-    own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-              if k in own and own[k].shape != v.shape]
-    if shapes:  # (load_state_dict would raise too, with a page of size mismatches)
-        raise CheckpointError(f"{path} does not match the model spec ({type(model).__name__}): {len(shapes)} tensors "
-                              f"differ in shape (checkpoint vs model), e.g. {shapes[:2]}")
+    state_dict, report = _fitted_state(model, path, reinit_head)
     result = model.load_state_dict(state_dict, strict=False)
-    unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if not (mismatch and k in HEAD_KEYS)]
-    if unexpected or missing:
-        raise CheckpointError(
-            f"{path} does not match {type(model).__name__}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
-            "A 2D ImageNet FocalNet is loaded with init_from_image_focalnet (--init-2d)."
-        )
     report.loaded = [k for k in state_dict]
     report.missing = [k for k in result.missing_keys]
     return report

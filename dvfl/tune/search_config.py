@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 from dvfl import storage
-from dvfl.config import CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, read_yaml, set_field
+from dvfl.config import (CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, read_yaml,
+                         set_field, yaml11_float)
 
 
 # Fields a search may vary. Data and teacher fields would invalidate the shared shards and cache;
@@ -108,7 +109,10 @@ def _parse_tune(tree: dict) -> TuneConfig:
     space = tree.get("space") or {}
     if not isinstance(space, dict):
         raise ConfigError(f"tune.space must be a mapping of section.field: {{domain: values}}, got {space!r}")
-    t.space = dict(space)
+    # written 1e-4 in a search file, a bound or a choice was a string ("must be a finite number")
+    t.space = {key: ({kind: [yaml11_float(v) for v in values] for kind, values in spec.items()}
+                     if isinstance(spec, dict) and all(isinstance(v, list) for v in spec.values()) else spec)
+               for key, spec in space.items()}
     seeds = tree.get("front_seeds") or []
     if (not isinstance(seeds, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in seeds)
             or len(set(seeds)) != len(seeds)):
