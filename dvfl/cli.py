@@ -128,15 +128,14 @@ def check_gpu_reachable(use_gpu: bool) -> None:
                               "config that asks for GPUs, or run it on a GPU machine")
 
 
-READ_TASK_CPUS = 0.25  # dvfl.data.shards.read_clip_dataset's read tasks
-
-
 def check_training_fits(cfg: RunConfig, resources: dict) -> None:
     """A training run whose workers the local Ray instance cannot place waits for ever (Ray Train
     retries its worker group without end), after the ingest and the cache: refused up front. A
     joined cluster (RAY_ADDRESS) is left to Ray: its autoscaler may add the nodes."""
     if os.environ.get("RAY_ADDRESS", "local") != "local":
         return
+    from dvfl.data.shards import READ_TASK_CPUS
+
     s = cfg.scaling
     # + a read task's 0.25 CPU: data too large to hold is read every epoch beside the workers (hang #1)
     need = {"CPU": s.num_workers * s.cpus_per_worker + READ_TASK_CPUS,

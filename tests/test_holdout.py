@@ -142,6 +142,39 @@ def test_no_role_trains_on_the_validation_videos_and_every_epoch_validates_on_th
     assert val_source(cfg.clips_dir, "val", "train", cfg.data.val_fraction, cfg.data.val_seed).videos == src.videos
 
 
+def test_the_carve_runs_in_the_read_tasks_beside_workers_that_leave_under_a_cpu(prepared, ray_local):
+    """The clip filter (the carve, label fractions, the teacher pool) was a task of its own asking a
+    whole CPU: beside Train workers leaving 0.25-1 CPU free (3 workers x 0.5 on --num-cpus 2) it was
+    never scheduled and training waited for ever. It now runs inside the 0.25-CPU read tasks."""
+    import threading
+
+    from dvfl.data.shards import keep_clips, read_clip_dataset
+
+    ray = ray_local
+    clips = prepared["cfg"].clips_dir
+    ids = read_clips_table(clips, ["train"], columns=["clip_id"]).to_pydict()["clip_id"]
+    held = set(ids[::3])
+    ds = keep_clips(read_clip_dataset(clips, ["train"], columns=["clip_id"]), held)  # (planned while CPUs are free)
+    free = ray.available_resources().get("CPU", 0.0)
+    assert free > 0.5, free
+    class Idle:  # (defined here: pickled by value; workers cannot import a test module)
+        def ping(self):
+            return True
+
+    hog = ray.remote(num_cpus=free - 0.5)(Idle).remote()  # what a worker group leaves: 0.5 CPU
+    ray.get(hog.ping.remote(), timeout=60)
+    got = {}
+    try:
+        reader = threading.Thread(target=lambda: got.update(rows=ds.take_all(), stats=ds.stats()), daemon=True)
+        reader.start()
+        reader.join(90)
+        assert "rows" in got, "the filtered read was never scheduled beside the workers"
+    finally:
+        ray.kill(hog)
+    assert sorted(r["clip_id"] for r in got["rows"]) == sorted(held)
+    assert "ReadParquet->MapBatches(_rows_of_clips)" in got["stats"], got["stats"]  # one fused task
+
+
 def test_model_identity_changes_with_the_carve(prepared, monkeypatch, tmp_path):
     seen = []
 

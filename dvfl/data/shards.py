@@ -24,6 +24,7 @@ REJECTS_FILE = "rejects.jsonl"
 SUMMARY_JSON = "summary.json"
 PLAN_JSON = "_plan.json"
 SPLITS = ("train", "val", "test", "unlabeled")
+READ_TASK_CPUS = 0.25  # a read task's CPU share: schedulable beside Train workers on small machines (hang #1)
 
 CLIP_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),
@@ -266,7 +267,10 @@ def keep_clips(ds, clip_ids: set):
 
     ref = ray.put(frozenset(clip_ids))
     # in a list: a ref nested in an argument reaches the function as a ref, fetched once per process
-    return ds.map_batches(_rows_of_clips, fn_kwargs={"ids": [ref]}, batch_format="pyarrow", batch_size=None)
+    # the read's CPU share: Ray Data fuses the filter into the read task (one task, no 1-CPU filter
+    # task that a worker group leaving < 1 CPU free could never schedule: a silent hang)
+    return ds.map_batches(_rows_of_clips, fn_kwargs={"ids": [ref]}, batch_format="pyarrow", batch_size=None,
+                          num_cpus=READ_TASK_CPUS)
 
 
 _CLIP_SETS: dict = {}  # per worker process: the id sets of the runs its read tasks served last
@@ -401,7 +405,7 @@ def raise_if_corrupt(paths: Iterable[str], exc: BaseException) -> None:
 
 
 def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
-                      columns: Optional[List[str]] = None, num_cpus: float = 0.25, **kwargs):
+                      columns: Optional[List[str]] = None, num_cpus: float = READ_TASK_CPUS, **kwargs):
     """A Ray Dataset over the shards of ``splits``.
 
     ``num_cpus=0.25`` for the read tasks keeps reads schedulable next to Train workers on
