@@ -2,6 +2,8 @@
 read it before, or without, importing torch)."""
 from __future__ import annotations
 
+import math
+import os
 import platform
 
 
@@ -15,3 +17,34 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process can use: its affinity, capped by a container's CPU quota (rounded up).
+    ``os.cpu_count()`` counts the host's: a 4-CPU pod on a 64-core node sized a local Ray of 128
+    CPUs, 65 decode tasks and 64 torch threads."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota))) if quota else n
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """This container's CPU quota in CPUs (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None
+    without one."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as fh:
+            quota, period = fh.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as fh:
+            quota = int(fh.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as fh:
+            period = int(fh.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

@@ -45,11 +45,10 @@ __all__ = [
 
 
 def available_cpus() -> int:
-    """CPU cores this process may run on (affinity-aware; containers often restrict it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """CPU cores this process may run on (affinity and a container's quota)."""
+    from dvfl.host import usable_cpus
+
+    return usable_cpus()
 
 
 def default_device() -> torch.device:

@@ -167,7 +167,9 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
                      runtime_env={"env_vars": env} if env else None)
             terminate_in_one_line()
         else:
-            cores = os.cpu_count() or 1
+            from dvfl.host import usable_cpus
+
+            cores = usable_cpus()
             if dashboard is None:
                 dashboard = os.environ.get("DVFL_DASHBOARD", "1") != "0"
             context = ray.init(

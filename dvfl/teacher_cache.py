@@ -25,6 +25,7 @@ import torch
 from dvfl.artifacts import load_model_for, other_class_list
 from dvfl.models import build_model
 from dvfl import storage
+from dvfl.host import usable_cpus
 from dvfl.data.shards import (atomic_write_table, load_dataset_info, parquet_file, read_table,
                               remove_stale_tmp, shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
@@ -451,7 +452,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     started = time.time()
     if todo:
         cpus = ray.available_resources().get("CPU", 1)
-        threads = max(1, int(os.cpu_count() or 1) // max(1, num_actors))
+        threads = max(1, usable_cpus() // max(1, num_actors))
         state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
         items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s)),
                   "content": shard_entry.get(storage.basename(s), {}).get("content") or ""} for s in todo]

@@ -162,3 +162,29 @@ def test_profile_cli_rejects_bad_args():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
                            "--repeats", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--repeats" in proc.stderr
+
+
+def test_the_cpu_count_honours_a_containers_quota(tmp_path, monkeypatch):
+    """os.cpu_count() counts the host's cores: a 4-CPU pod on a 64-core node sized a local Ray of
+    128 CPUs, 65 decode tasks and 64 torch threads. The quota (cgroup v2 or v1) caps it."""
+    from dvfl import host
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert host.cgroup_cpu_quota(str(v2)) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert host.cgroup_cpu_quota(str(v2)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert host.cgroup_cpu_quota(str(v1)) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert host.cgroup_cpu_quota(str(v1)) == 4.0
+    assert host.cgroup_cpu_quota(str(tmp_path / "none")) is None
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(host, "cgroup_cpu_quota", lambda: 0.5)
+    assert host.usable_cpus() == 1  # (rounded up: never 0)
+    monkeypatch.setattr(host, "cgroup_cpu_quota", lambda: affinity + 8.0)
+    assert host.usable_cpus() == affinity  # the affinity caps a larger quota

@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+from dvfl.host import usable_cpus
 from dvfl.cli import absolute_path_args, add_num_cpus, deprecated, os_error_line
 
 ANNOTATION_SPLITS = ("train", "val", "test", "validation", "validate")
@@ -236,7 +237,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     # one decode task more than cores in flight on a local instance fills the gaps Ray Data leaves
     # between tasks (dvfl.data.ingest.plan_decode_tasks); a cluster gets one per logical CPU
     local = not (a.address or os.environ.get("RAY_ADDRESS"))
-    decode_tasks = a.decode_tasks or (a.num_cpus or (os.cpu_count() or 1) + 1 if local else None)
+    decode_tasks = a.decode_tasks or (a.num_cpus or usable_cpus() + 1 if local else None)
     cfg = IngestConfig(out=a.out, frames=a.frames, clips_per_video=a.clips_per_video, eval_clips=a.eval_clips,
                        short_side=short_side, seed=a.seed, min_frames=a.min_frames,
                        timeout_per_file=a.timeout_per_file, videos_per_shard=a.videos_per_shard,

@@ -405,13 +405,14 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
         raise VideoFolderError(f"refusing to delete {root}: it does not hold a generated dataset")
     _sweep_deleted(root)
     os.makedirs(root, exist_ok=True)
+    from dvfl.host import usable_cpus
     from dvfl.storage import write_bytes as atomic_write_bytes, write_json as atomic_write_json
 
     atomic_write_json(info_path, want)
     jobs, train_lines, val_lines, test_lines, truth, train_truth = _plan(cfg)
     t0 = time.perf_counter()
     todo = [j for j in jobs if not os.path.exists(os.path.join(root, j.rel))]
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    workers = workers if workers is not None else min(4, usable_cpus())
     cfg_d = cfg.as_dict()
     args = [(cfg_d, root, j) for j in todo]
     if log and todo:

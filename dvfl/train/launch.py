@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
+from dvfl.host import usable_cpus
 from dvfl.runtime import signal_handlers_kept
 from dvfl.data.shards import keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
@@ -61,7 +62,7 @@ def count_rows(clips_dir: str, splits) -> int:
 def threads_per_worker(scaling: Scaling) -> int:
     # On one machine the workers share the cores; on a cluster each gets what it asked for.
     return max(1, int(round(scaling.cpus_per_worker)) if scaling.cpus_per_worker >= 1
-               else (os.cpu_count() or 1) // max(1, scaling.num_workers))
+               else usable_cpus() // max(1, scaling.num_workers))
 
 
 @dataclass
