@@ -10,7 +10,7 @@ try:
 except ModuleNotFoundError as exc:  # a checkout that was never installed
     if exc.name != "dvfl":
         raise
-    sys.exit("error: the dvfl package is not installed: run `pip install -e .` in the checkout")
+    sys.exit("error: the dvfl package is not installed for this python: `source .venv/bin/activate` (made by `make venv`), or run `pip install -e .` in the checkout")
 
 if __name__ == "__main__":
     sys.exit(script_main("ingest"))

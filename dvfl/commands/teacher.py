@@ -136,4 +136,9 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         if not getattr(a, "output_dir", None) and not any(str(o).startswith("output_dir") for o in a.overrides):
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
+    try:  # a --checkpoint the model cannot take: before any work, not when the run is planned
+        pipeline.check_start_weights(cfg)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     return cfg, info, test_cfg, out, to_generate
