@@ -528,13 +528,14 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
     return path, storage.read_json(storage.join(path, SPEC))
 
 
-def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = None, log=print) -> dict:
+def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = None, log=print,
+                    use_gpu: bool = False) -> dict:
     """Ship a trained teacher as a model folder (safetensors + spec + model card). With ``test_cfg``
     its accuracy on that config's test split goes into the spec (``eval_<name>_<split>``: top-1,
     top-5 and each test video's predicted class, so a test can reproduce it on a sample); that
-    ingests the test config's clips, so Ray must be up."""
+    ingests the test config's clips, so Ray must be up. ``use_gpu``: evaluated in a GPU task, as the
+    teacher was trained (the driver may be a head node without a GPU)."""
     from dvfl.export import export_folder
-    from dvfl.train.evaluate import evaluate_multiview
 
     model, spec = load_model(teacher_path)
     summary = {"path": out, "weights_fingerprint": spec["weights_fingerprint"]}
@@ -544,8 +545,10 @@ def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = No
             raise ValueError(f"the teacher predicts {model.num_classes} classes; {test_cfg.name}'s clips have "
                              f"{len(info['classes'])}")
         split = test_cfg.data.test_split
-        m = evaluate_multiview(model, test_cfg.clips_dir, split, test_cfg.crop_size, num_clips=test_cfg.eval.clips,
-                               num_crops=test_cfg.eval.crops, per_video=True)
+        where = dataclasses.replace(test_cfg, scaling=dataclasses.replace(test_cfg.scaling, use_gpu=use_gpu))
+        m = evaluate_model_at(where, teacher_path, model.num_classes, split, model=model, num_clips=test_cfg.eval.clips,
+                              num_crops=test_cfg.eval.crops, per_video=True)
+        m.pop("params")
         key = f"eval_{test_cfg.name}_{split}"
         spec[key] = {**m, "dataset_fingerprint": info["fingerprint"], "seed": test_cfg.seed,
                      "synthetic": vars(test_cfg.data.synthetic) if test_cfg.data.dataset == "synthetic" else None}

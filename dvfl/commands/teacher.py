@@ -71,7 +71,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
                        "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
             if a.publish:
-                summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg)
+                summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg, use_gpu=cfg.scaling.use_gpu)
     print(json.dumps(summary))
     return 0
 
