@@ -468,6 +468,21 @@ def test_bad_search_configs_are_rejected_naming_the_field(override, message):
         load_tune_config(None, [override])
 
 
+def test_search_values_that_cannot_go_together_are_refused_before_any_trial():
+    """sgd and momentum 0 are each valid alone: the trials drawing both failed after the clips,
+    teacher and cache were made. A momentum no trial's optimizer uses searched nothing."""
+    from dvfl.tune import load_tune_config
+
+    both = [("tune.space.optim.optimizer", {"choice": ["adamw", "sgd"]}),
+            ("tune.space.optim.momentum", {"choice": [0.0, 0.9]})]
+    with pytest.raises(ConfigError, match=r"^tune\.space: optim\.optimizer 'sgd' with optim\.momentum 0\.0 is not a "
+                                          r"valid run \(optim\.momentum must be in \(0, 1\)"):
+        load_tune_config(None, both)
+    load_tune_config(None, [both[0], ("tune.space.optim.momentum", {"uniform": [0.5, 0.95]})])  # fine together
+    with pytest.raises(ConfigError, match=r"^tune\.space\.optim\.momentum has no effect: it is SGD's"):
+        load_tune_config(None, [("optim.optimizer", "adamw"), ("tune.space.optim.momentum", {"choice": [0.8, 0.9]})])
+
+
 def test_an_interrupted_search_chooses_nothing_and_says_how_to_resume():
     """Ctrl+C (or a job's stop signal) makes Tune's fit() return the grid as it stands; its cut-off
     trials looked stopped early, and the search wrote a best config and exited 0."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -228,6 +229,18 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
             except ConfigError:
                 raise ConfigError(f"{name}: {kind} draws fractional values and {key} takes whole numbers: "
                                   f"use {{choice: [...]}} or {{grid: [...]}}") from None
+    # values valid alone, not together (sgd with momentum 0): found in a trial, after the clips,
+    # teacher and cache were made; every pair of fields, at each choice or range end
+    probes = {key: list(spec.values())[0] for key, spec in t.space.items()}
+    for (k1, values1), (k2, values2) in itertools.combinations(probes.items(), 2):
+        for v1, v2 in itertools.product(values1, values2):
+            try:
+                apply_params(base, {k1: v1, k2: v2})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space: {k1} {v1!r} with {k2} {v2!r} is not a valid run ({exc})") from None
+    if "optim.momentum" in probes and "sgd" not in probes.get("optim.optimizer", [base.optim.optimizer]):
+        raise ConfigError("tune.space.optim.momentum has no effect: it is SGD's, and no trial uses sgd "
+                          "(optim.optimizer)")
     return t
 
 
