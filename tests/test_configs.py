@@ -293,6 +293,8 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (("data.train_split", "tran"), r"^data\.train_split is 'tran'; the generated dataset has the split\(s\) 'train', 'test'"),
     (("data.val_split", "valid"), r"^data\.val_split is 'valid'; the generated dataset has .*\('val' without one: carved"),
     (("student", {"checkpoint": "k400.pth", "init_2d": "in1k.pth"}), r"^student\.init_2d and student\.checkpoint are alternatives"),
+    # a variant's name over the config's pinned depths of another (`dvfl teacher --config ... --arch`)
+    (("student.model", "videofocalnet_tiny"), r"^student\.depths \[1, 1, 2, 1\] are videofocalnet_nano's, not videofocalnet_tiny's"),
 ])
 def test_values_that_were_accepted_or_changed_silently_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -88,6 +88,8 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     if not from_config and not (a.clips and a.out):
         p.error("give --config (paths from the run config) or both --clips and --out")
     model = a.arch or (None if from_config else "videofocalnet_base")
+    if not from_config:  # the named variant as it is (not the embedded default's small teacher)
+        a.overrides = [("teacher.train.embed_dim", a.embed_dim), ("teacher.train.depths", None)]
     cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": model,
                                "teacher.train.embed_dim": a.embed_dim, "teacher.optim.epochs": a.epochs,
                                "teacher.optim.lr": a.lr, "teacher.optim.batch_size": a.batch_size,
@@ -95,8 +97,6 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
                                "teacher.train.reinit_head": a.reinit_head or None,
                                "scaling.num_workers": a.num_workers, "scaling.use_gpu": a.gpu},
                            outputs=("teacher.path",))
-    if not from_config:  # the named variant as it is (not the embedded default's small teacher)
-        cfg.teacher.train.embed_dim, cfg.teacher.train.depths = a.embed_dim, None
     out = cfg.teacher.path
     if not out:
         p.error("no output: set teacher.path in the config or give --out")
