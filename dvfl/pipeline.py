@@ -865,7 +865,8 @@ def kd_gains(table: dict) -> dict | None:
         return None
     dvfl = table["dvfl"]["top1_per_seed"]
     teacher = table["teacher"]["top1_mean"]
-    gains = {"dvfl_over_teacher": [d / teacher if teacher else float("nan") for d in dvfl],
+    # (a teacher at 0 %: null, not NaN, which strict JSON readers refuse)
+    gains = {"dvfl_over_teacher": [d / teacher if teacher else None for d in dvfl],
              "students_above_teacher": [k for k, row in table.items()
                                         if k != "teacher" and row["top1_mean"] > teacher]}
     for base in ("vfl", "vfl_long"):
@@ -940,7 +941,8 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
                 md += (f"\nPer seed, DVFL-Net minus {labels[base].split(' (')[0]}"
                        f"{' with ' + str(LONG_EPOCHS_FACTOR) + 'x the epochs' if base == 'vfl_long' else ''}: "
                        + ", ".join(f"{g:+.1f}" for g in gains[f"dvfl_minus_{base}_points"]) + " points.\n")
-        md += "\nDVFL-Net / teacher per seed: " + ", ".join(f"{r:.2f}" for r in gains["dvfl_over_teacher"]) + ".\n"
+        md += "\nDVFL-Net / teacher per seed: " + ", ".join("n/a (the teacher scored 0)" if r is None else f"{r:.2f}"
+                                                          for r in gains["dvfl_over_teacher"]) + ".\n"
         if gains["students_above_teacher"]:
             md += ("\nThe teacher is too weak: " + ", ".join(labels.get(k, k) for k in gains["students_above_teacher"])
                    + " beat it on the test split.\n")

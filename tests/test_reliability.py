@@ -598,3 +598,14 @@ def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_pat
     # the test session's own clean-up (conftest): a dead owner's folder of any age, nothing else
     assert scratch.sweep_dead("ckpt", stale_seconds=0) == [str(dead_fresh)]
     assert alive.exists() and made.exists() and not_ours.exists()
+
+
+def test_a_teacher_at_zero_gives_null_not_nan_in_results_json():
+    """A teacher scoring 0 % on the test split (a weak teacher on a few videos of one's own) wrote
+    NaN into results.json, which strict JSON readers (jq, JavaScript) refuse."""
+    from dvfl.pipeline import kd_gains
+
+    row = {"top1_per_seed": [0.5], "top1_mean": 0.5}
+    gains = kd_gains({"teacher": {**row, "top1_per_seed": [0.0], "top1_mean": 0.0}, "dvfl": row})
+    assert gains["dvfl_over_teacher"] == [None]
+    json.loads(json.dumps(gains, allow_nan=False))  # raises on NaN
