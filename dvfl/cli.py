@@ -304,13 +304,14 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     from dvfl.data.holdout import HoldoutError
     from dvfl.data.shards import CorruptShardError, IncompleteClipsError
     from dvfl.locks import FolderBusyError
+    from dvfl.models import CheckpointError
     from dvfl.pipeline import TeacherGateError
     from dvfl.teacher_cache import CacheMismatchError
     from dvfl.train.launch import NotEnoughClipsError
     from dvfl.train.loop import TrainingDiverged
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
-             IncompleteClipsError, FolderBusyError, HoldoutError)
+             IncompleteClipsError, FolderBusyError, HoldoutError, CheckpointError)
     return _behind(exc, known)
 
 

@@ -320,12 +320,12 @@ class RunConfig:
             if not 0 <= section.drop_path_rate < 1:
                 fail(f"{name}.drop_path_rate", f"must be in [0, 1), got {section.drop_path_rate!r}")
             own = VARIANTS.get(section.model, {}).get("depths")
-            other = next((v for v, spec in VARIANTS.items() if spec["depths"] == section.depths), None)
-            if section.depths is not None and own is not None and section.depths != own and other:
+            others = [v for v, spec in VARIANTS.items() if spec["depths"] == section.depths]
+            if section.depths is not None and own is not None and section.depths != own and others:
                 # (--set student.model=videofocalnet_tiny on a config pinning nano's depths built a nano)
-                fail(f"{name}.depths", f"{section.depths} are {other}'s, not {section.model}'s {own}: the model "
-                     f"would be a {other.split('_')[-1]} named {section.model}; set {name}.depths to null for "
-                     f"{section.model}'s own, or {name}.model to {other}")
+                fail(f"{name}.depths", f"{section.depths} are the depths of {' and '.join(others)}, not "
+                     f"{section.model}'s {own}: set {name}.depths to null for {section.model}'s own, or "
+                     f"{name}.model to {others[0]}")
         if self.teacher.model is not None and self.teacher.model not in known:
             fail("teacher.model", f"is {self.teacher.model!r}; choose one of {sorted(known)}")
         if self.students is not None:

@@ -83,7 +83,7 @@ def _key(folder: str) -> str:
     scheme, _, rest = os.fspath(folder).partition("://")
     scheme = {"s3a": "s3", "gcs": "gs"}.get(scheme.lower(), scheme.lower())
     rest = rest.rstrip("/")  # as storage.filesystem reads it
-    endpoint = (storage.s3_endpoint() or "") if scheme == "s3" else ""
+    endpoint = (storage.s3_endpoint() or "").rstrip("/").lower() if scheme == "s3" else ""
     return f"{scheme}://{rest}" + (f" at {endpoint}" if endpoint else "")
 
 

@@ -234,6 +234,10 @@ def check_given_inputs(cfg: RunConfig) -> None:
     if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         check_clips_match(cfg, load_dataset_info(cfg.clips_dir))
     spec_path = storage.join(cfg.teacher.path, SPEC) if cfg.teacher.path and cfg.teacher.mode != "none" else None
+    if spec_path and storage.isdir(cfg.teacher.path) and not storage.isfile(spec_path):
+        # (found after the whole ingest, as a traceback: e.g. the run folder above the model's own)
+        raise ConfigError(f"teacher.path {cfg.teacher.path} is a folder without {SPEC}, not a model folder: give the "
+                          f"folder holding {SPEC} (a trained model's, e.g. <run>/teacher/<id>) or a checkpoint file")
     if spec_path and storage.isfile(spec_path):
         frames = (storage.read_json(spec_path).get("kwargs") or {}).get("num_frames")
         if frames is not None and frames != cfg.data.frames:
@@ -257,7 +261,7 @@ def check_start_weights(cfg: RunConfig) -> None:
     before any work. They failed when the run was planned, after ingest, teacher and cache, as a
     traceback. Names and shapes only, on a model on the meta device; local files only (a URI's
     download is left to the run that needs it)."""
-    from dvfl.models import CheckpointError, check_checkpoint
+    from dvfl.models import CheckpointError
 
     num_classes = known_class_count(cfg)
     classes = num_classes or 1  # (still unknown: the head is checked once the clips are)
@@ -278,10 +282,20 @@ def check_start_weights(cfg: RunConfig) -> None:
         if not path or storage.is_remote(path):
             continue
         try:
-            check_checkpoint(build_model(model_name, device="meta", **kwargs), path,
-                             reinit_head=reinit_head or num_classes is None)
-        except CheckpointError as exc:
+            st = os.stat(path)
+            _fitting_checkpoint(path, (st.st_size, st.st_mtime_ns), model_name, json.dumps(kwargs, sort_keys=True),
+                                reinit_head or num_classes is None)
+        except (CheckpointError, OSError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _fitting_checkpoint(path: str, identity: tuple, model_name: str, kwargs: str, reinit_head: bool) -> None:
+    """Raises unless the checkpoint fits; a fit is remembered per file version (a protocol checks
+    every split's config: one read of a 630 MB Video-FocalNet-B checkpoint, not 25)."""
+    from dvfl.models import check_checkpoint
+
+    check_checkpoint(build_model(model_name, device="meta", **json.loads(kwargs)), path, reinit_head=reinit_head)
 
 
 # ----------------------------------------------------------------------------- training

@@ -506,6 +506,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     }
     cache = TeacherLogitCache.__new__(TeacherLogitCache)
     cache.directory, cache.info, cache._index, cache._logits = out, info, None, None
+    log(f"[cache] verifying up to {verify_samples} cached rows against the teacher run directly")
     try:
         info["verify"] = verify_cache(cache, clips_dir, model, verify_samples)
     except CacheMismatchError as exc:

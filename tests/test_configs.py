@@ -139,6 +139,13 @@ def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_ar
     assert (t.model, t.embed_dim, t.depths) == ("videofocalnet_base", None, None)
     assert (cfg.data.dataset, cfg.data.frames, cfg.data.short_side) == ("ucf101", 32, 128)
     assert out == str(tmp_path / "t") and info["params"]["frames"] == 32
+    # --publish onto a folder of the user's: refused before the training, not after it (a traceback)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as refused:
+        teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"),
+                                                 "--publish", str(tmp_path / "mine")]), p)
+    assert refused.value.code == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_protocol_configs_give_every_split_its_own_files(tmp_path, monkeypatch):
@@ -231,6 +238,9 @@ def test_start_weights_a_model_cannot_take_are_refused_before_any_work(tmp_path,
         check(("teacher.path", five))
     with pytest.raises(ConfigError, match=r"^teacher\.path: .*w16\.pth does not match the model spec"):
         check(("teacher.path", wide16), ("teacher.model", "videofocalnet_nano"))  # built at nano's own width, 96
+    (tmp_path / "run_folder").mkdir()  # the run folder above the model's own: found after the ingest, as a traceback
+    with pytest.raises(ConfigError, match=r"^teacher\.path .*run_folder is a folder without model\.json"):
+        check(("teacher.path", str(tmp_path / "run_folder")))
     # the command: one line, exit 2, nothing made
     code = main(["distill", "--out", str(tmp_path / "cli"), "--set", f"student.checkpoint={wide16}",
                  "--set", "student.embed_dim=8"])
@@ -294,7 +304,7 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (("data.val_split", "valid"), r"^data\.val_split is 'valid'; the generated dataset has .*\('val' without one: carved"),
     (("student", {"checkpoint": "k400.pth", "init_2d": "in1k.pth"}), r"^student\.init_2d and student\.checkpoint are alternatives"),
     # a variant's name over the config's pinned depths of another (`dvfl teacher --config ... --arch`)
-    (("student.model", "videofocalnet_tiny"), r"^student\.depths \[1, 1, 2, 1\] are videofocalnet_nano's, not videofocalnet_tiny's"),
+    (("student.model", "videofocalnet_tiny"), r"^student\.depths \[1, 1, 2, 1\] are the depths of videofocalnet_nano, not videofocalnet_tiny's"),
 ])
 def test_values_that_were_accepted_or_changed_silently_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

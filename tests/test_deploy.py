@@ -81,6 +81,16 @@ def test_predict_names_a_file_whose_name_is_not_utf8(prepared, tmp_path):
     assert len(lines) == 2 and lines[0].startswith(f"{tmp_path}/caf\\xe9.mp4: ") and lines[1].startswith(f"{src}: ")
 
 
+def test_predict_whose_json_cannot_be_written_says_so_in_one_line_after_its_predictions(prepared, tmp_path):
+    """--json to a path that cannot be written ended in a traceback after every prediction had printed."""
+    src = sorted(videos_of(prepared).values())[0]
+    (tmp_path / "a_file").write_text("")
+    r = run_cli("predict.py", "--model", prepared["teacher"], src, "--json", tmp_path / "a_file" / "out.json")
+    assert r.returncode == 1 and r.stdout.startswith(f"{src}: "), r.stdout + r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: writing {tmp_path / 'a_file' / 'out.json'} failed: ")
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def test_predict_notes_a_video_far_longer_than_the_training_videos(prepared, video_factory, tmp_path):
     """A clip's 8 frames spread over the whole file: a 40-minute recording got a frame every 5 minutes
     and a confident top-k, with nothing said (the training videos are 2 s: 16 frames at 8 fps)."""

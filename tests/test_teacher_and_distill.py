@@ -722,6 +722,7 @@ def test_logits_left_without_a_build_marker_are_not_reused(prepared, ray_local, 
     info = build_teacher_cache(cfg.clips_dir, str(other), str(stale), verify_samples=10_000, log=lines.append)
     assert any("removing" in ln and "unknown build" in ln for ln in lines), lines
     assert any(" 0 already cached" in ln for ln in lines), lines
+    assert any(ln.startswith("[cache] verifying up to 10000 cached rows") for ln in lines), lines  # (a silent wait)
     assert info["verify"]["checked"] == info["rows"]  # every row is the other teacher's
 
 

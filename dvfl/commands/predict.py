@@ -111,10 +111,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"{shown}: " + ", ".join(f"{c} {q:.3f}" for c, q in r["topk"]))
             if r.get("note"):
                 print(f"{shown}: note: {r['note']}", file=sys.stderr)
+        written = True
         if a.json:
-            write_json(a.json, results)
+            try:  # (a traceback after every prediction had printed, and no failure count)
+                write_json(a.json, results)
+            except OSError as exc:
+                print(f"error: writing {a.json} failed: {exc}", file=sys.stderr)
+                written = False
         if failed:
             print(f"{failed} of {len(files) + len(empty)} inputs failed", file=sys.stderr)
-        return 1 if failed else 0
+        return 1 if failed or not written else 0
     finally:
         pred.close()

@@ -71,7 +71,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             summary = {"teacher": out, "model": spec["name"], "val_top1": spec.get("val_top1"),
                        "val_split": spec.get("val_split"), "weights_fingerprint": spec["weights_fingerprint"]}
             if a.publish:
-                summary["published"] = pipeline.publish_teacher(out, a.publish, test_cfg, use_gpu=cfg.scaling.use_gpu)
+                # (the run's own copy: where the teacher trained can read it; --out may be the head's disk)
+                summary["published"] = pipeline.publish_teacher(path, a.publish, test_cfg, use_gpu=cfg.scaling.use_gpu)
     print(json.dumps(summary))
     return 0
 
@@ -84,6 +85,10 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         p.error("--test-config records an accuracy in a published folder: give --publish too")
     local_outputs(p, a, "publish")
     absolute_path_args(a, inputs=("clips", "checkpoint", "init_2d", "test_config"), outputs=("out", "publish"))
+    from dvfl.export import replaceable_folder
+
+    if a.publish and not replaceable_folder(a.publish):  # (found after the training, as a traceback)
+        p.error(f"--publish {a.publish} exists and is not an exported model folder; not overwriting it")
     from_config = uses_config(a)
     if not from_config and not (a.clips and a.out):
         p.error("give --config (paths from the run config) or both --clips and --out")

@@ -69,12 +69,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             return 2
         with ray_runtime(num_cpus=a.num_cpus):
             try:
-                run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
+                summary = run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
             except ConfigError as exc:
                 print(f"config error: {exc}", file=sys.stderr)
                 return 2
             except SearchFailed as exc:
                 print(f"[tune] FAILED after {time.time() - started:.0f}s: {exc}", file=sys.stderr)
                 return 1
-    print(f"[tune] finished in {time.time() - started:.0f}s")
+    errored = summary.get("errors") or 0  # (some trials errored, the rest found something: said, not hidden)
+    print(f"[tune] finished in {time.time() - started:.0f}s"
+          + (f"; {errored} of {summary.get('trials')} trials errored (first error above)" if errored else ""))
     return 0
