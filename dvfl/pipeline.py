@@ -621,7 +621,8 @@ def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames:
         import ray
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # the GPU Ray gave this task, or none
-    m = evaluate_multiview(model, clips_dir, split, crop_size, device=device, **views)
+    m = evaluate_multiview(model, clips_dir, split, crop_size, device=device,
+                           progress=lambda line: print(f"[eval] {line}", flush=True), **views)
     return {**m, "params": sum(p.numel() for p in model.parameters())}
 
 

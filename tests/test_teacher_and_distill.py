@@ -797,3 +797,25 @@ def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared
     assert not list(out.glob("students/*/model.json"))
     # no results beside this run's config.yaml: the earlier run's would read as this one's (session 28)
     assert (out / "config.yaml").exists() and not list(out.glob("results.*")) and not (out / "training_curves.png").exists()
+
+
+def test_an_evaluation_says_where_it_is_and_names_a_damaged_shard(prepared, tmp_path):
+    """A 4x3 evaluation of Video-FocalNet-B on CPUs takes hours and printed nothing until its end;
+    a damaged shard ended it in a traceback through pyarrow (dvfl evaluate) naming no file."""
+    from dvfl.data.shards import CorruptShardError
+    from dvfl.train.evaluate import evaluate_multiview
+
+    clips = tmp_path / "clips"
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    model, _ = load_model(prepared["teacher"])
+    lines = []
+    evaluate_multiview(model, str(clips), "test", 32, progress=lines.append, progress_seconds=0)
+    shards = sorted((clips / "shards").glob("test-*.parquet"))
+    assert [ln.split(", ")[0] for ln in lines] == [f"{i}/{len(shards)} shards of split 'test'"
+                                                   for i in range(len(shards))], lines
+    data = bytearray(shards[0].read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])  # a damaged page
+    shards[0].write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=rf"clip shard\(s\) cannot be read: {re.escape(str(shards[0]))} "):
+        evaluate_multiview(model, str(clips), "test", 32)

@@ -84,7 +84,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if not clips:
         p.error("give --clips (or --config with data.clips)")
     split, views = split or "test", views or (1, 1)
-    from dvfl.data.shards import load_dataset_info, shard_paths
+    from dvfl.data.shards import CorruptShardError, load_dataset_info, shard_paths
 
     try:
         info = load_dataset_info(clips)
@@ -125,7 +125,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"[evaluate] note: crop {crop} px, but {a.model} was trained on {trained_crop} px crops", file=sys.stderr)
     try:
         m = evaluate_multiview(model, clips, split, crop, num_clips=views[0], num_crops=views[1],
-                               batch_size=a.batch_size, details=True)
+                               batch_size=a.batch_size, details=True,
+                               progress=lambda line: print(f"[evaluate] {line}", flush=True))
+    except CorruptShardError as exc:  # (an OSError: a damaged shard, named)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ProtocolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
