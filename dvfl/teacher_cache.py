@@ -26,8 +26,8 @@ from dvfl.artifacts import load_model_for, other_class_list
 from dvfl.models import build_model
 from dvfl import storage
 from dvfl.host import usable_cpus
-from dvfl.data.shards import (atomic_write_table, load_dataset_info, parquet_file, read_table,
-                              remove_stale_tmp, shard_paths)
+from dvfl.data.shards import (atomic_write_table, corrupt_shard_error, find_corrupt_shards, load_dataset_info,
+                              parquet_file, read_table, remove_stale_tmp, shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 
 CACHE_JSON = "cache.json"
@@ -267,7 +267,9 @@ class ShardLogitWriter:
             try:
                 stats.append(json.dumps(self._process(src, dst, content or None)))
             except OSError as exc:  # a full disk: reported to the driver as such, not as a UDF crash
-                stats.append(json.dumps({"shard": storage.basename(src), "error": str(exc)}))
+                # a damaged clip shard is not a write error: a rerun would fail on it again
+                corrupt = [f"{p} ({e})" for p, e in find_corrupt_shards([src])]
+                stats.append(json.dumps({"shard": storage.basename(src), "error": str(exc), "corrupt": corrupt}))
         return {"stats": np.array(stats, dtype=object)}
 
     def _process(self, src: str, dst: str, content: str | None = None) -> dict:
@@ -475,6 +477,8 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
             )
         for i, row in enumerate(ds.iter_rows(), 1):
             s = json.loads(row["stats"])
+            if s.get("corrupt"):
+                raise corrupt_shard_error(s["corrupt"])
             if "error" in s:
                 raise OSError(f"writing the logits of {s['shard']} failed: {s['error']}")
             log(f"[cache] {i}/{len(todo)} shards: {s['shard']} ({s['rows']} logit rows)")

@@ -502,6 +502,11 @@ def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_pa
     with pytest.raises(CorruptShardError, match=f"cannot be read: {victim} "):
         run_training(_loop(batch_size=2), clips_dir=str(clips), scaling=Scaling(num_workers=1),
                      name="corrupt", storage_path=str(tmp_path / "ray"))
+    # the cache build: named too, not "writing the logits failed" (a disk's fault, which a rerun resumes)
+    from dvfl.teacher_cache import build_teacher_cache
+
+    with pytest.raises(CorruptShardError, match=f"cannot be read: {victim} "):
+        build_teacher_cache(str(clips), prepared["teacher"], str(tmp_path / "cache"), log=lambda *_: None)
 
 
 # ----------------------------------------------------------------------------- a killed driver

@@ -399,9 +399,13 @@ def raise_if_corrupt(paths: Iterable[str], exc: BaseException) -> None:
     """Re-raise a failed read as :class:`CorruptShardError` naming the damaged shard(s), if any."""
     bad = find_corrupt_shards(paths)
     if bad:
-        names = "; ".join(f"{p} ({e})" for p, e in bad)
-        raise CorruptShardError(f"clip shard(s) cannot be read: {names}. Re-ingest (delete the damaged "
-                                "file and its _meta sidecar, then rerun the same ingest command)") from None
+        raise corrupt_shard_error([f"{p} ({e})" for p, e in bad]) from None
+
+
+def corrupt_shard_error(damaged: List[str]) -> CorruptShardError:
+    """The error naming damaged shards (``"path (what failed)"`` each) and what to do."""
+    return CorruptShardError(f"clip shard(s) cannot be read: {'; '.join(damaged)}. Re-ingest (delete the damaged "
+                             "file and its _meta sidecar, then rerun the same ingest command)")
 
 
 def read_clip_dataset(out_dir: str, splits: Optional[Iterable[str]] = None,
