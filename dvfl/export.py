@@ -44,7 +44,7 @@ def _quiet_tracing():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(trace|save|load).*is deprecated.*")
         yield
 
 
@@ -106,10 +106,11 @@ def _umask() -> int:
     return mask
 
 
-def _tmp_path(out: Path) -> Path:
+def _tmp_path(out: Path, ending: str = "") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    # named with this process's PID: the next export into this folder removes one a SIGKILL left
-    tmp = make_scratch_file("export", suffix=f"-{out.name}.tmp", tmpdir=str(out.parent))
+    # named with this process's PID: the next export into this folder removes one a SIGKILL left;
+    # ``ending``: what a reader wants the name to end with (torch.export warns on every other name)
+    tmp = make_scratch_file("export", suffix=f"-{out.name}.tmp{ending}", tmpdir=str(out.parent))
     # mkstemp's 0600 would follow the file through the rename: the mode a plain write gets (the umask's)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
@@ -155,8 +156,9 @@ def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor]
     try:
         with _quiet_tracing(), torch.inference_mode():
             traced = torch.jit.trace(model, (_trace_example(inputs),), check_trace=False)
-        torch.jit.save(traced, str(tmp))
-        loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
+        with _quiet_tracing():
+            torch.jit.save(traced, str(tmp))
+            loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
         diff = _check("torchscript", lambda x: loaded(x).float().numpy(), model, inputs, tolerance)
         _publish_file(tmp, out)
     finally:
@@ -170,7 +172,7 @@ def export_program(model, out: str | os.PathLike, inputs: list[torch.Tensor], to
     out, model = Path(out), model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (_trace_example(inputs),), dynamic_shapes=({0: batch},))
-    tmp = _tmp_path(out)
+    tmp = _tmp_path(out, ending=".pt2")
     try:
         torch.export.save(program, str(tmp))
         loaded = torch.export.load(str(tmp)).module()

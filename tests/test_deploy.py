@@ -195,6 +195,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     r = run_cli("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
                 "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr  # torch.jit.save/load's deprecation, on every export
     ts = torch.jit.load(str(tmp_path / "t.ts"))
     with torch.inference_mode():
         assert (ts(clips) - torch.from_numpy(ref)).abs().max() <= 1e-4
@@ -221,6 +222,7 @@ def test_torch_export_from_single_clips_keeps_a_dynamic_batch(prepared, golden_d
     r = run_cli("export.py", "--model", prepared["teacher"], "--format", "export", "--out", out,
                 "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "Unable to load package" not in r.stderr and "Expect archive" not in r.stderr, r.stderr  # (a .tmp name)
     model, spec = load_model(prepared["teacher"])
     clips = real_clips(prepared["cfg"].clips_dir, spec, 3)
     assert [c.shape[0] for c in clips] == [1, 1, 1]
@@ -493,6 +495,11 @@ def test_export_names_a_bad_clips_folder_or_golden_file(prepared, tmp_path):
         r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", out)
         assert r.returncode == 2 and "is a folder; --format onnx writes one file" in r.stderr, r.stderr
     assert os.listdir(tmp_path / "exports") == [] and not (tmp_path / "new").exists()
+    # an --out that cannot be written (its parent is a file): one line after the check, no traceback
+    (tmp_path / "a_file").write_text("")
+    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "a_file" / "m.ts")
+    assert r.returncode == 1 and f"error: writing {tmp_path / 'a_file' / 'm.ts'} failed: " in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
 
 
 def test_an_export_whose_output_is_not_finite_is_refused():

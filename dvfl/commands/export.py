@@ -67,6 +67,13 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("model", "clips", "golden"), outputs=("out",))
     if not a.tolerance >= 0 or a.check_clips < 0:
         p.error("--tolerance must be >= 0 and --check-clips >= 0")
+    if a.format == "onnx":  # optional: a plain `pip install -e .` met a ModuleNotFoundError after loading the model
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"error: --format onnx needs {' and '.join(missing)}: pip install -e '.[export]'", file=sys.stderr)
+            return 2
     from dvfl import export as ex
     from dvfl.artifacts import load_model
     from dvfl.models.checkpoint import CheckpointError
@@ -118,6 +125,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             info = ex.export_folder(model, spec, a.out, dataset, inputs, a.tolerance)
     except ex.ExportMismatch as exc:
         print(f"error: the export does not reproduce PyTorch: {exc}; nothing written", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --out not writable, a full disk: one line (the temporary is removed)
+        print(f"error: writing {a.out} failed: {exc}", file=sys.stderr)
         return 1
     print(f"[export] {info['format']} -> {info['path']}: max |exported - PyTorch| = {info['max_abs_diff']:.2e} "
           f"on {len(inputs)} input batch(es)")

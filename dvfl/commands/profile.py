@@ -39,8 +39,21 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     for flag in ("frames", "size", "num_classes", "batch_size", "repeats"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    import timm
+    import torch
+
+    import dvfl.models  # noqa: F401  (registers the variants)
     from dvfl.profile import available_cpus, format_profile, profile_model
 
+    if a.arch not in timm.list_models("videofocalnet_*"):  # (a 33-line traceback from the model factory)
+        p.error(f"--arch {a.arch!r}: choose one of {', '.join(timm.list_models('videofocalnet_*'))}")
+    if a.device:
+        try:
+            device = torch.device(a.device)
+        except RuntimeError as exc:
+            p.error(f"--device {a.device!r}: {exc}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {a.device}: torch sees no GPU on this machine")
     width = {} if a.embed_dim is None else {"embed_dim": a.embed_dim}
     result = profile_model(
         a.arch, num_classes=a.num_classes, num_frames=a.frames, img_size=a.size, **width,
