@@ -66,7 +66,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
             weights = storage.join(path, FOLDER_WEIGHTS)
     else:
         if name is None:
-            raise CheckpointError(f"{path}: a checkpoint file needs the model name (--arch videofocalnet_base; in a run config teacher.model)")
+            raise CheckpointError(f"{path}: a checkpoint file needs the model name (--arch videofocalnet_base; "
+                                  "in a run config teacher.model)")
         spec = {"name": name, "kwargs": dict(kwargs or {})}
         weights = path
     if kwargs:  # explicit overrides, e.g. the dataset's class count
