@@ -802,7 +802,7 @@ def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
             clips += table.num_rows
         if piece["whole"]:
             nbytes = _commit_shard(writer, piece["shard"], piece["split"], len(piece["jobs"]), written, clips,
-                                   rejects, opts["meta_dir"], opts["hold"])
+                                   rejects, opts["meta_dir"], opts.get("hold", ""))
         else:
             nbytes = writer.commit()
     except BaseException:
@@ -850,7 +850,7 @@ def _write_merged(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict
         rejects = [r for part in parts for r in part["rejects"]]
         nbytes = _commit_shard(writer, shard["shard"], shard["split"], sum(p["videos"] for p in parts),
                                sum(p["written"] for p in parts), sum(p["clips"] for p in parts), rejects,
-                               opts["meta_dir"], opts["hold"])
+                               opts["meta_dir"], opts.get("hold", ""))
     except BaseException:
         writer.abort()
         raise
