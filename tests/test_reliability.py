@@ -448,7 +448,11 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line(tmp_path, video_factory,
                     time.sleep(0.2)
                 proc.send_signal(signum)
                 # (2-3 s here; under the suite's load a connected driver's exit took over 60 s once)
-                assert proc.wait(180) == status, log.read_text()[-3000:]
+                try:
+                    code = proc.wait(180)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"no exit 180 s after signal {signum}: {log.read_text()[-3000:]}")
+                assert code == status, log.read_text()[-3000:]
             finally:
                 if proc.poll() is None:
                     proc.kill()
