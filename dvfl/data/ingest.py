@@ -631,7 +631,7 @@ class _OpenShard:
         if self.writer is None:
             self.writer = _s.AtomicShardWriter(self.path, self.cfg.row_group_clips, self.cfg.compression)
         _commit_shard(self.writer, self.plan.name, self.plan.split, len(self.order), self.written, self.clips,
-                      self.rejects, meta_dir, self.cfg.test_hooks)
+                      self.rejects, meta_dir, held_shard(self.cfg.test_hooks))
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -639,13 +639,13 @@ class _OpenShard:
 
 
 def _commit_shard(writer: "_s.AtomicShardWriter", name: str, split: str, videos: int, written: int, clips: int,
-                  rejects: List[Dict], meta_dir: str, test_hooks: bool) -> int:
+                  rejects: List[Dict], meta_dir: str, hold: str = "") -> int:
     """Close a shard's writer and commit the shard; returns its size in bytes.
 
     Local: sidecar first, then the shard (renamed into place); object store: the shard was
     uploaded by close(), the sidecar written after it commits it."""
     nbytes = writer.close()
-    if test_hooks and os.environ.get(HOLD_UNCOMMITTED_ENV) == name:
+    if hold and hold == name:
         time.sleep(3600)  # test hook: the shard is uploaded but not committed (killed here)
     meta = {"shard": name, "split": split, "videos": videos, "written_videos": written, "clips": clips,
             "bytes": nbytes, "rejects": rejects}
@@ -656,6 +656,14 @@ def _commit_shard(writer: "_s.AtomicShardWriter", name: str, split: str, videos:
 
 # test hook (with test_hooks): hold the shard's writer after its upload, before its sidecar
 HOLD_UNCOMMITTED_ENV = "DVFL_TEST_HOLD_UNCOMMITTED"
+
+
+def held_shard(test_hooks: bool) -> str:
+    """The shard the test hook holds, read where the command runs: a task's worker process need not
+    see the command's environment (the hold then never came, and the test raced the ingest's end)."""
+    return os.environ.get(HOLD_UNCOMMITTED_ENV, "") if test_hooks else ""
+
+
 # test hook (with test_hooks): the decode tasks' files may grow to this many bytes (a disk full)
 FSIZE_LIMIT_ENV = "DVFL_TEST_FSIZE_LIMIT"
 
@@ -794,7 +802,7 @@ def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
             clips += table.num_rows
         if piece["whole"]:
             nbytes = _commit_shard(writer, piece["shard"], piece["split"], len(piece["jobs"]), written, clips,
-                                   rejects, opts["meta_dir"], opts["params"]["test_hooks"])
+                                   rejects, opts["meta_dir"], opts.get("hold", ""))
         else:
             nbytes = writer.commit()
     except BaseException:
@@ -842,7 +850,7 @@ def _write_merged(shard: Dict[str, Any], parts: List[Dict[str, Any]], opts: Dict
         rejects = [r for part in parts for r in part["rejects"]]
         nbytes = _commit_shard(writer, shard["shard"], shard["split"], sum(p["videos"] for p in parts),
                                sum(p["written"] for p in parts), sum(p["clips"] for p in parts), rejects,
-                               opts["meta_dir"], opts["params"]["test_hooks"])
+                               opts["meta_dir"], opts.get("hold", ""))
     except BaseException:
         writer.abort()
         raise
@@ -889,7 +897,8 @@ def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_
                        "seed": cfg.seed, "short_side": cfg.short_side, "min_frames": cfg.min_frames or cfg.frames,
                        "test_hooks": bool(cfg.test_hooks)},
             # test hook: a full disk where the decode tasks write (they may run in another process tree)
-            "fsize_limit": int(os.environ.get(FSIZE_LIMIT_ENV, 0)) if cfg.test_hooks else 0}
+            "fsize_limit": int(os.environ.get(FSIZE_LIMIT_ENV, 0)) if cfg.test_hooks else 0,
+            "hold": held_shard(cfg.test_hooks)}
     # retried when their worker or node dies: a task writes the same bytes under the same names again
     piece_task = ray.remote(_ingest_piece).options(num_cpus=1, max_retries=3)
     merge_task = ray.remote(_merge_parts).options(num_cpus=1, max_retries=3)
