@@ -438,16 +438,18 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line(tmp_path, video_factory,
         out = tmp_path / f"clips-{signum}"
         log = tmp_path / f"ingest-{signum}.log"
         with open(log, "w") as f:
+            # Ctrl+C's default action, as a terminal gives it: a suite started in the background (`make
+            # test &`) inherits SIGINT ignored, and the signal did nothing (the held ingest never ended)
             proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder",
                                      "--root", str(root), "--out", str(out), "--short-side", "32"],
-                                    env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+                                    env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             try:
                 deadline = time.time() + 120
                 while not glob.glob(str(out / "shards" / ".train-00000*")):  # the held shard's temporary
                     assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                     time.sleep(0.2)
                 proc.send_signal(signum)
-                # (2-3 s here; under the suite's load a connected driver's exit took over 60 s once)
                 try:
                     code = proc.wait(180)
                 except subprocess.TimeoutExpired:
