@@ -128,11 +128,17 @@ def check_gpu_reachable(use_gpu: bool) -> None:
                               "config that asks for GPUs, or run it on a GPU machine")
 
 
-def check_training_fits(cfg: RunConfig, resources: dict) -> None:
+def check_training_fits(cfg: RunConfig, resources: dict, nodes: list[dict] | None = None) -> None:
     """A training run whose workers the local Ray instance cannot place waits for ever (Ray Train
     retries its worker group without end), after the ingest and the cache: refused up front. A
-    joined cluster (RAY_ADDRESS) is left to Ray: its autoscaler may add the nodes."""
+    joined cluster (RAY_ADDRESS) is left to Ray, as its autoscaler may add the nodes, but a worker
+    that no node (``nodes``: each alive node's resources; default Ray's) can hold is said."""
     if os.environ.get("RAY_ADDRESS", "local") != "local":
+        from dvfl.runtime import alive_node_resources, note_no_node_holds
+
+        note_no_node_holds("one training worker", worker_bundle(cfg.scaling),
+                           alive_node_resources() if nodes is None else nodes,
+                           "lower scaling.cpus_per_worker / scaling.worker_resources")
         return
     from dvfl.data.shards import READ_TASK_CPUS
 
@@ -149,6 +155,11 @@ def check_training_fits(cfg: RunConfig, resources: dict) -> None:
                           f" + {READ_TASK_CPUS:g} CPU for Ray Data's reads needs {', '.join(short)}: lower "
                           "scaling.num_workers or the per-worker resources, or give Ray more (--num-cpus), or "
                           "training would wait for ever")
+
+
+def worker_bundle(s) -> dict:
+    """What one training worker (or runner actor) asks Ray for, all on one node."""
+    return {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {}), **(s.worker_resources or {})}
 
 
 def fits_ray(cfg: RunConfig, resources: dict) -> bool:

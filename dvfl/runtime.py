@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Iterator
 
 import ray
@@ -139,6 +140,23 @@ def signal_handlers_kept(*signums: int):
         for n, handler in saved.items():
             if handler is not None:
                 signal.signal(n, handler)
+
+
+def alive_node_resources() -> list[dict]:
+    """Each alive node's total resources, as Ray lists them."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def note_no_node_holds(what: str, bundle: dict, nodes: list[dict], remedy: str) -> None:
+    """On a joined cluster (left to its autoscaler) an actor or worker that fits no node waited
+    without a word until an autoscaler added one, or for ever: one line says so before the wait."""
+    if any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+        return
+    wants = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    have = "; ".join(", ".join(f"{node.get(k, 0.0):g} {k}" for k in bundle) for node in nodes) or "none alive"
+    print(f"[ray] note: {what} needs {wants} on one node, and no node of the cluster has them now (its nodes: "
+          f"{have}): it waits until the cluster's autoscaler adds such a node; Ctrl+C to stop, or {remedy}",
+          file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -332,7 +332,28 @@ def test_training_that_the_local_ray_cannot_place_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs 2 GPU \(Ray has 1\), 2 train_node \(Ray has 0\)"):
         check_training_fits(gpu, {"CPU": 16.0, "GPU": 1.0})
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    check_training_fits(cfg, {"CPU": 4.0})
+    check_training_fits(cfg, {"CPU": 4.0}, nodes=[{"CPU": 2.0}, {"CPU": 2.0}])
+
+
+def test_a_worker_no_node_of_a_joined_cluster_holds_is_said(monkeypatch, capsys):
+    """On a joined cluster (left to its autoscaler) a worker that fits no node's resources waited
+    without a word, for ever if no autoscaler adds such a node: one line names what it needs."""
+    from dvfl.cli import check_training_fits
+    from dvfl.config import load_config
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    gpu = load_config(None, [("scaling.concurrent_runs", 0), ("scaling.num_workers", 2), ("scaling.use_gpu", True),
+                             ("scaling.cpus_per_worker", 4),
+                             ("scaling.worker_resources", {"train_node": 1})], check_paths=False)
+    cpu_head, gpu_node = {"CPU": 8.0, "memory": 1e9}, {"CPU": 8.0, "GPU": 1.0, "train_node": 1.0}
+    check_training_fits(gpu, {"CPU": 16.0, "GPU": 1.0}, nodes=[cpu_head, gpu_node])
+    assert capsys.readouterr().err == ""  # one worker per node is enough: Ray Train places the rest as nodes come
+    for nodes in ([cpu_head], [cpu_head, {**gpu_node, "CPU": 2.0}], [cpu_head, {**gpu_node, "train_node": 0.0}]):
+        check_training_fits(gpu, {}, nodes=nodes)
+        err = capsys.readouterr().err
+        assert err.startswith("[ray] note: one training worker needs 4 CPU, 1 GPU, 1 train_node on one node, and no "
+                              "node of the cluster has them now (its nodes: 8 CPU, 0 GPU, 0 train_node") and \
+            err.count("\n") == 1, err
 
 
 def test_errors_found_once_ray_is_up_end_with_one_line(capsys):

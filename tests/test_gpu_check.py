@@ -27,3 +27,17 @@ def test_gpu_check_dry_run_trains_with_ddp_and_writes_every_figure(tmp_path, ray
     # models on a CPU shared with another test process once gave 0.81)
     assert 0 < r["latency"]["base_over_nano"]["median"] < float("inf")
     assert not (tmp_path / "gpu_check_ray").exists()  # Ray Train's run folder is cleaned up
+
+
+def test_the_joined_cluster_note_reads_the_nodes_ray_has(ray_local, monkeypatch, capsys):
+    """The note on a worker no node holds reads each alive node's resources from a real Ray: this
+    one (no GPU) cannot hold a GPU worker, and holds a one-CPU one."""
+    from dvfl.cli import check_training_fits
+    from dvfl.config import load_config
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
+    cpus = ray_local.cluster_resources()["CPU"]
+    check_training_fits(load_config(None, [("scaling.cpus_per_worker", 1)], check_paths=False), {})
+    assert capsys.readouterr().err == ""
+    check_training_fits(load_config(None, [("scaling.use_gpu", True)], check_paths=False), {})
+    assert f"(its nodes: {cpus:g} CPU, 0 GPU)" in capsys.readouterr().err

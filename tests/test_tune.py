@@ -568,7 +568,25 @@ def test_resources_that_cannot_fit_are_refused_before_any_trial(monkeypatch):
                                           r"per trial\) but Ray has 0"):
         check_resources(t, cfg, {"CPU": 16.0})
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    check_resources(t, cfg, {"CPU": 16.0})
+    check_resources(t, cfg, {"CPU": 16.0}, nodes=[{"CPU": 16.0, "train_node": 1.0}])
+
+
+def test_a_trial_no_node_of_a_joined_cluster_holds_is_said(monkeypatch, capsys):
+    """On a joined cluster a trial (an in-process trial is its worker, beside its driver's CPUs) or
+    a trial's Train worker that fits no node waited without a word: one line names what it needs."""
+    from dvfl.tune import check_resources, load_tune_config
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    t, cfg = load_tune_config(None, [("scaling.cpus_per_worker", 2), ("tune.driver_cpus", 0.5)])
+    check_resources(t, cfg, {}, nodes=[{"CPU": 2.5}])
+    assert capsys.readouterr().err == ""
+    check_resources(t, cfg, {}, nodes=[{"CPU": 2.0}, {"CPU": 1.0}])
+    assert "[ray] note: one trial needs 2.5 CPU on one node, and no node of the cluster has them now (its nodes: " \
+           "2 CPU; 1 CPU)" in capsys.readouterr().err
+    t, cfg = load_tune_config(None, [("scaling.concurrent_runs", 0), ("scaling.num_workers", 2),
+                                     ("scaling.use_gpu", True), ("scaling.cpus_per_worker", 2)])
+    check_resources(t, cfg, {}, nodes=[{"CPU": 8.0}])  # a CPU head: each Train worker wants a GPU
+    assert "[ray] note: one trial's training worker needs 2 CPU, 1 GPU on one node" in capsys.readouterr().err
 
 
 def test_an_in_process_trial_asks_for_the_workers_custom_resources():

@@ -20,8 +20,21 @@ def required_resources(t: TuneConfig, cfg: RunConfig) -> dict:
     return need
 
 
-def check_resources(t: TuneConfig, cfg: RunConfig, available: dict) -> None:
+def check_resources(t: TuneConfig, cfg: RunConfig, available: dict, nodes: list[dict] | None = None) -> None:
+    """A search the local Ray cannot hold is refused; on a joined cluster (left to its autoscaler) a
+    trial that no node (``nodes``: each alive node's resources; default Ray's) can hold is said."""
     joined = os.environ.get("RAY_ADDRESS", "local") != "local"
+    if joined:
+        from dvfl.runtime import alive_node_resources, note_no_node_holds
+        from dvfl.tune.trial import trials_in_process
+
+        worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {}),
+                  **(cfg.scaling.worker_resources or {})}
+        in_process = trials_in_process(t, cfg)  # the trial is its worker, beside its light driver
+        note_no_node_holds("one trial" if in_process else "one trial's training worker",
+                           {**worker, "CPU": t.driver_cpus + worker["CPU"]} if in_process else worker,
+                           alive_node_resources() if nodes is None else nodes,
+                           "lower tune.driver_cpus / scaling.cpus_per_worker / scaling.worker_resources")
     for key, amount in required_resources(t, cfg).items():
         if available.get(key, 0.0) + 1e-9 >= amount:
             continue
