@@ -181,8 +181,9 @@ class Recognizer:
                 probs = self.pred.probabilities([v[3] for v in res["views"]], self.views[1])
             except PredictError as exc:
                 return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
+            note = self.pred.length_note(res["src_num_frames"], res["src_fps"])  # as predict says it
             return {"status": 200, "topk": [[c, round(p, 6)] for c, p in self.pred.topk(probs, self.s.topk)],
-                    "frames": res["src_num_frames"], "fps": res["src_fps"]}
+                    "frames": res["src_num_frames"], "fps": res["src_fps"], **({"note": note} if note else {})}
         finally:  # here, not in the request: after a time-out the work goes on and still reads it
             Path(path).unlink(missing_ok=True)
 

@@ -89,6 +89,11 @@ def test_predict_whose_json_cannot_be_written_says_so_in_one_line_after_its_pred
     assert r.returncode == 1 and r.stdout.startswith(f"{src}: "), r.stdout + r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: writing {tmp_path / 'a_file' / 'out.json'} failed: ")
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    r = run_cli("predict.py", "--model", prepared["teacher"], src, "--stream", "--no-realtime",
+                "--json", tmp_path / "a_file" / "out.json")  # the same after a stream (that may play for minutes)
+    assert r.returncode == 1 and "[stream] " in r.stdout, r.stdout + r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: writing {tmp_path / 'a_file' / 'out.json'} failed: ")
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
 def test_predict_notes_a_video_far_longer_than_the_training_videos(prepared, video_factory, tmp_path):
@@ -121,6 +126,13 @@ def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path
     got = json.loads(out.read_text())
     assert [w["end_frame"] for w in got["windows"]] == list(range(8, 41, 4))
     assert got["fps"] == pytest.approx(40) and got["real_time_factor"] > 0
+    # decoding counts: each window is charged its 4 new frames' decode, its latency the last one's (the
+    # factor was the model's alone, while a live source decodes every frame)
+    assert got["decode_ms_per_frame"] > 0
+    w = got["windows"][0]
+    assert w["compute_s"] >= 4 * got["decode_ms_per_frame"] / 1000 and w["latency_s"] >= got["decode_ms_per_frame"] / 1000
+    mean = sum(x["compute_s"] for x in got["windows"]) / len(got["windows"])
+    assert got["real_time_factor"] == pytest.approx((1 / mean) / (40 / 4), rel=0.01)
     # a window longer than the video: no window to recognise is an error, not "0 windows" and exit 0
     out.unlink()
     r = run_cli("predict.py", "--model", prepared["teacher"], video, "--stream", "--window", 48, "--json", out)
@@ -677,11 +689,13 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
     from dvfl.serve import build_app
 
     good = Path(video_factory(str(tmp_path / "good.mp4"), n=16, h=32, w=32, fps=8))
-    long = Path(video_factory(str(tmp_path / "long.mp4"), n=48, h=32, w=32, fps=8))  # 6 s
+    long = Path(video_factory(str(tmp_path / "long.mp4"), n=112, h=32, w=32, fps=8))  # 14 s
+    # 10 s: within the limit, 5x the training videos' 2 s: answered with predict's note
+    sparse = Path(video_factory(str(tmp_path / "sparse.mp4"), n=80, h=32, w=32, fps=8))
     truncated = tmp_path / "cut.mp4"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     args = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"][0]["args"]
-    args.update(model=prepared["teacher"], topk=2, max_upload_mb=0.1, max_video_seconds=4, cpus_per_replica=0.5)
+    args.update(model=prepared["teacher"], topk=2, max_upload_mb=0.1, max_video_seconds=12, cpus_per_replica=0.5)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -699,6 +713,9 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
         serve.run(build_app(args), name="dvfl-test", route_prefix="/")
         status, out = post(good.read_bytes())
         assert status == 200 and len(out["topk"]) == 2 and out["topk"][0][0] in prepared["info"]["classes"], out
+        assert "note" not in out
+        status, out = post(sparse.read_bytes())
+        assert status == 200 and out["note"].startswith("10 s long, 5x the training videos' median 2.0 s"), out
         for body, code, reason in ((b"", 400, "empty"), (b"just some text\n" * 10, 415, "not_video"),
                                    (truncated.read_bytes(), 400, "truncated"),
                                    (b"\0" * 200_000, 413, "too_large"), (long.read_bytes(), 413, "too_long")):

@@ -86,7 +86,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"[stream] {len(out['windows'])} windows of {out['window']} frames every {a.stride} frames at "
                   f"{out['fps']:g} fps; real-time factor {out['real_time_factor']:.2f} (>= 1: keeps up)")
             if a.json:
-                write_json(a.json, out)
+                try:  # (a traceback after a stream that may have played for minutes)
+                    write_json(a.json, out)
+                except OSError as exc:
+                    print(f"error: writing {a.json} failed: {exc}", file=sys.stderr)
+                    return 1
             return 0
         files, empty = expand_inputs(a.inputs)
         for folder in empty:  # a folder given and silently skipped would read as "all fine"

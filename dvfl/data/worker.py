@@ -81,6 +81,19 @@ class DecodeProcess:
             hello = {"net_isolated": False, "detail": f"no hello from the decode child: {type(e).__name__}"}
         self.net_isolated, self.net_detail = bool(hello["net_isolated"]), hello.get("detail", "")
 
+    def ensure_started(self) -> bool:
+        """Start the child unless it runs (also before timing a decode); False: it never said hello."""
+        global _warned_network
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            self._start()
+            if self.proc is None:  # it never said hello (killed in _start)
+                return False
+            if not self.net_isolated and not _warned_network:  # (into this Ray worker's log)
+                _warned_network = True
+                print(f"[decode] note: {network_note(self.net_detail)}", file=sys.stderr, flush=True)
+        return True
+
     def kill(self) -> None:
         if self.proc is not None:
             try:
@@ -130,15 +143,8 @@ class DecodeProcess:
     def _run_once(self, job: Dict, timeout: float) -> Dict:
         if self.proc is not None and self.jobs_done >= self.max_jobs:
             self.close()
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            self._start()
-            global _warned_network
-            if self.proc is None:  # it never said hello (killed above): this job gets no decoder
-                return {"ok": False, "reason": decode.DECODER_CRASH, "detail": self.net_detail}
-            if not self.net_isolated and not _warned_network:  # (into this Ray worker's log)
-                _warned_network = True
-                print(f"[decode] note: {network_note(self.net_detail)}", file=sys.stderr, flush=True)
+        if not self.ensure_started():  # this job gets no decoder
+            return {"ok": False, "reason": decode.DECODER_CRASH, "detail": self.net_detail}
         payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
         deadline = time.monotonic() + timeout
         try:
