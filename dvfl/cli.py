@@ -313,6 +313,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     runner's RayTaskError, a worker group's TrainingFailedError), to print as one line instead of a
     traceback through Ray's internals; None for anything else."""
     from dvfl.data.holdout import HoldoutError
+    from dvfl.data.ingest import VideoNotOnNodeError
     from dvfl.data.shards import CorruptShardError, IncompleteClipsError
     from dvfl.locks import FolderBusyError
     from dvfl.models import CheckpointError
@@ -322,7 +323,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     from dvfl.train.loop import TrainingDiverged
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
-             IncompleteClipsError, FolderBusyError, HoldoutError, CheckpointError)
+             IncompleteClipsError, FolderBusyError, HoldoutError, CheckpointError, VideoNotOnNodeError)
     return _behind(exc, known)
 
 

@@ -205,3 +205,26 @@ def test_decode_tasks_load_no_torch():
             "print(sorted(m for m in ('torch', 'timm', 'einops', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_video_the_driver_read_but_a_decode_task_cannot_find_fails_the_task(video_factory, tmp_path):
+    """A decode task on a node without the dataset's mount (or after the file was deleted) stored it
+    as a final 'missing' reject in a committed shard: the ingest ended 0 and a rerun skipped it. The
+    task fails instead, naming the node, and leaves no part or shard behind."""
+    from dvfl.cli import actionable_failure
+
+    params = {"frames": 8, "clips_per_video": 2, "eval_clips": 1, "seed": 0, "short_side": 32, "min_frames": 8,
+              "test_hooks": False}
+    there = video_factory(str(tmp_path / "v0.mp4"), n=12, h=32, w=32)
+    jobs = [{"abspath": p, "root": str(tmp_path), "path": os.path.basename(p), "video_id": os.path.basename(p)[:2],
+             "split": "train", "label": 0, "class_name": "a"} for p in (there, str(tmp_path / "v1.mp4"))]
+    dest = tmp_path / "shards" / "train-00000.parquet"
+    piece = {"dest": str(dest), "whole": True, "jobs": jobs, "shard": "train-00000", "split": "train", "index": 0}
+    opts = {"max_jobs": 100, "max_rss_mb": 2048, "compression": "lz4", "row_group_clips": 4, "params": params,
+            "timeout": 60, "meta_dir": str(tmp_path / "shards" / "_meta")}
+    os.makedirs(opts["meta_dir"])
+    with pytest.raises(I.VideoNotOnNodeError, match=r"v1\.mp4 was read when the ingest listed its inputs, but the "
+                                                    r"decode task on \S+ finds no such file") as e:
+        I._write_piece(piece, opts)
+    assert actionable_failure(RuntimeError("wrapped")) is None and actionable_failure(e.value) is e.value
+    assert not dest.exists() and os.listdir(dest.parent) == ["_meta"] and os.listdir(opts["meta_dir"]) == []

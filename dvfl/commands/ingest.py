@@ -255,6 +255,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except OSError as e:  # disk full, quota, permissions: finished shards stay, a rerun resumes
         print(f"error: writing to {a.out} failed: {os_error_line(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # a decode task's error the user can act on, through Ray Data's wrappers
+        from dvfl.cli import actionable_failure
+
+        known = actionable_failure(e)
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
+        return 1
     if summary["written_videos"] == 0:  # nothing to train on is a failure, not a finished ingest
         print(f"error: 0 videos written: all {summary['inputs']} input(s) were rejected "
               f"(reasons in {storage.join(a.out, 'rejects.jsonl')})", file=sys.stderr)

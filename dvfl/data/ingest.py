@@ -293,6 +293,7 @@ def _decode_batch(batch: pa.Table, timeout: float, max_jobs: int, max_rss_mb: fl
     for job in (j for text in batch.column("jobs").to_pylist() for j in json.loads(text)):
         full = dict(params, path=job["abspath"], root=job["root"], video_id=job["video_id"], split=job["split"])
         res = _PROC.run(full, timeout)
+        raise_if_not_on_node(job, res)
         label = None if job["label"] < 0 else job["label"]
         base = {"video_id": job["video_id"], "path": job["path"], "label": label,
                 "class_name": job["class_name"] or None, "split": job["split"],
@@ -781,6 +782,22 @@ def _ingest_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]
         _release_arrow_memory()
 
 
+class VideoNotOnNodeError(RuntimeError):
+    """A video the ingest read when it listed the inputs that a decode task finds no file at."""
+
+
+def raise_if_not_on_node(job: Dict[str, Any], res: Dict[str, Any]) -> None:
+    """A decode task's ``missing`` for a file the driver read moments ago is this node's problem, not
+    the video's: a reject would be final (a rerun skips the committed shard), so the task fails."""
+    if res.get("reason") == _d.MISSING:
+        import socket
+
+        raise VideoNotOnNodeError(
+            f"{job['abspath']} was read when the ingest listed its inputs, but the decode task on "
+            f"{socket.gethostname()} finds no such file (the dataset not mounted on every node, or the file "
+            "deleted meanwhile): finished shards are kept; run the ingest again once every node sees the files")
+
+
 def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     proc = _decode_process(opts["max_jobs"], opts["max_rss_mb"])
     # a part file is read back once by its merge: compressing it costs CPU twice for nothing
@@ -793,6 +810,7 @@ def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
         for job in piece["jobs"]:
             res = proc.run(dict(opts["params"], path=job["abspath"], root=job["root"], video_id=job["video_id"],
                                 split=job["split"]), opts["timeout"])
+            raise_if_not_on_node(job, res)
             table, reject = _video_table(job, res)
             if table is None:
                 rejects.append(reject)
