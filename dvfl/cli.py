@@ -276,9 +276,13 @@ RESUMABLE = {"ingest", "teacher", "cache", "distill", "protocol", "tune"}  # a r
 def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Run a subcommand; Ctrl+C or SIGTERM ends it with one line and exit status 130 or 143, not a
     traceback (Ray is shut down and locks released on the way out)."""
-    hint = ""
-    if name in RESUMABLE:  # the same command with --fresh would delete what was done again
-        hint = ": run the same command again" + (" without --fresh" if getattr(a, "fresh", False) else "") + " to resume"
+    def hint() -> str:  # the same command with --fresh would delete what was done again
+        if name not in RESUMABLE:
+            return ""
+        if getattr(a, "fresh", False) and not getattr(a, "fresh_done", True):  # (a command that says when it is)
+            return ": run the same command again, with --fresh (its deletions were interrupted)"
+        return ": run the same command again" + (" without --fresh" if getattr(a, "fresh", False) else "") + " to resume"
+
     for dest in PATH_FLAGS:  # "--out $UNSET": "" read as the working directory, or as no flag (the default folder)
         if getattr(a, dest, None) == "":
             p.error(f"--{dest.replace('_', '-')} is empty: give a path (an unset shell variable?)")
@@ -287,9 +291,9 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
     except KeyboardInterrupt:
         runtime = sys.modules.get("dvfl.runtime")  # not imported: no Ray started, no SIGTERM handler
         if runtime is not None and runtime.sigterm_received():
-            print(f"[{name}] terminated (SIGTERM){hint}", file=sys.stderr, flush=True)
+            print(f"[{name}] terminated (SIGTERM){hint()}", file=sys.stderr, flush=True)
             return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
-        print(f"\n[{name}] interrupted{hint}", file=sys.stderr, flush=True)
+        print(f"\n[{name}] interrupted{hint()}", file=sys.stderr, flush=True)
         return 130
 
 

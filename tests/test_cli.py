@@ -394,3 +394,28 @@ def test_errors_found_once_ray_is_up_end_with_one_line(capsys):
                 raise PermissionError(13, "Permission denied", "/data/x")
             except OSError:
                 raise ValueError("a folder it cannot read: fix its permissions") from None
+
+
+def test_an_interrupt_during_freshs_deletions_does_not_say_to_drop_fresh(capsys):
+    """Ctrl+C while `distill --fresh` was still deleting told the user to rerun without --fresh, which
+    resumed from the models --fresh was meant to discard (or from a half-deleted Ray Train folder)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from dvfl.cli import run_command
+
+    def interrupted(**state):
+        def run(a, p):
+            vars(a).update(state)
+            raise KeyboardInterrupt
+        return SimpleNamespace(run=run)
+
+    p = argparse.ArgumentParser()
+    for state, hint in (({"fresh_done": False}, "run the same command again, with --fresh (its deletions were "
+                                                "interrupted)"),
+                        ({"fresh_done": True}, "run the same command again without --fresh to resume"),
+                        ({}, "run the same command again without --fresh to resume")):
+        assert run_command("distill", interrupted(**state), argparse.Namespace(fresh=True), p) == 130
+        assert capsys.readouterr().err.strip() == f"[distill] interrupted: {hint}", state
+    assert run_command("distill", interrupted(), argparse.Namespace(fresh=False), p) == 130
+    assert capsys.readouterr().err.strip() == "[distill] interrupted: run the same command again to resume"

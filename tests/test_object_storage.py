@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
@@ -70,6 +71,25 @@ def test_an_init_checkpoint_replaced_on_s3_changes_the_runs_identity(s3_server):
     storage.write_bytes(key, b"a" * 199_999 + b"b")  # the same size, another last byte
     second = init_identity(section)
     assert first["init_weights"][0] == second["init_weights"][0] == 200_000 and first != second
+
+
+def test_a_failed_tensorboard_upload_is_said_and_retried_not_raised(s3_server, capsys):
+    """Events on s3 are uploaded at every epoch's flush, before that epoch's checkpoint: an S3 error
+    there aborted the epoch (its checkpoint lost, the run retried), and at close it replaced the
+    run's own error. Now a line, and the next flush uploads every events file again."""
+    from dvfl import storage
+    from dvfl.train.loop import _TensorBoard
+
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/tb"  # every upload fails
+    writer = _TensorBoard(missing)
+    writer.add_scalar("loss", 1.0, 1)
+    writer.flush()
+    assert f"[tensorboard] uploading the events to {missing} failed" in capsys.readouterr().out
+    writer.target = target = f"s3://{s3_server['new_bucket']()}/tb"  # (as if the bucket answered again)
+    writer.add_scalar("loss", 0.5, 2)
+    writer.close()
+    assert [k for k in s3_objects(target) if k.startswith("events.out.tfevents")], s3_objects(target)
+    assert not os.path.exists(writer.local) and "failed" not in capsys.readouterr().out
 
 
 def test_generated_videos_are_never_written_under_a_uri_named_folder(s3_server, tmp_path):

@@ -162,6 +162,12 @@ def test_profile_cli_rejects_bad_args():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
                            "--repeats", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--repeats" in proc.stderr
+    # a traceback after the model was built (threads, warm-up), or silently another batch (throughput 0)
+    for args, said in ((["--threads", "0"], "--threads must be >= 1"), (["--warmup", "-1"], "--warmup must be >= 0"),
+                       (["--throughput-batch-size", "0"], "--throughput-batch-size must be >= 1")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # a misspelt variant and a device this machine lacks: one line each, not a traceback (session 34)
     for args, said in ((["--arch", "videofocalnet_nan"], "--arch 'videofocalnet_nan': choose one of videofocalnet_base"),
                        (["--device", "gpu"], "--device 'gpu': ")):

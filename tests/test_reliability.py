@@ -612,6 +612,22 @@ def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_pat
     assert alive.exists() and made.exists() and not_ours.exists()
 
 
+def test_a_runner_removes_the_temporary_epoch_state_a_killed_runner_left(ray_local, tmp_path):
+    """ray.kill (Ctrl+C, a replaced runner) ends a runner without clean-up: one killed while writing
+    its epoch state left a hidden temporary file in the run folder that nothing read or removed."""
+    from dvfl.storage import local_tmp_name
+    from dvfl.train.session import RunnerSession
+
+    run_dir = tmp_path / "ray_results" / "dvfl-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "epoch_000001.pt").write_bytes(b"state")
+    stale = Path(local_tmp_name(str(run_dir / "epoch_000002.pt")))
+    stale.write_bytes(b"half a state")
+    session = RunnerSession({}, str(run_dir))
+    assert not stale.exists() and os.listdir(run_dir) == ["epoch_000001.pt"]
+    assert session.checkpoint().path.endswith("epoch_000001.pt")
+
+
 def test_a_teacher_at_zero_gives_null_not_nan_in_results_json():
     """A teacher scoring 0 % on the test split (a weak teacher on a few videos of one's own) wrote
     NaN into results.json, which strict JSON readers (jq, JavaScript) refuse."""

@@ -71,8 +71,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"):
         if not generate_videos(cfg):
             return 2
-        if a.fresh:
+        if a.fresh:  # interrupted meanwhile, a rerun without --fresh would reuse models it meant to discard
+            a.fresh_done = False
             pipeline.clean_run(cfg)
+            a.fresh_done = True
         with ray_runtime(num_cpus=a.num_cpus) as resources:
             if not fits_ray(cfg, resources):
                 return 2

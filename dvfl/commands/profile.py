@@ -36,9 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    for flag in ("frames", "size", "num_classes", "batch_size", "repeats"):
-        if getattr(a, flag) < 1:
+    # (0 threads, a negative warm-up: tracebacks after the model was built; a throughput batch of 0 was
+    # silently --batch-size)
+    for flag in ("frames", "size", "num_classes", "batch_size", "repeats", "threads", "throughput_batch_size",
+                 "embed_dim"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("warmup", "throughput_repeats"):
+        if getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0")
     import timm
     import torch
 
@@ -54,6 +60,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             p.error(f"--device {a.device!r}: {exc}")
         if device.type == "cuda" and not torch.cuda.is_available():
             p.error(f"--device {a.device}: torch sees no GPU on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {a.device}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0..)")
     width = {} if a.embed_dim is None else {"embed_dim": a.embed_dim}
     result = profile_model(
         a.arch, num_classes=a.num_classes, num_frames=a.frames, img_size=a.size, **width,

@@ -223,10 +223,15 @@ class _TensorBoard:
         self.writer.add_scalar(*args)
 
     def _upload(self) -> None:
+        """Every events file again (whole files); a failed upload is said and retried at the next
+        flush: an optional log must not cost the epoch its checkpoint, or hide the run's own error."""
         from dvfl import storage
 
-        for name in os.listdir(self.local):
-            storage.upload_file(os.path.join(self.local, name), storage.join(self.target, name))
+        try:
+            for name in os.listdir(self.local):
+                storage.upload_file(os.path.join(self.local, name), storage.join(self.target, name))
+        except OSError as exc:
+            say(f"[tensorboard] uploading the events to {self.target} failed ({exc}): retried at the next epoch")
 
     def flush(self) -> None:
         self.writer.flush()
@@ -592,9 +597,11 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             if cfg.print_epochs:
                 # the first epoch this process trains (a resumed run's too) names the device
                 say(epoch_line(cfg.label, metrics, cfg.optim.epochs, metrics["device"] if epoch == run.start_epoch else ""))
-            if writer is not None:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
         session.report(metrics, ckpt_dir)
+        # after the checkpoint: an epoch interrupted before it is trained again on resume, and its
+        # scalars, written first, were logged twice (the second from other weights)
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    writer.add_scalar(k, v, epoch + 1)
+            writer.flush()

@@ -118,9 +118,14 @@ class RunnerSession(_RaySession):
     def __init__(self, datasets: dict, run_dir: str):
         import ray
 
+        from dvfl.data.shards import remove_stale_tmp
+
         self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
         self._datasets = datasets
         self.run_dir = run_dir
+        # a runner killed mid-write (ray.kill on Ctrl+C, a lost node) left its hidden temporary epoch
+        # state (~1 GB for Video-FocalNet-B) that nothing read or removed; one runner at a time writes here
+        remove_stale_tmp(run_dir)
         self.last_metrics: dict | None = None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
