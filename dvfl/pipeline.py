@@ -600,14 +600,21 @@ def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: 
     ``params``), where the run trains: with ``scaling.use_gpu`` in a Ray task holding a GPU (the
     driver may be a head node without one, where Video-FocalNet-B's 4x3 evaluation of a test split
     takes about a day), else in this process (``model``: that model, already loaded). ``in_task``
-    forces either (tests)."""
+    forces either (tests). A model at a local path is read here and sent with the task (its node
+    may not see this disk); a URI is read where the task runs."""
     args = (model_path, cfg.teacher.model, num_classes, cfg.data.frames, cfg.clips_dir, split, cfg.crop_size, views)
     if not (cfg.scaling.use_gpu if in_task is None else in_task):
         return _evaluate_model(*args, model=model)
     import ray
 
+    if storage.local_path(model_path) is not None:
+        # the task may run on another node, without this one's disk (a teacher under the head's job
+        # root): the weights go with it, as they go to the cache's actors
+        if model is None:
+            model, _ = load_model_for(model_path, cfg.teacher.model, num_classes, cfg.data.frames)
+        model = ray.put(model)
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(_evaluate_model)
-    return ray.get(task.options(name="dvfl-evaluate").remote(*args, in_task=True))
+    return ray.get(task.options(name="dvfl-evaluate").remote(*args, in_task=True, model=model))
 
 
 def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames: int, clips_dir: str, split: str,

@@ -507,6 +507,12 @@ def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_
     here = pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=False, num_clips=1, num_crops=3)
     remote = pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=True, num_clips=1, num_crops=3)
     assert remote == here and here["params"] > 0 and here["videos"] == 16
+    # a model at a local path goes with the task: the task's node may not see the driver's disk (a
+    # teacher under the head's job root failed on a GPU node as "a checkpoint file needs the model name")
+    model, _ = load_model(prepared["teacher"])
+    unseen = str(Path(prepared["teacher"]).parent / "on-the-head-only")
+    assert pipeline.evaluate_model_at(cfg, unseen, 8, "test", in_task=True, model=model, num_clips=1,
+                                      num_crops=3) == here
 
 
 def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_clips(prepared, tmp_path):
