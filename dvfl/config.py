@@ -105,6 +105,9 @@ class DataSection:
     val_fraction: float = 0.1
     val_seed: int = 0
     test_split: str = "test"
+    # decode tasks in flight when a run ingests data.root; 0: one per CPU Ray has when the ingest
+    # starts (an autoscaling cluster that starts with a CPU-less head: set the CPUs it may add)
+    decode_tasks: int = 0
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
 
@@ -484,6 +487,8 @@ class RunConfig:
                             ("data.split", self.data.split)):
             if value < 1:  # (they failed inside the ingest, naming a flag)
                 fail(name, f"must be >= 1, got {value!r}")
+        if self.data.decode_tasks < 0:
+            fail("data.decode_tasks", f"must be >= 0 (0: one per CPU of the cluster), got {self.data.decode_tasks!r}")
         if self.data.split > SPLIT_COUNTS.get(self.data.dataset, self.data.split):  # (the adapter refused it, in Ray)
             fail("data.split", f"must be in 1..{SPLIT_COUNTS[self.data.dataset]} for {self.data.dataset}, "
                  f"got {self.data.split!r}")

@@ -143,7 +143,8 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
             raise ConfigError(f"data.root: {exc}") from None
         check_manifest_splits(cfg, manifest)
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
-                        eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed)
+                        eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed,
+                        workers=cfg.data.decode_tasks or None)
     try:
         ingest(manifest, icfg, log=log)
     except ValueError as exc:

@@ -568,3 +568,23 @@ def test_another_shard_layout_keeps_the_fingerprint_and_changes_the_shards_conte
     assert c["fingerprint"] == b["fingerprint"]
     assert {s["file"]: s["content"] for s in SH.load_dataset_info(str(tmp_path / "again"))["shards"]} == \
         {f: s["content"] for f, s in shards_b.items()}  # the same inputs and layout: the same digests
+
+
+def test_decode_tasks_follow_the_cluster_and_a_joined_one_is_told_how_to_ask_for_more(ray_local, monkeypatch):
+    """An ingest started by distill/tune/protocol on an autoscaling cluster ran one decode task per
+    CPU Ray had at its start (one, beside a CPU-less head) and never more as nodes came: the count is
+    said on a joined cluster, with the field that sets it (data.decode_tasks, as --decode-tasks does)."""
+    from dvfl.config import ConfigError, load_config
+    from dvfl.data.ingest import decode_tasks_for_cluster
+
+    lines = []
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert decode_tasks_for_cluster(lines.append) == cpus and lines == []
+    monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
+    assert decode_tasks_for_cluster(lines.append) == cpus
+    assert lines == [f"[ingest] {cpus} decode task(s) at a time: the cluster's {cpus} CPUs now (an autoscaling "
+                     "cluster: --decode-tasks, or data.decode_tasks in a run's config, for the CPUs it may add)"]
+    assert load_config(None, [("data.decode_tasks", 64)], check_paths=False).data.decode_tasks == 64
+    with pytest.raises(ConfigError, match=r"data\.decode_tasks.*must be >= 0"):
+        load_config(None, [("data.decode_tasks", -1)], check_paths=False)

@@ -532,7 +532,7 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
             # this run's own part folder: a task of a killed run that still finishes writes into its own
             # run's folder, never over a part of this run that a merge would then take (session 29)
             run_parts = storage.join(parts_dir, f"run-{uuid.uuid4().hex[:12]}")
-            clips_this_run = _run_tasks(jobs, todo, cfg, max_videos, shard_dir, meta_dir, run_parts, progress)
+            clips_this_run = _run_tasks(jobs, todo, cfg, max_videos, shard_dir, meta_dir, run_parts, progress, log)
             storage.remove_tree(parts_dir)  # every part was merged and removed: the empty folder too
     run_secs = time.perf_counter() - t_run
 
@@ -782,6 +782,18 @@ def _ingest_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]
         _release_arrow_memory()
 
 
+def decode_tasks_for_cluster(log) -> int:
+    """One decode task per CPU the cluster has now; a joined cluster is told how to ask for more
+    (an autoscaling one may start with a CPU-less head: one task, never more as nodes came)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if os.environ.get("RAY_ADDRESS", "local") != "local" and log:
+        log(f"[ingest] {max(1, cpus)} decode task(s) at a time: the cluster's {cpus} CPUs now (an autoscaling "
+            "cluster: --decode-tasks, or data.decode_tasks in a run's config, for the CPUs it may add)")
+    return max(1, cpus)
+
+
 class VideoNotOnNodeError(RuntimeError):
     """A video the ingest read when it listed the inputs that a decode task finds no file at."""
 
@@ -903,11 +915,11 @@ def plan_pieces(jobs: List[Dict], todo: List[_ShardPlan], workers: int, task_mb:
 
 
 def _run_tasks(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, max_videos: int, shard_dir: str,
-               meta_dir: str, parts_dir: str, progress: _Progress) -> int:
+               meta_dir: str, parts_dir: str, progress: _Progress, log=None) -> int:
     """Keep ``workers`` decode (and merge) tasks in flight, in plan order; merges go first."""
     import ray
 
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = cfg.workers or decode_tasks_for_cluster(log)
     pieces = plan_pieces(jobs, todo, workers, cfg.task_mb, max_videos, shard_dir, parts_dir)
     opts = {"timeout": cfg.timeout_per_file, "max_jobs": cfg.max_jobs_per_child, "max_rss_mb": cfg.max_child_rss_mb,
             "row_group_clips": cfg.row_group_clips, "compression": cfg.compression, "meta_dir": meta_dir,
@@ -997,7 +1009,7 @@ def _run_pipeline(jobs: List[Dict], todo: List[_ShardPlan], cfg: IngestConfig, m
     import ray.data
     from ray.data import TaskPoolStrategy
 
-    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = cfg.workers or decode_tasks_for_cluster(None)
     plan = plan_decode_tasks([j["bytes"] for j in jobs], workers, cfg.task_mb, max_videos)
     workers = max(1, min(workers, len(plan)))
     tasks, start = [], 0
