@@ -163,13 +163,33 @@ def worker_bundle(s) -> dict:
 
 
 def fits_ray(cfg: RunConfig, resources: dict) -> bool:
-    """:func:`check_training_fits`, its refusal printed as a config error."""
+    """:func:`check_training_fits` and :func:`paths_on_every_node`, a refusal printed as a config error."""
     try:
         check_training_fits(cfg, resources)
-        return True
+        return paths_on_every_node(run_paths(cfg))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return False
+
+
+def run_paths(cfg: RunConfig) -> dict:
+    """The folders a run's Ray tasks and actors read or write, by field."""
+    return {"output_dir": cfg.output_dir, "data.clips": cfg.clips_dir, "data.unlabeled": cfg.data.unlabeled,
+            "data.root": cfg.data.root, "teacher.path": cfg.teacher.path if cfg.teacher.mode != "none" else None,
+            "teacher.cache": cfg.cache_dir if cfg.teacher.mode == "cached" else None}
+
+
+def paths_on_every_node(paths: dict) -> bool:
+    """False, with a config error printed, where a local path of ``paths`` (field -> path) is not
+    on every node of the cluster Ray runs (:func:`dvfl.runtime.unseen_local_paths`)."""
+    from dvfl.runtime import NO_PATH_PROBE_ENV, unseen_local_paths
+
+    unseen = unseen_local_paths(paths)
+    if unseen:
+        print(f"config error: {'; '.join(unseen)}: Ray's tasks on other nodes write and read it there. On a "
+              "cluster of several nodes give a URI (s3://, gs://) or a folder every node mounts at the same path "
+              f"(a shared mount slow to show new files to other nodes: {NO_PATH_PROBE_ENV}=1)", file=sys.stderr)
+    return not unseen
 
 
 def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(), uses_ray_gpus: bool = True) -> RunConfig:

@@ -159,6 +159,82 @@ def note_no_node_holds(what: str, bundle: dict, nodes: list[dict], remedy: str) 
           file=sys.stderr, flush=True)
 
 
+NO_PATH_PROBE_ENV = "DVFL_NO_PATH_PROBE"  # 1: skip it (a shared mount slow to show a new file on other nodes)
+PROBE_TIMEOUT_S = 60.0  # a node that does not answer by then (being removed, say) is not judged
+
+
+def _node_sees(markers: dict) -> dict:
+    """On one node: which of ``markers`` (field -> (path, stat or None)) it finds as the driver left them."""
+    seen = {}
+    for field, (path, stat) in markers.items():
+        try:
+            st = os.stat(path)
+            seen[field] = stat is None or [st.st_size, st.st_mtime_ns] == stat
+        except OSError:
+            seen[field] = False
+    return seen
+
+
+def unseen_local_paths(paths: dict, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+    """On a cluster of several nodes, each local path of ``paths`` (field -> path; URIs and None
+    skipped) is looked for on every other alive node, where Ray's tasks write and read it: a path only the
+    driver's node has (the head's disk under a job's working directory) failed later, deep inside
+    the ingest, the cache or training. Each folder (or the nearest one above a path not made yet)
+    gets a marker file for the probe, removed after; a folder the driver may not write is known by
+    its first entry's size and time.
+    Returns one line per path a node does not see."""
+    import uuid
+
+    from dvfl import storage
+
+    if not ray.is_initialized() or os.environ.get(NO_PATH_PROBE_ENV) == "1":
+        return []
+    local = {f: storage.local_path(p) for f, p in paths.items() if p and storage.local_path(p) is not None}
+    me = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != me]
+    if not local or not others:
+        return []
+    markers, written = {}, []
+    try:
+        for field, path in local.items():
+            folder = path if os.path.isdir(path) else os.path.dirname(path)
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:  # (an output made later)
+                folder = os.path.dirname(folder)
+            try:
+                marker = os.path.join(folder, f".dvfl-node-probe-{uuid.uuid4().hex[:12]}")
+                with open(marker, "w"):
+                    pass
+                written.append(marker)
+                markers[field] = (marker, None)
+            except OSError:  # read-only (a given teacher, say): one of its entries, as this node sees it
+                entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+                probe = os.path.join(folder, entries[0]) if entries else folder
+                st = os.stat(probe)
+                markers[field] = (probe, [st.st_size, st.st_mtime_ns])
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        check = ray.remote(num_cpus=0, max_retries=0)(_node_sees)
+        refs = {check.options(name="dvfl-path-probe", scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(markers): n for n in others}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        unseen = []
+        for ref in done:
+            node = refs[ref]
+            try:
+                seen = ray.get(ref)
+            except Exception:  # (a node lost meanwhile)
+                continue
+            where = f"{node.get('NodeManagerAddress', '?')} (node id {node['NodeID'][:8]})"
+            unseen += [f"{field} {paths[field]} is not on node {where}" for field, ok in seen.items() if not ok]
+        return unseen
+    finally:
+        for marker in written:
+            try:
+                os.unlink(marker)
+            except OSError:
+                pass
+
+
 @contextlib.contextmanager
 def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, address: str | None = None,
                 dashboard: bool | None = None, log_to_driver: bool = True) -> Iterator[dict]:

@@ -126,3 +126,83 @@ def test_autoscaler_adds_nodes_for_our_ingest_and_removes_them_when_idle(tmp_pat
     assert set(clips.column("num_frames").to_pylist()) == {4} and set(clips.column("height").to_pylist()) == {16}
     assert len(set(clips.column("video_id").to_pylist())) == 12
     assert "[ingest] synthetic: 12 inputs" in output
+
+
+# ----------------------------------------------------------------------------- a path only the head has
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_start(args: list[str], env: dict, prefix: list[str] = ()) -> subprocess.Popen:
+    """``ray start ... --block`` with ports of its own (the session's Ray holds the defaults), in a
+    process group of its own: stopped by killing that group (`ray stop` would stop every Ray here)."""
+    ports = [f"--{name}={_free_port()}" for name in (
+        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port")]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    return subprocess.Popen([*prefix, ray_bin, "start", *args, *ports, "--num-cpus=1", "--object-store-memory=100000000",
+                             "--block", "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
+                    reason="needs a mount namespace (unshare -m: root)")
+def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_path, video_factory):
+    """A two-node cluster whose worker node has its own view of one folder (a mount namespace with a
+    tmpfs over it: the head's local disk as another machine sees it). An ingest joining it with --out
+    in that folder wrote shards on whichever node decoded, and failed (or trained on a part) later;
+    now it is refused before any work, naming the path and the node. The probe's marker is gone."""
+    import signal
+    import tempfile
+    import time
+
+    videos = tmp_path / "videos"
+    for i, cls in enumerate(("a", "a", "b", "b")):
+        (videos / cls).mkdir(parents=True, exist_ok=True)
+        video_factory(str(videos / cls / f"v{i}.mp4"), n=12)
+    head_only = tmp_path / "head-only"
+    head_only.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token of the machine's user: no token asked for
+    temp_dir = tempfile.mkdtemp(prefix="rayprobe", dir="/tmp")  # short: Ray's unix sockets live in it
+    port = _free_port()
+    nodes = [_ray_start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+                         f"--ray-client-server-port={_free_port()}"], env)]
+    try:
+        join = [f"--address=127.0.0.1:{port}"]
+        nodes.append(_ray_start(join, env, prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                                   f'mount -t tmpfs tmpfs "$0" && exec "$@"', str(head_only)]))
+        ingest = [sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root", str(videos),
+                  "--test-fraction", "0.5", "--quiet"]
+        deadline = time.time() + 120
+        while True:  # until the worker node has joined
+            status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address=127.0.0.1:{port}"],
+                                    env=env, capture_output=True, text=True, timeout=60)
+            if status.stdout.count("node_") >= 2 or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert status.stdout.count("node_") >= 2, status.stdout + status.stderr
+        r = subprocess.run(ingest + ["--out", str(head_only / "clips")], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        assert re.search(rf"^config error: --out {re.escape(str(head_only / 'clips'))} is not on node \S+ \(node id "
+                         r"[0-9a-f]{8}\): Ray's tasks on other nodes", r.stderr, re.M), r.stderr[-3000:]
+        assert "--root" not in r.stderr.split("config error:")[1] and "Traceback" not in r.stderr
+        assert os.listdir(head_only) == []  # no marker left, nothing ingested
+    finally:
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+        time.sleep(3)
+        for node in nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait(timeout=60)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -94,6 +94,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
 
     with ray_runtime(num_cpus=a.num_cpus):
+        from dvfl.cli import paths_on_every_node
+
+        if not paths_on_every_node({"--out": a.out, "--clips": a.clips, "--teacher": a.teacher}):
+            return 2
         try:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,
                                 views=a.cache_views.split(","), dtype=a.dtype, batch_size=a.batch_size,

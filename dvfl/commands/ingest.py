@@ -248,6 +248,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                        test_hooks=os.environ.get("DVFL_INGEST_TEST_HOOKS") == "1")
     try:
         with ray_session(a.address, a.num_cpus, a.object_store_mb, log=log):
+            from dvfl.cli import paths_on_every_node
+
+            if not paths_on_every_node({"--out": a.out, "--root": a.root}):
+                return 2
             summary = ingest(m, cfg, log=log)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from dvfl.cli import add_fresh, add_num_cpus, deprecated
+from dvfl.cli import add_fresh, add_num_cpus, deprecated, paths_on_every_node, run_paths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +68,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if not generate_videos(cfg):
             return 2
         with ray_runtime(num_cpus=a.num_cpus):
+            if not paths_on_every_node({**run_paths(cfg), "tune.storage": search.storage}):
+                return 2
             try:
                 summary = run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
             except ConfigError as exc:
