@@ -158,6 +158,24 @@ def test_profile_cli_smoke(tmp_path):
     assert f"cpu: {data['cpu_model']}" in text
 
 
+def test_profile_of_a_trained_models_folder_uses_its_architecture_and_sizes(tmp_path):
+    """--model was an old spelling of --arch: a student's folder (as predict and export take it) was
+    refused as an unknown architecture; the defaults profiled a 224-px, 101-class model instead."""
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model",
+                           os.path.join(ROOT, "models", "embedded_teacher"), "--repeats", "1", "--warmup", "0",
+                           "--throughput-repeats", "0", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = json.loads(open(os.path.join(ROOT, "models", "embedded_teacher", "model.json")).read())
+    k = spec["kwargs"]
+    assert (f"model: {spec['name']} (num_classes={k['num_classes']}, frames={k['num_frames']}, "
+            f"size={spec['inputs']['crop_size']}, embed_dim={k['embed_dim']})") in proc.stdout, proc.stdout
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"--model {tmp_path}: not a model folder (no model.json)" in proc.stderr
+
+
 def test_profile_cli_rejects_bad_args():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
                            "--repeats", "0"], capture_output=True, text=True, timeout=120)

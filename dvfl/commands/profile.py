@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from dvfl.cli import deprecated
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="videofocalnet_nano", help="architecture (a timm model name)")
-    deprecated(p, "--model", "--arch", "arch")
+    p.add_argument("--model", default=None,
+                   help="a trained model's folder (model.json, e.g. runs/embedded/students/dvfl-s0-...): its "
+                        "architecture, width, classes, frames and crop size (the flags above are then not used)")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--size", type=int, default=224, help="frame size (square)")
     p.add_argument("--num-classes", type=int, default=101)
@@ -63,8 +66,24 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {a.device}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0..)")
     width = {} if a.embed_dim is None else {"embed_dim": a.embed_dim}
+    model_kwargs = {"num_classes": a.num_classes, "num_frames": a.frames, "img_size": a.size, **width}
+    if a.model:  # (--model was an old spelling of --arch: a name still works, with a warning)
+        from dvfl import storage
+        from dvfl.artifacts import SPEC
+
+        if a.model in timm.list_models("videofocalnet_*"):
+            print("warning: --model NAME is deprecated; use --arch NAME (--model takes a model folder)", file=sys.stderr)
+            a.arch = a.model
+        elif not storage.isfile(storage.join(a.model, SPEC)):
+            p.error(f"--model {a.model}: not a model folder (no {SPEC}); an architecture name goes to --arch")
+        else:  # the architecture as trained, at its crop size: what predict and Serve run
+            spec = storage.read_json(storage.join(a.model, SPEC))
+            a.arch = spec["name"]
+            crop = (spec.get("inputs") or {}).get("crop_size")
+            model_kwargs = {**spec["kwargs"], **({"img_size": int(crop)} if crop else {})}
+            model_kwargs.pop("drop_path_rate", None)
     result = profile_model(
-        a.arch, num_classes=a.num_classes, num_frames=a.frames, img_size=a.size, **width,
+        a.arch, **model_kwargs,
         batch=a.batch_size, warmup=a.warmup, repeats=a.repeats, throughput_batch=a.throughput_batch_size,
         throughput_repeats=a.throughput_repeats, device=a.device,
         threads=a.threads if a.threads is not None else available_cpus())
