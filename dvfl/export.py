@@ -26,6 +26,7 @@ import torch
 
 from dvfl.artifacts import SPEC
 from dvfl import storage
+from dvfl.data.sampling import spread_clips
 from dvfl.scratch import kind_prefix, make_scratch_dir, make_scratch_file
 from dvfl.models.video_focalnet import FOLDER_WEIGHTS, set_temporal_impl
 
@@ -208,6 +209,37 @@ def timm_config(spec: dict) -> dict:
                                "license": "apache-2.0"}}
 
 
+def frame_sampling(inputs: dict, frames) -> str:
+    """Which frames a one-clip view takes (what predict feeds the model), in words."""
+    stored = int(inputs.get("eval_clips") or 1)
+    (k,) = spread_clips(1, stored)
+    where = "the centre" if 2 * k + 1 == stored else f"{(k + 0.5) / stored:.3g} of the way"
+    return (f"{frames} frames, one from each of {frames} equal segments of the video, at {where} of each segment"
+            + (f" (clip {k} of the {stored} evaluation clips stored per video)" if stored > 1 else ""))
+
+
+def input_contract(spec: dict) -> dict:
+    """What an exported file expects and returns (a sidecar next to it: ONNX, TorchScript and .pt2
+    files carry no class names, sizes or preprocessing)."""
+    kw, inputs = spec["kwargs"], spec.get("inputs") or {}
+    frames, size = inputs.get("frames", kw.get("num_frames", 8)), kw.get("img_size", 224)
+    return {"name": spec["name"], "classes": spec.get("classes"),
+            "input": {"shape": ["batch", frames, 3, size, size], "dtype": "float32", "channels": "RGB",
+                      "scale": "[0, 1], then (x - mean) / std", "mean": [0.485, 0.456, 0.406],
+                      "std": [0.229, 0.224, 0.225]},
+            "preprocessing": {"short_side": inputs.get("short_side"), "crop_size": inputs.get("crop_size", size),
+                              "resize": "short side to short_side, then a centre crop of crop_size",
+                              "frames": frame_sampling(inputs, frames)},
+            "output": f"logits (batch, {kw['num_classes']}), in the order of classes"}
+
+
+def write_contract(out: str | os.PathLike, spec: dict) -> str:
+    """``<out>.json``: :func:`input_contract`, written whole."""
+    path = f"{os.fspath(out)}.json"
+    storage.write_json(path, input_contract(spec))
+    return path
+
+
 def model_card(spec: dict, dataset: dict | None = None) -> str:
     """README.md of an exported folder: what the model is, what it was trained and checked on."""
     kw, inputs, ident = spec["kwargs"], spec.get("inputs") or {}, spec.get("identity") or {}
@@ -222,7 +254,7 @@ def model_card(spec: dict, dataset: dict | None = None) -> str:
              "## Inputs", "",
              f"- float32 `(batch, {kw.get('num_frames', 8)}, 3, {kw.get('img_size', 224)}, {kw.get('img_size', 224)})`, "
              "RGB in [0, 1] normalised with the ImageNet mean/std",
-             f"- frames: {inputs.get('frames', kw.get('num_frames'))} uniformly sampled (TSN segment centres); "
+             f"- frames: {frame_sampling(inputs, inputs.get('frames', kw.get('num_frames')))}; "
              f"video resized to short side {inputs.get('short_side', '?')}, then a {inputs.get('crop_size', '?')}² crop "
              "(evaluation views: start/centre/end crops along the long side)",
              f"- output: logits over {kw['num_classes']} classes: {', '.join(classes) if classes else '(not recorded)'}",
@@ -373,4 +405,4 @@ def golden_inputs(path: str, spec: dict) -> list[torch.Tensor]:
 
 
 __all__ = ["export_onnx", "export_torchscript", "export_program", "export_folder", "replaceable_folder",
-           "timm_config", "model_card", "ExportMismatch", "GoldenFileError", "TOLERANCE", "FORMATS"]
+           "timm_config", "model_card", "input_contract", "write_contract", "ExportMismatch", "GoldenFileError", "TOLERANCE", "FORMATS"]

@@ -203,6 +203,12 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     with torch.inference_mode():
         ref = model.eval()(clips).numpy()
     assert clips.shape[0] == 4 and np.abs(sess.run(None, {"video": clips.numpy()})[0] - ref).max() <= 1e-4
+    # the file carries no class names, sizes or preprocessing: a sidecar beside it does (said in the JSON line)
+    contract = json.loads((tmp_path / "t.onnx.json").read_text())
+    assert json.loads(r.stdout.strip().splitlines()[-1])["contract"] == str(tmp_path / "t.onnx.json")
+    assert contract["classes"] == spec["classes"] and len(contract["classes"]) == ref.shape[1]
+    assert contract["input"]["shape"] == ["batch", *clips.shape[1:]] and contract["input"]["channels"] == "RGB"
+    assert contract["preprocessing"]["crop_size"] == spec["inputs"]["crop_size"] == clips.shape[-1]
 
     r = run_cli("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
                 "--clips", prepared["cfg"].clips_dir)
@@ -921,3 +927,15 @@ def test_exported_files_take_the_users_umask(tmp_path):
     assert (tmp_path / "private.ts").stat().st_mode & 0o777 == 0o600
     export_torchscript(model, tmp_path / "shared.ts", x)
     assert (tmp_path / "shared.ts").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+def test_the_model_card_says_which_frames_a_one_clip_view_takes():
+    """The card said "TSN segment centres" for every model; with 4 evaluation clips stored per video
+    (the UCF101/HMDB51/K400 configs) a one-clip view is clip 2 of 4, at 0.625 of each segment."""
+    from dvfl.export import frame_sampling
+
+    assert frame_sampling({"eval_clips": 1}, 8) == ("8 frames, one from each of 8 equal segments of the video, at "
+                                                    "the centre of each segment")
+    assert frame_sampling({"eval_clips": 4}, 16).endswith("at 0.625 of the way of each segment (clip 2 of the 4 "
+                                                          "evaluation clips stored per video)")
+    assert "at the centre" in frame_sampling({"eval_clips": 3}, 8)

@@ -123,6 +123,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             info = ex.export_program(model, a.out, inputs, a.tolerance)
         else:
             info = ex.export_folder(model, spec, a.out, dataset, inputs, a.tolerance)
+        if a.format != "folder":  # the file alone says nothing of class order, sizes or preprocessing
+            info["contract"] = ex.write_contract(a.out, spec)
     except ex.ExportMismatch as exc:
         print(f"error: the export does not reproduce PyTorch: {exc}; nothing written", file=sys.stderr)
         return 1
