@@ -166,25 +166,36 @@ def fits_ray(cfg: RunConfig, resources: dict) -> bool:
     """:func:`check_training_fits` and :func:`paths_on_every_node`, a refusal printed as a config error."""
     try:
         check_training_fits(cfg, resources)
-        return paths_on_every_node(run_paths(cfg))
+        return paths_on_every_node(*run_paths(cfg))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return False
 
 
-def run_paths(cfg: RunConfig) -> dict:
-    """The folders a run's Ray tasks and actors read or write, by field."""
-    return {"output_dir": cfg.output_dir, "data.clips": cfg.clips_dir, "data.unlabeled": cfg.data.unlabeled,
-            "data.root": cfg.data.root, "teacher.path": cfg.teacher.path if cfg.teacher.mode != "none" else None,
-            "teacher.cache": cfg.cache_dir if cfg.teacher.mode == "cached" else None}
+def run_paths(cfg: RunConfig) -> tuple[dict, dict]:
+    """(outputs, inputs): the folders a run's Ray tasks and actors write and read, by field. A given
+    teacher is not one: the driver loads it and sends its weights."""
+    from dvfl import storage
+    from dvfl.data.shards import DATASET_JSON
+    from dvfl.teacher_cache import CACHE_JSON
+
+    clips_done = storage.isfile(storage.join(cfg.clips_dir, DATASET_JSON))
+    cache = cfg.cache_dir if cfg.teacher.mode == "cached" else None
+    cache_done = bool(cache) and storage.isfile(storage.join(cache, CACHE_JSON))
+    outputs = {"output_dir": cfg.output_dir, "data.clips": None if clips_done else cfg.clips_dir,
+               "teacher.cache": None if cache_done else cache}
+    inputs = {"data.clips": cfg.clips_dir if clips_done else None, "teacher.cache": cache if cache_done else None,
+              "data.unlabeled": cfg.data.unlabeled,
+              "data.root": None if clips_done else cfg.data.root}  # (not read once the clips are made)
+    return outputs, inputs
 
 
-def paths_on_every_node(paths: dict) -> bool:
-    """False, with a config error printed, where a local path of ``paths`` (field -> path) is not
+def paths_on_every_node(outputs: dict, inputs: dict | None = None) -> bool:
+    """False, with a config error printed, where a local path (field -> path) is not
     on every node of the cluster Ray runs (:func:`dvfl.runtime.unseen_local_paths`)."""
     from dvfl.runtime import NO_PATH_PROBE_ENV, unseen_local_paths
 
-    unseen = unseen_local_paths(paths)
+    unseen = unseen_local_paths(outputs, inputs)
     if unseen:
         print(f"config error: {'; '.join(unseen)}: Ray's tasks on other nodes write and read it there. On a "
               "cluster of several nodes give a URI (s3://, gs://) or a folder every node mounts at the same path "
@@ -300,7 +311,7 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
         if name not in RESUMABLE:
             return ""
         if getattr(a, "fresh", False) and not getattr(a, "fresh_done", True):  # (a command that says when it is)
-            return ": run the same command again, with --fresh (its deletions were interrupted)"
+            return ": run the same command again, with --fresh (it had not finished deleting)"
         return ": run the same command again" + (" without --fresh" if getattr(a, "fresh", False) else "") + " to resume"
 
     for dest in PATH_FLAGS:  # "--out $UNSET": "" read as the working directory, or as no flag (the default folder)

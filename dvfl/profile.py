@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dvfl.host import cpu_model
-from dvfl.models import build_model
+from dvfl.models import build_model, set_temporal_impl
 
 # the profile's default model: the paper's UCF101 classifier on 8 x 224^2 clips
 DEFAULT_MODEL_KWARGS = {"num_classes": 101, "num_frames": 8, "img_size": 224}
@@ -227,13 +227,14 @@ class ProfileResult:
 def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 10,
                   throughput_batch: Optional[int] = None, throughput_repeats: int = 3,
                   device: "torch.device | str | None" = None, threads: Optional[int] = None, seed: int = 0,
-                  **model_kwargs) -> ProfileResult:
+                  temporal_impl: str = "conv1d", **model_kwargs) -> ProfileResult:
     """Profile ``build_model(name, **model_kwargs)`` (timm's argument names): see the module
     docstring for the method.
 
     ``batch`` is the latency batch (1 = per-clip latency); ``throughput_batch`` (default
     ``batch``) the batch of the throughput run, skipped when ``throughput_repeats`` is 0.
-    ``threads`` sets ``torch.set_num_threads`` (default: leave torch's setting).
+    ``threads`` sets ``torch.set_num_threads`` (default: leave torch's setting);
+    ``temporal_impl``: the temporal path (``conv2d``: what predict and Serve run).
     """
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -243,6 +244,7 @@ def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 
     torch.manual_seed(seed)
     flops = count_flops(name, batch=1, **model_kwargs)
     model = build_model(name, device=device, **model_kwargs).eval()
+    set_temporal_impl(model, temporal_impl)
     counts = count_params(model)
     x = torch.randn(batch, frames, 3, size, size, device=device)
 

@@ -163,25 +163,26 @@ NO_PATH_PROBE_ENV = "DVFL_NO_PATH_PROBE"  # 1: skip it (a shared mount slow to s
 PROBE_TIMEOUT_S = 60.0  # a node that does not answer by then (being removed, say) is not judged
 
 
-def _node_sees(markers: dict) -> dict:
-    """On one node: which of ``markers`` (field -> (path, stat or None)) it finds as the driver left them."""
+def _node_sees(wanted: dict) -> dict:
+    """On one node: which of ``wanted`` (field -> (path, size or None)) it finds as the driver does."""
     seen = {}
-    for field, (path, stat) in markers.items():
+    for field, (path, size) in wanted.items():
         try:
-            st = os.stat(path)
-            seen[field] = stat is None or [st.st_size, st.st_mtime_ns] == stat
+            found = os.stat(path).st_size
+            seen[field] = size is None or found == size
         except OSError:
             seen[field] = False
     return seen
 
 
-def unseen_local_paths(paths: dict, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
-    """On a cluster of several nodes, each local path of ``paths`` (field -> path; URIs and None
-    skipped) is looked for on every other alive node, where Ray's tasks write and read it: a path only the
+def unseen_local_paths(outputs: dict, inputs: dict | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+    """On a cluster of several nodes, each local path (field -> path; URIs and None skipped) is
+    looked for on every alive node, where Ray's tasks write or read it: a folder only the
     driver's node has (the head's disk under a job's working directory) failed later, deep inside
-    the ingest, the cache or training. Each folder (or the nearest one above a path not made yet)
-    gets a marker file for the probe, removed after; a folder the driver may not write is known by
-    its first entry's size and time.
+    the ingest, the cache or training. An output folder (or the nearest one above it, made later)
+    gets a marker file, removed after: the nodes must share it. An input need only be there, as
+    a copy or shared: the path and its first entry, of the same size. A path the driver cannot
+    judge (an output folder it may not write, an input it does not have) is left to the command.
     Returns one line per path a node does not see."""
     import uuid
 
@@ -189,33 +190,42 @@ def unseen_local_paths(paths: dict, timeout_s: float = PROBE_TIMEOUT_S) -> list[
 
     if not ray.is_initialized() or os.environ.get(NO_PATH_PROBE_ENV) == "1":
         return []
-    local = {f: storage.local_path(p) for f, p in paths.items() if p and storage.local_path(p) is not None}
-    me = ray.get_runtime_context().get_node_id()
-    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != me]
-    if not local or not others:
+    local = {kind: {f: storage.local_path(p) for f, p in (paths or {}).items()
+                    if p and storage.local_path(p) is not None}
+             for kind, paths in (("out", outputs), ("in", inputs))}
+    # every node, the driver's own too (its raylet's view is the one its tasks get), but only where
+    # there are several: a one-node run pays nothing
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not (local["out"] or local["in"]) or len(nodes) < 2:
         return []
-    markers, written = {}, []
+    wanted, written, given = {}, [], {**(inputs or {}), **outputs}
     try:
-        for field, path in local.items():
-            folder = path if os.path.isdir(path) else os.path.dirname(path)
-            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:  # (an output made later)
+        for field, path in local["out"].items():
+            folder = path
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:  # (made later)
                 folder = os.path.dirname(folder)
+            marker = os.path.join(folder, f".dvfl-node-probe-{uuid.uuid4().hex[:12]}")
             try:
-                marker = os.path.join(folder, f".dvfl-node-probe-{uuid.uuid4().hex[:12]}")
                 with open(marker, "w"):
                     pass
-                written.append(marker)
-                markers[field] = (marker, None)
-            except OSError:  # read-only (a given teacher, say): one of its entries, as this node sees it
-                entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-                probe = os.path.join(folder, entries[0]) if entries else folder
-                st = os.stat(probe)
-                markers[field] = (probe, [st.st_size, st.st_mtime_ns])
+            except OSError:
+                continue
+            written.append(marker)
+            wanted[field] = (marker, None)
+        for field, path in local["in"].items():
+            try:
+                entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+                probe = os.path.join(path, entries[0]) if entries else path
+                wanted[field] = (probe, os.stat(probe).st_size if os.path.isfile(probe) else None)
+            except OSError:
+                continue
+        if not wanted:
+            return []
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         check = ray.remote(num_cpus=0, max_retries=0)(_node_sees)
         refs = {check.options(name="dvfl-path-probe", scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(markers): n for n in others}
+            n["NodeID"], soft=False)).remote(wanted): n for n in nodes}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         unseen = []
         for ref in done:
@@ -225,7 +235,7 @@ def unseen_local_paths(paths: dict, timeout_s: float = PROBE_TIMEOUT_S) -> list[
             except Exception:  # (a node lost meanwhile)
                 continue
             where = f"{node.get('NodeManagerAddress', '?')} (node id {node['NodeID'][:8]})"
-            unseen += [f"{field} {paths[field]} is not on node {where}" for field, ok in seen.items() if not ok]
+            unseen += [f"{field} {given[field]} is not on node {where}" for field, ok in seen.items() if not ok]
         return unseen
     finally:
         for marker in written:

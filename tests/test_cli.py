@@ -411,8 +411,8 @@ def test_an_interrupt_during_freshs_deletions_does_not_say_to_drop_fresh(capsys)
         return SimpleNamespace(run=run)
 
     p = argparse.ArgumentParser()
-    for state, hint in (({"fresh_done": False}, "run the same command again, with --fresh (its deletions were "
-                                                "interrupted)"),
+    for state, hint in (({"fresh_done": False}, "run the same command again, with --fresh (it had not finished "
+                                                "deleting)"),
                         ({"fresh_done": True}, "run the same command again without --fresh to resume"),
                         ({}, "run the same command again without --fresh to resume")):
         assert run_command("distill", interrupted(**state), argparse.Namespace(fresh=True), p) == 130

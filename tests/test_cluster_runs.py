@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
     videos = tmp_path / "videos"
     for i, cls in enumerate(("a", "a", "b", "b")):
         (videos / cls).mkdir(parents=True, exist_ok=True)
-        video_factory(str(videos / cls / f"v{i}.mp4"), n=12)
+        video_factory(str(videos / cls / f"v{i}.mp4"), n=12, seed=i)
     head_only = tmp_path / "head-only"
     head_only.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
@@ -193,6 +194,14 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
                          r"[0-9a-f]{8}\): Ray's tasks on other nodes", r.stderr, re.M), r.stderr[-3000:]
         assert "--root" not in r.stderr.split("config error:")[1] and "Traceback" not in r.stderr
         assert os.listdir(head_only) == []  # no marker left, nothing ingested
+        # an input (the videos) only the head has: the decode tasks on the other node would find none
+        shutil.copytree(videos, head_only / "videos")
+        ingest[ingest.index("--root") + 1] = str(head_only / "videos")
+        r = subprocess.run(ingest + ["--out", str(tmp_path / "clips")], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and re.search(rf"^config error: --root {re.escape(str(head_only / 'videos'))} is not "
+                                               r"on node ", r.stderr, re.M), r.stdout[-3000:] + r.stderr[-3000:]
+        assert "--out" not in r.stderr.split("config error:")[1] and not (tmp_path / "clips").exists()
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, signal.SIGTERM)
@@ -203,6 +212,4 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
             except ProcessLookupError:
                 pass
             node.wait(timeout=60)
-        import shutil
-
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,12 @@ def test_a_failed_tensorboard_upload_is_said_and_retried_not_raised(s3_server, c
     writer.close()
     assert [k for k in s3_objects(target) if k.startswith("events.out.tfevents")], s3_objects(target)
     assert not os.path.exists(writer.local) and "failed" not in capsys.readouterr().out
+    lost = _TensorBoard(missing)  # failing at close: the only copy is kept, and said where
+    lost.add_scalar("loss", 1.0, 1)
+    lost.close()
+    assert f"failed (" in (out := capsys.readouterr().out) and f"the events stay in {lost.local}" in out, out
+    assert os.listdir(lost.local)
+    shutil.rmtree(lost.local)
 
 
 def test_generated_videos_are_never_written_under_a_uri_named_folder(s3_server, tmp_path):

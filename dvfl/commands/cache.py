@@ -96,7 +96,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     with ray_runtime(num_cpus=a.num_cpus):
         from dvfl.cli import paths_on_every_node
 
-        if not paths_on_every_node({"--out": a.out, "--clips": a.clips, "--teacher": a.teacher}):
+        if not paths_on_every_node({"--out": a.out}, {"--clips": a.clips}):  # (the teacher: read here, sent)
             return 2
         try:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,

@@ -68,16 +68,18 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     started = time.time()
     # one run per folder: a resubmitted job beside a running one replaced its videos and clips
+    # interrupted before --fresh's deletions are done, a rerun without --fresh would reuse the models
+    # it meant to discard (the Ctrl+C line says to keep --fresh)
+    a.fresh_done = not a.fresh
     with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"):
         if not generate_videos(cfg):
             return 2
-        if a.fresh:  # interrupted meanwhile, a rerun without --fresh would reuse models it meant to discard
-            a.fresh_done = False
-            pipeline.clean_run(cfg)
-            a.fresh_done = True
         with ray_runtime(num_cpus=a.num_cpus) as resources:
-            if not fits_ray(cfg, resources):
+            if not fits_ray(cfg, resources):  # (before --fresh deletes anything)
                 return 2
+            if a.fresh:
+                pipeline.clean_run(cfg)
+                a.fresh_done = True
             storage.makedirs(cfg.output_dir)
             pipeline.remove_report(cfg.output_dir)  # a run that fails must not leave an earlier one's beside its config
             dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))

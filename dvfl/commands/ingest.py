@@ -191,6 +191,15 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bad(f"--out {a.out} is inside --root {a.root}: write the clips outside the dataset's folder")
 
 
+def video_folders(m, a: argparse.Namespace) -> dict:
+    """The folders the decode tasks read videos from, by the flag that gave them."""
+    folders = {}
+    for root in sorted({e.root for e in m.entries if e.root}):
+        flag = "--videos-dir" if root == a.videos_dir else "--root" if root == a.root else "--unlabeled"
+        folders[flag if flag not in folders else f"{flag} #{len(folders) + 1}"] = root
+    return folders
+
+
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("root", "videos_dir", "lists_dir", "classes", "unlabeled"), outputs=("out",))
     validate(p, a)
@@ -250,7 +259,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         with ray_session(a.address, a.num_cpus, a.object_store_mb, log=log):
             from dvfl.cli import paths_on_every_node
 
-            if not paths_on_every_node({"--out": a.out, "--root": a.root}):
+            if not paths_on_every_node({"--out": a.out}, video_folders(m, a)):
                 return 2
             summary = ingest(m, cfg, log=log)
     except ValueError as e:

@@ -68,7 +68,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if not generate_videos(cfg):
             return 2
         with ray_runtime(num_cpus=a.num_cpus):
-            if not paths_on_every_node({**run_paths(cfg), "tune.storage": search.storage}):
+            outputs, inputs = run_paths(cfg)
+            if not paths_on_every_node({**outputs, "tune.storage": search.storage}, inputs):
                 return 2
             try:
                 summary = run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)

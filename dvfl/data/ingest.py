@@ -788,7 +788,9 @@ def decode_tasks_for_cluster(log) -> int:
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    if os.environ.get("RAY_ADDRESS", "local") != "local" and log:
+    # joined: by RAY_ADDRESS, or by ingest --address (a cluster of several nodes)
+    joined = os.environ.get("RAY_ADDRESS", "local") != "local" or len(ray.nodes()) > 1
+    if joined and log:
         log(f"[ingest] {max(1, cpus)} decode task(s) at a time: the cluster's {cpus} CPUs now (an autoscaling "
             "cluster: --decode-tasks, or data.decode_tasks in a run's config, for the CPUs it may add)")
     return max(1, cpus)

@@ -34,7 +34,7 @@ from dvfl.losses import distillation_loss
 from dvfl.config import OptimSection
 from dvfl.models import build_model, set_temporal_impl
 from dvfl.train.allocator import keep_freed_memory
-from dvfl.scratch import make_scratch_dir
+from dvfl.scratch import STALE_SECONDS, make_scratch_dir
 from dvfl.train.loop_config import LoopConfig, TeacherFeed
 
 STATE_FILE = "state.pt"
@@ -222,7 +222,7 @@ class _TensorBoard:
     def add_scalar(self, *args) -> None:
         self.writer.add_scalar(*args)
 
-    def _upload(self) -> None:
+    def _upload(self, last: bool = False) -> bool:
         """Every events file again (whole files); a failed upload is said and retried at the next
         flush: an optional log must not cost the epoch its checkpoint, or hide the run's own error."""
         from dvfl import storage
@@ -230,8 +230,13 @@ class _TensorBoard:
         try:
             for name in os.listdir(self.local):
                 storage.upload_file(os.path.join(self.local, name), storage.join(self.target, name))
+            return True
         except OSError as exc:
-            say(f"[tensorboard] uploading the events to {self.target} failed ({exc}): retried at the next epoch")
+            # (a scratch folder: a later process removes it once its owner is gone that long)
+            then = (f"the events stay in {self.local} for {STALE_SECONDS // 60} minutes after this process ends: "
+                    "copy them from there" if last else "retried at the next epoch")
+            say(f"[tensorboard] uploading the events to {self.target} failed ({exc}): {then}")
+            return False
 
     def flush(self) -> None:
         self.writer.flush()
@@ -240,11 +245,8 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
-        if self.local:
-            try:
-                self._upload()
-            finally:
-                shutil.rmtree(self.local, ignore_errors=True)
+        if self.local and self._upload(last=True):  # (failed: the only copy is kept, and said where)
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
