@@ -148,7 +148,6 @@ def test_one_vocabulary_across_subcommands():
     (["protocol", "--output-dir", "runs/x"], "output_dir", "runs/x", "--set output_dir=DIR"),
     (["tune", "--config", "configs/tune_ucf101.yaml"], "search", "configs/tune_ucf101.yaml", "--search"),
     (["tune", "--output-dir", "runs/x"], "out", "runs/x", "--out"),
-    (["profile", "--model", "videofocalnet_tiny"], "arch", "videofocalnet_tiny", "--arch"),
     (["profile", "--batch", "2"], "batch_size", 2, "--batch-size"),
     (["profile", "--throughput-batch", "4"], "throughput_batch_size", 4, "--throughput-batch-size"),
 ])

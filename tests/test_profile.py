@@ -174,6 +174,12 @@ def test_profile_of_a_trained_models_folder_uses_its_architecture_and_sizes(tmp_
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"--model {tmp_path}: not a model folder (no model.json)" in proc.stderr
+    # the old spelling (--model NAME for --arch NAME) still works, with one warning line
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model",
+                           "videofocalnet_nano", "--size", "32", "--num-classes", "4", "--repeats", "1", "--warmup", "0",
+                           "--throughput-repeats", "0", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "model: videofocalnet_nano (num_classes=4, frames=8, size=32)" in proc.stdout
+    assert proc.stderr == "warning: --model NAME is deprecated; use --arch NAME (--model takes a model folder)\n"
 
 
 def test_profile_cli_rejects_bad_args():
