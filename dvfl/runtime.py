@@ -198,7 +198,8 @@ def unseen_local_paths(outputs: dict, inputs: dict | None = None, timeout_s: flo
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not (local["out"] or local["in"]) or len(nodes) < 2:
         return []
-    wanted, written, given = {}, [], {**(inputs or {}), **outputs}
+    # (a field may be an output or an input, None in the other: e.g. clips made, or still to make)
+    wanted, written, given = {}, [], {k: v for d in (inputs or {}, outputs) for k, v in d.items() if v}
     try:
         for field, path in local["out"].items():
             folder = path
