@@ -134,7 +134,7 @@ def check_training_fits(cfg: RunConfig, resources: dict, nodes: list[dict] | Non
     joined cluster (RAY_ADDRESS) is left to Ray, as its autoscaler may add the nodes, but a worker
     that no node (``nodes``: each alive node's resources; default Ray's) can hold is said."""
     if os.environ.get("RAY_ADDRESS", "local") != "local":
-        from dvfl.runtime import alive_node_resources, note_no_node_holds
+        from dvfl.runtime import alive_node_resources, note_no_node_holds, worker_bundle
 
         note_no_node_holds("one training worker", worker_bundle(cfg.scaling),
                            alive_node_resources() if nodes is None else nodes,
@@ -155,11 +155,6 @@ def check_training_fits(cfg: RunConfig, resources: dict, nodes: list[dict] | Non
                           f" + {READ_TASK_CPUS:g} CPU for Ray Data's reads needs {', '.join(short)}: lower "
                           "scaling.num_workers or the per-worker resources, or give Ray more (--num-cpus), or "
                           "training would wait for ever")
-
-
-def worker_bundle(s) -> dict:
-    """What one training worker (or runner actor) asks Ray for, all on one node."""
-    return {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {}), **(s.worker_resources or {})}
 
 
 def fits_ray(cfg: RunConfig, resources: dict) -> bool:

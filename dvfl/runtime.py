@@ -142,6 +142,12 @@ def signal_handlers_kept(*signums: int):
                 signal.signal(n, handler)
 
 
+def worker_bundle(scaling) -> dict:
+    """What one training worker (or runner actor) of a config's ``scaling`` asks Ray for, all on one node."""
+    return {"CPU": float(scaling.cpus_per_worker), **({"GPU": 1.0} if scaling.use_gpu else {}),
+            **(scaling.worker_resources or {})}
+
+
 def alive_node_resources() -> list[dict]:
     """Each alive node's total resources, as Ray lists them."""
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]

@@ -150,8 +150,6 @@ def _ray_start(args: list[str], env: dict, prefix: list[str] = ()) -> subprocess
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.skipif(subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
-                    reason="needs a mount namespace (unshare -m: root)")
 def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_path, video_factory):
     """A two-node cluster whose worker node has its own view of one folder (a mount namespace with a
     tmpfs over it: the head's local disk as another machine sees it). An ingest joining it with its
@@ -175,7 +173,10 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
                          f"--ray-client-server-port={_free_port()}"], env)]
     try:
         join = [f"--address=127.0.0.1:{port}"]
-        nodes.append(_ray_start(join, env, prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
+        # a mount namespace of its own (as root; otherwise inside a user namespace, where an
+        # unprivileged user may mount a tmpfs too)
+        unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+        nodes.append(_ray_start(join, env, prefix=[*unshare, "--propagation", "private", "sh", "-c",
                                                    f'mount -t tmpfs tmpfs "$0" && exec "$@"', str(head_only)]))
         ingest = [sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root", str(videos),
                   "--test-fraction", "0.5", "--quiet"]

@@ -25,11 +25,10 @@ def check_resources(t: TuneConfig, cfg: RunConfig, available: dict, nodes: list[
     trial that no node (``nodes``: each alive node's resources; default Ray's) can hold is said."""
     joined = os.environ.get("RAY_ADDRESS", "local") != "local"
     if joined:
-        from dvfl.runtime import alive_node_resources, note_no_node_holds
+        from dvfl.runtime import alive_node_resources, note_no_node_holds, worker_bundle
         from dvfl.tune.trial import trials_in_process
 
-        worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {}),
-                  **(cfg.scaling.worker_resources or {})}
+        worker = worker_bundle(cfg.scaling)
         in_process = trials_in_process(t, cfg)  # the trial is its worker, beside its light driver
         note_no_node_holds("one trial" if in_process else "one trial's training worker",
                            {**worker, "CPU": t.driver_cpus + worker["CPU"]} if in_process else worker,
