@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +88,35 @@ def set_args(pairs) -> list[str]:
 
     return [arg for key, value in pairs
             for arg in ("--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}")]
+
+
+def cli_in_process(script: str, *args):
+    """``python pipelines/<script> ARGS`` run in this test process: the script's own parser and
+    ``run_command``, its exit status, stdout and stderr (a ``CompletedProcess``), without a new
+    interpreter importing torch and the package (~5 s a command on 2 busy cores). Tests whose
+    subject is the process (signals, entry points, what it leaves at exit) start a real one."""
+    import contextlib
+    import io
+    import subprocess
+
+    from dvfl.cli import COMMANDS, script_main
+
+    (name,) = [n for n, (_, path) in COMMANDS.items() if path and os.path.basename(path) == script]
+    argv = [str(a) for a in args]
+    import torch
+
+    threads = torch.get_num_threads()  # a command's --threads must not slow the tests after it
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = script_main(name, argv)
+        except SystemExit as exc:  # argparse's usage errors (2), sys.exit(message)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 def tiny_config(output_dir, extra=()):

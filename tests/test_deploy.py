@@ -17,13 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(script, *args, timeout=300):
+def run_script(script, *args, timeout=300):
+    """The script as a process of its own (the tests of what a user's terminal runs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "pipelines" / script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+run_cli = cli_in_process  # the same command in this process: the other tests' subject is what it does
 
 
 def videos_of(prepared) -> dict:
@@ -53,7 +59,7 @@ def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path)
     raw = tmp_path / "raw"  # a folder without a video file (by extension) was skipped without a word
     raw.mkdir()
     (raw / "clip.h264").write_bytes(b"\0" * 64)
-    r = run_cli("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, raw, "--views", "1x3",
+    r = run_script("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, raw, "--views", "1x3",
                 "--topk", "2", "--json", out)
     assert r.returncode == 1, r.stderr
     assert f"{bad}: error: not_video" in r.stderr and "2 of 18 inputs failed" in r.stderr
@@ -194,7 +200,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     # world-readable, as a model a serving account loads must be (not mkstemp's owner-only 0600)
     assert {oct((tmp_path / f).stat().st_mode & 0o777) for f in ("g.onnx", "g.ts", "g.pt2")} == {"0o644"}
 
-    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", tmp_path / "t.onnx",
+    r = run_script("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", tmp_path / "t.onnx",
                 "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0, r.stderr
     model, spec = load_model(prepared["teacher"])
@@ -210,7 +216,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     assert contract["input"]["shape"] == ["batch", *clips.shape[1:]] and contract["input"]["channels"] == "RGB"
     assert contract["preprocessing"]["crop_size"] == spec["inputs"]["crop_size"] == clips.shape[-1]
 
-    r = run_cli("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
+    r = run_script("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
                 "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr, r.stderr  # torch.jit.save/load's deprecation, on every export
@@ -788,7 +794,7 @@ def test_predict_equals_evaluation_on_every_test_video_of_the_embedded_default(r
     assert len(videos) == len(ev["predictions"]) == s.num_classes * 40 == 320
     out = tmp_path / "pred.json"
     r = run_cli("predict.py", "--model", model_dir, generated["root"], "--topk", 1, "--json", out,
-                "--views", f"{default.eval.clips}x{default.eval.crops}", timeout=600)
+                "--views", f"{default.eval.clips}x{default.eval.crops}")
     assert r.returncode == 0, r.stderr[-2000:]
     top1 = {row["path"]: row["topk"][0][0] for row in json.loads(out.read_text())}
     assert len(top1) == 320

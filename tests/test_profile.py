@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from conftest import cli_in_process
 from dvfl.models import build_model
 from dvfl.profile import (
     count_flops, count_params, default_device, profile_model,
@@ -162,41 +163,34 @@ def test_profile_of_a_trained_models_folder_uses_its_architecture_and_sizes(tmp_
     """--model was an old spelling of --arch: a student's folder (as predict and export take it) was
     refused as an unknown architecture; the defaults profiled a 224-px, 101-class model instead."""
     out = tmp_path / "p.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model",
-                           os.path.join(ROOT, "models", "embedded_teacher"), "--repeats", "1", "--warmup", "0",
-                           "--throughput-repeats", "0", "--threads", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli_in_process("profile_model.py", "--model", os.path.join(ROOT, "models", "embedded_teacher"), "--repeats", "1",
+                          "--warmup", "0", "--throughput-repeats", "0", "--threads", "1", "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec = json.loads(open(os.path.join(ROOT, "models", "embedded_teacher", "model.json")).read())
     k = spec["kwargs"]
     assert (f"model: {spec['name']} (num_classes={k['num_classes']}, frames={k['num_frames']}, "
             f"size={spec['inputs']['crop_size']}, embed_dim={k['embed_dim']})") in proc.stdout, proc.stdout
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli_in_process("profile_model.py", "--model", tmp_path)
     assert proc.returncode == 2 and f"--model {tmp_path}: not a model folder (no model.json)" in proc.stderr
     # the old spelling (--model NAME for --arch NAME) still works, with one warning line
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), "--model",
-                           "videofocalnet_nano", "--size", "32", "--num-classes", "4", "--repeats", "1", "--warmup", "0",
-                           "--throughput-repeats", "0", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    proc = cli_in_process("profile_model.py", "--model", "videofocalnet_nano", "--size", "32", "--num-classes", "4",
+                          "--repeats", "1", "--warmup", "0", "--throughput-repeats", "0", "--threads", "1")
     assert proc.returncode == 0 and "model: videofocalnet_nano (num_classes=4, frames=8, size=32)" in proc.stdout
     assert proc.stderr == "warning: --model NAME is deprecated; use --arch NAME (--model takes a model folder)\n"
 
 
 def test_profile_cli_rejects_bad_args():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
-                           "--repeats", "0"], capture_output=True, text=True, timeout=120)
+    proc = cli_in_process("profile_model.py", "--repeats", "0")
     assert proc.returncode != 0 and "--repeats" in proc.stderr
     # a traceback after the model was built (threads, warm-up), or silently another batch (throughput 0)
     for args, said in ((["--threads", "0"], "--threads must be >= 1"), (["--warmup", "-1"], "--warmup must be >= 0"),
                        (["--throughput-batch-size", "0"], "--throughput-batch-size must be >= 1")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = cli_in_process("profile_model.py", *args)
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # a misspelt variant and a device this machine lacks: one line each, not a traceback (session 34)
     for args, said in ((["--arch", "videofocalnet_nan"], "--arch 'videofocalnet_nan': choose one of videofocalnet_base"),
                        (["--device", "gpu"], "--device 'gpu': ")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"), *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = cli_in_process("profile_model.py", *args)
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -30,7 +30,7 @@ from dvfl.models import CheckpointError
 from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
 from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
-from conftest import TINY, direct_top1, set_args, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
+from conftest import TINY, cli_in_process, direct_top1, set_args, tiny_config  # noqa: F401  (the shared tiny run config; `prepared` is in conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -337,14 +337,12 @@ def test_bad_configs_are_rejected_naming_the_field(override, field, tmp_path):
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):
     out = tmp_path / "never"
-    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out),
-                        "--set", "kd.temperature=-2"], capture_output=True, text=True, timeout=120)
+    r = cli_in_process("distill.py", "--out", out, "--set", "kd.temperature=-2")
     assert r.returncode == 2
     assert "kd.temperature must be > 0" in r.stderr
     assert not out.exists()
     # a "no teacher" distillation used to train a teacher and distil online from it
-    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out),
-                        "--set", "teacher.mode=none"], capture_output=True, text=True, timeout=120)
+    r = cli_in_process("distill.py", "--out", out, "--set", "teacher.mode=none")
     assert r.returncode == 2 and "teacher.mode is none" in r.stderr, r.stderr
     assert not out.exists()
 
@@ -758,11 +756,9 @@ def test_a_cache_build_refuses_an_out_whose_logits_folder_holds_other_files(prep
 def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_local, tmp_path):
     """The one-line report of errors a user can act on was distill's alone: ``dvfl teacher`` (and
     tune, protocol) ended in a traceback through Ray's wrappers. Here: too few clips for a batch."""
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "train_teacher.py"), "--out", str(tmp_path / "teacher"),
-                        *set_args([*TINY, ("output_dir", str(tmp_path / "run")), ("data.clips", prepared["cfg"].clips_dir),
-                                   ("teacher.optim.batch_size", 100_000)])],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = cli_in_process("train_teacher.py", "--out", tmp_path / "teacher",  # (it joins the session's Ray)
+                       *set_args([*TINY, ("output_dir", str(tmp_path / "run")), ("data.clips", prepared["cfg"].clips_dir),
+                                  ("teacher.optim.batch_size", 100_000)]))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert re.search(r"^\[teacher\] error: split 'train' of .* has \d+ training clips .* fewer than 2 worker\(s\) x "
                      r"batch size 100000", r.stderr, re.M), r.stderr[-3000:]
