@@ -296,56 +296,30 @@ def test_one_worker_trials_train_in_the_trial_process(search):
 
 
 @pytest.mark.slow
-def test_two_trials_train_side_by_side(prepared, tmp_path, ray_local):
+def test_two_trials_side_by_side_killed_mid_run_resume_from_their_last_kept_checkpoints(prepared, tmp_path, ray_local):
     """max_concurrent_trials 2 (the embedded search's): two trial actors train at the same time,
-    each in its own process, and both finish."""
+    each in its own process. Trials keep their last two checkpoints (Tune's default kept every
+    epoch's: ~270 MB each for nano). A search SIGKILLed while both trials are in epoch 3 of 4
+    resumes each from epoch 2's checkpoint: Tune's results say epochs 1..4 once each (a restart
+    from scratch repeats 1 and 2), side by side again, and two checkpoints are left."""
     from dvfl.tune import load_tune_config, run_search
 
     path = write_search(tmp_path, prepared, "pair", space={"kd.temperature": {"grid": [2.0, 4.0]}},
-                        extra={"max_concurrent_trials": 2, "front_seeds": []},
+                        extra={"max_concurrent_trials": 2, "front_seeds": [], "asha": {"enabled": False}},
                         # 2 x (0.25 + 0.5) + 1 for Ray Data fits the session's 3 logical CPUs
                         run_extra=[("scaling.cpus_per_worker", 0.5), ("scaling.concurrent_runs", 0),
-                                   ("optim.epochs", 3), ("optim.batch_size", 4)])
-    tune_cfg, run_cfg = load_tune_config(path)
-    summary = run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)
-    rows = summary["rows"]
-    assert summary["trials"] == 2 and summary["errors"] == 0, [r["error"] for r in rows]
-    records = [json.loads((tmp_path / "tune" / "pair" / "dvfl_trials" / f"{r['trial_id']}.json").read_text())
-               for r in rows]
-    assert records[0]["pid"] != records[1]["pid"]  # two actors (one at a time reuses one: see above)
-    spans = []
-    for r, rec in zip(rows, records):
-        with open(Path(r["path"]) / "progress.csv") as f:
-            last = max(float(e["timestamp"]) for e in csv.DictReader(f))
-        spans.append((rec["starts"][0], last))
-    (a0, a1), (b0, b1) = spans
-    assert a0 < b1 and b0 < a1, spans  # each started before the other's last epoch was reported
-    # a checkpoint per epoch, the last two kept (Tune's default kept all 3: ~270 MB each for nano)
-    assert [len(list(Path(r["path"]).glob("checkpoint_*"))) for r in rows] == [2, 2], [r["path"] for r in rows]
-
-
-@pytest.mark.slow
-def test_a_trial_killed_mid_run_resumes_from_its_last_kept_checkpoint(prepared, tmp_path, ray_local):
-    """Trials keep their last two checkpoints (Tune's default kept every epoch's: ~270 MB each for
-    nano). A search SIGKILLed while its trial is in epoch 3 of 4 resumes that trial from epoch 2's
-    checkpoint: Tune's results say epochs 1..4 once each (a restart from scratch repeats 1 and 2),
-    and two checkpoints are left."""
-    from dvfl.tune import load_tune_config, run_search
-
-    path = write_search(tmp_path, prepared, "resume", space={"kd.temperature": {"grid": [2.0]}},
-                        extra={"front_seeds": [], "asha": {"enabled": False}},
-                        run_extra=[("optim.epochs", 4), ("optim.batch_size", 4)])
-    exp, hold = tmp_path / "tune" / "resume", tmp_path / "hold"
+                                   ("optim.epochs", 4), ("optim.batch_size", 4)])
+    exp, hold = tmp_path / "tune" / "pair", tmp_path / "hold"
     hold.mkdir()
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
            "DVFL_HOLD_AFTER_EPOCH": "2", "DVFL_HOLD_DIR": str(hold)}
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "tuning" / "search.py"), "--search", str(path)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:  # held in epoch 3, and Tune's saved state knows epoch 2's checkpoint
+        try:  # both held in epoch 3 (neither can finish), and Tune's saved state knows both epoch-2 checkpoints
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None \
-                    and not (_held_run(hold) and 2 in _saved_epochs(exp).values()):
+                    and not (_held_run(hold) and sorted(_saved_epochs(exp).values()) == [2, 2]):
                 time.sleep(0.2)
             assert proc.poll() is None and _held_run(hold), (tmp_path / "first.log").read_text()[-3000:]
         finally:
@@ -353,11 +327,21 @@ def test_a_trial_killed_mid_run_resumes_from_its_last_kept_checkpoint(prepared, 
             proc.wait()
     (hold / "release").touch()
     tune_cfg, run_cfg = load_tune_config(path)
-    (row,) = run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)["rows"]
-    assert row["status"] == "completed" and row["starts"] == 2, row
-    with open(Path(row["path"]) / "progress.csv") as f:
-        assert [int(e["epoch"]) for e in csv.DictReader(f)] == [1, 2, 3, 4]
-    assert sorted(p.name for p in Path(row["path"]).glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000003"]
+    summary = run_search(tune_cfg, run_cfg, verbose=0, log=lambda *_: None)
+    rows = summary["rows"]
+    assert summary["trials"] == 2 and summary["errors"] == 0, [r["error"] for r in rows]
+    records = [json.loads((exp / "dvfl_trials" / f"{r['trial_id']}.json").read_text()) for r in rows]
+    assert records[0]["pid"] != records[1]["pid"]  # two actors (one at a time reuses one: see above)
+    spans = []
+    for r, rec in zip(rows, records):
+        assert r["status"] == "completed" and r["starts"] == 2, r
+        with open(Path(r["path"]) / "progress.csv") as f:
+            progress = list(csv.DictReader(f))
+        assert [int(e["epoch"]) for e in progress] == [1, 2, 3, 4]
+        spans.append((rec["starts"][-1], max(float(e["timestamp"]) for e in progress)))
+        assert sorted(p.name for p in Path(r["path"]).glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000003"]
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, spans  # each resumed before the other's last epoch was reported
 
 
 def _saved_epochs(exp: Path) -> dict:
