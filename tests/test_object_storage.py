@@ -19,13 +19,12 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import s3_objects
+from conftest import cli_in_process, s3_objects
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INGEST = os.path.join(REPO, "pipelines", "ingest.py")
 DISTILL = os.path.join(REPO, "pipelines", "distill.py")
 SEARCH = os.path.join(REPO, "tuning", "search.py")
-EVALUATE = os.path.join(REPO, "pipelines", "evaluate.py")
 SMALL = ["--synthetic-classes", "4", "--train-per-class", "8", "--test-per-class", "1", "--videos-per-shard", "4",
          "--video-size", "32", "--num-cpus", "3", "--object-store-mb", "256", "--quiet"]
 
@@ -325,7 +324,7 @@ TINY_S3 = ["teacher.train.embed_dim=16", "teacher.optim.epochs=1", "baseline=fal
            "scaling.cpus_per_worker=1", "scaling.concurrent_runs=2"]
 
 
-def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
+def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest, monkeypatch):
     """pipelines/distill.py --out s3://... --set data.clips=s3://...: the teacher, its logit
     cache, the student, the runners' epoch states, TensorBoard events and the results all land in
     the bucket, and nothing in the working directory or the spool folder. Then tuning/search.py with
@@ -353,7 +352,11 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest):
     assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []
     assert f"[report] {out}/results.json" in r.stdout
     # the student where distill wrote it, evaluated from the bucket (a local path was required before session 29)
-    e = _run([EVALUATE, "--model", results["models"]["dvfl"]["paths"][0], "--clips", s3_ingest["uri"]], env, work)
+    with monkeypatch.context() as m:  # (in this process: no Ray, its S3 settings are this session's)
+        m.chdir(work)
+        m.setenv("DVFL_SPOOL_DIR", env["DVFL_SPOOL_DIR"])
+        e = cli_in_process("evaluate.py", "--model", results["models"]["dvfl"]["paths"][0], "--clips", s3_ingest["uri"])
+    assert e.returncode == 0, e.stderr[-3000:]
     assert "[evaluate] s3://" in e.stdout and "top-1" in e.stdout, e.stdout
 
     search = [SEARCH, "--out", out, "--set", f"data.clips={s3_ingest['uri']}", "--num-cpus", "3", "--quiet",

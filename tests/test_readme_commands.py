@@ -211,6 +211,21 @@ def test_search_whose_trials_all_fail_exits_nonzero_with_the_first_error(demo, c
     assert summary["errors"] == 2 and summary["best"] is None
 
 
+def _group_members(pgid: int, but: int, unless: str) -> list[int]:
+    """The live processes of process group ``pgid`` other than ``but`` and those whose command line
+    holds ``unless``."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[2]) == pgid and stat[0] != "Z" and int(pid) != but and unless not in cmdline:
+            members.append(int(pid))
+    return members
+
+
 def _free_port() -> int:
     import socket
 
@@ -288,7 +303,9 @@ def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
         assert "[dvfl s0] reusing" in again.stdout and "[dvfl s0] training" not in again.stdout
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # the head's processes exit on SIGTERM ...
-        time.sleep(10)
+        deadline = time.time() + 10
+        while time.time() < deadline and _group_members(head.pid, but=head.pid, unless="monitor.py"):
+            time.sleep(0.2)
         os.killpg(head.pid, signal.SIGKILL)  # ... the blocking `ray start` and the monitor do not
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
