@@ -776,9 +776,9 @@ def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_loca
 
 
 def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared, ray_local, tmp_path):
-    """Under Ray Train (2 workers, retries on failure) a diverged student used to report success:
-    the retry resumed from the last epoch's NaN checkpoint, found nothing left to train and saved
-    it. Now no NaN checkpoint exists, every retry diverges again and the command exits 1, its last
+    """Under Ray Train (retries on failure; one worker: the retry is the subject) a diverged
+    student used to report success: the retry resumed from the last epoch's NaN checkpoint, found
+    nothing left to train and saved it. Now no NaN checkpoint exists, every retry diverges again and the command exits 1, its last
     line the error (not a traceback through Ray's wrappers). (The prepared clips, teacher and
     cache: only the student's runs are this test's subject.)"""
     cfg = prepared["cfg"]
@@ -787,6 +787,7 @@ def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared
     for name in ("results.json", "results.md", "training_curves.png"):  # an earlier run's, which succeeded
         (out / name).write_text("{}")
     r = _run_distill(_tiny_args(out, [("optim.lr", 1e9), ("optim.clip_grad", None), ("students", ["dvfl"]),
+                                      ("scaling.num_workers", 1), ("scaling.cpus_per_worker", 1),
                                       ("data.clips", cfg.clips_dir), ("teacher.path", prepared["teacher"]),
                                       ("teacher.cache", cfg.cache_dir)]),
                      ray_local.get_runtime_context().gcs_address)
