@@ -271,9 +271,11 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
         if address and address != "local":  # (Ray's "local": a new local instance, ours, set up below)
             from dvfl.storage import worker_env
 
-            # the S3 endpoint (never credentials) reaches workers on other nodes with the job,
-            # unless the job's own runtime env sets it: Ray refuses a key named twice
-            env = {k: v for k, v in worker_env().items() if k not in job_env_var_keys()}
+            # the S3 endpoint (never credentials) and Ray Data's log level reach the job's workers,
+            # which a joined cluster started without this process's environment (unless the job's
+            # own runtime env sets them: Ray refuses a key named twice)
+            env = {k: v for k, v in {**worker_env(), "RAY_DATA_LOG_LEVEL": os.environ["RAY_DATA_LOG_LEVEL"]}.items()
+                   if k not in job_env_var_keys()}
             ray.init(address=address, log_to_driver=log_to_driver,
                      runtime_env={"env_vars": env} if env else None)
             terminate_in_one_line()

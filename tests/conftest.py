@@ -143,9 +143,14 @@ def ray_local():
     os.environ.pop("RAY_ADDRESS", None)
     started = False
     if not ray.is_initialized():
+        # its workers do not inherit what the package sets in a driver's environment, as those of a
+        # cluster a user's command joins do not (the commands the tests start join this instance)
+        data_log_level = os.environ.pop("RAY_DATA_LOG_LEVEL", None)
         # address="local": a fresh instance even when a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=RAY_TEST_CPUS, object_store_memory=RAY_TEST_OBJECT_STORE, include_dashboard=False,
                  logging_level="WARNING", log_to_driver=False)
+        if data_log_level is not None:
+            os.environ["RAY_DATA_LOG_LEVEL"] = data_log_level
         started = True
     yield ray
     if started:

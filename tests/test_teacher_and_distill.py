@@ -797,6 +797,8 @@ def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared
     # this Ray has no dashboard: Ray Train's placement-group cleaner cannot reach the State API, and
     # its once-a-second warning is not the user's business (moved here from test_object_storage.py)
     assert "Failed to query Ray Train Controller actor state" not in r.stdout + r.stderr, r.stderr[-2000:]
+    # nor Ray Data's two lines per dataset and epoch from the workers of a cluster the command joined
+    assert "Starting execution of Dataset" not in r.stdout + r.stderr, r.stdout[-2000:]
     assert not list(out.glob("students/*/model.json"))
     # no results beside this run's config.yaml: the earlier run's would read as this one's (session 28)
     assert (out / "config.yaml").exists() and not list(out.glob("results.*")) and not (out / "training_curves.png").exists()
