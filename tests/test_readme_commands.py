@@ -105,7 +105,7 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
     output = r.stdout + r.stderr
     for noise in ("PreemptionWatcher", "Grad strides do not match", "Progress bars disabled", "DeprecationWarning",
                   "Use 'expr' instead of 'fn'", "Token authentication is enabled",
-                  "has constructor arguments in the object store"):
+                  "has constructor arguments in the object store", "Starting execution of Dataset"):
         assert noise not in output, noise
     # the shipped teacher is used, not trained; with scaling.concurrent_runs the students train in runner actors
     assert "[teacher] training" not in output and f"[eval] {dirs['teacher']}: split test" in output

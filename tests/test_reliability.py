@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import cli_in_process
 from dvfl.data.shards import load_dataset_info, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,8 +238,7 @@ def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):
     home = tmp_path / "home"
     (home / "students").mkdir(parents=True)
     (home / "students" / "grades.csv").write_text("years of work")
-    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(home), "--fresh"],
-                          capture_output=True, text=True, timeout=120)
+    done = cli_in_process("distill.py", "--out", home, "--fresh")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "config error: --fresh deletes students/ in" in done.stderr and "nothing was deleted" in done.stderr
     assert (home / "students" / "grades.csv").read_text() == "years of work"
@@ -328,8 +328,7 @@ def test_distill_on_a_folder_another_run_is_writing_is_refused_before_any_work(t
     out = tmp_path / "run"
     holder = _hold_lock(out, 120)
     try:
-        done = subprocess.run([sys.executable, str(REPO / "pipelines" / "distill.py"), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
+        done = cli_in_process("distill.py", "--out", out)
     finally:
         holder.kill()
         holder.wait()
