@@ -99,12 +99,12 @@ def cli_in_process(script: str, *args):
     import io
     import subprocess
 
+    import torch
+
     from dvfl.cli import COMMANDS, script_main
 
     (name,) = [n for n, (_, path) in COMMANDS.items() if path and os.path.basename(path) == script]
     argv = [str(a) for a in args]
-    import torch
-
     threads = torch.get_num_threads()  # a command's --threads must not slow the tests after it
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -60,7 +60,7 @@ def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path)
     raw.mkdir()
     (raw / "clip.h264").write_bytes(b"\0" * 64)
     r = run_script("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, raw, "--views", "1x3",
-                "--topk", "2", "--json", out)
+                   "--topk", "2", "--json", out)
     assert r.returncode == 1, r.stderr
     assert f"{bad}: error: not_video" in r.stderr and "2 of 18 inputs failed" in r.stderr
     assert f"{raw}: error: no video files in this folder" in r.stderr
@@ -201,7 +201,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     assert {oct((tmp_path / f).stat().st_mode & 0o777) for f in ("g.onnx", "g.ts", "g.pt2")} == {"0o644"}
 
     r = run_script("export.py", "--model", prepared["teacher"], "--format", "onnx", "--out", tmp_path / "t.onnx",
-                "--clips", prepared["cfg"].clips_dir)
+                   "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0, r.stderr
     model, spec = load_model(prepared["teacher"])
     clips = torch.cat(real_clips(prepared["cfg"].clips_dir, spec, 4))
@@ -217,7 +217,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     assert contract["preprocessing"]["crop_size"] == spec["inputs"]["crop_size"] == clips.shape[-1]
 
     r = run_script("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
-                "--clips", prepared["cfg"].clips_dir)
+                   "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr, r.stderr  # torch.jit.save/load's deprecation, on every export
     ts = torch.jit.load(str(tmp_path / "t.ts"))

@@ -217,8 +217,8 @@ def _group_members(pgid: int, but: int, unless: str) -> list[int]:
     members = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
         if int(stat[2]) == pgid and stat[0] != "Z" and int(pid) != but and unless not in cmdline:
