@@ -520,12 +520,13 @@ def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_pa
 def test_a_killed_driver_and_a_stopped_run_resume_and_a_lost_worker_is_recovered(prepared, ray_local, tmp_path):
     """Ray Train, one output folder, three commands (one test: each Ray Train run costs the suite
     ~30 s of CPU; one worker each, ~8 s of CPU less per start: DDP that loses a node and resumes
-    from its checkpoint is the multi-node test's subject). (1) `python pipelines/distill.py` SIGKILLed after the student's
-    first checkpoint. (2) The same command again resumes from that checkpoint; with ``max_failures``
-    0 it loses a worker in epoch 3 and stops, its error and traceback on the terminal. (3)
-    ``--resume`` with ``max_failures`` 1 continues after epoch 2 and loses a worker in epoch 4:
-    FailureConfig restarts the worker group from epoch 3's checkpoint. Epochs 1..4 once each in
-    the history, the step count (the LR schedule's) continued across all three."""
+    from its checkpoint is the multi-node test's subject). (1) `python pipelines/distill.py`
+    SIGKILLed after the student's first checkpoint. (2) The same command again resumes from that
+    checkpoint; with ``max_failures`` 0 it loses a worker in epoch 3 and stops, its error and
+    traceback on the terminal. (3) ``--resume`` with ``max_failures`` 1 continues after epoch 2 and
+    loses a worker in epoch 4: FailureConfig restarts the worker group from epoch 3's checkpoint.
+    Epochs 1..4 once each in the history, the step count (the LR schedule's) continued across all
+    three."""
     from conftest import TINY, set_args
 
     from dvfl.pipeline import FAIL_ENV

@@ -776,11 +776,11 @@ def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_loca
 
 
 def test_a_diverged_ray_train_run_fails_the_command_with_one_error_line(prepared, ray_local, tmp_path):
-    """Under Ray Train (retries on failure; one worker: the retry is the subject) a diverged
-    student used to report success: the retry resumed from the last epoch's NaN checkpoint, found
-    nothing left to train and saved it. Now no NaN checkpoint exists, every retry diverges again and the command exits 1, its last
-    line the error (not a traceback through Ray's wrappers). (The prepared clips, teacher and
-    cache: only the student's runs are this test's subject.)"""
+    """Under Ray Train (retries on failure; one worker: the retry is the subject) a diverged student
+    used to report success: the retry resumed from the last epoch's NaN checkpoint, found nothing
+    left to train and saved it. Now no NaN checkpoint exists, every retry diverges again and the
+    command exits 1, its last line the error (not a traceback through Ray's wrappers). (The prepared
+    clips, teacher and cache: only the student's runs are this test's subject.)"""
     cfg = prepared["cfg"]
     out = tmp_path / "nan"
     out.mkdir()
