@@ -155,7 +155,8 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
     tmpfs over it: the head's local disk as another machine sees it). An ingest joining it with its
     videos and --out in that folder failed video by video on the other node, or wrote shards there
     that no one read; now it is refused before any work, naming each path and the node. The probe's
-    marker is gone."""
+    marker is gone. So is a search whose student start weights only the head has: its trials load
+    them wherever Tune places them."""
     import signal
     import tempfile
     import time
@@ -198,6 +199,27 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
                          r"id [0-9a-f]{8}\): Ray's tasks on other nodes", r.stderr, re.M), r.stderr[-3000:]
         assert r.stderr.count("is not on node") == 2 and "Traceback" not in r.stderr  # the head itself sees both
         assert sorted(os.listdir(head_only)) == ["videos"]  # no marker left, nothing ingested
+
+        # a search's trials load the student's start weights where Tune places them: the search
+        # with weights only the head has (its run folder shared) is refused too, before any trial
+        import torch
+        from conftest import TINY, set_args
+
+        from dvfl.models import build_model
+        from dvfl.pipeline import model_kwargs
+
+        tiny = load_config(None, TINY)
+        weights = head_only / "student.pt"
+        torch.save(build_model(tiny.student.model, **model_kwargs(tiny.student, 4, tiny)).state_dict(), weights)
+        search = [sys.executable, str(REPO / "tuning" / "search.py"), "--out", str(tmp_path / "run"),
+                  *set_args([*TINY, ("tune.asha.grace_period", 1), ("student.checkpoint", str(weights))])]
+        r = subprocess.run(search, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        assert re.search(rf"^config error: student\.checkpoint {re.escape(str(weights))} is not on node \S+ \(node id "
+                         r"[0-9a-f]{8}\): Ray's tasks on other nodes", r.stderr, re.M), r.stderr[-3000:]
+        assert r.stderr.count("is not on node") == 1 and "Traceback" not in r.stderr
+        assert not (tmp_path / "run" / "tune").exists()
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, signal.SIGTERM)

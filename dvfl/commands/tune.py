@@ -69,6 +69,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             return 2
         with ray_runtime(num_cpus=a.num_cpus):
             outputs, inputs = run_paths(cfg)
+            # a trial loads the student's start weights itself, on whichever node Tune places it
+            inputs.update({"student.checkpoint": cfg.student.checkpoint, "student.init_2d": cfg.student.init_2d})
             if not paths_on_every_node({**outputs, "tune.storage": search.storage}, inputs):
                 return 2
             try:
