@@ -81,6 +81,15 @@ def pytest_xdist_make_scheduler(config, log):
     return LongestFilesFirst(config, log)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a Ray started beside the session's needs ports of its own)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def set_args(pairs) -> list[str]:
     """``--set key=value`` flags for (key, value) pairs, values written as YAML reads them back
     (None -> null, True -> true, lists as lists)."""

@@ -20,6 +20,8 @@ import pytest
 
 from dvfl.config import ConfigError, load_config
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = REPO / "tests" / "cluster_scenarios"
 
@@ -130,18 +132,10 @@ def test_autoscaler_adds_nodes_for_our_ingest_and_removes_them_when_idle(tmp_pat
 
 
 # ----------------------------------------------------------------------------- a path only the head has
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_start(args: list[str], env: dict, prefix: list[str] = ()) -> subprocess.Popen:
     """``ray start ... --block`` with ports of its own (the session's Ray holds the defaults), in a
     process group of its own: stopped by killing that group (`ray stop` would stop every Ray here)."""
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "runtime-env-agent-port", "metrics-export-port")]
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -169,9 +163,9 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token of the machine's user: no token asked for
     temp_dir = tempfile.mkdtemp(prefix="rayprobe", dir="/tmp")  # short: Ray's unix sockets live in it
-    port = _free_port()
+    port = free_port()
     nodes = [_ray_start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-                         f"--ray-client-server-port={_free_port()}"], env)]
+                         f"--ray-client-server-port={free_port()}"], env)]
     try:
         join = [f"--address=127.0.0.1:{port}"]
         # a mount namespace of its own (as root; otherwise inside a user namespace, where an

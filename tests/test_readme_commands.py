@@ -24,7 +24,7 @@ import pytest
 
 from dvfl.data.shards import read_clips_table
 
-from conftest import RUNNERS, TINY, direct_top1, set_args
+from conftest import RUNNERS, TINY, direct_top1, free_port, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the venv's python and ray, as after `source .venv/bin/activate`
@@ -226,13 +226,6 @@ def _group_members(pgid: int, but: int, unless: str) -> list[int]:
     return members
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
@@ -251,7 +244,7 @@ def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
     subprocess.run(token_line, shell=True, cwd=checkout, env=env, check=True, timeout=120)
     assert (home / ".ray" / "auth_token").is_file()
 
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # its own temp dir: `ray start` records itself as "the current cluster" there
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's unix sockets live in it
     start = shlex.split([c for c in lines if c.startswith("ray start")][0])
@@ -260,10 +253,10 @@ def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
     # ports: the session's Ray instance already holds the defaults
     head = subprocess.Popen(start + [f"--port={port}", f"--dashboard-port={dashboard}", "--object-store-memory=400000000",
                                      "--include-dashboard=true", f"--temp-dir={temp_dir}", "--block",
-                                     f"--dashboard-agent-listen-port={_free_port()}",
-                                     f"--dashboard-agent-grpc-port={_free_port()}",
-                                     f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                                     f"--ray-client-server-port={_free_port()}"],
+                                     f"--dashboard-agent-listen-port={free_port()}",
+                                     f"--dashboard-agent-grpc-port={free_port()}",
+                                     f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                                     f"--ray-client-server-port={free_port()}"],
                             cwd=checkout, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
