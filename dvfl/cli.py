@@ -343,7 +343,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     runner's RayTaskError, a worker group's TrainingFailedError), to print as one line instead of a
     traceback through Ray's internals; None for anything else."""
     from dvfl.data.holdout import HoldoutError
-    from dvfl.data.ingest import VideoNotOnNodeError
+    from dvfl.data.ingest import NothingWrittenError, VideoNotOnNodeError
     from dvfl.data.shards import CorruptShardError, IncompleteClipsError
     from dvfl.locks import FolderBusyError
     from dvfl.models import CheckpointError
@@ -353,7 +353,8 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     from dvfl.train.loop import TrainingDiverged
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
-             IncompleteClipsError, FolderBusyError, HoldoutError, CheckpointError, VideoNotOnNodeError)
+             IncompleteClipsError, FolderBusyError, HoldoutError, CheckpointError, VideoNotOnNodeError,
+             NothingWrittenError)
     return _behind(exc, known)
 
 

@@ -191,7 +191,8 @@ def clips_split(info: dict) -> int | None:
 
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
     """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
-    config says (dataset.json records what the ingest used), naming both values."""
+    config says (dataset.json records what the ingest used), naming both values, and clips whose
+    splits the run reads hold none (every video rejected)."""
     from dvfl.data.shards import IncompleteClipsError, shard_paths, smallest_frame_side
 
     p, where = info["params"], cfg.clips_dir
@@ -218,13 +219,26 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
     if stored_split is not None and info.get("dataset") == cfg.data.dataset and stored_split != cfg.data.split:
         # another split's test videos are this split's training videos: never evaluate across splits
         problems.append(f"data.split is {cfg.data.split}, the clips were ingested from split {stored_split}")
-    stored = sorted(info.get("counts") or {})
+    counts = info.get("counts") or {}
+    stored = sorted(counts)
     # a misspelt split reads as an empty dataset deep inside Ray
     for key, split in missing_splits(cfg, stored):
         problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
+    if cfg.unlabeled_dir and "unlabeled" not in counts:
+        problems.append(f"data.unlabeled is {cfg.unlabeled_dir}, an ingest without an unlabelled pool (ingest the "
+                        "pool with the labelled videos: --unlabeled DIR)")
     if problems:
         raise ConfigError(f"data.clips {where} does not match the config: " + "; ".join(problems)
                           + ". Set these fields to the ingest's values, or ingest again with the config's.")
+    # so did a split whose every video was rejected, after the teacher and the cache (an empty test
+    # split at the final evaluation); a dvfl+unlabeled student trained exactly like dvfl on an empty
+    # pool, and was reported as using it
+    used = [cfg.data.train_split, cfg.data.test_split, cfg.data.val_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
+    empty = [split for split in dict.fromkeys(used) if split in counts and not counts[split].get("clips")]
+    if empty:
+        raise ConfigError(f"data.clips {where}: split(s) {', '.join(map(repr, empty))} hold no clips: every video of "
+                          f"them was rejected at ingest (reasons in {storage.join(where, 'rejects.jsonl')}); replace "
+                          "or re-encode those videos and ingest again")
 
 
 def check_given_inputs(cfg: RunConfig) -> None:

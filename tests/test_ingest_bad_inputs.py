@@ -148,6 +148,46 @@ def test_min_frames_and_unlabeled_rejects(bad_dataset, tmp_path, ray_local):
     assert all(len(r["frame_indices"]) == 8 and max(r["frame_indices"]) <= 3 for r in rows)
 
 
+def test_a_split_whose_every_video_is_rejected_is_refused_before_any_training(bad_dataset, tmp_path, ray_local):
+    """The test split's only video is unreadable: the ingest finishes (train written), and a run on
+    those clips is refused before any work, naming the split and where the reasons are. It passed the
+    config check and failed at the final evaluation, after the teacher and the cache. An ingest that
+    writes no video at all leaves no dataset.json that other commands would read as finished."""
+    import dataclasses
+
+    from dvfl.config import ConfigError, load_config
+    from dvfl.data.ingest import NothingWrittenError
+    from dvfl.pipeline import check_clips_match
+
+    m = A.ucf101(bad_dataset, 1)
+    empty = os.path.join(bad_dataset, "A", "v_A_g08_c02.mp4")  # (an empty file)
+    m.entries = [dataclasses.replace(e, path=empty) if e.split == "test" else e
+                 for e in m.entries if e.video_id in GOOD]
+    pool = os.path.join(bad_dataset, "pool-truncated.txt")  # an unlabelled pool of one truncated video
+    with open(pool, "w") as f:
+        f.write("A/v_A_g08_c04.mp4\n")
+    m.extend(A.unlabeled(pool))
+    out = str(tmp_path / "clips")
+    s = ingest(m, IngestConfig(out=out, frames=8, short_side=32, eval_clips=1), log=None)
+    assert s["counts"]["test"] == s["counts"]["unlabeled"] == {"videos": 0, "clips": 0} and s["counts"]["train"]["clips"] > 0
+    cfg = load_config(None, [("data.dataset", "ucf101"), ("data.clips", out), ("data.frames", 8), ("data.short_side", 32),
+                             ("data.crop_size", 32), ("data.eval_clips", 1), ("eval.clips", 1), ("eval.crops", 1)])
+    info = SH.load_dataset_info(out)
+    with pytest.raises(ConfigError, match=r"split\(s\) 'test' hold no clips: every video of them was rejected at "
+                                          rf"ingest \(reasons in {out}/rejects.jsonl\)"):
+        check_clips_match(cfg, info)
+    # a KD-with-unlabelled-clips student trained exactly like dvfl on the empty pool, reported as using it
+    with pytest.raises(ConfigError, match=r"split\(s\) 'test', 'unlabeled' hold no clips"):
+        check_clips_match(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, unlabeled=out)), info)
+
+    m.entries = [dataclasses.replace(e, path=empty) for e in m.entries]
+    nothing = str(tmp_path / "nothing")
+    with pytest.raises(NothingWrittenError, match=rf"0 videos written: all {m.num_inputs} input\(s\) were rejected"):
+        ingest(m, IngestConfig(out=nothing, frames=8, short_side=32), log=None)
+    assert not os.path.exists(os.path.join(nothing, "dataset.json"))
+    assert len(open(os.path.join(nothing, "rejects.jsonl")).readlines()) == m.num_inputs
+
+
 # ---------------------------------------------------------------------------------------
 # untrusted files, straight through the decode child (no Ray)
 

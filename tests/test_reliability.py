@@ -417,6 +417,8 @@ def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_facto
                           capture_output=True, text=True, timeout=300)
     assert none.returncode == 1, none.stdout[-2000:] + none.stderr[-2000:]
     assert "error: 0 videos written: all 2 input(s) were rejected" in none.stderr
+    # not a finished ingest to any other command (a cache of 0 rows was built on it, and verified)
+    assert (tmp_path / "none" / "rejects.jsonl").is_file() and not (tmp_path / "none" / "dataset.json").exists()
 
 
 def test_ctrl_c_and_sigterm_end_a_command_with_one_line(tmp_path, video_factory, ray_local):

@@ -203,9 +203,8 @@ def video_folders(m, a: argparse.Namespace) -> dict:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("root", "videos_dir", "lists_dir", "classes", "unlabeled"), outputs=("out",))
     validate(p, a)
-    from dvfl import storage
     from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
-    from dvfl.data.ingest import IngestConfig, ingest, ray_session
+    from dvfl.data.ingest import IngestConfig, NothingWrittenError, ingest, ray_session
 
     log = print
     short_side = a.short_side
@@ -261,7 +260,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
             if not paths_on_every_node({"--out": a.out}, video_folders(m, a)):
                 return 2
-            summary = ingest(m, cfg, log=log)
+            ingest(m, cfg, log=log)
+    except NothingWrittenError as e:  # nothing to train on is a failure, not a finished ingest
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -275,9 +277,5 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if known is None:
             raise
         print(f"error: {known}", file=sys.stderr)
-        return 1
-    if summary["written_videos"] == 0:  # nothing to train on is a failure, not a finished ingest
-        print(f"error: 0 videos written: all {summary['inputs']} input(s) were rejected "
-              f"(reasons in {storage.join(a.out, 'rejects.jsonl')})", file=sys.stderr)
         return 1
     return 0

@@ -582,6 +582,11 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
     # temp files of tasks that died mid-write and were retried by Ray (the run still succeeded)
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)
+    if written_videos == 0:  # nothing to train on: never a finished ingest that other commands read as one
+        if log:
+            log(format_summary(summary))
+        raise NothingWrittenError(f"0 videos written: all {manifest.num_inputs} input(s) were rejected "
+                                  f"(reasons in {storage.join(out, _s.REJECTS_FILE)})")
     storage.write_json(storage.join(out, _s.DATASET_JSON), info)
     if log:
         log(format_summary(summary))
@@ -794,6 +799,10 @@ def decode_tasks_for_cluster(log) -> int:
         log(f"[ingest] {max(1, cpus)} decode task(s) at a time: the cluster's {cpus} CPUs now (an autoscaling "
             "cluster: --decode-tasks, or data.decode_tasks in a run's config, for the CPUs it may add)")
     return max(1, cpus)
+
+
+class NothingWrittenError(ValueError):
+    """Every input was rejected: the ingest is left uncommitted (no dataset.json), its rejects kept."""
 
 
 class VideoNotOnNodeError(RuntimeError):
