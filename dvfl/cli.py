@@ -157,30 +157,32 @@ def check_training_fits(cfg: RunConfig, resources: dict, nodes: list[dict] | Non
                           "training would wait for ever")
 
 
-def fits_ray(cfg: RunConfig, resources: dict) -> bool:
-    """:func:`check_training_fits` and :func:`paths_on_every_node`, a refusal printed as a config error."""
+def fits_ray(cfg: RunConfig, resources: dict, paths: tuple[dict, dict] | None = None) -> bool:
+    """:func:`check_training_fits` and :func:`paths_on_every_node` (of ``paths``, default
+    :func:`run_paths`), a refusal printed as a config error."""
     try:
         check_training_fits(cfg, resources)
-        return paths_on_every_node(*run_paths(cfg))
+        return paths_on_every_node(*(paths or run_paths(cfg)))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return False
 
 
-def run_paths(cfg: RunConfig) -> tuple[dict, dict]:
+def run_paths(cfg: RunConfig, *, clips_only: bool = False) -> tuple[dict, dict]:
     """(outputs, inputs): the folders a run's Ray tasks and actors write and read, by field. A given
-    teacher is not one: the driver loads it and sends its weights."""
+    teacher is not one: the driver loads it and sends its weights. ``clips_only``: what training a
+    teacher or testing one reads (no cache, no unlabelled pool)."""
     from dvfl import storage
     from dvfl.data.shards import DATASET_JSON
     from dvfl.teacher_cache import CACHE_JSON
 
     clips_done = storage.isfile(storage.join(cfg.clips_dir, DATASET_JSON))
-    cache = cfg.cache_dir if cfg.teacher.mode == "cached" else None
+    cache = cfg.cache_dir if cfg.teacher.mode == "cached" and not clips_only else None
     cache_done = bool(cache) and storage.isfile(storage.join(cache, CACHE_JSON))
     outputs = {"output_dir": cfg.output_dir, "data.clips": None if clips_done else cfg.clips_dir,
                "teacher.cache": None if cache_done else cache}
     inputs = {"data.clips": cfg.clips_dir if clips_done else None, "teacher.cache": cache if cache_done else None,
-              "data.unlabeled": cfg.data.unlabeled,
+              "data.unlabeled": None if clips_only else cfg.data.unlabeled,
               "data.root": None if clips_done else cfg.data.root}  # (not read once the clips are made)
     return outputs, inputs
 

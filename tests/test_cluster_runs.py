@@ -149,8 +149,8 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
     tmpfs over it: the head's local disk as another machine sees it). An ingest joining it with its
     videos and --out in that folder failed video by video on the other node, or wrote shards there
     that no one read; now it is refused before any work, naming each path and the node. The probe's
-    marker is gone. So is a search whose student start weights only the head has: its trials load
-    them wherever Tune places them."""
+    marker is gone. So is a search whose student start weights only the head has (its trials load
+    them wherever Tune places them), and a teacher whose --test-config's clips only the head has."""
     import signal
     import tempfile
     import time
@@ -214,6 +214,28 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
                          r"[0-9a-f]{8}\): Ray's tasks on other nodes", r.stderr, re.M), r.stderr[-3000:]
         assert r.stderr.count("is not on node") == 1 and "Traceback" not in r.stderr
         assert not (tmp_path / "run" / "tune").exists()
+
+        # a teacher whose accuracy is to be taken on a --test-config's clips only the head would
+        # hold: refused before the training (its decode tasks wrote shards where they ran, found
+        # missing after hours of training). Its teacher.cache, which training a teacher never
+        # touches, is not looked for (it was, and refused a run that needs none).
+        from dvfl.config import dump_config
+
+        test_config = tmp_path / "test.yaml"
+        dump_config(load_config(None, [*TINY, ("output_dir", str(head_only / "test-run"))]), test_config)
+        teacher = [sys.executable, str(REPO / "pipelines" / "train_teacher.py"), "--config", str(REPO / "configs" / "embedded.yaml"),
+                   *set_args([*TINY, ("output_dir", str(tmp_path / "teacher-run")), ("teacher.path", str(tmp_path / "teacher")),
+                              ("teacher.cache", str(head_only / "cache"))]),
+                   "--publish", str(tmp_path / "published"), "--test-config", str(test_config)]
+        r = subprocess.run(teacher, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        test_run = re.escape(str(head_only / "test-run"))
+        assert re.search(rf"^config error: --test-config output_dir {test_run} is not on node \S+ \(node id [0-9a-f]{{8}}\); "
+                         rf"--test-config data\.clips {test_run}/clips is not on node .*: Ray's tasks", r.stderr, re.M), \
+            r.stderr[-3000:]
+        assert r.stderr.count("is not on node") == 2 and "Traceback" not in r.stderr
+        assert not (tmp_path / "teacher").exists()
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, signal.SIGTERM)

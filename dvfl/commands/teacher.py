@@ -20,7 +20,7 @@ import json
 import sys
 
 from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, config_from_args, deprecated,
-                      failures_as_one_line, fits_ray, local_outputs, uses_config)
+                      failures_as_one_line, fits_ray, local_outputs, run_paths, uses_config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         for c in to_generate:
             pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
         with ray_runtime(num_cpus=a.num_cpus) as resources:
-            if not fits_ray(cfg, resources):
+            # the teacher's clips and run folder, and the --test-config's clips its accuracy is taken on
+            outputs, inputs = run_paths(cfg, clips_only=True)
+            if test_cfg:
+                test_out, test_in = run_paths(test_cfg, clips_only=True)
+                if not (test_cfg.data.dataset == "synthetic" and test_out["data.clips"]):
+                    del test_out["output_dir"]  # (read by Ray tasks only as the home of videos still to decode)
+                outputs.update({f"--test-config {k}": v for k, v in test_out.items()})
+                inputs.update({f"--test-config {k}": v for k, v in test_in.items()})
+            if not fits_ray(cfg, resources, (outputs, inputs)):
                 return 2
             if info is None:
                 info = pipeline.ensure_clips(cfg)
