@@ -37,6 +37,11 @@ from dvfl.cli import main as dvfl_main  # noqa: E402
     # "--root $UNSET": "" was the working directory (every folder of it a class)
     (["--dataset", "folder", "--root", "", "--out", "o"], "--root is empty"),
     (["--dataset", "synthetic", "--out", ""], "--out is empty"),
+    # a URI where a local folder is read: the generator made ./s3:/... here, then failed in the encoder
+    (["--dataset", "synthetic", "--out", "o", "--videos-dir", "s3://bucket/videos"],
+     "--videos-dir s3://bucket/videos: videos and lists are read from local files"),
+    (["--dataset", "ucf101", "--root", ".", "--lists-dir", "gs://bucket/lists", "--out", "o"],
+     "--lists-dir gs://bucket/lists: videos and lists are read from local files"),
 ])
 def test_bad_flags_fail_fast_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -151,6 +151,11 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             bad(f"{flag} must be in [0, 1), got {v}")
     if a.test_fraction + a.val_fraction >= 1.0:
         bad("--test-fraction + --val-fraction must be < 1")
+    for flag, v in (("--root", a.root), ("--videos-dir", a.videos_dir), ("--lists-dir", a.lists_dir),
+                    ("--classes", a.classes), *(("--unlabeled", u) for u in a.unlabeled)):
+        if v and storage.is_remote(v):  # (a synthetic --videos-dir made ./s3:/... here, then failed in the encoder)
+            bad(f"{flag} {v}: videos and lists are read from local files (on a cluster, a folder every node "
+                "mounts); only --out may be a URI")
     parsed = []
     for spec in a.annotations:
         split, _, path = spec.partition("=")
