@@ -12,7 +12,6 @@ keeps serving. Replicas or autoscaling come from the config (``num_replicas`` / 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import tempfile
@@ -71,9 +70,11 @@ class ServeSettings:
         return s
 
     def validate(self) -> None:
+        from dvfl import storage
         from dvfl.inference import parse_views
 
-        checks = [(bool(self.model) and os.path.isfile(os.path.join(self.model, "model.json")),
+        # (a URI too: a student that distill wrote to s3:// is served from there, as Predictor reads it)
+        checks = [(bool(self.model) and storage.isfile(storage.join(self.model, "model.json")),
                    f"model: {self.model!r} is not a model directory (no model.json)"),
                   (self.topk >= 1, "topk must be >= 1"), (self.max_upload_mb > 0, "max_upload_mb must be > 0"),
                   (self.max_video_seconds > 0, "max_video_seconds must be > 0"),
@@ -86,8 +87,7 @@ class ServeSettings:
             if not ok:
                 raise ValueError(f"serve args: {msg}")
         parse_views(self.views)
-        with open(os.path.join(self.model, "model.json")) as f:
-            spec = json.load(f)
+        spec = storage.read_json(storage.join(self.model, "model.json"))
         if not spec.get("classes") or not spec.get("inputs"):  # else every replica fails to start, over and over
             raise ValueError(f"serve args: model: {self.model} records no class names or input sizes (model.json "
                              "'classes' and 'inputs', written by `dvfl distill` and `dvfl teacher`)")
@@ -228,8 +228,11 @@ class Recognizer:
 
 def build_app(args: dict):
     """The Serve application (``serve run dvfl.serve:build_app model=DIR`` or configs/serve.yaml)."""
+    from dvfl import storage
+
     s = ServeSettings.from_args(dict(args))
-    s.model = os.path.abspath(s.model)
+    if not storage.is_remote(s.model):  # (a URI stays one: abspath made s3://b/m ./s3:/b/m)
+        s.model = os.path.abspath(s.model)
     opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)

@@ -73,6 +73,25 @@ def test_an_init_checkpoint_replaced_on_s3_changes_the_runs_identity(s3_server):
     assert first["init_weights"][0] == second["init_weights"][0] == 200_000 and first != second
 
 
+def test_a_model_folder_on_s3_is_served_from_there(s3_server):
+    """`serve run dvfl.serve:build_app model=s3://...` (a student distill wrote to a bucket): its
+    arguments were checked on local disk (refused: "not a model directory") and the path made
+    absolute (./s3:/...); the replica's own load reads the bucket."""
+    from dvfl import storage
+    from dvfl.inference import Predictor
+    from dvfl.serve import ServeSettings, build_app
+
+    uri = f"s3://{s3_server['new_bucket']()}/models/teacher"
+    for name in ("model.json", "model.safetensors", "config.json"):
+        with open(os.path.join(REPO, "models", "embedded_teacher", name), "rb") as f:
+            storage.write_bytes(f"{uri}/{name}", f.read())
+    app = build_app({"model": uri, "topk": "3"})
+    assert app._bound_deployment.init_args[0]["model"] == uri
+    assert len(Predictor.load(uri).spec["classes"]) == 8  # what a replica does with it
+    with pytest.raises(ValueError, match=r"serve args: model: 's3://.*/models/none' is not a model directory"):
+        ServeSettings.from_args({"model": uri.replace("/teacher", "/none")})
+
+
 def test_a_failed_tensorboard_upload_is_said_and_retried_not_raised(s3_server, capsys):
     """Events on s3 are uploaded at every epoch's flush, before that epoch's checkpoint: an S3 error
     there aborted the epoch (its checkpoint lost, the run retried), and at close it replaced the
