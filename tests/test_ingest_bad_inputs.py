@@ -179,6 +179,11 @@ def test_a_split_whose_every_video_is_rejected_is_refused_before_any_training(ba
     # a KD-with-unlabelled-clips student trained exactly like dvfl on the empty pool, reported as using it
     with pytest.raises(ConfigError, match=r"split\(s\) 'test', 'unlabeled' hold no clips"):
         check_clips_match(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, unlabeled=out)), info)
+    # an export's parity check on these clips: it passed on its random inputs alone
+    from dvfl.commands.export import real_clips
+
+    with pytest.raises(ValueError, match="its test and val shards hold no clips"):
+        real_clips(out, {"kwargs": {"img_size": 32}}, 4)
 
     m.entries = [dataclasses.replace(e, path=empty) for e in m.entries]
     nothing = str(tmp_path / "nothing")

@@ -33,11 +33,17 @@ def real_clips(clips_dir: str, spec: dict, n: int) -> list:
     from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
     size = spec["kwargs"].get("img_size", 224)
-    paths = shard_paths(clips_dir, ["test"]) or shard_paths(clips_dir, ["val"])
+    paths = shard_paths(clips_dir, ["test"]) + shard_paths(clips_dir, ["val"])
     if not paths:
         raise ValueError(f"--clips {clips_dir}: no test or val shards")
-    table = pq.read_table(paths[0], columns=["clip_id", "label", "frames", "num_frames", "height", "width"]).slice(0, n)
-    arrays, _, _ = batch_arrays(table)
+    arrays = []
+    for path in paths:  # (a first shard may hold no clip: every video of it rejected at ingest)
+        if len(arrays) >= n:
+            break
+        table = pq.read_table(path, columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
+        arrays += batch_arrays(table.slice(0, n - len(arrays)))[0]
+    if n and not arrays:  # the check asked for real clips: never a pass on the random inputs alone
+        raise ValueError(f"--clips {clips_dir}: its test and val shards hold no clips")
     return [normalize(make_clip_batch([a], size, [View()])) for a in arrays]
 
 
