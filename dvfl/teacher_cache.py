@@ -149,7 +149,8 @@ class TeacherLogitCache:
                 continue
             try:
                 rows = parquet_file(path).metadata.num_rows
-            except Exception as exc:  # an unreadable footer: as good as missing
+            except ValueError as exc:  # a damaged footer (ArrowInvalid): as good as missing. Not an OSError: a
+                # bucket's time-out or throttling is no reason to delete a good file and rebuild it
                 short[name] = f"unreadable: {type(exc).__name__}"
                 continue
             if rows != shard["clips"] * len(self.views):

@@ -621,6 +621,21 @@ def test_a_missing_or_short_logits_file_is_found_before_training(prepared, tmp_p
     with pytest.raises(CacheMismatchError, match=rf"1 logits file\(s\) missing .*{train[0].name}.*"
                                                  rf"{train[1].name} \({table.num_rows - 1} rows, expected"):
         pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
+    # a damaged footer is as good as missing (rebuilt); a read that fails (a bucket's time-out) is not
+    # a reason to delete a good file and rebuild it: the error itself reaches the command
+    from dvfl import teacher_cache as tc
+
+    train[2].write_bytes(train[2].read_bytes()[:-100])
+    absent, short = tc.TeacherLogitCache(str(cache)).logits_files(prepared["info"])
+    assert absent == [train[0].name] and short[train[2].name] == "unreadable: ArrowInvalid", short
+
+    def timed_out(path, **kw):
+        raise OSError("When reading information for key 'logits/x.parquet': AWS Error NETWORK_CONNECTION")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tc, "parquet_file", timed_out)
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+            tc.TeacherLogitCache(str(cache)).logits_files(prepared["info"])
 
 
 def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_local, tmp_path):
