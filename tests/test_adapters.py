@@ -441,6 +441,14 @@ def test_unlabeled_dir_and_list(tmp_path, src_video):
     assert A.unlabeled(write(str(tmp_path / "pool" / "up.txt"), "../pool/x/1.mp4\n")).entries  # still inside
     with pytest.raises(A.AdapterError):
         A.unlabeled(str(tmp_path / "nothing"))
+    # a folder or list of no video (a wrong folder): the pool was silently empty, and the student
+    # "with unlabelled clips" trained without any
+    (tmp_path / "docs").mkdir()
+    write(str(tmp_path / "docs" / "notes.txt"), "pool/x/1.mp4\n")
+    with pytest.raises(A.AdapterError, match=r"--unlabeled .*/docs: no video files in it \(looked for \.mp4, \.avi"):
+        A.unlabeled(str(tmp_path / "docs"))
+    with pytest.raises(A.AdapterError, match=r"--unlabeled .*/empty\.txt: lists no video"):
+        A.unlabeled(write(str(tmp_path / "empty.txt"), "\n"))
 
 
 def test_different_unlabelled_videos_never_share_an_id(tmp_path, src_video):

@@ -682,6 +682,9 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
         paths = [ln if os.path.isabs(ln) else os.path.join(base, ln) for _, ln in _read_lines(dir_or_list)]
     else:
         raise AdapterError(f"--unlabeled {dir_or_list}: no such folder or list file")
+    if not paths:  # (a wrong folder made a pool of nothing, silently)
+        raise AdapterError(f"--unlabeled {dir_or_list}: " + ("no video files in it (looked for "
+                           f"{', '.join(_d.VIDEO_EXTENSIONS)})" if os.path.isdir(dir_or_list) else "lists no video"))
     m = Manifest("unlabeled", base, [], source={"unlabeled": os.path.abspath(dir_or_list)})
     rels = [os.path.relpath(p, base).replace(os.sep, "/") for p in paths]
     prefix = "unlabeled/" + (f"pool{pool}/" if pool else "")
