@@ -206,7 +206,8 @@ def test_a_local_path_another_node_does_not_see_is_refused_before_any_work(tmp_p
         weights = head_only / "student.pt"
         torch.save(build_model(tiny.student.model, **model_kwargs(tiny.student, 4, tiny)).state_dict(), weights)
         search = [sys.executable, str(REPO / "tuning" / "search.py"), "--out", str(tmp_path / "run"),
-                  *set_args([*TINY, ("tune.asha.grace_period", 1), ("student.checkpoint", str(weights))])]
+                  *set_args([*TINY, ("tune.asha.grace_period", 1), ("student.checkpoint", str(weights)),
+                             ("tune.space.student.embed_dim", {"choice": [8]})])]
         r = subprocess.run(search, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]

@@ -454,6 +454,28 @@ def test_bad_search_configs_are_rejected_naming_the_field(override, message):
         load_tune_config(None, [override])
 
 
+def test_searched_widths_a_start_checkpoint_does_not_fit_are_refused_before_any_work(tmp_path):
+    """A width-16 student.checkpoint with the default space (widths 4, 8, 16): it passed every check,
+    then the width-4 and width-8 trials failed one by one after the clips and the cache were made,
+    and the search exited 0 with a 'front' of one width."""
+    import torch
+
+    from dvfl.models import build_model
+    from dvfl.pipeline import model_kwargs
+    from dvfl.tune import load_tune_config
+    from dvfl.tune.search_config import check_start_weights_fit_space
+
+    _, base = load_tune_config(None)
+    ckpt = tmp_path / "student16.pt"
+    torch.save(build_model(base.student.model, **model_kwargs(base.student, 8, base)).state_dict(), ckpt)
+    search, cfg = load_tune_config(None, [("student.checkpoint", str(ckpt))])
+    with pytest.raises(ConfigError, match=r"^tune\.space\.student\.embed_dim 4: the student's start weights do not "
+                                          r"fit it \(student\.checkpoint: .*differ in shape"):
+        check_start_weights_fit_space(search, cfg)
+    check_start_weights_fit_space(*load_tune_config(None, [("student.checkpoint", str(ckpt)),
+                                                           ("tune.space.student.embed_dim", {"choice": [16]})]))
+
+
 def test_search_values_that_cannot_go_together_are_refused_before_any_trial():
     """sgd and momentum 0 are each valid alone: the trials drawing both failed after the clips,
     teacher and cache were made. A momentum no trial's optimizer uses searched nothing."""

@@ -48,8 +48,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         search, cfg = load_tune_config(a.search, a.overrides, output_dir=a.out)
         from dvfl.pipeline import check_given_inputs
         from dvfl.tune.search import refuse_changed_settings
+        from dvfl.tune.search_config import check_start_weights_fit_space
 
         check_given_inputs(cfg)
+        check_start_weights_fit_space(search, cfg)
         if not a.fresh:  # before the videos are made for the new settings
             refuse_changed_settings(search, cfg)
     except ConfigError as exc:

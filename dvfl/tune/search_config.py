@@ -244,6 +244,25 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
     return t
 
 
+def check_start_weights_fit_space(t: TuneConfig, base: RunConfig) -> None:
+    """A ``student.checkpoint`` fits one student shape: every searched ``student.*`` value (each
+    choice, or a range's ends) must take it, or its trials failed one by one after the clips and the
+    cache were made (and the search chose among the rest). A :class:`ConfigError` naming the value."""
+    from dvfl.pipeline import check_start_weights
+
+    if not base.student.checkpoint:
+        return
+    for key, spec in t.space.items():
+        if not key.startswith("student."):
+            continue
+        for value in _domain_values(f"tune.space.{key}", spec)[1]:
+            try:
+                check_start_weights(apply_params(base, {key: value}))
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{key} {value!r}: the student's start weights do not fit it ({exc}); "
+                                  f"search only values that student.checkpoint fits, or start from scratch") from None
+
+
 def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, output_dir: str | None = None,
                      check_paths: bool = True) -> tuple[TuneConfig, RunConfig]:
     """Read a search config and the run config it names; apply ``--set`` overrides (``tune.*`` to
