@@ -6,7 +6,8 @@ runs the trials from that one cache, stopping weak ones early with ASHA on the v
 every epoch. Results (trial table, Pareto plot of top-1 vs GMACs, the best configuration as a run
 config) go to <storage>/<experiment>; watch it with ``tensorboard --logdir <storage>/<experiment>``.
 
-    dvfl tune [--search configs/tune_ucf101.yaml] [--set tune.num_samples=8] [--set optim.epochs=2]
+    dvfl tune [--search configs/tune_ucf101.yaml] [--set tune.num_samples=8]
+              [--set optim.epochs=2 --set tune.asha.grace_period=1]   (ASHA's first judgement within the epochs)
 
 (``python tuning/search.py`` takes the same arguments.) ``--search`` is a search config (its
 ``run_config`` names the run config every trial starts from); ``--set tune.FIELD=V`` changes the
