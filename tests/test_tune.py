@@ -553,6 +553,8 @@ def test_shipped_search_configs_are_valid():
     t, cfg = load_tune_config(REPO / "configs" / "tune_ucf101.yaml", check_paths=False)
     assert t.space["student.embed_dim"] == {"choice": [48, 64, 96]}
     assert cfg.student.model == "videofocalnet_nano" and cfg.teacher.mode == "cached"
+    # judged after the learning-rate warm-up (not on its last step), and a front of full-length re-runs
+    assert t.asha.grace_period > cfg.optim.warmup_frac * cfg.optim.epochs and len(t.front_seeds) >= 2
 
 
 def test_resources_that_cannot_fit_are_refused_before_any_trial(monkeypatch):
