@@ -32,7 +32,7 @@ SPLIT_COUNTS = {"ucf101": 3, "hmdb51": 3, "ucf50": 25}
 # Path fields that may hold SPLIT_PLACEHOLDER (as (section path, field)); see RunConfig.expand_split.
 SPLIT_PLACEHOLDER = "{split}"
 SPLIT_PATH_FIELDS = ((), "output_dir"), (("data",), "root"), (("data",), "clips"), (("data",), "unlabeled"), \
-    (("teacher",), "path"), (("teacher",), "cache")
+    (("teacher",), "path"), (("teacher",), "cache"), (("student",), "checkpoint"), (("teacher", "train"), "checkpoint")
 # Path fields a command reads (as (section path, field)); see RunConfig.resolve_paths.
 INPUT_PATH_FIELDS = ((("data",), "root"), (("data",), "clips"), (("data",), "unlabeled"), (("teacher",), "path"),
                      (("teacher",), "cache"), (("student",), "checkpoint"), (("student",), "init_2d"),

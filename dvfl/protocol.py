@@ -84,6 +84,17 @@ def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
                 f"{name} is {value} for every split: a protocol needs one per split (another split's test videos "
                 f"are this split's training videos). Put {SPLIT_PLACEHOLDER} in it (e.g. --set "
                 f"{name}={_example(str(value))}) or set it to null")
+    for name in ("student.checkpoint", "teacher.train.checkpoint"):
+        value, head_kept = _get(tree, name), not _get(tree, name.replace(".checkpoint", ".reinit_head"))
+        if value and SPLIT_PLACEHOLDER not in str(value) and head_kept and not (
+                name == "teacher.train.checkpoint" and _get(tree, "teacher.path")):
+            # a head that fits this dataset's classes was trained on it, on a split whose training
+            # videos are another split's test videos (a K400 checkpoint's head is replaced: reinit_head)
+            raise ConfigError(
+                f"{name} is {value} for every split, keeping its classifier head (reinit_head false): weights "
+                f"trained on this dataset saw another split's test videos. Put {SPLIT_PLACEHOLDER} in it for weights "
+                f"of each split's own training videos, or start from another dataset's weights with "
+                f"{name.replace('.checkpoint', '.reinit_head')}: true")
     template = str(tree.get("output_dir") or RunConfig().output_dir)
     per_split = template if SPLIT_PLACEHOLDER in template else storage.join(template, f"split{SPLIT_PLACEHOLDER}")
     configs = []
