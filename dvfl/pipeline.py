@@ -8,6 +8,7 @@ last checkpoint of a run with the same name). Entry points in ``pipelines/`` cal
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -220,26 +221,37 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
         # another split's test videos are this split's training videos: never evaluate across splits
         problems.append(f"data.split is {cfg.data.split}, the clips were ingested from split {stored_split}")
     counts = info.get("counts") or {}
+    # a split the run reads whose every video was rejected (at decode: a split of 0 clips; when
+    # listed: no split at all): it failed after the teacher and the cache (an empty test split at the
+    # final evaluation), and a dvfl+unlabeled student trained exactly like dvfl on an empty pool
+    rejected = _rejects_by_split(where) if info.get("rejects") else {}
+    used = [cfg.data.train_split, cfg.data.test_split, cfg.data.val_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
+    empty = [split for split in dict.fromkeys(used)
+             if not (counts.get(split) or {}).get("clips") and (split in counts or rejected.get(split))]
     stored = sorted(counts)
     # a misspelt split reads as an empty dataset deep inside Ray
     for key, split in missing_splits(cfg, stored):
-        problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
-    if cfg.unlabeled_dir and "unlabeled" not in counts:
+        if split not in empty:
+            problems.append(f"data.{key} is {split!r}, the clips hold split(s) {', '.join(map(repr, stored)) or 'none'}")
+    if cfg.unlabeled_dir and "unlabeled" not in counts and "unlabeled" not in empty:
         problems.append(f"data.unlabeled is {cfg.unlabeled_dir}, an ingest without an unlabelled pool (ingest the "
                         "pool with the labelled videos: --unlabeled DIR)")
     if problems:
         raise ConfigError(f"data.clips {where} does not match the config: " + "; ".join(problems)
                           + ". Set these fields to the ingest's values, or ingest again with the config's.")
-    # so did a split whose every video was rejected, after the teacher and the cache (an empty test
-    # split at the final evaluation); a dvfl+unlabeled student trained exactly like dvfl on an empty
-    # pool, and was reported as using it
-    used = [cfg.data.train_split, cfg.data.test_split, cfg.data.val_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
-    empty = [split for split in dict.fromkeys(used) if split in counts and not counts[split].get("clips")]
     if empty:
         raise ConfigError(f"data.clips {where}: split(s) {', '.join(map(repr, empty))} hold no clips: every video of "
                           f"them was rejected at ingest (reasons in {storage.join(where, 'rejects.jsonl')}); replace "
                           "or re-encode those videos and ingest again")
 
+
+def _rejects_by_split(clips_dir: str) -> dict:
+    """How many inputs of each split an ingest rejected (``rejects.jsonl``; {} where it is unreadable)."""
+    try:
+        lines = storage.read_text(storage.join(clips_dir, "rejects.jsonl")).splitlines()
+        return dict(collections.Counter(json.loads(line).get("split") for line in lines if line.strip()))
+    except (OSError, ValueError):
+        return {}
 
 def check_given_inputs(cfg: RunConfig) -> None:
     """Given clips (``data.clips``, a finished ingest) or a given teacher folder that the config does

@@ -84,17 +84,21 @@ def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
                 f"{name} is {value} for every split: a protocol needs one per split (another split's test videos "
                 f"are this split's training videos). Put {SPLIT_PLACEHOLDER} in it (e.g. --set "
                 f"{name}={_example(str(value))}) or set it to null")
+    classes = DATASET_CLASSES.get(str(_get(tree, "data.dataset")))
     for name in ("student.checkpoint", "teacher.train.checkpoint"):
-        value, head_kept = _get(tree, name), not _get(tree, name.replace(".checkpoint", ".reinit_head"))
-        if value and SPLIT_PLACEHOLDER not in str(value) and head_kept and not (
-                name == "teacher.train.checkpoint" and _get(tree, "teacher.path")):
-            # a head that fits this dataset's classes was trained on it, on a split whose training
-            # videos are another split's test videos (a K400 checkpoint's head is replaced: reinit_head)
+        value = _get(tree, name)
+        if not value or SPLIT_PLACEHOLDER in str(value) or (name == "teacher.train.checkpoint" and _get(tree, "teacher.path")):
+            continue
+        rows = _head_classes(str(value))
+        if rows is not None and rows == classes:
+            # trained on this dataset, on a split whose training videos are another split's test
+            # videos; a new head (reinit_head) does not undo that, and for the same class count
+            # load_checkpoint keeps the head anyway
             raise ConfigError(
-                f"{name} is {value} for every split, keeping its classifier head (reinit_head false): weights "
-                f"trained on this dataset saw another split's test videos. Put {SPLIT_PLACEHOLDER} in it for weights "
-                f"of each split's own training videos, or start from another dataset's weights with "
-                f"{name.replace('.checkpoint', '.reinit_head')}: true")
+                f"{name} is {value} for every split, and its classifier has {rows} classes, {_get(tree, 'data.dataset')}'s "
+                f"own: weights trained on this dataset saw another split's test videos. Put {SPLIT_PLACEHOLDER} in it "
+                "for weights of each split's own training videos, or start from another dataset's weights (the "
+                f"Kinetics-400 checkpoint with {name.replace('.checkpoint', '.reinit_head')}: true)")
     template = str(tree.get("output_dir") or RunConfig().output_dir)
     per_split = template if SPLIT_PLACEHOLDER in template else storage.join(template, f"split{SPLIT_PLACEHOLDER}")
     configs = []
@@ -105,6 +109,25 @@ def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
         except ConfigError as exc:
             raise ConfigError(f"split {i}: {exc}") from None
     return configs
+
+
+# the class counts of the protocol datasets: a start checkpoint with this head was trained on the dataset
+DATASET_CLASSES = {"ucf101": 101, "hmdb51": 51, "ucf50": 50}
+
+
+def _head_classes(path: str) -> int | None:
+    """The class count of a checkpoint's classifier head; None without one, or for a file that
+    cannot be read here (the run's own checks name it)."""
+    from dvfl.models.checkpoint import CheckpointError, read_state_dict
+
+    try:
+        state = read_state_dict(path)
+    except (CheckpointError, OSError, RuntimeError, ValueError):
+        return None
+    for key in ("head.weight", "head.fc.weight"):
+        if key in state and state[key].ndim == 2:
+            return int(state[key].shape[0])
+    return None
 
 
 def _example(value: str) -> str:

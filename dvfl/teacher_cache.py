@@ -149,8 +149,11 @@ class TeacherLogitCache:
                 continue
             try:
                 rows = parquet_file(path).metadata.num_rows
-            except ValueError as exc:  # a damaged footer (ArrowInvalid): as good as missing. Not an OSError: a
-                # bucket's time-out or throttling is no reason to delete a good file and rebuild it
+            except (ValueError, OSError) as exc:  # a damaged footer: as good as missing (ArrowInvalid; an OSError
+                # for garbled footer metadata). Not a bucket's time-out or throttling: no reason to delete a
+                # good file and rebuild it
+                if isinstance(exc, OSError) and storage.is_remote(path) and "deserialize thrift" not in str(exc):
+                    raise
                 short[name] = f"unreadable: {type(exc).__name__}"
                 continue
             if rows != shard["clips"] * len(self.views):

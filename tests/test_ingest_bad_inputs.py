@@ -185,6 +185,14 @@ def test_a_split_whose_every_video_is_rejected_is_refused_before_any_training(ba
     with pytest.raises(ValueError, match="its test and val shards hold no clips"):
         real_clips(out, {"kwargs": {"img_size": 32}}, 4)
 
+    # a pool whose every video was rejected when listed (no shard, no split at all): the same refusal,
+    # not "an ingest without an unlabelled pool ... set these fields"
+    listed = {**info, "counts": {k: v for k, v in info["counts"].items() if k != "unlabeled"}}
+    with open(os.path.join(out, "rejects.jsonl"), "a") as f:
+        f.write(json.dumps({"split": "unlabeled", "reason": "missing", "path": "pool/x.mp4"}) + "\n")
+    with pytest.raises(ConfigError, match=r"split\(s\) 'test', 'unlabeled' hold no clips"):
+        check_clips_match(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, unlabeled=out)), listed)
+
     m.entries = [dataclasses.replace(e, path=empty) for e in m.entries]
     nothing = str(tmp_path / "nothing")
     with pytest.raises(NothingWrittenError, match=rf"0 videos written: all {m.num_inputs} input\(s\) were rejected"):

@@ -92,6 +92,37 @@ def test_a_model_folder_on_s3_is_served_from_there(s3_server):
         ServeSettings.from_args({"model": uri.replace("/teacher", "/none")})
 
 
+def test_a_logits_file_a_bucket_fails_to_read_is_an_error_not_a_damaged_file(s3_server, tmp_path, monkeypatch):
+    """Any error reading a logits file's footer counted it as damaged: a bucket's time-out or
+    throttling demoted a finished cache, deleted the good file and rebuilt it (and in training read
+    as "stale or mismatched teacher cache ... Rebuild it"). A garbled footer on the bucket is still damaged."""
+    import pyarrow as pa
+
+    from dvfl import storage
+    from dvfl import teacher_cache as tc
+
+    cache = f"s3://{s3_server['new_bucket']()}/cache"
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"clip_id": ["a", "b"]}), good)
+    storage.write_json(f"{cache}/cache.json", {"fingerprint": "f", "view_spec": {"views": ["center"]}})
+    storage.write_bytes(f"{cache}/logits/train-00000.parquet", good.read_bytes())
+    garbled = bytearray(good.read_bytes())
+    meta = len(garbled) - 8 - int.from_bytes(garbled[-8:-4], "little")  # the footer's metadata
+    garbled[meta:meta + 16] = b"\xff" * 16
+    storage.write_bytes(f"{cache}/logits/train-00001.parquet", bytes(garbled))
+    info = {"shards": [{"file": "shards/train-00001.parquet", "split": "train", "clips": 1}]}
+    _, short = tc.TeacherLogitCache(cache).logits_files(info)
+    assert short == {"train-00001.parquet": "unreadable: OSError"}
+
+    def timed_out(path, **kw):  # (the bucket's failure; the objects and the server are real)
+        raise OSError(f"When reading information for key '{path}': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(tc, "parquet_file", timed_out)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        tc.TeacherLogitCache(cache).logits_files({"shards": [{"file": "shards/train-00000.parquet", "split": "train",
+                                                              "clips": 2}]})
+
+
 def test_a_failed_tensorboard_upload_is_said_and_retried_not_raised(s3_server, capsys):
     """Events on s3 are uploaded at every epoch's flush, before that epoch's checkpoint: an S3 error
     there aborted the epoch (its checkpoint lost, the run retried), and at close it replaced the

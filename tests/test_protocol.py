@@ -177,21 +177,24 @@ def test_a_path_shared_by_every_split_is_refused_naming_the_field(tmp_path):
                                                                 (3, str(tmp_path / "runs" / "split3"))]
     assert configs[0].data.clips.endswith("/data/u_s1") and configs[1].data.clips.endswith("/data/u_s3")
     assert PROTOCOLS["ucf101"].ids == (1, 2, 3)
-    # start weights: one UCF101-trained checkpoint for every split (its head kept) saw the other
-    # splits' test videos; per-split weights, or another dataset's with a new head, are fine
-    for i in (1, 2):
-        (tmp_path / f"s{i}.pth").write_bytes(b"w")
+    # start weights: one UCF101-trained checkpoint (a head of 101 classes) for every split saw the
+    # other splits' test videos, whatever reinit_head says; per-split weights, or another dataset's
+    # (Kinetics-400: 400 classes) with a new head, are fine
+    import torch
+
+    for name, classes in (("s1", 101), ("s2", 101), ("k400", 400)):
+        torch.save({"head.weight": torch.zeros(classes, 4), "head.bias": torch.zeros(classes)}, tmp_path / f"{name}.pth")
     per_split = [("data.clips", None), ("output_dir", str(tmp_path / "runs"))]
     for field in ("student.checkpoint", "teacher.train.checkpoint"):
-        with pytest.raises(ConfigError, match=rf"^{re.escape(field)} is .*/s1\.pth for every split, keeping its "
-                                              r"classifier head \(reinit_head false\): weights trained on this dataset"):
-            split_configs(cfg, [*per_split, (field, str(tmp_path / "s1.pth"))], [1, 2])
+        head = field.replace(".checkpoint", ".reinit_head")
+        for reinit in (False, True):
+            with pytest.raises(ConfigError, match=rf"^{re.escape(field)} is .*/s1\.pth for every split, and its "
+                                                  r"classifier has 101 classes, ucf101's own"):
+                split_configs(cfg, [*per_split, (field, str(tmp_path / "s1.pth")), (head, reinit)], [1, 2])
         configs = split_configs(cfg, [*per_split, (field, str(tmp_path / "s{split}.pth"))], [1, 2])
         assert [c.student.checkpoint if field.startswith("student") else c.teacher.train.checkpoint
                 for c in configs] == [str(tmp_path / "s1.pth"), str(tmp_path / "s2.pth")]
-        split_configs(cfg, [*per_split, (field, str(tmp_path / "s1.pth")),
-                            (field.replace(".checkpoint", ".reinit_head"), True)], [1, 2])
-
+        split_configs(cfg, [*per_split, (field, str(tmp_path / "k400.pth")), (head, True)], [1, 2])
 
 def protocol_main():
     """`dvfl protocol` (pipelines/protocol.py), in this process (the refusals need no Ray and no subprocess)."""

@@ -583,6 +583,7 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
     _s.remove_stale_tmp(shard_dir)
     _s.remove_stale_tmp(meta_dir)
     if written_videos == 0:  # nothing to train on: never a finished ingest that other commands read as one
+        storage.remove(storage.join(out, _s.DATASET_JSON))  # (one committed by a version that did)
         if log:
             log(format_summary(summary))
         raise NothingWrittenError(f"0 videos written: all {manifest.num_inputs} input(s) were rejected "
