@@ -253,6 +253,7 @@ def _rejects_by_split(clips_dir: str) -> dict:
     except (OSError, ValueError):
         return {}
 
+
 def check_given_inputs(cfg: RunConfig) -> None:
     """Given clips (``data.clips``, a finished ingest) or a given teacher folder that the config does
     not describe: a :class:`ConfigError` before Ray starts or a file is written (protocol and tune
