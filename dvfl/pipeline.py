@@ -21,7 +21,7 @@ import yaml
 from dvfl import storage
 from dvfl.artifacts import SPEC, load_model, load_model_for, other_class_list, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, ConfigError, RunConfig
-from dvfl.data.shards import load_dataset_info, median_video_seconds
+from dvfl.data.shards import REJECTS_FILE, load_dataset_info, median_video_seconds
 from dvfl.models import build_model
 
 TEACHER_DIR = "teacher"
@@ -241,14 +241,14 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
                           + ". Set these fields to the ingest's values, or ingest again with the config's.")
     if empty:
         raise ConfigError(f"data.clips {where}: split(s) {', '.join(map(repr, empty))} hold no clips: every video of "
-                          f"them was rejected at ingest (reasons in {storage.join(where, 'rejects.jsonl')}); replace "
+                          f"them was rejected at ingest (reasons in {storage.join(where, REJECTS_FILE)}); replace "
                           "or re-encode those videos and ingest again")
 
 
 def _rejects_by_split(clips_dir: str) -> dict:
     """How many inputs of each split an ingest rejected (``rejects.jsonl``; {} where it is unreadable)."""
     try:
-        lines = storage.read_text(storage.join(clips_dir, "rejects.jsonl")).splitlines()
+        lines = storage.read_text(storage.join(clips_dir, REJECTS_FILE)).splitlines()
         return dict(collections.Counter(json.loads(line).get("split") for line in lines if line.strip()))
     except (OSError, ValueError):
         return {}
