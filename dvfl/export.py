@@ -209,6 +209,15 @@ def timm_config(spec: dict) -> dict:
                                "license": "apache-2.0"}}
 
 
+def resize_words(inputs: dict) -> str:
+    """How a frame becomes the model's input, in words (``short_side`` 0: stored at source size)."""
+    crop = inputs.get("crop_size", "?")
+    if inputs.get("short_side") == 0:
+        return (f"no resize: a {crop}² crop of the frames at their source size (timm's data config cannot "
+                "say this: its transform resizes; use predict.py or this description)")
+    return f"video resized to short side {inputs.get('short_side', '?')}, then a {crop}² crop"
+
+
 def frame_sampling(inputs: dict, frames) -> str:
     """Which frames a one-clip view takes (what predict feeds the model), in words."""
     stored = int(inputs.get("eval_clips") or 1)
@@ -228,7 +237,9 @@ def input_contract(spec: dict) -> dict:
                       "scale": "[0, 1], then (x - mean) / std", "mean": [0.485, 0.456, 0.406],
                       "std": [0.229, 0.224, 0.225]},
             "preprocessing": {"short_side": inputs.get("short_side"), "crop_size": inputs.get("crop_size", size),
-                              "resize": "short side to short_side, then a centre crop of crop_size",
+                              "resize": ("none: a centre crop of crop_size from the frames at their source size"
+                                         if inputs.get("short_side") == 0 else
+                                         "short side to short_side, then a centre crop of crop_size"),
                               "frames": frame_sampling(inputs, frames)},
             "output": f"logits (batch, {kw['num_classes']}), in the order of classes"}
 
@@ -255,8 +266,7 @@ def model_card(spec: dict, dataset: dict | None = None) -> str:
              f"- float32 `(batch, {kw.get('num_frames', 8)}, 3, {kw.get('img_size', 224)}, {kw.get('img_size', 224)})`, "
              "RGB in [0, 1] normalised with the ImageNet mean/std",
              f"- frames: {frame_sampling(inputs, inputs.get('frames', kw.get('num_frames')))}; "
-             f"video resized to short side {inputs.get('short_side', '?')}, then a {inputs.get('crop_size', '?')}² crop "
-             "(evaluation views: start/centre/end crops along the long side)",
+             f"{resize_words(inputs)} (evaluation views: start/centre/end crops along the long side)",
              f"- output: logits over {kw['num_classes']} classes: {', '.join(classes) if classes else '(not recorded)'}",
              "", "## Training", "",
              f"- role: {spec.get('role', '?')}, seed {spec.get('seed', '?')}, trained on split "

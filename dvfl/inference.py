@@ -110,16 +110,19 @@ class Predictor:
         self.proc.close()
 
     # -- decoding ------------------------------------------------------------------------
-    def decode(self, path: str, num_clips: int = 1, timeout: float | None = None) -> dict:
+    def decode(self, path: str, num_clips: int = 1, timeout: float | None = None,
+               max_seconds: float | None = None) -> dict:
         """The video's ``num_clips`` uniform clips (uint8 ``(T, H, W, 3)`` each) through the
         killable decode child, the clips evaluation scores: those of the grid the model's clips were
         stored with that :func:`dvfl.data.sampling.spread_clips` picks (a grid of ``num_clips``
-        when it asks for more); raises :class:`PredictError` for a bad file."""
+        when it asks for more); raises :class:`PredictError` for a bad file, or one longer than
+        ``max_seconds`` (``too_long``; an unknown frame rate counts as 30 fps)."""
         grid = max(num_clips, self.eval_clips)
         job = {"path": os.path.abspath(path), "video_id": os.path.basename(path), "split": "test",
                "frames": self.frames, "clips_per_video": 1, "eval_clips": grid,
                "view_indices": sorted(spread_clips(num_clips, grid)), "seed": 0, "short_side": self.short_side,
-               "min_frames": self.min_frames or self.frames, "whole_file": True}  # a cut upload is refused, not recognised from its first part
+               "min_frames": self.min_frames or self.frames, "whole_file": True,  # a cut upload is refused, not recognised from its first part
+               "max_seconds": max_seconds}
         res = self.proc.run(job, timeout or self.timeout)
         if not res.get("ok"):
             raise PredictError(res.get("reason", "error"), res.get("detail", ""))

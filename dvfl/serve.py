@@ -28,10 +28,9 @@ from dvfl.data import decode as D
 # decode reject reason -> HTTP status: the client sent something we cannot use
 STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 415, D.TRUNCATED: 400,
           D.CORRUPT: 400, D.NO_VIDEO_STREAM: 415, D.TOO_SHORT: 422, D.TIMEOUT: 408, D.DECODER_CRASH: 422, D.DECODER_KILLED: 422,
-          D.BAD_FRAME_SIZE: 422, "too_small": 422}
+          D.BAD_FRAME_SIZE: 422, "too_small": 422, D.TOO_LONG: 413}
 
 
-UNKNOWN_RATE_FPS = 30.0  # a video's duration limit when its container gives no frame rate
 
 
 @dataclass
@@ -168,15 +167,11 @@ class Recognizer:
 
         try:
             try:
-                res = self.pred.decode(path, self.views[0], timeout=decode_timeout)
+                # the length limit is judged by the decoder as soon as it knows the frames (before decoding them)
+                res = self.pred.decode(path, self.views[0], timeout=decode_timeout, max_seconds=self.s.max_video_seconds)
             except PredictError as exc:  # (the decoder's text names the server's temp file: not the client's business)
                 return {"status": STATUS.get(exc.reason, 422), "error": exc.reason,
                         "detail": exc.detail.replace(path, "<upload>").replace(str(self.tmp), "<tmp>")}
-            # an unknown rate (0: decode reports NaN/inf/0 as 0) is judged at 30 fps, not let through
-            seconds = res["src_num_frames"] / (res["src_fps"] or UNKNOWN_RATE_FPS)
-            if seconds > self.s.max_video_seconds:
-                return {"status": 413, "error": "too_long",
-                        "detail": f"video of {seconds:.1f} s > limit {self.s.max_video_seconds:g} s"}
             try:
                 probs = self.pred.probabilities([v[3] for v in res["views"]], self.views[1])
             except PredictError as exc:

@@ -860,6 +860,20 @@ def test_timms_transform_from_the_exported_config_resizes_to_the_stored_short_si
     assert (resize.size, list(center_crop.size)) == (short_side, [crop, crop])
 
 
+def test_a_model_trained_at_source_size_is_described_as_uncropped_not_resized():
+    """``data.short_side: 0`` (clips stored at their source size, a centre crop of them trained on):
+    the sidecar said "short side to short_side" with short_side 0 and the card "resized to short side 0"."""
+    from dvfl.export import input_contract, model_card
+
+    spec = {"name": "videofocalnet_nano", "kwargs": {"img_size": 32, "num_classes": 2, "num_frames": 8},
+            "inputs": {"short_side": 0, "crop_size": 32, "frames": 8}, "classes": ["a", "b"]}
+    assert input_contract(spec)["preprocessing"]["resize"].startswith("none: a centre crop of crop_size")
+    card = model_card(spec)
+    assert "no resize: a 32² crop of the frames at their source size" in card and "short side 0" not in card
+    resized = {**spec, "inputs": {**spec["inputs"], "short_side": 36}}
+    assert "video resized to short side 36, then a 32² crop" in model_card(resized)
+
+
 def test_a_streams_default_window_spans_a_training_video(video_factory, tmp_path):
     """A training clip's T frames are spread over a whole video; the stream's default window was T
     consecutive frames (0.27 s at 30 fps), a time scale the model never saw. Now it spans the

@@ -281,6 +281,91 @@ def test_a_file_cut_short_keeps_the_frames_before_the_cut(tmp_path):
             assert res["reason"] == D.TRUNCATED and "declares more bytes" in res["detail"], res
 
 
+def test_cuts_in_files_that_declare_no_length_are_told_where_the_format_allows(tmp_path):
+    """A transport stream declares no length, and an MP4 whose media box runs "to the end of the
+    file" (size 0) passes the box walk: cut short, both were predicted (and served) from their
+    first part as whole videos. Now a stream that ends inside a 188-byte packet is `truncated`, and
+    so is an MP4 whose last chunk of frames ends past the file; ingest still keeps the frames before
+    the cut. A whole MP4 that starts on a non-key frame (remuxed from a stream joined mid-GOP: FFmpeg
+    decodes fewer frames than it lists) is not cut, and is still predicted."""
+    import struct
+    import subprocess
+    import sys
+
+    from conftest import make_videos
+
+    open_start = tmp_path / "open_start.mp4"   # 60 frames, GOP 12, its first 4 packets dropped on remux
+    subprocess.run([sys.executable, "-c", """
+import sys, av, numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+with av.open(src, "w") as c:
+    s = c.add_stream("libx264", rate=30)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.options = {"g": "12", "bf": "0", "keyint_min": "12", "sc_threshold": "0", "threads": "1"}
+    for i in range(60):
+        img = np.full((48, 64, 3), (i * 4) % 255, np.uint8); img[:, i % 64] = 255
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")): c.mux(p)
+    for p in s.encode(): c.mux(p)
+with av.open(src) as inp, av.open(dst, "w") as out:
+    ist = inp.streams.video[0]; ost = out.add_stream_from_template(ist); first = None
+    for k, p in enumerate((p for p in inp.demux(ist) if p.size), 1):
+        if k <= 4: continue
+        first = p.pts if first is None else first
+        p.pts -= first; p.dts -= first; p.stream = ost; out.mux(p)
+""", str(tmp_path / "gop.mp4"), str(open_start)], check=True)
+
+    make_videos([(str(tmp_path / "full.ts"), dict(n=40, h=32, w=64, seed=6)),
+                 (str(tmp_path / "full.mp4"), dict(n=40, h=32, w=64, seed=6, container_options={"movflags": "faststart"}))])
+    mp4 = bytearray((tmp_path / "full.mp4").read_bytes())
+    mdat = mp4.index(b"mdat") - 4
+    assert mp4.index(b"moov") < mdat   # fast start: the header first, the media box last
+    mp4[mdat:mdat + 4] = struct.pack(">I", 0)
+    job = dict(video_id="c", split="test", frames=8, clips_per_video=1, eval_clips=1, seed=0, short_side=0, min_frames=8)
+    for name, data in (("full.ts", (tmp_path / "full.ts").read_bytes()), ("full.mp4", bytes(mp4))):
+        kind = "mpeg-ts" if name.endswith(".ts") else "mp4"
+        whole = tmp_path / f"whole_{name}"
+        whole.write_bytes(data)
+        assert D.probe_container(str(whole)) == (kind, None)
+        assert D.decode_video({**job, "path": str(whole), "whole_file": True})["src_num_frames"] == 40
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(data[:int(len(data) * 0.6) // 188 * 188 + 100])   # inside a packet, past the header
+        res = D.decode_video({**job, "path": str(cut), "whole_file": True})
+        assert res["reason"] == D.TRUNCATED, (name, res)
+        kept = D.decode_video({**job, "path": str(cut), "all_frames": True})
+        assert kept["ok"] and 8 <= kept["src_num_frames"] < 40, (name, kept)
+    assert D.probe_container(str(tmp_path / "cut_full.ts"))[1] == D.TRUNCATED
+    whole = D.decode_video({**job, "path": str(open_start), "whole_file": True})
+    assert whole["ok"] and 40 <= whole["src_num_frames"] <= 56, whole
+    assert "inside a packet" in D.decode_video({**job, "path": str(tmp_path / "cut_full.ts"), "whole_file": True})["detail"]
+
+
+def test_a_length_limit_is_judged_before_the_frames_are_decoded(tmp_path):
+    """Serve's ``max_video_seconds`` was checked after the whole decode: a long transport stream
+    (decoded in order, every frame counted, then the sampled ones decoded again) could run into the
+    decode time limit and get 408 instead of 413. The decoder now refuses it as it counts, on
+    either path (decord's frame count, FFmpeg's in-order decode)."""
+    from conftest import make_videos
+
+    make_videos([(str(tmp_path / "long.ts"), dict(n=160, h=32, w=32, fps=8)),
+                 (str(tmp_path / "long.mp4"), dict(n=160, h=32, w=32, fps=8))])   # 20 s each
+    job = dict(video_id="c", split="test", frames=8, clips_per_video=1, eval_clips=1, seed=0, short_side=0,
+               min_frames=8, whole_file=True)
+    for name in ("long.ts", "long.mp4"):
+        path = str(tmp_path / name)
+        res = D.decode_video({**job, "path": path, "max_seconds": 12})
+        assert res["reason"] == D.TOO_LONG and "> limit 12 s" in res["detail"], (name, res)
+        assert D.decode_video({**job, "path": path, "max_seconds": 25})["src_num_frames"] == 160
+    # the in-order count stops where the limit is passed, not at the end of the file
+    counted = D._decodable_prefix(str(tmp_path / "long.ts"), job={"max_seconds": 25})
+    assert counted[0] == 160
+    try:
+        D._decodable_prefix(str(tmp_path / "long.ts"), job={"max_seconds": 5})
+    except D.DecodeReject as exc:
+        assert exc.reason == D.TOO_LONG and "5.1 s > limit 5 s" in exc.detail, exc.detail
+    else:
+        raise AssertionError("the count went past the limit")
+
+
 def test_a_cut_mp4_keeps_its_header_s_orientation(tmp_path):
     """A fast-start MP4 cut short still has its whole header: a mirrored track matrix is left as
     stored, as for the uncut file (FFmpeg's frame rotation reads it as a half turn: the cut copy

@@ -34,10 +34,10 @@ UNKNOWN_CONTAINER = "unknown_container"  # binary, but not one of the supported 
 PLAYLIST = "playlist"            # an HLS/DASH/concat/SDP text that makes FFmpeg open other files or URLs
 CORRUPT = "corrupt"              # a video container whose demux/decode fails
 NO_VIDEO_STREAM = "no_video_stream"  # a container with no video stream (an audio-only .mp4/.m4a)
-TRUNCATED = "truncated"          # container declares more bytes than the file holds
+TRUNCATED = "truncated"          # container declares more bytes than the file holds (a stream: ends mid-packet)
 BAD_FRAME_SIZE = "bad_frame_size"  # frames whose aspect ratio no camera makes (a forged or broken header)
 TOO_SHORT = "too_short"          # fewer decodable frames than --min-frames
-TOO_LONG = "too_long"            # predict --stream: more frames than --max-frames (every frame is held)
+TOO_LONG = "too_long"            # over the caller's length limit (serve's max_video_seconds, predict --stream's --max-frames)
 TIMEOUT = "timeout"              # the decoder exceeded --timeout-per-file (child killed)
 DECODER_CRASH = "decoder_crash"  # the decoder process died (segfault/abort) on this file
 DECODER_KILLED = "decoder_killed"  # the decoder process was SIGKILLed twice (OOM killer) on this file
@@ -135,12 +135,13 @@ def probe_container(path: str) -> Tuple[str, Optional[str]]:
         return "avi", (TRUNCATED if declared > size else None)
     if head[:4] == b"\x1a\x45\xdf\xa3":
         return "matroska", _check_matroska(head, path, size)
-    # MPEG-TS: 188-byte packets, each starting with the sync byte 0x47 (three in a row)
+    # MPEG-TS: 188-byte packets, each starting with the sync byte 0x47 (three in a row); a file
+    # ending inside a packet was cut short (a stream declares no length: the only sign of a cut)
     if len(head) >= 2 * 188 + 1 and all(head[i] == 0x47 for i in (0, 188, 376)):
-        return "mpeg-ts", None
+        return "mpeg-ts", (TRUNCATED if size % 188 else None)
     # M2TS (camcorders' .mts/.m2ts): 192-byte packets, a 4-byte timestamp before each sync byte
     if len(head) >= 2 * 192 + 5 and all(head[i] == 0x47 for i in (4, 196, 388)):
-        return "mpeg-ts", None
+        return "mpeg-ts", (TRUNCATED if size % 192 else None)
     if head[:4] == b"\x00\x00\x01\xba":
         return "mpeg-ps", None
     if head[:3] == b"FLV":
@@ -375,6 +376,7 @@ class Mp4Track(NamedTuple):
     mirrored: bool      # the display matrix mirrors: decord turns such frames instead (docs/data-format.md)
     trimmed: bool       # an edit list hides frames that decord would count and seek into
     codec: str = ""     # the sample entry's type: avc1, hvc1, mp4v (MPEG-4 Part 2), ...
+    data_end: int = 0   # where the track's last chunk of frames ends in the file (0: its tables unreadable)
 
 
 def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int, int]]:
@@ -406,6 +408,35 @@ def _sample_count(moov: bytes, stbl: dict, file_size: int) -> int:
     if count > fits:
         raise ValueError(f"{count} samples claimed, room for {fits}")
     return count
+
+
+def _last_chunk_end(moov: bytes, stbl: dict, file_size: int) -> int:
+    """Where the track's last chunk ends: its offset (``stco``/``co64``) plus the sizes (``stsz``) of
+    the samples ``stsc`` puts in it. Past the file's end, the file is cut short, even where the
+    media box says it runs "to the end of the file" (size 0) and so passes the box walk."""
+    if b"stco" in stbl or b"co64" in stbl:
+        wide = b"stco" not in stbl
+        start = stbl[b"co64" if wide else b"stco"][0]
+        chunks = _u32s(moov, start + 4, 1)[0]
+        if chunks == 0:
+            return 0
+        at = start + 8 + (chunks - 1) * (8 if wide else 4)
+        last = struct.unpack(">Q" if wide else ">I", moov[at:at + (8 if wide else 4)])[0]
+    else:
+        raise ValueError("no chunk offset table")
+    start = stbl[b"stsc"][0]
+    entries = _u32s(moov, start + 4, 1)[0]
+    per_chunk = _u32s(moov, start + 8 + (entries - 1) * 12 + 4, 1)[0] if entries else 0
+    count = _sample_count(moov, stbl, file_size)
+    start = stbl[b"stsz"][0] if b"stsz" in stbl else None
+    if start is None:  # (compact sizes: the chunk's offset alone)
+        return last
+    size = _u32s(moov, start + 4, 1)[0]
+    n = min(per_chunk, count)
+    if size:
+        return last + n * size
+    sizes = np.frombuffer(moov, dtype=">u4", count=n, offset=start + 12 + 4 * (count - n))
+    return last + int(sizes.sum())
 
 
 def _edit_hides_frames(moov: bytes, trak: dict, mdia: dict, stbl: dict, movie_scale: int, file_size: int) -> bool:
@@ -502,13 +533,21 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
             except (struct.error, ValueError, IndexError, MemoryError):  # a damaged table: the decoders will tell
                 trimmed = False
             codec = moov[entry + 4:entry + 8].decode("latin-1")
+            try:
+                data_end = _last_chunk_end(moov, stbl, os.path.getsize(path))
+            except (struct.error, ValueError, IndexError, KeyError):
+                data_end = 0
             return Mp4Track(h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed,
-                            codec)
+                            codec, data_end)
         return None  # no video track
     except (OSError, struct.error, ValueError, IndexError):
         return None
 
 
+_CUT_DETAIL = {
+    None: "the {kind} container declares more bytes than the file holds",
+    "mpeg-ts": "the MPEG transport stream ends inside a packet (the file is cut short)",
+}
 _PROBLEM_DETAIL = {
     PLAYLIST: "a playlist/reference text (HLS, DASH, concat, SDP or a URL), not a video file",
     NOT_VIDEO: "a text file, not a video",
@@ -594,16 +633,20 @@ def _decode_file(path: str, job: Dict) -> Dict:
     if job.get("test_hooks"):
         _run_test_hooks(path, job)
     kind, problem = probe_container(path)
+    track = mp4_track(path) if kind == "mp4" else None
+    if problem is None and track is not None and track.data_end > os.path.getsize(path):
+        problem = TRUNCATED  # its frames end past the file (a media box of size 0 passed the box walk)
     # cut short (an interrupted copy): like a damaged tail, what decodes is the video, except where
     # the caller wants the whole file (predict, serve: a half-uploaded file is refused)
     if problem == TRUNCATED and not job.get("whole_file"):
         # a fast-start MP4's header is whole: its matrix, as for an uncut file (FFmpeg's frame
         # rotation reads a mirrored matrix as a half turn; it is left as stored)
-        track = mp4_track(path) if kind == "mp4" else None
         try:
             return _decode_reference(path, job, track.rotation if track else None, "", cut=True)
         except DecodeReject as e:
-            raise DecodeReject(TRUNCATED, f"the {kind} container declares more bytes than the file holds; {e.detail}")
+            raise DecodeReject(TRUNCATED, f"{_CUT_DETAIL.get(kind, _CUT_DETAIL[None]).format(kind=kind)}; {e.detail}")
+    if problem == TRUNCATED:
+        raise DecodeReject(problem, _CUT_DETAIL.get(kind, _CUT_DETAIL[None]).format(kind=kind))
     if problem is not None:
         raise DecodeReject(problem, _PROBLEM_DETAIL.get(problem, f"{kind} container check"))
 
@@ -615,7 +658,6 @@ def _decode_file(path: str, job: Dict) -> Dict:
     # decord turns frames by the container's display rotation itself (a phone's portrait video
     # comes out upright), but for a quarter turn it must be told the turned size: asked nothing,
     # it fails; asked the stored size, it squeezes the turned frames into it (docs/data-format.md).
-    track = mp4_track(path) if kind == "mp4" else None
     # other containers: PyAV's probe for the size and a `rotate` tag, which decord obeys (AVI:
     # B-frames too); an open costs ~1 ms (docs/ingest.md)
     # MPEG-4 Part 2 in any container (and in MP4, whose header says mp4v): B-frames are looked for
@@ -659,6 +701,7 @@ def _decode_file(path: str, job: Dict) -> Dict:
         T = int(job["frames"])
         if n == 0:
             raise DecodeReject(EMPTY, "0 frames")
+        _check_length(job, n, fps)
         min_frames = int(job.get("min_frames") or T)
         if n < min_frames:
             raise DecodeReject(TOO_SHORT, f"{n} frames < min_frames {min_frames}")
@@ -700,6 +743,18 @@ def _decode_file(path: str, job: Dict) -> Dict:
                          short_side, fps, n, rotation or 0)
 
 
+UNKNOWN_RATE_FPS = 30.0  # a video's duration for a length limit when its container gives no frame rate
+
+
+def _check_length(job: Dict, n: int, fps: float) -> None:
+    """The caller's ``max_seconds`` (serve's upload limit), judged as soon as ``n`` frames are known:
+    before the frames are decoded, so a long upload is refused in time, not after the whole decode."""
+    limit = job.get("max_seconds")
+    seconds = n / (fps or UNKNOWN_RATE_FPS)
+    if limit and seconds > limit:
+        raise DecodeReject(TOO_LONG, f"video of {seconds:.1f} s > limit {limit:g} s")
+
+
 def _finite_rate(rate) -> float:
     """A frame rate, 0.0 when unknown (some files give NaN, inf or nothing)."""
     fps = float(rate or 0.0)
@@ -729,7 +784,7 @@ def _decode_reference(path: str, job: Dict, rotation: Optional[int], why: str, l
     counted, if it opened the file; ``cut``: the file is cut short (:func:`_frames_in_order`)."""
     T = int(job["frames"])
     min_frames = int(job.get("min_frames") or T)
-    n, fps, stream_rotation = _decodable_prefix(path, cut)
+    n, fps, stream_rotation = _decodable_prefix(path, cut, job)
     rotation = stream_rotation if rotation is None else rotation
     cause = f": {why}" if why else ""
     of = f" of {listed}" if listed else ""
@@ -814,11 +869,13 @@ def _frames_in_order(container, stream, cut: bool = False):
         pass
 
 
-def _decodable_prefix(path: str, cut: bool = False) -> Tuple[int, float, int]:
+def _decodable_prefix(path: str, cut: bool = False, job: Optional[Dict] = None) -> Tuple[int, float, int]:
     """How many frames decode in order from the first before one fails (PyAV, one thread), the
     stream's average frame rate (0.0 if unknown) and its display rotation, as decord turns
     frames (:func:`rotation_degrees`' convention): the matrix FFmpeg attaches to the frames, else a
-    ``rotate`` tag (0 if neither, or not a quarter turn)."""
+    ``rotate`` tag (0 if neither, or not a quarter turn). The ``job``'s length limit stops the count
+    where it is passed (:data:`TOO_LONG`)."""
+    limit = (job or {}).get("max_seconds")
     n, fps, rotation = 0, 0.0, 0
     try:
         container, stream = _open_in_one_thread(path)
@@ -829,6 +886,8 @@ def _decodable_prefix(path: str, cut: bool = False) -> Tuple[int, float, int]:
                 if n == 0 and frame.rotation:
                     rotation = int(round(frame.rotation)) % 360 if frame.rotation % 90 == 0 else 0
                 n += 1
+                if limit and n > limit * (fps or UNKNOWN_RATE_FPS):
+                    _check_length(job, n, fps)
     except DecodeReject:
         raise
     except Exception:
