@@ -11,6 +11,8 @@ from dvfl.data import adapters as A
 from dvfl.data.ingest import IngestConfig, ingest
 from dvfl.data.shards import read_clips_table
 
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
 
 @pytest.fixture(scope="module")
 def src_video(tmp_path_factory, video_factory):
@@ -217,6 +219,51 @@ def test_kinetics(tmp_path, src_video):
                                                                                     "k400_val.csv"))]))
 
 
+def test_a_macos_copy_s_appledouble_files_are_not_classes_videos_or_lists(tmp_path, src_video):
+    """A dataset copied through a Mac onto exFAT or a share holds a "._<name>" beside every file:
+    HMDB51 read "._brush_hair_test_split1.txt" as 51 more classes, UCF50 and folder datasets took
+    "._v_X.avi" for videos (each one a reject), and a Kinetics "._train.csv" (not UTF-8) ended the
+    command with a traceback. Hidden files and folders are the system's, not the dataset's."""
+    root = str(tmp_path)
+    make_hmdb51(os.path.join(root, "hmdb"), src_video)
+    make_ucf50(os.path.join(root, "ucf50"), src_video)
+    make_kinetics(os.path.join(root, "k400"), src_video)
+    clean = {name: (m.classes, sorted((e.video_id, e.split) for e in m.entries), reasons(m))
+             for name, m in (("hmdb", A.hmdb51(os.path.join(root, "hmdb"), 1)), ("ucf50", A.ucf50(os.path.join(root, "ucf50"), 1)),
+                             ("k400", A.kinetics(os.path.join(root, "k400"))))}
+    for dirpath, _, names in list(os.walk(root)):
+        for n in names:
+            with open(os.path.join(dirpath, "._" + n), "wb") as f:
+                f.write(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \xff\xfe")   # AppleDouble: not UTF-8
+    os.makedirs(os.path.join(root, "ucf50", "Biking", ".AppleDouble"))
+    put(os.path.join(root, "ucf50"), "Biking/.AppleDouble/v_Biking_g03_c01.avi", src_video)
+    for name, m in (("hmdb", A.hmdb51(os.path.join(root, "hmdb"), 1)), ("ucf50", A.ucf50(os.path.join(root, "ucf50"), 1)),
+                    ("k400", A.kinetics(os.path.join(root, "k400")))):
+        assert (m.classes, sorted((e.video_id, e.split) for e in m.entries), reasons(m)) == clean[name], name
+    # a CSV that is not UTF-8 (saved from a spreadsheet as cp1252) is an error naming it, not a traceback
+    write(os.path.join(root, "k400", "annotations", "train.csv"), "")
+    with open(os.path.join(root, "k400", "annotations", "train.csv"), "wb") as f:
+        f.write("label,youtube_id,time_start,time_end,split\ncaf\u00e9,aaa,10,20,train\n".encode("cp1252"))
+    with pytest.raises(A.AdapterError, match=r"train\.csv is not UTF-8 text .*save it as UTF-8"):
+        A.kinetics(os.path.join(root, "k400"))
+
+
+def test_the_cluster_path_check_names_a_dataset_s_own_video_folder_by_root(tmp_path, src_video):
+    """UCF101 unpacks its videos to <root>/UCF-101: a node that could not see them was reported as
+    "--unlabeled <root>/UCF-101 is not on node ..." when no --unlabeled was given."""
+    import argparse
+
+    from dvfl.commands.ingest import video_folders
+
+    root = str(tmp_path)
+    m = make_ucf101(root, src_video)
+    pool = os.path.join(root, "pool")
+    put(pool, "x.mp4", src_video)
+    m.extend(A.unlabeled(pool))
+    a = argparse.Namespace(root=root, videos_dir=None, unlabeled=pool)
+    assert video_folders(m, a) == {"--root": os.path.join(root, "UCF-101"), "--unlabeled": pool}
+
+
 def test_ssv2(tmp_path, src_video):
     m = make_ssv2(str(tmp_path), src_video)
     assert m.classes == ["Holding something", "Putting something on something"]
@@ -244,6 +291,22 @@ def test_splits_data_root_does_not_list_are_refused_before_the_ingest(tmp_path, 
     ucf = make_ucf101(str(tmp_path / "ucf"), src_video)  # train and test listed: nothing to refuse
     check_manifest_splits(load_config(None, [("data.dataset", "ucf101"), ("data.root", str(tmp_path / "ucf"))],
                                       check_paths=False), ucf)
+
+
+def test_kinetics_is_not_ingested_by_a_run_from_its_csvs_own_split_column(tmp_path, src_video):
+    """configs/kinetics400.yaml reports on validate.csv (ingested as test); a run that ingested
+    Kinetics itself took each CSV's split column: validate.csv became val and a labelled test.csv
+    the test split. A run now refuses to ingest it, naming the command that does it as documented."""
+    from dvfl.config import ConfigError, load_config
+    from dvfl.pipeline import ensure_clips
+
+    make_kinetics(str(tmp_path / "k400"), src_video)
+    cfg = load_config(os.path.join(REPO_CONFIGS, "kinetics400.yaml"), [("data.root", str(tmp_path / "k400")),
+                                                          ("data.clips", str(tmp_path / "clips"))], check_paths=False)
+    with pytest.raises(ConfigError, match=r"a run does not ingest Kinetics itself .*--annotations test=annotations/validate\.csv "
+                                          r"--frames 8 --clips-per-video 2 --eval-clips 4 --short-side 256 --seed 0 --out "):
+        ensure_clips(cfg, log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "clips")
 
 
 def test_dvfl_csv(tmp_path, src_video):
@@ -663,6 +726,25 @@ def test_every_adapter_ingests_for_real(name, tmp_path, src_video, ray_local):
 
 # ---------------------------------------------------------------------------------------
 # the DVFL-Net repository's own CSV lists, as its users have them (issue 17)
+
+def test_dvfl_csv_as_the_dvfl_net_repository_writes_it(tmp_path, src_video):
+    """DVFL-Net's csv_writer.py writes a "Video Path,Directory Number" header and paths like
+    hmdb51/train/<class>/<video>.avi: the header was refused ("no path column") and, without it,
+    every class was named class_NNN (the first folder is the dataset's for every label)."""
+    root = str(tmp_path)
+    rows = {"train": ["Video Path,Directory Number"], "val": ["Video Path,Directory Number"]}
+    for i, name in enumerate(("brush_hair", "cartwheel", "catch")):
+        for split in rows:
+            rel = f"hmdb51/{split}/{name}/{name}_{split}_0.avi"
+            put(root, rel, src_video)
+            rows[split].append(f"{rel},{i + 2}")
+    for split, lines in rows.items():
+        write(os.path.join(root, "lists", f"{split}.csv"), "\n".join(lines) + "\n")
+    m = A.dvfl_csv(root)
+    assert m.classes == ["brush_hair", "cartwheel", "catch"] and not m.problems
+    assert {(e.class_name, e.label, e.split) for e in m.entries} == {
+        (n, i, s) for i, n in enumerate(m.classes) for s in ("train", "val")}
+
 
 def test_dvfl_csv_with_a_header_and_labels_from_2_gives_51_classes(tmp_path, src_video):
     """HMDB51 lists whose labels run 2..52 behind a header row: 51 classes numbered 0..50 in label

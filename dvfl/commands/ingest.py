@@ -4,7 +4,7 @@ Examples:
   dvfl ingest --dataset synthetic --out data/synthetic
   dvfl ingest --dataset ucf101 --root /data/UCF101 --split 1 --out data/ucf101_s1
   dvfl ingest --dataset hmdb51 --root /data/hmdb51 --split 2 --out data/hmdb51_s2
-  dvfl ingest --dataset ucf50 --root /data/UCF50 --split 7 --out data/ucf50_g07
+  dvfl ingest --dataset ucf50 --root /data/UCF50 --split 7 --out data/ucf50_g7
   dvfl ingest --dataset kinetics --root /data/k400 --annotations train=train.csv --out data/k400
   dvfl ingest --dataset ssv2 --root /data/ssv2 --out data/ssv2
   dvfl ingest --dataset dvfl-csv --root /data/UCF101 --annotations train=lists/train.csv \\
@@ -199,8 +199,10 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 def video_folders(m, a: argparse.Namespace) -> dict:
     """The folders the decode tasks read videos from, by the flag that gave them."""
     folders = {}
+    labelled = {e.root for e in m.entries if e.root and e.split != "unlabeled"}
     for root in sorted({e.root for e in m.entries if e.root}):
-        flag = "--videos-dir" if root == a.videos_dir else "--root" if root == a.root else "--unlabeled"
+        # (a dataset's videos may sit below --root: /data/UCF101/UCF-101 is still --root's)
+        flag = "--videos-dir" if root == a.videos_dir else "--root" if root == a.root or root in labelled else "--unlabeled"
         folders[flag if flag not in folders else f"{flag} #{len(folders) + 1}"] = root
     return folders
 

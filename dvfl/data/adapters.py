@@ -35,7 +35,8 @@ class AdapterError(ValueError):
 
 
 def _is_video(name: str) -> bool:
-    return name.lower().endswith(_d.VIDEO_EXTENSIONS)
+    # (a hidden file is a system's or a tool's: macOS copies leave an AppleDouble "._<name>.avi" beside each video)
+    return not name.startswith(".") and name.lower().endswith(_d.VIDEO_EXTENSIONS)
 
 
 def _strip_ext(rel: str) -> str:
@@ -196,14 +197,15 @@ def hmdb51(root: str, split: int = 1, lists_dir: Optional[str] = None,
     suffix = f"_test_split{split}.txt"
     ldir = None
     for c in cands:
-        if c and os.path.isdir(c) and any(n.endswith(suffix) for n in os.listdir(c)):
+        if c and os.path.isdir(c) and any(n.endswith(suffix) and not n.startswith(".") for n in os.listdir(c)):
             ldir = c
             break
     if ldir is None:
         raise AdapterError(f"no *{suffix} files found (looked in: {', '.join(c for c in cands if c)})")
     # classes in the order of their names (as the folder and CSV adapters give them), not of the
     # list files' names: climb_stairs_test_split1.txt sorts before climb_test_split1.txt
-    classes = sorted(n[: -len(suffix)] for n in os.listdir(ldir) if n.endswith(suffix))
+    # (not hidden files: a macOS copy leaves "._brush_hair_test_split1.txt" beside each list, 51 more classes)
+    classes = sorted(n[: -len(suffix)] for n in os.listdir(ldir) if n.endswith(suffix) and not n.startswith("."))
     files = [c + suffix for c in classes]
     vdir = videos_dir or root
     m = Manifest("hmdb51", os.path.abspath(vdir), classes, source={"split": split, "lists_dir": os.path.abspath(ldir)})
@@ -274,7 +276,7 @@ def _walk(top: str):
                            "move it out of the dataset")
 
     for dirpath, dirs, names in os.walk(top, onerror=refuse):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (.AppleDouble, .Trashes: not the dataset's)
         yield dirpath, dirs, sorted(names)
 
 
@@ -320,7 +322,8 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         found = []
         for d in (root, os.path.join(root, "annotations")):
             if os.path.isdir(d):
-                found += [(None, os.path.join(d, n)) for n in sorted(os.listdir(d)) if n.endswith(".csv")]
+                found += [(None, os.path.join(d, n)) for n in sorted(os.listdir(d))
+                          if n.endswith(".csv") and not n.startswith(".")]
         if not found:
             raise AdapterError(f"no Kinetics CSV given (--annotations) or found in {root}")
         annotations = found
@@ -329,16 +332,19 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         if not os.path.isfile(path):
             raise AdapterError(f"annotation file {path} not found")
         default_split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            need = {"label", "youtube_id", "time_start", "time_end"}
-            if not reader.fieldnames or not need <= set(reader.fieldnames):
-                raise AdapterError(f"{path}: header must contain {sorted(need)}, got {reader.fieldnames}")
-            for i, r in enumerate(reader):
-                r = dict(r)
-                r["_split"] = _norm_split(split_hint) if split_hint else (_norm_split(r.get("split") or "") or default_split)
-                r["_where"] = f"{os.path.basename(path)}:{i + 2}"
-                rows.append((path, i, r))
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                need = {"label", "youtube_id", "time_start", "time_end"}
+                if not reader.fieldnames or not need <= set(reader.fieldnames):
+                    raise AdapterError(f"{path}: header must contain {sorted(need)}, got {reader.fieldnames}")
+                for i, r in enumerate(reader):
+                    r = dict(r)
+                    r["_split"] = _norm_split(split_hint) if split_hint else (_norm_split(r.get("split") or "") or default_split)
+                    r["_where"] = f"{os.path.basename(path)}:{i + 2}"
+                    rows.append((path, i, r))
+        except UnicodeDecodeError as exc:  # (a ValueError: it escaped the commands' error handling as a traceback)
+            raise AdapterError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     if classes_file:
         classes = [ln for _, ln in _read_lines(classes_file)]
     else:
@@ -454,13 +460,14 @@ def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] =
 
 # header names accepted for each column (lower-cased); a header-less file is path,label[,class name]
 CSV_PATH_COLUMNS = ("path", "video", "video_path", "filename", "file", "relative_path", "clip", "name")
-CSV_LABEL_COLUMNS = ("label", "label_id", "class_id", "target", "class_index", "id")
+# ("directory_number": the DVFL-Net repository's own csv_writer.py writes "Video Path,Directory Number")
+CSV_LABEL_COLUMNS = ("label", "label_id", "class_id", "target", "class_index", "id", "directory_number")
 CSV_CLASS_COLUMNS = ("class_name", "class", "label_name", "category", "action")
 
 
 def _csv_columns(header: List[str], where: str) -> Tuple[int, int, Optional[int]]:
     """(path, label, class name) column indexes of a header row, or an AdapterError naming what is missing."""
-    names = [h.strip().lower() for h in header]
+    names = [re.sub(r"[\s-]+", "_", h.strip().lower()) for h in header]   # "Video Path" is video_path
 
     def find(options):
         return next((names.index(o) for o in options if o in names), None)
@@ -574,13 +581,19 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         by_dense = {dense[v]: named[v][0] for v in named if v in dense and dense[v] < k}
         classes = [by_dense.get(i, f"class_{i:03d}") for i in range(k)]
     else:
-        folders: Dict[int, set] = {}
-        for _, rel, lab, _ in parsed:
-            if "/" in rel and lab in dense:
-                folders.setdefault(dense[lab], set()).add(rel.split("/")[0])
-        ok = all(len(folders.get(i, ())) == 1 for i in range(k))
-        names = [next(iter(folders[i])) for i in range(k)] if ok else []
-        classes = names if ok and len(set(names)) == k else [f"class_{i:03d}" for i in range(k)]
+        # the folder naming each label's videos: the first one (Class/v.avi), else the file's own
+        # (hmdb51/train/brush_hair/v.avi, as DVFL-Net's csv_writer.py writes them)
+        classes = [f"class_{i:03d}" for i in range(k)]
+        for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
+            folders: Dict[int, set] = {}
+            for _, rel, lab, _ in parsed:
+                if "/" in rel and lab in dense:
+                    folders.setdefault(dense[lab], set()).add(folder_of(rel))
+            if all(len(folders.get(i, ())) == 1 for i in range(k)):
+                names = [next(iter(folders[i])) for i in range(k)]
+                if len(set(names)) == k:
+                    classes = names
+                    break
     m.classes = classes
     m.source["labels"] = {"as_written": [min(dense), max(dense)], "classes": len(classes),
                           "renumbered": any(a != b for a, b in dense.items())}
