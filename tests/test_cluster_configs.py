@@ -392,6 +392,13 @@ LAUNCHER_BREAKAGES = {
             {"FromPort": 10002, "ToPort": 19999, "IpProtocol": "tcp", "UserIdGroupPairs": [{"GroupId": "sg-0bad"}]}])),
         ("policy", "opens Ray port(s) 10002-19999 to security group sg-0bad"),
     ),
+    # Serve's port, or ports Ray picks at random (raylet, metrics and runtime-env agents: up to 65535), to the VPC
+    "serve_and_random_ports_open_to_the_vpc": (
+        lambda c: _set(c, lambda c: c["provider"].setdefault("security_group", {}).update(IpPermissions=[
+            {"FromPort": 8000, "ToPort": 8000, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]},
+            {"FromPort": 52366, "ToPort": 65535, "IpProtocol": "tcp", "UserIdGroupPairs": [{"GroupId": "sg-0bad"}]}])),
+        ("policy", "opens ports 8000-8000/tcp (Ray picks some of its ports at random", "to 10.0.0.0/8"),
+    ),
     # no image at all: Ray's default runs the nodes on the bare VM image
     "no_container_image": (
         lambda c: _set(c, lambda c: [c.pop("docker", None)]
@@ -435,6 +442,12 @@ LAUNCHER_BREAKAGES = {
         lambda c: _set(c, lambda c: c.update(setup_commands=["python -m pip install -q torch timm"])),
         ("policy", "setup_commands", "installs packages at every node start"),
     ),
+    # (its start commands are as much "every node start" as its setup commands)
+    "pip_install_in_a_worker_start_command": (
+        lambda c: _set(c, lambda c: c.update(worker_start_ray_commands=["pip install -q torch timm",
+                                                                        *c["worker_start_ray_commands"]])),
+        ("policy", "worker_start_ray_commands", "installs packages at every node start"),
+    ),
 }
 
 
@@ -466,6 +479,12 @@ def _ray_container(group: dict) -> dict:
 
 
 KUBERAY_BREAKAGES = {
+    # KubeRay runs a Ray container's own command with (or, holding `ray start`, instead of) its own
+    "own_ray_start_with_auth_off": (
+        lambda d: _set(d, lambda d: _head(d)["template"]["spec"]["containers"][0].update(
+            args=["RAY_AUTH_MODE=disabled ray start --head --dashboard-host=0.0.0.0 --block"])),
+        ("policy", "containers[0].args", "leave it to KubeRay"),
+    ),
     # Ray's ports on the node's own address, outside the cluster's Service
     "head_on_host_network": (
         lambda d: _set(d, lambda d: _head(d)["template"]["spec"].update(hostNetwork=True)),

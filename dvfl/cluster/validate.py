@@ -468,17 +468,21 @@ def _security_group_errors(config: dict) -> list[str]:
         cidrs += [f"security group {r.get('GroupId') or r.get('GroupName')}"
                   for r in _as_list(rule.get("UserIdGroupPairs")) if isinstance(r, dict)]
         public = [c for c in cidrs if _is_public_cidr(c)]
+        ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
         if not public:
             # a network range (the VPC, an office): still not the cluster's own nodes, which reach
-            # each other through the group's self rule that `ray up` adds
+            # each other through the group's self rule that `ray up` adds. Any port but SSH: the
+            # raylet's, the metrics agent's and the runtime-env agent's are picked at random up to 65535
             exposed = _ray_ports_in(rule)
-            if cidrs and exposed:
+            if cidrs and (exposed or not ssh_only):
+                what = (f"Ray port(s) {', '.join(map(str, exposed))}" if exposed else
+                        f"ports {rule.get('FromPort')}-{rule.get('ToPort')}/{rule.get('IpProtocol')} (Ray picks "
+                        "some of its ports at random, up to 65535; Serve listens on 8000)")
                 out.append(_error_line("policy", ("provider", "security_group", "IpPermissions", i),
-                                f"opens Ray port(s) {', '.join(map(str, exposed))} to {', '.join(map(str, cidrs))}; "
+                                f"opens {what} to {', '.join(map(str, cidrs))}; "
                                 "only the cluster's own nodes (the group itself) may reach the GCS, Ray "
                                 "Client and dashboard ports"))
             continue
-        ssh_only = rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
         if not ssh_only:
             world = "" if set(public) <= WORLD_CIDRS else f" ({', '.join(map(str, public))}: not a private network)"
             out.append(_error_line("policy", ("provider", "security_group", "IpPermissions", i),
@@ -589,7 +593,8 @@ def _image_errors(prepared: dict) -> list[str]:
             why = project_image_error(image) if key.endswith("image") else None
             if why:
                 out.append(_error_line("policy", ("available_node_types", name, "docker", key), why))
-    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands"):
         for i, cmd in enumerate(_as_list(prepared.get(key))):
             if isinstance(cmd, str) and _PIP_INSTALL.search(cmd):
                 out.append(_error_line("policy", (key, i), "installs packages at every node start; put them in the "
@@ -957,6 +962,14 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
                                    "port-forward"))
     containers = _as_list(pod.get("containers"))
     if containers and isinstance(containers[0], dict):  # the Ray container is the first one
+        # KubeRay runs a Ray container's own command before (or, holding `ray start`, instead of) its
+        # own `ray start`: it can turn token auth off or bind the dashboard to every interface unchecked
+        for key in ("command", "args"):
+            if containers[0].get(key):
+                out.append(_error_line("policy", where + ("template", "spec", "containers", 0, key),
+                                       "a command of the Ray container's own: KubeRay runs it with (or instead of) "
+                                       "its `ray start`, which it could change (auth off, the dashboard on every "
+                                       "interface, packages installed at every start); leave it to KubeRay"))
         for section in ("limits", "requests"):
             for rname, value in _as_mapping(_as_mapping(containers[0].get("resources")).get(section)).items():
                 if rname == "cpu" or rname.endswith("gpu"):
