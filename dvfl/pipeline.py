@@ -132,6 +132,20 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
         info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
         check_clips_match(cfg, info)
         return info
+    if cfg.data.dataset == "kinetics":
+        # its CSVs' own split column would make validate.csv "val" and a labelled test.csv "test": results
+        # reported on a set the literature does not use, and model choices read the reported set
+        if storage.isfile(storage.join(out, "dataset.json")):  # (output_dir/clips, ingested before)
+            info = load_dataset_info(out)
+            check_clips_match(cfg, info)
+            return info
+        d = cfg.data
+        raise ConfigError(
+            f"data.clips: {out} holds no finished ingest, and a run does not ingest Kinetics itself (which CSV is "
+            f"the test split decides what the results compare with): ingest it first, with this config's settings: "
+            f"`dvfl ingest --dataset kinetics --root {d.root or 'ROOT'} --annotations train=annotations/train.csv "
+            f"--annotations test=annotations/validate.csv --frames {d.frames} --clips-per-video {d.clips_per_video} "
+            f"--eval-clips {d.eval_clips} --short-side {d.short_side} --seed {cfg.seed} --out {out}`")
     if cfg.data.dataset == "synthetic":
         generated = ensure_videos(cfg, log)
         manifest = build_manifest("synthetic", generated["root"], 1)
@@ -680,6 +694,11 @@ def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset
     return top1
 
 
+def cache_splits(cfg: RunConfig) -> tuple[str, ...]:
+    """The splits whose clips training distils on: the teacher cache holds their logits only."""
+    return (cfg.data.train_split, "unlabeled")
+
+
 def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
     from dvfl.teacher_cache import CacheMismatchError, CacheOfAnotherBuild, build_teacher_cache
 
@@ -689,7 +708,7 @@ def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
         return build_teacher_cache(cfg.clips_dir, teacher_path, cfg.cache_dir, teacher_name=cfg.teacher.model,
                                    crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
                                    use_gpu=cfg.scaling.use_gpu, num_actors=cfg.cache_actors,
-                                   overwrite=not cfg.teacher.cache, log=log)
+                                   overwrite=not cfg.teacher.cache, splits=cache_splits(cfg), log=log)
     except CacheOfAnotherBuild as exc:  # its own remedy (--out, --fresh) is dvfl cache's, not this command's
         raise CacheMismatchError(
             f"teacher.cache {cfg.cache_dir} was built from another teacher, other clips or other views (a retrained "

@@ -29,6 +29,7 @@ from dvfl.host import usable_cpus
 from dvfl.data.shards import (atomic_write_table, corrupt_shard_error, find_corrupt_shards, load_dataset_info,
                               parquet_file, read_table, remove_stale_tmp, shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
+from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
 CACHE_JSON = "cache.json"
 BUILD_JSON = "_build.json"
@@ -136,8 +137,10 @@ class TeacherLogitCache:
                 + "; ".join(problems) + ". Rebuild it with pipelines/cache_teacher.py.")
 
     def logits_files(self, dataset_info: dict, splits=None) -> tuple[list[str], dict[str, str]]:
-        """The clip shards of ``splits`` (all if None) without a logits file, and those whose logits
-        file does not hold clips x views rows ({name: why})."""
+        """The clip shards of ``splits`` (None: those the cache says it covers) without a logits file,
+        and those whose logits file does not hold clips x views rows ({name: why})."""
+        if splits is None:
+            splits = self.info["splits"]
         absent, short = [], {}
         for shard in dataset_info["shards"]:
             if splits is not None and shard["split"] not in splits:
@@ -163,7 +166,7 @@ class TeacherLogitCache:
         return absent, short
 
     def _missing_logits(self, dataset_info: dict, splits) -> list[str]:
-        """One logits file per clip shard of ``splits`` (all if None), with clips x views rows."""
+        """One logits file per clip shard of ``splits`` (None: the cache's own), with clips x views rows."""
         absent, short_files = self.logits_files(dataset_info, splits)
         short = [f"{name} ({why})" for name, why in short_files.items()]
         out = []
@@ -348,9 +351,12 @@ def build_teacher_cache(
     use_gpu: bool = False,
     verify_samples: int = 32,
     overwrite: bool = False,
+    splits=TRAIN_LIKE_SPLITS,
     log=print,
 ) -> dict:
-    """Run the teacher once over every stored clip view (Ray Data, actor pool) and cache logits.
+    """Run the teacher once over every stored view of the clips of ``splits`` (Ray Data, actor
+    pool) and cache logits. Only the splits training distils on: the test and validation clips
+    are never trained on, and a teacher forward over them is time spent (and a test score printed).
 
     Reuses a finished cache with the same fingerprint; resumes a partial one. Returns the
     cache metadata (also written to ``out_dir/cache.json``). Another build into ``out_dir`` on
@@ -363,11 +369,12 @@ def build_teacher_cache(
     with folder_lock(out_dir, "cache build", wait=True, log=log):
         return _build_teacher_cache(clips_dir, teacher, out_dir, teacher_name=teacher_name, crop_size=crop_size,
                                     views=views, dtype=dtype, batch_size=batch_size, num_actors=num_actors,
-                                    use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite, log=log)
+                                    use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite,
+                                    splits=tuple(splits), log=log)
 
 
 def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size, views, dtype, batch_size,
-                         num_actors, use_gpu, verify_samples, overwrite, log) -> dict:
+                         num_actors, use_gpu, verify_samples, overwrite, splits, log) -> dict:
     import ray
 
     dataset_info = load_dataset_info(clips_dir)
@@ -382,6 +389,9 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     other = other_class_list(f"teacher {teacher}", spec, clips_dir, dataset_info["classes"])
     if other:
         raise CacheMismatchError(other)
+    shards = shard_paths(clips_dir, splits)
+    if not shards:
+        raise ValueError(f"{clips_dir} has no clips of split(s) {', '.join(splits)}: no logits to cache")
     vspec = view_spec(crop_size, views)
     fingerprint = cache_fingerprint(spec, dataset_info["fingerprint"], vspec, dtype)
     out = out_dir.rstrip("/") if storage.is_remote(out_dir) else os.fspath(out_dir)
@@ -401,7 +411,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
             if existing == fingerprint and storage.basename(meta) == CACHE_JSON:
                 # the same fingerprint, but the files may not fit the shards: the same clips
                 # re-ingested with another shard layout, or a logits file lost
-                absent, short = TeacherLogitCache(out).logits_files(dataset_info)
+                absent, short = TeacherLogitCache(out).logits_files(dataset_info, splits)
                 if not absent and not short:
                     log(f"[cache] reusing finished cache {out} (fingerprint {fingerprint})")
                     return existing_info
@@ -435,17 +445,17 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     remove_stale_tmp(logits_dir)
     storage.write_json(storage.join(out, BUILD_JSON), {"fingerprint": fingerprint})
 
-    shards = shard_paths(clips_dir)
     # logits of shards these clips no longer have (an earlier shard layout of the same clips) would
     # be read with the cache's lookups: removed
-    current = {storage.basename(s) for s in shards} | {storage.basename(_sidecar(s)) for s in shards}
+    every_shard = shard_paths(clips_dir)
+    current = {storage.basename(s) for s in every_shard} | {storage.basename(_sidecar(s)) for s in every_shard}
     for p in _cache_files(logits_dir):
         if storage.basename(p) not in current and not storage.basename(p).endswith(".tmp"):
             storage.remove(p)
     # a shard is done when its logits and its sidecar are both there, made from the same clips
     have = {storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)}
     shard_entry = {os.path.basename(e["file"]): e for e in dataset_info["shards"]}
-    for s in shards:
+    for s in every_shard:  # (other splits' too: the cache's record covers them below)
         name, entry = storage.basename(s), shard_entry.get(storage.basename(s), {})
         dst = storage.join(logits_dir, name)
         if {name, storage.basename(_sidecar(dst))} <= have and not logits_of_shard(dst, entry):
@@ -453,7 +463,8 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 storage.remove(p)
             have -= {name, storage.basename(_sidecar(dst))}
     todo = [s for s in shards if not {storage.basename(s), storage.basename(_sidecar(s))} <= have]
-    log(f"[cache] teacher {spec['name']} ({spec['weights_fingerprint']}), {len(shards)} clip shards, "
+    log(f"[cache] teacher {spec['name']} ({spec['weights_fingerprint']}), {len(shards)} clip shards "
+        f"({'+'.join(sorted({_split_of(s) for s in shards}))}: the splits training reads), "
         f"{len(shards) - len(todo)} already cached, views {vspec['views']}, {dtype}")
     started = time.time()
     if todo:
@@ -488,7 +499,11 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
             log(f"[cache] {i}/{len(todo)} shards: {s['shard']} ({s['rows']} logit rows)")
     elapsed = time.time() - started
 
-    stats = [storage.read_json(_sidecar(storage.join(logits_dir, storage.basename(s)))) for s in shards]
+    # what the cache holds: these splits' shards and any other split's finished before (a cache shared by
+    # runs of other train splits, or built over every split before session 38) stay covered
+    have = {storage.basename(p) for p in storage.listdir(logits_dir, hidden=True)}
+    covered = [s for s in every_shard if {storage.basename(s), storage.basename(_sidecar(s))} <= have]
+    stats = [storage.read_json(_sidecar(storage.join(logits_dir, storage.basename(s)))) for s in covered]
     correct, labelled = {}, {}
     for s in stats:
         for k, v in s["correct"].items():
@@ -506,7 +521,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
         "dtype": dtype,
         "num_classes": num_classes,
         "rows": rows,
-        "splits": sorted(set(labelled) | {_split_of(s) for s in shards}),
+        "splits": sorted(set(labelled) | {_split_of(s) for s in covered}),
         "teacher_top1": {k: correct[k] / labelled[k] for k in labelled if labelled[k]},
         "build_seconds": round(elapsed, 2),
         # rows built by this run only (a resumed build skips finished shards)

@@ -398,7 +398,9 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest, monkeyp
     # each run's epoch states (what a replaced runner resumes from), the teacher's and the student's
     assert len({k.split("/")[1] for k in objects if re.fullmatch(r"ray_results/[^/]+/epoch_000001\.pt", k)}) == 2, sorted(objects)
     assert any(k.startswith("students/tensorboard/") for k in objects)
-    assert len([k for k in objects if k.startswith("teacher_cache/logits/") and k.endswith(".parquet")]) == 9
+    train_shards = [s["file"] for s in storage.read_json(f"{s3_ingest['uri']}/dataset.json")["shards"] if s["split"] == "train"]
+    assert sorted(k[len("teacher_cache/logits/"):] for k in objects if k.startswith("teacher_cache/logits/")
+                  and k.endswith(".parquet")) == sorted(f[len("shards/"):] for f in train_shards) != []
     assert os.listdir(work) == [] and os.listdir(env["DVFL_SPOOL_DIR"]) == []
     assert f"[report] {out}/results.json" in r.stdout
     # the student where distill wrote it, evaluated from the bucket (a local path was required before session 29)

@@ -54,7 +54,7 @@ def test_shared_loop_learns_with_two_ddp_workers(prepared):
 def test_cache_covers_every_clip_once_and_matches_a_direct_forward(prepared):
     cfg = prepared["cfg"]
     cache = TeacherLogitCache(cfg.cache_dir)
-    clips = read_clips_table(cfg.clips_dir, columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
+    clips = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id", "label", "frames", "num_frames", "height", "width"])
     assert len(cache) == clips.num_rows == cache.info["rows"]
     ids = clips.column("clip_id").to_pylist()
     assert len(set(ids)) == len(ids)
@@ -70,11 +70,17 @@ def test_cache_covers_every_clip_once_and_matches_a_direct_forward(prepared):
     assert not torch.allclose(cached.exp().sum(1), torch.ones(len(ids)), atol=1e-2)
 
 
-def test_teacher_top1_is_reported_on_cached_views(prepared):
-    top1 = prepared["cache"]["teacher_top1"]
-    expected = direct_top1(prepared["teacher"], prepared["cfg"].clips_dir)
-    assert set(top1) == set(expected) == {"train", "test"}
-    assert top1 == pytest.approx(expected, abs=1e-9)
+def test_the_cache_holds_the_training_clips_only_and_their_teacher_top1(prepared):
+    """The teacher never runs over the test split before the final evaluation: its clips are never
+    distilled on, so the cache has no logits of them (and prints no test score)."""
+    cfg, cache = prepared["cfg"], prepared["cache"]
+    expected = direct_top1(prepared["teacher"], cfg.clips_dir, ["train"])
+    assert set(cache["teacher_top1"]) == {"train"} and cache["splits"] == ["train"]
+    assert cache["teacher_top1"] == pytest.approx(expected, abs=1e-9)
+    logits = sorted(os.listdir(os.path.join(cfg.cache_dir, "logits")))
+    assert shard_paths(cfg.clips_dir, ["test"])
+    assert [f for f in logits if f.endswith(".parquet")] == sorted(os.path.basename(p) for p in shard_paths(cfg.clips_dir, ["train"]))
+    assert cache["rows"] == sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(cfg.clips_dir, ["train"]))
 
 
 def test_fingerprint_changes_with_teacher_weights_and_ingest_params(prepared, tmp_path):
@@ -207,7 +213,7 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
            "--teacher", prepared["teacher"], "--out", str(out), "--batch-size", "2"]
     env = {**os.environ, "RAY_ADDRESS": address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    n_shards = len(shard_paths(cfg.clips_dir))
+    n_shards = len(shard_paths(cfg.clips_dir, ["train"]))
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "logits").glob("*.parquet")):
         time.sleep(0.05)
@@ -223,7 +229,7 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     full = TeacherLogitCache(cfg.cache_dir)
     assert resumed.fingerprint == full.fingerprint and len(resumed) == len(full)
     assert not list((out / "logits").glob(".*"))
-    ids = read_clips_table(cfg.clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
+    ids = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id"]).column("clip_id").to_pylist()
     torch.testing.assert_close(resumed.lookup(ids, ["center"] * len(ids)),
                                full.lookup(ids, ["center"] * len(ids)), rtol=2e-3, atol=2e-3)
 
@@ -241,7 +247,7 @@ def test_a_finished_cache_that_no_longer_fits_its_shards_is_repaired_not_reused(
     logits = sorted((copy / "logits").glob("*.parquet"))
     assert len(logits) >= 2
     logits[0].unlink()  # lost
-    shutil.copy(logits[-1], logits[1])  # another shard's rows: the wrong size
+    pq.write_table(pq.read_table(logits[-1]).slice(0, 3), logits[1])  # another shard's rows: the wrong size
     (copy / "logits" / "train-99999.parquet").write_bytes(logits[-1].read_bytes())  # a shard the clips lack
     kept = logits[-1].stat().st_mtime_ns
     lines = []
@@ -254,7 +260,7 @@ def test_a_finished_cache_that_no_longer_fits_its_shards_is_repaired_not_reused(
     assert logits[-1].stat().st_mtime_ns == kept and not (copy / "logits" / "train-99999.parquet").exists()
     repaired, full = TeacherLogitCache(copy), TeacherLogitCache(cfg.cache_dir)
     repaired.check(prepared["info"], crop_size=cfg.crop_size)
-    ids = read_clips_table(cfg.clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
+    ids = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id"]).column("clip_id").to_pylist()
     torch.testing.assert_close(repaired.lookup(ids, ["center"] * len(ids)), full.lookup(ids, ["center"] * len(ids)),
                                rtol=2e-3, atol=2e-3)
     lines.clear()
@@ -567,7 +573,7 @@ def test_a_logits_row_twice_is_refused_and_workers_look_up_what_the_driver_does(
     from dvfl.teacher_cache import cache_fingerprint, view_spec
 
     cache = TeacherLogitCache(prepared["cfg"].cache_dir)
-    ids = read_clips_table(prepared["cfg"].clips_dir, columns=["clip_id"]).column("clip_id").to_pylist()
+    ids = read_clips_table(prepared["cfg"].clips_dir, ["train"], columns=["clip_id"]).column("clip_id").to_pylist()
     shipped = TeacherLogitCache.from_packed(cache.packed())
     assert torch.equal(shipped.lookup(ids, ["center"] * len(ids)), cache.lookup(ids, ["center"] * len(ids)))
 
@@ -664,6 +670,36 @@ def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_a_training_split_too_big_to_hold_streams_in_a_new_file_order_each_epoch(prepared, ray_local):
+    """Above ``materialize_below_mb`` the training read is not held in the object store: no
+    all-to-all step in its plan (Ray's randomize_block_order, used before, read the whole split
+    into the object store before the first batch of every epoch: ~80 GB a UCF101 epoch), and
+    each epoch (an execution) reads the shards in another seeded order, every clip once."""
+    from ray.data._internal.logical.interfaces import LogicalOperator
+    from ray.data._internal.logical.operators import AbstractAllToAll
+
+    from dvfl.train.launch import training_data
+
+    clips = prepared["cfg"].clips_dir
+    data = training_data(clips, seed=0, materialize_below_mb=0)
+
+    def ops(op: LogicalOperator):
+        yield op
+        for dep in op.input_dependencies:
+            yield from ops(dep)
+
+    assert not [op.name for op in ops(data.train._logical_plan.dag) if isinstance(op, AbstractAllToAll)]
+    data.train.context.execution_options.preserve_order = True   # the file order alone, not task timing
+
+    def epoch():
+        return [c for b in data.train.iter_batches(batch_format="pyarrow") for c in b.column("clip_id").to_pylist()]
+
+    first, second = epoch(), epoch()
+    assert len(first) == data.train_rows == len(set(first)) and sorted(first) == sorted(second)
+    assert first != second
+    assert len(shard_paths(clips, ["train"])) > 2
 
 
 def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local, tmp_path):

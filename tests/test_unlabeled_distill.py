@@ -68,9 +68,27 @@ def test_mixed_batches_under_two_ddp_workers_keep_unlabelled_clips_out_of_ce(wit
     assert epoch["train_kd"] > 0 and epoch["teacher_forward_calls"] == 0
 
 
+def test_a_streamed_training_read_mixes_the_unlabelled_pool_into_the_epoch(with_pool, ray_local):
+    """Above ``materialize_below_mb`` the pool is read with the labelled shards, in one seeded file
+    order: a union of two streamed reads gave the labelled clips, then the unlabelled ones (or ran out
+    of the smaller read early), so the epoch's end was one kind of clip. The teacher-pool filter keeps
+    every unlabelled clip."""
+    from dvfl.train.launch import training_data
+
+    cfg = with_pool["cfg"]
+    data = training_data(cfg.clips_dir, seed=0, unlabeled_dir=cfg.clips_dir, materialize_below_mb=0,
+                         teacher_pool=cfg.data.teacher_pool, role="student")
+    data.train.context.execution_options.preserve_order = True   # the file order alone, not task timing
+    labels = [y for b in data.train.iter_batches(batch_format="pyarrow") for y in b.column("label").to_pylist()]
+    unlabelled = read_clips_table(cfg.clips_dir, ["unlabeled"], columns=["clip_id"]).num_rows
+    assert len(labels) == data.train_rows and labels.count(None) == unlabelled > 0
+    first_pool, last_labelled = labels.index(None), max(i for i, y in enumerate(labels) if y is not None)
+    assert first_pool < last_labelled, labels   # interleaved, not appended
+
+
 def test_unlabelled_training_without_a_cache_covering_it_is_refused(prepared):
     cfg = prepared["cfg"]
-    # the shared fixture's cache covers train + test only; ask for its clips dir as unlabelled data
+    # the shared fixture's cache covers train only (the splits training reads); ask for its clips dir as unlabelled data
     asking = tiny_config(cfg.output_dir, [("data.unlabeled", cfg.clips_dir), ("data.clips", cfg.clips_dir)])
     with pytest.raises(CacheMismatchError, match=r"does not cover split\(s\) \['unlabeled'\]"):
         pipeline.teacher_signal(asking, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)

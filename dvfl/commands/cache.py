@@ -1,4 +1,5 @@
-"""Run the teacher once over every stored clip view and cache its raw logits (Ray Data).
+"""Run the teacher once over every stored view of the training clips (the train split and the
+unlabelled pool) and cache its raw logits (Ray Data).
 
     dvfl cache --config configs/ucf101_base.yaml
     dvfl cache --clips DIR --teacher DIR_OR_FILE --out DIR
@@ -19,6 +20,7 @@ import sys
 from dvfl.cli import (absolute_path_args, add_config_args, add_fresh, check_gpu_reachable, config_from_args, deprecated,
                       os_error_line, uses_config)
 from dvfl.config import ConfigError
+from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,8 +61,13 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         a.dtype, a.gpu = cfg.teacher.cache_dtype, cfg.scaling.use_gpu
         if a.actors is None:
             a.actors = cfg.cache_actors
+        from dvfl.pipeline import cache_splits
+
+        splits = cache_splits(cfg)
     elif not (a.clips and a.teacher and a.out):
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
+    else:
+        splits = TRAIN_LIKE_SPLITS
     a.cache_views, a.dtype, a.gpu = a.cache_views or "center", a.dtype or "float16", bool(a.gpu)
     a.actors = 1 if a.actors is None else a.actors
     try:
@@ -102,7 +109,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,
                                 views=a.cache_views.split(","), dtype=a.dtype, batch_size=a.batch_size,
                                 num_actors=a.actors, use_gpu=a.gpu, verify_samples=a.verify,
-                                overwrite=a.fresh)
+                                overwrite=a.fresh, splits=splits)
         except (CacheMismatchError, CheckpointError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

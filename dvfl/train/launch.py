@@ -96,7 +96,19 @@ def training_data(
             raise ValueError(f"split '{split}' of {clips_dir} has no clips: nothing to "
                              f"{'validate' if split == val_src.split and not val_src.carved else 'train'} on")
     quiet_data_progress()
-    train = read_clip_dataset(clips_dir, list(train_splits), columns=TRAIN_COLUMNS)
+    shard_bytes = _shard_bytes(clips_dir, train_splits) + (0 if val_src.carved else _shard_bytes(clips_dir, [val_src.split]))
+    if unlabeled_dir:
+        shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
+    materialize = shard_bytes < materialize_below_mb * 2**20
+    # Too big to hold: streamed, in a file order drawn anew each epoch. (Ray's randomize_block_order
+    # is all-to-all: every epoch read the whole training split into the object store before its first batch.)
+    shuffle = None if materialize else _files_shuffled_per_epoch(seed)
+    # the unlabelled pool in the same read: one file order mixes it with the labelled clips (a union of
+    # two streamed reads ran out of the smaller one early, and the rest of the epoch was the other kind)
+    pooled = bool(unlabeled_dir) and storage.same_or_inside(unlabeled_dir, clips_dir) \
+        and storage.same_or_inside(clips_dir, unlabeled_dir)
+    train = read_clip_dataset(clips_dir, [*train_splits, *(["unlabeled"] if pooled else [])], columns=TRAIN_COLUMNS,
+                              shuffle=shuffle)
     train_rows = count_rows(clips_dir, train_splits)
     val = read_clip_dataset(clips_dir, [val_src.split], columns=VAL_COLUMNS)
     if label_fraction < 1 or teacher_pool > 0 or val_src.carved:
@@ -108,16 +120,17 @@ def training_data(
         rest = [(c, v, y) for c, v, y in zip(ids["clip_id"], ids["video_id"], ids["label"]) if v not in held]
         videos = pool_videos([v for _, v, _ in rest], [y for _, _, y in rest], teacher_pool, role, label_fraction)
         keep = {c for c, v, _ in rest if videos is None or v in videos}
-        train = keep_clips(train, keep)
+        pool = set(read_clips_table(clips_dir, ["unlabeled"], columns=["clip_id"]).column("clip_id").to_pylist()) \
+            if pooled else set()
+        train = keep_clips(train, keep | pool)
         train_rows = len(keep)
         if val_src.carved:
             val = keep_clips(val, {c for c, v in zip(ids["clip_id"], ids["video_id"]) if v in held})
-    shard_bytes = _shard_bytes(clips_dir, train_splits) + (0 if val_src.carved else _shard_bytes(clips_dir, [val_src.split]))
     if unlabeled_dir:
-        train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS))
+        if not pooled:
+            train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS, shuffle=shuffle))
         train_rows += count_rows(unlabeled_dir, ["unlabeled"])
-        shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
-    if shard_bytes < materialize_below_mb * 2**20:
+    if materialize:
         # Small datasets are read once into the object store: re-running the Parquet read
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
         # Shards hold videos grouped by class, and a local shuffle buffer cannot mix classes
@@ -128,9 +141,13 @@ def training_data(
             raise_if_corrupt(shard_paths(clips_dir, [*train_splits, val_src.split])
                              + (shard_paths(unlabeled_dir, ["unlabeled"]) if unlabeled_dir else []), exc)
             raise
-    else:
-        train = train.randomize_block_order(seed=seed)
     return TrainingData(train, val, train_rows, clips_dir, "+".join([*train_splits, *(["unlabeled"] if unlabeled_dir else [])]))
+
+
+def _files_shuffled_per_epoch(seed: int):
+    from ray.data import FileShuffleConfig
+
+    return FileShuffleConfig(seed=seed, reseed_after_execution=True)
 
 
 class NotEnoughClipsError(ValueError):

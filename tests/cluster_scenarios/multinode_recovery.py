@@ -132,7 +132,8 @@ def run(out: str, result: dict, remote: str | None = None) -> None:
                                 eval_clips=d.eval_clips, short_side=d.short_side, seed=cfg.seed, videos_per_task=1), log=log)
         result["ingest_summary"] = s
     info = pipeline.ensure_clips(cfg, log=log)
-    result["ingest"] = {"clips": info["clips"], "videos": info["written_videos"], "seconds": round(time.time() - t, 1)}
+    result["ingest"] = {"clips": info["clips"], "videos": info["written_videos"], "seconds": round(time.time() - t, 1),
+                        "train_clips": sum(s["clips"] for s in info["shards"] if s["split"] == "train")}
 
     # 2. a tiny teacher (random init: the point here is the cache and KD plumbing on a cluster)
     num_classes = len(info["classes"])
