@@ -139,8 +139,8 @@ class TeacherLogitCache:
     def logits_files(self, dataset_info: dict, splits=None) -> tuple[list[str], dict[str, str]]:
         """The clip shards of ``splits`` (None: those the cache says it covers) without a logits file,
         and those whose logits file does not hold clips x views rows ({name: why})."""
-        if splits is None:
-            splits = self.info["splits"]
+        if splits is None:  # (a record without its splits: every shard)
+            splits = self.info.get("splits")
         absent, short = [], {}
         for shard in dataset_info["shards"]:
             if splits is not None and shard["split"] not in splits:
