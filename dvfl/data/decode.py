@@ -548,6 +548,12 @@ _CUT_DETAIL = {
     None: "the {kind} container declares more bytes than the file holds",
     "mpeg-ts": "the MPEG transport stream ends inside a packet (the file is cut short)",
 }
+
+
+def _cut_detail(kind: str) -> str:
+    return _CUT_DETAIL.get(kind, _CUT_DETAIL[None]).format(kind=kind)
+
+
 _PROBLEM_DETAIL = {
     PLAYLIST: "a playlist/reference text (HLS, DASH, concat, SDP or a URL), not a video file",
     NOT_VIDEO: "a text file, not a video",
@@ -644,9 +650,9 @@ def _decode_file(path: str, job: Dict) -> Dict:
         try:
             return _decode_reference(path, job, track.rotation if track else None, "", cut=True)
         except DecodeReject as e:
-            raise DecodeReject(TRUNCATED, f"{_CUT_DETAIL.get(kind, _CUT_DETAIL[None]).format(kind=kind)}; {e.detail}")
+            raise DecodeReject(TRUNCATED, f"{_cut_detail(kind)}; {e.detail}")
     if problem == TRUNCATED:
-        raise DecodeReject(problem, _CUT_DETAIL.get(kind, _CUT_DETAIL[None]).format(kind=kind))
+        raise DecodeReject(problem, _cut_detail(kind))
     if problem is not None:
         raise DecodeReject(problem, _PROBLEM_DETAIL.get(problem, f"{kind} container check"))
 
