@@ -166,9 +166,24 @@ def _entrypoint(doc, fn):
      ("tune.storage is 'tune_runs' (relative, from configs/tune_ucf101.yaml",)),
     (lambda d: _entrypoint(d, lambda e: _UCF101_SEARCH + " --set tune.storage=/tmp/tune"),
      ("tune.storage is '/tmp/tune': not on a volume",)),
+    # the same search through the `dvfl` entry point (read as a distill of configs/embedded.yaml before)
+    (lambda d: _entrypoint(d, lambda e: _UCF101_SEARCH.replace(f"python {cv.PROJECT_DIR_IN_IMAGE}/tuning/search.py",
+                                                               "dvfl tune") + " --set tune.storage=tune_runs"),
+     ("tune.storage is 'tune_runs' (relative, from configs/tune_ucf101.yaml",)),
+    # a path flag wins over a --set of its field wherever it stands (the commands apply it last)
+    (lambda d: _entrypoint(d, lambda e: e.replace("--out /data/runs/ucf101_base", "--out /tmp/x")
+                           + " --set output_dir=/data/runs/x"),
+     ("output_dir is '/tmp/x': not on a volume",)),
+    # /data in every pod, but not the same files: a pod's own emptyDir, or another claim
+    (lambda d: _set(d, lambda d: _replace_volume(_group(d, "gpu-workers"), {"name": "data", "emptyDir": {}})),
+     ("data.clips is '/data/ucf101_s1': not on a volume", "persistentVolumeClaim or NFS")),
+    (lambda d: _set(d, lambda d: _replace_volume(_group(d, "cpu-workers"),
+                                                 {"name": "data", "persistentVolumeClaim": {"claimName": "other"}})),
+     ("teacher.cache is '/data/ucf101_s1_cache': not on a volume",)),
 ], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
         "embedded_default", "embedded_search", "path_off_the_volume", "volume_not_on_every_group",
-        "search_storage_relative", "search_storage_off_the_volume"])
+        "search_storage_relative", "search_storage_off_the_volume", "dvfl_tune_entry_point",
+        "path_flag_before_set", "emptydir_at_the_mount_path", "another_claim_at_the_mount_path"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)
@@ -476,6 +491,11 @@ def _group(doc: dict, name: str) -> dict:
 
 def _ray_container(group: dict) -> dict:
     return group["template"]["spec"]["containers"][0]
+
+
+def _replace_volume(group: dict, volume: dict) -> None:
+    volumes = group["template"]["spec"]["volumes"]
+    volumes[[v["name"] for v in volumes].index(volume["name"])] = volume
 
 
 KUBERAY_BREAKAGES = {
@@ -902,6 +922,16 @@ def test_rayjob_broken_runtime_env_fails(kuberay_docs, runtime_env, fragments):
     broken = copy.deepcopy(kuberay_docs["rayjob"])
     broken["spec"]["runtimeEnvYAML"] = runtime_env
     _assert_fails(cv.validate_kuberay_manifest(broken), "runtime-env", *fragments)
+
+
+@pytest.mark.parametrize("runtime_env", ["pip: [torch]\n", "conda: {dependencies: [pytorch]}\n", "uv: [torch]\n"])
+def test_rayjob_runtime_env_installs_nothing(kuberay_docs, runtime_env):
+    """The code and its dependencies are in the image: a runtime env that installs packages
+    repeats minutes and gigabytes of downloads on every node the job starts on."""
+    broken = copy.deepcopy(kuberay_docs["rayjob"])
+    broken["spec"]["runtimeEnvYAML"] = runtime_env
+    _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "spec.runtimeEnvYAML." + runtime_env.split(":")[0],
+                  "installs packages")
 
 
 def test_rayjob_without_entrypoint_fails(kuberay_docs):

@@ -40,7 +40,8 @@ KubeRay manifests (``cluster/kuberay/*.yaml``, kinds RayCluster and RayJob):
   image, token authentication on (``authOptions.mode: token``, no pod ``env`` entry setting
   ``RAY_AUTH_MODE`` to anything but ``token``), no ``externalIPs`` on the head Service, autoscaling on, CPU and GPU worker
   groups, no credentials; a RayJob's run config (its entrypoint's ``--config`` with ``--set`` and
-  ``--output-dir``) names every path as a URI or an absolute path on a volume every pod mounts;
+  its path flags) names every path as a URI or an absolute path on a volume every pod mounts (the
+  same claim or NFS export); its ``runtimeEnvYAML`` installs no packages (``pip``, ``uv``, ``conda``);
   NetworkPolicies in the same file and namespace select every group's pods and admit the cluster's
   own pods to every port, a RayJob's head admits the KubeRay operator and its submitter pod to the
   job server port, and no rule of the file admits anything else but to that port
@@ -1018,6 +1019,10 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
     return out
 
 
+# runtime_env fields that install packages when a job's workers start
+RUNTIME_ENV_INSTALLERS = {"pip", "uv", "conda"}
+
+
 def _runtime_env_errors(doc: dict) -> list[str]:
     text = _as_mapping(doc.get("spec")).get("runtimeEnvYAML")
     if text is None:
@@ -1043,6 +1048,9 @@ def _runtime_env_errors(doc: dict) -> list[str]:
         RuntimeEnv(**{k: v for k, v in env.items() if k not in unknown})
     except Exception as e:
         out.append(_error_line("runtime-env", where, f"{type(e).__name__}: {e}"))
+    for k in sorted(set(env) & RUNTIME_ENV_INSTALLERS):
+        out.append(_error_line("policy", where + (k,), f"installs packages on every node the job starts on (torch: "
+                               "minutes and gigabytes per node); the project image has them (docker/Dockerfile)"))
     out += credential_errors(env, where)
     return out
 
@@ -1101,16 +1109,43 @@ JOB_PATH_FIELDS = ("output_dir", "data.root", "data.clips", "data.unlabeled", "t
                    "student.checkpoint", "student.init_2d", "teacher.train.checkpoint", "teacher.train.init_2d")
 
 
+def _volume_identity(volume: dict) -> tuple | None:
+    """What a pod volume is, when every pod that mounts it sees the same files: a claim (by name) or
+    an NFS export. ``None`` for the rest: emptyDir, hostPath and the like are the pod's or its node's own."""
+    claim = _as_mapping(volume.get("persistentVolumeClaim")).get("claimName")
+    if isinstance(claim, str):
+        return ("claim", claim)
+    nfs = _as_mapping(volume.get("nfs"))
+    if isinstance(nfs.get("server"), str) and isinstance(nfs.get("path"), str):
+        return ("nfs", nfs["server"], nfs["path"].rstrip("/") or "/")
+    return None
+
+
 def _shared_mounts(spec: dict) -> set[str]:
-    """Mount paths of the Ray container of the head and of every worker group (all of them)."""
+    """Mount paths where the Ray container of the head and of every worker group sees the same
+    files: the same claim or NFS export (and subPath) at the same path in all of them."""
     groups = [_as_mapping(spec.get("headGroupSpec"))] + [_as_mapping(g) for g in _as_list(spec.get("workerGroupSpecs"))]
     shared = None
     for g in groups:
-        containers = _as_list(_as_mapping(_as_mapping(g.get("template")).get("spec")).get("containers"))
-        mounts = {m.get("mountPath") for m in _as_list(_as_mapping(containers[0]).get("volumeMounts"))
-                  if isinstance(m, dict) and isinstance(m.get("mountPath"), str)} if containers else set()
+        pod = _as_mapping(_as_mapping(g.get("template")).get("spec"))
+        volumes = {v.get("name"): _volume_identity(v) for v in _as_list(pod.get("volumes")) if isinstance(v, dict)}
+        containers = _as_list(pod.get("containers"))
+        mounts = {(m["mountPath"].rstrip("/") or "/", volumes.get(m.get("name")), m.get("subPath") or "")
+                  for m in _as_list(_as_mapping(containers[0]).get("volumeMounts") if containers else [])
+                  if isinstance(m, dict) and isinstance(m.get("mountPath"), str)}
+        mounts = {m for m in mounts if m[1] is not None}
         shared = mounts if shared is None else shared & mounts
-    return {m.rstrip("/") or "/" for m in (shared or set())} - {"/dev/shm"}
+    return {path for path, _, _ in shared or set()}
+
+
+def _runs_a_search(argv: list[str]) -> bool:
+    """``python .../tuning/search.py``, ``dvfl tune`` or ``python -m dvfl tune``."""
+    for i, arg in enumerate(argv):
+        if arg.endswith("tuning/search.py"):
+            return True
+        if os.path.basename(arg) == "dvfl" and (i == 0 or argv[i - 1] == "-m"):
+            return argv[i + 1:i + 2] == ["tune"]
+    return False
 
 
 def job_config_path_errors(doc: dict) -> list[str]:
@@ -1133,9 +1168,9 @@ def job_config_path_errors(doc: dict) -> list[str]:
         argv = shlex.split(entry)
     except ValueError as e:
         return [_error_line("policy", where, f"cannot be split into arguments: {e}")]
-    search = any(arg.endswith("tuning/search.py") for arg in argv)
+    search = _runs_a_search(argv)
     config_flags = ("--search", "--config") if search else ("--config",)
-    config, overrides, args = None, [], list(argv)
+    config, overrides, path_flags, args = None, [], [], list(argv)
     while args:
         flag, eq, inline = args.pop(0).partition("=")  # --flag value, or --flag=value
         if flag not in (*config_flags, "--set", *ENTRYPOINT_PATH_FLAGS):
@@ -1148,7 +1183,8 @@ def job_config_path_errors(doc: dict) -> list[str]:
         elif flag == "--set":
             overrides.append(value)
         else:
-            overrides.append(f"{ENTRYPOINT_PATH_FLAGS[flag]}={value}")
+            path_flags.append(f"{ENTRYPOINT_PATH_FLAGS[flag]}={value}")
+    overrides += path_flags  # the commands apply their path flags after every --set (dvfl.cli.config_from_args)
     # no --config: the command's default (the embedded run config, or the embedded search's)
     rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else (
         config[len(PROJECT_DIR_IN_IMAGE) + 1:] if config.startswith(PROJECT_DIR_IN_IMAGE + "/") else config)
@@ -1186,8 +1222,8 @@ def job_config_path_errors(doc: dict) -> list[str]:
                             f"path on a volume every pod mounts (--set {name}=... or --output-dir)"))
         elif not any(local == m or local.startswith(m.rstrip("/") + "/") for m in mounts):
             out.append(_error_line("policy", where, f"{name} is {value!r}: not on a volume that the head and every "
-                            f"worker group mount ({', '.join(sorted(mounts)) or 'none'}); give a URI or a path "
-                            "on such a volume"))
+                            f"worker group mount ({', '.join(sorted(mounts)) or 'none'}: the same "
+                            "persistentVolumeClaim or NFS export in each); give a URI or a path on such a volume"))
     return out
 
 
