@@ -446,6 +446,9 @@ def test_best_config_runs_with_distill(search, ray_local):
     (("tune.space.student.embed_dim", {"uniform": [4, 16]}),
      r"tune\.space\.student\.embed_dim: uniform draws fractional values and student\.embed_dim takes whole numbers"),
     (("tune.space.optim.batch_size", {"loguniform": [4, 32]}), r"tune\.space\.optim\.batch_size: loguniform draws"),
+    # accepted before, then refused by --fresh after the search had run for hours
+    (("tune.experiment", "my exp"), r"tune\.experiment must be a plain name .* got 'my exp'"),
+    (("tune.experiment", ".hidden"), r"tune\.experiment must be a plain name"),
 ])
 def test_bad_search_configs_are_rejected_naming_the_field(override, message):
     from dvfl.tune import load_tune_config
@@ -523,6 +526,18 @@ def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():
     t, cfg = load_tune_config(None, ["optim.epochs=12"])  # the shipped grace period is 12
     assert asha_words(t, cfg) == "on val_top1 (grace period 12 = every epoch: it stops no trial)"
     assert asha_words(*load_tune_config(None)) == "on val_top1"
+
+
+def test_a_run_config_under_home_is_found(tmp_path, monkeypatch):
+    """``run_config: ~/runs/mine.yaml`` (in the search file, or after ``--set``: no shell expands it
+    there) was looked up as ``configs/~/runs/mine.yaml``."""
+    from dvfl.tune import load_tune_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "runs").mkdir()
+    dump_config(load_config(None, [("name", "mine")]), tmp_path / "runs" / "mine.yaml")
+    tune_cfg, run_cfg = load_tune_config(None, [("tune.run_config", "~/runs/mine.yaml")])
+    assert tune_cfg.run_config == str(tmp_path / "runs" / "mine.yaml") and run_cfg.name == "mine"
 
 
 def test_a_relative_run_config_is_found_where_the_user_is(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from dvfl import storage
 from dvfl.runtime import signal_handlers_kept
 from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, require_finished, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
-from dvfl.tune.search_config import TuneConfig, asha_words, experiment_dir, param_space
+from dvfl.tune.search_config import EXPERIMENT_NAME, TuneConfig, asha_words, experiment_dir, param_space
 from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_driver, trial_resources,
                               trials_in_process)
 
@@ -134,7 +134,7 @@ def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh
     """--fresh (or ``why``): delete ``exp`` (a folder or a URI prefix) only if it is one of our Tune
     experiments under a plain name."""
     exp = os.fspath(exp)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or storage.basename(exp.rstrip("/")) != name:
+    if not re.fullmatch(EXPERIMENT_NAME, name) or storage.basename(exp.rstrip("/")) != name:
         raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {name!r}; "
                           "--fresh deletes nothing")
     if (not storage.is_remote(exp) and os.path.islink(exp)) or not storage.isfile(storage.join(exp, SEARCH_FILE)):

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ DOMAINS = ("loguniform", "uniform", "choice", "grid")
 METRICS = {"val_top1": "max", "val_top5": "max", "val_loss": "min"}
 # a leftover ``--set`` target for the tune file itself (the rest go to the run config)
 TUNE_PREFIX = "tune."
+EXPERIMENT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a folder name under the storage, never a path
 
 
 @dataclass
@@ -189,8 +191,8 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
         raise ConfigError(f"tune.mode must be max or min, got {t.mode!r}")
     if t.mode != METRICS[t.metric]:
         raise ConfigError(f"tune.mode must be {METRICS[t.metric]} for {t.metric}, got {t.mode!r}")
-    if "/" in t.experiment or t.experiment in (".", ".."):
-        raise ConfigError(f"tune.experiment must be a plain name, got {t.experiment!r}")
+    if not re.fullmatch(EXPERIMENT_NAME, t.experiment):  # the names --fresh may delete, refused before any trial
+        raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {t.experiment!r}")
     if t.asha.grace_period < 1:
         raise ConfigError(f"tune.asha.grace_period must be >= 1, got {t.asha.grace_period}")
     if t.asha.enabled and t.asha.grace_period > base.optim.epochs:
@@ -291,7 +293,7 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
     t.storage = paths.absolute(t.storage, paths.output_base())  # before any trial's working directory
     run_path = None
     if t.run_config:
-        run_path = Path(t.run_config)
+        run_path = Path(os.path.expanduser(t.run_config))  # inside YAML or after --set k=, no shell expands ~
         if not run_path.is_absolute():  # where the user is, next to the search file, then configs/
             run_path = next((c for c in (Path.cwd() / run_path, path.parent / run_path) if c.is_file()),
                             CONFIG_DIR / run_path)
