@@ -346,7 +346,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
     traceback through Ray's internals; None for anything else."""
     from dvfl.data.holdout import HoldoutError
     from dvfl.data.ingest import NothingWrittenError, VideoNotOnNodeError
-    from dvfl.data.shards import CorruptShardError, IncompleteClipsError
+    from dvfl.data.shards import ClipReadError, CorruptShardError, IncompleteClipsError
     from dvfl.locks import FolderBusyError
     from dvfl.models import CheckpointError
     from dvfl.pipeline import TeacherGateError
@@ -356,7 +356,7 @@ def actionable_failure(exc: BaseException) -> BaseException | None:
 
     known = (TrainingDiverged, TeacherGateError, CacheMismatchError, NotEnoughClipsError, CorruptShardError,
              IncompleteClipsError, FolderBusyError, HoldoutError, CheckpointError, VideoNotOnNodeError,
-             NothingWrittenError)
+             NothingWrittenError, ClipReadError)
     return _behind(exc, known)
 
 

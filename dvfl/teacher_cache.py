@@ -26,8 +26,8 @@ from dvfl.artifacts import load_model_for, other_class_list
 from dvfl.models import build_model
 from dvfl import storage
 from dvfl.host import usable_cpus
-from dvfl.data.shards import (atomic_write_table, corrupt_shard_error, find_corrupt_shards, load_dataset_info,
-                              parquet_file, read_table, remove_stale_tmp, shard_paths)
+from dvfl.data.shards import (ClipReadError, atomic_write_table, corrupt_shard_error, find_corrupt_shards, is_damage,
+                              load_dataset_info, parquet_file, read_table, remove_stale_tmp, shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
@@ -233,6 +233,17 @@ def _teacher_logits(model, arrays, crop_size: int, view: View, device) -> torch.
         return model(x).float().cpu()
 
 
+def _read_batches(src: str, batch_size: int, columns: list[str]):
+    """The clip shard's record batches; a read that fails for a reason other than damaged bytes
+    (access, credentials, network) is a :class:`ClipReadError` naming the shard."""
+    try:
+        yield from parquet_file(src).iter_batches(batch_size=batch_size, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        if is_damage(exc):
+            raise
+        raise ClipReadError(f"{type(exc).__name__}: {exc}") from exc
+
+
 class ShardLogitWriter:
     """Ray Data actor: loads the teacher once, then turns whole clip shards into logit shards.
 
@@ -273,16 +284,17 @@ class ShardLogitWriter:
         for src, dst, content in zip(batch["shard"], batch["out"], batch["content"]):
             try:
                 stats.append(json.dumps(self._process(src, dst, content or None)))
-            except OSError as exc:  # a full disk: reported to the driver as such, not as a UDF crash
+            except (OSError, pa.ArrowException) as exc:  # reported to the driver as what it is, not as a UDF crash
                 # a damaged clip shard is not a write error: a rerun would fail on it again
                 corrupt = [f"{p} ({e})" for p, e in find_corrupt_shards([src])]
-                stats.append(json.dumps({"shard": storage.basename(src), "error": str(exc), "corrupt": corrupt}))
+                stats.append(json.dumps({"shard": storage.basename(src), "source": src, "error": str(exc),
+                                         "read": isinstance(exc, ClipReadError), "corrupt": corrupt}))
         return {"stats": np.array(stats, dtype=object)}
 
     def _process(self, src: str, dst: str, content: str | None = None) -> dict:
         columns = ["clip_id", "label", "split", "frames", "num_frames", "height", "width"]
         parts, correct, labelled = [], {}, {}
-        for record_batch in parquet_file(src).iter_batches(batch_size=self.batch_size, columns=columns):
+        for record_batch in _read_batches(src, self.batch_size, columns):
             table = pa.Table.from_batches([record_batch])
             arrays, clip_ids, labels = batch_arrays(table)
             splits = table.column("split").to_pylist()
@@ -494,6 +506,9 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
             s = json.loads(row["stats"])
             if s.get("corrupt"):
                 raise corrupt_shard_error(s["corrupt"])
+            if s.get("read"):
+                raise ClipReadError(f"reading clip shard {s['source']} failed: {s['error']} (the file is not "
+                                    "damaged as far as can be told: rerun once it can be read; finished shards are kept)")
             if "error" in s:
                 raise OSError(f"writing the logits of {s['shard']} failed: {s['error']}")
             log(f"[cache] {i}/{len(todo)} shards: {s['shard']} ({s['rows']} logit rows)")

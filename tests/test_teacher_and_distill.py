@@ -310,6 +310,39 @@ def test_a_cache_writer_without_a_gpu_from_ray_stays_on_the_cpu(prepared, ray_lo
     assert writer.device.type == "cpu" and next(writer.model.parameters()).device.type == "cpu"
 
 
+def test_a_cut_clip_shard_is_named_damaged_and_a_refused_read_is_not(prepared, ray_local, tmp_path, monkeypatch):
+    """A clip shard cut short (a folder copied partway) crashed the cache build with pyarrow's
+    ArrowInvalid naming no file; a read refused by the bucket (an expired token) or the disk was
+    reported as a damaged shard, with advice to delete good clips."""
+    import ray
+
+    from dvfl import teacher_cache
+    from dvfl.data import shards as shards_mod
+    from dvfl.teacher_cache import ShardLogitWriter, view_spec
+
+    src = shard_paths(prepared["cfg"].clips_dir, ["train"])[0]
+    cut = tmp_path / "train-00000.parquet"
+    cut.write_bytes(Path(src).read_bytes()[:4000])
+    model, spec = load_model(prepared["teacher"])
+    writer = ShardLogitWriter(spec, [ray.put(model.state_dict())], view_spec(prepared["cfg"].crop_size, ["center"]),
+                              "float16", batch_size=4, threads=1)
+    batch = {"shard": [str(cut)], "out": [str(tmp_path / "out.parquet")], "content": [None]}
+    (stats,) = [json.loads(s) for s in writer(batch)["stats"]]
+    assert stats["corrupt"] and str(cut) in stats["corrupt"][0] and "ArrowInvalid" in stats["corrupt"][0], stats
+
+    def refused(path, **kw):
+        raise OSError("When reading information for key 'clips/train-00000.parquet' in bucket 'b': AWS Error "
+                      "ACCESS_DENIED during HeadObject operation: ExpiredToken")
+
+    monkeypatch.setattr(teacher_cache, "parquet_file", refused)
+    monkeypatch.setattr(shards_mod, "parquet_file", refused)
+    (stats,) = [json.loads(s) for s in writer({**batch, "shard": [src]})["stats"]]
+    assert stats["read"] and not stats["corrupt"] and "ExpiredToken" in stats["error"], stats
+    assert shards_mod.find_corrupt_shards([src]) == []
+    assert not shards_mod.is_damage(PermissionError(13, "Permission denied")) and shards_mod.is_damage(
+        OSError("could not verify page integrity, CRC checksum verification failed for page_ordinal 0"))
+
+
 # ----------------------------------------------------------------------------- distillation (issue 5)
 @pytest.mark.parametrize("override, field", [
     (("kd.temperature", -1.0), "kd.temperature"),

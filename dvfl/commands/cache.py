@@ -97,7 +97,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--crop-size {a.crop_size} exceeds the clips' short side {stored}")
     from dvfl.models import CheckpointError
     from dvfl.runtime import ray_runtime
-    from dvfl.data.shards import IncompleteClipsError
+    from dvfl.data.shards import ClipReadError, IncompleteClipsError
     from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
 
     with ray_runtime(num_cpus=a.num_cpus):
@@ -116,6 +116,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         except IncompleteClipsError as exc:  # (an OSError, but of the input)
             print(f"error: --clips {exc}", file=sys.stderr)
             return 2
+        except ClipReadError as exc:  # (an OSError, but a read of the input that a rerun may get through)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except OSError as exc:  # disk full, quota: finished shards stay, a rerun resumes
             print(f"error: writing the cache to {a.out} failed: {os_error_line(exc)}", file=sys.stderr)
             return 1
