@@ -176,6 +176,7 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
     report = {
         "protocol": protocol.description, "dataset": protocol.dataset, "kind": protocol.kind,
         f"{protocol.kind}s_asked": asked, f"{protocol.kind}s_run": ran,
+        f"{protocol.kind}s_run_before": [i for i in ran if i not in asked],
         f"{protocol.kind}s_total": len(protocol.ids),
         "complete": sorted(ran) == list(protocol.ids),
         "std": "sample standard deviation (n-1) over the splits that ran; null for one split",
@@ -185,8 +186,12 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
     storage.makedirs(out_dir)
     storage.write_json(storage.join(out_dir, RESULTS_JSON), report)
     what = f"{len(ran)} of {len(protocol.ids)} {protocol.kind}s ran ({', '.join(map(str, ran))})"
-    if len(ran) < len(asked):
-        what += f"; {len(asked) - len(ran)} asked for not finished"
+    before = [i for i in ran if i not in asked]
+    if before:
+        what += f"; {len(before)} of them by earlier commands ({', '.join(map(str, before))})"
+    missing = [i for i in asked if i not in ran]
+    if missing:
+        what += f"; {len(missing)} asked for not finished"
     lines = [f"# {protocol.description}", "", what + ".", "",
              "| model | top-1 mean ± std (points) | top-5 mean ± std | " + " | ".join(
                  f"{protocol.kind} {s}" for s in ran) + " |",
@@ -207,26 +212,60 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
     return report
 
 
-def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], out_dir: str, log=print) -> dict:
-    """Run the pipeline per split (in order), rewriting the protocol's results after each one."""
+def _run_row(split: int, cfg: RunConfig, result: dict) -> dict:
+    """A split's line of the protocol's results, from its run's results.json."""
+    return {"split": split, "output_dir": cfg.output_dir, "clips": cfg.clips_dir,
+            "models": {role: {"top1": row["top1_mean"], "top5": row["top5_mean"], "videos": row.get("videos"),
+                              "seeds": row["seeds"], "top1_per_seed": row["top1_per_seed"]}
+                       for role, row in result["models"].items()}}
+
+
+def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
+    """The splits not asked for this time that an earlier command finished in their folders with
+    the configuration they would run with now (UCF50's 25 folds run a few at a time): their
+    results count in the aggregate without running again. A folder whose results.json records
+    another configuration, or none, is left out and said."""
+    import json
+
+    runs, other = [], []
+    for i, cfg in sorted(configs.items()):
+        path = storage.join(cfg.output_dir, "results.json")
+        if not storage.isfile(path):
+            continue
+        try:
+            result = storage.read_json(path)
+            same = result["config"] == json.loads(json.dumps(cfg.as_given().to_dict()))
+            row = _run_row(i, cfg, result) if same else None
+        except (OSError, ValueError, KeyError, TypeError):
+            row = None
+        if row is None:
+            other.append(i)
+        else:
+            runs.append(row)
+    if other:
+        log(f"[protocol] not counted: the results of split(s) {', '.join(map(str, other))} in their folders come "
+            "from another configuration (or cannot be read); run them again to count them")
+    return runs
+
+
+def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], out_dir: str, log=print,
+                 earlier: list[dict] = ()) -> dict:
+    """Run the pipeline per split (in order), rewriting the protocol's results after each one;
+    ``earlier``: finished splits of earlier commands (:func:`earlier_runs`), counted with them."""
     from dvfl import pipeline
     from dvfl.config import dump_config
 
-    runs: list[dict] = []
+    runs: list[dict] = [r for r in earlier if r["split"] not in ids]
     report = write_results(out_dir, protocol, ids, runs, log=lambda *_: None)
     for n, (i, cfg) in enumerate(zip(ids, configs), 1):
         log(f"[protocol] {protocol.kind} {i} ({n}/{len(ids)}): clips {cfg.clips_dir}, results in {cfg.output_dir}")
         storage.makedirs(cfg.output_dir)
         pipeline.remove_report(cfg.output_dir)  # a split that fails must not leave an earlier run's beside its config
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
-        result = pipeline.run_all(cfg, log)
-        runs.append({"split": i, "output_dir": cfg.output_dir, "clips": cfg.clips_dir,
-                     "models": {role: {"top1": row["top1_mean"], "top5": row["top5_mean"], "videos": row.get("videos"),
-                                       "seeds": row["seeds"], "top1_per_seed": row["top1_per_seed"]}
-                                for role, row in result["models"].items()}})
+        runs = sorted([*runs, _run_row(i, cfg, pipeline.run_all(cfg, log))], key=lambda r: r["split"])
         report = write_results(out_dir, protocol, ids, runs, log=log)
     return report
 
 
 __all__ = ["PROTOCOLS", "Protocol", "protocol_for", "parse_ids", "split_configs", "results_dir", "aggregate",
-           "write_results", "run_protocol"]
+           "write_results", "earlier_runs", "run_protocol"]

@@ -157,6 +157,48 @@ def test_ucf50_leave_one_group_out_folds_aggregate_and_say_how_many_ran(tmp_path
         assert agg["pooled_top1"] == pytest.approx(sum(m["top1"] * m["videos"] for m in runs) / agg["pooled_videos"])
 
 
+def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
+    """docs/protocols.md runs UCF50's 25 folds a few at a time: each command rewrote protocol.json
+    with its own folds only, and the 25-fold mean needed every fold run again in one command. Folds
+    an earlier command finished with the same configuration now count; one of another
+    configuration does not, and is said. (The pipeline itself is stubbed: the protocol's
+    bookkeeping is the subject; the runs are test_ucf50_leave_one_group_out_...'s.)"""
+    from dvfl import pipeline
+    from dvfl.protocol import PROTOCOLS, earlier_runs, run_protocol, split_configs
+
+    (tmp_path / "UCF50data").mkdir()
+    cfg_path = write_config(tmp_path / "ucf50.yaml", **{"data.dataset": "ucf50", "data.root": str(tmp_path / "UCF50data"),
+                                                      "teacher.path": None,
+                                                      "output_dir": str(tmp_path / "logo")})
+    proto, out = PROTOCOLS["ucf50"], str(tmp_path / "logo")
+
+    def fake_run_all(cfg, log):
+        top1 = cfg.data.split / 100
+        result = {"config": cfg.as_given().to_dict(),
+                  "models": {"dvfl": {"top1_mean": top1, "top5_mean": 1.0, "videos": 4, "seeds": [0],
+                                      "top1_per_seed": [top1]}}}
+        (Path(cfg.output_dir) / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(pipeline, "run_all", fake_run_all)
+
+    def batch(ids, overrides=()):
+        others = [i for i in proto.ids if i not in ids]
+        lines = []
+        earlier = earlier_runs(dict(zip(others, split_configs(cfg_path, list(overrides), others))), log=lines.append)
+        report = run_protocol(proto, split_configs(cfg_path, list(overrides), ids), ids, out, log=lines.append,
+                              earlier=earlier)
+        return report, lines
+
+    batch([1, 2])
+    report, _ = batch([3])
+    assert (report["folds_run"], report["folds_run_before"]) == ([1, 2, 3], [1, 2])
+    assert report["aggregate"]["dvfl"]["top1_per_split"] == [0.01, 0.02, 0.03]
+    assert "3 of 25 folds ran (1, 2, 3); 2 of them by earlier commands (1, 2)" in (tmp_path / "logo" / "protocol.md").read_text()
+    report, lines = batch([4], overrides=[("optim.lr", 0.5)])  # another configuration: the others do not count
+    assert report["folds_run"] == [4] and any("not counted" in ln and "1, 2, 3" in ln for ln in lines), lines
+
+
 # ---------------------------------------------------------------------------------------
 # refusals, before any work (no Ray)
 

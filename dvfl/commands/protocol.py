@@ -54,6 +54,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             check_gpu_reachable(cfg.scaling.use_gpu)
             check_given_inputs(cfg)  # every split's, before the first split trains
         out = P.results_dir(a.config, overrides, a.out)
+        # the splits not asked for this time, to count the ones earlier commands finished
+        others = [i for i in proto.ids if i not in ids]
+        other_configs = dict(zip(others, P.split_configs(a.config, overrides, others)))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -66,6 +69,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         with ray_runtime(num_cpus=a.num_cpus) as resources:
             if not all(fits_ray(cfg, resources) for cfg in configs):
                 return 2
-            P.run_protocol(proto, configs, ids, out)
+            P.run_protocol(proto, configs, ids, out, earlier=P.earlier_runs(other_configs))
     print(f"[protocol] finished in {time.time() - started:.0f}s")
     return 0
