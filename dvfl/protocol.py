@@ -70,8 +70,9 @@ def _get(tree: dict, dotted: str):
     return node
 
 
-def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
-    """One validated config per split, before any work starts (errors name the split and the field).
+def split_configs(config_path, overrides, ids: list[int], check_paths: bool = True) -> list[RunConfig]:
+    """One validated config per split, before any work starts (errors name the split and the field;
+    ``check_paths=False``: the configs of splits not run now, whose inputs need not exist).
 
     ``output_dir`` without ``{split}`` gets a ``split<N>`` folder per split; ``data.clips``,
     ``teacher.cache`` and ``teacher.path`` must hold ``{split}`` or be empty (then each split's
@@ -105,7 +106,7 @@ def split_configs(config_path, overrides, ids: list[int]) -> list[RunConfig]:
     for i in ids:
         try:
             configs.append(load_config(config_path, [*overrides, ("data.split", i), ("output_dir", per_split)],
-                                       outputs=("data.clips",)))
+                                       check_paths=check_paths, outputs=("data.clips",)))
         except ConfigError as exc:
             raise ConfigError(f"split {i}: {exc}") from None
     return configs

@@ -56,7 +56,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         out = P.results_dir(a.config, overrides, a.out)
         # the splits not asked for this time, to count the ones earlier commands finished
         others = [i for i in proto.ids if i not in ids]
-        other_configs = dict(zip(others, P.split_configs(a.config, overrides, others)))
+        other_configs = dict(zip(others, P.split_configs(a.config, overrides, others, check_paths=False)))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
