@@ -710,10 +710,10 @@ def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
                                    use_gpu=cfg.scaling.use_gpu, num_actors=cfg.cache_actors,
                                    overwrite=not cfg.teacher.cache, splits=cache_splits(cfg), log=log)
     except CacheOfAnotherBuild as exc:  # its own remedy (--out, --fresh) is dvfl cache's, not this command's
+        what = "; ".join(exc.differences) or "another teacher, other clips or other views (a retrained teacher?)"
         raise CacheMismatchError(
-            f"teacher.cache {cfg.cache_dir} was built from another teacher, other clips or other views (a retrained "
-            f"teacher?): rebuild it with `dvfl cache --config ... --teacher {teacher_path} --fresh`, or delete that "
-            "folder, or set teacher.cache to another folder") from exc
+            f"teacher.cache {cfg.cache_dir} was built from {what}: rebuild it with `dvfl cache --config ... "
+            f"--teacher {teacher_path} --fresh`, or delete that folder, or set teacher.cache to another folder") from exc
 
 
 def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, kd: bool) -> dict:

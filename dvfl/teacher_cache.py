@@ -54,7 +54,45 @@ class CacheMismatchError(RuntimeError):
 
 
 class CacheOfAnotherBuild(CacheMismatchError):
-    """The output folder holds a cache of another teacher, other clips or other views."""
+    """The output folder holds a cache of another teacher, other clips or other views
+    (``differences``: what differs, in words, when its record says)."""
+
+    def __init__(self, message: str, differences: list[str] = ()):
+        super().__init__(message)
+        self.differences = list(differences)
+
+
+def read_record(path: str, what: str = "a teacher cache's record") -> dict:
+    """``cache.json`` / ``_build.json``: a file cut short or edited by hand is named, not a JSON
+    or KeyError traceback."""
+    try:
+        record = storage.read_json(path)
+        if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+            raise ValueError("no fingerprint in it")
+    except ValueError as exc:
+        raise CacheMismatchError(f"{path} is not readable as {what} ({exc}): delete it (the cache is then "
+                                 "rebuilt) or rebuild with pipelines/cache_teacher.py --fresh") from None
+    return record
+
+
+def differences(record: dict, teacher_spec: dict, dataset_fingerprint: str, vspec: dict, dtype: str) -> list[str]:
+    """What a finished cache's record says it was built from, against what is asked now."""
+    out, built = [], record.get("teacher") or {}
+    now = teacher_identity(teacher_spec)
+    if built and built.get("weights") != now["weights"]:
+        out.append(f"teacher weights {built.get('weights')} then, {now['weights']} now (a retrained teacher?)")
+    if built and (built.get("name"), built.get("kwargs")) != (now["name"], now["kwargs"]):
+        out.append(f"teacher {built.get('name')} {built.get('kwargs')} then, {now['name']} {now['kwargs']} now")
+    if record.get("dataset_fingerprint") not in (None, dataset_fingerprint):
+        out.append(f"clips {record['dataset_fingerprint']} then, {dataset_fingerprint} now (re-ingested?)")
+    then = record.get("view_spec") or {}
+    if then.get("crop_size") not in (None, vspec["crop_size"]):
+        out.append(f"crop size {then['crop_size']} then, {vspec['crop_size']} now")
+    if then.get("views") is not None and sorted(then["views"]) != sorted(vspec["views"]):
+        out.append(f"views {sorted(then['views'])} then, {sorted(vspec['views'])} now")
+    if record.get("dtype") not in (None, dtype):
+        out.append(f"logits stored as {record['dtype']} then, {dtype} now")
+    return out
 
 
 def view_spec(crop_size: int, views) -> dict:
@@ -93,7 +131,7 @@ class TeacherLogitCache:
             raise CacheMismatchError(
                 f"{self.directory} holds no finished teacher cache ({CACHE_JSON} missing); "
                 "build it with pipelines/cache_teacher.py")
-        self.info = storage.read_json(meta)
+        self.info = read_record(meta)
         self._index: dict[tuple[str, str], int] | None = None
         self._logits: np.ndarray | None = None
 
@@ -418,7 +456,12 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
             f"{', ...' if len(foreign) > 3 else ''}): use another --out")
     for meta in (storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)):
         if storage.isfile(meta):
-            existing_info = storage.read_json(meta)
+            try:
+                existing_info = read_record(meta)
+            except CacheMismatchError:
+                if not overwrite:
+                    raise
+                existing_info = {"fingerprint": None}  # unreadable: whose it is is unknown, so it is replaced
             existing = existing_info["fingerprint"]
             if existing == fingerprint and storage.basename(meta) == CACHE_JSON:
                 # the same fingerprint, but the files may not fit the shards: the same clips
@@ -439,9 +482,11 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 break
             if existing != fingerprint:
                 if not overwrite:
+                    diffs = differences(existing_info, spec, dataset_info["fingerprint"], vspec, dtype)
                     raise CacheOfAnotherBuild(
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
-                        f"{fingerprint}; use another --out or --fresh")
+                        f"{fingerprint}" + (f" ({'; '.join(diffs)})" if diffs else "") + "; use another --out or --fresh",
+                        diffs)
                 # the finished marker first: a delete cut short must not leave it over partial logits
                 for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + _cache_files(logits_dir):
                     storage.remove(p)

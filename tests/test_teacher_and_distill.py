@@ -478,8 +478,21 @@ def test_pipeline_rebuilds_its_own_cache_but_refuses_a_named_one(prepared, tmp_p
     named = dataclasses.replace(own, teacher=dataclasses.replace(cfg.teacher, cache=own.cache_dir))
     # with this command's remedies, not dvfl cache's (--out, --fresh: distill --fresh deleted the
     # students and kept the cache)
-    with pytest.raises(CacheMismatchError, match=r"teacher\.cache .* rebuild it with `dvfl cache --config"):
+    # ... and says what changed, not "another teacher, other clips or other views (a retrained teacher?)"
+    with pytest.raises(CacheMismatchError, match=r"teacher\.cache .* built from teacher weights \w+ then, \w+ now "
+                                                 r".* rebuild it with `dvfl cache --config") as refused:
         pipeline.ensure_cache(named, prepared["teacher"], log=lambda *_: None)
+    assert "crop size" not in str(refused.value)
+    recropped = _with(named, teacher={"cache_dtype": "float32"}, data={"crop_size": cfg.crop_size - 4})
+    with pytest.raises(CacheMismatchError, match=rf"crop size {cfg.crop_size} then, {cfg.crop_size - 4} now; "
+                                                 r"logits stored as float16 then, float32 now"):
+        pipeline.ensure_cache(recropped, other, log=lambda *_: None)
+    # a record cut short (a folder copied partway) is named, not a JSON traceback
+    record = Path(own.cache_dir) / "cache.json"
+    record.write_text(record.read_text()[:40])
+    with pytest.raises(CacheMismatchError, match=rf"{re.escape(str(record))} is not readable as a teacher cache's record"):
+        pipeline.ensure_cache(named, other, log=lambda *_: None)
+    assert pipeline.ensure_cache(own, other, log=lambda *_: None)["fingerprint"] == second["fingerprint"]  # its own: rebuilt
 
 
 # ----------------------------------------------------------------------------- given inputs are checked
