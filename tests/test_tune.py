@@ -876,6 +876,30 @@ def test_a_search_from_an_init_checkpoint_replaced_under_its_name_is_another_sea
     assert "student_init" not in search_digest(load_config(None, check_paths=False))["search"]
 
 
+def test_a_finished_search_run_again_retries_no_errored_trial(tmp_path):
+    """The same command again on a finished search restored it with Tune's resume_errored: every
+    errored trial (an out-of-memory width, say) ran again on every rerun, and the line said
+    "resuming the interrupted experiment". An interrupted one still retries them."""
+    from dvfl.tune import load_tune_config
+    from dvfl.tune.search import expected_trials, restore_words
+
+    def state(*statuses):
+        trials = [[json.dumps({"trial_id": f"t{i}", "status": st}), "{}"] for i, st in enumerate(statuses)]
+        (tmp_path / "experiment_state-2026-12-06_10-00-00.json").write_text(json.dumps({"trial_data": trials}))
+
+    t, _ = load_tune_config(None, [("tune.num_samples", 2), ("tune.space.kd.temperature", {"grid": [2.0, 4.0]})])
+    assert expected_trials(t) == 2 * 2 * 3  # x the shipped search's three widths (a grid too)
+    lines = []
+    state("TERMINATED", "ERROR", "TERMINATED", "TERMINATED")
+    assert restore_words(str(tmp_path), 4, "experiment", lines.append) is False
+    assert "finished before: writing its results again (1 errored trial(s) not retried" in lines[-1], lines
+    state("TERMINATED", "ERROR", "RUNNING", "TERMINATED")  # killed mid-run
+    assert restore_words(str(tmp_path), 4, "experiment", lines.append) is True
+    assert "resuming the interrupted experiment" in lines[-1]
+    state("TERMINATED", "ERROR")  # killed before the generator made the last two trials
+    assert restore_words(str(tmp_path), 4, "experiment", lines.append) is True
+
+
 def test_a_tune_experiment_this_project_did_not_start_is_never_resumed(tmp_path):
     """Tune resumes by unpickling tuner.pkl: a folder holding one but no dvfl_search.json (planted
     in a shared tune.storage, say) was restored unchecked, running whatever the pickle holds."""

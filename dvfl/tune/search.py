@@ -109,6 +109,42 @@ RESUME_ADVICE = ("a resumed experiment keeps the trials, resources and concurren
                  "to discard it")
 
 
+def saved_trial_statuses(exp: str) -> list[str]:
+    """The status of every trial in Tune's last saved state of ``exp`` (what a restore starts from)."""
+    states = storage.listdir(exp, ".json")
+    states = [p for p in states if storage.basename(p).startswith("experiment_state-")]
+    if not states:
+        return []
+    try:
+        data = storage.read_json(states[-1])
+        return [json.loads(trial)["status"] for trial, _ in data.get("trial_data", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def expected_trials(t: TuneConfig) -> int:
+    """How many trials the search makes: its samples times every grid's values."""
+    n = t.num_samples
+    for domain in t.space.values():
+        if "grid" in domain:
+            n *= len(domain["grid"])
+    return n
+
+
+def restore_words(exp: str, expected: int, what: str, log) -> bool:
+    """Say what a restore of ``exp`` does; whether its errored trials run again: those of an
+    interrupted run do (the interruption may be why), those of a finished one do not (a trial that
+    fails the same way would cost its time again on every rerun; --fresh starts over)."""
+    statuses = saved_trial_statuses(exp)
+    errored = statuses.count("ERROR")
+    if len(statuses) < expected or any(s not in ("TERMINATED", "ERROR") for s in statuses):
+        log(f"[tune] resuming the interrupted {what} {exp} (finished trials are kept, the others rerun)")
+        return True
+    log(f"[tune] the {what} {exp} finished before: writing its results again"
+        + (f" ({errored} errored trial(s) not retried: --fresh starts over)" if errored else ""))
+    return False
+
+
 def resumable(exp: str, fp: dict) -> bool:
     """Whether ``exp`` holds this search, interrupted (Tune resumes it); False where it holds none;
     :class:`ConfigError` where it holds another search, or a Tune experiment this project did not start."""
@@ -242,8 +278,8 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
         return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
 
     if restoring:
-        log(f"[tune] resuming the interrupted experiment {exp} (finished trials are kept, the others rerun)")
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+        retry = restore_words(exp, expected_trials(t), "experiment", log)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=retry,
                                    storage_filesystem=tune_fs)
     else:
         from dvfl.tune.scheduler import resumable_asha
@@ -288,8 +324,9 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
                                                       "records": storage.join(front_exp, TRIALS_DIR)}),
             trial_resources(t, cfg))
         if front_restoring:
+            retry = restore_words(front_exp, len(reruns), "front re-runs", log)
             front_tuner = tune.Tuner.restore(front_path, trainable=front_trainable, resume_unfinished=True,
-                                             resume_errored=True, storage_filesystem=tune_fs)
+                                             resume_errored=retry, storage_filesystem=tune_fs)
         else:
             log(f"[tune] re-running the best trial of each of {len(levels)} cost level(s) with student seed(s) "
                 f"{t.front_seeds}: {len(reruns)} run(s) of {cfg.optim.epochs} epochs")
