@@ -526,6 +526,9 @@ def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():
     t, cfg = load_tune_config(None, ["optim.epochs=12"])  # the shipped grace period is 12
     assert asha_words(t, cfg) == "on val_top1 (grace period 12 = every epoch: it stops no trial)"
     assert asha_words(*load_tune_config(None)) == "on val_top1"
+    # another metric steers ASHA only: the line says what chooses (a user read it as the objective)
+    loss = load_tune_config(None, [("tune.metric", "val_loss"), ("tune.mode", "min")])
+    assert asha_words(*loss) == "on val_loss (it stops trials; the best config and the front by val_top1)"
 
 
 def test_a_run_config_under_home_is_found(tmp_path, monkeypatch):

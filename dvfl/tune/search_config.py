@@ -327,11 +327,13 @@ def param_space(t: TuneConfig) -> dict:
 def asha_words(t: TuneConfig, cfg: RunConfig) -> str:
     """How the search's log line names its scheduler (a grace period of every epoch leaves ASHA no
     rung before the end: it stops nothing, and the line says so)."""
+    # tune.metric is what ASHA stops trials by; the best and the front are validation top-1's (report.choose)
+    chosen = "" if t.metric == "val_top1" else "; the best config and the front by val_top1"
     if not t.asha.enabled:
-        return "off"
+        return "off" + (f" (tune.metric {t.metric} unused{chosen})" if chosen else "")
     if t.asha.grace_period >= cfg.optim.epochs:
-        return f"on {t.metric} (grace period {t.asha.grace_period} = every epoch: it stops no trial)"
-    return f"on {t.metric}"
+        return f"on {t.metric} (grace period {t.asha.grace_period} = every epoch: it stops no trial{chosen})"
+    return f"on {t.metric}" + (f" (it stops trials{chosen})" if chosen else "")
 
 
 def experiment_dir(t: TuneConfig, cfg: RunConfig) -> str:
