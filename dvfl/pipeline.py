@@ -552,7 +552,7 @@ def train_runs_concurrently(cfg: RunConfig, runs: list[ModelRun], dataset_info: 
     by_name = {run.name: run for run in runs}
     saved = {}
     for runner_run, result in train_concurrently(runner_runs, scaling=_scaling(cfg), concurrent=cfg.scaling.concurrent_runs,
-                                                 max_failures=cfg.max_failures):
+                                                 max_failures=cfg.max_failures, log=log):
         # the run's own seconds in its runner, not the time since the whole batch began
         saved[runner_run.name] = save_trained(cfg, by_name[runner_run.name], result, dataset_info, result.seconds, log,
                                               say_done=False)

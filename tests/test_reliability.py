@@ -138,6 +138,28 @@ def test_a_queued_runner_run_records_its_own_seconds_not_its_wait(prepared, ray_
     assert sum(r.seconds for r in results) <= elapsed
 
 
+def test_runners_leave_a_cpu_for_the_reads_of_streamed_clips(prepared, ray_local, tmp_path):
+    """Clips too large to hold are read every epoch by Ray Data tasks (0.25 CPU each): two runners
+    of 1.5 CPU took all of the session's 3 CPUs (an actor keeps them while it lives), and the reads,
+    so the command, waited for ever. Now one runner at a time, said; held data keeps two."""
+    from dvfl import pipeline
+    from dvfl.train.launch import RunnerRun, Scaling, runners_beside_reads, train_concurrently, training_data
+
+    cfg = prepared["cfg"]
+    loop = pipeline.training_loop_config(cfg, cfg.student, dataclasses.replace(cfg.optim, epochs=1),
+                                         len(prepared["info"]["classes"]), 0, {"mode": "none"}, tensorboard_dir=None)
+    streamed = training_data(cfg.clips_dir, seed=0, materialize_below_mb=0)
+    runs = [RunnerRun(f"streamed-{i}", dataclasses.replace(loop, label=f"streamed {i}"), streamed, str(tmp_path / f"run{i}"))
+            for i in range(2)]
+    scaling, lines = Scaling(1, False, 1.5), []
+    held = [dataclasses.replace(r, data=pipeline.shared_training_data(cfg)) for r in runs]
+    assert runners_beside_reads(held, scaling, 2, lines.append) == 2 and not lines
+    assert runners_beside_reads(runs, scaling, 2, lines.append) == 1  # (asserted first: the old code hangs below)
+    assert "1 runner(s) at a time, not 2" in lines[0], lines
+    done = [run.name for run, _ in train_concurrently(runs, scaling=scaling, concurrent=2, log=lambda *_: None)]
+    assert sorted(done) == ["streamed-0", "streamed-1"]
+
+
 # ----------------------------------------------------------------------------- the cache check
 def _bytes_read() -> int:
     with open("/proc/self/io") as f:

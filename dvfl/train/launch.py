@@ -15,7 +15,8 @@ from dvfl.data.sampling import pool_videos
 from dvfl import storage
 from dvfl.host import usable_cpus
 from dvfl.runtime import signal_handlers_kept
-from dvfl.data.shards import keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset, read_clips_table, shard_paths
+from dvfl.data.shards import (READ_TASK_CPUS, keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset,
+                              read_clips_table, shard_paths)
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
 
@@ -306,7 +307,31 @@ class LoopRunner:
         return seconds
 
 
-def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: int, max_failures: int = 1):
+def runners_beside_reads(runs: list[RunnerRun], scaling: Scaling, concurrent: int, log=None) -> int:
+    """How many runners may hold CPUs at once: data too large to hold is read every epoch by Ray
+    Data tasks (``READ_TASK_CPUS`` each), which runners that took every CPU leave waiting for ever
+    (an actor keeps its CPUs while it lives). Materialised data needs no read beside them."""
+    import ray
+    from ray.data.dataset import MaterializedDataset
+
+    streamed = any(not isinstance(d, MaterializedDataset)
+                   for run in runs for d in (run.data.train, run.data.val) if d is not None)
+    if not streamed or scaling.cpus_per_worker <= 0:
+        return concurrent
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    fit = int((cpus - READ_TASK_CPUS + 1e-9) // scaling.cpus_per_worker)
+    if fit < 1:
+        raise ValueError(f"a runner's {scaling.cpus_per_worker:g} CPU (scaling.cpus_per_worker) + {READ_TASK_CPUS:g} CPU "
+                         f"for Ray Data's reads of the streamed clips need more than Ray's {cpus:g} CPU: lower "
+                         "scaling.cpus_per_worker or give Ray more (--num-cpus)")
+    if fit < min(concurrent, len(runs)):
+        (log or print)(f"[train] {fit} runner(s) at a time, not {concurrent} (scaling.concurrent_runs): the clips are "
+                       f"read every epoch, and Ray's {cpus:g} CPU must keep {READ_TASK_CPUS:g} for those reads")
+        return fit
+    return concurrent
+
+
+def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: int, max_failures: int = 1, log=None):
     """Train one-worker ``runs`` ``concurrent`` at a time in runner actors; yields ``(run, result)``
     as each finishes. A runner that dies (killed, out of memory, node lost) is replaced and its
     run resumes from its last epoch state, up to ``max_failures`` times per run; an error raised
@@ -320,6 +345,7 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
         raise ValueError(f"concurrent runs are one-worker runs, got scaling.num_workers={scaling.num_workers}")
     for run in runs:
         check_enough_clips(run.data, 1, run.loop.optim.batch_size)
+    concurrent = runners_beside_reads(runs, scaling, concurrent, log)
     runner = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0,
                         resources=scaling.resources or None, max_restarts=0)(LoopRunner)
     threads = threads_per_worker(Scaling(num_workers=concurrent, use_gpu=scaling.use_gpu,
