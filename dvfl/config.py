@@ -276,6 +276,14 @@ class RunConfig:
             setattr(owner, name, paths.absolute_input(getattr(owner, name), cwd))
         return self
 
+    def kinetics_ingest_command(self) -> str:
+        """The ingest of this config's Kinetics clips (its settings; test = the validate.csv videos)."""
+        d = self.data
+        return (f"dvfl ingest --dataset kinetics --root {d.root or 'ROOT'} --annotations train=annotations/train.csv "
+                f"--annotations test=annotations/validate.csv --frames {d.frames} --clips-per-video "
+                f"{d.clips_per_video} --eval-clips {d.eval_clips} --short-side {d.short_side} --seed {self.seed} "
+                f"--out {self.clips_dir}")
+
     def as_given(self, cwd: str | None = None) -> "RunConfig":
         """A copy to write into a file that outlives this process (:func:`dvfl.paths.as_given`):
         under a Ray job, inputs inside the job's temporary copy of the working directory are
@@ -525,6 +533,10 @@ class RunConfig:
                 if name == "data.root" and self.data.clips and _finished_ingest(self.data.clips):
                     continue  # finished given clips are used as they are: the videos' folder is not read
                 why = storage.reachable(value) if storage.is_remote(value) or name not in outputs else None
+                if why and name == "data.clips" and self.data.dataset == "kinetics":  # (distill says it in ensure_clips)
+                    why += (", and a run does not ingest Kinetics itself (which CSV is the test split decides what "
+                            f"the results compare with): ingest it first, with this config's settings: "
+                            f"`{self.kinetics_ingest_command()}`")
                 if why:
                     fail(name, why)
             if ("data.clips" in outputs and self.data.clips and self.data.dataset != "synthetic"

@@ -139,13 +139,10 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
             info = load_dataset_info(out)
             check_clips_match(cfg, info)
             return info
-        d = cfg.data
         raise ConfigError(
             f"data.clips: {out} holds no finished ingest, and a run does not ingest Kinetics itself (which CSV is "
             f"the test split decides what the results compare with): ingest it first, with this config's settings: "
-            f"`dvfl ingest --dataset kinetics --root {d.root or 'ROOT'} --annotations train=annotations/train.csv "
-            f"--annotations test=annotations/validate.csv --frames {d.frames} --clips-per-video {d.clips_per_video} "
-            f"--eval-clips {d.eval_clips} --short-side {d.short_side} --seed {cfg.seed} --out {out}`")
+            f"`{cfg.kinetics_ingest_command()}`")
     if cfg.data.dataset == "synthetic":
         generated = ensure_videos(cfg, log)
         manifest = build_manifest("synthetic", generated["root"], 1)

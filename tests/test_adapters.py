@@ -307,6 +307,12 @@ def test_kinetics_is_not_ingested_by_a_run_from_its_csvs_own_split_column(tmp_pa
                                           r"--frames 8 --clips-per-video 2 --eval-clips 4 --short-side 256 --seed 0 --out "):
         ensure_clips(cfg, log=lambda *_: None)
     assert not os.path.exists(tmp_path / "clips")
+    # `dvfl teacher` / `dvfl cache` check data.clips as an input before any work: a bare "path does
+    # not exist" named no ingest command there (README "Kinetics-400")
+    with pytest.raises(ConfigError, match=r"data\.clips .*path does not exist.*a run does not ingest Kinetics itself"
+                                          r".*--annotations test=annotations/validate\.csv"):
+        load_config(os.path.join(REPO_CONFIGS, "kinetics400.yaml"), [("data.root", str(tmp_path / "k400")),
+                                                                     ("data.clips", str(tmp_path / "clips"))])
 
 
 def test_dvfl_csv(tmp_path, src_video):
