@@ -245,3 +245,31 @@ def test_ctrl_c_during_a_ray_train_run_is_an_interrupt_not_a_silent_exit():
     with pytest.raises(KeyboardInterrupt):
         fit_as_interruptible(Trainer(SystemExit(0)))
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_epoch_state_that_does_not_fit_on_disk_is_an_oserror_naming_the_file(tmp_path):
+    """torch.save on a full disk raises RuntimeError ("file write failed", "unexpected pos"): not an
+    OSError, so a full TMPDIR ended in Ray Train's retries and a traceback naming neither the disk
+    nor the folder, instead of the one-line disk error. (A file-size limit makes the disk full here.)"""
+    import subprocess
+    import sys
+
+    code = f"""
+import errno, resource, signal, types, numpy as np, torch
+from dvfl.train.loop import _save_state
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+model = torch.nn.Linear(100, 100)
+run = types.SimpleNamespace(raw_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), step=3, history=[],
+                            rng=np.random.default_rng(0), world=1, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                            device=torch.device("cpu"))
+try:
+    _save_state({str(tmp_path)!r}, run, 2)
+except OSError as exc:
+    print(exc.errno == errno.ENOSPC, exc.filename, exc.strerror)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    flag, path, words = r.stdout.split(" ", 2)
+    assert flag == "True" and path == str(tmp_path / "state.pt"), r.stdout
+    assert "writing epoch 2's state failed" in words and "MiB free there" in words, r.stdout

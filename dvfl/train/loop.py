@@ -16,6 +16,7 @@ views ingest stores per video. Without a teacher, training uses random crops (an
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
@@ -89,13 +90,18 @@ class TeacherSignal:
 
 def _save_state(directory: str, run: "_Run", epoch: int) -> None:
     # the random streams and the fp16 loss scale too: a resumed run trains as an uninterrupted one
-    torch.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
-                "world": run.world,
-                "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict(),
-                # drop-path draws from the GPU's generator on a GPU
-                "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
-               os.path.join(directory, STATE_FILE))
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        torch.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
+                    "world": run.world,
+                    "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict(),
+                    # drop-path draws from the GPU's generator on a GPU
+                    "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
+                   path)
+    except RuntimeError as exc:  # torch's writer says "file write failed" / "unexpected pos", not ENOSPC
+        raise OSError(errno.ENOSPC, f"writing epoch {epoch}'s state failed ({exc}); "
+                      f"{shutil.disk_usage(directory).free / 2**20:.0f} MiB free there (TMPDIR)", path) from exc
 
 
 @contextlib.contextmanager
