@@ -176,7 +176,7 @@ def _entrypoint(doc, fn):
      ("output_dir is '/tmp/x': not on a volume",)),
     # /data in every pod, but not the same files: a pod's own emptyDir, or another claim
     (lambda d: _set(d, lambda d: _replace_volume(_group(d, "gpu-workers"), {"name": "data", "emptyDir": {}})),
-     ("data.clips is '/data/ucf101_s1': not on a volume", "persistentVolumeClaim or NFS")),
+     ("data.clips is '/data/ucf101_s1': not on a volume", "not an emptyDir")),
     (lambda d: _set(d, lambda d: _replace_volume(_group(d, "cpu-workers"),
                                                  {"name": "data", "persistentVolumeClaim": {"claimName": "other"}})),
      ("teacher.cache is '/data/ucf101_s1_cache': not on a volume",)),
@@ -187,6 +187,21 @@ def _entrypoint(doc, fn):
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)
+
+
+def test_rayjob_paths_may_be_on_any_shared_volume(kuberay_docs):
+    """A GCS-FUSE (CSI) bucket mounted at /data in every group is shared like the claim; a claim
+    mounted with a per-pod subPathExpr is not."""
+    csi = {"name": "data", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "volumeAttributes": {"bucketName": "b"}}}
+    doc = copy.deepcopy(kuberay_docs["rayjob"])
+    for group in _groups(doc):
+        _replace_volume(group, csi)
+    assert cv.job_config_path_errors(doc) == []
+    per_pod = copy.deepcopy(kuberay_docs["rayjob"])
+    for m in _ray_container(_group(per_pod, "cpu-workers"))["volumeMounts"]:
+        if m["name"] == "data":
+            m["subPathExpr"] = "$(POD_NAME)"
+    assert any("not on a volume" in e for e in cv.job_config_path_errors(per_pod))
 
 
 def test_rayjob_paths_may_be_uris(kuberay_docs):

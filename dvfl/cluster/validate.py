@@ -1109,21 +1109,22 @@ JOB_PATH_FIELDS = ("output_dir", "data.root", "data.clips", "data.unlabeled", "t
                    "student.checkpoint", "student.init_2d", "teacher.train.checkpoint", "teacher.train.init_2d")
 
 
-def _volume_identity(volume: dict) -> tuple | None:
-    """What a pod volume is, when every pod that mounts it sees the same files: a claim (by name) or
-    an NFS export. ``None`` for the rest: emptyDir, hostPath and the like are the pod's or its node's own."""
-    claim = _as_mapping(volume.get("persistentVolumeClaim")).get("claimName")
-    if isinstance(claim, str):
-        return ("claim", claim)
-    nfs = _as_mapping(volume.get("nfs"))
-    if isinstance(nfs.get("server"), str) and isinstance(nfs.get("path"), str):
-        return ("nfs", nfs["server"], nfs["path"].rstrip("/") or "/")
-    return None
+# pod volumes that are the pod's or its node's own, however alike their specs in every group
+POD_LOCAL_VOLUMES = ("emptyDir", "hostPath", "configMap", "secret", "downwardAPI", "ephemeral", "projected")
+
+
+def _volume_identity(volume: dict) -> str | None:
+    """What a pod volume is, when every pod that mounts it sees the same files: its spec without
+    its name (the same claim, NFS export, CSI bucket, ...). ``None`` for a pod's or node's own."""
+    if any(k in volume for k in POD_LOCAL_VOLUMES):
+        return None
+    spec = {k: v for k, v in volume.items() if k != "name"}
+    return json.dumps(spec, sort_keys=True, default=str) if spec else None
 
 
 def _shared_mounts(spec: dict) -> set[str]:
     """Mount paths where the Ray container of the head and of every worker group sees the same
-    files: the same claim or NFS export (and subPath) at the same path in all of them."""
+    files: the same shared volume (claim, NFS export, CSI bucket; and subPath) at the same path in all."""
     groups = [_as_mapping(spec.get("headGroupSpec"))] + [_as_mapping(g) for g in _as_list(spec.get("workerGroupSpecs"))]
     shared = None
     for g in groups:
@@ -1132,7 +1133,8 @@ def _shared_mounts(spec: dict) -> set[str]:
         containers = _as_list(pod.get("containers"))
         mounts = {(m["mountPath"].rstrip("/") or "/", volumes.get(m.get("name")), m.get("subPath") or "")
                   for m in _as_list(_as_mapping(containers[0]).get("volumeMounts") if containers else [])
-                  if isinstance(m, dict) and isinstance(m.get("mountPath"), str)}
+                  # subPathExpr ($(POD_NAME), ...): another folder in every pod
+                  if isinstance(m, dict) and isinstance(m.get("mountPath"), str) and not m.get("subPathExpr")}
         mounts = {m for m in mounts if m[1] is not None}
         shared = mounts if shared is None else shared & mounts
     return {path for path, _, _ in shared or set()}
@@ -1223,7 +1225,8 @@ def job_config_path_errors(doc: dict) -> list[str]:
         elif not any(local == m or local.startswith(m.rstrip("/") + "/") for m in mounts):
             out.append(_error_line("policy", where, f"{name} is {value!r}: not on a volume that the head and every "
                             f"worker group mount ({', '.join(sorted(mounts)) or 'none'}: the same "
-                            "persistentVolumeClaim or NFS export in each); give a URI or a path on such a volume"))
+                            "shared volume in each: a claim, an NFS export, a CSI bucket; not an emptyDir or hostPath); give a URI "
+                            "or a path on such a volume"))
     return out
 
 
