@@ -249,6 +249,13 @@ def test_fresh_deletes_only_a_tune_experiment_of_ours(tmp_path):
     (ours / SEARCH_FILE).write_text("{}")
     remove_experiment(ours, "exp", log=lambda *_: None)
     assert not ours.exists()
+    # a name the search accepted (a space in it) is one --fresh deletes too (it refused: the search
+    # could then be neither deleted nor renamed without losing it)
+    spaced = tmp_path / "my exp"
+    spaced.mkdir()
+    (spaced / SEARCH_FILE).write_text("{}")
+    remove_experiment(spaced, "my exp", log=lambda *_: None)
+    assert not spaced.exists()
 
 
 def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):

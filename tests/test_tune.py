@@ -446,9 +446,7 @@ def test_best_config_runs_with_distill(search, ray_local):
     (("tune.space.student.embed_dim", {"uniform": [4, 16]}),
      r"tune\.space\.student\.embed_dim: uniform draws fractional values and student\.embed_dim takes whole numbers"),
     (("tune.space.optim.batch_size", {"loguniform": [4, 32]}), r"tune\.space\.optim\.batch_size: loguniform draws"),
-    # accepted before, then refused by --fresh after the search had run for hours
-    (("tune.experiment", "my exp"), r"tune\.experiment must be a plain name .* got 'my exp'"),
-    (("tune.experiment", ".hidden"), r"tune\.experiment must be a plain name"),
+    (("tune.experiment", "runs/x"), r"tune\.experiment must be a plain name, got 'runs/x'"),
 ])
 def test_bad_search_configs_are_rejected_naming_the_field(override, message):
     from dvfl.tune import load_tune_config

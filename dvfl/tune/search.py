@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from dvfl import storage
 from dvfl.runtime import signal_handlers_kept
 from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, require_finished, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
-from dvfl.tune.search_config import EXPERIMENT_NAME, TuneConfig, asha_words, experiment_dir, param_space
+from dvfl.tune.search_config import TuneConfig, asha_words, experiment_dir, param_space, plain_experiment_name
 from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_driver, trial_resources,
                               trials_in_process)
 
@@ -170,9 +169,8 @@ def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh
     """--fresh (or ``why``): delete ``exp`` (a folder or a URI prefix) only if it is one of our Tune
     experiments under a plain name."""
     exp = os.fspath(exp)
-    if not re.fullmatch(EXPERIMENT_NAME, name) or storage.basename(exp.rstrip("/")) != name:
-        raise ConfigError(f"tune.experiment must be a plain name (letters, digits, '.', '_', '-'), got {name!r}; "
-                          "--fresh deletes nothing")
+    if not plain_experiment_name(name) or storage.basename(exp.rstrip("/")) != name:
+        raise ConfigError(f"tune.experiment must be a plain name, got {name!r}; --fresh deletes nothing")
     if (not storage.is_remote(exp) and os.path.islink(exp)) or not storage.isfile(storage.join(exp, SEARCH_FILE)):
         raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
                           "it was not deleted: pick another tune.experiment or tune.storage")
