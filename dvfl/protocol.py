@@ -250,21 +250,25 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
 
 
 def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], out_dir: str, log=print,
-                 earlier: list[dict] = ()) -> dict:
+                 others: dict[int, RunConfig] | None = None) -> dict:
     """Run the pipeline per split (in order), rewriting the protocol's results after each one;
-    ``earlier``: finished splits of earlier commands (:func:`earlier_runs`), counted with them."""
+    ``others``: the configs of the splits not asked for, whose finished runs (:func:`earlier_runs`,
+    read again before each write: another command may be running other folds) count with them."""
     from dvfl import pipeline
     from dvfl.config import dump_config
 
-    runs: list[dict] = [r for r in earlier if r["split"] not in ids]
-    report = write_results(out_dir, protocol, ids, runs, log=lambda *_: None)
+    def with_others(own: list[dict], say=lambda *_: None) -> list[dict]:
+        return sorted([*earlier_runs(others or {}, log=say), *own], key=lambda r: r["split"])
+
+    own: list[dict] = []
+    report = write_results(out_dir, protocol, ids, with_others(own, log), log=lambda *_: None)
     for n, (i, cfg) in enumerate(zip(ids, configs), 1):
         log(f"[protocol] {protocol.kind} {i} ({n}/{len(ids)}): clips {cfg.clips_dir}, results in {cfg.output_dir}")
         storage.makedirs(cfg.output_dir)
         pipeline.remove_report(cfg.output_dir)  # a split that fails must not leave an earlier run's beside its config
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
-        runs = sorted([*runs, _run_row(i, cfg, pipeline.run_all(cfg, log))], key=lambda r: r["split"])
-        report = write_results(out_dir, protocol, ids, runs, log=log)
+        own.append(_run_row(i, cfg, pipeline.run_all(cfg, log)))
+        report = write_results(out_dir, protocol, ids, with_others(own), log=log)
     return report
 
 

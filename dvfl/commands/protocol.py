@@ -69,6 +69,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         with ray_runtime(num_cpus=a.num_cpus) as resources:
             if not all(fits_ray(cfg, resources) for cfg in configs):
                 return 2
-            P.run_protocol(proto, configs, ids, out, earlier=P.earlier_runs(other_configs))
+            P.run_protocol(proto, configs, ids, out, others=other_configs)
     print(f"[protocol] finished in {time.time() - started:.0f}s")
     return 0
