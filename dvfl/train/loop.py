@@ -91,17 +91,27 @@ class TeacherSignal:
 def _save_state(directory: str, run: "_Run", epoch: int) -> None:
     # the random streams and the fp16 loss scale too: a resumed run trains as an uninterrupted one
     path = os.path.join(directory, STATE_FILE)
+    state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
+             "world": run.world,
+             "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict(),
+             # drop-path draws from the GPU's generator on a GPU
+             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     try:
-        torch.save({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "epoch": epoch, "step": run.step, "history": run.history, "rng": run.rng.bit_generator.state,
-                    "world": run.world,
-                    "torch_rng": torch.get_rng_state(), "scaler": run.scaler.state_dict(),
-                    # drop-path draws from the GPU's generator on a GPU
-                    "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
-                   path)
-    except RuntimeError as exc:  # torch's writer says "file write failed" / "unexpected pos", not ENOSPC
-        raise OSError(errno.ENOSPC, f"writing epoch {epoch}'s state failed ({exc}); "
-                      f"{shutil.disk_usage(directory).free / 2**20:.0f} MiB free there (TMPDIR)", path) from exc
+        torch.save(state, path)
+    except RuntimeError as exc:  # torch's writer says "file write failed" / "unexpected pos", not why
+        free = shutil.disk_usage(directory).free
+        # a full disk, or a quota / file-size limit / I/O error (said with the free space, not called full)
+        code = errno.ENOSPC if free < 2 ** 20 + _state_bytes(state) else errno.EIO
+        raise OSError(code, f"writing epoch {epoch}'s state failed ({exc}); {free / 2**20:.0f} MiB free "
+                      "there (TMPDIR)", path) from exc
+
+
+def _state_bytes(state: dict) -> int:
+    """Roughly what an epoch state takes on disk: its tensors' bytes."""
+    tensors = [t for part in (state["model"], *state["optimizer"].get("state", {}).values())
+               for t in part.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @contextlib.contextmanager
