@@ -533,7 +533,8 @@ class RunConfig:
                 if name == "data.root" and self.data.clips and _finished_ingest(self.data.clips):
                     continue  # finished given clips are used as they are: the videos' folder is not read
                 why = storage.reachable(value) if storage.is_remote(value) or name not in outputs else None
-                if why and name == "data.clips" and self.data.dataset == "kinetics":  # (distill says it in ensure_clips)
+                if why and name == "data.clips" and self.data.dataset == "kinetics" and not storage.is_remote(value):
+                    # not there at all (distill says it in ensure_clips); a bucket that does not answer is that
                     why += (", and a run does not ingest Kinetics itself (which CSV is the test split decides what "
                             f"the results compare with): ingest it first, with this config's settings: "
                             f"`{self.kinetics_ingest_command()}`")
