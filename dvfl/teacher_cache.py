@@ -26,7 +26,7 @@ from dvfl.artifacts import load_model_for, other_class_list
 from dvfl.models import build_model
 from dvfl import storage
 from dvfl.host import usable_cpus
-from dvfl.data.shards import (ClipReadError, atomic_write_table, corrupt_shard_error, find_corrupt_shards, is_damage,
+from dvfl.data.shards import (ClipReadError, atomic_write_table, corrupt_shard_error, find_corrupt_shards,
                               load_dataset_info, parquet_file, read_table, remove_stale_tmp, shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
@@ -272,13 +272,11 @@ def _teacher_logits(model, arrays, crop_size: int, view: View, device) -> torch.
 
 
 def _read_batches(src: str, batch_size: int, columns: list[str]):
-    """The clip shard's record batches; a read that fails for a reason other than damaged bytes
-    (access, credentials, network) is a :class:`ClipReadError` naming the shard."""
+    """The clip shard's record batches; a failed read is a :class:`ClipReadError` (the writer then
+    tells a damaged shard from one that could not be read)."""
     try:
         yield from parquet_file(src).iter_batches(batch_size=batch_size, columns=columns)
-    except (OSError, pa.ArrowException) as exc:
-        if is_damage(exc):
-            raise
+    except (OSError, pa.ArrowException) as exc:  # damaged bytes, or no bytes: find_corrupt_shards tells
         raise ClipReadError(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -326,7 +324,7 @@ class ShardLogitWriter:
                 # a damaged clip shard is not a write error: a rerun would fail on it again
                 corrupt = [f"{p} ({e})" for p, e in find_corrupt_shards([src])]
                 stats.append(json.dumps({"shard": storage.basename(src), "source": src, "error": str(exc),
-                                         "read": isinstance(exc, ClipReadError), "corrupt": corrupt}))
+                                         "read": isinstance(exc, ClipReadError) and not corrupt, "corrupt": corrupt}))
         return {"stats": np.array(stats, dtype=object)}
 
     def _process(self, src: str, dst: str, content: str | None = None) -> dict:

@@ -330,17 +330,24 @@ def test_a_cut_clip_shard_is_named_damaged_and_a_refused_read_is_not(prepared, r
     (stats,) = [json.loads(s) for s in writer(batch)["stats"]]
     assert stats["corrupt"] and str(cut) in stats["corrupt"][0] and "ArrowInvalid" in stats["corrupt"][0], stats
 
-    def refused(path, **kw):
+    def refused(path, **kw):  # what pyarrow's S3 filesystem raises; its words hold "INVALID" for a bad key
         raise OSError("When reading information for key 'clips/train-00000.parquet' in bucket 'b': AWS Error "
-                      "ACCESS_DENIED during HeadObject operation: ExpiredToken")
+                      "INVALID_ACCESS_KEY_ID during GetObject operation: The provided token is malformed or otherwise invalid")
+
+    from dvfl import storage
 
     monkeypatch.setattr(teacher_cache, "parquet_file", refused)
-    monkeypatch.setattr(shards_mod, "parquet_file", refused)
+    monkeypatch.setattr(storage, "read_bytes", refused)
     (stats,) = [json.loads(s) for s in writer({**batch, "shard": [src]})["stats"]]
-    assert stats["read"] and not stats["corrupt"] and "ExpiredToken" in stats["error"], stats
+    assert stats["read"] and not stats["corrupt"] and "INVALID_ACCESS_KEY_ID" in stats["error"], stats
     assert shards_mod.find_corrupt_shards([src]) == []
-    assert not shards_mod.is_damage(PermissionError(13, "Permission denied")) and shards_mod.is_damage(
-        OSError("could not verify page integrity, CRC checksum verification failed for page_ordinal 0"))
+    monkeypatch.undo()
+    # damage is judged on bytes that were fetched, whatever pyarrow's words: a flipped page, a cut file
+    flipped = bytearray(Path(src).read_bytes())
+    flipped[len(flipped) // 2:len(flipped) // 2 + 64] = bytes(b ^ 0xFF for b in flipped[len(flipped) // 2:len(flipped) // 2 + 64])
+    (tmp_path / "flipped.parquet").write_bytes(bytes(flipped))
+    assert [p for p, _ in shards_mod.find_corrupt_shards([src, str(cut), str(tmp_path / "flipped.parquet")])] == [
+        str(cut), str(tmp_path / "flipped.parquet")]
 
 
 # ----------------------------------------------------------------------------- distillation (issue 5)

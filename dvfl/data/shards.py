@@ -386,32 +386,22 @@ class ClipReadError(OSError):
     """A clip shard that could not be read now (access, credentials, network), not a damaged one."""
 
 
-# what pyarrow says of damaged bytes when it raises an OSError (a page checksum, a cut footer or page)
-_DAMAGE_WORDS = ("checksum", "magic bytes", "thrift", "end of stream", "corrupt", "decompress", "invalid")
-
-
-def is_damage(exc: BaseException) -> bool:
-    """A read error that says the file's bytes are bad (re-ingest it), as opposed to a read that
-    could not happen (permissions, an expired token, a throttled or unreachable bucket: rerun)."""
-    if isinstance(exc, pa.ArrowException) and not isinstance(exc, OSError):
-        return True  # ArrowInvalid & co.: the bytes do not parse
-    if isinstance(exc, (PermissionError, FileNotFoundError, ConnectionError, TimeoutError)):
-        return False
-    return isinstance(exc, OSError) and any(w in str(exc).lower() for w in _DAMAGE_WORDS)
-
-
 def find_corrupt_shards(paths: Iterable[str]) -> List[tuple]:
     """``(path, error)`` of every shard whose bytes do not read back whole, page checksums included
-    (a diagnosis for read errors that do not say which file failed; reads every byte). A shard that
-    cannot be read at all right now (access, network) is not listed: it is not damaged."""
+    (a diagnosis for read errors that do not say which file failed). The bytes are fetched first:
+    a shard that cannot be fetched now (access, credentials, network) is not listed, not damaged;
+    one whose fetched bytes do not parse is, whatever pyarrow's words for it."""
     bad = []
     for p in paths:
         try:
-            for _ in parquet_file(p, page_checksum_verification=True).iter_batches(batch_size=64):
+            data = storage.read_bytes(p)
+        except Exception:  # noqa: BLE001  (a read that did not happen says nothing of the bytes)
+            continue
+        try:
+            for _ in pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True).iter_batches(batch_size=64):
                 pass
-        except Exception as exc:  # noqa: BLE001  (sorted by is_damage)
-            if is_damage(exc):
-                bad.append((p, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001  (any failure to parse fetched bytes is damage)
+            bad.append((p, f"{type(exc).__name__}: {exc}"))
     return bad
 
 
