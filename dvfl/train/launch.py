@@ -308,22 +308,21 @@ class LoopRunner:
 
 
 def runners_beside_reads(runs: list[RunnerRun], scaling: Scaling, concurrent: int, log=None) -> int:
-    """How many runners may hold CPUs at once: data too large to hold is read every epoch by Ray
-    Data tasks (``READ_TASK_CPUS`` each), which runners that took every CPU leave waiting for ever
-    (an actor keeps its CPUs while it lives). Materialised data needs no read beside them."""
+    """How many runners may hold CPUs at once on this machine's Ray: data too large to hold is read
+    every epoch by Ray Data tasks (``READ_TASK_CPUS`` each), which runners that took every CPU leave
+    waiting for ever (an actor keeps its CPUs while it lives). Materialised data needs no read beside them."""
     import ray
     from ray.data.dataset import MaterializedDataset
 
     streamed = any(not isinstance(d, MaterializedDataset)
                    for run in runs for d in (run.data.train, run.data.val) if d is not None)
-    if not streamed or scaling.cpus_per_worker <= 0:
+    # a joined cluster's autoscaler adds nodes for waiting reads (its CPUs now are no limit: the
+    # shipped KubeRay head has none), as check_training_fits leaves it to size
+    joined = os.environ.get("RAY_ADDRESS", "local") != "local"
+    if not streamed or joined or scaling.cpus_per_worker <= 0:
         return concurrent
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    fit = int((cpus - READ_TASK_CPUS + 1e-9) // scaling.cpus_per_worker)
-    if fit < 1:
-        raise ValueError(f"a runner's {scaling.cpus_per_worker:g} CPU (scaling.cpus_per_worker) + {READ_TASK_CPUS:g} CPU "
-                         f"for Ray Data's reads of the streamed clips need more than Ray's {cpus:g} CPU: lower "
-                         "scaling.cpus_per_worker or give Ray more (--num-cpus)")
+    fit = max(1, int((cpus - READ_TASK_CPUS + 1e-9) // scaling.cpus_per_worker))  # (<1: refused by check_training_fits)
     if fit < min(concurrent, len(runs)):
         (log or print)(f"[train] {fit} runner(s) at a time, not {concurrent} (scaling.concurrent_runs): the clips are "
                        f"read every epoch, and Ray's {cpus:g} CPU must keep {READ_TASK_CPUS:g} for those reads")
