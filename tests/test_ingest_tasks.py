@@ -228,3 +228,26 @@ def test_a_video_the_driver_read_but_a_decode_task_cannot_find_fails_the_task(vi
         I._write_piece(piece, opts)
     assert actionable_failure(RuntimeError("wrapped")) is None and actionable_failure(e.value) is e.value
     assert not dest.exists() and os.listdir(dest.parent) == ["_meta"] and os.listdir(opts["meta_dir"]) == []
+
+
+def test_a_file_this_machine_may_not_read_is_unreadable_and_fails_the_task_not_a_final_reject(video_factory, tmp_path,
+                                                                                            monkeypatch):
+    """A PermissionError (another user id on a worker node) or an NFS read's EIO escaped the decode
+    as 'decoder_error' ("a bug"), a final reject in a committed shard that no rerun retried. It is
+    'unreadable' now, and in an ingest a file the driver read that a decode task cannot read fails
+    the task, naming the node, like one it cannot find."""
+    from dvfl.data import decode
+
+    path = video_factory(str(tmp_path / "v0.mp4"), n=12, h=32, w=32)
+    job = {"path": path, "root": str(tmp_path), "frames": 8, "clips_per_video": 1, "eval_clips": 1, "seed": 0,
+           "short_side": 32, "min_frames": 8, "video_id": "v0", "split": "train"}
+
+    def refused(p):
+        raise PermissionError(13, "Permission denied", p)
+
+    monkeypatch.setattr(decode, "probe_container", refused)
+    res = decode.decode_video(job)
+    assert res == {"ok": False, "reason": "unreadable", "detail": res["detail"]} and "Permission denied" in res["detail"]
+    with pytest.raises(I.VideoNotOnNodeError, match=r"v0\.mp4 was read when the ingest listed its inputs, but the "
+                                                    r"decode task on \S+ cannot read it \(.*Permission denied"):
+        I.raise_if_not_on_node({"abspath": path}, res)

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="class list file (kinetics, dvfl-csv: one name per line; ssv2: labels.json)")
     p.add_argument("--num-classes", type=int,
                    help="dvfl-csv: number of classes (default: the distinct labels of the lists, numbered 0..K-1)")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="folder: fraction of videos for test")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="folder: fraction of videos for test (drawn by a stable hash of each video's path, "
+                   "the same on every ingest whatever --seed)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="folder: fraction of videos for val")
     p.add_argument("--unlabeled", action="append", default=[], metavar="DIR_OR_LIST",
                    help="videos without labels (a folder tree or a file with one path per line): "
@@ -242,7 +243,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         m = build_manifest(a.dataset, root, a.split, annotations=a.annotations or None, lists_dir=a.lists_dir,
                            videos_dir=a.videos_dir if a.dataset != "synthetic" else None,
                            classes_file=a.classes, num_classes=a.num_classes, test_fraction=a.test_fraction,
-                           val_fraction=a.val_fraction, seed=a.seed)
+                           val_fraction=a.val_fraction)
         for pool, u in enumerate(a.unlabeled):
             m.extend(unlabeled(u, pool))
             m.source.setdefault("unlabeled", []).append(os.path.abspath(u))

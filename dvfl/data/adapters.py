@@ -59,6 +59,10 @@ def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name
     symlinks resolved) leaves the manifest's root, or a ``missing`` one when the file is not there.
     The stored path opens the checked file: the listed path made absolute when it lies under the root
     and resolves to that file, else the real path re-expressed under the root (``link/../x``)."""
+    if "\0" in path:  # (a list saved as UTF-16, or written by find -print0: no file has such a name)
+        m.problems.append(Problem(_d.BAD_LINE, path.replace("\0", ""), video_id and video_id.replace("\0", ""),
+                                  "a NUL byte in the path: the list is not UTF-8 text, one path per line", split))
+        return
     real, root = os.path.realpath(path), os.path.realpath(m.root)
     if os.path.commonpath([real, root]) != root:
         m.problems.append(Problem(_d.OUTSIDE_ROOT, path, video_id, f"resolves to {real}, outside the root {root}",
@@ -88,7 +92,11 @@ def _read_lines(path: str) -> List[Tuple[int, str]]:
     comments: a line starting with ``#`` is an entry (HMDB51 has videos named ``#20_Rhythm_clap_...``)."""
     # surrogateescape: a name in another encoding (Latin-1 bytes) still opens the file it names
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        return [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip()]
+        lines = [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip()]
+    if any("\0" in ln for _, ln in lines):  # (its every path would be a bad line)
+        raise AdapterError(f"{path} holds NUL bytes: not UTF-8 text with one entry per line (saved as UTF-16, or "
+                           "written by find -print0?); save it as UTF-8, one per line")
+    return lines
 
 
 _SPLITS = ("train", "val", "test")
@@ -242,8 +250,9 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
         root = os.path.join(root, "UCF50")
     classes = _subfolders(root)
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
+    outside: List[Tuple[str, str]] = []
     for lab, cls in enumerate(classes):
-        for dirpath, _, names in _walk(os.path.join(root, cls)):
+        for dirpath, _, names in _walk(os.path.join(root, cls), root, outside):
             videos = [n for n in names if _is_video(n)]
             for n, last in zip(videos, _id_parts(videos)):
                 path = os.path.join(dirpath, n)
@@ -257,6 +266,7 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
                                               f"group g{g.group(1)} is not one of UCF50's 25 groups g01..g25"))
                     continue
                 _add(m, vid, path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
+    _outside_problems(m, outside, None)  # (the group, so the split, is in each file's name)
     return m
 
 
@@ -266,18 +276,42 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
 SYSTEM_FOLDERS = ("__MACOSX", "lost+found")  # a Mac zip's resource forks, a volume's fsck folder: never classes
 
 
-def _walk(top: str):
+def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str, str]]] = None):
     """``os.walk`` in sorted order that raises :class:`AdapterError` on a folder it cannot list
-    (os.walk skips it: its videos were neither inputs nor rejects)."""
+    (os.walk skips it: its videos were neither inputs nor rejects). A linked sub-folder is walked
+    when it resolves inside ``root`` (default ``top``; its files are judged by :func:`_add`), once;
+    one that leaves it is not walked but appended to ``outside`` as (link, target), for the caller to
+    report (os.walk skipped every linked folder: its videos were neither inputs nor rejects)."""
     def refuse(ex: OSError):
         if os.path.basename(str(ex.filename)) in SYSTEM_FOLDERS:
             return  # a volume's own lost+found (root's, mode 700) is not part of the dataset
         raise AdapterError(f"cannot read the folder {ex.filename}: {ex.strerror or ex}: fix its permissions, or "
                            "move it out of the dataset")
 
-    for dirpath, dirs, names in os.walk(top, onerror=refuse):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (.AppleDouble, .Trashes: not the dataset's)
+    real_root = os.path.realpath(root or top)
+    seen = {os.path.realpath(top)}
+    for dirpath, dirs, names in os.walk(top, onerror=refuse, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):  # (.AppleDouble, .Trashes: not the dataset's)
+            path = os.path.join(dirpath, d)
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, real_root]) != real_root:
+                if outside is not None:
+                    outside.append((path, real))
+            elif real not in seen:  # (a link back up the tree, or to a folder walked already)
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         yield dirpath, dirs, sorted(names)
+
+
+def _outside_problems(m: Manifest, outside: List[Tuple[str, str]], split: Optional[str]) -> None:
+    """A linked folder that leaves the root: one ``outside_root`` reject, its videos not read."""
+    root = os.path.realpath(m.root)
+    for link, real in outside:
+        vid = os.path.relpath(link, m.root).replace(os.sep, "/")
+        m.problems.append(Problem(_d.OUTSIDE_ROOT, link, vid, f"a link to the folder {real}, outside the root "
+                                  f"{root}: its videos are not read (move them under the root)", split))
 
 
 def _id_parts(names: list[str]) -> list[str]:
@@ -303,9 +337,9 @@ def _norm_split(s: str) -> str:
     return {"validate": "val", "validation": "val", "valid": "val", "training": "train", "testing": "test"}.get(s, s)
 
 
-def _index_videos(vdir: str) -> Dict[str, str]:
+def _index_videos(vdir: str, outside: Optional[List[Tuple[str, str]]] = None) -> Dict[str, str]:
     idx: Dict[str, str] = {}
-    for dirpath, dirs, names in _walk(vdir):
+    for dirpath, dirs, names in _walk(vdir, vdir, outside):
         for n in names:
             if _is_video(n):
                 idx.setdefault(os.path.splitext(n)[0], os.path.join(dirpath, n))
@@ -331,7 +365,8 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
     for split_hint, path in annotations:
         if not os.path.isfile(path):
             raise AdapterError(f"annotation file {path} not found")
-        default_split = _norm_split(split_hint or os.path.splitext(os.path.basename(path))[0])
+        default_split = _norm_split(split_hint) if split_hint else (
+            _split_of_name(path) or _norm_split(os.path.splitext(os.path.basename(path))[0]))
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
@@ -345,13 +380,16 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
                     rows.append((path, i, r))
         except UnicodeDecodeError as exc:  # (a ValueError: it escaped the commands' error handling as a traceback)
             raise AdapterError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+        except csv.Error as exc:  # (a stray quote makes the rest of the file one field: a traceback)
+            raise AdapterError(f"{path}: {exc} (a quote left open?)") from None
     if classes_file:
         classes = [ln for _, ln in _read_lines(classes_file)]
     else:
         classes = sorted({r["label"].strip() for _, _, r in rows if (r.get("label") or "").strip()})
     index = {c: i for i, c in enumerate(classes)}
     vdir = videos_dir or root
-    files = _index_videos(vdir)
+    outside: List[Tuple[str, str]] = []  # (per-split folders linked from another disk are not read)
+    files = _index_videos(vdir, outside)
     m = Manifest("kinetics", os.path.abspath(vdir), classes,
                  source={"annotations": [os.path.abspath(p) for _, p in annotations]})
     for _, _, r in rows:
@@ -376,6 +414,11 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
             m.problems.append(Problem(_d.UNTRIMMED, files[yid], stem, f"{r['_where']}: only "
                                       f"{os.path.basename(files[yid])} found, not {stem}.*; cut the segment "
                                       f"(ffmpeg -ss {r['time_start']} -to {r['time_end']}) into {stem}.mp4", split))
+            continue
+        if stem not in files and outside:  # said, or its reject read "no such file" under the root
+            m.problems.append(Problem(_d.OUTSIDE_ROOT, path, stem, f"{r['_where']}: not under the video root "
+                                      f"{os.path.abspath(vdir)}, which links to folders outside it that are not "
+                                      f"read ({outside[0][0]} -> {outside[0][1]}): pass --videos-dir", split))
             continue
         _add(m, stem, path, index[label_name], label_name, split)
     return m
@@ -534,7 +577,10 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
             raise AdapterError(f"annotation file {path} not found")
         split = _norm_split(split_hint) if split_hint else _split_from_name(path, "--annotations")
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(c.strip() for c in r)]
+            try:  # (a stray quote makes the rest of the file one field: a traceback)
+                rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if any(c.strip() for c in r)]
+            except csv.Error as exc:
+                raise AdapterError(f"{path}: {exc} (a quote left open?)") from None
         header = None
         if rows and not any(_is_int(c) or _is_video(c.strip()) for c in rows[0][1]):
             # a first row with no number and no video file in it is a header: its names place the columns
@@ -577,6 +623,13 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
             f"{v}: {named[v][0]!r}" for v in sorted(named, key=lambda v: (named[v][0], v))) + ")")
     if names_file is not None:
         classes = names_file
+        for v in sorted(named):  # the lists' own names must agree: a shifted numbering files every video wrongly
+            i = dense.get(v)
+            if i is not None and i < len(classes) and classes[i] != named[v][0]:
+                raise AdapterError(f"{named[v][1]}: class_name {named[v][0]!r} for label {v}, but label {v} is "
+                                   f"{classes[i]!r} in {os.path.basename(classes_file)} (class {i} of the labels "
+                                   f"{min(dense)}..{max(dense)} the lists use): number the lists as the class list, "
+                                   "or leave --classes out to take the lists' names")
     elif named:
         by_dense = {dense[v]: named[v][0] for v in named if v in dense and dense[v] < k}
         classes = [by_dense.get(i, f"class_{i:03d}") for i in range(k)]
@@ -613,7 +666,15 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
 # ---------------------------------------------------------------------------------------
 # plain folder-per-class
 
-def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, seed: int = 0) -> Manifest:
+def _fraction_split(video_id: str, test_fraction: float, val_fraction: float) -> str:
+    """A video's split drawn from a stable hash of its id alone: the same on every ingest, whatever
+    ``--seed`` (the views' seed: with it, a re-ingest moved test videos a teacher had trained on into
+    train). Seed 0's draw, which every earlier ingest of the default seed made."""
+    u = stable_seed("dvfl-folder-split", 0, video_id) / 2.0 ** 63
+    return "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
+
+
+def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> Manifest:
     """``root/<class>/**/<video>`` (all ``train`` unless fractions are given: a stable hash of
     the video id picks val/test, video by video: clips cut from one source can land on both
     sides; use split folders for such data), or ``root/{train,val,test}/<class>/**/<video>``."""
@@ -651,16 +712,17 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0, see
             cdir = os.path.join(base, cls)
             if not os.path.isdir(cdir):
                 continue
-            for dirpath, dirs, names in _walk(cdir):
+            outside: List[Tuple[str, str]] = []
+            for dirpath, dirs, names in _walk(cdir, root, outside):
                 videos = [n for n in names if _is_video(n)]
                 for n, last in zip(videos, _id_parts(videos)):
                     path = os.path.join(dirpath, n)
                     vid = os.path.relpath(os.path.join(dirpath, last), root).replace(os.sep, "/")
                     split = split_dir
                     if split is None:
-                        u = stable_seed("dvfl-folder-split", seed, vid) / 2.0 ** 63
-                        split = "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
+                        split = _fraction_split(vid, test_fraction, val_fraction)
                     _add(m, vid, path, lab, cls, split)
+            _outside_problems(m, outside, split_dir)
     # a video beside the class folders has no class: a reject, not silently left out of "inputs"
     # (outside the ingest fingerprint: an ingest made before these were listed keeps its own)
     for split_dir, base in ([(None, root)] if split_dirs else []) + bases:
@@ -687,15 +749,15 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     ``unlabeled/`` for N > 0, so that different videos never share an id."""
     if os.path.isdir(dir_or_list):
         base = os.path.abspath(dir_or_list)
-        paths = []
-        for dirpath, dirs, names in _walk(base):
+        paths, outside = [], []
+        for dirpath, dirs, names in _walk(base, base, outside):
             paths += [os.path.join(dirpath, n) for n in names if _is_video(n)]
     elif os.path.isfile(dir_or_list):
-        base = os.path.dirname(os.path.abspath(dir_or_list))
+        base, outside = os.path.dirname(os.path.abspath(dir_or_list)), []
         paths = [ln if os.path.isabs(ln) else os.path.join(base, ln) for _, ln in _read_lines(dir_or_list)]
     else:
         raise AdapterError(f"--unlabeled {dir_or_list}: no such folder or list file")
-    if not paths:  # (a wrong folder made a pool of nothing, silently)
+    if not paths and not outside:  # (a wrong folder made a pool of nothing, silently)
         raise AdapterError(f"--unlabeled {dir_or_list}: " + ("no video files in it (looked for "
                            f"{', '.join(_d.VIDEO_EXTENSIONS)})" if os.path.isdir(dir_or_list) else "lists no video"))
     m = Manifest("unlabeled", base, [], source={"unlabeled": os.path.abspath(dir_or_list)})
@@ -703,12 +765,16 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     prefix = "unlabeled/" + (f"pool{pool}/" if pool else "")
     for p, vid in zip(paths, _id_parts(rels)):
         _add(m, prefix + vid, p, None, None, "unlabeled")
+    for link, real in outside:
+        m.problems.append(Problem(_d.OUTSIDE_ROOT, link, prefix + os.path.relpath(link, base).replace(os.sep, "/"),
+                                  f"a link to the folder {real}, outside the pool's folder {base}: its videos are "
+                                  "not read (move them under it)", "unlabeled"))
     return m
 
 
 def build_manifest(dataset: str, root: str, split: int = 1, *, annotations=None, lists_dir=None,
                    videos_dir=None, classes_file=None, num_classes=None, test_fraction: float = 0.0,
-                   val_fraction: float = 0.0, seed: int = 0) -> Manifest:
+                   val_fraction: float = 0.0) -> Manifest:
     """Dispatch on the dataset name (``synthetic`` is handled by ingest as ``ucf101`` after generating)."""
     if dataset in ("ucf101", "synthetic"):
         m = ucf101(root, split, lists_dir=lists_dir, videos_dir=videos_dir)
@@ -725,5 +791,5 @@ def build_manifest(dataset: str, root: str, split: int = 1, *, annotations=None,
     if dataset == "dvfl-csv":
         return dvfl_csv(root, annotations, num_classes=num_classes, classes_file=classes_file)
     if dataset == "folder":
-        return folder(root, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+        return folder(root, test_fraction=test_fraction, val_fraction=val_fraction)
     raise AdapterError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")

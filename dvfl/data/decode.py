@@ -611,6 +611,11 @@ def decode_video(job: Dict) -> Dict:
         return _decode_video(job)
     except DecodeReject as e:
         return {"ok": False, "reason": e.reason, "detail": e.detail}
+    except OSError as e:
+        if type(e).__module__.split(".")[0] == "av":  # PyAV's errors are OSErrors too: the file's, a bug's
+            raise
+        # permissions, an NFS read's EIO: this machine's access to the file, not a decoder bug
+        return {"ok": False, "reason": UNREADABLE, "detail": _short(e)}
 
 
 def _decode_video(job: Dict) -> Dict:

@@ -813,13 +813,16 @@ class VideoNotOnNodeError(RuntimeError):
 def raise_if_not_on_node(job: Dict[str, Any], res: Dict[str, Any]) -> None:
     """A decode task's ``missing`` for a file the driver read moments ago is this node's problem, not
     the video's: a reject would be final (a rerun skips the committed shard), so the task fails."""
-    if res.get("reason") == _d.MISSING:
+    if res.get("reason") in (_d.MISSING, _d.UNREADABLE):
         import socket
 
+        what = ("finds no such file (the dataset not mounted on every node, or the file deleted meanwhile)"
+                if res["reason"] == _d.MISSING else f"cannot read it ({res.get('detail')}: permissions or an I/O "
+                "error on that node)")
         raise VideoNotOnNodeError(
             f"{job['abspath']} was read when the ingest listed its inputs, but the decode task on "
-            f"{socket.gethostname()} finds no such file (the dataset not mounted on every node, or the file "
-            "deleted meanwhile): finished shards are kept; run the ingest again once every node sees the files")
+            f"{socket.gethostname()} {what}: finished shards are kept; run the ingest again once every node "
+            "reads the files (a file deleted for good changes the inputs: the rerun then needs --fresh)")
 
 
 def _write_piece(piece: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
