@@ -659,7 +659,9 @@ def set_field(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # (an empty section in a file, `kd:`, reads as None)
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {k} is not a section")
     node[keys[-1]] = value

@@ -130,6 +130,13 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     out = cfg.clips_dir
     if cfg.data.clips and storage.isfile(storage.join(out, "dataset.json")):
         info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
+        pool = ((info.get("counts") or {}).get("unlabeled") or {}).get("clips")
+        if pool and cfg.students is None and not cfg.unlabeled_dir:
+            # the roles follow the data: given clips with a pool (the default's own, on a bucket) dropped
+            # the dvfl+unlabeled student without a word
+            cfg.data.unlabeled = out
+            log(f"[clips] {out} holds an unlabelled pool ({pool} clips): a dvfl+unlabeled student trains too "
+                "(list `students` to leave it out)")
         check_clips_match(cfg, info)
         return info
     if cfg.data.dataset == "kinetics":
@@ -881,6 +888,14 @@ def fresh_refusal(cfg: RunConfig) -> str | None:
     (``config.yaml``; folders of older versions), so they are somebody else's (e.g. ``--out ~``);
     None when it may."""
     subs = [s for s in (TEACHER_DIR, STUDENTS_DIR, RAY_RESULTS) if storage.exists(storage.join(cfg.output_dir, s))]
+    given = {"teacher.path": cfg.teacher.path, "student.checkpoint": cfg.student.checkpoint,
+             "student.init_2d": cfg.student.init_2d, "teacher.train.checkpoint": cfg.teacher.train.checkpoint,
+             "teacher.train.init_2d": cfg.teacher.train.init_2d}
+    for field, path in given.items():  # (it was deleted, then the run failed on the missing file)
+        inside = [s for s in subs if path and storage.same_or_inside(path, storage.join(cfg.output_dir, s))]
+        if inside:
+            return (f"--fresh deletes {storage.join(cfg.output_dir, inside[0])}/, which holds {field} {path}: nothing "
+                    "was deleted; copy it out of the run folder first (or leave --fresh out)")
     if not subs or storage.isfile(storage.join(cfg.output_dir, RUN_MARK)):
         return None
     try:

@@ -96,6 +96,13 @@ def test_a_bad_override_is_refused_naming_the_field(override, message):
         load_config(None, [override], check_paths=False)
 
 
+def test_a_field_of_a_section_left_empty_in_the_file_can_be_set(tmp_path):
+    """`kd:` with nothing under it reads as None: `--set kd.temperature=2` said "kd is not a section"."""
+    (tmp_path / "run.yaml").write_text("kd:\nstudent:\n")
+    cfg = load_config(tmp_path / "run.yaml", ["kd.temperature=2", "student.embed_dim=8"], check_paths=False)
+    assert (cfg.kd.temperature, cfg.student.embed_dim) == (2, 8)
+
+
 def test_a_quoted_value_keeps_its_hash():
     cfg = load_config(None, ['output_dir="runs/lr sweep #2"', "data.clips=runs/x#1"], check_paths=False)
     assert cfg.output_dir.endswith("runs/lr sweep #2") and cfg.data.clips.endswith("runs/x#1")
@@ -146,6 +153,31 @@ def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_ar
         teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"),
                                                  "--publish", str(tmp_path / "mine")]), p)
     assert refused.value.code == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    # a --set is not a config: it made the command the embedded default's again (a width-48 nano "teacher" on
+    # clips taken for synthetic ones, unchecked); clips of split 2 were refused as split 1's; 2 workers were
+    # refused for the default's side-by-side students
+    meta = json.loads((clips / "dataset.json").read_text())
+    (clips / "dataset.json").write_text(json.dumps({**meta, "source": {"split": 2}}))
+    cfg, *_ = teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"),
+                                                       "--num-workers", "2",
+                                                       "--set", "teacher.optim.weight_decay=0.01"]), p)
+    assert (cfg.teacher.train.model, cfg.teacher.train.depths, cfg.data.dataset, cfg.data.split) == (
+        "videofocalnet_base", None, "ucf101", 2)
+    assert (cfg.teacher.optim.weight_decay, cfg.scaling.num_workers, cfg.output_dir) == (0.01, 2, str(tmp_path / "t" / "_work"))
+    # an output that is a given checkpoint file or an exported folder: refused before the training (a
+    # FileExistsError after it; a folder of the new model.pt beside the old safetensors and card)
+    (tmp_path / "t.pth").write_bytes(b"weights")
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "model.safetensors").write_bytes(b"weights")
+    for out in ("t.pth", "exported"):
+        with pytest.raises(SystemExit) as refused:
+            teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / out)]), p)
+        assert refused.value.code == 2
+    assert (tmp_path / "t.pth").read_bytes() == b"weights"
+    assert "holds model.safetensors, not only a teacher" in (teacher.teacher_output_refusal(str(tmp_path / "exported")))
+    (tmp_path / "t" / "_work").mkdir(parents=True)
+    (tmp_path / "t" / "model.pt").write_bytes(b"an earlier teacher")
+    assert teacher.teacher_output_refusal(str(tmp_path / "t")) is None
 
 
 def test_protocol_configs_give_every_split_its_own_files(tmp_path, monkeypatch):

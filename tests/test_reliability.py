@@ -287,6 +287,15 @@ def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):
     claim_run_folder(teacher_made)
     clean_run(teacher_made)
     assert not (tmp_path / "from_teacher" / "teacher").exists()
+    # a teacher given from the run folder's own teacher/ (a trained model's path, as the config errors
+    # suggest): deleted by --fresh, then the run failed on the missing teacher
+    (tmp_path / "from_teacher" / "teacher" / "m").mkdir(parents=True)
+    (tmp_path / "from_teacher" / "teacher" / "m" / "model.pt").write_bytes(b"weeks of GPU time")
+    given = load_config(None, [("output_dir", str(tmp_path / "from_teacher")),
+                               ("teacher.path", str(tmp_path / "from_teacher" / "teacher" / "m"))], check_paths=False)
+    with pytest.raises(ConfigError, match=r"--fresh deletes .*from_teacher/teacher/, which holds teacher\.path "):
+        clean_run(given)
+    assert (tmp_path / "from_teacher" / "teacher" / "m" / "model.pt").read_bytes() == b"weeks of GPU time"
 
 
 def _hold_lock(folder, seconds: float, what: str = "run") -> subprocess.Popen:

@@ -86,6 +86,23 @@ def test_a_streamed_training_read_mixes_the_unlabelled_pool_into_the_epoch(with_
     assert first_pool < last_labelled, labels   # interleaved, not appended
 
 
+def test_given_clips_holding_a_pool_train_the_unlabelled_student_too(with_pool, tmp_path):
+    """The roles follow the data: the same clips given as data.clips (the default's clips on a bucket,
+    `--clips runs/embedded/clips`) trained no dvfl+unlabeled student, without a word."""
+    cfg = with_pool["cfg"]
+    given = tiny_config(tmp_path, [("data.synthetic.unlabeled_videos", POOL), ("data.clips", cfg.clips_dir),
+                                   ("seed", 3)])
+    assert given.student_roles == ["vfl", "dvfl"]  # (what the config alone says)
+    said = []
+    pipeline.ensure_clips(given, log=said.append)
+    assert given.student_roles == ["vfl", "dvfl", "dvfl+unlabeled"] and given.unlabeled_dir == cfg.clips_dir
+    assert said == [f"[clips] {cfg.clips_dir} holds an unlabelled pool ({POOL * cfg.data.clips_per_video} clips): a "
+                    "dvfl+unlabeled student trains too (list `students` to leave it out)"]
+    listed = tiny_config(tmp_path, [("data.clips", cfg.clips_dir), ("students", ["dvfl"]), ("seed", 3)])
+    pipeline.ensure_clips(listed, log=said.append)
+    assert listed.student_roles == ["dvfl"] and listed.unlabeled_dir is None and len(said) == 1
+
+
 def test_unlabelled_training_without_a_cache_covering_it_is_refused(prepared):
     cfg = prepared["cfg"]
     # the shared fixture's cache covers train only (the splits training reads); ask for its clips dir as unlabelled data

@@ -97,12 +97,14 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
 
     if a.publish and not replaceable_folder(a.publish):  # (found after the training, as a traceback)
         p.error(f"--publish {a.publish} exists and is not an exported model folder; not overwriting it")
-    from_config = uses_config(a)
+    # --set alone is not a config: bare --clips/--out with a --set trained the embedded default's teacher
+    from_config = bool(a.config) or (uses_config(a) and not (a.clips and a.out))
     if not from_config and not (a.clips and a.out):
         p.error("give --config (paths from the run config) or both --clips and --out")
     model = a.arch or (None if from_config else "videofocalnet_base")
-    if not from_config:  # the named variant as it is (not the embedded default's small teacher)
-        a.overrides = [("teacher.train.embed_dim", a.embed_dim), ("teacher.train.depths", None)]
+    if not from_config:  # the named variant as it is (not the embedded default's small teacher), --set on top
+        a.overrides = [("teacher.train.embed_dim", a.embed_dim), ("teacher.train.depths", None),
+                       ("scaling.concurrent_runs", 0), *a.overrides]  # (side-by-side students: not a teacher's)
     cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": model,
                                "teacher.train.embed_dim": a.embed_dim, "teacher.optim.epochs": a.epochs,
                                "teacher.optim.lr": a.lr, "teacher.optim.batch_size": a.batch_size,
@@ -114,6 +116,10 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     if not out:
         p.error("no output: set teacher.path in the config or give --out")
     from dvfl import pipeline, storage
+
+    refusal = teacher_output_refusal(out)
+    if refusal:  # (found after the whole training, as a traceback or a folder of two models)
+        p.error(refusal)
 
     test_cfg = None
     from dvfl.config import ConfigError, load_config
@@ -141,12 +147,14 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         cfg.data.dataset = info.get("dataset", cfg.data.dataset)  # not the embedded default's generator
         cfg.data.short_side = info["params"]["short_side"]
         cfg.data.frames = info["params"]["frames"]
+        cfg.data.split = pipeline.clips_split(info) or cfg.data.split  # (split 2's clips were refused as split 1's)
         try:
             cfg.validate(outputs=("teacher.path",))
         except ConfigError as exc:  # e.g. clips at their source size and no crop size
             print(f"config error: {exc}", file=sys.stderr)
             return 2
-        if not getattr(a, "output_dir", None) and not any(str(o).startswith("output_dir") for o in a.overrides):
+        if not getattr(a, "output_dir", None) and not any((o if isinstance(o, str) else o[0]).split("=")[0].strip() == "output_dir"
+                                                          for o in a.overrides):
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
     try:  # a --checkpoint the model cannot take: before any work, not when the run is planned
@@ -155,3 +163,23 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     return cfg, info, test_cfg, out, to_generate
+
+
+TEACHER_FILES = ("model.pt", "model.json", "_work")  # what this command writes there (_work: a bare run's folder)
+
+
+def teacher_output_refusal(out: str) -> str | None:
+    """Why the teacher may not be written to ``out`` (teacher.path): a file (a given checkpoint), or a
+    folder holding anything but an earlier teacher of this command (an exported model folder, whose
+    safetensors and card would then describe another model beside the new model.pt); None when it may."""
+    from dvfl import storage
+
+    if storage.isfile(out):
+        return (f"teacher.path {out} is a file (a given checkpoint?): the trained teacher is a folder; give --out, "
+                "or --set teacher.path=FOLDER")
+    others = [n for n in storage.list_entries(out) if n not in TEACHER_FILES and not n.startswith(".")]
+    if others:
+        return (f"teacher.path {out} holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, not only a "
+                "teacher this command wrote (an exported model folder, or files of yours): train into another "
+                "folder (--out, or --set teacher.path=FOLDER); --publish FOLDER ships an exported one")
+    return None
