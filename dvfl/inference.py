@@ -198,8 +198,10 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     out, empty = [], []
     for item in items:
         if os.path.isdir(item):
+            # (hidden files and folders are a system's: a Mac's copy leaves "._<name>.mp4" beside each video)
             found = sorted(str(p) for p in Path(item).rglob("*")
-                           if p.is_file() and p.suffix.lower() in decode.VIDEO_EXTENSIONS)
+                           if p.is_file() and p.suffix.lower() in decode.VIDEO_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
             out.extend(found)
             if not found:
                 empty.append(item)

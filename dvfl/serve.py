@@ -58,7 +58,11 @@ class ServeSettings:
         casts = {"int": int, "float": float}
         for key, value in args.items():  # `serve run ... topk=3` passes every value as a string
             kind = cls.__dataclass_fields__[key].type
-            if kind in casts and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            if kind == "int" and isinstance(value, float):  # (topk: 3.5 failed every request, not the start)
+                if not value.is_integer():
+                    raise ValueError(f"serve args: {key} must be an integer, got {value!r}")
+                args[key] = int(value)
+            elif kind in casts and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
                 try:
                     args[key] = casts[kind](value)
                 except (TypeError, ValueError):

@@ -59,6 +59,9 @@ def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path)
     raw = tmp_path / "raw"  # a folder without a video file (by extension) was skipped without a word
     raw.mkdir()
     (raw / "clip.h264").write_bytes(b"\0" * 64)
+    (raw / "._clip.mp4").write_bytes(b"\0\5\26\7" + b"\0" * 60)  # a Mac's AppleDouble file: not an input that failed
+    (raw / ".AppleDouble").mkdir()
+    (raw / ".AppleDouble" / "clip.mp4").write_bytes(b"\0" * 64)
     r = run_script("predict.py", "--model", prepared["teacher"], *sorted(videos.values()), bad, raw, "--views", "1x3",
                    "--topk", "2", "--json", out)
     assert r.returncode == 1, r.stderr
@@ -312,6 +315,10 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
     # timm's own transforms then resize and crop as training did (not 224/0.875 bicubic)
     assert (pretrained["crop_pct"], pretrained["interpolation"], pretrained["crop_mode"]) == (1.0, "bilinear", "center")
     assert timm.data.resolve_data_config(pretrained_cfg=pretrained)["crop_pct"] == 1.0
+    # and from the loaded model, as timm's docs do it (it got 224 px, bicubic, 0.875: the folder's settings dropped)
+    resolved = timm.data.resolve_model_data_config(loaded)
+    assert (resolved["input_size"], resolved["crop_pct"], resolved["interpolation"]) == ((3, 32, 32), 1.0, "bilinear")
+    assert loaded.pretrained_cfg["label_names"] == prepared["info"]["classes"]
 
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_args"]["embed_dim"] = 24  # the weights are 16 wide
@@ -475,6 +482,32 @@ def test_evaluate_refuses_a_model_trained_on_another_class_list(prepared, tmp_pa
     (model / "model.json").write_text(json.dumps(spec))
     r = run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 2 and "trained on another class list" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # clips whose dataset.json was cut short (a half copy): one line, not a JSON traceback
+    clips = tmp_path / "clips"
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    (clips / "dataset.json").write_text((clips / "dataset.json").read_text()[:40])
+    r = run_cli("evaluate.py", "--model", prepared["teacher"], "--clips", clips)
+    assert r.returncode == 2 and "dataset.json cut short or edited?" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_export_never_writes_over_the_model_it_exports(prepared, tmp_path):
+    """`--format torchscript --out MODEL/model.pt` replaced the model's weights with the TorchScript
+    file (exit 0; the model no longer loaded); `--out MODEL/model` wrote its contract over model.json."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(prepared["teacher"], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for fmt, out in (("torchscript", model / "model.pt"), ("torchscript", model / "model")):
+        r = run_cli("export.py", "--model", model, "--format", fmt, "--out", out)
+        assert r.returncode == 2 and "would write into --model" in r.stderr, (fmt, out, r.stderr)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    r = run_cli("export.py", "--model", model, "--format", "torchscript", "--out", model / "model.ts")
+    assert r.returncode == 0 and (model / "model.ts").is_file(), r.stderr  # a new file beside them is fine
+    exported = tmp_path / "exported"  # an exported folder given as the model, exported onto itself
+    assert run_cli("export.py", "--model", model, "--format", "folder", "--out", exported).returncode == 0
+    r = run_cli("export.py", "--model", exported, "--format", "folder", "--out", exported)
+    assert r.returncode == 2 and "would write into --model" in r.stderr, r.stderr
 
 
 def test_a_clips_folder_missing_a_listed_shard_is_refused_not_scored_on_part_of_a_split(prepared, tmp_path):
@@ -553,6 +586,10 @@ def test_serve_settings_from_command_line_strings(prepared):
         ServeSettings.from_args({"model": prepared["teacher"], "topk": "many"})
     with pytest.raises(ValueError, match=r"serve args: request_timeout_s must be a number"):
         ServeSettings.from_args({"model": prepared["teacher"], "request_timeout_s": "soon"})
+    # a YAML number where a whole one is wanted (it started, then failed every request or replica)
+    assert ServeSettings.from_args({"model": prepared["teacher"], "topk": 3.0}).topk == 3
+    with pytest.raises(ValueError, match=r"serve args: torch_threads must be an integer, got 1\.5"):
+        ServeSettings.from_args({"model": prepared["teacher"], "torch_threads": 1.5})
     # a replica asks Ray for a GPU only when told to; its model then runs there (dvfl.inference)
     from dvfl.serve import build_app
 

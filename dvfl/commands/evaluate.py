@@ -92,6 +92,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a dataset.json cut short or edited: a JSON traceback
+        print(f"error: --clips {clips}: {exc} (a dataset.json cut short or edited? ingest again)", file=sys.stderr)
+        return 2
     stored = info["params"]["eval_clips"]
     if views[0] > stored:
         print(f"error: --views {views[0]}x{views[1]} asks for {views[0]} clips per video, but {clips} stores "

@@ -96,6 +96,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.format != "folder" and (os.path.isdir(a.out) or out_named_a_folder):
         print(f"error: --out {a.out} is a folder; --format {a.format} writes one file: name it", file=sys.stderr)
         return 2
+    from dvfl import storage
+
+    written = [a.out] if a.format == "folder" else [a.out, f"{a.out}.json"]  # (the file and its contract)
+    if any(storage.same_or_inside(a.model, w) or (os.path.exists(w) and storage.same_or_inside(w, a.model))
+           for w in written):
+        # --out MODEL/model.pt replaced the weights by the TorchScript file (exit 0): the model no longer loaded
+        print(f"error: --out {a.out} would write into --model {a.model} (its weights or spec): export elsewhere",
+              file=sys.stderr)
+        return 2
     inputs, dataset = [], None
     if a.clips:
         from dvfl.data.shards import load_dataset_info

@@ -470,6 +470,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
         from dvfl.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, path)
+    if cfg:  # a folder's config.json (crop, interpolation, label names): timm's data config reads it back
+        model.pretrained_cfg = model.default_cfg = cfg
     return model
 
 
