@@ -9,6 +9,7 @@ last checkpoint of a run with the same name). Entry points in ``pipelines/`` cal
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -130,13 +131,6 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     out = cfg.clips_dir
     if cfg.data.clips and storage.isfile(storage.join(out, "dataset.json")):
         info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
-        pool = ((info.get("counts") or {}).get("unlabeled") or {}).get("clips")
-        if pool and cfg.students is None and not cfg.unlabeled_dir:
-            # the roles follow the data: given clips with a pool (the default's own, on a bucket) dropped
-            # the dvfl+unlabeled student without a word
-            cfg.data.unlabeled = out
-            log(f"[clips] {out} holds an unlabelled pool ({pool} clips): a dvfl+unlabeled student trains too "
-                "(list `students` to leave it out)")
         check_clips_match(cfg, info)
         return info
     if cfg.data.dataset == "kinetics":
@@ -990,7 +984,13 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
     table = {name: summarize(rows) for name, rows in results.items() if rows}
     validation = validation_source(cfg).description
     # as given: under a Ray job the inputs resolved into the job's temporary copy, gone after it
+    from dvfl.host import cpu_model, usable_cpus
+
     report = {"config": cfg.as_given().to_dict(),
+              # timings compare only on one kind of machine (a copy in benchmarks/ must say which); on a
+              # cluster the students trained on its workers, on GPUs where scaling.use_gpu
+              "machine": {"driver_cpu": cpu_model(), "driver_usable_cpus": usable_cpus(),
+                          "device": "gpu" if cfg.scaling.use_gpu else "cpu"},
               "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}",
               # top1/top5 (and kd_gains) come from the test split, evaluated once at the end; the
               # per-epoch history and val_top1_per_seed from the validation split
@@ -1069,10 +1069,26 @@ def _plot_curves(results: dict, path: str, labels: dict) -> None:
         plt.close(fig)
 
 
+def with_given_pool(cfg: RunConfig, dataset_info: dict, log=print) -> RunConfig:
+    """The roles follow the data: given clips (``data.clips``) holding an unlabelled pool, with no
+    ``students`` list, train a dvfl+unlabeled student too (it was dropped without a word). A copy with
+    ``data.unlabeled`` set; ``cfg`` itself, which the report records as given, is left as it is."""
+    pool = ((dataset_info.get("counts") or {}).get("unlabeled") or {}).get("clips")
+    if not (pool and cfg.data.clips and cfg.students is None and not cfg.unlabeled_dir):
+        return cfg
+    adopted = copy.deepcopy(cfg)
+    adopted.data.unlabeled = cfg.clips_dir
+    log(f"[clips] {cfg.clips_dir} holds an unlabelled pool ({pool} clips): a dvfl+unlabeled student trains too "
+        "(list `students` to leave it out)")
+    return adopted
+
+
 def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
     """The whole product: clips, teacher, cache, VFL-Net + DVFL-Net per seed, report
     (``started``: when the command began, for the report's ``wall_seconds``)."""
     dataset_info = ensure_clips(cfg, log)
+    given = cfg  # as the user gave it: what the report records (a protocol compares it with its other splits')
+    cfg = with_given_pool(cfg, dataset_info, log)
     teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)
     roles = cfg.student_roles
     kd = any(r in ("dvfl", "dvfl+unlabeled") for r in roles)  # vfl and vfl_long learn from labels only
@@ -1086,7 +1102,7 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
     for seed in cfg.seeds or [cfg.seed]:
         for role in roles:
             results[role].append(evaluate_model_dir(cfg, str(paths[seed, role]), log))
-    return write_report(cfg, results, log, started=started)
+    return write_report(given, results, log, started=started)
 
 
 __all__ = ["ensure_clips", "ensure_teacher", "check_teacher", "TeacherGateError", "ensure_cache", "train_student", "evaluate_model_dir",

@@ -576,35 +576,47 @@ def test_entries_outside_the_root_are_rejected(tmp_path, src_video):
     assert reasons(ml) == ["outside_root"] * 2
 
 
-def test_a_linked_sub_folder_is_read_inside_the_root_and_rejected_outside_it(tmp_path, src_video):
+def test_a_linked_sub_folder_is_read_inside_its_class_folder_and_a_reject_outside_it(tmp_path, src_video):
     """os.walk does not enter linked folders: the videos of one below a class folder or in a pool were
-    neither inputs nor rejects (a Kinetics split folder linked from another disk read as 'missing'
-    under the root). One inside the root is read (once: a link back up does not loop); one that
-    leaves it is one outside_root reject."""
+    neither inputs nor rejects. One that stays inside its class folder is read (once: a link back up
+    does not loop); one that leaves it (another disk, another class's folder, whose videos would be
+    filed under two labels) is one linked_folder reject, left out of the fingerprint (an earlier
+    ingest of the same files keeps its own). Kinetics rows under such a link say so."""
+    from dvfl.data.ingest import compute_fingerprint
+
     root, elsewhere = tmp_path / "ds", tmp_path / "elsewhere"
     put(str(elsewhere), "more/b.mp4", src_video)
     put(str(root), "cat/a.mp4", src_video)
+    put(str(root), "cat/inner/c.mp4", src_video)
     put(str(root), "dog/d.mp4", src_video)
     os.symlink(str(elsewhere / "more"), root / "cat" / "linked")
     os.symlink("../dog", root / "cat" / "dogs")
     os.symlink("..", root / "cat" / "up")
+    os.symlink("inner", root / "cat" / "again")
     m = A.folder(str(root))
-    assert sorted(e.video_id for e in m.entries) == ["cat/a", "cat/dogs/d", "dog/d"]  # (the copy: duplicate_content)
-    assert [(p.reason, p.video_id) for p in m.problems] == [("outside_root", "cat/linked")]
-    assert f"a link to the folder {elsewhere / 'more'}, outside the root" in m.problems[0].detail
+    assert sorted((e.video_id, e.class_name) for e in m.entries) == [
+        ("cat/a", "cat"), ("cat/inner/c", "cat"), ("dog/d", "dog")]  # (again -> inner: walked once, as inner/)
+    assert [(p.reason, p.video_id) for p in m.problems] == [("linked_folder", "cat/dogs"), ("linked_folder", "cat/linked"),
+                                                            ("linked_folder", "cat/up")]
+    assert "another part of the dataset" in m.problems[0].detail
+    assert f"a link to the folder {elsewhere / 'more'}, outside the root" in m.problems[1].detail
+    params = {"frames": 8}
+    ids = {e.video_id: (1, "x") for e in m.entries}
+    without = A.Manifest(m.dataset, m.root, m.classes, entries=list(m.entries), problems=[])
+    assert compute_fingerprint(m, params, ids) == compute_fingerprint(without, params, ids)
     mp = A.unlabeled(str(root / "cat"))
-    assert [e.video_id for e in mp.entries] == ["unlabeled/a"]  # dogs -> ../dog and up -> .. leave cat/
-    assert [(p.reason, p.video_id) for p in mp.problems] == [("outside_root", "unlabeled/dogs"),
-                                                            ("outside_root", "unlabeled/linked"),
-                                                            ("outside_root", "unlabeled/up")]
-    # Kinetics: train/ linked from another disk is said, with what to pass
+    assert [e.video_id for e in mp.entries] == ["unlabeled/a", "unlabeled/inner/c"]
+    assert [(p.reason, p.video_id) for p in mp.problems] == [("linked_folder", "unlabeled/dogs"),
+                                                            ("linked_folder", "unlabeled/linked"),
+                                                            ("linked_folder", "unlabeled/up")]
+    # Kinetics: train/ linked from another disk; the rows stay `missing`, saying where to look
     k = tmp_path / "k400"
     put(str(elsewhere), "k_train/zumba/aaa_000010_000020.mp4", src_video)
     os.makedirs(k)
     os.symlink(str(elsewhere / "k_train"), k / "train")
     csv_path = write(str(k / "train.csv"), "label,youtube_id,time_start,time_end\nzumba,aaa,10,20\n")
     mk = A.kinetics(str(k), [(None, csv_path)])
-    assert not mk.entries and reasons(mk) == ["outside_root"] and "pass --videos-dir" in mk.problems[0].detail
+    assert not mk.entries and reasons(mk) == ["missing"] and "pass --videos-dir" in mk.problems[0].detail
 
 
 def test_hmdb51_reads_videos_whose_names_start_with_a_hash(tmp_path, src_video):

@@ -164,6 +164,12 @@ def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_ar
     assert (cfg.teacher.train.model, cfg.teacher.train.depths, cfg.data.dataset, cfg.data.split) == (
         "videofocalnet_base", None, "ucf101", 2)
     assert (cfg.teacher.optim.weight_decay, cfg.scaling.num_workers, cfg.output_dir) == (0.01, 2, str(tmp_path / "t" / "_work"))
+    # a --set of what the clips say, that disagrees with them: refused (the clips' values replaced it silently)
+    assert teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"),
+                                                    "--set", "data.frames=16"]), p) == 2
+    cfg, *_ = teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"),
+                                                       "--set", "data.frames=32"]), p)
+    assert cfg.data.frames == 32
     # an output that is a given checkpoint file or an exported folder: refused before the training (a
     # FileExistsError after it; a folder of the new model.pt beside the old safetensors and card)
     (tmp_path / "t.pth").write_bytes(b"weights")

@@ -232,10 +232,10 @@ def test_a_video_the_driver_read_but_a_decode_task_cannot_find_fails_the_task(vi
 
 def test_a_file_this_machine_may_not_read_is_unreadable_and_fails_the_task_not_a_final_reject(video_factory, tmp_path,
                                                                                             monkeypatch):
-    """A PermissionError (another user id on a worker node) or an NFS read's EIO escaped the decode
-    as 'decoder_error' ("a bug"), a final reject in a committed shard that no rerun retried. It is
-    'unreadable' now, and in an ingest a file the driver read that a decode task cannot read fails
-    the task, naming the node, like one it cannot find."""
+    """A PermissionError (another user id on a worker node) or an I/O error escaped the decode as
+    'decoder_error' ("a bug"). Both are 'unreadable' now; in an ingest a file the driver read that a
+    decode task may not read fails the task, naming the node, like one it cannot find (a reject in a
+    committed shard is final: no rerun retried it), while a bad sector stays that file's reject."""
     from dvfl.data import decode
 
     path = video_factory(str(tmp_path / "v0.mp4"), n=12, h=32, w=32)
@@ -247,7 +247,15 @@ def test_a_file_this_machine_may_not_read_is_unreadable_and_fails_the_task_not_a
 
     monkeypatch.setattr(decode, "probe_container", refused)
     res = decode.decode_video(job)
-    assert res == {"ok": False, "reason": "unreadable", "detail": res["detail"]} and "Permission denied" in res["detail"]
+    assert (res["ok"], res["reason"], res["denied"]) == (False, "unreadable", True) and "Permission denied" in res["detail"]
     with pytest.raises(I.VideoNotOnNodeError, match=r"v0\.mp4 was read when the ingest listed its inputs, but the "
-                                                    r"decode task on \S+ cannot read it \(.*Permission denied"):
+                                                    r"decode task on \S+ may not read it \(PermissionError"):
         I.raise_if_not_on_node({"abspath": path}, res)
+
+    def bad_sector(p):  # the file's own fault, on every node: a reject, not a task every rerun fails again
+        raise OSError(5, "Input/output error", p)
+
+    monkeypatch.setattr(decode, "probe_container", bad_sector)
+    res = decode.decode_video(job)
+    assert (res["reason"], res["denied"]) == ("unreadable", False)
+    I.raise_if_not_on_node({"abspath": path}, res)

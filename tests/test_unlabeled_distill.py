@@ -94,13 +94,16 @@ def test_given_clips_holding_a_pool_train_the_unlabelled_student_too(with_pool, 
                                    ("seed", 3)])
     assert given.student_roles == ["vfl", "dvfl"]  # (what the config alone says)
     said = []
-    pipeline.ensure_clips(given, log=said.append)
-    assert given.student_roles == ["vfl", "dvfl", "dvfl+unlabeled"] and given.unlabeled_dir == cfg.clips_dir
+    info = pipeline.ensure_clips(given, log=said.append)
+    run = pipeline.with_given_pool(given, info, log=said.append)
+    assert run.student_roles == ["vfl", "dvfl", "dvfl+unlabeled"] and run.unlabeled_dir == cfg.clips_dir
     assert said == [f"[clips] {cfg.clips_dir} holds an unlabelled pool ({POOL * cfg.data.clips_per_video} clips): a "
                     "dvfl+unlabeled student trains too (list `students` to leave it out)"]
+    # the config as given is left as it is: the report records it, a protocol compares it with its other splits'
+    # and a search's fingerprint holds it
+    assert given.data.unlabeled is None and given.student_roles == ["vfl", "dvfl"]
     listed = tiny_config(tmp_path, [("data.clips", cfg.clips_dir), ("students", ["dvfl"]), ("seed", 3)])
-    pipeline.ensure_clips(listed, log=said.append)
-    assert listed.student_roles == ["dvfl"] and listed.unlabeled_dir is None and len(said) == 1
+    assert pipeline.with_given_pool(listed, info, log=said.append) is listed and len(said) == 1
 
 
 def test_unlabelled_training_without_a_cache_covering_it_is_refused(prepared):

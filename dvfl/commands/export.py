@@ -99,8 +99,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import storage
 
     written = [a.out] if a.format == "folder" else [a.out, f"{a.out}.json"]  # (the file and its contract)
-    if any(storage.same_or_inside(a.model, w) or (os.path.exists(w) and storage.same_or_inside(w, a.model))
-           for w in written):
+    model_files = {"model.pt", "model.json", ex.FOLDER_WEIGHTS, "config.json", "README.md"}  # what load_model reads
+    if any(storage.same_or_inside(a.model, w) or (os.path.realpath(os.path.dirname(w)) == os.path.realpath(a.model)
+                                                  and os.path.basename(w) in model_files) for w in written):
         # --out MODEL/model.pt replaced the weights by the TorchScript file (exit 0): the model no longer loaded
         print(f"error: --out {a.out} would write into --model {a.model} (its weights or spec): export elsewhere",
               file=sys.stderr)

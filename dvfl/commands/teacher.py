@@ -102,9 +102,12 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     if not from_config and not (a.clips and a.out):
         p.error("give --config (paths from the run config) or both --clips and --out")
     model = a.arch or (None if from_config else "videofocalnet_base")
-    if not from_config:  # the named variant as it is (not the embedded default's small teacher), --set on top
+    own: dict = {}
+    if not from_config:  # the named variant as it is (not the embedded default's small teacher) on the clips as
+        own = clips_own_settings(a.clips)  # they are (not the default's generated videos), --set on top
         a.overrides = [("teacher.train.embed_dim", a.embed_dim), ("teacher.train.depths", None),
-                       ("scaling.concurrent_runs", 0), *a.overrides]  # (side-by-side students: not a teacher's)
+                       ("scaling.concurrent_runs", 0),  # (side-by-side students: not a teacher's)
+                       *((f"data.{k}", v) for k, v in own.items()), *a.overrides]
     cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": model,
                                "teacher.train.embed_dim": a.embed_dim, "teacher.optim.epochs": a.epochs,
                                "teacher.optim.lr": a.lr, "teacher.optim.batch_size": a.batch_size,
@@ -143,18 +146,19 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    elif info is not None:  # bare --clips: the clips describe themselves
-        cfg.data.dataset = info.get("dataset", cfg.data.dataset)  # not the embedded default's generator
-        cfg.data.short_side = info["params"]["short_side"]
-        cfg.data.frames = info["params"]["frames"]
-        cfg.data.split = pipeline.clips_split(info) or cfg.data.split  # (split 2's clips were refused as split 1's)
+    elif info is not None:  # bare --clips: the clips describe themselves, and a --set may not say otherwise
+        for field, value in own.items():
+            if getattr(cfg.data, field) != value:
+                print(f"config error: --set data.{field}={getattr(cfg.data, field)}: the clips {cfg.clips_dir} hold "
+                      f"{value} (dataset.json); leave it out, or ingest the clips again with it", file=sys.stderr)
+                return 2
         try:
             cfg.validate(outputs=("teacher.path",))
         except ConfigError as exc:  # e.g. clips at their source size and no crop size
             print(f"config error: {exc}", file=sys.stderr)
             return 2
-        if not getattr(a, "output_dir", None) and not any((o if isinstance(o, str) else o[0]).split("=")[0].strip() == "output_dir"
-                                                          for o in a.overrides):
+        set_keys = {(o if isinstance(o, str) else o[0]).split("=")[0].strip() for o in a.overrides}
+        if not getattr(a, "output_dir", None) and "output_dir" not in set_keys:
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
     try:  # a --checkpoint the model cannot take: before any work, not when the run is planned
@@ -163,6 +167,23 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     return cfg, info, test_cfg, out, to_generate
+
+
+def clips_own_settings(clips: str | None) -> dict:
+    """What an ingest's ``dataset.json`` says of its clips, as ``data.*`` fields ({} where there is none
+    yet: the command says so)."""
+    from dvfl import pipeline
+    from dvfl.data.shards import load_dataset_info
+
+    try:
+        info = load_dataset_info(clips) if clips else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
+        return {}
+    own = {"dataset": info.get("dataset"), "short_side": info["params"].get("short_side"),
+           "frames": info["params"].get("frames"), "split": pipeline.clips_split(info)}
+    return {k: v for k, v in own.items() if v is not None}
 
 
 TEACHER_FILES = ("model.pt", "model.json", "_work")  # what this command writes there (_work: a bare run's folder)

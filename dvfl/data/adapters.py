@@ -252,7 +252,7 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
     outside: List[Tuple[str, str]] = []
     for lab, cls in enumerate(classes):
-        for dirpath, _, names in _walk(os.path.join(root, cls), root, outside):
+        for dirpath, _, names in _walk(os.path.join(root, cls), os.path.join(root, cls), outside):
             videos = [n for n in names if _is_video(n)]
             for n, last in zip(videos, _id_parts(videos)):
                 path = os.path.join(dirpath, n)
@@ -266,7 +266,7 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
                                               f"group g{g.group(1)} is not one of UCF50's 25 groups g01..g25"))
                     continue
                 _add(m, vid, path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
-    _outside_problems(m, outside, None)  # (the group, so the split, is in each file's name)
+    _linked_folder_problems(m, outside, root, None)  # (the group, so the split, is in each file's name)
     return m
 
 
@@ -281,7 +281,7 @@ def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str
     (os.walk skips it: its videos were neither inputs nor rejects). A linked sub-folder is walked
     when it resolves inside ``root`` (default ``top``; its files are judged by :func:`_add`), once;
     one that leaves it is not walked but appended to ``outside`` as (link, target), for the caller to
-    report (os.walk skipped every linked folder: its videos were neither inputs nor rejects)."""
+    report as ``linked_folder`` (os.walk skipped every linked folder: its videos were neither inputs nor rejects)."""
     def refuse(ex: OSError):
         if os.path.basename(str(ex.filename)) in SYSTEM_FOLDERS:
             return  # a volume's own lost+found (root's, mode 700) is not part of the dataset
@@ -292,7 +292,11 @@ def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str
     seen = {os.path.realpath(top)}
     for dirpath, dirs, names in os.walk(top, onerror=refuse, followlinks=True):
         keep = []
-        for d in sorted(d for d in dirs if not d.startswith(".")):  # (.AppleDouble, .Trashes: not the dataset's)
+        # (.AppleDouble, .Trashes: not the dataset's); real folders before links, so a folder also linked
+        # from beside it is read under its own name
+        names_in = sorted((d for d in dirs if not d.startswith(".")),
+                          key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
+        for d in names_in:
             path = os.path.join(dirpath, d)
             real = os.path.realpath(path)
             if os.path.commonpath([real, real_root]) != real_root:
@@ -301,17 +305,21 @@ def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str
             elif real not in seen:  # (a link back up the tree, or to a folder walked already)
                 seen.add(real)
                 keep.append(d)
-        dirs[:] = keep
+        dirs[:] = sorted(keep)
         yield dirpath, dirs, sorted(names)
 
 
-def _outside_problems(m: Manifest, outside: List[Tuple[str, str]], split: Optional[str]) -> None:
-    """A linked folder that leaves the root: one ``outside_root`` reject, its videos not read."""
+def _linked_folder_problems(m: Manifest, outside: List[Tuple[str, str]], within: str, split: Optional[str],
+                            prefix: str = "") -> None:
+    """A linked folder that leaves ``within`` (its class folder, or a pool's): one ``linked_folder``
+    reject, its videos not read there (another class's folder would file them under two labels)."""
     root = os.path.realpath(m.root)
     for link, real in outside:
-        vid = os.path.relpath(link, m.root).replace(os.sep, "/")
-        m.problems.append(Problem(_d.OUTSIDE_ROOT, link, vid, f"a link to the folder {real}, outside the root "
-                                  f"{root}: its videos are not read (move them under the root)", split))
+        vid = prefix + os.path.relpath(link, m.root).replace(os.sep, "/")
+        where = (f"another part of the dataset, outside {os.path.realpath(within)}: its videos are read where they are, "
+                 "not here" if os.path.commonpath([real, root]) == root
+                 else f"outside the root {root}: its videos are not read (move them under the root)")
+        m.problems.append(Problem(_d.LINKED_FOLDER, link, vid, f"a link to the folder {real}, {where}", split))
 
 
 def _id_parts(names: list[str]) -> list[str]:
@@ -415,12 +423,13 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
                                       f"{os.path.basename(files[yid])} found, not {stem}.*; cut the segment "
                                       f"(ffmpeg -ss {r['time_start']} -to {r['time_end']}) into {stem}.mp4", split))
             continue
-        if stem not in files and outside:  # said, or its reject read "no such file" under the root
-            m.problems.append(Problem(_d.OUTSIDE_ROOT, path, stem, f"{r['_where']}: not under the video root "
-                                      f"{os.path.abspath(vdir)}, which links to folders outside it that are not "
-                                      f"read ({outside[0][0]} -> {outside[0][1]}): pass --videos-dir", split))
-            continue
         _add(m, stem, path, index[label_name], label_name, split)
+    if outside:  # (the detail is not in the fingerprint: an earlier ingest keeps its own)
+        hint = (f" (the video root links to folders outside it, which are not read: {outside[0][0]} -> "
+                f"{outside[0][1]}{' ...' if len(outside) > 1 else ''}; if the videos are there, pass --videos-dir)")
+        for p in m.problems:
+            if p.reason == _d.MISSING:
+                p.detail += hint
     return m
 
 
@@ -713,7 +722,7 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
             if not os.path.isdir(cdir):
                 continue
             outside: List[Tuple[str, str]] = []
-            for dirpath, dirs, names in _walk(cdir, root, outside):
+            for dirpath, dirs, names in _walk(cdir, cdir, outside):
                 videos = [n for n in names if _is_video(n)]
                 for n, last in zip(videos, _id_parts(videos)):
                     path = os.path.join(dirpath, n)
@@ -722,7 +731,7 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
                     if split is None:
                         split = _fraction_split(vid, test_fraction, val_fraction)
                     _add(m, vid, path, lab, cls, split)
-            _outside_problems(m, outside, split_dir)
+            _linked_folder_problems(m, outside, cdir, split_dir)
     # a video beside the class folders has no class: a reject, not silently left out of "inputs"
     # (outside the ingest fingerprint: an ingest made before these were listed keeps its own)
     for split_dir, base in ([(None, root)] if split_dirs else []) + bases:
@@ -765,10 +774,7 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     prefix = "unlabeled/" + (f"pool{pool}/" if pool else "")
     for p, vid in zip(paths, _id_parts(rels)):
         _add(m, prefix + vid, p, None, None, "unlabeled")
-    for link, real in outside:
-        m.problems.append(Problem(_d.OUTSIDE_ROOT, link, prefix + os.path.relpath(link, base).replace(os.sep, "/"),
-                                  f"a link to the folder {real}, outside the pool's folder {base}: its videos are "
-                                  "not read (move them under it)", "unlabeled"))
+    _linked_folder_problems(m, outside, base, "unlabeled", prefix)
     return m
 
 

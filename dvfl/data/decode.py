@@ -44,6 +44,7 @@ DECODER_KILLED = "decoder_killed"  # the decoder process was SIGKILLed twice (OO
 # manifest-level reasons, produced by the adapters
 UNKNOWN_CLASS = "unknown_class"
 NO_CLASS = "no_class"              # a folder dataset's video beside the class folders, in none of them
+LINKED_FOLDER = "linked_folder"    # a linked folder that leaves its class folder or pool: its videos are not read
 LABEL_OUT_OF_RANGE = "label_out_of_range"
 LABEL_MISMATCH = "label_mismatch"
 BAD_LINE = "bad_line"
@@ -614,8 +615,9 @@ def decode_video(job: Dict) -> Dict:
     except OSError as e:
         if type(e).__module__.split(".")[0] == "av":  # PyAV's errors are OSErrors too: the file's, a bug's
             raise
-        # permissions, an NFS read's EIO: this machine's access to the file, not a decoder bug
-        return {"ok": False, "reason": UNREADABLE, "detail": _short(e)}
+        # permissions (another user id on a worker node), an I/O error: the file's access here, not a decoder bug;
+        # a permission is this machine's (``denied``: an ingest fails the task), a bad sector the file's
+        return {"ok": False, "reason": UNREADABLE, "detail": _short(e), "denied": isinstance(e, PermissionError)}
 
 
 def _decode_video(job: Dict) -> Dict:

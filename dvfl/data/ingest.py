@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from dvfl import storage
+from dvfl.host import joined_address
 
 from . import decode as _d
 from . import shards as _s
@@ -216,7 +217,8 @@ def compute_fingerprint(manifest: Manifest, params: Dict[str, Any], identities: 
     for e in sorted(manifest.entries, key=lambda e: e.video_id):
         put([e.video_id, e.relpath(manifest.root), e.label, e.split, list(identities[e.video_id])])
     for p in sorted(manifest.problems, key=lambda p: (p.reason, p.video_id or "", p.path)):
-        if p.reason != _d.NO_CLASS:  # listed since session 33: an earlier ingest of the same files keeps its fingerprint
+        # listed since sessions 33 and 40: an earlier ingest of the same files keeps its fingerprint
+        if p.reason not in (_d.NO_CLASS, _d.LINKED_FOLDER):
             put(["reject", p.reason, p.video_id, os.path.basename(p.path), p.split])
     return h.hexdigest()
 
@@ -326,7 +328,7 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
     from dvfl.runtime import ray_runtime
 
     owned = not ray.is_initialized()
-    addr = address or os.environ.get("RAY_ADDRESS")
+    addr = joined_address(address)
     with ray_runtime(num_cpus=num_cpus, object_store_mb=object_store_mb, address=address, dashboard=False,
                      log_to_driver=False) as resources:
         n = int(resources.get("CPU", 0))
@@ -795,7 +797,7 @@ def decode_tasks_for_cluster(log) -> int:
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     # joined: by RAY_ADDRESS, or by ingest --address (a cluster of several nodes)
-    joined = os.environ.get("RAY_ADDRESS", "local") != "local" or len(ray.nodes()) > 1
+    joined = joined_address() is not None or len(ray.nodes()) > 1
     if joined and log:
         log(f"[ingest] {max(1, cpus)} decode task(s) at a time: the cluster's {cpus} CPUs now (an autoscaling "
             "cluster: --decode-tasks, or data.decode_tasks in a run's config, for the CPUs it may add)")
@@ -813,12 +815,11 @@ class VideoNotOnNodeError(RuntimeError):
 def raise_if_not_on_node(job: Dict[str, Any], res: Dict[str, Any]) -> None:
     """A decode task's ``missing`` for a file the driver read moments ago is this node's problem, not
     the video's: a reject would be final (a rerun skips the committed shard), so the task fails."""
-    if res.get("reason") in (_d.MISSING, _d.UNREADABLE):
+    if res.get("reason") == _d.MISSING or (res.get("reason") == _d.UNREADABLE and res.get("denied")):
         import socket
 
         what = ("finds no such file (the dataset not mounted on every node, or the file deleted meanwhile)"
-                if res["reason"] == _d.MISSING else f"cannot read it ({res.get('detail')}: permissions or an I/O "
-                "error on that node)")
+                if res["reason"] == _d.MISSING else f"may not read it ({res.get('detail')})")
         raise VideoNotOnNodeError(
             f"{job['abspath']} was read when the ingest listed its inputs, but the decode task on "
             f"{socket.gethostname()} {what}: finished shards are kept; run the ingest again once every node "

@@ -426,8 +426,12 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
         # worker (BrokenProcessPool) where multiprocessing.Pool waits for it forever
         # Ctrl+C reaches the whole process group: the parent stops the pool, the workers say nothing
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_ignore_sigint) as pool:
-            for _ in pool.map(_make_one, args, chunksize=16):
-                pass
+            try:
+                for _ in pool.map(_make_one, args, chunksize=16):
+                    pass
+            except BaseException:  # Ctrl+C, SIGTERM: the chunks not started are dropped, not made after the command
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         for a in args:
             _make_one(a)
