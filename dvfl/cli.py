@@ -22,6 +22,7 @@ import os
 import sys
 
 from dvfl import paths
+from dvfl.host import joined_address
 from dvfl.config import ConfigError, RunConfig, load_config
 
 # subcommand -> (module in dvfl.commands, the script that runs it as ``python SCRIPT``)
@@ -119,7 +120,7 @@ def add_num_workers(p, help_text: str = "Ray Train workers (config: scaling.num_
 
 def check_gpu_reachable(use_gpu: bool) -> None:
     """GPUs asked of Ray on a machine with none and no cluster joined: Ray would wait for ever."""
-    if use_gpu and os.environ.get("RAY_ADDRESS", "local") == "local":
+    if use_gpu and not joined_address():
         import torch
 
         if not torch.cuda.is_available():
@@ -133,7 +134,7 @@ def check_training_fits(cfg: RunConfig, resources: dict, nodes: list[dict] | Non
     retries its worker group without end), after the ingest and the cache: refused up front. A
     joined cluster (RAY_ADDRESS) is left to Ray, as its autoscaler may add the nodes, but a worker
     that no node (``nodes``: each alive node's resources; default Ray's) can hold is said."""
-    if os.environ.get("RAY_ADDRESS", "local") != "local":
+    if joined_address():
         from dvfl.runtime import alive_node_resources, note_no_node_holds, worker_bundle
 
         note_no_node_holds("one training worker", worker_bundle(cfg.scaling),
@@ -236,10 +237,13 @@ def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
             flag = "a path argument" if name == "inputs" else f"--{name.replace('_', '-')}"
             print(f"error: {flag} is empty: give a path (an unset shell variable?)", file=sys.stderr)
             raise SystemExit(2)
-    for name in inputs:
-        setattr(a, name, fix(getattr(a, name), paths.absolute_input))
-    for name in outputs:
-        setattr(a, name, fix(getattr(a, name), lambda v: paths.absolute(v, paths.output_base())))
+    for names, resolve in ((inputs, paths.absolute_input), (outputs, lambda v: paths.absolute(v, paths.output_base()))):
+        for name in names:
+            try:
+                setattr(a, name, fix(getattr(a, name), resolve))
+            except ValueError as exc:  # (file://HOST/...: a traceback)
+                print(f"error: --{name.replace('_', '-')}: {exc}", file=sys.stderr)
+                raise SystemExit(2)
 
 
 def local_outputs(p: argparse.ArgumentParser, a: argparse.Namespace, *names: str) -> None:
@@ -314,15 +318,24 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
     for dest in PATH_FLAGS:  # "--out $UNSET": "" read as the working directory, or as no flag (the default folder)
         if getattr(a, dest, None) == "":
             p.error(f"--{dest.replace('_', '-')} is empty: give a path (an unset shell variable?)")
+    from dvfl import signals
+
+    # (before any work: a SIGTERM while the embedded default's videos are made, before Ray starts,
+    # killed the command without a word and left the generator's processes writing the run folder)
+    previous = signals.terminate_in_one_line()
     try:
         return module.run(a, p)
     except KeyboardInterrupt:
-        runtime = sys.modules.get("dvfl.runtime")  # not imported: no Ray started, no SIGTERM handler
-        if runtime is not None and runtime.sigterm_received():
+        if signals.sigterm_received():
             print(f"[{name}] terminated (SIGTERM){hint()}", file=sys.stderr, flush=True)
             return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
         print(f"\n[{name}] interrupted{hint()}", file=sys.stderr, flush=True)
         return 130
+    finally:
+        if previous is not None:  # (a command run in a caller's process leaves its handler as it was)
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 def generate_videos(cfg) -> bool:

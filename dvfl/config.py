@@ -271,9 +271,15 @@ class RunConfig:
         for (section, name), (owner, _) in zip(checked, self._fields(checked)):
             if isinstance(getattr(owner, name), str) and not getattr(owner, name).strip():  # ("" was the cwd)
                 raise ConfigError(f"{'.'.join((*section, name))} must not be empty (leave it out, or null, to unset it)")
-        self.output_dir = paths.absolute(self.output_dir, paths.output_base(cwd))
-        for owner, name in self._fields(INPUT_PATH_FIELDS):
-            setattr(owner, name, paths.absolute_input(getattr(owner, name), cwd))
+        try:
+            self.output_dir = paths.absolute(self.output_dir, paths.output_base(cwd))
+        except ValueError as exc:  # (file://HOST/...: a traceback)
+            raise ConfigError(f"output_dir: {exc}") from None
+        for (section, name), (owner, _) in zip(INPUT_PATH_FIELDS, self._fields(INPUT_PATH_FIELDS)):
+            try:
+                setattr(owner, name, paths.absolute_input(getattr(owner, name), cwd))
+            except ValueError as exc:
+                raise ConfigError(f"{'.'.join((*section, name))}: {exc}") from None
         return self
 
     def kinetics_ingest_command(self) -> str:

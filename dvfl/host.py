@@ -48,3 +48,12 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError):
         return None
+
+
+def joined_address(address: str | None = None) -> str | None:
+    """The Ray cluster this process joins (``address``, else ``RAY_ADDRESS``), or None where it starts
+    a local instance of its own: unset, empty (a Makefile's ``RAY_ADDRESS=``) or Ray's ``local``.
+    Every check of "a joined cluster" asks this (they disagreed on the empty value: a local instance
+    that skipped the checks against waiting for ever)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None

@@ -17,6 +17,10 @@ from typing import Iterator
 
 import ray
 
+from dvfl.host import joined_address
+# (light, in their own module: a command installs the handler before any work; again after ray.init)
+from dvfl.signals import sigterm_received, terminate_in_one_line  # noqa: F401
+
 # Logical CPUs a local instance advertises per physical core. Ray Data read tasks and light
 # drivers claim fractional CPUs; a little oversubscription keeps them from deadlocking behind
 # training workers on a 2-core machine while torch threads are capped separately.
@@ -93,36 +97,6 @@ def job_env_var_keys() -> set:
         return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})) if raw else set()
     except (ValueError, AttributeError):
         return set()
-
-
-_sigterm_received = False
-
-
-def sigterm_received() -> bool:
-    """Whether :func:`terminate_in_one_line`'s handler has run in this process."""
-    return _sigterm_received
-
-
-def terminate_in_one_line() -> None:
-    """After ``ray.init``: SIGTERM (``ray job stop``, a pod's stop, ``kill``) unwinds the command as
-    Ctrl+C does, so that Ray is shut down and locks released, and the command says so in one line
-    (:func:`sigterm_received`). A KeyboardInterrupt because Ray's blocking calls (``ray.wait``,
-    ``ray.get``) turn any other exception raised by a signal handler into ``SystemExit(1)``. Ray's
-    core hands SIGTERM to Abseil's crash handler first, which printed a stack dump of every thread
-    and armed a 3-second alarm that aborted (core dump) a shutdown taking longer. Main thread only."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def terminated(signum, frame):
-        global _sigterm_received
-        _sigterm_received = True
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
 
 
 @contextlib.contextmanager
@@ -267,8 +241,8 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     # variable does, and local workers inherit it. RAY_DATA_LOG_LEVEL=INFO brings them back.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address and address != "local":  # (Ray's "local": a new local instance, ours, set up below)
+        address = joined_address(address)
+        if address:  # (unset, empty or Ray's "local": a new local instance, ours, set up below)
             from dvfl.storage import worker_env
 
             # the S3 endpoint (never credentials) and Ray Data's log level reach the job's workers,

@@ -330,8 +330,28 @@ def test_training_that_the_local_ray_cannot_place_is_refused(monkeypatch):
                              ("scaling.worker_resources", {"train_node": 1})], check_paths=False)
     with pytest.raises(ConfigError, match=r"needs 2 GPU \(Ray has 1\), 2 train_node \(Ray has 0\)"):
         check_training_fits(gpu, {"CPU": 16.0, "GPU": 1.0})
+    # an empty RAY_ADDRESS (a Makefile's `export RAY_ADDRESS=`) starts a local instance: refused as one (it was
+    # taken for a joined cluster and waited for ever)
+    for local in ("", "local"):
+        monkeypatch.setenv("RAY_ADDRESS", local)
+        with pytest.raises(ConfigError, match=r"needs 8\.25 CPU \(Ray has 4\)"):
+            check_training_fits(cfg, {"CPU": 4.0})
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     check_training_fits(cfg, {"CPU": 4.0}, nodes=[{"CPU": 2.0}, {"CPU": 2.0}])
+
+
+def test_a_file_uri_naming_another_host_is_a_config_error_not_a_traceback(tmp_path):
+    """`--set output_dir=file://nas/runs` or `--clips file://nas/clips` ended in a ValueError traceback."""
+    from dvfl.config import ConfigError, load_config
+
+    for field in ("output_dir", "data.clips"):
+        with pytest.raises(ConfigError, match=rf"^{field}: file://nas/x: a file:// URI must name a local path"):
+            load_config(None, [(field, "file://nas/x")], check_paths=False)
+    from conftest import cli_in_process
+
+    done = cli_in_process("cache_teacher.py", "--clips", "file://nas/clips", "--teacher", tmp_path, "--out", tmp_path / "c")
+    assert done.returncode == 2 and "error: --clips: file://nas/clips: a file:// URI must name a local path" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_worker_no_node_of_a_joined_cluster_holds_is_said(monkeypatch, capsys):

@@ -509,6 +509,36 @@ def test_ctrl_c_and_sigterm_end_a_command_with_one_line(tmp_path, video_factory,
     assert load_dataset_info(str(out))["written_videos"] == 4 and not _hidden_or_tmp(out / "shards")
 
 
+def test_sigterm_while_the_videos_are_made_before_ray_ends_in_one_line_and_stops_the_generator(tmp_path):
+    """SIGTERM while the embedded default's videos are made (before Ray starts, where the handler was
+    installed) killed the command without a word, and its generator processes went on writing the
+    folder after it, then waited for ever."""
+    log = tmp_path / "ingest.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "synthetic",
+                                 "--out", str(tmp_path / "clips"), "--train-per-class", "400", "--gen-processes", "2"],
+                                stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while "[synthetic] generating" not in log.read_text():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(1.0)  # the pool's processes at work
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 143 and text.rstrip().splitlines()[-1].startswith("[ingest] terminated (SIGTERM)"), text[-3000:]
+    assert "Traceback" not in text
+    made = len(list((tmp_path / "clips" / "videos").rglob("*.mp4")))
+    time.sleep(2)
+    with pytest.raises(ProcessLookupError):  # nothing of its process group is left
+        os.killpg(proc.pid, 0)
+    assert len(list((tmp_path / "clips" / "videos").rglob("*.mp4"))) == made < 8 * 440
+
+
 def test_cache_build_disk_full_then_rerun(prepared, tmp_path, ray_local):
     from dvfl.teacher_cache import FSIZE_TEST_ENV, TeacherLogitCache
 

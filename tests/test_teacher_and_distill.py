@@ -348,6 +348,16 @@ def test_a_cut_clip_shard_is_named_damaged_and_a_refused_read_is_not(prepared, r
     (tmp_path / "flipped.parquet").write_bytes(bytes(flipped))
     assert [p for p, _ in shards_mod.find_corrupt_shards([src, str(cut), str(tmp_path / "flipped.parquet")])] == [
         str(cut), str(tmp_path / "flipped.parquet")]
+    # `dvfl cache` on such clips: the damaged shard, to re-ingest (it said "writing the cache to OUT failed",
+    # sending the user to their disk)
+    clips = tmp_path / "clips"
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    first = sorted((clips / "shards").glob("train-*.parquet"))[0]
+    first.write_bytes(first.read_bytes()[:4000])
+    done = cli_in_process("cache_teacher.py", "--clips", clips, "--teacher", prepared["teacher"], "--out",
+                          tmp_path / "cache", "--verify", 0)
+    assert done.returncode == 1 and "clip shard(s) cannot be read" in done.stderr and str(first) in done.stderr, done.stderr
+    assert "writing the cache" not in done.stderr
 
 
 # ----------------------------------------------------------------------------- distillation (issue 5)

@@ -97,7 +97,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--crop-size {a.crop_size} exceeds the clips' short side {stored}")
     from dvfl.models import CheckpointError
     from dvfl.runtime import ray_runtime
-    from dvfl.data.shards import ClipReadError, IncompleteClipsError
+    from dvfl.data.shards import ClipReadError, CorruptShardError, IncompleteClipsError
     from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
 
     with ray_runtime(num_cpus=a.num_cpus):
@@ -116,7 +116,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         except IncompleteClipsError as exc:  # (an OSError, but of the input)
             print(f"error: --clips {exc}", file=sys.stderr)
             return 2
-        except ClipReadError as exc:  # (an OSError, but a read of the input that a rerun may get through)
+        except (ClipReadError, CorruptShardError) as exc:  # (OSErrors, but of the input: a read a rerun may get
+            # through; a damaged shard to re-ingest. "writing the cache failed" sent users to their disk)
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except OSError as exc:  # disk full, quota: finished shards stay, a rerun resumes

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from dvfl.host import usable_cpus
+from dvfl.host import joined_address, usable_cpus
 from dvfl.cli import absolute_path_args, add_num_cpus, deprecated, os_error_line
 
 ANNOTATION_SPLITS = ("train", "val", "test", "validation", "validate")
@@ -43,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="class list file (kinetics, dvfl-csv: one name per line; ssv2: labels.json)")
     p.add_argument("--num-classes", type=int,
                    help="dvfl-csv: number of classes (default: the distinct labels of the lists, numbered 0..K-1)")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="folder: fraction of videos for test (drawn by a stable hash of each video's path, "
-                   "the same on every ingest whatever --seed)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="folder: fraction of videos for test (drawn by a stable hash of each video's path, the "
+                        "same on every ingest whatever --seed)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="folder: fraction of videos for val")
     p.add_argument("--unlabeled", action="append", default=[], metavar="DIR_OR_LIST",
                    help="videos without labels (a folder tree or a file with one path per line): "
@@ -252,7 +253,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         return 2
     # one decode task more than cores in flight on a local instance fills the gaps Ray Data leaves
     # between tasks (dvfl.data.ingest.plan_decode_tasks); a cluster gets one per logical CPU
-    local = not (a.address or os.environ.get("RAY_ADDRESS"))
+    local = not joined_address(a.address)
     decode_tasks = a.decode_tasks or (a.num_cpus or usable_cpus() + 1 if local else None)
     cfg = IngestConfig(out=a.out, frames=a.frames, clips_per_video=a.clips_per_video, eval_clips=a.eval_clips,
                        short_side=short_side, seed=a.seed, min_frames=a.min_frames,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dvfl.data.holdout import val_source
 from dvfl.data.sampling import pool_videos
 from dvfl import storage
-from dvfl.host import usable_cpus
+from dvfl.host import joined_address, usable_cpus
 from dvfl.runtime import signal_handlers_kept
 from dvfl.data.shards import (READ_TASK_CPUS, keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset,
                               read_clips_table, shard_paths)
@@ -318,7 +318,7 @@ def runners_beside_reads(runs: list[RunnerRun], scaling: Scaling, concurrent: in
                    for run in runs for d in (run.data.train, run.data.val) if d is not None)
     # a joined cluster's autoscaler adds nodes for waiting reads (its CPUs now are no limit: the
     # shipped KubeRay head has none), as check_training_fits leaves it to size
-    joined = os.environ.get("RAY_ADDRESS", "local") != "local"
+    joined = joined_address() is not None
     if not streamed or joined or scaling.cpus_per_worker <= 0:
         return concurrent
     cpus = ray.cluster_resources().get("CPU", 0.0)

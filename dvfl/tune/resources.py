@@ -1,10 +1,10 @@
 """What a search holds in Ray at once, and taking back what stopped trials leave behind."""
 from __future__ import annotations
 
-import os
 import time
 
 from dvfl.config import ConfigError, RunConfig
+from dvfl.host import joined_address
 from dvfl.tune.search_config import TuneConfig
 
 
@@ -23,7 +23,7 @@ def required_resources(t: TuneConfig, cfg: RunConfig) -> dict:
 def check_resources(t: TuneConfig, cfg: RunConfig, available: dict, nodes: list[dict] | None = None) -> None:
     """A search the local Ray cannot hold is refused; on a joined cluster (left to its autoscaler) a
     trial that no node (``nodes``: each alive node's resources; default Ray's) can hold is said."""
-    joined = os.environ.get("RAY_ADDRESS", "local") != "local"
+    joined = joined_address() is not None
     if joined:
         from dvfl.runtime import alive_node_resources, note_no_node_holds, worker_bundle
         from dvfl.tune.trial import trials_in_process
