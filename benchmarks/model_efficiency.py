@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         "models": rows,
         "ratios_base_over_nano": ratios,
         "latency_ratio_target": 7.0,
-        "latency_ratio_meets_target": ratios["latency_median"] >= 7.0,
+        # the clock the spread is judged on: on a loaded machine the wall medians measure the other processes
+        "latency_ratio_meets_target": (spread["cpu"]["median"] if contended else ratios["latency_median"]) >= 7.0,
         "reference": ref_path if reference is not None else None,
         "reference_ok": (None if reference is None else all(
             r["reference"]["params_equal"] and r["reference"]["flops_within_1pct"]

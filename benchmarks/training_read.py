@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import platform
 import re
@@ -115,7 +116,7 @@ def run(a, work: str) -> None:
                 rounds.append(row)
         finally:
             ray.shutdown()
-        median = {n: {k: sorted(r[n][k] for r in rounds)[len(rounds) // 2]
+        median = {n: {k: statistics.median(r[n][k] for r in rounds)
                       for k in ("first_batch_s", "epoch_s", "spilled_mib")} for n in names}
         before, now = (median[n] for n in names)
         res["stores"][str(store)] = {

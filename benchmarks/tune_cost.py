@@ -162,7 +162,8 @@ def main(argv=None) -> int:
                 "wall_s": s["wall_seconds"], "trials": s["trials"], "errors": s["errors"],
                 "stopped_early": s["stopped_early"], "trial_epochs_run": s["trial_epochs_run"],
                 "trial_epochs_if_all_ran_to_the_end": s["trial_epochs_if_all_ran_to_the_end"],
-                "trials_per_hour": s["trials"] / s["wall_seconds"] * 3600,
+                # finished trials only: an errored trial (out of memory) is not a trial the search bought
+                "trials_per_hour": (s["trials"] - s["errors"]) / s["wall_seconds"] * 3600,
                 "trial_epochs_per_hour": s["trial_epochs_run"] / s["wall_seconds"] * 3600,
                 "mean_epoch_s": sum(epochs) / max(len(epochs), 1),
                 "teacher_forward_calls": sum(r["teacher_forward_calls"] or 0 for r in s["rows"]),
@@ -196,11 +197,11 @@ def main(argv=None) -> int:
     print(f"\nTune cost: {a.samples} trials x up to {a.epochs} epochs, teacher {name} "
           f"({'trained' if run_teacher else 'untrained, timing only'}), students {search.space.get('student.embed_dim')}, "
           f"one worker per trial, CPU ({results['cpu']}), {cores} cores")
-    print("| search | wall | trials | trial-epochs | trials / hour | trial-epochs / hour | mean epoch | "
+    print("| search | wall | trials | errored | trial-epochs | trials / hour | trial-epochs / hour | mean epoch | "
           "start-up per trial | teacher forwards |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, r in rows.items():
-        print(f"| {label} | {r['wall_s']:.0f} s | {r['trials']} ({r['stopped_early']} stopped early) | "
+        print(f"| {label} | {r['wall_s']:.0f} s | {r['trials']} ({r['stopped_early']} stopped early) | {r['errors']} | "
               f"{r['trial_epochs_run']}/{r['trial_epochs_if_all_ran_to_the_end']} | {r['trials_per_hour']:.1f} | "
               f"{r['trial_epochs_per_hour']:.1f} | {r['mean_epoch_s']:.1f} s | {r['startup_per_trial_s']:.1f} s | "
               f"{r['teacher_forward_calls']} |")
@@ -214,6 +215,11 @@ def main(argv=None) -> int:
           f"saved" + (f"; {results['asha_wall_saved_s']:.0f} s of wall time vs every trial to the end" if fifo else ""))
     print(f"load average {results['load_average_before_after']} ({'contended' if results['contended'] else 'quiet'})")
     print(f"wrote {out}")
+    errored = {label: r["errors"] for label, r in rows.items() if r["errors"]}
+    if errored:  # (a search of errored trials ran shorter: its ratios compare nothing)
+        print(f"error: trials errored ({', '.join(f'{k}: {v}' for k, v in errored.items())}): the searches are not "
+              "comparable; see the trials' error files under the experiments", file=sys.stderr)
+        return 1
     return 0
 
 
