@@ -493,6 +493,12 @@ def test_a_class_folder_linked_into_the_dataset_is_refused(tmp_path, src_video):
         os.symlink(os.path.abspath(str(root / target)), str(root / name))
         with pytest.raises(A.AdapterError, match=f"class folder .*{name} is a link to .*inside the dataset"):
             A.folder(str(root))
+    # UCF50 too (one video was filed under both classes, in the same split: no duplicate check saw it)
+    ucf = tmp_path / "ucf50"
+    put(str(ucf), "Biking/v_Biking_g01_c01.avi", src_video)
+    os.symlink("Biking", str(ucf / "Bike"))
+    with pytest.raises(A.AdapterError, match=r"class folder .*Bike is a link to .*Biking, inside the dataset"):
+        A.ucf50(str(ucf))
     elsewhere = tmp_path / "elsewhere"
     put(str(elsewhere), "x.mp4", src_video)
     root = tmp_path / "outside"
@@ -593,9 +599,12 @@ def test_a_linked_sub_folder_is_read_inside_its_class_folder_and_a_reject_outsid
     os.symlink("../dog", root / "cat" / "dogs")
     os.symlink("..", root / "cat" / "up")
     os.symlink("inner", root / "cat" / "again")
+    put(str(root), "cat/2024/batch1/e.mp4", src_video)
+    os.symlink("2024/batch1", root / "cat" / "latest")  # a shortcut above the folder it names
     m = A.folder(str(root))
     assert sorted((e.video_id, e.class_name) for e in m.entries) == [
-        ("cat/a", "cat"), ("cat/inner/c", "cat"), ("dog/d", "dog")]  # (again -> inner: walked once, as inner/)
+        ("cat/2024/batch1/e", "cat"), ("cat/a", "cat"), ("cat/inner/c", "cat"), ("dog/d", "dog")]  # (each under its
+    # own name, whatever links to it: an id, and with it a --test-fraction draw, does not move with a shortcut)
     assert [(p.reason, p.video_id) for p in m.problems] == [("linked_folder", "cat/dogs"), ("linked_folder", "cat/linked"),
                                                             ("linked_folder", "cat/up")]
     assert "another part of the dataset" in m.problems[0].detail
@@ -605,7 +614,7 @@ def test_a_linked_sub_folder_is_read_inside_its_class_folder_and_a_reject_outsid
     without = A.Manifest(m.dataset, m.root, m.classes, entries=list(m.entries), problems=[])
     assert compute_fingerprint(m, params, ids) == compute_fingerprint(without, params, ids)
     mp = A.unlabeled(str(root / "cat"))
-    assert [e.video_id for e in mp.entries] == ["unlabeled/a", "unlabeled/inner/c"]
+    assert sorted(e.video_id for e in mp.entries) == ["unlabeled/2024/batch1/e", "unlabeled/a", "unlabeled/inner/c"]
     assert [(p.reason, p.video_id) for p in mp.problems] == [("linked_folder", "unlabeled/dogs"),
                                                             ("linked_folder", "unlabeled/linked"),
                                                             ("linked_folder", "unlabeled/up")]

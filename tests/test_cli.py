@@ -347,6 +347,10 @@ def test_a_file_uri_naming_another_host_is_a_config_error_not_a_traceback(tmp_pa
     for field in ("output_dir", "data.clips"):
         with pytest.raises(ConfigError, match=rf"^{field}: file://nas/x: a file:// URI must name a local path"):
             load_config(None, [(field, "file://nas/x")], check_paths=False)
+    from dvfl.tune import load_tune_config
+
+    with pytest.raises(ConfigError, match=r"^tune\.storage: file://nas/x: a file:// URI must name a local path"):
+        load_tune_config(None, [("tune.storage", "file://nas/x")])
     from conftest import cli_in_process
 
     done = cli_in_process("cache_teacher.py", "--clips", "file://nas/clips", "--teacher", tmp_path, "--out", tmp_path / "c")

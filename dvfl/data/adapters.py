@@ -250,8 +250,9 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
         root = os.path.join(root, "UCF50")
     classes = _subfolders(root)
     m = Manifest("ucf50", os.path.abspath(root), classes, source={"test_group": test_group})
-    outside: List[Tuple[str, str]] = []
+    _refuse_class_links(root, [(None, root)], classes)
     for lab, cls in enumerate(classes):
+        outside: List[Tuple[str, str]] = []
         for dirpath, _, names in _walk(os.path.join(root, cls), os.path.join(root, cls), outside):
             videos = [n for n in names if _is_video(n)]
             for n, last in zip(videos, _id_parts(videos)):
@@ -266,7 +267,7 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
                                               f"group g{g.group(1)} is not one of UCF50's 25 groups g01..g25"))
                     continue
                 _add(m, vid, path, lab, cls, "test" if int(g.group(1)) == test_group else "train")
-    _linked_folder_problems(m, outside, root, None)  # (the group, so the split, is in each file's name)
+        _linked_folder_problems(m, outside, os.path.join(root, cls), None)  # (the split: in each file's name)
     return m
 
 
@@ -288,25 +289,45 @@ def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str
         raise AdapterError(f"cannot read the folder {ex.filename}: {ex.strerror or ex}: fix its permissions, or "
                            "move it out of the dataset")
 
+    def visible(dirs):  # (.AppleDouble, .Trashes: not the dataset's)
+        return sorted(d for d in dirs if not d.startswith("."))
+
     real_root = os.path.realpath(root or top)
+    # every folder reachable without a link is read under its own name (a link to one, at any depth,
+    # would otherwise give its videos the link's ids, and with them another --test-fraction draw)
     seen = {os.path.realpath(top)}
+    for dirpath, dirs, _ in os.walk(top, onerror=refuse):
+        dirs[:] = [d for d in visible(dirs) if not os.path.islink(os.path.join(dirpath, d))]
+        seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirs)
     for dirpath, dirs, names in os.walk(top, onerror=refuse, followlinks=True):
         keep = []
-        # (.AppleDouble, .Trashes: not the dataset's); real folders before links, so a folder also linked
-        # from beside it is read under its own name
-        names_in = sorted((d for d in dirs if not d.startswith(".")),
-                          key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
-        for d in names_in:
+        for d in visible(dirs):
             path = os.path.join(dirpath, d)
+            if not os.path.islink(path):
+                keep.append(d)
+                continue
             real = os.path.realpath(path)
             if os.path.commonpath([real, real_root]) != real_root:
                 if outside is not None:
                     outside.append((path, real))
-            elif real not in seen:  # (a link back up the tree, or to a folder walked already)
+            elif real not in seen:  # (a link back up the tree, or to a folder read already)
                 seen.add(real)
                 keep.append(d)
-        dirs[:] = sorted(keep)
+        dirs[:] = keep
         yield dirpath, dirs, sorted(names)
+
+
+def _refuse_class_links(root: str, bases, classes: List[str]) -> None:
+    """A class folder linked into the dataset would label its videos twice: refused, naming it."""
+    real_root = os.path.realpath(root)
+    for _, b in bases:
+        for cls in classes:
+            link, target = os.path.join(b, cls), os.path.realpath(os.path.join(b, cls))
+            if os.path.islink(link) and (target == real_root or target.startswith(real_root + os.sep)
+                                         or real_root.startswith(target + os.sep)):
+                raise AdapterError(f"class folder {link} is a link to {target}, inside the dataset: its videos "
+                                   "would also be filed under this class; remove the link (links to folders "
+                                   "elsewhere are refused per video as outside_root)")
 
 
 def _linked_folder_problems(m: Manifest, outside: List[Tuple[str, str]], within: str, split: Optional[str],
@@ -316,8 +337,8 @@ def _linked_folder_problems(m: Manifest, outside: List[Tuple[str, str]], within:
     root = os.path.realpath(m.root)
     for link, real in outside:
         vid = prefix + os.path.relpath(link, m.root).replace(os.sep, "/")
-        where = (f"another part of the dataset, outside {os.path.realpath(within)}: its videos are read where they are, "
-                 "not here" if os.path.commonpath([real, root]) == root
+        where = (f"another part of the dataset, outside {os.path.realpath(within)}: its videos are not read here "
+                 "(under a second label)" if os.path.commonpath([real, root]) == root
                  else f"outside the root {root}: its videos are not read (move them under the root)")
         m.problems.append(Problem(_d.LINKED_FOLDER, link, vid, f"a link to the folder {real}, {where}", split))
 
@@ -705,15 +726,7 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
                            f"({', '.join(d for d in split_dirs if split_of[d] == twice[0])}): merge them")
     bases = [(split_of[d], os.path.join(root, d)) for d in split_dirs] if split_dirs else [(None, root)]
     classes = sorted({d for _, b in bases for d in _subfolders(b)})
-    real_root = os.path.realpath(root)
-    for _, b in bases:  # a class folder linked into the dataset would label its videos twice
-        for cls in classes:
-            link, target = os.path.join(b, cls), os.path.realpath(os.path.join(b, cls))
-            if os.path.islink(link) and (target == real_root or target.startswith(real_root + os.sep)
-                                         or real_root.startswith(target + os.sep)):
-                raise AdapterError(f"class folder {link} is a link to {target}, inside the dataset: its videos "
-                                   "would also be filed under this class; remove the link (links to folders "
-                                   "elsewhere are refused per video as outside_root)")
+    _refuse_class_links(root, bases, classes)
     m = Manifest("folder", os.path.abspath(root), classes,
                  source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})
     for split_dir, base in bases:

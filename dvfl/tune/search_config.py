@@ -291,7 +291,10 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
     t = _parse_tune(tree)
     from dvfl import paths
 
-    t.storage = paths.absolute(t.storage, paths.output_base())  # before any trial's working directory
+    try:  # before any trial's working directory
+        t.storage = paths.absolute(t.storage, paths.output_base())
+    except ValueError as exc:  # (file://HOST/...: a traceback)
+        raise ConfigError(f"tune.storage: {exc}") from None
     run_path = None
     if t.run_config:
         run_path = Path(os.path.expanduser(t.run_config))  # inside YAML or after --set k=, no shell expands ~
