@@ -1,6 +1,5 @@
 """Tests of dvfl.losses: the KD loss is a real, T^2-scaled, fp32, batch-mean KL plus a CE that
 unlabelled clips can never reach."""
-import math
 
 import pytest
 import torch
@@ -286,13 +285,15 @@ def test_module_wrapper():
 
 def test_official_repo_softmax_bug_is_not_reproduced():
     # The official code feeds softmax (not log_softmax) as kl_div's input: at student == teacher
-    # that "loss" is not zero, whereas a real KL is.
-    s, _ = _logits()
+    # that "loss" is not zero (F.kl_div(F.softmax(s/T), F.softmax(s/T)) != 0), whereas a real KL is;
+    # and the loss must move with the student as the real KL does, not as that one.
+    s, t = _logits()
     T = 4.0
-    buggy = F.kl_div(F.softmax(s / T, -1), F.softmax(s / T, -1), reduction="batchmean")
-    assert abs(buggy.item()) > 1e-3
     assert abs(distillation_loss(s, s, alpha=1.0, temperature=T).total.item()) < 1e-12
-    assert math.isfinite(buggy.item())
+    real = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
+    buggy = F.kl_div(F.softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
+    ours = distillation_loss(s, t, alpha=1.0, temperature=T).total
+    assert abs(ours.item() - real.item()) < 1e-5 and abs(ours.item() - buggy.item()) > 1e-3
 
 
 def test_a_labelled_target_outside_the_classes_is_an_error_even_minus_100():

@@ -224,7 +224,10 @@ def test_killed_cache_build_resumes_without_partial_files(prepared, tmp_path, ra
     assert not (out / "cache.json").exists()
     for f in (out / "logits").glob("*.parquet"):  # whatever is visible is complete
         assert pq.read_metadata(f).num_rows > 0
+    finished = {f.name: f.stat().st_mtime_ns for f in (out / "logits").glob("*.parquet")}
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    # resumed: the shards finished before the kill are kept, not built again (a rebuild passes the rest)
+    assert {name: (out / "logits" / name).stat().st_mtime_ns for name in finished} == finished
     resumed = TeacherLogitCache(out)
     full = TeacherLogitCache(cfg.cache_dir)
     assert resumed.fingerprint == full.fingerprint and len(resumed) == len(full)
@@ -726,13 +729,59 @@ def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_
     run_loop(dataclasses.replace(loop, run_name="straight"), RunnerSession(datasets, str(straight)))
     first_epoch = epoch_states(str(straight))[0]
     resumed.mkdir()
-    shutil.copy(first_epoch, resumed / os.path.basename(first_epoch))
+    # epoch 1's state, marked: the resumed run's history must carry the mark (a run that ignored the state
+    # and trained epoch 1 again, deterministically, would end with the same weights and losses)
+    state = torch.load(first_epoch, map_location="cpu", weights_only=True)
+    state["history"][0]["copied_from"] = "straight"
+    torch.save(state, resumed / os.path.basename(first_epoch))
     run_loop(dataclasses.replace(loop, run_name="resumed"), RunnerSession(datasets, str(resumed)))
     a, b = (checkpoint_state(latest_epoch_state(str(d))) for d in (straight, resumed))
     assert a["epoch"] == b["epoch"] == cfg.optim.epochs - 1
+    assert [h.get("copied_from") for h in b["history"]] == ["straight"] + [None] * (cfg.optim.epochs - 1)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_accumulated_steps_in_the_loop_train_the_model_one_large_batch_does(prepared, ray_local, tmp_path):
+    """optim.accum_steps 2 with batches of 3 and one step per batch of 6, through the loop's own
+    train_step and its rescale of an epoch's last, partial accumulation: the same weights."""
+    import dataclasses
+
+    from dvfl import pipeline
+    from dvfl.models import build_model
+    from dvfl.train.loop import checkpoint_state, run_loop
+    from dvfl.train.session import RunnerSession, latest_epoch_state
+
+    base = tiny_config(prepared["cfg"].output_dir, [("data.flip", False), ("student.drop_path_rate", 0.0),
+                                                    ("optim.epochs", 1)])
+    data = pipeline.shared_training_data(base)
+    assert data.train_rows % 6 == 2  # the epoch ends on a batch of 2, half an accumulation: its rescale is exercised
+    weights = []
+    for batch, accum in ((6, 1), (3, 2)):
+        # SGD, no clipping, fp32: an update in proportion to the gradient (AdamW's normalisation and a clipped
+        # norm would hide a gradient scaled wrongly; bf16 rounds batches of 3 and 6 apart)
+        cfg = tiny_config(prepared["cfg"].output_dir, [("data.flip", False), ("student.drop_path_rate", 0.0),
+                                                       ("optim.epochs", 1), ("optim.batch_size", batch),
+                                                       ("optim.accum_steps", accum), ("optim.optimizer", "sgd"),
+                                                       ("optim.clip_grad", None), ("optim.amp", "off")])
+        loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), seed=0,
+                                             teacher={"mode": "none"}, tensorboard_dir=None, log=lambda *_: None)
+        loop = dataclasses.replace(loop, train_rows=data.train_rows, threads_per_worker=1, print_epochs=False,
+                                   run_name=f"b{batch}")
+        run_loop(loop, RunnerSession({"train": data.train, "val": data.val}, str(tmp_path / f"b{batch}")))
+        state = checkpoint_state(latest_epoch_state(str(tmp_path / f"b{batch}")))
+        weights.append((state["model"], state["step"]))
+    torch.manual_seed(loop.seed)  # the loop's own initialisation
+    start = build_model(loop.model.name, **loop.model.kwargs).state_dict()
+    (one, one_steps), (accumulated, accumulated_steps) = weights
+    assert one_steps == accumulated_steps == -(-data.train_rows // 6)
+    moved = 0.0
+    for name, tensor in one.items():  # what training moved each weight by, the same both ways
+        torch.testing.assert_close(accumulated[name] - start[name], tensor - start[name], rtol=1e-3, atol=1e-7,
+                                   msg=name)
+        moved = max(moved, float((tensor - start[name]).abs().max()))
+    assert moved > 1e-5  # (weights that did not move would prove nothing)
 
 
 def test_a_training_split_too_big_to_hold_streams_in_a_new_file_order_each_epoch(prepared, ray_local):
