@@ -22,8 +22,8 @@ import os
 import sys
 
 from dvfl import paths
-from dvfl.host import joined_address
 from dvfl.config import ConfigError, RunConfig, load_config
+from dvfl.host import joined_address
 
 # subcommand -> (module in dvfl.commands, the script that runs it as ``python SCRIPT``)
 COMMANDS = {

@@ -11,8 +11,8 @@ def sigterm_received() -> bool:
 
 def terminate_in_one_line():
     """Before a command's work, and again after ``ray.init`` (which installs its own): SIGTERM (``ray
-    job stop``, a pod's stop, ``kill``) unwinds the command as Ctrl+C does, so that Ray is shut down and locks released, and the command says so in one line
-    (:func:`sigterm_received`). A KeyboardInterrupt because Ray's blocking calls (``ray.wait``,
+    job stop``, a pod's stop, ``kill``) unwinds the command as Ctrl+C does, so that Ray is shut down
+    and locks released, and the command says so in one line (:func:`sigterm_received`). A KeyboardInterrupt because Ray's blocking calls (``ray.wait``,
     ``ray.get``) turn any other exception raised by a signal handler into ``SystemExit(1)``. Ray's
     core hands SIGTERM to Abseil's crash handler first, which printed a stack dump of every thread
     and armed a 3-second alarm that aborted (core dump) a shutdown taking longer. Main thread only;

@@ -280,9 +280,10 @@ SYSTEM_FOLDERS = ("__MACOSX", "lost+found")  # a Mac zip's resource forks, a vol
 def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str, str]]] = None):
     """``os.walk`` in sorted order that raises :class:`AdapterError` on a folder it cannot list
     (os.walk skips it: its videos were neither inputs nor rejects). A linked sub-folder is walked
-    when it resolves inside ``root`` (default ``top``; its files are judged by :func:`_add`), once;
-    one that leaves it is not walked but appended to ``outside`` as (link, target), for the caller to
-    report as ``linked_folder`` (os.walk skipped every linked folder: its videos were neither inputs nor rejects)."""
+    when it resolves inside ``root`` (default ``top``; its files are judged by :func:`_add`) to a
+    folder no plain path reaches, once; one that leaves ``root`` is not walked but appended to
+    ``outside`` as (link, target), for the caller to report as ``linked_folder`` (os.walk skipped
+    every linked folder: its videos were neither inputs nor rejects)."""
     def refuse(ex: OSError):
         if os.path.basename(str(ex.filename)) in SYSTEM_FOLDERS:
             return  # a volume's own lost+found (root's, mode 700) is not part of the dataset
