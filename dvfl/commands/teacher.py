@@ -125,7 +125,7 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         p.error(refusal)
 
     test_cfg = None
-    from dvfl.config import ConfigError, load_config
+    from dvfl.config import ConfigError, load_config, parse_override
 
     if a.test_config:
         try:  # its teacher is the one this command makes: it need not exist yet
@@ -157,7 +157,7 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         except ConfigError as exc:  # e.g. clips at their source size and no crop size
             print(f"config error: {exc}", file=sys.stderr)
             return 2
-        set_keys = {(o if isinstance(o, str) else o[0]).split("=")[0].strip() for o in a.overrides}
+        set_keys = {(parse_override(o) if isinstance(o, str) else o)[0] for o in a.overrides}
         if not getattr(a, "output_dir", None) and "output_dir" not in set_keys:
             cfg.output_dir = storage.join(out, "_work")
     cfg.teacher.path = None  # train one (ensure_teacher would otherwise use the given teacher)
