@@ -105,7 +105,8 @@ def test_checkpoint_state_reads_through_the_checkpoints_filesystem_not_a_shared_
 
 
 def _epoch_metrics_on_rank(rank: int, port: int, out: str) -> None:
-    """One gloo rank of two: rank 0 got 9 of 10 clips right at loss 0.1, rank 1 got 1 of 10 at 2.0."""
+    """One gloo rank of two: rank 0 got 9 of 10 clips right at loss 0.1, rank 1 got 1 of 10 at 2.0
+    (the stats hold sums over clips)."""
     import os
 
     import torch
@@ -121,7 +122,7 @@ def _epoch_metrics_on_rank(rank: int, port: int, out: str) -> None:
                         optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
                         scaler=torch.amp.GradScaler("cpu", enabled=False), amp=None, teacher=None, rng=None,
                         total_steps=1, warmup=0)
-        stats = loop._EpochStats(loss=0.1 if rank == 0 else 2.0, batches=1, seen=10, correct=9 if rank == 0 else 1,
+        stats = loop._EpochStats(loss=1.0 if rank == 0 else 20.0, batches=1, seen=10, correct=9 if rank == 0 else 1,
                                  counts=torch.tensor([10, 0, 10, 0]))
         metrics = loop.epoch_metrics(run, LoopConfig(seed=0, model=None, optim=OptimSection()), stats, 0, 0.0, 1.0, 0.0)
         with open(f"{out}/rank{rank}.json", "w") as f:
@@ -224,6 +225,26 @@ def test_train_ce_is_the_mean_over_the_clips_it_covers():
     assert metrics["train_ce"] == pytest.approx((1.2 * 2 + 0.6) / 3) and metrics["ce_clips"] == 3
     assert metrics["train_loss"] == pytest.approx(2.5 / 3) and metrics["train_top1"] == pytest.approx(2 / 3)
     assert metrics["labelled_clips"] == 3 and metrics["unlabelled_clips"] == 3 and metrics["mixed_batches"] == 1
+
+
+def test_train_loss_and_kd_are_means_over_clips_not_batches():
+    """A short last batch (1 clip after a batch of 4) weighed as much as a full one: the mean of
+    the batch means (2.0) instead of the mean over the 5 clips (1.4)."""
+    import numpy as np
+    import torch
+
+    from dvfl.train import loop
+
+    stats = loop._EpochStats()
+    stats.add_batch(1.0, 1.0, 0.5, 4, np.zeros(4, dtype=int), np.zeros(4, dtype=int))
+    stats.add_batch(3.0, 3.0, 2.5, 1, np.zeros(1, dtype=int), np.zeros(1, dtype=int))
+    m = torch.nn.Linear(1, 1)
+    run = loop._Run(rank=0, world=1, device=torch.device("cpu"), model=m, raw_model=m,
+                    optimizer=torch.optim.SGD(m.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                    amp=None, teacher=None, rng=None, total_steps=1, warmup=0)
+    metrics = loop.epoch_metrics(run, LoopConfig(seed=0, model=None, optim=OptimSection()), stats, 0, 0.0, 1.0, 0.0)
+    assert metrics["train_loss"] == pytest.approx(7 / 5) and metrics["train_kd"] == pytest.approx(4.5 / 5)
+    assert metrics["train_ce"] == pytest.approx(7 / 5)
 
 
 def test_ctrl_c_during_a_ray_train_run_is_an_interrupt_not_a_silent_exit():

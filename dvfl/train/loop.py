@@ -294,7 +294,7 @@ class _Run:
 
 @dataclass
 class _EpochStats:
-    loss: float = 0.0
+    loss: float = 0.0  # sums over clips: a short last batch weighs what its clips weigh
     ce: float = 0.0
     kd: float = 0.0
     batches: int = 0
@@ -308,12 +308,13 @@ class _EpochStats:
 
     def add_batch(self, loss: float, ce: float, kd: float, ce_clips: int, predicted: np.ndarray,
                   labels: np.ndarray) -> None:
-        """One batch's sums. CE is summed per clip it covers (``ce_clips``): a batch of unlabelled
-        clips has none, and counting its 0 as a batch's CE made train_ce too low."""
+        """One batch's sums, each batch mean times the clips it covers: the loss and KD over all
+        its clips, CE over ``ce_clips`` (a batch of unlabelled clips has none, and counting its 0 as
+        a batch's CE made train_ce too low; a short last batch counted as a full one)."""
         self.batches += 1
-        self.loss += loss
+        self.loss += loss * len(labels)
         self.ce += ce * ce_clips
-        self.kd += kd
+        self.kd += kd * len(labels)
         labelled = labels >= 0
         self.correct += int((predicted == labels)[labelled].sum())
         self.seen += int(labelled.sum())
@@ -584,10 +585,11 @@ def epoch_metrics(run: _Run, cfg: LoopConfig, stats: _EpochStats, epoch: int, st
         reduced = sums.to(run.device)
         dist.all_reduce(reduced)
         sums = reduced.cpu()
-    loss, ce, kd, n, correct, seen = sums[:6].tolist()
+    loss, ce, kd, _batches, correct, seen = sums[:6].tolist()
     counts = sums[6:].long()
+    clips = max(int(counts[0] + counts[1]), 1)
     metrics = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
-               "train_loss": loss / n, "train_ce": ce / max(int(counts[2]), 1), "train_kd": kd / n,
+               "train_loss": loss / clips, "train_ce": ce / max(int(counts[2]), 1), "train_kd": kd / clips,
                "train_top1": correct / max(seen, 1),
                "epoch_seconds": time.time() - started, "steps": run.step,
                # the share of this rank's training loop spent waiting for its next input batch
