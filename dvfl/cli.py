@@ -322,6 +322,7 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
 
     # (before any work: a SIGTERM while the embedded default's videos are made, before Ray starts,
     # killed the command without a word and left the generator's processes writing the run folder)
+    signals.forget_sigterm()
     previous = signals.terminate_in_one_line()
     try:
         return module.run(a, p)

@@ -9,6 +9,13 @@ def sigterm_received() -> bool:
     return _sigterm_received
 
 
+def forget_sigterm() -> None:
+    """A command's start: a SIGTERM an earlier command in this process received is not this one's
+    (its Ctrl+C was reported as "terminated (SIGTERM)", exit 143)."""
+    global _sigterm_received
+    _sigterm_received = False
+
+
 def terminate_in_one_line():
     """Before a command's work, and again after ``ray.init`` (which installs its own): SIGTERM (``ray
     job stop``, a pod's stop, ``kill``) unwinds the command as Ctrl+C does, so that Ray is shut down

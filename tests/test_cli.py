@@ -442,3 +442,29 @@ def test_an_interrupt_during_freshs_deletions_does_not_say_to_drop_fresh(capsys)
         assert capsys.readouterr().err.strip() == f"[distill] interrupted: {hint}", state
     assert run_command("distill", interrupted(), argparse.Namespace(fresh=False), p) == 130
     assert capsys.readouterr().err.strip() == "[distill] interrupted: run the same command again to resume"
+
+
+def test_a_ctrl_c_after_an_earlier_commands_sigterm_is_an_interrupt(capsys):
+    """Two commands in one process (a notebook, the tests' in-process runner): the first ended by
+    SIGTERM (143), the second by Ctrl+C, which was also reported as SIGTERM, exit 143."""
+    import os
+    import signal
+    import types
+
+    from dvfl.cli import run_command
+
+    def terminated(a, p):
+        assert callable(signal.getsignal(signal.SIGTERM)), "no handler installed: the kill would end pytest"
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler run_command installed raises here
+        raise AssertionError("SIGTERM did not unwind the command")
+
+    def interrupted(a, p):
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    a, p = argparse.Namespace(), argparse.ArgumentParser()
+    assert run_command("export", types.SimpleNamespace(run=terminated), a, p) == 143
+    assert run_command("export", types.SimpleNamespace(run=interrupted), a, p) == 130
+    assert signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err
+    assert "[export] terminated (SIGTERM)" in err and "[export] interrupted" in err
