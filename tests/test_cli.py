@@ -255,6 +255,10 @@ def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
             main(base + extra)
         assert exc.value.code == 2 and message in capsys.readouterr().err, extra
     assert not (tmp_path / "c").exists()
+    (clips / "dataset.json").unlink()  # an interrupted ingest: told how to finish it
+    with pytest.raises(SystemExit) as exc:
+        main(base)
+    assert exc.value.code == 2 and "or its same command again to finish an interrupted one" in capsys.readouterr().err
 
 
 def test_gpu_training_asked_on_a_machine_without_one_is_refused_before_work(tmp_path, capsys, monkeypatch):

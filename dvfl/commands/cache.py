@@ -77,7 +77,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import storage
 
     if not storage.isfile(storage.join(a.clips, "dataset.json")):
-        p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json)")
+        p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json): run `dvfl ingest` first, "
+                "or its same command again to finish an interrupted one")
     if not storage.exists(a.teacher) and not storage.isdir(a.teacher):
         p.error(f"--teacher {a.teacher}: not found")
     if storage.isfile(a.teacher) and not a.arch:
