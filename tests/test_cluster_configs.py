@@ -133,6 +133,15 @@ _UCF101_SEARCH = (f"python {cv.PROJECT_DIR_IN_IMAGE}/tuning/search.py --search {
                   "models/ucf101_teacher --set teacher.cache=/data/ucf101_s1_cache")
 
 
+_UCF101_PROTOCOL = (f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/protocol.py --config {cv.PROJECT_DIR_IN_IMAGE}/configs/"
+                    "ucf101_base.yaml --splits 1 --out /data/protocol --set output_dir=/data/runs/proto --set "
+                    "data.clips=/data/ucf101_s1 --set teacher.path=/data/models/t --set teacher.cache=/data/ucf101_s1_cache")
+_UCF101_TEACHER = (f"dvfl teacher --config {cv.PROJECT_DIR_IN_IMAGE}/configs/ucf101_base.yaml --out /data/models/t "
+                   "--set output_dir=/data/runs/t --set data.clips=/data/ucf101_s1 --set teacher.cache=/data/c")
+_UCF101_INGEST = (f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/ingest.py --dataset ucf101 --root /data/UCF101 --split 1 "
+                  "--out /data/ucf101_s1 --short-side 256 --clips-per-video 4 --eval-clips 4")
+
+
 def _entrypoint(doc, fn):
     doc["spec"]["entrypoint"] = fn(doc["spec"]["entrypoint"])
     return doc
@@ -180,13 +189,46 @@ def _entrypoint(doc, fn):
     (lambda d: _set(d, lambda d: _replace_volume(_group(d, "cpu-workers"),
                                                  {"name": "data", "persistentVolumeClaim": {"claimName": "other"}})),
      ("teacher.cache is '/data/ucf101_s1_cache': not on a volume",)),
+    # --out is not output_dir for every command (session 41: a protocol's --out hid its relative runs)
+    (lambda d: _entrypoint(d, lambda e: _UCF101_PROTOCOL.replace(" --set output_dir=/data/runs/proto", "")),
+     ("output_dir is 'runs/ucf101_base' (relative",)),
+    (lambda d: _entrypoint(d, lambda e: _UCF101_PROTOCOL.replace("--out /data/protocol", "--out protocol")),
+     ("--out is 'protocol' (relative, from configs/ucf101_base.yaml",)),
+    (lambda d: _entrypoint(d, lambda e: _UCF101_TEACHER + " --checkpoint video-focalnet_base_k400.pth"),
+     ("teacher.train.checkpoint is 'video-focalnet_base_k400.pth' (relative",)),
+    (lambda d: _entrypoint(d, lambda e: _UCF101_INGEST.replace("--out /data/ucf101_s1", "--out data/ucf101_s1")),
+     ("--out is 'data/ucf101_s1' (relative, from `ingest`'s flags",)),
+    (lambda d: _entrypoint(d, lambda e: _UCF101_INGEST.replace("--root /data/UCF101", "--root /tmp/UCF101")),
+     ("--root is '/tmp/UCF101': not on a volume",)),
+    (lambda d: _entrypoint(d, lambda e: "python /home/ray/my_job.py --out /data/x"),
+     ("runs none of the commands whose paths can be checked",)),
 ], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
         "embedded_default", "embedded_search", "path_off_the_volume", "volume_not_on_every_group",
         "search_storage_relative", "search_storage_off_the_volume", "dvfl_tune_entry_point",
-        "path_flag_before_set", "emptydir_at_the_mount_path", "another_claim_at_the_mount_path"])
+        "path_flag_before_set", "emptydir_at_the_mount_path", "another_claim_at_the_mount_path",
+        "protocol_runs_relative", "protocol_out_relative", "teacher_checkpoint_relative", "ingest_out_relative",
+        "ingest_videos_off_the_volume", "another_program"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)
+
+
+def test_rayjob_path_flags_are_read_as_their_command_reads_them(kuberay_docs):
+    """--out is the teacher's teacher.path (a teacher job on the claim was refused for its config's
+    output_dir... and a protocol's relative runs passed); an ingest job reads no run config. The
+    table agrees with the commands' own parsers."""
+    import argparse
+
+    from dvfl.cli import COMMANDS, command_module
+
+    for entry in (_UCF101_PROTOCOL, _UCF101_TEACHER, _UCF101_INGEST,
+                  _UCF101_TEACHER.replace("dvfl teacher", "python -m dvfl teacher")):
+        assert cv.job_config_path_errors(_entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: entry)) == [], entry
+    for name, (script, flags) in cv.JOB_COMMANDS.items():
+        assert COMMANDS[name][1] == script
+        p = argparse.ArgumentParser()
+        command_module(name).add_arguments(p)
+        assert set(flags) <= set(p._option_string_actions), name
 
 
 def test_rayjob_paths_may_be_on_any_shared_volume(kuberay_docs):
@@ -311,6 +353,27 @@ LAUNCHER_BREAKAGES = {
     "dashboard_from_ray_defaults": (
         lambda c: _set(c, lambda c: c.pop("head_start_ray_commands")),
         ("policy", "--dashboard-host=0.0.0.0", "inherited from Ray's provider defaults"),
+    ),
+    # an empty host binds every interface (session 41: passed)
+    "dashboard_host_empty": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            cmd.replace("--dashboard-host=127.0.0.1", '--dashboard-host=""') for cmd in c["head_start_ray_commands"]])),
+        ("policy", "head_start_ray_commands", "--dashboard-host=''"),
+    ),
+    # the token inline through its file, and no token file for the nodes (session 41: both passed)
+    "token_written_inline_to_its_file": (
+        lambda c: _set(c, lambda c: c.update(setup_commands=[
+            "mkdir -p ~/.ray && echo 9f3c2a1b7d6e4f5a8b0c1d2e3f4a5b6c > ~/.ray/auth_token"])),
+        ("policy", "setup_commands", "writes Ray's token file from the config's own text"),
+    ),
+    "token_printed_into_its_file_on_the_start_line": (
+        lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
+            c["head_start_ray_commands"][0], "printf '%s' 9f3c2a1b7d6e > ~/.ray/auth_token; " + c["head_start_ray_commands"][1]])),
+        ("policy", "head_start_ray_commands", "writes Ray's token file from the config's own text"),
+    ),
+    "token_file_not_mounted": (
+        lambda c: _set(c, lambda c: c.update(file_mounts={})),
+        ("policy", "file_mounts", "no ~/.ray/auth_token"),
     ),
     # the shell reads a line in order: what comes later, or in a sub-shell, is what `ray start` sees
     # (session 28: each of these passed a text match)
@@ -479,6 +542,20 @@ LAUNCHER_BREAKAGES = {
         ("policy", "worker_start_ray_commands", "installs packages at every node start"),
     ),
 }
+
+
+def test_a_token_file_written_from_a_secret_or_named_by_its_path_passes(launcher_docs):
+    """The token from a secret's environment variable, or a token file mounted where
+    RAY_AUTH_TOKEN_PATH says, is not inline."""
+    from_env = copy.deepcopy(launcher_docs["aws"])
+    from_env["setup_commands"] = ['mkdir -p ~/.ray && echo "$RAY_TOKEN_FROM_SECRET" > ~/.ray/auth_token']
+    assert cv.validate_launcher_config(from_env) == []
+    elsewhere = copy.deepcopy(launcher_docs["aws"])
+    elsewhere["file_mounts"] = {"/etc/ray/token": "~/.ray/auth_token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        elsewhere[key] = [cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/ray/token;")
+                          for cmd in elsewhere[key]]
+    assert cv.validate_launcher_config(elsewhere) == []
 
 
 @pytest.mark.parametrize("target", sorted(LAUNCHER))
@@ -1102,6 +1179,19 @@ def test_cli_reports_ok_and_failures(tmp_path, capsys, kuberay_docs):
     assert "FAIL  " + str(bad) in out and "maxReplica: unknown field" in out
 
 
+def test_cli_checks_a_dockerfile(tmp_path, capsys):
+    """`dvfl validate-cluster ... docker/Dockerfile` (the docs' command): the Dockerfile was read as
+    YAML ("did not find expected <document start>"), and a broken one was never checked by a user command."""
+    assert dvfl_main(["validate-cluster", str(DOCKERFILE)]) == 0
+    assert "OK    " + str(DOCKERFILE) in capsys.readouterr().out
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(DOCKERFILE.read_text().replace("ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.9.0")
+                      .replace("configs ./configs", "tuning ./tuning2"))
+    assert dvfl_main(["validate-cluster", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  " + str(broken) in out and "rayproject/ray:2.60.0-*" in out and "configs/ is not copied" in out
+
+
 def test_cli_as_module(tmp_path):
     """`python -m dvfl validate-cluster ...` (`dvfl validate-cluster`, the command in docs/cluster.md)."""
     not_a_config = tmp_path / "x.yaml"
@@ -1114,3 +1204,10 @@ def test_cli_as_module(tmp_path):
     assert proc.stdout.count("OK ") == len(ALL_FILES)
     assert f"FAIL  {not_a_config}" in proc.stdout
     assert f"{len(ALL_FILES)}/{len(ALL_FILES) + 1} files valid" in proc.stdout
+
+
+def test_gcp_configs_say_their_firewall_is_not_read():
+    """The shipped gcp.yaml's nodes sit on the region's first subnet: on the `default` network every
+    VM of the project reaches their Ray ports, which no file can show; the OK said nothing."""
+    assert any("GCP firewall rules are not read" in n for n in cv.launcher_notes(_load(LAUNCHER["gcp"])))
+    assert not any("GCP" in n for n in cv.launcher_notes(_load(LAUNCHER["aws"])))

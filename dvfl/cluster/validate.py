@@ -193,7 +193,7 @@ _SECRET_VALUE_PATTERNS = [
     (
         re.compile(
             r"\b[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)[A-Z0-9_]*"
-            r"\s*=\s*['\"]?(?![$'\"\s])[^\s'\";]{6,}"
+            r"\s*=\s*['\"]?(?![$'\"\s/~])[^\s'\";]{6,}"  # (not $VAR, not a path: RAY_AUTH_TOKEN_PATH=/etc/...)
         ),
         "a secret assigned in a command",
     ),
@@ -297,7 +297,7 @@ def _launcher_validator():
     return cls(schema)
 
 
-_DASHBOARD_HOST = re.compile(r"--dashboard-host(?:=|\s+)(['\"]?)([^\s'\";]+)\1")
+_DASHBOARD_HOST = re.compile(r"--dashboard-host(?:=|\s+)(['\"]?)([^\s'\";]*)\1")  # "" too: every interface
 
 
 def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
@@ -308,7 +308,7 @@ def _dashboard_host_errors(commands: Iterable[str], where: tuple) -> list[str]:
         for m in _DASHBOARD_HOST.finditer(cmd):
             host = m.group(2)
             if host not in LOOPBACK_HOSTS:
-                out.append(_error_line("policy", where + (i,), f"--dashboard-host={host}: the dashboard and "
+                out.append(_error_line("policy", where + (i,), f"--dashboard-host={host or repr(host)}: the dashboard and "
                                 "job server must bind to loopback (127.0.0.1) and be reached through "
                                 "`ray dashboard` port-forwarding"))
     return out
@@ -417,6 +417,40 @@ def _auth_errors(prepared: dict) -> list[str]:
                                        f"(RAY_AUTH_MODE {'unset' if seen is None else repr(seen)} where it runs): "
                                        "prefix it with `export RAY_AUTH_MODE=token;` (the token file comes "
                                        "from file_mounts, never inline)"))
+    return out
+
+
+LAUNCHER_COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                         "head_start_ray_commands", "worker_start_ray_commands")
+# a literal written into Ray's token file by a command: the token inline (a "$VAR" is a secret's)
+_TOKEN_FILE_WRITE = re.compile(r"(?:\b(?:echo|printf)\b(?P<arg>[^;&|>]*)>>?\s*|\btee\b[^;&|]*?)\S*auth_token\b"
+                               r"|\bcat\b[^;&|]*>>?\s*\S*auth_token\b[^;&|]*<<")
+_TOKEN_PATH = re.compile(r"\bRAY_AUTH_TOKEN_PATH=(['\"]?)([^\s'\";]+)\1")
+
+
+def _token_file_errors(prepared: dict) -> list[str]:
+    """The nodes' token: a file the launcher copies from the user's machine (file_mounts), never
+    written by a command from a literal; without the file every `ray start` with token
+    authentication fails (Ray 2.60 creates no token on a node)."""
+    out = []
+    for key in LAUNCHER_COMMAND_KEYS:
+        for i, cmd in enumerate(_as_list(prepared.get(key))):
+            if not isinstance(cmd, str):
+                continue
+            for m in _TOKEN_FILE_WRITE.finditer(cmd):
+                arg = m.group("arg")
+                if arg is None or "$" not in arg:  # tee/cat heredoc: the text is in the line
+                    out.append(_error_line("policy", (key, i), "writes Ray's token file from the config's own text: "
+                                           "the token inline; copy the file with file_mounts (or write it from a "
+                                           "secret's environment variable)"))
+    targets = {str(t).rstrip("/") for t in _as_mapping(prepared.get("file_mounts"))}
+    paths = {m.group(2) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+             for cmd in _as_list(prepared.get(key)) if isinstance(cmd, str) for m in _TOKEN_PATH.finditer(cmd)}
+    wanted = paths or {"~/.ray/auth_token"}
+    if not any(t in wanted or (not paths and t.endswith("/.ray/auth_token")) for t in targets):
+        out.append(_error_line("policy", ("file_mounts",), f"no {' or '.join(sorted(wanted))}: the nodes' `ray start` "
+                               "with token authentication finds no token and fails; mount the token file "
+                               "(\"~/.ray/auth_token\": \"~/.ray/auth_token\")"))
     return out
 
 
@@ -623,6 +657,7 @@ def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
         out = [e + " (inherited from Ray's provider defaults; set head_start_ray_commands)"
                if "dashboard-host" in e else e for e in out]
     out += _auth_errors(cfg)
+    out += _token_file_errors(cfg)
     out += _security_group_errors(raw)
     out += _node_config_errors(raw)
     if _as_mapping(raw.get("provider")).get("gcp_credentials"):
@@ -677,6 +712,11 @@ def launcher_notes(config: Any) -> list[str]:
             out.append(f"available_node_types.{name}.node_config: security group(s) {', '.join(map(str, groups))} are "
                        "not read (their rules live in the cloud account): check that no Ray port is open beyond "
                        "the cluster's own nodes (docs/cluster.md)")
+    if _as_mapping(_as_mapping(config).get("provider")).get("type") == "gcp":
+        # GCP firewall rules belong to the network, not the file; Ray puts nodes on the region's first subnet
+        out.append("GCP firewall rules are not read (they belong to the VPC network): on the `default` network "
+                   "`default-allow-internal` opens every Ray port to every VM of the project; use a VPC of the "
+                   "cluster's own (docs/cluster.md, Firewall)")
     return out
 
 
@@ -1101,10 +1141,24 @@ def validate_kuberay_manifest(doc: Any, crd_dir: str | os.PathLike | None = None
     return errors
 
 
-# Every path field of a run config (dvfl.config.RunConfig.resolve_paths)
-# the entry points' path flags (distill, tune: --out is the run's output_dir) and the fields they set
-ENTRYPOINT_PATH_FLAGS = {"--out": "output_dir", "--output-dir": "output_dir", "--clips": "data.clips",
-                         "--teacher": "teacher.path", "--unlabeled": "data.unlabeled"}
+# The commands a job may run (script name; `dvfl COMMAND`), each with its path flags: the run-config
+# field the flag sets, or None for a path of the command's own. One flag means different things:
+# --out is distill's output_dir, the teacher's teacher.path, the cache's teacher.cache, protocol's
+# report folder, the ingest's clips (tests/test_cluster_configs.py checks the table against dvfl.cli).
+JOB_COMMANDS = {
+    "distill": ("pipelines/distill.py", {"--out": "output_dir", "--output-dir": "output_dir", "--clips": "data.clips",
+                                         "--teacher": "teacher.path", "--unlabeled": "data.unlabeled"}),
+    "tune": ("tuning/search.py", {"--out": "output_dir", "--output-dir": "output_dir"}),
+    "protocol": ("pipelines/protocol.py", {"--out": None, "--output-dir": "output_dir"}),
+    "teacher": ("pipelines/train_teacher.py", {"--out": "teacher.path", "--output-dir": "output_dir",
+                                               "--clips": "data.clips", "--checkpoint": "teacher.train.checkpoint",
+                                               "--init-2d": "teacher.train.init_2d", "--publish": None}),
+    "cache": ("pipelines/cache_teacher.py", {"--out": "teacher.cache", "--output-dir": "output_dir",
+                                             "--clips": "data.clips", "--teacher": "teacher.path"}),
+    # no run config: its flags are all its paths (the videos too: decode tasks run on any node)
+    "ingest": ("pipelines/ingest.py", {"--out": None, "--root": None, "--videos-dir": None, "--lists-dir": None,
+                                       "--classes": None, "--unlabeled": None}),
+}
 JOB_PATH_FIELDS = ("output_dir", "data.root", "data.clips", "data.unlabeled", "teacher.path", "teacher.cache",
                    "student.checkpoint", "student.init_2d", "teacher.train.checkpoint", "teacher.train.init_2d")
 
@@ -1140,14 +1194,16 @@ def _shared_mounts(spec: dict) -> set[str]:
     return {path for path, _, _ in shared or set()}
 
 
-def _runs_a_search(argv: list[str]) -> bool:
-    """``python .../tuning/search.py``, ``dvfl tune`` or ``python -m dvfl tune``."""
+def _job_command(argv: list[str]) -> str | None:
+    """The command of :data:`JOB_COMMANDS` an entrypoint runs: ``python .../pipelines/distill.py``,
+    ``dvfl distill`` or ``python -m dvfl distill``; None for anything else."""
     for i, arg in enumerate(argv):
-        if arg.endswith("tuning/search.py"):
-            return True
+        for name, (script, _) in JOB_COMMANDS.items():
+            if arg == script or arg.endswith("/" + script):
+                return name
         if os.path.basename(arg) == "dvfl" and (i == 0 or argv[i - 1] == "-m"):
-            return argv[i + 1:i + 2] == ["tune"]
-    return False
+            return argv[i + 1] if argv[i + 1:i + 2] and argv[i + 1] in JOB_COMMANDS else None
+    return None
 
 
 def job_config_path_errors(doc: dict) -> list[str]:
@@ -1170,12 +1226,18 @@ def job_config_path_errors(doc: dict) -> list[str]:
         argv = shlex.split(entry)
     except ValueError as e:
         return [_error_line("policy", where, f"cannot be split into arguments: {e}")]
-    search = _runs_a_search(argv)
+    command = _job_command(argv)
+    if command is None:
+        return [_error_line("policy", where, "runs none of the commands whose paths can be checked ("
+                            + ", ".join(script for script, _ in JOB_COMMANDS.values()) + ", or `dvfl` with one of "
+                            + ", ".join(JOB_COMMANDS) + ")")]
+    search = command == "tune"
+    flags = JOB_COMMANDS[command][1]
     config_flags = ("--search", "--config") if search else ("--config",)
-    config, overrides, path_flags, args = None, [], [], list(argv)
+    config, overrides, path_flags, own_paths, args = None, [], [], {}, list(argv)
     while args:
         flag, eq, inline = args.pop(0).partition("=")  # --flag value, or --flag=value
-        if flag not in (*config_flags, "--set", *ENTRYPOINT_PATH_FLAGS):
+        if flag not in (*config_flags, "--set", *flags):
             continue
         value = inline if eq else (args.pop(0) if args else None)
         if value is None:
@@ -1184,8 +1246,17 @@ def job_config_path_errors(doc: dict) -> list[str]:
             config = value
         elif flag == "--set":
             overrides.append(value)
+        elif flags[flag] is None:  # a path of the command's own (--unlabeled may be given twice)
+            own_paths[f"{flag} {value}" if flag in own_paths else flag] = value
         else:
-            path_flags.append(f"{ENTRYPOINT_PATH_FLAGS[flag]}={value}")
+            path_flags.append(f"{flags[flag]}={value}")
+    mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
+    # no run config: the ingest; a teacher or cache given its inputs and output by flags alone
+    bare = command == "ingest" or (command in ("teacher", "cache") and config is None and (
+        not overrides or (command == "teacher" and {"--clips", "--out"} <= {a.partition("=")[0] for a in argv})))
+    if bare:
+        return _job_path_errors(where, {**{p.partition("=")[0]: p.partition("=")[2] for p in path_flags}, **own_paths},
+                                mounts, f"`{command}`'s flags")
     overrides += path_flags  # the commands apply their path flags after every --set (dvfl.cli.config_from_args)
     # no --config: the command's default (the embedded run config, or the embedded search's)
     rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else (
@@ -1207,21 +1278,26 @@ def job_config_path_errors(doc: dict) -> list[str]:
         cfg = build_config(config_tree(run_path, parsed)).expand_split()
     except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
         return [_error_line("policy", where, f"--config {config or rel}: {e}")]
-    mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
-    out = []
     for name in JOB_PATH_FIELDS:
         value = cfg
         for part in name.split("."):
             value = getattr(value, part, None)
         fields[name] = value
+    return _job_path_errors(where, {**fields, **own_paths}, mounts, rel)
+
+
+def _job_path_errors(where: tuple, fields: dict, mounts: set[str], source: str) -> list[str]:
+    """Each path (a run-config field or a command's own flag) a URI or absolute on a shared volume."""
+    out = []
     for name, value in fields.items():
         if not isinstance(value, str) or ("://" in value and not value.startswith("file://")):
             continue  # unset, or a URI (s3://, gs://)
         local = value[len("file://"):] if value.startswith("file://") else value
         if not os.path.isabs(local):
-            out.append(_error_line("policy", where, f"{name} is {value!r} (relative, from {rel}): in a job it resolves in "
+            how = "" if name.startswith("--") else f" (--set {name}=... or --output-dir)"
+            out.append(_error_line("policy", where, f"{name} is {value!r} (relative, from {source}): in a job it resolves in "
                             f"the job's temporary working directory on the head pod; give a URI or an absolute "
-                            f"path on a volume every pod mounts (--set {name}=... or --output-dir)"))
+                            f"path on a volume every pod mounts{how}"))
         elif not any(local == m or local.startswith(m.rstrip("/") + "/") for m in mounts):
             out.append(_error_line("policy", where, f"{name} is {value!r}: not on a volume that the head and every "
                             f"worker group mount ({', '.join(sorted(mounts)) or 'none'}: the same "
@@ -1534,8 +1610,23 @@ class FileReport:
         return not self.errors
 
 
+def is_dockerfile(path: str | os.PathLike) -> bool:
+    """``Dockerfile``, ``Dockerfile.gpu``, ``gpu.Dockerfile``: checked by :func:`dockerfile_errors`."""
+    name = os.path.basename(str(path)).lower()
+    return name == "dockerfile" or name.startswith("dockerfile.") or name.endswith(".dockerfile")
+
+
 def validate_file(path: str | os.PathLike, crd_dir: str | os.PathLike | None = None) -> FileReport:
     report = FileReport(str(path))
+    if is_dockerfile(path):
+        try:
+            report.errors += dockerfile_errors(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            report.errors.append(f"[dockerfile] {e}")
+        if not report.errors:
+            report.summaries.append(f"Dockerfile: rayproject/ray:{PINNED_RAY_VERSION}-*, the project in "
+                                    f"{PROJECT_DIR_IN_IMAGE}, installed editable")
+        return report
     try:
         docs = load_documents(path)
     except (OSError, yaml.YAMLError) as e:

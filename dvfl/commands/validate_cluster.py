@@ -1,6 +1,6 @@
-"""Validate Ray cluster launcher YAMLs and KubeRay manifests offline (see docs/cluster.md).
+"""Validate Ray cluster launcher YAMLs, KubeRay manifests and the project's Dockerfile offline (see docs/cluster.md).
 
-    dvfl validate-cluster cluster/*.yaml cluster/kuberay/*.yaml
+    dvfl validate-cluster cluster/*.yaml cluster/kuberay/*.yaml docker/Dockerfile
 
 Prints ``OK`` or the errors per file; exits non-zero if any file fails.
 """
@@ -13,7 +13,7 @@ import logging
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dvfl.cluster.validate import CRD_DIR_ENV, DEFAULT_CRD_DIR
 
-    p.add_argument("paths", nargs="+", help="YAML files (launcher configs or KubeRay manifests)")
+    p.add_argument("paths", nargs="+", help="YAML files (launcher configs or KubeRay manifests) and Dockerfiles")
     p.add_argument("--crd-dir", default=None,
                    help=f"KubeRay CRD directory (default: ${CRD_DIR_ENV} or {DEFAULT_CRD_DIR})")
     p.add_argument("-q", "--quiet", action="store_true", help="print failures only")
