@@ -209,6 +209,31 @@ def test_timm_create_model_pretrained_from_local_file(tmp_path):
         timm.create_model("videofocalnet_nano", pretrained=True)
 
 
+def test_timm_create_model_takes_the_checkpoints_classes_device_and_dtype(tmp_path):
+    """Through timm: a checkpoint loads without num_classes (the default 1000-class head refused
+    every official one, naming a flag timm has not), another num_classes gets a new head as timm's
+    own models do, and device/dtype are applied (an fp32 CPU model came back)."""
+    import warnings
+
+    golden, path = _golden_model_and_file(tmp_path)
+    config = {k: v for k, v in golden["config"].items() if k != "num_classes"}
+    classes = golden["config"]["num_classes"]
+    model = timm.create_model("videofocalnet_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                              **config).eval()
+    assert model.head.out_features == classes
+    with torch.no_grad():
+        assert torch.allclose(model(golden["input"]), golden["logits"], atol=1e-4)
+    with pytest.warns(UserWarning, match=f"its {classes}-class head is not loaded; a new 7-class head"):
+        other = timm.create_model("videofocalnet_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                  num_classes=7, **config)
+    assert other.head.out_features == 7
+    assert torch.equal(other.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        half = timm.create_model("videofocalnet_nano", dtype=torch.bfloat16, device="meta", **config)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and {p.device.type for p in half.parameters()} == {"meta"}
+
+
 def test_depthwise_convs_on_maps_smaller_than_their_kernel_give_the_plain_convs_outputs_and_gradients(monkeypatch):
     """At 32x32 the late stages run 5x5 depthwise kernels on 2x2 and 1x1 maps: the cropped
     kernel must change nothing but the speed (outputs, every gradient and its layout)."""

@@ -12,7 +12,9 @@ Layout conventions:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 from typing import Sequence
 
@@ -442,7 +444,8 @@ VARIANTS: dict[str, dict] = {
     "videofocalnet_base": dict(depths=[2, 2, 18, 2], embed_dim=128),
 }
 
-# Arguments timm.create_model passes to every entry point; they do not configure the network.
+# Arguments timm.create_model passes to every entry point that are not the network's own
+# (device and dtype are applied to the built model, as timm's own models do).
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype",
                      "pretrained_model_args")
 # the weights file of a local model folder (``timm.create_model("local-dir:FOLDER", pretrained=True)``)
@@ -453,10 +456,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     cfg = kwargs.get("pretrained_cfg")
     cfg = cfg if isinstance(cfg, dict) else (cfg.to_dict() if hasattr(cfg, "to_dict") else {})
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
     for key in _TIMM_ONLY_KWARGS:
         kwargs.pop(key, None)
-    config = {**VARIANTS[variant], **kwargs}
-    model = VideoFocalNet(**config)
+    path = None
     if pretrained:
         # No weights are downloaded: a local official checkpoint or model folder is named explicitly.
         path = overlay.get("file") or (cfg.get("file") if cfg.get("source") == "local-dir" else None)
@@ -467,9 +470,27 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
                 f"{variant}: pretrained=True needs a local checkpoint, e.g. "
                 "pretrained_cfg_overlay=dict(file='video-focalnet_base_k400.pth')"
             )
+    config = {**VARIANTS[variant], **kwargs}
+    new_head = False
+    if path:
+        from dvfl.models.checkpoint import read_state_dict
+
+        head = read_state_dict(path).get("head.weight")
+        if head is not None and "num_classes" not in kwargs:  # the checkpoint's classes (K400: 400), not 1000
+            config["num_classes"] = int(head.shape[0])
+        # timm's rule: another num_classes asked for gets a new classifier (said in a warning)
+        new_head = head is not None and int(head.shape[0]) != config.get("num_classes", 1000)
+    with torch.device(device) if device is not None and not path else contextlib.nullcontext():
+        model = VideoFocalNet(**config)
+    if path:
         from dvfl.models.checkpoint import load_checkpoint
 
-        load_checkpoint(model, path)
+        load_checkpoint(model, path, reinit_head=new_head)
+        if new_head:
+            warnings.warn(f"{path}: its {int(head.shape[0])}-class head is not loaded; a new "
+                          f"{config['num_classes']}-class head is initialised (num_classes)", stacklevel=3)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     if cfg:  # a folder's config.json (crop, interpolation, label names): timm's data config reads it back
         model.pretrained_cfg = model.default_cfg = cfg
     return model
