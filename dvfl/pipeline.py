@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 
 import yaml
@@ -279,11 +280,17 @@ def check_given_inputs(cfg: RunConfig) -> None:
         raise ConfigError(f"teacher.path {cfg.teacher.path} is a folder without {SPEC}, not a model folder: give the "
                           f"folder holding {SPEC} (a trained model's, e.g. <run>/teacher/<id>) or a checkpoint file")
     if spec_path and storage.isfile(spec_path):
-        frames = (storage.read_json(spec_path).get("kwargs") or {}).get("num_frames")
+        spec = storage.read_json(spec_path)
+        frames = (spec.get("kwargs") or {}).get("num_frames")
         if frames is not None and frames != cfg.data.frames:
             raise ConfigError(f"teacher.path {cfg.teacher.path} takes clips of {frames} frames, data.frames is "
                               f"{cfg.data.frames}: set data.frames to {frames}, or give a teacher of "
                               f"{cfg.data.frames} frames")
+        crop = (spec.get("inputs") or {}).get("crop_size")
+        if crop and crop != cfg.crop_size:  # its logits at another scale than it learnt: said, not refused
+            print(f"[dvfl] note: teacher.path {cfg.teacher.path} was trained on {crop} px crops, data.crop_size is "
+                  f"{cfg.crop_size}: its logits (and the students' targets) come from a scale it never trained on",
+                  file=sys.stderr, flush=True)
     check_start_weights(cfg)
 
 

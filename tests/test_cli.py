@@ -255,6 +255,25 @@ def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
             main(base + extra)
         assert exc.value.code == 2 and message in capsys.readouterr().err, extra
     assert not (tmp_path / "c").exists()
+    # clips at their source size: the smallest stored frame decides (a Ray task error mid-build before)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (clips / "dataset.json").write_text(json.dumps({"params": {"short_side": 0}, "shards": [{"file": "shards/a.parquet"}]}))
+    (clips / "shards").mkdir()
+    pq.write_table(pa.table({"height": pa.array([40, 24], pa.int32()), "width": pa.array([60, 32], pa.int32())}),
+                   clips / "shards" / "a.parquet")
+    for extra, message in (([], "keeps the source size (short side 0): give --crop-size"),
+                           (["--crop-size", "28"], "--crop-size 28 exceeds the smallest stored frame side 24")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, extra
+    # a teacher folder: the crop it was trained on, not the clips' short side
+    (teacher / "model.json").write_text(json.dumps({"kwargs": {"img_size": 48}, "inputs": {"crop_size": 28}}))
+    with pytest.raises(SystemExit) as exc:
+        main(base)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "crop 28 px: the crop" in err and "--crop-size 28 exceeds the smallest" in err
     (clips / "dataset.json").unlink()  # an interrupted ingest: told how to finish it
     with pytest.raises(SystemExit) as exc:
         main(base)

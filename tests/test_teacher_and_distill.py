@@ -523,7 +523,7 @@ def _with(cfg, **sections):
                                        for k, v in sections.items()})
 
 
-def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared, tmp_path):
+def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared, tmp_path, capsys):
     from dvfl import pipeline
 
     cfg = _with(prepared["cfg"], output_dir=str(tmp_path / "run"), data={"clips": prepared["cfg"].clips_dir})
@@ -565,6 +565,11 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
     with pytest.raises(ValueError, match=r"teacher.path .* takes clips of 8 frames, data.frames is 16"):
         pipeline.check_given_inputs(other_frames)
     pipeline.check_given_inputs(_with(other_frames, data={"frames": 8}))
+    # a given teacher at another crop than it was trained on: said in a line (session 41: nothing)
+    capsys.readouterr()
+    trained = json.loads(open(os.path.join(prepared["teacher"], "model.json")).read())["inputs"]["crop_size"]
+    pipeline.check_given_inputs(_with(other_frames, data={"frames": 8, "crop_size": trained - 8}))
+    assert f"was trained on {trained} px crops, data.crop_size is {trained - 8}" in capsys.readouterr().err
 
 
 def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_local):

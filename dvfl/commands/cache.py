@@ -23,6 +23,21 @@ from dvfl.config import ConfigError
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
 
+def trained_crop(teacher: str) -> int | None:
+    """The crop a model folder's teacher was trained on (its model.json); None for a checkpoint file."""
+    from dvfl import storage
+    from dvfl.artifacts import SPEC
+
+    spec_path = storage.join(teacher, SPEC)
+    if not storage.isfile(spec_path):
+        return None
+    try:
+        spec = storage.read_json(spec_path)
+    except (OSError, ValueError):
+        return None  # (a damaged model.json: loading the teacher says so)
+    return (spec.get("inputs") or {}).get("crop_size") or (spec.get("kwargs") or {}).get("img_size")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--clips", help="ingest output (shards/ + dataset.json) (config: data.clips)")
@@ -31,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "(config: teacher.model)")
     deprecated(p, "--teacher-model", "--arch", "arch")
     p.add_argument("--out", help="cache directory (config: teacher.cache)")
-    p.add_argument("--crop-size", type=int, help="default: data.crop_size, or the stored short side without a config")
+    p.add_argument("--crop-size", type=int, help="default: data.crop_size; without a config the crop the teacher "
+                                                 "folder was trained on, else the stored short side")
     p.add_argument("--cache-views", help="comma-separated cached views, e.g. center,center+flip (config: "
                    "teacher.views; default center)")
     deprecated(p, "--views", "--cache-views", "cache_views")
@@ -94,8 +110,22 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         p.error(f"--cache-views {a.cache_views}: {exc}")
     stored = load_dataset_info(a.clips)["params"]["short_side"]
+    if a.crop_size is None:  # without a config: the crop the teacher was trained on, as evaluate takes it
+        a.crop_size = trained_crop(a.teacher)
+        if a.crop_size:
+            print(f"[cache] crop {a.crop_size} px: the crop {a.teacher} was trained on (--crop-size to change)",
+                  file=sys.stderr)
     if a.crop_size and stored and a.crop_size > stored:
         p.error(f"--crop-size {a.crop_size} exceeds the clips' short side {stored}")
+    if not stored:  # clips at their source size: the smallest stored video decides (a Ray task error mid-build)
+        from dvfl.data.shards import smallest_frame_side
+
+        if not a.crop_size:
+            p.error(f"--clips {a.clips} keeps the source size (short side 0): give --crop-size")
+        smallest = smallest_frame_side(a.clips)
+        if smallest is not None and a.crop_size > smallest:
+            p.error(f"--crop-size {a.crop_size} exceeds the smallest stored frame side {smallest} (clips kept at "
+                    "their source size, short side 0)")
     from dvfl.models import CheckpointError
     from dvfl.runtime import ray_runtime
     from dvfl.data.shards import ClipReadError, CorruptShardError, IncompleteClipsError
