@@ -1103,9 +1103,11 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
         check_teacher(cfg, teacher_path, teacher_spec, dataset_info, log)
         if cfg.teacher.mode == "cached":
             ensure_cache(cfg, teacher_path, log)
-    results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}
     kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=kd)
     paths = train_students(cfg, dataset_info, kd_signal, log)
+    # the test split is read once, at the end, for every model: the teacher's top-1 is not printed
+    # while its students still train
+    results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}
     for seed in cfg.seeds or [cfg.seed]:
         for role in roles:
             results[role].append(evaluate_model_dir(cfg, str(paths[seed, role]), log))

@@ -142,6 +142,28 @@ def test_no_role_trains_on_the_validation_videos_and_every_epoch_validates_on_th
     assert val_source(cfg.clips_dir, "val", "train", cfg.data.val_fraction, cfg.data.val_seed).videos == src.videos
 
 
+def test_a_students_training_clips_leave_out_the_held_out_and_the_teachers_videos(prepared, ray_local):
+    """The clips a student's run reads, by id: none of a held-out validation video (its epoch counts
+    matched a read that ignored the hold-out, session 41's review) nor of the teacher's pool; its
+    validation reads exactly the held-out clips."""
+    from dvfl.train.launch import training_data
+
+    cfg = prepared["cfg"]
+    ids = read_clips_table(cfg.clips_dir, ["train"], columns=["clip_id", "video_id"]).to_pydict()
+    video_of = dict(zip(ids["clip_id"], ids["video_id"]))
+    src = val_source(cfg.clips_dir, "val", "train", cfg.data.val_fraction, cfg.data.val_seed)
+    seen = {}
+    for role in ("teacher", "student"):
+        data = training_data(cfg.clips_dir, seed=0, val_split="val", val_fraction=cfg.data.val_fraction,
+                             val_seed=cfg.data.val_seed, teacher_pool=cfg.data.teacher_pool, role=role)
+        train = {video_of[r["clip_id"]] for r in data.train.select_columns(["clip_id"]).take_all()}
+        val = {video_of[r["clip_id"]] for r in data.val.select_columns(["clip_id"]).take_all()}
+        assert val == set(src.videos) and not train & val and data.train_rows == sum(v in train for v in ids["video_id"])
+        seen[role] = train
+    assert seen["teacher"] and seen["student"] and not seen["teacher"] & seen["student"]
+    assert seen["teacher"] | seen["student"] | set(src.videos) == set(ids["video_id"])
+
+
 def test_the_carve_runs_in_the_read_tasks_beside_workers_that_leave_under_a_cpu(prepared, ray_local):
     """The clip filter (the carve, label fractions, the teacher pool) was a task of its own asking a
     whole CPU: beside Train workers leaving 0.25-1 CPU free (3 workers x 0.5 on --num-cpus 2) it was
@@ -206,7 +228,7 @@ def _constant_teacher(prepared, path) -> str:
     return str(path)
 
 
-def test_teacher_gate_refuses_a_chance_level_teacher(prepared, tmp_path):
+def test_teacher_gate_refuses_a_chance_level_teacher(prepared, tmp_path, monkeypatch):
     teacher = _constant_teacher(prepared, tmp_path / "constant")
     cfg = tiny_config(tmp_path / "run", [("data.clips", prepared["cfg"].clips_dir), ("teacher.path", teacher),
                                          ("teacher.min_top1_over_chance", 0.05), ("students", ["dvfl"])])
@@ -214,9 +236,18 @@ def test_teacher_gate_refuses_a_chance_level_teacher(prepared, tmp_path):
                        r"25\.0% \(4 classes\).*teacher\.min_top1_over_chance"):
         pipeline.run_all(cfg, log=lambda *_: None)
     assert not (tmp_path / "run" / "students").exists()  # refused before any student or cache
-    # the same teacher passes when the gate is off, and the gate measures validation, not test
+    # the same teacher passes when the gate is off
     off = tiny_config(tmp_path / "run", [("data.clips", prepared["cfg"].clips_dir), ("teacher.path", teacher)])
     assert pipeline.check_teacher(off, teacher, {}, prepared["info"]) is None
+    # the gate measures the held-out training videos, never the test split (a class-0 teacher scores
+    # 25 % on either, so the message above cannot tell: the evaluation's own arguments do)
+    asked, evaluate = [], pipeline.evaluate_model_at
+    monkeypatch.setattr(pipeline, "evaluate_model_at",
+                        lambda cfg, path, n, split, **kw: asked.append((split, kw.get("videos"))) or evaluate(cfg, path, n, split, **kw))
+    with pytest.raises(pipeline.TeacherGateError):
+        pipeline.check_teacher(cfg, teacher, {}, prepared["info"], log=lambda *_: None)
+    src = val_source(cfg.clips_dir, "val", "train", cfg.data.val_fraction, cfg.data.val_seed)
+    assert asked == [("train", src.videos)] and src.videos and cfg.data.test_split not in [a[0] for a in asked]
 
 
 def test_a_run_without_a_kd_student_is_not_gated_and_builds_no_cache(prepared, tmp_path, monkeypatch):

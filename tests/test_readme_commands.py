@@ -109,6 +109,12 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
         assert noise not in output, noise
     # the shipped teacher is used, not trained; with scaling.concurrent_runs the students train in runner actors
     assert "[teacher] training" not in output and f"[eval] {dirs['teacher']}: split test" in output
+    # the test split read once, at the end: the teacher's top-1 after the students were trained, not
+    # before the driver started them (session 41; the runners' own lines reach the driver's terminal late)
+    teacher_eval = r.stdout.index(f"[eval] {dirs['teacher']}: split test")
+    started = [m.start() for m in re.finditer(r"^\[\S+ s0\] training .* on a runner", r.stdout, re.M)]
+    assert len(started) == len(students) and max(started) < teacher_eval, r.stdout[-3000:]
+    assert teacher_eval < min(r.stdout.index(f"[eval] {dirs[role]}: split test") for role in students)
     assert re.search(r"^\[dvfl s0\] training .* on a runner", r.stdout, re.M), r.stdout[-3000:]
     for ours in ("[ingest] ", "[cache] ", "[vfl s0] done", "[vfl_long s0] done", "[dvfl s0] done", "[report] "):
         assert ours in output, ours

@@ -300,8 +300,7 @@ class _EpochStats:
     batches: int = 0
     seen: int = 0  # labelled clips
     correct: int = 0
-    # labelled, unlabelled, ce_clips, mixed batches: the CE count comes from the loss itself, the
-    # others from the label column, so a loss that let an unlabelled clip into CE shows as ce_clips > labelled
+    # labelled, unlabelled, ce_clips (the clips the loss averaged CE over: its labelled mask), mixed batches
     counts: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int64))
     pending: int = 0  # batches whose gradients wait for the next optimizer step
     teacher_wait: float = 0.0  # seconds spent getting the teacher's logits (cache lookup or forward)
