@@ -203,6 +203,23 @@ def clips_split(info: dict) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def trained_on(info: dict) -> dict:
+    """What a model trained on these clips records of them (``trained_on`` in its model.json)."""
+    return {"dataset": info.get("dataset"), "split": clips_split(info)}
+
+
+def teacher_split_problem(teacher: str, spec: dict, info: dict) -> str | None:
+    """A given teacher trained on another official split (or UCF50 fold) of the same dataset: this
+    split's test videos are among that split's training videos, so the teacher has seen them."""
+    then, now = spec.get("trained_on") or {}, trained_on(info)
+    if then.get("dataset") != now["dataset"] or None in (then.get("split"), now["split"]) or then["split"] == now["split"]:
+        return None
+    what = "fold (held-out group)" if now["dataset"] == "ucf50" else "split"
+    return (f"teacher.path {teacher} was trained on {now['dataset']} {what} {then['split']}, these clips are {what} "
+            f"{now['split']}: its test videos are among that {what}'s training videos, which the teacher has seen; "
+            f"give a teacher trained on {what} {now['split']} (a protocol: a teacher.path holding {{split}})")
+
+
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
     """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
     config says (dataset.json records what the ingest used), naming both values, and clips whose
@@ -281,6 +298,10 @@ def check_given_inputs(cfg: RunConfig) -> None:
                           f"folder holding {SPEC} (a trained model's, e.g. <run>/teacher/<id>) or a checkpoint file")
     if spec_path and storage.isfile(spec_path):
         spec = storage.read_json(spec_path)
+        if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+            problem = teacher_split_problem(cfg.teacher.path, spec, load_dataset_info(cfg.clips_dir))
+            if problem:
+                raise ConfigError(problem)
         frames = (spec.get("kwargs") or {}).get("num_frames")
         if frames is not None and frames != cfg.data.frames:
             raise ConfigError(f"teacher.path {cfg.teacher.path} takes clips of {frames} frames, data.frames is "
@@ -507,7 +528,7 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
     model.load_state_dict(state["model"])
     history = state["history"]
     save_model(run.out, model, run.section.model, run.kwargs, role=run.role, seed=run.seed, identity=run.identity,
-               dataset_fingerprint=dataset_info["fingerprint"], history=history,
+               dataset_fingerprint=dataset_info["fingerprint"], trained_on=trained_on(dataset_info), history=history,
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(seconds, 1))
@@ -575,6 +596,9 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
         other = other_class_list(f"teacher.path {cfg.teacher.path}", spec, cfg.clips_dir, dataset_info["classes"])
         if other:
             raise ConfigError(other)
+        problem = teacher_split_problem(cfg.teacher.path, spec, dataset_info)
+        if problem:
+            raise ConfigError(problem)
         return cfg.teacher.path, spec
     section = cfg.teacher.train
     # (not the worker count, unlike a student's: a search or a rerun with other scaling reuses its teacher)

@@ -570,6 +570,22 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
     trained = json.loads(open(os.path.join(prepared["teacher"], "model.json")).read())["inputs"]["crop_size"]
     pipeline.check_given_inputs(_with(other_frames, data={"frames": 8, "crop_size": trained - 8}))
     assert f"was trained on {trained} px crops, data.crop_size is {trained - 8}" in capsys.readouterr().err
+    # a teacher of another official split: this split's test videos are among its training videos
+    # (session 41: given, it was used without a word)
+    spec = json.loads(open(os.path.join(prepared["teacher"], "model.json")).read())
+    assert spec["trained_on"] == {"dataset": "synthetic", "split": 1} == pipeline.trained_on(prepared["info"])
+    other_split = tmp_path / "teacher_split2"
+    shutil.copytree(prepared["teacher"], other_split)
+    (other_split / "model.json").write_text(json.dumps({**spec, "trained_on": {"dataset": "synthetic", "split": 2}}))
+    with pytest.raises(ValueError, match=r"was trained on synthetic split 2, these clips are split 1: its test videos"):
+        pipeline.check_given_inputs(_with(other_frames, data={"frames": 8, "clips": prepared["cfg"].clips_dir},
+                                          teacher={"path": str(other_split)}))
+    with pytest.raises(ValueError, match=r"synthetic split 2, these clips are split 1"):
+        pipeline.ensure_teacher(_with(other_frames, data={"frames": 8}, teacher={"path": str(other_split)}),
+                                prepared["info"], log=lambda *_: None)
+    assert pipeline.teacher_split_problem("t", {"trained_on": {"dataset": "ucf50", "split": 3}},
+                                          {"dataset": "ucf50", "source": {"test_group": 7}}).startswith(
+        "teacher.path t was trained on ucf50 fold (held-out group) 3, these clips are fold (held-out group) 7")
 
 
 def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_local):
