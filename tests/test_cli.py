@@ -274,6 +274,16 @@ def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
         main(base)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "crop 28 px: the crop" in err and "--crop-size 28 exceeds the smallest" in err
+    # ... unless the clips' short side is smaller (then that, said), or an earlier build's crop (its rerun resumes)
+    from dvfl.commands.cache import built_crop, default_crop
+
+    assert default_crop(str(teacher), 24) == 24 and "larger than the clips' short side 24" in capsys.readouterr().err
+    assert default_crop(str(teacher), 32) == 28 and default_crop(str(tmp_path / "file.pth"), 32) == 32
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cache.json").write_text(json.dumps({"view_spec": {"crop_size": 32, "views": ["center"]}}))
+    assert built_crop(str(tmp_path / "c")) == 32 and built_crop(str(tmp_path)) is None
+    (tmp_path / "c" / "cache.json").unlink()
+    (tmp_path / "c").rmdir()
     (clips / "dataset.json").unlink()  # an interrupted ingest: told how to finish it
     with pytest.raises(SystemExit) as exc:
         main(base)

@@ -221,9 +221,23 @@ def test_rayjob_path_flags_are_read_as_their_command_reads_them(kuberay_docs):
 
     from dvfl.cli import COMMANDS, command_module
 
+    distill = kuberay_docs["rayjob"]["spec"]["entrypoint"]
     for entry in (_UCF101_PROTOCOL, _UCF101_TEACHER, _UCF101_INGEST,
-                  _UCF101_TEACHER.replace("dvfl teacher", "python -m dvfl teacher")):
+                  _UCF101_TEACHER.replace("dvfl teacher", "python -m dvfl teacher"),
+                  # `dvfl` after a cd or an assignment (refused as another program by the first version)
+                  distill.replace(f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py", f"cd {cv.PROJECT_DIR_IN_IMAGE} && dvfl distill"),
+                  distill.replace(f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py", "PYTHONUNBUFFERED=1 dvfl distill"),
+                  f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/train_teacher.py --clips /data/c --out /data/m "
+                  "--set output_dir=/data/runs/t"):
         assert cv.job_config_path_errors(_entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: entry)) == [], entry
+    # a teacher from flags alone still reads its --set paths (its output_dir holds Ray Train's checkpoints),
+    # and a published teacher's --test-config ingests under that config's own paths
+    for entry, says in ((f"dvfl teacher --clips /data/c --out /data/m --set output_dir=runs/t", "output_dir is 'runs/t'"),
+                        (f"dvfl teacher --clips /data/c --out /data/m", "output_dir is 'runs/embedded' (relative"),
+                        (_UCF101_TEACHER + f" --publish /data/pub --test-config {cv.PROJECT_DIR_IN_IMAGE}/configs/ucf101_base.yaml",
+                         "--test-config's output_dir is 'runs/ucf101_base' (relative")):
+        errors = cv.job_config_path_errors(_entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: entry))
+        assert any(says in e for e in errors), (entry, errors)
     for name, (script, flags) in cv.JOB_COMMANDS.items():
         assert COMMANDS[name][1] == script
         p = argparse.ArgumentParser()
@@ -364,12 +378,12 @@ LAUNCHER_BREAKAGES = {
     "token_written_inline_to_its_file": (
         lambda c: _set(c, lambda c: c.update(setup_commands=[
             "mkdir -p ~/.ray && echo 9f3c2a1b7d6e4f5a8b0c1d2e3f4a5b6c > ~/.ray/auth_token"])),
-        ("policy", "setup_commands", "writes Ray's token file from the config's own text"),
+        ("policy", "setup_commands", "writes Ray's token file (~/.ray/auth_token) from the config's own text"),
     ),
     "token_printed_into_its_file_on_the_start_line": (
         lambda c: _set(c, lambda c: c.update(head_start_ray_commands=[
             c["head_start_ray_commands"][0], "printf '%s' 9f3c2a1b7d6e > ~/.ray/auth_token; " + c["head_start_ray_commands"][1]])),
-        ("policy", "head_start_ray_commands", "writes Ray's token file from the config's own text"),
+        ("policy", "head_start_ray_commands", "writes Ray's token file (~/.ray/auth_token) from the config's own text"),
     ),
     "token_file_not_mounted": (
         lambda c: _set(c, lambda c: c.update(file_mounts={})),
@@ -556,6 +570,30 @@ def test_a_token_file_written_from_a_secret_or_named_by_its_path_passes(launcher
         elsewhere[key] = [cmd.replace("export RAY_AUTH_MODE=token;", "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/ray/token;")
                           for cmd in elsewhere[key]]
     assert cv.validate_launcher_config(elsewhere) == []
+    # piped from a secret, the token itself from a secret's variable, the token's folder mounted
+    piped = copy.deepcopy(launcher_docs["aws"])
+    piped["setup_commands"] = ['echo "$RAY_TOKEN_FROM_SECRET" | tee ~/.ray/auth_token > /dev/null']
+    assert cv.validate_launcher_config(piped) == []
+    from_var = copy.deepcopy(launcher_docs["aws"])
+    from_var["file_mounts"] = {}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        from_var[key] = [cmd.replace("export RAY_AUTH_MODE=token;", 'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$DVFL_TOKEN";')
+                         for cmd in from_var[key]]
+    assert cv.validate_launcher_config(from_var) == []
+    folder = copy.deepcopy(launcher_docs["aws"])
+    folder["file_mounts"] = {"~/.ray": "~/.ray"}
+    assert cv.validate_launcher_config(folder) == []
+    # ... but a literal into the file RAY_AUTH_TOKEN_PATH names, said once (setup_commands run in both roles)
+    for target in ("/etc/ray/token", '"$RAY_AUTH_TOKEN_PATH"'):
+        literal = copy.deepcopy(elsewhere)
+        literal["setup_commands"] = [f"echo 9f3c2a1b7d6e4f5a > {target}"]
+        errors = cv.validate_launcher_config(literal)
+        assert len(errors) == 1 and "writes Ray's token file" in errors[0], (target, errors)
+    # a secret's value that happens to start with "/" is still a secret (the name says where one is)
+    secret = copy.deepcopy(launcher_docs["aws"])
+    secret["setup_commands"] = ["export API_TOKEN=/Rfi8sdfkjhQ2x"]
+    assert any("a secret assigned in a command" in e for e in cv.validate_launcher_config(secret))
+    assert not cv.is_dockerfile("docker/Dockerfile.dockerignore") and cv.is_dockerfile("docker/gpu.Dockerfile")
 
 
 @pytest.mark.parametrize("target", sorted(LAUNCHER))

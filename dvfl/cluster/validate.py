@@ -193,7 +193,8 @@ _SECRET_VALUE_PATTERNS = [
     (
         re.compile(
             r"\b[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)[A-Z0-9_]*"
-            r"\s*=\s*['\"]?(?![$'\"\s/~])[^\s'\";]{6,}"  # (not $VAR, not a path: RAY_AUTH_TOKEN_PATH=/etc/...)
+            # (a name for where a secret is, RAY_AUTH_TOKEN_PATH=/etc/..., is not one)
+            r"(?<!_PATH)(?<!_FILE)(?<!_DIR)\s*=\s*['\"]?(?![$'\"\s])[^\s'\";]{6,}"
         ),
         "a secret assigned in a command",
     ),
@@ -422,35 +423,48 @@ def _auth_errors(prepared: dict) -> list[str]:
 
 LAUNCHER_COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                          "head_start_ray_commands", "worker_start_ray_commands")
-# a literal written into Ray's token file by a command: the token inline (a "$VAR" is a secret's)
-_TOKEN_FILE_WRITE = re.compile(r"(?:\b(?:echo|printf)\b(?P<arg>[^;&|>]*)>>?\s*|\btee\b[^;&|]*?)\S*auth_token\b"
-                               r"|\bcat\b[^;&|]*>>?\s*\S*auth_token\b[^;&|]*<<")
 _TOKEN_PATH = re.compile(r"\bRAY_AUTH_TOKEN_PATH=(['\"]?)([^\s'\";]+)\1")
+_TOKEN_FROM_ENV = re.compile(r"\bRAY_AUTH_TOKEN=['\"]?\$")  # the token itself from a secret's variable
+_WRITE_TARGET = re.compile(r"(>>?|\btee\b(?:\s+-a)?)\s*(['\"]?)([^\s'\";|&<>]+)\2")
+_COMMAND_SEPARATOR = re.compile(r";|&&|\|\||\n")
 
 
-def _token_file_errors(prepared: dict) -> list[str]:
-    """The nodes' token: a file the launcher copies from the user's machine (file_mounts), never
-    written by a command from a literal; without the file every `ray start` with token
-    authentication fails (Ray 2.60 creates no token on a node)."""
+def _token_sources(cfg: dict) -> tuple[set[str], bool]:
+    """The token file paths the start lines name (RAY_AUTH_TOKEN_PATH), and whether they take the
+    token itself from a variable (RAY_AUTH_TOKEN=$...)."""
+    lines = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+             for c in _as_list(cfg.get(key)) if isinstance(c, str)]
+    return {m.group(2) for c in lines for m in _TOKEN_PATH.finditer(c)}, any(_TOKEN_FROM_ENV.search(c) for c in lines)
+
+
+def _token_file_errors(raw: dict, cfg: dict) -> list[str]:
+    """The nodes' token: a file the launcher copies from the user's machine (file_mounts), or a
+    secret's variable; never written by a command from the config's own text. With neither, every
+    `ray start` with token authentication fails (Ray 2.60 creates no token on a node)."""
+    paths, from_env = _token_sources(cfg)
     out = []
-    for key in LAUNCHER_COMMAND_KEYS:
-        for i, cmd in enumerate(_as_list(prepared.get(key))):
+    for key in LAUNCHER_COMMAND_KEYS:  # (the file's own keys: Ray copies setup_commands into both roles')
+        for i, cmd in enumerate(_as_list(raw.get(key))):
             if not isinstance(cmd, str):
                 continue
-            for m in _TOKEN_FILE_WRITE.finditer(cmd):
-                arg = m.group("arg")
-                if arg is None or "$" not in arg:  # tee/cat heredoc: the text is in the line
-                    out.append(_error_line("policy", (key, i), "writes Ray's token file from the config's own text: "
-                                           "the token inline; copy the file with file_mounts (or write it from a "
-                                           "secret's environment variable)"))
-    targets = {str(t).rstrip("/") for t in _as_mapping(prepared.get("file_mounts"))}
-    paths = {m.group(2) for key in ("head_start_ray_commands", "worker_start_ray_commands")
-             for cmd in _as_list(prepared.get(key)) if isinstance(cmd, str) for m in _TOKEN_PATH.finditer(cmd)}
+            for segment in _COMMAND_SEPARATOR.split(cmd):
+                for m in _WRITE_TARGET.finditer(segment):
+                    target = m.group(3)
+                    if not (target.endswith("auth_token") or target in paths or "RAY_AUTH_TOKEN_PATH" in target):
+                        continue
+                    if "<<" in segment or "$" not in segment[:m.start()]:  # a heredoc, or a literal piped or echoed
+                        out.append(_error_line("policy", (key, i), f"writes Ray's token file ({target}) from the "
+                                               "config's own text: the token inline; copy the file with file_mounts "
+                                               "(or write it from a secret's environment variable)"))
+    if from_env:
+        return out
     wanted = paths or {"~/.ray/auth_token"}
-    if not any(t in wanted or (not paths and t.endswith("/.ray/auth_token")) for t in targets):
+    targets = {str(t).rstrip("/") for t in _as_mapping(cfg.get("file_mounts"))}
+    if not any(w == t or w.startswith(t + "/") or (not paths and t.endswith("/.ray/auth_token"))
+               for t in targets for w in wanted):
         out.append(_error_line("policy", ("file_mounts",), f"no {' or '.join(sorted(wanted))}: the nodes' `ray start` "
                                "with token authentication finds no token and fails; mount the token file "
-                               "(\"~/.ray/auth_token\": \"~/.ray/auth_token\")"))
+                               "(\"~/.ray/auth_token\": \"~/.ray/auth_token\") or set RAY_AUTH_TOKEN from a secret"))
     return out
 
 
@@ -657,7 +671,7 @@ def _launcher_policy_errors(raw: dict, prepared: dict | None) -> list[str]:
         out = [e + " (inherited from Ray's provider defaults; set head_start_ray_commands)"
                if "dashboard-host" in e else e for e in out]
     out += _auth_errors(cfg)
-    out += _token_file_errors(cfg)
+    out += _token_file_errors(raw, cfg)
     out += _security_group_errors(raw)
     out += _node_config_errors(raw)
     if _as_mapping(raw.get("provider")).get("gcp_credentials"):
@@ -1201,9 +1215,31 @@ def _job_command(argv: list[str]) -> str | None:
         for name, (script, _) in JOB_COMMANDS.items():
             if arg == script or arg.endswith("/" + script):
                 return name
-        if os.path.basename(arg) == "dvfl" and (i == 0 or argv[i - 1] == "-m"):
-            return argv[i + 1] if argv[i + 1:i + 2] and argv[i + 1] in JOB_COMMANDS else None
+        # (`dvfl distill`, `python -m dvfl distill`, `cd X && dvfl distill`, `VAR=1 dvfl distill`)
+        if os.path.basename(arg) == "dvfl" and argv[i + 1:i + 2] and argv[i + 1] in JOB_COMMANDS:
+            return argv[i + 1]
     return None
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value of ``flag`` (``--flag value`` or ``--flag=value``) in an entrypoint."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def _project_config(config: str) -> str:
+    """A config path as this checkout holds it (the image has the project under PROJECT_DIR_IN_IMAGE)."""
+    return config[len(PROJECT_DIR_IN_IMAGE) + 1:] if config.startswith(PROJECT_DIR_IN_IMAGE + "/") else config
+
+
+# what a teacher trained from flags alone (`--clips` and `--out`, no --config) writes and reads:
+# the embedded default's other paths (its videos, cache, students) are not its
+BARE_TEACHER_FIELDS = ("output_dir", "data.clips", "teacher.path", "teacher.train.checkpoint", "teacher.train.init_2d")
 
 
 def job_config_path_errors(doc: dict) -> list[str]:
@@ -1251,16 +1287,26 @@ def job_config_path_errors(doc: dict) -> list[str]:
         else:
             path_flags.append(f"{flags[flag]}={value}")
     mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
-    # no run config: the ingest; a teacher or cache given its inputs and output by flags alone
-    bare = command == "ingest" or (command in ("teacher", "cache") and config is None and (
-        not overrides or (command == "teacher" and {"--clips", "--out"} <= {a.partition("=")[0] for a in argv})))
-    if bare:
+    # no run config: the ingest, and a cache given its inputs and output by flags alone
+    if command == "ingest" or (command == "cache" and config is None and not overrides):
         return _job_path_errors(where, {**{p.partition("=")[0]: p.partition("=")[2] for p in path_flags}, **own_paths},
                                 mounts, f"`{command}`'s flags")
+    # a teacher from flags alone: the embedded default's config under its --set and flags (its
+    # output_dir holds Ray Train's checkpoints), only the paths it uses
+    bare_teacher = command == "teacher" and config is None and {"--clips", "--out"} <= {a.partition("=")[0] for a in argv}
+    out = []
+    test_config = _flag_value(argv, "--test-config") if command == "teacher" else None
+    if test_config:  # a published teacher's test clips: ingested under that config's own paths
+        test_rel = _project_config(test_config)
+        try:
+            test_cfg = build_config(config_tree(REPO_ROOT / test_rel, [])).expand_split()
+        except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
+            return [_error_line("policy", where, f"--test-config {test_config}: {e}")]
+        out += _job_path_errors(where, {f"--test-config's {name}": _field(test_cfg, name)
+                                        for name in ("output_dir", "data.root", "data.clips")}, mounts, test_rel)
     overrides += path_flags  # the commands apply their path flags after every --set (dvfl.cli.config_from_args)
     # no --config: the command's default (the embedded run config, or the embedded search's)
-    rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else (
-        config[len(PROJECT_DIR_IN_IMAGE) + 1:] if config.startswith(PROJECT_DIR_IN_IMAGE + "/") else config)
+    rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else _project_config(config)
     if os.path.isabs(rel):
         return [_error_line("policy", where, f"--config {config}: not a file of this project (under "
                      f"{PROJECT_DIR_IN_IMAGE} in the image), so it cannot be checked")]
@@ -1278,12 +1324,16 @@ def job_config_path_errors(doc: dict) -> list[str]:
         cfg = build_config(config_tree(run_path, parsed)).expand_split()
     except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
         return [_error_line("policy", where, f"--config {config or rel}: {e}")]
-    for name in JOB_PATH_FIELDS:
-        value = cfg
-        for part in name.split("."):
-            value = getattr(value, part, None)
-        fields[name] = value
-    return _job_path_errors(where, {**fields, **own_paths}, mounts, rel)
+    for name in BARE_TEACHER_FIELDS if bare_teacher else JOB_PATH_FIELDS:
+        fields[name] = _field(cfg, name)
+    return _job_path_errors(where, {**fields, **own_paths}, mounts, rel) + out
+
+
+def _field(cfg, name: str):
+    """``cfg``'s dotted field (``teacher.train.checkpoint``); None where a section lacks it."""
+    for part in name.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg
 
 
 def _job_path_errors(where: tuple, fields: dict, mounts: set[str], source: str) -> list[str]:
@@ -1294,7 +1344,7 @@ def _job_path_errors(where: tuple, fields: dict, mounts: set[str], source: str) 
             continue  # unset, or a URI (s3://, gs://)
         local = value[len("file://"):] if value.startswith("file://") else value
         if not os.path.isabs(local):
-            how = "" if name.startswith("--") else f" (--set {name}=... or --output-dir)"
+            how = "" if name.startswith("--") else f" (--set {name}=...)"
             out.append(_error_line("policy", where, f"{name} is {value!r} (relative, from {source}): in a job it resolves in "
                             f"the job's temporary working directory on the head pod; give a URI or an absolute "
                             f"path on a volume every pod mounts{how}"))
@@ -1613,6 +1663,8 @@ class FileReport:
 def is_dockerfile(path: str | os.PathLike) -> bool:
     """``Dockerfile``, ``Dockerfile.gpu``, ``gpu.Dockerfile``: checked by :func:`dockerfile_errors`."""
     name = os.path.basename(str(path)).lower()
+    if name.endswith(".dockerignore"):  # (BuildKit's per-Dockerfile ignore file)
+        return False
     return name == "dockerfile" or name.startswith("dockerfile.") or name.endswith(".dockerfile")
 
 

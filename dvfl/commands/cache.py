@@ -23,6 +23,30 @@ from dvfl.config import ConfigError
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
 
+def built_crop(out: str) -> int | None:
+    """The crop of an earlier cache build in ``out`` (its cache.json), which its rerun continues."""
+    from dvfl import storage
+    from dvfl.teacher_cache import CACHE_JSON
+
+    try:
+        return storage.read_json(storage.join(out, CACHE_JSON))["view_spec"]["crop_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def default_crop(teacher: str, stored: int) -> int | None:
+    """The crop the teacher folder was trained on where the clips hold it (as evaluate takes it),
+    else the stored short side (None for clips at their source size), said in a line."""
+    crop = trained_crop(teacher)
+    if crop and (not stored or crop <= stored):
+        print(f"[cache] crop {crop} px: the crop {teacher} was trained on (--crop-size to change)", file=sys.stderr)
+        return crop
+    if crop:
+        print(f"[cache] note: {teacher} was trained on {crop} px crops, larger than the clips' short side {stored}: "
+              f"caching at {stored} px", file=sys.stderr)
+    return stored or None
+
+
 def trained_crop(teacher: str) -> int | None:
     """The crop a model folder's teacher was trained on (its model.json); None for a checkpoint file."""
     from dvfl import storage
@@ -110,11 +134,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         p.error(f"--cache-views {a.cache_views}: {exc}")
     stored = load_dataset_info(a.clips)["params"]["short_side"]
-    if a.crop_size is None:  # without a config: the crop the teacher was trained on, as evaluate takes it
-        a.crop_size = trained_crop(a.teacher)
-        if a.crop_size:
-            print(f"[cache] crop {a.crop_size} px: the crop {a.teacher} was trained on (--crop-size to change)",
-                  file=sys.stderr)
+    if a.crop_size is None:  # without a config: an earlier build's crop (its rerun resumes), else the teacher's
+        a.crop_size = (None if a.fresh else built_crop(a.out)) or default_crop(a.teacher, stored)
     if a.crop_size and stored and a.crop_size > stored:
         p.error(f"--crop-size {a.crop_size} exceeds the clips' short side {stored}")
     if not stored:  # clips at their source size: the smallest stored video decides (a Ray task error mid-build)
