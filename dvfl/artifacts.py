@@ -74,7 +74,12 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
         spec = {**spec, "kwargs": {**spec["kwargs"], **kwargs}}
     model = build_model(spec["name"], **spec["kwargs"])
     load_checkpoint(model, weights, reinit_head=reinit_head)
-    spec["weights_fingerprint"] = state_dict_fingerprint(model.state_dict())
+    stored, spec["weights_fingerprint"] = spec.get("weights_fingerprint"), state_dict_fingerprint(model.state_dict())
+    if stored and not reinit_head and stored != spec["weights_fingerprint"]:
+        # (a model folder whose weights were edited or swapped after it was saved: its recorded
+        # accuracy, identity and cache keys describe other weights)
+        raise CheckpointError(f"{path}: its weights do not match its {SPEC} (weights_fingerprint {stored}, the file "
+                              f"holds {spec['weights_fingerprint']}): changed or replaced after the model was saved")
     return model, spec
 
 

@@ -559,8 +559,8 @@ class RunConfig:
         if (storage.is_remote(self.output_dir) and self.data.dataset == "synthetic" and not self.data.clips
                 and not self.data.root):
             fail("data.clips", "is required when output_dir is a URI and the dataset is generated: the generated "
-                 "videos are decoded from local disk (ingest them with pipelines/ingest.py --videos-dir DIR "
-                 "--out s3://..., then pass that URI as data.clips)")
+                 "videos are made and decoded on local disk (run the command once with a local output folder and "
+                 "data.clips=s3://...: it generates them there and ingests them into that URI; then pass it here)")
         return self
 
 

@@ -116,8 +116,8 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
 
     if storage.is_remote(cfg.output_dir):  # (they would land under ./s3:/... in the working directory)
         raise ConfigError(f"data.clips {cfg.clips_dir} holds no finished ingest (dataset.json) and output_dir is a "
-                          "URI: the generated videos are decoded from local disk (ingest them with "
-                          "pipelines/ingest.py --videos-dir DIR --out s3://..., then pass that URI as data.clips)")
+                          "URI: the generated videos are made and decoded on local disk (run the same command once with a "
+                          "local output folder: it generates them there and ingests them into data.clips; then this one)")
     syn = cfg.data.synthetic.generator_config(cfg.seed)
     # The output dir owns its generated videos: a changed config regenerates them (generate()
     # only ever deletes a folder that holds a generated dataset).

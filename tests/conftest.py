@@ -202,6 +202,26 @@ def _load_info(cfg):
     return load_dataset_info(cfg.clips_dir)
 
 
+def checkpoint_temp_folders_of(history: list) -> list:
+    """``dvfl-ckpt-*`` folders in the temp dir holding one of this run's epoch states (found by
+    content: a leaked state.pt holds one of the run's epochs, down to its measured epoch time)."""
+    import glob
+    import tempfile
+
+    import torch
+
+    marks = {h["epoch_seconds"] for h in history}
+    leaked = []
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "dvfl-ckpt-*")):
+        try:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # another run's folder, being written or not a checkpoint
+            continue
+        if state.get("history") and state["history"][-1]["epoch_seconds"] in marks:
+            leaked.append(d)
+    return leaked
+
+
 def _build_prepared(out) -> dict:
     from dvfl import pipeline
     from dvfl.data.adapters import build_manifest
@@ -217,6 +237,8 @@ def _build_prepared(out) -> dict:
     teacher_path, spec = pipeline.ensure_teacher(cfg, info)  # a Ray Train run in this process
     # (Ray Train's fit() left its own Ctrl+C handler installed: test_teacher_and_distill reads this)
     (out / "sigint_after_ray_train.json").write_text(json.dumps({"kept": signal.getsignal(signal.SIGINT) is ctrl_c}))
+    # its checkpoints' temp folders, looked for now: later training processes sweep dead owners' ones
+    (out / "ckpt_temp_folders_left.json").write_text(json.dumps(checkpoint_temp_folders_of(spec["history"])))
     cache_info = pipeline.ensure_cache(cfg, teacher_path)
     return {"cfg": cfg, "info": info, "teacher": teacher_path, "spec": spec, "cache": cache_info}
 

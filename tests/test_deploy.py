@@ -997,3 +997,26 @@ def test_the_model_card_says_which_frames_a_one_clip_view_takes():
     assert frame_sampling({"eval_clips": 4}, 16).endswith("at 0.625 of the way of each segment (clip 2 of the 4 "
                                                           "evaluation clips stored per video)")
     assert "at the centre" in frame_sampling({"eval_clips": 3}, 8)
+
+
+def test_a_model_folder_whose_weights_changed_after_it_was_saved_is_refused(golden_dir, tmp_path):
+    """model.json records the weights' fingerprint; the shipped teacher was loaded without comparing
+    it (the README said the demo checks it): weights edited or swapped later ran under the folder's
+    recorded accuracy and cache keys."""
+    import shutil
+
+    import torch
+
+    from dvfl.artifacts import load_model
+    from dvfl.models import CheckpointError
+
+    gdir, _ = golden_dir
+    model, spec = load_model(gdir)  # as saved: loads
+    edited = tmp_path / "edited"
+    shutil.copytree(gdir, edited)
+    state = torch.load(edited / "model.pt", weights_only=True)
+    state["head.bias"] = state["head.bias"] + 0.5
+    torch.save(state, edited / "model.pt")
+    with pytest.raises(CheckpointError, match=rf"its weights do not match its model.json \(weights_fingerprint "
+                                              rf"{spec['weights_fingerprint']}"):
+        load_model(edited)

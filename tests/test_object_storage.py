@@ -419,7 +419,8 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest, monkeyp
               "--set", "tune.max_concurrent_trials=1"]  # one trial: 3 logical CPUs hold one (1.25 + 1 for Ray Data)
     t = _run(search, {**env, "DVFL_DASHBOARD": "0"}, work, timeout=900)
     exp = f"{out}/tune/embedded-tune"
-    assert "[teacher] reusing" in t.stdout and "[cache] " in t.stdout, t.stdout[-3000:]
+    # (any "[cache] " line passed: a rebuild prints them too)
+    assert "[teacher] reusing" in t.stdout and "[cache] reusing finished cache " in t.stdout, t.stdout[-3000:]
     summary = storage.read_json(f"{exp}/tune_results.json")
     assert summary["path"] == exp and summary["trials"] == 1 and summary["errors"] == 0, summary
     assert summary["best_config"] == f"{exp}/best_config.yaml"

@@ -9,7 +9,8 @@ worker node by starting another raylet on this machine. The job is the product's
 docs/cluster.md tells users to pass on autoscaling clusters): its 1-CPU decode tasks cannot run on the
 head, so the autoscaler must add worker nodes of type ``cpu_worker`` (1 CPU, at most 2); once the
 ingest is done the nodes are idle and are removed after ``idle_timeout_minutes`` (a few seconds
-here). The node count is sampled throughout; the decode tasks' nodes are read from Ray's task table.
+here). The node count is sampled throughout; the head advertising 0 CPUs is what puts every decode
+task on an added node.
 
 Why not ``ray.cluster_utils.AutoscalingCluster``: its ``start()`` and ``shutdown()`` run
 ``ray stop --force``, which kills every Ray process of this user on the machine (other jobs, the
@@ -168,7 +169,8 @@ def run(out: str, result: dict, idle_timeout_minutes: float, up_timeout_s: float
     result["clips_dir"] = os.path.join(out, "clips")
     # the decode tasks need 1 CPU each and the head has none: every one ran on a node the
     # autoscaler added while the ingest ran
-    result["max_alive_nodes_during_job"] = max(n for ts, n in counter.samples if ts <= time.time() - counter.t0)
+    job = (t - counter.t0, time.time() - counter.t0)  # the samples taken while the ingest ran
+    result["max_alive_nodes_during_job"] = max((n for ts, n in counter.samples if job[0] <= ts <= job[1]), default=0)
     result["max_alive_nodes"] = max(n for _, n in counter.samples)
     result["head_node"] = cluster.head_node.node_id
     result["worker_nodes_seen"] = sorted({n["NodeID"] for n in ray.nodes() if n["NodeID"] != cluster.head_node.node_id})
