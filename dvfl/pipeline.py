@@ -355,6 +355,37 @@ def check_start_weights(cfg: RunConfig) -> None:
                                 reinit_head or num_classes is None)
         except (CheckpointError, OSError) as exc:
             raise ConfigError(f"{name}: {exc}") from None
+    # 2D ImageNet FocalNet weights load where names and shapes agree: none agreeing failed the run
+    for name, section in (("student.init_2d", s), ("teacher.train.init_2d", cfg.teacher.train)):
+        if name.startswith("teacher") and (given_teacher or cfg.teacher.mode == "none"):
+            continue
+        if image_init_matches(cfg, section) == 0:
+            raise ConfigError(f"{name} {section.init_2d}: no tensor of it fits {section.model} "
+                              f"(embed_dim {model_kwargs(section, classes, cfg).get('embed_dim')}); is it a 2D "
+                              "FocalNet of this width?")
+
+
+def image_init_matches(cfg: RunConfig, section) -> int | None:
+    """How many tensors of ``section.init_2d`` (a 2D FocalNet) its model would take; None where
+    there is none to check (unset, or a URI)."""
+    from dvfl.models import CheckpointError
+
+    path = section.init_2d
+    if not path or storage.is_remote(path):
+        return None
+    kwargs = model_kwargs(section, known_class_count(cfg) or 1, cfg)
+    try:
+        st = os.stat(path)
+        return _image_matches(path, (st.st_size, st.st_mtime_ns), section.model, json.dumps(kwargs, sort_keys=True))
+    except (CheckpointError, OSError) as exc:
+        raise ConfigError(f"init_2d {path}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _image_matches(path: str, identity: tuple, model_name: str, kwargs: str) -> int:
+    from dvfl.models import image_focalnet_matches
+
+    return image_focalnet_matches(build_model(model_name, device="meta", **json.loads(kwargs)), path)
 
 
 @functools.lru_cache(maxsize=16)

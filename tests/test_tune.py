@@ -477,6 +477,32 @@ def test_searched_widths_a_start_checkpoint_does_not_fit_are_refused_before_any_
                                                            ("tune.space.student.embed_dim", {"choice": [16]})]))
 
 
+def test_searched_widths_2d_start_weights_do_not_fit_are_refused_before_any_work(tmp_path):
+    """student.init_2d of a width-16 2D FocalNet with the default widths 4, 8, 16: the widths it was
+    not made for took one tensor each and trained from scratch beside initialised width-16 trials
+    (session 41's review); weights that fit no width failed every trial after the clips and cache."""
+    import torch
+    from timm.models.focalnet import FocalNet
+
+    from dvfl.pipeline import check_start_weights
+    from dvfl.tune import load_tune_config
+    from dvfl.tune.search_config import check_start_weights_fit_space
+
+    image16 = tmp_path / "focalnet16.pt"
+    torch.save(FocalNet(embed_dim=16, depths=(1, 1, 2, 1), num_classes=8).state_dict(), image16)
+    search, cfg = load_tune_config(None, [("student.init_2d", str(image16))])
+    with pytest.raises(ConfigError, match=r"^tune\.space\.student\.embed_dim 4: student\.init_2d .* fits it only in "
+                                          r"part \(1 tensors, 100 at another value\)"):
+        check_start_weights_fit_space(search, cfg)
+    check_start_weights_fit_space(*load_tune_config(None, [("student.init_2d", str(image16)),
+                                                           ("tune.space.student.embed_dim", {"choice": [16]})]))
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"encoder.proj.weight": torch.zeros(3, 3)}, unrelated)
+    _, single = load_tune_config(None, [("student.init_2d", str(unrelated))])
+    with pytest.raises(ConfigError, match=r"^student\.init_2d .*unrelated\.pt: no tensor of it fits videofocalnet_nano"):
+        check_start_weights(single)
+
+
 def test_search_values_that_cannot_go_together_are_refused_before_any_trial():
     """sgd and momentum 0 are each valid alone: the trials drawing both failed after the clips,
     teacher and cache were made. A momentum no trial's optimizer uses searched nothing."""
@@ -515,6 +541,11 @@ def test_an_interrupted_search_chooses_nothing_and_says_how_to_resume():
     cut = ended + [result(metrics={"epoch": 3, "done": False}), result(metrics={})]  # (the last one never started)
     with pytest.raises(SearchFailed, match=r"search was interrupted with 2 of 6 trial\(s\) unfinished.*same command"):
         require_finished(cut, "search", 12)
+    # cut off before Tune created them all (an empty grid at its start): every one it made had ended
+    require_finished(ended, "search", 12, expected=4)
+    for grid in (ended, []):
+        with pytest.raises(SearchFailed, match=rf"interrupted after {len(grid)} of its 6 trial\(s\) had started"):
+            require_finished(grid, "search", 12, expected=6)
 
 
 def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():
@@ -778,6 +809,18 @@ def test_results_say_which_reruns_are_missing_and_when_none_is_usable(tmp_path):
     md = (exp / "tune_results.md").read_text()
     assert "the Pareto front and the best config come from the single runs above" in md
     assert summary["best"]["trial_id"] == "b"
+    # a cheaper level with the higher mean but a diverged seed: on the front, not chosen, and said
+    # (the results said "the highest mean" beside a best config the front dominated)
+    t2, cfg2 = load_tune_config(None, [("tune.experiment", "exp"), ("tune.storage", str(tmp_path / "tune")),
+                                       ("tune.front_seeds", [1, 2])])
+    summary = write_results(exp, t2, cfg2, [row("b", 16, 2.0, 0.7), row("a", 8, 1.0, 0.6)],
+                            front_rows=[rerun("a", "completed", 0.9), {**rerun("a", "diverged", None), "seed": 2},
+                                        rerun("b", "completed", 0.8), {**rerun("b", "completed", 0.8), "seed": 2}],
+                            wall_seconds=1.0, log=lambda *_: None)
+    md = (exp / "tune_results.md").read_text()
+    assert summary["best"]["trial_id"] == "b" and [r["trial_id"] for r in summary["rows"] if r["pareto"]] == ["a"]
+    assert "Passed over for a failed re-run (seeds 2): trial a, mean 90.0% over its other seeds." in md
+    assert "among the levels none of whose re-runs errored or diverged" in summary["best_chosen_by"]
 
 
 def test_a_search_with_no_usable_trial_fails():

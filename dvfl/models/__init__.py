@@ -14,6 +14,7 @@ from dvfl.models.checkpoint import (  # noqa: F401
     LoadReport,
     check_checkpoint,
     checkpoint_filter_fn,
+    image_focalnet_matches,
     init_from_image_focalnet,
     load_checkpoint,
     read_state_dict,

@@ -24,6 +24,7 @@ __all__ = [
     "load_checkpoint",
     "check_checkpoint",
     "init_from_image_focalnet",
+    "image_focalnet_matches",
 ]
 
 HEAD_KEYS = ("head.weight", "head.bias")
@@ -208,6 +209,15 @@ def init_from_image_focalnet(model: nn.Module, path: str | os.PathLike) -> LoadR
     their initialisation, as does a classifier of another size. Nothing is loaded silently: the
     report lists every loaded, skipped and untouched key.
     """
+    to_load, report = _image_focalnet_fit(model, path)
+    if not to_load:
+        raise CheckpointError(f"{path}: no tensor matches the video model; is it a FocalNet checkpoint?")
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def _image_focalnet_fit(model: nn.Module, path) -> tuple[dict, LoadReport]:
+    """The tensors of a 2D FocalNet that ``model`` takes (by name and shape), and the report."""
     state_dict = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
     report = LoadReport()
@@ -219,9 +229,12 @@ def init_from_image_focalnet(model: nn.Module, path: str | os.PathLike) -> LoadR
             report.skipped[key] = f"shape {tuple(value.shape)} != {tuple(own[key].shape)}"
         else:
             to_load[key] = value
-    if not to_load:
-        raise CheckpointError(f"{path}: no tensor matches the video model; is it a FocalNet checkpoint?")
-    model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in own if k not in to_load)
-    return report
+    return to_load, report
+
+
+def image_focalnet_matches(model: nn.Module, path: str | os.PathLike) -> int:
+    """How many tensors :func:`init_from_image_focalnet` would load (``model`` may be on the meta
+    device): names and shapes only."""
+    return len(_image_focalnet_fit(model, path)[1].loaded)

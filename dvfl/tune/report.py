@@ -105,9 +105,10 @@ class SearchFailed(RuntimeError):
     """Every trial of a search errored: nothing was found, and the command must not say otherwise."""
 
 
-def require_finished(grid, what: str, max_epochs: int) -> None:
+def require_finished(grid, what: str, max_epochs: int, expected: int | None = None) -> None:
     """Tune returns the grid of an interrupted search (Ctrl+C, a job's stop signal) as if it had
-    ended: its cut-off trials look stopped early. Nothing is chosen from such a grid. A trial ended
+    ended: its cut-off trials look stopped early, and trials it had not created yet are not in it
+    (``expected``: how many the search makes). Nothing is chosen from such a grid. A trial ended
     when it errored, reported its last epoch, or its last result says ``done`` (set by Tune when its
     scheduler or stopper stopped it); Ray 2.60 marks the trials it cuts off TERMINATED as well
     (``runner.cleanup()`` after the interrupted loop), so their status says nothing. ``done`` alone
@@ -115,6 +116,9 @@ def require_finished(grid, what: str, max_epochs: int) -> None:
     snapshot may already have saved, so a resumed search read that trial as unfinished for ever."""
     unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done")
                      and (r.metrics or {}).get("epoch", 0) < max_epochs)
+    if expected is not None and len(grid) < expected:  # cut off before Tune had created them all (none, at its start)
+        raise SearchFailed(f"the {what} was interrupted after {len(grid)} of its {expected} trial(s) had started: "
+                           "nothing is chosen from it; run the same command again to resume it")
     if unfinished:
         raise SearchFailed(f"the {what} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished: nothing "
                            "is chosen from it; run the same command again to resume it")
@@ -342,7 +346,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
-        "best_chosen_by": "mean best validation top-1 over fresh-seed re-runs of each cost level's best trial"
+        "best_chosen_by": "mean best validation top-1 over fresh-seed re-runs of each cost level's best trial, "
+                          "among the levels none of whose re-runs errored or diverged"
         if spread else "best validation top-1 trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "front_separation": front_separation(spread),
@@ -363,7 +368,12 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                f"(every epoch), best validation top-1 of each run. The search's own run (seed {cfg.seed}) is shown but "
                "left out of the mean and range: it is there because it beat the other trials of its cost, so its "
                "score is biased upward. The Pareto front is drawn from the re-runs' means, and the best config is "
-               "the cost level with the highest mean:\n\n" + front_table(spread) + "\n")
+               "the cost level with the highest mean among those none of whose re-runs errored or diverged (a "
+               "level with a failed seed may be on the front and still not chosen):\n\n" + front_table(spread) + "\n")
+        passed_over = [r for r in spread if r["failed_seeds"] and best is not None and r["top1_mean"] > best["top1_mean"]]
+        if passed_over:
+            md += "".join(f"\nPassed over for a failed re-run (seeds {', '.join(r['failed_seeds'])}): trial "
+                          f"{r['trial_id']}, mean {r['top1_mean']:.1%} over its other seeds.\n" for r in passed_over)
         unrun = [r["trial_id"] for r in cost_level_bests(rows) if r not in spread]
         if unrun:
             md += (f"\nNo usable re-run of trial(s) {', '.join(unrun)} (errored, diverged or not run): "

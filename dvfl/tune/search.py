@@ -300,7 +300,7 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
     with tune_output(verbose):
         with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):  # Tune's stay installed after its run
             grid = tuner.fit()
-    require_finished(grid, "search", cfg.optim.epochs)
+    require_finished(grid, "search", cfg.optim.epochs, expected_trials(t))
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
     levels = cost_level_bests(rows)
@@ -336,7 +336,7 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
         with tune_output(verbose):
             with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):
                 front_grid = front_tuner.fit()
-        require_finished(front_grid, "front's re-runs", cfg.optim.epochs)
+        require_finished(front_grid, "front's re-runs", cfg.optim.epochs, len(reruns))
         front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
     summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
     report_errors(rows, log)

@@ -251,19 +251,31 @@ def check_start_weights_fit_space(t: TuneConfig, base: RunConfig) -> None:
     """A ``student.checkpoint`` fits one student shape: every searched ``student.*`` value (each
     choice, or a range's ends) must take it, or its trials failed one by one after the clips and the
     cache were made (and the search chose among the rest). A :class:`ConfigError` naming the value."""
-    from dvfl.pipeline import check_start_weights
+    from dvfl.pipeline import check_start_weights, image_init_matches
 
-    if not base.student.checkpoint:
+    if not (base.student.checkpoint or base.student.init_2d):
         return
     for key, spec in t.space.items():
         if not key.startswith("student."):
             continue
-        for value in _domain_values(f"tune.space.{key}", spec)[1]:
+        values = _domain_values(f"tune.space.{key}", spec)[1]
+        for value in values:
             try:
                 check_start_weights(apply_params(base, {key: value}))
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{key} {value!r}: the student's start weights do not fit it ({exc}); "
-                                  f"search only values that student.checkpoint fits, or start from scratch") from None
+                                  f"search only values that student.checkpoint or student.init_2d fits, or start "
+                                  "from scratch") from None
+        # 2D weights load wherever a name and shape agree: a width they were not made for takes a few
+        # tensors (a head's bias) and trains from scratch, against the other widths' initialised runs
+        matches = {repr(v): image_init_matches(c, c.student) for v in values
+                   for c in [apply_params(base, {key: v})]} if base.student.init_2d else {}
+        best = max((m for m in matches.values() if m is not None), default=None)
+        for value, m in matches.items():
+            if best and m is not None and m < best / 2:
+                raise ConfigError(f"tune.space.{key} {value}: student.init_2d {base.student.init_2d} fits it only "
+                                  f"in part ({m} tensors, {best} at another value): its trials would start "
+                                  "from other weights than the rest; search the values it was made for")
 
 
 def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, output_dir: str | None = None,
