@@ -227,6 +227,10 @@ def test_timm_create_model_takes_the_checkpoints_classes_device_and_dtype(tmp_pa
         other = timm.create_model("videofocalnet_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
                                   num_classes=7, **config)
     assert other.head.out_features == 7
+    features = timm.create_model("videofocalnet_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                 num_classes=0, **config)  # timm's feature extractor: no classifier, no warning
+    assert torch.equal(features.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
+    assert "head.weight" not in features.state_dict()
     assert torch.equal(other.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -159,6 +159,11 @@ def _fitted_state(model: nn.Module, path, reinit_head: bool) -> tuple[dict, Load
             if key in state_dict:
                 report.skipped[key] = "head re-initialised: class count differs"
                 state_dict.pop(key)
+    elif reinit_head and not any(key in own for key in HEAD_KEYS):  # a model without a classifier (num_classes=0)
+        for key in HEAD_KEYS:
+            if key in state_dict:
+                report.skipped[key] = "no classifier in the model"
+                state_dict.pop(key)
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
               if k in own and own[k].shape != v.shape]
     if shapes:  # (load_state_dict would raise too, with a page of size mismatches)

@@ -486,7 +486,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
         from dvfl.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, path, reinit_head=new_head)
-        if new_head:
+        if new_head and config["num_classes"]:
             warnings.warn(f"{path}: its {int(head.shape[0])}-class head is not loaded; a new "
                           f"{config['num_classes']}-class head is initialised (num_classes)", stacklevel=3)
     if device is not None or dtype is not None:
