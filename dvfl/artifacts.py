@@ -22,15 +22,16 @@ WEIGHTS = "model.pt"
 SPEC = "model.json"
 
 
-def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A content hash of the weights: same tensors -> same hash, any changed value -> new hash."""
+def state_dict_fingerprint(state_dict: dict[str, torch.Tensor], legacy: bool = False) -> str:
+    """A content hash of the weights: same tensors -> same hash, any changed value -> new hash.
+    ``legacy``: as folders saved before 2026-12-02 recorded it (each tensor's own shape hashed)."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
         # flattened: a contiguous tensor may still have odd strides on size-1 dims (channels-last convs)
         t = state_dict[key].detach().cpu().contiguous().reshape(-1)
         h.update(key.encode())
         h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(str(tuple(state_dict[key].shape if legacy else t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
@@ -75,7 +76,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
     model = build_model(spec["name"], **spec["kwargs"])
     load_checkpoint(model, weights, reinit_head=reinit_head)
     stored, spec["weights_fingerprint"] = spec.get("weights_fingerprint"), state_dict_fingerprint(model.state_dict())
-    if stored and not reinit_head and stored != spec["weights_fingerprint"]:
+    if (stored and not reinit_head and stored != spec["weights_fingerprint"]
+            and stored != state_dict_fingerprint(model.state_dict(), legacy=True)):
         # (a model folder whose weights were edited or swapped after it was saved: its recorded
         # accuracy, identity and cache keys describe other weights)
         raise CheckpointError(f"{path}: its weights do not match its {SPEC} (weights_fingerprint {stored}, the file "

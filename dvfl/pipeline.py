@@ -359,15 +359,15 @@ def check_start_weights(cfg: RunConfig) -> None:
     for name, section in (("student.init_2d", s), ("teacher.train.init_2d", cfg.teacher.train)):
         if name.startswith("teacher") and (given_teacher or cfg.teacher.mode == "none"):
             continue
-        if image_init_matches(cfg, section) == 0:
+        if (image_init_matches(cfg, section) or (None,))[0] == 0:
             raise ConfigError(f"{name} {section.init_2d}: no tensor of it fits {section.model} "
                               f"(embed_dim {model_kwargs(section, classes, cfg).get('embed_dim')}); is it a 2D "
                               "FocalNet of this width?")
 
 
-def image_init_matches(cfg: RunConfig, section) -> int | None:
-    """How many tensors of ``section.init_2d`` (a 2D FocalNet) its model would take; None where
-    there is none to check (unset, or a URI)."""
+def image_init_matches(cfg: RunConfig, section) -> tuple[int, int] | None:
+    """How many tensors of ``section.init_2d`` (a 2D FocalNet) its model would take, of its own;
+    None where there is none to check (unset, or a URI)."""
     from dvfl.models import CheckpointError
 
     path = section.init_2d
@@ -382,7 +382,7 @@ def image_init_matches(cfg: RunConfig, section) -> int | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _image_matches(path: str, identity: tuple, model_name: str, kwargs: str) -> int:
+def _image_matches(path: str, identity: tuple, model_name: str, kwargs: str) -> tuple[int, int]:
     from dvfl.models import image_focalnet_matches
 
     return image_focalnet_matches(build_model(model_name, device="meta", **json.loads(kwargs)), path)
@@ -657,6 +657,9 @@ def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = No
     summary = {"path": out, "weights_fingerprint": spec["weights_fingerprint"]}
     if test_cfg is not None:
         info = ensure_clips(test_cfg, log)
+        problem = teacher_split_problem(teacher_path, spec, info)  # (its accuracy on videos it trained on)
+        if problem:
+            raise ConfigError(f"--test-config {test_cfg.name}: {problem}")
         if model.num_classes != len(info["classes"]):
             raise ValueError(f"the teacher predicts {model.num_classes} classes; {test_cfg.name}'s clips have "
                              f"{len(info['classes'])}")

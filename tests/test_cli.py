@@ -282,6 +282,7 @@ def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "cache.json").write_text(json.dumps({"view_spec": {"crop_size": 32, "views": ["center"]}}))
     assert built_crop(str(tmp_path / "c")) == 32 and built_crop(str(tmp_path)) is None
+    assert "crop 32 px: the crop of the cache already in" in capsys.readouterr().err
     (tmp_path / "c" / "cache.json").unlink()
     (tmp_path / "c").rmdir()
     (clips / "dataset.json").unlink()  # an interrupted ingest: told how to finish it

@@ -228,14 +228,18 @@ def test_rayjob_path_flags_are_read_as_their_command_reads_them(kuberay_docs):
                   distill.replace(f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py", f"cd {cv.PROJECT_DIR_IN_IMAGE} && dvfl distill"),
                   distill.replace(f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py", "PYTHONUNBUFFERED=1 dvfl distill"),
                   f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/train_teacher.py --clips /data/c --out /data/m "
-                  "--set output_dir=/data/runs/t"):
+                  "--set output_dir=/data/runs/t",
+                  # from flags alone its run folder is beside the model (dvfl/commands/teacher.py): /data/m/_work
+                  "dvfl teacher --clips /data/c --out /data/m --epochs 3"):
         assert cv.job_config_path_errors(_entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: entry)) == [], entry
     # a teacher from flags alone still reads its --set paths (its output_dir holds Ray Train's checkpoints),
     # and a published teacher's --test-config ingests under that config's own paths
     for entry, says in ((f"dvfl teacher --clips /data/c --out /data/m --set output_dir=runs/t", "output_dir is 'runs/t'"),
-                        (f"dvfl teacher --clips /data/c --out /data/m", "output_dir is 'runs/embedded' (relative"),
+                        (f"dvfl teacher --clips /data/c --out m", "output_dir is 'm/_work' (relative"),
                         (_UCF101_TEACHER + f" --publish /data/pub --test-config {cv.PROJECT_DIR_IN_IMAGE}/configs/ucf101_base.yaml",
-                         "--test-config's output_dir is 'runs/ucf101_base' (relative")):
+                         "--test-config's data.clips is 'data/ucf101_s1' (relative"),
+                        (_UCF101_TEACHER + " --publish /data/pub --test-config /data/test.yaml",
+                         "--test-config /data/test.yaml: not a file of this project")):
         errors = cv.job_config_path_errors(_entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: entry))
         assert any(says in e for e in errors), (entry, errors)
     for name, (script, flags) in cv.JOB_COMMANDS.items():
@@ -583,16 +587,26 @@ def test_a_token_file_written_from_a_secret_or_named_by_its_path_passes(launcher
     folder = copy.deepcopy(launcher_docs["aws"])
     folder["file_mounts"] = {"~/.ray": "~/.ray"}
     assert cv.validate_launcher_config(folder) == []
+    # a secret manager's CLI, a mounted secret, a here-string of a variable: not the config's text
+    for fetched in ("aws secretsmanager get-secret-value --secret-id ray --query SecretString --output text > ~/.ray/auth_token",
+                    "cat /run/secrets/ray_token > ~/.ray/auth_token", "sudo tee ~/.ray/auth_token < /mnt/secret/token",
+                    'cat > ~/.ray/auth_token <<< "$RAY_TOKEN"'):
+        fetching = copy.deepcopy(launcher_docs["aws"])
+        fetching["setup_commands"] = ["mkdir -p ~/.ray && " + fetched]
+        assert cv.validate_launcher_config(fetching) == [], fetched
     # ... but a literal into the file RAY_AUTH_TOKEN_PATH names, said once (setup_commands run in both roles)
-    for target in ("/etc/ray/token", '"$RAY_AUTH_TOKEN_PATH"'):
+    for write in ("echo 9f3c2a1b7d6e4f5a > /etc/ray/token", 'echo 9f3c2a1b7d6e4f5a > "$RAY_AUTH_TOKEN_PATH"',
+                  "cat > /etc/ray/token << EOF\n9f3c2a1b7d6e4f5a\nEOF", "cat > /etc/ray/token <<< 9f3c2a1b7d6e4f5a"):
         literal = copy.deepcopy(elsewhere)
-        literal["setup_commands"] = [f"echo 9f3c2a1b7d6e4f5a > {target}"]
+        literal["setup_commands"] = [write]
         errors = cv.validate_launcher_config(literal)
-        assert len(errors) == 1 and "writes Ray's token file" in errors[0], (target, errors)
+        assert len(errors) == 1 and "writes Ray's token file" in errors[0], (write, errors)
     # a secret's value that happens to start with "/" is still a secret (the name says where one is)
     secret = copy.deepcopy(launcher_docs["aws"])
     secret["setup_commands"] = ["export API_TOKEN=/Rfi8sdfkjhQ2x"]
     assert any("a secret assigned in a command" in e for e in cv.validate_launcher_config(secret))
+    secret["setup_commands"] = ["export SECRETS_MOUNT=/run/secrets VAULT_TOKEN_HELPER=/usr/local/bin/vh"]
+    assert cv.validate_launcher_config(secret) == []  # where secrets are, not one
     assert not cv.is_dockerfile("docker/Dockerfile.dockerignore") and cv.is_dockerfile("docker/gpu.Dockerfile")
 
 

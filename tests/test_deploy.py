@@ -1020,3 +1020,13 @@ def test_a_model_folder_whose_weights_changed_after_it_was_saved_is_refused(gold
     with pytest.raises(CheckpointError, match=rf"its weights do not match its model.json \(weights_fingerprint "
                                               rf"{spec['weights_fingerprint']}"):
         load_model(edited)
+    # a folder saved before the fingerprint flattened its tensors (2026-12-02) records the older hash
+    from dvfl.artifacts import state_dict_fingerprint
+
+    older = tmp_path / "older"
+    shutil.copytree(gdir, older)
+    legacy = state_dict_fingerprint(model.state_dict(), legacy=True)
+    assert legacy != spec["weights_fingerprint"]
+    (older / "model.json").write_text(json.dumps({**json.loads((gdir / "model.json").read_text()),
+                                                  "weights_fingerprint": legacy}))
+    assert load_model(older)[1]["weights_fingerprint"] == spec["weights_fingerprint"]

@@ -492,10 +492,16 @@ def test_searched_widths_2d_start_weights_do_not_fit_are_refused_before_any_work
     torch.save(FocalNet(embed_dim=16, depths=(1, 1, 2, 1), num_classes=8).state_dict(), image16)
     search, cfg = load_tune_config(None, [("student.init_2d", str(image16))])
     with pytest.raises(ConfigError, match=r"^tune\.space\.student\.embed_dim 4: student\.init_2d .* fits it only in "
-                                          r"part \(1 tensors, 100 at another value\)"):
+                                          r"part \(1 of its \d+ tensors, \d+% at another value\)"):
         check_start_weights_fit_space(search, cfg)
     check_start_weights_fit_space(*load_tune_config(None, [("student.init_2d", str(image16)),
                                                            ("tune.space.student.embed_dim", {"choice": [16]})]))
+    # a shallower variant takes fewer tensors, all of them fitting: judged by its own share, not refused
+    tiny16 = tmp_path / "focalnet_tiny16.pt"
+    torch.save(FocalNet(embed_dim=16, depths=(2, 2, 6, 2), num_classes=8).state_dict(), tiny16)
+    check_start_weights_fit_space(*load_tune_config(None, [
+        ("student.init_2d", str(tiny16)), ("student.depths", None), ("tune.space.student.embed_dim", {"choice": [16]}),
+        ("tune.space.student.model", {"choice": ["videofocalnet_nano", "videofocalnet_tiny"]})]))
     unrelated = tmp_path / "unrelated.pt"
     torch.save({"encoder.proj.weight": torch.zeros(3, 3)}, unrelated)
     _, single = load_tune_config(None, [("student.init_2d", str(unrelated))])
@@ -821,6 +827,15 @@ def test_results_say_which_reruns_are_missing_and_when_none_is_usable(tmp_path):
     assert summary["best"]["trial_id"] == "b" and [r["trial_id"] for r in summary["rows"] if r["pareto"]] == ["a"]
     assert "Passed over for a failed re-run (seeds 2): trial a, mean 90.0% over its other seeds." in md
     assert "among the levels none of whose re-runs errored or diverged" in summary["best_chosen_by"]
+    # every level with a failed re-run: the rule had nothing to pick from, and the results say so
+    summary = write_results(exp, t2, cfg2, [row("b", 16, 2.0, 0.7), row("a", 8, 1.0, 0.6)],
+                            front_rows=[rerun("a", "completed", 0.9), {**rerun("a", "diverged", None), "seed": 2},
+                                        rerun("b", "completed", 0.8), {**rerun("b", "error", None), "seed": 2}],
+                            wall_seconds=1.0, log=lambda *_: None)
+    md = (exp / "tune_results.md").read_text()
+    assert summary["best"]["trial_id"] == "a" and summary["best_chosen_by"].endswith("every level having a failed re-run")
+    assert "Every cost level had a failed re-run: the best config is the highest mean over the seeds that ran " \
+           "(trial a, failed seeds 2)" in md
 
 
 def test_a_search_with_no_usable_trial_fails():

@@ -194,7 +194,8 @@ _SECRET_VALUE_PATTERNS = [
         re.compile(
             r"\b[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)[A-Z0-9_]*"
             # (a name for where a secret is, RAY_AUTH_TOKEN_PATH=/etc/..., is not one)
-            r"(?<!_PATH)(?<!_FILE)(?<!_DIR)\s*=\s*['\"]?(?![$'\"\s])[^\s'\";]{6,}"
+            r"(?<!_PATH)(?<!_PATHS)(?<!_FILE)(?<!_FILES)(?<!_DIR)(?<!_DIRS)(?<!_MOUNT)(?<!_HELPER)"
+            r"\s*=\s*['\"]?(?![$'\"\s])[^\s'\";]{6,}"
         ),
         "a secret assigned in a command",
     ),
@@ -437,6 +438,26 @@ def _token_sources(cfg: dict) -> tuple[set[str], bool]:
     return {m.group(2) for c in lines for m in _TOKEN_PATH.finditer(c)}, any(_TOKEN_FROM_ENV.search(c) for c in lines)
 
 
+def _literal_into(segment: str, write: int) -> bool:
+    """Whether what a pipeline writes at ``write`` (its ``>`` or ``tee``) is text of the command
+    itself: a heredoc, a here-string or an echo/printf without a variable. Any other command
+    (a secret manager's CLI, ``cat`` of a mounted secret) or a ``<`` redirect is a secret's source."""
+    if re.search(r"(?<!<)<<(?!<)", segment):  # a heredoc: its lines are the config's
+        return True
+    here = re.search(r"<<<\s*(\S+)", segment)
+    if here:
+        return "$" not in here.group(1)
+    stages = [st for st in segment[:write].split("|")]
+    writer = stages[-1].strip()  # the stage the write belongs to
+    if re.search(r"(?<![<>])<(?![<(])", segment[write:]) or re.search(r"(?<![<>])<(?![<(])", writer):
+        return False  # fed from a file
+    producer = writer if not writer.startswith("tee") and writer else (stages[-2].strip() if len(stages) > 1 else "")
+    words = producer.split()
+    while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):  # (VAR=value before the command)
+        words = words[1:]
+    return bool(words) and os.path.basename(words[0]) in ("echo", "printf") and "$" not in producer
+
+
 def _token_file_errors(raw: dict, cfg: dict) -> list[str]:
     """The nodes' token: a file the launcher copies from the user's machine (file_mounts), or a
     secret's variable; never written by a command from the config's own text. With neither, every
@@ -452,10 +473,10 @@ def _token_file_errors(raw: dict, cfg: dict) -> list[str]:
                     target = m.group(3)
                     if not (target.endswith("auth_token") or target in paths or "RAY_AUTH_TOKEN_PATH" in target):
                         continue
-                    if "<<" in segment or "$" not in segment[:m.start()]:  # a heredoc, or a literal piped or echoed
+                    if _literal_into(segment, m.start()):
                         out.append(_error_line("policy", (key, i), f"writes Ray's token file ({target}) from the "
                                                "config's own text: the token inline; copy the file with file_mounts "
-                                               "(or write it from a secret's environment variable)"))
+                                               "(or write it from a secret: its variable, file or manager)"))
     if from_env:
         return out
     wanted = paths or {"~/.ray/auth_token"}
@@ -1296,14 +1317,21 @@ def job_config_path_errors(doc: dict) -> list[str]:
     bare_teacher = command == "teacher" and config is None and {"--clips", "--out"} <= {a.partition("=")[0] for a in argv}
     out = []
     test_config = _flag_value(argv, "--test-config") if command == "teacher" else None
-    if test_config:  # a published teacher's test clips: ingested under that config's own paths
+    if test_config:  # a published teacher's test clips: ingested under that config's own paths (no --set)
         test_rel = _project_config(test_config)
         try:
+            if os.path.isabs(test_rel):
+                raise ConfigError(f"not a file of this project (under {PROJECT_DIR_IN_IMAGE} in the image), so "
+                                  "its paths cannot be checked")
             test_cfg = build_config(config_tree(REPO_ROOT / test_rel, [])).expand_split()
         except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
-            return [_error_line("policy", where, f"--test-config {test_config}: {e}")]
-        out += _job_path_errors(where, {f"--test-config's {name}": _field(test_cfg, name)
-                                        for name in ("output_dir", "data.root", "data.clips")}, mounts, test_rel)
+            out.append(_error_line("policy", where, f"--test-config {test_config}: {e}"))
+        else:
+            names = ["data.root", "data.clips"]
+            if test_cfg.data.dataset == "synthetic" and test_cfg.data.clips:  # (its videos are made there)
+                names.append("output_dir")
+            out += _job_path_errors(where, {f"--test-config's {name}": _field(test_cfg, name) for name in names},
+                                    mounts, test_rel)
     overrides += path_flags  # the commands apply their path flags after every --set (dvfl.cli.config_from_args)
     # no --config: the command's default (the embedded run config, or the embedded search's)
     rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else _project_config(config)
@@ -1326,6 +1354,8 @@ def job_config_path_errors(doc: dict) -> list[str]:
         return [_error_line("policy", where, f"--config {config or rel}: {e}")]
     for name in BARE_TEACHER_FIELDS if bare_teacher else JOB_PATH_FIELDS:
         fields[name] = _field(cfg, name)
+    if bare_teacher and not any(k == "output_dir" for k, _ in parsed):  # (dvfl/commands/teacher.py: beside the model)
+        fields["output_dir"] = (_flag_value(argv, "--out") or "").rstrip("/") + "/_work"
     return _job_path_errors(where, {**fields, **own_paths}, mounts, rel) + out
 
 

@@ -29,9 +29,12 @@ def built_crop(out: str) -> int | None:
     from dvfl.teacher_cache import CACHE_JSON
 
     try:
-        return storage.read_json(storage.join(out, CACHE_JSON))["view_spec"]["crop_size"]
+        crop = storage.read_json(storage.join(out, CACHE_JSON))["view_spec"]["crop_size"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    print(f"[cache] crop {crop} px: the crop of the cache already in {out} (--crop-size to change, --fresh to "
+          "start over)", file=sys.stderr)
+    return crop
 
 
 def default_crop(teacher: str, stored: int) -> int | None:

@@ -239,7 +239,8 @@ def _image_focalnet_fit(model: nn.Module, path) -> tuple[dict, LoadReport]:
     return to_load, report
 
 
-def image_focalnet_matches(model: nn.Module, path: str | os.PathLike) -> int:
-    """How many tensors :func:`init_from_image_focalnet` would load (``model`` may be on the meta
-    device): names and shapes only."""
-    return len(_image_focalnet_fit(model, path)[1].loaded)
+def image_focalnet_matches(model: nn.Module, path: str | os.PathLike) -> tuple[int, int]:
+    """How many tensors :func:`init_from_image_focalnet` would load, of the model's own (``model``
+    may be on the meta device): names and shapes only."""
+    report = _image_focalnet_fit(model, path)[1]
+    return len(report.loaded), len(report.loaded) + len(report.missing)

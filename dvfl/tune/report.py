@@ -347,7 +347,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
         "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
         "best_chosen_by": "mean best validation top-1 over fresh-seed re-runs of each cost level's best trial, "
-                          "among the levels none of whose re-runs errored or diverged"
+                          + ("among the levels none of whose re-runs errored or diverged"
+                             if not (best or {}).get("failed_seeds") else "every level having a failed re-run")
         if spread else "best validation top-1 trial",
         "front_seeds": list(t.front_seeds), "front_reruns": list(front_rows),
         "front_separation": front_separation(spread),
@@ -371,6 +372,9 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                "the cost level with the highest mean among those none of whose re-runs errored or diverged (a "
                "level with a failed seed may be on the front and still not chosen):\n\n" + front_table(spread) + "\n")
         passed_over = [r for r in spread if r["failed_seeds"] and best is not None and r["top1_mean"] > best["top1_mean"]]
+        if best is not None and best.get("failed_seeds"):  # (every level had one: the rule above had no level to pick)
+            md += (f"\nEvery cost level had a failed re-run: the best config is the highest mean over the seeds "
+                   f"that ran (trial {best['trial_id']}, failed seeds {', '.join(best['failed_seeds'])}).\n")
         if passed_over:
             md += "".join(f"\nPassed over for a failed re-run (seeds {', '.join(r['failed_seeds'])}): trial "
                           f"{r['trial_id']}, mean {r['top1_mean']:.1%} over its other seeds.\n" for r in passed_over)

@@ -267,15 +267,18 @@ def check_start_weights_fit_space(t: TuneConfig, base: RunConfig) -> None:
                                   f"search only values that student.checkpoint or student.init_2d fits, or start "
                                   "from scratch") from None
         # 2D weights load wherever a name and shape agree: a width they were not made for takes a few
-        # tensors (a head's bias) and trains from scratch, against the other widths' initialised runs
+        # tensors (a head's bias) and trains from scratch, against the other widths' initialised runs.
+        # Judged by the share of each model's own tensors (a shallower variant takes fewer, all fitting)
         matches = {repr(v): image_init_matches(c, c.student) for v in values
                    for c in [apply_params(base, {key: v})]} if base.student.init_2d else {}
-        best = max((m for m in matches.values() if m is not None), default=None)
-        for value, m in matches.items():
-            if best and m is not None and m < best / 2:
+        shares = {v: m[0] / max(m[1], 1) for v, m in matches.items() if m is not None}
+        best = max(shares.values(), default=None)
+        for value, share in shares.items():
+            if best and share < best / 2:
+                m = matches[value]
                 raise ConfigError(f"tune.space.{key} {value}: student.init_2d {base.student.init_2d} fits it only "
-                                  f"in part ({m} tensors, {best} at another value): its trials would start "
-                                  "from other weights than the rest; search the values it was made for")
+                                  f"in part ({m[0]} of its {m[1]} tensors, {best:.0%} at another value): its trials "
+                                  "would start from other weights than the rest; search the values it was made for")
 
 
 def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, output_dir: str | None = None,
