@@ -76,8 +76,9 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
     model = build_model(spec["name"], **spec["kwargs"])
     load_checkpoint(model, weights, reinit_head=reinit_head)
     stored, spec["weights_fingerprint"] = spec.get("weights_fingerprint"), state_dict_fingerprint(model.state_dict())
-    if (stored and not reinit_head and stored != spec["weights_fingerprint"]
-            and stored != state_dict_fingerprint(model.state_dict(), legacy=True)):
+    if stored and not reinit_head and stored == state_dict_fingerprint(model.state_dict(), legacy=True):
+        spec["weights_fingerprint"] = stored  # (as its caches and evaluations were keyed)
+    elif stored and not reinit_head and stored != spec["weights_fingerprint"]:
         # (a model folder whose weights were edited or swapped after it was saved: its recorded
         # accuracy, identity and cache keys describe other weights)
         raise CheckpointError(f"{path}: its weights do not match its {SPEC} (weights_fingerprint {stored}, the file "

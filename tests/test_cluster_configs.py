@@ -239,7 +239,10 @@ def test_rayjob_path_flags_are_read_as_their_command_reads_them(kuberay_docs):
                         (_UCF101_TEACHER + f" --publish /data/pub --test-config {cv.PROJECT_DIR_IN_IMAGE}/configs/ucf101_base.yaml",
                          "--test-config's data.clips is 'data/ucf101_s1' (relative"),
                         (_UCF101_TEACHER + " --publish /data/pub --test-config /data/test.yaml",
-                         "--test-config /data/test.yaml: not a file of this project")):
+                         "--test-config /data/test.yaml: not a file of this project"),
+                        # no data.clips in it: its clips go to output_dir/clips (not checked at first)
+                        (_UCF101_TEACHER + f" --publish /data/pub --test-config {cv.PROJECT_DIR_IN_IMAGE}/configs/embedded.yaml",
+                         "--test-config's data.clips is 'runs/embedded/clips' (relative")):
         errors = cv.job_config_path_errors(_entrypoint(copy.deepcopy(kuberay_docs["rayjob"]), lambda e: entry))
         assert any(says in e for e in errors), (entry, errors)
     for name, (script, flags) in cv.JOB_COMMANDS.items():
@@ -590,13 +593,17 @@ def test_a_token_file_written_from_a_secret_or_named_by_its_path_passes(launcher
     # a secret manager's CLI, a mounted secret, a here-string of a variable: not the config's text
     for fetched in ("aws secretsmanager get-secret-value --secret-id ray --query SecretString --output text > ~/.ray/auth_token",
                     "cat /run/secrets/ray_token > ~/.ray/auth_token", "sudo tee ~/.ray/auth_token < /mnt/secret/token",
-                    'cat > ~/.ray/auth_token <<< "$RAY_TOKEN"'):
+                    'cat > ~/.ray/auth_token <<< "$RAY_TOKEN"', "echo `vault kv get -field=token secret/ray` > ~/.ray/auth_token"):
         fetching = copy.deepcopy(launcher_docs["aws"])
         fetching["setup_commands"] = ["mkdir -p ~/.ray && " + fetched]
         assert cv.validate_launcher_config(fetching) == [], fetched
     # ... but a literal into the file RAY_AUTH_TOKEN_PATH names, said once (setup_commands run in both roles)
     for write in ("echo 9f3c2a1b7d6e4f5a > /etc/ray/token", 'echo 9f3c2a1b7d6e4f5a > "$RAY_AUTH_TOKEN_PATH"',
-                  "cat > /etc/ray/token << EOF\n9f3c2a1b7d6e4f5a\nEOF", "cat > /etc/ray/token <<< 9f3c2a1b7d6e4f5a"):
+                  "cat > /etc/ray/token << EOF\n9f3c2a1b7d6e4f5a\nEOF", "cat > /etc/ray/token <<< 9f3c2a1b7d6e4f5a",
+                  # through a filter, sudo, a sub-shell or a group (each passed the first reading of a pipeline)
+                  "echo 9f3c2a1b7d6e4f5a | sudo tee /etc/ray/token > /dev/null",
+                  "echo ZGVhZGJlZWY= | base64 -d > /etc/ray/token", "sudo -u ray sh -c 'echo 9f3c > /etc/ray/token'",
+                  "{ echo 9f3c2a1b7d6e4f5a; } > /etc/ray/token", "echo 9f3c2a1b7d6e4f5a >| /etc/ray/token"):
         literal = copy.deepcopy(elsewhere)
         literal["setup_commands"] = [write]
         errors = cv.validate_launcher_config(literal)

@@ -126,7 +126,7 @@ def test_setting_one_teacher_field_keeps_the_default_teacher_and_naming_a_model_
     assert (base.model, base.embed_dim, base.depths) == ("videofocalnet_base", None, None)
 
 
-def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_are(tmp_path):
+def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_are(tmp_path, capsys):
     """`dvfl teacher --clips DIR --out DIR` built on the embedded default: it trained a 4-block
     width-48 model and called it Video-FocalNet-B, and refused 32-frame clips as "synthetic"."""
     import argparse
@@ -164,6 +164,16 @@ def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_ar
     assert (cfg.teacher.train.model, cfg.teacher.train.depths, cfg.data.dataset, cfg.data.split) == (
         "videofocalnet_base", None, "ucf101", 2)
     assert (cfg.teacher.optim.weight_decay, cfg.scaling.num_workers, cfg.output_dir) == (0.01, 2, str(tmp_path / "t" / "_work"))
+    # --publish with a --test-config of another official split: refused before the training (its test
+    # videos are this split's training videos; session 41: found after the whole training, or never)
+    (tmp_path / "UCF101").mkdir()
+    (tmp_path / "test_s1.yaml").write_text(json.dumps({"data": {"dataset": "ucf101", "root": str(tmp_path / "UCF101"),
+                                                                "split": 1, "clips": str(clips)}}))
+    with pytest.raises(SystemExit) as refused:
+        teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"), "--publish",
+                                                 str(tmp_path / "pub"), "--test-config", str(tmp_path / "test_s1.yaml")]), p)
+    assert refused.value.code == 2
+    assert "its test split is ucf101 split 1, the teacher trains on split 2" in capsys.readouterr().err
     # a --set of what the clips say, that disagrees with them: refused (the clips' values replaced it silently)
     assert teacher.teacher_run_config(p.parse_args(["--clips", str(clips), "--out", str(tmp_path / "t"),
                                                     "--set", "data.frames=16"]), p) == 2

@@ -231,6 +231,11 @@ def test_timm_create_model_takes_the_checkpoints_classes_device_and_dtype(tmp_pa
                                  num_classes=0, **config)  # timm's feature extractor: no classifier, no warning
     assert torch.equal(features.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
     assert "head.weight" not in features.state_dict()
+    headless = tmp_path / "features.pth"
+    torch.save(features.state_dict(), headless)  # a checkpoint without a classifier: a feature extractor again
+    again = timm.create_model("videofocalnet_nano", pretrained=True, pretrained_cfg_overlay={"file": str(headless)},
+                              **config)
+    assert again.num_classes == 0 and "head.weight" not in again.state_dict()
     assert torch.equal(other.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -426,7 +426,7 @@ LAUNCHER_COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setu
                          "head_start_ray_commands", "worker_start_ray_commands")
 _TOKEN_PATH = re.compile(r"\bRAY_AUTH_TOKEN_PATH=(['\"]?)([^\s'\";]+)\1")
 _TOKEN_FROM_ENV = re.compile(r"\bRAY_AUTH_TOKEN=['\"]?\$")  # the token itself from a secret's variable
-_WRITE_TARGET = re.compile(r"(>>?|\btee\b(?:\s+-a)?)\s*(['\"]?)([^\s'\";|&<>]+)\2")
+_WRITE_TARGET = re.compile(r"((?<![0-9&])>[>|]?|\btee\b(?:\s+-a)?)\s*(['\"]?)([^\s'\";|&<>]+)\2")
 _COMMAND_SEPARATOR = re.compile(r";|&&|\|\||\n")
 
 
@@ -438,24 +438,29 @@ def _token_sources(cfg: dict) -> tuple[set[str], bool]:
     return {m.group(2) for c in lines for m in _TOKEN_PATH.finditer(c)}, any(_TOKEN_FROM_ENV.search(c) for c in lines)
 
 
+_COMMAND_WRAPPERS = {"sudo", "env", "command", "exec", "nohup", "time", "(", "{"}
+
+
 def _literal_into(segment: str, write: int) -> bool:
     """Whether what a pipeline writes at ``write`` (its ``>`` or ``tee``) is text of the command
-    itself: a heredoc, a here-string or an echo/printf without a variable. Any other command
-    (a secret manager's CLI, ``cat`` of a mounted secret) or a ``<`` redirect is a secret's source."""
+    itself: a heredoc, a here-string without a variable, or a pipeline that starts with an
+    echo/printf without a variable (``$``, a backtick), whatever filters or ``sudo tee`` follow, also
+    inside ``sh -c '...'``. Any other first command (a secret manager's CLI, ``cat`` of a mounted
+    secret, ``tee < file``) is a secret's source."""
     if re.search(r"(?<!<)<<(?!<)", segment):  # a heredoc: its lines are the config's
         return True
     here = re.search(r"<<<\s*(\S+)", segment)
     if here:
-        return "$" not in here.group(1)
-    stages = [st for st in segment[:write].split("|")]
-    writer = stages[-1].strip()  # the stage the write belongs to
-    if re.search(r"(?<![<>])<(?![<(])", segment[write:]) or re.search(r"(?<![<>])<(?![<(])", writer):
-        return False  # fed from a file
-    producer = writer if not writer.startswith("tee") and writer else (stages[-2].strip() if len(stages) > 1 else "")
-    words = producer.split()
-    while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):  # (VAR=value before the command)
-        words = words[1:]
-    return bool(words) and os.path.basename(words[0]) in ("echo", "printf") and "$" not in producer
+        return not re.search(r"[$`]", here.group(1))
+    before = segment[:write]
+    words = before.split("|")[0].replace("(", " ( ").replace("{", " { ").split()
+    while words and (words[0] in _COMMAND_WRAPPERS or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0])
+                     or (words[0].startswith("-") and len(words) > 1)):  # (env -i; sudo -u USER: its argument too)
+        words = words[2:] if words[0] in ("-u", "-g") else words[1:]
+    if len(words) > 2 and os.path.basename(words[0]) in ("sh", "bash", "dash", "zsh") and words[1] == "-c":
+        script = before.split(words[1], 1)[1].strip().lstrip("'\"")  # the quoted script, up to the write
+        return _literal_into(script, len(script))
+    return bool(words) and os.path.basename(words[0]) in ("echo", "printf") and not re.search(r"[$`]", before)
 
 
 def _token_file_errors(raw: dict, cfg: dict) -> list[str]:
@@ -468,7 +473,8 @@ def _token_file_errors(raw: dict, cfg: dict) -> list[str]:
         for i, cmd in enumerate(_as_list(raw.get(key))):
             if not isinstance(cmd, str):
                 continue
-            for segment in _COMMAND_SEPARATOR.split(cmd):
+            # ({ a; } groups its commands: one pipeline for what it writes)
+            for segment in _COMMAND_SEPARATOR.split(re.sub(r"\{([^{}]*?);\s*\}", r"( \1 )", cmd)):
                 for m in _WRITE_TARGET.finditer(segment):
                     target = m.group(3)
                     if not (target.endswith("auth_token") or target in paths or "RAY_AUTH_TOKEN_PATH" in target):
@@ -1327,11 +1333,12 @@ def job_config_path_errors(doc: dict) -> list[str]:
         except (ConfigError, ValueError, OSError, yaml.YAMLError) as e:
             out.append(_error_line("policy", where, f"--test-config {test_config}: {e}"))
         else:
-            names = ["data.root", "data.clips"]
-            if test_cfg.data.dataset == "synthetic" and test_cfg.data.clips:  # (its videos are made there)
-                names.append("output_dir")
-            out += _job_path_errors(where, {f"--test-config's {name}": _field(test_cfg, name) for name in names},
-                                    mounts, test_rel)
+            # as dvfl/commands/teacher.py reads it: its clips (data.clips, or output_dir/clips), its videos, and
+            # for generated data the output_dir they are made in
+            paths = {"data.root": test_cfg.data.root, "data.clips": test_cfg.clips_dir}
+            if test_cfg.data.dataset == "synthetic":
+                paths["output_dir"] = test_cfg.output_dir
+            out += _job_path_errors(where, {f"--test-config's {k}": v for k, v in paths.items()}, mounts, test_rel)
     overrides += path_flags  # the commands apply their path flags after every --set (dvfl.cli.config_from_args)
     # no --config: the command's default (the embedded run config, or the embedded search's)
     rel = ("configs/tune_embedded.yaml" if search else "configs/embedded.yaml") if config is None else _project_config(config)

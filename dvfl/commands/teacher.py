@@ -140,6 +140,13 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     from dvfl.data.shards import load_dataset_info
 
     info = None if generate else load_dataset_info(cfg.clips_dir)
+    if test_cfg and info is not None:  # its accuracy on another split's test videos, which it trains on
+        then = pipeline.trained_on(info)
+        if (then["dataset"] == test_cfg.data.dataset and then["split"] is not None
+                and test_cfg.data.split != then["split"]):
+            p.error(f"--test-config {a.test_config}: its test split is {then['dataset']} split {test_cfg.data.split}, "
+                    f"the teacher trains on split {then['split']}, whose training videos hold that split's test "
+                    f"videos: give the test config of split {then['split']}")
     if from_config and info is not None:
         try:  # the config describes the clips: a mismatch is an error, not a silent change
             pipeline.check_clips_match(cfg, info)

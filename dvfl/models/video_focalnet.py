@@ -476,8 +476,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
         from dvfl.models.checkpoint import read_state_dict
 
         head = read_state_dict(path).get("head.weight")
-        if head is not None and "num_classes" not in kwargs:  # the checkpoint's classes (K400: 400), not 1000
-            config["num_classes"] = int(head.shape[0])
+        if "num_classes" not in kwargs:  # the checkpoint's classes (K400: 400), not 1000; none: a feature extractor's
+            config["num_classes"] = int(head.shape[0]) if head is not None else 0
         # timm's rule: another num_classes asked for gets a new classifier (said in a warning)
         new_head = head is not None and int(head.shape[0]) != config.get("num_classes", 1000)
     with torch.device(device) if device is not None and not path else contextlib.nullcontext():
