@@ -141,11 +141,11 @@ def _head_mismatch(state_dict: dict, own: dict) -> str | None:
     return None
 
 
-def _fitted_state(model: nn.Module, path, reinit_head: bool) -> tuple[dict, LoadReport]:
+def _fitted_state(model: nn.Module, path, reinit_head: bool, state_dict: dict | None = None) -> tuple[dict, LoadReport]:
     """``path``'s tensors as ``model`` takes them (a head of another class count dropped where
     ``reinit_head``), or :class:`CheckpointError` naming what does not fit. Compares names and
     shapes only, so a model on the meta device checks a checkpoint before any work."""
-    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    state_dict = checkpoint_filter_fn(read_state_dict(path) if state_dict is None else state_dict, model)
     own = model.state_dict()
     mismatch = _head_mismatch(state_dict, own)
     report = LoadReport()
@@ -191,6 +191,7 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     reinit_head: bool = False,
+    state_dict: dict | None = None,
 ) -> LoadReport:
     """Load an official Video-FocalNet / DVFL-Net checkpoint into ``model`` strictly.
 
@@ -198,8 +199,9 @@ def load_checkpoint(
     for a 101-class model) is an error unless ``reinit_head=True``, in which case every other
     tensor still loads strictly and only the head keeps its fresh initialisation. A teacher is
     always loaded with ``reinit_head=False``: its head *is* the knowledge being distilled.
+    ``state_dict``: ``path``'s tensors already read (:func:`read_state_dict`), not read again.
     """
-    state_dict, report = _fitted_state(model, path, reinit_head)
+    state_dict, report = _fitted_state(model, path, reinit_head, state_dict)
     result = model.load_state_dict(state_dict, strict=False)
     report.loaded = [k for k in state_dict]
     report.missing = [k for k in result.missing_keys]

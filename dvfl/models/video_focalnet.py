@@ -475,7 +475,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
     if path:
         from dvfl.models.checkpoint import read_state_dict
 
-        head = read_state_dict(path).get("head.weight")
+        weights = read_state_dict(path)  # (once: a Video-FocalNet-B checkpoint is 630 MB)
+        head = weights.get("head.weight")
         if "num_classes" not in kwargs:  # the checkpoint's classes (K400: 400), not 1000; none: a feature extractor's
             config["num_classes"] = int(head.shape[0]) if head is not None else 0
         # timm's rule: another num_classes asked for gets a new classifier (said in a warning)
@@ -485,7 +486,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VideoFocalNet:
     if path:
         from dvfl.models.checkpoint import load_checkpoint
 
-        load_checkpoint(model, path, reinit_head=new_head)
+        load_checkpoint(model, path, reinit_head=new_head, state_dict=weights)
         if new_head and config["num_classes"]:
             warnings.warn(f"{path}: its {int(head.shape[0])}-class head is not loaded; a new "
                           f"{config['num_classes']}-class head is initialised (num_classes)", stacklevel=3)
