@@ -232,17 +232,20 @@ def latency_section(repeats: int, budget_s: float, tmp: Path, size: int, calib: 
 
 
 def load_split(clips_dir: str, split: str, size: int, limit: int | None = None):
-    """(clips as normalised ``(N, T, 3, size, size)``, labels): one uniform clip (view 0) per video,
-    centre crop: evaluation's 1x1 views."""
+    """(clips as normalised ``(N, T, 3, size, size)``, labels): one clip per video, centre crop:
+    evaluation's 1x1 views (of a stored grid of N clips, the one evaluation and predict take)."""
     import pyarrow.parquet as pq
 
-    from dvfl.data.shards import shard_paths
+    from dvfl.data.sampling import spread_clips
+    from dvfl.data.shards import load_dataset_info, shard_paths
     from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
+    # (training videos store training views, of which any one calibrates)
+    (index,) = {0} if split == "train" else spread_clips(1, int(load_dataset_info(clips_dir)["params"].get("eval_clips", 1)))
     xs, ys, n = [], [], 0
     for path in shard_paths(clips_dir, [split]):
         t = pq.read_table(path, columns=["clip_id", "label", "view_index", "frames", "num_frames", "height", "width"])
-        t = t.filter(np.array(t.column("view_index").to_pylist()) == 0)
+        t = t.filter(np.array(t.column("view_index").to_pylist()) == index)
         if limit is not None:
             t = t.slice(0, limit - n)
         arrays, _, y = batch_arrays(t)
@@ -416,6 +419,11 @@ def serve_model_dir(tmp: Path, name: str, size: int) -> str:
     return str(out)
 
 
+# --skip's sections -> the keys of the results file they write
+SECTION_KEYS = {"accuracy": ("accuracy",), "latency": ("latency_8x224_b1",), "stream": ("streaming",),
+                "serve": ("serve",)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5, help="latency rounds (at least 2; fewer if --latency-budget "
@@ -442,8 +450,20 @@ def main(argv=None) -> int:
     result["onnxruntime"] = onnxruntime.__version__
     from dvfl import storage
 
+    # A section not measured now (--skip, or accuracy without --clips) keeps the file's earlier figures:
+    # the README's figures come from two runs with --skip, each of which wrote over the other's.
+    measured = {s for s in SECTION_KEYS if s not in a.skip and (s != "accuracy" or a.clips)}
+    earlier = storage.read_json(a.out) if storage.isfile(a.out) else {}
+    kept = {k: earlier[k] for s in set(SECTION_KEYS) - measured for k in SECTION_KEYS[s] if k in earlier}
+    if not {"accuracy", "latency"} & measured and "int8" in earlier:
+        kept["int8"] = earlier["int8"]
+    if kept:
+        result["kept_from_earlier_runs"] = {"sections": sorted(kept), **{k: v for k, v in earlier.items()
+                                                                         if k.endswith("_run") or k == "note"}}
+    result["command"] = " ".join(["benchmarks/deploy.py", *(argv if argv is not None else sys.argv[1:])])
+
     def save():  # after every section: a long run that is stopped keeps what it measured
-        storage.write_json(a.out, {**result, "load_average_now": os.getloadavg()})
+        storage.write_json(a.out, {**kept, **result, "load_average_now": os.getloadavg()})
 
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dvfl-bench-deploy-") as d:
@@ -466,7 +486,9 @@ def main(argv=None) -> int:
             result["latency_8x224_b1"] = latency_section(a.repeats, a.latency_budget, tmp, 224, calib, calib_source)
             print("latency", json.dumps(result["latency_8x224_b1"]), flush=True)
             save()
-        result["int8"] = choose_int8(result.get("latency_8x224_b1"), result.get("accuracy"))
+        if {"accuracy", "latency"} & measured:
+            result["int8"] = choose_int8(result.get("latency_8x224_b1") or kept.get("latency_8x224_b1"),
+                                         result.get("accuracy") or kept.get("accuracy"))
         if "stream" not in a.skip:
             result["streaming"] = streaming_section(max(2, a.repeats // 2), a.stride, 25.0, (224, 112),
                                                     ("nano", "base"))
@@ -483,6 +505,7 @@ def main(argv=None) -> int:
                 save()
     result["load_average_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - t_all, 1)
+    result = {**kept, **result}
     storage.write_json(a.out, result)
     print_table(result)
     return 0

@@ -57,6 +57,12 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
     classes, inputs = spec.get("classes"), spec.get("inputs")
     if (classes is None or inputs is None) and clips_dir:
         info = load_dataset_info(clips_dir)
+        trained = spec.get("dataset_fingerprint")
+        if classes is None and trained not in (None, info["fingerprint"]):
+            # the class names would come from another ingest: same count, maybe another order
+            raise ValueError(f"the model records no class names and was trained on other clips (dataset "
+                             f"{trained[:12]}) than --clips {clips_dir} (dataset {info['fingerprint'][:12]}): "
+                             f"pass the ingest output it was trained on")
         classes = classes or info["classes"]
         p = info["params"]
         inputs = inputs or {"frames": p["frames"], "short_side": p["short_side"],
@@ -278,4 +284,4 @@ def stream_file(pred: Predictor, path: str, window: int | None, stride: int, *, 
 def write_json(path: str, obj) -> None:
     from dvfl import storage
 
-    storage.write_json(path if storage.is_remote(path) else os.path.abspath(path), obj)
+    storage.write_json(storage.absolute(path), obj)

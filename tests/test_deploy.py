@@ -103,6 +103,29 @@ def test_predict_whose_json_cannot_be_written_says_so_in_one_line_after_its_pred
     assert r.returncode == 1 and "[stream] " in r.stdout, r.stdout + r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: writing {tmp_path / 'a_file' / 'out.json'} failed: ")
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    (tmp_path / "empty").mkdir()  # and after no video was found at all
+    r = cli_in_process("predict.py", "--model", prepared["teacher"], tmp_path / "empty",
+                       "--json", tmp_path / "a_file" / "out.json")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: writing {tmp_path / 'a_file' / 'out.json'} failed: "), r.stderr[-3000:]
+
+
+def test_a_model_without_class_names_takes_them_only_from_the_clips_it_was_trained_on(tmp_path):
+    """An older model folder records no class names: --clips of another ingest (the same class count,
+    maybe another order) named every prediction after that ingest's classes."""
+    from dvfl.inference import input_spec
+
+    spec = json.loads((REPO / "models" / "embedded_teacher" / "model.json").read_text())
+    classes = spec.pop("classes")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    params = {"frames": 8, "short_side": 32, "eval_clips": 1}
+    info = {"classes": classes, "params": params, "fingerprint": spec["dataset_fingerprint"]}
+    (clips / "dataset.json").write_text(json.dumps(info))
+    assert input_spec(spec, str(clips))[0] == classes
+    (clips / "dataset.json").write_text(json.dumps({**info, "classes": classes[::-1], "fingerprint": "f" * 64}))
+    with pytest.raises(ValueError, match=r"records no class names and was trained on other clips .* than --clips"):
+        input_spec(spec, str(clips))
 
 
 def test_predict_notes_a_video_far_longer_than_the_training_videos(prepared, video_factory, tmp_path):
@@ -505,6 +528,10 @@ def test_an_export_never_writes_over_the_model_it_exports(prepared, tmp_path):
     for _ in range(2):  # a file of its own beside them is fine, again and again
         r = run_cli("export.py", "--model", model, "--format", "torchscript", "--out", model / "model.ts")
         assert r.returncode == 0 and (model / "model.ts").is_file(), r.stderr
+    (tmp_path / "t.ts.json").mkdir()  # a contract that cannot be written: no model left without its own
+    r = run_cli("export.py", "--model", model, "--format", "torchscript", "--out", tmp_path / "t.ts")
+    assert r.returncode == 1 and f"error: writing {tmp_path / 't.ts'}.json failed: " in r.stderr, r.stderr
+    assert not (tmp_path / "t.ts").exists()
     exported = tmp_path / "exported"  # an exported folder given as the model, exported onto itself
     assert run_cli("export.py", "--model", model, "--format", "folder", "--out", exported).returncode == 0
     r = run_cli("export.py", "--model", exported, "--format", "folder", "--out", exported)

@@ -18,6 +18,7 @@ refused with the mismatching tensors named.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -140,7 +141,17 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         else:
             info = ex.export_folder(model, spec, a.out, dataset, inputs, a.tolerance)
         if a.format != "folder":  # the file alone says nothing of class order, sizes or preprocessing
-            info["contract"] = ex.write_contract(a.out, spec)
+            try:
+                info["contract"] = ex.write_contract(a.out, spec)
+            except OSError as exc:
+                # the new model beside an earlier export's contract would be read with that model's
+                # classes and sizes: neither is left
+                for stale in (a.out, f"{a.out}.json"):
+                    with contextlib.suppress(OSError):
+                        storage.remove(stale)
+                print(f"error: writing {a.out}.json failed: {exc}; {a.out} removed (a model beside another "
+                      "export's contract would be read with its classes and sizes)", file=sys.stderr)
+                return 1
     except ex.ExportMismatch as exc:
         print(f"error: the export does not reproduce PyTorch: {exc}; nothing written", file=sys.stderr)
         return 1

@@ -85,13 +85,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 return 1
             print(f"[stream] {len(out['windows'])} windows of {out['window']} frames every {a.stride} frames at "
                   f"{out['fps']:g} fps; real-time factor {out['real_time_factor']:.2f} (>= 1: keeps up)")
-            if a.json:
-                try:  # (a traceback after a stream that may have played for minutes)
-                    write_json(a.json, out)
-                except OSError as exc:
-                    print(f"error: writing {a.json} failed: {exc}", file=sys.stderr)
-                    return 1
-            return 0
+            # (a traceback after a stream that may have played for minutes)
+            return 0 if _json_written(a.json, out) else 1
         files, empty = expand_inputs(a.inputs)
         for folder in empty:  # a folder given and silently skipped would read as "all fine"
             print(f"{folder}: error: no video files in this folder (by extension: "
@@ -99,8 +94,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         results, failed = [{"path": f, "error": "no video files in this folder"} for f in empty], len(empty)
         if not files:
             print("error: no video files in the given inputs", file=sys.stderr)
-            if a.json and results:
-                write_json(a.json, results)
+            if results:
+                _json_written(a.json, results)
             return 1
         for path in files:
             shown = printable(path)  # a Latin-1 file name made print() raise under a UTF-8 locale
@@ -115,15 +110,21 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"{shown}: " + ", ".join(f"{c} {q:.3f}" for c, q in r["topk"]))
             if r.get("note"):
                 print(f"{shown}: note: {r['note']}", file=sys.stderr)
-        written = True
-        if a.json:
-            try:  # (a traceback after every prediction had printed, and no failure count)
-                write_json(a.json, results)
-            except OSError as exc:
-                print(f"error: writing {a.json} failed: {exc}", file=sys.stderr)
-                written = False
+        written = _json_written(a.json, results)  # (not a traceback after every prediction had printed)
         if failed:
             print(f"{failed} of {len(files) + len(empty)} inputs failed", file=sys.stderr)
         return 1 if failed or not written else 0
     finally:
         pred.close()
+
+
+def _json_written(path, data) -> bool:
+    """``--json``'s file written (True when none was asked for), or its error said in one line."""
+    if not path:
+        return True
+    try:
+        write_json(path, data)
+    except OSError as exc:
+        print(f"error: writing {path} failed: {exc}", file=sys.stderr)
+        return False
+    return True
