@@ -955,6 +955,11 @@ def fresh_refusal(cfg: RunConfig) -> str | None:
         if inside:
             return (f"--fresh deletes {storage.join(cfg.output_dir, inside[0])}/, which holds {field} {path}: nothing "
                     "was deleted; copy it out of the run folder first (or leave --fresh out)")
+    for sub in subs:  # (the deletes follow a linked folder: files outside the run went, or rmtree stopped halfway)
+        link = _linked_folder_under(storage.join(cfg.output_dir, sub))
+        if link:
+            return (f"--fresh would delete through the link {link} -> {os.path.realpath(link)}: nothing was "
+                    "deleted; remove the link (or the folders) yourself, or leave --fresh out")
     if not subs or storage.isfile(storage.join(cfg.output_dir, RUN_MARK)):
         return None
     try:
@@ -966,6 +971,20 @@ def fresh_refusal(cfg: RunConfig) -> str | None:
     return (f"--fresh deletes {', '.join(s + '/' for s in subs)} in {cfg.output_dir}, which holds no config.yaml "
             "(or .dvfl-run mark) of a run of this project: nothing was deleted; use another --out (or delete them "
             "yourself)")
+
+
+def _linked_folder_under(path: str) -> str | None:
+    """The first folder at or under a local ``path`` that is a symbolic link (None on object stores)."""
+    local = storage.local_path(path)
+    if local is None:
+        return None
+    if os.path.islink(local):
+        return local
+    for root, dirs, _ in os.walk(local):
+        for d in dirs:
+            if os.path.islink(os.path.join(root, d)):
+                return os.path.join(root, d)
+    return None
 
 
 def clean_run(cfg: RunConfig) -> None:

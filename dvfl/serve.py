@@ -230,8 +230,7 @@ def build_app(args: dict):
     from dvfl import storage
 
     s = ServeSettings.from_args(dict(args))
-    if not storage.is_remote(s.model):  # (a URI stays one: abspath made s3://b/m ./s3:/b/m)
-        s.model = os.path.abspath(s.model)
+    s.model = storage.absolute(s.model)  # (a URI stays one: abspath made s3://b/m ./s3:/b/m)
     opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)

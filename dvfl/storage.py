@@ -52,18 +52,28 @@ def local_path(path: str) -> Optional[str]:
 
 
 def _file_uri_path(uri: str) -> str:
-    # the rest of the URI taken literally: urlparse would cut the path at '#' or '?'
+    # the rest of the URI taken literally (urlparse would cut the path at '#' or '?'), its %XX
+    # escapes decoded as every file URI writer encodes them (Path.as_uri(): "my%20clips")
+    from urllib.parse import unquote
+
     rest = uri[len("file://"):]
     if not rest.startswith("/"):
         host, _, rest = rest.partition("/")
         if host not in ("", "localhost"):
             raise ValueError(f"{uri}: a file:// URI must name a local path (file:///path), not host {host!r}")
         rest = "/" + rest
-    return rest
+    return unquote(rest)
 
 
 def is_remote(path: str) -> bool:
     return local_path(path) is None
+
+
+def absolute(path: str) -> str:
+    """A remote URI unchanged; a local path or a ``file://`` URI as an absolute local path (abspath of
+    ``file:///m`` was ``./file:/m``)."""
+    local = local_path(path)
+    return os.fspath(path) if local is None else os.path.abspath(local)
 
 
 def join(base: str, *parts: str) -> str:
@@ -176,7 +186,12 @@ def _info(path: str) -> pafs.FileInfo:
 
 
 def exists(path: str) -> bool:
-    return _info(path).type != pafs.FileType.NotFound
+    """A file, a local directory, or an object-store prefix that holds at least one object (pyarrow
+    leaves an empty ``prefix/`` marker object where it deleted the last object under it)."""
+    kind = _info(path).type
+    if kind == pafs.FileType.Directory and is_remote(path):
+        return isdir(path)
+    return kind != pafs.FileType.NotFound
 
 
 def isfile(path: str) -> bool:
@@ -397,3 +412,6 @@ def remove_tree(path: str) -> None:
     fs, p = filesystem(path)
     if fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True)):
         fs.delete_dir_contents(p, missing_dir_ok=True)
+    # the empty prefix marker pyarrow leaves (never a bucket itself: a "prefix" with no "/")
+    if "/" in p.strip("/") and fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)

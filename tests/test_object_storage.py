@@ -221,6 +221,31 @@ def test_find_lists_a_name_at_any_depth_locally_and_on_s3(s3_server, tmp_path):
         assert storage.find(storage.join(base, "nothing"), "model.json") == []
 
 
+def test_a_removed_prefix_no_longer_exists_on_s3_and_its_bucket_stays(s3_server):
+    """pyarrow leaves an empty ``prefix/`` marker object where it removed the last object under a
+    prefix: `exists` counted it, so a second `search --fresh` found a "Tune experiment" with no
+    search file in it and refused, after removing the main one; `evaluate` of an emptied model
+    prefix took it for a checkpoint file."""
+    import pyarrow.fs as pafs
+
+    from dvfl import storage
+
+    bucket = s3_server["new_bucket"]()
+    exp = f"s3://{bucket}/runs/tune/exp"
+    storage.write_text(storage.join(exp, "trial", "result.json"), "{}")
+    storage.write_text(f"s3://{bucket}/runs/keep.json", "{}")
+    assert storage.exists(exp) and storage.isdir(exp)
+    storage.remove_tree(exp)
+    assert not storage.exists(exp) and not storage.isdir(exp)
+    fs, p = storage.filesystem(exp)
+    assert fs.get_file_info(p).type == pafs.FileType.NotFound  # no marker object left either
+    storage.write_text(storage.join(exp, "only.json"), "{}")
+    storage.remove(storage.join(exp, "only.json"))  # the last object deleted: pyarrow writes a marker
+    assert not storage.exists(exp)
+    storage.remove_tree(f"s3://{bucket}")  # a whole bucket emptied, the bucket itself kept
+    assert not storage.exists(f"s3://{bucket}/runs/keep.json") and fs.get_file_info(bucket).type == pafs.FileType.Directory
+
+
 def test_a_shard_object_without_its_sidecar_is_not_read(s3_server):
     """Object stores have no rename: a shard is uploaded under its final name and committed by its
     _meta sidecar, written after it; readers list only committed shards."""

@@ -293,6 +293,30 @@ def test_distill_fresh_deletes_models_only_in_a_run_folder_of_ours(tmp_path):
     assert (tmp_path / "from_teacher" / "teacher" / "m" / "model.pt").read_bytes() == b"weeks of GPU time"
 
 
+def test_fresh_never_deletes_through_a_linked_folder(tmp_path):
+    """A folder linked into the run (ray_results moved to a bigger disk and linked back, a link in
+    students/ to the user's own models): --fresh removed the model.json files behind the links, then
+    rmtree refused the link ("Cannot call rmtree on a symbolic link") with every model already broken."""
+    from dvfl.config import ConfigError, load_config
+    from dvfl.pipeline import claim_run_folder, clean_run
+
+    run, mine = tmp_path / "run", tmp_path / "mine"
+    (mine / "m").mkdir(parents=True)
+    (mine / "m" / "model.json").write_text("{}")
+    cfg = load_config(None, [("output_dir", str(run))])
+    claim_run_folder(cfg)
+    (run / "students" / "s0").mkdir(parents=True)
+    (run / "students" / "s0" / "model.json").write_text("{}")
+    for link in (run / "students" / "theirs", run / "teacher"):
+        link.symlink_to(mine, target_is_directory=True)
+        with pytest.raises(ConfigError, match=rf"--fresh would delete through the link {link} -> {mine}: nothing"):
+            clean_run(cfg)
+        assert (mine / "m" / "model.json").exists() and (run / "students" / "s0" / "model.json").exists()
+        link.unlink()
+    clean_run(cfg)
+    assert not (run / "students").exists() and (mine / "m" / "model.json").exists()
+
+
 def _hold_lock(folder, seconds: float, what: str = "run") -> subprocess.Popen:
     """Another process holding ``folder``'s lock for ``seconds`` (started once it holds it)."""
     holder = subprocess.Popen(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,6 +77,8 @@ def test_a_file_uri_keeps_hash_and_query_characters_in_its_path(tmp_path):
 
 def test_file_uri_hosts():
     assert storage.local_path("file://localhost/tmp/a#1") == "/tmp/a#1"
+    # %XX escapes decoded (Path.as_uri() writes them): a folder named "my%20clips" was made instead
+    assert storage.local_path(Path("/data/my clips/100%").as_uri()) == "/data/my clips/100%"
     assert storage.local_path("file:///tmp/a") == "/tmp/a" and storage.local_path("file://") == "/"
     with pytest.raises(ValueError, match=r"^file://tmp/a: a file:// URI must name a local path \(file:///path\), "
                                          r"not host 'tmp'$"):
@@ -228,3 +231,20 @@ def test_a_tree_that_cannot_be_removed_raises_instead_of_staying(tmp_path, monke
     storage.remove_tree(str(tree))
     assert not tree.exists()
     storage.remove_tree(str(tmp_path / "never"))
+
+
+def test_a_model_folder_given_as_a_file_uri_loads_and_is_written_to_as_its_local_path(tmp_path, monkeypatch):
+    """``os.path.abspath("file:///m")`` is ``./file:/m``: Serve handed that to every replica, a
+    checkpoint file was "not found", profile/predict --json wrote under ./file:/ ."""
+    from dvfl.artifacts import load_model
+
+    repo = Path(__file__).resolve().parents[1]
+    _, spec = load_model((repo / "models" / "embedded_teacher").as_uri())
+    assert spec["name"] == "videofocalnet_nano"
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute(f"file://{tmp_path}/a%20b/p.json") == f"{tmp_path}/a b/p.json"
+    assert storage.absolute("s3://b/m") == "s3://b/m" and storage.absolute("m") == f"{tmp_path}/m"
+    from dvfl.inference import write_json
+
+    write_json(f"file://{tmp_path}/out/p.json", {"a": 1})
+    assert json.loads((tmp_path / "out" / "p.json").read_text()) == {"a": 1} and not (tmp_path / "file:").exists()

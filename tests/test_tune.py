@@ -863,6 +863,9 @@ def test_a_changed_front_starts_its_reruns_over(search):
 
     front_file = search["exp"].parent / "forced-asha-front" / "dvfl_search.json"
     front_file.write_text(json.dumps({**json.loads(front_file.read_text()), "reruns": []}))
+    runs = search["exp"] / "train_runs"  # the old front's Ray Train checkpoints go with it; a trial's stay
+    (runs / "forced-asha-front-old0" / "checkpoint_000000").mkdir(parents=True)
+    (runs / "forced-asha-trial0").mkdir(parents=True)
     lines = []
     tune_cfg, run_cfg = load_tune_config(search["path"])
     s = run_search(tune_cfg, run_cfg, verbose=0, log=lines.append)
@@ -873,6 +876,7 @@ def test_a_changed_front_starts_its_reruns_over(search):
     assert sorted(r["front_of"] for r in s["front_reruns"]) == sorted(r["trial_id"] for r in levels)
     assert all(r["status"] == "completed" for r in s["front_reruns"])
     assert json.loads(front_file.read_text())["reruns"]  # the new front's list, for the next resume
+    assert not (runs / "forced-asha-front-old0").exists() and (runs / "forced-asha-trial0").exists()
 
 
 def test_a_level_with_a_failed_rerun_is_said_and_not_chosen_over_a_steady_one():

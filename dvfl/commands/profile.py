@@ -9,7 +9,6 @@ the timed forwards; cuda if available, else cpu. See :mod:`dvfl.profile`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from dvfl.cli import deprecated
@@ -91,5 +90,5 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.json:  # written whole (a temporary file renamed), locally or on an object store
         from dvfl import storage
 
-        storage.write_json(a.json if storage.is_remote(a.json) else os.path.abspath(a.json), result.to_dict())
+        storage.write_json(storage.absolute(a.json), result.to_dict())
     return 0

@@ -430,7 +430,7 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
 
     t_start = time.perf_counter()
     # a local path or a URI (s3://, gs://): every file below goes through dvfl.storage
-    out = cfg.out.rstrip("/") if storage.is_remote(cfg.out) else os.path.abspath(storage.local_path(cfg.out))
+    out = cfg.out.rstrip("/") if storage.is_remote(cfg.out) else storage.absolute(cfg.out)
     shard_dir = storage.join(out, _s.SHARD_DIR)
     meta_dir = storage.join(shard_dir, _s.META_DIR)
     manifest.dedupe()

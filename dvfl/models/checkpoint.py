@@ -69,6 +69,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = os.fspath(path)
     remote = storage.is_remote(path)
+    path = storage.absolute(path)  # (a file:// URI: the local file it names)
     if not (storage.isfile(path) if remote else os.path.isfile(path)):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -314,6 +314,9 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
             # the resumed search's front changed (a trial that had errored ran this time): start the front over
             remove_experiment(front_exp, t.experiment + FRONT_SUFFIX, log,
                               why="the front changed since its re-runs began; starting them over")
+            for run in storage.list_entries(setup["train_storage"]):  # and their Ray Train runs' checkpoints
+                if run.startswith(f"{t.experiment}{FRONT_SUFFIX}-"):
+                    storage.remove_tree(storage.join(setup["train_storage"], run))
             front_restoring = False
         storage.makedirs(front_exp)
         storage.write_text(front_file, json.dumps({**fp, "reruns": reruns}, indent=1, default=str))

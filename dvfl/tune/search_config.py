@@ -358,4 +358,4 @@ def asha_words(t: TuneConfig, cfg: RunConfig) -> str:
 def experiment_dir(t: TuneConfig, cfg: RunConfig) -> str:
     """``<tune.storage or output_dir/tune>/<experiment>``: an absolute local path or a URI."""
     base = t.storage or storage.join(cfg.output_dir, "tune")
-    return storage.join(base if storage.is_remote(base) else os.path.abspath(base), t.experiment)
+    return storage.join(storage.absolute(base), t.experiment)
