@@ -220,6 +220,25 @@ def teacher_split_problem(teacher: str, spec: dict, info: dict) -> str | None:
             f"give a teacher trained on {what} {now['split']} (a protocol: a teacher.path holding {{split}})")
 
 
+def teacher_holdout_problem(cfg: RunConfig, teacher: str, spec: dict, info: dict) -> str | None:
+    """A given teacher trained on these clips with another validation carve (``data.val_fraction``,
+    ``val_seed``, grouping) than this run's: this run's validation videos are among its training
+    videos, so its gate and the students' checkpoint choice would be judged on videos it has seen."""
+    ident = spec.get("identity") or {}
+    if ident.get("dataset") != info["fingerprint"] or ident.get("split") != cfg.data.train_split:
+        return None
+    now = holdout_identity(cfg)
+    if not now:  # a validation split of its own: no carve from training
+        return None
+    then = {k: ident.get(k) for k in now if k in ident or k == "val_holdout"}
+    if all(then[k] == now[k] for k in then):
+        return None
+    said = lambda h: "none" if not h.get("val_holdout") else f"fraction {h['val_holdout'][0]}, seed {h['val_holdout'][1]}"
+    return (f"teacher.path {teacher} was trained on these clips with another validation hold-out ({said(then)}) than "
+            f"this run's ({said(now)}): this run's validation videos are among its training videos; set "
+            f"data.val_fraction/val_seed to the teacher's, or give a teacher trained with this run's")
+
+
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
     """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
     config says (dataset.json records what the ingest used), naming both values, and clips whose
@@ -299,7 +318,9 @@ def check_given_inputs(cfg: RunConfig) -> None:
     if spec_path and storage.isfile(spec_path):
         spec = storage.read_json(spec_path)
         if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
-            problem = teacher_split_problem(cfg.teacher.path, spec, load_dataset_info(cfg.clips_dir))
+            info = load_dataset_info(cfg.clips_dir)
+            problem = (teacher_split_problem(cfg.teacher.path, spec, info)
+                       or teacher_holdout_problem(cfg, cfg.teacher.path, spec, info))
             if problem:
                 raise ConfigError(problem)
         frames = (spec.get("kwargs") or {}).get("num_frames")
@@ -627,7 +648,8 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
         other = other_class_list(f"teacher.path {cfg.teacher.path}", spec, cfg.clips_dir, dataset_info["classes"])
         if other:
             raise ConfigError(other)
-        problem = teacher_split_problem(cfg.teacher.path, spec, dataset_info)
+        problem = (teacher_split_problem(cfg.teacher.path, spec, dataset_info)
+                   or teacher_holdout_problem(cfg, cfg.teacher.path, spec, dataset_info))
         if problem:
             raise ConfigError(problem)
         return cfg.teacher.path, spec
@@ -709,7 +731,8 @@ def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: 
     may not see this disk); a URI is read where the task runs."""
     args = (model_path, cfg.teacher.model, num_classes, cfg.data.frames, cfg.clips_dir, split, cfg.crop_size, views)
     if not (cfg.scaling.use_gpu if in_task is None else in_task):
-        return _evaluate_model(*args, model=model)
+        # on the device the config asks for: a GPU this process sees but Ray never gave out may be busy
+        return _evaluate_model(*args, model=model, device=None if cfg.scaling.use_gpu else "cpu")
     import ray
 
     if storage.local_path(model_path) is not None:
@@ -723,12 +746,12 @@ def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: 
 
 
 def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames: int, clips_dir: str, split: str,
-                    crop_size: int, views: dict, in_task: bool = False, model=None) -> dict:
+                    crop_size: int, views: dict, in_task: bool = False, model=None, device: str | None = None) -> dict:
+    """``device`` None: a GPU if this process sees one."""
     from dvfl.train.evaluate import evaluate_multiview
 
     if model is None:
         model, _ = load_model_for(model_path, name, num_classes, frames)
-    device = None  # (here: a GPU if this process sees one)
     if in_task:
         import ray
 

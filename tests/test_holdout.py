@@ -268,3 +268,38 @@ def test_a_run_without_a_kd_student_is_not_gated_and_builds_no_cache(prepared, t
         pipeline.run_all(cfg, log=lambda *_: None)
     assert not os.path.exists(cfg.cache_dir)
 
+
+
+def test_a_given_teacher_carved_with_another_holdout_is_refused(prepared, tmp_path):
+    """A teacher trained on these clips with another data.val_seed/val_fraction holds this run's
+    validation videos among its training videos: its gate (and the students' checkpoint choice)
+    were judged on videos it had trained on."""
+    from dvfl.config import ConfigError
+
+    cfg = prepared["cfg"]
+    given = [("data.clips", cfg.clips_dir), ("teacher.path", prepared["teacher"]), ("teacher.cache", cfg.cache_dir)]
+    same = tiny_config(tmp_path / "same", given)
+    pipeline.check_given_inputs(same)
+    assert pipeline.ensure_teacher(same, prepared["info"], log=lambda *_: None)[0] == prepared["teacher"]
+    fraction = same.data.val_fraction
+    other = tiny_config(tmp_path / "other", [*given, ("data.val_seed", same.data.val_seed + 1)])
+    message = (rf"trained on these clips with another validation hold-out \(fraction {fraction}, seed "
+               rf"{same.data.val_seed}\) than this run's \(fraction {fraction}, seed {same.data.val_seed + 1}\)")
+    with pytest.raises(ConfigError, match=message):
+        pipeline.check_given_inputs(other)
+    with pytest.raises(ConfigError, match=message):
+        pipeline.ensure_teacher(other, prepared["info"], log=lambda *_: None)
+
+
+def test_evaluation_in_the_driver_stays_on_the_cpu_unless_the_run_asks_for_gpus(prepared, tmp_path, monkeypatch):
+    """Without scaling.use_gpu the teacher gate and the test evaluations ran on a GPU this process
+    happened to see, which Ray never gave out (another job's); results.json said "cpu"."""
+    import dvfl.train.evaluate as ev
+
+    seen = []
+    monkeypatch.setattr(ev, "evaluate_multiview", lambda *a, device=None, **k: seen.append(device) or {"top1": 0.0})
+    model, _ = load_model(prepared["teacher"])
+    for use_gpu, device in ((False, "cpu"), (True, None)):
+        cfg = tiny_config(tmp_path, [("data.clips", prepared["cfg"].clips_dir), ("scaling.use_gpu", use_gpu)])
+        pipeline.evaluate_model_at(cfg, prepared["teacher"], model.num_classes, "test", in_task=False, model=model)
+        assert seen.pop() == device
