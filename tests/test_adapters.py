@@ -328,6 +328,17 @@ def test_dvfl_csv(tmp_path, src_video):
     m3 = A.dvfl_csv(str(tmp_path), annotations=[("train", os.path.join(str(tmp_path), "train.csv"))],
                     num_classes=3)
     assert m3.classes == ["class_000", "class_001", "class_002"]
+    # the DVFL-Net repository's labels/*.csv ("id,name" header, "0,Archery" lines) as --classes: read as
+    # one name per line it named label 0 "id,name", label 1 "0,Archery" (every video filed wrongly)
+    for text in ("id,name\n1,Biking\n0,Archery\n", "0,Archery\n1,Biking\n", "Archery\nBiking\n"):
+        write(os.path.join(str(tmp_path), "labels.csv"), text)
+        m4 = A.dvfl_csv(str(tmp_path), annotations=[("train", os.path.join(str(tmp_path), "train.csv"))],
+                        classes_file=os.path.join(str(tmp_path), "labels.csv"))
+        assert m4.classes == ["Archery", "Biking"], text
+    write(os.path.join(str(tmp_path), "labels.csv"), "id,name\n0,Archery\n2,Biking\n")
+    with pytest.raises(A.AdapterError, match=r"labels.csv: class ids \[0, 2\]... are not 0..1, each once"):
+        A.dvfl_csv(str(tmp_path), annotations=[("train", os.path.join(str(tmp_path), "train.csv"))],
+                   classes_file=os.path.join(str(tmp_path), "labels.csv"))
 
 
 def test_folder(tmp_path, src_video):

@@ -94,12 +94,20 @@ def test_a_changed_config_replaces_the_old_dataset_in_a_way_a_kill_cannot_break(
     info = syn.generate(str(root), syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, overwrite=True, log=None)
     assert info["generated"] == info["videos"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
-    with pytest.raises(syn.VideoFolderError, match="does not hold a generated dataset"):
-        (root / syn.INFO_FILE).unlink()
+    (root / syn.INFO_FILE).unlink()
+    with pytest.raises(syn.VideoFolderError, match=r"refusing to delete .* but no generated dataset"):
         syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, overwrite=True, log=None)
+    # nor generated into: its split lists replaced a real dataset's, and the synthetic.json it left
+    # let a later --overwrite delete the whole folder
+    lists = sorted(p.read_bytes() for p in (root / syn.LIST_DIR).iterdir())
+    with pytest.raises(syn.VideoFolderError, match=r"refusing to generate into .* but no generated dataset"):
+        syn.generate(str(root), syn.SyntheticConfig(**dict(SMALL, seed=7)), workers=1, log=None)
+    assert sorted(p.read_bytes() for p in (root / syn.LIST_DIR).iterdir()) == lists
+    assert not (root / syn.INFO_FILE).exists()
+    shutil.rmtree(root)
     linked = tmp_path / "linked"  # the rename moved the link, then rmtree refused it: a traceback
     linked.symlink_to(root)
-    syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, log=None)  # its synthetic.json back
+    syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, log=None)
     with pytest.raises(syn.VideoFolderError, match="is a link to"):
         syn.generate(str(linked), syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, overwrite=True, log=None)
     assert (root / syn.INFO_FILE).is_file()

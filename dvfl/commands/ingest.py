@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", type=int, default=1,
                    help="official split 1-3 (ucf101, hmdb51) or held-out group 1-25 (ucf50)")
     p.add_argument("--videos-dir", help="where the videos are, if not under --root "
-                                        "(synthetic: where to generate them; default OUT/videos)")
+                                        "(synthetic: where to generate them, an empty or new folder; default OUT/videos)")
     p.add_argument("--lists-dir", help="folder with the split files (ucf101, hmdb51)")
     p.add_argument("--annotations", action="append", default=[], metavar="[SPLIT=]FILE",
                    help="annotation file(s) for kinetics (CSV), ssv2 (JSON) and dvfl-csv; repeatable")
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many videos per decode task (default: ~256 MiB of decoded clips)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     r.add_argument("--ray-progress", action="store_true", help="also show Ray Data's progress bars")
-    s = p.add_argument_group("synthetic (the embedded default dataset)")
+    s = p.add_argument_group("synthetic (the generator's own defaults; the embedded default is configs/embedded.yaml)")
     s.add_argument("--synthetic-classes", type=int, default=8)
     s.add_argument("--train-per-class", type=int, default=160)
     s.add_argument("--test-per-class", type=int, default=40)

@@ -99,6 +99,27 @@ def _read_lines(path: str) -> List[Tuple[int, str]]:
     return lines
 
 
+def _class_names(path: str) -> List[str]:
+    """A class-names file: one name per line, or the DVFL-Net repository's ``labels/*.csv`` (an
+    ``id,name`` header, then ``0,ApplyEyeMakeup`` lines), whose every line read as a name shifted the
+    classes by one and added an ``id,name`` class."""
+    lines = _read_lines(path)
+    head = [f.strip().lower() for f in lines[0][1].split(",")] if lines else []
+    rows = lines[1:] if len(head) == 2 and not _is_int(head[0]) and head[1] in ("name", "class", "class_name", "label") \
+        else lines
+    pairs = [(n, ln.split(",", 1)) for n, ln in rows]
+    if rows is lines and not all(len(f) == 2 and _is_int(f[0]) for _, f in pairs):
+        return [ln for _, ln in lines]  # one name per line (a name may hold a comma)
+    bad = [(n, f) for n, f in pairs if len(f) != 2 or not _is_int(f[0])]
+    if bad:
+        raise AdapterError(f"{os.path.basename(path)}:{bad[0][0]}: expected ID,NAME after the header, got {','.join(bad[0][1])!r}")
+    ids = [int(f[0]) for _, f in pairs]
+    if sorted(ids) != list(range(len(ids))):
+        raise AdapterError(f"{os.path.basename(path)}: class ids {sorted(ids)[:5]}... are not 0..{len(ids) - 1}, "
+                           "each once")
+    return [f[1].strip() for _, f in sorted(pairs, key=lambda p: int(p[1][0]))]
+
+
 _SPLITS = ("train", "val", "test")
 _SPLIT_NAMES_HELP = "train, val/validation or test"
 
@@ -637,7 +658,7 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
     if not parsed:
         m.classes = []
         return m
-    names_file = [ln for _, ln in _read_lines(classes_file)] if classes_file else None
+    names_file = _class_names(classes_file) if classes_file else None
     in_range = [p[2] for p in parsed if p[2] >= 0]
     for split, rel, lab, where in parsed:
         if lab < 0:

@@ -1,11 +1,12 @@
-"""The embedded default dataset: a small action dataset the project generates itself.
+"""The synthetic action dataset the project generates itself (the embedded default is one of its configs).
 
-Every video shows one asymmetric object moving in a straight line on a textured,
+Every video shows one asymmetric object moving in a straight line on a textured or plain,
 noisy background (optionally with static distractors). The class is the *direction of motion*
 (8 directions by default: right, up-right, up, ...). Colours, object shape and
-orientation, size, start position, speed, background and distractors are random
-and independent of the class, so a single frame carries no information about the
-label: a model has to compare frames over time.
+orientation, size, speed, background and distractors are random and independent of the
+class; the object's position is not (it stays inside the frame, and with ``motion="stop"``
+rests against the wall it moved towards), so one frame gives part of the answer and the
+order of the frames the rest (docs/ingest.md has the measured figures).
 
 * Real encoded files: H.264 in MP4 through PyAV (libx264, ``threads=1`` so the
   encoder is deterministic), in the UCF101 layout with official-format split files
@@ -401,8 +402,11 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
                 raise VideoFolderError(f"{root} holds a synthetic dataset with a different configuration; "
                                        f"use another --videos-dir or --overwrite")
             _delete_dataset(root)
-    elif os.path.isdir(root) and os.listdir(root) and overwrite:
-        raise VideoFolderError(f"refusing to delete {root}: it does not hold a generated dataset")
+    elif os.path.isdir(root) and os.listdir(root):
+        # (generating there replaced a real dataset's split lists, and the synthetic.json it left
+        # then let --overwrite delete the whole folder)
+        raise VideoFolderError(f"refusing to {'delete' if overwrite else 'generate into'} {root}: it holds files "
+                               f"but no generated dataset ({INFO_FILE}); give an empty or new --videos-dir")
     _sweep_deleted(root)
     os.makedirs(root, exist_ok=True)
     from dvfl.host import usable_cpus
