@@ -592,6 +592,18 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
 def _announce(cfg: RunConfig, run: ModelRun, workers: str, log) -> None:
     log(f"[{run.loop.label}] training {run.section.model} (embed_dim={run.kwargs.get('embed_dim', 'default')}) "
         f"for {run.epochs} epochs on {workers}; teacher signal: {run.loop.teacher.mode}")
+    # the two launch modes keep an interrupted run's state apart (runner epoch files, Ray Train
+    # checkpoint folders): another scaling.concurrent_runs started over at epoch 1 without a word
+    from dvfl.train.session import epoch_states
+
+    run_dir = storage.join(cfg.output_dir, RAY_RESULTS, run.name)
+    train_checkpoints = any(e.startswith("checkpoint_") for e in storage.list_entries(run_dir))
+    runner_states = bool(epoch_states(run_dir))
+    other = (train_checkpoints and not runner_states) if cfg.scaling.concurrent_runs else (runner_states and not train_checkpoints)
+    if other:
+        was = "0" if cfg.scaling.concurrent_runs else ">= 1"
+        log(f"[{run.loop.label}] note: {run_dir} holds the epochs of an interrupted run with scaling.concurrent_runs "
+            f"{was}; this one starts at epoch 1 (stop it and rerun with scaling.concurrent_runs {was} to resume that one)")
 
 
 def train_model(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,

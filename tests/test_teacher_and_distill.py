@@ -444,6 +444,35 @@ def test_students_side_by_side_in_runners_and_a_killed_runner_resumes(prepared, 
     assert "dvfl_minus_vfl_long_points" in report["kd_gains"] and report["wall_seconds"] > 0
 
 
+def test_a_run_in_the_other_launch_mode_says_it_starts_over(tmp_path):
+    """Runners keep an interrupted run's state as epoch files, Ray Train as checkpoint folders: a
+    rerun with scaling.concurrent_runs toggled started at epoch 1 without a word (hours lost)."""
+    from types import SimpleNamespace as NS
+
+    from conftest import tiny_config
+    from dvfl.pipeline import _announce
+
+    run = NS(name="dvfl-s0-x", loop=NS(label="dvfl s0", teacher=NS(mode="cache")),
+             section=NS(model="videofocalnet_nano"), kwargs={}, epochs=2)
+    runners, train = (tiny_config(tmp_path, [("scaling.num_workers", 1), ("scaling.concurrent_runs", n)]) for n in (2, 0))
+    run_dir = tmp_path / "ray_results" / run.name
+
+    def said(cfg):
+        lines = []
+        _announce(cfg, run, "somewhere", lines.append)
+        return [line for line in lines if "note:" in line]
+
+    assert said(runners) == said(train) == []
+    (run_dir / "checkpoint_000001").mkdir(parents=True)
+    assert said(train) == []
+    (note,) = said(runners)
+    assert note.startswith(f"[dvfl s0] note: {run_dir} holds the epochs of an interrupted run with "
+                           "scaling.concurrent_runs 0; this one starts at epoch 1"), note
+    (run_dir / "checkpoint_000001").rmdir()
+    (run_dir / "epoch_000001.pt").write_bytes(b"")
+    assert said(runners) == [] and "scaling.concurrent_runs >= 1" in said(train)[0]
+
+
 def test_runners_that_ray_cannot_all_place_still_train_every_run(prepared, ray_local, tmp_path):
     """concurrent_runs 2 where one runner fits (2 CPUs each, 3 in Ray): the second runner waits
     unplaced with a run handed to it, and a finished runner kept its CPUs idle while the queue was
