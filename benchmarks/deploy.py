@@ -419,6 +419,9 @@ def serve_model_dir(tmp: Path, name: str, size: int) -> str:
     return str(out)
 
 
+# what a results file says of the run that wrote it
+RUN_KEYS = ("cpu", "cores", "torch_threads", "torch", "onnxruntime", "command", "wall_s", "load_average_start",
+            "load_average_end")
 # --skip's sections -> the keys of the results file they write
 SECTION_KEYS = {"accuracy": ("accuracy",), "latency": ("latency_8x224_b1",), "stream": ("streaming",),
                 "serve": ("serve",)}
@@ -457,9 +460,10 @@ def main(argv=None) -> int:
     kept = {k: earlier[k] for s in set(SECTION_KEYS) - measured for k in SECTION_KEYS[s] if k in earlier}
     if not {"accuracy", "latency"} & measured and "int8" in earlier:
         kept["int8"] = earlier["int8"]
-    if kept:
-        result["kept_from_earlier_runs"] = {"sections": sorted(kept), **{k: v for k, v in earlier.items()
-                                                                         if k.endswith("_run") or k == "note"}}
+    if kept:  # each kept section with the run that measured it (its machine, versions, command)
+        header = {k: v for k, v in earlier.items() if k in RUN_KEYS or k.endswith("_run") or k == "note"}
+        before = earlier.get("kept_from_earlier_runs") or {}
+        result["kept_from_earlier_runs"] = {k: before.get(k, header) for k in sorted(kept)}
     result["command"] = " ".join(["benchmarks/deploy.py", *(argv if argv is not None else sys.argv[1:])])
 
     def save():  # after every section: a long run that is stopped keeps what it measured

@@ -233,10 +233,16 @@ def teacher_holdout_problem(cfg: RunConfig, teacher: str, spec: dict, info: dict
     then = {k: ident.get(k) for k in now if k in ident or k == "val_holdout"}
     if all(then[k] == now[k] for k in then):
         return None
-    said = lambda h: "none" if not h.get("val_holdout") else f"fraction {h['val_holdout'][0]}, seed {h['val_holdout'][1]}"
+    def said(h):
+        if not h.get("val_holdout"):
+            return "none"
+        groups = f", grouping rule {h['val_groups']}" if h.get("val_groups") is not None else ""
+        return f"fraction {h['val_holdout'][0]}, seed {h['val_holdout'][1]}{groups}"
+    fix = ("set data.val_fraction/val_seed to the teacher's, or give" if then.get("val_groups") == now.get("val_groups")
+           else "give")  # (a grouping rule is the code's, not a setting)
     return (f"teacher.path {teacher} was trained on these clips with another validation hold-out ({said(then)}) than "
-            f"this run's ({said(now)}): this run's validation videos are among its training videos; set "
-            f"data.val_fraction/val_seed to the teacher's, or give a teacher trained with this run's")
+            f"this run's ({said(now)}): this run's validation videos are among its training videos; {fix} a teacher "
+            "trained with this run's")
 
 
 def check_clips_match(cfg: RunConfig, info: dict) -> None:

@@ -330,7 +330,8 @@ def test_dvfl_csv(tmp_path, src_video):
     assert m3.classes == ["class_000", "class_001", "class_002"]
     # the DVFL-Net repository's labels/*.csv ("id,name" header, "0,Archery" lines) as --classes: read as
     # one name per line it named label 0 "id,name", label 1 "0,Archery" (every video filed wrongly)
-    for text in ("id,name\n1,Biking\n0,Archery\n", "0,Archery\n1,Biking\n", "Archery\nBiking\n"):
+    for text in ("id,name\n1,Biking\n0,Archery\n", "0,Archery\n1,Biking\n", "Archery\nBiking\n",
+                 "id,name,\n0,Archery,\n1,Biking,\n"):  # (its SSv2 file: a comma ends every line)
         write(os.path.join(str(tmp_path), "labels.csv"), text)
         m4 = A.dvfl_csv(str(tmp_path), annotations=[("train", os.path.join(str(tmp_path), "train.csv"))],
                         classes_file=os.path.join(str(tmp_path), "labels.csv"))

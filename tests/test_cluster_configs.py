@@ -1270,3 +1270,13 @@ def test_gcp_configs_say_their_firewall_is_not_read():
     VM of the project reaches their Ray ports, which no file can show; the OK said nothing."""
     assert any("GCP firewall rules are not read" in n for n in cv.launcher_notes(_load(LAUNCHER["gcp"])))
     assert not any("GCP" in n for n in cv.launcher_notes(_load(LAUNCHER["aws"])))
+
+
+def test_a_file_uri_on_a_shared_volume_is_read_as_the_path_it_names():
+    """``file:///mnt/shared%20vol/runs`` is ``/mnt/shared vol/runs`` at run time (dvfl.storage decodes
+    %XX): the validator compared the escaped text with the mounts and refused it."""
+    from dvfl.cluster.validate import _job_path_errors
+
+    assert _job_path_errors(("job",), {"output_dir": "file:///mnt/shared%20vol/runs"}, {"/mnt/shared vol"}, "c") == []
+    (error,) = _job_path_errors(("job",), {"output_dir": "file:///mnt/other%20vol/runs"}, {"/mnt/shared vol"}, "c")
+    assert "not on a volume that the head and every worker group mount" in error

@@ -1057,3 +1057,22 @@ def test_a_model_folder_whose_weights_changed_after_it_was_saved_is_refused(gold
     (older / "model.json").write_text(json.dumps({**json.loads((gdir / "model.json").read_text()),
                                                   "weights_fingerprint": legacy}))
     assert load_model(older)[1]["weights_fingerprint"] == legacy  # (its caches and evaluations are keyed by it)
+
+
+def test_the_deploy_benchmark_keeps_the_sections_it_skips_with_the_run_that_measured_them(tmp_path, capsys):
+    """The README's figures come from two runs with --skip: each wrote its sections alone over the
+    other's file (the shipped file was merged by hand)."""
+    from benchmarks import deploy
+
+    out = tmp_path / "deploy.json"
+    shutil.copy(REPO / "benchmarks" / "results" / "deploy.json", out)
+    shipped = json.loads(out.read_text())
+    skip_all = [arg for s in deploy.SECTION_KEYS for arg in ("--skip", s)]
+    for _ in range(2):  # the second run keeps what the first kept, with the same measuring runs
+        assert deploy.main([*skip_all, "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    for key in ("accuracy", "latency_8x224_b1", "int8", "streaming", "serve"):
+        assert merged[key] == shipped[key], key
+        assert merged["kept_from_earlier_runs"][key]["cpu"] == shipped["cpu"]
+    assert merged["command"].startswith("benchmarks/deploy.py --skip")
+    assert "| c16 |" in capsys.readouterr().out  # the table printed from the kept sections

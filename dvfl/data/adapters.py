@@ -103,7 +103,8 @@ def _class_names(path: str) -> List[str]:
     """A class-names file: one name per line, or the DVFL-Net repository's ``labels/*.csv`` (an
     ``id,name`` header, then ``0,ApplyEyeMakeup`` lines), whose every line read as a name shifted the
     classes by one and added an ``id,name`` class."""
-    lines = _read_lines(path)
+    # (its SSv2 file ends every line with a comma: "id,name," then "0,Approaching something ...,")
+    lines = [(n, ln.rstrip(",").strip()) for n, ln in _read_lines(path)]
     head = [f.strip().lower() for f in lines[0][1].split(",")] if lines else []
     rows = lines[1:] if len(head) == 2 and not _is_int(head[0]) and head[1] in ("name", "class", "class_name", "label") \
         else lines
@@ -116,7 +117,7 @@ def _class_names(path: str) -> List[str]:
     ids = [int(f[0]) for _, f in pairs]
     if sorted(ids) != list(range(len(ids))):
         raise AdapterError(f"{os.path.basename(path)}: class ids {sorted(ids)[:5]}... are not 0..{len(ids) - 1}, "
-                           "each once")
+                           "each once (number the classes from 0, as the lists' labels are)")
     return [f[1].strip() for _, f in sorted(pairs, key=lambda p: int(p[1][0]))]
 
 

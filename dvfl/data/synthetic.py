@@ -400,13 +400,13 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
         if have != want:
             if not overwrite:
                 raise VideoFolderError(f"{root} holds a synthetic dataset with a different configuration; "
-                                       f"use another --videos-dir or --overwrite")
+                                       f"use another folder or --fresh")
             _delete_dataset(root)
-    elif os.path.isdir(root) and os.listdir(root):
+    elif os.path.isdir(root) and [n for n in os.listdir(root) if not n.startswith(".")]:
         # (generating there replaced a real dataset's split lists, and the synthetic.json it left
-        # then let --overwrite delete the whole folder)
+        # then let --overwrite delete the whole folder; hidden files: a killed first run's temporary)
         raise VideoFolderError(f"refusing to {'delete' if overwrite else 'generate into'} {root}: it holds files "
-                               f"but no generated dataset ({INFO_FILE}); give an empty or new --videos-dir")
+                               f"but no generated dataset ({INFO_FILE}); generate into an empty or new folder")
     _sweep_deleted(root)
     os.makedirs(root, exist_ok=True)
     from dvfl.host import usable_cpus
