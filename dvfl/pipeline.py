@@ -164,8 +164,12 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     except ValueError as exc:
         # an earlier configuration's clips, or a re-ingest killed while it deleted them (its plan gone first)
         ours = ("already holds an ingest with a different", "holds shards but no")
-        if cfg.data.clips or not any(m in str(exc) for m in ours):
-            raise  # a user-given dir is never overwritten
+        if not any(m in str(exc) for m in ours):
+            raise
+        if cfg.data.clips:  # a user-given dir is never overwritten (a traceback, advice for dvfl ingest's flags)
+            raise ConfigError(f"data.clips: {out} holds an unfinished ingest of other inputs or settings than this "
+                              f"config's: finish it with the `dvfl ingest` command that started it, or re-ingest it "
+                              f"with `dvfl ingest ... --out {out} --fresh`") from None
         log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
         ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
     info = load_dataset_info(out)

@@ -222,3 +222,66 @@ def test_malformed_annotation_json_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip()] and "train.json: not a readable JSON file" in err, err
+
+
+def test_given_clips_holding_an_unfinished_ingest_of_other_settings_are_a_config_error(tmp_path):
+    """data.clips given, holding an interrupted ingest of other inputs or settings (the README's
+    --unlabeled ingest cut short, then a run of the config): a ValueError traceback whose advice
+    (--out, --fresh) named flags of `dvfl ingest`, not of the run."""
+    import json
+
+    from conftest import tiny_config
+    from dvfl import pipeline
+    from dvfl.config import ConfigError
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "_plan.json").write_text(json.dumps({"fingerprint": "another", "shards": []}))
+    cfg = tiny_config(tmp_path / "run", [("data.clips", str(clips))])
+    with pytest.raises(ConfigError, match=r"^data.clips: .* holds an unfinished ingest of other inputs or settings "
+                                          r"than this config's: finish it with the `dvfl ingest` command"):
+        pipeline.ensure_clips(cfg, log=lambda *_: None)
+    assert json.loads((clips / "_plan.json").read_text())["fingerprint"] == "another"  # never overwritten
+
+
+def test_the_drivers_size_probe_opens_only_files_of_a_supported_container(tmp_path, video_factory):
+    """--short-side 0 sizes tasks from the largest source frame, probed in the driver before the
+    decode child's checks: FFmpeg followed a listed concat file (or playlist) to a video outside the
+    root, and would hang on a FIFO with no time limit."""
+    from dvfl.data import decode
+    from dvfl.data.ingest import _checked_coded_size
+
+    outside = video_factory(str(tmp_path / "outside" / "secret.ts"), h=48, w=64)
+    playlist = tmp_path / "root" / "A" / "local.m3u8"
+    playlist.parent.mkdir(parents=True)
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:1.0,\n{outside}\n#EXT-X-ENDLIST\n")
+    assert decode.coded_size(str(playlist)) == (48, 64)  # what FFmpeg's own probing does with it
+    assert _checked_coded_size(str(playlist)) is None
+    assert _checked_coded_size(outside) == (48, 64)
+    os.mkfifo(tmp_path / "root" / "A" / "pipe.ts")
+    assert _checked_coded_size(str(tmp_path / "root" / "A" / "pipe.ts")) is None  # at once, not a hang
+
+
+def test_ingest_fresh_says_once_it_has_deleted_the_earlier_ingest(tmp_path, video_factory):
+    """Ctrl+C in `ingest --fresh` advised "run the same command again without --fresh to resume"
+    even before the delete, where that rerun is refused (another fingerprint): the command now
+    learns when the delete is done (dvfl.cli.run_command's hint)."""
+    from dvfl.data.adapters import folder
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    root, out = tmp_path / "videos", tmp_path / "out"
+    for c in ("a", "b"):
+        video_factory(str(root / c / "1.mp4"))
+    out.mkdir()
+    (out / "_plan.json").write_text('{"fingerprint": "an earlier ingest"}')
+    (out / "dataset.json").write_text("{}")
+
+    class Deleted(Exception):
+        pass
+
+    def deleted():
+        assert not (out / "_plan.json").exists() and not (out / "dataset.json").exists()
+        raise Deleted  # (stops before any decode: no Ray needed)
+
+    with pytest.raises(Deleted):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, overwrite=True), log=None, fresh_done=deleted)

@@ -216,6 +216,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.data.ingest import IngestConfig, NothingWrittenError, ingest, ray_session
 
     log = print
+    # Ctrl+C before --fresh has deleted the earlier ingest: the rerun needs --fresh again (without it,
+    # refused: another fingerprint); after it, the rerun resumes without it (dvfl.cli.run_command)
+    a.fresh_done = not a.fresh
     short_side = a.short_side
     if a.dataset == "synthetic":
         from dvfl.data.synthetic import SyntheticConfig, VideoFolderError, generate
@@ -240,6 +243,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         root = a.root
     if short_side is None:
         short_side = 128
+    # (two walks and a stat per file: ~20 s for Kinetics-400 on a local disk, minutes on NFS)
+    log(f"[ingest] listing the {a.dataset} videos under {root}" + (f" and {len(a.unlabeled)} unlabelled source(s)"
+                                                                   if a.unlabeled else ""))
     try:
         m = build_manifest(a.dataset, root, a.split, annotations=a.annotations or None, lists_dir=a.lists_dir,
                            videos_dir=a.videos_dir if a.dataset != "synthetic" else None,
@@ -269,7 +275,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
             if not paths_on_every_node({"--out": a.out}, video_folders(m, a)):
                 return 2
-            ingest(m, cfg, log=log)
+            ingest(m, cfg, log=log, fresh_done=lambda: setattr(a, "fresh_done", True))
     except NothingWrittenError as e:  # nothing to train on is a failure, not a finished ingest
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -53,8 +53,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error("--timeout-per-file must be > 0 and --threads >= 1")
     from dvfl.data import decode
     from dvfl.data.manifest import printable
-    from dvfl.inference import (STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views,
-                                stream_file, write_json)
+    from dvfl.inference import STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views, stream_file
 
     try:
         views = parse_views(a.views)
@@ -122,6 +121,8 @@ def _json_written(path, data) -> bool:
     """``--json``'s file written (True when none was asked for), or its error said in one line."""
     if not path:
         return True
+    from dvfl.inference import write_json
+
     try:
         write_json(path, data)
     except OSError as exc:

@@ -749,6 +749,17 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
                            f"({', '.join(d for d in split_dirs if split_of[d] == twice[0])}): merge them")
     bases = [(split_of[d], os.path.join(root, d)) for d in split_dirs] if split_dirs else [(None, root)]
     classes = sorted({d for _, b in bases for d in _subfolders(b)})
+    # train/Café (NFC, Linux) and test/Café (NFD, a Mac's copy), train/Run and test/run: two classes,
+    # the test videos' labels ones no training video had
+    import unicodedata
+
+    spelt = {}
+    for c in classes:
+        spelt.setdefault(unicodedata.normalize("NFC", c).casefold(), []).append(c)
+    same = next((names for names in spelt.values() if len(names) > 1), None)
+    if same:
+        raise AdapterError(f"--root {root}: class folders {' and '.join(map(repr, same))} differ only in letter case "
+                           "or Unicode normalisation (copied from another system?): give them one spelling")
     _refuse_class_links(root, bases, classes)
     m = Manifest("folder", os.path.abspath(root), classes,
                  source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})

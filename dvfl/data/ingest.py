@@ -413,19 +413,20 @@ def _reject_record(p: Problem, root: str) -> Dict[str, Any]:
             "split": p.split, "reason": p.reason, "detail": p.detail, "stage": "manifest"}
 
 
-def ingest(manifest: Manifest, cfg: IngestConfig, log=print) -> Dict[str, Any]:
+def ingest(manifest: Manifest, cfg: IngestConfig, log=print, fresh_done=None) -> Dict[str, Any]:
     """Run the ingest of ``manifest`` into ``cfg.out``; Ray must be initialised (see
     :func:`ray_session`). Returns the summary dict (also written to ``summary.json``). Another
     ingest writing ``cfg.out`` on this machine is waited for (its temporaries and parts are
-    what a start clears), then its finished shards are reused."""
+    what a start clears), then its finished shards are reused. ``fresh_done``: called once
+    ``cfg.overwrite`` has deleted the earlier ingest (from then on a rerun resumes)."""
     from dvfl.locks import folder_lock
 
     cfg.validate()
     with folder_lock(cfg.out, "ingest", wait=True, log=log):
-        return _ingest(manifest, cfg, log)
+        return _ingest(manifest, cfg, log, fresh_done)
 
 
-def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
+def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict[str, Any]:
     import ray
 
     t_start = time.perf_counter()
@@ -436,6 +437,9 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
     manifest.dedupe()
 
     # -- identities (a file that vanished since the adapter ran becomes a 'missing' reject)
+    if log:  # (reads of every file: 30-60 min for Kinetics-400 in one thread, less in these threads)
+        log(f"[ingest] {len(manifest.entries)} videos listed ({len(manifest.problems)} manifest rejects): "
+            "reading their identities (size and content hash) for the fingerprint")
     identities: Dict[str, Tuple[int, str]] = {}
     keep = []
     for e, (identity, ex) in zip(manifest.entries, _in_threads(_identity_or_error, [e.path for e in manifest.entries])):
@@ -479,6 +483,8 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log) -> Dict[str, Any]:
         for f in (_s.DATASET_JSON, _s.PLAN_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
             storage.remove(storage.join(out, f))
         storage.remove_tree(shard_dir)
+        if fresh_done:
+            fresh_done()
     elif storage.exists(plan_path):
         old = storage.read_json(plan_path)
         if old != layout:
@@ -715,8 +721,19 @@ def _largest_source_pixels(entries: List[VideoEntry]) -> int:
     can be read (the decode rejects those)."""
     ids = sorted(range(len(entries)), key=lambda i: entries[i].video_id)
     step = max(1, len(ids) // SOURCE_SIZE_SAMPLE)
-    sizes = [_d.coded_size(entries[i].path) for i in ids[::step][:SOURCE_SIZE_SAMPLE]]
+    sizes = [_checked_coded_size(entries[i].path) for i in ids[::step][:SOURCE_SIZE_SAMPLE]]
     return max([h * w for h, w in filter(None, sizes)] or [256 * 341])
+
+
+def _checked_coded_size(path: str):
+    """:func:`decode.coded_size` of a file whose magic bytes name a supported container, else None:
+    here in the driver, before the decode child's checks and time limit, FFmpeg opened a listed
+    playlist's segments outside the root and hung on a FIFO."""
+    try:
+        kind, problem = _d.probe_container(path)
+    except OSError:
+        return None
+    return _d.coded_size(path) if problem is None and kind in _d.CONTAINERS else None
 
 
 def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int,
