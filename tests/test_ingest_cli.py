@@ -42,6 +42,11 @@ from dvfl.cli import main as dvfl_main  # noqa: E402
      "--videos-dir s3://bucket/videos: videos and lists are read from local files"),
     (["--dataset", "ucf101", "--root", ".", "--lists-dir", "gs://bucket/lists", "--out", "o"],
      "--lists-dir gs://bucket/lists: videos and lists are read from local files"),
+    # flags the layout never reads: ignored (--test-fraction with split folders was even recorded)
+    (["--dataset", "ucf101", "--root", ".", "--test-fraction", "0.2", "--out", "o"],
+     "--test-fraction is not used by --dataset ucf101 (only by folder)"),
+    (["--dataset", "ucf50", "--root", ".", "--classes", "c.txt", "--out", "o"], "--classes is not used by --dataset ucf50"),
+    (["--dataset", "kinetics", "--root", ".", "--num-classes", "3", "--out", "o"], "--num-classes is not used"),
 ])
 def test_bad_flags_fail_fast_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -178,6 +178,15 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             # every sub-folder of such a root is a class: the pool would be trained on as one
             bad(f"--unlabeled {u} is inside --root {a.root}, whose every folder is a class: keep the unlabelled "
                 "videos outside the dataset's folder")
+    # flags a layout never reads: accepted and ignored (--test-fraction was even recorded in dataset.json)
+    used = {"--annotations": ("kinetics", "ssv2", "dvfl-csv"), "--classes": ("kinetics", "ssv2", "dvfl-csv"),
+            "--num-classes": ("dvfl-csv",), "--test-fraction": ("folder",), "--val-fraction": ("folder",),
+            "--lists-dir": ("ucf101", "hmdb51", "synthetic")}
+    given = {"--annotations": a.annotations, "--classes": a.classes, "--num-classes": a.num_classes,
+             "--test-fraction": a.test_fraction, "--val-fraction": a.val_fraction, "--lists-dir": a.lists_dir}
+    for flag, datasets in used.items():
+        if given[flag] and a.dataset not in datasets:
+            bad(f"{flag} is not used by --dataset {a.dataset} (only by {', '.join(datasets)}): leave it out")
     if a.videos_dir and a.dataset in ("dvfl-csv", "folder", "ucf50"):  # else every entry would be "missing"
         bad(f"--videos-dir is not used by --dataset {a.dataset}: its videos are found under --root")
     for flag, v in (("--classes", a.classes), ("--lists-dir", a.lists_dir), ("--videos-dir", a.videos_dir)):
