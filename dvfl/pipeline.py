@@ -167,8 +167,9 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
         if not any(m in str(exc) for m in ours):
             raise
         if cfg.data.clips:  # a user-given dir is never overwritten (a traceback, advice for dvfl ingest's flags)
-            raise ConfigError(f"data.clips: {out} holds an unfinished ingest of other inputs or settings than this "
-                              f"config's: finish it with the `dvfl ingest` command that started it, or re-ingest it "
+            what = ("shards but no plan (a re-ingest's delete cut short)" if "holds shards but no" in str(exc) else
+                    "an unfinished ingest of other inputs or settings than this config's")
+            raise ConfigError(f"data.clips: {out} holds {what}: finish the ingest that wrote it, or re-ingest it "
                               f"with `dvfl ingest ... --out {out} --fresh`") from None
         log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
         ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
@@ -196,8 +197,16 @@ def check_manifest_splits(cfg: RunConfig, manifest) -> None:
         raise ConfigError(f"{cfg.data.dataset} at data.root {cfg.data.root} lists the split(s) "
                           f"{', '.join(map(repr, listed)) or 'none'}; "
                           + "; ".join(f"data.{key} is {split!r}" for key, split in missing)
-                          + ": set those fields to listed splits, or ingest data.clips yourself naming the splits "
-                          "(pipelines/ingest.py --annotations test=FILE, as configs/ssv2.yaml shows); nothing was ingested")
+                          + ": set those fields to listed splits, or ingest data.clips yourself naming the splits ("
+                          + HOW_TO_NAME_SPLITS.get(cfg.data.dataset, "a layout of a dataset whose lists name them")
+                          + "); nothing was ingested")
+
+
+# how `pipelines/ingest.py` gives a layout the splits its folders or lists do not
+HOW_TO_NAME_SPLITS = {
+    "folder": "pipelines/ingest.py --dataset folder --test-fraction F (or root/{train,val,test}/<class>/ folders)",
+    **{d: "pipelines/ingest.py --annotations test=FILE, as configs/ssv2.yaml shows" for d in ("kinetics", "ssv2", "dvfl-csv")},
+}
 
 
 def clips_split(info: dict) -> int | None:

@@ -244,7 +244,8 @@ def test_given_clips_holding_an_unfinished_ingest_of_other_settings_are_a_config
     (clips / "_plan.json").write_text(json.dumps({"fingerprint": "another", "shards": []}))
     cfg = tiny_config(tmp_path / "run", [("data.clips", str(clips))])
     with pytest.raises(ConfigError, match=r"^data.clips: .* holds an unfinished ingest of other inputs or settings "
-                                          r"than this config's: finish it with the `dvfl ingest` command"):
+                                          r"than this config's: finish the ingest that wrote it, or re-ingest it with "
+                                          r"`dvfl ingest ... --out .* --fresh`"):
         pipeline.ensure_clips(cfg, log=lambda *_: None)
     assert json.loads((clips / "_plan.json").read_text())["fingerprint"] == "another"  # never overwritten
 

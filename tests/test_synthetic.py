@@ -105,6 +105,10 @@ def test_a_changed_config_replaces_the_old_dataset_in_a_way_a_kill_cannot_break(
     assert sorted(p.read_bytes() for p in (root / syn.LIST_DIR).iterdir()) == lists
     assert not (root / syn.INFO_FILE).exists()
     shutil.rmtree(root)
+    (root / ".git").mkdir(parents=True)  # another hidden file: someone's (a later --fresh deleted the folder)
+    with pytest.raises(syn.VideoFolderError, match=r"refusing to generate into .* but no generated dataset"):
+        syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, log=None)
+    shutil.rmtree(root)
     root.mkdir()  # only a killed first run's temporary of its synthetic.json: generated into
     (root / f".{syn.INFO_FILE}.1a2b3c4d.tmp").write_text("{")
     syn.generate(str(root), syn.SyntheticConfig(**SMALL), workers=1, log=None)

@@ -747,6 +747,9 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
     if twice:
         raise AdapterError(f"--root {root}: more than one folder is the {twice[0]} split "
                            f"({', '.join(d for d in split_dirs if split_of[d] == twice[0])}): merge them")
+    if split_dirs and (test_fraction or val_fraction):  # (ignored, and recorded in dataset.json as if applied)
+        raise AdapterError(f"--root {root} has split folders ({', '.join(split_dirs)}): they give the splits; "
+                           "leave out --test-fraction/--val-fraction")
     bases = [(split_of[d], os.path.join(root, d)) for d in split_dirs] if split_dirs else [(None, root)]
     classes = sorted({d for _, b in bases for d in _subfolders(b)})
     # train/Café (NFC, Linux) and test/Café (NFD, a Mac's copy), train/Run and test/run: two classes,

@@ -60,10 +60,8 @@ CONTAINERS = ("mp4", "avi", "matroska", "mpeg-ts", "mpeg-ps", "flv", "ogg", "asf
 _PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<?xml", b"<mpd", b"<smil", b"v=0", b"#ext-x",
                    b"rtsptext", b"rtmp://", b"http://", b"https://", b"file:")
 
-# (the names of every container above: .asf, .divx (AVI), .f4v and .3g2 (MP4) files were not picked up
-# in a folder, nor counted among its inputs)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
-                    ".wmv", ".asf", ".divx", ".f4v", ".3gp", ".3g2", ".ogv", ".ts", ".mts", ".m2ts", ".vob")
+                    ".wmv", ".3gp", ".ogv", ".ts", ".mts", ".m2ts", ".vob")
 
 # test hooks (honest simulation of decoder failure modes; only active when a job has
 # ``test_hooks=True``, which the ingest library sets only when asked explicitly)

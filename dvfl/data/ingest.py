@@ -733,7 +733,8 @@ def _checked_coded_size(path: str):
         kind, problem = _d.probe_container(path)
     except OSError:
         return None
-    return _d.coded_size(path) if problem is None and kind in _d.CONTAINERS else None
+    # (a cut file is decoded up to its cut: an input, its size counts)
+    return _d.coded_size(path) if problem in (None, _d.TRUNCATED) and kind in _d.CONTAINERS else None
 
 
 def plan_decode_tasks(sizes: List[int], workers: int, task_mb: float, max_videos: int,

@@ -402,7 +402,7 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
                 raise VideoFolderError(f"{root} holds a synthetic dataset with a different configuration; "
                                        f"use another folder or --fresh")
             _delete_dataset(root)
-    elif os.path.isdir(root) and [n for n in os.listdir(root) if not n.startswith(".")]:
+    elif os.path.isdir(root) and [n for n in os.listdir(root) if not n.startswith(f".{INFO_FILE}.")]:
         # (generating there replaced a real dataset's split lists, and the synthetic.json it left
         # then let --overwrite delete the whole folder; hidden files: a killed first run's temporary)
         raise VideoFolderError(f"refusing to {'delete' if overwrite else 'generate into'} {root}: it holds files "
