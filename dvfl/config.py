@@ -726,6 +726,9 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
+    if not raw.strip():  # "teacher.path=$UNSET" read as null: a teacher trained for hours instead of the given one
+        raise ConfigError(f"override {text!r}: no value after '=' (an unset shell variable?); give a value, or "
+                          f"null to unset {key.strip()}")
     if re.search(r"(^|\s)#", raw) and not raw.strip().startswith(("'", '"')):
         # YAML reads " #..." as a comment: "output_dir=runs/lr sweep #2" became "runs/lr sweep"
         raise ConfigError(f"override {text!r}: YAML reads '#' after a space as the start of a comment; quote "

@@ -90,6 +90,9 @@ def test_a_wrong_list_item_is_refused_naming_it(override, message):
     # YAML's comment: the run went to the folder "runs/lr sweep" (another run's)
     ("output_dir=runs/lr sweep #2", r"YAML reads '#' after a space as the start of a comment; quote"),
     ("seeds=[0, -2]", r"seeds must be >= 0, got \[0, -2\]"),  # numpy refuses it, in the middle of the run
+    # "teacher.path=$UNSET" read as null: a teacher trained from scratch for hours instead of the given one
+    ("teacher.path=", r"override 'teacher.path=': no value after '=' \(an unset shell variable\?\); give a value, or null"),
+    ("data.clips= ", r"no value after '='"),
 ])
 def test_a_bad_override_is_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -99,7 +99,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if not cfg.teacher.path:
             p.error("no teacher: set teacher.path in the config or give --teacher")
         a.clips, a.teacher, a.arch, a.out = cfg.clips_dir, cfg.teacher.path, cfg.teacher.model, cfg.cache_dir
-        a.crop_size = cfg.crop_size
+        if a.config or a.crop_size:  # (a --set alone: the embedded default's 32-px crop replaced the teacher's)
+            a.crop_size = cfg.crop_size
         a.cache_views = ",".join(cfg.teacher.views)
         a.dtype, a.gpu = cfg.teacher.cache_dtype, cfg.scaling.use_gpu
         if a.actors is None:

@@ -79,8 +79,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     clips, crop, split, views, name = a.clips, a.crop_size, a.test_split, a.views, a.arch
     if uses_config(a):
         cfg = config_from_args(a, {"data.clips": a.clips}, uses_ray_gpus=False)  # (no Ray: its own device)
-        clips, crop, split = cfg.clips_dir, crop or cfg.crop_size, split or cfg.data.test_split
-        views, name = views or (cfg.eval.clips, cfg.eval.crops), name or cfg.teacher.model
+        clips, split, name = cfg.clips_dir, split or cfg.data.test_split, name or cfg.teacher.model
+        if a.config:  # (a --set alone: the embedded default's 32-px crop and views were taken for the model's)
+            crop, views = crop or cfg.crop_size, views or (cfg.eval.clips, cfg.eval.crops)
     if not clips:
         p.error("give --clips (or --config with data.clips)")
     split, views = split or "test", views or (1, 1)

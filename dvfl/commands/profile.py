@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dvfl.cli import deprecated
+from dvfl.cli import absolute_path_args, deprecated
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    # (inside a Ray job a relative --json went into the job's temporary copy of the project)
+    absolute_path_args(a, outputs=("json",))
     # (0 threads, a negative warm-up: tracebacks after the model was built; a throughput batch of 0 was
     # silently --batch-size)
     for flag in ("frames", "size", "num_classes", "batch_size", "repeats", "threads", "throughput_batch_size",

@@ -129,7 +129,8 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
 
     if a.test_config:
         try:  # its teacher is the one this command makes: it need not exist yet
-            test_cfg = load_config(a.test_config, [("teacher.path", None)])
+            # (and its clips need not exist yet: ingested from its data.root, as its --help says)
+            test_cfg = load_config(a.test_config, [("teacher.path", None)], outputs=("data.clips",))
         except ConfigError as exc:
             p.error(f"--test-config {a.test_config}: {exc}")
     # a synthetic config generates its videos and ingests them (as distill does): by run()
