@@ -629,8 +629,12 @@ def _check_type(name: str, value, annotation) -> object:
             return [_check_type(f"{name}[{i}]", v, typing.get_args(t)[0]) for i, v in enumerate(value)]
         if origin in (str, bool, list, dict) and isinstance(value, origin):
             return value
-    if str in allowed and isinstance(value, bool):  # `amp: off` (YAML 1.1 reads off/no as false)
-        return "on" if value else "off"
+    if str in allowed and isinstance(value, bool):
+        if name.rsplit(".", 1)[-1] == "amp":  # `amp: off` (YAML 1.1 reads off/no as false)
+            return "on" if value else "off"
+        # (`--set name=no` named the run "off"; data.train_split=no was refused as 'off', never typed)
+        raise ConfigError(f"{name} must be a string, got {value!r}: YAML reads yes/no/on/off/true/false as a "
+                          f"bool; quote it: --set '{name}=\"{'yes' if value else 'no'}\"'")
     expected = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{name} must be {expected}, got {value!r}")
 

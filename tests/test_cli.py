@@ -502,3 +502,19 @@ def test_a_ctrl_c_after_an_earlier_commands_sigterm_is_an_interrupt(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
     err = capsys.readouterr().err
     assert "[export] terminated (SIGTERM)" in err and "[export] interrupted" in err
+
+
+def test_evaluate_with_a_config_needs_only_the_paths_it_reads(tmp_path):
+    """`dvfl evaluate --config configs/ucf50.yaml --model M` was refused because the config's teacher
+    checkpoint (video-focalnet_base_k400.pth) was not in the working directory: evaluate never reads it."""
+    from conftest import cli_in_process
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "dataset.json").write_text(json.dumps({"classes": ["a"], "fingerprint": "x", "shards": {},
+                                                    "params": {"eval_clips": 1, "short_side": 32, "frames": 8}}))
+    repo = Path(__file__).resolve().parents[1]
+    r = cli_in_process("evaluate.py", "--config", repo / "configs" / "ucf50.yaml", "--model",
+                       repo / "models" / "embedded_teacher", "--set", f"data.clips={clips}")
+    assert r.returncode == 2 and "teacher.train.checkpoint" not in r.stderr, r.stderr
+    assert "stores 1 evaluation clip(s) per video" in r.stderr  # it got as far as the clips it reads

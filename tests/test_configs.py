@@ -93,6 +93,8 @@ def test_a_wrong_list_item_is_refused_naming_it(override, message):
     # "teacher.path=$UNSET" read as null: a teacher trained from scratch for hours instead of the given one
     ("teacher.path=", r"override 'teacher.path=': no value after '=' \(an unset shell variable\?\); give a value, or null"),
     ("data.clips= ", r"no value after '='"),
+    # yes/no/on/off read as bools became the strings "on"/"off" in every text field (a run named "off")
+    ("name=no", r"name must be a string, got False: YAML reads yes/no/on/off/true/false as a bool; quote it"),
 ])
 def test_a_bad_override_is_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -78,7 +78,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(f"--model {a.model}: not found")
     clips, crop, split, views, name = a.clips, a.crop_size, a.test_split, a.views, a.arch
     if uses_config(a):
-        cfg = config_from_args(a, {"data.clips": a.clips}, uses_ray_gpus=False)  # (no Ray: its own device)
+        # (no Ray: its own device); paths it never reads need not exist (a config's teacher checkpoint
+        # missing here refused the evaluation of a student)
+        cfg = config_from_args(a, {"data.clips": a.clips}, uses_ray_gpus=False,
+                               outputs=("data.root", "data.unlabeled", "teacher.path", "student.checkpoint",
+                                        "student.init_2d", "teacher.train.checkpoint", "teacher.train.init_2d"))
         clips, split, name = cfg.clips_dir, split or cfg.data.test_split, name or cfg.teacher.model
         if a.config:  # (a --set alone: the embedded default's 32-px crop and views were taken for the model's)
             crop, views = crop or cfg.crop_size, views or (cfg.eval.clips, cfg.eval.crops)
