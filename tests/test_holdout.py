@@ -284,7 +284,9 @@ def test_a_given_teacher_carved_with_another_holdout_is_refused(prepared, tmp_pa
     fraction = same.data.val_fraction
     other = tiny_config(tmp_path / "other", [*given, ("data.val_seed", same.data.val_seed + 1)])
     message = (rf"trained on these clips with another validation hold-out \(fraction {fraction}, seed "
-               rf"{same.data.val_seed}\) than this run's \(fraction {fraction}, seed {same.data.val_seed + 1}\)")
+               rf"{same.data.val_seed}, grouping rule \d\) than this run's \(fraction {fraction}, seed "
+               rf"{same.data.val_seed + 1}, grouping rule \d\): this run's validation videos are among its training "
+               r"videos; set data.val_fraction/val_seed to the teacher's")
     with pytest.raises(ConfigError, match=message):
         pipeline.check_given_inputs(other)
     with pytest.raises(ConfigError, match=message):
