@@ -60,7 +60,6 @@ import ipaddress
 import json
 import os
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -1380,8 +1379,13 @@ def _job_path_errors(where: tuple, fields: dict, mounts: set[str], source: str) 
     for name, value in fields.items():
         if not isinstance(value, str) or ("://" in value and not value.startswith("file://")):
             continue  # unset, or a URI (s3://, gs://)
-        # (a file:// URI's %XX escapes decoded, as dvfl.storage reads it at run time)
-        local = urllib.parse.unquote(value[len("file://"):]) if value.startswith("file://") else value
+        from dvfl import storage
+
+        try:  # (the local path dvfl.storage reads at run time: a file:// URI's %XX escapes decoded)
+            local = storage.local_path(value)
+        except ValueError as exc:  # file://HOST/...
+            out.append(_error_line("policy", where, f"{name}: {exc}"))
+            continue
         if not os.path.isabs(local):
             how = "" if name.startswith("--") else f" (--set {name}=...)"
             out.append(_error_line("policy", where, f"{name} is {value!r} (relative, from {source}): in a job it resolves in "
