@@ -14,6 +14,11 @@ machine (the head node runs every job's driver). An object-store folder (``s3://
 locked the same way, keyed by its URI (and the S3 endpoint): two jobs of one cluster, or two
 terminals of one laptop, are kept apart; two machines writing one prefix are not (object stores
 have no lock that dies with its holder).
+
+A run also holds its clips folder for reading (a shared lock, :func:`reads_held` and
+:func:`hold_for_reading`) from the moment its clips are ready to its end: an ingest into them from
+another command (``ingest --fresh`` replaced the shards its epochs were reading) is refused, not
+made to wait hours.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from dvfl import storage
 
 _held: dict[str, int] = {}  # folder (real path) -> how many times this process holds it (nested stages)
 _swept: set[str] = set()  # lock folders this process has cleared of dead holders' files
+_read_scopes: list[contextlib.ExitStack] = []  # innermost last: where hold_for_reading keeps its locks
 
 
 class FolderBusyError(RuntimeError):
@@ -38,11 +44,12 @@ class FolderBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
+def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared: bool = False):
     """Hold ``folder``'s lock inside. Held by another process: raise :class:`FolderBusyError`
     (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
-    what the first one finished; ``log`` None: silently). Re-entrant in one process; the folder
-    need not exist."""
+    what the first one finished; ``log`` None: silently). ``shared``: a reader's lock, held with
+    other readers; a writer waiting (``wait=True``) for readers is refused instead (they hold it for
+    a whole run). Re-entrant in one process; the folder need not exist."""
     key = _key(folder)
     if key in _held:  # a stage nested in a command that holds it already
         _held[key] += 1
@@ -55,12 +62,13 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
     if lock is None:
         yield
         return
-    fd = _locked_fd(lock, folder, what, wait, log)
+    fd = _locked_fd(lock, folder, what, wait, log, shared)
     try:
         try:  # who holds it, for a refused command to name: a full or over-quota home must not fail the command
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
+                                      "since": time.time(), "command": " ".join(sys.argv)[:300],
+                                      "mode": "read" if shared else "write"}).encode(), 0)
         except OSError:
             pass
         _held[key] = 1
@@ -69,9 +77,42 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print):
         finally:
             del _held[key]
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)  # still held: a process waiting on this file finds it gone and locks a new one
+        if not shared or _last_reader(fd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # still held: a process waiting on this file finds it gone and locks a new one
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def reads_held():
+    """The folders :func:`hold_for_reading` is given inside stay locked for reading until the
+    block ends (a command's whole run)."""
+    with contextlib.ExitStack() as stack:
+        _read_scopes.append(stack)
+        try:
+            yield
+        finally:
+            _read_scopes.pop()
+
+
+def hold_for_reading(folder: str, what: str, log=print) -> bool:
+    """Lock ``folder`` for reading until the innermost :func:`reads_held` block ends (outside one,
+    or held already: nothing, False). An ingest writing it is waited for: the caller checks what it
+    left."""
+    if not _read_scopes or _key(folder) in _held:
+        return False
+    _read_scopes[-1].enter_context(folder_lock(folder, what, wait=True, log=log, shared=True))
+    return True
+
+
+def _last_reader(fd: int) -> bool:
+    """Whether no other reader holds the lock (then the file is this reader's to remove): tried
+    as a switch to exclusive, which lets go of this reader's lock when it fails."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
 
 
 def _key(folder: str) -> str:
@@ -87,24 +128,30 @@ def _key(folder: str) -> str:
     return f"{scheme}://{rest}" + (f" at {endpoint}" if endpoint else "")
 
 
-def _locked_fd(lock: str, folder: str, what: str, wait: bool, log) -> int:
+def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool = False) -> int:
     """An open descriptor of the file now at ``lock``, locked (a holder unlinks its file as it lets
     go, so a lock taken on a file no longer there is let go and taken again on the new one)."""
     said = False
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _holder(fd)
+                holder, reading = _holder(fd)
+                if reading and not shared:
+                    raise FolderBusyError(f"{folder} is being read by a run ({holder}): writing it now would change "
+                                          f"the clips under it; wait for it to end, or stop it, or use another "
+                                          f"folder") from None
                 if not wait:
                     raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
                                           f"or stop it, or use another folder") from None
                 if not said and log:
-                    log(f"[{what}] {folder} is in use by another {what} ({holder}); waiting for it to end")
+                    busy = "is being written" if shared else f"is in use by another {what}"
+                    log(f"[{what}] {folder} {busy} ({holder}); waiting for it to end")
                     said = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, mode)
             if _same_file(fd, lock):
                 return fd
         except BaseException:
@@ -159,11 +206,11 @@ def _remove_free_lock_files(locks: str) -> None:
             os.close(fd)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote it."""
+def _holder(fd: int) -> tuple[str, bool]:
+    """Who holds the lock, as its holder wrote it, and whether it holds it for reading."""
     try:
         h = json.loads(os.pread(fd, 4096, 0) or b"{}")
         since = time.strftime("%H:%M:%S", time.localtime(h["since"]))
-        return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}"
+        return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}", h.get("mode") == "read"
     except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has just started"
+        return "a process that has just started", False

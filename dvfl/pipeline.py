@@ -125,7 +125,21 @@ def ensure_videos(cfg: RunConfig, log=print) -> dict | None:
 
 
 def ensure_clips(cfg: RunConfig, log=print) -> dict:
-    """Ingest the clip shards (Ray Data); ingest itself skips finished shards."""
+    """Ingest the clip shards (Ray Data); ingest itself skips finished shards. Inside a
+    :func:`dvfl.locks.reads_held` block (a command's run) the clips then stay locked for reading
+    until the block ends: an ingest into them from another command is refused meanwhile."""
+    from dvfl.locks import hold_for_reading
+
+    info = ready_clips(cfg, log)
+    if hold_for_reading(cfg.clips_dir, "run", log) and load_dataset_info(cfg.clips_dir) != info:
+        # (an ingest by another command between this one's and the lock: waited for, and what it left differs)
+        raise ConfigError(f"data.clips: {cfg.clips_dir} was re-ingested by another command as this run started; "
+                          "run it again")
+    return info
+
+
+def ready_clips(cfg: RunConfig, log=print) -> dict:
+    """The clips' dataset.json, ingested first when they are not finished."""
     from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
     from dvfl.data.ingest import IngestConfig, ingest
 

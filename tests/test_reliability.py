@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli_in_process
+from conftest import TINY, cli_in_process
 from dvfl.data.shards import load_dataset_info, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,6 +393,63 @@ def test_distill_on_a_folder_another_run_is_writing_is_refused_before_any_work(t
     assert f"[distill] error: {out} is in use by another run (pid {holder.pid}" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()  # no videos generated, nothing replaced; the lock lives in this user's lock folder
+
+
+def _read_clips(clips, run_dir) -> subprocess.Popen:
+    """Another process that got its clips as a run does (``ensure_clips`` in ``reads_held``) and
+    reads them until a line arrives on its stdin (started once it holds them)."""
+    overrides = [["output_dir", str(run_dir)], ["data.clips", str(clips)], *map(list, TINY)]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys\nfrom dvfl.config import load_config\n"
+         "from dvfl.locks import reads_held\nfrom dvfl.pipeline import ensure_clips\n"
+         f"cfg = load_config(None, [tuple(o) for o in json.loads({json.dumps(overrides)!r})])\n"
+         "with reads_held():\n    ensure_clips(cfg, log=None)\n    print('held', flush=True)\n"
+         "    sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "held"
+    return reader
+
+
+def test_an_ingest_into_clips_a_run_reads_is_refused_until_the_run_ends(prepared, tmp_path):
+    """``ingest --fresh`` into the clips of a run still training on them (another terminal, a
+    resubmitted job) replaced the shards its epochs read: refused, naming a run, before a video is
+    generated or a shard deleted. Runs share clips; the last one to end frees them. A run starting
+    while an ingest writes them waits for it."""
+    from dvfl.locks import _key, _lock_file, folder_lock, hold_for_reading, reads_held
+
+    clips = tmp_path / "clips"
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    before = {str(p): p.stat().st_mtime_ns for p in clips.rglob("*")}
+    readers = [_read_clips(clips, tmp_path / f"run{i}") for i in range(2)]  # two runs on one set of clips
+    try:
+        for first, still_reading in ((True, readers), (False, readers[1:])):
+            done = cli_in_process("ingest.py", "--dataset", "synthetic", "--out", clips, "--fresh",
+                                  "--synthetic-classes", "2", "--train-per-class", "1", "--test-per-class", "1")
+            assert done.returncode == 1, done.stdout + done.stderr
+            pids = "|".join(str(r.pid) for r in still_reading)
+            assert re.search(rf"error: {re.escape(str(clips))} is being read by a run \(pid ({pids}) on .*-c",
+                             done.stderr), done.stderr
+            assert "Traceback" not in done.stderr
+            assert {str(p): p.stat().st_mtime_ns for p in clips.rglob("*")} == before  # nothing generated or deleted
+            if first:
+                readers[0].communicate("\n", timeout=60)  # the first run ends; the other still reads
+    finally:
+        for r in readers:
+            r.kill() if r.poll() is None else None
+            r.wait()
+    assert readers[1].returncode == -signal.SIGKILL  # (its lock file is swept by the next process's first lock)
+    readers = [_read_clips(clips, tmp_path / "run2")]
+    readers[0].communicate("\n", timeout=60)
+    assert readers[0].returncode == 0 and not os.path.exists(_lock_file(_key(str(clips))))  # the last reader's file
+    with folder_lock(str(clips), "ingest"):  # free
+        pass
+    holder = _hold_lock(clips, 2, "ingest")
+    said, started = [], time.time()
+    with reads_held():
+        assert hold_for_reading(str(clips), "run", log=said.append)
+        assert time.time() - started > 1.5  # the ingest ended first
+    holder.wait()
+    assert len(said) == 1 and f"{clips} is being written (pid {holder.pid}" in said[0], said
 
 
 def test_a_fresh_cut_short_leaves_a_folder_fresh_still_recognises(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from dvfl.config import dump_config
-    from dvfl.locks import folder_lock
+    from dvfl.locks import folder_lock, reads_held
     from dvfl.runtime import ray_runtime
 
     announce_job_outputs(cfg.output_dir)
@@ -71,7 +71,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     # interrupted before --fresh's deletions are done, a rerun without --fresh would reuse the models
     # it meant to discard (the Ctrl+C line says to keep --fresh)
     a.fresh_done = not a.fresh
-    with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"):
+    with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"), reads_held():
         if not generate_videos(cfg):
             return 2
         with ray_runtime(num_cpus=a.num_cpus) as resources:

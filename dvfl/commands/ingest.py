@@ -221,13 +221,25 @@ def video_folders(m, a: argparse.Namespace) -> dict:
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("root", "videos_dir", "lists_dir", "classes", "unlabeled"), outputs=("out",))
     validate(p, a)
-    from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
-    from dvfl.data.ingest import IngestConfig, NothingWrittenError, ingest, ray_session
+    from dvfl.locks import FolderBusyError, folder_lock
 
     log = print
     # Ctrl+C before --fresh has deleted the earlier ingest: the rerun needs --fresh again (without it,
     # refused: another fingerprint); after it, the rerun resumes without it (dvfl.cli.run_command)
     a.fresh_done = not a.fresh
+    try:  # taken before videos are generated or Ray starts: a run reading these clips refuses it now
+        with folder_lock(a.out, "ingest", wait=True, log=log):
+            return ingest_locked(a, log)
+    except FolderBusyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def ingest_locked(a: argparse.Namespace, log) -> int:
+    """The command's work, ``--out``'s lock held."""
+    from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
+    from dvfl.data.ingest import IngestConfig, NothingWrittenError, ingest, ray_session
+
     short_side = a.short_side
     if a.dataset == "synthetic":
         from dvfl.data.synthetic import SyntheticConfig, VideoFolderError, generate

@@ -33,7 +33,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl import protocol as P
     from dvfl.pipeline import check_given_inputs
     from dvfl.config import ConfigError, config_tree
-    from dvfl.locks import folder_lock
+    from dvfl.locks import folder_lock, reads_held
     from dvfl.runtime import ray_runtime
 
     absolute_path_args(a, outputs=("out",) if a.out else ())
@@ -63,7 +63,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     started = time.time()
     print(f"[protocol] {proto.description}: {proto.kind}s {', '.join(map(str, ids))} "
           f"({len(ids)} of {len(proto.ids)}); results in {out}")
-    with failures_as_one_line("protocol"), contextlib.ExitStack() as held:
+    with failures_as_one_line("protocol"), contextlib.ExitStack() as held, reads_held():
         for cfg in configs:  # every split's run folder before the first split: a refusal comes before any work
             held.enter_context(folder_lock(cfg.output_dir, "run"))
         with ray_runtime(num_cpus=a.num_cpus) as resources:

@@ -49,13 +49,13 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         return prepared
     cfg, info, test_cfg, out, to_generate = prepared
     from dvfl import pipeline, storage
-    from dvfl.locks import folder_lock
+    from dvfl.locks import folder_lock, reads_held
     from dvfl.runtime import ray_runtime
 
     # one run per folder (see dvfl/locks.py), the --test-config's too (its clips are made there);
     # the videos are made under the locks
     with failures_as_one_line("teacher"), folder_lock(cfg.output_dir, "run"), \
-            folder_lock(test_cfg.output_dir if test_cfg else cfg.output_dir, "run"):
+            folder_lock(test_cfg.output_dir if test_cfg else cfg.output_dir, "run"), reads_held():
         for c in to_generate:
             pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
         with ray_runtime(num_cpus=a.num_cpus) as resources:

@@ -59,7 +59,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from dvfl.cli import announce_job_outputs, failures_as_one_line, generate_videos
-    from dvfl.locks import folder_lock
+    from dvfl.locks import folder_lock, reads_held
     from dvfl.runtime import ray_runtime
     from dvfl.tune import experiment_dir
 
@@ -67,7 +67,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     started = time.time()
     # the run config's folder (clips, teacher, cache) is the search's while it prepares and runs
-    with failures_as_one_line("tune"), folder_lock(cfg.output_dir, "run"):
+    with failures_as_one_line("tune"), folder_lock(cfg.output_dir, "run"), reads_held():
         if not generate_videos(cfg):
             return 2
         with ray_runtime(num_cpus=a.num_cpus):
