@@ -652,9 +652,9 @@ def _build(cls, data: dict, prefix: str, base=None):
         default = getattr(cls(), key)
         if dataclasses.is_dataclass(default):
             # over the field's own default (teacher.train's width stays when only its drop path is
-            # set), unless the section names another model: then the width is that variant's own
-            own_model = getattr(default, "model", None)
-            names_model = isinstance(value, dict) and value.get("model", own_model) != own_model
+            # set), unless the section names a model, even the default's: then it is that variant as
+            # registered, its width and depths its own (`--arch videofocalnet_nano` built width 32, not 96)
+            names_model = isinstance(value, dict) and hasattr(default, "model") and value.get("model") is not None
             # (empty in YAML, `kd:`, is the defaults; a scalar or a list is an error, not the defaults)
             value = _build(type(default), {} if value is None else value, name + ".",
                            base=None if names_model else default)

@@ -129,6 +129,12 @@ def test_setting_one_teacher_field_keeps_the_default_teacher_and_naming_a_model_
     assert default.embed_dim == 32  # (was None: the variant's full width, another teacher)
     base = load_config(CONFIGS / "ucf101_base.yaml", check_paths=False).teacher.train
     assert (base.model, base.embed_dim, base.depths) == ("videofocalnet_base", None, None)
+    # naming the default's own model (`teacher --config ... --arch videofocalnet_nano`) is that variant as
+    # registered: nano's width 96, not the default teacher's 32
+    for named in (load_config(CONFIGS / "ucf101_base.yaml", ["teacher.train.model=videofocalnet_nano"],
+                              check_paths=False).teacher.train,
+                  load_config(tmp_path / "c.yaml", ["teacher.train.model=videofocalnet_nano"], check_paths=False).teacher.train):
+        assert (named.model, named.embed_dim, named.depths) == ("videofocalnet_nano", None, None)
 
 
 def test_a_bare_teacher_command_trains_the_named_variant_on_the_clips_as_they_are(tmp_path, capsys):
