@@ -202,12 +202,20 @@ def _entrypoint(doc, fn):
      ("--root is '/tmp/UCF101': not on a volume",)),
     (lambda d: _entrypoint(d, lambda e: "python /home/ray/my_job.py --out /data/x"),
      ("runs none of the commands whose paths can be checked",)),
+    # a chained entrypoint: every command's paths (only the first one's were read)
+    (lambda d: _entrypoint(d, lambda e: _UCF101_INGEST + " && " + e.replace(" --set data.clips=/data/ucf101_s1", "")),
+     ("data.clips is 'data/ucf101_s1' (relative",)),
+    (lambda d: _entrypoint(d, lambda e: e + "; " + e.replace("--out /data/runs/ucf101_base", "--out runs/x")),
+     ("output_dir is 'runs/x' (relative",)),
+    (lambda d: _entrypoint(d, lambda e: e.replace("--out /data/runs/ucf101_base", "--out /data/../tmp/runs")),
+     ("output_dir is '/data/../tmp/runs': not on a volume",)),
 ], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
         "embedded_default", "embedded_search", "path_off_the_volume", "volume_not_on_every_group",
         "search_storage_relative", "search_storage_off_the_volume", "dvfl_tune_entry_point",
         "path_flag_before_set", "emptydir_at_the_mount_path", "another_claim_at_the_mount_path",
         "protocol_runs_relative", "protocol_out_relative", "teacher_checkpoint_relative", "ingest_out_relative",
-        "ingest_videos_off_the_volume", "another_program"])
+        "ingest_videos_off_the_volume", "another_program", "chained_second_command", "chained_with_semicolon",
+        "dot_dot_off_the_volume"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", *fragments)

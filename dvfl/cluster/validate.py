@@ -1278,22 +1278,42 @@ def job_config_path_errors(doc: dict) -> list[str]:
     cluster. Offline: the config is read, never checked against a filesystem or bucket."""
     import shlex
 
-    from dvfl.config import ConfigError, build_config, config_tree, parse_override
-
     spec = _as_mapping(doc.get("spec"))
     entry = spec.get("entrypoint")
     if not isinstance(entry, str):
         return []
     where = ("spec", "entrypoint")
+    lexer = shlex.shlex(entry, posix=True, punctuation_chars=";&|()")
+    lexer.whitespace_split = True
+    lexer.commenters = ""
     try:
-        argv = shlex.split(entry)
+        tokens = list(lexer)
     except ValueError as e:
         return [_error_line("policy", where, f"cannot be split into arguments: {e}")]
-    command = _job_command(argv)
-    if command is None:
+    # every command of a chained entrypoint (`ingest ... && distill ...`): only the first was read
+    commands, argv = [], []
+    for token in [*tokens, ";"]:
+        if token and set(token) <= set(";&|()"):
+            if (command := _job_command(argv)) is not None:
+                commands.append((command, argv))
+            argv = []
+        else:
+            argv.append(token)
+    if not commands:
         return [_error_line("policy", where, "runs none of the commands whose paths can be checked ("
                             + ", ".join(script for script, _ in JOB_COMMANDS.values()) + ", or `dvfl` with one of "
                             + ", ".join(JOB_COMMANDS) + ")")]
+    mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
+    out = []
+    for command, argv in commands:
+        out += _job_command_path_errors(where, command, argv, mounts)
+    return out
+
+
+def _job_command_path_errors(where: tuple, command: str, argv: list[str], mounts: set[str]) -> list[str]:
+    """:func:`job_config_path_errors` for one command of the entrypoint."""
+    from dvfl.config import ConfigError, build_config, config_tree, parse_override
+
     search = command == "tune"
     flags = JOB_COMMANDS[command][1]
     config_flags = ("--search", "--config") if search else ("--config",)
@@ -1313,7 +1333,6 @@ def job_config_path_errors(doc: dict) -> list[str]:
             own_paths[f"{flag} {value}" if flag in own_paths else flag] = value
         else:
             path_flags.append(f"{flags[flag]}={value}")
-    mounts = _shared_mounts(_as_mapping(spec.get("rayClusterSpec")))
     # no run config: the ingest, and a cache given its inputs and output by flags alone
     if command == "ingest" or (command == "cache" and config is None and not overrides):
         return _job_path_errors(where, {**{p.partition("=")[0]: p.partition("=")[2] for p in path_flags}, **own_paths},
@@ -1386,6 +1405,7 @@ def _job_path_errors(where: tuple, fields: dict, mounts: set[str], source: str) 
         except ValueError as exc:  # file://HOST/...
             out.append(_error_line("policy", where, f"{name}: {exc}"))
             continue
+        local = os.path.normpath(local) if os.path.isabs(local) else local  # (/data/../tmp is the pod's own /tmp)
         if not os.path.isabs(local):
             how = "" if name.startswith("--") else f" (--set {name}=...)"
             out.append(_error_line("policy", where, f"{name} is {value!r} (relative, from {source}): in a job it resolves in "
