@@ -447,6 +447,8 @@ def test_best_config_runs_with_distill(search, ray_local):
      r"tune\.space\.student\.embed_dim: uniform draws fractional values and student\.embed_dim takes whole numbers"),
     (("tune.space.optim.batch_size", {"loguniform": [4, 32]}), r"tune\.space\.optim\.batch_size: loguniform draws"),
     (("tune.experiment", "runs/x"), r"tune\.experiment must be a plain name, got 'runs/x'"),
+    # <experiment>-front holds a search's front re-runs: another search's --fresh deleted this one
+    (("tune.experiment", "embedded-tune-front"), r"tune\.experiment must not end in -front"),
 ])
 def test_bad_search_configs_are_rejected_naming_the_field(override, message):
     from dvfl.tune import load_tune_config
@@ -552,6 +554,26 @@ def test_an_interrupted_search_chooses_nothing_and_says_how_to_resume():
     for grid in (ended, []):
         with pytest.raises(SearchFailed, match=rf"interrupted after {len(grid)} of its 6 trial\(s\) had started"):
             require_finished(grid, "search", 12, expected=6)
+    # started with --fresh: the same command again would delete the search it resumes
+    with pytest.raises(SearchFailed, match=r"run the same command again without --fresh to resume it$"):
+        require_finished(cut, "search", 12, fresh=True)
+
+
+def test_fresh_checks_the_search_and_its_front_before_deleting_either(tmp_path, ray_local):
+    """A front folder that is not a search's (a folder of the user's, an older version's) was refused
+    only after --fresh had deleted the main experiment."""
+    from dvfl.tune import load_tune_config, run_search
+
+    t, cfg = load_tune_config(None, [("tune.storage", str(tmp_path)), ("output_dir", str(tmp_path / "run")),
+                                     ("tune.max_concurrent_trials", 1)])
+    exp, front = tmp_path / t.experiment, tmp_path / f"{t.experiment}-front"
+    exp.mkdir()
+    (exp / "dvfl_search.json").write_text("{}")
+    front.mkdir()
+    (front / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"--fresh: {re.escape(str(front))} is not a Tune experiment of this project"):
+        run_search(t, cfg, fresh=True, log=lambda *_: None)
+    assert (exp / "dvfl_search.json").exists() and (front / "notes.txt").exists()
 
 
 def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():

@@ -66,6 +66,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     announce_job_outputs(str(experiment_dir(search, cfg)))
 
     started = time.time()
+    a.fresh_done = not a.fresh  # (Ctrl+C while --fresh deletes: the rerun needs --fresh again; dvfl.cli.run_command)
     # the run config's folder (clips, teacher, cache) is the search's while it prepares and runs
     with failures_as_one_line("tune"), folder_lock(cfg.output_dir, "run"), reads_held():
         if not generate_videos(cfg):
@@ -77,7 +78,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             if not paths_on_every_node({**outputs, "tune.storage": search.storage}, inputs):
                 return 2
             try:
-                summary = run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0)
+                summary = run_search(search, cfg, fresh=a.fresh, verbose=1 if a.tables and not a.quiet else 0,
+                                     fresh_done=lambda: setattr(a, "fresh_done", True))
             except ConfigError as exc:
                 print(f"config error: {exc}", file=sys.stderr)
                 return 2

@@ -105,7 +105,7 @@ class SearchFailed(RuntimeError):
     """Every trial of a search errored: nothing was found, and the command must not say otherwise."""
 
 
-def require_finished(grid, what: str, max_epochs: int, expected: int | None = None) -> None:
+def require_finished(grid, what: str, max_epochs: int, expected: int | None = None, fresh: bool = False) -> None:
     """Tune returns the grid of an interrupted search (Ctrl+C, a job's stop signal) as if it had
     ended: its cut-off trials look stopped early, and trials it had not created yet are not in it
     (``expected``: how many the search makes). Nothing is chosen from such a grid. A trial ended
@@ -113,15 +113,17 @@ def require_finished(grid, what: str, max_epochs: int, expected: int | None = No
     scheduler or stopper stopped it); Ray 2.60 marks the trials it cuts off TERMINATED as well
     (``runner.cleanup()`` after the interrupted loop), so their status says nothing. ``done`` alone
     is not enough: for a trial that returned, Tune sets it in place on a last result an experiment
-    snapshot may already have saved, so a resumed search read that trial as unfinished for ever."""
+    snapshot may already have saved, so a resumed search read that trial as unfinished for ever.
+    ``fresh``: the command ran with --fresh, which its rerun must drop (it deleted what it resumes)."""
+    again = "run the same command again" + (" without --fresh" if fresh else "") + " to resume it"
     unfinished = sum(1 for r in grid if r.error is None and not (r.metrics or {}).get("done")
                      and (r.metrics or {}).get("epoch", 0) < max_epochs)
     if expected is not None and len(grid) < expected:  # cut off before Tune had created them all (none, at its start)
         raise SearchFailed(f"the {what} was interrupted after {len(grid)} of its {expected} trial(s) had started: "
-                           "nothing is chosen from it; run the same command again to resume it")
+                           f"nothing is chosen from it; {again}")
     if unfinished:
         raise SearchFailed(f"the {what} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished: nothing "
-                           "is chosen from it; run the same command again to resume it")
+                           f"is chosen from it; {again}")
 
 
 def report_errors(rows: list[dict], log=print, required: bool = True) -> None:

@@ -169,11 +169,7 @@ def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh
     """--fresh (or ``why``): delete ``exp`` (a folder or a URI prefix) only if it is one of our Tune
     experiments under a plain name."""
     exp = os.fspath(exp)
-    if not plain_experiment_name(name) or storage.basename(exp.rstrip("/")) != name:
-        raise ConfigError(f"tune.experiment must be a plain name, got {name!r}; --fresh deletes nothing")
-    if (not storage.is_remote(exp) and os.path.islink(exp)) or not storage.isfile(storage.join(exp, SEARCH_FILE)):
-        raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
-                          "it was not deleted: pick another tune.experiment or tune.storage")
+    check_removable(exp, name)
     log(f"[tune] {why}: removing {exp}")
     # Tune's state first, this project's mark last: a delete cut short leaves either nothing to resume
     # (a fresh search) or a folder that --fresh still recognises, never a resumable one without the mark
@@ -183,6 +179,15 @@ def remove_experiment(exp: str | Path, name: str, log=print, why: str = "--fresh
             storage.remove_tree(storage.join(exp, name)) if storage.isdir(storage.join(exp, name)) \
                 else storage.remove(storage.join(exp, name))
     storage.remove_tree(exp)
+
+
+def check_removable(exp: str, name: str) -> None:
+    """Raise unless ``exp`` is one of our Tune experiments under the plain name ``name``."""
+    if not plain_experiment_name(name) or storage.basename(exp.rstrip("/")) != name:
+        raise ConfigError(f"tune.experiment must be a plain name, got {name!r}; --fresh deletes nothing")
+    if (not storage.is_remote(exp) and os.path.islink(exp)) or not storage.isfile(storage.join(exp, SEARCH_FILE)):
+        raise ConfigError(f"--fresh: {exp} is not a Tune experiment of this project (no {SEARCH_FILE} in it); "
+                          "it was not deleted: pick another tune.experiment or tune.storage")
 
 
 @contextlib.contextmanager
@@ -200,23 +205,25 @@ def tune_output(verbose: int):
         os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
-def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 0, log=print) -> dict:
+def run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool = False, verbose: int = 0, log=print,
+               fresh_done=None) -> dict:
     """Prepare the shared stages, run (or resume) the Tune experiment, re-run each cost level's
     (width's) best trial with ``tune.front_seeds`` (in ``<experiment>-front``), draw the Pareto front
     from the re-runs' means and write the results.
 
     Needs Ray initialised (:func:`dvfl.runtime.ray_runtime`). Returns the results summary. One
     search per experiment on this machine: a second one (a resubmitted job) is refused (it restored
-    the running search's state and ran its live trials again).
+    the running search's state and ran its live trials again). ``fresh_done``: called once ``fresh``
+    has deleted the earlier search.
     """
     from dvfl.locks import folder_lock
 
     exp = experiment_dir(t, cfg)
     with folder_lock(exp, "search"):
-        return _run_search(t, cfg, fresh=fresh, verbose=verbose, log=log)
+        return _run_search(t, cfg, fresh=fresh, verbose=verbose, log=log, fresh_done=fresh_done)
 
 
-def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log) -> dict:
+def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log, fresh_done=None) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -228,9 +235,14 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
     exp = experiment_dir(t, cfg)
     front_exp = exp + FRONT_SUFFIX
     if fresh:
-        for path, name in ((exp, t.experiment), (front_exp, t.experiment + FRONT_SUFFIX)):
-            if storage.exists(path):
-                remove_experiment(path, name, log)
+        found = [(path, name) for path, name in ((exp, t.experiment), (front_exp, t.experiment + FRONT_SUFFIX))
+                 if storage.exists(path)]
+        for path, name in found:  # both checked before either is deleted
+            check_removable(path, name)
+        for path, name in found:
+            remove_experiment(path, name, log)
+        if fresh_done:
+            fresh_done()
     else:
         refuse_changed_settings(t, cfg)
     info, teacher = prepare(cfg, log)
@@ -300,7 +312,7 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
     with tune_output(verbose):
         with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):  # Tune's stay installed after its run
             grid = tuner.fit()
-    require_finished(grid, "search", cfg.optim.epochs, expected_trials(t))
+    require_finished(grid, "search", cfg.optim.epochs, expected_trials(t), fresh=fresh)
     rows = collect_trials(grid, t, cfg, info)
     front_rows = []
     levels = cost_level_bests(rows)
@@ -339,7 +351,7 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
         with tune_output(verbose):
             with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):
                 front_grid = front_tuner.fit()
-        require_finished(front_grid, "front's re-runs", cfg.optim.epochs, len(reruns))
+        require_finished(front_grid, "front's re-runs", cfg.optim.epochs, len(reruns), fresh=fresh)
         front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
     summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
     report_errors(rows, log)

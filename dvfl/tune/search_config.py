@@ -194,6 +194,9 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
         raise ConfigError(f"tune.mode must be {METRICS[t.metric]} for {t.metric}, got {t.mode!r}")
     if not plain_experiment_name(t.experiment):
         raise ConfigError(f"tune.experiment must be a plain name, got {t.experiment!r}")
+    if t.experiment.endswith("-front"):  # (<experiment>-front holds a search's front re-runs: another search's
+        raise ConfigError(f"tune.experiment must not end in -front, got {t.experiment!r}: <experiment>-front is "
+                          "where a search re-runs its front")  # front would be this one, and --fresh deleted it)
     if t.asha.grace_period < 1:
         raise ConfigError(f"tune.asha.grace_period must be >= 1, got {t.asha.grace_period}")
     if t.asha.enabled and t.asha.grace_period > base.optim.epochs:
