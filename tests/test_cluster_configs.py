@@ -1289,6 +1289,21 @@ def test_gcp_configs_say_their_firewall_is_not_read():
     assert not any("GCP" in n for n in cv.launcher_notes(_load(LAUNCHER["aws"])))
 
 
+def test_a_worker_without_a_cloud_identity_fails_and_a_launch_template_is_noted():
+    """Ray gives its instance profile (AWS) or service account (GCP) to the head node only: workers
+    without one of their own could not write the s3:// or gs:// shards, checkpoints and logits the
+    driver had checked. A launch template's security groups are merged at `ray up`, unread."""
+    for provider, worker, key in (("aws", "ray.worker.cpu", "IamInstanceProfile"),
+                                  ("gcp", "ray_worker_gpu", "serviceAccounts")):
+        broken = copy.deepcopy(_load(LAUNCHER[provider]))
+        del broken["available_node_types"][worker]["node_config"][key]
+        _assert_fails(cv.validate_launcher_config(broken), "policy", f"{worker}.node_config.{key}: missing")
+    templated = copy.deepcopy(_load(LAUNCHER["aws"]))
+    templated["available_node_types"]["ray.head"]["node_config"]["LaunchTemplate"] = {"LaunchTemplateName": "open"}
+    assert any("ray.head.node_config: LaunchTemplate is not read" in n for n in cv.launcher_notes(templated))
+    assert not any("LaunchTemplate" in n for n in cv.launcher_notes(_load(LAUNCHER["aws"])))
+
+
 def test_a_file_uri_on_a_shared_volume_is_read_as_the_path_it_names():
     """``file:///mnt/shared%20vol/runs`` is ``/mnt/shared vol/runs`` at run time (dvfl.storage decodes
     %XX): the validator compared the escaped text with the mounts and refused it."""

@@ -573,10 +573,18 @@ def _security_group_errors(config: dict) -> list[str]:
 _NODE_CONFIG_REQUIRED = {"aws": ("InstanceType",), "gcp": ("machineType",)}
 
 
+# A worker's own cloud identity: Ray gives its instance profile (AWS) or service account (GCP) to
+# the head node only, so a worker's decode tasks, Train checkpoints and cache writers had no
+# credentials for the s3:// or gs:// paths the driver had checked
+_WORKER_IDENTITY = {"aws": ("IamInstanceProfile", "an instance profile (IamInstanceProfile: {Arn: ...})"),
+                    "gcp": ("serviceAccounts", "a service account (serviceAccounts: [{email: ..., scopes: [...]}])")}
+
+
 def _node_config_errors(raw: dict) -> list[str]:
     out = []
     ptype = _as_mapping(raw.get("provider")).get("type")
     required = _NODE_CONFIG_REQUIRED.get(ptype, ()) if isinstance(ptype, str) else ()
+    identity = _WORKER_IDENTITY.get(ptype) if isinstance(ptype, str) else None
     for name, nt in _as_mapping(raw.get("available_node_types")).items():
         node_config = _as_mapping(_as_mapping(nt).get("node_config"))
         for key in required:
@@ -584,6 +592,10 @@ def _node_config_errors(raw: dict) -> list[str]:
             if not (isinstance(value, str) and value.strip()):
                 out.append(_error_line("policy", ("available_node_types", name, "node_config", key),
                                 f"{value!r}: the instance type must be a non-empty string"))
+        if identity and name != raw.get("head_node_type") and not node_config.get(identity[0]):
+            out.append(_error_line("policy", ("available_node_types", name, "node_config", identity[0]),
+                                   f"missing: a worker needs {identity[1]} of its own to read and write the "
+                                   "s3:// or gs:// paths (Ray attaches one to the head node only)"))
     return out
 
 
@@ -753,6 +765,10 @@ def launcher_notes(config: Any) -> list[str]:
             out.append(f"available_node_types.{name}.node_config: security group(s) {', '.join(map(str, groups))} are "
                        "not read (their rules live in the cloud account): check that no Ray port is open beyond "
                        "the cluster's own nodes (docs/cluster.md)")
+        if node_config.get("LaunchTemplate"):  # (merged at `ray up`: its groups and interfaces were never named)
+            out.append(f"available_node_types.{name}.node_config: LaunchTemplate is not read (it lives in the cloud "
+                       "account; Ray merges its security groups and network interfaces at `ray up`): check that no Ray "
+                       "port is open beyond the cluster's own nodes (docs/cluster.md)")
     if _as_mapping(_as_mapping(config).get("provider")).get("type") == "gcp":
         # GCP firewall rules belong to the network, not the file; Ray puts nodes on the region's first subnet
         out.append("GCP firewall rules are not read (they belong to the VPC network): on the `default` network "
