@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import cli_in_process
 from dvfl.config import ConfigError, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -703,8 +704,8 @@ def test_pareto_front_and_cli_config_error(tmp_path):
             # an errored or diverged trial's last score is no recipe: never on the front, whatever it reached
             trial(0.4, 0.9, "error"), trial(0.4, 0.95, "diverged"), trial(0.8, 0.6, "stopped early")]
     assert pareto_front(rows) == [2, 7]
-    r = subprocess.run([sys.executable, str(REPO / "tuning" / "search.py"), "--out", str(tmp_path / "never"),
-                        "--set", "tune.space.kd.alpha={uniform: [0.5, 2]}"], capture_output=True, text=True, timeout=120)
+    # (in this process: tuning/search.py itself runs as a program in the search fixture)
+    r = cli_in_process("search.py", "--out", tmp_path / "never", "--set", "tune.space.kd.alpha={uniform: [0.5, 2]}")
     assert r.returncode == 2 and "config error: tune.space.kd.alpha" in r.stderr
     assert not (tmp_path / "never").exists()
 
