@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     cfg = load_config(a.config, [parse_override(s) for s in a.set])
     if not cfg.unlabeled_dir:
         p.error("the config has no unlabelled clips (data.unlabeled or data.synthetic.unlabeled_videos)")
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()
     pipeline.ensure_videos(cfg)
     with ray_runtime():
         info = pipeline.ensure_clips(cfg)
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
                    "gap_points": None if quarter is None or full_ce is None else round(100 * (full_ce - quarter), 2),
                    "met": None if quarter is None or full_ce is None else quarter >= full_ce - 0.03},
         "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(),
-        "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count()},
+        "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+                    "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()},
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     for c in {cfg.output_dir: cfg, **{c.output_dir: c for c in rss_cfgs.values()}}.values():
         pipeline.ensure_videos(c, log=None)  # before Ray starts: the CPUs are the generator's alone
     results: dict = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                 "device": "cpu", "torch": torch.__version__}}
+                                 "device": "cpu", "torch": torch.__version__, "loadavg_at_start": os.getloadavg()}}
     with ray_runtime():
         info = pipeline.ensure_clips(cfg, log=lambda *_: None)
         num_classes = len(info["classes"])
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         results["driver_rss"] = {"sizes": list(rss.values()),
                                  "peak_rss_growth_mb": large["driver_peak_rss_mb"] - small["driver_peak_rss_mb"],
                                  "shard_growth_mb": large["shard_mb"] - small["shard_mb"]}
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
     out_path = Path(a.out)
     if a.only_rss:
         previous = json.loads(out_path.read_text()) if out_path.is_file() else {}

@@ -98,7 +98,8 @@ def run(a, work: str) -> None:
             lambda: read_clip_dataset(clips, ["train"], columns=TRAIN_COLUMNS, shuffle=_files_shuffled_per_epoch(0)),
     }
     names = list(variants)
-    res = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), "videos": a.videos,
+    res = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+           "loadavg_at_start": os.getloadavg(), "videos": a.videos,
            "train_split_mb": round(split_mb, 1), "train_shards": len(shard_paths(clips, ["train"])),
            "repeats": a.repeats, "stores": {}}
     for store in a.object_store_mb:
@@ -123,6 +124,7 @@ def run(a, work: str) -> None:
             "rounds": rounds, "median": median, "clips": rounds[0][names[0]]["clips"],
             "first_batch_before_over_now": round(before["first_batch_s"] / now["first_batch_s"], 2),
             "epoch_before_over_now": round(before["epoch_s"] / now["epoch_s"], 2)}
+    res["loadavg_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump(res, f, indent=2)
