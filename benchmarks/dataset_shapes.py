@@ -9,8 +9,8 @@ benchmark generates real encoded videos shaped like each dataset and measures, p
   * ingest CPU time per clip and per video, as an average over a run and as the marginal cost
     between a run of N/3 and one of N videos (the whole process tree: driver, Ray, decode
     workers and their decode children; CPU time, not wall time, because the machine is shared),
-    the driver's own share (it receives every clip and writes every shard: the part that does
-    not scale out with nodes), and the wall rate with one decode worker per core;
+    the driver's own share (it plans the decode tasks and commits the manifest; before session 12
+    it received every clip and wrote every shard), and the wall rate with one decode worker per core;
   * bytes per stored clip on disk (Parquet + zstd) next to the raw uint8 size;
   * the training-time read: Ray Data Parquet read + frame decode (clips/s and CPU per clip).
 
@@ -118,7 +118,7 @@ def measure(name: str, spec: dict, root: str, work: str, workers: int, videos: i
                    "wall_s": s["decode_seconds"], "clips_per_s": s["clips_per_second"], "cpu_s": cpu,
                    "cpu_ms_per_clip": 1000 * cpu / clips,
                    "cpu_ms_per_video": 1000 * cpu / s["videos_decoded_this_run"],
-                   # the driver alone: it receives every clip and writes (zstd) every shard
+                   # the driver alone: it plans the tasks and commits the manifest (the decode tasks write the shards)
                    "driver_cpu_ms_per_clip": 1000 * driver_cpu / clips},
         "storage": {"shard_bytes": s["shard_bytes"], "bytes_per_clip_disk": s["shard_bytes"] / clips,
                     "raw_bytes_per_clip": raw, "zstd_ratio": raw * clips / s["shard_bytes"],
