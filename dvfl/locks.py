@@ -67,8 +67,7 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared
         try:  # who holds it, for a refused command to name: a full or over-quota home must not fail the command
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "since": time.time(), "command": " ".join(sys.argv)[:300],
-                                      "mode": "read" if shared else "write"}).encode(), 0)
+                                      "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
         except OSError:
             pass
         _held[key] = 1
@@ -133,14 +132,20 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
     go, so a lock taken on a file no longer there is let go and taken again on the new one)."""
     said = False
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    readers_seen = 0
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder, reading = _holder(fd)
-                if reading and not shared:
+                holder = _holder(fd)
+                if not shared and _readers_only(lock):  # (asked of the lock, not of the holder's line: it may be unwritten)
+                    readers_seen += 1
+                    if readers_seen < 3:  # or the holders let go meanwhile: tried again
+                        os.close(fd)
+                        time.sleep(0.05)
+                        continue
                     raise FolderBusyError(f"{folder} is being read by a run ({holder}): writing it now would change "
                                           f"the clips under it; wait for it to end, or stop it, or use another "
                                           f"folder") from None
@@ -158,6 +163,21 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _readers_only(lock: str) -> bool:
+    """Whether the lock at ``lock`` is held for reading (a shared lock taken beside its holders)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (lets the probe go)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -206,11 +226,11 @@ def _remove_free_lock_files(locks: str) -> None:
             os.close(fd)
 
 
-def _holder(fd: int) -> tuple[str, bool]:
-    """Who holds the lock, as its holder wrote it, and whether it holds it for reading."""
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it (a reader: the last one to start)."""
     try:
         h = json.loads(os.pread(fd, 4096, 0) or b"{}")
         since = time.strftime("%H:%M:%S", time.localtime(h["since"]))
-        return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}", h.get("mode") == "read"
+        return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has just started", False
+        return "a process that has just started"

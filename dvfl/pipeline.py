@@ -88,6 +88,18 @@ def validation_source(cfg: RunConfig):
                       cfg.data.val_seed)
 
 
+def say_validation_note(cfg: RunConfig, log=print) -> None:
+    """The validation carve's caveat, if it has one (a carve that cannot be made fails later, where it is read)."""
+    from dvfl.data.holdout import HoldoutError
+
+    try:
+        note = validation_source(cfg).note
+    except HoldoutError:
+        return
+    if note and log:
+        log(f"[clips] validation carve: {note}")
+
+
 @functools.lru_cache(maxsize=8)
 def _median_video_seconds(clips_dir: str, split: str, fingerprint: str) -> float | None:
     # read once per ingest, not once per saved model (the fingerprint: a re-ingest reads again)
@@ -128,9 +140,14 @@ def ensure_clips(cfg: RunConfig, log=print) -> dict:
     """Ingest the clip shards (Ray Data); ingest itself skips finished shards. Inside a
     :func:`dvfl.locks.reads_held` block (a command's run) the clips then stay locked for reading
     until the block ends: an ingest into them from another command is refused meanwhile."""
+    return hold_clips(cfg, ready_clips(cfg, log), log)
+
+
+def hold_clips(cfg: RunConfig, info: dict, log=print) -> dict:
+    """``info``, the clips' dataset.json, with the clips held for reading until the command's
+    :func:`dvfl.locks.reads_held` block ends (outside one: nothing held)."""
     from dvfl.locks import hold_for_reading
 
-    info = ready_clips(cfg, log)
     if hold_for_reading(cfg.clips_dir, "run", log) and load_dataset_info(cfg.clips_dir) != info:
         # (an ingest by another command between this one's and the lock: waited for, and what it left differs)
         raise ConfigError(f"data.clips: {cfg.clips_dir} was re-ingested by another command as this run started; "
@@ -173,8 +190,15 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
                         eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed,
                         workers=cfg.data.decode_tasks or None)
+    from dvfl.locks import FolderBusyError
+
     try:
         ingest(manifest, icfg, log=log)
+    except FolderBusyError:
+        # given clips another run finished ingesting and now reads (it started first, both waiting on the
+        # ingest): used as a run started a moment later would use them
+        if not (cfg.data.clips and storage.isfile(storage.join(out, "dataset.json"))):
+            raise
     except ValueError as exc:
         # an earlier configuration's clips, or a re-ingest killed while it deleted them (its plan gone first)
         ours = ("already holds an ingest with a different", "holds shards but no")
@@ -1239,6 +1263,7 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
     """The whole product: clips, teacher, cache, VFL-Net + DVFL-Net per seed, report
     (``started``: when the command began, for the report's ``wall_seconds``)."""
     dataset_info = ensure_clips(cfg, log)
+    say_validation_note(cfg, log)
     given = cfg  # as the user gave it: what the report records (a protocol compares it with its other splits')
     cfg = with_given_pool(cfg, dataset_info, log)
     teacher_path, teacher_spec = ensure_teacher(cfg, dataset_info, log)

@@ -207,6 +207,8 @@ def _entrypoint(doc, fn):
      ("data.clips is 'data/ucf101_s1' (relative",)),
     (lambda d: _entrypoint(d, lambda e: e + "; " + e.replace("--out /data/runs/ucf101_base", "--out runs/x")),
      ("output_dir is 'runs/x' (relative",)),
+    (lambda d: _entrypoint(d, lambda e: _UCF101_INGEST + "\n" + e.replace("--out /data/runs/ucf101_base", "--out runs/x")),
+     ("output_dir is 'runs/x' (relative",)),
     (lambda d: _entrypoint(d, lambda e: e.replace("--out /data/runs/ucf101_base", "--out /data/../tmp/runs")),
      ("output_dir is '/data/../tmp/runs': not on a volume",)),
 ], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
@@ -214,7 +216,7 @@ def _entrypoint(doc, fn):
         "search_storage_relative", "search_storage_off_the_volume", "dvfl_tune_entry_point",
         "path_flag_before_set", "emptydir_at_the_mount_path", "another_claim_at_the_mount_path",
         "protocol_runs_relative", "protocol_out_relative", "teacher_checkpoint_relative", "ingest_out_relative",
-        "ingest_videos_off_the_volume", "another_program", "chained_second_command", "chained_with_semicolon",
+        "ingest_videos_off_the_volume", "another_program", "chained_second_command", "chained_with_semicolon", "chained_on_lines",
         "dot_dot_off_the_volume"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
@@ -1054,10 +1056,15 @@ def test_raycluster_dashboard_on_all_interfaces_fails(kuberay_docs):
 def test_a_ray_start_param_carrying_more_options_fails(kuberay_docs):
     """KubeRay pastes ``--key=value`` unquoted into a bash line: a value with a space added a second
     ``--dashboard-host=0.0.0.0`` (the last one wins) past the dashboard-host check."""
-    for value in ("8076 --dashboard-host=0.0.0.0", "8076;curl x|sh", "$(id)"):
+    for value in ("8076 --dashboard-host=0.0.0.0", "8076;curl x|sh", "$(id)", '"a" --dashboard-host=0.0.0.0',
+                  '"$(id)"', "$A $B"):
         broken = copy.deepcopy(kuberay_docs["raycluster"])
         _head(broken)["rayStartParams"]["object-manager-port"] = value
         _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "object-manager-port", "shell character")
+    # KubeRay's documented forms: one double-quoted word (custom resources) and one variable
+    fine = copy.deepcopy(kuberay_docs["raycluster"])
+    _head(fine)["rayStartParams"].update({"resources": '"{\\"Custom1\\": 1}"', "node-ip-address": "$MY_POD_IP"})
+    assert cv.validate_kuberay_manifest(fine) == []
 
 
 def test_raycluster_without_dashboard_host_fails(kuberay_docs):
@@ -1289,15 +1296,20 @@ def test_gcp_configs_say_their_firewall_is_not_read():
     assert not any("GCP" in n for n in cv.launcher_notes(_load(LAUNCHER["aws"])))
 
 
-def test_a_worker_without_a_cloud_identity_fails_and_a_launch_template_is_noted():
+def test_a_worker_without_a_cloud_identity_and_a_launch_template_are_noted():
     """Ray gives its instance profile (AWS) or service account (GCP) to the head node only: workers
     without one of their own could not write the s3:// or gs:// shards, checkpoints and logits the
-    driver had checked. A launch template's security groups are merged at `ray up`, unread."""
+    driver had checked (noted, not failed: a cluster on a shared file system needs none; the shipped
+    files give each worker one). A launch template's security groups are merged at `ray up`, unread."""
     for provider, worker, key in (("aws", "ray.worker.cpu", "IamInstanceProfile"),
                                   ("gcp", "ray_worker_gpu", "serviceAccounts")):
-        broken = copy.deepcopy(_load(LAUNCHER[provider]))
-        del broken["available_node_types"][worker]["node_config"][key]
-        _assert_fails(cv.validate_launcher_config(broken), "policy", f"{worker}.node_config.{key}: missing")
+        shipped = _load(LAUNCHER[provider])
+        assert shipped["available_node_types"][worker]["node_config"][key]
+        assert not any(f"no {key}" in n for n in cv.launcher_notes(shipped))
+        without = copy.deepcopy(shipped)
+        del without["available_node_types"][worker]["node_config"][key]
+        assert cv.validate_launcher_config(without) == []
+        assert any(f"{worker}.node_config: no {key}: Ray attaches" in n for n in cv.launcher_notes(without))
     templated = copy.deepcopy(_load(LAUNCHER["aws"]))
     templated["available_node_types"]["ray.head"]["node_config"]["LaunchTemplate"] = {"LaunchTemplateName": "open"}
     assert any("ray.head.node_config: LaunchTemplate is not read" in n for n in cv.launcher_notes(templated))

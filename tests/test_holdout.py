@@ -98,6 +98,15 @@ def test_a_naming_scheme_is_not_a_group_however_the_camera_names_its_files():
     # a model's identity names rule 3 only where it carves otherwise: UCF101's trained models stay valid
     assert grouping_version(*ucf_ids(), 0.2) == grouping_version(cuts, [3] * len(cuts), 0.2) == 2
     assert grouping_version(ids, labels, 0.2) == 3
+    # the carve says which name groups it split (cuts of one recording would then sit on both sides):
+    # 4 recordings of 6 cuts at the default 0.1 are each over 2 x 0.1 of the class
+    from dvfl.data.holdout import _split_groups_on_both_sides
+
+    few = [f"wave/rec{r}_{k:03d}" for r in range(4) for k in range(6)]
+    held = holdout_videos(few, [0] * 24, 0.1)
+    assert 0 < len(_split_groups_on_both_sides(few, [0] * 24, 0.1, frozenset(held))) <= 4
+    held = holdout_videos(cuts, [3] * 24, 0.2)
+    assert _split_groups_on_both_sides(cuts, [3] * 24, 0.2, frozenset(held)) == []  # whole recordings held out
 
 
 def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback(monkeypatch, tmp_path):

@@ -415,7 +415,7 @@ def test_an_ingest_into_clips_a_run_reads_is_refused_until_the_run_ends(prepared
     resubmitted job) replaced the shards its epochs read: refused, naming a run, before a video is
     generated or a shard deleted. Runs share clips; the last one to end frees them. A run starting
     while an ingest writes them waits for it."""
-    from dvfl.locks import _key, _lock_file, folder_lock, hold_for_reading, reads_held
+    from dvfl.locks import FolderBusyError, _key, _lock_file, folder_lock, hold_for_reading, reads_held
 
     clips = tmp_path / "clips"
     shutil.copytree(prepared["cfg"].clips_dir, clips)
@@ -450,6 +450,22 @@ def test_an_ingest_into_clips_a_run_reads_is_refused_until_the_run_ends(prepared
         assert time.time() - started > 1.5  # the ingest ended first
     holder.wait()
     assert len(said) == 1 and f"{clips} is being written (pid {holder.pid}" in said[0], said
+    # a reader that could not write its holder line (a full home) is still a reader: refused, not waited for
+    silent = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\nfrom dvfl.locks import _key, _lock_file\n"
+         f"fd = os.open(_lock_file(_key({str(clips)!r})), os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_SH)\nprint('held', flush=True)\nsys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert silent.stdout.readline().strip() == "held"
+        started = time.time()
+        with pytest.raises(FolderBusyError, match=r"is being read by a run \(a process that has just started\)"):
+            with folder_lock(str(clips), "ingest", wait=True, log=None):
+                pass
+        assert time.time() - started < 5
+    finally:
+        silent.kill()
+        silent.wait()
 
 
 def test_a_fresh_cut_short_leaves_a_folder_fresh_still_recognises(tmp_path, monkeypatch):

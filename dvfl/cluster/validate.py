@@ -575,16 +575,16 @@ _NODE_CONFIG_REQUIRED = {"aws": ("InstanceType",), "gcp": ("machineType",)}
 
 # A worker's own cloud identity: Ray gives its instance profile (AWS) or service account (GCP) to
 # the head node only, so a worker's decode tasks, Train checkpoints and cache writers had no
-# credentials for the s3:// or gs:// paths the driver had checked
-_WORKER_IDENTITY = {"aws": ("IamInstanceProfile", "an instance profile (IamInstanceProfile: {Arn: ...})"),
-                    "gcp": ("serviceAccounts", "a service account (serviceAccounts: [{email: ..., scopes: [...]}])")}
+# credentials for the s3:// or gs:// paths the driver had checked (a note: a cluster on a shared
+# file system needs none)
+_WORKER_IDENTITY = {"aws": ("IamInstanceProfile", "its instance profile"),
+                    "gcp": ("serviceAccounts", "its service account")}
 
 
 def _node_config_errors(raw: dict) -> list[str]:
     out = []
     ptype = _as_mapping(raw.get("provider")).get("type")
     required = _NODE_CONFIG_REQUIRED.get(ptype, ()) if isinstance(ptype, str) else ()
-    identity = _WORKER_IDENTITY.get(ptype) if isinstance(ptype, str) else None
     for name, nt in _as_mapping(raw.get("available_node_types")).items():
         node_config = _as_mapping(_as_mapping(nt).get("node_config"))
         for key in required:
@@ -592,10 +592,6 @@ def _node_config_errors(raw: dict) -> list[str]:
             if not (isinstance(value, str) and value.strip()):
                 out.append(_error_line("policy", ("available_node_types", name, "node_config", key),
                                 f"{value!r}: the instance type must be a non-empty string"))
-        if identity and name != raw.get("head_node_type") and not node_config.get(identity[0]):
-            out.append(_error_line("policy", ("available_node_types", name, "node_config", identity[0]),
-                                   f"missing: a worker needs {identity[1]} of its own to read and write the "
-                                   "s3:// or gs:// paths (Ray attaches one to the head node only)"))
     return out
 
 
@@ -765,6 +761,13 @@ def launcher_notes(config: Any) -> list[str]:
             out.append(f"available_node_types.{name}.node_config: security group(s) {', '.join(map(str, groups))} are "
                        "not read (their rules live in the cloud account): check that no Ray port is open beyond "
                        "the cluster's own nodes (docs/cluster.md)")
+        identity = _WORKER_IDENTITY.get(_as_mapping(_as_mapping(config).get("provider")).get("type"))
+        if (identity and name != _as_mapping(config).get("head_node_type") and not node_config.get(identity[0])
+                and not node_config.get("LaunchTemplate")):  # (a template may carry one: noted below)
+            out.append(f"available_node_types.{name}.node_config: no {identity[0]}: Ray attaches {identity[1]} to "
+                       "the head node only, so this worker cannot read or write s3:// or gs:// paths (decode tasks, "
+                       "Ray Train workers and cache writers run on workers); fine if every path is on a shared file "
+                       "system (docs/cluster.md)")
         if node_config.get("LaunchTemplate"):  # (merged at `ray up`: its groups and interfaces were never named)
             out.append(f"available_node_types.{name}.node_config: LaunchTemplate is not read (it lives in the cloud "
                        "account; Ray merges its security groups and network interfaces at `ray up`): check that no Ray "
@@ -1032,8 +1035,11 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
                             f"{params[key]!r}: must be a string holding a non-negative integer"))
     for key, value in params.items():
         # KubeRay writes ` --key=value ` unquoted into a bash line: a space or shell character in a value adds
-        # options (a second --dashboard-host=0.0.0.0) or commands this check never reads
-        if re.search(r"[\s;&|$`'\"<>()\\]", f"{key}{value}"):
+        # options (a second --dashboard-host=0.0.0.0) or commands this check never reads. Its documented forms
+        # pass: one double-quoted word (resources: '"{\"Custom1\": 1}"') and one variable ($MY_POD_IP)
+        text = str(value)
+        one_word = (re.fullmatch(r'"(?:[^"\\$`\n]|\\.)*"', text) or re.fullmatch(r"\$\{?[A-Za-z_]\w*\}?", text))
+        if re.search(r"[\s;&|$`'\"<>()\\]", str(key)) or (not one_word and re.search(r"[\s;&|$`'\"<>()\\]", text)):
             out.append(_error_line("policy", where + ("rayStartParams", key),
                             f"{value!r}: a space or shell character in a rayStartParams key or value; KubeRay "
                             "pastes them unquoted into the ray start line"))
@@ -1306,7 +1312,8 @@ def job_config_path_errors(doc: dict) -> list[str]:
     if not isinstance(entry, str):
         return []
     where = ("spec", "entrypoint")
-    lexer = shlex.shlex(entry, posix=True, punctuation_chars=";&|()")
+    lexer = shlex.shlex(entry.replace("\n", " \n "), posix=True, punctuation_chars=";&|()")
+    lexer.whitespace = " \t\r"  # a newline ends a command, as in a YAML block scalar's lines
     lexer.whitespace_split = True
     lexer.commenters = ""
     try:
@@ -1316,7 +1323,7 @@ def job_config_path_errors(doc: dict) -> list[str]:
     # every command of a chained entrypoint (`ingest ... && distill ...`): only the first was read
     commands, argv = [], []
     for token in [*tokens, ";"]:
-        if token and set(token) <= set(";&|()"):
+        if token and set(token) <= set(";&|()\n"):
             if (command := _job_command(argv)) is not None:
                 commands.append((command, argv))
             argv = []

@@ -69,8 +69,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 inputs.update({f"--test-config {k}": v for k, v in test_in.items()})
             if not fits_ray(cfg, resources, (outputs, inputs)):
                 return 2
-            if info is None:
-                info = pipeline.ensure_clips(cfg)
+            # (clips found finished before Ray started: held for reading now, as ensure_clips holds the ones it makes)
+            info = pipeline.ensure_clips(cfg) if info is None else pipeline.hold_clips(cfg, info)
             path, spec = pipeline.ensure_teacher(cfg, info)
             storage.makedirs(out)
             storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights

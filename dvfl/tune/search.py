@@ -79,6 +79,7 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     from dvfl import pipeline
 
     info = pipeline.ensure_clips(cfg, log)
+    pipeline.say_validation_note(cfg, log)
     if cfg.teacher.mode == "none":
         return info, {"mode": "none"}
     teacher_path, teacher_spec = pipeline.ensure_teacher(cfg, info, log)
