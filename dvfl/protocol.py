@@ -85,7 +85,10 @@ def split_configs(config_path, overrides, ids: list[int], check_paths: bool = Tr
                 f"{name} is {value} for every split: a protocol needs one per split (another split's test videos "
                 f"are this split's training videos). Put {SPLIT_PLACEHOLDER} in it (e.g. --set "
                 f"{name}={_example(str(value))}) or set it to null")
-    classes = DATASET_CLASSES.get(str(_get(tree, "data.dataset")))
+    dataset = str(_get(tree, "data.dataset"))
+    classes = DATASET_CLASSES.get(dataset)
+    # UCF101 holds UCF50's 50 classes, its groups included: a head of the other's count saw every fold's test group
+    overlapping = {DATASET_CLASSES[d]: d for d in OVERLAPPING.get(dataset, ())}
     for name in ("student.checkpoint", "teacher.train.checkpoint"):
         value = _get(tree, name)
         if not value or SPLIT_PLACEHOLDER in str(value) or (name == "teacher.train.checkpoint" and _get(tree, "teacher.path")):
@@ -100,6 +103,12 @@ def split_configs(config_path, overrides, ids: list[int], check_paths: bool = Tr
                 f"own: weights trained on this dataset saw another split's test videos. Put {SPLIT_PLACEHOLDER} in it "
                 "for weights of each split's own training videos, or start from another dataset's weights (the "
                 f"Kinetics-400 checkpoint with {name.replace('.checkpoint', '.reinit_head')}: true)")
+        if rows is not None and rows in overlapping:
+            raise ConfigError(
+                f"{name} is {value}, and its classifier has {rows} classes, {overlapping[rows]}'s: {overlapping[rows]} and "
+                f"{dataset} share videos (UCF101's classes and groups include all of UCF50's), so those weights saw "
+                f"this protocol's test videos. Start from a dataset without them (the Kinetics-400 checkpoint with "
+                f"{name.replace('.checkpoint', '.reinit_head')}: true)")
     template = str(tree.get("output_dir") or RunConfig().output_dir)
     per_split = template if SPLIT_PLACEHOLDER in template else storage.join(template, f"split{SPLIT_PLACEHOLDER}")
     configs = []
@@ -114,6 +123,7 @@ def split_configs(config_path, overrides, ids: list[int], check_paths: bool = Tr
 
 # the class counts of the protocol datasets: a start checkpoint with this head was trained on the dataset
 DATASET_CLASSES = {"ucf101": 101, "hmdb51": 51, "ucf50": 50}
+OVERLAPPING = {"ucf50": ("ucf101",), "ucf101": ("ucf50",)}  # datasets holding each other's videos
 
 
 def _head_classes(path: str) -> int | None:

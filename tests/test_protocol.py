@@ -248,6 +248,12 @@ def test_a_path_shared_by_every_split_is_refused_naming_the_field(tmp_path):
         assert [c.student.checkpoint if field.startswith("student") else c.teacher.train.checkpoint
                 for c in configs] == [str(tmp_path / "s1.pth"), str(tmp_path / "s2.pth")]
         split_configs(cfg, [*per_split, (field, str(tmp_path / "k400.pth")), (head, True)], [1, 2])
+    # UCF50's videos are UCF101's (its 50 classes, their groups): weights trained on one saw the other's test videos
+    torch.save({"head.weight": torch.zeros(50, 4), "head.bias": torch.zeros(50)}, tmp_path / "ucf50.pth")
+    with pytest.raises(ConfigError, match=r"^teacher\.train\.checkpoint is .*/ucf50\.pth, and its classifier has 50 "
+                                          r"classes, ucf50's: ucf50 and ucf101 share videos"):
+        split_configs(cfg, [*per_split, ("teacher.train.checkpoint", str(tmp_path / "ucf50.pth")),
+                            ("teacher.train.reinit_head", True)], [1, 2])
 
 def protocol_main():
     """`dvfl protocol` (pipelines/protocol.py), in this process (the refusals need no Ray and no subprocess)."""
