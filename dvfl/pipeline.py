@@ -92,6 +92,11 @@ def say_validation_note(cfg: RunConfig, log=print) -> None:
     """The validation carve's caveat, if it has one (a carve that cannot be made fails later, where it is read)."""
     from dvfl.data.holdout import HoldoutError
 
+    if cfg.data.val_split == cfg.data.train_split:
+        if log:  # (allowed: a dataset may have no other split; a search then chooses on what it trained on)
+            log(f"[clips] data.val_split is the training split ({cfg.data.train_split!r}): every choice (the teacher "
+                "gate, Tune's trials and front) reads accuracy on videos the models train on")
+        return
     try:
         note = validation_source(cfg).note
     except HoldoutError:
