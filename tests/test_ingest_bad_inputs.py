@@ -230,9 +230,15 @@ def test_playlists_and_unknown_containers_never_reach_the_decoder(bad_dataset, t
         "hls_local.mp4": f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{outside}\n#EXT-X-ENDLIST\n".encode(),
         "concat.mp4": f"ffconcat version 1.0\nfile {outside}\n".encode(),
         "binary.avi": bytes(range(7, 250)) * 40,
+        # a DASH manifest is a playlist; an object store's XML error body (a failed download saved
+        # under the video's name) is a text file, not a playlist; a 0-byte file says so
+        "dash.mp4": (f'<?xml version="1.0"?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011"><BaseURL>'
+                     f"http://127.0.0.1:{port}/</BaseURL></MPD>\n").encode(),
+        "denied.mp4": b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code></Error>\n',
+        "empty.mp4": b"",
     }
     want = {"hls_url.mp4": "playlist", "hls_local.mp4": "playlist", "concat.mp4": "playlist",
-            "binary.avi": "unknown_container"}
+            "binary.avi": "unknown_container", "dash.mp4": "playlist", "denied.mp4": "not_video", "empty.mp4": "empty"}
     proc = DecodeProcess()
     try:
         got = {}
@@ -240,7 +246,7 @@ def test_playlists_and_unknown_containers_never_reach_the_decoder(bad_dataset, t
             _write(str(tmp_path / name), data)
             got[name] = proc.run(dict(JOB, path=str(tmp_path / name)), timeout=60)
         assert {k: r.get("reason") for k, r in got.items()} == want
-        assert all(r["detail"] for r in got.values())
+        assert all(r["detail"] for r in got.values()) and got["empty.mp4"]["detail"] == "0 bytes"
         assert _connections(listener) == 0
         # a real video still decodes, in the same child
         ok = proc.run(dict(JOB, path=os.path.join(bad_dataset, "A/v_A_g08_c01.mp4")), timeout=60)

@@ -14,6 +14,7 @@ sibling :mod:`sampling`.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -57,7 +58,7 @@ DUPLICATE_CONTENT = "duplicate_content"  # same bytes as another entry (another 
 # before FFmpeg sees it, so its other demuxers (HLS, concat, SDP, image2 ...) never run.
 CONTAINERS = ("mp4", "avi", "matroska", "mpeg-ts", "mpeg-ps", "flv", "ogg", "asf")
 # Text that FFmpeg would follow to other files or URLs (after an optional BOM/whitespace).
-_PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<?xml", b"<mpd", b"<smil", b"v=0", b"#ext-x",
+_PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<mpd", b"<smil", b"v=0", b"#ext-x",
                    b"rtsptext", b"rtmp://", b"http://", b"https://", b"file:")
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -153,6 +154,10 @@ def probe_container(path: str) -> Tuple[str, Optional[str]]:
         return "asf", None
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if text.lower().startswith(_PLAYLIST_HEADS):
+        return "playlist", PLAYLIST
+    # XML: a DASH manifest or SMIL playlist by its root element; other XML (an object store's
+    # <Error> body saved under a video's name by a failed download) is text, not a playlist
+    if text.lower().startswith(b"<?xml") and re.search(rb"<(mpd|smil)\b", text[:4096].lower()):
         return "playlist", PLAYLIST
     if _looks_like_text(head):
         return "text", NOT_VIDEO
@@ -556,6 +561,7 @@ def _cut_detail(kind: str) -> str:
 
 
 _PROBLEM_DETAIL = {
+    EMPTY: "0 bytes",
     PLAYLIST: "a playlist/reference text (HLS, DASH, concat, SDP or a URL), not a video file",
     NOT_VIDEO: "a text file, not a video",
     UNKNOWN_CONTAINER: f"magic bytes match none of the supported containers ({', '.join(CONTAINERS)})",
@@ -681,8 +687,9 @@ def _decode_file(path: str, job: Dict) -> Dict:
     # through PyAV: MPEG program/transport streams and AVIs with B-frames (decord seeks to other
     # frames; MPEG-4 Part 2 with B-frames in any container, H.264 & co. in AVI), edit lists that hide
     # frames (decord counts and seeks into them), mirrored matrices
-    # (decord turns them instead) and a rotate tag outside MP4 (the size decord must be told is unknown).
-    if (kind in ("mpeg-ts", "mpeg-ps") or (track is not None and (track.trimmed or track.mirrored))
+    # (decord turns them instead) and a rotate tag outside MP4 (the size decord must be told is unknown);
+    # ASF (WMV): decord's seeks land one or two keyframe intervals early, its timestamps may all be 0.
+    if (kind in ("mpeg-ts", "mpeg-ps", "asf") or (track is not None and (track.trimmed or track.mirrored))
             or (probe is not None and (probe.b_vops or (track is None and rotation)
                                        or (kind == "avi" and probe.codec in AVI_REORDERING_CODECS)))):
         return _decode_reference(path, job, rotation, "")
@@ -710,6 +717,11 @@ def _decode_file(path: str, job: Dict) -> Dict:
         return _decode_reference(path, job, rotation, _short(e))
     try:
         n = len(vr)
+        keys = vr.get_key_indices() if n else []
+        if len(keys) and keys[0] != 0:
+            # starts mid-GOP (a stream copy cut at a P-frame): decord counts the undecodable leading
+            # packets as frames and its indices drift; what FFmpeg decodes in order is the video
+            return _decode_reference(path, job, rotation, "")
         fps = _finite_rate(vr.get_avg_fps())
         T = int(job["frames"])
         if n == 0:
