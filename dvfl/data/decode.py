@@ -717,7 +717,10 @@ def _decode_file(path: str, job: Dict) -> Dict:
         return _decode_reference(path, job, rotation, _short(e))
     try:
         n = len(vr)
-        keys = vr.get_key_indices() if n else []
+        try:
+            keys = vr.get_key_indices() if n else []
+        except Exception:  # (no index to read: decoded as before)
+            keys = []
         if len(keys) and keys[0] != 0:
             # starts mid-GOP (a stream copy cut at a P-frame): decord counts the undecodable leading
             # packets as frames and its indices drift; what FFmpeg decodes in order is the video
