@@ -48,8 +48,8 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared
     """Hold ``folder``'s lock inside. Held by another process: raise :class:`FolderBusyError`
     (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
     what the first one finished; ``log`` None: silently). ``shared``: a reader's lock, held with
-    other readers; a writer waiting (``wait=True``) for readers is refused instead (they hold it for
-    a whole run). Re-entrant in one process; the folder need not exist."""
+    other readers; a writer is refused while readers hold it, ``wait`` or not (they hold it for a
+    whole run). Re-entrant in one process; the folder need not exist."""
     key = _key(folder)
     if key in _held:  # a stage nested in a command that holds it already
         _held[key] += 1
