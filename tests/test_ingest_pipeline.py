@@ -212,7 +212,7 @@ def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkey
     indices, as a player shows them. A plain MP4 stays on decord's seeking path."""
     import av
 
-    from conftest import make_videos
+    from conftest import make_videos, moving_frames
 
     d = tmp_path / "v"
     make_videos([(str(d / "ps.mpg"), dict(n=40, h=32, w=64, codec="mpeg2video", options={"bf": "2", "g": "12"}, seed=1)),
@@ -239,10 +239,22 @@ def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkey
                 dst.mux(packet)
     with av.open(str(d / "mid_gop.mkv")) as c:
         mid_gop_frames = sum(1 for _ in c.decode(video=0))
+    # two video tracks in one MP4 (a dual-camera file): decord decoded the second at the first one's size
+    with av.open(str(d / "two_tracks.mp4"), "w") as c:
+        first, second = c.add_stream("libx264", rate=8), c.add_stream("libx264", rate=8)
+        (first.width, first.height), (second.width, second.height) = (64, 32), (128, 48)
+        for a, b in zip(moving_frames(40, 32, 64, seed=12), moving_frames(40, 48, 128, seed=13)):
+            for stream, frame in ((first, a), (second, 255 - b)):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    c.mux(packet)
+        for stream in (first, second):
+            for packet in stream.encode():
+                c.mux(packet)
     # (file, frames a player shows, the clips' turn: np.rot90's k)
     cases = [("ps.mpg", 40, 0), ("xvid_b.avi", 40, 0), ("h264.ts", 40, 0), ("rotate_tag.mkv", 20, 3),
              ("cut_head.mp4", 30, 0), ("mirrored.mp4", 40, 0), ("plain.mp4", 40, 0), ("xvid_b.mp4", 40, 0),
-             ("xvid_b.mkv", 40, 0), ("h264.avi", 40, 0), ("wmv2.wmv", 90, 0), ("mid_gop.mkv", mid_gop_frames, 0)]
+             ("xvid_b.mkv", 40, 0), ("h264.avi", 40, 0), ("wmv2.wmv", 90, 0), ("mid_gop.mkv", mid_gop_frames, 0),
+             ("two_tracks.mp4", 40, 0)]
     reference = []
     monkeypatch.setattr(D, "_decode_reference", lambda *a, _f=D._decode_reference, **k: reference.append(a[0]) or _f(*a, **k))
     for name, frames, turn in cases:

@@ -383,6 +383,7 @@ class Mp4Track(NamedTuple):
     trimmed: bool       # an edit list hides frames that decord would count and seek into
     codec: str = ""     # the sample entry's type: avc1, hvc1, mp4v (MPEG-4 Part 2), ...
     data_end: int = 0   # where the track's last chunk of frames ends in the file (0: its tables unreadable)
+    more_video: bool = False  # another video track follows (decord may pick it: a dual-camera file)
 
 
 def mp4_video_track(path: str, max_moov: int = 64 << 20) -> Optional[Tuple[int, int, int]]:
@@ -508,16 +509,14 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
         movie = _header_matrix(moov, top[b"mvhd"][0], 36, 48) if b"mvhd" in top else (1.0, 0.0, 0.0, 1.0)
         movie_scale = (_u32s(moov, top[b"mvhd"][0] + (20 if moov[top[b"mvhd"][0]] == 1 else 12), 1)[0]
                        if b"mvhd" in top else 1)
-        for kind, p0, p1 in _iter_boxes(moov, 8, len(moov)):
-            if kind != b"trak":
-                continue
+        traks = [(p0, p1) for kind, p0, p1 in _iter_boxes(moov, 8, len(moov)) if kind == b"trak"]
+        for i, (p0, p1) in enumerate(traks):
             trak = {k: (a, b) for k, a, b in _iter_boxes(moov, p0, p1)}
-            mdia = trak.get(b"mdia")
-            if mdia is None:
+            boxes = _video_media(moov, trak)
+            if boxes is None:
                 continue
-            boxes = {k: (a, b) for k, a, b in _iter_boxes(moov, *mdia)}
-            if b"hdlr" not in boxes or moov[boxes[b"hdlr"][0] + 8:boxes[b"hdlr"][0] + 12] != b"vide":
-                continue
+            more_video = any(_video_media(moov, {k: (a, b) for k, a, b in _iter_boxes(moov, *t)}) is not None
+                             for t in traks[i + 1:])
             node = boxes.get(b"minf")
             node = next(((a, b) for k, a, b in _iter_boxes(moov, *node) if k == b"stbl"), None) if node else None
             stbl = {k: (a, b) for k, a, b in _iter_boxes(moov, *node)} if node else {}
@@ -544,10 +543,21 @@ def mp4_track(path: str, max_moov: int = 64 << 20) -> Optional[Mp4Track]:
             except (struct.error, ValueError, IndexError, KeyError):
                 data_end = 0
             return Mp4Track(h, w, rotation_degrees(*matrix), matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0, trimmed,
-                            codec, data_end)
+                            codec, data_end, more_video)
         return None  # no video track
     except (OSError, struct.error, ValueError, IndexError):
         return None
+
+
+def _video_media(moov: bytes, trak: dict) -> Optional[dict]:
+    """A ``trak``'s ``mdia`` boxes if its handler is video (``vide``), else None."""
+    mdia = trak.get(b"mdia")
+    if mdia is None:
+        return None
+    boxes = {k: (a, b) for k, a, b in _iter_boxes(moov, *mdia)}
+    if b"hdlr" not in boxes or moov[boxes[b"hdlr"][0] + 8:boxes[b"hdlr"][0] + 12] != b"vide":
+        return None
+    return boxes
 
 
 _CUT_DETAIL = {
@@ -689,7 +699,9 @@ def _decode_file(path: str, job: Dict) -> Dict:
     # frames (decord counts and seeks into them), mirrored matrices
     # (decord turns them instead) and a rotate tag outside MP4 (the size decord must be told is unknown);
     # ASF (WMV): decord's seeks land one or two keyframe intervals early, its timestamps may all be 0.
-    if (kind in ("mpeg-ts", "mpeg-ps", "asf") or (track is not None and (track.trimmed or track.mirrored))
+    # An MP4 with a second video track: decord may decode that one (at the first one's size).
+    if (kind in ("mpeg-ts", "mpeg-ps", "asf") or (track is not None and (track.trimmed or track.mirrored
+                                                                         or track.more_video))
             or (probe is not None and (probe.b_vops or (track is None and rotation)
                                        or (kind == "avi" and probe.codec in AVI_REORDERING_CODECS)))):
         return _decode_reference(path, job, rotation, "")
