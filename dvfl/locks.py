@@ -143,7 +143,7 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
                 if not shared and _readers_only(lock):  # (asked of the lock, not of the holder's line: it may be unwritten)
                     readers_seen += 1
                     if readers_seen < 3:  # or the holders let go meanwhile: tried again
-                        os.close(fd)
+                        fd = _closed(fd)
                         time.sleep(0.05)
                         continue
                     raise FolderBusyError(f"{folder} is being read by a run ({holder}): writing it now would change "
@@ -160,9 +160,15 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
             if _same_file(fd, lock):
                 return fd
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
         os.close(fd)
+
+
+def _closed(fd: int) -> int:
+    os.close(fd)
+    return -1  # (a Ctrl+C before the next open must not close the number again: another thread may hold it)
 
 
 def _readers_only(lock: str) -> bool:

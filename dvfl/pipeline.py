@@ -90,7 +90,7 @@ def validation_source(cfg: RunConfig):
 
 def say_validation_note(cfg: RunConfig, log=print) -> None:
     """The validation carve's caveat, if it has one (a carve that cannot be made fails later, where it is read)."""
-    from dvfl.data.holdout import HoldoutError
+    from dvfl.data.holdout import HoldoutError, carve_note, train_videos
 
     if cfg.data.val_split == cfg.data.train_split:
         if log:  # (allowed: a dataset may have no other split; a search then chooses on what it trained on)
@@ -98,9 +98,11 @@ def say_validation_note(cfg: RunConfig, log=print) -> None:
                 "gate, Tune's trials and front) reads accuracy on videos the models train on")
         return
     try:
-        note = validation_source(cfg).note
+        src = validation_source(cfg)
     except HoldoutError:
         return
+    note = carve_note(*train_videos(cfg.clips_dir, cfg.data.train_split), cfg.data.val_fraction,
+                      src.videos) if src.carved else ""
     if note and log:
         log(f"[clips] validation carve: {note}")
 

@@ -209,6 +209,9 @@ def _entrypoint(doc, fn):
      ("output_dir is 'runs/x' (relative",)),
     (lambda d: _entrypoint(d, lambda e: _UCF101_INGEST + "\n" + e.replace("--out /data/runs/ucf101_base", "--out runs/x")),
      ("output_dir is 'runs/x' (relative",)),
+    # a comment line is not run, the command after it is
+    (lambda d: _entrypoint(d, lambda e: "# " + e + "\n" + e.replace("--out /data/runs/ucf101_base", "--out runs/x")),
+     ("output_dir is 'runs/x' (relative",)),
     (lambda d: _entrypoint(d, lambda e: e.replace("--out /data/runs/ucf101_base", "--out /data/../tmp/runs")),
      ("output_dir is '/data/../tmp/runs': not on a volume",)),
 ], ids=["config_relative_path", "relative_output_dir", "relative_output_dir_old_flag", "relative_clips_flag",
@@ -216,7 +219,7 @@ def _entrypoint(doc, fn):
         "search_storage_relative", "search_storage_off_the_volume", "dvfl_tune_entry_point",
         "path_flag_before_set", "emptydir_at_the_mount_path", "another_claim_at_the_mount_path",
         "protocol_runs_relative", "protocol_out_relative", "teacher_checkpoint_relative", "ingest_out_relative",
-        "ingest_videos_off_the_volume", "another_program", "chained_second_command", "chained_with_semicolon", "chained_on_lines",
+        "ingest_videos_off_the_volume", "another_program", "chained_second_command", "chained_with_semicolon", "chained_on_lines", "after_a_comment_line",
         "dot_dot_off_the_volume"])
 def test_rayjob_paths_must_be_uris_or_on_a_shared_volume(kuberay_docs, breakage, fragments):
     broken = breakage(copy.deepcopy(kuberay_docs["rayjob"]))
@@ -233,6 +236,8 @@ def test_rayjob_path_flags_are_read_as_their_command_reads_them(kuberay_docs):
 
     distill = kuberay_docs["rayjob"]["spec"]["entrypoint"]
     for entry in (_UCF101_PROTOCOL, _UCF101_TEACHER, _UCF101_INGEST,
+                  # a commented-out command (its relative paths) is not run
+                  f"# python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py --out runs/x\n" + _UCF101_INGEST + "  # the clips",
                   _UCF101_TEACHER.replace("dvfl teacher", "python -m dvfl teacher"),
                   # `dvfl` after a cd or an assignment (refused as another program by the first version)
                   distill.replace(f"python {cv.PROJECT_DIR_IN_IMAGE}/pipelines/distill.py", f"cd {cv.PROJECT_DIR_IN_IMAGE} && dvfl distill"),
@@ -1061,10 +1066,18 @@ def test_a_ray_start_param_carrying_more_options_fails(kuberay_docs):
         broken = copy.deepcopy(kuberay_docs["raycluster"])
         _head(broken)["rayStartParams"]["object-manager-port"] = value
         _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "object-manager-port", "shell character")
-    # KubeRay's documented forms: one double-quoted word (custom resources) and one variable
+    # KubeRay's documented forms: one double-quoted word (custom resources) and one variable the pod
+    # fills from its own fields; a variable holding a literal (split into words by bash) is refused
     fine = copy.deepcopy(kuberay_docs["raycluster"])
     _head(fine)["rayStartParams"].update({"resources": '"{\\"Custom1\\": 1}"', "node-ip-address": "$MY_POD_IP"})
+    container = _head(fine)["template"]["spec"]["containers"][0]
+    container.setdefault("env", []).append({"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     assert cv.validate_kuberay_manifest(fine) == []
+    container["env"].append({"name": "EXTRA", "value": "8076 --dashboard-host=0.0.0.0"})
+    for value in ("$EXTRA", "${EXTRA}", "${MY_POD_IP", "$UNSET"):
+        broken = copy.deepcopy(fine)
+        _head(broken)["rayStartParams"]["object-manager-port"] = value
+        _assert_fails(cv.validate_kuberay_manifest(broken), "policy", "object-manager-port", "shell character")
 
 
 def test_raycluster_without_dashboard_host_fails(kuberay_docs):
@@ -1314,6 +1327,9 @@ def test_a_worker_without_a_cloud_identity_and_a_launch_template_are_noted():
     templated["available_node_types"]["ray.head"]["node_config"]["LaunchTemplate"] = {"LaunchTemplateName": "open"}
     assert any("ray.head.node_config: LaunchTemplate is not read" in n for n in cv.launcher_notes(templated))
     assert not any("LaunchTemplate" in n for n in cv.launcher_notes(_load(LAUNCHER["aws"])))
+    odd = copy.deepcopy(_load(LAUNCHER["aws"]))
+    odd["provider"]["type"] = ["aws"]  # (the schema's error, not a traceback from the notes)
+    assert cv.launcher_notes(odd) == [] and any("provider.type" in e for e in cv.validate_launcher_config(odd))
 
 
 def test_a_file_uri_on_a_shared_volume_is_read_as_the_path_it_names():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -100,13 +101,16 @@ def test_a_naming_scheme_is_not_a_group_however_the_camera_names_its_files():
     assert grouping_version(ids, labels, 0.2) == 3
     # the carve says which name groups it split (cuts of one recording would then sit on both sides):
     # 4 recordings of 6 cuts at the default 0.1 are each over 2 x 0.1 of the class
-    from dvfl.data.holdout import _split_groups_on_both_sides
+    from dvfl.data.holdout import carve_note
 
     few = [f"wave/rec{r}_{k:03d}" for r in range(4) for k in range(6)]
-    held = holdout_videos(few, [0] * 24, 0.1)
-    assert 0 < len(_split_groups_on_both_sides(few, [0] * 24, 0.1, frozenset(held))) <= 4
-    held = holdout_videos(cuts, [3] * 24, 0.2)
-    assert _split_groups_on_both_sides(cuts, [3] * 24, 0.2, frozenset(held)) == []  # whole recordings held out
+    note = carve_note(few, [0] * 24, 0.1, holdout_videos(few, [0] * 24, 0.1))
+    assert re.match(r"[1-4] name\(s\) too large to hold out whole \(rec\d.*; in 1 class\(es\)\)", note), note
+    assert carve_note(cuts, [3] * 24, 0.2, holdout_videos(cuts, [3] * 24, 0.2)) == ""  # whole recordings held out
+    # one camera's name in every class is one name, counted once
+    phones = [f"{c}/IMG_{n:04d}" for c in "abc" for n in range(30)]
+    note = carve_note(phones, [0] * 30 + [1] * 30 + [2] * 30, 0.1, holdout_videos(phones, [0] * 30 + [1] * 30 + [2] * 30, 0.1))
+    assert note.startswith("1 name(s) too large to hold out whole (IMG; in 3 class(es))"), note
 
 
 def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback(monkeypatch, tmp_path):

@@ -761,7 +761,8 @@ def launcher_notes(config: Any) -> list[str]:
             out.append(f"available_node_types.{name}.node_config: security group(s) {', '.join(map(str, groups))} are "
                        "not read (their rules live in the cloud account): check that no Ray port is open beyond "
                        "the cluster's own nodes (docs/cluster.md)")
-        identity = _WORKER_IDENTITY.get(_as_mapping(_as_mapping(config).get("provider")).get("type"))
+        ptype = _as_mapping(_as_mapping(config).get("provider")).get("type")
+        identity = _WORKER_IDENTITY.get(ptype) if isinstance(ptype, str) else None
         if (identity and name != _as_mapping(config).get("head_node_type") and not node_config.get(identity[0])
                 and not node_config.get("LaunchTemplate")):  # (a template may carry one: noted below)
             out.append(f"available_node_types.{name}.node_config: no {identity[0]}: Ray attaches {identity[1]} to "
@@ -1026,6 +1027,14 @@ def _whole_quantity_errors(value: Any, path: tuple, what: str) -> list[str]:
     return []
 
 
+def _downward_env(group: dict, name: str) -> bool:
+    """Whether the group's Ray container sets ``name`` from a field of its pod (``valueFrom.fieldRef``)."""
+    containers = _as_list(_as_mapping(_as_mapping(group.get("template")).get("spec")).get("containers"))
+    env = _as_list(_as_mapping(containers[0]).get("env")) if containers else []
+    return any(isinstance(e, dict) and e.get("name") == name and "value" not in e
+               and _as_mapping(_as_mapping(e.get("valueFrom")).get("fieldRef")).get("fieldPath") for e in env)
+
+
 def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_head: bool) -> list[str]:
     out: list[str] = []
     params = _as_mapping(group.get("rayStartParams"))
@@ -1038,7 +1047,11 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
         # options (a second --dashboard-host=0.0.0.0) or commands this check never reads. Its documented forms
         # pass: one double-quoted word (resources: '"{\"Custom1\": 1}"') and one variable ($MY_POD_IP)
         text = str(value)
-        one_word = (re.fullmatch(r'"(?:[^"\\$`\n]|\\.)*"', text) or re.fullmatch(r"\$\{?[A-Za-z_]\w*\}?", text))
+        variable = re.fullmatch(r"\$(?:([A-Za-z_]\w*)|\{([A-Za-z_]\w*)\})", text)
+        one_word = (re.fullmatch(r'"(?:[^"\\$`\n]|\\.)*"', text)
+                    # ($MY_POD_IP) bash splits an unquoted variable's value into words: only one the pod spec
+                    # fills from the downward API (a field of the pod), never a literal of its own
+                    or (variable and _downward_env(group, variable.group(1) or variable.group(2))))
         if re.search(r"[\s;&|$`'\"<>()\\]", str(key)) or (not one_word and re.search(r"[\s;&|$`'\"<>()\\]", text)):
             out.append(_error_line("policy", where + ("rayStartParams", key),
                             f"{value!r}: a space or shell character in a rayStartParams key or value; KubeRay "
@@ -1321,12 +1334,16 @@ def job_config_path_errors(doc: dict) -> list[str]:
     except ValueError as e:
         return [_error_line("policy", where, f"cannot be split into arguments: {e}")]
     # every command of a chained entrypoint (`ingest ... && distill ...`): only the first was read
-    commands, argv = [], []
+    commands, argv, comment = [], [], False
     for token in [*tokens, ";"]:
+        if token == "\n":
+            comment = False  # (a comment ends with its line)
         if token and set(token) <= set(";&|()\n"):
-            if (command := _job_command(argv)) is not None:
+            if (command := _job_command(argv)) is not None:  # (the words before a comment)
                 commands.append((command, argv))
             argv = []
+        elif comment or token.startswith("#"):  # a comment: the rest of the line is not run
+            comment = True
         else:
             argv.append(token)
     if not commands:

@@ -71,6 +71,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 return 2
             # (clips found finished before Ray started: held for reading now, as ensure_clips holds the ones it makes)
             info = pipeline.ensure_clips(cfg) if info is None else pipeline.hold_clips(cfg, info)
+            pipeline.say_validation_note(cfg)
             path, spec = pipeline.ensure_teacher(cfg, info)
             storage.makedirs(out)
             storage.remove(storage.join(out, "model.json"))  # an older model's spec never pairs with these weights

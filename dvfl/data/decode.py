@@ -887,7 +887,7 @@ def _frames_in_order(container, stream, cut: bool = False):
     predecessor was received: a cut file's last packet may be partial, so it is left out, and of
     the frames the decoder still holds back (B-frames) those shown after the last decoded packet's
     decode time are dropped, since a frame never received would be shown before them (pts >= dts)."""
-    last_dts, pending, ended_early = None, None, cut
+    last_dts, pending, ended_early, started = None, None, cut, False
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -896,7 +896,14 @@ def _frames_in_order(container, stream, cut: bool = False):
                 packet, pending = pending, packet
                 if packet is None:
                     continue
-            yield from packet.decode()
+            try:
+                frames = packet.decode()
+            except Exception:
+                if started:
+                    raise
+                continue  # before the first frame: a stream copy cut mid-GOP (VP8/VP9 raise where H.264 skips)
+            started = started or bool(frames)
+            yield from frames
             last_dts = packet.dts
     except Exception:
         ended_early = True

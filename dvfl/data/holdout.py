@@ -141,7 +141,6 @@ class ValSource:
     split: str  # the shard split to read
     videos: frozenset | None = None  # carved: only these videos of ``split``; None: the whole split
     description: str = ""  # (recorded in models: a model validated on another carve is evaluated again)
-    note: str = ""  # what the user should know of the carve, said once per run
 
     @property
     def carved(self) -> bool:
@@ -161,25 +160,26 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
         raise HoldoutError(f"data.val_split is '{VAL_SPLIT}' but {clips_dir} has no such split and no class of split "
                            f"'{train_split}' has two groups of videos to hold one out: ingest a val split "
                            "(a folder dataset: dvfl ingest --val-fraction), or name another data.val_split")
-    split = _split_groups_on_both_sides(video_ids, labels, fraction, videos)
-    note = (f"{len(split)} name group(s) too large to hold out whole ({', '.join(split[:3])}"
-            f"{', ...' if len(split) > 3 else ''}) have videos in both training and validation: if those are cuts of "
-            "one recording, validation flatters the model; give a val split of whole recordings" if split else "")
     return ValSource(train_split, videos, f"'{VAL_SPLIT}': {len(videos)} videos ({fraction:g} of the groups per "
-                     f"class, seed {seed}) held out of split '{train_split}'", note)
+                     f"class, seed {seed}) held out of split '{train_split}'")
 
 
-def _split_groups_on_both_sides(video_ids, labels, fraction: float, held: frozenset) -> list[str]:
-    """Trailing-number groups (``rec7`` of ``rec7_001``) that :func:`class_groups` broke into single
-    videos and the carve left partly held out, partly in training."""
-    out = []
-    for vids in _by_class(video_ids, labels).values():
+def carve_note(video_ids, labels, fraction: float, held) -> str:
+    """What the user should know of a carve: the names (``rec7`` of ``rec7_001``) too large to hold
+    out whole, broken into single videos by :func:`class_groups`, that now sit on both sides."""
+    names, classes = set(), set()
+    for label, vids in _by_class(video_ids, labels).items():
         named = _named_groups(vids)
-        for g in sorted(set(named) - set(class_groups(vids, fraction))):
-            inside = sum(v in held for v in named[g])
-            if 0 < inside < len(named[g]):
-                out.append(g.rsplit("/", 1)[-1] or g)
-    return out
+        for g in set(named) - set(class_groups(vids, fraction)):
+            if 0 < sum(v in held for v in named[g]) < len(named[g]):
+                names.add(g.rsplit("/", 1)[-1] or g)
+                classes.add(label)
+    if not names:
+        return ""
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{len(names)} name(s) too large to hold out whole ({shown}; in {len(classes)} class(es)) have "
+            "videos in both training and validation: if those are cuts of one recording, validation flatters the "
+            "model; give a val split of whole recordings")
 
 
-__all__ = ["HoldoutError", "group_of", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
+__all__ = ["HoldoutError", "carve_note", "group_of", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
