@@ -986,6 +986,11 @@ def _read_json(path: str) -> dict:
         return {}
 
 
+# How the test views are cut (bumped when that changes: a protocol does not average folds evaluated
+# two ways): 3 = fewer clips spread over the video (session 28), 3 crops of frames resized first (session 32)
+EVALUATION_METHOD = 3
+
+
 def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     """The final evaluation, on ``data.test_split`` (never used for a choice).
 
@@ -1175,6 +1180,7 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
               "machine": {"driver_cpu": cpu_model(), "driver_usable_cpus": usable_cpus(),
                           "device": "gpu" if cfg.scaling.use_gpu else "cpu"},
               "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}",
+              "evaluation_method": EVALUATION_METHOD,
               # top1/top5 (and kd_gains) come from the test split, evaluated once at the end; the
               # per-epoch history and val_top1_per_seed from the validation split
               "splits": {"test": cfg.data.test_split, "validation": validation,

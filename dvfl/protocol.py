@@ -244,8 +244,11 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
         if not storage.isfile(path):
             continue
         try:
+            from dvfl.pipeline import EVALUATION_METHOD
+
             result = storage.read_json(path)
-            same = result["config"] == json.loads(json.dumps(cfg.as_given().to_dict()))
+            same = (result["config"] == json.loads(json.dumps(cfg.as_given().to_dict()))
+                    and result.get("evaluation_method") == EVALUATION_METHOD)  # (none: an older version's)
             row = _run_row(i, cfg, result) if same else None
         except (OSError, ValueError, KeyError, TypeError):
             row = None
@@ -255,7 +258,8 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
             runs.append(row)
     if other:
         log(f"[protocol] not counted: the results of split(s) {', '.join(map(str, other))} in their folders come "
-            "from another configuration (or cannot be read); run them again to count them")
+            "from another configuration or an older version's evaluation (or cannot be read); run them again to "
+            "count them")
     return runs
 
 

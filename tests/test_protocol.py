@@ -174,7 +174,7 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
 
     def fake_run_all(cfg, log):
         top1 = cfg.data.split / 100
-        result = {"config": cfg.as_given().to_dict(),
+        result = {"config": cfg.as_given().to_dict(), "evaluation_method": pipeline.EVALUATION_METHOD,
                   "models": {"dvfl": {"top1_mean": top1, "top5_mean": 1.0, "videos": 4, "seeds": [0],
                                       "top1_per_seed": [top1]}}}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -195,6 +195,13 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
     assert (report["folds_run"], report["folds_run_before"]) == ([1, 2, 3], [1, 2])
     assert report["aggregate"]["dvfl"]["top1_per_split"] == [0.01, 0.02, 0.03]
     assert "3 of 25 folds ran (1, 2, 3); 2 of them by earlier commands (1, 2)" in (tmp_path / "logo" / "protocol.md").read_text()
+    # a fold evaluated by an older version (its views cut otherwise) is not averaged with these
+    fold1 = tmp_path / "logo" / "split1" / "results.json"
+    older = json.loads(fold1.read_text())
+    fold1.write_text(json.dumps({k: v for k, v in older.items() if k != "evaluation_method"}))
+    report, lines = batch([3])
+    assert report["folds_run"] == [2, 3] and [ln for ln in lines if "not counted" in ln and "older version" in ln], lines
+    fold1.write_text(json.dumps(older))
     report, lines = batch([4], overrides=[("optim.lr", 0.5)])  # another configuration: the others do not count
     assert report["folds_run"] == [4] and [ln for ln in lines if "not counted" in ln and "1, 2, 3" in ln], lines
 
