@@ -592,6 +592,8 @@ def read_yaml(path: Path | str, what: str = "config file") -> object:
         return yaml.load(storage.read_text(os.fspath(path)), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:  # (Latin-1 text, or UTF-16 as Windows editors save it)
+        raise ConfigError(f"{what} {path} is not UTF-8 text: save it as UTF-8") from None
 
 
 _YAML11_ONLY_STRING_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")

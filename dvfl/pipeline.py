@@ -199,6 +199,9 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
                         workers=cfg.data.decode_tasks or None)
     from dvfl.locks import FolderBusyError
 
+    if cfg.data.clips and log:  # (a mistyped --clips is a new folder: said, not silently filled)
+        where = "the generated videos" if cfg.data.dataset == "synthetic" else f"data.root {cfg.data.root}"
+        log(f"[clips] data.clips {out} holds no finished ingest: ingesting {where} into it")
     try:
         ingest(manifest, icfg, log=log)
     except FolderBusyError:

@@ -242,6 +242,11 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
         address = joined_address(address)
+        if address and address.lower().startswith(("http://", "https://")):
+            # (docs/cluster.md exports it for `ray job submit`; ray.init took it for Ray Client, a traceback)
+            raise ConnectionError(f"RAY_ADDRESS {address} is a cluster's job-submission (dashboard) address, not "
+                                  "one to run on: submit with `ray job submit --address ... -- python ...`, or "
+                                  "unset RAY_ADDRESS to run on this machine")
         if address:  # (unset, empty or Ray's "local": a new local instance, ours, set up below)
             from dvfl.storage import worker_env
 

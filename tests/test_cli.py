@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -247,6 +248,11 @@ def test_cache_flags_are_checked_before_ray_starts(tmp_path, capsys):
     teacher.mkdir()
     (clips / "dataset.json").write_text(json.dumps({"params": {"short_side": 32}}))
     base = ["cache", "--clips", str(clips), "--teacher", str(teacher), "--out", str(tmp_path / "c"), "--num-cpus", "1"]
+    (clips / "dataset.json").write_text('{"params": {"short_')  # cut short: one line naming the file, not a traceback
+    with pytest.raises(SystemExit) as exc:
+        main(base)
+    assert exc.value.code == 2 and f"{clips / 'dataset.json'} is not valid JSON" in capsys.readouterr().err
+    (clips / "dataset.json").write_text(json.dumps({"params": {"short_side": 32}}))
     for extra, message in ((["--cache-views", "center,center+"], "name a view twice"),
                            (["--cache-views", "middle"], "unknown view 'middle'"),
                            (["--crop-size", "64"], "--crop-size 64 exceeds the clips' short side 32"),
@@ -518,3 +524,30 @@ def test_evaluate_with_a_config_needs_only_the_paths_it_reads(tmp_path):
                        repo / "models" / "embedded_teacher", "--set", f"data.clips={clips}")
     assert r.returncode == 2 and "teacher.train.checkpoint" not in r.stderr, r.stderr
     assert "stores 1 evaluation clip(s) per video" in r.stderr  # it got as far as the clips it reads
+
+
+def test_an_unreadable_config_an_unwritable_synthetic_out_and_a_job_submission_address_are_one_line(tmp_path, video_factory):
+    """A config saved as Latin-1 or UTF-16 (Windows editors), a generated dataset's --out that cannot
+    be written, RAY_ADDRESS set to the dashboard's http:// address (docs/cluster.md exports it for
+    `ray job submit`): each ended in a traceback."""
+    import subprocess
+
+    from conftest import cli_in_process
+
+    from dvfl.config import ConfigError, load_config
+
+    for name, data in (("latin1.yaml", "# r\xe9sum\xe9\nseed: 1\n".encode("latin-1")),
+                       ("utf16.yaml", "seed: 1\n".encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=rf"{name} is not UTF-8 text"):
+            load_config(tmp_path / name, check_paths=False)
+    (tmp_path / "file").write_text("not a folder")
+    done = cli_in_process("ingest.py", "--dataset", "synthetic", "--out", tmp_path / "file" / "x")
+    assert done.returncode == 1 and "error: generating videos in" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    video_factory(str(tmp_path / "root" / "a" / "v.mp4"))
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root",
+                           str(tmp_path / "root"), "--out", str(tmp_path / "clips"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "RAY_ADDRESS http://127.0.0.1:8265 is a cluster's job-submission" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

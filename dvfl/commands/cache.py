@@ -137,7 +137,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         view_spec(a.crop_size or 1, a.cache_views.split(","))
     except ValueError as exc:
         p.error(f"--cache-views {a.cache_views}: {exc}")
-    stored = load_dataset_info(a.clips)["params"]["short_side"]
+    try:
+        stored = load_dataset_info(a.clips)["params"]["short_side"]
+    except (ValueError, KeyError, TypeError) as exc:
+        p.error(f"--clips {a.clips}: its dataset.json cannot be read ({exc})")
     if a.crop_size is None:  # without a config: an earlier build's crop (its rerun resumes), else the teacher's
         a.crop_size = (None if a.fresh else built_crop(a.out)) or default_crop(a.teacher, stored)
     if a.crop_size and stored and a.crop_size > stored:
@@ -156,7 +159,9 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.data.shards import ClipReadError, CorruptShardError, IncompleteClipsError
     from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
 
-    with ray_runtime(num_cpus=a.num_cpus):
+    from dvfl.cli import failures_as_one_line
+
+    with failures_as_one_line("cache"), ray_runtime(num_cpus=a.num_cpus):  # (an unreachable cluster: one line)
         from dvfl.cli import paths_on_every_node
 
         if not paths_on_every_node({"--out": a.out}, {"--clips": a.clips}):  # (the teacher: read here, sent)

@@ -253,6 +253,11 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
         except VideoFolderError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # a read-only or full --out: one line, as for the ingest below
+            from dvfl.cli import os_error_line
+
+            print(f"error: generating videos in {vdir} failed: {os_error_line(e)}", file=sys.stderr)
+            return 1
         log(f"[synthetic] {g['videos']} videos ({g['generated']} new) in {g['seconds']:.1f} s, "
             f"{g['bytes'] / 2 ** 20:.1f} MiB -> {vdir}")
         root = vdir
@@ -303,6 +308,9 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # (an OSError: the cluster at RAY_ADDRESS/--address, not the disk)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # disk full, quota, permissions: finished shards stay, a rerun resumes
         print(f"error: writing to {a.out} failed: {os_error_line(e)}", file=sys.stderr)
         return 1

@@ -92,5 +92,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.json:  # written whole (a temporary file renamed), locally or on an object store
         from dvfl import storage
 
-        storage.write_json(storage.absolute(a.json), result.to_dict())
+        try:
+            storage.write_json(storage.absolute(a.json), result.to_dict())
+        except OSError as exc:
+            from dvfl.cli import os_error_line
+
+            print(f"error: writing {a.json} failed: {os_error_line(exc)}", file=sys.stderr)
+            return 1
     return 0

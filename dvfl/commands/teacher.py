@@ -141,7 +141,10 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         p.error(f"clips {cfg.clips_dir}: not a finished ingest output (no dataset.json); run `dvfl ingest` first")
     from dvfl.data.shards import load_dataset_info
 
-    info = None if generate else load_dataset_info(cfg.clips_dir)
+    try:
+        info = None if generate else load_dataset_info(cfg.clips_dir)
+    except ValueError as exc:
+        p.error(f"clips {cfg.clips_dir}: {exc}")
     if test_cfg and info is not None:  # its accuracy on another split's test videos, which it trains on
         then = pipeline.trained_on(info)
         if (then["dataset"] == test_cfg.data.dataset and then["split"] is not None

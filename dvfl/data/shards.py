@@ -255,6 +255,8 @@ def load_dataset_info(out_dir: str) -> Dict[str, Any]:
         return storage.read_json(p)
     except FileNotFoundError:
         raise FileNotFoundError(f"{p} not found: {out_dir} is not a finished ingest output") from None
+    except ValueError as exc:  # (cut short or edited: a JSONDecodeError's traceback said nothing of which file)
+        raise ValueError(f"{p} is not valid JSON ({exc}): re-ingest {out_dir} (dvfl ingest ... --fresh)") from None
 
 
 def keep_clips(ds, clip_ids: set):
