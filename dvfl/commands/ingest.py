@@ -254,8 +254,6 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:  # a read-only or full --out: one line, as for the ingest below
-            from dvfl.cli import os_error_line
-
             print(f"error: generating videos in {vdir} failed: {os_error_line(e)}", file=sys.stderr)
             return 1
         log(f"[synthetic] {g['videos']} videos ({g['generated']} new) in {g['seconds']:.1f} s, "
