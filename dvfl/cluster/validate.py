@@ -753,6 +753,8 @@ def launcher_notes(config: Any) -> list[str]:
     """What a valid launcher config leaves unchecked: security groups given by id in a node's
     ``node_config`` (their rules live in the cloud account, not in the file)."""
     out = []
+    ptype = _as_mapping(_as_mapping(config).get("provider")).get("type")
+    identity = _WORKER_IDENTITY.get(ptype) if isinstance(ptype, str) else None
     for name, nt in _as_mapping(_as_mapping(config).get("available_node_types")).items():
         node_config = _as_mapping(_as_mapping(nt).get("node_config"))
         groups = [*_as_list(node_config.get("SecurityGroupIds")), *_as_list(node_config.get("SecurityGroups"))]
@@ -761,8 +763,6 @@ def launcher_notes(config: Any) -> list[str]:
             out.append(f"available_node_types.{name}.node_config: security group(s) {', '.join(map(str, groups))} are "
                        "not read (their rules live in the cloud account): check that no Ray port is open beyond "
                        "the cluster's own nodes (docs/cluster.md)")
-        ptype = _as_mapping(_as_mapping(config).get("provider")).get("type")
-        identity = _WORKER_IDENTITY.get(ptype) if isinstance(ptype, str) else None
         if (identity and name != _as_mapping(config).get("head_node_type") and not node_config.get(identity[0])
                 and not node_config.get("LaunchTemplate")):  # (a template may carry one: noted below)
             out.append(f"available_node_types.{name}.node_config: no {identity[0]}: Ray attaches {identity[1]} to "
@@ -1027,6 +1027,9 @@ def _whole_quantity_errors(value: Any, path: tuple, what: str) -> list[str]:
     return []
 
 
+_SHELL_CHARS = re.compile(r"[\s;&|$`'\"<>()\\]")  # what makes a pasted value more than one word, or a command
+
+
 def _downward_env(group: dict, name: str) -> bool:
     """Whether the group's Ray container sets ``name`` from a field of its pod (``valueFrom.fieldRef``)."""
     containers = _as_list(_as_mapping(_as_mapping(group.get("template")).get("spec")).get("containers"))
@@ -1052,7 +1055,7 @@ def _group_policy_errors(kind: str, where: tuple, spec: dict, group: dict, is_he
                     # ($MY_POD_IP) bash splits an unquoted variable's value into words: only one the pod spec
                     # fills from the downward API (a field of the pod), never a literal of its own
                     or (variable and _downward_env(group, variable.group(1) or variable.group(2))))
-        if re.search(r"[\s;&|$`'\"<>()\\]", str(key)) or (not one_word and re.search(r"[\s;&|$`'\"<>()\\]", text)):
+        if _SHELL_CHARS.search(str(key)) or (not one_word and _SHELL_CHARS.search(text)):
             out.append(_error_line("policy", where + ("rayStartParams", key),
                             f"{value!r}: a space or shell character in a rayStartParams key or value; KubeRay "
                             "pastes them unquoted into the ray start line"))
