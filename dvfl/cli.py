@@ -318,6 +318,13 @@ def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentPa
     for dest in PATH_FLAGS:  # "--out $UNSET": "" read as the working directory, or as no flag (the default folder)
         if getattr(a, dest, None) == "":
             p.error(f"--{dest.replace('_', '-')} is empty: give a path (an unset shell variable?)")
+    if name in RESUMABLE:  # before the videos they make ahead of Ray (found at Ray's start, after them)
+        from dvfl.host import job_submission_address
+
+        refusal = job_submission_address(getattr(a, "address", None))
+        if refusal:
+            print(f"config error: {refusal}", file=sys.stderr)
+            return 2
     from dvfl import signals
 
     # (before any work: a SIGTERM while the embedded default's videos are made, before Ray starts,

@@ -50,6 +50,20 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
+def job_submission_address(address: str | None = None) -> str | None:
+    """Why ``address`` (else ``RAY_ADDRESS``) cannot be run on, naming where it came from: an
+    ``http(s)://`` address is a cluster's job-submission (dashboard) address, which docs/cluster.md
+    exports for `ray job submit` (ray.init took it for Ray Client: a traceback); None when fine."""
+    where = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    if not address.lower().startswith(("http://", "https://")):
+        return None
+    return (f"{where} {address} is a cluster's job-submission (dashboard) address, not one to run on: submit "
+            f"with `ray job submit --address {address} -- python ...`, or " +
+            ("unset RAY_ADDRESS" if where == "RAY_ADDRESS" else "give the cluster's GCS address (host:6379)") +
+            " to run here")
+
+
 def joined_address(address: str | None = None) -> str | None:
     """The Ray cluster this process joins (``address``, else ``RAY_ADDRESS``), or None where it starts
     a local instance of its own: unset, empty (a Makefile's ``RAY_ADDRESS=``) or Ray's ``local``.

@@ -376,7 +376,11 @@ def check_given_inputs(cfg: RunConfig) -> None:
     met a mismatch late, as a traceback; another data.frames re-ingested the run's clips, then the
     given teacher failed on them)."""
     if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
-        check_clips_match(cfg, load_dataset_info(cfg.clips_dir))
+        try:
+            info = load_dataset_info(cfg.clips_dir)
+        except ValueError as exc:  # (cut short: tune and protocol showed a traceback)
+            raise ConfigError(f"data.clips: {exc}") from None
+        check_clips_match(cfg, info)
     spec_path = storage.join(cfg.teacher.path, SPEC) if cfg.teacher.path and cfg.teacher.mode != "none" else None
     if spec_path and storage.isdir(cfg.teacher.path) and not storage.isfile(spec_path):
         # (found after the whole ingest, as a traceback: e.g. the run folder above the model's own)
@@ -385,7 +389,6 @@ def check_given_inputs(cfg: RunConfig) -> None:
     if spec_path and storage.isfile(spec_path):
         spec = storage.read_json(spec_path)
         if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
-            info = load_dataset_info(cfg.clips_dir)
             problem = (teacher_split_problem(cfg.teacher.path, spec, info)
                        or teacher_holdout_problem(cfg, cfg.teacher.path, spec, info))
             if problem:

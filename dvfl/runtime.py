@@ -17,7 +17,7 @@ from typing import Iterator
 
 import ray
 
-from dvfl.host import joined_address
+from dvfl.host import job_submission_address, joined_address
 # (light, in their own module: a command installs the handler before any work; again after ray.init)
 from dvfl.signals import sigterm_received, terminate_in_one_line  # noqa: F401
 
@@ -54,6 +54,10 @@ class _DropMatching(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self.pattern.search(record.getMessage())
+
+
+class RayAddressError(ConnectionError):
+    """The address to join is not one Ray runs on (:func:`dvfl.host.job_submission_address`)."""
 
 
 def quiet_known_noise() -> None:
@@ -241,12 +245,10 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
     # variable does, and local workers inherit it. RAY_DATA_LOG_LEVEL=INFO brings them back.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
+        refusal = job_submission_address(address)
+        if refusal:
+            raise RayAddressError(refusal)
         address = joined_address(address)
-        if address and address.lower().startswith(("http://", "https://")):
-            # (docs/cluster.md exports it for `ray job submit`; ray.init took it for Ray Client, a traceback)
-            raise ConnectionError(f"RAY_ADDRESS {address} is a cluster's job-submission (dashboard) address, not "
-                                  "one to run on: submit with `ray job submit --address ... -- python ...`, or "
-                                  "unset RAY_ADDRESS to run on this machine")
         if address:  # (unset, empty or Ray's "local": a new local instance, ours, set up below)
             from dvfl.storage import worker_env
 

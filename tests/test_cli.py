@@ -541,6 +541,13 @@ def test_an_unreadable_config_an_unwritable_synthetic_out_and_a_job_submission_a
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ConfigError, match=rf"{name} is not UTF-8 text"):
             load_config(tmp_path / name, check_paths=False)
+    # a cut-short dataset.json of given clips: a config error before Ray (tune and protocol showed a traceback)
+    from dvfl.pipeline import check_given_inputs
+
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "dataset.json").write_text('{"classes": ["a"')
+    with pytest.raises(ConfigError, match=r"^data\.clips: .*dataset\.json is not valid JSON"):
+        check_given_inputs(load_config(None, [("data.clips", str(tmp_path / "cut"))], check_paths=False))
     (tmp_path / "file").write_text("not a folder")
     done = cli_in_process("ingest.py", "--dataset", "synthetic", "--out", tmp_path / "file" / "x")
     assert done.returncode == 1 and "error: generating videos in" in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -549,5 +556,9 @@ def test_an_unreadable_config_an_unwritable_synthetic_out_and_a_job_submission_a
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root",
                            str(tmp_path / "root"), "--out", str(tmp_path / "clips"), "--quiet"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "RAY_ADDRESS http://127.0.0.1:8265 is a cluster's job-submission" in done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2 and "RAY_ADDRESS http://127.0.0.1:8265 is a cluster's job-submission" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "clips").exists(), done.stderr
+    # the flag named as given, before any video is made
+    done = cli_in_process("ingest.py", "--dataset", "synthetic", "--out", tmp_path / "gen", "--address", "https://head:8265")
+    assert done.returncode == 2 and "--address https://head:8265 is a cluster's job-submission" in done.stderr
+    assert not (tmp_path / "gen").exists()

@@ -715,3 +715,24 @@ def test_decode_tasks_follow_the_cluster_and_a_joined_one_is_told_how_to_ask_for
     assert load_config(None, [("data.decode_tasks", 64)], check_paths=False).data.decode_tasks == 64
     with pytest.raises(ConfigError, match=r"data\.decode_tasks.*must be >= 0"):
         load_config(None, [("data.decode_tasks", -1)], check_paths=False)
+
+
+def test_a_damaged_packet_before_the_first_frame_out_ends_the_video(tmp_path):
+    """Skipping what cannot decode before the first packet decodes (a stream cut mid-GOP: VP8/VP9
+    raise there) must not skip a damaged packet after it: x264's B-frames hold the first frames back
+    for reordering, and the video was kept with a hole (59 of 60 frames) instead of its 2 good ones."""
+    import av
+
+    from conftest import make_videos
+
+    path = str(tmp_path / "b_frames.mkv")
+    make_videos([(path, dict(n=60, h=32, w=64, seed=15))])  # x264's default: B-frames
+    with av.open(path) as c:
+        packets = [p for p in c.demux(video=0) if p.size]
+        at, size = packets[2].pos, packets[2].size
+    data = bytearray(open(path, "rb").read())
+    data[at + 4:at + size] = np.random.default_rng(0).integers(0, 256, size - 4, dtype=np.uint8).tobytes()
+    open(path, "wb").write(bytes(data))
+    res = D.decode_video(dict(path=path, video_id="d", split="test", frames=8, clips_per_video=1, eval_clips=1,
+                              seed=0, short_side=0, min_frames=8))
+    assert not res["ok"] and res["reason"] == D.TOO_SHORT and res["detail"].startswith("2 of 60 frames"), res

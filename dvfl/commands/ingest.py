@@ -239,6 +239,7 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
     """The command's work, ``--out``'s lock held."""
     from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
     from dvfl.data.ingest import IngestConfig, NothingWrittenError, ingest, ray_session
+    from dvfl.runtime import RayAddressError
 
     short_side = a.short_side
     if a.dataset == "synthetic":
@@ -306,9 +307,9 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ConnectionError as e:  # (an OSError: the cluster at RAY_ADDRESS/--address, not the disk)
+    except RayAddressError as e:  # (an OSError: the address to join, not the disk)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as e:  # disk full, quota, permissions: finished shards stay, a rerun resumes
         print(f"error: writing to {a.out} failed: {os_error_line(e)}", file=sys.stderr)
         return 1

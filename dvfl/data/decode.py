@@ -901,8 +901,8 @@ def _frames_in_order(container, stream, cut: bool = False):
             except Exception:
                 if started:
                     raise
-                continue  # before the first frame: a stream copy cut mid-GOP (VP8/VP9 raise where H.264 skips)
-            started = started or bool(frames)
+                continue  # before any packet decoded: a stream copy cut mid-GOP (VP8/VP9 raise where H.264 skips)
+            started = True  # (a damaged packet after it ends the video, even before reordering gave a frame)
             yield from frames
             last_dts = packet.dts
     except Exception:
