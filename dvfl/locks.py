@@ -107,8 +107,13 @@ def hold_for_reading(folder: str, what: str, log=print) -> bool:
 def _last_reader(fd: int) -> bool:
     """Whether no other reader holds the lock (then the file is this reader's to remove): tried
     as a switch to exclusive, which lets go of this reader's lock when it fails."""
+    return _flocked(fd, fcntl.LOCK_EX)
+
+
+def _flocked(fd: int, mode: int) -> bool:
+    """Whether ``fd`` took the lock ``mode`` without waiting."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
         return True
     except OSError:
         return False
@@ -178,10 +183,7 @@ def _readers_only(lock: str) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
+        return _flocked(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)  # (lets the probe go)
 

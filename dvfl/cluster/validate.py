@@ -573,14 +573,6 @@ def _security_group_errors(config: dict) -> list[str]:
 _NODE_CONFIG_REQUIRED = {"aws": ("InstanceType",), "gcp": ("machineType",)}
 
 
-# A worker's own cloud identity: Ray gives its instance profile (AWS) or service account (GCP) to
-# the head node only, so a worker's decode tasks, Train checkpoints and cache writers had no
-# credentials for the s3:// or gs:// paths the driver had checked (a note: a cluster on a shared
-# file system needs none)
-_WORKER_IDENTITY = {"aws": ("IamInstanceProfile", "its instance profile"),
-                    "gcp": ("serviceAccounts", "its service account")}
-
-
 def _node_config_errors(raw: dict) -> list[str]:
     out = []
     ptype = _as_mapping(raw.get("provider")).get("type")
@@ -747,6 +739,14 @@ def validate_launcher_config(config: Any) -> list[str]:
                 errors.append(_error_line("ray", path, f"{type(e).__name__}: {msg}"))
                 prepared = None
     return errors + _launcher_policy_errors(config, prepared)
+
+
+# A worker's own cloud identity: Ray gives its instance profile (AWS) or service account (GCP) to
+# the head node only, so a worker's decode tasks, Train checkpoints and cache writers had no
+# credentials for the s3:// or gs:// paths the driver had checked (a note: a cluster on a shared
+# file system needs none)
+_WORKER_IDENTITY = {"aws": ("IamInstanceProfile", "its instance profile"),
+                    "gcp": ("serviceAccounts", "its service account")}
 
 
 def launcher_notes(config: Any) -> list[str]:
