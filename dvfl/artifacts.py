@@ -49,6 +49,19 @@ def save_model(directory: str | os.PathLike, model: nn.Module, name: str, kwargs
     return spec
 
 
+def read_spec(spec_file: str) -> dict:
+    """A model folder's spec; a damaged one is a :class:`CheckpointError` naming the file (not a bare
+    JSON, key or type error from deep inside a command)."""
+    try:
+        spec = storage.read_json(spec_file)
+    except ValueError as exc:  # (invalid JSON, not UTF-8)
+        raise CheckpointError(f"{spec_file} is not a model spec: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
+            or not isinstance(spec.get("kwargs", {}), dict):
+        raise CheckpointError(f"{spec_file} is not a model spec: it needs a \"name\" and a \"kwargs\" mapping")
+    return spec
+
+
 def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | None = None,
                reinit_head: bool = False) -> tuple[nn.Module, dict]:
     """Load an artefact directory, or an official checkpoint file with an explicit spec.
@@ -61,7 +74,7 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
         spec_file = storage.join(path, SPEC)
         if not storage.isfile(spec_file):
             raise CheckpointError(f"{path} is not a model directory (no {SPEC})")
-        spec = storage.read_json(spec_file)
+        spec = read_spec(spec_file)
         weights = storage.join(path, WEIGHTS)
         if not storage.isfile(weights) and storage.isfile(storage.join(path, FOLDER_WEIGHTS)):  # an exported model folder
             weights = storage.join(path, FOLDER_WEIGHTS)
@@ -72,8 +85,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
         spec = {"name": name, "kwargs": dict(kwargs or {})}
         weights = path
     if kwargs:  # explicit overrides, e.g. the dataset's class count
-        spec = {**spec, "kwargs": {**spec["kwargs"], **kwargs}}
-    model = build_model(spec["name"], **spec["kwargs"])
+        spec = {**spec, "kwargs": {**spec.get("kwargs", {}), **kwargs}}
+    model = build_model(spec["name"], **spec.get("kwargs", {}))
     load_checkpoint(model, weights, reinit_head=reinit_head)
     stored, spec["weights_fingerprint"] = spec.get("weights_fingerprint"), state_dict_fingerprint(model.state_dict())
     if stored and not reinit_head and stored == state_dict_fingerprint(model.state_dict(), legacy=True):

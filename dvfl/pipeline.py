@@ -21,10 +21,10 @@ import time
 import yaml
 
 from dvfl import storage
-from dvfl.artifacts import SPEC, load_model, load_model_for, other_class_list, save_model
+from dvfl.artifacts import SPEC, load_model, load_model_for, other_class_list, read_spec, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, ConfigError, RunConfig
 from dvfl.data.shards import REJECTS_FILE, load_dataset_info, median_video_seconds
-from dvfl.models import build_model
+from dvfl.models import CheckpointError, build_model
 
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
@@ -387,7 +387,10 @@ def check_given_inputs(cfg: RunConfig) -> None:
         raise ConfigError(f"teacher.path {cfg.teacher.path} is a folder without {SPEC}, not a model folder: give the "
                           f"folder holding {SPEC} (a trained model's, e.g. <run>/teacher/<id>) or a checkpoint file")
     if spec_path and storage.isfile(spec_path):
-        spec = storage.read_json(spec_path)
+        try:
+            spec = read_spec(spec_path)
+        except CheckpointError as exc:
+            raise ConfigError(f"teacher.path: {exc}") from None
         if cfg.data.clips and storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
             problem = (teacher_split_problem(cfg.teacher.path, spec, info)
                        or teacher_holdout_problem(cfg, cfg.teacher.path, spec, info))
@@ -1006,7 +1009,7 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     from dvfl.profile import count_flops
 
     spec_path = storage.join(path, SPEC) if storage.isdir(path) else None
-    spec = storage.read_json(spec_path) if spec_path else {}
+    spec = read_spec(spec_path) if spec_path else {}
     dataset = load_dataset_info(cfg.clips_dir)
     split = cfg.data.test_split
     # the crop too: cropping happens after ingest, so the clips' fingerprint does not change with it

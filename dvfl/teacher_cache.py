@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 
@@ -27,7 +28,7 @@ from dvfl.models import build_model
 from dvfl import storage
 from dvfl.host import usable_cpus
 from dvfl.data.shards import (ClipReadError, atomic_write_table, corrupt_shard_error, find_corrupt_shards,
-                              load_dataset_info, parquet_file, read_table, remove_stale_tmp, shard_paths)
+                              SPLITS, load_dataset_info, parquet_file, read_table, remove_stale_tmp, shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
@@ -368,10 +369,16 @@ def _cache_files(logits_dir: str) -> list[str]:
     return [p for p in storage.listdir(logits_dir, hidden=True) if _is_cache_file(storage.basename(p))]
 
 
+# the names a build writes: a logits file (its clip shard's name), its sidecar, a temporary file of either
+# (any other .parquet is a user's own: a build never deletes it)
+_CACHE_FILE = re.compile(r"(?P<final>_?(?:{})-\d{{5,}}\.parquet(?:\.json)?)".format("|".join(SPLITS)))
+_CACHE_TMP = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{8}\.tmp")
+
+
 def _is_cache_file(name: str) -> bool:
     """A logits file, its sidecar, or a temporary file of either (the names a build writes)."""
-    return (name.endswith(".parquet") or (name.startswith("_") and name.endswith(".parquet.json"))
-            or (name.startswith(".") and name.endswith(".tmp")))
+    tmp = _CACHE_TMP.fullmatch(name)
+    return bool(_CACHE_FILE.fullmatch(tmp["final"] if tmp else name))
 
 
 def logits_of_shard(logits_path: str, shard: dict) -> bool:
@@ -434,6 +441,10 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise CacheMismatchError(
             f"teacher {teacher} predicts {model.num_classes} classes, the dataset has {num_classes}")
+    frames = dataset_info["params"]["frames"]
+    if getattr(model, "num_frames", frames) != frames:  # (else every actor's first batch failed, a traceback)
+        raise CacheMismatchError(f"teacher {teacher} takes clips of {model.num_frames} frames, {clips_dir} holds clips "
+                                 f"of {frames} frames: give a teacher of {frames} frames or ingest {model.num_frames}")
     other = other_class_list(f"teacher {teacher}", spec, clips_dir, dataset_info["classes"])
     if other:
         raise CacheMismatchError(other)

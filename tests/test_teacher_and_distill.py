@@ -26,7 +26,7 @@ from dvfl.artifacts import load_model, save_model
 from dvfl.config import load_config
 from dvfl.data.shards import load_dataset_info, read_clips_table, shard_paths
 from dvfl.losses import distillation_loss
-from dvfl.models import CheckpointError
+from dvfl.models import CheckpointError, build_model
 from dvfl.teacher_cache import CacheMismatchError, TeacherLogitCache, build_teacher_cache
 from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 
@@ -956,6 +956,13 @@ def test_a_cache_build_refuses_an_out_whose_logits_folder_holds_other_files(prep
             build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(tmp_path), overwrite=overwrite)
     assert {p.name: p.read_text() for p in (tmp_path / "logits").iterdir()} == mine
     assert sorted(os.listdir(tmp_path)) == ["logits"]  # no build marker written either
+    # a .parquet of the user's own is not a logits file (it was deleted as one "of an unknown build")
+    (tmp_path / "logits" / "important_results.npy").unlink()
+    (tmp_path / "logits" / "notes.txt").unlink()
+    (tmp_path / "logits" / "my_predictions.parquet").write_text("user data")
+    with pytest.raises(CacheMismatchError, match=r"holds files that are not a teacher cache's \(my_predictions\.parquet\)"):
+        build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(tmp_path))
+    assert [p.name for p in (tmp_path / "logits").iterdir()] == ["my_predictions.parquet"]
     # a system's hidden file in a finished cache (Finder's .DS_Store) neither blocks nor goes
     cache = tmp_path / "cache"
     shutil.copytree(cfg.cache_dir, cache)
@@ -963,6 +970,45 @@ def test_a_cache_build_refuses_an_out_whose_logits_folder_holds_other_files(prep
     lines = []
     build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(cache), log=lines.append)
     assert any("reusing finished cache" in x for x in lines) and (cache / "logits" / ".DS_Store").exists(), lines
+
+
+def test_a_cache_of_a_teacher_for_other_frames_is_refused_before_any_forward(prepared, tmp_path):
+    """The class count was checked, the frame count not: every actor's first batch failed inside
+    Ray Data, and ``dvfl cache`` ended in a traceback."""
+    cfg = prepared["cfg"]
+    model, spec = load_model(prepared["teacher"])
+    frames = load_dataset_info(cfg.clips_dir)["params"]["frames"]
+    other = build_model(spec["name"], **{**spec["kwargs"], "num_frames": frames * 2})
+    save_model(tmp_path / "teacher", other, spec["name"], {**spec["kwargs"], "num_frames": frames * 2})
+    with pytest.raises(CacheMismatchError, match=rf"takes clips of {frames * 2} frames, .* holds clips of {frames} frames"):
+        build_teacher_cache(cfg.clips_dir, str(tmp_path / "teacher"), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "logits").exists() or not os.listdir(tmp_path / "cache" / "logits")
+
+
+def test_a_damaged_model_spec_is_an_error_naming_the_file(prepared, tmp_path):
+    """A cut or hand-edited model.json: a bare JSON error without a file name (dvfl cache), or a
+    KeyError / TypeError traceback."""
+    shutil.copytree(prepared["teacher"], tmp_path / "t")
+    spec_file = tmp_path / "t" / "model.json"
+    whole = spec_file.read_text()
+    for text in (whole[:20], json.dumps([1, 2]), json.dumps({"kwargs": {}}), json.dumps({"name": "x", "kwargs": None})):
+        spec_file.write_text(text)
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(spec_file))} is not a model spec"):
+            load_model(tmp_path / "t")
+    spec_file.write_text(whole)
+    load_model(tmp_path / "t")
+
+
+def test_cache_flags_with_an_unreachable_object_store_are_one_line(tmp_path, monkeypatch):
+    """``dvfl cache --clips s3://...`` (the flags' form) against an endpoint that does not answer
+    printed a traceback from the first existence check; the config form was checked."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    r = cli_in_process("cache_teacher.py", "--clips", "s3://bucket/clips", "--teacher", tmp_path / "t",
+                       "--out", tmp_path / "cache")
+    assert r.returncode == 2 and "error: --clips cannot reach s3://bucket/clips" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()
 
 
 def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_local, tmp_path):

@@ -62,6 +62,8 @@ def trained_crop(teacher: str) -> int | None:
         spec = storage.read_json(spec_path)
     except (OSError, ValueError):
         return None  # (a damaged model.json: loading the teacher says so)
+    if not isinstance(spec, dict):
+        return None  # (likewise)
     return (spec.get("inputs") or {}).get("crop_size") or (spec.get("kwargs") or {}).get("img_size")
 
 
@@ -120,6 +122,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error(str(exc))
     from dvfl import storage
 
+    for flag, path in (("--clips", a.clips), ("--teacher", a.teacher), ("--out", a.out)):
+        why = storage.reachable(path) if storage.is_remote(path) else None  # (else a traceback: no endpoint, credentials)
+        if why:
+            p.error(f"{flag} {why}")
     if not storage.isfile(storage.join(a.clips, "dataset.json")):
         p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json): run `dvfl ingest` first, "
                 "or its same command again to finish an interrupted one")

@@ -78,10 +78,16 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         elif not storage.isfile(storage.join(a.model, SPEC)):
             p.error(f"--model {a.model}: not a model folder (no {SPEC}); an architecture name goes to --arch")
         else:  # the architecture as trained, at its crop size: what predict and Serve run
-            spec = storage.read_json(storage.join(a.model, SPEC))
+            from dvfl.artifacts import read_spec
+            from dvfl.models import CheckpointError
+
+            try:
+                spec = read_spec(storage.join(a.model, SPEC))
+            except CheckpointError as exc:
+                p.error(f"--model {exc}")
             a.arch = spec["name"]
             crop = (spec.get("inputs") or {}).get("crop_size")
-            model_kwargs = {**spec["kwargs"], **({"img_size": int(crop)} if crop else {})}
+            model_kwargs = {**spec.get("kwargs", {}), **({"img_size": int(crop)} if crop else {})}
             model_kwargs.pop("drop_path_rate", None)
     result = profile_model(
         a.arch, **model_kwargs, temporal_impl="conv2d" if a.model else "conv1d",
