@@ -79,6 +79,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
         if not storage.isfile(weights) and storage.isfile(storage.join(path, FOLDER_WEIGHTS)):  # an exported model folder
             weights = storage.join(path, FOLDER_WEIGHTS)
     else:
+        if not storage.exists(path):  # (a mistyped folder was told to give --arch)
+            raise CheckpointError(f"{path}: no such model folder or checkpoint file")
         if name is None:
             raise CheckpointError(f"{path}: a checkpoint file needs the model name (--arch videofocalnet_base; "
                                   "in a run config teacher.model)")
@@ -86,7 +88,10 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
         weights = path
     if kwargs:  # explicit overrides, e.g. the dataset's class count
         spec = {**spec, "kwargs": {**spec.get("kwargs", {}), **kwargs}}
-    model = build_model(spec["name"], **spec.get("kwargs", {}))
+    try:
+        model = build_model(spec["name"], **spec.get("kwargs", {}))
+    except TypeError as exc:  # a hand-edited spec, or one of another version: a kwarg this model does not take
+        raise CheckpointError(f"{path}: its {SPEC} does not build {spec['name']}: {exc}") from None
     load_checkpoint(model, weights, reinit_head=reinit_head)
     stored, spec["weights_fingerprint"] = spec.get("weights_fingerprint"), state_dict_fingerprint(model.state_dict())
     if stored and not reinit_head and stored == state_dict_fingerprint(model.state_dict(), legacy=True):

@@ -231,6 +231,12 @@ def build_app(args: dict):
 
     s = ServeSettings.from_args(dict(args))
     s.model = storage.absolute(s.model)  # (a URI stays one: abspath made s3://b/m ./s3:/b/m)
+    from dvfl.artifacts import load_model
+
+    try:  # here, once: a replica that cannot load it is restarted by Serve, over and over, a traceback each
+        load_model(s.model)
+    except Exception as exc:  # noqa: BLE001  (damaged weights, a spec of another version: one line)
+        raise ValueError(f"serve args: model: {s.model} cannot be loaded: {exc}") from None
     opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)

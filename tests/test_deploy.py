@@ -642,6 +642,41 @@ def test_serve_refuses_a_model_folder_without_classes_or_input_sizes_before_any_
         ServeSettings.from_args({"model": str(model)})
 
 
+def test_serve_refuses_a_model_folder_whose_weights_cannot_load_before_any_replica(tmp_path):
+    """Only model.json's classes were checked: truncated weights or a spec of another version
+    passed, then every replica failed in its constructor and Serve restarted it, over and over."""
+    from dvfl.serve import build_app
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "embedded_teacher", model)
+    build_app({"model": str(model)})
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ValueError, match=r"^serve args: model: .* cannot be loaded: "):
+        build_app({"model": str(model)})
+    (model / "model.safetensors").write_bytes(weights)
+    spec = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**spec, "kwargs": {**spec["kwargs"], "bogus": 1}}))
+    with pytest.raises(ValueError, match=r"cannot be loaded: .*model\.json does not build videofocalnet_nano: .*bogus"):
+        build_app({"model": str(model)})
+
+
+def test_export_and_predict_say_what_is_wrong_with_their_inputs_in_one_line(tmp_path):
+    """A mistyped --model folder was told to give --arch (export has none); a model.json of another
+    version was a traceback; an s3:// video read as a missing local file."""
+    r = run_cli("export.py", "--model", tmp_path / "typo", "--format", "folder", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "typo: no such model folder or checkpoint file" in r.stderr, r.stderr
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "embedded_teacher", model)
+    spec = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**spec, "kwargs": {**spec["kwargs"], "bogus": 1}}))
+    r = run_cli("export.py", "--model", model, "--format", "folder", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "model.json does not build videofocalnet_nano" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "f").exists()
+    r = run_cli("predict.py", "--model", REPO / "models" / "embedded_teacher", "s3://bucket/v.mp4")
+    assert r.returncode == 2 and "s3://bucket/v.mp4: videos to predict must be local files" in r.stderr, r.stderr
+
+
 def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
     """The 408 comes at the time limit, but the next request waits for the timed-out one's thread
     (a thread cannot be cancelled): two requests never drive one decode child at the same time."""

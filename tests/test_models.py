@@ -67,6 +67,12 @@ def test_width_depth_and_frames_are_overridable():
     assert out.shape == (2, 7)
     with pytest.raises(ValueError, match="num_frames=4"):
         model(torch.randn(2, 8, 3, 32, 32))
+    # timm's classifier protocol, as generic timm code calls it (feature extraction, a new head)
+    x = torch.randn(2, 4, 3, 32, 32)
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert features.shape == (2, model.num_features)
+    model.reset_classifier(3, global_pool="avg")
+    assert model(x).shape == (2, 3)
 
 
 def test_frames_are_not_independent():
@@ -108,8 +114,10 @@ def test_load_official_checkpoint_strictly(tmp_path, wrap):
 def test_head_size_mismatch_is_an_error_unless_reinit(tmp_path):
     golden, path = _golden_model_and_file(tmp_path)
     config = dict(golden["config"], num_classes=9)
-    with pytest.raises(CheckpointError, match="class count differs"):
+    with pytest.raises(CheckpointError, match="class count differs") as refused:
         load_checkpoint(VideoFocalNet(**config), path)
+    # the hint names what a user can type (it named reinit_head=True and --reinit-head, which only `dvfl teacher` has)
+    assert "teacher.train.reinit_head or student.reinit_head" in str(refused.value)
     model = VideoFocalNet(**config)
     head_before = model.head.weight.clone()
     report = load_checkpoint(model, path, reinit_head=True)

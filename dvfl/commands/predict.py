@@ -49,6 +49,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("model", "inputs", "clips"), outputs=("json",))
     if a.topk < 1:
         p.error("--topk must be >= 1")
+    from dvfl import storage
+
+    remote = [x for x in a.inputs if storage.is_remote(x)]
+    if remote:  # (it read as a local path: "missing")
+        p.error(f"{remote[0]}: videos to predict must be local files: copy them here first (--model and --json take URIs)")
     if not a.timeout_per_file > 0 or (a.threads is not None and a.threads < 1):
         p.error("--timeout-per-file must be > 0 and --threads >= 1")
     from dvfl.data import decode

@@ -153,8 +153,9 @@ def _fitted_state(model: nn.Module, path, reinit_head: bool, state_dict: dict | 
     if mismatch:
         if not reinit_head:
             raise CheckpointError(
-                f"{path}: class count differs ({mismatch}). Pass reinit_head=True "
-                "(--reinit-head) to fine-tune from it with a new classifier."
+                f"{path}: class count differs ({mismatch}). A model that predicts (a teacher, a model to "
+                "evaluate) must have the dataset's classes; to fine-tune from it with a new classifier: "
+                "teacher.train.reinit_head or student.reinit_head in a run config (dvfl teacher --reinit-head)."
             )
         for key in HEAD_KEYS:
             if key in state_dict:

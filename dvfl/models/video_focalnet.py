@@ -334,7 +334,8 @@ class VideoFocalNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """(``global_pool`` is timm's signature: pooling here is always the mean over tokens and frames.)"""
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
@@ -356,8 +357,8 @@ class VideoFocalNet(nn.Module):
         x = self.norm(x).mean(dim=1)  # average over tokens, per frame
         return x.view(batch, frames, -1).mean(dim=1)  # then over frames
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return features if pre_logits else self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
