@@ -194,6 +194,9 @@ def test_ucf50_leave_one_group_out(tmp_path, src_video):
 def test_kinetics(tmp_path, src_video):
     m = make_kinetics(str(tmp_path), src_video)
     assert m.classes == ["abseiling", "zumba"]
+    # an id,name class file (as dvfl-csv takes it): every row was a class name, every video unknown_class
+    cf = write(str(tmp_path / "meta" / "classes.csv"), "id,name\n1,zumba\n0,abseiling\n")
+    assert A.kinetics(str(tmp_path), classes_file=cf).classes == ["abseiling", "zumba"]
     assert {(e.video_id, e.label, e.split) for e in m.entries} == {
         ("aaa_000010_000020", 0, "train"), ("bbb_000000_000010", 1, "train"), ("ccc_000005_000015", 1, "val")}
     assert reasons(m) == ["missing", "unknown_class"]
@@ -544,6 +547,11 @@ def test_unlabeled_dir_and_list(tmp_path, src_video):
         A.unlabeled(str(tmp_path / "docs"))
     with pytest.raises(A.AdapterError, match=r"--unlabeled .*/empty\.txt: lists no video"):
         A.unlabeled(write(str(tmp_path / "empty.txt"), "\n"))
+    # a list made by `find` elsewhere (absolute paths outside its folder): the ingest "succeeded" with no pool
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(A.AdapterError, match=r"--unlabeled .*/lists/found\.txt: none of its 1 videos can be taken "
+                                             r"\(e\.g\. outside_root: .*\); the pool's root is .*/lists"):
+        A.unlabeled(write(str(tmp_path / "lists" / "found.txt"), f"{d}/2.webm\n"))
 
 
 def test_different_unlabelled_videos_never_share_an_id(tmp_path, src_video):
@@ -839,6 +847,29 @@ def test_dvfl_csv_as_the_dvfl_net_repository_writes_it(tmp_path, src_video):
     assert m.classes == ["brush_hair", "cartwheel", "catch"] and not m.problems
     assert {(e.class_name, e.label, e.split) for e in m.entries} == {
         (n, i, s) for i, n in enumerate(m.classes) for s in ("train", "val")}
+
+
+def test_dvfl_csv_lists_numbered_one_by_one_are_refused_naming_the_folder(tmp_path, src_video):
+    """csv_writer.py run on train/ and on val/ numbers each folder in os.walk order, which differs
+    between the two: climb was label 3 in train and 2 in val. The folder names, one label each in
+    either list, said so; the adapter fell back to class_NNN names and every val video of the two
+    classes carried the other's label, without a word."""
+    root = str(tmp_path)
+    numbering = {"train": {"brush_hair": 2, "climb": 3}, "val": {"climb": 2, "brush_hair": 3}}
+    for split, labels in numbering.items():
+        lines = ["Video Path,Directory Number"]
+        for name, label in labels.items():
+            rel = f"hmdb51/{split}/{name}/{name}_{split}_0.avi"
+            put(root, rel, src_video)
+            lines.append(f"{rel},{label}")
+        write(os.path.join(root, "lists", f"{split}.csv"), "\n".join(lines) + "\n")
+    with pytest.raises(A.AdapterError, match=r"the lists number the classes differently: folder 'climb' is "
+                                             r"label 3 at train\.csv:3 but label 2 at val\.csv:2"):
+        A.dvfl_csv(root)
+    # one numbering in both lists: the folders name the classes
+    write(os.path.join(root, "lists", "val.csv"), "Video Path,Directory Number\n"
+          "hmdb51/val/brush_hair/brush_hair_val_0.avi,2\nhmdb51/val/climb/climb_val_0.avi,3\n")
+    assert A.dvfl_csv(root).classes == ["brush_hair", "climb"]
 
 
 def test_dvfl_csv_with_a_header_and_labels_from_2_gives_51_classes(tmp_path, src_video):

@@ -119,3 +119,34 @@ def test_three_test_crops_span_the_whole_short_side_as_the_official_protocol_doe
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warned on every batch about the non-writable array
         assert np.array_equal(frames_to_crop([stored], 224, 3)[0], resized)
+
+
+def test_a_shard_has_the_same_bytes_however_its_rows_arrived(tmp_path):
+    """A shard written whole by one task gets its rows a video at a time; one merged from pieces gets
+    them a piece's row group at a time. Parquet broke pages where the chunks broke, so the bytes
+    depended on how the decode tasks were cut (the rows did not): the docs promise one writer's bytes."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, size=(40, 8, 96, 128, 3), dtype=np.uint8)  # ~295 KB a clip: pages fill mid-chunk
+    videos = [_rows(clips[i:i + 1], labels=[i % 3]) for i in range(40)]
+
+    def shard(name, feeds):
+        w = SH.AtomicShardWriter(str(tmp_path / name), row_group_rows=16)
+        for t in feeds:
+            w.write(t)
+        w.commit()
+        return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+    def merged(cut):
+        feeds = []
+        for j, part in enumerate((videos[:cut], videos[cut:])):  # pieces, uncompressed, read back by row group
+            w = SH.AtomicShardWriter(str(tmp_path / f"part{cut}-{j}"), row_group_rows=16, compression="none")
+            for t in part:
+                w.write(t)
+            w.commit()
+            pf = SH.parquet_file(str(tmp_path / f"part{cut}-{j}"), pre_buffer=False)
+            feeds += [pf.read_row_group(i, use_threads=False) for i in range(pf.num_row_groups)]
+        return shard(f"merged{cut}", feeds)
+
+    assert len({shard("whole", videos), merged(8), merged(13), merged(20)}) == 1

@@ -435,7 +435,7 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         except csv.Error as exc:  # (a stray quote makes the rest of the file one field: a traceback)
             raise AdapterError(f"{path}: {exc} (a quote left open?)") from None
     if classes_file:
-        classes = [ln for _, ln in _read_lines(classes_file)]
+        classes = _class_names(classes_file)  # (one per line, or an id,name file as dvfl-csv takes)
     else:
         classes = sorted({r["label"].strip() for _, _, r in rows if (r.get("label") or "").strip()})
     index = {c: i for i, c in enumerate(classes)}
@@ -601,6 +601,28 @@ def _dense_labels(found: Sequence[int], num_classes: Optional[int], n_names: Opt
                        f"({'the class list' if n_names is not None else '--num-classes'} says {k} classes)")
 
 
+def _lists_number_folders_differently(parsed, folder_of) -> Optional[str]:
+    """Where each split's list alone files its labels one to one in class folders, but one folder
+    has two labels across the lists: where, in words; else None (not a class-folder layout, or
+    one numbering)."""
+    per_split: Dict[str, Dict[int, Dict[str, str]]] = {}  # split -> label -> folder -> where
+    for split, rel, lab, where in parsed:
+        if lab >= 0 and "/" in rel:
+            per_split.setdefault(split, {}).setdefault(lab, {}).setdefault(folder_of(rel), where)
+    for labels in per_split.values():
+        folders = [f for fs in labels.values() for f in fs]
+        if len(labels) < 2 or any(len(fs) != 1 for fs in labels.values()) or len(set(folders)) != len(folders):
+            return None
+    first: Dict[str, Tuple[int, str]] = {}  # folder -> (label, where)
+    for labels in per_split.values():
+        for lab, fs in labels.items():
+            (folder, where), = fs.items()
+            lab0, where0 = first.setdefault(folder, (lab, where))
+            if lab0 != lab:
+                return f"folder {folder!r} is label {lab0} at {where0} but label {lab} at {where}"
+    return None
+
+
 def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
              num_classes: Optional[int] = None, classes_file: Optional[str] = None) -> Manifest:
     """The DVFL-Net repo's own split lists (not the official splits: train and val share
@@ -691,6 +713,11 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         # (hmdb51/train/brush_hair/v.avi, as DVFL-Net's csv_writer.py writes them)
         classes = [f"class_{i:03d}" for i in range(k)]
         for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
+            why = _lists_number_folders_differently(parsed, folder_of)
+            if why:  # (silently: generic class names over labels that mean one class in train, another in test)
+                raise AdapterError(f"the lists number the classes differently: {why}. Lists written one by one "
+                                   "(e.g. DVFL-Net's csv_writer.py per split folder) must share one numbering: "
+                                   "renumber them from one class list")
             folders: Dict[int, set] = {}
             for _, rel, lab, _ in parsed:
                 if "/" in rel and lab in dense:
@@ -825,6 +852,12 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     for p, vid in zip(paths, _id_parts(rels)):
         _add(m, prefix + vid, p, None, None, "unlabeled")
     _linked_folder_problems(m, outside, base, "unlabeled", prefix)
+    if not m.entries:  # (every line rejected, e.g. outside_root: an ingest that "succeeded" with no pool)
+        first = m.problems[0]
+        outside = all(q.reason == _d.OUTSIDE_ROOT for q in m.problems)
+        raise AdapterError(f"--unlabeled {dir_or_list}: none of its {len(m.problems)} videos can be taken (e.g. "
+                           f"{first.reason}: {first.detail})" + (f"; the pool's root is {base} (a list's own folder): "
+                           "put the list in a folder above its videos" if outside else ""))
     return m
 
 

@@ -188,7 +188,9 @@ class AtomicShardWriter:
 
     def _flush(self, n: int) -> None:
         t = pa.concat_tables(self.pending, promote_options="permissive").cast(CLIP_SCHEMA)
-        self.writer.write_table(t.slice(0, n), row_group_size=n)
+        # one chunk per column: Parquet's pages break at chunk boundaries too, and the chunks are how
+        # the rows arrived (a video at a time, or a merged piece's row groups): other bytes per task cut
+        self.writer.write_table(t.slice(0, n).combine_chunks(), row_group_size=n)
         rest = t.slice(n)
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
