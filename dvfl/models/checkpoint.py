@@ -172,8 +172,7 @@ def _fitted_state(model: nn.Module, path, reinit_head: bool, state_dict: dict | 
         raise CheckpointError(f"{path} does not match the model spec ({type(model).__name__}): {len(shapes)} tensors "
                               f"differ in shape (checkpoint vs model), e.g. {shapes[:2]}")
     unexpected = [k for k in state_dict if k not in own]
-    # (with reinit_head, a backbone-only file's head is the new classifier: the report lists it as missing)
-    missing = [k for k in own if k not in state_dict and not (k in HEAD_KEYS and (mismatch or reinit_head))]
+    missing = [k for k in own if k not in state_dict and not (mismatch and k in HEAD_KEYS)]
     if unexpected or missing:
         raise CheckpointError(
             f"{path} does not match {type(model).__name__}: "
