@@ -56,8 +56,7 @@ def read_spec(spec_file: str) -> dict:
         spec = storage.read_json(spec_file)
     except ValueError as exc:  # (invalid JSON, not UTF-8)
         raise CheckpointError(f"{spec_file} is not a model spec: {exc}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
-            or not isinstance(spec.get("kwargs", {}), dict):
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
         raise CheckpointError(f"{spec_file} is not a model spec: it needs a \"name\" and a \"kwargs\" mapping")
     return spec
 

@@ -90,7 +90,13 @@ class ServeSettings:
             if not ok:
                 raise ValueError(f"serve args: {msg}")
         parse_views(self.views)
-        spec = storage.read_json(storage.join(self.model, "model.json"))
+        from dvfl.artifacts import read_spec
+        from dvfl.models import CheckpointError
+
+        try:
+            spec = read_spec(storage.join(self.model, "model.json"))
+        except CheckpointError as exc:
+            raise ValueError(f"serve args: model: {exc}") from None
         if not spec.get("classes") or not spec.get("inputs"):  # else every replica fails to start, over and over
             raise ValueError(f"serve args: model: {self.model} records no class names or input sizes (model.json "
                              "'classes' and 'inputs', written by `dvfl distill` and `dvfl teacher`)")

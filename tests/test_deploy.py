@@ -659,6 +659,9 @@ def test_serve_refuses_a_model_folder_whose_weights_cannot_load_before_any_repli
     (model / "model.json").write_text(json.dumps({**spec, "kwargs": {**spec["kwargs"], "bogus": 1}}))
     with pytest.raises(ValueError, match=r"cannot be loaded: .*model\.json does not build videofocalnet_nano: .*bogus"):
         build_app({"model": str(model)})
+    (model / "model.json").write_text(json.dumps(spec)[:40])  # cut short: named, not a bare JSON error
+    with pytest.raises(ValueError, match=r"^serve args: model: .*model\.json is not a model spec"):
+        build_app({"model": str(model)})
 
 
 def test_export_and_predict_say_what_is_wrong_with_their_inputs_in_one_line(tmp_path):

@@ -855,9 +855,10 @@ def unlabeled(dir_or_list: str, pool: int = 0) -> Manifest:
     if not m.entries:  # (every line rejected, e.g. outside_root: an ingest that "succeeded" with no pool)
         first = m.problems[0]
         outside = all(q.reason == _d.OUTSIDE_ROOT for q in m.problems)
+        hint = ("" if not outside else f"; the pool's root is {base}, the list's own folder: put the list in a folder "
+                "above its videos" if os.path.isfile(dir_or_list) else f"; links out of {base} are not followed")
         raise AdapterError(f"--unlabeled {dir_or_list}: none of its {len(m.problems)} videos can be taken (e.g. "
-                           f"{first.reason}: {first.detail})" + (f"; the pool's root is {base} (a list's own folder): "
-                           "put the list in a folder above its videos" if outside else ""))
+                           f"{first.reason}: {first.detail}){hint}")
     return m
 
 

@@ -171,7 +171,10 @@ class AtomicShardWriter:
             self.tmp = storage.local_tmp_name(self.path)
         self.row_group_rows = max(1, int(row_group_rows))
         non_frames = [c for c in CLIP_COLUMNS if c != "frames"]
+        # write_batch_size 1: a page is cut by its size alone, not also where the arriving chunks end (a video at
+        # a time, or a merged piece's row groups): the same bytes however the rows were cut into tasks
         self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression, write_page_checksum=True,
+                                       write_batch_size=1,
                                        use_dictionary=["video_id", "path", "class_name", "split", "view"],
                                        write_statistics=non_frames)
         self.pending: List[pa.Table] = []
@@ -188,9 +191,7 @@ class AtomicShardWriter:
 
     def _flush(self, n: int) -> None:
         t = pa.concat_tables(self.pending, promote_options="permissive").cast(CLIP_SCHEMA)
-        # one chunk per column: Parquet's pages break at chunk boundaries too, and the chunks are how
-        # the rows arrived (a video at a time, or a merged piece's row groups): other bytes per task cut
-        self.writer.write_table(t.slice(0, n).combine_chunks(), row_group_size=n)
+        self.writer.write_table(t.slice(0, n), row_group_size=n)
         rest = t.slice(n)
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
