@@ -19,7 +19,7 @@ import ray
 
 from dvfl.host import job_submission_address, joined_address
 # (light, in their own module: a command installs the handler before any work; again after ray.init)
-from dvfl.signals import sigterm_received, terminate_in_one_line  # noqa: F401
+from dvfl.signals import note_sigterm, sigterm_received, terminate_in_one_line  # noqa: F401
 
 # Logical CPUs a local instance advertises per physical core. Ray Data read tasks and light
 # drivers claim fractional CPUs; a little oversubscription keeps them from deadlocking behind
@@ -230,6 +230,20 @@ def unseen_local_paths(outputs: dict, inputs: dict | None = None, timeout_s: flo
                 pass
 
 
+def init_ray(**kwargs):
+    """``ray.init``, a SIGTERM during it unwound as Ctrl+C: its first act installs a handler that exits
+    with status 15, and ours is back only once it returns (seconds of a local start: exit 15, no line)."""
+    import signal
+
+    try:
+        return ray.init(**kwargs)
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        note_sigterm()
+        raise KeyboardInterrupt from None
+
+
 @contextlib.contextmanager
 def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, address: str | None = None,
                 dashboard: bool | None = None, log_to_driver: bool = True) -> Iterator[dict]:
@@ -257,8 +271,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
             # own runtime env sets them: Ray refuses a key named twice)
             env = {k: v for k, v in {**worker_env(), "RAY_DATA_LOG_LEVEL": os.environ["RAY_DATA_LOG_LEVEL"]}.items()
                    if k not in job_env_var_keys()}
-            ray.init(address=address, log_to_driver=log_to_driver,
-                     runtime_env={"env_vars": env} if env else None)
+            init_ray(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
             terminate_in_one_line()
         else:
             from dvfl.host import usable_cpus
@@ -266,7 +279,7 @@ def ray_runtime(num_cpus: int | None = None, object_store_mb: int = 1024, *, add
             cores = usable_cpus()
             if dashboard is None:
                 dashboard = os.environ.get("DVFL_DASHBOARD", "1") != "0"
-            context = ray.init(
+            context = init_ray(
                 # "local": never silently join some other cluster found through
                 # /tmp/ray/ray_current_cluster (possibly stale); RAY_ADDRESS is the way to join
                 address="local",

@@ -16,6 +16,13 @@ def forget_sigterm() -> None:
     _sigterm_received = False
 
 
+def note_sigterm() -> None:
+    """A SIGTERM that another handler took (``ray.init``'s own, which exits with status 15) counted
+    as ours: the command ends as :func:`terminate_in_one_line`'s handler ends it."""
+    global _sigterm_received
+    _sigterm_received = True
+
+
 def terminate_in_one_line():
     """Before a command's work, and again after ``ray.init`` (which installs its own): SIGTERM (``ray
     job stop``, a pod's stop, ``kill``) unwinds the command as Ctrl+C does, so that Ray is shut down

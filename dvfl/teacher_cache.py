@@ -54,6 +54,11 @@ class CacheMismatchError(RuntimeError):
     """The cache was built for other clips, another teacher or other views."""
 
 
+class CacheVerificationError(CacheMismatchError):
+    """Cached logits that differ from a direct teacher forward: a failure of the build (exit 1), not
+    of its inputs."""
+
+
 class CacheOfAnotherBuild(CacheMismatchError):
     """The output folder holds a cache of another teacher, other clips or other views
     (``differences``: what differs, in words, when its record says)."""
@@ -408,6 +413,7 @@ def build_teacher_cache(
     overwrite: bool = False,
     splits=TRAIN_LIKE_SPLITS,
     log=print,
+    fresh_done=None,
 ) -> dict:
     """Run the teacher once over every stored view of the clips of ``splits`` (Ray Data, actor
     pool) and cache logits. Only the splits training distils on: the test and validation clips
@@ -416,6 +422,7 @@ def build_teacher_cache(
     Reuses a finished cache with the same fingerprint; resumes a partial one. Returns the
     cache metadata (also written to ``out_dir/cache.json``). Another build into ``out_dir`` on
     this machine (runs sharing ``teacher.cache``) is waited for, then its cache is reused.
+    ``fresh_done``: called once ``overwrite`` has deleted a cache of another build (or found none).
     """
     from dvfl.locks import folder_lock
 
@@ -425,11 +432,11 @@ def build_teacher_cache(
         return _build_teacher_cache(clips_dir, teacher, out_dir, teacher_name=teacher_name, crop_size=crop_size,
                                     views=views, dtype=dtype, batch_size=batch_size, num_actors=num_actors,
                                     use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite,
-                                    splits=tuple(splits), log=log)
+                                    splits=tuple(splits), log=log, fresh_done=fresh_done)
 
 
 def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size, views, dtype, batch_size,
-                         num_actors, use_gpu, verify_samples, overwrite, splits, log) -> dict:
+                         num_actors, use_gpu, verify_samples, overwrite, splits, log, fresh_done=None) -> dict:
     import ray
 
     dataset_info = load_dataset_info(clips_dir)
@@ -499,6 +506,8 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 # the finished marker first: a delete cut short must not leave it over partial logits
                 for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + _cache_files(logits_dir):
                     storage.remove(p)
+    if fresh_done:  # (another build's cache deleted, or none there: a rerun without --fresh resumes this one)
+        fresh_done()
     if not storage.isfile(storage.join(out, BUILD_JSON)):
         # logits with no build marker: a replaced cache whose delete was cut short, or one whose
         # markers were deleted by hand; whose teacher made them is unknown, so none is reused
@@ -604,8 +613,8 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     except CacheMismatchError as exc:
         # without this, a rerun would find every shard done and fail on the same row for ever
         removed = _remove_logits_of(logits_dir, getattr(exc, "clip_id", None))
-        raise CacheMismatchError(f"{exc}; " + (f"removed {', '.join(removed)} so that a rerun computes it again"
-                                              if removed else "nothing removed")) from None
+        raise CacheVerificationError(f"{exc}; " + (f"removed {', '.join(removed)} so that a rerun computes it "
+                                                  "again" if removed else "nothing removed")) from None
     storage.write_json(storage.join(out, CACHE_JSON), info)
     storage.remove(storage.join(out, BUILD_JSON))
     log(f"[cache] {rows} logit rows in {elapsed:.1f}s; teacher top-1 "

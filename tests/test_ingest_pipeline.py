@@ -577,6 +577,35 @@ def test_deterministic_shards_and_fingerprint(syn_root, tmp_path, ray_local):
     assert compute_fingerprint(m3, base.content_params(), ids) != fp
 
 
+def test_a_video_that_cannot_be_read_now_never_replaces_a_finished_ingest(syn_root, tmp_path, ray_local, monkeypatch):
+    """One listed video failing to read on a rerun (an NFS hiccup) changed the fingerprint: a run
+    re-ingesting its own clips (data.clips unset) took that for another configuration's clips,
+    deleted the finished ingest and decoded everything again, then again on the next run."""
+    from dvfl.data import ingest as ingest_mod
+    from dvfl.data.ingest import IngestInputsUnreadable
+
+    out = str(tmp_path / "clips")
+    cfg = IngestConfig(out=out, frames=8, clips_per_video=1, short_side=16)
+    ingest(manifest(syn_root), cfg, log=None)
+    before = {p: os.path.getmtime(p) for p in SH.shard_paths(out)}
+    flaky = sorted(e.path for e in manifest(syn_root).entries)[3]
+    real = ingest_mod.file_identity
+
+    def identity(path):
+        if path == flaky:
+            raise OSError(5, "Input/output error", path)
+        return real(path)
+
+    monkeypatch.setattr(ingest_mod, "file_identity", identity)
+    with pytest.raises(IngestInputsUnreadable, match=r"holds a finished ingest, and 1 of the listed videos cannot be "
+                                                     r"read now \(e\.g\. .*Input/output error") as refused:
+        ingest(manifest(syn_root), cfg, log=None)
+    assert "already holds an ingest with a different" not in str(refused.value)  # (what a run re-ingests on)
+    assert {p: os.path.getmtime(p) for p in SH.shard_paths(out)} == before  # nothing deleted or rewritten
+    monkeypatch.setattr(ingest_mod, "file_identity", real)
+    assert ingest(manifest(syn_root), cfg, log=None)["accounting_ok"]  # read again: the finished ingest reused
+
+
 def test_the_driver_writes_no_clip(syn_root, tmp_path, ray_local, monkeypatch):
     """Decode tasks write their shards (or pieces of them) themselves: with the shard writer
     broken in the driver process only, the ingest still completes, for whole-shard tasks and for

@@ -723,8 +723,11 @@ def test_a_cache_that_fails_verification_is_computed_again_on_the_next_run(prepa
     i = table.schema.get_field_index("logits")
     pq.write_table(table.set_column(i, table.schema.field(i), pa.array(flipped, pa.binary())), bad)
     kwargs = dict(crop_size=cfg.crop_size, views=("center",), batch_size=4, verify_samples=10_000, log=lambda *_: None)
-    with pytest.raises(CacheMismatchError, match=rf"differ from a direct teacher forward .*removed {bad.name}"):
-        build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(out), **kwargs)
+    # `dvfl cache`: exit 1, as distill reports it (a failure of the build; 2 is for inputs that do not fit)
+    r = cli_in_process("cache_teacher.py", "--clips", cfg.clips_dir, "--teacher", prepared["teacher"], "--out", out,
+                       "--crop-size", cfg.crop_size, "--batch-size", 4, "--verify", 10_000)
+    assert r.returncode == 1 and re.search(rf"^error: cached logits of .* differ from a direct teacher forward .*"
+                                           rf"removed {bad.name}", r.stderr, re.M), r.stderr[-3000:]
     assert not bad.exists()
     info = build_teacher_cache(cfg.clips_dir, prepared["teacher"], str(out), **kwargs)
     assert info["fingerprint"] == fingerprint and info["verify"]["checked"] == len(TeacherLogitCache(out))
@@ -1009,6 +1012,30 @@ def test_cache_flags_with_an_unreachable_object_store_are_one_line(tmp_path, mon
                        "--out", tmp_path / "cache")
     assert r.returncode == 2 and "error: --clips cannot reach s3://bucket/clips" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()
+
+
+def test_a_sigterm_while_ray_starts_ends_the_command_in_one_line_and_says_how_to_resume(prepared, tmp_path, monkeypatch):
+    """ray.init's first act installs a SIGTERM handler that exits with status 15; ours was back only
+    once it returned: a stop during a local start (seconds) ended with exit 15 and no line. And a
+    `dvfl cache --fresh` stopped before it deleted anything said to rerun without --fresh, which
+    the other build's cache then refused."""
+    import ray
+
+    def init(**kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init does first
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler runs before this returns)
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = prepared["cfg"]
+    r = cli_in_process("cache_teacher.py", "--clips", cfg.clips_dir, "--teacher", prepared["teacher"],
+                       "--out", tmp_path / "cache", "--fresh")
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == ("[cache] terminated (SIGTERM): run the same command again, with --fresh "
+                                                 "(it had not finished deleting)"), r.stderr[-3000:]
 
 
 def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_local, tmp_path):

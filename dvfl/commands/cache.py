@@ -91,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    a.fresh_done = not a.fresh  # (interrupted before --fresh deleted another build's cache: rerun with it)
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
         # the flags as the config's fields, so that the config's checks apply to them too
@@ -163,7 +164,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.models import CheckpointError
     from dvfl.runtime import ray_runtime
     from dvfl.data.shards import ClipReadError, CorruptShardError, IncompleteClipsError
-    from dvfl.teacher_cache import CacheMismatchError, build_teacher_cache
+    from dvfl.teacher_cache import CacheMismatchError, CacheVerificationError, build_teacher_cache
 
     from dvfl.cli import failures_as_one_line
 
@@ -176,7 +177,10 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,
                                 views=a.cache_views.split(","), dtype=a.dtype, batch_size=a.batch_size,
                                 num_actors=a.actors, use_gpu=a.gpu, verify_samples=a.verify,
-                                overwrite=a.fresh, splits=splits)
+                                overwrite=a.fresh, splits=splits, fresh_done=lambda: setattr(a, "fresh_done", True))
+        except CacheVerificationError as exc:  # (the build's failure, not its inputs': as distill reports it)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except (CacheMismatchError, CheckpointError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

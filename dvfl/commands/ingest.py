@@ -1,12 +1,18 @@
 """Ingest videos into Parquet clip shards (see docs/ingest.md).
 
-Examples:
+Examples (the flags after --out are the data fields configs/<dataset>.yaml reads; clips ingested with
+the defaults, short side 128 and 1 evaluation clip, are refused by those configs):
   dvfl ingest --dataset synthetic --out data/synthetic
-  dvfl ingest --dataset ucf101 --root /data/UCF101 --split 1 --out data/ucf101_s1
-  dvfl ingest --dataset hmdb51 --root /data/hmdb51 --split 2 --out data/hmdb51_s2
-  dvfl ingest --dataset ucf50 --root /data/UCF50 --split 7 --out data/ucf50_g7
-  dvfl ingest --dataset kinetics --root /data/k400 --annotations train=train.csv --out data/k400
-  dvfl ingest --dataset ssv2 --root /data/ssv2 --out data/ssv2
+  dvfl ingest --dataset ucf101 --root /data/UCF101 --split 1 --out data/ucf101_s1 \\
+      --short-side 256 --clips-per-video 4 --eval-clips 4
+  dvfl ingest --dataset hmdb51 --root /data/hmdb51 --split 2 --out data/hmdb51_s2 \\
+      --short-side 256 --clips-per-video 4 --eval-clips 4
+  dvfl ingest --dataset ucf50 --root /data/UCF50 --split 7 --out data/ucf50_g7 \\
+      --short-side 256 --clips-per-video 4 --eval-clips 4
+  dvfl ingest --dataset kinetics --root /data/k400 --annotations train=train.csv \\
+      --annotations test=validate.csv --out data/k400 --short-side 256 --clips-per-video 2 --eval-clips 4
+  dvfl ingest --dataset ssv2 --root /data/ssv2 --annotations train=labels/train.json \\
+      --annotations test=labels/validation.json --out data/ssv2 --short-side 256 --clips-per-video 2 --eval-clips 2
   dvfl ingest --dataset dvfl-csv --root /data/UCF101 --annotations train=lists/train.csv \\
       --annotations val=lists/val.csv --out data/ucf101_dvfl
   dvfl ingest --dataset folder --root /data/my_videos --test-fraction 0.2 --out data/mine

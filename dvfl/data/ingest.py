@@ -407,6 +407,11 @@ class _Progress:
         self.stream.flush()
 
 
+class IngestInputsUnreadable(ValueError):
+    """Listed videos that cannot be read now, beside a finished ingest of other inputs: never a
+    reason to replace it on its own."""
+
+
 def _reject_record(p: Problem, root: str) -> Dict[str, Any]:
     ve = VideoEntry(p.video_id or "", p.path, None, None, p.split or "")
     return {"path": ve.relpath(root) if os.path.isabs(p.path) else p.path, "video_id": p.video_id,
@@ -488,6 +493,14 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
     elif storage.exists(plan_path):
         old = storage.read_json(plan_path)
         if old != layout:
+            unreadable = [q for q in manifest.problems if q.reason == _d.UNREADABLE]
+            if unreadable and old.get("fingerprint") != fingerprint:
+                # (perhaps only a read that failed now, an NFS hiccup: a run re-ingesting its own clips deleted a
+                # finished ingest for it, then again on the next run, when the file read fine)
+                raise IngestInputsUnreadable(
+                    f"{out} holds a finished ingest, and {len(unreadable)} of the listed videos cannot be read now "
+                    f"(e.g. {unreadable[0].path}: {unreadable[0].detail}): with them the inputs may be that ingest's. "
+                    "Run again once they can be read; to re-ingest without them, --fresh (or delete the folder)")
             what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
             raise ValueError(f"{out} already holds an ingest with a different {what}; "
                              f"use a new --out or pass --fresh")
