@@ -165,7 +165,7 @@ def hold_clips(cfg: RunConfig, info: dict, log=print) -> dict:
 def ready_clips(cfg: RunConfig, log=print) -> dict:
     """The clips' dataset.json, ingested first when they are not finished."""
     from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
-    from dvfl.data.ingest import IngestConfig, ingest
+    from dvfl.data.ingest import IngestConfig, IngestInputsUnreadable, ingest
 
     out = cfg.clips_dir
     if cfg.data.clips and storage.isfile(storage.join(out, "dataset.json")):
@@ -209,6 +209,9 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
         # ingest): used as a run started a moment later would use them
         if not (cfg.data.clips and storage.isfile(storage.join(out, "dataset.json"))):
             raise
+    except IngestInputsUnreadable as exc:  # (never a reason to replace the clips: a config error, one line)
+        msg = str(exc).split("; to re-ingest without them")[0]  # (run commands have no ingest --fresh)
+        raise ConfigError(f"data.root: {msg}; to re-ingest without them, delete {out}") from None
     except ValueError as exc:
         # an earlier configuration's clips, or a re-ingest killed while it deleted them (its plan gone first)
         ours = ("already holds an ingest with a different", "holds shards but no")

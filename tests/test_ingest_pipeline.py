@@ -597,13 +597,31 @@ def test_a_video_that_cannot_be_read_now_never_replaces_a_finished_ingest(syn_ro
         return real(path)
 
     monkeypatch.setattr(ingest_mod, "file_identity", identity)
-    with pytest.raises(IngestInputsUnreadable, match=r"holds a finished ingest, and 1 of the listed videos cannot be "
-                                                     r"read now \(e\.g\. .*Input/output error") as refused:
+    with pytest.raises(IngestInputsUnreadable, match=r"holds an ingest, and 1 of the listed videos it did not find "
+                                                     r"unreadable cannot be read now \(e\.g\. .*Input/output error") as refused:
         ingest(manifest(syn_root), cfg, log=None)
     assert "already holds an ingest with a different" not in str(refused.value)  # (what a run re-ingests on)
     assert {p: os.path.getmtime(p) for p in SH.shard_paths(out)} == before  # nothing deleted or rewritten
     monkeypatch.setattr(ingest_mod, "file_identity", real)
     assert ingest(manifest(syn_root), cfg, log=None)["accounting_ok"]  # read again: the finished ingest reused
+    # a run that ingests its own clips (data.clips unset): one config error, the clips kept
+    from dvfl.config import ConfigError, load_config
+    from dvfl.pipeline import ready_clips
+
+    run_cfg = load_config(None, [("data.dataset", "ucf101"), ("data.root", syn_root[0]), ("output_dir", str(tmp_path / "run")),
+                                 ("data.frames", 8), ("data.short_side", 16), ("data.crop_size", 16),
+                                 ("data.clips_per_video", 1), ("data.eval_clips", 1), ("eval.clips", 1), ("eval.crops", 1)])
+    info = ready_clips(run_cfg, log=None)
+    monkeypatch.setattr(ingest_mod, "file_identity", identity)
+    with pytest.raises(ConfigError, match=r"^data\.root: .* cannot be read now .*; to re-ingest without them, delete "
+                                          r".*/run/clips$"):
+        ready_clips(run_cfg, log=None)
+    assert SH.load_dataset_info(run_cfg.clips_dir) == info
+    # a video the finished ingest rejected as unreadable too: another setting re-ingests as before
+    kept = str(tmp_path / "kept")
+    ingest(manifest(syn_root), IngestConfig(out=kept, frames=8, clips_per_video=1, short_side=16), log=None)
+    with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
+        ingest(manifest(syn_root), IngestConfig(out=kept, frames=8, clips_per_video=1, short_side=24), log=None)
 
 
 def test_the_driver_writes_no_clip(syn_root, tmp_path, ray_local, monkeypatch):

@@ -412,6 +412,23 @@ class IngestInputsUnreadable(ValueError):
     reason to replace it on its own."""
 
 
+def _rejected_as(out: str, reason: str) -> set:
+    """Video ids a finished ingest in ``out`` rejected for ``reason`` (none for an unfinished one)."""
+    try:
+        lines = storage.read_text(storage.join(out, _s.REJECTS_FILE)).splitlines()
+    except (OSError, ValueError):
+        return set()
+    found = set()
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and r.get("reason") == reason:
+            found.add(r.get("video_id"))
+    return found
+
+
 def _reject_record(p: Problem, root: str) -> Dict[str, Any]:
     ve = VideoEntry(p.video_id or "", p.path, None, None, p.split or "")
     return {"path": ve.relpath(root) if os.path.isabs(p.path) else p.path, "video_id": p.video_id,
@@ -494,13 +511,17 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
         old = storage.read_json(plan_path)
         if old != layout:
             unreadable = [q for q in manifest.problems if q.reason == _d.UNREADABLE]
+            if unreadable and old.get("fingerprint") != fingerprint:  # (those it rejected alike: not a change)
+                known = _rejected_as(out, _d.UNREADABLE)
+                unreadable = [q for q in unreadable if q.video_id not in known]
             if unreadable and old.get("fingerprint") != fingerprint:
                 # (perhaps only a read that failed now, an NFS hiccup: a run re-ingesting its own clips deleted a
                 # finished ingest for it, then again on the next run, when the file read fine)
                 raise IngestInputsUnreadable(
-                    f"{out} holds a finished ingest, and {len(unreadable)} of the listed videos cannot be read now "
-                    f"(e.g. {unreadable[0].path}: {unreadable[0].detail}): with them the inputs may be that ingest's. "
-                    "Run again once they can be read; to re-ingest without them, --fresh (or delete the folder)")
+                    f"{out} holds an ingest, and {len(unreadable)} of the listed videos it did not find unreadable "
+                    f"cannot be read now (e.g. {unreadable[0].path}: {unreadable[0].detail}): with them the inputs may "
+                    "be that ingest's. Run again once they can be read; to re-ingest without them, --fresh (or "
+                    "delete the folder)")
             what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
             raise ValueError(f"{out} already holds an ingest with a different {what}; "
                              f"use a new --out or pass --fresh")
