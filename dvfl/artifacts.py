@@ -79,7 +79,7 @@ def load_model(path: str | os.PathLike, name: str | None = None, kwargs: dict | 
             weights = storage.join(path, FOLDER_WEIGHTS)
     else:
         if not storage.exists(path):  # (a mistyped folder was told to give --arch)
-            raise CheckpointError(f"{path}: no such model folder or checkpoint file")
+            raise CheckpointError(f"{path}: not found (no such model folder or checkpoint file)")
         if name is None:
             raise CheckpointError(f"{path}: a checkpoint file needs the model name (--arch videofocalnet_base; "
                                   "in a run config teacher.model)")

@@ -668,7 +668,7 @@ def test_export_and_predict_say_what_is_wrong_with_their_inputs_in_one_line(tmp_
     """A mistyped --model folder was told to give --arch (export has none); a model.json of another
     version was a traceback; an s3:// video read as a missing local file."""
     r = run_cli("export.py", "--model", tmp_path / "typo", "--format", "folder", "--out", tmp_path / "f")
-    assert r.returncode == 2 and "typo: no such model folder or checkpoint file" in r.stderr, r.stderr
+    assert r.returncode == 2 and "typo: not found (no such model folder or checkpoint file)" in r.stderr, r.stderr
     model = tmp_path / "model"
     shutil.copytree(REPO / "models" / "embedded_teacher", model)
     spec = json.loads((model / "model.json").read_text())
