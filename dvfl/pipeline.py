@@ -1197,6 +1197,7 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
               # per-epoch history and val_top1_per_seed from the validation split
               "splits": {"test": cfg.data.test_split, "validation": validation,
                          "top1": cfg.data.test_split, "history": validation},
+              "std": "sample standard deviation (n-1) over the seeds; null for one seed",
               "models": table}
     gains = kd_gains(table)
     if gains:
@@ -1216,7 +1217,8 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
         lines.append(f"| {labels.get(name, name)} | {row['params'] / 1e6:.2f}M | {row['gmacs']:.3f} | "
                      f"{100 * row['top1_mean']:.1f}%{std} | {per_seed} | {row['top5_mean']:.1%} | {row['seeds']} |")
     md = "\n".join(lines) + (f"\n\nEvaluation (top-1, top-5): {report['eval']}, evaluated once at the end. "
-                              f"Choices (per-epoch validation, curves) used {validation}.\n")
+                              f"Choices (per-epoch validation, curves) used {validation}. Std: sample standard "
+                              "deviation (n-1) over the seeds.\n")
     if gains:
         for base in ("vfl", "vfl_long"):
             if f"dvfl_minus_{base}_points" in gains:

@@ -161,7 +161,8 @@ def aggregate(protocol: Protocol, runs: list[dict]) -> dict:
     """Per model: mean and sample std (n-1) over the splits that ran; for folds also the pooled
     top-1 (every test video of every fold counted once)."""
     out = {}
-    for role in runs[0]["models"]:
+    # every model any split ran, in order (a split whose clips hold an unlabelled pool trains one more)
+    for role in dict.fromkeys(role for r in runs for role in r["models"]):
         rows = [r["models"][role] for r in runs if role in r["models"]]
         top1_mean, top1_std = _mean_std([m["top1"] for m in rows])
         top5_mean, top5_std = _mean_std([m["top5"] for m in rows])
@@ -209,7 +210,8 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
              "|---|---:|---:|" + "---:|" * len(ran)]
     for role, agg in report["aggregate"].items():
         per = {r["split"]: r["models"].get(role) for r in runs}
-        lines.append(f"| {STUDENT_LABELS.get(role, role)} | {_pct(agg['top1_mean'], agg['top1_std'])} | "
+        label = STUDENT_LABELS.get(role, role) + (f" ({agg['n']} of {len(ran)} {protocol.kind}s)" if agg["n"] < len(ran) else "")
+        lines.append(f"| {label} | {_pct(agg['top1_mean'], agg['top1_std'])} | "
                      f"{_pct(agg['top5_mean'], agg['top5_std'])} | "
                      + " | ".join(f"{per[s]['top1']:.1%}" if per[s] else "-" for s in ran) + " |")
     pooled = {r: a["pooled_top1"] for r, a in report["aggregate"].items() if "pooled_top1" in a}

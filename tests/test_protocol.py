@@ -217,6 +217,27 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
     assert report["folds_run"] == [1, 2, 3, 5, 6], report["folds_run"]
 
 
+def test_a_model_some_splits_did_not_train_is_reported_with_how_many_did(tmp_path):
+    """A split whose clips hold an unlabelled pool trains DVFL+unlabelled too: the summary took its
+    models from the first split, so the row vanished when split 1 had no pool (and a model of split
+    1 alone read as a 3-of-3 mean)."""
+    from dvfl.protocol import PROTOCOLS, write_results
+
+    def run(split, **top1):
+        return {"split": split, "models": {role: {"top1": v, "top5": 1.0, "videos": 10, "seeds": [0], "top1_per_seed": [v]}
+                                           for role, v in top1.items()}}
+
+    runs = [run(1, vfl=0.5, dvfl=0.6), run(2, vfl=0.52, dvfl=0.62, **{"dvfl+unlabeled": 0.85}),
+            run(3, vfl=0.54, dvfl=0.64, **{"dvfl+unlabeled": 0.87})]
+    report = write_results(str(tmp_path), PROTOCOLS["hmdb51"], [1, 2, 3], runs, log=lambda *_: None)
+    assert list(report["aggregate"]) == ["vfl", "dvfl", "dvfl+unlabeled"]
+    assert report["aggregate"]["dvfl+unlabeled"]["n"] == 2
+    assert report["aggregate"]["dvfl+unlabeled"]["top1_per_split"] == [0.85, 0.87]
+    md = (tmp_path / "protocol.md").read_text()
+    assert re.search(r"^\| .* \(2 of 3 splits\) \| 86\.0% ± 1\.4 \| .* \| - \| 85\.0% \| 87\.0% \|$", md, re.M), md
+    assert re.search(r"^\| VFL-Net \(student, no KD\) \| 52\.0% ± 2\.0 \|", md, re.M), md  # (every split: no count)
+
+
 # ---------------------------------------------------------------------------------------
 # refusals, before any work (no Ray)
 

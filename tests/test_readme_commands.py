@@ -136,6 +136,9 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
     # the default's validation videos are a checked split of their own, not carved out of its mislabelled ones
     assert report["splits"]["validation"] == "split 'val'" == report["splits"]["history"]
     assert "Evaluation (top-1, top-5): 1 clips x 1 crops, split test" in (out / "results.md").read_text()
+    # which std it is (a population std is 0.82x a 3-seed sample std): said, as protocol.json says it
+    assert report["std"].startswith("sample standard deviation (n-1)")
+    assert "Std: sample standard deviation (n-1) over the seeds." in (out / "results.md").read_text()
     assert report["config"]["output_dir"] == str(out)
     gains = report["kd_gains"]  # the issue-5 comparison, per seed, from the same rows
     assert gains["dvfl_minus_vfl_points"] == [
