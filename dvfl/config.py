@@ -408,7 +408,9 @@ class RunConfig:
                  f"{self.scaling.num_workers} (set it to 1, or concurrent_runs to 0 for DDP)")
         if not self.scaling.cpus_per_worker > 0:
             fail("scaling.cpus_per_worker", f"must be > 0, got {self.scaling.cpus_per_worker!r}")
-        for key, amount in (self.scaling.worker_resources or {}).items():
+        resources = self.scaling.worker_resources or {}
+        for key, amount in resources.items():
+            resources[key] = amount = yaml11_float(amount)  # (1e-3: a string to PyYAML)
             if key in ("CPU", "GPU", "memory") or not isinstance(key, str):
                 fail("scaling.worker_resources", f"names custom resources only (CPU/GPU come from "
                      f"cpus_per_worker/use_gpu), got {key!r}")
@@ -572,6 +574,8 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
 def _unique_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: construct_mapping merges it, explicit keys winning
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice in one mapping",
@@ -679,24 +683,28 @@ def set_field(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def _section_class(dotted: str):
-    """The dataclass of the run-config section ``dotted`` names (``kd``, ``teacher.train``), else None."""
-    cls = RunConfig
+def _section_default(dotted: str):
+    """The default of the run-config section ``dotted`` names (``kd``, ``teacher.train``), else None."""
+    default = RunConfig()
     for key in dotted.split("."):
-        default = getattr(cls(), key, None) if dataclasses.is_dataclass(cls) else None
+        default = getattr(default, key, None)
         if not dataclasses.is_dataclass(default):
             return None
-        cls = type(default)
-    return cls
+    return default
 
 
 def override_field(tree: dict, dotted: str, value) -> None:
     """:func:`set_field` for a run-config tree: a mapping given for a whole section
     (``--set 'kd={temperature: 2}'``) sets those fields only; replacing the section would put
-    every other field of it back to its default. A mapping naming another ``model`` replaces its
-    section: that variant's own widths, not the section's (as in a file)."""
-    cls = _section_class(dotted) if isinstance(value, dict) else None
-    if cls is not None and not ("model" in value and "model" in {f.name for f in dataclasses.fields(cls)}):
+    every other field of it back to its default. A mapping naming another model than the section's
+    replaces a model section: that variant's own widths, not the section's (as in a file)."""
+    default = _section_default(dotted) if isinstance(value, dict) else None
+    node = tree
+    for k in dotted.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    current = (node if isinstance(node, dict) else {}).get("model", getattr(default, "model", None))
+    another_model = isinstance(default, ModelSection) and "model" in value and value["model"] != current
+    if default is not None and not another_model:
         node = tree
         for k in dotted.split("."):
             if not isinstance(node.get(k), dict):  # (an empty section in a file reads as None)

@@ -380,6 +380,14 @@ def test_yaml_words_and_duplicate_keys(tmp_path):
     twice.write_text("optim: {lr: 0.1}\noptim: {epochs: 3}\n")
     with pytest.raises(ConfigError, match=r"is not valid YAML: .*key 'optim' is written twice"):
         load_config(twice, check_paths=False)
+    merged = tmp_path / "merged.yaml"  # YAML's merge key is not a key written twice ("not valid YAML")
+    merged.write_text("optim: &o {epochs: 3, batch_size: 4, lr: 0.001}\nteacher: {optim: {<<: *o, epochs: 5}}\n")
+    cfg = load_config(merged, check_paths=False)
+    assert (cfg.teacher.optim.epochs, cfg.teacher.optim.batch_size, cfg.optim.epochs) == (5, 4, 3)
+    # 1e-3 where a number goes: a float everywhere (three places still refused it as a string)
+    assert load_config(None, ["scaling.worker_resources={a: 1e-3}"], check_paths=False).scaling.worker_resources == {"a": 0.001}
+    t = load_tune_config(None, ["tune.driver_cpus=1e-1", "tune.asha.reduction_factor=3e0"], check_paths=False)[0]
+    assert (t.driver_cpus, t.asha.reduction_factor) == (0.1, 3.0)
     floats = tmp_path / "floats.yaml"  # 1e-4 is a string to PyYAML: "must be a finite number", or strings for Tune
     floats.write_text("space:\n  optim.lr: {loguniform: [1e-4, 1e-2]}\n  optim.weight_decay: {choice: [0, 5e-2]}\n")
     space = load_tune_config(floats, check_paths=False)[0].space
@@ -408,9 +416,23 @@ def test_a_mapping_for_a_section_sets_those_fields_and_keeps_the_others(tmp_path
     # an empty section in a file (None) takes a mapping too
     tiny = load_config(None, ["student={model: videofocalnet_tiny}"], check_paths=False).student
     assert tiny.model == "videofocalnet_tiny" and tiny.embed_dim is None and tiny.depths is None
+    # naming the section's own model keeps its fields (a 16-wide student became a 96-wide nano), and the
+    # teacher section's `model` (a bare file's architecture) replaced views, cache and epochs
+    same = load_config(None, [f"student={{model: {base.student.model}, drop_path_rate: 0.05}}"], check_paths=False).student
+    assert (same.embed_dim, same.depths, same.drop_path_rate) == (base.student.embed_dim, base.student.depths, 0.05)
+    hmdb = load_config(CONFIGS / "hmdb51.yaml", check_paths=False)
+    given = load_config(CONFIGS / "hmdb51.yaml", ["teacher={path: /x/t.pth, model: videofocalnet_base}"],
+                        check_paths=False).teacher
+    assert (given.path, given.model) == ("/x/t.pth", "videofocalnet_base")
+    assert (given.views, given.cache, given.optim.epochs) == (hmdb.teacher.views, hmdb.teacher.cache, hmdb.teacher.optim.epochs)
     empty = tmp_path / "empty_kd.yaml"
     empty.write_text("kd:\n")
     assert load_config(empty, ["kd={temperature: 2}"], check_paths=False).kd.temperature == 2
+    # a search's own sections likewise (its set: lost its epochs, ASHA its grace period)
+    t0, r0 = load_tune_config(None, check_paths=False)
+    t, r = load_tune_config(None, ["tune.asha={reduction_factor: 3}", "tune.set={optim.lr: 0.0008}"], check_paths=False)
+    assert (t.asha.reduction_factor, t.asha.grace_period) == (3, t0.asha.grace_period) and t0.asha.grace_period != 1
+    assert (r.optim.lr, r.optim.epochs) == (0.0008, r0.optim.epochs) and r0.optim.epochs != type(r0.optim)().epochs
     # a field whose value is a mapping is still replaced whole
     cfg = load_config(None, [("scaling.worker_resources", {"a": 1}), ("scaling.worker_resources", {"b": 2})],
                       check_paths=False)

@@ -64,6 +64,7 @@ class TuneConfig:
 
 
 def _number(name: str, value, kind=float):
+    value = yaml11_float(value) if kind is float else value  # (1e-1: a string to PyYAML)
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int))
             or not math.isfinite(value)):
         raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
@@ -302,6 +303,10 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
             if not isinstance(tree.get(section) or {}, dict):
                 raise ConfigError(f"tune.{section} must be a mapping")
             tree[section] = {**(tree.get(section) or {}), field_name: value}
+        elif key in ("tune.set", "tune.asha") and isinstance(value, dict) and isinstance(tree.get(key[5:]) or {}, dict):
+            # those fields only, as a run-config section's mapping (the file's other fields went back to
+            # their defaults: its epochs, ASHA's grace period)
+            tree[key[5:]] = {**(tree.get(key[5:]) or {}), **value}
         elif key.startswith(TUNE_PREFIX):
             set_field(tree, key[len(TUNE_PREFIX):], value)
         else:
