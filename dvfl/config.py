@@ -577,6 +577,11 @@ def _unique_mapping(loader, node, deep=False):
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: construct_mapping merges it, explicit keys winning
             continue
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:  # (`? [1, 2]`: a traceback)
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value, not a list or mapping",
+                                                    key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice in one mapping",
                                                     key_node.start_mark)

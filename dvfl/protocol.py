@@ -164,10 +164,11 @@ def aggregate(protocol: Protocol, runs: list[dict]) -> dict:
     # every model any split ran, in order (a split whose clips hold an unlabelled pool trains one more)
     for role in dict.fromkeys(role for r in runs for role in r["models"]):
         rows = [r["models"][role] for r in runs if role in r["models"]]
+        splits = [r["split"] for r in runs if role in r["models"]]
         top1_mean, top1_std = _mean_std([m["top1"] for m in rows])
         top5_mean, top5_std = _mean_std([m["top5"] for m in rows])
         agg = {"n": len(rows), "top1_mean": top1_mean, "top1_std": top1_std, "top5_mean": top5_mean,
-               "top5_std": top5_std, "top1_per_split": [m["top1"] for m in rows]}
+               "top5_std": top5_std, "top1_per_split": [m["top1"] for m in rows], "splits": splits}
         if protocol.kind == "fold" and all(m.get("videos") for m in rows):
             videos = sum(m["videos"] for m in rows)
             agg["pooled_top1"] = sum(m["top1"] * m["videos"] for m in rows) / videos
@@ -214,12 +215,13 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
         lines.append(f"| {label} | {_pct(agg['top1_mean'], agg['top1_std'])} | "
                      f"{_pct(agg['top5_mean'], agg['top5_std'])} | "
                      + " | ".join(f"{per[s]['top1']:.1%}" if per[s] else "-" for s in ran) + " |")
-    pooled = {r: a["pooled_top1"] for r, a in report["aggregate"].items() if "pooled_top1" in a}
+    pooled = {STUDENT_LABELS.get(r, r) + (f" ({a['n']} of {len(ran)} {protocol.kind}s)" if a["n"] < len(ran) else ""):
+              a["pooled_top1"] for r, a in report["aggregate"].items() if "pooled_top1" in a}
     md = "\n".join(lines) + "\n\nTop-1 per " + protocol.kind + " on its test split (evaluated once, at the end); " \
         "std: sample standard deviation over the " + protocol.kind + "s that ran.\n"
     if pooled:
         md += "\nPooled top-1 (every test video of the folds that ran counted once): " + ", ".join(
-            f"{STUDENT_LABELS.get(r, r)} {v:.1%}" for r, v in pooled.items()) + ".\n"
+            f"{label} {v:.1%}" for label, v in pooled.items()) + ".\n"
     storage.write_text(storage.join(out_dir, RESULTS_MD), md)
     log(f"[protocol] {what}: {storage.join(out_dir, RESULTS_JSON)}")
     return report

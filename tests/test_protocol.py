@@ -233,9 +233,14 @@ def test_a_model_some_splits_did_not_train_is_reported_with_how_many_did(tmp_pat
     assert list(report["aggregate"]) == ["vfl", "dvfl", "dvfl+unlabeled"]
     assert report["aggregate"]["dvfl+unlabeled"]["n"] == 2
     assert report["aggregate"]["dvfl+unlabeled"]["top1_per_split"] == [0.85, 0.87]
+    assert report["aggregate"]["dvfl+unlabeled"]["splits"] == [2, 3] and report["aggregate"]["vfl"]["splits"] == [1, 2, 3]
     md = (tmp_path / "protocol.md").read_text()
     assert re.search(r"^\| .* \(2 of 3 splits\) \| 86\.0% ± 1\.4 \| .* \| - \| 85\.0% \| 87\.0% \|$", md, re.M), md
     assert re.search(r"^\| VFL-Net \(student, no KD\) \| 52\.0% ± 2\.0 \|", md, re.M), md  # (every split: no count)
+    # folds: the pooled line says it too
+    write_results(str(tmp_path / "folds"), PROTOCOLS["ucf50"], [1, 2, 3], runs, log=lambda *_: None)
+    md = (tmp_path / "folds" / "protocol.md").read_text()
+    assert re.search(r"^Pooled top-1 .*unlabelled clips\) \(2 of 3 folds\) 86\.0%\.$", md, re.M), md
 
 
 # ---------------------------------------------------------------------------------------

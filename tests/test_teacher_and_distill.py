@@ -1038,6 +1038,28 @@ def test_a_sigterm_while_ray_starts_ends_the_command_in_one_line_and_says_how_to
                                                  "(it had not finished deleting)"), r.stderr[-3000:]
 
 
+def test_dvfl_teacher_on_given_clips_takes_the_architecture_a_set_names(prepared, tmp_path, monkeypatch):
+    """Without --config, the default architecture (videofocalnet_base) was applied after the user's
+    --set: `--set teacher.train.model=videofocalnet_tiny` trained a base. --arch still wins."""
+    from dvfl.commands import teacher as teacher_cmd
+
+    built = []
+    real = teacher_cmd.config_from_args
+
+    def capture(*args, **kwargs):
+        built.append(real(*args, **kwargs).teacher.train)
+        raise SystemExit(0)  # (the model it would train is the subject, not the training)
+
+    monkeypatch.setattr(teacher_cmd, "config_from_args", capture)
+    clips = prepared["cfg"].clips_dir
+    for extra in ([], ["--set", "teacher.train.model=videofocalnet_tiny"],
+                  ["--set", "teacher.train={model: videofocalnet_tiny}"],
+                  ["--arch", "videofocalnet_nano", "--set", "teacher.train.model=videofocalnet_tiny"]):
+        cli_in_process("train_teacher.py", "--clips", clips, "--out", tmp_path / "t", *extra)
+    assert [(t.model, t.embed_dim) for t in built] == [("videofocalnet_base", None), ("videofocalnet_tiny", None),
+                                                        ("videofocalnet_tiny", None), ("videofocalnet_nano", None)]
+
+
 def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_local, tmp_path):
     """The one-line report of errors a user can act on was distill's alone: ``dvfl teacher`` (and
     tune, protocol) ended in a traceback through Ray's wrappers. Here: too few clips for a batch."""

@@ -102,14 +102,15 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     from_config = bool(a.config) or (uses_config(a) and not (a.clips and a.out))
     if not from_config and not (a.clips and a.out):
         p.error("give --config (paths from the run config) or both --clips and --out")
-    model = a.arch or (None if from_config else "videofocalnet_base")
     own: dict = {}
     if not from_config:  # the named variant as it is (not the embedded default's small teacher) on the clips as
         own = clips_own_settings(a.clips)  # they are (not the default's generated videos), --set on top
-        a.overrides = [("teacher.train.embed_dim", a.embed_dim), ("teacher.train.depths", None),
+        # (the default architecture before the user's --set: after it, it overrode --set teacher.train.model)
+        a.overrides = [("teacher.train.model", a.arch or "videofocalnet_base"),
+                       ("teacher.train.embed_dim", a.embed_dim), ("teacher.train.depths", None),
                        ("scaling.concurrent_runs", 0),  # (side-by-side students: not a teacher's)
                        *((f"data.{k}", v) for k, v in own.items()), *a.overrides]
-    cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": model,
+    cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.out, "teacher.train.model": a.arch,
                                "teacher.train.embed_dim": a.embed_dim, "teacher.optim.epochs": a.epochs,
                                "teacher.optim.lr": a.lr, "teacher.optim.batch_size": a.batch_size,
                                "teacher.train.checkpoint": a.checkpoint, "teacher.train.init_2d": a.init_2d,

@@ -303,10 +303,10 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
             if not isinstance(tree.get(section) or {}, dict):
                 raise ConfigError(f"tune.{section} must be a mapping")
             tree[section] = {**(tree.get(section) or {}), field_name: value}
-        elif key in ("tune.set", "tune.asha") and isinstance(value, dict) and isinstance(tree.get(key[5:]) or {}, dict):
-            # those fields only, as a run-config section's mapping (the file's other fields went back to
-            # their defaults: its epochs, ASHA's grace period)
-            tree[key[5:]] = {**(tree.get(key[5:]) or {}), **value}
+        elif key == "tune.asha" and isinstance(value, dict) and isinstance(tree.get("asha") or {}, dict):
+            # those fields only, as a run-config section's mapping (the others went back to their defaults:
+            # a grace period of 1). (tune.set= still replaces the file's set:, whose entries nest and repeat.)
+            tree["asha"] = {**(tree.get("asha") or {}), **value}
         elif key.startswith(TUNE_PREFIX):
             set_field(tree, key[len(TUNE_PREFIX):], value)
         else:
