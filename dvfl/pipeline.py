@@ -210,8 +210,8 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
         if not (cfg.data.clips and storage.isfile(storage.join(out, "dataset.json"))):
             raise
     except IngestInputsUnreadable as exc:  # (never a reason to replace the clips: a config error, one line)
-        msg = str(exc).split("; to re-ingest without them")[0]  # (run commands have no ingest --fresh)
-        raise ConfigError(f"data.root: {msg}; to re-ingest without them, delete {out}") from None
+        raise ConfigError(f"data.root: {exc.what}. Run again once they can be read; to re-ingest without them, "
+                          f"delete {out}") from None  # (run commands have no ingest --fresh)
     except ValueError as exc:
         # an earlier configuration's clips, or a re-ingest killed while it deleted them (its plan gone first)
         ours = ("already holds an ingest with a different", "holds shards but no")

@@ -177,14 +177,19 @@ def aggregate(protocol: Protocol, runs: list[dict]) -> dict:
     return out
 
 
+def _model_label(role: str, agg: dict, ran: list, kind: str) -> str:
+    """The model's name, with how many of the splits that ran trained it where not all did."""
+    from dvfl.pipeline import STUDENT_LABELS
+
+    return STUDENT_LABELS.get(role, role) + (f" ({agg['n']} of {len(ran)} {kind}s)" if agg["n"] < len(ran) else "")
+
+
 def _pct(mean: float, std: float | None) -> str:
     return f"{mean:.1%}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
 def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list[dict], log=print) -> dict:
     """protocol.json + protocol.md (atomic): per-split figures, mean ± std, how many splits ran."""
-    from dvfl.pipeline import STUDENT_LABELS
-
     ran = [r["split"] for r in runs]
     report = {
         "protocol": protocol.description, "dataset": protocol.dataset, "kind": protocol.kind,
@@ -211,12 +216,11 @@ def write_results(out_dir: str, protocol: Protocol, asked: list[int], runs: list
              "|---|---:|---:|" + "---:|" * len(ran)]
     for role, agg in report["aggregate"].items():
         per = {r["split"]: r["models"].get(role) for r in runs}
-        label = STUDENT_LABELS.get(role, role) + (f" ({agg['n']} of {len(ran)} {protocol.kind}s)" if agg["n"] < len(ran) else "")
-        lines.append(f"| {label} | {_pct(agg['top1_mean'], agg['top1_std'])} | "
+        lines.append(f"| {_model_label(role, agg, ran, protocol.kind)} | {_pct(agg['top1_mean'], agg['top1_std'])} | "
                      f"{_pct(agg['top5_mean'], agg['top5_std'])} | "
                      + " | ".join(f"{per[s]['top1']:.1%}" if per[s] else "-" for s in ran) + " |")
-    pooled = {STUDENT_LABELS.get(r, r) + (f" ({a['n']} of {len(ran)} {protocol.kind}s)" if a["n"] < len(ran) else ""):
-              a["pooled_top1"] for r, a in report["aggregate"].items() if "pooled_top1" in a}
+    pooled = {_model_label(r, a, ran, protocol.kind): a["pooled_top1"]
+              for r, a in report["aggregate"].items() if "pooled_top1" in a}
     md = "\n".join(lines) + "\n\nTop-1 per " + protocol.kind + " on its test split (evaluated once, at the end); " \
         "std: sample standard deviation over the " + protocol.kind + "s that ran.\n"
     if pooled:

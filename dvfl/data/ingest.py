@@ -409,7 +409,12 @@ class _Progress:
 
 class IngestInputsUnreadable(ValueError):
     """Listed videos that cannot be read now, beside a finished ingest of other inputs: never a
-    reason to replace it on its own."""
+    reason to replace it on its own. ``what``: the finding, without the ingest command's advice."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}. Run again once they can be read; to re-ingest without them, --fresh (or delete "
+                         "the folder)")
+        self.what = what
 
 
 def _rejected_as(out: str, reason: str) -> set:
@@ -520,8 +525,7 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
                 raise IngestInputsUnreadable(
                     f"{out} holds an ingest, and {len(unreadable)} of the listed videos it did not find unreadable "
                     f"cannot be read now (e.g. {unreadable[0].path}: {unreadable[0].detail}): with them the inputs may "
-                    "be that ingest's. Run again once they can be read; to re-ingest without them, --fresh (or "
-                    "delete the folder)")
+                    "be that ingest's")
             what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
             raise ValueError(f"{out} already holds an ingest with a different {what}; "
                              f"use a new --out or pass --fresh")
