@@ -23,7 +23,7 @@ import yaml
 from dvfl import storage
 from dvfl.artifacts import SPEC, load_model, load_model_for, other_class_list, read_spec, save_model
 from dvfl.config import LONG_EPOCHS_FACTOR, ConfigError, RunConfig
-from dvfl.data.shards import REJECTS_FILE, load_dataset_info, median_video_seconds
+from dvfl.data.shards import REJECTS_FILE, load_dataset_info, median_video_seconds, read_rejects
 from dvfl.models import CheckpointError, build_model
 
 TEACHER_DIR = "teacher"
@@ -367,8 +367,7 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
 def _rejects_by_split(clips_dir: str) -> dict:
     """How many inputs of each split an ingest rejected (``rejects.jsonl``; {} where it is unreadable)."""
     try:
-        lines = storage.read_text(storage.join(clips_dir, REJECTS_FILE)).splitlines()
-        return dict(collections.Counter(json.loads(line).get("split") for line in lines if line.strip()))
+        return dict(collections.Counter(r.get("split") for r in read_rejects(clips_dir)))
     except (OSError, ValueError):
         return {}
 

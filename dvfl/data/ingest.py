@@ -420,18 +420,9 @@ class IngestInputsUnreadable(ValueError):
 def _rejected_as(out: str, reason: str) -> set:
     """Video ids a finished ingest in ``out`` rejected for ``reason`` (none for an unfinished one)."""
     try:
-        lines = storage.read_text(storage.join(out, _s.REJECTS_FILE)).splitlines()
+        return {r.get("video_id") for r in _s.read_rejects(out) if isinstance(r, dict) and r.get("reason") == reason}
     except (OSError, ValueError):
         return set()
-    found = set()
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict) and r.get("reason") == reason:
-            found.add(r.get("video_id"))
-    return found
 
 
 def _reject_record(p: Problem, root: str) -> Dict[str, Any]:

@@ -294,6 +294,12 @@ def _rows_of_clips(batch, ids):
     return batch.filter(pa.array([c in wanted for c in batch.column("clip_id").to_pylist()], type=pa.bool_()))
 
 
+def read_rejects(out_dir: str) -> List[dict]:
+    """An ingest's reject records (``rejects.jsonl``); OSError / ValueError where unreadable."""
+    lines = storage.read_text(storage.join(out_dir, REJECTS_FILE)).splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def shard_paths(out_dir: str, splits: Optional[Iterable[str]] = None) -> List[str]:
     """Final shard files (sorted), optionally only those of the given splits.
 
