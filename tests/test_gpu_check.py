@@ -19,7 +19,7 @@ def test_gpu_check_dry_run_trains_with_ddp_and_writes_every_figure(tmp_path, ray
     train = r["ddp_train_step"]
     # two Ray Train workers, really wrapped in DDP (gloo on the CPU), each step timed
     assert train["world_size"] == 2 and train["ddp"] is True and train["steps"] == 2
-    assert all(torch.isfinite(torch.tensor(train["losses"])))
+    assert len(train["losses"]) == train["steps"] and all(torch.isfinite(torch.tensor(train["losses"])))
     assert train["step_s_min"] > 0
     for figure in (r["latency"]["base_over_nano"], r["kd"]["online_over_cached"]):
         assert figure["n"] == 2 and figure["min"] <= figure["median"] <= figure["max"]

@@ -13,6 +13,7 @@ is exercised). The one non-size override: the 1-epoch teacher's sanity gate is o
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -113,6 +114,9 @@ def test_readme_ucf101_chain_as_typed(checkout, ray_local, tmp_path, monkeypatch
     teacher = checkout / "models" / "ucf101_videofocalnet_base"
     spec = json.loads((teacher / "model.json").read_text())
     assert spec["name"] == "videofocalnet_base" and spec["kwargs"]["num_classes"] == 3
+    # (the 400-class head skipped: its two tensors; every other tensor of the file loaded)
+    assert re.search(r"\[init\] \S*video-focalnet_base_k400\.pth: loaded [1-9]\d* tensors, skipped 2 checkpoint keys",
+                     outputs[1].stdout), outputs[1].stdout[-2000:]
     assert "held out of split 'train'" in spec["val_split"]
     # distill read the cache cache_teacher.py built from the config (no second cache, no rebuild)
     cache = checkout / "data" / "ucf101_s1_cache"

@@ -51,7 +51,8 @@ def test_amp_modes_and_the_gradscaler_step():
     optim = OptimSection(optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.9, clip_grad=1.0)
     opt = make_optimizer(model, optim)
     assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # enabled on the CPU too: the gradients are unscaled before they are clipped, as fp16 runs do
+    scaler = torch.amp.GradScaler(device.type, enabled=True)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         logits = model(torch.randn(2, 4, 3, 32, 32, device=device))
@@ -60,6 +61,11 @@ def test_amp_modes_and_the_gradscaler_step():
     assert _optimizer_step(model, opt, scaler, optim, 0, 10, 0) == 1
     changed = [k for k, p in model.named_parameters() if not torch.equal(p.detach(), before[k])]
     assert changed and all(torch.isfinite(p).all() for p in model.parameters())
+    # clipped to norm 1 (these gradients' norm is ~5): SGD's first Nesterov step moves the weights by
+    # lr x (1 + momentum) x the clipped gradient; unclipped (or clipped while still scaled) far more
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach() - before[k])
+                                                  for k, p in model.named_parameters()]))
+    assert 0.1 * 1.9 * 0.99 < float(moved) <= 0.1 * 1.9 * 1.001, float(moved)
 
 
 def test_the_first_epoch_line_says_where_and_in_what_precision_the_run_trains():

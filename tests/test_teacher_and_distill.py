@@ -66,7 +66,8 @@ def test_cache_covers_every_clip_once_and_matches_a_direct_forward(prepared):
     # stored as fp16: relative rounding 2^-11, plus kernel differences across batch sizes
     torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3)
     assert cache.info["dtype"] == "float16" and cache.info["verify"]["checked"] > 0
-    # raw logits, not softened probabilities: rows do not sum to 1
+    # raw logits: neither probabilities (all in [0, 1]) nor log-probabilities (exp sums to 1)
+    assert not ((cached >= 0) & (cached <= 1)).all()
     assert not torch.allclose(cached.exp().sum(1), torch.ones(len(ids)), atol=1e-2)
 
 
@@ -617,7 +618,7 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
         "teacher.path t was trained on ucf50 fold (held-out group) 3, these clips are fold (held-out group) 7")
 
 
-def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_local):
+def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_local, monkeypatch):
     """With scaling.use_gpu the final evaluation and the teacher gate run in a Ray task holding a GPU
     (the driver may be a head node without one); on this CPU machine the same task, without a GPU,
     gives the driver's numbers."""
@@ -627,6 +628,15 @@ def test_evaluation_in_a_ray_task_gives_the_numbers_of_the_driver(prepared, ray_
     here = pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=False, num_clips=1, num_crops=3)
     remote = pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=True, num_clips=1, num_crops=3)
     assert remote == here and here["params"] > 0 and here["videos"] == 16
+    # from here on this process cannot evaluate: the numbers below come from a Ray task or nowhere
+    import dvfl.train.evaluate
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("evaluated in the driver, not in a Ray task")
+
+    monkeypatch.setattr(dvfl.train.evaluate, "evaluate_multiview", not_here)
+    assert pipeline.evaluate_model_at(cfg, prepared["teacher"], 8, "test", in_task=True, num_clips=1,
+                                      num_crops=3) == here
     # a model at a local path goes with the task: the task's node may not see the driver's disk (a
     # teacher under the head's job root failed on a GPU node as "a checkpoint file needs the model name")
     model, _ = load_model(prepared["teacher"])
@@ -918,10 +928,25 @@ def test_a_checkpoint_start_ships_only_what_it_loaded(ray_local, tmp_path):
     kwargs = pipeline.model_kwargs(cfg.student, 4, cfg)
     torch.save(build_model(cfg.student.model, **{**kwargs, "num_classes": 7}).state_dict(), tmp_path / "k7.pth")
     cfg.student.checkpoint = str(tmp_path / "k7.pth")
-    shipped = ray.get(pipeline._init_state_ref(cfg.student, kwargs, log=lambda *_: None)[0])
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, 4, 0, {"mode": "none"}, None,
+                                         log=lambda *_: None)
+    shipped = ray.get(loop.init_state_ref[0])
     own = build_model(cfg.student.model, **kwargs).state_dict()
     assert set(HEAD_KEYS) & set(own) and not set(HEAD_KEYS) & set(shipped)
     assert set(shipped) == set(own) - set(HEAD_KEYS)
+    # the loop's model starts from the file's weights, its new head from the run's seeded init
+    from types import SimpleNamespace
+
+    from dvfl.train.loop import set_up
+    from dvfl.train.session import fetch
+
+    session = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), prepare_model=lambda m: m, fetch=fetch)
+    started = set_up(dataclasses.replace(loop, train_rows=8), session).raw_model.state_dict()
+    given = torch.load(tmp_path / "k7.pth", weights_only=True)
+    seeded = set_up(dataclasses.replace(loop, train_rows=8, init_state_ref=None), session).raw_model.state_dict()
+    assert all(torch.equal(started[k], given[k]) for k in shipped)
+    assert any(not torch.equal(started[k], seeded[k]) for k in shipped)  # (a seeded init is not the file's)
+    assert all(torch.equal(started[k], seeded[k]) for k in HEAD_KEYS)
 
 
 def test_logits_left_without_a_build_marker_are_not_reused(prepared, ray_local, tmp_path):
