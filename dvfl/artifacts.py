@@ -16,10 +16,13 @@ import torch.nn as nn
 from dvfl import storage
 from dvfl.models import build_model
 from dvfl.models.checkpoint import CheckpointError, load_checkpoint
-from dvfl.models.video_focalnet import FOLDER_WEIGHTS
+from dvfl.models.video_focalnet import FOLDER_WEIGHTS, VARIANTS
 
 WEIGHTS = "model.pt"
 SPEC = "model.json"
+# timm.create_model arguments that fetch or read weights (a spec's kwargs never need them)
+FETCHING_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "cache_dir",
+                   "checkpoint_path"}
 
 
 def state_dict_fingerprint(state_dict: dict[str, torch.Tensor], legacy: bool = False) -> str:
@@ -58,6 +61,14 @@ def read_spec(spec_file: str) -> dict:
         raise CheckpointError(f"{spec_file} is not a model spec: {exc}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
         raise CheckpointError(f"{spec_file} is not a model spec: it needs a \"name\" and a \"kwargs\" mapping")
+    # a folder from elsewhere rebuilds one of our models from its own weights file: another timm name
+    # or timm's weight arguments would have timm download (any URL) or read other files
+    if spec["name"] not in VARIANTS:
+        raise CheckpointError(f"{spec_file} is not a model spec: model {spec['name']!r} is not one of {sorted(VARIANTS)}")
+    fetching = sorted(set(spec["kwargs"]) & FETCHING_KWARGS)
+    if fetching:
+        raise CheckpointError(f"{spec_file} is not a model spec: kwargs {', '.join(fetching)} name other weights "
+                              f"than the folder's own")
     return spec
 
 

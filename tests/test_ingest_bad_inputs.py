@@ -404,12 +404,39 @@ class Payload:  # what a child taken over through a decoder bug could send
     def __reduce__(self):
         return (os.system, ("touch " + sys.argv[1],))
 
+class BadDtype:  # a permitted global called with arguments it refuses
+    def __reduce__(self):
+        import numpy
+        return (numpy.dtype, ("zzz",))
+
 send({"net_isolated": False, "detail": "stand-in"})
 n = struct.unpack("<Q", sys.stdin.buffer.read(8))[0]
 sys.stdin.buffer.read(n)
-send({"ok": True, "views": [Payload()]})
+mode = sys.argv[2] if len(sys.argv) > 2 else "run"
+if mode == "huge":  # a result header claiming 2^60 bytes
+    sys.stdout.buffer.write(struct.pack("<QQ", 1 << 60, 0))
+    sys.stdout.buffer.flush()
+else:
+    send({"ok": True, "views": [BadDtype() if mode == "dtype" else Payload()]})
 sys.stdin.buffer.read(8)
 '''
+
+
+def _stand_in_child(tmp_path, monkeypatch, *args):
+    """Decode children started from here on are STAND_IN_CHILD, given ``args``."""
+    import subprocess
+
+    from dvfl.data import worker
+
+    script = tmp_path / "child.py"
+    script.write_text(STAND_IN_CHILD)
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):  # the stand-in instead of _decode_child.py
+        return real_popen([*cmd[:-1], str(script), *args], **kw) if cmd[-1] == worker._CHILD else real_popen(cmd, **kw)
+
+    monkeypatch.setattr(worker.subprocess, "Popen", popen)
+    return script
 
 
 def test_a_result_naming_anything_but_arrays_is_refused_not_run(tmp_path, monkeypatch):
@@ -417,24 +444,29 @@ def test_a_result_naming_anything_but_arrays_is_refused_not_run(tmp_path, monkey
     child taken over through a decoder bug could run code in the ingest task or Serve replica.
     Only numpy arrays, dtypes and scalars may be named: anything else is a decoder_error and the
     child is killed (session 29)."""
-    import subprocess
-
-    from dvfl.data import worker
-
     marker = tmp_path / "ran"
-    script = tmp_path / "child.py"
-    script.write_text(STAND_IN_CHILD)
-    real_popen = subprocess.Popen
-
-    def popen(args, **kw):  # the stand-in instead of _decode_child.py, told where its marker goes
-        return real_popen([*args[:-1], str(script), str(marker)], **kw) if args[-1] == worker._CHILD else real_popen(args, **kw)
-
-    monkeypatch.setattr(worker.subprocess, "Popen", popen)
+    script = _stand_in_child(tmp_path, monkeypatch, str(marker))
     proc = DecodeProcess()
     try:
         r = proc.run(dict(JOB, path=str(script)), timeout=30)
         assert not r["ok"] and r["reason"] == "decoder_error" and "it names posix.system" in r["detail"], r
         assert proc.proc is None and not marker.exists()
+    finally:
+        proc.close()
+
+
+@pytest.mark.parametrize("mode, detail", [("huge", "ValueError: a result of 1152921504606846976 bytes"),
+                                          ("dtype", "TypeError: data type 'zzz' not understood")])
+def test_a_result_that_fails_to_read_is_a_decoder_error_and_the_child_is_killed(tmp_path, monkeypatch, mode, detail):
+    """A hijacked child's header claiming 2^60 bytes (a MemoryError) or a permitted global given
+    arguments it refuses (a TypeError) escaped ``run``, which never raises for a bad file, and left
+    the child running for the next video (session 45)."""
+    script = _stand_in_child(tmp_path, monkeypatch, str(tmp_path / "ran"), mode)
+    proc = DecodeProcess()
+    try:
+        r = proc.run(dict(JOB, path=str(script)), timeout=30)
+        assert not r["ok"] and r["reason"] == "decoder_error" and detail in r["detail"], r
+        assert proc.proc is None
     finally:
         proc.close()
 

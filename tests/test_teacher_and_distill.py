@@ -1019,7 +1019,11 @@ def test_a_damaged_model_spec_is_an_error_naming_the_file(prepared, tmp_path):
     shutil.copytree(prepared["teacher"], tmp_path / "t")
     spec_file = tmp_path / "t" / "model.json"
     whole = spec_file.read_text()
-    for text in (whole[:20], json.dumps([1, 2]), json.dumps({"kwargs": {}}), json.dumps({"name": "x", "kwargs": None})):
+    # (the last two: a folder from elsewhere may not have timm build another model or fetch weights from a URL)
+    fetching = {"pretrained": True, "pretrained_cfg_overlay": {"url": "http://127.0.0.1:9/w.pth"}}
+    for text in (whole[:20], json.dumps([1, 2]), json.dumps({"kwargs": {}}), json.dumps({"name": "x", "kwargs": None}),
+                 json.dumps({"name": "resnet18", "kwargs": {}}),
+                 json.dumps({**json.loads(whole), "kwargs": {**json.loads(whole)["kwargs"], **fetching}})):
         spec_file.write_text(text)
         with pytest.raises(CheckpointError, match=rf"^{re.escape(str(spec_file))} is not a model spec"):
             load_model(tmp_path / "t")

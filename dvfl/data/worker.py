@@ -29,6 +29,9 @@ from . import decode
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_decode_child.py")
 _START_TIMEOUT = 60.0  # a child's start (Python + hello frame), on a busy machine
+# more than any video's clips at their source size (4 clips of 8 4K frames: 0.8 GB): a larger size is
+# not a result, and allocating it would fail this process
+_MAX_RESULT_BYTES = 1 << 34
 # The globals a decode result may name when unpickled here: numpy arrays (protocol 5, out of band or
 # not), their dtypes and scalars; everything else is builtins. The child parses untrusted files:
 # one taken over through a decoder bug must not run code in this process (a Serve replica, an ingest task).
@@ -74,7 +77,9 @@ class DecodeProcess:
             pass
         try:
             hello = self._read_frame(time.monotonic() + _START_TIMEOUT)
-        except (TimeoutError, EOFError, OSError, pickle.UnpicklingError) as e:
+            if "net_isolated" not in hello:
+                raise pickle.UnpicklingError(f"keys {sorted(hello)[:5]}")
+        except Exception as e:  # (anything but a hello: not a child to trust)
             # killed: a late hello would otherwise be read as the next job's result, and every
             # video after it would get the clips of the one before
             self.kill()
@@ -151,14 +156,12 @@ class DecodeProcess:
             self.proc.stdin.write(struct.pack("<Q", len(payload)) + payload)
             self.proc.stdin.flush()
             res = self._read_frame(deadline)
+            if "ok" not in res:
+                raise pickle.UnpicklingError(f"keys {sorted(res)[:5]}")
         except TimeoutError:
             self.kill()
             return {"ok": False, "reason": decode.TIMEOUT,
                     "detail": f"no result after {timeout:g} s; decoder process killed"}
-        except pickle.UnpicklingError as e:  # not a decode result: the child is not ours to trust any more
-            self.kill()
-            return {"ok": False, "reason": "decoder_error",
-                    "detail": f"the decoder process sent something that is not a decode result ({e}); killed"}
         except (EOFError, BrokenPipeError, OSError) as e:
             code = self.proc.poll() if self.proc is not None else None
             if code is None and self.proc is not None:
@@ -172,6 +175,11 @@ class DecodeProcess:
                         "detail": "decoder process killed by SIGKILL"}
             return {"ok": False, "reason": decode.DECODER_CRASH,
                     "detail": f"decoder process died (exit {code}): {type(e).__name__}"}
+        except Exception as e:  # not a decode result (a refused global, absurd sizes): the child is not ours to trust any more
+            self.kill()
+            return {"ok": False, "reason": "decoder_error",
+                    "detail": f"the decoder process sent something that is not a decode result "
+                              f"({type(e).__name__}: {e}); killed"}
         self.jobs_done += 1
         if self.rss_mb() > self.max_rss_mb:
             self.close()
@@ -182,7 +190,11 @@ class DecodeProcess:
         into one block, so a video's clips arrive back to back in memory: binary_column then
         hands that block to Arrow as it is."""
         n, nbuf = struct.unpack("<QQ", self._read_exact(16, deadline))
+        if n > _MAX_RESULT_BYTES or nbuf > _MAX_RESULT_BYTES // 8:
+            raise ValueError(f"a result of {n} bytes in {nbuf} buffers")
         sizes = struct.unpack(f"<{nbuf}Q", self._read_exact(8 * nbuf, deadline)) if nbuf else ()
+        if sum(sizes) > _MAX_RESULT_BYTES:
+            raise ValueError(f"buffers of {sum(sizes)} bytes")
         data = self._read_exact(n, deadline)
         buffers = []
         if sizes:
@@ -190,7 +202,10 @@ class DecodeProcess:
             for size in sizes:
                 buffers.append(block[start:start + size])
                 start += size
-        return _ResultUnpickler(io.BytesIO(data), buffers=buffers).load()
+        res = _ResultUnpickler(io.BytesIO(data), buffers=buffers).load()
+        if not isinstance(res, dict):
+            raise pickle.UnpicklingError(f"a {type(res).__name__}, not a mapping")
+        return res
 
     def rss_mb(self) -> float:
         """The child's resident memory in MiB (0 if unknown)."""
