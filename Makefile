@@ -16,7 +16,7 @@ endif
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)  # (a venv cut short has no pip: made again)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[test]'

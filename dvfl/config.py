@@ -783,6 +783,9 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
     """The YAML tree of a config with the overrides applied: values as written (``{split}`` unexpanded)."""
     from dvfl import storage
 
+    if not path and not CONFIG_DIR.is_dir():  # dvfl installed as a wheel: configs/ and models/ stayed in the checkout
+        raise ConfigError(f"the embedded default's config is not here ({CONFIG_DIR} does not exist): the project runs "
+                          "from its checkout; install it there with `pip install -e .`, or give --config FILE")
     path = os.fspath(path) if path else str(CONFIG_DIR / "embedded.yaml")
     try:
         found = storage.isfile(path)

@@ -472,3 +472,16 @@ def test_finished_given_clips_need_no_data_root(tmp_path):
         load_config(None, overrides)
     (clips / "dataset.json").write_text("{}")
     assert load_config(None, overrides).data.clips == str(clips)
+
+
+def test_a_wheel_install_without_the_checkout_says_how_to_install(monkeypatch, tmp_path):
+    """`pip install .` puts dvfl/ alone in site-packages: the default run read configs/ beside it and
+    failed with "config file not found: .../site-packages/configs/embedded.yaml", no hint why."""
+    import dvfl.config
+
+    monkeypatch.setattr(dvfl.config, "CONFIG_DIR", tmp_path / "site-packages" / "configs")
+    with pytest.raises(ConfigError, match=r"^the embedded default's config is not here .*`pip install -e \.`"):
+        load_config(None)
+    given = tmp_path / "run.yaml"  # a config of the user's own still loads
+    given.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    assert load_config(given, check_paths=False).output_dir == str(tmp_path / "out")
