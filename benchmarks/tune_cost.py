@@ -191,7 +191,10 @@ def main(argv=None) -> int:
         if max(load_before[0], load_after[0]) > cores else "quiet machine",
     }
     derive(results)
+    errored = {label: r["errors"] for label, r in rows.items() if r["errors"]}
     out = Path(a.out)
+    if errored:  # (a search of errored trials ran shorter: its ratios compare nothing; the last good file stays)
+        out = out.with_name(out.stem + ".errored.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nTune cost: {a.samples} trials x up to {a.epochs} epochs, teacher {name} "
@@ -215,10 +218,9 @@ def main(argv=None) -> int:
           f"saved" + (f"; {results['asha_wall_saved_s']:.0f} s of wall time vs every trial to the end" if fifo else ""))
     print(f"load average {results['load_average_before_after']} ({'contended' if results['contended'] else 'quiet'})")
     print(f"wrote {out}")
-    errored = {label: r["errors"] for label, r in rows.items() if r["errors"]}
-    if errored:  # (a search of errored trials ran shorter: its ratios compare nothing)
+    if errored:
         print(f"error: trials errored ({', '.join(f'{k}: {v}' for k, v in errored.items())}): the searches are not "
-              "comparable; see the trials' error files under the experiments", file=sys.stderr)
+              f"comparable ({a.out} left as it was); see the trials' error files under the experiments", file=sys.stderr)
         return 1
     return 0
 
