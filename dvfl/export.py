@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import os
 import re
@@ -83,6 +84,15 @@ def _publish_file(tmp: Path, out: Path) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, out)
     fsync_dir(str(out.parent))
+
+
+def _write_through_memory(tmp: Path, save) -> None:
+    """``save(file)`` into memory, then the bytes to ``tmp``: torch's zip writer, given a path,
+    aborted the process on a full disk (a C++ exception in a destructor), leaving ``tmp`` behind."""
+    buffer = io.BytesIO()
+    save(buffer)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def _trace_example(inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -158,7 +168,7 @@ def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor]
         with _quiet_tracing(), torch.inference_mode():
             traced = torch.jit.trace(model, (_trace_example(inputs),), check_trace=False)
         with _quiet_tracing():
-            torch.jit.save(traced, str(tmp))
+            _write_through_memory(tmp, lambda f: torch.jit.save(traced, f))
             loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
         diff = _check("torchscript", lambda x: loaded(x).float().numpy(), model, inputs, tolerance)
         _publish_file(tmp, out)
@@ -175,7 +185,7 @@ def export_program(model, out: str | os.PathLike, inputs: list[torch.Tensor], to
     program = torch.export.export(model, (_trace_example(inputs),), dynamic_shapes=({0: batch},))
     tmp = _tmp_path(out, ending=".pt2")
     try:
-        torch.export.save(program, str(tmp))
+        _write_through_memory(tmp, lambda f: torch.export.save(program, f))
         loaded = torch.export.load(str(tmp)).module()
         diff = _check("torch.export", lambda x: loaded(x).float().detach().numpy(), model, inputs, tolerance)
         _publish_file(tmp, out)
@@ -365,7 +375,7 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     ``inputs`` (default: one example clip), as the other formats are. An existing ``out`` is
     replaced only if it is an earlier export (:func:`replaceable_folder`)."""
     import timm
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     if not replaceable_folder(out):
@@ -376,7 +386,8 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         # through storage, as the other files: each one is fsynced before the folder is published
-        storage.write_with(tmp / FOLDER_WEIGHTS, lambda t: save_file(state, t, metadata={"format": "pt"}))
+        # (serialised in memory: safetensors' own file errors are not OSErrors, a full disk was a traceback)
+        storage.write_bytes(tmp / FOLDER_WEIGHTS, save(state, metadata={"format": "pt"}))
         storage.write_json(tmp / "config.json", timm_config(spec))
         keep = {k: v for k, v in spec.items() if k != "history"}
         storage.write_json(tmp / SPEC, keep)

@@ -312,6 +312,11 @@ def atomic_write_local(path: str, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(d)
+    except OSError as exc:
+        if exc.filename is None:  # a write's error names no file (a full disk): the command's one line names it
+            raise (OSError(exc.errno, f"writing {path}: {exc.strerror}") if exc.errno and exc.strerror
+                   else OSError(f"writing {path}: {exc}")) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

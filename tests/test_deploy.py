@@ -829,6 +829,16 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
         status, out = post(good.read_bytes())
         assert status == 200 and len(out["topk"]) == 2 and out["topk"][0][0] in prepared["info"]["classes"], out
         assert "note" not in out
+        # the answer predict gives for the same file with the same views (classes, order, probabilities)
+        from dvfl.inference import Predictor, parse_views
+
+        local = Predictor.load(prepared["teacher"])
+        try:
+            expected = local.predict_file(str(good), parse_views(args["views"]), k=2)["topk"]
+        finally:
+            local.close()
+        assert [c for c, _ in out["topk"]] == [c for c, _ in expected], (out, expected)
+        assert [p for _, p in out["topk"]] == pytest.approx([p for _, p in expected], abs=1e-4), (out, expected)
         status, out = post(sparse.read_bytes())
         assert status == 200 and out["note"].startswith("10 s long, 5x the training videos' median 2.0 s"), out
         for body, code, reason in ((b"", 400, "empty"), (b"just some text\n" * 10, 415, "not_video"),
@@ -1114,3 +1124,40 @@ def test_the_deploy_benchmark_keeps_the_sections_it_skips_with_the_run_that_meas
         assert merged["kept_from_earlier_runs"][key]["cpu"] == shipped["cpu"]
     assert merged["command"].startswith("benchmarks/deploy.py --skip")
     assert "| c16 |" in capsys.readouterr().out  # the table printed from the kept sections
+
+
+def test_an_export_onto_a_full_disk_is_an_oserror_naming_the_file_and_leaves_nothing(golden_dir, tmp_path):
+    """A full disk (here a file-size limit: the write fails with EFBIG): TorchScript and torch.export,
+    saved by torch's zip writer to a path, aborted the process (a C++ exception in a destructor), the
+    TorchScript temporary left filling the disk; a folder's safetensors error was a traceback."""
+    import subprocess
+    import sys
+
+    gdir, _ = golden_dir
+    out = tmp_path / "out"
+    code = f"""
+import resource, signal
+from pathlib import Path
+from dvfl import export as ex
+from dvfl.artifacts import load_model
+model, spec = load_model({str(gdir)!r})
+inputs = [ex.example_input(spec, 1)]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+out = Path({str(out)!r})
+for name, export in (("m.ts", lambda p: ex.export_torchscript(model, p, inputs)),
+                     ("m.pt2", lambda p: ex.export_program(model, p, inputs)),
+                     ("folder", lambda p: ex.export_folder(model, spec, p, inputs=inputs))):
+    try:
+        export(out / name)
+        print(name, "written")
+    except OSError as exc:
+        print(name, "OSError", str(exc).replace(chr(10), " "))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert [line.split(" ")[:2] for line in lines] == [["m.ts", "OSError"], ["m.pt2", "OSError"],
+                                                       ["folder", "OSError"]], r.stdout
+    assert str(out) in lines[2] and "model.safetensors" in lines[2], lines[2]  # the weights file is named
+    assert os.listdir(out) == [], os.listdir(out)  # no temporary left behind

@@ -248,3 +248,17 @@ def test_a_model_folder_given_as_a_file_uri_loads_and_is_written_to_as_its_local
 
     write_json(f"file://{tmp_path}/out/p.json", {"a": 1})
     assert json.loads((tmp_path / "out" / "p.json").read_text()) == {"a": 1} and not (tmp_path / "file:").exists()
+
+
+def test_a_failed_local_write_names_its_file_and_leaves_no_temporary(tmp_path):
+    """A write's OSError names no file (a full disk: "[Errno 28] No space left on device"), and the
+    commands print it as it is: distill's `[distill] error:` line did not say which file failed."""
+    import errno
+
+    target = tmp_path / "results.json"
+    with pytest.raises(OSError, match=rf"writing {target}: Bad file descriptor") as err:
+        storage.atomic_write_local(str(target), lambda tmp: os.write(-1, b"x"))  # (a real OSError, no file in it)
+    assert err.value.errno == errno.EBADF
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="nope"):  # an error that names its file keeps its own words
+        storage.atomic_write_local(str(target), lambda tmp: open(tmp_path / "nope" / "x"))
