@@ -124,8 +124,10 @@ def test_a_queued_runner_run_records_its_own_seconds_not_its_wait(prepared, ray_
     runs = [RunnerRun(f"queued-{i}", dataclasses.replace(loop, label=f"queued {i}"), data, str(tmp_path / f"run{i}"))
             for i in range(2)]
     started = time.time()
-    results = [r for _, r in train_concurrently(runs, scaling=Scaling(1, False, 1), concurrent=1)]
+    done = list(train_concurrently(runs, scaling=Scaling(1, False, 1), concurrent=1))
     elapsed = time.time() - started
+    results = [r for _, r in done]
+    assert sorted(run.name for run, _ in done) == ["queued-0", "queued-1"]
     assert all(r.seconds > 0 for r in results)
     # one runner, one run after the other: the second run's seconds exclude the first's
     assert sum(r.seconds for r in results) <= elapsed

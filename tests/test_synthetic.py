@@ -1,4 +1,5 @@
 """The embedded synthetic dataset: real H.264/MP4 files, UCF101 layout, deterministic, motion-only classes."""
+import dataclasses
 import hashlib
 import math
 import os
@@ -325,9 +326,14 @@ def test_val_split_holds_checked_videos_of_their_own(tmp_path):
     assert not m.problems and set(by_split) == {"train", "val", "test"} and len(by_split["val"]) == 4 * 3
     assert not set(by_split["val"]) & (set(by_split["train"]) | set(by_split["test"]))
     names = syn.class_names(4)
-    for rel, label in by_split["val"].items():  # checked: the generator drew each one as its folder's class
-        assert rel.split("/")[0] == names[label]
     hashes = _hashes(root)
+    # checked: each one's content is its folder's class (drawn again as that class, the same bytes)
+    seeds = {job.rel: job.seed for job in syn._plan(cfg)[0]}
+    redraw = tmp_path / "redraw"
+    for rel, label in by_split["val"].items():
+        assert rel.split("/")[0] == names[label]
+        syn._make_one((dataclasses.asdict(cfg), str(redraw), syn._Job(rel, names.index(rel.split("/")[0]), seeds[rel])))
+        assert hashlib.sha256((redraw / rel).read_bytes()).hexdigest() == hashes[rel], rel
     assert len({hashes[r] for r in by_split["val"]}) == 4 * 3  # distinct videos, not copies
     assert not {hashes[r] for r in by_split["val"]} & {hashes[r] for r in by_split["train"]}
     # the training and test videos are those of the same config without a val split

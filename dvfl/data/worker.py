@@ -190,7 +190,7 @@ class DecodeProcess:
         into one block, so a video's clips arrive back to back in memory: binary_column then
         hands that block to Arrow as it is."""
         n, nbuf = struct.unpack("<QQ", self._read_exact(16, deadline))
-        if n > _MAX_RESULT_BYTES or nbuf > _MAX_RESULT_BYTES // 8:
+        if n > _MAX_RESULT_BYTES or nbuf > 1 << 16:  # (one buffer per clip array: a few per video)
             raise ValueError(f"a result of {n} bytes in {nbuf} buffers")
         sizes = struct.unpack(f"<{nbuf}Q", self._read_exact(8 * nbuf, deadline)) if nbuf else ()
         if sum(sizes) > _MAX_RESULT_BYTES:
