@@ -164,12 +164,15 @@ class Recognizer:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _error(413, "too_large", f"upload of {int(declared)} bytes > limit {limit} bytes")
         size = 0
-        with open(path, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    return _error(413, "too_large", f"upload > limit {limit} bytes")
-                f.write(chunk)
+        try:
+            with open(path, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return _error(413, "too_large", f"upload > limit {limit} bytes")
+                    f.write(chunk)
+        except OSError as exc:  # the server's disk, not the client's upload: the API's own answer, not a bare 500
+            return _error(507, "storage", f"the server could not store the upload ({exc.strerror or exc})")
         return size
 
     def _predict(self, path: str, decode_timeout: float | None = None) -> dict:

@@ -306,7 +306,11 @@ class ShardLogitWriter:
 
         # the GPU Ray gave this actor, if any: an actor with num_gpus=0 on a GPU node still sees the
         # node's GPUs (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone), and would use one uncounted
-        on_gpu = use_gpu and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        on_gpu = use_gpu and bool(ray.get_gpu_ids())
+        if on_gpu and not torch.cuda.is_available():  # (it ran on the CPU holding 0 CPUs: days, said nowhere)
+            raise RuntimeError(f"Ray gave this cache writer GPU {ray.get_gpu_ids()} on node "
+                               f"{ray.get_runtime_context().get_node_id()[:12]}, but torch cannot use it (a driver "
+                               f"older than torch {torch.__version__}'s CUDA, or a CPU-only torch there)")
         if not on_gpu:
             torch.set_num_threads(max(1, threads))
         else:  # TF32 (cuDNN's default for convolutions) keeps 10 mantissa bits: not an fp32 forward
@@ -540,7 +544,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     todo = [s for s in shards if not {storage.basename(s), storage.basename(_sidecar(s))} <= have]
     log(f"[cache] teacher {spec['name']} ({spec['weights_fingerprint']}), {len(shards)} clip shards "
         f"({'+'.join(sorted({_split_of(s) for s in shards}))}: the splits training reads), "
-        f"{len(shards) - len(todo)} already cached, views {vspec['views']}, {dtype}")
+        f"{len(shards) - len(todo)} already cached, views {vspec['views']}, {dtype}, on {'GPUs' if use_gpu else 'CPUs'}")
     started = time.time()
     if todo:
         cpus = ray.available_resources().get("CPU", 1)

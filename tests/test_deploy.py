@@ -513,6 +513,24 @@ def test_evaluate_refuses_a_model_trained_on_another_class_list(prepared, tmp_pa
     assert r.returncode == 2 and "dataset.json cut short or edited?" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_evaluate_says_its_device_and_that_a_gpu_config_runs_on_the_cpu_here(prepared, tmp_path):
+    """`ray job submit -- python pipelines/evaluate.py --config configs/ucf101_base.yaml ...` runs
+    where the job's driver runs (a head node without a GPU): a 4x3 evaluation of Video-FocalNet-B
+    on its CPUs took hours, and nothing said so."""
+    r = run_cli("evaluate.py", "--model", prepared["teacher"], "--clips", prepared["cfg"].clips_dir,
+                "--set", "scaling.use_gpu=true", "--json", tmp_path / "eval.json")
+    assert r.returncode == 0, r.stderr
+    assert "but this process sees none: evaluating on this machine's CPU" in r.stderr
+    assert "--entrypoint-num-gpus 1" in r.stderr
+    assert ", on cpu)" in r.stdout and json.loads((tmp_path / "eval.json").read_text())["device"] == "cpu"
+    # results that cannot be written: the earlier evaluation's JSON does not stay as if it were this one's
+    (tmp_path / "not-a-folder").write_text("")
+    r = run_cli("evaluate.py", "--model", prepared["teacher"], "--clips", prepared["cfg"].clips_dir,
+                "--json", tmp_path / "eval.json", "--confusion", tmp_path / "not-a-folder" / "c.png")
+    assert r.returncode == 1 and "error: writing the results failed" in r.stderr, r.stderr
+    assert not (tmp_path / "eval.json").exists()
+
+
 def test_an_export_never_writes_over_the_model_it_exports(prepared, tmp_path):
     """`--format torchscript --out MODEL/model.pt` replaced the model's weights with the TorchScript
     file (exit 0; the model no longer loaded); `--out MODEL/model` wrote its contract over model.json."""
@@ -1161,3 +1179,23 @@ for name, export in (("m.ts", lambda p: ex.export_torchscript(model, p, inputs))
                                                        ["folder", "OSError"]], r.stdout
     assert str(out) in lines[2] and "model.safetensors" in lines[2], lines[2]  # the weights file is named
     assert os.listdir(out) == [], os.listdir(out)  # no temporary left behind
+
+
+def test_an_upload_the_server_cannot_store_is_the_apis_507_not_a_bare_500(tmp_path):
+    """A full disk (here: the upload's path is a folder, a real OSError from open) escaped the
+    endpoint, and the client got Serve's generic 500 instead of the API's {error, detail}."""
+    import asyncio
+
+    from dvfl.serve import Recognizer
+
+    class Upload:  # what _read_body asks of a Starlette request
+        headers = {"content-length": "2"}
+
+        async def stream(self):
+            yield b"x"
+            yield b"y"
+
+    response = asyncio.run(Recognizer.func_or_class._read_body(None, Upload(), 1000, str(tmp_path)))
+    assert response.status_code == 507, response
+    body = json.loads(response.body)
+    assert body["error"] == "storage" and "the server could not store the upload" in body["detail"], body

@@ -150,3 +150,24 @@ def test_a_shard_has_the_same_bytes_however_its_rows_arrived(tmp_path):
         return shard(f"merged{cut}", feeds)
 
     assert len({shard("whole", videos), merged(8), merged(13), merged(20)}) == 1
+
+
+def test_a_shard_writer_that_cannot_start_its_file_leaves_no_temporary(tmp_path):
+    """A full disk (here a file-size limit) fails the Parquet header after the file is made: the
+    writer never existed, so no abort() removed its temporary."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, signal
+from dvfl.data import shards as SH
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+try:
+    SH.AtomicShardWriter({str(tmp_path / "train-00000.parquet")!r})
+except OSError as exc:
+    print("OSError", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("OSError"), (r.stdout, r.stderr[-2000:])
+    assert os.listdir(tmp_path) == []

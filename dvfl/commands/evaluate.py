@@ -131,9 +131,17 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error("the clips keep the source size (short side 0): give --crop-size")
     if trained_crop and crop != trained_crop:
         print(f"[evaluate] note: crop {crop} px, but {a.model} was trained on {trained_crop} px crops", file=sys.stderr)
+    import torch
+
+    # this process's own device: under `ray job submit` it runs where Ray put the entrypoint
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if uses_config(a) and cfg.scaling.use_gpu and device == "cpu":
+        print("[evaluate] note: the config asks for GPUs (scaling.use_gpu) but this process sees none: evaluating on "
+              "this machine's CPU (a large model takes hours; on a cluster, `ray job submit --entrypoint-num-gpus 1 "
+              "-- python pipelines/evaluate.py ...` runs it on a GPU node)", file=sys.stderr, flush=True)
     try:
         m = evaluate_multiview(model, clips, split, crop, num_clips=views[0], num_crops=views[1],
-                               batch_size=a.batch_size, details=True,
+                               batch_size=a.batch_size, details=True, device=device,
                                progress=lambda line: print(f"[evaluate] {line}", flush=True))
     except CorruptShardError as exc:  # (an OSError: a damaged shard, named)
         print(f"error: {exc}", file=sys.stderr)
@@ -147,16 +155,18 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     classes = info["classes"]
     result = {"model": a.model, "weights_fingerprint": spec["weights_fingerprint"], "clips": clips,
               "dataset_fingerprint": info["fingerprint"], "split": split, "views": f"{views[0]}x{views[1]}",
-              "crop_size": crop, "top1": m["top1"], "top5": m["top5"], "videos": m["videos"],
+              "crop_size": crop, "device": device, "top1": m["top1"], "top5": m["top5"], "videos": m["videos"],
               "per_class": {classes[c]: v for c, v in m["per_class"].items()}, "confusion": m["confusion"],
               "classes": classes}
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1]["top1"])[:5]
     # the numbers first: a write that fails must not take an evaluation of hours with it
     print(f"[evaluate] {a.model} on split {split} of {clips}: top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%} "
-          f"({m['videos']} videos, {views[0]} clips x {views[1]} crops, crop {crop})", flush=True)
+          f"({m['videos']} videos, {views[0]} clips x {views[1]} crops, crop {crop}, on {device})", flush=True)
     print("[evaluate] weakest classes: " + ", ".join(f"{k} {v['top1']:.0%}" for k, v in worst), flush=True)
     confusion = a.confusion or (os.path.splitext(a.json)[0] + ".confusion.png" if a.json else None)
     try:
+        if a.json and storage.exists(a.json):  # (an earlier evaluation's numbers must not stay beside this one's PNG)
+            storage.remove(a.json)
         if confusion:
             storage.makedirs(storage.dirname(confusion) or ".")
             plot_confusion(m["confusion"], classes, confusion,

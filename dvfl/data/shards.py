@@ -4,6 +4,7 @@ See ``docs/data-format.md`` for the contract other stages rely on.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -173,10 +174,15 @@ class AtomicShardWriter:
         non_frames = [c for c in CLIP_COLUMNS if c != "frames"]
         # write_batch_size 1: a page is cut by its size alone, not also where the arriving chunks end (a video at
         # a time, or a merged piece's row groups): the same bytes however the rows were cut into tasks
-        self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression, write_page_checksum=True,
-                                       write_batch_size=1,
-                                       use_dictionary=["video_id", "path", "class_name", "split", "view"],
-                                       write_statistics=non_frames)
+        try:
+            self.writer = pq.ParquetWriter(self.tmp, CLIP_SCHEMA, compression=compression, write_page_checksum=True,
+                                           write_batch_size=1,
+                                           use_dictionary=["video_id", "path", "class_name", "split", "view"],
+                                           write_statistics=non_frames)
+        except BaseException:  # (a full disk: the file is made, its header fails; no abort() will follow)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            raise
         self.pending: List[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0
