@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
-from dvfl.train.allocator import keep_freed_memory  # noqa: E402
+from dvfl.allocator import keep_freed_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dvfl.allocator import keep_freed_memory
 from dvfl.artifacts import SPEC, load_model
 from dvfl.data import decode
 from dvfl.data.sampling import spread_clips, uniform_clip_indices
@@ -107,6 +108,8 @@ class Predictor:
         classes, inputs = input_spec(spec, clips_dir)
         # a GPU when this process has one (a Serve replica gets one only with num_gpus in its options)
         kw.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(kw["device"]).type == "cpu":  # each clip's activations reused, not faulted back in
+            keep_freed_memory()
         return cls(model.eval().to(kw["device"]), classes, int(inputs["frames"]), int(inputs["short_side"]),
                    int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)),
                    min_frames=int(inputs.get("min_frames") or inputs["frames"]),

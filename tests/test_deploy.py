@@ -1199,3 +1199,42 @@ def test_an_upload_the_server_cannot_store_is_the_apis_507_not_a_bare_500(tmp_pa
     assert response.status_code == 507, response
     body = json.loads(response.body)
     assert body["error"] == "storage" and "the server could not store the upload" in body["detail"], body
+
+
+@pytest.mark.parametrize("stage", ["predict", "evaluate"])
+def test_forward_only_stages_keep_freed_memory_as_training_does(prepared, stage):
+    """predict/serve and evaluation (and the cache's writers) ran their forwards with glibc's
+    defaults: every batch's activations were handed back and faulted in again, 1.3-1.7x the CPU
+    (benchmarks/evaluate_speed.py). Seen from outside: a 48 MiB block freed and taken again faults
+    every page with glibc's defaults, almost none once the stage has started."""
+    import subprocess
+    import sys
+
+    start = {"predict": f"Predictor.load({prepared['teacher']!r}, device='cpu').close()",
+             "evaluate": f"evaluate_multiview(load_model({prepared['teacher']!r})[0], "
+                         f"{prepared['cfg'].clips_dir!r}, 'test', 32, device='cpu')"}[stage]
+    code = f"""
+import ctypes, ctypes.util, resource
+from dvfl.artifacts import load_model
+from dvfl.inference import Predictor
+from dvfl.train.evaluate import evaluate_multiview
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+def faults_of_a_second_block(nbytes=48 << 20):  # (malloc itself: numpy's and torch's own caches aside)
+    for _ in range(2):
+        block = libc.malloc(nbytes)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(block, 1, nbytes)
+        libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(faults_of_a_second_block())
+{start}
+print(faults_of_a_second_block())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    default, kept = map(int, r.stdout.split()[-2:])
+    assert default > 10_000 and kept < 1_000, (default, kept)

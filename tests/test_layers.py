@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import from its own layer and the layers below it
 LAYERS = [
-    ("base", ["dvfl.paths", "dvfl.storage", "dvfl.runtime", "dvfl.scratch", "dvfl.locks", "dvfl.host", "dvfl.signals"]),
+    ("base", ["dvfl.paths", "dvfl.storage", "dvfl.runtime", "dvfl.scratch", "dvfl.locks", "dvfl.host", "dvfl.signals",
+              "dvfl.allocator"]),
     ("models", ["dvfl", "dvfl.models", "dvfl.losses", "dvfl.artifacts", "dvfl.profile"]),
     ("data", ["dvfl.data", "dvfl.teacher_cache"]),
     ("config", ["dvfl.config"]),

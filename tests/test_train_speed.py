@@ -185,8 +185,8 @@ def _page_faults_of_reallocating(nbytes: int) -> int:
 
 def test_keep_freed_memory_lets_the_next_step_reuse_freed_pages():
     """A freed 48 MiB block comes back without page faults once glibc keeps freed memory
-    (dvfl/train/allocator.py); with glibc's settings every page faults again."""
-    from dvfl.train.allocator import keep_freed_memory
+    (dvfl/allocator.py); with glibc's settings every page faults again."""
+    from dvfl.allocator import keep_freed_memory
 
     nbytes = 48 << 20
     pages = nbytes // 4096

@@ -15,6 +15,7 @@ import torch
 from dvfl.data.shards import load_dataset_info, parquet_file, raise_if_corrupt, shard_paths
 from dvfl.data.sampling import spread_clips
 from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize, frames_to_crop
+from dvfl.allocator import keep_freed_memory
 
 
 class ProtocolError(ValueError):
@@ -38,6 +39,8 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     if num_crops not in CROPS:
         raise ProtocolError(f"crops per clip must be one of {sorted(CROPS)}, got {num_crops}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # each batch's activations reused, not faulted back in (docs/training-speed.md)
+        keep_freed_memory()
     model = model.eval().to(device)
     views = [View(c) for c in CROPS[num_crops]]
     prob_sum: dict[str, np.ndarray] = {}

@@ -34,7 +34,7 @@ from dvfl.data.views import View, batch_arrays, make_clip_batch, normalize
 from dvfl.losses import distillation_loss
 from dvfl.config import OptimSection
 from dvfl.models import build_model, set_temporal_impl
-from dvfl.train.allocator import keep_freed_memory
+from dvfl.allocator import keep_freed_memory
 from dvfl.scratch import STALE_SECONDS, make_scratch_dir
 from dvfl.train.loop_config import LoopConfig, TeacherFeed
 

@@ -1,4 +1,5 @@
-"""Let glibc keep the memory a training step frees, so the next step does not fault it back in.
+"""Let glibc keep the memory a training step (or an evaluation, cache or predict batch) frees, so the
+next one does not fault it back in.
 
 A training step allocates and frees the same large activations every step. By default glibc hands
 blocks above its mmap threshold (and a heap top above its trim threshold) back to the kernel on

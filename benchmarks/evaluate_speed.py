@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Forward-only stages on a CPU (evaluation, the teacher-cache build) with glibc's default
+allocator settings vs with freed memory kept (``dvfl.allocator.keep_freed_memory``, which training
+already used): the same model, clips and batches, interleaved in rounds in one process.
+
+    python benchmarks/evaluate_speed.py [--rounds 3] [--threads 1] [--out PATH]
+
+Cases: the embedded default's student (width 16) and teacher (width 48) evaluating 320 stored
+32x32 clips (``evaluate_multiview``, batch 32), and the nano at 8x112^2 evaluating 32 clips
+(batch 4). Clips are random frames written as a real shard folder under a temporary directory.
+Writes ``benchmarks/results/evaluate_speed.json`` and prints a table (CPU seconds, wall seconds,
+page faults per run; the ratio default / kept per round). About two minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
+
+RESULTS = os.path.join(_HERE, "results", "evaluate_speed.json")
+# name: (model kwargs, clip side, clips, batch)
+CASES = {
+    "embedded student (width 16), 32^2": (dict(embed_dim=16, depths=[1, 1, 2, 1]), 32, 320, 32),
+    "embedded teacher (width 48), 32^2": (dict(embed_dim=48, depths=[1, 1, 2, 1]), 32, 320, 32),
+    "nano, 112^2": ({}, 112, 32, 4),
+}
+
+
+def write_clips(folder: str, side: int, n: int) -> None:
+    """A shard folder of ``n`` test clips of 8 random ``side``x``side`` frames (what evaluation reads)."""
+    from dvfl.data.shards import CLIP_SCHEMA, AtomicShardWriter
+
+    rng = np.random.default_rng(0)
+    rows = [dict(clip_id=f"test/v{i:05d}#u0", video_id=f"v{i}", path="p", label=i % 8, class_name=f"c{i % 8}",
+                 split="test", view="uniform", view_index=0, frame_indices=list(range(8)), src_fps=25.0,
+                 src_num_frames=100, num_frames=8, height=side, width=side,
+                 frames=rng.integers(0, 255, (8, side, side, 3), dtype=np.uint8).tobytes()) for i in range(n)]
+    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    writer = AtomicShardWriter(os.path.join(folder, "shards", "test-00000.parquet"))
+    writer.write(pa.Table.from_pylist(rows, schema=CLIP_SCHEMA))
+    writer.commit()
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"fingerprint": "bench", "params": {"eval_clips": 1},
+                   "shards": [{"file": "shards/test-00000.parquet", "split": "test"}]}, f)
+
+
+def one_run(model, folder: str, side: int, batch: int) -> dict:
+    from dvfl.train.evaluate import evaluate_multiview
+
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    evaluate_multiview(model, folder, "test", side, batch_size=batch, device="cpu")
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": round(time.perf_counter() - started, 3),
+            "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 3),
+            "sys_s": round(after.ru_stime - before.ru_stime, 3), "page_faults": after.ru_minflt - before.ru_minflt}
+
+
+def main() -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=RESULTS)
+    a = ap.parse_args()
+    from dvfl import allocator
+    from dvfl.models import build_model, set_temporal_impl
+    from dvfl.train import evaluate as evaluate_module
+
+    torch.set_num_threads(a.threads)
+    res = {"machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "threads": a.threads,
+                       "torch": torch.__version__, "loadavg_at_start": os.getloadavg()},
+           "rounds": a.rounds, "cases": {}}
+    real_keep = allocator.keep_freed_memory
+    try:
+        with tempfile.TemporaryDirectory(prefix="dvfl-bench-eval-") as tmp:
+            for name, (kwargs, side, n, batch) in CASES.items():
+                folder = os.path.join(tmp, f"{side}-{n}")
+                if not os.path.exists(folder):
+                    write_clips(folder, side, n)
+                model = build_model("videofocalnet_nano", num_classes=8, num_frames=8, img_size=side, **kwargs)
+                set_temporal_impl(model, "conv2d")
+                runs = {"default": [], "kept": []}
+                one_run(model, folder, side, batch)  # warm-up (weights, kernels, the shard's first read)
+                for _ in range(a.rounds):
+                    for mode in ("default", "kept"):
+                        allocator.keep_freed_memory(mode == "kept")
+                        # evaluation itself asks for kept memory: only for the "kept" runs here
+                        evaluate_module.keep_freed_memory = (real_keep if mode == "kept" else lambda *_: True)
+                        runs[mode].append(one_run(model, folder, side, batch))
+                ratios = [d["cpu_s"] / k["cpu_s"] for d, k in zip(runs["default"], runs["kept"])]
+                res["cases"][name] = {"clips": n, "side": side, "batch": batch, "runs": runs,
+                                      "cpu_default_over_kept": {"median": statistics.median(ratios),
+                                                                "min": min(ratios), "max": max(ratios)}}
+    finally:
+        evaluate_module.keep_freed_memory = real_keep
+        allocator.keep_freed_memory(False)
+    res["machine"]["loadavg_at_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=2)
+        f.write("\n")
+    print(f"\nevaluation with glibc's defaults vs freed memory kept ({res['machine']['cpu']}, {a.threads} thread(s), "
+          f"{a.rounds} interleaved rounds; medians)")
+    print("| case | CPU s default | CPU s kept | default / kept (min-max) | page faults default | kept |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, c in res["cases"].items():
+        med = {m: statistics.median(r["cpu_s"] for r in c["runs"][m]) for m in ("default", "kept")}
+        faults = {m: statistics.median(r["page_faults"] for r in c["runs"][m]) for m in ("default", "kept")}
+        q = c["cpu_default_over_kept"]
+        print(f"| {name} | {med['default']:.2f} | {med['kept']:.2f} | {q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f}) "
+              f"| {faults['default']:.0f} | {faults['kept']:.0f} |")
+    print(f"wrote {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
