@@ -261,13 +261,18 @@ def test_playlists_and_unknown_containers_never_reach_the_decoder(bad_dataset, t
         proc.close()
 
 
-def _kill_child_while_decoding(proc: DecodeProcess, times: int, killed: list) -> None:
-    """The OOM killer's view of things: SIGKILL the decode child while it works on a file."""
+def _kill_child_while_decoding(proc: DecodeProcess, times: int, killed: list, in_hook=None) -> None:
+    """The OOM killer's view of things: SIGKILL the decode child while it works on a file (once it
+    has said hello and had 1 s for the job, or ``in_hook`` exists: not while it starts, which on a
+    loaded machine takes seconds and made the killed start look like a crash)."""
     deadline = time.monotonic() + 60
     while len(killed) < times and time.monotonic() < deadline:
         p = proc.proc
-        if p is not None and p.pid not in killed and p.poll() is None:
-            time.sleep(0.5)  # the job is in the child by now (it sleeps in the hook)
+        if p is not None and p.pid not in killed and p.poll() is None and proc.net_isolated is not None:
+            ready = time.monotonic() + 1.0
+            while time.monotonic() < ready or (in_hook and not os.path.exists(in_hook) and time.monotonic() < deadline):
+                time.sleep(0.05)
+            proc.net_isolated = None  # (set again by the next child's hello)
             os.kill(p.pid, signal.SIGKILL)
             killed.append(p.pid)
         time.sleep(0.05)
@@ -281,7 +286,7 @@ def test_a_decoder_killed_mid_file_is_retried_once_then_rejected(bad_dataset, tm
     # kills=1: the first attempt hangs and is killed, the retry decodes; kills=2: both attempts hang
     job = dict(JOB, path=good if kills == 1 else os.path.join(bad_dataset, "A/v_A_g08_c08.mp4"),
                test_hooks=True, test_hang_once=str(tmp_path / "hung-once") if kills == 1 else None)
-    killer = threading.Thread(target=_kill_child_while_decoding, args=(proc, kills, killed))
+    killer = threading.Thread(target=_kill_child_while_decoding, args=(proc, kills, killed, job["test_hang_once"]))
     killer.start()
     try:
         t0 = time.monotonic()
