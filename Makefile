@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/teacher_cache.py
 	$(PY) benchmarks/distill_cost.py
+	$(PY) benchmarks/evaluate_speed.py
 	test -f runs/embedded/results.json || $(PY) pipelines/distill.py
 	$(PY) benchmarks/tune_cost.py --from-run runs/embedded --samples 3 --epochs 2
 	$(PY) benchmarks/kd_pair_cost.py
