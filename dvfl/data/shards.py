@@ -87,7 +87,10 @@ def frames_array(table: pa.Table) -> Optional[np.ndarray]:
             return None
         shape.append(int(v[0]))
     frames = table.column("frames")
-    arr = frames.combine_chunks() if isinstance(frames, pa.ChunkedArray) else frames
+    if isinstance(frames, pa.ChunkedArray):  # (combine_chunks copies even a single chunk: 33 MB a batch at 224^2)
+        arr = frames.chunk(0) if frames.num_chunks == 1 else frames.combine_chunks()
+    else:
+        arr = frames
     if arr.null_count or not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
         return None
     size = shape[0] * shape[1] * shape[2] * 3
