@@ -59,11 +59,11 @@ def write_clips(folder: str, side: int, n: int) -> None:
                    "shards": [{"file": "shards/test-00000.parquet", "split": "test"}]}, f)
 
 
-def one_run(model, folder: str, side: int, batch: int) -> dict:
+def one_run(model, folder: str, side: int, batch: int, keep_memory: bool = True) -> dict:
     from dvfl.train.evaluate import evaluate_multiview
 
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    evaluate_multiview(model, folder, "test", side, batch_size=batch, device="cpu")
+    evaluate_multiview(model, folder, "test", side, batch_size=batch, device="cpu", keep_memory=keep_memory)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": round(time.perf_counter() - started, 3),
             "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 3),
@@ -78,13 +78,12 @@ def main() -> dict:
     a = ap.parse_args()
     from dvfl import allocator
     from dvfl.models import build_model, set_temporal_impl
-    from dvfl.train import evaluate as evaluate_module
 
     torch.set_num_threads(a.threads)
     res = {"machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "threads": a.threads,
                        "torch": torch.__version__, "loadavg_at_start": os.getloadavg()},
            "rounds": a.rounds, "cases": {}}
-    real_keep = allocator.keep_freed_memory
+    allocator.keep_freed_memory(False)
     try:
         with tempfile.TemporaryDirectory(prefix="dvfl-bench-eval-") as tmp:
             for name, (kwargs, side, n, batch) in CASES.items():
@@ -96,17 +95,13 @@ def main() -> dict:
                 runs = {"default": [], "kept": []}
                 one_run(model, folder, side, batch)  # warm-up (weights, kernels, the shard's first read)
                 for _ in range(a.rounds):
-                    for mode in ("default", "kept"):
-                        allocator.keep_freed_memory(mode == "kept")
-                        # evaluation itself asks for kept memory: only for the "kept" runs here
-                        evaluate_module.keep_freed_memory = (real_keep if mode == "kept" else lambda *_: True)
-                        runs[mode].append(one_run(model, folder, side, batch))
+                    for mode in ("default", "kept"):  # (evaluation keeps it while it runs, then gives it back)
+                        runs[mode].append(one_run(model, folder, side, batch, keep_memory=mode == "kept"))
                 ratios = [d["cpu_s"] / k["cpu_s"] for d, k in zip(runs["default"], runs["kept"])]
                 res["cases"][name] = {"clips": n, "side": side, "batch": batch, "runs": runs,
                                       "cpu_default_over_kept": {"median": statistics.median(ratios),
                                                                 "min": min(ratios), "max": max(ratios)}}
     finally:
-        evaluate_module.keep_freed_memory = real_keep
         allocator.keep_freed_memory(False)
     res["machine"]["loadavg_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -142,7 +142,8 @@ class OptimSection:
     # focal modulation's temporal path: the same math as a (k, 1) Conv2d, or the official conv1d
     # (conv1d's bf16 backward is the slower one)
     temporal_impl: str = "conv2d"
-    # glibc keeps the memory each step frees instead of faulting it back in (dvfl/allocator.py)
+    # glibc keeps the memory each step (and each evaluation or cache batch) frees instead of faulting
+    # it back in (dvfl/allocator.py)
     keep_freed_memory: bool = True
     accum_steps: int = 1  # gradient accumulation: one optimizer step per accum_steps batches
 

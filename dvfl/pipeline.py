@@ -816,6 +816,7 @@ def evaluate_model_at(cfg: RunConfig, model_path: str, num_classes: int, split: 
     takes about a day), else in this process (``model``: that model, already loaded). ``in_task``
     forces either (tests). A model at a local path is read here and sent with the task (its node
     may not see this disk); a URI is read where the task runs."""
+    views = {**views, "keep_memory": cfg.optim.keep_freed_memory}
     args = (model_path, cfg.teacher.model, num_classes, cfg.data.frames, cfg.clips_dir, split, cfg.crop_size, views)
     if not (cfg.scaling.use_gpu if in_task is None else in_task):
         # on the device the config asks for: a GPU this process sees but Ray never gave out may be busy
@@ -881,7 +882,8 @@ def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
         return build_teacher_cache(cfg.clips_dir, teacher_path, cfg.cache_dir, teacher_name=cfg.teacher.model,
                                    crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=cfg.teacher.cache_dtype,
                                    use_gpu=cfg.scaling.use_gpu, num_actors=cfg.cache_actors,
-                                   overwrite=not cfg.teacher.cache, splits=cache_splits(cfg), log=log)
+                                   overwrite=not cfg.teacher.cache, splits=cache_splits(cfg), log=log,
+                                   keep_memory=cfg.optim.keep_freed_memory)
     except CacheOfAnotherBuild as exc:  # its own remedy (--out, --fresh) is dvfl cache's, not this command's
         what = "; ".join(exc.differences) or "another teacher, other clips or other views (a retrained teacher?)"
         raise CacheMismatchError(

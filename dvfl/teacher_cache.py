@@ -295,7 +295,7 @@ class ShardLogitWriter:
     """
 
     def __init__(self, spec: dict, state_ref: list, vspec: dict, dtype: str, batch_size: int, threads: int,
-                 use_gpu: bool = False, test_fsize_limit: int | None = None):
+                 use_gpu: bool = False, test_fsize_limit: int | None = None, keep_memory: bool = True):
         import ray
 
         if test_fsize_limit:  # test hook: a disk that fills up after this many bytes per file
@@ -314,7 +314,8 @@ class ShardLogitWriter:
                                f"older than torch {torch.__version__}'s CUDA, or a CPU-only torch there)")
         if not on_gpu:
             torch.set_num_threads(max(1, threads))
-            keep_freed_memory()  # each batch's activations reused, not faulted back in (docs/training-speed.md)
+            if keep_memory:  # each batch's activations reused, not faulted back in (docs/training-speed.md)
+                keep_freed_memory()
         else:  # TF32 (cuDNN's default for convolutions) keeps 10 mantissa bits: not an fp32 forward
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -420,6 +421,7 @@ def build_teacher_cache(
     splits=TRAIN_LIKE_SPLITS,
     log=print,
     fresh_done=None,
+    keep_memory: bool = True,
 ) -> dict:
     """Run the teacher once over every stored view of the clips of ``splits`` (Ray Data, actor
     pool) and cache logits. Only the splits training distils on: the test and validation clips
@@ -438,11 +440,12 @@ def build_teacher_cache(
         return _build_teacher_cache(clips_dir, teacher, out_dir, teacher_name=teacher_name, crop_size=crop_size,
                                     views=views, dtype=dtype, batch_size=batch_size, num_actors=num_actors,
                                     use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite,
-                                    splits=tuple(splits), log=log, fresh_done=fresh_done)
+                                    splits=tuple(splits), log=log, fresh_done=fresh_done, keep_memory=keep_memory)
 
 
 def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size, views, dtype, batch_size,
-                         num_actors, use_gpu, verify_samples, overwrite, splits, log, fresh_done=None) -> dict:
+                         num_actors, use_gpu, verify_samples, overwrite, splits, log, fresh_done=None,
+                         keep_memory=True) -> dict:
     import ray
 
     dataset_info = load_dataset_info(clips_dir)
@@ -561,6 +564,7 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 ShardLogitWriter,
                 fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
                                            batch_size=batch_size, threads=threads, use_gpu=use_gpu,
+                                           keep_memory=keep_memory,
                                            test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=num_actors),

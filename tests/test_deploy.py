@@ -850,7 +850,7 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
         # the answer predict gives for the same file with the same views (classes, order, probabilities)
         from dvfl.inference import Predictor, parse_views
 
-        local = Predictor.load(prepared["teacher"])
+        local = Predictor.load(prepared["teacher"], device="cpu")  # (the replica's: gpus_per_replica 0)
         try:
             expected = local.predict_file(str(good), parse_views(args["views"]), k=2)["topk"]
         finally:
@@ -1201,40 +1201,61 @@ def test_an_upload_the_server_cannot_store_is_the_apis_507_not_a_bare_500(tmp_pa
     assert body["error"] == "storage" and "the server could not store the upload" in body["detail"], body
 
 
-@pytest.mark.parametrize("stage", ["predict", "evaluate"])
-def test_forward_only_stages_keep_freed_memory_as_training_does(prepared, stage):
-    """predict/serve and evaluation (and the cache's writers) ran their forwards with glibc's
-    defaults: every batch's activations were handed back and faulted in again, 1.3-1.7x the CPU
-    (benchmarks/evaluate_speed.py). Seen from outside: a 48 MiB block freed and taken again faults
-    every page with glibc's defaults, almost none once the stage has started."""
-    import subprocess
-    import sys
-
-    start = {"predict": f"Predictor.load({prepared['teacher']!r}, device='cpu').close()",
-             "evaluate": f"evaluate_multiview(load_model({prepared['teacher']!r})[0], "
-                         f"{prepared['cfg'].clips_dir!r}, 'test', 32, device='cpu')"}[stage]
-    code = f"""
+_FAULTS = """
 import ctypes, ctypes.util, resource
-from dvfl.artifacts import load_model
-from dvfl.inference import Predictor
-from dvfl.train.evaluate import evaluate_multiview
-
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, one fault each, whatever the host's THP setting
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 def faults_of_a_second_block(nbytes=48 << 20):  # (malloc itself: numpy's and torch's own caches aside)
     for _ in range(2):
         block = libc.malloc(nbytes)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = faults()
         ctypes.memset(block, 1, nbytes)
         libc.free(block)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-print(faults_of_a_second_block())
-{start}
-print(faults_of_a_second_block())
+    return faults() - before
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def _faults_script(body: str) -> list[int]:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FAULTS + body], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    default, kept = map(int, r.stdout.split()[-2:])
+    return [int(v) for v in r.stdout.split()[-3:]]
+
+
+def test_predict_keeps_freed_memory_as_training_does(prepared):
+    """predict/serve ran their forwards with glibc's defaults: every clip's activations were handed
+    back and faulted in again (benchmarks/evaluate_speed.py). Seen from outside: a 48 MiB block freed
+    and taken again faults every page with glibc's defaults, almost none once a Predictor is loaded."""
+    _, default, kept = _faults_script(f"""
+from dvfl.inference import Predictor
+print(0, faults_of_a_second_block())
+Predictor.load({prepared['teacher']!r}, device='cpu').close()
+print(faults_of_a_second_block())
+""")
     assert default > 10_000 and kept < 1_000, (default, kept)
+
+
+def test_evaluation_keeps_freed_memory_while_it_runs_and_gives_it_back(prepared):
+    """Evaluation faulted every batch's activations back in (1.4-1.6x the CPU of the embedded
+    models'); kept while it runs, then glibc's settings again: a run's driver evaluates between
+    stages, and `optim.keep_freed_memory: false` is for a machine short of memory."""
+    default, kept, after = _faults_script(f"""
+from dvfl.artifacts import load_model
+from dvfl.train.evaluate import evaluate_multiview
+model = load_model({prepared['teacher']!r})[0]
+evaluate = lambda keep: evaluate_multiview(model, {prepared['cfg'].clips_dir!r}, 'test', 32, device='cpu',
+                                           keep_memory=keep)
+evaluate(False)  # (the first one reads the shards and warms the kernels)
+before = faults(); evaluate(False); default = faults() - before
+before = faults(); evaluate(True); kept = faults() - before
+print(default, kept, faults_of_a_second_block())
+""")
+    assert kept * 3 < default, (default, kept)
+    assert after > 10_000, after  # given back: a 48 MiB block is mmap'd and faulted in again

@@ -142,6 +142,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     try:
         m = evaluate_multiview(model, clips, split, crop, num_clips=views[0], num_crops=views[1],
                                batch_size=a.batch_size, details=True, device=device,
+                               keep_memory=cfg.optim.keep_freed_memory if uses_config(a) else True,
                                progress=lambda line: print(f"[evaluate] {line}", flush=True))
     except CorruptShardError as exc:  # (an OSError: a damaged shard, named)
         print(f"error: {exc}", file=sys.stderr)

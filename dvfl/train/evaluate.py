@@ -15,7 +15,7 @@ import torch
 from dvfl.data.shards import load_dataset_info, parquet_file, raise_if_corrupt, shard_paths
 from dvfl.data.sampling import spread_clips
 from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize, frames_to_crop
-from dvfl.allocator import keep_freed_memory
+from dvfl.allocator import freed_memory_kept
 
 
 class ProtocolError(ValueError):
@@ -23,10 +23,20 @@ class ProtocolError(ValueError):
 
 
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
-                       num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
-                       device: torch.device | str | None = None, videos=None, view_kind: str = "uniform",
-                       details: bool = False, per_video: bool = False, progress=None,
-                       progress_seconds: float = 30.0) -> dict:
+                       device: torch.device | str | None = None, keep_memory: bool = True, **kwargs) -> dict:
+    """:func:`_evaluate_multiview` on ``device`` (default: a GPU if this process sees one); on a CPU with
+    freed memory kept while it runs (``keep_memory``, a run's ``optim.keep_freed_memory``): each
+    batch's activations reused, not faulted back in (docs/training-speed.md)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with freed_memory_kept(keep_memory and device.type == "cpu"):
+        return _evaluate_multiview(model, clips_dir, split, crop_size, device=device, **kwargs)
+
+
+def _evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
+                        num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
+                        device: torch.device, videos=None, view_kind: str = "uniform",
+                        details: bool = False, per_video: bool = False, progress=None,
+                        progress_seconds: float = 30.0) -> dict:
     """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops.
 
     ``videos``: only these videos of ``split`` (a validation hold-out carved from training, whose
@@ -38,9 +48,6 @@ def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_
     """
     if num_crops not in CROPS:
         raise ProtocolError(f"crops per clip must be one of {sorted(CROPS)}, got {num_crops}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":  # each batch's activations reused, not faulted back in (docs/training-speed.md)
-        keep_freed_memory()
     model = model.eval().to(device)
     views = [View(c) for c in CROPS[num_crops]]
     prob_sum: dict[str, np.ndarray] = {}
