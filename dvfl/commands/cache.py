@@ -106,6 +106,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             a.crop_size = cfg.crop_size
         a.cache_views = ",".join(cfg.teacher.views)
         a.dtype, a.gpu = cfg.teacher.cache_dtype, cfg.scaling.use_gpu
+        keep_memory = cfg.optim.keep_freed_memory
         if a.actors is None:
             a.actors = cfg.cache_actors
         from dvfl.pipeline import cache_splits
@@ -114,7 +115,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     elif not (a.clips and a.teacher and a.out):
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
     else:
-        splits = TRAIN_LIKE_SPLITS
+        splits, keep_memory = TRAIN_LIKE_SPLITS, True
     a.cache_views, a.dtype, a.gpu = a.cache_views or "center", a.dtype or "float16", bool(a.gpu)
     a.actors = 1 if a.actors is None else a.actors
     try:
@@ -177,7 +178,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,
                                 views=a.cache_views.split(","), dtype=a.dtype, batch_size=a.batch_size,
                                 num_actors=a.actors, use_gpu=a.gpu, verify_samples=a.verify,
-                                overwrite=a.fresh, splits=splits, fresh_done=lambda: setattr(a, "fresh_done", True))
+                                overwrite=a.fresh, splits=splits, fresh_done=lambda: setattr(a, "fresh_done", True),
+                                keep_memory=keep_memory)
         except CacheVerificationError as exc:  # (the build's failure, not its inputs': as distill reports it)
             print(f"error: {exc}", file=sys.stderr)
             return 1
