@@ -1243,7 +1243,7 @@ print(faults_of_a_second_block())
 
 
 def test_evaluation_keeps_freed_memory_while_it_runs_and_gives_it_back(prepared):
-    """Evaluation faulted every batch's activations back in (1.4-1.6x the CPU of the embedded
+    """Evaluation faulted every batch's activations back in (1.1-1.6x the CPU of the embedded
     models', benchmarks/evaluate_speed.py); kept while it runs, then glibc's settings again: a run's
     driver evaluates between stages, and `optim.keep_freed_memory: false` is for a machine short of
     memory. Seen from its progress lines (every shard here) and after it."""
