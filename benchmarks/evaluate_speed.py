@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Forward-only stages on a CPU (evaluation, the teacher-cache build) with glibc's default
-allocator settings vs with freed memory kept (``dvfl.allocator.keep_freed_memory``, which training
-already used): the same model, clips and batches, interleaved in rounds in one process.
+"""Forward-only stages on a CPU (evaluation, the teacher-cache build, predict) with glibc's
+allocator as it comes vs with freed memory kept (``dvfl.allocator.keep_freed_memory``, which
+training already used): each run in a fresh process (glibc's dynamic thresholds untouched in the
+default one), the two modes alternating, round after round.
 
     python benchmarks/evaluate_speed.py [--rounds 3] [--threads 1] [--out PATH]
 
 Cases: the embedded default's student (width 16) and teacher (width 48) evaluating 320 stored
-32x32 clips (``evaluate_multiview``, batch 32), and the nano at 8x112^2 evaluating 32 clips
-(batch 4). Clips are random frames written as a real shard folder under a temporary directory.
-Writes ``benchmarks/results/evaluate_speed.json`` and prints a table (CPU seconds, wall seconds,
-page faults per run; the ratio default / kept per round). About two minutes.
+32x32 clips (``evaluate_multiview``, batch 32), and the nano at 8x112^2 (32 clips, batch 4) and
+8x224^2 (8 clips, batch 1: what predict and serve run). Clips are random frames written as a real
+shard folder under a temporary directory. Each process evaluates once untimed, then twice timed.
+Writes ``benchmarks/results/evaluate_speed.json`` and prints a table (CPU seconds and page faults
+of the timed evaluations; the ratio default / kept per round). A few minutes.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ CASES = {
     "embedded student (width 16), 32^2": (dict(embed_dim=16, depths=[1, 1, 2, 1]), 32, 320, 32),
     "embedded teacher (width 48), 32^2": (dict(embed_dim=48, depths=[1, 1, 2, 1]), 32, 320, 32),
     "nano, 112^2": ({}, 112, 32, 4),
+    "nano, 224^2": ({}, 224, 8, 1),
 }
 
 
@@ -59,11 +62,24 @@ def write_clips(folder: str, side: int, n: int) -> None:
                    "shards": [{"file": "shards/test-00000.parquet", "split": "test"}]}, f)
 
 
-def one_run(model, folder: str, side: int, batch: int, keep_memory: bool = True) -> dict:
+def child(mode: str, case: str, folder: str, threads: int) -> dict:
+    """One process's measurement (``--child``): the untimed first evaluation, then two timed."""
     from dvfl.train.evaluate import evaluate_multiview
 
+    torch.set_num_threads(threads)
+    if mode == "kept":
+        from dvfl.allocator import keep_freed_memory
+
+        keep_freed_memory()
+    from dvfl.models import build_model, set_temporal_impl
+
+    kwargs, side, _, batch = CASES[case]
+    model = build_model("videofocalnet_nano", num_classes=8, num_frames=8, img_size=side, **kwargs)
+    set_temporal_impl(model, "conv2d")
+    evaluate_multiview(model, folder, "test", side, batch_size=batch, device="cpu")
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    evaluate_multiview(model, folder, "test", side, batch_size=batch, device="cpu", keep_memory=keep_memory)
+    for _ in range(2):
+        evaluate_multiview(model, folder, "test", side, batch_size=batch, device="cpu")
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": round(time.perf_counter() - started, 3),
             "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 3),
@@ -75,40 +91,38 @@ def main() -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "CASE", "FOLDER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from dvfl import allocator
-    from dvfl.models import build_model, set_temporal_impl
+    if a.child:
+        print(json.dumps(child(*a.child, a.threads)))
+        return {}
+    import subprocess
 
-    torch.set_num_threads(a.threads)
     res = {"machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "threads": a.threads,
                        "torch": torch.__version__, "loadavg_at_start": os.getloadavg()},
-           "rounds": a.rounds, "cases": {}}
-    allocator.keep_freed_memory(False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="dvfl-bench-eval-") as tmp:
-            for name, (kwargs, side, n, batch) in CASES.items():
-                folder = os.path.join(tmp, f"{side}-{n}")
-                if not os.path.exists(folder):
-                    write_clips(folder, side, n)
-                model = build_model("videofocalnet_nano", num_classes=8, num_frames=8, img_size=side, **kwargs)
-                set_temporal_impl(model, "conv2d")
-                runs = {"default": [], "kept": []}
-                one_run(model, folder, side, batch)  # warm-up (weights, kernels, the shard's first read)
-                for _ in range(a.rounds):
-                    for mode in ("default", "kept"):  # (evaluation keeps it while it runs, then gives it back)
-                        runs[mode].append(one_run(model, folder, side, batch, keep_memory=mode == "kept"))
-                ratios = [d["cpu_s"] / k["cpu_s"] for d, k in zip(runs["default"], runs["kept"])]
-                res["cases"][name] = {"clips": n, "side": side, "batch": batch, "runs": runs,
-                                      "cpu_default_over_kept": {"median": statistics.median(ratios),
-                                                                "min": min(ratios), "max": max(ratios)}}
-    finally:
-        allocator.keep_freed_memory(False)
+           "rounds": a.rounds, "method": "each run in a fresh process; default: no allocator setting at all",
+           "cases": {}}
+    with tempfile.TemporaryDirectory(prefix="dvfl-bench-eval-") as tmp:
+        for name, (kwargs, side, n, batch) in CASES.items():
+            folder = os.path.join(tmp, f"{side}-{n}")
+            if not os.path.exists(folder):
+                write_clips(folder, side, n)
+            runs = {"default": [], "kept": []}
+            for _ in range(a.rounds):
+                for mode in ("default", "kept"):
+                    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--threads", str(a.threads),
+                                          "--child", mode, name, folder], capture_output=True, text=True, check=True)
+                    runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            ratios = [d["cpu_s"] / k["cpu_s"] for d, k in zip(runs["default"], runs["kept"])]
+            res["cases"][name] = {"clips": n, "side": side, "batch": batch, "runs": runs,
+                                  "cpu_default_over_kept": {"median": statistics.median(ratios),
+                                                            "min": min(ratios), "max": max(ratios)}}
     res["machine"]["loadavg_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=2)
         f.write("\n")
-    print(f"\nevaluation with glibc's defaults vs freed memory kept ({res['machine']['cpu']}, {a.threads} thread(s), "
+    print(f"\nevaluation with glibc's allocator as it comes vs freed memory kept ({res['machine']['cpu']}, {a.threads} thread(s), "
           f"{a.rounds} interleaved rounds; medians)")
     print("| case | CPU s default | CPU s kept | default / kept (min-max) | page faults default | kept |")
     print("|---|---:|---:|---:|---:|---:|")

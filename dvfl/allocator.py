@@ -10,7 +10,6 @@ the same peak RSS (docs/training-speed.md).
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -31,34 +30,12 @@ def _mallopt():
         return None
 
 
-_kept = False  # what this process last set
-
-
 def keep_freed_memory(enabled: bool = True) -> bool:
-    """Process-wide (every thread's arena); ``enabled=False`` restores glibc's initial settings.
-    Returns whether it took: False off glibc (macOS, musl), where nothing is changed."""
-    global _kept
+    """Process-wide (every thread's arena), for the rest of the process: a process that sets it owns
+    its memory (a training worker, a cache writer, an evaluation task, predict, a Serve replica);
+    ``enabled=False`` sets glibc's initial values (its dynamic thresholds stay off). Returns whether
+    it took: False off glibc (macOS, musl), where nothing is changed."""
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    took = all(mallopt(param, value) == 1 for param, value in (KEEP if enabled else GLIBC_START).items())
-    if took:
-        _kept = enabled
-    return took
-
-
-@contextlib.contextmanager
-def freed_memory_kept(enabled: bool = True):
-    """Freed memory kept inside (``enabled``); afterwards as before: a process that did not keep it
-    (a run's driver evaluating between stages) gets glibc's settings back and its freed memory trimmed."""
-    if not enabled or _kept:
-        yield
-        return
-    took = keep_freed_memory(True)
-    try:
-        yield
-    finally:
-        if took:
-            keep_freed_memory(False)
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            getattr(libc, "malloc_trim", lambda _pad: 0)(0)
+    return all(mallopt(param, value) == 1 for param, value in (KEEP if enabled else GLIBC_START).items())

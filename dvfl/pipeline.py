@@ -840,11 +840,13 @@ def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames:
 
     if model is None:
         model, _ = load_model_for(model_path, name, num_classes, frames)
+    views = dict(views)
+    keep_memory = views.pop("keep_memory", True) and in_task  # (a task's worker; not the run's driver)
     if in_task:
         import ray
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # the GPU Ray gave this task, or none
-    m = evaluate_multiview(model, clips_dir, split, crop_size, device=device,
+    m = evaluate_multiview(model, clips_dir, split, crop_size, device=device, keep_memory=keep_memory,
                            progress=lambda line: print(f"[eval] {line}", flush=True), **views)
     return {**m, "params": sum(p.numel() for p in model.parameters())}
 

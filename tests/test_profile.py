@@ -179,6 +179,21 @@ def test_profile_of_a_trained_models_folder_uses_its_architecture_and_sizes(tmp_
     assert proc.stderr == "warning: --model NAME is deprecated; use --arch NAME (--model takes a model folder)\n"
 
 
+def test_the_old_model_name_spelling_profiles_what_arch_does(monkeypatch):
+    """`profile --model NAME` timed the Conv2d temporal path (a model folder's, as predict runs it)
+    where `--arch NAME` times the Conv1d one: the same name, other latencies."""
+    import dvfl.profile
+
+    real, seen = dvfl.profile.profile_model, []
+    monkeypatch.setattr(dvfl.profile, "profile_model",
+                        lambda arch, **kw: seen.append((arch, kw["temporal_impl"])) or real(arch, **kw))
+    for flag in ("--arch", "--model"):
+        proc = cli_in_process("profile_model.py", flag, "videofocalnet_nano", "--size", "32", "--num-classes", "4",
+                              "--repeats", "1", "--warmup", "0", "--throughput-repeats", "0", "--threads", "1")
+        assert proc.returncode == 0, proc.stderr
+    assert seen == [("videofocalnet_nano", "conv1d")] * 2, seen
+
+
 def test_profile_cli_rejects_bad_args():
     proc = cli_in_process("profile_model.py", "--repeats", "0")
     assert proc.returncode != 0 and "--repeats" in proc.stderr

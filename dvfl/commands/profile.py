@@ -74,7 +74,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
         if a.model in timm.list_models("videofocalnet_*"):
             print("warning: --model NAME is deprecated; use --arch NAME (--model takes a model folder)", file=sys.stderr)
-            a.arch = a.model
+            a.arch, a.model = a.model, None  # (profiled as --arch NAME is, with its temporal path)
         elif not storage.isfile(storage.join(a.model, SPEC)):
             p.error(f"--model {a.model}: not a model folder (no {SPEC}); an architecture name goes to --arch")
         else:  # the architecture as trained, at its crop size: what predict and Serve run

@@ -15,7 +15,7 @@ import torch
 from dvfl.data.shards import load_dataset_info, parquet_file, raise_if_corrupt, shard_paths
 from dvfl.data.sampling import spread_clips
 from dvfl.data.views import CROPS, View, batch_arrays, make_clip_batch, normalize, frames_to_crop
-from dvfl.allocator import freed_memory_kept
+from dvfl.allocator import keep_freed_memory
 
 
 class ProtocolError(ValueError):
@@ -23,13 +23,15 @@ class ProtocolError(ValueError):
 
 
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
-                       device: torch.device | str | None = None, keep_memory: bool = True, **kwargs) -> dict:
-    """:func:`_evaluate_multiview` on ``device`` (default: a GPU if this process sees one); on a CPU with
-    freed memory kept while it runs (``keep_memory``, a run's ``optim.keep_freed_memory``): each
-    batch's activations reused, not faulted back in (docs/training-speed.md)."""
+                       device: torch.device | str | None = None, keep_memory: bool = False, **kwargs) -> dict:
+    """:func:`_evaluate_multiview` on ``device`` (default: a GPU if this process sees one).
+    ``keep_memory``: on a CPU, this process keeps the memory each batch frees from now on (each
+    batch's activations reused, not faulted back in; docs/training-speed.md): for a process of its
+    own (the evaluate command, a Ray task), not a run's driver, which goes on to other stages."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with freed_memory_kept(keep_memory and device.type == "cpu"):
-        return _evaluate_multiview(model, clips_dir, split, crop_size, device=device, **kwargs)
+    if keep_memory and device.type == "cpu":
+        keep_freed_memory()
+    return _evaluate_multiview(model, clips_dir, split, crop_size, device=device, **kwargs)
 
 
 def _evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
