@@ -23,22 +23,10 @@ class ProtocolError(ValueError):
 
 
 def evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
-                       device: torch.device | str | None = None, keep_memory: bool = False, **kwargs) -> dict:
-    """:func:`_evaluate_multiview` on ``device`` (default: a GPU if this process sees one).
-    ``keep_memory``: on a CPU, this process keeps the memory each batch frees from now on (each
-    batch's activations reused, not faulted back in; docs/training-speed.md): for a process of its
-    own (the evaluate command, a Ray task), not a run's driver, which goes on to other stages."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if keep_memory and device.type == "cpu":
-        keep_freed_memory()
-    return _evaluate_multiview(model, clips_dir, split, crop_size, device=device, **kwargs)
-
-
-def _evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop_size: int, *,
-                        num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
-                        device: torch.device, videos=None, view_kind: str = "uniform",
-                        details: bool = False, per_video: bool = False, progress=None,
-                        progress_seconds: float = 30.0) -> dict:
+                       num_clips: int = 1, num_crops: int = 1, batch_size: int = 32,
+                       device: torch.device | str | None = None, videos=None, view_kind: str = "uniform",
+                       details: bool = False, per_video: bool = False, progress=None,
+                       progress_seconds: float = 30.0, keep_memory: bool = False) -> dict:
     """Video-level top-1/top-5 over ``num_clips`` stored uniform clips x ``num_crops`` crops.
 
     ``videos``: only these videos of ``split`` (a validation hold-out carved from training, whose
@@ -46,10 +34,15 @@ def _evaluate_multiview(model: torch.nn.Module, clips_dir: str, split: str, crop
     :class:`ProtocolError` (never silently fewer views). ``details``: also per-class accuracy,
     the confusion matrix and the class names. ``per_video``: also ``predictions``, video id ->
     predicted class index. ``progress``: called with a line every ``progress_seconds`` (a 4x3
-    evaluation of Video-FocalNet-B on CPUs takes hours).
+    evaluation of Video-FocalNet-B on CPUs takes hours). ``keep_memory``: on a CPU, this process keeps
+    the memory each batch frees from now on (docs/training-speed.md): for a process of its own (the
+    evaluate command, a Ray task), not a run's driver, which goes on to other stages.
     """
     if num_crops not in CROPS:
         raise ProtocolError(f"crops per clip must be one of {sorted(CROPS)}, got {num_crops}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if keep_memory and device.type == "cpu":
+        keep_freed_memory()
     model = model.eval().to(device)
     views = [View(c) for c in CROPS[num_crops]]
     prob_sum: dict[str, np.ndarray] = {}
