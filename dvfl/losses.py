@@ -6,8 +6,9 @@ Definition (Hinton et al., 2015), per batch of ``B`` clips and ``C`` classes::
 
 * ``KL`` is the real Kullback-Leibler divergence of the student's tempered distribution from the
   teacher's, ``sum_c p_t[c] * (log p_t[c] - log p_s[c])``. Both sides go through ``log_softmax``
-  (``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)``), which is numerically stable
-  for confident teachers (logits of +-1e4 at ``T = 1`` give finite values and gradients).
+  (``p_t * (log p_t - log p_s)``, taken as 0 where ``p_t = 0``), which is numerically stable for
+  confident teachers (logits of +-1e4 at ``T = 1`` give finite values and gradients) and for masked
+  teacher logits (``-inf``: a class the teacher rules out adds nothing).
 
   The official DVFL-Net code passes ``softmax`` (probabilities) as the *student* argument of
   ``F.kl_div``, which expects log-probabilities. The value it optimises is then not a KL divergence
@@ -116,8 +117,12 @@ def kl_per_clip(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
         log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
         log_p_t = F.log_softmax(teacher_logits.detach().to(device=student_logits.device,
                                                            dtype=dtype) / temperature, dim=-1)
-        # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), elementwise.
-        return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=-1)
+        # p * (log p - log q), elementwise, with 0 where p = 0: a masked teacher logit (-inf) is a
+        # class the teacher rules out (kl_div(log_target=True) gives 0 * -inf = NaN there).
+        p_t = log_p_t.exp()
+        terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros((), dtype=dtype,
+                                                                           device=p_t.device))
+        return terms.sum(dim=-1)
 
 
 def distillation_loss(

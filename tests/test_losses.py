@@ -134,6 +134,23 @@ def test_stable_for_confident_logits(teacher_dtype):
     assert out.kd.item() > 1e4  # confident and wrong: a large but finite KL
 
 
+def test_masked_teacher_logits_rule_classes_out():
+    # A teacher logit of -inf (a masked class) has p_t = 0: it adds nothing to the KL, whatever the
+    # student says of that class, and the value and gradient stay finite (0 * -inf was NaN).
+    s, t = _logits()
+    masked = t.clone()
+    masked[:, :3] = float("-inf")
+    x = s.clone().requires_grad_(True)
+    out = distillation_loss(x, masked, alpha=1.0, temperature=2.0)
+    out.total.backward()
+    assert torch.isfinite(out.kd) and torch.isfinite(x.grad).all()
+    # The same as the KL over the classes the teacher keeps, with the student renormalised over all.
+    log_p_s = torch.log_softmax(s / 2.0, dim=-1)[:, 3:]
+    log_p_t = torch.log_softmax(t[:, 3:] / 2.0, dim=-1)
+    hand = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    torch.testing.assert_close(out.kd, 4.0 * hand.mean(), rtol=1e-10, atol=1e-12)
+
+
 def test_fp16_teacher_logits_are_cast_up():
     s, t = _logits(dtype=torch.float32)
     t16 = t.half()
