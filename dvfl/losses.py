@@ -117,11 +117,11 @@ def kl_per_clip(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
         log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
         log_p_t = F.log_softmax(teacher_logits.detach().to(device=student_logits.device,
                                                            dtype=dtype) / temperature, dim=-1)
-        # p * (log p - log q), elementwise, with 0 where p = 0: a masked teacher logit (-inf) is a
-        # class the teacher rules out (kl_div(log_target=True) gives 0 * -inf = NaN there).
-        p_t = log_p_t.exp()
-        terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros((), dtype=dtype,
-                                                                           device=p_t.device))
+        # p * (log p - log q), elementwise, with 0 where log p = -inf: a masked teacher logit is a
+        # class the teacher rules out (kl_div(log_target=True) gives 0 * -inf = NaN there). A NaN or
+        # +inf teacher logit still gives NaN: a broken teacher must not look like a finite loss.
+        terms = torch.where(torch.isneginf(log_p_t), torch.zeros((), dtype=dtype, device=log_p_t.device),
+                            log_p_t.exp() * (log_p_t - log_p_s))
         return terms.sum(dim=-1)
 
 

@@ -60,6 +60,11 @@ class CacheVerificationError(CacheMismatchError):
     of its inputs."""
 
 
+class NonFiniteLogits(CacheVerificationError):
+    """Teacher logits that are not finite as computed (a broken teacher) or once stored (float16
+    overflows above 65504): written, they would turn training's gradients NaN."""
+
+
 class CacheOfAnotherBuild(CacheMismatchError):
     """The output folder holds a cache of another teacher, other clips or other views
     (``differences``: what differs, in words, when its record says)."""
@@ -333,6 +338,8 @@ class ShardLogitWriter:
         for src, dst, content in zip(batch["shard"], batch["out"], batch["content"]):
             try:
                 stats.append(json.dumps(self._process(src, dst, content or None)))
+            except NonFiniteLogits as exc:
+                stats.append(json.dumps({"shard": storage.basename(src), "nonfinite": str(exc)}))
             except (OSError, pa.ArrowException) as exc:  # reported to the driver as what it is, not as a UDF crash
                 # a damaged clip shard is not a write error: a rerun would fail on it again
                 corrupt = [f"{p} ({e})" for p, e in find_corrupt_shards([src])]
@@ -354,7 +361,7 @@ class ShardLogitWriter:
                     for s, h, lab in zip(splits, hit, labels):
                         correct[s] = correct.get(s, 0) + int(h)
                         labelled[s] = labelled.get(s, 0) + int(lab >= 0)
-                stored = logits.numpy().astype(DTYPES[self.dtype])
+                stored = _finite_logits(logits.numpy(), self.dtype, clip_ids, view.name)
                 parts.append(pa.table({
                     "clip_id": clip_ids, "view": [view.name] * len(clip_ids), "split": splits,
                     "label": pa.array([None if v < 0 else int(v) for v in labels], pa.int32()),
@@ -370,6 +377,23 @@ class ShardLogitWriter:
             storage.write_json(_sidecar(dst), stats)
             atomic_write_table(dst, table, compression="zstd")
         return stats
+
+
+def _finite_logits(logits: np.ndarray, dtype: str, clip_ids, view: str) -> np.ndarray:
+    """``logits`` as stored, refused (:class:`NonFiniteLogits`, naming the first clip) unless finite."""
+    with np.errstate(over="ignore"):
+        stored = logits.astype(DTYPES[dtype])
+    bad = ~np.isfinite(stored).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        if np.isfinite(logits[i]).all():
+            raise NonFiniteLogits(
+                f"the teacher's logits of clip {clip_ids[i]} (view {view}) reach {np.abs(logits[i]).max():.4g}, "
+                f"beyond {dtype}'s range (65504): cache them as float32 (teacher.cache_dtype: float32, "
+                "or dvfl cache --dtype float32)")
+        raise NonFiniteLogits(f"the teacher's logits of clip {clip_ids[i]} (view {view}) are not finite: the "
+                              "teacher's weights are broken (a diverged training?); retrain or replace it")
+    return stored
 
 
 def _sidecar(dst: str) -> str:
@@ -577,6 +601,8 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
             )
         for i, row in enumerate(ds.iter_rows(), 1):
             s = json.loads(row["stats"])
+            if "nonfinite" in s:
+                raise NonFiniteLogits(s["nonfinite"])
             if s.get("corrupt"):
                 raise corrupt_shard_error(s["corrupt"])
             if s.get("read"):

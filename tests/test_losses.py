@@ -149,6 +149,11 @@ def test_masked_teacher_logits_rule_classes_out():
     log_p_t = torch.log_softmax(t[:, 3:] / 2.0, dim=-1)
     hand = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     torch.testing.assert_close(out.kd, 4.0 * hand.mean(), rtol=1e-10, atol=1e-12)
+    # +inf (a float16 cache's overflow) or NaN is a broken teacher, not a masked class: NaN, seen.
+    for bad in (float("inf"), float("nan")):
+        broken = t.clone()
+        broken[0, 1] = bad
+        assert torch.isnan(distillation_loss(s, broken, alpha=1.0).total)
 
 
 def test_fp16_teacher_logits_are_cast_up():

@@ -364,6 +364,35 @@ def test_a_cut_clip_shard_is_named_damaged_and_a_refused_read_is_not(prepared, r
     assert "writing the cache" not in done.stderr
 
 
+
+def test_teacher_logits_a_float16_cache_cannot_hold_are_refused_naming_the_fix(prepared, ray_local, tmp_path):
+    """Logits beyond 65504 became +inf in a float16 cache; training then got NaN gradients from a finite
+    loss and stopped as "diverged, lower optim.lr". A teacher whose logits are NaN is named as broken."""
+    import ray
+
+    from dvfl.teacher_cache import ShardLogitWriter, view_spec
+
+    model, spec = load_model(prepared["teacher"])
+    with torch.no_grad():
+        model.head.weight.mul_(1e6)
+        model.head.bias.mul_(1e6)
+    loud = tmp_path / "loud_teacher"
+    save_model(loud, model, spec["name"], spec["kwargs"])
+    done = cli_in_process("cache_teacher.py", "--clips", prepared["cfg"].clips_dir, "--teacher", loud, "--out",
+                          tmp_path / "cache", "--verify", 0)
+    assert done.returncode == 1, done.stderr
+    assert "beyond float16's range" in done.stderr and "--dtype float32" in done.stderr, done.stderr
+    assert not list((tmp_path / "cache").rglob("*.parquet"))  # nothing of it written
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    writer = ShardLogitWriter(spec, [ray.put(model.state_dict())], view_spec(prepared["cfg"].crop_size, ["center"]),
+                              "float32", batch_size=4, threads=1)
+    src = shard_paths(prepared["cfg"].clips_dir, ["train"])[0]
+    (stats,) = [json.loads(s) for s in writer({"shard": [src], "out": [str(tmp_path / "o.parquet")],
+                                               "content": [None]})["stats"]]
+    assert "are not finite" in stats["nonfinite"] and "broken" in stats["nonfinite"], stats
+    assert not (tmp_path / "o.parquet").exists()
+
 # ----------------------------------------------------------------------------- distillation (issue 5)
 @pytest.mark.parametrize("override, field", [
     (("kd.temperature", -1.0), "kd.temperature"),
