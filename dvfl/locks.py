@@ -15,8 +15,8 @@ locked the same way, keyed by its URI (and the S3 endpoint): two jobs of one clu
 terminals of one laptop, are kept apart; two machines writing one prefix are not (object stores
 have no lock that dies with its holder).
 
-A run also holds its clips folder for reading (a shared lock, :func:`reads_held` and
-:func:`hold_for_reading`) from the moment its clips are ready to its end: an ingest into them from
+A run (and ``dvfl evaluate``, ``dvfl cache``) also holds its clips folder for reading (a shared lock,
+:func:`reads_held` and :func:`hold_for_reading`) from the moment its clips are ready to its end: an ingest into them from
 another command (``ingest --fresh`` replaced the shards its epochs were reading) is refused, not
 made to wait hours.
 """

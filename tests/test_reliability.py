@@ -452,6 +452,18 @@ def test_an_ingest_into_clips_a_run_reads_is_refused_until_the_run_ends(prepared
         assert time.time() - started > 1.5  # the ingest ended first
     holder.wait()
     assert len(said) == 1 and f"{clips} is being written (pid {holder.pid}" in said[0], said
+    # `dvfl evaluate` and `dvfl cache` hold them for reading too (an `ingest --fresh` replaced the shards under
+    # an evaluation of hours): started while an ingest writes them, each waits for it, then reads what it left
+    for script, args, what in (("evaluate.py", ["--model", prepared["teacher"]], "evaluation"),
+                               ("cache_teacher.py", ["--teacher", prepared["teacher"], "--out", tmp_path / "cache",
+                                                     "--verify", 0], "cache build")):
+        holder = _hold_lock(clips, 3, "ingest")
+        started = time.time()
+        done = cli_in_process(script, "--clips", clips, *args)
+        holder.wait()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"[{what}] {clips} is being written (pid {holder.pid}" in done.stdout, done.stdout
+        assert time.time() - started > 2.5
     # a reader that could not write its holder line (a full home) is still a reader: refused, not waited for
     silent = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys\nfrom dvfl.locks import _key, _lock_file\n"

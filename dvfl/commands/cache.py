@@ -169,11 +169,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     from dvfl.cli import failures_as_one_line
 
-    with failures_as_one_line("cache"), ray_runtime(num_cpus=a.num_cpus):  # (an unreachable cluster: one line)
+    from dvfl.locks import hold_for_reading, reads_held
+
+    with failures_as_one_line("cache"), ray_runtime(num_cpus=a.num_cpus), reads_held():  # (an unreachable cluster: one line)
         from dvfl.cli import paths_on_every_node
 
         if not paths_on_every_node({"--out": a.out}, {"--clips": a.clips}):  # (the teacher: read here, sent)
             return 2
+        # an `ingest --fresh` into the clips from another terminal is refused while they are read
+        hold_for_reading(a.clips, "cache build")
         try:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,
                                 views=a.cache_views.split(","), dtype=a.dtype, batch_size=a.batch_size,

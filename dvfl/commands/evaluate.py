@@ -71,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    from dvfl.locks import reads_held
+
+    with reads_held():  # the clips stay locked for reading while they are evaluated (below)
+        return _evaluate(a, p)
+
+
+def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("model", "clips"), outputs=("json", "confusion"))
     from dvfl import storage
 
@@ -90,7 +97,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error("give --clips (or --config with data.clips)")
     split, views = split or "test", views or (1, 1)
     from dvfl.data.shards import CorruptShardError, load_dataset_info, shard_paths
+    from dvfl.locks import hold_for_reading
 
+    # an `ingest --fresh` into them from another terminal is refused meanwhile (it replaced shards under an
+    # evaluation of hours, whose numbers then mixed two ingests under the first one's fingerprint)
+    hold_for_reading(clips, "evaluation")
     try:
         info = load_dataset_info(clips)
         shard_paths(clips, [split])  # IncompleteClipsError: scores on part of the split
