@@ -906,7 +906,7 @@ def test_a_training_split_too_big_to_hold_streams_in_a_new_file_order_each_epoch
     assert len(shard_paths(clips, ["train"])) > 2
 
 
-def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local, tmp_path):
+def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local, tmp_path, monkeypatch):
     """A loss that is no longer finite ends a run with an error naming the fix; a Tune trial only
     reports it (its stopper ends the trial, tests/test_tune.py)."""
     import dataclasses
@@ -924,6 +924,23 @@ def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local,
     with pytest.raises(TrainingDiverged, match=r"training loss is (nan|inf) at epoch 1; lower optim\.lr"):
         run_loop(dataclasses.replace(loop, run_name="nan"), RunnerSession(datasets, str(tmp_path / "nan")))
     assert not epoch_states(str(tmp_path / "nan"))  # no checkpoint of NaN weights for a retry to resume from
+    # a gradient that overflows on the run's last step, after that step's finite loss was counted: the NaN
+    # weights were saved as the model, the run a success
+    from dvfl.train import loop as loop_module
+
+    real_step = loop_module._optimizer_step
+
+    def overflowing(model, optimizer, scaler, optim, step, total_steps, warmup):
+        if step == total_steps - 1:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        return real_step(model, optimizer, scaler, optim, step, total_steps, warmup)
+
+    monkeypatch.setattr(loop_module, "_optimizer_step", overflowing)
+    sane = dataclasses.replace(loop, optim=dataclasses.replace(loop.optim, lr=1e-3, clip_grad=1.0), run_name="last")
+    with pytest.raises(TrainingDiverged, match=rf"the weights are no longer finite at epoch {cfg.optim.epochs}; "):
+        run_loop(sane, RunnerSession(datasets, str(tmp_path / "last")))
+    assert len(epoch_states(str(tmp_path / "last"))) == cfg.optim.epochs - 1
+    monkeypatch.undo()
     run_loop(dataclasses.replace(loop, run_name="tune", stop_on_divergence=False),
              RunnerSession(datasets, str(tmp_path / "tune")))
     assert len(epoch_states(str(tmp_path / "tune"))) == cfg.optim.epochs

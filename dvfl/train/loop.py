@@ -372,18 +372,26 @@ def run_loop(cfg: LoopConfig, session) -> None:
                                            run.warmup)
             metrics = epoch_metrics(run, cfg, stats, epoch, started, train_seconds, batches.seconds)
             next_batches = _epoch_batches(train_shard, cfg, epoch + 1, session) if epoch + 1 < cfg.optim.epochs else None
+            loss = metrics["train_loss"]
+            if not _weights_finite(run.raw_model):  # an inf gradient on the epoch's last step(s), after its loss
+                metrics["train_loss"] = float("nan")  # was counted: diverged as much (Tune's report reads the loss)
             if cfg.stop_on_divergence and not math.isfinite(metrics["train_loss"]):
                 # before its checkpoint: a retry must not resume from NaN weights (after the last
                 # epoch it would find nothing to train and save them as the model)
-                raise TrainingDiverged(f"{cfg.label}: the training loss is {metrics['train_loss']} at epoch "
-                                       f"{epoch + 1}; lower optim.lr, raise optim.warmup_frac or set "
-                                       f"optim.clip_grad (no model was saved)")
+                what = f"the training loss is {loss}" if not math.isfinite(loss) else "the weights are no longer finite"
+                raise TrainingDiverged(f"{cfg.label}: {what} at epoch {epoch + 1}; lower optim.lr, raise "
+                                       f"optim.warmup_frac or set optim.clip_grad (no model was saved)")
             end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
             batches = next_batches
             reported_at = time.time()
     finally:  # a failed epoch still uploads its TensorBoard events and removes their local copy
         if writer is not None:
             writer.close()
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every weight is finite (one device sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
 
 def _epoch_batches(train_shard, cfg: LoopConfig, epoch: int, session) -> _Timed:
