@@ -310,7 +310,7 @@ def teacher_holdout_problem(cfg: RunConfig, teacher: str, spec: dict, info: dict
 
 
 def check_clips_match(cfg: RunConfig, info: dict) -> None:
-    """Refuse clips (``data.clips``) ingested with other frames, short side or eval clips than the
+    """Refuse clips (``data.clips``) ingested with other frames, short side, clips per video or eval clips than the
     config says (dataset.json records what the ingest used), naming both values, and clips whose
     splits the run reads hold none (every video rejected)."""
     from dvfl.data.shards import IncompleteClipsError, shard_paths, smallest_frame_side
@@ -333,6 +333,9 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
         if smallest is not None and cfg.crop_size > smallest:
             problems.append(f"data.crop_size is {cfg.crop_size}, larger than the smallest stored frame side {smallest} "
                             "(clips kept at their source size, short side 0)")
+    if p.get("clips_per_video") not in (None, cfg.data.clips_per_video):  # (training reads every stored clip)
+        problems.append(f"data.clips_per_video is {cfg.data.clips_per_video}, the clips hold {p['clips_per_video']} "
+                        "per training video")
     if cfg.eval.clips > p["eval_clips"]:
         problems.append(f"eval.clips is {cfg.eval.clips}, the clips store {p['eval_clips']} per test video")
     stored_split = clips_split(info)

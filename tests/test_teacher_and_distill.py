@@ -594,6 +594,9 @@ def test_given_clips_must_match_the_configs_frames_short_side_and_crop(prepared,
         pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "short_side": 64}), log=None)
     with pytest.raises(ValueError, match="eval.clips is 2, the clips store 1"):
         pipeline.ensure_clips(_with(cfg, eval={"clips": 2}), log=None)
+    # training reads every clip stored: results.json said 1 per video while it trained on 2
+    with pytest.raises(ValueError, match="data.clips_per_video is 1, the clips hold 2 per training video"):
+        pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "clips_per_video": 1}), log=None)
     # a misspelt split used to reach Ray as an empty dataset (session 29); "val" is carved from training
     with pytest.raises(ValueError, match=r"data.train_split is 'trian', the clips hold split\(s\) 'test', 'train'"):
         pipeline.ensure_clips(_with(cfg, data={"clips": cfg.data.clips, "train_split": "trian"}), log=None)

@@ -195,7 +195,8 @@ def clips_own_settings(clips: str | None) -> dict:
     if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
         return {}
     own = {"dataset": info.get("dataset"), "short_side": info["params"].get("short_side"),
-           "frames": info["params"].get("frames"), "split": pipeline.clips_split(info)}
+           "frames": info["params"].get("frames"), "clips_per_video": info["params"].get("clips_per_video"),
+           "split": pipeline.clips_split(info)}
     return {k: v for k, v in own.items() if v is not None}
 
 
