@@ -62,6 +62,18 @@ def model_kwargs(section, num_classes: int, cfg: RunConfig) -> dict:
     return kwargs
 
 
+def model_identity(section, num_classes: int, cfg: RunConfig) -> dict:
+    """:func:`model_kwargs` as a model's identity holds them: activation checkpointing (the same math,
+    less memory) left out, so a run rerun with it after running out of memory resumes its epochs."""
+    return {k: v for k, v in model_kwargs(section, num_classes, cfg).items() if k != "use_checkpoint"}
+
+
+def optim_identity(optim) -> dict:
+    """An optim section as a model's identity holds it: the allocator setting (memory and speed only,
+    the same weights) held at its default, so turning it off resumes a run and earlier identities stay."""
+    return {**vars(optim), "keep_freed_memory": True}
+
+
 def validation_args(cfg: RunConfig) -> dict:
     """How every training run (teacher, students, Tune trials) finds its validation clips."""
     return {"train_splits": [cfg.data.train_split], "val_split": cfg.data.val_split,
@@ -745,8 +757,8 @@ def ensure_teacher(cfg: RunConfig, dataset_info: dict, log=print) -> tuple[str, 
         return cfg.teacher.path, spec
     section = cfg.teacher.train
     # (not the worker count, unlike a student's: a search or a rerun with other scaling reuses its teacher)
-    identity = {"dataset": dataset_info["fingerprint"], "model": model_kwargs(section, num_classes, cfg),
-                "name": section.model, "optim": vars(cfg.teacher.optim), "seed": cfg.seed,
+    identity = {"dataset": dataset_info["fingerprint"], "model": model_identity(section, num_classes, cfg),
+                "name": section.model, "optim": optim_identity(cfg.teacher.optim), "seed": cfg.seed,
                 "init": init_given(section), "split": cfg.data.train_split, "flip": cfg.data.flip,
                 **holdout_identity(cfg), **init_identity(section)}
     if cfg.data.teacher_pool > 0:
@@ -934,7 +946,7 @@ def student_run_args(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: in
              else cfg.optim)
     num_classes = len(dataset_info["classes"])
     identity = {"dataset": dataset_info["fingerprint"], "name": cfg.student.model,
-                "model": model_kwargs(cfg.student, num_classes, cfg), "optim": vars(optim), "seed": seed,
+                "model": model_identity(cfg.student, num_classes, cfg), "optim": optim_identity(optim), "seed": seed,
                 "kd": vars(cfg.kd) if kd else None, "teacher": teacher.get("fingerprint") if kd else None,
                 "unlabeled": unlabeled, "split": cfg.data.train_split, "flip": cfg.data.flip,
                 "init": init_given(cfg.student), **holdout_identity(cfg),

@@ -335,6 +335,10 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "k400.pth").write_bytes(ckpt.read_bytes())
     assert student(("student.checkpoint", str(tmp_path / "job" / "k400.pth"))) == student(("student.checkpoint", str(ckpt)))
+    # memory-only settings, the usual fixes of an out-of-memory run: the same run, resumed (it started
+    # again from epoch 1); the precision is another training
+    assert student(("student.use_checkpoint", True), ("optim.keep_freed_memory", False)) == base
+    assert student(("optim.amp", "off")) != base
     # the teacher's identity takes the same init part; runs from scratch add nothing (kept reusable)
     cfg = load_config(None, [("teacher.train.checkpoint", str(ckpt)), ("teacher.train.reinit_head", True)],
                       check_paths=False)
