@@ -374,10 +374,19 @@ def export_folder(model, spec: dict, out: str | os.PathLike, dataset: dict | Non
     folder and renamed into place; reloaded through ``timm.create_model`` and compared on
     ``inputs`` (default: one example clip), as the other formats are. An existing ``out`` is
     replaced only if it is an earlier export (:func:`replaceable_folder`)."""
+    from dvfl.locks import folder_lock
+
+    out = Path(out)
+    # two exports (or a teacher's --publish) into one folder renamed each other's folders away: errors,
+    # and full copies of the model left hidden beside it
+    with folder_lock(str(out), "export", wait=True):
+        return _export_folder(model, spec, out, dataset, inputs, tolerance)
+
+
+def _export_folder(model, spec: dict, out: Path, dataset: dict | None, inputs, tolerance: float) -> dict:
     import timm
     from safetensors.torch import save
 
-    out = Path(out)
     if not replaceable_folder(out):
         raise ValueError(f"{out} exists and is not an exported model folder; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)

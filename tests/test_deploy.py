@@ -431,6 +431,19 @@ def test_a_folder_export_is_swapped_in_whole_and_a_failed_one_keeps_the_earlier(
     assert os.listdir(parent) == ["golden"]
     assert json.loads((folder / "model.json").read_text())["seed"] == 2
     assert str(parent) in synced  # the rename into place is made durable
+    # an export into a folder another export (or a teacher's --publish) is writing waits for it: two renamed each
+    # other's folders away (OSError: Directory not empty) and left full hidden copies of the model beside it
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom dvfl.locks import folder_lock\n"
+                               f"with folder_lock({str(folder)!r}, 'export'):\n    print('held', flush=True)\n"
+                               "    time.sleep(2)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.time()
+    ex.export_folder(model, {**spec, "seed": 2}, folder)
+    assert time.time() - started > 1.5 and holder.wait() == 0
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     hook = model.register_forward_hook(lambda _m, _i, y: y + 1e-3)  # PyTorch no longer matches the weights

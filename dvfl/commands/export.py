@@ -131,6 +131,15 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         except ValueError as exc:
             print(f"[export] golden clip not used: {exc}")
     inputs += [ex.example_input(spec, 2), ex.example_input(spec, 1)]  # the dynamic batch, both ways
+    from dvfl.locks import folder_lock
+
+    with folder_lock(a.out, "export", wait=True):  # a second export to --out waits (a file and its contract: one export's)
+        return _export(ex, a, model, spec, dataset, inputs)
+
+
+def _export(ex, a: argparse.Namespace, model, spec: dict, dataset, inputs: list) -> int:
+    from dvfl import storage
+
     try:
         if a.format == "onnx":
             info = ex.export_onnx(model, a.out, inputs, a.tolerance)
