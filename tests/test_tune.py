@@ -1004,3 +1004,7 @@ def test_a_tune_experiment_this_project_did_not_start_is_never_resumed(tmp_path)
     assert resumable(str(exp), {"digest": "d"}) is True
     with pytest.raises(ConfigError, match="holds a different search"):
         resumable(str(exp), {"digest": "e", "search": {"tune": {"seed": 1}}})
+    # the same search on re-ingested clips (videos added): "put the old values back" could not be done
+    (exp / SEARCH_FILE).write_text(json.dumps({"digest": "d", "search": {"tune": {"seed": 0}, "dataset": "a"}}))
+    with pytest.raises(ConfigError, match=r"holds this search on other clips \(dataset a, now b: .*--fresh starts it over"):
+        resumable(str(exp), {"digest": "e", "search": {"tune": {"seed": 0}, "dataset": "b"}})

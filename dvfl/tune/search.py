@@ -161,8 +161,14 @@ def resumable(exp: str, fp: dict) -> bool:
                           "not resumed: pick another tune.experiment or tune.storage (one only you can write)")
     previous = storage.read_json(search_file)
     if previous["digest"] != fp["digest"]:
-        raise ConfigError(f"{exp} holds a different search: {changed_fields(previous.get('search'), fp['search'])}; "
-                          + RESUME_ADVICE)
+        old, now = previous.get("search"), fp["search"]
+        if (isinstance(old, dict) and old.get("dataset") != now.get("dataset")
+                and {k: v for k, v in old.items() if k != "dataset"} == {k: v for k, v in now.items() if k != "dataset"}):
+            # the same settings on other clips: the old clips are gone (re-ingested), "put them back" cannot be done
+            raise ConfigError(f"{exp} holds this search on other clips (dataset {old.get('dataset')}, now "
+                              f"{now.get('dataset')}: videos added or changed): --fresh starts it over on these, "
+                              "or pick another tune.experiment")
+        raise ConfigError(f"{exp} holds a different search: {changed_fields(old, now)}; " + RESUME_ADVICE)
     return True
 
 
