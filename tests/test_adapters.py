@@ -946,3 +946,53 @@ def test_class_folders_spelt_two_ways_across_split_folders_are_refused(tmp_path,
     # split folders give the splits: fractions were ignored, and recorded in dataset.json as if applied
     with pytest.raises(A.AdapterError, match=r"has split folders \(test, train\): they give the splits"):
         A.folder(str(tmp_path), test_fraction=0.2)
+
+
+def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_refused(tmp_path, src_video):
+    """Each was accepted without a word: DVFL-Net's csv_writer.py numbers class folders in walk order,
+    its labels/*.csv names them sorted (every video under another class); a class-names file with a
+    one-column header (every label shifted by one); Kinetics `train=all.csv` (held-out rows trained on);
+    a test/ class folder spelt with a trailing space or a typo (a class no training video teaches);
+    SSv2's unlabelled test.json (found after the whole training split was decoded)."""
+    root = str(tmp_path / "csv")
+    for rel in ("train/YoYo/a.avi", "train/ApplyEyeMakeup/b.avi", "train/Biking/c.avi"):
+        put(root, rel, src_video)
+    lists = write(os.path.join(root, "train.csv"), "train/YoYo/a.avi,0\ntrain/ApplyEyeMakeup/b.avi,1\n"
+                                                   "train/Biking/c.avi,2\n")
+    names = write(os.path.join(root, "labels.csv"), "id,name\n0,ApplyEyeMakeup\n1,Biking\n2,YoYo\n")
+    with pytest.raises(A.AdapterError, match=r"train\.csv:1: a video of folder 'YoYo' has the label of class "
+                                             r"'ApplyEyeMakeup' \(class 0 of the class list\): number the lists as labels\.csv"):
+        A.dvfl_csv(root, annotations=[("train", lists)], classes_file=names)
+    write(lists, "train/ApplyEyeMakeup/b.avi,0\ntrain/Biking/c.avi,1\ntrain/YoYo/a.avi,2\n")
+    m = A.dvfl_csv(root, annotations=[("train", lists)], classes_file=names)
+    assert {(e.video_id.split("/")[1], e.class_name) for e in m.entries} == {
+        ("ApplyEyeMakeup", "ApplyEyeMakeup"), ("Biking", "Biking"), ("YoYo", "YoYo")}
+    one_column = write(os.path.join(root, "names.txt"), "name\nApplyEyeMakeup\nBiking\nYoYo\n")
+    assert A.dvfl_csv(root, annotations=[("train", lists)], classes_file=one_column).classes == [
+        "ApplyEyeMakeup", "Biking", "YoYo"]
+
+    k400 = str(tmp_path / "k400")
+    make_kinetics(k400, src_video)
+    combined = write(os.path.join(k400, "all.csv"), "label,youtube_id,time_start,time_end,split\n"
+                                                    "zumba,bbb,0,10,train\nzumba,ccc,5,15,val\n")
+    with pytest.raises(A.AdapterError, match=r"all\.csv:3: a val video \(its split column\) given as the train split"):
+        A.kinetics(k400, [("train", combined)])
+    assert {e.split for e in A.kinetics(k400, [("test", write(combined, "label,youtube_id,time_start,time_end,split\n"
+                                                                        "zumba,ccc,5,15,val\n"))]).entries} <= {"test"}
+
+    for typo in ("Walking ", "Walkng"):
+        folder = tmp_path / f"folder{len(typo)}"
+        put(str(folder), "train/Walking/a.mp4", src_video)
+        put(str(folder), f"test/{typo}/b.mp4", src_video)
+        with pytest.raises(A.AdapterError, match="Unicode normalisation, or spaces at an end" if typo.endswith(" ")
+                           else r"class folder test/'Walkng' has no train/ folder"):
+            A.folder(str(folder))
+    only_test = tmp_path / "only_test"  # an evaluation-only ingest: no training split to compare with
+    put(str(only_test), "test/Walking/b.mp4", src_video)
+    assert A.folder(str(only_test)).classes == ["Walking"]
+
+    ssv2_root = str(tmp_path / "ssv2")
+    make_ssv2(ssv2_root, src_video)
+    unlabelled = write(os.path.join(ssv2_root, "test.json"), '[{"id": "1"}, {"id": "2"}]')
+    with pytest.raises(A.AdapterError, match=r"test\.json has no labels \(SSv2's test\.json is unlabelled\)"):
+        A.ssv2(ssv2_root, [("test", unlabelled)])

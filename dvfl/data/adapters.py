@@ -110,6 +110,8 @@ def _class_names(path: str) -> List[str]:
         else lines
     pairs = [(n, ln.split(",", 1)) for n, ln in rows]
     if rows is lines and not all(len(f) == 2 and _is_int(f[0]) for _, f in pairs):
+        if len(lines) > 1 and head in (["name"], ["class"], ["class_name"], ["classes"], ["label"]):
+            lines = lines[1:]  # a one-column header (read as a class, it shifted every label by one)
         return [ln for _, ln in lines]  # one name per line (a name may hold a comma)
     bad = [(n, f) for n, f in pairs if len(f) != 2 or not _is_int(f[0])]
     if bad:
@@ -427,8 +429,15 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
                     raise AdapterError(f"{path}: header must contain {sorted(need)}, got {reader.fieldnames}")
                 for i, r in enumerate(reader):
                     r = dict(r)
-                    r["_split"] = _norm_split(split_hint) if split_hint else (_norm_split(r.get("split") or "") or default_split)
+                    own = _norm_split(r.get("split") or "")
                     r["_where"] = f"{os.path.basename(path)}:{i + 2}"
+                    if split_hint and own and (own == "train") != (_norm_split(split_hint) == "train"):
+                        # (train=all.csv, or files swapped: held-out videos trained on, or the reverse, silently;
+                        # val rows as the test split, test=validate.csv, stay allowed)
+                        raise AdapterError(f"{r['_where']}: a {own} video (its split column) given as the "
+                                           f"{_norm_split(split_hint)} split ({split_hint}={os.path.basename(path)}): "
+                                           "give each split its own file, or leave SPLIT= out to take the column")
+                    r["_split"] = _norm_split(split_hint) if split_hint else (own or default_split)
                     rows.append((path, i, r))
         except UnicodeDecodeError as exc:  # (a ValueError: it escaped the commands' error handling as a traceback)
             raise AdapterError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
@@ -531,6 +540,10 @@ def ssv2(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] =
         if not isinstance(items, list):
             raise AdapterError(f"{path}: expected a JSON list of {{\"id\", \"template\", ...}} objects, "
                                f"got a {type(items).__name__}")
+        if items and not any(isinstance(it, dict) and (it.get("template") or it.get("label")) for it in items):
+            # (each entry was an unknown class '', said only after the whole training split was decoded)
+            raise AdapterError(f"{path} has no labels (SSv2's test.json is unlabelled): give validation.json as the "
+                               "test split (test=validation.json), as configs/ssv2.yaml does")
         for i, it in enumerate(items):
             where = f"{os.path.basename(path)}[{i}]"
             if not isinstance(it, dict):
@@ -623,6 +636,27 @@ def _lists_number_folders_differently(parsed, folder_of) -> Optional[str]:
     return None
 
 
+def _folders_of_other_classes(parsed, dense: Dict[int, int], classes: List[str]) -> Optional[str]:
+    """Where the lists file each label's videos in one folder named after a class of ``classes``, but
+    not the class the label is there: the first such line, in words; else None (folders are not
+    class names, or they agree)."""
+    for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
+        folders: Dict[int, Dict[str, str]] = {}  # class index -> folder -> where
+        for _, rel, lab, where in parsed:
+            if rel.count("/") >= 1 and lab in dense:
+                folders.setdefault(dense[lab], {}).setdefault(folder_of(rel), where)
+        if not folders or any(len(f) != 1 for f in folders.values()):
+            continue
+        names = {i: next(iter(f)) for i, f in folders.items()}
+        if len(set(names.values())) != len(names) or not set(names.values()) <= set(classes):
+            continue
+        for i, folder in sorted(names.items()):
+            if i < len(classes) and classes[i] != folder:
+                return (f"{folders[i][folder]}: a video of folder {folder!r} has the label of class {classes[i]!r} "
+                        f"(class {i} of the class list)")
+    return None
+
+
 def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]]] = None,
              num_classes: Optional[int] = None, classes_file: Optional[str] = None) -> Manifest:
     """The DVFL-Net repo's own split lists (not the official splits: train and val share
@@ -696,6 +730,12 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
     if named and len({named[v][0] for v in named}) != len(named):
         raise AdapterError("class_name: two labels share one class name (" + ", ".join(
             f"{v}: {named[v][0]!r}" for v in sorted(named, key=lambda v: (named[v][0], v))) + ")")
+    for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
+        why = _lists_number_folders_differently(parsed, folder_of)
+        if why:  # (silently: labels that mean one class in train, another in test)
+            raise AdapterError(f"the lists number the classes differently: {why}. Lists written one by one "
+                               "(e.g. DVFL-Net's csv_writer.py per split folder) must share one numbering: "
+                               "renumber them from one class list")
     if names_file is not None:
         classes = names_file
         for v in sorted(named):  # the lists' own names must agree: a shifted numbering files every video wrongly
@@ -705,6 +745,10 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
                                    f"{classes[i]!r} in {os.path.basename(classes_file)} (class {i} of the labels "
                                    f"{min(dense)}..{max(dense)} the lists use): number the lists as the class list, "
                                    "or leave --classes out to take the lists' names")
+        misfiled = _folders_of_other_classes(parsed, dense, classes)
+        if misfiled:  # (the class list sorted, the lists numbered in folder walk order: every video misnamed)
+            raise AdapterError(f"{misfiled}: number the lists as {os.path.basename(classes_file)}, or leave --classes "
+                               "out to take the class folders' names")
     elif named:
         by_dense = {dense[v]: named[v][0] for v in named if v in dense and dense[v] < k}
         classes = [by_dense.get(i, f"class_{i:03d}") for i in range(k)]
@@ -713,11 +757,6 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         # (hmdb51/train/brush_hair/v.avi, as DVFL-Net's csv_writer.py writes them)
         classes = [f"class_{i:03d}" for i in range(k)]
         for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
-            why = _lists_number_folders_differently(parsed, folder_of)
-            if why:  # (silently: generic class names over labels that mean one class in train, another in test)
-                raise AdapterError(f"the lists number the classes differently: {why}. Lists written one by one "
-                                   "(e.g. DVFL-Net's csv_writer.py per split folder) must share one numbering: "
-                                   "renumber them from one class list")
             folders: Dict[int, set] = {}
             for _, rel, lab, _ in parsed:
                 if "/" in rel and lab in dense:
@@ -785,11 +824,19 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
 
     spelt = {}
     for c in classes:
-        spelt.setdefault(unicodedata.normalize("NFC", c).casefold(), []).append(c)
+        spelt.setdefault(unicodedata.normalize("NFC", c).strip().casefold(), []).append(c)
     same = next((names for names in spelt.values() if len(names) > 1), None)
     if same:
         raise AdapterError(f"--root {root}: class folders {' and '.join(map(repr, same))} differ only in letter case "
-                           "or Unicode normalisation (copied from another system?): give them one spelling")
+                           "or Unicode normalisation, or spaces at an end (copied from another system?): give them one "
+                           "spelling")
+    trained = {d for s, b in bases if s == "train" for d in _subfolders(b)}
+    untrained = [(s, d) for s, b in bases if s in ("val", "test") and trained for d in _subfolders(b) if d not in trained]
+    if untrained:  # (a class no training video teaches: a misspelt folder, every video of it scored wrong)
+        s, d = untrained[0]
+        raise AdapterError(f"--root {root}: class folder {s}/{d!r} has no train/ folder: no training video teaches it "
+                           "(a misspelt folder name?); give it the spelling of its train/ folder, or add its "
+                           "training videos")
     _refuse_class_links(root, bases, classes)
     m = Manifest("folder", os.path.abspath(root), classes,
                  source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})
