@@ -40,16 +40,22 @@ _read_scopes: list[contextlib.ExitStack] = []  # innermost last: where hold_for_
 
 
 class FolderBusyError(RuntimeError):
-    """Another process holds the folder's lock."""
+    """Another process holds the folder's lock (``readers``: other commands reading it, a writer refused)."""
+
+    def __init__(self, message: str, readers: bool = False):
+        super().__init__(message)
+        self.readers = readers
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared: bool = False):
+def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared: bool = False,
+                announce: bool = True):
     """Hold ``folder``'s lock inside. Held by another process: raise :class:`FolderBusyError`
     (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
     what the first one finished; ``log`` None: silently). ``shared``: a reader's lock, held with
     other readers; a writer is refused while readers hold it, ``wait`` or not (they hold it for a
-    whole run). Re-entrant in one process; the folder need not exist."""
+    whole run). ``announce=False``: a reader of a moment, not named to a refused writer. Re-entrant
+    in one process; the folder need not exist."""
     key = _key(folder)
     if key in _held:  # a stage nested in a command that holds it already
         _held[key] += 1
@@ -64,12 +70,8 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared
         return
     fd = _locked_fd(lock, folder, what, wait, log, shared)
     try:
-        try:  # who holds it, for a refused command to name: a full or over-quota home must not fail the command
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "since": time.time(), "command": " ".join(sys.argv)[:300]}).encode(), 0)
-        except OSError:
-            pass
+        if announce:
+            _announce(fd, lock, key, shared)
         _held[key] = 1
         try:
             yield
@@ -153,7 +155,7 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
                         continue
                     raise FolderBusyError(f"{folder} is being read by a run ({holder}): writing it now would change "
                                           f"the clips under it; wait for it to end, or stop it, or use another "
-                                          f"folder") from None
+                                          f"folder", readers=True) from None
                 if not wait:
                     raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
                                           f"or stop it, or use another folder") from None
@@ -234,11 +236,53 @@ def _remove_free_lock_files(locks: str) -> None:
             os.close(fd)
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote it (a reader: the last one to start)."""
+def _announce(fd: int, lock: str, key: str, shared: bool) -> None:
+    """Write who holds the lock, for a refused command to name (a full or over-quota home must not
+    fail the command): a writer's line, or one more line per reader (a reader that ends leaves its
+    line, which a refusal passes over once its process is gone)."""
+    line = json.dumps({"folder": key, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                       "command": " ".join(sys.argv)[:300]}).encode() + b"\n"
     try:
-        h = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        since = time.strftime("%H:%M:%S", time.localtime(h["since"]))
-        return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
+        if shared:
+            appended = os.open(lock, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            try:
+                os.write(appended, line)
+            finally:
+                os.close(appended)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line, 0)
+    except OSError:
+        pass
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it (readers: the last one to start that still runs)."""
+    holders = []
+    try:
+        for line in os.pread(fd, 1 << 16, 0).splitlines():
+            try:
+                h = json.loads(line)
+                holders.append((h, time.strftime("%H:%M:%S", time.localtime(h["since"]))))
+            except (ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    live = [(h, since) for h, since in holders if _running(h)]
+    if not (live or holders):
         return "a process that has just started"
+    h, since = (live or holders)[-1]
+    return f"pid {h['pid']} on {h['host']} since {since}: {h['command']}"
+
+
+def _running(holder: dict) -> bool:
+    """Whether a holder line's process still runs (on another host: taken as running)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, KeyError, OverflowError):
+        return True
+    return True

@@ -167,7 +167,7 @@ def test_a_split_whose_every_video_is_rejected_is_refused_before_any_training(ba
         f.write("A/v_A_g08_c04.mp4\n")
     m.extend(A.unlabeled(pool))
     out = str(tmp_path / "clips")
-    s = ingest(m, IngestConfig(out=out, frames=8, short_side=32, eval_clips=1), log=None)
+    s = ingest(m, IngestConfig(out=out, frames=8, clips_per_video=1, short_side=32, eval_clips=1), log=None)
     assert s["counts"]["test"] == s["counts"]["unlabeled"] == {"videos": 0, "clips": 0} and s["counts"]["train"]["clips"] > 0
     cfg = load_config(None, [("data.dataset", "ucf101"), ("data.clips", out), ("data.frames", 8), ("data.short_side", 32),
                              ("data.crop_size", 32), ("data.eval_clips", 1), ("eval.clips", 1), ("eval.crops", 1)])

@@ -424,6 +424,22 @@ def test_an_ingest_into_clips_a_run_reads_is_refused_until_the_run_ends(prepared
     before = {str(p): p.stat().st_mtime_ns for p in clips.rglob("*")}
     readers = [_read_clips(clips, tmp_path / f"run{i}") for i in range(2)]  # two runs on one set of clips
     try:
+        # a run whose ingest has nothing to write (its own finished clips, read by another command: an
+        # evaluation, a run) uses them as they are; one that would write them is refused
+        from dataclasses import replace
+
+        from dvfl.data.adapters import build_manifest
+        from dvfl.data.ingest import IngestConfig, ingest
+
+        root = json.loads((clips / "dataset.json").read_text())["root"]
+        same = IngestConfig(out=str(clips), frames=8, clips_per_video=2, eval_clips=1, short_side=32,
+                            videos_per_shard=8, progress=False)
+        said = []
+        assert ingest(build_manifest("synthetic", root, 1), same, log=said.append)["videos_decoded_this_run"] == 0
+        assert any("holds this ingest, finished: used as it is" in line for line in said), said
+        with pytest.raises(FolderBusyError, match="is being read by a run"):
+            ingest(build_manifest("synthetic", root, 1), replace(same, short_side=24), log=None)
+        assert {str(p): p.stat().st_mtime_ns for p in clips.rglob("*")} == before
         for first, still_reading in ((True, readers), (False, readers[1:])):
             done = cli_in_process("ingest.py", "--dataset", "synthetic", "--out", clips, "--fresh",
                                   "--synthetic-classes", "2", "--train-per-class", "1", "--test-per-class", "1")

@@ -435,23 +435,48 @@ def ingest(manifest: Manifest, cfg: IngestConfig, log=print, fresh_done=None) ->
     """Run the ingest of ``manifest`` into ``cfg.out``; Ray must be initialised (see
     :func:`ray_session`). Returns the summary dict (also written to ``summary.json``). Another
     ingest writing ``cfg.out`` on this machine is waited for (its temporaries and parts are
-    what a start clears), then its finished shards are reused. ``fresh_done``: called once
-    ``cfg.overwrite`` has deleted the earlier ingest (from then on a rerun resumes)."""
-    from dvfl.locks import folder_lock
+    what a start clears), then its finished shards are reused. While other commands read
+    ``cfg.out`` (a run, an evaluation) nothing is written: a finished ingest of these inputs and
+    settings is used as it is, anything else is refused (:class:`dvfl.locks.FolderBusyError`).
+    ``fresh_done``: called once ``cfg.overwrite`` has deleted the earlier ingest (from then on a
+    rerun resumes)."""
+    from dvfl.locks import FolderBusyError, folder_lock
 
     cfg.validate()
-    with folder_lock(cfg.out, "ingest", wait=True, log=log):
-        return _ingest(manifest, cfg, log, fresh_done)
+    try:
+        with folder_lock(cfg.out, "ingest", wait=True, log=log):
+            return _ingest(manifest, cfg, log, fresh_done)
+    except FolderBusyError as busy:
+        if cfg.overwrite or not busy.readers:
+            raise
+        # (a run started beside an evaluation of its clips was refused, though it had nothing to write)
+        with folder_lock(cfg.out, "ingest", wait=True, log=log, shared=True, announce=False):
+            finished = _finished_as_planned(manifest, cfg, log)
+        if finished is None:
+            raise
+        return finished
 
 
-def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict[str, Any]:
-    import ray
+def _out_dir(cfg: IngestConfig) -> str:
+    """``cfg.out`` as every file below names it: a local path made absolute, or a URI (s3://, gs://)."""
+    return cfg.out.rstrip("/") if storage.is_remote(cfg.out) else storage.absolute(cfg.out)
 
-    t_start = time.perf_counter()
-    # a local path or a URI (s3://, gs://): every file below goes through dvfl.storage
-    out = cfg.out.rstrip("/") if storage.is_remote(cfg.out) else storage.absolute(cfg.out)
-    shard_dir = storage.join(out, _s.SHARD_DIR)
-    meta_dir = storage.join(shard_dir, _s.META_DIR)
+
+@dataclass
+class _IngestPlan:
+    """What an ingest of a manifest writes: its videos' identities, fingerprint and shard layout."""
+    identities: Dict[str, Tuple[int, str]]
+    entries: Dict[str, VideoEntry]
+    params: Dict[str, Any]
+    fingerprint: str
+    plans: List["_ShardPlan"]
+    layout: Dict[str, Any]
+    videos_per_shard: int
+    video_bytes: int  # one video's decoded clips, estimated: what sizes the tasks
+    cfg: IngestConfig  # with the row group size the layout takes
+
+
+def _plan_ingest(manifest: Manifest, cfg: IngestConfig, log) -> _IngestPlan:
     manifest.dedupe()
 
     # -- identities (a file that vanished since the adapter ran becomes a 'missing' reject)
@@ -490,6 +515,39 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
     layout = {"fingerprint": fingerprint, "videos_per_shard": vps, "row_group_clips": row_group_clips,
               "compression": cfg.compression, "shards": [p.name for p in plans]}
     cfg = replace(cfg, row_group_clips=row_group_clips)
+    return _IngestPlan(identities, entries, params, fingerprint, plans, layout, vps, est_video_bytes, cfg)
+
+
+def _finished_as_planned(manifest: Manifest, cfg: IngestConfig, log) -> Optional[Dict[str, Any]]:
+    """The summary of the finished ingest in ``cfg.out`` when it is this manifest's with these settings
+    (nothing to write); None otherwise. Reads only."""
+    out = _out_dir(cfg)
+    plan = _plan_ingest(manifest, cfg, log)
+    try:
+        committed = storage.read_json(storage.join(out, _s.DATASET_JSON))  # (written last, once every shard is)
+        layout = storage.read_json(storage.join(out, _s.PLAN_JSON))
+        summary = storage.read_json(storage.join(out, _s.SUMMARY_JSON))
+    except (OSError, ValueError):
+        return None
+    if layout != plan.layout or committed.get("fingerprint") != plan.fingerprint:
+        return None
+    if log:
+        log(f"[ingest] {out} is being read by another command and holds this ingest, finished: used as it is")
+    return {**summary, "shards_skipped": summary.get("shards"), "videos_decoded_this_run": 0, "clips_this_run": 0}
+
+
+def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict[str, Any]:
+    import ray
+
+    t_start = time.perf_counter()
+    # a local path or a URI (s3://, gs://): every file below goes through dvfl.storage
+    out = _out_dir(cfg)
+    shard_dir = storage.join(out, _s.SHARD_DIR)
+    meta_dir = storage.join(shard_dir, _s.META_DIR)
+    plan = _plan_ingest(manifest, cfg, log)
+    identities, entries, params, fingerprint = plan.identities, plan.entries, plan.params, plan.fingerprint
+    plans, layout, vps, cfg = plan.plans, plan.layout, plan.videos_per_shard, plan.cfg
+    est_video_bytes = plan.video_bytes
 
     # -- output dir state: refuse to mix different datasets, unless --fresh
     plan_path = storage.join(out, _s.PLAN_JSON)
