@@ -640,13 +640,21 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     reused, an interrupted one resumes from its last checkpoint.
     """
     num_classes = len(dataset_info["classes"])
+
+    def folder(key: str) -> str:
+        return (storage.join(cfg.output_dir, TEACHER_DIR, key) if role == "teacher"
+                else storage.join(cfg.output_dir, STUDENTS_DIR, f"{role.replace('+', '-')}-s{seed}-{key}"))
+
     key = digest(identity)
-    out = (storage.join(cfg.output_dir, TEACHER_DIR, key) if role == "teacher"
-           else storage.join(cfg.output_dir, STUDENTS_DIR, f"{role.replace('+', '-')}-s{seed}-{key}"))
+    out = folder(key)
     label = role if role == "teacher" else f"{role} s{seed}"
-    if storage.isfile(storage.join(out, SPEC)):
-        log(f"[{label}] reusing {out} (inputs unchanged)")
-        return out
+    # a model finished before session 46 with activation checkpointing on: its identity held the setting
+    earlier = folder(digest({**identity, "model": {**identity["model"], "use_checkpoint": True}})) \
+        if section.use_checkpoint else out
+    for found in dict.fromkeys((out, earlier)):
+        if storage.isfile(storage.join(found, SPEC)):
+            log(f"[{label}] reusing {found} (inputs unchanged)")
+            return found
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))

@@ -390,7 +390,7 @@ def _finite_logits(logits: np.ndarray, dtype: str, clip_ids, view: str) -> np.nd
             raise NonFiniteLogits(
                 f"the teacher's logits of clip {clip_ids[i]} (view {view}) reach {np.abs(logits[i]).max():.4g}, "
                 f"beyond {dtype}'s range (65504): cache them as float32 (teacher.cache_dtype: float32, "
-                "or dvfl cache --dtype float32)")
+                "or dvfl cache --dtype float32 --fresh)")
         raise NonFiniteLogits(f"the teacher's logits of clip {clip_ids[i]} (view {view}) are not finite: the "
                               "teacher's weights are broken (a diverged training?); retrain or replace it")
     return stored

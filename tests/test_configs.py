@@ -339,6 +339,16 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     # again from epoch 1); the precision is another training
     assert student(("student.use_checkpoint", True), ("optim.keep_freed_memory", False)) == base
     assert student(("optim.amp", "off")) != base
+    # a model finished with activation checkpointing before it left the identity is still reused, not retrained
+    from dvfl.pipeline import SPEC, STUDENTS_DIR, plan_model_run
+
+    cfg = load_config(None, [("data.clips", str(tmp_path)), ("output_dir", str(tmp_path / "run")),
+                             ("student.use_checkpoint", True)], check_paths=False)
+    args = student_run_args(cfg, info, {"mode": "none"}, 0, "vfl")
+    earlier = tmp_path / "run" / STUDENTS_DIR / f"vfl-s0-{digest({**args['identity'], 'model': {**args['identity']['model'], 'use_checkpoint': True}})}"
+    earlier.mkdir(parents=True)
+    (earlier / SPEC).write_text("{}")
+    assert plan_model_run(cfg, **args, log=lambda *_: None) == str(earlier)
     # the teacher's identity takes the same init part; runs from scratch add nothing (kept reusable)
     cfg = load_config(None, [("teacher.train.checkpoint", str(ckpt)), ("teacher.train.reinit_head", True)],
                       check_paths=False)

@@ -940,7 +940,8 @@ def test_a_diverged_run_stops_instead_of_saving_nan_weights(prepared, ray_local,
 
     monkeypatch.setattr(loop_module, "_optimizer_step", overflowing)
     sane = dataclasses.replace(loop, optim=dataclasses.replace(loop.optim, lr=1e-3, clip_grad=1.0), run_name="last")
-    with pytest.raises(TrainingDiverged, match=rf"the weights are no longer finite at epoch {cfg.optim.epochs}; "):
+    with pytest.raises(TrainingDiverged, match=rf"the weights are no longer finite \(a gradient overflowed\) at epoch "
+                                               rf"{cfg.optim.epochs}; lower optim\.lr or raise optim\.warmup_frac \(no"):
         run_loop(sane, RunnerSession(datasets, str(tmp_path / "last")))
     assert len(epoch_states(str(tmp_path / "last"))) == cfg.optim.epochs - 1
     monkeypatch.undo()

@@ -91,6 +91,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    from dvfl.locks import reads_held
+
+    with reads_held():  # the clips stay locked for reading while the cache is built from them (below)
+        return _build(a, p)
+
+
+def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     a.fresh_done = not a.fresh  # (interrupted before --fresh deleted another build's cache: rerun with it)
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
@@ -128,6 +135,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         why = storage.reachable(path) if storage.is_remote(path) else None  # (else a traceback: no endpoint, credentials)
         if why:
             p.error(f"{flag} {why}")
+    from dvfl.locks import hold_for_reading
+
+    # before they are read: an `ingest --fresh` into them from another terminal is refused while they are
+    # read, and one writing them now is waited for
+    hold_for_reading(a.clips, "cache build")
     if not storage.isfile(storage.join(a.clips, "dataset.json")):
         p.error(f"--clips {a.clips}: not a finished ingest output (no dataset.json): run `dvfl ingest` first, "
                 "or its same command again to finish an interrupted one")
@@ -169,15 +181,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     from dvfl.cli import failures_as_one_line
 
-    from dvfl.locks import hold_for_reading, reads_held
-
-    with failures_as_one_line("cache"), ray_runtime(num_cpus=a.num_cpus), reads_held():  # (an unreachable cluster: one line)
+    with failures_as_one_line("cache"), ray_runtime(num_cpus=a.num_cpus):  # (an unreachable cluster: one line)
         from dvfl.cli import paths_on_every_node
 
         if not paths_on_every_node({"--out": a.out}, {"--clips": a.clips}):  # (the teacher: read here, sent)
             return 2
-        # an `ingest --fresh` into the clips from another terminal is refused while they are read
-        hold_for_reading(a.clips, "cache build")
         try:
             build_teacher_cache(a.clips, a.teacher, a.out, teacher_name=a.arch, crop_size=a.crop_size,
                                 views=a.cache_views.split(","), dtype=a.dtype, batch_size=a.batch_size,
