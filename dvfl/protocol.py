@@ -279,18 +279,24 @@ def run_protocol(protocol: Protocol, configs: list[RunConfig], ids: list[int], o
     from dvfl import pipeline
     from dvfl.config import dump_config
 
-    def with_others(own: list[dict], say=lambda *_: None) -> list[dict]:
-        return sorted([*earlier_runs(others or {}, log=say), *own], key=lambda r: r["split"])
+    from dvfl.locks import folder_lock
+
+    def write(own: list[dict], say=lambda *_: None, said=lambda *_: None) -> dict:
+        # commands running other folds read each other's results and write these files too: one at a time
+        # (a fold that finished between another command's read and its write was left out of the files)
+        with folder_lock(storage.join(out_dir, RESULTS_JSON), "protocol results", wait=True, log=None):
+            runs = sorted([*earlier_runs(others or {}, log=say), *own], key=lambda r: r["split"])
+            return write_results(out_dir, protocol, ids, runs, log=said)
 
     own: list[dict] = []
-    report = write_results(out_dir, protocol, ids, with_others(own, log), log=lambda *_: None)
+    report = write(own, say=log)
     for n, (i, cfg) in enumerate(zip(ids, configs), 1):
         log(f"[protocol] {protocol.kind} {i} ({n}/{len(ids)}): clips {cfg.clips_dir}, results in {cfg.output_dir}")
         storage.makedirs(cfg.output_dir)
         pipeline.remove_report(cfg.output_dir)  # a split that fails must not leave an earlier run's beside its config
         dump_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
         own.append(_run_row(i, cfg, pipeline.run_all(cfg, log)))
-        report = write_results(out_dir, protocol, ids, with_others(own), log=log)
+        report = write(own, said=log)
     return report
 
 

@@ -215,6 +215,19 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "run_all", beside)
     report, _ = batch([5])
     assert report["folds_run"] == [1, 2, 3, 5, 6], report["folds_run"]
+    # each command reads the others' results and writes the files under one lock: a fold that finished between
+    # another command's read and its write was left out (its write landed last)
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom dvfl.locks import folder_lock\n"
+                               f"with folder_lock({str(tmp_path / 'logo' / 'protocol.json')!r}, 'protocol results'):\n"
+                               "    print('held', flush=True)\n    time.sleep(2)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.time()
+    batch([7])
+    assert time.time() - started > 1.5 and holder.wait() == 0
 
 
 def test_a_model_some_splits_did_not_train_is_reported_with_how_many_did(tmp_path):
