@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -259,8 +260,11 @@ def _announce(fd: int, lock: str, key: str, shared: bool) -> None:
 def _holder(fd: int) -> str:
     """Who holds the lock, as its holder wrote it (readers: the last one to start that still runs)."""
     holders = []
-    try:
-        for line in os.pread(fd, 1 << 16, 0).splitlines():
+    try:  # the file's tail (readers' lines pile up while one reads for a long time); an older version's line
+        # had no newline: one appended after it is split off
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, 1 << 16, max(0, size - (1 << 16)))
+        for line in re.split(rb"\n|(?<=\})(?=\{)", tail):
             try:
                 h = json.loads(line)
                 holders.append((h, time.strftime("%H:%M:%S", time.localtime(h["since"]))))

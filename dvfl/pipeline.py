@@ -648,10 +648,12 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     key = digest(identity)
     out = folder(key)
     label = role if role == "teacher" else f"{role} s{seed}"
-    # a model finished before session 46 with activation checkpointing on: its identity held the setting
-    earlier = folder(digest({**identity, "model": {**identity["model"], "use_checkpoint": True}})) \
-        if section.use_checkpoint else out
-    for found in dict.fromkeys((out, earlier)):
+    # a model finished before session 46 with activation checkpointing on or freed memory not kept: its
+    # identity held those settings, whatever they are now
+    earlier = [folder(digest({**identity, "model": {**identity["model"], **({"use_checkpoint": True} if ckpt else {})},
+                              "optim": {**identity["optim"], "keep_freed_memory": kept}}))
+               for ckpt in (False, True) for kept in (True, False)] if "optim" in identity else []
+    for found in dict.fromkeys((out, *earlier)):
         if storage.isfile(storage.join(found, SPEC)):
             log(f"[{label}] reusing {found} (inputs unchanged)")
             return found

@@ -967,6 +967,13 @@ def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_re
     m = A.dvfl_csv(root, annotations=[("train", lists)], classes_file=names)
     assert {(e.video_id.split("/")[1], e.class_name) for e in m.entries} == {
         ("ApplyEyeMakeup", "ApplyEyeMakeup"), ("Biking", "Biking"), ("YoYo", "YoYo")}
+    # folders that are not class names (participants), numbered per list: a class-name column is the numbering
+    people = str(tmp_path / "people")
+    for rel in ("P01/a.avi", "P02/b.avi", "P02/c.avi"):
+        put(people, rel, src_video)
+    tr = write(os.path.join(people, "train.csv"), "P01/a.avi,0,open\nP02/b.avi,1,close\n")
+    te = write(os.path.join(people, "test.csv"), "P02/c.avi,0,open\n")
+    assert A.dvfl_csv(people, annotations=[("train", tr), ("test", te)]).classes == ["open", "close"]
     one_column = write(os.path.join(root, "names.txt"), "name\nApplyEyeMakeup\nBiking\nYoYo\n")
     assert A.dvfl_csv(root, annotations=[("train", lists)], classes_file=one_column).classes == [
         "ApplyEyeMakeup", "Biking", "YoYo"]
@@ -977,6 +984,9 @@ def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_re
                                                     "zumba,bbb,0,10,train\nzumba,ccc,5,15,val\n")
     with pytest.raises(A.AdapterError, match=r"all\.csv:3: a val video \(its split column\) given as the train split"):
         A.kinetics(k400, [("train", combined)])
+    held_out = write(os.path.join(k400, "val_from_train.csv"), "label,youtube_id,time_start,time_end,split\n"
+                                                                "abseiling,aaa,10,20,train\n")  # training rows held out
+    assert {(e.video_id, e.split) for e in A.kinetics(k400, [("val", held_out)]).entries} == {("aaa_000010_000020", "val")}
     assert {e.split for e in A.kinetics(k400, [("test", write(combined, "label,youtube_id,time_start,time_end,split\n"
                                                                         "zumba,ccc,5,15,val\n"))]).entries} <= {"test"}
 

@@ -349,6 +349,12 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     earlier.mkdir(parents=True)
     (earlier / SPEC).write_text("{}")
     assert plan_model_run(cfg, **args, log=lambda *_: None) == str(earlier)
+    plain = load_config(None, [("data.clips", str(tmp_path)), ("output_dir", str(tmp_path / "run2"))], check_paths=False)
+    args = student_run_args(plain, info, {"mode": "none"}, 0, "vfl")
+    unkept = tmp_path / "run2" / STUDENTS_DIR / f"vfl-s0-{digest({**args['identity'], 'optim': {**args['identity']['optim'], 'keep_freed_memory': False}})}"
+    unkept.mkdir(parents=True)
+    (unkept / SPEC).write_text("{}")
+    assert plan_model_run(plain, **args, log=lambda *_: None) == str(unkept)
     # the teacher's identity takes the same init part; runs from scratch add nothing (kept reusable)
     cfg = load_config(None, [("teacher.train.checkpoint", str(ckpt)), ("teacher.train.reinit_head", True)],
                       check_paths=False)

@@ -842,3 +842,33 @@ def test_a_teacher_at_zero_gives_null_not_nan_in_results_json():
     gains = kd_gains({"teacher": {**row, "top1_per_seed": [0.0], "top1_mean": 0.0}, "dvfl": row})
     assert gains["dvfl_over_teacher"] == [None]
     json.loads(json.dumps(gains, allow_nan=False))  # raises on NaN
+
+
+def test_a_refusal_names_a_holder_that_still_runs(tmp_path):
+    """Readers each add a holder line; a refusal names the last one whose process still runs: readers
+    that ended before it left theirs (a long run beside many evaluations: the first 64 KiB held only
+    ended ones), and a line of the older format (no newline) is still read."""
+    import socket
+
+    from dvfl.locks import _holder
+
+    def line(pid, command, newline=True):
+        return json.dumps({"pid": pid, "host": socket.gethostname(), "since": time.time(),
+                           "command": command}) + ("\n" if newline else "")
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    lock = tmp_path / "lock"
+    lock.write_text(line(os.getpid(), "older format", newline=False) + line(ended.pid, "ended"))
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        assert _holder(fd).endswith(": older format")
+    finally:
+        os.close(fd)
+    lock.write_text("".join(line(ended.pid, f"evaluation {i}") for i in range(2000)) + line(os.getpid(), "live reader"))
+    assert lock.stat().st_size > 1 << 17
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        assert _holder(fd).endswith(": live reader")
+    finally:
+        os.close(fd)

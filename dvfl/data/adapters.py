@@ -431,12 +431,12 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
                     r = dict(r)
                     own = _norm_split(r.get("split") or "")
                     r["_where"] = f"{os.path.basename(path)}:{i + 2}"
-                    if split_hint and own and (own == "train") != (_norm_split(split_hint) == "train"):
-                        # (train=all.csv, or files swapped: held-out videos trained on, or the reverse, silently;
-                        # val rows as the test split, test=validate.csv, stay allowed)
-                        raise AdapterError(f"{r['_where']}: a {own} video (its split column) given as the "
-                                           f"{_norm_split(split_hint)} split ({split_hint}={os.path.basename(path)}): "
-                                           "give each split its own file, or leave SPLIT= out to take the column")
+                    if split_hint and own in ("val", "test") and _norm_split(split_hint) == "train":
+                        # (train=all.csv, or files swapped: held-out videos trained on, silently; training rows
+                        # held out as val or test, and val rows as the test split, test=validate.csv, stay allowed)
+                        raise AdapterError(f"{r['_where']}: a {own} video (its split column) given as the train split "
+                                           f"({split_hint}={os.path.basename(path)}): give the train split a file of "
+                                           "training rows, or leave SPLIT= out to take the column")
                     r["_split"] = _norm_split(split_hint) if split_hint else (own or default_split)
                     rows.append((path, i, r))
         except UnicodeDecodeError as exc:  # (a ValueError: it escaped the commands' error handling as a traceback)
@@ -731,6 +731,10 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
         raise AdapterError("class_name: two labels share one class name (" + ", ".join(
             f"{v}: {named[v][0]!r}" for v in sorted(named, key=lambda v: (named[v][0], v))) + ")")
     for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
+        if named and all(v in named for v in dense):
+            break  # a class-name column naming every label is the numbering: folders may be anything (participants)
+        if names_file is not None and not {folder_of(rel) for _, rel, _, _ in parsed if "/" in rel} <= set(names_file):
+            continue  # folders that are not the class file's names say nothing of its numbering
         why = _lists_number_folders_differently(parsed, folder_of)
         if why:  # (silently: labels that mean one class in train, another in test)
             raise AdapterError(f"the lists number the classes differently: {why}. Lists written one by one "
