@@ -134,7 +134,7 @@ def _error(status: int, reason: str, detail: str) -> JSONResponse:
 # queue waits in front of it, and past that Serve answers 503 at once instead of piling up requests.
 @serve.deployment(name="Recognizer", max_ongoing_requests=2, max_queued_requests=16)
 class Recognizer:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, weights_fingerprint: str | None = None):
         import torch
 
         from dvfl.inference import Predictor, parse_views
@@ -146,6 +146,14 @@ class Recognizer:
         # replica of 0 GPUs, so torch would see (and share, uncounted) the node's GPUs
         self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s,
                                    device="cuda" if self.s.gpus_per_replica > 0 else "cpu")
+        self.weights = self.pred.spec.get("weights_fingerprint")
+        if weights_fingerprint and self.weights != weights_fingerprint:
+            # (an export published there since: replicas started later, by autoscaling or a restart, served
+            # a model build_app never checked, beside replicas of the first one)
+            self.pred.close()
+            raise RuntimeError(f"serve: {self.s.model} holds other weights ({self.weights}) than the model `serve run` "
+                               f"checked ({weights_fingerprint}): a new export was published there; run `serve run` "
+                               "again to serve it")
         self.lock = asyncio.Lock()  # one decode child per replica: one video at a time
         from dvfl.scratch import make_scratch_dir
 
@@ -191,6 +199,7 @@ class Recognizer:
                 return {"status": STATUS.get(exc.reason, 422), "error": exc.reason, "detail": exc.detail}
             note = self.pred.length_note(res["src_num_frames"], res["src_fps"])  # as predict says it
             return {"status": 200, "topk": [[c, round(p, 6)] for c, p in self.pred.topk(probs, self.s.topk)],
+                    "weights": self.weights,  # which model answered (a client can tell a redeployed one)
                     "frames": res["src_num_frames"], "fps": res["src_fps"], **({"note": note} if note else {})}
         finally:  # here, not in the request: after a time-out the work goes on and still reads it
             Path(path).unlink(missing_ok=True)
@@ -243,7 +252,7 @@ def build_app(args: dict):
     from dvfl.artifacts import load_model
 
     try:  # here, once: a replica that cannot load it is restarted by Serve, over and over, a traceback each
-        load_model(s.model)
+        _, spec = load_model(s.model)
     except Exception as exc:  # noqa: BLE001  (damaged weights, a spec of another version: one line)
         raise ValueError(f"serve args: model: {s.model} cannot be loaded: {exc}") from None
     opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
@@ -251,4 +260,4 @@ def build_app(args: dict):
         opts["autoscaling_config"] = dict(s.autoscaling)
     else:
         opts["num_replicas"] = s.num_replicas
-    return Recognizer.options(**opts).bind(asdict(s))
+    return Recognizer.options(**opts).bind(asdict(s), spec.get("weights_fingerprint"))

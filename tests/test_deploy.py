@@ -785,6 +785,10 @@ def test_an_upload_that_trickles_in_gets_408_within_the_requests_limit(prepared,
 
     settings = ServeSettings.from_args({"model": prepared["teacher"], "request_timeout_s": "1"})
     replica = Recognizer.func_or_class(asdict(settings))
+    # a replica started after a new export was published into the folder (autoscaling, a restart) served a
+    # model `serve run` never checked, beside replicas of the first one: it refuses to start
+    with pytest.raises(RuntimeError, match=r"holds other weights \(.*\) than the model `serve run` checked \(0000"):
+        Recognizer.func_or_class(asdict(settings), "0" * 64)
 
     async def trickle():
         yield_once = [{"type": "http.request", "body": b"\x00" * 10, "more_body": True}]
@@ -859,6 +863,7 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
         serve.run(build_app(args), name="dvfl-test", route_prefix="/")
         status, out = post(good.read_bytes())
         assert status == 200 and len(out["topk"]) == 2 and out["topk"][0][0] in prepared["info"]["classes"], out
+        assert out["weights"] == prepared["spec"]["weights_fingerprint"]  # which model answered
         assert "note" not in out
         # the answer predict gives for the same file with the same views (classes, order, probabilities)
         from dvfl.inference import Predictor, parse_views
