@@ -659,7 +659,7 @@ def test_fingerprint_sees_file_content(syn_root, tmp_path, ray_local):
     assert f3["fingerprint"] == f2 and f3["shards_skipped"] == 0
 
 
-def test_resume_skips_finished_shards(syn_root, tmp_path, ray_local):
+def test_resume_skips_finished_shards(syn_root, tmp_path, ray_local, monkeypatch):
     out = str(tmp_path / "out")
     cfg = dict(frames=8, clips_per_video=2, short_side=32, videos_per_shard=4)
     s1 = ingest(manifest(syn_root), IngestConfig(out=out, **cfg), log=None)
@@ -671,8 +671,17 @@ def test_resume_skips_finished_shards(syn_root, tmp_path, ray_local):
     open(os.path.join(out, "shards", ".train-00002.parquet.deadbeef.tmp"), "wb").write(b"PAR1partial")
     # and in the output folder: a kill while rejects.jsonl was written (session 28: left there for ever)
     open(os.path.join(out, ".rejects.jsonl.deadbeef.tmp"), "wb").write(b'{"reason"')
-    s2 = ingest(manifest(syn_root), IngestConfig(out=out, **cfg), log=None)
+    # on a disk with less free space than the clips to write may take, decoded: said at the start, not found later
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10 ** 9, 10 ** 9, 1000))
+    said = []
+    s2 = ingest(manifest(syn_root), IngestConfig(out=out, **cfg, progress=False), log=said.append)
     assert s2["shards_skipped"] == 5 and s2["videos_decoded_this_run"] == 8
+    assert [line for line in said if line.startswith("[ingest] note: the clips may take up to ") and
+            f"; {out} has 0.0 GiB free" in line], said
+    monkeypatch.undo()
     assert shard_hashes(out) == ref
     assert not glob.glob(os.path.join(out, "shards", ".*.tmp")) and not glob.glob(os.path.join(out, ".*.tmp"))
     assert s2["clips"] == s1["clips"] and s2["counts"] == s1["counts"]

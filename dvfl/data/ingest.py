@@ -518,6 +518,27 @@ def _plan_ingest(manifest: Manifest, cfg: IngestConfig, log) -> _IngestPlan:
     return _IngestPlan(identities, entries, params, fingerprint, plans, layout, vps, est_video_bytes, cfg)
 
 
+def _space_note(out: str, decoded_bytes: int) -> Optional[str]:
+    """A warning when the clips to write, decoded (before compression, which gains little on real video),
+    may not fit the free space of a local ``out``: said at the start, not found hours later; None else."""
+    if storage.is_remote(out) or not decoded_bytes:
+        return None
+    import shutil
+
+    existing = out
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return None
+    if decoded_bytes <= free:
+        return None
+    return (f"the clips may take up to {decoded_bytes / 2 ** 30:.1f} GiB (decoded, before compression); "
+            f"{existing} has {free / 2 ** 30:.1f} GiB free: a disk that fills stops the ingest (finished shards "
+            "stay, a rerun resumes)")
+
+
 def _finished_as_planned(manifest: Manifest, cfg: IngestConfig, log) -> Optional[Dict[str, Any]]:
     """The summary of the finished ingest in ``cfg.out`` when it is this manifest's with these settings
     (nothing to write); None otherwise. Reads only."""
@@ -609,6 +630,9 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
         log(f"[ingest] {manifest.dataset}: {manifest.num_inputs} inputs ({len(manifest.entries)} videos, "
             f"{len(manifest.problems)} manifest rejects), {len(plans)} shards of <= {vps} videos; "
             f"{skipped} shards already done, {n_videos_todo} videos to decode")
+        space_note = _space_note(out, n_videos_todo * est_video_bytes)
+        if space_note:
+            log(f"[ingest] note: {space_note}")
 
     progress = _Progress(n_videos_todo, cfg.progress and log is not None)
     t_run = time.perf_counter()
