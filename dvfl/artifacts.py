@@ -69,6 +69,10 @@ def read_spec(spec_file: str) -> dict:
     if fetching:
         raise CheckpointError(f"{spec_file} is not a model spec: kwargs {', '.join(fetching)} name other weights "
                               f"than the folder's own")
+    placing = sorted(set(spec["kwargs"]) & {"device", "dtype"})
+    if placing:  # (where to build it is the loader's: "cuda" on a CPU machine was a driver traceback)
+        raise CheckpointError(f"{spec_file} is not a model spec: kwargs {', '.join(placing)} say where to build the "
+                              "model, not what it is")
     return spec
 
 

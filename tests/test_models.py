@@ -206,6 +206,45 @@ def test_init_from_timm_image_focalnet(tmp_path):
     assert report.skipped["layers.0.blocks.1.norm1.weight"] == "no such parameter in the video model"
     assert report.skipped["head.weight"].startswith("shape (1000, 768)")
     assert "layers.2.blocks.1.modulation.f.weight" in report.loaded
+    # focal level 3 (the "lrf" files) for a level-2 model: every block's modulation.f stayed random beside the
+    # loaded rest, said only as counts
+    lrf = tmp_path / "focalnet_tiny_lrf.pth"
+    torch.save(timm.create_model("focalnet_tiny_lrf", pretrained=False).state_dict(), lrf)
+    with pytest.raises(CheckpointError, match=r"tensors of the model have another shape in the file .*"
+                                              r"modulation\.f\.weight \(196, 96\) vs \(195, 96\).*lrf vs srf"):
+        init_from_image_focalnet(timm.create_model("videofocalnet_nano", num_classes=101, num_frames=8), lrf)
+
+
+def test_checkpoints_in_other_wrappers_folders_or_specs_load_or_are_refused_in_one_line(tmp_path):
+    """torch.compile over DDP saves `_orig_mod.module.` keys (refused as "a 2D ImageNet FocalNet?"); a model
+    folder given as a checkpoint was "not found"; a model.json with `device`/`dtype` kwargs gave a CUDA driver
+    traceback on a CPU machine."""
+    import json
+
+    from dvfl.artifacts import load_model, save_model
+    from dvfl.models.checkpoint import read_state_dict
+
+    golden, path = _golden_model_and_file(tmp_path)
+    state = read_state_dict(path)
+    wrapped = tmp_path / "compiled_ddp.pth"
+    torch.save({f"_orig_mod.module.{k}": v for k, v in state.items()}, wrapped)
+    assert read_state_dict(wrapped).keys() == state.keys()
+    model = VideoFocalNet(**golden["config"])
+    folder = tmp_path / "folder"
+    save_model(folder, model, "videofocalnet_nano", golden["config"])
+    assert read_state_dict(folder).keys() == model.state_dict().keys()
+    spec = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**spec, "kwargs": {**spec["kwargs"], "device": "cuda"}}))
+    with pytest.raises(CheckpointError, match=r"kwargs device say where to build the model"):
+        load_model(folder)
+    # another variant's weights: named (it said "a 2D ImageNet FocalNet is loaded with --init-2d")
+    from dvfl.models import build_model
+
+    tiny = tmp_path / "tiny.pth"
+    torch.save(build_model("videofocalnet_tiny", num_classes=10).state_dict(), tiny)
+    with pytest.raises(CheckpointError, match=r"the file holds a Video-FocalNet of embed_dim 96 and depths "
+                                              r"\[2, 2, 6, 2\] \(videofocalnet_tiny\)$"):
+        load_checkpoint(build_model("videofocalnet_nano", num_classes=10), tiny)
 
 
 def test_timm_create_model_pretrained_from_local_file(tmp_path):

@@ -70,6 +70,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     remote = storage.is_remote(path)
     path = storage.absolute(path)  # (a file:// URI: the local file it names)
+    if storage.isdir(path) if remote else os.path.isdir(path):  # a model folder: its weights ("not found" before)
+        inside = [storage.join(path, n) for n in ("model.pt", "model.safetensors")]
+        found = [f for f in inside if (storage.isfile(f) if remote else os.path.isfile(f))]
+        if not found:
+            raise CheckpointError(f"{path} is a folder without model.pt or model.safetensors: give a checkpoint file")
+        path = found[0]
     if not (storage.isfile(path) if remote else os.path.isfile(path)):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -89,10 +95,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not contain a state dict of tensors")
-    # DDP / torch.compile wrappers prefix every key; the weights are the same.
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    # DDP / torch.compile wrappers prefix every key, in either order; the weights are the same.
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in obj):
+                obj = {k[len(prefix) :]: v for k, v in obj.items()}
+                stripped = True
     return obj
 
 
@@ -170,17 +180,38 @@ def _fitted_state(model: nn.Module, path, reinit_head: bool, state_dict: dict | 
               if k in own and own[k].shape != v.shape]
     if shapes:  # (load_state_dict would raise too, with a page of size mismatches)
         raise CheckpointError(f"{path} does not match the model spec ({type(model).__name__}): {len(shapes)} tensors "
-                              f"differ in shape (checkpoint vs model), e.g. {shapes[:2]}")
+                              f"differ in shape (checkpoint vs model), e.g. {shapes[:2]}{_architecture_of(state_dict)}")
     unexpected = [k for k in state_dict if k not in own]
     missing = [k for k in own if k not in state_dict and not (mismatch and k in HEAD_KEYS)]
     if unexpected or missing:
+        video = any("temporal" in k for k in state_dict)  # (a 2D hint for a video model's file misled)
         raise CheckpointError(
             f"{path} does not match {type(model).__name__}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
-            "A 2D ImageNet FocalNet is loaded with init_from_image_focalnet (--init-2d)."
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+            + (_architecture_of(state_dict) if video else
+               ". A 2D ImageNet FocalNet is loaded with init_from_image_focalnet (--init-2d).")
         )
     return state_dict, report
+
+
+def _architecture_of(state_dict: dict) -> str:
+    """What a Video-FocalNet checkpoint's tensors say it is, as words to add to an error ("" if unknown):
+    its width and depths, and the variant of that size."""
+    proj = state_dict.get("patch_embed.proj.weight")
+    depths: dict[int, int] = {}
+    for key in state_dict:
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            depths[int(m.group(1))] = max(depths.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    if proj is None or not depths:
+        return ""
+    from .video_focalnet import VARIANTS
+
+    dims, stages = int(proj.shape[0]), [depths.get(i, 0) for i in range(max(depths) + 1)]
+    named = [n for n, v in VARIANTS.items() if v["embed_dim"] == dims and list(v["depths"]) == stages]
+    return (f"; the file holds a Video-FocalNet of embed_dim {dims} and depths {stages}"
+            + (f" ({named[0]})" if named else ""))
 
 
 def check_checkpoint(model: nn.Module, path: str | os.PathLike, *, reinit_head: bool = False) -> None:
@@ -230,14 +261,21 @@ def _image_focalnet_fit(model: nn.Module, path) -> tuple[dict, LoadReport]:
     state_dict = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
     report = LoadReport()
-    to_load = {}
+    to_load, other_shape = {}, []
     for key, value in state_dict.items():
         if key not in own:
             report.skipped[key] = "no such parameter in the video model"
         elif own[key].shape != value.shape:
             report.skipped[key] = f"shape {tuple(value.shape)} != {tuple(own[key].shape)}"
+            if key not in HEAD_KEYS:  # (a classifier of another class count keeps its init, as documented)
+                other_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
         else:
             to_load[key] = value
+    if other_shape and to_load:
+        # another focal level (an lrf file for an srf model) or width: those weights stayed random, the rest loaded
+        raise CheckpointError(f"{path}: {len(other_shape)} tensors of the model have another shape in the file "
+                              f"(file vs model), e.g. {other_shape[:2]}: a 2D FocalNet of another focal level or width "
+                              "(lrf vs srf?); give the file of the model's architecture")
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in own if k not in to_load)
     return to_load, report
