@@ -588,11 +588,12 @@ def init_identity(section) -> dict:
     content (a file replaced under the same name) and a re-initialised head; empty without them,
     so that the identities of runs from scratch stay as they were."""
     from dvfl.data.ingest import file_identity
+    from dvfl.models.checkpoint import checkpoint_file
 
     out = {}
     for key, path in (("init_weights", section.checkpoint), ("init_2d_weights", section.init_2d)):
-        if path:
-            out[key] = list(file_identity(path))  # (an object replaced under its key: its size alone stayed)
+        if path:  # (an object replaced under its key: its size alone stayed)
+            out[key] = list(file_identity(checkpoint_file(path)))
     if section.checkpoint and section.reinit_head:
         out["reinit_head"] = True
     return out

@@ -233,6 +233,12 @@ def test_checkpoints_in_other_wrappers_folders_or_specs_load_or_are_refused_in_o
     folder = tmp_path / "folder"
     save_model(folder, model, "videofocalnet_nano", golden["config"])
     assert read_state_dict(folder).keys() == model.state_dict().keys()
+    from types import SimpleNamespace
+
+    from dvfl.pipeline import init_identity  # (a run's identity reads the folder's weights file)
+
+    assert init_identity(SimpleNamespace(checkpoint=str(folder), init_2d=None, reinit_head=False))["init_weights"][0] == \
+        (folder / "model.pt").stat().st_size
     spec = json.loads((folder / "model.json").read_text())
     (folder / "model.json").write_text(json.dumps({**spec, "kwargs": {**spec["kwargs"], "device": "cuda"}}))
     with pytest.raises(CheckpointError, match=r"kwargs device say where to build the model"):

@@ -62,20 +62,30 @@ def _torch_load(source) -> object:
         return torch.load(source, map_location="cpu", weights_only=True)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely and return its state dict (``["model"]``, ``["state_dict"]``
-    or the file itself). Raises :class:`CheckpointError` for missing or unreadable files."""
+def checkpoint_file(path: str | os.PathLike) -> str:
+    """The weights file a checkpoint path names: the path itself (made absolute), or a model folder's
+    ``model.pt`` / ``model.safetensors`` (a folder given as a checkpoint was "not found")."""
     from dvfl import storage
 
     path = os.fspath(path)
     remote = storage.is_remote(path)
     path = storage.absolute(path)  # (a file:// URI: the local file it names)
-    if storage.isdir(path) if remote else os.path.isdir(path):  # a model folder: its weights ("not found" before)
+    if storage.isdir(path) if remote else os.path.isdir(path):
         inside = [storage.join(path, n) for n in ("model.pt", "model.safetensors")]
         found = [f for f in inside if (storage.isfile(f) if remote else os.path.isfile(f))]
         if not found:
             raise CheckpointError(f"{path} is a folder without model.pt or model.safetensors: give a checkpoint file")
-        path = found[0]
+        return found[0]
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely and return its state dict (``["model"]``, ``["state_dict"]``
+    or the file itself). Raises :class:`CheckpointError` for missing or unreadable files."""
+    from dvfl import storage
+
+    path = checkpoint_file(path)
+    remote = storage.is_remote(path)
     if not (storage.isfile(path) if remote else os.path.isfile(path)):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
