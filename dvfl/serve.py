@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -148,12 +149,11 @@ class Recognizer:
                                    device="cuda" if self.s.gpus_per_replica > 0 else "cpu")
         self.weights = self.pred.spec.get("weights_fingerprint")
         if weights_fingerprint and self.weights != weights_fingerprint:
-            # (an export published there since: replicas started later, by autoscaling or a restart, served
-            # a model build_app never checked, beside replicas of the first one)
-            self.pred.close()
-            raise RuntimeError(f"serve: {self.s.model} holds other weights ({self.weights}) than the model `serve run` "
-                               f"checked ({weights_fingerprint}): a new export was published there; run `serve run` "
-                               "again to serve it")
+            # an export published there since: this replica (autoscaling, a restart) serves it beside replicas of
+            # the first one; said, and every answer names its weights (refusing left a one-replica app with none)
+            print(f"[serve] warning: {self.s.model} now holds other weights ({self.weights}) than `serve run` loaded "
+                  f"({weights_fingerprint}): this replica serves them; run `serve run` again to serve one model",
+                  file=sys.stderr, flush=True)
         self.lock = asyncio.Lock()  # one decode child per replica: one video at a time
         from dvfl.scratch import make_scratch_dir
 

@@ -974,6 +974,13 @@ def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_re
     tr = write(os.path.join(people, "train.csv"), "P01/a.avi,0,open\nP02/b.avi,1,close\n")
     te = write(os.path.join(people, "test.csv"), "P02/c.avi,0,open\n")
     assert A.dvfl_csv(people, annotations=[("train", tr), ("test", te)]).classes == ["open", "close"]
+    # lists numbered per split folder, beside a class file spelt in another case: still refused
+    write(lists, "train/YoYo/a.avi,0\ntrain/ApplyEyeMakeup/b.avi,1\ntrain/Biking/c.avi,2\n")
+    shuffled = write(os.path.join(root, "test.csv"), "train/Biking/c.avi,0\ntrain/YoYo/a.avi,1\n")
+    lower = write(os.path.join(root, "lower.txt"), "applyeyemakeup\nbiking\nyoyo\n")
+    with pytest.raises(A.AdapterError, match="number the classes differently|has the label of class"):
+        A.dvfl_csv(root, annotations=[("train", lists), ("test", shuffled)], classes_file=lower)
+    write(lists, "train/ApplyEyeMakeup/b.avi,0\ntrain/Biking/c.avi,1\ntrain/YoYo/a.avi,2\n")
     one_column = write(os.path.join(root, "names.txt"), "name\nApplyEyeMakeup\nBiking\nYoYo\n")
     assert A.dvfl_csv(root, annotations=[("train", lists)], classes_file=one_column).classes == [
         "ApplyEyeMakeup", "Biking", "YoYo"]
@@ -987,6 +994,11 @@ def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_re
     held_out = write(os.path.join(k400, "val_from_train.csv"), "label,youtube_id,time_start,time_end,split\n"
                                                                 "abseiling,aaa,10,20,train\n")  # training rows held out
     assert {(e.video_id, e.split) for e in A.kinetics(k400, [("val", held_out)]).entries} == {("aaa_000010_000020", "val")}
+    # ... but not rows a train file lists too (a combined file as val=: dedupe kept the held-out copies, training emptied)
+    train = os.path.join(k400, "annotations", "train.csv")
+    with pytest.raises(A.AdapterError, match=r"val_from_train\.csv:2: a training video \(its split column\) given as "
+                                             r"the val split is in a train file too"):
+        A.kinetics(k400, [("train", train), ("val", held_out)])
     assert {e.split for e in A.kinetics(k400, [("test", write(combined, "label,youtube_id,time_start,time_end,split\n"
                                                                         "zumba,ccc,5,15,val\n"))]).entries} <= {"test"}
 

@@ -443,6 +443,12 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
             raise AdapterError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
         except csv.Error as exc:  # (a stray quote makes the rest of the file one field: a traceback)
             raise AdapterError(f"{path}: {exc} (a quote left open?)") from None
+    trained = {_kinetics_key(r) for _, _, r in rows if r["_split"] == "train"}
+    for _, _, r in rows:
+        if r["_split"] != "train" and _norm_split(r.get("split") or "") == "train" and _kinetics_key(r) in trained:
+            # (a combined file as val= or test=: the held-out copy is kept at dedupe, the training split emptied)
+            raise AdapterError(f"{r['_where']}: a training video (its split column) given as the {r['_split']} split "
+                               "is in a train file too: give the held-out split a file of its own rows")
     if classes_file:
         classes = _class_names(classes_file)  # (one per line, or an id,name file as dvfl-csv takes)
     else:
@@ -488,6 +494,12 @@ def kinetics(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
 
 # ---------------------------------------------------------------------------------------
 # Something-Something v2
+
+def _kinetics_key(row: Dict[str, str]) -> Tuple[str, str, str]:
+    """A Kinetics row's video: its YouTube id and segment."""
+    return ((row.get("youtube_id") or "").strip(), (row.get("time_start") or "").strip(),
+            (row.get("time_end") or "").strip())
+
 
 def ssv2_class_name(template: str) -> str:
     return template.replace("[", "").replace("]", "")
@@ -636,6 +648,20 @@ def _lists_number_folders_differently(parsed, folder_of) -> Optional[str]:
     return None
 
 
+def _spelling(name: str) -> str:
+    """A class name as compared with a folder's: case, Unicode normalisation and end spaces aside."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).strip().casefold()
+
+
+def _mostly_class_names(folders, classes: List[str]) -> bool:
+    """Whether most of ``folders`` are names of ``classes`` (class folders, one perhaps misspelt), not
+    folders of another meaning (participants, sessions)."""
+    folders, names = list(folders), {_spelling(c) for c in classes}
+    return bool(folders) and sum(_spelling(f) in names for f in folders) * 2 > len(folders)
+
+
 def _folders_of_other_classes(parsed, dense: Dict[int, int], classes: List[str]) -> Optional[str]:
     """Where the lists file each label's videos in one folder named after a class of ``classes``, but
     not the class the label is there: the first such line, in words; else None (folders are not
@@ -648,10 +674,10 @@ def _folders_of_other_classes(parsed, dense: Dict[int, int], classes: List[str])
         if not folders or any(len(f) != 1 for f in folders.values()):
             continue
         names = {i: next(iter(f)) for i, f in folders.items()}
-        if len(set(names.values())) != len(names) or not set(names.values()) <= set(classes):
+        if len(set(names.values())) != len(names) or not _mostly_class_names(names.values(), classes):
             continue
         for i, folder in sorted(names.items()):
-            if i < len(classes) and classes[i] != folder:
+            if i < len(classes) and _spelling(classes[i]) != _spelling(folder):
                 return (f"{folders[i][folder]}: a video of folder {folder!r} has the label of class {classes[i]!r} "
                         f"(class {i} of the class list)")
     return None
@@ -733,7 +759,8 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
     for folder_of in (lambda rel: rel.split("/")[0], lambda rel: rel.split("/")[-2]):
         if named and all(v in named for v in dense):
             break  # a class-name column naming every label is the numbering: folders may be anything (participants)
-        if names_file is not None and not {folder_of(rel) for _, rel, _, _ in parsed if "/" in rel} <= set(names_file):
+        if names_file is not None and not _mostly_class_names({folder_of(rel) for _, rel, _, _ in parsed if "/" in rel},
+                                                              names_file):
             continue  # folders that are not the class file's names say nothing of its numbering
         why = _lists_number_folders_differently(parsed, folder_of)
         if why:  # (silently: labels that mean one class in train, another in test)

@@ -630,7 +630,8 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
         log(f"[ingest] {manifest.dataset}: {manifest.num_inputs} inputs ({len(manifest.entries)} videos, "
             f"{len(manifest.problems)} manifest rejects), {len(plans)} shards of <= {vps} videos; "
             f"{skipped} shards already done, {n_videos_todo} videos to decode")
-        space_note = _space_note(out, n_videos_todo * est_video_bytes)
+        # (the estimate is a 4:3 frame at the short side: 16:9 sources take 4/3 of it)
+        space_note = _space_note(out, n_videos_todo * est_video_bytes * (4 if cfg.short_side else 3) // 3)
         if space_note:
             log(f"[ingest] note: {space_note}")
 

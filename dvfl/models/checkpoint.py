@@ -281,11 +281,13 @@ def _image_focalnet_fit(model: nn.Module, path) -> tuple[dict, LoadReport]:
                 other_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
         else:
             to_load[key] = value
-    if other_shape and to_load:
-        # another focal level (an lrf file for an srf model) or width: those weights stayed random, the rest loaded
-        raise CheckpointError(f"{path}: {len(other_shape)} tensors of the model have another shape in the file "
-                              f"(file vs model), e.g. {other_shape[:2]}: a 2D FocalNet of another focal level or width "
-                              "(lrf vs srf?); give the file of the model's architecture")
+    stem = "patch_embed.proj.weight"
+    if other_shape and stem in to_load:
+        # the model's width, another focal level (an lrf file for an srf model): those weights stayed random beside
+        # the loaded rest (another width fits in part: the callers judge the share)
+        raise CheckpointError(f"{len(other_shape)} tensors of the model have another shape in the file (file vs model), "
+                              f"e.g. {other_shape[:2]}: a 2D FocalNet of another focal level (lrf vs srf?); give the "
+                              "file of the model's architecture")
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in own if k not in to_load)
     return to_load, report
