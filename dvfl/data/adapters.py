@@ -851,11 +851,9 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
     classes = sorted({d for _, b in bases for d in _subfolders(b)})
     # train/Café (NFC, Linux) and test/Café (NFD, a Mac's copy), train/Run and test/run: two classes,
     # the test videos' labels ones no training video had
-    import unicodedata
-
     spelt = {}
     for c in classes:
-        spelt.setdefault(unicodedata.normalize("NFC", c).strip().casefold(), []).append(c)
+        spelt.setdefault(_spelling(c), []).append(c)
     same = next((names for names in spelt.values() if len(names) > 1), None)
     if same:
         raise AdapterError(f"--root {root}: class folders {' and '.join(map(repr, same))} differ only in letter case "
