@@ -539,7 +539,7 @@ def _hidden_or_tmp(directory) -> list[str]:
     return [p for p in glob.glob(os.path.join(directory, "**", ".*"), recursive=True)]
 
 
-def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_factory, ray_local):
+def test_ingest_disk_full_then_rerun_beside_a_reader_and_no_videos_written(tmp_path, video_factory, ray_local):
     from conftest import make_videos
 
     root = tmp_path / "videos"
@@ -567,6 +567,27 @@ def test_ingest_disk_full_then_rerun_and_no_videos_written(tmp_path, video_facto
     assert not _hidden_or_tmp(out / "shards")
     for p in shard_paths(str(out)):
         assert pq.read_metadata(p).num_rows > 0
+
+    # the same command while another command reads the clips: nothing to write, so it ends as finished
+    # (it was refused); other settings would rewrite them: refused, nothing touched
+    before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*")}
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom dvfl.locks import hold_for_reading, reads_held\n"
+         f"with reads_held():\n    hold_for_reading({str(out)!r}, 'evaluation', log=None)\n"
+         "    print('held', flush=True)\n    sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "held"
+        same = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=300)
+        assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+        assert "holds this ingest, finished: used as it is" in same.stdout, same.stdout[-2000:]
+        other = subprocess.run([*cmd[:-2], "24"], env=env, capture_output=True, text=True, timeout=300)
+        assert other.returncode == 1 and "is being read by a run" in other.stderr, other.stderr[-2000:]
+        assert _no_traceback(other.stderr), other.stderr[-3000:]
+        assert {str(p): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    finally:
+        reader.kill()
+        reader.wait()
 
     # every input rejected: ingest exits non-zero, saying so
     bad = tmp_path / "bad"

@@ -237,6 +237,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         with folder_lock(a.out, "ingest", wait=True, log=log):
             return ingest_locked(a, log)
     except FolderBusyError as e:
+        if a.fresh or not e.readers:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    # read by other commands: an ingest with nothing to write (these inputs and settings, finished) ends
+    # as finished, anything else is refused by dvfl.data.ingest.ingest (it was refused here, unplanned)
+    try:
+        return ingest_locked(a, log)
+    except FolderBusyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
