@@ -155,7 +155,7 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
                         time.sleep(0.05)
                         continue
                     raise FolderBusyError(f"{folder} is being read by a run ({holder}): writing it now would change "
-                                          f"the clips under it; wait for it to end, or stop it, or use another "
+                                          f"the files it reads; wait for it to end, or stop it, or use another "
                                           f"folder", readers=True) from None
                 if not wait:
                     raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "

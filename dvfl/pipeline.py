@@ -919,7 +919,8 @@ def ensure_cache(cfg: RunConfig, teacher_path: str, log=print) -> dict:
             f"--teacher {teacher_path} --fresh`, or delete that folder, or set teacher.cache to another folder") from exc
 
 
-def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, kd: bool) -> dict:
+def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, kd: bool,
+                   log=print) -> dict:
     """What the loop gets to produce teacher logits: nothing, a cache (checked), or live weights."""
     import ray
 
@@ -928,15 +929,20 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
     if not kd:
         return {"mode": "none"}
     if cfg.teacher.mode == "cached":
-        cache = TeacherLogitCache(cfg.cache_dir)
-        splits = [cfg.data.train_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
-        cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits,
-                    views=cfg.teacher.views)
+        from dvfl.locks import folder_lock
+
         if cfg.unlabeled_dir and cfg.unlabeled_dir.rstrip("/") != cfg.clips_dir.rstrip("/"):
             raise ValueError("data.unlabeled must be in the same ingest output as data.clips, so one cache "
                              "covers both (ingest them together with --unlabeled)")
-        return {"mode": "cached", "views": cache.views, "cache_ref": [ray.put(cache.packed())],
-                "fingerprint": cache.fingerprint}
+        # checked and read under the cache's lock: a `dvfl cache --fresh` into it waits, or is refused, until
+        # the logits are in memory (it could replace them between the check and the read: another teacher's)
+        with folder_lock(cfg.cache_dir, "cache build", wait=True, log=log, shared=True, announce=False):
+            cache = TeacherLogitCache(cfg.cache_dir)
+            splits = [cfg.data.train_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
+            cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits,
+                        views=cfg.teacher.views)
+            return {"mode": "cached", "views": cache.views, "cache_ref": [ray.put(cache.packed())],
+                    "fingerprint": cache.fingerprint}
     model, spec = load_model_for(teacher_path, cfg.teacher.model, len(dataset_info["classes"]), cfg.data.frames)
     return {"mode": "online", "views": cfg.teacher.views, "spec": {"name": spec["name"], "kwargs": spec["kwargs"]},
             "state_ref": [ray.put(model.state_dict())], "fingerprint": spec["weights_fingerprint"]}
@@ -1329,7 +1335,7 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
         check_teacher(cfg, teacher_path, teacher_spec, dataset_info, log)
         if cfg.teacher.mode == "cached":
             ensure_cache(cfg, teacher_path, log)
-    kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=kd)
+    kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=kd, log=log)
     paths = train_students(cfg, dataset_info, kd_signal, log)
     # the test split is read once, at the end, for every model: the teacher's top-1 is not printed
     # while its students still train

@@ -527,6 +527,23 @@ def test_a_fresh_cut_short_leaves_a_folder_fresh_still_recognises(tmp_path, monk
     assert not exp.exists()
 
 
+def test_a_run_checks_and_reads_its_teacher_cache_under_the_cache_lock(prepared, ray_local):
+    """A run checked its cache, then read it: a `dvfl cache --fresh` in between could replace the logits
+    with another teacher's under the fingerprint checked. Both now happen under the cache's lock: a
+    build in progress is waited for (and a build is refused while the logits are read)."""
+    from dvfl import pipeline
+
+    cfg = prepared["cfg"]
+    holder = _hold_lock(cfg.cache_dir, 2, "cache build")
+    said, started = [], time.time()
+    got = pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True,
+                                  log=said.append)
+    assert time.time() - started > 1.5  # the build ended first
+    holder.wait()
+    assert got["mode"] == "cached" and got["fingerprint"] == prepared["cache"]["fingerprint"]
+    assert len(said) == 1 and f"{cfg.cache_dir} is being written (pid {holder.pid}" in said[0], said
+
+
 # ----------------------------------------------------------------------------- a full disk
 def _limit_file_size(limit: int):
     def preexec():

@@ -86,7 +86,7 @@ def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
     pipeline.check_teacher(cfg, teacher_path, teacher_spec, info, log)
     if cfg.teacher.mode == "cached":
         pipeline.ensure_cache(cfg, teacher_path, log)
-    return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True)
+    return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True, log=log)
 
 
 def refuse_changed_settings(t: TuneConfig, cfg: RunConfig) -> None:
