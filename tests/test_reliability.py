@@ -543,6 +543,30 @@ def test_a_run_checks_and_reads_its_teacher_cache_under_the_cache_lock(prepared,
     assert got["mode"] == "cached" and got["fingerprint"] == prepared["cache"]["fingerprint"]
     assert len(said) == 1 and f"{cfg.cache_dir} is being written (pid {holder.pid}" in said[0], said
 
+    # while a run loads it: another run's build with nothing to write reuses it (it was refused), a build
+    # that would write it (here another dtype: another fingerprint) is refused, nothing touched
+    from dvfl.locks import FolderBusyError
+    from dvfl.teacher_cache import build_teacher_cache
+
+    before = {str(p): p.stat().st_mtime_ns for p in Path(cfg.cache_dir).rglob("*")}
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom dvfl.locks import folder_lock\n"
+         f"with folder_lock({cfg.cache_dir!r}, 'cache build', shared=True):\n"
+         "    print('held', flush=True)\n    sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "held"
+        assert pipeline.ensure_cache(cfg, prepared["teacher"], log=said.append)["fingerprint"] == got["fingerprint"]
+        other_dtype = "float32" if cfg.teacher.cache_dtype != "float32" else "float16"
+        with pytest.raises(FolderBusyError, match="is being read by a run"):
+            build_teacher_cache(cfg.clips_dir, prepared["teacher"], cfg.cache_dir, teacher_name=cfg.teacher.model,
+                                crop_size=cfg.crop_size, views=cfg.teacher.views, dtype=other_dtype, overwrite=True,
+                                splits=pipeline.cache_splits(cfg), log=said.append)
+        assert {str(p): p.stat().st_mtime_ns for p in Path(cfg.cache_dir).rglob("*")} == before
+    finally:
+        reader.kill()
+        reader.wait()
+
 
 # ----------------------------------------------------------------------------- a full disk
 def _limit_file_size(limit: int):
