@@ -393,8 +393,11 @@ class RunConfig:
                 fail(f"{name}.accum_steps", f"must be >= 1, got {o.accum_steps!r}")
             if o.clip_grad is not None and o.clip_grad < 0:  # a negative max norm flips every gradient
                 fail(f"{name}.clip_grad", f"must be > 0 (0 or null: no clipping), got {o.clip_grad!r}")
-        if self.seed < 0 or any(v < 0 for v in self.seeds or ()):  # numpy's seed sequence refuses them, mid-run
-            fail("seeds" if self.seed >= 0 else "seed", f"must be >= 0, got {self.seeds if self.seed >= 0 else self.seed!r}")
+        # numpy's seed sequence refuses negative seeds, Ray's shuffle (RandomState(seed + block)) those from
+        # 2**32: each failed mid-run, after the ingest and the cache
+        if not 0 <= self.seed < 2 ** 31 or any(not 0 <= v < 2 ** 31 for v in self.seeds or ()):
+            fail("seed" if not 0 <= self.seed < 2 ** 31 else "seeds",
+                 f"must be >= 0 and < 2**31, got {self.seed if not 0 <= self.seed < 2 ** 31 else self.seeds!r}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             # one seed twice is one run reported as two (and two runners writing one folder)
             fail("seeds", f"must be a non-empty list of distinct student seeds, got {self.seeds!r}")

@@ -89,7 +89,9 @@ def test_a_wrong_list_item_is_refused_naming_it(override, message):
     ("teacher.path=@x", r"not valid YAML"),
     # YAML's comment: the run went to the folder "runs/lr sweep" (another run's)
     ("output_dir=runs/lr sweep #2", r"YAML reads '#' after a space as the start of a comment; quote"),
-    ("seeds=[0, -2]", r"seeds must be >= 0, got \[0, -2\]"),  # numpy refuses it, in the middle of the run
+    ("seeds=[0, -2]", r"seeds must be >= 0 and < 2\*\*31, got \[0, -2\]"),  # numpy refuses it, in the middle of the run
+    # a millisecond timestamp: Ray's shuffle refused it at the first in-memory training run, after the cache
+    ("seed=1733570000000", r"seed must be >= 0 and < 2\*\*31, got 1733570000000"),
     # "teacher.path=$UNSET" read as null: a teacher trained from scratch for hours instead of the given one
     ("teacher.path=", r"override 'teacher.path=': no value after '=' \(an unset shell variable\?\); give a value, or null"),
     ("data.clips= ", r"no value after '='"),

@@ -879,6 +879,24 @@ def test_accumulated_steps_in_the_loop_train_the_model_one_large_batch_does(prep
     assert moved > 1e-5  # (weights that did not move would prove nothing)
 
 
+def test_training_data_held_in_memory_is_shuffled_the_same_way_for_a_seed(prepared, ray_local):
+    """The in-memory training set is shuffled once, seeded; Ray's shuffle seeds each input block by the
+    order blocks arrive in, so the read runs in file order (reads finishing in another order, e.g. the
+    train and unlabelled shards of a pool, gave the same seed another order: a rerun or a resumed run
+    trained on other batches)."""
+    from dvfl.train.launch import training_data
+
+    clips = prepared["cfg"].clips_dir
+
+    def order(seed):
+        data = training_data(clips, seed=seed)
+        assert data.train.context.execution_options.preserve_order  # (the arrival order is not forced here)
+        return [c for b in data.train.iter_batches(batch_format="pyarrow") for c in b.column("clip_id").to_pylist()]
+
+    first = order(0)
+    assert first == order(0) and first != order(1) and len(first) == len(set(first)) > 8
+
+
 def test_a_training_split_too_big_to_hold_streams_in_a_new_file_order_each_epoch(prepared, ray_local):
     """Above ``materialize_below_mb`` the training read is not held in the object store: no
     all-to-all step in its plan (Ray's randomize_block_order, used before, read the whole split

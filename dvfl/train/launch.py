@@ -136,6 +136,9 @@ def training_data(
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
         # Shards hold videos grouped by class, and a local shuffle buffer cannot mix classes
         # that sit thousands of rows apart: shuffle the (small) table globally, seeded.
+        # in file order: Ray's shuffle seeds each input block by its arrival, so read tasks finishing in
+        # another order (shards of two splits, a busy machine) gave the same seed another epoch order
+        train.context.execution_options.preserve_order = True
         try:
             train, val = train.random_shuffle(seed=seed).materialize(), val.materialize()
         except Exception as exc:  # a read error of Ray's does not name the file: find it

@@ -181,8 +181,8 @@ def validate_tune(t: TuneConfig, base: RunConfig) -> TuneConfig:
     the space applied to the run config (so a trial can never fail on a bad value)."""
     if t.num_samples < 1:
         raise ConfigError(f"tune.num_samples must be >= 1, got {t.num_samples}")
-    if t.seed < 0:  # Tune's sampler refuses it, after the clips and the cache are made
-        raise ConfigError(f"tune.seed must be >= 0, got {t.seed}")
+    if not 0 <= t.seed < 2 ** 32:  # Tune's sampler (numpy's RandomState) refuses it, after the clips and the cache
+        raise ConfigError(f"tune.seed must be >= 0 and < 2**32, got {t.seed}")
     if t.max_concurrent_trials < 1:
         raise ConfigError(f"tune.max_concurrent_trials must be >= 1, got {t.max_concurrent_trials}")
     if not t.driver_cpus > 0:
