@@ -89,8 +89,8 @@ class DataSection:
     short_side: int = 32
     crop_size: int | None = None  # default: short_side
     flip: bool = False  # horizontal flips (never for direction-of-motion classes)
-    # students use this (class-balanced, seeded) fraction of the labelled training videos; the
-    # teacher always uses all of them. Label-efficiency runs (benchmarks/label_efficiency.py).
+    # students use this (class-balanced) fraction of the labelled training videos, drawn by `seed` (the
+    # same subset for every student seed); the teacher always uses all of them. Label-efficiency runs (benchmarks/label_efficiency.py).
     label_fraction: float = 1.0
     # > 0: this (class-balanced, seeded) fraction of the labelled training videos trains the
     # teacher and no student ever sees them; students get the rest. A real teacher is

@@ -105,5 +105,11 @@ def test_teacher_and_student_pools_are_disjoint_balanced_and_nested():
     # no teacher pool: the teacher gets everything, students' fractions are the old subsets
     assert pool_videos(ids, labels, 0.0, "teacher") is None
     assert pool_videos(ids, labels, 0.0, "student", 0.25) == labelled_subset(ids, labels, 0.25)
+    # the data seed draws the students' subset (it was seed 0 whatever the run's seed); the teacher's
+    # pool stays put, as the teacher is trained once for every seed
+    assert pool_videos(ids, labels, 0.0, "student", 0.25, seed=3) == labelled_subset(ids, labels, 0.25, seed=3) \
+        != labelled_subset(ids, labels, 0.25)
+    assert pool_videos(ids, labels, 0.5, "teacher", seed=3) == teacher
+    assert pool_videos(ids, labels, 0.5, "student", 0.25, seed=3) != quarter
     with pytest.raises(ValueError, match="teacher_pool"):
         pool_videos(ids, labels, 1.0, "teacher")

@@ -177,13 +177,14 @@ def labelled_subset(video_ids: Sequence[str], labels: Sequence[int], fraction: f
 
 
 def pool_videos(video_ids: Sequence[str], labels: Sequence[int], teacher_pool: float, role: str,
-                label_fraction: float = 1.0) -> set | None:
+                label_fraction: float = 1.0, seed: int = 0) -> set | None:
     """The labelled training videos a run of ``role`` ("teacher" or a student) may use.
 
     ``teacher_pool`` > 0 reserves that class-balanced, seeded fraction of the labelled videos
     for the teacher; students never see them and get the rest (the way a real teacher is
-    pre-trained on data of its own). Students then keep ``label_fraction`` of their pool.
-    ``None``: no restriction (every labelled video).
+    pre-trained on data of its own). Students then keep ``label_fraction`` of their pool, drawn by
+    ``seed`` (the data seed: every student seed of a run trains on one subset; the teacher's pool is
+    fixed, as the teacher is trained once). ``None``: no restriction (every labelled video).
     """
     if not 0 <= teacher_pool < 1:
         raise ValueError(f"teacher_pool must be in [0, 1), got {teacher_pool!r}")
@@ -191,11 +192,11 @@ def pool_videos(video_ids: Sequence[str], labels: Sequence[int], teacher_pool: f
     if teacher_pool == 0:
         if role == "teacher" or label_fraction >= 1:
             return None
-        return labelled_subset(list(pairs), list(pairs.values()), label_fraction)
+        return labelled_subset(list(pairs), list(pairs.values()), label_fraction, seed=seed)
     teacher = labelled_subset(list(pairs), list(pairs.values()), teacher_pool, seed=stable_seed("teacher-pool"))
     if role == "teacher":
         return teacher
     rest = {v: y for v, y in pairs.items() if v not in teacher}
     if label_fraction >= 1:
         return set(rest)
-    return labelled_subset(list(rest), list(rest.values()), label_fraction)
+    return labelled_subset(list(rest), list(rest.values()), label_fraction, seed=seed)

@@ -119,7 +119,8 @@ def training_data(
         ids = read_clips_table(clips_dir, train_splits, columns=["clip_id", "video_id", "label"]).to_pydict()
         held = val_src.videos or frozenset()
         rest = [(c, v, y) for c, v, y in zip(ids["clip_id"], ids["video_id"], ids["label"]) if v not in held]
-        videos = pool_videos([v for _, v, _ in rest], [y for _, _, y in rest], teacher_pool, role, label_fraction)
+        videos = pool_videos([v for _, v, _ in rest], [y for _, _, y in rest], teacher_pool, role, label_fraction,
+                             seed=seed)
         keep = {c for c, v, _ in rest if videos is None or v in videos}
         pool = set(read_clips_table(clips_dir, ["unlabeled"], columns=["clip_id"]).column("clip_id").to_pylist()) \
             if pooled else set()
