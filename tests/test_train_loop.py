@@ -296,3 +296,31 @@ except OSError as exc:
     # a file-size limit with the disk not full: an I/O error said with the free space, not "disk full"
     assert code == str(errno.EIO) and path == str(tmp_path / "state.pt"), r.stdout
     assert "writing epoch 2's state failed" in words and "MiB free there" in words, r.stdout
+
+
+def test_a_run_started_over_in_its_tensorboard_folder_replaces_its_steps(tmp_path):
+    """A run that starts over (another launch mode, a teacher rerun with another worker count) or trains
+    an epoch again in a TensorBoard folder holding earlier events: TensorBoard drew both runs' steps as
+    one zig-zag curve. The writer now purges the folder's events from its first step on."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    from dvfl.train.loop import _TensorBoard
+
+    def run(first_step, steps, offset):
+        writer = _TensorBoard(str(tmp_path / "tb" / "student"), first_step)
+        for step in steps:
+            writer.add_scalar("val_top1", offset + 0.1 * step, step)
+        writer.close()
+        time.sleep(1.1)  # (tensorboardX names its file by the second: one a second)
+
+    def curve():
+        board = EventMultiplexer()
+        board.AddRunsFromDirectory(str(tmp_path / "tb"))
+        board.Reload()
+        return [(e.step, round(e.value, 2)) for e in board.Scalars("student", "val_top1")]
+
+    run(1, (1, 2, 3), 0.0)
+    run(1, (1, 2, 3, 4), 0.5)  # started over at epoch 1
+    assert curve() == [(1, 0.6), (2, 0.7), (3, 0.8), (4, 0.9)]
+    run(3, (3, 4, 5), 0.0)  # resumed after epoch 2: epochs 3 and 4 trained again
+    assert curve() == [(1, 0.6), (2, 0.7), (3, 0.3), (4, 0.4), (5, 0.5)]

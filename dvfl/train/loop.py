@@ -226,14 +226,16 @@ class _TensorBoard:
     """tensorboardX's writer; for a URI the events are written to a local temporary folder and
     uploaded (whole files, each object written once per flush) after every flush and at close."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, first_step: int = 1):
         from tensorboardX import SummaryWriter
 
         from dvfl import storage
 
         self.target = target
         self.local = make_scratch_dir("tb") if storage.is_remote(target) else None
-        self.writer = SummaryWriter(self.local or target)
+        # TensorBoard drops the folder's earlier events from first_step on: a run started over (or an epoch
+        # trained again) drew both runs' steps as one zig-zag curve
+        self.writer = SummaryWriter(self.local or target, purge_step=first_step)
 
     def add_scalar(self, *args) -> None:
         self.writer.add_scalar(*args)
@@ -353,7 +355,7 @@ def run_loop(cfg: LoopConfig, session) -> None:
     batches = _epoch_batches(train_shard, cfg, start_epoch, session) if start_epoch < cfg.optim.epochs else None
     run = set_up(cfg, session)
     resume(run, state, cfg.label)
-    writer = _TensorBoard(cfg.tensorboard_dir) if run.rank == 0 and cfg.tensorboard_dir else None
+    writer = _TensorBoard(cfg.tensorboard_dir, run.start_epoch + 1) if run.rank == 0 and cfg.tensorboard_dir else None
     val_data = session.dataset("val") if run.rank == 0 else None
     reported_at = time.time()
     try:
