@@ -5,8 +5,9 @@ noisy background (optionally with static distractors). The class is the *directi
 (8 directions by default: right, up-right, up, ...). Colours, object shape and
 orientation, size, speed, background and distractors are random and independent of the
 class; the object's position is not (it stays inside the frame, and with ``motion="stop"``
-rests against the wall it moved towards), so one frame gives part of the answer and the
-order of the frames the rest (docs/ingest.md has the measured figures).
+rests against the wall it moved towards for several frames: the most repeated position is the
+end, so with ``stop`` the frames give the class even with their order ignored; docs/ingest.md
+has the measured figures).
 
 * Real encoded files: H.264 in MP4 through PyAV (libx264, ``threads=1`` so the
   encoder is deterministic), in the UCF101 layout with official-format split files
