@@ -101,8 +101,11 @@ def main(argv=None) -> int:
                 "flops_within_1pct": abs(rel) <= 0.01}
 
     x = torch.randn(1, FRAMES, 3, SIZE, SIZE, device=device)
-    for key, model in models.items():
-        measure_latency(model, x, warmup=a.warmup, repeats=1)  # warm-up (+1 discarded run)
+    # peak memory on forwards of their own (they warm up too): a 1 ms sampler thread running beside the
+    # timed forwards took CPU from torch's threads (+6-11 % latency, measured in session 47)
+    with RssSampler() as rss:
+        for key, model in models.items():
+            measure_latency(model, x, warmup=a.warmup, repeats=1)  # warm-up (+1 discarded run)
 
     def timed(key):
         """One forward: wall ms and CPU utilisation (process CPU time / (wall * threads))."""
@@ -132,19 +135,18 @@ def main(argv=None) -> int:
         return (len(quiet("base")) < a.min_quiet and rounds < a.max_rounds
                 and time.perf_counter() - t_timing < a.max_seconds)
 
-    with RssSampler() as rss:
-        while more_rounds():
-            rounds += 1
-            for _ in range(a.nano_per_round):
-                timed("nano")
-            timed("base")
-            k = a.nano_per_round
-            for unit, col in (("wall", "latency_ms"), ("cpu", "cpu_ms")):
-                round_ratios[unit].append(rows["base"][col][-1] / statistics.median(rows["nano"][col][-k:]))
-            print(f"round {rounds}: nano {rows['nano']['latency_ms'][-1]:.0f} ms, "
-                  f"base {rows['base']['latency_ms'][-1]:.0f} ms, CPU utilisation "
-                  f"{rows['base']['cpu_utilisation'][-1]:.2f}, uncontended base forwards "
-                  f"{len(quiet('base'))}", file=sys.stderr, flush=True)
+    while more_rounds():
+        rounds += 1
+        for _ in range(a.nano_per_round):
+            timed("nano")
+        timed("base")
+        k = a.nano_per_round
+        for unit, col in (("wall", "latency_ms"), ("cpu", "cpu_ms")):
+            round_ratios[unit].append(rows["base"][col][-1] / statistics.median(rows["nano"][col][-k:]))
+        print(f"round {rounds}: nano {rows['nano']['latency_ms'][-1]:.0f} ms, "
+              f"base {rows['base']['latency_ms'][-1]:.0f} ms, CPU utilisation "
+              f"{rows['base']['cpu_utilisation'][-1]:.2f}, uncontended base forwards "
+              f"{len(quiet('base'))}", file=sys.stderr, flush=True)
     # The headline latency is the median over the uncontended forwards (those whose threads got
     # the CPU); if too few ran uncontended it falls back to all forwards and flags the run.
     contended = min(len(quiet("nano")), len(quiet("base"))) < max(1, min(3, a.min_quiet))

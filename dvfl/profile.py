@@ -219,6 +219,8 @@ class ProfileResult:
     peak_memory_delta_mib: Optional[float] = None
     torch_version: str = torch.__version__
     cpu_model: str = field(default_factory=cpu_model)  # the host CPU (on cuda too: it feeds the GPU)
+    temporal_impl: str = "conv1d"  # the temporal path timed (conv2d: what predict and Serve run)
+    allocator: str = "default"     # "kept": freed memory kept for reuse, as predict and Serve run on a CPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,18 +229,25 @@ class ProfileResult:
 def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 10,
                   throughput_batch: Optional[int] = None, throughput_repeats: int = 3,
                   device: "torch.device | str | None" = None, threads: Optional[int] = None, seed: int = 0,
-                  temporal_impl: str = "conv1d", **model_kwargs) -> ProfileResult:
+                  temporal_impl: str = "conv1d", keep_memory: bool = False, **model_kwargs) -> ProfileResult:
     """Profile ``build_model(name, **model_kwargs)`` (timm's argument names): see the module
     docstring for the method.
 
     ``batch`` is the latency batch (1 = per-clip latency); ``throughput_batch`` (default
     ``batch``) the batch of the throughput run, skipped when ``throughput_repeats`` is 0.
     ``threads`` sets ``torch.set_num_threads`` (default: leave torch's setting);
-    ``temporal_impl``: the temporal path (``conv2d``: what predict and Serve run).
+    ``temporal_impl``: the temporal path (``conv2d``: what predict and Serve run); ``keep_memory``: on a
+    CPU, freed memory kept for reuse, as predict and Serve run (:func:`dvfl.allocator.keep_freed_memory`,
+    process-wide).
     """
     if threads is not None:
         torch.set_num_threads(int(threads))
     device = torch.device(device) if device is not None else default_device()
+    kept = False
+    if keep_memory and device.type == "cpu":
+        from dvfl.allocator import keep_freed_memory
+
+        kept = keep_freed_memory()
     model_kwargs = {**DEFAULT_MODEL_KWARGS, **model_kwargs}
     frames, size = model_kwargs["num_frames"], model_kwargs["img_size"]
     torch.manual_seed(seed)
@@ -254,8 +263,11 @@ def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 
         peak = torch.cuda.max_memory_allocated(device)
         peak_kind, peak_mib, delta_mib = "cuda_max_memory_allocated", peak / 2**20, None
     else:
+        # memory on forwards of their own: a 1 ms sampler thread beside the timed ones took CPU from
+        # torch's threads (+6-11 % latency, measured in session 47)
         with RssSampler() as rss:
-            times = measure_latency(model, x, warmup=warmup, repeats=repeats)
+            measure_latency(model, x, warmup=0, repeats=1)
+        times = measure_latency(model, x, warmup=warmup, repeats=repeats)
         peak_kind, peak_mib, delta_mib = "cpu_rss", rss.peak / 2**20, rss.delta / 2**20
 
     tp_batch = throughput_batch or batch
@@ -277,6 +289,7 @@ def profile_model(name: str, *, batch: int = 1, warmup: int = 2, repeats: int = 
         latency_ms_median=statistics.median(ms), latency_ms_min=min(ms), latency_ms_all=ms,
         throughput_batch=tp_batch, throughput_clips_per_s=throughput,
         peak_memory_kind=peak_kind, peak_memory_mib=peak_mib, peak_memory_delta_mib=delta_mib,
+        temporal_impl=temporal_impl, allocator="kept" if kept else "default",
     )
 
 
@@ -286,11 +299,15 @@ def format_profile(r: ProfileResult) -> str:
         f"model: {r.model} (num_classes={r.num_classes}, frames={r.frames}, size={r.size}"
         + (f", embed_dim={r.embed_dim}" if r.embed_dim is not None else "") + ")",
         f"device: {r.device} (threads={r.threads}, torch {r.torch_version})",
+        f"path: temporal {r.temporal_impl}" + (" (the official one)" if r.temporal_impl == "conv1d" else
+                                                 " (what predict and Serve run)")
+        + (", freed memory kept for reuse (as predict and Serve on a CPU)" if r.allocator == "kept" else ""),
         f"cpu: {r.cpu_model}",
         f"params: {r.params:,} ({r.params / 1e6:.2f} M)",
-        f"FLOPs per clip: {r.flops_per_clip:,.0f} ({r.gflops_per_clip:.2f} GFLOPs, "
+        # three significant figures: an embedded-size model's 0.0162 GMACs printed as 0.02 (width 4: 0.00)
+        f"FLOPs per clip: {r.flops_per_clip:,.0f} ({r.gflops_per_clip:.3g} GFLOPs, "
         f"FlopCounterMode, 2 per MAC)",
-        f"GMACs per clip: {r.gmacs_per_clip:.2f} (what papers call \"GFLOPs\")",
+        f"GMACs per clip: {r.gmacs_per_clip:.3g} (what papers call \"GFLOPs\")",
         f"latency (batch {r.latency_batch}, median of {r.latency_repeats} after "
         f"{r.latency_warmup} warm-up): {r.latency_ms_median:.1f} ms (min {r.latency_ms_min:.1f})",
     ]

@@ -90,7 +90,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             model_kwargs = {**spec.get("kwargs", {}), **({"img_size": int(crop)} if crop else {})}
             model_kwargs.pop("drop_path_rate", None)
     result = profile_model(
-        a.arch, **model_kwargs, temporal_impl="conv2d" if a.model else "conv1d",
+        a.arch, **model_kwargs, temporal_impl="conv2d" if a.model else "conv1d", keep_memory=bool(a.model),
         batch=a.batch_size, warmup=a.warmup, repeats=a.repeats, throughput_batch=a.throughput_batch_size,
         throughput_repeats=a.throughput_repeats, device=a.device,
         threads=a.threads if a.threads is not None else available_cpus())
