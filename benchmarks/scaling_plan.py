@@ -14,7 +14,7 @@ configs/ucf101_base.yaml, and projects:
 Writes benchmarks/results/scaling_plan.json and prints the tables (Markdown); with
 ``--write-doc docs/scaling.md`` it refreshes the generated sections of the document (the tests
 check that they match the result files).
-    python benchmarks/scaling_plan.py [--gpu-tflops 35] [--write-doc docs/scaling.md]
+    python benchmarks/scaling_plan.py [--gpu-tflops 35] [--gpu-fp32-tflops 15] [--write-doc docs/scaling.md]
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ DATASETS = {
 ASSUMED = {
     "gpu_effective_tflops": (35.0, "sustained dense bf16 TFLOP/s of one GPU of the A10G/L4 class in "
                                    "cluster/ on these models; not measured (no GPU here): replace with a measurement"),
+    # the cache build's forward is strict fp32 (TF32 off: dvfl/teacher_cache.py), without the tensor cores
+    "gpu_fp32_tflops": (15.0, "sustained dense fp32 TFLOP/s (TF32 off, as the teacher cache is built) of one "
+                              "A10G/L4-class GPU: about half their ~30-31 TFLOP/s fp32 peak; not measured"),
     "ddp_efficiency": (0.9, "fraction of linear speed-up kept by DDP across M GPUs"),
     "vcpu_vs_core_here": (1.0, "one cloud vCPU does the work of one core of this machine (optimistic: "
                                "cloud vCPUs are hyperthreads)"),
@@ -104,7 +107,7 @@ def _split_key(key: str) -> list:
     return parts
 
 
-def inputs(src: Sources, gpu_tflops: float) -> dict:
+def inputs(src: Sources, gpu_tflops: float, gpu_fp32_tflops: float | None = None) -> dict:
     # distill_cost_amd.json: teacher and student both in fp32, as both run in bf16 on GPUs (on a CPU
     # with AMX the student trains in bf16 while the teacher stays fp32, which inflates the ratio)
     ip, ds, tc, dc, me = ("benchmarks/results/input_pipeline.json", "benchmarks/results/dataset_shapes.json",
@@ -158,7 +161,8 @@ def inputs(src: Sources, gpu_tflops: float) -> dict:
     f["online_over_cached_epoch"] = src.get("online_over_cached_epoch", dc, "online_over_cached")
     f["cached_over_ce_epoch"] = src.get("cached_over_ce_epoch", dc, "cached_over_ce")
     for k, (v, why) in ASSUMED.items():
-        value = gpu_tflops if k == "gpu_effective_tflops" and gpu_tflops else v
+        given = {"gpu_effective_tflops": gpu_tflops, "gpu_fp32_tflops": gpu_fp32_tflops}.get(k)
+        value = given or v
         src.used[k] = {"value": value, "kind": "assumed", "source": why}
         f[k] = value
     return f
@@ -173,6 +177,8 @@ def plan(f: dict, src: Sources) -> dict:
     step_rel = max(1.0 / f["teacher_fwd_over_student_step"], step_by_flops)
     student_gpu_s = teacher_gpu_s * step_rel
     src.derived("teacher_gpu_s_per_clip", teacher_gpu_s, "teacher_gflops / gpu_effective_tflops")
+    cache_gpu_s = f["teacher_gflops"] / (f["gpu_fp32_tflops"] * 1e3)  # the cache's fp32 forward, s per view
+    src.derived("teacher_cache_gpu_s_per_view", cache_gpu_s, "teacher_gflops / gpu_fp32_tflops")
     src.derived("student_step_gpu_s_per_clip", student_gpu_s,
                 "teacher_gpu_s_per_clip / teacher_fwd_over_student_step (measured ratio; >= the FLOP ratio)")
     for key, d in DATASETS.items():
@@ -234,7 +240,7 @@ def plan(f: dict, src: Sources) -> dict:
             storage_rate = f["storage_read_gib_s"] * 2**30 / disk_b
             # cache build: one teacher actor per GPU, each stored training clip read once and
             # forwarded once per cached view; independent actors, so no DDP loss
-            cache_limits = {"GPU compute": m / (f["teacher_views"] * teacher_gpu_s),
+            cache_limits = {"GPU compute": m / (f["teacher_views"] * cache_gpu_s),
                             "input CPU on the GPU nodes": vcpus * 1000.0 / read_ms, "storage read": storage_rate}
             cache_bound = min(cache_limits, key=cache_limits.get)
             cache_h = train_clips / cache_limits[cache_bound] / 3600
@@ -264,7 +270,8 @@ def plan(f: dict, src: Sources) -> dict:
         out[key] = {"dataset": d, "cache_on_cpus": cache_on_cpus, "ingest": ingest_rows, "ingest_caps_clips_per_s": caps,
                     "ingest_clips_per_s_per_vcpu": 1000.0 / tree_ms,  # as built: the workers decode and write
                     "ingest_clips_per_s_per_vcpu_driver_written": 1000.0 / worker_ms, "storage": storage, "gpu": gpu_rows,
-                    "teacher_gpu_s_per_clip": teacher_gpu_s, "student_step_gpu_s_per_clip": student_gpu_s}
+                    "teacher_gpu_s_per_clip": teacher_gpu_s, "teacher_cache_gpu_s_per_view": cache_gpu_s,
+                    "student_step_gpu_s_per_clip": student_gpu_s}
     return out
 
 
@@ -334,7 +341,8 @@ def summary_markdown(f: dict, p: dict) -> str:
     gk = next(r for r in k["gpu"] if r["gpus"] == SUMMARY_GPUS)
     gs = next(r for r in s["gpu"] if r["gpus"] == SUMMARY_GPUS)
     return "\n".join([
-        f"| projected (GPU throughput assumed: {f['gpu_effective_tflops']:g} TFLOPS) | Kinetics-400 | SSv2 |",
+        f"| projected (GPU throughput assumed: {f['gpu_effective_tflops']:g} TFLOPS bf16 training, "
+        f"{f['gpu_fp32_tflops']:g} TFLOPS fp32 cache build) | Kinetics-400 | SSv2 |",
         "|---|---:|---:|",
         f"| clip shards on disk | {k['storage']['shards_tb']:.1f} TB | {s['storage']['shards_tb']:.1f} TB |",
         f"| teacher-logit cache (fp16) | {k['storage']['cache_gb']:.1f} GB | {s['storage']['cache_gb']:.1f} GB |",
@@ -382,13 +390,15 @@ def _h(hours: float) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu-tflops", type=float, default=None,
-                    help=f"effective TFLOPS per GPU (default {ASSUMED['gpu_effective_tflops'][0]}, an assumption)")
+                    help=f"effective bf16 TFLOPS per GPU, training (default {ASSUMED['gpu_effective_tflops'][0]}, an assumption)")
+    ap.add_argument("--gpu-fp32-tflops", type=float, default=None,
+                    help=f"effective fp32 TFLOPS per GPU, the cache build (default {ASSUMED['gpu_fp32_tflops'][0]}, an assumption)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--write-doc", metavar="MD", help="refresh the generated sections of this document "
                     "(docs/scaling.md) in place")
     a = ap.parse_args(argv)
     src = Sources()
-    f = inputs(src, a.gpu_tflops)
+    f = inputs(src, a.gpu_tflops, a.gpu_fp32_tflops)
     p = plan(f, src)
     result = {"inputs": src.used, "plan": p}
     Path(a.out).write_text(json.dumps(result, indent=2, default=float) + "\n")

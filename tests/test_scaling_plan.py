@@ -83,11 +83,19 @@ def test_projections_respond_to_their_inputs(sp):
     assert len({round(r["driver_written"]["hours"], 6) for r in k400["ingest"]}) == 1
     assert all(r["driver_written"]["bound_by"].startswith("driver") for r in k400["ingest"])
     assert k400["ingest"][0]["clips_per_s"] > k400["ingest"][0]["driver_written"]["clips_per_s"]
-    # GPU-bound times scale with 1 / GPU throughput
+    # GPU-bound times scale with 1 / GPU throughput: the cache's fp32 forward with the fp32 rate (it was
+    # priced at the bf16 training rate), a training epoch with the bf16 one
     _, _, fast = _run(sp, gpu_tflops=2 * f["gpu_effective_tflops"])
     slow_row, fast_row = k400["gpu"][0], fast["kinetics400"]["gpu"][0]
-    assert slow_row["cache_bound_by"] == "GPU compute"
-    assert fast_row["cache_build_hours"] == pytest.approx(slow_row["cache_build_hours"] / 2)
+    assert slow_row["cache_bound_by"] == slow_row["epoch_bound_by"] == "GPU compute"
+    assert fast_row["cache_build_hours"] == pytest.approx(slow_row["cache_build_hours"])
+    assert fast_row["epoch_hours"] == pytest.approx(slow_row["epoch_hours"] / 2)
+    src = sp.Sources()
+    fp32_fast = sp.plan(sp.inputs(src, None, 2 * f["gpu_fp32_tflops"]), src)["kinetics400"]["gpu"][0]
+    assert fp32_fast["cache_build_hours"] == pytest.approx(slow_row["cache_build_hours"] / 2)
+    assert fp32_fast["epoch_hours"] == pytest.approx(slow_row["epoch_hours"])
+    assert slow_row["cache_build_hours"] == pytest.approx(
+        k400["storage"]["train_clips"] * f["teacher_views"] * f["teacher_gflops"] / (f["gpu_fp32_tflops"] * 1e3) / 3600)
     # storage: clip bytes x clips; cache: (2 C + row overhead) bytes per cached view
     s = k400["storage"]
     assert s["shards_tb"] == pytest.approx(s["clips"] * f["k400_like.bytes_per_clip_disk"] / 1e12)
