@@ -157,7 +157,8 @@ class TeacherSection:
     views: list[str] = field(default_factory=lambda: ["center"])
     cache_dtype: str = "float16"
     # Distillation is refused when the teacher's validation top-1 is below chance + this
-    # (a fraction, 0.05 = 5 points): KD from a chance-level teacher only adds noise. < 0: no gate.
+    # (a fraction, 0.05 = 5 points; chance: the largest validation class's share, 1/C when balanced):
+    # KD from a chance-level teacher only adds noise. < 0: no gate.
     min_top1_over_chance: float = 0.05
     train: ModelSection = field(default_factory=lambda: ModelSection(model="videofocalnet_nano", embed_dim=32))
     optim: OptimSection = field(default_factory=OptimSection)

@@ -877,19 +877,34 @@ def _evaluate_model(model_path: str, name: str | None, num_classes: int, frames:
     return {**m, "params": sum(p.numel() for p in model.parameters())}
 
 
+def chance_top1(video_labels: dict, num_classes: int) -> float:
+    """The top-1 of a model that predicts one class: 1/C on class-balanced videos, the largest class's
+    share on others (a collapsed teacher scores that)."""
+    largest = max(collections.Counter(video_labels.values()).values(), default=0)
+    return max(1.0 / num_classes, largest / len(video_labels) if video_labels else 0.0)
+
+
 def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, log=print) -> float | None:
     """The teacher sanity gate: refuse to distil from a teacher within ``teacher.min_top1_over_chance``
-    of chance on the validation clips (its soft targets would be noise)."""
+    of chance on the validation clips (its soft targets would be noise). Chance is what predicting the
+    largest validation class scores (1/C on balanced videos)."""
+    from dvfl.data.shards import read_clips_table
+
     margin = cfg.teacher.min_top1_over_chance
     if margin < 0:
         return None
-    chance = 1.0 / len(dataset_info["classes"])
+    num_classes = len(dataset_info["classes"])
+    val = validation_source(cfg)
+    table = read_clips_table(cfg.clips_dir, [val.split], columns=["video_id", "label"]).to_pydict()
+    labels = {v: y for v, y in zip(table["video_id"], table["label"]) if val.videos is None or v in val.videos}
+    chance = chance_top1(labels, num_classes)
     top1 = validation_top1(cfg, teacher_path, teacher_spec, dataset_info)
-    src = validation_source(cfg).description
+    src = val.description
     if top1 < chance + margin:
+        largest = f"; its largest class holds {chance:.1%} of the validation videos" if chance > 1.0 / num_classes else ""
         raise TeacherGateError(
             f"the teacher {teacher_path} scores {top1:.1%} top-1 on the validation clips ({src}); chance is "
-            f"{chance:.1%} ({len(dataset_info['classes'])} classes), and distillation needs at least chance + "
+            f"{chance:.1%} ({num_classes} classes{largest}), and distillation needs at least chance + "
             f"{margin:.0%} (teacher.min_top1_over_chance): its soft targets would be noise. Train the teacher "
             "longer or from a pre-trained checkpoint, or lower teacher.min_top1_over_chance (< 0 turns the gate off)")
     log(f"[teacher] validation top-1 {top1:.1%} ({src}); chance {chance:.1%}: passes the gate")

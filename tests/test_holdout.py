@@ -263,6 +263,16 @@ def test_teacher_gate_refuses_a_chance_level_teacher(prepared, tmp_path, monkeyp
     assert asked == [("train", src.videos)] and src.videos and cfg.data.test_split not in [a[0] for a in asked]
 
 
+def test_the_teacher_gate_counts_a_collapsed_teacher_on_imbalanced_validation_videos_as_chance():
+    """Chance was 1/C: on validation videos 40/20/20/20 over 4 classes a teacher that always names the
+    largest class scored 40 %, passed a 30 % gate, and its near-constant logits were distilled."""
+    balanced = {f"v{i}": i % 4 for i in range(80)}
+    assert pipeline.chance_top1(balanced, 4) == 0.25
+    imbalanced = {f"v{i}": 0 if i < 40 else 1 + i % 3 for i in range(100)}
+    assert pipeline.chance_top1(imbalanced, 4) == 0.4
+    assert pipeline.chance_top1({"v0": 2}, 10) == 1.0 and pipeline.chance_top1({}, 8) == 0.125
+
+
 def test_a_run_without_a_kd_student_is_not_gated_and_builds_no_cache(prepared, tmp_path, monkeypatch):
     """vfl and vfl_long learn from labels only: a chance-level teacher used to refuse such a run
     (every role but vfl counted as distillation) and its logits were cached for nothing."""
