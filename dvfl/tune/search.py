@@ -73,12 +73,15 @@ def changed_fields(old, new, limit: int = 6) -> str:
     return ", ".join(changes[:limit]) + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
 
 
-def prepare(cfg: RunConfig, log=print) -> tuple[dict, dict]:
+def prepare(cfg: RunConfig, log=print, metric: str | None = None) -> tuple[dict, dict]:
     """Clips, teacher and cache, each reused when finished (built once otherwise); the teacher
     signal every trial gets. The only place the search may touch the teacher."""
     from dvfl import pipeline
 
     info = pipeline.ensure_clips(cfg, log)
+    if metric == "val_top5" and len(info["classes"]) <= 5:  # (before the teacher and the cache)
+        raise ConfigError(f"tune.metric val_top5 on {len(info['classes'])} classes: every trial scores 100 % top-5 "
+                          "(5 guesses cover every class), so ASHA would stop trials at random; use val_top1 or val_loss")
     pipeline.say_validation_note(cfg, log)
     if cfg.teacher.mode == "none":
         return info, {"mode": "none"}
@@ -252,7 +255,7 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
             fresh_done()
     else:
         refuse_changed_settings(t, cfg)
-    info, teacher = prepare(cfg, log)
+    info, teacher = prepare(cfg, log, metric=t.metric)
     fp = _fingerprint(t, cfg, info, teacher)
     search_file = storage.join(exp, SEARCH_FILE)
     # on object storage Tune reads and writes the experiment through our filesystem (its endpoint)
