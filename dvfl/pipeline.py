@@ -669,11 +669,20 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
                     identity, unlabeled_dir, optim.epochs)
 
 
+def whole_run_seconds(history: list, seconds: float, now: float | None = None) -> float:
+    """A run's training wall time: this command's ``seconds`` plus the epochs (with their validation)
+    that earlier commands trained before this one resumed the run (their start-up is not recorded)."""
+    began = (time.time() if now is None else now) - seconds
+    return seconds + sum(h.get("epoch_seconds", 0.0) + h.get("val_seconds", 0.0) for h in history
+                         if h.get("finished_at", began) < began)
+
+
 def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seconds: float, log=print,
                  say_done: bool = True) -> str:
-    """The finished run's final weights + history as a model artefact directory (``seconds``: the
-    run's own training wall time, recorded as ``train_seconds``; ``say_done=False`` where the
-    run's runner said it)."""
+    """The finished run's final weights + history as a model artefact directory (``seconds``: this
+    command's training wall time; ``train_seconds`` adds the epochs of earlier commands a resumed run
+    continues: a resumed run's was one epoch's, and results compared it with a whole run's;
+    ``say_done=False`` where the run's runner said it)."""
     from dvfl.train.launch import load_final_state
 
     state = load_final_state(result)
@@ -684,7 +693,7 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
                dataset_fingerprint=dataset_info["fingerprint"], trained_on=trained_on(dataset_info), history=history,
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
-               train_seconds=round(seconds, 1))
+               train_seconds=round(whole_run_seconds(history, seconds), 1))
     if say_done:
         log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out
