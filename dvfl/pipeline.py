@@ -1100,8 +1100,9 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
     # given teacher's is from its own data: it was reported under this config's validation split)
     same_validation = (spec.get("val_split") == validation_source(cfg).description
                        and spec.get("dataset_fingerprint") == dataset["fingerprint"])
-    return {**m, "split": split, "history": spec.get("history", []), "name": spec.get("name"), "path": str(path),
-            "val_top1": spec.get("val_top1") if same_validation else None,
+    # (a model validated elsewhere: its curve was drawn as this run's validation accuracy)
+    return {**m, "split": split, "history": spec.get("history", []) if same_validation else [], "name": spec.get("name"),
+            "path": str(path), "val_top1": spec.get("val_top1") if same_validation else None,
             "val_split": spec.get("val_split") if same_validation else None,
             "train_seconds": spec.get("train_seconds")}
 

@@ -695,6 +695,7 @@ def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_cli
     assert m["top1"] != 0.987 and m["videos"] == 16
     assert (user / "model.json").read_bytes() == before
     assert m["val_top1"] == spec["val_top1"] is not None  # trained on these clips with this hold-out
+    assert m["history"] == spec["history"] and m["history"]
     stored = json.loads((tmp_path / "run" / "evaluations.json").read_text())
     (key, value), = stored.items()
     assert prepared["spec"]["weights_fingerprint"] in key and prepared["info"]["fingerprint"][:16] in key
@@ -710,6 +711,8 @@ def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_cli
     assert again["top1"] == m["top1"] and len(json.loads((tmp_path / "run" / "evaluations.json").read_text())) == 2
     # its recorded validation top-1 is of other clips: not reported as this run's (session 29)
     assert again["val_top1"] is None and again["val_split"] is None
+    # nor its curve (training_curves.png drew it as this run's validation accuracy; session 47)
+    assert again["history"] == []
     # another crop of the same clips is another evaluation (the clips' fingerprint does not say it)
     pipeline.evaluate_model_dir(_with(cfg, data={"crop_size": 28}), str(user), log=lambda *_: None)
     assert any("_28px_" in k for k in json.loads((tmp_path / "run" / "evaluations.json").read_text()))
