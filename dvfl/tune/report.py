@@ -327,7 +327,7 @@ def plot_pareto(rows: list[dict], front: list[dict], path: str | Path, title: st
 
 
 def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dict], *, wall_seconds: float,
-                  front_rows=(), log=print) -> dict:
+                  front_rows=(), log=print, resumed: bool = False) -> dict:
     """tune_results.{json,md}, pareto.png and best_config.yaml in the experiment directory.
 
     With ``front_rows`` (each cost level's best trial re-run with fresh student seeds) the front is
@@ -347,7 +347,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "errors": sum(r["status"] == "error" for r in rows),
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_if_all_ran_to_the_end": len(rows) * cfg.optim.epochs,
-        "wall_seconds": round(wall_seconds, 1), "best": best, "rows": rows,
+        # (a resumed search's: this command's, from its resume on; trials' own seconds are in the rows)
+        "wall_seconds": round(wall_seconds, 1), "resumed": resumed, "best": best, "rows": rows,
         "best_chosen_by": "mean best validation top-1 over fresh-seed re-runs of each cost level's best trial, "
                           + ("among the levels none of whose re-runs errored or diverged"
                              if not (best or {}).get("failed_seeds") else "every level having a failed re-run")

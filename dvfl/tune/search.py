@@ -363,7 +363,8 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
                 front_grid = front_tuner.fit()
         require_finished(front_grid, "front's re-runs", cfg.optim.epochs, len(reruns), fresh=fresh)
         front_rows = collect_trials(front_grid, t, cfg, info, exp=front_exp)
-    summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log)
+    summary = write_results(exp, t, cfg, rows, front_rows=front_rows, wall_seconds=time.time() - started, log=log,
+                            resumed=bool(restoring))
     report_errors(rows, log)
     report_errors(front_rows, log, required=False)
     return summary
