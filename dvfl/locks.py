@@ -50,13 +50,14 @@ class FolderBusyError(RuntimeError):
 
 @contextlib.contextmanager
 def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared: bool = False,
-                announce: bool = True):
+                announce: bool = True, wait_for_readers: bool = False):
     """Hold ``folder``'s lock inside. Held by another process: raise :class:`FolderBusyError`
     (``wait=False``), or say so and wait for it to end (``wait=True``: a second command then reuses
     what the first one finished; ``log`` None: silently). ``shared``: a reader's lock, held with
     other readers; a writer is refused while readers hold it, ``wait`` or not (they hold it for a
-    whole run). ``announce=False``: a reader of a moment, not named to a refused writer. Re-entrant
-    in one process; the folder need not exist."""
+    whole run), unless ``wait_for_readers`` (a folder whose readers hold it a moment: a teacher cache
+    being loaded). ``announce=False``: a reader of a moment, not named to a refused writer.
+    Re-entrant in one process; the folder need not exist."""
     key = _key(folder)
     if key in _held:  # a stage nested in a command that holds it already
         _held[key] += 1
@@ -69,7 +70,7 @@ def folder_lock(folder: str, what: str, *, wait: bool = False, log=print, shared
     if lock is None:
         yield
         return
-    fd = _locked_fd(lock, folder, what, wait, log, shared)
+    fd = _locked_fd(lock, folder, what, wait, log, shared, wait_for_readers)
     try:
         if announce:
             _announce(fd, lock, key, shared)
@@ -135,7 +136,8 @@ def _key(folder: str) -> str:
     return f"{scheme}://{rest}" + (f" at {endpoint}" if endpoint else "")
 
 
-def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool = False) -> int:
+def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool = False,
+               wait_for_readers: bool = False) -> int:
     """An open descriptor of the file now at ``lock``, locked (a holder unlinks its file as it lets
     go, so a lock taken on a file no longer there is let go and taken again on the new one)."""
     said = False
@@ -148,7 +150,9 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _holder(fd)
-                if not shared and _readers_only(lock):  # (asked of the lock, not of the holder's line: it may be unwritten)
+                # (asked of the lock, not of the holder's line: it may be unwritten)
+                reading = not shared and _readers_only(lock)
+                if reading and not wait_for_readers:
                     readers_seen += 1
                     if readers_seen < 3:  # or the holders let go meanwhile: tried again
                         fd = _closed(fd)
@@ -161,7 +165,7 @@ def _locked_fd(lock: str, folder: str, what: str, wait: bool, log, shared: bool 
                     raise FolderBusyError(f"{folder} is in use by another {what} ({holder}); wait for it to end, "
                                           f"or stop it, or use another folder") from None
                 if not said and log:
-                    busy = "is being written" if shared else f"is in use by another {what}"
+                    busy = "is being written" if shared else "is being read" if reading else f"is in use by another {what}"
                     log(f"[{what}] {folder} {busy} ({holder}); waiting for it to end")
                     said = True
                 fcntl.flock(fd, mode)

@@ -893,6 +893,14 @@ def chance_top1(video_labels: dict, num_classes: int) -> float:
     return max(1.0 / num_classes, largest / len(video_labels) if video_labels else 0.0)
 
 
+def gate_top1(chance: float, margin: float, num_classes: int) -> float:
+    """The top-1 a teacher must reach: chance + margin on balanced videos; on imbalanced ones the margin
+    shrinks with the headroom above chance (chance + margin passed 1 where one class held 96 %: a
+    perfect teacher was refused)."""
+    balanced = 1.0 / num_classes
+    return chance + margin * (1.0 - chance) / (1.0 - balanced) if chance > balanced else chance + margin
+
+
 def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset_info: dict, log=print) -> float | None:
     """The teacher sanity gate: refuse to distil from a teacher within ``teacher.min_top1_over_chance``
     of chance on the validation clips (its soft targets would be noise). Chance is what predicting the
@@ -909,12 +917,16 @@ def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset
     chance = chance_top1(labels, num_classes)
     top1 = validation_top1(cfg, teacher_path, teacher_spec, dataset_info)
     src = val.description
-    if top1 < chance + margin:
-        largest = f"; its largest class holds {chance:.1%} of the validation videos" if chance > 1.0 / num_classes else ""
+    needed = gate_top1(chance, margin, num_classes)
+    if top1 < needed:
+        imbalanced = chance > 1.0 / num_classes
         raise TeacherGateError(
             f"the teacher {teacher_path} scores {top1:.1%} top-1 on the validation clips ({src}); chance is "
-            f"{chance:.1%} ({num_classes} classes{largest}), and distillation needs at least chance + "
-            f"{margin:.0%} (teacher.min_top1_over_chance): its soft targets would be noise. Train the teacher "
+            f"{chance:.1%} ({num_classes} classes" + ("; its largest class holds that share of the validation "
+                                                     "videos" if imbalanced else "")
+            + f"), and distillation needs at least {needed:.1%} (chance + {margin:.0%}"
+            + (", scaled to the headroom above chance" if imbalanced else "")
+            + ", teacher.min_top1_over_chance): its soft targets would be noise. Train the teacher "
             "longer or from a pre-trained checkpoint, or lower teacher.min_top1_over_chance (< 0 turns the gate off)")
     log(f"[teacher] validation top-1 {top1:.1%} ({src}); chance {chance:.1%}: passes the gate")
     return top1
@@ -958,9 +970,9 @@ def teacher_signal(cfg: RunConfig, teacher_path: str, teacher_spec: dict, datase
         if cfg.unlabeled_dir and cfg.unlabeled_dir.rstrip("/") != cfg.clips_dir.rstrip("/"):
             raise ValueError("data.unlabeled must be in the same ingest output as data.clips, so one cache "
                              "covers both (ingest them together with --unlabeled)")
-        # checked and read under the cache's lock: a `dvfl cache --fresh` into it waits, or is refused, until
-        # the logits are in memory (it could replace them between the check and the read: another teacher's)
-        with folder_lock(cfg.cache_dir, "cache build", wait=True, log=log, shared=True, announce=False):
+        # checked and read under the cache's lock: a cache build into it waits until the logits are in memory
+        # (it could replace them between the check and the read: another teacher's under the checked fingerprint)
+        with folder_lock(cfg.cache_dir, "teacher cache load", wait=True, log=log, shared=True):
             cache = TeacherLogitCache(cfg.cache_dir)
             splits = [cfg.data.train_split] + (["unlabeled"] if cfg.unlabeled_dir else [])
             cache.check(dataset_info, teacher_spec=teacher_spec, crop_size=cfg.crop_size, splits=splits,

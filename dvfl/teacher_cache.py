@@ -456,32 +456,21 @@ def build_teacher_cache(
     this machine (runs sharing ``teacher.cache``) is waited for, then its cache is reused.
     ``fresh_done``: called once ``overwrite`` has deleted a cache of another build (or found none).
     """
-    from dvfl.locks import FolderBusyError, folder_lock
+    from dvfl.locks import folder_lock
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    settings = dict(teacher_name=teacher_name, crop_size=crop_size, views=views, dtype=dtype, batch_size=batch_size,
-                    num_actors=num_actors, use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite,
-                    splits=tuple(splits), log=log, fresh_done=fresh_done, keep_memory=keep_memory)
-    try:
-        with folder_lock(out_dir, "cache build", wait=True, log=log):
-            return _build_teacher_cache(clips_dir, teacher, out_dir, **settings)
-    except FolderBusyError as busy:
-        if not busy.readers:
-            raise
-        # runs sharing teacher.cache: one loading the logits refused the other's build, which had nothing to write
-        with folder_lock(out_dir, "cache build", wait=True, log=log, shared=True, announce=False):
-            finished = _build_teacher_cache(clips_dir, teacher, out_dir, read_only=True, **settings)
-        if finished is None:
-            raise
-        return finished
+    # a run holds the cache for reading while it loads the logits (seconds): waited for, as another build is
+    with folder_lock(out_dir, "cache build", wait=True, log=log, wait_for_readers=True):
+        return _build_teacher_cache(clips_dir, teacher, out_dir, teacher_name=teacher_name, crop_size=crop_size,
+                                    views=views, dtype=dtype, batch_size=batch_size, num_actors=num_actors,
+                                    use_gpu=use_gpu, verify_samples=verify_samples, overwrite=overwrite,
+                                    splits=tuple(splits), log=log, fresh_done=fresh_done, keep_memory=keep_memory)
 
 
 def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size, views, dtype, batch_size,
                          num_actors, use_gpu, verify_samples, overwrite, splits, log, fresh_done=None,
-                         keep_memory=True, read_only=False) -> dict | None:
-    """The build under ``out_dir``'s lock. ``read_only``: the finished cache of this build, or None where
-    anything would be written."""
+                         keep_memory=True) -> dict:
     import ray
 
     dataset_info = load_dataset_info(clips_dir)
@@ -531,8 +520,6 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 if not absent and not short:
                     log(f"[cache] reusing finished cache {out} (fingerprint {fingerprint})")
                     return existing_info
-                if read_only:
-                    return None
                 log(f"[cache] the finished cache {out} does not fit the clips' shards ({len(absent)} logits file(s) "
                     f"missing, {len(short)} of the wrong size): building those")
                 # back to a build in progress, the marker first: the finished marker never covers a repair
@@ -550,13 +537,9 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                         f"{out} holds a cache with fingerprint {existing}, this teacher/clips/views give "
                         f"{fingerprint}" + (f" ({'; '.join(diffs)})" if diffs else "") + "; use another --out or --fresh",
                         diffs)
-                if read_only:
-                    return None
                 # the finished marker first: a delete cut short must not leave it over partial logits
                 for p in [storage.join(out, CACHE_JSON), storage.join(out, BUILD_JSON)] + _cache_files(logits_dir):
                     storage.remove(p)
-    if read_only:
-        return None
     if fresh_done:  # (another build's cache deleted, or none there: a rerun without --fresh resumes this one)
         fresh_done()
     if not storage.isfile(storage.join(out, BUILD_JSON)):

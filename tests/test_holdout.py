@@ -271,6 +271,11 @@ def test_the_teacher_gate_counts_a_collapsed_teacher_on_imbalanced_validation_vi
     imbalanced = {f"v{i}": 0 if i < 40 else 1 + i % 3 for i in range(100)}
     assert pipeline.chance_top1(imbalanced, 4) == 0.4
     assert pipeline.chance_top1({"v0": 2}, 10) == 1.0 and pipeline.chance_top1({}, 8) == 0.125
+    # what the gate then asks: chance + margin when balanced; the margin shrinks with the headroom on
+    # imbalanced videos, so a perfect teacher still passes where one class holds 97 % (1.02 was asked)
+    assert pipeline.gate_top1(0.25, 0.05, 4) == pytest.approx(0.30)
+    assert pipeline.gate_top1(0.4, 0.05, 4) == pytest.approx(0.44)
+    assert pipeline.gate_top1(0.97, 0.05, 2) == pytest.approx(0.973) and pipeline.gate_top1(1.0, 0.05, 10) == 1.0
 
 
 def test_a_run_without_a_kd_student_is_not_gated_and_builds_no_cache(prepared, tmp_path, monkeypatch):

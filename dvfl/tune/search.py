@@ -75,7 +75,8 @@ def changed_fields(old, new, limit: int = 6) -> str:
 
 def prepare(cfg: RunConfig, log=print, metric: str | None = None) -> tuple[dict, dict]:
     """Clips, teacher and cache, each reused when finished (built once otherwise); the teacher
-    signal every trial gets. The only place the search may touch the teacher."""
+    signal every trial gets. The only place the search may touch the teacher. ``metric``: what ASHA
+    stops trials by (None: it stops none)."""
     from dvfl import pipeline
 
     info = pipeline.ensure_clips(cfg, log)
@@ -255,7 +256,8 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
             fresh_done()
     else:
         refuse_changed_settings(t, cfg)
-    info, teacher = prepare(cfg, log, metric=t.metric)
+    asha_stops = t.asha.enabled and t.asha.grace_period < cfg.optim.epochs
+    info, teacher = prepare(cfg, log, metric=t.metric if asha_stops else None)
     fp = _fingerprint(t, cfg, info, teacher)
     search_file = storage.join(exp, SEARCH_FILE)
     # on object storage Tune reads and writes the experiment through our filesystem (its endpoint)
