@@ -633,6 +633,9 @@ class ModelRun:
     epochs: int
 
 
+COMMAND_STARTED = time.time()  # this process's command (the epochs of its runs carry it)
+
+
 def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
                    teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> ModelRun | str:
     """The run that trains one model, or the artefact directory of the same model already trained.
@@ -661,7 +664,7 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
-    loop = dataclasses.replace(loop, label=label)
+    loop = dataclasses.replace(loop, label=label, command_started=COMMAND_STARTED)
     # the teacher's identity leaves the worker count out (a search reuses the distill run's teacher), its
     # Train run does not: a run killed with 2 workers and rerun with 1 starts over instead of refusing
     workers = f"-w{cfg.scaling.num_workers}" if role == "teacher" and cfg.scaling.num_workers > 1 else ""
@@ -669,12 +672,11 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
                     identity, unlabeled_dir, optim.epochs)
 
 
-def whole_run_seconds(history: list, seconds: float, now: float | None = None) -> float:
+def whole_run_seconds(history: list, seconds: float, command_started: float) -> float:
     """A run's training wall time: this command's ``seconds`` plus the epochs (with their validation)
     that earlier commands trained before this one resumed the run (their start-up is not recorded)."""
-    began = (time.time() if now is None else now) - seconds
     return seconds + sum(h.get("epoch_seconds", 0.0) + h.get("val_seconds", 0.0) for h in history
-                         if h.get("finished_at", began) < began)
+                         if h.get("command_started") not in (None, command_started))
 
 
 def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seconds: float, log=print,
@@ -693,7 +695,7 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
                dataset_fingerprint=dataset_info["fingerprint"], trained_on=trained_on(dataset_info), history=history,
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
-               train_seconds=round(whole_run_seconds(history, seconds), 1))
+               train_seconds=round(whole_run_seconds(history, seconds, run.loop.command_started), 1))
     if say_done:
         log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out

@@ -4,6 +4,7 @@ import hashlib
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,8 +78,12 @@ def test_generation_is_byte_identical_and_seeded(small_dataset, tmp_path):
 
 def test_generation_is_idempotent_and_refuses_other_config(small_dataset):
     root, _ = small_dataset
+    before = {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in Path(root).rglob("*")}
     info = syn.generate(root, syn.SyntheticConfig(**SMALL), workers=1, log=None)
     assert info["generated"] == 0
+    # nothing rewritten: its lists and synthetic.json were replaced each time (an ingest beside the clips'
+    # readers, a second command on one folder)
+    assert {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in Path(root).rglob("*")} == before
     with pytest.raises(ValueError, match="different configuration"):
         syn.generate(root, syn.SyntheticConfig(**dict(SMALL, seed=5)), workers=1, log=None)
 

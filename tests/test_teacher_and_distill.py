@@ -42,7 +42,7 @@ def test_shared_loop_learns_with_two_ddp_workers(prepared):
     # default notes), but the loop must fit it: the loss falls and training accuracy rises.
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["train_top1"] >= 0.5
-    assert {"val_top1", "val_top5", "train_ce", "lr", "finished_at"} <= set(history[-1])
+    assert {"val_top1", "val_top5", "train_ce", "lr", "command_started"} <= set(history[-1])
     # the loop measures, per epoch, the share of its time spent waiting for the next input batch
     waits = [h["data_wait_fraction"] for h in history]
     assert all(0 < w < 1 for w in waits), waits

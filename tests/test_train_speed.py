@@ -136,11 +136,11 @@ def test_results_record_each_models_training_time_and_dvfl_cost_relative_to_vfl(
     # a restart within the command is in its own seconds already (its run's train_seconds was one epoch's)
     from dvfl.pipeline import whole_run_seconds
 
-    history = [{"epoch_seconds": 10.0, "val_seconds": 1.0, "finished_at": 1000.0 + 11 * i} for i in range(3)]
-    history += [{"epoch_seconds": 10.0, "val_seconds": 1.0, "finished_at": 5000.0 + 11 * i} for i in range(2)]
-    assert whole_run_seconds(history, 30.0, now=5030.0) == pytest.approx(30.0 + 33.0)
-    assert whole_run_seconds(history, 4100.0, now=5030.0) == pytest.approx(4100.0)  # one command throughout
-    assert whole_run_seconds([{"epoch_seconds": 5.0}], 7.0, now=100.0) == 7.0  # (histories before session 47)
+    history = [{"epoch_seconds": 10.0, "val_seconds": 1.0, "command_started": 1000.0} for _ in range(3)]
+    history += [{"epoch_seconds": 10.0, "val_seconds": 1.0, "command_started": 5000.0} for _ in range(2)]
+    assert whole_run_seconds(history, 30.0, 5000.0) == pytest.approx(30.0 + 33.0)
+    assert whole_run_seconds(history[:3], 40.0, 1000.0) == 40.0  # one command, a restart within it included
+    assert whole_run_seconds([{"epoch_seconds": 5.0}], 7.0, 100.0) == 7.0  # (histories before session 47)
     # a model from before train_seconds was recorded: no made-up ratio
     table["vfl"] = summarize([{**row([10.0], 1.0), "train_seconds": None}])
     assert training_cost(table) is None

@@ -411,9 +411,14 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
     _sweep_deleted(root)
     os.makedirs(root, exist_ok=True)
     from dvfl.host import usable_cpus
-    from dvfl.storage import write_bytes as atomic_write_bytes, write_json as atomic_write_json
+    from dvfl.storage import write_bytes as atomic_write
 
-    atomic_write_json(info_path, want)
+    def atomic_write_bytes(path: str, data: bytes) -> None:
+        # a finished folder is left as it is (an ingest beside the clips' readers rewrote its lists)
+        if not (os.path.isfile(path) and open(path, "rb").read() == data):
+            atomic_write(path, data)
+
+    atomic_write_bytes(info_path, (json.dumps(want, indent=2, sort_keys=True) + "\n").encode())
     jobs, train_lines, val_lines, test_lines, truth, train_truth = _plan(cfg)
     t0 = time.perf_counter()
     todo = [j for j in jobs if not os.path.exists(os.path.join(root, j.rel))]

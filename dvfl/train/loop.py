@@ -623,7 +623,7 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp))
             metrics["val_seconds"] = time.time() - val_started
             metrics["device"] = device_and_precision(run.device, run.amp)  # (Tune's epoch lines print it too)
-            metrics["finished_at"] = time.time()  # (a resumed run's earlier commands: dvfl.pipeline.whole_run_seconds)
+            metrics["command_started"] = cfg.command_started  # (dvfl.pipeline.whole_run_seconds)
             run.history.append(metrics)
             _save_state(ckpt_dir, run, epoch)
             if cfg.print_epochs:
@@ -634,6 +634,6 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
         # scalars, written first, were logged twice (the second from other weights)
         if writer is not None:
             for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "finished_at"):
+                if isinstance(v, (int, float)) and k not in ("epoch", "command_started"):
                     writer.add_scalar(k, v, epoch + 1)
             writer.flush()

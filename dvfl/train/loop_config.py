@@ -65,6 +65,9 @@ class LoopConfig:
     label: str = "train"  # the run's name in its terminal lines ("dvfl s0")
     print_epochs: bool = True  # False: the host prints each epoch's line (a Tune search, from its driver)
     stop_on_divergence: bool = True  # False: a non-finite loss is only reported (Tune's stopper ends the trial)
+    # when the command that trains it began (its epochs carry it: a resumed run's earlier commands'
+    # epochs are told apart from this one's, restarts within it included; dvfl.pipeline.whole_run_seconds)
+    command_started: float = 0.0
     # set by the launcher
     train_rows: int = 0
     threads_per_worker: int = 1
