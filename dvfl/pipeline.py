@@ -9,6 +9,7 @@ last checkpoint of a run with the same name). Entry points in ``pipelines/`` cal
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -599,6 +600,20 @@ def init_identity(section) -> dict:
     return out
 
 
+_shared_init_refs: dict | None = None  # inside shared_start_weights(): start weights put once for all its runs
+
+
+@contextlib.contextmanager
+def shared_start_weights():
+    """Inside, the runs planned put each start checkpoint in the object store once (train_students)."""
+    global _shared_init_refs
+    outer, _shared_init_refs = _shared_init_refs, {} if _shared_init_refs is None else _shared_init_refs
+    try:
+        yield
+    finally:
+        _shared_init_refs = outer  # (the refs go with the runs)
+
+
 def _init_state_ref(section, kwargs: dict, log):
     """Weights to start from (official checkpoint or 2D FocalNet), shipped via the object store."""
     import ray
@@ -607,6 +622,11 @@ def _init_state_ref(section, kwargs: dict, log):
 
     if not (section.checkpoint or section.init_2d):
         return None
+    # (every planned student put its own copy: 12 of the embedded recipe's, over a local object store)
+    key = json.dumps([section.model, section.checkpoint, section.init_2d, section.reinit_head, kwargs],
+                     sort_keys=True, default=str)
+    if _shared_init_refs is not None and key in _shared_init_refs:
+        return _shared_init_refs[key]
     model = build_model(section.model, **kwargs)
     if section.checkpoint:
         report = load_checkpoint(model, section.checkpoint, reinit_head=section.reinit_head)
@@ -615,7 +635,10 @@ def _init_state_ref(section, kwargs: dict, log):
     log(f"[init] {section.checkpoint or section.init_2d}: {report.summary()}")
     # only what was loaded: the rest (a new head, temporal branches) keeps the run's seeded init
     state = model.state_dict()
-    return [ray.put({k: state[k] for k in report.loaded})]
+    ref = [ray.put({k: state[k] for k in report.loaded})]
+    if _shared_init_refs is not None:
+        _shared_init_refs[key] = ref
+    return ref
 
 
 @dataclasses.dataclass
@@ -696,6 +719,13 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(whole_run_seconds(history, seconds, run.loop.command_started), 1))
+    # its epoch states (weights and optimizer, ~1.9 GB a checkpoint for Video-FocalNet-B, two kept) serve
+    # nothing once the model is saved: a rerun reuses the model (a UCF50 protocol left ~120 GB of them)
+    run_dir = storage.join(cfg.output_dir, RAY_RESULTS, run.name)
+    try:
+        storage.remove_tree(run_dir)
+    except OSError as exc:
+        log(f"[{run.loop.label}] note: removing its epoch states in {run_dir} failed ({exc}); they may be deleted")
     if say_done:
         log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out
@@ -1040,6 +1070,11 @@ def train_student(cfg: RunConfig, dataset_info: dict, teacher: dict, seed: int, 
 def train_students(cfg: RunConfig, dataset_info: dict, teacher: dict, log=print) -> dict:
     """Every (seed, role) student of the run config; returns {(seed, role): artefact directory}.
     One Ray Train run after another, or ``scaling.concurrent_runs`` at a time in runner actors."""
+    with shared_start_weights():
+        return _train_students(cfg, dataset_info, teacher, log)
+
+
+def _train_students(cfg: RunConfig, dataset_info: dict, teacher: dict, log=print) -> dict:
     paths, planned = {}, []
     for seed in cfg.seeds or [cfg.seed]:
         for role in cfg.student_roles:
@@ -1376,6 +1411,7 @@ def run_all(cfg: RunConfig, log=print, started: float | None = None) -> dict:
             ensure_cache(cfg, teacher_path, log)
     kd_signal = teacher_signal(cfg, teacher_path, teacher_spec, dataset_info, kd=kd, log=log)
     paths = train_students(cfg, dataset_info, kd_signal, log)
+    del kd_signal  # (its cache or teacher weights leave the object store before the evaluations)
     # the test split is read once, at the end, for every model: the teacher's top-1 is not printed
     # while its students still train
     results = {"teacher": [evaluate_model_dir(cfg, teacher_path, log)], **{r: [] for r in roles}}

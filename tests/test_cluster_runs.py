@@ -74,6 +74,7 @@ def test_multinode_ingest_cache_and_distillation_survive_a_killed_node(tmp_path,
         "clips/shards/test-00000.parquet", "clips/shards/train-00000.parquet"]
     assert not [k for k in objects if "_parts/" in k]   # merged and removed
     assert r["storage"] == uri and r["student_on_storage"] and r["checkpoint_snapshots"] >= 1
+    assert r["checkpoint_snapshots_after"] == 0  # the run's checkpoints go once its model is saved
     assert r["checkpoint_before_kill"]["path"].startswith(uri + "/ray_results/")
     assert "teacher_random/model.pt" in objects and "teacher_cache/cache.json" in objects
     assert sorted(os.listdir(tmp_path / "run")) == ["hold", "videos"]

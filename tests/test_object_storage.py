@@ -420,8 +420,8 @@ def test_distill_then_search_with_every_path_on_s3(s3_server, s3_ingest, monkeyp
         assert key in objects, sorted(objects)
     assert len([k for k in objects if k.startswith("teacher/") and k.endswith("/model.json")]) == 1
     assert len([k for k in objects if k.startswith("students/") and k.endswith("/model.pt")]) == 1
-    # each run's epoch states (what a replaced runner resumes from), the teacher's and the student's
-    assert len({k.split("/")[1] for k in objects if re.fullmatch(r"ray_results/[^/]+/epoch_000001\.pt", k)}) == 2, sorted(objects)
+    # each run's epoch states (what a replaced runner resumes from) are removed once its model is saved
+    assert not [k for k in objects if k.startswith("ray_results/")], sorted(objects)
     assert any(k.startswith("students/tensorboard/") for k in objects)
     train_shards = [s["file"] for s in storage.read_json(f"{s3_ingest['uri']}/dataset.json")["shards"] if s["split"] == "train"]
     assert sorted(k[len("teacher_cache/logits/"):] for k in objects if k.startswith("teacher_cache/logits/")

@@ -54,11 +54,12 @@ def test_training_leaves_no_checkpoint_temp_folders(prepared):
     history = json.loads((Path(prepared["teacher"]) / "model.json").read_text())["history"]
     assert json.loads((Path(prepared["cfg"].output_dir) / "ckpt_temp_folders_left.json").read_text()) == []
     assert checkpoint_temp_folders_of(history) == []
-    # the checkpoints themselves are kept where Ray Train stores them
+    # nor where Ray Train stores them: the saved model is what a rerun reuses (two epoch states of a
+    # Video-FocalNet-B are ~3.8 GB; they were kept for good)
     cfg = prepared["cfg"]
     run = f"{cfg.name}-teacher-s{cfg.seed}-{Path(prepared['teacher']).name}-w{cfg.scaling.num_workers}"
-    assert len([p for p in glob.glob(os.path.join(cfg.output_dir, "ray_results", run, "checkpoint_*"))
-                if os.path.isdir(p)]) == 2
+    assert not os.path.exists(os.path.join(cfg.output_dir, "ray_results", run))
+    assert (Path(prepared["teacher"]) / "model.pt").is_file()
 
 
 # ----------------------------------------------------------------------------- too-small splits

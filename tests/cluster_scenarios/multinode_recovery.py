@@ -192,6 +192,7 @@ def run(out: str, result: dict, remote: str | None = None) -> None:
     result["checkpoint_before_kill"] = {"path": registered, "epoch_index": state["epoch"], "step": state["step"],
                                         "history": state["history"]}
     victim = next(w for w in workers if w.node_id == ranks[1]["node_id"])
+    result["checkpoint_snapshots"] = len(_checkpoint_snapshots(ray_storage))
     log(f"killing node {victim.node_id[:8]} (rank 1, pid {ranks[1]['pid']}) mid-epoch {HOLD_AFTER_EPOCH + 1}")
     cluster.remove_node(victim, allow_graceful=False)
     result["killed"] = {"node_id": victim.node_id, "rank": 1, "at_s": round(time.time() - t, 1),
@@ -208,7 +209,8 @@ def run(out: str, result: dict, remote: str | None = None) -> None:
     spec = storage.read_json(storage.join(outcome["path"], "model.json"))
     result["storage"] = cfg.output_dir
     result["student_on_storage"] = storage.isfile(storage.join(outcome["path"], "model.pt"))
-    result["checkpoint_snapshots"] = len(_checkpoint_snapshots(ray_storage))
+    # (the run's checkpoints are removed once its model is saved)
+    result["checkpoint_snapshots_after"] = len(_checkpoint_snapshots(ray_storage))
     result["history"] = spec["history"]
     result["student_dir"] = outcome["path"]
     result["nodes_at_end"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
