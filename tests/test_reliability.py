@@ -398,6 +398,14 @@ def test_distill_on_a_folder_another_run_is_writing_is_refused_before_any_work(t
     assert not out.exists()  # no videos generated, nothing replaced; the lock lives in this user's lock folder
 
 
+def _holding(code: str) -> subprocess.Popen:
+    """A Python process running ``code``, which prints "held" once it holds what it takes and then
+    holds it until a line arrives on its stdin (started once it holds it)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def _read_clips(clips, run_dir) -> subprocess.Popen:
     """Another process that got its clips as a run does (``ensure_clips`` in ``reads_held``) and
     reads them until a line arrives on its stdin (started once it holds them)."""
@@ -482,13 +490,10 @@ def test_an_ingest_into_clips_a_run_reads_is_refused_until_the_run_ends(prepared
         assert f"[{what}] {clips} is being written (pid {holder.pid}" in done.stdout, done.stdout
         assert time.time() - started > 2.5
     # a reader that could not write its holder line (a full home) is still a reader: refused, not waited for
-    silent = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys\nfrom dvfl.locks import _key, _lock_file\n"
-         f"fd = os.open(_lock_file(_key({str(clips)!r})), os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_SH)\nprint('held', flush=True)\nsys.stdin.readline()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    silent = _holding("import fcntl, os, sys\nfrom dvfl.locks import _key, _lock_file\n"
+                      f"fd = os.open(_lock_file(_key({str(clips)!r})), os.O_RDWR | os.O_CREAT)\n"
+                      "fcntl.flock(fd, fcntl.LOCK_SH)\nprint('held', flush=True)\nsys.stdin.readline()")
     try:
-        assert silent.stdout.readline().strip() == "held"
         started = time.time()
         with pytest.raises(FolderBusyError, match=r"is being read by a run \(a process that has just started\)"):
             with folder_lock(str(clips), "ingest", wait=True, log=None):
@@ -602,13 +607,10 @@ def test_ingest_disk_full_then_rerun_beside_a_reader_and_no_videos_written(tmp_p
     # the same command while another command reads the clips: nothing to write, so it ends as finished
     # (it was refused); other settings would rewrite them: refused, nothing touched
     before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*")}
-    reader = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom dvfl.locks import hold_for_reading, reads_held\n"
-         f"with reads_held():\n    hold_for_reading({str(out)!r}, 'evaluation', log=None)\n"
-         "    print('held', flush=True)\n    sys.stdin.readline()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    reader = _holding("import sys\nfrom dvfl.locks import hold_for_reading, reads_held\n"
+                      f"with reads_held():\n    hold_for_reading({str(out)!r}, 'evaluation', log=None)\n"
+                      "    print('held', flush=True)\n    sys.stdin.readline()")
     try:
-        assert reader.stdout.readline().strip() == "held"
         same = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=300)
         assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
         assert "holds this ingest, finished: used as it is" in same.stdout, same.stdout[-2000:]
