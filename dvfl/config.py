@@ -517,6 +517,9 @@ class RunConfig:
             fail("eval.clips", f"must be in [1, data.eval_clips={self.data.eval_clips}], got {self.eval.clips!r}")
         if self.teacher.cache_dtype not in ("float16", "float32"):
             fail("teacher.cache_dtype", f"must be float16 or float32, got {self.teacher.cache_dtype!r}")
+        if self.teacher.cache and self.teacher.cache.rstrip("/") == self.clips_dir.rstrip("/"):
+            # (its build waited on the clips' run-long read lock, or ran beside another run's build unlocked)
+            fail("teacher.cache", f"must be a folder of its own, not data.clips ({self.clips_dir})")
         from dvfl.data.views import View
 
         if not self.teacher.views:  # an empty cache would "build" and fail at the first training step

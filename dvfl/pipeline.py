@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -656,9 +657,6 @@ class ModelRun:
     epochs: int
 
 
-COMMAND_STARTED = time.time()  # this process's command (the epochs of its runs carry it)
-
-
 def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: dict, seed: int,
                    teacher: dict, identity: dict, unlabeled_dir: str | None = None, log=print) -> ModelRun | str:
     """The run that trains one model, or the artefact directory of the same model already trained.
@@ -677,17 +675,20 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     label = role if role == "teacher" else f"{role} s{seed}"
     # a model finished before session 46 with activation checkpointing on or freed memory not kept: its
     # identity held those settings, whatever they are now
-    earlier = [folder(digest({**identity, "model": {**identity["model"], **({"use_checkpoint": True} if ckpt else {})},
-                              "optim": {**identity["optim"], "keep_freed_memory": kept}}))
+    earlier = [digest({**identity, "model": {**identity["model"], **({"use_checkpoint": True} if ckpt else {})},
+                       "optim": {**identity["optim"], "keep_freed_memory": kept}})
                for ckpt in (False, True) for kept in (True, False)] if "optim" in identity else []
-    for found in dict.fromkeys((out, *earlier)):
+    for found_key in dict.fromkeys((key, *earlier)):
+        found = folder(found_key)
         if storage.isfile(storage.join(found, SPEC)):
             log(f"[{label}] reusing {found} (inputs unchanged)")
+            _remove_epoch_states(cfg, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{found_key}", label, log)
             return found
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
-    loop = dataclasses.replace(loop, label=label, command_started=COMMAND_STARTED)
+    # the command's mark on the epochs it trains (a Ray Train or runner retry keeps it: the same command)
+    loop = dataclasses.replace(loop, label=label, command_started=time.time())
     # the teacher's identity leaves the worker count out (a search reuses the distill run's teacher), its
     # Train run does not: a run killed with 2 workers and rerun with 1 starts over instead of refusing
     workers = f"-w{cfg.scaling.num_workers}" if role == "teacher" and cfg.scaling.num_workers > 1 else ""
@@ -700,6 +701,21 @@ def whole_run_seconds(history: list, seconds: float, command_started: float) -> 
     that earlier commands trained before this one resumed the run (their start-up is not recorded)."""
     return seconds + sum(h.get("epoch_seconds", 0.0) + h.get("val_seconds", 0.0) for h in history
                          if h.get("command_started") not in (None, command_started))
+
+
+def _remove_epoch_states(cfg: RunConfig, name: str, label: str, log) -> None:
+    """A saved model's epoch states (weights and optimizer, ~1.9 GB a checkpoint for Video-FocalNet-B, two
+    kept; with every worker count's, ``-wN``): nothing reads them once the model is saved, a rerun reuses it
+    (a UCF50 protocol left ~120 GB of them)."""
+    runs = storage.join(cfg.output_dir, RAY_RESULTS)
+    for entry in storage.list_entries(runs):
+        base = storage.basename(entry.rstrip("/"))
+        if base == name or re.fullmatch(re.escape(name) + r"-w\d+", base):
+            try:
+                storage.remove_tree(storage.join(runs, base))
+            except OSError as exc:
+                log(f"[{label}] note: removing its epoch states in {storage.join(runs, base)} failed ({exc}); "
+                    "they may be deleted")
 
 
 def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seconds: float, log=print,
@@ -719,13 +735,7 @@ def save_trained(cfg: RunConfig, run: ModelRun, result, dataset_info: dict, seco
                classes=dataset_info["classes"], inputs=model_inputs(cfg, dataset_info),
                val_top1=history[-1]["val_top1"], val_split=validation_source(cfg).description,
                train_seconds=round(whole_run_seconds(history, seconds, run.loop.command_started), 1))
-    # its epoch states (weights and optimizer, ~1.9 GB a checkpoint for Video-FocalNet-B, two kept) serve
-    # nothing once the model is saved: a rerun reuses the model (a UCF50 protocol left ~120 GB of them)
-    run_dir = storage.join(cfg.output_dir, RAY_RESULTS, run.name)
-    try:
-        storage.remove_tree(run_dir)
-    except OSError as exc:
-        log(f"[{run.loop.label}] note: removing its epoch states in {run_dir} failed ({exc}); they may be deleted")
+    _remove_epoch_states(cfg, re.sub(r"-w\d+$", "", run.name), run.loop.label, log)
     if say_done:
         log(f"[{run.loop.label}] done in {seconds:.0f}s: val top-1 {history[-1]['val_top1']:.1%}")
     return run.out
@@ -947,6 +957,10 @@ def check_teacher(cfg: RunConfig, teacher_path: str, teacher_spec: dict, dataset
     table = read_clips_table(cfg.clips_dir, [val.split], columns=["video_id", "label"]).to_pydict()
     labels = {v: y for v, y in zip(table["video_id"], table["label"]) if val.videos is None or v in val.videos}
     chance = chance_top1(labels, num_classes)
+    if chance >= 1.0:  # (every teacher naming that class scores 100 %: nothing to judge by)
+        log(f"[teacher] note: the validation videos ({val.description}) are all of one class: the teacher gate "
+            "cannot judge a teacher on them and is skipped")
+        return None
     top1 = validation_top1(cfg, teacher_path, teacher_spec, dataset_info)
     src = val.description
     needed = gate_top1(chance, margin, num_classes)

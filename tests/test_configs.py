@@ -103,6 +103,14 @@ def test_a_bad_override_is_refused_naming_the_field(override, message):
         load_config(None, [override], check_paths=False)
 
 
+def test_a_teacher_cache_in_the_clips_folder_is_refused():
+    """`teacher.cache` = `data.clips`: its build waited on the clips' run-long read lock (or ran beside
+    another run's build unlocked). A cache folder inside the clips folder is its own folder."""
+    with pytest.raises(ConfigError, match=r"teacher\.cache must be a folder of its own, not data\.clips \(/data/clips\)"):
+        load_config(None, ["data.clips=/data/clips", "teacher.cache=/data/clips/"], check_paths=False)
+    assert load_config(None, ["data.clips=/data/clips", "teacher.cache=/data/clips/cache"], check_paths=False)
+
+
 def test_a_field_of_a_section_left_empty_in_the_file_can_be_set(tmp_path):
     """`kd:` with nothing under it reads as None: `--set kd.temperature=2` said "kd is not a section"."""
     (tmp_path / "run.yaml").write_text("kd:\nstudent:\n")

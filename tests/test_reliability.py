@@ -60,6 +60,18 @@ def test_training_leaves_no_checkpoint_temp_folders(prepared):
     run = f"{cfg.name}-teacher-s{cfg.seed}-{Path(prepared['teacher']).name}-w{cfg.scaling.num_workers}"
     assert not os.path.exists(os.path.join(cfg.output_dir, "ray_results", run))
     assert (Path(prepared["teacher"]) / "model.pt").is_file()
+    # a model reused by a rerun: epoch states left beside it (a run killed between saving and removing, one
+    # of another worker count, folders of an earlier version) go too; other runs' stay
+    from dvfl import pipeline
+
+    runs = Path(cfg.output_dir) / "ray_results"
+    base = run[: -len(f"-w{cfg.scaling.num_workers}")]
+    for left in (base, f"{base}-w2", f"{base}-w3", f"{base}x", "another-run"):
+        (runs / left / "checkpoint_000001").mkdir(parents=True)
+    assert pipeline.ensure_teacher(cfg, prepared["info"], log=lambda *_: None)[0] == prepared["teacher"]
+    assert sorted(p.name for p in runs.iterdir()) == sorted([f"{base}x", "another-run"])
+    for left in (f"{base}x", "another-run"):
+        shutil.rmtree(runs / left)
 
 
 # ----------------------------------------------------------------------------- too-small splits
@@ -549,17 +561,26 @@ def test_a_run_checks_and_reads_its_teacher_cache_under_the_cache_lock(prepared,
     assert got["mode"] == "cached" and got["fingerprint"] == prepared["cache"]["fingerprint"]
     assert len(said) == 1 and f"{cfg.cache_dir} is being written (pid {holder.pid}" in said[0], said
 
-    # a run loading it (here for 2 s): another run's build waits, naming it, then finds the cache finished
-    reader = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom dvfl.locks import folder_lock\n"
-         f"with folder_lock({cfg.cache_dir!r}, 'teacher cache load', shared=True):\n"
-         "    print('held', flush=True)\n    time.sleep(2)"],
-        stdout=subprocess.PIPE, text=True)
-    assert reader.stdout.readline().strip() == "held"
+    # a run loading it (until told, 2 s on): another run's build waits, naming it, then finds the cache finished
+    import threading
+
+    reader = _holding("import sys\nfrom dvfl.locks import folder_lock\n"
+                      f"with folder_lock({cfg.cache_dir!r}, 'teacher cache load', shared=True):\n"
+                      "    print('held', flush=True)\n    sys.stdin.readline()")
+    def let_go():
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+
+    release = threading.Timer(2.0, let_go)
     said, started = [], time.time()
-    assert pipeline.ensure_cache(cfg, prepared["teacher"], log=said.append)["fingerprint"] == got["fingerprint"]
-    assert time.time() - started > 1.0
-    reader.wait()
+    release.start()
+    try:
+        assert pipeline.ensure_cache(cfg, prepared["teacher"], log=said.append)["fingerprint"] == got["fingerprint"]
+        assert time.time() - started > 1.5
+    finally:
+        release.cancel()
+        reader.kill()
+        reader.wait()
     assert f"{cfg.cache_dir} is being read (pid {reader.pid}" in said[0] and "waiting for it to end" in said[0], said
 
 
