@@ -415,8 +415,11 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
 
     def atomic_write_bytes(path: str, data: bytes) -> None:
         # a finished folder is left as it is (an ingest beside the clips' readers rewrote its lists)
-        if not (os.path.isfile(path) and open(path, "rb").read() == data):
-            atomic_write(path, data)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read() == data:
+                    return
+        atomic_write(path, data)
 
     atomic_write_bytes(info_path, (json.dumps(want, indent=2, sort_keys=True) + "\n").encode())
     jobs, train_lines, val_lines, test_lines, truth, train_truth = _plan(cfg)
