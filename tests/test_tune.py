@@ -355,14 +355,19 @@ def _saved_epochs(exp: Path) -> dict:
     return {json.loads(t)["trial_id"]: json.loads(m)["last_result"].get("epoch") for t, m in data.get("trial_data", [])}
 
 
-def test_a_top5_search_on_five_classes_or_fewer_is_refused_before_the_teacher(prepared, ray_local):
+def test_a_top5_search_on_five_classes_or_fewer_is_refused_before_the_teacher(prepared, ray_local, tmp_path):
     """Five guesses cover every class of 5 or fewer: every trial's val_top5 is 100 %, and ASHA stopped
     trials at random. Refused once the clips say how many classes (4 here), before the teacher."""
+    from conftest import tiny_config
     from dvfl.config import ConfigError
     from dvfl.tune.search import prepare
 
+    # the clips given, as they are (the fixture's own config would re-ingest them in its shard layout)
+    cfg = tiny_config(tmp_path, [("data.clips", prepared["cfg"].clips_dir)])
+    before = {str(p): p.stat().st_mtime_ns for p in Path(cfg.data.clips).rglob("*")}
     with pytest.raises(ConfigError, match=r"tune\.metric val_top5 on 4 classes: every trial scores 100 % top-5"):
-        prepare(prepared["cfg"], log=lambda *_: None, metric="val_top5")
+        prepare(cfg, log=lambda *_: None, metric="val_top5")
+    assert {str(p): p.stat().st_mtime_ns for p in Path(cfg.data.clips).rglob("*")} == before
 
 
 def test_teacher_proof_can_fail(prepared, ray_local):
