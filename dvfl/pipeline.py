@@ -670,6 +670,9 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
         return (storage.join(cfg.output_dir, TEACHER_DIR, key) if role == "teacher"
                 else storage.join(cfg.output_dir, STUDENTS_DIR, f"{role.replace('+', '-')}-s{seed}-{key}"))
 
+    def train_run(key: str) -> str:  # its Ray Train / runner folder under ray_results/ (without -wN)
+        return f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}"
+
     key = digest(identity)
     out = folder(key)
     label = role if role == "teacher" else f"{role} s{seed}"
@@ -682,7 +685,7 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
         found = folder(found_key)
         if storage.isfile(storage.join(found, SPEC)):
             log(f"[{label}] reusing {found} (inputs unchanged)")
-            _remove_epoch_states(cfg, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{found_key}", label, log)
+            _remove_epoch_states(cfg, train_run(found_key), label, log)
             return found
     kwargs = model_kwargs(section, num_classes, cfg)
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
@@ -692,7 +695,7 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     # the teacher's identity leaves the worker count out (a search reuses the distill run's teacher), its
     # Train run does not: a run killed with 2 workers and rerun with 1 starts over instead of refusing
     workers = f"-w{cfg.scaling.num_workers}" if role == "teacher" and cfg.scaling.num_workers > 1 else ""
-    return ModelRun(role, seed, out, f"{cfg.name}-{role.replace('+', '-')}-s{seed}-{key}{workers}", loop, section, kwargs,
+    return ModelRun(role, seed, out, train_run(key) + workers, loop, section, kwargs,
                     identity, unlabeled_dir, optim.epochs)
 
 
