@@ -24,6 +24,7 @@ import yaml
 
 from conftest import cli_in_process
 from dvfl.config import ConfigError, dump_config, load_config
+from dvfl.pipeline import FAIL_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"kd.temperature": {"loguniform": [1.0, 20.0]}, "kd.alpha": {"uniform": [0.1, 0.9]},
@@ -148,7 +149,12 @@ def search(prepared, tmp_path_factory, ray_local):
     tune_cfg, run_cfg = load_tune_config(path)
     logs = []
     ctrl_c = signal.getsignal(signal.SIGINT)
-    summary = run_search(tune_cfg, run_cfg, verbose=0, log=logs.append)
+    # and the first trial to reach its second epoch now dies mid-way (a node lost under it): it must resume
+    os.environ[FAIL_ENV] = "0"
+    try:
+        summary = run_search(tune_cfg, run_cfg, verbose=0, log=logs.append)
+    finally:
+        del os.environ[FAIL_ENV]
     return {"summary": summary, "exp": exp, "seconds": time.time() - started, "before": before,
             "ctrl_c_kept": signal.getsignal(signal.SIGINT) is ctrl_c,
             "interrupted": interrupted, "was_running": was_running, "can_restore": can_restore, "log": logs,
@@ -212,6 +218,20 @@ def test_each_cost_levels_best_is_rerun_with_another_seed_and_the_front_is_their
     assert s["best"]["trial_id"] in {r["trial_id"] for r in front}
     assert s["best"]["top1_mean"] == max(r["top1_mean"] for r in levels.values())
     assert "re-run with fresh student seed(s) [1]" in (exp / "tune_results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_trial_whose_process_dies_resumes_from_its_checkpoint_and_finishes(search):
+    """A preempted node or the OOM killer takes a trial's process (the loop's hook: the first trial to
+    reach its second epoch dies in it): Tune starts it again from its last checkpoint (the run config's
+    max_failures) instead of leaving it errored, which kept its width out of the front and, on a rerun
+    of the finished search, was never retried."""
+    exp = search["exp"]
+    assert (exp.parent.parent / "out" / ".fail-injected").exists()  # a trial did die
+    rows = search["summary"]["rows"] + search["summary"]["front_reruns"]
+    assert not [r for r in rows if r["status"] == "error"], rows
+    assert all(r["status"] == "completed" and r["epochs_run"] == r["max_epochs"]
+               for r in search["summary"]["front_reruns"])
 
 
 @pytest.mark.slow

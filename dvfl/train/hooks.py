@@ -41,6 +41,7 @@ class TestHooks:
         if epoch != self.fail_after_epoch or rank != world - 1 or os.path.exists(self.fail_marker):
             return
         time.sleep(max(0.0, 3.0 - (time.time() - reported_at)))
+        os.makedirs(os.path.dirname(self.fail_marker), exist_ok=True)  # (a Tune search's run folder may not exist)
         open(self.fail_marker, "w").close()
         os._exit(1)
 

@@ -289,7 +289,9 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
         return tune.RunConfig(name=name, storage_path=storage.ray_storage(storage.dirname(exp))[0],
                               storage_filesystem=tune_fs, verbose=verbose, stop=diverged,
                               callbacks=[reclaim_callback(), epoch_lines_callback(cfg.optim.epochs), *extra_callbacks],
-                              failure_config=tune.FailureConfig(max_failures=0),
+                              # a trial lost with its node (a preempted spot node, the OOM killer) resumes
+                              # from its last checkpoint, as a distillation run does, instead of erroring
+                              failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                               # an in-process trial reports a checkpoint every epoch; only the last is
                               # ever read (a resume): Tune's default kept them all (~270 MB each for nano)
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
