@@ -29,7 +29,8 @@ from dvfl import storage
 from dvfl.allocator import keep_freed_memory
 from dvfl.host import usable_cpus
 from dvfl.data.shards import (ClipReadError, atomic_write_table, corrupt_shard_error, find_corrupt_shards,
-                              SPLITS, load_dataset_info, parquet_file, read_table, remove_stale_tmp, shard_paths)
+                              SPLITS, load_dataset_info, parquet_file, read_table, read_tables, remove_stale_tmp,
+                              shard_paths)
 from dvfl.data.views import IMAGENET_MEAN, IMAGENET_STD, View, batch_arrays, make_clip_batch, normalize
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
@@ -133,6 +134,27 @@ def cache_fingerprint(teacher_spec: dict, dataset_fingerprint: str, vspec: dict,
                     "dataset": dataset_fingerprint, "views": vspec, "dtype": dtype})
 
 
+def logits_array(column: pa.ChunkedArray, dtype, num_classes: int, where: str) -> np.ndarray:
+    """The binary ``logits`` column as one (rows, classes) array, copied once from the Arrow buffers
+    (a Python bytes object per row, then their join, peaked at ~4x the logits: ~12 GiB for Kinetics-700)."""
+    width = num_classes * np.dtype(dtype).itemsize
+    out = np.empty((len(column), num_classes), dtype)
+    row = 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int64 if pa.types.is_large_binary(chunk.type) else np.int32,
+                                n + 1, chunk.offset * (8 if pa.types.is_large_binary(chunk.type) else 4))
+        if chunk.null_count or not np.all(np.diff(offsets) == width):
+            raise CacheMismatchError(f"teacher cache {where} holds logits that are not {num_classes} classes of "
+                                     f"{np.dtype(dtype).name}: delete it and build it again")
+        out[row:row + n] = np.frombuffer(data_buf, np.uint8, n * width, int(offsets[0])).view(dtype).reshape(n, num_classes)
+        row += n
+    return out
+
+
 class TeacherLogitCache:
     """A finished cache directory: metadata checks and ``(clip_id, view) -> logits`` lookups."""
 
@@ -232,12 +254,10 @@ class TeacherLogitCache:
         if self._logits is not None:
             return
         table = pa.concat_tables(
-            [read_table(p, columns=["clip_id", "view", "logits"])
-             for p in storage.listdir(storage.join(self.directory, LOGITS_DIR), ".parquet")])
-        dtype = DTYPES[self.info["dtype"]]
-        num_classes = self.info["num_classes"]
-        raw = b"".join(table.column("logits").to_pylist())
-        self._logits = np.frombuffer(raw, dtype=dtype).reshape(table.num_rows, num_classes)
+            read_tables(storage.listdir(storage.join(self.directory, LOGITS_DIR), ".parquet"),
+                        columns=["clip_id", "view", "logits"]))
+        self._logits = logits_array(table.column("logits"), DTYPES[self.info["dtype"]], self.info["num_classes"],
+                                    self.directory)
         self._index = {key: i for i, key in enumerate(zip(table.column("clip_id").to_pylist(),
                                                           table.column("view").to_pylist()))}
         if len(self._index) != table.num_rows:  # a key twice: which of its rows is meant?

@@ -1,5 +1,6 @@
 """The frames column back to arrays: the zero-copy batch path agrees with the per-clip path.
 And local shard listing, and the frames the test crops are cut from."""
+import json
 import os
 
 import numpy as np
@@ -176,3 +177,39 @@ except OSError as exc:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("OSError"), (r.stdout, r.stderr[-2000:])
     assert os.listdir(tmp_path) == []
+
+
+def test_split_sizes_come_from_dataset_json_without_a_request_per_shard(tmp_path, monkeypatch):
+    """A run counted its clips and bytes from every shard's footer and size: a footer read and a HEAD
+    per shard, ~100k requests a run on a Kinetics-sized split on s3. A finished ingest's dataset.json
+    lists both; a folder without one (an ingest in progress) still counts from the files."""
+    out = tmp_path / "clips"
+    clips = np.zeros((3, 4, 6, 5, 3), np.uint8)
+    listed = []
+    for split, k in (("train", 0), ("train", 1), ("test", 0)):
+        name = f"{split}-{k:05d}.parquet"
+        w = SH.AtomicShardWriter(str(out / SH.SHARD_DIR / name))
+        w.write(_rows(clips[:2 + k], labels=[0] * (2 + k)))
+        size = w.commit()
+        listed.append({"file": f"{SH.SHARD_DIR}/{name}", "split": split, "clips": 2 + k, "bytes": size})
+    from_files = SH.split_sizes(str(out), ["train"])
+    assert from_files == (5, listed[0]["bytes"] + listed[1]["bytes"])
+    (out / SH.DATASET_JSON).write_text(json.dumps({"shards": listed}))
+
+    def no_request(*a, **k):
+        raise AssertionError("a request per shard")
+
+    monkeypatch.setattr(SH, "parquet_file", no_request)
+    monkeypatch.setattr(SH.storage, "size", no_request)
+    assert SH.split_sizes(str(out), ["train"]) == from_files and SH.split_sizes(str(out), ["test", "train"])[0] == 7
+
+
+def test_many_shards_are_read_back_in_their_order(tmp_path):
+    """read_clips_table reads shards several at a time (object-store latency): the rows stay in shard order."""
+    out = tmp_path / "clips"
+    for k in range(40):
+        w = SH.AtomicShardWriter(str(out / SH.SHARD_DIR / f"train-{k:05d}.parquet"))
+        w.write(_rows(np.full((1, 2, 3, 3, 3), k, np.uint8), labels=[k % 3]))
+        w.commit()
+    table = SH.read_clips_table(str(out), ["train"])
+    assert [int(f[0]) for f in table.column("frames").to_pylist()] == list(range(40))

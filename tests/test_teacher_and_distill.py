@@ -1247,3 +1247,23 @@ def test_an_evaluation_says_where_it_is_and_names_a_damaged_shard(prepared, tmp_
     shards[0].write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match=rf"clip shard\(s\) cannot be read: {re.escape(str(shards[0]))} "):
         evaluate_multiview(model, str(clips), "test", 32)
+
+
+def test_cached_logits_come_out_of_the_arrow_buffers_row_for_row():
+    """The cache's binary logits column, in chunks and slices, as one (rows, classes) array copied
+    once (a bytes object per row, then their join, peaked at ~4x the logits); a row of another
+    width is refused naming the cache."""
+    import numpy as np
+
+    from dvfl.teacher_cache import logits_array
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, np.float32):
+        x = rng.standard_normal((50, 7)).astype(dtype)
+        rows = [r.tobytes() for r in x]
+        chunked = pa.chunked_array([pa.array(rows[:20], pa.binary()), pa.array(rows[20:], pa.binary())]).slice(3, 40)
+        np.testing.assert_array_equal(logits_array(chunked, dtype, 7, "c"), x[3:43])
+        large = pa.chunked_array([pa.array(rows, pa.large_binary())]).slice(5)
+        np.testing.assert_array_equal(logits_array(large, dtype, 7, "c"), x[5:])
+    with pytest.raises(CacheMismatchError, match="cache /x holds logits that are not 7 classes of float16"):
+        logits_array(pa.chunked_array([pa.array([b"\0" * 14, b"\0" * 12], pa.binary())]), np.float16, 7, "/x")

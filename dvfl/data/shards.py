@@ -8,7 +8,8 @@ import contextlib
 import glob
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ REJECTS_FILE = "rejects.jsonl"
 SUMMARY_JSON = "summary.json"
 PLAN_JSON = "_plan.json"
 SPLITS = ("train", "val", "test", "unlabeled")
+READ_THREADS = 32      # shards read at once by read_tables (object-store latency, not CPU, is what they wait on)
 READ_TASK_CPUS = 0.25  # a read task's CPU share: schedulable beside Train workers on small machines (hang #1)
 
 CLIP_SCHEMA = pa.schema([
@@ -374,13 +376,38 @@ def read_table(path: str, **kwargs) -> pa.Table:
     return pq.read_table(p, filesystem=fs, **kwargs)
 
 
+def read_tables(paths: Sequence[str], **kwargs) -> List[pa.Table]:
+    """``read_table`` of each path, in order, several at a time: one after another, a split of
+    thousands of shards on an object store took minutes of request latency (docs/scaling.md)."""
+    if len(paths) <= 1:
+        return [read_table(p, **kwargs) for p in paths]
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+        return list(pool.map(lambda p: read_table(p, **kwargs), paths))
+
+
 def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
                      columns: Optional[List[str]] = None) -> pa.Table:
-    """All clips of the given splits as one pyarrow Table (small datasets, tests, tools)."""
+    """All clips of the given splits as one pyarrow Table (small columns of large datasets, tests, tools)."""
     paths = shard_paths(out_dir, splits)
     if not paths:
         return CLIP_SCHEMA.empty_table() if columns is None else CLIP_SCHEMA.empty_table().select(columns)
-    return pa.concat_tables([read_table(p, columns=columns, schema=CLIP_SCHEMA) for p in paths])
+    return pa.concat_tables(read_tables(paths, columns=columns, schema=CLIP_SCHEMA))
+
+
+def split_sizes(out_dir: str, splits: Iterable[str]) -> Tuple[int, int]:
+    """(clips, bytes) of the shards of ``splits``: from a finished ingest's ``dataset.json`` (no
+    request per shard: a footer read and a HEAD each were ~100k requests a run on a Kinetics-sized
+    split on s3), else from the shards' footers and sizes (an ingest in progress)."""
+    splits = set(splits)
+    paths = shard_paths(out_dir, splits)  # (refuses a finished ingest with listed shards missing)
+    try:
+        listed = storage.read_json(storage.join(out_dir, DATASET_JSON)).get("shards")
+    except FileNotFoundError:
+        listed = None
+    if listed is None or any("clips" not in e or "bytes" not in e for e in listed):
+        return (sum(parquet_file(p).metadata.num_rows for p in paths), sum(storage.size(p) for p in paths))
+    entries = [e for e in listed if e.get("split") in splits]
+    return sum(e["clips"] for e in entries), sum(e["bytes"] for e in entries)
 
 
 def median_video_seconds(out_dir: str, splits: Iterable[str]) -> Optional[float]:

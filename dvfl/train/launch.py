@@ -16,7 +16,7 @@ from dvfl import storage
 from dvfl.host import joined_address, usable_cpus
 from dvfl.runtime import signal_handlers_kept
 from dvfl.data.shards import (READ_TASK_CPUS, keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset,
-                              read_clips_table, shard_paths)
+                              read_clips_table, shard_paths, split_sizes)
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
 
@@ -52,12 +52,8 @@ def ingest_options():
                             verbose_progress=current.verbose_progress)
 
 
-def _shard_bytes(clips_dir: str, splits) -> int:
-    return sum(storage.size(p) for p in shard_paths(clips_dir, splits))
-
-
 def count_rows(clips_dir: str, splits) -> int:
-    return sum(parquet_file(p).metadata.num_rows for p in shard_paths(clips_dir, splits))
+    return split_sizes(clips_dir, splits)[0]
 
 
 def threads_per_worker(scaling: Scaling) -> int:
@@ -92,14 +88,17 @@ def training_data(
 ) -> TrainingData:
     """The training and validation datasets of a run (see :func:`run_training` for the arguments)."""
     val_src = val_source(clips_dir, val_split, train_splits[0], val_fraction, val_seed)
-    for split in [*train_splits, val_src.split]:
-        if count_rows(clips_dir, [split]) == 0:
+    sizes = {split: split_sizes(clips_dir, [split]) for split in dict.fromkeys([*train_splits, val_src.split])}
+    for split, (clips, _) in sizes.items():
+        if clips == 0:
             raise ValueError(f"split '{split}' of {clips_dir} has no clips: nothing to "
                              f"{'validate' if split == val_src.split and not val_src.carved else 'train'} on")
     quiet_data_progress()
-    shard_bytes = _shard_bytes(clips_dir, train_splits) + (0 if val_src.carved else _shard_bytes(clips_dir, [val_src.split]))
-    if unlabeled_dir:
-        shard_bytes += _shard_bytes(unlabeled_dir, ["unlabeled"])
+    train_rows, shard_bytes = (sum(sizes[s][k] for s in dict.fromkeys(train_splits)) for k in (0, 1))
+    if not val_src.carved:  # (read and held apart from the training data, even when it is a training split)
+        shard_bytes += sizes[val_src.split][1]
+    unlabeled = split_sizes(unlabeled_dir, ["unlabeled"]) if unlabeled_dir else (0, 0)
+    shard_bytes += unlabeled[1]
     materialize = shard_bytes < materialize_below_mb * 2**20
     # Too big to hold: streamed, in a file order drawn anew each epoch. (Ray's randomize_block_order
     # is all-to-all: every epoch read the whole training split into the object store before its first batch.)
@@ -110,7 +109,6 @@ def training_data(
         and storage.same_or_inside(clips_dir, unlabeled_dir)
     train = read_clip_dataset(clips_dir, [*train_splits, *(["unlabeled"] if pooled else [])], columns=TRAIN_COLUMNS,
                               shuffle=shuffle)
-    train_rows = count_rows(clips_dir, train_splits)
     val = read_clip_dataset(clips_dir, [val_src.split], columns=VAL_COLUMNS)
     if label_fraction < 1 or teacher_pool > 0 or val_src.carved:
         # Held-out validation videos first (no role trains on them), then a teacher pool and/or
@@ -131,7 +129,7 @@ def training_data(
     if unlabeled_dir:
         if not pooled:
             train = train.union(read_clip_dataset(unlabeled_dir, ["unlabeled"], columns=TRAIN_COLUMNS, shuffle=shuffle))
-        train_rows += count_rows(unlabeled_dir, ["unlabeled"])
+        train_rows += unlabeled[0]
     if materialize:
         # Small datasets are read once into the object store: re-running the Parquet read
         # every epoch costs seconds of task start-up, more than a small epoch's compute.
