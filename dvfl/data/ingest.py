@@ -115,15 +115,9 @@ class IngestConfig:
 # ---------------------------------------------------------------------------------------
 # file identity and fingerprint
 
-def _in_threads(fn, items: list) -> list:
-    """``[fn(x) for x in items]``, 32 at a time: two small reads per video (one GET per shard sidecar)
-    one after another cost ~30-60 min for Kinetics-400's 240k videos on NFS or HDD, and on s3."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(items) < 2:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(32, len(items))) as pool:
-        return list(pool.map(fn, items))
+# two small reads per video (one GET per shard sidecar) one after another cost ~30-60 min for
+# Kinetics-400's 240k videos on NFS or HDD, and on s3
+_in_threads = storage.in_threads
 
 
 def _identity_or_error(path: str):

@@ -8,7 +8,6 @@ import contextlib
 import glob
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,7 +25,6 @@ REJECTS_FILE = "rejects.jsonl"
 SUMMARY_JSON = "summary.json"
 PLAN_JSON = "_plan.json"
 SPLITS = ("train", "val", "test", "unlabeled")
-READ_THREADS = 32      # shards read at once by read_tables (object-store latency, not CPU, is what they wait on)
 READ_TASK_CPUS = 0.25  # a read task's CPU share: schedulable beside Train workers on small machines (hang #1)
 
 CLIP_SCHEMA = pa.schema([
@@ -378,11 +376,8 @@ def read_table(path: str, **kwargs) -> pa.Table:
 
 def read_tables(paths: Sequence[str], **kwargs) -> List[pa.Table]:
     """``read_table`` of each path, in order, several at a time: one after another, a split of
-    thousands of shards on an object store took minutes of request latency (docs/scaling.md)."""
-    if len(paths) <= 1:
-        return [read_table(p, **kwargs) for p in paths]
-    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
-        return list(pool.map(lambda p: read_table(p, **kwargs), paths))
+    thousands of shards on an object store took minutes of request latency."""
+    return storage.in_threads(lambda p: read_table(p, **kwargs), list(paths))
 
 
 def read_clips_table(out_dir: str, splits: Optional[Iterable[str]] = None,
