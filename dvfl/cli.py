@@ -237,7 +237,8 @@ def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
             flag = "a path argument" if name == "inputs" else f"--{name.replace('_', '-')}"
             print(f"error: {flag} is empty: give a path (an unset shell variable?)", file=sys.stderr)
             raise SystemExit(2)
-    for names, resolve in ((inputs, paths.absolute_input), (outputs, lambda v: paths.absolute(v, paths.output_base()))):
+    for names, resolve in ((inputs, paths.absolute_input),
+                           (outputs, lambda v: paths.writable_name(paths.absolute(v, paths.output_base())))):
         for name in names:
             try:
                 setattr(a, name, fix(getattr(a, name), resolve))

@@ -274,7 +274,7 @@ class RunConfig:
             if isinstance(getattr(owner, name), str) and not getattr(owner, name).strip():  # ("" was the cwd)
                 raise ConfigError(f"{'.'.join((*section, name))} must not be empty (leave it out, or null, to unset it)")
         try:
-            self.output_dir = paths.absolute(self.output_dir, paths.output_base(cwd))
+            self.output_dir = paths.writable_name(paths.absolute(self.output_dir, paths.output_base(cwd)))
         except ValueError as exc:  # (file://HOST/...: a traceback)
             raise ConfigError(f"output_dir: {exc}") from None
         for (section, name), (owner, _) in zip(INPUT_PATH_FIELDS, self._fields(INPUT_PATH_FIELDS)):

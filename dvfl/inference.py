@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -203,20 +202,38 @@ LONG_VIDEO_FACTOR = 4.0
 
 def expand_inputs(items: list[str]) -> tuple[list[str], list[str]]:
     """(files, folders without a video file): files as given; a folder becomes its video files (by
-    extension, sorted, recursively)."""
+    extension, sorted, recursively, linked sub-folders too, each real folder once)."""
     out, empty = [], []
     for item in items:
         if os.path.isdir(item):
-            # (hidden files and folders are a system's: a Mac's copy leaves "._<name>.mp4" beside each video)
-            found = sorted(str(p) for p in Path(item).rglob("*")
-                           if p.is_file() and p.suffix.lower() in decode.VIDEO_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            found = sorted(_video_files(item))
             out.extend(found)
             if not found:
                 empty.append(item)
         else:
             out.append(item)
     return out, empty
+
+
+def _video_files(folder: str) -> list[str]:
+    """The video files under ``folder``. Linked sub-folders are followed (``Path.rglob`` skipped them
+    without a word), each real folder once (a link loop ends); hidden files and folders are a
+    system's (a Mac's copy leaves "._<name>.mp4" beside each video), and so are a NAS's or a
+    Windows drive's own folders."""
+    from dvfl.data.adapters import SYSTEM_FOLDERS
+
+    seen, found = set(), []
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS]
+        found += [os.path.join(dirpath, n) for n in names if not n.startswith(".")
+                  and os.path.splitext(n)[1].lower() in decode.VIDEO_EXTENSIONS
+                  and os.path.isfile(os.path.join(dirpath, n))]
+    return found
 
 
 # ----------------------------------------------------------------------------- streaming

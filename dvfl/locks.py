@@ -219,7 +219,7 @@ def _lock_file(folder: str) -> str | None:
     if locks not in _swept:
         _swept.add(locks)
         _remove_free_lock_files(locks)
-    return os.path.join(locks, hashlib.sha256(folder.encode()).hexdigest()[:32] + ".lock")
+    return os.path.join(locks, hashlib.sha256(os.fsencode(folder)).hexdigest()[:32] + ".lock")
 
 
 def _remove_free_lock_files(locks: str) -> None:

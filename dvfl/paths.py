@@ -66,6 +66,17 @@ def absolute(path: str | None, base: str) -> str | None:
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
+def writable_name(path: str | None) -> str | None:
+    """``path``, refused (ValueError) where its name is not UTF-8 (a Latin-1 folder of an old NAS):
+    pyarrow, which writes every artefact, cannot open it (a traceback from the first write)."""
+    try:
+        (path or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{path.encode('utf-8', 'surrogateescape')!r} is not a UTF-8 name, which pyarrow (it "
+                         "writes the outputs) cannot open: write elsewhere, or rename the folder") from None
+    return path
+
+
 def absolute_input(path: str | None, cwd: str | None = None) -> str | None:
     """An input: relative to the current directory; inside a job's temporary working directory a
     path that is not among the shipped files is looked up under the job root (an earlier job's

@@ -421,6 +421,24 @@ def test_split_folders_are_known_by_their_meaning_and_underscore_folders_are_cla
         A.folder(root)
 
 
+def test_a_nas_or_windows_drives_own_folders_are_neither_classes_nor_videos(tmp_path, src_video):
+    """A Synology share's @eaDir (with .mp4 previews inside) and #recycle, an NTFS/exFAT drive's
+    $RECYCLE.BIN and System Volume Information became classes (label 0 shifted every real label)
+    or their files videos of the class they sat in."""
+    root = str(tmp_path / "nas")
+    for rel in ("Run/1.mp4", "Walk/2.mp4", "Run/@eaDir/1.mp4/SYNOPHOTO_FILM_M.mp4", "@eaDir/x.mp4",
+                "#recycle/Run/3.mp4", "$RECYCLE.BIN/S-1-5/4.mp4", "System Volume Information/5.mp4"):
+        put(root, rel, src_video)
+    m = A.folder(root)
+    assert m.classes == ["Run", "Walk"]
+    assert sorted(e.video_id for e in m.entries) == ["Run/1", "Walk/2"] and not m.problems
+    split_root = str(tmp_path / "split")
+    for rel in ("train/Run/1.mp4", "test/Run/2.mp4", "@eaDir/train/x.mp4", "train/@eaDir/y.mp4"):
+        put(split_root, rel, src_video)
+    m = A.folder(split_root)
+    assert m.classes == ["Run"] and sorted(e.video_id for e in m.entries) == ["test/Run/2", "train/Run/1"]
+
+
 def test_two_videos_differing_only_by_extension_are_two_inputs(tmp_path, src_video):
     """run/a.avi and run/a.mp4 both had the id run/a: the second was rejected as a duplicate ("also
     listed") though it is another video; the unlabelled pool already kept the extension there."""

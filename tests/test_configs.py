@@ -3,6 +3,7 @@ before work starts, and says what its dataset needs (no flips for SSv2, one path
 protocols). No Ray; paths that name the user's data are checked in a temporary tree."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -515,3 +516,25 @@ def test_a_wheel_install_without_the_checkout_says_how_to_install(monkeypatch, t
     given = tmp_path / "run.yaml"  # a config of the user's own still loads
     given.write_text(f"output_dir: {tmp_path / 'out'}\n")
     assert load_config(given, check_paths=False).output_dir == str(tmp_path / "out")
+
+
+def test_an_output_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path):
+    """An output folder with a Latin-1 name (an old NAS's): pyarrow, which writes every artefact,
+    cannot open it, and the run lock's name failed first (a UnicodeEncodeError traceback)."""
+    import subprocess
+    import sys
+
+    from dvfl.locks import folder_lock
+
+    repo = CONFIGS.parent
+
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9_out")
+    with pytest.raises(ConfigError, match=r"output_dir: b'.*/caf\\xe9_out' is not a UTF-8 name"):
+        load_config(None, [("output_dir", bad)])
+    with folder_lock(bad, "run", log=None):  # (the lock's file is named from the folder's bytes)
+        pass
+    r = subprocess.run([sys.executable, "pipelines/ingest.py", "--dataset", "synthetic", "--out", os.fsencode(bad)],
+                       capture_output=True, text=True, timeout=120, cwd=repo)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].endswith("is not a UTF-8 name, which pyarrow (it writes the outputs) "
+                                                      "cannot open: write elsewhere, or rename the folder"), r.stderr

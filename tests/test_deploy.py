@@ -1287,3 +1287,28 @@ print(kept())
 evaluate_multiview(model, {prepared['cfg'].clips_dir!r}, 'test', 32, device='cpu', keep_memory=True)
 print(kept())
 """) == [False, True]
+
+
+def test_predict_finds_the_videos_of_linked_sub_folders_once_and_no_systems_files(tmp_path):
+    """``predict FOLDER`` skipped linked sub-folders without a word (Path.rglob does not follow
+    them): a folder of links was 'no video files in this folder'. Each real folder is read once (a
+    link loop ends); hidden files, a Mac's ._ copies and a NAS's @eaDir previews are not videos."""
+    from dvfl.inference import expand_inputs
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deeper").mkdir(parents=True)
+    for rel in ("e.mp4", "deeper/g.webm"):
+        (elsewhere / rel).write_bytes(b"x")
+    top = tmp_path / "in"
+    for rel in ("a.mp4", "sub/d.MP4", ".hidden/b.mp4", "._c.mp4", "@eaDir/a.mp4/SYNOPHOTO_FILM_M.mp4", "notes.txt"):
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_bytes(b"x")
+    (top / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (top / "sub" / "loop").symlink_to(top, target_is_directory=True)
+    files, empty = expand_inputs([str(top)])
+    assert files == sorted(str(top / rel) for rel in ("a.mp4", "linked/deeper/g.webm", "linked/e.mp4", "sub/d.MP4"))
+    assert not empty
+    only_links = tmp_path / "only_links"
+    only_links.mkdir()
+    (only_links / "videos").symlink_to(elsewhere, target_is_directory=True)
+    assert expand_inputs([str(only_links)]) == (sorted(str(only_links / "videos" / r) for r in ("deeper/g.webm", "e.mp4")), [])

@@ -298,7 +298,10 @@ def ucf50(root: str, test_group: int = 1) -> Manifest:
 # ---------------------------------------------------------------------------------------
 # Kinetics-400 CSV
 
-SYSTEM_FOLDERS = ("__MACOSX", "lost+found")  # a Mac zip's resource forks, a volume's fsck folder: never classes
+# a Mac zip's resource forks, a volume's fsck folder, a Synology NAS's thumbnails (with .mp4 previews),
+# recycle bin and snapshots, Windows' recycle bins and volume data: never classes, nothing in them a video
+SYSTEM_FOLDERS = ("__MACOSX", "lost+found", "@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "RECYCLER",
+                  "System Volume Information")
 
 
 def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str, str]]] = None):
@@ -315,7 +318,7 @@ def _walk(top: str, root: Optional[str] = None, outside: Optional[List[Tuple[str
                            "move it out of the dataset")
 
     def visible(dirs):  # (.AppleDouble, .Trashes: not the dataset's)
-        return sorted(d for d in dirs if not d.startswith("."))
+        return sorted(d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS)
 
     real_root = os.path.realpath(root or top)
     # every folder reachable without a link is read under its own name (a link to one, at any depth,
