@@ -226,19 +226,22 @@ def uses_config(a: argparse.Namespace) -> bool:
     return bool(a.config or a.overrides)
 
 
-def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=()) -> None:
+def absolute_path_args(a: argparse.Namespace, inputs=(), outputs=(), plain_outputs=()) -> None:
     """Make path flags absolute before Ray sees them (:mod:`dvfl.paths`): ``inputs`` relative to
-    the current directory, ``outputs`` likewise, or under the job root inside a Ray job."""
+    the current directory, ``outputs`` likewise, or under the job root inside a Ray job, and refused
+    where pyarrow cannot open their names (not UTF-8), except ``plain_outputs``: files Python itself
+    writes (predict's and profile's JSON reports)."""
     def fix(value, resolve):
         return [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
 
-    for name in (*inputs, *outputs):  # "" is the working directory (single flags: run_command)
+    for name in (*inputs, *outputs, *plain_outputs):  # "" is the working directory (single flags: run_command)
         if isinstance(getattr(a, name), list) and "" in getattr(a, name):
             flag = "a path argument" if name == "inputs" else f"--{name.replace('_', '-')}"
             print(f"error: {flag} is empty: give a path (an unset shell variable?)", file=sys.stderr)
             raise SystemExit(2)
     for names, resolve in ((inputs, paths.absolute_input),
-                           (outputs, lambda v: paths.writable_name(paths.absolute(v, paths.output_base())))):
+                           (outputs, lambda v: paths.writable_name(paths.absolute(v, paths.output_base()))),
+                           (plain_outputs, lambda v: paths.absolute(v, paths.output_base()))):
         for name in names:
             try:
                 setattr(a, name, fix(getattr(a, name), resolve))

@@ -36,6 +36,7 @@ RUN_MARK = ".dvfl-run"  # see claim_run_folder
 EVALUATIONS = "evaluations.json"
 # Test hook: kill one Train worker once after this epoch (proves FailureConfig recovery).
 FAIL_ENV = "DVFL_FAIL_AFTER_EPOCH"
+FAIL_RUN_ENV = "DVFL_FAIL_RUN"  # ... only in a run whose name holds this
 # Test hook: every worker pauses once after the first step of the epoch after this one, until
 # <DVFL_HOLD_DIR>/release exists (the multi-node test kills a node while the workers wait).
 HOLD_ENV, HOLD_DIR_ENV = "DVFL_HOLD_AFTER_EPOCH", "DVFL_HOLD_DIR"
@@ -520,6 +521,7 @@ def fault_hooks(cfg: RunConfig):
     if os.environ.get(FAIL_ENV):
         hooks["fail_after_epoch"] = int(os.environ[FAIL_ENV])
         hooks["fail_marker"] = os.path.abspath(os.path.join(cfg.output_dir, ".fail-injected"))
+        hooks["fail_run"] = os.environ.get(FAIL_RUN_ENV) or None
     if os.environ.get(HOLD_ENV):
         hooks["hold_after_epoch"] = int(os.environ[HOLD_ENV])
         hooks["hold_dir"] = os.path.abspath(os.environ[HOLD_DIR_ENV])

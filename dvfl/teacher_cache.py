@@ -39,6 +39,8 @@ BUILD_JSON = "_build.json"
 LOGITS_DIR = "logits"
 CACHE_FORMAT = "dvfl-teacher-logits-v1"
 FSIZE_TEST_ENV = "DVFL_TEST_CACHE_FSIZE_LIMIT"  # test hook: RLIMIT_FSIZE of the cache writers
+DIE_ONCE_TEST_ENV = "DVFL_TEST_CACHE_DIE_ONCE"  # test hook: a marker file; the first writer to miss it makes it and dies
+WRITER_RESTARTS = 3  # a cache writer lost with its node (or the OOM killer) is started again, its shard redone
 LOGIT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),
     pa.field("view", pa.string(), nullable=False),
@@ -320,8 +322,11 @@ class ShardLogitWriter:
     """
 
     def __init__(self, spec: dict, state_ref: list, vspec: dict, dtype: str, batch_size: int, threads: int,
-                 use_gpu: bool = False, test_fsize_limit: int | None = None, keep_memory: bool = True):
+                 use_gpu: bool = False, test_fsize_limit: int | None = None, keep_memory: bool = True,
+                 test_die_once: str | None = None):
         import ray
+
+        self.test_die_once = test_die_once
 
         if test_fsize_limit:  # test hook: a disk that fills up after this many bytes per file
             import resource
@@ -354,6 +359,9 @@ class ShardLogitWriter:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
+        if self.test_die_once and not os.path.exists(self.test_die_once):  # test hook: its node lost mid-build
+            open(self.test_die_once, "w").close()
+            os._exit(1)
         stats = []
         for src, dst, content in zip(batch["shard"], batch["out"], batch["content"]):
             try:
@@ -614,12 +622,13 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
                 fn_constructor_kwargs=dict(spec=spec, state_ref=state_ref, vspec=vspec, dtype=dtype,
                                            batch_size=batch_size, threads=threads, use_gpu=use_gpu,
                                            keep_memory=keep_memory,
-                                           test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None),
+                                           test_fsize_limit=int(os.environ.get(FSIZE_TEST_ENV, 0)) or None,
+                                           test_die_once=os.environ.get(DIE_ONCE_TEST_ENV) or None),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=num_actors),
-                # a writer that dies fails the build (a rerun redoes only its unfinished shards) instead of
-                # restarting: a restartable actor makes Ray core print a warning on the user's terminal
-                max_restarts=0,
+                # a writer that dies (its node preempted, the OOM killer) is restarted and its shard written
+                # again (same name, sidecar last), a few times: with none, one lost node failed the build
+                max_restarts=WRITER_RESTARTS, max_task_retries=WRITER_RESTARTS,
                 num_gpus=1 if use_gpu else 0,
                 # leave CPU for the read side of the pipeline (ray-2.60-notes, hang #2)
                 num_cpus=0 if use_gpu else min(1.0, max(0.25, (cpus - 0.5) / num_actors)),

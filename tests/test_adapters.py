@@ -421,6 +421,29 @@ def test_split_folders_are_known_by_their_meaning_and_underscore_folders_are_cla
         A.folder(root)
 
 
+def test_listed_videos_transcoded_or_renamed_by_case_or_unicode_form_are_found(tmp_path, src_video):
+    """UCF101 transcoded to .mp4 (a common speed-up) while the official lists name .avi, a file saved
+    as .AVI, a list typed in NFC beside files a Mac wrote in NFD: every such video was 'listed but no
+    such file'. The one video beside it with the listed name up to those is taken, under the list's
+    id; two candidates are not guessed between."""
+    root = str(tmp_path / "ucf")
+    cafe_nfd = "Cafe\u0301"
+    for rel in ("UCF-101/Run/v_Run_g01_c01.mp4", "UCF-101/Run/v_Run_g02_c01.AVI", f"UCF-101/Run/v_{cafe_nfd}_g03_c01.avi",
+                "UCF-101/Run/v_Run_g04_c01.mp4", "UCF-101/Run/v_Run_g04_c01.mkv", "UCF-101/Run/._v_Run_g05_c01.mp4"):
+        put(root, rel, src_video)
+    lst = os.path.join(root, "ucfTrainTestlist")
+    write(os.path.join(lst, "classInd.txt"), "1 Run\n")
+    write(os.path.join(lst, "trainlist01.txt"), "Run/v_Run_g01_c01.avi 1\nRun/v_Run_g02_c01.avi 1\n"
+          "Run/v_Caf\u00e9_g03_c01.avi 1\nRun/v_Run_g04_c01.avi 1\nRun/v_Run_g05_c01.avi 1\n")
+    write(os.path.join(lst, "testlist01.txt"), "")
+    m = A.ucf101(root, 1)
+    assert {e.video_id: os.path.basename(e.path) for e in m.entries} == {
+        "Run/v_Run_g01_c01": "v_Run_g01_c01.mp4", "Run/v_Run_g02_c01": "v_Run_g02_c01.AVI",
+        "Run/v_Caf\u00e9_g03_c01": f"v_{cafe_nfd}_g03_c01.avi"}
+    assert sorted((p.reason, p.video_id) for p in m.problems) == [
+        ("missing", "Run/v_Run_g04_c01"), ("missing", "Run/v_Run_g05_c01")]  # two candidates; a Mac's ._ copy
+
+
 def test_a_nas_or_windows_drives_own_folders_are_neither_classes_nor_videos(tmp_path, src_video):
     """A Synology share's @eaDir (with .mp4 previews inside) and #recycle, an NTFS/exFAT drive's
     $RECYCLE.BIN and System Volume Information became classes (label 0 shifted every real label)

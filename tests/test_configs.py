@@ -538,3 +538,11 @@ def test_an_output_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].endswith("is not a UTF-8 name, which pyarrow (it writes the outputs) "
                                                       "cannot open: write elsewhere, or rename the folder"), r.stderr
+    # predict's and profile's JSON reports are written by Python itself: such a folder still takes them
+    import argparse
+
+    from dvfl.cli import absolute_path_args
+
+    a = argparse.Namespace(json=bad + "/preds.json")
+    absolute_path_args(a, plain_outputs=("json",))
+    assert a.json == bad + "/preds.json"

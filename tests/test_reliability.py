@@ -772,6 +772,23 @@ def test_cache_build_disk_full_then_rerun(prepared, tmp_path, ray_local):
     assert not _hidden_or_tmp(out / "logits")
 
 
+def test_a_cache_writer_lost_mid_build_is_started_again_and_the_build_finishes(prepared, tmp_path, ray_local):
+    """A cache writer's process dies (its node preempted, the OOM killer): Ray starts it again and
+    its shard is written again; the build finishes (with no restarts, one lost node failed the build
+    and, in a RayJob, the job)."""
+    from dvfl.teacher_cache import DIE_ONCE_TEST_ENV, TeacherLogitCache
+
+    cfg = prepared["cfg"]
+    out, died = tmp_path / "cache", tmp_path / "died"
+    cmd = [sys.executable, str(REPO / "pipelines" / "cache_teacher.py"), "--clips", cfg.clips_dir,
+           "--teacher", prepared["teacher"], "--out", str(out), "--verify", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, DIE_ONCE_TEST_ENV: str(died)}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and died.exists(), r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(TeacherLogitCache(out)) == len(TeacherLogitCache(cfg.cache_dir))
+    assert not _hidden_or_tmp(out / "logits")
+
+
 # ----------------------------------------------------------------------------- a damaged shard
 def test_corrupt_data_page_in_a_shard_is_named_at_training_time(prepared, tmp_path):
     from dvfl.data.shards import CorruptShardError

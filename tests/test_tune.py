@@ -24,7 +24,7 @@ import yaml
 
 from conftest import cli_in_process
 from dvfl.config import ConfigError, dump_config, load_config
-from dvfl.pipeline import FAIL_ENV
+from dvfl.pipeline import FAIL_ENV, FAIL_RUN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"kd.temperature": {"loguniform": [1.0, 20.0]}, "kd.alpha": {"uniform": [0.1, 0.9]},
@@ -149,12 +149,12 @@ def search(prepared, tmp_path_factory, ray_local):
     tune_cfg, run_cfg = load_tune_config(path)
     logs = []
     ctrl_c = signal.getsignal(signal.SIGINT)
-    # and the first trial to reach its second epoch now dies mid-way (a node lost under it): it must resume
-    os.environ[FAIL_ENV] = "0"
+    # and the first front re-run dies in its second epoch (a node lost under it): it must resume
+    os.environ.update({FAIL_ENV: "1", FAIL_RUN_ENV: "-front-"})
     try:
         summary = run_search(tune_cfg, run_cfg, verbose=0, log=logs.append)
     finally:
-        del os.environ[FAIL_ENV]
+        del os.environ[FAIL_ENV], os.environ[FAIL_RUN_ENV]
     return {"summary": summary, "exp": exp, "seconds": time.time() - started, "before": before,
             "ctrl_c_kept": signal.getsignal(signal.SIGINT) is ctrl_c,
             "interrupted": interrupted, "was_running": was_running, "can_restore": can_restore, "log": logs,
@@ -222,16 +222,23 @@ def test_each_cost_levels_best_is_rerun_with_another_seed_and_the_front_is_their
 
 @pytest.mark.slow
 def test_a_trial_whose_process_dies_resumes_from_its_checkpoint_and_finishes(search):
-    """A preempted node or the OOM killer takes a trial's process (the loop's hook: the first trial to
-    reach its second epoch dies in it): Tune starts it again from its last checkpoint (the run config's
-    max_failures) instead of leaving it errored, which kept its width out of the front and, on a rerun
-    of the finished search, was never retried."""
+    """A preempted node or the OOM killer takes a trial's process (the loop's hook: the first front
+    re-run dies in its second epoch, after its first epoch's checkpoint): Tune starts it again from
+    that checkpoint (the run config's max_failures) instead of leaving it errored, which kept its
+    width out of the front and, on a rerun of the finished search, was never retried."""
     exp = search["exp"]
     assert (exp.parent.parent / "out" / ".fail-injected").exists()  # a trial did die
-    rows = search["summary"]["rows"] + search["summary"]["front_reruns"]
+    reruns = search["summary"]["front_reruns"]
+    starts = {r["trial_id"]: len(json.loads((exp.parent / "forced-asha-front" / "dvfl_trials" /
+                                             f"{r['trial_id']}.json").read_text())["starts"]) for r in reruns}
+    assert sorted(starts.values()) == [1] * (len(reruns) - 1) + [2], starts
+    died = next(r for r in reruns if starts[r["trial_id"]] == 2)
+    with open(Path(died["path"]) / "progress.csv") as f:
+        epochs = [int(float(e["epoch"])) for e in csv.DictReader(f)]
+    assert epochs == [1, 2], epochs  # epoch 1 once: resumed from its checkpoint, not started over
+    assert died["status"] == "completed" and died["epochs_run"] == died["max_epochs"] == 2, died
+    rows = search["summary"]["rows"] + reruns
     assert not [r for r in rows if r["status"] == "error"], rows
-    assert all(r["status"] == "completed" and r["epochs_run"] == r["max_epochs"]
-               for r in search["summary"]["front_reruns"])
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    absolute_path_args(a, inputs=("model", "inputs", "clips"), outputs=("json",))
+    absolute_path_args(a, inputs=("model", "inputs", "clips"), plain_outputs=("json",))
     if a.topk < 1:
         p.error("--topk must be >= 1")
     from dvfl import storage

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     # (inside a Ray job a relative --json went into the job's temporary copy of the project)
-    absolute_path_args(a, outputs=("json",))
+    absolute_path_args(a, plain_outputs=("json",))
     # (0 threads, a negative warm-up: tracebacks after the model was built; a throughput batch of 0 was
     # silently --batch-size)
     for flag in ("frames", "size", "num_classes", "batch_size", "repeats", "threads", "throughput_batch_size",

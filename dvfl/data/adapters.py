@@ -63,6 +63,8 @@ def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name
         m.problems.append(Problem(_d.BAD_LINE, path.replace("\0", ""), video_id and video_id.replace("\0", ""),
                                   "a NUL byte in the path: the list is not UTF-8 text, one path per line", split))
         return
+    if not os.path.lexists(path):  # a transcoded copy (UCF101's .avi as .mp4), .AVI, a Mac-made NFD name
+        path = _same_video_otherwise_named(path) or path
     real, root = os.path.realpath(path), os.path.realpath(m.root)
     if os.path.commonpath([real, root]) != root:
         m.problems.append(Problem(_d.OUTSIDE_ROOT, path, video_id, f"resolves to {real}, outside the root {root}",
@@ -85,6 +87,28 @@ def _add(m: Manifest, video_id: str, path: str, label: Optional[int], class_name
     # the root as listed: resolved again where the file is decoded (a node may mount it elsewhere)
     m.entries.append(VideoEntry(printable(video_id), stored, label, class_name and printable(class_name), split,
                                 abs_root))
+
+
+def _same_video_otherwise_named(path: str) -> Optional[str]:
+    """The one video file beside a listed file that is not there whose name is the listed one up to
+    the extension (a video's), letter case and Unicode form (NFC/NFD); None if none or several.
+    The official UCF101/HMDB51 lists name ``.avi`` files, which users often transcode to ``.mp4``;
+    a list typed on Linux names in NFC what a Mac wrote in NFD: every video was "missing"."""
+    import unicodedata
+
+    folder, name = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return None
+
+    def key(n: str) -> str:
+        return unicodedata.normalize("NFC", os.path.splitext(n)[0]).casefold()
+
+    want = key(name)
+    found = [n for n in names if not n.startswith(".") and key(n) == want
+             and os.path.splitext(n)[1].lower() in _d.VIDEO_EXTENSIONS]
+    return os.path.join(folder, found[0]) if len(found) == 1 else None
 
 
 def _read_lines(path: str) -> List[Tuple[int, str]]:

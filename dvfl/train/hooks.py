@@ -19,6 +19,7 @@ class TestHooks:
 
     fail_after_epoch: int | None = None  # the last rank dies once, mid-way through the epoch after this one
     fail_marker: str | None = None  # written when it has died: a restarted worker does not die again
+    fail_run: str | None = None  # only in a run whose name holds this (a Tune test picks the trials that die)
     hold_after_epoch: int | None = None  # every rank pauses once, after the first step of the epoch after this one
     hold_dir: str | None = None  # where ranks announce they are held and look for their release
     hold_timeout_s: float = 600.0
@@ -31,14 +32,15 @@ class TestHooks:
             return
         for i, batch in enumerate(batches):
             yield batch
-            self._maybe_die(epoch, rank, world, reported_at())
+            self._maybe_die(epoch, rank, world, reported_at(), run_name)
             if i == 0:
                 self._maybe_hold(epoch, rank, run_name, node_id)
 
-    def _maybe_die(self, epoch: int, rank: int, world: int, reported_at: float) -> None:
+    def _maybe_die(self, epoch: int, rank: int, world: int, reported_at: float, run_name: str) -> None:
         """It waits a few seconds after the last report so that the controller has registered that
         epoch's checkpoint: the point is to show recovery from it, not the loss of an unacknowledged one."""
-        if epoch != self.fail_after_epoch or rank != world - 1 or os.path.exists(self.fail_marker):
+        if epoch != self.fail_after_epoch or rank != world - 1 or os.path.exists(self.fail_marker) \
+                or (self.fail_run and self.fail_run not in run_name):
             return
         time.sleep(max(0.0, 3.0 - (time.time() - reported_at)))
         os.makedirs(os.path.dirname(self.fail_marker), exist_ok=True)  # (a Tune search's run folder may not exist)

@@ -56,6 +56,8 @@ def trial_driver(params: dict, setup: dict) -> None:
     loop = dataclasses.replace(loop, label=trial_label(trial_id, front), print_epochs=False, stop_on_divergence=False)
     name = f"{setup['experiment']}-{trial_id}"
     in_process = setup.get("data") is not None
+    if not in_process:  # Tune restarts a failed trial (it resumes the run): a retry inside it too made (m + 1)^2 tries
+        cfg = dataclasses.replace(cfg, max_failures=0)
     record = {"trial_id": trial_id, "params": flatten(front["params"] if front else params), "seed": seed,
               "front_of": front["of"] if front else None, "train_run": None if in_process else name,
               "in_process": in_process, "pid": os.getpid(),
