@@ -27,7 +27,7 @@ from dvfl.artifacts import load_model_for, other_class_list
 from dvfl.models import build_model
 from dvfl import storage
 from dvfl.allocator import keep_freed_memory
-from dvfl.host import joined_address, usable_cpus
+from dvfl.host import usable_cpus
 from dvfl.data.shards import (ClipReadError, atomic_write_table, corrupt_shard_error, find_corrupt_shards,
                               SPLITS, load_dataset_info, parquet_file, read_table, read_tables, remove_stale_tmp,
                               shard_paths)
@@ -40,7 +40,7 @@ LOGITS_DIR = "logits"
 CACHE_FORMAT = "dvfl-teacher-logits-v1"
 FSIZE_TEST_ENV = "DVFL_TEST_CACHE_FSIZE_LIMIT"  # test hook: RLIMIT_FSIZE of the cache writers
 DIE_ONCE_TEST_ENV = "DVFL_TEST_CACHE_DIE_ONCE"  # test hook: a marker file; the first writer to miss it makes it and dies
-WRITER_RESTARTS = 3  # on a joined cluster, a cache writer lost with its node is started again, its shard redone
+WRITER_RESTARTS = 3  # on a cluster of several nodes, a cache writer lost with its node is started again
 LOGIT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),
     pa.field("view", pa.string(), nullable=False),
@@ -610,10 +610,11 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     started = time.time()
     if todo:
         cpus = ray.available_resources().get("CPU", 1)
-        # where nodes come and go (a joined cluster: spot nodes, autoscaling) a lost writer is restarted;
-        # on a local instance a writer dies of the machine's own limits (out of memory: so would its
-        # restart), a rerun resumes, and a restartable actor makes Ray core print a warning on the terminal
-        restarts = WRITER_RESTARTS if joined_address() is not None or len(ray.nodes()) > 1 else 0
+        # where nodes come and go (a cluster of several nodes: spot nodes, autoscaling) a lost writer is
+        # restarted; on one machine a writer dies of the machine's own limits (out of memory: so would
+        # its restart), a rerun resumes, and a restartable actor makes Ray core print a warning
+        several_nodes = sum(bool(n.get("Alive")) for n in ray.nodes()) > 1
+        restarts = WRITER_RESTARTS if several_nodes or os.environ.get(DIE_ONCE_TEST_ENV) else 0
         threads = max(1, usable_cpus() // max(1, num_actors))
         state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
         items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s)),

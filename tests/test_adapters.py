@@ -442,6 +442,18 @@ def test_listed_videos_transcoded_or_renamed_by_case_or_unicode_form_are_found(t
         "Run/v_Caf\u00e9_g03_c01": f"v_{cafe_nfd}_g03_c01.avi"}
     assert sorted((p.reason, p.video_id) for p in m.problems) == [
         ("missing", "Run/v_Run_g04_c01"), ("missing", "Run/v_Run_g05_c01")]  # two candidates; a Mac's ._ copy
+    # an unlabelled list naming a.avi (gone, a.mp4 taken for it) and a.mp4 itself: one video, not two
+    pool = str(tmp_path / "pool")
+    put(pool, "v/a.mp4", src_video)
+    put(pool, "v/b.webm", src_video)
+    write(os.path.join(pool, "list.txt"), "v/a.avi\nv/a.mp4\nv/b.avi\n")
+    m = A.unlabeled(os.path.join(pool, "list.txt"))
+    inputs = m.num_inputs
+    m.dedupe()
+    assert [(e.video_id, os.path.basename(e.path)) for e in m.entries] == [
+        ("unlabeled/v/a.avi", "a.mp4"), ("unlabeled/v/b", "b.webm")]
+    assert [(p.reason, p.video_id) for p in m.problems] == [("duplicate", "unlabeled/v/a.mp4")]
+    assert m.num_inputs == inputs == 3
 
 
 def test_a_nas_or_windows_drives_own_folders_are_neither_classes_nor_videos(tmp_path, src_video):

@@ -17,6 +17,7 @@ its root (``../``, absolute paths, symlinks) is an ``outside_root`` problem.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
@@ -94,21 +95,34 @@ def _same_video_otherwise_named(path: str) -> Optional[str]:
     the extension (a video's), letter case and Unicode form (NFC/NFD); None if none or several.
     The official UCF101/HMDB51 lists name ``.avi`` files, which users often transcode to ``.mp4``;
     a list typed on Linux names in NFC what a Mac wrote in NFD: every video was "missing"."""
-    import unicodedata
-
     folder, name = os.path.split(path)
     try:
-        names = os.listdir(folder or ".")
+        stamp = os.stat(folder or ".").st_mtime_ns
     except OSError:
         return None
-
-    def key(n: str) -> str:
-        return unicodedata.normalize("NFC", os.path.splitext(n)[0]).casefold()
-
-    want = key(name)
-    found = [n for n in names if not n.startswith(".") and key(n) == want
-             and os.path.splitext(n)[1].lower() in _d.VIDEO_EXTENSIONS]
+    found = _videos_by_loose_name(folder or ".", stamp).get(_loose_name(name), ())
     return os.path.join(folder, found[0]) if len(found) == 1 else None
+
+
+def _loose_name(name: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", os.path.splitext(name)[0]).casefold()
+
+
+@functools.lru_cache(maxsize=64)
+def _videos_by_loose_name(folder: str, stamp: int) -> Dict[str, Tuple[str, ...]]:
+    """A folder's video files by :func:`_loose_name`, listed once per folder and content (``stamp``:
+    its modification time): a flat folder of 220k SSv2 videos was listed again per missing video."""
+    index: Dict[str, List[str]] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    for n in names:
+        if not n.startswith(".") and os.path.splitext(n)[1].lower() in _d.VIDEO_EXTENSIONS:
+            index.setdefault(_loose_name(n), []).append(n)
+    return {k: tuple(v) for k, v in index.items()}
 
 
 def _read_lines(path: str) -> List[Tuple[int, str]]:

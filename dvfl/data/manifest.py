@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 # Which entry of a video_id listed twice is kept (and of the same bytes under two ids, in
@@ -97,4 +97,15 @@ class Manifest:
                 self.problems.append(Problem("duplicate", e.path, e.video_id,
                                              f"video_id also listed for {kept.path}; the {kept.split} copy is kept",
                                              e.split))
-        self.entries = keep
+        # one file under two ids of one split (a list naming a.avi, gone, and a.mp4, taken for it): one
+        # video (across splits, the ingest's content check keeps the evaluation split's copy)
+        first: Dict[Tuple[str, str], VideoEntry] = {}
+        self.entries = []
+        for e in keep:
+            kept = first.setdefault((e.split, e.path), e)
+            if kept is e:
+                self.entries.append(e)
+            else:
+                self.problems.append(Problem("duplicate", e.path, e.video_id,
+                                             f"the same file is also listed as {kept.video_id}; that one is kept",
+                                             e.split))
