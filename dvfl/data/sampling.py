@@ -34,7 +34,11 @@ SeedLike = Union[int, np.random.Generator, None]
 
 
 def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from arbitrary parts, stable across processes and Python versions.
+    """A 63-bit seed from arbitrary parts, stable across processes and Python versions, except for
+    a text holding characters that only a newer Python's Unicode database knows (an emoji added in
+    2022 or later): ``repr`` escapes them on Python 3.11 and not on 3.12+, so such a video's views,
+    shard and ``--test-fraction`` draw differ between the two (changing the hash would change every
+    video's, and with them every figure measured).
 
     (Python's ``hash()`` of strings is salted per process, so it must not be used.)
     """
