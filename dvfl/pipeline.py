@@ -177,6 +177,15 @@ def hold_clips(cfg: RunConfig, info: dict, log=print) -> dict:
     return info
 
 
+def _note_decode_rules(out: str, info: dict, log) -> None:
+    """Clips used as given that an earlier version decoded: said (never re-ingested here)."""
+    from dvfl.data.ingest import older_decode_rules_note
+
+    note = older_decode_rules_note(out, info)
+    if note and log:
+        log(f"[clips] note: {note}")
+
+
 def ready_clips(cfg: RunConfig, log=print) -> dict:
     """The clips' dataset.json, ingested first when they are not finished."""
     from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
@@ -186,6 +195,7 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
     if cfg.data.clips and storage.isfile(storage.join(out, "dataset.json")):
         info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
         check_clips_match(cfg, info)
+        _note_decode_rules(out, info, log)
         return info
     if cfg.data.dataset == "kinetics":
         # its CSVs' own split column would make validate.csv "val" and a labelled test.csv "test": results
@@ -193,6 +203,7 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
         if storage.isfile(storage.join(out, "dataset.json")):  # (output_dir/clips, ingested before)
             info = load_dataset_info(out)
             check_clips_match(cfg, info)
+            _note_decode_rules(out, info, log)
             return info
         raise ConfigError(
             f"data.clips: {out} holds no finished ingest, and a run does not ingest Kinetics itself (which CSV is "

@@ -693,6 +693,34 @@ def test_resume_skips_finished_shards(syn_root, tmp_path, ray_local, monkeypatch
     assert summary["accounting_ok"] and summary["written_videos"] == 27
 
 
+def test_clips_decoded_by_earlier_decode_rules_are_not_reused(syn_root, tmp_path, ray_local, monkeypatch):
+    """Decoder fixes (AVIs with B-frames, H.264 in AVI, WMV/ASF, ...) changed the frames stored but not
+    the fingerprint: an earlier version's clips, wrong frames and all, were reused by every rerun and
+    every run keyed on them. The decode rules' revision is in the fingerprint; such clips are refused,
+    saying why (and a run re-ingests its own clips folder)."""
+    from dvfl.data import decode as D
+
+    out = str(tmp_path / "out")
+    cfg = dict(frames=8, clips_per_video=1, short_side=32, videos_per_shard=8)
+    current = IngestConfig.content_params
+    monkeypatch.setattr(IngestConfig, "content_params",  # what versions before session 48 wrote
+                        lambda self: {k: v for k, v in current(self).items() if k != "decode_rules"})
+    old = ingest(manifest(syn_root), IngestConfig(out=out, **cfg), log=None)
+    monkeypatch.undo()
+    # given as a run's data.clips (used as they are: a Kinetics ingest takes hours): a note says so
+    from dvfl.data.ingest import older_decode_rules_note
+
+    assert "was decoded by an earlier version (decode rules before revision 1" in \
+        older_decode_rules_note(out, SH.load_dataset_info(out))
+    with pytest.raises(ValueError, match=f"different decoder: its clips were decoded before the rules of revision "
+                                         f"{D.DECODE_RULES} .*; use a new --out or pass --fresh"):
+        ingest(manifest(syn_root), IngestConfig(out=out, **cfg), log=None)
+    again = ingest(manifest(syn_root), IngestConfig(out=out, overwrite=True, **cfg), log=None)
+    assert again["fingerprint"] != old["fingerprint"] and again["clips"] == old["clips"]
+    assert json.load(open(os.path.join(out, SH.DATASET_JSON)))["params"]["decode_rules"] == D.DECODE_RULES
+    assert older_decode_rules_note(out, SH.load_dataset_info(out)) is None
+
+
 def test_an_ingest_that_does_not_add_up_is_not_committed_and_leaves_no_temp_files(syn_root, tmp_path, ray_local,
                                                                                   monkeypatch):
     """dataset.json (the commit marker distill trusts) was written before the accounting check

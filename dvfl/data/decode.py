@@ -61,6 +61,13 @@ CONTAINERS = ("mp4", "avi", "matroska", "mpeg-ts", "mpeg-ps", "flv", "ogg", "asf
 _PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<mpd", b"<smil", b"v=0", b"#ext-x",
                    b"rtsptext", b"rtmp://", b"http://", b"https://", b"file:")
 
+# The revision of the rules that decide which frames a video's clips store, in every ingest's
+# fingerprint: bump it with every change to the frames stored, or the clips of an earlier version are
+# reused as they are. 1 (session 48): FFmpeg's in-order decode for AVIs with B-frames, H.264 & co. in
+# AVI, MPEG-4 Part 2 with B-frames in MP4/Matroska, WMV/ASF, mid-GOP starts (VP8/VP9 too), an MP4's
+# second video track, damaged packets (sessions 42-47); earlier ingests name none.
+DECODE_RULES = 1
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ogv", ".ts", ".mts", ".m2ts", ".vob")
 

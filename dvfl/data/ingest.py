@@ -109,7 +109,8 @@ class IngestConfig:
                 "resize": "FFmpeg scaler via decord width/height (PIL.BILINEAR if the size is unknown), "
                           "short side, aspect kept, no crop",
                 "orientation": "as displayed: the MP4/MOV display rotation applied",
-                "decoder": f"decord {decord.__version__}", "schema_version": _s.SCHEMA_VERSION}
+                "decoder": f"decord {decord.__version__}", "decode_rules": _d.DECODE_RULES,
+                "schema_version": _s.SCHEMA_VERSION}
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,6 +513,26 @@ def _plan_ingest(manifest: Manifest, cfg: IngestConfig, log) -> _IngestPlan:
     return _IngestPlan(identities, entries, params, fingerprint, plans, layout, vps, est_video_bytes, cfg)
 
 
+def older_decode_rules_note(out: str, info: Dict[str, Any]) -> Optional[str]:
+    """A note for finished clips, given as they are, that earlier decode rules made (none otherwise)."""
+    rules = (info.get("params") or {}).get("decode_rules")
+    if rules == _d.DECODE_RULES:
+        return None
+    return (f"{out} was decoded by an earlier version (decode rules {rules or 'before revision 1'}, now "
+            f"{_d.DECODE_RULES}): the frames of AVIs with B-frames, H.264 in AVI, WMV/ASF files and streams starting "
+            "mid-GOP may be stored in the wrong order; used as given (re-ingest it with --fresh if it holds such videos)")
+
+
+def _older_decode_rules(out: str, params: Dict[str, Any]) -> bool:
+    """Whether ``out``'s finished ingest differs from ``params`` only by older decode rules."""
+    try:
+        old = storage.read_json(storage.join(out, _s.DATASET_JSON)).get("params") or {}
+    except (OSError, ValueError):
+        return False
+    rest = {k: v for k, v in params.items() if k != "decode_rules"}
+    return old.get("decode_rules") != params["decode_rules"] and {k: v for k, v in old.items() if k != "decode_rules"} == rest
+
+
 def _space_note(out: str, decoded_bytes: int) -> Optional[str]:
     """A warning when the clips to write, decoded (before compression, which gains little on real video),
     may not fit the free space of a local ``out``: said at the start, not found hours later; None else."""
@@ -591,6 +612,10 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
                     f"cannot be read now (e.g. {unreadable[0].path}: {unreadable[0].detail}): with them the inputs may "
                     "be that ingest's")
             what = "fingerprint (inputs or parameters)" if old.get("fingerprint") != fingerprint else "shard layout"
+            if old.get("fingerprint") != fingerprint and _older_decode_rules(out, params):
+                what = (f"decoder: its clips were decoded before the rules of revision {_d.DECODE_RULES} (frames of AVIs "
+                        "with B-frames, H.264 in AVI, WMV/ASF, mid-GOP starts were stored in the wrong order), and "
+                        "are not reused")
             raise ValueError(f"{out} already holds an ingest with a different {what}; "
                              f"use a new --out or pass --fresh")
     elif _s.shard_paths(out):
