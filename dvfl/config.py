@@ -191,6 +191,18 @@ class EvalSection:
     crops: int = 1  # 1 = centre; 3 = start/centre/end along the long side (the paper)
 
 
+def with_added_defaults(old, defaults):
+    """A recorded config (a dict, as written by an earlier version) with the fields a later version
+    added at their values in ``defaults``: what that version ran with. Mappings are filled key by
+    key; anything else is kept as recorded."""
+    if not isinstance(old, dict) or not isinstance(defaults, dict):
+        return old
+    out = dict(old)
+    for k, v in defaults.items():
+        out[k] = v if k not in out else with_added_defaults(out[k], v)
+    return out
+
+
 @dataclass
 class RunConfig:
     name: str = "embedded"

@@ -15,7 +15,8 @@ import statistics
 from dataclasses import dataclass
 
 from dvfl import paths, storage
-from dvfl.config import SPLIT_COUNTS, SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config
+from dvfl.config import (SPLIT_COUNTS, SPLIT_PLACEHOLDER, ConfigError, RunConfig, config_tree, load_config,
+                         with_added_defaults)
 
 RESULTS_JSON, RESULTS_MD = "protocol.json", "protocol.md"
 
@@ -255,7 +256,9 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
             from dvfl.pipeline import EVALUATION_METHOD
 
             result = storage.read_json(path)
-            same = (result["config"] == json.loads(json.dumps(cfg.as_given().to_dict()))
+            # (a field added since, at its default, is not another configuration)
+            recorded = with_added_defaults(result["config"], json.loads(json.dumps(RunConfig().to_dict())))
+            same = (recorded == json.loads(json.dumps(cfg.as_given().to_dict()))
                     and result.get("evaluation_method") == EVALUATION_METHOD)  # (none: an older version's)
             row = _run_row(i, cfg, result) if same else None
         except (OSError, ValueError, KeyError, TypeError):

@@ -201,6 +201,13 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
     fold1.write_text(json.dumps({k: v for k, v in older.items() if k != "evaluation_method"}))
     report, lines = batch([3])
     assert report["folds_run"] == [2, 3] and [ln for ln in lines if "not counted" in ln and "older version" in ln], lines
+    # a fold finished before a config field existed (data.decode_tasks): at its default, the same
+    # configuration (every such fold had to run again to count)
+    before_field = json.loads(json.dumps(older))
+    del before_field["config"]["data"]["decode_tasks"]
+    fold1.write_text(json.dumps(before_field))
+    report, lines = batch([3])
+    assert report["folds_run"] == [1, 2, 3] and not [ln for ln in lines if "not counted" in ln], lines
     fold1.write_text(json.dumps(older))
     report, lines = batch([4], overrides=[("optim.lr", 0.5)])  # another configuration: the others do not count
     assert report["folds_run"] == [4] and [ln for ln in lines if "not counted" in ln and "1, 2, 3" in ln], lines

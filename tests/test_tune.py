@@ -631,6 +631,28 @@ def test_a_grace_period_of_every_epoch_is_said_to_stop_nothing():
     assert asha_words(*loss) == "on val_loss (it stops trials; the best config and the front by val_top1)"
 
 
+def test_a_search_recorded_before_a_config_field_existed_is_the_same_search(tmp_path):
+    """A search an earlier version started records no field added since (``data.decode_tasks``): that
+    counted as a change, whose advice ("put the old values back") could not be followed, so resuming
+    or re-reporting it took --fresh, throwing its trials away. An added field at its default is not a
+    change; at another value it is."""
+    import dvfl.tune.search as S
+    from dvfl.tune import load_tune_config
+
+    t, cfg = load_tune_config(None, [("tune.storage", str(tmp_path))])
+    exp = Path(S.experiment_dir(t, cfg))
+    exp.mkdir(parents=True)
+    older = json.loads(json.dumps(S._settings(t, cfg), default=str))
+    del older["run_config"]["data"]["decode_tasks"]
+    (exp / S.SEARCH_FILE).write_text(json.dumps({"digest": "an older version's", "search": older}))
+    S.refuse_changed_settings(t, cfg)  # not refused
+    fp = {"digest": "today's", "search": json.loads(json.dumps(S._settings(t, cfg), default=str))}
+    assert S.same_search(json.loads((exp / S.SEARCH_FILE).read_text()), fp)
+    t2, cfg2 = load_tune_config(None, [("tune.storage", str(tmp_path)), ("data.decode_tasks", 4)])
+    with pytest.raises(ConfigError, match=r"holds a different search: run_config.data.decode_tasks: 0 -> 4"):
+        S.refuse_changed_settings(t2, cfg2)
+
+
 def test_a_run_config_under_home_is_found(tmp_path, monkeypatch):
     """``run_config: ~/runs/mine.yaml`` (in the search file, or after ``--set``: no shell expands it
     there) was looked up as ``configs/~/runs/mine.yaml``."""

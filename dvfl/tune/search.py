@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from dvfl.config import ConfigError, RunConfig
+from dvfl.config import ConfigError, RunConfig, with_added_defaults
 from dvfl import storage
 from dvfl.runtime import signal_handlers_kept
 from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, require_finished, write_results
@@ -41,6 +41,20 @@ def _settings(t: TuneConfig, cfg: RunConfig) -> dict:
     """The part of a search's record that its configs alone give (known before any work)."""
     return {"tune": {k: v for k, v in t.to_dict().items() if k not in ("storage", "run_config", "set")},
             "run_config": cfg.as_given().to_dict()}
+
+
+def _recorded_as_now(search: dict) -> dict:
+    """A recorded ``search`` (:func:`_fingerprint`'s) with the fields a later version added, at their
+    defaults (:func:`~dvfl.config.with_added_defaults`): such a field counted as a change, whose advice
+    ("put the old values back") could not be followed, and --fresh threw the trials away."""
+    defaults = json.loads(json.dumps(_settings(TuneConfig(), RunConfig()), default=str))
+    return with_added_defaults(search, defaults)
+
+
+def same_search(recorded: dict, fp: dict) -> bool:
+    """Whether a recorded fingerprint (``dvfl_search.json``) is ``fp``'s search, as recorded or with
+    the fields a later version added at their defaults."""
+    return recorded.get("digest") == fp["digest"] or _recorded_as_now(recorded.get("search")) == fp["search"]
 
 
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
@@ -100,7 +114,7 @@ def refuse_changed_settings(t: TuneConfig, cfg: RunConfig) -> None:
     search_file = storage.join(experiment_dir(t, cfg), SEARCH_FILE)
     if not storage.isfile(search_file):
         return
-    previous = storage.read_json(search_file).get("search") or {}
+    previous = _recorded_as_now(storage.read_json(search_file).get("search") or {})
     now = json.loads(json.dumps(_settings(t, cfg), default=str))  # as it was written
     before = {k: previous.get(k) for k in now}
     if before != now:
@@ -164,8 +178,8 @@ def resumable(exp: str, fp: dict) -> bool:
         raise ConfigError(f"{exp} holds a Tune experiment this project did not start (no {SEARCH_FILE}); it was "
                           "not resumed: pick another tune.experiment or tune.storage (one only you can write)")
     previous = storage.read_json(search_file)
-    if previous["digest"] != fp["digest"]:
-        old, now = previous.get("search"), fp["search"]
+    if not same_search(previous, fp):
+        old, now = _recorded_as_now(previous.get("search")), fp["search"]
         if (isinstance(old, dict) and old.get("dataset") != now.get("dataset")
                 and {k: v for k, v in old.items() if k != "dataset"} == {k: v for k, v in now.items() if k != "dataset"}):
             # the same settings on other clips: the old clips are gone (re-ingested), "put them back" cannot be done
@@ -267,7 +281,7 @@ def _run_search(t: TuneConfig, cfg: RunConfig, *, fresh: bool, verbose: int, log
     front_path = storage.ray_storage(front_exp)[0]
     front_file = storage.join(front_exp, SEARCH_FILE)
     front_restoring = bool(t.front_seeds) and tune.Tuner.can_restore(front_path, storage_filesystem=tune_fs)
-    if front_restoring and (not storage.isfile(front_file) or storage.read_json(front_file)["digest"] != fp["digest"]):
+    if front_restoring and (not storage.isfile(front_file) or not same_search(storage.read_json(front_file), fp)):
         raise ConfigError(f"{front_exp} holds the front re-runs of a different search: --fresh discards both")
     storage.makedirs(exp)
     storage.write_text(search_file, json.dumps(fp, indent=1, default=str))
