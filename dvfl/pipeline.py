@@ -248,7 +248,8 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
                     "an unfinished ingest of other inputs or settings than this config's")
             raise ConfigError(f"data.clips: {out} holds {what}: finish the ingest that wrote it, or re-ingest it "
                               f"with `dvfl ingest ... --out {out} --fresh`") from None
-        log(f"[clips] {out} holds clips of an earlier configuration: re-ingesting")
+        log(f"[clips] {out} holds clips " + ("an earlier decoder made" if "different decoder" in str(exc) else
+                                             "of an earlier configuration") + ": re-ingesting")
         ingest(manifest, dataclasses.replace(icfg, overwrite=True), log=log)
     info = load_dataset_info(out)
     check_clips_match(cfg, info)  # the splits the config names (the rest holds by construction)
@@ -1316,6 +1317,14 @@ def remove_report(out: str) -> None:
         storage.remove(storage.join(out, name))
 
 
+def clips_fingerprint(cfg: RunConfig) -> str | None:
+    """The fingerprint of the finished ingest in ``cfg.clips_dir`` (None: no finished ingest there)."""
+    try:
+        return load_dataset_info(cfg.clips_dir).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def write_report(cfg: RunConfig, results: dict, log=print, started: float | None = None) -> dict:
     """results.json, results.md and training_curves.png in the output dir (``started``: when the
     command began; the report then records ``wall_seconds``)."""
@@ -1332,6 +1341,8 @@ def write_report(cfg: RunConfig, results: dict, log=print, started: float | None
                           "device": "gpu" if cfg.scaling.use_gpu else "cpu"},
               "eval": f"{cfg.eval.clips} clips x {cfg.eval.crops} crops, split {cfg.data.test_split}",
               "evaluation_method": EVALUATION_METHOD,
+              # the clips it was computed on: a protocol counts an earlier command's fold only on the same ones
+              "dataset_fingerprint": clips_fingerprint(cfg),
               # top1/top5 (and kd_gains) come from the test split, evaluated once at the end; the
               # per-epoch history and val_top1_per_seed from the validation split
               "splits": {"test": cfg.data.test_split, "validation": validation,

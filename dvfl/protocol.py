@@ -253,13 +253,16 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
         if not storage.isfile(path):
             continue
         try:
-            from dvfl.pipeline import EVALUATION_METHOD
+            from dvfl.pipeline import EVALUATION_METHOD, clips_fingerprint
 
             result = storage.read_json(path)
             # (a field added since, at its default, is not another configuration)
             recorded = with_added_defaults(result["config"], json.loads(json.dumps(RunConfig().to_dict())))
             same = (recorded == json.loads(json.dumps(cfg.as_given().to_dict()))
-                    and result.get("evaluation_method") == EVALUATION_METHOD)  # (none: an older version's)
+                    and result.get("evaluation_method") == EVALUATION_METHOD  # (none: an older version's)
+                    # on the fold's clips as they are now (re-ingested since, e.g. by a newer decoder: not counted)
+                    and result.get("dataset_fingerprint") is not None
+                    and result.get("dataset_fingerprint") == clips_fingerprint(cfg))
             row = _run_row(i, cfg, result) if same else None
         except (OSError, ValueError, KeyError, TypeError):
             row = None
@@ -269,8 +272,8 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
             runs.append(row)
     if other:
         log(f"[protocol] not counted: the results of split(s) {', '.join(map(str, other))} in their folders come "
-            "from another configuration or an older version's evaluation (or cannot be read); run them again to "
-            "count them")
+            "from another configuration, an older version's evaluation or clips ingested again since (or cannot be "
+            "read); run them again to count them")
     return runs
 
 

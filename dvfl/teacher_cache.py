@@ -613,8 +613,10 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
         # where nodes come and go (a cluster of several nodes: spot nodes, autoscaling) a lost writer is
         # restarted; on one machine a writer dies of the machine's own limits (out of memory: so would
         # its restart), a rerun resumes, and a restartable actor makes Ray core print a warning
-        several_nodes = sum(bool(n.get("Alive")) for n in ray.nodes()) > 1
-        restarts = WRITER_RESTARTS if several_nodes or os.environ.get(DIE_ONCE_TEST_ENV) else 0
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        # (an autoscaling cluster's head advertises no CPU, and may be its only node when the build starts)
+        cluster = len(alive) > 1 or any(not n.get("Resources", {}).get("CPU") for n in alive)
+        restarts = WRITER_RESTARTS if cluster or os.environ.get(DIE_ONCE_TEST_ENV) else 0
         threads = max(1, usable_cpus() // max(1, num_actors))
         state_ref = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
         items = [{"shard": s, "out": storage.join(logits_dir, storage.basename(s)),

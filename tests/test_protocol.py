@@ -174,7 +174,12 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
 
     def fake_run_all(cfg, log):
         top1 = cfg.data.split / 100
+        clips = Path(cfg.clips_dir) / "dataset.json"
+        if not clips.exists():  # (the fold's ingest, stubbed too)
+            clips.parent.mkdir(parents=True, exist_ok=True)
+            clips.write_text(json.dumps({"fingerprint": f"fold {cfg.data.split}"}))
         result = {"config": cfg.as_given().to_dict(), "evaluation_method": pipeline.EVALUATION_METHOD,
+                  "dataset_fingerprint": pipeline.clips_fingerprint(cfg),
                   "models": {"dvfl": {"top1_mean": top1, "top5_mean": 1.0, "videos": 4, "seeds": [0],
                                       "top1_per_seed": [top1]}}}
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -208,7 +213,13 @@ def test_folds_run_a_few_at_a_time_count_together(tmp_path, monkeypatch):
     fold1.write_text(json.dumps(before_field))
     report, lines = batch([3])
     assert report["folds_run"] == [1, 2, 3] and not [ln for ln in lines if "not counted" in ln], lines
+    # a fold whose clips were ingested again since (a newer decoder's rules, videos added): not counted
     fold1.write_text(json.dumps(older))
+    clips1 = Path(split_configs(cfg_path, [], [1])[0].clips_dir) / "dataset.json"
+    clips1.write_text(json.dumps({"fingerprint": "fold 1, ingested again"}))
+    report, lines = batch([3])
+    assert report["folds_run"] == [2, 3] and [ln for ln in lines if "not counted" in ln and "1" in ln], lines
+    clips1.write_text(json.dumps({"fingerprint": "fold 1"}))
     report, lines = batch([4], overrides=[("optim.lr", 0.5)])  # another configuration: the others do not count
     assert report["folds_run"] == [4] and [ln for ln in lines if "not counted" in ln and "1, 2, 3" in ln], lines
 

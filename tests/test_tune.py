@@ -653,6 +653,30 @@ def test_a_search_recorded_before_a_config_field_existed_is_the_same_search(tmp_
         S.refuse_changed_settings(t2, cfg2)
 
 
+def test_a_search_on_its_own_clips_of_an_earlier_decoder_is_refused_before_any_work(tmp_path):
+    """Clips an earlier decoder made are ingested again by a run on its own clips folder: a search on
+    them could not resume, and was refused only after the ingest, the teacher and the cache were
+    rebuilt, saying its videos had changed."""
+    import dvfl.tune.search as S
+    from dvfl.tune import load_tune_config
+
+    t, cfg = load_tune_config(None, [("tune.storage", str(tmp_path / "tune")), ("output_dir", str(tmp_path / "run"))])
+    exp = Path(S.experiment_dir(t, cfg))
+    exp.mkdir(parents=True)
+    recorded = {**json.loads(json.dumps(S._settings(t, cfg), default=str)), "dataset": "the old clips"}
+    (exp / S.SEARCH_FILE).write_text(json.dumps({"digest": "old", "search": recorded}))
+    Path(cfg.clips_dir).mkdir(parents=True)
+    (Path(cfg.clips_dir) / "dataset.json").write_text(json.dumps({"fingerprint": "the old clips",
+                                                                   "params": {"frames": 8}}))
+    with pytest.raises(ConfigError, match=r"holds a search on clips an earlier decoder made .* --fresh starts it over"):
+        S.refuse_changed_settings(t, cfg)
+    from dvfl.data.decode import DECODE_RULES
+
+    (Path(cfg.clips_dir) / "dataset.json").write_text(json.dumps({"fingerprint": "the old clips",
+                                                                   "params": {"decode_rules": DECODE_RULES}}))
+    S.refuse_changed_settings(t, cfg)  # today's decoder: resumed as before
+
+
 def test_a_run_config_under_home_is_found(tmp_path, monkeypatch):
     """``run_config: ~/runs/mine.yaml`` (in the search file, or after ``--set``: no shell expands it
     there) was looked up as ``configs/~/runs/mine.yaml``."""

@@ -107,6 +107,21 @@ def prepare(cfg: RunConfig, log=print, metric: str | None = None) -> tuple[dict,
     return info, pipeline.teacher_signal(cfg, teacher_path, teacher_spec, info, kd=True, log=log)
 
 
+def refuse_clips_of_an_earlier_decoder(exp: str, cfg: RunConfig, previous: dict) -> None:
+    """A search on the run's own clips that an earlier decoder made: those clips are ingested again
+    (:data:`dvfl.data.decode.DECODE_RULES`), and the search cannot resume on other clips. Refused now,
+    before the ingest, the teacher and the cache are rebuilt for nothing, saying why."""
+    from dvfl.data.ingest import older_decode_rules_note
+
+    if cfg.data.clips or not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+        return
+    info = storage.read_json(storage.join(cfg.clips_dir, "dataset.json"))
+    if previous.get("dataset") == info.get("fingerprint") and older_decode_rules_note(cfg.clips_dir, info):
+        raise ConfigError(f"{exp} holds a search on clips an earlier decoder made ({cfg.clips_dir}): this version "
+                          "ingests them again, and the search cannot resume on other clips: --fresh starts it over "
+                          "(or pick another tune.experiment)")
+
+
 def refuse_changed_settings(t: TuneConfig, cfg: RunConfig) -> None:
     """Before any work: an experiment holding a search of other settings is refused now, not after
     the videos, clips and cache were rebuilt for the new settings (and again for the old ones, to
@@ -115,6 +130,7 @@ def refuse_changed_settings(t: TuneConfig, cfg: RunConfig) -> None:
     if not storage.isfile(search_file):
         return
     previous = _recorded_as_now(storage.read_json(search_file).get("search") or {})
+    refuse_clips_of_an_earlier_decoder(experiment_dir(t, cfg), cfg, previous)
     now = json.loads(json.dumps(_settings(t, cfg), default=str))  # as it was written
     before = {k: previous.get(k) for k in now}
     if before != now:
@@ -184,7 +200,7 @@ def resumable(exp: str, fp: dict) -> bool:
                 and {k: v for k, v in old.items() if k != "dataset"} == {k: v for k, v in now.items() if k != "dataset"}):
             # the same settings on other clips: the old clips are gone (re-ingested), "put them back" cannot be done
             raise ConfigError(f"{exp} holds this search on other clips (dataset {old.get('dataset')}, now "
-                              f"{now.get('dataset')}: videos added or changed): --fresh starts it over on these, "
+                              f"{now.get('dataset')}: videos added or changed, or decoded by newer rules): --fresh starts it over on these, "
                               "or pick another tune.experiment")
         raise ConfigError(f"{exp} holds a different search: {changed_fields(old, now)}; " + RESUME_ADVICE)
     return True
