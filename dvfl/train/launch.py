@@ -15,7 +15,7 @@ from dvfl.data.sampling import pool_videos
 from dvfl import storage
 from dvfl.host import joined_address, usable_cpus
 from dvfl.runtime import signal_handlers_kept
-from dvfl.data.shards import (READ_TASK_CPUS, keep_clips, parquet_file, raise_if_corrupt, read_clip_dataset,
+from dvfl.data.shards import (READ_TASK_CPUS, keep_clips, raise_if_corrupt, read_clip_dataset,
                               read_clips_table, shard_paths, split_sizes)
 from dvfl.train.loop import VAL_COLUMNS, checkpoint_state, train_loop_per_worker
 from dvfl.train.loop_config import LoopConfig
