@@ -54,7 +54,8 @@ def _recorded_as_now(search: dict) -> dict:
 def same_search(recorded: dict, fp: dict) -> bool:
     """Whether a recorded fingerprint (``dvfl_search.json``) is ``fp``'s search, as recorded or with
     the fields a later version added at their defaults."""
-    return recorded.get("digest") == fp["digest"] or _recorded_as_now(recorded.get("search")) == fp["search"]
+    return recorded.get("digest") == fp["digest"] or \
+        _recorded_as_now(recorded.get("search")) == _recorded_as_now(fp["search"])
 
 
 def _fingerprint(t: TuneConfig, cfg: RunConfig, dataset_info: dict, teacher: dict) -> dict:
@@ -195,7 +196,7 @@ def resumable(exp: str, fp: dict) -> bool:
                           "not resumed: pick another tune.experiment or tune.storage (one only you can write)")
     previous = storage.read_json(search_file)
     if not same_search(previous, fp):
-        old, now = _recorded_as_now(previous.get("search")), fp["search"]
+        old, now = _recorded_as_now(previous.get("search")), _recorded_as_now(fp["search"])
         if (isinstance(old, dict) and old.get("dataset") != now.get("dataset")
                 and {k: v for k, v in old.items() if k != "dataset"} == {k: v for k, v in now.items() if k != "dataset"}):
             # the same settings on other clips: the old clips are gone (re-ingested), "put them back" cannot be done
