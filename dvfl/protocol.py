@@ -260,9 +260,10 @@ def earlier_runs(configs: dict[int, RunConfig], log=print) -> list[dict]:
             recorded = with_added_defaults(result["config"], json.loads(json.dumps(RunConfig().to_dict())))
             same = (recorded == json.loads(json.dumps(cfg.as_given().to_dict()))
                     and result.get("evaluation_method") == EVALUATION_METHOD  # (none: an older version's)
-                    # on the fold's clips as they are now (re-ingested since, e.g. by a newer decoder: not counted)
+                    # on the fold's clips as they are now: re-ingested since (e.g. by a newer decoder), not
+                    # counted; deleted once its results were written (docs/protocols.md), still counted
                     and result.get("dataset_fingerprint") is not None
-                    and result.get("dataset_fingerprint") == clips_fingerprint(cfg))
+                    and clips_fingerprint(cfg) in (None, result["dataset_fingerprint"]))
             row = _run_row(i, cfg, result) if same else None
         except (OSError, ValueError, KeyError, TypeError):
             row = None

@@ -677,6 +677,11 @@ def test_a_search_on_its_own_clips_of_an_earlier_decoder_is_refused_before_any_w
     (Path(cfg.clips_dir) / "dataset.json").write_text(json.dumps({"fingerprint": "the old clips",
                                                                    "params": {"decode_rules": DECODE_RULES}}))
     S.refuse_changed_settings(t, cfg)  # today's decoder: resumed as before
+    # a Kinetics run's own clips are used as they are (a run never ingests Kinetics itself): not refused
+    cfg.data.dataset = "kinetics"
+    (Path(cfg.clips_dir) / "dataset.json").write_text(json.dumps({"fingerprint": "the old clips",
+                                                                   "params": {"frames": 8}}))
+    S.refuse_clips_of_an_earlier_decoder(str(exp), cfg, recorded)
 
 
 def test_a_run_config_under_home_is_found(tmp_path, monkeypatch):

@@ -114,7 +114,8 @@ def refuse_clips_of_an_earlier_decoder(exp: str, cfg: RunConfig, previous: dict)
     before the ingest, the teacher and the cache are rebuilt for nothing, saying why."""
     from dvfl.data.ingest import older_decode_rules_note
 
-    if cfg.data.clips or not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+    # (given clips, and a Kinetics run's own, are used as they are: pipeline.ready_clips)
+    if cfg.data.clips or cfg.data.dataset == "kinetics" or not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         return
     info = storage.read_json(storage.join(cfg.clips_dir, "dataset.json"))
     if previous.get("dataset") == info.get("fingerprint") and older_decode_rules_note(cfg.clips_dir, info):
