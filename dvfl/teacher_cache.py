@@ -40,7 +40,7 @@ LOGITS_DIR = "logits"
 CACHE_FORMAT = "dvfl-teacher-logits-v1"
 FSIZE_TEST_ENV = "DVFL_TEST_CACHE_FSIZE_LIMIT"  # test hook: RLIMIT_FSIZE of the cache writers
 DIE_ONCE_TEST_ENV = "DVFL_TEST_CACHE_DIE_ONCE"  # test hook: a marker file; the first writer to miss it makes it and dies
-WRITER_RESTARTS = 3  # on a cluster of several nodes, a cache writer lost with its node is started again
+WRITER_RESTARTS = 3  # on a cluster (several nodes, or a 0-CPU head), a cache writer lost with its node is restarted
 LOGIT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),
     pa.field("view", pa.string(), nullable=False),
@@ -152,7 +152,8 @@ def logits_array(column: pa.ChunkedArray, dtype, num_classes: int, where: str) -
         if chunk.null_count or not np.all(np.diff(offsets) == width):
             raise CacheMismatchError(f"teacher cache {where} holds logits that are not {num_classes} classes of "
                                      f"{np.dtype(dtype).name}: delete it and build it again")
-        out[row:row + n] = np.frombuffer(data_buf, np.uint8, n * width, int(offsets[0])).view(dtype).reshape(n, num_classes)
+        rows = np.frombuffer(data_buf, np.uint8, n * width, int(offsets[0]))
+        out[row:row + n] = rows.view(dtype).reshape(n, num_classes)
         row += n
     return out
 
@@ -327,7 +328,6 @@ class ShardLogitWriter:
         import ray
 
         self.test_die_once = test_die_once
-
         if test_fsize_limit:  # test hook: a disk that fills up after this many bytes per file
             import resource
             import signal
@@ -610,11 +610,11 @@ def _build_teacher_cache(clips_dir, teacher, out_dir, *, teacher_name, crop_size
     started = time.time()
     if todo:
         cpus = ray.available_resources().get("CPU", 1)
-        # where nodes come and go (a cluster of several nodes: spot nodes, autoscaling) a lost writer is
-        # restarted; on one machine a writer dies of the machine's own limits (out of memory: so would
-        # its restart), a rerun resumes, and a restartable actor makes Ray core print a warning
+        # where nodes come and go (spot nodes, autoscaling) a lost writer is restarted; on one machine a
+        # writer dies of the machine's own limits (out of memory: so would its restart), a rerun resumes,
+        # and a restartable actor makes Ray core print a warning. An autoscaling cluster's head advertises
+        # no CPU, and may be its only node when the build starts.
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        # (an autoscaling cluster's head advertises no CPU, and may be its only node when the build starts)
         cluster = len(alive) > 1 or any(not n.get("Resources", {}).get("CPU") for n in alive)
         restarts = WRITER_RESTARTS if cluster or os.environ.get(DIE_ONCE_TEST_ENV) else 0
         threads = max(1, usable_cpus() // max(1, num_actors))

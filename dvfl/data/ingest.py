@@ -529,8 +529,10 @@ def _older_decode_rules(out: str, params: Dict[str, Any]) -> bool:
         old = storage.read_json(storage.join(out, _s.DATASET_JSON)).get("params") or {}
     except (OSError, ValueError):
         return False
-    rest = {k: v for k, v in params.items() if k != "decode_rules"}
-    return old.get("decode_rules") != params["decode_rules"] and {k: v for k, v in old.items() if k != "decode_rules"} == rest
+    def rest(p: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in p.items() if k != "decode_rules"}
+
+    return old.get("decode_rules") != params["decode_rules"] and rest(old) == rest(params)
 
 
 def _space_note(out: str, decoded_bytes: int) -> Optional[str]:

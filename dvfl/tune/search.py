@@ -115,7 +115,8 @@ def refuse_clips_of_an_earlier_decoder(exp: str, cfg: RunConfig, previous: dict)
     from dvfl.data.ingest import older_decode_rules_note
 
     # (given clips, and a Kinetics run's own, are used as they are: pipeline.ready_clips)
-    if cfg.data.clips or cfg.data.dataset == "kinetics" or not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
+    if cfg.data.clips or cfg.data.dataset == "kinetics" \
+            or not storage.isfile(storage.join(cfg.clips_dir, "dataset.json")):
         return
     info = storage.read_json(storage.join(cfg.clips_dir, "dataset.json"))
     if previous.get("dataset") == info.get("fingerprint") and older_decode_rules_note(cfg.clips_dir, info):
