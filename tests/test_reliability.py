@@ -242,6 +242,31 @@ def test_reports_are_written_atomically_and_synced(tmp_path, monkeypatch):
         assert published.get(str(f.resolve())) is True, f
 
 
+def test_a_report_that_fails_part_way_leaves_no_results_json(tmp_path):
+    """results.json is what marks a run finished (a protocol counts such a fold; tune_results.json names
+    best_config.yaml): written last, a write that failed before it (here the plot's path is a folder, a
+    real OSError, as from a full disk) leaves none (both were written first)."""
+    from dvfl.config import load_config
+    from dvfl.pipeline import write_report
+    from dvfl.tune import load_tune_config, write_results
+
+    cfg = load_config(None, [("output_dir", str(tmp_path / "run")), ("data.val_split", "train")])
+    os.makedirs(os.path.join(cfg.output_dir, "training_curves.png", "in-the-way"))
+    row = {"top1": 0.5, "top5": 0.9, "params": 1000, "gmacs": 0.01, "history": [], "split": "test"}
+    with pytest.raises(OSError):
+        write_report(cfg, {"teacher": [row], "vfl": [row], "dvfl": [row]}, log=lambda *_: None)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "results.json"))
+    t, run_cfg = load_tune_config(None, [("tune.experiment", "exp"), ("tune.storage", str(tmp_path / "tune"))])
+    exp = tmp_path / "tune" / "exp"
+    (exp / "best_config.yaml" / "in-the-way").mkdir(parents=True)
+    trial = {"trial_id": "t1", "status": "completed", "best_top1": 0.5, "epochs_run": 1, "max_epochs": 1,
+             "temperature": 4.0, "width": 8, "alpha": 0.5, "lr": 1e-3, "gmacs": 0.01, "params": 1000,
+             "params_searched": {}}
+    with pytest.raises(OSError):
+        write_results(exp, t, run_cfg, [trial], wall_seconds=1.0, log=lambda *_: None)
+    assert not (exp / "tune_results.json").exists() and (exp / "tune_results.md").exists()
+
+
 def test_fresh_deletes_only_a_tune_experiment_of_ours(tmp_path):
     from dvfl.config import ConfigError
     from dvfl.tune import SEARCH_FILE, remove_experiment

@@ -358,7 +358,6 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
         "best_config": best_path if best else None,
     }
     summary["trial_epochs_saved_by_asha"] = summary["trial_epochs_if_all_ran_to_the_end"] - summary["trial_epochs_run"]
-    storage.write_json(storage.join(exp, RESULTS_JSON), summary)
     asha = (f"ASHA on {t.metric} per epoch: {summary['stopped_early']} of {len(rows)} stopped early"
             if t.asha.enabled else "ASHA off")
     md = (f"Trials of `{t.experiment}` sorted by best validation top-1 (its epoch in brackets; `distill.py` "
@@ -397,6 +396,7 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
                 spread=spread)
     if best:
         dump_config(apply_params(cfg, best["params_searched"]), best_path)
+    storage.write_json(storage.join(exp, RESULTS_JSON), summary)  # last: it names best_config.yaml
     log("\n" + md)
     if best:
         log(f"[tune] best: trial {best['trial_id']} T={best['temperature']:.3g} width={best['width']} "
