@@ -618,11 +618,21 @@ def read_yaml(path: Path | str, what: str = "config file") -> object:
     from dvfl import storage
 
     try:
-        return yaml.load(storage.read_text(os.fspath(path)), Loader=_UniqueKeyLoader)
+        return _unshared(yaml.load(storage.read_text(os.fspath(path)), Loader=_UniqueKeyLoader))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError:  # (Latin-1 text, or UTF-16 as Windows editors save it)
         raise ConfigError(f"{what} {path} is not UTF-8 text: save it as UTF-8") from None
+
+
+def _unshared(tree: object) -> object:
+    """``tree`` with every mapping and list its own: an alias (``teacher: {optim: *recipe}``) is one
+    object to PyYAML, and an override edits in place, so ``--set optim.lr=..`` changed the teacher's too."""
+    if isinstance(tree, dict):
+        return {k: _unshared(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unshared(v) for v in tree]
+    return tree
 
 
 _YAML11_ONLY_STRING_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -419,6 +419,10 @@ def test_yaml_words_and_duplicate_keys(tmp_path):
     merged.write_text("optim: &o {epochs: 3, batch_size: 4, lr: 0.001}\nteacher: {optim: {<<: *o, epochs: 5}}\n")
     cfg = load_config(merged, check_paths=False)
     assert (cfg.teacher.optim.epochs, cfg.teacher.optim.batch_size, cfg.optim.epochs) == (5, 4, 3)
+    aliased = tmp_path / "aliased.yaml"  # one recipe for both: an override of the student's is not the teacher's
+    aliased.write_text("optim: &o {epochs: 3, batch_size: 4, lr: 0.001}\nteacher: {optim: *o}\n")
+    cfg = load_config(aliased, ["optim.epochs=7", "optim={lr: 0.01}"], check_paths=False)
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.teacher.optim.epochs, cfg.teacher.optim.lr) == (7, 0.01, 3, 0.001)
     # 1e-3 where a number goes: a float everywhere (three places still refused it as a string)
     assert load_config(None, ["scaling.worker_resources={a: 1e-3}"], check_paths=False).scaling.worker_resources == {"a": 0.001}
     t = load_tune_config(None, ["tune.driver_cpus=1e-1", "tune.asha.reduction_factor=3e0"], check_paths=False)[0]
