@@ -809,6 +809,17 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), check_paths
     return cfg.resolve_paths().validate(check_paths=check_paths, outputs=outputs)
 
 
+def in_job_root(path: str) -> str:
+    """A relative config file missing here, inside a Ray job's copy of the working directory, looked
+    up under the job root (an earlier job's best_config.yaml), as every other input is; else ``path``."""
+    from dvfl import paths
+
+    if paths.is_uri(path) or os.path.exists(path):
+        return path
+    elsewhere = paths.absolute_input(path)
+    return elsewhere if os.path.exists(elsewhere) else path
+
+
 def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
     """The YAML tree of a config with the overrides applied: values as written (``{split}`` unexpanded)."""
     from dvfl import storage
@@ -816,7 +827,7 @@ def config_tree(path: str | os.PathLike | None = None, overrides=()) -> dict:
     if not path and not CONFIG_DIR.is_dir():  # dvfl installed as a wheel: configs/ and models/ stayed in the checkout
         raise ConfigError(f"the embedded default's config is not here ({CONFIG_DIR} does not exist): the project runs "
                           "from its checkout; install it there with `pip install -e .`, or give --config FILE")
-    path = os.fspath(path) if path else str(CONFIG_DIR / "embedded.yaml")
+    path = in_job_root(os.fspath(path)) if path else str(CONFIG_DIR / "embedded.yaml")
     try:
         found = storage.isfile(path)
     except (OSError, ValueError) as exc:  # an unreachable bucket, a malformed URI

@@ -161,6 +161,24 @@ def _job_copy(base, session: str):
     return copy
 
 
+def test_a_config_an_earlier_job_wrote_is_found_under_the_job_root(tmp_path, monkeypatch):
+    """`--config runs/x/best_config.yaml` in a second job: a relative input not in the job's copy is
+    looked up under the job root, as data paths are (the config file alone was "not found")."""
+    from dvfl.config import ConfigError, load_config
+    from dvfl.tune import load_tune_config
+
+    monkeypatch.setenv("DVFL_JOB_ROOT", str(tmp_path / "jobs"))
+    earlier = tmp_path / "jobs" / "runs" / "x"
+    earlier.mkdir(parents=True)
+    (earlier / "best_config.yaml").write_text("optim: {epochs: 7}\n")
+    (earlier / "search.yaml").write_text("experiment: again\nspace: {kd.temperature: {grid: [2.0, 4.0]}}\n")
+    monkeypatch.chdir(_job_copy(tmp_path, "session_2026-12-07_1"))
+    assert load_config("runs/x/best_config.yaml", check_paths=False).optim.epochs == 7
+    assert load_tune_config("runs/x/search.yaml", check_paths=False)[0].experiment == "again"
+    with pytest.raises(ConfigError, match="config file not found: runs/y.yaml"):
+        load_config("runs/y.yaml", check_paths=False)
+
+
 def test_configs_written_under_a_ray_job_name_shipped_inputs_as_the_user_gave_them(tmp_path, monkeypatch):
     """Inside a job the inputs resolve into the temporary copy (so the job reads them); a config
     written for later (config.yaml, best_config.yaml) and the search's resume digest name them as

@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 from dvfl import storage
-from dvfl.config import (CONFIG_DIR, ConfigError, RunConfig, build_config, load_config, parse_override, read_yaml,
-                         set_field, yaml11_float)
+from dvfl.config import (CONFIG_DIR, ConfigError, RunConfig, build_config, in_job_root, load_config, parse_override,
+                         read_yaml, set_field, yaml11_float)
 
 
 # Fields a search may vary. Data and teacher fields would invalidate the shared shards and cache;
@@ -289,7 +289,7 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
                      check_paths: bool = True) -> tuple[TuneConfig, RunConfig]:
     """Read a search config and the run config it names; apply ``--set`` overrides (``tune.*`` to
     the search, the rest to the run config after the file's own ``set:``); validate both."""
-    path = Path(path) if path else CONFIG_DIR / "tune_embedded.yaml"
+    path = Path(in_job_root(os.fspath(path))) if path else CONFIG_DIR / "tune_embedded.yaml"
     if not path.is_file():
         raise ConfigError(f"tune config file not found: {path}")
     tree = read_yaml(path, "tune config file") or {}
