@@ -508,7 +508,9 @@ class RunConfig:
             fail("data.label_fraction", f"must be in (0, 1], got {self.data.label_fraction!r}")
         if self.data.frames < 1:
             fail("data.frames", f"must be >= 1, got {self.data.frames!r}")
-        if self.crop_size < 1:  # a model of 0-pixel inputs would fail deep inside training
+        if self.data.short_side < 0:
+            fail("data.short_side", f"must be >= 0 (0: clips at their source size), got {self.data.short_side!r}")
+        elif self.crop_size < 1:  # a model of 0-pixel inputs would fail deep inside training
             fail("data.crop_size", "must be > 0: with data.short_side 0 (clips at their source size) give the crop size")
         elif self.data.short_side and self.crop_size > self.data.short_side:
             fail("data.crop_size", f"({self.crop_size}) must not exceed data.short_side ({self.data.short_side})")

@@ -376,6 +376,7 @@ def test_a_models_identity_holds_what_changes_its_training(tmp_path):
     (("kd", 0), r"^kd must be a mapping"),                     # was: the kd defaults, silently
     (("eval", []), r"^eval must be a mapping"),
     (("data.crop_size", 0), r"^data\.crop_size must be > 0"),  # was: short_side (`or`)
+    (("data.short_side", -8), r"^data\.short_side must be >= 0 .*got -8"),  # was blamed on data.crop_size
     (("data.clips_per_video", 0), r"^data\.clips_per_video must be >= 1"),  # was: inside the ingest, naming a flag
     (("data.split", 0), r"^data\.split must be >= 1"),
     (("data.eval_clips", 0), r"^data\.eval_clips must be >= 1"),  # was blamed on eval.clips
