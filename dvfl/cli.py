@@ -169,6 +169,29 @@ def fits_ray(cfg: RunConfig, resources: dict, paths: tuple[dict, dict] | None = 
         return False
 
 
+def cpus_refused_before_videos(cfg: RunConfig, num_cpus: int | None, check=None) -> bool:
+    """Before the embedded default's videos are made (minutes; before Ray starts, as the generator
+    forks): a run the local Ray instance about to start lacks the CPUs for, refused now as it would
+    be once Ray is up (``check(cfg, resources)``, default :func:`check_training_fits`), the config
+    error printed. GPUs and custom resources are checked then (only Ray knows a machine's)."""
+    import dataclasses
+
+    import ray
+
+    from dvfl.host import usable_cpus
+    from dvfl.runtime import LOCAL_CPU_OVERSUBSCRIPTION
+
+    if ray.is_initialized() or joined_address():
+        return False
+    cpus_only = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu=False, worker_resources=None))
+    try:
+        (check or check_training_fits)(cpus_only, {"CPU": float(num_cpus or usable_cpus() * LOCAL_CPU_OVERSUBSCRIPTION)})
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
 def run_paths(cfg: RunConfig, *, clips_only: bool = False) -> tuple[dict, dict]:
     """(outputs, inputs): the folders a run's Ray tasks and actors write and read, by field. A given
     teacher is not one: the driver loads it and sends its weights. ``clips_only``: what training a

@@ -380,6 +380,26 @@ def test_training_that_the_local_ray_cannot_place_is_refused(monkeypatch):
     check_training_fits(cfg, {"CPU": 4.0}, nodes=[{"CPU": 2.0}, {"CPU": 2.0}])
 
 
+def test_a_run_the_local_ray_lacks_cpus_for_is_refused_before_the_videos_are_made(tmp_path):
+    """The embedded default's videos (minutes) were generated before Ray started, and only then was
+    the run refused for want of CPUs (README: "says what Ray lacks before any work"). Real processes:
+    in this one a Ray instance may be up (a joined one is checked once Ray is up)."""
+    import glob
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    runs = {"distill": ([sys.executable, "pipelines/distill.py", "--num-cpus", "2", "--set",
+                         f"output_dir={tmp_path / 'distill'}", "--set", "scaling.cpus_per_worker=4"],
+                        r"needs 4\.25 CPU \(Ray has 2\)"),
+            "tune": ([sys.executable, "tuning/search.py", "--num-cpus", "2", "--set", f"output_dir={tmp_path / 'tune'}",
+                      "--set", "tune.max_concurrent_trials=3"], r"tune\.max_concurrent_trials=3 needs 4\.75 CPU")}
+    for name, (argv, message) in runs.items():
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and re.search("^config error: .*" + message, done.stderr, re.M), done.stderr
+        assert "Traceback" not in done.stderr and "local Ray started" not in done.stdout
+        assert not glob.glob(str(tmp_path / name / "**" / "*.mp4"), recursive=True)  # no video made
+
+
 def test_a_file_uri_naming_another_host_is_a_config_error_not_a_traceback(tmp_path):
     """`--set output_dir=file://nas/runs` or `--clips file://nas/clips` ended in a ValueError traceback."""
     from dvfl.config import ConfigError, load_config

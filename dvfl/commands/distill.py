@@ -51,7 +51,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.fresh and (refusal := pipeline.fresh_refusal(cfg)):
         print(f"config error: {refusal}", file=sys.stderr)
         return 2
-    from dvfl.cli import announce_job_outputs, generate_videos
+    from dvfl.cli import announce_job_outputs, cpus_refused_before_videos, generate_videos
 
     try:  # given clips or teacher that the config does not describe: refused before Ray starts or a file is written
         if not a.config:
@@ -72,7 +72,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     # it meant to discard (the Ctrl+C line says to keep --fresh)
     a.fresh_done = not a.fresh
     with failures_as_one_line("distill"), folder_lock(cfg.output_dir, "run"), reads_held():
-        if not generate_videos(cfg):
+        if cpus_refused_before_videos(cfg, a.num_cpus) or not generate_videos(cfg):
             return 2
         with ray_runtime(num_cpus=a.num_cpus) as resources:
             if not fits_ray(cfg, resources):  # (before --fresh deletes anything)

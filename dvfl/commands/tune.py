@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 from dvfl.cli import add_fresh, add_num_cpus, deprecated, paths_on_every_node, run_paths
 
@@ -58,10 +59,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from dvfl.cli import announce_job_outputs, failures_as_one_line, generate_videos
+    from dvfl.cli import announce_job_outputs, cpus_refused_before_videos, failures_as_one_line, generate_videos
     from dvfl.locks import folder_lock, reads_held
     from dvfl.runtime import ray_runtime
     from dvfl.tune import experiment_dir
+    from dvfl.tune.resources import check_resources
 
     announce_job_outputs(str(experiment_dir(search, cfg)))
 
@@ -69,7 +71,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     a.fresh_done = not a.fresh  # (Ctrl+C while --fresh deletes: the rerun needs --fresh again; dvfl.cli.run_command)
     # the run config's folder (clips, teacher, cache) is the search's while it prepares and runs
     with failures_as_one_line("tune"), folder_lock(cfg.output_dir, "run"), reads_held():
-        if not generate_videos(cfg):
+        if cpus_refused_before_videos(cfg, a.num_cpus, partial(check_resources, search)) or not generate_videos(cfg):
             return 2
         with ray_runtime(num_cpus=a.num_cpus):
             outputs, inputs = run_paths(cfg)
