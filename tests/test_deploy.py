@@ -700,6 +700,11 @@ def test_export_and_predict_say_what_is_wrong_with_their_inputs_in_one_line(tmp_
     version was a traceback; an s3:// video read as a missing local file."""
     r = run_cli("export.py", "--model", tmp_path / "typo", "--format", "folder", "--out", tmp_path / "f")
     assert r.returncode == 2 and "typo: not found (no such model folder or checkpoint file)" in r.stderr, r.stderr
+    ckpt = tmp_path / "video-focalnet_base_k400.pth"  # a checkpoint file: told to give --arch, which export lacks
+    ckpt.write_bytes(b"weights")
+    r = run_cli("export.py", "--model", ckpt, "--format", "folder", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "a checkpoint file; export takes a model folder" in r.stderr, r.stderr
+    assert "--arch" not in r.stderr
     model = tmp_path / "model"
     shutil.copytree(REPO / "models" / "embedded_teacher", model)
     spec = json.loads((model / "model.json").read_text())

@@ -82,10 +82,14 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"error: --format onnx needs {' and '.join(missing)}: pip install -e '.[export]'", file=sys.stderr)
             return 2
     from dvfl import export as ex
+    from dvfl import storage
     from dvfl.artifacts import load_model
     from dvfl.models.checkpoint import CheckpointError
 
     try:
+        if storage.isfile(a.model):  # (load_model's advice for one, --arch, is other commands' flag)
+            raise CheckpointError("a checkpoint file; export takes a model folder (model.pt + model.json: a run's "
+                                  "student, or `dvfl teacher --publish DIR`'s)")
         model, spec = load_model(a.model)
     except (CheckpointError, ValueError, OSError, json.JSONDecodeError) as exc:
         print(f"error: --model {a.model}: {exc}", file=sys.stderr)
@@ -97,7 +101,6 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.format != "folder" and (os.path.isdir(a.out) or out_named_a_folder):
         print(f"error: --out {a.out} is a folder; --format {a.format} writes one file: name it", file=sys.stderr)
         return 2
-    from dvfl import storage
 
     written = [a.out] if a.format == "folder" else [a.out, f"{a.out}.json"]  # (the file and its contract)
     model_files = {"model.pt", "model.json", ex.FOLDER_WEIGHTS, "config.json", "README.md"}  # what load_model reads
