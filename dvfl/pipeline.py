@@ -705,7 +705,8 @@ def plan_model_run(cfg: RunConfig, *, role: str, section, optim, dataset_info: d
     loop = training_loop_config(cfg, section, optim, num_classes, seed, teacher, log=log,
                                 tensorboard_dir=storage.join(storage.dirname(out), "tensorboard", storage.basename(out)))
     # the command's mark on the epochs it trains (a Ray Train or runner retry keeps it: the same command)
-    loop = dataclasses.replace(loop, label=label, command_started=time.time())
+    loop = dataclasses.replace(loop, label=label, command_started=time.time(),
+                               optim_key="teacher.optim" if role == "teacher" else "optim")
     # the teacher's identity leaves the worker count out (a search reuses the distill run's teacher), its
     # Train run does not: a run killed with 2 workers and rerun with 1 starts over instead of refusing
     workers = f"-w{cfg.scaling.num_workers}" if role == "teacher" and cfg.scaling.num_workers > 1 else ""

@@ -1184,7 +1184,8 @@ def test_a_teacher_that_cannot_train_ends_with_one_error_line(prepared, ray_loca
                                   ("teacher.optim.batch_size", 100_000)]))
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert re.search(r"^\[teacher\] error: split 'train' of .* has \d+ training clips .* fewer than 2 worker\(s\) x "
-                     r"batch size 100000", r.stderr, re.M), r.stderr[-3000:]
+                     r"batch size 100000 = 200000: use a smaller teacher\.optim\.batch_size", r.stderr, re.M), \
+        r.stderr[-3000:]  # (it named the students' optim.batch_size)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     # workers a local Ray instance cannot place: refused once Ray is up (Ray Train waited for ever)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

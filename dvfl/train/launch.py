@@ -157,13 +157,13 @@ class NotEnoughClipsError(ValueError):
     """Fewer training clips than one batch per worker."""
 
 
-def check_enough_clips(data: TrainingData, num_workers: int, batch_size: int) -> None:
+def check_enough_clips(data: TrainingData, num_workers: int, batch_size: int, optim_key: str = "optim") -> None:
     """Every worker needs at least one full batch, or an epoch would train on nothing."""
     if data.train_rows < num_workers * batch_size:
         raise NotEnoughClipsError(f"split '{data.splits}' of {data.clips_dir} has {data.train_rows} training clips "
                          f"(after the validation hold-out, label_fraction and teacher_pool), fewer than {num_workers} "
                          f"worker(s) x batch size {batch_size} = {num_workers * batch_size}: use a smaller "
-                         "optim.batch_size or fewer workers, or ingest more videos")
+                         f"{optim_key}.batch_size or fewer workers, or ingest more videos")
 
 
 def run_training(
@@ -209,7 +209,7 @@ def run_training(
                              val_fraction=val_fraction, val_seed=val_seed, unlabeled_dir=unlabeled_dir,
                              materialize_below_mb=materialize_below_mb, label_fraction=label_fraction,
                              teacher_pool=teacher_pool, role=role)
-    check_enough_clips(data, scaling.num_workers, loop_cfg.optim.batch_size)
+    check_enough_clips(data, scaling.num_workers, loop_cfg.optim.batch_size, loop_cfg.optim_key)
     loop_cfg = dataclasses.replace(loop_cfg, train_rows=data.train_rows, threads_per_worker=threads_per_worker(scaling),
                                    run_name=name)
     # checkpoints on a URI go through our filesystem (the S3 endpoint of AWS_ENDPOINT_URL included)
@@ -256,7 +256,7 @@ def train_in_tune_trial(loop_cfg: LoopConfig, data: TrainingData, *, scaling: Sc
 
     if scaling.num_workers != 1:
         raise ValueError(f"a trial trains in its own process only with one worker, got {scaling.num_workers}")
-    check_enough_clips(data, 1, loop_cfg.optim.batch_size)
+    check_enough_clips(data, 1, loop_cfg.optim.batch_size, loop_cfg.optim_key)
     quiet_data_progress()
     # the loop prints one line per epoch; per-epoch INFO lines of Ray Data ("execution finished")
     # and of the checkpoint upload would bury it, as LoggingConfig keeps them out of Train workers
@@ -345,7 +345,7 @@ def train_concurrently(runs: list[RunnerRun], *, scaling: Scaling, concurrent: i
     if scaling.num_workers != 1:
         raise ValueError(f"concurrent runs are one-worker runs, got scaling.num_workers={scaling.num_workers}")
     for run in runs:
-        check_enough_clips(run.data, 1, run.loop.optim.batch_size)
+        check_enough_clips(run.data, 1, run.loop.optim.batch_size, run.loop.optim_key)
     concurrent = runners_beside_reads(runs, scaling, concurrent, log)
     runner = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0,
                         resources=scaling.resources or None, max_restarts=0)(LoopRunner)

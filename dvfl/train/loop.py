@@ -380,10 +380,11 @@ def run_loop(cfg: LoopConfig, session) -> None:
             if cfg.stop_on_divergence and not math.isfinite(metrics["train_loss"]):
                 # before its checkpoint: a retry must not resume from NaN weights (after the last
                 # epoch it would find nothing to train and save them as the model)
-                what, fix = ((f"the training loss is {loss}", "lower optim.lr, raise optim.warmup_frac or set optim.clip_grad")
+                o = cfg.optim_key
+                what, fix = ((f"the training loss is {loss}", f"lower {o}.lr, raise {o}.warmup_frac or set {o}.clip_grad")
                              if not math.isfinite(loss) else  # (clipping an inf gradient makes it NaN: no help)
                              ("the weights are no longer finite (a gradient overflowed)",
-                              "lower optim.lr or raise optim.warmup_frac"))
+                              f"lower {o}.lr or raise {o}.warmup_frac"))
                 raise TrainingDiverged(f"{cfg.label}: {what} at epoch {epoch + 1}; {fix} (no model was saved)")
             end_of_epoch(run, cfg, session, epoch, metrics, val_data, writer)
             batches = next_batches

@@ -63,6 +63,7 @@ class LoopConfig:
     shuffle_buffer: int = 256
     hooks: TestHooks = field(default_factory=TestHooks)
     label: str = "train"  # the run's name in its terminal lines ("dvfl s0")
+    optim_key: str = "optim"  # the config section of `optim`, as advice names it ("teacher.optim" for a teacher)
     print_epochs: bool = True  # False: the host prints each epoch's line (a Tune search, from its driver)
     stop_on_divergence: bool = True  # False: a non-finite loss is only reported (Tune's stopper ends the trial)
     # when the command that trains it began (its epochs carry it: a resumed run's earlier commands'
