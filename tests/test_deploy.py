@@ -177,7 +177,7 @@ def test_stream_window_count_for_a_known_video(prepared, video_factory, tmp_path
     assert not out.exists()
 
 
-GOLDEN = "/work/shared/reference/video_focalnet_golden_tiny.pt"
+GOLDEN = str(REPO.parent / "shared" / "reference" / "video_focalnet_golden_tiny.pt")  # (../shared beside the clone)
 
 
 @pytest.fixture(scope="module")
@@ -756,7 +756,8 @@ def test_a_timed_out_request_keeps_the_replica_until_its_decode_ends():
         t2 = time.perf_counter()
         with pytest.raises(asyncio.TimeoutError):
             await run_exclusive(lock, work("late", 1.0), 1.5)
-        assert time.perf_counter() - t2 < 1.85 and lefts["late"] < 0.6
+        # (~0.5 s left after ~1 s behind "ahead"; a limit of its own would leave 1.5 s)
+        assert time.perf_counter() - t2 < 1.85 and lefts["late"] < 1.0
         await run_exclusive(lock, work("last", 0.0), 5)
 
     asyncio.run(two_requests())
@@ -850,6 +851,8 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
 
     from dvfl.serve import build_app
 
+    before = {p for p in os.listdir(tempfile_dir()) if p.startswith("dvfl-serve-")}  # (a killed earlier run's)
+
     good = Path(video_factory(str(tmp_path / "good.mp4"), n=16, h=32, w=32, fps=8))
     long = Path(video_factory(str(tmp_path / "long.mp4"), n=112, h=32, w=32, fps=8))  # 14 s
     # 10 s: within the limit, 5x the training videos' 2 s: answered with predict's note
@@ -904,7 +907,7 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
         assert status == 200 and again["topk"][0][0] == post(good.read_bytes())[1]["topk"][0][0]
     finally:
         serve.shutdown()
-    assert not [p for p in os.listdir(tempfile_dir()) if p.startswith("dvfl-serve-")]
+    assert not [p for p in os.listdir(tempfile_dir()) if p.startswith("dvfl-serve-") and p not in before]
 
 
 def tempfile_dir() -> str:
