@@ -54,7 +54,7 @@ class SyntheticSection:
     unlabeled_videos: int = 0
     size: int = 32
     frames: int = 16
-    motion: str = "bounded"  # or "wrap" (see dvfl/data/synthetic.py; wrap is not learnable here)
+    motion: str = "bounded"  # or "wrap" or "stop" (see dvfl/data/synthetic.py; wrap is not learnable here)
     angle_jitter_deg: float = 8.0  # direction = class angle +- this (22.5: neighbouring classes touch)
     distractors: list[int] = field(default_factory=lambda: [0, 0])  # static blobs per video, [min, max]
     speed: list[float] = field(default_factory=lambda: [1.2, 2.2])  # px per video frame, [min, max]

@@ -3,7 +3,7 @@
 Ray runs Tune trials in per-trial working directories and ``ray job submit`` runs the driver in a
 temporary copy of the working directory that ``ray stop`` deletes; a relative path handed to
 either silently means another place. So every path of a run config is made absolute by
-:func:`resolve_run_paths` while the process still stands where the user typed the command.
+:meth:`dvfl.config.RunConfig.resolve_paths` while the process still stands where the user typed the command.
 
 Under a Ray job, outputs go to a persistent folder outside the temporary copy
 (``$DVFL_JOB_ROOT``, default ``~/dvfl-jobs``), so results survive the job and ``ray stop`` and a

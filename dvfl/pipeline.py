@@ -218,7 +218,11 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
         try:
             manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
         except AdapterError as exc:
-            raise ConfigError(f"data.root: {exc}") from None
+            # (--annotations is the ingest command's flag, not this command's)
+            said = re.sub(r" \(use --annotations[^)]*\)$", "", str(exc))
+            hint = (f": give the lists there, or ingest data.clips yourself (pipelines/ingest.py --dataset "
+                    f"{cfg.data.dataset} --root {cfg.data.root} --annotations SPLIT=FILE ...)") if said != str(exc) else ""
+            raise ConfigError(f"data.root: {said}{hint}") from None
         check_manifest_splits(cfg, manifest)
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
                         eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed,

@@ -1071,3 +1071,19 @@ def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_re
     unlabelled = write(os.path.join(ssv2_root, "test.json"), '[{"id": "1"}, {"id": "2"}]')
     with pytest.raises(A.AdapterError, match=r"test\.json has no labels \(SSv2's test\.json is unlabelled\)"):
         A.ssv2(ssv2_root, [("test", unlabelled)])
+
+
+def test_a_run_without_a_datasets_lists_is_told_its_own_fix_not_the_ingest_flag(tmp_path):
+    """`dvfl distill` on a dvfl-csv root without train/val/test.csv was told "use --annotations", a flag
+    only the ingest command has: the lists' place, or the ingest command to run, instead."""
+    from dvfl.config import ConfigError, load_config
+    from dvfl.pipeline import ready_clips
+
+    cfg = load_config(None, [("data", {"dataset": "dvfl-csv", "root": str(tmp_path)}),
+                             ("output_dir", str(tmp_path / "run"))], check_paths=False)
+    with pytest.raises(ConfigError) as refused:
+        ready_clips(cfg, log=None)
+    assert str(refused.value) == (f"data.root: no train.csv/val.csv/test.csv under {tmp_path}: give the lists there, or "
+                                  "ingest data.clips yourself (pipelines/ingest.py --dataset dvfl-csv --root "
+                                  f"{tmp_path} --annotations SPLIT=FILE ...)")
+    assert not (tmp_path / "run").exists()

@@ -1,1 +1,1 @@
-"""Checks of the Ray cluster configs in ``cluster/`` (``python -m dvfl.cluster.validate``)."""
+"""Checks of the Ray cluster configs in ``cluster/`` (``dvfl validate-cluster``)."""

@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-size", type=int, help="config: data.crop_size (default: the crop the model was trained on, "
                    "from its model.json, else the stored short side)")
     p.add_argument("--json", help="write the metrics here (and the confusion matrix PNG next to it)")
-    p.add_argument("--confusion", help="confusion matrix PNG (default: <json>.confusion.png when --json is given)")
+    p.add_argument("--confusion", help="confusion matrix PNG (default: the --json path with .confusion.png for its "
+                   "extension, when --json is given)")
     p.add_argument("--batch-size", type=int, default=16)
 
 

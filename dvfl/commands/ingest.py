@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--video-frames", type=int, default=16, help="frames per generated video")
     s.add_argument("--video-size", type=int, default=32, help="generated frame size (square, even)")
     s.add_argument("--gen-processes", type=int, default=None, help="processes that generate the videos "
-                   "(default: cores)")
+                   "(default: min(4, cores); one for fewer than 64 videos to make)")
     deprecated(s, "--gen-workers", "--gen-processes", "gen_processes", type=int)
 
 

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="videofocalnet_nano", help="architecture (a timm model name)")
     p.add_argument("--model", default=None,
                    help="a trained model's directory (model.json, e.g. runs/embedded/students/dvfl-s0-...): its "
-                        "architecture, width, classes, frames and crop size (the flags above are then not used)")
+                        "architecture, width, classes, frames and crop size (--arch, --frames, --size, "
+                        "--num-classes and --embed-dim are then not used)")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--size", type=int, default=224, help="frame size (square)")
     p.add_argument("--num-classes", type=int, default=101)

@@ -81,7 +81,7 @@ class SyntheticConfig:
     noise_std: float = 6.0
     angle_jitter_deg: float = 8.0
     crf: int = 20
-    motion: str = "bounded"     # "bounded" | "wrap" (see the module docstring)
+    motion: str = "bounded"     # "bounded" | "wrap" | "stop" (see the module docstring)
     # "plain": one colour, so the moving object is all that changes; "textured": a coarse colour
     # field with fine static texture (harder: a from-scratch model finds the motion much later)
     background: str = "textured"
@@ -405,7 +405,7 @@ def generate(root: str, cfg: Optional[SyntheticConfig] = None, workers: Optional
             _delete_dataset(root)
     elif os.path.isdir(root) and [n for n in os.listdir(root) if not n.startswith(f".{INFO_FILE}.")]:
         # (generating there replaced a real dataset's split lists, and the synthetic.json it left
-        # then let --overwrite delete the whole folder; hidden files: a killed first run's temporary)
+        # then let --fresh delete the whole folder; hidden files: a killed first run's temporary)
         raise VideoFolderError(f"refusing to {'delete' if overwrite else 'generate into'} {root}: it holds files "
                                f"but no generated dataset ({INFO_FILE}); generate into an empty or new folder")
     _sweep_deleted(root)
