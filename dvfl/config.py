@@ -298,11 +298,14 @@ class RunConfig:
 
     def kinetics_ingest_command(self) -> str:
         """The ingest of this config's Kinetics clips (its settings; test = the validate.csv videos)."""
+        return self.ingest_command("--annotations train=annotations/train.csv --annotations test=annotations/validate.csv")
+
+    def ingest_command(self, annotations: str = "--annotations train=FILE --annotations test=FILE") -> str:
+        """`dvfl ingest` of this config's dataset with its clip settings, into the folder it reads."""
         d = self.data
-        return (f"dvfl ingest --dataset kinetics --root {d.root or 'ROOT'} --annotations train=annotations/train.csv "
-                f"--annotations test=annotations/validate.csv --frames {d.frames} --clips-per-video "
-                f"{d.clips_per_video} --eval-clips {d.eval_clips} --short-side {d.short_side} --seed {self.seed} "
-                f"--out {self.clips_dir}")
+        return (f"dvfl ingest --dataset {d.dataset} --root {d.root or 'ROOT'} {annotations} --frames {d.frames} "
+                f"--clips-per-video {d.clips_per_video} --eval-clips {d.eval_clips} --short-side {d.short_side} "
+                f"--seed {self.seed} --out {self.clips_dir}")
 
     def as_given(self, cwd: str | None = None) -> "RunConfig":
         """A copy to write into a file that outlives this process (:func:`dvfl.paths.as_given`):
@@ -620,21 +623,38 @@ def read_yaml(path: Path | str, what: str = "config file") -> object:
     from dvfl import storage
 
     try:
-        return _unshared(yaml.load(storage.read_text(os.fspath(path)), Loader=_UniqueKeyLoader))
+        return _unshared(yaml.load(storage.read_text(os.fspath(path)), Loader=_UniqueKeyLoader), [], [0])
+    except _AliasError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError:  # (Latin-1 text, or UTF-16 as Windows editors save it)
         raise ConfigError(f"{what} {path} is not UTF-8 text: save it as UTF-8") from None
 
 
-def _unshared(tree: object) -> object:
+class _AliasError(ValueError):
+    pass
+
+
+_MAX_CONFIG_NODES = 100_000  # far above any config; aliases of aliases multiply (a "billion laughs" file)
+
+
+def _unshared(tree: object, inside: list, count: list) -> object:
     """``tree`` with every mapping and list its own: an alias (``teacher: {optim: *recipe}``) is one
-    object to PyYAML, and an override edits in place, so ``--set optim.lr=..`` changed the teacher's too."""
-    if isinstance(tree, dict):
-        return {k: _unshared(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_unshared(v) for v in tree]
-    return tree
+    object to PyYAML, and an override edits in place, so ``--set optim.lr=..`` changed the teacher's too.
+    ``inside``: the containers being copied (an alias inside itself is refused); ``count``: nodes so far."""
+    if not isinstance(tree, (dict, list)):
+        return tree
+    if any(tree is t for t in inside):
+        raise _AliasError("an alias refers to a mapping or list that contains it (a recursive structure)")
+    count[0] += len(tree)
+    if count[0] > _MAX_CONFIG_NODES:
+        raise _AliasError(f"its aliases expand to more than {_MAX_CONFIG_NODES:,} values")
+    inside.append(tree)
+    copied = ({k: _unshared(v, inside, count) for k, v in tree.items()} if isinstance(tree, dict)
+              else [_unshared(v, inside, count) for v in tree])
+    inside.pop()
+    return copied
 
 
 _YAML11_ONLY_STRING_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")

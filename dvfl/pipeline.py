@@ -215,13 +215,17 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
         if generated.get("unlabeled_dir"):
             manifest.extend(unlabeled(generated["unlabeled_dir"]))
     else:
+        if storage.is_remote(cfg.data.root):  # (the adapters said "no train.csv under s3://..." of lists that were there)
+            raise ConfigError(f"data.root: {cfg.data.root}: the videos are read from a local or mounted folder, not a "
+                              "URI: mount the bucket, or ingest where the videos are (`dvfl ingest ... --out s3://...`) "
+                              "and give data.clips")
         try:
             manifest = build_manifest(cfg.data.dataset, cfg.data.root, cfg.data.split)
         except AdapterError as exc:
-            # (--annotations is the ingest command's flag, not this command's)
+            # (--annotations is the ingest command's flag, not this command's; clips given are used as they are)
             said = re.sub(r" \(use --annotations[^)]*\)$", "", str(exc))
-            hint = (f": give the lists there, or ingest data.clips yourself (pipelines/ingest.py --dataset "
-                    f"{cfg.data.dataset} --root {cfg.data.root} --annotations SPLIT=FILE ...)") if said != str(exc) else ""
+            hint = (f": give the lists there, or ingest the clips yourself, with this config's settings: "
+                    f"`{cfg.ingest_command()}`, and give data.clips={cfg.clips_dir}") if said != str(exc) else ""
             raise ConfigError(f"data.root: {said}{hint}") from None
         check_manifest_splits(cfg, manifest)
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,

@@ -1083,7 +1083,15 @@ def test_a_run_without_a_datasets_lists_is_told_its_own_fix_not_the_ingest_flag(
                              ("output_dir", str(tmp_path / "run"))], check_paths=False)
     with pytest.raises(ConfigError) as refused:
         ready_clips(cfg, log=None)
-    assert str(refused.value) == (f"data.root: no train.csv/val.csv/test.csv under {tmp_path}: give the lists there, or "
-                                  "ingest data.clips yourself (pipelines/ingest.py --dataset dvfl-csv --root "
-                                  f"{tmp_path} --annotations SPLIT=FILE ...)")
+    assert str(refused.value) == (
+        f"data.root: no train.csv/val.csv/test.csv under {tmp_path}: give the lists there, or ingest the clips yourself, "
+        f"with this config's settings: `dvfl ingest --dataset dvfl-csv --root {tmp_path} --annotations train=FILE "
+        "--annotations test=FILE --frames 8 --clips-per-video 1 --eval-clips 1 --short-side 32 --seed 0 --out "
+        f"{tmp_path / 'run' / 'clips'}`, and give data.clips={tmp_path / 'run' / 'clips'}")
     assert not (tmp_path / "run").exists()
+    # a bucket: the lists there were "not found" (the adapters read local folders only)
+    cfg = load_config(None, [("data", {"dataset": "ucf101", "root": "s3://bucket/UCF101"}),
+                             ("output_dir", str(tmp_path / "run"))], check_paths=False)
+    with pytest.raises(ConfigError, match=r"^data\.root: s3://bucket/UCF101: the videos are read from a local or "
+                                          r"mounted folder, not a URI"):
+        ready_clips(cfg, log=None)

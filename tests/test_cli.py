@@ -391,6 +391,9 @@ def test_a_run_the_local_ray_lacks_cpus_for_is_refused_before_the_videos_are_mad
     runs = {"distill": ([sys.executable, "pipelines/distill.py", "--num-cpus", "2", "--set",
                          f"output_dir={tmp_path / 'distill'}", "--set", "scaling.cpus_per_worker=4"],
                         r"needs 4\.25 CPU \(Ray has 2\)"),
+            "teacher": ([sys.executable, "pipelines/train_teacher.py", "--num-cpus", "2", "--out", str(tmp_path / "t"),
+                         "--set", f"output_dir={tmp_path / 'teacher'}", "--set", "scaling.cpus_per_worker=4"],
+                        r"needs 4\.25 CPU \(Ray has 2\)"),
             "tune": ([sys.executable, "tuning/search.py", "--num-cpus", "2", "--set", f"output_dir={tmp_path / 'tune'}",
                       "--set", "tune.max_concurrent_trials=3"], r"tune\.max_concurrent_trials=3 needs 4\.75 CPU")}
     for name, (argv, message) in runs.items():

@@ -424,6 +424,15 @@ def test_yaml_words_and_duplicate_keys(tmp_path):
     aliased.write_text("optim: &o {epochs: 3, batch_size: 4, lr: 0.001}\nteacher: {optim: *o}\n")
     cfg = load_config(aliased, ["optim.epochs=7", "optim={lr: 0.01}"], check_paths=False)
     assert (cfg.optim.epochs, cfg.optim.lr, cfg.teacher.optim.epochs, cfg.teacher.optim.lr) == (7, 0.01, 3, 0.001)
+    recursive = tmp_path / "recursive.yaml"  # one line, not a RecursionError traceback; nor minutes of expansion
+    recursive.write_text("seeds: &s [1, *s]\n")
+    with pytest.raises(ConfigError, match=r"recursive\.yaml: an alias refers to a mapping or list that contains it"):
+        load_config(recursive, check_paths=False)
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)))
+    with pytest.raises(ConfigError, match=r"laughs\.yaml: its aliases expand to more than 100,000 values"):
+        load_config(laughs, check_paths=False)
     # 1e-3 where a number goes: a float everywhere (three places still refused it as a string)
     assert load_config(None, ["scaling.worker_resources={a: 1e-3}"], check_paths=False).scaling.worker_resources == {"a": 0.001}
     t = load_tune_config(None, ["tune.driver_cpus=1e-1", "tune.asha.reduction_factor=3e0"], check_paths=False)[0]

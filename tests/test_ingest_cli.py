@@ -36,6 +36,9 @@ from dvfl.cli import main as dvfl_main  # noqa: E402
     (["--dataset", "synthetic", "--out", "o", "--frames", "32"], "--video-frames 16 is fewer than a clip needs"),
     # "--root $UNSET": "" was the working directory (every folder of it a class)
     (["--dataset", "folder", "--root", "", "--out", "o"], "--root is empty"),
+    # a bucket as --root: "no such directory" (videos are read from local or mounted folders)
+    (["--dataset", "ucf101", "--root", "s3://b/UCF101", "--out", "o"], "--root s3://b/UCF101: the videos are read "
+                                                                       "from a local or mounted folder, not a URI"),
     (["--dataset", "synthetic", "--out", ""], "--out is empty"),
     # a URI where a local folder is read: the generator made ./s3:/... here, then failed in the encoder
     (["--dataset", "synthetic", "--out", "o", "--videos-dir", "s3://bucket/videos"],

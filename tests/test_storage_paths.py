@@ -170,11 +170,14 @@ def test_a_config_an_earlier_job_wrote_is_found_under_the_job_root(tmp_path, mon
     monkeypatch.setenv("DVFL_JOB_ROOT", str(tmp_path / "jobs"))
     earlier = tmp_path / "jobs" / "runs" / "x"
     earlier.mkdir(parents=True)
-    (earlier / "best_config.yaml").write_text("optim: {epochs: 7}\n")
+    (earlier / "best_config.yaml").write_text("optim: {epochs: 7}\nname: earlier\n")
     (earlier / "search.yaml").write_text("experiment: again\nspace: {kd.temperature: {grid: [2.0, 4.0]}}\n")
     monkeypatch.chdir(_job_copy(tmp_path, "session_2026-12-07_1"))
     assert load_config("runs/x/best_config.yaml", check_paths=False).optim.epochs == 7
     assert load_tune_config("runs/x/search.yaml", check_paths=False)[0].experiment == "again"
+    # the run config a search names (one shipped search over an earlier job's best config)
+    assert load_tune_config(None, [("tune.run_config", "runs/x/best_config.yaml")],
+                            check_paths=False)[1].name == "earlier"
     with pytest.raises(ConfigError, match="config file not found: runs/y.yaml"):
         load_config("runs/y.yaml", check_paths=False)
 

@@ -41,8 +41,8 @@ def test_shared_loop_learns_with_two_ddp_workers(prepared):
     # 4 classes: chance is 25%. The tiny set is too small to generalise motion (see the embedded
     # default notes), but the loop must fit it: the loss falls and training accuracy rises.
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    # (above chance and its first epoch: 0.5 was 2 of 56 clips below this CPU's bf16 run's last epoch)
-    assert history[-1]["train_top1"] > max(0.25, history[0]["train_top1"])
+    # (10 points above chance and its first epoch: 0.5 was 2 of 56 clips below one CPU's bf16 run's last epoch)
+    assert history[-1]["train_top1"] >= max(0.25, history[0]["train_top1"]) + 0.1
     assert {"val_top1", "val_top5", "train_ce", "lr", "command_started"} <= set(history[-1])
     # the loop measures, per epoch, the share of its time spent waiting for the next input batch
     waits = [h["data_wait_fraction"] for h in history]

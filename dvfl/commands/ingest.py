@@ -122,6 +122,9 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.dataset != "synthetic":
         if not a.root:
             bad(f"--root is required for --dataset {a.dataset}")
+        if storage.is_remote(a.root):  # (it was "no such directory")
+            bad(f"--root {a.root}: the videos are read from a local or mounted folder, not a URI: mount the bucket, "
+                "or ingest where the videos are (--out may be a URI)")
         if not os.path.isdir(a.root):
             bad(f"--root {a.root}: no such directory")
     if a.dataset in ("ucf101", "hmdb51") and a.split not in (1, 2, 3):

@@ -19,8 +19,8 @@ import argparse
 import json
 import sys
 
-from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, config_from_args, deprecated,
-                      failures_as_one_line, fits_ray, local_outputs, run_paths, uses_config)
+from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, config_from_args, cpus_refused_before_videos,
+                      deprecated, failures_as_one_line, fits_ray, local_outputs, run_paths, uses_config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +56,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     # the videos are made under the locks
     with failures_as_one_line("teacher"), folder_lock(cfg.output_dir, "run"), \
             folder_lock(test_cfg.output_dir if test_cfg else cfg.output_dir, "run"), reads_held():
+        if cpus_refused_before_videos(cfg, a.num_cpus):
+            return 2
         for c in to_generate:
             pipeline.ensure_videos(c)  # before Ray starts: the generator forks processes
         with ray_runtime(num_cpus=a.num_cpus) as resources:

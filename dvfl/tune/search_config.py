@@ -321,9 +321,9 @@ def load_tune_config(path: str | os.PathLike | None = None, overrides=(), *, out
     run_path = None
     if t.run_config:
         run_path = Path(os.path.expanduser(t.run_config))  # inside YAML or after --set k=, no shell expands ~
-        if not run_path.is_absolute():  # where the user is, next to the search file, then configs/
-            run_path = next((c for c in (Path.cwd() / run_path, path.parent / run_path) if c.is_file()),
-                            CONFIG_DIR / run_path)
+        if not run_path.is_absolute():  # where the user is (in a Ray job: or the job root), next to the search file, then configs/
+            run_path = next((c for c in (Path(in_job_root(str(run_path))).absolute(), path.parent / run_path)
+                             if c.is_file()), CONFIG_DIR / run_path)
         t.run_config = str(run_path)
     sets = list(t.set.items()) + run_overrides + ([("output_dir", output_dir)] if output_dir else [])
     base = load_config(run_path, sets, check_paths=check_paths)
