@@ -24,7 +24,7 @@ STUDENT_ROLES = ("vfl", "vfl_long", "dvfl", "dvfl+unlabeled")
 # vfl_long: VFL-Net given this many times the epochs of optim.epochs (KD at convergence, not just earlier)
 LONG_EPOCHS_FACTOR = 2
 # datasets whose classes name directions ("Pushing something from left to right"): a flip changes the label
-DIRECTIONAL_DATASETS = ("ssv2",)
+DIRECTIONAL_DATASETS = ("ssv2", "synthetic")  # (the generated classes are directions of motion)
 # the numbered official splits (UCF101, HMDB51) or leave-one-group-out folds (UCF50) there are
 SPLIT_COUNTS = {"ucf101": 3, "hmdb51": 3, "ucf50": 25}
 

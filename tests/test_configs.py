@@ -55,6 +55,10 @@ def test_ssv2_never_flips():
         load_config(CONFIGS / "ssv2.yaml", [("data.flip", True)], check_paths=False)
     with pytest.raises(ConfigError, match="teacher.views must not flip ssv2 clips"):
         load_config(CONFIGS / "ssv2.yaml", [("teacher.views", ["center", "center+flip"])], check_paths=False)
+    # the generated dataset's classes are directions of motion too: a flipped clip trained under the wrong label
+    for override in (("data.flip", True), ("teacher.views", ["center", "center+flip"])):
+        with pytest.raises(ConfigError, match=r"must not flip synthetic clips: its classes are directions"):
+            load_config(None, [override], check_paths=False)
 
 
 def test_a_wrong_key_or_dataset_is_refused_naming_it(tmp_path):
