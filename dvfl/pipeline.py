@@ -326,6 +326,12 @@ def teacher_holdout_problem(cfg: RunConfig, teacher: str, spec: dict, info: dict
     ident = spec.get("identity") or {}
     if ident.get("dataset") != info["fingerprint"] or ident.get("split") != cfg.data.train_split:
         return None
+    pool = ident.get("teacher_pool", 0.0)
+    if pool and pool != cfg.data.teacher_pool:  # (the pools are nested: a smaller one gives its videos to students)
+        return (f"teacher.path {teacher} was trained on these clips' data.teacher_pool {pool} (videos no student may "
+                f"see), this run's is {cfg.data.teacher_pool}: "
+                + ("its students would train on videos the teacher trained on" if cfg.data.teacher_pool < pool else
+                   "the students would lose videos for nothing") + f"; set data.teacher_pool={pool}")
     now = holdout_identity(cfg)
     if not now:  # a validation split of its own: no carve from training
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -319,6 +320,19 @@ def test_a_given_teacher_carved_with_another_holdout_is_refused(prepared, tmp_pa
         pipeline.check_given_inputs(other)
     with pytest.raises(ConfigError, match=message):
         pipeline.ensure_teacher(other, prepared["info"], log=lambda *_: None)
+    # a teacher trained on a data.teacher_pool of these clips, given to a run without it: the students
+    # trained on the videos kept from them (nothing compared the pools)
+    pooled = tmp_path / "pooled_teacher"
+    shutil.copytree(prepared["teacher"], pooled)
+    spec = json.loads((pooled / "model.json").read_text())
+    (pooled / "model.json").write_text(json.dumps({**spec, "identity": {**spec["identity"], "teacher_pool": 0.5}}))
+    given = [("data.clips", cfg.clips_dir), ("teacher.path", str(pooled)), ("teacher.cache", str(tmp_path / "cache"))]
+    for pool, told in ((0.0, "its students would train on videos the teacher trained on"),
+                       (0.7, "the students would lose videos for nothing")):
+        with pytest.raises(ConfigError, match=rf"data\.teacher_pool 0\.5 .*this run's is {pool}: {told}; set "
+                                              r"data\.teacher_pool=0\.5"):
+            pipeline.check_given_inputs(tiny_config(tmp_path / "p", [*given, ("data.teacher_pool", pool)]))
+    pipeline.check_given_inputs(tiny_config(tmp_path / "p", [*given, ("data.teacher_pool", 0.5)]))
 
 
 def test_evaluation_in_the_driver_stays_on_the_cpu_unless_the_run_asks_for_gpus(prepared, tmp_path, monkeypatch):
