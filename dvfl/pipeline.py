@@ -186,6 +186,20 @@ def _note_decode_rules(out: str, info: dict, log) -> None:
         log(f"[clips] note: {note}")
 
 
+def _note_generator(cfg: RunConfig, info: dict, log) -> None:
+    """Given generated clips made with other ``data.synthetic`` settings or ``seed`` than the config's
+    (recorded since session 49): said, as the run trains and reports on the clips as they are."""
+    made = (info.get("source") or {}).get("generator")
+    if cfg.data.dataset != "synthetic" or not made or not log:
+        return
+    now = cfg.data.synthetic.generator_config(cfg.seed).as_dict()
+    changed = [f"{'seed' if k == 'seed' else 'data.synthetic.' + k} {made.get(k, 0)} (config: {now.get(k, 0)})"
+               for k in sorted(set(made) | set(now)) if made.get(k, 0) != now.get(k, 0)]
+    if changed:
+        log(f"[clips] note: {cfg.clips_dir} was generated with " + ", ".join(changed) + ": used as given (the "
+            "results describe these clips; for the config's, leave data.clips unset or give another folder)")
+
+
 def ready_clips(cfg: RunConfig, log=print) -> dict:
     """The clips' dataset.json, ingested first when they are not finished."""
     from dvfl.data.adapters import AdapterError, build_manifest, unlabeled
@@ -196,6 +210,7 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
         info = load_dataset_info(out)  # given explicitly: used as is, if made for this config
         check_clips_match(cfg, info)
         _note_decode_rules(out, info, log)
+        _note_generator(cfg, info, log)
         return info
     if cfg.data.dataset == "kinetics":
         # its CSVs' own split column would make validate.csv "val" and a labelled test.csv "test": results
@@ -212,6 +227,8 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
     if cfg.data.dataset == "synthetic":
         generated = ensure_videos(cfg, log)
         manifest = build_manifest("synthetic", generated["root"], 1)
+        # (in dataset.json, not the fingerprint: clips given later are told apart from these settings)
+        manifest.source["generator"] = cfg.data.synthetic.generator_config(cfg.seed).as_dict()
         if generated.get("unlabeled_dir"):
             manifest.extend(unlabeled(generated["unlabeled_dir"]))
     else:

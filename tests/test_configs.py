@@ -564,3 +564,23 @@ def test_an_output_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path
     a = argparse.Namespace(json=bad + "/preds.json")
     absolute_path_args(a, plain_outputs=("json",))
     assert a.json == bad + "/preds.json"
+
+
+def test_given_generated_clips_made_with_other_settings_are_said():
+    """`--set data.clips=...` with `--set seed=7` or another `data.synthetic.label_noise`: the run trained and
+    reported on the earlier clips, its results naming the new settings, without a word."""
+    from dvfl.config import load_config
+    from dvfl.pipeline import _note_generator
+
+    made = load_config(None, check_paths=False)
+    info = {"source": {"generator": made.data.synthetic.generator_config(made.seed).as_dict()}}
+    said = []
+    _note_generator(made, info, said.append)
+    assert said == []
+    for override, words in ((("seed", 7), "seed 0 (config: 7)"),
+                            (("data.synthetic.label_noise", 0.0), "data.synthetic.label_noise 0.4 (config: 0)")):
+        _note_generator(load_config(None, [override], check_paths=False), info, said.append)
+        assert len(said) == 1 and said.pop().startswith(f"[clips] note: {made.clips_dir} was generated with {words}: "
+                                                         "used as given"), said
+    _note_generator(made, {"source": {}}, said.append)  # clips ingested before session 49 record nothing
+    assert said == []

@@ -92,6 +92,9 @@ def test_distill_as_typed_writes_where_it_says(demo, checkout):
     assert f"results in {out}" in r.stdout  # the absolute path, printed
     report = json.loads((out / "results.json").read_text())
     models = report["models"]
+    # the generator's settings recorded with the clips (a later run given them is told what differs)
+    made = json.loads((out / "clips" / "dataset.json").read_text())["source"]["generator"]
+    assert (made["train_per_class"], made["unlabeled_videos"], made["seed"]) == (3, 6, 0), made
     students = ("vfl", "vfl_long", "dvfl", "dvfl+unlabeled")
     assert set(models) == {"teacher", *students}
     # each row's top-1 is its model's accuracy on the test split (1 clip x 1 crop per video here)
