@@ -14,7 +14,7 @@ the defaults, short side 128 and 1 evaluation clip, are refused by those configs
   dvfl ingest --dataset ssv2 --root /data/ssv2 --annotations train=labels/train.json \\
       --annotations test=labels/validation.json --out data/ssv2 --short-side 256 --clips-per-video 2 --eval-clips 2
   dvfl ingest --dataset dvfl-csv --root /data/UCF101 --annotations train=lists/train.csv \\
-      --annotations val=lists/val.csv --out data/ucf101_dvfl
+      --annotations test=lists/val.csv --out data/ucf101_dvfl
   dvfl ingest --dataset folder --root /data/my_videos --test-fraction 0.2 --out data/mine
   ... --unlabeled /data/raw_clips        (or a text file with one path per line)
 
