@@ -265,7 +265,9 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
         vdir = a.videos_dir or os.path.join(a.out, "videos")
         scfg = SyntheticConfig(num_classes=a.synthetic_classes, train_per_class=a.train_per_class,
                                test_per_class=a.test_per_class, unlabeled_videos=a.unlabeled_videos,
-                               frames=a.video_frames, size=a.video_size, seed=a.seed)
+                               frames=a.video_frames, size=a.video_size, seed=a.seed,
+                               # (the default 8 degrees would blur neighbouring directions past 22 classes: refused)
+                               angle_jitter_deg=min(8.0, 180 / a.synthetic_classes))
         try:
             g = generate(vdir, scfg, workers=a.gen_processes, overwrite=a.fresh, log=log)
         except VideoFolderError as e:
