@@ -19,7 +19,8 @@ has the measured figures).
   that the whole path fits; a path longer than the room starts at the wall it moves away
   from and the object stops at the opposite wall. A frame at a random time then says little
   about the class (where the object rests: ~25-29 % top-1 from one frame's position on 8 classes,
-  chance 12.5 %), and the *set* of frames (order ignored) gives at most the axis of motion, never its sense: a reversed "MoveLeft" video is a valid "MoveRight" video. Only the order
+  chance 12.5 %), and the *set* of frames (order ignored) gives at most the axis of motion,
+  never its sense: a reversed "MoveLeft" video is a valid "MoveRight" video. Only the order
   of the frames tells the class. ``motion="stop"`` (the embedded default's): the object starts
   inside the frame, moves in the video's direction and stops at the first wall it reaches, so
   every step of motion has the video's direction (in ``bounded`` it waits at a start wall or
