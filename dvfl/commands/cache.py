@@ -101,6 +101,11 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     a.fresh_done = not a.fresh  # (interrupted before --fresh deleted another build's cache: rerun with it)
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
+        if not a.config and a.clips:  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
+            from dvfl.commands.teacher import clips_own_settings
+
+            dataset = clips_own_settings(a.clips).get("dataset")
+            a.overrides = [*([("data.dataset", dataset)] if dataset else []), *a.overrides]
         # the flags as the config's fields, so that the config's checks apply to them too
         cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.teacher, "teacher.model": a.arch,
                                    "teacher.cache": a.out, "teacher.cache_dtype": a.dtype,
