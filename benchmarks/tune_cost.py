@@ -114,7 +114,11 @@ def main(argv=None) -> int:
             p.error(f"--from-run {run}: no clips/dataset.json, or no teacher (teacher/*/model.json or the "
                     f"config's teacher.path): a finished distill run?")
         run_teacher = run_teacher[0]
+        # a teacher trained in the run on a pool of its own: the same pool (else refused: students on its videos)
+        pool = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}).get("teacher_pool") \
+            if (run / "config.yaml").is_file() else None
         data = [("tune.space", SPACE), ("data.clips", str(run / "clips")), ("students", None), ("tune.set.optim.epochs", a.epochs),
+                *([("data.teacher_pool", pool)] if pool else []),
                 ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1),
                 # cost per trial, not the default search: ASHA from epoch 1, no front re-runs
                 ("tune.asha.grace_period", 1), ("tune.front_seeds", []), ("tune.max_concurrent_trials", 1)]

@@ -146,7 +146,9 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, ray_local, video_factory
     assert s["rejects_by_reason"] == {"unknown_container": 1}  # the hang file, without test hooks
     import json
 
-    assert json.load(open(os.path.join(out, "dataset.json")))["fingerprint"] == s["fingerprint"]
+    written = json.load(open(os.path.join(out, "dataset.json")))
+    assert written["fingerprint"] == s["fingerprint"]  # (the generator's settings, recorded, are not in it)
+    assert (written["source"]["generator"]["num_classes"], written["source"]["generator"]["train_per_class"]) == (4, 3)
 
 
 def test_out_inside_the_dataset_folder_is_refused(tmp_path, capsys):

@@ -295,6 +295,8 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
                            videos_dir=a.videos_dir if a.dataset != "synthetic" else None,
                            classes_file=a.classes, num_classes=a.num_classes, test_fraction=a.test_fraction,
                            val_fraction=a.val_fraction)
+        if a.dataset == "synthetic":  # (a run given these clips says what its data.synthetic changes)
+            m.source["generator"] = scfg.as_dict()
         for pool, u in enumerate(a.unlabeled):
             m.extend(unlabeled(u, pool))
             m.source.setdefault("unlabeled", []).append(os.path.abspath(u))
