@@ -727,6 +727,24 @@ def test_a_cache_built_for_other_views_is_refused(prepared):
         pipeline.teacher_signal(cfg, prepared["teacher"], prepared["spec"], prepared["info"], kd=True)
 
 
+def test_dvfl_cache_with_a_set_takes_the_clips_dataset_and_its_flip_rule(prepared, ray_local, tmp_path):
+    """`dvfl cache --clips C ... --set k=v` built its config on the embedded default's, whose dataset (the
+    generated one) refuses flip views: real clips' center+flip cache was refused as "synthetic clips"."""
+    clips = tmp_path / "clips"  # the tiny clips, named a dataset whose classes are not directions
+    shutil.copytree(prepared["cfg"].clips_dir, clips)
+    info = json.loads((clips / "dataset.json").read_text())
+    (clips / "dataset.json").write_text(json.dumps({**info, "dataset": "ucf101"}))
+    r = cli_in_process("cache_teacher.py", "--clips", clips, "--teacher", prepared["teacher"], "--out", tmp_path / "c",
+                       "--crop-size", prepared["cfg"].crop_size, "--cache-views", "center,center+flip", "--set",
+                       "teacher.cache_dtype=float32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["view_spec"]["views"] == ["center", "center+flip"]
+    # the generated clips themselves: still refused
+    r = cli_in_process("cache_teacher.py", "--clips", prepared["cfg"].clips_dir, "--teacher", prepared["teacher"], "--out",
+                       tmp_path / "c2", "--cache-views", "center,center+flip", "--set", "teacher.cache_dtype=float32")
+    assert r.returncode == 2 and "teacher.views must not flip synthetic clips" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_logits_row_twice_is_refused_and_workers_look_up_what_the_driver_does(prepared, tmp_path):
     """A (clip, view) key held twice made the driver's index and the one shipped to Train workers
     (keys renumbered 0..n-1) disagree for every later key: workers trained on other clips' logits.
