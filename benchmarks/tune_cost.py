@@ -105,8 +105,9 @@ def main(argv=None) -> int:
     if a.from_run:
         run = Path(a.from_run).resolve()
         run_teacher = [m.parent for m in sorted((run / "teacher").glob("*/model.json"))]
-        if not run_teacher and (run / "config.yaml").is_file():  # a run with a given (pre-trained) teacher
-            given = (yaml.safe_load((run / "config.yaml").read_text()).get("teacher") or {}).get("path")
+        run_cfg = (yaml.safe_load((run / "config.yaml").read_text()) or {}) if (run / "config.yaml").is_file() else {}
+        if not run_teacher and run_cfg:  # a run with a given (pre-trained) teacher
+            given = (run_cfg.get("teacher") or {}).get("path")
             # relative (a config written under a Ray job): to the checkout, where this is run from
             given = given and Path(given).expanduser().resolve()
             run_teacher = [given] if given and (given / "model.json").is_file() else []
@@ -115,8 +116,7 @@ def main(argv=None) -> int:
                     f"config's teacher.path): a finished distill run?")
         run_teacher = run_teacher[0]
         # a teacher trained in the run on a pool of its own: the same pool (else refused: students on its videos)
-        pool = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}).get("teacher_pool") \
-            if (run / "config.yaml").is_file() else None
+        pool = (run_cfg.get("data") or {}).get("teacher_pool")
         data = [("tune.space", SPACE), ("data.clips", str(run / "clips")), ("students", None), ("tune.set.optim.epochs", a.epochs),
                 *([("data.teacher_pool", pool)] if pool else []),
                 ("tune.num_samples", a.samples), ("tune.storage", str(work / "tune")), ("scaling.num_workers", 1),

@@ -192,6 +192,24 @@ def cpus_refused_before_videos(cfg: RunConfig, num_cpus: int | None, check=None)
     return False
 
 
+def clips_own_settings(clips: str | None) -> dict:
+    """What an ingest's ``dataset.json`` says of its clips, as ``data.*`` fields ({} where there is none
+    yet: the command says so)."""
+    from dvfl import pipeline
+    from dvfl.data.shards import load_dataset_info
+
+    try:
+        info = load_dataset_info(clips) if clips else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
+        return {}
+    own = {"dataset": info.get("dataset"), "short_side": info["params"].get("short_side"),
+           "frames": info["params"].get("frames"), "clips_per_video": info["params"].get("clips_per_video"),
+           "split": pipeline.clips_split(info)}
+    return {k: v for k, v in own.items() if v is not None}
+
+
 def run_paths(cfg: RunConfig, *, clips_only: bool = False) -> tuple[dict, dict]:
     """(outputs, inputs): the folders a run's Ray tasks and actors write and read, by field. A given
     teacher is not one: the driver loads it and sends its weights. ``clips_only``: what training a

@@ -102,7 +102,7 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
         if not a.config and a.clips:  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
-            from dvfl.commands.teacher import clips_own_settings
+            from dvfl.cli import clips_own_settings
 
             dataset = clips_own_settings(a.clips).get("dataset")
             a.overrides = [*([("data.dataset", dataset)] if dataset else []), *a.overrides]

@@ -19,8 +19,9 @@ import argparse
 import json
 import sys
 
-from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, config_from_args, cpus_refused_before_videos,
-                      deprecated, failures_as_one_line, fits_ray, local_outputs, run_paths, uses_config)
+from dvfl.cli import (absolute_path_args, add_config_args, add_num_workers, clips_own_settings, config_from_args,
+                      cpus_refused_before_videos, deprecated, failures_as_one_line, fits_ray, local_outputs, run_paths,
+                      uses_config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,24 +183,6 @@ def teacher_run_config(a: argparse.Namespace, p: argparse.ArgumentParser):
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     return cfg, info, test_cfg, out, to_generate
-
-
-def clips_own_settings(clips: str | None) -> dict:
-    """What an ingest's ``dataset.json`` says of its clips, as ``data.*`` fields ({} where there is none
-    yet: the command says so)."""
-    from dvfl import pipeline
-    from dvfl.data.shards import load_dataset_info
-
-    try:
-        info = load_dataset_info(clips) if clips else None
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(info, dict) or not isinstance(info.get("params"), dict):
-        return {}
-    own = {"dataset": info.get("dataset"), "short_side": info["params"].get("short_side"),
-           "frames": info["params"].get("frames"), "clips_per_video": info["params"].get("clips_per_video"),
-           "split": pipeline.clips_split(info)}
-    return {k: v for k, v in own.items() if v is not None}
 
 
 TEACHER_FILES = ("model.pt", "model.json", "_work")  # what this command writes there (_work: a bare run's folder)
