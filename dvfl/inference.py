@@ -76,6 +76,14 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
     return list(classes), dict(inputs)
 
 
+def _recorded_views(inputs: dict) -> tuple[int, int] | None:
+    """The evaluation views a model.json records (models saved before session 50 record none)."""
+    try:
+        return parse_views(inputs["eval_views"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
 @dataclass
 class Predictor:
     model: torch.nn.Module
@@ -92,6 +100,7 @@ class Predictor:
     # evaluation; a 1-frame upload repeated T times is no video the model was scored on
     min_frames: int | None = None  # None: frames
     video_seconds: float | None = None  # median length of the training videos (a stream's default window)
+    eval_views: tuple[int, int] | None = None  # (clips, crops) the run evaluated with; None: not recorded
     device: str = "cpu"
     proc: DecodeProcess = field(default_factory=DecodeProcess)
 
@@ -112,7 +121,7 @@ class Predictor:
         return cls(model.eval().to(kw["device"]), classes, int(inputs["frames"]), int(inputs["short_side"]),
                    int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)),
                    min_frames=int(inputs.get("min_frames") or inputs["frames"]),
-                   video_seconds=inputs.get("video_seconds"), **kw)
+                   video_seconds=inputs.get("video_seconds"), eval_views=_recorded_views(inputs), **kw)
 
     def close(self) -> None:
         self.proc.close()

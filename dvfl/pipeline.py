@@ -133,6 +133,8 @@ def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
     return {"frames": cfg.data.frames, "short_side": dataset_info["params"]["short_side"],
             "crop_size": cfg.crop_size, "eval_clips": dataset_info["params"]["eval_clips"],
             "min_frames": dataset_info["params"].get("min_frames") or cfg.data.frames,
+            # the views its top-1 was scored with: predict's default, so a file gets the class evaluation counted
+            "eval_views": f"{cfg.eval.clips}x{cfg.eval.crops}",
             # a clip's T frames spread over a whole video: a stream's window should span as long
             "video_seconds": _median_video_seconds(cfg.clips_dir, cfg.data.train_split, dataset_info["fingerprint"]),
             "normalize": "imagenet", "layout": "B,T,C,H,W float32"}

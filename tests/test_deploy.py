@@ -76,6 +76,29 @@ def test_predict_top1_equals_evaluation_for_every_test_video(prepared, tmp_path)
     assert rows[str(bad)]["error"].startswith("not_video") and rows[str(raw)]["error"] == "no video files in this folder"
 
 
+def test_predict_defaults_to_the_views_the_run_evaluated_with(prepared, tmp_path):
+    """model.json records the run's eval views and predict takes them unless --views is given: with
+    1x1 for every model, a run evaluated 4x3 (configs/ucf101_base.yaml) was scored on 12 views and
+    predicted from one, and a test video could get another class than the one evaluation counted."""
+    cfg = prepared["cfg"]
+    spec = json.loads((Path(prepared["teacher"]) / "model.json").read_text())
+    assert spec["inputs"]["eval_views"] == f"{cfg.eval.clips}x{cfg.eval.crops}"
+    model = tmp_path / "model"
+    shutil.copytree(prepared["teacher"], model)
+    spec["inputs"]["eval_views"] = "2x1"  # as if the run had evaluated two clips per video
+    (model / "model.json").write_text(json.dumps(spec))
+    videos = sorted(videos_of(prepared).values())[:4]
+    probs = {}
+    for views in (None, "2x1", "1x1"):
+        out = tmp_path / f"{views}.json"
+        r = run_cli("predict.py", "--model", model, *videos, "--topk", 3, "--json", out,
+                    *(["--views", views] if views else []))
+        assert r.returncode == 0, r.stderr
+        assert ("[predict] views 2x1, as the run evaluated" in r.stderr) == (views is None), r.stderr
+        probs[views] = json.loads(out.read_text())
+    assert probs[None] == probs["2x1"] != probs["1x1"]
+
+
 def test_predict_names_a_file_whose_name_is_not_utf8(prepared, tmp_path):
     """A Latin-1 file name (caf\\xe9.mp4): its line made print() raise under a UTF-8 locale, and the
     files after it were never predicted."""

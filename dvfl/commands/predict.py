@@ -5,9 +5,10 @@
 
 Files are decoded in a killable child process with ingest's container checks, and seen under the
 same deterministic views as evaluation, so a test video gets the prediction evaluation counted
-(``--views 1x1``: the centre crop of the stored uniform clip nearest the middle of the video, ties
-to the later one - index 2 of a grid of 4 - from the grid the model's clips were stored with;
-``4x3``: 4 uniform clips x 3 crops). A folder means every video file under it (a folder without
+(by default the views the run evaluated with, model.json ``inputs.eval_views``; ``--views 1x1``:
+the centre crop of the stored uniform clip nearest the middle of the video, ties to the later one
+- index 2 of a grid of 4 - from the grid the model's clips were stored with; ``4x3``: 4 uniform
+clips x 3 crops). A folder means every video file under it (a folder without
 one is an error). A bad file gets a per-file error and the others go on; the exit status is 1 if
 any input failed. (``python pipelines/predict.py`` takes the same arguments.) ``--json OUT``
 writes ``[{"path", "topk": [[class, probability], ...]} or {"path", "error"}]``.
@@ -27,7 +28,8 @@ from dvfl.cli import absolute_path_args
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (model.pt + model.json)")
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER")
-    p.add_argument("--views", default="1x1", help="CLIPSxCROPS, as in evaluation")
+    p.add_argument("--views", help="CLIPSxCROPS, as in evaluation (default: the views the run evaluated with, "
+                                   "model.json inputs.eval_views; 1x1 for a model that records none)")
     p.add_argument("--topk", type=int, default=5, help="classes printed per file")
     p.add_argument("--json", help="write the predictions here")
     p.add_argument("--clips", help="the ingest output the model was trained on (only for a model.json "
@@ -61,7 +63,7 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from dvfl.inference import STREAM_MAX_FRAMES, PredictError, Predictor, expand_inputs, parse_views, stream_file
 
     try:
-        views = parse_views(a.views)
+        views = parse_views(a.views) if a.views else None
     except ValueError as exc:
         p.error(str(exc))
     if a.threads:
@@ -91,6 +93,11 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                   f"{out['fps']:g} fps; real-time factor {out['real_time_factor']:.2f} (>= 1: keeps up)")
             # (a traceback after a stream that may have played for minutes)
             return 0 if _json_written(a.json, out) else 1
+        if views is None:
+            views = pred.eval_views or (1, 1)
+            if views != (1, 1):  # (each file costs clips x crops forward passes: said once)
+                print(f"[predict] views {views[0]}x{views[1]}, as the run evaluated (model.json); --views 1x1 for one "
+                      "forward pass per file", file=sys.stderr)
         files, empty = expand_inputs(a.inputs)
         for folder in empty:  # a folder given and silently skipped would read as "all fine"
             print(f"{folder}: error: no video files in this folder (by extension: "
