@@ -250,7 +250,11 @@ def input_contract(spec: dict) -> dict:
                               "resize": ("none: a centre crop of crop_size from the frames at their source size"
                                          if inputs.get("short_side") == 0 else
                                          "short side to short_side, then a centre crop of crop_size"),
-                              "frames": frame_sampling(inputs, frames)},
+                              "frames": frame_sampling(inputs, frames),
+                              # what the run's reported top-1 scored a video from (predict's default)
+                              "views": (f"{inputs['eval_views']} (uniform clips x crops along the long side, "
+                                        "softmax averaged): the run's evaluation" if inputs.get("eval_views")
+                                        else "not recorded (1x1: one centre crop)")},
             "output": f"logits (batch, {kw['num_classes']}), in the order of classes"}
 
 
@@ -276,7 +280,9 @@ def model_card(spec: dict, dataset: dict | None = None) -> str:
              f"- float32 `(batch, {kw.get('num_frames', 8)}, 3, {kw.get('img_size', 224)}, {kw.get('img_size', 224)})`, "
              "RGB in [0, 1] normalised with the ImageNet mean/std",
              f"- frames: {frame_sampling(inputs, inputs.get('frames', kw.get('num_frames')))}; "
-             f"{resize_words(inputs)} (evaluation views: start/centre/end crops along the long side)",
+             f"{resize_words(inputs)} (evaluation views: start/centre/end crops along the long side"
+             + (f"; the run evaluated {inputs['eval_views']} clips x crops, softmax averaged)" if inputs.get("eval_views")
+                else ")"),
              f"- output: logits over {kw['num_classes']} classes: {', '.join(classes) if classes else '(not recorded)'}",
              "", "## Training", "",
              f"- role: {spec.get('role', '?')}, seed {spec.get('seed', '?')}, trained on split "
