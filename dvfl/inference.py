@@ -73,10 +73,17 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
                          "'inputs'): pass --clips, the ingest output it was trained on")
     if len(classes) != spec["kwargs"]["num_classes"]:
         raise ValueError(f"{len(classes)} class names for a model with {spec['kwargs']['num_classes']} outputs")
+    missing = [k for k in ("frames", "short_side", "crop_size") if inputs.get(k) is None]
+    if missing:
+        raise ValueError(f"model.json 'inputs' lacks {', '.join(missing)}")
+    built = spec["kwargs"].get("num_frames")
+    if built is not None and int(inputs["frames"]) != int(built):  # (every file failed in the model, untold why)
+        raise ValueError(f"inputs of {inputs['frames']} frames (model.json 'inputs', or --clips) for a model built "
+                         f"for {built} (model.json 'kwargs.num_frames')")
     return list(classes), dict(inputs)
 
 
-def _recorded_views(inputs: dict) -> tuple[int, int] | None:
+def recorded_views(inputs: dict) -> tuple[int, int] | None:
     """The evaluation views a model.json records (models saved before session 50 record none)."""
     try:
         return parse_views(inputs["eval_views"])
@@ -121,7 +128,7 @@ class Predictor:
         return cls(model.eval().to(kw["device"]), classes, int(inputs["frames"]), int(inputs["short_side"]),
                    int(inputs["crop_size"]), spec, eval_clips=int(inputs.get("eval_clips", 1)),
                    min_frames=int(inputs.get("min_frames") or inputs["frames"]),
-                   video_seconds=inputs.get("video_seconds"), eval_views=_recorded_views(inputs), **kw)
+                   video_seconds=inputs.get("video_seconds"), eval_views=recorded_views(inputs), **kw)
 
     def close(self) -> None:
         self.proc.close()

@@ -37,7 +37,7 @@ STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 
 @dataclass
 class ServeSettings:
     model: str = ""
-    views: str = "1x1"
+    views: str | None = None  # CLIPSxCROPS; None: the views the model's run evaluated with (model.json), else 1x1
     topk: int = 5
     max_upload_mb: float = 64.0
     max_video_seconds: float = 60.0
@@ -90,8 +90,10 @@ class ServeSettings:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"serve args: {msg}")
-        parse_views(self.views)
+        if self.views is not None:
+            parse_views(str(self.views))
         from dvfl.artifacts import read_spec
+        from dvfl.inference import input_spec
         from dvfl.models import CheckpointError
 
         try:
@@ -101,6 +103,10 @@ class ServeSettings:
         if not spec.get("classes") or not spec.get("inputs"):  # else every replica fails to start, over and over
             raise ValueError(f"serve args: model: {self.model} records no class names or input sizes (model.json "
                              "'classes' and 'inputs', written by `dvfl distill` and `dvfl teacher`)")
+        try:  # (as every replica will read them)
+            input_spec(spec)
+        except ValueError as exc:
+            raise ValueError(f"serve args: model: {self.model}: {exc}") from None
 
 
 async def run_exclusive(lock: asyncio.Lock, fn, timeout: float):
@@ -142,11 +148,12 @@ class Recognizer:
 
         self.s = ServeSettings(**settings)
         torch.set_num_threads(self.s.torch_threads)
-        self.views = parse_views(self.s.views)
         # the GPU only when Ray gave the replica one: Ray leaves CUDA_VISIBLE_DEVICES alone for a
         # replica of 0 GPUs, so torch would see (and share, uncounted) the node's GPUs
         self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s,
                                    device="cuda" if self.s.gpus_per_replica > 0 else "cpu")
+        # an answer from the views the model's top-1 was scored with, as predict gives it
+        self.views = parse_views(str(self.s.views)) if self.s.views is not None else self.pred.eval_views or (1, 1)
         self.weights = self.pred.spec.get("weights_fingerprint")
         if weights_fingerprint and self.weights != weights_fingerprint:
             # an export published there since: this replica (autoscaling, a restart) serves it beside replicas of

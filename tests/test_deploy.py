@@ -542,6 +542,13 @@ def test_evaluate_refuses_a_model_trained_on_another_class_list(prepared, tmp_pa
     (model / "model.json").write_text(json.dumps(spec))
     r = run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 2 and "trained on another class list" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # clips stored at another short side than the model's: each crop another field of view, said (the run refuses)
+    spec["classes"] = spec["classes"][::-1]
+    spec["inputs"]["short_side"] *= 2
+    (model / "model.json").write_text(json.dumps(spec))
+    r = run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 0 and f"stores frames at short side {spec['inputs']['short_side'] // 2}, but {model} was " \
+        f"trained on short side {spec['inputs']['short_side']}" in r.stderr, r.stderr
     # clips whose dataset.json was cut short (a half copy): one line, not a JSON traceback
     clips = tmp_path / "clips"
     shutil.copytree(prepared["cfg"].clips_dir, clips)
@@ -695,6 +702,34 @@ def test_serve_refuses_a_model_folder_without_classes_or_input_sizes_before_any_
     (model / "model.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=r"serve args: model: .* records no class names or input sizes"):
         ServeSettings.from_args({"model": str(model)})
+    # inputs the weights cannot take, or class names of another count: refused here too (the first failed every
+    # request with a 500, the second every replica at start)
+    spec = json.loads((REPO / "models" / "embedded_teacher" / "model.json").read_text())
+    for bad, says in (({"inputs": {**spec["inputs"], "frames": spec["kwargs"]["num_frames"] * 2}},
+                       r"inputs of \d+ frames .* for a model built for 8"),
+                      ({"classes": spec["classes"][:-1]}, r"\d+ class names for a model with \d+ outputs")):
+        (model / "model.json").write_text(json.dumps({**spec, **bad}))
+        with pytest.raises(ValueError, match=r"serve args: model: .*: " + says):
+            ServeSettings.from_args({"model": str(model)})
+
+
+def test_serve_answers_from_the_views_the_models_run_evaluated_with(tmp_path):
+    """Serve's views defaulted to 1x1 while predict took the model's: one file, two answers."""
+    from dataclasses import asdict
+
+    from dvfl.serve import Recognizer, ServeSettings
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models" / "embedded_teacher", model)
+    spec = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**spec, "inputs": {**spec["inputs"], "eval_views": "2x3"}}))
+    for views, expected in ((None, (2, 3)), ("1x1", (1, 1))):
+        replica = Recognizer.func_or_class(asdict(ServeSettings.from_args({"model": str(model), "views": views})))
+        try:
+            assert replica.views == expected
+        finally:
+            replica.pred.close()
+            shutil.rmtree(replica.tmp, ignore_errors=True)
 
 
 def test_serve_refuses_a_model_folder_whose_weights_cannot_load_before_any_replica(tmp_path):

@@ -133,18 +133,19 @@ def test_readme_ucf101_chain_as_typed(checkout, ray_local, tmp_path, monkeypatch
     assert set(ev["per_class"]) == set(CLASSES) and sum(v["videos"] for v in ev["per_class"].values()) == 3
     assert (checkout / "runs" / "ucf101_base" / "teacher_eval.confusion.png").stat().st_size > 5_000
     # ... and it refuses a protocol the shards cannot serve (4 clips stored per test video); run in this
-    # process (it refuses before any model is loaded: a subprocess would only add its start-up)
+    # process (it refuses before any evaluation: a subprocess would only add its start-up)
     monkeypatch.chdir(checkout)
     from dvfl.cli import script_main
 
     assert script_main("evaluate", [*shlex.split(commands[4])[2:], *overrides, "--views", "8x3"]) == 2
     assert "stores 4 evaluation clip(s) per video" in capsys.readouterr().err
-    # without --config: the crop the model was trained on (its model.json), not the stored short side
+    # without --config: the crop the model was trained on and the views its run evaluated with (its
+    # model.json: predict's and Serve's default too), not the stored short side and 1x1
+    assert spec["inputs"]["eval_views"] == "4x3"
     bare = tmp_path / "bare_eval.json"
-    assert script_main("evaluate", ["--model", str(teacher), "--clips", "data/ucf101_s1", "--views", "4x3",
-                                    "--json", str(bare)]) == 0
+    assert script_main("evaluate", ["--model", str(teacher), "--clips", "data/ucf101_s1", "--json", str(bare)]) == 0
     bare_ev = json.loads(bare.read_text())
-    assert bare_ev["crop_size"] == CROP != SHORT_SIDE and bare_ev["top1"] == ev["top1"]
+    assert bare_ev["crop_size"] == CROP != SHORT_SIDE and bare_ev["top1"] == ev["top1"] and bare_ev["views"] == "4x3"
     # results that cannot be written (a file where the folder should be): the numbers are still shown
     blocked = tmp_path / "a_file"
     blocked.write_text("")

@@ -6,7 +6,7 @@
 Each test video's prediction is the mean softmax over CLIPS stored uniform clips x CROPS crops
 (start/centre/end along the long side): deterministic, and the same computation as the pipeline's
 final evaluation (``results.json``). With ``--config`` the clips, crop size, views and split come
-from the run config. A protocol the shards cannot serve (4 clips asked, 1 stored per video) is
+from the run config; without, the views are those the model's run evaluated with (model.json). A protocol the shards cannot serve (4 clips asked, 1 stored per video) is
 refused, never silently evaluated on fewer views. (``python pipelines/evaluate.py`` takes the same
 arguments.)
 """
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture of a bare checkpoint file (config: teacher.model)")
     deprecated(p, "--model-name", "--arch", "arch")
     p.add_argument("--clips", help="ingest output (config: data.clips)")
-    p.add_argument("--views", type=parse_views, help="CLIPSxCROPS, e.g. 4x3 (config: eval.clips x eval.crops; default 1x1)")
+    p.add_argument("--views", type=parse_views, help="CLIPSxCROPS, e.g. 4x3 (config: eval.clips x eval.crops; default: "
+                   "the views the model's run evaluated with, model.json inputs.eval_views, else 1x1)")
     p.add_argument("--test-split", help="split to evaluate, e.g. test or val (config: data.test_split; default test)")
     deprecated(p, "--split", "--test-split", "test_split")
     p.add_argument("--crop-size", type=int, help="config: data.crop_size (default: the crop the model was trained on, "
@@ -96,7 +97,7 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             crop, views = crop or cfg.crop_size, views or (cfg.eval.clips, cfg.eval.crops)
     if not clips:
         p.error("give --clips (or --config with data.clips)")
-    split, views = split or "test", views or (1, 1)
+    split = split or "test"
     from dvfl.data.shards import CorruptShardError, load_dataset_info, shard_paths
     from dvfl.locks import hold_for_reading
 
@@ -111,12 +112,6 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         return 2
     except ValueError as exc:  # a dataset.json cut short or edited: a JSON traceback
         print(f"error: --clips {clips}: {exc} (a dataset.json cut short or edited? ingest again)", file=sys.stderr)
-        return 2
-    stored = info["params"]["eval_clips"]
-    if views[0] > stored:
-        print(f"error: --views {views[0]}x{views[1]} asks for {views[0]} clips per video, but {clips} stores "
-              f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored}, "
-              f"or ingest again with --eval-clips {views[0]}", file=sys.stderr)
         return 2
     from dvfl.artifacts import load_model, other_class_list
     from dvfl.models import CheckpointError
@@ -136,8 +131,26 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if other:
         print(f"error: {other}", file=sys.stderr)
         return 2
+    from dvfl.inference import recorded_views
+
+    # the views its run evaluated with, as predict and serve default to them
+    inputs = spec.get("inputs") or {}
+    recorded = recorded_views(inputs) if not views else None
+    views = views or recorded or (1, 1)
+    stored = info["params"]["eval_clips"]
+    if views[0] > stored:
+        asked = f"the model's recorded views {views[0]}x{views[1]} (model.json inputs.eval_views)" if recorded else \
+            f"--views {views[0]}x{views[1]}"
+        print(f"error: {asked} ask for {views[0]} clips per video, but {clips} stores "
+              f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored} "
+              f"(--views {stored}x{views[1]}), or ingest again with --eval-clips {views[0]}", file=sys.stderr)
+        return 2
+    # the clips seen at another size than the model's: each crop another field of view (the run refuses them)
+    if inputs.get("short_side") is not None and inputs["short_side"] != info["params"]["short_side"]:
+        print(f"[evaluate] note: {clips} stores frames at short side {info['params']['short_side']}, but {a.model} "
+              f"was trained on short side {inputs['short_side']}", file=sys.stderr)
     # the crop the model was trained on (as predict and serve use it), not the clips' stored short side
-    trained_crop = (spec.get("inputs") or {}).get("crop_size") or spec["kwargs"].get("img_size")
+    trained_crop = inputs.get("crop_size") or spec["kwargs"].get("img_size")
     crop = crop or trained_crop or info["params"]["short_side"]
     if not crop:
         p.error("the clips keep the source size (short side 0): give --crop-size")
