@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import copy
 import importlib
-import os
 import sys
 
 from dvfl import paths
@@ -260,6 +259,21 @@ def config_from_args(a: argparse.Namespace, extra: dict | None = None, outputs=(
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def set_value(a: argparse.Namespace, key: str):
+    """The last ``--set KEY=VALUE`` of the command line (None without one; a malformed ``--set`` is
+    left to the config's own error)."""
+    from dvfl.config import ConfigError, parse_override
+
+    found = None
+    for item in a.overrides:
+        try:
+            k, v = parse_override(item) if isinstance(item, str) else item
+        except ConfigError:
+            continue
+        found = v if k == key else found
+    return found
 
 
 def uses_config(a: argparse.Namespace) -> bool:

@@ -739,10 +739,17 @@ def test_dvfl_cache_with_a_set_takes_the_clips_dataset_and_its_flip_rule(prepare
                        "teacher.cache_dtype=float32")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["view_spec"]["views"] == ["center", "center+flip"]
-    # the generated clips themselves: still refused
-    r = cli_in_process("cache_teacher.py", "--clips", prepared["cfg"].clips_dir, "--teacher", prepared["teacher"], "--out",
-                       tmp_path / "c2", "--cache-views", "center,center+flip", "--set", "teacher.cache_dtype=float32")
-    assert r.returncode == 2 and "teacher.views must not flip synthetic clips" in r.stderr, r.stderr[-3000:]
+    # the clips named by a --set instead (session 50): the same cache, found finished
+    r = cli_in_process("cache_teacher.py", "--set", f"data.clips={clips}", "--teacher", prepared["teacher"], "--out",
+                       tmp_path / "c", "--crop-size", prepared["cfg"].crop_size, "--cache-views", "center,center+flip",
+                       "--set", "teacher.cache_dtype=float32")
+    assert r.returncode == 0 and "must not flip" not in r.stderr, r.stderr[-3000:]
+    # the generated clips themselves: still refused, with a --set or without one
+    for extra in (["--set", "teacher.cache_dtype=float32"], []):
+        r = cli_in_process("cache_teacher.py", "--clips", prepared["cfg"].clips_dir, "--teacher", prepared["teacher"],
+                           "--out", tmp_path / "c2", "--cache-views", "center,center+flip", *extra)
+        assert r.returncode == 2 and "must not flip synthetic clips" in r.stderr, (extra, r.stderr[-3000:])
+    assert not (tmp_path / "c2").exists()
 
 
 def test_a_logits_row_twice_is_refused_and_workers_look_up_what_the_driver_does(prepared, tmp_path):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dvfl.cli import (absolute_path_args, add_config_args, add_fresh, check_gpu_reachable, config_from_args, deprecated,
-                      os_error_line, uses_config)
-from dvfl.config import ConfigError
+from dvfl.cli import (absolute_path_args, add_config_args, add_fresh, check_gpu_reachable, clips_own_settings,
+                      config_from_args, deprecated, os_error_line, set_value, uses_config)
+from dvfl.config import DIRECTIONAL_DATASETS, ConfigError
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
 
@@ -101,10 +101,9 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     a.fresh_done = not a.fresh  # (interrupted before --fresh deleted another build's cache: rerun with it)
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
-        if not a.config and a.clips:  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
-            from dvfl.cli import clips_own_settings
-
-            dataset = clips_own_settings(a.clips).get("dataset")
+        named = a.clips or set_value(a, "data.clips")
+        if not a.config and isinstance(named, str):  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
+            dataset = clips_own_settings(named).get("dataset")
             a.overrides = [*([("data.dataset", dataset)] if dataset else []), *a.overrides]
         # the flags as the config's fields, so that the config's checks apply to them too
         cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.teacher, "teacher.model": a.arch,
@@ -128,6 +127,10 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         p.error("give --config (everything from the run config) or --clips, --teacher and --out")
     else:
         splits, keep_memory = TRAIN_LIKE_SPLITS, True
+        dataset = clips_own_settings(a.clips).get("dataset")
+        if dataset in DIRECTIONAL_DATASETS and "flip" in (a.cache_views or ""):  # (as a config refuses them)
+            p.error(f"--cache-views {a.cache_views}: must not flip {dataset} clips: its classes are directions "
+                    "(left to right becomes right to left)")
     a.cache_views, a.dtype, a.gpu = a.cache_views or "center", a.dtype or "float16", bool(a.gpu)
     a.actors = 1 if a.actors is None else a.actors
     try:
