@@ -228,6 +228,21 @@ def resize_words(inputs: dict) -> str:
     return f"video resized to short side {inputs.get('short_side', '?')}, then a {crop}² crop"
 
 
+def views_words(inputs: dict) -> str:
+    """The views the run's top-1 scored a video from (predict's default), in words."""
+    from dvfl.inference import recorded_views
+
+    views = recorded_views(inputs)
+    if views is None:
+        return "not recorded (predict takes 1x1: the one crop above)"
+    clips, crops = views
+    how = ("the one crop above" if crops == 1 else
+           f"each frame resized (bilinear) so its short side is the crop size {inputs.get('crop_size', '?')}, then "
+           "crops at the start, centre and end of the long side")
+    return (f"{clips}x{crops}: {clips} uniform clip(s) x {crops} crop(s), {how}; softmax averaged over them "
+            "(the run's evaluation)")
+
+
 def frame_sampling(inputs: dict, frames) -> str:
     """Which frames a one-clip view takes (what predict feeds the model), in words."""
     stored = int(inputs.get("eval_clips") or 1)
@@ -252,9 +267,7 @@ def input_contract(spec: dict) -> dict:
                                          "short side to short_side, then a centre crop of crop_size"),
                               "frames": frame_sampling(inputs, frames),
                               # what the run's reported top-1 scored a video from (predict's default)
-                              "views": (f"{inputs['eval_views']} (uniform clips x crops along the long side, "
-                                        "softmax averaged): the run's evaluation" if inputs.get("eval_views")
-                                        else "not recorded (1x1: one centre crop)")},
+                              "views": views_words(inputs)},
             "output": f"logits (batch, {kw['num_classes']}), in the order of classes"}
 
 
@@ -280,9 +293,7 @@ def model_card(spec: dict, dataset: dict | None = None) -> str:
              f"- float32 `(batch, {kw.get('num_frames', 8)}, 3, {kw.get('img_size', 224)}, {kw.get('img_size', 224)})`, "
              "RGB in [0, 1] normalised with the ImageNet mean/std",
              f"- frames: {frame_sampling(inputs, inputs.get('frames', kw.get('num_frames')))}; "
-             f"{resize_words(inputs)} (evaluation views: start/centre/end crops along the long side"
-             + (f"; the run evaluated {inputs['eval_views']} clips x crops, softmax averaged)" if inputs.get("eval_views")
-                else ")"),
+             f"{resize_words(inputs)}; views: {views_words(inputs)}",
              f"- output: logits over {kw['num_classes']} classes: {', '.join(classes) if classes else '(not recorded)'}",
              "", "## Training", "",
              f"- role: {spec.get('role', '?')}, seed {spec.get('seed', '?')}, trained on split "

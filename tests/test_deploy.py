@@ -264,7 +264,7 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     assert contract["classes"] == spec["classes"] and len(contract["classes"]) == ref.shape[1]
     assert contract["input"]["shape"] == ["batch", *clips.shape[1:]] and contract["input"]["channels"] == "RGB"
     assert contract["preprocessing"]["crop_size"] == spec["inputs"]["crop_size"] == clips.shape[-1]
-    assert contract["preprocessing"]["views"].startswith(f"{spec['inputs']['eval_views']} (uniform clips x crops")
+    assert contract["preprocessing"]["views"].startswith(f"{spec['inputs']['eval_views']}: 1 uniform clip(s) x ")
 
     r = run_script("export.py", "--model", prepared["teacher"], "--format", "torchscript", "--out", tmp_path / "t.ts",
                    "--clips", prepared["cfg"].clips_dir)
@@ -343,7 +343,7 @@ def test_model_folder_loads_with_timm_offline_and_a_mismatched_spec_is_refused(p
     assert "on 5 input batch(es)" in r.stdout and "not trained on" not in r.stdout, r.stdout
     assert {"model.safetensors", "config.json", "model.json", "README.md"} <= {p.name for p in folder.iterdir()}
     card = (folder / "README.md").read_text()
-    for needle in ("## Training", "## Metrics", "short side 32", "synthetic", "validation top-1", "the run evaluated 1x1"):
+    for needle in ("## Training", "## Metrics", "short side 32", "synthetic", "validation top-1", "views: 1x1: 1 uniform clip"):
         assert needle in card, needle
     with no_network(monkeypatch) as attempts:
         import urllib.request
