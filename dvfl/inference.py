@@ -76,6 +76,8 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
     missing = [k for k in ("frames", "short_side", "crop_size") if inputs.get(k) is None]
     if missing:
         raise ValueError(f"model.json 'inputs' lacks {', '.join(missing)}")
+    if inputs.get("eval_views") is not None and recorded_views(inputs) is None:  # (else 1x1, silently)
+        raise ValueError(f"model.json 'inputs.eval_views' is {inputs['eval_views']!r}, not CLIPSxCROPS (e.g. 4x3)")
     built = spec["kwargs"].get("num_frames")
     if built is not None and int(inputs["frames"]) != int(built):  # (every file failed in the model, untold why)
         raise ValueError(f"inputs of {inputs['frames']} frames (model.json 'inputs', or --clips) for a model built "

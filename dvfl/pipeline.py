@@ -133,7 +133,8 @@ def model_inputs(cfg: RunConfig, dataset_info: dict) -> dict:
     return {"frames": cfg.data.frames, "short_side": dataset_info["params"]["short_side"],
             "crop_size": cfg.crop_size, "eval_clips": dataset_info["params"]["eval_clips"],
             "min_frames": dataset_info["params"].get("min_frames") or cfg.data.frames,
-            # the views its top-1 was scored with: predict's default, so a file gets the class evaluation counted
+            # the views its top-1 was scored with (updated when a rerun scores it with others): predict's
+            # default, so a file gets the class evaluation counted
             "eval_views": f"{cfg.eval.clips}x{cfg.eval.crops}",
             # a clip's T frames spread over a whole video: a stream's window should span as long
             "video_seconds": _median_video_seconds(cfg.clips_dir, cfg.data.train_split, dataset_info["fingerprint"]),
@@ -1208,6 +1209,8 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
         flops = count_flops(spec["name"], **{**spec["kwargs"], "img_size": cfg.crop_size})
         m["gmacs"] = flops["gmacs_per_clip"]
         storage.write_json(store, {**_read_json(store), store_key: m})
+    if store == spec_path:  # a model of this run: the views it was last scored with, predict's and serve's default
+        _record_eval_views(spec_path, f"{cfg.eval.clips}x{cfg.eval.crops}")
     log(f"[eval] {path}: split {split}: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
         f"({m['clips']}x{m['crops']} views, {m['videos']} videos)")
     # a model's recorded validation top-1 is this run's only on these clips with this hold-out (a
@@ -1219,6 +1222,14 @@ def evaluate_model_dir(cfg: RunConfig, path: str, log=print) -> dict:
             "path": str(path), "val_top1": spec.get("val_top1") if same_validation else None,
             "val_split": spec.get("val_split") if same_validation else None,
             "train_seconds": spec.get("train_seconds")}
+
+
+def _record_eval_views(spec_path: str, views: str) -> None:
+    """``inputs.eval_views`` of a model this run scored: a rerun with other ``eval`` settings reuses the
+    model (its folder does not depend on them) and reports it under the new views."""
+    spec = _read_json(spec_path)
+    if isinstance(spec.get("inputs"), dict) and spec["inputs"].get("eval_views") != views:
+        storage.write_json(spec_path, {**spec, "inputs": {**spec["inputs"], "eval_views": views}})
 
 
 def claim_run_folder(cfg: RunConfig) -> None:

@@ -34,10 +34,22 @@ STATUS = {D.EMPTY: 400, D.NOT_VIDEO: 415, D.UNKNOWN_CONTAINER: 415, D.PLAYLIST: 
 
 
 
+EVAL_VIEWS = "eval"
+
+
+def served_views(views: str, recorded: tuple[int, int] | None) -> tuple[int, int]:
+    """(clips, crops) a replica answers from: ``views``, or with "eval" the model's recorded ones (1x1 if none)."""
+    from dvfl.inference import parse_views
+
+    return (recorded or (1, 1)) if views == EVAL_VIEWS else parse_views(str(views))
+
+
 @dataclass
 class ServeSettings:
     model: str = ""
-    views: str | None = None  # CLIPSxCROPS; None: the views the model's run evaluated with (model.json), else 1x1
+    # CLIPSxCROPS; "eval": the views the model's run evaluated with (model.json, predict's default): clips x crops
+    # forward passes a request, which request_timeout_s and the queue must allow for
+    views: str = "1x1"
     topk: int = 5
     max_upload_mb: float = 64.0
     max_video_seconds: float = 60.0
@@ -90,8 +102,11 @@ class ServeSettings:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"serve args: {msg}")
-        if self.views is not None:
-            parse_views(str(self.views))
+        if self.views != EVAL_VIEWS:
+            try:
+                parse_views(str(self.views))
+            except ValueError as exc:
+                raise ValueError(f"serve args: views: {exc} (or {EVAL_VIEWS!r}: the model's own)") from None
         from dvfl.artifacts import read_spec
         from dvfl.inference import input_spec
         from dvfl.models import CheckpointError
@@ -144,7 +159,7 @@ class Recognizer:
     def __init__(self, settings: dict, weights_fingerprint: str | None = None):
         import torch
 
-        from dvfl.inference import Predictor, parse_views
+        from dvfl.inference import Predictor
 
         self.s = ServeSettings(**settings)
         torch.set_num_threads(self.s.torch_threads)
@@ -152,8 +167,7 @@ class Recognizer:
         # replica of 0 GPUs, so torch would see (and share, uncounted) the node's GPUs
         self.pred = Predictor.load(self.s.model, timeout=self.s.request_timeout_s,
                                    device="cuda" if self.s.gpus_per_replica > 0 else "cpu")
-        # an answer from the views the model's top-1 was scored with, as predict gives it
-        self.views = parse_views(str(self.s.views)) if self.s.views is not None else self.pred.eval_views or (1, 1)
+        self.views = served_views(self.s.views, self.pred.eval_views)
         self.weights = self.pred.spec.get("weights_fingerprint")
         if weights_fingerprint and self.weights != weights_fingerprint:
             # an export published there since: this replica (autoscaling, a restart) serves it beside replicas of
@@ -262,6 +276,14 @@ def build_app(args: dict):
         _, spec = load_model(s.model)
     except Exception as exc:  # noqa: BLE001  (damaged weights, a spec of another version: one line)
         raise ValueError(f"serve args: model: {s.model} cannot be loaded: {exc}") from None
+    from dvfl.inference import recorded_views
+
+    recorded = recorded_views(spec.get("inputs") or {})
+    served = served_views(s.views, recorded)
+    if recorded and served != recorded:  # (a test video may get another class than evaluation counted)
+        print(f"[serve] answering from {served[0]}x{served[1]} views; the model's run evaluated {recorded[0]}x"
+              f"{recorded[1]} (model.json): views: {EVAL_VIEWS} answers as evaluation and predict do, "
+              f"{recorded[0] * recorded[1]} forward passes a request", file=sys.stderr, flush=True)
     opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)

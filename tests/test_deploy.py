@@ -707,29 +707,36 @@ def test_serve_refuses_a_model_folder_without_classes_or_input_sizes_before_any_
     spec = json.loads((REPO / "models" / "embedded_teacher" / "model.json").read_text())
     for bad, says in (({"inputs": {**spec["inputs"], "frames": spec["kwargs"]["num_frames"] * 2}},
                        r"inputs of \d+ frames .* for a model built for 8"),
-                      ({"classes": spec["classes"][:-1]}, r"\d+ class names for a model with \d+ outputs")):
+                      ({"classes": spec["classes"][:-1]}, r"\d+ class names for a model with \d+ outputs"),
+                      ({"inputs": {**spec["inputs"], "eval_views": "2x2"}}, r"model.json 'inputs.eval_views' is '2x2', not")):
         (model / "model.json").write_text(json.dumps({**spec, **bad}))
-        with pytest.raises(ValueError, match=r"serve args: model: .*: " + says):
+        with pytest.raises(ValueError, match=r"serve args: model: [^:]*: " + says):
             ServeSettings.from_args({"model": str(model)})
 
 
-def test_serve_answers_from_the_views_the_models_run_evaluated_with(tmp_path):
-    """Serve's views defaulted to 1x1 while predict took the model's: one file, two answers."""
+def test_serve_answers_from_one_view_or_the_models_own_and_says_which(tmp_path, capsys):
+    """Serve answers from 1x1 (one forward pass a request) unless told `views: eval`, the views the
+    model's run evaluated with (predict's default); a model evaluated otherwise is said at start."""
     from dataclasses import asdict
 
-    from dvfl.serve import Recognizer, ServeSettings
+    from dvfl.serve import Recognizer, ServeSettings, build_app
 
     model = tmp_path / "model"
     shutil.copytree(REPO / "models" / "embedded_teacher", model)
     spec = json.loads((model / "model.json").read_text())
     (model / "model.json").write_text(json.dumps({**spec, "inputs": {**spec["inputs"], "eval_views": "2x3"}}))
-    for views, expected in ((None, (2, 3)), ("1x1", (1, 1))):
-        replica = Recognizer.func_or_class(asdict(ServeSettings.from_args({"model": str(model), "views": views})))
+    for views, expected in (({}, (1, 1)), ({"views": "eval"}, (2, 3)), ({"views": "2x1"}, (2, 1))):
+        build_app({"model": str(model), **views})
+        said = "[serve] answering from" in capsys.readouterr().err
+        assert said == (expected != (2, 3)), views
+        replica = Recognizer.func_or_class(asdict(ServeSettings.from_args({"model": str(model), **views})))
         try:
             assert replica.views == expected
         finally:
             replica.pred.close()
             shutil.rmtree(replica.tmp, ignore_errors=True)
+    with pytest.raises(ValueError, match=r"serve args: views: --views 'none': expected CLIPSxCROPS.* \(or 'eval'"):
+        ServeSettings.from_args({"model": str(model), "views": "none"})
 
 
 def test_serve_refuses_a_model_folder_whose_weights_cannot_load_before_any_replica(tmp_path):

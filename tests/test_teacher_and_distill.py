@@ -718,6 +718,25 @@ def test_a_given_teachers_evaluation_is_kept_in_the_run_dir_and_keyed_by_the_cli
     assert any("_28px_" in k for k in json.loads((tmp_path / "run" / "evaluations.json").read_text()))
 
 
+def test_a_model_this_run_scores_under_other_views_records_them_for_predict(prepared, tmp_path):
+    """A rerun with other `eval` settings reuses its models (their folders do not depend on them) and
+    reports them under the new views: model.json's eval_views (predict's and evaluate's default) kept
+    the first run's, and the model card called them the run's evaluation."""
+    from dvfl import pipeline
+
+    run = tmp_path / "run"
+    owned = run / pipeline.TEACHER_DIR / "teacher-x"
+    shutil.copytree(prepared["teacher"], owned)
+    cfg = _with(prepared["cfg"], output_dir=str(run), data={"clips": prepared["cfg"].clips_dir})
+    first = f"{cfg.eval.clips}x{cfg.eval.crops}"
+    assert json.loads((owned / "model.json").read_text())["inputs"]["eval_views"] == first == "1x1"
+    m = pipeline.evaluate_model_dir(_with(cfg, eval={"crops": 3}), str(owned), log=lambda *_: None)
+    assert (m["clips"], m["crops"]) == (1, 3)
+    assert json.loads((owned / "model.json").read_text())["inputs"]["eval_views"] == "1x3"
+    pipeline.evaluate_model_dir(cfg, str(owned), log=lambda *_: None)  # (its stored evaluation, read again)
+    assert json.loads((owned / "model.json").read_text())["inputs"]["eval_views"] == first
+
+
 def test_a_cache_built_for_other_views_is_refused(prepared):
     from dvfl import pipeline
 

@@ -103,7 +103,10 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if uses_config(a):
         named = a.clips or set_value(a, "data.clips")
         if not a.config and isinstance(named, str):  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
-            dataset = clips_own_settings(named).get("dataset")
+            from dvfl.paths import absolute_input
+
+            # (the folder found as the config finds it: ~ expanded, a Ray job's root)
+            dataset = clips_own_settings(absolute_input(named)).get("dataset")
             a.overrides = [*([("data.dataset", dataset)] if dataset else []), *a.overrides]
         # the flags as the config's fields, so that the config's checks apply to them too
         cfg = config_from_args(a, {"data.clips": a.clips, "teacher.path": a.teacher, "teacher.model": a.arch,

@@ -113,10 +113,28 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     except ValueError as exc:  # a dataset.json cut short or edited: a JSON traceback
         print(f"error: --clips {clips}: {exc} (a dataset.json cut short or edited? ingest again)", file=sys.stderr)
         return 2
-    from dvfl.artifacts import load_model, other_class_list
+    from dvfl.artifacts import SPEC, load_model, other_class_list, read_spec
+    from dvfl.inference import recorded_views
     from dvfl.models import CheckpointError
     from dvfl.train.evaluate import ProtocolError, evaluate_multiview
 
+    # the views its run evaluated with, as predict and serve can take them (read before the weights: a
+    # refusal needs only model.json, not gigabytes of a model on object storage)
+    recorded = None
+    if not views and storage.isdir(a.model):
+        try:
+            recorded = recorded_views(read_spec(storage.join(a.model, SPEC)).get("inputs") or {})
+        except (CheckpointError, OSError, ValueError, AttributeError):
+            pass  # (said by the load below)
+    views = views or recorded or (1, 1)
+    stored = info["params"]["eval_clips"]
+    if views[0] > stored:
+        asked = (f"the model's recorded views {views[0]}x{views[1]} (model.json inputs.eval_views) ask" if recorded
+                 else f"--views {views[0]}x{views[1]} asks")
+        print(f"error: {asked} for {views[0]} clips per video, but {clips} stores "
+              f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored} "
+              f"(--views {stored}x{views[1]}), or ingest again with --eval-clips {views[0]}", file=sys.stderr)
+        return 2
     try:
         model, spec = load_model(a.model, name=name, kwargs=None if storage.isdir(a.model) else
                                  {"num_classes": len(info["classes"]), "num_frames": info["params"]["frames"]})
@@ -131,20 +149,7 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if other:
         print(f"error: {other}", file=sys.stderr)
         return 2
-    from dvfl.inference import recorded_views
-
-    # the views its run evaluated with, as predict and serve default to them
     inputs = spec.get("inputs") or {}
-    recorded = recorded_views(inputs) if not views else None
-    views = views or recorded or (1, 1)
-    stored = info["params"]["eval_clips"]
-    if views[0] > stored:
-        asked = f"the model's recorded views {views[0]}x{views[1]} (model.json inputs.eval_views)" if recorded else \
-            f"--views {views[0]}x{views[1]}"
-        print(f"error: {asked} ask for {views[0]} clips per video, but {clips} stores "
-              f"{stored} evaluation clip(s) per video (ingest --eval-clips {stored}); ask for at most {stored} "
-              f"(--views {stored}x{views[1]}), or ingest again with --eval-clips {views[0]}", file=sys.stderr)
-        return 2
     # the clips seen at another size than the model's: each crop another field of view (the run refuses them)
     if inputs.get("short_side") is not None and inputs["short_side"] != info["params"]["short_side"]:
         print(f"[evaluate] note: {clips} stores frames at short side {info['params']['short_side']}, but {a.model} "
