@@ -76,8 +76,9 @@ def input_spec(spec: dict, clips_dir: str | None = None) -> tuple[list[str], dic
     missing = [k for k in ("frames", "short_side", "crop_size") if inputs.get(k) is None]
     if missing:
         raise ValueError(f"model.json 'inputs' lacks {', '.join(missing)}")
-    if inputs.get("eval_views") is not None and recorded_views(inputs) is None:  # (else 1x1, silently)
-        raise ValueError(f"model.json 'inputs.eval_views' is {inputs['eval_views']!r}, not CLIPSxCROPS (e.g. 4x3)")
+    problem = eval_views_problem(inputs)
+    if problem:
+        raise ValueError(problem)
     built = spec["kwargs"].get("num_frames")
     if built is not None and int(inputs["frames"]) != int(built):  # (every file failed in the model, untold why)
         raise ValueError(f"inputs of {inputs['frames']} frames (model.json 'inputs', or --clips) for a model built "
@@ -91,6 +92,14 @@ def recorded_views(inputs: dict) -> tuple[int, int] | None:
         return parse_views(inputs["eval_views"])
     except (KeyError, TypeError, AttributeError, ValueError):
         return None
+
+
+def eval_views_problem(inputs: dict) -> str | None:
+    """What is wrong with a recorded ``inputs.eval_views`` (None: fine, or none recorded): read as
+    1x1, a hand-edited "2x2" would have been scored and answered from another view than it says."""
+    if inputs.get("eval_views") is not None and recorded_views(inputs) is None:
+        return f"model.json 'inputs.eval_views' is {inputs['eval_views']!r}, not CLIPSxCROPS (e.g. 4x3)"
+    return None
 
 
 @dataclass

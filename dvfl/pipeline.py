@@ -910,6 +910,8 @@ def publish_teacher(teacher_path: str, out: str, test_cfg: RunConfig | None = No
         spec[key] = {**m, "dataset_fingerprint": info["fingerprint"], "seed": test_cfg.seed,
                      "synthetic": vars(test_cfg.data.synthetic) if test_cfg.data.dataset == "synthetic" else None}
         summary[key] = {k: v for k, v in m.items() if k != "predictions"}
+        if isinstance(spec.get("inputs"), dict):  # the views of the accuracy it is published with (predict's default)
+            spec["inputs"] = {**spec["inputs"], "eval_views": f"{test_cfg.eval.clips}x{test_cfg.eval.crops}"}
         log(f"[teacher] {test_cfg.name} {split} split: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} "
             f"({m['videos']} videos)")
     # evaluation moved the model to its device (a GPU when there is one); the folder's exactness

@@ -4,7 +4,8 @@
     curl -sS --data-binary @video.mp4 http://127.0.0.1:8000/   # -> {"topk": [[class, prob], ...], ...}
 
 One POST body is one video file. Each replica owns a :class:`dvfl.inference.Predictor`: the same
-killable decode child and container checks as ingest, the same views as evaluation. Limits: upload
+killable decode child and container checks as ingest, evaluation's deterministic views (``views``:
+1x1 by default, ``eval`` the model's run's own). Limits: upload
 size (413), video duration (413), request time (408; the decode child is killed at the same limit).
 A bad upload (empty, not a video, truncated, corrupt) gets a 4xx with the reason and the replica
 keeps serving. Replicas or autoscaling come from the config (``num_replicas`` / ``autoscaling``).
@@ -221,6 +222,7 @@ class Recognizer:
             note = self.pred.length_note(res["src_num_frames"], res["src_fps"])  # as predict says it
             return {"status": 200, "topk": [[c, round(p, 6)] for c, p in self.pred.topk(probs, self.s.topk)],
                     "weights": self.weights,  # which model answered (a client can tell a redeployed one)
+                    "views": f"{self.views[0]}x{self.views[1]}",
                     "frames": res["src_num_frames"], "fps": res["src_fps"], **({"note": note} if note else {})}
         finally:  # here, not in the request: after a time-out the work goes on and still reads it
             Path(path).unlink(missing_ok=True)
@@ -284,6 +286,8 @@ def build_app(args: dict):
         print(f"[serve] answering from {served[0]}x{served[1]} views; the model's run evaluated {recorded[0]}x"
               f"{recorded[1]} (model.json): views: {EVAL_VIEWS} answers as evaluation and predict do, "
               f"{recorded[0] * recorded[1]} forward passes a request", file=sys.stderr, flush=True)
+    # every replica answers from these, even one started after a rerun rewrote the model's eval_views
+    s.views = f"{served[0]}x{served[1]}"
     opts = {"ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}}
     if s.autoscaling:
         opts["autoscaling_config"] = dict(s.autoscaling)

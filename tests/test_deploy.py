@@ -549,6 +549,12 @@ def test_evaluate_refuses_a_model_trained_on_another_class_list(prepared, tmp_pa
     r = run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir)
     assert r.returncode == 0 and f"stores frames at short side {spec['inputs']['short_side'] // 2}, but {model} was " \
         f"trained on short side {spec['inputs']['short_side']}" in r.stderr, r.stderr
+    # a recorded eval_views that is not one (hand-edited): refused, not scored 1x1 under its name
+    spec["inputs"]["eval_views"] = "2x2"
+    (model / "model.json").write_text(json.dumps(spec))
+    r = run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir)
+    assert r.returncode == 2 and "model.json 'inputs.eval_views' is '2x2', not CLIPSxCROPS" in r.stderr, r.stderr
+    assert run_cli("evaluate.py", "--model", model, "--clips", prepared["cfg"].clips_dir, "--views", "1x1").returncode == 0
     # clips whose dataset.json was cut short (a half copy): one line, not a JSON traceback
     clips = tmp_path / "clips"
     shutil.copytree(prepared["cfg"].clips_dir, clips)
@@ -726,8 +732,10 @@ def test_serve_answers_from_one_view_or_the_models_own_and_says_which(tmp_path, 
     spec = json.loads((model / "model.json").read_text())
     (model / "model.json").write_text(json.dumps({**spec, "inputs": {**spec["inputs"], "eval_views": "2x3"}}))
     for views, expected in (({}, (1, 1)), ({"views": "eval"}, (2, 3)), ({"views": "2x1"}, (2, 1))):
-        build_app({"model": str(model), **views})
+        app = build_app({"model": str(model), **views})
         said = "[serve] answering from" in capsys.readouterr().err
+        # the replicas get the views said here (not "eval": one started after a rerun rewrote model.json)
+        assert app._bound_deployment.init_args[0]["views"] == f"{expected[0]}x{expected[1]}"
         assert said == (expected != (2, 3)), views
         replica = Recognizer.func_or_class(asdict(ServeSettings.from_args({"model": str(model), **views})))
         try:
@@ -945,6 +953,7 @@ def test_serve_answers_good_uploads_and_rejects_bad_ones_with_4xx(prepared, ray_
         status, out = post(good.read_bytes())
         assert status == 200 and len(out["topk"]) == 2 and out["topk"][0][0] in prepared["info"]["classes"], out
         assert out["weights"] == prepared["spec"]["weights_fingerprint"]  # which model answered
+        assert out["views"] == "1x1"  # (configs/serve.yaml's)
         assert "note" not in out
         # the answer predict gives for the same file with the same views (classes, order, probabilities)
         from dvfl.inference import Predictor, parse_views

@@ -103,13 +103,16 @@ def test_make_teacher_path_trains_on_its_own_videos_and_publishes_with_the_stude
     teacher_cfg.write_text(_TINY.format(name="tiny-teacher", out=tmp_path / "t", seed=1000, train=6, test=1,
                                         teacher=tmp_path / "t" / "model"))
     student_cfg.write_text(_TINY.format(name="tiny", out=tmp_path / "s", seed=0, train=2, test=3,
-                                        teacher=tmp_path / "published"))
+                                        teacher=tmp_path / "published")
+                           + "eval: {clips: 1, crops: 3}\n")  # (square frames: the 3 crops are one)
     published = tmp_path / "published"
     assert main(["teacher", "--config", str(teacher_cfg), "--publish", str(published),
                  "--test-config", str(student_cfg)]) == 0
     spec = json.loads((published / "model.json").read_text())
     assert spec["role"] == "teacher" and spec["seed"] == 1000 and spec["kwargs"]["embed_dim"] == 8
     recorded = spec["eval_tiny_test"]
+    # the views of the accuracy it is published with, predict's default (not its training config's 1x1)
+    assert (recorded["clips"], recorded["crops"]) == (1, 3) and spec["inputs"]["eval_views"] == "1x3"
     assert recorded["videos"] == 4 * 3 and len(recorded["predictions"]) == 12
     model, loaded = load_model(published)
     assert loaded["weights_fingerprint"] == spec["weights_fingerprint"]

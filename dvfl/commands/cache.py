@@ -19,7 +19,7 @@ import sys
 
 from dvfl.cli import (absolute_path_args, add_config_args, add_fresh, check_gpu_reachable, clips_own_settings,
                       config_from_args, deprecated, os_error_line, set_value, uses_config)
-from dvfl.config import DIRECTIONAL_DATASETS, ConfigError
+from dvfl.config import DIRECTIONAL_DATASETS, SPLIT_PLACEHOLDER, ConfigError, DataSection
 from dvfl.data.sampling import TRAIN_LIKE_SPLITS
 
 
@@ -105,7 +105,9 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if not a.config and isinstance(named, str):  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
             from dvfl.paths import absolute_input
 
-            # (the folder found as the config finds it: ~ expanded, a Ray job's root)
+            # (the folder found as the config finds it: ~ expanded, a Ray job's root, its split number)
+            split = set_value(a, "data.split")
+            named = named.replace(SPLIT_PLACEHOLDER, str(split if split is not None else DataSection.split))
             dataset = clips_own_settings(absolute_input(named)).get("dataset")
             a.overrides = [*([("data.dataset", dataset)] if dataset else []), *a.overrides]
         # the flags as the config's fields, so that the config's checks apply to them too

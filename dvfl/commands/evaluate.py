@@ -114,7 +114,7 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         print(f"error: --clips {clips}: {exc} (a dataset.json cut short or edited? ingest again)", file=sys.stderr)
         return 2
     from dvfl.artifacts import SPEC, load_model, other_class_list, read_spec
-    from dvfl.inference import recorded_views
+    from dvfl.inference import eval_views_problem, recorded_views
     from dvfl.models import CheckpointError
     from dvfl.train.evaluate import ProtocolError, evaluate_multiview
 
@@ -123,9 +123,13 @@ def _evaluate(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     recorded = None
     if not views and storage.isdir(a.model):
         try:
-            recorded = recorded_views(read_spec(storage.join(a.model, SPEC)).get("inputs") or {})
+            inputs = read_spec(storage.join(a.model, SPEC)).get("inputs") or {}
+            recorded, problem = recorded_views(inputs), eval_views_problem(inputs)
         except (CheckpointError, OSError, ValueError, AttributeError):
-            pass  # (said by the load below)
+            problem = None  # (said by the load below)
+        if problem:
+            print(f"error: --model {a.model}: {problem}; give --views", file=sys.stderr)
+            return 2
     views = views or recorded or (1, 1)
     stored = info["params"]["eval_clips"]
     if views[0] > stored:
