@@ -101,8 +101,9 @@ def _build(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     a.fresh_done = not a.fresh  # (interrupted before --fresh deleted another build's cache: rerun with it)
     absolute_path_args(a, inputs=("clips", "teacher"), outputs=("out",))
     if uses_config(a):
+        # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
         named = a.clips or set_value(a, "data.clips")
-        if not a.config and isinstance(named, str):  # a --set alone: the clips' dataset, not the embedded default's (its flip rule)
+        if not a.config and isinstance(named, str):
             from dvfl.paths import absolute_input
 
             # (the folder found as the config finds it: ~ expanded, a Ray job's root, its split number)

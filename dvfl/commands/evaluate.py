@@ -6,9 +6,9 @@
 Each test video's prediction is the mean softmax over CLIPS stored uniform clips x CROPS crops
 (start/centre/end along the long side): deterministic, and the same computation as the pipeline's
 final evaluation (``results.json``). With ``--config`` the clips, crop size, views and split come
-from the run config; without, the views are those the model's run evaluated with (model.json). A protocol the shards cannot serve (4 clips asked, 1 stored per video) is
-refused, never silently evaluated on fewer views. (``python pipelines/evaluate.py`` takes the same
-arguments.)
+from the run config; without, the views are those the model's run evaluated with (model.json). A
+protocol the shards cannot serve (4 clips asked, 1 stored per video) is refused, never silently
+evaluated on fewer views. (``python pipelines/evaluate.py`` takes the same arguments.)
 """
 from __future__ import annotations
 
