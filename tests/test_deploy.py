@@ -525,9 +525,15 @@ def test_folder_exports_check_their_inputs_and_clips_are_named_only_when_trained
 def test_bad_numbers_are_usage_errors_before_any_work(tmp_path):
     for args in (("predict.py", "--model", tmp_path, "v.mp4", "--timeout-per-file", 0),
                  ("predict.py", "--model", tmp_path, "v.mp4", "--threads", -1),
-                 ("export.py", "--model", tmp_path, "--format", "folder", "--out", tmp_path / "f", "--tolerance", -1)):
+                 ("export.py", "--model", tmp_path, "--format", "folder", "--out", tmp_path / "f", "--tolerance", -1),
+                 ("predict.py", "--model", tmp_path, "v.mp4", "--views", "2x2"),
+                 ("evaluate.py", "--model", tmp_path, "--views", "2x2")):
         r = run_cli(*args)
         assert r.returncode == 2 and "must be" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    # (one rule for --views, evaluate's and predict's alike)
+    for args in (("evaluate.py", "--model", tmp_path), ("predict.py", "--model", tmp_path, "v.mp4")):
+        r = run_cli(*args, "--views", "4x")
+        assert r.returncode == 2 and "--views '4x': expected CLIPSxCROPS, e.g. 1x1 or 4x3" in r.stderr, r.stderr
     assert not (tmp_path / "f").exists()
 
 

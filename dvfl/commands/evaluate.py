@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from dvfl.cli import absolute_path_args, add_config_args, config_from_args, deprecated, uses_config
 
 
-def parse_views(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"--views must be CLIPSxCROPS with CLIPS >= 1 and CROPS 1 or 3, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+def views_arg(text: str) -> tuple[int, int]:
+    """``--views``: :func:`dvfl.inference.parse_views`, its message as argparse's error."""
+    from dvfl.inference import parse_views
+
+    try:
+        return parse_views(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def plot_confusion(confusion, classes, path: str, title: str) -> None:
@@ -60,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture of a bare checkpoint file (config: teacher.model)")
     deprecated(p, "--model-name", "--arch", "arch")
     p.add_argument("--clips", help="ingest output (config: data.clips)")
-    p.add_argument("--views", type=parse_views, help="CLIPSxCROPS, e.g. 4x3 (config: eval.clips x eval.crops; default: "
+    p.add_argument("--views", type=views_arg, help="CLIPSxCROPS, e.g. 4x3 (config: eval.clips x eval.crops; default: "
                    "the views the model's run evaluated with, model.json inputs.eval_views, else 1x1)")
     p.add_argument("--test-split", help="split to evaluate, e.g. test or val (config: data.test_split; default test)")
     deprecated(p, "--split", "--test-split", "test_split")
