@@ -68,7 +68,9 @@ def matmul_peak(dtype, repeats: int, n: int = 2048) -> dict:
             "peak_per_cpu_s": max(per_cpu_s)}
 
 
-def variants(bf16_ok: bool, threads: int, with_compile: bool) -> dict:
+def variants(bf16_ok: bool, threads: int, with_compile: bool, bf16_pays: bool | None = None) -> dict:
+    """``bf16_ok``: the CPU has bf16 instructions (the bf16 variants are timed); ``bf16_pays``: the
+    loop's defaults use bf16 autocast here (dvfl.train.loop.bf16_autocast_pays; default: bf16_ok)."""
     plain = {"temporal_impl": "conv1d", "fused": False, "bf16": False, "threads": threads,
              "contiguous_input": False, "compile": False, "keep_freed": False}
     out = {"plain": plain,
@@ -83,7 +85,7 @@ def variants(bf16_ok: bool, threads: int, with_compile: bool) -> dict:
     from dvfl.config import OptimSection
 
     d = OptimSection()
-    default = {**plain, "temporal_impl": d.temporal_impl, "fused": d.fused, "bf16": d.cpu_amp and bf16_ok,
+    default = {**plain, "temporal_impl": d.temporal_impl, "fused": d.fused, "bf16": d.cpu_amp and bool(bf16_ok if bf16_pays is None else bf16_pays),
                "keep_freed": d.keep_freed_memory}
     out["default"] = default
     if default["bf16"]:
@@ -182,7 +184,7 @@ def top_ops(runner, x, y, n=12) -> list:
              "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:n]]
 
 
-def run_size(size, batch, a, threads, bf16_ok, deadline) -> dict:
+def run_size(size, batch, a, threads, bf16_ok, deadline, bf16_pays=None) -> dict:
     from dvfl.data.views import normalize
 
     torch.manual_seed(0)
@@ -195,7 +197,7 @@ def run_size(size, batch, a, threads, bf16_ok, deadline) -> dict:
     from dvfl.models import build_model
 
     init = build_model("videofocalnet_nano", **kw).state_dict()
-    vs = variants(bf16_ok, threads, a.compile)
+    vs = variants(bf16_ok, threads, a.compile, bf16_pays)
     torch._dynamo.reset()  # this size's compiled graphs only
     runners = [Runner(n, v, copy.deepcopy(init), kw) for n, v in vs.items()]
     for r in runners:  # warm-up (and compile) step, untimed; every variant takes the same steps
@@ -257,13 +259,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from dvfl.profile import available_cpus
-    from dvfl.train.loop import cpu_has_bf16
+    from dvfl.train.loop import bf16_autocast_pays, cpu_has_bf16, cpu_vendor_and_flags
 
     started = time.time()
     deadline = started + a.max_seconds
     threads = a.threads or available_cpus()
     torch.set_num_threads(threads)
     bf16_ok = cpu_has_bf16()
+    bf16_pays = bf16_autocast_pays(*cpu_vendor_and_flags())  # what the loop's defaults run here
     load_before = os.getloadavg()
     peak32 = matmul_peak(torch.float32, a.peak_repeats)
     peak16 = matmul_peak(torch.bfloat16, a.peak_repeats)
@@ -272,7 +275,7 @@ def main(argv=None) -> int:
     sizes = {}
     for spec in a.sizes.split(","):
         size, batch = (int(v) for v in spec.lower().split("x"))
-        sizes[spec] = run_size(size, batch, a, threads, bf16_ok, deadline)
+        sizes[spec] = run_size(size, batch, a, threads, bf16_ok, deadline, bf16_pays)
     load_after = os.getloadavg()
     noisy = max(load_before[0], load_after[0]) > threads
     metric = "speedup_cpu" if noisy else "speedup_wall"
@@ -310,7 +313,8 @@ def main(argv=None) -> int:
     plain_s = v["plain"]["wall_s"]["median"]
     default_s = v["default"]["wall_s"]["median"]
     results = {
-        "cpu": cpu_info(), "threads": threads, "load_before": load_before, "load_after": load_after,
+        "cpu": {**cpu_info(), "vendor": cpu_vendor_and_flags()[0]}, "bf16_autocast_by_default": bf16_pays,
+        "threads": threads, "load_before": load_before, "load_after": load_after,
         "noisy": noisy, "decided_on": metric,
         "peak_gflops": peak32["peak"], "peak_gflops_bf16": peak16["peak"],
         "peak_detail": {"fp32": peak32, "bf16": peak16},

@@ -135,8 +135,8 @@ class OptimSection:
     optimizer: str = "adamw"  # adamw | sgd (SGD with Nesterov momentum, the official recipe's)
     momentum: float = 0.9  # sgd only
     amp: str = "bf16"  # autocast on GPU workers: bf16 | fp16 (with a GradScaler) | off
-    # bf16 autocast on CPU workers that have bf16 instructions (AMX, AVX512-BF16), fp32 on others
-    # (emulated bf16 is slower); 2.2x the fp32 step on a 2-core Xeon (benchmarks/train_step.py)
+    # bf16 autocast on CPU workers where it is the faster precision (AMX; AVX512-BF16 on AMD), fp32
+    # on others (dvfl.train.loop.bf16_autocast_pays); 2.2x the fp32 step on an AMX Xeon (benchmarks/train_step.py)
     cpu_amp: bool = True
     fused: bool = True  # the optimizer's fused kernel (one pass over all parameters), CPU or GPU
     # focal modulation's temporal path: the same math as a (k, 1) Conv2d, or the official conv1d

@@ -9,7 +9,7 @@ from dvfl.models import build_model
 from dvfl.config import ConfigError, OptimSection, load_config
 from dvfl.models import VideoFocalNet
 from dvfl.models import set_temporal_impl
-from dvfl.train.loop import amp_dtype, cpu_has_bf16, make_optimizer
+from dvfl.train.loop import amp_dtype, bf16_autocast_pays, cpu_has_bf16, cpu_vendor_and_flags, make_optimizer
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "video_focalnet_golden_tiny.pt"
 
@@ -88,9 +88,24 @@ def test_bf16_autocast_losses_stay_within_seed_noise():
     assert fp32_0[-1] < fp32_0[0] and bf16_0[-1] < bf16_0[0]  # both learn
 
 
-def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_instructions():
+def test_cpu_bf16_autocast_only_where_the_cpu_has_bf16_instructions_that_pay(tmp_path):
     cpu = torch.device("cpu")
-    assert amp_dtype(cpu, "bf16", cpu_amp=True) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert amp_dtype(cpu, "bf16", cpu_amp=True) == (
+        torch.bfloat16 if bf16_autocast_pays(*cpu_vendor_and_flags()) else None)
+    if not cpu_has_bf16():
+        assert amp_dtype(cpu, "bf16", cpu_amp=True) is None
+    # /proc/cpuinfo's lines as Linux writes them (flags abridged), and what each CPU trains in
+    cpus = {("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"): True,  # a Xeon with AMX
+            ("GenuineIntel", "fpu avx512f avx512_bf16 avx512_fp16"): False,  # AMX hidden by the VM: bf16 0.74x
+            ("AuthenticAMD", "fpu avx512f avx512_bf16"): True,  # Zen 4
+            ("AuthenticAMD", "fpu avx2"): False}  # emulated bf16
+    for (vendor, flags), pays in cpus.items():
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+                        f"vendor_id\t: {vendor}\nflags\t\t: {flags}\n")
+        assert cpu_vendor_and_flags(str(info)) == (vendor, set(flags.split()))
+        assert bf16_autocast_pays(*cpu_vendor_and_flags(str(info))) is pays, (vendor, flags)
+    assert cpu_vendor_and_flags(str(tmp_path / "missing")) == ("", set())
     assert amp_dtype(cpu, "bf16", cpu_amp=False) is None
     assert amp_dtype(cpu, "off", cpu_amp=True) is None
     assert amp_dtype(cpu, "fp16", cpu_amp=True) in (torch.bfloat16, None)  # never fp16 on a CPU

@@ -125,23 +125,48 @@ def _checkpoint_dir(run_name: str):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere oneDNN emulates
-    bf16 and autocast would be slower than fp32."""
+def cpu_vendor_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """(vendor_id, flags) of this CPU's first core; ("", set()) where cpuinfo cannot be read."""
+    vendor, flags = "", set()
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
     except OSError:
-        return False
+        pass
+    return vendor, flags
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16); elsewhere oneDNN emulates
+    bf16 (about 1,000x slower than fp32)."""
+    flags = cpu_vendor_and_flags()[1]
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_autocast_pays(vendor: str, flags: set[str]) -> bool:
+    """Whether bf16 autocast trains faster than fp32 on a CPU with these flags. AMX: 2.25x the
+    step (benchmarks/train_step.py). AVX512-BF16 without AMX on an Intel CPU (AMX absent, or
+    hidden by a hypervisor): slower, oneDNN's AVX512-BF16 matmul ran at 0.5x the fp32 peak and
+    the step at 0.74x (docs/training-speed.md). AVX512-BF16 on AMD (Zen 4): bf16, as it ran since
+    session 42 (the README's demo table; not timed against fp32 there)."""
+    if "amx_bf16" in flags and "amx_tile" in flags:
+        return True
+    return "avx512_bf16" in flags and vendor != "GenuineIntel"
 
 
 def amp_dtype(device: torch.device, mode: str, cpu_amp: bool = False) -> torch.dtype | None:
     """The autocast dtype of ``optim.amp`` on this device; None: full precision (``off``, bf16 on
     a GPU without bf16 support, which falls back to fp32 rather than fail, and CPU workers unless
-    ``cpu_amp`` is on and the CPU has bf16 instructions; fp16 is never used on a CPU)."""
+    ``cpu_amp`` is on and bf16 trains faster there: :func:`bf16_autocast_pays`; fp16 is never
+    used on a CPU)."""
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_amp and mode != "off" and cpu_has_bf16() else None
+        return torch.bfloat16 if cpu_amp and mode != "off" and bf16_autocast_pays(*cpu_vendor_and_flags()) else None
     if device.type != "cuda" or mode == "off":
         return None
     if mode == "bf16":
