@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import importlib
+import io
 import sys
 
 from dvfl import paths
@@ -364,9 +365,18 @@ PATH_FLAGS = ("out", "root", "clips", "teacher", "model", "json", "confusion", "
 RESUMABLE = {"ingest", "teacher", "cache", "distill", "protocol", "tune"}  # a rerun continues where they stopped
 
 
+def line_buffered_stdout() -> None:
+    """Each line of ours (and of Ray's forwarded worker output) written when printed, also into a
+    file or a pipe (``> run.log``, ``| tee``), where Python would hold 8 KiB of them back: epoch
+    lines would show up hours late, after the stderr lines printed after them."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.line_buffering:
+        sys.stdout.reconfigure(line_buffering=True)
+
+
 def run_command(name: str, module, a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """Run a subcommand; Ctrl+C or SIGTERM ends it with one line and exit status 130 or 143, not a
     traceback (Ray is shut down and locks released on the way out)."""
+    line_buffered_stdout()
     def hint() -> str:  # the same command with --fresh would delete what was done again
         if name not in RESUMABLE:
             return ""

@@ -299,3 +299,29 @@ def test_ingest_fresh_says_once_it_has_deleted_the_earlier_ingest(tmp_path, vide
 
     with pytest.raises(Deleted):
         ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, overwrite=True), log=None, fresh_done=deleted)
+
+
+def test_a_command_whose_output_goes_to_a_pipe_writes_each_line_when_printed(tmp_path, video_factory):
+    """`python pipelines/ingest.py ... > run.log` (or `| tee`): Python held 8 KiB of stdout back, so
+    a waiting ingest's line (and a long run's epoch lines) showed only when the command ended."""
+    import select
+
+    from test_reliability import _hold_lock
+
+    root, out = tmp_path / "videos", tmp_path / "out"
+    for c in ("a", "b"):
+        video_factory(str(root / c / "1.mp4"))
+    holder = _hold_lock(out, 120, "ingest")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (as a user's shell has it)
+    env["PYTHONPATH"] = REPO
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pipelines", "ingest.py"), "--dataset", "folder",
+                             "--root", str(root), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and "waiting for it to end" in proc.stdout.readline(), proc.poll()
+    finally:
+        proc.terminate()  # (while it waits: before any video is read or Ray starts)
+        proc.wait(60)
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 143, proc.stderr.read()
