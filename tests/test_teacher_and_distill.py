@@ -904,6 +904,35 @@ def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_a_long_epoch_says_how_far_it_is(prepared, ray_local, tmp_path, monkeypatch, capsys):
+    """An epoch of hours (UCF101 on CPUs) printed nothing between its start and its end: past
+    EPOCH_PROGRESS_SECONDS it says the clips done, the rate and the time left (0 s here: every step)."""
+    import dataclasses
+
+    from dvfl import pipeline
+    from dvfl.train import loop as loop_module
+    from dvfl.train.session import RunnerSession
+
+    monkeypatch.setattr(loop_module, "EPOCH_PROGRESS_SECONDS", 0.0)
+    cfg = tiny_config(prepared["cfg"].output_dir, [("optim.epochs", 1), ("optim.batch_size", 8)])
+    data = pipeline.shared_training_data(cfg)
+    loop = pipeline.training_loop_config(cfg, cfg.student, cfg.optim, len(prepared["info"]["classes"]), seed=0,
+                                         teacher={"mode": "none"}, tensorboard_dir=None, log=lambda *_: None)
+    loop = dataclasses.replace(loop, train_rows=data.train_rows, threads_per_worker=1, run_name="progress")
+    capsys.readouterr()
+    loop_module.run_loop(loop, RunnerSession({"train": data.train, "val": data.val}, str(tmp_path / "run")))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith(f"[{loop.label}] epoch 1/1: ")]
+    progress, end = lines[:-1], lines[-1]
+    steps = -(-data.train_rows // 8)
+    assert len(progress) == steps and "val top-1" in end, lines  # one per step, then the epoch's own line
+    assert f": 8 of {data.train_rows:,} clips in 0 min, " in progress[0] and " min left" in progress[0], progress[0]
+    assert f": {data.train_rows:,} of {data.train_rows:,} clips in " in progress[-1], progress[-1]
+    monkeypatch.setattr(loop_module, "EPOCH_PROGRESS_SECONDS", 3600.0)  # the default's kind: a short epoch says nothing more
+    loop_module.run_loop(dataclasses.replace(loop, run_name="quiet"),
+                         RunnerSession({"train": data.train, "val": data.val}, str(tmp_path / "quiet")))
+    assert [x for x in capsys.readouterr().out.splitlines() if " clips in " in x] == []
+
+
 def test_accumulated_steps_in_the_loop_train_the_model_one_large_batch_does(prepared, ray_local, tmp_path):
     """optim.accum_steps 2 with batches of 3 and one step per batch of 6, through the loop's own
     train_step and its rescale of an epoch's last, partial accumulation: the same weights."""

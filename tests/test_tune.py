@@ -218,6 +218,9 @@ def test_each_cost_levels_best_is_rerun_with_another_seed_and_the_front_is_their
     assert s["best"]["trial_id"] in {r["trial_id"] for r in front}
     assert s["best"]["top1_mean"] == max(r["top1_mean"] for r in levels.values())
     assert "re-run with fresh student seed(s) [1]" in (exp / "tune_results.md").read_text()
+    # TensorBoard's curves of both experiments: the search's trials and the front's re-runs
+    hint = f"tensorboard --logdir_spec search:{exp},front:{exp.parent / 'forced-asha-front'}"
+    assert any(line.endswith(hint) for line in search["log"]), search["log"][-3:]
 
 
 @pytest.mark.slow

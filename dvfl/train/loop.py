@@ -222,6 +222,20 @@ def epoch_line(label: str, m: dict, epochs: int, where: str = "") -> str:
             + (f" on {where}" if where else ""))
 
 
+EPOCH_PROGRESS_SECONDS = 60.0  # an epoch longer than this says how far it is (a UCF101 epoch on CPUs: hours)
+
+
+def epoch_progress_line(cfg: LoopConfig, epoch: int, stats: "_EpochStats", seconds: float, world: int) -> str:
+    """Within a long epoch: the clips this worker trained on so far, its rate and the time left."""
+    done = int(stats.counts[0] + stats.counts[1])
+    total = max(done, -(-cfg.train_rows // max(world, 1)))
+    rate = done / seconds if seconds > 0 else 0.0
+    left = f", about {(total - done) / rate / 60:.0f} min left" if rate > 0 and total else ""
+    workers = f" (one of {world} workers)" if world > 1 else ""
+    return (f"[{cfg.label}] epoch {epoch + 1}/{cfg.optim.epochs}: {done:,} of {total:,} clips{workers} in "
+            f"{seconds / 60:.0f} min, {rate:.1f} clips/s{left}")
+
+
 def device_and_precision(device: torch.device, amp: torch.dtype | None) -> str:
     """"cuda, bf16" / "cpu, fp32": what a user checks to know the GPU was used."""
     names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -388,10 +402,14 @@ def run_loop(cfg: LoopConfig, session) -> None:
             started = time.time()
             stats = _EpochStats()
             run.model.train()
+            said_at = started
             for table in cfg.hooks.between_steps(batches, epoch=epoch, rank=run.rank, world=run.world,
                                                  run_name=cfg.run_name, reported_at=lambda: reported_at,
                                                  node_id=session.node_id):
                 train_step(run, cfg, table, stats)
+                if run.rank == 0 and cfg.print_epochs and time.time() - said_at >= EPOCH_PROGRESS_SECONDS:
+                    said_at = time.time()
+                    say(epoch_progress_line(cfg, epoch, stats, said_at - started, run.world))
             train_seconds = time.time() - started
             if stats.pending:  # the epoch's last, partial accumulation still counts
                 _finish_partial_accumulation(run, stats.pending, cfg.optim.accum_steps)

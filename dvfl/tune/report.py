@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dvfl.config import RunConfig
 from dvfl import paths, storage
-from dvfl.tune.search_config import TuneConfig, apply_params, experiment_dir, flatten, plain_value
+from dvfl.tune.search_config import FRONT_SUFFIX, TuneConfig, apply_params, experiment_dir, flatten, plain_value
 from dvfl.tune.trial import TRIALS_DIR
 
 
@@ -405,6 +405,8 @@ def write_results(exp: str | Path, t: TuneConfig, cfg: RunConfig, rows: list[dic
             f"-> {best_path} " + (f"(python pipelines/distill.py --config {best_path})" if cfg.teacher.mode != "none"
                                   else "(a student without a teacher: pipelines/distill.py distils, so give it "
                                        "teacher.mode cached to run this recipe there)"))
+    # the front's re-runs are an experiment of their own beside the search's (FRONT_SUFFIX)
+    curves = f"--logdir_spec search:{exp},front:{exp}{FRONT_SUFFIX}" if front_rows else f"--logdir {exp}"
     log(f"[tune] {storage.join(exp, RESULTS_JSON)}, {storage.join(exp, RESULTS_MD)}, {storage.join(exp, PARETO_PNG)}; "
-        f"tensorboard --logdir {exp}")
+        f"tensorboard {curves}")
     return summary

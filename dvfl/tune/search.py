@@ -13,13 +13,13 @@ from dvfl import storage
 from dvfl.runtime import signal_handlers_kept
 from dvfl.tune.report import collect_trials, cost_level_bests, report_errors, require_finished, write_results
 from dvfl.tune.resources import check_resources, reclaim_callback
-from dvfl.tune.search_config import TuneConfig, asha_words, experiment_dir, param_space, plain_experiment_name
+from dvfl.tune.search_config import (FRONT_SUFFIX, TuneConfig, asha_words, experiment_dir, param_space,
+                                     plain_experiment_name)
 from dvfl.tune.trial import (TRIALS_DIR, diverged, epoch_lines_callback, trial_driver, trial_resources,
                               trials_in_process)
 
 
 SEARCH_FILE = "dvfl_search.json"  # what the experiment searches (refuses to resume a different search)
-FRONT_SUFFIX = "-front"  # <experiment>-front: each cost level's best trial re-run with tune.front_seeds
 
 
 def front_reruns(trials: list[dict], seeds) -> list[dict]:

@@ -25,6 +25,7 @@ DOMAINS = ("loguniform", "uniform", "choice", "grid")
 METRICS = {"val_top1": "max", "val_top5": "max", "val_loss": "min"}
 # a leftover ``--set`` target for the tune file itself (the rest go to the run config)
 TUNE_PREFIX = "tune."
+FRONT_SUFFIX = "-front"  # <experiment>-front: each cost level's best trial re-run with tune.front_seeds
 def plain_experiment_name(name: str) -> bool:
     """A folder name under the storage, never a path: what a search may be named and --fresh may delete."""
     return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
