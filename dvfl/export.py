@@ -46,7 +46,7 @@ def _quiet_tracing():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(trace|save|load).*is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.(trace|script|save|load).*is deprecated.*")
         yield
 
 
@@ -159,14 +159,33 @@ def export_onnx(model, out: str | os.PathLike, inputs: list[torch.Tensor], toler
             "temporal_impl": temporal_impl}
 
 
+class _InputShapeChecked(torch.nn.Module):
+    """A traced model behind a check of its input's shape past the batch: a trace computes on
+    frames of another size without a word (ONNX and torch.export refuse them)."""
+
+    def __init__(self, model, shape: list[int]):
+        super().__init__()
+        self.model = model
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size()[1:] != self.shape:
+            raise RuntimeError("input must be (batch, " + ", ".join([str(d) for d in self.shape])
+                               + "), the shape this model was exported for; got " + str(x.size()))
+        return self.model(x)
+
+
 def export_torchscript(model, out: str | os.PathLike, inputs: list[torch.Tensor],
                        tolerance: float = TOLERANCE) -> dict:
-    """TorchScript (``torch.jit.trace``, loadable from C++ LibTorch), checked after a reload."""
+    """TorchScript (``torch.jit.trace``, loadable from C++ LibTorch), checked after a reload; it
+    refuses an input of another shape than ``inputs``' (past the batch)."""
     out, model = Path(out), model.eval()
     tmp = _tmp_path(out)
     try:
         with _quiet_tracing(), torch.inference_mode():
-            traced = torch.jit.trace(model, (_trace_example(inputs),), check_trace=False)
+            example = _trace_example(inputs)
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+            traced = torch.jit.script(_InputShapeChecked(traced, list(example.shape[1:])))
         with _quiet_tracing():
             _write_through_memory(tmp, lambda f: torch.jit.save(traced, f))
             loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
