@@ -248,6 +248,8 @@ def ready_clips(cfg: RunConfig, log=print) -> dict:
                     f"`{cfg.ingest_command()}`, and give data.clips={cfg.clips_dir}") if said != str(exc) else ""
             raise ConfigError(f"data.root: {said}{hint}") from None
         check_manifest_splits(cfg, manifest)
+        for note in manifest.notes if log else ():  # (folders that are not classes, classes a split drew none of)
+            log(f"[clips] note: {note}")
     icfg = IngestConfig(out=out, frames=cfg.data.frames, clips_per_video=cfg.data.clips_per_video,
                         eval_clips=cfg.data.eval_clips, short_side=cfg.data.short_side, seed=cfg.seed,
                         workers=cfg.data.decode_tasks or None)

@@ -371,6 +371,59 @@ def test_folder(tmp_path, src_video):
         "c1/v55"]
 
 
+def test_a_class_is_a_folder_holding_a_video_and_a_dataset_needs_two(tmp_path, src_video):
+    """train/Jump/notes.txt passed the "no training video teaches it" check (a folder of that name was
+    there) and test/Jump's videos were scored against a class nothing taught; a folder of notes or
+    stills, or an empty one, was a class; my_videos/all/<class>/ (--root one level too high) was one
+    class, every model 100 % and a KD loss of 0; a root of no video file started Ray to write nothing,
+    and left a plan that refused the corrected rerun."""
+    split = str(tmp_path / "split")
+    for rel in ("train/Run/a.mp4", "train/Walk/b.mp4", "test/Jump/c.mp4", "test/Run/d.mp4"):
+        put(split, rel, src_video)
+    write(os.path.join(split, "train", "Jump", "notes.txt"), "x")
+    with pytest.raises(A.AdapterError, match=r"class folder test/'Jump' has videos but \S+/train/Jump holds no video "
+                                             r"file \(looked for \.mp4, .*\.vob\): no training video teaches it"):
+        A.folder(split)
+    flat = str(tmp_path / "flat")
+    for rel in ("cats/a.mp4", "dogs/sub/b.mp4"):
+        put(flat, rel, src_video)
+    write(os.path.join(flat, "birds", "notes.txt"), "x")
+    write(os.path.join(flat, "stills", "x.jpg"), "x")
+    os.makedirs(os.path.join(flat, "empty"))
+    m = A.folder(flat)
+    assert m.classes == ["cats", "dogs"] and {e.label for e in m.entries} == {0, 1}
+    assert m.notes == ["3 class folder(s) hold no video file and are not classes (birds, empty, stills; looked for "
+                       + ", ".join(A._d.VIDEO_EXTENSIONS) + ")"]
+    high = str(tmp_path / "my_videos")
+    for rel in ("all/cats/a.mp4", "all/dogs/b.mp4"):
+        put(high, rel, src_video)
+    with pytest.raises(A.AdapterError, match=r"one class \('all'\); a classifier needs at least 2: is --root one level "
+                                             r"too high\? found one folder 'all', holding the folders 'cats', 'dogs': "
+                                             r"--root \S+/my_videos/all"):
+        A.folder(high)
+    nothing = str(tmp_path / "nothing")
+    write(os.path.join(nothing, "cats", "a.jpg"), "x")
+    with pytest.raises(A.AdapterError, match=r"nothing: no video file in a class folder \(looked for \.mp4, "):
+        A.folder(nothing)
+
+
+def test_a_fraction_split_names_the_classes_it_drew_no_video_of(tmp_path, src_video):
+    """--test-fraction draws video by video: a class of a few videos could get no test video (or no
+    training one), without a word."""
+    root = str(tmp_path)
+    for i in range(20):
+        put(root, f"big/v{i}.mp4", src_video)
+    put(root, "small/only.mp4", src_video)
+    m = A.folder(root, test_fraction=0.3)
+    split = next(e.split for e in m.entries if e.class_name == "small")
+    lacking = "test" if split == "train" else "train"
+    assert m.notes == [f"1 class(es) drew no {lacking} video (small): --test-fraction/--val-fraction draw video by "
+                       + ("video, and no training video teaches them" if lacking == "train" else
+                          "video, and the test score says nothing of them")
+                       + "; add videos to those classes, or give the splits as root/{train,val,test}/<class>/"]
+    assert A.folder(root).notes == []  # no fraction: every video trains
+
+
 def test_a_video_beside_the_class_folders_is_a_reject_not_left_out_unreported(tmp_path, src_video):
     """root/loose.mp4 was neither an input nor a reject: "written + rejected = inputs" held without it."""
     root = str(tmp_path / "flat")
@@ -388,7 +441,7 @@ def test_a_video_beside_the_class_folders_is_a_reject_not_left_out_unreported(tm
     m.problems = []
     assert compute_fingerprint(m, {}, identities) == listed
     root2 = str(tmp_path / "split")
-    for rel in ("train/a/1.mp4", "test/a/2.mp4", "train/3.mp4", "4.mov"):
+    for rel in ("train/a/1.mp4", "train/b/5.mp4", "test/a/2.mp4", "train/3.mp4", "4.mov"):
         put(root2, rel, src_video)
     assert sorted((p.video_id, p.split) for p in A.folder(root2).problems) == [("4", "train"), ("train/3", "train")]
 
@@ -468,10 +521,11 @@ def test_a_nas_or_windows_drives_own_folders_are_neither_classes_nor_videos(tmp_
     assert m.classes == ["Run", "Walk"]
     assert sorted(e.video_id for e in m.entries) == ["Run/1", "Walk/2"] and not m.problems
     split_root = str(tmp_path / "split")
-    for rel in ("train/Run/1.mp4", "test/Run/2.mp4", "@eaDir/train/x.mp4", "train/@eaDir/y.mp4"):
+    for rel in ("train/Run/1.mp4", "test/Run/2.mp4", "train/Walk/3.mp4", "@eaDir/train/x.mp4", "train/@eaDir/y.mp4"):
         put(split_root, rel, src_video)
     m = A.folder(split_root)
-    assert m.classes == ["Run"] and sorted(e.video_id for e in m.entries) == ["test/Run/2", "train/Run/1"]
+    assert m.classes == ["Run", "Walk"] and sorted(e.video_id for e in m.entries) == [
+        "test/Run/2", "train/Run/1", "train/Walk/3"]
 
 
 def test_two_videos_differing_only_by_extension_are_two_inputs(tmp_path, src_video):
@@ -1064,7 +1118,8 @@ def test_annotations_that_would_file_videos_under_other_classes_or_splits_are_re
             A.folder(str(folder))
     only_test = tmp_path / "only_test"  # an evaluation-only ingest: no training split to compare with
     put(str(only_test), "test/Walking/b.mp4", src_video)
-    assert A.folder(str(only_test)).classes == ["Walking"]
+    put(str(only_test), "test/Running/c.mp4", src_video)
+    assert A.folder(str(only_test)).classes == ["Running", "Walking"]
 
     ssv2_root = str(tmp_path / "ssv2")
     make_ssv2(ssv2_root, src_video)

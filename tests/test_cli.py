@@ -575,6 +575,7 @@ def test_an_unreadable_config_an_unwritable_synthetic_out_and_a_job_submission_a
     done = cli_in_process("ingest.py", "--dataset", "synthetic", "--out", tmp_path / "file" / "x")
     assert done.returncode == 1 and "error: generating videos in" in done.stderr and "Traceback" not in done.stderr, done.stderr
     video_factory(str(tmp_path / "root" / "a" / "v.mp4"))
+    video_factory(str(tmp_path / "root" / "b" / "v.mp4"), seed=1)
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "ingest.py"), "--dataset", "folder", "--root",
                            str(tmp_path / "root"), "--out", str(tmp_path / "clips"), "--quiet"],

@@ -303,6 +303,8 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
     except (AdapterError, OSError) as e:  # OSError: a list or annotation file it may not read
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in m.notes:  # (folders that are not classes, classes a split drew no video of)
+        log(f"[ingest] note: {note}")
     # one decode task more than cores in flight on a local instance fills the gaps Ray Data leaves
     # between tasks (dvfl.data.ingest.plan_decode_tasks); a cluster gets one per logical CPU
     local = not joined_address(a.address)

@@ -889,43 +889,80 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
         raise AdapterError(f"--root {root} has split folders ({', '.join(split_dirs)}): they give the splits; "
                            "leave out --test-fraction/--val-fraction")
     bases = [(split_of[d], os.path.join(root, d)) for d in split_dirs] if split_dirs else [(None, root)]
-    classes = sorted({d for _, b in bases for d in _subfolders(b)})
+    folders = sorted({d for _, b in bases for d in _subfolders(b)})
     # train/Café (NFC, Linux) and test/Café (NFD, a Mac's copy), train/Run and test/run: two classes,
     # the test videos' labels ones no training video had
     spelt = {}
-    for c in classes:
+    for c in folders:
         spelt.setdefault(_spelling(c), []).append(c)
     same = next((names for names in spelt.values() if len(names) > 1), None)
     if same:
         raise AdapterError(f"--root {root}: class folders {' and '.join(map(repr, same))} differ only in letter case "
                            "or Unicode normalisation, or spaces at an end (copied from another system?): give them one "
                            "spelling")
-    trained = {d for s, b in bases if s == "train" for d in _subfolders(b)}
-    untrained = [(s, d) for s, b in bases if s in ("val", "test") and trained for d in _subfolders(b) if d not in trained]
-    if untrained:  # (a class no training video teaches: a misspelt folder, every video of it scored wrong)
-        s, d = untrained[0]
-        raise AdapterError(f"--root {root}: class folder {s}/{d!r} has no train/ folder: no training video teaches it "
-                           "(a misspelt folder name?); give it the spelling of its train/ folder, or add its "
-                           "training videos")
-    _refuse_class_links(root, bases, classes)
+    _refuse_class_links(root, bases, folders)
+    # every class folder's videos, (path, id), before any is a class: a folder holding no video file (notes,
+    # stills, nothing) was a class no video teaches, an output the model could never be trained to give
+    walked: Dict[Tuple[Optional[str], str], Tuple[str, List[Tuple[str, str]], List[Tuple[str, str]]]] = {}
+    for split_dir, base in bases:
+        for d in _subfolders(base):
+            cdir, videos, outside = os.path.join(base, d), [], []
+            for dirpath, dirs, names in _walk(cdir, cdir, outside):
+                found = [n for n in names if _is_video(n)]
+                for n, last in zip(found, _id_parts(found)):
+                    videos.append((os.path.join(dirpath, n),
+                                   os.path.relpath(os.path.join(dirpath, last), root).replace(os.sep, "/")))
+            walked[(split_dir, d)] = (cdir, videos, outside)
+    classes = sorted({d for (_, d), (_, videos, _) in walked.items() if videos})
+    looked_for = f"looked for {', '.join(_d.VIDEO_EXTENSIONS)}"
+    train_base = next((b for s, b in bases if s == "train"), None)
+    if train_base is not None:
+        trained = {d for (s, d), (_, videos, _) in walked.items() if s == "train" and videos}
+        untrained = [(s, d) for (s, d), (_, videos, _) in walked.items() if s in ("val", "test") and videos
+                     and d not in trained]
+        if untrained:  # (a class no training video teaches: a misspelt folder, every video of it scored wrong)
+            s, d = untrained[0]
+            if os.path.isdir(os.path.join(train_base, d)):  # (train/Jump/notes.txt passed as "a train/ folder")
+                raise AdapterError(f"--root {root}: class folder {s}/{d!r} has videos but {os.path.join(train_base, d)} "
+                                   f"holds no video file ({looked_for}): no training video teaches it; add its "
+                                   "training videos there, or move the class out of the dataset")
+            raise AdapterError(f"--root {root}: class folder {s}/{d!r} has no train/ folder: no training video teaches "
+                               "it (a misspelt folder name?); give it the spelling of its train/ folder, or add its "
+                               "training videos")
+    if not classes:  # (Ray started, every input "rejected", an empty rejects file, and the next run refused)
+        top_videos = [n for _, b in bases for n in os.listdir(b) if _is_video(n)]
+        raise AdapterError(f"--root {root}: no video file in a class folder ({looked_for}; "
+                           + (f"{len(top_videos)} beside the class folders: put them in root/<class>/)"
+                              if top_videos else "a video's class is the folder holding it: root/<class>/*.mp4)"))
+    if len(classes) < 2:  # (every model scores 100 % and distillation has nothing to teach)
+        inner = _subfolders(os.path.join(root, classes[0])) if not split_dirs else []
+        hint = ("add a class folder" if split_dirs else f"is --root one level too high? found one folder {classes[0]!r}"
+                + (f", holding the folders {', '.join(map(repr, inner[:5]))}{' ...' if len(inner) > 5 else ''}: "
+                   f"--root {os.path.join(root, classes[0])}" if len(inner) > 1 else "; else add a class folder"))
+        raise AdapterError(f"--root {root}: one class ({classes[0]!r}); a classifier needs at least 2: {hint}")
+    empty = sorted(os.path.relpath(cdir, root) for cdir, videos, _ in walked.values() if not videos)
     m = Manifest("folder", os.path.abspath(root), classes,
                  source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})
-    for split_dir, base in bases:
-        for lab, cls in enumerate(classes):
-            cdir = os.path.join(base, cls)
-            if not os.path.isdir(cdir):
-                continue
-            outside: List[Tuple[str, str]] = []
-            for dirpath, dirs, names in _walk(cdir, cdir, outside):
-                videos = [n for n in names if _is_video(n)]
-                for n, last in zip(videos, _id_parts(videos)):
-                    path = os.path.join(dirpath, n)
-                    vid = os.path.relpath(os.path.join(dirpath, last), root).replace(os.sep, "/")
-                    split = split_dir
-                    if split is None:
-                        split = _fraction_split(vid, test_fraction, val_fraction)
-                    _add(m, vid, path, lab, cls, split)
-            _linked_folder_problems(m, outside, cdir, split_dir)
+    if empty:
+        m.notes.append(f"{len(empty)} class folder(s) hold no video file and are not classes ({', '.join(empty[:5])}"
+                       f"{', ...' if len(empty) > 5 else ''}; {looked_for})")
+    for (split_dir, d), (cdir, videos, outside) in walked.items():
+        for path, vid in videos:
+            split = split_dir
+            if split is None:
+                split = _fraction_split(vid, test_fraction, val_fraction)
+            _add(m, vid, path, classes.index(d), d, split)
+        _linked_folder_problems(m, outside, cdir, split_dir)
+    if test_fraction or val_fraction:  # (a draw per video, not per class: a small class can draw none of a split)
+        drawn = Counter((e.label, e.split) for e in m.entries)
+        for split, fraction in (("train", 1.0), ("test", test_fraction), ("val", val_fraction)):
+            lacking = [c for i, c in enumerate(classes) if fraction and not drawn[(i, split)]]
+            if lacking:
+                m.notes.append(f"{len(lacking)} class(es) drew no {split} video ({', '.join(lacking[:5])}"
+                               f"{', ...' if len(lacking) > 5 else ''}): --test-fraction/--val-fraction draw video by "
+                               + ("video, and no training video teaches them" if split == "train" else
+                                  f"video, and the {split} score says nothing of them")
+                               + "; add videos to those classes, or give the splits as root/{train,val,test}/<class>/")
     # a video beside the class folders has no class: a reject, not silently left out of "inputs"
     # (outside the ingest fingerprint: an ingest made before these were listed keeps its own)
     for split_dir, base in ([(None, root)] if split_dirs else []) + bases:

@@ -66,6 +66,7 @@ class Manifest:
     problems: List[Problem] = field(default_factory=list)
     source: Dict = field(default_factory=dict)   # adapter parameters (split number, list files ...)
     excluded: int = 0   # listed but deliberately unused by the protocol (e.g. HMDB51 id 0): not inputs
+    notes: List[str] = field(default_factory=list)  # what the user should know of the listing (printed, not recorded)
 
     def __post_init__(self) -> None:
         self.classes = [printable(c) for c in self.classes]  # (folder names; same order, so labels hold)
@@ -78,6 +79,7 @@ class Manifest:
         self.entries.extend(other.entries)
         self.problems.extend(other.problems)
         self.excluded += other.excluded
+        self.notes.extend(other.notes)
 
     def dedupe(self) -> None:
         """Entries sharing a video_id: one is kept, the evaluation split's first (``KEEP_FIRST``: test,
