@@ -114,6 +114,29 @@ def test_a_naming_scheme_is_not_a_group_however_the_camera_names_its_files():
     assert note.startswith("1 name(s) too large to hold out whole (IMG; in 3 class(es))"), note
 
 
+def test_cuts_of_one_recording_in_a_folder_of_their_own_share_a_side():
+    """root/<class>/<recording>/<cut>.mp4 (README's "Your own videos"): by the file name alone every
+    recording's 001 was one group, so the carve put every recording in training and validation at
+    once, with no note."""
+    from dvfl.data.holdout import carve_note
+
+    jump = [f"jump/rec{r}/{k:03d}" for r in range(6) for k in range(1, 5)]
+    run = [f"train/run/cam{r}/clip_{k}" for r in range(5) for k in range(4)]  # split folders above the class
+    ids, labels = jump + run, [0] * len(jump) + [1] * len(run)
+    assert group_of("jump/rec3/002", "jump") == "rec3" and group_of("train/run/cam1/clip_3", "train/run") == "cam1/clip"
+    for seed in range(5):
+        held = holdout_videos(ids, labels, 0.2, seed=seed)
+        for r in range(6):
+            recording = {v for v in jump if v.startswith(f"jump/rec{r}/")}
+            assert recording <= held or not recording & held, (seed, r, sorted(held))
+        assert sum(v in held for v in jump) == 4 and sum(v in held for v in run) == 4, (seed, sorted(held))
+        assert carve_note(ids, labels, 0.2, held) == ""
+    # a rule of its own: a model carved by rule 3 is not taken for this carve; a class in one folder keeps its rule
+    assert grouping_version(ids, labels, 0.2) == 4
+    flat = [f"jump/rec{r}_{k:03d}" for r in range(6) for k in range(1, 5)]
+    assert grouping_version(flat, [0] * len(flat), 0.2) == 2
+
+
 def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback(monkeypatch, tmp_path):
     """Every class one group (or one video): a ValueError through Ray's wrappers printed a traceback."""
     from dvfl.cli import actionable_failure

@@ -6,15 +6,17 @@ carves one out of the training videos, and every run (teacher and students) leav
 out of training. Videos of one *group* always land on the same side: UCF101/UCF50 ids
 (``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); HMDB51 ids by their source video,
 the name before the metadata tail (``<source>_<class>_u_nm_np1_ba_goo_0``: cuts of one source
-video differ in that tail, not only in the last number); other ids by their name without a trailing
-clip number (``rec7_001``, ``rec7_002``: cuts of one recording), except that such a group holding
-more than twice the validation fraction of its class is split into groups of one: held out whole
-it would take that share of the class out of training (a phone's ``IMG_1234``, a camera's
-``MVI_0042``, a day's ``VID_20240105_143012``, ``wave_001``: naming schemes, not recordings).
+video differ in that tail, not only in the last number); other ids by the folders below their
+class folder and their name without a trailing clip number (``rec7_001``, ``rec7_002``; a bare
+number in a folder, ``rec7/001``, is that folder's: cuts of one recording), except that such a
+group holding more than twice the validation fraction of its class is split into groups of one:
+held out whole it would take that share of the class out of training (a phone's ``IMG_1234``, a
+camera's ``MVI_0042``, a day's ``VID_20240105_143012``, ``wave_001``: naming schemes, not recordings).
 """
 from __future__ import annotations
 
 import functools
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,22 +29,35 @@ HMDB_TAIL = re.compile(r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)
 TRAILING_NUMBER = re.compile(r"_\d+$")
 #: the grouping rule's version, part of a carved run's identity: another rule carves other videos.
 #: 3 (session 33) differs from 2 only where a class has an oversized trailing-number group, so a
-#: carve that has none keeps 2 and its trained models (:func:`grouping_version`)
-GROUPING = 3
+#: carve that has none keeps 2 and its trained models (:func:`grouping_version`); 4 groups
+#: by the folders below the class too (``<class>/<recording>/<cut>``: every recording's ``001`` was one
+#: group), and differs from 3 only where a class's videos lie in more than one folder
+GROUPING = 4
 #: the split name that means "held-out validation" (carved from training when the ingest has none)
 VAL_SPLIT = "val"
 
 
-def group_of(video_id: str) -> str:
-    """The group a video belongs to (within its class): videos of one group share a side."""
-    name = video_id.rsplit("/", 1)[-1]
+def group_of(video_id: str, class_folder: str | None = None) -> str:
+    """The group a video belongs to (within its class): videos of one group share a side.
+    ``class_folder``: the folder of the video's class in its id (:func:`class_folder`), whose
+    sub-folders are part of a name group (None: the name alone, rule 3)."""
+    folder, _, name = video_id.rpartition("/")
     m = UCF_GROUP.search(name)
     if m:
         return f"g{int(m.group(1)):02d}"
     m = HMDB_TAIL.search(name)
     if m:
         return name[:m.start()]  # <source>_<class>: the class is the same within a class
-    return TRAILING_NUMBER.sub("", name)
+    below = folder[len(class_folder):].strip("/") if class_folder is not None else ""
+    if not below:
+        return TRAILING_NUMBER.sub("", name)
+    # rec7/001, rec7/002: the cuts of recording rec7 (by name alone, every recording's 001 was one group)
+    return below if name.isdigit() else f"{below}/{TRAILING_NUMBER.sub('', name)}"
+
+
+def class_folder(vids: Sequence[str]) -> str:
+    """The folders one class's video ids share (``Jump``, ``train/Jump``): what lies below is theirs."""
+    return "/".join(posixpath.commonprefix([vid.split("/")[:-1] for vid in vids]))
 
 
 def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int = 0) -> set:
@@ -72,19 +87,21 @@ def _by_class(video_ids: Sequence[str], labels: Sequence[int]) -> dict:
     return by_class
 
 
-def _named_groups(vids: Sequence[str]) -> dict:
+def _named_groups(vids: Sequence[str], by_folder: bool = True) -> dict:
+    within = class_folder(vids) if by_folder else None
     by_group: dict = {}
     for vid in vids:
-        by_group.setdefault(group_of(vid), []).append(vid)
+        by_group.setdefault(group_of(vid, within), []).append(vid)
     return by_group
 
 
-def class_groups(vids: Sequence[str], fraction: float) -> dict:
+def class_groups(vids: Sequence[str], fraction: float, by_folder: bool = True) -> dict:
     """One class's videos by group (:func:`group_of`), except that a trailing-number group holding
     more than ``2 * fraction`` of the class becomes groups of one, keyed by the video's id: held out
     whole it took that share of the class out of training (20 of 22 phone videos ``IMG_*``; one of
-    two cameras, ``IMG_*`` and ``MVI_*``, in every class alike). UCF and HMDB51 groups are kept."""
-    by_group = _named_groups(vids)
+    two cameras, ``IMG_*`` and ``MVI_*``, in every class alike). UCF and HMDB51 groups are kept.
+    ``by_folder=False``: rule 3's groups, by name alone."""
+    by_group = _named_groups(vids, by_folder)
     for g in [g for g, members in by_group.items()
               if len(members) > 1 and len(members) > 2 * fraction * len(vids) and _trailing_number_group(members[0])]:
         for vid in by_group.pop(g):
@@ -99,9 +116,13 @@ def _trailing_number_group(video_id: str) -> bool:
 
 def grouping_version(video_ids: Sequence[str], labels: Sequence[int], fraction: float) -> int:
     """The rule version these videos' carve depends on: :data:`GROUPING` where a class's groups
-    differ from rule 2's (an oversized trailing-number group split, :func:`class_groups`), else 2."""
-    return GROUPING if any(class_groups(vids, fraction) != _named_groups(vids)
-                           for vids in _by_class(video_ids, labels).values()) else 2
+    differ from rule 3's (videos in more than one folder below the class), else 3 where they differ
+    from rule 2's (an oversized trailing-number group split, :func:`class_groups`), else 2."""
+    classes = _by_class(video_ids, labels).values()
+    if any(class_groups(vids, fraction) != class_groups(vids, fraction, by_folder=False) for vids in classes):
+        return GROUPING
+    return 3 if any(class_groups(vids, fraction, by_folder=False) != _named_groups(vids, by_folder=False)
+                    for vids in classes) else 2
 
 
 def train_videos(clips_dir: str, split: str) -> tuple:
@@ -182,4 +203,4 @@ def carve_note(video_ids, labels, fraction: float, held) -> str:
             "model; give a val split of whole recordings")
 
 
-__all__ = ["HoldoutError", "carve_note", "group_of", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
+__all__ = ["HoldoutError", "carve_note", "group_of", "class_folder", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
