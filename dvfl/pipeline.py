@@ -422,8 +422,14 @@ def check_clips_match(cfg: RunConfig, info: dict) -> None:
         problems.append(f"data.unlabeled is {cfg.unlabeled_dir}, an ingest without an unlabelled pool (ingest the "
                         "pool with the labelled videos: --unlabeled DIR)")
     if problems:
+        # (clips of the training split alone: data.test_split may not name it, so the first advice cannot be taken)
+        no_test = (any(key == "test_split" and split not in empty for key, split in missing_splits(cfg, stored))
+                   and not set(stored) - {cfg.data.train_split, "unlabeled"})
+        how = HOW_TO_NAME_SPLITS.get(info.get("dataset")) if no_test else None
         raise ConfigError(f"data.clips {where} does not match the config: " + "; ".join(problems)
-                          + ". Set these fields to the ingest's values, or ingest again with the config's.")
+                          + ". Set these fields to the ingest's values, or ingest again with the config's"
+                          + (f" (clips without a {cfg.data.test_split!r} split: ingest them again with a test split, "
+                             f"{how}, with --out {where} --fresh)" if how else "") + ".")
     if empty:
         raise ConfigError(f"data.clips {where}: split(s) {', '.join(map(repr, empty))} hold no clips: every video of "
                           f"them was rejected at ingest (reasons in {storage.join(where, REJECTS_FILE)}); replace "

@@ -393,6 +393,26 @@ def test_clips_of_another_split_are_refused():
         check_clips_match(ucf50, {**info, "dataset": "ucf50", "source": {"test_group": 3}})
 
 
+def test_clips_of_a_folder_without_a_test_split_say_how_to_ingest_one():
+    """A folder dataset ingested without --test-fraction holds only 'train': the advice "set these fields
+    to the ingest's values" cannot be taken (data.test_split may not be the training split)."""
+    from dvfl.config import load_config
+    from dvfl.pipeline import check_clips_match
+
+    cfg = load_config(None, [("data.dataset", "folder"), ("data.root", "/nowhere")], check_paths=False)
+    info = {"dataset": "folder", "source": {"split_dirs": [], "test_fraction": 0.0},
+            "params": {"frames": cfg.data.frames, "short_side": cfg.data.short_side, "eval_clips": 1},
+            "counts": {"train": {"videos": 2, "clips": 2}}}
+    with pytest.raises(ValueError, match=r"data.test_split is 'test', the clips hold split\(s\) 'train'\. Set these "
+                                         r"fields to the ingest's values, or ingest again with the config's \(clips "
+                                         r"without a 'test' split: ingest them again with a test split, pipelines/"
+                                         r"ingest.py --dataset folder --test-fraction F \(or root/\{train,val,test\}/"
+                                         r"<class>/ folders\), with --out \S+ --fresh\)\.$"):
+        check_clips_match(cfg, info)
+    with pytest.raises(ValueError, match=r"the config's\.$"):  # a misspelt test split: its fields are the fix
+        check_clips_match(cfg, {**info, "counts": {**info["counts"], "tset": {"videos": 1, "clips": 1}}})
+
+
 def test_fewer_evaluation_clips_than_stored_are_spread_over_the_video():
     """eval.clips below data.eval_clips took the first stored clips: 1 of 4 was the clip centred at
     1/8 of every segment, 2 of 4 both lay in the first half. Now the stored clip under each wanted
