@@ -3,6 +3,7 @@ the middle of a run: no partial shard is ever visible, and re-running the same c
 completes with exactly the shards an uninterrupted run writes."""
 import glob
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -325,3 +326,43 @@ def test_a_command_whose_output_goes_to_a_pipe_writes_each_line_when_printed(tmp
         holder.kill()
         holder.wait()
     assert proc.returncode == 143, proc.stderr.read()
+
+
+def test_the_plan_of_an_ingest_that_committed_nothing_is_replaced_without_fresh(tmp_path, video_factory):
+    """An ingest of a root with no video it could take wrote its _plan.json and nothing else; the
+    corrected rerun was refused ("already holds an ingest with a different fingerprint ... --fresh").
+    A shard or a dataset.json in the folder still refuses it: that is an ingest's work. The ingest
+    command replaces such a plan (``replace_uncommitted``); a run's given data.clips never does."""
+    from dvfl.data.adapters import folder
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    root, out = tmp_path / "videos", tmp_path / "out"
+    for seed, c in enumerate("ab"):
+        video_factory(str(root / c / "1.mp4"), seed=seed)
+    out.mkdir()
+    (out / "_plan.json").write_text('{"fingerprint": "an ingest that wrote nothing", "shards": []}')
+
+    class Planned(Exception):
+        pass
+
+    def log(line):
+        if line.startswith("[ingest] folder: "):  # the plan is written and the decode is next (no Ray needed)
+            raise Planned(line)
+        logged.append(line)
+
+    logged = []
+    with pytest.raises(Planned):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=log)
+    assert f"[ingest] note: {out} holds the plan of an ingest that committed no shard: replaced" in logged
+    assert json.loads((out / "_plan.json").read_text())["fingerprint"] != "an ingest that wrote nothing"
+    for committed in ("dataset.json", "shards/_meta/train-00000.json", "shards/train-00000.parquet"):
+        (out / "_plan.json").write_text('{"fingerprint": "an ingest that wrote nothing", "shards": []}')
+        (out / committed).parent.mkdir(parents=True, exist_ok=True)
+        (out / committed).write_text("{}")
+        with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
+            ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=None)
+        (out / committed).unlink()
+    # the ingest command's choice: a run's given data.clips is never replaced
+    # (test_given_clips_holding_an_unfinished_ingest_of_other_settings_are_a_config_error)
+    with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32), log=None)

@@ -313,7 +313,7 @@ def ingest_locked(a: argparse.Namespace, log) -> int:
                        short_side=short_side, seed=a.seed, min_frames=a.min_frames,
                        timeout_per_file=a.timeout_per_file, videos_per_shard=a.videos_per_shard,
                        workers=decode_tasks, task_mb=a.task_mb, videos_per_task=a.videos_per_task,
-                       overwrite=a.fresh, progress=not a.quiet,
+                       overwrite=a.fresh, replace_uncommitted=True, progress=not a.quiet,
                        ray_progress=a.ray_progress,
                        # test-only: honour the DVFL-TEST-HANG/CRASH magic files (tests/test_ingest_cli.py)
                        test_hooks=os.environ.get("DVFL_INGEST_TEST_HOOKS") == "1")

@@ -68,6 +68,9 @@ class IngestConfig:
     task_mb: float = 4.0                    # source video MB per decode task (0.7-2 s of decoding)
     videos_per_task: Optional[int] = None   # at most this many videos per task; default: 256 MiB of clips
     overwrite: bool = False
+    # the plan of an ingest that committed nothing (no shard, no dataset.json) is replaced without --fresh:
+    # the ingest command's rerun after every input was refused; a run's given data.clips is never replaced
+    replace_uncommitted: bool = False
     progress: bool = True
     ray_progress: bool = False              # Ray Data's own progress bars
     test_hooks: bool = False                # honour the DVFL-TEST-* magic files (tests only)
@@ -601,7 +604,11 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
             fresh_done()
     elif storage.exists(plan_path):
         old = storage.read_json(plan_path)
-        if old != layout:
+        if old != layout and cfg.replace_uncommitted and not _anything_committed(out, shard_dir, meta_dir):
+            # (a run that wrote nothing, e.g. every input rejected: its plan refused the corrected rerun)
+            if log:
+                log(f"[ingest] note: {out} holds the plan of an ingest that committed no shard: replaced")
+        elif old != layout:
             unreadable = [q for q in manifest.problems if q.reason == _d.UNREADABLE]
             if unreadable and old.get("fingerprint") != fingerprint:  # (those it rejected alike: not a change)
                 known = _rejected_as(out, _d.UNREADABLE)
@@ -833,6 +840,12 @@ def _file_size_limit(limit: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def _anything_committed(out: str, shard_dir: str, meta_dir: str) -> bool:
+    """Whether ``out`` holds a finished ingest or a shard (committed or not): what a new plan must not replace."""
+    return (storage.exists(storage.join(out, _s.DATASET_JSON)) or bool(storage.listdir(shard_dir, ".parquet"))
+            or bool(storage.listdir(meta_dir, ".json")))
 
 
 def _not_written_by_ingest(shard_dir: str) -> list[str]:
