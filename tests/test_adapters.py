@@ -407,6 +407,22 @@ def test_a_class_is_a_folder_holding_a_video_and_a_dataset_needs_two(tmp_path, s
         A.folder(nothing)
 
 
+def test_asf_3g2_and_f4v_files_are_videos_listed_and_decoded(tmp_path):
+    """Containers the decoder reads (ASF, 3GPP2 and Flash MP4: CONTAINERS' asf and mp4) were not
+    video files by their extension: a folder of them was no dataset, each skipped without a word."""
+    from conftest import make_videos
+    from dvfl.data import decode as D
+
+    specs = [("a/x.asf", dict(codec="wmv2")), ("b/y.3g2", dict(codec="mpeg4")), ("b/z.f4v", dict(codec="libx264"))]
+    make_videos([(str(tmp_path / p), dict(n=10, h=32, w=32, seed=i, **kw)) for i, (p, kw) in enumerate(specs)])
+    m = A.folder(str(tmp_path))
+    assert sorted(e.video_id for e in m.entries) == ["a/x", "b/y", "b/z"] and not m.problems
+    for e in m.entries:
+        res = D.decode_video({"path": e.path, "video_id": e.video_id, "split": "train", "frames": 4,
+                              "clips_per_video": 1, "eval_clips": 1, "seed": 0, "short_side": 16, "min_frames": 4})
+        assert res["ok"] and res["src_num_frames"] == 10 and res["views"][0][3].shape == (4, 16, 16, 3), (e.path, res)
+
+
 def test_a_fraction_split_names_the_classes_it_drew_no_video_of(tmp_path, src_video):
     """--test-fraction draws video by video: a class of a few videos could get no test video (or no
     training one), without a word."""

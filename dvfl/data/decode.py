@@ -68,8 +68,9 @@ _PLAYLIST_HEADS = (b"#extm3u", b"ffconcat", b"[playlist]", b"<mpd", b"<smil", b"
 # second video track, damaged packets (sessions 42-47); earlier ingests name none.
 DECODE_RULES = 1
 
+# (.asf, .3g2 and .f4v: containers of CONTAINERS that the folder layouts skipped, a root of them "no video")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
-                    ".wmv", ".3gp", ".ogv", ".ts", ".mts", ".m2ts", ".vob")
+                    ".wmv", ".asf", ".3gp", ".3g2", ".f4v", ".ogv", ".ts", ".mts", ".m2ts", ".vob")
 
 # test hooks (honest simulation of decoder failure modes; only active when a job has
 # ``test_hooks=True``, which the ingest library sets only when asked explicitly)
