@@ -2,7 +2,11 @@
 # and `make test`. Both create .venv on first use.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+PYTHON ?= python3
 ARCH   := $(shell uname -m)
+ifeq ($(shell uname -s)-$(ARCH),Darwin-x86_64)
+$(error an Intel Mac cannot install this project: Ray 2.60 and torch >= 2.9 publish no macOS x86_64 wheels; use an Apple-silicon Mac or Linux)
+endif
 # CPU machines here serve these torch/torchvision pairs from local disk; any other pair
 # downloads gigabytes or fails to import (torchvision::nms).
 ifeq ($(ARCH),aarch64)
@@ -16,7 +20,9 @@ endif
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)  # (a venv cut short has no pip: made again)
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "make: $(PYTHON) is $$($(PYTHON) -V 2>&1), this project needs 3.11 or newer: PYTHON=python3.11 make $(MAKECMDGOALS)"; exit 1; }
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)  # (a venv cut short has no pip: made again)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[test]'

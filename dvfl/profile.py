@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,11 @@ def _rss_reader() -> Callable[[], int]:
         proc = psutil.Process(os.getpid())
         return lambda: proc.memory_info().rss
     except ImportError:
+        if not os.path.exists("/proc/self/statm"):  # (macOS: no /proc) the peak so far, in bytes there
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # (ru_maxrss: bytes on macOS, KiB elsewhere)
+            return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
         page = os.sysconf("SC_PAGE_SIZE")
 
         def read() -> int:

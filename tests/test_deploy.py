@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_in_process
+from conftest import cli_in_process, linux_only
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1371,6 +1371,7 @@ def _kept_after(body: str) -> list[bool]:
     return [{"True": True, "False": False}[v] for v in r.stdout.split()]
 
 
+@linux_only
 def test_predict_keeps_freed_memory_as_training_does(prepared):
     """predict/serve ran their forwards with glibc's settings: every clip's activations above its
     thresholds were handed back and faulted in again (benchmarks/evaluate_speed.py)."""
@@ -1382,6 +1383,7 @@ print(kept())
 """) == [False, True]
 
 
+@linux_only
 def test_evaluation_keeps_freed_memory_in_a_process_of_its_own_not_in_a_runs_driver(prepared):
     """The evaluate command and an evaluation task keep freed memory (as training workers do); a run's
     driver evaluating between stages does not (it goes on to other work, and glibc's settings once

@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from conftest import linux_only
 from dvfl.data import adapters as A
 from dvfl.data import shards as SH
 from dvfl.data.decode import TEST_CRASH_MAGIC, TEST_HANG_MAGIC, TEST_URL_MAGIC
@@ -220,6 +221,7 @@ def _connections(s) -> int:
         return 0
 
 
+@linux_only
 def test_playlists_and_unknown_containers_never_reach_the_decoder(bad_dataset, tmp_path, listener):
     port = listener.getsockname()[1]
     outside = os.path.join(os.path.dirname(bad_dataset), "secret.mp4")

@@ -6,11 +6,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import needs_decord
 from dvfl.data import adapters as A
 from dvfl.data import decode as D
 from dvfl.data import sampling as S
@@ -40,6 +43,7 @@ def shard_hashes(out):
     return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in SH.shard_paths(out)}
 
 
+@needs_decord
 def test_schema_counts_and_exact_frames(syn_root, tmp_path, ray_local):
     import decord
 
@@ -102,6 +106,7 @@ def test_schema_counts_and_exact_frames(syn_root, tmp_path, ray_local):
     assert SH.read_clip_dataset(out, ["train"]).count() == 32
 
 
+@needs_decord
 def test_codecs_containers_odd_sizes_and_rates(tmp_path, video_factory, ray_local):
     import decord
 
@@ -822,3 +827,34 @@ def test_a_damaged_packet_before_the_first_frame_out_ends_the_video(tmp_path):
     res = D.decode_video(dict(path=path, video_id="d", split="test", frames=8, clips_per_video=1, eval_clips=1,
                               seed=0, short_side=0, min_frames=8))
     assert not res["ok"] and res["reason"] == D.TOO_SHORT and res["detail"].startswith("2 of 60 frames"), res
+
+
+@needs_decord
+def test_without_decord_ffmpeg_decodes_the_same_frames_and_the_ingest_says_so(video_factory, tmp_path):
+    """decord publishes x86_64 wheels only: on a Mac or a Linux aarch64 laptop the project installs
+    without it, and FFmpeg through PyAV decodes every video (a process where `import decord` fails)."""
+    path = video_factory(str(tmp_path / "v.mp4"), n=40, h=48, w=64, fps=8)
+    code = f"""
+import json, sys
+sys.modules["decord"] = None  # (what a machine without the package has: import decord fails)
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+from dvfl.data import decode
+from dvfl.data.ingest import IngestConfig
+job = {{"path": {path!r}, "video_id": "v", "split": "test", "frames": 8, "clips_per_video": 1, "eval_clips": 2,
+        "seed": 0, "short_side": 24, "min_frames": 8}}
+r = decode.decode_video(job)
+print(json.dumps({{"decord": decode.decord_version(), "ok": r["ok"], "size": [r["height"], r["width"]],
+                  "indices": [v[2].tolist() for v in r["views"]], "frames": [v[3].tolist() for v in r["views"]],
+                  "decoder": IngestConfig(out="o").content_params()["decoder"]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    want = D.decode_video({"path": path, "video_id": "v", "split": "test", "frames": 8, "clips_per_video": 1,
+                                "eval_clips": 2, "seed": 0, "short_side": 24, "min_frames": 8})
+    assert got["decord"] is None and D.decord_version() is not None and got["decoder"].startswith("PyAV ")
+    assert got["ok"] and got["size"] == [want["height"], want["width"]] == [24, 32]
+    assert got["indices"] == [v[2].tolist() for v in want["views"]]
+    # the same frames up to the scaler's rounding (FFmpeg's through decord vs PyAV's reformat)
+    for mine, theirs in zip(got["frames"], want["views"]):
+        assert np.abs(np.asarray(mine, dtype=np.int16) - theirs[3].astype(np.int16)).mean() < 4

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import cli_in_process
+from conftest import cli_in_process, linux_only
 from dvfl.models import build_model
 from dvfl.profile import (
     count_flops, count_params, default_device, profile_model,
@@ -133,6 +133,21 @@ def test_rss_sampler_sees_torch_allocations():
     assert int(proc.stdout.split()[-1]) >= 200 * 2**20, proc.stdout
 
 
+def test_rss_is_read_without_proc_and_psutil_as_on_a_mac(monkeypatch):
+    """macOS has no /proc (and psutil is not a dependency): `dvfl profile` ended in a traceback."""
+    import builtins
+    import resource
+
+    from dvfl import profile
+
+    real_import, real_exists = builtins.__import__, os.path.exists
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "psutil" else real_import(name, *a, **k))
+    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p).startswith("/proc/") else real_exists(p))
+    read = profile._rss_reader()
+    assert read() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > 0  # (Linux: KiB)
+
+
 def test_profile_cli_smoke(tmp_path):
     out_json = tmp_path / "p.json"
     cmd = [sys.executable, os.path.join(ROOT, "pipelines", "profile_model.py"),
@@ -214,6 +229,7 @@ def test_profile_cli_rejects_bad_args():
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@linux_only
 def test_the_cpu_count_honours_a_containers_quota(tmp_path, monkeypatch):
     """os.cpu_count() counts the host's cores: a 4-CPU pod on a 64-core node sized a local Ray of
     128 CPUs, 65 decode tasks and 64 torch threads. The quota (cgroup v2 or v1) caps it."""

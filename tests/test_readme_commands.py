@@ -24,7 +24,7 @@ import pytest
 
 from dvfl.data.shards import read_clips_table
 
-from conftest import RUNNERS, TINY, direct_top1, free_port, set_args
+from conftest import RUNNERS, TINY, direct_top1, free_port, linux_only, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the venv's python and ray, as after `source .venv/bin/activate`
@@ -239,6 +239,7 @@ def _group_members(pgid: int, but: int, unless: str) -> list[int]:
 
 
 
+@linux_only
 @pytest.mark.slow
 def test_ray_job_as_typed_with_token_auth(prepared, checkout, tmp_path):
     """README "Ray Jobs": token auth on, `ray job submit --working-dir . -- python pipelines/distill.py`

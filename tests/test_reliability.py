@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY, cli_in_process
+from conftest import TINY, cli_in_process, linux_only
 from dvfl.data.shards import load_dataset_info, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,7 @@ def _bytes_read() -> int:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
+@linux_only
 def test_cache_verification_reads_only_the_sampled_rows(prepared):
     """One sampled clip reads its own shard at most, not every shard's frames (at this scale a
     shard is one row group of one page, so a read of its whole row group would pass too)."""
@@ -220,6 +221,7 @@ def _spy_writes(monkeypatch):
     return published
 
 
+@linux_only
 def test_reports_are_written_atomically_and_synced(tmp_path, monkeypatch):
     from dvfl.config import load_config
     from dvfl.pipeline import write_report

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import needs_decord
 from dvfl.data import synthetic as syn
 from dvfl.data.adapters import ucf101, unlabeled
 
@@ -51,6 +52,7 @@ def test_layout_and_split_files(small_dataset):
     assert truth[0] == "path,label,class_name" and len(truth) == 4
 
 
+@needs_decord
 def test_files_are_real_h264_mp4(small_dataset):
     import av
     import decord
@@ -286,6 +288,7 @@ def test_label_noise_refiles_training_videos_under_wrong_classes_and_never_test_
     assert "label_noise" not in syn.SyntheticConfig(**SMALL).as_dict()  # old datasets keep their identity
 
 
+@needs_decord
 def test_luma_contrast_keeps_the_object_bright_against_the_background_through_the_codec(tmp_path):
     """yuv420p halves colour resolution: an object that differs from the background mostly in hue
     reaches the model smeared. ``luma_contrast`` puts a brightness gap between them that survives

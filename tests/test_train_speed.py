@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import linux_only
 from dvfl.models import build_model
 from dvfl.config import ConfigError, OptimSection, load_config
 from dvfl.models import VideoFocalNet
@@ -207,6 +208,7 @@ def _page_faults_of_reallocating(nbytes: int) -> int:
     return faults
 
 
+@linux_only
 def test_keep_freed_memory_lets_the_next_step_reuse_freed_pages():
     """A freed 48 MiB block comes back without page faults once glibc keeps freed memory
     (dvfl/allocator.py); with glibc's settings every page faults again. Measured in a fresh process:
@@ -214,6 +216,7 @@ def test_keep_freed_memory_lets_the_next_step_reuse_freed_pages():
     fault under glibc's settings too (0 faults; session 48)."""
     import inspect
     import json
+    import resource
     import subprocess
     import sys
 
@@ -231,5 +234,5 @@ print(json.dumps([default, _page_faults_of_reallocating(nbytes)]))
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
     default, kept = json.loads(r.stdout.strip().splitlines()[-1])
-    pages = (48 << 20) // 4096
+    pages = (48 << 20) // resource.getpagesize()
     assert default > pages // 2 and kept < pages // 20, (default, kept)

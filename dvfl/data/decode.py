@@ -13,6 +13,7 @@ sibling :mod:`sampling`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -617,6 +618,21 @@ def _run_test_hooks(path: str, job: Dict) -> None:
         os.abort()  # simulates a native crash (SIGABRT) inside the decoder
 
 
+@functools.lru_cache(maxsize=None)
+def decord_version() -> str | None:
+    """decord's version, or None where it is not installed (it publishes x86_64 wheels only: on
+    macOS and Linux aarch64 every video is decoded by FFmpeg through PyAV, the reference decode)."""
+    try:
+        import decord
+    except ImportError:
+        return None
+    return decord.__version__
+
+
+def pyav_version() -> str:
+    return _av().__version__
+
+
 def decode_video(job: Dict) -> Dict:
     """Decode, sample and resize every stored view of one video.
 
@@ -686,6 +702,8 @@ def _decode_file(path: str, job: Dict) -> Dict:
         raise DecodeReject(problem, _cut_detail(kind))
     if problem is not None:
         raise DecodeReject(problem, _PROBLEM_DETAIL.get(problem, f"{kind} container check"))
+    if decord_version() is None:  # (no decord wheel: macOS, Linux aarch64) FFmpeg through PyAV, in order
+        return _decode_reference(path, job, track.rotation if track else None, "")
 
     import decord
 
