@@ -394,6 +394,14 @@ def test_a_class_is_a_folder_holding_a_video_and_a_dataset_needs_two(tmp_path, s
     assert m.classes == ["cats", "dogs"] and {e.label for e in m.entries} == {0, 1}
     assert m.notes == ["3 class folder(s) hold no video file and are not classes (birds, empty, stills; looked for "
                        + ", ".join(A._d.VIDEO_EXTENSIONS) + ")"]
+    # an empty test/ folder of a class train/ teaches: that class's missing test videos, not a non-class
+    split2 = str(tmp_path / "split2")
+    for rel in ("train/Jump/1.mp4", "train/Run/2.mp4", "test/Run/3.mp4"):
+        put(split2, rel, src_video)
+    os.makedirs(os.path.join(split2, "test", "Jump"))
+    m = A.folder(split2)
+    assert m.classes == ["Jump", "Run"] and m.notes == [
+        "1 split folder(s) of a class hold no video file (test/Jump): that split says nothing of those classes"], m.notes
     high = str(tmp_path / "my_videos")
     for rel in ("all/cats/a.mp4", "all/dogs/b.mp4"):
         put(high, rel, src_video)

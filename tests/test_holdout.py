@@ -135,6 +135,15 @@ def test_cuts_of_one_recording_in_a_folder_of_their_own_share_a_side():
     assert grouping_version(ids, labels, 0.2) == 4
     flat = [f"jump/rec{r}_{k:03d}" for r in range(6) for k in range(1, 5)]
     assert grouping_version(flat, [0] * len(flat), 0.2) == 2
+    # a folder of most of the class (a year's numbered cuts) is no recording: held out whole it took
+    # 100 of 105 videos out of training; split into single videos, as an oversized IMG_* group is
+    years = [f"{c}/2023/{k:03d}" for c in ("jump", "run") for k in range(1, 101)] + \
+            [f"{c}/2024/{k:03d}" for c in ("jump", "run") for k in range(1, 6)]
+    labels = [0 if v.startswith("jump/") else 1 for v in years]
+    for seed in range(4):
+        held = holdout_videos(years, labels, 0.1, seed=seed)
+        assert all(5 <= sum(v in held for v in years if v.startswith(c)) <= 21 for c in ("jump/", "run/")), \
+            (seed, len(held))
 
 
 def test_a_carve_with_nothing_to_hold_out_is_one_line_not_a_traceback(monkeypatch, tmp_path):

@@ -940,12 +940,19 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
                 + (f", holding the folders {', '.join(map(repr, inner[:5]))}{' ...' if len(inner) > 5 else ''}: "
                    f"--root {os.path.join(root, classes[0])}" if len(inner) > 1 else "; else add a class folder"))
         raise AdapterError(f"--root {root}: one class ({classes[0]!r}); a classifier needs at least 2: {hint}")
-    empty = sorted(os.path.relpath(cdir, root) for cdir, videos, _ in walked.values() if not videos)
+    # (an empty test/Jump of a class train/ teaches is that class's missing test videos, not a non-class)
+    empty = sorted(os.path.relpath(cdir, root) for (_, d), (cdir, videos, _) in walked.items()
+                   if not videos and d not in classes)
+    unfilled = sorted(os.path.relpath(cdir, root) for (_, d), (cdir, videos, _) in walked.items()
+                      if not videos and d in classes)
     m = Manifest("folder", os.path.abspath(root), classes,
                  source={"split_dirs": split_dirs, "test_fraction": test_fraction, "val_fraction": val_fraction})
     if empty:
         m.notes.append(f"{len(empty)} class folder(s) hold no video file and are not classes ({', '.join(empty[:5])}"
                        f"{', ...' if len(empty) > 5 else ''}; {looked_for})")
+    if unfilled:
+        m.notes.append(f"{len(unfilled)} split folder(s) of a class hold no video file ({', '.join(unfilled[:5])}"
+                       f"{', ...' if len(unfilled) > 5 else ''}): that split says nothing of those classes")
     for (split_dir, d), (cdir, videos, outside) in walked.items():
         for path, vid in videos:
             split = split_dir

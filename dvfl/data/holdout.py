@@ -96,17 +96,26 @@ def _named_groups(vids: Sequence[str], by_folder: bool = True) -> dict:
 
 
 def class_groups(vids: Sequence[str], fraction: float, by_folder: bool = True) -> dict:
-    """One class's videos by group (:func:`group_of`), except that a trailing-number group holding
-    more than ``2 * fraction`` of the class becomes groups of one, keyed by the video's id: held out
+    """One class's videos by group (:func:`group_of`), except that a trailing-number group (or a
+    folder's numbered cuts, rule 4) holding more than ``2 * fraction`` of the class becomes groups of one, keyed by the video's id: held out
     whole it took that share of the class out of training (20 of 22 phone videos ``IMG_*``; one of
     two cameras, ``IMG_*`` and ``MVI_*``, in every class alike). UCF and HMDB51 groups are kept.
     ``by_folder=False``: rule 3's groups, by name alone."""
     by_group = _named_groups(vids, by_folder)
+    within = class_folder(vids) if by_folder else None
     for g in [g for g, members in by_group.items()
-              if len(members) > 1 and len(members) > 2 * fraction * len(vids) and _trailing_number_group(members[0])]:
+              if len(members) > 1 and len(members) > 2 * fraction * len(vids)
+              and (_trailing_number_group(members[0]) or _numbered_cut_in_a_folder(members[0], within))]:
         for vid in by_group.pop(g):
             by_group[f"video {vid}"] = [vid]
     return by_group
+
+
+def _numbered_cut_in_a_folder(video_id: str, class_folder: str | None) -> bool:
+    """``<class>/2023/001``: grouped by its folder (rule 4), which may be a year's or a camera's of
+    most of the class, not a recording's, as a trailing-number group may be a naming scheme's."""
+    folder, _, name = video_id.rpartition("/")
+    return class_folder is not None and name.isdigit() and bool(folder[len(class_folder):].strip("/"))
 
 
 def _trailing_number_group(video_id: str) -> bool:
