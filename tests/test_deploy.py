@@ -246,17 +246,6 @@ def test_onnx_and_torchscript_match_pytorch_on_golden_and_real_clips(prepared, g
     assert (ts(g["input"][:1]) - g["logits"][:1]).abs().max() <= 1e-4
     ep = torch.export.load(str(tmp_path / "g.pt2")).module()
     assert (ep(g["input"]) - g["logits"]).abs().max() <= 1e-4
-    # frames of another size: refused by every format (a trace computed on them without a word)
-    other = torch.nn.functional.pad(g["input"], (0, 8, 0, 8))
-    shape, got = ", ".join(map(str, g["input"].shape[1:])), ", ".join(map(str, other.shape))
-    with pytest.raises(torch.jit.Error, match=rf"input must be \(batch, {shape}\), the shape this model was exported for; "
-                                           rf"got \[{got}\]"):
-        torch.jit.load(str(tmp_path / "g.ts"))(other)
-    with pytest.raises(Exception):
-        ep(other)
-    import onnxruntime as ort
-    with pytest.raises(Exception, match="dimension"):
-        ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"video": other.numpy()})
     # world-readable, as a model a serving account loads must be (not mkstemp's owner-only 0600)
     assert {oct((tmp_path / f).stat().st_mode & 0o777) for f in ("g.onnx", "g.ts", "g.pt2")} == {"0o644"}
 
