@@ -208,6 +208,7 @@ def _mirror(data, box):
     data[box(b"tkhd") + 40:box(b"tkhd") + 44] = (-65536).to_bytes(4, "big", signed=True)
 
 
+@needs_decord
 def test_where_decords_frames_are_wrong_ffmpeg_decodes_in_order(tmp_path, monkeypatch):
     """decord seeks MPEG program streams and AVIs with B-frames to other frames, counts and seeks
     into the frames an edit list hides (clips cut with `ffmpeg -ss -c copy`), turns mirrored
@@ -501,6 +502,7 @@ def _damage_tail(src, dst, fraction):
     open(dst, "wb").write(bytes(data))
 
 
+@needs_decord
 def test_a_damaged_tail_keeps_the_frames_before_it(tmp_path, ray_local):
     """A video whose last frames do not decode (cut or damaged uploads, common in Kinetics) was
     rejected whole as corrupt; its frames before the first failure are the video now, its views
@@ -808,6 +810,7 @@ def test_decode_tasks_follow_the_cluster_and_a_joined_one_is_told_how_to_ask_for
         load_config(None, [("data.decode_tasks", -1)], check_paths=False)
 
 
+@needs_decord
 def test_a_damaged_packet_before_the_first_frame_out_ends_the_video(tmp_path):
     """Skipping what cannot decode before the first packet decodes (a stream cut mid-GOP: VP8/VP9
     raise there) must not skip a damaged packet after it: x264's B-frames hold the first frames back
