@@ -15,6 +15,7 @@ worker gets its own copy of the one build, since tests write into its folder.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -261,13 +262,13 @@ def direct_top1(model_dir, clips_dir, splits=None) -> dict:
     return {s: float(hits[[x == s for x in split_of]].mean()) for s in set(split_of)}
 
 
-from dvfl.data.decode import decord_version  # noqa: E402  (the tests' markers below)
-
 # What only Linux has (/proc, prctl, network namespaces, glibc's allocator, the unshare tool) and
 # what only decord's x86_64 wheels give: skipped on a Mac's or an aarch64 laptop's `make test`
 # (never on CI, x86_64 Linux, where every test runs)
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc or needs Linux-only calls")
-needs_decord = pytest.mark.skipif(decord_version() is None,
+# (found, not imported: decord's own FFmpeg libraries loaded first break PyAV's VP9 encoder in the
+# processes that write the tests' videos)
+needs_decord = pytest.mark.skipif(importlib.util.find_spec("decord") is None,
                                   reason="compares with decord or reads what its path says (a frame count it lists); "
                                          "decord has no wheel for this machine")
 
