@@ -1174,3 +1174,29 @@ def test_a_run_without_a_datasets_lists_is_told_its_own_fix_not_the_ingest_flag(
     with pytest.raises(ConfigError, match=r"^data\.root: s3://bucket/UCF101: the videos are read from a local or "
                                           r"mounted folder, not a URI"):
         ready_clips(cfg, log=None)
+
+
+def test_a_dataset_of_one_class_is_refused_by_every_adapter(tmp_path, src_video):
+    """A folder root of one class was refused ("a classifier needs at least 2"); UCF50 with one class
+    folder, Kinetics annotations naming one label and dvfl-csv lists of one label were ingested, and
+    every model trained on them scored 100 %. A class list of two, one of them without videos (a
+    subset to evaluate), still builds."""
+    ucf50 = str(tmp_path / "ucf50")
+    put(ucf50, "Biking/v_Biking_g01_c01.avi", src_video)
+    put(ucf50, "Biking/v_Biking_g02_c01.avi", src_video)
+    with pytest.raises(A.AdapterError, match=r"ucf50 found 1 class \('Biking'\); a classifier needs at least 2 .*"
+                                             r"check the class folders"):
+        A.build_manifest("ucf50", ucf50)
+    k400 = str(tmp_path / "k400")
+    put(k400, "train/zumba/bbb_000000_000010.mp4", src_video)
+    write(os.path.join(k400, "annotations", "train.csv"),
+          "label,youtube_id,time_start,time_end,split\nzumba,bbb,0,10,train\n")
+    with pytest.raises(A.AdapterError, match=r"kinetics found 1 class \('zumba'\); .*labels in the annotations"):
+        A.build_manifest("kinetics", k400, annotations=[("train", os.path.join(k400, "annotations", "train.csv"))])
+    csv = str(tmp_path / "csv")
+    put(csv, "Archery/v_Archery_g01_c01.avi", src_video)
+    write(os.path.join(csv, "train.csv"), "Archery/v_Archery_g01_c01.avi,0\n")
+    with pytest.raises(A.AdapterError, match=r"dvfl-csv found 1 class \('Archery'\)"):
+        A.build_manifest("dvfl-csv", csv, annotations=[("train", os.path.join(csv, "train.csv"))])
+    m = A.build_manifest("dvfl-csv", csv, annotations=[("train", os.path.join(csv, "train.csv"))], num_classes=2)
+    assert len(m.classes) == 2 and [e.label for e in m.entries] == [0]

@@ -1027,6 +1027,22 @@ def build_manifest(dataset: str, root: str, split: int = 1, *, annotations=None,
                    videos_dir=None, classes_file=None, num_classes=None, test_fraction: float = 0.0,
                    val_fraction: float = 0.0) -> Manifest:
     """Dispatch on the dataset name (``synthetic`` is handled by ingest as ``ucf101`` after generating)."""
+    m = _manifest_of(dataset, root, split, annotations=annotations, lists_dir=lists_dir, videos_dir=videos_dir,
+                     classes_file=classes_file, num_classes=num_classes, test_fraction=test_fraction,
+                     val_fraction=val_fraction)
+    if len(m.classes) < 2 and dataset != "synthetic":  # (folder refuses earlier, with its own hints)
+        names = f" ({m.classes[0]!r})" if m.classes else ""
+        where = {"ucf50": "class folders", "kinetics": "labels in the annotations (or --classes)",
+                 "ssv2": "labels in --classes", "dvfl-csv": "labels (or --num-classes / --classes)"}.get(
+                     dataset, "classes in its class list")
+        raise AdapterError(f"--root {root}: {dataset} found {len(m.classes)} class{'' if len(m.classes) == 1 else 'es'}"
+                           f"{names}; a classifier needs at least 2 (every model scores 100 % on one): check the "
+                           f"{where}")
+    return m
+
+
+def _manifest_of(dataset: str, root: str, split: int, *, annotations, lists_dir, videos_dir, classes_file,
+                 num_classes, test_fraction: float, val_fraction: float) -> Manifest:
     if dataset in ("ucf101", "synthetic"):
         m = ucf101(root, split, lists_dir=lists_dir, videos_dir=videos_dir)
         m.dataset = dataset
