@@ -366,3 +366,56 @@ def test_the_plan_of_an_ingest_that_committed_nothing_is_replaced_without_fresh(
     # (test_given_clips_holding_an_unfinished_ingest_of_other_settings_are_a_config_error)
     with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
         ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32), log=None)
+
+
+def test_an_ingest_whose_every_input_was_rejected_is_replaced_without_fresh(tmp_path, video_factory):
+    """Every input rejected (a codec it cannot read): the run committed shards of no clip, exited 1, and
+    its rerun on the re-encoded videos was refused ("... different fingerprint ...; pass --fresh").
+    The ingest command replaces it; a shard holding a clip, a finished ingest, or a file of the
+    user's in shards/ still refuses it, deleting nothing."""
+    from dvfl.data.adapters import folder
+    from dvfl.data.ingest import IngestConfig, ingest
+
+    root, out = tmp_path / "videos", tmp_path / "out"
+    for seed, c in enumerate("ab"):
+        video_factory(str(root / c / "1.mp4"), seed=seed)
+
+    def rejected_run(clips=0):
+        (out / "shards" / "_meta").mkdir(parents=True, exist_ok=True)
+        (out / "_plan.json").write_text('{"fingerprint": "the inputs before re-encoding", "shards": []}')
+        (out / "rejects.jsonl").write_text('{"video_id": "a/1", "reason": "decode_error"}\n')
+        (out / "shards" / "train-00000.parquet").write_text("an empty shard")
+        (out / "shards" / "_meta" / "train-00000.json").write_text(json.dumps({"clips": clips, "videos": 1}))
+
+    class Planned(Exception):
+        pass
+
+    def log(line):
+        if line.startswith("[ingest] folder: "):  # the plan is written and the decode is next (no Ray needed)
+            raise Planned(line)
+        logged.append(line)
+
+    logged = []
+    rejected_run()
+    with pytest.raises(Planned):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=log)
+    assert f"[ingest] note: {out} holds an ingest that wrote no clip (every input rejected): replaced" in logged
+    assert not (out / "rejects.jsonl").exists() and not (out / "shards" / "train-00000.parquet").exists()
+    assert json.loads((out / "_plan.json").read_text())["fingerprint"] != "the inputs before re-encoding"
+
+    rejected_run()  # the settings a run gives never replace it
+    with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32), log=None)
+    rejected_run(clips=3)  # a shard of clips is work
+    with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=None)
+    rejected_run()
+    (out / "shards" / "my_notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match=r"replacing an ingest that wrote no clip deletes .*shards, which holds "
+                                         r"files no ingest writes \(my_notes\.txt\): nothing was deleted"):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=None)
+    assert (out / "rejects.jsonl").exists() and (out / "shards" / "train-00000.parquet").exists()
+    (out / "shards" / "my_notes.txt").unlink()
+    (out / "dataset.json").write_text("{}")  # a finished ingest (of no clip) is never replaced
+    with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
+        ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=None)

@@ -591,22 +591,21 @@ def _ingest(manifest: Manifest, cfg: IngestConfig, log, fresh_done=None) -> Dict
 
     # -- output dir state: refuse to mix different datasets, unless --fresh
     plan_path = storage.join(out, _s.PLAN_JSON)
-    if cfg.overwrite:  # the commit marker first: a delete cut short must not leave it vouching for a part
-        foreign = _not_written_by_ingest(shard_dir)
-        if foreign:
-            raise ValueError(f"--fresh deletes {shard_dir}, which holds files no ingest writes ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}): nothing was deleted; move them or use a new --out")
-        for f in (_s.DATASET_JSON, _s.PLAN_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
-            storage.remove(storage.join(out, f))
-        storage.remove_tree(shard_dir)
+    if cfg.overwrite:
+        _delete_ingest(out, shard_dir, "--fresh deletes")
         if fresh_done:
             fresh_done()
     elif storage.exists(plan_path):
         old = storage.read_json(plan_path)
         if old != layout and cfg.replace_uncommitted and not _anything_committed(out, shard_dir, meta_dir):
-            # (a run that wrote nothing, e.g. every input rejected: its plan refused the corrected rerun)
+            # (a run that wrote nothing, e.g. no input it could list: its plan refused the corrected rerun)
             if log:
                 log(f"[ingest] note: {out} holds the plan of an ingest that committed no shard: replaced")
+        elif old != layout and cfg.replace_uncommitted and _committed_no_clip(out, shard_dir, meta_dir):
+            # (every input rejected, e.g. a codec it cannot read: the rerun on the re-encoded videos was refused)
+            _delete_ingest(out, shard_dir, "replacing an ingest that wrote no clip deletes")
+            if log:
+                log(f"[ingest] note: {out} holds an ingest that wrote no clip (every input rejected): replaced")
         elif old != layout:
             unreadable = [q for q in manifest.problems if q.reason == _d.UNREADABLE]
             if unreadable and old.get("fingerprint") != fingerprint:  # (those it rejected alike: not a change)
@@ -845,6 +844,32 @@ def _anything_committed(out: str, shard_dir: str, meta_dir: str) -> bool:
     """Whether ``out`` holds a finished ingest or a shard (committed or not): what a new plan must not replace."""
     return (storage.exists(storage.join(out, _s.DATASET_JSON)) or bool(storage.listdir(shard_dir, ".parquet"))
             or bool(storage.listdir(meta_dir, ".json")))
+
+
+def _committed_no_clip(out: str, shard_dir: str, meta_dir: str) -> bool:
+    """Whether ``out``'s ingest is unfinished, committed shards, and each of its shards is committed
+    with no clip (every input rejected): nothing a new plan would lose but its rejects."""
+    sidecars = storage.listdir(meta_dir, ".json")
+    committed = {storage.basename(f)[:-len(".json")] for f in sidecars}
+    shards = {storage.basename(f)[:-len(".parquet")] for f in storage.listdir(shard_dir, ".parquet")}
+    if storage.exists(storage.join(out, _s.DATASET_JSON)) or not sidecars or not shards <= committed:
+        return False
+    try:
+        return all(storage.read_json(f).get("clips") == 0 for f in sidecars)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _delete_ingest(out: str, shard_dir: str, doing: str) -> None:
+    """Delete ``out``'s ingest, the commit marker first (a delete cut short must not leave it vouching
+    for a part); refused, deleting nothing, when the shards folder holds files no ingest writes."""
+    foreign = _not_written_by_ingest(shard_dir)
+    if foreign:
+        raise ValueError(f"{doing} {shard_dir}, which holds files no ingest writes ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): nothing was deleted; move them or use a new --out")
+    for f in (_s.DATASET_JSON, _s.PLAN_JSON, _s.REJECTS_FILE, _s.SUMMARY_JSON):
+        storage.remove(storage.join(out, f))
+    storage.remove_tree(shard_dir)
 
 
 def _not_written_by_ingest(shard_dir: str) -> list[str]:
