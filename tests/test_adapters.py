@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import struct
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -361,12 +363,18 @@ def test_folder(tmp_path, src_video):
     root3 = str(tmp_path / "many")
     for i in range(60):
         put(root3, f"c{i % 2}/v{i}.mp4", src_video)
-    s1 = {e.video_id: e.split for e in A.folder(root3, test_fraction=0.3).entries}
+    m3 = A.folder(root3, test_fraction=0.3)
+    s1 = {e.video_id: e.split for e in m3.entries}
     s2 = {e.video_id: e.split for e in A.folder(root3, test_fraction=0.3).entries}
-    assert s1 == s2 and 8 <= list(s1.values()).count("test") <= 30
-    # the draw of every ingest so far with the default --seed 0; --seed (the views') no longer moves it: with
-    # --seed 1, 9 of these 12 test videos were train, so a teacher trained before was tested on its own videos
+    # split rule 2: round(0.3 x 30) of each class's 30 videos (each its own recording), whatever --seed
+    assert s1 == s2 and m3.source["split_rule"] == 2
     assert sorted(v for v, split in s1.items() if split == "test") == [
+        "c0/v18", "c0/v32", "c0/v36", "c0/v44", "c0/v48", "c0/v52", "c0/v56", "c0/v58", "c0/v8",
+        "c1/v11", "c1/v15", "c1/v19", "c1/v29", "c1/v3", "c1/v47", "c1/v49", "c1/v57", "c1/v59"]
+    # rule 1's draw (every ingest before session 52 with the default --seed 0), kept for the ingests it made;
+    # --seed (the views') never moved it: with --seed 1, 9 of these 12 test videos were train, so a teacher
+    # trained before was tested on its own videos
+    assert sorted(v for v, split in m3.earlier_splits.items() if split == "test") == [
         "c0/v22", "c0/v52", "c0/v58", "c0/v6", "c0/v8", "c1/v1", "c1/v19", "c1/v21", "c1/v27", "c1/v29", "c1/v3",
         "c1/v55"]
 
@@ -432,20 +440,45 @@ def test_asf_3g2_and_f4v_files_are_videos_listed_and_decoded(tmp_path):
 
 
 def test_a_fraction_split_names_the_classes_it_drew_no_video_of(tmp_path, src_video):
-    """--test-fraction draws video by video: a class of a few videos could get no test video (or no
-    training one), without a word."""
+    """--test-fraction drew video by video: a class of a few videos could get no test video (or no
+    training one), without a word. Whole recordings are drawn per class now, and a class keeps one
+    for training: a class of one recording has no test video, said in a note."""
     root = str(tmp_path)
     for i in range(20):
         put(root, f"big/v{i}.mp4", src_video)
     put(root, "small/only.mp4", src_video)
+    put(root, "small/only_2.mp4", src_video)  # (a cut of recording "only")
     m = A.folder(root, test_fraction=0.3)
-    split = next(e.split for e in m.entries if e.class_name == "small")
-    lacking = "test" if split == "train" else "train"
-    assert m.notes == [f"1 class(es) drew no {lacking} video (small): --test-fraction/--val-fraction draw video by "
-                       + ("video, and no training video teaches them" if lacking == "train" else
-                          "video, and the test score says nothing of them")
-                       + "; add videos to those classes, or give the splits as root/{train,val,test}/<class>/"]
+    assert Counter((e.class_name, e.split) for e in m.entries) == {("big", "test"): 6, ("big", "train"): 14,
+                                                                   ("small", "train"): 2}
+    assert m.notes == ["1 class(es) drew no test video (small): --test-fraction/--val-fraction draw whole recordings "
+                       "per class (rec7_001, rec7_002 or rec7/001, rec7/002 stay together, and a class keeps one for "
+                       "training), too few there, and the test score says nothing of them; add videos to those "
+                       "classes, or give the splits as root/{train,val,test}/<class>/"]
     assert A.folder(root).notes == []  # no fraction: every video trains
+
+
+def test_a_fraction_split_keeps_the_cuts_of_one_recording_on_one_side_and_every_class_in_each_split(tmp_path,
+                                                                                                     src_video):
+    """--test-fraction 0.25 --val-fraction 0.25 drew video by video: cuts of one recording (rec3_001,
+    rec3_002, or rec3/001) fell in both train and test, and the test score flattered the model; a
+    class could draw no test video. Now each class gives a quarter of its recordings, whole, to each."""
+    root = str(tmp_path)
+    for c in ("jump", "run"):
+        for r in range(8):
+            for k in range(3):
+                put(root, f"{c}/rec{r}_{k:03d}.mp4" if c == "jump" else f"{c}/rec{r}/{k:03d}.mp4", src_video)
+    m = A.folder(root, test_fraction=0.25, val_fraction=0.25)
+    recording = {e.video_id: e.video_id.rsplit("_", 1)[0] if e.class_name == "jump" else e.video_id.rsplit("/", 1)[0]
+                 for e in m.entries}
+    sides = {}
+    for e in m.entries:
+        sides.setdefault(recording[e.video_id], set()).add(e.split)
+    assert all(len(s) == 1 for s in sides.values()), sides
+    assert Counter((e.class_name, e.split) for e in m.entries) == {
+        (c, s): n for c in ("jump", "run") for s, n in (("train", 12), ("val", 6), ("test", 6))}
+    # rule 1's video-by-video draw split recordings (what an earlier ingest of this folder holds)
+    assert any(len({m.earlier_splits[v] for v in recording if recording[v] == r}) > 1 for r in sides)
 
 
 def test_a_video_beside_the_class_folders_is_a_reject_not_left_out_unreported(tmp_path, src_video):
@@ -956,6 +989,40 @@ def test_every_adapter_ingests_for_real(name, tmp_path, src_video, ray_local):
         assert all((r["height"], r["width"]) == (16, 21) for r in rows)  # 24x32 source, short side 16
     rej = [json.loads(l) for l in open(tmp_path / "out" / "rejects.jsonl")]
     assert sorted(r["reason"] for r in rej) == reasons(m)
+
+
+def test_an_ingest_of_the_earlier_video_by_video_draw_is_kept_and_fresh_draws_recordings(tmp_path, src_video,
+                                                                                         ray_local):
+    """Split rule 2 moved test videos of folders ingested before it: the same ingest command, rerun,
+    was refused ("a different fingerprint"), and its teacher and cache stood on the old draw. The
+    earlier draw is kept where the output holds it; --fresh (a new ingest) draws whole recordings."""
+    root, out = str(tmp_path / "videos"), str(tmp_path / "out")
+    for c in ("jump", "run"):
+        for r in range(4):
+            for k in range(2):
+                put(root, f"{c}/rec{r}_{k}.mp4", src_video)
+    cfg = IngestConfig(out=out, frames=4, clips_per_video=1, short_side=16, timeout_per_file=60)
+
+    def splits():
+        t = read_clips_table(out, columns=["video_id", "split"])
+        return dict(zip(t.column("video_id").to_pylist(), t.column("split").to_pylist()))
+
+    earlier = A.folder(root, test_fraction=0.25)  # what an ingest before split rule 2 wrote
+    for e in earlier.entries:
+        e.split = earlier.earlier_splits[e.video_id]
+    earlier.earlier_splits, earlier.source = {}, {k: v for k, v in earlier.source.items() if k != "split_rule"}
+    ingest(earlier, cfg, log=None)
+    assert splits() == {e.video_id: e.split for e in earlier.entries}
+    logged = []
+    s = ingest(A.folder(root, test_fraction=0.25), cfg, log=logged.append)
+    assert s["videos_decoded_this_run"] == 0 and splits() == {e.video_id: e.split for e in earlier.entries}
+    assert any(ln.startswith(f"[ingest] note: {out} holds these videos with the test/val videos an earlier version drew "
+                             "video by video") for ln in logged), logged
+    now = A.folder(root, test_fraction=0.25)
+    assert {e.video_id: e.split for e in now.entries} != splits()  # (else this test shows nothing)
+    ingest(now, replace(cfg, overwrite=True), log=None)
+    assert splits() == {e.video_id: e.split for e in now.entries}
+    assert json.load(open(os.path.join(out, "dataset.json")))["source"]["split_rule"] == 2
 
 
 # ---------------------------------------------------------------------------------------

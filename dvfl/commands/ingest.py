@@ -50,9 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int,
                    help="dvfl-csv: number of classes (default: the distinct labels of the lists, numbered 0..K-1)")
     p.add_argument("--test-fraction", type=float, default=0.0,
-                   help="folder: fraction of videos for test (drawn by a stable hash of each video's path, the "
-                        "same on every ingest whatever --seed)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="folder: fraction of videos for val")
+                   help="folder: fraction of each class's recordings for test (the cuts of one recording, "
+                        "rec7_001 and rec7_002, together; drawn by a stable hash of the names, the same on every "
+                        "ingest whatever --seed)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="folder: fraction of each class's recordings for val (as --test-fraction)")
     p.add_argument("--unlabeled", action="append", default=[], metavar="DIR_OR_LIST",
                    help="videos without labels (a folder tree or a file with one path per line): "
                         "stored with label NULL and split 'unlabeled'; repeatable")

@@ -857,18 +857,40 @@ def dvfl_csv(root: str, annotations: Optional[Sequence[Tuple[Optional[str], str]
 # ---------------------------------------------------------------------------------------
 # plain folder-per-class
 
+# how --test-fraction/--val-fraction draw a folder's splits: 1 (before session 52) video by video, so
+# cuts of one recording fell on both sides; 2 per class, whole recordings (dvfl.data.holdout's groups)
+FOLDER_SPLIT_RULE = 2
+
+
+def fraction_splits(video_ids: Sequence[str], labels: Sequence[int], test_fraction: float,
+                    val_fraction: float) -> Dict[str, str]:
+    """Each video's split (rule 2): per class, whole groups of videos (cuts of one recording,
+    :func:`dvfl.data.holdout.group_of`) ranked by a stable hash of the group's name, ``round(fraction x
+    groups)`` of them (at least one, while the class keeps a training group) to test, then to val from
+    the rest; the same on every ingest whatever ``--seed``."""
+    from .holdout import holdout_videos
+
+    split = dict.fromkeys(video_ids, "train")
+    for name, fraction, of_rest in (("test", test_fraction, 1.0), ("val", val_fraction, 1.0 - test_fraction)):
+        rest = [(v, c) for v, c in zip(video_ids, labels) if split[v] == "train"]
+        if fraction and rest:
+            for v in holdout_videos([v for v, _ in rest], [c for _, c in rest], fraction / of_rest,
+                                    salt=f"dvfl-folder-{name}"):
+                split[v] = name
+    return split
+
+
 def _fraction_split(video_id: str, test_fraction: float, val_fraction: float) -> str:
-    """A video's split drawn from a stable hash of its id alone: the same on every ingest, whatever
-    ``--seed`` (the views' seed: with it, a re-ingest moved test videos a teacher had trained on into
-    train). Seed 0's draw, which every earlier ingest of the default seed made."""
+    """A video's split under rule 1 (kept for the ingests it made): drawn from a stable hash of its id
+    alone, whatever ``--seed`` (the views' seed: with it, a re-ingest moved test videos a teacher had
+    trained on into train). Seed 0's draw, which every earlier ingest of the default seed made."""
     u = stable_seed("dvfl-folder-split", 0, video_id) / 2.0 ** 63
     return "test" if u < test_fraction else ("val" if u < test_fraction + val_fraction else "train")
 
 
 def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> Manifest:
-    """``root/<class>/**/<video>`` (all ``train`` unless fractions are given: a stable hash of
-    the video id picks val/test, video by video: clips cut from one source can land on both
-    sides; use split folders for such data), or ``root/{train,val,test}/<class>/**/<video>``."""
+    """``root/<class>/**/<video>`` (all ``train`` unless fractions are given: :func:`fraction_splits`
+    draws whole recordings per class), or ``root/{train,val,test}/<class>/**/<video>``."""
     if not os.path.isdir(root):
         raise AdapterError(f"--root {root} is not a directory")
     top = _subfolders(root)
@@ -953,23 +975,26 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
     if unfilled:
         m.notes.append(f"{len(unfilled)} split folder(s) of a class hold no video file ({', '.join(unfilled[:5])}"
                        f"{', ...' if len(unfilled) > 5 else ''}): that split says nothing of those classes")
+    drawn_split: Dict[str, str] = {}
+    if test_fraction or val_fraction:
+        listed = [(vid, classes.index(d)) for (_, d), (_, videos, _) in walked.items() for _, vid in videos]
+        drawn_split = fraction_splits([v for v, _ in listed], [c for _, c in listed], test_fraction, val_fraction)
+        m.source["split_rule"] = FOLDER_SPLIT_RULE
+        m.earlier_splits = {v: _fraction_split(v, test_fraction, val_fraction) for v, _ in listed}
     for (split_dir, d), (cdir, videos, outside) in walked.items():
         for path, vid in videos:
-            split = split_dir
-            if split is None:
-                split = _fraction_split(vid, test_fraction, val_fraction)
-            _add(m, vid, path, classes.index(d), d, split)
+            _add(m, vid, path, classes.index(d), d, split_dir or drawn_split.get(vid, "train"))
         _linked_folder_problems(m, outside, cdir, split_dir)
-    if test_fraction or val_fraction:  # (a draw per video, not per class: a small class can draw none of a split)
+    if test_fraction or val_fraction:  # (whole recordings per class: a class of one recording has no test video)
         drawn = Counter((e.label, e.split) for e in m.entries)
-        for split, fraction in (("train", 1.0), ("test", test_fraction), ("val", val_fraction)):
+        for split, fraction in (("test", test_fraction), ("val", val_fraction)):
             lacking = [c for i, c in enumerate(classes) if fraction and not drawn[(i, split)]]
             if lacking:
                 m.notes.append(f"{len(lacking)} class(es) drew no {split} video ({', '.join(lacking[:5])}"
-                               f"{', ...' if len(lacking) > 5 else ''}): --test-fraction/--val-fraction draw video by "
-                               + ("video, and no training video teaches them" if split == "train" else
-                                  f"video, and the {split} score says nothing of them")
-                               + "; add videos to those classes, or give the splits as root/{train,val,test}/<class>/")
+                               f"{', ...' if len(lacking) > 5 else ''}): --test-fraction/--val-fraction draw whole "
+                               "recordings per class (rec7_001, rec7_002 or rec7/001, rec7/002 stay together, and a "
+                               f"class keeps one for training), too few there, and the {split} score says nothing of "
+                               "them; add videos to those classes, or give the splits as root/{train,val,test}/<class>/")
     # a video beside the class folders has no class: a reject, not silently left out of "inputs"
     # (outside the ingest fingerprint: an ingest made before these were listed keeps its own)
     for split_dir, base in ([(None, root)] if split_dirs else []) + bases:

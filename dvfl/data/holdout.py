@@ -60,8 +60,9 @@ def class_folder(vids: Sequence[str]) -> str:
     return "/".join(posixpath.commonprefix([vid.split("/")[:-1] for vid in vids]))
 
 
-def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int = 0) -> set:
-    """The training videos held out for validation.
+def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: float, seed: int = 0,
+                   salt: str = "val-holdout") -> set:
+    """The training videos held out for validation (``salt``: another draw, e.g. a folder's test split).
 
     Per class, the class's groups (:func:`class_groups`) are ranked by a seeded hash of the group
     name (the same order in every class, so UCF groups ``gNN`` are held out across classes alike)
@@ -73,7 +74,7 @@ def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: fl
     held = set()
     for vids in _by_class(video_ids, labels).values():
         by_group = class_groups(vids, fraction)
-        names = sorted(by_group, key=lambda g: (stable_seed("val-holdout", int(seed), g), g))
+        names = sorted(by_group, key=lambda g: (stable_seed(salt, int(seed), g), g))
         k = min(max(1, round(fraction * len(names))), len(names) - 1)
         for g in names[:k]:
             held.update(by_group[g])

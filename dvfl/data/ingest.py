@@ -25,6 +25,7 @@ the driver, which writes all shards) as the baseline benchmarks/input_pipeline.p
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -490,6 +491,8 @@ def _plan_ingest(manifest: Manifest, cfg: IngestConfig, log) -> _IngestPlan:
             reason = _d.MISSING if isinstance(ex, FileNotFoundError) else _d.UNREADABLE
             manifest.problems.append(Problem(reason, e.path, e.video_id, _d._short(ex), e.split))
     manifest.entries = keep
+    if manifest.earlier_splits:
+        _keep_earlier_splits(manifest, cfg, identities, log)
     leaks = _reject_duplicate_content(manifest, identities)
     if leaks and log:
         log(f"[ingest] {leaks} video(s) of the training/unlabelled data have the same content as a val/test "
@@ -513,6 +516,31 @@ def _plan_ingest(manifest: Manifest, cfg: IngestConfig, log) -> _IngestPlan:
               "compression": cfg.compression, "shards": [p.name for p in plans]}
     cfg = replace(cfg, row_group_clips=row_group_clips)
     return _IngestPlan(identities, entries, params, fingerprint, plans, layout, vps, est_video_bytes, cfg)
+
+
+def _keep_earlier_splits(manifest: Manifest, cfg: IngestConfig, identities: Dict[str, Tuple[int, str]], log) -> None:
+    """Where ``cfg.out`` holds an ingest of these inputs with the splits an earlier split rule drew
+    (``manifest.earlier_splits``), those splits (its clips, teachers and caches stay valid; --fresh
+    or a new --out draws by the current rule)."""
+    try:
+        made = storage.read_json(storage.join(_out_dir(cfg), _s.PLAN_JSON)).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    if cfg.overwrite or not made:
+        return
+    earlier = copy.deepcopy(manifest)
+    for e in earlier.entries:
+        e.split = manifest.earlier_splits.get(e.video_id, e.split)
+    _reject_duplicate_content(earlier, identities)
+    if compute_fingerprint(earlier, cfg.content_params(), identities) != made:
+        return
+    for e in manifest.entries:
+        e.split = manifest.earlier_splits.get(e.video_id, e.split)
+    manifest.source["split_rule"] = 1
+    if log:
+        log(f"[ingest] note: {_out_dir(cfg)} holds these videos with the test/val videos an earlier version drew "
+            "video by video (cuts of one recording can be on both sides): kept; --fresh draws whole recordings "
+            "per class")
 
 
 def older_decode_rules_note(out: str, info: Dict[str, Any]) -> Optional[str]:

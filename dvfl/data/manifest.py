@@ -67,6 +67,8 @@ class Manifest:
     source: Dict = field(default_factory=dict)   # adapter parameters (split number, list files ...)
     excluded: int = 0   # listed but deliberately unused by the protocol (e.g. HMDB51 id 0): not inputs
     notes: List[str] = field(default_factory=list)  # what the user should know of the listing (printed, not recorded)
+    # video id -> split as an earlier split rule drew it: kept by an ingest into a folder holding that draw's ingest
+    earlier_splits: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.classes = [printable(c) for c in self.classes]  # (folder names; same order, so labels hold)
