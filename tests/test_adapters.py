@@ -442,18 +442,17 @@ def test_asf_3g2_and_f4v_files_are_videos_listed_and_decoded(tmp_path):
 def test_a_fraction_split_names_the_classes_it_drew_no_video_of(tmp_path, src_video):
     """--test-fraction drew video by video: a class of a few videos could get no test video (or no
     training one), without a word. Whole recordings are drawn per class now, and a class keeps one
-    for training: a class of one recording has no test video, said in a note."""
+    for training: a class of one video has no test video, said in a note."""
     root = str(tmp_path)
     for i in range(20):
         put(root, f"big/v{i}.mp4", src_video)
     put(root, "small/only.mp4", src_video)
-    put(root, "small/only_2.mp4", src_video)  # (a cut of recording "only")
     m = A.folder(root, test_fraction=0.3)
     assert Counter((e.class_name, e.split) for e in m.entries) == {("big", "test"): 6, ("big", "train"): 14,
-                                                                   ("small", "train"): 2}
+                                                                   ("small", "train"): 1}
     assert m.notes == ["1 class(es) drew no test video (small): --test-fraction/--val-fraction draw whole recordings "
                        "per class (rec7_001, rec7_002 or rec7/001, rec7/002 stay together, and a class keeps one for "
-                       "training), too few there, and the test score says nothing of them; add videos to those "
+                       "training), too few here, and the test score says nothing of them; add videos to those "
                        "classes, or give the splits as root/{train,val,test}/<class>/"]
     assert A.folder(root).notes == []  # no fraction: every video trains
 
@@ -1267,3 +1266,20 @@ def test_a_dataset_of_one_class_is_refused_by_every_adapter(tmp_path, src_video)
         A.build_manifest("dvfl-csv", csv, annotations=[("train", os.path.join(csv, "train.csv"))])
     m = A.build_manifest("dvfl-csv", csv, annotations=[("train", os.path.join(csv, "train.csv"))], num_classes=2)
     assert len(m.classes) == 2 and [e.label for e in m.entries] == [0]
+
+
+def test_a_fraction_split_names_a_recording_too_large_to_draw_whole(tmp_path, src_video):
+    """A class recorded once (one folder of cuts): drawn whole, its only recording would leave
+    training, so its cuts are split between training and test, and a note says so (the test score
+    then flatters the model)."""
+    root = str(tmp_path)
+    for k in range(6):
+        put(root, f"A/rec1/{k:03d}.mp4", src_video)
+    for r in range(5):
+        put(root, f"B/rec{r}/000.mp4", src_video)
+    m = A.folder(root, test_fraction=0.2)
+    assert Counter((e.class_name, e.split) for e in m.entries) == {("A", "test"): 1, ("A", "train"): 5,
+                                                                   ("B", "test"): 1, ("B", "train"): 4}
+    assert m.notes == ["--test-fraction: 1 name(s) too large to hold out whole (rec1; in 1 class(es)) have videos in "
+                       "both training and test: if those are cuts of one recording, the test score flatters the "
+                       "model; give the splits as root/{train,val,test}/<class>/ folders of whole recordings"]

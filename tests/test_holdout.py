@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,41 @@ def test_evaluation_in_the_driver_stays_on_the_cpu_unless_the_run_asks_for_gpus(
         cfg = tiny_config(tmp_path, [("data.clips", prepared["cfg"].clips_dir), ("scaling.use_gpu", use_gpu)])
         pipeline.evaluate_model_at(cfg, prepared["teacher"], model.num_classes, "test", in_task=False, model=model)
         assert seen.pop() == device
+
+
+def test_cuts_named_by_common_tools_and_a_class_recorded_once_share_a_side():
+    """Rule 4 grouped a folder's cuts only when named 001 or x_001: PySceneDetect's rec7-Scene-001,
+    ffmpeg's segment out000, clip-1, a copy's "rec7 (2)" were each a group, so every recording sat in
+    training and validation at once, with no note; and a class recorded once (A/rec1/001, ...) was
+    read as flat cuts (its folder taken for the class's). Rule 5 groups them (the carve, and with it a
+    folder's --test-fraction)."""
+    from dvfl.data.holdout import carve_note, class_groups
+
+    layouts = {"scenes in folders": lambda r, k: f"rec{r}/rec{r}-Scene-{k:03d}",
+               "segments in folders": lambda r, k: f"rec{r}/out{k:03d}",
+               "scenes": lambda r, k: f"rec{r}-Scene-{k:03d}", "dashes": lambda r, k: f"clip{r}-{k}",
+               "copies": lambda r, k: f"rec{r} ({k})" if k else f"rec{r}"}
+    for what, name in layouts.items():
+        recording = {f"{c}/{name(r, k)}": (c, r) for c in ("jump", "run") for r in range(5) for k in range(4)}
+        ids, labels = list(recording), [0 if v.startswith("jump/") else 1 for v in recording]
+        assert len(class_groups([v for v in ids if v.startswith("jump/")], 0.2, within="jump")) == 5, what
+        for seed in range(3):
+            held = holdout_videos(ids, labels, 0.2, seed=seed)
+            # one whole recording of 4 cuts per class
+            assert sorted(Counter(recording[v] for v in held).values()) == [4, 4], (what, seed, sorted(held))
+            assert {recording[v][0] for v in held} == {"jump", "run"}, (what, sorted(held))
+            assert carve_note(ids, labels, 0.2, held) == ""
+        assert grouping_version(ids, labels, 0.2) == 5, what  # a model carved by rule 4 is not taken for this carve
+    # a class recorded once: its recording is all of it, too large to hold out whole, so its cuts are split
+    # (as a year's folder is), and now the note says so (its folder was taken for the class's: no note)
+    once = [f"A/rec1/{k:03d}" for k in range(1, 11)] + [f"B/rec{r}/{k:03d}" for r in range(5) for k in range(2)]
+    labels = [0] * 10 + [1] * 10
+    held = holdout_videos(once, labels, 0.2)
+    assert sum(v.startswith("A/") for v in held) == 2 and sum(v.startswith("B/") for v in held) == 2, sorted(held)
+    assert carve_note(once, labels, 0.2, held).startswith("1 name(s) too large to hold out whole (rec1; in 1 class(es))")
+    assert grouping_version(once, labels, 0.2) == 4  # the same groups, by the same names: its models stay valid
+    # where rule 5 groups as rule 4 did, rule 4's group names, and with them its carve and models, stay
+    flat = [f"{c}/rec{r}_{k:03d}" for c in ("jump", "run") for r in range(6) for k in range(4)]
+    folders = [f"{c}/rec{r}/{k:03d}" for c in ("jump", "run") for r in range(6) for k in range(4)]
+    assert grouping_version(flat, [v.startswith("run/") for v in flat], 0.2) == 2
+    assert grouping_version(folders, [v.startswith("run/") for v in folders], 0.2) == 4

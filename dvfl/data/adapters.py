@@ -868,16 +868,27 @@ def fraction_splits(video_ids: Sequence[str], labels: Sequence[int], test_fracti
     :func:`dvfl.data.holdout.group_of`) ranked by a stable hash of the group's name, ``round(fraction x
     groups)`` of them (at least one, while the class keeps a training group) to test, then to val from
     the rest; the same on every ingest whatever ``--seed``."""
-    from .holdout import holdout_videos
+    return _fraction_splits_and_notes(video_ids, labels, test_fraction, val_fraction)[0]
 
-    split = dict.fromkeys(video_ids, "train")
+
+def _fraction_splits_and_notes(video_ids: Sequence[str], labels: Sequence[int], test_fraction: float,
+                               val_fraction: float) -> Tuple[Dict[str, str], List[str]]:
+    """:func:`fraction_splits`, and a note per split that took part of a name too large to draw whole."""
+    from .holdout import carve_note, holdout_videos
+
+    split, notes = dict.fromkeys(video_ids, "train"), []
     for name, fraction, of_rest in (("test", test_fraction, 1.0), ("val", val_fraction, 1.0 - test_fraction)):
         rest = [(v, c) for v, c in zip(video_ids, labels) if split[v] == "train"]
         if fraction and rest:
-            for v in holdout_videos([v for v, _ in rest], [c for _, c in rest], fraction / of_rest,
-                                    salt=f"dvfl-folder-{name}"):
+            ids, classes = [v for v, _ in rest], [c for _, c in rest]
+            held = holdout_videos(ids, classes, fraction / of_rest, salt=f"dvfl-folder-{name}")
+            for v in held:
                 split[v] = name
-    return split
+            note = carve_note(ids, classes, fraction / of_rest, held, side=name,
+                              fix="give the splits as root/{train,val,test}/<class>/ folders of whole recordings")
+            if note:
+                notes.append(f"--{name}-fraction: {note}")
+    return split, notes
 
 
 def _fraction_split(video_id: str, test_fraction: float, val_fraction: float) -> str:
@@ -978,14 +989,16 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
     drawn_split: Dict[str, str] = {}
     if test_fraction or val_fraction:
         listed = [(vid, classes.index(d)) for (_, d), (_, videos, _) in walked.items() for _, vid in videos]
-        drawn_split = fraction_splits([v for v, _ in listed], [c for _, c in listed], test_fraction, val_fraction)
+        drawn_split, split_notes = _fraction_splits_and_notes([v for v, _ in listed], [c for _, c in listed],
+                                                              test_fraction, val_fraction)
+        m.notes.extend(split_notes)
         m.source["split_rule"] = FOLDER_SPLIT_RULE
         m.earlier_splits = {v: _fraction_split(v, test_fraction, val_fraction) for v, _ in listed}
     for (split_dir, d), (cdir, videos, outside) in walked.items():
         for path, vid in videos:
             _add(m, vid, path, classes.index(d), d, split_dir or drawn_split.get(vid, "train"))
         _linked_folder_problems(m, outside, cdir, split_dir)
-    if test_fraction or val_fraction:  # (whole recordings per class: a class of one recording has no test video)
+    if test_fraction or val_fraction:  # (whole recordings per class: a class of one video has no test video)
         drawn = Counter((e.label, e.split) for e in m.entries)
         for split, fraction in (("test", test_fraction), ("val", val_fraction)):
             lacking = [c for i, c in enumerate(classes) if fraction and not drawn[(i, split)]]
@@ -993,7 +1006,7 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
                 m.notes.append(f"{len(lacking)} class(es) drew no {split} video ({', '.join(lacking[:5])}"
                                f"{', ...' if len(lacking) > 5 else ''}): --test-fraction/--val-fraction draw whole "
                                "recordings per class (rec7_001, rec7_002 or rec7/001, rec7/002 stay together, and a "
-                               f"class keeps one for training), too few there, and the {split} score says nothing of "
+                               f"class keeps one for training), too few here, and the {split} score says nothing of "
                                "them; add videos to those classes, or give the splits as root/{train,val,test}/<class>/")
     # a video beside the class folders has no class: a reject, not silently left out of "inputs"
     # (outside the ingest fingerprint: an ingest made before these were listed keeps its own)

@@ -6,9 +6,9 @@ carves one out of the training videos, and every run (teacher and students) leav
 out of training. Videos of one *group* always land on the same side: UCF101/UCF50 ids
 (``Class/v_Class_g08_c01``) group by ``gNN`` (one actor/scene); HMDB51 ids by their source video,
 the name before the metadata tail (``<source>_<class>_u_nm_np1_ba_goo_0``: cuts of one source
-video differ in that tail, not only in the last number); other ids by the folders below their
-class folder and their name without a trailing clip number (``rec7_001``, ``rec7_002``; a bare
-number in a folder, ``rec7/001``, is that folder's: cuts of one recording), except that such a
+video differ in that tail, not only in the last number); other ids by the folder below their
+class folder (``rec7/001``, ``rec7/rec7-Scene-002``: cuts of one recording), or else their name
+without a cut number (``rec7_001``, ``rec7-2``, ``rec7 (3)``), except that such a
 group holding more than twice the validation fraction of its class is split into groups of one:
 held out whole it would take that share of the class out of training (a phone's ``IMG_1234``, a
 camera's ``MVI_0042``, a day's ``VID_20240105_143012``, ``wave_001``: naming schemes, not recordings).
@@ -27,12 +27,18 @@ UCF_GROUP = re.compile(r"_g(\d+)_c\d+$")
 # HMDB51's tail: visible body parts, camera motion, number of people, viewpoint, quality, cut number
 HMDB_TAIL = re.compile(r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$")
 TRAILING_NUMBER = re.compile(r"_\d+$")
+# rule 5's cut number: rec7_001, rec7-001, rec7 002, PySceneDetect's rec7-Scene-001, a copy's rec7 (2)
+CUT_NUMBER = re.compile(r"(?:[-_ ]+(?:scene[-_ ]*)?\d+|\s*\(\d+\))$", re.IGNORECASE)
 #: the grouping rule's version, part of a carved run's identity: another rule carves other videos.
 #: 3 (session 33) differs from 2 only where a class has an oversized trailing-number group, so a
 #: carve that has none keeps 2 and its trained models (:func:`grouping_version`); 4 groups
 #: by the folders below the class too (``<class>/<recording>/<cut>``: every recording's ``001`` was one
-#: group), and differs from 3 only where a class's videos lie in more than one folder
-GROUPING = 4
+#: group), and differs from 3 only where a class's videos lie in more than one folder; 5 (session 52)
+#: groups a folder below the class whatever its files are called (``rec7/rec7-Scene-001``, ``rec7/out000``
+#: were a group each), finds a class's folder among all classes' (``A/rec1/*``, a class recorded once, was
+#: read as flat cuts), reads ``-001``, `` (2)`` and ``-Scene-001`` as cut numbers, and keeps rule 4's group
+#: names where it groups alike, so it differs from 4 only where it groups otherwise
+GROUPING = 5
 #: the split name that means "held-out validation" (carved from training when the ingest has none)
 VAL_SPLIT = "val"
 
@@ -72,8 +78,10 @@ def holdout_videos(video_ids: Sequence[str], labels: Sequence[int], fraction: fl
     if not 0 < fraction < 1:
         raise ValueError(f"val fraction must be in (0, 1), got {fraction!r}")
     held = set()
-    for vids in _by_class(video_ids, labels).values():
-        by_group = class_groups(vids, fraction)
+    by_class = _by_class(video_ids, labels)
+    within = class_dirs(by_class)
+    for label, vids in by_class.items():
+        by_group = class_groups(vids, fraction, within=within[label])
         names = sorted(by_group, key=lambda g: (stable_seed(salt, int(seed), g), g))
         k = min(max(1, round(fraction * len(names))), len(names) - 1)
         for g in names[:k]:
@@ -88,22 +96,72 @@ def _by_class(video_ids: Sequence[str], labels: Sequence[int]) -> dict:
     return by_class
 
 
-def _named_groups(vids: Sequence[str], by_folder: bool = True) -> dict:
+def class_dirs(by_class: dict) -> dict:
+    """label -> the folder of the class's videos (rule 5): the folders every video id shares, then the
+    class's own next one (``A`` of ``A/rec1/001``: a class recorded once, in one folder, was read as flat
+    cuts, each its own group); a class without folders of its own keeps the folders its ids share."""
+    own = {label: class_folder(vids) for label, vids in by_class.items()}
+    if len(by_class) < 2:
+        return own
+    shared = class_folder([vid for vids in by_class.values() for vid in vids])
+    depth = len(shared.split("/")) + 1 if shared else 1
+    return {label: "/".join(folder.split("/")[:depth]) if folder else folder for label, folder in own.items()}
+
+
+def _cut_group(video_id: str, within: str) -> str:
+    """A video's group by rule 5: as :func:`group_of`, but a folder below the class is the group
+    whatever its files are called, and :data:`CUT_NUMBER` ends a cut's name."""
+    folder, _, name = video_id.rpartition("/")
+    if UCF_GROUP.search(name) or HMDB_TAIL.search(name):
+        return group_of(video_id)
+    below = folder[len(within):].strip("/") if folder.startswith(within) else folder
+    return below or CUT_NUMBER.sub("", name) or name
+
+
+def _named_groups(vids: Sequence[str], by_folder: bool = True, within: str | None = None) -> dict:
+    """Rule 5's groups before any is split (``within``: the class folder; None: the ids' own), or
+    ``by_folder=False``: rule 3's."""
+    by_group: dict = {}
+    if by_folder:
+        within = class_folder(vids) if within is None else within
+        for vid in vids:
+            by_group.setdefault(_cut_group(vid, within), []).append(vid)
+        return by_group
+    for vid in vids:
+        by_group.setdefault(group_of(vid), []).append(vid)
+    return by_group
+
+
+def class_groups(vids: Sequence[str], fraction: float, by_folder: bool = True, within: str | None = None,
+                 rule: int = GROUPING) -> dict:
+    """One class's videos by group (rule 5, ``within`` its class folder: :func:`class_dirs`), except
+    that a group other than UCF's and HMDB51's holding more than ``2 * fraction`` of the class
+    becomes groups of one, keyed by the video's id: held out whole it took that share of the class
+    out of training (20 of 22 phone videos ``IMG_*``; one of two cameras, ``IMG_*`` and ``MVI_*``, in
+    every class alike; a year's folder). Groups of the same videos as rule 4's keep rule 4's names
+    (the carve ranks groups by name). ``rule=4``: rule 4's groups; ``by_folder=False``: rule 3's."""
+    if not by_folder or rule < 5:
+        return _rule4_groups(vids, fraction, by_folder)
+    by_group = _named_groups(vids, True, within)
+    for g in [g for g, members in by_group.items() if len(members) > 1 and len(members) > 2 * fraction * len(vids)
+              and not (UCF_GROUP.search(members[0]) or HMDB_TAIL.search(members[0]))]:
+        for vid in by_group.pop(g):
+            by_group[f"video {vid}"] = [vid]
+    names4 = {frozenset(members): g for g, members in _rule4_groups(vids, fraction, True).items()}
+    renamed: dict = {}
+    for g, members in by_group.items():
+        name = names4.get(frozenset(members), g)
+        renamed[name if name not in renamed else f"{name} ({g})"] = members
+    return renamed
+
+
+def _rule4_groups(vids: Sequence[str], fraction: float, by_folder: bool = True) -> dict:
+    """Rules 3 and 4 (:func:`group_of`), a trailing-number group or a folder's numbered cuts over
+    ``2 * fraction`` of the class split into groups of one."""
     within = class_folder(vids) if by_folder else None
     by_group: dict = {}
     for vid in vids:
         by_group.setdefault(group_of(vid, within), []).append(vid)
-    return by_group
-
-
-def class_groups(vids: Sequence[str], fraction: float, by_folder: bool = True) -> dict:
-    """One class's videos by group (:func:`group_of`), except that a trailing-number group (or a
-    folder's numbered cuts, rule 4) holding more than ``2 * fraction`` of the class becomes groups of one, keyed by the video's id: held out
-    whole it took that share of the class out of training (20 of 22 phone videos ``IMG_*``; one of
-    two cameras, ``IMG_*`` and ``MVI_*``, in every class alike). UCF and HMDB51 groups are kept.
-    ``by_folder=False``: rule 3's groups, by name alone."""
-    by_group = _named_groups(vids, by_folder)
-    within = class_folder(vids) if by_folder else None
     for g in [g for g, members in by_group.items()
               if len(members) > 1 and len(members) > 2 * fraction * len(vids)
               and (_trailing_number_group(members[0]) or _numbered_cut_in_a_folder(members[0], within))]:
@@ -125,12 +183,19 @@ def _trailing_number_group(video_id: str) -> bool:
 
 
 def grouping_version(video_ids: Sequence[str], labels: Sequence[int], fraction: float) -> int:
-    """The rule version these videos' carve depends on: :data:`GROUPING` where a class's groups
-    differ from rule 3's (videos in more than one folder below the class), else 3 where they differ
-    from rule 2's (an oversized trailing-number group split, :func:`class_groups`), else 2."""
-    classes = _by_class(video_ids, labels).values()
-    if any(class_groups(vids, fraction) != class_groups(vids, fraction, by_folder=False) for vids in classes):
+    """The rule version these videos' carve depends on: :data:`GROUPING` (5) where a class's groups
+    differ from rule 4's, else 4 where they differ from rule 3's (videos in more than one folder below
+    the class), else 3 where they differ from rule 2's (an oversized trailing-number group split,
+    :func:`class_groups`), else 2: a model carved by an earlier rule stays valid where no later one
+    carves otherwise."""
+    by_class = _by_class(video_ids, labels)
+    within = class_dirs(by_class)
+    if any(class_groups(vids, fraction, within=within[label]) != class_groups(vids, fraction, rule=4)
+           for label, vids in by_class.items()):
         return GROUPING
+    classes = by_class.values()
+    if any(class_groups(vids, fraction, rule=4) != class_groups(vids, fraction, by_folder=False) for vids in classes):
+        return 4
     return 3 if any(class_groups(vids, fraction, by_folder=False) != _named_groups(vids, by_folder=False)
                     for vids in classes) else 2
 
@@ -195,13 +260,17 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
                      f"class, seed {seed}) held out of split '{train_split}'")
 
 
-def carve_note(video_ids, labels, fraction: float, held) -> str:
+def carve_note(video_ids, labels, fraction: float, held, side: str = "validation",
+               fix: str = "give a val split of whole recordings") -> str:
     """What the user should know of a carve: the names (``rec7`` of ``rec7_001``) too large to hold
-    out whole, broken into single videos by :func:`class_groups`, that now sit on both sides."""
+    out whole, broken into single videos by :func:`class_groups`, that now sit on both sides
+    (``side``: the split ``held`` went to)."""
     names, classes = set(), set()
-    for label, vids in _by_class(video_ids, labels).items():
-        named = _named_groups(vids)
-        for g in set(named) - set(class_groups(vids, fraction)):
+    by_class = _by_class(video_ids, labels)
+    within = class_dirs(by_class)
+    for label, vids in by_class.items():
+        named = _named_groups(vids, within=within[label])
+        for g in set(named) - set(class_groups(vids, fraction, within=within[label])):
             if 0 < sum(v in held for v in named[g]) < len(named[g]):
                 names.add(g.rsplit("/", 1)[-1] or g)
                 classes.add(label)
@@ -209,8 +278,9 @@ def carve_note(video_ids, labels, fraction: float, held) -> str:
         return ""
     shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
     return (f"{len(names)} name(s) too large to hold out whole ({shown}; in {len(classes)} class(es)) have "
-            "videos in both training and validation: if those are cuts of one recording, validation flatters the "
-            "model; give a val split of whole recordings")
+            f"videos in both training and {side}: if those are cuts of one recording, the {side} score flatters the "
+            f"model; "
+            f"{fix}")
 
 
-__all__ = ["HoldoutError", "carve_note", "group_of", "class_folder", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
+__all__ = ["HoldoutError", "carve_note", "group_of", "class_folder", "class_dirs", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
