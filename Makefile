@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 ARCH   := $(shell uname -m)
 ifeq ($(shell uname -s)-$(ARCH),Darwin-x86_64)
+ifeq ($(shell sysctl -n sysctl.proc_translated 2>/dev/null),1)
+$(error this shell runs under Rosetta (x86_64 on an Apple-silicon Mac): run `arch -arm64 make ...` with an arm64 Python (PYTHON=...))
+endif
 $(error an Intel Mac cannot install this project: Ray 2.60 and torch >= 2.9 publish no macOS x86_64 wheels; use an Apple-silicon Mac or Linux)
 endif
 # CPU machines here serve these torch/torchvision pairs from local disk; any other pair

@@ -15,8 +15,9 @@ end and ``benchmarks/model_efficiency.py`` uses it for the teacher/student compa
   CPU the process resident set size (RSS) is sampled every ~1 ms by a background thread during the
   timed forwards (``psutil`` if installed, else ``/proc/self/statm``). Reported as the peak RSS and
   as the peak above the RSS just before the forwards (activations and workspace; the weights are
-  already resident). ``tracemalloc``/``ru_maxrss`` are not used: the first does not see torch's
-  allocator, the second is a lifetime high-water mark.
+  already resident). ``tracemalloc`` does not see torch's allocator; ``ru_maxrss``, a lifetime
+  high-water mark, is read only where neither of those exists (macOS without psutil): there the rise
+  above it reads low, or 0 where building the model peaked higher.
 """
 from __future__ import annotations
 

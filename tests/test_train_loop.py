@@ -324,3 +324,19 @@ def test_a_run_started_over_in_its_tensorboard_folder_replaces_its_steps(tmp_pat
     assert curve() == [(1, 0.6), (2, 0.7), (3, 0.8), (4, 0.9)]
     run(3, (3, 4, 5), 0.0)  # resumed after epoch 2: epochs 3 and 4 trained again
     assert curve() == [(1, 0.6), (2, 0.7), (3, 0.3), (4, 0.4), (5, 0.5)]
+
+
+def test_a_slow_epoch_s_progress_line_gives_its_rate_in_significant_digits():
+    """A CPU teacher at 2 clips a minute read "0.0 clips/s, about 485 min left"."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dvfl.train.loop import _EpochStats, epoch_progress_line
+
+    cfg = SimpleNamespace(label="teacher", train_rows=1000, optim=SimpleNamespace(epochs=3))
+    stats = _EpochStats(counts=torch.tensor([30, 0, 30, 0]))
+    assert epoch_progress_line(cfg, 0, stats, 900.0, 1) == (
+        "[teacher] epoch 1/3: 30 of 1,000 clips in 15 min, 0.0333 clips/s, about 485 min left")
+    assert epoch_progress_line(cfg, 1, _EpochStats(counts=torch.tensor([500, 0, 500, 0])), 40.0, 2).endswith(
+        "500 of 500 clips (one of 2 workers) in 1 min, 12.5 clips/s")

@@ -109,8 +109,8 @@ class IngestConfig:
         return {"frames": self.frames, "clips_per_video": self.clips_per_video, "eval_clips": self.eval_clips,
                 "short_side": self.short_side, "seed": self.seed, "min_frames": self.min_frames or self.frames,
                 "sampling": SAMPLING_SCHEME, "train_view_splits": list(TRAIN_LIKE_SPLITS),
-                "resize": "FFmpeg scaler via decord width/height (PIL.BILINEAR if the size is unknown), "
-                          "short side, aspect kept, no crop",
+                "resize": ("FFmpeg scaler via decord width/height (PIL.BILINEAR if the size is unknown)" if decord
+                           else "PIL.BILINEAR of each frame PyAV decodes") + ", short side, aspect kept, no crop",
                 "orientation": "as displayed: the MP4/MOV display rotation applied",
                 "decoder": f"decord {decord}" if decord else f"PyAV {_d.pyav_version()} (no decord)", "decode_rules": _d.DECODE_RULES,
                 "schema_version": _s.SCHEMA_VERSION}

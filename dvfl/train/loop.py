@@ -230,10 +230,10 @@ def epoch_progress_line(cfg: LoopConfig, epoch: int, stats: "_EpochStats", secon
     done = int(stats.counts[0] + stats.counts[1])
     total = max(done, -(-cfg.train_rows // max(world, 1)))
     rate = done / seconds if seconds > 0 else 0.0
-    left = f", about {(total - done) / rate / 60:.0f} min left" if rate > 0 and total else ""
+    left = f", about {(total - done) / rate / 60:.0f} min left" if rate > 0 and total > done else ""
     workers = f" (one of {world} workers)" if world > 1 else ""
     return (f"[{cfg.label}] epoch {epoch + 1}/{cfg.optim.epochs}: {done:,} of {total:,} clips{workers} in "
-            f"{seconds / 60:.0f} min, {rate:.1f} clips/s{left}")
+            f"{seconds / 60:.0f} min, {rate:.3g} clips/s{left}")  # (.1f said 0.0 of a 2-a-minute teacher)
 
 
 def device_and_precision(device: torch.device, amp: torch.dtype | None) -> str:
