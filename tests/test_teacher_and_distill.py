@@ -906,7 +906,8 @@ def test_a_resumed_run_trains_the_model_an_uninterrupted_one_does(prepared, ray_
 
 def test_a_long_epoch_says_how_far_it_is(prepared, ray_local, tmp_path, monkeypatch, capsys):
     """An epoch of hours (UCF101 on CPUs) printed nothing between its start and its end: past
-    EPOCH_PROGRESS_SECONDS it says the clips done, the rate and the time left (0 s here: every step)."""
+    EPOCH_PROGRESS_SECONDS it says the clips done, the rate and the time left (0 s here: every step);
+    its validation pass, as long on a UCF101 carve, says the clips it validated."""
     import dataclasses
 
     from dvfl import pipeline
@@ -922,9 +923,14 @@ def test_a_long_epoch_says_how_far_it_is(prepared, ray_local, tmp_path, monkeypa
     capsys.readouterr()
     loop_module.run_loop(loop, RunnerSession({"train": data.train, "val": data.val}, str(tmp_path / "run")))
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith(f"[{loop.label}] epoch 1/1: ")]
-    progress, end = lines[:-1], lines[-1]
+    validating = [x for x in lines if x.startswith(f"[{loop.label}] epoch 1/1: validating, ")]
+    progress, end = [x for x in lines if x not in validating][:-1], lines[-1]
     steps = -(-data.train_rows // 8)
     assert len(progress) == steps and "val top-1" in end, lines  # one per step, then the epoch's own line
+    # the validation pass too (before each of its batches here), between the last step's line and the epoch's
+    assert validating and lines.index(validating[0]) == steps and lines.index(validating[-1]) == len(lines) - 2, lines
+    assert all(re.fullmatch(rf"\[{loop.label}\] epoch 1/1: validating, [0-9,]+ clips in 0 min, [0-9.e+]+ clips/s",
+                            x) for x in validating), validating
     assert f": 8 of {data.train_rows:,} clips in 0 min, " in progress[0] and " min left" in progress[0], progress[0]
     assert f": {data.train_rows:,} of {data.train_rows:,} clips in " in progress[-1], progress[-1]
     monkeypatch.setattr(loop_module, "EPOCH_PROGRESS_SECONDS", 3600.0)  # the default's kind: a short epoch says nothing more

@@ -191,13 +191,18 @@ def make_optimizer(model, optim: OptimSection):
     return create_optimizer_v2(model, "adamw", lr=optim.lr, weight_decay=optim.weight_decay, **fused)
 
 
-def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp) -> dict:
-    """top-1/top-5/CE on the stored eval views (centre crop), labelled clips only."""
+def evaluate(model, dataset, crop_size: int, batch_size: int, device, amp, progress=None) -> dict:
+    """top-1/top-5/CE on the stored eval views (centre crop), labelled clips only. ``progress``:
+    called with (clips so far, seconds) every :data:`EPOCH_PROGRESS_SECONDS`."""
     model.eval()
     n = c1 = c5 = 0
     loss_sum = 0.0
+    started = said = time.time()
     with torch.inference_mode():
         for table in dataset.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            if progress and time.time() - said >= EPOCH_PROGRESS_SECONDS:
+                said = time.time()
+                progress(n, said - started)
             arrays, _, labels = batch_arrays(table)
             keep = labels >= 0
             if not keep.any():
@@ -664,7 +669,12 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
     with _checkpoint_dir(cfg.run_name) if run.rank == 0 else contextlib.nullcontext() as ckpt_dir:
         if run.rank == 0:
             val_started = time.time()
-            metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp))
+            def validating(clips: int, seconds: float) -> None:  # (a UCF101 carve on CPUs: many minutes)
+                say(f"[{cfg.label}] epoch {epoch + 1}/{cfg.optim.epochs}: validating, {clips:,} clips in "
+                    f"{seconds / 60:.0f} min, {clips / seconds if seconds > 0 else 0.0:.3g} clips/s")
+
+            metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp,
+                                    progress=validating if cfg.print_epochs else None))
             metrics["val_seconds"] = time.time() - val_started
             metrics["device"] = device_and_precision(run.device, run.amp)  # (Tune's epoch lines print it too)
             metrics["command_started"] = cfg.command_started  # (dvfl.pipeline.whole_run_seconds)
