@@ -279,8 +279,7 @@ def carve_note(video_ids, labels, fraction: float, held, side: str = "validation
     shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
     return (f"{len(names)} name(s) too large to hold out whole ({shown}; in {len(classes)} class(es)) have "
             f"videos in both training and {side}: if those are cuts of one recording, the {side} score flatters the "
-            f"model; "
-            f"{fix}")
+            f"model; {fix}")
 
 
 __all__ = ["HoldoutError", "carve_note", "group_of", "class_folder", "class_dirs", "class_groups", "grouping_version", "holdout_videos", "train_videos", "ValSource", "val_source", "VAL_SPLIT", "GROUPING"]
