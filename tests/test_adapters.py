@@ -1000,6 +1000,10 @@ def test_an_ingest_of_the_earlier_video_by_video_draw_is_kept_and_fresh_draws_re
         for r in range(4):
             for k in range(2):
                 put(root, f"{c}/rec{r}_{k}.mp4", src_video)
+    # a copy of one video's bytes (rejected as duplicate_content) and a link out of the root (a reject whose
+    # split is in the fingerprint): the rerun raised KeyError, then failed to recognise the earlier draw
+    shutil.copy(os.path.join(root, "jump", "rec0_0.mp4"), os.path.join(root, "jump", "rec0_0 (2).mp4"))
+    os.symlink(src_video, os.path.join(root, "run", "linked.mp4"))  # (rule 1 drew it for test, rule 2 for train)
     cfg = IngestConfig(out=out, frames=4, clips_per_video=1, short_side=16, timeout_per_file=60)
 
     def splits():
@@ -1007,7 +1011,9 @@ def test_an_ingest_of_the_earlier_video_by_video_draw_is_kept_and_fresh_draws_re
         return dict(zip(t.column("video_id").to_pylist(), t.column("split").to_pylist()))
 
     earlier = A.folder(root, test_fraction=0.25)  # what an ingest before split rule 2 wrote
-    for e in earlier.entries:
+    assert [(p.video_id, p.split, earlier.earlier_splits[p.video_id]) for p in earlier.problems] == [
+        ("run/linked", "train", "test")]
+    for e in earlier.entries + earlier.problems:
         e.split = earlier.earlier_splits[e.video_id]
     earlier.earlier_splits, earlier.source = {}, {k: v for k, v in earlier.source.items() if k != "split_rule"}
     ingest(earlier, cfg, log=None)

@@ -418,3 +418,28 @@ def test_cuts_named_by_common_tools_and_a_class_recorded_once_share_a_side():
     folders = [f"{c}/rec{r}/{k:03d}" for c in ("jump", "run") for r in range(6) for k in range(4)]
     assert grouping_version(flat, [v.startswith("run/") for v in flat], 0.2) == 2
     assert grouping_version(folders, [v.startswith("run/") for v in folders], 0.2) == 4
+    # a folder per camera (most of a class each) is grouped by the recordings in it, as rule 4 did, with no
+    # note; classes in two top folders (part1/Jump, part2/Swim) are found below them
+    import random
+
+    layouts = {"cameras": [f"{c}/{cam}/rec{r}_{k:03d}" for c in ("jump", "run") for cam in ("phone", "camera")
+                           for r in range(4) for k in range(3)],
+               "parts": [f"{p}/{c}/rec{r}_{k:03d}" for p, cs in (("part1", ("jump", "run")), ("part2", ("swim", "walk")))
+                         for c in cs for r in range(8) for k in range(2)],
+               "a name twice": [f"{c}/rec{r}/a_{k}" for c in ("jump", "run") for r in range(5) for k in (1, 2)]
+               + [f"{c}/rec{r}/a/{k}" for c in ("jump", "run") for r in range(5) for k in "xy"]}
+    for what, ids in layouts.items():
+        labels = [next(i for i, c in enumerate(("jump", "run", "swim", "walk")) if f"{c}/" in v) for v in ids]
+        held = holdout_videos(ids, labels, 0.2, seed=3)
+        recording = {v: v.rsplit("/" if what == "a name twice" else "_", 1)[0] for v in ids}
+        sides = {}
+        for v in ids:
+            sides.setdefault(recording[v], set()).add(v in held)
+        assert all(len(s) == 1 for s in sides.values()), (what, sorted(held))
+        assert {c for v, c in zip(ids, labels) if v in held} == set(labels), (what, sorted(held))  # every class gives some
+        assert carve_note(ids, labels, 0.2, held) == "", what
+        for order in range(3):  # (the carve ranks groups by name: no name may depend on the rows' order)
+            rows = list(zip(ids, labels))
+            random.Random(order).shuffle(rows)
+            assert holdout_videos([v for v, _ in rows], [c for _, c in rows], 0.2, seed=3) == held, what
+    assert grouping_version(layouts["cameras"], [v.startswith("run/") for v in layouts["cameras"]], 0.2) == 4

@@ -340,3 +340,5 @@ def test_a_slow_epoch_s_progress_line_gives_its_rate_in_significant_digits():
         "[teacher] epoch 1/3: 30 of 1,000 clips in 15 min, 0.0333 clips/s, about 485 min left")
     assert epoch_progress_line(cfg, 1, _EpochStats(counts=torch.tensor([500, 0, 500, 0])), 40.0, 2).endswith(
         "500 of 500 clips (one of 2 workers) in 1 min, 12.5 clips/s")
+    assert epoch_progress_line(cfg, 1, _EpochStats(counts=torch.tensor([300, 0, 300, 0])), 0.2, 1).endswith(
+        "300 of 1,000 clips in 0 min, 1,500 clips/s, about 0 min left")  # (not 1.5e+03)

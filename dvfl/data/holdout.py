@@ -97,25 +97,33 @@ def _by_class(video_ids: Sequence[str], labels: Sequence[int]) -> dict:
 
 
 def class_dirs(by_class: dict) -> dict:
-    """label -> the folder of the class's videos (rule 5): the folders every video id shares, then the
-    class's own next one (``A`` of ``A/rec1/001``: a class recorded once, in one folder, was read as flat
-    cuts, each its own group); a class without folders of its own keeps the folders its ids share."""
-    own = {label: class_folder(vids) for label, vids in by_class.items()}
+    """label -> the folder of the class's videos (rule 5): the folders its ids share with another
+    class's (``train``, ``part1``), then its own next one (``A`` of ``A/rec1/001``: a class recorded once,
+    in one folder, was read as flat cuts, each its own group); at most the folders its own ids share."""
+    own = {label: class_folder(vids).split("/") if class_folder(vids) else [] for label, vids in by_class.items()}
     if len(by_class) < 2:
-        return own
-    shared = class_folder([vid for vids in by_class.values() for vid in vids])
-    depth = len(shared.split("/")) + 1 if shared else 1
-    return {label: "/".join(folder.split("/")[:depth]) if folder else folder for label, folder in own.items()}
+        return {label: "/".join(parts) for label, parts in own.items()}
+
+    def shared(a: list, b: list) -> int:
+        return len(posixpath.commonprefix([a, b]))
+
+    return {label: "/".join(parts[:1 + max(shared(parts, other) for o, other in own.items() if o != label)])
+            for label, parts in own.items()}
 
 
 def _cut_group(video_id: str, within: str) -> str:
     """A video's group by rule 5: as :func:`group_of`, but a folder below the class is the group
     whatever its files are called, and :data:`CUT_NUMBER` ends a cut's name."""
-    folder, _, name = video_id.rpartition("/")
+    name = video_id.rpartition("/")[2]
     if UCF_GROUP.search(name) or HMDB_TAIL.search(name):
         return group_of(video_id)
-    below = folder[len(within):].strip("/") if folder.startswith(within) else folder
-    return below or CUT_NUMBER.sub("", name) or name
+    return _below(video_id, within) or CUT_NUMBER.sub("", name) or name
+
+
+def _below(video_id: str, within: str) -> str:
+    """The folders of ``video_id`` below its class folder ``within`` ("" where it lies in it)."""
+    folder = video_id.rpartition("/")[0]
+    return folder[len(within):].strip("/") if folder.startswith(within) else folder
 
 
 def _named_groups(vids: Sequence[str], by_folder: bool = True, within: str | None = None) -> dict:
@@ -142,17 +150,38 @@ def class_groups(vids: Sequence[str], fraction: float, by_folder: bool = True, w
     (the carve ranks groups by name). ``rule=4``: rule 4's groups; ``by_folder=False``: rule 3's."""
     if not by_folder or rule < 5:
         return _rule4_groups(vids, fraction, by_folder)
-    by_group = _named_groups(vids, True, within)
-    for g in [g for g, members in by_group.items() if len(members) > 1 and len(members) > 2 * fraction * len(vids)
-              and not (UCF_GROUP.search(members[0]) or HMDB_TAIL.search(members[0]))]:
-        for vid in by_group.pop(g):
+    by_group = _rule5_named_groups(vids, fraction, within)
+    for g in [g for g, members in by_group.items() if _oversized(members, fraction, len(vids))]:
+        for vid in by_group.pop(g):  # (a naming scheme's, a class's only recording)
             by_group[f"video {vid}"] = [vid]
+    # rule 4's names first where it grouped alike (the carve ranks groups by name), in a fixed order
     names4 = {frozenset(members): g for g, members in _rule4_groups(vids, fraction, True).items()}
-    renamed: dict = {}
-    for g, members in by_group.items():
-        name = names4.get(frozenset(members), g)
-        renamed[name if name not in renamed else f"{name} ({g})"] = members
+    renamed = {names4[frozenset(m)]: m for m in by_group.values() if frozenset(m) in names4}
+    for g in sorted(g for g, m in by_group.items() if frozenset(m) not in names4):
+        name = g
+        while name in renamed:
+            name += "'"
+        renamed[name] = by_group[g]
     return renamed
+
+
+def _oversized(members: list, fraction: float, class_size: int) -> bool:
+    """A group too large to hold out whole (UCF's and HMDB51's groups never are)."""
+    return (len(members) > 1 and len(members) > 2 * fraction * class_size
+            and not (UCF_GROUP.search(members[0]) or HMDB_TAIL.search(members[0])))
+
+
+def _rule5_named_groups(vids: Sequence[str], fraction: float, within: str | None) -> dict:
+    """Rule 5's groups before any is split into single videos: a folder too large to hold out whole
+    (a camera's, a day's) grouped by the names in it."""
+    within = class_folder(vids) if within is None else within
+    by_group = _named_groups(vids, True, within)
+    for g in [g for g, members in by_group.items()
+              if _oversized(members, fraction, len(vids)) and _below(members[0], within)]:
+        for vid in by_group.pop(g):
+            name = vid.rpartition("/")[2]
+            by_group.setdefault(f"{g}/{CUT_NUMBER.sub('', name) or name}", []).append(vid)
+    return by_group
 
 
 def _rule4_groups(vids: Sequence[str], fraction: float, by_folder: bool = True) -> dict:
@@ -263,16 +292,22 @@ def val_source(clips_dir: str, val_split: str, train_split: str, fraction: float
 def carve_note(video_ids, labels, fraction: float, held, side: str = "validation",
                fix: str = "give a val split of whole recordings") -> str:
     """What the user should know of a carve: the names (``rec7`` of ``rec7_001``) too large to hold
-    out whole, broken into single videos by :func:`class_groups`, that now sit on both sides
-    (``side``: the split ``held`` went to)."""
+    out whole, broken into single videos by :func:`class_groups`, and the folders too large to hold
+    out whole whose files share no name (``A/rec1/001``, ...: a class's only recording), that now sit
+    on both sides (``side``: the split ``held`` went to)."""
     names, classes = set(), set()
     by_class = _by_class(video_ids, labels)
     within = class_dirs(by_class)
     for label, vids in by_class.items():
-        named = _named_groups(vids, within=within[label])
-        for g in set(named) - set(class_groups(vids, fraction, within=within[label])):
-            if 0 < sum(v in held for v in named[g]) < len(named[g]):
-                names.add(g.rsplit("/", 1)[-1] or g)
+        named = _rule5_named_groups(vids, fraction, within[label])
+        split = [named[g] for g in set(named) - set(class_groups(vids, fraction, within=within[label]))]
+        for g, members in _named_groups(vids, True, within[label]).items():
+            cuts = {CUT_NUMBER.sub("", v.rpartition("/")[2]) or v for v in members}
+            if _below(members[0], within[label]) and _oversized(members, fraction, len(vids)) and len(cuts) == len(members):
+                split.append(members)
+        for members in split:
+            if 0 < sum(v in held for v in members) < len(members):
+                names.add(_cut_group(members[0], within[label]).rsplit("/", 1)[-1])
                 classes.add(label)
     if not names:
         return ""

@@ -529,18 +529,19 @@ def _keep_earlier_splits(manifest: Manifest, cfg: IngestConfig, identities: Dict
     if cfg.overwrite or not made:
         return
     earlier = copy.deepcopy(manifest)
-    for e in earlier.entries:
+    ids = dict(identities)  # (the duplicate check drops the ids of the copies it rejects)
+    for e in earlier.entries + earlier.problems:  # (a reject's split is in the fingerprint too)
         e.split = manifest.earlier_splits.get(e.video_id, e.split)
-    _reject_duplicate_content(earlier, identities)
-    if compute_fingerprint(earlier, cfg.content_params(), identities) != made:
+    _reject_duplicate_content(earlier, ids)
+    if compute_fingerprint(earlier, cfg.content_params(), ids) != made:
         return
-    for e in manifest.entries:
+    for e in manifest.entries + manifest.problems:
         e.split = manifest.earlier_splits.get(e.video_id, e.split)
     manifest.source["split_rule"] = 1
     if log:
         log(f"[ingest] note: {_out_dir(cfg)} holds these videos with the test/val videos an earlier version drew "
-            "video by video (cuts of one recording can be on both sides): kept; --fresh draws whole recordings "
-            "per class")
+            "video by video (cuts of one recording can be on both sides): kept (notes above of what a class drew "
+            "describe the new draw); --fresh draws whole recordings per class")
 
 
 def older_decode_rules_note(out: str, info: Dict[str, Any]) -> Optional[str]:

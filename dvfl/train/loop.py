@@ -230,6 +230,11 @@ def epoch_line(label: str, m: dict, epochs: int, where: str = "") -> str:
 EPOCH_PROGRESS_SECONDS = 60.0  # an epoch longer than this says how far it is (a UCF101 epoch on CPUs: hours)
 
 
+def clips_per_second(rate: float) -> str:
+    """3 significant digits below 100 (".1f" said 0.0 of a teacher at 2 clips a minute), whole above."""
+    return f"{rate:.3g}" if rate < 100 else f"{rate:,.0f}"
+
+
 def epoch_progress_line(cfg: LoopConfig, epoch: int, stats: "_EpochStats", seconds: float, world: int) -> str:
     """Within a long epoch: the clips this worker trained on so far, its rate and the time left."""
     done = int(stats.counts[0] + stats.counts[1])
@@ -238,7 +243,7 @@ def epoch_progress_line(cfg: LoopConfig, epoch: int, stats: "_EpochStats", secon
     left = f", about {(total - done) / rate / 60:.0f} min left" if rate > 0 and total > done else ""
     workers = f" (one of {world} workers)" if world > 1 else ""
     return (f"[{cfg.label}] epoch {epoch + 1}/{cfg.optim.epochs}: {done:,} of {total:,} clips{workers} in "
-            f"{seconds / 60:.0f} min, {rate:.3g} clips/s{left}")  # (.1f said 0.0 of a 2-a-minute teacher)
+            f"{seconds / 60:.0f} min, {clips_per_second(rate)} clips/s{left}")
 
 
 def device_and_precision(device: torch.device, amp: torch.dtype | None) -> str:
@@ -671,7 +676,7 @@ def end_of_epoch(run: _Run, cfg: LoopConfig, session, epoch: int, metrics: dict,
             val_started = time.time()
             def validating(clips: int, seconds: float) -> None:  # (a UCF101 carve on CPUs: many minutes)
                 say(f"[{cfg.label}] epoch {epoch + 1}/{cfg.optim.epochs}: validating, {clips:,} clips in "
-                    f"{seconds / 60:.0f} min, {clips / seconds if seconds > 0 else 0.0:.3g} clips/s")
+                    f"{seconds / 60:.0f} min, {clips_per_second(clips / seconds if seconds > 0 else 0.0)} clips/s")
 
             metrics.update(evaluate(run.raw_model, val_data, cfg.crop_size, cfg.optim.batch_size, run.device, run.amp,
                                     progress=validating if cfg.print_epochs else None))
