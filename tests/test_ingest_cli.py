@@ -419,3 +419,28 @@ def test_an_ingest_whose_every_input_was_rejected_is_replaced_without_fresh(tmp_
     (out / "dataset.json").write_text("{}")  # a finished ingest (of no clip) is never replaced
     with pytest.raises(ValueError, match="already holds an ingest with a different fingerprint"):
         ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=None)
+
+
+def test_keeping_an_earlier_draw_names_the_classes_it_left_without_a_training_video(tmp_path):
+    """Split rule 1 drew video by video: B's only video went to test. Kept for the folder it made,
+    that draw teaches no model class B; the notes printed with the listing describe the new draw,
+    which keeps every class a training video, so the kept draw's gap is said when it is kept."""
+    from dvfl.data.adapters import folder
+    from dvfl.data.ingest import IngestConfig, _plan_ingest
+
+    root, out = tmp_path / "videos", tmp_path / "out"
+    for rel in ("A/a0", "A/a1", "A/a2", "A/a3", "A/a4", "B/b2"):  # (bytes of their own; no decode here)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{rel}.mp4").write_text(rel)
+    cfg = IngestConfig(out=str(out), short_side=32)
+    earlier = folder(str(root), test_fraction=0.2)
+    assert earlier.earlier_splits["B/b2"] == "test" and {e.video_id: e.split for e in earlier.entries}["B/b2"] == "train"
+    for e in earlier.entries:
+        e.split = earlier.earlier_splits[e.video_id]
+    earlier.earlier_splits = {}
+    out.mkdir()
+    (out / "_plan.json").write_text(json.dumps({"fingerprint": _plan_ingest(earlier, cfg, None).fingerprint}))
+    logged = []
+    _plan_ingest(folder(str(root), test_fraction=0.2), cfg, logged.append)
+    assert any("drew video by video (cuts of one recording can be on both sides): kept" in ln for ln in logged), logged
+    assert "[ingest] note: in that draw 1 class(es) have no training video (B): no model learns them" in logged

@@ -865,7 +865,7 @@ FOLDER_SPLIT_RULE = 2
 def fraction_splits(video_ids: Sequence[str], labels: Sequence[int], test_fraction: float,
                     val_fraction: float) -> Dict[str, str]:
     """Each video's split (rule 2): per class, whole groups of videos (cuts of one recording,
-    :func:`dvfl.data.holdout.group_of`) ranked by a stable hash of the group's name, ``round(fraction x
+    :func:`dvfl.data.holdout.class_groups`) ranked by a stable hash of the group's name, ``round(fraction x
     groups)`` of them (at least one, while the class keeps a training group) to test, then to val from
     the rest; the same on every ingest whatever ``--seed``."""
     return _fraction_splits_and_notes(video_ids, labels, test_fraction, val_fraction)[0]

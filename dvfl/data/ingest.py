@@ -542,6 +542,11 @@ def _keep_earlier_splits(manifest: Manifest, cfg: IngestConfig, identities: Dict
         log(f"[ingest] note: {_out_dir(cfg)} holds these videos with the test/val videos an earlier version drew "
             "video by video (cuts of one recording can be on both sides): kept (notes above of what a class drew "
             "describe the new draw); --fresh draws whole recordings per class")
+        untaught = sorted({e.class_name for e in manifest.entries if e.label is not None}
+                          - {e.class_name for e in manifest.entries if e.split == "train"})
+        if untaught:  # (the new draw keeps every class a training video; that one did not)
+            log(f"[ingest] note: in that draw {len(untaught)} class(es) have no training video "
+                f"({', '.join(untaught[:5])}{', ...' if len(untaught) > 5 else ''}): no model learns them")
 
 
 def older_decode_rules_note(out: str, info: Dict[str, Any]) -> Optional[str]:

@@ -154,7 +154,7 @@ def bf16_autocast_pays(vendor: str, flags: set[str]) -> bool:
     step (benchmarks/train_step.py). AVX512-BF16 without AMX on an Intel CPU (AMX absent, or
     hidden by a hypervisor): slower, oneDNN's AVX512-BF16 matmul ran at 0.5x the fp32 peak and
     the step at 0.74x (docs/training-speed.md). AVX512-BF16 on AMD (Zen 4): bf16, as it ran since
-    session 42 (the README's demo table; not timed against fp32 there)."""
+    session 42 (the README's session-42 AMD paragraph; not timed against fp32 there)."""
     if "amx_bf16" in flags and "amx_tile" in flags:
         return True
     return "avx512_bf16" in flags and vendor != "GenuineIntel"
