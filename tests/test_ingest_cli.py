@@ -328,6 +328,20 @@ def test_a_command_whose_output_goes_to_a_pipe_writes_each_line_when_printed(tmp
     assert proc.returncode == 143, proc.stderr.read()
 
 
+class Planned(Exception):
+    """The ingest planned its work and would decode next (raised by :func:`_logging_until_planned`)."""
+
+
+def _logging_until_planned(logged: list):
+    """An ingest log that keeps its lines in ``logged`` and stops the ingest once its plan is written
+    and the decode is next: what comes before needs no Ray."""
+    def log(line):
+        if line.startswith("[ingest] folder: "):
+            raise Planned(line)
+        logged.append(line)
+    return log
+
+
 def test_the_plan_of_an_ingest_that_committed_nothing_is_replaced_without_fresh(tmp_path, video_factory):
     """An ingest of a root with no video it could take wrote its _plan.json and nothing else; the
     corrected rerun was refused ("already holds an ingest with a different fingerprint ... --fresh").
@@ -342,15 +356,8 @@ def test_the_plan_of_an_ingest_that_committed_nothing_is_replaced_without_fresh(
     out.mkdir()
     (out / "_plan.json").write_text('{"fingerprint": "an ingest that wrote nothing", "shards": []}')
 
-    class Planned(Exception):
-        pass
-
-    def log(line):
-        if line.startswith("[ingest] folder: "):  # the plan is written and the decode is next (no Ray needed)
-            raise Planned(line)
-        logged.append(line)
-
     logged = []
+    log = _logging_until_planned(logged)
     with pytest.raises(Planned):
         ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=log)
     assert f"[ingest] note: {out} holds the plan of an ingest that committed no shard: replaced" in logged
@@ -387,15 +394,8 @@ def test_an_ingest_whose_every_input_was_rejected_is_replaced_without_fresh(tmp_
         (out / "shards" / "train-00000.parquet").write_text("an empty shard")
         (out / "shards" / "_meta" / "train-00000.json").write_text(json.dumps({"clips": clips, "videos": 1}))
 
-    class Planned(Exception):
-        pass
-
-    def log(line):
-        if line.startswith("[ingest] folder: "):  # the plan is written and the decode is next (no Ray needed)
-            raise Planned(line)
-        logged.append(line)
-
     logged = []
+    log = _logging_until_planned(logged)
     rejected_run()
     with pytest.raises(Planned):
         ingest(folder(str(root)), IngestConfig(out=str(out), short_side=32, replace_uncommitted=True), log=log)
