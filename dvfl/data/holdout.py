@@ -143,11 +143,12 @@ def _named_groups(vids: Sequence[str], by_folder: bool = True, within: str | Non
 def class_groups(vids: Sequence[str], fraction: float, by_folder: bool = True, within: str | None = None,
                  rule: int = GROUPING) -> dict:
     """One class's videos by group (rule 5, ``within`` its class folder: :func:`class_dirs`), except
-    that a group other than UCF's and HMDB51's holding more than ``2 * fraction`` of the class
-    becomes groups of one, keyed by the video's id: held out whole it took that share of the class
-    out of training (20 of 22 phone videos ``IMG_*``; one of two cameras, ``IMG_*`` and ``MVI_*``, in
-    every class alike; a year's folder). Groups of the same videos as rule 4's keep rule 4's names
-    (the carve ranks groups by name). ``rule=4``: rule 4's groups; ``by_folder=False``: rule 3's."""
+    that a group other than UCF's and HMDB51's holding more than ``2 * fraction`` of the class is
+    broken up: held out whole it took that share of the class out of training (20 of 22 phone videos
+    ``IMG_*``; one of two cameras, ``IMG_*`` and ``MVI_*``, in every class alike; a year's folder). A
+    folder is grouped by the names in it (:func:`_rule5_named_groups`), and what is still that large
+    becomes groups of one, keyed by the video's id. Groups of the same videos as rule 4's keep rule
+    4's names (the carve ranks groups by name). ``rule=4``: rule 4's groups; ``by_folder=False``: rule 3's."""
     if not by_folder or rule < 5:
         return _rule4_groups(vids, fraction, by_folder)
     by_group = _rule5_named_groups(vids, fraction, within)
