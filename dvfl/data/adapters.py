@@ -863,17 +863,12 @@ FOLDER_SPLIT_RULE = 2
 
 
 def fraction_splits(video_ids: Sequence[str], labels: Sequence[int], test_fraction: float,
-                    val_fraction: float) -> Dict[str, str]:
+                    val_fraction: float) -> Tuple[Dict[str, str], List[str]]:
     """Each video's split (rule 2): per class, whole groups of videos (cuts of one recording,
     :func:`dvfl.data.holdout.class_groups`) ranked by a stable hash of the group's name, ``round(fraction x
     groups)`` of them (at least one, while the class keeps a training group) to test, then to val from
-    the rest; the same on every ingest whatever ``--seed``."""
-    return _fraction_splits_and_notes(video_ids, labels, test_fraction, val_fraction)[0]
-
-
-def _fraction_splits_and_notes(video_ids: Sequence[str], labels: Sequence[int], test_fraction: float,
-                               val_fraction: float) -> Tuple[Dict[str, str], List[str]]:
-    """:func:`fraction_splits`, and a note per split that took part of a name too large to draw whole."""
+    the rest; the same on every ingest whatever ``--seed``. And a note per split that took part of a
+    name too large to draw whole."""
     from .holdout import carve_note, holdout_videos
 
     split, notes = dict.fromkeys(video_ids, "train"), []
@@ -989,8 +984,8 @@ def folder(root: str, test_fraction: float = 0.0, val_fraction: float = 0.0) -> 
     drawn_split: Dict[str, str] = {}
     if test_fraction or val_fraction:
         listed = [(vid, classes.index(d)) for (_, d), (_, videos, _) in walked.items() for _, vid in videos]
-        drawn_split, split_notes = _fraction_splits_and_notes([v for v, _ in listed], [c for _, c in listed],
-                                                              test_fraction, val_fraction)
+        drawn_split, split_notes = fraction_splits([v for v, _ in listed], [c for _, c in listed],
+                                                   test_fraction, val_fraction)
         m.notes.extend(split_notes)
         m.source["split_rule"] = FOLDER_SPLIT_RULE
         m.earlier_splits = {v: _fraction_split(v, test_fraction, val_fraction) for v, _ in listed}

@@ -100,7 +100,8 @@ def class_dirs(by_class: dict) -> dict:
     """label -> the folder of the class's videos (rule 5): the folders its ids share with another
     class's (``train``, ``part1``), then its own next one (``A`` of ``A/rec1/001``: a class recorded once,
     in one folder, was read as flat cuts, each its own group); at most the folders its own ids share."""
-    own = {label: class_folder(vids).split("/") if class_folder(vids) else [] for label, vids in by_class.items()}
+    folders = {label: class_folder(vids) for label, vids in by_class.items()}
+    own = {label: folder.split("/") if folder else [] for label, folder in folders.items()}
     if len(by_class) < 2:
         return {label: "/".join(parts) for label, parts in own.items()}
 
